@@ -1,0 +1,582 @@
+//! Typed configuration: embedded defaults, then a TOML file, then `PORTCULLIS__SECTION__KEY`
+//! environment variables. Any `KEY_file` entry (or `PORTCULLIS__SECTION__KEY_FILE` variable) reads
+//! the value of `KEY` from a file, for secrets mounted by an orchestrator. Unknown keys are errors
+//! that name the key. This is the only module that reads configuration.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use url::Url;
+
+use crate::secret::Secret;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "PORTCULLIS__";
+/// The hard ceiling on identity-token lifetime.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+    #[error("config key `{key}`: cannot read secret file {path}: {source}")]
+    SecretFile {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub storage: StorageConfig,
+    pub token: TokenConfig,
+    pub session: SessionConfig,
+    pub password: PasswordConfig,
+    pub limits: LimitsConfig,
+    pub secrets: SecretsConfig,
+    pub log: LogConfig,
+}
+
+/// `[server]`: where the gateway listens and how it is reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Socket address to listen on.
+    pub listen: String,
+    /// The URL browsers use to reach the gateway; decides cookie security and the JWT issuer.
+    pub public_url: Url,
+    /// Peers whose `X-Forwarded-*` headers are believed (CIDRs). Empty: nobody's.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Longest request target accepted, in bytes; longer ones get 414.
+    pub max_uri_length: usize,
+    /// Largest body accepted by the gateway's own forms, in bytes.
+    pub max_form_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            public_url: default_url("http://127.0.0.1:8080/"),
+            trusted_proxies: Vec::new(),
+            max_uri_length: 8192,
+            max_form_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// `[upstream]`: the console behind the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL of the console (plain HTTP on a private network or loopback).
+    pub url: Url,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream to send response headers; bodies may stream longer.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: default_url("http://127.0.0.1:8081/"),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[storage]`: where state lives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Durable store URL: `sqlite:///path/db.sqlite` (created if missing) or `postgres://…`.
+    pub durable: String,
+    /// Ephemeral store: `memory` (single gateway).
+    pub ephemeral: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            durable: "sqlite://portcullis.sqlite".into(),
+            ephemeral: "memory".into(),
+        }
+    }
+}
+
+/// Signature algorithm of identity tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum TokenAlgorithm {
+    #[default]
+    EdDSA,
+    ES256,
+}
+
+impl TokenAlgorithm {
+    /// The JOSE name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EdDSA => "EdDSA",
+            Self::ES256 => "ES256",
+        }
+    }
+}
+
+/// `[token]`: the identity JWT given to the backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Request header that carries the token upstream.
+    pub header: String,
+    /// `aud` claim: what the backend expects.
+    pub audience: String,
+    /// `iss` claim; defaults to the public URL without trailing slash.
+    pub issuer: Option<String>,
+    /// Token lifetime (at most 5 minutes).
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    pub algorithm: TokenAlgorithm,
+    /// How long a retired signing key stays in the JWKS after a rotation.
+    #[serde(with = "duration")]
+    pub key_overlap: Duration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            header: "X-Portcullis-Assertion".into(),
+            audience: "esp-console".into(),
+            issuer: None,
+            ttl: Duration::from_secs(120),
+            algorithm: TokenAlgorithm::EdDSA,
+            key_overlap: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// `[session]`: lifetimes of sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// A session unused this long ends.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// A session ends this long after sign-in, used or not.
+    #[serde(with = "duration")]
+    pub absolute_timeout: Duration,
+    /// Time allowed between the password and the second factor (or enrolment).
+    #[serde(with = "duration")]
+    pub login_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Duration::from_secs(12 * 3600),
+            login_timeout: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// `[password]`: password policy and argon2id parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PasswordConfig {
+    pub min_length: usize,
+    pub max_length: usize,
+    /// argon2id memory cost in KiB (OWASP minimum: 19456).
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    /// Hashes computed at once; memory use is this times `argon2_memory_kib`.
+    pub max_concurrent_hashes: usize,
+    /// Sign-ins allowed to wait for a hashing slot; beyond that they are shed with 503.
+    pub max_queued_hashes: usize,
+}
+
+impl Default for PasswordConfig {
+    fn default() -> Self {
+        Self {
+            min_length: 8,
+            max_length: 256,
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            max_concurrent_hashes: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            max_queued_hashes: 64,
+        }
+    }
+}
+
+/// `[limits]`: throttling of guesses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Failed passwords per account within `window` before further tries get 429.
+    pub password_failures_per_account: u64,
+    /// Failed sign-in steps per client IP within `window` before further tries get 429.
+    pub failures_per_ip: u64,
+    /// Wrong second-factor codes per account within `window` before further tries get 429.
+    pub second_factor_failures_per_account: u64,
+    /// Wrong codes allowed in one sign-in before it must start again from the password.
+    pub second_factor_failures_per_login: u64,
+    #[serde(with = "duration")]
+    pub window: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            password_failures_per_account: 10,
+            failures_per_ip: 100,
+            second_factor_failures_per_account: 10,
+            second_factor_failures_per_login: 5,
+            window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// `[secrets]`: key material. Use `master_key_file` or `PORTCULLIS__SECRETS__MASTER_KEY` rather
+/// than writing the key into the file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// 32 random bytes, base64: encrypts TOTP secrets and signing keys at rest, keys CSRF MACs.
+    pub master_key: Option<Secret<String>>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `portcullis=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[allow(clippy::expect_used)]
+fn default_url(s: &str) -> Url {
+    // Only ever called with the literals above.
+    Url::parse(s).expect("built-in default URL is valid")
+}
+
+impl Config {
+    /// Loads `path` (if given) and applies overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: p.to_path_buf(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        resolve_secret_files(&mut table, "")?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                key_err(&key, e.into_inner().to_string())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks relations between values that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if !matches!(s.public_url.scheme(), "http" | "https") || s.public_url.host().is_none() {
+            return Err(key_err(
+                "server.public_url",
+                "must be an http or https URL with a host",
+            ));
+        }
+        if s.public_url.path() != "/" || s.public_url.query().is_some() {
+            return Err(key_err(
+                "server.public_url",
+                "must not have a path or query; the gateway owns the whole origin",
+            ));
+        }
+        if s.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(key_err(
+                "server.listen",
+                "must be IP:PORT, e.g. 0.0.0.0:8080",
+            ));
+        }
+        if s.max_uri_length < 256 {
+            return Err(key_err("server.max_uri_length", "must be at least 256"));
+        }
+        if self.upstream.url.scheme() != "http" || self.upstream.url.host().is_none() {
+            return Err(key_err(
+                "upstream.url",
+                "must be an http:// URL (keep the console on a private network or loopback)",
+            ));
+        }
+        let t = &self.token;
+        if t.ttl < Duration::from_secs(10) || t.ttl > MAX_TOKEN_TTL {
+            return Err(key_err("token.ttl", "must be between 10s and 5m"));
+        }
+        if t.key_overlap < t.ttl {
+            return Err(key_err(
+                "token.key_overlap",
+                "must be at least token.ttl so issued tokens stay verifiable",
+            ));
+        }
+        if http::HeaderName::from_bytes(t.header.as_bytes()).is_err() {
+            return Err(key_err("token.header", "is not a valid HTTP header name"));
+        }
+        if t.audience.trim().is_empty() {
+            return Err(key_err("token.audience", "must not be empty"));
+        }
+        let ss = &self.session;
+        if ss.idle_timeout.is_zero() || ss.absolute_timeout < ss.idle_timeout {
+            return Err(key_err(
+                "session.absolute_timeout",
+                "must be at least session.idle_timeout (and both non-zero)",
+            ));
+        }
+        let p = &self.password;
+        if p.min_length < 8 {
+            return Err(key_err("password.min_length", "must be at least 8"));
+        }
+        if p.max_length < 128 || p.max_length > 4096 {
+            return Err(key_err(
+                "password.max_length",
+                "must be between 128 and 4096",
+            ));
+        }
+        if argon2::Params::new(
+            p.argon2_memory_kib,
+            p.argon2_iterations,
+            p.argon2_parallelism,
+            None,
+        )
+        .is_err()
+        {
+            return Err(key_err("password.argon2_memory_kib", "argon2 parameters are out of range (memory ≥ 8×parallelism KiB, iterations ≥ 1, parallelism ≥ 1)"));
+        }
+        if p.max_concurrent_hashes == 0 {
+            return Err(key_err(
+                "password.max_concurrent_hashes",
+                "must be at least 1",
+            ));
+        }
+        let l = &self.limits;
+        if l.window.is_zero()
+            || l.password_failures_per_account == 0
+            || l.failures_per_ip == 0
+            || l.second_factor_failures_per_account == 0
+            || l.second_factor_failures_per_login == 0
+        {
+            return Err(key_err("limits", "limits and window must be non-zero"));
+        }
+        if self.storage.ephemeral != "memory" {
+            return Err(key_err("storage.ephemeral", "supported value: `memory`"));
+        }
+        if !(self.storage.durable.starts_with("sqlite:")
+            || self.storage.durable.starts_with("postgres://")
+            || self.storage.durable.starts_with("postgresql://"))
+        {
+            return Err(key_err(
+                "storage.durable",
+                "must start with sqlite: or postgres://",
+            ));
+        }
+        if let Some(k) = &self.secrets.master_key {
+            crate::crypto::MasterKey::from_base64(k.expose())
+                .map_err(|e| key_err("secrets.master_key", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The `iss` claim and the origin the gateway answers as.
+    pub fn issuer(&self) -> String {
+        self.token.issuer.clone().unwrap_or_else(|| {
+            self.server
+                .public_url
+                .as_str()
+                .trim_end_matches('/')
+                .to_string()
+        })
+    }
+
+    /// Whether cookies get `Secure` and the `__Host-` prefix.
+    pub fn is_https(&self) -> bool {
+        self.server.public_url.scheme() == "https"
+    }
+
+    /// The master key, required by every command that touches secrets.
+    pub fn master_key(&self) -> Result<crate::crypto::MasterKey, ConfigError> {
+        let k = self.secrets.master_key.as_ref().ok_or_else(|| {
+            key_err(
+                "secrets.master_key",
+                "is required (set secrets.master_key_file or PORTCULLIS__SECRETS__MASTER_KEY)",
+            )
+        })?;
+        crate::crypto::MasterKey::from_base64(k.expose())
+            .map_err(|e| key_err("secrets.master_key", e.to_string()))
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Applies `PORTCULLIS__SECTION__KEY=value` overrides. Values are read as TOML values when they
+/// parse as one (numbers, booleans, arrays), as plain strings otherwise.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.len() != 2 || path.iter().any(|p| p.is_empty()) {
+            return Err(key_err(
+                &name,
+                "environment overrides look like PORTCULLIS__SECTION__KEY",
+            ));
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(|v| !v.is_table())
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let section = table
+            .entry(path[0].clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section) = section.as_table_mut() else {
+            return Err(key_err(&path[0], "must be a table"));
+        };
+        section.insert(path[1].clone(), value);
+    }
+    Ok(())
+}
+
+/// Replaces every `X_file = "/path"` with `X = "<file contents>"`.
+fn resolve_secret_files(table: &mut toml::Table, prefix: &str) -> Result<(), ConfigError> {
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for k in keys {
+        let full = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if let Some(toml::Value::Table(inner)) = table.get_mut(&k) {
+            resolve_secret_files(inner, &full)?;
+            continue;
+        }
+        let Some(base) = k.strip_suffix("_file") else {
+            continue;
+        };
+        let Some(toml::Value::String(path)) = table.get(&k).cloned() else {
+            return Err(key_err(&full, "must be a file path"));
+        };
+        let base_full = full.trim_end_matches("_file").to_string();
+        if table.contains_key(base) {
+            return Err(key_err(
+                &base_full,
+                format!("set both `{base}` and `{k}`; keep one"),
+            ));
+        }
+        let content = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+            key: full.clone(),
+            path: PathBuf::from(&path),
+            source,
+        })?;
+        table.remove(&k);
+        table.insert(
+            base.to_string(),
+            toml::Value::String(content.trim_end_matches(['\r', '\n']).to_string()),
+        );
+    }
+    Ok(())
+}
+
+/// Durations as `"90s"`, `"15m"`, `"12h"` (humantime) or a plain number of seconds.
+pub mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{t}` is not a duration like \"90s\" or \"15m\": {e}"
+                ))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

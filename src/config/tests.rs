@@ -1,0 +1,103 @@
+use super::*;
+
+fn load_str(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let dir = tempfile_dir();
+    let p = dir.join("c.toml");
+    std::fs::write(&p, toml_text).unwrap();
+    Config::load(
+        Some(&p),
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+fn tempfile_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("portcullis-cfg-{}", crate::crypto::random_token(8)));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn defaults_are_valid() {
+    let c = Config::load(None, Vec::new()).unwrap();
+    assert_eq!(c.token.header, "X-Portcullis-Assertion");
+    assert_eq!(c.token.ttl, Duration::from_secs(120));
+    assert!(!c.is_https());
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let e = load_str("[server]\nlisen = \"0.0.0.0:1\"\n", &[]).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("server.lisen"), "{msg}");
+    let e = load_str("[sever]\nlisten = \"0.0.0.0:1\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("sever"), "{e}");
+}
+
+#[test]
+fn env_overrides_file_and_parses_types() {
+    let c = load_str(
+        "[server]\nlisten = \"127.0.0.1:1\"\n",
+        &[
+            ("PORTCULLIS__SERVER__LISTEN", "127.0.0.1:9999"),
+            ("PORTCULLIS__SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]"),
+            ("PORTCULLIS__TOKEN__TTL", "60"),
+            ("PORTCULLIS__SESSION__IDLE_TIMEOUT", "5m"),
+            ("OTHER", "ignored"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.server.listen, "127.0.0.1:9999");
+    assert_eq!(c.server.trusted_proxies.len(), 1);
+    assert_eq!(c.token.ttl, Duration::from_secs(60));
+    assert_eq!(c.session.idle_timeout, Duration::from_secs(300));
+    let e = load_str("", &[("PORTCULLIS__NOPE__X", "1")]).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+}
+
+#[test]
+fn secrets_come_from_files_and_are_redacted() {
+    let dir = tempfile_dir();
+    let key = crate::crypto::MasterKey::generate_base64();
+    std::fs::write(dir.join("mk"), format!("{key}\n")).unwrap();
+    let c = load_str(
+        &format!(
+            "[secrets]\nmaster_key_file = \"{}\"\n",
+            dir.join("mk").display()
+        ),
+        &[],
+    )
+    .unwrap();
+    assert!(c.master_key().is_ok());
+    let dump = c.to_redacted_toml();
+    assert!(!dump.contains(&key), "{dump}");
+    assert!(dump.contains("[redacted]"), "{dump}");
+    let e = load_str(
+        &format!("[secrets]\nmaster_key = \"{key}\"\nmaster_key_file = \"/x\"\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("keep one"), "{e}");
+}
+
+#[test]
+fn bad_values_are_refused_with_the_key() {
+    for (text, key) in [
+        ("[token]\nttl = \"10m\"\n", "token.ttl"),
+        ("[token]\nttl = \"soon\"\n", "token.ttl"),
+        ("[server]\npublic_url = \"ftp://x\"\n", "server.public_url"),
+        (
+            "[server]\ntrusted_proxies = [\"not-a-cidr\"]\n",
+            "server.trusted_proxies",
+        ),
+        ("[upstream]\nurl = \"https://x\"\n", "upstream.url"),
+        ("[password]\nmin_length = 4\n", "password.min_length"),
+        ("[secrets]\nmaster_key = \"short\"\n", "secrets.master_key"),
+        (
+            "[storage]\nephemeral = \"memcached\"\n",
+            "storage.ephemeral",
+        ),
+    ] {
+        let e = load_str(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text} → {e}");
+    }
+}

@@ -1,0 +1,40 @@
+//! Portcullis: a login gateway that keeps stolen passwords and stolen cookies away from an email
+//! service provider's customer console.
+//!
+//! Portcullis runs as a reverse proxy in front of the console. No request is forwarded unless it
+//! belongs to a session that completed a password *and* a second factor; every forwarded request
+//! carries a short-lived signed JWT the backend verifies against `/.well-known/jwks.json`.
+//!
+//! # Layout
+//! - [`config`]: typed configuration (defaults → TOML → `PORTCULLIS__SECTION__KEY` env).
+//! - [`server`]: builds the router and runs it on a listener with a shutdown signal.
+//! - [`state`]: the one shared [`state::AppState`] handed to every handler.
+//! - [`http`]: the gateway's own pages and APIs (login, second factor, enrolment, logout).
+//! - [`proxy`]: forwarding to the upstream console (streaming, websockets, header hygiene).
+//! - [`auth`]: passwords, TOTP, recovery codes and the login state machine; no HTTP types.
+//! - [`session`]: session ids, cookies, server-side session records and timeouts.
+//! - [`policy`]: path normalisation and return-to validation.
+//! - [`token`]: JWT minting, signing keys (encrypted at rest), JWKS and rotation.
+//! - [`store`]: durable (SQLite, PostgreSQL) and ephemeral (memory) storage behind narrow traits.
+//! - [`audit`]: the durable audit trail, written off the request path.
+//! - [`demo`]: the built-in demo ESP console used by `portcullis demo`.
+//! - [`cli`]: the command-line interface's commands.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod demo;
+pub mod http;
+pub mod policy;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod store;
+pub mod token;

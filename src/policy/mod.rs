@@ -1,0 +1,229 @@
+//! Request-target policy: one canonical spelling of every path (so decisions and the upstream see
+//! the same thing) and validation of return-to targets (so sign-in can never redirect off-site).
+
+use url::Url;
+
+/// The gateway's own namespace; nothing under it is ever forwarded.
+pub const GATEWAY_PREFIX: &str = "/_portcullis";
+
+/// Why a request target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the request path must start with '/'")]
+    NotAbsolute,
+    #[error("the request path has an invalid percent-escape")]
+    BadEscape,
+    #[error("the request path contains a NUL or control character")]
+    ControlCharacter,
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Canonicalises one path segment: decodes escapes of unreserved characters (so `%2e` is `.`),
+/// upper-cases the remaining escapes and refuses malformed ones and control characters.
+fn canonical_segment(seg: &str) -> Result<String, PathError> {
+    let bytes = seg.as_bytes();
+    let mut out = String::with_capacity(seg.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex_val),
+                bytes.get(i + 2).copied().and_then(hex_val),
+            ) else {
+                return Err(PathError::BadEscape);
+            };
+            let v = h * 16 + l;
+            if v < 0x20 || v == 0x7f {
+                return Err(PathError::ControlCharacter);
+            }
+            if is_unreserved(v) {
+                out.push(v as char);
+            } else {
+                out.push_str(&format!("%{v:02X}"));
+            }
+            i += 3;
+        } else {
+            if b < 0x20 || b == 0x7f {
+                return Err(PathError::ControlCharacter);
+            }
+            out.push(b as char);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The canonical form of a request path: escapes normalised, empty segments (`//`) collapsed,
+/// `.` and `..` (in any spelling, e.g. `%2e%2E`) resolved without climbing above the root.
+/// A trailing slash is kept. Encoded slashes stay encoded: they never create segments.
+pub fn normalise_path(raw: &str) -> Result<String, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut stack: Vec<String> = Vec::new();
+    let segments: Vec<&str> = raw[1..].split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        let seg = canonical_segment(seg)?;
+        match seg.as_str() {
+            "" => trailing_slash = i == last,
+            "." => trailing_slash = i == last,
+            ".." => {
+                stack.pop();
+                trailing_slash = i == last;
+            }
+            _ => {
+                stack.push(seg);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(raw.len());
+    for s in &stack {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Whether a canonical path lies in the gateway's namespace, in any letter case.
+pub fn is_gateway_path(canonical: &str) -> bool {
+    let lower = canonical.to_ascii_lowercase();
+    lower == GATEWAY_PREFIX
+        || lower.starts_with("/_portcullis/")
+        || lower.starts_with("/_portcullis;")
+}
+
+/// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
+/// canonical form, or `None`. Anything odd — schemes, hosts, backslashes, control or whitespace
+/// characters (raw or encoded), protocol-relative `//` in any spelling — is refused.
+pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
+    if candidate.is_empty() || candidate.len() > 2048 {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(candidate)
+        .decode_utf8()
+        .ok()?;
+    for form in [candidate, decoded.as_ref()] {
+        if !form.starts_with('/')
+            || form.starts_with("//")
+            || form.contains('\\')
+            || form.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return None;
+        }
+    }
+    let joined = public_url.join(candidate).ok()?;
+    if joined.origin() != public_url.origin()
+        || !joined.username().is_empty()
+        || joined.password().is_some()
+    {
+        return None;
+    }
+    let path = normalise_path(joined.path()).ok()?;
+    if is_gateway_path(&path) {
+        return None;
+    }
+    Some(match joined.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_have_one_canonical_spelling() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/campaigns", "/campaigns"),
+            ("//campaigns", "/campaigns"),
+            ("/./campaigns", "/campaigns"),
+            ("/a/../campaigns", "/campaigns"),
+            ("/%2e%2e/campaigns", "/campaigns"),
+            ("/%2E%2e/%2e/campaigns/", "/campaigns/"),
+            ("/_portcullis/../campaigns", "/campaigns"),
+            ("/../../etc/passwd", "/etc/passwd"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/%61pi/keys", "/api/keys"),
+            ("/x;jsessionid=1", "/x;jsessionid=1"),
+            ("/a/b/..", "/a/"),
+            ("/a//", "/a/"),
+        ] {
+            assert_eq!(normalise_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+        assert_eq!(normalise_path("x"), Err(PathError::NotAbsolute));
+        assert_eq!(normalise_path("/%zz"), Err(PathError::BadEscape));
+        assert_eq!(normalise_path("/%2"), Err(PathError::BadEscape));
+        assert_eq!(normalise_path("/a%00b"), Err(PathError::ControlCharacter));
+        assert_eq!(normalise_path("/a%0ab"), Err(PathError::ControlCharacter));
+    }
+
+    #[test]
+    fn gateway_namespace_in_any_case() {
+        for p in [
+            "/_portcullis",
+            "/_portcullis/login",
+            "/_PORTCULLIS/x",
+            "/_Portcullis;x=1",
+        ] {
+            assert!(is_gateway_path(p), "{p}");
+        }
+        for p in ["/", "/_portcullisx", "/portcullis/login"] {
+            assert!(!is_gateway_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn return_to_accepts_only_same_origin_paths() {
+        let base = Url::parse("https://login.esp.example/").unwrap();
+        for ok in ["/", "/campaigns", "/campaigns?page=2", "/a/../b"] {
+            assert!(safe_return_to(ok, &base).is_some(), "{ok}");
+        }
+        assert_eq!(
+            safe_return_to("/a/../b?x=1", &base).as_deref(),
+            Some("/b?x=1")
+        );
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "\\\\evil.example",
+            "https://evil.example",
+            "/%2F%2Fevil.example",
+            "/%2f/evil.example",
+            "/%5Cevil.example",
+            "\t//evil",
+            "/\t/evil",
+            "%09//evil",
+            "/%09/evil",
+            "javascript:alert(1)",
+            "JavaScript:alert(1)",
+            "///evil",
+            "https://user:pass@login.esp.example/",
+            "//user@evil.example",
+            "http://login.esp.example/",
+            "https://login.esp.example/x",
+            "evil.example",
+            "",
+            " /x",
+            "/_portcullis/logout",
+            "/%0d%0aSet-Cookie:x",
+        ] {
+            assert_eq!(safe_return_to(bad, &base), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Server-side sessions. The browser holds only a 256-bit random id in a cookie; the store holds
+//! the record under the id's SHA-256, so a store dump reveals no usable cookie. A session moves
+//! through stages (password verified → second factor / enrolment → authenticated) and gets a
+//! new id at every step up in privilege, which makes fixation impossible.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Clock;
+use crate::config::SessionConfig;
+use crate::crypto::{random_token, sha256_hex};
+use crate::store::{EphemeralStore, StoreError, StoreResult};
+
+/// Cookie name on HTTPS deployments: `__Host-` pins it to this origin, path `/`, Secure.
+pub const COOKIE_HTTPS: &str = "__Host-portcullis-session";
+/// Cookie name on the plain-HTTP loopback demo, where browsers refuse `__Host-` cookies.
+pub const COOKIE_HTTP: &str = "portcullis-session";
+/// Length of a cookie value: 32 random bytes, base64url.
+const ID_LEN: usize = 43;
+
+/// Where a session stands in the sign-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum Stage {
+    /// Password verified; waiting for a second factor.
+    SecondFactor,
+    /// Password verified, no second factor yet: must enrol TOTP. The secret being enrolled is
+    /// sealed with the master key.
+    EnrolTotp { sealed_secret: Vec<u8> },
+    /// Enrolment confirmed; the recovery codes are shown once, then the session is complete.
+    ShowRecoveryCodes { codes: Vec<String> },
+    /// Password and second factor done: may reach the console.
+    Authenticated,
+}
+
+/// A server-side session record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub user_id: String,
+    pub stage: Stage,
+    /// Public, non-secret identifier (the JWT `sid`); stays the same across id rotation.
+    pub public_id: String,
+    /// Authentication methods completed (`pwd`, `otp`, …), for the JWT `amr`.
+    pub amr: Vec<String>,
+    /// When the session was created (ms).
+    pub created_ms: i64,
+    /// When the last authentication step completed (ms); compared with the user's
+    /// `sessions_valid_after_ms`.
+    pub auth_ms: i64,
+    /// Last use (ms), refreshed at most once a minute.
+    pub last_seen_ms: i64,
+    pub ip: String,
+    pub user_agent: String,
+    /// Where to go after sign-in (already validated as a same-origin path).
+    pub return_to: Option<String>,
+    /// Wrong second-factor codes in this sign-in.
+    pub failed_codes: u32,
+}
+
+impl Session {
+    /// A fresh record for a user whose password was just verified.
+    pub fn after_password(
+        user_id: &str,
+        stage: Stage,
+        now_ms: i64,
+        ip: &str,
+        ua: &str,
+        return_to: Option<String>,
+    ) -> Self {
+        Self {
+            user_id: user_id.to_string(),
+            stage,
+            public_id: uuid::Uuid::new_v4().to_string(),
+            amr: vec!["pwd".into()],
+            created_ms: now_ms,
+            auth_ms: now_ms,
+            last_seen_ms: now_ms,
+            ip: ip.to_string(),
+            user_agent: ua.chars().take(512).collect(),
+            return_to,
+            failed_codes: 0,
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.stage == Stage::Authenticated
+    }
+}
+
+/// A session loaded from a cookie, with the key it is stored under.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// SHA-256 of the cookie value: the storage key, safe to log and to use as a cache key.
+    pub key: String,
+    pub session: Session,
+}
+
+/// Why a cookie did not yield a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    Missing,
+    Malformed,
+    Unknown,
+    Expired,
+}
+
+/// Session persistence and timeouts.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    store: Arc<dyn EphemeralStore>,
+    clock: Arc<dyn Clock>,
+    config: SessionConfig,
+    cookie_name: &'static str,
+    secure: bool,
+}
+
+fn record_key(hash: &str) -> String {
+    format!("session:{hash}")
+}
+
+fn user_index_key(user_id: &str) -> String {
+    format!("user_sessions:{{{user_id}}}")
+}
+
+impl Sessions {
+    pub fn new(
+        store: Arc<dyn EphemeralStore>,
+        clock: Arc<dyn Clock>,
+        config: SessionConfig,
+        https: bool,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            config,
+            cookie_name: if https { COOKIE_HTTPS } else { COOKIE_HTTP },
+            secure: https,
+        }
+    }
+
+    pub fn cookie_name(&self) -> &'static str {
+        self.cookie_name
+    }
+
+    /// Time the store keeps a record of this stage.
+    fn ttl(&self, s: &Session) -> Duration {
+        if s.is_authenticated() {
+            self.config.idle_timeout.min(self.config.absolute_timeout)
+        } else {
+            self.config.login_timeout
+        }
+    }
+
+    /// Checks the timeouts of a record at `now_ms`.
+    fn expired(&self, s: &Session, now_ms: i64) -> bool {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        if s.is_authenticated() {
+            now_ms - s.last_seen_ms >= ms(self.config.idle_timeout)
+                || now_ms - s.created_ms >= ms(self.config.absolute_timeout)
+        } else {
+            now_ms - s.created_ms >= ms(self.config.login_timeout)
+        }
+    }
+
+    /// Stores a new session under a fresh id; returns the cookie value and the storage key.
+    pub async fn create(&self, s: &Session) -> StoreResult<(String, String)> {
+        let id = random_token(32);
+        let key = sha256_hex(id.as_bytes());
+        let body = serde_json::to_vec(s).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if !self
+            .store
+            .put_if_absent(&record_key(&key), &body, self.ttl(s))
+            .await?
+        {
+            return Err(StoreError::Conflict("session id collision".into()));
+        }
+        self.store
+            .set_add(
+                &user_index_key(&s.user_id),
+                &key,
+                self.config.absolute_timeout,
+            )
+            .await?;
+        Ok((id, key))
+    }
+
+    /// Loads the session a cookie value names, enforcing timeouts.
+    pub async fn load(&self, cookie_value: Option<&str>) -> StoreResult<Result<Loaded, Invalid>> {
+        let Some(v) = cookie_value else {
+            return Ok(Err(Invalid::Missing));
+        };
+        if v.len() != ID_LEN
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Ok(Err(Invalid::Malformed));
+        }
+        let key = sha256_hex(v.as_bytes());
+        let Some(body) = self.store.get(&record_key(&key)).await? else {
+            return Ok(Err(Invalid::Unknown));
+        };
+        let session: Session =
+            serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if self.expired(&session, self.clock.now_millis()) {
+            self.destroy(&key, &session.user_id).await?;
+            return Ok(Err(Invalid::Expired));
+        }
+        Ok(Ok(Loaded { key, session }))
+    }
+
+    /// Writes a changed record back under the same id.
+    pub async fn save(&self, key: &str, s: &Session) -> StoreResult<()> {
+        let body = serde_json::to_vec(s).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store.put(&record_key(key), &body, self.ttl(s)).await
+    }
+
+    /// Refreshes `last_seen` when it is more than a minute old (idle timeout bookkeeping
+    /// without a store write on every request).
+    pub async fn touch(&self, loaded: &mut Loaded) -> StoreResult<()> {
+        let now = self.clock.now_millis();
+        if now - loaded.session.last_seen_ms >= 60_000 {
+            loaded.session.last_seen_ms = now;
+            self.save(&loaded.key, &loaded.session).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a record to a brand-new id (privilege change) and deletes the old one.
+    pub async fn rotate(&self, old_key: &str, s: &Session) -> StoreResult<(String, String)> {
+        let created = self.create(s).await?;
+        self.destroy(old_key, &s.user_id).await?;
+        Ok(created)
+    }
+
+    /// Ends one session.
+    pub async fn destroy(&self, key: &str, user_id: &str) -> StoreResult<()> {
+        self.store.delete(&record_key(key)).await?;
+        self.store.set_remove(&user_index_key(user_id), key).await
+    }
+
+    /// Ends every session of a user known to this store.
+    pub async fn destroy_all(&self, user_id: &str) -> StoreResult<usize> {
+        let keys = self.store.set_members(&user_index_key(user_id)).await?;
+        for k in &keys {
+            self.store.delete(&record_key(k)).await?;
+        }
+        self.store.delete(&user_index_key(user_id)).await?;
+        Ok(keys.len())
+    }
+
+    /// `Set-Cookie` value that installs a session id.
+    pub fn set_cookie(&self, id: &str) -> String {
+        let secure = if self.secure { "; Secure" } else { "" };
+        format!(
+            "{}={id}; Path=/; HttpOnly; SameSite=Lax{secure}",
+            self.cookie_name
+        )
+    }
+
+    /// `Set-Cookie` value that removes the session cookie.
+    pub fn clear_cookie(&self) -> String {
+        let secure = if self.secure { "; Secure" } else { "" };
+        format!(
+            "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{secure}",
+            self.cookie_name
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

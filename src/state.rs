@@ -1,0 +1,1 @@
+//! The one shared application state.

@@ -1,0 +1,1 @@
+//! Conformance suite run against every store backend.

@@ -1,0 +1,223 @@
+//! Storage behind two narrow traits, so backends can be swapped without touching callers.
+//!
+//! - [`DurableStore`]: users, second factors, recovery codes, signing keys and the audit trail;
+//!   must survive restarts (SQLite embedded, PostgreSQL for several gateways).
+//! - [`EphemeralStore`]: sessions, ceremony challenges, replay caches and counters; a key-value
+//!   store where every key has a TTL and every multi-step update is one atomic operation, so a
+//!   Redis implementation maps each call onto one command or script.
+//!
+//! Every backend error surfaces as [`StoreError`]; callers treat it as "deny" (fail closed).
+
+pub mod memory;
+pub mod sql;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, UnixTime};
+
+/// A storage failure. The message is for logs; users only ever see a generic 503.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("already exists: {0}")]
+    Conflict(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A gateway user (an ESP customer or admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Stable opaque id (UUID); the JWT `sub`.
+    pub id: String,
+    /// Normalised (trimmed, lower-case) email; the sign-in name.
+    pub email: String,
+    /// The ESP account this user belongs to; the JWT `account`.
+    pub account_id: String,
+    pub is_admin: bool,
+    pub disabled: bool,
+    /// PHC string of the argon2id hash.
+    pub password_hash: String,
+    pub created_at: UnixTime,
+    /// Sessions authenticated at or before this instant (Unix milliseconds) are void
+    /// (disable, second-factor reset, "this wasn't me").
+    pub sessions_valid_after_ms: i64,
+}
+
+/// Data for a new user.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub email: String,
+    pub account_id: String,
+    pub is_admin: bool,
+    pub password_hash: String,
+}
+
+/// A user's TOTP factor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotpRecord {
+    pub user_id: String,
+    /// The secret, sealed with the master key (context `totp:<user id>`).
+    pub secret_sealed: Vec<u8>,
+    pub created_at: UnixTime,
+}
+
+/// A JWT signing key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    /// `EdDSA` or `ES256`.
+    pub alg: String,
+    /// Public key as a JWK (JSON), published in the JWKS.
+    pub public_jwk: String,
+    /// PKCS#8 private key, sealed with the master key (context `signing-key:<kid>`).
+    pub private_sealed: Vec<u8>,
+    pub created_at: UnixTime,
+    /// When set, the key no longer signs; it stays published until this time.
+    pub retire_at: Option<UnixTime>,
+}
+
+/// One audit event. Never holds a password, code, secret or token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Assigned by the store.
+    #[serde(default)]
+    pub id: i64,
+    pub at: UnixTime,
+    /// e.g. `login_password`, `second_factor`, `totp_enrolled`, `logout`, `proxy_denied`.
+    pub event: String,
+    /// `success`, `failure` or `denied`.
+    pub outcome: String,
+    pub user_id: Option<String>,
+    pub email: Option<String>,
+    pub account_id: Option<String>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    /// Machine-readable reason, e.g. `bad_password`, `replayed_code`, `cli`.
+    pub reason: Option<String>,
+    /// Who acted, for admin actions (`cli:<os user>` or an admin's email).
+    pub actor: Option<String>,
+}
+
+/// Which audit events to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub user_id: Option<String>,
+    pub event: Option<String>,
+    /// Only events with an id greater than this (for following).
+    pub after_id: Option<i64>,
+    /// Newest first when true.
+    pub newest_first: bool,
+    pub limit: u32,
+}
+
+/// The durable store.
+#[async_trait]
+pub trait DurableStore: Send + Sync + std::fmt::Debug {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+    /// Checks that the store answers (readiness).
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn create_user(&self, new: NewUser, now: UnixTime) -> StoreResult<User>;
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>>;
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+    async fn set_password_hash(&self, user_id: &str, hash: &str) -> StoreResult<()>;
+    /// Disables or enables a user; disabling also voids every session up to `now_ms`.
+    async fn set_disabled(&self, user_id: &str, disabled: bool, now_ms: i64) -> StoreResult<()>;
+    /// Voids every session of the user that was authenticated at or before `at_ms`.
+    async fn void_sessions(&self, user_id: &str, at_ms: i64) -> StoreResult<()>;
+
+    async fn totp(&self, user_id: &str) -> StoreResult<Option<TotpRecord>>;
+    /// Stores the (confirmed) TOTP factor, replacing any earlier one.
+    async fn set_totp(&self, record: TotpRecord) -> StoreResult<()>;
+    /// Removes TOTP and recovery codes (the user must enrol again).
+    async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()>;
+
+    /// Replaces all recovery codes of a user by these keyed hashes.
+    async fn set_recovery_codes(
+        &self,
+        user_id: &str,
+        hashes: &[String],
+        now: UnixTime,
+    ) -> StoreResult<()>;
+    /// Marks the code used if it exists and is unused; true exactly once per code.
+    async fn consume_recovery_code(
+        &self,
+        user_id: &str,
+        hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<bool>;
+    /// Unused recovery codes left.
+    async fn recovery_codes_left(&self, user_id: &str) -> StoreResult<u32>;
+
+    async fn insert_signing_key(&self, key: SigningKeyRecord) -> StoreResult<()>;
+    /// Marks every key except `keep_kid` that is not yet retiring as retiring at `retire_at`.
+    async fn retire_signing_keys_except(
+        &self,
+        keep_kid: &str,
+        retire_at: UnixTime,
+    ) -> StoreResult<()>;
+    /// All keys whose retirement lies after `now` (or that are not retiring), newest first.
+    async fn live_signing_keys(&self, now: UnixTime) -> StoreResult<Vec<SigningKeyRecord>>;
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEvent>>;
+}
+
+/// The ephemeral store: a TTL key-value store with a few atomic primitives.
+#[async_trait]
+pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
+    async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()>;
+    /// Stores only if the key is absent; true when stored (`SET NX EX`).
+    async fn put_if_absent(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool>;
+    /// Reads and deletes in one step (`GETDEL`): single-use values.
+    async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// Increments a counter, creating it with `ttl` if absent; returns the new value.
+    async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64>;
+    /// Stores `value` only if it is greater than the stored number (or none is stored);
+    /// true when stored. Used for "each TOTP step at most once" replay protection.
+    async fn set_if_greater(&self, key: &str, value: u64, ttl: Duration) -> StoreResult<bool>;
+    /// Adds a member to a set, (re)setting the set's TTL.
+    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<()>;
+    async fn set_remove(&self, key: &str, member: &str) -> StoreResult<()>;
+    async fn set_members(&self, key: &str) -> StoreResult<Vec<String>>;
+}
+
+/// Opens the configured stores.
+pub async fn open(
+    durable_url: &str,
+    ephemeral_url: &str,
+    clock: Arc<dyn Clock>,
+) -> StoreResult<(Arc<dyn DurableStore>, Arc<dyn EphemeralStore>)> {
+    let durable: Arc<dyn DurableStore> = Arc::new(sql::SqlStore::connect(durable_url).await?);
+    durable.migrate().await?;
+    let ephemeral: Arc<dyn EphemeralStore> = match ephemeral_url {
+        "memory" => Arc::new(memory::MemoryStore::new(clock)),
+        other => {
+            return Err(StoreError::Unavailable(format!(
+                "unsupported ephemeral store `{other}`"
+            )))
+        }
+    };
+    Ok((durable, ephemeral))
+}
+
+/// Normalises a sign-in email for lookup: trimmed and lower-cased, so `Alice@X` and `alice@x`
+/// are one account with one guess budget.
+pub fn normalise_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;

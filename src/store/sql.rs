@@ -1,0 +1,424 @@
+//! The durable store on SQL: SQLite (embedded default) and PostgreSQL through sqlx's `Any`
+//! driver. Both dialects take the same statements (`$N` placeholders, `ON CONFLICT`,
+//! `RETURNING`); only the migrations differ (`migrations/sqlite`, `migrations/postgres`).
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::{
+    AuditEvent, AuditQuery, DurableStore, NewUser, SigningKeyRecord, StoreError, StoreResult,
+    TotpRecord, User,
+};
+use crate::clock::UnixTime;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// A pooled SQL connection.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    sqlite: bool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(db.message().to_string())
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+impl SqlStore {
+    /// Connects to `sqlite://path` (file created if missing) or `postgres://…`.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains("mode=") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}mode=rwc")
+        } else {
+            url.to_string()
+        };
+        let opts = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 16 })
+            .acquire_timeout(std::time::Duration::from_secs(5));
+        let opts = if sqlite {
+            opts.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+        } else {
+            opts
+        };
+        let pool = opts.connect(&url).await.map_err(unavailable)?;
+        Ok(Self { pool, sqlite })
+    }
+}
+
+fn user_from(r: &AnyRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: r.try_get("id")?,
+        email: r.try_get("email")?,
+        account_id: r.try_get("account_id")?,
+        is_admin: r.try_get::<i64, _>("is_admin")? != 0,
+        disabled: r.try_get::<i64, _>("disabled")? != 0,
+        password_hash: r.try_get("password_hash")?,
+        created_at: r.try_get("created_at")?,
+        sessions_valid_after_ms: r.try_get("sessions_valid_after_ms")?,
+    })
+}
+
+fn key_from(r: &AnyRow) -> Result<SigningKeyRecord, sqlx::Error> {
+    Ok(SigningKeyRecord {
+        kid: r.try_get("kid")?,
+        alg: r.try_get("alg")?,
+        public_jwk: r.try_get("public_jwk")?,
+        private_sealed: r.try_get("private_sealed")?,
+        created_at: r.try_get("created_at")?,
+        retire_at: r.try_get("retire_at")?,
+    })
+}
+
+fn audit_from(r: &AnyRow) -> Result<AuditEvent, sqlx::Error> {
+    Ok(AuditEvent {
+        id: r.try_get("id")?,
+        at: r.try_get("at")?,
+        event: r.try_get("event")?,
+        outcome: r.try_get("outcome")?,
+        user_id: r.try_get("user_id")?,
+        email: r.try_get("email")?,
+        account_id: r.try_get("account_id")?,
+        ip: r.try_get("ip")?,
+        user_agent: r.try_get("user_agent")?,
+        reason: r.try_get("reason")?,
+        actor: r.try_get("actor")?,
+    })
+}
+
+const USER_COLS: &str =
+    "id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms";
+
+#[async_trait]
+impl DurableStore for SqlStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        let m = if self.sqlite {
+            &SQLITE_MIGRATIONS
+        } else {
+            &POSTGRES_MIGRATIONS
+        };
+        m.run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn create_user(&self, new: NewUser, now: UnixTime) -> StoreResult<User> {
+        let user = User {
+            id: uuid::Uuid::new_v4().to_string(),
+            email: super::normalise_email(&new.email),
+            account_id: new.account_id,
+            is_admin: new.is_admin,
+            disabled: false,
+            password_hash: new.password_hash,
+            created_at: now,
+            sessions_valid_after_ms: 0,
+        };
+        sqlx::query(
+            "INSERT INTO users (id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms) \
+             VALUES ($1, $2, $3, $4, 0, $5, $6, 0)",
+        )
+        .bind(&user.id)
+        .bind(&user.email)
+        .bind(&user.account_id)
+        .bind(i64::from(user.is_admin))
+        .bind(&user.password_hash)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match unavailable(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("a user with email {} exists", user.email)),
+            other => other,
+        })?;
+        Ok(user)
+    }
+
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE email = $1"))
+            .bind(super::normalise_email(email))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(user_from).transpose().map_err(unavailable)
+    }
+
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(user_from).transpose().map_err(unavailable)
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        let rows = sqlx::query(&format!("SELECT {USER_COLS} FROM users ORDER BY email"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(user_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn set_password_hash(&self, user_id: &str, hash: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn set_disabled(&self, user_id: &str, disabled: bool, now_ms: i64) -> StoreResult<()> {
+        let q = if disabled {
+            "UPDATE users SET disabled = 1, sessions_valid_after_ms = $1 WHERE id = $2"
+        } else {
+            "UPDATE users SET disabled = 0 WHERE id = $2 AND $1 = $1"
+        };
+        sqlx::query(q)
+            .bind(now_ms)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn void_sessions(&self, user_id: &str, at_ms: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE users SET sessions_valid_after_ms = $1 WHERE id = $2")
+            .bind(at_ms)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn totp(&self, user_id: &str) -> StoreResult<Option<TotpRecord>> {
+        let row = sqlx::query(
+            "SELECT user_id, secret_sealed, created_at FROM totp_credentials WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| {
+            Ok(TotpRecord {
+                user_id: r.try_get("user_id")?,
+                secret_sealed: r.try_get("secret_sealed")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+        .map_err(unavailable)
+    }
+
+    async fn set_totp(&self, record: TotpRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO totp_credentials (user_id, secret_sealed, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET secret_sealed = excluded.secret_sealed, created_at = excluded.created_at",
+        )
+        .bind(&record.user_id)
+        .bind(&record.secret_sealed)
+        .bind(record.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("DELETE FROM totp_credentials WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn set_recovery_codes(
+        &self,
+        user_id: &str,
+        hashes: &[String],
+        now: UnixTime,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        for h in hashes {
+            sqlx::query(
+                "INSERT INTO recovery_codes (user_id, code_hash, created_at) VALUES ($1, $2, $3)",
+            )
+            .bind(user_id)
+            .bind(h)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn consume_recovery_code(
+        &self,
+        user_id: &str,
+        hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE recovery_codes SET used_at = $1 WHERE user_id = $2 AND code_hash = $3 AND used_at IS NULL",
+        )
+        .bind(now)
+        .bind(user_id)
+        .bind(hash)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn recovery_codes_left(&self, user_id: &str) -> StoreResult<u32> {
+        let n: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM recovery_codes WHERE user_id = $1 AND used_at IS NULL",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await
+        .and_then(|r| r.try_get("n"))
+        .map_err(unavailable)?;
+        Ok(u32::try_from(n).unwrap_or(0))
+    }
+
+    async fn insert_signing_key(&self, key: SigningKeyRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, alg, public_jwk, private_sealed, created_at, retire_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.kid)
+        .bind(&key.alg)
+        .bind(&key.public_jwk)
+        .bind(&key.private_sealed)
+        .bind(key.created_at)
+        .bind(key.retire_at)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn retire_signing_keys_except(
+        &self,
+        keep_kid: &str,
+        retire_at: UnixTime,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE signing_keys SET retire_at = $1 WHERE kid <> $2 AND retire_at IS NULL")
+            .bind(retire_at)
+            .bind(keep_kid)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn live_signing_keys(&self, now: UnixTime) -> StoreResult<Vec<SigningKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT kid, alg, public_jwk, private_sealed, created_at, retire_at FROM signing_keys \
+             WHERE retire_at IS NULL OR retire_at > $1 ORDER BY created_at DESC, kid DESC",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(key_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for e in events {
+            sqlx::query(
+                "INSERT INTO audit_events (at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(e.at)
+            .bind(&e.event)
+            .bind(&e.outcome)
+            .bind(&e.user_id)
+            .bind(&e.email)
+            .bind(&e.account_id)
+            .bind(&e.ip)
+            .bind(&e.user_agent)
+            .bind(&e.reason)
+            .bind(&e.actor)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEvent>> {
+        let order = if q.newest_first { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT id, at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor FROM audit_events \
+             WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR event = $2) AND id > $3 ORDER BY id {order} LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(q.user_id.clone().unwrap_or_default())
+            .bind(q.event.clone().unwrap_or_default())
+            .bind(q.after_id.unwrap_or(0))
+            .bind(i64::from(q.limit.clamp(1, 10_000)))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(audit_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+}
