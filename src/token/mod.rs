@@ -1,1 +1,131 @@
-//! (in progress)
+//! Identity tokens for the backend: JWT minting, signing keys (sealed at rest), the JWKS and key
+//! rotation.
+//!
+//! - [`Signer`] holds the live key ring in memory, mints one short-lived token per session and
+//!   reuses it while enough lifetime remains, so the request path rarely signs anything.
+//! - [`rotate`] adds a new current key and lets the others retire after an overlap, so tokens
+//!   already issued stay verifiable; other gateways pick the change up on [`Signer::refresh`].
+//! - [`verify`] checks a token the way a backend should (pinned algorithm per key, `kid` lookup,
+//!   audience, issuer, lifetime), and is what the tests hold the tokens against.
+//!
+//! Private keys are PKCS#8 DER sealed with the master key under the context
+//! `signing-key:<kid>`; the JWKS is built from public components only.
+
+mod keys;
+mod signer;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_verify;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::store::DurableStore;
+
+pub use signer::Signer;
+pub use verify::verify;
+
+/// Errors of token minting, key handling and verification.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The durable store failed (reading or writing signing keys).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Key generation, sealing, opening or signing failed; never carries key material.
+    #[error("signing key error: {0}")]
+    Crypto(String),
+    /// A token failed verification; the message names the failed check.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The store holds no key that may sign.
+    #[error("no current signing key")]
+    NoKey,
+}
+
+/// Identity asserted to the backend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// The gateway (`Config::issuer`).
+    pub iss: String,
+    /// The backend (`token.audience`).
+    pub aud: String,
+    /// Stable user id.
+    pub sub: String,
+    /// The user's normalised email.
+    pub email: String,
+    /// The ESP account the user belongs to.
+    pub account: String,
+    /// Authentication methods used in this session (e.g. `pwd`, `otp`).
+    pub amr: Vec<String>,
+    /// Authentication context class reached.
+    pub acr: String,
+    /// When the user last authenticated (Unix seconds).
+    pub auth_time: i64,
+    /// Opaque session id (never the session cookie itself).
+    pub sid: String,
+    /// Issued at (Unix seconds).
+    pub iat: i64,
+    /// Not before (Unix seconds); equals `iat`.
+    pub nbf: i64,
+    /// Expiry (Unix seconds).
+    pub exp: i64,
+    /// Unique token id.
+    pub jti: String,
+}
+
+/// What the caller knows about the session.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Stable user id (`sub`).
+    pub sub: String,
+    /// The user's normalised email.
+    pub email: String,
+    /// The ESP account id.
+    pub account: String,
+    /// Authentication methods used in this session.
+    pub amr: Vec<String>,
+    /// Authentication context class reached.
+    pub acr: String,
+    /// When the user last authenticated (Unix seconds).
+    pub auth_time: i64,
+    /// Opaque session id for the backend.
+    pub sid: String,
+}
+
+impl Identity {
+    /// Whether a token minted for `other` asserts exactly what this identity would; a step-up
+    /// changes `amr`/`acr`/`auth_time`, so a cached token must not outlive it.
+    fn same_as(&self, other: &Identity) -> bool {
+        self.sub == other.sub
+            && self.email == other.email
+            && self.account == other.account
+            && self.amr == other.amr
+            && self.acr == other.acr
+            && self.auth_time == other.auth_time
+            && self.sid == other.sid
+    }
+}
+
+/// Adds a new current key, marks all other non-retiring keys retiring at
+/// `now + config.token.key_overlap`; returns the new kid. Used by `portcullis keys rotate` (a
+/// separate process) and tests; running gateways switch on their next [`Signer::refresh`].
+pub async fn rotate(
+    durable: &dyn DurableStore,
+    master_key: &MasterKey,
+    config: &Config,
+    now: i64,
+) -> Result<String, TokenError> {
+    let record = keys::new_record(config.token.algorithm, master_key, now)?;
+    let kid = record.kid.clone();
+    durable.insert_signing_key(record).await?;
+    let overlap = i64::try_from(config.token.key_overlap.as_secs()).unwrap_or(i64::MAX);
+    durable
+        .retire_signing_keys_except(&kid, now.saturating_add(overlap))
+        .await?;
+    tracing::info!(kid = %kid, alg = config.token.algorithm.as_str(), "signing key rotated");
+    Ok(kid)
+}

@@ -1,0 +1,229 @@
+//! The [`Signer`]: the in-memory key ring plus a bounded per-session token cache, so the
+//! request path normally costs one map lookup and signs only when a token nears its expiry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use bytes::Bytes;
+use jsonwebtoken::Header;
+
+use super::keys::{KeyRing, LoadedKey};
+use super::{Claims, Identity, TokenError};
+use crate::clock::{Clock, UnixTime};
+use crate::config::{Config, MAX_TOKEN_TTL};
+use crate::crypto::{random_token, MasterKey};
+use crate::store::DurableStore;
+
+/// Cached tokens kept before expired ones are pruned; beyond it (all live) the cache is
+/// emptied, since every entry can be re-minted. Bounds memory whatever the session count.
+const CACHE_CAP: usize = 50_000;
+
+/// A minted token and what it was minted for.
+struct Cached {
+    identity: Identity,
+    kid: String,
+    token: Arc<str>,
+    iat: UnixTime,
+    exp: UnixTime,
+}
+
+/// Mints identity tokens for sessions and serves the JWKS.
+pub struct Signer {
+    durable: Arc<dyn DurableStore>,
+    master_key: Arc<MasterKey>,
+    clock: Arc<dyn Clock>,
+    issuer: String,
+    audience: String,
+    /// Token lifetime in seconds.
+    ttl: i64,
+    /// Swapped whole on refresh; readers clone the `Arc` and never wait on the store.
+    ring: RwLock<Arc<KeyRing>>,
+    /// Session key → token; see [`CACHE_CAP`].
+    cache: Mutex<HashMap<String, Cached>>,
+    cache_cap: usize,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("current_kid", &self.current_kid())
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Loads the live keys from the store; if none may sign, generates one of
+    /// `config.token.algorithm` and stores it (PKCS#8 DER sealed with the master key under
+    /// `signing-key:<kid>`). Fails if a stored key cannot be opened (e.g. wrong master key).
+    pub async fn load(
+        durable: Arc<dyn DurableStore>,
+        master_key: Arc<MasterKey>,
+        config: &Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, TokenError> {
+        let now = clock.now();
+        let mut records = durable.live_signing_keys(now).await?;
+        if !records.iter().any(|r| r.retire_at.is_none()) {
+            let record = super::keys::new_record(config.token.algorithm, &master_key, now)?;
+            tracing::info!(kid = %record.kid, alg = %record.alg, "generated a signing key");
+            durable.insert_signing_key(record).await?;
+            // Re-read: a gateway starting at the same time may have stored one too, and every
+            // gateway must settle on the same current key.
+            records = durable.live_signing_keys(now).await?;
+        }
+        let ring = KeyRing::build(&records, &master_key, None)?;
+        if ring.current.public.alg != config.token.algorithm.as_str() {
+            tracing::warn!(
+                kid = %ring.current.kid,
+                current = %ring.current.public.alg,
+                configured = config.token.algorithm.as_str(),
+                "the current signing key differs from token.algorithm; rotate keys to switch"
+            );
+        }
+        let ttl = config.token.ttl.min(MAX_TOKEN_TTL).as_secs().max(1);
+        Ok(Self {
+            durable,
+            master_key,
+            clock,
+            issuer: config.issuer(),
+            audience: config.token.audience.clone(),
+            ttl: i64::try_from(ttl).unwrap_or(1),
+            ring: RwLock::new(Arc::new(ring)),
+            cache: Mutex::new(HashMap::new()),
+            cache_cap: CACHE_CAP,
+        })
+    }
+
+    /// Re-reads keys from the store, so a rotation done elsewhere (another gateway, the CLI)
+    /// is picked up and keys past their overlap leave the JWKS. On any failure the old key
+    /// ring stays in use and the error is returned.
+    pub async fn refresh(&self) -> Result<(), TokenError> {
+        let now = self.clock.now();
+        let records = self.durable.live_signing_keys(now).await?;
+        let old = self.ring();
+        let ring = KeyRing::build(&records, &self.master_key, Some(&old))?;
+        if ring.current.kid != old.current.kid {
+            tracing::info!(from = %old.current.kid, to = %ring.current.kid, "current signing key changed");
+        }
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+        self.lock_cache().retain(|_, c| c.exp > now);
+        Ok(())
+    }
+
+    /// The JWKS document `{"keys":[...]}`: public parts of every live key, current first.
+    pub fn jwks_json(&self) -> Bytes {
+        self.ring().jwks.clone()
+    }
+
+    /// The token for this session: reused while at least a quarter of its lifetime remains,
+    /// the current key is the one that signed it and the identity is unchanged; otherwise a
+    /// fresh one is minted and cached.
+    pub fn token_for(
+        &self,
+        session_key: &str,
+        identity: &Identity,
+    ) -> Result<Arc<str>, TokenError> {
+        let now = self.clock.now();
+        let ring = self.ring();
+        let current = &ring.current;
+        if let Some(c) = self.lock_cache().get(session_key) {
+            let fresh = c.kid == current.kid
+                && now >= c.iat
+                && c.exp.saturating_sub(now).saturating_mul(4) >= self.ttl
+                && c.identity.same_as(identity);
+            if fresh {
+                return Ok(Arc::clone(&c.token));
+            }
+        }
+        // Signed without holding the lock; a concurrent duplicate mint is harmless.
+        let (token, exp) = self.mint(current, identity, now)?;
+        let mut cache = self.lock_cache();
+        if cache.len() >= self.cache_cap && !cache.contains_key(session_key) {
+            cache.retain(|_, c| c.exp > now);
+            if cache.len() >= self.cache_cap {
+                tracing::warn!(
+                    cap = self.cache_cap,
+                    "token cache full of live tokens; emptied"
+                );
+                cache.clear();
+            }
+        }
+        cache.insert(
+            session_key.to_string(),
+            Cached {
+                identity: identity.clone(),
+                kid: current.kid.clone(),
+                token: Arc::clone(&token),
+                iat: now,
+                exp,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Drops the cached token of a session (logout).
+    pub fn forget(&self, session_key: &str) {
+        self.lock_cache().remove(session_key);
+    }
+
+    /// The kid of the key that signs now.
+    pub fn current_kid(&self) -> String {
+        self.ring().current.kid.clone()
+    }
+
+    fn ring(&self) -> Arc<KeyRing> {
+        Arc::clone(&self.ring.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The cache holds no invariant a panicking holder could break, so poisoning is ignored.
+    fn lock_cache(&self) -> MutexGuard<'_, HashMap<String, Cached>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mint(
+        &self,
+        key: &LoadedKey,
+        identity: &Identity,
+        now: UnixTime,
+    ) -> Result<(Arc<str>, UnixTime), TokenError> {
+        let exp = now.saturating_add(self.ttl);
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            sub: identity.sub.clone(),
+            email: identity.email.clone(),
+            account: identity.account.clone(),
+            amr: identity.amr.clone(),
+            acr: identity.acr.clone(),
+            auth_time: identity.auth_time,
+            sid: identity.sid.clone(),
+            iat: now,
+            nbf: now,
+            exp,
+            jti: random_token(16),
+        };
+        let mut header = Header::new(key.alg);
+        header.kid = Some(key.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
+            .map_err(|e| TokenError::Crypto(format!("signing with {} failed: {e}", key.kid)))?;
+        Ok((Arc::from(token), exp))
+    }
+
+    #[cfg(test)]
+    pub(super) fn set_cache_cap(&mut self, cap: usize) {
+        self.cache_cap = cap;
+    }
+
+    #[cfg(test)]
+    pub(super) fn cached_count(&self) -> usize {
+        self.lock_cache().len()
+    }
+
+    #[cfg(test)]
+    pub(super) fn current_encoding_key(&self) -> jsonwebtoken::EncodingKey {
+        self.ring().current.encoding.clone()
+    }
+}
