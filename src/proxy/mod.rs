@@ -1,1 +1,320 @@
-//! (in progress)
+//! Forwarding of already-authorised requests to the upstream console.
+//!
+//! This module decides nothing about who may pass; the caller does that and hands over the
+//! request together with [`Forwarding`] instructions. What it guarantees is hygiene: bodies stream
+//! in both directions without being buffered, hop-by-hop headers stay on their hop, identity and
+//! `X-Forwarded-*` headers come only from the gateway, the gateway's cookies never reach the
+//! upstream and the upstream cannot set them, and WebSocket upgrades are tunnelled.
+//!
+//! # Layout
+//! - `headers`: header hygiene on both sides.
+//! - `addr`: [`client_ip`] and [`is_trusted`].
+//! - `websocket`: upgrade detection and the byte tunnel after `101`.
+
+mod addr;
+mod headers;
+mod websocket;
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderValue, Method, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use addr::{client_ip, is_trusted};
+
+use crate::config::UpstreamConfig;
+
+/// Boxed error source for failures that carry one.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long an idle pooled connection to the upstream is kept; below common server keep-alive
+/// limits so the gateway rarely reuses a connection the upstream is about to close.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a request could not be forwarded. Messages hold no header values, paths or bodies.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream could not be reached (refused, unresolvable, connect timeout).
+    #[error("upstream unreachable")]
+    Connect(#[source] BoxError),
+    /// The upstream sent no response headers within the response timeout.
+    #[error("upstream sent no response within {0:?}")]
+    Timeout(Duration),
+    /// Any other failure while talking to the upstream (connection reset, malformed response).
+    #[error("upstream request failed")]
+    Upstream(#[source] BoxError),
+    /// A method the gateway never forwards: `CONNECT` would open a tunnel and `TRACE` would
+    /// reflect the gateway-added identity header back to the client.
+    #[error("method not forwarded")]
+    MethodNotAllowed,
+    /// The forwarding instructions cannot be expressed on the wire (the named part is not a valid
+    /// request target, header value or upstream URL); a bug or misconfiguration, not the client's.
+    #[error("invalid forwarding instruction: {0}")]
+    Invalid(&'static str),
+}
+
+impl ProxyError {
+    /// The status the caller should answer with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Invalid(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// What the caller decided about one request, and what the upstream should be told.
+///
+/// `Debug` shows only the names of `add_headers` (their values are signed identity tokens) and
+/// the path without its query (queries can carry tokens).
+#[derive(Clone)]
+pub struct Forwarding {
+    /// Path and query to request upstream, already canonicalised by the caller (e.g.
+    /// "/campaigns?page=2"); appended to the upstream base URL's path (base path "/" → used as is).
+    pub path_and_query: String,
+    /// TCP peer of the inbound connection.
+    pub peer: std::net::SocketAddr,
+    /// Whether `peer` is a trusted proxy (its X-Forwarded-* may be believed).
+    pub peer_trusted: bool,
+    /// Scheme the client used (from the gateway's public_url unless the caller decided
+    /// otherwise).
+    pub proto: String,
+    /// Host the client used, as for `proto`.
+    pub host: String,
+    /// Headers to add after stripping, e.g. the signed identity JWT header.
+    pub add_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Names of the gateway's own cookies, removed from the Cookie header sent upstream and from
+    /// upstream Set-Cookie responses.
+    pub gateway_cookies: Vec<String>,
+    /// Header names (lower-case) that must never come from the client, e.g. the configured
+    /// identity header.
+    pub strip_headers: Vec<String>,
+}
+
+impl std::fmt::Debug for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let added: Vec<&str> = self.add_headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Forwarding")
+            .field("path", &self.path_and_query.split('?').next())
+            .field("peer", &self.peer)
+            .field("peer_trusted", &self.peer_trusted)
+            .field("proto", &self.proto)
+            .field("host", &self.host)
+            .field("add_headers", &added)
+            .field("gateway_cookies", &self.gateway_cookies)
+            .field("strip_headers", &self.strip_headers)
+            .finish()
+    }
+}
+
+/// Where requests go: fixed at start-up from the validated configuration.
+#[derive(Debug, Clone)]
+struct Target {
+    authority: Authority,
+    /// `Host` sent upstream: the upstream's own authority, so virtual hosting there works no
+    /// matter which name the client used for the gateway.
+    host: HeaderValue,
+    /// Base path without its trailing slash ("" for "/").
+    base_path: String,
+}
+
+impl Target {
+    fn from_config(cfg: &UpstreamConfig) -> Result<Self, ProxyError> {
+        let url = &cfg.url;
+        let host = url.host_str().ok_or(ProxyError::Invalid("upstream url"))?;
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        Ok(Self {
+            authority: authority
+                .parse()
+                .map_err(|_| ProxyError::Invalid("upstream url"))?,
+            host: HeaderValue::from_str(&authority)
+                .map_err(|_| ProxyError::Invalid("upstream url"))?,
+            base_path: url.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn uri_for(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        if !path_and_query.starts_with('/') {
+            return Err(ProxyError::Invalid("path_and_query"));
+        }
+        let full = format!("{}{path_and_query}", self.base_path);
+        let pq = PathAndQuery::try_from(full).map_err(|_| ProxyError::Invalid("path_and_query"))?;
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::Invalid("path_and_query"))
+    }
+}
+
+/// The upstream console and a pooled HTTP/1.1 client for it. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    /// `Err` only if the configured URL could not be turned into a target; every forward then
+    /// fails with that error rather than the gateway panicking at start-up.
+    target: Result<Target, &'static str>,
+    response_timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("target", &self.target)
+            .field("response_timeout", &self.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Build from config. Connect timeout = cfg.connect_timeout; time to response headers =
+    /// cfg.response_timeout.
+    pub fn new(cfg: &UpstreamConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // Without a timer idle connections are only noticed as expired on checkout.
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let target = Target::from_config(cfg).map_err(|e| match e {
+            ProxyError::Invalid(what) => what,
+            _ => "upstream url",
+        });
+        Self {
+            client,
+            target,
+            response_timeout: cfg.response_timeout,
+        }
+    }
+
+    /// Forward one request. `req` is the inbound request as axum gives it
+    /// (axum::extract::Request = http::Request<axum::body::Body>).
+    ///
+    /// The response body streams from the upstream as it arrives; the time limit covers only the
+    /// wait for response headers, so long downloads are not cut off.
+    pub async fn forward(
+        &self,
+        mut req: axum::extract::Request,
+        fwd: Forwarding,
+    ) -> Result<axum::response::Response, ProxyError> {
+        if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        let target = self
+            .target
+            .as_ref()
+            .map_err(|what| ProxyError::Invalid(what))?;
+        let uri = target.uri_for(&fwd.path_and_query)?;
+
+        let upgrade = websocket::is_upgrade_request(&req);
+        // Must be taken before the request is torn apart: it lives in the extensions.
+        let inbound_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let (parts, body) = req.into_parts();
+        let method = parts.method;
+        let mut headers = parts.headers;
+        // Framing: a `Content-Length` next to `Transfer-Encoding` is void; hyper re-frames from
+        // the body, so drop it rather than let the next hop pick between two lengths.
+        if headers::has_transfer_encoding(&headers) {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        headers::remove_hop_by_hop(&mut headers);
+        // `Expect: 100-continue` was answered by the gateway's own server (hyper sends the 100
+        // when the body is first read); passed on, it would only let the upstream reply 417.
+        headers.remove(header::EXPECT);
+        headers::strip_identity(&mut headers, &fwd.strip_headers, &fwd.add_headers);
+        headers::filter_request_cookies(&mut headers, &fwd.gateway_cookies);
+        headers::set_forwarded(&mut headers, &fwd).map_err(|e| ProxyError::Invalid(e.0))?;
+        headers.insert(header::HOST, target.host.clone());
+        for (name, value) in &fwd.add_headers {
+            headers.append(name.clone(), value.clone());
+        }
+        if upgrade {
+            websocket::restore_handshake(&mut headers);
+        }
+
+        // A fresh request: the inbound one's extensions (connection info, hyper internals) are
+        // the gateway's business, and the upstream always speaks HTTP/1.1.
+        let mut outbound = http::Request::new(body);
+        *outbound.method_mut() = method.clone();
+        *outbound.uri_mut() = uri;
+        *outbound.version_mut() = Version::HTTP_11;
+        *outbound.headers_mut() = headers;
+
+        let started = Instant::now();
+        let response = match tokio::time::timeout(
+            self.response_timeout,
+            self.client.request(outbound),
+        )
+        .await
+        {
+            Err(_) => {
+                tracing::debug!(%method, "upstream response timed out");
+                return Err(ProxyError::Timeout(self.response_timeout));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::debug!(%method, error = %e, "upstream connect failed");
+                return Err(ProxyError::Connect(Box::new(e)));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%method, error = %e, "upstream request failed");
+                return Err(ProxyError::Upstream(Box::new(e)));
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        tracing::debug!(
+            %method,
+            status = status.as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "upstream responded"
+        );
+
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return match inbound_upgrade {
+                Some(inbound) => Ok(websocket::tunnel(inbound, response, &fwd.gateway_cookies)),
+                None => Err(ProxyError::Upstream(
+                    "upstream switched protocols without being asked".into(),
+                )),
+            };
+        }
+        Ok(relay(response, &fwd.gateway_cookies))
+    }
+}
+
+/// Turns the upstream's response into the client's: status, headers and body as sent, minus
+/// hop-by-hop headers and any attempt to set the gateway's cookies. The body is not read here.
+fn relay(
+    response: http::Response<hyper::body::Incoming>,
+    gateway_cookies: &[String],
+) -> axum::response::Response {
+    let (parts, incoming) = response.into_parts();
+    let mut headers = parts.headers;
+    if headers::has_transfer_encoding(&headers) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    headers::remove_hop_by_hop(&mut headers);
+    headers::filter_response_cookies(&mut headers, gateway_cookies);
+    let mut out = axum::response::Response::new(Body::new(incoming));
+    *out.status_mut() = parts.status;
+    *out.headers_mut() = headers;
+    out
+}
+
+// Tests may fail loudly; the crate-wide ban on unwrap/expect/panic is for production paths.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

@@ -1,0 +1,350 @@
+//! Header hygiene on both sides of the proxy: hop-by-hop removal, stripping of client-supplied
+//! identity headers, the gateway's own `X-Forwarded-*`, and keeping the gateway's cookies out of
+//! the upstream's reach in both directions.
+//!
+//! Header *values* are never logged here: they may hold cookies, tokens or credentials.
+
+use std::borrow::Cow;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::Forwarding;
+
+/// `X-Forwarded-For`, `-Proto` and `-Host` are not in `http`'s list of well-known names.
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the historic `Keep-Alive` and `Proxy-Connection`).
+/// They describe one connection, so forwarding them would let a client steer the gateway's
+/// connection to the upstream (e.g. `Upgrade: h2c` smuggling) or vice versa.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers through which a client could claim an identity, a different request target or a
+/// different client address. The console must only ever learn these from the gateway.
+const IDENTITY_DENY: [&str; 17] = [
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-remote-user",
+    "remote-user",
+    "x-user",
+    "x-email",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-uri",
+    "x-original-uri",
+    "x-forwarded-prefix",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// Every header in the gateway's namespace is the gateway's to set.
+const IDENTITY_DENY_PREFIX: &str = "x-portcullis-";
+
+/// Headers the gateway sets or frames messages with. Their canonical spelling is replaced or
+/// checked, but an underscore spelling (`X_Forwarded_For`, `Content_Length`) would slip past and
+/// alias the real one in CGI-style backends, so such spellings are always dropped.
+const UNDERSCORE_ALIASED: [&str; 5] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "content-length",
+];
+
+/// A header name as CGI-style backends see it: lower case, with `_` read as `-`. Names from a
+/// `HeaderMap` are already lower case and rarely contain `_`, so usually nothing is allocated.
+fn normalise(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b == b'_' || b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase().replace('_', "-"))
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(&name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Whether a message declared chunked (or other) transfer coding; then any `Content-Length`
+/// alongside it is meaningless (RFC 9112 §6.3) and must not survive to the next hop, where it
+/// could disagree with the framing hyper chooses.
+pub(crate) fn has_transfer_encoding(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// Removes headers a client must never supply: the identity deny list, the `x-portcullis-`
+/// namespace, `extra` (the caller's list) and the names the gateway is about to add, all compared
+/// after [`normalise`]; plus underscore spellings of headers the gateway sets.
+pub(crate) fn strip_identity(
+    headers: &mut HeaderMap,
+    extra: &[String],
+    added: &[(HeaderName, HeaderValue)],
+) {
+    let extra: Vec<Cow<'_, str>> = extra
+        .iter()
+        .map(|n| normalise(n))
+        .chain(added.iter().map(|(n, _)| normalise(n.as_str())))
+        .collect();
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let raw = name.as_str();
+            let norm = normalise(raw);
+            let norm: &str = &norm;
+            IDENTITY_DENY.contains(&norm)
+                || norm.starts_with(IDENTITY_DENY_PREFIX)
+                || extra.iter().any(|e| e == norm)
+                || (raw.contains('_')
+                    && (UNDERSCORE_ALIASED.contains(&norm) || HOP_BY_HOP.contains(&norm)))
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(&name);
+    }
+}
+
+/// Sets `X-Forwarded-For`, `-Proto` and `-Host`. A trusted peer's chain is extended; anybody
+/// else's claims are replaced, so a client cannot choose the address the console sees.
+pub(crate) fn set_forwarded(
+    headers: &mut HeaderMap,
+    fwd: &Forwarding,
+) -> Result<(), InvalidForwarding> {
+    let peer = fwd.peer.ip().to_canonical().to_string();
+    let proto = HeaderValue::from_str(&fwd.proto).map_err(|_| InvalidForwarding("proto"))?;
+    let host = HeaderValue::from_str(&fwd.host).map_err(|_| InvalidForwarding("host"))?;
+
+    let prior: Option<Vec<&str>> = if fwd.peer_trusted {
+        // Values that are not plain text cannot be extended faithfully; start a fresh chain.
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.to_str().ok().map(str::trim))
+            .collect()
+    } else {
+        None
+    };
+    let chain = match prior {
+        Some(parts) if !parts.is_empty() && parts.iter().all(|p| !p.is_empty()) => {
+            format!("{}, {peer}", parts.join(", "))
+        }
+        _ => peer,
+    };
+    let chain = HeaderValue::from_str(&chain).map_err(|_| InvalidForwarding("for"))?;
+    headers.insert(X_FORWARDED_FOR, chain);
+
+    if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, proto);
+    }
+    if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    Ok(())
+}
+
+/// A forwarding instruction that cannot be written as a header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InvalidForwarding(pub(crate) &'static str);
+
+/// The name part of a `name=value` cookie pair (or of a bare token), trimmed like browsers and
+/// most server-side parsers do, so padding cannot hide a name.
+fn cookie_name(pair: &[u8]) -> &[u8] {
+    let end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+    pair[..end].trim_ascii()
+}
+
+/// Removes the gateway's cookies from every `Cookie` header. The remaining pairs are kept
+/// byte-for-byte and merged into one header (RFC 6265 §5.4: one `Cookie` header per request;
+/// several arrive from HTTP/2 clients). With nothing left, no `Cookie` header is sent.
+pub(crate) fn filter_request_cookies(headers: &mut HeaderMap, gateway: &[String]) {
+    let values: Vec<HeaderValue> = match headers.entry(header::COOKIE) {
+        header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        header::Entry::Vacant(_) => return,
+    };
+    let mut kept: Vec<u8> = Vec::new();
+    for value in &values {
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii_start();
+            if pair.trim_ascii().is_empty() {
+                continue;
+            }
+            let name = cookie_name(pair);
+            if gateway.iter().any(|g| g.as_bytes() == name) {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
+        }
+    }
+    if kept.is_empty() {
+        return;
+    }
+    // Every byte came from a valid header value and `; ` is valid, so this cannot fail; if it
+    // somehow did, sending no cookies is the safe side.
+    if let Ok(v) = HeaderValue::from_bytes(&kept) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Drops every `Set-Cookie` that would set one of the gateway's cookies, so the upstream can
+/// neither overwrite nor shadow the gateway's session. Names are compared ignoring case (dropping
+/// a look-alike is harmless; a look-alike reaching a lenient parser is not), and a value-only
+/// `Set-Cookie: portcullis-session` is caught too. Other `Set-Cookie` headers stay, in order.
+pub(crate) fn filter_response_cookies(headers: &mut HeaderMap, gateway: &[String]) {
+    let values: Vec<HeaderValue> = match headers.entry(header::SET_COOKIE) {
+        header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        header::Entry::Vacant(_) => return,
+    };
+    for value in values {
+        let bytes = value.as_bytes();
+        let first = bytes.split(|&b| b == b';').next().unwrap_or(bytes);
+        let name = cookie_name(first);
+        if gateway
+            .iter()
+            .any(|g| g.as_bytes().eq_ignore_ascii_case(name))
+        {
+            tracing::debug!("dropped an upstream Set-Cookie naming a gateway cookie");
+            continue;
+        }
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
+// Tests may fail loudly; the crate-wide ban on unwrap/expect/panic is for production paths.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn gateway() -> Vec<String> {
+        vec![
+            "__Host-portcullis-session".into(),
+            "portcullis-session".into(),
+            "portcullis-csrf".into(),
+        ]
+    }
+
+    #[test]
+    fn connection_named_headers_and_hop_by_hop_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("connection", "x-other-hop"),
+            ("x-secret-hop", "1"),
+            ("x-other-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic abc"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("accept", "text/html"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn identity_headers_go_in_any_spelling() {
+        let mut h = map(&[
+            ("X_Forwarded_User", "admin"),
+            ("x-forwarded-email", "a@b"),
+            ("X_PORTCULLIS_ASSERTION", "forged"),
+            ("x-portcullis-anything", "forged"),
+            ("remote_user", "admin"),
+            ("x_forwarded_for", "1.2.3.4"),
+            ("content_length", "5"),
+            ("x_custom_id", "forged"),
+            ("x-keep_me", "yes"),
+            ("authorization", "Bearer console-token"),
+        ]);
+        strip_identity(&mut h, &["X-Custom-Id".into()], &[]);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "x-keep_me"]);
+    }
+
+    #[test]
+    fn request_cookies_lose_only_the_gateways() {
+        let mut h = map(&[
+            ("cookie", "a=1; portcullis-session=SECRET;b=\"x y\""),
+            ("cookie", " __Host-portcullis-session=S2 ; c=3"),
+            ("cookie", "portcullis-csrf =S3"),
+        ]);
+        filter_request_cookies(&mut h, &gateway());
+        let all: Vec<&[u8]> = h.get_all("cookie").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(all, [b"a=1; b=\"x y\"; c=3".as_slice()]);
+
+        let mut h = map(&[("cookie", "portcullis-session=S; portcullis-csrf=T")]);
+        filter_request_cookies(&mut h, &gateway());
+        assert!(!h.contains_key("cookie"));
+    }
+
+    #[test]
+    fn cookie_names_are_matched_exactly_in_requests() {
+        let mut h = map(&[("cookie", "portcullis-session-x=1; xportcullis-session=2")]);
+        filter_request_cookies(&mut h, &gateway());
+        assert_eq!(
+            h["cookie"].as_bytes(),
+            b"portcullis-session-x=1; xportcullis-session=2"
+        );
+    }
+
+    #[test]
+    fn upstream_cannot_set_gateway_cookies() {
+        let mut h = map(&[
+            ("set-cookie", "theme=dark; Path=/"),
+            ("set-cookie", "portcullis-session=evil; Path=/"),
+            ("set-cookie", "PORTCULLIS-CSRF=evil"),
+            ("set-cookie", " __Host-portcullis-session =evil; Secure"),
+            ("set-cookie", "portcullis-session"),
+            ("set-cookie", "lang=en; HttpOnly"),
+        ]);
+        filter_response_cookies(&mut h, &gateway());
+        let all: Vec<&str> = h
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(all, ["theme=dark; Path=/", "lang=en; HttpOnly"]);
+    }
+}
