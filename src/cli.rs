@@ -1,1 +1,491 @@
-//! (in progress)
+//! The command-line interface: `serve`, `demo`, `check-config`, and administration commands
+//! (`user …`, `keys rotate`, `audit tail`, `token verify`). Every administrative change is
+//! written to the audit trail with the acting OS user.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::auth::password::{check_policy, PasswordHasher};
+use crate::clock::{rfc3339, Clock, SystemClock};
+use crate::config::{Config, LogFormat};
+use crate::secret::Secret;
+use crate::store::{AuditEvent, AuditQuery, DurableStore, NewUser, User};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A login gateway: password + second factor before anything reaches the console"
+)]
+pub struct Cli {
+    /// Config file (TOML). Environment variables PORTCULLIS__SECTION__KEY override it.
+    #[arg(long, global = true, env = "PORTCULLIS_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Run the gateway on embedded defaults with a built-in demo console behind it.
+    Demo(crate::demo::DemoArgs),
+    /// Validate the config and print the effective values (secrets redacted).
+    CheckConfig,
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Read the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Work with identity tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Create a user; the password is read from standard input (never from the command line).
+    Add {
+        email: String,
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a user and end all of its sessions at once.
+    Disable { email: String },
+    /// Enable a disabled user.
+    Enable { email: String },
+    /// Remove the user's second factors; the next sign-in must enrol again. Ends its sessions.
+    ResetMfa { email: String },
+    /// TOTP provisioning.
+    #[command(subcommand)]
+    Totp(TotpCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TotpCmd {
+    /// Create a new TOTP secret for the user and print its otpauth:// URI once.
+    Generate { email: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Add a new signing key; the previous one stays published for `token.key_overlap`.
+    Rotate,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Show the latest events.
+    Tail {
+        /// How many events.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new events as they are written.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Verify a token as a backend should; prints its claims.
+    Verify {
+        token: String,
+        /// JWKS as an http:// URL or a file path.
+        #[arg(long)]
+        jwks: String,
+        /// Expected audience (default: token.audience from the config).
+        #[arg(long)]
+        audience: Option<String>,
+        /// Expected issuer (default: the configured issuer).
+        #[arg(long)]
+        issuer: Option<String>,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the configuration from `--config` and the environment.
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+/// Installs the log subscriber.
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::CheckConfig => {
+            let config = load_config(cli.config.as_deref())?;
+            print!("{}", config.to_redacted_toml());
+            eprintln!("config is valid");
+            Ok(())
+        }
+        Command::Serve => {
+            let config = load_config(cli.config.as_deref())?;
+            init_logging(&config);
+            serve(config).await
+        }
+        Command::Token(TokenCmd::Verify {
+            token,
+            jwks,
+            audience,
+            issuer,
+        }) => {
+            let config = load_config(cli.config.as_deref())?;
+            verify_token(&config, &token, &jwks, audience, issuer).await
+        }
+        other => {
+            let config = load_config(cli.config.as_deref())?;
+            admin(config, other).await
+        }
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: draining in-flight requests");
+}
+
+/// `portcullis serve`.
+pub async fn serve(config: Config) -> Result<()> {
+    let listen = config.server.listen.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let state = crate::state::AppState::new(config, clock).await?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(listen = %listen, public_url = %state.config.server.public_url, upstream = %state.config.upstream.url, "portcullis is listening");
+    if !state.config.is_https() {
+        tracing::warn!("public_url is plain http: session cookies drop the __Host- prefix and the Secure flag; use https outside a loopback demo");
+    }
+    crate::server::run(listener, state, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn actor() -> String {
+    let who = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{who}")
+}
+
+/// Reads a new password from the terminal (twice) or from one line of standard input.
+fn read_password() -> Result<Secret<String>> {
+    if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("New password: ")?;
+        let b = rpassword::prompt_password("Repeat it: ")?;
+        if a != b {
+            bail!("the two passwords differ");
+        }
+        return Ok(Secret::new(a));
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    Ok(Secret::new(line.trim_end_matches(['\r', '\n']).to_string()))
+}
+
+async fn find_user(durable: &dyn DurableStore, email: &str) -> Result<User> {
+    durable
+        .user_by_email(email)
+        .await?
+        .with_context(|| format!("no user with email {email}"))
+}
+
+/// Administrative commands that work on the durable store directly.
+async fn admin(config: Config, cmd: Command) -> Result<()> {
+    let clock = SystemClock;
+    let durable: Arc<dyn DurableStore> =
+        Arc::new(crate::store::sql::SqlStore::connect(&config.storage.durable).await?);
+    durable.migrate().await?;
+    let audit = |event: &str, user: Option<&User>, reason: &str| {
+        let mut ev = AuditEvent::new(event, "success", clock.now())
+            .actor(&actor())
+            .reason(reason);
+        if let Some(u) = user {
+            ev = ev.user(u);
+        }
+        ev
+    };
+    match cmd {
+        Command::User(UserCmd::Add {
+            email,
+            account,
+            admin,
+        }) => {
+            let email = crate::store::normalise_email(&email);
+            if !email.contains('@') || email.len() > 320 {
+                bail!("`{email}` is not an email address");
+            }
+            if account.trim().is_empty() {
+                bail!("--account must not be empty");
+            }
+            let password = read_password()?;
+            check_policy(password.expose(), &config.password, &email)?;
+            let hasher = PasswordHasher::new(&config.password)?;
+            let hash = hasher.hash(&password).await?;
+            let user = durable
+                .create_user(
+                    NewUser {
+                        email,
+                        account_id: account,
+                        is_admin: admin,
+                        password_hash: hash,
+                    },
+                    clock.now(),
+                )
+                .await?;
+            durable
+                .append_audit(&[audit("user_created", Some(&user), "cli")])
+                .await?;
+            println!(
+                "created user {} ({}) in account {}{}",
+                user.email,
+                user.id,
+                user.account_id,
+                if user.is_admin { " as admin" } else { "" }
+            );
+            println!("at first sign-in the user must set up a second factor (TOTP)");
+        }
+        Command::User(UserCmd::List { json }) => {
+            let users = durable.list_users().await?;
+            let mut out = std::io::stdout().lock();
+            for u in users {
+                let totp = durable.totp(&u.id).await?.is_some();
+                if json {
+                    let v = serde_json::json!({"id": u.id, "email": u.email, "account": u.account_id, "admin": u.is_admin, "disabled": u.disabled, "totp": totp, "created_at": rfc3339(u.created_at)});
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<36}  {:<32}  {:<16}  {}{}{}",
+                        u.id,
+                        u.email,
+                        u.account_id,
+                        if u.is_admin { "admin " } else { "" },
+                        if u.disabled { "disabled " } else { "" },
+                        if totp { "totp" } else { "no-second-factor" }
+                    )?;
+                }
+            }
+        }
+        Command::User(UserCmd::Disable { email }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            durable
+                .set_disabled(&u.id, true, clock.now_millis())
+                .await?;
+            durable
+                .append_audit(&[audit("user_disabled", Some(&u), "cli")])
+                .await?;
+            println!(
+                "disabled {}; its sessions end within a second on every gateway",
+                u.email
+            );
+        }
+        Command::User(UserCmd::Enable { email }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            durable
+                .set_disabled(&u.id, false, clock.now_millis())
+                .await?;
+            durable
+                .append_audit(&[audit("user_enabled", Some(&u), "cli")])
+                .await?;
+            println!("enabled {}", u.email);
+        }
+        Command::User(UserCmd::ResetMfa { email }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            durable.reset_second_factors(&u.id).await?;
+            durable.void_sessions(&u.id, clock.now_millis()).await?;
+            durable
+                .append_audit(&[audit("second_factors_reset", Some(&u), "cli")])
+                .await?;
+            println!("removed the second factors of {}; its sessions ended; the next sign-in enrols anew", u.email);
+        }
+        Command::User(UserCmd::Totp(TotpCmd::Generate { email })) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            let key = config.master_key()?;
+            let secret = crate::auth::totp::generate_secret();
+            let sealed = key.seal(&crate::auth::flow::totp_context(&u.id), secret.expose())?;
+            durable
+                .set_totp(crate::store::TotpRecord {
+                    user_id: u.id.clone(),
+                    secret_sealed: sealed,
+                    created_at: clock.now(),
+                })
+                .await?;
+            durable
+                .append_audit(&[audit("totp_generated", Some(&u), "cli")])
+                .await?;
+            let issuer = config
+                .server
+                .public_url
+                .host_str()
+                .unwrap_or("Portcullis")
+                .to_string();
+            println!(
+                "{}",
+                crate::auth::totp::otpauth_uri(secret.expose(), &issuer, &u.email)
+            );
+            eprintln!(
+                "this URI is shown once; it replaces any earlier TOTP secret of {}",
+                u.email
+            );
+        }
+        Command::Keys(KeysCmd::Rotate) => {
+            let key = config.master_key()?;
+            let kid = crate::token::rotate(durable.as_ref(), &key, &config, clock.now()).await?;
+            let mut ev = audit("signing_key_rotated", None, "cli");
+            ev.reason = Some(format!("new_kid:{kid}"));
+            durable.append_audit(&[ev]).await?;
+            println!("new signing key {kid}; running gateways switch to it within 10 seconds; the previous key stays published for {}", humantime::format_duration(config.token.key_overlap));
+        }
+        Command::Audit(AuditCmd::Tail {
+            lines,
+            json,
+            follow,
+        }) => {
+            let mut events = durable
+                .query_audit(&AuditQuery {
+                    newest_first: true,
+                    limit: lines,
+                    ..Default::default()
+                })
+                .await?;
+            events.reverse();
+            let mut last = 0;
+            loop {
+                let mut out = std::io::stdout().lock();
+                for e in &events {
+                    last = last.max(e.id);
+                    if json {
+                        writeln!(out, "{}", serde_json::to_string(e)?)?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{} {:<22} {:<8} user={} ip={} reason={}{}",
+                            rfc3339(e.at),
+                            e.event,
+                            e.outcome,
+                            e.email.as_deref().or(e.user_id.as_deref()).unwrap_or("-"),
+                            e.ip.as_deref().unwrap_or("-"),
+                            e.reason.as_deref().unwrap_or("-"),
+                            e.actor
+                                .as_deref()
+                                .map(|a| format!(" actor={a}"))
+                                .unwrap_or_default()
+                        )?;
+                    }
+                }
+                out.flush()?;
+                if !follow {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                events = durable
+                    .query_audit(&AuditQuery {
+                        after_id: Some(last),
+                        limit: 1000,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+        _ => bail!("unsupported command"),
+    }
+    Ok(())
+}
+
+/// `portcullis token verify`.
+async fn verify_token(
+    config: &Config,
+    token: &str,
+    jwks: &str,
+    audience: Option<String>,
+    issuer: Option<String>,
+) -> Result<()> {
+    let body = if jwks.starts_with("http://") {
+        crate::demo::fetch_text(jwks)
+            .await
+            .with_context(|| format!("cannot fetch {jwks}"))?
+    } else if jwks.starts_with("https://") {
+        bail!("fetch https JWKS with your HTTP client and pass the file: --jwks ./jwks.json");
+    } else {
+        std::fs::read_to_string(jwks).with_context(|| format!("cannot read {jwks}"))?
+    };
+    let set: serde_json::Value = serde_json::from_str(&body).context("the JWKS is not JSON")?;
+    let audience = audience.unwrap_or_else(|| config.token.audience.clone());
+    let issuer = issuer.unwrap_or_else(|| config.issuer());
+    let claims = crate::token::verify(token.trim(), &set, &audience, Some(&issuer), 30)?;
+    println!("{}", serde_json::to_string_pretty(&claims)?);
+    eprintln!("token is valid");
+    Ok(())
+}

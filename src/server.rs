@@ -1,1 +1,45 @@
-//! (in progress)
+//! Builds the router and runs it on a listener until a shutdown signal, so the binary and the
+//! tests start the gateway the same way (tests bind port 0 and pass their own shutdown).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::state::AppState;
+
+/// How often signing keys are re-read, so a rotation made elsewhere is picked up.
+const KEY_REFRESH: Duration = Duration::from_secs(10);
+
+/// The gateway's router over `state`.
+pub fn build_router(state: AppState) -> Router {
+    crate::http::router(state)
+}
+
+/// Serves until `shutdown` completes, then drains in-flight requests and flushes the audit trail.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let signer = state.signer.clone();
+    let refresher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(KEY_REFRESH);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = signer.refresh().await {
+                tracing::warn!(error = %e, "could not refresh signing keys; keeping the current ones");
+            }
+        }
+    });
+    let app = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    refresher.abort();
+    state.audit.flush().await;
+    result
+}

@@ -1,1 +1,158 @@
-//! The one shared application state.
+//! The one shared application state, cloned into every handler. No globals: everything a
+//! handler may touch is reachable from here, which keeps tests free to build their own.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::audit::Audit;
+use crate::auth::flow::LoginFlow;
+use crate::auth::password::PasswordHasher;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::proxy::Upstream;
+use crate::session::Sessions;
+use crate::store::{DurableStore, EphemeralStore, StoreError, User};
+use crate::token::Signer;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("signing keys: {0}")]
+    Token(#[from] crate::token::TokenError),
+    #[error("password hashing: {0}")]
+    Password(#[from] crate::auth::password::PasswordError),
+}
+
+/// Shared state.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub durable: Arc<dyn DurableStore>,
+    pub ephemeral: Arc<dyn EphemeralStore>,
+    pub master_key: Arc<MasterKey>,
+    pub sessions: Sessions,
+    pub login: LoginFlow,
+    pub signer: Arc<Signer>,
+    pub upstream: Arc<Upstream>,
+    pub audit: Audit,
+    /// Recently read user records, so the proxy path checks "disabled / sessions voided" at most
+    /// once a second per user instead of on every request.
+    pub user_gate: Arc<UserGate>,
+}
+
+impl AppState {
+    /// Opens the stores named in the config and assembles the state.
+    pub async fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
+        let (durable, ephemeral) = crate::store::open(
+            &config.storage.durable,
+            &config.storage.ephemeral,
+            clock.clone(),
+        )
+        .await?;
+        Self::with_stores(config, clock, durable, ephemeral).await
+    }
+
+    /// Assembles the state over stores the caller opened (tests, several backends).
+    pub async fn with_stores(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        durable: Arc<dyn DurableStore>,
+        ephemeral: Arc<dyn EphemeralStore>,
+    ) -> Result<Self, StartupError> {
+        let master_key = Arc::new(config.master_key()?);
+        let signer = Arc::new(
+            Signer::load(durable.clone(), master_key.clone(), &config, clock.clone()).await?,
+        );
+        let hasher = Arc::new(PasswordHasher::new(&config.password)?);
+        let audit = Audit::start(durable.clone());
+        let sessions = Sessions::new(
+            ephemeral.clone(),
+            clock.clone(),
+            config.session.clone(),
+            config.is_https(),
+        );
+        let login = LoginFlow {
+            durable: durable.clone(),
+            ephemeral: ephemeral.clone(),
+            hasher,
+            master_key: master_key.clone(),
+            clock: clock.clone(),
+            limits: config.limits.clone(),
+            audit: audit.clone(),
+            totp_issuer: config
+                .server
+                .public_url
+                .host_str()
+                .unwrap_or("Portcullis")
+                .to_string(),
+        };
+        Ok(Self {
+            upstream: Arc::new(Upstream::new(&config.upstream)),
+            user_gate: Arc::new(UserGate::default()),
+            config: Arc::new(config),
+            clock,
+            durable,
+            ephemeral,
+            master_key,
+            sessions,
+            login,
+            signer,
+            audit,
+        })
+    }
+}
+
+/// A per-user cache of the account record with a one-second lifetime.
+#[derive(Debug, Default)]
+pub struct UserGate {
+    cache: Mutex<HashMap<String, (i64, Option<User>)>>,
+}
+
+/// How long a cached user record is trusted.
+const GATE_TTL_MS: i64 = 1000;
+/// Entries kept before stale ones are pruned.
+const GATE_MAX: usize = 100_000;
+
+impl UserGate {
+    /// The user if it exists, is enabled and has not voided sessions authenticated at `auth_ms`.
+    pub async fn admit(
+        &self,
+        state: &AppState,
+        user_id: &str,
+        auth_ms: i64,
+    ) -> Result<Option<User>, StoreError> {
+        let now = state.clock.now_millis();
+        let cached = self.cache.lock().ok().and_then(|c| {
+            c.get(user_id)
+                .filter(|(at, _)| now - *at < GATE_TTL_MS && *at <= now)
+                .map(|(_, u)| u.clone())
+        });
+        let user = match cached {
+            Some(u) => u,
+            None => {
+                let u = state.durable.user_by_id(user_id).await?;
+                if let Ok(mut c) = self.cache.lock() {
+                    if c.len() >= GATE_MAX {
+                        c.retain(|_, (at, _)| now - *at < GATE_TTL_MS);
+                    }
+                    c.insert(user_id.to_string(), (now, u.clone()));
+                }
+                u
+            }
+        };
+        Ok(user.filter(|u| !u.disabled && auth_ms > u.sessions_valid_after_ms))
+    }
+
+    /// Drops a cached record so the next request reads the store (after a local change).
+    pub fn forget(&self, user_id: &str) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(user_id);
+        }
+    }
+}

@@ -1,1 +1,149 @@
-//! (in progress)
+//! The audit trail: who did what, when, from where, with what outcome and why. Events are handed
+//! to a background writer so the request path never waits on the database; [`Audit::flush`]
+//! waits until everything recorded so far is durable (used at shutdown and by tests).
+//! An event never carries a password, code, secret or token — only the reason for a decision.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{AuditEvent, DurableStore};
+
+/// Events waiting for the writer; beyond this, recording waits (back-pressure, never loss).
+const QUEUE: usize = 8192;
+/// Events written per transaction at most.
+const BATCH: usize = 256;
+
+enum Msg {
+    Event(Box<AuditEvent>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle for recording audit events.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Event(e) => write!(f, "Event({})", e.event),
+            Msg::Flush(_) => f.write_str("Flush"),
+        }
+    }
+}
+
+impl Audit {
+    /// Starts the writer task on the current runtime.
+    pub fn start(durable: Arc<dyn DurableStore>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(writer(durable, rx));
+        Self { tx }
+    }
+
+    /// Records an event (waits only if the queue is full).
+    pub async fn record(&self, event: AuditEvent) {
+        tracing::info!(
+            target: "portcullis::audit",
+            event = %event.event,
+            outcome = %event.outcome,
+            user_id = event.user_id.as_deref().unwrap_or("-"),
+            ip = event.ip.as_deref().unwrap_or("-"),
+            reason = event.reason.as_deref().unwrap_or("-"),
+            "audit"
+        );
+        if self.tx.send(Msg::Event(Box::new(event))).await.is_err() {
+            tracing::error!("audit writer has stopped; event lost");
+        }
+    }
+
+    /// Waits until every event recorded before this call is written.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>) {
+    let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Event(e) => batch.push(*e),
+                Msg::Flush(w) => waiters.push(w),
+            }
+            if batch.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        // A database outage must not drop events: retry with back-off until written.
+        let mut delay = Duration::from_millis(100);
+        while !batch.is_empty() {
+            match durable.append_audit(&batch).await {
+                Ok(()) => batch.clear(),
+                Err(e) => {
+                    tracing::error!(error = %e, pending = batch.len(), "audit write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
+
+/// Builder-style constructors keep call sites short and uniform.
+impl AuditEvent {
+    /// A new event at `at` (Unix seconds).
+    pub fn new(event: &str, outcome: &str, at: i64) -> Self {
+        Self {
+            id: 0,
+            at,
+            event: event.to_string(),
+            outcome: outcome.to_string(),
+            user_id: None,
+            email: None,
+            account_id: None,
+            ip: None,
+            user_agent: None,
+            reason: None,
+            actor: None,
+        }
+    }
+
+    pub fn user(mut self, u: &crate::store::User) -> Self {
+        self.user_id = Some(u.id.clone());
+        self.email = Some(u.email.clone());
+        self.account_id = Some(u.account_id.clone());
+        self
+    }
+
+    pub fn email(mut self, email: &str) -> Self {
+        self.email = Some(email.chars().take(320).collect());
+        self
+    }
+
+    pub fn client(mut self, ip: &str, user_agent: &str) -> Self {
+        self.ip = Some(ip.to_string());
+        self.user_agent = Some(user_agent.chars().take(512).collect());
+        self
+    }
+
+    pub fn reason(mut self, reason: &str) -> Self {
+        self.reason = Some(reason.to_string());
+        self
+    }
+
+    pub fn actor(mut self, actor: &str) -> Self {
+        self.actor = Some(actor.to_string());
+        self
+    }
+}

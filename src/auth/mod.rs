@@ -8,10 +8,11 @@
 //!   step-aware checking so the caller can make each code single-use.
 //! - [`recovery`]: single-use recovery codes and their canonical form for keyed hashing.
 //!
-//! The login state machine (which factor comes next, attempt limits, replay records) lives with
-//! the HTTP flow for now; it calls into these modules and owns all storage.
+//! - [`flow`]: the sign-in state machine (which factor comes next, attempt limits, replay
+//!   records), with the store handles it needs and no HTTP types.
 
 pub mod common;
+pub mod flow;
 pub mod password;
 pub mod recovery;
 pub mod totp;

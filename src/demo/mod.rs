@@ -1,1 +1,163 @@
-//! (in progress)
+//! `portcullis demo`: the gateway on embedded defaults (SQLite under a data directory, in-memory
+//! sessions) in front of a small built-in ESP console. The console trusts nothing but the
+//! gateway's signed assertion, verified against the gateway's JWKS like a real backend would.
+
+mod console;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use http_body_util::BodyExt;
+
+use crate::auth::password::PasswordHasher;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::crypto::{random_token, MasterKey};
+use crate::secret::Secret;
+use crate::store::NewUser;
+
+pub use console::{console_router, ConsoleState};
+
+/// The demo user's email.
+pub const DEMO_EMAIL: &str = "demo@example.com";
+
+/// Options of `portcullis demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Where the demo keeps its database and master key.
+    #[arg(long, default_value = "portcullis-demo")]
+    pub data_dir: PathBuf,
+    /// Gateway address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address of the built-in console (reached only through the gateway).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub console_listen: SocketAddr,
+}
+
+/// Reads or creates the demo's master key file (mode 0600).
+fn master_key_file(dir: &Path) -> Result<String> {
+    let path = dir.join("master.key");
+    if let Ok(k) = std::fs::read_to_string(&path) {
+        return Ok(k.trim().to_string());
+    }
+    let k = MasterKey::generate_base64();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    std::io::Write::write_all(&mut f, k.as_bytes())?;
+    Ok(k)
+}
+
+/// The demo's configuration: defaults, the environment, and the demo's own paths.
+pub fn demo_config(args: &DemoArgs) -> Result<Config> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let mut config = Config::load(None, std::env::vars())?;
+    config.server.listen = args.listen.to_string();
+    config.server.public_url = url::Url::parse(&format!("http://{}/", args.listen))?;
+    config.upstream.url = url::Url::parse(&format!("http://{}/", args.console_listen))?;
+    let db = args.data_dir.join("portcullis.sqlite");
+    config.storage.durable = format!("sqlite://{}", db.display());
+    config.storage.ephemeral = "memory".into();
+    config.secrets.master_key = Some(Secret::new(master_key_file(&args.data_dir)?));
+    config.validate()?;
+    Ok(config)
+}
+
+/// `portcullis demo`.
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let config = demo_config(&args)?;
+    crate::cli::init_logging(&config);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let state = crate::state::AppState::new(config.clone(), clock.clone()).await?;
+
+    // A fresh password for the demo user at every start, printed below.
+    let password = Secret::new(format!("demo-{}", random_token(9)));
+    let hasher = PasswordHasher::new(&config.password)?;
+    let hash = hasher.hash(&password).await?;
+    let fresh = match state.durable.user_by_email(DEMO_EMAIL).await? {
+        Some(u) => {
+            state.durable.set_password_hash(&u.id, &hash).await?;
+            false
+        }
+        None => {
+            let new = NewUser {
+                email: DEMO_EMAIL.into(),
+                account_id: "acct-demo".into(),
+                is_admin: false,
+                password_hash: hash,
+            };
+            state.durable.create_user(new, clock.now()).await?;
+            true
+        }
+    };
+
+    let console_listener = tokio::net::TcpListener::bind(args.console_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.console_listen))?;
+    let console = ConsoleState::new(
+        format!("http://{}/.well-known/jwks.json", args.listen),
+        &config,
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(console_listener, console_router(console)).await {
+            tracing::error!(error = %e, "demo console stopped");
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("Portcullis demo");
+    println!(
+        "  gateway:   http://{}/  (open this in a browser)",
+        args.listen
+    );
+    println!(
+        "  console:   http://{}/  (behind the gateway; refuses direct requests)",
+        args.console_listen
+    );
+    println!("  data:      {}", args.data_dir.display());
+    println!();
+    println!(
+        "  sign in as {DEMO_EMAIL} with password: {}",
+        password.expose()
+    );
+    if fresh {
+        println!("  then scan the QR code with an authenticator app (or type the key shown) and enter its code;");
+        println!("  save the recovery codes shown once.");
+    } else {
+        println!("  then enter the code from the authenticator you enrolled earlier");
+        println!("  (or run `portcullis user reset-mfa {DEMO_EMAIL}` with this demo's config to enrol again).");
+    }
+    println!();
+    println!("  note: the demo serves plain HTTP on loopback, so cookies drop the __Host- prefix and the Secure flag.");
+    crate::server::run(listener, state, crate::cli::shutdown_signal()).await?;
+    Ok(())
+}
+
+/// GETs an `http://` URL and returns the body as text (JWKS fetching for the console and the
+/// CLI; plain HTTP only).
+pub async fn fetch_text(url: &str) -> Result<String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+        .await
+        .context("timed out")??;
+    if !resp.status().is_success() {
+        anyhow::bail!("{url} answered {}", resp.status());
+    }
+    let body = resp.into_body().collect().await?.to_bytes();
+    if body.len() > 1 << 20 {
+        anyhow::bail!("{url} answered more than 1 MiB");
+    }
+    Ok(String::from_utf8(body.to_vec())?)
+}

@@ -1,1 +1,218 @@
-//! (in progress)
+//! The web layer: the gateway's own pages and APIs under `/_portcullis/`, the JWKS, and the
+//! fallback that sends everything else through the gate to the proxy. Handlers stay thin; the
+//! decisions live in `auth`, `session` and `policy`.
+
+pub mod assets;
+pub mod csrf;
+pub mod error;
+pub mod gate;
+pub mod login;
+mod pages;
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::auth::flow::Client;
+use crate::state::AppState;
+use error::AppError;
+
+/// Content-Security-Policy of every gateway page: no inline script, no framing, no foreign
+/// resources.
+pub const CSP: &str =
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The whole router: gateway routes, JWKS, and the gated proxy fallback.
+pub fn router(state: AppState) -> Router {
+    let form_limit = state.config.server.max_form_bytes;
+    let gateway = Router::new()
+        .route(
+            "/_portcullis/login",
+            get(login::login_get).post(login::login_post),
+        )
+        .route(
+            "/_portcullis/mfa",
+            get(login::mfa_get).post(login::mfa_post),
+        )
+        .route(
+            "/_portcullis/enrol/totp",
+            get(login::enrol_get).post(login::enrol_post),
+        )
+        .route(
+            "/_portcullis/recovery-codes",
+            get(login::codes_get).post(login::codes_post),
+        )
+        .route(
+            "/_portcullis/logout",
+            get(login::logout_get).post(login::logout_post),
+        )
+        .route("/_portcullis/static/{file}", get(assets::asset))
+        .route("/.well-known/jwks.json", get(gate::jwks))
+        .layer(DefaultBodyLimit::max(form_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security_headers,
+        ));
+    Router::new()
+        .merge(gateway)
+        .fallback(gate::proxy)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_target_limits,
+        ))
+        .layer(middleware::from_fn(error::render_errors))
+        .with_state(state)
+}
+
+/// Refuses overlong request targets before any other work.
+async fn request_target_limits(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let len = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().len())
+        .unwrap_or(0);
+    if len > state.config.server.max_uri_length {
+        return AppError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            "The address is too long.",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Security headers on every gateway response (pages, errors, JWKS, assets).
+pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    apply_security_headers(resp.headers_mut(), state.config.is_https());
+    resp
+}
+
+/// The headers themselves, also used by gateway answers produced outside the gateway router.
+pub fn apply_security_headers(h: &mut HeaderMap, https: bool) {
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    if https {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+}
+
+/// The value of cookie `name`, from any `Cookie` header; `None` when absent or unreadable.
+pub fn get_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// Who is asking: the client address (through trusted proxies only) and user agent.
+pub fn client(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Client {
+    let ip = crate::proxy::client_ip(peer, headers, &state.config.server.trusted_proxies);
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .take(512)
+        .collect();
+    Client {
+        ip: ip.to_string(),
+        user_agent,
+    }
+}
+
+/// The TCP peer; taken from the connect info the server attaches, or the unspecified address
+/// when the router is driven without it (then no proxy is ever trusted).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(a)| *a)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        ))
+    }
+}
+
+/// `axum::Form` whose rejections become our error format (400, or 413 for oversized bodies).
+pub struct Form<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Form::<T>::from_request(req, state).await {
+            Ok(axum::Form(v)) => Ok(Form(v)),
+            Err(rej) => {
+                let status = rej.status();
+                Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::new(status, "payload_too_large", "The form is too large.")
+                } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                    AppError::new(
+                        status,
+                        "unsupported_media_type",
+                        "Forms must be sent as application/x-www-form-urlencoded.",
+                    )
+                } else {
+                    AppError::bad_request(
+                        "The form could not be read. Reload the page and try again.",
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// A 303 redirect (after a form post, or to the sign-in page).
+pub fn see_other(location: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}

@@ -102,8 +102,9 @@ pub fn normalise_path(raw: &str) -> Result<String, PathError> {
 pub fn is_gateway_path(canonical: &str) -> bool {
     let lower = canonical.to_ascii_lowercase();
     lower == GATEWAY_PREFIX
-        || lower.starts_with("/_portcullis/")
-        || lower.starts_with("/_portcullis;")
+        || ["/", ";", "%2f", "%5c"]
+            .iter()
+            .any(|sep| lower.starts_with(&format!("{GATEWAY_PREFIX}{sep}")))
 }
 
 /// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
@@ -113,18 +114,38 @@ pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
     if candidate.is_empty() || candidate.len() > 2048 {
         return None;
     }
-    let decoded = percent_encoding::percent_decode_str(candidate)
+    if candidate
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return None;
+    }
+    let raw_path = candidate.split(['?', '#']).next().unwrap_or_default();
+    let decoded = percent_encoding::percent_decode_str(raw_path)
         .decode_utf8()
         .ok()?;
-    for form in [candidate, decoded.as_ref()] {
+    for form in [raw_path, decoded.as_ref()] {
+        // A space is a legitimate path character; every other control or whitespace character
+        // (tab, CR, LF…) is how browsers are tricked into reading `//host`.
         if !form.starts_with('/')
             || form.starts_with("//")
             || form.contains('\\')
-            || form.chars().any(|c| c.is_control() || c.is_whitespace())
+            || form
+                .chars()
+                .any(|c| c.is_control() || (c.is_whitespace() && c != ' '))
         {
             return None;
         }
     }
+    // Encoded CR/LF in the query would be header injection in a less careful redirect.
+    if percent_encoding::percent_decode_str(candidate)
+        .decode_utf8_lossy()
+        .chars()
+        .any(char::is_control)
+    {
+        return None;
+    }
+
     let joined = public_url.join(candidate).ok()?;
     if joined.origin() != public_url.origin()
         || !joined.username().is_empty()
@@ -191,7 +212,18 @@ mod tests {
     #[test]
     fn return_to_accepts_only_same_origin_paths() {
         let base = Url::parse("https://login.esp.example/").unwrap();
-        for ok in ["/", "/campaigns", "/campaigns?page=2", "/a/../b"] {
+        for ok in [
+            "/",
+            "/campaigns",
+            "/campaigns?page=2",
+            "/files/my%20doc",
+            "/q?x=a%20b",
+            "/@evil.example",
+            "/a/../b",
+            "/files/my%20doc",
+            "/q?x=a%20b",
+            "/@evil.example",
+        ] {
             assert!(safe_return_to(ok, &base).is_some(), "{ok}");
         }
         assert_eq!(

@@ -48,12 +48,22 @@ impl SqlStore {
         let opts = if sqlite {
             opts.after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
                     sqlx::query("PRAGMA busy_timeout = 5000")
                         .execute(&mut *conn)
                         .await?;
+                    // WAL lets the CLI and the gateway use the file at once. The mode is stored
+                    // in the file; switching needs an exclusive lock that ignores busy_timeout,
+                    // so only the first connection ever asks for it.
+                    let mode: String = sqlx::query("PRAGMA journal_mode")
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .try_get(0)?;
+                    if !mode.eq_ignore_ascii_case("wal") {
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+
                     sqlx::query("PRAGMA foreign_keys = ON")
                         .execute(&mut *conn)
                         .await?;

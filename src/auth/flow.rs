@@ -1,0 +1,446 @@
+//! The sign-in state machine, free of HTTP: password step, second-factor step, TOTP enrolment.
+//! Each step returns an outcome the web layer turns into a page; every decision is audited and
+//! every guess is counted (per account and per client address) before any expensive work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::password::{PasswordError, PasswordHasher, Verification};
+use super::{recovery, totp};
+use crate::audit::Audit;
+use crate::clock::Clock;
+use crate::config::LimitsConfig;
+use crate::crypto::MasterKey;
+use crate::secret::Secret;
+use crate::session::{Session, Stage};
+use crate::store::{AuditEvent, DurableStore, EphemeralStore, StoreError, TotpRecord, User};
+
+/// Who is signing in, for audit and throttling.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub ip: String,
+    pub user_agent: String,
+}
+
+/// Failures that are not a "no": the caller answers 503.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("sign-in is busy; try again in a moment")]
+    Busy,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<PasswordError> for FlowError {
+    fn from(e: PasswordError) -> Self {
+        match e {
+            PasswordError::Busy => FlowError::Busy,
+            PasswordError::Internal(m) => FlowError::Internal(m),
+        }
+    }
+}
+
+/// Result of the password step.
+#[derive(Debug)]
+pub enum PasswordOutcome {
+    /// Password right; the session to create (second factor or enrolment still to do).
+    Proceed { user: User, session: Session },
+    /// Wrong email or password (deliberately indistinguishable), or account disabled.
+    Denied,
+    /// Too many failures; try again after this many seconds.
+    Throttled { retry_after: u64 },
+}
+
+/// Result of a second-factor or enrolment step.
+#[derive(Debug)]
+pub enum CodeOutcome {
+    /// Code right; the session has moved on (caller rotates the id).
+    Accepted,
+    /// Code wrong, replayed or malformed; try again.
+    Rejected,
+    /// Too many wrong codes in this sign-in: it is over, start again from the password.
+    Restart,
+    Throttled {
+        retry_after: u64,
+    },
+}
+
+/// Everything the sign-in needs.
+#[derive(Debug, Clone)]
+pub struct LoginFlow {
+    pub durable: Arc<dyn DurableStore>,
+    pub ephemeral: Arc<dyn EphemeralStore>,
+    pub hasher: Arc<PasswordHasher>,
+    pub master_key: Arc<MasterKey>,
+    pub clock: Arc<dyn Clock>,
+    pub limits: LimitsConfig,
+    pub audit: Audit,
+    /// Issuer name shown in authenticator apps.
+    pub totp_issuer: String,
+}
+
+/// `amr` value of a recovery code.
+pub const AMR_RECOVERY: &str = "rec";
+/// `acr` of a password plus a second factor.
+pub const ACR_MFA: &str = "urn:portcullis:acr:mfa";
+
+impl LoginFlow {
+    fn window(&self) -> Duration {
+        self.limits.window
+    }
+
+    async fn count(&self, key: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .ephemeral
+            .get(key)
+            .await?
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0))
+    }
+
+    async fn audit(&self, ev: AuditEvent, client: &Client) {
+        self.audit
+            .record(ev.client(&client.ip, &client.user_agent))
+            .await;
+    }
+
+    /// Step 1: email and password.
+    pub async fn password_step(
+        &self,
+        email: &str,
+        password: &Secret<String>,
+        client: &Client,
+        return_to: Option<String>,
+    ) -> Result<PasswordOutcome, FlowError> {
+        let now = self.clock.now();
+        let email = crate::store::normalise_email(email);
+        let acct_key = format!("fail:pwd:{{{email}}}");
+        let ip_key = format!("fail:ip:{}", client.ip);
+        if self.count(&acct_key).await? >= self.limits.password_failures_per_account
+            || self.count(&ip_key).await? >= self.limits.failures_per_ip
+        {
+            self.audit(
+                AuditEvent::new("login_password", "denied", now)
+                    .email(&email)
+                    .reason("throttled"),
+                client,
+            )
+            .await;
+            return Ok(PasswordOutcome::Throttled {
+                retry_after: self.window().as_secs(),
+            });
+        }
+        let user = self.durable.user_by_email(&email).await?;
+        let verdict = self
+            .hasher
+            .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
+            .await?;
+        let user = match (user, verdict) {
+            (Some(u), Verification::Match { needs_rehash }) => {
+                if needs_rehash {
+                    let fresh = self.hasher.hash(password).await?;
+                    self.durable.set_password_hash(&u.id, &fresh).await?;
+                }
+                u
+            }
+            (user, _) => {
+                self.ephemeral.incr(&acct_key, self.window()).await?;
+                self.ephemeral.incr(&ip_key, self.window()).await?;
+                let mut ev = AuditEvent::new("login_password", "failure", now).email(&email);
+                ev = match &user {
+                    Some(u) => ev.user(u).reason("bad_password"),
+                    None => ev.reason("unknown_user"),
+                };
+                self.audit(ev, client).await;
+                return Ok(PasswordOutcome::Denied);
+            }
+        };
+        if user.disabled {
+            self.audit(
+                AuditEvent::new("login_password", "denied", now)
+                    .user(&user)
+                    .reason("disabled"),
+                client,
+            )
+            .await;
+            return Ok(PasswordOutcome::Denied);
+        }
+        let stage = match self.durable.totp(&user.id).await? {
+            Some(_) => Stage::SecondFactor,
+            None => Stage::EnrolTotp {
+                sealed_secret: self.new_sealed_secret(&user.id)?,
+            },
+        };
+        let reason = if matches!(stage, Stage::SecondFactor) {
+            "second_factor_required"
+        } else {
+            "enrolment_required"
+        };
+        self.audit(
+            AuditEvent::new("login_password", "success", now)
+                .user(&user)
+                .reason(reason),
+            client,
+        )
+        .await;
+        let session = Session::after_password(
+            &user.id,
+            stage,
+            self.clock.now_millis(),
+            &client.ip,
+            &client.user_agent,
+            return_to,
+        );
+        Ok(PasswordOutcome::Proceed { user, session })
+    }
+
+    fn new_sealed_secret(&self, user_id: &str) -> Result<Vec<u8>, FlowError> {
+        let secret = totp::generate_secret();
+        self.master_key
+            .seal(&enrol_context(user_id), secret.expose())
+            .map_err(|e| FlowError::Internal(e.to_string()))
+    }
+
+    /// The secret being enrolled, for the QR code page.
+    pub fn enrolment_secret(
+        &self,
+        session: &Session,
+    ) -> Result<Option<Secret<Vec<u8>>>, FlowError> {
+        let Stage::EnrolTotp { sealed_secret } = &session.stage else {
+            return Ok(None);
+        };
+        let plain = self
+            .master_key
+            .open(&enrol_context(&session.user_id), sealed_secret)
+            .map_err(|e| FlowError::Internal(e.to_string()))?;
+        Ok(Some(Secret::new(plain.to_vec())))
+    }
+
+    /// Checks the per-account second-factor budget; `Some(retry_after)` when exhausted.
+    async fn code_budget_spent(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
+        let n = self.count(&format!("fail:code:{{{user_id}}}")).await?;
+        Ok((n >= self.limits.second_factor_failures_per_account).then(|| self.window().as_secs()))
+    }
+
+    /// Counts a wrong code; returns whether this sign-in must restart.
+    async fn wrong_code(
+        &self,
+        session: &mut Session,
+        client: &Client,
+        event: &str,
+        reason: &str,
+    ) -> Result<CodeOutcome, FlowError> {
+        let now = self.clock.now();
+        self.ephemeral
+            .incr(&format!("fail:code:{{{}}}", session.user_id), self.window())
+            .await?;
+        self.ephemeral
+            .incr(&format!("fail:ip:{}", client.ip), self.window())
+            .await?;
+        session.failed_codes += 1;
+        let mut ev = AuditEvent::new(event, "failure", now).reason(reason);
+        if let Some(u) = self.durable.user_by_id(&session.user_id).await? {
+            ev = ev.user(&u);
+        }
+        self.audit(ev, client).await;
+        if u64::from(session.failed_codes) >= self.limits.second_factor_failures_per_login {
+            return Ok(CodeOutcome::Restart);
+        }
+        Ok(CodeOutcome::Rejected)
+    }
+
+    /// Whether the user (still) exists and may sign in.
+    async fn active_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        Ok(self
+            .durable
+            .user_by_id(user_id)
+            .await?
+            .filter(|u| !u.disabled))
+    }
+
+    /// Step 2: a TOTP code or a recovery code. On success the session becomes authenticated.
+    pub async fn second_factor_step(
+        &self,
+        session: &mut Session,
+        code: &Secret<String>,
+        client: &Client,
+    ) -> Result<CodeOutcome, FlowError> {
+        if session.stage != Stage::SecondFactor {
+            return Ok(CodeOutcome::Restart);
+        }
+        let Some(user) = self.active_user(&session.user_id).await? else {
+            return Ok(CodeOutcome::Restart);
+        };
+        if let Some(retry_after) = self.code_budget_spent(&user.id).await? {
+            self.audit(
+                AuditEvent::new("second_factor", "denied", self.clock.now())
+                    .user(&user)
+                    .reason("throttled"),
+                client,
+            )
+            .await;
+            return Ok(CodeOutcome::Throttled { retry_after });
+        }
+        let input = code.expose().trim();
+        let method = if recovery::looks_like_recovery_code(input) {
+            let Some(norm) = recovery::normalise(input) else {
+                return self
+                    .wrong_code(session, client, "second_factor", "malformed_code")
+                    .await;
+            };
+            let hash = self.master_key.recovery_code_hash(&norm);
+            if !self
+                .durable
+                .consume_recovery_code(&user.id, &hash, self.clock.now())
+                .await?
+            {
+                return self
+                    .wrong_code(session, client, "second_factor", "bad_recovery_code")
+                    .await;
+            }
+            AMR_RECOVERY
+        } else {
+            let Some(rec) = self.durable.totp(&user.id).await? else {
+                return Ok(CodeOutcome::Restart);
+            };
+            let secret = self
+                .master_key
+                .open(&totp_context(&user.id), &rec.secret_sealed)
+                .map_err(|e| FlowError::Internal(e.to_string()))?;
+            let Some(step) = totp::matching_step(&secret, input, self.clock.now()) else {
+                return self
+                    .wrong_code(session, client, "second_factor", "bad_code")
+                    .await;
+            };
+            if !self.claim_step(&user.id, step).await? {
+                return self
+                    .wrong_code(session, client, "second_factor", "replayed_code")
+                    .await;
+            }
+            "otp"
+        };
+        self.complete(session, &user, method);
+        let ev = AuditEvent::new("second_factor", "success", self.clock.now())
+            .user(&user)
+            .reason(method);
+        self.audit(ev, client).await;
+        if method == AMR_RECOVERY {
+            let left = self.durable.recovery_codes_left(&user.id).await?;
+            self.audit(
+                AuditEvent::new("recovery_code_used", "success", self.clock.now())
+                    .user(&user)
+                    .reason(&format!("{left}_left")),
+                client,
+            )
+            .await;
+        }
+        Ok(CodeOutcome::Accepted)
+    }
+
+    /// Records that a TOTP step was used: each step is accepted at most once per user, and never
+    /// an older step after a newer one (so a code seen over a shoulder is worthless once used).
+    async fn claim_step(&self, user_id: &str, step: u64) -> Result<bool, StoreError> {
+        self.ephemeral
+            .set_if_greater(
+                &format!("totp_step:{{{user_id}}}"),
+                step,
+                Duration::from_secs(10 * 60),
+            )
+            .await
+    }
+
+    fn complete(&self, session: &mut Session, user: &User, method: &str) {
+        session.stage = Stage::Authenticated;
+        session.amr = vec!["pwd".into(), method.into()];
+        let now = self.clock.now_millis();
+        session.auth_ms = now;
+        session.created_ms = now;
+        session.last_seen_ms = now;
+        session.failed_codes = 0;
+        session.user_id = user.id.clone();
+    }
+
+    /// Enrolment: the code from the new authenticator confirms the secret; the factor and ten
+    /// fresh recovery codes are stored. The codes (plain) are returned once, for display.
+    pub async fn confirm_enrolment(
+        &self,
+        session: &mut Session,
+        code: &Secret<String>,
+        client: &Client,
+    ) -> Result<CodeOutcome, FlowError> {
+        let Some(secret) = self.enrolment_secret(session)? else {
+            return Ok(CodeOutcome::Restart);
+        };
+        let Some(user) = self.active_user(&session.user_id).await? else {
+            return Ok(CodeOutcome::Restart);
+        };
+        if let Some(retry_after) = self.code_budget_spent(&user.id).await? {
+            return Ok(CodeOutcome::Throttled { retry_after });
+        }
+        let now = self.clock.now();
+        let Some(step) = totp::matching_step(secret.expose(), code.expose().trim(), now) else {
+            return self
+                .wrong_code(session, client, "totp_enrolment", "bad_code")
+                .await;
+        };
+        if !self.claim_step(&user.id, step).await? {
+            return self
+                .wrong_code(session, client, "totp_enrolment", "replayed_code")
+                .await;
+        }
+        let sealed = self
+            .master_key
+            .seal(&totp_context(&user.id), secret.expose())
+            .map_err(|e| FlowError::Internal(e.to_string()))?;
+        self.durable
+            .set_totp(TotpRecord {
+                user_id: user.id.clone(),
+                secret_sealed: sealed,
+                created_at: now,
+            })
+            .await?;
+        let codes = self.issue_recovery_codes(&user.id).await?;
+        self.audit(
+            AuditEvent::new("totp_enrolled", "success", now).user(&user),
+            client,
+        )
+        .await;
+        self.complete(session, &user, "otp");
+        session.stage = Stage::ShowRecoveryCodes { codes };
+        Ok(CodeOutcome::Accepted)
+    }
+
+    /// Replaces a user's recovery codes; returns the new ones in plain text (show once).
+    pub async fn issue_recovery_codes(&self, user_id: &str) -> Result<Vec<String>, FlowError> {
+        let codes = recovery::generate();
+        let hashes: Vec<String> = codes
+            .iter()
+            .filter_map(|c| recovery::normalise(c.expose()))
+            .map(|n| self.master_key.recovery_code_hash(&n))
+            .collect();
+        self.durable
+            .set_recovery_codes(user_id, &hashes, self.clock.now())
+            .await?;
+        Ok(codes.iter().map(|c| c.expose().clone()).collect())
+    }
+
+    /// After a complete sign-in: the account's password-failure counter starts over.
+    pub async fn forget_failures(&self, user: &User) -> Result<(), StoreError> {
+        self.ephemeral
+            .delete(&format!("fail:pwd:{{{}}}", user.email))
+            .await
+    }
+}
+
+/// Sealing context of a confirmed TOTP secret.
+pub fn totp_context(user_id: &str) -> String {
+    format!("totp:{user_id}")
+}
+
+/// Sealing context of a TOTP secret still being enrolled.
+fn enrol_context(user_id: &str) -> String {
+    format!("totp-enrol:{user_id}")
+}

@@ -1,0 +1,81 @@
+//! CSRF defence for every gateway form: a random value in an HttpOnly cookie, a form token that is
+//! its MAC under a key derived from the master key, and an Origin (or Referer) check. A forged
+//! cross-site post has neither the cookie value's MAC nor our origin.
+
+use axum::http::{header, HeaderMap};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+use super::error::AppError;
+use super::get_cookie;
+use crate::crypto::{ct_eq, random_token, MasterKey};
+
+/// Cookie names; `__Host-` where the deployment is HTTPS.
+pub const COOKIE_HTTPS: &str = "__Host-portcullis-csrf";
+pub const COOKIE_HTTP: &str = "portcullis-csrf";
+
+/// The CSRF cookie name for this deployment.
+pub fn cookie_name(https: bool) -> &'static str {
+    if https {
+        COOKIE_HTTPS
+    } else {
+        COOKIE_HTTP
+    }
+}
+
+/// The form token and, when the browser has no CSRF cookie yet, the `Set-Cookie` to send.
+pub fn issue(headers: &HeaderMap, key: &MasterKey, https: bool) -> (String, Option<String>) {
+    let name = cookie_name(https);
+    let existing = get_cookie(headers, name).filter(|v| v.len() == 43);
+    let (value, set) = match existing {
+        Some(v) => (v.to_string(), None),
+        None => {
+            let v = random_token(32);
+            let secure = if https { "; Secure" } else { "" };
+            let set = format!("{name}={v}; Path=/; HttpOnly; SameSite=Strict{secure}");
+            (v, Some(set))
+        }
+    };
+    (token_for(&value, key), set)
+}
+
+fn token_for(cookie_value: &str, key: &MasterKey) -> String {
+    URL_SAFE_NO_PAD.encode(key.csrf_mac(cookie_value.as_bytes()))
+}
+
+/// Checks a submitted form token against the cookie and the request's origin.
+pub fn verify(
+    headers: &HeaderMap,
+    submitted: &str,
+    key: &MasterKey,
+    https: bool,
+    public_origin: &str,
+) -> Result<(), AppError> {
+    let origin_ok = match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some(o) => o == public_origin,
+        None => match headers.get(header::REFERER).and_then(|v| v.to_str().ok()) {
+            Some(r) => r == public_origin || r.starts_with(&format!("{public_origin}/")),
+            None => true,
+        },
+    };
+    let fetch_site_ok = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|s| matches!(s, "same-origin" | "none"));
+    if !origin_ok || !fetch_site_ok {
+        return Err(AppError::forbidden(
+            "csrf",
+            "This form was submitted from another site. Go back, reload the page and try again.",
+        ));
+    }
+    let Some(cookie) = get_cookie(headers, cookie_name(https)) else {
+        return Err(AppError::forbidden("csrf", "Your browser did not send the form's security cookie. Enable cookies, reload the page and try again."));
+    };
+    if !ct_eq(token_for(cookie, key).as_bytes(), submitted.as_bytes()) {
+        return Err(AppError::forbidden(
+            "csrf",
+            "This form has expired. Reload the page and try again.",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Errors of the web layer. Every error leaves as JSON (`{"error": code, "message": …}`) and,
+//! for browsers, is re-rendered as an HTML page by [`render_errors`]. Internal failures become an
+//! opaque message with an operation id that is logged — never the failure's own text.
+
+use askama::Template;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+
+use crate::store::StoreError;
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct AppError {
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human message, safe to show.
+    pub message: String,
+    /// Seconds, for 429 and 503.
+    pub retry_after: Option<u64>,
+}
+
+/// Marker left on error responses so the HTML renderer can find them.
+#[derive(Debug, Clone)]
+struct ErrorInfo(AppError);
+
+impl AppError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "There is nothing at this address.",
+        )
+    }
+
+    pub fn throttled(retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_attempts",
+                "Too many attempts. Wait a while before trying again.",
+            )
+        }
+    }
+
+    pub fn unavailable(what: &str) -> Self {
+        let op = uuid::Uuid::new_v4();
+        tracing::error!(operation = %op, cause = what, "service unavailable");
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("The sign-in service is temporarily unavailable. Please try again shortly. (operation {op})"),
+            )
+        }
+    }
+
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        let op = uuid::Uuid::new_v4();
+        tracing::error!(operation = %op, error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!("Something went wrong on our side. (operation {op})"),
+        )
+    }
+}
+
+impl From<StoreError> for AppError {
+    /// Storage trouble always fails closed with 503.
+    fn from(e: StoreError) -> Self {
+        AppError::unavailable(&e.to_string())
+    }
+}
+
+impl From<crate::auth::flow::FlowError> for AppError {
+    fn from(e: crate::auth::flow::FlowError) -> Self {
+        use crate::auth::flow::FlowError;
+        match e {
+            FlowError::Store(s) => s.into(),
+            FlowError::Busy => AppError::unavailable("password hashing queue full"),
+            FlowError::Internal(m) => AppError::internal(&m),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.code, "message": self.message });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.extensions_mut().insert(ErrorInfo(self));
+        resp
+    }
+}
+
+/// Whether the client prefers an HTML page (a browser navigation) to JSON.
+pub fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    title: &'a str,
+    status: u16,
+    message: &'a str,
+}
+
+fn title_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 | 414 | 422 => "That request could not be understood",
+        401 => "Please sign in",
+        403 => "Not allowed",
+        404 => "Not found",
+        429 => "Too many attempts",
+        502 => "The console is not reachable",
+        503 => "Temporarily unavailable",
+        504 => "The console did not answer in time",
+        _ => "Something went wrong",
+    }
+}
+
+/// Re-renders error responses as HTML pages for browsers; other clients keep the JSON.
+pub async fn render_errors(req: Request, next: Next) -> Response {
+    let html = wants_html(req.headers());
+    let mut resp = next.run(req).await;
+    if !html {
+        return resp;
+    }
+    let Some(ErrorInfo(err)) = resp.extensions_mut().remove::<ErrorInfo>() else {
+        return resp;
+    };
+    let page = ErrorPage {
+        title: title_for(err.status),
+        status: err.status.as_u16(),
+        message: &err.message,
+    };
+    let body = page.render().unwrap_or_else(|_| err.message.clone());
+    let mut out = (err.status, Html(body)).into_response();
+    for name in [
+        header::RETRY_AFTER,
+        header::SET_COOKIE,
+        header::WWW_AUTHENTICATE,
+    ] {
+        for v in resp.headers().get_all(&name) {
+            out.headers_mut().append(name.clone(), v.clone());
+        }
+    }
+    out
+}

@@ -1,0 +1,508 @@
+//! Sign-in pages: password, second factor, TOTP enrolment, recovery codes, sign-out.
+//! Every form is CSRF-checked; every step up in privilege gives the session a new id.
+
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::error::{wants_html, AppError};
+use super::pages::{self, render};
+use super::{csrf, get_cookie, see_other, Form, Peer};
+use crate::auth::flow::{CodeOutcome, PasswordOutcome};
+use crate::auth::totp;
+use crate::policy::safe_return_to;
+use crate::secret::Secret;
+use crate::session::{Loaded, Stage};
+use crate::state::AppState;
+use crate::store::AuditEvent;
+
+fn public_origin(state: &AppState) -> String {
+    state
+        .config
+        .server
+        .public_url
+        .origin()
+        .ascii_serialization()
+}
+
+fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), AppError> {
+    csrf::verify(
+        headers,
+        token,
+        &state.master_key,
+        state.config.is_https(),
+        &public_origin(state),
+    )
+}
+
+/// The CSRF token for a page, plus the cookie to set if the browser has none yet.
+fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
+    csrf::issue(headers, &state.master_key, state.config.is_https())
+}
+
+fn with_cookies(mut resp: Response, cookies: impl IntoIterator<Item = String>) -> Response {
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+async fn current_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<Loaded>, AppError> {
+    let cookie = get_cookie(headers, state.sessions.cookie_name());
+    Ok(state.sessions.load(cookie).await?.ok())
+}
+
+/// Where a session in a given stage belongs.
+fn stage_page(loaded: &Loaded) -> String {
+    match &loaded.session.stage {
+        Stage::SecondFactor => "/_portcullis/mfa".into(),
+        Stage::EnrolTotp { .. } => "/_portcullis/enrol/totp".into(),
+        Stage::ShowRecoveryCodes { .. } => "/_portcullis/recovery-codes".into(),
+        Stage::Authenticated => loaded
+            .session
+            .return_to
+            .clone()
+            .unwrap_or_else(|| "/".into()),
+    }
+}
+
+fn query_param(raw: &Option<String>, name: &str) -> Option<String> {
+    raw.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+fn restart(state: &AppState, why: &str) -> Response {
+    with_cookies(
+        see_other(&format!("/_portcullis/login?notice={why}")),
+        [state.sessions.clear_cookie()],
+    )
+}
+
+fn notice_text(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "expired" => "Your sign-in took too long or was interrupted. Please start again.",
+        "restart" => "Too many wrong codes. Please sign in again.",
+        "logged_out" => "You are signed out.",
+        _ => return None,
+    })
+}
+
+/// `GET /_portcullis/login`.
+pub async fn login_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let next = query_param(&q, "next")
+        .and_then(|n| safe_return_to(&n, &state.config.server.public_url))
+        .unwrap_or_default();
+    if let Some(loaded) = current_session(&state, &headers).await? {
+        if loaded.session.is_authenticated() {
+            return Ok(see_other(if next.is_empty() { "/" } else { &next }));
+        }
+    }
+    let notice = query_param(&q, "notice").as_deref().and_then(notice_text);
+    let (token, set) = csrf_token(&state, &headers);
+    let page = pages::Login {
+        csrf: &token,
+        next: &next,
+        username: "",
+        error: None,
+        notice,
+    };
+    Ok(with_cookies(render(StatusCode::OK, &page), set))
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: Secret<String>,
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    next: String,
+}
+
+/// `POST /_portcullis/login`.
+pub async fn login_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let client = super::client(&state, peer, &headers);
+    let next = safe_return_to(&form.next, &state.config.server.public_url);
+    if form.username.len() > 320 {
+        return Err(AppError::bad_request("That email address is too long."));
+    }
+    let outcome = state
+        .login
+        .password_step(&form.username, &form.password, &client, next.clone())
+        .await?;
+    let (user, session) = match outcome {
+        PasswordOutcome::Proceed { user, session } => (user, session),
+        PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
+        PasswordOutcome::Denied => {
+            let msg = "The email or password is not right.";
+            if !wants_html(&headers) {
+                return Err(AppError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_credentials",
+                    msg,
+                ));
+            }
+            let (token, set) = csrf_token(&state, &headers);
+            let page = pages::Login {
+                csrf: &token,
+                next: next.as_deref().unwrap_or(""),
+                username: &form.username,
+                error: Some(msg),
+                notice: None,
+            };
+            return Ok(with_cookies(render(StatusCode::UNAUTHORIZED, &page), set));
+        }
+    };
+    // A session the browser already had (even a complete one) ends: one sign-in, one session.
+    if let Some(old) = current_session(&state, &headers).await? {
+        state
+            .sessions
+            .destroy(&old.key, &old.session.user_id)
+            .await?;
+        state.signer.forget(&old.key);
+    }
+    let (id, key) = state.sessions.create(&session).await?;
+    let loaded = Loaded { key, session };
+    tracing::debug!(user = %user.id, "password accepted");
+    Ok(with_cookies(
+        see_other(&stage_page(&loaded)),
+        [state.sessions.set_cookie(&id)],
+    ))
+}
+
+/// Loads the pending session for a step page, or the response that sends the browser elsewhere.
+async fn pending(
+    state: &AppState,
+    headers: &HeaderMap,
+    want: fn(&Stage) -> bool,
+) -> Result<Result<Loaded, Response>, AppError> {
+    let Some(loaded) = current_session(state, headers).await? else {
+        return Ok(Err(restart(state, "expired")));
+    };
+    if !want(&loaded.session.stage) {
+        return Ok(Err(see_other(&stage_page(&loaded))));
+    }
+    Ok(Ok(loaded))
+}
+
+/// `GET /_portcullis/mfa`.
+pub async fn mfa_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    if let Err(r) = pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
+        return Ok(r);
+    }
+    let (token, set) = csrf_token(&state, &headers);
+    Ok(with_cookies(
+        render(
+            StatusCode::OK,
+            &pages::Mfa {
+                csrf: &token,
+                error: None,
+            },
+        ),
+        set,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct CodeForm {
+    #[serde(default)]
+    code: Secret<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Turns a code step's outcome into a response.
+async fn after_code(
+    state: &AppState,
+    headers: &HeaderMap,
+    mut loaded: Loaded,
+    outcome: CodeOutcome,
+    retry: impl FnOnce(&str) -> Response,
+) -> Result<Response, AppError> {
+    match outcome {
+        CodeOutcome::Accepted => {
+            let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
+            if loaded.session.is_authenticated() {
+                if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
+                    state.login.forget_failures(&u).await?;
+                }
+            }
+            let next = stage_page(&Loaded {
+                key: String::new(),
+                session: loaded.session,
+            });
+            Ok(with_cookies(
+                see_other(&next),
+                [state.sessions.set_cookie(&id)],
+            ))
+        }
+        CodeOutcome::Rejected => {
+            state.sessions.save(&loaded.key, &loaded.session).await?;
+            let msg = "That code is not right, or it was already used. Wait for a new code and try again.";
+            if !wants_html(headers) {
+                return Err(AppError::new(StatusCode::UNAUTHORIZED, "invalid_code", msg));
+            }
+            Ok(retry(msg))
+        }
+        CodeOutcome::Restart => {
+            state
+                .sessions
+                .destroy(&loaded.key, &loaded.session.user_id)
+                .await?;
+            loaded.session.failed_codes = 0;
+            Ok(restart(state, "restart"))
+        }
+        CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+    }
+}
+
+/// `POST /_portcullis/mfa`.
+pub async fn mfa_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<CodeForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let mut loaded = match pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
+        Ok(l) => l,
+        Err(r) => return Ok(r),
+    };
+    let client = super::client(&state, peer, &headers);
+    let outcome = state
+        .login
+        .second_factor_step(&mut loaded.session, &form.code, &client)
+        .await?;
+    let (token, set) = csrf_token(&state, &headers);
+    after_code(&state, &headers, loaded, outcome, |msg| {
+        with_cookies(
+            render(
+                StatusCode::UNAUTHORIZED,
+                &pages::Mfa {
+                    csrf: &token,
+                    error: Some(msg),
+                },
+            ),
+            set,
+        )
+    })
+    .await
+}
+
+fn is_enrolling(s: &Stage) -> bool {
+    matches!(s, Stage::EnrolTotp { .. })
+}
+
+/// Renders the enrolment page for the secret in the session.
+fn enrol_page(
+    state: &AppState,
+    loaded: &Loaded,
+    email: &str,
+    csrf: &str,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Result<Response, AppError> {
+    let Some(secret) = state.login.enrolment_secret(&loaded.session)? else {
+        return Ok(see_other(&stage_page(loaded)));
+    };
+    let uri = totp::otpauth_uri(secret.expose(), &state.login.totp_issuer, email);
+    let page = pages::EnrolTotp {
+        csrf,
+        qr_svg: &totp::qr_svg(&uri),
+        secret: &totp::secret_base32(secret.expose()),
+        uri: &uri,
+        error,
+    };
+    Ok(render(status, &page))
+}
+
+/// `GET /_portcullis/enrol/totp`.
+pub async fn enrol_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let loaded = match pending(&state, &headers, is_enrolling).await? {
+        Ok(l) => l,
+        Err(r) => return Ok(r),
+    };
+    let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
+        return Ok(restart(&state, "expired"));
+    };
+    let (token, set) = csrf_token(&state, &headers);
+    Ok(with_cookies(
+        enrol_page(&state, &loaded, &user.email, &token, None, StatusCode::OK)?,
+        set,
+    ))
+}
+
+/// `POST /_portcullis/enrol/totp`.
+pub async fn enrol_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<CodeForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let mut loaded = match pending(&state, &headers, is_enrolling).await? {
+        Ok(l) => l,
+        Err(r) => return Ok(r),
+    };
+    let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
+        return Ok(restart(&state, "expired"));
+    };
+    let client = super::client(&state, peer, &headers);
+    let before = loaded.clone();
+    let outcome = state
+        .login
+        .confirm_enrolment(&mut loaded.session, &form.code, &client)
+        .await?;
+    let (token, set) = csrf_token(&state, &headers);
+    let retry = enrol_page(
+        &state,
+        &before,
+        &user.email,
+        &token,
+        Some("That code is not right. Check the time on your device and enter the current code."),
+        StatusCode::UNAUTHORIZED,
+    )?;
+    after_code(&state, &headers, loaded, outcome, |_| {
+        with_cookies(retry, set)
+    })
+    .await
+}
+
+/// `GET /_portcullis/recovery-codes`: shown exactly while the session is in that stage.
+pub async fn codes_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let loaded = match pending(&state, &headers, |s| {
+        matches!(s, Stage::ShowRecoveryCodes { .. })
+    })
+    .await?
+    {
+        Ok(l) => l,
+        Err(r) => return Ok(r),
+    };
+    let Stage::ShowRecoveryCodes { codes } = &loaded.session.stage else {
+        return Ok(see_other(&stage_page(&loaded)));
+    };
+    let (token, set) = csrf_token(&state, &headers);
+    Ok(with_cookies(
+        render(
+            StatusCode::OK,
+            &pages::RecoveryCodes {
+                csrf: &token,
+                codes,
+            },
+        ),
+        set,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/recovery-codes`: the codes are saved; the sign-in is complete.
+pub async fn codes_post(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let mut loaded = match pending(&state, &headers, |s| {
+        matches!(s, Stage::ShowRecoveryCodes { .. })
+    })
+    .await?
+    {
+        Ok(l) => l,
+        Err(r) => return Ok(r),
+    };
+    loaded.session.stage = Stage::Authenticated;
+    let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
+    Ok(with_cookies(
+        see_other(&stage_page(&loaded)),
+        [state.sessions.set_cookie(&id)],
+    ))
+}
+
+/// `GET /_portcullis/logout`: a confirmation form (signing out takes a POST, so a link or image
+/// on another site cannot sign anyone out).
+pub async fn logout_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let Some(loaded) = current_session(&state, &headers).await? else {
+        return Ok(see_other("/_portcullis/login?notice=logged_out"));
+    };
+    let email = state
+        .durable
+        .user_by_id(&loaded.session.user_id)
+        .await?
+        .map(|u| u.email)
+        .unwrap_or_default();
+    let (token, set) = csrf_token(&state, &headers);
+    Ok(with_cookies(
+        render(
+            StatusCode::OK,
+            &pages::Logout {
+                csrf: &token,
+                email: &email,
+            },
+        ),
+        set,
+    ))
+}
+
+/// `POST /_portcullis/logout`: ends the session server-side at once.
+pub async fn logout_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    if let Some(loaded) = current_session(&state, &headers).await? {
+        state
+            .sessions
+            .destroy(&loaded.key, &loaded.session.user_id)
+            .await?;
+        state.signer.forget(&loaded.key);
+        let client = super::client(&state, peer, &headers);
+        let mut ev = AuditEvent::new("logout", "success", state.clock.now())
+            .client(&client.ip, &client.user_agent);
+        if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
+            ev = ev.user(&u);
+        }
+        state.audit.record(ev).await;
+    }
+    let resp = see_other("/_portcullis/login?notice=logged_out");
+    Ok(with_cookies(resp, [state.sessions.clear_cookie()]))
+}

@@ -1,0 +1,56 @@
+//! Askama page types of the sign-in flow.
+
+use askama::Template;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+
+use super::error::AppError;
+
+#[derive(Template)]
+#[template(path = "login.html")]
+pub struct Login<'a> {
+    pub csrf: &'a str,
+    pub next: &'a str,
+    pub username: &'a str,
+    pub error: Option<&'a str>,
+    pub notice: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "mfa.html")]
+pub struct Mfa<'a> {
+    pub csrf: &'a str,
+    pub error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "enrol_totp.html")]
+pub struct EnrolTotp<'a> {
+    pub csrf: &'a str,
+    pub qr_svg: &'a str,
+    pub secret: &'a str,
+    pub uri: &'a str,
+    pub error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "recovery_codes.html")]
+pub struct RecoveryCodes<'a> {
+    pub csrf: &'a str,
+    pub codes: &'a [String],
+}
+
+#[derive(Template)]
+#[template(path = "logout.html")]
+pub struct Logout<'a> {
+    pub csrf: &'a str,
+    pub email: &'a str,
+}
+
+/// Renders a page with a status.
+pub fn render<T: Template>(status: StatusCode, page: &T) -> Response {
+    match page.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => AppError::internal(&e).into_response(),
+    }
+}

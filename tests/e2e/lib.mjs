@@ -1,0 +1,92 @@
+// Shared helpers for the browser tests: free ports, starting the real binary, TOTP, Chromium.
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { mkdtempSync, mkdirSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { chromium } from "playwright-core";
+
+export const BIN = process.env.PORTCULLIS_BIN || resolve("../../target/debug/portcullis");
+
+export function freePort() {
+  return new Promise((ok, fail) => {
+    const s = createServer();
+    s.once("error", fail);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => ok(port));
+    });
+  });
+}
+
+/** Starts `portcullis demo` on free ports; resolves once it prints the demo password. */
+export async function startDemo() {
+  const dir = mkdtempSync(join(tmpdir(), "portcullis-e2e-"));
+  const port = await freePort();
+  const consolePort = await freePort();
+  const child = spawn(BIN, ["demo", "--data-dir", dir, "--listen", `127.0.0.1:${port}`, "--console-listen", `127.0.0.1:${consolePort}`], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, PORTCULLIS_LOG: "warn" },
+  });
+  let out = "";
+  let err = "";
+  child.stderr.on("data", (d) => (err += d));
+  const password = await new Promise((ok, fail) => {
+    const timer = setTimeout(() => fail(new Error(`demo did not start: ${out}\n${err}`)), 60000);
+    child.stdout.on("data", (d) => {
+      out += d;
+      const m = out.match(/password: (\S+)/);
+      if (m && out.includes("note:")) {
+        clearTimeout(timer);
+        ok(m[1]);
+      }
+    });
+    child.once("exit", (code) => fail(new Error(`demo exited with ${code}: ${out}\n${err}`)));
+  });
+  return { base: `http://127.0.0.1:${port}`, consoleBase: `http://127.0.0.1:${consolePort}`, password, dir, stop: () => child.kill("SIGTERM") };
+}
+
+function base32Decode(s) {
+  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+  let bits = 0, value = 0;
+  const out = [];
+  for (const ch of s.replace(/=+$/, "").toUpperCase()) {
+    const v = alphabet.indexOf(ch);
+    if (v < 0) throw new Error(`bad base32 character ${ch}`);
+    value = (value << 5) | v;
+    bits += 5;
+    if (bits >= 8) {
+      out.push((value >>> (bits - 8)) & 0xff);
+      bits -= 8;
+    }
+  }
+  return Buffer.from(out);
+}
+
+/** RFC 6238 TOTP (SHA-1, 6 digits, 30 s) of a base32 secret at `time` (ms). */
+export function totp(secretBase32, time = Date.now()) {
+  const counter = Buffer.alloc(8);
+  counter.writeBigUInt64BE(BigInt(Math.floor(time / 1000 / 30)));
+  const mac = createHmac("sha1", base32Decode(secretBase32)).update(counter).digest();
+  const offset = mac[mac.length - 1] & 0x0f;
+  const bin = mac.readUInt32BE(offset) & 0x7fffffff;
+  return String(bin % 1_000_000).padStart(6, "0");
+}
+
+export async function launch() {
+  const userDataDir = mkdtempSync(join(tmpdir(), "portcullis-chromium-"));
+  return chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", `--user-data-dir=${userDataDir}`],
+  });
+}
+
+/** Saves a screenshot of `page` into a folder it prints, for looking at a failure. */
+export async function screenshot(page, name) {
+  const dir = resolve("test-results");
+  mkdirSync(dir, { recursive: true });
+  const file = join(dir, `${name}.png`);
+  await page.screenshot({ path: file, fullPage: true }).catch(() => {});
+  console.log(`screenshot: ${file}`);
+}

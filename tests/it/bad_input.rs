@@ -1,0 +1,201 @@
+//! Malformed and hostile input gets a clear 4xx in the client's format — never a 500, a panic or
+//! a pass.
+
+use super::harness::*;
+
+#[tokio::test]
+async fn malformed_requests_get_clear_client_errors() {
+    let gw = Gateway::start().await;
+    let long_path = format!("/{}", "a".repeat(9000));
+    let huge_cookie = format!("portcullis-session={}", "A".repeat(6000));
+    let cases: Vec<(&str, String, Vec<(&str, String)>, String, &[u16])> = vec![
+        ("GET", long_path.clone(), vec![], String::new(), &[414]),
+        ("GET", "/%zz".into(), vec![], String::new(), &[400]),
+        ("GET", "/a%00b".into(), vec![], String::new(), &[400]),
+        (
+            "GET",
+            "/x".into(),
+            vec![("Cookie", huge_cookie)],
+            String::new(),
+            &[303, 401],
+        ),
+        (
+            "GET",
+            "/x".into(),
+            vec![("Cookie", "portcullis-session=../../etc".into())],
+            String::new(),
+            &[303, 401],
+        ),
+        (
+            "GET",
+            "/x".into(),
+            vec![("Cookie", "portcullis-session".into())],
+            String::new(),
+            &[303, 401],
+        ),
+        (
+            "GET",
+            "/x".into(),
+            vec![("Cookie", ";;;=;".into())],
+            String::new(),
+            &[303, 401],
+        ),
+        (
+            "POST",
+            "/_portcullis/login".into(),
+            vec![("Content-Type", "application/x-www-form-urlencoded".into())],
+            "username=%ff%fe&password=x&csrf=y".into(),
+            &[403],
+        ),
+        (
+            "POST",
+            "/_portcullis/login".into(),
+            vec![("Content-Type", "application/json".into())],
+            "{}".into(),
+            &[415],
+        ),
+        (
+            "POST",
+            "/_portcullis/login".into(),
+            vec![("Content-Type", "application/x-www-form-urlencoded".into())],
+            format!("username={}", "a".repeat(20_000)),
+            &[413],
+        ),
+        (
+            "POST",
+            "/_portcullis/mfa".into(),
+            vec![("Content-Type", "application/x-www-form-urlencoded".into())],
+            "code=1&csrf=".into(),
+            &[403],
+        ),
+        (
+            "GET",
+            "/_portcullis/static/../../Cargo.toml".into(),
+            vec![],
+            String::new(),
+            &[303, 401, 404],
+        ),
+        (
+            "GET",
+            "/_portcullis/static/nope.js".into(),
+            vec![],
+            String::new(),
+            &[404],
+        ),
+        (
+            "DELETE",
+            "/_portcullis/login".into(),
+            vec![],
+            String::new(),
+            &[405],
+        ),
+    ];
+    for (method, target, headers, body, want) in &cases {
+        for accept in ["application/json", "text/html"] {
+            let mut h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            h.push(("Accept", accept));
+            let r = raw(gw.addr, method, target, &h, body).await;
+            assert!(
+                want.contains(&r.status),
+                "{method} {} ({accept}) → {} {}",
+                &target[..target.len().min(60)],
+                r.status,
+                &r.body[..r.body.len().min(300)]
+            );
+            if accept == "text/html" && !matches!(r.status, 303 | 405) {
+                assert!(
+                    r.header("content-type")
+                        .unwrap_or_default()
+                        .starts_with("text/html"),
+                    "{method} {}: {}",
+                    &target[..target.len().min(60)],
+                    r.status
+                );
+            }
+            if accept == "application/json" && r.status != 405 {
+                assert!(
+                    r.header("content-type")
+                        .unwrap_or_default()
+                        .starts_with("application/json"),
+                    "{method} {}: {}",
+                    &target[..target.len().min(60)],
+                    r.status
+                );
+            }
+        }
+    }
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn wrong_and_truncated_codes_and_unknown_users_are_refused_plainly() {
+    let gw = Gateway::start().await;
+    let (_c, secret, _) = gw.signed_in("b@example.com").await;
+    // Unknown user and wrong password look the same.
+    let c = gw.browser();
+    let a = gw.password(&c, "nobody@example.com", PASSWORD, "").await;
+    let a_status = a.status();
+    let a_text = a.text().await.unwrap();
+    let b = gw
+        .password(&c, "b@example.com", "wrong password!", "")
+        .await;
+    assert_eq!(a_status, 401);
+    assert_eq!(b.status(), 401);
+    assert!(a_text.contains("email or password is not right"));
+    assert!(b
+        .text()
+        .await
+        .unwrap()
+        .contains("email or password is not right"));
+    // Truncated, overlong, non-numeric codes.
+    gw.clock.advance(30);
+    let r = gw.password(&c, "b@example.com", PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let good = gw.totp_now(&secret);
+    for bad in [&good[..5], "1234567", "abcdef", "１２３４５６"] {
+        let r = gw.code(&c, "/_portcullis/mfa", bad).await;
+        assert_eq!(r.status(), 401, "{bad:?}");
+    }
+    // The fifth wrong code ends this sign-in: it starts over from the password, and the right
+    // code no longer helps.
+    let r = gw.code(&c, "/_portcullis/mfa", "").await;
+    assert_eq!(r.status(), 303);
+    assert!(
+        location(&r).starts_with("/_portcullis/login"),
+        "{}",
+        location(&r)
+    );
+    let r = c.get(gw.url("/_portcullis/mfa")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+
+    assert!(
+        location(&r).starts_with("/_portcullis/login"),
+        "{}",
+        location(&r)
+    );
+}
+
+#[tokio::test]
+async fn password_guessing_is_throttled_per_account() {
+    let gw = Gateway::start().await;
+    gw.add_user("t@example.com").await;
+    let c = gw.browser();
+    for _ in 0..10 {
+        assert_eq!(
+            gw.password(&c, "T@Example.com", "bad guess 123", "")
+                .await
+                .status(),
+            401
+        );
+    }
+    let r = gw.password(&c, "t@example.com", PASSWORD, "").await;
+    assert_eq!(
+        r.status(),
+        429,
+        "even the right password waits once the budget is spent"
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    gw.clock.advance(15 * 60 + 1);
+    let r = gw.password(&c, "t@example.com", PASSWORD, "").await;
+    assert_eq!(r.status(), 303, "the window passed");
+}

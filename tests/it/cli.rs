@@ -1,0 +1,254 @@
+//! The administration CLI, run as the real binary against a running gateway's database.
+
+use super::harness::*;
+
+#[tokio::test]
+async fn user_disable_ends_sessions_mid_flight() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("victim@example.com").await;
+    assert_eq!(
+        c.get(gw.url("/campaigns")).send().await.unwrap().status(),
+        200
+    );
+    let out = gw.cli(&["user", "disable", "victim@example.com"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The gate re-reads the user at most a second later.
+    gw.clock.advance(2);
+    let r = c.get(gw.url("/campaigns")).send().await.unwrap();
+    assert_eq!(r.status(), 303, "disabled user is out");
+    // And cannot sign in again.
+    let c2 = gw.browser();
+    assert_eq!(
+        gw.password(&c2, "victim@example.com", PASSWORD, "")
+            .await
+            .status(),
+        401
+    );
+    let ev = gw.audit().await;
+    assert!(ev.iter().any(
+        |e| e.event == "user_disabled" && e.actor.as_deref().unwrap_or("").starts_with("cli:")
+    ));
+    assert!(ev.iter().any(|e| e.event == "session_ended"));
+}
+
+#[tokio::test]
+async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
+    let gw = Gateway::start().await;
+    let out = gw.cli(
+        &["user", "add", "New@Example.com", "--account", "acct-9"],
+        Some("password123\n"),
+    );
+    assert!(!out.status.success(), "common password refused");
+    let out = gw.cli(
+        &["user", "add", "New@Example.com", "--account", "acct-9"],
+        Some("short\n"),
+    );
+    assert!(!out.status.success(), "short password refused");
+    let out = gw.cli(
+        &["user", "add", "New@Example.com", "--account", "acct-9"],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gw.cli(
+        &["user", "add", "new@example.com", "--account", "acct-9"],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    assert!(!out.status.success(), "duplicate refused");
+    let list = gw.cli(&["user", "list", "--json"], None);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("\"email\":\"new@example.com\"") && text.contains("acct-9"),
+        "{text}"
+    );
+    // The new user can sign in (and must enrol).
+    let c = gw.browser();
+    assert_eq!(
+        location(&gw.password(&c, "new@example.com", PASSWORD, "").await),
+        "/_portcullis/enrol/totp"
+    );
+    let audit = gw.cli(&["audit", "tail", "--json", "-n", "50"], None);
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(text.contains("user_created"), "{text}");
+    assert!(!text.contains(PASSWORD), "no password in the audit trail");
+}
+
+#[tokio::test]
+async fn reset_mfa_forces_enrolment_and_totp_generate_provisions() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("m@example.com").await;
+    let out = gw.cli(&["user", "reset-mfa", "m@example.com"], None);
+    assert!(out.status.success());
+    gw.clock.advance(2);
+    assert_eq!(
+        c.get(gw.url("/x")).send().await.unwrap().status(),
+        303,
+        "sessions ended"
+    );
+    let c2 = gw.browser();
+    assert_eq!(
+        location(&gw.password(&c2, "m@example.com", PASSWORD, "").await),
+        "/_portcullis/enrol/totp"
+    );
+    let out = gw.cli(&["user", "totp", "generate", "m@example.com"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let uri = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(uri.starts_with("otpauth://totp/"), "{uri}");
+    let b32 = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let secret = totp_rs::Secret::Encoded(b32.to_string())
+        .to_bytes()
+        .unwrap();
+    gw.clock.advance(30);
+    let c3 = gw.browser();
+    assert_eq!(
+        location(&gw.password(&c3, "m@example.com", PASSWORD, "").await),
+        "/_portcullis/mfa"
+    );
+    assert_eq!(
+        location(
+            &gw.code(&c3, "/_portcullis/mfa", &gw.totp_now(&secret))
+                .await
+        ),
+        "/"
+    );
+    let ev = gw.audit().await;
+    assert!(ev.iter().any(|e| e.event == "totp_generated"));
+}
+
+#[tokio::test]
+async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("rot@example.com").await;
+    c.get(gw.url("/a")).send().await.unwrap();
+    let old_token = gw
+        .upstream
+        .last()
+        .header("x-portcullis-assertion")
+        .unwrap()
+        .to_string();
+    let old_kid = gw.state.signer.current_kid();
+    let out = gw.cli(&["keys", "rotate"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.state.signer.refresh().await.unwrap();
+    let new_kid = gw.state.signer.current_kid();
+    assert_ne!(old_kid, new_kid);
+    let jwks: serde_json::Value = gw
+        .api()
+        .get(gw.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert!(
+        kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str()),
+        "{kids:?}"
+    );
+    assert!(
+        portcullis::token::verify(&old_token, &jwks, "esp-console", Some(&gw.base), 5).is_ok(),
+        "old token verifies during overlap"
+    );
+    c.get(gw.url("/b")).send().await.unwrap();
+    let new_token = gw
+        .upstream
+        .last()
+        .header("x-portcullis-assertion")
+        .unwrap()
+        .to_string();
+    assert_ne!(new_token, old_token);
+    let header = jsonwebtoken::decode_header(&new_token).unwrap();
+    assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
+    // The token verifies with the CLI, as a backend would.
+    let jwks_file = gw.dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks.to_string()).unwrap();
+    let out = gw.cli(
+        &[
+            "token",
+            "verify",
+            &new_token,
+            "--jwks",
+            jwks_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rot@example.com"));
+    let url = gw.url("/.well-known/jwks.json");
+    let out = gw.cli(
+        &[
+            "token",
+            "verify",
+            &new_token,
+            "--jwks",
+            &url,
+            "--audience",
+            "someone-else",
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "wrong audience refused");
+}
+
+#[tokio::test]
+async fn check_config_validates_and_redacts() {
+    let gw = Gateway::start().await;
+    let out = gw.cli(&["check-config"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[redacted]"));
+    let key = gw
+        .state
+        .config
+        .secrets
+        .master_key
+        .as_ref()
+        .unwrap()
+        .expose()
+        .clone();
+    assert!(!text.contains(&key));
+    let bad = gw.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.bogus"));
+}

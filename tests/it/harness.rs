@@ -1,0 +1,537 @@
+//! Test harness: starts a gateway (real router, real listener on port 0, SQLite in a temp dir,
+//! in-memory ephemeral store, a manual clock) in front of a recording upstream.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::StreamExt;
+use portcullis::clock::{Clock, ManualClock};
+use portcullis::config::Config;
+use portcullis::secret::Secret;
+use portcullis::state::AppState;
+use portcullis::store::{NewUser, User};
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: u64,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// The recording upstream.
+#[derive(Clone, Default)]
+pub struct Upstream {
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+    pub fn last(&self) -> Seen {
+        self.requests()
+            .last()
+            .cloned()
+            .expect("upstream saw no request")
+    }
+}
+
+async fn record(State(up): State<Upstream>, req: Request) -> Response {
+    let method = req.method().to_string();
+    let uri = req.uri().to_string();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let path = req.uri().path().to_string();
+    let mut body = req.into_body().into_data_stream();
+    let mut body_len = 0u64;
+    while let Some(chunk) = body.next().await {
+        body_len += chunk.map(|c| c.len() as u64).unwrap_or(0);
+    }
+    up.seen.lock().unwrap().push(Seen {
+        method,
+        uri,
+        headers,
+        body_len,
+    });
+    if let Some(n) = path.strip_prefix("/download/") {
+        let total: u64 = n.parse().unwrap_or(0);
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::unfold(total, move |left| {
+            let chunk = chunk.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(chunk.len() as u64);
+                Some((Ok::<_, std::io::Error>(chunk.slice(..n as usize)), left - n))
+            }
+        });
+        return Response::new(Body::from_stream(stream));
+    }
+    if path == "/cookies" {
+        return Response::builder()
+            .status(201)
+            .header("set-cookie", "a=1; Path=/")
+            .header("set-cookie", "b=2; Path=/")
+            .header("cache-control", "private, max-age=10")
+            .body(Body::from("cookies"))
+            .unwrap();
+    }
+    (
+        axum::http::StatusCode::OK,
+        format!("upstream saw {body_len} bytes"),
+    )
+        .into_response()
+}
+
+async fn ws_echo(ws: axum::extract::ws::WebSocketUpgrade) -> Response {
+    ws.on_upgrade(|mut socket| async move {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if socket.send(msg).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Starts the recording upstream; returns its address.
+pub async fn start_upstream() -> (SocketAddr, Upstream) {
+    let up = Upstream::default();
+    let app = Router::new()
+        .route("/ws", axum::routing::any(ws_echo))
+        .fallback(record)
+        .with_state(up.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (addr, up)
+}
+
+/// A cookie-keeping client whose cookies the test can read.
+pub struct Browser {
+    pub client: reqwest::Client,
+    pub jar: Arc<reqwest::cookie::Jar>,
+    base: url::Url,
+}
+
+impl std::ops::Deref for Browser {
+    type Target = reqwest::Client;
+    fn deref(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+impl Browser {
+    /// The `Cookie` header this browser sends to the gateway.
+    pub fn cookie_header(&self) -> String {
+        use reqwest::cookie::CookieStore;
+        self.jar
+            .cookies(&self.base)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub state: AppState,
+    pub clock: ManualClock,
+    pub upstream: Upstream,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Config used by tests: cheap argon2 so many sign-ins stay fast.
+pub fn test_config(dir: &std::path::Path, gateway: SocketAddr, upstream: SocketAddr) -> Config {
+    let mut c = Config::default();
+    c.server.listen = gateway.to_string();
+    c.server.public_url = url::Url::parse(&format!("http://{gateway}/")).unwrap();
+    c.upstream.url = url::Url::parse(&format!("http://{upstream}/")).unwrap();
+    c.upstream.response_timeout = Duration::from_secs(5);
+    c.storage.durable = format!("sqlite://{}", dir.join("db.sqlite").display());
+    c.password.argon2_memory_kib = 1024;
+    c.password.argon2_iterations = 1;
+    c.secrets.master_key = Some(Secret::new(portcullis::crypto::MasterKey::generate_base64()));
+    c
+}
+
+impl Gateway {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (up_addr, upstream) = start_upstream().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = test_config(dir.path(), addr, up_addr);
+        adjust(&mut config);
+        config.validate().unwrap();
+        let config_path = dir.path().join("portcullis.toml");
+        let mut toml_text = toml::to_string(&config).unwrap();
+        // The redacted dump hides the key; write the real one for CLI runs.
+        let key = config.secrets.master_key.as_ref().unwrap().expose().clone();
+        toml_text = toml_text.replace(
+            "master_key = \"[redacted]\"",
+            &format!("master_key = \"{key}\""),
+        );
+        std::fs::write(&config_path, toml_text).unwrap();
+        let clock = ManualClock::starting_now();
+        let state = AppState::new(config, Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        tokio::spawn(async move {
+            portcullis::server::run(listener, st, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Gateway {
+            addr,
+            base: format!("http://{addr}"),
+            state,
+            clock,
+            upstream,
+            dir,
+            config_path,
+            shutdown: Some(tx),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A browser-like client: cookie store, no redirects followed, Accept: text/html.
+    pub fn browser(&self) -> Browser {
+        let jar = Arc::new(reqwest::cookie::Jar::default());
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("accept", "text/html,application/xhtml+xml".parse().unwrap());
+        let client = reqwest::Client::builder()
+            .cookie_provider(jar.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .default_headers(h)
+            .build()
+            .unwrap();
+        Browser {
+            client,
+            jar,
+            base: self.base.parse().unwrap(),
+        }
+    }
+
+    /// The `Cookie` header a browser would send to the gateway (all of its cookies).
+    pub fn cookies(&self, b: &Browser) -> String {
+        b.cookie_header()
+    }
+
+    /// An API-like client: no cookie store, no redirects.
+    pub fn api(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    pub async fn add_user(&self, email: &str) -> User {
+        let hash = self
+            .state
+            .login
+            .hasher
+            .hash(&Secret::new(PASSWORD.to_string()))
+            .await
+            .unwrap();
+        self.state
+            .durable
+            .create_user(
+                NewUser {
+                    email: email.into(),
+                    account_id: "acct-1".into(),
+                    is_admin: false,
+                    password_hash: hash,
+                },
+                self.clock.now(),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// GETs a page and returns its CSRF token.
+    pub async fn csrf(&self, c: &reqwest::Client, path: &str) -> String {
+        let html = c
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        extract(&html, "name=\"csrf\" value=\"", "\"")
+            .unwrap_or_else(|| panic!("no csrf token on {path}: {html}"))
+    }
+
+    /// Posts the password form; returns the response.
+    pub async fn password(
+        &self,
+        c: &reqwest::Client,
+        email: &str,
+        password: &str,
+        next: &str,
+    ) -> reqwest::Response {
+        let csrf = self.csrf(c, "/_portcullis/login").await;
+        c.post(self.url("/_portcullis/login"))
+            .form(&[
+                ("username", email),
+                ("password", password),
+                ("csrf", &csrf),
+                ("next", next),
+            ])
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Posts a code to a code page (`/_portcullis/mfa` or `/_portcullis/enrol/totp`).
+    pub async fn code(&self, c: &reqwest::Client, path: &str, code: &str) -> reqwest::Response {
+        let csrf = self.csrf(c, path).await;
+        c.post(self.url(path))
+            .form(&[("code", code), ("csrf", &csrf)])
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Password + forced enrolment + recovery codes: returns the TOTP secret and the codes.
+    pub async fn enrol(&self, c: &reqwest::Client, email: &str) -> (Vec<u8>, Vec<String>) {
+        let r = self.password(c, email, PASSWORD, "").await;
+        assert_eq!(r.status(), 303);
+        assert_eq!(location(&r), "/_portcullis/enrol/totp");
+        let html = c
+            .get(self.url("/_portcullis/enrol/totp"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("secret on enrolment page");
+        let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+        let r = self
+            .code(c, "/_portcullis/enrol/totp", &self.totp_now(&secret))
+            .await;
+        assert_eq!(r.status(), 303, "{}", r.text().await.unwrap_or_default());
+        assert_eq!(location(&r), "/_portcullis/recovery-codes");
+        let html = c
+            .get(self.url("/_portcullis/recovery-codes"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let codes: Vec<String> = html
+            .split("<li><code>")
+            .skip(1)
+            .filter_map(|s| s.split('<').next().map(str::to_string))
+            .collect();
+        assert_eq!(codes.len(), 10, "{html}");
+        let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+        let r = c
+            .post(self.url("/_portcullis/recovery-codes"))
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        (secret, codes)
+    }
+
+    pub fn totp_now(&self, secret: &[u8]) -> String {
+        portcullis::auth::totp::code_at(secret, self.clock.now())
+    }
+
+    /// A fully signed-in browser for a new user; returns the client and the TOTP secret.
+    pub async fn signed_in(&self, email: &str) -> (Browser, Vec<u8>, Vec<String>) {
+        self.add_user(email).await;
+        let c = self.browser();
+        let (secret, codes) = self.enrol(&c, email).await;
+        (c, secret, codes)
+    }
+
+    /// Signs in an enrolled user with password + TOTP in a fresh browser, moving the clock one
+    /// step on so the code is new.
+    pub async fn sign_in_again(&self, email: &str, secret: &[u8]) -> Browser {
+        self.clock.advance(30);
+        let c = self.browser();
+        let r = self.password(&c, email, PASSWORD, "").await;
+        assert_eq!(location(&r), "/_portcullis/mfa");
+        let r = self
+            .code(&c, "/_portcullis/mfa", &self.totp_now(secret))
+            .await;
+        assert_eq!(r.status(), 303);
+        c
+    }
+
+    /// Runs the real binary against this gateway's config.
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Audit events so far (after flushing the writer).
+    pub async fn audit(&self) -> Vec<portcullis::store::AuditEvent> {
+        self.state.audit.flush().await;
+        self.state
+            .durable
+            .query_audit(&portcullis::store::AuditQuery {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    }
+}
+
+pub fn location(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+pub fn extract(haystack: &str, start: &str, end: &str) -> Option<String> {
+    let i = haystack.find(start)? + start.len();
+    let j = haystack[i..].find(end)? + i;
+    Some(haystack[i..j].to_string())
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct Raw {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Raw {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// Sends a request exactly as written (no client-side URL normalisation), with `Connection:
+/// close`, and reads the whole answer.
+pub async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Raw {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// The session cookie pair (`name=value`) a response set.
+pub fn session_cookie(r: &reqwest::Response) -> String {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.contains("portcullis-session=") && !v.contains("Max-Age=0"))
+        .map(|v| v.split(';').next().unwrap().to_string())
+        .expect("a session cookie")
+}

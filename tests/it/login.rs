@@ -1,0 +1,206 @@
+//! The sign-in flow end to end: forced enrolment, TOTP, recovery codes, the identity token the
+//! console receives, return-to, fixation, logout.
+
+use super::harness::*;
+
+#[tokio::test]
+async fn full_sign_in_delivers_a_verifiable_identity_token() {
+    let gw = Gateway::start().await;
+    let user = gw.add_user("Alice@Example.com").await;
+    let c = gw.browser();
+    // First request: sent to sign in, remembering where it wanted to go.
+    let r = c.get(gw.url("/campaigns?page=2")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        location(&r),
+        "/_portcullis/login?next=%2Fcampaigns%3Fpage%3D2"
+    );
+    let r = gw
+        .password(&c, "alice@example.com", PASSWORD, "/campaigns?page=2")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // Half-way through, nothing reaches the console.
+    let r = c.get(gw.url("/campaigns")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(gw.upstream.count(), 0);
+    let html = c
+        .get(gw.url("/_portcullis/enrol/totp"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("<svg"), "QR code as SVG");
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    let r = gw
+        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(location(&r), "/_portcullis/recovery-codes");
+    let r = c.get(gw.url("/campaigns")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        303,
+        "no console before the codes are acknowledged"
+    );
+    let csrf = gw.csrf(&c, "/_portcullis/recovery-codes").await;
+    let r = c
+        .post(gw.url("/_portcullis/recovery-codes"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/campaigns?page=2");
+
+    let r = c.get(gw.url("/campaigns?page=2")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = gw.upstream.last();
+    assert_eq!(seen.uri, "/campaigns?page=2");
+    let token = seen
+        .header("x-portcullis-assertion")
+        .expect("identity header");
+    let jwks: serde_json::Value = gw
+        .api()
+        .get(gw.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let claims = portcullis::token::verify(token, &jwks, "esp-console", Some(&gw.base), 5).unwrap();
+    assert_eq!(claims.sub, user.id);
+    assert_eq!(claims.email, "alice@example.com");
+    assert_eq!(claims.account, "acct-1");
+    assert_eq!(claims.amr, vec!["pwd", "otp"]);
+    assert!(claims.exp - claims.iat <= 120 && claims.exp > claims.iat);
+    assert!(!claims.sid.is_empty() && !claims.jti.is_empty());
+    // Reused, not re-signed per request.
+    c.get(gw.url("/other")).send().await.unwrap();
+    assert_eq!(
+        gw.upstream.last().header("x-portcullis-assertion"),
+        Some(token)
+    );
+    // The gateway's cookies never reach the console.
+    for s in gw.upstream.requests() {
+        for cookie in s.headers_named("cookie") {
+            assert!(!cookie.contains("portcullis"), "{cookie}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn totp_codes_work_once_and_recovery_codes_once_each() {
+    let gw = Gateway::start().await;
+    let (_c, secret, codes) = gw.signed_in("bob@example.com").await;
+    gw.clock.advance(30);
+    let code = gw.totp_now(&secret);
+    let a = gw.browser();
+    gw.password(&a, "bob@example.com", PASSWORD, "").await;
+    assert_eq!(location(&gw.code(&a, "/_portcullis/mfa", &code).await), "/");
+    // The same code again, in another sign-in: refused.
+    let b = gw.browser();
+    gw.password(&b, "bob@example.com", PASSWORD, "").await;
+    let r = gw.code(&b, "/_portcullis/mfa", &code).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(b.get(gw.url("/x")).send().await.unwrap().status(), 303);
+    // A recovery code works once.
+    let r = gw
+        .code(&b, "/_portcullis/mfa", &codes[0].to_uppercase())
+        .await;
+    assert_eq!(location(&r), "/");
+    let d = gw.browser();
+    gw.password(&d, "bob@example.com", PASSWORD, "").await;
+    assert_eq!(
+        gw.code(&d, "/_portcullis/mfa", &codes[0]).await.status(),
+        401
+    );
+    let ev = gw.audit().await;
+    assert!(ev
+        .iter()
+        .any(|e| e.event == "second_factor" && e.reason.as_deref() == Some("replayed_code")));
+    assert!(ev.iter().any(|e| e.event == "recovery_code_used"));
+}
+
+#[tokio::test]
+async fn session_id_changes_at_every_privilege_step_and_logout_ends_it() {
+    let gw = Gateway::start().await;
+    gw.add_user("carol@example.com").await;
+    let c = gw.browser();
+    let cookie_of = |r: &reqwest::Response| {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("portcullis-session="))
+            .map(|v| v.split(';').next().unwrap().to_string())
+    };
+    let r = gw.password(&c, "carol@example.com", PASSWORD, "").await;
+    let first = cookie_of(&r).expect("session cookie after password");
+    let html = c
+        .get(gw.url("/_portcullis/enrol/totp"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let secret = totp_rs::Secret::Encoded(extract(&html, "id=\"totp-secret\">", "<").unwrap())
+        .to_bytes()
+        .unwrap();
+    let r = gw
+        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
+        .await;
+    let second = cookie_of(&r).expect("new cookie after second factor");
+    assert_ne!(first, second);
+    // The pre-MFA id is dead: an attacker who planted or saw it gets nothing.
+    let stale = gw.api();
+    let r = stale
+        .get(gw.url("/_portcullis/recovery-codes"))
+        .header("cookie", &first)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let csrf = gw.csrf(&c, "/_portcullis/recovery-codes").await;
+    let r = c
+        .post(gw.url("/_portcullis/recovery-codes"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let third = cookie_of(&r).expect("new cookie when the session completes");
+    assert_ne!(second, third);
+    let r = stale
+        .get(gw.url("/x"))
+        .header("cookie", &third)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "complete session works");
+    // Logout needs a POST with the CSRF token and ends the session server-side.
+    let r = c
+        .post(gw.url("/_portcullis/logout"))
+        .form(&[("csrf", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let csrf = gw.csrf(&c, "/_portcullis/logout").await;
+    let r = c
+        .post(gw.url("/_portcullis/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let r = stale
+        .get(gw.url("/x"))
+        .header("cookie", &third)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "copied cookie is dead after logout");
+}

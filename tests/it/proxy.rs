@@ -1,0 +1,195 @@
+//! What crosses the proxy: identity headers, the gateway's cookies, X-Forwarded-*, bodies,
+//! websockets, and upstream failures.
+
+use super::harness::*;
+use futures_util::{SinkExt, StreamExt};
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_console() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("h@example.com").await;
+    let cookie = gw.cookies(&c);
+    let spoofed = [
+        "X-Portcullis-Assertion",
+        "x_portcullis_assertion",
+        "X-Forwarded-User",
+        "X_Forwarded_User",
+        "x-forwarded-email",
+        "X-Remote-User",
+        "Remote-User",
+        "remote_user",
+        "X-Auth-Request-User",
+        "X-Original-URL",
+        "X-Forwarded-Uri",
+        "X-Portcullis-Admin",
+    ];
+    let mut headers: Vec<(&str, &str)> =
+        spoofed.iter().map(|h| (*h, "admin@esp.example")).collect();
+    headers.push(("Cookie", &cookie));
+    headers.push(("X-Forwarded-For", "6.6.6.6"));
+    headers.push(("X-Forwarded-Host", "evil.example"));
+    headers.push(("X-Forwarded-Proto", "gopher"));
+    headers.push(("Connection", "close, X-Hop"));
+    headers.push(("X-Hop", "should-go"));
+    let r = raw(gw.addr, "GET", "/campaigns", &headers, "").await;
+    assert_eq!(r.status, 200);
+    let seen = gw.upstream.last();
+    for (k, v) in &seen.headers {
+        assert!(!v.contains("admin@esp.example"), "{k} leaked");
+    }
+    assert_eq!(
+        seen.headers_named("x-portcullis-assertion").len(),
+        1,
+        "exactly our token"
+    );
+    assert!(seen
+        .header("x-portcullis-assertion")
+        .unwrap()
+        .starts_with("ey"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some(gw.addr.to_string().as_str())
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert!(
+        seen.header("x-hop").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
+}
+
+#[tokio::test]
+async fn gateway_cookies_stay_at_the_gateway_and_console_cookies_pass() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("k@example.com").await;
+    let cookie = format!("{}; console_pref=dark; other=1", gw.cookies(&c));
+    let r = raw(gw.addr, "GET", "/cookies", &[("Cookie", &cookie)], "").await;
+    assert_eq!(r.status, 201, "status relayed");
+    let set: Vec<&str> = r
+        .head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .collect();
+    assert_eq!(set.len(), 2, "both Set-Cookie headers relayed: {}", r.head);
+    assert_eq!(
+        r.header("cache-control").as_deref(),
+        Some("private, max-age=10")
+    );
+    let seen = gw.upstream.last();
+    let sent = seen.headers_named("cookie").join("; ");
+    assert!(
+        sent.contains("console_pref=dark") && sent.contains("other=1"),
+        "{sent}"
+    );
+    assert!(!sent.contains("portcullis"), "{sent}");
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("big@example.com").await;
+    const SIZE: u64 = 1 << 30; // 1 GiB each way
+    let before = peak_rss_kib();
+    let chunk = bytes::Bytes::from(vec![b'u'; 256 * 1024]);
+    let stream = futures_util::stream::iter(
+        (0..SIZE / chunk.len() as u64).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let r = c
+        .post(gw.url("/upload"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.upstream.last().body_len, SIZE);
+    let r = c
+        .get(gw.url(&format!("/download/{SIZE}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut got = 0u64;
+    let mut body = r.bytes_stream();
+    while let Some(b) = body.next().await {
+        got += b.unwrap().len() as u64;
+    }
+    assert_eq!(got, SIZE);
+    let grew_mib = (peak_rss_kib() - before) / 1024;
+    assert!(
+        grew_mib < 256,
+        "peak memory grew by {grew_mib} MiB while moving 2 GiB: bodies are being buffered"
+    );
+}
+
+fn peak_rss_kib() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn websockets_are_relayed_for_a_complete_session() {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("w@example.com").await;
+    let mut req = format!("ws://{}/ws", gw.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("cookie", gw.cookies(&c).parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "second message"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let got = ws.next().await.unwrap().unwrap();
+        assert_eq!(got.into_text().unwrap().as_str(), text);
+    }
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_clear_502_never_a_bypass() {
+    let gw = Gateway::start_with(|c| {
+        // A port nothing listens on.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        c.upstream.url = url::Url::parse(&format!("http://{}/", l.local_addr().unwrap())).unwrap();
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("d@example.com").await;
+    let r = c.get(gw.url("/campaigns")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("cannot be reached"));
+    let r = gw.api().get(gw.url("/campaigns")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "still gated");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_a_504() {
+    // An upstream that accepts and never answers.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let gw = Gateway::start_with(|c| {
+        c.upstream.url = url::Url::parse(&format!("http://{addr}/")).unwrap();
+        c.upstream.response_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("slow@example.com").await;
+    let r = c
+        .get(gw.url("/x"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+}
