@@ -177,7 +177,7 @@ pub struct Gateway {
     pub state: AppState,
     pub clock: ManualClock,
     pub upstream: Upstream,
-    pub dir: tempfile::TempDir,
+    pub dir: Arc<tempfile::TempDir>,
     pub config_path: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -210,12 +210,29 @@ impl Gateway {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Arc::new(tempfile::tempdir().unwrap());
         let (up_addr, upstream) = start_upstream().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = test_config(dir.path(), addr, up_addr);
         adjust(&mut config);
+        Self::launch(dir, listener, config, upstream).await
+    }
+
+    /// A second gateway process over the same database and keys (a restart, or another
+    /// gateway sharing the durable store), on a new port.
+    pub async fn restarted(&self) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = (*self.state.config).clone();
+        config.server.listen = addr.to_string();
+        config.server.public_url = url::Url::parse(&format!("http://{addr}/")).unwrap();
+        Self::launch(self.dir.clone(), listener, config, self.upstream.clone()).await
+    }
+
+    async fn launch(dir: Arc<tempfile::TempDir>, listener: tokio::net::TcpListener, config: Config, upstream: Upstream) -> Self {
+        let addr = listener.local_addr().unwrap();
+
         config.validate().unwrap();
         let config_path = dir.path().join("portcullis.toml");
         let mut toml_text = toml::to_string(&config).unwrap();

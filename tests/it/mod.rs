@@ -5,3 +5,4 @@ mod invariant;
 mod login;
 mod proxy;
 mod redirects;
+mod hygiene;
