@@ -1,1 +1,117 @@
 //! Conformance suite run against every store backend.
+//!
+//! One generic suite per trait ([`ephemeral::ephemeral_suite`], [`durable::durable_suite`]);
+//! each backend is one test function below that builds the backend and hands it over, so a new
+//! backend (Redis) is one more function.
+//!
+//! PostgreSQL tests need the shared server on 127.0.0.1:5432; each test runs in its own fresh
+//! database, so tests can run in parallel. A missing server is a failure, never a skip.
+// Tests may unwrap and panic: a failure is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod durable;
+mod durable_audit;
+mod ephemeral;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Connection, Executor, PgConnection};
+
+use crate::clock::{Clock, ManualClock};
+use crate::store::memory::MemoryStore;
+use crate::store::sql::SqlStore;
+use crate::store::DurableStore;
+use ephemeral::{Advance, EphemeralBackend};
+
+const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+const PG_HOWTO: &str = "PostgreSQL must answer on 127.0.0.1:5432 (user postgres, trust auth, \
+     database `test`). Start it with: \
+     pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ephemeral_memory() {
+    let clock = ManualClock::starting_now();
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone()) as Arc<dyn Clock>));
+    let advance: Advance = Arc::new(move |by: Duration| {
+        clock.advance(i64::try_from(by.as_secs()).unwrap());
+        Box::pin(async {})
+    });
+    ephemeral::ephemeral_suite(EphemeralBackend { store, advance }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("conformance.sqlite");
+    let store = SqlStore::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    durable::durable_suite(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_postgres() {
+    with_pg_database(|url| async move {
+        let store = SqlStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        durable::durable_suite(Arc::new(store)).await;
+    })
+    .await;
+}
+
+/// The file-backed SQLite store keeps its data across a reconnect (migrations included).
+#[tokio::test]
+async fn durable_sqlite_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("reopen.sqlite").display());
+    let first = SqlStore::connect(&url).await.unwrap();
+    first.migrate().await.unwrap();
+    let u = durable::create(
+        &(Arc::new(first) as Arc<dyn DurableStore>),
+        "Keep@Example.com",
+    )
+    .await;
+    let second = SqlStore::connect(&url).await.unwrap();
+    second.migrate().await.unwrap();
+    assert_eq!(
+        second.user_by_email("keep@example.com").await.unwrap(),
+        Some(u)
+    );
+}
+
+/// Creates `t_<random hex>` on the shared server, runs `body` with its URL, then drops it, also
+/// when `body` panics (the panic is passed on afterwards).
+async fn with_pg_database<F, Fut>(body: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let admin_url = format!("{PG_SERVER}/test");
+    let mut admin = match tokio::time::timeout(
+        Duration::from_secs(10),
+        PgConnection::connect(&admin_url),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!("cannot connect to {admin_url}: {e}\n{PG_HOWTO}"),
+        Err(_) => panic!("timed out connecting to {admin_url}\n{PG_HOWTO}"),
+    };
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name} failed: {e}\n{PG_HOWTO}"));
+    let outcome = tokio::spawn(body(format!("{PG_SERVER}/{name}"))).await;
+    let dropped = admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await;
+    let _ = admin.close().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    dropped.unwrap_or_else(|e| panic!("DROP DATABASE {name} failed: {e}"));
+}

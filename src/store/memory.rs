@@ -157,8 +157,14 @@ impl EphemeralStore for MemoryStore {
 
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let (mut s, now) = self.shard(key)?;
-        if s.live(key, now).is_none() {
-            return Ok(None);
+        match s.live(key, now) {
+            None => return Ok(None),
+            // Like Redis `GETDEL` on a set (WRONGTYPE): an error, and the set is kept.
+            Some(Entry {
+                value: Value::Set(_),
+                ..
+            }) => return Err(StoreError::Corrupt("take on a set key".into())),
+            Some(_) => {}
         }
         Ok(match s.map.remove(key) {
             Some(Entry {
