@@ -46,7 +46,11 @@ impl From<PasswordError> for FlowError {
 #[derive(Debug)]
 pub enum PasswordOutcome {
     /// Password right; the session to create (second factor or enrolment still to do).
-    Proceed { user: User, session: Session },
+    Proceed {
+        user: Box<User>,
+        session: Box<Session>,
+    },
+
     /// Wrong email or password (deliberately indistinguishable), or account disabled.
     Denied,
     /// Too many failures; try again after this many seconds.
@@ -194,7 +198,10 @@ impl LoginFlow {
             &client.user_agent,
             return_to,
         );
-        Ok(PasswordOutcome::Proceed { user, session })
+        Ok(PasswordOutcome::Proceed {
+            user: Box::new(user),
+            session: Box::new(session),
+        })
     }
 
     fn new_sealed_secret(&self, user_id: &str) -> Result<Vec<u8>, FlowError> {

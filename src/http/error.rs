@@ -167,14 +167,13 @@ pub async fn render_errors(req: Request, next: Next) -> Response {
     };
     let body = page.render().unwrap_or_else(|_| err.message.clone());
     let mut out = (err.status, Html(body)).into_response();
-    for name in [
-        header::RETRY_AFTER,
-        header::SET_COOKIE,
-        header::WWW_AUTHENTICATE,
-    ] {
-        for v in resp.headers().get_all(&name) {
-            out.headers_mut().append(name.clone(), v.clone());
+    // Keep every header of the original answer (security headers, cookies, Retry-After,
+    // WWW-Authenticate) except those describing the replaced body.
+    for (name, value) in resp.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name.clone(), value.clone());
         }
     }
     out
+
 }

@@ -152,7 +152,7 @@ pub async fn login_post(
         .password_step(&form.username, &form.password, &client, next.clone())
         .await?;
     let (user, session) = match outcome {
-        PasswordOutcome::Proceed { user, session } => (user, session),
+        PasswordOutcome::Proceed { user, session } => (*user, *session),
         PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
         PasswordOutcome::Denied => {
             let msg = "The email or password is not right.";

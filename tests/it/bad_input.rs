@@ -8,7 +8,10 @@ async fn malformed_requests_get_clear_client_errors() {
     let gw = Gateway::start().await;
     let long_path = format!("/{}", "a".repeat(9000));
     let huge_cookie = format!("portcullis-session={}", "A".repeat(6000));
-    let cases: Vec<(&str, String, Vec<(&str, String)>, String, &[u16])> = vec![
+    // (method, target, headers, body, acceptable statuses)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>, String, &'a [u16]);
+    let cases: Vec<Case> = vec![
+
         ("GET", long_path.clone(), vec![], String::new(), &[414]),
         ("GET", "/%zz".into(), vec![], String::new(), &[400]),
         ("GET", "/a%00b".into(), vec![], String::new(), &[400]),

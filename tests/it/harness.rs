@@ -230,7 +230,12 @@ impl Gateway {
         Self::launch(self.dir.clone(), listener, config, self.upstream.clone()).await
     }
 
-    async fn launch(dir: Arc<tempfile::TempDir>, listener: tokio::net::TcpListener, config: Config, upstream: Upstream) -> Self {
+    async fn launch(
+        dir: Arc<tempfile::TempDir>,
+        listener: tokio::net::TcpListener,
+        config: Config,
+        upstream: Upstream,
+    ) -> Self {
         let addr = listener.local_addr().unwrap();
 
         config.validate().unwrap();
