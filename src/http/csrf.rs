@@ -51,17 +51,20 @@ pub fn verify(
     https: bool,
     public_origin: &str,
 ) -> Result<(), AppError> {
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     let origin_ok = match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        // Our pages send `Referrer-Policy: no-referrer`, under which browsers post forms with
+        // `Origin: null`; such a post is ours only if the browser also vouches for it with
+        // `Sec-Fetch-Site: same-origin` (which no cross-site page can forge).
+        Some("null") => fetch_site == Some("same-origin"),
         Some(o) => o == public_origin,
         None => match headers.get(header::REFERER).and_then(|v| v.to_str().ok()) {
             Some(r) => r == public_origin || r.starts_with(&format!("{public_origin}/")),
             None => true,
         },
     };
-    let fetch_site_ok = headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_none_or(|s| matches!(s, "same-origin" | "none"));
+    let fetch_site_ok = fetch_site.is_none_or(|s| matches!(s, "same-origin" | "none"));
+
     if !origin_ok || !fetch_site_ok {
         return Err(AppError::forbidden(
             "csrf",

@@ -175,5 +175,4 @@ pub async fn render_errors(req: Request, next: Next) -> Response {
         }
     }
     out
-
 }

@@ -74,13 +74,14 @@ export function totp(secretBase32, time = Date.now()) {
   return String(bin % 1_000_000).padStart(6, "0");
 }
 
+/** Debian's Chromium, headless, with a fresh temporary profile (playwright-core makes one per launch). */
 export async function launch() {
-  const userDataDir = mkdtempSync(join(tmpdir(), "portcullis-chromium-"));
   return chromium.launch({
     executablePath: "/usr/bin/chromium",
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", `--user-data-dir=${userDataDir}`],
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
   });
 }
+
 
 /** Saves a screenshot of `page` into a folder it prints, for looking at a failure. */
 export async function screenshot(page, name) {

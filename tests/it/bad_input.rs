@@ -11,7 +11,6 @@ async fn malformed_requests_get_clear_client_errors() {
     // (method, target, headers, body, acceptable statuses)
     type Case<'a> = (&'a str, String, Vec<(&'a str, String)>, String, &'a [u16]);
     let cases: Vec<Case> = vec![
-
         ("GET", long_path.clone(), vec![], String::new(), &[414]),
         ("GET", "/%zz".into(), vec![], String::new(), &[400]),
         ("GET", "/a%00b".into(), vec![], String::new(), &[400]),

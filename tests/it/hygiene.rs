@@ -288,3 +288,33 @@ async fn a_restart_loses_no_user_factor_or_key() {
     );
     assert_eq!(c.get(again.url("/x")).send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_null_origin_passes_only_when_the_browser_vouches_same_origin() {
+    // Under `Referrer-Policy: no-referrer` browsers post our own forms with `Origin: null`.
+    let gw = Gateway::start().await;
+    gw.add_user("n@example.com").await;
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let form = [
+        ("username", "n@example.com"),
+        ("password", PASSWORD),
+        ("csrf", csrf.as_str()),
+        ("next", ""),
+    ];
+    for (site, want) in [
+        ("cross-site", 403),
+        ("same-site", 403),
+        ("same-origin", 303),
+    ] {
+        let r = c
+            .post(gw.url("/_portcullis/login"))
+            .header("origin", "null")
+            .header("sec-fetch-site", site)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "Origin: null with Sec-Fetch-Site: {site}");
+    }
+}
