@@ -222,9 +222,16 @@ impl Gateway {
     /// A second gateway process over the same database and keys (a restart, or another
     /// gateway sharing the durable store), on a new port.
     pub async fn restarted(&self) -> Self {
+        self.restarted_with(|_| {}).await
+    }
+
+    /// Like [`Gateway::restarted`], with a changed configuration.
+    pub async fn restarted_with(&self, adjust: impl FnOnce(&mut Config)) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = (*self.state.config).clone();
+        adjust(&mut config);
+
         config.server.listen = addr.to_string();
         config.server.public_url = url::Url::parse(&format!("http://{addr}/")).unwrap();
         Self::launch(self.dir.clone(), listener, config, self.upstream.clone()).await

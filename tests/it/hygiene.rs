@@ -318,3 +318,100 @@ async fn a_null_origin_passes_only_when_the_browser_vouches_same_origin() {
         assert_eq!(r.status(), want, "Origin: null with Sec-Fetch-Site: {site}");
     }
 }
+
+#[tokio::test]
+async fn storage_failure_fails_closed_with_503_and_recovers() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("fc@example.com").await;
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    // Break the durable store under the running gateway.
+    let url = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
+    let admin = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("ALTER TABLE users RENAME TO users_away")
+        .execute(&admin)
+        .await
+        .unwrap();
+    gw.clock.advance(2);
+    let before = gw.upstream.count();
+    let r = c.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        503,
+        "the gate cannot check the user: refuse, never pass"
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    let r = gw
+        .api()
+        .get(gw.url("/x"))
+        .header("cookie", gw.cookies(&c))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+    assert_eq!(
+        gw.upstream.count(),
+        before,
+        "nothing forwarded while the store is down"
+    );
+    let c2 = gw.browser();
+    assert_eq!(
+        gw.password(&c2, "fc@example.com", PASSWORD, "")
+            .await
+            .status(),
+        503
+    );
+    // Back again: everything recovers by itself.
+    sqlx::query("ALTER TABLE users_away RENAME TO users")
+        .execute(&admin)
+        .await
+        .unwrap();
+    gw.clock.advance(2);
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn changed_argon2_parameters_rehash_at_the_next_sign_in() {
+    let gw = Gateway::start().await;
+    let (_c, secret, _) = gw.signed_in("rh@example.com").await;
+    let old = gw
+        .state
+        .durable
+        .user_by_email("rh@example.com")
+        .await
+        .unwrap()
+        .unwrap()
+        .password_hash;
+    assert!(old.contains("m=1024,t=1"), "{old}");
+    let again = gw
+        .restarted_with(|c| c.password.argon2_iterations = 2)
+        .await;
+    again.clock.advance(60);
+    let c = again.browser();
+    assert_eq!(
+        location(&again.password(&c, "rh@example.com", PASSWORD, "").await),
+        "/_portcullis/mfa"
+    );
+    let new = again
+        .state
+        .durable
+        .user_by_email("rh@example.com")
+        .await
+        .unwrap()
+        .unwrap()
+        .password_hash;
+    assert!(
+        new.contains("m=1024,t=2"),
+        "rehashed with the new parameters: {new}"
+    );
+    assert_ne!(old, new);
+    assert_eq!(
+        location(
+            &again
+                .code(&c, "/_portcullis/mfa", &again.totp_now(&secret))
+                .await
+        ),
+        "/"
+    );
+}

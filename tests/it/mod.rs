@@ -1,3 +1,4 @@
+mod backend_docs;
 mod bad_input;
 mod cli;
 pub mod harness;
