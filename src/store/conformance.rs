@@ -82,6 +82,34 @@ async fn durable_sqlite_survives_reopen() {
     );
 }
 
+/// Another process holding the SQLite file for longer than the busy timeout (the CLI in a
+/// long transaction, a second gateway) delays a change; it is not lost and no error reaches
+/// the caller. Without the retry the first write fails with "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_change_waits_out_another_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("busy.sqlite").display());
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    let store: Arc<dyn DurableStore> = Arc::new(store);
+    let u = durable::create(&store, "busy@example.com").await;
+
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    other.execute("BEGIN EXCLUSIVE").await.unwrap();
+    let writer = {
+        let store = store.clone();
+        let id = u.id.clone();
+        tokio::spawn(async move { store.void_sessions(&id, 42).await })
+    };
+    // Longer than the 5 s busy timeout of one try.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    assert!(!writer.is_finished(), "the change waited for the lock");
+    other.execute("COMMIT").await.unwrap();
+    writer.await.unwrap().unwrap();
+    let after = store.user_by_id(&u.id).await.unwrap().unwrap();
+    assert_eq!(after.sessions_valid_after_ms, 42);
+}
+
 /// Creates `t_<random hex>` on the shared server, runs `body` with its URL, then drops it, also
 /// when `body` panics (the panic is passed on afterwards).
 async fn with_pg_database<F, Fut>(body: F)

@@ -31,6 +31,50 @@ fn unavailable(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// Whether SQLite refused because another connection (the CLI, a second gateway process)
+/// holds the file: `SQLITE_BUSY`/`SQLITE_LOCKED` and their extended codes. The busy timeout
+/// covers most of these; the rest (a stale WAL snapshot, a lock taken while a connection
+/// opens) come back at once and are worth another try.
+fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+        _ => false,
+    }
+}
+
+/// How often a statement refused as busy is tried again, and the first pause between tries
+/// (doubled each time, on top of the busy timeout each try already waits).
+const BUSY_TRIES: u32 = 8;
+const BUSY_FIRST_PAUSE_MS: u64 = 25;
+
+/// Runs `op`, trying again while SQLite reports the file busy. Each try is a whole statement or
+/// a whole transaction, so a retry never repeats half of a change. PostgreSQL is run once.
+async fn retry_busy<T, E, Fut>(
+    sqlite: bool,
+    busy: impl Fn(&E) -> bool,
+    mut op: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pause = BUSY_FIRST_PAUSE_MS;
+    let mut tries = 1;
+    loop {
+        match op().await {
+            Err(e) if sqlite && tries < BUSY_TRIES && busy(&e) => {
+                tracing::debug!(tries, "sqlite busy; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                pause = (pause * 2).min(1000);
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl SqlStore {
     /// Connects to `sqlite://path` (file created if missing) or `postgres://…`.
     pub async fn connect(url: &str) -> StoreResult<Self> {
@@ -78,6 +122,16 @@ impl SqlStore {
         };
         let pool = opts.connect(&url).await.map_err(unavailable)?;
         Ok(Self { pool, sqlite })
+    }
+
+    /// Runs a change (one statement or one transaction), trying again while SQLite is busy.
+    async fn write<T, Fut>(&self, op: impl FnMut() -> Fut) -> StoreResult<T>
+    where
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        retry_busy(self.sqlite, is_busy, op)
+            .await
+            .map_err(unavailable)
     }
 }
 
@@ -132,7 +186,8 @@ impl DurableStore for SqlStore {
         } else {
             &POSTGRES_MIGRATIONS
         };
-        m.run(&self.pool)
+        let busy = |e: &sqlx::migrate::MigrateError| matches!(e, sqlx::migrate::MigrateError::Execute(e) if is_busy(e));
+        retry_busy(self.sqlite, busy, || m.run(&self.pool))
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
     }
@@ -156,19 +211,23 @@ impl DurableStore for SqlStore {
             created_at: now,
             sessions_valid_after_ms: 0,
         };
-        sqlx::query(
-            "INSERT INTO users (id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms) \
-             VALUES ($1, $2, $3, $4, 0, $5, $6, 0)",
-        )
-        .bind(&user.id)
-        .bind(&user.email)
-        .bind(&user.account_id)
-        .bind(i64::from(user.is_admin))
-        .bind(&user.password_hash)
-        .bind(now)
-        .execute(&self.pool)
+        let (pool, u) = (&self.pool, &user);
+        self.write(move || async move {
+            sqlx::query(
+                "INSERT INTO users (id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms) \
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, 0)",
+            )
+            .bind(&u.id)
+            .bind(&u.email)
+            .bind(&u.account_id)
+            .bind(i64::from(u.is_admin))
+            .bind(&u.password_hash)
+            .bind(now)
+            .execute(pool)
+            .await
+        })
         .await
-        .map_err(|e| match unavailable(e) {
+        .map_err(|e| match e {
             StoreError::Conflict(_) => StoreError::Conflict(format!("a user with email {} exists", user.email)),
             other => other,
         })?;
@@ -205,12 +264,15 @@ impl DurableStore for SqlStore {
     }
 
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
-            .bind(hash)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+                .bind(hash)
+                .bind(user_id)
+                .execute(pool)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
@@ -220,22 +282,28 @@ impl DurableStore for SqlStore {
         } else {
             "UPDATE users SET disabled = 0 WHERE id = $2 AND $1 = $1"
         };
-        sqlx::query(q)
-            .bind(now_ms)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query(q)
+                .bind(now_ms)
+                .bind(user_id)
+                .execute(pool)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
     async fn void_sessions(&self, user_id: &str, at_ms: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE users SET sessions_valid_after_ms = $1 WHERE id = $2")
-            .bind(at_ms)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query("UPDATE users SET sessions_valid_after_ms = $1 WHERE id = $2")
+                .bind(at_ms)
+                .bind(user_id)
+                .execute(pool)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
@@ -259,32 +327,35 @@ impl DurableStore for SqlStore {
     }
 
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()> {
-        sqlx::query(
+        let (pool, record) = (&self.pool, &record);
+        self.write(move || async move { sqlx::query(
             "INSERT INTO totp_credentials (user_id, secret_sealed, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id) DO UPDATE SET secret_sealed = excluded.secret_sealed, created_at = excluded.created_at",
         )
         .bind(&record.user_id)
         .bind(&record.secret_sealed)
         .bind(record.created_at)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .execute(pool)
+        .await })
+            .await?;
         Ok(())
     }
 
     async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("DELETE FROM totp_credentials WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
+        let pool = &self.pool;
+        self.write(move || async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM totp_credentials WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        })
+        .await
     }
 
     async fn set_recovery_codes(
@@ -293,24 +364,26 @@ impl DurableStore for SqlStore {
         hashes: &[String],
         now: UnixTime,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        for h in hashes {
-            sqlx::query(
+        let pool = &self.pool;
+        self.write(move || async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            for h in hashes {
+                sqlx::query(
                 "INSERT INTO recovery_codes (user_id, code_hash, created_at) VALUES ($1, $2, $3)",
             )
             .bind(user_id)
             .bind(h)
             .bind(now)
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
+            .await?;
+            }
+            tx.commit().await
+        })
+        .await
     }
 
     async fn consume_recovery_code(
@@ -319,15 +392,16 @@ impl DurableStore for SqlStore {
         hash: &str,
         now: UnixTime,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
+        let pool = &self.pool;
+        let done = self.write(move || async move { sqlx::query(
             "UPDATE recovery_codes SET used_at = $1 WHERE user_id = $2 AND code_hash = $3 AND used_at IS NULL",
         )
         .bind(now)
         .bind(user_id)
         .bind(hash)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .execute(pool)
+        .await })
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -344,7 +418,8 @@ impl DurableStore for SqlStore {
     }
 
     async fn insert_signing_key(&self, key: SigningKeyRecord) -> StoreResult<()> {
-        sqlx::query(
+        let (pool, key) = (&self.pool, &key);
+        self.write(move || async move { sqlx::query(
             "INSERT INTO signing_keys (kid, alg, public_jwk, private_sealed, created_at, retire_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&key.kid)
@@ -353,9 +428,9 @@ impl DurableStore for SqlStore {
         .bind(&key.private_sealed)
         .bind(key.created_at)
         .bind(key.retire_at)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .execute(pool)
+        .await })
+            .await?;
         Ok(())
     }
 
@@ -364,12 +439,17 @@ impl DurableStore for SqlStore {
         keep_kid: &str,
         retire_at: UnixTime,
     ) -> StoreResult<()> {
-        sqlx::query("UPDATE signing_keys SET retire_at = $1 WHERE kid <> $2 AND retire_at IS NULL")
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query(
+                "UPDATE signing_keys SET retire_at = $1 WHERE kid <> $2 AND retire_at IS NULL",
+            )
             .bind(retire_at)
             .bind(keep_kid)
-            .execute(&self.pool)
+            .execute(pool)
             .await
-            .map_err(unavailable)?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -389,7 +469,9 @@ impl DurableStore for SqlStore {
     }
 
     async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let pool = &self.pool;
+        self.write(move || async move {
+let mut tx = pool.begin().await?;
         for e in events {
             sqlx::query(
                 "INSERT INTO audit_events (at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor) \
@@ -406,10 +488,11 @@ impl DurableStore for SqlStore {
             .bind(&e.reason)
             .bind(&e.actor)
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         }
-        tx.commit().await.map_err(unavailable)
+        tx.commit().await
+        })
+        .await
     }
 
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEvent>> {
