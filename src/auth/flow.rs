@@ -416,7 +416,12 @@ impl LoginFlow {
         )
         .await;
         self.complete(session, &user, "otp");
-        session.stage = Stage::ShowRecoveryCodes { codes };
+        let joined = zeroize::Zeroizing::new(codes.join("\n"));
+        let sealed_codes = self
+            .master_key
+            .seal(&recovery_show_context(&user.id), joined.as_bytes())
+            .map_err(|e| FlowError::Internal(e.to_string()))?;
+        session.stage = Stage::ShowRecoveryCodes { sealed_codes };
         Ok(CodeOutcome::Accepted)
     }
 
@@ -445,6 +450,11 @@ impl LoginFlow {
 /// Sealing context of a confirmed TOTP secret.
 pub fn totp_context(user_id: &str) -> String {
     format!("totp:{user_id}")
+}
+
+/// Sealing context of fresh recovery codes held in a session until they are shown.
+pub fn recovery_show_context(user_id: &str) -> String {
+    format!("recovery-show:{user_id}")
 }
 
 /// Sealing context of a TOTP secret still being enrolled.

@@ -408,16 +408,27 @@ pub async fn codes_get(
         Ok(l) => l,
         Err(r) => return Ok(r),
     };
-    let Stage::ShowRecoveryCodes { codes } = &loaded.session.stage else {
+    let Stage::ShowRecoveryCodes { sealed_codes } = &loaded.session.stage else {
         return Ok(see_other(&stage_page(&loaded)));
     };
+    let opened = state
+        .master_key
+        .open(
+            &crate::auth::flow::recovery_show_context(&loaded.session.user_id),
+            sealed_codes,
+        )
+        .map_err(|e| AppError::internal(&e))?;
+    let codes: Vec<String> = String::from_utf8_lossy(&opened)
+        .lines()
+        .map(str::to_owned)
+        .collect();
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(
             StatusCode::OK,
             &pages::RecoveryCodes {
                 csrf: &token,
-                codes,
+                codes: &codes,
             },
         ),
         set,

@@ -30,7 +30,9 @@ pub enum Stage {
     /// sealed with the master key.
     EnrolTotp { sealed_secret: Vec<u8> },
     /// Enrolment confirmed; the recovery codes are shown once, then the session is complete.
-    ShowRecoveryCodes { codes: Vec<String> },
+    /// The codes are sealed with the master key (one per line), so a shared ephemeral store
+    /// (Redis) never holds them in clear.
+    ShowRecoveryCodes { sealed_codes: Vec<u8> },
     /// Password and second factor done: may reach the console.
     Authenticated,
 }

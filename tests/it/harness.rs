@@ -383,34 +383,42 @@ impl Gateway {
             .unwrap()
     }
 
-    /// Password + forced enrolment + recovery codes: returns the TOTP secret and the codes.
-    pub async fn enrol(&self, c: &reqwest::Client, email: &str) -> (Vec<u8>, Vec<String>) {
-        let r = self.password(c, email, PASSWORD, "").await;
-        assert_eq!(r.status(), 303);
-        assert_eq!(location(&r), "/_portcullis/enrol/totp");
-        let html = c
-            .get(self.url("/_portcullis/enrol/totp"))
+    /// The text of a page fetched with `c`.
+    pub async fn page(&self, c: &reqwest::Client, path: &str) -> String {
+        c.get(self.url(path))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Password + the TOTP enrolment form: returns the secret and the response to the confirmed
+    /// code (a redirect to the recovery codes).
+    pub async fn enrol_totp(
+        &self,
+        c: &reqwest::Client,
+        email: &str,
+    ) -> (Vec<u8>, reqwest::Response) {
+        let r = self.password(c, email, PASSWORD, "").await;
+        assert_eq!(r.status(), 303);
+        assert_eq!(location(&r), "/_portcullis/enrol/totp");
+        let html = self.page(c, "/_portcullis/enrol/totp").await;
         let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("secret on enrolment page");
         let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
         let r = self
             .code(c, "/_portcullis/enrol/totp", &self.totp_now(&secret))
             .await;
-        assert_eq!(r.status(), 303, "{}", r.text().await.unwrap_or_default());
+        assert_eq!(r.status(), 303);
         assert_eq!(location(&r), "/_portcullis/recovery-codes");
-        let html = c
-            .get(self.url("/_portcullis/recovery-codes"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        (secret, r)
+    }
+
+    /// Password + forced enrolment + recovery codes: returns the TOTP secret and the codes.
+    pub async fn enrol(&self, c: &reqwest::Client, email: &str) -> (Vec<u8>, Vec<String>) {
+        let (secret, _) = self.enrol_totp(c, email).await;
+        let html = self.page(c, "/_portcullis/recovery-codes").await;
         let codes: Vec<String> = html
             .split("<li><code>")
             .skip(1)

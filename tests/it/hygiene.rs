@@ -33,14 +33,7 @@ async fn gateway_pages_carry_strict_security_headers() {
         );
     }
     // No inline script anywhere on the sign-in pages.
-    let html = c
-        .get(gw.url("/_portcullis/login"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = gw.page(&c, "/_portcullis/login").await;
     assert!(
         !html.contains("<script>") && !html.contains("onclick="),
         "{html}"

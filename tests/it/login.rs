@@ -23,14 +23,7 @@ async fn full_sign_in_delivers_a_verifiable_identity_token() {
     let r = c.get(gw.url("/campaigns")).send().await.unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(gw.upstream.count(), 0);
-    let html = c
-        .get(gw.url("/_portcullis/enrol/totp"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
     assert!(html.contains("<svg"), "QR code as SVG");
     let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
     let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
@@ -138,14 +131,7 @@ async fn session_id_changes_at_every_privilege_step_and_logout_ends_it() {
     };
     let r = gw.password(&c, "carol@example.com", PASSWORD, "").await;
     let first = cookie_of(&r).expect("session cookie after password");
-    let html = c
-        .get(gw.url("/_portcullis/enrol/totp"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
     let secret = totp_rs::Secret::Encoded(extract(&html, "id=\"totp-secret\">", "<").unwrap())
         .to_bytes()
         .unwrap();
@@ -203,4 +189,32 @@ async fn session_id_changes_at_every_privilege_step_and_logout_ends_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "copied cookie is dead after logout");
+}
+
+/// Fresh recovery codes wait in the session until shown: the session record holds them sealed,
+/// so whoever reads the ephemeral store (a shared Redis) does not learn them.
+#[tokio::test]
+async fn recovery_codes_waiting_in_a_session_are_sealed() {
+    let gw = Gateway::start().await;
+    gw.add_user("sealed@example.com").await;
+    let c = gw.browser();
+    let (_, r) = gw.enrol_totp(&c, "sealed@example.com").await;
+    let cookie = session_cookie(&r);
+    let id = cookie.split_once('=').unwrap().1;
+    let record = gw
+        .state
+        .ephemeral
+        .get(&format!(
+            "session:{}",
+            portcullis::crypto::sha256_hex(id.as_bytes())
+        ))
+        .await
+        .unwrap()
+        .expect("the session record");
+    let html = gw.page(&c, "/_portcullis/recovery-codes").await;
+    let first = extract(&html, "<li><code>", "<").expect("codes shown");
+    let record = String::from_utf8_lossy(&record);
+    assert!(record.contains("sealed_codes"), "{record}");
+    assert!(!record.contains(&first), "a code in clear in the session");
+    assert!(!record.contains(&first.replace('-', "")));
 }
