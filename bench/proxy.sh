@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Authenticated proxied GET: the same small upstream measured directly and through Portcullis,
-# in one run, on loopback. Prints throughput and p50/p99 for both and their ratios.
+# Authenticated proxied GET: the same small upstream measured directly, through nginx as a plain
+# reverse proxy (the baseline an ESP already runs), and through Portcullis, in one run, on
+# loopback. Prints throughput and p50/p99 for each and the ratios.
 #   bench/proxy.sh [duration_seconds=15] [connections=64]
-# Needs wrk (apt-get install wrk), python3 and curl. Results go to bench/results/.
+# Needs wrk and nginx (apt-get install wrk nginx), python3 and curl. Results go to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-15}
 CONN=${2:-64}
 GW=127.0.0.1:18080
 UP=127.0.0.1:18081
+NGX=127.0.0.1:18082
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "nginx is missing: apt-get install nginx" >&2; exit 1; }
 
 cargo build --release --bin portcullis --example bench-upstream >&2
 BIN=target/release/portcullis
@@ -34,7 +38,35 @@ TOML
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
 
 target/release/examples/bench-upstream "$UP" & pids+=($!)
-printf 'bench password 4 throughput\n' | $BIN user add bench@example.com --account bench >/dev/null
+mkdir -p "$work/nginx"
+cat > "$work/nginx.conf" <<NGINX
+daemon off;
+worker_processes auto;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  upstream console { server $UP; keepalive 128; }
+  server {
+    listen $NGX;
+    location / {
+      proxy_pass http://console;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+NGINX
+"$NGINX" -p "$work/nginx" -c "$work/nginx.conf" & pids+=($!)
+printf 'tall violet lantern orbit 42\n' | $BIN user add bench@example.com --account bench >/dev/null
 uri=$($BIN user totp generate bench@example.com 2>/dev/null)
 secret=$(python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlparse(sys.argv[1]).query)["secret"][0])' "$uri")
 $BIN serve & pids+=($!)
@@ -51,7 +83,7 @@ PY
 jar="$work/jar"
 csrf() { curl -fs -c "$jar" -b "$jar" "http://$GW$1" | sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p' | head -1; }
 t=$(csrf /_portcullis/login)
-curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "username=bench@example.com" --data-urlencode "password=bench password 4 throughput" --data-urlencode "csrf=$t" --data-urlencode "next=" "http://$GW/_portcullis/login"
+curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "username=bench@example.com" --data-urlencode "password=tall violet lantern orbit 42" --data-urlencode "csrf=$t" --data-urlencode "next=" "http://$GW/_portcullis/login"
 t=$(csrf /_portcullis/mfa)
 curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "code=$(code)" --data-urlencode "csrf=$t" "http://$GW/_portcullis/mfa"
 cookie=$(awk '$6=="portcullis-session"{print "portcullis-session="$7}' "$jar")
@@ -62,22 +94,33 @@ mkdir -p bench/results
 run() { wrk -t2 -c"$CONN" -d"${DUR}s" --latency "$@"; }
 echo "== direct upstream" >&2
 run "http://$UP/campaigns" > bench/results/direct.txt
+echo "== through nginx" >&2
+run -H "Cookie: $cookie" "http://$NGX/campaigns" > bench/results/nginx.txt
 echo "== through portcullis" >&2
 run -H "Cookie: $cookie" "http://$GW/campaigns" > bench/results/portcullis.txt
 
 rps() { awk '/Requests\/sec/{print $2}' "$1"; }
 pct() { awk -v p="$2" '$1==p{print $2}' "$1"; }
-to_ms() { python3 -c 'import sys; v=sys.argv[1]; u={"us":0.001,"ms":1,"s":1000}; n=v.rstrip("usm"); print(float(n)*u[v[len(n):]])' "$1"; }
-d_rps=$(rps bench/results/direct.txt); p_rps=$(rps bench/results/portcullis.txt)
-d50=$(to_ms "$(pct bench/results/direct.txt 50%)"); p50=$(to_ms "$(pct bench/results/portcullis.txt 50%)")
-d99=$(to_ms "$(pct bench/results/direct.txt 99%)"); p99=$(to_ms "$(pct bench/results/portcullis.txt 99%)")
-python3 - "$d_rps" "$p_rps" "$d50" "$p50" "$d99" "$p99" "$DUR" "$CONN" <<'PY'
+summary() { # requests/s, p50 ms, p99 ms of one wrk report
+  python3 - "$(rps "$1")" "$(pct "$1" 50%)" "$(pct "$1" 99%)" <<'PY'
 import sys
-d, p, d50, p50, d99, p99 = map(float, sys.argv[1:7])
-print(f"| path | requests/s | p50 ms | p99 ms |")
-print(f"|---|---|---|---|")
-print(f"| direct upstream | {d:,.0f} | {d50:.3f} | {d99:.3f} |")
-print(f"| through Portcullis | {p:,.0f} | {p50:.3f} | {p99:.3f} |")
-print(f"| ratio (Portcullis / direct) | {p/d:.2f}× | {p50/d50:.2f}× | {p99/d99:.2f}× |")
-print(f"wrk -t2 -c{sys.argv[8]} -d{sys.argv[7]}s --latency; added p99: {p99-d99:.3f} ms")
+def ms(v):
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    raise SystemExit(f"unreadable latency {v!r}")
+print(sys.argv[1], ms(sys.argv[2]), ms(sys.argv[3]))
+PY
+}
+python3 - "$DUR" "$CONN" $(summary bench/results/direct.txt) $(summary bench/results/nginx.txt) $(summary bench/results/portcullis.txt) <<'PY'
+import sys
+dur, conn = sys.argv[1:3]
+d, n, p = (tuple(map(float, sys.argv[i:i + 3])) for i in (3, 6, 9))
+print("| path | requests/s | p50 ms | p99 ms |")
+print("|---|---|---|---|")
+for name, (r, p50, p99) in (("direct upstream", d), ("nginx reverse proxy", n), ("Portcullis (memory store)", p)):
+    print(f"| {name} | {r:,.0f} | {p50:.3f} | {p99:.3f} |")
+print(f"| Portcullis / nginx | {p[0]/n[0]:.2f}× | {p[1]/n[1]:.2f}× | {p[2]/n[2]:.2f}× |")
+print(f"| Portcullis / direct | {p[0]/d[0]:.2f}× | {p[1]/d[1]:.2f}× | {p[2]/d[2]:.2f}× |")
+print(f"wrk -t2 -c{conn} -d{dur}s --latency; p99 added over direct: Portcullis {p[2]-d[2]:.3f} ms, nginx {n[2]-d[2]:.3f} ms")
 PY
