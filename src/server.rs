@@ -36,6 +36,12 @@ pub async fn run(
         }
     });
     let app = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    // Small answers go out at once: no Nagle delay between a response head and its body.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
