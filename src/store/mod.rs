@@ -43,12 +43,61 @@ pub struct User {
     pub account_id: String,
     pub is_admin: bool,
     pub disabled: bool,
+    /// Password sign-in refused (the owner reported a sign-in as not theirs) until an admin
+    /// unlocks the account.
+    pub locked: bool,
     /// PHC string of the argon2id hash.
     pub password_hash: String,
     pub created_at: UnixTime,
     /// Sessions authenticated at or before this instant (Unix milliseconds) are void
     /// (disable, second-factor reset, "this wasn't me").
     pub sessions_valid_after_ms: i64,
+}
+
+/// A browser that completed a sign-in, recognised again by its device cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: String,
+    pub user_id: String,
+    /// SHA-256 (hex) of the device cookie value.
+    pub token_hash: String,
+    /// Friendly name derived from the user agent, e.g. "Firefox on Windows".
+    pub name: String,
+    pub user_agent: String,
+    /// How sessions of this device are bound: `cookie` (device cookie only) for now.
+    pub binding: String,
+    /// `active` or `revoked`.
+    pub status: String,
+    pub first_seen: UnixTime,
+    pub last_seen: UnixTime,
+    pub last_ip: String,
+}
+
+/// An email waiting in (or sent from) the durable mail queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mail {
+    pub id: String,
+    pub to_addr: String,
+    pub subject: String,
+    pub body: String,
+    pub created_at: UnixTime,
+    pub attempts: i64,
+    pub next_attempt_at: UnixTime,
+    pub sent_at: Option<UnixTime>,
+    pub last_error: Option<String>,
+}
+
+/// A single-use "this wasn't me" link sent with a new-device notice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportLink {
+    /// SHA-256 (hex) of the token in the link.
+    pub token_hash: String,
+    pub user_id: String,
+    /// The device whose sign-in is reported.
+    pub device_id: Option<String>,
+    pub created_at: UnixTime,
+    pub expires_at: UnixTime,
+    pub used_at: Option<UnixTime>,
 }
 
 /// Data for a new user.
@@ -171,6 +220,46 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
 
     async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEvent>>;
+
+    /// Locks or unlocks password sign-in of a user.
+    async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()>;
+
+    async fn create_device(&self, device: Device) -> StoreResult<()>;
+    async fn device_by_token(&self, token_hash: &str) -> StoreResult<Option<Device>>;
+    /// Records another sign-in from a known device.
+    async fn touch_device(&self, id: &str, now: UnixTime, ip: &str) -> StoreResult<()>;
+    /// A user's devices, most recently seen first.
+    async fn list_devices(&self, user_id: &str) -> StoreResult<Vec<Device>>;
+    /// Marks a device revoked; true when it was active.
+    async fn revoke_device(&self, id: &str) -> StoreResult<bool>;
+
+    async fn enqueue_mail(&self, mail: Mail) -> StoreResult<()>;
+    /// Claims up to `limit` unsent mails due at `now`: each claimed mail's next attempt moves to
+    /// `lease_until`, so another gateway polling the queue does not send it too.
+    async fn claim_due_mail(
+        &self,
+        now: UnixTime,
+        lease_until: UnixTime,
+        limit: u32,
+    ) -> StoreResult<Vec<Mail>>;
+    async fn mail_sent(&self, id: &str, now: UnixTime) -> StoreResult<()>;
+    /// Records a failed attempt and when to try again.
+    async fn mail_failed(
+        &self,
+        id: &str,
+        error: &str,
+        next_attempt_at: UnixTime,
+    ) -> StoreResult<()>;
+    /// Every mail in the queue, oldest first (operations and tests).
+    async fn list_mail(&self, limit: u32) -> StoreResult<Vec<Mail>>;
+
+    async fn create_report_link(&self, link: ReportLink) -> StoreResult<()>;
+    /// Uses a link: returns it exactly once, while unexpired.
+    async fn consume_report_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<ReportLink>>;
 }
 
 /// The ephemeral store: a TTL key-value store with a few atomic primitives.

@@ -7,8 +7,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    AuditEvent, AuditQuery, DurableStore, NewUser, SigningKeyRecord, StoreError, StoreResult,
-    TotpRecord, User,
+    AuditEvent, AuditQuery, Device, DurableStore, Mail, NewUser, ReportLink, SigningKeyRecord,
+    StoreError, StoreResult, TotpRecord, User,
 };
 use crate::clock::UnixTime;
 
@@ -142,6 +142,7 @@ fn user_from(r: &AnyRow) -> Result<User, sqlx::Error> {
         account_id: r.try_get("account_id")?,
         is_admin: r.try_get::<i64, _>("is_admin")? != 0,
         disabled: r.try_get::<i64, _>("disabled")? != 0,
+        locked: r.try_get::<i64, _>("locked")? != 0,
         password_hash: r.try_get("password_hash")?,
         created_at: r.try_get("created_at")?,
         sessions_valid_after_ms: r.try_get("sessions_valid_after_ms")?,
@@ -176,7 +177,60 @@ fn audit_from(r: &AnyRow) -> Result<AuditEvent, sqlx::Error> {
 }
 
 const USER_COLS: &str =
-    "id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms";
+    "id, email, account_id, is_admin, disabled, locked, password_hash, created_at, sessions_valid_after_ms";
+const DEVICE_COLS: &str =
+    "id, user_id, token_hash, name, user_agent, binding, status, first_seen, last_seen, last_ip";
+const MAIL_COLS: &str =
+    "id, to_addr, subject, body, created_at, attempts, next_attempt_at, sent_at, last_error";
+const REPORT_COLS: &str = "token_hash, user_id, device_id, created_at, expires_at, used_at";
+
+fn device_from(r: &AnyRow) -> Result<Device, sqlx::Error> {
+    Ok(Device {
+        id: r.try_get("id")?,
+        user_id: r.try_get("user_id")?,
+        token_hash: r.try_get("token_hash")?,
+        name: r.try_get("name")?,
+        user_agent: r.try_get("user_agent")?,
+        binding: r.try_get("binding")?,
+        status: r.try_get("status")?,
+        first_seen: r.try_get("first_seen")?,
+        last_seen: r.try_get("last_seen")?,
+        last_ip: r.try_get("last_ip")?,
+    })
+}
+
+fn mail_from(r: &AnyRow) -> Result<Mail, sqlx::Error> {
+    Ok(Mail {
+        id: r.try_get("id")?,
+        to_addr: r.try_get("to_addr")?,
+        subject: r.try_get("subject")?,
+        body: r.try_get("body")?,
+        created_at: r.try_get("created_at")?,
+        attempts: r.try_get("attempts")?,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        sent_at: r.try_get("sent_at")?,
+        last_error: r.try_get("last_error")?,
+    })
+}
+
+fn report_from(r: &AnyRow) -> Result<ReportLink, sqlx::Error> {
+    Ok(ReportLink {
+        token_hash: r.try_get("token_hash")?,
+        user_id: r.try_get("user_id")?,
+        device_id: r.try_get("device_id")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        used_at: r.try_get("used_at")?,
+    })
+}
+
+/// Maps every row, or the first row that does not fit.
+fn all<T>(rows: &[AnyRow], f: fn(&AnyRow) -> Result<T, sqlx::Error>) -> StoreResult<Vec<T>> {
+    rows.iter()
+        .map(f)
+        .collect::<Result<_, _>>()
+        .map_err(unavailable)
+}
 
 #[async_trait]
 impl DurableStore for SqlStore {
@@ -207,6 +261,7 @@ impl DurableStore for SqlStore {
             account_id: new.account_id,
             is_admin: new.is_admin,
             disabled: false,
+            locked: false,
             password_hash: new.password_hash,
             created_at: now,
             sessions_valid_after_ms: 0,
@@ -512,6 +567,251 @@ let mut tx = pool.begin().await?;
         rows.iter()
             .map(audit_from)
             .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()> {
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query("UPDATE users SET locked = $1 WHERE id = $2")
+                .bind(i64::from(locked))
+                .bind(user_id)
+                .execute(pool)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn create_device(&self, device: Device) -> StoreResult<()> {
+        let (pool, d) = (&self.pool, &device);
+        self.write(move || async move {
+            sqlx::query(&format!(
+                "INSERT INTO devices ({DEVICE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            ))
+            .bind(&d.id)
+            .bind(&d.user_id)
+            .bind(&d.token_hash)
+            .bind(&d.name)
+            .bind(&d.user_agent)
+            .bind(&d.binding)
+            .bind(&d.status)
+            .bind(d.first_seen)
+            .bind(d.last_seen)
+            .bind(&d.last_ip)
+            .execute(pool)
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn device_by_token(&self, token_hash: &str) -> StoreResult<Option<Device>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DEVICE_COLS} FROM devices WHERE token_hash = $1"
+        ))
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref()
+            .map(device_from)
+            .transpose()
+            .map_err(unavailable)
+    }
+
+    async fn touch_device(&self, id: &str, now: UnixTime, ip: &str) -> StoreResult<()> {
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query("UPDATE devices SET last_seen = $1, last_ip = $2 WHERE id = $3")
+                .bind(now)
+                .bind(ip)
+                .bind(id)
+                .execute(pool)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn list_devices(&self, user_id: &str) -> StoreResult<Vec<Device>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DEVICE_COLS} FROM devices WHERE user_id = $1 ORDER BY last_seen DESC, id"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        all(&rows, device_from)
+    }
+
+    async fn revoke_device(&self, id: &str) -> StoreResult<bool> {
+        let pool = &self.pool;
+        let done = self
+            .write(move || async move {
+                sqlx::query(
+                    "UPDATE devices SET status = 'revoked' WHERE id = $1 AND status = 'active'",
+                )
+                .bind(id)
+                .execute(pool)
+                .await
+            })
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn enqueue_mail(&self, mail: Mail) -> StoreResult<()> {
+        let (pool, m) = (&self.pool, &mail);
+        self.write(move || async move {
+            sqlx::query(&format!(
+                "INSERT INTO mail_queue ({MAIL_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ))
+            .bind(&m.id)
+            .bind(&m.to_addr)
+            .bind(&m.subject)
+            .bind(&m.body)
+            .bind(m.created_at)
+            .bind(m.attempts)
+            .bind(m.next_attempt_at)
+            .bind(m.sent_at)
+            .bind(&m.last_error)
+            .execute(pool)
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_due_mail(
+        &self,
+        now: UnixTime,
+        lease_until: UnixTime,
+        limit: u32,
+    ) -> StoreResult<Vec<Mail>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MAIL_COLS} FROM mail_queue WHERE sent_at IS NULL AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at, created_at LIMIT $2"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut claimed = Vec::new();
+        for mut mail in all(&rows, mail_from)? {
+            let (pool, m) = (&self.pool, &mail);
+            // Only the gateway whose update still sees the old due time has the mail.
+            let done = self
+                .write(move || async move {
+                    sqlx::query(
+                        "UPDATE mail_queue SET next_attempt_at = $1 \
+                         WHERE id = $2 AND next_attempt_at = $3 AND sent_at IS NULL",
+                    )
+                    .bind(lease_until)
+                    .bind(&m.id)
+                    .bind(m.next_attempt_at)
+                    .execute(pool)
+                    .await
+                })
+                .await?;
+            if done.rows_affected() == 1 {
+                mail.next_attempt_at = lease_until;
+                claimed.push(mail);
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn mail_sent(&self, id: &str, now: UnixTime) -> StoreResult<()> {
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query(
+                "UPDATE mail_queue SET sent_at = $1, attempts = attempts + 1, last_error = NULL \
+                 WHERE id = $2",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn mail_failed(
+        &self,
+        id: &str,
+        error: &str,
+        next_attempt_at: UnixTime,
+    ) -> StoreResult<()> {
+        let pool = &self.pool;
+        self.write(move || async move {
+            sqlx::query(
+                "UPDATE mail_queue SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 \
+                 WHERE id = $3",
+            )
+            .bind(error)
+            .bind(next_attempt_at)
+            .bind(id)
+            .execute(pool)
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn list_mail(&self, limit: u32) -> StoreResult<Vec<Mail>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MAIL_COLS} FROM mail_queue ORDER BY created_at, id LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        all(&rows, mail_from)
+    }
+
+    async fn create_report_link(&self, link: ReportLink) -> StoreResult<()> {
+        let (pool, l) = (&self.pool, &link);
+        self.write(move || async move {
+            sqlx::query(&format!(
+                "INSERT INTO report_links ({REPORT_COLS}) VALUES ($1, $2, $3, $4, $5, $6)"
+            ))
+            .bind(&l.token_hash)
+            .bind(&l.user_id)
+            .bind(&l.device_id)
+            .bind(l.created_at)
+            .bind(l.expires_at)
+            .bind(l.used_at)
+            .execute(pool)
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_report_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<ReportLink>> {
+        let pool = &self.pool;
+        let row = self
+            .write(move || async move {
+                sqlx::query(&format!(
+                    "UPDATE report_links SET used_at = $1 \
+                     WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \
+                     RETURNING {REPORT_COLS}"
+                ))
+                .bind(now)
+                .bind(token_hash)
+                .fetch_optional(pool)
+                .await
+            })
+            .await?;
+        row.as_ref()
+            .map(report_from)
+            .transpose()
             .map_err(unavailable)
     }
 }

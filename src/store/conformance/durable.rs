@@ -23,6 +23,9 @@ pub(crate) async fn durable_suite(store: Arc<dyn DurableStore>) {
     signing_keys(&store, &tag).await;
     super::durable_audit::audit(&store, &tag).await;
     super::durable_audit::hostile_text(&store, &tag).await;
+    super::durable_devices::devices_and_lock(&store, &tag).await;
+    super::durable_devices::mail_queue(&store, &tag).await;
+    super::durable_devices::report_links(&store, &tag).await;
 }
 
 pub(super) fn new_user(email: &str) -> NewUser {
