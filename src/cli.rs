@@ -71,6 +71,8 @@ pub enum UserCmd {
     Disable { email: String },
     /// Enable a disabled user.
     Enable { email: String },
+    /// Restore password sign-in of a user locked by a "this wasn't me" report.
+    Unlock { email: String },
     /// Remove the user's second factors; the next sign-in must enrol again. Ends its sessions.
     ResetMfa { email: String },
     /// TOTP provisioning.
@@ -322,17 +324,18 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             for u in users {
                 let totp = durable.totp(&u.id).await?.is_some();
                 if json {
-                    let v = serde_json::json!({"id": u.id, "email": u.email, "account": u.account_id, "admin": u.is_admin, "disabled": u.disabled, "totp": totp, "created_at": rfc3339(u.created_at)});
+                    let v = serde_json::json!({"id": u.id, "email": u.email, "account": u.account_id, "admin": u.is_admin, "disabled": u.disabled, "locked": u.locked, "totp": totp, "created_at": rfc3339(u.created_at)});
                     writeln!(out, "{v}")?;
                 } else {
                     writeln!(
                         out,
-                        "{:<36}  {:<32}  {:<16}  {}{}{}",
+                        "{:<36}  {:<32}  {:<16}  {}{}{}{}",
                         u.id,
                         u.email,
                         u.account_id,
                         if u.is_admin { "admin " } else { "" },
                         if u.disabled { "disabled " } else { "" },
+                        if u.locked { "locked " } else { "" },
                         if totp { "totp" } else { "no-second-factor" }
                     )?;
                 }
@@ -348,6 +351,17 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .await?;
             println!(
                 "disabled {}; its sessions end within a second on every gateway",
+                u.email
+            );
+        }
+        Command::User(UserCmd::Unlock { email }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            durable.set_locked(&u.id, false).await?;
+            durable
+                .append_audit(&[audit("user_unlocked", Some(&u), "cli")])
+                .await?;
+            println!(
+                "unlocked {}; password sign-in works again (ask them to change the password)",
                 u.email
             );
         }

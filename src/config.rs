@@ -57,6 +57,37 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub secrets: SecretsConfig,
     pub log: LogConfig,
+    pub notify: NotifyConfig,
+}
+
+/// `[notify]`: email to account owners (sign-ins from new devices, reported sign-ins, locks).
+/// Mail waits in a durable queue and never delays or fails a sign-in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// SMTP server: `smtp://host:25` (plain; add `?tls=required` or `?tls=opportunistic` for
+    /// STARTTLS), `smtps://user:password@host:465` (TLS from the start). Unset: every message is
+    /// written as an `.eml` file to `outbox_dir` instead. May hold a password: use
+    /// `smtp_url_file` or `PORTCULLIS__NOTIFY__SMTP_URL`.
+    pub smtp_url: Option<Secret<String>>,
+    /// The `From:` of every message.
+    pub from: String,
+    /// Where messages are written when no SMTP server is configured.
+    pub outbox_dir: std::path::PathBuf,
+    /// How long a "this wasn't me" link in a new-device notice stays valid.
+    #[serde(with = "duration")]
+    pub report_link_ttl: Duration,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            from: "Portcullis <portcullis@localhost>".into(),
+            outbox_dir: "outbox".into(),
+            report_link_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// `[server]`: where the gateway listens and how it is reached.
@@ -382,6 +413,32 @@ impl Config {
         }
         if t.audience.trim().is_empty() {
             return Err(key_err("token.audience", "must not be empty"));
+        }
+        let n = &self.notify;
+        if n.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(key_err(
+                "notify.from",
+                "must be an email address, e.g. `Portcullis <security@esp.example>`",
+            ));
+        }
+        if let Some(url) = &n.smtp_url {
+            if let Err(e) =
+                lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url.expose())
+            {
+                // The URL may hold a password: name the problem, not the value.
+                return Err(key_err(
+                    "notify.smtp_url",
+                    format!("is not a usable SMTP URL ({e}); use smtp://host:port or smtps://user:password@host"),
+                ));
+            }
+        }
+        if n.report_link_ttl < Duration::from_secs(3600)
+            || n.report_link_ttl > Duration::from_secs(30 * 24 * 3600)
+        {
+            return Err(key_err(
+                "notify.report_link_ttl",
+                "must be between 1h and 30d",
+            ));
         }
         let ss = &self.session;
         if ss.idle_timeout.is_zero() || ss.absolute_timeout < ss.idle_timeout {

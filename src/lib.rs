@@ -17,6 +17,8 @@
 //! - [`token`]: JWT minting, signing keys (encrypted at rest), JWKS and rotation.
 //! - [`store`]: durable (SQLite, PostgreSQL) and ephemeral (memory) storage behind narrow traits.
 //! - [`audit`]: the durable audit trail, written off the request path.
+//! - [`device`]: recognising the browsers a user signed in from (device cookie, names).
+//! - [`notify`]: email to account owners through a durable queue (SMTP or an outbox directory).
 //! - [`demo`]: the built-in demo ESP console used by `portcullis demo`.
 //! - [`cli`]: the command-line interface's commands.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -31,7 +33,9 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod demo;
+pub mod device;
 pub mod http;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod secret;

@@ -35,6 +35,7 @@ pub async fn run(
             }
         }
     });
+    let mailer = tokio::spawn(state.notifier.as_ref().clone().run());
     let app = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     // Small answers go out at once: no Nagle delay between a response head and its body.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -46,6 +47,7 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     refresher.abort();
+    mailer.abort();
     state.audit.flush().await;
     result
 }

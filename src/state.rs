@@ -26,6 +26,8 @@ pub enum StartupError {
     Token(#[from] crate::token::TokenError),
     #[error("password hashing: {0}")]
     Password(#[from] crate::auth::password::PasswordError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 /// Shared state.
@@ -44,6 +46,8 @@ pub struct AppState {
     /// Recently read user records, so the proxy path checks "disabled / sessions voided" at most
     /// once a second per user instead of on every request.
     pub user_gate: Arc<UserGate>,
+    /// The mail queue to account owners.
+    pub notifier: Arc<crate::notify::Notifier>,
 }
 
 impl AppState {
@@ -92,7 +96,13 @@ impl AppState {
                 .unwrap_or("Portcullis")
                 .to_string(),
         };
+        let notifier = Arc::new(crate::notify::Notifier::new(
+            &config.notify,
+            durable.clone(),
+            clock.clone(),
+        )?);
         Ok(Self {
+            notifier,
             upstream: Arc::new(Upstream::new(&config.upstream)),
             user_gate: Arc::new(UserGate::default()),
             config: Arc::new(config),

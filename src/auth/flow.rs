@@ -55,6 +55,9 @@ pub enum PasswordOutcome {
     Denied,
     /// Too many failures; try again after this many seconds.
     Throttled { retry_after: u64 },
+    /// Password right, but password sign-in is locked (the owner reported a sign-in as not
+    /// theirs). Said only after the password matched, so it reveals nothing to a guesser.
+    Locked,
 }
 
 /// Result of a second-factor or enrolment step.
@@ -171,6 +174,16 @@ impl LoginFlow {
             )
             .await;
             return Ok(PasswordOutcome::Denied);
+        }
+        if user.locked {
+            self.audit(
+                AuditEvent::new("login_password", "denied", now)
+                    .user(&user)
+                    .reason("locked"),
+                client,
+            )
+            .await;
+            return Ok(PasswordOutcome::Locked);
         }
         let stage = match self.durable.totp(&user.id).await? {
             Some(_) => Stage::SecondFactor,

@@ -96,8 +96,41 @@ fn bad_values_are_refused_with_the_key() {
             "[storage]\nephemeral = \"memcached\"\n",
             "storage.ephemeral",
         ),
+        ("[notify]\nfrom = \"not an address\"\n", "notify.from"),
+        (
+            "[notify]\nreport_link_ttl = \"5m\"\n",
+            "notify.report_link_ttl",
+        ),
+        ("[notify]\nsmtp = \"smtp://x\"\n", "notify.smtp"),
     ] {
         let e = load_str(text, &[]).unwrap_err().to_string();
         assert!(e.contains(key), "{text} → {e}");
     }
+}
+
+#[test]
+fn smtp_password_is_never_shown() {
+    let pw = "hunter2-smtp-Secret";
+    // Unusable scheme: refused by key, without echoing the URL.
+    let e = load_str(
+        &format!("[notify]\nsmtp_url = \"gopher://mailer:{pw}@mail.example\"\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("notify.smtp_url"), "{e}");
+    assert!(!e.contains(pw), "{e}");
+    // Usable: accepted, and redacted in the dump check-config prints.
+    let c = load_str(
+        "",
+        &[(
+            "PORTCULLIS__NOTIFY__SMTP_URL",
+            &format!("smtps://mailer:{pw}@mail.example:465"),
+        )],
+    )
+    .unwrap();
+    assert!(c.notify.smtp_url.is_some());
+    let dump = c.to_redacted_toml();
+    assert!(!dump.contains(pw), "{dump}");
+    assert!(!format!("{c:?}").contains(pw));
 }

@@ -67,6 +67,9 @@ pub fn demo_config(args: &DemoArgs) -> Result<Config> {
     config.storage.durable = format!("sqlite://{}", db.display());
     config.storage.ephemeral = "memory".into();
     config.secrets.master_key = Some(Secret::new(master_key_file(&args.data_dir)?));
+    if config.notify.smtp_url.is_none() {
+        config.notify.outbox_dir = args.data_dir.join("outbox");
+    }
     config.validate()?;
     Ok(config)
 }
@@ -125,6 +128,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         args.console_listen
     );
     println!("  data:      {}", args.data_dir.display());
+    println!(
+        "  emails:    {}  (new-device notices land here as .eml files)",
+        state.notifier.destination()
+    );
     println!();
     println!(
         "  sign in as {DEMO_EMAIL} with password: {}",

@@ -182,6 +182,8 @@ async fn gate_and_forward(
             session::COOKIE_HTTP,
             csrf::COOKIE_HTTPS,
             csrf::COOKIE_HTTP,
+            crate::device::COOKIE_HTTPS,
+            crate::device::COOKIE_HTTP,
         ]
         .iter()
         .map(|s| s.to_string())

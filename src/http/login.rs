@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::error::{wants_html, AppError};
 use super::pages::{self, render};
 use super::{csrf, get_cookie, see_other, Form, Peer};
-use crate::auth::flow::{CodeOutcome, PasswordOutcome};
+use crate::auth::flow::{Client, CodeOutcome, PasswordOutcome};
 use crate::auth::totp;
 use crate::policy::safe_return_to;
 use crate::secret::Secret;
@@ -26,7 +26,11 @@ fn public_origin(state: &AppState) -> String {
         .ascii_serialization()
 }
 
-fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), AppError> {
+pub(super) fn check_csrf(
+    state: &AppState,
+    headers: &HeaderMap,
+    token: &str,
+) -> Result<(), AppError> {
     csrf::verify(
         headers,
         token,
@@ -37,11 +41,14 @@ fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), 
 }
 
 /// The CSRF token for a page, plus the cookie to set if the browser has none yet.
-fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
+pub(super) fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
     csrf::issue(headers, &state.master_key, state.config.is_https())
 }
 
-fn with_cookies(mut resp: Response, cookies: impl IntoIterator<Item = String>) -> Response {
+pub(super) fn with_cookies(
+    mut resp: Response,
+    cookies: impl IntoIterator<Item = String>,
+) -> Response {
     for c in cookies {
         if let Ok(v) = HeaderValue::from_str(&c) {
             resp.headers_mut().append(header::SET_COOKIE, v);
@@ -154,6 +161,14 @@ pub async fn login_post(
     let (user, session) = match outcome {
         PasswordOutcome::Proceed { user, session } => (*user, *session),
         PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
+        PasswordOutcome::Locked => {
+            return Err(AppError::new(
+                StatusCode::FORBIDDEN,
+                "account_locked",
+                "Password sign-in to this account is locked because a sign-in was reported as not \
+                 the owner's. Contact your administrator to restore access.",
+            ))
+        }
         PasswordOutcome::Denied => {
             let msg = "The email or password is not right.";
             if !wants_html(&headers) {
@@ -239,6 +254,7 @@ pub struct CodeForm {
 async fn after_code(
     state: &AppState,
     headers: &HeaderMap,
+    client: &Client,
     mut loaded: Loaded,
     outcome: CodeOutcome,
     retry: impl FnOnce(&str) -> Response,
@@ -246,19 +262,15 @@ async fn after_code(
     match outcome {
         CodeOutcome::Accepted => {
             let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
+            let mut cookies = vec![state.sessions.set_cookie(&id)];
             if loaded.session.is_authenticated() {
-                if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
-                    state.login.forget_failures(&u).await?;
-                }
+                cookies.extend(complete_sign_in(state, headers, client, &loaded).await?);
             }
             let next = stage_page(&Loaded {
                 key: String::new(),
                 session: loaded.session,
             });
-            Ok(with_cookies(
-                see_other(&next),
-                [state.sessions.set_cookie(&id)],
-            ))
+            Ok(with_cookies(see_other(&next), cookies))
         }
         CodeOutcome::Rejected => {
             state.sessions.save(&loaded.key, &loaded.session).await?;
@@ -280,6 +292,21 @@ async fn after_code(
     }
 }
 
+/// Book-keeping once a sign-in is complete: the failure counter starts over and the device is
+/// recognised (or recorded and reported to the owner). Returns cookies to set.
+async fn complete_sign_in(
+    state: &AppState,
+    headers: &HeaderMap,
+    client: &Client,
+    loaded: &Loaded,
+) -> Result<Vec<String>, AppError> {
+    let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
+        return Ok(Vec::new());
+    };
+    state.login.forget_failures(&user).await?;
+    super::devices::signed_in(state, headers, &user, client).await
+}
+
 /// `POST /_portcullis/mfa`.
 pub async fn mfa_post(
     State(state): State<AppState>,
@@ -298,7 +325,7 @@ pub async fn mfa_post(
         .second_factor_step(&mut loaded.session, &form.code, &client)
         .await?;
     let (token, set) = csrf_token(&state, &headers);
-    after_code(&state, &headers, loaded, outcome, |msg| {
+    after_code(&state, &headers, &client, loaded, outcome, |msg| {
         with_cookies(
             render(
                 StatusCode::UNAUTHORIZED,
@@ -389,7 +416,7 @@ pub async fn enrol_post(
         Some("That code is not right. Check the time on your device and enter the current code."),
         StatusCode::UNAUTHORIZED,
     )?;
-    after_code(&state, &headers, loaded, outcome, |_| {
+    after_code(&state, &headers, &client, loaded, outcome, |_| {
         with_cookies(retry, set)
     })
     .await
@@ -444,6 +471,7 @@ pub struct CsrfForm {
 /// `POST /_portcullis/recovery-codes`: the codes are saved; the sign-in is complete.
 pub async fn codes_post(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
@@ -458,10 +486,10 @@ pub async fn codes_post(
     };
     loaded.session.stage = Stage::Authenticated;
     let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
-    Ok(with_cookies(
-        see_other(&stage_page(&loaded)),
-        [state.sessions.set_cookie(&id)],
-    ))
+    let client = super::client(&state, peer, &headers);
+    let mut cookies = vec![state.sessions.set_cookie(&id)];
+    cookies.extend(complete_sign_in(&state, &headers, &client, &loaded).await?);
+    Ok(with_cookies(see_other(&stage_page(&loaded)), cookies))
 }
 
 /// `GET /_portcullis/logout`: a confirmation form (signing out takes a POST, so a link or image

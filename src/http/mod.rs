@@ -4,6 +4,7 @@
 
 pub mod assets;
 pub mod csrf;
+pub mod devices;
 pub mod error;
 pub mod gate;
 pub mod login;
@@ -52,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/_portcullis/logout",
             get(login::logout_get).post(login::logout_post),
+        )
+        .route(
+            "/_portcullis/report",
+            get(devices::report_get).post(devices::report_post),
         )
         .route("/_portcullis/static/{file}", get(assets::asset))
         .route("/.well-known/jwks.json", get(gate::jwks))

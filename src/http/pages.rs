@@ -47,6 +47,19 @@ pub struct Logout<'a> {
     pub email: &'a str,
 }
 
+#[derive(Template)]
+#[template(path = "report.html")]
+pub struct Report<'a> {
+    pub csrf: &'a str,
+    pub token: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "reported.html")]
+pub struct Reported<'a> {
+    pub email: &'a str,
+}
+
 /// Renders a page with a status.
 pub fn render<T: Template>(status: StatusCode, page: &T) -> Response {
     match page.render() {

@@ -120,12 +120,15 @@ impl SqlStore {
         } else {
             opts
         };
-        let pool = opts.connect(&url).await.map_err(unavailable)?;
+        // Opening runs the PRAGMAs above, which another process holding the file can refuse.
+        let pool = retry_busy(sqlite, is_busy, || opts.clone().connect(&url))
+            .await
+            .map_err(unavailable)?;
         Ok(Self { pool, sqlite })
     }
 
-    /// Runs a change (one statement or one transaction), trying again while SQLite is busy.
-    async fn write<T, Fut>(&self, op: impl FnMut() -> Fut) -> StoreResult<T>
+    /// Runs one statement or one transaction, trying again while SQLite is busy.
+    async fn retrying<T, Fut>(&self, op: impl FnMut() -> Fut) -> StoreResult<T>
     where
         Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
     {
@@ -267,7 +270,7 @@ impl DurableStore for SqlStore {
             sessions_valid_after_ms: 0,
         };
         let (pool, u) = (&self.pool, &user);
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(
                 "INSERT INTO users (id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms) \
                  VALUES ($1, $2, $3, $4, 0, $5, $6, 0)",
@@ -290,28 +293,40 @@ impl DurableStore for SqlStore {
     }
 
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE email = $1"))
-            .bind(super::normalise_email(email))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let pool = &self.pool;
+        let row = self
+            .retrying(move || async move {
+                sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE email = $1"))
+                    .bind(super::normalise_email(email))
+                    .fetch_optional(pool)
+                    .await
+            })
+            .await?;
         row.as_ref().map(user_from).transpose().map_err(unavailable)
     }
 
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let pool = &self.pool;
+        let row = self
+            .retrying(move || async move {
+                sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await
+            })
+            .await?;
         row.as_ref().map(user_from).transpose().map_err(unavailable)
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
-        let rows = sqlx::query(&format!("SELECT {USER_COLS} FROM users ORDER BY email"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let pool = &self.pool;
+        let rows = self
+            .retrying(move || async move {
+                sqlx::query(&format!("SELECT {USER_COLS} FROM users ORDER BY email"))
+                    .fetch_all(pool)
+                    .await
+            })
+            .await?;
         rows.iter()
             .map(user_from)
             .collect::<Result<_, _>>()
@@ -320,7 +335,7 @@ impl DurableStore for SqlStore {
 
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
                 .bind(hash)
                 .bind(user_id)
@@ -338,7 +353,7 @@ impl DurableStore for SqlStore {
             "UPDATE users SET disabled = 0 WHERE id = $2 AND $1 = $1"
         };
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(q)
                 .bind(now_ms)
                 .bind(user_id)
@@ -351,7 +366,7 @@ impl DurableStore for SqlStore {
 
     async fn void_sessions(&self, user_id: &str, at_ms: i64) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query("UPDATE users SET sessions_valid_after_ms = $1 WHERE id = $2")
                 .bind(at_ms)
                 .bind(user_id)
@@ -363,13 +378,16 @@ impl DurableStore for SqlStore {
     }
 
     async fn totp(&self, user_id: &str) -> StoreResult<Option<TotpRecord>> {
-        let row = sqlx::query(
+        let pool = &self.pool;
+        let row = self
+            .retrying(move || async move {
+                sqlx::query(
             "SELECT user_id, secret_sealed, created_at FROM totp_credentials WHERE user_id = $1",
         )
         .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .fetch_optional(pool).await
+            })
+            .await?;
         row.map(|r| {
             Ok(TotpRecord {
                 user_id: r.try_get("user_id")?,
@@ -383,7 +401,7 @@ impl DurableStore for SqlStore {
 
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()> {
         let (pool, record) = (&self.pool, &record);
-        self.write(move || async move { sqlx::query(
+        self.retrying(move || async move { sqlx::query(
             "INSERT INTO totp_credentials (user_id, secret_sealed, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id) DO UPDATE SET secret_sealed = excluded.secret_sealed, created_at = excluded.created_at",
         )
@@ -398,7 +416,7 @@ impl DurableStore for SqlStore {
 
     async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM totp_credentials WHERE user_id = $1")
                 .bind(user_id)
@@ -420,7 +438,7 @@ impl DurableStore for SqlStore {
         now: UnixTime,
     ) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
                 .bind(user_id)
@@ -448,7 +466,7 @@ impl DurableStore for SqlStore {
         now: UnixTime,
     ) -> StoreResult<bool> {
         let pool = &self.pool;
-        let done = self.write(move || async move { sqlx::query(
+        let done = self.retrying(move || async move { sqlx::query(
             "UPDATE recovery_codes SET used_at = $1 WHERE user_id = $2 AND code_hash = $3 AND used_at IS NULL",
         )
         .bind(now)
@@ -461,20 +479,24 @@ impl DurableStore for SqlStore {
     }
 
     async fn recovery_codes_left(&self, user_id: &str) -> StoreResult<u32> {
-        let n: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM recovery_codes WHERE user_id = $1 AND used_at IS NULL",
-        )
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await
-        .and_then(|r| r.try_get("n"))
-        .map_err(unavailable)?;
+        let pool = &self.pool;
+        let n: i64 = self
+            .retrying(move || async move {
+                sqlx::query(
+                    "SELECT COUNT(*) AS n FROM recovery_codes WHERE user_id = $1 AND used_at IS NULL",
+                )
+                .bind(user_id)
+                .fetch_one(pool)
+                .await
+                .and_then(|r| r.try_get("n"))
+            })
+            .await?;
         Ok(u32::try_from(n).unwrap_or(0))
     }
 
     async fn insert_signing_key(&self, key: SigningKeyRecord) -> StoreResult<()> {
         let (pool, key) = (&self.pool, &key);
-        self.write(move || async move { sqlx::query(
+        self.retrying(move || async move { sqlx::query(
             "INSERT INTO signing_keys (kid, alg, public_jwk, private_sealed, created_at, retire_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&key.kid)
@@ -495,7 +517,7 @@ impl DurableStore for SqlStore {
         retire_at: UnixTime,
     ) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(
                 "UPDATE signing_keys SET retire_at = $1 WHERE kid <> $2 AND retire_at IS NULL",
             )
@@ -509,14 +531,17 @@ impl DurableStore for SqlStore {
     }
 
     async fn live_signing_keys(&self, now: UnixTime) -> StoreResult<Vec<SigningKeyRecord>> {
-        let rows = sqlx::query(
+        let pool = &self.pool;
+        let rows = self
+            .retrying(move || async move {
+                sqlx::query(
             "SELECT kid, alg, public_jwk, private_sealed, created_at, retire_at FROM signing_keys \
              WHERE retire_at IS NULL OR retire_at > $1 ORDER BY created_at DESC, kid DESC",
         )
         .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .fetch_all(pool).await
+            })
+            .await?;
         rows.iter()
             .map(key_from)
             .collect::<Result<_, _>>()
@@ -525,7 +550,7 @@ impl DurableStore for SqlStore {
 
     async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
 let mut tx = pool.begin().await?;
         for e in events {
             sqlx::query(
@@ -556,14 +581,18 @@ let mut tx = pool.begin().await?;
             "SELECT id, at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor FROM audit_events \
              WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR event = $2) AND id > $3 ORDER BY id {order} LIMIT $4"
         );
-        let rows = sqlx::query(&sql)
-            .bind(q.user_id.clone().unwrap_or_default())
-            .bind(q.event.clone().unwrap_or_default())
-            .bind(q.after_id.unwrap_or(0))
-            .bind(i64::from(q.limit.clamp(1, 10_000)))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let (pool, sql) = (&self.pool, &sql);
+        let rows = self
+            .retrying(move || async move {
+                sqlx::query(sql)
+                    .bind(q.user_id.clone().unwrap_or_default())
+                    .bind(q.event.clone().unwrap_or_default())
+                    .bind(q.after_id.unwrap_or(0))
+                    .bind(i64::from(q.limit.clamp(1, 10_000)))
+                    .fetch_all(pool)
+                    .await
+            })
+            .await?;
         rows.iter()
             .map(audit_from)
             .collect::<Result<_, _>>()
@@ -572,7 +601,7 @@ let mut tx = pool.begin().await?;
 
     async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query("UPDATE users SET locked = $1 WHERE id = $2")
                 .bind(i64::from(locked))
                 .bind(user_id)
@@ -585,7 +614,7 @@ let mut tx = pool.begin().await?;
 
     async fn create_device(&self, device: Device) -> StoreResult<()> {
         let (pool, d) = (&self.pool, &device);
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(&format!(
                 "INSERT INTO devices ({DEVICE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             ))
@@ -607,13 +636,17 @@ let mut tx = pool.begin().await?;
     }
 
     async fn device_by_token(&self, token_hash: &str) -> StoreResult<Option<Device>> {
-        let row = sqlx::query(&format!(
-            "SELECT {DEVICE_COLS} FROM devices WHERE token_hash = $1"
-        ))
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let pool = &self.pool;
+        let row = self
+            .retrying(move || async move {
+                sqlx::query(&format!(
+                    "SELECT {DEVICE_COLS} FROM devices WHERE token_hash = $1"
+                ))
+                .bind(token_hash)
+                .fetch_optional(pool)
+                .await
+            })
+            .await?;
         row.as_ref()
             .map(device_from)
             .transpose()
@@ -622,7 +655,7 @@ let mut tx = pool.begin().await?;
 
     async fn touch_device(&self, id: &str, now: UnixTime, ip: &str) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query("UPDATE devices SET last_seen = $1, last_ip = $2 WHERE id = $3")
                 .bind(now)
                 .bind(ip)
@@ -635,20 +668,24 @@ let mut tx = pool.begin().await?;
     }
 
     async fn list_devices(&self, user_id: &str) -> StoreResult<Vec<Device>> {
-        let rows = sqlx::query(&format!(
+        let pool = &self.pool;
+        let rows = self
+            .retrying(move || async move {
+                sqlx::query(&format!(
             "SELECT {DEVICE_COLS} FROM devices WHERE user_id = $1 ORDER BY last_seen DESC, id"
         ))
-        .bind(user_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+                .bind(user_id)
+                .fetch_all(pool)
+                .await
+            })
+            .await?;
         all(&rows, device_from)
     }
 
     async fn revoke_device(&self, id: &str) -> StoreResult<bool> {
         let pool = &self.pool;
         let done = self
-            .write(move || async move {
+            .retrying(move || async move {
                 sqlx::query(
                     "UPDATE devices SET status = 'revoked' WHERE id = $1 AND status = 'active'",
                 )
@@ -662,7 +699,7 @@ let mut tx = pool.begin().await?;
 
     async fn enqueue_mail(&self, mail: Mail) -> StoreResult<()> {
         let (pool, m) = (&self.pool, &mail);
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(&format!(
                 "INSERT INTO mail_queue ({MAIL_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             ))
@@ -688,21 +725,25 @@ let mut tx = pool.begin().await?;
         lease_until: UnixTime,
         limit: u32,
     ) -> StoreResult<Vec<Mail>> {
-        let rows = sqlx::query(&format!(
+        let pool = &self.pool;
+        let rows = self
+            .retrying(move || async move {
+                sqlx::query(&format!(
             "SELECT {MAIL_COLS} FROM mail_queue WHERE sent_at IS NULL AND next_attempt_at <= $1 \
              ORDER BY next_attempt_at, created_at LIMIT $2"
         ))
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+            })
+            .await?;
         let mut claimed = Vec::new();
         for mut mail in all(&rows, mail_from)? {
             let (pool, m) = (&self.pool, &mail);
             // Only the gateway whose update still sees the old due time has the mail.
             let done = self
-                .write(move || async move {
+                .retrying(move || async move {
                     sqlx::query(
                         "UPDATE mail_queue SET next_attempt_at = $1 \
                          WHERE id = $2 AND next_attempt_at = $3 AND sent_at IS NULL",
@@ -724,7 +765,7 @@ let mut tx = pool.begin().await?;
 
     async fn mail_sent(&self, id: &str, now: UnixTime) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(
                 "UPDATE mail_queue SET sent_at = $1, attempts = attempts + 1, last_error = NULL \
                  WHERE id = $2",
@@ -745,7 +786,7 @@ let mut tx = pool.begin().await?;
         next_attempt_at: UnixTime,
     ) -> StoreResult<()> {
         let pool = &self.pool;
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(
                 "UPDATE mail_queue SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 \
                  WHERE id = $3",
@@ -761,19 +802,23 @@ let mut tx = pool.begin().await?;
     }
 
     async fn list_mail(&self, limit: u32) -> StoreResult<Vec<Mail>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MAIL_COLS} FROM mail_queue ORDER BY created_at, id LIMIT $1"
-        ))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let pool = &self.pool;
+        let rows = self
+            .retrying(move || async move {
+                sqlx::query(&format!(
+                    "SELECT {MAIL_COLS} FROM mail_queue ORDER BY created_at, id LIMIT $1"
+                ))
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+            })
+            .await?;
         all(&rows, mail_from)
     }
 
     async fn create_report_link(&self, link: ReportLink) -> StoreResult<()> {
         let (pool, l) = (&self.pool, &link);
-        self.write(move || async move {
+        self.retrying(move || async move {
             sqlx::query(&format!(
                 "INSERT INTO report_links ({REPORT_COLS}) VALUES ($1, $2, $3, $4, $5, $6)"
             ))
@@ -797,7 +842,7 @@ let mut tx = pool.begin().await?;
     ) -> StoreResult<Option<ReportLink>> {
         let pool = &self.pool;
         let row = self
-            .write(move || async move {
+            .retrying(move || async move {
                 sqlx::query(&format!(
                     "UPDATE report_links SET used_at = $1 \
                      WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \

@@ -201,6 +201,7 @@ pub fn test_config(dir: &std::path::Path, gateway: SocketAddr, upstream: SocketA
     c.password.argon2_memory_kib = 1024;
     c.password.argon2_iterations = 1;
     c.secrets.master_key = Some(Secret::new(portcullis::crypto::MasterKey::generate_base64()));
+    c.notify.outbox_dir = dir.join("outbox");
     c
 }
 
@@ -383,6 +384,16 @@ impl Gateway {
             .unwrap()
     }
 
+    /// `GET path` with `c`.
+    pub async fn get(&self, c: &reqwest::Client, path: &str) -> reqwest::Response {
+        c.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// The status of `GET path` with `c`.
+    pub async fn status(&self, c: &reqwest::Client, path: &str) -> u16 {
+        self.get(c, path).await.status().as_u16()
+    }
+
     /// The text of a page fetched with `c`.
     pub async fn page(&self, c: &reqwest::Client, path: &str) -> String {
         c.get(self.url(path))
@@ -451,15 +462,56 @@ impl Gateway {
     /// Signs in an enrolled user with password + TOTP in a fresh browser, moving the clock one
     /// step on so the code is new.
     pub async fn sign_in_again(&self, email: &str, secret: &[u8]) -> Browser {
-        self.clock.advance(30);
         let c = self.browser();
-        let r = self.password(&c, email, PASSWORD, "").await;
+        self.sign_in_on(&c, email, secret).await;
+        c
+    }
+
+    /// Signs in an enrolled user with password + TOTP in browser `c` (which keeps its device
+    /// cookie), moving the clock one step on so the code is new.
+    pub async fn sign_in_on(&self, c: &reqwest::Client, email: &str, secret: &[u8]) {
+        self.clock.advance(30);
+        let r = self.password(c, email, PASSWORD, "").await;
         assert_eq!(location(&r), "/_portcullis/mfa");
         let r = self
-            .code(&c, "/_portcullis/mfa", &self.totp_now(secret))
+            .code(c, "/_portcullis/mfa", &self.totp_now(secret))
             .await;
         assert_eq!(r.status(), 303);
-        c
+    }
+
+    /// The stored record of a user.
+    pub async fn user(&self, email: &str) -> User {
+        self.state
+            .durable
+            .user_by_email(email)
+            .await
+            .unwrap()
+            .expect("user exists")
+    }
+
+    /// Delivers queued mail and returns every message in the outbox so far, oldest first, as
+    /// its headers and its decoded body (see [`readable_mail`]).
+    pub async fn outbox(&self) -> Vec<String> {
+        // The gateway's own mail worker may hold a message mid-write: wait until the queue has
+        // nothing unsent.
+        for _ in 0..250 {
+            self.state.notifier.deliver_due().await.unwrap();
+            let queue = self.state.durable.list_mail(10_000).await.unwrap();
+            if queue.iter().all(|m| m.sent_at.is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dir = self.dir.path().join("outbox");
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        names.retain(|p| p.extension().is_some_and(|x| x == "eml"));
+        names.sort();
+        names
+            .iter()
+            .map(|p| readable_mail(&std::fs::read(p).unwrap()))
+            .collect()
     }
 
     /// Runs the real binary against this gateway's config.
@@ -571,4 +623,17 @@ pub fn session_cookie(r: &reqwest::Response) -> String {
         .find(|v| v.contains("portcullis-session=") && !v.contains("Max-Age=0"))
         .map(|v| v.split(';').next().unwrap().to_string())
         .expect("a session cookie")
+}
+
+/// A message as a test reads it: `Name: value` header lines, a blank line, the body with its
+/// transfer encoding (quoted-printable for long lines) undone.
+pub fn readable_mail(raw: &[u8]) -> String {
+    let m = mailparse::parse_mail(raw).expect("a well-formed message");
+    let mut out = String::new();
+    for h in &m.headers {
+        out.push_str(&format!("{}: {}\n", h.get_key(), h.get_value()));
+    }
+    out.push('\n');
+    out.push_str(&m.get_body().expect("a decodable body"));
+    out
 }

@@ -1,0 +1,82 @@
+//! Devices: the browsers a user completed a sign-in from, recognised again by a long-lived,
+//! HttpOnly device cookie (256 random bits; only its SHA-256 is stored).
+
+/// Device cookie over https: `__Host-` keeps it to this origin, path `/`, Secure.
+pub const COOKIE_HTTPS: &str = "__Host-portcullis-device";
+/// Device cookie on a plain-http loopback demo.
+pub const COOKIE_HTTP: &str = "portcullis-device";
+/// Lifetime of the device cookie (browsers cap cookies at 400 days).
+pub const COOKIE_MAX_AGE_SECS: u64 = 400 * 24 * 3600;
+/// Length of a device cookie value: 32 random bytes, base64url.
+pub const TOKEN_LEN: usize = 43;
+
+/// A short human name for a user agent, e.g. "Firefox on Windows", for device lists and
+/// notifications. Unknown agents are "Unknown browser on unknown system"; the full user agent
+/// is kept beside it.
+pub fn friendly_name(user_agent: &str) -> String {
+    // Order matters: Edge and Opera also say Chrome, Chrome also says Safari.
+    const BROWSERS: [(&str, &str); 7] = [
+        ("Edg/", "Edge"),
+        ("OPR/", "Opera"),
+        ("Firefox/", "Firefox"),
+        ("FxiOS/", "Firefox"),
+        ("CriOS/", "Chrome"),
+        ("Chrome/", "Chrome"),
+        ("Safari/", "Safari"),
+    ];
+    const SYSTEMS: [(&str, &str); 7] = [
+        ("Android", "Android"),
+        ("iPhone", "iPhone"),
+        ("iPad", "iPad"),
+        ("Windows", "Windows"),
+        ("Mac OS X", "macOS"),
+        ("CrOS", "ChromeOS"),
+        ("Linux", "Linux"),
+    ];
+    let browser = BROWSERS
+        .iter()
+        .find(|(m, _)| user_agent.contains(m))
+        .map_or("Unknown browser", |(_, n)| n);
+    let system = SYSTEMS
+        .iter()
+        .find(|(m, _)| user_agent.contains(m))
+        .map_or("unknown system", |(_, n)| n);
+    format!("{browser} on {system}")
+}
+
+/// Whether a cookie value can be a device token at all (cheap check before any lookup).
+pub fn plausible_token(v: &str) -> bool {
+    v.len() == TOKEN_LEN
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_common_browsers() {
+        let cases = [
+            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0 Safari/537.36", "Chrome on Windows"),
+            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0 Safari/537.36 Edg/156.0.0.0", "Edge on Windows"),
+            ("Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0", "Firefox on Linux"),
+            ("Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.0 Safari/605.1.15", "Safari on macOS"),
+            ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/156.0 Mobile/15E148 Safari/604.1", "Chrome on iPhone"),
+            ("Mozilla/5.0 (Linux; Android 15) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Mobile Safari/537.36", "Chrome on Android"),
+            ("curl/8.5.0", "Unknown browser on unknown system"),
+            ("", "Unknown browser on unknown system"),
+        ];
+        for (ua, want) in cases {
+            assert_eq!(friendly_name(ua), want, "{ua}");
+        }
+    }
+
+    #[test]
+    fn token_shape() {
+        assert!(plausible_token(&crate::crypto::random_token(32)));
+        assert!(!plausible_token("short"));
+        assert!(!plausible_token(&"a".repeat(42)));
+        assert!(!plausible_token(&format!("{}=", "a".repeat(42))));
+    }
+}

@@ -1,0 +1,267 @@
+//! Devices at sign-in, new-device notices, and the "this wasn't me" link they carry.
+//!
+//! After every complete sign-in, [`signed_in`] looks for the browser's device cookie. A known,
+//! active device of the same user is touched; anything else (no cookie, another user's device, a
+//! revoked one) is a new device: a record is created, a fresh device cookie set, an audit event
+//! `new_device` written and a notice queued to the owner with a single-use link to report it.
+//!
+//! `GET /_portcullis/report?t=…` shows what the link will do; only the `POST` acts (mail
+//! scanners fetch links), and then every session of the account ends, the device is revoked,
+//! password sign-in is locked until an admin unlocks it (`portcullis user unlock`), and the owner
+//! gets a confirmation.
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::error::AppError;
+use super::login::{check_csrf, csrf_token, with_cookies};
+use super::pages::{self, render};
+use super::{get_cookie, Form, Peer};
+use crate::auth::flow::Client;
+use crate::crypto::{random_token, sha256_hex};
+use crate::device::{self, friendly_name, plausible_token};
+use crate::state::AppState;
+use crate::store::{AuditEvent, Device, ReportLink, User};
+
+fn cookie_name(state: &AppState) -> &'static str {
+    if state.config.is_https() {
+        device::COOKIE_HTTPS
+    } else {
+        device::COOKIE_HTTP
+    }
+}
+
+fn public_host(state: &AppState) -> &str {
+    state
+        .config
+        .server
+        .public_url
+        .host_str()
+        .unwrap_or_default()
+}
+
+fn set_device_cookie(state: &AppState, token: &str) -> String {
+    let secure = if state.config.is_https() {
+        "; Secure"
+    } else {
+        ""
+    };
+    format!(
+        "{}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        cookie_name(state),
+        device::COOKIE_MAX_AGE_SECS
+    )
+}
+
+/// Records the device of a complete sign-in; returns the cookies to set (a new device cookie
+/// when the browser is not a known device of this user).
+pub async fn signed_in(
+    state: &AppState,
+    headers: &HeaderMap,
+    user: &User,
+    client: &Client,
+) -> Result<Vec<String>, AppError> {
+    let now = state.clock.now();
+    if let Some(token) = get_cookie(headers, cookie_name(state)).filter(|t| plausible_token(t)) {
+        if let Some(d) = state
+            .durable
+            .device_by_token(&sha256_hex(token.as_bytes()))
+            .await?
+        {
+            if d.user_id == user.id && d.status == "active" {
+                state.durable.touch_device(&d.id, now, &client.ip).await?;
+                return Ok(Vec::new());
+            }
+        }
+    }
+    let token = random_token(32);
+    let device = Device {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: user.id.clone(),
+        token_hash: sha256_hex(token.as_bytes()),
+        name: friendly_name(&client.user_agent),
+        user_agent: client.user_agent.clone(),
+        binding: "cookie".into(),
+        status: "active".into(),
+        first_seen: now,
+        last_seen: now,
+        last_ip: client.ip.clone(),
+    };
+    state.durable.create_device(device.clone()).await?;
+    state
+        .audit
+        .record(
+            AuditEvent::new("new_device", "success", now)
+                .user(user)
+                .reason(&device.name)
+                .client(&client.ip, &client.user_agent),
+        )
+        .await;
+    notify_new_device(state, user, &device).await?;
+    Ok(vec![set_device_cookie(state, &token)])
+}
+
+/// Queues the new-device notice with its "this wasn't me" link.
+async fn notify_new_device(state: &AppState, user: &User, device: &Device) -> Result<(), AppError> {
+    let now = state.clock.now();
+    let ttl = state.config.notify.report_link_ttl.as_secs();
+    let token = random_token(32);
+    state
+        .durable
+        .create_report_link(ReportLink {
+            token_hash: sha256_hex(token.as_bytes()),
+            user_id: user.id.clone(),
+            device_id: Some(device.id.clone()),
+            created_at: now,
+            expires_at: now + i64::try_from(ttl).unwrap_or(i64::MAX / 4),
+            used_at: None,
+        })
+        .await?;
+    let mut link = state.config.server.public_url.clone();
+    link.set_path("/_portcullis/report");
+    link.query_pairs_mut().append_pair("t", &token);
+    let when = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(now).unwrap_or(0)),
+    );
+    let host = public_host(state);
+    let body = format!(
+        "Your account {email} on {host} was just signed in to from a device it had not been used from before.\n\
+         \n\
+         When:    {when} (UTC)\n\
+         Device:  {name}\n\
+         Address: {ip}\n\
+         \n\
+         If this was you, there is nothing to do.\n\
+         \n\
+         If it was NOT you, open this link now. It ends every session of your account, blocks that device\n\
+         and locks password sign-in until your administrator restores it:\n\
+         \n\
+         {link}\n\
+         \n\
+         The link works once and expires in {days} days. Someone has your password: once access is\n\
+         restored, change it.\n",
+        email = user.email,
+        name = device.name,
+        ip = device.last_ip,
+        days = ttl / 86_400,
+    );
+    state
+        .notifier
+        .enqueue(
+            &user.email,
+            &format!("New sign-in to your account on {host}"),
+            &body,
+        )
+        .await?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct ReportQuery {
+    #[serde(default)]
+    t: String,
+}
+
+/// `GET /_portcullis/report?t=…`: explains what reporting does; the form posts the token.
+pub async fn report_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, AppError> {
+    if !plausible_token(&q.t) {
+        return Err(invalid_link());
+    }
+    let (csrf, set) = csrf_token(&state, &headers);
+    Ok(with_cookies(
+        render(
+            StatusCode::OK,
+            &pages::Report {
+                csrf: &csrf,
+                token: &q.t,
+            },
+        ),
+        set,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct ReportForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    t: String,
+}
+
+fn invalid_link() -> AppError {
+    AppError::new(
+        StatusCode::GONE,
+        "link_invalid",
+        "This link is not valid: it was already used, it has expired, or it was copied incompletely. \
+         If someone else is using your account, contact your administrator.",
+    )
+}
+
+/// `POST /_portcullis/report`: the owner says a sign-in was not theirs.
+pub async fn report_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<ReportForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    if !plausible_token(&form.t) {
+        return Err(invalid_link());
+    }
+    let now = state.clock.now();
+    let Some(link) = state
+        .durable
+        .consume_report_link(&sha256_hex(form.t.as_bytes()), now)
+        .await?
+    else {
+        return Err(invalid_link());
+    };
+    let Some(user) = state.durable.user_by_id(&link.user_id).await? else {
+        return Err(invalid_link());
+    };
+    state.durable.set_locked(&user.id, true).await?;
+    state
+        .durable
+        .void_sessions(&user.id, state.clock.now_millis())
+        .await?;
+    state.sessions.destroy_all(&user.id).await?;
+    if let Some(device_id) = &link.device_id {
+        state.durable.revoke_device(device_id).await?;
+    }
+    let client = super::client(&state, peer, &headers);
+    state
+        .audit
+        .record(
+            AuditEvent::new("sign_in_reported", "success", now)
+                .user(&user)
+                .reason("owner_reported_not_me")
+                .client(&client.ip, &client.user_agent),
+        )
+        .await;
+    let host = public_host(&state);
+    state
+        .notifier
+        .enqueue(
+            &user.email,
+            &format!("Your account on {host} is locked"),
+            &format!(
+                "You reported a sign-in to {email} on {host} as not yours.\n\
+                 \n\
+                 Every session of the account has ended, the device that signed in is blocked, and\n\
+                 password sign-in is locked. Contact your administrator to restore access, then\n\
+                 change your password.\n",
+                email = user.email
+            ),
+        )
+        .await?;
+    Ok(render(
+        StatusCode::OK,
+        &pages::Reported { email: &user.email },
+    ))
+}

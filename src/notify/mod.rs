@@ -1,0 +1,281 @@
+//! Email to account owners: sign-ins from new devices, reported sign-ins, locked accounts.
+//!
+//! [`Notifier::enqueue`] only writes the message to the durable mail queue, so sending never
+//! delays or fails a sign-in. A background worker ([`Notifier::run`]) claims due messages (a
+//! lease, so several gateways polling one queue do not send twice), delivers them by SMTP when
+//! `[notify] smtp_url` is set or writes each as an `.eml` file to `[notify] outbox_dir`
+//! otherwise, and retries failures with exponential backoff. Failures are logged with the
+//! message id and recipient domain, never the body (it holds a single-use link).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::{header::ContentType, Mailbox, Message};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use tokio::sync::Notify;
+
+use crate::clock::{Clock, UnixTime};
+use crate::config::NotifyConfig;
+use crate::store::{DurableStore, Mail, StoreResult};
+
+/// How long a claimed message is held by one worker before another may try it (a crash while
+/// sending delays the mail by this much, never loses it).
+const LEASE_SECS: i64 = 120;
+/// First retry delay; doubled per failed attempt up to [`MAX_BACKOFF_SECS`].
+const FIRST_BACKOFF_SECS: i64 = 30;
+const MAX_BACKOFF_SECS: i64 = 3600;
+/// Messages claimed per pass.
+const BATCH: u32 = 20;
+/// How often the queue is polled when nothing wakes the worker (mail queued by another gateway).
+const POLL: Duration = Duration::from_secs(5);
+/// Due time of a message that can never be sent (invalid recipient): effectively never.
+const NEVER: UnixTime = i64::MAX / 4;
+
+/// Why the notifier could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("notify.from: {0}")]
+    From(String),
+    #[error("notify.smtp_url is not usable: {0}")]
+    Smtp(String),
+    #[error("notify.outbox_dir {path}: {source}")]
+    Outbox {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Outbox(PathBuf),
+}
+
+impl std::fmt::Debug for Transport {
+    // The SMTP transport holds credentials: show only which kind this is.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Smtp(_) => f.write_str("Smtp"),
+            Self::Outbox(p) => f.debug_tuple("Outbox").field(p).finish(),
+        }
+    }
+}
+
+/// The mail queue and its delivery.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    durable: Arc<dyn DurableStore>,
+    clock: Arc<dyn Clock>,
+    transport: Transport,
+    from: Mailbox,
+    wake: Arc<Notify>,
+}
+
+impl Notifier {
+    /// Builds the notifier; with no SMTP server the outbox directory is created (mode 0700).
+    pub fn new(
+        config: &NotifyConfig,
+        durable: Arc<dyn DurableStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, NotifyError> {
+        let from = config
+            .from
+            .parse::<Mailbox>()
+            .map_err(|e| NotifyError::From(e.to_string()))?;
+        let transport = match &config.smtp_url {
+            Some(url) => Transport::Smtp(
+                AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose())
+                    .map_err(|e| NotifyError::Smtp(e.to_string()))?
+                    .timeout(Some(Duration::from_secs(20)))
+                    .build(),
+            ),
+            None => {
+                let dir = config.outbox_dir.clone();
+                create_private_dir(&dir).map_err(|source| NotifyError::Outbox {
+                    path: dir.clone(),
+                    source,
+                })?;
+                Transport::Outbox(dir)
+            }
+        };
+        Ok(Self {
+            durable,
+            clock,
+            transport,
+            from,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Where messages go, for start-up logs: `smtp` or the outbox directory.
+    pub fn destination(&self) -> String {
+        match &self.transport {
+            Transport::Smtp(_) => "smtp".into(),
+            Transport::Outbox(dir) => dir.display().to_string(),
+        }
+    }
+
+    /// Queues a plain-text message and wakes the worker. Only a storage failure is an error.
+    pub async fn enqueue(&self, to: &str, subject: &str, body: &str) -> StoreResult<()> {
+        let now = self.clock.now();
+        self.durable
+            .enqueue_mail(Mail {
+                id: uuid::Uuid::new_v4().to_string(),
+                to_addr: to.to_string(),
+                subject: subject.to_string(),
+                body: body.to_string(),
+                created_at: now,
+                attempts: 0,
+                next_attempt_at: now,
+                sent_at: None,
+                last_error: None,
+            })
+            .await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// One pass over the queue: claims due messages and delivers them. Returns how many went
+    /// out.
+    pub async fn deliver_due(&self) -> StoreResult<usize> {
+        let now = self.clock.now();
+        let claimed = self
+            .durable
+            .claim_due_mail(now, now + LEASE_SECS, BATCH)
+            .await?;
+        let mut sent = 0;
+        for mail in claimed {
+            match self.send(&mail).await {
+                Ok(()) => {
+                    self.durable.mail_sent(&mail.id, self.clock.now()).await?;
+                    sent += 1;
+                }
+                Err(Failure { message, permanent }) => {
+                    let next = if permanent {
+                        NEVER
+                    } else {
+                        self.clock.now() + backoff(mail.attempts)
+                    };
+                    tracing::warn!(
+                        mail_id = %mail.id,
+                        to_domain = mail.to_addr.rsplit('@').next().unwrap_or_default(),
+                        attempts = mail.attempts + 1,
+                        permanent,
+                        error = %message,
+                        "could not deliver a notification; it stays queued"
+                    );
+                    self.durable.mail_failed(&mail.id, &message, next).await?;
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Delivers queued mail until the task is dropped: after every enqueue on this gateway and
+    /// every few seconds (mail queued by other gateways, retries).
+    pub async fn run(self) {
+        loop {
+            loop {
+                match self.deliver_due().await {
+                    Ok(n) if n as u32 == BATCH => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mail queue unavailable; will retry");
+                        break;
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(POLL, self.wake.notified()).await;
+        }
+    }
+
+    async fn send(&self, mail: &Mail) -> Result<(), Failure> {
+        let message = self.build(mail)?;
+        match &self.transport {
+            Transport::Smtp(smtp) => smtp.send(message).await.map(|_| ()).map_err(|e| Failure {
+                permanent: e.is_permanent(),
+                message: e.to_string(),
+            }),
+            Transport::Outbox(dir) => {
+                let bytes = message.formatted();
+                // Names sort in the order messages were queued, then written.
+                let written = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos();
+                let name = format!("{:012}-{written:020}-{}.eml", mail.created_at, mail.id);
+                write_atomically(dir, &name, &bytes).map_err(|e| Failure {
+                    permanent: false,
+                    message: format!("cannot write to the outbox: {e}"),
+                })
+            }
+        }
+    }
+
+    fn build(&self, mail: &Mail) -> Result<Message, Failure> {
+        let to = mail.to_addr.parse::<Mailbox>().map_err(|e| Failure {
+            permanent: true,
+            message: format!("invalid recipient: {e}"),
+        })?;
+        let date = std::time::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(self.clock.now()).unwrap_or_default());
+        Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(mail.subject.clone())
+            .date(date)
+            .header(ContentType::TEXT_PLAIN)
+            .body(mail.body.clone())
+            .map_err(|e| Failure {
+                permanent: true,
+                message: format!("cannot build the message: {e}"),
+            })
+    }
+}
+
+struct Failure {
+    message: String,
+    permanent: bool,
+}
+
+/// Delay before the next try after `attempts` earlier failed tries.
+fn backoff(attempts: i64) -> i64 {
+    let shift = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
+    FIRST_BACKOFF_SECS
+        .saturating_mul(1_i64 << shift)
+        .min(MAX_BACKOFF_SECS)
+}
+
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Writes `name` in `dir` through a temporary file and a rename, so a reader of the outbox never
+/// sees half a message.
+fn write_atomically(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(0), 30);
+        assert_eq!(backoff(1), 60);
+        assert_eq!(backoff(3), 240);
+        assert_eq!(backoff(7), MAX_BACKOFF_SECS);
+        assert_eq!(backoff(1_000), MAX_BACKOFF_SECS);
+        assert_eq!(backoff(-5), 30);
+    }
+}

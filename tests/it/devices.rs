@@ -1,0 +1,264 @@
+//! Devices and new-device notices: a sign-in from a browser the account was not used from
+//! before is recorded and mailed to the owner with a single-use "this wasn't me" link that ends
+//! every session and locks password sign-in.
+
+use super::harness::*;
+
+/// The link in a notice, as a path with query.
+fn report_link(mail: &str) -> String {
+    let start = mail.find("/_portcullis/report?t=").expect("a report link");
+    mail[start..].split_whitespace().next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn sign_ins_from_new_devices_are_reported_known_devices_are_not() {
+    let gw = Gateway::start().await;
+    let (c, secret, _) = gw.signed_in("dev@example.com").await;
+    let mail = gw.outbox().await;
+    assert_eq!(mail.len(), 1, "the first sign-in is a new device");
+    assert!(mail[0].contains("To: dev@example.com"), "{}", mail[0]);
+    assert!(mail[0].contains("Subject: New sign-in to your account"));
+    assert!(mail[0].contains("Address: 127.0.0.1"));
+    assert!(mail[0].contains("Device:  Unknown browser on unknown system"));
+
+    // The same browser signs in again the next day: it is known, nobody is told.
+    gw.clock.advance(24 * 3600);
+    gw.sign_in_on(&c, "dev@example.com", &secret).await;
+    assert_eq!(gw.outbox().await.len(), 1);
+
+    // The device cookie never reaches the console.
+    c.get(gw.url("/campaigns")).send().await.unwrap();
+    let cookies = gw.upstream.last().headers_named("cookie").join("; ");
+    assert!(!cookies.contains("portcullis-device"), "{cookies}");
+
+    // A copy of the password on another machine: a new device, reported.
+    let other = gw.browser();
+    gw.sign_in_on(&other, "dev@example.com", &secret).await;
+    let mail = gw.outbox().await;
+    assert_eq!(mail.len(), 2);
+    assert_ne!(report_link(&mail[0]), report_link(&mail[1]));
+    let devices = gw
+        .state
+        .durable
+        .list_devices(&gw.user("dev@example.com").await.id)
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), 2);
+    let ev = gw.audit().await;
+    assert_eq!(ev.iter().filter(|e| e.event == "new_device").count(), 2);
+}
+
+/// A device cookie of another user, or a made-up one, is just a new device.
+#[tokio::test]
+async fn a_device_cookie_is_recognised_only_for_its_own_user() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("one@example.com").await;
+    gw.add_user("two@example.com").await;
+    // The same browser, later, enrols a second user: its device cookie belongs to the first.
+    gw.clock.advance(24 * 3600);
+    gw.enrol(&c, "two@example.com").await;
+    let mail = gw.outbox().await;
+    assert_eq!(mail.len(), 2, "{mail:#?}");
+    assert!(mail[1].contains("To: two@example.com"));
+}
+
+#[tokio::test]
+async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
+    let gw = Gateway::start().await;
+    let (owner, secret, _) = gw.signed_in("victim@example.com").await;
+    let thief = gw.browser();
+    gw.sign_in_on(&thief, "victim@example.com", &secret).await;
+    assert_eq!(gw.status(&thief, "/campaigns").await, 200);
+    let mail = gw.outbox().await;
+    let link = report_link(&mail[1]);
+
+    // Opening the link changes nothing by itself (mail scanners open links).
+    let reader = gw.browser();
+    let page = gw.page(&reader, &link).await;
+    assert!(page.contains("Report and lock my account"), "{page}");
+    assert_eq!(gw.status(&thief, "/campaigns").await, 200);
+
+    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = link.split("t=").nth(1).unwrap();
+    let post = |csrf: String, token: String| {
+        let reader = &reader;
+        let url = gw.url("/_portcullis/report");
+        async move {
+            reader
+                .post(url)
+                .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // A forged token does nothing.
+    let forged = portcullis::crypto::random_token(32);
+    assert_eq!(post(csrf.clone(), forged).await.status(), 410);
+    assert_eq!(gw.status(&thief, "/campaigns").await, 200);
+
+    let r = post(csrf.clone(), token.to_string()).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("Your account is locked"));
+
+    // Every session is over, the thief's and the owner's.
+    for c in [&thief, &owner] {
+        let r = gw.get(c, "/campaigns").await;
+        assert_eq!(r.status(), 303);
+        assert!(location(&r).starts_with("/_portcullis/login"));
+    }
+    // The password alone no longer starts a sign-in, even with a fresh code.
+    gw.clock.advance(30);
+    let again = gw.browser();
+    let r = gw
+        .password(&again, "victim@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("locked"));
+    // The link works once.
+    assert_eq!(post(csrf.clone(), token.to_string()).await.status(), 410);
+
+    let mail = gw.outbox().await;
+    assert_eq!(mail.len(), 3);
+    assert!(mail[2].contains("Subject: Your account on"));
+    let ev = gw.audit().await;
+    assert!(ev.iter().any(|e| e.event == "sign_in_reported"));
+    assert!(ev
+        .iter()
+        .any(|e| e.event == "login_password" && e.reason.as_deref() == Some("locked")));
+    let user = gw.user("victim@example.com").await;
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert_eq!(
+        devices.iter().filter(|d| d.status == "revoked").count(),
+        1,
+        "the reported device is revoked"
+    );
+
+    // An admin restores access from the CLI.
+    let out = gw.cli(&["user", "unlock", "victim@example.com"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.clock.advance(2);
+    let r = gw
+        .password(&again, "victim@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+}
+
+#[tokio::test]
+async fn an_expired_report_link_is_refused() {
+    let gw = Gateway::start().await;
+    let (_, _, _) = gw.signed_in("late@example.com").await;
+    let link = report_link(&gw.outbox().await[0]);
+    gw.clock.advance(7 * 24 * 3600 + 1);
+    let reader = gw.browser();
+    let page = gw.page(&reader, &link).await;
+    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = reader
+        .post(gw.url("/_portcullis/report"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("t", link.split("t=").nth(1).unwrap()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    assert!(!gw.user("late@example.com").await.locked);
+}
+
+/// A real SMTP server (Python's aiosmtpd): mail queued while it is down is delivered once it
+/// is up, and the sign-in itself never waited for it.
+#[tokio::test]
+async fn notices_go_through_smtp_and_survive_an_smtp_outage() {
+    let port = free_port();
+    let gw = Gateway::start_with(|c| {
+        c.notify.smtp_url = Some(format!("smtp://127.0.0.1:{port}").into());
+        c.notify.from = "Security <security@esp.example>".into();
+    })
+    .await;
+    let (_, _, _) = gw.signed_in("smtp@example.com").await;
+    // Nothing listens yet: the attempt fails and the mail stays queued. (The gateway's own
+    // worker may be the one trying; either way exactly one attempt is made.)
+    let queued = mail_once(&gw, |m| m.attempts >= 1).await;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].attempts, 1);
+    assert!(queued[0].sent_at.is_none());
+    assert!(queued[0].last_error.is_some());
+
+    let maildir = gw.dir.path().join("maildir");
+    let mut server = std::process::Command::new("python3")
+        .args(["-m", "aiosmtpd", "-n", "-l"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-c", "aiosmtpd.handlers.Mailbox"])
+        .arg(&maildir)
+        .spawn()
+        .expect("python3 -m aiosmtpd (python3 -m pip install aiosmtpd)");
+    let _kill = KillOnDrop(&mut server);
+    wait_for_port(port).await;
+    // Retried after the backoff, not before.
+    assert_eq!(gw.state.notifier.deliver_due().await.unwrap(), 0);
+    assert!(gw.state.durable.list_mail(10).await.unwrap()[0]
+        .sent_at
+        .is_none());
+    gw.clock.advance(31);
+    let sent = mail_once(&gw, |m| m.sent_at.is_some()).await;
+    assert_eq!(sent[0].attempts, 2);
+    let delivered: Vec<String> = std::fs::read_dir(maildir.join("new"))
+        .unwrap()
+        .map(|e| readable_mail(&std::fs::read(e.unwrap().path()).unwrap()))
+        .collect();
+    assert_eq!(delivered.len(), 1);
+    assert!(delivered[0].contains("From: Security <security@esp.example>"));
+    assert!(delivered[0].contains("To: smtp@example.com"));
+    assert!(delivered[0].contains("/_portcullis/report?t="));
+}
+
+/// Runs delivery passes until the first queued mail satisfies `done`; returns the queue.
+async fn mail_once(
+    gw: &Gateway,
+    done: impl Fn(&portcullis::store::Mail) -> bool,
+) -> Vec<portcullis::store::Mail> {
+    for _ in 0..250 {
+        gw.state.notifier.deliver_due().await.unwrap();
+        let queue = gw.state.durable.list_mail(10).await.unwrap();
+        if queue.first().is_some_and(&done) {
+            return queue;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the mail queue never reached the expected state");
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the SMTP server did not start on port {port}");
+}
