@@ -6,6 +6,7 @@ pub mod assets;
 pub mod csrf;
 pub mod error;
 pub mod gate;
+pub mod health;
 pub mod login;
 mod pages;
 
@@ -54,6 +55,8 @@ pub fn router(state: AppState) -> Router {
             get(login::logout_get).post(login::logout_post),
         )
         .route("/_portcullis/static/{file}", get(assets::asset))
+        .route("/_portcullis/healthz", get(health::healthz_get))
+        .route("/_portcullis/readyz", get(health::readyz_get))
         .route("/.well-known/jwks.json", get(gate::jwks))
         .layer(DefaultBodyLimit::max(form_limit))
         .layer(middleware::from_fn_with_state(

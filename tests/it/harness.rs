@@ -564,3 +564,20 @@ pub fn session_cookie(r: &reqwest::Response) -> String {
         .map(|v| v.split(';').next().unwrap().to_string())
         .expect("a session cookie")
 }
+
+impl Gateway {
+    /// An API client carrying `b`'s cookies gets `path` refused with the JSON 503 of a store
+    /// outage (fail closed).
+    pub async fn assert_unavailable_json(&self, b: &Browser, path: &str) {
+        let r = self
+            .api()
+            .get(self.url(path))
+            .header("cookie", self.cookies(b))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "unavailable", "JSON for API clients");
+    }
+}
