@@ -153,3 +153,19 @@ fn store_passwords_never_show() {
     // The configuration itself still holds the real URL.
     assert!(c.storage.ephemeral.contains("r3dis-pw"));
 }
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/portcullis.example.toml");
+    let c = Config::load(Some(&path), Vec::new()).unwrap();
+    assert_eq!(c.storage.redis_prefix, "portcullis:");
+    let c = Config::load(
+        Some(&path),
+        [(
+            "PORTCULLIS__STORAGE__EPHEMERAL".to_string(),
+            "redis://:pw@10.0.0.5:6379/0".to_string(),
+        )],
+    )
+    .unwrap();
+    assert!(c.storage.redis_target().unwrap().is_some());
+}

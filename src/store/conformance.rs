@@ -10,6 +10,7 @@
 // Tests may unwrap and panic: a failure is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod cluster;
 mod durable;
 mod durable_audit;
 mod ephemeral;
@@ -49,6 +50,36 @@ async fn ephemeral_redis() {
     let store = Arc::new(shared_redis().await);
     let advance: Advance = Arc::new(|by: Duration| Box::pin(tokio::time::sleep(by)));
     ephemeral::ephemeral_suite(EphemeralBackend { store, advance }).await;
+}
+
+/// The same suite through Redis Cluster routing: a private three-master cluster, started for
+/// this test from the redis-server binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ephemeral_redis_cluster() {
+    let cluster = tokio::task::spawn_blocking(cluster::LocalCluster::start)
+        .await
+        .unwrap();
+    let nodes = cluster
+        .ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let target = RedisTarget::parse(&format!("redis+cluster://{nodes}"))
+        .unwrap()
+        .unwrap();
+    let store = RedisStore::connect(RedisOptions {
+        target,
+        prefix: "cluster-test:".into(),
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(2),
+    })
+    .await
+    .unwrap();
+    let store = Arc::new(store);
+    let advance: Advance = Arc::new(|by: Duration| Box::pin(tokio::time::sleep(by)));
+    ephemeral::ephemeral_suite(EphemeralBackend { store, advance }).await;
+    drop(cluster);
 }
 
 pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379";
