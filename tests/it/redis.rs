@@ -201,6 +201,9 @@ async fn store_passwords_stay_out_of_check_config_and_logs() {
     let gw = gw
         .restarted_with(|c| c.storage.ephemeral = format!("redis://:{PW}@127.0.0.1:1/0"))
         .await;
+    let debug = format!("{:?}", gw.state);
+    assert!(!debug.contains(PW), "Debug of the state shows the password");
+    assert!(debug.contains("[redacted]"), "{debug}");
     let out = gw.cli(&["check-config"], None);
     assert!(
         out.status.success(),
