@@ -223,7 +223,15 @@ pub async fn serve(config: Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(listen = %listen, public_url = %state.config.server.public_url, upstream = %state.config.upstream.url, "portcullis is listening");
+    let storage = &state.config.storage;
+    tracing::info!(
+        listen = %listen,
+        public_url = %state.config.server.public_url,
+        upstream = %state.config.upstream.url,
+        durable = %crate::secret::redact_url(&storage.durable),
+        ephemeral = %crate::secret::redact_url(&storage.ephemeral),
+        "portcullis is listening"
+    );
     if !state.config.is_https() {
         tracing::warn!("public_url is plain http: session cookies drop the __Host- prefix and the Secure flag; use https outside a loopback demo");
     }

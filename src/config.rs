@@ -12,6 +12,9 @@ use url::Url;
 
 use crate::secret::Secret;
 
+mod storage;
+pub use storage::StorageConfig;
+
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "PORTCULLIS__";
 /// The hard ceiling on identity-token lifetime.
@@ -137,25 +140,6 @@ impl Default for UpstreamConfig {
             url: default_url("http://127.0.0.1:8081/"),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-/// `[storage]`: where state lives.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// Durable store URL: `sqlite:///path/db.sqlite` (created if missing) or `postgres://…`.
-    pub durable: String,
-    /// Ephemeral store: `memory` (single gateway).
-    pub ephemeral: String,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self {
-            durable: "sqlite://portcullis.sqlite".into(),
-            ephemeral: "memory".into(),
         }
     }
 }
@@ -482,18 +466,7 @@ impl Config {
         {
             return Err(key_err("limits", "limits and window must be non-zero"));
         }
-        if self.storage.ephemeral != "memory" {
-            return Err(key_err("storage.ephemeral", "supported value: `memory`"));
-        }
-        if !(self.storage.durable.starts_with("sqlite:")
-            || self.storage.durable.starts_with("postgres://")
-            || self.storage.durable.starts_with("postgresql://"))
-        {
-            return Err(key_err(
-                "storage.durable",
-                "must start with sqlite: or postgres://",
-            ));
-        }
+        self.storage.validate()?;
         if let Some(k) = &self.secrets.master_key {
             crate::crypto::MasterKey::from_base64(k.expose())
                 .map_err(|e| key_err("secrets.master_key", e.to_string()))?;
@@ -529,9 +502,13 @@ impl Config {
             .map_err(|e| key_err("secrets.master_key", e.to_string()))
     }
 
-    /// The effective configuration as TOML, secrets redacted.
+    /// The effective configuration as TOML, secrets redacted (also passwords inside store URLs).
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let shown = Self {
+            storage: self.storage.redacted(),
+            ..self.clone()
+        };
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
 

@@ -60,9 +60,66 @@ impl From<String> for Secret<String> {
     }
 }
 
+/// A connection URL safe to show: the password in its userinfo (`user:PASSWORD@host`) and any
+/// `password=` query parameter are replaced by [`REDACTED`]. Works on URLs the `url` crate
+/// cannot parse, such as `redis+cluster://u:p@h1:7000,h2:7001`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => match authority[..at].split_once(':') {
+            Some((user, _)) => format!("{user}:{REDACTED}{}", &authority[at..]),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => {
+                        format!("{k}={REDACTED}")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{}{authority}{tail}", &url[..scheme_end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        for (url, shown) in [
+            ("memory", "memory"),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://:s3cr%40t@r:6379", "redis://:[redacted]@r:6379"),
+            ("redis://app:p@ss@r/1", "redis://app:[redacted]@r/1"),
+            ("redis://user@r", "redis://user@r"),
+            (
+                "redis+cluster://u:pw@h1:7000,h2:7001/",
+                "redis+cluster://u:[redacted]@h1:7000,h2:7001/",
+            ),
+            (
+                "postgres://pg:pw@db/gw?sslmode=require&Password=pw2",
+                "postgres://pg:[redacted]@db/gw?sslmode=require&Password=[redacted]",
+            ),
+            ("sqlite:///var/lib/p.sqlite", "sqlite:///var/lib/p.sqlite"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
 
     #[test]
     fn never_shows_its_value() {

@@ -53,12 +53,7 @@ pub struct AppState {
 impl AppState {
     /// Opens the stores named in the config and assembles the state.
     pub async fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
-        let (durable, ephemeral) = crate::store::open(
-            &config.storage.durable,
-            &config.storage.ephemeral,
-            clock.clone(),
-        )
-        .await?;
+        let (durable, ephemeral) = crate::store::open(&config.storage, clock.clone()).await?;
         Self::with_stores(config, clock, durable, ephemeral).await
     }
 

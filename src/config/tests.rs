@@ -102,6 +102,20 @@ fn bad_values_are_refused_with_the_key() {
             "notify.report_link_ttl",
         ),
         ("[notify]\nsmtp = \"smtp://x\"\n", "notify.smtp"),
+        (
+            "[storage]\nephemeral = \"rediss://r:6379\"\n",
+            "storage.ephemeral",
+        ),
+        ("[storage]\nredis_prefix = \"\"\n", "storage.redis_prefix"),
+        (
+            "[storage]\nredis_connect_timeout = 0\n",
+            "storage.redis_connect_timeout",
+        ),
+        (
+            "[storage]\nredis_response_timeout = \"1h\"\n",
+            "storage.redis_response_timeout",
+        ),
+        ("[storage]\ndurable = \"mysql://x\"\n", "storage.durable"),
     ] {
         let e = load_str(text, &[]).unwrap_err().to_string();
         assert!(e.contains(key), "{text} → {e}");
@@ -133,4 +147,58 @@ fn smtp_password_is_never_shown() {
     let dump = c.to_redacted_toml();
     assert!(!dump.contains(pw), "{dump}");
     assert!(!format!("{c:?}").contains(pw));
+}
+
+#[test]
+fn redis_settings_parse() {
+    let c = load_str(
+        "[storage]\nephemeral = \"redis+cluster://h1:7000,h2:7001\"\n\
+         redis_prefix = \"gw1:\"\nredis_connect_timeout = \"500ms\"\nredis_response_timeout = 2\n",
+        &[],
+    )
+    .unwrap();
+    let s = &c.storage;
+    assert_eq!(s.redis_prefix, "gw1:");
+    assert_eq!(s.redis_connect_timeout, Duration::from_millis(500));
+    assert_eq!(s.redis_response_timeout, Duration::from_secs(2));
+    assert!(matches!(
+        s.redis_target().unwrap(),
+        Some(crate::store::redis::RedisTarget::Cluster(n)) if n.len() == 2
+    ));
+    let d = Config::load(None, Vec::new()).unwrap();
+    assert_eq!(d.storage.redis_prefix, "portcullis:");
+    assert!(d.storage.redis_target().unwrap().is_none());
+}
+
+#[test]
+fn store_passwords_never_show() {
+    let c = load_str(
+        "[storage]\nephemeral = \"redis://:r3dis-pw@127.0.0.1:6379/0\"\n\
+         durable = \"postgres://gw:pg-pw@127.0.0.1/gw\"\n",
+        &[],
+    )
+    .unwrap();
+    for shown in [c.to_redacted_toml(), format!("{c:?}")] {
+        assert!(!shown.contains("r3dis-pw"), "{shown}");
+        assert!(!shown.contains("pg-pw"), "{shown}");
+        assert!(shown.contains("127.0.0.1:6379"), "{shown}");
+    }
+    // The configuration itself still holds the real URL.
+    assert!(c.storage.ephemeral.contains("r3dis-pw"));
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/portcullis.example.toml");
+    let c = Config::load(Some(&path), Vec::new()).unwrap();
+    assert_eq!(c.storage.redis_prefix, "portcullis:");
+    let c = Config::load(
+        Some(&path),
+        [(
+            "PORTCULLIS__STORAGE__EPHEMERAL".to_string(),
+            "redis://:pw@10.0.0.5:6379/0".to_string(),
+        )],
+    )
+    .unwrap();
+    assert!(c.storage.redis_target().unwrap().is_some());
 }

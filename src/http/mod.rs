@@ -7,6 +7,7 @@ pub mod csrf;
 pub mod devices;
 pub mod error;
 pub mod gate;
+pub mod health;
 pub mod login;
 mod pages;
 
@@ -59,6 +60,8 @@ pub fn router(state: AppState) -> Router {
             get(devices::report_get).post(devices::report_post),
         )
         .route("/_portcullis/static/{file}", get(assets::asset))
+        .route("/_portcullis/healthz", get(health::healthz_get))
+        .route("/_portcullis/readyz", get(health::readyz_get))
         .route("/.well-known/jwks.json", get(gate::jwks))
         .layer(DefaultBodyLimit::max(form_limit))
         .layer(middleware::from_fn_with_state(

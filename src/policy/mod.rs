@@ -199,6 +199,8 @@ mod tests {
         for p in [
             "/_portcullis",
             "/_portcullis/login",
+            "/_portcullis/healthz",
+            "/_portcullis/readyz",
             "/_PORTCULLIS/x",
             "/_Portcullis;x=1",
         ] {

@@ -5,10 +5,12 @@
 //! backend (Redis) is one more function.
 //!
 //! PostgreSQL tests need the shared server on 127.0.0.1:5432; each test runs in its own fresh
-//! database, so tests can run in parallel. A missing server is a failure, never a skip.
+//! database, so tests can run in parallel. Redis tests need the shared server on 127.0.0.1:6379;
+//! each uses its own random key prefix. A missing server is a failure, never a skip.
 // Tests may unwrap and panic: a failure is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod cluster;
 mod durable;
 mod durable_audit;
 mod durable_devices;
@@ -22,6 +24,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 use crate::clock::{Clock, ManualClock};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisOptions, RedisStore, RedisTarget};
 use crate::store::sql::SqlStore;
 use crate::store::DurableStore;
 use ephemeral::{Advance, EphemeralBackend};
@@ -40,6 +43,67 @@ async fn ephemeral_memory() {
         Box::pin(async {})
     });
     ephemeral::ephemeral_suite(EphemeralBackend { store, advance }).await;
+}
+
+/// Redis keeps its own time, so the suite's clock moves by sleeping (a few seconds in total).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ephemeral_redis() {
+    let store = Arc::new(shared_redis().await);
+    let advance: Advance = Arc::new(|by: Duration| Box::pin(tokio::time::sleep(by)));
+    ephemeral::ephemeral_suite(EphemeralBackend { store, advance }).await;
+}
+
+/// The same suite through Redis Cluster routing: a private three-master cluster, started for
+/// this test from the redis-server binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ephemeral_redis_cluster() {
+    let cluster = tokio::task::spawn_blocking(cluster::LocalCluster::start)
+        .await
+        .unwrap();
+    let nodes = cluster
+        .ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let target = RedisTarget::parse(&format!("redis+cluster://{nodes}"))
+        .unwrap()
+        .unwrap();
+    let store = RedisStore::connect(RedisOptions {
+        target,
+        prefix: "cluster-test:".into(),
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(2),
+    })
+    .await
+    .unwrap();
+    let store = Arc::new(store);
+    let advance: Advance = Arc::new(|by: Duration| Box::pin(tokio::time::sleep(by)));
+    ephemeral::ephemeral_suite(EphemeralBackend { store, advance }).await;
+    drop(cluster);
+}
+
+pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub(crate) const REDIS_HOWTO: &str = "Redis must answer on 127.0.0.1:6379. Start it with: \
+     redis-server --daemonize yes --port 6379 --save '' --appendonly no";
+
+/// A store on the shared Redis server under a fresh key prefix; panics with a how-to when the
+/// server does not answer.
+pub(crate) async fn shared_redis() -> RedisStore {
+    let store = RedisStore::connect(RedisOptions {
+        target: RedisTarget::Single(REDIS_URL.into()),
+        prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(2),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{REDIS_HOWTO}"));
+    use crate::store::EphemeralStore;
+    store
+        .ping()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{REDIS_HOWTO}"));
+    store
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

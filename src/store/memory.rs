@@ -115,6 +115,10 @@ fn parse_num(e: &Entry) -> StoreResult<u64> {
 
 #[async_trait]
 impl EphemeralStore for MemoryStore {
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let (mut s, now) = self.shard(key)?;
         Ok(match s.live(key, now) {

@@ -9,6 +9,7 @@
 //! Every backend error surfaces as [`StoreError`]; callers treat it as "deny" (fail closed).
 
 pub mod memory;
+pub mod redis;
 pub mod sql;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{Clock, UnixTime};
+use crate::config::StorageConfig;
 
 /// A storage failure. The message is for logs; users only ever see a generic 503.
 #[derive(Debug, thiserror::Error)]
@@ -265,6 +267,8 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
 /// The ephemeral store: a TTL key-value store with a few atomic primitives.
 #[async_trait]
 pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
+    /// Checks that the store answers (readiness).
+    async fn ping(&self) -> StoreResult<()>;
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()>;
     /// Stores only if the key is absent; true when stored (`SET NX EX`).
@@ -283,20 +287,33 @@ pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
     async fn set_members(&self, key: &str) -> StoreResult<Vec<String>>;
 }
 
-/// Opens the configured stores.
+/// Opens the configured stores. The durable store must answer (its migrations run now); a Redis
+/// ephemeral store connects lazily, so the gateway starts while Redis is down and answers 503
+/// until it is back.
 pub async fn open(
-    durable_url: &str,
-    ephemeral_url: &str,
+    storage: &StorageConfig,
     clock: Arc<dyn Clock>,
 ) -> StoreResult<(Arc<dyn DurableStore>, Arc<dyn EphemeralStore>)> {
-    let durable: Arc<dyn DurableStore> = Arc::new(sql::SqlStore::connect(durable_url).await?);
+    // Config::load has validated this already; a hand-built config may still be wrong.
+    let target = storage
+        .redis_target()
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let durable: Arc<dyn DurableStore> = Arc::new(sql::SqlStore::connect(&storage.durable).await?);
     durable.migrate().await?;
-    let ephemeral: Arc<dyn EphemeralStore> = match ephemeral_url {
-        "memory" => Arc::new(memory::MemoryStore::new(clock)),
-        other => {
-            return Err(StoreError::Unavailable(format!(
-                "unsupported ephemeral store `{other}`"
-            )))
+    let ephemeral: Arc<dyn EphemeralStore> = match target {
+        None => Arc::new(memory::MemoryStore::new(clock)),
+        Some(target) => {
+            let store = redis::RedisStore::connect(redis::RedisOptions {
+                target,
+                prefix: storage.redis_prefix.clone(),
+                connect_timeout: storage.redis_connect_timeout,
+                response_timeout: storage.redis_response_timeout,
+            })
+            .await?;
+            if let Err(e) = store.ping().await {
+                tracing::warn!(error = %e, "Redis is not answering yet; sign-ins and proxied requests get 503 until it does");
+            }
+            Arc::new(store)
         }
     };
     Ok((durable, ephemeral))

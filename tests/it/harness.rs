@@ -637,3 +637,20 @@ pub fn readable_mail(raw: &[u8]) -> String {
     out.push_str(&m.get_body().expect("a decodable body"));
     out
 }
+
+impl Gateway {
+    /// An API client carrying `b`'s cookies gets `path` refused with the JSON 503 of a store
+    /// outage (fail closed).
+    pub async fn assert_unavailable_json(&self, b: &Browser, path: &str) {
+        let r = self
+            .api()
+            .get(self.url(path))
+            .header("cookie", self.cookies(b))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "unavailable", "JSON for API clients");
+    }
+}

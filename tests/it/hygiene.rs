@@ -333,16 +333,7 @@ async fn storage_failure_fails_closed_with_503_and_recovers() {
         "the gate cannot check the user: refuse, never pass"
     );
     assert!(r.headers().contains_key("retry-after"));
-    let r = gw
-        .api()
-        .get(gw.url("/x"))
-        .header("cookie", gw.cookies(&c))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "unavailable");
+    gw.assert_unavailable_json(&c, "/x").await;
     assert_eq!(
         gw.upstream.count(),
         before,

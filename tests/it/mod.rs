@@ -8,3 +8,4 @@ mod invariant;
 mod login;
 mod proxy;
 mod redirects;
+mod redis;

@@ -1,0 +1,115 @@
+//! `[storage]`: where state lives, and how long to wait for a store before failing closed.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{duration, key_err, ConfigError};
+use crate::secret::redact_url;
+use crate::store::redis::RedisTarget;
+
+/// `[storage]`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Durable store URL: `sqlite:///path/db.sqlite` (created if missing) or `postgres://…`.
+    pub durable: String,
+    /// Ephemeral store: `memory` (one gateway), `redis://[user:pass@]host:port[/db]` (one Redis
+    /// server, several gateways) or `redis+cluster://[user:pass@]host:port,host:port` (Redis
+    /// Cluster; the listed nodes are seeds).
+    pub ephemeral: String,
+    /// Prepended to every Redis key, so several deployments (or tests) can share one server.
+    pub redis_prefix: String,
+    /// Longest wait for a connection to a Redis node; after it the request gets 503.
+    #[serde(with = "duration")]
+    pub redis_connect_timeout: Duration,
+    /// Longest wait for one Redis answer; after it the request gets 503.
+    #[serde(with = "duration")]
+    pub redis_response_timeout: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            durable: "sqlite://portcullis.sqlite".into(),
+            ephemeral: "memory".into(),
+            redis_prefix: "portcullis:".into(),
+            redis_connect_timeout: Duration::from_secs(2),
+            redis_response_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// URLs may carry passwords: `Debug` (and so any `{:?}` of the config) shows them redacted.
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("durable", &redact_url(&self.durable))
+            .field("ephemeral", &redact_url(&self.ephemeral))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("redis_connect_timeout", &self.redis_connect_timeout)
+            .field("redis_response_timeout", &self.redis_response_timeout)
+            .finish()
+    }
+}
+
+impl StorageConfig {
+    /// The Redis target when the ephemeral store is Redis; `None` for `memory`.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, ConfigError> {
+        if self.ephemeral == "memory" {
+            return Ok(None);
+        }
+        match RedisTarget::parse(&self.ephemeral) {
+            Some(Ok(t)) => Ok(Some(t)),
+            Some(Err(why)) => Err(key_err("storage.ephemeral", why)),
+            None => Err(key_err(
+                "storage.ephemeral",
+                "must be `memory`, a redis:// URL or a redis+cluster:// URL",
+            )),
+        }
+    }
+
+    /// A copy whose URLs have their passwords redacted, for showing.
+    pub fn redacted(&self) -> Self {
+        Self {
+            durable: redact_url(&self.durable),
+            ephemeral: redact_url(&self.ephemeral),
+            ..self.clone()
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.redis_target()?;
+        if self.redis_prefix.is_empty() || self.redis_prefix.chars().any(char::is_whitespace) {
+            return Err(key_err(
+                "storage.redis_prefix",
+                "must be non-empty and without spaces",
+            ));
+        }
+        if self.redis_connect_timeout.is_zero() || self.redis_connect_timeout > MAX_WAIT {
+            return Err(key_err(
+                "storage.redis_connect_timeout",
+                "must be between 1ms and 30s",
+            ));
+        }
+        if self.redis_response_timeout.is_zero() || self.redis_response_timeout > MAX_WAIT {
+            return Err(key_err(
+                "storage.redis_response_timeout",
+                "must be between 1ms and 30s",
+            ));
+        }
+        if !(self.durable.starts_with("sqlite:")
+            || self.durable.starts_with("postgres://")
+            || self.durable.starts_with("postgresql://"))
+        {
+            return Err(key_err(
+                "storage.durable",
+                "must start with sqlite: or postgres://",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longer waits would hold requests (and their connections) for too long while a store is down.
+const MAX_WAIT: Duration = Duration::from_secs(30);

@@ -1,0 +1,388 @@
+//! Ephemeral store on Redis (`storage.ephemeral = "redis://…"`), shared by several gateways.
+//!
+//! - Every call is one command or one Lua script, so each is atomic on the server: `SET … PX`,
+//!   `SET … NX PX`, `GETDEL`, and scripts for increment-with-expiry, set-if-greater and
+//!   add-to-set-with-TTL. Every key gets a TTL in the same step that creates it.
+//! - Every operation touches exactly one key, so Redis Cluster needs no hash tags: a script's
+//!   single key decides its slot.
+//! - Expiry is Redis's own (server time, `PX`), not the gateway's [`crate::clock::Clock`]: all
+//!   gateways then agree on when a key is gone. Tests move time by sleeping.
+//! - A dead or unreachable server answers with [`StoreError::Unavailable`] within
+//!   `redis_connect_timeout + redis_response_timeout`; callers deny (fail closed). The
+//!   connection manager reconnects by itself, so service resumes when Redis returns.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+
+use super::{EphemeralStore, StoreError, StoreResult};
+
+/// URL scheme that selects Redis Cluster: `redis+cluster://[user:pass@]host1:port,host2:port`.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Where the Redis server (or cluster) is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (or a proxy / failover endpoint): a `redis://` URL.
+    Single(String),
+    /// A cluster: one `redis://` URL per seed node, sharing the credentials and database.
+    Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Single(u) => write!(f, "Single({})", crate::secret::redact_url(u)),
+            Self::Cluster(us) => {
+                let shown: Vec<String> = us.iter().map(|u| crate::secret::redact_url(u)).collect();
+                write!(f, "Cluster({shown:?})")
+            }
+        }
+    }
+}
+
+impl RedisTarget {
+    /// Parses `storage.ephemeral` when it names Redis; `None` when it does not (e.g. `memory`).
+    /// Error messages never repeat the URL (it may hold a password).
+    pub fn parse(url: &str) -> Option<Result<Self, String>> {
+        if let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) {
+            return Some(Self::parse_cluster(rest));
+        }
+        if url.starts_with("rediss://") || url.starts_with("rediss+cluster://") {
+            return Some(Err(
+                "TLS to Redis (rediss://) is not built in; reach Redis over a \
+                 private network or a local TLS tunnel and use redis://"
+                    .into(),
+            ));
+        }
+        if !url.starts_with("redis://") {
+            return None;
+        }
+        Some(check_url(url).map(|()| Self::Single(url.to_string())))
+    }
+
+    fn parse_cluster(rest: &str) -> Result<Self, String> {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(at) => (&authority[..=at], &authority[at + 1..]),
+            None => ("", authority),
+        };
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .map(|h| format!("redis://{userinfo}{}{tail}", h.trim()))
+            .collect();
+        if hosts.split(',').any(|h| h.trim().is_empty()) {
+            return Err("a cluster URL lists seed nodes as host:port,host:port".into());
+        }
+        for n in &nodes {
+            check_url(n)?;
+        }
+        Ok(Self::Cluster(nodes))
+    }
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("not a valid Redis URL ({})", e.category()))
+}
+
+/// Connection settings for [`RedisStore::connect`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub target: RedisTarget,
+    /// Prepended to every key (`portcullis:` by default), so gateways can share a server with
+    /// other applications, and tests with each other.
+    pub prefix: String,
+    /// Longest wait for a TCP connection (and its handshake) to a node.
+    pub connect_timeout: Duration,
+    /// Longest wait for the answer to one command.
+    pub response_timeout: Duration,
+}
+
+/// Either connection kind behind one interface.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Increments; the key gets its TTL when created (or if it somehow has none), never later, so
+/// a window counted from the first failure is not stretched by later ones.
+const INCR: &str = r"
+local v = redis.call('INCR', KEYS[1])
+if v == 1 or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return v
+";
+
+/// Stores ARGV[1] if it is greater than the stored decimal number. Numbers are compared as
+/// digit strings: Lua numbers are doubles and cannot hold every u64.
+const SET_IF_GREATER: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if not string.match(cur, '^%d+$') then
+    return redis.error_reply('ERR stored value is not a number')
+  end
+  cur = (string.gsub(cur, '^0+(%d)', '%1'))
+  local new = ARGV[1]
+  if #cur > #new or (#cur == #new and cur >= new) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// Adds a member and makes the set live at least ARGV[2] ms from now.
+const SET_ADD: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+";
+
+/// The Redis-backed ephemeral store.
+pub struct RedisStore {
+    conn: Conn,
+    prefix: String,
+    /// Bound on one whole call, reconnection included: a dead Redis yields an error, not a hang.
+    deadline: Duration,
+    description: String,
+    incr: Script,
+    set_if_greater: Script,
+    set_add: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("target", &self.description)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Sets up the connection without waiting for the server: a gateway starts (and reports
+    /// "not ready") while Redis is still down, and connects as soon as it answers.
+    pub async fn connect(opts: RedisOptions) -> StoreResult<Self> {
+        let conn = match &opts.target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(|e| fail("open", &e))?;
+                // Few, quick reconnection attempts: each failed call already answers 503, and
+                // the next call starts a fresh attempt.
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(opts.connect_timeout))
+                    .set_response_timeout(Some(opts.response_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(200));
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| fail("connect", &e))?,
+                )
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(opts.connect_timeout)
+                    .response_timeout(opts.response_timeout)
+                    .retries(1)
+                    .build()
+                    .map_err(|e| fail("open cluster", &e))?;
+                let connecting = client.get_async_connection();
+                let conn =
+                    tokio::time::timeout(opts.connect_timeout + opts.response_timeout, connecting)
+                        .await
+                        .map_err(|_| {
+                            StoreError::Unavailable("redis cluster: connect timed out".into())
+                        })?
+                        .map_err(|e| fail("connect cluster", &e))?;
+                Conn::Cluster(conn)
+            }
+        };
+        Ok(Self {
+            conn,
+            prefix: opts.prefix.clone(),
+            deadline: opts.connect_timeout + opts.response_timeout,
+            description: format!("{:?}", opts.target),
+            incr: Script::new(INCR),
+            set_if_greater: Script::new(SET_IF_GREATER),
+            set_add: Script::new(SET_ADD),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Runs one command under the overall deadline.
+    async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &Cmd) -> StoreResult<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs one script on one key under the overall deadline.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &Script,
+        key: &str,
+        args: &[String],
+    ) -> StoreResult<T> {
+        let mut conn = self.conn.clone();
+        let mut call = script.key(self.key(key));
+        for a in args {
+            call.arg(a);
+        }
+        self.bounded(what, async move { call.invoke_async(&mut conn).await })
+            .await
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(self.deadline, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(fail(what, &e)),
+            Err(_) => Err(StoreError::Unavailable(format!("redis {what}: timed out"))),
+        }
+    }
+}
+
+/// TTL in milliseconds as Redis wants it (at least 1: `PX 0` is an error, and a zero TTL means
+/// "gone at once" as in the memory store).
+fn millis(ttl: Duration) -> String {
+    ttl.as_millis().clamp(1, i64::MAX as u128).to_string()
+}
+
+/// Maps a Redis error: a wrong type or a script refusal means the stored data is not what the
+/// caller expects; anything else (connection, timeout, cluster down, loading) is unavailability.
+/// Either way the caller denies.
+fn fail(what: &str, e: &RedisError) -> StoreError {
+    let msg = format!("redis {what}: {}", e.category());
+    match e.code() {
+        Some("WRONGTYPE") => StoreError::Corrupt(format!("{msg}: wrong kind of value")),
+        Some("ERR") => StoreError::Corrupt(format!("{msg}: {}", e.detail().unwrap_or(""))),
+        _ => StoreError::Unavailable(format!("{msg}: {e}")),
+    }
+}
+
+#[async_trait]
+impl EphemeralStore for RedisStore {
+    async fn ping(&self) -> StoreResult<()> {
+        let pong: String = self.run("ping", &redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "redis ping: unexpected answer {pong:?}"
+            )))
+        }
+    }
+
+    async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.run("get", redis::cmd("GET").arg(self.key(key))).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()> {
+        let cmd = redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ttl))
+            .to_owned();
+        self.run::<()>("put", &cmd).await
+    }
+
+    async fn put_if_absent(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
+        let cmd = redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .to_owned();
+        let stored: Option<String> = self.run("put_if_absent", &cmd).await?;
+        Ok(stored.is_some())
+    }
+
+    async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.run("take", redis::cmd("GETDEL").arg(self.key(key)))
+            .await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.run::<()>("delete", redis::cmd("DEL").arg(self.key(key)))
+            .await
+    }
+
+    async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64> {
+        let n: i64 = self.script("incr", &self.incr, key, &[millis(ttl)]).await?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt("redis incr: negative counter".into()))
+    }
+
+    async fn set_if_greater(&self, key: &str, value: u64, ttl: Duration) -> StoreResult<bool> {
+        let args = [value.to_string(), millis(ttl)];
+        let stored: i64 = self
+            .script("set_if_greater", &self.set_if_greater, key, &args)
+            .await?;
+        Ok(stored == 1)
+    }
+
+    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<()> {
+        let args = [member.to_string(), millis(ttl)];
+        self.script::<i64>("set_add", &self.set_add, key, &args)
+            .await
+            .map(drop)
+    }
+
+    async fn set_remove(&self, key: &str, member: &str) -> StoreResult<()> {
+        let cmd = redis::cmd("SREM").arg(self.key(key)).arg(member).to_owned();
+        self.run::<()>("set_remove", &cmd).await
+    }
+
+    async fn set_members(&self, key: &str) -> StoreResult<Vec<String>> {
+        self.run("set_members", redis::cmd("SMEMBERS").arg(self.key(key)))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,255 @@
+//! The gateway on Redis: a private `redis-server` on a spare port is killed and restarted under
+//! a running gateway. The gateway must refuse (503) while Redis is away — never forward, never
+//! crash — keep answering its probes, and serve again by itself once Redis is back. Sessions do
+//! not survive a Redis without persistence (as configured here); users sign in again.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::harness::*;
+
+const HOWTO: &str =
+    "redis-server must be installed for the Redis fault tests: apt-get install redis-server";
+
+/// A private Redis without persistence, on a port of its own.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Self { port, child: None };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server on its port and waits until it answers.
+    fn restart(&mut self) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}\n{HOWTO}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A gateway whose ephemeral store is `url`, with short Redis timeouts.
+async fn gateway_on(url: String) -> Gateway {
+    Gateway::start_with(move |c| {
+        c.storage.ephemeral = url;
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        c.storage.redis_connect_timeout = Duration::from_millis(300);
+        c.storage.redis_response_timeout = Duration::from_millis(500);
+    })
+    .await
+}
+
+async fn status(gw: &Gateway, path: &str) -> (u16, serde_json::Value) {
+    let r = gw.api().get(gw.url(path)).send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or_default())
+}
+
+/// Polls readiness until it is `want` (the gateway reconnects on its own schedule).
+async fn wait_ready(gw: &Gateway, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (s, body) = status(gw, "/_portcullis/readyz").await;
+        if s == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "readyz stayed {s}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_and_recovers_without_restart() {
+    let mut redis = PrivateRedis::start();
+    let gw = gateway_on(redis.url()).await;
+    let email = "redis-user@example.com";
+    let (c, secret, _) = gw.signed_in(email).await;
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    assert_eq!(status(&gw, "/_portcullis/readyz").await.0, 200);
+
+    redis.kill();
+    let before = gw.upstream.count();
+    let started = Instant::now();
+    let r = c.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "Redis down: refuse, never pass (nor 502)");
+    assert!(started.elapsed() < Duration::from_secs(3), "no hang");
+    assert!(r.headers().contains_key("retry-after"));
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("Temporarily unavailable"),
+        "HTML page: {page}"
+    );
+    gw.assert_unavailable_json(&c, "/x").await;
+    assert_eq!(gw.upstream.count(), before, "nothing forwarded");
+
+    // Sign-in pages refuse too.
+    let r = c.get(gw.url("/_portcullis/login")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "login page with a session cookie");
+    let fresh = gw.browser();
+    assert_eq!(gw.password(&fresh, email, PASSWORD, "").await.status(), 503);
+
+    // The process lives and says what is wrong.
+    assert_eq!(status(&gw, "/_portcullis/healthz").await.0, 200);
+    let (s, body) = status(&gw, "/_portcullis/readyz").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["stores"]["ephemeral"], "down", "{body}");
+    assert_eq!(body["stores"]["durable"], "up", "{body}");
+
+    // Redis returns (empty: sessions are gone); the same gateway serves again.
+    redis.restart();
+    wait_ready(&gw, 200).await;
+    let r = c.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 303, "the old session was lost with Redis");
+    assert_eq!(gw.upstream.count(), before);
+    let again = gw.sign_in_again(email, &secret).await;
+    assert_eq!(again.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    assert_eq!(gw.upstream.count(), before + 1);
+}
+
+/// A gateway started while Redis is down comes up (not ready), refuses, and becomes ready
+/// when Redis appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_starts_while_redis_is_down() {
+    let mut redis = PrivateRedis::start();
+    redis.kill();
+    let gw = gateway_on(redis.url()).await;
+    assert_eq!(status(&gw, "/_portcullis/healthz").await.0, 200);
+    assert_eq!(status(&gw, "/_portcullis/readyz").await.0, 503);
+    let c = gw.browser();
+    gw.add_user("late@example.com").await;
+    assert_eq!(
+        gw.password(&c, "late@example.com", PASSWORD, "")
+            .await
+            .status(),
+        503
+    );
+    redis.restart();
+    wait_ready(&gw, 200).await;
+    assert_eq!(
+        location(&gw.password(&c, "late@example.com", PASSWORD, "").await),
+        "/_portcullis/enrol/totp"
+    );
+}
+
+/// The probes are the gateway's own: never forwarded, whatever the spelling, and they need no
+/// session.
+#[tokio::test]
+async fn probes_are_gateway_routes() {
+    let gw = Gateway::start().await;
+    for path in ["/_portcullis/healthz", "/_portcullis/readyz"] {
+        let (s, body) = status(&gw, path).await;
+        assert_eq!(s, 200, "{path}: {body}");
+    }
+    let (_, body) = status(&gw, "/_portcullis/readyz").await;
+    assert_eq!(body["stores"]["ephemeral"], "up");
+    for path in [
+        "/_PORTCULLIS/readyz",
+        "/_portcullis//healthz",
+        "/x/../_portcullis/healthz",
+    ] {
+        let r = raw(gw.addr, "GET", path, &[], "").await;
+        assert_ne!(r.status, 200, "{path}");
+    }
+    assert_eq!(gw.upstream.count(), 0, "nothing reached the console");
+}
+
+/// `check-config` and the startup log show store URLs without their passwords.
+#[tokio::test]
+async fn store_passwords_stay_out_of_check_config_and_logs() {
+    const PW: &str = "S3cret-redis-pw";
+    let gw = Gateway::start().await;
+    let gw = gw
+        .restarted_with(|c| c.storage.ephemeral = format!("redis://:{PW}@127.0.0.1:1/0"))
+        .await;
+    let debug = format!("{:?}", gw.state);
+    assert!(!debug.contains(PW), "Debug of the state shows the password");
+    assert!(debug.contains("[redacted]"), "{debug}");
+    let out = gw.cli(&["check-config"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(!shown.contains(PW), "{shown}");
+    assert!(
+        shown.contains("redis://:[redacted]@127.0.0.1:1/0"),
+        "{shown}"
+    );
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&gw.config_path)
+        .arg("serve")
+        .env("PORTCULLIS__SERVER__LISTEN", "127.0.0.1:0")
+        .env("PORTCULLIS__LOG__LEVEL", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log.contains("portcullis is listening") && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            log.push_str(&line);
+            log.push('\n');
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(log.contains("portcullis is listening"), "{log}");
+    assert!(log.contains("[redacted]@127.0.0.1:1/0"), "{log}");
+    assert!(!log.contains(PW), "{log}");
+}
