@@ -11,6 +11,7 @@
 
 mod durable;
 mod durable_audit;
+mod durable_webauthn;
 mod ephemeral;
 
 use std::future::Future;

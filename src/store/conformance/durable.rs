@@ -23,6 +23,7 @@ pub(crate) async fn durable_suite(store: Arc<dyn DurableStore>) {
     signing_keys(&store, &tag).await;
     super::durable_audit::audit(&store, &tag).await;
     super::durable_audit::hostile_text(&store, &tag).await;
+    super::durable_webauthn::webauthn(&store, &tag).await;
 }
 
 pub(super) fn new_user(email: &str) -> NewUser {
