@@ -89,13 +89,27 @@ pub struct LoginFlow {
 pub const AMR_RECOVERY: &str = "rec";
 /// `acr` of a password plus a second factor.
 pub const ACR_MFA: &str = "urn:portcullis:acr:mfa";
+/// `amr` value of a security key or passkey (proof of possession of a hardware-bound key).
+pub const AMR_KEY: &str = "hwk";
+/// `acr` of a sign-in completed with a security key or passkey: phishing-resistant, because
+/// the key signs the origin it was used on.
+pub const ACR_PHISHING_RESISTANT: &str = "urn:portcullis:acr:phr";
+
+/// The `acr` for a session's authentication methods.
+pub fn acr_for(amr: &[String]) -> &'static str {
+    if amr.iter().any(|m| m == AMR_KEY) {
+        ACR_PHISHING_RESISTANT
+    } else {
+        ACR_MFA
+    }
+}
 
 impl LoginFlow {
     fn window(&self) -> Duration {
         self.limits.window
     }
 
-    async fn count(&self, key: &str) -> Result<u64, StoreError> {
+    pub(crate) async fn count(&self, key: &str) -> Result<u64, StoreError> {
         Ok(self
             .ephemeral
             .get(key)
@@ -105,7 +119,7 @@ impl LoginFlow {
             .unwrap_or(0))
     }
 
-    async fn audit(&self, ev: AuditEvent, client: &Client) {
+    pub(crate) async fn audit(&self, ev: AuditEvent, client: &Client) {
         self.audit
             .record(ev.client(&client.ip, &client.user_agent))
             .await;
@@ -172,11 +186,18 @@ impl LoginFlow {
             .await;
             return Ok(PasswordOutcome::Denied);
         }
-        let stage = match self.durable.totp(&user.id).await? {
-            Some(_) => Stage::SecondFactor,
-            None => Stage::EnrolTotp {
+        let has_key = self
+            .durable
+            .webauthn_credentials(&user.id)
+            .await?
+            .iter()
+            .any(|c| !c.is_suspended());
+        let stage = if has_key || self.durable.totp(&user.id).await?.is_some() {
+            Stage::SecondFactor
+        } else {
+            Stage::EnrolTotp {
                 sealed_secret: self.new_sealed_secret(&user.id)?,
-            },
+            }
         };
         let reason = if matches!(stage, Stage::SecondFactor) {
             "second_factor_required"
@@ -227,13 +248,13 @@ impl LoginFlow {
     }
 
     /// Checks the per-account second-factor budget; `Some(retry_after)` when exhausted.
-    async fn code_budget_spent(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
+    pub(crate) async fn code_budget_spent(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
         let n = self.count(&format!("fail:code:{{{user_id}}}")).await?;
         Ok((n >= self.limits.second_factor_failures_per_account).then(|| self.window().as_secs()))
     }
 
     /// Counts a wrong code; returns whether this sign-in must restart.
-    async fn wrong_code(
+    pub(crate) async fn wrong_code(
         &self,
         session: &mut Session,
         client: &Client,
@@ -260,7 +281,7 @@ impl LoginFlow {
     }
 
     /// Whether the user (still) exists and may sign in.
-    async fn active_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+    pub(crate) async fn active_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
         Ok(self
             .durable
             .user_by_id(user_id)
@@ -311,7 +332,10 @@ impl LoginFlow {
             AMR_RECOVERY
         } else {
             let Some(rec) = self.durable.totp(&user.id).await? else {
-                return Ok(CodeOutcome::Restart);
+                // A user with security keys only: a code can only be a wrong one.
+                return self
+                    .wrong_code(session, client, "second_factor", "no_totp")
+                    .await;
             };
             let secret = self
                 .master_key
@@ -359,7 +383,7 @@ impl LoginFlow {
             .await
     }
 
-    fn complete(&self, session: &mut Session, user: &User, method: &str) {
+    pub(crate) fn complete(&self, session: &mut Session, user: &User, method: &str) {
         session.stage = Stage::Authenticated;
         session.amr = vec!["pwd".into(), method.into()];
         let now = self.clock.now_millis();

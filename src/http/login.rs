@@ -26,7 +26,11 @@ fn public_origin(state: &AppState) -> String {
         .ascii_serialization()
 }
 
-fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), AppError> {
+pub(super) fn check_csrf(
+    state: &AppState,
+    headers: &HeaderMap,
+    token: &str,
+) -> Result<(), AppError> {
     csrf::verify(
         headers,
         token,
@@ -37,11 +41,14 @@ fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), 
 }
 
 /// The CSRF token for a page, plus the cookie to set if the browser has none yet.
-fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
+pub(super) fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
     csrf::issue(headers, &state.master_key, state.config.is_https())
 }
 
-fn with_cookies(mut resp: Response, cookies: impl IntoIterator<Item = String>) -> Response {
+pub(super) fn with_cookies(
+    mut resp: Response,
+    cookies: impl IntoIterator<Item = String>,
+) -> Response {
     for c in cookies {
         if let Ok(v) = HeaderValue::from_str(&c) {
             resp.headers_mut().append(header::SET_COOKIE, v);
@@ -50,7 +57,7 @@ fn with_cookies(mut resp: Response, cookies: impl IntoIterator<Item = String>) -
     resp
 }
 
-async fn current_session(
+pub(super) async fn current_session(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Option<Loaded>, AppError> {
@@ -58,8 +65,24 @@ async fn current_session(
     Ok(state.sessions.load(cookie).await?.ok())
 }
 
+/// Ends the session the browser already has (even a complete one) before a new sign-in:
+/// one sign-in, one session.
+pub(super) async fn end_current_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(), AppError> {
+    if let Some(old) = current_session(state, headers).await? {
+        state
+            .sessions
+            .destroy(&old.key, &old.session.user_id)
+            .await?;
+        state.signer.forget(&old.key);
+    }
+    Ok(())
+}
+
 /// Where a session in a given stage belongs.
-fn stage_page(loaded: &Loaded) -> String {
+pub(super) fn stage_page(loaded: &Loaded) -> String {
     match &loaded.session.stage {
         Stage::SecondFactor => "/_portcullis/mfa".into(),
         Stage::EnrolTotp { .. } => "/_portcullis/enrol/totp".into(),
@@ -80,7 +103,7 @@ fn query_param(raw: &Option<String>, name: &str) -> Option<String> {
     })
 }
 
-fn restart(state: &AppState, why: &str) -> Response {
+pub(super) fn restart(state: &AppState, why: &str) -> Response {
     with_cookies(
         see_other(&format!("/_portcullis/login?notice={why}")),
         [state.sessions.clear_cookie()],
@@ -118,6 +141,7 @@ pub async fn login_get(
         username: "",
         error: None,
         notice,
+        passkeys: state.keys.is_some(),
     };
     Ok(with_cookies(render(StatusCode::OK, &page), set))
 }
@@ -170,18 +194,12 @@ pub async fn login_post(
                 username: &form.username,
                 error: Some(msg),
                 notice: None,
+                passkeys: state.keys.is_some(),
             };
             return Ok(with_cookies(render(StatusCode::UNAUTHORIZED, &page), set));
         }
     };
-    // A session the browser already had (even a complete one) ends: one sign-in, one session.
-    if let Some(old) = current_session(&state, &headers).await? {
-        state
-            .sessions
-            .destroy(&old.key, &old.session.user_id)
-            .await?;
-        state.signer.forget(&old.key);
-    }
+    end_current_session(&state, &headers).await?;
     let (id, key) = state.sessions.create(&session).await?;
     let loaded = Loaded { key, session };
     tracing::debug!(user = %user.id, "password accepted");
@@ -211,9 +229,11 @@ pub async fn mfa_get(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    if let Err(r) = pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
-        return Ok(r);
-    }
+    let loaded = match pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
+        Ok(l) => l,
+        Err(r) => return Ok(r),
+    };
+    let keys = has_keys(&state, &loaded.session.user_id).await?;
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(
@@ -221,10 +241,19 @@ pub async fn mfa_get(
             &pages::Mfa {
                 csrf: &token,
                 error: None,
+                keys,
             },
         ),
         set,
     ))
+}
+
+/// Whether to offer a security key on the second-factor page.
+async fn has_keys(state: &AppState, user_id: &str) -> Result<bool, AppError> {
+    Ok(match &state.keys {
+        Some(k) => k.has_usable(user_id).await?,
+        None => false,
+    })
 }
 
 #[derive(Deserialize)]
@@ -293,6 +322,7 @@ pub async fn mfa_post(
         Err(r) => return Ok(r),
     };
     let client = super::client(&state, peer, &headers);
+    let keys = has_keys(&state, &loaded.session.user_id).await?;
     let outcome = state
         .login
         .second_factor_step(&mut loaded.session, &form.code, &client)
@@ -305,6 +335,7 @@ pub async fn mfa_post(
                 &pages::Mfa {
                     csrf: &token,
                     error: Some(msg),
+                    keys,
                 },
             ),
             set,
@@ -336,6 +367,7 @@ fn enrol_page(
         secret: &totp::secret_base32(secret.expose()),
         uri: &uri,
         error,
+        webauthn: state.keys.is_some(),
     };
     Ok(render(status, &page))
 }

@@ -7,3 +7,4 @@ mod invariant;
 mod login;
 mod proxy;
 mod redirects;
+mod webauthn;
