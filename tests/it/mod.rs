@@ -8,3 +8,4 @@ mod login;
 mod proxy;
 mod redirects;
 mod webauthn;
+mod webauthn_account;

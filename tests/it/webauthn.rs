@@ -12,28 +12,28 @@ use webauthn_authenticator_rs::WebauthnAuthenticator;
 
 use super::harness::*;
 
-type Key = WebauthnAuthenticator<SoftPasskey>;
+pub(super) type Key = WebauthnAuthenticator<SoftPasskey>;
 
 /// A key that performs user verification (PIN or biometric).
-fn key() -> Key {
+pub(super) fn key() -> Key {
     WebauthnAuthenticator::new(SoftPasskey::new(true))
 }
 
-fn localhost(c: &mut portcullis::config::Config) {
+pub(super) fn localhost(c: &mut portcullis::config::Config) {
     let port = c.server.listen.rsplit(':').next().unwrap().to_string();
     c.server.public_url = Url::parse(&format!("http://localhost:{port}/")).unwrap();
 }
 
-async fn gateway() -> Gateway {
+pub(super) async fn gateway() -> Gateway {
     Gateway::start_with(localhost).await
 }
 
-fn origin(gw: &Gateway) -> Url {
+pub(super) fn origin(gw: &Gateway) -> Url {
     gw.state.config.server.public_url.clone()
 }
 
 /// The status of a console request from `c`: 200 when forwarded, 303 to the sign-in page.
-async fn console(gw: &Gateway, c: &Browser) -> u16 {
+pub(super) async fn console(gw: &Gateway, c: &Browser) -> u16 {
     c.get(gw.url("/campaigns"))
         .send()
         .await
@@ -42,7 +42,7 @@ async fn console(gw: &Gateway, c: &Browser) -> u16 {
         .as_u16()
 }
 
-async fn user(gw: &Gateway, email: &str) -> portcullis::store::User {
+pub(super) async fn user(gw: &Gateway, email: &str) -> portcullis::store::User {
     gw.state
         .durable
         .user_by_email(email)
@@ -51,8 +51,45 @@ async fn user(gw: &Gateway, email: &str) -> portcullis::store::User {
         .unwrap()
 }
 
+/// A signed-in user (TOTP enrolled) who has just registered one key named `name`.
+pub(super) async fn with_key(
+    gw: &Gateway,
+    email: &str,
+    name: &str,
+) -> (
+    Browser,
+    portcullis::store::User,
+    Key,
+    portcullis::store::WebauthnCredential,
+) {
+    let (c, _, _) = gw.signed_in(email).await;
+    let u = user(gw, email).await;
+    let mut k = key();
+    register(gw, &c, &mut k, name).await;
+    let cred = only_credential(gw, &u.id).await;
+    (c, u, k, cred)
+}
+
+/// The text of a gateway page.
+pub(super) async fn page(gw: &Gateway, c: &Browser, path: &str) -> String {
+    c.get(gw.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Removes a key through the account page's form.
+pub(super) async fn remove_key(gw: &Gateway, c: &Browser, id: &str) -> reqwest::Response {
+    let csrf = gw.csrf(c, "/_portcullis/account").await;
+    let path = format!("/_portcullis/account/keys/{id}/remove");
+    post_form(gw, c, &path, &[("csrf", csrf.as_str())]).await
+}
+
 /// A form post from a page of the account.
-async fn post_form(
+pub(super) async fn post_form(
     gw: &Gateway,
     c: &Browser,
     path: &str,
@@ -62,7 +99,13 @@ async fn post_form(
 }
 
 /// A JSON call with the CSRF header.
-async fn call(gw: &Gateway, c: &Browser, csrf: &str, path: &str, body: Value) -> reqwest::Response {
+pub(super) async fn call(
+    gw: &Gateway,
+    c: &Browser,
+    csrf: &str,
+    path: &str,
+    body: Value,
+) -> reqwest::Response {
     c.post(gw.url(&format!("/_portcullis/webauthn/{path}")))
         .header("accept", "application/json")
         .header("x-csrf-token", csrf)
@@ -73,7 +116,13 @@ async fn call(gw: &Gateway, c: &Browser, csrf: &str, path: &str, body: Value) ->
 }
 
 /// `(ceremony, options)` from a start call that must succeed.
-async fn start(gw: &Gateway, c: &Browser, csrf: &str, path: &str, body: Value) -> (String, Value) {
+pub(super) async fn start(
+    gw: &Gateway,
+    c: &Browser,
+    csrf: &str,
+    path: &str,
+    body: Value,
+) -> (String, Value) {
     let r = call(gw, c, csrf, path, body).await;
     assert_eq!(r.status(), 200, "{path}");
     let v: Value = r.json().await.unwrap();
@@ -83,14 +132,14 @@ async fn start(gw: &Gateway, c: &Browser, csrf: &str, path: &str, body: Value) -
     )
 }
 
-async fn error_code(r: reqwest::Response) -> (u16, String) {
+pub(super) async fn error_code(r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
     let v: Value = r.json().await.unwrap_or(Value::Null);
     (status, v["error"].as_str().unwrap_or_default().to_string())
 }
 
 /// Starts a registration from `page` and lets `k` answer; returns the finish body.
-async fn registration(
+pub(super) async fn registration(
     gw: &Gateway,
     c: &Browser,
     k: &mut Key,
@@ -105,14 +154,14 @@ async fn registration(
 }
 
 /// Registers a key for the signed-in browser from the account page.
-async fn register(gw: &Gateway, c: &Browser, k: &mut Key, name: &str) {
+pub(super) async fn register(gw: &Gateway, c: &Browser, k: &mut Key, name: &str) {
     let (csrf, body) = registration(gw, c, k, "/_portcullis/account", name).await;
     let r = call(gw, c, &csrf, "register/finish", body).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 
 /// Password step in a fresh browser; the session then waits for its second factor.
-async fn after_password(gw: &Gateway, email: &str) -> Browser {
+pub(super) async fn after_password(gw: &Gateway, email: &str) -> Browser {
     gw.clock.advance(30);
     let c = gw.browser();
     let r = gw.password(&c, email, PASSWORD, "").await;
@@ -121,7 +170,7 @@ async fn after_password(gw: &Gateway, email: &str) -> Browser {
 }
 
 /// Runs a second-factor ceremony; `tamper` may change the options the key sees and the origin.
-async fn second_factor(
+pub(super) async fn second_factor(
     gw: &Gateway,
     c: &Browser,
     k: &mut Key,
@@ -144,7 +193,7 @@ async fn second_factor(
 /// Runs a passkey sign-in from the login page. The software key keeps no discoverable
 /// credentials, so the test plays the browser's part: it names the credential to use and
 /// returns the user handle stored with it, as a discoverable authenticator would.
-async fn passkey(
+pub(super) async fn passkey(
     gw: &Gateway,
     c: &Browser,
     k: &mut Key,
@@ -173,7 +222,7 @@ async fn passkey(
 }
 
 /// The claims of the identity token the console received last.
-async fn last_claims(gw: &Gateway) -> portcullis::token::Claims {
+pub(super) async fn last_claims(gw: &Gateway) -> portcullis::token::Claims {
     let token = gw
         .upstream
         .last()
@@ -187,18 +236,28 @@ async fn last_claims(gw: &Gateway) -> portcullis::token::Claims {
     portcullis::token::verify(&token, &jwks, "esp-console", Some(&iss), 3600).unwrap()
 }
 
-async fn only_credential(gw: &Gateway, user_id: &str) -> portcullis::store::WebauthnCredential {
-    let mut creds = gw
-        .state
+/// A user's stored keys.
+pub(super) async fn credentials(
+    gw: &Gateway,
+    user_id: &str,
+) -> Vec<portcullis::store::WebauthnCredential> {
+    gw.state
         .durable
         .webauthn_credentials(user_id)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+pub(super) async fn only_credential(
+    gw: &Gateway,
+    user_id: &str,
+) -> portcullis::store::WebauthnCredential {
+    let mut creds = credentials(gw, user_id).await;
     assert_eq!(creds.len(), 1);
     creds.remove(0)
 }
 
-async fn audited(gw: &Gateway, event: &str, outcome: &str) -> Vec<Option<String>> {
+pub(super) async fn audited(gw: &Gateway, event: &str, outcome: &str) -> Vec<Option<String>> {
     gw.audit()
         .await
         .into_iter()
@@ -210,18 +269,8 @@ async fn audited(gw: &Gateway, event: &str, outcome: &str) -> Vec<Option<String>
 #[tokio::test]
 async fn security_key_as_second_factor_gives_a_phishing_resistant_token() {
     let gw = gateway().await;
-    let (c, _, _) = gw.signed_in("keys@example.com").await;
-    let user = user(&gw, "keys@example.com").await;
-    let mut k = key();
-    register(&gw, &c, &mut k, "Blue YubiKey").await;
-    let html = c
-        .get(gw.url("/_portcullis/account"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (c, user, mut k, _) = with_key(&gw, "keys@example.com", "Blue YubiKey").await;
+    let html = page(&gw, &c, "/_portcullis/account").await;
     assert!(
         html.contains("Blue YubiKey") && html.contains("never"),
         "{html}"
@@ -233,14 +282,7 @@ async fn security_key_as_second_factor_gives_a_phishing_resistant_token() {
     );
 
     let c = after_password(&gw, "keys@example.com").await;
-    let mfa = c
-        .get(gw.url("/_portcullis/mfa"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let mfa = page(&gw, &c, "/_portcullis/mfa").await;
     assert!(mfa.contains("Use security key") && mfa.contains("data-webauthn=\"second-factor\""));
     let (r, _, _) = second_factor(&gw, &c, &mut k, |_, _| {}).await;
     assert_eq!(r.status(), 200);
@@ -272,21 +314,10 @@ async fn security_key_as_second_factor_gives_a_phishing_resistant_token() {
 #[tokio::test]
 async fn passkey_sign_in_counts_as_two_factors() {
     let gw = gateway().await;
-    let (c, _, _) = gw.signed_in("pk@example.com").await;
-    let user = user(&gw, "pk@example.com").await;
-    let mut k = key();
-    register(&gw, &c, &mut k, "Laptop").await;
-    let cred = only_credential(&gw, &user.id).await;
+    let (_, user, mut k, cred) = with_key(&gw, "pk@example.com", "Laptop").await;
 
     let fresh = gw.browser();
-    let login = fresh
-        .get(gw.url("/_portcullis/login"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let login = page(&gw, &fresh, "/_portcullis/login").await;
     assert!(login.contains("Sign in with a passkey"));
     let (r, _, _) = passkey(&gw, &fresh, &mut k, &cred.credential_id, &user.id, |_| {}).await;
     assert_eq!(r.status(), 200);
@@ -311,10 +342,7 @@ async fn passkey_sign_in_counts_as_two_factors() {
 #[tokio::test]
 async fn counter_going_backwards_refuses_and_suspends_the_key() {
     let gw = gateway().await;
-    let (c, _, _) = gw.signed_in("clone@example.com").await;
-    let user = user(&gw, "clone@example.com").await;
-    let mut k = key();
-    register(&gw, &c, &mut k, "Key").await;
+    let (_, user, mut k, _) = with_key(&gw, "clone@example.com", "Key").await;
     let c = after_password(&gw, "clone@example.com").await;
     assert_eq!(
         second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
@@ -348,14 +376,7 @@ async fn counter_going_backwards_refuses_and_suspends_the_key() {
     );
 
     // A suspended key is no longer offered or accepted, also not for passkey sign-in.
-    let mfa = c
-        .get(gw.url("/_portcullis/mfa"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let mfa = page(&gw, &c, "/_portcullis/mfa").await;
     assert!(!mfa.contains("Use security key"));
     let csrf = gw.csrf(&c, "/_portcullis/mfa").await;
     let (status, code) =
@@ -432,13 +453,7 @@ async fn an_expired_ceremony_is_refused() {
     gw.clock.advance(timeout + 1);
     let r = call(&gw, &c, &csrf, "register/finish", body).await;
     assert_eq!(error_code(r).await, (400, "ceremony_expired".into()));
-    assert!(gw
-        .state
-        .durable
-        .webauthn_credentials(&user.id)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(credentials(&gw, &user.id).await.is_empty());
     assert_eq!(
         audited(&gw, "webauthn_registered", "failure").await,
         vec![Some("ceremony_expired".into())]
@@ -448,11 +463,7 @@ async fn an_expired_ceremony_is_refused() {
 #[tokio::test]
 async fn user_verification_is_required_for_passkeys() {
     let gw = gateway().await;
-    let (c, _, _) = gw.signed_in("uv@example.com").await;
-    let user = user(&gw, "uv@example.com").await;
-    let mut k = key();
-    register(&gw, &c, &mut k, "Key").await;
-    let cred = only_credential(&gw, &user.id).await;
+    let (_, user, mut k, cred) = with_key(&gw, "uv@example.com", "Key").await;
     // A client that skips user verification: the key signs with "user present" only.
     let (r, _, _) = passkey(
         &gw,
@@ -582,143 +593,11 @@ async fn json_calls_need_the_csrf_header_and_our_origin() {
 async fn an_ip_address_public_url_switches_keys_off() {
     let gw = Gateway::start().await;
     let c = gw.browser();
-    let login = c
-        .get(gw.url("/_portcullis/login"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let login = page(&gw, &c, "/_portcullis/login").await;
     assert!(!login.contains("passkey"));
     let csrf = gw.csrf(&c, "/_portcullis/login").await;
     let (status, code) = error_code(call(&gw, &c, &csrf, "passkey/start", json!({})).await).await;
     assert_eq!((status, code.as_str()), (404, "webauthn_unavailable"));
-}
-
-#[tokio::test]
-async fn a_new_user_can_enrol_a_key_instead_of_totp() {
-    let gw = gateway().await;
-    let user = gw.add_user("new@example.com").await;
-    let c = gw.browser();
-    let r = gw.password(&c, "new@example.com", PASSWORD, "").await;
-    assert_eq!(location(&r), "/_portcullis/enrol/totp");
-    let mut k = key();
-    let (csrf, body) = registration(&gw, &c, &mut k, "/_portcullis/enrol/totp", "Phone").await;
-    let r = call(&gw, &c, &csrf, "register/finish", body).await;
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["redirect"], "/_portcullis/recovery-codes");
-    let csrf = gw.csrf(&c, "/_portcullis/recovery-codes").await;
-    let r = c
-        .post(gw.url("/_portcullis/recovery-codes"))
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(location(&r), "/");
-    assert_eq!(c.get(gw.url("/home")).send().await.unwrap().status(), 200);
-    assert_eq!(last_claims(&gw).await.amr, vec!["pwd", "hwk"]);
-    assert!(gw.state.durable.totp(&user.id).await.unwrap().is_none());
-
-    // Next time the key is the second factor; a 6-digit guess is just a wrong code.
-    let c = after_password(&gw, "new@example.com").await;
-    let r = gw.code(&c, "/_portcullis/mfa", "123456").await;
-    assert_eq!(r.status(), 401);
-    assert_eq!(
-        second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
-        200
-    );
-
-    // The only second factor cannot be removed.
-    let cred = only_credential(&gw, &user.id).await;
-    let csrf = gw.csrf(&c, "/_portcullis/account").await;
-    let r = post_form(
-        &gw,
-        &c,
-        &format!("/_portcullis/account/keys/{}/remove", cred.id),
-        &[("csrf", csrf.as_str())],
-    )
-    .await;
-    assert_eq!(r.status(), 409);
-    assert!(r.text().await.unwrap().contains("only second factor"));
-    only_credential(&gw, &user.id).await;
-}
-
-#[tokio::test]
-async fn keys_are_renamed_and_removed_from_the_account_page() {
-    let gw = gateway().await;
-    let (c, _, _) = gw.signed_in("manage@example.com").await;
-    let user = user(&gw, "manage@example.com").await;
-    let mut k = key();
-    register(&gw, &c, &mut k, "Old name").await;
-    let cred = only_credential(&gw, &user.id).await;
-    let csrf = gw.csrf(&c, "/_portcullis/account").await;
-    let r = post_form(
-        &gw,
-        &c,
-        &format!("/_portcullis/account/keys/{}/rename", cred.id),
-        &[("csrf", csrf.as_str()), ("name", "<b>New</b> name")],
-    )
-    .await;
-    assert_eq!(location(&r), "/_portcullis/account?notice=key_renamed");
-    let html = c
-        .get(gw.url("/_portcullis/account"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        html.contains("&#60;b&#62;New&#60;/b&#62; name") || html.contains("&lt;b&gt;New"),
-        "{html}"
-    );
-
-    // Someone else's key is not there for this user.
-    let (other, _, _) = gw.signed_in("other@example.com").await;
-    let csrf_o = gw.csrf(&other, "/_portcullis/account").await;
-    let r = post_form(
-        &gw,
-        &other,
-        &format!("/_portcullis/account/keys/{}/remove", cred.id),
-        &[("csrf", csrf_o.as_str())],
-    )
-    .await;
-    assert_eq!(r.status(), 404);
-
-    // Removing needs a recent second-factor proof.
-    gw.clock.advance(11 * 60);
-    let r = post_form(
-        &gw,
-        &c,
-        &format!("/_portcullis/account/keys/{}/remove", cred.id),
-        &[("csrf", csrf.as_str())],
-    )
-    .await;
-    assert_eq!(r.status(), 403);
-    let c = after_password(&gw, "manage@example.com").await;
-    assert_eq!(
-        second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
-        200
-    );
-    let csrf = gw.csrf(&c, "/_portcullis/account").await;
-    let r = post_form(
-        &gw,
-        &c,
-        &format!("/_portcullis/account/keys/{}/remove", cred.id),
-        &[("csrf", csrf.as_str())],
-    )
-    .await;
-    assert_eq!(location(&r), "/_portcullis/account?notice=key_removed");
-    assert!(gw
-        .state
-        .durable
-        .webauthn_credentials(&user.id)
-        .await
-        .unwrap()
-        .is_empty());
-    assert_eq!(audited(&gw, "webauthn_removed", "success").await.len(), 1);
 }
 
 #[tokio::test]
