@@ -617,3 +617,25 @@ async fn preferred_user_verification_accepts_a_touch_after_the_password() {
     assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
     assert_eq!(last_claims(&gw).await.amr, vec!["pwd", "hwk"]);
 }
+
+#[tokio::test]
+async fn failed_keys_count_like_wrong_codes() {
+    let gw = gateway().await;
+    let (_, _, mut k, _) = with_key(&gw, "tries@example.com", "Key").await;
+    let c = after_password(&gw, "tries@example.com").await;
+    let per_login = gw.state.config.limits.second_factor_failures_per_login;
+    let mut last = (0, String::new());
+    for _ in 0..per_login {
+        let (r, _, _) = second_factor(&gw, &c, &mut k, |_, at| {
+            at.set_port(Some(1)).unwrap();
+        })
+        .await;
+        last = error_code(r).await;
+    }
+    // The last failure ends the sign-in: it starts again from the password.
+    assert_eq!(last, (401, "restart".into()));
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let r = call(&gw, &c, &csrf, "authenticate/start", json!({})).await;
+    assert_eq!(error_code(r).await, (401, "session_required".into()));
+    assert_eq!(console(&gw, &c).await, 303);
+}
