@@ -61,6 +61,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub log: LogConfig,
     pub notify: NotifyConfig,
+    pub webauthn: WebauthnConfig,
 }
 
 /// `[notify]`: email to account owners (sign-ins from new devices, reported sign-ins, locks).
@@ -279,6 +280,50 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Whether a security key must verify its user (PIN or biometric) when used as second factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UserVerification {
+    /// Every key must verify the user; keys without PIN or biometric cannot be used.
+    #[default]
+    Required,
+    /// Keys verify the user when they can; a touch alone is accepted after the password.
+    Preferred,
+}
+
+/// The longest a WebAuthn ceremony may stay open.
+pub const MAX_CEREMONY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `[webauthn]`: security keys and passkeys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebauthnConfig {
+    /// Off: no key can be registered or used (TOTP and recovery codes still work).
+    pub enabled: bool,
+    /// Relying-party id: the domain keys are bound to. Defaults to the host of
+    /// `server.public_url`; cannot change once keys are registered.
+    pub rp_id: Option<String>,
+    /// Name shown by the browser when a key is registered.
+    pub rp_name: String,
+    /// User verification for keys used after the password (passkey sign-in always requires it).
+    pub user_verification: UserVerification,
+    /// Time the browser and the server allow for one ceremony (at most 5 minutes).
+    #[serde(with = "duration")]
+    pub ceremony_timeout: Duration,
+}
+
+impl Default for WebauthnConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            rp_id: None,
+            rp_name: "Portcullis".into(),
+            user_verification: UserVerification::Required,
+            ceremony_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
 /// `[secrets]`: key material. Use `master_key_file` or `PORTCULLIS__SECRETS__MASTER_KEY` rather
 /// than writing the key into the file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -467,11 +512,51 @@ impl Config {
             return Err(key_err("limits", "limits and window must be non-zero"));
         }
         self.storage.validate()?;
+        self.validate_webauthn()?;
         if let Some(k) = &self.secrets.master_key {
             crate::crypto::MasterKey::from_base64(k.expose())
                 .map_err(|e| key_err("secrets.master_key", e.to_string()))?;
         }
         Ok(())
+    }
+
+    fn validate_webauthn(&self) -> Result<(), ConfigError> {
+        let w = &self.webauthn;
+        if w.ceremony_timeout < Duration::from_secs(30) || w.ceremony_timeout > MAX_CEREMONY_TIMEOUT
+        {
+            return Err(key_err(
+                "webauthn.ceremony_timeout",
+                "must be between 30s and 5m",
+            ));
+        }
+        if w.rp_name.trim().is_empty() || w.rp_name.len() > 64 {
+            return Err(key_err("webauthn.rp_name", "must be 1 to 64 characters"));
+        }
+        if let Some(rp_id) = &w.rp_id {
+            let host = self.server.public_url.domain().unwrap_or("");
+            let ok = !rp_id.is_empty()
+                && rp_id.parse::<std::net::IpAddr>().is_err()
+                && (host == rp_id || host.ends_with(&format!(".{rp_id}")));
+            if !ok {
+                return Err(key_err(
+                    "webauthn.rp_id",
+                    "must be the domain of server.public_url or a parent domain of it",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The relying-party id WebAuthn uses, or `None` when keys cannot work here: WebAuthn is
+    /// switched off, or the public URL's host is an IP address (browsers require a domain).
+    pub fn webauthn_rp_id(&self) -> Option<String> {
+        if !self.webauthn.enabled {
+            return None;
+        }
+        match &self.webauthn.rp_id {
+            Some(id) => Some(id.clone()),
+            None => self.server.public_url.domain().map(str::to_string),
+        }
     }
 
     /// The `iss` claim and the origin the gateway answers as.

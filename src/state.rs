@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::audit::Audit;
 use crate::auth::flow::LoginFlow;
 use crate::auth::password::PasswordHasher;
+use crate::auth::webauthn::{Keys, SetupError};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::MasterKey;
@@ -28,6 +29,8 @@ pub enum StartupError {
     Password(#[from] crate::auth::password::PasswordError),
     #[error(transparent)]
     Notify(#[from] crate::notify::NotifyError),
+    #[error(transparent)]
+    Webauthn(#[from] SetupError),
 }
 
 /// Shared state.
@@ -40,6 +43,8 @@ pub struct AppState {
     pub master_key: Arc<MasterKey>,
     pub sessions: Sessions,
     pub login: LoginFlow,
+    /// Security keys and passkeys; `None` when WebAuthn is off or cannot work at this address.
+    pub keys: Option<Keys>,
     pub signer: Arc<Signer>,
     pub upstream: Arc<Upstream>,
     pub audit: Audit,
@@ -91,12 +96,25 @@ impl AppState {
                 .unwrap_or("Portcullis")
                 .to_string(),
         };
+        let keys = match Keys::new(&config, login.clone()) {
+            Ok(k) => Some(k),
+            Err(e @ SetupError::Disabled) => {
+                tracing::info!("{e}");
+                None
+            }
+            Err(e @ SetupError::NoDomain) => {
+                tracing::warn!("{e}");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         let notifier = Arc::new(crate::notify::Notifier::new(
             &config.notify,
             durable.clone(),
             clock.clone(),
         )?);
         Ok(Self {
+            keys,
             notifier,
             upstream: Arc::new(Upstream::new(&config.upstream)),
             user_gate: Arc::new(UserGate::default()),

@@ -92,13 +92,27 @@ pub struct LoginFlow {
 pub const AMR_RECOVERY: &str = "rec";
 /// `acr` of a password plus a second factor.
 pub const ACR_MFA: &str = "urn:portcullis:acr:mfa";
+/// `amr` value of a security key or passkey (proof of possession of a hardware-bound key).
+pub const AMR_KEY: &str = "hwk";
+/// `acr` of a sign-in completed with a security key or passkey: phishing-resistant, because
+/// the key signs the origin it was used on.
+pub const ACR_PHISHING_RESISTANT: &str = "urn:portcullis:acr:phr";
+
+/// The `acr` for a session's authentication methods.
+pub fn acr_for(amr: &[String]) -> &'static str {
+    if amr.iter().any(|m| m == AMR_KEY) {
+        ACR_PHISHING_RESISTANT
+    } else {
+        ACR_MFA
+    }
+}
 
 impl LoginFlow {
     fn window(&self) -> Duration {
         self.limits.window
     }
 
-    async fn count(&self, key: &str) -> Result<u64, StoreError> {
+    pub(crate) async fn count(&self, key: &str) -> Result<u64, StoreError> {
         Ok(self
             .ephemeral
             .get(key)
@@ -108,7 +122,7 @@ impl LoginFlow {
             .unwrap_or(0))
     }
 
-    async fn audit(&self, ev: AuditEvent, client: &Client) {
+    pub(crate) async fn audit(&self, ev: AuditEvent, client: &Client) {
         self.audit
             .record(ev.client(&client.ip, &client.user_agent))
             .await;
@@ -185,11 +199,18 @@ impl LoginFlow {
             .await;
             return Ok(PasswordOutcome::Locked);
         }
-        let stage = match self.durable.totp(&user.id).await? {
-            Some(_) => Stage::SecondFactor,
-            None => Stage::EnrolTotp {
+        let has_key = self
+            .durable
+            .webauthn_credentials(&user.id)
+            .await?
+            .iter()
+            .any(|c| !c.is_suspended());
+        let stage = if has_key || self.durable.totp(&user.id).await?.is_some() {
+            Stage::SecondFactor
+        } else {
+            Stage::EnrolTotp {
                 sealed_secret: self.new_sealed_secret(&user.id)?,
-            },
+            }
         };
         let reason = if matches!(stage, Stage::SecondFactor) {
             "second_factor_required"
@@ -240,13 +261,13 @@ impl LoginFlow {
     }
 
     /// Checks the per-account second-factor budget; `Some(retry_after)` when exhausted.
-    async fn code_budget_spent(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
+    pub(crate) async fn code_budget_spent(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
         let n = self.count(&format!("fail:code:{{{user_id}}}")).await?;
         Ok((n >= self.limits.second_factor_failures_per_account).then(|| self.window().as_secs()))
     }
 
     /// Counts a wrong code; returns whether this sign-in must restart.
-    async fn wrong_code(
+    pub(crate) async fn wrong_code(
         &self,
         session: &mut Session,
         client: &Client,
@@ -273,7 +294,7 @@ impl LoginFlow {
     }
 
     /// Whether the user (still) exists and may sign in.
-    async fn active_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+    pub(crate) async fn active_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
         Ok(self
             .durable
             .user_by_id(user_id)
@@ -324,7 +345,10 @@ impl LoginFlow {
             AMR_RECOVERY
         } else {
             let Some(rec) = self.durable.totp(&user.id).await? else {
-                return Ok(CodeOutcome::Restart);
+                // A user with security keys only: a code can only be a wrong one.
+                return self
+                    .wrong_code(session, client, "second_factor", "no_totp")
+                    .await;
             };
             let secret = self
                 .master_key
@@ -372,7 +396,7 @@ impl LoginFlow {
             .await
     }
 
-    fn complete(&self, session: &mut Session, user: &User, method: &str) {
+    pub(crate) fn complete(&self, session: &mut Session, user: &User, method: &str) {
         session.stage = Stage::Authenticated;
         session.amr = vec!["pwd".into(), method.into()];
         let now = self.clock.now_millis();
@@ -429,13 +453,24 @@ impl LoginFlow {
         )
         .await;
         self.complete(session, &user, "otp");
+        self.show_recovery_codes(session, &user.id, &codes)?;
+        Ok(CodeOutcome::Accepted)
+    }
+
+    /// Moves the session to showing fresh recovery codes, held sealed in the session record.
+    pub fn show_recovery_codes(
+        &self,
+        session: &mut Session,
+        user_id: &str,
+        codes: &[String],
+    ) -> Result<(), FlowError> {
         let joined = zeroize::Zeroizing::new(codes.join("\n"));
         let sealed_codes = self
             .master_key
-            .seal(&recovery_show_context(&user.id), joined.as_bytes())
+            .seal(&recovery_show_context(user_id), joined.as_bytes())
             .map_err(|e| FlowError::Internal(e.to_string()))?;
         session.stage = Stage::ShowRecoveryCodes { sealed_codes };
-        Ok(CodeOutcome::Accepted)
+        Ok(())
     }
 
     /// Replaces a user's recovery codes; returns the new ones in plain text (show once).

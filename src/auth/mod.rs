@@ -8,6 +8,9 @@
 //!   step-aware checking so the caller can make each code single-use.
 //! - [`recovery`]: single-use recovery codes and their canonical form for keyed hashing.
 //!
+//! - [`webauthn`]: security keys and passkeys (WebAuthn ceremonies with state kept in the
+//!   ephemeral store, clone detection through the signature counter).
+//!
 //! - [`flow`]: the sign-in state machine (which factor comes next, attempt limits, replay
 //!   records), with the store handles it needs and no HTTP types.
 
@@ -16,3 +19,4 @@ pub mod flow;
 pub mod password;
 pub mod recovery;
 pub mod totp;
+pub mod webauthn;

@@ -202,3 +202,55 @@ fn example_config_is_valid() {
     .unwrap();
     assert!(c.storage.redis_target().unwrap().is_some());
 }
+
+#[test]
+fn webauthn_defaults_follow_the_public_url() {
+    let c = Config::load(None, Vec::new()).unwrap();
+    assert!(c.webauthn.enabled);
+    assert_eq!(c.webauthn.user_verification, UserVerification::Required);
+    assert_eq!(c.webauthn.ceremony_timeout, Duration::from_secs(120));
+    // The default public URL is an IP address: keys cannot work there, so they are off.
+    assert_eq!(c.webauthn_rp_id(), None);
+    let c = load_str(
+        "[server]\npublic_url = \"https://login.esp.example/\"\n[webauthn]\nuser_verification = \"preferred\"\nceremony_timeout = \"5m\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.webauthn_rp_id().as_deref(), Some("login.esp.example"));
+    assert_eq!(c.webauthn.user_verification, UserVerification::Preferred);
+    let c = load_str(
+        "[server]\npublic_url = \"https://login.esp.example/\"\n[webauthn]\nrp_id = \"esp.example\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.webauthn_rp_id().as_deref(), Some("esp.example"));
+    let c = load_str(
+        "[server]\npublic_url = \"https://login.esp.example/\"\n",
+        &[("PORTCULLIS__WEBAUTHN__ENABLED", "false")],
+    )
+    .unwrap();
+    assert_eq!(c.webauthn_rp_id(), None);
+}
+
+#[test]
+fn webauthn_bad_values_are_refused_with_the_key() {
+    let site = "[server]\npublic_url = \"https://login.esp.example/\"\n[webauthn]\n";
+    for (extra, key) in [
+        ("rp_id = \"other.example\"", "webauthn.rp_id"),
+        ("rp_id = \"sp.example\"", "webauthn.rp_id"),
+        ("rp_id = \"\"", "webauthn.rp_id"),
+        ("ceremony_timeout = \"6m\"", "webauthn.ceremony_timeout"),
+        ("ceremony_timeout = \"5s\"", "webauthn.ceremony_timeout"),
+        ("rp_name = \" \"", "webauthn.rp_name"),
+        (
+            "user_verification = \"discouraged\"",
+            "webauthn.user_verification",
+        ),
+        ("rpid = \"esp.example\"", "webauthn.rpid"),
+    ] {
+        let e = load_str(&format!("{site}{extra}\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains(key), "{extra}: {e}");
+    }
+    let e = load_str("[webauthn]\nrp_id = \"127.0.0.1\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("webauthn.rp_id"), "{e}");
+}

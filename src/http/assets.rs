@@ -8,12 +8,14 @@ use super::error::AppError;
 
 const CSS: &str = include_str!("../../static/portcullis.css");
 const JS: &str = include_str!("../../static/portcullis.js");
+const WEBAUTHN_JS: &str = include_str!("../../static/webauthn.js");
 
 /// `GET /_portcullis/static/{file}`.
 pub async fn asset(Path(file): Path<String>) -> Response {
     let (body, ctype) = match file.as_str() {
         "portcullis.css" => (CSS, "text/css; charset=utf-8"),
         "portcullis.js" => (JS, "text/javascript; charset=utf-8"),
+        "webauthn.js" => (WEBAUTHN_JS, "text/javascript; charset=utf-8"),
         _ => return AppError::not_found().into_response(),
     };
     let mut r = body.into_response();

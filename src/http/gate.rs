@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{wants_html, AppError};
 use super::{apply_security_headers, csrf, get_cookie, see_other};
-use crate::auth::flow::ACR_MFA;
+use crate::auth::flow::acr_for;
 use crate::policy::{is_gateway_path, normalise_path, safe_return_to};
 use crate::proxy::Forwarding;
 use crate::session::{self, Invalid};
@@ -150,7 +150,7 @@ async fn gate_and_forward(
         email: user.email.clone(),
         account: user.account_id.clone(),
         amr: loaded.session.amr.clone(),
-        acr: ACR_MFA.to_string(),
+        acr: acr_for(&loaded.session.amr).to_string(),
         auth_time: loaded.session.auth_ms / 1000,
         sid: loaded.session.public_id.clone(),
     };

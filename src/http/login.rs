@@ -57,7 +57,7 @@ pub(super) fn with_cookies(
     resp
 }
 
-async fn current_session(
+pub(super) async fn current_session(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Option<Loaded>, AppError> {
@@ -65,8 +65,24 @@ async fn current_session(
     Ok(state.sessions.load(cookie).await?.ok())
 }
 
+/// Ends the session the browser already has (even a complete one) before a new sign-in:
+/// one sign-in, one session.
+pub(super) async fn end_current_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(), AppError> {
+    if let Some(old) = current_session(state, headers).await? {
+        state
+            .sessions
+            .destroy(&old.key, &old.session.user_id)
+            .await?;
+        state.signer.forget(&old.key);
+    }
+    Ok(())
+}
+
 /// Where a session in a given stage belongs.
-fn stage_page(loaded: &Loaded) -> String {
+pub(super) fn stage_page(loaded: &Loaded) -> String {
     match &loaded.session.stage {
         Stage::SecondFactor => "/_portcullis/mfa".into(),
         Stage::EnrolTotp { .. } => "/_portcullis/enrol/totp".into(),
@@ -87,7 +103,7 @@ fn query_param(raw: &Option<String>, name: &str) -> Option<String> {
     })
 }
 
-fn restart(state: &AppState, why: &str) -> Response {
+pub(super) fn restart(state: &AppState, why: &str) -> Response {
     with_cookies(
         see_other(&format!("/_portcullis/login?notice={why}")),
         [state.sessions.clear_cookie()],
@@ -125,6 +141,7 @@ pub async fn login_get(
         username: "",
         error: None,
         notice,
+        passkeys: state.keys.is_some(),
     };
     Ok(with_cookies(render(StatusCode::OK, &page), set))
 }
@@ -185,18 +202,12 @@ pub async fn login_post(
                 username: &form.username,
                 error: Some(msg),
                 notice: None,
+                passkeys: state.keys.is_some(),
             };
             return Ok(with_cookies(render(StatusCode::UNAUTHORIZED, &page), set));
         }
     };
-    // A session the browser already had (even a complete one) ends: one sign-in, one session.
-    if let Some(old) = current_session(&state, &headers).await? {
-        state
-            .sessions
-            .destroy(&old.key, &old.session.user_id)
-            .await?;
-        state.signer.forget(&old.key);
-    }
+    end_current_session(&state, &headers).await?;
     let (id, key) = state.sessions.create(&session).await?;
     let loaded = Loaded { key, session };
     tracing::debug!(user = %user.id, "password accepted");
@@ -226,9 +237,11 @@ pub async fn mfa_get(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    if let Err(r) = pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
-        return Ok(r);
-    }
+    let loaded = match pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
+        Ok(l) => l,
+        Err(r) => return Ok(r),
+    };
+    let keys = has_keys(&state, &loaded.session.user_id).await?;
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(
@@ -236,10 +249,19 @@ pub async fn mfa_get(
             &pages::Mfa {
                 csrf: &token,
                 error: None,
+                keys,
             },
         ),
         set,
     ))
+}
+
+/// Whether to offer a security key on the second-factor page.
+async fn has_keys(state: &AppState, user_id: &str) -> Result<bool, AppError> {
+    Ok(match &state.keys {
+        Some(k) => k.has_usable(user_id).await?,
+        None => false,
+    })
 }
 
 #[derive(Deserialize)]
@@ -294,7 +316,7 @@ async fn after_code(
 
 /// Book-keeping once a sign-in is complete: the failure counter starts over and the device is
 /// recognised (or recorded and reported to the owner). Returns cookies to set.
-async fn complete_sign_in(
+pub(super) async fn complete_sign_in(
     state: &AppState,
     headers: &HeaderMap,
     client: &Client,
@@ -320,6 +342,7 @@ pub async fn mfa_post(
         Err(r) => return Ok(r),
     };
     let client = super::client(&state, peer, &headers);
+    let keys = has_keys(&state, &loaded.session.user_id).await?;
     let outcome = state
         .login
         .second_factor_step(&mut loaded.session, &form.code, &client)
@@ -332,6 +355,7 @@ pub async fn mfa_post(
                 &pages::Mfa {
                     csrf: &token,
                     error: Some(msg),
+                    keys,
                 },
             ),
             set,
@@ -363,6 +387,7 @@ fn enrol_page(
         secret: &totp::secret_base32(secret.expose()),
         uri: &uri,
         error,
+        webauthn: state.keys.is_some(),
     };
     Ok(render(status, &page))
 }

@@ -2,6 +2,7 @@
 //! fallback that sends everything else through the gate to the proxy. Handlers stay thin; the
 //! decisions live in `auth`, `session` and `policy`.
 
+pub mod account;
 pub mod assets;
 pub mod csrf;
 pub mod devices;
@@ -10,6 +11,7 @@ pub mod gate;
 pub mod health;
 pub mod login;
 mod pages;
+pub mod webauthn;
 
 use std::net::SocketAddr;
 
@@ -17,7 +19,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -58,6 +60,39 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/_portcullis/report",
             get(devices::report_get).post(devices::report_post),
+        )
+        .route("/_portcullis/account", get(account::account_get))
+        .route(
+            "/_portcullis/account/keys/{id}/rename",
+            post(account::rename_post),
+        )
+        .route(
+            "/_portcullis/account/keys/{id}/remove",
+            post(account::remove_post),
+        )
+        .route(
+            "/_portcullis/webauthn/register/start",
+            post(webauthn::register_start),
+        )
+        .route(
+            "/_portcullis/webauthn/register/finish",
+            post(webauthn::register_finish),
+        )
+        .route(
+            "/_portcullis/webauthn/authenticate/start",
+            post(webauthn::authenticate_start),
+        )
+        .route(
+            "/_portcullis/webauthn/authenticate/finish",
+            post(webauthn::authenticate_finish),
+        )
+        .route(
+            "/_portcullis/webauthn/passkey/start",
+            post(webauthn::passkey_start),
+        )
+        .route(
+            "/_portcullis/webauthn/passkey/finish",
+            post(webauthn::passkey_finish),
         )
         .route("/_portcullis/static/{file}", get(assets::asset))
         .route("/_portcullis/healthz", get(health::healthz_get))
@@ -210,6 +245,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
                     AppError::bad_request(
                         "The form could not be read. Reload the page and try again.",
                     )
+                })
+            }
+        }
+    }
+}
+
+/// `axum::Json` whose rejections become our error format (400, 413 or 415), never a panic.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rej) => {
+                let status = rej.status();
+                Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::new(status, "payload_too_large", "The request is too large.")
+                } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                    AppError::new(
+                        status,
+                        "unsupported_media_type",
+                        "Requests must be sent as application/json.",
+                    )
+                } else {
+                    AppError::bad_request("The request could not be read.")
                 })
             }
         }

@@ -14,6 +14,8 @@ pub struct Login<'a> {
     pub username: &'a str,
     pub error: Option<&'a str>,
     pub notice: Option<&'a str>,
+    /// Offer passkey sign-in (WebAuthn is available here).
+    pub passkeys: bool,
 }
 
 #[derive(Template)]
@@ -21,6 +23,8 @@ pub struct Login<'a> {
 pub struct Mfa<'a> {
     pub csrf: &'a str,
     pub error: Option<&'a str>,
+    /// Offer "Use security key" (the user has a usable key).
+    pub keys: bool,
 }
 
 #[derive(Template)]
@@ -31,6 +35,8 @@ pub struct EnrolTotp<'a> {
     pub secret: &'a str,
     pub uri: &'a str,
     pub error: Option<&'a str>,
+    /// Offer a security key instead of the app (WebAuthn available).
+    pub webauthn: bool,
 }
 
 #[derive(Template)]
@@ -58,6 +64,32 @@ pub struct Report<'a> {
 #[template(path = "reported.html")]
 pub struct Reported<'a> {
     pub email: &'a str,
+}
+
+/// One security key on the account page.
+pub struct KeyRow {
+    pub id: String,
+    pub name: String,
+    pub created: String,
+    pub last_used: String,
+    pub aaguid: String,
+    /// Why the key was suspended, when it was.
+    pub suspended: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "account.html")]
+pub struct Account<'a> {
+    pub csrf: &'a str,
+    pub email: &'a str,
+    pub keys: &'a [KeyRow],
+    pub has_totp: bool,
+    /// Keys can be added here (WebAuthn available).
+    pub webauthn: bool,
+    /// The last second-factor proof is recent enough to change factors.
+    pub fresh: bool,
+    pub notice: Option<&'a str>,
+    pub error: Option<&'a str>,
 }
 
 /// Renders a page with a status.

@@ -14,6 +14,7 @@ mod cluster;
 mod durable;
 mod durable_audit;
 mod durable_devices;
+mod durable_webauthn;
 mod ephemeral;
 
 use std::future::Future;

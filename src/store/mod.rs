@@ -1,6 +1,7 @@
 //! Storage behind two narrow traits, so backends can be swapped without touching callers.
 //!
-//! - [`DurableStore`]: users, second factors, recovery codes, signing keys and the audit trail;
+//! - [`DurableStore`]: users, second factors (TOTP, security keys and passkeys), recovery codes,
+//!   signing keys and the audit trail;
 //!   must survive restarts (SQLite embedded, PostgreSQL for several gateways).
 //! - [`EphemeralStore`]: sessions, ceremony challenges, replay caches and counters; a key-value
 //!   store where every key has a TTL and every multi-step update is one atomic operation, so a
@@ -120,6 +121,35 @@ pub struct TotpRecord {
     pub created_at: UnixTime,
 }
 
+/// A registered security key or passkey (WebAuthn credential).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebauthnCredential {
+    /// Our own id (UUID), used in URLs of the account page.
+    pub id: String,
+    pub user_id: String,
+    /// The authenticator's credential id, base64url without padding; unique across all users.
+    pub credential_id: String,
+    /// The serialised credential (public key, counter, flags) as JSON. Not secret.
+    pub passkey: String,
+    /// The name the user gave the key.
+    pub name: String,
+    /// Authenticator model id (AAGUID, hyphenated), when the authenticator reported one.
+    pub aaguid: Option<String>,
+    /// The highest signature counter seen; only ever raised.
+    pub sign_count: i64,
+    pub created_at: UnixTime,
+    pub last_used_at: Option<UnixTime>,
+    /// Set when the credential may no longer be used (e.g. a possibly cloned key).
+    pub suspended_at: Option<UnixTime>,
+    pub suspended_reason: Option<String>,
+}
+
+impl WebauthnCredential {
+    pub fn is_suspended(&self) -> bool {
+        self.suspended_at.is_some()
+    }
+}
+
 /// A JWT signing key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SigningKeyRecord {
@@ -190,8 +220,45 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn totp(&self, user_id: &str) -> StoreResult<Option<TotpRecord>>;
     /// Stores the (confirmed) TOTP factor, replacing any earlier one.
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()>;
-    /// Removes TOTP and recovery codes (the user must enrol again).
+    /// Removes TOTP, security keys and recovery codes (the user must enrol again).
     async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()>;
+
+    /// Stores a newly registered credential; `Conflict` when its credential id is taken.
+    async fn add_webauthn_credential(&self, cred: &WebauthnCredential) -> StoreResult<()>;
+    /// A user's credentials (suspended ones included), oldest first.
+    async fn webauthn_credentials(&self, user_id: &str) -> StoreResult<Vec<WebauthnCredential>>;
+    /// The credential with this authenticator credential id (base64url), whoever owns it.
+    async fn webauthn_credential(
+        &self,
+        credential_id: &str,
+    ) -> StoreResult<Option<WebauthnCredential>>;
+    /// Records a successful use: stores the updated credential and counter and the time, only if
+    /// the credential is not suspended and `sign_count` is above the stored one (or both are 0,
+    /// for authenticators without a counter). True when recorded; false means another sign-in
+    /// got there first or the credential was suspended — the caller must refuse.
+    async fn record_webauthn_use(
+        &self,
+        id: &str,
+        passkey: &str,
+        sign_count: i64,
+        now: UnixTime,
+    ) -> StoreResult<bool>;
+    /// Suspends a credential so it can no longer be used.
+    async fn suspend_webauthn_credential(
+        &self,
+        id: &str,
+        reason: &str,
+        now: UnixTime,
+    ) -> StoreResult<()>;
+    /// Renames a user's credential; false when the user has no such credential.
+    async fn rename_webauthn_credential(
+        &self,
+        user_id: &str,
+        id: &str,
+        name: &str,
+    ) -> StoreResult<bool>;
+    /// Removes a user's credential; false when the user has no such credential.
+    async fn remove_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool>;
 
     /// Replaces all recovery codes of a user by these keyed hashes.
     async fn set_recovery_codes(

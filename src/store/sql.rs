@@ -8,12 +8,19 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     AuditEvent, AuditQuery, Device, DurableStore, Mail, NewUser, ReportLink, SigningKeyRecord,
-    StoreError, StoreResult, TotpRecord, User,
+    StoreError, StoreResult, TotpRecord, User, WebauthnCredential,
 };
 use crate::clock::UnixTime;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// An argument of a statement run through [`SqlStore::change`].
+#[derive(Debug, Clone, Copy)]
+enum Arg<'a> {
+    Text(&'a str),
+    Int(i64),
+}
 
 /// A pooled SQL connection.
 #[derive(Debug, Clone)]
@@ -127,6 +134,25 @@ impl SqlStore {
         Ok(Self { pool, sqlite })
     }
 
+    /// Runs one statement with `args` as a change (see [`SqlStore::retrying`]); returns the rows
+    /// it touched.
+    async fn change(&self, sql: &str, args: &[Arg<'_>]) -> StoreResult<u64> {
+        let pool = &self.pool;
+        let done = self
+            .retrying(move || async move {
+                let mut q = sqlx::query(sql);
+                for a in args {
+                    q = match *a {
+                        Arg::Text(t) => q.bind(t),
+                        Arg::Int(n) => q.bind(n),
+                    };
+                }
+                q.execute(pool).await
+            })
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Runs one statement or one transaction, trying again while SQLite is busy.
     async fn retrying<T, Fut>(&self, op: impl FnMut() -> Fut) -> StoreResult<T>
     where
@@ -178,6 +204,25 @@ fn audit_from(r: &AnyRow) -> Result<AuditEvent, sqlx::Error> {
         actor: r.try_get("actor")?,
     })
 }
+
+fn webauthn_from(r: &AnyRow) -> Result<WebauthnCredential, sqlx::Error> {
+    Ok(WebauthnCredential {
+        id: r.try_get("id")?,
+        user_id: r.try_get("user_id")?,
+        credential_id: r.try_get("credential_id")?,
+        passkey: r.try_get("passkey")?,
+        name: r.try_get("name")?,
+        aaguid: r.try_get("aaguid")?,
+        sign_count: r.try_get("sign_count")?,
+        created_at: r.try_get("created_at")?,
+        last_used_at: r.try_get("last_used_at")?,
+        suspended_at: r.try_get("suspended_at")?,
+        suspended_reason: r.try_get("suspended_reason")?,
+    })
+}
+
+const WEBAUTHN_COLS: &str = "id, user_id, credential_id, passkey, name, aaguid, sign_count, \
+     created_at, last_used_at, suspended_at, suspended_reason";
 
 const USER_COLS: &str =
     "id, email, account_id, is_admin, disabled, locked, password_hash, created_at, sessions_valid_after_ms";
@@ -426,9 +471,133 @@ impl DurableStore for SqlStore {
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query("DELETE FROM webauthn_credentials WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await
         })
         .await
+    }
+
+    async fn add_webauthn_credential(&self, c: &WebauthnCredential) -> StoreResult<()> {
+        let pool = &self.pool;
+        self.retrying(move || async move {
+            sqlx::query(&format!(
+                "INSERT INTO webauthn_credentials ({WEBAUTHN_COLS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            ))
+            .bind(&c.id)
+            .bind(&c.user_id)
+            .bind(&c.credential_id)
+            .bind(&c.passkey)
+            .bind(&c.name)
+            .bind(&c.aaguid)
+            .bind(c.sign_count)
+            .bind(c.created_at)
+            .bind(c.last_used_at)
+            .bind(c.suspended_at)
+            .bind(&c.suspended_reason)
+            .execute(pool)
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn webauthn_credentials(&self, user_id: &str) -> StoreResult<Vec<WebauthnCredential>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {WEBAUTHN_COLS} FROM webauthn_credentials WHERE user_id = $1 \
+             ORDER BY created_at, id"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(webauthn_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn webauthn_credential(
+        &self,
+        credential_id: &str,
+    ) -> StoreResult<Option<WebauthnCredential>> {
+        let row = sqlx::query(&format!(
+            "SELECT {WEBAUTHN_COLS} FROM webauthn_credentials WHERE credential_id = $1"
+        ))
+        .bind(credential_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref()
+            .map(webauthn_from)
+            .transpose()
+            .map_err(unavailable)
+    }
+
+    async fn record_webauthn_use(
+        &self,
+        id: &str,
+        passkey: &str,
+        sign_count: i64,
+        now: UnixTime,
+    ) -> StoreResult<bool> {
+        let changed = self
+            .change(
+                "UPDATE webauthn_credentials SET passkey = $1, sign_count = $2, last_used_at = $3 \
+                 WHERE id = $4 AND suspended_at IS NULL \
+                 AND (sign_count < $2 OR (sign_count = 0 AND $2 = 0))",
+                &[
+                    Arg::Text(passkey),
+                    Arg::Int(sign_count),
+                    Arg::Int(now),
+                    Arg::Text(id),
+                ],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn suspend_webauthn_credential(
+        &self,
+        id: &str,
+        reason: &str,
+        now: UnixTime,
+    ) -> StoreResult<()> {
+        self.change(
+            "UPDATE webauthn_credentials SET suspended_at = $1, suspended_reason = $2 \
+             WHERE id = $3 AND suspended_at IS NULL",
+            &[Arg::Int(now), Arg::Text(reason), Arg::Text(id)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn rename_webauthn_credential(
+        &self,
+        user_id: &str,
+        id: &str,
+        name: &str,
+    ) -> StoreResult<bool> {
+        let changed = self
+            .change(
+                "UPDATE webauthn_credentials SET name = $1 WHERE id = $2 AND user_id = $3",
+                &[Arg::Text(name), Arg::Text(id), Arg::Text(user_id)],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn remove_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool> {
+        let changed = self
+            .change(
+                "DELETE FROM webauthn_credentials WHERE id = $1 AND user_id = $2",
+                &[Arg::Text(id), Arg::Text(user_id)],
+            )
+            .await?;
+        Ok(changed == 1)
     }
 
     async fn set_recovery_codes(

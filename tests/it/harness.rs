@@ -339,7 +339,19 @@ impl Gateway {
             .unwrap()
     }
 
-    /// GETs a page and returns its CSRF token.
+    /// The gateway's published JWKS.
+    pub async fn jwks(&self) -> serde_json::Value {
+        self.api()
+            .get(self.url("/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// GETs a page and returns its CSRF token (from a form field or a script's `data-csrf`).
     pub async fn csrf(&self, c: &reqwest::Client, path: &str) -> String {
         let html = c
             .get(self.url(path))
@@ -350,6 +362,7 @@ impl Gateway {
             .await
             .unwrap();
         extract(&html, "name=\"csrf\" value=\"", "\"")
+            .or_else(|| extract(&html, "data-csrf=\"", "\""))
             .unwrap_or_else(|| panic!("no csrf token on {path}: {html}"))
     }
 

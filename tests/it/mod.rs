@@ -9,3 +9,5 @@ mod login;
 mod proxy;
 mod redirects;
 mod redis;
+mod webauthn;
+mod webauthn_account;

@@ -1,0 +1,319 @@
+//! Signing in with a key: as the second factor after the password, and passkey sign-in
+//! (discoverable credential, no password). Both end in [`Keys::settle`], which stores the new
+//! signature counter by compare-and-set or suspends a key whose counter went backwards.
+
+use webauthn_rs::prelude::{
+    AuthenticationResult, DiscoverableKey, Passkey, PublicKeyCredential, SecurityKey, WebauthnError,
+};
+
+use super::{
+    corrupt, encode_id, failure_reason, internal, rewrap, Ceremony, CeremonyState, Keys,
+    PasskeySignIn, Purpose, Refusal, Started,
+};
+use crate::auth::flow::{Client, CodeOutcome, FlowError, AMR_KEY};
+use crate::config::UserVerification;
+use crate::session::{Session, Stage};
+use crate::store::{AuditEvent, User, WebauthnCredential};
+
+impl Keys {
+    /// Starts a key ceremony as the second factor of a session waiting for one; `None` when
+    /// the user has no usable key.
+    pub async fn start_second_factor(
+        &self,
+        session: &Session,
+        binding: &str,
+    ) -> Result<Option<Started>, FlowError> {
+        let keys: Vec<Passkey> = self
+            .usable(&session.user_id)
+            .await?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let (options, state) = match self.uv {
+            UserVerification::Required => {
+                let (rcr, st) = self
+                    .webauthn
+                    .start_passkey_authentication(&keys)
+                    .map_err(internal)?;
+                (
+                    serde_json::to_value(rcr).map_err(internal)?,
+                    CeremonyState::PasskeyAuth(st),
+                )
+            }
+            UserVerification::Preferred => {
+                let keys: Vec<SecurityKey> = keys.iter().map(rewrap).collect::<Result<_, _>>()?;
+                let (rcr, st) = self
+                    .webauthn
+                    .start_securitykey_authentication(&keys)
+                    .map_err(internal)?;
+                (
+                    serde_json::to_value(rcr).map_err(internal)?,
+                    CeremonyState::SecurityKeyAuth(st),
+                )
+            }
+        };
+        let ceremony = Ceremony {
+            purpose: Purpose::SecondFactor,
+            user_id: Some(session.user_id.clone()),
+            binding: binding.to_string(),
+            name: None,
+            state,
+        };
+        self.store(ceremony, options).await.map(Some)
+    }
+
+    /// Finishes a second-factor ceremony. On success the session is authenticated with
+    /// `amr: ["pwd", "hwk"]`; failures count against the same budgets as wrong codes.
+    pub async fn finish_second_factor(
+        &self,
+        ceremony: &str,
+        binding: &str,
+        session: &mut Session,
+        response: &PublicKeyCredential,
+        client: &Client,
+    ) -> Result<CodeOutcome, FlowError> {
+        const EVENT: &str = "second_factor";
+        if session.stage != Stage::SecondFactor {
+            return Ok(CodeOutcome::Restart);
+        }
+        let Some(user) = self.flow.active_user(&session.user_id).await? else {
+            return Ok(CodeOutcome::Restart);
+        };
+        if let Some(retry_after) = self.flow.code_budget_spent(&user.id).await? {
+            self.audit_user(EVENT, "denied", Some(&user), "throttled", client)
+                .await;
+            return Ok(CodeOutcome::Throttled { retry_after });
+        }
+        let Some(c) = self
+            .take(ceremony, Purpose::SecondFactor, binding, Some(&user.id))
+            .await?
+        else {
+            return self
+                .flow
+                .wrong_code(session, client, EVENT, "ceremony_expired")
+                .await;
+        };
+        let stored = self
+            .flow
+            .durable
+            .webauthn_credential(&encode_id(response.get_credential_id()))
+            .await?;
+        let stored = match stored {
+            Some(s) if s.user_id == user.id && !s.is_suspended() => s,
+            Some(s) if s.user_id == user.id => {
+                return self
+                    .flow
+                    .wrong_code(session, client, EVENT, "suspended_credential")
+                    .await
+            }
+            _ => {
+                return self
+                    .flow
+                    .wrong_code(session, client, EVENT, "unknown_credential")
+                    .await
+            }
+        };
+        let verified = match &c.state {
+            CeremonyState::PasskeyAuth(st) => {
+                self.webauthn.finish_passkey_authentication(response, st)
+            }
+            CeremonyState::SecurityKeyAuth(st) => self
+                .webauthn
+                .finish_securitykey_authentication(response, st),
+            _ => Err(WebauthnError::InvalidClientDataType),
+        };
+        if let Some(reason) = self.settle(&user, &stored, verified, client).await? {
+            return self.flow.wrong_code(session, client, EVENT, reason).await;
+        }
+        self.flow.complete(session, &user, AMR_KEY);
+        self.audit_user(EVENT, "success", Some(&user), AMR_KEY, client)
+            .await;
+        Ok(CodeOutcome::Accepted)
+    }
+
+    /// Applies a verification result to the stored key: on success the new counter is stored
+    /// (compare-and-set); a counter that went backwards suspends the key. `Some(reason)` when
+    /// the sign-in must be refused.
+    async fn settle(
+        &self,
+        user: &User,
+        stored: &WebauthnCredential,
+        verified: Result<AuthenticationResult, WebauthnError>,
+        client: &Client,
+    ) -> Result<Option<&'static str>, FlowError> {
+        let result = match verified {
+            Ok(r) => r,
+            Err(WebauthnError::CredentialPossibleCompromise) => {
+                self.suspend_clone(user, stored, client).await?;
+                return Ok(Some("possible_clone"));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "assertion refused");
+                return Ok(Some(failure_reason(&e)));
+            }
+        };
+        if encode_id(result.cred_id().as_ref()) != stored.credential_id {
+            return Ok(Some("unknown_credential"));
+        }
+        let mut passkey: Passkey = serde_json::from_str(&stored.passkey).map_err(corrupt)?;
+        passkey.update_credential(&result);
+        let json = serde_json::to_string(&passkey).map_err(internal)?;
+        let recorded = self
+            .flow
+            .durable
+            .record_webauthn_use(
+                &stored.id,
+                &json,
+                i64::from(result.counter()),
+                self.flow.clock.now(),
+            )
+            .await?;
+        if !recorded {
+            // Another sign-in stored this counter value (or a higher one) first, or the key was
+            // suspended meanwhile: a replayed or cloned answer, never a normal one.
+            return Ok(Some("counter_not_increased"));
+        }
+        Ok(None)
+    }
+
+    async fn suspend_clone(
+        &self,
+        user: &User,
+        stored: &WebauthnCredential,
+        client: &Client,
+    ) -> Result<(), FlowError> {
+        let now = self.flow.clock.now();
+        self.flow
+            .durable
+            .suspend_webauthn_credential(&stored.id, "possible_clone", now)
+            .await?;
+        let ev = AuditEvent::new("webauthn_possible_clone", "denied", now)
+            .user(user)
+            .reason(&format!("credential {}", stored.id));
+        self.audit(ev, client).await;
+        tracing::warn!(user = %user.id, credential = %stored.id, "security key counter went backwards; key suspended");
+        Ok(())
+    }
+
+    /// Starts a passkey sign-in (discoverable credential, user verification required).
+    pub async fn start_passkey(&self, binding: &str) -> Result<Started, FlowError> {
+        let (rcr, st) = self
+            .webauthn
+            .start_discoverable_authentication()
+            .map_err(internal)?;
+        let mut options = serde_json::to_value(rcr).map_err(internal)?;
+        // webauthn-rs marks this as conditional (autofill) UI; the login page uses a button,
+        // which needs an ordinary modal request.
+        if let Some(o) = options.as_object_mut() {
+            o.remove("mediation");
+        }
+        let ceremony = Ceremony {
+            purpose: Purpose::Passkey,
+            user_id: None,
+            binding: binding.to_string(),
+            name: None,
+            state: CeremonyState::Discoverable(st),
+        };
+        self.store(ceremony, options).await
+    }
+
+    /// Whether the client address has used up its failure budget.
+    async fn ip_budget_spent(&self, client: &Client) -> Result<bool, FlowError> {
+        Ok(self.flow.count(&format!("fail:ip:{}", client.ip)).await?
+            >= self.flow.limits.failures_per_ip)
+    }
+
+    async fn passkey_failure(
+        &self,
+        user: Option<&User>,
+        refusal: Refusal,
+        client: &Client,
+    ) -> Result<PasskeySignIn, FlowError> {
+        let reason = match &refusal {
+            Refusal::Expired => "ceremony_expired",
+            Refusal::Rejected(r) => r,
+        };
+        self.flow
+            .ephemeral
+            .incr(&format!("fail:ip:{}", client.ip), self.flow.limits.window)
+            .await?;
+        self.audit_user("passkey_sign_in", "failure", user, reason, client)
+            .await;
+        Ok(PasskeySignIn::Refused(refusal))
+    }
+
+    /// Finishes a passkey sign-in; on success the caller creates an authenticated session.
+    pub async fn finish_passkey(
+        &self,
+        ceremony: &str,
+        binding: &str,
+        response: &PublicKeyCredential,
+        client: &Client,
+    ) -> Result<PasskeySignIn, FlowError> {
+        if self.ip_budget_spent(client).await? {
+            self.audit_user("passkey_sign_in", "denied", None, "throttled", client)
+                .await;
+            return Ok(PasskeySignIn::Throttled {
+                retry_after: self.flow.limits.window.as_secs(),
+            });
+        }
+        let Some(c) = self.take(ceremony, Purpose::Passkey, binding, None).await? else {
+            return self.passkey_failure(None, Refusal::Expired, client).await;
+        };
+        let CeremonyState::Discoverable(state) = c.state else {
+            return self.passkey_failure(None, Refusal::Expired, client).await;
+        };
+        let rejected = |r| Refusal::Rejected(r);
+        let Ok((handle, raw_id)) = self.webauthn.identify_discoverable_authentication(response)
+        else {
+            return self
+                .passkey_failure(None, rejected("no_user_handle"), client)
+                .await;
+        };
+        let stored = self
+            .flow
+            .durable
+            .webauthn_credential(&encode_id(raw_id))
+            .await?;
+        // The user handle the authenticator returns must name the key's owner.
+        let Some(stored) = stored.filter(|s| s.user_id == handle.hyphenated().to_string()) else {
+            return self
+                .passkey_failure(None, rejected("unknown_credential"), client)
+                .await;
+        };
+        let user = self.flow.active_user(&stored.user_id).await?;
+        let Some(user) = user else {
+            return self
+                .passkey_failure(None, rejected("user_disabled"), client)
+                .await;
+        };
+        if stored.is_suspended() {
+            return self
+                .passkey_failure(Some(&user), rejected("suspended_credential"), client)
+                .await;
+        }
+        let passkey: Passkey = serde_json::from_str(&stored.passkey).map_err(corrupt)?;
+        let verified = self.webauthn.finish_discoverable_authentication(
+            response,
+            state,
+            &[DiscoverableKey::from(&passkey)],
+        );
+        if let Some(reason) = self.settle(&user, &stored, verified, client).await? {
+            return self
+                .passkey_failure(Some(&user), rejected(reason), client)
+                .await;
+        }
+        self.audit_user(
+            "passkey_sign_in",
+            "success",
+            Some(&user),
+            "hwk_user",
+            client,
+        )
+        .await;
+        Ok(PasskeySignIn::Accepted(Box::new(user)))
+    }
+}

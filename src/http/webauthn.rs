@@ -1,0 +1,354 @@
+//! The JSON API of security keys and passkeys under `/_portcullis/webauthn/`, used by
+//! `static/webauthn.js`. Every call is a POST carrying the page's CSRF token in `X-CSRF-Token`
+//! (checked with the Origin like every gateway form) and a JSON body, so a cross-site page can
+//! neither send nor read it. Ceremony rules live in `auth::webauthn`; this module maps them to
+//! sessions, cookies and JSON answers.
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
+
+use super::error::AppError;
+use super::login::{
+    check_csrf, complete_sign_in, current_session, end_current_session, stage_page, with_cookies,
+};
+use super::{csrf, get_cookie, Json, Peer};
+use crate::auth::flow::CodeOutcome;
+use crate::auth::webauthn::{Keys, PasskeySignIn, Refusal, Registered, Started, PASSKEY_AMR};
+use crate::crypto::sha256_hex;
+use crate::policy::safe_return_to;
+use crate::session::{Loaded, Session, Stage};
+use crate::state::AppState;
+use crate::store::User;
+
+/// Header that carries the CSRF token of JSON calls.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// How recent the last second-factor proof must be to add or remove a key (ms).
+pub const FRESH_PROOF_MS: i64 = 10 * 60 * 1000;
+
+/// Proof that a JSON call carries a valid CSRF header and comes from our origin. An extractor,
+/// so it runs before the body is read: a forged call is refused before any parsing.
+pub struct ApiCsrf;
+
+impl FromRequestParts<AppState> for ApiCsrf {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let token = parts
+            .headers
+            .get(CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        check_csrf(state, &parts.headers, token)?;
+        Ok(ApiCsrf)
+    }
+}
+
+/// The key service, or 404 when WebAuthn is off here.
+pub(super) fn keys(state: &AppState) -> Result<&Keys, AppError> {
+    state.keys.as_ref().ok_or_else(|| {
+        AppError::new(
+            StatusCode::NOT_FOUND,
+            "webauthn_unavailable",
+            "Security keys are not available on this gateway.",
+        )
+    })
+}
+
+fn started(s: Started) -> Response {
+    axum::Json(serde_json::json!({ "ceremony": s.ceremony, "options": s.options })).into_response()
+}
+
+fn redirect_json(to: &str) -> Response {
+    axum::Json(serde_json::json!({ "redirect": to })).into_response()
+}
+
+/// After a step up in privilege: the session moves to a new id (set as cookie) and the browser
+/// is told where its stage belongs.
+async fn stepped_up(
+    state: &AppState,
+    loaded: &Loaded,
+    more_cookies: Vec<String>,
+) -> Result<Response, AppError> {
+    let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
+    let mut cookies = vec![state.sessions.set_cookie(&id)];
+    cookies.extend(more_cookies);
+    Ok(with_cookies(redirect_json(&stage_page(loaded)), cookies))
+}
+
+fn expired() -> AppError {
+    AppError::new(
+        StatusCode::BAD_REQUEST,
+        "ceremony_expired",
+        "This security key request expired or was already used. Please try again.",
+    )
+}
+
+fn refused(r: Refusal, message: &str) -> AppError {
+    match r {
+        Refusal::Expired => expired(),
+        Refusal::Rejected(_) => AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "key_rejected",
+            message.to_string(),
+        ),
+    }
+}
+
+fn no_session() -> AppError {
+    AppError::new(
+        StatusCode::UNAUTHORIZED,
+        "session_required",
+        "Your session has ended. Please sign in again.",
+    )
+}
+
+/// Whether the session's last second-factor proof is recent enough for a change of factors.
+pub(super) fn fresh(state: &AppState, s: &Session) -> bool {
+    state.clock.now_millis() - s.auth_ms <= FRESH_PROOF_MS
+}
+
+/// The session allowed to register a key and its user: a complete session with a fresh
+/// second-factor proof, or a new user at the forced-enrolment step.
+async fn registering(state: &AppState, headers: &HeaderMap) -> Result<(Loaded, User), AppError> {
+    let loaded = current_session(state, headers)
+        .await?
+        .ok_or_else(no_session)?;
+    let user = match &loaded.session.stage {
+        Stage::Authenticated => {
+            let user = state
+                .user_gate
+                .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
+                .await?
+                .ok_or_else(no_session)?;
+            if !fresh(state, &loaded.session) {
+                return Err(AppError::forbidden(
+                    "reauthentication_required",
+                    "For your security, sign out and sign in again before adding a key.",
+                ));
+            }
+            user
+        }
+        Stage::EnrolTotp { .. } => state
+            .login
+            .active_user(&loaded.session.user_id)
+            .await?
+            .ok_or_else(no_session)?,
+        _ => return Err(no_session()),
+    };
+    Ok((loaded, user))
+}
+
+#[derive(Deserialize)]
+pub struct RegisterStart {
+    #[serde(default)]
+    name: String,
+}
+
+/// `POST /_portcullis/webauthn/register/start` `{name}` → `{ceremony, options}`.
+pub async fn register_start(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    headers: HeaderMap,
+    Json(body): Json<RegisterStart>,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let (loaded, user) = registering(&state, &headers).await?;
+    if body.name.chars().count() > crate::auth::webauthn::MAX_NAME
+        || body.name.chars().any(char::is_control)
+    {
+        return Err(AppError::bad_request(
+            "A key name has at most 64 characters and no control characters.",
+        ));
+    }
+    let s = keys
+        .start_registration(&user, &loaded.key, &body.name)
+        .await?;
+    Ok(started(s))
+}
+
+#[derive(Deserialize)]
+pub struct Finish<T> {
+    ceremony: String,
+    credential: T,
+    /// Where to go after a passkey sign-in (validated as a same-origin path).
+    #[serde(default)]
+    next: String,
+}
+
+/// `POST /_portcullis/webauthn/register/finish` `{ceremony, credential}` → `{redirect}`.
+pub async fn register_finish(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Json(body): Json<Finish<RegisterPublicKeyCredential>>,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let (mut loaded, user) = registering(&state, &headers).await?;
+    let client = super::client(&state, peer, &headers);
+    let outcome = keys
+        .finish_registration(
+            &body.ceremony,
+            &loaded.key,
+            &user,
+            &body.credential,
+            &client,
+        )
+        .await?;
+    match outcome {
+        Registered::Refused(r) => Err(refused(
+            r,
+            "The security key's answer could not be verified. Please try again.",
+        )),
+        Registered::Stored(_) if matches!(loaded.session.stage, Stage::EnrolTotp { .. }) => {
+            keys.complete_enrolment(&mut loaded.session, &user).await?;
+            stepped_up(&state, &loaded, Vec::new()).await
+        }
+        Registered::Stored(_) => Ok(redirect_json("/_portcullis/account?notice=key_added")),
+    }
+}
+
+/// The session waiting for its second factor.
+async fn pending_second_factor(state: &AppState, headers: &HeaderMap) -> Result<Loaded, AppError> {
+    current_session(state, headers)
+        .await?
+        .filter(|l| l.session.stage == Stage::SecondFactor)
+        .ok_or_else(no_session)
+}
+
+/// `POST /_portcullis/webauthn/authenticate/start` → `{ceremony, options}`.
+pub async fn authenticate_start(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let loaded = pending_second_factor(&state, &headers).await?;
+    match keys
+        .start_second_factor(&loaded.session, &loaded.key)
+        .await?
+    {
+        Some(s) => Ok(started(s)),
+        None => Err(AppError::new(
+            StatusCode::NOT_FOUND,
+            "no_keys",
+            "No security key is registered for this account.",
+        )),
+    }
+}
+
+/// `POST /_portcullis/webauthn/authenticate/finish` `{ceremony, credential}` → `{redirect}`.
+pub async fn authenticate_finish(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Json(body): Json<Finish<PublicKeyCredential>>,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let mut loaded = pending_second_factor(&state, &headers).await?;
+    let client = super::client(&state, peer, &headers);
+    let outcome = keys
+        .finish_second_factor(
+            &body.ceremony,
+            &loaded.key,
+            &mut loaded.session,
+            &body.credential,
+            &client,
+        )
+        .await?;
+    match outcome {
+        CodeOutcome::Accepted => {
+            let device = complete_sign_in(&state, &headers, &client, &loaded).await?;
+            stepped_up(&state, &loaded, device).await
+        }
+        CodeOutcome::Rejected => {
+            state.sessions.save(&loaded.key, &loaded.session).await?;
+            Err(AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "key_rejected",
+                "The security key was not accepted. Try again, or use a code instead.",
+            ))
+        }
+        CodeOutcome::Restart => {
+            state
+                .sessions
+                .destroy(&loaded.key, &loaded.session.user_id)
+                .await?;
+            let resp = AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "restart",
+                "Too many failed attempts. Please sign in again.",
+            )
+            .into_response();
+            Ok(with_cookies(resp, [state.sessions.clear_cookie()]))
+        }
+        CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+    }
+}
+
+/// What a passkey ceremony is bound to before any session exists: the browser's CSRF cookie.
+fn browser_binding(state: &AppState, headers: &HeaderMap) -> Result<String, AppError> {
+    get_cookie(headers, csrf::cookie_name(state.config.is_https()))
+        .map(|v| sha256_hex(v.as_bytes()))
+        .ok_or_else(|| AppError::forbidden("csrf", "Reload the page and try again."))
+}
+
+/// `POST /_portcullis/webauthn/passkey/start` → `{ceremony, options}`.
+pub async fn passkey_start(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let binding = browser_binding(&state, &headers)?;
+    Ok(started(keys.start_passkey(&binding).await?))
+}
+
+/// `POST /_portcullis/webauthn/passkey/finish` `{ceremony, credential, next}` → `{redirect}`:
+/// a complete sign-in (the passkey is something the user has, unlocked by something they know
+/// or are).
+pub async fn passkey_finish(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Json(body): Json<Finish<PublicKeyCredential>>,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let binding = browser_binding(&state, &headers)?;
+    let client = super::client(&state, peer, &headers);
+    let user = match keys
+        .finish_passkey(&body.ceremony, &binding, &body.credential, &client)
+        .await?
+    {
+        PasskeySignIn::Accepted(u) => u,
+        PasskeySignIn::Refused(r) => {
+            return Err(refused(
+                r,
+                "That passkey was not accepted. Try again, or sign in with your password.",
+            ))
+        }
+        PasskeySignIn::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
+    };
+    end_current_session(&state, &headers).await?;
+    let next = safe_return_to(&body.next, &state.config.server.public_url);
+    let mut session = Session::after_password(
+        &user.id,
+        Stage::Authenticated,
+        state.clock.now_millis(),
+        &client.ip,
+        &client.user_agent,
+        next,
+    );
+    session.amr = PASSKEY_AMR.iter().map(|s| s.to_string()).collect();
+    let (id, key) = state.sessions.create(&session).await?;
+    let loaded = Loaded { key, session };
+    let mut cookies = vec![state.sessions.set_cookie(&id)];
+    cookies.extend(complete_sign_in(&state, &headers, &client, &loaded).await?);
+    Ok(with_cookies(redirect_json(&stage_page(&loaded)), cookies))
+}

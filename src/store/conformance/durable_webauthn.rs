@@ -1,0 +1,199 @@
+//! The [`DurableStore`] contract for security keys and passkeys: storage, the counter
+//! compare-and-set, suspension, rename/remove scoped to the owner, and reset.
+
+use std::sync::Arc;
+
+use tokio::sync::Barrier;
+
+use super::durable::create;
+use crate::store::{DurableStore, StoreError, WebauthnCredential};
+
+fn cred(user_id: &str, tag: &str, n: u32) -> WebauthnCredential {
+    WebauthnCredential {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: user_id.to_string(),
+        credential_id: format!("cred-{tag}-{n}"),
+        passkey: format!("{{\"cred\":{{\"counter\":{n}}}}}"),
+        name: format!("Key {n}"),
+        aaguid: (n % 2 == 0).then(|| "cb69481e-8ff7-4039-93ec-0a2729a154a8".to_string()),
+        sign_count: 0,
+        created_at: 1_700_000_000 + i64::from(n),
+        last_used_at: None,
+        suspended_at: None,
+        suspended_reason: None,
+    }
+}
+
+/// Runs every check.
+pub(super) async fn webauthn(s: &Arc<dyn DurableStore>, tag: &str) {
+    storage_and_lookup(s, tag).await;
+    counter_only_rises(s, tag).await;
+    counter_races_have_one_winner(s, tag).await;
+    suspension(s, tag).await;
+    rename_and_remove_are_owner_scoped(s, tag).await;
+}
+
+async fn storage_and_lookup(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("wa-store.{tag}@example.com")).await;
+    assert!(s.webauthn_credentials(&u.id).await.unwrap().is_empty());
+    let (a, b) = (cred(&u.id, tag, 1), cred(&u.id, tag, 2));
+    s.add_webauthn_credential(&b).await.unwrap();
+    s.add_webauthn_credential(&a).await.unwrap();
+    assert_eq!(
+        s.webauthn_credentials(&u.id).await.unwrap(),
+        vec![a.clone(), b.clone()],
+        "oldest first, every field kept"
+    );
+    assert_eq!(
+        s.webauthn_credential(&a.credential_id).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(s.webauthn_credential("no-such-cred").await.unwrap(), None);
+
+    // A credential id belongs to one user only.
+    let other = create(s, &format!("wa-other.{tag}@example.com")).await;
+    let mut dup = cred(&other.id, tag, 1);
+    dup.id = uuid::Uuid::new_v4().to_string();
+    match s.add_webauthn_credential(&dup).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("duplicate credential id must conflict, got {other:?}"),
+    }
+    assert!(s.webauthn_credentials(&other.id).await.unwrap().is_empty());
+
+    // Reset removes the keys with the other second factors.
+    s.reset_second_factors(&u.id).await.unwrap();
+    assert!(s.webauthn_credentials(&u.id).await.unwrap().is_empty());
+    assert_eq!(s.webauthn_credential(&a.credential_id).await.unwrap(), None);
+}
+
+async fn counter_only_rises(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("wa-count.{tag}@example.com")).await;
+    let c = cred(&u.id, tag, 3);
+    s.add_webauthn_credential(&c).await.unwrap();
+    assert!(s
+        .record_webauthn_use(&c.id, "{\"v\":5}", 5, 10)
+        .await
+        .unwrap());
+    let got = s
+        .webauthn_credential(&c.credential_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.sign_count, got.last_used_at), (5, Some(10)));
+    assert_eq!(got.passkey, "{\"v\":5}");
+    for stale in [5, 4, 0] {
+        assert!(
+            !s.record_webauthn_use(&c.id, "{\"v\":0}", stale, 11)
+                .await
+                .unwrap(),
+            "counter {stale} after 5 is refused"
+        );
+    }
+    let got = s
+        .webauthn_credential(&c.credential_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (got.sign_count, got.last_used_at),
+        (5, Some(10)),
+        "unchanged"
+    );
+
+    // Authenticators without a counter always report 0: accepted while the stored one is 0.
+    let z = cred(&u.id, tag, 4);
+    s.add_webauthn_credential(&z).await.unwrap();
+    assert!(s.record_webauthn_use(&z.id, "{}", 0, 20).await.unwrap());
+    assert!(s.record_webauthn_use(&z.id, "{}", 0, 21).await.unwrap());
+    let got = s
+        .webauthn_credential(&z.credential_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.last_used_at, Some(21));
+    assert!(!s
+        .record_webauthn_use("no-such-id", "{}", 9, 22)
+        .await
+        .unwrap());
+}
+
+async fn counter_races_have_one_winner(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("wa-race.{tag}@example.com")).await;
+    let c = cred(&u.id, tag, 5);
+    s.add_webauthn_credential(&c).await.unwrap();
+    let n = 8;
+    let barrier = Arc::new(Barrier::new(n));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (s, b, id) = (s.clone(), barrier.clone(), c.id.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            s.record_webauthn_use(&id, "{}", 7, 30).await.unwrap()
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1, "the same counter value is accepted exactly once");
+}
+
+async fn suspension(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("wa-susp.{tag}@example.com")).await;
+    let c = cred(&u.id, tag, 6);
+    s.add_webauthn_credential(&c).await.unwrap();
+    s.suspend_webauthn_credential(&c.id, "possible_clone", 40)
+        .await
+        .unwrap();
+    let got = s
+        .webauthn_credential(&c.credential_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.is_suspended());
+    assert_eq!(got.suspended_at, Some(40));
+    assert_eq!(got.suspended_reason.as_deref(), Some("possible_clone"));
+    assert!(
+        !s.record_webauthn_use(&c.id, "{}", 99, 41).await.unwrap(),
+        "a suspended credential records no use"
+    );
+    // A second suspension keeps the first time and reason.
+    s.suspend_webauthn_credential(&c.id, "other", 50)
+        .await
+        .unwrap();
+    let got = s
+        .webauthn_credential(&c.credential_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.suspended_at, Some(40));
+    assert_eq!(got.suspended_reason.as_deref(), Some("possible_clone"));
+}
+
+async fn rename_and_remove_are_owner_scoped(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("wa-own.{tag}@example.com")).await;
+    let mallory = create(s, &format!("wa-mallory.{tag}@example.com")).await;
+    let c = cred(&u.id, tag, 7);
+    s.add_webauthn_credential(&c).await.unwrap();
+    assert!(!s
+        .rename_webauthn_credential(&mallory.id, &c.id, "mine now")
+        .await
+        .unwrap());
+    assert!(!s
+        .remove_webauthn_credential(&mallory.id, &c.id)
+        .await
+        .unwrap());
+    assert!(s
+        .rename_webauthn_credential(&u.id, &c.id, "Blue key 'quoted' <b>")
+        .await
+        .unwrap());
+    let got = s
+        .webauthn_credential(&c.credential_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.name, "Blue key 'quoted' <b>");
+    assert!(s.remove_webauthn_credential(&u.id, &c.id).await.unwrap());
+    assert!(!s.remove_webauthn_credential(&u.id, &c.id).await.unwrap());
+    assert_eq!(s.webauthn_credential(&c.credential_id).await.unwrap(), None);
+}

@@ -1,0 +1,177 @@
+// Security keys and passkeys. No inline script (the gateway's CSP forbids it): pages mark a
+// section with data-webauthn="register" | "second-factor" | "passkey" and data-csrf, and this
+// module wires its [data-webauthn-start] button. The server keeps all ceremony state; this only
+// carries the challenge to the authenticator and the answer back.
+
+const API = "/_portcullis/webauthn";
+
+// --- base64url <-> ArrayBuffer ------------------------------------------------------------
+
+export function toBuffer(b64url) {
+  const b64 = b64url.replace(/-/g, "+").replace(/_/g, "/");
+  const padded = b64 + "===".slice((b64.length + 3) % 4);
+  const bin = atob(padded);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out.buffer;
+}
+
+export function toBase64url(buf) {
+  const bytes = new Uint8Array(buf);
+  let bin = "";
+  for (let i = 0; i < bytes.length; i++) bin += String.fromCharCode(bytes[i]);
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+// --- options from the server -> browser API -----------------------------------------------
+
+// Credential lists (excludeCredentials, allowCredentials) carry ids as base64url.
+function withBufferIds(list) {
+  return list ? list.map((c) => ({ ...c, id: toBuffer(c.id) })) : list;
+}
+
+function creationOptions(o) {
+  const pk = { ...o.publicKey, challenge: toBuffer(o.publicKey.challenge) };
+  pk.user = { ...pk.user, id: toBuffer(pk.user.id) };
+  pk.excludeCredentials = withBufferIds(pk.excludeCredentials);
+  return { publicKey: pk };
+}
+
+function requestOptions(o) {
+  const pk = { ...o.publicKey, challenge: toBuffer(o.publicKey.challenge) };
+  pk.allowCredentials = withBufferIds(pk.allowCredentials);
+  return { publicKey: pk };
+}
+
+// --- browser answers -> JSON for the server -----------------------------------------------
+
+function credentialJson(cred, response) {
+  return {
+    id: cred.id,
+    rawId: toBase64url(cred.rawId),
+    type: cred.type,
+    response,
+    extensions: cred.getClientExtensionResults ? cred.getClientExtensionResults() : {},
+  };
+}
+
+function registrationJson(cred) {
+  const r = cred.response;
+  return credentialJson(cred, {
+    attestationObject: toBase64url(r.attestationObject),
+    clientDataJSON: toBase64url(r.clientDataJSON),
+    transports: typeof r.getTransports === "function" ? r.getTransports() : undefined,
+  });
+}
+
+function assertionJson(cred) {
+  const r = cred.response;
+  return credentialJson(cred, {
+    authenticatorData: toBase64url(r.authenticatorData),
+    clientDataJSON: toBase64url(r.clientDataJSON),
+    signature: toBase64url(r.signature),
+    userHandle: r.userHandle ? toBase64url(r.userHandle) : null,
+  });
+}
+
+// --- messages -------------------------------------------------------------------------------
+
+export function explain(err) {
+  const name = err && err.name;
+  if (name === "NotAllowedError") {
+    return "The request was cancelled or timed out. Press the button to try again.";
+  }
+  if (name === "AbortError") return "The request was cancelled. Press the button to try again.";
+  if (name === "TimeoutError") return "The security key did not answer in time. Please try again.";
+  if (name === "InvalidStateError") return "This key is already registered to your account.";
+  if (name === "SecurityError") return "This address cannot use security keys. Contact support.";
+  if (name === "NotSupportedError") return "This security key does not support what is needed here.";
+  if (err && err.serverMessage) return err.serverMessage;
+  return "Something went wrong. Please try again.";
+}
+
+async function post(path, csrf, body) {
+  const resp = await fetch(API + path, {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": csrf },
+    body: JSON.stringify(body || {}),
+  });
+  let data = {};
+  try {
+    data = await resp.json();
+  } catch (_) {
+    data = {};
+  }
+  if (!resp.ok) {
+    const e = new Error(data.message || "request failed");
+    e.serverMessage = data.message || "The server refused the request. Please try again.";
+    throw e;
+  }
+  return data;
+}
+
+// --- ceremonies -----------------------------------------------------------------------------
+
+const flows = {
+  async register(section, csrf) {
+    const nameInput = section.querySelector("[data-webauthn-name]");
+    const name = nameInput ? nameInput.value : "";
+    const start = await post("/register/start", csrf, { name });
+    const cred = await navigator.credentials.create(creationOptions(start.options));
+    return post("/register/finish", csrf, {
+      ceremony: start.ceremony,
+      credential: registrationJson(cred),
+    });
+  },
+  async "second-factor"(section, csrf) {
+    const start = await post("/authenticate/start", csrf);
+    const cred = await navigator.credentials.get(requestOptions(start.options));
+    return post("/authenticate/finish", csrf, {
+      ceremony: start.ceremony,
+      credential: assertionJson(cred),
+    });
+  },
+  async passkey(section, csrf) {
+    const start = await post("/passkey/start", csrf);
+    const cred = await navigator.credentials.get(requestOptions(start.options));
+    return post("/passkey/finish", csrf, {
+      ceremony: start.ceremony,
+      credential: assertionJson(cred),
+      next: section.dataset.next || "",
+    });
+  },
+};
+
+function wire(section) {
+  const kind = section.dataset.webauthn;
+  const flow = flows[kind];
+  const button = section.querySelector("[data-webauthn-start]");
+  const status = section.querySelector("[data-webauthn-status]");
+  if (!flow || !button) return;
+  section.hidden = false;
+  const say = (text) => {
+    if (status) status.textContent = text;
+  };
+  if (!window.PublicKeyCredential || !navigator.credentials) {
+    button.disabled = true;
+    say("This browser cannot use security keys or passkeys. Use another method, or a current browser.");
+    return;
+  }
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    say("Follow your browser's prompt: touch your security key or unlock your passkey.");
+    try {
+      const result = await flow(section, section.dataset.csrf || "");
+      say("Done.");
+      if (result && typeof result.redirect === "string" && result.redirect.startsWith("/") && !result.redirect.startsWith("//")) {
+        window.location.assign(result.redirect);
+      }
+    } catch (err) {
+      say(explain(err));
+      button.disabled = false;
+    }
+  });
+}
+
+document.querySelectorAll("[data-webauthn]").forEach(wire);

@@ -1,0 +1,26 @@
+// static/webauthn.js without a browser: base64url conversion both ways and the messages shown
+// for the errors browsers raise. The ceremonies themselves are driven by the Rust tests.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+globalThis.document = { querySelectorAll: () => [] };
+const { toBuffer, toBase64url, explain } = await import("../../static/webauthn.js");
+
+test("base64url round-trips every length and byte value, without padding or + /", () => {
+  for (let n = 0; n < 70; n++) {
+    const bytes = Uint8Array.from({ length: n }, (_, i) => (i * 97 + n * 13) & 255);
+    const text = toBase64url(bytes.buffer);
+    assert.doesNotMatch(text, /[+/=]/);
+    assert.deepEqual(new Uint8Array(toBuffer(text)), bytes);
+  }
+  assert.equal(toBase64url(Uint8Array.from([0xfb, 0xff, 0xbf]).buffer), "-_-_");
+  assert.deepEqual(new Uint8Array(toBuffer("-_-_")), Uint8Array.from([0xfb, 0xff, 0xbf]));
+});
+
+test("browser errors get messages a user can act on", () => {
+  assert.match(explain({ name: "NotAllowedError" }), /cancelled or timed out/);
+  assert.match(explain({ name: "InvalidStateError" }), /already registered/);
+  assert.match(explain({ name: "SecurityError" }), /cannot use security keys/);
+  assert.equal(explain({ serverMessage: "The key was not accepted." }), "The key was not accepted.");
+  assert.match(explain(undefined), /try again/);
+});

@@ -1,0 +1,641 @@
+//! Security keys and passkeys end to end: real ceremonies over HTTP against the real router,
+//! answered by a software authenticator (webauthn-authenticator-rs `SoftPasskey`). WebAuthn
+//! needs a domain, so these gateways answer as `http://localhost:<port>` (a secure context).
+
+use portcullis::clock::Clock;
+use serde_json::{json, Value};
+use webauthn_authenticator_rs::prelude::{
+    CreationChallengeResponse, PublicKeyCredential, RequestChallengeResponse, Url,
+};
+use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+use webauthn_authenticator_rs::WebauthnAuthenticator;
+
+use super::harness::*;
+
+pub(super) type Key = WebauthnAuthenticator<SoftPasskey>;
+
+/// A key that performs user verification (PIN or biometric).
+pub(super) fn key() -> Key {
+    WebauthnAuthenticator::new(SoftPasskey::new(true))
+}
+
+pub(super) fn localhost(c: &mut portcullis::config::Config) {
+    let port = c.server.listen.rsplit(':').next().unwrap().to_string();
+    c.server.public_url = Url::parse(&format!("http://localhost:{port}/")).unwrap();
+}
+
+pub(super) async fn gateway() -> Gateway {
+    Gateway::start_with(localhost).await
+}
+
+pub(super) fn origin(gw: &Gateway) -> Url {
+    gw.state.config.server.public_url.clone()
+}
+
+/// The status of a console request from `c`: 200 when forwarded, 303 to the sign-in page.
+pub(super) async fn console(gw: &Gateway, c: &Browser) -> u16 {
+    c.get(gw.url("/campaigns"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+pub(super) async fn user(gw: &Gateway, email: &str) -> portcullis::store::User {
+    gw.state
+        .durable
+        .user_by_email(email)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A signed-in user (TOTP enrolled) who has just registered one key named `name`.
+pub(super) async fn with_key(
+    gw: &Gateway,
+    email: &str,
+    name: &str,
+) -> (
+    Browser,
+    portcullis::store::User,
+    Key,
+    portcullis::store::WebauthnCredential,
+) {
+    let (c, _, _) = gw.signed_in(email).await;
+    let u = user(gw, email).await;
+    let mut k = key();
+    register(gw, &c, &mut k, name).await;
+    let cred = only_credential(gw, &u.id).await;
+    (c, u, k, cred)
+}
+
+/// The text of a gateway page.
+pub(super) async fn page(gw: &Gateway, c: &Browser, path: &str) -> String {
+    c.get(gw.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Removes a key through the account page's form.
+pub(super) async fn remove_key(gw: &Gateway, c: &Browser, id: &str) -> reqwest::Response {
+    let csrf = gw.csrf(c, "/_portcullis/account").await;
+    let path = format!("/_portcullis/account/keys/{id}/remove");
+    post_form(gw, c, &path, &[("csrf", csrf.as_str())]).await
+}
+
+/// A form post from a page of the account.
+pub(super) async fn post_form(
+    gw: &Gateway,
+    c: &Browser,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    c.post(gw.url(path)).form(fields).send().await.unwrap()
+}
+
+/// A JSON call with the CSRF header.
+pub(super) async fn call(
+    gw: &Gateway,
+    c: &Browser,
+    csrf: &str,
+    path: &str,
+    body: Value,
+) -> reqwest::Response {
+    c.post(gw.url(&format!("/_portcullis/webauthn/{path}")))
+        .header("accept", "application/json")
+        .header("x-csrf-token", csrf)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `(ceremony, options)` from a start call that must succeed.
+pub(super) async fn start(
+    gw: &Gateway,
+    c: &Browser,
+    csrf: &str,
+    path: &str,
+    body: Value,
+) -> (String, Value) {
+    let r = call(gw, c, csrf, path, body).await;
+    assert_eq!(r.status(), 200, "{path}");
+    let v: Value = r.json().await.unwrap();
+    (
+        v["ceremony"].as_str().unwrap().to_string(),
+        v["options"].clone(),
+    )
+}
+
+pub(super) async fn error_code(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (status, v["error"].as_str().unwrap_or_default().to_string())
+}
+
+/// Starts a registration from `page` and lets `k` answer; returns the finish body.
+pub(super) async fn registration(
+    gw: &Gateway,
+    c: &Browser,
+    k: &mut Key,
+    page: &str,
+    name: &str,
+) -> (String, Value) {
+    let csrf = gw.csrf(c, page).await;
+    let (ceremony, options) = start(gw, c, &csrf, "register/start", json!({ "name": name })).await;
+    let ccr: CreationChallengeResponse = serde_json::from_value(options).unwrap();
+    let reg = k.do_registration(origin(gw), ccr).unwrap();
+    (csrf, json!({ "ceremony": ceremony, "credential": reg }))
+}
+
+/// Registers a key for the signed-in browser from the account page.
+pub(super) async fn register(gw: &Gateway, c: &Browser, k: &mut Key, name: &str) {
+    let (csrf, body) = registration(gw, c, k, "/_portcullis/account", name).await;
+    let r = call(gw, c, &csrf, "register/finish", body).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// Password step in a fresh browser; the session then waits for its second factor.
+pub(super) async fn after_password(gw: &Gateway, email: &str) -> Browser {
+    gw.clock.advance(30);
+    let c = gw.browser();
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    c
+}
+
+/// Runs a second-factor ceremony; `tamper` may change the options the key sees and the origin.
+pub(super) async fn second_factor(
+    gw: &Gateway,
+    c: &Browser,
+    k: &mut Key,
+    tamper: impl FnOnce(&mut Value, &mut Url),
+) -> (reqwest::Response, Value, String) {
+    let csrf = gw.csrf(c, "/_portcullis/mfa").await;
+    let (ceremony, mut options) = start(gw, c, &csrf, "authenticate/start", json!({})).await;
+    let mut at = origin(gw);
+    tamper(&mut options, &mut at);
+    let rcr: RequestChallengeResponse = serde_json::from_value(options).unwrap();
+    let cred = k.do_authentication(at, rcr).unwrap();
+    let body = json!({ "ceremony": ceremony, "credential": cred });
+    (
+        call(gw, c, &csrf, "authenticate/finish", body.clone()).await,
+        body,
+        csrf,
+    )
+}
+
+/// Runs a passkey sign-in from the login page. The software key keeps no discoverable
+/// credentials, so the test plays the browser's part: it names the credential to use and
+/// returns the user handle stored with it, as a discoverable authenticator would.
+pub(super) async fn passkey(
+    gw: &Gateway,
+    c: &Browser,
+    k: &mut Key,
+    cred_id: &str,
+    user_id: &str,
+    tamper: impl FnOnce(&mut Value),
+) -> (reqwest::Response, Value, String) {
+    let csrf = gw.csrf(c, "/_portcullis/login").await;
+    let (ceremony, mut options) = start(gw, c, &csrf, "passkey/start", json!({})).await;
+    assert_eq!(options["publicKey"]["userVerification"], "required");
+    assert!(options["publicKey"]["allowCredentials"]
+        .as_array()
+        .is_none_or(|a| a.is_empty()));
+    options["publicKey"]["allowCredentials"] = json!([{ "type": "public-key", "id": cred_id }]);
+    tamper(&mut options);
+    let rcr: RequestChallengeResponse = serde_json::from_value(options).unwrap();
+    let mut cred: PublicKeyCredential = k.do_authentication(origin(gw), rcr).unwrap();
+    let handle = uuid::Uuid::parse_str(user_id).unwrap();
+    cred.response.user_handle = Some(handle.as_bytes().to_vec().into());
+    let body = json!({ "ceremony": ceremony, "credential": cred, "next": "/reports?x=1" });
+    (
+        call(gw, c, &csrf, "passkey/finish", body.clone()).await,
+        body,
+        csrf,
+    )
+}
+
+/// The claims of the identity token the console received last.
+pub(super) async fn last_claims(gw: &Gateway) -> portcullis::token::Claims {
+    let token = gw
+        .upstream
+        .last()
+        .header("x-portcullis-assertion")
+        .unwrap()
+        .to_string();
+    let jwks = gw.jwks().await;
+    // The test clock runs ahead of the wall clock by the steps the tests take; the leeway covers
+    // that (these tests check claims, not timing).
+    let iss = gw.state.config.issuer();
+    portcullis::token::verify(&token, &jwks, "esp-console", Some(&iss), 3600).unwrap()
+}
+
+/// A user's stored keys.
+pub(super) async fn credentials(
+    gw: &Gateway,
+    user_id: &str,
+) -> Vec<portcullis::store::WebauthnCredential> {
+    gw.state
+        .durable
+        .webauthn_credentials(user_id)
+        .await
+        .unwrap()
+}
+
+pub(super) async fn only_credential(
+    gw: &Gateway,
+    user_id: &str,
+) -> portcullis::store::WebauthnCredential {
+    let mut creds = credentials(gw, user_id).await;
+    assert_eq!(creds.len(), 1);
+    creds.remove(0)
+}
+
+pub(super) async fn audited(gw: &Gateway, event: &str, outcome: &str) -> Vec<Option<String>> {
+    gw.audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == event && e.outcome == outcome)
+        .map(|e| e.reason)
+        .collect()
+}
+
+#[tokio::test]
+async fn security_key_as_second_factor_gives_a_phishing_resistant_token() {
+    let gw = gateway().await;
+    let (c, user, mut k, _) = with_key(&gw, "keys@example.com", "Blue YubiKey").await;
+    let html = page(&gw, &c, "/_portcullis/account").await;
+    assert!(
+        html.contains("Blue YubiKey") && html.contains("never"),
+        "{html}"
+    );
+    let stored = only_credential(&gw, &user.id).await;
+    assert!(
+        !stored.passkey.contains("private"),
+        "only public material is stored"
+    );
+
+    let c = after_password(&gw, "keys@example.com").await;
+    let mfa = page(&gw, &c, "/_portcullis/mfa").await;
+    assert!(mfa.contains("Use security key") && mfa.contains("data-webauthn=\"second-factor\""));
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["redirect"], "/");
+    assert_eq!(console(&gw, &c).await, 200);
+    let claims = last_claims(&gw).await;
+    assert_eq!(claims.sub, user.id);
+    assert_eq!(claims.amr, vec!["pwd", "hwk"]);
+    assert_eq!(claims.acr, "urn:portcullis:acr:phr");
+
+    let used = only_credential(&gw, &user.id).await;
+    assert!(used.last_used_at.is_some() && used.sign_count >= 1);
+    assert_eq!(
+        audited(&gw, "webauthn_registered", "success").await.len(),
+        1
+    );
+    assert_eq!(
+        audited(&gw, "second_factor", "success")
+            .await
+            .last()
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some("hwk")
+    );
+}
+
+#[tokio::test]
+async fn passkey_sign_in_counts_as_two_factors() {
+    let gw = gateway().await;
+    let (_, user, mut k, cred) = with_key(&gw, "pk@example.com", "Laptop").await;
+
+    let fresh = gw.browser();
+    let login = page(&gw, &fresh, "/_portcullis/login").await;
+    assert!(login.contains("Sign in with a passkey"));
+    let (r, _, _) = passkey(&gw, &fresh, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["redirect"], "/reports?x=1");
+    assert_eq!(
+        fresh
+            .get(gw.url("/reports?x=1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let claims = last_claims(&gw).await;
+    assert_eq!(claims.sub, user.id);
+    assert_eq!(claims.amr, vec!["hwk", "user"]);
+    assert_eq!(claims.acr, "urn:portcullis:acr:phr");
+    assert_eq!(audited(&gw, "passkey_sign_in", "success").await.len(), 1);
+}
+
+#[tokio::test]
+async fn counter_going_backwards_refuses_and_suspends_the_key() {
+    let gw = gateway().await;
+    let (_, user, mut k, _) = with_key(&gw, "clone@example.com", "Key").await;
+    let c = after_password(&gw, "clone@example.com").await;
+    assert_eq!(
+        second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
+        200
+    );
+
+    // Another copy of the key has since signed with higher counters: the stored counter is
+    // ahead of what this one reports next.
+    let cred = only_credential(&gw, &user.id).await;
+    let mut pk: Value = serde_json::from_str(&cred.passkey).unwrap();
+    pk["cred"]["counter"] = json!(100);
+    let now = gw.clock.now();
+    assert!(gw
+        .state
+        .durable
+        .record_webauthn_use(&cred.id, &pk.to_string(), 100, now)
+        .await
+        .unwrap());
+
+    let c = after_password(&gw, "clone@example.com").await;
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |_, _| {}).await;
+    assert_eq!(error_code(r).await, (401, "key_rejected".into()));
+    assert_eq!(console(&gw, &c).await, 303);
+    let cred = only_credential(&gw, &user.id).await;
+    assert_eq!(cred.suspended_reason.as_deref(), Some("possible_clone"));
+    assert_eq!(
+        audited(&gw, "webauthn_possible_clone", "denied")
+            .await
+            .len(),
+        1
+    );
+
+    // A suspended key is no longer offered or accepted, also not for passkey sign-in.
+    let mfa = page(&gw, &c, "/_portcullis/mfa").await;
+    assert!(!mfa.contains("Use security key"));
+    let csrf = gw.csrf(&c, "/_portcullis/mfa").await;
+    let (status, code) =
+        error_code(call(&gw, &c, &csrf, "authenticate/start", json!({})).await).await;
+    assert_eq!((status, code.as_str()), (404, "no_keys"));
+    let (r, _, _) = passkey(
+        &gw,
+        &gw.browser(),
+        &mut k,
+        &cred.credential_id,
+        &user.id,
+        |_| {},
+    )
+    .await;
+    assert_eq!(error_code(r).await.0, 401);
+    let html = c.get(gw.url("/_portcullis/account")).send().await.unwrap();
+    assert_eq!(html.status(), 303, "not signed in");
+}
+
+#[tokio::test]
+async fn a_challenge_answers_once() {
+    let gw = gateway().await;
+    let (c, _, _) = gw.signed_in("replay@example.com").await;
+    let user = user(&gw, "replay@example.com").await;
+    let mut k = key();
+    // Registration: the same finish twice.
+    let (csrf, body) = registration(&gw, &c, &mut k, "/_portcullis/account", "Once").await;
+    assert_eq!(
+        call(&gw, &c, &csrf, "register/finish", body.clone())
+            .await
+            .status(),
+        200
+    );
+    let again = call(&gw, &c, &csrf, "register/finish", body).await;
+    assert_eq!(error_code(again).await, (400, "ceremony_expired".into()));
+    let cred = only_credential(&gw, &user.id).await;
+
+    // Passkey sign-in: the same finish twice (from the same browser).
+    let b = gw.browser();
+    let (r, body, csrf) = passkey(&gw, &b, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 200);
+    let again = call(&gw, &b, &csrf, "passkey/finish", body).await;
+    assert_eq!(error_code(again).await, (400, "ceremony_expired".into()));
+
+    // Second factor: a recorded answer replayed into a new sign-in's ceremony.
+    let c1 = after_password(&gw, "replay@example.com").await;
+    let (r, old, _) = second_factor(&gw, &c1, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200);
+    let c2 = after_password(&gw, "replay@example.com").await;
+    let csrf = gw.csrf(&c2, "/_portcullis/mfa").await;
+    let (ceremony, _) = start(&gw, &c2, &csrf, "authenticate/start", json!({})).await;
+    let replay = json!({ "ceremony": ceremony, "credential": old["credential"] });
+    let r = call(&gw, &c2, &csrf, "authenticate/finish", replay.clone()).await;
+    assert_eq!(error_code(r).await, (401, "key_rejected".into()));
+    // And the old ceremony itself cannot be finished by another browser.
+    let r = call(&gw, &c2, &csrf, "authenticate/finish", old).await;
+    assert_eq!(error_code(r).await.0, 401);
+    assert_eq!(console(&gw, &c2).await, 303);
+    let reasons = audited(&gw, "second_factor", "failure").await;
+    assert!(
+        reasons.contains(&Some("wrong_challenge".into())),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_ceremony_is_refused() {
+    let gw = gateway().await;
+    let (c, _, _) = gw.signed_in("slow@example.com").await;
+    let user = user(&gw, "slow@example.com").await;
+    let mut k = key();
+    let (csrf, body) = registration(&gw, &c, &mut k, "/_portcullis/account", "Slow").await;
+    let timeout = gw.state.config.webauthn.ceremony_timeout.as_secs() as i64;
+    gw.clock.advance(timeout + 1);
+    let r = call(&gw, &c, &csrf, "register/finish", body).await;
+    assert_eq!(error_code(r).await, (400, "ceremony_expired".into()));
+    assert!(credentials(&gw, &user.id).await.is_empty());
+    assert_eq!(
+        audited(&gw, "webauthn_registered", "failure").await,
+        vec![Some("ceremony_expired".into())]
+    );
+}
+
+#[tokio::test]
+async fn user_verification_is_required_for_passkeys() {
+    let gw = gateway().await;
+    let (_, user, mut k, cred) = with_key(&gw, "uv@example.com", "Key").await;
+    // A client that skips user verification: the key signs with "user present" only.
+    let (r, _, _) = passkey(
+        &gw,
+        &gw.browser(),
+        &mut k,
+        &cred.credential_id,
+        &user.id,
+        |o| {
+            o["publicKey"]["userVerification"] = json!("discouraged");
+        },
+    )
+    .await;
+    assert_eq!(error_code(r).await, (401, "key_rejected".into()));
+    assert!(audited(&gw, "passkey_sign_in", "failure")
+        .await
+        .contains(&Some("user_not_verified".into())));
+    // Same as second factor under the default `user_verification = "required"`.
+    let c = after_password(&gw, "uv@example.com").await;
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |o, _| {
+        o["publicKey"]["userVerification"] = json!("discouraged");
+    })
+    .await;
+    assert_eq!(error_code(r).await.0, 401);
+    assert_eq!(console(&gw, &c).await, 303);
+}
+
+#[tokio::test]
+async fn an_answer_made_for_another_origin_is_refused() {
+    let gw = gateway().await;
+    let (c, _, _) = gw.signed_in("phish@example.com").await;
+    let mut k = key();
+    register(&gw, &c, &mut k, "Key").await;
+    let c = after_password(&gw, "phish@example.com").await;
+    // A look-alike site on another port relays our challenge to the user's key.
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |_, at| {
+        at.set_port(Some(1)).unwrap();
+    })
+    .await;
+    assert_eq!(error_code(r).await, (401, "key_rejected".into()));
+    assert!(audited(&gw, "second_factor", "failure")
+        .await
+        .contains(&Some("wrong_origin".into())));
+    assert_eq!(console(&gw, &c).await, 303);
+}
+
+#[tokio::test]
+async fn json_calls_need_the_csrf_header_and_our_origin() {
+    let gw = gateway().await;
+    let (c, _, _) = gw.signed_in("csrf@example.com").await;
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let path = "/_portcullis/webauthn/register/start";
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("no token", vec![]),
+        ("wrong token", vec![("x-csrf-token", "A".repeat(43))]),
+        (
+            "foreign origin",
+            vec![
+                ("x-csrf-token", csrf.clone()),
+                ("origin", "http://evil.example".into()),
+            ],
+        ),
+        (
+            "cross-site fetch",
+            vec![
+                ("x-csrf-token", csrf.clone()),
+                ("sec-fetch-site", "cross-site".into()),
+            ],
+        ),
+    ];
+    for (what, headers) in cases {
+        let mut req = c
+            .post(gw.url(path))
+            .header("accept", "application/json")
+            .json(&json!({}));
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let (status, code) = error_code(req.send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (403, "csrf"), "{what}");
+    }
+    for p in [
+        "passkey/start",
+        "authenticate/start",
+        "passkey/finish",
+        "authenticate/finish",
+    ] {
+        let r = c
+            .post(gw.url(&format!("/_portcullis/webauthn/{p}")))
+            .header("accept", "application/json")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{p}");
+    }
+    // Not JSON, or malformed JSON: a clear 4xx.
+    let r = c
+        .post(gw.url(path))
+        .header("accept", "application/json")
+        .header("x-csrf-token", &csrf)
+        .body("name=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let r = call(
+        &gw,
+        &c,
+        &csrf,
+        "register/finish",
+        json!({"ceremony": "x", "credential": {"id": 1}}),
+    )
+    .await;
+    assert_eq!(error_code(r).await, (400, "bad_request".into()));
+    let r = call(
+        &gw,
+        &c,
+        &csrf,
+        "register/start",
+        json!({"name": "x".repeat(65)}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn an_ip_address_public_url_switches_keys_off() {
+    let gw = Gateway::start().await;
+    let c = gw.browser();
+    let login = page(&gw, &c, "/_portcullis/login").await;
+    assert!(!login.contains("passkey"));
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let (status, code) = error_code(call(&gw, &c, &csrf, "passkey/start", json!({})).await).await;
+    assert_eq!((status, code.as_str()), (404, "webauthn_unavailable"));
+}
+
+#[tokio::test]
+async fn preferred_user_verification_accepts_a_touch_after_the_password() {
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        c.webauthn.user_verification = portcullis::config::UserVerification::Preferred;
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("touch@example.com").await;
+    // A key without PIN or biometric.
+    let mut k: Key = WebauthnAuthenticator::new(SoftPasskey::new(false));
+    register(&gw, &c, &mut k, "Plain key").await;
+    let c = after_password(&gw, "touch@example.com").await;
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    assert_eq!(last_claims(&gw).await.amr, vec!["pwd", "hwk"]);
+}
+
+#[tokio::test]
+async fn failed_keys_count_like_wrong_codes() {
+    let gw = gateway().await;
+    let (_, _, mut k, _) = with_key(&gw, "tries@example.com", "Key").await;
+    let c = after_password(&gw, "tries@example.com").await;
+    let per_login = gw.state.config.limits.second_factor_failures_per_login;
+    let mut last = (0, String::new());
+    for _ in 0..per_login {
+        let (r, _, _) = second_factor(&gw, &c, &mut k, |_, at| {
+            at.set_port(Some(1)).unwrap();
+        })
+        .await;
+        last = error_code(r).await;
+    }
+    // The last failure ends the sign-in: it starts again from the password.
+    assert_eq!(last, (401, "restart".into()));
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let r = call(&gw, &c, &csrf, "authenticate/start", json!({})).await;
+    assert_eq!(error_code(r).await, (401, "session_required".into()));
+    assert_eq!(console(&gw, &c).await, 303);
+}

@@ -1,0 +1,95 @@
+//! The account page and enrolment with a key: adding, renaming and removing keys, the
+//! fresh-proof rule, and a new user choosing a key instead of an authenticator app.
+
+use serde_json::Value;
+
+use super::harness::*;
+use super::webauthn::*;
+
+#[tokio::test]
+async fn a_new_user_can_enrol_a_key_instead_of_totp() {
+    let gw = gateway().await;
+    let user = gw.add_user("new@example.com").await;
+    let c = gw.browser();
+    let r = gw.password(&c, "new@example.com", PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let mut k = key();
+    let (csrf, body) = registration(&gw, &c, &mut k, "/_portcullis/enrol/totp", "Phone").await;
+    let r = call(&gw, &c, &csrf, "register/finish", body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["redirect"], "/_portcullis/recovery-codes");
+    let csrf = gw.csrf(&c, "/_portcullis/recovery-codes").await;
+    let r = post_form(
+        &gw,
+        &c,
+        "/_portcullis/recovery-codes",
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
+    assert_eq!(location(&r), "/");
+    assert_eq!(c.get(gw.url("/home")).send().await.unwrap().status(), 200);
+    assert_eq!(last_claims(&gw).await.amr, vec!["pwd", "hwk"]);
+    assert!(gw.state.durable.totp(&user.id).await.unwrap().is_none());
+
+    // Next time the key is the second factor; a 6-digit guess is just a wrong code.
+    let c = after_password(&gw, "new@example.com").await;
+    let r = gw.code(&c, "/_portcullis/mfa", "123456").await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
+        200
+    );
+
+    // The only second factor cannot be removed.
+    let cred = only_credential(&gw, &user.id).await;
+    let r = remove_key(&gw, &c, &cred.id).await;
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("only second factor"));
+    only_credential(&gw, &user.id).await;
+}
+
+#[tokio::test]
+async fn keys_are_renamed_and_removed_from_the_account_page() {
+    let gw = gateway().await;
+    let (c, user, mut k, cred) = with_key(&gw, "manage@example.com", "Old name").await;
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let r = post_form(
+        &gw,
+        &c,
+        &format!("/_portcullis/account/keys/{}/rename", cred.id),
+        &[("csrf", csrf.as_str()), ("name", "<b>New</b> name")],
+    )
+    .await;
+    assert_eq!(location(&r), "/_portcullis/account?notice=key_renamed");
+    let html = page(&gw, &c, "/_portcullis/account").await;
+    assert!(
+        html.contains("&#60;b&#62;New&#60;/b&#62; name") || html.contains("&lt;b&gt;New"),
+        "{html}"
+    );
+
+    // Someone else's key is not there for this user.
+    let (other, _, _) = gw.signed_in("other@example.com").await;
+    let r = remove_key(&gw, &other, &cred.id).await;
+    assert_eq!(r.status(), 404);
+
+    // Removing needs a recent second-factor proof.
+    gw.clock.advance(11 * 60);
+    let r = post_form(
+        &gw,
+        &c,
+        &format!("/_portcullis/account/keys/{}/remove", cred.id),
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    let c = after_password(&gw, "manage@example.com").await;
+    assert_eq!(
+        second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
+        200
+    );
+    let r = remove_key(&gw, &c, &cred.id).await;
+    assert_eq!(location(&r), "/_portcullis/account?notice=key_removed");
+    assert!(credentials(&gw, &user.id).await.is_empty());
+    assert_eq!(audited(&gw, "webauthn_removed", "success").await.len(), 1);
+}
