@@ -10,7 +10,9 @@ async fn user_disable_ends_sessions_mid_flight() {
         c.get(gw.url("/campaigns")).send().await.unwrap().status(),
         200
     );
-    let out = gw.cli(&["user", "disable", "victim@example.com"], None);
+    let out = gw
+        .cli(&["user", "disable", "victim@example.com"], None)
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -38,31 +40,39 @@ async fn user_disable_ends_sessions_mid_flight() {
 #[tokio::test]
 async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
     let gw = Gateway::start().await;
-    let out = gw.cli(
-        &["user", "add", "New@Example.com", "--account", "acct-9"],
-        Some("password123\n"),
-    );
+    let out = gw
+        .cli(
+            &["user", "add", "New@Example.com", "--account", "acct-9"],
+            Some("password123\n"),
+        )
+        .await;
     assert!(!out.status.success(), "common password refused");
-    let out = gw.cli(
-        &["user", "add", "New@Example.com", "--account", "acct-9"],
-        Some("short\n"),
-    );
+    let out = gw
+        .cli(
+            &["user", "add", "New@Example.com", "--account", "acct-9"],
+            Some("short\n"),
+        )
+        .await;
     assert!(!out.status.success(), "short password refused");
-    let out = gw.cli(
-        &["user", "add", "New@Example.com", "--account", "acct-9"],
-        Some(&format!("{PASSWORD}\n")),
-    );
+    let out = gw
+        .cli(
+            &["user", "add", "New@Example.com", "--account", "acct-9"],
+            Some(&format!("{PASSWORD}\n")),
+        )
+        .await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = gw.cli(
-        &["user", "add", "new@example.com", "--account", "acct-9"],
-        Some(&format!("{PASSWORD}\n")),
-    );
+    let out = gw
+        .cli(
+            &["user", "add", "new@example.com", "--account", "acct-9"],
+            Some(&format!("{PASSWORD}\n")),
+        )
+        .await;
     assert!(!out.status.success(), "duplicate refused");
-    let list = gw.cli(&["user", "list", "--json"], None);
+    let list = gw.cli(&["user", "list", "--json"], None).await;
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(
         text.contains("\"email\":\"new@example.com\"") && text.contains("acct-9"),
@@ -74,7 +84,7 @@ async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
         location(&gw.password(&c, "new@example.com", PASSWORD, "").await),
         "/_portcullis/enrol/totp"
     );
-    let audit = gw.cli(&["audit", "tail", "--json", "-n", "50"], None);
+    let audit = gw.cli(&["audit", "tail", "--json", "-n", "50"], None).await;
     let text = String::from_utf8_lossy(&audit.stdout);
     assert!(text.contains("user_created"), "{text}");
     assert!(!text.contains(PASSWORD), "no password in the audit trail");
@@ -84,7 +94,7 @@ async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
 async fn reset_mfa_forces_enrolment_and_totp_generate_provisions() {
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("m@example.com").await;
-    let out = gw.cli(&["user", "reset-mfa", "m@example.com"], None);
+    let out = gw.cli(&["user", "reset-mfa", "m@example.com"], None).await;
     assert!(out.status.success());
     gw.clock.advance(2);
     assert_eq!(
@@ -97,7 +107,9 @@ async fn reset_mfa_forces_enrolment_and_totp_generate_provisions() {
         location(&gw.password(&c2, "m@example.com", PASSWORD, "").await),
         "/_portcullis/enrol/totp"
     );
-    let out = gw.cli(&["user", "totp", "generate", "m@example.com"], None);
+    let out = gw
+        .cli(&["user", "totp", "generate", "m@example.com"], None)
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -145,7 +157,7 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         .unwrap()
         .to_string();
     let old_kid = gw.state.signer.current_kid();
-    let out = gw.cli(&["keys", "rotate"], None);
+    let out = gw.cli(&["keys", "rotate"], None).await;
     assert!(
         out.status.success(),
         "{}",
@@ -190,16 +202,18 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     // The token verifies with the CLI, as a backend would.
     let jwks_file = gw.dir.path().join("jwks.json");
     std::fs::write(&jwks_file, jwks.to_string()).unwrap();
-    let out = gw.cli(
-        &[
-            "token",
-            "verify",
-            &new_token,
-            "--jwks",
-            jwks_file.to_str().unwrap(),
-        ],
-        None,
-    );
+    let out = gw
+        .cli(
+            &[
+                "token",
+                "verify",
+                &new_token,
+                "--jwks",
+                jwks_file.to_str().unwrap(),
+            ],
+            None,
+        )
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -207,25 +221,27 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("rot@example.com"));
     let url = gw.url("/.well-known/jwks.json");
-    let out = gw.cli(
-        &[
-            "token",
-            "verify",
-            &new_token,
-            "--jwks",
-            &url,
-            "--audience",
-            "someone-else",
-        ],
-        None,
-    );
+    let out = gw
+        .cli(
+            &[
+                "token",
+                "verify",
+                &new_token,
+                "--jwks",
+                &url,
+                "--audience",
+                "someone-else",
+            ],
+            None,
+        )
+        .await;
     assert!(!out.status.success(), "wrong audience refused");
 }
 
 #[tokio::test]
 async fn check_config_validates_and_redacts() {
     let gw = Gateway::start().await;
-    let out = gw.cli(&["check-config"], None);
+    let out = gw.cli(&["check-config"], None).await;
     assert!(
         out.status.success(),
         "{}",

@@ -135,7 +135,9 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
     );
 
     // An admin restores access from the CLI.
-    let out = gw.cli(&["user", "unlock", "victim@example.com"], None);
+    let out = gw
+        .cli(&["user", "unlock", "victim@example.com"], None)
+        .await;
     assert!(
         out.status.success(),
         "{}",

@@ -527,21 +527,23 @@ impl Gateway {
             .collect()
     }
 
-    /// Runs the real binary against this gateway's config.
-    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-        use std::io::Write;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    /// Runs the real binary against this gateway's config. Async, so the in-test gateway keeps
+    /// running meanwhile (a blocked test thread would stall it mid-transaction and hold the
+    /// SQLite write lock against the CLI).
+    pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
         cmd.arg("--config").arg(&self.config_path).args(args);
         cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
         if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        } else {
-            drop(child.stdin.take());
+            input.write_all(s.as_bytes()).await.unwrap();
         }
-        child.wait_with_output().unwrap()
+        drop(input);
+        child.wait_with_output().await.unwrap()
     }
 
     /// Audit events so far (after flushing the writer).

@@ -204,7 +204,7 @@ async fn store_passwords_stay_out_of_check_config_and_logs() {
     let debug = format!("{:?}", gw.state);
     assert!(!debug.contains(PW), "Debug of the state shows the password");
     assert!(debug.contains("[redacted]"), "{debug}");
-    let out = gw.cli(&["check-config"], None);
+    let out = gw.cli(&["check-config"], None).await;
     assert!(
         out.status.success(),
         "{}",
