@@ -35,6 +35,10 @@ pub struct DemoArgs {
     /// Address of the built-in console (reached only through the gateway).
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub console_listen: SocketAddr,
+    /// The URL browsers use (default `http://LISTEN/`). Security keys and passkeys need a host
+    /// name, not an IP address: `--public-url http://localhost:8080/` turns them on.
+    #[arg(long)]
+    pub public_url: Option<url::Url>,
 }
 
 /// Reads or creates the demo's master key file (mode 0600).
@@ -61,7 +65,10 @@ pub fn demo_config(args: &DemoArgs) -> Result<Config> {
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let mut config = Config::load(None, std::env::vars())?;
     config.server.listen = args.listen.to_string();
-    config.server.public_url = url::Url::parse(&format!("http://{}/", args.listen))?;
+    config.server.public_url = match &args.public_url {
+        Some(u) => u.clone(),
+        None => url::Url::parse(&format!("http://{}/", args.listen))?,
+    };
     config.upstream.url = url::Url::parse(&format!("http://{}/", args.console_listen))?;
     let db = args.data_dir.join("portcullis.sqlite");
     config.storage.durable = format!("sqlite://{}", db.display());
@@ -120,8 +127,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     println!("Portcullis demo");
     println!(
-        "  gateway:   http://{}/  (open this in a browser)",
-        args.listen
+        "  gateway:   {}  (open this in a browser)",
+        config.server.public_url
     );
     println!(
         "  console:   http://{}/  (behind the gateway; refuses direct requests)",
@@ -146,6 +153,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     println!();
     println!("  note: the demo serves plain HTTP on loopback, so cookies drop the __Host- prefix and the Secure flag.");
+    if state.keys.is_none() {
+        println!("  security keys and passkeys are off on an IP address; try --public-url http://localhost:{}/", args.listen.port());
+    }
     crate::server::run(listener, state, crate::cli::shutdown_signal()).await?;
     Ok(())
 }

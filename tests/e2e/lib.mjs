@@ -20,12 +20,17 @@ export function freePort() {
   });
 }
 
-/** Starts `portcullis demo` on free ports; resolves once it prints the demo password. */
-export async function startDemo() {
+/**
+ * Starts `portcullis demo` on free ports; resolves once it prints the demo password. With
+ * `host: "localhost"` the public URL uses that name (security keys need a host name).
+ */
+export async function startDemo({ host = "127.0.0.1" } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "portcullis-e2e-"));
   const port = await freePort();
   const consolePort = await freePort();
-  const child = spawn(BIN, ["demo", "--data-dir", dir, "--listen", `127.0.0.1:${port}`, "--console-listen", `127.0.0.1:${consolePort}`], {
+  const args = ["demo", "--data-dir", dir, "--listen", `127.0.0.1:${port}`, "--console-listen", `127.0.0.1:${consolePort}`];
+  if (host !== "127.0.0.1") args.push("--public-url", `http://${host}:${port}/`);
+  const child = spawn(BIN, args, {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, PORTCULLIS_LOG: "warn" },
   });
@@ -44,7 +49,7 @@ export async function startDemo() {
     });
     child.once("exit", (code) => fail(new Error(`demo exited with ${code}: ${out}\n${err}`)));
   });
-  return { base: `http://127.0.0.1:${port}`, consoleBase: `http://127.0.0.1:${consolePort}`, password, dir, stop: () => child.kill("SIGTERM") };
+  return { base: `http://${host}:${port}`, consoleBase: `http://127.0.0.1:${consolePort}`, password, dir, stop: () => child.kill("SIGTERM") };
 }
 
 function base32Decode(s) {

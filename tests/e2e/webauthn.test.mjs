@@ -1,0 +1,87 @@
+// Security keys in a real browser: Chromium's virtual authenticator (DevTools WebAuthn domain)
+// stands in for a USB key. A person enrols TOTP, adds a key on the account page, then signs in
+// with password + key, and finally with the passkey alone; the console sees the
+// phishing-resistant methods. The new-device notice of the first sign-in is in the outbox.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { launch, screenshot, startDemo, totp } from "./lib.mjs";
+
+async function signOut(page, base) {
+  await page.goto(`${base}/_portcullis/logout`);
+  await page.click("button[type=submit]");
+  await page.waitForURL(/\/_portcullis\/login/);
+}
+
+test("add a security key, then sign in with it and with the passkey alone", { timeout: 180000 }, async () => {
+  const demo = await startDemo({ host: "localhost" });
+  const browser = await launch();
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  try {
+    const cdp = await context.newCDPSession(page);
+    await cdp.send("WebAuthn.enable");
+    await cdp.send("WebAuthn.addVirtualAuthenticator", {
+      options: {
+        protocol: "ctap2",
+        transport: "usb",
+        hasResidentKey: true,
+        hasUserVerification: true,
+        isUserVerified: true,
+        automaticPresenceSimulation: true,
+      },
+    });
+
+    // First sign-in: password and forced TOTP enrolment.
+    await page.goto(`${demo.base}/`);
+    await page.fill("#username", "demo@example.com");
+    await page.fill("#password", demo.password);
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
+    const secret = (await page.textContent("#totp-secret")).trim();
+    await page.fill("#code", totp(secret));
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/_portcullis\/recovery-codes$/);
+    await page.click("button[type=submit]");
+    await page.waitForURL(`${demo.base}/`);
+
+    // Add a key on the account page (the script un-hides the section).
+    await page.goto(`${demo.base}/_portcullis/account`);
+    await page.fill("#key-name", "Desk key");
+    await page.click("[data-webauthn=register] [data-webauthn-start]");
+    await page.waitForFunction(() => [...document.querySelectorAll("li.key strong")].some((e) => e.textContent === "Desk key"), null, { timeout: 30000 });
+
+    // Password + key.
+    await signOut(page, demo.base);
+    await page.fill("#username", "demo@example.com");
+    await page.fill("#password", demo.password);
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/_portcullis\/mfa$/);
+    await page.click("[data-webauthn=second-factor] [data-webauthn-start]");
+    await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
+    assert.match(await page.textContent("#amr"), /pwd hwk/);
+
+    // The passkey alone (discoverable credential, user verified).
+    await signOut(page, demo.base);
+    await page.click("[data-webauthn=passkey] [data-webauthn-start]");
+    await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
+    assert.match(await page.textContent("#amr"), /hwk user/);
+
+    // The first sign-in from this browser was a new device: the owner was told.
+    const outbox = join(demo.dir, "outbox");
+    let mails = [];
+    for (let i = 0; i < 50 && mails.length === 0; i++) {
+      mails = readdirSync(outbox).filter((f) => f.endsWith(".eml"));
+      if (mails.length === 0) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(mails.length, 1, "one new-device notice, later sign-ins were from a known device");
+    assert.match(readFileSync(join(outbox, mails[0]), "utf8"), /New sign-in to your account/);
+  } catch (e) {
+    await screenshot(page, "webauthn-failure");
+    throw e;
+  } finally {
+    await browser.close();
+    demo.stop();
+  }
+});
