@@ -271,6 +271,16 @@ async fn find_user(durable: &dyn DurableStore, email: &str) -> Result<User> {
         .with_context(|| format!("no user with email {email}"))
 }
 
+/// The mail queue, for commands that tell an owner about a change (the gateways deliver it).
+fn notifier(config: &Config, durable: &Arc<dyn DurableStore>) -> Result<crate::notify::Notifier> {
+    Ok(crate::notify::Notifier::new(
+        &config.notify,
+        &config.server.public_url,
+        durable.clone(),
+        Arc::new(SystemClock),
+    )?)
+}
+
 /// Administrative commands that work on the durable store directly.
 async fn admin(config: Config, cmd: Command) -> Result<()> {
     let clock = SystemClock;
@@ -386,6 +396,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         Command::User(UserCmd::ResetMfa { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
             durable.reset_second_factors(&u.id).await?;
+            notifier(&config, &durable)?
+                .account_change(&u, "an administrator removed all second factors; the next sign-in sets one up again")
+                .await;
             durable.void_sessions(&u.id, clock.now_millis()).await?;
             durable
                 .append_audit(&[audit("second_factors_reset", Some(&u), "cli")])
@@ -407,6 +420,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("totp_generated", Some(&u), "cli")])
                 .await?;
+            notifier(&config, &durable)?
+                .account_change(
+                    &u,
+                    "an administrator set up a new authenticator app, replacing any earlier one",
+                )
+                .await;
             let issuer = config
                 .server
                 .public_url

@@ -81,7 +81,14 @@ impl AppState {
             config.session.clone(),
             config.is_https(),
         );
+        let notifier = Arc::new(crate::notify::Notifier::new(
+            &config.notify,
+            &config.server.public_url,
+            durable.clone(),
+            clock.clone(),
+        )?);
         let login = LoginFlow {
+            notifier: notifier.clone(),
             durable: durable.clone(),
             ephemeral: ephemeral.clone(),
             hasher,
@@ -108,11 +115,6 @@ impl AppState {
             }
             Err(e) => return Err(e.into()),
         };
-        let notifier = Arc::new(crate::notify::Notifier::new(
-            &config.notify,
-            durable.clone(),
-            clock.clone(),
-        )?);
         Ok(Self {
             keys,
             notifier,

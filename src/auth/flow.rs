@@ -86,6 +86,8 @@ pub struct LoginFlow {
     pub audit: Audit,
     /// Issuer name shown in authenticator apps.
     pub totp_issuer: String,
+    /// Tells owners about changes to how their account is protected.
+    pub notifier: Arc<crate::notify::Notifier>,
 }
 
 /// `amr` value of a recovery code.
@@ -380,6 +382,12 @@ impl LoginFlow {
                 client,
             )
             .await;
+            self.notifier
+                .account_change(
+                    &user,
+                    &format!("a recovery code was used to sign in ({left} left)"),
+                )
+                .await;
         }
         Ok(CodeOutcome::Accepted)
     }
@@ -452,6 +460,9 @@ impl LoginFlow {
             client,
         )
         .await;
+        self.notifier
+            .account_change(&user, "an authenticator app was set up as a second factor")
+            .await;
         self.complete(session, &user, "otp");
         self.show_recovery_codes(session, &user.id, &codes)?;
         Ok(CodeOutcome::Accepted)

@@ -400,6 +400,16 @@ impl Keys {
         }
         self.audit_user(event, "success", Some(user), "registered", client)
             .await;
+        self.flow
+            .notifier
+            .account_change(
+                user,
+                &format!(
+                    "a security key or passkey named \"{}\" was added",
+                    cred.name
+                ),
+            )
+            .await;
         Ok(Registered::Stored(Box::new(cred)))
     }
 

@@ -252,6 +252,18 @@ pub async fn remove_post(
         &id,
     )
     .await;
+    let name = creds
+        .iter()
+        .find(|c| c.id == id)
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    state
+        .notifier
+        .account_change(
+            &user,
+            &format!("the security key or passkey named \"{name}\" was removed"),
+        )
+        .await;
     Ok(see_other(&format!("{PATH}?notice=key_removed")))
 }
 

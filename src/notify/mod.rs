@@ -70,12 +70,15 @@ pub struct Notifier {
     transport: Transport,
     from: Mailbox,
     wake: Arc<Notify>,
+    /// The gateway's host name, for subjects and bodies.
+    site: String,
 }
 
 impl Notifier {
     /// Builds the notifier; with no SMTP server the outbox directory is created (mode 0700).
     pub fn new(
         config: &NotifyConfig,
+        public_url: &url::Url,
         durable: Arc<dyn DurableStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, NotifyError> {
@@ -105,6 +108,7 @@ impl Notifier {
             transport,
             from,
             wake: Arc::new(Notify::new()),
+            site: public_url.host_str().unwrap_or("Portcullis").to_string(),
         })
     }
 
@@ -134,6 +138,27 @@ impl Notifier {
             .await?;
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Tells the owner that how their account is protected changed (`what`, e.g. "a security
+    /// key was added"). A queueing failure is logged, never passed on: the change itself has
+    /// happened and must not be undone or reported as failed because of mail.
+    pub async fn account_change(&self, user: &crate::store::User, what: &str) {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(self.clock.now()).unwrap_or_default()),
+        );
+        let body = format!(
+            "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when} UTC)\n\n\
+             If this was you, there is nothing to do. If it was not, contact your administrator at\n\
+             once: someone else may have access to your account.\n",
+            email = user.email,
+            site = self.site,
+        );
+        let subject = format!("Security change on your account on {}", self.site);
+        if let Err(e) = self.enqueue(&user.email, &subject, &body).await {
+            tracing::warn!(error = %e, "could not queue an account-change notice");
+        }
     }
 
     /// One pass over the queue: claims due messages and delivers them. Returns how many went

@@ -10,11 +10,22 @@ fn report_link(mail: &str) -> String {
     mail[start..].split_whitespace().next().unwrap().to_string()
 }
 
+/// The new-device notices in the outbox, oldest first.
+async fn sign_in_notices(gw: &Gateway) -> Vec<String> {
+    mail_about(gw, "Subject: New sign-in to your account").await
+}
+
+async fn mail_about(gw: &Gateway, subject: &str) -> Vec<String> {
+    let mut mail = gw.outbox().await;
+    mail.retain(|m| m.contains(subject));
+    mail
+}
+
 #[tokio::test]
 async fn sign_ins_from_new_devices_are_reported_known_devices_are_not() {
     let gw = Gateway::start().await;
     let (c, secret, _) = gw.signed_in("dev@example.com").await;
-    let mail = gw.outbox().await;
+    let mail = sign_in_notices(&gw).await;
     assert_eq!(mail.len(), 1, "the first sign-in is a new device");
     assert!(mail[0].contains("To: dev@example.com"), "{}", mail[0]);
     assert!(mail[0].contains("Subject: New sign-in to your account"));
@@ -24,7 +35,7 @@ async fn sign_ins_from_new_devices_are_reported_known_devices_are_not() {
     // The same browser signs in again the next day: it is known, nobody is told.
     gw.clock.advance(24 * 3600);
     gw.sign_in_on(&c, "dev@example.com", &secret).await;
-    assert_eq!(gw.outbox().await.len(), 1);
+    assert_eq!(sign_in_notices(&gw).await.len(), 1);
 
     // The device cookie never reaches the console.
     c.get(gw.url("/campaigns")).send().await.unwrap();
@@ -34,7 +45,7 @@ async fn sign_ins_from_new_devices_are_reported_known_devices_are_not() {
     // A copy of the password on another machine: a new device, reported.
     let other = gw.browser();
     gw.sign_in_on(&other, "dev@example.com", &secret).await;
-    let mail = gw.outbox().await;
+    let mail = sign_in_notices(&gw).await;
     assert_eq!(mail.len(), 2);
     assert_ne!(report_link(&mail[0]), report_link(&mail[1]));
     let devices = gw
@@ -57,7 +68,7 @@ async fn a_device_cookie_is_recognised_only_for_its_own_user() {
     // The same browser, later, enrols a second user: its device cookie belongs to the first.
     gw.clock.advance(24 * 3600);
     gw.enrol(&c, "two@example.com").await;
-    let mail = gw.outbox().await;
+    let mail = sign_in_notices(&gw).await;
     assert_eq!(mail.len(), 2, "{mail:#?}");
     assert!(mail[1].contains("To: two@example.com"));
 }
@@ -69,7 +80,7 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
     let thief = gw.browser();
     gw.sign_in_on(&thief, "victim@example.com", &secret).await;
     assert_eq!(gw.status(&thief, "/campaigns").await, 200);
-    let mail = gw.outbox().await;
+    let mail = sign_in_notices(&gw).await;
     let link = report_link(&mail[1]);
 
     // Opening the link changes nothing by itself (mail scanners open links).
@@ -118,9 +129,9 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
     // The link works once.
     assert_eq!(post(csrf.clone(), token.to_string()).await.status(), 410);
 
-    let mail = gw.outbox().await;
-    assert_eq!(mail.len(), 3);
-    assert!(mail[2].contains("Subject: Your account on"));
+    let locked = mail_about(&gw, "Subject: Your account on").await;
+    assert_eq!(locked.len(), 1);
+    assert!(locked[0].contains("To: victim@example.com"));
     let ev = gw.audit().await;
     assert!(ev.iter().any(|e| e.event == "sign_in_reported"));
     assert!(ev
@@ -154,7 +165,7 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
 async fn an_expired_report_link_is_refused() {
     let gw = Gateway::start().await;
     let (_, _, _) = gw.signed_in("late@example.com").await;
-    let link = report_link(&gw.outbox().await[0]);
+    let link = report_link(&sign_in_notices(&gw).await[0]);
     gw.clock.advance(7 * 24 * 3600 + 1);
     let reader = gw.browser();
     let page = gw.page(&reader, &link).await;
@@ -183,13 +194,16 @@ async fn notices_go_through_smtp_and_survive_an_smtp_outage() {
     })
     .await;
     let (_, _, _) = gw.signed_in("smtp@example.com").await;
-    // Nothing listens yet: the attempt fails and the mail stays queued. (The gateway's own
-    // worker may be the one trying; either way exactly one attempt is made.)
+    // Nothing listens yet: the attempts fail and the mail (the enrolment notice and the
+    // new-device notice) stays queued. The gateway's own worker may be the one trying; either
+    // way each mail is tried exactly once.
     let queued = mail_once(&gw, |m| m.attempts >= 1).await;
-    assert_eq!(queued.len(), 1);
-    assert_eq!(queued[0].attempts, 1);
-    assert!(queued[0].sent_at.is_none());
-    assert!(queued[0].last_error.is_some());
+    assert_eq!(queued.len(), 2);
+    for m in &queued {
+        assert_eq!(m.attempts, 1);
+        assert!(m.sent_at.is_none());
+        assert!(m.last_error.is_some());
+    }
 
     let maildir = gw.dir.path().join("maildir");
     let mut server = std::process::Command::new("python3")
@@ -203,23 +217,32 @@ async fn notices_go_through_smtp_and_survive_an_smtp_outage() {
     wait_for_port(port).await;
     // Retried after the backoff, not before.
     assert_eq!(gw.state.notifier.deliver_due().await.unwrap(), 0);
-    assert!(gw.state.durable.list_mail(10).await.unwrap()[0]
-        .sent_at
-        .is_none());
+    assert!(gw
+        .state
+        .durable
+        .list_mail(10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.sent_at.is_none()));
     gw.clock.advance(31);
     let sent = mail_once(&gw, |m| m.sent_at.is_some()).await;
-    assert_eq!(sent[0].attempts, 2);
+    assert!(sent.iter().all(|m| m.attempts == 2));
     let delivered: Vec<String> = std::fs::read_dir(maildir.join("new"))
         .unwrap()
         .map(|e| readable_mail(&std::fs::read(e.unwrap().path()).unwrap()))
         .collect();
-    assert_eq!(delivered.len(), 1);
-    assert!(delivered[0].contains("From: Security <security@esp.example>"));
-    assert!(delivered[0].contains("To: smtp@example.com"));
-    assert!(delivered[0].contains("/_portcullis/report?t="));
+    assert_eq!(delivered.len(), 2);
+    let notice = delivered
+        .iter()
+        .find(|m| m.contains("Subject: New sign-in"))
+        .expect("the new-device notice");
+    assert!(notice.contains("From: Security <security@esp.example>"));
+    assert!(notice.contains("To: smtp@example.com"));
+    assert!(notice.contains("/_portcullis/report?t="));
 }
 
-/// Runs delivery passes until the first queued mail satisfies `done`; returns the queue.
+/// Runs delivery passes until every queued mail satisfies `done`; returns the queue.
 async fn mail_once(
     gw: &Gateway,
     done: impl Fn(&portcullis::store::Mail) -> bool,
@@ -227,7 +250,7 @@ async fn mail_once(
     for _ in 0..250 {
         gw.state.notifier.deliver_due().await.unwrap();
         let queue = gw.state.durable.list_mail(10).await.unwrap();
-        if queue.first().is_some_and(&done) {
+        if !queue.is_empty() && queue.iter().all(&done) {
             return queue;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -263,4 +286,39 @@ async fn wait_for_port(port: u16) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("the SMTP server did not start on port {port}");
+}
+
+/// Changes to how an account is protected are mailed to its owner: a second factor set up, a
+/// recovery code used, second factors reset by an administrator.
+#[tokio::test]
+async fn owners_hear_about_changes_to_their_second_factors() {
+    let gw = Gateway::start().await;
+    let (_, _, codes) = gw.signed_in("care@example.com").await;
+    let changes = mail_about(&gw, "Subject: Security change on your account").await;
+    assert_eq!(changes.len(), 1, "{changes:#?}");
+    assert!(changes[0].contains("an authenticator app was set up"));
+
+    let c = gw.browser();
+    gw.clock.advance(30);
+    gw.password(&c, "care@example.com", PASSWORD, "").await;
+    let r = gw.code(&c, "/_portcullis/mfa", &codes[0]).await;
+    assert_eq!(r.status(), 303);
+    let changes = mail_about(&gw, "Subject: Security change on your account").await;
+    assert_eq!(changes.len(), 2);
+    assert!(changes[1].contains("a recovery code was used to sign in (9 left)"));
+
+    let out = gw
+        .cli(&["user", "reset-mfa", "care@example.com"], None)
+        .await;
+    assert!(out.status.success());
+    let changes = mail_about(&gw, "Subject: Security change on your account").await;
+    assert_eq!(changes.len(), 3);
+    // (The CLI stamps its notice with the real clock, the gateway's runs ahead: no order.)
+    assert!(changes
+        .iter()
+        .any(|m| m.contains("an administrator removed all second factors")));
+    assert!(
+        !changes.iter().any(|m| m.contains(&codes[1])),
+        "no secrets in mail"
+    );
 }
