@@ -260,6 +260,9 @@ pub struct LimitsConfig {
     pub password_failures_per_account: u64,
     /// Failed sign-in steps per client IP within `window` before further tries get 429.
     pub failures_per_ip: u64,
+    /// Failed passwords per network (/24 for IPv4, /64 for IPv6) within `window`: an attacker
+    /// rotating through neighbouring addresses shares one budget.
+    pub failures_per_network: u64,
     /// Wrong second-factor codes per account within `window` before further tries get 429.
     pub second_factor_failures_per_account: u64,
     /// Wrong codes allowed in one sign-in before it must start again from the password.
@@ -273,6 +276,7 @@ impl Default for LimitsConfig {
         Self {
             password_failures_per_account: 10,
             failures_per_ip: 100,
+            failures_per_network: 300,
             second_factor_failures_per_account: 10,
             second_factor_failures_per_login: 5,
             window: Duration::from_secs(15 * 60),

@@ -124,6 +124,29 @@ impl LoginFlow {
             .unwrap_or(0))
     }
 
+    /// Takes one attempt from each `(counter, limit)` budget. When any is spent, every
+    /// reservation is returned and `None` says "throttled".
+    async fn reserve(&self, budgets: &[(String, u64)]) -> Result<Option<Vec<String>>, StoreError> {
+        let mut taken = Vec::with_capacity(budgets.len());
+        for (key, limit) in budgets {
+            let n = self.ephemeral.incr(key, self.window()).await?;
+            taken.push(key.clone());
+            if n > *limit {
+                self.release(&taken).await?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(taken))
+    }
+
+    /// Returns reserved attempts.
+    async fn release(&self, keys: &[String]) -> Result<(), StoreError> {
+        for k in keys {
+            self.ephemeral.decr(k).await?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn audit(&self, ev: AuditEvent, client: &Client) {
         self.audit
             .record(ev.client(&client.ip, &client.user_agent))
@@ -141,10 +164,20 @@ impl LoginFlow {
         let now = self.clock.now();
         let email = crate::store::normalise_email(email);
         let acct_key = format!("fail:pwd:{{{email}}}");
-        let ip_key = format!("fail:ip:{}", client.ip);
-        if self.count(&acct_key).await? >= self.limits.password_failures_per_account
-            || self.count(&ip_key).await? >= self.limits.failures_per_ip
-        {
+        let budgets = [
+            (acct_key, self.limits.password_failures_per_account),
+            (
+                format!("fail:ip:{}", client.ip),
+                self.limits.failures_per_ip,
+            ),
+            (
+                format!("fail:net:{}", network_of(&client.ip)),
+                self.limits.failures_per_network,
+            ),
+        ];
+        // Every attempt first takes one from each budget (atomically), so concurrent guesses
+        // cannot all pass a check made before any of them is counted.
+        let Some(reserved) = self.reserve(&budgets).await? else {
             self.audit(
                 AuditEvent::new("login_password", "denied", now)
                     .email(&email)
@@ -155,14 +188,24 @@ impl LoginFlow {
             return Ok(PasswordOutcome::Throttled {
                 retry_after: self.window().as_secs(),
             });
-        }
+        };
         let user = self.durable.user_by_email(&email).await?;
-        let verdict = self
+        let verdict = match self
             .hasher
             .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
-            .await?;
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                // Not an answer (hashing pool full): the attempt does not count.
+                self.release(&reserved).await?;
+                return Err(e.into());
+            }
+        };
         let user = match (user, verdict) {
             (Some(u), Verification::Match { needs_rehash }) => {
+                // A right password is not a failure: its reservation goes back.
+                self.release(&reserved).await?;
                 if needs_rehash {
                     let fresh = self.hasher.hash(password).await?;
                     self.durable.set_password_hash(&u.id, &fresh).await?;
@@ -170,8 +213,7 @@ impl LoginFlow {
                 u
             }
             (user, _) => {
-                self.ephemeral.incr(&acct_key, self.window()).await?;
-                self.ephemeral.incr(&ip_key, self.window()).await?;
+                // The reservation stays: it is this failure.
                 let mut ev = AuditEvent::new("login_password", "failure", now).email(&email);
                 ev = match &user {
                     Some(u) => ev.user(u).reason("bad_password"),
@@ -511,6 +553,23 @@ pub fn totp_context(user_id: &str) -> String {
     format!("totp:{user_id}")
 }
 
+/// The network a client address belongs to for throttling: its /24 (IPv4) or /64 (IPv6), so
+/// an attacker rotating through neighbouring addresses shares one budget.
+pub fn network_of(ip: &str) -> String {
+    let parsed = ip.parse::<std::net::IpAddr>().map(|a| a.to_canonical());
+    match parsed {
+        Ok(std::net::IpAddr::V4(v4)) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Err(_) => ip.to_string(),
+    }
+}
+
 /// Sealing context of fresh recovery codes held in a session until they are shown.
 pub fn recovery_show_context(user_id: &str) -> String {
     format!("recovery-show:{user_id}")
@@ -519,4 +578,17 @@ pub fn recovery_show_context(user_id: &str) -> String {
 /// Sealing context of a TOTP secret still being enrolled.
 fn enrol_context(user_id: &str) -> String {
     format!("totp-enrol:{user_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::network_of;
+
+    #[test]
+    fn networks_group_neighbours() {
+        assert_eq!(network_of("203.0.113.77"), "203.0.113.0/24");
+        assert_eq!(network_of("2001:db8:1:2:aa::1"), "2001:db8:1:2::/64");
+        assert_eq!(network_of("::ffff:203.0.113.7"), "203.0.113.0/24");
+        assert_eq!(network_of("not an ip"), "not an ip");
+    }
 }

@@ -208,6 +208,17 @@ impl EphemeralStore for MemoryStore {
         Ok(next)
     }
 
+    async fn decr(&self, key: &str) -> StoreResult<()> {
+        let (mut s, now) = self.shard(key)?;
+        if let Some(e) = s.live(key, now) {
+            let n = parse_num(e)?;
+            if n > 0 {
+                e.value = Value::Bytes((n - 1).to_string().into_bytes());
+            }
+        }
+        Ok(())
+    }
+
     async fn set_if_greater(&self, key: &str, value: u64, ttl: Duration) -> StoreResult<bool> {
         let (mut s, now) = self.shard(key)?;
         if let Some(e) = s.live(key, now) {

@@ -345,6 +345,9 @@ pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> StoreResult<()>;
     /// Increments a counter, creating it with `ttl` if absent; returns the new value.
     async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64>;
+    /// Takes one back from a counter that exists and is above zero, keeping its TTL; a missing
+    /// or zero counter stays as it is (returning an attempt reserved with `incr`).
+    async fn decr(&self, key: &str) -> StoreResult<()>;
     /// Stores `value` only if it is greater than the stored number (or none is stored);
     /// true when stored. Used for "each TOTP step at most once" replay protection.
     async fn set_if_greater(&self, key: &str, value: u64, ttl: Duration) -> StoreResult<bool>;

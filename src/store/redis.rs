@@ -167,6 +167,16 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
+/// Takes one back from an existing positive counter; never creates a key (a created key would
+/// have no TTL).
+const DECR: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1]))
+if cur and cur > 0 then
+  redis.call('DECR', KEYS[1])
+end
+return 1
+";
+
 /// Adds a member and makes the set live at least ARGV[2] ms from now.
 const SET_ADD: &str = r"
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -184,6 +194,7 @@ pub struct RedisStore {
     deadline: Duration,
     description: String,
     incr: Script,
+    decr: Script,
     set_if_greater: Script,
     set_add: Script,
 }
@@ -240,6 +251,7 @@ impl RedisStore {
             deadline: opts.connect_timeout + opts.response_timeout,
             description: format!("{:?}", opts.target),
             incr: Script::new(INCR),
+            decr: Script::new(DECR),
             set_if_greater: Script::new(SET_IF_GREATER),
             set_add: Script::new(SET_ADD),
         })
@@ -356,6 +368,11 @@ impl EphemeralStore for RedisStore {
     async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64> {
         let n: i64 = self.script("incr", &self.incr, key, &[millis(ttl)]).await?;
         u64::try_from(n).map_err(|_| StoreError::Corrupt("redis incr: negative counter".into()))
+    }
+
+    async fn decr(&self, key: &str) -> StoreResult<()> {
+        self.script::<i64>("decr", &self.decr, key, &[]).await?;
+        Ok(())
     }
 
     async fn set_if_greater(&self, key: &str, value: u64, ttl: Duration) -> StoreResult<bool> {

@@ -177,6 +177,108 @@ async fn wrong_and_truncated_codes_and_unknown_users_are_refused_plainly() {
     );
 }
 
+/// A hundred wrong passwords at once: no more than the account's budget are even checked, the
+/// rest get 429 — the counter is taken before the password is, so none slip through together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_guesses_cannot_exceed_the_budget() {
+    let gw = Gateway::start_with(|c| {
+        c.password.max_concurrent_hashes = 4;
+        c.password.max_queued_hashes = 200;
+    })
+    .await;
+    gw.add_user("race@example.com").await;
+    let browsers: Vec<_> = (0..100).map(|_| gw.browser()).collect();
+    let csrfs =
+        futures_util::future::join_all(browsers.iter().map(|b| gw.csrf(b, "/_portcullis/login")))
+            .await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
+    let url = gw.url("/_portcullis/login");
+    let tasks: Vec<_> = browsers
+        .into_iter()
+        .zip(csrfs)
+        .map(|(b, csrf)| {
+            let (barrier, url) = (barrier.clone(), url.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                b.post(url)
+                    .form(&[
+                        ("username", "race@example.com"),
+                        ("password", "wrong guess 12345"),
+                        ("csrf", csrf.as_str()),
+                        ("next", ""),
+                    ])
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(checked, 10, "exactly the budget is checked: {statuses:?}");
+    assert_eq!(throttled, 90, "{statuses:?}");
+    let ev = gw.audit().await;
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.reason.as_deref() == Some("bad_password"))
+            .count(),
+        10
+    );
+}
+
+/// Guesses spread over neighbouring addresses (one /24) share a budget.
+#[tokio::test]
+async fn a_network_shares_one_budget() {
+    let gw = Gateway::start_with(|c| {
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        c.limits.failures_per_ip = 1000;
+        c.limits.password_failures_per_account = 1000;
+        c.limits.failures_per_network = 5;
+    })
+    .await;
+    let c = gw.browser();
+    let guess = |ip: String, email: String| {
+        let (c, gw) = (&c, &gw);
+        async move {
+            let csrf = gw.csrf(c, "/_portcullis/login").await;
+            c.post(gw.url("/_portcullis/login"))
+                .header("x-forwarded-for", ip)
+                .form(&[
+                    ("username", email.as_str()),
+                    ("password", "wrong guess 12345"),
+                    ("csrf", csrf.as_str()),
+                    ("next", ""),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    for i in 1..=5 {
+        assert_eq!(
+            guess(format!("203.0.113.{i}"), format!("u{i}@example.com")).await,
+            401
+        );
+    }
+    assert_eq!(
+        guess("203.0.113.77".into(), "u9@example.com".into()).await,
+        429
+    );
+    assert_eq!(
+        guess("198.51.100.7".into(), "u9@example.com".into()).await,
+        401,
+        "another network has its own budget"
+    );
+}
+
 #[tokio::test]
 async fn password_guessing_is_throttled_per_account() {
     let gw = Gateway::start().await;

@@ -171,6 +171,16 @@ async fn incr(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
     assert_eq!(s.incr(&k, secs(3)).await.unwrap(), 2);
     assert_eq!(s.incr(&k, secs(3)).await.unwrap(), 3);
     assert_eq!(s.incr(&key("incr-other"), secs(3)).await.unwrap(), 1);
+    // decr takes one back and keeps the TTL; it never creates or goes below zero.
+    s.decr(&k).await.unwrap();
+    assert_eq!(s.incr(&k, secs(3)).await.unwrap(), 3);
+    s.decr(&key("incr-missing")).await.unwrap();
+    assert_eq!(s.get(&key("incr-missing")).await.unwrap(), None);
+    let z = key("incr-zero");
+    s.incr(&z, secs(3)).await.unwrap();
+    s.decr(&z).await.unwrap();
+    s.decr(&z).await.unwrap();
+    assert_eq!(s.incr(&z, secs(3)).await.unwrap(), 1);
     // Created 4 s ago with a 3 s TTL: gone, unless incr wrongly extended the TTL.
     b.wait(2).await;
     assert_eq!(
