@@ -192,26 +192,15 @@ async fn concurrent_guesses_cannot_exceed_the_budget() {
         futures_util::future::join_all(browsers.iter().map(|b| gw.csrf(b, "/_portcullis/login")))
             .await;
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
-    let url = gw.url("/_portcullis/login");
     let tasks: Vec<_> = browsers
-        .into_iter()
+        .iter()
         .zip(csrfs)
         .map(|(b, csrf)| {
-            let (barrier, url) = (barrier.clone(), url.clone());
+            let barrier = barrier.clone();
+            let post = gw.login_form(b, &csrf, "race@example.com", "wrong guess 12345", "");
             tokio::spawn(async move {
                 barrier.wait().await;
-                b.post(url)
-                    .form(&[
-                        ("username", "race@example.com"),
-                        ("password", "wrong guess 12345"),
-                        ("csrf", csrf.as_str()),
-                        ("next", ""),
-                    ])
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
+                post.send().await.unwrap().status().as_u16()
             })
         })
         .collect();
@@ -247,14 +236,8 @@ async fn a_network_shares_one_budget() {
         let (c, gw) = (&c, &gw);
         async move {
             let csrf = gw.csrf(c, "/_portcullis/login").await;
-            c.post(gw.url("/_portcullis/login"))
+            gw.login_form(c, &csrf, &email, "wrong guess 12345", "")
                 .header("x-forwarded-for", ip)
-                .form(&[
-                    ("username", email.as_str()),
-                    ("password", "wrong guess 12345"),
-                    ("csrf", csrf.as_str()),
-                    ("next", ""),
-                ])
                 .send()
                 .await
                 .unwrap()

@@ -375,16 +375,27 @@ impl Gateway {
         next: &str,
     ) -> reqwest::Response {
         let csrf = self.csrf(c, "/_portcullis/login").await;
-        c.post(self.url("/_portcullis/login"))
-            .form(&[
-                ("username", email),
-                ("password", password),
-                ("csrf", &csrf),
-                ("next", next),
-            ])
+        self.login_form(c, &csrf, email, password, next)
             .send()
             .await
             .unwrap()
+    }
+
+    /// The sign-in form post, ready to send (with a CSRF token fetched earlier).
+    pub fn login_form(
+        &self,
+        c: &reqwest::Client,
+        csrf: &str,
+        email: &str,
+        password: &str,
+        next: &str,
+    ) -> reqwest::RequestBuilder {
+        c.post(self.url("/_portcullis/login")).form(&[
+            ("username", email),
+            ("password", password),
+            ("csrf", csrf),
+            ("next", next),
+        ])
     }
 
     /// Posts a code to a code page (`/_portcullis/mfa` or `/_portcullis/enrol/totp`).
