@@ -314,6 +314,22 @@ pub struct WebauthnConfig {
     /// Time the browser and the server allow for one ceremony (at most 5 minutes).
     #[serde(with = "duration")]
     pub ceremony_timeout: Duration,
+    /// When set, TOTP codes and recovery codes no longer complete a sign-in: every user needs a
+    /// security key or passkey (phishing-resistant).
+    pub require_phishing_resistant: bool,
+    /// Accounts (their `account` id) held to the same rule while the global switch is off.
+    pub phishing_resistant_accounts: Vec<String>,
+}
+
+impl WebauthnConfig {
+    /// Whether users of `account_id` must sign in with a key.
+    pub fn requires_phishing_resistant(&self, account_id: &str) -> bool {
+        self.require_phishing_resistant
+            || self
+                .phishing_resistant_accounts
+                .iter()
+                .any(|a| a == account_id)
+    }
 }
 
 impl Default for WebauthnConfig {
@@ -324,6 +340,8 @@ impl Default for WebauthnConfig {
             rp_name: "Portcullis".into(),
             user_verification: UserVerification::Required,
             ceremony_timeout: Duration::from_secs(120),
+            require_phishing_resistant: false,
+            phishing_resistant_accounts: Vec::new(),
         }
     }
 }
@@ -531,6 +549,13 @@ impl Config {
             return Err(key_err(
                 "webauthn.ceremony_timeout",
                 "must be between 30s and 5m",
+            ));
+        }
+        if (w.require_phishing_resistant || !w.phishing_resistant_accounts.is_empty()) && !w.enabled
+        {
+            return Err(key_err(
+                "webauthn.require_phishing_resistant",
+                "needs webauthn.enabled: nobody could sign in",
             ));
         }
         if w.rp_name.trim().is_empty() || w.rp_name.len() > 64 {

@@ -88,6 +88,7 @@ impl AppState {
             clock.clone(),
         )?);
         let login = LoginFlow {
+            webauthn_policy: config.webauthn.clone(),
             notifier: notifier.clone(),
             durable: durable.clone(),
             ephemeral: ephemeral.clone(),

@@ -69,6 +69,8 @@ pub enum CodeOutcome {
     Rejected,
     /// Too many wrong codes in this sign-in: it is over, start again from the password.
     Restart,
+    /// Policy requires a security key or passkey for this user: codes do not complete it.
+    KeyRequired,
     Throttled {
         retry_after: u64,
     },
@@ -88,6 +90,8 @@ pub struct LoginFlow {
     pub totp_issuer: String,
     /// Tells owners about changes to how their account is protected.
     pub notifier: Arc<crate::notify::Notifier>,
+    /// Who must sign in with a key (`webauthn.require_phishing_resistant`, per account).
+    pub webauthn_policy: crate::config::WebauthnConfig,
 }
 
 /// `amr` value of a recovery code.
@@ -145,6 +149,24 @@ impl LoginFlow {
             self.ephemeral.decr(k).await?;
         }
         Ok(())
+    }
+
+    /// Whether policy holds `user` to phishing-resistant sign-in; audits the refusal of a code.
+    async fn key_required(&self, user: &User, client: &Client) -> bool {
+        if !self
+            .webauthn_policy
+            .requires_phishing_resistant(&user.account_id)
+        {
+            return false;
+        }
+        self.audit(
+            AuditEvent::new("second_factor", "denied", self.clock.now())
+                .user(user)
+                .reason("phishing_resistant_required"),
+            client,
+        )
+        .await;
+        true
     }
 
     pub(crate) async fn audit(&self, ev: AuditEvent, client: &Client) {
@@ -369,6 +391,9 @@ impl LoginFlow {
             .await;
             return Ok(CodeOutcome::Throttled { retry_after });
         }
+        if self.key_required(&user, client).await {
+            return Ok(CodeOutcome::KeyRequired);
+        }
         let input = code.expose().trim();
         let method = if recovery::looks_like_recovery_code(input) {
             let Some(norm) = recovery::normalise(input) else {
@@ -471,6 +496,9 @@ impl LoginFlow {
         let Some(user) = self.active_user(&session.user_id).await? else {
             return Ok(CodeOutcome::Restart);
         };
+        if self.key_required(&user, client).await {
+            return Ok(CodeOutcome::KeyRequired);
+        }
         if let Some(retry_after) = self.code_budget_spent(&user.id).await? {
             return Ok(CodeOutcome::Throttled { retry_after });
         }

@@ -247,6 +247,14 @@ fn webauthn_bad_values_are_refused_with_the_key() {
             "webauthn.user_verification",
         ),
         ("rpid = \"esp.example\"", "webauthn.rpid"),
+        (
+            "enabled = false\nrequire_phishing_resistant = true",
+            "webauthn.require_phishing_resistant",
+        ),
+        (
+            "enabled = false\nphishing_resistant_accounts = [\"a\"]",
+            "webauthn.require_phishing_resistant",
+        ),
     ] {
         let e = load_str(&format!("{site}{extra}\n"), &[]).unwrap_err();
         assert!(e.to_string().contains(key), "{extra}: {e}");

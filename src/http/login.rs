@@ -311,6 +311,16 @@ async fn after_code(
             Ok(restart(state, "restart"))
         }
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+        CodeOutcome::KeyRequired => {
+            let msg = "This account must sign in with a security key or passkey: codes are not \
+                       accepted. Use your key, or ask your administrator for help.";
+            if !wants_html(headers) {
+                return Err(AppError::new(StatusCode::FORBIDDEN, "key_required", msg));
+            }
+            let mut page = retry(msg);
+            *page.status_mut() = StatusCode::FORBIDDEN;
+            Ok(page)
+        }
     }
 }
 

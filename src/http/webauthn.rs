@@ -288,6 +288,11 @@ pub async fn authenticate_finish(
             Ok(with_cookies(resp, [state.sessions.clear_cookie()]))
         }
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+        // Only codes are refused by that policy; a key never is.
+        CodeOutcome::KeyRequired => Err(AppError::forbidden(
+            "key_required",
+            "This account must sign in with a security key or passkey.",
+        )),
     }
 }
 

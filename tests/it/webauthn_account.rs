@@ -93,3 +93,88 @@ async fn keys_are_renamed_and_removed_from_the_account_page() {
     assert!(credentials(&gw, &user.id).await.is_empty());
     assert_eq!(audited(&gw, "webauthn_removed", "success").await.len(), 1);
 }
+
+/// `webauthn.phishing_resistant_accounts`: users of a listed account cannot finish a sign-in or
+/// an enrolment with a code (TOTP or recovery) — only a key will do; other accounts keep codes.
+#[tokio::test]
+async fn accounts_that_require_keys_refuse_codes() {
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        c.webauthn.phishing_resistant_accounts = vec!["acct-1".into()];
+    })
+    .await;
+    gw.add_user("strict@example.com").await;
+
+    // Enrolment: an authenticator app is refused, a key is accepted.
+    let c = gw.browser();
+    let r = gw.password(&c, "strict@example.com", PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    let r = gw
+        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("security key or passkey"));
+    let mut k = key();
+    let (csrf, body) = registration(&gw, &c, &mut k, "/_portcullis/enrol/totp", "Desk").await;
+    assert_eq!(
+        call(&gw, &c, &csrf, "register/finish", body).await.status(),
+        200
+    );
+    let codes_page = gw.page(&c, "/_portcullis/recovery-codes").await;
+    let recovery = extract(&codes_page, "<li><code>", "<").unwrap();
+    let csrf = gw.csrf(&c, "/_portcullis/recovery-codes").await;
+    post_form(
+        &gw,
+        &c,
+        "/_portcullis/recovery-codes",
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
+
+    // Sign-in: a recovery code does not complete it, the key does.
+    let c = after_password(&gw, "strict@example.com").await;
+    let r = gw.code(&c, "/_portcullis/mfa", &recovery).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(console(&gw, &c).await, 303, "still not through");
+    assert_eq!(
+        second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
+        200
+    );
+    assert_eq!(console(&gw, &c).await, 200);
+    assert_eq!(last_claims(&gw).await.acr, "urn:portcullis:acr:phr");
+    let ev = gw.audit().await;
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.reason.as_deref() == Some("phishing_resistant_required"))
+            .count(),
+        2
+    );
+
+    // Another account keeps codes.
+    let hash = gw
+        .state
+        .login
+        .hasher
+        .hash(&portcullis::secret::Secret::new(PASSWORD.to_string()))
+        .await
+        .unwrap();
+    gw.state
+        .durable
+        .create_user(
+            portcullis::store::NewUser {
+                email: "relaxed@example.com".into(),
+                account_id: "acct-2".into(),
+                is_admin: false,
+                password_hash: hash,
+            },
+            portcullis::clock::Clock::now(&gw.clock),
+        )
+        .await
+        .unwrap();
+    let c = gw.browser();
+    gw.enrol(&c, "relaxed@example.com").await;
+    assert_eq!(console(&gw, &c).await, 200);
+}
