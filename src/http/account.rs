@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::error::AppError;
 use super::login::{check_csrf, csrf_token, current_session, with_cookies};
-use super::pages::{self, render, KeyRow};
+use super::pages::{self, render, DeviceRow, KeyRow};
 use super::webauthn::fresh;
 use super::{see_other, Form, Peer};
 use crate::clock::rfc3339;
@@ -54,6 +54,7 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_added" => "Your security key was added.",
         "key_renamed" => "The key was renamed.",
         "key_removed" => "The key was removed.",
+        "device_revoked" => "The device was signed out and will have to be confirmed again.",
         _ => return None,
     })
 }
@@ -86,11 +87,27 @@ async fn page(
         })
         .collect();
     let has_totp = state.durable.totp(&user.id).await?.is_some();
+    let devices: Vec<DeviceRow> = state
+        .durable
+        .list_devices(&user.id)
+        .await?
+        .into_iter()
+        .map(|d| DeviceRow {
+            current: loaded.session.device_id.as_deref() == Some(d.id.as_str()),
+            first_seen: rfc3339(d.first_seen),
+            last_seen: rfc3339(d.last_seen),
+            last_ip: d.last_ip,
+            revoked: d.status != "active",
+            id: d.id,
+            name: d.name,
+        })
+        .collect();
     let (token, set) = csrf_token(state, headers);
     let view = pages::Account {
         csrf: &token,
         email: &user.email,
         keys: &keys,
+        devices: &devices,
         has_totp,
         webauthn: state.keys.is_some(),
         fresh: super::webauthn::fresh(state, &loaded.session),
@@ -282,4 +299,37 @@ async fn audit(
         .client(&client.ip, &client.user_agent)
         .reason(reason);
     state.audit.record(ev).await;
+}
+
+/// `POST /_portcullis/account/devices/{id}/revoke`: signs a device out (every session it holds
+/// ends at once); a later sign-in from it counts as a new device and is reported. No fresh
+/// proof is needed: revoking only takes access away.
+pub async fn revoke_device_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let (_, user) = match acting(&state, &headers, &form.csrf).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(r),
+    };
+    let devices = state.durable.list_devices(&user.id).await?;
+    if !devices.iter().any(|d| d.id == id) {
+        return Err(AppError::not_found());
+    }
+    state.durable.revoke_device(&id).await?;
+    let ended = state.sessions.destroy_device(&user.id, &id).await?;
+    audit(
+        &state,
+        peer,
+        &headers,
+        &user,
+        "device_revoked",
+        "success",
+        &format!("{id}:{ended}_sessions"),
+    )
+    .await;
+    Ok(see_other(&format!("{PATH}?notice=device_revoked")))
 }

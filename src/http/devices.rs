@@ -55,14 +55,14 @@ fn set_device_cookie(state: &AppState, token: &str) -> String {
     )
 }
 
-/// Records the device of a complete sign-in; returns the cookies to set (a new device cookie
-/// when the browser is not a known device of this user).
+/// Records the device of a complete sign-in; returns its id and the cookies to set (a new
+/// device cookie when the browser is not a known device of this user).
 pub async fn signed_in(
     state: &AppState,
     headers: &HeaderMap,
     user: &User,
     client: &Client,
-) -> Result<Vec<String>, AppError> {
+) -> Result<(String, Vec<String>), AppError> {
     let now = state.clock.now();
     if let Some(token) = get_cookie(headers, cookie_name(state)).filter(|t| plausible_token(t)) {
         if let Some(d) = state
@@ -72,7 +72,7 @@ pub async fn signed_in(
         {
             if d.user_id == user.id && d.status == "active" {
                 state.durable.touch_device(&d.id, now, &client.ip).await?;
-                return Ok(Vec::new());
+                return Ok((d.id, Vec::new()));
             }
         }
     }
@@ -100,7 +100,7 @@ pub async fn signed_in(
         )
         .await;
     notify_new_device(state, user, &device).await?;
-    Ok(vec![set_device_cookie(state, &token)])
+    Ok((device.id, vec![set_device_cookie(state, &token)]))
 }
 
 /// Queues the new-device notice with its "this wasn't me" link.

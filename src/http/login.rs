@@ -13,7 +13,7 @@ use crate::auth::flow::{Client, CodeOutcome, PasswordOutcome};
 use crate::auth::totp;
 use crate::policy::safe_return_to;
 use crate::secret::Secret;
-use crate::session::{Loaded, Stage};
+use crate::session::{Loaded, Session, Stage};
 use crate::state::AppState;
 use crate::store::AuditEvent;
 
@@ -283,11 +283,14 @@ async fn after_code(
 ) -> Result<Response, AppError> {
     match outcome {
         CodeOutcome::Accepted => {
+            let device_cookies = if loaded.session.is_authenticated() {
+                complete_sign_in(state, headers, client, &mut loaded.session).await?
+            } else {
+                Vec::new()
+            };
             let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
             let mut cookies = vec![state.sessions.set_cookie(&id)];
-            if loaded.session.is_authenticated() {
-                cookies.extend(complete_sign_in(state, headers, client, &loaded).await?);
-            }
+            cookies.extend(device_cookies);
             let next = stage_page(&Loaded {
                 key: String::new(),
                 session: loaded.session,
@@ -330,13 +333,15 @@ pub(super) async fn complete_sign_in(
     state: &AppState,
     headers: &HeaderMap,
     client: &Client,
-    loaded: &Loaded,
+    session: &mut Session,
 ) -> Result<Vec<String>, AppError> {
-    let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
+    let Some(user) = state.durable.user_by_id(&session.user_id).await? else {
         return Ok(Vec::new());
     };
     state.login.forget_failures(&user).await?;
-    super::devices::signed_in(state, headers, &user, client).await
+    let (device_id, cookies) = super::devices::signed_in(state, headers, &user, client).await?;
+    session.device_id = Some(device_id);
+    Ok(cookies)
 }
 
 /// `POST /_portcullis/mfa`.
@@ -520,10 +525,11 @@ pub async fn codes_post(
         Err(r) => return Ok(r),
     };
     loaded.session.stage = Stage::Authenticated;
-    let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
     let client = super::client(&state, peer, &headers);
+    let device_cookies = complete_sign_in(&state, &headers, &client, &mut loaded.session).await?;
+    let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
     let mut cookies = vec![state.sessions.set_cookie(&id)];
-    cookies.extend(complete_sign_in(&state, &headers, &client, &loaded).await?);
+    cookies.extend(device_cookies);
     Ok(with_cookies(see_other(&stage_page(&loaded)), cookies))
 }
 

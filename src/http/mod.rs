@@ -63,6 +63,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/_portcullis/account", get(account::account_get))
         .route(
+            "/_portcullis/account/devices/{id}/revoke",
+            post(account::revoke_device_post),
+        )
+        .route(
             "/_portcullis/account/keys/{id}/rename",
             post(account::rename_post),
         )

@@ -77,12 +77,25 @@ pub struct KeyRow {
     pub suspended: Option<String>,
 }
 
+/// One device on the account page.
+pub struct DeviceRow {
+    pub id: String,
+    pub name: String,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub last_ip: String,
+    pub revoked: bool,
+    /// The browser showing the page.
+    pub current: bool,
+}
+
 #[derive(Template)]
 #[template(path = "account.html")]
 pub struct Account<'a> {
     pub csrf: &'a str,
     pub email: &'a str,
     pub keys: &'a [KeyRow],
+    pub devices: &'a [DeviceRow],
     pub has_totp: bool,
     /// Keys can be added here (WebAuthn available).
     pub webauthn: bool,

@@ -263,7 +263,7 @@ pub async fn authenticate_finish(
         .await?;
     match outcome {
         CodeOutcome::Accepted => {
-            let device = complete_sign_in(&state, &headers, &client, &loaded).await?;
+            let device = complete_sign_in(&state, &headers, &client, &mut loaded.session).await?;
             stepped_up(&state, &loaded, device).await
         }
         CodeOutcome::Rejected => {
@@ -351,9 +351,10 @@ pub async fn passkey_finish(
         next,
     );
     session.amr = PASSKEY_AMR.iter().map(|s| s.to_string()).collect();
+    let device_cookies = complete_sign_in(&state, &headers, &client, &mut session).await?;
     let (id, key) = state.sessions.create(&session).await?;
     let loaded = Loaded { key, session };
     let mut cookies = vec![state.sessions.set_cookie(&id)];
-    cookies.extend(complete_sign_in(&state, &headers, &client, &loaded).await?);
+    cookies.extend(device_cookies);
     Ok(with_cookies(redirect_json(&stage_page(&loaded)), cookies))
 }

@@ -59,6 +59,10 @@ pub struct Session {
     pub return_to: Option<String>,
     /// Wrong second-factor codes in this sign-in.
     pub failed_codes: u32,
+    /// The device (`devices.id`) this complete session was signed in from; revoking the device
+    /// ends the session.
+    #[serde(default)]
+    pub device_id: Option<String>,
 }
 
 impl Session {
@@ -83,6 +87,7 @@ impl Session {
             user_agent: ua.chars().take(512).collect(),
             return_to,
             failed_codes: 0,
+            device_id: None,
         }
     }
 
@@ -251,6 +256,25 @@ impl Sessions {
         }
         self.store.delete(&user_index_key(user_id)).await?;
         Ok(keys.len())
+    }
+
+    /// Ends every session of `user_id` that was signed in from `device_id`; returns how many.
+    pub async fn destroy_device(&self, user_id: &str, device_id: &str) -> StoreResult<usize> {
+        let keys = self.store.set_members(&user_index_key(user_id)).await?;
+        let mut ended = 0;
+        for k in &keys {
+            let Some(body) = self.store.get(&record_key(k)).await? else {
+                self.store.set_remove(&user_index_key(user_id), k).await?;
+                continue;
+            };
+            let s: Session =
+                serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if s.device_id.as_deref() == Some(device_id) {
+                self.destroy(k, user_id).await?;
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 
     /// `Set-Cookie` value that installs a session id.

@@ -322,3 +322,54 @@ async fn owners_hear_about_changes_to_their_second_factors() {
         "no secrets in mail"
     );
 }
+
+/// The account page lists the user's devices; signing one out ends its sessions at once and
+/// its next sign-in is reported as a new device again. Other devices keep working.
+#[tokio::test]
+async fn a_device_signed_out_from_the_account_page_loses_its_sessions() {
+    let gw = Gateway::start().await;
+    let (a, secret, _) = gw.signed_in("two@example.com").await;
+    let b = gw.browser();
+    gw.sign_in_on(&b, "two@example.com", &secret).await;
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+
+    let user = gw.user("two@example.com").await;
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert_eq!(devices.len(), 2);
+    let b_device = &devices[0].id; // the latest sign-in
+    let html = gw.page(&a, "/_portcullis/account").await;
+    assert_eq!(html.matches("class=\"device\"").count(), 2, "{html}");
+    assert_eq!(html.matches("this browser").count(), 1);
+    assert!(html.contains(&format!("/_portcullis/account/devices/{b_device}/revoke")));
+
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    // Another user's device id, or a made-up one, is not found.
+    let r = a
+        .post(gw.url("/_portcullis/account/devices/nope/revoke"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = a
+        .post(gw.url(&format!("/_portcullis/account/devices/{b_device}/revoke")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(location(&r).contains("notice=device_revoked"));
+
+    assert_eq!(gw.status(&b, "/campaigns").await, 303, "signed out at once");
+    assert_eq!(
+        gw.status(&a, "/campaigns").await,
+        200,
+        "the other device stays"
+    );
+    assert!(gw.audit().await.iter().any(|e| e.event == "device_revoked"));
+
+    // Its next sign-in is a new device: reported again.
+    assert_eq!(sign_in_notices(&gw).await.len(), 2);
+    gw.sign_in_on(&b, "two@example.com", &secret).await;
+    assert_eq!(sign_in_notices(&gw).await.len(), 3);
+}
