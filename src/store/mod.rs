@@ -278,6 +278,9 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn recovery_codes_left(&self, user_id: &str) -> StoreResult<u32>;
 
     async fn insert_signing_key(&self, key: SigningKeyRecord) -> StoreResult<()>;
+    /// Stores `key` only while no key is current (none without `retire_at`); true when stored.
+    /// Serialised across gateways, so gateways starting together settle on one first key.
+    async fn insert_first_signing_key(&self, key: SigningKeyRecord) -> StoreResult<bool>;
     /// Marks every key except `keep_kid` that is not yet retiring as retiring at `retire_at`.
     async fn retire_signing_keys_except(
         &self,

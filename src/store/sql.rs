@@ -272,6 +272,22 @@ fn report_from(r: &AnyRow) -> Result<ReportLink, sqlx::Error> {
     })
 }
 
+/// The statement that stores a signing key.
+fn insert_key(
+    key: &SigningKeyRecord,
+) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(
+        "INSERT INTO signing_keys (kid, alg, public_jwk, private_sealed, created_at, retire_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&key.kid)
+    .bind(&key.alg)
+    .bind(&key.public_jwk)
+    .bind(&key.private_sealed)
+    .bind(key.created_at)
+    .bind(key.retire_at)
+}
+
 /// Maps every row, or the first row that does not fit.
 fn all<T>(rows: &[AnyRow], f: fn(&AnyRow) -> Result<T, sqlx::Error>) -> StoreResult<Vec<T>> {
     rows.iter()
@@ -665,19 +681,36 @@ impl DurableStore for SqlStore {
 
     async fn insert_signing_key(&self, key: SigningKeyRecord) -> StoreResult<()> {
         let (pool, key) = (&self.pool, &key);
-        self.retrying(move || async move { sqlx::query(
-            "INSERT INTO signing_keys (kid, alg, public_jwk, private_sealed, created_at, retire_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&key.kid)
-        .bind(&key.alg)
-        .bind(&key.public_jwk)
-        .bind(&key.private_sealed)
-        .bind(key.created_at)
-        .bind(key.retire_at)
-        .execute(pool)
-        .await })
+        self.retrying(move || async move { insert_key(key).execute(pool).await })
             .await?;
         Ok(())
+    }
+
+    async fn insert_first_signing_key(&self, key: SigningKeyRecord) -> StoreResult<bool> {
+        let (pool, key, sqlite) = (&self.pool, &key, self.sqlite);
+        self.retrying(move || async move {
+            let mut tx = pool.begin().await?;
+            // Take the writer's lock before looking, so two gateways cannot both see "none".
+            let lock = if sqlite {
+                "UPDATE signing_keys SET kid = kid WHERE retire_at IS NULL AND kid = ''"
+            } else {
+                "SELECT pg_advisory_xact_lock(7260151)"
+            };
+            sqlx::query(lock).execute(&mut *tx).await?;
+            let current: i64 =
+                sqlx::query("SELECT COUNT(*) AS n FROM signing_keys WHERE retire_at IS NULL")
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("n")?;
+            if current > 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            insert_key(key).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn retire_signing_keys_except(

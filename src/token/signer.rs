@@ -68,10 +68,12 @@ impl Signer {
         let mut records = durable.live_signing_keys(now).await?;
         if !records.iter().any(|r| r.retire_at.is_none()) {
             let record = super::keys::new_record(config.token.algorithm, &master_key, now)?;
-            tracing::info!(kid = %record.kid, alg = %record.alg, "generated a signing key");
-            durable.insert_signing_key(record).await?;
-            // Re-read: a gateway starting at the same time may have stored one too, and every
-            // gateway must settle on the same current key.
+            let (kid, alg) = (record.kid.clone(), record.alg.clone());
+            // Only the first of several gateways starting together stores its key; the others
+            // read and use that one, so every gateway signs with and publishes the same key.
+            if durable.insert_first_signing_key(record).await? {
+                tracing::info!(%kid, %alg, "generated a signing key");
+            }
             records = durable.live_signing_keys(now).await?;
         }
         let ring = KeyRing::build(&records, &master_key, None)?;

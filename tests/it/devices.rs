@@ -206,14 +206,15 @@ async fn notices_go_through_smtp_and_survive_an_smtp_outage() {
     }
 
     let maildir = gw.dir.path().join("maildir");
-    let mut server = std::process::Command::new("python3")
-        .args(["-m", "aiosmtpd", "-n", "-l"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["-c", "aiosmtpd.handlers.Mailbox"])
-        .arg(&maildir)
-        .spawn()
-        .expect("python3 -m aiosmtpd (python3 -m pip install aiosmtpd)");
-    let _kill = KillOnDrop(&mut server);
+    let _server = Process(
+        std::process::Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .spawn()
+            .expect("python3 -m aiosmtpd (python3 -m pip install aiosmtpd)"),
+    );
     wait_for_port(port).await;
     // Retried after the backoff, not before.
     assert_eq!(gw.state.notifier.deliver_due().await.unwrap(), 0);
@@ -256,23 +257,6 @@ async fn mail_once(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     panic!("the mail queue never reached the expected state");
-}
-
-struct KillOnDrop<'a>(&'a mut std::process::Child);
-
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn wait_for_port(port: u16) {

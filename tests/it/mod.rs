@@ -1,6 +1,7 @@
 mod backend_docs;
 mod bad_input;
 mod cli;
+mod cluster;
 mod devices;
 pub mod harness;
 mod hygiene;

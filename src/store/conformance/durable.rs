@@ -21,6 +21,7 @@ pub(crate) async fn durable_suite(store: Arc<dyn DurableStore>) {
     recovery_codes(&store, &tag).await;
     recovery_code_races(&store, &tag).await;
     signing_keys(&store, &tag).await;
+    first_signing_key_race(&store, &tag).await;
     super::durable_audit::audit(&store, &tag).await;
     super::durable_audit::hostile_text(&store, &tag).await;
     super::durable_devices::devices_and_lock(&store, &tag).await;
@@ -322,6 +323,41 @@ async fn recovery_code_races(s: &Arc<dyn DurableStore>, tag: &str) {
     }
     assert_eq!(wins, 1, "exactly one concurrent consume succeeds");
     assert_eq!(s.recovery_codes_left(&u.id).await.unwrap(), 1);
+}
+
+/// Gateways starting together on an empty store: exactly one first key is stored.
+async fn first_signing_key_race(s: &Arc<dyn DurableStore>, tag: &str) {
+    // No key current, as in a fresh store (earlier checks leave some).
+    s.retire_signing_keys_except("", 50).await.unwrap();
+    let gate = Arc::new(Barrier::new(10));
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (s, gate) = (s.clone(), gate.clone());
+            let k = key(&format!("first-{tag}-{i}"), 100, None);
+            tokio::spawn(async move {
+                gate.wait().await;
+                s.insert_first_signing_key(k).await.unwrap()
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        stored += usize::from(t.await.unwrap());
+    }
+    assert_eq!(stored, 1, "one first key");
+    let current = s
+        .live_signing_keys(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.retire_at.is_none())
+        .count();
+    assert_eq!(current, 1);
+    let k = key(&format!("late-{tag}"), 100, None);
+    assert!(
+        !s.insert_first_signing_key(k).await.unwrap(),
+        "a current key exists"
+    );
 }
 
 fn key(kid: &str, created_at: i64, retire_at: Option<i64>) -> SigningKeyRecord {
