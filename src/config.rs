@@ -108,6 +108,9 @@ pub struct ServerConfig {
     pub max_uri_length: usize,
     /// Largest body accepted by the gateway's own forms, in bytes.
     pub max_form_bytes: usize,
+    /// On SIGTERM, how long in-flight requests may take to finish before connections drop.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +121,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             max_uri_length: 8192,
             max_form_bytes: 16 * 1024,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }

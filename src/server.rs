@@ -43,9 +43,29 @@ pub async fn run(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // After the signal, in-flight requests get `server.shutdown_timeout` to finish; then the
+    // remaining connections (a stuck upstream, open websockets) are dropped.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let drain = state.config.server.shutdown_timeout;
+    let mut graceful = stop_rx.clone();
+    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|s| *s).await;
+    });
+    let mut deadline = stop_rx;
+    let result = tokio::select! {
+        r = serving => r,
+        () = async move {
+            let _ = deadline.wait_for(|s| *s).await;
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!(?drain, "shutdown timeout: dropping connections still open");
+            Ok(())
+        }
+    };
     refresher.abort();
     mailer.abort();
     state.audit.flush().await;

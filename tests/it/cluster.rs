@@ -107,10 +107,63 @@ async fn scenario(durable: String) {
         ),
     )
     .unwrap();
+    add_user(&config, "both@example.com");
+
+    let mut a = Some(serve(&config, pa));
+    let _b = serve(&config, pb);
+    wait_ready(pa).await;
+    wait_ready(pb).await;
+    let on = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+
+    let c = browser();
+    // Password on A, enrolment on B (the pending sign-in lives in Redis), codes confirmed on A.
+    sign_in(&c, &on(pa, ""), &on(pb, ""), "both@example.com").await;
+
+    // The session works on both; both sign with keys from the shared store.
+    for port in [pa, pb] {
+        let r = c.get(on(port, "/campaigns")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "gateway {port}");
+    }
+    let jwks_a = text(&c, on(pa, "/.well-known/jwks.json")).await;
+    let jwks_b = text(&c, on(pb, "/.well-known/jwks.json")).await;
+    assert_eq!(jwks_a, jwks_b, "one key set");
+    let token = upstream
+        .last()
+        .header("x-portcullis-assertion")
+        .unwrap()
+        .to_string();
+    let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+    assert!(jwks_a.contains(&kid));
+
+    // A is killed mid-traffic: B carries on with the same session.
+    drop(a.take());
+    for _ in 0..20 {
+        let r = c.get(on(pb, "/campaigns")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "no session lost");
+    }
+
+    // Logout on B ends the session everywhere (a restarted A sees it gone).
+    let html = text(&c, on(pb, "/_portcullis/logout")).await;
+    let r = c
+        .post(on(pb, "/_portcullis/logout"))
+        .form(&[("csrf", csrf_of(&html))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let _a = serve(&config, pa);
+    wait_ready(pa).await;
+    for port in [pa, pb] {
+        let r = c.get(on(port, "/campaigns")).send().await.unwrap();
+        assert_eq!(r.status(), 303, "gateway {port} refuses after logout");
+    }
+}
+
+fn add_user(config: &std::path::Path, email: &str) {
     let add = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["--config"])
-        .arg(&config)
-        .args(["user", "add", "both@example.com", "--account", "acct-1"])
+        .arg(config)
+        .args(["user", "add", email, "--account", "acct-1"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -129,17 +182,13 @@ async fn scenario(durable: String) {
         "{}",
         String::from_utf8_lossy(&add.stderr)
     );
+}
 
-    let mut a = Some(serve(&config, pa));
-    let _b = serve(&config, pb);
-    wait_ready(pa).await;
-    wait_ready(pb).await;
-    let on = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
-
-    // One browser; cookies belong to the host, so both gateways see them (as behind a balancer).
-    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
-    let c = reqwest::Client::builder()
-        .cookie_provider(jar)
+/// A browser-like client. Cookies belong to the host, so gateways on other ports of 127.0.0.1
+/// see them too (as behind a load balancer).
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_provider(std::sync::Arc::new(reqwest::cookie::Jar::default()))
         .redirect(reqwest::redirect::Policy::none())
         .default_headers({
             let mut h = reqwest::header::HeaderMap::new();
@@ -147,19 +196,25 @@ async fn scenario(durable: String) {
             h
         })
         .build()
-        .unwrap();
-    let csrf_of = |html: &str| extract(html, "name=\"csrf\" value=\"", "\"").unwrap();
-    let page = |url: String| {
-        let c = c.clone();
-        async move { c.get(url).send().await.unwrap().text().await.unwrap() }
-    };
+        .unwrap()
+}
 
-    // Password on A …
-    let csrf = csrf_of(&page(on(pa, "/_portcullis/login")).await);
+fn csrf_of(html: &str) -> String {
+    extract(html, "name=\"csrf\" value=\"", "\"").unwrap()
+}
+
+async fn text(c: &reqwest::Client, url: String) -> String {
+    c.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// First sign-in of `email` with password and TOTP enrolment: the password and the recovery
+/// codes through gateway `a`, the enrolment through gateway `b` (the same one is fine).
+async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
+    let csrf = csrf_of(&text(c, format!("{a}/_portcullis/login")).await);
     let r = c
-        .post(on(pa, "/_portcullis/login"))
+        .post(format!("{a}/_portcullis/login"))
         .form(&[
-            ("username", "both@example.com"),
+            ("username", email),
             ("password", PASSWORD),
             ("csrf", &csrf),
             ("next", ""),
@@ -168,63 +223,84 @@ async fn scenario(durable: String) {
         .await
         .unwrap();
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
-    // … enrolment page on B (the pending session lives in Redis) …
-    let html = page(on(pb, "/_portcullis/enrol/totp")).await;
-    let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("B sees A's pending sign-in");
+    let html = text(c, format!("{b}/_portcullis/enrol/totp")).await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("the pending sign-in");
     let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
     let r = c
-        .post(on(pb, "/_portcullis/enrol/totp"))
+        .post(format!("{b}/_portcullis/enrol/totp"))
         .form(&[("code", totp(&secret)), ("csrf", csrf_of(&html))])
         .send()
         .await
         .unwrap();
     assert_eq!(location(&r), "/_portcullis/recovery-codes");
-    // … recovery codes confirmed on A.
-    let html = page(on(pa, "/_portcullis/recovery-codes")).await;
+    let html = text(c, format!("{a}/_portcullis/recovery-codes")).await;
     let r = c
-        .post(on(pa, "/_portcullis/recovery-codes"))
+        .post(format!("{a}/_portcullis/recovery-codes"))
         .form(&[("csrf", csrf_of(&html))])
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
+}
 
-    // The session works on both; both sign with keys from the shared store.
-    for port in [pa, pb] {
-        let r = c.get(on(port, "/campaigns")).send().await.unwrap();
-        assert_eq!(r.status(), 200, "gateway {port}");
-    }
-    let jwks_a = page(on(pa, "/.well-known/jwks.json")).await;
-    let jwks_b = page(on(pb, "/.well-known/jwks.json")).await;
-    assert_eq!(jwks_a, jwks_b, "one key set");
-    let token = upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
-    let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
-    assert!(jwks_a.contains(&kid));
+/// SIGTERM: requests in flight are answered, those still running after
+/// `server.shutdown_timeout` are dropped, and the process exits instead of waiting for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up_addr, _upstream) = start_upstream().await;
+    let port = free_port();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\npublic_url = \"http://127.0.0.1:{port}/\"\nshutdown_timeout = \"1s\"\n\
+             [upstream]\nurl = \"http://{up_addr}/\"\n\
+             [storage]\ndurable = \"sqlite://{}\"\n\
+             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
+             [secrets]\nmaster_key = \"{}\"\n\
+             [notify]\noutbox_dir = \"{}\"\n",
+            dir.path().join("db.sqlite").display(),
+            portcullis::crypto::MasterKey::generate_base64(),
+            dir.path().join("outbox").display()
+        ),
+    )
+    .unwrap();
+    add_user(&config, "term@example.com");
+    let mut gw = serve(&config, port);
+    wait_ready(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let c = browser();
+    sign_in(&c, &base, &base, "term@example.com").await;
 
-    // A is killed mid-traffic: B carries on with the same session.
-    drop(a.take());
-    for _ in 0..20 {
-        let r = c.get(on(pb, "/campaigns")).send().await.unwrap();
-        assert_eq!(r.status(), 200, "no session lost");
-    }
-
-    // Logout on B ends the session everywhere (a restarted A sees it gone).
-    let html = page(on(pb, "/_portcullis/logout")).await;
-    let r = c
-        .post(on(pb, "/_portcullis/logout"))
-        .form(&[("csrf", csrf_of(&html))])
-        .send()
-        .await
+    let request = |path: &str| {
+        let (c, url) = (c.clone(), format!("{base}{path}"));
+        tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    let quick = request("/slow/500");
+    let stuck = request("/slow/30000");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let term = Command::new("kill")
+        .args(["-TERM", &gw.0.id().to_string()])
+        .status()
         .unwrap();
-    assert_eq!(r.status(), 303);
-    let _a = serve(&config, pa);
-    wait_ready(pa).await;
-    for port in [pa, pb] {
-        let r = c.get(on(port, "/campaigns")).send().await.unwrap();
-        assert_eq!(r.status(), 303, "gateway {port} refuses after logout");
-    }
+    assert!(term.success());
+    let signalled = std::time::Instant::now();
+    assert_eq!(quick.await.unwrap().unwrap(), 200, "drained");
+    let exited = loop {
+        if let Some(status) = gw.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "still running long after the shutdown timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.success(), "{exited:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the stuck request was dropped"
+    );
 }

@@ -106,6 +106,11 @@ async fn record(State(up): State<Upstream>, req: Request) -> Response {
         });
         return Response::new(Body::from_stream(stream));
     }
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        let ms: u64 = ms.parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return (axum::http::StatusCode::OK, "slow answer").into_response();
+    }
     if path == "/cookies" {
         return Response::builder()
             .status(201)
@@ -278,6 +283,13 @@ impl Gateway {
             dir,
             config_path,
             shutdown: Some(tx),
+        }
+    }
+
+    /// Sends the shutdown signal (as SIGTERM does for the binary).
+    pub fn stop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
         }
     }
 

@@ -193,3 +193,31 @@ async fn slow_upstream_is_a_504() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_timeout");
 }
+
+/// On shutdown, requests in flight finish (drain) and new connections are refused. (That the
+/// process does not wait longer than `server.shutdown_timeout` is checked on the real binary in
+/// `it::cluster`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests() {
+    let mut gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("drain@example.com").await;
+    let (client, url) = (c.client.clone(), gw.url("/slow/500"));
+    let quick =
+        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    gw.stop();
+    assert_eq!(
+        quick.await.unwrap().unwrap(),
+        200,
+        "an in-flight request is drained"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        reqwest::Client::new()
+            .get(gw.url("/_portcullis/healthz"))
+            .send()
+            .await
+            .is_err(),
+        "no new connections after shutdown"
+    );
+}
