@@ -2,6 +2,7 @@ mod backend_docs;
 mod bad_input;
 mod cli;
 mod cluster;
+mod deploy;
 mod devices;
 pub mod harness;
 mod hygiene;

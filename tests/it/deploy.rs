@@ -1,0 +1,131 @@
+//! The deployment files in `deploy/` are checked by the tools that will read them: nginx's own
+//! configuration test, `systemd-analyze verify`, and a YAML parser for the Kubernetes manifests
+//! and the compose file.
+
+use std::process::Command;
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[test]
+fn the_nginx_tls_front_passes_nginx_t() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=login.esp.example",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let site = std::fs::read_to_string(repo("deploy/nginx/portcullis.conf"))
+        .unwrap()
+        .replace("/etc/ssl/portcullis/fullchain.pem", cert.to_str().unwrap())
+        .replace("/etc/ssl/portcullis/privkey.pem", key.to_str().unwrap());
+    std::fs::write(dir.path().join("site.conf"), site).unwrap();
+    std::fs::write(
+        dir.path().join("nginx.conf"),
+        format!(
+            "pid {0}/nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {0}/body;\n  proxy_temp_path {0}/proxy;\n  fastcgi_temp_path {0}/fcgi;\n  uwsgi_temp_path {0}/uwsgi;\n  scgi_temp_path {0}/scgi;\n  include {0}/site.conf;\n}}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("/usr/sbin/nginx")
+        .arg("-t")
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .output()
+        .expect("nginx is needed (apt-get install nginx)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(repo("deploy/systemd/portcullis.service"))
+        .unwrap()
+        .replace(
+            "/usr/local/bin/portcullis",
+            env!("CARGO_BIN_EXE_portcullis"),
+        );
+    assert!(unit.contains("NoNewPrivileges=yes") && unit.contains("ProtectSystem=strict"));
+    let path = dir.path().join("portcullis.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_and_compose_files_say_what_operations_needs() {
+    let check = r#"
+import sys, yaml
+docs = list(yaml.safe_load_all(open(sys.argv[1])))
+kinds = {d["kind"]: d for d in docs}
+dep = kinds["Deployment"]["spec"]
+assert dep["replicas"] >= 2, "at least two gateways"
+c = dep["template"]["spec"]["containers"][0]
+assert c["readinessProbe"]["httpGet"]["path"] == "/_portcullis/readyz"
+assert c["livenessProbe"]["httpGet"]["path"] == "/_portcullis/healthz"
+env = {e["name"]: e["value"] for e in c["env"]}
+assert env["PORTCULLIS__SECRETS__MASTER_KEY_FILE"].startswith("/run/secrets/")
+assert dep["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+assert "Secret" not in kinds, "no secret values in the manifest"
+compose = yaml.safe_load(open(sys.argv[2]))
+services = compose["services"]
+assert {"gateway-a", "gateway-b", "redis", "postgres", "lb", "console"} <= set(services)
+assert services["gateway-a"]["environment"]["PORTCULLIS__STORAGE__EPHEMERAL"].startswith("redis://")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", check])
+        .arg(repo("deploy/kubernetes/portcullis.yaml"))
+        .arg(repo("deploy/docker-compose.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
