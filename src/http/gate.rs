@@ -47,12 +47,17 @@ pub(crate) fn refuse(
     let mut resp = if browser {
         see_other(&location)
     } else {
+        let message = format!("Sign in at {login} first.");
         let body = serde_json::json!({
             "error": "authentication_required",
-            "message": format!("Sign in at {login} first."),
+            "message": message,
             "login": location,
         });
-        let mut r = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+        // Our error format (browsers that cannot be redirected, e.g. websocket upgrades, get the
+        // HTML page), with the sign-in URL added for clients that follow it.
+        let mut r = AppError::new(StatusCode::UNAUTHORIZED, "authentication_required", message)
+            .into_response();
+        *r.body_mut() = axum::body::Body::from(body.to_string());
         if let Ok(v) =
             HeaderValue::from_str(&format!("Portcullis realm=\"console\", login=\"{login}\""))
         {
