@@ -190,6 +190,30 @@ async fn password_without_second_factor_is_refused() {
 }
 
 #[tokio::test]
+async fn a_disabled_user_is_refused_and_the_cookie_cleared() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("gone@example.com").await;
+    let cookie = gw.cookies(&c);
+    assert_eq!(ask(&gw, &cookie, "X-Forwarded-Uri", "/").await.status, 200);
+    let out = gw.cli(&["user", "disable", "gone@example.com"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.clock.advance(2);
+    let r = ask(&gw, &cookie, "X-Forwarded-Uri", "/").await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(r.header("x-portcullis-assertion").is_none());
+    let cleared = r.head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("set-cookie: portcullis-session=;")
+            && l.contains("Max-Age=0")
+    });
+    assert!(cleared, "the dead session's cookie is cleared: {}", r.head);
+}
+
+#[tokio::test]
 async fn gateway_namespace_uris_are_refused() {
     let gw = gateway(true).await;
     let (c, _, _) = gw.signed_in("ns@example.com").await;
