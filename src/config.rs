@@ -62,6 +62,17 @@ pub struct Config {
     pub log: LogConfig,
     pub notify: NotifyConfig,
     pub webauthn: WebauthnConfig,
+    pub forward_auth: ForwardAuthConfig,
+}
+
+/// `[forward_auth]`: the `/_portcullis/auth` endpoint for deployments whose own reverse proxy
+/// (nginx `auth_request`, Traefik `forwardAuth`, Caddy `forward_auth`) asks the gateway whether a
+/// request may pass. Off by default, so a gateway that proxies itself does not expose it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardAuthConfig {
+    /// Whether the endpoint answers; when off it is a 404 like any unknown gateway route.
+    pub enabled: bool,
 }
 
 /// `[notify]`: email to account owners (sign-ins from new devices, reported sign-ins, locks).

@@ -43,4 +43,6 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+mod test_logs;
 pub mod token;

@@ -4,7 +4,7 @@
 //! sign in, API clients get 401 JSON. Storage trouble fails closed (503).
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{wants_html, AppError};
@@ -16,6 +16,9 @@ use crate::session::{self, Invalid};
 use crate::state::AppState;
 use crate::store::AuditEvent;
 use crate::token::Identity;
+
+/// The sign-in page, as the gate's redirects name it.
+pub(crate) const LOGIN_PATH: &str = "/_portcullis/login";
 
 /// `GET /.well-known/jwks.json`.
 pub async fn jwks(State(state): State<AppState>) -> Response {
@@ -31,34 +34,35 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
     r
 }
 
-/// Answer for a request that may not pass.
-fn refuse(state: &AppState, req: &Request, canonical: &str, clear_cookie: bool) -> Response {
-    let browser = wants_html(req.headers()) && !is_upgrade(req);
+/// Answer for a request that may not pass: browsers are sent to `login` (with `next` when
+/// there is a safe place to return to), API clients get 401 JSON that names the sign-in URL.
+pub(crate) fn refuse(
+    state: &AppState,
+    browser: bool,
+    login: &str,
+    next: Option<&str>,
+    clear_cookie: bool,
+) -> Response {
+    let location = login_location(login, next);
     let mut resp = if browser {
-        let query = req
-            .uri()
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
-        let target = format!("{canonical}{query}");
-        let next = safe_return_to(&target, &state.config.server.public_url)
-            .filter(|_| matches!(*req.method(), Method::GET | Method::HEAD));
-        let location = match next {
-            Some(n) => format!("/_portcullis/login?next={}", urlencode(&n)),
-            None => "/_portcullis/login".to_string(),
-        };
         see_other(&location)
     } else {
-        let mut r = AppError::new(
-            StatusCode::UNAUTHORIZED,
-            "authentication_required",
-            "Sign in at /_portcullis/login first.",
-        )
-        .into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Portcullis realm=\"console\", login=\"/_portcullis/login\""),
-        );
+        let message = format!("Sign in at {login} first.");
+        let body = serde_json::json!({
+            "error": "authentication_required",
+            "message": message,
+            "login": location,
+        });
+        // Our error format (browsers that cannot be redirected, e.g. websocket upgrades, get the
+        // HTML page), with the sign-in URL added for clients that follow it.
+        let mut r = AppError::new(StatusCode::UNAUTHORIZED, "authentication_required", message)
+            .into_response();
+        *r.body_mut() = axum::body::Body::from(body.to_string());
+        if let Ok(v) =
+            HeaderValue::from_str(&format!("Portcullis realm=\"console\", login=\"{login}\""))
+        {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
         r
     };
     if clear_cookie {
@@ -69,6 +73,116 @@ fn refuse(state: &AppState, req: &Request, canonical: &str, clear_cookie: bool) 
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// The sign-in URL with its `next` parameter.
+fn login_location(login: &str, next: Option<&str>) -> String {
+    match next {
+        Some(n) => format!("{login}?next={}", urlencode(n)),
+        None => login.to_string(),
+    }
+}
+
+/// [`login_location`] as a header value.
+pub(crate) fn sign_in_url(login: &str, next: Option<&str>) -> Option<HeaderValue> {
+    HeaderValue::from_str(&login_location(login, next)).ok()
+}
+
+/// Where sign-in sends a refused proxied request back to: its own path and query, if safe and
+/// if the request can be repeated by following a link.
+pub(crate) fn return_target(state: &AppState, method: &Method, target: &str) -> Option<String> {
+    safe_return_to(target, &state.config.server.public_url)
+        .filter(|_| matches!(*method, Method::GET | Method::HEAD))
+}
+
+/// What the gate decided about the session a request carries.
+pub(crate) enum Decision {
+    /// A signed-in user whose session completed a second factor: the identity token to send on.
+    Pass(std::sync::Arc<str>),
+    /// No such session; `clear_cookie` when the cookie named a session that is no more.
+    Refuse { clear_cookie: bool },
+}
+
+/// The one policy shared by the proxy and the forward-auth endpoint: session → second factor
+/// complete → user still admitted → identity → signed token. Storage trouble is an error (503),
+/// never a pass.
+pub(crate) async fn decide(
+    state: &AppState,
+    peer: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> Result<Decision, AppError> {
+    let cookie = get_cookie(headers, state.sessions.cookie_name());
+    let mut loaded = match state.sessions.load(cookie).await? {
+        Ok(l) => l,
+        Err(why) => {
+            return Ok(Decision::Refuse {
+                clear_cookie: why != Invalid::Missing,
+            })
+        }
+    };
+    let client = super::client(state, peer, headers);
+    if !loaded.session.is_authenticated() {
+        // Between the password and the second factor: nothing of the console is reachable.
+        let ev = AuditEvent::new("proxy_denied", "denied", state.clock.now())
+            .reason("second_factor_incomplete");
+        let ev = match state.durable.user_by_id(&loaded.session.user_id).await? {
+            Some(u) => ev.user(&u),
+            None => ev,
+        };
+        state
+            .audit
+            .record(ev.client(&client.ip, &client.user_agent))
+            .await;
+        return Ok(Decision::Refuse {
+            clear_cookie: false,
+        });
+    }
+    let Some(user) = state
+        .user_gate
+        .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
+        .await?
+    else {
+        state
+            .sessions
+            .destroy(&loaded.key, &loaded.session.user_id)
+            .await?;
+        state.signer.forget(&loaded.key);
+        let ev = AuditEvent::new("session_ended", "denied", state.clock.now())
+            .reason("user_disabled_or_sessions_revoked");
+        let ev = ev.client(&client.ip, &client.user_agent);
+        let ev = AuditEvent {
+            user_id: Some(loaded.session.user_id.clone()),
+            ..ev
+        };
+        state.audit.record(ev).await;
+        return Ok(Decision::Refuse { clear_cookie: true });
+    };
+    state.sessions.touch(&mut loaded).await?;
+    let identity = Identity {
+        sub: user.id.clone(),
+        email: user.email.clone(),
+        account: user.account_id.clone(),
+        amr: loaded.session.amr.clone(),
+        acr: acr_for(&loaded.session.amr).to_string(),
+        auth_time: loaded.session.auth_ms / 1000,
+        sid: loaded.session.public_id.clone(),
+    };
+    let token = state
+        .signer
+        .token_for(&loaded.key, &identity)
+        .map_err(|e| AppError::internal(&e))?;
+    Ok(Decision::Pass(token))
+}
+
+/// The configured identity header carrying `token`.
+pub(crate) fn token_header(
+    state: &AppState,
+    token: &str,
+) -> Result<(HeaderName, HeaderValue), AppError> {
+    let name = HeaderName::from_bytes(state.config.token.header.as_bytes())
+        .map_err(|e| AppError::internal(&e))?;
+    let value = HeaderValue::from_str(token).map_err(|e| AppError::internal(&e))?;
+    Ok((name, value))
 }
 
 fn urlencode(s: &str) -> String {
@@ -104,63 +218,25 @@ async fn gate_and_forward(
         apply_security_headers(r.headers_mut(), state.config.is_https());
         return Ok(r);
     }
-    let cookie = get_cookie(req.headers(), state.sessions.cookie_name());
-    let mut loaded = match state.sessions.load(cookie).await? {
-        Ok(l) => l,
-        Err(why) => return Ok(refuse(state, &req, &canonical, why != Invalid::Missing)),
+    let token = match decide(state, peer, req.headers()).await? {
+        Decision::Pass(token) => token,
+        Decision::Refuse { clear_cookie } => {
+            let browser = wants_html(req.headers()) && !is_upgrade(&req);
+            let target = match req.uri().query() {
+                Some(q) => format!("{canonical}?{q}"),
+                None => canonical.clone(),
+            };
+            let next = return_target(state, req.method(), &target);
+            return Ok(refuse(
+                state,
+                browser,
+                LOGIN_PATH,
+                next.as_deref(),
+                clear_cookie,
+            ));
+        }
     };
-    let client = super::client(state, peer, req.headers());
-    if !loaded.session.is_authenticated() {
-        // Between the password and the second factor: nothing of the console is reachable.
-        let ev = AuditEvent::new("proxy_denied", "denied", state.clock.now())
-            .reason("second_factor_incomplete");
-        let ev = match state.durable.user_by_id(&loaded.session.user_id).await? {
-            Some(u) => ev.user(&u),
-            None => ev,
-        };
-        state
-            .audit
-            .record(ev.client(&client.ip, &client.user_agent))
-            .await;
-        return Ok(refuse(state, &req, &canonical, false));
-    }
-    let Some(user) = state
-        .user_gate
-        .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
-        .await?
-    else {
-        state
-            .sessions
-            .destroy(&loaded.key, &loaded.session.user_id)
-            .await?;
-        state.signer.forget(&loaded.key);
-        let ev = AuditEvent::new("session_ended", "denied", state.clock.now())
-            .reason("user_disabled_or_sessions_revoked");
-        let ev = ev.client(&client.ip, &client.user_agent);
-        let ev = AuditEvent {
-            user_id: Some(loaded.session.user_id.clone()),
-            ..ev
-        };
-        state.audit.record(ev).await;
-        return Ok(refuse(state, &req, &canonical, true));
-    };
-    state.sessions.touch(&mut loaded).await?;
-    let identity = Identity {
-        sub: user.id.clone(),
-        email: user.email.clone(),
-        account: user.account_id.clone(),
-        amr: loaded.session.amr.clone(),
-        acr: acr_for(&loaded.session.amr).to_string(),
-        auth_time: loaded.session.auth_ms / 1000,
-        sid: loaded.session.public_id.clone(),
-    };
-    let token = state
-        .signer
-        .token_for(&loaded.key, &identity)
-        .map_err(|e| AppError::internal(&e))?;
-    let header_name = HeaderName::from_bytes(state.config.token.header.as_bytes())
-        .map_err(|e| AppError::internal(&e))?;
-    let header_value = HeaderValue::from_str(&token).map_err(|e| AppError::internal(&e))?;
+    let (header_name, header_value) = token_header(state, &token)?;
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{canonical}?{q}"),
         None => canonical,

@@ -7,10 +7,12 @@ pub mod assets;
 pub mod csrf;
 pub mod devices;
 pub mod error;
+pub mod forward_auth;
 pub mod gate;
 pub mod health;
 pub mod login;
 mod pages;
+pub mod request_id;
 pub mod webauthn;
 
 use std::net::SocketAddr;
@@ -19,7 +21,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -99,6 +101,7 @@ pub fn router(state: AppState) -> Router {
             post(webauthn::passkey_finish),
         )
         .route("/_portcullis/static/{file}", get(assets::asset))
+        .route("/_portcullis/auth", any(forward_auth::auth_any))
         .route("/_portcullis/healthz", get(health::healthz_get))
         .route("/_portcullis/readyz", get(health::readyz_get))
         .route("/.well-known/jwks.json", get(gate::jwks))
@@ -115,6 +118,10 @@ pub fn router(state: AppState) -> Router {
             request_target_limits,
         ))
         .layer(middleware::from_fn(error::render_errors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_id::request_id,
+        ))
         .with_state(state)
 }
 

@@ -677,6 +677,19 @@ pub fn readable_mail(raw: &[u8]) -> String {
 }
 
 impl Gateway {
+    /// Breaks the durable store under the running gateway (its users table disappears) and
+    /// moves the clock past any cached user check; returns a pool on the database to repair it.
+    pub async fn break_durable_store(&self) -> sqlx::SqlitePool {
+        let url = format!("sqlite://{}", self.dir.path().join("db.sqlite").display());
+        let admin = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query("ALTER TABLE users RENAME TO users_away")
+            .execute(&admin)
+            .await
+            .unwrap();
+        self.clock.advance(2);
+        admin
+    }
+
     /// An API client carrying `b`'s cookies gets `path` refused with the JSON 503 of a store
     /// outage (fail closed).
     pub async fn assert_unavailable_json(&self, b: &Browser, path: &str) {

@@ -317,14 +317,7 @@ async fn storage_failure_fails_closed_with_503_and_recovers() {
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("fc@example.com").await;
     assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
-    // Break the durable store under the running gateway.
-    let url = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
-    let admin = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("ALTER TABLE users RENAME TO users_away")
-        .execute(&admin)
-        .await
-        .unwrap();
-    gw.clock.advance(2);
+    let admin = gw.break_durable_store().await;
     let before = gw.upstream.count();
     let r = c.get(gw.url("/x")).send().await.unwrap();
     assert_eq!(

@@ -1,7 +1,5 @@
 //! Bodies and upgraded connections through a real gateway, and what the proxy writes to logs.
 
-use std::io::Write;
-
 use futures_util::SinkExt;
 use http_body_util::BodyExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -135,31 +133,10 @@ async fn websocket_echo_through_gateway() {
     assert_eq!(seen.headers["x-portcullis-assertion"], "signed.jwt");
 }
 
-/// A writer the test can read back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn logs_hold_no_header_values() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("portcullis=trace")
-        .with_writer(move || writer.clone())
-        .finish();
     // The test runtime has one thread, so the servers' tasks log to this subscriber too.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = crate::test_logs::capture();
 
     let up = start_upstream().await;
     let upstream = Upstream::new(&config(up.addr, "/"));
@@ -178,7 +155,7 @@ async fn logs_hold_no_header_values() {
         .forward(req, forwarding("/?token=QUERY-SECRET"))
         .await;
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     assert!(text.contains("upstream responded"), "logging was captured");
     assert!(text.contains("Set-Cookie"), "cookie filtering was logged");
     for needle in ["SECRET", "signed.jwt", "evil"] {

@@ -1,0 +1,117 @@
+//! Forward-auth mode: `/_portcullis/auth` answers another reverse proxy (nginx `auth_request`,
+//! Traefik `forwardAuth`, Caddy `forward_auth`) whether the request it holds may pass. The
+//! decision is the gate's own ([`super::gate::decide`]); only the answer differs: 200 with the
+//! identity token in the configured header, 401 JSON (API clients) or a redirect to sign-in
+//! (browsers), 403 for the gateway's own namespace, 503 when storage fails.
+//!
+//! The original request's method and target are believed only from trusted proxies; anybody
+//! else is taken to be asking about `/`, so a client cannot steer the sign-in `next` or dodge
+//! the namespace check with a header of its choosing.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::error::{wants_html, AppError};
+use super::gate::{decide, refuse, return_target, sign_in_url, token_header, Decision, LOGIN_PATH};
+use crate::policy::{is_gateway_path, normalise_path};
+use crate::state::AppState;
+
+/// The original request as the asking proxy describes it.
+struct Original {
+    method: Method,
+    /// Path and query.
+    target: String,
+}
+
+/// The first of `names` present as text.
+fn first_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
+    names
+        .iter()
+        .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+}
+
+/// Reads the original method and target; only a trusted peer's headers count.
+fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Original {
+    if !trusted {
+        return Original {
+            method: method.clone(),
+            target: "/".into(),
+        };
+    }
+    let method = first_header(headers, &["x-forwarded-method", "x-original-method"])
+        .and_then(|m| Method::from_bytes(m.trim().as_bytes()).ok())
+        .unwrap_or_else(|| method.clone());
+    let target = first_header(headers, &["x-forwarded-uri", "x-original-uri"])
+        .unwrap_or("/")
+        .to_string();
+    Original { method, target }
+}
+
+/// `/_portcullis/auth`, any method.
+pub async fn auth_any(
+    State(state): State<AppState>,
+    super::Peer(peer): super::Peer,
+    req: Request,
+) -> Response {
+    if !state.config.forward_auth.enabled {
+        return AppError::not_found().into_response();
+    }
+    match check(&state, peer, req.method(), req.headers()).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn check(
+    state: &AppState,
+    peer: std::net::SocketAddr,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, AppError> {
+    let trusted = crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies);
+    let orig = original(method, headers, trusted);
+    let path = orig.target.split(['?', '#']).next().unwrap_or_default();
+    let canonical = normalise_path(path).map_err(|e| AppError::bad_request(e.to_string()))?;
+    if is_gateway_path(&canonical) {
+        return Err(AppError::forbidden(
+            "gateway_path",
+            "The gateway's own addresses are not behind forward authentication.",
+        ));
+    }
+    match decide(state, peer, headers).await? {
+        Decision::Pass(token) => {
+            let (name, value) = token_header(state, &token)?;
+            let mut r = StatusCode::OK.into_response();
+            r.headers_mut().insert(name, value);
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok(r)
+        }
+        Decision::Refuse { clear_cookie } => {
+            let next = return_target(state, &orig.method, &orig.target);
+            let login = state
+                .config
+                .server
+                .public_url
+                .join(LOGIN_PATH)
+                .map_err(|e| AppError::internal(&e))?;
+            let mut r = refuse(
+                state,
+                wants_html(headers),
+                login.as_str(),
+                next.as_deref(),
+                clear_cookie,
+            );
+            // The asking proxy relays the answer: a plain 302 is what all of them pass on. A 401
+            // also names the sign-in URL in `Location`, for proxies (nginx `auth_request`) that
+            // turn 401 into their own redirect and cannot relay a 3xx.
+            if r.status() == StatusCode::SEE_OTHER {
+                *r.status_mut() = StatusCode::FOUND;
+            } else if let Some(to) = sign_in_url(login.as_str(), next.as_deref()) {
+                r.headers_mut().insert(header::LOCATION, to);
+            }
+            Ok(r)
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Forward-auth mode: `/_portcullis/auth` answering another reverse proxy, directly and through a
+//! real nginx (`auth_request`).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::harness::*;
+
+const AUTH: &str = "/_portcullis/auth";
+
+/// A gateway with forward-auth on; loopback (the tests' own address) trusted as a proxy or not.
+async fn gateway(trust_loopback: bool) -> Gateway {
+    Gateway::start_with(|c| {
+        c.forward_auth.enabled = true;
+        if trust_loopback {
+            c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        }
+    })
+    .await
+}
+
+/// Asks the endpoint about `uri` (named in `header`) for the session in `cookie`.
+async fn ask(gw: &Gateway, cookie: &str, header: &str, uri: &str) -> Raw {
+    raw(
+        gw.addr,
+        "GET",
+        AUTH,
+        &[("Cookie", cookie), (header, uri)],
+        "",
+    )
+    .await
+}
+
+fn json(r: &Raw) -> serde_json::Value {
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body))
+}
+
+fn login_url(gw: &Gateway, next: &str) -> String {
+    let next: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
+    format!("{}/_portcullis/login?next={next}", gw.base)
+}
+
+#[tokio::test]
+async fn off_by_default_the_route_is_not_there() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("off@example.com").await;
+    let cookie = gw.cookies(&c);
+    let r = raw(gw.addr, "GET", AUTH, &[("Cookie", &cookie)], "").await;
+    assert_eq!(r.status, 404, "{}", r.head);
+    assert!(r.header("x-portcullis-assertion").is_none());
+}
+
+#[tokio::test]
+async fn signed_in_session_gets_a_token_that_verifies() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("fa@example.com").await;
+    let cookie = gw.cookies(&c);
+    let user = gw.user("fa@example.com").await;
+    let jwks = gw.jwks().await;
+    for method in ["GET", "HEAD", "POST", "DELETE"] {
+        let r = raw(
+            gw.addr,
+            method,
+            AUTH,
+            &[("Cookie", &cookie), ("X-Forwarded-Uri", "/campaigns")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{method}: {}", r.head);
+        let token = r.header("x-portcullis-assertion").expect("token header");
+        let claims = portcullis::token::verify(&token, &jwks, "esp-console", Some(&gw.base), 5)
+            .expect("token verifies against the JWKS");
+        assert_eq!(claims.sub, user.id);
+        assert!(
+            r.header("x-portcullis-user").is_none(),
+            "only the signed token speaks for the user"
+        );
+        assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));
+    }
+    assert_eq!(gw.upstream.count(), 0, "forward-auth never proxies");
+}
+
+#[tokio::test]
+async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy() {
+    let gw = gateway(true).await;
+    let target = "/campaigns/7?tab=stats";
+    for header in ["X-Forwarded-Uri", "X-Original-URI"] {
+        let r = raw(gw.addr, "GET", AUTH, &[(header, target)], "").await;
+        assert_eq!(r.status, 401, "{}", r.head);
+        let body = json(&r);
+        assert_eq!(body["error"], "authentication_required");
+        assert_eq!(body["login"], login_url(&gw, target));
+        assert_eq!(r.header("location"), Some(login_url(&gw, target)));
+
+        let r = raw(
+            gw.addr,
+            "GET",
+            AUTH,
+            &[
+                (header, target),
+                ("Accept", "text/html,application/xhtml+xml"),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 302, "{}", r.head);
+        assert_eq!(r.header("location"), Some(login_url(&gw, target)));
+    }
+    // Traefik/Caddy style: the original method in X-Forwarded-Method; a POST is not returned to.
+    let r = raw(
+        gw.addr,
+        "GET",
+        AUTH,
+        &[
+            ("X-Forwarded-Uri", "/campaigns/7/send"),
+            ("X-Forwarded-Method", "POST"),
+            ("Accept", "text/html"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("{}/_portcullis/login", gw.base))
+    );
+    // Unsafe return targets are dropped, never echoed.
+    for bad in [
+        "//evil.example/x",
+        "/\\evil.example",
+        "https://evil.example/",
+    ] {
+        let r = raw(
+            gw.addr,
+            "GET",
+            AUTH,
+            &[("X-Forwarded-Uri", bad), ("Accept", "text/html")],
+            "",
+        )
+        .await;
+        let loc = r.header("location").unwrap_or_default();
+        assert!(!loc.contains("evil"), "{bad} → {loc}");
+    }
+}
+
+#[tokio::test]
+async fn an_untrusted_peer_cannot_choose_the_original_uri() {
+    let gw = gateway(false).await;
+    let r = raw(
+        gw.addr,
+        "GET",
+        AUTH,
+        &[
+            ("X-Forwarded-Uri", "/campaigns"),
+            ("X-Original-URI", "/campaigns"),
+            ("Accept", "text/html"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("location"), Some(login_url(&gw, "/")));
+    // Nor dodge or trip the namespace check with one.
+    let r = raw(
+        gw.addr,
+        "GET",
+        AUTH,
+        &[("X-Forwarded-Uri", "/_portcullis/login")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.head);
+}
+
+#[tokio::test]
+async fn password_without_second_factor_is_refused() {
+    let gw = gateway(true).await;
+    gw.signed_in("half@example.com").await;
+    let c = gw.browser();
+    gw.clock.advance(30);
+    let r = gw
+        .password(&c.client, "half@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let cookie = gw.cookies(&c);
+    let r = ask(&gw, &cookie, "X-Forwarded-Uri", "/campaigns").await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(r.header("x-portcullis-assertion").is_none());
+}
+
+#[tokio::test]
+async fn a_disabled_user_is_refused_and_the_cookie_cleared() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("gone@example.com").await;
+    let cookie = gw.cookies(&c);
+    assert_eq!(ask(&gw, &cookie, "X-Forwarded-Uri", "/").await.status, 200);
+    let out = gw.cli(&["user", "disable", "gone@example.com"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.clock.advance(2);
+    let r = ask(&gw, &cookie, "X-Forwarded-Uri", "/").await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(r.header("x-portcullis-assertion").is_none());
+    let cleared = r.head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("set-cookie: portcullis-session=;")
+            && l.contains("Max-Age=0")
+    });
+    assert!(cleared, "the dead session's cookie is cleared: {}", r.head);
+}
+
+#[tokio::test]
+async fn gateway_namespace_uris_are_refused() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("ns@example.com").await;
+    let cookie = gw.cookies(&c);
+    let spellings = [
+        "/_portcullis/login",
+        "/_portcullis",
+        "/_PORTCULLIS/account",
+        "/_Portcullis/auth?x=1",
+        "/_portcullis%2flogin",
+        "/x/../_portcullis/login",
+        "//_portcullis/login",
+        "/./_portcullis/logout",
+    ];
+    for uri in spellings {
+        for header in ["X-Forwarded-Uri", "X-Original-URI"] {
+            let r = ask(&gw, &cookie, header, uri).await;
+            assert!(
+                r.status == 403 || r.status == 400,
+                "{header}: {uri} → {}",
+                r.head
+            );
+            assert!(r.header("x-portcullis-assertion").is_none(), "{uri}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn storage_trouble_fails_closed() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("down@example.com").await;
+    let cookie = gw.cookies(&c);
+    gw.break_durable_store().await;
+    let r = ask(&gw, &cookie, "X-Forwarded-Uri", "/campaigns").await;
+    assert_eq!(r.status, 503, "{}", r.head);
+    assert!(r.header("x-portcullis-assertion").is_none());
+}
+
+/// An nginx started for one test; stopped when dropped.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The documented nginx configuration (docs/forward-auth.md), pointed at `gw` and its upstream.
+fn nginx_conf(dir: &std::path::Path, listen: SocketAddr, gw: SocketAddr, up: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen {listen};
+
+        location = /_portcullis/auth {{
+            internal;
+            proxy_pass http://{gw};
+            proxy_redirect off;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Forwarded-Method $request_method;
+            # nginx cannot relay a redirect from here: ask for 401, redirect in @login.
+            proxy_set_header Accept "application/json";
+        }}
+
+        location /_portcullis/ {{
+            proxy_pass http://{gw};
+        }}
+
+        location @login {{
+            return 302 $portcullis_login;
+        }}
+
+        location / {{
+            auth_request /_portcullis/auth;
+            auth_request_set $portcullis_token $upstream_http_x_portcullis_assertion;
+            auth_request_set $portcullis_login $upstream_http_location;
+            error_page 401 = @login;
+            proxy_set_header X-Portcullis-Assertion $portcullis_token;
+            proxy_pass {up};
+        }}
+    }}
+}}
+"#
+    )
+}
+
+async fn start_nginx(gw: &Gateway) -> Nginx {
+    let bin = "/usr/sbin/nginx";
+    assert!(
+        std::path::Path::new(bin).exists(),
+        "nginx is needed for this test: apt-get install nginx"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let up = gw.state.config.upstream.url.as_str().trim_end_matches('/');
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(dir.path(), addr, gw.addr, up)).unwrap();
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut nginx = Nginx {
+        child,
+        addr,
+        _dir: dir,
+    };
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return nginx;
+        }
+        if let Ok(Some(status)) = nginx.child.try_wait() {
+            let log = std::fs::read_to_string(nginx._dir.path().join("error.log"));
+            panic!("nginx exited ({status}): {log:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nginx did not start on {addr}");
+}
+
+#[tokio::test]
+async fn nginx_auth_request_guards_the_console() {
+    let gw = gateway(true).await;
+    let nginx = start_nginx(&gw).await;
+
+    // No session: redirected to sign in, with the original target as `next`.
+    let r = raw(nginx.addr, "GET", "/campaigns?page=2", &[], "").await;
+    assert_eq!(r.status, 302, "{}", r.head);
+    assert_eq!(
+        r.header("location"),
+        Some(login_url(&gw, "/campaigns?page=2"))
+    );
+    assert_eq!(gw.upstream.count(), 0, "nothing reached the console");
+
+    // Signed in: the console gets the request with the gateway's token, and only that.
+    let (c, _, _) = gw.signed_in("nginx@example.com").await;
+    let cookie = gw.cookies(&c);
+    let user = gw.user("nginx@example.com").await;
+    let r = raw(
+        nginx.addr,
+        "GET",
+        "/campaigns?page=2",
+        &[
+            ("Cookie", &cookie),
+            ("X-Portcullis-Assertion", "spoofed.by.client"),
+            ("X_Portcullis_Assertion", "spoofed.by.client"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = gw.upstream.last();
+    assert_eq!(seen.uri, "/campaigns?page=2");
+    let tokens = seen.headers_named("x-portcullis-assertion");
+    assert_eq!(tokens.len(), 1, "{:?}", seen.headers);
+    assert!(
+        !seen
+            .headers
+            .iter()
+            .any(|(_, v)| v.contains("spoofed.by.client")),
+        "the client's header was passed through: {:?}",
+        seen.headers
+    );
+    let claims = portcullis::token::verify(
+        tokens[0],
+        &gw.jwks().await,
+        "esp-console",
+        Some(&gw.base),
+        5,
+    )
+    .expect("token verifies");
+    assert_eq!(claims.sub, user.id);
+
+    // A spoofed header alone (no session) still gets nowhere.
+    let before = gw.upstream.count();
+    let r = raw(
+        nginx.addr,
+        "GET",
+        "/campaigns",
+        &[("X-Portcullis-Assertion", "spoofed.by.client")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 302);
+    assert_eq!(gw.upstream.count(), before);
+}
