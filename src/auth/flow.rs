@@ -327,9 +327,34 @@ impl LoginFlow {
     }
 
     /// Checks the per-account second-factor budget; `Some(retry_after)` when exhausted.
-    pub(crate) async fn code_budget_spent(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
-        let n = self.count(&format!("fail:code:{{{user_id}}}")).await?;
-        Ok((n >= self.limits.second_factor_failures_per_account).then(|| self.window().as_secs()))
+    /// Takes one second-factor attempt from the account's and the address's budgets before the
+    /// code or key is checked (so concurrent guesses cannot all pass); `Some(retry_after)` when
+    /// a budget is spent. A wrong answer keeps the attempt; a right one gives it back with
+    /// [`LoginFlow::code_attempt_settled`].
+    pub(crate) async fn code_budget_spent(
+        &self,
+        user_id: &str,
+        client: &Client,
+    ) -> Result<Option<u64>, StoreError> {
+        let budgets = code_budgets(user_id, client, &self.limits);
+        Ok(match self.reserve(&budgets).await? {
+            Some(_) => None,
+            None => Some(self.window().as_secs()),
+        })
+    }
+
+    /// Gives back the attempt taken by [`LoginFlow::code_budget_spent`]: the answer was right
+    /// (or refused by policy, not as a guess).
+    pub(crate) async fn code_attempt_settled(
+        &self,
+        user_id: &str,
+        client: &Client,
+    ) -> Result<(), StoreError> {
+        let keys: Vec<String> = code_budgets(user_id, client, &self.limits)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        self.release(&keys).await
     }
 
     /// Counts a wrong code; returns whether this sign-in must restart.
@@ -340,13 +365,8 @@ impl LoginFlow {
         event: &str,
         reason: &str,
     ) -> Result<CodeOutcome, FlowError> {
+        // The attempt was already counted by `code_budget_spent`.
         let now = self.clock.now();
-        self.ephemeral
-            .incr(&format!("fail:code:{{{}}}", session.user_id), self.window())
-            .await?;
-        self.ephemeral
-            .incr(&format!("fail:ip:{}", client.ip), self.window())
-            .await?;
         session.failed_codes += 1;
         let mut ev = AuditEvent::new(event, "failure", now).reason(reason);
         if let Some(u) = self.durable.user_by_id(&session.user_id).await? {
@@ -381,7 +401,7 @@ impl LoginFlow {
         let Some(user) = self.active_user(&session.user_id).await? else {
             return Ok(CodeOutcome::Restart);
         };
-        if let Some(retry_after) = self.code_budget_spent(&user.id).await? {
+        if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
             self.audit(
                 AuditEvent::new("second_factor", "denied", self.clock.now())
                     .user(&user)
@@ -392,6 +412,7 @@ impl LoginFlow {
             return Ok(CodeOutcome::Throttled { retry_after });
         }
         if self.key_required(&user, client).await {
+            self.code_attempt_settled(&user.id, client).await?;
             return Ok(CodeOutcome::KeyRequired);
         }
         let input = code.expose().trim();
@@ -435,6 +456,7 @@ impl LoginFlow {
             }
             "otp"
         };
+        self.code_attempt_settled(&user.id, client).await?;
         self.complete(session, &user, method);
         let ev = AuditEvent::new("second_factor", "success", self.clock.now())
             .user(&user)
@@ -499,7 +521,7 @@ impl LoginFlow {
         if self.key_required(&user, client).await {
             return Ok(CodeOutcome::KeyRequired);
         }
-        if let Some(retry_after) = self.code_budget_spent(&user.id).await? {
+        if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
             return Ok(CodeOutcome::Throttled { retry_after });
         }
         let now = self.clock.now();
@@ -533,6 +555,7 @@ impl LoginFlow {
         self.notifier
             .account_change(&user, "an authenticator app was set up as a second factor")
             .await;
+        self.code_attempt_settled(&user.id, client).await?;
         self.complete(session, &user, "otp");
         self.show_recovery_codes(session, &user.id, &codes)?;
         Ok(CodeOutcome::Accepted)
@@ -579,6 +602,18 @@ impl LoginFlow {
 /// Sealing context of a confirmed TOTP secret.
 pub fn totp_context(user_id: &str) -> String {
     format!("totp:{user_id}")
+}
+
+/// The budgets a second-factor attempt draws on: the account's wrong codes and the address's
+/// failed steps.
+fn code_budgets(user_id: &str, client: &Client, limits: &LimitsConfig) -> [(String, u64); 2] {
+    [
+        (
+            format!("fail:code:{{{user_id}}}"),
+            limits.second_factor_failures_per_account,
+        ),
+        (format!("fail:ip:{}", client.ip), limits.failures_per_ip),
+    ]
 }
 
 /// The network a client address belongs to for throttling: its /24 (IPv4) or /64 (IPv6), so

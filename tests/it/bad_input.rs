@@ -191,23 +191,14 @@ async fn concurrent_guesses_cannot_exceed_the_budget() {
     let csrfs =
         futures_util::future::join_all(browsers.iter().map(|b| gw.csrf(b, "/_portcullis/login")))
             .await;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
-    let tasks: Vec<_> = browsers
-        .iter()
-        .zip(csrfs)
-        .map(|(b, csrf)| {
-            let barrier = barrier.clone();
-            let post = gw.login_form(b, &csrf, "race@example.com", "wrong guess 12345", "");
-            tokio::spawn(async move {
-                barrier.wait().await;
-                post.send().await.unwrap().status().as_u16()
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
+    let statuses = all_at_once(
+        browsers
+            .iter()
+            .zip(csrfs)
+            .map(|(b, csrf)| gw.login_form(b, &csrf, "race@example.com", "wrong guess 12345", ""))
+            .collect(),
+    )
+    .await;
     let checked = statuses.iter().filter(|s| **s == 401).count();
     let throttled = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!(checked, 10, "exactly the budget is checked: {statuses:?}");
@@ -285,4 +276,60 @@ async fn password_guessing_is_throttled_per_account() {
     gw.clock.advance(15 * 60 + 1);
     let r = gw.password(&c, "t@example.com", PASSWORD, "").await;
     assert_eq!(r.status(), 303, "the window passed");
+}
+
+/// Fifty wrong second-factor codes at once on one pending sign-in: only the account's budget of
+/// them is checked; the rest get 429. (Counting after checking would let all fifty try.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_codes_cannot_exceed_the_budget() {
+    let gw = Gateway::start().await;
+    let (_, secret, _) = gw.signed_in("codes@example.com").await;
+    gw.clock.advance(30);
+    let c = gw.browser();
+    gw.password(&c, "codes@example.com", PASSWORD, "").await;
+    let right = gw.totp_now(&secret);
+    let wrong = if right == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let csrf = gw.csrf(&c, "/_portcullis/mfa").await;
+    let statuses = all_at_once(
+        (0..50)
+            .map(|_| {
+                c.post(gw.url("/_portcullis/mfa"))
+                    .form(&[("code", wrong), ("csrf", csrf.as_str())])
+            })
+            .collect(),
+    )
+    .await;
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(throttled, 40, "{statuses:?}");
+    let checked = gw
+        .audit()
+        .await
+        .iter()
+        .filter(|e| e.event == "second_factor" && e.outcome == "failure")
+        .count();
+    assert_eq!(checked, 10, "exactly the account's budget was checked");
+}
+
+/// Sends every request at the same instant (behind a barrier); returns the statuses in order.
+async fn all_at_once(posts: Vec<reqwest::RequestBuilder>) -> Vec<u16> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(posts.len()));
+    let tasks: Vec<_> = posts
+        .into_iter()
+        .map(|post| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                post.send().await.unwrap().status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
 }

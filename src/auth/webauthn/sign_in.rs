@@ -82,7 +82,7 @@ impl Keys {
         let Some(user) = self.flow.active_user(&session.user_id).await? else {
             return Ok(CodeOutcome::Restart);
         };
-        if let Some(retry_after) = self.flow.code_budget_spent(&user.id).await? {
+        if let Some(retry_after) = self.flow.code_budget_spent(&user.id, client).await? {
             self.audit_user(EVENT, "denied", Some(&user), "throttled", client)
                 .await;
             return Ok(CodeOutcome::Throttled { retry_after });
@@ -128,6 +128,7 @@ impl Keys {
         if let Some(reason) = self.settle(&user, &stored, verified, client).await? {
             return self.flow.wrong_code(session, client, EVENT, reason).await;
         }
+        self.flow.code_attempt_settled(&user.id, client).await?;
         self.flow.complete(session, &user, AMR_KEY);
         self.audit_user(EVENT, "success", Some(&user), AMR_KEY, client)
             .await;
