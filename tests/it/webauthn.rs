@@ -34,21 +34,11 @@ pub(super) fn origin(gw: &Gateway) -> Url {
 
 /// The status of a console request from `c`: 200 when forwarded, 303 to the sign-in page.
 pub(super) async fn console(gw: &Gateway, c: &Browser) -> u16 {
-    c.get(gw.url("/campaigns"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    gw.status(c, "/campaigns").await
 }
 
 pub(super) async fn user(gw: &Gateway, email: &str) -> portcullis::store::User {
-    gw.state
-        .durable
-        .user_by_email(email)
-        .await
-        .unwrap()
-        .unwrap()
+    gw.user(email).await
 }
 
 /// A signed-in user (TOTP enrolled) who has just registered one key named `name`.
@@ -72,13 +62,7 @@ pub(super) async fn with_key(
 
 /// The text of a gateway page.
 pub(super) async fn page(gw: &Gateway, c: &Browser, path: &str) -> String {
-    c.get(gw.url(path))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    gw.page(c, path).await
 }
 
 /// Removes a key through the account page's form.
