@@ -12,6 +12,7 @@
 
 mod cluster;
 mod durable;
+mod durable_admin;
 mod durable_audit;
 mod durable_devices;
 mod durable_webauthn;

@@ -103,6 +103,32 @@ pub struct ReportLink {
     pub used_at: Option<UnixTime>,
 }
 
+/// How many audit events of one kind and outcome fell into one time bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCount {
+    /// Start of the bucket (Unix seconds, a multiple of the bucket width).
+    pub bucket: UnixTime,
+    pub event: String,
+    pub outcome: String,
+    pub count: i64,
+}
+
+/// A one-time link through which one user sets a password (when they have none) and registers
+/// their own second factor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolmentLink {
+    /// SHA-256 (hex) of the token in the link.
+    pub token_hash: String,
+    pub user_id: String,
+    /// `cli:<os user>` or the issuing admin's email.
+    pub created_by: String,
+    /// Only a security key may be registered through the link (admin accounts).
+    pub key_only: bool,
+    pub created_at: UnixTime,
+    pub expires_at: UnixTime,
+    pub used_at: Option<UnixTime>,
+}
+
 /// Data for a new user.
 #[derive(Debug, Clone)]
 pub struct NewUser {
@@ -192,6 +218,11 @@ pub struct AuditEvent {
 pub struct AuditQuery {
     pub user_id: Option<String>,
     pub event: Option<String>,
+    pub account_id: Option<String>,
+    /// Only events at or after this time.
+    pub since: Option<UnixTime>,
+    /// Only events before this time.
+    pub until: Option<UnixTime>,
     /// Only events with an id greater than this (for following).
     pub after_id: Option<i64>,
     /// Newest first when true.
@@ -211,6 +242,11 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
+    /// Users whose email contains `text` (case-insensitive), or whose id or account id is
+    /// `text`; all users when `text` is empty. Ordered by email, at most `limit`.
+    async fn search_users(&self, text: &str, limit: u32) -> StoreResult<Vec<User>>;
+    /// Promotes a user to admin or back.
+    async fn set_admin(&self, user_id: &str, is_admin: bool) -> StoreResult<()>;
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> StoreResult<()>;
     /// Disables or enables a user; disabling also voids every session up to `now_ms`.
     async fn set_disabled(&self, user_id: &str, disabled: bool, now_ms: i64) -> StoreResult<()>;
@@ -259,6 +295,8 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<bool>;
     /// Removes a user's credential; false when the user has no such credential.
     async fn remove_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool>;
+    /// Every suspended credential of every user, most recently suspended first (admin alerts).
+    async fn suspended_webauthn_credentials(&self) -> StoreResult<Vec<WebauthnCredential>>;
 
     /// Replaces all recovery codes of a user by these keyed hashes.
     async fn set_recovery_codes(
@@ -292,6 +330,9 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
 
     async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEvent>>;
+    /// Audit events since `since`, counted per `bucket_secs`-wide bucket, event and outcome.
+    async fn audit_counts(&self, since: UnixTime, bucket_secs: i64)
+        -> StoreResult<Vec<AuditCount>>;
 
     /// Locks or unlocks password sign-in of a user.
     async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()>;
@@ -326,6 +367,20 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn list_mail(&self, limit: u32) -> StoreResult<Vec<Mail>>;
 
     async fn create_report_link(&self, link: ReportLink) -> StoreResult<()>;
+    async fn create_enrolment_link(&self, link: EnrolmentLink) -> StoreResult<()>;
+    /// The link, while unused and unexpired (does not use it).
+    async fn enrolment_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<EnrolmentLink>>;
+    /// Uses an enrolment link: returns it exactly once, while unexpired.
+    async fn consume_enrolment_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<EnrolmentLink>>;
+
     /// Uses a link: returns it exactly once, while unexpired.
     async fn consume_report_link(
         &self,

@@ -7,8 +7,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    AuditEvent, AuditQuery, Device, DurableStore, Mail, NewUser, ReportLink, SigningKeyRecord,
-    StoreError, StoreResult, TotpRecord, User, WebauthnCredential,
+    AuditCount, AuditEvent, AuditQuery, Device, DurableStore, EnrolmentLink, Mail, NewUser,
+    ReportLink, SigningKeyRecord, StoreError, StoreResult, TotpRecord, User, WebauthnCredential,
 };
 use crate::clock::UnixTime;
 
@@ -136,6 +136,22 @@ impl SqlStore {
 
     /// Runs one statement with `args` as a change (see [`SqlStore::retrying`]); returns the rows
     /// it touched.
+    /// Runs a query with these arguments and returns its rows (busy SQLite retried).
+    async fn fetch(&self, sql: &str, args: &[Arg<'_>]) -> StoreResult<Vec<AnyRow>> {
+        let pool = &self.pool;
+        self.retrying(move || async move {
+            let mut q = sqlx::query(sql);
+            for a in args {
+                q = match *a {
+                    Arg::Text(t) => q.bind(t),
+                    Arg::Int(n) => q.bind(n),
+                };
+            }
+            q.fetch_all(pool).await
+        })
+        .await
+    }
+
     async fn change(&self, sql: &str, args: &[Arg<'_>]) -> StoreResult<u64> {
         let pool = &self.pool;
         let done = self
@@ -230,6 +246,42 @@ const DEVICE_COLS: &str =
     "id, user_id, token_hash, name, user_agent, binding, status, first_seen, last_seen, last_ip";
 const MAIL_COLS: &str =
     "id, to_addr, subject, body, created_at, attempts, next_attempt_at, sent_at, last_error";
+const ENROL_COLS: &str =
+    "token_hash, user_id, created_by, key_only, created_at, expires_at, used_at";
+
+fn enrolment_from(r: &AnyRow) -> Result<EnrolmentLink, sqlx::Error> {
+    Ok(EnrolmentLink {
+        token_hash: r.try_get("token_hash")?,
+        user_id: r.try_get("user_id")?,
+        created_by: r.try_get("created_by")?,
+        key_only: r.try_get::<i64, _>("key_only")? != 0,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        used_at: r.try_get("used_at")?,
+    })
+}
+
+/// Rows mapped to values, or the mapping error as an unavailable store.
+fn rows<T>(rows: &[AnyRow], f: fn(&AnyRow) -> Result<T, sqlx::Error>) -> StoreResult<Vec<T>> {
+    rows.iter()
+        .map(f)
+        .collect::<Result<_, _>>()
+        .map_err(unavailable)
+}
+
+/// `text` as a `LIKE` pattern matching it anywhere, with `%`, `_` and `\` taken literally.
+fn contains_pattern(text: &str) -> String {
+    let mut p = String::from("%");
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
 const REPORT_COLS: &str = "token_hash, user_id, device_id, created_at, expires_at, used_at";
 
 fn device_from(r: &AnyRow) -> Result<Device, sqlx::Error> {
@@ -392,6 +444,34 @@ impl DurableStore for SqlStore {
             .map(user_from)
             .collect::<Result<_, _>>()
             .map_err(unavailable)
+    }
+
+    async fn search_users(&self, text: &str, limit: u32) -> StoreResult<Vec<User>> {
+        let text = text.trim().to_lowercase();
+        let pattern = contains_pattern(&text);
+        let found = self
+            .fetch(
+                &format!(
+                    "SELECT {USER_COLS} FROM users WHERE $1 = '' OR LOWER(email) LIKE $2 ESCAPE '\\' \
+                     OR id = $1 OR LOWER(account_id) = $1 ORDER BY email LIMIT $3"
+                ),
+                &[
+                    Arg::Text(&text),
+                    Arg::Text(&pattern),
+                    Arg::Int(i64::from(limit.clamp(1, 10_000))),
+                ],
+            )
+            .await?;
+        rows(&found, user_from)
+    }
+
+    async fn set_admin(&self, user_id: &str, is_admin: bool) -> StoreResult<()> {
+        self.change(
+            "UPDATE users SET is_admin = $1 WHERE id = $2",
+            &[Arg::Int(i64::from(is_admin)), Arg::Text(user_id)],
+        )
+        .await?;
+        Ok(())
     }
 
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> StoreResult<()> {
@@ -616,6 +696,19 @@ impl DurableStore for SqlStore {
         Ok(changed == 1)
     }
 
+    async fn suspended_webauthn_credentials(&self) -> StoreResult<Vec<WebauthnCredential>> {
+        let found = self
+            .fetch(
+                &format!(
+                    "SELECT {WEBAUTHN_COLS} FROM webauthn_credentials \
+                     WHERE suspended_at IS NOT NULL ORDER BY suspended_at DESC, id"
+                ),
+                &[],
+            )
+            .await?;
+        rows(&found, webauthn_from)
+    }
+
     async fn set_recovery_codes(
         &self,
         user_id: &str,
@@ -781,24 +874,47 @@ let mut tx = pool.begin().await?;
         let order = if q.newest_first { "DESC" } else { "ASC" };
         let sql = format!(
             "SELECT id, at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor FROM audit_events \
-             WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR event = $2) AND id > $3 ORDER BY id {order} LIMIT $4"
+             WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR event = $2) AND id > $3 \
+             AND ($5 = '' OR account_id = $5) AND at >= $6 AND at < $7 ORDER BY id {order} LIMIT $4"
         );
-        let (pool, sql) = (&self.pool, &sql);
-        let rows = self
-            .retrying(move || async move {
-                sqlx::query(sql)
-                    .bind(q.user_id.clone().unwrap_or_default())
-                    .bind(q.event.clone().unwrap_or_default())
-                    .bind(q.after_id.unwrap_or(0))
-                    .bind(i64::from(q.limit.clamp(1, 10_000)))
-                    .fetch_all(pool)
-                    .await
-            })
+        let found = self
+            .fetch(
+                &sql,
+                &[
+                    Arg::Text(q.user_id.as_deref().unwrap_or_default()),
+                    Arg::Text(q.event.as_deref().unwrap_or_default()),
+                    Arg::Int(q.after_id.unwrap_or(0)),
+                    Arg::Int(i64::from(q.limit.clamp(1, 10_000))),
+                    Arg::Text(q.account_id.as_deref().unwrap_or_default()),
+                    Arg::Int(q.since.unwrap_or(i64::MIN)),
+                    Arg::Int(q.until.unwrap_or(i64::MAX)),
+                ],
+            )
             .await?;
-        rows.iter()
-            .map(audit_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        rows(&found, audit_from)
+    }
+
+    async fn audit_counts(
+        &self,
+        since: UnixTime,
+        bucket_secs: i64,
+    ) -> StoreResult<Vec<AuditCount>> {
+        let width = bucket_secs.max(1);
+        let found = self
+            .fetch(
+                "SELECT (at / $2) * $2 AS bucket, event, outcome, COUNT(*) AS n FROM audit_events \
+                 WHERE at >= $1 GROUP BY (at / $2) * $2, event, outcome ORDER BY bucket",
+                &[Arg::Int(since), Arg::Int(width)],
+            )
+            .await?;
+        rows(&found, |r| {
+            Ok(AuditCount {
+                bucket: r.try_get("bucket")?,
+                event: r.try_get("event")?,
+                outcome: r.try_get("outcome")?,
+                count: r.try_get("n")?,
+            })
+        })
     }
 
     async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()> {
@@ -1035,6 +1151,59 @@ let mut tx = pool.begin().await?;
         })
         .await?;
         Ok(())
+    }
+
+    async fn create_enrolment_link(&self, link: EnrolmentLink) -> StoreResult<()> {
+        self.change(
+            &format!(
+                "INSERT INTO enrolment_links ({ENROL_COLS}) VALUES ($1, $2, $3, $4, $5, $6, NULL)"
+            ),
+            &[
+                Arg::Text(&link.token_hash),
+                Arg::Text(&link.user_id),
+                Arg::Text(&link.created_by),
+                Arg::Int(i64::from(link.key_only)),
+                Arg::Int(link.created_at),
+                Arg::Int(link.expires_at),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn enrolment_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<EnrolmentLink>> {
+        let found = self
+            .fetch(
+                &format!(
+                    "SELECT {ENROL_COLS} FROM enrolment_links \
+                     WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2"
+                ),
+                &[Arg::Text(token_hash), Arg::Int(now)],
+            )
+            .await?;
+        Ok(rows(&found, enrolment_from)?.pop())
+    }
+
+    async fn consume_enrolment_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<EnrolmentLink>> {
+        let found = self
+            .fetch(
+                &format!(
+                    "UPDATE enrolment_links SET used_at = $1 \
+                     WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \
+                     RETURNING {ENROL_COLS}"
+                ),
+                &[Arg::Int(now), Arg::Text(token_hash)],
+            )
+            .await?;
+        Ok(rows(&found, enrolment_from)?.pop())
     }
 
     async fn consume_report_link(

@@ -47,6 +47,7 @@ fn q(
         after_id: after,
         newest_first: newest,
         limit,
+        ..Default::default()
     }
 }
 
