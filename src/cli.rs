@@ -44,6 +44,9 @@ pub enum Command {
     /// Manage token signing keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Set up administrators of the admin console.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Read the audit trail.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -78,12 +81,32 @@ pub enum UserCmd {
     /// TOTP provisioning.
     #[command(subcommand)]
     Totp(TotpCmd),
+    /// Prints a one-time enrolment link for a user (set a password if they have none, and
+    /// register their own second factor); valid for `admin.enrolment_link_ttl`.
+    EnrolLink {
+        email: String,
+        /// Only a security key may be registered through the link.
+        #[arg(long)]
+        key_only: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum TotpCmd {
     /// Create a new TOTP secret for the user and print its otpauth:// URI once.
     Generate { email: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCmd {
+    /// Creates (or promotes) an admin and prints a one-time enrolment link, valid 15 minutes,
+    /// through which they set a password and register a security key.
+    Bootstrap {
+        email: String,
+        /// Account id of a new admin user.
+        #[arg(long, default_value = "admin")]
+        account: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -281,6 +304,60 @@ fn notifier(config: &Config, durable: &Arc<dyn DurableStore>) -> Result<crate::n
     )?)
 }
 
+/// Why security keys cannot be used on this gateway, if they cannot.
+fn keys_unavailable(config: &Config) -> Option<&'static str> {
+    if !config.webauthn.enabled {
+        return Some("WebAuthn is switched off ([webauthn] enabled = false)");
+    }
+    match config.server.public_url.host() {
+        Some(url::Host::Domain(_)) => None,
+        _ => Some("server.public_url has no domain name (security keys need one, e.g. http://localhost:8080/)"),
+    }
+}
+
+/// Issues an enrolment link, audits it and prints it (once) with its expiry.
+async fn print_enrolment_link(
+    config: &Config,
+    durable: &dyn DurableStore,
+    user: &User,
+    key_only: bool,
+    ttl: std::time::Duration,
+    audit: &dyn Fn(&str, Option<&User>, &str) -> AuditEvent,
+) -> Result<()> {
+    let key_only = key_only || user.is_admin;
+    let issued = crate::enrolment::issue(
+        durable,
+        &config.server.public_url,
+        user,
+        &actor(),
+        key_only,
+        ttl,
+        SystemClock.now(),
+    )
+    .await?;
+    let kind = if key_only { "key_only" } else { "any_factor" };
+    durable
+        .append_audit(&[audit("enrolment_link_issued", Some(user), kind)])
+        .await?;
+    println!("{}", issued.url);
+    eprintln!(
+        "one-time enrolment link for {} (expires {}; single use): through it they {}register {}",
+        user.email,
+        rfc3339(issued.expires_at),
+        if user.password_hash.is_empty() {
+            "set a password and "
+        } else {
+            ""
+        },
+        if key_only {
+            "a security key"
+        } else {
+            "a second factor"
+        },
+    );
+    Ok(())
+}
+
 /// Administrative commands that work on the durable store directly.
 async fn admin(config: Config, cmd: Command) -> Result<()> {
     let clock = SystemClock;
@@ -440,6 +517,53 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 "this URI is shown once; it replaces any earlier TOTP secret of {}",
                 u.email
             );
+        }
+        Command::Admin(AdminCmd::Bootstrap { email, account }) => {
+            if let Some(why) = keys_unavailable(&config) {
+                bail!("admins sign in with a security key, but {why}");
+            }
+            let email = crate::store::normalise_email(&email);
+            if !email.contains('@') || email.len() > 320 {
+                bail!("`{email}` is not an email address");
+            }
+            let user = match durable.user_by_email(&email).await? {
+                Some(u) => {
+                    if !u.is_admin {
+                        durable.set_admin(&u.id, true).await?;
+                        durable
+                            .append_audit(&[audit("admin_granted", Some(&u), "bootstrap")])
+                            .await?;
+                    }
+                    u
+                }
+                None => {
+                    if account.trim().is_empty() {
+                        bail!("--account must not be empty");
+                    }
+                    let u = durable
+                        .create_user(
+                            NewUser {
+                                email,
+                                account_id: account.trim().to_string(),
+                                is_admin: true,
+                                password_hash: String::new(),
+                            },
+                            clock.now(),
+                        )
+                        .await?;
+                    durable
+                        .append_audit(&[audit("user_created", Some(&u), "bootstrap")])
+                        .await?;
+                    u
+                }
+            };
+            let ttl = crate::enrolment::BOOTSTRAP_TTL;
+            print_enrolment_link(&config, durable.as_ref(), &user, true, ttl, &audit).await?;
+        }
+        Command::User(UserCmd::EnrolLink { email, key_only }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            let ttl = config.admin.enrolment_link_ttl;
+            print_enrolment_link(&config, durable.as_ref(), &u, key_only, ttl, &audit).await?;
         }
         Command::Keys(KeysCmd::Rotate) => {
             let key = config.master_key()?;

@@ -63,6 +63,29 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub webauthn: WebauthnConfig,
     pub forward_auth: ForwardAuthConfig,
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the admin console at `/_portcullis/admin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// How recent an admin's last security-key proof must be to use the console (sudo mode);
+    /// older sessions are sent to touch their key again. At most 15 minutes.
+    #[serde(with = "duration")]
+    pub sudo_timeout: Duration,
+    /// Lifetime of an enrolment link an admin issues to a user.
+    #[serde(with = "duration")]
+    pub enrolment_link_ttl: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            sudo_timeout: Duration::from_secs(15 * 60),
+            enrolment_link_ttl: Duration::from_secs(72 * 3600),
+        }
+    }
 }
 
 /// `[forward_auth]`: the `/_portcullis/auth` endpoint for deployments whose own reverse proxy
@@ -550,9 +573,27 @@ impl Config {
         }
         self.storage.validate()?;
         self.validate_webauthn()?;
+        self.validate_admin()?;
         if let Some(k) = &self.secrets.master_key {
             crate::crypto::MasterKey::from_base64(k.expose())
                 .map_err(|e| key_err("secrets.master_key", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let a = &self.admin;
+        if a.sudo_timeout < Duration::from_secs(60) || a.sudo_timeout > Duration::from_secs(15 * 60)
+        {
+            return Err(key_err("admin.sudo_timeout", "must be between 1m and 15m"));
+        }
+        if a.enrolment_link_ttl < Duration::from_secs(5 * 60)
+            || a.enrolment_link_ttl > Duration::from_secs(30 * 24 * 3600)
+        {
+            return Err(key_err(
+                "admin.enrolment_link_ttl",
+                "must be between 5m and 30 days",
+            ));
         }
         Ok(())
     }

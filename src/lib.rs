@@ -17,6 +17,7 @@
 //! - [`token`]: JWT minting, signing keys (encrypted at rest), JWKS and rotation.
 //! - [`store`]: durable (SQLite, PostgreSQL) and ephemeral (memory) storage behind narrow traits.
 //! - [`audit`]: the durable audit trail, written off the request path.
+//! - [`enrolment`]: one-time links through which a user sets up their own factors.
 //! - [`device`]: recognising the browsers a user signed in from (device cookie, names).
 //! - [`notify`]: email to account owners through a durable queue (SMTP or an outbox directory).
 //! - [`demo`]: the built-in demo ESP console used by `portcullis demo`.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod device;
+pub mod enrolment;
 pub mod http;
 pub mod notify;
 pub mod policy;

@@ -1,7 +1,7 @@
 // Security keys and passkeys. No inline script (the gateway's CSP forbids it): pages mark a
-// section with data-webauthn="register" | "second-factor" | "passkey" and data-csrf, and this
-// module wires its [data-webauthn-start] button. The server keeps all ceremony state; this only
-// carries the challenge to the authenticator and the answer back.
+// section with data-webauthn="register" | "second-factor" | "passkey" | "reauth" and data-csrf,
+// and this module wires its [data-webauthn-start] button. The server keeps all ceremony state;
+// this only carries the challenge to the authenticator and the answer back.
 
 const API = "/_portcullis/webauthn";
 
@@ -90,8 +90,8 @@ export function explain(err) {
   return "Something went wrong. Please try again.";
 }
 
-async function post(path, csrf, body) {
-  const resp = await fetch(API + path, {
+async function post(path, csrf, body, base) {
+  const resp = await fetch((base || API) + path, {
     method: "POST",
     credentials: "same-origin",
     headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": csrf },
@@ -114,14 +114,25 @@ async function post(path, csrf, body) {
 // --- ceremonies -----------------------------------------------------------------------------
 
 const flows = {
+  // data-api on the section names another endpoint pair (an admin enrolling a key in person).
   async register(section, csrf) {
     const nameInput = section.querySelector("[data-webauthn-name]");
     const name = nameInput ? nameInput.value : "";
-    const start = await post("/register/start", csrf, { name });
+    const base = section.dataset.api;
+    const start = await post("/register/start", csrf, { name }, base);
     const cred = await navigator.credentials.create(creationOptions(start.options));
     return post("/register/finish", csrf, {
       ceremony: start.ceremony,
       credential: registrationJson(cred),
+    }, base);
+  },
+  async reauth(section, csrf) {
+    const start = await post("/reauth/start", csrf);
+    const cred = await navigator.credentials.get(requestOptions(start.options));
+    return post("/reauth/finish", csrf, {
+      ceremony: start.ceremony,
+      credential: assertionJson(cred),
+      next: section.dataset.next || "",
     });
   },
   async "second-factor"(section, csrf) {

@@ -276,6 +276,7 @@ impl LoginFlow {
         } else {
             Stage::EnrolTotp {
                 sealed_secret: self.new_sealed_secret(&user.id)?,
+                key_only: false,
             }
         };
         let reason = if matches!(stage, Stage::SecondFactor) {
@@ -304,6 +305,35 @@ impl LoginFlow {
         })
     }
 
+    /// The session of a user who opened a valid enrolment link: straight to enrolment (a new
+    /// authenticator app, or a security key; only a key when `key_only`). The link stands in for
+    /// the password step, so it is audited like one.
+    pub async fn link_enrolment_session(
+        &self,
+        user: &User,
+        key_only: bool,
+        client: &Client,
+    ) -> Result<Session, FlowError> {
+        let stage = Stage::EnrolTotp {
+            sealed_secret: self.new_sealed_secret(&user.id)?,
+            key_only,
+        };
+        let now = self.clock.now();
+        self.audit(
+            AuditEvent::new("enrolment_link_used", "success", now).user(user),
+            client,
+        )
+        .await;
+        Ok(Session::after_password(
+            &user.id,
+            stage,
+            self.clock.now_millis(),
+            &client.ip,
+            &client.user_agent,
+            None,
+        ))
+    }
+
     fn new_sealed_secret(&self, user_id: &str) -> Result<Vec<u8>, FlowError> {
         let secret = totp::generate_secret();
         self.master_key
@@ -316,7 +346,7 @@ impl LoginFlow {
         &self,
         session: &Session,
     ) -> Result<Option<Secret<Vec<u8>>>, FlowError> {
-        let Stage::EnrolTotp { sealed_secret } = &session.stage else {
+        let Stage::EnrolTotp { sealed_secret, .. } = &session.stage else {
             return Ok(None);
         };
         let plain = self
@@ -483,7 +513,7 @@ impl LoginFlow {
 
     /// Records that a TOTP step was used: each step is accepted at most once per user, and never
     /// an older step after a newer one (so a code seen over a shoulder is worthless once used).
-    async fn claim_step(&self, user_id: &str, step: u64) -> Result<bool, StoreError> {
+    pub(crate) async fn claim_step(&self, user_id: &str, step: u64) -> Result<bool, StoreError> {
         self.ephemeral
             .set_if_greater(
                 &format!("totp_step:{{{user_id}}}"),
@@ -502,6 +532,7 @@ impl LoginFlow {
         session.last_seen_ms = now;
         session.failed_codes = 0;
         session.user_id = user.id.clone();
+        session.strong_ms = (method == AMR_KEY).then_some(now);
     }
 
     /// Enrolment: the code from the new authenticator confirms the secret; the factor and ten
@@ -518,7 +549,9 @@ impl LoginFlow {
         let Some(user) = self.active_user(&session.user_id).await? else {
             return Ok(CodeOutcome::Restart);
         };
-        if self.key_required(&user, client).await {
+        if self.key_required(&user, client).await
+            || matches!(session.stage, Stage::EnrolTotp { key_only: true, .. })
+        {
             return Ok(CodeOutcome::KeyRequired);
         }
         if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {

@@ -11,6 +11,8 @@
 //! - [`webauthn`]: security keys and passkeys (WebAuthn ceremonies with state kept in the
 //!   ephemeral store, clone detection through the signature counter).
 //!
+//! - [`step_up`]: a signed-in user proving themselves again (recent-proof checks, sudo mode).
+//!
 //! - [`flow`]: the sign-in state machine (which factor comes next, attempt limits, replay
 //!   records), with the store handles it needs and no HTTP types.
 
@@ -18,5 +20,6 @@ pub mod common;
 pub mod flow;
 pub mod password;
 pub mod recovery;
+pub mod step_up;
 pub mod totp;
 pub mod webauthn;

@@ -278,6 +278,10 @@ fn verify_blocking(
 /// Parses a stored hash we can verify (any argon2 variant with readable parameters); logs
 /// anything else without echoing it, since a hash is still sensitive.
 fn parse_stored(stored: &str) -> Option<PasswordHash<'_>> {
+    // No password set yet (an account waiting for its enrolment link): nothing to match.
+    if stored.is_empty() {
+        return None;
+    }
     let usable = PasswordHash::new(stored).ok().filter(|h| {
         Algorithm::try_from(h.algorithm).is_ok() && Params::try_from(h).is_ok() && h.hash.is_some()
     });

@@ -51,6 +51,8 @@ pub enum Purpose {
     Register,
     SecondFactor,
     Passkey,
+    /// A signed-in user proving themselves again (step-up, admin sudo mode).
+    StepUp,
 }
 
 /// The webauthn-rs state of one ceremony.

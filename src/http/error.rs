@@ -105,6 +105,16 @@ impl From<crate::auth::flow::FlowError> for AppError {
     }
 }
 
+impl From<crate::auth::password::PasswordError> for AppError {
+    fn from(e: crate::auth::password::PasswordError) -> Self {
+        use crate::auth::password::PasswordError;
+        match e {
+            PasswordError::Busy => AppError::unavailable("password hashing queue full"),
+            PasswordError::Internal(m) => AppError::internal(&m),
+        }
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.code, "message": self.message });

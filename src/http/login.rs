@@ -403,6 +403,10 @@ fn enrol_page(
         uri: &uri,
         error,
         webauthn: state.keys.is_some(),
+        key_only: matches!(
+            loaded.session.stage,
+            Stage::EnrolTotp { key_only: true, .. }
+        ),
     };
     Ok(render(status, &page))
 }

@@ -3,15 +3,18 @@
 //! decisions live in `auth`, `session` and `policy`.
 
 pub mod account;
+pub mod admin;
 pub mod assets;
 pub mod csrf;
 pub mod devices;
+pub mod enrolment;
 pub mod error;
 pub mod forward_auth;
 pub mod gate;
 pub mod health;
 pub mod login;
 mod pages;
+pub mod reauth;
 pub mod request_id;
 pub mod webauthn;
 
@@ -100,11 +103,28 @@ pub fn router(state: AppState) -> Router {
             "/_portcullis/webauthn/passkey/finish",
             post(webauthn::passkey_finish),
         )
+        .route(
+            "/_portcullis/reauth",
+            get(reauth::reauth_get).post(reauth::reauth_post),
+        )
+        .route(
+            "/_portcullis/webauthn/reauth/start",
+            post(reauth::key_start),
+        )
+        .route(
+            "/_portcullis/webauthn/reauth/finish",
+            post(reauth::key_finish),
+        )
+        .route(
+            "/_portcullis/enrol",
+            get(enrolment::enrol_link_get).post(enrolment::enrol_link_post),
+        )
         .route("/_portcullis/static/{file}", get(assets::asset))
         .route("/_portcullis/auth", any(forward_auth::auth_any))
         .route("/_portcullis/healthz", get(health::healthz_get))
         .route("/_portcullis/readyz", get(health::readyz_get))
         .route("/.well-known/jwks.json", get(gate::jwks))
+        .merge(admin::router(state.clone()))
         .layer(DefaultBodyLimit::max(form_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -37,6 +37,8 @@ pub struct EnrolTotp<'a> {
     pub error: Option<&'a str>,
     /// Offer a security key instead of the app (WebAuthn available).
     pub webauthn: bool,
+    /// Only a security key may be registered (enrolment link of an admin account).
+    pub key_only: bool,
 }
 
 #[derive(Template)]
@@ -111,4 +113,33 @@ pub fn render<T: Template>(status: StatusCode, page: &T) -> Response {
         Ok(html) => (status, Html(html)).into_response(),
         Err(e) => AppError::internal(&e).into_response(),
     }
+}
+
+#[derive(Template)]
+#[template(path = "reauth.html")]
+pub struct Reauth<'a> {
+    pub csrf: &'a str,
+    /// Where to go once confirmed (a same-origin path).
+    pub next: &'a str,
+    /// Why a new proof is asked for.
+    pub why: &'a str,
+    /// Offer the security key.
+    pub keys: bool,
+    /// Offer a code from the authenticator app.
+    pub codes: bool,
+    pub error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "enrol_link.html")]
+pub struct EnrolLink<'a> {
+    pub csrf: &'a str,
+    pub token: &'a str,
+    pub email: &'a str,
+    /// The user has no password yet: ask for one.
+    pub set_password: bool,
+    pub key_only: bool,
+    pub min_length: usize,
+    pub max_length: usize,
+    pub error: Option<&'a str>,
 }

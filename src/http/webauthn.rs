@@ -48,7 +48,7 @@ impl FromRequestParts<AppState> for ApiCsrf {
 }
 
 /// The key service, or 404 when WebAuthn is off here.
-pub(super) fn keys(state: &AppState) -> Result<&Keys, AppError> {
+pub(crate) fn keys(state: &AppState) -> Result<&Keys, AppError> {
     state.keys.as_ref().ok_or_else(|| {
         AppError::new(
             StatusCode::NOT_FOUND,
@@ -58,11 +58,11 @@ pub(super) fn keys(state: &AppState) -> Result<&Keys, AppError> {
     })
 }
 
-fn started(s: Started) -> Response {
+pub(crate) fn started(s: Started) -> Response {
     axum::Json(serde_json::json!({ "ceremony": s.ceremony, "options": s.options })).into_response()
 }
 
-fn redirect_json(to: &str) -> Response {
+pub(crate) fn redirect_json(to: &str) -> Response {
     axum::Json(serde_json::json!({ "redirect": to })).into_response()
 }
 
@@ -98,12 +98,31 @@ fn refused(r: Refusal, message: &str) -> AppError {
     }
 }
 
-fn no_session() -> AppError {
+pub(super) fn no_session() -> AppError {
     AppError::new(
         StatusCode::UNAUTHORIZED,
         "session_required",
         "Your session has ended. Please sign in again.",
     )
+}
+
+/// Too many failed key answers: the session ends and the JSON answer says to sign in again.
+pub(crate) async fn ended_by_failures(
+    state: &AppState,
+    loaded: &Loaded,
+) -> Result<Response, AppError> {
+    state
+        .sessions
+        .destroy(&loaded.key, &loaded.session.user_id)
+        .await?;
+    state.signer.forget(&loaded.key);
+    let resp = AppError::new(
+        StatusCode::UNAUTHORIZED,
+        "restart",
+        "Too many failed attempts. Please sign in again.",
+    )
+    .into_response();
+    Ok(with_cookies(resp, [state.sessions.clear_cookie()]))
 }
 
 /// Whether the session's last second-factor proof is recent enough for a change of factors.
@@ -274,19 +293,7 @@ pub async fn authenticate_finish(
                 "The security key was not accepted. Try again, or use a code instead.",
             ))
         }
-        CodeOutcome::Restart => {
-            state
-                .sessions
-                .destroy(&loaded.key, &loaded.session.user_id)
-                .await?;
-            let resp = AppError::new(
-                StatusCode::UNAUTHORIZED,
-                "restart",
-                "Too many failed attempts. Please sign in again.",
-            )
-            .into_response();
-            Ok(with_cookies(resp, [state.sessions.clear_cookie()]))
-        }
+        CodeOutcome::Restart => ended_by_failures(&state, &loaded).await,
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
         // Only codes are refused by that policy; a key never is.
         CodeOutcome::KeyRequired => Err(AppError::forbidden(
@@ -351,6 +358,7 @@ pub async fn passkey_finish(
         next,
     );
     session.amr = PASSKEY_AMR.iter().map(|s| s.to_string()).collect();
+    session.strong_ms = Some(session.auth_ms);
     let device_cookies = complete_sign_in(&state, &headers, &client, &mut session).await?;
     let (id, key) = state.sessions.create(&session).await?;
     let loaded = Loaded { key, session };

@@ -111,6 +111,20 @@ pub fn is_gateway_path(canonical: &str) -> bool {
 /// canonical form, or `None`. Anything odd — schemes, hosts, backslashes, control or whitespace
 /// characters (raw or encoded), protocol-relative `//` in any spelling — is refused.
 pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
+    return_to(candidate, public_url, |_| false)
+}
+
+/// Like [`safe_return_to`], but also accepts the gateway's own account and admin pages: where
+/// a step-up (`/_portcullis/reauth`) returns to.
+pub fn safe_step_up_return(candidate: &str, public_url: &Url) -> Option<String> {
+    return_to(candidate, public_url, |path| {
+        ["/_portcullis/account", "/_portcullis/admin"]
+            .iter()
+            .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+    })
+}
+
+fn return_to(candidate: &str, public_url: &Url, gateway_ok: fn(&str) -> bool) -> Option<String> {
     if candidate.is_empty() || candidate.len() > 2048 {
         return None;
     }
@@ -154,7 +168,7 @@ pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
         return None;
     }
     let path = normalise_path(joined.path()).ok()?;
-    if is_gateway_path(&path) {
+    if is_gateway_path(&path) && !gateway_ok(&path) {
         return None;
     }
     Some(match joined.query() {
@@ -166,6 +180,40 @@ pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_up_returns_only_to_account_and_admin_pages() {
+        let base = Url::parse("https://gw.example.com/").unwrap();
+        let ok = |c: &str| safe_step_up_return(c, &base);
+        assert_eq!(
+            ok("/_portcullis/admin").as_deref(),
+            Some("/_portcullis/admin")
+        );
+        assert_eq!(
+            ok("/_portcullis/admin/users?q=a").as_deref(),
+            Some("/_portcullis/admin/users?q=a")
+        );
+        assert_eq!(
+            ok("/_portcullis/account").as_deref(),
+            Some("/_portcullis/account")
+        );
+        assert_eq!(ok("/campaigns").as_deref(), Some("/campaigns"));
+        for bad in [
+            "/_portcullis/login",
+            "/_portcullis/reauth?next=/x",
+            "/_portcullis/administrator",
+            "/_portcullis/%61dmin/../login",
+            "//evil.example/_portcullis/admin",
+            "https://evil.example/_portcullis/admin",
+        ] {
+            assert_eq!(ok(bad), None, "{bad}");
+        }
+        assert_eq!(
+            safe_return_to("/_portcullis/admin", &base),
+            None,
+            "sign-in never returns there"
+        );
+    }
 
     #[test]
     fn paths_have_one_canonical_spelling() {

@@ -28,7 +28,13 @@ pub enum Stage {
     SecondFactor,
     /// Password verified, no second factor yet: must enrol TOTP. The secret being enrolled is
     /// sealed with the master key.
-    EnrolTotp { sealed_secret: Vec<u8> },
+    /// `key_only` (an enrolment link for an admin account): only a security key may be
+    /// registered, the authenticator app is not offered.
+    EnrolTotp {
+        sealed_secret: Vec<u8>,
+        #[serde(default)]
+        key_only: bool,
+    },
     /// Enrolment confirmed; the recovery codes are shown once, then the session is complete.
     /// The codes are sealed with the master key (one per line), so a shared ephemeral store
     /// (Redis) never holds them in clear.
@@ -63,6 +69,10 @@ pub struct Session {
     /// ends the session.
     #[serde(default)]
     pub device_id: Option<String>,
+    /// When the user last proved themselves with a security key or passkey (ms): the
+    /// phishing-resistant proof that admin changes (sudo mode) ask for.
+    #[serde(default)]
+    pub strong_ms: Option<i64>,
 }
 
 impl Session {
@@ -88,6 +98,7 @@ impl Session {
             return_to,
             failed_codes: 0,
             device_id: None,
+            strong_ms: None,
         }
     }
 
@@ -256,6 +267,27 @@ impl Sessions {
         }
         self.store.delete(&user_index_key(user_id)).await?;
         Ok(keys.len())
+    }
+
+    /// The live sessions of a user (storage key and record), oldest first; index entries whose
+    /// record has gone are dropped.
+    pub async fn list_user(&self, user_id: &str) -> StoreResult<Vec<Loaded>> {
+        let keys = self.store.set_members(&user_index_key(user_id)).await?;
+        let now = self.clock.now_millis();
+        let mut out = Vec::new();
+        for k in keys {
+            let Some(body) = self.store.get(&record_key(&k)).await? else {
+                self.store.set_remove(&user_index_key(user_id), &k).await?;
+                continue;
+            };
+            let session: Session =
+                serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if !self.expired(&session, now) {
+                out.push(Loaded { key: k, session });
+            }
+        }
+        out.sort_by_key(|l| l.session.created_ms);
+        Ok(out)
     }
 
     /// Ends every session of `user_id` that was signed in from `device_id`; returns how many.

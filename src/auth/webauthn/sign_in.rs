@@ -23,6 +23,30 @@ impl Keys {
         session: &Session,
         binding: &str,
     ) -> Result<Option<Started>, FlowError> {
+        self.start_assertion(session, binding, Purpose::SecondFactor)
+            .await
+    }
+
+    /// Starts a key ceremony through which a signed-in user proves themselves again (step-up);
+    /// `None` when the user has no usable key.
+    pub async fn start_step_up(
+        &self,
+        session: &Session,
+        binding: &str,
+    ) -> Result<Option<Started>, FlowError> {
+        if !session.is_authenticated() {
+            return Ok(None);
+        }
+        self.start_assertion(session, binding, Purpose::StepUp)
+            .await
+    }
+
+    async fn start_assertion(
+        &self,
+        session: &Session,
+        binding: &str,
+        purpose: Purpose,
+    ) -> Result<Option<Started>, FlowError> {
         let keys: Vec<Passkey> = self
             .usable(&session.user_id)
             .await?
@@ -56,7 +80,7 @@ impl Keys {
             }
         };
         let ceremony = Ceremony {
-            purpose: Purpose::SecondFactor,
+            purpose,
             user_id: Some(session.user_id.clone()),
             binding: binding.to_string(),
             name: None,
@@ -79,60 +103,130 @@ impl Keys {
         if session.stage != Stage::SecondFactor {
             return Ok(CodeOutcome::Restart);
         }
-        let Some(user) = self.flow.active_user(&session.user_id).await? else {
+        let user = match self
+            .assert(
+                ceremony,
+                Purpose::SecondFactor,
+                binding,
+                session,
+                response,
+                client,
+                EVENT,
+            )
+            .await?
+        {
+            Ok(user) => user,
+            Err(outcome) => return Ok(outcome),
+        };
+        self.flow.complete(session, &user, AMR_KEY);
+        self.audit_user(EVENT, "success", Some(&user), AMR_KEY, client)
+            .await;
+        Ok(CodeOutcome::Accepted)
+    }
+
+    /// Finishes a step-up ceremony of a signed-in session: on success the session's last proof
+    /// (`auth_ms`) and last phishing-resistant proof (`strong_ms`) become now, and `hwk` joins
+    /// its `amr`. Failures count like wrong codes; too many end the session (`Restart`).
+    pub async fn finish_step_up(
+        &self,
+        ceremony: &str,
+        binding: &str,
+        session: &mut Session,
+        response: &PublicKeyCredential,
+        client: &Client,
+    ) -> Result<CodeOutcome, FlowError> {
+        const EVENT: &str = "step_up";
+        if !session.is_authenticated() {
             return Ok(CodeOutcome::Restart);
+        }
+        let user = match self
+            .assert(
+                ceremony,
+                Purpose::StepUp,
+                binding,
+                session,
+                response,
+                client,
+                EVENT,
+            )
+            .await?
+        {
+            Ok(user) => user,
+            Err(outcome) => return Ok(outcome),
+        };
+        let now = self.flow.clock.now_millis();
+        session.auth_ms = now;
+        session.strong_ms = Some(now);
+        session.failed_codes = 0;
+        if !session.amr.iter().any(|m| m == AMR_KEY) {
+            session.amr.push(AMR_KEY.into());
+        }
+        self.audit_user(EVENT, "success", Some(&user), AMR_KEY, client)
+            .await;
+        Ok(CodeOutcome::Accepted)
+    }
+
+    /// The shared half of second factor and step-up: budget, ceremony, key and signature
+    /// checks. `Ok(user)` when the key answered; otherwise the outcome to return.
+    #[allow(clippy::too_many_arguments)]
+    async fn assert(
+        &self,
+        ceremony: &str,
+        purpose: Purpose,
+        binding: &str,
+        session: &mut Session,
+        response: &PublicKeyCredential,
+        client: &Client,
+        event: &str,
+    ) -> Result<Result<User, CodeOutcome>, FlowError> {
+        let Some(user) = self.flow.active_user(&session.user_id).await? else {
+            return Ok(Err(CodeOutcome::Restart));
         };
         if let Some(retry_after) = self.flow.code_budget_spent(&user.id, client).await? {
-            self.audit_user(EVENT, "denied", Some(&user), "throttled", client)
+            self.audit_user(event, "denied", Some(&user), "throttled", client)
                 .await;
-            return Ok(CodeOutcome::Throttled { retry_after });
+            return Ok(Err(CodeOutcome::Throttled { retry_after }));
         }
         let Some(c) = self
-            .take(ceremony, Purpose::SecondFactor, binding, Some(&user.id))
+            .take(ceremony, purpose, binding, Some(&user.id))
             .await?
         else {
             return self
                 .flow
-                .wrong_code(session, client, EVENT, "ceremony_expired")
-                .await;
+                .wrong_code(session, client, event, "ceremony_expired")
+                .await
+                .map(Err);
         };
         let stored = self
             .flow
             .durable
             .webauthn_credential(&encode_id(response.get_credential_id()))
             .await?;
-        let stored = match stored {
-            Some(s) if s.user_id == user.id && !s.is_suspended() => s,
-            Some(s) if s.user_id == user.id => {
-                return self
-                    .flow
-                    .wrong_code(session, client, EVENT, "suspended_credential")
-                    .await
+        let reason = match stored {
+            Some(s) if s.user_id == user.id && !s.is_suspended() => {
+                let verified = match &c.state {
+                    CeremonyState::PasskeyAuth(st) => {
+                        self.webauthn.finish_passkey_authentication(response, st)
+                    }
+                    CeremonyState::SecurityKeyAuth(st) => self
+                        .webauthn
+                        .finish_securitykey_authentication(response, st),
+                    _ => Err(WebauthnError::InvalidClientDataType),
+                };
+                self.settle(&user, &s, verified, client).await?
             }
-            _ => {
-                return self
-                    .flow
-                    .wrong_code(session, client, EVENT, "unknown_credential")
-                    .await
-            }
+            Some(s) if s.user_id == user.id => Some("suspended_credential"),
+            _ => Some("unknown_credential"),
         };
-        let verified = match &c.state {
-            CeremonyState::PasskeyAuth(st) => {
-                self.webauthn.finish_passkey_authentication(response, st)
-            }
-            CeremonyState::SecurityKeyAuth(st) => self
-                .webauthn
-                .finish_securitykey_authentication(response, st),
-            _ => Err(WebauthnError::InvalidClientDataType),
-        };
-        if let Some(reason) = self.settle(&user, &stored, verified, client).await? {
-            return self.flow.wrong_code(session, client, EVENT, reason).await;
+        if let Some(reason) = reason {
+            return self
+                .flow
+                .wrong_code(session, client, event, reason)
+                .await
+                .map(Err);
         }
         self.flow.code_attempt_settled(&user.id, client).await?;
-        self.flow.complete(session, &user, AMR_KEY);
-        self.audit_user(EVENT, "success", Some(&user), AMR_KEY, client)
-            .await;
-        Ok(CodeOutcome::Accepted)
+        Ok(Ok(user))
     }
 
     /// Applies a verification result to the stored key: on success the new counter is stored

@@ -1,0 +1,209 @@
+//! The audit view: filter by user, account, event and time range; export the same filter as
+//! JSON lines (one event object per line, oldest first, streamed page by page).
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::pages::{self, EventRow};
+use super::users::event_row;
+use super::{record, respond, Admin};
+use crate::http::error::AppError;
+use crate::http::pages::render;
+use crate::state::AppState;
+use crate::store::AuditQuery;
+
+/// Events shown on the page.
+const SHOWN: u32 = 500;
+/// Events read per page of an export.
+const EXPORT_PAGE: u32 = 1000;
+
+/// The filter as typed, and the store query it means.
+struct Filter {
+    user: String,
+    account: String,
+    event: String,
+    since: String,
+    until: String,
+}
+
+fn field(raw: &Option<String>, name: &str, max: usize) -> String {
+    raw.as_deref()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.trim().chars().take(max).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// A time from the filter: RFC 3339 (`2026-11-27T08:00:00Z`) or a date (`2026-11-27`, midnight
+/// UTC). Empty means no bound.
+fn parse_time(s: &str, name: &str) -> Result<Option<i64>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_string()
+    };
+    OffsetDateTime::parse(&full, &Rfc3339)
+        .map(|t| Some(t.unix_timestamp()))
+        .map_err(|_| {
+            format!("“{name}” must be a date like 2026-11-27 or a time like 2026-11-27T08:00:00Z.")
+        })
+}
+
+impl Filter {
+    fn from_query(raw: &Option<String>) -> Self {
+        Self {
+            user: field(raw, "user", 64),
+            account: field(raw, "account", 128),
+            event: field(raw, "event", 64),
+            since: field(raw, "since", 40),
+            until: field(raw, "until", 40),
+        }
+    }
+
+    fn query(&self) -> Result<AuditQuery, String> {
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Ok(AuditQuery {
+            user_id: opt(&self.user),
+            event: opt(&self.event),
+            account_id: opt(&self.account),
+            since: parse_time(&self.since, "From")?,
+            until: parse_time(&self.until, "Until")?,
+            ..AuditQuery::default()
+        })
+    }
+
+    fn query_string(&self) -> String {
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("user", &self.user)
+            .append_pair("account", &self.account)
+            .append_pair("event", &self.event)
+            .append_pair("since", &self.since)
+            .append_pair("until", &self.until)
+            .finish()
+    }
+}
+
+/// `GET /_portcullis/admin/audit?user=&account=&event=&since=&until=`.
+pub async fn audit_get(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let filter = Filter::from_query(&q);
+    let (rows, truncated, error, status) = match filter.query() {
+        Ok(mut query) => {
+            query.newest_first = true;
+            query.limit = SHOWN + 1;
+            let mut found = state.durable.query_audit(&query).await?;
+            let truncated = found.len() > SHOWN as usize;
+            found.truncate(SHOWN as usize);
+            let rows: Vec<EventRow> = found.into_iter().map(event_row).collect();
+            (rows, truncated, None, StatusCode::OK)
+        }
+        Err(msg) => (Vec::new(), false, Some(msg), StatusCode::BAD_REQUEST),
+    };
+    let (_, set) = super::csrf(&state, &headers);
+    let page = pages::Audit {
+        admin: &admin.user.email,
+        user: &filter.user,
+        account: &filter.account,
+        event: &filter.event,
+        since: &filter.since,
+        until: &filter.until,
+        rows: &rows,
+        truncated,
+        export_query: &filter.query_string(),
+        error: error.as_deref(),
+    };
+    Ok(respond(render(status, &page), set))
+}
+
+/// `GET /_portcullis/admin/audit/export?…`: every matching event as JSON lines.
+pub async fn export_get(
+    State(state): State<AppState>,
+    admin: Admin,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let filter = Filter::from_query(&q);
+    let base = filter.query().map_err(AppError::bad_request)?;
+    record(
+        &state,
+        &admin,
+        "audit_exported",
+        None,
+        &filter.query_string(),
+    )
+    .await;
+    let durable = state.durable.clone();
+    // Pages oldest first by id; each page continues after the last id seen.
+    let pages = futures_util::stream::unfold(Some(0i64), move |after| {
+        let durable = durable.clone();
+        let mut query = base.clone();
+        async move {
+            let after = after?;
+            query.after_id = Some(after);
+            query.limit = EXPORT_PAGE;
+            match durable.query_audit(&query).await {
+                Ok(events) if events.is_empty() => None,
+                Ok(events) => {
+                    let last = events.last().map(|e| e.id).unwrap_or(after);
+                    let mut chunk = Vec::new();
+                    for e in &events {
+                        if serde_json::to_writer(&mut chunk, e).is_ok() {
+                            chunk.push(b'\n');
+                        }
+                    }
+                    let next = (events.len() == EXPORT_PAGE as usize).then_some(last);
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), next))
+                }
+                Err(e) => {
+                    // The response has started: end it with an error so the download fails
+                    // visibly instead of looking complete.
+                    tracing::error!(error = %e, "audit export interrupted");
+                    Some((Err(std::io::Error::other("audit export interrupted")), None))
+                }
+            }
+        }
+    });
+    let mut resp = Body::from_stream(pages).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"portcullis-audit.jsonl\""),
+    );
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn times_parse_as_rfc3339_or_dates_and_refuse_garbage() {
+        assert_eq!(parse_time("", "From"), Ok(None));
+        assert_eq!(parse_time("1970-01-02", "From"), Ok(Some(86_400)));
+        assert_eq!(parse_time("1970-01-01T01:00:00Z", "From"), Ok(Some(3_600)));
+        assert_eq!(
+            parse_time("1970-01-01T02:00:00+01:00", "From"),
+            Ok(Some(3_600))
+        );
+        assert!(parse_time("yesterday", "From")
+            .unwrap_err()
+            .contains("From"));
+        assert!(parse_time("2026-13-45", "Until").is_err());
+    }
+}

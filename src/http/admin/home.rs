@@ -1,0 +1,116 @@
+//! Home: open alerts (possibly cloned keys, locked accounts, reported sign-ins) and charts of
+//! sign-ins, failures and denials over the last 24 hours and 7 days.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::chart::{self, Bucket};
+use super::pages::{self, Alert};
+use super::{respond, when, Admin};
+use crate::http::error::AppError;
+use crate::http::pages::render;
+use crate::state::AppState;
+use crate::store::AuditQuery;
+
+const HOUR: i64 = 3600;
+const DAY: i64 = 24 * HOUR;
+/// Reported sign-ins stay on the home page this long.
+const REPORTS_SHOWN: i64 = 7 * DAY;
+
+fn sums(b: &[Bucket]) -> (i64, i64, i64) {
+    let t = chart::totals(b);
+    (t.sign_ins, t.failures, t.denials)
+}
+
+/// `GET /_portcullis/admin`.
+pub async fn home_get(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let now = state.clock.now();
+    let d = &state.durable;
+    let users = d.list_users().await?;
+    let email_of = |id: &str| {
+        users
+            .iter()
+            .find(|u| u.id == id)
+            .map(|u| u.email.clone())
+            .unwrap_or_else(|| id.to_string())
+    };
+    let mut alerts = Vec::new();
+    for c in d.suspended_webauthn_credentials().await? {
+        let what = match c.suspended_reason.as_deref() {
+            Some("possible_clone") => "Possibly cloned security key (its counter went backwards)",
+            _ => "Suspended security key",
+        };
+        alerts.push(Alert {
+            kind: "possible_clone",
+            text: format!("{what}: “{}”", c.name),
+            email: email_of(&c.user_id),
+            user_id: c.user_id,
+            at: c.suspended_at.map(when).unwrap_or_default(),
+        });
+    }
+    for u in users.iter().filter(|u| u.locked) {
+        alerts.push(Alert {
+            kind: "locked",
+            text: "Password sign-in locked".into(),
+            user_id: u.id.clone(),
+            email: u.email.clone(),
+            at: String::new(),
+        });
+    }
+    let reports = d
+        .query_audit(&AuditQuery {
+            event: Some("sign_in_reported".into()),
+            since: Some(now - REPORTS_SHOWN),
+            newest_first: true,
+            limit: 50,
+            ..AuditQuery::default()
+        })
+        .await?;
+    for e in reports {
+        let Some(user_id) = e.user_id else { continue };
+        alerts.push(Alert {
+            kind: "reported",
+            text: "A sign-in was reported as not the owner's".into(),
+            email: e.email.unwrap_or_else(|| email_of(&user_id)),
+            user_id,
+            at: when(e.at),
+        });
+    }
+
+    let day_counts = d.audit_counts(now - DAY, HOUR).await?;
+    let day = chart::buckets(&day_counts, now, HOUR, 24);
+    let week_width = 6 * HOUR;
+    let week_counts = d.audit_counts(now - 7 * DAY, week_width).await?;
+    let week = chart::buckets(&week_counts, now, week_width, 28);
+    // Labels: hours for the day, dates for the week (one per day).
+    let hour = |t: i64| when(t).get(11..16).unwrap_or_default().to_string();
+    let date = |t: i64| when(t).get(5..10).unwrap_or_default().to_string();
+    let day_svg = chart::svg(
+        "Sign-ins, failures and denials per hour, last 24 hours",
+        &day,
+        hour,
+        3,
+    );
+    let week_svg = chart::svg(
+        "Sign-ins, failures and denials per 6 hours, last 7 days",
+        &week,
+        date,
+        4,
+    );
+    let (_, set) = super::csrf(&state, &headers);
+    let page = pages::Home {
+        admin: &admin.user.email,
+        alerts: &alerts,
+        day_svg: &day_svg,
+        week_svg: &week_svg,
+        day: sums(&day),
+        week: sums(&week),
+        users: users.len(),
+    };
+    Ok(respond(render(StatusCode::OK, &page), set))
+}

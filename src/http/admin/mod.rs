@@ -1,0 +1,303 @@
+//! The admin console at `/_portcullis/admin`: accounts, factors, devices, sessions, enrolment
+//! links and the audit trail, for users with the admin role.
+//!
+//! Every route of [`router`] sits behind [`guard`], so a new route cannot skip it:
+//! - no complete session → sign-in page (browsers) or 401;
+//! - not an admin → 403;
+//! - no security-key proof within `admin.sudo_timeout` (sudo mode; a session completed with a
+//!   code only has none) → the step-up page asking for the key (browser `GET`) or 403
+//!   `step_up_required`.
+//!
+//! Forms carry the CSRF token like every gateway form; the JSON calls of in-person key
+//! enrolment carry it in `X-CSRF-Token`. Every change writes an audit event whose `actor` is the
+//! admin's email.
+
+mod audit;
+mod chart;
+mod home;
+mod keys;
+mod pages;
+mod users;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+
+use super::error::{wants_html, AppError};
+use super::login::{check_csrf, csrf_token, current_session, with_cookies};
+use super::{see_other, Peer};
+use crate::auth::flow::Client;
+use crate::session::Loaded;
+use crate::state::AppState;
+use crate::store::{AuditEvent, User};
+
+/// Prefix of every admin route.
+pub const PREFIX: &str = "/_portcullis/admin";
+
+/// Every admin route: method, path and handler. [`router`] is built from this table and the
+/// authorisation tests walk it, so a route added here is tested without being listed twice.
+pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
+    let u = "/_portcullis/admin/users";
+    vec![
+        (Method::GET, PREFIX, get(home::home_get)),
+        (Method::GET, u, get(users::list_get)),
+        (Method::POST, u, post(users::create_post)),
+        (
+            Method::GET,
+            "/_portcullis/admin/users/{id}",
+            get(users::user_get),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/disable",
+            post(users::disable_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/enable",
+            post(users::enable_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/unlock",
+            post(users::unlock_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/reset-factors",
+            post(users::reset_factors_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/sessions/end",
+            post(users::end_sessions_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/sessions/{sid}/end",
+            post(users::end_session_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/keys/{key}/remove",
+            post(users::remove_key_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/devices/{device}/revoke",
+            post(users::revoke_device_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/enrolment-link",
+            post(users::enrolment_link_post),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/keys/register/start",
+            post(keys::register_start),
+        ),
+        (
+            Method::POST,
+            "/_portcullis/admin/users/{id}/keys/register/finish",
+            post(keys::register_finish),
+        ),
+        (
+            Method::GET,
+            "/_portcullis/admin/audit",
+            get(audit::audit_get),
+        ),
+        (
+            Method::GET,
+            "/_portcullis/admin/audit/export",
+            get(audit::export_get),
+        ),
+    ]
+}
+
+/// Method and path of every admin route.
+pub fn route_table() -> Vec<(Method, &'static str)> {
+    routes().into_iter().map(|(m, p, _)| (m, p)).collect()
+}
+
+/// The admin routes, all behind [`guard`].
+pub fn router(state: AppState) -> Router<AppState> {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
+        .route_layer(middleware::from_fn_with_state(state, guard))
+}
+
+/// The admin acting on a request, put in the request by [`guard`].
+#[derive(Clone)]
+pub struct Admin(Arc<AdminInner>);
+
+pub struct AdminInner {
+    pub session: Loaded,
+    pub user: User,
+    pub client: Client,
+}
+
+impl std::ops::Deref for Admin {
+    type Target = AdminInner;
+    fn deref(&self) -> &AdminInner {
+        &self.0
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Admin {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, AppError> {
+        // Only reachable through `guard`; without it, refuse rather than serve.
+        parts
+            .extensions
+            .get::<Admin>()
+            .cloned()
+            .ok_or_else(|| AppError::forbidden("admin_only", "This page is for administrators."))
+    }
+}
+
+/// Whether the session's last security-key proof is within the sudo window.
+pub fn sudo_fresh(state: &AppState, loaded: &Loaded) -> bool {
+    let window = i64::try_from(state.config.admin.sudo_timeout.as_millis()).unwrap_or(0);
+    loaded
+        .session
+        .strong_ms
+        .is_some_and(|t| state.clock.now_millis() - t <= window)
+}
+
+/// Admits admins with a fresh security-key proof; everyone else gets the answer described in
+/// the module docs.
+async fn guard(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| PREFIX.to_string());
+    let browser_get = req.method() == Method::GET && wants_html(req.headers());
+    match admit(&state, req.headers(), peer).await {
+        Ok(Ok(admin)) => {
+            if !sudo_fresh(&state, &admin.session) {
+                let reauth = super::reauth::url(&target, true);
+                if browser_get {
+                    return see_other(&reauth);
+                }
+                return AppError::forbidden(
+                    "step_up_required",
+                    format!(
+                        "The admin console needs a recent touch of your security key. \
+                         Confirm at {reauth} and try again."
+                    ),
+                )
+                .into_response();
+            }
+            req.extensions_mut().insert(admin);
+            next.run(req).await
+        }
+        Ok(Err(Refused::NoSession)) => {
+            if browser_get {
+                let next: String =
+                    url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
+                return see_other(&format!("/_portcullis/login?next={next}"));
+            }
+            AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "session_required",
+                "Sign in first.",
+            )
+            .into_response()
+        }
+        Ok(Err(Refused::NotAdmin(user, client))) => {
+            let ev = AuditEvent::new("admin_denied", "denied", state.clock.now())
+                .user(&user)
+                .client(&client.ip, &client.user_agent)
+                .reason("not_admin");
+            state.audit.record(ev).await;
+            AppError::forbidden("admin_only", "This page is for gateway administrators.")
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+enum Refused {
+    NoSession,
+    NotAdmin(Box<User>, Client),
+}
+
+async fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: std::net::SocketAddr,
+) -> Result<Result<Admin, Refused>, AppError> {
+    let Some(loaded) = current_session(state, headers).await? else {
+        return Ok(Err(Refused::NoSession));
+    };
+    if !loaded.session.is_authenticated() {
+        return Ok(Err(Refused::NoSession));
+    }
+    let Some(user) = state
+        .user_gate
+        .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
+        .await?
+    else {
+        return Ok(Err(Refused::NoSession));
+    };
+    let client = super::client(state, peer, headers);
+    if !user.is_admin {
+        return Ok(Err(Refused::NotAdmin(Box::new(user), client)));
+    }
+    Ok(Ok(Admin(Arc::new(AdminInner {
+        session: loaded,
+        user,
+        client,
+    }))))
+}
+
+/// Records an admin action: `target` is the user acted on, the actor is the admin.
+async fn record(state: &AppState, admin: &Admin, event: &str, target: Option<&User>, reason: &str) {
+    let mut ev = AuditEvent::new(event, "success", state.clock.now())
+        .actor(&admin.user.email)
+        .client(&admin.client.ip, &admin.client.user_agent)
+        .reason(reason);
+    if let Some(u) = target {
+        ev = ev.user(u);
+    }
+    state.audit.record(ev).await;
+}
+
+/// The page's CSRF token and the cookie to set with it.
+fn csrf(state: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
+    csrf_token(state, headers)
+}
+
+/// Checks a form's CSRF token.
+fn checked(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), AppError> {
+    check_csrf(state, headers, token)
+}
+
+/// Renders an admin page with the CSRF cookie when one was issued.
+fn respond(resp: Response, set: Option<String>) -> Response {
+    with_cookies(resp, set)
+}
+
+/// RFC 3339 time for pages.
+fn when(t: i64) -> String {
+    crate::clock::rfc3339(t)
+}

@@ -1,0 +1,633 @@
+//! Users: list and search, create (with an enrolment link), and one user's page with its
+//! factors, devices, live sessions and recent events, and the actions on them.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::pages::{self, DeviceRow, EventRow, IssuedLink, KeyRow, SessionRow, UserRow};
+use super::{checked, csrf, record, respond, when, Admin};
+use crate::http::error::AppError;
+use crate::http::pages::render;
+use crate::http::{see_other, Form};
+use crate::state::AppState;
+use crate::store::{normalise_email, AuditEvent, AuditQuery, NewUser, StoreError, User};
+
+/// Users shown per search.
+const PAGE: u32 = 200;
+/// Longest reason kept.
+const MAX_REASON: usize = 200;
+
+fn query(raw: &Option<String>, name: &str) -> Option<String> {
+    raw.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+fn notice_text(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "disabled" => "The account is disabled and its sessions have ended.",
+        "enabled" => "The account is enabled again.",
+        "unlocked" => "Password sign-in is unlocked.",
+        "factors_reset" => {
+            "Every second factor was removed and every session ended; the next sign-in enrols anew."
+        }
+        "sessions_ended" => "The sessions have ended.",
+        "key_removed" => "The key was revoked.",
+        "key_added" => "The key was enrolled.",
+        "device_revoked" => "The device was revoked and its sessions ended.",
+        _ => return None,
+    })
+}
+
+/// `GET /_portcullis/admin/users?q=`.
+pub async fn list_get(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let text = query(&q, "q").unwrap_or_default();
+    list_page(&state, &admin, &headers, &text, None, StatusCode::OK).await
+}
+
+async fn list_page(
+    state: &AppState,
+    admin: &Admin,
+    headers: &HeaderMap,
+    text: &str,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Result<Response, AppError> {
+    let text: String = text.chars().take(320).collect();
+    let mut found = state.durable.search_users(&text, PAGE + 1).await?;
+    let truncated = found.len() > PAGE as usize;
+    found.truncate(PAGE as usize);
+    let rows: Vec<UserRow> = found
+        .into_iter()
+        .map(|u| UserRow {
+            id: u.id,
+            email: u.email,
+            account: u.account_id,
+            admin: u.is_admin,
+            disabled: u.disabled,
+            locked: u.locked,
+        })
+        .collect();
+    let (token, set) = csrf(state, headers);
+    let page = pages::Users {
+        admin: &admin.user.email,
+        csrf: &token,
+        q: &text,
+        rows: &rows,
+        truncated,
+        error,
+    };
+    Ok(respond(render(status, &page), set))
+}
+
+#[derive(Deserialize)]
+pub struct CreateForm {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    account: String,
+    #[serde(default)]
+    admin: Option<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/admin/users`: creates a user without a password and shows their
+/// enrolment link once.
+pub async fn create_post(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Form(form): Form<CreateForm>,
+) -> Result<Response, AppError> {
+    checked(&state, &headers, &form.csrf)?;
+    let email = normalise_email(&form.email);
+    let account = form.account.trim().to_string();
+    let (st, ad, hd) = (&state, &admin, &headers);
+    let bad = |msg: &'static str| async move {
+        list_page(st, ad, hd, "", Some(msg), StatusCode::BAD_REQUEST).await
+    };
+    let valid_email = email.len() <= 320
+        && email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !valid_email {
+        return bad("Enter the user's email address, e.g. name@example.com.").await;
+    }
+    if account.is_empty() || account.len() > 128 || account.chars().any(char::is_control) {
+        return bad("The account id has 1 to 128 characters.").await;
+    }
+    let is_admin = form.admin.is_some();
+    let created = state
+        .durable
+        .create_user(
+            NewUser {
+                email,
+                account_id: account,
+                is_admin,
+                // No password until the user sets one through their enrolment link.
+                password_hash: String::new(),
+            },
+            state.clock.now(),
+        )
+        .await;
+    let user = match created {
+        Ok(u) => u,
+        Err(StoreError::Conflict(_)) => return bad("A user with this email already exists.").await,
+        Err(e) => return Err(e.into()),
+    };
+    record(&state, &admin, "user_created", Some(&user), "admin").await;
+    let link = issue_link(&state, &admin, &user, is_admin).await?;
+    user_page(&state, &admin, &headers, &user, View::link(link)).await
+}
+
+/// What to show on a user page besides the user.
+#[derive(Default)]
+struct View<'a> {
+    link: Option<IssuedLink>,
+    notice: Option<&'a str>,
+    error: Option<&'a str>,
+    status: Option<StatusCode>,
+}
+
+impl View<'_> {
+    fn link(link: IssuedLink) -> Self {
+        Self {
+            link: Some(link),
+            ..Self::default()
+        }
+    }
+}
+
+async fn issue_link(
+    state: &AppState,
+    admin: &Admin,
+    user: &User,
+    key_only: bool,
+) -> Result<IssuedLink, AppError> {
+    let issued = crate::enrolment::issue(
+        state.durable.as_ref(),
+        &state.config.server.public_url,
+        user,
+        &admin.user.email,
+        key_only || user.is_admin,
+        state.config.admin.enrolment_link_ttl,
+        state.clock.now(),
+    )
+    .await?;
+    let kind = if key_only || user.is_admin {
+        "key_only"
+    } else {
+        "any_factor"
+    };
+    record(state, admin, "enrolment_link_issued", Some(user), kind).await;
+    Ok(IssuedLink {
+        url: issued.url,
+        expires: when(issued.expires_at),
+    })
+}
+
+/// The user named in the path, or 404.
+async fn target(state: &AppState, id: &str) -> Result<User, AppError> {
+    if id.len() > 64 {
+        return Err(AppError::not_found());
+    }
+    state
+        .durable
+        .user_by_id(id)
+        .await?
+        .ok_or_else(AppError::not_found)
+}
+
+/// A form's CSRF token checked, then the user named in the path.
+async fn checked_target(
+    state: &AppState,
+    headers: &HeaderMap,
+    csrf: &str,
+    id: &str,
+) -> Result<User, AppError> {
+    checked(state, headers, csrf)?;
+    target(state, id).await
+}
+
+/// `GET /_portcullis/admin/users/{id}`.
+pub async fn user_get(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let user = target(&state, &id).await?;
+    let code = query(&q, "notice");
+    let view = View {
+        notice: code.as_deref().and_then(notice_text),
+        ..View::default()
+    };
+    user_page(&state, &admin, &headers, &user, view).await
+}
+
+async fn user_page(
+    state: &AppState,
+    admin: &Admin,
+    headers: &HeaderMap,
+    user: &User,
+    view: View<'_>,
+) -> Result<Response, AppError> {
+    let d = &state.durable;
+    let keys: Vec<KeyRow> = d
+        .webauthn_credentials(&user.id)
+        .await?
+        .into_iter()
+        .map(|c| KeyRow {
+            created: when(c.created_at),
+            last_used: c.last_used_at.map(when).unwrap_or_else(|| "never".into()),
+            aaguid: c.aaguid.clone().unwrap_or_else(|| "not reported".into()),
+            suspended: c.suspended_reason.clone(),
+            id: c.id,
+            name: c.name,
+        })
+        .collect();
+    let devices: Vec<DeviceRow> = d
+        .list_devices(&user.id)
+        .await?
+        .into_iter()
+        .map(|v| DeviceRow {
+            first_seen: when(v.first_seen),
+            last_seen: when(v.last_seen),
+            active: v.status == "active",
+            id: v.id,
+            name: v.name,
+            last_ip: v.last_ip,
+        })
+        .collect();
+    let sessions: Vec<SessionRow> = state
+        .sessions
+        .list_user(&user.id)
+        .await?
+        .into_iter()
+        .filter(|l| {
+            l.session.is_authenticated() && l.session.auth_ms > user.sessions_valid_after_ms
+        })
+        .map(|l| SessionRow {
+            id: l.session.public_id.clone(),
+            started: when(l.session.created_ms / 1000),
+            last_seen: when(l.session.last_seen_ms / 1000),
+            ip: l.session.ip.clone(),
+            agent: crate::device::friendly_name(&l.session.user_agent),
+            methods: l.session.amr.join(", "),
+        })
+        .collect();
+    let events: Vec<EventRow> = d
+        .query_audit(&AuditQuery {
+            user_id: Some(user.id.clone()),
+            newest_first: true,
+            limit: 25,
+            ..AuditQuery::default()
+        })
+        .await?
+        .into_iter()
+        .map(event_row)
+        .collect();
+    let (token, set) = csrf(state, headers);
+    let page = pages::UserPage {
+        admin: &admin.user.email,
+        csrf: &token,
+        user,
+        created: when(user.created_at),
+        has_password: !user.password_hash.is_empty(),
+        has_totp: d.totp(&user.id).await?.is_some(),
+        recovery_left: d.recovery_codes_left(&user.id).await?,
+        keys: &keys,
+        devices: &devices,
+        sessions: &sessions,
+        events: &events,
+        webauthn: state.keys.is_some(),
+        link: view.link,
+        notice: view.notice,
+        error: view.error,
+    };
+    Ok(respond(
+        render(view.status.unwrap_or(StatusCode::OK), &page),
+        set,
+    ))
+}
+
+/// An audit event as a table row.
+pub(super) fn event_row(e: AuditEvent) -> EventRow {
+    EventRow {
+        at: when(e.at),
+        event: e.event,
+        outcome: e.outcome,
+        email: e.email.unwrap_or_default(),
+        account: e.account_id.unwrap_or_default(),
+        ip: e.ip.unwrap_or_default(),
+        reason: e.reason.unwrap_or_default(),
+        actor: e.actor.unwrap_or_default(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ReasonForm {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The reason an admin gave, tidied; `None` when empty (a reason is required).
+fn reason(raw: &str) -> Option<String> {
+    let r: String = raw
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_REASON)
+        .collect();
+    (!r.is_empty()).then_some(r)
+}
+
+/// A checked action form: the CSRF token, the user, and the admin's reason. Actions an admin
+/// could lock themselves out with are refused on their own account.
+async fn acting(
+    state: &AppState,
+    admin: &Admin,
+    headers: &HeaderMap,
+    id: &str,
+    form: &ReasonForm,
+    not_on_self: bool,
+) -> Result<Result<(User, String), Response>, AppError> {
+    let user = checked_target(state, headers, &form.csrf, id).await?;
+    if not_on_self && user.id == admin.user.id {
+        let view = View {
+            error: Some("You cannot do this to your own account. Ask another administrator."),
+            status: Some(StatusCode::CONFLICT),
+            ..View::default()
+        };
+        return user_page(state, admin, headers, &user, view).await.map(Err);
+    }
+    match reason(&form.reason) {
+        Some(r) => Ok(Ok((user, r))),
+        None => {
+            let view = View {
+                error: Some("Give a reason: it is kept in the audit trail."),
+                status: Some(StatusCode::BAD_REQUEST),
+                ..View::default()
+            };
+            user_page(state, admin, headers, &user, view).await.map(Err)
+        }
+    }
+}
+
+fn done(user: &User, notice: &str) -> Response {
+    see_other(&format!(
+        "/_portcullis/admin/users/{}?notice={notice}",
+        user.id
+    ))
+}
+
+/// Ends every session of a user on every gateway.
+async fn end_all(state: &AppState, user: &User) -> Result<(), AppError> {
+    state
+        .durable
+        .void_sessions(&user.id, state.clock.now_millis())
+        .await?;
+    state.sessions.destroy_all(&user.id).await?;
+    state.user_gate.forget(&user.id);
+    Ok(())
+}
+
+macro_rules! action {
+    ($name:ident, $doc:literal, |$state:ident, $admin:ident, $user:ident, $why:ident| $body:block, not_on_self = $self_guard:expr) => {
+        #[doc = $doc]
+        pub async fn $name(
+            State($state): State<AppState>,
+            $admin: Admin,
+            headers: HeaderMap,
+            Path(id): Path<String>,
+            Form(form): Form<ReasonForm>,
+        ) -> Result<Response, AppError> {
+            let ($user, $why) =
+                match acting(&$state, &$admin, &headers, &id, &form, $self_guard).await? {
+                    Ok(v) => v,
+                    Err(page) => return Ok(page),
+                };
+            $body
+        }
+    };
+}
+
+action!(
+    disable_post,
+    "`POST …/users/{id}/disable`: refuses sign-in and ends every session.",
+    |state, admin, user, why| {
+        state
+            .durable
+            .set_disabled(&user.id, true, state.clock.now_millis())
+            .await?;
+        end_all(&state, &user).await?;
+        record(&state, &admin, "user_disabled", Some(&user), &why).await;
+        state
+            .notifier
+            .account_change(&user, "an administrator disabled the account")
+            .await;
+        Ok(done(&user, "disabled"))
+    },
+    not_on_self = true
+);
+
+action!(
+    enable_post,
+    "`POST …/users/{id}/enable`.",
+    |state, admin, user, why| {
+        state
+            .durable
+            .set_disabled(&user.id, false, state.clock.now_millis())
+            .await?;
+        state.user_gate.forget(&user.id);
+        record(&state, &admin, "user_enabled", Some(&user), &why).await;
+        Ok(done(&user, "enabled"))
+    },
+    not_on_self = false
+);
+
+action!(
+    unlock_post,
+    "`POST …/users/{id}/unlock`: password sign-in works again after a report.",
+    |state, admin, user, why| {
+        state.durable.set_locked(&user.id, false).await?;
+        state.user_gate.forget(&user.id);
+        record(&state, &admin, "user_unlocked", Some(&user), &why).await;
+        state
+            .notifier
+            .account_change(&user, "an administrator unlocked password sign-in")
+            .await;
+        Ok(done(&user, "unlocked"))
+    },
+    not_on_self = false
+);
+
+action!(
+    reset_factors_post,
+    "`POST …/users/{id}/reset-factors`: removes TOTP, keys and recovery codes, ends every session.",
+    |state, admin, user, why| {
+        state.durable.reset_second_factors(&user.id).await?;
+        end_all(&state, &user).await?;
+        record(&state, &admin, "second_factors_reset", Some(&user), &why).await;
+        state
+            .notifier
+            .account_change(
+                &user,
+                "an administrator removed all second factors; the next sign-in sets one up again",
+            )
+            .await;
+        Ok(done(&user, "factors_reset"))
+    },
+    not_on_self = true
+);
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    key_only: Option<String>,
+}
+
+/// `POST …/users/{id}/sessions/end`: ends every session of the user.
+pub async fn end_sessions_post(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let user = checked_target(&state, &headers, &form.csrf, &id).await?;
+    end_all(&state, &user).await?;
+    record(&state, &admin, "sessions_ended", Some(&user), "all").await;
+    Ok(done(&user, "sessions_ended"))
+}
+
+/// `POST …/users/{id}/sessions/{sid}/end`: ends one session (by its public id, the JWT `sid`).
+pub async fn end_session_post(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Path((id, sid)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let user = checked_target(&state, &headers, &form.csrf, &id).await?;
+    let Some(found) = state
+        .sessions
+        .list_user(&user.id)
+        .await?
+        .into_iter()
+        .find(|l| l.session.public_id == sid)
+    else {
+        return Err(AppError::not_found());
+    };
+    state.sessions.destroy(&found.key, &user.id).await?;
+    state.signer.forget(&found.key);
+    record(
+        &state,
+        &admin,
+        "session_ended",
+        Some(&user),
+        &format!("sid:{sid}"),
+    )
+    .await;
+    Ok(done(&user, "sessions_ended"))
+}
+
+/// `POST …/users/{id}/keys/{key}/remove`: revokes a security key or passkey.
+pub async fn remove_key_post(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Path((id, key)): Path<(String, String)>,
+    Form(form): Form<ReasonForm>,
+) -> Result<Response, AppError> {
+    let (user, why) = match acting(&state, &admin, &headers, &id, &form, false).await? {
+        Ok(v) => v,
+        Err(page) => return Ok(page),
+    };
+    if !state
+        .durable
+        .remove_webauthn_credential(&user.id, &key)
+        .await?
+    {
+        return Err(AppError::not_found());
+    }
+    record(
+        &state,
+        &admin,
+        "webauthn_removed",
+        Some(&user),
+        &format!("{why} (key {key})"),
+    )
+    .await;
+    state
+        .notifier
+        .account_change(&user, "an administrator removed one of your security keys")
+        .await;
+    Ok(done(&user, "key_removed"))
+}
+
+/// `POST …/users/{id}/devices/{device}/revoke`: the device's sessions end; it must be
+/// confirmed again at its next sign-in.
+pub async fn revoke_device_post(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Path((id, device)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let user = checked_target(&state, &headers, &form.csrf, &id).await?;
+    let owned = state
+        .durable
+        .list_devices(&user.id)
+        .await?
+        .into_iter()
+        .any(|d| d.id == device);
+    if !owned {
+        return Err(AppError::not_found());
+    }
+    state.durable.revoke_device(&device).await?;
+    state.sessions.destroy_device(&user.id, &device).await?;
+    record(
+        &state,
+        &admin,
+        "device_revoked",
+        Some(&user),
+        &format!("device:{device}"),
+    )
+    .await;
+    Ok(done(&user, "device_revoked"))
+}
+
+/// `POST …/users/{id}/enrolment-link`: a one-time link for the user, shown once.
+pub async fn enrolment_link_post(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let user = checked_target(&state, &headers, &form.csrf, &id).await?;
+    let link = issue_link(&state, &admin, &user, form.key_only.is_some()).await?;
+    user_page(&state, &admin, &headers, &user, View::link(link)).await
+}
+
+/// Re-renders a user's page after an in-person key enrolment (used by `keys`).
+pub(super) fn key_added(user: &User) -> String {
+    format!("/_portcullis/admin/users/{}?notice=key_added", user.id)
+}

@@ -1,0 +1,172 @@
+//! `/_portcullis/enrol?t=…`: the page behind a one-time enrolment link. `GET` only shows what
+//! the link does (so a mail scanner that follows links uses nothing up); the `POST` uses the
+//! link once, sets the password when the user has none, and continues to the enrolment of
+//! the second factor (a security key only, for admin accounts).
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::error::AppError;
+use super::login::{check_csrf, csrf_token, end_current_session, with_cookies};
+use super::pages::{self, render};
+use super::{see_other, Form, Peer};
+use crate::auth::password::check_policy;
+use crate::enrolment::token_hash;
+use crate::secret::Secret;
+use crate::state::AppState;
+use crate::store::{AuditEvent, EnrolmentLink, User};
+
+fn gone() -> AppError {
+    AppError::new(
+        StatusCode::GONE,
+        "link_invalid",
+        "This enrolment link has expired or was already used. Ask your administrator for a new one.",
+    )
+}
+
+/// The unused, unexpired link a token names, with its (enabled) user.
+async fn valid(state: &AppState, token: &str) -> Result<(EnrolmentLink, User), AppError> {
+    let hash = token_hash(token).ok_or_else(gone)?;
+    let link = state
+        .durable
+        .enrolment_link(&hash, state.clock.now())
+        .await?
+        .ok_or_else(gone)?;
+    let user = state
+        .durable
+        .user_by_id(&link.user_id)
+        .await?
+        .ok_or_else(gone)?;
+    if user.disabled {
+        return Err(AppError::forbidden(
+            "account_disabled",
+            "This account is disabled. Contact your administrator.",
+        ));
+    }
+    Ok((link, user))
+}
+
+fn page(
+    state: &AppState,
+    headers: &HeaderMap,
+    token: &str,
+    link: &EnrolmentLink,
+    user: &User,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Response {
+    let (csrf, set) = csrf_token(state, headers);
+    let view = pages::EnrolLink {
+        csrf: &csrf,
+        token,
+        email: &user.email,
+        set_password: user.password_hash.is_empty(),
+        key_only: link.key_only,
+        min_length: state.config.password.min_length,
+        max_length: state.config.password.max_length,
+        error,
+    };
+    with_cookies(render(status, &view), set)
+}
+
+/// `GET /_portcullis/enrol?t=…`.
+pub async fn enrol_link_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let token = q
+        .as_deref()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "t")
+                .map(|(_, v)| v.into_owned())
+        })
+        .unwrap_or_default();
+    let (link, user) = valid(&state, &token).await?;
+    Ok(page(
+        &state,
+        &headers,
+        &token,
+        &link,
+        &user,
+        None,
+        StatusCode::OK,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct LinkForm {
+    #[serde(default)]
+    t: String,
+    #[serde(default)]
+    password: Secret<String>,
+    #[serde(default)]
+    password2: Secret<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/enrol`: uses the link and continues to the second-factor enrolment.
+pub async fn enrol_link_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<LinkForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let (link, user) = valid(&state, &form.t).await?;
+    let set_password = user.password_hash.is_empty();
+    // Check the new password before the link is used, so a typo costs nothing.
+    let new_hash = if set_password {
+        let refuse = |msg: &str| {
+            page(
+                &state,
+                &headers,
+                &form.t,
+                &link,
+                &user,
+                Some(msg),
+                StatusCode::BAD_REQUEST,
+            )
+        };
+        if form.password.expose() != form.password2.expose() {
+            return Ok(refuse("The two passwords are not the same."));
+        }
+        if let Err(v) = check_policy(form.password.expose(), &state.config.password, &user.email) {
+            return Ok(refuse(&v.to_string()));
+        }
+        Some(state.login.hasher.hash(&form.password).await?)
+    } else {
+        None
+    };
+    let hash = token_hash(&form.t).ok_or_else(gone)?;
+    let Some(link) = state
+        .durable
+        .consume_enrolment_link(&hash, state.clock.now())
+        .await?
+    else {
+        return Err(gone());
+    };
+    let client = super::client(&state, peer, &headers);
+    if let Some(h) = new_hash {
+        state.durable.set_password_hash(&user.id, &h).await?;
+        let ev = AuditEvent::new("password_set", "success", state.clock.now())
+            .user(&user)
+            .reason("enrolment_link")
+            .client(&client.ip, &client.user_agent);
+        state.audit.record(ev).await;
+    }
+    end_current_session(&state, &headers).await?;
+    let session = state
+        .login
+        .link_enrolment_session(&user, link.key_only, &client)
+        .await?;
+    let (id, _) = state.sessions.create(&session).await?;
+    Ok(with_cookies(
+        see_other("/_portcullis/enrol/totp"),
+        [state.sessions.set_cookie(&id)],
+    ))
+}

@@ -1,0 +1,265 @@
+//! `/_portcullis/reauth`: a signed-in user proves themselves again without signing out — with
+//! a code from their authenticator app (`POST /_portcullis/reauth`) or their security key
+//! (`POST /_portcullis/webauthn/reauth/start|finish`) — and goes back to where they were.
+//! Changes of factors ask for a recent proof of either kind; the admin console asks for a
+//! recent security key (`?key=1` hides codes). Each success gives the session a new id.
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+use webauthn_rs::prelude::PublicKeyCredential;
+
+use super::error::{wants_html, AppError};
+use super::login::{check_csrf, csrf_token, current_session, restart, with_cookies};
+use super::pages::{self, render};
+use super::webauthn::{ended_by_failures, keys, no_session, redirect_json, started, ApiCsrf};
+use super::{see_other, Form, Json, Peer};
+use crate::auth::flow::CodeOutcome;
+use crate::policy::safe_step_up_return;
+use crate::secret::Secret;
+use crate::session::Loaded;
+use crate::state::AppState;
+use crate::store::User;
+
+const DEFAULT_NEXT: &str = "/_portcullis/account";
+
+/// The reauthentication page for a path, asking for a security key when `key_only`.
+pub fn url(next: &str, key_only: bool) -> String {
+    let next: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
+    format!(
+        "/_portcullis/reauth?next={next}{}",
+        if key_only { "&key=1" } else { "" }
+    )
+}
+
+fn next_path(state: &AppState, raw: &str) -> String {
+    safe_step_up_return(raw, &state.config.server.public_url).unwrap_or_else(|| DEFAULT_NEXT.into())
+}
+
+/// The signed-in session and its user, or `None` (no session, not complete, or refused).
+async fn signed_in(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<(Loaded, User)>, AppError> {
+    let Some(loaded) = current_session(state, headers).await? else {
+        return Ok(None);
+    };
+    if !loaded.session.is_authenticated() {
+        return Ok(None);
+    }
+    let user = state
+        .user_gate
+        .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
+        .await?;
+    Ok(user.map(|u| (loaded, u)))
+}
+
+struct View<'a> {
+    next: &'a str,
+    key_only: bool,
+    error: Option<&'a str>,
+    status: StatusCode,
+}
+
+async fn page(
+    state: &AppState,
+    headers: &HeaderMap,
+    user: &User,
+    v: View<'_>,
+) -> Result<Response, AppError> {
+    let keys = match &state.keys {
+        Some(k) => k.has_usable(&user.id).await?,
+        None => false,
+    };
+    let codes = !v.key_only
+        && !state
+            .config
+            .webauthn
+            .requires_phishing_resistant(&user.account_id)
+        && state.durable.totp(&user.id).await?.is_some();
+    let why = if v.key_only {
+        "This part of the gateway needs a recent touch of your security key."
+    } else {
+        "For your security, confirm it's you before changing how you sign in."
+    };
+    let (token, set) = csrf_token(state, headers);
+    let view = pages::Reauth {
+        csrf: &token,
+        next: v.next,
+        why,
+        keys,
+        codes,
+        error: v.error,
+    };
+    Ok(with_cookies(render(v.status, &view), set))
+}
+
+fn query(raw: &Option<String>, name: &str) -> Option<String> {
+    raw.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+/// `GET /_portcullis/reauth?next=PATH[&key=1]`.
+pub async fn reauth_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let next = next_path(&state, &query(&q, "next").unwrap_or_default());
+    let key_only = query(&q, "key").as_deref() == Some("1");
+    let Some((_, user)) = signed_in(&state, &headers).await? else {
+        let back: String =
+            url::form_urlencoded::byte_serialize(url(&next, key_only).as_bytes()).collect();
+        return Ok(see_other(&format!("/_portcullis/login?next={back}")));
+    };
+    let view = View {
+        next: &next,
+        key_only,
+        error: None,
+        status: StatusCode::OK,
+    };
+    page(&state, &headers, &user, view).await
+}
+
+#[derive(Deserialize)]
+pub struct CodeForm {
+    #[serde(default)]
+    code: Secret<String>,
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    next: String,
+}
+
+/// `POST /_portcullis/reauth` `code, next, csrf`: a code from the authenticator app.
+pub async fn reauth_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<CodeForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let next = next_path(&state, &form.next);
+    let Some((mut loaded, user)) = signed_in(&state, &headers).await? else {
+        return Ok(restart(&state, "expired"));
+    };
+    let client = super::client(&state, peer, &headers);
+    let outcome = state
+        .login
+        .step_up_code(&mut loaded.session, &form.code, &client)
+        .await?;
+    let retry = |msg: &'static str, status: StatusCode| View {
+        next: &next,
+        key_only: false,
+        error: Some(msg),
+        status,
+    };
+    match outcome {
+        CodeOutcome::Accepted => {
+            let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
+            Ok(with_cookies(
+                see_other(&next),
+                [state.sessions.set_cookie(&id)],
+            ))
+        }
+        CodeOutcome::Rejected => {
+            state.sessions.save(&loaded.key, &loaded.session).await?;
+            let msg = "That code is not right, or it was already used. Wait for a new code and try again.";
+            if !wants_html(&headers) {
+                return Err(AppError::new(StatusCode::UNAUTHORIZED, "invalid_code", msg));
+            }
+            page(
+                &state,
+                &headers,
+                &user,
+                retry(msg, StatusCode::UNAUTHORIZED),
+            )
+            .await
+        }
+        CodeOutcome::Restart => {
+            state.sessions.destroy(&loaded.key, &user.id).await?;
+            state.signer.forget(&loaded.key);
+            Ok(restart(&state, "restart"))
+        }
+        CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+        CodeOutcome::KeyRequired => {
+            let msg = "This account must confirm with a security key: codes are not accepted.";
+            if !wants_html(&headers) {
+                return Err(AppError::forbidden("key_required", msg));
+            }
+            page(&state, &headers, &user, retry(msg, StatusCode::FORBIDDEN)).await
+        }
+    }
+}
+
+/// `POST /_portcullis/webauthn/reauth/start` → `{ceremony, options}`.
+pub async fn key_start(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let (loaded, _) = signed_in(&state, &headers).await?.ok_or_else(no_session)?;
+    match keys.start_step_up(&loaded.session, &loaded.key).await? {
+        Some(s) => Ok(started(s)),
+        None => Err(AppError::new(
+            StatusCode::NOT_FOUND,
+            "no_keys",
+            "No security key is registered for this account.",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct KeyFinish {
+    ceremony: String,
+    credential: PublicKeyCredential,
+    #[serde(default)]
+    next: String,
+}
+
+/// `POST /_portcullis/webauthn/reauth/finish` `{ceremony, credential, next}` → `{redirect}`.
+pub async fn key_finish(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Json(body): Json<KeyFinish>,
+) -> Result<Response, AppError> {
+    let keys = keys(&state)?;
+    let (mut loaded, _) = signed_in(&state, &headers).await?.ok_or_else(no_session)?;
+    let client = super::client(&state, peer, &headers);
+    let outcome = keys
+        .finish_step_up(
+            &body.ceremony,
+            &loaded.key,
+            &mut loaded.session,
+            &body.credential,
+            &client,
+        )
+        .await?;
+    match outcome {
+        CodeOutcome::Accepted => {
+            let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
+            let next = next_path(&state, &body.next);
+            Ok(with_cookies(
+                redirect_json(&next),
+                [state.sessions.set_cookie(&id)],
+            ))
+        }
+        CodeOutcome::Restart => ended_by_failures(&state, &loaded).await,
+        CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+        CodeOutcome::Rejected | CodeOutcome::KeyRequired => {
+            state.sessions.save(&loaded.key, &loaded.session).await?;
+            Err(AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "key_rejected",
+                "The security key was not accepted. Please try again.",
+            ))
+        }
+    }
+}

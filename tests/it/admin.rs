@@ -1,0 +1,780 @@
+//! The admin console: authorisation of every route (walked from the router's own table),
+//! sudo mode, bootstrap and enrolment links, account actions with their audit trail, the
+//! home page, the audit view and export, in-person key enrolment, and step-up.
+
+use portcullis::clock::Clock;
+use reqwest::Method;
+use serde_json::{json, Value};
+use webauthn_authenticator_rs::prelude::{CreationChallengeResponse, RequestChallengeResponse};
+
+use super::harness::*;
+use super::webauthn::{
+    after_password, call, error_code, gateway, key, origin, registration, second_factor, with_key,
+    Key,
+};
+
+const ROOT: &str = "root@example.com";
+
+/// A password + security-key session (sudo-fresh) in a fresh browser.
+async fn key_session(gw: &Gateway, email: &str, k: &mut Key) -> Browser {
+    let c = after_password(gw, email).await;
+    let (r, _, _) = second_factor(gw, &c, k, |_, _| {}).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    c
+}
+
+/// An admin with a key: their TOTP-only browser, a key-session browser, the user and the key.
+async fn admin(gw: &Gateway) -> (Browser, Browser, portcullis::store::User, Key) {
+    let (totp_browser, u, mut k, _) = with_key(gw, ROOT, "Admin key").await;
+    gw.state.durable.set_admin(&u.id, true).await.unwrap();
+    gw.state.user_gate.forget(&u.id);
+    let c = key_session(gw, ROOT, &mut k).await;
+    (totp_browser, c, u, k)
+}
+
+/// Sends `method path` as the admin pages and scripts do: forms carry `csrf` and a reason,
+/// the key-enrolment calls are JSON with the CSRF header. `json` asks for a JSON answer.
+async fn hit(
+    gw: &Gateway,
+    c: &Browser,
+    method: &Method,
+    path: &str,
+    csrf: &str,
+    json: bool,
+) -> reqwest::Response {
+    let url = gw.url(path);
+    let mut rb = if *method == Method::GET {
+        c.get(url)
+    } else if path.contains("/keys/register/") {
+        c.post(url)
+            .header("x-csrf-token", csrf)
+            .json(&json!({ "name": "Key" }))
+    } else {
+        c.post(url)
+            .form(&[("csrf", csrf), ("reason", "route walk")])
+    };
+    if json {
+        rb = rb.header("accept", "application/json");
+    }
+    rb.send().await.unwrap()
+}
+
+/// Every admin route with its placeholders filled in.
+fn concrete_routes(user_id: &str) -> Vec<(Method, String)> {
+    portcullis::http::admin::route_table()
+        .into_iter()
+        .map(|(m, p)| {
+            let path = p
+                .replace("{id}", user_id)
+                .replace("{sid}", "no-such-session")
+                .replace("{key}", "no-such-key")
+                .replace("{device}", "no-such-device");
+            assert!(!path.contains('{'), "unfilled placeholder in {p}");
+            (Method::from_bytes(m.as_str().as_bytes()).unwrap(), path)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_admin_route_refuses_strangers_customers_and_stale_admins() {
+    let gw = gateway().await;
+    let (totp_admin, fresh_admin, _, _) = admin(&gw).await;
+    let (customer, _, _) = gw.signed_in("customer@example.com").await;
+    let target = gw.user("customer@example.com").await;
+    let routes = concrete_routes(&target.id);
+    assert!(routes.len() >= 15, "the table lists every route");
+    let anonymous = gw.browser();
+    let anon_csrf = gw.csrf(&anonymous, "/_portcullis/login").await;
+    let customer_csrf = gw.csrf(&customer, "/_portcullis/account").await;
+    let totp_csrf = gw.csrf(&totp_admin, "/_portcullis/account").await;
+
+    for (m, path) in &routes {
+        // Nobody signed in: to the sign-in page, or 401.
+        let r = hit(&gw, &anonymous, m, path, &anon_csrf, *m != Method::GET).await;
+        if *m == Method::GET {
+            assert_eq!(r.status(), 303, "{m} {path}");
+            assert!(
+                location(&r).starts_with("/_portcullis/login?next="),
+                "{m} {path}"
+            );
+        } else {
+            assert_eq!(
+                error_code(r).await,
+                (401, "session_required".into()),
+                "{m} {path}"
+            );
+        }
+        // A customer with a complete session: 403, whatever the route.
+        let r = hit(&gw, &customer, m, path, &customer_csrf, true).await;
+        assert_eq!(
+            error_code(r).await,
+            (403, "admin_only".into()),
+            "{m} {path}"
+        );
+        // An admin whose session was completed with a code only: step up with the key.
+        let r = hit(&gw, &totp_admin, m, path, &totp_csrf, true).await;
+        assert_eq!(
+            error_code(r).await,
+            (403, "step_up_required".into()),
+            "{m} {path}"
+        );
+        if *m == Method::GET {
+            let r = hit(&gw, &totp_admin, m, path, &totp_csrf, false).await;
+            assert_eq!(r.status(), 303, "{m} {path}");
+            let to = location(&r);
+            assert!(
+                to.starts_with("/_portcullis/reauth?next=") && to.ends_with("&key=1"),
+                "{to}"
+            );
+        }
+    }
+    let denied = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "admin_denied" && e.email.as_deref() == Some("customer@example.com"))
+        .count();
+    assert_eq!(
+        denied,
+        routes.len(),
+        "every refusal of a customer is audited"
+    );
+
+    // A fresh key session passes the guard on every route (the handler then answers).
+    let admin_csrf = gw.csrf(&fresh_admin, "/_portcullis/admin/users").await;
+    for (m, path) in &routes {
+        let r = hit(&gw, &fresh_admin, m, path, &admin_csrf, true).await;
+        let status = r.status().as_u16();
+        assert!(
+            status != 401 && status != 403,
+            "{m} {path}: {status} {}",
+            r.text().await.unwrap()
+        );
+        if *m == Method::GET {
+            assert_eq!(status, 200, "{m} {path}");
+        }
+    }
+    // Past the sudo window the same session must touch its key again.
+    gw.clock.advance(15 * 60 + 1);
+    for (m, path) in &routes {
+        let r = hit(&gw, &fresh_admin, m, path, &admin_csrf, true).await;
+        assert_eq!(
+            error_code(r).await,
+            (403, "step_up_required".into()),
+            "{m} {path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn admin_forms_need_the_csrf_token() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    gw.signed_in("customer@example.com").await;
+    let target = gw.user("customer@example.com").await;
+    let path = format!("/_portcullis/admin/users/{}/disable", target.id);
+    let r = c
+        .post(gw.url(&path))
+        .form(&[("reason", "no token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(!gw.user("customer@example.com").await.disabled);
+    // And a page of the console is refused inside a frame, scripts only from the gateway.
+    let r = gw.get(&c, "/_portcullis/admin").await;
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+}
+
+/// The enrolment link in an admin page (HTML-escaped) or the CLI's output, as a path.
+fn link_path(text: &str) -> String {
+    let text = text.replace("&#x2f;", "/").replace("&amp;", "&");
+    let url = extract(&text, "data-enrolment-link>", "<")
+        .or_else(|| {
+            text.lines()
+                .find(|l| l.starts_with("http"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no link in {text}"));
+    let url = url::Url::parse(url.trim()).unwrap();
+    format!("{}?{}", url.path(), url.query().unwrap())
+}
+
+/// Opens an enrolment link in `c` and sets `password` through it; returns the response.
+async fn use_link(gw: &Gateway, c: &Browser, path: &str, password: &str) -> reqwest::Response {
+    let html = gw.page(c, path).await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap_or_else(|| panic!("{html}"));
+    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
+    c.post(gw.url("/_portcullis/enrol"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("t", token.as_str()),
+            ("password", password),
+            ("password2", password),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+const NEW_PASSWORD: &str = "a long and private passphrase 7";
+
+#[tokio::test]
+async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
+    let gw = gateway().await;
+    let out = gw
+        .cli(&["admin", "bootstrap", "Boss@Example.com"], None)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let boss_link = link_path(&stdout);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("15m")
+            || String::from_utf8_lossy(&out.stderr).contains("expires")
+    );
+    let boss = gw.user("boss@example.com").await;
+    assert!(boss.is_admin && boss.password_hash.is_empty());
+
+    // Without a password the account cannot be signed in to.
+    let c = gw.browser();
+    let r = gw.password(&c, "boss@example.com", "", "").await;
+    assert_eq!(r.status(), 401);
+
+    // The link: a weak password is refused without using the link up.
+    let c = gw.browser();
+    let r = use_link(&gw, &c, &boss_link, "password").await;
+    assert_eq!(r.status(), 400);
+    let r = use_link(&gw, &c, &boss_link, NEW_PASSWORD).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // Used once: gone.
+    let again = gw.get(&gw.browser(), &boss_link).await;
+    assert_eq!(again.status(), 410);
+    // An admin link takes a security key only: the app is neither offered nor accepted.
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    assert!(
+        !html.contains("totp-secret") && html.contains("Register my security key"),
+        "{html}"
+    );
+    let r = gw.code(&c, "/_portcullis/enrol/totp", "123456").await;
+    assert_eq!(r.status(), 403);
+    let mut k = key();
+    let (csrf, body) = registration(&gw, &c, &mut k, "/_portcullis/enrol/totp", "Boss key").await;
+    let r = call(&gw, &c, &csrf, "register/finish", body).await;
+    assert_eq!(r.status(), 200);
+    let csrf = gw.csrf(&c, "/_portcullis/recovery-codes").await;
+    let r = c
+        .post(gw.url("/_portcullis/recovery-codes"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    // Registering the key was a touch of it: the console opens.
+    assert_eq!(gw.status(&c, "/_portcullis/admin").await, 200);
+
+    // The admin creates a customer; the customer sets everything up through their link.
+    let csrf = gw.csrf(&c, "/_portcullis/admin/users").await;
+    let r = c
+        .post(gw.url("/_portcullis/admin/users"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("email", "New@Example.com"),
+            ("account", "acct-9"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let customer_link = link_path(&r.text().await.unwrap());
+    let customer = gw.user("new@example.com").await;
+    assert!(!customer.is_admin && customer.account_id == "acct-9");
+    // Creating the same email again is refused with a message.
+    let r = c
+        .post(gw.url("/_portcullis/admin/users"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("email", "new@example.com"),
+            ("account", "acct-9"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let cust = gw.browser();
+    let r = use_link(&gw, &cust, &customer_link, NEW_PASSWORD).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let html = gw.page(&cust, "/_portcullis/enrol/totp").await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("the app is offered");
+    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    let r = gw
+        .code(&cust, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(location(&r), "/_portcullis/recovery-codes");
+    let csrf = gw.csrf(&cust, "/_portcullis/recovery-codes").await;
+    cust.post(gw.url("/_portcullis/recovery-codes"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gw.status(&cust, "/campaigns").await, 200);
+    // The customer's password works from now on, with the factor they chose.
+    gw.clock.advance(30);
+    let again = gw.browser();
+    let r = gw
+        .password(&again, "new@example.com", NEW_PASSWORD, "")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    // Customers never reach the admin console.
+    assert_eq!(gw.status(&cust, "/_portcullis/admin").await, 403);
+    assert_eq!(gw.get(&gw.browser(), &customer_link).await.status(), 410);
+
+    let events = gw.audit().await;
+    let by_boss = |name: &str| {
+        events.iter().any(|e| {
+            e.event == name
+                && e.actor.as_deref() == Some("boss@example.com")
+                && e.email.as_deref() == Some("new@example.com")
+        })
+    };
+    assert!(by_boss("user_created") && by_boss("enrolment_link_issued"));
+    assert!(events.iter().any(|e| e.event == "enrolment_link_issued"
+        && e.email.as_deref() == Some("boss@example.com")
+        && e.actor.as_deref().is_some_and(|a| a.starts_with("cli:"))));
+}
+
+#[tokio::test]
+async fn enrolment_links_expire_and_forged_ones_are_refused() {
+    let gw = gateway().await;
+    gw.add_user("late@example.com").await;
+    let out = gw
+        .cli(&["user", "enrol-link", "late@example.com"], None)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = link_path(&String::from_utf8(out.stdout).unwrap());
+    // Someone with a password already follows the link straight to enrolment.
+    assert!(!gw
+        .page(&gw.browser(), &path)
+        .await
+        .contains("Choose a password"));
+    for forged in [
+        "/_portcullis/enrol?t=AAAA",
+        "/_portcullis/enrol",
+        "/_portcullis/enrol?t=%00%01",
+    ] {
+        assert_eq!(gw.status(&gw.browser(), forged).await, 410, "{forged}");
+    }
+    let wrong = format!("{}x", &path[..path.len() - 1]);
+    assert_eq!(gw.status(&gw.browser(), &wrong).await, 410);
+    gw.clock.advance(72 * 3600 + 5);
+    assert_eq!(gw.status(&gw.browser(), &path).await, 410, "expired");
+}
+
+#[tokio::test]
+async fn account_actions_take_effect_and_name_the_admin() {
+    let gw = gateway().await;
+    let (_, c, root, _) = admin(&gw).await;
+    let (customer, secret, _) = gw.signed_in("customer@example.com").await;
+    let target = gw.user("customer@example.com").await;
+    let user_page = format!("/_portcullis/admin/users/{}", target.id);
+    let html = gw.page(&c, &user_page).await;
+    assert!(
+        html.contains("customer@example.com") && html.contains("Live sessions"),
+        "{html}"
+    );
+    assert!(
+        html.contains("otp"),
+        "the live session and its methods are listed"
+    );
+    let csrf = gw.csrf(&c, &user_page).await;
+    let post = |path: String, reason: &'static str| {
+        let c = &c.client;
+        let csrf = csrf.clone();
+        let url = gw.url(&path);
+        async move {
+            c.post(url)
+                .form(&[("csrf", csrf.as_str()), ("reason", reason)])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // A reason is required.
+    let r = post(format!("{user_page}/disable"), " ").await;
+    assert_eq!(r.status(), 400);
+    assert!(!gw.user("customer@example.com").await.disabled);
+    // Disabling ends the customer's sessions at once.
+    let r = post(format!("{user_page}/disable"), "fraud report 1234").await;
+    assert_eq!(r.status(), 303);
+    assert!(gw.user("customer@example.com").await.disabled);
+    assert_eq!(gw.status(&customer, "/campaigns").await, 303);
+    // An admin cannot disable or reset themselves.
+    let own = format!("/_portcullis/admin/users/{}", root.id);
+    assert_eq!(post(format!("{own}/disable"), "oops").await.status(), 409);
+    assert_eq!(
+        post(format!("{own}/reset-factors"), "oops").await.status(),
+        409
+    );
+    // Enable, then reset the second factors: the next sign-in enrols anew.
+    assert_eq!(
+        post(format!("{user_page}/enable"), "resolved")
+            .await
+            .status(),
+        303
+    );
+    gw.clock.advance(1);
+    let again = gw.sign_in_again("customer@example.com", &secret).await;
+    assert_eq!(gw.status(&again, "/campaigns").await, 200);
+    assert_eq!(
+        post(format!("{user_page}/reset-factors"), "lost phone")
+            .await
+            .status(),
+        303
+    );
+    assert_eq!(gw.status(&again, "/campaigns").await, 303, "sessions ended");
+    let r = gw
+        .password(&gw.browser(), "customer@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // Locked by a report, unlocked by an admin.
+    gw.state.durable.set_locked(&target.id, true).await.unwrap();
+    assert_eq!(
+        post(format!("{user_page}/unlock"), "owner called")
+            .await
+            .status(),
+        303
+    );
+    assert!(!gw.user("customer@example.com").await.locked);
+    // Unknown keys, devices and sessions are 404, not a silent success.
+    assert_eq!(
+        post(format!("{user_page}/keys/nope/remove"), "x")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        post(format!("{user_page}/devices/nope/revoke"), "x")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        post("/_portcullis/admin/users/no-such-user/disable".into(), "x")
+            .await
+            .status(),
+        404
+    );
+
+    let events = gw.audit().await;
+    for (event, reason) in [
+        ("user_disabled", "fraud report 1234"),
+        ("user_enabled", "resolved"),
+        ("second_factors_reset", "lost phone"),
+        ("user_unlocked", "owner called"),
+    ] {
+        assert!(
+            events.iter().any(|e| e.event == event
+                && e.actor.as_deref() == Some(ROOT)
+                && e.user_id.as_deref() == Some(target.id.as_str())
+                && e.reason.as_deref() == Some(reason)),
+            "{event} audited with the admin as actor"
+        );
+    }
+    // The owner was told about the disable and the reset.
+    let mail = gw.outbox().await.join("\n");
+    assert!(mail.contains("disabled the account") && mail.contains("removed all second factors"));
+}
+
+#[tokio::test]
+async fn sessions_and_devices_are_ended_from_the_console() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    let (customer, secret, _) = gw.signed_in("customer@example.com").await;
+    let other = gw.sign_in_again("customer@example.com", &secret).await;
+    let target = gw.user("customer@example.com").await;
+    let user_page = format!("/_portcullis/admin/users/{}", target.id);
+    let html = gw.page(&c, &user_page).await;
+    let sid = extract(&html, "/sessions/", "/end\"").expect("a session to end");
+    let csrf = gw.csrf(&c, &user_page).await;
+    let r = c
+        .post(gw.url(&format!("{user_page}/sessions/{sid}/end")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let alive = [
+        gw.status(&customer, "/campaigns").await,
+        gw.status(&other, "/campaigns").await,
+    ];
+    assert_eq!(
+        alive.iter().filter(|s| **s == 200).count(),
+        1,
+        "exactly that session ended: {alive:?}"
+    );
+    // Revoking a device ends its sessions.
+    let device = gw.state.durable.list_devices(&target.id).await.unwrap()[0]
+        .id
+        .clone();
+    let r = c
+        .post(gw.url(&format!("{user_page}/devices/{device}/revoke")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        gw.state.durable.list_devices(&target.id).await.unwrap()[0].status,
+        "revoked"
+    );
+    // End all.
+    let r = c
+        .post(gw.url(&format!("{user_page}/sessions/end")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(gw.status(&customer, "/campaigns").await, 303);
+    assert_eq!(gw.status(&other, "/campaigns").await, 303);
+}
+
+#[tokio::test]
+async fn home_shows_alerts_and_charts_and_users_can_be_searched() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    let (_, _, mut k, cred) = with_key(&gw, "cloned@example.com", "Shared key").await;
+    let _ = &mut k;
+    gw.state
+        .durable
+        .suspend_webauthn_credential(&cred.id, "possible_clone", gw.clock.now())
+        .await
+        .unwrap();
+    gw.signed_in("locked@example.com").await;
+    let locked = gw.user("locked@example.com").await;
+    gw.state.durable.set_locked(&locked.id, true).await.unwrap();
+    // A failure to chart.
+    gw.password(&gw.browser(), "locked@example.com", "wrong password!", "")
+        .await;
+    gw.state.audit.flush().await;
+
+    let html = gw.page(&c, "/_portcullis/admin").await;
+    assert!(
+        html.contains("Possibly cloned security key") && html.contains("cloned@example.com"),
+        "{html}"
+    );
+    assert!(html.contains("Password sign-in locked") && html.contains("locked@example.com"));
+    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2);
+    assert!(html.contains("class=\"sign-ins\"") && html.contains("class=\"failures\""));
+    assert!(!html.contains("style="), "no inline style under the CSP");
+
+    let list = gw.page(&c, "/_portcullis/admin/users?q=LOCKED").await;
+    assert!(list.contains("locked@example.com") && !list.contains("cloned@example.com"));
+    let list = gw.page(&c, "/_portcullis/admin/users?q=%25").await;
+    assert!(list.contains("No user matches"), "wildcards are literal");
+}
+
+#[tokio::test]
+async fn audit_view_filters_and_exports_json_lines() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    gw.signed_in("customer@example.com").await;
+    let target = gw.user("customer@example.com").await;
+    gw.state.audit.flush().await;
+
+    let path = format!(
+        "/_portcullis/admin/audit?user={}&event=totp_enrolled",
+        target.id
+    );
+    let html = gw.page(&c, &path).await;
+    assert_eq!(html.matches("<td>totp_enrolled</td>").count(), 1, "{html}");
+    assert!(html.contains("customer@example.com") && !html.contains("<td>login_password</td>"));
+    let html = gw
+        .page(&c, "/_portcullis/admin/audit?account=no-such-account")
+        .await;
+    assert!(html.contains("No event matches"));
+    let r = gw.get(&c, "/_portcullis/admin/audit?since=yesterday").await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("must be a date"));
+
+    let r = gw
+        .get(
+            &c,
+            &format!("/_portcullis/admin/audit/export?user={}", target.id),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/x-ndjson"));
+    assert!(r.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .contains("attachment"));
+    let body = r.text().await.unwrap();
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 2, "{body}");
+    assert!(lines.iter().all(|e| e["user_id"] == target.id.as_str()));
+    assert!(
+        lines
+            .windows(2)
+            .all(|w| w[0]["id"].as_i64() < w[1]["id"].as_i64()),
+        "oldest first"
+    );
+    let far = gw
+        .get(&c, "/_portcullis/admin/audit/export?since=2999-01-01")
+        .await;
+    assert_eq!(far.text().await.unwrap(), "");
+    let exported = gw
+        .audit()
+        .await
+        .into_iter()
+        .any(|e| e.event == "audit_exported" && e.actor.as_deref() == Some(ROOT));
+    assert!(exported, "exports are audited");
+}
+
+#[tokio::test]
+async fn an_admin_enrols_a_key_in_person_for_a_customer() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    gw.signed_in("customer@example.com").await;
+    let target = gw.user("customer@example.com").await;
+    let base = format!("/_portcullis/admin/users/{}/keys/register", target.id);
+    let csrf = gw
+        .csrf(&c, &format!("/_portcullis/admin/users/{}", target.id))
+        .await;
+    let json_call = |path: String, body: Value| {
+        let (c, csrf, url) = (&c.client, csrf.clone(), gw.url(&path));
+        async move {
+            c.post(url)
+                .header("accept", "application/json")
+                .header("x-csrf-token", csrf)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = json_call(format!("{base}/start"), json!({ "name": "Desk key" })).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let ccr: CreationChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let mut customer_key = key();
+    let reg = customer_key.do_registration(origin(&gw), ccr).unwrap();
+    let r = json_call(
+        format!("{base}/finish"),
+        json!({ "ceremony": v["ceremony"], "credential": reg }),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let creds = gw
+        .state
+        .durable
+        .webauthn_credentials(&target.id)
+        .await
+        .unwrap();
+    assert_eq!(creds.len(), 1);
+    assert_eq!(creds[0].name, "Desk key");
+    let audited = gw.audit().await.into_iter().any(|e| {
+        e.event == "webauthn_admin_enrolled"
+            && e.actor.as_deref() == Some(ROOT)
+            && e.user_id.as_deref() == Some(target.id.as_str())
+    });
+    assert!(audited);
+    // The key is the customer's: it completes their sign-in.
+    key_session(&gw, "customer@example.com", &mut customer_key).await;
+}
+
+#[tokio::test]
+async fn step_up_with_a_code_refreshes_the_proof_and_a_key_opens_sudo_mode() {
+    let gw = gateway().await;
+    let (totp_admin, _, _, mut k) = admin(&gw).await;
+    let (customer, secret, _) = gw.signed_in("customer@example.com").await;
+    gw.clock.advance(11 * 60);
+    let account = gw.page(&customer, "/_portcullis/account").await;
+    assert!(account.contains("needs a recent sign-in"), "{account}");
+
+    let html = gw
+        .page(
+            &customer,
+            "/_portcullis/reauth?next=%2F_portcullis%2Faccount",
+        )
+        .await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let send = |code: String| {
+        let (c, csrf, url) = (
+            &customer.client,
+            csrf.clone(),
+            gw.url("/_portcullis/reauth"),
+        );
+        async move {
+            c.post(url)
+                .form(&[
+                    ("csrf", csrf.as_str()),
+                    ("code", code.as_str()),
+                    ("next", "/_portcullis/account"),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(send("000000".into()).await.status(), 401);
+    let r = send(gw.totp_now(&secret)).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/_portcullis/account");
+    assert!(!gw
+        .page(&customer, "/_portcullis/account")
+        .await
+        .contains("needs a recent sign-in"));
+    // The same code again is a replay.
+    assert_eq!(send(gw.totp_now(&secret)).await.status(), 401);
+
+    // An admin with a code-only session is asked for the key, and only the key.
+    let html = gw
+        .page(
+            &totp_admin,
+            "/_portcullis/reauth?next=%2F_portcullis%2Fadmin&key=1",
+        )
+        .await;
+    assert!(
+        html.contains("data-webauthn=\"reauth\"") && !html.contains("name=\"code\""),
+        "{html}"
+    );
+    let csrf = extract(&html, "data-csrf=\"", "\"").unwrap();
+    let r = call(&gw, &totp_admin, &csrf, "reauth/start", json!({})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let rcr: RequestChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let cred = k.do_authentication(origin(&gw), rcr).unwrap();
+    let body =
+        json!({ "ceremony": v["ceremony"], "credential": cred, "next": "/_portcullis/admin" });
+    let r = call(&gw, &totp_admin, &csrf, "reauth/finish", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["redirect"],
+        "/_portcullis/admin"
+    );
+    assert_eq!(gw.status(&totp_admin, "/_portcullis/admin").await, 200);
+    // The ceremony answers once.
+    let (status, _) = error_code(call(&gw, &totp_admin, &csrf, "reauth/finish", body).await).await;
+    assert_eq!(status, 401);
+}
