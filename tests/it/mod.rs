@@ -15,3 +15,4 @@ mod redis;
 mod request_id;
 mod webauthn;
 mod webauthn_account;
+mod webauthn_policy;

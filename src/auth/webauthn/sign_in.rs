@@ -32,7 +32,10 @@ impl Keys {
         if keys.is_empty() {
             return Ok(None);
         }
-        let (options, state) = match self.uv {
+        let Some(user) = self.flow.active_user(&session.user_id).await? else {
+            return Ok(None);
+        };
+        let (options, state) = match self.policy_of(&user).user_verification {
             UserVerification::Required => {
                 let (rcr, st) = self
                     .webauthn
@@ -61,6 +64,7 @@ impl Keys {
             binding: binding.to_string(),
             name: None,
             state,
+            attested_models: None,
         };
         self.store(ceremony, options).await.map(Some)
     }
@@ -217,6 +221,7 @@ impl Keys {
             binding: binding.to_string(),
             name: None,
             state: CeremonyState::Discoverable(st),
+            attested_models: None,
         };
         self.store(ceremony, options).await
     }
@@ -235,7 +240,7 @@ impl Keys {
     ) -> Result<PasskeySignIn, FlowError> {
         let reason = match &refusal {
             Refusal::Expired => "ceremony_expired",
-            Refusal::Rejected(r) => r,
+            Refusal::Rejected(r) | Refusal::Policy(r) => r,
         };
         self.flow
             .ephemeral
