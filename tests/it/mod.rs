@@ -1,3 +1,4 @@
+mod account;
 mod backend_docs;
 mod bad_input;
 mod cli;
