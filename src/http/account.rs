@@ -30,6 +30,8 @@ pub const REAUTH: &str = "/_portcullis/reauth?next=%2F_portcullis%2Faccount";
 const SIGN_INS_SHOWN: usize = 20;
 /// Audit events read to find them (other events of the user are skipped).
 const SIGN_INS_SCANNED: u32 = 500;
+/// Longest wait for the audit writer before the sign-ins are read.
+const AUDIT_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The complete session of a user who may still use the gateway, or where to send the browser.
 async fn signed_in(
@@ -354,6 +356,9 @@ pub async fn revoke_device_post(
 /// first-time enrolments and passkey sign-ins. A password step that succeeded is not a sign-in
 /// by itself; its second factor is.
 async fn recent_sign_ins(state: &AppState, user_id: &str) -> Result<Vec<SignInRow>, AppError> {
+    // Events are written in the background; give the writer a moment so the sign-in that led
+    // here is listed. Bounded: a slow store must not hold the page.
+    let _ = tokio::time::timeout(AUDIT_CATCH_UP, state.audit.flush()).await;
     let events = state
         .durable
         .query_audit(&AuditQuery {

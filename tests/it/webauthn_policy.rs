@@ -138,6 +138,8 @@ async fn accounts_can_require_attestation_on_their_own() {
             "acct-1".into(),
             portcullis::config::AccountKeyPolicy {
                 attestation: Some(portcullis::config::Attestation::Required),
+                // Security-key registration (touch is enough) still checks the attestation.
+                user_verification: Some(portcullis::config::UserVerification::Preferred),
                 ..Default::default()
             },
         );
@@ -146,7 +148,10 @@ async fn accounts_can_require_attestation_on_their_own() {
     // Users added by the harness belong to acct-1: a self-attested key is refused, an attested
     // one is accepted.
     let (c, _, _) = gw.signed_in("acct1@example.com").await;
-    let r = try_register(&gw, &c, &mut key(), |_| {}).await;
+    let r = try_register(&gw, &c, &mut key(), |o| {
+        assert_eq!(o["publicKey"]["attestation"], "direct");
+    })
+    .await;
     assert_eq!(
         error_code(r).await,
         (403, "attestation_not_verified".into())
