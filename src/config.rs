@@ -357,6 +357,47 @@ pub struct WebauthnConfig {
     pub require_phishing_resistant: bool,
     /// Accounts (their `account` id) held to the same rule while the global switch is off.
     pub phishing_resistant_accounts: Vec<String>,
+    /// `"required"`: a new key must prove its model with an attestation that chains to one of
+    /// `attestation_ca_files`; keys without one (or with self attestation) are refused.
+    pub attestation: Attestation,
+    /// Authenticator models (AAGUIDs) a new key may be; empty: any model the CAs vouch for.
+    /// Only with `attestation = "required"` (an unattested AAGUID proves nothing).
+    pub allowed_aaguids: Vec<String>,
+    /// PEM files with the root certificates of authenticator vendors whose attestation is
+    /// trusted (several certificates per file allowed). Needed when attestation is required.
+    pub attestation_ca_files: Vec<PathBuf>,
+    /// Per-account overrides of `user_verification`, `attestation` and `allowed_aaguids`,
+    /// keyed by the users' `account` id: `[webauthn.accounts."ACCOUNT-ID"]`.
+    pub accounts: std::collections::BTreeMap<String, AccountKeyPolicy>,
+}
+
+/// Whether new keys must prove their model (WebAuthn attestation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Attestation {
+    /// Any key is accepted; its model (AAGUID) is recorded when it reports one.
+    #[default]
+    None,
+    /// Only keys whose attestation verifies against `attestation_ca_files`.
+    Required,
+}
+
+/// `[webauthn.accounts."ACCOUNT-ID"]`: key policy of one account; unset keys follow `[webauthn]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountKeyPolicy {
+    pub user_verification: Option<UserVerification>,
+    pub attestation: Option<Attestation>,
+    pub allowed_aaguids: Option<Vec<String>>,
+}
+
+/// The key policy in force for one account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPolicy {
+    pub user_verification: UserVerification,
+    pub attestation: Attestation,
+    /// Allowed models; empty means any (attested) model.
+    pub allowed_aaguids: Vec<uuid::Uuid>,
 }
 
 impl WebauthnConfig {
@@ -367,6 +408,34 @@ impl WebauthnConfig {
                 .phishing_resistant_accounts
                 .iter()
                 .any(|a| a == account_id)
+    }
+
+    /// The key policy of `account_id`: its `[webauthn.accounts."…"]` entry over the globals.
+    pub fn policy_for(&self, account_id: &str) -> KeyPolicy {
+        let over = self.accounts.get(account_id);
+        let aaguids = over
+            .and_then(|o| o.allowed_aaguids.as_ref())
+            .unwrap_or(&self.allowed_aaguids);
+        KeyPolicy {
+            user_verification: over
+                .and_then(|o| o.user_verification)
+                .unwrap_or(self.user_verification),
+            attestation: over.and_then(|o| o.attestation).unwrap_or(self.attestation),
+            // Validated at load time; an entry that does not parse cannot get here.
+            allowed_aaguids: aaguids
+                .iter()
+                .filter_map(|a| uuid::Uuid::parse_str(a).ok())
+                .collect(),
+        }
+    }
+
+    /// Whether any account (or the global setting) requires attestation.
+    pub fn any_attestation_required(&self) -> bool {
+        self.attestation == Attestation::Required
+            || self
+                .accounts
+                .values()
+                .any(|a| a.attestation == Some(Attestation::Required))
     }
 }
 
@@ -380,6 +449,10 @@ impl Default for WebauthnConfig {
             ceremony_timeout: Duration::from_secs(120),
             require_phishing_resistant: false,
             phishing_resistant_accounts: Vec::new(),
+            attestation: Attestation::None,
+            allowed_aaguids: Vec::new(),
+            attestation_ca_files: Vec::new(),
+            accounts: Default::default(),
         }
     }
 }
@@ -617,6 +690,7 @@ impl Config {
         if w.rp_name.trim().is_empty() || w.rp_name.len() > 64 {
             return Err(key_err("webauthn.rp_name", "must be 1 to 64 characters"));
         }
+        self.validate_attestation()?;
         if let Some(rp_id) = &w.rp_id {
             let host = self.server.public_url.domain().unwrap_or("");
             let ok = !rp_id.is_empty()
@@ -630,6 +704,58 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Attestation policy: AAGUIDs are UUIDs, an allow-list only where attestation is required,
+    /// and the CA files exist and hold certificates whenever some account requires attestation.
+    fn validate_attestation(&self) -> Result<(), ConfigError> {
+        let w = &self.webauthn;
+        let mut lists = vec![(
+            "webauthn.allowed_aaguids".to_string(),
+            w.attestation,
+            &w.allowed_aaguids,
+        )];
+        for (account, p) in &w.accounts {
+            if let Some(list) = &p.allowed_aaguids {
+                let key = format!("webauthn.accounts.\"{account}\".allowed_aaguids");
+                lists.push((key, p.attestation.unwrap_or(w.attestation), list));
+            }
+        }
+        for (key, attestation, list) in lists {
+            if let Some(bad) = list.iter().find(|a| uuid::Uuid::parse_str(a).is_err()) {
+                return Err(key_err(
+                    &key,
+                    format!("`{bad}` is not an AAGUID (a UUID like 2fc0579f-8113-47ea-b116-bb5a8db9202a)"),
+                ));
+            }
+            if !list.is_empty() && attestation != Attestation::Required {
+                return Err(key_err(
+                    &key,
+                    "needs attestation = \"required\": a model that is not attested proves nothing",
+                ));
+            }
+        }
+        for account in w.accounts.keys() {
+            let policy = w.policy_for(account);
+            if !policy.allowed_aaguids.is_empty() && policy.attestation != Attestation::Required {
+                return Err(key_err(
+                    &format!("webauthn.accounts.\"{account}\".attestation"),
+                    "the inherited allowed_aaguids need attestation = \"required\"",
+                ));
+            }
+        }
+        if !w.any_attestation_required() {
+            return Ok(());
+        }
+        if w.attestation_ca_files.is_empty() {
+            return Err(key_err(
+                "webauthn.attestation_ca_files",
+                "attestation = \"required\" needs at least one PEM file of trusted authenticator CAs",
+            ));
+        }
+        crate::auth::webauthn::attestation_cas(&w.attestation_ca_files)
+            .map(|_| ())
+            .map_err(|e| key_err("webauthn.attestation_ca_files", e))
     }
 
     /// The relying-party id WebAuthn uses, or `None` when keys cannot work here: WebAuthn is

@@ -15,6 +15,9 @@ use crate::secret::Secret;
 use crate::session::{Session, Stage};
 use crate::store::{AuditEvent, DurableStore, EphemeralStore, StoreError, TotpRecord, User};
 
+mod self_service;
+pub use self_service::{TotpChange, TOTP_CHANGE_TTL};
+
 /// Who is signing in, for audit and throttling.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -568,17 +571,7 @@ impl LoginFlow {
                 .wrong_code(session, client, "totp_enrolment", "replayed_code")
                 .await;
         }
-        let sealed = self
-            .master_key
-            .seal(&totp_context(&user.id), secret.expose())
-            .map_err(|e| FlowError::Internal(e.to_string()))?;
-        self.durable
-            .set_totp(TotpRecord {
-                user_id: user.id.clone(),
-                secret_sealed: sealed,
-                created_at: now,
-            })
-            .await?;
+        self.install_totp(&user.id, &secret, now).await?;
         let codes = self.issue_recovery_codes(&user.id).await?;
         self.audit(
             AuditEvent::new("totp_enrolled", "success", now).user(&user),
@@ -592,6 +585,27 @@ impl LoginFlow {
         self.complete(session, &user, "otp");
         self.show_recovery_codes(session, &user.id, &codes)?;
         Ok(CodeOutcome::Accepted)
+    }
+
+    /// Stores a confirmed TOTP secret (sealed) as the user's factor, replacing any earlier one.
+    async fn install_totp(
+        &self,
+        user_id: &str,
+        secret: &Secret<Vec<u8>>,
+        now: crate::clock::UnixTime,
+    ) -> Result<(), FlowError> {
+        let sealed = self
+            .master_key
+            .seal(&totp_context(user_id), secret.expose())
+            .map_err(|e| FlowError::Internal(e.to_string()))?;
+        self.durable
+            .set_totp(TotpRecord {
+                user_id: user_id.to_string(),
+                secret_sealed: sealed,
+                created_at: now,
+            })
+            .await?;
+        Ok(())
     }
 
     /// Moves the session to showing fresh recovery codes, held sealed in the session record.

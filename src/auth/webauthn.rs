@@ -17,13 +17,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use webauthn_rs::prelude::{
-    DiscoverableAuthentication, Passkey, PasskeyAuthentication, PasskeyRegistration,
-    RegisterPublicKeyCredential, SecurityKeyAuthentication, SecurityKeyRegistration, Url, Uuid,
-    Webauthn, WebauthnBuilder, WebauthnError,
+    AttestationCaList, AttestedPasskeyRegistration, DiscoverableAuthentication, Passkey,
+    PasskeyAuthentication, PasskeyRegistration, RegisterPublicKeyCredential,
+    SecurityKeyAuthentication, SecurityKeyRegistration, Url, Uuid, Webauthn, WebauthnBuilder,
+    WebauthnError,
 };
 
 use super::flow::{Client, FlowError, LoginFlow, AMR_KEY};
-use crate::config::{Config, UserVerification};
+use crate::config::{Attestation, Config, KeyPolicy, UserVerification, WebauthnConfig};
 use crate::crypto::{ct_eq, random_token};
 use crate::session::Session;
 use crate::store::{AuditEvent, StoreError, User, WebauthnCredential};
@@ -63,6 +64,8 @@ enum CeremonyState {
     PasskeyAuth(PasskeyAuthentication),
     SecurityKeyAuth(SecurityKeyAuthentication),
     Discoverable(DiscoverableAuthentication),
+    /// Registration that requires a verified attestation and user verification.
+    AttestedPasskey(AttestedPasskeyRegistration),
 }
 
 /// What the ephemeral store keeps for an open ceremony.
@@ -76,6 +79,10 @@ struct Ceremony {
     /// Key name chosen at registration.
     name: Option<String>,
     state: CeremonyState,
+    /// Registration under `attestation = "required"`: the models allowed (empty: any model
+    /// the trusted CAs vouch for). Fixed when the ceremony starts.
+    #[serde(default)]
+    attested_models: Option<Vec<Uuid>>,
 }
 
 /// A started ceremony: its id and the options for `navigator.credentials`.
@@ -92,6 +99,9 @@ pub enum Refusal {
     Expired,
     /// The authenticator's answer did not verify, or the key may not be used.
     Rejected(&'static str),
+    /// The answer verified but the account's key policy does not accept this key
+    /// (`attestation_not_verified`, `aaguid_not_allowed`).
+    Policy(&'static str),
 }
 
 /// Result of a registration.
@@ -114,11 +124,17 @@ pub enum PasskeySignIn {
 pub struct Keys {
     webauthn: Arc<Webauthn>,
     flow: LoginFlow,
-    uv: UserVerification,
+    /// Global and per-account key policy (`[webauthn]`).
+    policy: WebauthnConfig,
+    /// Trusted authenticator CAs, loaded when some account requires attestation.
+    cas: Option<AttestationCaList>,
     ttl: Duration,
 }
 
+mod attestation;
 mod sign_in;
+
+pub use attestation::attestation_cas;
 
 fn ceremony_key(id: &str) -> String {
     format!("webauthn:{id}")
@@ -190,12 +206,26 @@ impl Keys {
             .timeout(config.webauthn.ceremony_timeout)
             .build()
             .map_err(|e| SetupError::Invalid(e.to_string()))?;
+        let cas = if config.webauthn.any_attestation_required() {
+            Some(
+                attestation_cas(&config.webauthn.attestation_ca_files)
+                    .map_err(SetupError::Invalid)?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             webauthn: Arc::new(webauthn),
             flow,
-            uv: config.webauthn.user_verification,
+            policy: config.webauthn.clone(),
+            cas,
             ttl: config.webauthn.ceremony_timeout,
         })
+    }
+
+    /// The key policy of a user's account.
+    fn policy_of(&self, user: &User) -> KeyPolicy {
+        self.policy.policy_for(&user.account_id)
     }
 
     async fn store(
@@ -298,15 +328,37 @@ impl Keys {
             .map(|p| p.cred_id().clone())
             .collect();
         let exclude = (!exclude.is_empty()).then_some(exclude);
-        let (options, state) = match self.uv {
-            UserVerification::Required => {
+        let policy = self.policy_of(user);
+        let cas = match policy.attestation {
+            Attestation::None => None,
+            Attestation::Required => Some(self.cas.clone().ok_or_else(|| {
+                FlowError::Internal("attestation required but no CA list loaded".into())
+            })?),
+        };
+        let attested_models = cas.is_some().then(|| policy.allowed_aaguids.clone());
+        let (options, state) = match (policy.user_verification, cas) {
+            (UserVerification::Required, None) => {
                 let (ccr, st) = self
                     .webauthn
                     .start_passkey_registration(handle, &user.email, &user.email, exclude)
                     .map_err(internal)?;
                 (ccr, CeremonyState::Passkey(st))
             }
-            UserVerification::Preferred => {
+            (UserVerification::Required, Some(cas)) => {
+                let (ccr, st) = self
+                    .webauthn
+                    .start_attested_passkey_registration(
+                        handle,
+                        &user.email,
+                        &user.email,
+                        exclude,
+                        cas,
+                        None,
+                    )
+                    .map_err(internal)?;
+                (ccr, CeremonyState::AttestedPasskey(st))
+            }
+            (UserVerification::Preferred, cas) => {
                 let (ccr, st) = self
                     .webauthn
                     .start_securitykey_registration(
@@ -314,7 +366,7 @@ impl Keys {
                         &user.email,
                         &user.email,
                         exclude,
-                        None,
+                        cas,
                         None,
                     )
                     .map_err(internal)?;
@@ -338,6 +390,7 @@ impl Keys {
                 name
             }),
             state,
+            attested_models,
         };
         self.store(ceremony, options).await
     }
@@ -360,24 +413,54 @@ impl Keys {
                 .await;
             return Ok(Registered::Refused(Refusal::Expired));
         };
+        // The credential and the model its attestation vouched for (only when verified).
         let verified = match &c.state {
-            CeremonyState::Passkey(st) => self.webauthn.finish_passkey_registration(reg, st),
+            CeremonyState::Passkey(st) => self
+                .webauthn
+                .finish_passkey_registration(reg, st)
+                .map(|p| (p, None)),
             CeremonyState::SecurityKey(st) => self
                 .webauthn
                 .finish_securitykey_registration(reg, st)
-                .and_then(|sk| rewrap(&sk).map_err(|_| WebauthnError::Configuration)),
+                .and_then(|sk| {
+                    let model = attestation::attested_model(sk.attestation());
+                    let p = rewrap(&sk).map_err(|_| WebauthnError::Configuration)?;
+                    Ok((p, model))
+                }),
+            CeremonyState::AttestedPasskey(st) => self
+                .webauthn
+                .finish_attested_passkey_registration(reg, st)
+                .map(|ap| {
+                    let model = attestation::attested_model(ap.attestation());
+                    (Passkey::from(ap), model)
+                }),
             _ => Err(WebauthnError::InvalidClientDataType),
         };
-        let passkey = match verified {
+        let (passkey, model) = match verified {
             Ok(p) => p,
             Err(e) => {
-                let reason = failure_reason(&e);
+                let policy = c.attested_models.is_some() && attestation::is_attestation_failure(&e);
+                let (refusal, reason) = if policy {
+                    let reason = "attestation_not_verified";
+                    (Refusal::Policy(reason), reason)
+                } else {
+                    let reason = failure_reason(&e);
+                    (Refusal::Rejected(reason), reason)
+                };
                 tracing::debug!(error = %e, "registration refused");
                 self.audit_user(event, "failure", Some(user), reason, client)
                     .await;
-                return Ok(Registered::Refused(Refusal::Rejected(reason)));
+                return Ok(Registered::Refused(refusal));
             }
         };
+        if let Some(allowed) = &c.attested_models {
+            if !attestation::model_allowed(model, allowed) {
+                let reason = "aaguid_not_allowed";
+                self.audit_user(event, "failure", Some(user), reason, client)
+                    .await;
+                return Ok(Registered::Refused(Refusal::Policy(reason)));
+            }
+        }
         let cred = WebauthnCredential {
             id: Uuid::new_v4().to_string(),
             user_id: user.id.clone(),

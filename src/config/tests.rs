@@ -262,3 +262,81 @@ fn webauthn_bad_values_are_refused_with_the_key() {
     let e = load_str("[webauthn]\nrp_id = \"127.0.0.1\"\n", &[]).unwrap_err();
     assert!(e.to_string().contains("webauthn.rp_id"), "{e}");
 }
+
+#[test]
+fn webauthn_attestation_policy_is_checked() {
+    let dir = tempfile_dir();
+    let missing = dir.join("missing.pem");
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "no certificate here\n").unwrap();
+    let (m, j) = (missing.display(), junk.display());
+    for (extra, key, says) in [
+        (
+            "attestation = \"required\"\nallowed_aaguids = [\"not-a-uuid\"]".to_string(),
+            "webauthn.allowed_aaguids",
+            "not an AAGUID",
+        ),
+        (
+            "allowed_aaguids = [\"2fc0579f-8113-47ea-b116-bb5a8db9202a\"]".to_string(),
+            "webauthn.allowed_aaguids",
+            "needs attestation",
+        ),
+        (
+            "attestation = \"required\"".to_string(),
+            "webauthn.attestation_ca_files",
+            "at least one PEM file",
+        ),
+        (
+            format!("attestation = \"required\"\nattestation_ca_files = [\"{m}\"]"),
+            "webauthn.attestation_ca_files",
+            "cannot read",
+        ),
+        (
+            format!("attestation = \"required\"\nattestation_ca_files = [\"{j}\"]"),
+            "webauthn.attestation_ca_files",
+            "holds no PEM certificate",
+        ),
+        (
+            "attestation = \"sometimes\"".to_string(),
+            "webauthn.attestation",
+            "",
+        ),
+        (
+            "[webauthn.accounts.\"acct-1\"]\nattestation = \"required\"".to_string(),
+            "webauthn.attestation_ca_files",
+            "at least one PEM file",
+        ),
+        (
+            "[webauthn.accounts.\"acct-1\"]\nallowed_aaguids = [\"2fc0579f-8113-47ea-b116-bb5a8db9202a\"]"
+                .to_string(),
+            "webauthn.accounts.\"acct-1\".allowed_aaguids",
+            "needs attestation",
+        ),
+        (
+            "[webauthn.accounts.\"acct-1\"]\nuser_verfication = \"preferred\"".to_string(),
+            "user_verfication",
+            "",
+        ),
+    ] {
+        let e = load_str(&format!("[webauthn]\n{extra}\n"), &[]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(key) && msg.contains(says), "{extra}: {msg}");
+    }
+    let c = load_str(
+        "[webauthn]\nuser_verification = \"preferred\"\n[webauthn.accounts.\"acct-1\"]\nuser_verification = \"required\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        c.webauthn.policy_for("acct-1").user_verification,
+        UserVerification::Required
+    );
+    assert_eq!(
+        c.webauthn.policy_for("acct-2").user_verification,
+        UserVerification::Preferred
+    );
+    assert_eq!(
+        c.webauthn.policy_for("acct-2").attestation,
+        Attestation::None
+    );
+}

@@ -1,24 +1,37 @@
 //! `/_portcullis/account`: the signed-in user's own factors. Lists security keys and passkeys
 //! (name, added, last used, model), renames and removes them, and adds new ones through
-//! `static/webauthn.js`. Removing a key needs a fresh second-factor proof and is refused when it
-//! would leave the account without any second factor.
+//! `static/webauthn.js`; makes new recovery codes and replaces the authenticator app; shows the
+//! latest sign-in attempts from the audit trail. Every change of a factor needs a fresh
+//! second-factor proof; removing a key is refused when it would leave the account without any
+//! second factor.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::error::AppError;
+use super::error::{wants_html, AppError};
 use super::login::{check_csrf, csrf_token, current_session, with_cookies};
-use super::pages::{self, render, DeviceRow, KeyRow};
+use super::pages::{self, render, DeviceRow, KeyRow, SignInRow};
 use super::webauthn::fresh;
 use super::{see_other, Form, Peer};
+use crate::auth::flow::TotpChange;
+use crate::auth::totp;
 use crate::clock::rfc3339;
+use crate::secret::Secret;
 use crate::session::Loaded;
 use crate::state::AppState;
-use crate::store::{AuditEvent, User};
+use crate::store::{AuditEvent, AuditQuery, User};
 
 const PATH: &str = "/_portcullis/account";
+/// Where a stale session proves its second factor again and comes back here.
+pub const REAUTH: &str = "/_portcullis/reauth?next=%2F_portcullis%2Faccount";
+/// Sign-in attempts shown on the page.
+const SIGN_INS_SHOWN: usize = 20;
+/// Audit events read to find them (other events of the user are skipped).
+const SIGN_INS_SCANNED: u32 = 500;
+/// Longest wait for the audit writer before the sign-ins are read.
+const AUDIT_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The complete session of a user who may still use the gateway, or where to send the browser.
 async fn signed_in(
@@ -55,6 +68,7 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_renamed" => "The key was renamed.",
         "key_removed" => "The key was removed.",
         "device_revoked" => "The device was signed out and will have to be confirmed again.",
+        "totp_changed" => "Your new authenticator app is set up; the earlier one no longer works.",
         _ => return None,
     })
 }
@@ -87,6 +101,8 @@ async fn page(
         })
         .collect();
     let has_totp = state.durable.totp(&user.id).await?.is_some();
+    let recovery_left = state.durable.recovery_codes_left(&user.id).await?;
+    let sign_ins = recent_sign_ins(state, &user.id).await?;
     let devices: Vec<DeviceRow> = state
         .durable
         .list_devices(&user.id)
@@ -109,6 +125,8 @@ async fn page(
         keys: &keys,
         devices: &devices,
         has_totp,
+        recovery_left,
+        sign_ins: &sign_ins,
         webauthn: state.keys.is_some(),
         fresh: super::webauthn::fresh(state, &loaded.session),
         notice,
@@ -332,4 +350,236 @@ pub async fn revoke_device_post(
     )
     .await;
     Ok(see_other(&format!("{PATH}?notice=device_revoked")))
+}
+
+/// The user's latest sign-in attempts (newest first): password failures, second factors,
+/// first-time enrolments and passkey sign-ins. A password step that succeeded is not a sign-in
+/// by itself; its second factor is.
+async fn recent_sign_ins(state: &AppState, user_id: &str) -> Result<Vec<SignInRow>, AppError> {
+    // Events are written in the background; give the writer a moment so the sign-in that led
+    // here is listed. Bounded: a slow store must not hold the page.
+    let _ = tokio::time::timeout(AUDIT_CATCH_UP, state.audit.flush()).await;
+    let events = state
+        .durable
+        .query_audit(&AuditQuery {
+            user_id: Some(user_id.to_string()),
+            newest_first: true,
+            limit: SIGN_INS_SCANNED,
+            ..Default::default()
+        })
+        .await?;
+    Ok(events
+        .into_iter()
+        .filter(|e| e.user_id.as_deref() == Some(user_id))
+        .filter_map(|e| {
+            let method = sign_in_method(&e.event, &e.outcome, e.reason.as_deref())?;
+            Some(SignInRow {
+                at: rfc3339(e.at),
+                result: match e.outcome.as_str() {
+                    "success" => "signed in",
+                    "denied" => "refused",
+                    _ => "failed",
+                },
+                method,
+                ip: e.ip.unwrap_or_default(),
+                browser: crate::device::friendly_name(e.user_agent.as_deref().unwrap_or("")),
+            })
+        })
+        .take(SIGN_INS_SHOWN)
+        .collect())
+}
+
+/// How a sign-in attempt was made, or `None` for events that are not sign-in attempts.
+fn sign_in_method(event: &str, outcome: &str, reason: Option<&str>) -> Option<&'static str> {
+    Some(match (event, outcome, reason) {
+        ("login_password", "success", _) => return None,
+        ("login_password", _, _) => "password",
+        ("second_factor", "success", Some("rec")) => "password + recovery code",
+        ("second_factor", "success", Some("hwk")) => "password + security key",
+        ("second_factor", "success", _) => "password + authenticator app",
+        ("second_factor", _, _) => "password + second factor",
+        ("totp_enrolled", _, _) => "password + new authenticator app",
+        ("passkey_sign_in", _, _) => "passkey",
+        _ => return None,
+    })
+}
+
+/// The refusal of a factor change without a fresh second-factor proof: the page with a message
+/// and a link to prove it again for browsers, JSON `reauthentication_required` for API clients.
+async fn stale(
+    state: &AppState,
+    headers: &HeaderMap,
+    loaded: &Loaded,
+    user: &User,
+) -> Result<Response, AppError> {
+    if !wants_html(headers) {
+        return Err(AppError::forbidden(
+            "reauthentication_required",
+            format!("Changing how you sign in needs a recent second-factor proof; confirm it at {REAUTH} and try again."),
+        ));
+    }
+    let msg = "For your security, confirm it's you again before changing how you sign in.";
+    page(
+        state,
+        headers,
+        loaded,
+        user,
+        None,
+        Some(msg),
+        StatusCode::FORBIDDEN,
+    )
+    .await
+}
+
+/// A factor change by the signed-in user: CSRF checked, then the session, then a fresh proof.
+async fn changing(
+    state: &AppState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<Result<(Loaded, User), Response>, AppError> {
+    let (loaded, user) = match acting(state, headers, csrf).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(Err(r)),
+    };
+    if !fresh(state, &loaded.session) {
+        return Ok(Err(stale(state, headers, &loaded, &user).await?));
+    }
+    Ok(Ok((loaded, user)))
+}
+
+/// `POST /_portcullis/account/recovery-codes`: replaces every recovery code and shows the new
+/// ones once.
+pub async fn recovery_codes_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let (_, user) = match changing(&state, &headers, &form.csrf).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(r),
+    };
+    let client = super::client(&state, peer, &headers);
+    let codes = state
+        .login
+        .regenerate_recovery_codes(&user, &client)
+        .await?;
+    Ok(render(
+        StatusCode::OK,
+        &pages::AccountRecoveryCodes { codes: &codes },
+    ))
+}
+
+/// The page that shows a pending authenticator secret and asks for a code from it.
+fn totp_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    user: &User,
+    secret: &Secret<Vec<u8>>,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Response {
+    let uri = totp::otpauth_uri(secret.expose(), &state.login.totp_issuer, &user.email);
+    let (token, set) = csrf_token(state, headers);
+    let view = pages::AccountTotp {
+        csrf: &token,
+        qr_svg: &totp::qr_svg(&uri),
+        secret: &totp::secret_base32(secret.expose()),
+        uri: &uri,
+        error,
+    };
+    with_cookies(render(status, &view), set)
+}
+
+/// `POST /_portcullis/account/totp`: makes a new authenticator secret, pending until a code
+/// from it is confirmed; the current app keeps working until then.
+pub async fn totp_post(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let (loaded, user) = match changing(&state, &headers, &form.csrf).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(r),
+    };
+    let secret = state.login.start_totp_change(&user, &loaded.key).await?;
+    Ok(totp_page(
+        &state,
+        &headers,
+        &user,
+        &secret,
+        None,
+        StatusCode::OK,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct TotpConfirmForm {
+    #[serde(default)]
+    code: Secret<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/account/totp/confirm`: a code from the new app replaces the old one.
+pub async fn totp_confirm_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<TotpConfirmForm>,
+) -> Result<Response, AppError> {
+    let (loaded, user) = match changing(&state, &headers, &form.csrf).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(r),
+    };
+    let client = super::client(&state, peer, &headers);
+    let outcome = state
+        .login
+        .confirm_totp_change(&user, &loaded.key, &form.code, &client)
+        .await?;
+    match outcome {
+        TotpChange::Changed => Ok(see_other(&format!("{PATH}?notice=totp_changed"))),
+        TotpChange::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+        TotpChange::Rejected => {
+            let Some(secret) = state.login.pending_totp_change(&user, &loaded.key).await? else {
+                return expired_change(&state, &headers, &loaded, &user).await;
+            };
+            let msg = "That code is not right. Check the time on your device and enter the current code from the new app.";
+            Ok(totp_page(
+                &state,
+                &headers,
+                &user,
+                &secret,
+                Some(msg),
+                StatusCode::UNAUTHORIZED,
+            ))
+        }
+        TotpChange::Expired => expired_change(&state, &headers, &loaded, &user).await,
+    }
+}
+
+async fn expired_change(
+    state: &AppState,
+    headers: &HeaderMap,
+    loaded: &Loaded,
+    user: &User,
+) -> Result<Response, AppError> {
+    if !wants_html(headers) {
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "totp_change_expired",
+            "The new authenticator setup expired or was already completed. Start again from your account page.",
+        ));
+    }
+    let msg = "The new authenticator setup expired or was already completed. Start again below.";
+    page(
+        state,
+        headers,
+        loaded,
+        user,
+        None,
+        Some(msg),
+        StatusCode::CONFLICT,
+    )
+    .await
 }

@@ -80,6 +80,15 @@ pub fn router(state: AppState) -> Router {
             post(account::remove_post),
         )
         .route(
+            "/_portcullis/account/recovery-codes",
+            post(account::recovery_codes_post),
+        )
+        .route("/_portcullis/account/totp", post(account::totp_post))
+        .route(
+            "/_portcullis/account/totp/confirm",
+            post(account::totp_confirm_post),
+        )
+        .route(
             "/_portcullis/webauthn/register/start",
             post(webauthn::register_start),
         )

@@ -99,6 +99,10 @@ pub struct Account<'a> {
     pub keys: &'a [KeyRow],
     pub devices: &'a [DeviceRow],
     pub has_totp: bool,
+    /// Unused recovery codes.
+    pub recovery_left: u32,
+    /// The user's latest sign-in attempts, newest first.
+    pub sign_ins: &'a [SignInRow],
     /// Keys can be added here (WebAuthn available).
     pub webauthn: bool,
     /// The last second-factor proof is recent enough to change factors.
@@ -141,5 +145,30 @@ pub struct EnrolLink<'a> {
     pub key_only: bool,
     pub min_length: usize,
     pub max_length: usize,
+    pub error: Option<&'a str>,
+}
+
+/// One sign-in attempt on the account page, from the audit trail.
+pub struct SignInRow {
+    pub at: String,
+    pub result: &'static str,
+    pub method: &'static str,
+    pub ip: String,
+    pub browser: String,
+}
+
+#[derive(Template)]
+#[template(path = "account_recovery_codes.html")]
+pub struct AccountRecoveryCodes<'a> {
+    pub codes: &'a [String],
+}
+
+#[derive(Template)]
+#[template(path = "account_totp.html")]
+pub struct AccountTotp<'a> {
+    pub csrf: &'a str,
+    pub qr_svg: &'a str,
+    pub secret: &'a str,
+    pub uri: &'a str,
     pub error: Option<&'a str>,
 }

@@ -87,13 +87,21 @@ fn expired() -> AppError {
     )
 }
 
-fn refused(r: Refusal, message: &str) -> AppError {
+pub(crate) fn refused(r: Refusal, message: &str) -> AppError {
     match r {
         Refusal::Expired => expired(),
         Refusal::Rejected(_) => AppError::new(
             StatusCode::UNAUTHORIZED,
             "key_rejected",
             message.to_string(),
+        ),
+        Refusal::Policy("aaguid_not_allowed") => AppError::forbidden(
+            "aaguid_not_allowed",
+            "This model of security key is not allowed for your account. Use one of the keys your organisation approved.",
+        ),
+        Refusal::Policy(_) => AppError::forbidden(
+            "attestation_not_verified",
+            "This security key could not prove that it is an approved model. Use one of the keys your organisation approved.",
         ),
     }
 }

@@ -710,7 +710,7 @@ async fn step_up_with_a_code_refreshes_the_proof_and_a_key_opens_sudo_mode() {
     let (customer, secret, _) = gw.signed_in("customer@example.com").await;
     gw.clock.advance(11 * 60);
     let account = gw.page(&customer, "/_portcullis/account").await;
-    assert!(account.contains("needs a recent sign-in"), "{account}");
+    assert!(account.contains("id=\"reauth\""), "{account}");
 
     let html = gw
         .page(
@@ -744,7 +744,7 @@ async fn step_up_with_a_code_refreshes_the_proof_and_a_key_opens_sudo_mode() {
     assert!(!gw
         .page(&customer, "/_portcullis/account")
         .await
-        .contains("needs a recent sign-in"));
+        .contains("id=\"reauth\""));
     // The same code again is a replay.
     assert_eq!(send(gw.totp_now(&secret)).await.status(), 401);
 

@@ -1,3 +1,4 @@
+mod account;
 mod admin;
 mod backend_docs;
 mod bad_input;
@@ -16,3 +17,4 @@ mod redis;
 mod request_id;
 mod webauthn;
 mod webauthn_account;
+mod webauthn_policy;

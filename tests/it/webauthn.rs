@@ -250,6 +250,21 @@ pub(super) async fn audited(gw: &Gateway, event: &str, outcome: &str) -> Vec<Opt
         .collect()
 }
 
+/// A registration answered with `expected` (status, error code): no key was stored for the
+/// user, and the audit trail holds exactly these failure reasons.
+pub(super) async fn registration_refused(
+    gw: &Gateway,
+    r: reqwest::Response,
+    user_id: &str,
+    expected: (u16, &str),
+    reasons: &[&str],
+) {
+    assert_eq!(error_code(r).await, (expected.0, expected.1.to_string()));
+    assert!(credentials(gw, user_id).await.is_empty());
+    let want: Vec<Option<String>> = reasons.iter().map(|r| Some(r.to_string())).collect();
+    assert_eq!(audited(gw, "webauthn_registered", "failure").await, want);
+}
+
 #[tokio::test]
 async fn security_key_as_second_factor_gives_a_phishing_resistant_token() {
     let gw = gateway().await;
@@ -436,12 +451,14 @@ async fn an_expired_ceremony_is_refused() {
     let timeout = gw.state.config.webauthn.ceremony_timeout.as_secs() as i64;
     gw.clock.advance(timeout + 1);
     let r = call(&gw, &c, &csrf, "register/finish", body).await;
-    assert_eq!(error_code(r).await, (400, "ceremony_expired".into()));
-    assert!(credentials(&gw, &user.id).await.is_empty());
-    assert_eq!(
-        audited(&gw, "webauthn_registered", "failure").await,
-        vec![Some("ceremony_expired".into())]
-    );
+    registration_refused(
+        &gw,
+        r,
+        &user.id,
+        (400, "ceremony_expired"),
+        &["ceremony_expired"],
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -56,7 +56,10 @@ impl Keys {
         if keys.is_empty() {
             return Ok(None);
         }
-        let (options, state) = match self.uv {
+        let Some(user) = self.flow.active_user(&session.user_id).await? else {
+            return Ok(None);
+        };
+        let (options, state) = match self.policy_of(&user).user_verification {
             UserVerification::Required => {
                 let (rcr, st) = self
                     .webauthn
@@ -85,6 +88,7 @@ impl Keys {
             binding: binding.to_string(),
             name: None,
             state,
+            attested_models: None,
         };
         self.store(ceremony, options).await.map(Some)
     }
@@ -311,6 +315,7 @@ impl Keys {
             binding: binding.to_string(),
             name: None,
             state: CeremonyState::Discoverable(st),
+            attested_models: None,
         };
         self.store(ceremony, options).await
     }
@@ -329,7 +334,7 @@ impl Keys {
     ) -> Result<PasskeySignIn, FlowError> {
         let reason = match &refusal {
             Refusal::Expired => "ceremony_expired",
-            Refusal::Rejected(r) => r,
+            Refusal::Rejected(r) | Refusal::Policy(r) => r,
         };
         self.flow
             .ephemeral

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use webauthn_rs::prelude::RegisterPublicKeyCredential;
 
 use super::{record, Admin};
-use crate::auth::webauthn::{Refusal, Registered};
+use crate::auth::webauthn::Registered;
 use crate::http::error::AppError;
 use crate::http::webauthn::ApiCsrf;
 use crate::http::Json;
@@ -86,14 +86,8 @@ pub async fn register_finish(
                 &super::users::key_added(&user),
             ))
         }
-        Registered::Refused(Refusal::Expired) => Err(AppError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "ceremony_expired",
-            "This security key request expired or was already used. Please try again.",
-        )),
-        Registered::Refused(Refusal::Rejected(_)) => Err(AppError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "key_rejected",
+        Registered::Refused(r) => Err(crate::http::webauthn::refused(
+            r,
             "The security key's answer could not be verified. Please try again.",
         )),
     }

@@ -1,0 +1,222 @@
+//! The account page's self-service: new recovery codes, a new authenticator app, recent
+//! sign-ins. Each change needs the CSRF token and a fresh second-factor proof.
+
+use portcullis::auth::totp::code_at;
+use portcullis::clock::Clock;
+use serde_json::Value;
+
+use super::harness::*;
+use super::webauthn::post_form;
+
+const ACCOUNT: &str = "/_portcullis/account";
+const CODES: &str = "/_portcullis/account/recovery-codes";
+const TOTP: &str = "/_portcullis/account/totp";
+const CONFIRM: &str = "/_portcullis/account/totp/confirm";
+
+/// A form post from the account page with its CSRF token (and `fields`).
+async fn act(gw: &Gateway, c: &Browser, path: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+    let csrf = gw.csrf(c, ACCOUNT).await;
+    let mut all = vec![("csrf", csrf.as_str())];
+    all.extend_from_slice(fields);
+    post_form(gw, c, path, &all).await
+}
+
+/// The recovery codes listed on a page.
+fn codes_on(html: &str) -> Vec<String> {
+    html.split("<li><code>")
+        .skip(1)
+        .filter_map(|s| s.split('<').next().map(str::to_string))
+        .collect()
+}
+
+/// Whether a second factor (code) completes a sign-in of `email` in a fresh browser.
+async fn code_signs_in(gw: &Gateway, email: &str, code: &str) -> bool {
+    gw.clock.advance(30);
+    let c = gw.browser();
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = gw.code(&c, "/_portcullis/mfa", code).await;
+    r.status() == 303
+}
+
+/// The new authenticator secret shown after starting a change.
+async fn start_change(gw: &Gateway, c: &Browser) -> Vec<u8> {
+    let r = act(gw, c, TOTP, &[]).await;
+    assert_eq!(r.status(), 200);
+    let html = r.text().await.unwrap();
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("secret on the page");
+    totp_rs::Secret::Encoded(b32).to_bytes().unwrap()
+}
+
+async fn events(gw: &Gateway, event: &str) -> Vec<(String, Option<String>)> {
+    gw.audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == event)
+        .map(|e| (e.outcome, e.reason))
+        .collect()
+}
+
+/// A change refused for a stale session: the page with a link to re-authenticate for
+/// browsers, JSON `reauthentication_required` for API clients.
+async fn assert_needs_fresh_proof(gw: &Gateway, c: &Browser, path: &str, fields: &[(&str, &str)]) {
+    let r = act(gw, c, path, fields).await;
+    assert_eq!(r.status(), 403, "{path}");
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("confirm it&#39;s you again") || html.contains("confirm it's you again"),
+        "{html}"
+    );
+    assert!(
+        html.contains("/_portcullis/reauth?next=%2F_portcullis%2Faccount"),
+        "{html}"
+    );
+    let csrf = gw.csrf(c, ACCOUNT).await;
+    let mut all = vec![("csrf", csrf.as_str())];
+    all.extend_from_slice(fields);
+    let r = c
+        .post(gw.url(path))
+        .header("accept", "application/json")
+        .form(&all)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "{path}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "reauthentication_required", "{path}");
+}
+
+#[tokio::test]
+async fn new_recovery_codes_replace_the_old_ones() {
+    let gw = Gateway::start().await;
+    let (c, _, old) = gw.signed_in("codes@example.com").await;
+    let r = act(&gw, &c, CODES, &[]).await;
+    assert_eq!(r.status(), 200);
+    let new = codes_on(&r.text().await.unwrap());
+    assert_eq!(new.len(), 10);
+    assert!(new.iter().all(|n| !old.contains(n)));
+    assert!(!code_signs_in(&gw, "codes@example.com", &old[0]).await);
+    assert!(code_signs_in(&gw, "codes@example.com", &new[0]).await);
+    assert_eq!(
+        events(&gw, "recovery_codes_regenerated").await,
+        vec![("success".to_string(), None)]
+    );
+    let mail = gw.outbox().await;
+    assert!(
+        mail.iter().any(|m| m.contains("recovery codes was made")),
+        "{mail:?}"
+    );
+}
+
+#[tokio::test]
+async fn new_recovery_codes_need_csrf_and_a_fresh_proof() {
+    let gw = Gateway::start().await;
+    let (c, _, old) = gw.signed_in("stale-codes@example.com").await;
+    let r = post_form(&gw, &c, CODES, &[]).await;
+    assert_eq!(r.status(), 403);
+    let r = post_form(&gw, &c, CODES, &[("csrf", "forged")]).await;
+    assert_eq!(r.status(), 403);
+    gw.clock.advance(11 * 60);
+    assert_needs_fresh_proof(&gw, &c, CODES, &[]).await;
+    // Nothing changed: the old codes still work.
+    assert!(events(&gw, "recovery_codes_regenerated").await.is_empty());
+    assert!(code_signs_in(&gw, "stale-codes@example.com", &old[0]).await);
+}
+
+#[tokio::test]
+async fn a_new_authenticator_app_replaces_the_old_one_once_confirmed() {
+    let gw = Gateway::start().await;
+    let email = "app@example.com";
+    let (c, old, _) = gw.signed_in(email).await;
+    let new = start_change(&gw, &c).await;
+    assert_ne!(new, old);
+    // The pending secret lives server-side only.
+    assert!(!gw
+        .cookies(&c)
+        .contains(&portcullis::auth::totp::secret_base32(&new)));
+    // A code from the old app does not confirm the new one; the old app still works meanwhile.
+    let now = gw.clock.now();
+    let r = act(&gw, &c, CONFIRM, &[("code", &code_at(&old, now))]).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("not right"));
+    let r = act(&gw, &c, CONFIRM, &[("code", &code_at(&new, now))]).await;
+    assert_eq!(location(&r), "/_portcullis/account?notice=totp_changed");
+    // Confirming works once.
+    let r = act(&gw, &c, CONFIRM, &[("code", &code_at(&new, now))]).await;
+    assert_eq!(r.status(), 409);
+
+    let step_later = gw.clock.now() + 30;
+    assert!(!code_signs_in(&gw, email, &code_at(&old, step_later)).await);
+    let step_later = gw.clock.now() + 30;
+    assert!(code_signs_in(&gw, email, &code_at(&new, step_later)).await);
+    assert_eq!(
+        events(&gw, "totp_changed").await,
+        vec![
+            ("failure".to_string(), Some("bad_code".to_string())),
+            ("success".to_string(), None)
+        ]
+    );
+    let mail = gw.outbox().await;
+    assert!(
+        mail.iter()
+            .any(|m| m.contains("authenticator app was replaced")),
+        "{mail:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_new_authenticator_app_needs_csrf_and_a_fresh_proof() {
+    let gw = Gateway::start().await;
+    let email = "stale-app@example.com";
+    let (c, old, _) = gw.signed_in(email).await;
+    let user = gw.user(email).await;
+    let before = gw.state.durable.totp(&user.id).await.unwrap();
+    for path in [TOTP, CONFIRM] {
+        assert_eq!(
+            post_form(&gw, &c, path, &[("code", "123456")])
+                .await
+                .status(),
+            403
+        );
+    }
+    let new = start_change(&gw, &c).await;
+    gw.clock.advance(11 * 60);
+    assert_needs_fresh_proof(&gw, &c, TOTP, &[]).await;
+    let code = code_at(&new, gw.clock.now());
+    assert_needs_fresh_proof(&gw, &c, CONFIRM, &[("code", &code)]).await;
+    assert_eq!(gw.state.durable.totp(&user.id).await.unwrap(), before);
+    assert!(events(&gw, "totp_changed").await.is_empty());
+    let later = gw.clock.now() + 30;
+    assert!(code_signs_in(&gw, email, &code_at(&old, later)).await);
+}
+
+#[tokio::test]
+async fn recent_sign_ins_show_the_users_own_attempts() {
+    let gw = Gateway::start().await;
+    let (_, secret, _) = gw.signed_in("mine@example.com").await;
+    let (theirs, _, other_codes) = gw.signed_in("theirs@example.com").await;
+    assert!(code_signs_in(&gw, "theirs@example.com", &other_codes[0]).await);
+    let r = gw
+        .password(&gw.browser(), "mine@example.com", "wrong password", "")
+        .await;
+    assert_eq!(r.status(), 401);
+    let c = gw.sign_in_again("mine@example.com", &secret).await;
+
+    let html = gw.page(&c, ACCOUNT).await;
+    let rows: Vec<&str> = html.split("<tr class=\"sign-in\">").skip(1).collect();
+    assert_eq!(rows.len(), 3, "{html}");
+    // Newest first: the sign-in just made, the wrong password, the first sign-in.
+    assert!(rows[0].contains("signed in") && rows[0].contains("password + authenticator app"));
+    assert!(rows[0].contains("127.0.0.1"));
+    assert!(rows[0].contains(&portcullis::clock::rfc3339(gw.clock.now())));
+    assert!(rows[1].contains("failed") && rows[1].contains("<td>password</td>"));
+    assert!(rows[2].contains("password + new authenticator app"));
+    assert!(
+        !html.contains("recovery code</td>"),
+        "another user's sign-in shown"
+    );
+    // The other user sees their own recovery-code sign-in, not this user's wrong password.
+    let html = gw.page(&theirs, ACCOUNT).await;
+    assert!(html.contains("password + recovery code</td>"), "{html}");
+    assert!(!html.contains("<td>password</td>"), "{html}");
+}
