@@ -262,3 +262,53 @@ fn webauthn_bad_values_are_refused_with_the_key() {
     let e = load_str("[webauthn]\nrp_id = \"127.0.0.1\"\n", &[]).unwrap_err();
     assert!(e.to_string().contains("webauthn.rp_id"), "{e}");
 }
+
+#[test]
+fn listeners_and_tls_parse() {
+    let c = load_str(
+        "[server]\npublic_url = \"https://gw.example/\"\nlisten = \"0.0.0.0:443\"\n\
+         tls_cert = \"/etc/portcullis/cert.pem\"\ntls_key = \"/etc/portcullis/key.pem\"\n\
+         redirect_http_listen = \"0.0.0.0:80\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        c.server.tls_cert.as_deref(),
+        Some(Path::new("/etc/portcullis/cert.pem"))
+    );
+    assert_eq!(c.server.redirect_http_listen.as_deref(), Some("0.0.0.0:80"));
+    assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+    let d = Config::load(None, Vec::new()).unwrap();
+    assert!(d.metrics.listen.is_none() && d.server.tls_cert.is_none());
+    assert!(d.server.redirect_http_listen.is_none());
+}
+
+#[test]
+fn bad_listeners_and_tls_are_refused_with_the_key() {
+    let https = "[server]\npublic_url = \"https://gw.example/\"\n";
+    for (text, key) in [
+        (format!("{https}tls_cert = \"c.pem\"\n"), "server.tls_cert"),
+        (format!("{https}tls_key = \"k.pem\"\n"), "server.tls_cert"),
+        (
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n".into(),
+            "server.public_url",
+        ),
+        (
+            "[server]\nredirect_http_listen = \"0.0.0.0:80\"\n".into(),
+            "server.redirect_http_listen",
+        ),
+        (
+            format!("{https}redirect_http_listen = \"port 80\"\n"),
+            "server.redirect_http_listen",
+        ),
+        ("[metrics]\nlisten = \"9464\"\n".into(), "metrics.listen"),
+        (
+            "[metrics]\nlisten = \"127.0.0.1:8080\"\n".into(),
+            "metrics.listen",
+        ),
+        ("[metrics]\nport = 9464\n".into(), "metrics.port"),
+    ] {
+        let e = load_str(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text} → {e}");
+    }
+}

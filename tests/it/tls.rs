@@ -1,0 +1,290 @@
+//! Built-in TLS: HTTPS only on the gateway's listener (a whole sign-in over it, verified against
+//! a CA made for the test), certificate reload on SIGHUP in the real binary (a broken pair is
+//! refused and the old one stays), and the HTTP→HTTPS redirect listener, which never trusts the
+//! Host header.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use super::harness::*;
+use super::metrics::{serve_binary, wait_listening};
+
+/// Runs `openssl` in `dir` with `args` (split on spaces).
+fn openssl(dir: &Path, args: &str) {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(&args)
+        .output()
+        .expect("the openssl command line tool is needed (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A new P-256 key, unencrypted.
+const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+
+/// A test CA in `dir` (`ca.pem`, `ca.key`).
+fn make_ca(dir: &Path) {
+    openssl(
+        dir,
+        &format!("req -x509 {NEW_KEY} -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca"),
+    );
+}
+
+/// A certificate for localhost and 127.0.0.1 signed by the test CA: `{name}.pem`, `{name}.key`.
+fn make_leaf(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &format!("req -new {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"),
+    );
+    openssl(
+        dir,
+        &format!(
+            "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+             -out {name}.pem -days 2 -extfile {name}.ext"
+        ),
+    );
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+/// A client that trusts only the test CA, keeps cookies and follows no redirects.
+fn https_client(dir: &Path) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .tls_info(true)
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// The certificate a fresh connection to `url` is shown, or `None` when no TLS session comes up.
+async fn served_cert(dir: &Path, url: &str) -> Option<Vec<u8>> {
+    let r = https_client(dir).get(url).send().await.ok()?;
+    let info = r.extensions().get::<reqwest::tls::TlsInfo>()?;
+    info.peer_certificate().map(<[u8]>::to_vec)
+}
+
+fn der(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn sign_in_over_https_and_no_plain_http() {
+    let certs = tempfile::tempdir().unwrap();
+    make_ca(certs.path());
+    let (cert, key) = make_leaf(certs.path(), "gw");
+    let mut gw = Gateway::start_with(|c| {
+        let port = c.server.listen.rsplit(':').next().unwrap().to_string();
+        c.server.public_url = format!("https://localhost:{port}/").parse().unwrap();
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
+    })
+    .await;
+    gw.base = format!("https://localhost:{}", gw.addr.port());
+    let c = https_client(certs.path());
+    let page = gw.page(&c, "/_portcullis/login").await;
+    assert!(page.contains("name=\"password\""), "{page}");
+    assert_eq!(
+        served_cert(certs.path(), &gw.url("/_portcullis/healthz")).await,
+        Some(der(&cert))
+    );
+    // A whole sign-in (password, enrolment, recovery codes) and a proxied request over HTTPS,
+    // with the __Host- cookies of an https deployment.
+    gw.add_user("tls@example.com").await;
+    gw.enrol(&c, "tls@example.com").await;
+    assert_eq!(gw.status(&c, "/inbox").await, 200);
+    assert_eq!(
+        gw.upstream.last().header("x-forwarded-proto"),
+        Some("https")
+    );
+    // Plain HTTP on the TLS port gets no HTTP answer at all.
+    let plain = raw(gw.addr, "GET", "/_portcullis/login", &[], "").await;
+    assert_eq!(plain.status, 0, "{plain:?}");
+    assert!(!plain.body.contains("password"));
+    // A client that does not trust the test CA refuses the connection.
+    let untrusting = reqwest::Client::builder().use_rustls_tls().build().unwrap();
+    assert!(untrusting.get(gw.url("/")).send().await.is_err());
+}
+
+#[tokio::test]
+async fn redirect_listener_sends_browsers_to_https_on_the_public_origin() {
+    let redirect = format!("127.0.0.1:{}", free_port());
+    let listen = redirect.clone();
+    let _gw = Gateway::start_with(|c| {
+        c.server.public_url = "https://gw.example:8443/".parse().unwrap();
+        c.server.redirect_http_listen = Some(listen);
+    })
+    .await;
+    wait_listening(&redirect).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // (method, path, Host header) → Location. The Host header never decides the target.
+    for (method, path, host, want) in [
+        ("GET", "/", "gw.example", "https://gw.example:8443/"),
+        (
+            "GET",
+            "/inbox?page=2&q=a%20b",
+            "gw.example",
+            "https://gw.example:8443/inbox?page=2&q=a%20b",
+        ),
+        (
+            "GET",
+            "/_portcullis/login",
+            "evil.example",
+            "https://gw.example:8443/_portcullis/login",
+        ),
+        (
+            "POST",
+            "/campaigns",
+            "evil.example:443",
+            "https://gw.example:8443/campaigns",
+        ),
+        (
+            "GET",
+            "//evil.example/x",
+            "evil.example",
+            "https://gw.example:8443//evil.example/x",
+        ),
+    ] {
+        let r = client
+            .request(method.parse().unwrap(), format!("http://{redirect}{path}"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 308, "{method} {path}");
+        assert_eq!(location(&r), want, "{method} {path} Host: {host}");
+    }
+}
+
+/// Waits until `check` is true, for at most ten seconds.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+fn hangup(p: &Process) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &p.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -HUP");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d);
+    let (a_cert, a_key) = make_leaf(d, "first");
+    let (b_cert, b_key) = make_leaf(d, "second");
+    let (cert, key) = (d.join("live.pem"), d.join("live.key"));
+    std::fs::copy(&a_cert, &cert).unwrap();
+    std::fs::copy(&a_key, &key).unwrap();
+    let (up, _upstream) = start_upstream().await;
+    let port = free_port();
+    let config = d.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://localhost:{port}/\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             [upstream]\nurl = \"http://{up}/\"\n\
+             [storage]\ndurable = \"sqlite://{}\"\n\
+             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
+             [secrets]\nmaster_key = \"{}\"\n[notify]\noutbox_dir = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            d.join("db.sqlite").display(),
+            portcullis::crypto::MasterKey::generate_base64(),
+            d.join("outbox").display(),
+        ),
+    )
+    .unwrap();
+    let log = d.join("serve.log");
+    let mut gw = serve_binary(&config, &[], Some(&log));
+    let url = format!("https://localhost:{port}/_portcullis/healthz");
+    let serves = |pem: PathBuf| {
+        let url = url.clone();
+        async move { served_cert(d, &url).await == Some(der(&pem)) }
+    };
+    eventually("the first certificate is served", || serves(a_cert.clone())).await;
+
+    // A new pair on SIGHUP: new connections get it, without a restart.
+    std::fs::copy(&b_cert, &cert).unwrap();
+    std::fs::copy(&b_key, &key).unwrap();
+    hangup(&gw);
+    eventually("the second certificate is served", || {
+        serves(b_cert.clone())
+    })
+    .await;
+
+    // Broken pairs are refused; the second certificate stays and the process lives on.
+    let garbage = d.join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    for (i, (new_cert, new_key)) in [
+        (&garbage, &b_key),  // unreadable certificate
+        (&a_cert, &b_key),   // key of another certificate
+        (&b_cert, &garbage), // no key at all
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::copy(new_cert, &cert).unwrap();
+        std::fs::copy(new_key, &key).unwrap();
+        hangup(&gw);
+        let refusals = i + 1;
+        eventually("the broken pair is refused in the log", || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .matches("new TLS certificate refused")
+                    .count()
+                    == refusals
+            }
+        })
+        .await;
+        assert!(
+            serves(b_cert.clone()).await,
+            "pair {i}: the old certificate stays"
+        );
+        assert!(
+            gw.0.try_wait().unwrap().is_none(),
+            "the gateway is still running"
+        );
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "no key material in logs: {text}"
+    );
+}
