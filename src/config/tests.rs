@@ -103,8 +103,16 @@ fn bad_values_are_refused_with_the_key() {
         ),
         ("[notify]\nsmtp = \"smtp://x\"\n", "notify.smtp"),
         (
-            "[storage]\nephemeral = \"rediss://r:6379\"\n",
+            "[storage]\nephemeral = \"rediss://r:notaport\"\n",
             "storage.ephemeral",
+        ),
+        (
+            "[storage]\nephemeral = \"redis://r:6379\"\nredis_tls_ca = \"/etc/ssl/ca.pem\"\n",
+            "storage.redis_tls_ca",
+        ),
+        (
+            "[storage]\nephemeral = \"rediss://r:6379\"\nredis_tls_ca = \"/nonexistent/ca.pem\"\n",
+            "storage.redis_tls_ca",
         ),
         ("[storage]\nredis_prefix = \"\"\n", "storage.redis_prefix"),
         (
@@ -311,4 +319,42 @@ fn bad_listeners_and_tls_are_refused_with_the_key() {
         let e = load_str(&text, &[]).unwrap_err().to_string();
         assert!(e.contains(key), "{text} → {e}");
     }
+}
+
+#[test]
+fn redis_over_tls_is_accepted() {
+    for url in [
+        "rediss://:pw@redis.internal:6380/0",
+        "rediss+cluster://:pw@r1:7000,r2:7000",
+    ] {
+        let c = load_str(&format!("[storage]\nephemeral = \"{url}\"\n"), &[]).unwrap();
+        assert!(c.storage.redis_target().unwrap().unwrap().is_tls(), "{url}");
+    }
+    // A private CA: only a file with a PEM certificate is taken.
+    let dir = tempfile_dir();
+    let (ca, junk) = (dir.join("ca.pem"), dir.join("junk.pem"));
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/portcullis.example.toml");
+    std::fs::write(&junk, std::fs::read(example).unwrap()).unwrap();
+    // Only the PEM framing is checked here; rustls checks the certificate when connecting.
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let with_ca = |p: &Path| {
+        load_str(
+            &format!(
+                "[storage]\nephemeral = \"rediss://r:6380\"\nredis_tls_ca = \"{}\"\n",
+                p.display()
+            ),
+            &[],
+        )
+    };
+    let c = with_ca(&ca).unwrap();
+    assert!(matches!(
+        c.storage.redis_target().unwrap(),
+        Some(crate::store::redis::RedisTarget::PrivateCa { .. })
+    ));
+    let e = with_ca(&junk).unwrap_err().to_string();
+    assert!(e.contains("storage.redis_tls_ca"), "{e}");
 }

@@ -288,3 +288,73 @@ async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
         "no key material in logs: {text}"
     );
 }
+
+/// A private Redis that speaks TLS only, with a certificate from the test CA in `dir`; returns
+/// the process and its port.
+fn tls_redis(dir: &Path) -> (Process, u16) {
+    let (cert, key) = make_leaf(dir, "redis");
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(dir.join("ca.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (with TLS support, as Debian builds it) is needed: apt-get install redis-server");
+    (Process(child), port)
+}
+
+/// Readiness of a gateway whose ephemeral store is `url`, polled until it is `want`.
+async fn ready_on(url: &str, ca: Option<PathBuf>, want: u16) -> Gateway {
+    let url = url.to_string();
+    let gw = Gateway::start_with(move |c| {
+        c.storage.ephemeral = url;
+        c.storage.redis_tls_ca = ca;
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        c.storage.redis_connect_timeout = Duration::from_millis(500);
+        c.storage.redis_response_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let ready = || async { gw.status(&gw.api(), "/_portcullis/readyz").await == want };
+    eventually(
+        &format!("readyz {want} on {}", gw.state.config.storage.ephemeral),
+        ready,
+    )
+    .await;
+    gw
+}
+
+#[tokio::test]
+async fn redis_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    make_ca(dir.path());
+    let (_redis, port) = tls_redis(dir.path());
+    wait_listening(&format!("127.0.0.1:{port}")).await;
+    let ca = Some(dir.path().join("ca.pem"));
+
+    // Trusting the private CA: the store answers and a whole sign-in keeps its state there.
+    let gw = ready_on(&format!("rediss://127.0.0.1:{port}/0"), ca.clone(), 200).await;
+    let (c, _, _) = gw.signed_in("tls-redis@example.com").await;
+    assert_eq!(gw.status(&c, "/inbox").await, 200);
+    assert_eq!(gw.upstream.count(), 1);
+
+    // Fail closed: the system roots do not know the test CA, and plain Redis on the TLS port
+    // gets no answer. Neither gateway is ready, nor lets a sign-in through.
+    for (url, ca) in [
+        (format!("rediss://127.0.0.1:{port}/0"), None),
+        (format!("redis://127.0.0.1:{port}/0"), None),
+    ] {
+        let gw = ready_on(&url, ca, 503).await;
+        gw.add_user("refused@example.com").await;
+        let r = gw
+            .password(&gw.browser(), "refused@example.com", PASSWORD, "")
+            .await;
+        assert_eq!(r.status(), 503, "{url}");
+    }
+}
