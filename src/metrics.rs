@@ -93,10 +93,11 @@ const LIMITS: [&str; 5] = [
     "sign_in_codes",
 ];
 /// Step-up reasons, as labelled.
-const STEP_UPS: [&str; 3] = [
+const STEP_UPS: [&str; 4] = [
     "second_factor_required",
     "enrolment_required",
     "key_required",
+    "fresh_proof_required",
 ];
 
 /// The gateway's metrics.
@@ -234,7 +235,13 @@ impl Metrics {
             ("second_factor", "denied", "phishing_resistant_required") => "key_required",
             _ => return,
         };
-        self.step_ups.get_or_create(&[("reason", step_up)]).inc();
+        self.step_up(step_up);
+    }
+
+    /// Counts a request that needs more proof than its session has (`fresh_proof_required`:
+    /// changing second factors needs a second-factor proof within the last 10 minutes).
+    pub fn step_up(&self, reason: &'static str) {
+        self.step_ups.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// Counts an attempt refused by the budget stored under `key` (`fail:pwd:…`, `fail:ip:…`).

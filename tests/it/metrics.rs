@@ -7,6 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::harness::*;
+use super::webauthn::{
+    after_password, call, localhost, passkey, remove_key, second_factor, with_key,
+};
 
 /// Waits until something accepts connections on `addr`: the gateway opens its side listeners
 /// in the task the harness spawns, shortly after `Gateway::start` returns.
@@ -141,6 +144,56 @@ async fn counters_move_by_exactly_what_happened() {
         assert!(d(&key) > 0.0, "{key}");
     }
     assert_eq!(at(&after, "portcullis_argon2_queue_depth"), 0.0);
+}
+
+#[tokio::test]
+async fn keys_passkeys_and_fresh_proof_are_counted() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        localhost(c);
+    })
+    .await;
+    let (c, user, mut k, cred) = with_key(&gw, "keys@example.com", "Key").await;
+    let before = scrape(&metrics).await;
+
+    // A key as second factor, then a passkey sign-in.
+    let b = after_password(&gw, "keys@example.com").await;
+    assert_eq!(
+        second_factor(&gw, &b, &mut k, |_, _| {}).await.0.status(),
+        200
+    );
+    let p = gw.browser();
+    let (r, _, _) = passkey(&gw, &p, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 200);
+    // Eleven minutes on, changing keys needs a fresh proof: adding and removing are refused.
+    gw.clock.advance(11 * 60);
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let r = call(
+        &gw,
+        &c,
+        &csrf,
+        "register/start",
+        serde_json::json!({ "name": "x" }),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(remove_key(&gw, &c, &cred.id).await.status(), 403);
+
+    let after = scrape(&metrics).await;
+    let d = |k: &str| moved(&before, &after, k);
+    assert_eq!(d(&sign_ins("success", "password")), 1.0);
+    assert_eq!(d(&sign_ins("success", "key")), 1.0);
+    assert_eq!(d(&sign_ins("success", "passkey")), 1.0);
+    assert_eq!(d(&sign_ins("success", "totp")), 0.0);
+    assert_eq!(
+        d("portcullis_step_ups_total{reason=\"second_factor_required\"}"),
+        1.0
+    );
+    assert_eq!(
+        d("portcullis_step_ups_total{reason=\"fresh_proof_required\"}"),
+        2.0
+    );
 }
 
 #[tokio::test]
