@@ -199,6 +199,70 @@ fn hangup(p: &Process) {
     assert!(ok, "kill -HUP");
 }
 
+/// A config file in `dir` for `portcullis serve` with TLS from `cert` / `key` on `port`.
+fn binary_config(
+    dir: &Path,
+    port: u16,
+    upstream: std::net::SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> PathBuf {
+    let config = dir.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://localhost:{port}/\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             [upstream]\nurl = \"http://{upstream}/\"\n\
+             [storage]\ndurable = \"sqlite://{}\"\n\
+             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
+             [secrets]\nmaster_key = \"{}\"\n[notify]\noutbox_dir = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            dir.join("db.sqlite").display(),
+            portcullis::crypto::MasterKey::generate_base64(),
+            dir.join("outbox").display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_with_an_unusable_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d);
+    let (cert, _key) = make_leaf(d, "gw");
+    let (_, other_key) = make_leaf(d, "other");
+    let missing = d.join("missing.pem");
+    // (certificate, key) → what the error names
+    for (cert, key, says) in [
+        (&missing, &other_key, "cannot read TLS certificate"),
+        (&cert, &missing, "cannot read TLS private key"),
+        (&cert, &other_key, "do not form a usable pair"),
+    ] {
+        let run = tempfile::tempdir().unwrap();
+        let upstream = "127.0.0.1:9".parse().unwrap();
+        let config = binary_config(run.path(), free_port(), upstream, cert, key);
+        let log = run.path().join("refused.log");
+        let mut p = serve_binary(&config, &[], Some(&log));
+        let mut status = None;
+        for _ in 0..300 {
+            status = p.0.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status = status.expect("portcullis serve exits");
+        assert!(!status.success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(says), "{says}: {text}");
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
+    }
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,24 +275,7 @@ async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
     std::fs::copy(&a_key, &key).unwrap();
     let (up, _upstream) = start_upstream().await;
     let port = free_port();
-    let config = d.join("portcullis.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://localhost:{port}/\"\n\
-             tls_cert = \"{}\"\ntls_key = \"{}\"\n\
-             [upstream]\nurl = \"http://{up}/\"\n\
-             [storage]\ndurable = \"sqlite://{}\"\n\
-             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
-             [secrets]\nmaster_key = \"{}\"\n[notify]\noutbox_dir = \"{}\"\n",
-            cert.display(),
-            key.display(),
-            d.join("db.sqlite").display(),
-            portcullis::crypto::MasterKey::generate_base64(),
-            d.join("outbox").display(),
-        ),
-    )
-    .unwrap();
+    let config = binary_config(d, port, up, &cert, &key);
     let log = d.join("serve.log");
     let mut gw = serve_binary(&config, &[], Some(&log));
     let url = format!("https://localhost:{port}/_portcullis/healthz");
