@@ -16,10 +16,16 @@ use crate::store::{
 };
 
 /// A store whose operations are timed.
-#[derive(Debug)]
 pub struct Timed<S: ?Sized> {
     inner: Arc<S>,
     metrics: Arc<Metrics>,
+}
+
+/// Shows the wrapped store only (its `Debug` already hides credentials).
+impl<S: ?Sized + std::fmt::Debug> std::fmt::Debug for Timed<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Timed").field(&self.inner).finish()
+    }
 }
 
 impl<S: ?Sized> Timed<S> {

@@ -131,6 +131,12 @@ fn throttled_budgets_are_named_without_the_key() {
     m.throttled("fail:net:192.0.2.0/24");
     m.throttled("fail:code:{u1}");
     m.sign_in_codes_spent();
+    // Labels name the budget, never the account or address it was kept for.
+    let text = m.render(&hasher()).unwrap();
+    assert!(
+        !text.contains("alice@") && !text.contains("192.0.2"),
+        "{text}"
+    );
     for limit in LIMITS {
         assert_eq!(
             value(

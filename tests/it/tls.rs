@@ -102,7 +102,9 @@ async fn sign_in_over_https_and_no_plain_http() {
     .await;
     gw.base = format!("https://localhost:{}", gw.addr.port());
     let c = https_client(certs.path());
-    let page = gw.page(&c, "/_portcullis/login").await;
+    let r = gw.get(&c, "/_portcullis/login").await;
+    assert!(r.headers().contains_key("strict-transport-security"));
+    let page = r.text().await.unwrap();
     assert!(page.contains("name=\"password\""), "{page}");
     assert_eq!(
         served_cert(certs.path(), &gw.url("/_portcullis/healthz")).await,
