@@ -196,6 +196,39 @@ async fn keys_passkeys_and_fresh_proof_are_counted() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argon2_queue_depth_follows_the_hashing_pool() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        // One slot and costly hashes, so sign-ins wait in line long enough to be seen.
+        c.password.max_concurrent_hashes = 1;
+        c.password.argon2_memory_kib = 64 * 1024;
+        c.password.argon2_iterations = 3;
+    })
+    .await;
+    let depth = |m: HashMap<String, f64>| at(&m, "portcullis_argon2_queue_depth");
+    assert_eq!(depth(scrape(&metrics).await), 0.0);
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let attempts: Vec<_> = (0..3)
+        .map(|i| {
+            let form = gw.login_form(&c, &csrf, &format!("nobody{i}@example.com"), "pw", "");
+            tokio::spawn(form.send())
+        })
+        .collect();
+    let mut deepest = 0.0f64;
+    while !attempts.iter().all(|a| a.is_finished()) {
+        deepest = deepest.max(depth(scrape(&metrics).await));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        deepest >= 2.0,
+        "one hash running and at least one waiting; saw {deepest}"
+    );
+    assert_eq!(depth(scrape(&metrics).await), 0.0);
+}
+
 #[tokio::test]
 async fn metrics_are_only_on_their_own_listener() {
     let (metrics, adjust) = metrics_on_free_port();
