@@ -196,6 +196,49 @@ async fn keys_passkeys_and_fresh_proof_are_counted() {
     );
 }
 
+#[tokio::test]
+async fn outages_and_mail_failures_are_counted() {
+    let (metrics, adjust) = metrics_on_free_port();
+    // Nothing listens on the SMTP port: every delivery fails (and is retried later).
+    let smtp = format!("smtp://127.0.0.1:{}", free_port());
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        c.notify.smtp_url = Some(portcullis::secret::Secret::new(smtp));
+    })
+    .await;
+    let before = scrape(&metrics).await;
+    let (b, _, _) = gw.signed_in("outage@example.com").await;
+    let mail = |result: &str| format!("portcullis_mail_deliveries_total{{result=\"{result}\"}}");
+    let mut after = scrape(&metrics).await;
+    for _ in 0..200 {
+        let queued = moved(&before, &after, &mail("queued"));
+        if queued >= 1.0 && moved(&before, &after, &mail("failed")) == queued {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        after = scrape(&metrics).await;
+    }
+    let queued = moved(&before, &after, &mail("queued"));
+    assert!(queued >= 1.0);
+    assert_eq!(moved(&before, &after, &mail("failed")), queued);
+    assert_eq!(moved(&before, &after, &mail("sent")), 0.0);
+
+    // The durable store goes away under a signed-in user: refused with 503, counted.
+    let _repair = gw.break_durable_store().await;
+    gw.assert_unavailable_json(&b, "/inbox").await;
+    let later = scrape(&metrics).await;
+    let key = "portcullis_proxied_requests_total{outcome=\"unavailable\"}";
+    assert_eq!(moved(&after, &later, key), 1.0);
+    assert_eq!(
+        moved(
+            &after,
+            &later,
+            "portcullis_proxied_requests_total{outcome=\"forwarded\"}"
+        ),
+        0.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argon2_queue_depth_follows_the_hashing_pool() {
     let (metrics, adjust) = metrics_on_free_port();
