@@ -583,6 +583,22 @@ impl Config {
     fn validate_listeners(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         let https = self.is_https();
+        for (key, path) in [
+            ("server.tls_cert", &s.tls_cert),
+            ("server.tls_key", &s.tls_key),
+        ] {
+            // `tls_key_file = "…"` would put the key itself here (the `_file` suffix reads a
+            // value from a file): refuse without repeating it.
+            if path
+                .as_ref()
+                .is_some_and(|p| p.to_string_lossy().contains('\n'))
+            {
+                return Err(key_err(
+                    key,
+                    "must be the path of a PEM file (set the path itself, not a `_file` key)",
+                ));
+            }
+        }
         match (&s.tls_cert, &s.tls_key) {
             (Some(_), None) | (None, Some(_)) => {
                 return Err(key_err(

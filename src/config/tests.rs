@@ -358,3 +358,26 @@ fn redis_over_tls_is_accepted() {
     let e = with_ca(&junk).unwrap_err().to_string();
     assert!(e.contains("storage.redis_tls_ca"), "{e}");
 }
+
+#[test]
+fn a_key_read_through_file_is_refused_without_showing_it() {
+    let dir = tempfile_dir();
+    let pem = dir.join("key.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let e = load_str(
+        &format!(
+            "[server]\npublic_url = \"https://gw.example/\"\ntls_cert = \"c.pem\"\n\
+             tls_key_file = \"{}\"\n",
+            pem.display()
+        ),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("server.tls_key"), "{e}");
+    assert!(!e.contains("c2VjcmV0") && !e.contains("PRIVATE KEY"), "{e}");
+}
