@@ -64,6 +64,16 @@ pub struct Config {
     pub webauthn: WebauthnConfig,
     pub forward_auth: ForwardAuthConfig,
     pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus metrics on a listener of their own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:PORT` serving `GET /metrics`; unset: no metrics listener. Keep it on loopback or a
+    /// private network: it needs no credentials.
+    pub listen: Option<String>,
 }
 
 /// `[admin]`: the admin console at `/_portcullis/admin`.
@@ -145,6 +155,14 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests may take to finish before connections drop.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// PEM certificate chain: when set (with `tls_key`) the listener speaks HTTPS only.
+    /// Read again, with the key, on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// `IP:PORT` of a plain-HTTP listener that answers every request with a 308 to the same path
+    /// on `public_url`'s https origin (never on the request's Host). Unset: none.
+    pub redirect_http_listen: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +174,9 @@ impl Default for ServerConfig {
             max_uri_length: 8192,
             max_form_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            tls_cert: None,
+            tls_key: None,
+            redirect_http_listen: None,
         }
     }
 }
@@ -551,6 +572,7 @@ impl Config {
                 "must be IP:PORT, e.g. 0.0.0.0:8080",
             ));
         }
+        self.validate_listeners()?;
         if s.max_uri_length < 256 {
             return Err(key_err("server.max_uri_length", "must be at least 256"));
         }
@@ -666,6 +688,63 @@ impl Config {
             return Err(key_err(
                 "admin.enrolment_link_ttl",
                 "must be between 5m and 30 days",
+            ));
+        }
+        Ok(())
+    }
+
+    /// TLS, the redirect listener and the metrics listener.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let https = self.is_https();
+        for (key, path) in [
+            ("server.tls_cert", &s.tls_cert),
+            ("server.tls_key", &s.tls_key),
+        ] {
+            // `tls_key_file = "…"` would put the key itself here (the `_file` suffix reads a
+            // value from a file): refuse without repeating it.
+            if path
+                .as_ref()
+                .is_some_and(|p| p.to_string_lossy().contains('\n'))
+            {
+                return Err(key_err(
+                    key,
+                    "must be the path of a PEM file (set the path itself, not a `_file` key)",
+                ));
+            }
+        }
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(key_err(
+                    "server.tls_cert",
+                    "server.tls_cert and server.tls_key go together: set both or neither",
+                ))
+            }
+            (Some(_), Some(_)) if !https => {
+                return Err(key_err(
+                    "server.public_url",
+                    "must be an https:// URL when server.tls_cert is set",
+                ))
+            }
+            _ => {}
+        }
+        let own = [
+            ("server.redirect_http_listen", &s.redirect_http_listen),
+            ("metrics.listen", &self.metrics.listen),
+        ];
+        for (key, addr) in own {
+            let Some(addr) = addr else { continue };
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(key_err(key, "must be IP:PORT, e.g. 127.0.0.1:9464"));
+            }
+            if *addr == s.listen {
+                return Err(key_err(key, "must differ from server.listen"));
+            }
+        }
+        if s.redirect_http_listen.is_some() && !https {
+            return Err(key_err(
+                "server.redirect_http_listen",
+                "needs an https:// server.public_url to redirect to",
             ));
         }
         Ok(())

@@ -20,6 +20,7 @@
 //! - [`enrolment`]: one-time links through which a user sets up their own factors.
 //! - [`device`]: recognising the browsers a user signed in from (device cookie, names).
 //! - [`notify`]: email to account owners through a durable queue (SMTP or an outbox directory).
+//! - [`metrics`]: Prometheus metrics on a listener of their own.
 //! - [`demo`]: the built-in demo ESP console used by `portcullis demo`.
 //! - [`cli`]: the command-line interface's commands.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -37,6 +38,7 @@ pub mod demo;
 pub mod device;
 pub mod enrolment;
 pub mod http;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod proxy;

@@ -1,14 +1,21 @@
 //! Builds the router and runs it on a listener until a shutdown signal, so the binary and the
 //! tests start the gateway the same way (tests bind port 0 and pass their own shutdown).
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::state::AppState;
+
+pub mod tls;
 
 /// How often signing keys are re-read, so a rotation made elsewhere is picked up.
 const KEY_REFRESH: Duration = Duration::from_secs(10);
@@ -19,11 +26,24 @@ pub fn build_router(state: AppState) -> Router {
 }
 
 /// Serves until `shutdown` completes, then drains in-flight requests and flushes the audit trail.
+///
+/// With `server.tls_cert` the listener speaks HTTPS only and SIGHUP reloads the certificate;
+/// `server.redirect_http_listen` and `metrics.listen` open their own listeners, which stop with
+/// the main one.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let server = &state.config.server;
+    let tls = match (&server.tls_cert, &server.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::Tls::load(cert, key)?),
+        _ => None,
+    };
+    // After the signal, in-flight requests get `server.shutdown_timeout` to finish; then the
+    // remaining connections (a stuck upstream, open websockets) are dropped.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let side = side_listeners(&state, &stop_rx).await?;
     let signer = state.signer.clone();
     let refresher = tokio::spawn(async move {
         let mut tick = tokio::time::interval(KEY_REFRESH);
@@ -37,24 +57,41 @@ pub async fn run(
     });
     let mailer = tokio::spawn(state.notifier.as_ref().clone().run());
     let app = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    // Small answers go out at once: no Nagle delay between a response head and its body.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    // After the signal, in-flight requests get `server.shutdown_timeout` to finish; then the
-    // remaining connections (a stuck upstream, open websockets) are dropped.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
     let drain = state.config.server.shutdown_timeout;
     let mut graceful = stop_rx.clone();
-    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let stopped = async move {
         let _ = graceful.wait_for(|s| *s).await;
-    });
+    };
+    let mut reloader = None;
+    let serving: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
+        Some(tls) => {
+            reloader = Some(tokio::spawn(reload_on_hangup(tls.clone())));
+            // Nothing to do per connection: the TLS listener has set TCP_NODELAY already.
+            let listener = ListenerExt::tap_io(tls.listener(listener)?, |_| {});
+            Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .into_future(),
+            )
+        }
+        None => {
+            // Small answers go out at once: no Nagle delay between a response head and its body.
+            let listener = ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            });
+            Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .into_future(),
+            )
+        }
+    };
     let mut deadline = stop_rx;
     let result = tokio::select! {
         r = serving => r,
@@ -68,6 +105,98 @@ pub async fn run(
     };
     refresher.abort();
     mailer.abort();
+    for task in side.into_iter().chain(reloader) {
+        task.abort();
+    }
     state.audit.flush().await;
     result
+}
+
+/// Reads the certificate again on every SIGHUP; a pair that does not load is refused with an
+/// error log and the current one stays.
+async fn reload_on_hangup(tls: tls::Tls) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: the TLS certificate will not be reloaded");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded for new connections"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: new TLS certificate refused; keeping the current one")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tls;
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Starts the metrics and HTTP→HTTPS redirect listeners that are configured; they stop when
+/// `stop` turns true. A listener that cannot bind stops the start-up.
+async fn side_listeners(
+    state: &AppState,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let mut apps = Vec::new();
+    if let Some(addr) = &state.config.metrics.listen {
+        let app = crate::metrics::router(state.metrics.clone(), state.login.hasher.clone());
+        apps.push(("metrics", addr, app));
+    }
+    if let Some(addr) = &state.config.server.redirect_http_listen {
+        apps.push((
+            "redirect",
+            addr,
+            redirect_router(&state.config.server.public_url),
+        ));
+    }
+    for (what, addr, app) in apps {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+        })?;
+        tracing::info!(listen = %addr, "{what} listener started");
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "{what} listener failed");
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// Answers every request with a 308 to the same path and query on the https origin of
+/// `public_url`. The target never comes from the request's Host header, so the listener cannot
+/// be made to redirect elsewhere.
+fn redirect_router(public_url: &url::Url) -> Router {
+    let origin: Arc<str> = public_url.as_str().trim_end_matches('/').into();
+    Router::new().fallback(move |uri: Uri| {
+        let origin = origin.clone();
+        async move {
+            let path = uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .filter(|p| p.starts_with('/'))
+                .unwrap_or("/");
+            let location = HeaderValue::from_str(&format!("{origin}{path}"))
+                .or_else(|_| HeaderValue::from_str(&format!("{origin}/")));
+            match location {
+                Ok(l) => (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, l)]).into_response(),
+                Err(_) => StatusCode::BAD_REQUEST.into_response(),
+            }
+        }
+    })
 }

@@ -11,6 +11,8 @@ use crate::auth::webauthn::{Keys, SetupError};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::MasterKey;
+use crate::metrics::stores::Timed;
+use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::session::Sessions;
 use crate::store::{DurableStore, EphemeralStore, StoreError, User};
@@ -53,6 +55,8 @@ pub struct AppState {
     pub user_gate: Arc<UserGate>,
     /// The mail queue to account owners.
     pub notifier: Arc<crate::notify::Notifier>,
+    /// Counters and histograms served on the metrics listener.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -69,6 +73,9 @@ impl AppState {
         durable: Arc<dyn DurableStore>,
         ephemeral: Arc<dyn EphemeralStore>,
     ) -> Result<Self, StartupError> {
+        let metrics = Arc::new(Metrics::new());
+        let durable: Arc<dyn DurableStore> = Arc::new(Timed::new(durable, metrics.clone()));
+        let ephemeral: Arc<dyn EphemeralStore> = Arc::new(Timed::new(ephemeral, metrics.clone()));
         let master_key = Arc::new(config.master_key()?);
         let signer = Arc::new(
             Signer::load(durable.clone(), master_key.clone(), &config, clock.clone()).await?,
@@ -88,6 +95,7 @@ impl AppState {
             clock.clone(),
         )?);
         let login = LoginFlow {
+            metrics: metrics.clone(),
             webauthn_policy: config.webauthn.clone(),
             notifier: notifier.clone(),
             durable: durable.clone(),
@@ -117,6 +125,7 @@ impl AppState {
             Err(e) => return Err(e.into()),
         };
         Ok(Self {
+            metrics,
             keys,
             notifier,
             upstream: Arc::new(Upstream::new(&config.upstream)),

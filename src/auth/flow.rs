@@ -95,6 +95,8 @@ pub struct LoginFlow {
     pub notifier: Arc<crate::notify::Notifier>,
     /// Who must sign in with a key (`webauthn.require_phishing_resistant`, per account).
     pub webauthn_policy: crate::config::WebauthnConfig,
+    /// Sign-in results, step-ups and throttled attempts are counted here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// `amr` value of a recovery code.
@@ -139,6 +141,7 @@ impl LoginFlow {
             let n = self.ephemeral.incr(key, self.window()).await?;
             taken.push(key.clone());
             if n > *limit {
+                self.metrics.throttled(key);
                 self.release(&taken).await?;
                 return Ok(None);
             }
@@ -173,6 +176,7 @@ impl LoginFlow {
     }
 
     pub(crate) async fn audit(&self, ev: AuditEvent, client: &Client) {
+        self.metrics.sign_in_event(&ev);
         self.audit
             .record(ev.client(&client.ip, &client.user_agent))
             .await;
@@ -407,6 +411,7 @@ impl LoginFlow {
         }
         self.audit(ev, client).await;
         if u64::from(session.failed_codes) >= self.limits.second_factor_failures_per_login {
+            self.metrics.sign_in_codes_spent();
             return Ok(CodeOutcome::Restart);
         }
         Ok(CodeOutcome::Rejected)

@@ -1,6 +1,10 @@
 //! `[storage]`: where state lives, and how long to wait for a store before failing closed.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +30,9 @@ pub struct StorageConfig {
     /// Longest wait for one Redis answer; after it the request gets 503.
     #[serde(with = "duration")]
     pub redis_response_timeout: Duration,
+    /// With `rediss://`: a PEM CA bundle that alone is trusted for the Redis servers'
+    /// certificates (a private CA). Unset: the system's trusted roots.
+    pub redis_tls_ca: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
@@ -36,6 +43,7 @@ impl Default for StorageConfig {
             redis_prefix: "portcullis:".into(),
             redis_connect_timeout: Duration::from_secs(2),
             redis_response_timeout: Duration::from_secs(1),
+            redis_tls_ca: None,
         }
     }
 }
@@ -49,6 +57,7 @@ impl std::fmt::Debug for StorageConfig {
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_connect_timeout", &self.redis_connect_timeout)
             .field("redis_response_timeout", &self.redis_response_timeout)
+            .field("redis_tls_ca", &self.redis_tls_ca)
             .finish()
     }
 }
@@ -59,14 +68,30 @@ impl StorageConfig {
         if self.ephemeral == "memory" {
             return Ok(None);
         }
-        match RedisTarget::parse(&self.ephemeral) {
-            Some(Ok(t)) => Ok(Some(t)),
-            Some(Err(why)) => Err(key_err("storage.ephemeral", why)),
-            None => Err(key_err(
-                "storage.ephemeral",
-                "must be `memory`, a redis:// URL or a redis+cluster:// URL",
-            )),
+        let target = match RedisTarget::parse(&self.ephemeral) {
+            Some(Ok(t)) => t,
+            Some(Err(why)) => return Err(key_err("storage.ephemeral", why)),
+            None => {
+                return Err(key_err(
+                    "storage.ephemeral",
+                    "must be `memory`, a redis:// or rediss:// URL, or a redis+cluster:// or \
+                     rediss+cluster:// URL",
+                ))
+            }
+        };
+        let Some(path) = &self.redis_tls_ca else {
+            return Ok(Some(target));
+        };
+        if !target.is_tls() {
+            return Err(key_err(
+                "storage.redis_tls_ca",
+                "needs a TLS store URL (rediss:// or rediss+cluster://)",
+            ));
         }
+        Ok(Some(RedisTarget::PrivateCa {
+            target: Box::new(target),
+            ca_pem: read_ca(path)?,
+        }))
     }
 
     /// A copy whose URLs have their passwords redacted, for showing.
@@ -109,6 +134,19 @@ impl StorageConfig {
         }
         Ok(())
     }
+}
+
+/// Reads a PEM CA bundle and checks that it holds at least one certificate.
+fn read_ca(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let bad = |why: String| key_err("storage.redis_tls_ca", format!("{}: {why}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in the file".into()));
+    }
+    Ok(pem)
 }
 
 /// Longer waits would hold requests (and their connections) for too long while a store is down.

@@ -103,8 +103,16 @@ fn bad_values_are_refused_with_the_key() {
         ),
         ("[notify]\nsmtp = \"smtp://x\"\n", "notify.smtp"),
         (
-            "[storage]\nephemeral = \"rediss://r:6379\"\n",
+            "[storage]\nephemeral = \"rediss://r:notaport\"\n",
             "storage.ephemeral",
+        ),
+        (
+            "[storage]\nephemeral = \"redis://r:6379\"\nredis_tls_ca = \"/etc/ssl/ca.pem\"\n",
+            "storage.redis_tls_ca",
+        ),
+        (
+            "[storage]\nephemeral = \"rediss://r:6379\"\nredis_tls_ca = \"/nonexistent/ca.pem\"\n",
+            "storage.redis_tls_ca",
         ),
         ("[storage]\nredis_prefix = \"\"\n", "storage.redis_prefix"),
         (
@@ -339,4 +347,115 @@ fn webauthn_attestation_policy_is_checked() {
         c.webauthn.policy_for("acct-2").attestation,
         Attestation::None
     );
+}
+
+#[test]
+fn listeners_and_tls_parse() {
+    let c = load_str(
+        "[server]\npublic_url = \"https://gw.example/\"\nlisten = \"0.0.0.0:443\"\n\
+         tls_cert = \"/etc/portcullis/cert.pem\"\ntls_key = \"/etc/portcullis/key.pem\"\n\
+         redirect_http_listen = \"0.0.0.0:80\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        c.server.tls_cert.as_deref(),
+        Some(Path::new("/etc/portcullis/cert.pem"))
+    );
+    assert_eq!(c.server.redirect_http_listen.as_deref(), Some("0.0.0.0:80"));
+    assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+    let d = Config::load(None, Vec::new()).unwrap();
+    assert!(d.metrics.listen.is_none() && d.server.tls_cert.is_none());
+    assert!(d.server.redirect_http_listen.is_none());
+}
+
+#[test]
+fn bad_listeners_and_tls_are_refused_with_the_key() {
+    let https = "[server]\npublic_url = \"https://gw.example/\"\n";
+    for (text, key) in [
+        (format!("{https}tls_cert = \"c.pem\"\n"), "server.tls_cert"),
+        (format!("{https}tls_key = \"k.pem\"\n"), "server.tls_cert"),
+        (
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n".into(),
+            "server.public_url",
+        ),
+        (
+            "[server]\nredirect_http_listen = \"0.0.0.0:80\"\n".into(),
+            "server.redirect_http_listen",
+        ),
+        (
+            format!("{https}redirect_http_listen = \"port 80\"\n"),
+            "server.redirect_http_listen",
+        ),
+        ("[metrics]\nlisten = \"9464\"\n".into(), "metrics.listen"),
+        (
+            "[metrics]\nlisten = \"127.0.0.1:8080\"\n".into(),
+            "metrics.listen",
+        ),
+        ("[metrics]\nport = 9464\n".into(), "metrics.port"),
+    ] {
+        let e = load_str(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text} → {e}");
+    }
+}
+
+#[test]
+fn redis_over_tls_is_accepted() {
+    for url in [
+        "rediss://:pw@redis.internal:6380/0",
+        "rediss+cluster://:pw@r1:7000,r2:7000",
+    ] {
+        let c = load_str(&format!("[storage]\nephemeral = \"{url}\"\n"), &[]).unwrap();
+        assert!(c.storage.redis_target().unwrap().unwrap().is_tls(), "{url}");
+    }
+    // A private CA: only a file with a PEM certificate is taken.
+    let dir = tempfile_dir();
+    let (ca, junk) = (dir.join("ca.pem"), dir.join("junk.pem"));
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/portcullis.example.toml");
+    std::fs::write(&junk, std::fs::read(example).unwrap()).unwrap();
+    // Only the PEM framing is checked here; rustls checks the certificate when connecting.
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let with_ca = |p: &Path| {
+        load_str(
+            &format!(
+                "[storage]\nephemeral = \"rediss://r:6380\"\nredis_tls_ca = \"{}\"\n",
+                p.display()
+            ),
+            &[],
+        )
+    };
+    let c = with_ca(&ca).unwrap();
+    assert!(matches!(
+        c.storage.redis_target().unwrap(),
+        Some(crate::store::redis::RedisTarget::PrivateCa { .. })
+    ));
+    let e = with_ca(&junk).unwrap_err().to_string();
+    assert!(e.contains("storage.redis_tls_ca"), "{e}");
+}
+
+#[test]
+fn a_key_read_through_file_is_refused_without_showing_it() {
+    let dir = tempfile_dir();
+    let pem = dir.join("key.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let e = load_str(
+        &format!(
+            "[server]\npublic_url = \"https://gw.example/\"\ntls_cert = \"c.pem\"\n\
+             tls_key_file = \"{}\"\n",
+            pem.display()
+        ),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("server.tls_key"), "{e}");
+    assert!(!e.contains("c2VjcmV0") && !e.contains("PRIVATE KEY"), "{e}");
 }

@@ -246,6 +246,7 @@ pub async fn remove_post(
         async move { page(state, headers, loaded, user, None, Some(msg), status).await }
     };
     if !fresh(&state, &loaded.session) {
+        state.metrics.step_up("fresh_proof_required");
         return refuse(
             "For your security, sign out and sign in again before removing a key.",
             StatusCode::FORBIDDEN,

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::error::{wants_html, AppError};
 use super::{apply_security_headers, csrf, get_cookie, see_other};
 use crate::auth::flow::acr_for;
+use crate::metrics::Proxied;
 use crate::policy::{is_gateway_path, normalise_path, safe_return_to};
 use crate::proxy::Forwarding;
 use crate::session::{self, Invalid};
@@ -210,18 +211,27 @@ async fn gate_and_forward(
     peer: std::net::SocketAddr,
     req: Request,
 ) -> Result<Response, AppError> {
-    let canonical =
-        normalise_path(req.uri().path()).map_err(|e| AppError::bad_request(e.to_string()))?;
+    let canonical = normalise_path(req.uri().path()).map_err(|e| {
+        state.metrics.proxied(Proxied::Denied);
+        AppError::bad_request(e.to_string())
+    })?;
     if is_gateway_path(&canonical) {
         // The gateway's namespace in any other spelling: never forwarded.
+        state.metrics.proxied(Proxied::Denied);
         let mut r = AppError::not_found().into_response();
         apply_security_headers(r.headers_mut(), state.config.is_https());
         return Ok(r);
     }
-    let token = match decide(state, peer, req.headers()).await? {
+    let decision = decide(state, peer, req.headers()).await;
+    let decision = decision.inspect_err(|_| state.metrics.proxied(Proxied::Unavailable))?;
+    let token = match decision {
         Decision::Pass(token) => token,
         Decision::Refuse { clear_cookie } => {
             let browser = wants_html(req.headers()) && !is_upgrade(&req);
+            state.metrics.proxied(match browser {
+                true => Proxied::SignInRedirect,
+                false => Proxied::Denied,
+            });
             let target = match req.uri().query() {
                 Some(q) => format!("{canonical}?{q}"),
                 None => canonical.clone(),
@@ -267,8 +277,12 @@ async fn gate_and_forward(
         strip_headers: vec![state.config.token.header.to_ascii_lowercase()],
     };
     match state.upstream.forward(req, fwd).await {
-        Ok(r) => Ok(r),
+        Ok(r) => {
+            state.metrics.proxied(Proxied::Forwarded);
+            Ok(r)
+        }
         Err(e) => {
+            state.metrics.proxied(Proxied::Unavailable);
             tracing::warn!(error = %e, "upstream request failed");
             let status = e.status();
             let (code, msg) = if status == StatusCode::GATEWAY_TIMEOUT {

@@ -152,6 +152,7 @@ async fn registering(state: &AppState, headers: &HeaderMap) -> Result<(Loaded, U
                 .await?
                 .ok_or_else(no_session)?;
             if !fresh(state, &loaded.session) {
+                state.metrics.step_up("fresh_proof_required");
                 return Err(AppError::forbidden(
                     "reauthentication_required",
                     "For your security, sign out and sign in again before adding a key.",

@@ -23,13 +23,23 @@ use super::{EphemeralStore, StoreError, StoreResult};
 /// URL scheme that selects Redis Cluster: `redis+cluster://[user:pass@]host1:port,host2:port`.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
+/// URL scheme that selects Redis Cluster over TLS.
+pub const TLS_CLUSTER_SCHEME: &str = "rediss+cluster://";
+
 /// Where the Redis server (or cluster) is.
 #[derive(Clone, PartialEq, Eq)]
 pub enum RedisTarget {
-    /// One server (or a proxy / failover endpoint): a `redis://` URL.
+    /// One server (or a proxy / failover endpoint): a `redis://` URL, or `rediss://` for TLS.
     Single(String),
-    /// A cluster: one `redis://` URL per seed node, sharing the credentials and database.
+    /// A cluster: one `redis://` (or `rediss://`) URL per seed node, sharing the credentials and
+    /// database.
     Cluster(Vec<String>),
+    /// A `rediss://` target whose server certificates are checked against this CA bundle (PEM)
+    /// instead of the system's trusted roots (`storage.redis_tls_ca`).
+    PrivateCa {
+        target: Box<RedisTarget>,
+        ca_pem: Vec<u8>,
+    },
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -40,6 +50,7 @@ impl std::fmt::Debug for RedisTarget {
                 let shown: Vec<String> = us.iter().map(|u| crate::secret::redact_url(u)).collect();
                 write!(f, "Cluster({shown:?})")
             }
+            Self::PrivateCa { target, .. } => write!(f, "PrivateCa({target:?})"),
         }
     }
 }
@@ -49,22 +60,27 @@ impl RedisTarget {
     /// Error messages never repeat the URL (it may hold a password).
     pub fn parse(url: &str) -> Option<Result<Self, String>> {
         if let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) {
-            return Some(Self::parse_cluster(rest));
+            return Some(Self::parse_cluster(rest, "redis://"));
         }
-        if url.starts_with("rediss://") || url.starts_with("rediss+cluster://") {
-            return Some(Err(
-                "TLS to Redis (rediss://) is not built in; reach Redis over a \
-                 private network or a local TLS tunnel and use redis://"
-                    .into(),
-            ));
+        if let Some(rest) = url.strip_prefix(TLS_CLUSTER_SCHEME) {
+            return Some(Self::parse_cluster(rest, "rediss://"));
         }
-        if !url.starts_with("redis://") {
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
             return None;
         }
         Some(check_url(url).map(|()| Self::Single(url.to_string())))
     }
 
-    fn parse_cluster(rest: &str) -> Result<Self, String> {
+    /// Whether every connection of this target uses TLS.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Self::Single(u) => u.starts_with("rediss://"),
+            Self::Cluster(nodes) => nodes.iter().all(|u| u.starts_with("rediss://")),
+            Self::PrivateCa { target, .. } => target.is_tls(),
+        }
+    }
+
+    fn parse_cluster(rest: &str, node_scheme: &str) -> Result<Self, String> {
         let end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(end);
         let (userinfo, hosts) = match authority.rfind('@') {
@@ -73,7 +89,7 @@ impl RedisTarget {
         };
         let nodes: Vec<String> = hosts
             .split(',')
-            .map(|h| format!("redis://{userinfo}{}{tail}", h.trim()))
+            .map(|h| format!("{node_scheme}{userinfo}{}{tail}", h.trim()))
             .collect();
         if hosts.split(',').any(|h| h.trim().is_empty()) {
             return Err("a cluster URL lists seed nodes as host:port,host:port".into());
@@ -212,9 +228,26 @@ impl RedisStore {
     /// Sets up the connection without waiting for the server: a gateway starts (and reports
     /// "not ready") while Redis is still down, and connects as soon as it answers.
     pub async fn connect(opts: RedisOptions) -> StoreResult<Self> {
-        let conn = match &opts.target {
+        // TLS (`rediss://`) checks the server against the system's roots, or only against the
+        // configured CA bundle.
+        let (target, private_ca) = match &opts.target {
+            RedisTarget::PrivateCa { target, ca_pem } => (&**target, Some(ca_pem)),
+            t => (t, None),
+        };
+        let certs = |ca: &Vec<u8>| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        };
+        let conn = match target {
+            RedisTarget::PrivateCa { .. } => {
+                return Err(StoreError::Unavailable("redis: nested CA settings".into()))
+            }
             RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(|e| fail("open", &e))?;
+                let client = match private_ca {
+                    Some(ca) => redis::Client::build_with_tls(url.as_str(), certs(ca)),
+                    None => redis::Client::open(url.as_str()),
+                }
+                .map_err(|e| fail("open", &e))?;
                 // Few, quick reconnection attempts: each failed call already answers 503, and
                 // the next call starts a fresh attempt.
                 let config = ConnectionManagerConfig::new()
@@ -228,12 +261,14 @@ impl RedisStore {
                 )
             }
             RedisTarget::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(opts.connect_timeout)
                     .response_timeout(opts.response_timeout)
-                    .retries(1)
-                    .build()
-                    .map_err(|e| fail("open cluster", &e))?;
+                    .retries(1);
+                if let Some(ca) = private_ca {
+                    builder = builder.certs(certs(ca));
+                }
+                let client = builder.build().map_err(|e| fail("open cluster", &e))?;
                 let connecting = client.get_async_connection();
                 let conn =
                     tokio::time::timeout(opts.connect_timeout + opts.response_timeout, connecting)

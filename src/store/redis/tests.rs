@@ -137,8 +137,22 @@ fn targets_parse_and_never_echo_passwords() {
             "redis://u:pw@h2:7001/".into()
         ])))
     );
+    assert_eq!(
+        RedisTarget::parse("rediss://:pw@r:6380/0"),
+        Some(Ok(RedisTarget::Single("rediss://:pw@r:6380/0".into())))
+    );
+    let tls_cluster = RedisTarget::parse("rediss+cluster://:pw@h1:7000,h2:7001");
+    assert_eq!(
+        tls_cluster,
+        Some(Ok(RedisTarget::Cluster(vec![
+            "rediss://:pw@h1:7000".into(),
+            "rediss://:pw@h2:7001".into()
+        ])))
+    );
+    assert!(tls_cluster.unwrap().unwrap().is_tls());
+    assert!(!RedisTarget::parse("redis://r:1").unwrap().unwrap().is_tls());
     for bad in [
-        "rediss://:hunter2@r:6379",
+        "rediss://:hunter2@r:notaport",
         "redis+cluster://:hunter2@h1:7000,,h2:7001",
         "redis://:hunter2@r:notaport",
     ] {

@@ -1,0 +1,340 @@
+//! Prometheus metrics on their own listener: sign-ins, step-ups, throttling, proxied requests,
+//! mail and store latency move by exactly what happened; nothing of it is reachable through the
+//! gateway's listener; `portcullis serve` starts the listener too.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::harness::*;
+use super::webauthn::{
+    after_password, call, localhost, passkey, remove_key, second_factor, with_key,
+};
+
+/// Waits until something accepts connections on `addr`: the gateway opens its side listeners
+/// in the task the harness spawns, shortly after `Gateway::start` returns.
+pub async fn wait_listening(addr: &str) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// Every sample of a scrape, keyed by `name{labels}` as written.
+async fn scrape(addr: &str) -> HashMap<String, f64> {
+    wait_listening(addr).await;
+    let r = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn at(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key)
+        .unwrap_or_else(|| panic!("no sample `{key}` in {:#?}", m.keys()))
+}
+
+/// How much each sample moved between two scrapes.
+fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, key: &str) -> f64 {
+    at(after, key) - before.get(key).copied().unwrap_or(0.0)
+}
+
+fn sign_ins(result: &str, factor: &str) -> String {
+    format!("portcullis_sign_in_attempts_total{{result=\"{result}\",factor=\"{factor}\"}}")
+}
+
+fn metrics_on_free_port() -> (String, impl FnOnce(&mut portcullis::config::Config)) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let listen = addr.clone();
+    (addr, move |c: &mut portcullis::config::Config| {
+        c.metrics.listen = Some(listen);
+        c.limits.password_failures_per_account = 2;
+    })
+}
+
+#[tokio::test]
+async fn counters_move_by_exactly_what_happened() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let gw = Gateway::start_with(adjust).await;
+    gw.add_user("alice@example.com").await;
+    gw.add_user("mallory-target@example.com").await;
+    let before = scrape(&metrics).await;
+
+    // One wrong password, then a complete first sign-in with enrolment, then a second sign-in.
+    let c = gw.browser();
+    let r = gw
+        .password(&c, "alice@example.com", "wrong password!", "")
+        .await;
+    assert_eq!(r.status(), 401);
+    let (secret, _codes) = gw.enrol(&c, "alice@example.com").await;
+    let c = gw.sign_in_again("alice@example.com", &secret).await;
+    // The account budget is 2: the third wrong password is throttled.
+    let attacker = gw.browser();
+    for _ in 0..3 {
+        gw.password(&attacker, "mallory-target@example.com", "guess guess", "")
+            .await;
+    }
+    // Proxied: one forwarded, one browser sent to sign in, one API client refused.
+    assert_eq!(gw.status(&c, "/inbox").await, 200);
+    assert_eq!(gw.status(&gw.browser(), "/inbox").await, 303);
+    assert_eq!(gw.status(&gw.api(), "/inbox").await, 401);
+    let mails = gw.outbox().await.len() as f64;
+
+    let after = scrape(&metrics).await;
+    let d = |k: &str| moved(&before, &after, k);
+    assert_eq!(d(&sign_ins("failure", "password")), 3.0);
+    assert_eq!(d(&sign_ins("throttled", "password")), 1.0);
+    assert_eq!(d(&sign_ins("success", "password")), 2.0);
+    // The enrolment code and the second sign-in's code.
+    assert_eq!(d(&sign_ins("success", "totp")), 2.0);
+    assert_eq!(d(&sign_ins("failure", "totp")), 0.0);
+    assert_eq!(
+        d("portcullis_throttled_attempts_total{limit=\"account_password\"}"),
+        1.0
+    );
+    assert_eq!(d("portcullis_throttled_attempts_total{limit=\"ip\"}"), 0.0);
+    assert_eq!(
+        d("portcullis_step_ups_total{reason=\"enrolment_required\"}"),
+        1.0
+    );
+    assert_eq!(
+        d("portcullis_step_ups_total{reason=\"second_factor_required\"}"),
+        1.0
+    );
+    for (outcome, n) in [
+        ("forwarded", 1.0),
+        ("sign_in_redirect", 1.0),
+        ("denied", 1.0),
+        ("unavailable", 0.0),
+    ] {
+        let key = format!("portcullis_proxied_requests_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(d(&key), n, "{outcome}");
+    }
+    assert!(mails >= 1.0, "the sign-ins queued notices");
+    assert_eq!(
+        d("portcullis_mail_deliveries_total{result=\"queued\"}"),
+        mails
+    );
+    assert_eq!(
+        d("portcullis_mail_deliveries_total{result=\"sent\"}"),
+        mails
+    );
+    assert_eq!(
+        d("portcullis_mail_deliveries_total{result=\"failed\"}"),
+        0.0
+    );
+    for (store, op) in [("durable", "read"), ("ephemeral", "atomic")] {
+        let key = format!(
+            "portcullis_store_operation_seconds_count{{store=\"{store}\",operation=\"{op}\"}}"
+        );
+        assert!(d(&key) > 0.0, "{key}");
+    }
+    assert_eq!(at(&after, "portcullis_argon2_queue_depth"), 0.0);
+}
+
+#[tokio::test]
+async fn keys_passkeys_and_fresh_proof_are_counted() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        localhost(c);
+    })
+    .await;
+    let (c, user, mut k, cred) = with_key(&gw, "keys@example.com", "Key").await;
+    let before = scrape(&metrics).await;
+
+    // A key as second factor, then a passkey sign-in.
+    let b = after_password(&gw, "keys@example.com").await;
+    assert_eq!(
+        second_factor(&gw, &b, &mut k, |_, _| {}).await.0.status(),
+        200
+    );
+    let p = gw.browser();
+    let (r, _, _) = passkey(&gw, &p, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 200);
+    // Eleven minutes on, changing keys needs a fresh proof: adding and removing are refused.
+    gw.clock.advance(11 * 60);
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let r = call(
+        &gw,
+        &c,
+        &csrf,
+        "register/start",
+        serde_json::json!({ "name": "x" }),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(remove_key(&gw, &c, &cred.id).await.status(), 403);
+
+    let after = scrape(&metrics).await;
+    let d = |k: &str| moved(&before, &after, k);
+    assert_eq!(d(&sign_ins("success", "password")), 1.0);
+    assert_eq!(d(&sign_ins("success", "key")), 1.0);
+    assert_eq!(d(&sign_ins("success", "passkey")), 1.0);
+    assert_eq!(d(&sign_ins("success", "totp")), 0.0);
+    assert_eq!(
+        d("portcullis_step_ups_total{reason=\"second_factor_required\"}"),
+        1.0
+    );
+    assert_eq!(
+        d("portcullis_step_ups_total{reason=\"fresh_proof_required\"}"),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn outages_and_mail_failures_are_counted() {
+    let (metrics, adjust) = metrics_on_free_port();
+    // Nothing listens on the SMTP port: every delivery fails (and is retried later).
+    let smtp = format!("smtp://127.0.0.1:{}", free_port());
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        c.notify.smtp_url = Some(portcullis::secret::Secret::new(smtp));
+    })
+    .await;
+    let before = scrape(&metrics).await;
+    let (b, _, _) = gw.signed_in("outage@example.com").await;
+    let mail = |result: &str| format!("portcullis_mail_deliveries_total{{result=\"{result}\"}}");
+    let mut after = scrape(&metrics).await;
+    for _ in 0..200 {
+        let queued = moved(&before, &after, &mail("queued"));
+        if queued >= 1.0 && moved(&before, &after, &mail("failed")) == queued {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        after = scrape(&metrics).await;
+    }
+    let queued = moved(&before, &after, &mail("queued"));
+    assert!(queued >= 1.0);
+    assert_eq!(moved(&before, &after, &mail("failed")), queued);
+    assert_eq!(moved(&before, &after, &mail("sent")), 0.0);
+
+    // The durable store goes away under a signed-in user: refused with 503, counted.
+    let _repair = gw.break_durable_store().await;
+    gw.assert_unavailable_json(&b, "/inbox").await;
+    let later = scrape(&metrics).await;
+    let key = "portcullis_proxied_requests_total{outcome=\"unavailable\"}";
+    assert_eq!(moved(&after, &later, key), 1.0);
+    assert_eq!(
+        moved(
+            &after,
+            &later,
+            "portcullis_proxied_requests_total{outcome=\"forwarded\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argon2_queue_depth_follows_the_hashing_pool() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        // One slot and costly hashes, so sign-ins wait in line long enough to be seen.
+        c.password.max_concurrent_hashes = 1;
+        c.password.argon2_memory_kib = 64 * 1024;
+        c.password.argon2_iterations = 3;
+    })
+    .await;
+    let depth = |m: HashMap<String, f64>| at(&m, "portcullis_argon2_queue_depth");
+    assert_eq!(depth(scrape(&metrics).await), 0.0);
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let attempts: Vec<_> = (0..3)
+        .map(|i| {
+            let form = gw.login_form(&c, &csrf, &format!("nobody{i}@example.com"), "pw", "");
+            tokio::spawn(form.send())
+        })
+        .collect();
+    let mut deepest = 0.0f64;
+    while !attempts.iter().all(|a| a.is_finished()) {
+        deepest = deepest.max(depth(scrape(&metrics).await));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        deepest >= 2.0,
+        "one hash running and at least one waiting; saw {deepest}"
+    );
+    assert_eq!(depth(scrape(&metrics).await), 0.0);
+}
+
+#[tokio::test]
+async fn metrics_are_only_on_their_own_listener() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let gw = Gateway::start_with(adjust).await;
+    // The gateway's listener has no metrics: its own namespace says 404, and `/metrics` is a
+    // console path like any other (refused without a session, never the gateway's numbers).
+    assert_eq!(gw.status(&gw.api(), "/_portcullis/metrics").await, 404);
+    let r = gw.get(&gw.api(), "/metrics").await;
+    assert_eq!(r.status(), 401);
+    assert!(!r.text().await.unwrap().contains("portcullis_"));
+    // And the metrics listener serves nothing of the gateway.
+    wait_listening(&metrics).await;
+    for path in ["/_portcullis/login", "/", "/metrics/x"] {
+        let r = reqwest::get(format!("http://{metrics}{path}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+}
+
+/// Runs `portcullis serve` on `config` with `env` overrides; output goes to `log` when given.
+pub fn serve_binary(
+    config: &std::path::Path,
+    env: &[(&str, String)],
+    log: Option<&std::path::Path>,
+) -> Process {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.args(["serve", "--config"]).arg(config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = match log {
+        Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+        None => Stdio::null(),
+    };
+    Process(
+        cmd.env("PORTCULLIS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn serve_starts_the_metrics_listener() {
+    let gw = Gateway::start().await;
+    let (port, metrics) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let _serve = serve_binary(
+        &gw.config_path,
+        &[
+            ("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}")),
+            ("PORTCULLIS__METRICS__LISTEN", metrics.clone()),
+        ],
+        None,
+    );
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(format!("http://{metrics}/metrics")).await {
+            let text = r.text().await.unwrap();
+            assert!(text.contains("portcullis_sign_in_attempts_total"), "{text}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("portcullis serve never answered on its metrics listener {metrics}");
+}

@@ -1,0 +1,409 @@
+//! Built-in TLS: HTTPS only on the gateway's listener (a whole sign-in over it, verified against
+//! a CA made for the test), certificate reload on SIGHUP in the real binary (a broken pair is
+//! refused and the old one stays), and the HTTP→HTTPS redirect listener, which never trusts the
+//! Host header.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use super::harness::*;
+use super::metrics::{serve_binary, wait_listening};
+
+/// Runs `openssl` in `dir` with `args` (split on spaces).
+fn openssl(dir: &Path, args: &str) {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(&args)
+        .output()
+        .expect("the openssl command line tool is needed (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A new P-256 key, unencrypted.
+const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+
+/// A test CA in `dir` (`ca.pem`, `ca.key`).
+fn make_ca(dir: &Path) {
+    openssl(
+        dir,
+        &format!("req -x509 {NEW_KEY} -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca"),
+    );
+}
+
+/// A certificate for localhost and 127.0.0.1 signed by the test CA: `{name}.pem`, `{name}.key`.
+fn make_leaf(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &format!("req -new {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"),
+    );
+    openssl(
+        dir,
+        &format!(
+            "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+             -out {name}.pem -days 2 -extfile {name}.ext"
+        ),
+    );
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+/// A client that trusts only the test CA, keeps cookies and follows no redirects.
+fn https_client(dir: &Path) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .tls_info(true)
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// The certificate a fresh connection to `url` is shown, or `None` when no TLS session comes up.
+async fn served_cert(dir: &Path, url: &str) -> Option<Vec<u8>> {
+    let r = https_client(dir).get(url).send().await.ok()?;
+    let info = r.extensions().get::<reqwest::tls::TlsInfo>()?;
+    info.peer_certificate().map(<[u8]>::to_vec)
+}
+
+fn der(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn sign_in_over_https_and_no_plain_http() {
+    let certs = tempfile::tempdir().unwrap();
+    make_ca(certs.path());
+    let (cert, key) = make_leaf(certs.path(), "gw");
+    let mut gw = Gateway::start_with(|c| {
+        let port = c.server.listen.rsplit(':').next().unwrap().to_string();
+        c.server.public_url = format!("https://localhost:{port}/").parse().unwrap();
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
+    })
+    .await;
+    gw.base = format!("https://localhost:{}", gw.addr.port());
+    let c = https_client(certs.path());
+    let r = gw.get(&c, "/_portcullis/login").await;
+    assert!(r.headers().contains_key("strict-transport-security"));
+    let page = r.text().await.unwrap();
+    assert!(page.contains("name=\"password\""), "{page}");
+    assert_eq!(
+        served_cert(certs.path(), &gw.url("/_portcullis/healthz")).await,
+        Some(der(&cert))
+    );
+    // A whole sign-in (password, enrolment, recovery codes) and a proxied request over HTTPS,
+    // with the __Host- cookies of an https deployment.
+    gw.add_user("tls@example.com").await;
+    gw.enrol(&c, "tls@example.com").await;
+    assert_eq!(gw.status(&c, "/inbox").await, 200);
+    assert_eq!(
+        gw.upstream.last().header("x-forwarded-proto"),
+        Some("https")
+    );
+    // Plain HTTP on the TLS port gets no HTTP answer at all.
+    let plain = raw(gw.addr, "GET", "/_portcullis/login", &[], "").await;
+    assert_eq!(plain.status, 0, "{plain:?}");
+    assert!(!plain.body.contains("password"));
+    // A client that does not trust the test CA refuses the connection.
+    let untrusting = reqwest::Client::builder().use_rustls_tls().build().unwrap();
+    assert!(untrusting.get(gw.url("/")).send().await.is_err());
+}
+
+#[tokio::test]
+async fn redirect_listener_sends_browsers_to_https_on_the_public_origin() {
+    let redirect = format!("127.0.0.1:{}", free_port());
+    let listen = redirect.clone();
+    let _gw = Gateway::start_with(|c| {
+        c.server.public_url = "https://gw.example:8443/".parse().unwrap();
+        c.server.redirect_http_listen = Some(listen);
+    })
+    .await;
+    wait_listening(&redirect).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // (method, path, Host header) → Location. The Host header never decides the target.
+    for (method, path, host, want) in [
+        ("GET", "/", "gw.example", "https://gw.example:8443/"),
+        (
+            "GET",
+            "/inbox?page=2&q=a%20b",
+            "gw.example",
+            "https://gw.example:8443/inbox?page=2&q=a%20b",
+        ),
+        (
+            "GET",
+            "/_portcullis/login",
+            "evil.example",
+            "https://gw.example:8443/_portcullis/login",
+        ),
+        (
+            "POST",
+            "/campaigns",
+            "evil.example:443",
+            "https://gw.example:8443/campaigns",
+        ),
+        (
+            "GET",
+            "//evil.example/x",
+            "evil.example",
+            "https://gw.example:8443//evil.example/x",
+        ),
+    ] {
+        let r = client
+            .request(method.parse().unwrap(), format!("http://{redirect}{path}"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 308, "{method} {path}");
+        assert_eq!(location(&r), want, "{method} {path} Host: {host}");
+    }
+}
+
+/// Waits until `check` is true, for at most ten seconds.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+fn hangup(p: &Process) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &p.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -HUP");
+}
+
+/// A config file in `dir` for `portcullis serve` with TLS from `cert` / `key` on `port`.
+fn binary_config(
+    dir: &Path,
+    port: u16,
+    upstream: std::net::SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> PathBuf {
+    let config = dir.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://localhost:{port}/\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             [upstream]\nurl = \"http://{upstream}/\"\n\
+             [storage]\ndurable = \"sqlite://{}\"\n\
+             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
+             [secrets]\nmaster_key = \"{}\"\n[notify]\noutbox_dir = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            dir.join("db.sqlite").display(),
+            portcullis::crypto::MasterKey::generate_base64(),
+            dir.join("outbox").display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_with_an_unusable_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d);
+    let (cert, _key) = make_leaf(d, "gw");
+    let (_, other_key) = make_leaf(d, "other");
+    let missing = d.join("missing.pem");
+    // (certificate, key) → what the error names
+    for (cert, key, says) in [
+        (&missing, &other_key, "cannot read TLS certificate"),
+        (&cert, &missing, "cannot read TLS private key"),
+        (&cert, &other_key, "do not form a usable pair"),
+    ] {
+        let run = tempfile::tempdir().unwrap();
+        let upstream = "127.0.0.1:9".parse().unwrap();
+        let config = binary_config(run.path(), free_port(), upstream, cert, key);
+        let log = run.path().join("refused.log");
+        let mut p = serve_binary(&config, &[], Some(&log));
+        let mut status = None;
+        for _ in 0..300 {
+            status = p.0.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status = status.expect("portcullis serve exits");
+        assert!(!status.success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(says), "{says}: {text}");
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d);
+    let (a_cert, a_key) = make_leaf(d, "first");
+    let (b_cert, b_key) = make_leaf(d, "second");
+    let (cert, key) = (d.join("live.pem"), d.join("live.key"));
+    std::fs::copy(&a_cert, &cert).unwrap();
+    std::fs::copy(&a_key, &key).unwrap();
+    let (up, _upstream) = start_upstream().await;
+    let port = free_port();
+    let config = binary_config(d, port, up, &cert, &key);
+    let log = d.join("serve.log");
+    let mut gw = serve_binary(&config, &[], Some(&log));
+    let url = format!("https://localhost:{port}/_portcullis/healthz");
+    let serves = |pem: PathBuf| {
+        let url = url.clone();
+        async move { served_cert(d, &url).await == Some(der(&pem)) }
+    };
+    eventually("the first certificate is served", || serves(a_cert.clone())).await;
+
+    // A new pair on SIGHUP: new connections get it, without a restart.
+    std::fs::copy(&b_cert, &cert).unwrap();
+    std::fs::copy(&b_key, &key).unwrap();
+    hangup(&gw);
+    eventually("the second certificate is served", || {
+        serves(b_cert.clone())
+    })
+    .await;
+
+    // Broken pairs are refused; the second certificate stays and the process lives on.
+    let garbage = d.join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    for (i, (new_cert, new_key)) in [
+        (&garbage, &b_key),  // unreadable certificate
+        (&a_cert, &b_key),   // key of another certificate
+        (&b_cert, &garbage), // no key at all
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::copy(new_cert, &cert).unwrap();
+        std::fs::copy(new_key, &key).unwrap();
+        hangup(&gw);
+        let refusals = i + 1;
+        eventually("the broken pair is refused in the log", || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .matches("new TLS certificate refused")
+                    .count()
+                    == refusals
+            }
+        })
+        .await;
+        assert!(
+            serves(b_cert.clone()).await,
+            "pair {i}: the old certificate stays"
+        );
+        assert!(
+            gw.0.try_wait().unwrap().is_none(),
+            "the gateway is still running"
+        );
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "no key material in logs: {text}"
+    );
+}
+
+/// A private Redis that speaks TLS only, with a certificate from the test CA in `dir`; returns
+/// the process and its port.
+fn tls_redis(dir: &Path) -> (Process, u16) {
+    let (cert, key) = make_leaf(dir, "redis");
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(dir.join("ca.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (with TLS support, as Debian builds it) is needed: apt-get install redis-server");
+    (Process(child), port)
+}
+
+/// Readiness of a gateway whose ephemeral store is `url`, polled until it is `want`.
+async fn ready_on(url: &str, ca: Option<PathBuf>, want: u16) -> Gateway {
+    let url = url.to_string();
+    let gw = Gateway::start_with(move |c| {
+        c.storage.ephemeral = url;
+        c.storage.redis_tls_ca = ca;
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        c.storage.redis_connect_timeout = Duration::from_millis(500);
+        c.storage.redis_response_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let ready = || async { gw.status(&gw.api(), "/_portcullis/readyz").await == want };
+    eventually(
+        &format!("readyz {want} on {}", gw.state.config.storage.ephemeral),
+        ready,
+    )
+    .await;
+    gw
+}
+
+#[tokio::test]
+async fn redis_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    make_ca(dir.path());
+    let (_redis, port) = tls_redis(dir.path());
+    wait_listening(&format!("127.0.0.1:{port}")).await;
+    let ca = Some(dir.path().join("ca.pem"));
+
+    // Trusting the private CA: the store answers and a whole sign-in keeps its state there.
+    let gw = ready_on(&format!("rediss://127.0.0.1:{port}/0"), ca.clone(), 200).await;
+    let (c, _, _) = gw.signed_in("tls-redis@example.com").await;
+    assert_eq!(gw.status(&c, "/inbox").await, 200);
+    assert_eq!(gw.upstream.count(), 1);
+
+    // Fail closed: the system roots do not know the test CA, and plain Redis on the TLS port
+    // gets no answer. Neither gateway is ready, nor lets a sign-in through.
+    for (url, ca) in [
+        (format!("rediss://127.0.0.1:{port}/0"), None),
+        (format!("redis://127.0.0.1:{port}/0"), None),
+    ] {
+        let gw = ready_on(&url, ca, 503).await;
+        gw.add_user("refused@example.com").await;
+        let r = gw
+            .password(&gw.browser(), "refused@example.com", PASSWORD, "")
+            .await;
+        assert_eq!(r.status(), 503, "{url}");
+    }
+}
