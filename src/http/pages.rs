@@ -112,3 +112,12 @@ pub fn render<T: Template>(status: StatusCode, page: &T) -> Response {
         Err(e) => AppError::internal(&e).into_response(),
     }
 }
+
+/// The device-binding interstitial (WebCrypto fallback).
+#[derive(Template)]
+#[template(path = "bind.html")]
+pub struct Bind<'a> {
+    pub csrf: &'a str,
+    /// Where to continue once the device is proven (a validated same-origin path).
+    pub next: &'a str,
+}

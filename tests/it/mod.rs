@@ -1,5 +1,6 @@
 mod backend_docs;
 mod bad_input;
+mod binding;
 mod cli;
 mod cluster;
 mod deploy;
