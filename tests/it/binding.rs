@@ -743,3 +743,57 @@ async fn binding_endpoints_are_absent_when_binding_is_off() {
         "/x"
     );
 }
+
+#[tokio::test]
+async fn two_gateways_on_redis_share_bindings_challenges_and_failures() {
+    let a = Gateway::start_with(|c| {
+        binding_on(c);
+        c.binding.max_failures = 2;
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    })
+    .await;
+    let b = a.restarted().await;
+    // Cookies belong to the host, so one browser talks to both gateways (as behind a balancer).
+    let (owner, _, _) = a.signed_in("two@example.com").await;
+    let dev = Device::new();
+    let ins = bind_dbsc(&a, &owner, &dev).await;
+    let sid = ins["session_identifier"].as_str().unwrap();
+    assert_eq!(
+        b.status(&owner, "/campaigns").await,
+        200,
+        "bound on A, valid on B"
+    );
+    // A challenge issued by A is answered on B, once.
+    let challenge = refresh_challenge(&a, &owner, sid).await;
+    let proof = dev.proof(&challenge, false);
+    assert_eq!(
+        refresh_with(&b, &owner, proof.clone(), false)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(refresh_with(&a, &owner, proof, false).await.status(), 403);
+    // A registration through B cannot replace the key registered through A.
+    let r = dbsc_register(&b, &owner, Device::new().proof(&challenge, true)).await;
+    assert_eq!(r.status(), 403);
+    // Failures on either gateway count together: two end the session everywhere.
+    let copied = a.cookies(&owner);
+    for gw in [&a, &b] {
+        gw.clock.advance(TTL_SECS + 1);
+    }
+    for gw in [&a, &b] {
+        let r = gw
+            .api()
+            .get(gw.url("/inbox"))
+            .header("cookie", &copied)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    assert_eq!(
+        location(&a.get(&owner, "/inbox").await),
+        "/_portcullis/login?next=%2Finbox"
+    );
+}
