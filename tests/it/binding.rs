@@ -746,13 +746,7 @@ async fn binding_endpoints_are_absent_when_binding_is_off() {
 
 #[tokio::test]
 async fn two_gateways_on_redis_share_bindings_challenges_and_failures() {
-    let a = Gateway::start_with(|c| {
-        binding_on(c);
-        c.binding.max_failures = 2;
-        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
-        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
-    })
-    .await;
+    let a = gateway_on_redis(|c| c.binding.max_failures = 2).await;
     let b = a.restarted().await;
     // Cookies belong to the host, so one browser talks to both gateways (as behind a balancer).
     let (owner, _, _) = a.signed_in("two@example.com").await;
@@ -796,4 +790,60 @@ async fn two_gateways_on_redis_share_bindings_challenges_and_failures() {
         location(&a.get(&owner, "/inbox").await),
         "/_portcullis/login?next=%2Finbox"
     );
+}
+
+/// A gateway with binding on over the shared Redis (a fresh key prefix), where concurrent
+/// requests really interleave at every store call.
+async fn gateway_on_redis(adjust: impl FnOnce(&mut portcullis::config::Config)) -> Gateway {
+    Gateway::start_with(|c| {
+        binding_on(c);
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        adjust(c);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_registration_wins_even_when_two_race() {
+    let gw = gateway_on_redis(|_| {}).await;
+    let (b, _, _) = gw.signed_in("race@example.com").await;
+    // Two registration challenges outstanding: the DBSC header of the page and the fallback's.
+    let page = gw.get(&b, "/_portcullis/bind").await;
+    let dbsc_challenge = registration_challenge(&page);
+    let ch = webcrypto_challenge(&gw, &b).await;
+    assert_eq!(ch["purpose"], "register");
+    let (dbsc_key, webcrypto_key) = (Device::new(), Device::new());
+    let csrf = gw.csrf(&b, "/_portcullis/bind").await;
+    let (r1, r2) = tokio::join!(
+        dbsc_register(&gw, &b, dbsc_key.proof(&dbsc_challenge, true)),
+        b.post(gw.url("/_portcullis/bind/register"))
+            .header("x-csrf-token", &csrf)
+            .json(&json!({ "proof": webcrypto_key.proof(ch["challenge"].as_str().unwrap(), true) }))
+            .send(),
+    );
+    let mut statuses = [r1.status().as_u16(), r2.unwrap().status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "one key binds the session");
+    assert_eq!(events(&gw, "session_bound").await.len(), 1);
+    // Whichever won, the session now has exactly that key: the other key's proofs fail.
+    let loaded = gw
+        .state
+        .sessions
+        .load(Some(
+            cookie_pair(&b, "portcullis-session")
+                .split_once('=')
+                .unwrap()
+                .1,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let bound = loaded.session.binding.expect("bound");
+    let winner = if bound.method == portcullis::binding::Method::Dbsc {
+        &dbsc_key
+    } else {
+        &webcrypto_key
+    };
+    assert_eq!(bound.jwk, winner.jwk());
 }
