@@ -15,6 +15,7 @@
 //!   owner is told.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -587,6 +588,21 @@ fn first_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// A DBSC request's body, or our error format (413 for one over `server.max_form_bytes`).
+fn dbsc_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, AppError> {
+    body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::new(
+                rej.status(),
+                "payload_too_large",
+                "The request is too large.",
+            )
+        } else {
+            AppError::bad_request("The request could not be read.")
+        }
+    })
+}
+
 /// The proof of a DBSC request: the `Secure-Session-Response` header (or its older name), or
 /// the body, where some browser versions put it.
 fn dbsc_proof<'a>(headers: &'a HeaderMap, body: &'a Bytes) -> Option<&'a str> {
@@ -624,8 +640,9 @@ pub async fn dbsc_register_post(
     State(state): State<AppState>,
     Peer(peer): Peer,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AppError> {
+    let body = dbsc_body(body)?;
     let proof = dbsc_proof(&headers, &body).unwrap_or_default();
     match register_proof(&state, peer, &headers, proof, Method::Dbsc).await? {
         Registration::Bound(loaded, cookie) => Ok(dbsc_answer(&state, &loaded.session, cookie)),
@@ -666,8 +683,9 @@ pub async fn dbsc_refresh_post(
     State(state): State<AppState>,
     Peer(peer): Peer,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AppError> {
+    let body = dbsc_body(body)?;
     if !state.config.binding.enabled {
         return Err(AppError::not_found());
     }

@@ -847,3 +847,64 @@ async fn the_first_registration_wins_even_when_two_race() {
     };
     assert_eq!(bound.jwk, winner.jwk());
 }
+
+#[tokio::test]
+async fn malformed_proofs_get_clear_errors() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("junk@example.com").await;
+    let dev = Device::new();
+    let challenge = registration_challenge(&gw.get(&b, "/_portcullis/bind").await);
+    let not_dbsc = {
+        let good = dev.proof(&challenge, true);
+        let (_, rest) = good.split_once('.').unwrap();
+        let header = URL_SAFE_NO_PAD.encode(
+            json!({"alg": "ES256", "typ": "JWT", "jwk": dev.jwk()})
+                .to_string()
+                .as_bytes(),
+        );
+        format!("{header}.{rest}")
+    };
+    for (what, proof) in [
+        ("garbage", "not a jws".to_string()),
+        ("two parts", "a.b".to_string()),
+        ("wrong typ", not_dbsc),
+        ("no key", dev.proof(&challenge, false)),
+    ] {
+        let r = b
+            .post(gw.url("/_portcullis/dbsc/register"))
+            .header("accept", "application/json")
+            .header("secure-session-response", proof)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{what}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "bad_request", "{what}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("The device proof was refused"),
+            "{what}: {v}"
+        );
+    }
+    let r = b
+        .post(gw.url("/_portcullis/dbsc/register"))
+        .header("accept", "application/json")
+        .body(vec![b'x'; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "payload_too_large");
+    let r = bind_api(&gw, &b, "register", json!({ "proof": 42 })).await;
+    assert_eq!(r.status(), 400);
+    // None of it bound the session; the challenge still works.
+    assert_eq!(
+        dbsc_register(&gw, &b, dev.proof(&challenge, true))
+            .await
+            .status(),
+        200
+    );
+}
