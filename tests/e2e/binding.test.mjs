@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { enrolDemoUser, launch, screenshot, startDemo } from "./lib.mjs";
 
 // A short bound-cookie lifetime so the test outlives several of them.
-const TTL_SECONDS = 3;
+const TTL_SECONDS = 5;
 const pause = (ms) => new Promise((r) => setTimeout(r, ms));
 const pastLifetime = () => pause(TTL_SECONDS * 1000 + 500);
 
