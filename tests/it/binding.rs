@@ -249,14 +249,17 @@ async fn dbsc_registration_and_refresh_with_a_challenge() {
     assert_eq!(bound.len(), 1);
     assert_eq!(bound[0].reason.as_deref(), Some("dbsc"));
 
-    // A refresh naming another DBSC session is refused.
-    let r = b
-        .post(gw.url("/_portcullis/dbsc/refresh"))
-        .header("sec-secure-session-id", "someone-else")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    // A refresh naming another DBSC session is refused (under either header name).
+    for name in ["sec-secure-session-id", "sec-session-id"] {
+        let r = b
+            .post(gw.url("/_portcullis/dbsc/refresh"))
+            .header(name, "someone-else")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}");
+        assert!(r.headers().get("secure-session-challenge").is_none());
+    }
     // Without a session the browser is told to end its DBSC session.
     let r = gw
         .api()
