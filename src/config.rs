@@ -65,6 +65,7 @@ pub struct Config {
     pub forward_auth: ForwardAuthConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    pub binding: BindingConfig,
 }
 
 /// `[metrics]`: Prometheus metrics on a listener of their own.
@@ -94,6 +95,34 @@ impl Default for AdminConfig {
         Self {
             sudo_timeout: Duration::from_secs(15 * 60),
             enrolment_link_ttl: Duration::from_secs(72 * 3600),
+        }
+    }
+}
+
+/// `[binding]`: sessions bound to a key held by the browser that signed in (Device Bound Session
+/// Credentials where the browser has it, a non-extractable WebCrypto key otherwise). A session
+/// reaches the console only with a short-lived bound cookie that the gateway issues against a
+/// fresh proof of that key, so a copied cookie jar stops working when its bound cookie expires.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BindingConfig {
+    /// Whether complete sessions must be bound to a device key before they are forwarded.
+    pub enabled: bool,
+    /// Lifetime of the bound cookie; the browser proves possession of its key again after it.
+    #[serde(with = "duration")]
+    pub bound_cookie_ttl: Duration,
+    /// Failed device proofs (invalid, expired or missing bound cookies where one is required,
+    /// wrong signatures) after which the session is ended and its owner told. A successful
+    /// proof starts the count over.
+    pub max_failures: u32,
+}
+
+impl Default for BindingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bound_cookie_ttl: Duration::from_secs(10 * 60),
+            max_failures: 5,
         }
     }
 }
@@ -665,6 +694,21 @@ impl Config {
             || l.second_factor_failures_per_login == 0
         {
             return Err(key_err("limits", "limits and window must be non-zero"));
+        }
+        let b = &self.binding;
+        if b.bound_cookie_ttl < Duration::from_secs(3)
+            || b.bound_cookie_ttl > Duration::from_secs(3600)
+        {
+            return Err(key_err(
+                "binding.bound_cookie_ttl",
+                "must be between 3s and 1h",
+            ));
+        }
+        if b.max_failures == 0 || b.max_failures > 1000 {
+            return Err(key_err(
+                "binding.max_failures",
+                "must be between 1 and 1000",
+            ));
         }
         self.storage.validate()?;
         self.validate_webauthn()?;

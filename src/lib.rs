@@ -17,6 +17,7 @@
 //! - [`token`]: JWT minting, signing keys (encrypted at rest), JWKS and rotation.
 //! - [`store`]: durable (SQLite, PostgreSQL) and ephemeral (memory) storage behind narrow traits.
 //! - [`audit`]: the durable audit trail, written off the request path.
+//! - [`binding`]: binding sessions to a key the browser holds (DBSC, WebCrypto), bound cookies.
 //! - [`enrolment`]: one-time links through which a user sets up their own factors.
 //! - [`device`]: recognising the browsers a user signed in from (device cookie, names).
 //! - [`notify`]: email to account owners through a durable queue (SMTP or an outbox directory).
@@ -30,6 +31,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod binding;
 pub mod cli;
 pub mod clock;
 pub mod config;

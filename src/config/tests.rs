@@ -459,3 +459,34 @@ fn a_key_read_through_file_is_refused_without_showing_it() {
     assert!(e.contains("server.tls_key"), "{e}");
     assert!(!e.contains("c2VjcmV0") && !e.contains("PRIVATE KEY"), "{e}");
 }
+
+#[test]
+fn binding_defaults_and_bad_values_are_refused_with_the_key() {
+    let c = Config::load(None, Vec::new()).unwrap();
+    assert!(c.binding.enabled, "binding is on unless switched off");
+    assert_eq!(c.binding.bound_cookie_ttl, Duration::from_secs(600));
+    assert_eq!(c.binding.max_failures, 5);
+    let c = load_str(
+        "[binding]\nenabled = false\nbound_cookie_ttl = \"2m\"\nmax_failures = 3\n",
+        &[],
+    )
+    .unwrap();
+    assert!(!c.binding.enabled);
+    assert_eq!(c.binding.bound_cookie_ttl, Duration::from_secs(120));
+    assert_eq!(c.binding.max_failures, 3);
+    for (text, key) in [
+        (
+            "[binding]\nbound_cookie_ttl = \"1s\"\n",
+            "binding.bound_cookie_ttl",
+        ),
+        (
+            "[binding]\nbound_cookie_ttl = \"2h\"\n",
+            "binding.bound_cookie_ttl",
+        ),
+        ("[binding]\nmax_failures = 0\n", "binding.max_failures"),
+        ("[binding]\nmax_fails = 3\n", "binding.max_fails"),
+    ] {
+        let e = load_str(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}

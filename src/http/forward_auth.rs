@@ -88,6 +88,26 @@ async fn check(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(r)
         }
+        Decision::Unbound(why) => {
+            let next = return_target(state, &orig.method, &orig.target);
+            let bind = state
+                .config
+                .server
+                .public_url
+                .join(super::binding::BIND_PATH)
+                .map_err(|e| AppError::internal(&e))?;
+            let mut r = super::binding::refusal(
+                state,
+                why,
+                wants_html(headers),
+                bind.as_str(),
+                next.as_deref(),
+            );
+            if r.status() == StatusCode::SEE_OTHER {
+                *r.status_mut() = StatusCode::FOUND;
+            }
+            Ok(r)
+        }
         Decision::Refuse { clear_cookie } => {
             let next = return_target(state, &orig.method, &orig.target);
             let login = state

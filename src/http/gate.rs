@@ -102,6 +102,8 @@ pub(crate) enum Decision {
     Pass(std::sync::Arc<str>),
     /// No such session; `clear_cookie` when the cookie named a session that is no more.
     Refuse { clear_cookie: bool },
+    /// A complete session without a valid device proof (`binding.enabled`).
+    Unbound(super::binding::Unbound),
 }
 
 /// The one policy shared by the proxy and the forward-auth endpoint: session → second factor
@@ -158,6 +160,12 @@ pub(crate) async fn decide(
         state.audit.record(ev).await;
         return Ok(Decision::Refuse { clear_cookie: true });
     };
+    if state.config.binding.enabled {
+        // Step 3 of the request path: a fresh proof from the device key the session is bound to.
+        if let Some(why) = super::binding::check(state, &loaded, headers, &client).await? {
+            return Ok(Decision::Unbound(why));
+        }
+    }
     state.sessions.touch(&mut loaded).await?;
     let identity = Identity {
         sub: user.id.clone(),
@@ -222,35 +230,44 @@ async fn gate_and_forward(
         apply_security_headers(r.headers_mut(), state.config.is_https());
         return Ok(r);
     }
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{canonical}?{q}"),
+        None => canonical,
+    };
     let decision = decide(state, peer, req.headers()).await;
     let decision = decision.inspect_err(|_| state.metrics.proxied(Proxied::Unavailable))?;
+    let browser = wants_html(req.headers()) && !is_upgrade(&req);
+    let next = || return_target(state, req.method(), &path_and_query);
     let token = match decision {
         Decision::Pass(token) => token,
+        Decision::Unbound(why) => {
+            state.metrics.step_up("device_proof_required");
+            state.metrics.proxied(Proxied::Denied);
+            let bind = super::binding::BIND_PATH;
+            return Ok(super::binding::refusal(
+                state,
+                why,
+                browser,
+                bind,
+                next().as_deref(),
+            ));
+        }
         Decision::Refuse { clear_cookie } => {
-            let browser = wants_html(req.headers()) && !is_upgrade(&req);
             state.metrics.proxied(match browser {
                 true => Proxied::SignInRedirect,
                 false => Proxied::Denied,
             });
-            let target = match req.uri().query() {
-                Some(q) => format!("{canonical}?{q}"),
-                None => canonical.clone(),
-            };
-            let next = return_target(state, req.method(), &target);
+            let n = next();
             return Ok(refuse(
                 state,
                 browser,
                 LOGIN_PATH,
-                next.as_deref(),
+                n.as_deref(),
                 clear_cookie,
             ));
         }
     };
     let (header_name, header_value) = token_header(state, &token)?;
-    let path_and_query = match req.uri().query() {
-        Some(q) => format!("{canonical}?{q}"),
-        None => canonical,
-    };
     let public = &state.config.server.public_url;
     let host = match public.port() {
         Some(p) => format!("{}:{p}", public.host_str().unwrap_or_default()),
@@ -270,6 +287,8 @@ async fn gate_and_forward(
             csrf::COOKIE_HTTP,
             crate::device::COOKIE_HTTPS,
             crate::device::COOKIE_HTTP,
+            crate::binding::COOKIE_HTTPS,
+            crate::binding::COOKIE_HTTP,
         ]
         .iter()
         .map(|s| s.to_string())

@@ -291,11 +291,9 @@ async fn after_code(
             let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
             let mut cookies = vec![state.sessions.set_cookie(&id)];
             cookies.extend(device_cookies);
-            let next = stage_page(&Loaded {
-                key: String::new(),
-                session: loaded.session,
-            });
-            Ok(with_cookies(see_other(&next), cookies))
+            let mut resp = with_cookies(see_other(&stage_page(&loaded)), cookies);
+            super::binding::offer_registration(state, &loaded.session, &mut resp).await?;
+            Ok(resp)
         }
         CodeOutcome::Rejected => {
             state.sessions.save(&loaded.key, &loaded.session).await?;
@@ -534,7 +532,9 @@ pub async fn codes_post(
     let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
     let mut cookies = vec![state.sessions.set_cookie(&id)];
     cookies.extend(device_cookies);
-    Ok(with_cookies(see_other(&stage_page(&loaded)), cookies))
+    let mut resp = with_cookies(see_other(&stage_page(&loaded)), cookies);
+    super::binding::offer_registration(&state, &loaded.session, &mut resp).await?;
+    Ok(resp)
 }
 
 /// `GET /_portcullis/logout`: a confirmation form (signing out takes a POST, so a link or image

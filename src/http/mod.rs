@@ -5,6 +5,7 @@
 pub mod account;
 pub mod admin;
 pub mod assets;
+pub mod binding;
 pub mod csrf;
 pub mod devices;
 pub mod enrolment;
@@ -66,6 +67,16 @@ pub fn router(state: AppState) -> Router {
             "/_portcullis/report",
             get(devices::report_get).post(devices::report_post),
         )
+        .route(binding::BIND_PATH, get(binding::bind_get))
+        .route("/_portcullis/static/binding.js", get(binding::binding_js))
+        .route("/_portcullis/bind/challenge", post(binding::challenge_post))
+        .route("/_portcullis/bind/register", post(binding::register_post))
+        .route("/_portcullis/bind/refresh", post(binding::refresh_post))
+        .route(
+            binding::DBSC_REGISTER_PATH,
+            post(binding::dbsc_register_post),
+        )
+        .route(binding::DBSC_REFRESH_PATH, post(binding::dbsc_refresh_post))
         .route("/_portcullis/account", get(account::account_get))
         .route(
             "/_portcullis/account/devices/{id}/revoke",
@@ -134,6 +145,10 @@ pub fn router(state: AppState) -> Router {
         .route("/_portcullis/readyz", get(health::readyz_get))
         .route("/.well-known/jwks.json", get(gate::jwks))
         .merge(admin::router(state.clone()))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            binding::guard_session_pages,
+        ))
         .layer(DefaultBodyLimit::max(form_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -172,3 +172,12 @@ pub struct AccountTotp<'a> {
     pub uri: &'a str,
     pub error: Option<&'a str>,
 }
+
+/// The device-binding interstitial (WebCrypto fallback).
+#[derive(Template)]
+#[template(path = "bind.html")]
+pub struct Bind<'a> {
+    pub csrf: &'a str,
+    /// Where to continue once the device is proven (a validated same-origin path).
+    pub next: &'a str,
+}

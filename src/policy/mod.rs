@@ -115,7 +115,7 @@ pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
 }
 
 /// Like [`safe_return_to`], but also accepts the gateway's own account and admin pages: where
-/// a step-up (`/_portcullis/reauth`) returns to.
+/// a step-up (`/_portcullis/reauth`) or a device proof (`/_portcullis/bind`) returns to.
 pub fn safe_step_up_return(candidate: &str, public_url: &Url) -> Option<String> {
     return_to(candidate, public_url, |path| {
         ["/_portcullis/account", "/_portcullis/admin"]

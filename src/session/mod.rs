@@ -65,6 +65,10 @@ pub struct Session {
     pub return_to: Option<String>,
     /// Wrong second-factor codes in this sign-in.
     pub failed_codes: u32,
+    /// The device key this complete session is bound to, once the browser registered one
+    /// (`binding`); the gate then forwards it only with a fresh bound cookie from that key.
+    #[serde(default)]
+    pub binding: Option<crate::binding::BoundKey>,
     /// The device (`devices.id`) this complete session was signed in from; revoking the device
     /// ends the session.
     #[serde(default)]
@@ -97,6 +101,7 @@ impl Session {
             user_agent: ua.chars().take(512).collect(),
             return_to,
             failed_codes: 0,
+            binding: None,
             device_id: None,
             strong_ms: None,
         }

@@ -22,9 +22,10 @@ export function freePort() {
 
 /**
  * Starts `portcullis demo` on free ports; resolves once it prints the demo password. With
- * `host: "localhost"` the public URL uses that name (security keys need a host name).
+ * `host: "localhost"` the public URL uses that name (security keys need a host name); `env` adds
+ * configuration overrides (`PORTCULLIS__SECTION__KEY`).
  */
-export async function startDemo({ host = "127.0.0.1" } = {}) {
+export async function startDemo({ host = "127.0.0.1", env = {} } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "portcullis-e2e-"));
   const port = await freePort();
   const consolePort = await freePort();
@@ -32,7 +33,7 @@ export async function startDemo({ host = "127.0.0.1" } = {}) {
   if (host !== "127.0.0.1") args.push("--public-url", `http://${host}:${port}/`);
   const child = spawn(BIN, args, {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, PORTCULLIS_LOG: "warn" },
+    env: { ...process.env, PORTCULLIS_LOG: "warn", ...env },
   });
   let out = "";
   let err = "";
@@ -95,4 +96,21 @@ export async function screenshot(page, name) {
   const file = join(dir, `${name}.png`);
   await page.screenshot({ path: file, fullPage: true }).catch(() => {});
   console.log(`screenshot: ${file}`);
+}
+
+/**
+ * First sign-in of the demo user on `page`: password, TOTP enrolment with a computed code,
+ * recovery codes confirmed. Resolves once the browser is on its way to the console.
+ */
+export async function enrolDemoUser(page, demo) {
+  await page.goto(`${demo.base}/_portcullis/login`);
+  await page.fill("#username", "demo@example.com");
+  await page.fill("#password", demo.password);
+  await page.click("button[type=submit]");
+  await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
+  const secret = (await page.textContent("#totp-secret")).trim();
+  await page.fill("#code", totp(secret));
+  await page.click("button[type=submit]");
+  await page.waitForURL(/\/_portcullis\/recovery-codes$/);
+  await page.click("button[type=submit]");
 }

@@ -1,7 +1,8 @@
 //! Two real `portcullis serve` processes sharing Redis (sessions, challenges, replay cache,
 //! counters) and PostgreSQL (users, factors, keys) behave as one gateway: a sign-in started on
 //! one finishes on the other, a session works on both, logout on one ends it on both, and a
-//! gateway killed mid-traffic loses no session.
+//! gateway killed mid-traffic loses no session. Device binding is off here: these clients hold no
+//! device key.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -102,7 +103,8 @@ async fn scenario(durable: String) {
              [storage]\ndurable = \"{durable}\"\nephemeral = \"redis://127.0.0.1:6379/\"\nredis_prefix = \"{prefix}\"\n\
              [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
              [secrets]\nmaster_key = \"{key}\"\n\
-             [notify]\noutbox_dir = \"{}\"\n",
+             [notify]\noutbox_dir = \"{}\"\n\
+             [binding]\nenabled = false\n",
             dir.path().join("outbox").display()
         ),
     )
@@ -259,7 +261,8 @@ async fn sigterm_drains_then_exits_within_the_timeout() {
              [storage]\ndurable = \"sqlite://{}\"\n\
              [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
              [secrets]\nmaster_key = \"{}\"\n\
-             [notify]\noutbox_dir = \"{}\"\n",
+             [notify]\noutbox_dir = \"{}\"\n\
+             [binding]\nenabled = false\n",
             dir.path().join("db.sqlite").display(),
             portcullis::crypto::MasterKey::generate_base64(),
             dir.path().join("outbox").display()

@@ -207,7 +207,15 @@ pub fn test_config(dir: &std::path::Path, gateway: SocketAddr, upstream: SocketA
     c.password.argon2_iterations = 1;
     c.secrets.master_key = Some(Secret::new(portcullis::crypto::MasterKey::generate_base64()));
     c.notify.outbox_dir = dir.join("outbox");
+    // Device binding is off for tests that are not about it: their clients are plain HTTP
+    // clients without a device key. `tests/it/binding.rs` switches it on ([`binding_on`]).
+    c.binding.enabled = false;
     c
+}
+
+/// The configuration adjustment of tests about device binding: on, as `serve` and `demo` run.
+pub fn binding_on(c: &mut Config) {
+    c.binding.enabled = true;
 }
 
 impl Gateway {
@@ -465,6 +473,17 @@ impl Gateway {
     /// Password + forced enrolment + recovery codes: returns the TOTP secret and the codes.
     pub async fn enrol(&self, c: &reqwest::Client, email: &str) -> (Vec<u8>, Vec<String>) {
         let (secret, _) = self.enrol_totp(c, email).await;
+        let (codes, r) = self.save_recovery_codes(c).await;
+        assert_eq!(r.status(), 303);
+        (secret, codes)
+    }
+
+    /// Reads the recovery codes page and confirms it (which completes the sign-in); returns the
+    /// codes and the answer to the confirmation.
+    pub async fn save_recovery_codes(
+        &self,
+        c: &reqwest::Client,
+    ) -> (Vec<String>, reqwest::Response) {
         let html = self.page(c, "/_portcullis/recovery-codes").await;
         let codes: Vec<String> = html
             .split("<li><code>")
@@ -479,8 +498,7 @@ impl Gateway {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 303);
-        (secret, codes)
+        (codes, r)
     }
 
     pub fn totp_now(&self, secret: &[u8]) -> String {

@@ -2,6 +2,7 @@ mod account;
 mod admin;
 mod backend_docs;
 mod bad_input;
+mod binding;
 mod cli;
 mod cluster;
 mod deploy;

@@ -4,6 +4,7 @@
 //! Every route of [`router`] sits behind [`guard`], so a new route cannot skip it:
 //! - no complete session → sign-in page (browsers) or 401;
 //! - not an admin → 403;
+//! - binding on and no valid device proof → the same answer as the gate's (bind page or 401/403);
 //! - no security-key proof within `admin.sudo_timeout` (sudo mode; a session completed with a
 //!   code only has none) → the step-up page asking for the key (browser `GET`) or 403
 //!   `step_up_required`.
@@ -193,6 +194,21 @@ async fn guard(
     let browser_get = req.method() == Method::GET && wants_html(req.headers());
     match admit(&state, req.headers(), peer).await {
         Ok(Ok(admin)) => {
+            // A copied admin cookie gets no further than a copied console cookie.
+            let bound = super::binding::guard_page(
+                &state,
+                &admin.session,
+                req.headers(),
+                &admin.client,
+                browser_get,
+                &target,
+            )
+            .await;
+            match bound {
+                Ok(None) => {}
+                Ok(Some(refused)) => return refused,
+                Err(e) => return e.into_response(),
+            }
             if !sudo_fresh(&state, &admin.session) {
                 let reauth = super::reauth::url(&target, true);
                 if browser_get {

@@ -1,0 +1,388 @@
+//! Binding sessions to the device that signed in. A complete session is tied to one public key
+//! whose private half the browser keeps: a Device Bound Session Credentials (DBSC) key, held by
+//! the platform (TPM) where the browser supports it, or a non-extractable WebCrypto key kept in
+//! the browser profile's IndexedDB otherwise. The browser proves possession by signing a
+//! single-use challenge; the gateway then issues a short-lived *bound cookie*, a MAC under the
+//! master key over the session, the key and an expiry. The gate forwards a session only with a
+//! valid, unexpired bound cookie, so a copied cookie jar is useless once its bound cookie expires.
+//!
+//! Both methods use the same proof: a compact JWS with `typ: dbsc+jwt` whose `jti` is the
+//! challenge, signed with ES256 (or RS256 for DBSC); a registration proof carries its public key
+//! in the `jwk` header. Signatures are checked with `jsonwebtoken`; no cryptography is written
+//! here. No HTTP types: the web layer is `http::binding`.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, ThumbprintHash};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{ct_eq, random_token, MasterKey};
+use crate::store::{EphemeralStore, StoreError, StoreResult};
+
+/// Bound cookie name on HTTPS deployments.
+pub const COOKIE_HTTPS: &str = "__Host-portcullis-bound";
+/// Bound cookie name on the plain-HTTP loopback demo.
+pub const COOKIE_HTTP: &str = "portcullis-bound";
+/// How long a challenge may wait for its proof.
+pub const CHALLENGE_TTL: Duration = Duration::from_secs(120);
+/// The JWS `typ` of every proof.
+pub const PROOF_TYPE: &str = "dbsc+jwt";
+/// Longest proof accepted (an RS256 proof with a 4096-bit key in its header is ~2 KiB).
+const MAX_PROOF_LEN: usize = 8192;
+/// Smallest RSA modulus accepted for RS256 keys (bytes).
+const MIN_RSA_MODULUS: usize = 256;
+
+/// How a session's key is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Device Bound Session Credentials: the browser refreshes the bound cookie by itself.
+    Dbsc,
+    /// The fallback: a WebCrypto key in IndexedDB, used by the gateway's own page.
+    Webcrypto,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Dbsc => "dbsc",
+            Method::Webcrypto => "webcrypto",
+        }
+    }
+}
+
+/// The public key a session is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundKey {
+    pub method: Method,
+    /// `ES256` or `RS256`; proofs must use this algorithm.
+    pub alg: String,
+    /// The public JWK (public members only).
+    pub jwk: serde_json::Value,
+    /// RFC 7638 SHA-256 thumbprint of the key; the bound cookie's MAC covers it.
+    pub thumbprint: String,
+}
+
+/// Why a proof was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    #[error("the proof is not a well-formed JWS")]
+    Malformed,
+    #[error("the proof's typ is not dbsc+jwt")]
+    WrongType,
+    #[error("the proof's algorithm is not allowed for this key")]
+    Algorithm,
+    #[error("the registration proof carries no usable public key")]
+    NoKey,
+    #[error("the proof names a key other than the session's")]
+    OtherKey,
+    #[error("the proof's signature does not verify")]
+    BadSignature,
+}
+
+impl ProofError {
+    /// Stable reason for audit events.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProofError::Malformed => "proof_malformed",
+            ProofError::WrongType => "proof_wrong_type",
+            ProofError::Algorithm => "proof_wrong_algorithm",
+            ProofError::NoKey => "proof_without_key",
+            ProofError::OtherKey => "proof_other_key",
+            ProofError::BadSignature => "proof_bad_signature",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ProofClaims {
+    jti: String,
+}
+
+fn header_of(token: &str) -> Result<jsonwebtoken::Header, ProofError> {
+    if token.is_empty() || token.len() > MAX_PROOF_LEN {
+        return Err(ProofError::Malformed);
+    }
+    let header = jsonwebtoken::decode_header(token).map_err(|_| ProofError::Malformed)?;
+    if header.typ.as_deref() != Some(PROOF_TYPE) {
+        return Err(ProofError::WrongType);
+    }
+    if !matches!(header.alg, Algorithm::ES256 | Algorithm::RS256) {
+        return Err(ProofError::Algorithm);
+    }
+    Ok(header)
+}
+
+/// The public members of a JWK usable with `alg`, or `None` for any other key.
+fn public_jwk(jwk: &Jwk, alg: Algorithm) -> Option<serde_json::Value> {
+    match (&jwk.algorithm, alg) {
+        (AlgorithmParameters::EllipticCurve(p), Algorithm::ES256)
+            if p.curve == EllipticCurve::P256 =>
+        {
+            let coord_ok = |c: &str| URL_SAFE_NO_PAD.decode(c).is_ok_and(|b| b.len() == 32);
+            (coord_ok(&p.x) && coord_ok(&p.y))
+                .then(|| serde_json::json!({ "kty": "EC", "crv": "P-256", "x": p.x, "y": p.y }))
+        }
+        (AlgorithmParameters::RSA(p), Algorithm::RS256) => {
+            let n = URL_SAFE_NO_PAD.decode(&p.n).ok()?;
+            (n.len() >= MIN_RSA_MODULUS && URL_SAFE_NO_PAD.decode(&p.e).is_ok())
+                .then(|| serde_json::json!({ "kty": "RSA", "n": p.n, "e": p.e }))
+        }
+        _ => None,
+    }
+}
+
+fn verify_with(token: &str, jwk: &Jwk, alg: Algorithm) -> Result<String, ProofError> {
+    let key = DecodingKey::from_jwk(jwk).map_err(|_| ProofError::NoKey)?;
+    let mut v = Validation::new(alg);
+    // A proof is a possession check of a fresh single-use challenge, not a bearer token: the
+    // challenge store decides freshness, so no time claims are required.
+    v.required_spec_claims.clear();
+    v.validate_exp = false;
+    v.validate_aud = false;
+    let data = jsonwebtoken::decode::<ProofClaims>(token, &key, &v)
+        .map_err(|_| ProofError::BadSignature)?;
+    Ok(data.claims.jti)
+}
+
+/// Checks a registration proof: `typ` `dbsc+jwt`, ES256/RS256, signed by the key in its `jwk`
+/// header. Returns the key (for `method`) and the proof's `jti` — which the caller must match
+/// against a challenge it issued.
+pub fn verify_registration(token: &str, method: Method) -> Result<(BoundKey, String), ProofError> {
+    let header = header_of(token)?;
+    let jwk = header.jwk.as_ref().ok_or(ProofError::NoKey)?;
+    let public = public_jwk(jwk, header.alg).ok_or(ProofError::NoKey)?;
+    let public_jwk: Jwk = serde_json::from_value(public.clone()).map_err(|_| ProofError::NoKey)?;
+    let jti = verify_with(token, &public_jwk, header.alg)?;
+    let alg = if header.alg == Algorithm::RS256 {
+        "RS256"
+    } else {
+        "ES256"
+    };
+    Ok((
+        BoundKey {
+            method,
+            alg: alg.into(),
+            thumbprint: public_jwk.thumbprint(ThumbprintHash::SHA256),
+            jwk: public,
+        },
+        jti,
+    ))
+}
+
+/// Checks a refresh proof against the session's key; returns its `jti`. A `jwk` header is
+/// tolerated only when it is that same key: a proof can never bring its own key.
+pub fn verify_refresh(token: &str, key: &BoundKey) -> Result<String, ProofError> {
+    let header = header_of(token)?;
+    let alg = if key.alg == "RS256" {
+        Algorithm::RS256
+    } else {
+        Algorithm::ES256
+    };
+    if header.alg != alg {
+        return Err(ProofError::Algorithm);
+    }
+    let stored: Jwk = serde_json::from_value(key.jwk.clone()).map_err(|_| ProofError::NoKey)?;
+    if let Some(other) = &header.jwk {
+        let same = ct_eq(
+            other.thumbprint(ThumbprintHash::SHA256).as_bytes(),
+            key.thumbprint.as_bytes(),
+        );
+        if !same {
+            return Err(ProofError::OtherKey);
+        }
+    }
+    verify_with(token, &stored, alg)
+}
+
+/// The bound cookie: `<expiry ms>.<MAC>`, the MAC (master-key derived) covering the session's
+/// public id, the key's thumbprint and the expiry. Unforgeable without the master key, useless
+/// for any other session or key, and refused after its expiry by the server itself.
+pub fn bound_cookie_value(
+    key: &MasterKey,
+    session_public_id: &str,
+    thumbprint: &str,
+    expires_ms: i64,
+) -> String {
+    let mac = bound_mac(key, session_public_id, thumbprint, expires_ms);
+    format!("{expires_ms}.{}", URL_SAFE_NO_PAD.encode(mac))
+}
+
+fn bound_mac(key: &MasterKey, public_id: &str, thumbprint: &str, expires_ms: i64) -> [u8; 32] {
+    key.link_mac(
+        format!("portcullis/bound-cookie/v1\0{public_id}\0{thumbprint}\0{expires_ms}").as_bytes(),
+    )
+}
+
+/// What a presented bound cookie is worth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieCheck {
+    /// Valid for this session and key, and not expired.
+    Valid,
+    /// None presented.
+    Missing,
+    /// Made by us for this session and key, but past its expiry.
+    Expired,
+    /// Not made by us for this session and key (forged, another session's, malformed).
+    Invalid,
+}
+
+impl CookieCheck {
+    /// Stable reason for audit events.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CookieCheck::Valid => "valid",
+            CookieCheck::Missing => "bound_cookie_missing",
+            CookieCheck::Expired => "bound_cookie_expired",
+            CookieCheck::Invalid => "bound_cookie_invalid",
+        }
+    }
+}
+
+/// Checks a bound cookie value at `now_ms` (constant-time MAC comparison).
+pub fn check_bound_cookie(
+    key: &MasterKey,
+    value: Option<&str>,
+    session_public_id: &str,
+    thumbprint: &str,
+    now_ms: i64,
+) -> CookieCheck {
+    let Some(v) = value else {
+        return CookieCheck::Missing;
+    };
+    let Some((exp, mac)) = v.split_once('.') else {
+        return CookieCheck::Invalid;
+    };
+    let (Ok(exp), Ok(mac)) = (exp.parse::<i64>(), URL_SAFE_NO_PAD.decode(mac)) else {
+        return CookieCheck::Invalid;
+    };
+    let want = bound_mac(key, session_public_id, thumbprint, exp);
+    if !ct_eq(&want, &mac) {
+        return CookieCheck::Invalid;
+    }
+    if now_ms >= exp {
+        return CookieCheck::Expired;
+    }
+    CookieCheck::Valid
+}
+
+/// What a challenge was issued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    Register,
+    Refresh,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChallengeRecord {
+    session: String,
+    purpose: Purpose,
+}
+
+fn challenge_key(challenge: &str) -> String {
+    format!(
+        "binding_challenge:{}",
+        crate::crypto::sha256_hex(challenge.as_bytes())
+    )
+}
+
+/// Issues a single-use challenge (256 random bits) for one session and purpose. Several may be
+/// outstanding at once: the DBSC spec notes a proof for an older challenge can arrive after a
+/// newer one was issued, so each stays valid on its own until used or expired.
+pub async fn issue_challenge(
+    store: &dyn EphemeralStore,
+    session_public_id: &str,
+    purpose: Purpose,
+) -> StoreResult<String> {
+    let challenge = random_token(32);
+    let body = serde_json::to_vec(&ChallengeRecord {
+        session: session_public_id.to_string(),
+        purpose,
+    })
+    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if !store
+        .put_if_absent(&challenge_key(&challenge), &body, CHALLENGE_TTL)
+        .await?
+    {
+        return Err(StoreError::Conflict("challenge collision".into()));
+    }
+    Ok(challenge)
+}
+
+/// How a presented challenge turned out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeUse {
+    /// Issued for this session and purpose, unused and unexpired; now used up.
+    Fresh,
+    /// Unknown, used already or expired.
+    Stale,
+    /// Issued for another session or purpose (now used up, so it cannot be tried again).
+    Foreign,
+}
+
+/// Consumes a challenge atomically (`take`): of two requests carrying it, one wins.
+pub async fn consume_challenge(
+    store: &dyn EphemeralStore,
+    challenge: &str,
+    session_public_id: &str,
+    purpose: Purpose,
+) -> StoreResult<ChallengeUse> {
+    if challenge.is_empty() || challenge.len() > 128 {
+        return Ok(ChallengeUse::Stale);
+    }
+    let Some(body) = store.take(&challenge_key(challenge)).await? else {
+        return Ok(ChallengeUse::Stale);
+    };
+    let rec: ChallengeRecord =
+        serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if rec.session == session_public_id && rec.purpose == purpose {
+        Ok(ChallengeUse::Fresh)
+    } else {
+        Ok(ChallengeUse::Foreign)
+    }
+}
+
+/// Claims the binding of a session for one key, once: the first registration wins, even
+/// against a concurrent one by the other method.
+pub async fn claim(
+    store: &dyn EphemeralStore,
+    session_public_id: &str,
+    thumbprint: &str,
+    ttl: Duration,
+) -> StoreResult<bool> {
+    store
+        .put_if_absent(
+            &format!("binding_claim:{session_public_id}"),
+            thumbprint.as_bytes(),
+            ttl,
+        )
+        .await
+}
+
+fn failures_key(session_public_id: &str) -> String {
+    format!("binding_failures:{session_public_id}")
+}
+
+/// Counts one failed proof for a session; returns the count so far.
+pub async fn count_failure(
+    store: &dyn EphemeralStore,
+    session_public_id: &str,
+    ttl: Duration,
+) -> StoreResult<u64> {
+    store.incr(&failures_key(session_public_id), ttl).await
+}
+
+/// A successful proof starts the count over.
+pub async fn forget_failures(
+    store: &dyn EphemeralStore,
+    session_public_id: &str,
+) -> StoreResult<()> {
+    store.delete(&failures_key(session_public_id)).await
+}
+
+#[cfg(test)]
+mod tests;

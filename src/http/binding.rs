@@ -1,0 +1,787 @@
+//! Binding sessions to the device, on the wire (the rules are in [`crate::binding`]).
+//!
+//! - **DBSC**: a completed sign-in answers with `Secure-Session-Registration`; the browser posts
+//!   a proof to `POST /_portcullis/dbsc/register` and gets the session instructions and a bound
+//!   cookie. When the cookie expires the browser itself calls `POST /_portcullis/dbsc/refresh`:
+//!   403 with `Secure-Session-Challenge`, then the proof in `Secure-Session-Response`, then a
+//!   fresh bound cookie. The older `Sec-Session-*` request headers are accepted too.
+//! - **WebCrypto fallback**: `GET /_portcullis/bind?next=…` is a small page whose module script
+//!   (`static/binding.js`) keeps a non-extractable P-256 key in IndexedDB and signs a challenge
+//!   from `POST /_portcullis/bind/challenge`, sent to `…/bind/register` (first time, with the
+//!   public key) or `…/bind/refresh`; then it continues to `next`.
+//! - **The gate** ([`check`]) forwards a complete session only with a valid bound cookie;
+//!   everything else is refused here ([`refusal`]) and, where it points at theft, counted:
+//!   audit `session_binding_failed`, and after `binding.max_failures` the session ends and its
+//!   owner is told.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::error::{wants_html, AppError};
+use super::login::{csrf_token, current_session, with_cookies};
+use super::pages::{self, render};
+use super::webauthn::ApiCsrf;
+use super::{get_cookie, see_other, Json, Peer};
+use crate::auth::flow::Client;
+use crate::binding::{
+    self, BoundKey, ChallengeUse, CookieCheck, Method, ProofError, Purpose, COOKIE_HTTP,
+    COOKIE_HTTPS,
+};
+use crate::policy::safe_step_up_return;
+use crate::session::{Loaded, Session};
+use crate::state::AppState;
+use crate::store::AuditEvent;
+
+/// The interstitial page of the WebCrypto fallback.
+pub const BIND_PATH: &str = "/_portcullis/bind";
+/// DBSC registration endpoint (named in `Secure-Session-Registration`).
+pub const DBSC_REGISTER_PATH: &str = "/_portcullis/dbsc/register";
+/// DBSC refresh endpoint (named in the session instructions).
+pub const DBSC_REFRESH_PATH: &str = "/_portcullis/dbsc/refresh";
+/// Response header that starts a DBSC registration.
+pub const REGISTRATION_HEADER: &str = "secure-session-registration";
+/// Response header carrying a refresh challenge.
+pub const CHALLENGE_HEADER: &str = "secure-session-challenge";
+/// Request headers carrying a proof (current name first).
+const RESPONSE_HEADERS: [&str; 2] = ["secure-session-response", "sec-session-response"];
+/// Request headers naming the DBSC session on refresh.
+const SESSION_ID_HEADERS: [&str; 2] = ["sec-secure-session-id", "sec-session-id"];
+
+const BINDING_JS: &str = include_str!("../../static/binding.js");
+
+/// The bound cookie's name here.
+pub fn cookie_name(state: &AppState) -> &'static str {
+    if state.config.is_https() {
+        COOKIE_HTTPS
+    } else {
+        COOKIE_HTTP
+    }
+}
+
+/// Cookie attributes shared by `Set-Cookie` and the DBSC `credentials` entry.
+fn cookie_attributes(state: &AppState) -> String {
+    let secure = if state.config.is_https() {
+        "; Secure"
+    } else {
+        ""
+    };
+    format!("Path=/; HttpOnly; SameSite=Lax{secure}")
+}
+
+fn ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// A fresh bound cookie for `session` and `key`. The server refuses it after `bound_cookie_ttl`;
+/// the browser drops it a little earlier, so a browser's own clock and the network delay never
+/// present an expired one.
+fn issue_cookie(state: &AppState, session: &Session, key: &BoundKey) -> String {
+    let ttl = state.config.binding.bound_cookie_ttl;
+    let expires = state.clock.now_millis() + ms(ttl);
+    let value = binding::bound_cookie_value(
+        &state.master_key,
+        &session.public_id,
+        &key.thumbprint,
+        expires,
+    );
+    let margin = if ttl.as_secs() < 60 { 1 } else { 5 };
+    let max_age = ttl.as_secs().saturating_sub(margin).max(1);
+    format!(
+        "{}={value}; Max-Age={max_age}; {}",
+        cookie_name(state),
+        cookie_attributes(state)
+    )
+}
+
+/// What the gate found wrong with a complete session's device proof.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unbound {
+    /// No key registered yet: the browser must bind the session first.
+    Register,
+    /// A WebCrypto-bound session whose bound cookie the browser dropped: prove again.
+    Refresh,
+    /// A proof that points at a copied session (counted); `ended` when that was the last one.
+    Failed { ended: bool },
+}
+
+/// The gate's check of a complete session: `None` when its bound cookie is valid.
+pub(crate) async fn check(
+    state: &AppState,
+    loaded: &Loaded,
+    headers: &HeaderMap,
+    client: &Client,
+) -> Result<Option<Unbound>, AppError> {
+    let Some(key) = &loaded.session.binding else {
+        return Ok(Some(Unbound::Register));
+    };
+    let verdict = binding::check_bound_cookie(
+        &state.master_key,
+        get_cookie(headers, cookie_name(state)),
+        &loaded.session.public_id,
+        &key.thumbprint,
+        state.clock.now_millis(),
+    );
+    match (verdict, key.method) {
+        (CookieCheck::Valid, _) => Ok(None),
+        // The fallback's cookie runs out in normal use; the page proves again.
+        (CookieCheck::Missing, Method::Webcrypto) => Ok(Some(Unbound::Refresh)),
+        // A DBSC browser refreshes before it sends a request without the cookie; an expired or
+        // foreign cookie is never sent by the browser that holds the key.
+        (other, _) => {
+            let ended = failure(state, loaded, client, other.reason()).await?;
+            Ok(Some(Unbound::Failed { ended }))
+        }
+    }
+}
+
+/// Counts a failed proof: audit `session_binding_failed`; at `binding.max_failures` the session
+/// ends (`session_suspended`) and the owner is told. Returns whether it ended.
+async fn failure(
+    state: &AppState,
+    loaded: &Loaded,
+    client: &Client,
+    reason: &str,
+) -> Result<bool, AppError> {
+    let s = &loaded.session;
+    let count = binding::count_failure(
+        state.ephemeral.as_ref(),
+        &s.public_id,
+        state.config.session.absolute_timeout,
+    )
+    .await?;
+    let user = state.durable.user_by_id(&s.user_id).await?;
+    let event = |name: &str, reason: &str| {
+        let ev = AuditEvent::new(name, "denied", state.clock.now())
+            .reason(reason)
+            .client(&client.ip, &client.user_agent);
+        match &user {
+            Some(u) => ev.user(u),
+            None => AuditEvent {
+                user_id: Some(s.user_id.clone()),
+                ..ev
+            },
+        }
+    };
+    state
+        .audit
+        .record(event("session_binding_failed", reason))
+        .await;
+    if count < u64::from(state.config.binding.max_failures) {
+        return Ok(false);
+    }
+    state.sessions.destroy(&loaded.key, &s.user_id).await?;
+    state.signer.forget(&loaded.key);
+    state
+        .audit
+        .record(event("session_suspended", "binding_failures"))
+        .await;
+    if let Some(u) = &user {
+        let host = state
+            .config
+            .server
+            .public_url
+            .host_str()
+            .unwrap_or_default();
+        let body = format!(
+            "A session of your account {email} on {host} was used from a browser that could not\n\
+             prove it is the device you signed in on ({count} failed attempts, last from {ip},\n\
+             {ua}). This is what happens when someone copies the cookies of a signed-in browser.\n\
+             \n\
+             That session has been ended. If you did not expect this, change your password and\n\
+             check your computer for malware, then sign in again.\n",
+            email = u.email,
+            ip = client.ip,
+            ua = client.user_agent,
+        );
+        state
+            .notifier
+            .enqueue(
+                &u.email,
+                &format!("A session of your account on {host} was ended"),
+                &body,
+            )
+            .await?;
+    }
+    Ok(true)
+}
+
+/// The same device-proof rule for the gateway's own pages that act on a complete session (the
+/// admin console, the account page): `Some(answer)` when binding is on and the proof is missing,
+/// expired or wrong. `next` is where a browser navigation continues once proven.
+pub(crate) async fn guard_page(
+    state: &AppState,
+    loaded: &Loaded,
+    headers: &HeaderMap,
+    client: &Client,
+    browser: bool,
+    next: &str,
+) -> Result<Option<Response>, AppError> {
+    if !state.config.binding.enabled {
+        return Ok(None);
+    }
+    Ok(check(state, loaded, headers, client)
+        .await?
+        .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
+}
+
+/// Gateway pages that change how a complete session's user signs in; they ask for the same
+/// device proof as the console (see [`guard_session_pages`]).
+const SESSION_PAGES: &[&str] = &[
+    "/_portcullis/account",
+    "/_portcullis/reauth",
+    "/_portcullis/webauthn/register/",
+    "/_portcullis/webauthn/reauth/",
+];
+
+/// Middleware: a copied cookie reaches the account page, step-up and key registration no more
+/// than it reaches the console. Other requests pass untouched; sessions that are not complete
+/// (sign-in, forced enrolment) are left to their own pages.
+pub async fn guard_session_pages(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if !state.config.binding.enabled || !SESSION_PAGES.iter().any(|p| path.starts_with(p)) {
+        return next.run(req).await;
+    }
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let browser = req.method() == axum::http::Method::GET && wants_html(req.headers());
+    let headers = req.headers().clone();
+    let refused = async {
+        let Some(loaded) = current_session(&state, &headers)
+            .await?
+            .filter(|l| l.session.is_authenticated())
+        else {
+            return Ok(None);
+        };
+        let client = super::client(&state, peer, &headers);
+        guard_page(&state, &loaded, &headers, &client, browser, &target).await
+    }
+    .await;
+    match refused {
+        Ok(None) => next.run(req).await,
+        Ok(Some(r)) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The answer to a request the gate refused for its device proof. `bind_url` is the
+/// interstitial (absolute for forward-auth); `next` where a browser navigation may return.
+pub(crate) fn refusal(
+    state: &AppState,
+    why: Unbound,
+    browser: bool,
+    bind_url: &str,
+    next: Option<&str>,
+) -> Response {
+    let with_next = |n: &str| {
+        let q: String = url::form_urlencoded::byte_serialize(n.as_bytes()).collect();
+        format!("{bind_url}?next={q}")
+    };
+    let mut resp = match (why, browser, next) {
+        (Unbound::Register | Unbound::Refresh, true, Some(n)) => see_other(&with_next(n)),
+        (Unbound::Register, _, _) => json_error(
+            StatusCode::UNAUTHORIZED,
+            "binding_required",
+            "This session is not bound to its device yet. Open the page again in the browser \
+             that signed in, so it can prove it holds its device key, then repeat the request.",
+            bind_url,
+        ),
+        (Unbound::Refresh, _, _) => json_error(
+            StatusCode::UNAUTHORIZED,
+            "binding_refresh_required",
+            "The device proof of this session has expired, so the request was not sent on. \
+             Reload the page in the browser that signed in (it renews the proof), then send \
+             the request again.",
+            bind_url,
+        ),
+        (Unbound::Failed { .. }, _, _) => json_error(
+            StatusCode::FORBIDDEN,
+            "device_proof_failed",
+            "This session belongs to another device: the browser that signed in must prove it \
+             holds its device key. Sign in again on this device.",
+            bind_url,
+        ),
+    };
+    if let Unbound::Failed { ended: true } = why {
+        if let Ok(v) = HeaderValue::from_str(&state.sessions.clear_cookie()) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Our error format plus the URL where the binding is renewed.
+fn json_error(status: StatusCode, code: &'static str, message: &str, bind_url: &str) -> Response {
+    let body = serde_json::json!({ "error": code, "message": message, "bind": bind_url });
+    let mut r = AppError::new(status, code, message).into_response();
+    *r.body_mut() = axum::body::Body::from(body.to_string());
+    r
+}
+
+/// Adds `Secure-Session-Registration` (with a new single-use challenge) to a response for a
+/// complete, not yet bound session.
+pub(crate) async fn offer_registration(
+    state: &AppState,
+    session: &Session,
+    resp: &mut Response,
+) -> Result<(), AppError> {
+    if !state.config.binding.enabled || !session.is_authenticated() || session.binding.is_some() {
+        return Ok(());
+    }
+    let challenge = binding::issue_challenge(
+        state.ephemeral.as_ref(),
+        &session.public_id,
+        Purpose::Register,
+    )
+    .await?;
+    let value = format!("(ES256 RS256);path=\"{DBSC_REGISTER_PATH}\";challenge=\"{challenge}\"");
+    let v = HeaderValue::from_str(&value).map_err(|e| AppError::internal(&e))?;
+    resp.headers_mut().append(REGISTRATION_HEADER, v);
+    Ok(())
+}
+
+/// The complete session of this request, or the error an API caller gets.
+async fn complete_session(state: &AppState, headers: &HeaderMap) -> Result<Loaded, AppError> {
+    if !state.config.binding.enabled {
+        return Err(AppError::not_found());
+    }
+    match current_session(state, headers).await? {
+        Some(l) if l.session.is_authenticated() => Ok(l),
+        _ => Err(AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_required",
+            "Sign in first.",
+        )),
+    }
+}
+
+/// Binds `loaded` to `key`, once: the first registration of a session wins.
+async fn register(
+    state: &AppState,
+    loaded: &mut Loaded,
+    key: BoundKey,
+    client: &Client,
+) -> Result<Option<String>, AppError> {
+    if loaded.session.binding.is_some()
+        || !binding::claim(
+            state.ephemeral.as_ref(),
+            &loaded.session.public_id,
+            &key.thumbprint,
+            state.config.session.absolute_timeout,
+        )
+        .await?
+    {
+        return Ok(None);
+    }
+    loaded.session.binding = Some(key.clone());
+    state.sessions.save(&loaded.key, &loaded.session).await?;
+    binding::forget_failures(state.ephemeral.as_ref(), &loaded.session.public_id).await?;
+    let mut ev = AuditEvent::new("session_bound", "success", state.clock.now())
+        .reason(key.method.as_str())
+        .client(&client.ip, &client.user_agent);
+    if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
+        ev = ev.user(&u);
+    }
+    state.audit.record(ev).await;
+    Ok(Some(issue_cookie(state, &loaded.session, &key)))
+}
+
+fn already_bound() -> AppError {
+    AppError::new(
+        StatusCode::CONFLICT,
+        "already_bound",
+        "This session is already bound to a device key.",
+    )
+}
+
+fn bad_proof(e: ProofError) -> AppError {
+    AppError::bad_request(format!("The device proof was refused: {e}."))
+}
+
+fn stale_challenge() -> AppError {
+    AppError::new(
+        StatusCode::CONFLICT,
+        "challenge_stale",
+        "The challenge was already used or has expired. Ask for a new one.",
+    )
+}
+
+fn proof_failed() -> AppError {
+    AppError::forbidden(
+        "device_proof_failed",
+        "This browser could not prove it holds the device key of this session. Sign in again.",
+    )
+}
+
+/// What happened to a refresh proof.
+enum Refreshed {
+    /// Proven: the bound cookie to set.
+    Cookie(String),
+    /// The challenge was used or expired (a race the spec allows for): ask again.
+    Stale,
+    /// Refused and counted.
+    Failed,
+}
+
+/// Checks a refresh proof of `loaded`'s key against a fresh challenge and issues the cookie.
+async fn refresh(
+    state: &AppState,
+    loaded: &Loaded,
+    key: &BoundKey,
+    proof: Option<&str>,
+    client: &Client,
+) -> Result<Refreshed, AppError> {
+    let Some(proof) = proof.filter(|p| !p.is_empty()) else {
+        failure(state, loaded, client, "no_device_key").await?;
+        return Ok(Refreshed::Failed);
+    };
+    let jti = match binding::verify_refresh(proof, key) {
+        Ok(j) => j,
+        Err(e) => {
+            failure(state, loaded, client, e.reason()).await?;
+            return Ok(Refreshed::Failed);
+        }
+    };
+    let public_id = &loaded.session.public_id;
+    match binding::consume_challenge(state.ephemeral.as_ref(), &jti, public_id, Purpose::Refresh)
+        .await?
+    {
+        ChallengeUse::Fresh => {}
+        ChallengeUse::Stale => return Ok(Refreshed::Stale),
+        ChallengeUse::Foreign => {
+            failure(state, loaded, client, "proof_for_another_session").await?;
+            return Ok(Refreshed::Failed);
+        }
+    }
+    binding::forget_failures(state.ephemeral.as_ref(), public_id).await?;
+    Ok(Refreshed::Cookie(issue_cookie(state, &loaded.session, key)))
+}
+
+// --- WebCrypto fallback ---------------------------------------------------------------------
+
+fn next_of(state: &AppState, q: &Option<String>) -> String {
+    q.as_deref()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "next")
+                .map(|(_, v)| v.into_owned())
+        })
+        .and_then(|n| safe_step_up_return(&n, &state.config.server.public_url))
+        .unwrap_or_else(|| "/".into())
+}
+
+/// `GET /_portcullis/bind?next=…`: the interstitial that proves possession and continues.
+pub async fn bind_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let next = next_of(&state, &q);
+    if !state.config.binding.enabled {
+        return Ok(see_other(&next));
+    }
+    let Some(loaded) = current_session(&state, &headers)
+        .await?
+        .filter(|l| l.session.is_authenticated())
+    else {
+        let q: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
+        return Ok(see_other(&format!("{}?next={q}", super::gate::LOGIN_PATH)));
+    };
+    let (token, set) = csrf_token(&state, &headers);
+    let mut resp = with_cookies(
+        render(
+            StatusCode::OK,
+            &pages::Bind {
+                csrf: &token,
+                next: &next,
+            },
+        ),
+        set,
+    );
+    offer_registration(&state, &loaded.session, &mut resp).await?;
+    Ok(resp)
+}
+
+/// `GET /_portcullis/static/binding.js`.
+pub async fn binding_js() -> Response {
+    let mut r = BINDING_JS.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    r
+}
+
+/// `POST /_portcullis/bind/challenge`: a challenge for the page to sign.
+pub async fn challenge_post(
+    State(state): State<AppState>,
+    _csrf: ApiCsrf,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let loaded = complete_session(&state, &headers).await?;
+    let (purpose, method) = match &loaded.session.binding {
+        None => (Purpose::Register, None),
+        Some(k) => (Purpose::Refresh, Some(k.method.as_str())),
+    };
+    let challenge =
+        binding::issue_challenge(state.ephemeral.as_ref(), &loaded.session.public_id, purpose)
+            .await?;
+    Ok(axum::Json(serde_json::json!({
+        "challenge": challenge,
+        "purpose": purpose,
+        "method": method,
+        "session": loaded.session.public_id,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ProofBody {
+    #[serde(default)]
+    proof: Option<String>,
+}
+
+fn proven(cookie: String) -> Response {
+    with_cookies(
+        axum::Json(serde_json::json!({ "ok": true })).into_response(),
+        [cookie],
+    )
+}
+
+/// What a registration proof achieved.
+enum Registration {
+    /// Bound: the session and the bound cookie to set.
+    Bound(Box<Loaded>, String),
+    /// The challenge was used or expired; the session, to offer a new one.
+    Stale(Box<Loaded>),
+}
+
+/// A registration proof (either method): checks it, uses up its challenge, binds the session.
+async fn register_proof(
+    state: &AppState,
+    peer: std::net::SocketAddr,
+    headers: &HeaderMap,
+    proof: &str,
+    method: Method,
+) -> Result<Registration, AppError> {
+    let mut loaded = complete_session(state, headers).await?;
+    let client = super::client(state, peer, headers);
+    let (key, jti) = binding::verify_registration(proof, method).map_err(bad_proof)?;
+    match binding::consume_challenge(
+        state.ephemeral.as_ref(),
+        &jti,
+        &loaded.session.public_id,
+        Purpose::Register,
+    )
+    .await?
+    {
+        ChallengeUse::Fresh => {}
+        ChallengeUse::Stale => return Ok(Registration::Stale(Box::new(loaded))),
+        ChallengeUse::Foreign => {
+            failure(state, &loaded, &client, "proof_for_another_session").await?;
+            return Err(proof_failed());
+        }
+    }
+    match register(state, &mut loaded, key, &client).await? {
+        Some(cookie) => Ok(Registration::Bound(Box::new(loaded), cookie)),
+        None => Err(already_bound()),
+    }
+}
+
+/// `POST /_portcullis/bind/register` `{"proof": JWS}`: binds the session to the key in the proof.
+pub async fn register_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    _csrf: ApiCsrf,
+    headers: HeaderMap,
+    Json(body): Json<ProofBody>,
+) -> Result<Response, AppError> {
+    let proof = body.proof.unwrap_or_default();
+    match register_proof(&state, peer, &headers, &proof, Method::Webcrypto).await? {
+        Registration::Bound(_, cookie) => Ok(proven(cookie)),
+        Registration::Stale(_) => Err(stale_challenge()),
+    }
+}
+
+/// `POST /_portcullis/bind/refresh` `{"proof": JWS | null}`: a fresh bound cookie for a proof
+/// by the session's key; `null` (this browser has no key) counts as a failed proof.
+pub async fn refresh_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    _csrf: ApiCsrf,
+    headers: HeaderMap,
+    Json(body): Json<ProofBody>,
+) -> Result<Response, AppError> {
+    let loaded = complete_session(&state, &headers).await?;
+    let client = super::client(&state, peer, &headers);
+    let Some(key) = loaded.session.binding.clone() else {
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "not_bound",
+            "This session is not bound yet: register a key first.",
+        ));
+    };
+    match refresh(&state, &loaded, &key, body.proof.as_deref(), &client).await? {
+        Refreshed::Cookie(c) => Ok(proven(c)),
+        Refreshed::Stale => Err(stale_challenge()),
+        Refreshed::Failed => Err(proof_failed()),
+    }
+}
+
+// --- DBSC -----------------------------------------------------------------------------------
+
+fn first_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
+    names
+        .iter()
+        .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
+/// A DBSC request's body, or our error format (413 for one over `server.max_form_bytes`).
+fn dbsc_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, AppError> {
+    body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::new(
+                rej.status(),
+                "payload_too_large",
+                "The request is too large.",
+            )
+        } else {
+            AppError::bad_request("The request could not be read.")
+        }
+    })
+}
+
+/// The proof of a DBSC request: the `Secure-Session-Response` header (or its older name), or
+/// the body, where some browser versions put it.
+fn dbsc_proof<'a>(headers: &'a HeaderMap, body: &'a Bytes) -> Option<&'a str> {
+    first_header(headers, &RESPONSE_HEADERS)
+        .or_else(|| std::str::from_utf8(body).ok().map(str::trim))
+        .filter(|p| !p.is_empty())
+}
+
+/// The session instructions JSON (registration and refresh answers).
+fn instructions(state: &AppState, session: &Session) -> serde_json::Value {
+    serde_json::json!({
+        "session_identifier": session.public_id,
+        "refresh_url": DBSC_REFRESH_PATH,
+        "scope": {
+            "origin": state.config.server.public_url.origin().ascii_serialization(),
+            "include_site": false,
+        },
+        "credentials": [{
+            "type": "cookie",
+            "name": cookie_name(state),
+            "attributes": cookie_attributes(state),
+        }],
+    })
+}
+
+fn dbsc_answer(state: &AppState, session: &Session, cookie: String) -> Response {
+    with_cookies(
+        axum::Json(instructions(state, session)).into_response(),
+        [cookie],
+    )
+}
+
+/// `POST /_portcullis/dbsc/register`: the browser's registration proof.
+pub async fn dbsc_register_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = dbsc_body(body)?;
+    let proof = dbsc_proof(&headers, &body).unwrap_or_default();
+    match register_proof(&state, peer, &headers, proof, Method::Dbsc).await? {
+        Registration::Bound(loaded, cookie) => Ok(dbsc_answer(&state, &loaded.session, cookie)),
+        Registration::Stale(loaded) => {
+            // Ask the browser to register again with a new challenge.
+            let mut r = AppError {
+                status: StatusCode::FORBIDDEN,
+                ..stale_challenge()
+            }
+            .into_response();
+            offer_registration(&state, &loaded.session, &mut r).await?;
+            Ok(r)
+        }
+    }
+}
+
+/// A 403 carrying a new refresh challenge for `session`.
+async fn challenge_answer(state: &AppState, session: &Session) -> Result<Response, AppError> {
+    let challenge = binding::issue_challenge(
+        state.ephemeral.as_ref(),
+        &session.public_id,
+        Purpose::Refresh,
+    )
+    .await?;
+    let mut r = StatusCode::FORBIDDEN.into_response();
+    let v = HeaderValue::from_str(&format!("\"{challenge}\";id=\"{}\"", session.public_id))
+        .map_err(|e| AppError::internal(&e))?;
+    r.headers_mut().insert(CHALLENGE_HEADER, v);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+/// `POST /_portcullis/dbsc/refresh`: 403 with a challenge, then a fresh bound cookie for a
+/// proof of it. A session that is gone answers `{"continue": false}`, which ends the browser's
+/// DBSC session.
+pub async fn dbsc_refresh_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, AppError> {
+    let body = dbsc_body(body)?;
+    if !state.config.binding.enabled {
+        return Err(AppError::not_found());
+    }
+    let asked_for = first_header(&headers, &SESSION_ID_HEADERS).unwrap_or_default();
+    let loaded = current_session(&state, &headers)
+        .await?
+        .filter(|l| l.session.is_authenticated());
+    let (Some(loaded), Some(key)) = (
+        loaded.clone(),
+        loaded.and_then(|l| l.session.binding.filter(|k| k.method == Method::Dbsc)),
+    ) else {
+        return Ok(axum::Json(serde_json::json!({
+            "session_identifier": asked_for,
+            "continue": false,
+        }))
+        .into_response());
+    };
+    if !asked_for.is_empty() && asked_for != loaded.session.public_id {
+        return Err(AppError::forbidden(
+            "session_mismatch",
+            "The session named in Sec-Secure-Session-Id is not the session of this cookie.",
+        ));
+    }
+    let client = super::client(&state, peer, &headers);
+    let Some(proof) = dbsc_proof(&headers, &body) else {
+        return challenge_answer(&state, &loaded.session).await;
+    };
+    match refresh(&state, &loaded, &key, Some(proof), &client).await? {
+        Refreshed::Cookie(c) => Ok(dbsc_answer(&state, &loaded.session, c)),
+        Refreshed::Stale => challenge_answer(&state, &loaded.session).await,
+        Refreshed::Failed => Err(proof_failed()),
+    }
+}

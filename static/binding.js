@@ -1,0 +1,129 @@
+// Device binding for browsers without Device Bound Session Credentials. The gateway's
+// interstitial page (/_portcullis/bind) loads this module. It keeps a non-extractable ECDSA
+// P-256 key in IndexedDB, one per session, and signs the server's single-use challenge with it
+// in the same proof format DBSC uses (a JWS with typ "dbsc+jwt" and the challenge as jti; the
+// first proof carries the public key). The gateway answers with a short-lived bound cookie and
+// the page continues to where the user was going. The private key never leaves WebCrypto.
+
+const section = document.querySelector("[data-binding]");
+const DB = "portcullis-binding";
+const STORE = "keys";
+
+function b64url(bytes) {
+  let bin = "";
+  for (const b of new Uint8Array(bytes)) bin += String.fromCharCode(b);
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+const enc = (obj) => b64url(new TextEncoder().encode(JSON.stringify(obj)));
+
+function openDb() {
+  return new Promise((ok, fail) => {
+    const req = indexedDB.open(DB, 1);
+    req.onupgradeneeded = () => req.result.createObjectStore(STORE);
+    req.onsuccess = () => ok(req.result);
+    req.onerror = () => fail(req.error);
+  });
+}
+
+async function withStore(mode, fn) {
+  const db = await openDb();
+  try {
+    return await new Promise((ok, fail) => {
+      const tx = db.transaction(STORE, mode);
+      const req = fn(tx.objectStore(STORE));
+      tx.oncomplete = () => ok(req && req.result);
+      tx.onerror = () => fail(tx.error);
+    });
+  } finally {
+    db.close();
+  }
+}
+
+// Keys of earlier sessions are of no further use: one key is kept, under its session's id.
+async function saveKey(session, pair) {
+  await withStore("readwrite", (s) => {
+    s.clear();
+    return s.put(pair, session);
+  });
+}
+
+const loadKey = (session) => withStore("readonly", (s) => s.get(session));
+
+async function proof(privateKey, header, challenge) {
+  const input = `${enc(header)}.${enc({ jti: challenge })}`;
+  const sig = await crypto.subtle.sign({ name: "ECDSA", hash: "SHA-256" }, privateKey, new TextEncoder().encode(input));
+  return `${input}.${b64url(sig)}`;
+}
+
+async function post(path, body) {
+  const r = await fetch(`/_portcullis/bind/${path}`, {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "content-type": "application/json", "x-csrf-token": section.dataset.csrf },
+    body: JSON.stringify(body),
+  });
+  let json = {};
+  try {
+    json = await r.json();
+  } catch {
+    json = {};
+  }
+  return { status: r.status, json };
+}
+
+// A browser with DBSC registers a key of its own (in the TPM) as soon as the sign-in answer
+// offers it; that key is the better one, so a fresh session waits this long for it first.
+const DBSC_GRACE_MS = 1000;
+
+async function attempt(first) {
+  let ch = await post("challenge", {});
+  if (first && ch.status === 200 && ch.json.purpose === "register") {
+    await new Promise((r) => setTimeout(r, DBSC_GRACE_MS));
+    ch = await post("challenge", {});
+  }
+  if (ch.status !== 200) return ch;
+  const { challenge, purpose, method, session } = ch.json;
+  // Bound through DBSC by the browser itself (its registration won): nothing to do here.
+  if (method === "dbsc") return { status: 200, json: {} };
+  if (purpose === "register") {
+    const pair = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, false, ["sign", "verify"]);
+    const { kty, crv, x, y } = await crypto.subtle.exportKey("jwk", pair.publicKey);
+    await saveKey(session, pair);
+    const p = await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt", jwk: { kty, crv, x, y } }, challenge);
+    return post("register", { proof: p });
+  }
+  const pair = await loadKey(session);
+  // Without the key this browser cannot prove anything; the gateway counts that.
+  const p = pair ? await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt" }, challenge) : null;
+  return post("refresh", { proof: p });
+}
+
+function show(message) {
+  section.querySelector("[data-binding-status]").hidden = true;
+  const e = section.querySelector("[data-binding-error]");
+  e.textContent = message;
+  e.hidden = false;
+}
+
+async function run() {
+  try {
+    let r = await attempt(true);
+    // A challenge can be used up by a parallel tab; one more try with a new one.
+    if (r.status === 409 && r.json.error === "challenge_stale") r = await attempt(false);
+    // Bound a moment ago by the browser's own DBSC registration: its cookie is on its way.
+    if (r.status === 409 && r.json.error === "already_bound") {
+      setTimeout(() => location.replace(section.dataset.next || "/"), 500);
+      return;
+    }
+    if (r.status === 200) {
+      location.replace(section.dataset.next || "/");
+      return;
+    }
+    show(r.json.message || `The device check failed (${r.status}). Sign in again.`);
+  } catch (err) {
+    show(`This browser cannot keep a device key (${err && err.name ? err.name : "error"}). Sign in again with a current browser that keeps site data.`);
+  }
+}
+
+if (section) run();

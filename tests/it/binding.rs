@@ -1,0 +1,965 @@
+//! Sessions bound to the device: DBSC driven by a test client that implements the browser side
+//! (a P-256 key, proof JWTs), the WebCrypto fallback protocol driven the same way, and the
+//! copied-cookie attack.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use serde_json::{json, Value};
+
+use super::harness::{binding_on, extract, location, Browser, Gateway};
+
+/// The browser side of both methods: a P-256 key and the proofs it signs.
+struct Device {
+    key: SigningKey,
+}
+
+impl Device {
+    fn new() -> Self {
+        Self {
+            key: SigningKey::random(&mut rand::rngs::OsRng),
+        }
+    }
+
+    fn jwk(&self) -> Value {
+        let p = self.key.verifying_key().to_encoded_point(false);
+        let b = |v: &[u8]| URL_SAFE_NO_PAD.encode(v);
+        json!({"kty": "EC", "crv": "P-256", "x": b(p.x().unwrap()), "y": b(p.y().unwrap())})
+    }
+
+    /// A `dbsc+jwt` proof of `jti`; registration proofs carry the public key.
+    fn proof(&self, jti: &str, with_jwk: bool) -> String {
+        let mut header = json!({"alg": "ES256", "typ": "dbsc+jwt"});
+        if with_jwk {
+            header["jwk"] = self.jwk();
+        }
+        let enc = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string().as_bytes());
+        let input = format!("{}.{}", enc(&header), enc(&json!({ "jti": jti })));
+        let sig: Signature = self.key.sign(input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+}
+
+const TTL_SECS: i64 = 600;
+
+async fn gateway() -> Gateway {
+    Gateway::start_with(binding_on).await
+}
+
+/// The challenge of a `Secure-Session-Registration` header.
+fn registration_challenge(r: &reqwest::Response) -> String {
+    let v = r
+        .headers()
+        .get("secure-session-registration")
+        .expect("a registration header")
+        .to_str()
+        .unwrap();
+    assert!(
+        v.starts_with("(ES256 RS256);path=\"/_portcullis/dbsc/register\";challenge=\""),
+        "{v}"
+    );
+    extract(v, "challenge=\"", "\"").unwrap()
+}
+
+fn set_cookie_named(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(str::to_string)
+}
+
+/// Posts a DBSC registration proof with `b`'s cookies.
+async fn dbsc_register(gw: &Gateway, b: &reqwest::Client, proof: String) -> reqwest::Response {
+    b.post(gw.url("/_portcullis/dbsc/register"))
+        .header("secure-session-response", proof)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Registers `dev` through DBSC for the signed-in browser `b`; returns the instructions.
+async fn bind_dbsc(gw: &Gateway, b: &Browser, dev: &Device) -> Value {
+    let page = gw.get(b, "/_portcullis/bind").await;
+    let challenge = registration_challenge(&page);
+    let r = dbsc_register(gw, b, dev.proof(&challenge, true)).await;
+    assert_eq!(r.status(), 200);
+    assert!(set_cookie_named(&r, "portcullis-bound").is_some());
+    r.json().await.unwrap()
+}
+
+/// The first step of a DBSC refresh: 403 with `Secure-Session-Challenge`; returns the challenge.
+async fn refresh_challenge(gw: &Gateway, b: &Browser, sid: &str) -> String {
+    let r = b
+        .post(gw.url("/_portcullis/dbsc/refresh"))
+        .header("sec-secure-session-id", sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let ch = r
+        .headers()
+        .get("secure-session-challenge")
+        .expect("a challenge")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(ch.ends_with(&format!(";id=\"{sid}\"")), "{ch}");
+    extract(&ch, "\"", "\"").unwrap()
+}
+
+/// Answers a refresh challenge with `proof` (under the header's older name when `legacy`).
+async fn refresh_with(gw: &Gateway, b: &Browser, proof: String, legacy: bool) -> reqwest::Response {
+    let name = if legacy {
+        "sec-session-response"
+    } else {
+        "secure-session-response"
+    };
+    b.post(gw.url("/_portcullis/dbsc/refresh"))
+        .header(name, proof)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The DBSC refresh as the browser runs it: 403 with a challenge, then the proof.
+async fn dbsc_refresh(gw: &Gateway, b: &Browser, dev: &Device, sid: &str) -> reqwest::Response {
+    let challenge = refresh_challenge(gw, b, sid).await;
+    // The older header name is accepted as well.
+    refresh_with(gw, b, dev.proof(&challenge, false), true).await
+}
+
+/// A JSON call of the interstitial's script.
+async fn bind_api(gw: &Gateway, b: &Browser, path: &str, body: Value) -> reqwest::Response {
+    let csrf = gw.csrf(b, "/_portcullis/bind").await;
+    b.post(gw.url(&format!("/_portcullis/bind/{path}")))
+        .header("x-csrf-token", csrf)
+        .header("accept", "application/json")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn webcrypto_challenge(gw: &Gateway, b: &Browser) -> Value {
+    let r = bind_api(gw, b, "challenge", json!({})).await;
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// The fallback's registration: a challenge, then the proof with the public key.
+async fn bind_webcrypto(gw: &Gateway, b: &Browser, dev: &Device) {
+    let ch = webcrypto_challenge(gw, b).await;
+    assert_eq!(ch["purpose"], "register");
+    let proof = dev.proof(ch["challenge"].as_str().unwrap(), true);
+    let r = bind_api(gw, b, "register", json!({ "proof": proof })).await;
+    assert_eq!(r.status(), 200);
+}
+
+/// The fallback's renewal.
+async fn webcrypto_refresh(gw: &Gateway, b: &Browser, dev: &Device) -> reqwest::Response {
+    let ch = webcrypto_challenge(gw, b).await;
+    assert_eq!(ch["purpose"], "refresh");
+    let proof = dev.proof(ch["challenge"].as_str().unwrap(), false);
+    bind_api(gw, b, "refresh", json!({ "proof": proof })).await
+}
+
+/// What a browser does when the bound cookie's `Max-Age` runs out: it forgets it.
+fn drop_bound_cookie(gw: &Gateway, b: &Browser) {
+    b.jar.add_cookie_str(
+        "portcullis-bound=; Max-Age=0; Path=/",
+        &gw.base.parse().unwrap(),
+    );
+}
+
+/// Audit events named `name`, oldest first.
+async fn events(gw: &Gateway, name: &str) -> Vec<portcullis::store::AuditEvent> {
+    gw.audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == name)
+        .collect()
+}
+
+async fn binding_failures(gw: &Gateway) -> Vec<portcullis::store::AuditEvent> {
+    events(gw, "session_binding_failed").await
+}
+
+#[tokio::test]
+async fn dbsc_registration_and_refresh_with_a_challenge() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("dbsc@example.com").await;
+    // Complete but not bound: nothing reaches the console; a navigation goes to the interstitial.
+    let r = gw.get(&b, "/campaigns?page=2").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        location(&r),
+        "/_portcullis/bind?next=%2Fcampaigns%3Fpage%3D2"
+    );
+    assert_eq!(gw.upstream.count(), 0);
+
+    let dev = Device::new();
+    let ins = bind_dbsc(&gw, &b, &dev).await;
+    let sid = ins["session_identifier"].as_str().unwrap().to_string();
+    assert_eq!(ins["refresh_url"], "/_portcullis/dbsc/refresh");
+    assert_eq!(ins["scope"]["origin"], gw.base.as_str());
+    assert_eq!(ins["credentials"][0]["type"], "cookie");
+    assert_eq!(ins["credentials"][0]["name"], "portcullis-bound");
+    assert!(ins["credentials"][0]["attributes"]
+        .as_str()
+        .unwrap()
+        .contains("HttpOnly"));
+
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let seen = gw.upstream.last();
+    assert!(
+        !seen
+            .header("cookie")
+            .unwrap_or("")
+            .contains("portcullis-bound"),
+        "the bound cookie stays at the gateway"
+    );
+    let token = seen.header("x-portcullis-assertion").unwrap();
+    let claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        claims["sid"],
+        sid.as_str(),
+        "the DBSC session is the gateway session"
+    );
+
+    // The cookie runs out; the browser refreshes it with a signed challenge.
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    let r = dbsc_refresh(&gw, &b, &dev, &sid).await;
+    assert_eq!(r.status(), 200);
+    let cookie = set_cookie_named(&r, "portcullis-bound").unwrap();
+    assert!(cookie.contains("Max-Age=595"), "{cookie}");
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again["session_identifier"], sid.as_str());
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    assert!(binding_failures(&gw).await.is_empty());
+    let bound = events(&gw, "session_bound").await;
+    assert_eq!(bound.len(), 1);
+    assert_eq!(bound[0].reason.as_deref(), Some("dbsc"));
+
+    // A refresh naming another DBSC session is refused (under either header name).
+    for name in ["sec-secure-session-id", "sec-session-id"] {
+        let r = b
+            .post(gw.url("/_portcullis/dbsc/refresh"))
+            .header(name, "someone-else")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}");
+        assert!(r.headers().get("secure-session-challenge").is_none());
+    }
+    // Without a session the browser is told to end its DBSC session.
+    let r = gw
+        .api()
+        .post(gw.url("/_portcullis/dbsc/refresh"))
+        .header("sec-secure-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["continue"], false);
+}
+
+#[tokio::test]
+async fn the_sign_in_answer_offers_dbsc_registration() {
+    let gw = gateway().await;
+    gw.add_user("offer@example.com").await;
+    let b = gw.browser();
+    let (secret, _) = gw.enrol_totp(&b, "offer@example.com").await;
+    let (_, r) = gw.save_recovery_codes(&b).await;
+    assert_eq!(r.status(), 303);
+    let challenge = registration_challenge(&r);
+    let dev = Device::new();
+    // An expired challenge: the browser is asked to register again, with a new one.
+    gw.clock
+        .advance(portcullis::binding::CHALLENGE_TTL.as_secs() as i64 + 1);
+    let r = dbsc_register(&gw, &b, dev.proof(&challenge, true)).await;
+    assert_eq!(r.status(), 403);
+    let challenge = registration_challenge(&r);
+    // The new challenge registers this session, once.
+    let proof = dev.proof(&challenge, true);
+    assert_eq!(dbsc_register(&gw, &b, proof.clone()).await.status(), 200);
+    let r = dbsc_register(&gw, &b, proof).await;
+    assert_eq!(r.status(), 403, "replayed");
+    assert!(
+        r.headers().get("secure-session-registration").is_none(),
+        "bound already"
+    );
+
+    // A later sign-in (second factor) offers it too.
+    let b2 = gw.browser();
+    gw.clock.advance(30);
+    gw.password(&b2, "offer@example.com", super::harness::PASSWORD, "")
+        .await;
+    let r = gw
+        .code(&b2, "/_portcullis/mfa", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(r.status(), 303);
+    registration_challenge(&r);
+}
+
+#[tokio::test]
+async fn an_expired_bound_cookie_is_refused_and_counted() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("expired@example.com").await;
+    bind_dbsc(&gw, &b, &Device::new()).await;
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let before = gw.upstream.count();
+    gw.clock.advance(TTL_SECS + 1);
+    let r = gw.get(&b, "/campaigns").await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("another device"));
+    let r = b
+        .get(gw.url("/campaigns"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "device_proof_failed");
+    assert_eq!(gw.upstream.count(), before, "never forwarded");
+    let failed = binding_failures(&gw).await;
+    assert_eq!(failed.len(), 2);
+    assert_eq!(failed[0].reason.as_deref(), Some("bound_cookie_expired"));
+}
+
+#[tokio::test]
+async fn a_wrong_key_gets_no_cookie() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("wrongkey@example.com").await;
+    let dev = Device::new();
+    let ins = bind_dbsc(&gw, &b, &dev).await;
+    let sid = ins["session_identifier"].as_str().unwrap();
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    let thief = Device::new();
+    // Signed by another key; then another key bringing itself along in the header.
+    for with_jwk in [false, true] {
+        let challenge = refresh_challenge(&gw, &b, sid).await;
+        let r = refresh_with(&gw, &b, thief.proof(&challenge, with_jwk), false).await;
+        assert_eq!(r.status(), 403, "with its own jwk: {with_jwk}");
+        assert!(set_cookie_named(&r, "portcullis-bound").is_none());
+    }
+    let reasons: Vec<_> = binding_failures(&gw)
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(reasons, ["proof_bad_signature", "proof_other_key"]);
+    // Still no cookie: a DBSC browser never sends a request without it, so that counts too.
+    assert_eq!(gw.status(&b, "/campaigns").await, 403);
+    // The right key still works.
+    assert_eq!(dbsc_refresh(&gw, &b, &dev, sid).await.status(), 200);
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+}
+
+#[tokio::test]
+async fn a_replayed_refresh_proof_is_refused() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("replay@example.com").await;
+    let dev = Device::new();
+    let ins = bind_dbsc(&gw, &b, &dev).await;
+    let sid = ins["session_identifier"].as_str().unwrap();
+    let proof = dev.proof(&refresh_challenge(&gw, &b, sid).await, false);
+    let first = refresh_with(&gw, &b, proof.clone(), false).await;
+    assert_eq!(first.status(), 200);
+    let replay = refresh_with(&gw, &b, proof, false).await;
+    assert_eq!(replay.status(), 403, "used challenge");
+    assert!(set_cookie_named(&replay, "portcullis-bound").is_none());
+    assert!(
+        replay.headers().get("secure-session-challenge").is_some(),
+        "a new challenge, as for a browser that raced itself"
+    );
+    // An expired challenge is refused the same way.
+    let challenge = refresh_challenge(&gw, &b, sid).await;
+    gw.clock
+        .advance(portcullis::binding::CHALLENGE_TTL.as_secs() as i64 + 1);
+    let r = refresh_with(&gw, &b, dev.proof(&challenge, false), false).await;
+    assert_eq!(r.status(), 403);
+    assert!(set_cookie_named(&r, "portcullis-bound").is_none());
+}
+
+/// The `name=value` pair of cookie `name` in `b`'s jar.
+fn cookie_pair(b: &Browser, name: &str) -> String {
+    b.cookie_header()
+        .split("; ")
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_proof_for_another_session_is_refused() {
+    let gw = gateway().await;
+    let (a, _, _) = gw.signed_in("a@example.com").await;
+    let (b, _, _) = gw.signed_in("b@example.com").await;
+    let dev_a = Device::new();
+    let dev_b = Device::new();
+    bind_dbsc(&gw, &a, &dev_a).await;
+    // B's registration challenge, signed and sent with A's cookies: refused, nothing changes.
+    let page = gw.get(&b, "/_portcullis/bind").await;
+    let b_challenge = registration_challenge(&page);
+    let r = dbsc_register(&gw, &a, dev_b.proof(&b_challenge, true)).await;
+    assert_eq!(r.status(), 403);
+    // B's refresh challenge answered by A's key on A's session.
+    let ins_b = bind_dbsc(&gw, &b, &dev_b).await;
+    let b_refresh = refresh_challenge(&gw, &b, ins_b["session_identifier"].as_str().unwrap()).await;
+    let r = refresh_with(&gw, &a, dev_a.proof(&b_refresh, false), false).await;
+    assert_eq!(r.status(), 403);
+    assert!(set_cookie_named(&r, "portcullis-bound").is_none());
+    let reasons: Vec<_> = binding_failures(&gw)
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        ["proof_for_another_session", "proof_for_another_session"]
+    );
+    // A bound cookie of session A does not serve session B.
+    let r = gw
+        .api()
+        .get(gw.url("/campaigns"))
+        .header(
+            "cookie",
+            format!(
+                "{}; {}",
+                cookie_pair(&b, "portcullis-session"),
+                cookie_pair(&a, "portcullis-bound")
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let last = binding_failures(&gw).await.pop().unwrap();
+    assert_eq!(last.reason.as_deref(), Some("bound_cookie_invalid"));
+}
+
+#[tokio::test]
+async fn the_webcrypto_fallback_binds_renews_and_never_loses_a_post() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("webcrypto@example.com").await;
+    let r = gw.get(&b, "/reports").await;
+    assert_eq!(location(&r), "/_portcullis/bind?next=%2Freports");
+    let page = gw.page(&b, "/_portcullis/bind?next=%2Freports").await;
+    assert!(page.contains("data-next=\"/reports\""), "{page}");
+    assert!(page.contains("src=\"/_portcullis/static/binding.js\""));
+    assert!(!page.contains("<script>"), "no inline script");
+    let js = gw.get(&b, "/_portcullis/static/binding.js").await;
+    assert_eq!(js.status(), 200);
+    assert!(js
+        .text()
+        .await
+        .unwrap()
+        .contains("crypto.subtle.generateKey"));
+
+    // The JSON calls need the page's CSRF token.
+    let r = b
+        .post(gw.url("/_portcullis/bind/challenge"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/reports").await, 200);
+    // Registering again (another key, or the same) is refused: the first key keeps the session.
+    let ch = webcrypto_challenge(&gw, &b).await;
+    assert_eq!(ch["purpose"], "refresh");
+    assert_eq!(ch["method"], "webcrypto");
+
+    // The cookie runs out.
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    let before = gw.upstream.count();
+    // A navigation goes through the interstitial and back.
+    let r = gw.get(&b, "/reports?x=1").await;
+    assert_eq!(location(&r), "/_portcullis/bind?next=%2Freports%3Fx%3D1");
+    // A form post is neither forwarded nor dropped silently: a page says what to do.
+    let r = b
+        .post(gw.url("/campaigns/7/send"))
+        .form(&[("subject", "Hello")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("device proof of this session has expired"),
+        "{html}"
+    );
+    // An API client gets JSON naming the renewal page.
+    let r = b
+        .post(gw.url("/api/campaigns"))
+        .header("accept", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "binding_refresh_required");
+    assert_eq!(v["bind"], "/_portcullis/bind");
+    assert_eq!(gw.upstream.count(), before, "nothing forwarded");
+    assert!(
+        binding_failures(&gw).await.is_empty(),
+        "an expiry is not an attack"
+    );
+
+    let r = webcrypto_refresh(&gw, &b, &dev).await;
+    assert_eq!(r.status(), 200);
+    assert!(set_cookie_named(&r, "portcullis-bound").is_some());
+    assert_eq!(gw.status(&b, "/reports?x=1").await, 200);
+
+    // Another key, or no key at all, gets nothing.
+    drop_bound_cookie(&gw, &b);
+    let r = webcrypto_refresh(&gw, &b, &Device::new()).await;
+    assert_eq!(r.status(), 403);
+    let ch = webcrypto_challenge(&gw, &b).await;
+    assert!(ch["challenge"].is_string());
+    let r = bind_api(&gw, &b, "refresh", json!({ "proof": null })).await;
+    assert_eq!(r.status(), 403);
+    let reasons: Vec<_> = binding_failures(&gw)
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(reasons, ["proof_bad_signature", "no_device_key"]);
+}
+
+#[tokio::test]
+async fn copied_cookies_get_nothing_while_the_original_keeps_working() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("victim@example.com").await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/inbox").await, 200);
+    // Malware copies every cookie of the signed-in browser.
+    let copied = gw.cookies(&b);
+    for name in [
+        "portcullis-session=",
+        "portcullis-device=",
+        "portcullis-bound=",
+    ] {
+        assert!(copied.contains(name), "{copied}");
+    }
+    let thief = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent("thief-agent/1.0")
+        .build()
+        .unwrap();
+    // Some minutes later the copied bound cookie has expired; the owner's browser renewed its own.
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
+    let seen = gw.upstream.count();
+
+    for accept in ["text/html", "application/json"] {
+        let r = thief
+            .get(gw.url("/inbox"))
+            .header("cookie", &copied)
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{accept}");
+    }
+    // Without the stale bound cookie it is sent to prove possession, which it cannot.
+    let without_bound: String = copied
+        .split("; ")
+        .filter(|c| !c.starts_with("portcullis-bound="))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let r = thief
+        .get(gw.url("/inbox"))
+        .header("cookie", &without_bound)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/bind?next=%2Finbox");
+    let page = thief
+        .get(gw.url("/_portcullis/bind"))
+        .header("cookie", &without_bound)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = extract(&page, "data-csrf=\"", "\"").unwrap();
+    let api = |path: &str, body: Value| {
+        thief
+            .post(gw.url(&format!("/_portcullis/bind/{path}")))
+            .header("cookie", &without_bound)
+            .header("x-csrf-token", &csrf)
+            .json(&body)
+            .send()
+    };
+    let ch: Value = api("challenge", json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let own_key = Device::new();
+    let r = api(
+        "refresh",
+        json!({ "proof": own_key.proof(ch["challenge"].as_str().unwrap(), false) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = api(
+        "register",
+        json!({ "proof": own_key.proof(ch["challenge"].as_str().unwrap(), true) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403, "a second key cannot take over the session");
+    assert_eq!(gw.upstream.count(), seen, "the thief reached nothing");
+
+    let failed = binding_failures(&gw).await;
+    let reasons: Vec<_> = failed.iter().filter_map(|e| e.reason.as_deref()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "bound_cookie_expired",
+            "bound_cookie_expired",
+            "proof_bad_signature",
+            "proof_for_another_session"
+        ]
+    );
+    for e in &failed {
+        assert_eq!(e.user_agent.as_deref(), Some("thief-agent/1.0"));
+        assert_eq!(e.ip.as_deref(), Some("127.0.0.1"));
+    }
+    // The owner is not disturbed.
+    assert_eq!(gw.status(&b, "/inbox").await, 200);
+}
+
+#[tokio::test]
+async fn repeated_failures_end_the_session_and_tell_the_owner() {
+    let gw = Gateway::start_with(|c| {
+        binding_on(c);
+        c.binding.max_failures = 3;
+    })
+    .await;
+    let (b, _, _) = gw.signed_in("owner@example.com").await;
+    bind_dbsc(&gw, &b, &Device::new()).await;
+    let copied = gw.cookies(&b);
+    gw.clock.advance(TTL_SECS + 1);
+    let thief = gw.api();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = thief
+            .get(gw.url("/inbox"))
+            .header("cookie", &copied)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if statuses.len() == 3 {
+            assert!(
+                r.headers()
+                    .get_all("set-cookie")
+                    .iter()
+                    .any(|v| v.to_str().unwrap().contains("Max-Age=0")),
+                "the session cookie is cleared"
+            );
+        }
+    }
+    assert_eq!(statuses, [403, 403, 403]);
+    let suspended = events(&gw, "session_suspended").await;
+    assert_eq!(suspended.len(), 1);
+    assert_eq!(suspended[0].reason.as_deref(), Some("binding_failures"));
+    // The session is over for everyone, owner included.
+    assert_eq!(
+        location(&gw.get(&b, "/inbox").await),
+        "/_portcullis/login?next=%2Finbox"
+    );
+    let mail = gw.outbox().await;
+    let notice = mail
+        .iter()
+        .find(|m| m.contains("was ended"))
+        .expect("the owner is told");
+    assert!(notice.contains("To: owner@example.com"), "{notice}");
+    assert!(notice.contains("3 failed attempts"), "{notice}");
+}
+
+#[tokio::test]
+async fn forward_auth_applies_the_same_binding_rule() {
+    let gw = Gateway::start_with(|c| {
+        binding_on(c);
+        c.forward_auth.enabled = true;
+    })
+    .await;
+    let (b, _, _) = gw.signed_in("fwd@example.com").await;
+    let ask = || {
+        gw.api()
+            .get(gw.url("/_portcullis/auth"))
+            .header("cookie", gw.cookies(&b))
+            .send()
+    };
+    let r = ask().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "binding_required");
+    assert_eq!(v["bind"], gw.url("/_portcullis/bind").as_str());
+    bind_dbsc(&gw, &b, &Device::new()).await;
+    let r = ask().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-portcullis-assertion").is_some());
+}
+
+#[tokio::test]
+async fn binding_endpoints_are_absent_when_binding_is_off() {
+    let gw = Gateway::start().await;
+    let (b, _, _) = gw.signed_in("off@example.com").await;
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let r = b
+        .post(gw.url("/_portcullis/dbsc/register"))
+        .header("secure-session-response", Device::new().proof("x", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        location(&gw.get(&b, "/_portcullis/bind?next=%2Fx").await),
+        "/x"
+    );
+}
+
+#[tokio::test]
+async fn two_gateways_on_redis_share_bindings_challenges_and_failures() {
+    let a = gateway_on_redis(|c| c.binding.max_failures = 2).await;
+    let b = a.restarted().await;
+    // Cookies belong to the host, so one browser talks to both gateways (as behind a balancer).
+    let (owner, _, _) = a.signed_in("two@example.com").await;
+    let dev = Device::new();
+    let ins = bind_dbsc(&a, &owner, &dev).await;
+    let sid = ins["session_identifier"].as_str().unwrap();
+    assert_eq!(
+        b.status(&owner, "/campaigns").await,
+        200,
+        "bound on A, valid on B"
+    );
+    // A challenge issued by A is answered on B, once.
+    let challenge = refresh_challenge(&a, &owner, sid).await;
+    let proof = dev.proof(&challenge, false);
+    assert_eq!(
+        refresh_with(&b, &owner, proof.clone(), false)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(refresh_with(&a, &owner, proof, false).await.status(), 403);
+    // A registration through B cannot replace the key registered through A.
+    let r = dbsc_register(&b, &owner, Device::new().proof(&challenge, true)).await;
+    assert_eq!(r.status(), 403);
+    // Failures on either gateway count together: two end the session everywhere.
+    let copied = a.cookies(&owner);
+    for gw in [&a, &b] {
+        gw.clock.advance(TTL_SECS + 1);
+    }
+    for gw in [&a, &b] {
+        let r = gw
+            .api()
+            .get(gw.url("/inbox"))
+            .header("cookie", &copied)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    assert_eq!(
+        location(&a.get(&owner, "/inbox").await),
+        "/_portcullis/login?next=%2Finbox"
+    );
+}
+
+/// A gateway with binding on over the shared Redis (a fresh key prefix), where concurrent
+/// requests really interleave at every store call.
+async fn gateway_on_redis(adjust: impl FnOnce(&mut portcullis::config::Config)) -> Gateway {
+    Gateway::start_with(|c| {
+        binding_on(c);
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        adjust(c);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_registration_wins_even_when_two_race() {
+    let gw = gateway_on_redis(|_| {}).await;
+    let (b, _, _) = gw.signed_in("race@example.com").await;
+    // Two registration challenges outstanding: the DBSC header of the page and the fallback's.
+    let page = gw.get(&b, "/_portcullis/bind").await;
+    let dbsc_challenge = registration_challenge(&page);
+    let ch = webcrypto_challenge(&gw, &b).await;
+    assert_eq!(ch["purpose"], "register");
+    let (dbsc_key, webcrypto_key) = (Device::new(), Device::new());
+    let csrf = gw.csrf(&b, "/_portcullis/bind").await;
+    let (r1, r2) = tokio::join!(
+        dbsc_register(&gw, &b, dbsc_key.proof(&dbsc_challenge, true)),
+        b.post(gw.url("/_portcullis/bind/register"))
+            .header("x-csrf-token", &csrf)
+            .json(&json!({ "proof": webcrypto_key.proof(ch["challenge"].as_str().unwrap(), true) }))
+            .send(),
+    );
+    let mut statuses = [r1.status().as_u16(), r2.unwrap().status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "one key binds the session");
+    assert_eq!(events(&gw, "session_bound").await.len(), 1);
+    // Whichever won, the session now has exactly that key: the other key's proofs fail.
+    let loaded = gw
+        .state
+        .sessions
+        .load(Some(
+            cookie_pair(&b, "portcullis-session")
+                .split_once('=')
+                .unwrap()
+                .1,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let bound = loaded.session.binding.expect("bound");
+    let winner = if bound.method == portcullis::binding::Method::Dbsc {
+        &dbsc_key
+    } else {
+        &webcrypto_key
+    };
+    assert_eq!(bound.jwk, winner.jwk());
+}
+
+#[tokio::test]
+async fn malformed_proofs_get_clear_errors() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("junk@example.com").await;
+    let dev = Device::new();
+    let challenge = registration_challenge(&gw.get(&b, "/_portcullis/bind").await);
+    let not_dbsc = {
+        let good = dev.proof(&challenge, true);
+        let (_, rest) = good.split_once('.').unwrap();
+        let header = URL_SAFE_NO_PAD.encode(
+            json!({"alg": "ES256", "typ": "JWT", "jwk": dev.jwk()})
+                .to_string()
+                .as_bytes(),
+        );
+        format!("{header}.{rest}")
+    };
+    for (what, proof) in [
+        ("garbage", "not a jws".to_string()),
+        ("two parts", "a.b".to_string()),
+        ("wrong typ", not_dbsc),
+        ("no key", dev.proof(&challenge, false)),
+    ] {
+        let r = b
+            .post(gw.url("/_portcullis/dbsc/register"))
+            .header("accept", "application/json")
+            .header("secure-session-response", proof)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{what}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "bad_request", "{what}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("The device proof was refused"),
+            "{what}: {v}"
+        );
+    }
+    let r = b
+        .post(gw.url("/_portcullis/dbsc/register"))
+        .header("accept", "application/json")
+        .body(vec![b'x'; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "payload_too_large");
+    let r = bind_api(&gw, &b, "register", json!({ "proof": 42 })).await;
+    assert_eq!(r.status(), 400);
+    // None of it bound the session; the challenge still works.
+    assert_eq!(
+        dbsc_register(&gw, &b, dev.proof(&challenge, true))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn copied_cookies_reach_neither_the_account_page_nor_the_admin_console() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("boss@example.com").await;
+    let boss = gw.user("boss@example.com").await;
+    gw.state.durable.set_admin(&boss.id, true).await.unwrap();
+    gw.state.user_gate.forget(&boss.id);
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/_portcullis/account").await, 200);
+    let copied = gw.cookies(&b);
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
+    // The owner still has the account page; the copy gets neither it nor its forms.
+    assert_eq!(gw.status(&b, "/_portcullis/account").await, 200);
+    let csrf = gw.csrf(&b, "/_portcullis/account").await;
+    let thief = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let before = binding_failures(&gw).await.len();
+    for path in [
+        "/_portcullis/account",
+        "/_portcullis/admin",
+        "/_portcullis/reauth",
+    ] {
+        let r = thief
+            .get(gw.url(path))
+            .header("cookie", &copied)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "device_proof_failed", "{path}");
+    }
+    let r = thief
+        .post(gw.url("/_portcullis/account/recovery-codes"))
+        .header("cookie", &copied)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(
+        binding_failures(&gw).await.len() > before,
+        "each is a binding failure"
+    );
+}
