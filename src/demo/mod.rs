@@ -81,9 +81,54 @@ pub fn demo_config(args: &DemoArgs) -> Result<Config> {
     Ok(config)
 }
 
+/// Writes `portcullis.toml` into the data directory: the demo's settings for the CLI, so
+/// `portcullis --config DIR/portcullis.toml …` (admin bootstrap, user commands) works on the
+/// demo's database. The master key stays in its own file and is referenced, not copied.
+pub fn write_cli_config(args: &DemoArgs, config: &Config) -> Result<PathBuf> {
+    let mut t = toml::Table::new();
+    let mut section = |name: &str, pairs: &[(&str, String)]| {
+        let mut s = toml::Table::new();
+        for (k, v) in pairs {
+            s.insert((*k).into(), toml::Value::String(v.clone()));
+        }
+        t.insert(name.into(), toml::Value::Table(s));
+    };
+    section(
+        "server",
+        &[
+            ("listen", config.server.listen.clone()),
+            ("public_url", config.server.public_url.to_string()),
+        ],
+    );
+    section("upstream", &[("url", config.upstream.url.to_string())]);
+    section(
+        "storage",
+        &[
+            ("durable", config.storage.durable.clone()),
+            ("ephemeral", config.storage.ephemeral.clone()),
+        ],
+    );
+    let key = args.data_dir.join("master.key");
+    section("secrets", &[("master_key_file", key.display().to_string())]);
+    section(
+        "notify",
+        &[("outbox_dir", config.notify.outbox_dir.display().to_string())],
+    );
+    let path = args.data_dir.join("portcullis.toml");
+    let text = format!(
+        "# Written by `portcullis demo` at every start: the demo's settings for the CLI, e.g.\n\
+         #   portcullis --config {} admin bootstrap you@example.com\n{}",
+        path.display(),
+        toml::to_string(&t)?
+    );
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
 /// `portcullis demo`.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let config = demo_config(&args)?;
+    let cli_config = write_cli_config(&args, &config)?;
     crate::cli::init_logging(&config);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let state = crate::state::AppState::new(config.clone(), clock.clone()).await?;
@@ -149,10 +194,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("  save the recovery codes shown once.");
     } else {
         println!("  then enter the code from the authenticator you enrolled earlier");
-        println!("  (or run `portcullis user reset-mfa {DEMO_EMAIL}` with this demo's config to enrol again).");
+        println!(
+            "  (or run `portcullis --config {} user reset-mfa {DEMO_EMAIL}` to enrol again).",
+            cli_config.display()
+        );
     }
     println!();
     println!("  note: the demo serves plain HTTP on loopback, so cookies drop the __Host- prefix and the Secure flag.");
+    println!(
+        "  admin:     portcullis --config {} admin bootstrap you@example.com",
+        cli_config.display()
+    );
+    println!("             prints a one-time link to set up an admin (password + security key) for /_portcullis/admin");
     if state.keys.is_none() {
         println!("  security keys and passkeys are off on an IP address; try --public-url http://localhost:{}/", args.listen.port());
     }

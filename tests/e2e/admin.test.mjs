@@ -1,0 +1,126 @@
+// The admin console in a real browser, with Chromium's virtual authenticators standing in for
+// security keys: `portcullis admin bootstrap` prints a one-time link; through it the first admin
+// sets a password and registers a key, opens the admin console, creates a customer and issues
+// their enrolment link; the customer registers their own key through it and signs in with
+// password + key to the console. An admin whose session was completed with a code only is
+// sent to touch a key instead of being let in.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { join } from "node:path";
+import { BIN, enrolDemoUser, launch, screenshot, startDemo } from "./lib.mjs";
+
+const PASSWORD = "a long private passphrase 42";
+
+/** A browser context with its own virtual security key (user verification included). */
+async function withKey(browser) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("WebAuthn.enable");
+  await cdp.send("WebAuthn.addVirtualAuthenticator", {
+    options: {
+      protocol: "ctap2",
+      transport: "usb",
+      hasResidentKey: true,
+      hasUserVerification: true,
+      isUserVerified: true,
+      automaticPresenceSimulation: true,
+    },
+  });
+  return { context, page };
+}
+
+/** Runs the CLI on the demo's data; returns what it printed on stdout. */
+function cli(demo, ...args) {
+  return execFileSync(BIN, ["--config", join(demo.dir, "portcullis.toml"), ...args], { encoding: "utf8" });
+}
+
+/** Opens an enrolment link, sets the password, and registers the key of this context. */
+async function enrolThroughLink(page, link, base) {
+  await page.goto(link);
+  await page.fill("#password", PASSWORD);
+  await page.fill("#password2", PASSWORD);
+  await page.click("button[type=submit]");
+  await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
+  await page.click("[data-webauthn=register] [data-webauthn-start]");
+  await page.waitForURL(/\/_portcullis\/recovery-codes$/, { timeout: 30000 });
+  await page.click("button[type=submit]");
+  await page.waitForURL(`${base}/`, { timeout: 30000 });
+}
+
+test("bootstrap an admin, enrol a customer by link, and refuse a code-only admin", { timeout: 240000 }, async () => {
+  const demo = await startDemo({ host: "localhost" });
+  const browser = await launch();
+  const admin = await withKey(browser);
+  const customer = await withKey(browser);
+  let page = admin.page;
+  try {
+    const link = cli(demo, "admin", "bootstrap", "boss@example.com").trim();
+    assert.match(link, /^http:\/\/localhost:\d+\/_portcullis\/enrol\?t=/);
+
+    // The admin's link takes a security key only.
+    await page.goto(link);
+    await page.fill("#password", PASSWORD);
+    await page.fill("#password2", PASSWORD);
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
+    assert.equal(await page.locator("#totp-secret").count(), 0, "no authenticator app for an admin");
+    await page.click("[data-webauthn=register] [data-webauthn-start]");
+    await page.waitForURL(/\/_portcullis\/recovery-codes$/, { timeout: 30000 });
+    await page.click("button[type=submit]");
+    await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
+
+    // The admin console: home with charts, then a new customer and their enrolment link.
+    await page.goto(`${demo.base}/_portcullis/admin`);
+    assert.match(await page.textContent("h1"), /What needs attention/);
+    assert.equal(await page.locator("svg.chart").count(), 2);
+    await page.goto(`${demo.base}/_portcullis/admin/users`);
+    await page.fill("#email", "customer@example.com");
+    await page.fill("#account", "acct-42");
+    await page.click("form[method=post][action='/_portcullis/admin/users'] button[type=submit]");
+    const customerLink = (await page.textContent("[data-enrolment-link]")).trim();
+    assert.match(customerLink, /\/_portcullis\/enrol\?t=/);
+    // The link is used once: the admin's page is the only place it ever appeared.
+
+    // The customer registers their own key through the link, then signs in with password + key.
+    page = customer.page;
+    await enrolThroughLink(page, customerLink, demo.base);
+    assert.equal((await page.textContent("#email")).trim(), "customer@example.com");
+    await page.goto(`${demo.base}/_portcullis/logout`);
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/_portcullis\/login/);
+    await page.fill("#username", "customer@example.com");
+    await page.fill("#password", PASSWORD);
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/_portcullis\/mfa$/);
+    await page.click("[data-webauthn=second-factor] [data-webauthn-start]");
+    await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
+    assert.match(await page.textContent("#amr"), /pwd hwk/);
+    // A customer never reaches the admin console.
+    const refused = await page.request.get(`${demo.base}/_portcullis/admin`, { headers: { accept: "application/json" }, maxRedirects: 0 });
+    assert.equal(refused.status(), 403);
+
+    // The admin's user list shows the customer; the audit trail names the admin.
+    page = admin.page;
+    await page.goto(`${demo.base}/_portcullis/admin/audit?event=user_created`);
+    assert.match(await page.textContent("table.list"), /customer@example\.com[\s\S]*boss@example\.com/);
+
+    // An admin who signed in with a code only is asked for a security key, not let in.
+    cli(demo, "admin", "bootstrap", "demo@example.com");
+    const codeOnly = await browser.newContext();
+    page = await codeOnly.newPage();
+    await enrolDemoUser(page, demo);
+    await page.waitForURL(`${demo.base}/`);
+    await page.goto(`${demo.base}/_portcullis/admin`);
+    await page.waitForURL(/\/_portcullis\/reauth\?/);
+    assert.equal(new URL(page.url()).searchParams.get("key"), "1");
+    assert.match(await page.textContent("main"), /needs a security key, and none is registered/);
+  } catch (e) {
+    await screenshot(page, "admin-failure");
+    throw e;
+  } finally {
+    await browser.close();
+    demo.stop();
+  }
+});
