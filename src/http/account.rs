@@ -33,6 +33,15 @@ const SIGN_INS_SCANNED: u32 = 500;
 /// Longest wait for the audit writer before the sign-ins are read.
 const AUDIT_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How a device's sessions are bound, for people.
+pub(super) fn binding_text(binding: &str) -> &'static str {
+    match binding {
+        "dbsc" => "bound to a key in the device's security chip (DBSC)",
+        "webcrypto" => "bound to a key kept by the browser",
+        _ => "device cookie only",
+    }
+}
+
 /// The complete session of a user who may still use the gateway, or where to send the browser.
 async fn signed_in(
     state: &AppState,
@@ -113,6 +122,7 @@ async fn page(
             first_seen: rfc3339(d.first_seen),
             last_seen: rfc3339(d.last_seen),
             last_ip: d.last_ip,
+            binding: binding_text(&d.binding),
             revoked: d.status != "active",
             id: d.id,
             name: d.name,

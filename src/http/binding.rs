@@ -389,6 +389,12 @@ async fn register(
     loaded.session.binding = Some(key.clone());
     state.sessions.save(&loaded.key, &loaded.session).await?;
     binding::forget_failures(state.ephemeral.as_ref(), &loaded.session.public_id).await?;
+    if let Some(device) = &loaded.session.device_id {
+        state
+            .durable
+            .set_device_binding(device, key.method.as_str())
+            .await?;
+    }
     let mut ev = AuditEvent::new("session_bound", "success", state.clock.now())
         .reason(key.method.as_str())
         .client(&client.ip, &client.user_agent);

@@ -86,6 +86,8 @@ pub struct DeviceRow {
     pub first_seen: String,
     pub last_seen: String,
     pub last_ip: String,
+    /// How its sessions are bound, in words.
+    pub binding: &'static str,
     pub revoked: bool,
     /// The browser showing the page.
     pub current: bool,

@@ -258,6 +258,10 @@ impl DurableStore for Timed<dyn DurableStore> {
     async fn list_devices(&self, user_id: &str) -> StoreResult<Vec<Device>> {
         self.durable(READ, self.inner.list_devices(user_id)).await
     }
+    async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()> {
+        self.durable(WRITE, self.inner.set_device_binding(id, binding))
+            .await
+    }
     async fn revoke_device(&self, id: &str) -> StoreResult<bool> {
         self.durable(WRITE, self.inner.revoke_device(id)).await
     }

@@ -67,7 +67,8 @@ pub struct Device {
     /// Friendly name derived from the user agent, e.g. "Firefox on Windows".
     pub name: String,
     pub user_agent: String,
-    /// How sessions of this device are bound: `cookie` (device cookie only) for now.
+    /// How sessions of this device are bound: `cookie` (device cookie only) until a session of
+    /// it binds to a device key, then the method of that key (`dbsc`, `webcrypto`).
     pub binding: String,
     /// `active` or `revoked`.
     pub status: String,
@@ -345,6 +346,8 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn list_devices(&self, user_id: &str) -> StoreResult<Vec<Device>>;
     /// Marks a device revoked; true when it was active.
     async fn revoke_device(&self, id: &str) -> StoreResult<bool>;
+    /// Records how the device's sessions are bound (`dbsc`, `webcrypto`).
+    async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()>;
 
     async fn enqueue_mail(&self, mail: Mail) -> StoreResult<()>;
     /// Claims up to `limit` unsent mails due at `now`: each claimed mail's next attempt moves to

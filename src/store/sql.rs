@@ -1000,6 +1000,15 @@ let mut tx = pool.begin().await?;
         all(&rows, device_from)
     }
 
+    async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()> {
+        self.change(
+            "UPDATE devices SET binding = $1 WHERE id = $2",
+            &[Arg::Text(binding), Arg::Text(id)],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn revoke_device(&self, id: &str) -> StoreResult<bool> {
         let pool = &self.pool;
         let done = self

@@ -480,6 +480,15 @@ async fn the_webcrypto_fallback_binds_renews_and_never_loses_a_post() {
     let dev = Device::new();
     bind_webcrypto(&gw, &b, &dev).await;
     assert_eq!(gw.status(&b, "/reports").await, 200);
+    // The device record says how its sessions are bound, and the account page shows it.
+    let user = gw.user("webcrypto@example.com").await;
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert_eq!(devices[0].binding, "webcrypto");
+    let account = gw.page(&b, "/_portcullis/account").await;
+    assert!(
+        account.contains("bound to a key kept by the browser"),
+        "{account}"
+    );
     // Registering again (another key, or the same) is refused: the first key keeps the session.
     let ch = webcrypto_challenge(&gw, &b).await;
     assert_eq!(ch["purpose"], "refresh");

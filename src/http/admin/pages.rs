@@ -62,6 +62,7 @@ pub struct DeviceRow {
     pub first_seen: String,
     pub last_seen: String,
     pub last_ip: String,
+    pub binding: &'static str,
     pub active: bool,
 }
 

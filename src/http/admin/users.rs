@@ -266,6 +266,7 @@ async fn user_page(
             first_seen: when(v.first_seen),
             last_seen: when(v.last_seen),
             active: v.status == "active",
+            binding: crate::http::account::binding_text(&v.binding),
             id: v.id,
             name: v.name,
             last_ip: v.last_ip,

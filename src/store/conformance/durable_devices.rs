@@ -59,6 +59,12 @@ pub(super) async fn devices_and_lock(s: &Arc<dyn DurableStore>, tag: &str) {
         (300, "198.51.100.7", 100)
     );
 
+    s.set_device_binding(&a.id, "webcrypto").await.unwrap();
+    let listed = s.list_devices(&a.user_id).await.unwrap();
+    assert_eq!(
+        listed.iter().find(|d| d.id == a.id).unwrap().binding,
+        "webcrypto"
+    );
     assert!(s.revoke_device(&a.id).await.unwrap());
     assert!(!s.revoke_device(&a.id).await.unwrap(), "already revoked");
     let a3 = s.device_by_token(&a.token_hash).await.unwrap().unwrap();
