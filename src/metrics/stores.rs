@@ -88,6 +88,12 @@ impl DurableStore for Timed<dyn DurableStore> {
         self.durable(READ, self.inner.search_users(text, limit))
             .await
     }
+    async fn locked_users(&self, limit: u32) -> StoreResult<Vec<User>> {
+        self.durable(READ, self.inner.locked_users(limit)).await
+    }
+    async fn count_users(&self) -> StoreResult<i64> {
+        self.durable(READ, self.inner.count_users()).await
+    }
     async fn set_admin(&self, user_id: &str, is_admin: bool) -> StoreResult<()> {
         self.durable(WRITE, self.inner.set_admin(user_id, is_admin))
             .await

@@ -246,6 +246,10 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     /// Users whose email contains `text` (case-insensitive), or whose id or account id is
     /// `text`; all users when `text` is empty. Ordered by email, at most `limit`.
     async fn search_users(&self, text: &str, limit: u32) -> StoreResult<Vec<User>>;
+    /// Users whose password sign-in is locked, by email, at most `limit` (admin alerts).
+    async fn locked_users(&self, limit: u32) -> StoreResult<Vec<User>>;
+    /// How many users there are.
+    async fn count_users(&self) -> StoreResult<i64>;
     /// Promotes a user to admin or back.
     async fn set_admin(&self, user_id: &str, is_admin: bool) -> StoreResult<()>;
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> StoreResult<()>;

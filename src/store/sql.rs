@@ -465,6 +465,26 @@ impl DurableStore for SqlStore {
         rows(&found, user_from)
     }
 
+    async fn locked_users(&self, limit: u32) -> StoreResult<Vec<User>> {
+        let found = self
+            .fetch(
+                &format!("SELECT {USER_COLS} FROM users WHERE locked <> 0 ORDER BY email LIMIT $1"),
+                &[Arg::Int(i64::from(limit.clamp(1, 10_000)))],
+            )
+            .await?;
+        rows(&found, user_from)
+    }
+
+    async fn count_users(&self) -> StoreResult<i64> {
+        let found = self.fetch("SELECT COUNT(*) AS n FROM users", &[]).await?;
+        let n = found
+            .first()
+            .map(|r| r.try_get::<i64, _>("n"))
+            .transpose()
+            .map_err(unavailable)?;
+        Ok(n.unwrap_or(0))
+    }
+
     async fn set_admin(&self, user_id: &str, is_admin: bool) -> StoreResult<()> {
         self.change(
             "UPDATE users SET is_admin = $1 WHERE id = $2",

@@ -15,6 +15,8 @@ use crate::store::AuditQuery;
 
 const HOUR: i64 = 3600;
 const DAY: i64 = 24 * HOUR;
+/// Alerts of one kind listed at most (the users page finds the rest).
+const ALERTS_LISTED: u32 = 200;
 /// Reported sign-ins stay on the home page this long.
 const REPORTS_SHOWN: i64 = 7 * DAY;
 
@@ -31,34 +33,39 @@ pub async fn home_get(
 ) -> Result<Response, AppError> {
     let now = state.clock.now();
     let d = &state.durable;
-    let users = d.list_users().await?;
-    let email_of = |id: &str| {
-        users
-            .iter()
-            .find(|u| u.id == id)
-            .map(|u| u.email.clone())
-            .unwrap_or_else(|| id.to_string())
-    };
+    let mut emails: std::collections::HashMap<String, String> = Default::default();
     let mut alerts = Vec::new();
     for c in d.suspended_webauthn_credentials().await? {
         let what = match c.suspended_reason.as_deref() {
             Some("possible_clone") => "Possibly cloned security key (its counter went backwards)",
             _ => "Suspended security key",
         };
+        let email = match emails.get(&c.user_id) {
+            Some(e) => e.clone(),
+            None => {
+                let e = d
+                    .user_by_id(&c.user_id)
+                    .await?
+                    .map(|u| u.email)
+                    .unwrap_or_else(|| c.user_id.clone());
+                emails.insert(c.user_id.clone(), e.clone());
+                e
+            }
+        };
         alerts.push(Alert {
             kind: "possible_clone",
             text: format!("{what}: “{}”", c.name),
-            email: email_of(&c.user_id),
+            email,
             user_id: c.user_id,
             at: c.suspended_at.map(when).unwrap_or_default(),
         });
     }
-    for u in users.iter().filter(|u| u.locked) {
+    for u in d.locked_users(ALERTS_LISTED).await? {
         alerts.push(Alert {
             kind: "locked",
             text: "Password sign-in locked".into(),
-            user_id: u.id.clone(),
-            email: u.email.clone(),
+            user_id: u.id,
+            email: u.email,
             at: String::new(),
         });
     }
@@ -67,7 +74,7 @@ pub async fn home_get(
             event: Some("sign_in_reported".into()),
             since: Some(now - REPORTS_SHOWN),
             newest_first: true,
-            limit: 50,
+            limit: ALERTS_LISTED,
             ..AuditQuery::default()
         })
         .await?;
@@ -76,7 +83,7 @@ pub async fn home_get(
         alerts.push(Alert {
             kind: "reported",
             text: "A sign-in was reported as not the owner's".into(),
-            email: e.email.unwrap_or_else(|| email_of(&user_id)),
+            email: e.email.unwrap_or_else(|| user_id.clone()),
             user_id,
             at: when(e.at),
         });
@@ -110,7 +117,7 @@ pub async fn home_get(
         week_svg: &week_svg,
         day: sums(&day),
         week: sums(&week),
-        users: users.len(),
+        users: d.count_users().await?,
     };
     Ok(respond(render(StatusCode::OK, &page), set))
 }

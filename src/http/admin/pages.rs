@@ -22,7 +22,7 @@ pub struct Home<'a> {
     /// (sign-ins, failures, denials) over the last 24 hours and 7 days.
     pub day: (i64, i64, i64),
     pub week: (i64, i64, i64),
-    pub users: usize,
+    pub users: i64,
 }
 
 /// A row of the users list.

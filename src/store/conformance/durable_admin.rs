@@ -67,6 +67,18 @@ async fn search_and_admin_flag(s: &Arc<dyn DurableStore>, tag: &str) {
         "empty text lists all"
     );
 
+    let before = s.count_users().await.unwrap();
+    assert!(before >= 2);
+    s.set_locked(&b.id, true).await.unwrap();
+    let locked: Vec<String> = emails(s.locked_users(10_000).await.unwrap());
+    assert!(locked.contains(&b.email) && !locked.contains(&a.email));
+    s.set_locked(&b.id, false).await.unwrap();
+    assert!(!emails(s.locked_users(10_000).await.unwrap()).contains(&b.email));
+    s.create_user(new_user(&format!("count.{tag}@example.com")), 1)
+        .await
+        .unwrap();
+    assert_eq!(s.count_users().await.unwrap(), before + 1);
+
     assert!(!a.is_admin);
     s.set_admin(&a.id, true).await.unwrap();
     assert!(s.user_by_id(&a.id).await.unwrap().unwrap().is_admin);
