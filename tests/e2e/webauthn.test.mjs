@@ -6,7 +6,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { launch, screenshot, startDemo, totp } from "./lib.mjs";
+import { enrolDemoUser, launch, screenshot, startDemo } from "./lib.mjs";
 
 async function signOut(page, base) {
   await page.goto(`${base}/_portcullis/logout`);
@@ -34,16 +34,7 @@ test("add a security key, then sign in with it and with the passkey alone", { ti
     });
 
     // First sign-in: password and forced TOTP enrolment.
-    await page.goto(`${demo.base}/`);
-    await page.fill("#username", "demo@example.com");
-    await page.fill("#password", demo.password);
-    await page.click("button[type=submit]");
-    await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
-    const secret = (await page.textContent("#totp-secret")).trim();
-    await page.fill("#code", totp(secret));
-    await page.click("button[type=submit]");
-    await page.waitForURL(/\/_portcullis\/recovery-codes$/);
-    await page.click("button[type=submit]");
+    await enrolDemoUser(page, demo);
     await page.waitForURL(`${demo.base}/`);
 
     // Add a key on the account page (the script un-hides the section).
