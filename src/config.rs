@@ -64,6 +64,7 @@ pub struct Config {
     pub webauthn: WebauthnConfig,
     pub forward_auth: ForwardAuthConfig,
     pub admin: AdminConfig,
+    pub remember_device: RememberDeviceConfig,
     pub metrics: MetricsConfig,
     pub binding: BindingConfig,
 }
@@ -75,6 +76,35 @@ pub struct MetricsConfig {
     /// `IP:PORT` serving `GET /metrics`; unset: no metrics listener. Keep it on loopback or a
     /// private network: it needs no credentials.
     pub listen: Option<String>,
+}
+
+/// `[remember_device]`: "remember this device", offered on the second-factor page. A known
+/// device whose sessions are bound to a WebCrypto key, remembered by an explicit opt-in, may then
+/// prove that key after the password instead of a second factor — until `lifetime` runs out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RememberDeviceConfig {
+    /// How long a device is remembered; `0s` switches the offer off.
+    #[serde(with = "duration")]
+    pub lifetime: Duration,
+    /// Accounts whose users are never offered it (policy).
+    pub off_accounts: Vec<String>,
+}
+
+impl Default for RememberDeviceConfig {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(30 * 24 * 3600),
+            off_accounts: Vec::new(),
+        }
+    }
+}
+
+impl RememberDeviceConfig {
+    /// Whether users of `account_id` may have their devices remembered.
+    pub fn allowed_for(&self, account_id: &str) -> bool {
+        !self.lifetime.is_zero() && !self.off_accounts.iter().any(|a| a == account_id)
+    }
 }
 
 /// `[admin]`: the admin console at `/_portcullis/admin`.
@@ -721,6 +751,12 @@ impl Config {
     }
 
     fn validate_admin(&self) -> Result<(), ConfigError> {
+        if self.remember_device.lifetime > Duration::from_secs(90 * 24 * 3600) {
+            return Err(key_err(
+                "remember_device.lifetime",
+                "must be at most 90 days (0s switches it off)",
+            ));
+        }
         let a = &self.admin;
         if a.sudo_timeout < Duration::from_secs(60) || a.sudo_timeout > Duration::from_secs(15 * 60)
         {

@@ -1,8 +1,8 @@
 // Device binding for browsers without Device Bound Session Credentials. The gateway's
 // interstitial page (/_portcullis/bind) loads this module. It keeps a non-extractable ECDSA
-// P-256 key in IndexedDB, one per session, and signs the server's single-use challenge with it
-// in the same proof format DBSC uses (a JWS with typ "dbsc+jwt" and the challenge as jti; the
-// first proof carries the public key). The gateway answers with a short-lived bound cookie and
+// P-256 key in IndexedDB (one per browser, replaced at each new registration) and signs the
+// server's single-use challenge with it in the same proof format DBSC uses (a JWS with typ
+// "dbsc+jwt" and the challenge as jti; the first proof carries the public key). The gateway answers with a short-lived bound cookie and
 // the page continues to where the user was going. The private key never leaves WebCrypto.
 
 const section = document.querySelector("[data-binding]");
@@ -49,6 +49,9 @@ async function saveKey(session, pair) {
 }
 
 const loadKey = (session) => withStore("readonly", (s) => s.get(session));
+// The one key this browser keeps, whichever session registered it (a remembered device proves
+// it at the next sign-in).
+const anyKey = () => withStore("readonly", (s) => s.getAll()).then((all) => (all && all.length ? all[0] : undefined));
 
 async function proof(privateKey, header, challenge) {
   const input = `${enc(header)}.${enc({ jti: challenge })}`;
@@ -56,8 +59,8 @@ async function proof(privateKey, header, challenge) {
   return `${input}.${b64url(sig)}`;
 }
 
-async function post(path, body) {
-  const r = await fetch(`/_portcullis/bind/${path}`, {
+async function post(path, body, base = "/_portcullis/bind") {
+  const r = await fetch(`${base}/${path}`, {
     method: "POST",
     credentials: "same-origin",
     headers: { "content-type": "application/json", "x-csrf-token": section.dataset.csrf },
@@ -93,7 +96,8 @@ async function attempt(first) {
     const p = await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt", jwk: { kty, crv, x, y } }, challenge);
     return post("register", { proof: p });
   }
-  const pair = await loadKey(session);
+  // A session signed in by a remembered device is bound to the key an earlier session stored.
+  const pair = (await loadKey(session)) || (await anyKey());
   // Without the key this browser cannot prove anything; the gateway counts that.
   const p = pair ? await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt" }, challenge) : null;
   return post("refresh", { proof: p });
@@ -126,4 +130,25 @@ async function run() {
   }
 }
 
-if (section) run();
+// A remembered device after the password: prove the kept key; on any failure the page offers
+// the second factor (the gateway has already switched the sign-in to it).
+async function remembered() {
+  const base = "/_portcullis/remembered";
+  try {
+    const pair = await anyKey();
+    const ch = await post("challenge", {}, base);
+    if (ch.status !== 200) return show(ch.json.message || "Sign in again.");
+    const p = pair ? await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt" }, ch.json.challenge) : null;
+    const r = await post("finish", { proof: p }, base);
+    if (r.status === 200 && typeof r.json.redirect === "string" && r.json.redirect.startsWith("/") && !r.json.redirect.startsWith("//")) {
+      location.replace(r.json.redirect);
+      return;
+    }
+    show(r.json.message || "This browser could not prove it is the remembered device. Use your second factor instead.");
+  } catch (err) {
+    show("This browser could not prove it is the remembered device. Use your second factor instead.");
+  }
+}
+
+if (section && section.dataset.binding === "remembered") remembered();
+else if (section) run();

@@ -138,9 +138,11 @@ const flows = {
   async "second-factor"(section, csrf) {
     const start = await post("/authenticate/start", csrf);
     const cred = await navigator.credentials.get(requestOptions(start.options));
+    const remember = document.querySelector("input[data-remember]");
     return post("/authenticate/finish", csrf, {
       ceremony: start.ceremony,
       credential: assertionJson(cred),
+      remember: !!(remember && remember.checked),
     });
   },
   async passkey(section, csrf) {

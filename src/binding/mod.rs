@@ -275,6 +275,8 @@ pub fn check_bound_cookie(
 pub enum Purpose {
     Register,
     Refresh,
+    /// A remembered device proving its key after the password.
+    Remembered,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -123,6 +123,10 @@ async fn page(
             last_seen: rfc3339(d.last_seen),
             last_ip: d.last_ip,
             binding: binding_text(&d.binding),
+            remembered: d
+                .remembered_until
+                .filter(|t| *t > state.clock.now())
+                .map(rfc3339),
             revoked: d.status != "active",
             id: d.id,
             name: d.name,

@@ -369,7 +369,7 @@ async fn complete_session(state: &AppState, headers: &HeaderMap) -> Result<Loade
 }
 
 /// Binds `loaded` to `key`, once: the first registration of a session wins.
-async fn register(
+pub(crate) async fn register(
     state: &AppState,
     loaded: &mut Loaded,
     key: BoundKey,
@@ -395,6 +395,7 @@ async fn register(
             .set_device_binding(device, key.method.as_str())
             .await?;
     }
+    super::remembered::on_bound(state, &loaded.session, &key).await?;
     let mut ev = AuditEvent::new("session_bound", "success", state.clock.now())
         .reason(key.method.as_str())
         .client(&client.ip, &client.user_agent);

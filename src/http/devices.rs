@@ -25,7 +25,7 @@ use crate::device::{self, friendly_name, plausible_token};
 use crate::state::AppState;
 use crate::store::{AuditEvent, Device, ReportLink, User};
 
-fn cookie_name(state: &AppState) -> &'static str {
+pub(super) fn cookie_name(state: &AppState) -> &'static str {
     if state.config.is_https() {
         device::COOKIE_HTTPS
     } else {
@@ -88,6 +88,8 @@ pub async fn signed_in(
         first_seen: now,
         last_seen: now,
         last_ip: client.ip.clone(),
+        remembered_until: None,
+        remember_key: None,
     };
     state.durable.create_device(device.clone()).await?;
     state

@@ -85,6 +85,7 @@ pub(super) async fn end_current_session(
 pub(super) fn stage_page(loaded: &Loaded) -> String {
     match &loaded.session.stage {
         Stage::SecondFactor => "/_portcullis/mfa".into(),
+        Stage::DeviceProof => super::remembered::PATH.into(),
         Stage::EnrolTotp { .. } => "/_portcullis/enrol/totp".into(),
         Stage::ShowRecoveryCodes { .. } => "/_portcullis/recovery-codes".into(),
         Stage::Authenticated => loaded
@@ -175,7 +176,7 @@ pub async fn login_post(
         .login
         .password_step(&form.username, &form.password, &client, next.clone())
         .await?;
-    let (user, session) = match outcome {
+    let (user, mut session) = match outcome {
         PasswordOutcome::Proceed { user, session } => (*user, *session),
         PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
         PasswordOutcome::Locked => {
@@ -207,6 +208,14 @@ pub async fn login_post(
             return Ok(with_cookies(render(StatusCode::UNAUTHORIZED, &page), set));
         }
     };
+    // A remembered device may prove its key instead of the second factor.
+    if session.stage == Stage::SecondFactor
+        && super::remembered::remembered(&state, &headers, &user)
+            .await?
+            .is_some()
+    {
+        session.stage = Stage::DeviceProof;
+    }
     end_current_session(&state, &headers).await?;
     let (id, key) = state.sessions.create(&session).await?;
     let loaded = Loaded { key, session };
@@ -242,6 +251,7 @@ pub async fn mfa_get(
         Err(r) => return Ok(r),
     };
     let keys = has_keys(&state, &loaded.session.user_id).await?;
+    let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(
@@ -250,6 +260,8 @@ pub async fn mfa_get(
                 csrf: &token,
                 error: None,
                 keys,
+                remember,
+                remember_days: remember_days(&state),
             },
         ),
         set,
@@ -270,6 +282,13 @@ pub struct CodeForm {
     code: Secret<String>,
     #[serde(default)]
     csrf: String,
+    /// "Remember this browser" (second-factor page only).
+    #[serde(default)]
+    remember: Option<String>,
+}
+
+fn remember_days(state: &AppState) -> u64 {
+    state.config.remember_device.lifetime.as_secs() / 86_400
 }
 
 /// Turns a code step's outcome into a response.
@@ -356,6 +375,8 @@ pub async fn mfa_post(
     };
     let client = super::client(&state, peer, &headers);
     let keys = has_keys(&state, &loaded.session.user_id).await?;
+    let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
+    loaded.session.remember_device = remember && form.remember.is_some();
     let outcome = state
         .login
         .second_factor_step(&mut loaded.session, &form.code, &client)
@@ -369,6 +390,8 @@ pub async fn mfa_post(
                     csrf: &token,
                     error: Some(msg),
                     keys,
+                    remember,
+                    remember_days: remember_days(&state),
                 },
             ),
             set,

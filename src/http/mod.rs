@@ -16,6 +16,7 @@ pub mod health;
 pub mod login;
 mod pages;
 pub mod reauth;
+pub mod remembered;
 pub mod request_id;
 pub mod webauthn;
 
@@ -123,6 +124,16 @@ pub fn router(state: AppState) -> Router {
             "/_portcullis/webauthn/passkey/finish",
             post(webauthn::passkey_finish),
         )
+        .route(remembered::PATH, get(remembered::page_get))
+        .route(
+            "/_portcullis/remembered/challenge",
+            post(remembered::challenge_post),
+        )
+        .route(
+            "/_portcullis/remembered/finish",
+            post(remembered::finish_post),
+        )
+        .route("/_portcullis/remembered/skip", post(remembered::skip_post))
         .route(
             "/_portcullis/reauth",
             get(reauth::reauth_get).post(reauth::reauth_post),

@@ -25,6 +25,9 @@ pub struct Mfa<'a> {
     pub error: Option<&'a str>,
     /// Offer "Use security key" (the user has a usable key).
     pub keys: bool,
+    /// Offer "remember this browser".
+    pub remember: bool,
+    pub remember_days: u64,
 }
 
 #[derive(Template)]
@@ -88,6 +91,8 @@ pub struct DeviceRow {
     pub last_ip: String,
     /// How its sessions are bound, in words.
     pub binding: &'static str,
+    /// Until when it is remembered ("remember this browser"), if it is.
+    pub remembered: Option<String>,
     pub revoked: bool,
     /// The browser showing the page.
     pub current: bool,
@@ -182,4 +187,11 @@ pub struct Bind<'a> {
     pub csrf: &'a str,
     /// Where to continue once the device is proven (a validated same-origin path).
     pub next: &'a str,
+}
+
+/// The page on which a remembered device proves its key after the password.
+#[derive(Template)]
+#[template(path = "remembered.html")]
+pub struct Remembered<'a> {
+    pub csrf: &'a str,
 }

@@ -205,6 +205,9 @@ pub struct Finish<T> {
     /// Where to go after a passkey sign-in (validated as a same-origin path).
     #[serde(default)]
     next: String,
+    /// "Remember this browser", ticked on the second-factor page.
+    #[serde(default)]
+    remember: bool,
 }
 
 /// `POST /_portcullis/webauthn/register/finish` `{ceremony, credential}` → `{redirect}`.
@@ -279,6 +282,8 @@ pub async fn authenticate_finish(
 ) -> Result<Response, AppError> {
     let keys = keys(&state)?;
     let mut loaded = pending_second_factor(&state, &headers).await?;
+    loaded.session.remember_device =
+        body.remember && super::remembered::offered(&state, &loaded.session.user_id).await?;
     let client = super::client(&state, peer, &headers);
     let outcome = keys
         .finish_second_factor(

@@ -264,6 +264,15 @@ impl DurableStore for Timed<dyn DurableStore> {
     async fn list_devices(&self, user_id: &str) -> StoreResult<Vec<Device>> {
         self.durable(READ, self.inner.list_devices(user_id)).await
     }
+    async fn remember_device(
+        &self,
+        id: &str,
+        key: Option<&str>,
+        until: Option<UnixTime>,
+    ) -> StoreResult<()> {
+        self.durable(WRITE, self.inner.remember_device(id, key, until))
+            .await
+    }
     async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()> {
         self.durable(WRITE, self.inner.set_device_binding(id, binding))
             .await

@@ -39,6 +39,9 @@ pub enum Stage {
     /// The codes are sealed with the master key (one per line), so a shared ephemeral store
     /// (Redis) never holds them in clear.
     ShowRecoveryCodes { sealed_codes: Vec<u8> },
+    /// Password verified on a remembered device: waiting for the proof of that device's key,
+    /// which stands in for the second factor (or for the second factor, if the user prefers).
+    DeviceProof,
     /// Password and second factor done: may reach the console.
     Authenticated,
 }
@@ -77,6 +80,10 @@ pub struct Session {
     /// phishing-resistant proof that admin changes (sudo mode) ask for.
     #[serde(default)]
     pub strong_ms: Option<i64>,
+    /// The user asked at this sign-in to have this device remembered; acted on when the
+    /// session binds to a device key.
+    #[serde(default)]
+    pub remember_device: bool,
 }
 
 impl Session {
@@ -104,6 +111,7 @@ impl Session {
             binding: None,
             device_id: None,
             strong_ms: None,
+            remember_device: false,
         }
     }
 

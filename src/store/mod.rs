@@ -75,6 +75,11 @@ pub struct Device {
     pub first_seen: UnixTime,
     pub last_seen: UnixTime,
     pub last_ip: String,
+    /// Until when a password sign-in from this device may prove the device's key instead of a
+    /// second factor ("remember this device"); `None`: not remembered.
+    pub remembered_until: Option<UnixTime>,
+    /// The device key (a serialised `binding::BoundKey`) that proves it is this device.
+    pub remember_key: Option<String>,
 }
 
 /// An email waiting in (or sent from) the durable mail queue.
@@ -350,6 +355,13 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn list_devices(&self, user_id: &str) -> StoreResult<Vec<Device>>;
     /// Marks a device revoked; true when it was active.
     async fn revoke_device(&self, id: &str) -> StoreResult<bool>;
+    /// Remembers a device until `until` by the key it must prove, or forgets it (`None`s).
+    async fn remember_device(
+        &self,
+        id: &str,
+        key: Option<&str>,
+        until: Option<UnixTime>,
+    ) -> StoreResult<()>;
     /// Records how the device's sessions are bound (`dbsc`, `webcrypto`).
     async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()>;
 

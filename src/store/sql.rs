@@ -296,6 +296,8 @@ fn device_from(r: &AnyRow) -> Result<Device, sqlx::Error> {
         first_seen: r.try_get("first_seen")?,
         last_seen: r.try_get("last_seen")?,
         last_ip: r.try_get("last_ip")?,
+        remembered_until: r.try_get("remembered_until")?,
+        remember_key: r.try_get("remember_key")?,
     })
 }
 
@@ -591,6 +593,13 @@ impl DurableStore for SqlStore {
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
+            // A remembered device stands in for a second factor: it goes with them.
+            sqlx::query(
+                "UPDATE devices SET remembered_until = NULL, remember_key = NULL WHERE user_id = $1",
+            )
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await
         })
         .await
@@ -978,7 +987,7 @@ let mut tx = pool.begin().await?;
         let row = self
             .retrying(move || async move {
                 sqlx::query(&format!(
-                    "SELECT {DEVICE_COLS} FROM devices WHERE token_hash = $1"
+                    "SELECT {DEVICE_COLS}, remembered_until, remember_key FROM devices WHERE token_hash = $1"
                 ))
                 .bind(token_hash)
                 .fetch_optional(pool)
@@ -1010,7 +1019,7 @@ let mut tx = pool.begin().await?;
         let rows = self
             .retrying(move || async move {
                 sqlx::query(&format!(
-            "SELECT {DEVICE_COLS} FROM devices WHERE user_id = $1 ORDER BY last_seen DESC, id"
+            "SELECT {DEVICE_COLS}, remembered_until, remember_key FROM devices WHERE user_id = $1 ORDER BY last_seen DESC, id"
         ))
                 .bind(user_id)
                 .fetch_all(pool)
@@ -1018,6 +1027,25 @@ let mut tx = pool.begin().await?;
             })
             .await?;
         all(&rows, device_from)
+    }
+
+    async fn remember_device(
+        &self,
+        id: &str,
+        key: Option<&str>,
+        until: Option<UnixTime>,
+    ) -> StoreResult<()> {
+        let pool = &self.pool;
+        self.retrying(move || async move {
+            sqlx::query("UPDATE devices SET remember_key = $1, remembered_until = $2 WHERE id = $3")
+                .bind(key)
+                .bind(until)
+                .bind(id)
+                .execute(pool)
+                .await
+        })
+        .await?;
+        Ok(())
     }
 
     async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()> {

@@ -11,12 +11,12 @@ use serde_json::{json, Value};
 use super::harness::{binding_on, extract, location, Browser, Gateway};
 
 /// The browser side of both methods: a P-256 key and the proofs it signs.
-struct Device {
+pub(super) struct Device {
     key: SigningKey,
 }
 
 impl Device {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             key: SigningKey::random(&mut rand::rngs::OsRng),
         }
@@ -29,7 +29,7 @@ impl Device {
     }
 
     /// A `dbsc+jwt` proof of `jti`; registration proofs carry the public key.
-    fn proof(&self, jti: &str, with_jwk: bool) -> String {
+    pub(super) fn proof(&self, jti: &str, with_jwk: bool) -> String {
         let mut header = json!({"alg": "ES256", "typ": "dbsc+jwt"});
         if with_jwk {
             header["jwk"] = self.jwk();
@@ -43,7 +43,7 @@ impl Device {
 
 const TTL_SECS: i64 = 600;
 
-async fn gateway() -> Gateway {
+pub(super) async fn gateway() -> Gateway {
     Gateway::start_with(binding_on).await
 }
 
@@ -150,7 +150,7 @@ async fn webcrypto_challenge(gw: &Gateway, b: &Browser) -> Value {
 }
 
 /// The fallback's registration: a challenge, then the proof with the public key.
-async fn bind_webcrypto(gw: &Gateway, b: &Browser, dev: &Device) {
+pub(super) async fn bind_webcrypto(gw: &Gateway, b: &Browser, dev: &Device) {
     let ch = webcrypto_challenge(gw, b).await;
     assert_eq!(ch["purpose"], "register");
     let proof = dev.proof(ch["challenge"].as_str().unwrap(), true);

@@ -16,6 +16,7 @@ mod metrics;
 mod proxy;
 mod redirects;
 mod redis;
+mod remember;
 mod request_id;
 mod tls;
 mod webauthn;

@@ -19,6 +19,8 @@ fn device(user_id: &str, id: &str, seen: i64) -> Device {
         first_seen: seen,
         last_seen: seen,
         last_ip: "192.0.2.1".into(),
+        remembered_until: None,
+        remember_key: None,
     }
 }
 
@@ -59,6 +61,18 @@ pub(super) async fn devices_and_lock(s: &Arc<dyn DurableStore>, tag: &str) {
         (300, "198.51.100.7", 100)
     );
 
+    s.remember_device(&a.id, Some("{\"jwk\":1}"), Some(5000))
+        .await
+        .unwrap();
+    let r = s.device_by_token(&a.token_hash).await.unwrap().unwrap();
+    assert_eq!(
+        (r.remembered_until, r.remember_key.as_deref()),
+        (Some(5000), Some("{\"jwk\":1}"))
+    );
+    // Resetting the second factors forgets remembered devices too.
+    s.reset_second_factors(&a.user_id).await.unwrap();
+    let r = s.device_by_token(&a.token_hash).await.unwrap().unwrap();
+    assert_eq!((r.remembered_until, r.remember_key), (None, None));
     s.set_device_binding(&a.id, "webcrypto").await.unwrap();
     let listed = s.list_devices(&a.user_id).await.unwrap();
     assert_eq!(

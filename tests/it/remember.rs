@@ -1,0 +1,233 @@
+//! "Remember this browser": opt-in at the second factor, remembered once the session binds to
+//! a WebCrypto device key, and then the key — never the device cookie alone — stands in for the
+//! second factor after the password, until it expires or policy turns it off.
+
+use serde_json::{json, Value};
+
+use super::binding::{bind_webcrypto, gateway, Device};
+use super::harness::*;
+
+const EMAIL: &str = "rem@example.com";
+
+/// Password + TOTP on `b`, ticking "remember this browser" when `remember`.
+async fn sign_in(gw: &Gateway, b: &Browser, secret: &[u8], remember: bool) {
+    gw.clock.advance(30);
+    let r = gw.password(b, EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let html = gw.page(b, "/_portcullis/mfa").await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let code = gw.totp_now(secret);
+    let mut form = vec![("code", code.as_str()), ("csrf", csrf.as_str())];
+    if remember {
+        assert!(html.contains("name=\"remember\""), "{html}");
+        form.push(("remember", "1"));
+    }
+    let r = b
+        .post(gw.url("/_portcullis/mfa"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+}
+
+async fn sign_out(gw: &Gateway, b: &Browser) {
+    let csrf = gw.csrf(b, "/_portcullis/logout").await;
+    b.post(gw.url("/_portcullis/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+}
+
+/// A JSON call of the remembered-device page.
+async fn call(gw: &Gateway, b: &Browser, path: &str, body: Value) -> reqwest::Response {
+    let csrf = gw.csrf(b, "/_portcullis/remembered").await;
+    b.post(gw.url(&format!("/_portcullis/remembered/{path}")))
+        .header("x-csrf-token", csrf)
+        .header("accept", "application/json")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The device proof after the password, signed by `dev`.
+async fn prove(gw: &Gateway, b: &Browser, dev: &Device) -> reqwest::Response {
+    let r = call(gw, b, "challenge", json!({})).await;
+    assert_eq!(r.status(), 200);
+    let ch: Value = r.json().await.unwrap();
+    let proof = dev.proof(ch["challenge"].as_str().unwrap(), false);
+    call(gw, b, "finish", json!({ "proof": proof })).await
+}
+
+/// A user signed in with "remember" ticked and bound to `dev`: their browser and TOTP secret.
+async fn remembered_user(gw: &Gateway, dev: &Device) -> (Browser, Vec<u8>) {
+    let (b, secret, _) = gw.signed_in(EMAIL).await;
+    sign_out(gw, &b).await;
+    sign_in(gw, &b, &secret, true).await;
+    bind_webcrypto(gw, &b, dev).await;
+    (b, secret)
+}
+
+#[tokio::test]
+async fn a_remembered_browser_proves_its_key_instead_of_the_second_factor() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (b, _) = remembered_user(&gw, &dev).await;
+    let user = gw.user(EMAIL).await;
+    let device = &gw.state.durable.list_devices(&user.id).await.unwrap()[0];
+    let until = device.remembered_until.expect("remembered");
+    let now = portcullis::clock::Clock::now(&gw.clock);
+    assert!((until - now - 30 * 86_400).abs() < 120, "for 30 days");
+    let account = gw.page(&b, "/_portcullis/account").await;
+    assert!(
+        account.contains("Remembered"),
+        "the owner sees it: {account}"
+    );
+
+    sign_out(&gw, &b).await;
+    gw.clock.advance(60);
+    let r = gw.password(&b, EMAIL, PASSWORD, "/campaigns").await;
+    assert_eq!(location(&r), "/_portcullis/remembered");
+    // Nothing of the console before the proof.
+    assert_eq!(gw.status(&b, "/campaigns").await, 303);
+    let r = prove(&gw, &b, &dev).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["redirect"], "/campaigns");
+    // Bound at once to the same key: the console opens without another proof.
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let token = gw
+        .upstream
+        .last()
+        .header("x-portcullis-assertion")
+        .unwrap()
+        .to_string();
+    let claims = portcullis::token::verify(
+        &token,
+        &gw.jwks().await,
+        "esp-console",
+        Some(&gw.state.config.issuer()),
+        3600,
+    )
+    .unwrap();
+    assert_eq!(claims.amr, vec!["pwd".to_string(), "swk".to_string()]);
+    assert!(gw
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event == "second_factor" && e.reason.as_deref() == Some("remembered_device")));
+}
+
+#[tokio::test]
+async fn the_password_alone_or_a_copied_device_cookie_still_needs_the_second_factor() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (b, _) = remembered_user(&gw, &dev).await;
+    // Another browser with the password: the second factor, as always.
+    let other = gw.browser();
+    let r = gw.password(&other, EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    // A thief who copied the device cookie (and knows the password) but has no key.
+    let cookies = gw.cookies(&b);
+    let device_cookie = cookies
+        .split("; ")
+        .find(|c| c.starts_with("portcullis-device="))
+        .unwrap();
+    let thief = gw.browser();
+    thief.jar.add_cookie_str(
+        &format!("{device_cookie}; Path=/"),
+        &gw.base.parse().unwrap(),
+    );
+    let r = gw.password(&thief, EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/remembered");
+    let r = prove(&gw, &thief, &Device::new()).await;
+    assert_eq!(r.status(), 401);
+    // One failed proof and the sign-in is back at the second factor; no console.
+    assert_eq!(gw.status(&thief, "/campaigns").await, 303);
+    assert_eq!(gw.status(&thief, "/_portcullis/mfa").await, 200);
+    // No second try at the device proof: the sign-in waits for the second factor only.
+    let csrf = gw.csrf(&thief, "/_portcullis/mfa").await;
+    let r = thief
+        .post(gw.url("/_portcullis/remembered/challenge"))
+        .header("x-csrf-token", csrf)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let failures = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "remembered_device" && e.outcome == "failure")
+        .count();
+    assert_eq!(failures, 1);
+}
+
+#[tokio::test]
+async fn remembering_ends_with_its_date_the_device_and_the_factors() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (b, _) = remembered_user(&gw, &dev).await;
+    let user = gw.user(EMAIL).await;
+    // After 30 days the second factor is asked again.
+    sign_out(&gw, &b).await;
+    gw.clock.advance(30 * 86_400 + 1);
+    let r = gw.password(&b, EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    // A reset of the second factors forgets remembered devices.
+    let device = gw.state.durable.list_devices(&user.id).await.unwrap()[0].clone();
+    gw.state
+        .durable
+        .remember_device(
+            &device.id,
+            device.remember_key.as_deref(),
+            Some(i64::MAX / 4),
+        )
+        .await
+        .unwrap();
+    gw.state
+        .durable
+        .reset_second_factors(&user.id)
+        .await
+        .unwrap();
+    let r = gw.password(&gw.browser(), EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let again = gw.state.durable.list_devices(&user.id).await.unwrap()[0].clone();
+    assert_eq!(again.remembered_until, None);
+}
+
+#[tokio::test]
+async fn policy_can_switch_it_off_for_an_account() {
+    let gw = super::harness::Gateway::start_with(|c| {
+        super::harness::binding_on(c);
+        c.remember_device.off_accounts = vec!["acct-1".into()];
+    })
+    .await;
+    let (b, secret, _) = gw.signed_in(EMAIL).await;
+    assert_eq!(gw.user(EMAIL).await.account_id, "acct-1");
+    sign_out(&gw, &b).await;
+    gw.clock.advance(30);
+    gw.password(&b, EMAIL, PASSWORD, "").await;
+    let html = gw.page(&b, "/_portcullis/mfa").await;
+    assert!(!html.contains("name=\"remember\""), "not offered");
+    // Asking anyway changes nothing.
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let code = gw.totp_now(&secret);
+    b.post(gw.url("/_portcullis/mfa"))
+        .form(&[
+            ("code", code.as_str()),
+            ("csrf", csrf.as_str()),
+            ("remember", "1"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    bind_webcrypto(&gw, &b, &Device::new()).await;
+    let user = gw.user(EMAIL).await;
+    assert_eq!(
+        gw.state.durable.list_devices(&user.id).await.unwrap()[0].remembered_until,
+        None
+    );
+}
