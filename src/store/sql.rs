@@ -82,6 +82,16 @@ where
     }
 }
 
+/// Longest wait for a pooled connection. SQLite's pool is small and its file may be held by
+/// the CLI or another process for a while.
+const SQLITE_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// PostgreSQL: while the server is down, sqlx keeps trying to connect until this runs out, so it
+/// is how long a request waits before its 503. Short, so an outage is a prompt refusal rather
+/// than requests piling up; a server back within it is used at once. Every call gets a fresh
+/// chance: connections are checked before use and broken ones replaced, so recovery needs no
+/// restart.
+const POSTGRES_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SqlStore {
     /// Connects to `sqlite://path` (file created if missing) or `postgres://…`.
     pub async fn connect(url: &str) -> StoreResult<Self> {
@@ -95,7 +105,11 @@ impl SqlStore {
         };
         let opts = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 16 })
-            .acquire_timeout(std::time::Duration::from_secs(5));
+            .acquire_timeout(if sqlite {
+                SQLITE_ACQUIRE_TIMEOUT
+            } else {
+                POSTGRES_ACQUIRE_TIMEOUT
+            });
         let opts = if sqlite {
             opts.after_connect(|conn, _| {
                 Box::pin(async move {

@@ -742,3 +742,182 @@ impl Drop for Process {
         let _ = self.0.wait();
     }
 }
+
+/// A private PostgreSQL server for fault tests: its own data directory and unix socket directory
+/// in a temp dir, trust authentication, listening on 127.0.0.1 on a port of its own, so tests can
+/// stop, kill and restart it without touching the shared server. It runs as the `postgres` OS
+/// user (the server refuses to run as root). Dropping it shuts the server down at once.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    user: (u32, u32),
+    postmaster: Option<std::process::Child>,
+}
+
+impl PrivatePostgres {
+    const HOWTO: &'static str =
+        "PostgreSQL server binaries are needed for the PostgreSQL fault tests: apt-get install postgresql";
+
+    /// Creates a cluster (`initdb`, a few seconds) and starts it.
+    pub async fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                    .filter(|b| b.join("initdb").exists())
+                    .max()
+            })
+            .unwrap_or_else(|| panic!("no /usr/lib/postgresql/*/bin/initdb. {}", Self::HOWTO));
+        let id = |flag: &str| -> u32 {
+            let out = std::process::Command::new("id")
+                .args([flag, "postgres"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("no `postgres` OS user. {}", Self::HOWTO))
+        };
+        let user = (id("-u"), id("-g"));
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(user.0), Some(user.1)).unwrap();
+        let out = std::process::Command::new(bin.join("initdb"))
+            .args([
+                "--auth=trust",
+                "--username=postgres",
+                "--no-sync",
+                "--encoding=UTF8",
+            ])
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .uid(user.0)
+            .gid(user.1)
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Self {
+            port: free_port(),
+            dir,
+            bin,
+            user,
+            postmaster: None,
+        };
+        pg.restart().await;
+        pg
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server on the same port and data directory and waits until it accepts
+    /// connections. After a hard kill the old server's processes may still be on their way
+    /// out; a start refused for that is tried again.
+    pub async fn restart(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut child = std::process::Command::new(self.bin.join("postgres"))
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .arg("-p")
+                .arg(self.port.to_string())
+                .arg("-k")
+                .arg(self.dir.path())
+                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .uid(self.user.0)
+                .gid(self.user.1)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(self.dir.path().join("server.log")).unwrap())
+                .spawn()
+                .unwrap();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let log = std::fs::read_to_string(self.dir.path().join("server.log"));
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "postgres exited ({status}): {}",
+                        log.unwrap_or_default()
+                    );
+                    break;
+                }
+                if let Ok(c) = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url()).await
+                {
+                    let _ = sqlx::Connection::close(c).await;
+                    self.postmaster = Some(child);
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "postgres did not accept connections on {}",
+                    self.port
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Fast shutdown (`SIGINT`): open transactions are rolled back, clients disconnected,
+    /// everything committed is kept. Returns when the server has exited.
+    pub fn stop(&mut self) {
+        self.signal("-INT");
+    }
+
+    /// A hard kill (`SIGKILL`) of the postmaster, as a crash would; its backends notice and
+    /// exit, and the next start recovers from the write-ahead log.
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+    }
+
+    fn signal(&mut self, signal: &str) {
+        if let Some(mut child) = self.postmaster.take() {
+            let _ = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // Immediate shutdown: the postmaster stops its backends and removes its shared memory.
+        self.signal("-QUIT");
+    }
+}
+
+impl Gateway {
+    /// Points the client helpers (`url`, `password`, `code`, `browser`, …) at another gateway on
+    /// `addr` that shares this one's config and stores, such as `portcullis serve` run with
+    /// [`Gateway::config_path`]. `state` stays this process's view of the shared stores.
+    pub fn aim_at(&mut self, addr: SocketAddr) {
+        self.addr = addr;
+        self.base = format!("http://{addr}");
+    }
+
+    /// Polls `/_portcullis/readyz` until it answers `want` (a gateway reconnects to its stores
+    /// on its own schedule); fails after a minute.
+    pub async fn wait_readyz(&self, want: u16) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.api().get(self.url("/_portcullis/readyz")).send().await;
+            if status.as_ref().is_ok_and(|r| r.status() == want) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "readyz never answered {want}: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

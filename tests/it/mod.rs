@@ -13,6 +13,7 @@ mod hygiene;
 mod invariant;
 mod login;
 mod metrics;
+mod pg_fault;
 mod proxy;
 mod redirects;
 mod redis;

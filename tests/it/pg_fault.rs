@@ -1,0 +1,208 @@
+//! A real `portcullis serve` process on a private PostgreSQL (durable) and Redis (ephemeral,
+//! a fresh prefix), with the database stopped (fast shutdown) or killed outright under it.
+//! While the database is away the gateway fails closed: sign-ins get a clear 503 and never a
+//! session, signed-in users' requests get 503 once their cached user check (at most a second
+//! old) needs the database, readiness says `durable: down` while liveness stays up. Nothing is
+//! lost: audit events and queued mail from just before and during the outage are in the database
+//! afterwards. When the database is back the same process serves again, without a restart.
+//!
+//! An in-process gateway on the same database and Redis prefix sets up the user and reads the
+//! audit trail; the process under test shares its config, keys and sessions.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::harness::*;
+
+/// How the database goes away.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// `SIGINT`: PostgreSQL's fast shutdown.
+    Stop,
+    /// `SIGKILL` of the postmaster, as a crash would.
+    Kill,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_fails_closed_loses_nothing_and_recovers() {
+    outage(Outage::Stop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_fails_closed_loses_nothing_and_recovers() {
+    outage(Outage::Kill).await;
+}
+
+/// A wrong password for this address before the outage spends its account budget, so its
+/// attempt during the outage is throttled: an audit event made while the database is away.
+const GHOST: &str = "nobody@example.com";
+const BUDGET: u64 = 2;
+
+async fn outage(how: Outage) {
+    let mut pg = PrivatePostgres::start().await;
+    let durable = pg.url();
+    let mut gw = Gateway::start_with(move |c| {
+        c.storage.durable = durable;
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        c.limits.password_failures_per_account = BUDGET;
+    })
+    .await;
+    let email = "pg-user@example.com";
+    let (c, _, codes) = gw.signed_in(email).await;
+
+    let port = free_port();
+    let log = gw.dir.path().join("serve.log");
+    let mut serve = Process(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&gw.config_path)
+            .arg("serve")
+            .env("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("PORTCULLIS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // From here on every request goes to the process.
+    gw.aim_at(([127, 0, 0, 1], port).into());
+    gw.wait_readyz(200).await;
+
+    // Before the outage: the session works through the process, a new device signs in there
+    // (a new-device notice and a recovery-code notice are queued), and the ghost address spends
+    // its budget.
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    let before = gw.browser();
+    sign_in_with_code(&gw, &before, email, &codes[0]).await;
+    assert_eq!(gw.status(&before, "/campaigns").await, 200);
+    for _ in 0..BUDGET {
+        let r = gw
+            .password(&gw.browser(), GHOST, "wrong password", "")
+            .await;
+        assert!(!sets_session(&r), "a wrong password gets no session");
+    }
+    let mail_before = mail_ids(&gw).await;
+    assert!(mail_before.len() >= 2, "notices queued: {mail_before:?}");
+
+    match how {
+        Outage::Stop => pg.stop(),
+        Outage::Kill => pg.kill(),
+    }
+
+    // New sign-ins: 503, a page for browsers and JSON for API clients, never a session.
+    let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(!sets_session(&r));
+    let page = r.text().await.unwrap();
+    assert!(page.contains("Temporarily unavailable"), "{page}");
+    let api = gw.browser();
+    let csrf = gw.csrf(&api, "/_portcullis/login").await;
+    let r = gw
+        .login_form(&api, &csrf, "other@example.com", PASSWORD, "")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(!sets_session(&r));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable", "{body}");
+
+    // Signed-in users: refused once the cached user check has run out, and from then on; no
+    // request reaches the console.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.status(&c, "/campaigns").await != 503 {
+        assert!(Instant::now() < deadline, "proxied requests kept passing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let forwarded = gw.upstream.count();
+    let page = gw.page(&c, "/campaigns").await;
+    assert!(page.contains("Temporarily unavailable"), "{page}");
+    gw.assert_unavailable_json(&before, "/campaigns").await;
+    assert_eq!(gw.upstream.count(), forwarded, "nothing forwarded");
+
+    // Probes: live, not ready, naming the durable store.
+    assert_eq!(gw.status(&gw.api(), "/_portcullis/healthz").await, 200);
+    let r = gw.get(&gw.api(), "/_portcullis/readyz").await;
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["stores"]["durable"], "down", "{body}");
+    assert_eq!(body["stores"]["ephemeral"], "up", "{body}");
+
+    // An audit event made during the outage (the throttled ghost attempt needs only Redis).
+    let r = gw
+        .password(&gw.browser(), GHOST, "wrong password", "")
+        .await;
+    assert_eq!(r.status(), 429);
+
+    // The database returns: the same process serves again by itself.
+    pg.restart().await;
+    gw.wait_readyz(200).await;
+    assert_eq!(
+        gw.status(&c, "/campaigns").await,
+        200,
+        "the session lives on"
+    );
+    let after = gw.browser();
+    sign_in_with_code(&gw, &after, email, &codes[1]).await;
+    assert_eq!(gw.status(&after, "/campaigns").await, 200);
+    assert!(
+        serve.0.try_wait().unwrap().is_none(),
+        "the gateway process exited"
+    );
+
+    // Nothing lost: the mail queued before the outage and every audit event, including the
+    // one recorded while the database was away (written once the writer gets through).
+    let mail_after = mail_ids(&gw).await;
+    for id in &mail_before {
+        assert!(mail_after.contains(id), "mail {id} lost");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = gw.audit().await;
+        let count = |event: &str, outcome: &str, reason: Option<&str>| {
+            events
+                .iter()
+                .filter(|e| e.event == event && e.outcome == outcome)
+                .filter(|e| reason.is_none() || e.reason.as_deref() == reason)
+                .count()
+        };
+        if count("login_password", "failure", Some("unknown_user")) == BUDGET as usize
+            && count("login_password", "denied", Some("throttled")) == 1
+            && count("recovery_code_used", "success", None) == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit events missing after the outage: {events:#?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether a response starts a session.
+fn sets_session(r: &reqwest::Response) -> bool {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("portcullis-session=") && !v.contains("Max-Age=0"))
+}
+
+/// The ids of every message in the mail queue, sent or not.
+async fn mail_ids(gw: &Gateway) -> Vec<String> {
+    let queue = gw.state.durable.list_mail(10_000).await.unwrap();
+    queue.into_iter().map(|m| m.id).collect()
+}
+
+/// A complete sign-in with the password and a recovery code.
+async fn sign_in_with_code(gw: &Gateway, b: &Browser, email: &str, code: &str) {
+    let r = gw.password(b, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = gw.code(b, "/_portcullis/mfa", code).await;
+    assert_eq!(r.status(), 303, "sign-in with a recovery code");
+}
