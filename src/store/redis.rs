@@ -21,7 +21,7 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 use super::{EphemeralStore, StoreError, StoreResult};
 
 mod channel;
-pub use channel::{Channel, Notice};
+pub use channel::{Channel, Notice, PING_EVERY};
 
 /// URL scheme that selects Redis Cluster: `redis+cluster://[user:pass@]host1:port,host2:port`.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";

@@ -189,3 +189,35 @@ async fn a_broken_invalidation_channel_stops_the_cache_until_it_reconnects() {
     assert_eq!(status, 200);
     assert!(n <= 1);
 }
+
+/// The id of the one pub/sub client connected to the private Redis.
+async fn subscriber_id(redis: &PrivateRedis) -> String {
+    let list: String = raw_cmd(
+        redis,
+        ::redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub"),
+    )
+    .await;
+    let ids: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.strip_prefix("id=")?.split(' ').next())
+        .collect();
+    assert_eq!(ids.len(), 1, "{list}");
+    ids[0].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_subscription_is_kept_not_reconnected() {
+    let redis = PrivateRedis::start();
+    let gw = gateway_on(redis.url()).await;
+    cache_live(&gw).await;
+    let id = subscriber_id(&redis).await;
+    // Two keep-alive pings later, the same connection is still subscribed.
+    tokio::time::sleep(portcullis::store::redis::PING_EVERY * 2 + Duration::from_millis(500)).await;
+    assert_eq!(subscriber_id(&redis).await, id);
+    assert!(gw.state.sessions.cache().is_live());
+    let pings: String = raw_cmd(&redis, ::redis::cmd("INFO").arg("commandstats")).await;
+    assert!(
+        pings.contains("cmdstat_ping:"),
+        "the subscription is checked"
+    );
+}
