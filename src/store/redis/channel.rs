@@ -21,8 +21,20 @@ use crate::store::{StoreError, StoreResult};
 
 /// How often an idle subscription is checked with `PING`.
 pub const PING_EVERY: Duration = Duration::from_secs(2);
-/// Wait before connecting again after a failure.
+/// First wait before connecting again after a failure; it doubles up to [`RETRY_MAX`] while
+/// attempts keep failing.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_millis(3200);
+
+/// How one subscription ended.
+enum Ended {
+    /// It was up and broke.
+    Lost,
+    /// It could not be made.
+    Failed,
+    /// The owner is gone.
+    Stop,
+}
 
 /// What the receiving task tells its owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,20 +119,28 @@ impl Channel {
         let me = self.clone();
         tokio::spawn(async move {
             let mut node = 0;
+            let mut wait = RETRY_AFTER;
             loop {
                 let client = &me.clients[node % me.clients.len()];
-                let keep = me.receive(client, &on).await;
-                if !keep || !on(Notice::Down) {
+                match me.receive(client, &on).await {
+                    Ended::Stop => return,
+                    Ended::Lost => wait = RETRY_AFTER,
+                    Ended::Failed => {}
+                }
+                if !on(Notice::Down) {
                     return;
                 }
                 node += 1;
-                tokio::time::sleep(RETRY_AFTER).await;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MAX);
             }
         });
     }
 
-    /// One subscription, until it breaks (`true`: connect again) or the owner is gone (`false`).
-    async fn receive(&self, client: &redis::Client, on: &impl Fn(Notice<'_>) -> bool) -> bool {
+    /// One subscription, until it breaks or the owner is gone. Failures to connect are logged
+    /// at debug level (the store's own calls report an outage); losing a working subscription
+    /// is a warning.
+    async fn receive(&self, client: &redis::Client, on: &impl Fn(Notice<'_>) -> bool) -> Ended {
         let connected = tokio::time::timeout(self.deadline, async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&self.name).await?;
@@ -130,17 +150,18 @@ impl Channel {
         let pubsub = match connected {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
-                tracing::warn!(error = %fail("subscribe", &e), "invalidation channel unavailable");
-                return true;
+                tracing::debug!(error = %fail("subscribe", &e), "invalidation channel unavailable");
+                return Ended::Failed;
             }
             Err(_) => {
-                tracing::warn!("invalidation channel unavailable: subscribe timed out");
-                return true;
+                tracing::debug!("invalidation channel unavailable: subscribe timed out");
+                return Ended::Failed;
             }
         };
         if !on(Notice::Up) {
-            return false;
+            return Ended::Stop;
         }
+        tracing::info!(channel = %self.name, "invalidation channel subscribed");
         let (mut sink, mut stream) = pubsub.split();
         loop {
             let next = tokio::time::timeout(PING_EVERY, stream.next()).await;
@@ -150,21 +171,21 @@ impl Channel {
                         continue;
                     };
                     if !on(Notice::Message(&text)) {
-                        return false;
+                        return Ended::Stop;
                     }
                 }
                 Ok(None) => {
                     tracing::warn!("invalidation channel lost; reconnecting");
-                    return true;
+                    return Ended::Lost;
                 }
                 Err(_) => {
                     if !on(Notice::Idle) {
-                        return false;
+                        return Ended::Stop;
                     }
                     let ping = tokio::time::timeout(self.deadline, sink.ping::<redis::Value>());
                     if !matches!(ping.await, Ok(Ok(_))) {
                         tracing::warn!("invalidation channel does not answer; reconnecting");
-                        return true;
+                        return Ended::Lost;
                     }
                 }
             }
