@@ -326,6 +326,12 @@ pub struct SessionConfig {
     /// Time allowed between the password and the second factor (or enrolment).
     #[serde(with = "duration")]
     pub login_timeout: Duration,
+    /// How long a gateway on Redis reuses a session record it read, without asking Redis again
+    /// (at most 1 s; `0` turns the cache off). Revocations reach it sooner, through pub/sub.
+    #[serde(with = "duration")]
+    pub local_cache: Duration,
+    /// Most session records held in that cache.
+    pub local_cache_entries: usize,
 }
 
 impl Default for SessionConfig {
@@ -334,6 +340,8 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(30 * 60),
             absolute_timeout: Duration::from_secs(12 * 3600),
             login_timeout: Duration::from_secs(10 * 60),
+            local_cache: Duration::from_secs(1),
+            local_cache_entries: 10_000,
         }
     }
 }
@@ -688,6 +696,18 @@ impl Config {
             return Err(key_err(
                 "session.absolute_timeout",
                 "must be at least session.idle_timeout (and both non-zero)",
+            ));
+        }
+        if ss.local_cache > Duration::from_secs(1) {
+            return Err(key_err(
+                "session.local_cache",
+                "must be at most 1s (0 turns the cache off)",
+            ));
+        }
+        if ss.local_cache_entries > 1_000_000 {
+            return Err(key_err(
+                "session.local_cache_entries",
+                "must be at most 1000000",
             ));
         }
         let p = &self.password;

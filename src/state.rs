@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::audit::Audit;
 use crate::auth::flow::LoginFlow;
@@ -14,7 +15,9 @@ use crate::crypto::MasterKey;
 use crate::metrics::stores::Timed;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
+use crate::session::cache::LocalCache;
 use crate::session::Sessions;
+use crate::store::redis::{Channel, Notice, RedisOptions};
 use crate::store::{DurableStore, EphemeralStore, StoreError, User};
 use crate::token::Signer;
 
@@ -82,12 +85,40 @@ impl AppState {
         );
         let hasher = Arc::new(PasswordHasher::new(&config.password)?);
         let audit = Audit::start(durable.clone());
+        let channel = match config.storage.redis_target()? {
+            Some(target) => Some(Arc::new(Channel::new(&RedisOptions {
+                target,
+                prefix: config.storage.redis_prefix.clone(),
+                connect_timeout: config.storage.redis_connect_timeout,
+                response_timeout: config.storage.redis_response_timeout,
+            })?)),
+            None => None,
+        };
+        // The cache serves only while invalidations are known to arrive; with the memory store
+        // there is one process and a store read is no round trip, so there is nothing to cache.
+        let cache = Arc::new(LocalCache::new(
+            if channel.is_some() {
+                config.session.local_cache
+            } else {
+                Duration::ZERO
+            },
+            config.session.local_cache_entries,
+            false,
+        ));
         let sessions = Sessions::new(
             ephemeral.clone(),
             clock.clone(),
             config.session.clone(),
             config.is_https(),
-        );
+        )
+        .with_cache(cache.clone(), channel.clone());
+        let user_gate = Arc::new(UserGate {
+            channel: channel.clone(),
+            ..UserGate::default()
+        });
+        if let Some(channel) = &channel {
+            listen(channel, &cache, &user_gate);
+        }
         let notifier = Arc::new(crate::notify::Notifier::new(
             &config.notify,
             &config.server.public_url,
@@ -129,7 +160,7 @@ impl AppState {
             keys,
             notifier,
             upstream: Arc::new(Upstream::new(&config.upstream)),
-            user_gate: Arc::new(UserGate::default()),
+            user_gate,
             config: Arc::new(config),
             clock,
             durable,
@@ -143,10 +174,35 @@ impl AppState {
     }
 }
 
+/// Feeds the invalidation channel's notices to the session cache and the user gate, for as
+/// long as the state exists.
+fn listen(channel: &Arc<Channel>, cache: &Arc<LocalCache>, gate: &Arc<UserGate>) {
+    let cache = Arc::downgrade(cache);
+    let gate = Arc::downgrade(gate);
+    channel.subscribe(move |notice| {
+        let (Some(cache), Some(gate)) = (cache.upgrade(), gate.upgrade()) else {
+            return false;
+        };
+        match notice {
+            Notice::Up => cache.set_live(true),
+            Notice::Down => cache.set_live(false),
+            Notice::Message(m) => {
+                if let Some(user) = cache.apply(m) {
+                    gate.drop_local(&user);
+                }
+            }
+            Notice::Idle => {}
+        }
+        true
+    });
+}
+
 /// A per-user cache of the account record with a one-second lifetime.
 #[derive(Debug, Default)]
 pub struct UserGate {
     cache: Mutex<HashMap<String, (i64, Option<User>)>>,
+    /// Where [`UserGate::forget`] tells the other gateways (Redis only).
+    channel: Option<Arc<Channel>>,
 }
 
 /// How long a cached user record is trusted.
@@ -184,8 +240,24 @@ impl UserGate {
         Ok(user.filter(|u| !u.disabled && auth_ms > u.sessions_valid_after_ms))
     }
 
-    /// Drops a cached record so the next request reads the store (after a local change).
+    /// Drops a cached record so the next request reads the store (after a local change), here
+    /// at once and on the other gateways as soon as the channel delivers (their copies are at
+    /// most a second old in any case).
     pub fn forget(&self, user_id: &str) {
+        self.drop_local(user_id);
+        if let (Some(channel), Ok(rt)) = (&self.channel, tokio::runtime::Handle::try_current()) {
+            let channel = channel.clone();
+            let message = crate::session::cache::user_message(user_id);
+            rt.spawn(async move {
+                if let Err(e) = channel.publish(&message).await {
+                    tracing::warn!(error = %e, "could not announce a user change to the other gateways");
+                }
+            });
+        }
+    }
+
+    /// Drops a cached record on this gateway only.
+    fn drop_local(&self, user_id: &str) {
         if let Ok(mut c) = self.cache.lock() {
             c.remove(user_id);
         }

@@ -490,3 +490,19 @@ fn binding_defaults_and_bad_values_are_refused_with_the_key() {
         assert!(e.contains(key), "{text}: {e}");
     }
 }
+
+#[test]
+fn session_local_cache_is_at_most_a_second() {
+    let c = load_str("[session]\nlocal_cache = \"500ms\"\n", &[]).unwrap();
+    assert_eq!(c.session.local_cache, Duration::from_millis(500));
+    assert_eq!(c.session.local_cache_entries, 10_000);
+    let off = load_str("[session]\nlocal_cache = 0\n", &[]).unwrap();
+    assert!(off.session.local_cache.is_zero());
+    for text in [
+        "[session]\nlocal_cache = \"2s\"\n",
+        "[session]\nlocal_cache_entries = 2000000\n",
+    ] {
+        let e = load_str(text, &[]).unwrap_err().to_string();
+        assert!(e.contains("session.local_cache"), "{text}: {e}");
+    }
+}

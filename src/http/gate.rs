@@ -115,7 +115,7 @@ pub(crate) async fn decide(
     headers: &HeaderMap,
 ) -> Result<Decision, AppError> {
     let cookie = get_cookie(headers, state.sessions.cookie_name());
-    let mut loaded = match state.sessions.load(cookie).await? {
+    let mut loaded = match state.sessions.load_cached(cookie).await? {
         Ok(l) => l,
         Err(why) => {
             return Ok(Decision::Refuse {

@@ -11,7 +11,11 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Clock;
 use crate::config::SessionConfig;
 use crate::crypto::{random_token, sha256_hex};
+use crate::store::redis::Channel;
 use crate::store::{EphemeralStore, StoreError, StoreResult};
+
+pub mod cache;
+use cache::LocalCache;
 
 /// Cookie name on HTTPS deployments: `__Host-` pins it to this origin, path `/`, Secure.
 pub const COOKIE_HTTPS: &str = "__Host-portcullis-session";
@@ -145,6 +149,15 @@ pub struct Sessions {
     config: SessionConfig,
     cookie_name: &'static str,
     secure: bool,
+    /// Records the gate read recently (off until [`Sessions::with_cache`]).
+    cache: Arc<LocalCache>,
+    /// Where changes are announced to the other gateways (Redis only).
+    channel: Option<Arc<Channel>>,
+}
+
+/// Whether a record is due for its once-a-minute `last_seen` refresh.
+fn touch_due(s: &Session, now_ms: i64) -> bool {
+    now_ms - s.last_seen_ms >= 60_000
 }
 
 fn record_key(hash: &str) -> String {
@@ -168,6 +181,30 @@ impl Sessions {
             config,
             cookie_name: if https { COOKIE_HTTPS } else { COOKIE_HTTP },
             secure: https,
+            cache: Arc::new(LocalCache::new(Duration::ZERO, 0, true)),
+            channel: None,
+        }
+    }
+
+    /// Serves the gate from `cache` and announces every change on `channel`.
+    pub fn with_cache(mut self, cache: Arc<LocalCache>, channel: Option<Arc<Channel>>) -> Self {
+        self.cache = cache;
+        self.channel = channel;
+        self
+    }
+
+    /// The gate's cache (the invalidation listener feeds it).
+    pub fn cache(&self) -> &Arc<LocalCache> {
+        &self.cache
+    }
+
+    /// Tells the other gateways to drop what they cached. A failure is logged, not returned:
+    /// the change itself is made, and their copies are at most `session.local_cache` old.
+    pub(crate) async fn announce(&self, message: &str) {
+        if let Some(c) = &self.channel {
+            if let Err(e) = c.publish(message).await {
+                tracing::warn!(error = %e, "could not announce a session change to the other gateways");
+            }
         }
     }
 
@@ -217,19 +254,58 @@ impl Sessions {
         Ok((id, key))
     }
 
-    /// Loads the session a cookie value names, enforcing timeouts.
-    pub async fn load(&self, cookie_value: Option<&str>) -> StoreResult<Result<Loaded, Invalid>> {
+    /// The storage key a cookie value names, if it is well-formed.
+    fn storage_key(cookie_value: Option<&str>) -> Result<String, Invalid> {
         let Some(v) = cookie_value else {
-            return Ok(Err(Invalid::Missing));
+            return Err(Invalid::Missing);
         };
         if v.len() != ID_LEN
             || !v
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Ok(Err(Invalid::Malformed));
+            return Err(Invalid::Malformed);
         }
-        let key = sha256_hex(v.as_bytes());
+        Ok(sha256_hex(v.as_bytes()))
+    }
+
+    /// Loads the session a cookie value names from the store, enforcing timeouts. Everything
+    /// that changes a session starts here, never from the gate's cache.
+    pub async fn load(&self, cookie_value: Option<&str>) -> StoreResult<Result<Loaded, Invalid>> {
+        match Self::storage_key(cookie_value) {
+            Ok(key) => self.fetch(key, None).await,
+            Err(why) => Ok(Err(why)),
+        }
+    }
+
+    /// The gate's load: a record read from the store within `session.local_cache` is used
+    /// without a store call; otherwise one read (which then fills the cache). Timeouts are
+    /// checked on every use, and a record due for its idle bookkeeping ([`Sessions::touch`])
+    /// is read afresh, so the write never starts from a copy.
+    pub async fn load_cached(
+        &self,
+        cookie_value: Option<&str>,
+    ) -> StoreResult<Result<Loaded, Invalid>> {
+        let key = match Self::storage_key(cookie_value) {
+            Ok(k) => k,
+            Err(why) => return Ok(Err(why)),
+        };
+        let now = self.clock.now_millis();
+        if let Some(session) = self.cache.get(&key) {
+            if !self.expired(&session, now) && !touch_due(&session, now) {
+                return Ok(Ok(Loaded { key, session }));
+            }
+        }
+        let ticket = self.cache.ticket();
+        self.fetch(key, Some(ticket)).await
+    }
+
+    /// Reads one record; with a cache ticket, caches it.
+    async fn fetch(
+        &self,
+        key: String,
+        ticket: Option<u64>,
+    ) -> StoreResult<Result<Loaded, Invalid>> {
         let Some(body) = self.store.get(&record_key(&key)).await? else {
             return Ok(Err(Invalid::Unknown));
         };
@@ -239,22 +315,36 @@ impl Sessions {
             self.destroy(&key, &session.user_id).await?;
             return Ok(Err(Invalid::Expired));
         }
+        if let Some(t) = ticket {
+            self.cache.insert(&key, &session, t);
+        }
         Ok(Ok(Loaded { key, session }))
     }
 
-    /// Writes a changed record back under the same id.
+    /// Writes a changed record back under the same id; every gateway drops its copy.
     pub async fn save(&self, key: &str, s: &Session) -> StoreResult<()> {
+        self.write(key, s).await?;
+        self.announce(&cache::session_message(key)).await;
+        Ok(())
+    }
+
+    /// Writes a record and drops this gateway's copy.
+    async fn write(&self, key: &str, s: &Session) -> StoreResult<()> {
         let body = serde_json::to_vec(s).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.store.put(&record_key(key), &body, self.ttl(s)).await
+        self.cache.forget(key);
+        let r = self.store.put(&record_key(key), &body, self.ttl(s)).await;
+        self.cache.forget(key);
+        r
     }
 
     /// Refreshes `last_seen` when it is more than a minute old (idle timeout bookkeeping
     /// without a store write on every request).
     pub async fn touch(&self, loaded: &mut Loaded) -> StoreResult<()> {
         let now = self.clock.now_millis();
-        if now - loaded.session.last_seen_ms >= 60_000 {
+        if touch_due(&loaded.session, now) {
             loaded.session.last_seen_ms = now;
-            self.save(&loaded.key, &loaded.session).await?;
+            // Only `last_seen` changed: other gateways' copies stay good (and never touch).
+            self.write(&loaded.key, &loaded.session).await?;
         }
         Ok(())
     }
@@ -266,19 +356,25 @@ impl Sessions {
         Ok(created)
     }
 
-    /// Ends one session.
+    /// Ends one session, on every gateway.
     pub async fn destroy(&self, key: &str, user_id: &str) -> StoreResult<()> {
+        self.cache.forget(key);
         self.store.delete(&record_key(key)).await?;
+        self.cache.forget(key);
+        self.announce(&cache::session_message(key)).await;
         self.store.set_remove(&user_index_key(user_id), key).await
     }
 
-    /// Ends every session of a user known to this store.
+    /// Ends every session of a user known to this store, on every gateway.
     pub async fn destroy_all(&self, user_id: &str) -> StoreResult<usize> {
+        self.cache.forget_user(user_id);
         let keys = self.store.set_members(&user_index_key(user_id)).await?;
         for k in &keys {
             self.store.delete(&record_key(k)).await?;
         }
         self.store.delete(&user_index_key(user_id)).await?;
+        self.cache.forget_user(user_id);
+        self.announce(&cache::user_message(user_id)).await;
         Ok(keys.len())
     }
 

@@ -10,6 +10,7 @@ fn sessions() -> (Sessions, ManualClock) {
         idle_timeout: Duration::from_secs(600),
         absolute_timeout: Duration::from_secs(3600),
         login_timeout: Duration::from_secs(300),
+        ..SessionConfig::default()
     };
     (Sessions::new(store, c, cfg, true), clock)
 }
@@ -101,4 +102,88 @@ fn cookie_attributes() {
         "{c}"
     );
     assert!(s.clear_cookie().contains("Max-Age=0"));
+}
+
+/// Sessions whose gate reads go through a live local cache; also returns the store.
+fn cached_sessions() -> (Sessions, ManualClock, Arc<MemoryStore>) {
+    let clock = ManualClock::starting_now();
+    let c: Arc<dyn Clock> = Arc::new(clock.clone());
+    let store = Arc::new(MemoryStore::new(c.clone()));
+    let cache = Arc::new(LocalCache::new(Duration::from_secs(1), 100, true));
+    let s = Sessions::new(store.clone(), c, SessionConfig::default(), true).with_cache(cache, None);
+    (s, clock, store)
+}
+
+/// Writes a changed copy of `s` straight into the store, as another gateway would.
+async fn change_behind_the_back(store: &MemoryStore, key: &str, s: &Session) -> Session {
+    let mut changed = s.clone();
+    changed.amr.push("hwk".into());
+    let body = serde_json::to_vec(&changed).unwrap();
+    store
+        .put(&record_key(key), &body, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    changed
+}
+
+#[tokio::test]
+async fn the_gate_cache_is_dropped_by_every_local_change() {
+    let (s, clock, store) = cached_sessions();
+    let (id, key) = s.create(&authed(clock.now_millis())).await.unwrap();
+    let first = s.load_cached(Some(&id)).await.unwrap().unwrap();
+    assert_eq!(s.cache().len(), 1);
+
+    // A change behind the cache's back is not seen within its lifetime (that is the point)…
+    let changed = change_behind_the_back(&store, &key, &first.session).await;
+    let hit = s.load_cached(Some(&id)).await.unwrap().unwrap();
+    assert_eq!(hit.session, first.session);
+    // …but one made through `save` is, at once, and `load` always reads the store.
+    assert_eq!(s.load(Some(&id)).await.unwrap().unwrap().session, changed);
+    s.save(&key, &changed).await.unwrap();
+    assert_eq!(
+        s.load_cached(Some(&id)).await.unwrap().unwrap().session,
+        changed
+    );
+
+    s.destroy(&key, "u1").await.unwrap();
+    assert_eq!(
+        s.load_cached(Some(&id)).await.unwrap().unwrap_err(),
+        Invalid::Unknown
+    );
+
+    let (id, key) = s.create(&authed(clock.now_millis())).await.unwrap();
+    s.load_cached(Some(&id)).await.unwrap().unwrap();
+    let (new_id, _) = s.rotate(&key, &authed(clock.now_millis())).await.unwrap();
+    assert_eq!(
+        s.load_cached(Some(&id)).await.unwrap().unwrap_err(),
+        Invalid::Unknown
+    );
+    s.load_cached(Some(&new_id)).await.unwrap().unwrap();
+    s.destroy_all("u1").await.unwrap();
+    assert_eq!(
+        s.load_cached(Some(&new_id)).await.unwrap().unwrap_err(),
+        Invalid::Unknown
+    );
+}
+
+#[tokio::test]
+async fn cached_records_still_time_out_and_are_touched_from_the_store() {
+    let (s, clock, store) = cached_sessions();
+    let (id, key) = s.create(&authed(clock.now_millis())).await.unwrap();
+    let first = s.load_cached(Some(&id)).await.unwrap().unwrap();
+    // Changed behind the cache's back; a minute later the record is due for its touch and is
+    // read afresh, so the touch never writes the stale copy back.
+    let changed = change_behind_the_back(&store, &key, &first.session).await;
+    clock.advance(61);
+    let mut fresh = s.load_cached(Some(&id)).await.unwrap().unwrap();
+    assert_eq!(fresh.session.amr, changed.amr);
+    s.touch(&mut fresh).await.unwrap();
+    let stored = s.load(Some(&id)).await.unwrap().unwrap().session;
+    assert_eq!(stored.amr, changed.amr);
+    assert_eq!(stored.last_seen_ms, clock.now_millis());
+
+    // Idle timeout is checked on a cached copy too.
+    s.load_cached(Some(&id)).await.unwrap().unwrap();
+    clock.advance(SessionConfig::default().idle_timeout.as_secs() as i64);
+    assert!(s.load_cached(Some(&id)).await.unwrap().is_err());
 }

@@ -20,6 +20,9 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
 use super::{EphemeralStore, StoreError, StoreResult};
 
+mod channel;
+pub use channel::{Channel, Notice, PING_EVERY};
+
 /// URL scheme that selects Redis Cluster: `redis+cluster://[user:pass@]host1:port,host2:port`.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
@@ -243,11 +246,7 @@ impl RedisStore {
                 return Err(StoreError::Unavailable("redis: nested CA settings".into()))
             }
             RedisTarget::Single(url) => {
-                let client = match private_ca {
-                    Some(ca) => redis::Client::build_with_tls(url.as_str(), certs(ca)),
-                    None => redis::Client::open(url.as_str()),
-                }
-                .map_err(|e| fail("open", &e))?;
+                let client = node_client(url, private_ca)?;
                 // Few, quick reconnection attempts: each failed call already answers 503, and
                 // the next call starts a fresh attempt.
                 let config = ConnectionManagerConfig::new()
@@ -331,6 +330,21 @@ impl RedisStore {
             Err(_) => Err(StoreError::Unavailable(format!("redis {what}: timed out"))),
         }
     }
+}
+
+/// A client for one server (or cluster node) URL, trusting `private_ca` alone when given.
+fn node_client(url: &str, private_ca: Option<&Vec<u8>>) -> StoreResult<redis::Client> {
+    match private_ca {
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| fail("open", &e))
 }
 
 /// TTL in milliseconds as Redis wants it (at least 1: `PX 0` is an error, and a zero TTL means

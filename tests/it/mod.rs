@@ -9,6 +9,7 @@ mod deploy;
 mod devices;
 mod forward_auth;
 pub mod harness;
+mod hot_path;
 mod hygiene;
 mod invariant;
 mod login;

@@ -12,13 +12,13 @@ const HOWTO: &str =
     "redis-server must be installed for the Redis fault tests: apt-get install redis-server";
 
 /// A private Redis without persistence, on a port of its own.
-struct PrivateRedis {
+pub(super) struct PrivateRedis {
     port: u16,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
-    fn start() -> Self {
+    pub(super) fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -29,7 +29,7 @@ impl PrivateRedis {
         r
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -69,7 +69,7 @@ impl Drop for PrivateRedis {
 }
 
 /// A gateway whose ephemeral store is `url`, with short Redis timeouts.
-async fn gateway_on(url: String) -> Gateway {
+pub(super) async fn gateway_on(url: String) -> Gateway {
     Gateway::start_with(move |c| {
         c.storage.ephemeral = url;
         c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
@@ -108,6 +108,17 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
     assert_eq!(status(&gw, "/_portcullis/readyz").await.0, 200);
 
     redis.kill();
+    // The session was used a moment ago, so its record is in the gateway's local cache; the
+    // cache stops serving as soon as the gateway notices its invalidation channel is gone
+    // (see `it::hot_path`). Until then it may pass a session checked within the last second.
+    let noticed = Instant::now() + Duration::from_secs(10);
+    while gw.state.sessions.cache().is_live() {
+        assert!(
+            Instant::now() < noticed,
+            "the channel's loss went unnoticed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = gw.upstream.count();
     let started = Instant::now();
     let r = c.get(gw.url("/x")).send().await.unwrap();
