@@ -226,12 +226,11 @@ async fn text(c: &reqwest::Client, url: String) -> String {
     c.get(url).send().await.unwrap().text().await.unwrap()
 }
 
-/// First sign-in of `email` with password and TOTP enrolment: the password and the recovery
-/// codes through gateway `a`, the enrolment through gateway `b` (the same one is fine).
-async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
-    let csrf = csrf_of(&text(c, format!("{a}/_portcullis/login")).await);
+/// The password step on gateway `base`; returns where it sends the browser.
+async fn password(c: &reqwest::Client, base: &str, email: &str) -> String {
+    let csrf = csrf_of(&text(c, format!("{base}/_portcullis/login")).await);
     let r = c
-        .post(format!("{a}/_portcullis/login"))
+        .post(format!("{base}/_portcullis/login"))
         .form(&[
             ("username", email),
             ("password", PASSWORD),
@@ -241,7 +240,13 @@ async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
         .send()
         .await
         .unwrap();
-    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    location(&r)
+}
+
+/// First sign-in of `email` with password and TOTP enrolment: the password and the recovery
+/// codes through gateway `a`, the enrolment through gateway `b` (the same one is fine).
+async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
+    assert_eq!(password(c, a, email).await, "/_portcullis/enrol/totp");
     let html = text(c, format!("{b}/_portcullis/enrol/totp")).await;
     let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("the pending sign-in");
     let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
@@ -405,19 +410,10 @@ async fn ceremonies_and_rotation(durable: String) {
         .send()
         .await
         .unwrap();
-    let csrf = csrf_of(&text(&c, on(pb, "/_portcullis/login")).await);
-    let r = c
-        .post(on(pb, "/_portcullis/login"))
-        .form(&[
-            ("username", "keys@example.com"),
-            ("password", PASSWORD),
-            ("csrf", &csrf),
-            ("next", ""),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(location(&r), "/_portcullis/mfa");
+    assert_eq!(
+        password(&c, &on(pb, ""), "keys@example.com").await,
+        "/_portcullis/mfa"
+    );
     let csrf = csrf_of(&text(&c, on(pa, "/_portcullis/mfa")).await);
     let v = key_call(
         &c,
