@@ -569,10 +569,13 @@ pub async fn logout_get(
     let Some(loaded) = current_session(&state, &headers).await? else {
         return Ok(see_other("/_portcullis/login?notice=logged_out"));
     };
+    // Signing out needs no database: during an outage the page shows no email, nothing else.
     let email = state
         .durable
         .user_by_id(&loaded.session.user_id)
-        .await?
+        .await
+        .ok()
+        .flatten()
         .map(|u| u.email)
         .unwrap_or_default();
     let (token, set) = csrf_token(&state, &headers);
@@ -605,9 +608,15 @@ pub async fn logout_post(
         let client = super::client(&state, peer, &headers);
         let mut ev = AuditEvent::new("logout", "success", state.clock.now())
             .client(&client.ip, &client.user_agent);
-        if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
-            ev = ev.user(&u);
-        }
+        // The session is gone already: a database outage must not turn the sign-out into an
+        // error or lose its audit event; the user id alone names who signed out.
+        ev = match state.durable.user_by_id(&loaded.session.user_id).await {
+            Ok(Some(u)) => ev.user(&u),
+            _ => AuditEvent {
+                user_id: Some(loaded.session.user_id.clone()),
+                ..ev
+            },
+        };
         state.audit.record(ev).await;
     }
     let resp = see_other("/_portcullis/login?notice=logged_out");
