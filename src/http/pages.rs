@@ -181,3 +181,14 @@ pub struct Bind<'a> {
     /// Where to continue once the device is proven (a validated same-origin path).
     pub next: &'a str,
 }
+
+/// The second-factor page of a sign-in that asks for it before the password (the account had
+/// too many consecutive wrong passwords): the same form, with a word on why.
+#[derive(Template)]
+#[template(path = "mfa_first.html")]
+pub struct MfaFirst<'a> {
+    pub csrf: &'a str,
+    pub error: Option<&'a str>,
+    /// Offer "Use security key" (the user has a usable key).
+    pub keys: bool,
+}

@@ -17,6 +17,7 @@ mod proxy;
 mod redirects;
 mod redis;
 mod request_id;
+mod throttle;
 mod tls;
 mod webauthn;
 mod webauthn_account;
