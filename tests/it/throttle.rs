@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::harness::{location, Gateway, PASSWORD};
+use super::login::sign_out;
 
 const WRONG: &str = "wrong guess 12345";
 
@@ -33,18 +34,6 @@ async fn password_reasons(gw: &Gateway) -> Vec<String> {
         .filter(|e| e.event == "login_password")
         .filter_map(|e| e.reason)
         .collect()
-}
-
-/// Signs browser `b` out (it keeps its device cookie).
-async fn sign_out(gw: &Gateway, b: &reqwest::Client) {
-    let csrf = gw.csrf(b, "/_portcullis/logout").await;
-    let r = b
-        .post(gw.url("/_portcullis/logout"))
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
 }
 
 fn throttled_metric(gw: &Gateway, limit: &str) -> f64 {
@@ -108,6 +97,48 @@ async fn a_flood_over_many_accounts_and_addresses_meets_the_global_budget() {
     other.clock.advance(1);
     let r = attempt_from(&gw, "192.0.2.202", "fresh@example.com", WRONG).await;
     assert_eq!(r.status(), 401, "a new second, a new budget");
+}
+
+/// Forty attempts at once, each from another address for another account, with a global budget
+/// of ten: exactly ten are checked, the rest refused — the counter is taken before anything is
+/// checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_attempts_cannot_exceed_the_global_budget() {
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.global_sign_ins_per_second = 10;
+        c.password.max_queued_hashes = 200;
+    })
+    .await;
+    let browsers: Vec<_> = (0..40).map(|_| gw.browser()).collect();
+    let csrfs =
+        futures_util::future::join_all(browsers.iter().map(|b| gw.csrf(b, "/_portcullis/login")))
+            .await;
+    let posts = browsers
+        .iter()
+        .zip(csrfs)
+        .enumerate()
+        .map(|(i, (b, csrf))| {
+            gw.login_form(b, &csrf, &format!("u{i}@example.com"), WRONG, "")
+                .header("x-forwarded-for", format!("10.{i}.2.1"))
+                .send()
+        });
+    let statuses: Vec<u16> = futures_util::future::join_all(posts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        30,
+        "{statuses:?}"
+    );
+    assert_eq!(throttled_metric(&gw, "global"), 30.0);
 }
 
 /// The owner's known device keeps working while a flood from many addresses has spent the
@@ -223,9 +254,15 @@ async fn after_100_wrong_passwords_the_second_factor_comes_first() {
     let email = "sff@example.com";
     let (_, secret, _) = gw.signed_in(email).await;
     let attacker = gw.browser();
-    for _ in 0..100 {
+    for _ in 0..90 {
         let r = gw.password(&attacker, email, WRONG, "").await;
         assert_eq!(r.status(), 401);
+    }
+    // The hundredth arrives among twenty at once: still one notice, one audit event.
+    let csrf = gw.csrf(&attacker, "/_portcullis/login").await;
+    let burst = (0..20).map(|_| gw.login_form(&attacker, &csrf, email, WRONG, "").send());
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.unwrap().status(), 401);
     }
     let notice = "wrong passwords were tried in a row";
     let told = |mail: Vec<String>| mail.iter().filter(|m| m.contains(notice)).count();
@@ -297,4 +334,38 @@ async fn after_100_wrong_passwords_the_second_factor_comes_first() {
 
     // The count started over: the password comes first again.
     gw.sign_in_again(email, &secret).await;
+}
+
+/// Second factor first with a security key: key first, then the password; the token carries
+/// both methods.
+#[tokio::test]
+async fn key_first_then_password_signs_in_with_both_methods() {
+    use super::webauthn::{console, last_claims, localhost, second_factor, with_key};
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        c.limits.second_factor_first_after = 3;
+    })
+    .await;
+    let email = "keyfirst@example.com";
+    let (_, _, mut k, _) = with_key(&gw, email, "Blue key").await;
+    let attacker = gw.browser();
+    for _ in 0..3 {
+        assert_eq!(gw.password(&attacker, email, WRONG, "").await.status(), 401);
+    }
+    let c = gw.browser();
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["redirect"], "/_portcullis/login?notice=password_next");
+    assert_eq!(
+        console(&gw, &c).await,
+        303,
+        "a key alone reaches nothing here"
+    );
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/");
+    assert_eq!(console(&gw, &c).await, 200);
+    assert_eq!(last_claims(&gw).await.amr, vec!["pwd", "hwk"]);
 }
