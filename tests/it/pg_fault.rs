@@ -180,7 +180,16 @@ async fn outage(how: Outage) {
                 .count()
         };
         if count("login_password", "failure", Some("unknown_user")) == BUDGET as usize
-            && count("login_password", "denied", Some("throttled")) == 1
+            && events
+                .iter()
+                .filter(|e| e.event == "login_password" && e.outcome == "denied")
+                .filter(|e| {
+                    e.reason
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with("throttled"))
+                })
+                .count()
+                == 1
             && count("recovery_code_used", "success", None) == 2
             && count("logout", "success", None) == 1
         {
