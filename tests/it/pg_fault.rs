@@ -90,7 +90,13 @@ async fn outage(how: Outage) {
         Outage::Kill => pg.kill(),
     }
 
-    // New sign-ins: 503, a page for browsers and JSON for API clients, never a session.
+    // New sign-ins: 503, a page for browsers and JSON for API clients, never a session. A user
+    // retrying during the outage spends none of the account's budget (it is `BUDGET`): the
+    // sign-in after the outage below still works.
+    for _ in 1..BUDGET {
+        let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
+        assert_eq!(r.status(), 503);
+    }
     let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));

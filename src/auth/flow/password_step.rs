@@ -47,7 +47,14 @@ impl LoginFlow {
                 Reservation::Taken { keys, prior } => {
                     let user = match user {
                         Some(u) => u,
-                        None => self.durable.user_by_email(&email).await?,
+                        None => match self.durable.user_by_email(&email).await {
+                            Ok(u) => u,
+                            Err(e) => {
+                                // Not an answer (the store is down): the attempt does not count.
+                                self.release(&keys).await?;
+                                return Err(e.into());
+                            }
+                        },
                     };
                     return Ok(Ok(Attempt {
                         email,
@@ -154,9 +161,15 @@ impl LoginFlow {
             Err(outcome) => return Ok(outcome),
         };
         if let Some(user) = &attempt.user {
-            if self.has_second_factor(user).await?
-                && self.second_factor_first(&attempt.email).await?
-            {
+            let first = match self.factor_first_due(user, &attempt.email).await {
+                Ok(first) => first,
+                Err(e) => {
+                    // Not an answer: the attempt does not count.
+                    self.release(&attempt.reserved).await?;
+                    return Err(e);
+                }
+            };
+            if first {
                 // Not a guess: nothing was checked, so nothing is counted.
                 self.release(&attempt.reserved).await?;
                 return self.factor_first_session(user, client, return_to).await;
@@ -200,6 +213,11 @@ impl LoginFlow {
             user: Box::new(user),
             session: Box::new(session),
         })
+    }
+
+    /// Whether this account's second factor must come before its password now.
+    async fn factor_first_due(&self, user: &User, email: &str) -> Result<bool, FlowError> {
+        Ok(self.has_second_factor(user).await? && self.second_factor_first(email).await?)
     }
 
     /// Whether the user has a second factor to sign in with (a usable key or TOTP).
