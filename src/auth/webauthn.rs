@@ -132,6 +132,7 @@ pub struct Keys {
 }
 
 mod attestation;
+pub mod models;
 mod sign_in;
 
 pub use attestation::attestation_cas;

@@ -103,7 +103,7 @@ async fn page(
                 .last_used_at
                 .map(rfc3339)
                 .unwrap_or_else(|| "never".into()),
-            aaguid: c.aaguid.clone().unwrap_or_else(|| "not reported".into()),
+            aaguid: crate::auth::webauthn::models::describe(c.aaguid.as_deref()),
             suspended: c.suspended_reason.clone(),
             id: c.id,
             name: c.name,

@@ -252,7 +252,7 @@ async fn user_page(
         .map(|c| KeyRow {
             created: when(c.created_at),
             last_used: c.last_used_at.map(when).unwrap_or_else(|| "never".into()),
-            aaguid: c.aaguid.clone().unwrap_or_else(|| "not reported".into()),
+            aaguid: crate::auth::webauthn::models::describe(c.aaguid.as_deref()),
             suspended: c.suspended_reason.clone(),
             id: c.id,
             name: c.name,
