@@ -395,6 +395,26 @@ pub struct LimitsConfig {
     pub second_factor_failures_per_login: u64,
     #[serde(with = "duration")]
     pub window: Duration,
+    /// Password attempts per second across all gateways (counted in the ephemeral store),
+    /// except those from a known device of the account: a flood is refused with 429 before it
+    /// reaches the hashing pool.
+    pub global_sign_ins_per_second: u64,
+    /// Failed passwords within `window` from one known device of the account (a browser with
+    /// that user's device cookie). Such sign-ins draw on this budget instead of the account's,
+    /// the address's and the network's, so failures from elsewhere cannot lock the owner out.
+    pub failures_per_device: u64,
+    /// Failures (of the account, address, network or device) within `window` that are
+    /// answered without delay; each further attempt waits twice as long as the one before,
+    /// from 125 ms up to `max_delay`.
+    pub delay_after_failures: u64,
+    /// The longest an attempt is delayed (at most 10s; `0s` turns the delay off). The wait
+    /// holds neither a hashing slot nor a store connection and never touches proxied traffic.
+    #[serde(with = "duration")]
+    pub max_delay: Duration,
+    /// Consecutive wrong passwords of an account after which it asks for the second factor
+    /// before the password (NIST SP 800-63B); the owner is told once. A complete sign-in
+    /// starts the count over.
+    pub second_factor_first_after: u64,
 }
 
 impl Default for LimitsConfig {
@@ -406,6 +426,11 @@ impl Default for LimitsConfig {
             second_factor_failures_per_account: 10,
             second_factor_failures_per_login: 5,
             window: Duration::from_secs(15 * 60),
+            global_sign_ins_per_second: 200,
+            failures_per_device: 50,
+            delay_after_failures: 5,
+            max_delay: Duration::from_secs(2),
+            second_factor_first_after: 100,
         }
     }
 }
@@ -742,8 +767,14 @@ impl Config {
             || l.failures_per_ip == 0
             || l.second_factor_failures_per_account == 0
             || l.second_factor_failures_per_login == 0
+            || l.global_sign_ins_per_second == 0
+            || l.failures_per_device == 0
+            || l.second_factor_first_after == 0
         {
             return Err(key_err("limits", "limits and window must be non-zero"));
+        }
+        if l.max_delay > Duration::from_secs(10) {
+            return Err(key_err("limits.max_delay", "must be at most 10s"));
         }
         let b = &self.binding;
         if b.bound_cookie_ttl < Duration::from_secs(3)

@@ -85,12 +85,14 @@ const FACTORS: [&str; 6] = [
 /// Sign-in results, as labelled.
 const RESULTS: [&str; 4] = ["success", "failure", "throttled", "denied"];
 /// Throttling budgets, as labelled.
-const LIMITS: [&str; 5] = [
+const LIMITS: [&str; 7] = [
     "account_password",
     "account_second_factor",
     "ip",
     "network",
     "sign_in_codes",
+    "global",
+    "device",
 ];
 /// Step-up reasons, as labelled.
 const STEP_UPS: [&str; 4] = [
@@ -223,7 +225,7 @@ impl Metrics {
         let result = match (ev.outcome.as_str(), reason) {
             ("success", _) => "success",
             ("failure", _) => "failure",
-            (_, "throttled") => "throttled",
+            (_, r) if r == "throttled" || r.starts_with("throttled:") => "throttled",
             _ => "denied",
         };
         self.sign_ins
@@ -246,14 +248,9 @@ impl Metrics {
 
     /// Counts an attempt refused by the budget stored under `key` (`fail:pwd:…`, `fail:ip:…`).
     pub fn throttled(&self, key: &str) {
-        let limit = match key.split(':').nth(1) {
-            Some("pwd") => "account_password",
-            Some("code") => "account_second_factor",
-            Some("ip") => "ip",
-            Some("net") => "network",
-            _ => "sign_in_codes",
-        };
-        self.throttled.get_or_create(&[("limit", limit)]).inc();
+        self.throttled
+            .get_or_create(&[("limit", limit_label(key))])
+            .inc();
     }
 
     /// Counts a sign-in ended because it used up its wrong codes.
@@ -286,6 +283,21 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+/// The name of the budget stored under `key`, as metrics label it and audit events say it:
+/// `fail:pwd:…` is the account's, `rate:global:…` the global per-second one, `fail:dev:…` a
+/// known device's.
+pub fn limit_label(key: &str) -> &'static str {
+    match key.split(':').nth(1) {
+        Some("pwd") => "account_password",
+        Some("code") => "account_second_factor",
+        Some("ip") => "ip",
+        Some("net") => "network",
+        Some("global") => "global",
+        Some("dev") => "device",
+        _ => "sign_in_codes",
     }
 }
 

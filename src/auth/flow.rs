@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::password::{PasswordError, PasswordHasher, Verification};
+use super::password::{PasswordError, PasswordHasher};
 use super::{recovery, totp};
 use crate::audit::Audit;
 use crate::clock::Clock;
@@ -15,8 +15,12 @@ use crate::secret::Secret;
 use crate::session::{Session, Stage};
 use crate::store::{AuditEvent, DurableStore, EphemeralStore, StoreError, TotpRecord, User};
 
+mod password_step;
 mod self_service;
+mod throttle;
 pub use self_service::{TotpChange, TOTP_CHANGE_TTL};
+pub(crate) use throttle::Reservation;
+pub use throttle::{awaits_factor_first, awaits_password, delay_for, KnownDevice};
 
 /// Who is signing in, for audit and throttling.
 #[derive(Debug, Clone)]
@@ -61,6 +65,9 @@ pub enum PasswordOutcome {
     /// Password right, but password sign-in is locked (the owner reported a sign-in as not
     /// theirs). Said only after the password matched, so it reveals nothing to a guesser.
     Locked,
+    /// The account had too many consecutive wrong passwords: the password was not checked;
+    /// this session asks for the second factor first, then for the password.
+    FactorFirst { session: Box<Session> },
 }
 
 /// Result of a second-factor or enrolment step.
@@ -134,19 +141,26 @@ impl LoginFlow {
     }
 
     /// Takes one attempt from each `(counter, limit)` budget. When any is spent, every
-    /// reservation is returned and `None` says "throttled".
-    async fn reserve(&self, budgets: &[(String, u64)]) -> Result<Option<Vec<String>>, StoreError> {
-        let mut taken = Vec::with_capacity(budgets.len());
+    /// reservation is returned and the spent budget named.
+    pub(crate) async fn reserve(
+        &self,
+        budgets: &[(String, u64)],
+    ) -> Result<Reservation, StoreError> {
+        let mut keys = Vec::with_capacity(budgets.len());
+        let mut prior = 0;
         for (key, limit) in budgets {
             let n = self.ephemeral.incr(key, self.window()).await?;
-            taken.push(key.clone());
+            keys.push(key.clone());
             if n > *limit {
                 self.metrics.throttled(key);
-                self.release(&taken).await?;
-                return Ok(None);
+                self.release(&keys).await?;
+                return Ok(Reservation::Spent {
+                    budget: crate::metrics::limit_label(key),
+                });
             }
+            prior = prior.max(n - 1);
         }
-        Ok(Some(taken))
+        Ok(Reservation::Taken { keys, prior })
     }
 
     /// Returns reserved attempts.
@@ -180,136 +194,6 @@ impl LoginFlow {
         self.audit
             .record(ev.client(&client.ip, &client.user_agent))
             .await;
-    }
-
-    /// Step 1: email and password.
-    pub async fn password_step(
-        &self,
-        email: &str,
-        password: &Secret<String>,
-        client: &Client,
-        return_to: Option<String>,
-    ) -> Result<PasswordOutcome, FlowError> {
-        let now = self.clock.now();
-        let email = crate::store::normalise_email(email);
-        let acct_key = format!("fail:pwd:{{{email}}}");
-        let budgets = [
-            (acct_key, self.limits.password_failures_per_account),
-            (
-                format!("fail:ip:{}", client.ip),
-                self.limits.failures_per_ip,
-            ),
-            (
-                format!("fail:net:{}", network_of(&client.ip)),
-                self.limits.failures_per_network,
-            ),
-        ];
-        // Every attempt first takes one from each budget (atomically), so concurrent guesses
-        // cannot all pass a check made before any of them is counted.
-        let Some(reserved) = self.reserve(&budgets).await? else {
-            self.audit(
-                AuditEvent::new("login_password", "denied", now)
-                    .email(&email)
-                    .reason("throttled"),
-                client,
-            )
-            .await;
-            return Ok(PasswordOutcome::Throttled {
-                retry_after: self.window().as_secs(),
-            });
-        };
-        let user = self.durable.user_by_email(&email).await?;
-        let verdict = match self
-            .hasher
-            .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                // Not an answer (hashing pool full): the attempt does not count.
-                self.release(&reserved).await?;
-                return Err(e.into());
-            }
-        };
-        let user = match (user, verdict) {
-            (Some(u), Verification::Match { needs_rehash }) => {
-                // A right password is not a failure: its reservation goes back.
-                self.release(&reserved).await?;
-                if needs_rehash {
-                    let fresh = self.hasher.hash(password).await?;
-                    self.durable.set_password_hash(&u.id, &fresh).await?;
-                }
-                u
-            }
-            (user, _) => {
-                // The reservation stays: it is this failure.
-                let mut ev = AuditEvent::new("login_password", "failure", now).email(&email);
-                ev = match &user {
-                    Some(u) => ev.user(u).reason("bad_password"),
-                    None => ev.reason("unknown_user"),
-                };
-                self.audit(ev, client).await;
-                return Ok(PasswordOutcome::Denied);
-            }
-        };
-        if user.disabled {
-            self.audit(
-                AuditEvent::new("login_password", "denied", now)
-                    .user(&user)
-                    .reason("disabled"),
-                client,
-            )
-            .await;
-            return Ok(PasswordOutcome::Denied);
-        }
-        if user.locked {
-            self.audit(
-                AuditEvent::new("login_password", "denied", now)
-                    .user(&user)
-                    .reason("locked"),
-                client,
-            )
-            .await;
-            return Ok(PasswordOutcome::Locked);
-        }
-        let has_key = self
-            .durable
-            .webauthn_credentials(&user.id)
-            .await?
-            .iter()
-            .any(|c| !c.is_suspended());
-        let stage = if has_key || self.durable.totp(&user.id).await?.is_some() {
-            Stage::SecondFactor
-        } else {
-            Stage::EnrolTotp {
-                sealed_secret: self.new_sealed_secret(&user.id)?,
-                key_only: false,
-            }
-        };
-        let reason = if matches!(stage, Stage::SecondFactor) {
-            "second_factor_required"
-        } else {
-            "enrolment_required"
-        };
-        self.audit(
-            AuditEvent::new("login_password", "success", now)
-                .user(&user)
-                .reason(reason),
-            client,
-        )
-        .await;
-        let session = Session::after_password(
-            &user.id,
-            stage,
-            self.clock.now_millis(),
-            &client.ip,
-            &client.user_agent,
-            return_to,
-        );
-        Ok(PasswordOutcome::Proceed {
-            user: Box::new(user),
-            session: Box::new(session),
-        })
     }
 
     /// The session of a user who opened a valid enrolment link: straight to enrolment (a new
@@ -375,8 +259,8 @@ impl LoginFlow {
     ) -> Result<Option<u64>, StoreError> {
         let budgets = code_budgets(user_id, client, &self.limits);
         Ok(match self.reserve(&budgets).await? {
-            Some(_) => None,
-            None => Some(self.window().as_secs()),
+            Reservation::Taken { .. } => None,
+            Reservation::Spent { .. } => Some(self.window().as_secs()),
         })
     }
 
@@ -433,7 +317,7 @@ impl LoginFlow {
         code: &Secret<String>,
         client: &Client,
     ) -> Result<CodeOutcome, FlowError> {
-        if session.stage != Stage::SecondFactor {
+        if session.stage != Stage::SecondFactor || awaits_password(session) {
             return Ok(CodeOutcome::Restart);
         }
         let Some(user) = self.active_user(&session.user_id).await? else {
@@ -531,7 +415,14 @@ impl LoginFlow {
             .await
     }
 
+    /// The session has passed `method`: complete, or (when the second factor came first and
+    /// the password is still to come) waiting for the password.
     pub(crate) fn complete(&self, session: &mut Session, user: &User, method: &str) {
+        if awaits_factor_first(session) {
+            session.amr = vec![method.into()];
+            session.failed_codes = 0;
+            return;
+        }
         session.stage = Stage::Authenticated;
         session.amr = vec!["pwd".into(), method.into()];
         let now = self.clock.now_millis();
@@ -643,8 +534,14 @@ impl LoginFlow {
         Ok(codes.iter().map(|c| c.expose().clone()).collect())
     }
 
-    /// After a complete sign-in: the account's password-failure counter starts over.
-    pub async fn forget_failures(&self, user: &User) -> Result<(), StoreError> {
+    /// After a complete sign-in: the account's consecutive failures start over, and so does
+    /// its failure budget — unless the sign-in came from a known device, whose own budget it
+    /// used: then failures from elsewhere still stand against their senders.
+    pub async fn forget_failures(&self, user: &User, known_device: bool) -> Result<(), StoreError> {
+        self.forget_consecutive(user).await?;
+        if known_device {
+            return Ok(());
+        }
         self.ephemeral
             .delete(&format!("fail:pwd:{{{}}}", user.email))
             .await

@@ -506,3 +506,31 @@ fn session_local_cache_is_at_most_a_second() {
         assert!(e.contains("session.local_cache"), "{text}: {e}");
     }
 }
+
+#[test]
+fn limits_defaults_and_bad_values_are_refused_with_the_key() {
+    let c = Config::load(None, Vec::new()).unwrap();
+    assert_eq!(c.limits.global_sign_ins_per_second, 200);
+    assert_eq!(c.limits.failures_per_device, 50);
+    assert_eq!(c.limits.delay_after_failures, 5);
+    assert_eq!(c.limits.max_delay, Duration::from_secs(2));
+    assert_eq!(c.limits.second_factor_first_after, 100);
+    let c = load_str(
+        "[limits]\nglobal_sign_ins_per_second = 50\nfailures_per_device = 7\nmax_delay = \"0s\"\nsecond_factor_first_after = 20\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.limits.global_sign_ins_per_second, 50);
+    assert_eq!(c.limits.failures_per_device, 7);
+    assert!(c.limits.max_delay.is_zero());
+    assert_eq!(c.limits.second_factor_first_after, 20);
+    for (text, key) in [
+        ("[limits]\nmax_delay = \"11s\"\n", "limits.max_delay"),
+        ("[limits]\nglobal_sign_ins_per_second = 0\n", "limits"),
+        ("[limits]\nfailures_per_device = 0\n", "limits"),
+        ("[limits]\nsecond_factor_first_after = 0\n", "limits"),
+    ] {
+        let e = load_str(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}

@@ -19,7 +19,7 @@ use super::error::AppError;
 use super::login::{check_csrf, csrf_token, with_cookies};
 use super::pages::{self, render};
 use super::{get_cookie, Form, Peer};
-use crate::auth::flow::Client;
+use crate::auth::flow::{Client, KnownDevice};
 use crate::crypto::{random_token, sha256_hex};
 use crate::device::{self, friendly_name, plausible_token};
 use crate::state::AppState;
@@ -55,6 +55,26 @@ fn set_device_cookie(state: &AppState, token: &str) -> String {
     )
 }
 
+/// The active device whose cookie the browser presents, if any (a revoked device, a malformed
+/// or unknown cookie: none).
+pub async fn known_device(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<KnownDevice>, AppError> {
+    let Some(token) = get_cookie(headers, cookie_name(state)).filter(|t| plausible_token(t)) else {
+        return Ok(None);
+    };
+    Ok(state
+        .durable
+        .device_by_token(&sha256_hex(token.as_bytes()))
+        .await?
+        .filter(|d| d.status == "active")
+        .map(|d| KnownDevice {
+            id: d.id,
+            user_id: d.user_id,
+        }))
+}
+
 /// Records the device of a complete sign-in; returns its id and the cookies to set (a new
 /// device cookie when the browser is not a known device of this user).
 pub async fn signed_in(
@@ -64,16 +84,10 @@ pub async fn signed_in(
     client: &Client,
 ) -> Result<(String, Vec<String>), AppError> {
     let now = state.clock.now();
-    if let Some(token) = get_cookie(headers, cookie_name(state)).filter(|t| plausible_token(t)) {
-        if let Some(d) = state
-            .durable
-            .device_by_token(&sha256_hex(token.as_bytes()))
-            .await?
-        {
-            if d.user_id == user.id && d.status == "active" {
-                state.durable.touch_device(&d.id, now, &client.ip).await?;
-                return Ok((d.id, Vec::new()));
-            }
+    if let Some(d) = known_device(state, headers).await? {
+        if d.user_id == user.id {
+            state.durable.touch_device(&d.id, now, &client.ip).await?;
+            return Ok((d.id, Vec::new()));
         }
     }
     let token = random_token(32);

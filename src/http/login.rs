@@ -9,7 +9,9 @@ use serde::Deserialize;
 use super::error::{wants_html, AppError};
 use super::pages::{self, render};
 use super::{csrf, get_cookie, see_other, Form, Peer};
-use crate::auth::flow::{Client, CodeOutcome, PasswordOutcome};
+use crate::auth::flow::{
+    awaits_factor_first, awaits_password, Client, CodeOutcome, PasswordOutcome,
+};
 use crate::auth::totp;
 use crate::policy::safe_return_to;
 use crate::secret::Secret;
@@ -84,6 +86,9 @@ pub(super) async fn end_current_session(
 /// Where a session in a given stage belongs.
 pub(super) fn stage_page(loaded: &Loaded) -> String {
     match &loaded.session.stage {
+        Stage::SecondFactor if awaits_password(&loaded.session) => {
+            "/_portcullis/login?notice=password_next".into()
+        }
         Stage::SecondFactor => "/_portcullis/mfa".into(),
         Stage::DeviceProof => super::remembered::PATH.into(),
         Stage::EnrolTotp { .. } => "/_portcullis/enrol/totp".into(),
@@ -116,6 +121,7 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "expired" => "Your sign-in took too long or was interrupted. Please start again.",
         "restart" => "Too many wrong codes. Please sign in again.",
         "logged_out" => "You are signed out.",
+        "password_next" => "Your second factor is confirmed. Now enter your password.",
         _ => return None,
     })
 }
@@ -129,9 +135,15 @@ pub async fn login_get(
     let next = query_param(&q, "next")
         .and_then(|n| safe_return_to(&n, &state.config.server.public_url))
         .unwrap_or_default();
+    let mut username = String::new();
     if let Some(loaded) = current_session(&state, &headers).await? {
         if loaded.session.is_authenticated() {
             return Ok(see_other(if next.is_empty() { "/" } else { &next }));
+        }
+        if awaits_password(&loaded.session) {
+            if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
+                username = u.email;
+            }
         }
     }
     let notice = query_param(&q, "notice").as_deref().and_then(notice_text);
@@ -139,7 +151,7 @@ pub async fn login_get(
     let page = pages::Login {
         csrf: &token,
         next: &next,
-        username: "",
+        username: &username,
         error: None,
         notice,
         passkeys: state.keys.is_some(),
@@ -172,12 +184,72 @@ pub async fn login_post(
     if form.username.len() > 320 {
         return Err(AppError::bad_request("That email address is too long."));
     }
-    let outcome = state
-        .login
-        .password_step(&form.username, &form.password, &client, next.clone())
-        .await?;
+    let device = super::devices::known_device(&state, &headers).await?;
+    // A sign-in whose second factor came first finishes here, with its password.
+    let mut after_factor = None;
+    if let Some(loaded) = current_session(&state, &headers).await? {
+        if awaits_password(&loaded.session) {
+            let owner = state.durable.user_by_id(&loaded.session.user_id).await?;
+            if owner.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)) {
+                after_factor = Some(loaded);
+            }
+        }
+    }
+    let outcome = match &mut after_factor {
+        Some(loaded) => {
+            state
+                .login
+                .password_after_factor(
+                    &mut loaded.session,
+                    &form.password,
+                    &client,
+                    device.as_ref(),
+                )
+                .await?
+        }
+        None => {
+            state
+                .login
+                .password_step(
+                    &form.username,
+                    &form.password,
+                    &client,
+                    next.clone(),
+                    device.as_ref(),
+                )
+                .await?
+        }
+    };
     let (user, mut session) = match outcome {
+        PasswordOutcome::Proceed { session, .. } if session.is_authenticated() => {
+            let Some(loaded) = after_factor else {
+                return Err(AppError::internal(
+                    &"a sign-in completed without its session",
+                ));
+            };
+            let loaded = Loaded {
+                key: loaded.key,
+                session: *session,
+            };
+            return after_code(
+                &state,
+                &headers,
+                &client,
+                loaded,
+                CodeOutcome::Accepted,
+                |_| see_other("/_portcullis/login"),
+            )
+            .await;
+        }
         PasswordOutcome::Proceed { user, session } => (*user, *session),
+        PasswordOutcome::FactorFirst { session } => {
+            end_current_session(&state, &headers).await?;
+            let (id, _) = state.sessions.create(&session).await?;
+            return Ok(with_cookies(
+                see_other("/_portcullis/mfa"),
+                [state.sessions.set_cookie(&id)],
+            ));
+        }
         PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
         PasswordOutcome::Locked => {
             return Err(AppError::new(
@@ -250,22 +322,60 @@ pub async fn mfa_get(
         Ok(l) => l,
         Err(r) => return Ok(r),
     };
+    if awaits_password(&loaded.session) {
+        return Ok(see_other(&stage_page(&loaded)));
+    }
     let keys = has_keys(&state, &loaded.session.user_id).await?;
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
     let (token, set) = csrf_token(&state, &headers);
+    let first = awaits_factor_first(&loaded.session);
     Ok(with_cookies(
-        render(
+        mfa_page(
             StatusCode::OK,
-            &pages::Mfa {
-                csrf: &token,
-                error: None,
-                keys,
-                remember,
-                remember_days: remember_days(&state),
-            },
+            &token,
+            None,
+            keys,
+            first,
+            remember_offer(&state, remember, first),
         ),
         set,
     ))
+}
+
+/// The second-factor page; with a word on why when the second factor comes first.
+/// The days "remember this browser" lasts, when it is offered on this page (never on the
+/// page of a sign-in whose second factor comes first).
+fn remember_offer(state: &AppState, offered: bool, first: bool) -> Option<u64> {
+    (offered && !first).then(|| remember_days(state))
+}
+
+fn mfa_page(
+    status: StatusCode,
+    csrf: &str,
+    error: Option<&str>,
+    keys: bool,
+    first: bool,
+    remember: Option<u64>,
+) -> Response {
+    if first {
+        let page = pages::MfaFirst {
+            csrf,
+            error,
+            keys,
+            remember: false,
+            remember_days: 0,
+        };
+        render(status, &page)
+    } else {
+        let page = pages::Mfa {
+            csrf,
+            error,
+            keys,
+            remember: remember.is_some(),
+            remember_days: remember.unwrap_or(0),
+        };
+        render(status, &page)
+    }
 }
 
 /// Whether to offer a security key on the second-factor page.
@@ -352,11 +462,19 @@ pub(super) async fn complete_sign_in(
     client: &Client,
     session: &mut Session,
 ) -> Result<Vec<String>, AppError> {
+    if !session.is_authenticated() {
+        // The second factor came first; the password is still to come.
+        return Ok(Vec::new());
+    }
     let Some(user) = state.durable.user_by_id(&session.user_id).await? else {
         return Ok(Vec::new());
     };
-    state.login.forget_failures(&user).await?;
     let (device_id, cookies) = super::devices::signed_in(state, headers, &user, client).await?;
+    // No new device cookie: the browser was a known device of this user.
+    state
+        .login
+        .forget_failures(&user, cookies.is_empty())
+        .await?;
     session.device_id = Some(device_id);
     Ok(cookies)
 }
@@ -373,10 +491,14 @@ pub async fn mfa_post(
         Ok(l) => l,
         Err(r) => return Ok(r),
     };
+    if awaits_password(&loaded.session) {
+        return Ok(see_other(&stage_page(&loaded)));
+    }
     let client = super::client(&state, peer, &headers);
     let keys = has_keys(&state, &loaded.session.user_id).await?;
+    let first = awaits_factor_first(&loaded.session);
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
-    loaded.session.remember_device = remember && form.remember.is_some();
+    loaded.session.remember_device = remember && !first && form.remember.is_some();
     let outcome = state
         .login
         .second_factor_step(&mut loaded.session, &form.code, &client)
@@ -384,15 +506,13 @@ pub async fn mfa_post(
     let (token, set) = csrf_token(&state, &headers);
     after_code(&state, &headers, &client, loaded, outcome, |msg| {
         with_cookies(
-            render(
+            mfa_page(
                 StatusCode::UNAUTHORIZED,
-                &pages::Mfa {
-                    csrf: &token,
-                    error: Some(msg),
-                    keys,
-                    remember,
-                    remember_days: remember_days(&state),
-                },
+                &token,
+                Some(msg),
+                keys,
+                first,
+                remember_offer(&state, remember, first),
             ),
             set,
         )
@@ -569,10 +689,13 @@ pub async fn logout_get(
     let Some(loaded) = current_session(&state, &headers).await? else {
         return Ok(see_other("/_portcullis/login?notice=logged_out"));
     };
+    // Signing out needs no database: during an outage the page shows no email, nothing else.
     let email = state
         .durable
         .user_by_id(&loaded.session.user_id)
-        .await?
+        .await
+        .ok()
+        .flatten()
         .map(|u| u.email)
         .unwrap_or_default();
     let (token, set) = csrf_token(&state, &headers);
@@ -605,9 +728,15 @@ pub async fn logout_post(
         let client = super::client(&state, peer, &headers);
         let mut ev = AuditEvent::new("logout", "success", state.clock.now())
             .client(&client.ip, &client.user_agent);
-        if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
-            ev = ev.user(&u);
-        }
+        // The session is gone already: a database outage must not turn the sign-out into an
+        // error or lose its audit event; the user id alone names who signed out.
+        ev = match state.durable.user_by_id(&loaded.session.user_id).await {
+            Ok(Some(u)) => ev.user(&u),
+            _ => AuditEvent {
+                user_id: Some(loaded.session.user_id.clone()),
+                ..ev
+            },
+        };
         state.audit.record(ev).await;
     }
     let resp = see_other("/_portcullis/login?notice=logged_out");

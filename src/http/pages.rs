@@ -195,3 +195,17 @@ pub struct Bind<'a> {
 pub struct Remembered<'a> {
     pub csrf: &'a str,
 }
+
+/// The second-factor page of a sign-in that asks for it before the password (the account had
+/// too many consecutive wrong passwords): the same form, with a word on why.
+#[derive(Template)]
+#[template(path = "mfa_first.html")]
+pub struct MfaFirst<'a> {
+    pub csrf: &'a str,
+    pub error: Option<&'a str>,
+    /// Offer "Use security key" (the user has a usable key).
+    pub keys: bool,
+    /// Never offered here (the shared form asks): remembering waits for a normal sign-in.
+    pub remember: bool,
+    pub remember_days: u64,
+}

@@ -130,6 +130,8 @@ fn throttled_budgets_are_named_without_the_key() {
     m.throttled("fail:ip:192.0.2.1");
     m.throttled("fail:net:192.0.2.0/24");
     m.throttled("fail:code:{u1}");
+    m.throttled("rate:global:1700000000");
+    m.throttled("fail:dev:{d1}");
     m.sign_in_codes_spent();
     // Labels name the budget, never the account or address it was kept for.
     let text = m.render(&hasher()).unwrap();

@@ -92,23 +92,12 @@ async fn scenario(durable: String) {
     let dir = tempfile::tempdir().unwrap();
     let (up_addr, upstream) = start_upstream().await;
     let (pa, pb) = (free_port(), free_port());
-    let prefix = format!("t{}:", uuid::Uuid::new_v4().simple());
-    let key = portcullis::crypto::MasterKey::generate_base64();
-    let config = dir.path().join("portcullis.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\npublic_url = \"http://127.0.0.1:{pa}/\"\n\
-             [upstream]\nurl = \"http://{up_addr}/\"\n\
-             [storage]\ndurable = \"{durable}\"\nephemeral = \"redis://127.0.0.1:6379/\"\nredis_prefix = \"{prefix}\"\n\
-             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
-             [secrets]\nmaster_key = \"{key}\"\n\
-             [notify]\noutbox_dir = \"{}\"\n\
-             [binding]\nenabled = false\n",
-            dir.path().join("outbox").display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        &durable,
+        up_addr,
+        &format!("http://127.0.0.1:{pa}/"),
+    );
     add_user(&config, "both@example.com");
 
     let mut a = Some(serve(&config, pa));
@@ -161,6 +150,34 @@ async fn scenario(durable: String) {
     }
 }
 
+/// The config both gateways of a test share: one PostgreSQL database, one Redis prefix, one
+/// master key, cheap argon2, binding off (these clients hold no device key).
+fn write_config(
+    dir: &std::path::Path,
+    durable: &str,
+    upstream: std::net::SocketAddr,
+    public_url: &str,
+) -> std::path::PathBuf {
+    let prefix = format!("t{}:", uuid::Uuid::new_v4().simple());
+    let key = portcullis::crypto::MasterKey::generate_base64();
+    let config = dir.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\npublic_url = \"{public_url}\"\n\
+             [upstream]\nurl = \"http://{upstream}/\"\n\
+             [storage]\ndurable = \"{durable}\"\nephemeral = \"redis://127.0.0.1:6379/\"\nredis_prefix = \"{prefix}\"\n\
+             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
+             [secrets]\nmaster_key = \"{key}\"\n\
+             [notify]\noutbox_dir = \"{}\"\n\
+             [binding]\nenabled = false\n",
+            dir.join("outbox").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn add_user(config: &std::path::Path, email: &str) {
     let add = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["--config"])
@@ -209,12 +226,11 @@ async fn text(c: &reqwest::Client, url: String) -> String {
     c.get(url).send().await.unwrap().text().await.unwrap()
 }
 
-/// First sign-in of `email` with password and TOTP enrolment: the password and the recovery
-/// codes through gateway `a`, the enrolment through gateway `b` (the same one is fine).
-async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
-    let csrf = csrf_of(&text(c, format!("{a}/_portcullis/login")).await);
+/// The password step on gateway `base`; returns where it sends the browser.
+async fn password(c: &reqwest::Client, base: &str, email: &str) -> String {
+    let csrf = csrf_of(&text(c, format!("{base}/_portcullis/login")).await);
     let r = c
-        .post(format!("{a}/_portcullis/login"))
+        .post(format!("{base}/_portcullis/login"))
         .form(&[
             ("username", email),
             ("password", PASSWORD),
@@ -224,7 +240,13 @@ async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
         .send()
         .await
         .unwrap();
-    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    location(&r)
+}
+
+/// First sign-in of `email` with password and TOTP enrolment: the password and the recovery
+/// codes through gateway `a`, the enrolment through gateway `b` (the same one is fine).
+async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
+    assert_eq!(password(c, a, email).await, "/_portcullis/enrol/totp");
     let html = text(c, format!("{b}/_portcullis/enrol/totp")).await;
     let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("the pending sign-in");
     let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
@@ -305,5 +327,151 @@ async fn sigterm_drains_then_exits_within_the_timeout() {
     assert!(
         stuck.await.unwrap().is_err(),
         "the stuck request was dropped"
+    );
+}
+
+/// A key ceremony started on one gateway finishes on the other (registration and second
+/// factor), and a signing-key rotation made on the command line reaches both running gateways
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_ceremonies_cross_gateways_and_rotation_reaches_both() {
+    let (db, durable) = fresh_database().await;
+    let result = tokio::spawn(ceremonies_and_rotation(durable)).await;
+    drop_database(&db).await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// A JSON call of `static/webauthn.js`.
+async fn key_call(
+    c: &reqwest::Client,
+    url: String,
+    csrf: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let r = c
+        .post(url)
+        .header("accept", "application/json")
+        .header("x-csrf-token", csrf)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn ceremonies_and_rotation(durable: String) {
+    use webauthn_authenticator_rs::prelude::{
+        CreationChallengeResponse, RequestChallengeResponse, Url,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (up_addr, upstream) = start_upstream().await;
+    let (pa, pb) = (free_port(), free_port());
+    // Behind a load balancer both gateways answer for one public origin (a host name, as
+    // security keys need).
+    let public = format!("http://localhost:{pa}/");
+    let config = write_config(dir.path(), &durable, up_addr, &public);
+    add_user(&config, "keys@example.com");
+    let _a = serve(&config, pa);
+    let _b = serve(&config, pb);
+    wait_ready(pa).await;
+    wait_ready(pb).await;
+    let on = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    let c = browser();
+    sign_in(&c, &on(pa, ""), &on(pb, ""), "keys@example.com").await;
+
+    // Registration: started on A, answered on B.
+    let mut k = super::webauthn::key();
+    let origin = Url::parse(&public).unwrap();
+    let csrf = csrf_of(&text(&c, on(pa, "/_portcullis/account")).await);
+    let v = key_call(
+        &c,
+        on(pa, "/_portcullis/webauthn/register/start"),
+        &csrf,
+        serde_json::json!({"name": "Desk key"}),
+    )
+    .await;
+    let ccr: CreationChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let reg = k.do_registration(origin.clone(), ccr).unwrap();
+    key_call(
+        &c,
+        on(pb, "/_portcullis/webauthn/register/finish"),
+        &csrf,
+        serde_json::json!({"ceremony": v["ceremony"], "credential": reg}),
+    )
+    .await;
+
+    // Second factor: password on B, challenge from A, answer at B.
+    let csrf = csrf_of(&text(&c, on(pb, "/_portcullis/logout")).await);
+    c.post(on(pb, "/_portcullis/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        password(&c, &on(pb, ""), "keys@example.com").await,
+        "/_portcullis/mfa"
+    );
+    let csrf = csrf_of(&text(&c, on(pa, "/_portcullis/mfa")).await);
+    let v = key_call(
+        &c,
+        on(pa, "/_portcullis/webauthn/authenticate/start"),
+        &csrf,
+        serde_json::json!({}),
+    )
+    .await;
+    let rcr: RequestChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let cred = k.do_authentication(origin, rcr).unwrap();
+    key_call(
+        &c,
+        on(pb, "/_portcullis/webauthn/authenticate/finish"),
+        &csrf,
+        serde_json::json!({"ceremony": v["ceremony"], "credential": cred}),
+    )
+    .await;
+    assert_eq!(
+        c.get(on(pa, "/campaigns")).send().await.unwrap().status(),
+        200
+    );
+    let token = upstream
+        .last()
+        .header("x-portcullis-assertion")
+        .unwrap()
+        .to_string();
+    let old_kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+
+    // Rotation on the command line: both running gateways publish and sign with the new key.
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .args(["keys", "rotate"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut switched = [false, false];
+    for _ in 0..300 {
+        for (i, port) in [pa, pb].into_iter().enumerate() {
+            // A new session signs with the key current on that gateway.
+            if !switched[i] {
+                let jwks = text(&c, on(port, "/.well-known/jwks.json")).await;
+                let v: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+                switched[i] = v["keys"].as_array().unwrap().len() >= 2 && jwks.contains(&old_kid);
+            }
+        }
+        if switched == [true, true] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        switched,
+        [true, true],
+        "both gateways publish the new key next to the old one"
     );
 }

@@ -3,6 +3,18 @@
 
 use super::harness::*;
 
+/// Signs browser `b` out through the logout form (it keeps its device cookie).
+pub(super) async fn sign_out(gw: &Gateway, b: &reqwest::Client) {
+    let csrf = gw.csrf(b, "/_portcullis/logout").await;
+    let r = b
+        .post(gw.url("/_portcullis/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+}
+
 #[tokio::test]
 async fn full_sign_in_delivers_a_verifiable_identity_token() {
     let gw = Gateway::start().await;
@@ -174,14 +186,7 @@ async fn session_id_changes_at_every_privilege_step_and_logout_ends_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let csrf = gw.csrf(&c, "/_portcullis/logout").await;
-    let r = c
-        .post(gw.url("/_portcullis/logout"))
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+    sign_out(&gw, &c).await;
     let r = stale
         .get(gw.url("/x"))
         .header("cookie", &third)

@@ -20,6 +20,7 @@ mod redirects;
 mod redis;
 mod remember;
 mod request_id;
+mod throttle;
 mod tls;
 mod webauthn;
 mod webauthn_account;

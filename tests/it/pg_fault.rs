@@ -131,6 +131,16 @@ async fn outage(how: Outage) {
     assert_eq!(body["stores"]["durable"], "down", "{body}");
     assert_eq!(body["stores"]["ephemeral"], "up", "{body}");
 
+    // Signing out works without the database; its audit event waits for it.
+    let csrf = gw.csrf(&before, "/_portcullis/logout").await;
+    let r = before
+        .post(gw.url("/_portcullis/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/login?notice=logged_out");
+
     // An audit event made during the outage (the throttled ghost attempt needs only Redis).
     let r = gw
         .password(&gw.browser(), GHOST, "wrong password", "")
@@ -170,8 +180,18 @@ async fn outage(how: Outage) {
                 .count()
         };
         if count("login_password", "failure", Some("unknown_user")) == BUDGET as usize
-            && count("login_password", "denied", Some("throttled")) == 1
+            && events
+                .iter()
+                .filter(|e| e.event == "login_password" && e.outcome == "denied")
+                .filter(|e| {
+                    e.reason
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with("throttled"))
+                })
+                .count()
+                == 1
             && count("recovery_code_used", "success", None) == 2
+            && count("logout", "success", None) == 1
         {
             break;
         }

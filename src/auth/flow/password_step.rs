@@ -1,0 +1,289 @@
+//! The password step: the usual first step, and the last one of a sign-in whose second factor
+//! came first. Each attempt first takes from the global budget (unless it comes from a known
+//! device of the account) and from its failure budgets, waits its progressive delay, and only
+//! then costs an argon2 hash.
+
+use super::throttle::{awaits_password, KnownDevice};
+use super::{Client, FlowError, LoginFlow, PasswordOutcome, Reservation};
+use crate::auth::password::Verification;
+use crate::secret::Secret;
+use crate::session::{Session, Stage};
+use crate::store::{AuditEvent, User};
+
+/// An attempt that may go on to have its password checked.
+struct Attempt {
+    email: String,
+    user: Option<User>,
+    reserved: Vec<String>,
+    prior: u64,
+}
+
+impl LoginFlow {
+    /// Takes the attempt from its budgets; `Err(outcome)` when one is spent (audited, named).
+    async fn take_attempt(
+        &self,
+        email: &str,
+        client: &Client,
+        device: Option<&KnownDevice>,
+    ) -> Result<Result<Attempt, PasswordOutcome>, FlowError> {
+        let email = crate::store::normalise_email(email);
+        // Only a device of this very account earns its own budget; looking the user up first
+        // is needed only then.
+        let mut user = None;
+        let mut own_device = None;
+        if let Some(d) = device {
+            let u = self.durable.user_by_email(&email).await?;
+            if u.as_ref().is_some_and(|u| u.id == d.user_id) {
+                own_device = Some(d.id.as_str());
+            }
+            user = Some(u);
+        }
+        let (budget, retry_after) = if own_device.is_none() && !self.global_budget().await? {
+            ("global", 1)
+        } else {
+            let budgets = self.password_budgets(&email, client, own_device);
+            match self.reserve(&budgets).await? {
+                Reservation::Spent { budget } => (budget, self.window().as_secs()),
+                Reservation::Taken { keys, prior } => {
+                    let user = match user {
+                        Some(u) => u,
+                        None => self.durable.user_by_email(&email).await?,
+                    };
+                    return Ok(Ok(Attempt {
+                        email,
+                        user,
+                        reserved: keys,
+                        prior,
+                    }));
+                }
+            }
+        };
+        self.audit(
+            AuditEvent::new("login_password", "denied", self.clock.now())
+                .email(&email)
+                .reason(&format!("throttled:{budget}")),
+            client,
+        )
+        .await;
+        Ok(Err(PasswordOutcome::Throttled { retry_after }))
+    }
+
+    /// Waits the attempt's delay, then checks the password. `Some(user)` when it matched (the
+    /// reservation is returned); `None` when not (the reservation stays: it is this failure,
+    /// audited and counted towards second factor first).
+    async fn check_password(
+        &self,
+        attempt: Attempt,
+        password: &Secret<String>,
+        client: &Client,
+    ) -> Result<Option<User>, FlowError> {
+        self.progressive_delay(attempt.prior).await;
+        let Attempt {
+            email,
+            user,
+            reserved,
+            ..
+        } = attempt;
+        let verdict = match self
+            .hasher
+            .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                // Not an answer (hashing pool full): the attempt does not count.
+                self.release(&reserved).await?;
+                return Err(e.into());
+            }
+        };
+        match (user, verdict) {
+            (Some(u), Verification::Match { needs_rehash }) => {
+                self.release(&reserved).await?;
+                if needs_rehash {
+                    let fresh = self.hasher.hash(password).await?;
+                    self.durable.set_password_hash(&u.id, &fresh).await?;
+                }
+                Ok(Some(u))
+            }
+            (user, _) => {
+                let ev =
+                    AuditEvent::new("login_password", "failure", self.clock.now()).email(&email);
+                let ev = match &user {
+                    Some(u) => ev.user(u).reason("bad_password"),
+                    None => ev.reason("unknown_user"),
+                };
+                self.audit(ev, client).await;
+                if let Some(u) = &user {
+                    self.consecutive_failure(u, client).await?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Refuses a disabled or locked account whose password matched.
+    async fn refused_account(&self, user: &User, client: &Client) -> Option<PasswordOutcome> {
+        let (reason, outcome) = if user.disabled {
+            ("disabled", PasswordOutcome::Denied)
+        } else if user.locked {
+            ("locked", PasswordOutcome::Locked)
+        } else {
+            return None;
+        };
+        self.audit(
+            AuditEvent::new("login_password", "denied", self.clock.now())
+                .user(user)
+                .reason(reason),
+            client,
+        )
+        .await;
+        Some(outcome)
+    }
+
+    /// Step 1: email and password. `device` is the browser's known device, if it showed one.
+    pub async fn password_step(
+        &self,
+        email: &str,
+        password: &Secret<String>,
+        client: &Client,
+        return_to: Option<String>,
+        device: Option<&KnownDevice>,
+    ) -> Result<PasswordOutcome, FlowError> {
+        let attempt = match self.take_attempt(email, client, device).await? {
+            Ok(a) => a,
+            Err(outcome) => return Ok(outcome),
+        };
+        if let Some(user) = &attempt.user {
+            if self.has_second_factor(user).await?
+                && self.second_factor_first(&attempt.email).await?
+            {
+                // Not a guess: nothing was checked, so nothing is counted.
+                self.release(&attempt.reserved).await?;
+                return self.factor_first_session(user, client, return_to).await;
+            }
+        }
+        let Some(user) = self.check_password(attempt, password, client).await? else {
+            return Ok(PasswordOutcome::Denied);
+        };
+        if let Some(refused) = self.refused_account(&user, client).await {
+            return Ok(refused);
+        }
+        let stage = if self.has_second_factor(&user).await? {
+            Stage::SecondFactor
+        } else {
+            Stage::EnrolTotp {
+                sealed_secret: self.new_sealed_secret(&user.id)?,
+                key_only: false,
+            }
+        };
+        let reason = if matches!(stage, Stage::SecondFactor) {
+            "second_factor_required"
+        } else {
+            "enrolment_required"
+        };
+        self.audit(
+            AuditEvent::new("login_password", "success", self.clock.now())
+                .user(&user)
+                .reason(reason),
+            client,
+        )
+        .await;
+        let session = Session::after_password(
+            &user.id,
+            stage,
+            self.clock.now_millis(),
+            &client.ip,
+            &client.user_agent,
+            return_to,
+        );
+        Ok(PasswordOutcome::Proceed {
+            user: Box::new(user),
+            session: Box::new(session),
+        })
+    }
+
+    /// Whether the user has a second factor to sign in with (a usable key or TOTP).
+    async fn has_second_factor(&self, user: &User) -> Result<bool, FlowError> {
+        let has_key = self
+            .durable
+            .webauthn_credentials(&user.id)
+            .await?
+            .iter()
+            .any(|c| !c.is_suspended());
+        Ok(has_key || self.durable.totp(&user.id).await?.is_some())
+    }
+
+    /// A pending sign-in that asks for the second factor before the password.
+    async fn factor_first_session(
+        &self,
+        user: &User,
+        client: &Client,
+        return_to: Option<String>,
+    ) -> Result<PasswordOutcome, FlowError> {
+        self.audit(
+            AuditEvent::new("login_password", "denied", self.clock.now())
+                .user(user)
+                .reason("second_factor_first"),
+            client,
+        )
+        .await;
+        let mut session = Session::after_password(
+            &user.id,
+            Stage::SecondFactor,
+            self.clock.now_millis(),
+            &client.ip,
+            &client.user_agent,
+            return_to,
+        );
+        // No method proven yet: the password was not checked.
+        session.amr.clear();
+        Ok(PasswordOutcome::FactorFirst {
+            session: Box::new(session),
+        })
+    }
+
+    /// The password of a sign-in whose second factor came first. On `Proceed` the session is
+    /// complete (`amr` password plus the factor).
+    pub async fn password_after_factor(
+        &self,
+        session: &mut Session,
+        password: &Secret<String>,
+        client: &Client,
+        device: Option<&KnownDevice>,
+    ) -> Result<PasswordOutcome, FlowError> {
+        let Some(method) = session
+            .amr
+            .first()
+            .cloned()
+            .filter(|_| awaits_password(session))
+        else {
+            return Ok(PasswordOutcome::Denied);
+        };
+        let Some(user) = self.durable.user_by_id(&session.user_id).await? else {
+            return Ok(PasswordOutcome::Denied);
+        };
+        let attempt = match self.take_attempt(&user.email, client, device).await? {
+            Ok(a) => a,
+            Err(outcome) => return Ok(outcome),
+        };
+        let Some(user) = self.check_password(attempt, password, client).await? else {
+            return Ok(PasswordOutcome::Denied);
+        };
+        if let Some(refused) = self.refused_account(&user, client).await {
+            return Ok(refused);
+        }
+        self.audit(
+            AuditEvent::new("login_password", "success", self.clock.now())
+                .user(&user)
+                .reason("after_second_factor"),
+            client,
+        )
+        .await;
+        session.amr = vec!["pwd".into()];
+        self.complete(session, &user, &method);
+        Ok(PasswordOutcome::Proceed {
+            user: Box::new(user),
+            session: Box::new(session.clone()),
+        })
+    }
+}

@@ -1,0 +1,194 @@
+//! Budgets and waits of password attempts, arranged so that a credential-stuffing flood cannot
+//! be turned against the real customer.
+//!
+//! - A global per-second budget (shared through the ephemeral store) refuses a flood before it
+//!   reaches the hashing pool.
+//! - The account's, address's and network's failure budgets apply to browsers that are not a
+//!   known device of the account; a browser with a valid device cookie of that user draws on a
+//!   budget of its own (keyed by the device), so an attacker elsewhere cannot spend it.
+//! - As failures grow, attempts wait longer before their password is checked (bounded by
+//!   `limits.max_delay`); the wait is a timer, holding no hashing slot and no store connection.
+//! - After `limits.second_factor_first_after` consecutive wrong passwords, the account asks for
+//!   the second factor before the password (see `docs/security.md`).
+
+use std::time::Duration;
+
+use super::{network_of, Client, LoginFlow};
+use crate::config::LimitsConfig;
+use crate::session::{Session, Stage};
+use crate::store::{AuditEvent, StoreError, User};
+
+/// How long the consecutive-failure count of an account lives without a new failure's help:
+/// it is set when the first failure is counted and ends with a complete sign-in.
+pub const CONSECUTIVE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The first step of the progressive delay.
+const FIRST_DELAY: Duration = Duration::from_millis(125);
+
+/// A browser that presented a valid device cookie (an active device of `user_id`).
+#[derive(Debug, Clone)]
+pub struct KnownDevice {
+    pub id: String,
+    pub user_id: String,
+}
+
+/// What taking one attempt from the budgets gave.
+#[derive(Debug)]
+pub(crate) enum Reservation {
+    /// Taken from every budget: the counters to give back if the attempt turns out right, and
+    /// the most failures any of them had counted before this attempt.
+    Taken { keys: Vec<String>, prior: u64 },
+    /// A budget is spent (named as metrics label it).
+    Spent { budget: &'static str },
+}
+
+/// The wait before the password of an attempt is checked, after `prior` counted failures:
+/// none up to `delay_after_failures`, then 125 ms doubling up to `max_delay`.
+pub fn delay_for(prior: u64, limits: &LimitsConfig) -> Duration {
+    let Some(over) = prior.checked_sub(limits.delay_after_failures) else {
+        return Duration::ZERO;
+    };
+    if over == 0 || limits.max_delay.is_zero() {
+        return Duration::ZERO;
+    }
+    let doublings = u32::try_from(over - 1).unwrap_or(u32::MAX).min(16);
+    FIRST_DELAY
+        .saturating_mul(1 << doublings)
+        .min(limits.max_delay)
+}
+
+/// Storage key of an account's consecutive wrong passwords.
+fn consecutive_key(email: &str) -> String {
+    format!("consecutive:pwd:{{{email}}}")
+}
+
+/// A sign-in that asks for the second factor first and has not had it yet.
+pub fn awaits_factor_first(s: &Session) -> bool {
+    s.stage == Stage::SecondFactor && s.amr.is_empty()
+}
+
+/// A sign-in whose second factor came first and whose password is still to come.
+pub fn awaits_password(s: &Session) -> bool {
+    s.stage == Stage::SecondFactor && !s.amr.is_empty() && !s.amr.iter().any(|m| m == "pwd")
+}
+
+impl LoginFlow {
+    /// The budgets one password attempt draws on: a known device's own, or the account's, the
+    /// address's and the network's.
+    pub(crate) fn password_budgets(
+        &self,
+        email: &str,
+        client: &Client,
+        device: Option<&str>,
+    ) -> Vec<(String, u64)> {
+        if let Some(id) = device {
+            return vec![(
+                format!("fail:dev:{{{id}}}"),
+                self.limits.failures_per_device,
+            )];
+        }
+        vec![
+            (
+                format!("fail:pwd:{{{email}}}"),
+                self.limits.password_failures_per_account,
+            ),
+            (
+                format!("fail:ip:{}", client.ip),
+                self.limits.failures_per_ip,
+            ),
+            (
+                format!("fail:net:{}", network_of(&client.ip)),
+                self.limits.failures_per_network,
+            ),
+        ]
+    }
+
+    /// Takes one from the global per-second budget of password attempts; `false` when this
+    /// second's is spent. Attempts are counted whether right or wrong: it bounds the work, not
+    /// the guesses.
+    pub(crate) async fn global_budget(&self) -> Result<bool, StoreError> {
+        let key = format!("rate:global:{}", self.clock.now());
+        let n = self.ephemeral.incr(&key, Duration::from_secs(2)).await?;
+        if n > self.limits.global_sign_ins_per_second {
+            self.metrics.throttled(&key);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Waits the progressive delay for `prior` failures. Called with nothing held: no hashing
+    /// slot, no store connection.
+    pub(crate) async fn progressive_delay(&self, prior: u64) {
+        let wait = delay_for(prior, &self.limits);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Whether the account behind `email` asks for its second factor before the password.
+    pub(crate) async fn second_factor_first(&self, email: &str) -> Result<bool, StoreError> {
+        Ok(self.count(&consecutive_key(email)).await? >= self.limits.second_factor_first_after)
+    }
+
+    /// Counts one more consecutive wrong password of `user`. The attempt that reaches the
+    /// threshold (exactly one, the count being atomic) audits the switch and tells the owner.
+    pub(crate) async fn consecutive_failure(
+        &self,
+        user: &User,
+        client: &Client,
+    ) -> Result<(), StoreError> {
+        let n = self
+            .ephemeral
+            .incr(&consecutive_key(&user.email), CONSECUTIVE_TTL)
+            .await?;
+        if n != self.limits.second_factor_first_after {
+            return Ok(());
+        }
+        self.audit(
+            AuditEvent::new("second_factor_first", "success", self.clock.now())
+                .user(user)
+                .reason("consecutive_password_failures"),
+            client,
+        )
+        .await;
+        self.notifier
+            .account_change(
+                user,
+                &format!(
+                    "{n} wrong passwords were tried in a row. Someone may be guessing your \
+                     password. Until you next sign in, your account asks for your second factor \
+                     before your password"
+                ),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// After a complete sign-in: the consecutive-failure count starts over.
+    pub(crate) async fn forget_consecutive(&self, user: &User) -> Result<(), StoreError> {
+        self.ephemeral.delete(&consecutive_key(&user.email)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_grows_from_the_threshold_and_is_bounded() {
+        let limits = LimitsConfig {
+            delay_after_failures: 3,
+            max_delay: Duration::from_secs(2),
+            ..LimitsConfig::default()
+        };
+        let ms = |p| delay_for(p, &limits).as_millis();
+        assert_eq!([ms(0), ms(2), ms(3)], [0, 0, 0]);
+        assert_eq!([ms(4), ms(5), ms(6), ms(7)], [125, 250, 500, 1000]);
+        assert_eq!([ms(8), ms(9), ms(1000), ms(u64::MAX)], [2000; 4]);
+        let off = LimitsConfig {
+            max_delay: Duration::ZERO,
+            ..limits
+        };
+        assert_eq!(delay_for(1000, &off), Duration::ZERO);
+    }
+}

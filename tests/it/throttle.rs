@@ -1,0 +1,371 @@
+//! Throttling that a credential-stuffing flood cannot turn against the real customer: the
+//! global budget, progressive delay, the known device's own budget, and second factor first
+//! after 100 consecutive wrong passwords.
+
+use std::time::{Duration, Instant};
+
+use super::harness::{location, Gateway, PASSWORD};
+use super::login::sign_out;
+
+const WRONG: &str = "wrong guess 12345";
+
+/// Gateways that believe `X-Forwarded-For` from the test, so each attempt can come from an
+/// address of its own.
+fn behind_proxy(c: &mut portcullis::config::Config) {
+    c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+}
+
+/// One password attempt from `ip` in a browser of its own (no device cookie); its status.
+async fn attempt_from(gw: &Gateway, ip: &str, email: &str, password: &str) -> reqwest::Response {
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    gw.login_form(&c, &csrf, email, password, "")
+        .header("x-forwarded-for", ip)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Audit reasons of `login_password` events, oldest first.
+async fn password_reasons(gw: &Gateway) -> Vec<String> {
+    let mut ev = gw.audit().await;
+    ev.sort_by_key(|e| e.id);
+    ev.into_iter()
+        .filter(|e| e.event == "login_password")
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+fn throttled_metric(gw: &Gateway, limit: &str) -> f64 {
+    let text = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
+    let name = format!("portcullis_throttled_attempts_total{{limit=\"{limit}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// A flood spread over many accounts and addresses (so no per-account or per-address budget
+/// notices it) meets the global per-second budget, shared by two gateways over Redis: 429 with
+/// `Retry-After: 1`, JSON for API clients, audited and counted as `global`; the next second
+/// has a new budget.
+#[tokio::test]
+async fn a_flood_over_many_accounts_and_addresses_meets_the_global_budget() {
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.global_sign_ins_per_second = 6;
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    })
+    .await;
+    let other = gw.restarted().await;
+    for i in 0..6 {
+        let g = if i % 2 == 0 { &gw } else { &other };
+        let r = attempt_from(
+            g,
+            &format!("10.{i}.0.1"),
+            &format!("u{i}@example.com"),
+            WRONG,
+        )
+        .await;
+        assert_eq!(r.status(), 401, "attempt {i} is within the budget");
+    }
+    for g in [&gw, &other] {
+        let r = attempt_from(g, "192.0.2.200", "fresh@example.com", WRONG).await;
+        assert_eq!(r.status(), 429, "the budget is spent on both gateways");
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert!(r.text().await.unwrap().contains("Too many attempts"));
+    }
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let r = gw
+        .login_form(&c, &csrf, "x@example.com", WRONG, "")
+        .header("x-forwarded-for", "192.0.2.201")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_attempts", "JSON for API clients");
+    assert!(password_reasons(&gw)
+        .await
+        .iter()
+        .any(|r| r == "throttled:global"));
+    assert!(throttled_metric(&gw, "global") >= 1.0);
+    gw.clock.advance(1);
+    other.clock.advance(1);
+    let r = attempt_from(&gw, "192.0.2.202", "fresh@example.com", WRONG).await;
+    assert_eq!(r.status(), 401, "a new second, a new budget");
+}
+
+/// Forty attempts at once, each from another address for another account, with a global budget
+/// of ten: exactly ten are checked, the rest refused — the counter is taken before anything is
+/// checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_attempts_cannot_exceed_the_global_budget() {
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.global_sign_ins_per_second = 10;
+        c.password.max_queued_hashes = 200;
+    })
+    .await;
+    let browsers: Vec<_> = (0..40).map(|_| gw.browser()).collect();
+    let csrfs =
+        futures_util::future::join_all(browsers.iter().map(|b| gw.csrf(b, "/_portcullis/login")))
+            .await;
+    let posts = browsers
+        .iter()
+        .zip(csrfs)
+        .enumerate()
+        .map(|(i, (b, csrf))| {
+            gw.login_form(b, &csrf, &format!("u{i}@example.com"), WRONG, "")
+                .header("x-forwarded-for", format!("10.{i}.2.1"))
+                .send()
+        });
+    let statuses: Vec<u16> = futures_util::future::join_all(posts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        30,
+        "{statuses:?}"
+    );
+    assert_eq!(throttled_metric(&gw, "global"), 30.0);
+}
+
+/// The owner's known device keeps working while a flood from many addresses has spent the
+/// account's budget; the attacker — with the right password, from a fresh address, or with
+/// another user's device cookie — is still refused. A sign-in on the known device does not
+/// reset the attacker's budget; the device's own budget is spent only by failures on it.
+#[tokio::test]
+async fn the_owner_signs_in_from_a_known_device_while_the_flood_is_refused() {
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.failures_per_device = 3;
+        c.limits.max_delay = Duration::ZERO;
+    })
+    .await;
+    let email = "owner@example.com";
+    let (owner, secret, _) = gw.signed_in(email).await;
+    let (mallory_device, _, _) = gw.signed_in("mallory@example.com").await;
+    for i in 0..10 {
+        let r = attempt_from(&gw, &format!("10.{i}.7.1"), email, WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = attempt_from(&gw, "198.51.100.9", email, PASSWORD).await;
+    assert_eq!(
+        r.status(),
+        429,
+        "the account's budget is spent for strangers"
+    );
+
+    sign_out(&gw, &owner).await;
+    gw.sign_in_on(&owner, email, &secret).await;
+    assert_eq!(gw.status(&owner, "/console").await, 200, "the owner is in");
+
+    let r = attempt_from(&gw, "198.51.100.10", email, PASSWORD).await;
+    assert_eq!(
+        r.status(),
+        429,
+        "the owner's sign-in did not reset the budget"
+    );
+    sign_out(&gw, &mallory_device).await;
+    let r = gw.password(&mallory_device, email, PASSWORD, "").await;
+    assert_eq!(r.status(), 429, "another user's device earns nothing");
+
+    // The device's own budget: failures on it count there (and only there).
+    sign_out(&gw, &owner).await;
+    for _ in 0..3 {
+        assert_eq!(gw.password(&owner, email, WRONG, "").await.status(), 401);
+    }
+    let r = gw.password(&owner, email, PASSWORD, "").await;
+    assert_eq!(r.status(), 429);
+    assert!(password_reasons(&gw)
+        .await
+        .iter()
+        .any(|r| r == "throttled:device"));
+    assert_eq!(throttled_metric(&gw, "device"), 1.0);
+    assert!(throttled_metric(&gw, "account_password") >= 3.0);
+}
+
+/// Failures make further attempts wait longer (bounded by `limits.max_delay`); while one
+/// waits it holds no hashing slot (another sign-in is hashed meanwhile, with a pool of one and
+/// no queue) and proxied traffic is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failures_slow_later_attempts_without_holding_a_slot_or_the_proxy() {
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.delay_after_failures = 0;
+        c.limits.max_delay = Duration::from_secs(3);
+        c.limits.password_failures_per_account = 100;
+        c.password.max_concurrent_hashes = 1;
+        c.password.max_queued_hashes = 0;
+    })
+    .await;
+    let (user, _, _) = gw.signed_in("browsing@example.com").await;
+    gw.add_user("target@example.com").await;
+    // Five failures: 0, 125, 250, 500, 1000 ms; the sixth attempt waits 2 s.
+    for i in 0..5 {
+        let r = attempt_from(&gw, &format!("10.9.{i}.1"), "target@example.com", WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    let started = Instant::now();
+    let b = gw.browser();
+    let csrf = gw.csrf(&b, "/_portcullis/login").await;
+    let sixth = gw
+        .login_form(&b, &csrf, "target@example.com", WRONG, "")
+        .header("x-forwarded-for", "10.9.99.1");
+    let delayed = tokio::spawn(async move { sixth.send().await.unwrap().status().as_u16() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gw.status(&user, "/console").await, 200);
+    assert!(!delayed.is_finished(), "the proxied request did not wait");
+    let r = attempt_from(&gw, "192.0.2.77", "nobody@example.com", WRONG).await;
+    assert_eq!(
+        r.status(),
+        401,
+        "hashed, not 503: the waiting attempt holds no slot"
+    );
+    assert!(!delayed.is_finished());
+    assert_eq!(delayed.await.unwrap(), 401);
+    assert!(started.elapsed() >= Duration::from_secs(2), "it waited");
+}
+
+/// After 100 consecutive wrong passwords the account asks for the second factor first: a
+/// password alone (right or wrong) gets the code page and is not even checked; the owner is
+/// told once; the owner signs in code first, then password, and the count starts over.
+#[tokio::test]
+async fn after_100_wrong_passwords_the_second_factor_comes_first() {
+    let gw = Gateway::start_with(|c| {
+        c.limits.password_failures_per_account = 1000;
+        c.limits.failures_per_ip = 1000;
+        c.limits.failures_per_network = 1000;
+        c.limits.global_sign_ins_per_second = 1000;
+        c.limits.max_delay = Duration::ZERO;
+    })
+    .await;
+    let email = "sff@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    let attacker = gw.browser();
+    for _ in 0..90 {
+        let r = gw.password(&attacker, email, WRONG, "").await;
+        assert_eq!(r.status(), 401);
+    }
+    // The hundredth arrives among twenty at once: still one notice, one audit event.
+    let csrf = gw.csrf(&attacker, "/_portcullis/login").await;
+    let burst = (0..20).map(|_| gw.login_form(&attacker, &csrf, email, WRONG, "").send());
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.unwrap().status(), 401);
+    }
+    let notice = "wrong passwords were tried in a row";
+    let told = |mail: Vec<String>| mail.iter().filter(|m| m.contains(notice)).count();
+    assert_eq!(told(gw.outbox().await), 1, "the owner is told");
+    let switched = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "second_factor_first")
+        .count();
+    assert_eq!(switched, 1, "and it is audited");
+
+    // Right or wrong, a password alone gets the code page; neither is checked.
+    let checked_before = password_reasons(&gw)
+        .await
+        .iter()
+        .filter(|r| *r == "bad_password" || *r == "second_factor_required")
+        .count();
+    for guess in [PASSWORD, WRONG] {
+        let r = gw.password(&attacker, email, guess, "").await;
+        assert_eq!(r.status(), 303);
+        assert_eq!(location(&r), "/_portcullis/mfa");
+        assert_eq!(gw.status(&attacker, "/console").await, 303, "no way in");
+    }
+    let reasons = password_reasons(&gw).await;
+    let checked_after = reasons
+        .iter()
+        .filter(|r| *r == "bad_password" || *r == "second_factor_required")
+        .count();
+    assert_eq!(checked_before, checked_after, "no password was checked");
+    assert_eq!(
+        reasons.iter().rev().take(2).collect::<Vec<_>>(),
+        ["second_factor_first", "second_factor_first"]
+    );
+    assert!(gw
+        .page(&attacker, "/_portcullis/mfa")
+        .await
+        .contains("many wrong passwords in a row"));
+    assert_eq!(told(gw.outbox().await), 1, "told once, not per attempt");
+
+    // The owner: code first, then the password (a wrong one is refused and counted).
+    let owner = gw.browser();
+    gw.clock.advance(30);
+    let r = gw.password(&owner, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = gw
+        .code(&owner, "/_portcullis/mfa", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/_portcullis/login?notice=password_next");
+    assert_eq!(
+        gw.status(&owner, "/console").await,
+        303,
+        "a code alone reaches nothing"
+    );
+    let page = gw
+        .page(&owner, "/_portcullis/login?notice=password_next")
+        .await;
+    assert!(page.contains("Now enter your password"), "{page}");
+    assert!(page.contains(&format!("value=\"{email}\"")), "{page}");
+    let r = gw.password(&owner, email, WRONG, "").await;
+    assert_eq!(r.status(), 401);
+    let r = gw.password(&owner, email, PASSWORD, "").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/");
+    assert_eq!(gw.status(&owner, "/console").await, 200, "the owner is in");
+    let seen = gw.upstream.last();
+    assert!(seen.header("x-portcullis-assertion").is_some());
+
+    // The count started over: the password comes first again.
+    gw.sign_in_again(email, &secret).await;
+}
+
+/// Second factor first with a security key: key first, then the password; the token carries
+/// both methods.
+#[tokio::test]
+async fn key_first_then_password_signs_in_with_both_methods() {
+    use super::webauthn::{console, last_claims, localhost, second_factor, with_key};
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        c.limits.second_factor_first_after = 3;
+    })
+    .await;
+    let email = "keyfirst@example.com";
+    let (_, _, mut k, _) = with_key(&gw, email, "Blue key").await;
+    let attacker = gw.browser();
+    for _ in 0..3 {
+        assert_eq!(gw.password(&attacker, email, WRONG, "").await.status(), 401);
+    }
+    let c = gw.browser();
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["redirect"], "/_portcullis/login?notice=password_next");
+    assert_eq!(
+        console(&gw, &c).await,
+        303,
+        "a key alone reaches nothing here"
+    );
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/");
+    assert_eq!(console(&gw, &c).await, 200);
+    assert_eq!(last_claims(&gw).await.amr, vec!["pwd", "hwk"]);
+}
