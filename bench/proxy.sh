@@ -19,6 +19,8 @@ FWD=127.0.0.1:18084
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PREFIX="bench-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n'):"
 redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "Redis is not answering on $REDIS_URL (redis-server --daemonize yes)" >&2; exit 1; }
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "nginx is missing: apt-get install nginx" >&2; exit 1; }
 . bench/common.sh
 bench_cleanup() {
   redis-cli -u "$REDIS_URL" --scan --pattern "$PREFIX*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" del >/dev/null || true
