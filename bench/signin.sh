@@ -6,11 +6,11 @@
 #     from many loopback source addresses 127.10.n.h) while a signed-in user browses (wrk on an
 #     authenticated GET); browsing p99 quiet vs under the flood, the flood's answers by status,
 #     and whether the real user still signs in from their remembered device during the flood.
-#   bench/signin.sh [seconds=15] [flood_rate=1500]
+#   bench/signin.sh [seconds=15] [flood_rate=2500]   (FLOOD_CLIENTS=512 connections)
 # Needs wrk, python3 (PyJWT, cryptography) and curl. Results go to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=${1:-15} RATE=${2:-1500}
+SECS=${1:-15} RATE=${2:-2500}
 GW=127.0.0.1:18090 UP=127.0.0.1:18091 # gateway, upstream
 . bench/common.sh
 
@@ -61,7 +61,7 @@ python3 bench/known_device.py sign-in "$GW" alice@example.com "$PW" "$work/alice
 echo "== flood at ${RATE}/s for $((SECS + 10))s, browsing and a known-device sign-in during it" >&2
 # 200 /24 networks × 50 hosts = 10,000 source addresses; 5,000 made-up accounts plus the real
 # user's, who gets 1 % of the guesses (a leaked list that contains them).
-python3 bench/signin_load.py "$GW" --seconds $((SECS + 10)) --clients 256 --rate "$RATE" \
+python3 bench/signin_load.py "$GW" --seconds $((SECS + 10)) --clients "${FLOOD_CLIENTS:-512}" --rate "$RATE" \
   --sources 200 50 --target alice@example.com --target-share 0.01 --pid "$gw_pid" \
   > $R/flood.json & flood=$!
 sleep 4
