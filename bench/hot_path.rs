@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the per-request work on the proxy path: path canonicalisation,
-//! session lookup in the memory store, the user gate, and the cached identity token.
+//! session lookup in the memory store, the user gate, and the cached identity token; and of the
+//! password check every sign-in pays (argon2id at the default parameters).
 
 use std::sync::Arc;
 
@@ -66,5 +67,24 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+fn argon2(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let hasher = portcullis::auth::password::PasswordHasher::new(
+        &portcullis::config::PasswordConfig::default(),
+    )
+    .unwrap();
+    let password = Secret::new("tall violet lantern orbit 42".to_string());
+    let stored = rt.block_on(hasher.hash(&password)).unwrap();
+    let mut group = c.benchmark_group("argon2");
+    group.sample_size(10);
+    group.bench_function("password_verify_default", |b| {
+        b.iter(|| {
+            rt.block_on(hasher.verify(&password, Some(&stored)))
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, argon2);
 criterion_main!(benches);

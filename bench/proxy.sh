@@ -1,43 +1,59 @@
 #!/usr/bin/env bash
 # Authenticated proxied GET: the same small upstream measured directly, through nginx as a plain
-# reverse proxy (the baseline an ESP already runs), and through Portcullis, in one run, on
-# loopback. Prints throughput and p50/p99 for each and the ratios.
-#   bench/proxy.sh [duration_seconds=15] [connections=64]
-# Needs wrk and nginx (apt-get install wrk nginx), python3 and curl. Results go to bench/results/.
+# reverse proxy (the baseline an ESP already runs), through Portcullis with the memory and with the
+# Redis ephemeral store, and through nginx `auth_request` asking Portcullis (forward-auth), in one
+# run, on loopback. Prints throughput and p50/p99 for each and the ratios.
+#   bench/proxy.sh [duration_seconds=10] [connections=64]
+# Needs wrk and nginx (apt-get install wrk nginx), redis-server, python3 (PyJWT, cryptography) and
+# curl. Redis: the local server on REDIS_URL (default redis://127.0.0.1:6379) under a fresh key
+# prefix, deleted at the end. Results go to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DUR=${1:-15}
+DUR=${1:-10}
 CONN=${2:-64}
 GW=127.0.0.1:18080
 UP=127.0.0.1:18081
 NGX=127.0.0.1:18082
-command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+GWR=127.0.0.1:18083
+FWD=127.0.0.1:18084
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+PREFIX="bench-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n'):"
+redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "Redis is not answering on $REDIS_URL (redis-server --daemonize yes)" >&2; exit 1; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || { echo "nginx is missing: apt-get install nginx" >&2; exit 1; }
+. bench/common.sh
+bench_cleanup() {
+  redis-cli -u "$REDIS_URL" --scan --pattern "$PREFIX*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" del >/dev/null || true
+}
 
-cargo build --release --bin portcullis --example bench-upstream >&2
-BIN=target/release/portcullis
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-cat > "$work/portcullis.toml" <<TOML
+# One durable store and master key, two gateways: memory and Redis ephemeral store. The memory
+# one also answers forward-auth for nginx (which must be a trusted proxy for X-Original-URI).
+key="$(head -c 32 /dev/urandom | base64)"
+gateway_config() { # listen address, ephemeral store
+  cat <<TOML
 [server]
-listen = "$GW"
-public_url = "http://$GW/"
+listen = "$1"
+public_url = "http://$1/"
+trusted_proxies = ["127.0.0.1/32"]
 [upstream]
 url = "http://$UP/"
 [storage]
 durable = "sqlite://$work/db.sqlite"
+ephemeral = "$2"
+redis_prefix = "$PREFIX"
+[forward_auth]
+enabled = true
 [secrets]
-master_key = "$(head -c 32 /dev/urandom | base64)"
+master_key = "$key"
 [log]
 level = "warn"
 TOML
+}
+gateway_config "$GW" memory > "$work/portcullis.toml"
+gateway_config "$GWR" "$REDIS_URL" > "$work/portcullis-redis.toml"
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
 
-target/release/examples/bench-upstream "$UP" & pids+=($!)
+"$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
 mkdir -p "$work/nginx"
 cat > "$work/nginx.conf" <<NGINX
 daemon off;
@@ -63,6 +79,36 @@ http {
       proxy_set_header X-Forwarded-For \$remote_addr;
     }
   }
+  # Forward-auth as docs/forward-auth.md configures it: nginx asks Portcullis about every request
+  # and proxies to the console itself.
+  upstream portcullis { server $GW; keepalive 128; }
+  server {
+    listen $FWD;
+    location = /_portcullis/auth {
+      internal;
+      proxy_pass http://portcullis;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_redirect off;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Original-URI \$request_uri;
+      proxy_set_header X-Forwarded-Method \$request_method;
+      proxy_set_header Accept "application/json";
+    }
+    location /_portcullis/ { proxy_pass http://portcullis; }
+    location @login { return 302 \$portcullis_login; }
+    location / {
+      auth_request /_portcullis/auth;
+      auth_request_set \$portcullis_token \$upstream_http_x_portcullis_assertion;
+      auth_request_set \$portcullis_login \$upstream_http_location;
+      error_page 401 = @login;
+      proxy_set_header X-Portcullis-Assertion \$portcullis_token;
+      proxy_pass http://console;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
 }
 NGINX
 "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" & pids+=($!)
@@ -70,29 +116,40 @@ printf 'tall violet lantern orbit 42\n' | $BIN user add bench@example.com --acco
 uri=$($BIN user totp generate bench@example.com 2>/dev/null)
 secret=$(python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlparse(sys.argv[1]).query)["secret"][0])' "$uri")
 $BIN serve & pids+=($!)
-for _ in $(seq 1 50); do curl -fs "http://$GW/.well-known/jwks.json" >/dev/null && break; sleep 0.2; done
+PORTCULLIS_CONFIG="$work/portcullis-redis.toml" $BIN serve & pids+=($!)
+for gw in "$GW" "$GWR"; do
+  for _ in $(seq 1 50); do curl -fs "http://$gw/.well-known/jwks.json" >/dev/null && break; sleep 0.2; done
+done
 
-code() { python3 - "$secret" <<'PY'
+code() { # the TOTP code of the current 30 s step plus $1 steps (a code is accepted once)
+  python3 - "$secret" "$1" <<'PY'
 import base64, hmac, struct, sys, time
 s = sys.argv[1]; key = base64.b32decode(s + "=" * (-len(s) % 8))
-mac = hmac.new(key, struct.pack(">Q", int(time.time()) // 30), "sha1").digest()
+mac = hmac.new(key, struct.pack(">Q", int(time.time()) // 30 + int(sys.argv[2])), "sha1").digest()
 o = mac[-1] & 15
 print("%06d" % ((struct.unpack(">I", mac[o:o + 4])[0] & 0x7fffffff) % 1000000))
 PY
 }
-jar="$work/jar"
-csrf() { curl -fs -c "$jar" -b "$jar" "http://$GW$1" | sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p' | head -1; }
-t=$(csrf /_portcullis/login)
-curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "username=bench@example.com" --data-urlencode "password=tall violet lantern orbit 42" --data-urlencode "csrf=$t" --data-urlencode "next=" "http://$GW/_portcullis/login"
-t=$(csrf /_portcullis/mfa)
-curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "code=$(code)" --data-urlencode "csrf=$t" "http://$GW/_portcullis/mfa"
-cookie=$(awk '$6=="portcullis-session"{print "portcullis-session="$7}' "$jar")
-# Device binding is on by default: prove a device key once, as a browser does, and send the
-# bound cookie with the session cookie (it outlives the run), so the measured path includes the
-# bound-cookie check.
-cookie=$(python3 bench/bind.py "$GW" "$cookie")
-status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$GW/campaigns")
-[ "$status" = 200 ] || { echo "sign-in for the benchmark failed (status $status)" >&2; exit 1; }
+sign_in() { # gateway, TOTP step offset: prints the Cookie header of a complete, bound session
+  local gw=$1 jar="$work/jar-$1" t cookie status
+  csrf() { curl -fs -c "$jar" -b "$jar" "http://$gw$1" | sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p' | head -1; }
+  t=$(csrf /_portcullis/login)
+  curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "username=bench@example.com" --data-urlencode "password=tall violet lantern orbit 42" --data-urlencode "csrf=$t" --data-urlencode "next=" "http://$gw/_portcullis/login"
+  t=$(csrf /_portcullis/mfa)
+  curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "code=$(code "$2")" --data-urlencode "csrf=$t" "http://$gw/_portcullis/mfa"
+  cookie=$(awk '$6=="portcullis-session"{print "portcullis-session="$7}' "$jar")
+  # Device binding is on by default: prove a device key once, as a browser does, and send the
+  # bound cookie with the session cookie (it outlives the run), so the measured path includes the
+  # bound-cookie check.
+  cookie=$(python3 bench/bind.py "$gw" "$cookie")
+  status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$gw/campaigns")
+  [ "$status" = 200 ] || { echo "sign-in for the benchmark failed on $gw (status $status)" >&2; exit 1; }
+  echo "$cookie"
+}
+cookie=$(sign_in "$GW" 0)
+cookie_redis=$(sign_in "$GWR" 1)
+status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$FWD/campaigns")
+[ "$status" = 200 ] || { echo "forward-auth through nginx failed (status $status)" >&2; exit 1; }
 
 mkdir -p bench/results
 run() { wrk -t2 -c"$CONN" -d"${DUR}s" --latency "$@"; }
@@ -100,8 +157,12 @@ echo "== direct upstream" >&2
 run "http://$UP/campaigns" > bench/results/direct.txt
 echo "== through nginx" >&2
 run -H "Cookie: $cookie" "http://$NGX/campaigns" > bench/results/nginx.txt
-echo "== through portcullis" >&2
+echo "== through portcullis (memory store)" >&2
 run -H "Cookie: $cookie" "http://$GW/campaigns" > bench/results/portcullis.txt
+echo "== through portcullis (redis store)" >&2
+run -H "Cookie: $cookie_redis" "http://$GWR/campaigns" > bench/results/portcullis-redis.txt
+echo "== nginx auth_request -> portcullis forward-auth" >&2
+run -H "Cookie: $cookie" "http://$FWD/campaigns" > bench/results/forward-auth.txt
 
 rps() { awk '/Requests\/sec/{print $2}' "$1"; }
 pct() { awk -v p="$2" '$1==p{print $2}' "$1"; }
@@ -116,15 +177,15 @@ def ms(v):
 print(sys.argv[1], ms(sys.argv[2]), ms(sys.argv[3]))
 PY
 }
-python3 - "$DUR" "$CONN" $(summary bench/results/direct.txt) $(summary bench/results/nginx.txt) $(summary bench/results/portcullis.txt) <<'PY'
+python3 - "$DUR" "$CONN" $(for f in direct nginx portcullis portcullis-redis forward-auth; do summary "bench/results/$f.txt"; done) <<'PY' | tee bench/results/proxy-summary.md
 import sys
 dur, conn = sys.argv[1:3]
-d, n, p = (tuple(map(float, sys.argv[i:i + 3])) for i in (3, 6, 9))
-print("| path | requests/s | p50 ms | p99 ms |")
-print("|---|---|---|---|")
-for name, (r, p50, p99) in (("direct upstream", d), ("nginx reverse proxy", n), ("Portcullis (memory store)", p)):
-    print(f"| {name} | {r:,.0f} | {p50:.3f} | {p99:.3f} |")
-print(f"| Portcullis / nginx | {p[0]/n[0]:.2f}× | {p[1]/n[1]:.2f}× | {p[2]/n[2]:.2f}× |")
-print(f"| Portcullis / direct | {p[0]/d[0]:.2f}× | {p[1]/d[1]:.2f}× | {p[2]/d[2]:.2f}× |")
-print(f"wrk -t2 -c{conn} -d{dur}s --latency; p99 added over direct: Portcullis {p[2]-d[2]:.3f} ms, nginx {n[2]-d[2]:.3f} ms")
+d, n, p, r, f = (tuple(map(float, sys.argv[i:i + 3])) for i in range(3, 18, 3))
+rows = (("direct upstream", d), ("nginx reverse proxy", n), ("Portcullis (memory store)", p),
+        ("Portcullis (Redis store)", r), ("nginx auth_request → Portcullis forward-auth", f))
+print("| path | requests/s | p50 ms | p99 ms | throughput / nginx | throughput / direct | p99 added over direct ms |")
+print("|---|---|---|---|---|---|---|")
+for name, (rps, p50, p99) in rows:
+    print(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {rps/n[0]:.2f}× | {rps/d[0]:.2f}× | {p99-d[2]:.3f} |")
+print(f"\nwrk -t2 -c{conn} -d{dur}s --latency, one run")
 PY

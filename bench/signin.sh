@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Sign-in cost and sign-in under attack, on loopback, in one run:
+#  1. sign-in throughput: CLIENTS clients post correct passwords (the argon2id step, default
+#     parameters) for SECONDS; sign-ins/s and the gateway's CPU seconds per sign-in;
+#  2. under attack: a credential-stuffing flood (wrong passwords for made-up and real accounts,
+#     from many loopback source addresses 127.10.n.h) while a signed-in user browses (wrk on an
+#     authenticated GET); browsing p99 quiet vs under the flood, the flood's answers by status,
+#     and whether the real user still signs in from their remembered device during the flood.
+#   bench/signin.sh [seconds=15] [flood_rate=2500]   (FLOOD_CLIENTS=512 connections)
+# Needs wrk, python3 (PyJWT, cryptography) and curl. Results go to bench/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-15} RATE=${2:-2500}
+GW=127.0.0.1:18090 UP=127.0.0.1:18091 # gateway, upstream
+. bench/common.sh
+
+# Default sign-in settings: argon2id parameters, hashing slots and queue, throttling budgets.
+cat > "$work/portcullis.toml" <<TOML
+[server]
+listen = "$GW"
+public_url = "http://$GW/"
+[upstream]
+url = "http://$UP/"
+[storage]
+durable = "sqlite://$work/db.sqlite"
+[secrets]
+master_key = "$(head -c 32 /dev/urandom | base64)"
+[log]
+level = "error"
+TOML
+export PORTCULLIS_CONFIG="$work/portcullis.toml"
+"$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
+PW='tall violet lantern orbit 42'
+for u in alice@example.com bench@example.com; do
+  printf '%s\n' "$PW" | $BIN user add "$u" --account bench >/dev/null
+done
+uri=$($BIN user totp generate alice@example.com 2>/dev/null)
+secret=$(python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlparse(sys.argv[1]).query)["secret"][0])' "$uri")
+$BIN serve 2> bench/results/signin-gateway.log & gw_pid=$!; pids+=($gw_pid)
+for _ in $(seq 1 50); do curl -fs "http://$GW/.well-known/jwks.json" >/dev/null && break; sleep 0.2; done
+R=bench/results
+nproc > $R/signin-machine.txt; grep -m1 'model name' /proc/cpuinfo >> $R/signin-machine.txt
+
+echo "== sign-in throughput (correct password, 4 clients, ${SECS}s)" >&2
+python3 bench/signin_load.py "$GW" --seconds "$SECS" --clients 4 --user bench@example.com \
+  --password "$PW" --pid "$gw_pid" | tee $R/signin-throughput.json
+
+# The real user: signs in once with password + TOTP, ticks "remember this browser", binds the
+# session to a device key. That session is also the one that browses during the flood.
+python3 bench/known_device.py enrol "$GW" alice@example.com "$PW" "$secret" "$work/alice.json"
+cookie=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["browse"])' "$work/alice.json")
+status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$GW/campaigns")
+[ "$status" = 200 ] || { echo "sign-in for the benchmark failed (status $status)" >&2; exit 1; }
+
+browse() { wrk -t1 -c8 -d"${SECS}s" --latency -H "Cookie: $cookie" "http://$GW/campaigns"; }
+echo "== browsing, quiet" >&2
+browse > $R/browse-quiet.txt
+echo "== known-device sign-in, quiet" >&2
+python3 bench/known_device.py sign-in "$GW" alice@example.com "$PW" "$work/alice.json" | tee $R/known-device-quiet.json || true
+
+echo "== flood at ${RATE}/s for $((SECS + 10))s, browsing and a known-device sign-in during it" >&2
+# 200 /24 networks × 50 hosts = 10,000 source addresses; 5,000 made-up accounts plus the real
+# user's, who gets 1 % of the guesses (a leaked list that contains them).
+python3 bench/signin_load.py "$GW" --seconds $((SECS + 10)) --clients "${FLOOD_CLIENTS:-512}" --rate "$RATE" \
+  --sources 200 50 --target alice@example.com --target-share 0.01 --pid "$gw_pid" \
+  > $R/flood.json & flood=$!
+sleep 4
+browse > $R/browse-flood.txt & wrk_pid=$!
+sleep $((SECS / 2))
+python3 bench/known_device.py sign-in "$GW" alice@example.com "$PW" "$work/alice.json" 127.0.0.1 \
+  | tee $R/known-device-flood.json || true
+wait $wrk_pid
+wait $flood
+cat $R/flood.json
+
+python3 - $R <<'PY' | tee $R/signin-summary.md
+import json, sys
+r = sys.argv[1]
+def wrk(name):
+    text = open(f"{r}/{name}").read()
+    def ms(v):
+        for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+            if v.endswith(unit):
+                return float(v[: -len(unit)]) * f
+    lat = {l.split()[0]: ms(l.split()[1]) for l in text.splitlines() if l.strip().split()[:1] in (["50%"], ["99%"])}
+    rps = float(next(l.split()[1] for l in text.splitlines() if l.startswith("Requests/sec")))
+    return rps, lat["50%"], lat["99%"]
+t = json.load(open(f"{r}/signin-throughput.json"))
+print("| sign-in (password step, argon2id defaults) | value |\n|---|---|")
+print(f"| sign-ins/s (4 clients) | {t['attempts_per_s']} |")
+print(f"| gateway CPU seconds per sign-in | {t.get('gateway_cpu_seconds_per_accepted_attempt')} |")
+print(f"| p50 / p99 ms | {t['p50_ms']} / {t['p99_ms']} |")
+print(f"| answers | {t['by_status']} |\n")
+q, f = wrk("browse-quiet.txt"), wrk("browse-flood.txt")
+print("| browsing (wrk -t1 -c8, authenticated GET) | requests/s | p50 ms | p99 ms |\n|---|---|---|---|")
+print(f"| quiet | {q[0]:,.0f} | {q[1]:.3f} | {q[2]:.3f} |")
+print(f"| under flood | {f[0]:,.0f} | {f[1]:.3f} | {f[2]:.3f} |")
+print(f"| flood / quiet | {f[0]/q[0]:.2f}× | {f[1]/q[1]:.2f}× | **{f[2]/q[2]:.2f}×** |\n")
+fl = json.load(open(f"{r}/flood.json"))
+print(f"flood: {fl['attempts']} attempts in {fl['seconds']} s = {fl['attempts_per_s']}/s from {fl['sources']} source addresses; "
+      f"answers {fl['by_status']}; connection errors {fl['connection_errors']}; flood p50/p99 {fl['p50_ms']}/{fl['p99_ms']} ms; "
+      f"gateway CPU {fl.get('gateway_cpu_seconds')} s\n")
+for name in ("known-device-quiet", "known-device-flood"):
+    try:
+        print(f"{name}: {open(f'{r}/{name}.json').read().strip()}")
+    except OSError:
+        print(f"{name}: no result")
+PY
