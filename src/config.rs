@@ -356,7 +356,8 @@ pub struct PasswordConfig {
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
     pub argon2_parallelism: u32,
-    /// Hashes computed at once; memory use is this times `argon2_memory_kib`.
+    /// Hashes computed at once (default: half the cores, at least one); memory use is this times
+    /// `argon2_memory_kib`.
     pub max_concurrent_hashes: usize,
     /// Sign-ins allowed to wait for a hashing slot; beyond that they are shed with 503.
     pub max_queued_hashes: usize,
@@ -370,9 +371,11 @@ impl Default for PasswordConfig {
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
             argon2_parallelism: 1,
+            // Half the cores (at least one): a sign-in flood can then take only half of the
+            // machine from the proxied traffic of signed-in users.
             max_concurrent_hashes: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+                .map(|n| (n.get() / 2).max(1))
+                .unwrap_or(1),
             max_queued_hashes: 64,
         }
     }
