@@ -33,7 +33,7 @@ async function withKey(browser) {
 
 /** Runs the CLI on the demo's data; returns what it printed on stdout. */
 function cli(demo, ...args) {
-  return execFileSync(BIN, ["--config", join(demo.dir, "portcullis.toml"), ...args], { encoding: "utf8" });
+  return execFileSync(BIN, ["--config", join(demo.dir, "portcullis.toml"), ...args], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
 }
 
 /** Opens an enrolment link, sets the password, and registers the key of this context. */
