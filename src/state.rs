@@ -38,9 +38,21 @@ pub enum StartupError {
     Webauthn(#[from] SetupError),
 }
 
-/// Shared state.
+/// Shared state: one allocation behind an `Arc`, so the copy every request and every middleware
+/// layer takes is one reference-count increment, not a clone of every handle and setting.
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+#[derive(Debug)]
+pub struct AppStateInner {
     pub config: Arc<Config>,
     pub clock: Arc<dyn Clock>,
     pub durable: Arc<dyn DurableStore>,
@@ -155,7 +167,7 @@ impl AppState {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(Self {
+        Ok(Self(Arc::new(AppStateInner {
             metrics,
             keys,
             notifier,
@@ -170,7 +182,7 @@ impl AppState {
             login,
             signer,
             audit,
-        })
+        })))
     }
 }
 
