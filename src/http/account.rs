@@ -97,17 +97,7 @@ async fn page(
         .webauthn_credentials(&user.id)
         .await?
         .into_iter()
-        .map(|c| KeyRow {
-            created: rfc3339(c.created_at),
-            last_used: c
-                .last_used_at
-                .map(rfc3339)
-                .unwrap_or_else(|| "never".into()),
-            aaguid: crate::auth::webauthn::models::describe(c.aaguid.as_deref()),
-            suspended: c.suspended_reason.clone(),
-            id: c.id,
-            name: c.name,
-        })
+        .map(KeyRow::of)
         .collect();
     let has_totp = state.durable.totp(&user.id).await?.is_some();
     let recovery_left = state.durable.recovery_codes_left(&user.id).await?;

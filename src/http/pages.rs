@@ -82,6 +82,21 @@ pub struct KeyRow {
     pub suspended: Option<String>,
 }
 
+impl KeyRow {
+    /// A stored key as the account page and the admin console show it.
+    pub fn of(c: crate::store::WebauthnCredential) -> Self {
+        let when = crate::clock::rfc3339;
+        Self {
+            created: when(c.created_at),
+            last_used: c.last_used_at.map(when).unwrap_or_else(|| "never".into()),
+            aaguid: crate::auth::webauthn::models::describe(c.aaguid.as_deref()),
+            suspended: c.suspended_reason,
+            id: c.id,
+            name: c.name,
+        }
+    }
+}
+
 /// One device on the account page.
 pub struct DeviceRow {
     pub id: String,

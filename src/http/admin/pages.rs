@@ -2,6 +2,8 @@
 
 use askama::Template;
 
+pub use crate::http::pages::KeyRow;
+
 /// An alert on the home page.
 pub struct Alert {
     /// `possible_clone`, `locked` or `reported`.
@@ -45,15 +47,6 @@ pub struct Users<'a> {
     /// More matched than shown.
     pub truncated: bool,
     pub error: Option<&'a str>,
-}
-
-pub struct KeyRow {
-    pub id: String,
-    pub name: String,
-    pub aaguid: String,
-    pub created: String,
-    pub last_used: String,
-    pub suspended: Option<String>,
 }
 
 pub struct DeviceRow {

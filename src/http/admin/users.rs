@@ -249,14 +249,7 @@ async fn user_page(
         .webauthn_credentials(&user.id)
         .await?
         .into_iter()
-        .map(|c| KeyRow {
-            created: when(c.created_at),
-            last_used: c.last_used_at.map(when).unwrap_or_else(|| "never".into()),
-            aaguid: crate::auth::webauthn::models::describe(c.aaguid.as_deref()),
-            suspended: c.suspended_reason.clone(),
-            id: c.id,
-            name: c.name,
-        })
+        .map(KeyRow::of)
         .collect();
     let devices: Vec<DeviceRow> = d
         .list_devices(&user.id)
