@@ -2,7 +2,7 @@
 # release binary and the upstream, and sets BIN, TGT, a work directory and `pids`, the processes
 # stopped on exit (then `bench_cleanup`, if the script defines it).
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-cargo build --release --bin portcullis --example bench-upstream >&2
+cargo build --release --bin portcullis --example bench-upstream --example bench-flood >&2
 TGT=${CARGO_TARGET_DIR:-target}
 BIN=$TGT/release/portcullis
 work=$(mktemp -d)

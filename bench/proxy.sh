@@ -2,10 +2,11 @@
 # Authenticated proxied GET: the same small upstream measured directly, through nginx as a plain
 # reverse proxy (the baseline an ESP already runs), through Portcullis with the memory and with the
 # Redis ephemeral store, and through nginx `auth_request` asking Portcullis (forward-auth), in one
-# run, on loopback. Prints throughput and p50/p99 for each and the ratios.
+# run, on loopback. Prints throughput and p50/p99 for each and the ratios; then the same five
+# paths again at one fixed rate, half of Portcullis's peak, for the latency each adds there.
 #   bench/proxy.sh [duration_seconds=10] [connections=64]
-# Needs wrk and nginx (apt-get install wrk nginx), redis-server, python3 (PyJWT, cryptography) and
-# curl. Redis: the local server on REDIS_URL (default redis://127.0.0.1:6379) under a fresh key
+# Needs wrk and nginx (apt-get install wrk nginx), oha (cargo install oha --locked; the fixed-rate
+# runs), redis-server, python3 (PyJWT, cryptography) and curl. Redis: the local server on REDIS_URL (default redis://127.0.0.1:6379) under a fresh key
 # prefix, deleted at the end. Results go to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ PREFIX="bench-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n'):"
 redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "Redis is not answering on $REDIS_URL (redis-server --daemonize yes)" >&2; exit 1; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || { echo "nginx is missing: apt-get install nginx" >&2; exit 1; }
+command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked" >&2; exit 1; }
 . bench/common.sh
 bench_cleanup() {
   redis-cli -u "$REDIS_URL" --scan --pattern "$PREFIX*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" del >/dev/null || true
@@ -188,4 +190,39 @@ print("|---|---|---|---|---|---|---|")
 for name, (rps, p50, p99) in rows:
     print(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {rps/n[0]:.2f}× | {rps/d[0]:.2f}× | {p99-d[2]:.3f} |")
 print(f"\nwrk -t2 -c{conn} -d{dur}s --latency, one run")
+PY
+
+# Fixed rate: every path at the same rate, half of Portcullis's (memory store) closed-loop peak
+# above, with each request's latency counted from when it was due (oha --latency-correction), so
+# time spent queueing behind a slow answer is not hidden.
+half=$(awk '/Requests\/sec/{printf "%d", $2 / 2}' bench/results/portcullis.txt)
+fixed() { oha --no-tui --output-format json -z "${DUR}s" -c "$CONN" -q "$half" --latency-correction "$@"; }
+echo "== fixed rate: $half requests/s on every path" >&2
+fixed "http://$UP/campaigns" > bench/results/fixed-direct.json
+fixed -H "Cookie: $cookie" "http://$NGX/campaigns" > bench/results/fixed-nginx.json
+fixed -H "Cookie: $cookie" "http://$GW/campaigns" > bench/results/fixed-portcullis.json
+fixed -H "Cookie: $cookie_redis" "http://$GWR/campaigns" > bench/results/fixed-portcullis-redis.json
+fixed -H "Cookie: $cookie" "http://$FWD/campaigns" > bench/results/fixed-forward-auth.json
+python3 - "$half" "$DUR" "$CONN" <<'PY' | tee -a bench/results/proxy-summary.md
+import json, sys
+rate, dur, conn = sys.argv[1:4]
+rows = (("direct upstream", "direct"), ("nginx reverse proxy", "nginx"),
+        ("Portcullis (memory store)", "portcullis"), ("Portcullis (Redis store)", "portcullis-redis"),
+        ("nginx auth_request → Portcullis forward-auth", "forward-auth"))
+def load(name):
+    r = json.load(open(f"bench/results/fixed-{name}.json"))
+    codes = r.get("statusCodeDistribution", {})
+    ok = codes.get("200", 0)
+    # Requests still open when the run's time is up are cut off by oha, not failed.
+    errors = {k: v for k, v in r.get("errorDistribution", {}).items() if k != "aborted due to deadline"}
+    bad = sum(v for k, v in codes.items() if k != "200") + sum(errors.values())
+    lat = r["latencyPercentiles"]
+    return r["summary"]["requestsPerSec"], lat["p50"] * 1000, lat["p99"] * 1000, ok, bad
+d = load("direct")
+print(f"\n| path, at {int(rate):,} requests/s | requests/s | p50 ms | p99 ms | p99 added over direct ms | answers not 200 |")
+print("|---|---|---|---|---|---|")
+for label, name in rows:
+    rps, p50, p99, ok, bad = load(name)
+    print(f"| {label} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {p99 - d[2]:.3f} | {bad} |")
+print(f"\noha -z {dur}s -c {conn} -q {rate} --latency-correction (half of Portcullis's closed-loop peak), one run")
 PY

@@ -361,6 +361,10 @@ pub struct PasswordConfig {
     pub max_concurrent_hashes: usize,
     /// Sign-ins allowed to wait for a hashing slot; beyond that they are shed with 503.
     pub max_queued_hashes: usize,
+    /// Scheduling priority (Unix nice value, 0–19) of the threads that compute hashes. Above 0
+    /// they yield the CPU to proxied traffic whenever both want it, so a sign-in flood slows
+    /// sign-ins, not the console; an idle machine still hashes at full speed.
+    pub hashing_nice: i32,
 }
 
 impl Default for PasswordConfig {
@@ -377,6 +381,7 @@ impl Default for PasswordConfig {
                 .map(|n| (n.get() / 2).max(1))
                 .unwrap_or(1),
             max_queued_hashes: 64,
+            hashing_nice: 10,
         }
     }
 }
@@ -762,6 +767,12 @@ impl Config {
             return Err(key_err(
                 "password.max_concurrent_hashes",
                 "must be at least 1",
+            ));
+        }
+        if !(0..=19).contains(&p.hashing_nice) {
+            return Err(key_err(
+                "password.hashing_nice",
+                "must be a nice value from 0 (normal priority) to 19 (lowest)",
             ));
         }
         let l = &self.limits;

@@ -66,6 +66,41 @@ impl Proxied {
     }
 }
 
+/// What the forward-auth endpoint answered the asking proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardAuth {
+    /// 200 with the identity token: the proxy lets the request through.
+    Allowed,
+    /// No complete session: a redirect to sign in (browsers) or 401.
+    SignIn,
+    /// A complete session without a valid device proof.
+    DeviceProof,
+    /// Refused: the gateway's own namespace, a malformed path.
+    Denied,
+    /// A store could not answer (503).
+    Unavailable,
+}
+
+impl ForwardAuth {
+    const ALL: [Self; 5] = [
+        Self::Allowed,
+        Self::SignIn,
+        Self::DeviceProof,
+        Self::Denied,
+        Self::Unavailable,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::SignIn => "sign_in",
+            Self::DeviceProof => "device_proof",
+            Self::Denied => "denied",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// Which store a latency belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
@@ -107,6 +142,7 @@ const STEP_UPS: [&str; 4] = [
 pub struct Metrics {
     registry: Registry,
     proxied: Family<One, Counter>,
+    forward_auth: Family<One, Counter>,
     sign_ins: Family<Two, Counter>,
     step_ups: Family<One, Counter>,
     throttled: Family<One, Counter>,
@@ -137,6 +173,12 @@ impl Metrics {
             "proxied_requests",
             "Requests outside the gateway's own routes, by what the gate did with them",
             proxied.clone(),
+        );
+        let forward_auth = Family::<One, Counter>::default();
+        registry.register(
+            "forward_auth_decisions",
+            "Answers of the forward-auth endpoint to the asking proxy, by outcome",
+            forward_auth.clone(),
         );
         let sign_ins = Family::<Two, Counter>::default();
         registry.register(
@@ -177,6 +219,9 @@ impl Metrics {
         for p in Proxied::ALL {
             let _ = proxied.get_or_create(&[("outcome", p.label())]);
         }
+        for f in ForwardAuth::ALL {
+            let _ = forward_auth.get_or_create(&[("outcome", f.label())]);
+        }
         for r in RESULTS {
             for f in FACTORS {
                 let _ = sign_ins.get_or_create(&[("result", r), ("factor", f)]);
@@ -194,6 +239,7 @@ impl Metrics {
         Self {
             registry,
             proxied,
+            forward_auth,
             sign_ins,
             step_ups,
             throttled,
@@ -206,6 +252,13 @@ impl Metrics {
     /// Counts one request the gate decided about.
     pub fn proxied(&self, outcome: Proxied) {
         self.proxied
+            .get_or_create(&[("outcome", outcome.label())])
+            .inc();
+    }
+
+    /// Counts one answer of the forward-auth endpoint.
+    pub fn forward_auth(&self, outcome: ForwardAuth) {
+        self.forward_auth
             .get_or_create(&[("outcome", outcome.label())])
             .inc();
     }

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::audit::Audit;
 use crate::auth::flow::LoginFlow;
@@ -72,6 +71,10 @@ pub struct AppStateInner {
     pub notifier: Arc<crate::notify::Notifier>,
     /// Counters and histograms served on the metrics listener.
     pub metrics: Arc<Metrics>,
+    /// What every forwarded request shares (see `http::gate::forwarding_template`).
+    pub forwarding: crate::proxy::Forwarding,
+    /// The identity header's name, `token.header`.
+    pub token_header: http::HeaderName,
 }
 
 impl AppState {
@@ -106,16 +109,14 @@ impl AppState {
             })?)),
             None => None,
         };
-        // The cache serves only while invalidations are known to arrive; with the memory store
-        // there is one process and a store read is no round trip, so there is nothing to cache.
+        // The cache serves only while invalidations are known to arrive. With a shared store
+        // that is once the channel is subscribed; with the memory store there is one process,
+        // every change is made here and forgets its entry at once, so it serves from the start
+        // (and saves decoding the record on every proxied request).
         let cache = Arc::new(LocalCache::new(
-            if channel.is_some() {
-                config.session.local_cache
-            } else {
-                Duration::ZERO
-            },
+            config.session.local_cache,
             config.session.local_cache_entries,
-            false,
+            channel.is_none(),
         ));
         let sessions = Sessions::new(
             ephemeral.clone(),
@@ -168,6 +169,8 @@ impl AppState {
             Err(e) => return Err(e.into()),
         };
         Ok(Self(Arc::new(AppStateInner {
+            forwarding: crate::http::gate::forwarding_template(&config)?,
+            token_header: crate::http::gate::token_header_name(&config)?,
             metrics,
             keys,
             notifier,

@@ -1,7 +1,8 @@
 //! Password hashing and checking with argon2id, and the policy applied when a password is set.
 //!
 //! argon2 is deliberately slow and memory-hungry, so it never runs on the async executor: every
-//! hash runs on `spawn_blocking`, at most `max_concurrent_hashes` at once (memory use is that
+//! hash runs on one of `max_concurrent_hashes` hashing threads of its own (at the lowered
+//! priority `hashing_nice`, see `pool`) (memory use is that
 //! times `argon2_memory_kib`), with at most `max_queued_hashes` callers waiting. Beyond that,
 //! callers get [`PasswordError::Busy`] at once, so a password-spraying burst turns into quick
 //! 503s instead of an ever-growing queue that starves the proxy.
@@ -23,6 +24,8 @@ use zeroize::Zeroizing;
 
 use crate::config::PasswordConfig;
 use crate::secret::Secret;
+
+mod pool;
 
 /// Absolute ceiling on the bytes of a password we will feed to argon2, whatever the config says.
 pub const MAX_INPUT_BYTES: usize = 4096;
@@ -72,6 +75,8 @@ pub struct PasswordHasher {
     max_input_bytes: usize,
     /// Hash of a random password with `params`, checked for unknown users so they cost the same.
     dummy_hash: String,
+    /// The hashing threads, one per slot.
+    pool: pool::Pool,
 }
 
 impl std::fmt::Debug for PasswordHasher {
@@ -104,7 +109,10 @@ impl PasswordHasher {
         let mut random = Zeroizing::new([0u8; 32]);
         OsRng.fill_bytes(random.as_mut());
         let dummy_hash = hash_with(&params, random.as_ref())?;
+        let pool = pool::Pool::start(cfg.max_concurrent_hashes, cfg.hashing_nice)
+            .map_err(|e| PasswordError::Internal(format!("cannot start hashing threads: {e}")))?;
         Ok(Self {
+            pool,
             params,
             slots: Arc::new(Semaphore::new(cfg.max_concurrent_hashes)),
             max_concurrent: cfg.max_concurrent_hashes,
@@ -115,8 +123,8 @@ impl PasswordHasher {
         })
     }
 
-    /// Hashes with argon2id and a random salt into a PHC string (`$argon2id$v=19$m=..`), on the
-    /// blocking pool, at most `max_concurrent_hashes` at once; fails fast with
+    /// Hashes with argon2id and a random salt into a PHC string (`$argon2id$v=19$m=..`), on a
+    /// hashing thread, at most `max_concurrent_hashes` at once; fails fast with
     /// [`PasswordError::Busy`] when `max_queued_hashes` callers are already waiting.
     ///
     /// Call [`check_policy`] first: a password longer than the sign-in limit is refused here,
@@ -131,14 +139,15 @@ impl PasswordHasher {
         let permit = self.permit().await?;
         let params = self.params.clone();
         let password = password.clone();
-        tokio::task::spawn_blocking(move || {
-            // The permit lives as long as the hash runs, even if the caller has gone away, so
-            // the memory bound holds.
-            let _permit = permit;
-            hash_with(&params, password.expose().as_bytes())
-        })
-        .await
-        .map_err(|e| PasswordError::Internal(format!("hashing task failed: {e}")))?
+        self.pool
+            .run(move || {
+                // The permit lives as long as the hash runs, even if the caller has gone away, so
+                // the memory bound holds.
+                let _permit = permit;
+                hash_with(&params, password.expose().as_bytes())
+            })
+            .await
+            .ok_or_else(|| PasswordError::Internal("hashing task failed".into()))?
     }
 
     /// Checks `password` against the `stored` PHC hash.
@@ -166,12 +175,13 @@ impl PasswordHasher {
         let dummy = self.dummy_hash.clone();
         let params = self.params.clone();
         let permit = self.permit().await?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            verify_blocking(&params, &dummy, input.expose(), usable, stored.as_deref())
-        })
-        .await
-        .map_err(|e| PasswordError::Internal(format!("verification task failed: {e}")))?
+        self.pool
+            .run(move || {
+                let _permit = permit;
+                verify_blocking(&params, &dummy, input.expose(), usable, stored.as_deref())
+            })
+            .await
+            .ok_or_else(|| PasswordError::Internal("verification task failed".into()))?
     }
 
     /// Hashes waiting for a slot plus hashes running, for metrics.

@@ -109,11 +109,13 @@ pub(crate) enum Unbound {
 }
 
 /// The gate's check of a complete session: `None` when its bound cookie is valid.
+///
+/// `client` is asked for only when a failure is recorded, so a valid proof builds nothing.
 pub(crate) async fn check(
     state: &AppState,
     loaded: &Loaded,
     headers: &HeaderMap,
-    client: &Client,
+    client: impl FnOnce() -> Client,
 ) -> Result<Option<Unbound>, AppError> {
     let Some(key) = &loaded.session.binding else {
         return Ok(Some(Unbound::Register));
@@ -132,7 +134,7 @@ pub(crate) async fn check(
         // A DBSC browser refreshes before it sends a request without the cookie; an expired or
         // foreign cookie is never sent by the browser that holds the key.
         (other, _) => {
-            let ended = failure(state, loaded, client, other.reason()).await?;
+            let ended = failure(state, loaded, &client(), other.reason()).await?;
             Ok(Some(Unbound::Failed { ended }))
         }
     }
@@ -223,7 +225,7 @@ pub(crate) async fn guard_page(
     if !state.config.binding.enabled {
         return Ok(None);
     }
-    Ok(check(state, loaded, headers, client)
+    Ok(check(state, loaded, headers, || client.clone())
         .await?
         .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
 }

@@ -3,9 +3,7 @@
 //! opaque message with an operation id that is logged — never the failure's own text.
 
 use askama::Template;
-use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 
 use crate::store::StoreError;
@@ -160,10 +158,9 @@ fn title_for(status: StatusCode) -> &'static str {
     }
 }
 
-/// Re-renders error responses as HTML pages for browsers; other clients keep the JSON.
-pub async fn render_errors(req: Request, next: Next) -> Response {
-    let html = wants_html(req.headers());
-    let mut resp = next.run(req).await;
+/// Re-renders an error response as an HTML page when the client is a browser (`html`, from
+/// [`wants_html`] on the request); other clients keep the JSON.
+pub fn render_errors(html: bool, mut resp: Response) -> Response {
     if !html {
         return resp;
     }

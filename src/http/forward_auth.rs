@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{wants_html, AppError};
 use super::gate::{decide, refuse, return_target, sign_in_url, token_header, Decision, LOGIN_PATH};
+use crate::metrics::ForwardAuth;
 use crate::policy::{is_gateway_path, normalise_path};
 use crate::state::AppState;
 
@@ -57,10 +58,18 @@ pub async fn auth_any(
     if !state.config.forward_auth.enabled {
         return AppError::not_found().into_response();
     }
-    match check(&state, peer, req.method(), req.headers()).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    let (outcome, answer) = match check(&state, peer, req.method(), req.headers()).await {
+        Ok(decided) => decided,
+        Err(e) => {
+            let outcome = match e.status.is_server_error() {
+                true => ForwardAuth::Unavailable,
+                false => ForwardAuth::Denied,
+            };
+            (outcome, e.into_response())
+        }
+    };
+    state.metrics.forward_auth(outcome);
+    answer
 }
 
 async fn check(
@@ -68,7 +77,7 @@ async fn check(
     peer: std::net::SocketAddr,
     method: &Method,
     headers: &HeaderMap,
-) -> Result<Response, AppError> {
+) -> Result<(ForwardAuth, Response), AppError> {
     let trusted = crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies);
     let orig = original(method, headers, trusted);
     let path = orig.target.split(['?', '#']).next().unwrap_or_default();
@@ -86,7 +95,7 @@ async fn check(
             r.headers_mut().insert(name, value);
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok(r)
+            Ok((ForwardAuth::Allowed, r))
         }
         Decision::Unbound(why) => {
             let next = return_target(state, &orig.method, &orig.target);
@@ -106,7 +115,7 @@ async fn check(
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
             }
-            Ok(r)
+            Ok((ForwardAuth::DeviceProof, r))
         }
         Decision::Refuse { clear_cookie } => {
             let next = return_target(state, &orig.method, &orig.target);
@@ -131,7 +140,7 @@ async fn check(
             } else if let Some(to) = sign_in_url(login.as_str(), next.as_deref()) {
                 r.headers_mut().insert(header::LOCATION, to);
             }
-            Ok(r)
+            Ok((ForwardAuth::SignIn, r))
         }
     }
 }

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::error::{wants_html, AppError};
 use super::{apply_security_headers, csrf, get_cookie, see_other};
 use crate::auth::flow::acr_for;
+use crate::config::{Config, ConfigError};
 use crate::metrics::Proxied;
 use crate::policy::{is_gateway_path, normalise_path, safe_return_to};
 use crate::proxy::Forwarding;
@@ -123,8 +124,10 @@ pub(crate) async fn decide(
             })
         }
     };
-    let client = super::client(state, peer, headers);
+    // Who is asking matters only for the audit trail of a refusal; built when needed.
+    let client = || super::client(state, peer, headers);
     if !loaded.session.is_authenticated() {
+        let client = client();
         // Between the password and the second factor: nothing of the console is reachable.
         let ev = AuditEvent::new("proxy_denied", "denied", state.clock.now())
             .reason("second_factor_incomplete");
@@ -145,6 +148,7 @@ pub(crate) async fn decide(
         .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
         .await?
     else {
+        let client = client();
         state
             .sessions
             .destroy(&loaded.key, &loaded.session.user_id)
@@ -162,7 +166,7 @@ pub(crate) async fn decide(
     };
     if state.config.binding.enabled {
         // Step 3 of the request path: a fresh proof from the device key the session is bound to.
-        if let Some(why) = super::binding::check(state, &loaded, headers, &client).await? {
+        if let Some(why) = super::binding::check(state, &loaded, headers, client).await? {
             return Ok(Decision::Unbound(why));
         }
     }
@@ -188,10 +192,52 @@ pub(crate) fn token_header(
     state: &AppState,
     token: &str,
 ) -> Result<(HeaderName, HeaderValue), AppError> {
-    let name = HeaderName::from_bytes(state.config.token.header.as_bytes())
-        .map_err(|e| AppError::internal(&e))?;
     let value = HeaderValue::from_str(token).map_err(|e| AppError::internal(&e))?;
-    Ok((name, value))
+    Ok((state.token_header.clone(), value))
+}
+
+/// The configured identity header's name (validated with the configuration).
+pub(crate) fn token_header_name(config: &Config) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(config.token.header.as_bytes()).map_err(|_| ConfigError::Key {
+        key: "token.header".into(),
+        message: "is not a valid HTTP header name".into(),
+    })
+}
+
+/// What every forwarded request shares, computed once at start-up: the scheme and host the
+/// client used (from `server.public_url`), the gateway's cookies and the identity header that
+/// never reach the upstream from the client. Each request fills in its own path, peer and token.
+pub(crate) fn forwarding_template(config: &Config) -> Result<Forwarding, ConfigError> {
+    let public = &config.server.public_url;
+    let host = match public.port() {
+        Some(p) => format!("{}:{p}", public.host_str().unwrap_or_default()),
+        None => public.host_str().unwrap_or_default().to_string(),
+    };
+    let invalid = || ConfigError::Key {
+        key: "server.public_url".into(),
+        message: "its scheme and host cannot be sent as X-Forwarded-* headers".into(),
+    };
+    Ok(Forwarding {
+        path_and_query: String::new(),
+        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        peer_trusted: false,
+        proto: HeaderValue::from_str(public.scheme()).map_err(|_| invalid())?,
+        host: HeaderValue::from_str(&host).map_err(|_| invalid())?,
+        add_headers: Vec::new(),
+        gateway_cookies: [
+            session::COOKIE_HTTPS,
+            session::COOKIE_HTTP,
+            csrf::COOKIE_HTTPS,
+            csrf::COOKIE_HTTP,
+            crate::device::COOKIE_HTTPS,
+            crate::device::COOKIE_HTTP,
+            crate::binding::COOKIE_HTTPS,
+            crate::binding::COOKIE_HTTP,
+        ]
+        .map(String::from)
+        .into(),
+        strip_headers: [config.token.header.to_ascii_lowercase()].into(),
+    })
 }
 
 fn urlencode(s: &str) -> String {
@@ -268,32 +314,12 @@ async fn gate_and_forward(
         }
     };
     let (header_name, header_value) = token_header(state, &token)?;
-    let public = &state.config.server.public_url;
-    let host = match public.port() {
-        Some(p) => format!("{}:{p}", public.host_str().unwrap_or_default()),
-        None => public.host_str().unwrap_or_default().to_string(),
-    };
     let fwd = Forwarding {
         path_and_query,
         peer,
         peer_trusted: crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies),
-        proto: public.scheme().to_string(),
-        host,
         add_headers: vec![(header_name, header_value)],
-        gateway_cookies: [
-            session::COOKIE_HTTPS,
-            session::COOKIE_HTTP,
-            csrf::COOKIE_HTTPS,
-            csrf::COOKIE_HTTP,
-            crate::device::COOKIE_HTTPS,
-            crate::device::COOKIE_HTTP,
-            crate::binding::COOKIE_HTTPS,
-            crate::binding::COOKIE_HTTP,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        strip_headers: vec![state.config.token.header.to_ascii_lowercase()],
+        ..state.forwarding.clone()
     };
     match state.upstream.forward(req, fwd).await {
         Ok(r) => {

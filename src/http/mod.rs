@@ -168,38 +168,41 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(gateway)
         .fallback(gate::proxy)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            request_target_limits,
-        ))
-        .layer(middleware::from_fn(error::render_errors))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            request_id::request_id,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
 }
 
-/// Refuses overlong request targets before any other work.
-async fn request_target_limits(
+/// The outermost layer, one for every request (one layer rather than three, since it runs on
+/// every proxied request): the request id (see [`request_id`]), the refusal of overlong request
+/// targets before any other work, and error answers re-rendered as pages for browsers
+/// ([`error::render_errors`]).
+async fn front(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     req: Request,
     next: Next,
 ) -> Response {
-    let len = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().len())
-        .unwrap_or(0);
-    if len > state.config.server.max_uri_length {
-        return AppError::new(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            "The address is too long.",
-        )
-        .into_response();
-    }
-    next.run(req).await
+    let trusted = crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies);
+    request_id::tag(trusted, req, |req| async move {
+        let html = error::wants_html(req.headers());
+        let len = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().len())
+            .unwrap_or(0);
+        let resp = if len > state.config.server.max_uri_length {
+            AppError::new(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                "The address is too long.",
+            )
+            .into_response()
+        } else {
+            next.run(req).await
+        };
+        error::render_errors(html, resp)
+    })
+    .await
 }
 
 /// Security headers on every gateway response (pages, errors, JWKS, assets).

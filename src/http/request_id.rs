@@ -4,13 +4,12 @@
 //! recorded in the request's tracing span, sent upstream (replacing what the client sent) and
 //! returned on the response.
 
-use axum::extract::{Request, State};
+use std::future::Future;
+
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
-
-use crate::state::AppState;
 
 /// The header carrying the id in both directions.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -37,20 +36,13 @@ fn choose(headers: &HeaderMap, trusted: bool) -> HeaderValue {
     }
 }
 
-/// Middleware: chooses the id, puts it on the request (so it travels upstream), in the span and
-/// on the response.
-pub async fn request_id(
-    State(state): State<AppState>,
-    super::Peer(peer): super::Peer,
-    req: Request,
-    next: Next,
+/// Chooses the id (`trusted`: the peer is a trusted proxy), puts it on the request (so it
+/// travels upstream), in the span `next` runs in and on the response.
+pub(crate) async fn tag<F: Future<Output = Response>>(
+    trusted: bool,
+    mut req: Request,
+    next: impl FnOnce(Request) -> F,
 ) -> Response {
-    let trusted = crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies);
-    tag(trusted, req, next).await
-}
-
-/// [`request_id`] once the peer is judged.
-async fn tag(trusted: bool, mut req: Request, next: Next) -> Response {
     let id = choose(req.headers(), trusted);
     req.headers_mut().insert(X_REQUEST_ID, id.clone());
     req.extensions_mut().insert(RequestId(id.clone()));
@@ -59,7 +51,7 @@ async fn tag(trusted: bool, mut req: Request, next: Next) -> Response {
         request_id = %id.to_str().unwrap_or_default(),
         method = %req.method(),
     );
-    let mut resp = next.run(req).instrument(span).await;
+    let mut resp = next(req).instrument(span).await;
     resp.headers_mut().insert(X_REQUEST_ID, id);
     resp
 }
@@ -108,7 +100,9 @@ mod tests {
                     "ok"
                 }),
             )
-            .layer(axum::middleware::from_fn(|req, next| tag(true, req, next)));
+            .layer(axum::middleware::from_fn(
+                |req, next: axum::middleware::Next| tag(true, req, |r| next.run(r)),
+            ));
         let req = Request::builder()
             .uri("/")
             .header("x-request-id", "trace-me-42")

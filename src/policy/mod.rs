@@ -99,12 +99,20 @@ pub fn normalise_path(raw: &str) -> Result<String, PathError> {
 }
 
 /// Whether a canonical path lies in the gateway's namespace, in any letter case.
+/// (Runs on every proxied request, so it compares in place rather than building strings.)
 pub fn is_gateway_path(canonical: &str) -> bool {
-    let lower = canonical.to_ascii_lowercase();
-    lower == GATEWAY_PREFIX
+    let starts = |s: &[u8], prefix: &[u8]| {
+        s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    let path = canonical.as_bytes();
+    if !starts(path, GATEWAY_PREFIX.as_bytes()) {
+        return false;
+    }
+    let rest = &path[GATEWAY_PREFIX.len()..];
+    rest.is_empty()
         || ["/", ";", "%2f", "%5c"]
             .iter()
-            .any(|sep| lower.starts_with(&format!("{GATEWAY_PREFIX}{sep}")))
+            .any(|sep| starts(rest, sep.as_bytes()))
 }
 
 /// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
@@ -251,10 +259,20 @@ mod tests {
             "/_portcullis/readyz",
             "/_PORTCULLIS/x",
             "/_Portcullis;x=1",
+            "/_portcullis%2Flogin",
+            "/_PortCullis%5cx",
         ] {
             assert!(is_gateway_path(p), "{p}");
         }
-        for p in ["/", "/_portcullisx", "/portcullis/login"] {
+        for p in [
+            "/",
+            "",
+            "/_portcullisx",
+            "/portcullis/login",
+            "/_portcullis%2",
+            "/_portculli",
+            "/é/_portcullis",
+        ] {
             assert!(!is_gateway_path(p), "{p}");
         }
     }

@@ -88,10 +88,23 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(&name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP_NAMES {
         headers.remove(name);
     }
 }
+
+/// [`HOP_BY_HOP`] as header names, so removal skips parsing each name on every request.
+static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
 /// Whether a message declared chunked (or other) transfer coding; then any `Content-Length`
 /// alongside it is meaningless (RFC 9112 §6.3) and must not survive to the next hop, where it
@@ -139,8 +152,7 @@ pub(crate) fn set_forwarded(
     fwd: &Forwarding,
 ) -> Result<(), InvalidForwarding> {
     let peer = fwd.peer.ip().to_canonical().to_string();
-    let proto = HeaderValue::from_str(&fwd.proto).map_err(|_| InvalidForwarding("proto"))?;
-    let host = HeaderValue::from_str(&fwd.host).map_err(|_| InvalidForwarding("host"))?;
+    let (proto, host) = (fwd.proto.clone(), fwd.host.clone());
 
     let prior: Option<Vec<&str>> = if fwd.peer_trusted {
         // Values that are not plain text cannot be extended faithfully; start a fresh chain.
@@ -245,6 +257,12 @@ pub(crate) fn filter_response_cookies(headers: &mut HeaderMap, gateway: &[String
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_match_the_list() {
+        let names: Vec<&str> = HOP_BY_HOP_NAMES.iter().map(HeaderName::as_str).collect();
+        assert_eq!(names, HOP_BY_HOP);
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

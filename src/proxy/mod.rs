@@ -13,16 +13,15 @@
 
 mod addr;
 mod headers;
+mod pool;
 mod websocket;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Method, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use addr::{client_ip, is_trusted};
 
@@ -83,18 +82,18 @@ pub struct Forwarding {
     /// Whether `peer` is a trusted proxy (its X-Forwarded-* may be believed).
     pub peer_trusted: bool,
     /// Scheme the client used (from the gateway's public_url unless the caller decided
-    /// otherwise).
-    pub proto: String,
-    /// Host the client used, as for `proto`.
-    pub host: String,
+    /// otherwise), as `X-Forwarded-Proto` sends it.
+    pub proto: HeaderValue,
+    /// Host the client used, as for `proto` (`X-Forwarded-Host`).
+    pub host: HeaderValue,
     /// Headers to add after stripping, e.g. the signed identity JWT header.
     pub add_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Names of the gateway's own cookies, removed from the Cookie header sent upstream and from
-    /// upstream Set-Cookie responses.
-    pub gateway_cookies: Vec<String>,
+    /// upstream Set-Cookie responses. Shared: the same for every request.
+    pub gateway_cookies: Arc<[String]>,
     /// Header names (lower-case) that must never come from the client, e.g. the configured
-    /// identity header.
-    pub strip_headers: Vec<String>,
+    /// identity header. Shared like `gateway_cookies`.
+    pub strip_headers: Arc<[String]>,
 }
 
 impl std::fmt::Debug for Forwarding {
@@ -116,7 +115,8 @@ impl std::fmt::Debug for Forwarding {
 /// Where requests go: fixed at start-up from the validated configuration.
 #[derive(Debug, Clone)]
 struct Target {
-    authority: Authority,
+    /// `host:port` to connect to.
+    address: String,
     /// `Host` sent upstream: the upstream's own authority, so virtual hosting there works no
     /// matter which name the client used for the gateway.
     host: HeaderValue,
@@ -127,43 +127,42 @@ struct Target {
 impl Target {
     fn from_config(cfg: &UpstreamConfig) -> Result<Self, ProxyError> {
         let url = &cfg.url;
-        let host = url.host_str().ok_or(ProxyError::Invalid("upstream url"))?;
+        let invalid = || ProxyError::Invalid("upstream url");
+        let host = url.host_str().ok_or_else(invalid)?;
         let authority = match url.port() {
             Some(port) => format!("{host}:{port}"),
             None => host.to_string(),
         };
+        let port = url.port_or_known_default().ok_or_else(invalid)?;
         Ok(Self {
-            authority: authority
-                .parse()
-                .map_err(|_| ProxyError::Invalid("upstream url"))?,
-            host: HeaderValue::from_str(&authority)
-                .map_err(|_| ProxyError::Invalid("upstream url"))?,
+            address: format!("{host}:{port}"),
+            host: HeaderValue::from_str(&authority).map_err(|_| invalid())?,
             base_path: url.path().trim_end_matches('/').to_string(),
         })
     }
 
+    /// The request target sent upstream, in origin form (`/base/path?query`).
     fn uri_for(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
         if !path_and_query.starts_with('/') {
             return Err(ProxyError::Invalid("path_and_query"));
         }
-        let full = format!("{}{path_and_query}", self.base_path);
-        let pq = PathAndQuery::try_from(full).map_err(|_| ProxyError::Invalid("path_and_query"))?;
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| ProxyError::Invalid("path_and_query"))
+        let pq = if self.base_path.is_empty() {
+            PathAndQuery::try_from(path_and_query)
+        } else {
+            PathAndQuery::try_from(format!("{}{path_and_query}", self.base_path))
+        }
+        .map_err(|_| ProxyError::Invalid("path_and_query"))?;
+        Ok(Uri::from(pq))
     }
 }
 
-/// The upstream console and a pooled HTTP/1.1 client for it. Cheap to clone.
+/// The upstream console and a pool of kept-alive HTTP/1.1 connections to it. Clones share the
+/// pool.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
     /// `Err` only if the configured URL could not be turned into a target; every forward then
     /// fails with that error rather than the gateway panicking at start-up.
-    target: Result<Target, &'static str>,
+    target: Result<(Target, Arc<pool::Pool>), &'static str>,
     response_timeout: Duration,
 }
 
@@ -180,21 +179,16 @@ impl Upstream {
     /// Build from config. Connect timeout = cfg.connect_timeout; time to response headers =
     /// cfg.response_timeout.
     pub fn new(cfg: &UpstreamConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            // Without a timer idle connections are only noticed as expired on checkout.
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        let target = Target::from_config(cfg).map_err(|e| match e {
-            ProxyError::Invalid(what) => what,
-            _ => "upstream url",
-        });
+        let target = match Target::from_config(cfg) {
+            Ok(t) => {
+                let pool =
+                    pool::Pool::new(t.address.clone(), cfg.connect_timeout, POOL_IDLE_TIMEOUT);
+                Ok((t, Arc::new(pool)))
+            }
+            Err(ProxyError::Invalid(what)) => Err(what),
+            Err(_) => Err("upstream url"),
+        };
         Self {
-            client,
             target,
             response_timeout: cfg.response_timeout,
         }
@@ -213,7 +207,7 @@ impl Upstream {
         if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
             return Err(ProxyError::MethodNotAllowed);
         }
-        let target = self
+        let (target, pool) = self
             .target
             .as_ref()
             .map_err(|what| ProxyError::Invalid(what))?;
@@ -255,26 +249,18 @@ impl Upstream {
         *outbound.headers_mut() = headers;
 
         let started = Instant::now();
-        let response = match tokio::time::timeout(
-            self.response_timeout,
-            self.client.request(outbound),
-        )
-        .await
-        {
-            Err(_) => {
-                tracing::debug!(%method, "upstream response timed out");
-                return Err(ProxyError::Timeout(self.response_timeout));
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                tracing::debug!(%method, error = %e, "upstream connect failed");
-                return Err(ProxyError::Connect(Box::new(e)));
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(%method, error = %e, "upstream request failed");
-                return Err(ProxyError::Upstream(Box::new(e)));
-            }
-            Ok(Ok(response)) => response,
-        };
+        let (response, sender) =
+            match tokio::time::timeout(self.response_timeout, pool.send(outbound)).await {
+                Err(_) => {
+                    tracing::debug!(%method, "upstream response timed out");
+                    return Err(ProxyError::Timeout(self.response_timeout));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%method, error = %e, "upstream request failed");
+                    return Err(e);
+                }
+                Ok(Ok(answer)) => answer,
+            };
         let status = response.status();
         tracing::debug!(
             %method,
@@ -291,24 +277,26 @@ impl Upstream {
                 )),
             };
         }
-        Ok(relay(response, &fwd.gateway_cookies))
+        let (parts, incoming) = response.into_parts();
+        let body = Body::new(pool::Returning::new(incoming, sender, Arc::clone(pool)));
+        Ok(relay(parts, body, &fwd.gateway_cookies))
     }
 }
 
 /// Turns the upstream's response into the client's: status, headers and body as sent, minus
 /// hop-by-hop headers and any attempt to set the gateway's cookies. The body is not read here.
 fn relay(
-    response: http::Response<hyper::body::Incoming>,
+    parts: http::response::Parts,
+    body: Body,
     gateway_cookies: &[String],
 ) -> axum::response::Response {
-    let (parts, incoming) = response.into_parts();
     let mut headers = parts.headers;
     if headers::has_transfer_encoding(&headers) {
         headers.remove(header::CONTENT_LENGTH);
     }
     headers::remove_hop_by_hop(&mut headers);
     headers::filter_response_cookies(&mut headers, gateway_cookies);
-    let mut out = axum::response::Response::new(Body::new(incoming));
+    let mut out = axum::response::Response::new(body);
     *out.status_mut() = parts.status;
     *out.headers_mut() = headers;
     out

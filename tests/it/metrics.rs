@@ -338,3 +338,65 @@ async fn serve_starts_the_metrics_listener() {
     }
     panic!("portcullis serve never answered on its metrics listener {metrics}");
 }
+
+#[tokio::test]
+async fn forward_auth_answers_are_counted_by_outcome() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        c.forward_auth.enabled = true;
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("fa-metrics@example.com").await;
+    let cookie = gw.cookies(&c);
+    let before = scrape(&metrics).await;
+    let ask = |cookie: String, uri: &'static str, accept: &'static str| {
+        let addr = gw.addr;
+        async move {
+            raw(
+                addr,
+                "GET",
+                "/_portcullis/auth",
+                &[
+                    ("Cookie", cookie.as_str()),
+                    ("X-Original-URI", uri),
+                    ("Accept", accept),
+                ],
+                "",
+            )
+            .await
+            .status
+        }
+    };
+    // Two allowed, one API client without a session, one browser without a session, one
+    // question about the gateway's own namespace.
+    assert_eq!(ask(cookie.clone(), "/inbox", "application/json").await, 200);
+    assert_eq!(
+        ask(cookie.clone(), "/campaigns", "application/json").await,
+        200
+    );
+    assert_eq!(ask(String::new(), "/inbox", "application/json").await, 401);
+    assert_eq!(ask(String::new(), "/inbox", "text/html").await, 302);
+    assert_eq!(ask(cookie, "/_portcullis/login", "text/html").await, 403);
+    let after = scrape(&metrics).await;
+    for (outcome, n) in [
+        ("allowed", 2.0),
+        ("sign_in", 2.0),
+        ("device_proof", 0.0),
+        ("denied", 1.0),
+        ("unavailable", 0.0),
+    ] {
+        let key = format!("portcullis_forward_auth_decisions_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(moved(&before, &after, &key), n, "{outcome}");
+    }
+    // These are not proxied requests of this gateway.
+    assert_eq!(
+        moved(
+            &before,
+            &after,
+            "portcullis_proxied_requests_total{outcome=\"forwarded\"}"
+        ),
+        0.0
+    );
+}

@@ -12,6 +12,7 @@ fn cfg() -> PasswordConfig {
         argon2_parallelism: 1,
         max_concurrent_hashes: 2,
         max_queued_hashes: 8,
+        hashing_nice: 10,
     }
 }
 
@@ -234,4 +235,52 @@ fn policy() {
     // Short local parts are not treated as a secret worth hiding.
     assert!(check_policy("bob-the-builder-42", &c, "bob@example.com").is_ok());
     assert!(check_policy("correct horse battery", &c, "not-an-email").is_ok());
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn hashes_run_at_the_configured_priority_and_nothing_else_does() {
+    let before = pool::current_nice();
+    let h = PasswordHasher::new(&PasswordConfig {
+        hashing_nice: 7,
+        ..cfg()
+    })
+    .unwrap();
+    let niceness =
+        futures_util::future::join_all((0..4).map(|_| h.pool.run(pool::current_nice))).await;
+    // (A test run that is itself niced cannot be compared with 7.)
+    if before == 0 {
+        assert!(
+            niceness.iter().all(|n| *n == Some(7)),
+            "hashing threads at {niceness:?}"
+        );
+    }
+    // The same work the sign-in does, on the same threads.
+    let stored = h.hash(&pw("correct horse battery")).await.unwrap();
+    assert_eq!(
+        check(&h, "correct horse battery", Some(&stored)).await,
+        MATCH
+    );
+    // The runtime's own threads (where requests are handled) keep their priority.
+    assert_eq!(pool::current_nice(), before);
+    let worker = tokio::task::spawn_blocking(pool::current_nice)
+        .await
+        .unwrap();
+    assert_eq!(worker, before);
+}
+
+#[tokio::test]
+async fn a_panicking_job_is_an_error_and_the_threads_live_on() {
+    let h = PasswordHasher::new(&PasswordConfig {
+        max_concurrent_hashes: 1,
+        ..cfg()
+    })
+    .unwrap();
+    let lost: Option<()> = h.pool.run(|| panic!("boom")).await;
+    assert!(lost.is_none());
+    let stored = h.hash(&pw("correct horse battery")).await.unwrap();
+    assert_eq!(
+        check(&h, "correct horse battery", Some(&stored)).await,
+        MATCH
+    );
 }

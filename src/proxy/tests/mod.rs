@@ -21,6 +21,7 @@ use super::{Forwarding, Upstream};
 use crate::config::UpstreamConfig;
 
 mod forwarding;
+mod pool;
 mod streaming;
 
 /// What one request looked like when it reached the upstream.
@@ -205,15 +206,19 @@ fn forwarding(path_and_query: &str) -> Forwarding {
         path_and_query: path_and_query.into(),
         peer: "203.0.113.9:40000".parse().unwrap(),
         peer_trusted: false,
-        proto: "https".into(),
-        host: "gateway.example".into(),
+        proto: HeaderValue::from_static("https"),
+        host: HeaderValue::from_static("gateway.example"),
         add_headers: vec![(ASSERTION, HeaderValue::from_static("signed.jwt"))],
-        gateway_cookies: vec![
-            "__Host-portcullis-session".into(),
-            "portcullis-session".into(),
-            "portcullis-csrf".into(),
-        ],
-        strip_headers: vec!["x-portcullis-assertion".into(), "x-custom-identity".into()],
+        gateway_cookies: [
+            "__Host-portcullis-session",
+            "portcullis-session",
+            "portcullis-csrf",
+        ]
+        .map(String::from)
+        .into(),
+        strip_headers: ["x-portcullis-assertion", "x-custom-identity"]
+            .map(String::from)
+            .into(),
     }
 }
 

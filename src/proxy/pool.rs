@@ -1,0 +1,231 @@
+//! Kept-alive HTTP/1.1 connections to the upstream.
+//!
+//! A connection is taken from the pool for one request and handed back when the response body
+//! has been read to its end, at which point HTTP/1.1 lets it carry the next request. Nothing is
+//! spawned per request: the body itself gives the connection back when it is finished with (a
+//! general-purpose client spawns a task per request to wait for that moment). A body dropped
+//! before its end takes its connection with it, since the rest of that response would still be
+//! on the wire.
+//!
+//! A request that could not even be written (the upstream had closed a kept-alive connection in
+//! the meantime) is sent again once, on a new connection; one that was written is never repeated.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::{BoxError, ProxyError};
+
+/// Idle connections kept at most; more are closed when handed back.
+const MAX_IDLE: usize = 1024;
+
+/// One kept-alive connection while nobody uses it.
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+/// The pool for one upstream address.
+pub(super) struct Pool {
+    /// `host:port` to connect to (resolved on each new connection).
+    address: String,
+    connect_timeout: Duration,
+    /// Idle connections older than this are closed rather than reused.
+    idle_timeout: Duration,
+    /// Most recently returned at the back: taken from the back (warm), expired from the front.
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("address", &self.address)
+            .field("idle", &self.idle.lock().map(|i| i.len()).unwrap_or(0))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub(super) fn new(address: String, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            address,
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Sends `req` on a kept-alive connection (or a new one) and returns the response, whose
+    /// body hands the connection back once read to its end.
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        req: http::Request<Body>,
+    ) -> Result<(http::Response<Incoming>, Option<SendRequest<Body>>), ProxyError> {
+        let (mut sender, reused) = match self.take().await {
+            Some(s) => (s, true),
+            None => (self.connect().await?, false),
+        };
+        let req = match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, Some(sender))),
+            Err(mut e) => match e.take_message() {
+                // Never written: the kept-alive connection was closed under us. Once more, fresh.
+                Some(req) if reused => req,
+                _ => return Err(ProxyError::Upstream(Box::new(e.into_error()))),
+            },
+        };
+        let mut sender = self.connect().await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, Some(sender))),
+            Err(e) => Err(ProxyError::Upstream(Box::new(e.into_error()))),
+        }
+    }
+
+    /// The most recently used idle connection that can take a request now, if any.
+    async fn take(&self) -> Option<SendRequest<Body>> {
+        loop {
+            let Idle { mut sender, since } = self.idle.lock().ok()?.pop_back()?;
+            if sender.is_closed() || since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            // Handed back at the end of a body, the connection turns ready as soon as its task
+            // has seen that end; a connection that closes instead is skipped.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Opens a new connection and starts the task that drives it.
+    async fn connect(&self) -> Result<SendRequest<Body>, ProxyError> {
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.address.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ProxyError::Connect(Box::new(e))),
+            Err(_) => {
+                return Err(ProxyError::Connect(
+                    format!("no connection within {:?}", self.connect_timeout).into(),
+                ))
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY upstream");
+        }
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Connect(Box::new(e)))?;
+        // With upgrades, so a WebSocket handshake can take the connection over after its `101`
+        // (such a connection is then closed to the pool).
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Takes a connection back after a complete response, unless it is closing; drops idle
+    /// connections past their time on the way.
+    fn put(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        while idle
+            .front()
+            .is_some_and(|i| i.since.elapsed() >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A response body from the upstream that hands its connection back to the pool once it has
+/// been read to the end (or had nothing to read).
+pub(super) struct Returning {
+    inner: Incoming,
+    /// The connection, while the body is being read.
+    sender: Option<SendRequest<Body>>,
+    pool: Arc<Pool>,
+    /// The end of the body has been seen.
+    done: bool,
+}
+
+impl Returning {
+    pub(super) fn new(inner: Incoming, sender: Option<SendRequest<Body>>, pool: Arc<Pool>) -> Self {
+        Self {
+            inner,
+            sender,
+            pool,
+            done: false,
+        }
+    }
+
+    fn give_back(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.put(sender);
+        }
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.done = true;
+                this.give_back();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // A broken response leaves the connection in no state to reuse.
+                this.sender = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            other => other.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        // Bodies with nothing to read (HEAD, 204, 304, `Content-Length: 0`) are never polled.
+        if self.done || self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
