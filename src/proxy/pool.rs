@@ -28,6 +28,10 @@ use super::{BoxError, ProxyError};
 /// Idle connections kept at most; more are closed when handed back.
 const MAX_IDLE: usize = 1024;
 
+/// How long a request waits for a connection handed back a moment ago to turn ready before it
+/// moves on to another (a healthy one takes microseconds).
+const READY_WAIT: Duration = Duration::from_millis(10);
+
 /// One kept-alive connection while nobody uses it.
 struct Idle {
     sender: SendRequest<Body>,
@@ -96,9 +100,14 @@ impl Pool {
             if sender.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
-            // Handed back at the end of a body, the connection turns ready as soon as its task
-            // has seen that end; a connection that closes instead is skipped.
-            if sender.ready().await.is_ok() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // Handed back at the end of a response body, the connection turns ready as soon as
+            // its task has seen that end. One that closes instead is skipped, and so is one still
+            // busy past a moment (say, still sending an upload the upstream answered early):
+            // dropping it here closes it once that exchange is over.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
                 return Some(sender);
             }
         }

@@ -11,7 +11,7 @@ use super::*;
 /// An upstream that answers, per request path: `/` → `200 ok`; `/empty` → `204`; `/close` →
 /// `200 ok` and closes the connection 20 ms later without having said so (as an idle timeout
 /// does);
-/// `/big` → a 1 MiB body. Returns its address and the number of connections accepted.
+/// `/big` → a 1 MiB body; `/early` → `413` at once, before reading the request's body. Returns its address and the number of connections accepted.
 async fn raw_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -37,6 +37,16 @@ async fn raw_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
                     buf.drain(..end);
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    if path == "/early" {
+                        // Answers before reading the upload, then only drains it.
+                        let head = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n";
+                        if conn.write_all(head).await.is_err() {
+                            return;
+                        }
+                        let mut sink = [0u8; 4096];
+                        while matches!(conn.read(&mut sink).await, Ok(n) if n > 0) {}
+                        return;
+                    }
                     let answer: Vec<u8> = match path.as_str() {
                         "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
                         "/big" => {
@@ -143,4 +153,29 @@ async fn concurrent_requests_each_get_their_own_answer() {
         assert_eq!(status, CODES[i % CODES.len()]);
     }
     assert_eq!(up.seen.count(), 32);
+}
+
+#[tokio::test]
+async fn a_connection_still_busy_with_an_upload_is_not_waited_for() {
+    let (addr, accepted) = raw_upstream().await;
+    let upstream = Upstream::new(&config(addr, "/"));
+    // An upload that never ends, answered early by the upstream.
+    let endless = futures_util::stream::once(async { Ok::<_, Infallible>(vec![b'x'; 1024]) })
+        .chain(futures_util::stream::pending());
+    let req = request(
+        Method::POST,
+        "/early",
+        &[("transfer-encoding", "chunked")],
+        Body::from_stream(endless),
+    );
+    let res = upstream.forward(req, forwarding("/early")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    drop(res);
+    // The next request does not queue behind the upload (that would end in a 504 after the
+    // response timeout): it gets a connection of its own.
+    let started = std::time::Instant::now();
+    let (status, body) = get(&upstream, "/").await;
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"ok"[..]));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
