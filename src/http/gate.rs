@@ -170,7 +170,10 @@ pub(crate) async fn decide(
             return Ok(Decision::Unbound(why));
         }
     }
-    state.sessions.touch(&mut loaded).await?;
+    if !state.sessions.touch(&mut loaded).await? {
+        // Ended elsewhere a moment ago.
+        return Ok(Decision::Refuse { clear_cookie: true });
+    }
     let identity = Identity {
         sub: user.id.clone(),
         email: user.email.clone(),

@@ -338,6 +338,11 @@ impl EphemeralStore for Timed<dyn EphemeralStore> {
     async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()> {
         self.ephemeral(WRITE, self.inner.put(key, value, ttl)).await
     }
+    async fn put_if_present(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
+        self.ephemeral(ATOMIC, self.inner.put_if_present(key, value, ttl))
+            .await
+    }
+
     async fn put_if_absent(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
         self.ephemeral(ATOMIC, self.inner.put_if_absent(key, value, ttl))
             .await

@@ -338,15 +338,25 @@ impl Sessions {
     }
 
     /// Refreshes `last_seen` when it is more than a minute old (idle timeout bookkeeping
-    /// without a store write on every request).
-    pub async fn touch(&self, loaded: &mut Loaded) -> StoreResult<()> {
+    /// without a store write on every request). False when the session has gone meanwhile
+    /// (ended on another gateway between the read and this write): the write only replaces an
+    /// existing record, so it can never bring an ended session back.
+    pub async fn touch(&self, loaded: &mut Loaded) -> StoreResult<bool> {
         let now = self.clock.now_millis();
-        if touch_due(&loaded.session, now) {
-            loaded.session.last_seen_ms = now;
-            // Only `last_seen` changed: other gateways' copies stay good (and never touch).
-            self.write(&loaded.key, &loaded.session).await?;
+        if !touch_due(&loaded.session, now) {
+            return Ok(true);
         }
-        Ok(())
+        loaded.session.last_seen_ms = now;
+        // Only `last_seen` changed: other gateways' copies stay good (and never touch).
+        let body =
+            serde_json::to_vec(&loaded.session).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.cache.forget(&loaded.key);
+        let stored = self
+            .store
+            .put_if_present(&record_key(&loaded.key), &body, self.ttl(&loaded.session))
+            .await;
+        self.cache.forget(&loaded.key);
+        stored
     }
 
     /// Moves a record to a brand-new id (privilege change) and deletes the old one.

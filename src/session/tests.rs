@@ -48,7 +48,7 @@ async fn idle_and_absolute_timeouts() {
     for _ in 0..7 {
         clock.advance(500);
         let mut l = s.load(Some(&id)).await.unwrap().unwrap();
-        s.touch(&mut l).await.unwrap();
+        assert!(s.touch(&mut l).await.unwrap());
     }
     // 3700 s in: kept alive by use, but past the absolute limit of 3600 s.
     clock.advance(200);
@@ -177,7 +177,7 @@ async fn cached_records_still_time_out_and_are_touched_from_the_store() {
     clock.advance(61);
     let mut fresh = s.load_cached(Some(&id)).await.unwrap().unwrap();
     assert_eq!(fresh.session.amr, changed.amr);
-    s.touch(&mut fresh).await.unwrap();
+    assert!(s.touch(&mut fresh).await.unwrap());
     let stored = s.load(Some(&id)).await.unwrap().unwrap().session;
     assert_eq!(stored.amr, changed.amr);
     assert_eq!(stored.last_seen_ms, clock.now_millis());
@@ -186,4 +186,25 @@ async fn cached_records_still_time_out_and_are_touched_from_the_store() {
     s.load_cached(Some(&id)).await.unwrap().unwrap();
     clock.advance(SessionConfig::default().idle_timeout.as_secs() as i64);
     assert!(s.load_cached(Some(&id)).await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn a_touch_never_brings_back_a_session_ended_meanwhile() {
+    let (s, clock) = sessions();
+    let (id, key) = s.create(&authed(clock.now_millis())).await.unwrap();
+    clock.advance(61);
+    // Read for a request that is due for its touch; meanwhile the session is ended (on another
+    // gateway, say) before the touch writes.
+    let mut read = s.load(Some(&id)).await.unwrap().unwrap();
+    let user = read.session.user_id.clone();
+    s.destroy(&key, &user).await.unwrap();
+    assert!(
+        !s.touch(&mut read).await.unwrap(),
+        "the touch sees it has gone"
+    );
+    assert_eq!(
+        s.load(Some(&id)).await.unwrap().unwrap_err(),
+        Invalid::Unknown,
+        "and does not write it back"
+    );
 }

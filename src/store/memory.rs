@@ -44,6 +44,30 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Stores `value` if `allowed(whether a live value is there)`, in one step under the
+    /// shard's lock; true when stored.
+    fn put_when(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        allowed: impl FnOnce(bool) -> bool,
+    ) -> StoreResult<bool> {
+        let (mut s, now) = self.shard(key)?;
+        if !allowed(s.live(key, now).is_some()) {
+            return Ok(false);
+        }
+        s.map.insert(
+            key.to_string(),
+            Entry {
+                value: Value::Bytes(value.to_vec()),
+                expires_at_ms: Self::deadline(now, ttl),
+            },
+        );
+        s.wrote(now);
+        Ok(true)
+    }
+
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
@@ -131,32 +155,15 @@ impl EphemeralStore for MemoryStore {
     }
 
     async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()> {
-        let (mut s, now) = self.shard(key)?;
-        s.map.insert(
-            key.to_string(),
-            Entry {
-                value: Value::Bytes(value.to_vec()),
-                expires_at_ms: Self::deadline(now, ttl),
-            },
-        );
-        s.wrote(now);
-        Ok(())
+        self.put_when(key, value, ttl, |_| true).map(|_| ())
+    }
+
+    async fn put_if_present(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
+        self.put_when(key, value, ttl, |live| live)
     }
 
     async fn put_if_absent(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
-        let (mut s, now) = self.shard(key)?;
-        if s.live(key, now).is_some() {
-            return Ok(false);
-        }
-        s.map.insert(
-            key.to_string(),
-            Entry {
-                value: Value::Bytes(value.to_vec()),
-                expires_at_ms: Self::deadline(now, ttl),
-            },
-        );
-        s.wrote(now);
-        Ok(true)
+        self.put_when(key, value, ttl, |live| !live)
     }
 
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -417,6 +417,9 @@ pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
     async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()>;
     /// Stores only if the key is absent; true when stored (`SET NX EX`).
     async fn put_if_absent(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool>;
+    /// Replaces the value only if the key exists (`SET XX PX`); true when stored. An update of a
+    /// record that another gateway may have deleted meanwhile cannot bring it back.
+    async fn put_if_present(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool>;
     /// Reads and deletes in one step (`GETDEL`): single-use values.
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn delete(&self, key: &str) -> StoreResult<()>;

@@ -296,6 +296,27 @@ impl RedisStore {
     }
 
     /// Runs one command under the overall deadline.
+    /// `SET key value <condition> PX ttl` (`NX`: only if absent, `XX`: only if present); true
+    /// when stored.
+    async fn set_if(
+        &self,
+        what: &str,
+        condition: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        let cmd = redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(value)
+            .arg(condition)
+            .arg("PX")
+            .arg(millis(ttl))
+            .to_owned();
+        let stored: Option<String> = self.run(what, &cmd).await?;
+        Ok(stored.is_some())
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &Cmd) -> StoreResult<T> {
         let mut conn = self.conn.clone();
         self.bounded(what, async move { cmd.query_async(&mut conn).await })
@@ -393,15 +414,11 @@ impl EphemeralStore for RedisStore {
     }
 
     async fn put_if_absent(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
-        let cmd = redis::cmd("SET")
-            .arg(self.key(key))
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl))
-            .to_owned();
-        let stored: Option<String> = self.run("put_if_absent", &cmd).await?;
-        Ok(stored.is_some())
+        self.set_if("put_if_absent", "NX", key, value, ttl).await
+    }
+
+    async fn put_if_present(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
+        self.set_if("put_if_present", "XX", key, value, ttl).await
     }
 
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -37,6 +37,7 @@ pub(crate) async fn ephemeral_suite(b: EphemeralBackend) {
     get_put_delete(&b, &key).await;
     ttl_expiry(&b, &key).await;
     put_if_absent(&b, &key).await;
+    put_if_present(&b, &key).await;
     take_once(&b, &key).await;
     take_races(&b, &key("take-race")).await;
     incr(&b, &key).await;
@@ -121,6 +122,32 @@ async fn put_if_absent(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
     assert_eq!(s.get(&k).await.unwrap().as_deref(), Some(&b"third"[..]));
     s.delete(&k).await.unwrap();
     assert!(s.put_if_absent(&k, b"fourth", secs(60)).await.unwrap());
+}
+
+async fn put_if_present(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
+    let s = &b.store;
+    let k = key("pip");
+    assert!(
+        !s.put_if_present(&k, b"ghost", secs(60)).await.unwrap(),
+        "nothing is created"
+    );
+    assert_eq!(s.get(&k).await.unwrap(), None);
+    s.put(&k, b"first", secs(2)).await.unwrap();
+    assert!(s.put_if_present(&k, b"second", secs(2)).await.unwrap());
+    assert_eq!(s.get(&k).await.unwrap().as_deref(), Some(&b"second"[..]));
+    s.delete(&k).await.unwrap();
+    assert!(
+        !s.put_if_present(&k, b"revived", secs(60)).await.unwrap(),
+        "a deleted key stays deleted"
+    );
+    assert_eq!(s.get(&k).await.unwrap(), None);
+    s.put(&k, b"third", secs(2)).await.unwrap();
+    b.wait(3).await;
+    assert!(
+        !s.put_if_present(&k, b"late", secs(60)).await.unwrap(),
+        "an expired key counts as absent"
+    );
+    assert_eq!(s.get(&k).await.unwrap(), None);
 }
 
 async fn take_once(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
