@@ -108,7 +108,8 @@ pub async fn run(
     for task in side.into_iter().chain(reloader) {
         task.abort();
     }
-    state.audit.flush().await;
+    // The audit trail gets its own `shutdown_timeout` to reach the durable store.
+    state.audit.flush_within(drain).await;
     result
 }
 

@@ -109,7 +109,7 @@ assert c["readinessProbe"]["httpGet"]["path"] == "/_portcullis/readyz"
 assert c["livenessProbe"]["httpGet"]["path"] == "/_portcullis/healthz"
 env = {e["name"]: e["value"] for e in c["env"]}
 assert env["PORTCULLIS__SECRETS__MASTER_KEY_FILE"].startswith("/run/secrets/")
-assert dep["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+assert dep["template"]["spec"]["terminationGracePeriodSeconds"] > 60, "draining (30 s) and the audit queue (30 s) fit"
 assert "Secret" not in kinds, "no secret values in the manifest"
 compose = yaml.safe_load(open(sys.argv[2]))
 services = compose["services"]
