@@ -320,6 +320,15 @@ impl LoginFlow {
         if session.stage != Stage::SecondFactor || awaits_password(session) {
             return Ok(CodeOutcome::Restart);
         }
+        if session.decoy {
+            // No account behind it: every code is wrong, counted as for an account.
+            if let Some(retry_after) = self.code_budget_spent(&session.user_id, client).await? {
+                return Ok(CodeOutcome::Throttled { retry_after });
+            }
+            return self
+                .wrong_code(session, client, "second_factor", "bad_code")
+                .await;
+        }
         let Some(user) = self.active_user(&session.user_id).await? else {
             return Ok(CodeOutcome::Restart);
         };

@@ -55,20 +55,27 @@ pub async fn auth_any(
     super::Peer(peer): super::Peer,
     req: Request,
 ) -> Response {
-    if !state.config.forward_auth.enabled {
-        return AppError::not_found().into_response();
-    }
-    let (outcome, answer) = match check(&state, peer, req.method(), req.headers()).await {
-        Ok(decided) => decided,
-        Err(e) => {
-            let outcome = match e.status.is_server_error() {
-                true => ForwardAuth::Unavailable,
-                false => ForwardAuth::Denied,
-            };
-            (outcome, e.into_response())
-        }
+    let mut answer = if state.config.forward_auth.enabled {
+        let (outcome, answer) = match check(&state, peer, req.method(), req.headers()).await {
+            Ok(decided) => decided,
+            Err(e) => {
+                let outcome = match e.status.is_server_error() {
+                    true => ForwardAuth::Unavailable,
+                    false => ForwardAuth::Denied,
+                };
+                (outcome, e.into_response())
+            }
+        };
+        state.metrics.forward_auth(outcome);
+        answer
+    } else {
+        AppError::not_found().into_response()
     };
-    state.metrics.forward_auth(outcome);
+    // Anything but a 200 may reach the browser as it is (Traefik and Caddy relay refusals), so
+    // it gets the headers of a gateway page; a 200 goes to the asking proxy only.
+    if answer.status() != StatusCode::OK {
+        super::apply_security_headers(answer.headers_mut(), state.config.is_https());
+    }
     answer
 }
 
@@ -89,7 +96,7 @@ async fn check(
         ));
     }
     match decide(state, peer, headers).await? {
-        Decision::Pass(token) => {
+        Decision::Pass(token, _) => {
             let (name, value) = token_header(state, &token)?;
             let mut r = StatusCode::OK.into_response();
             r.headers_mut().insert(name, value);

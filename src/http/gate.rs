@@ -14,7 +14,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Proxied;
 use crate::policy::{is_gateway_path, normalise_path, safe_return_to};
 use crate::proxy::Forwarding;
-use crate::session::{self, Invalid};
+use crate::session::{self, Invalid, Loaded};
 use crate::state::AppState;
 use crate::store::AuditEvent;
 use crate::token::Identity;
@@ -99,8 +99,9 @@ pub(crate) fn return_target(state: &AppState, method: &Method, target: &str) -> 
 
 /// What the gate decided about the session a request carries.
 pub(crate) enum Decision {
-    /// A signed-in user whose session completed a second factor: the identity token to send on.
-    Pass(std::sync::Arc<str>),
+    /// A signed-in user whose session completed a second factor: the identity token to send on,
+    /// and the session.
+    Pass(std::sync::Arc<str>, Box<Loaded>),
     /// No such session; `clear_cookie` when the cookie named a session that is no more.
     Refuse { clear_cookie: bool },
     /// A complete session without a valid device proof (`binding.enabled`).
@@ -187,7 +188,51 @@ pub(crate) async fn decide(
         .signer
         .token_for(&loaded.key, &identity)
         .map_err(|e| AppError::internal(&e))?;
-    Ok(Decision::Pass(token))
+    Ok(Decision::Pass(token, Box::new(loaded)))
+}
+
+/// How often an open WebSocket tunnel's session is checked again.
+const TUNNEL_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// For a WebSocket tunnel: completes once the session it was opened under is over (ended,
+/// expired, its user disabled or its sessions voided), checked every [`TUNNEL_RECHECK`] through
+/// the same cache as the gate. Storage trouble ends it too (fail closed; the client reconnects
+/// through the gate).
+fn session_watch(state: &AppState, opened_under: Loaded) -> crate::proxy::Watch {
+    let state = state.clone();
+    let key: std::sync::Arc<str> = opened_under.key.into();
+    let user_id: std::sync::Arc<str> = opened_under.session.user_id.into();
+    let auth_ms = opened_under.session.auth_ms;
+    std::sync::Arc::new(move || {
+        let (state, key, user_id) = (state.clone(), key.clone(), user_id.clone());
+        Box::pin(async move {
+            let mut tick = tokio::time::interval(TUNNEL_RECHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if !still_admitted(&state, &key, &user_id, auth_ms).await {
+                    return;
+                }
+            }
+        })
+    })
+}
+
+/// Whether the session under `key` still lets its user through the gate.
+async fn still_admitted(state: &AppState, key: &str, user_id: &str, auth_ms: i64) -> bool {
+    let same = match state.sessions.load_cached_key(key.to_string()).await {
+        Ok(Ok(l)) => l.session.is_authenticated() && l.session.user_id == user_id,
+        Ok(Err(_)) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a websocket's session; closing it");
+            false
+        }
+    };
+    same && matches!(
+        state.user_gate.admit(state, user_id, auth_ms).await,
+        Ok(Some(_))
+    )
 }
 
 /// The configured identity header carrying `token`.
@@ -240,6 +285,7 @@ pub(crate) fn forwarding_template(config: &Config) -> Result<Forwarding, ConfigE
         .map(String::from)
         .into(),
         strip_headers: [config.token.header.to_ascii_lowercase()].into(),
+        watch: None,
     })
 }
 
@@ -287,8 +333,12 @@ async fn gate_and_forward(
     let decision = decision.inspect_err(|_| state.metrics.proxied(Proxied::Unavailable))?;
     let browser = wants_html(req.headers()) && !is_upgrade(&req);
     let next = || return_target(state, req.method(), &path_and_query);
+    let watch;
     let token = match decision {
-        Decision::Pass(token) => token,
+        Decision::Pass(token, loaded) => {
+            watch = is_upgrade(&req).then(|| session_watch(state, *loaded));
+            token
+        }
         Decision::Unbound(why) => {
             state.metrics.step_up("device_proof_required");
             state.metrics.proxied(Proxied::Denied);
@@ -322,6 +372,7 @@ async fn gate_and_forward(
         peer,
         peer_trusted: crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies),
         add_headers: vec![(header_name, header_value)],
+        watch,
         ..state.forwarding.clone()
     };
     match state.upstream.forward(req, fwd).await {

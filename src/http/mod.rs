@@ -151,7 +151,6 @@ pub fn router(state: AppState) -> Router {
             get(enrolment::enrol_link_get).post(enrolment::enrol_link_post),
         )
         .route("/_portcullis/static/{file}", get(assets::asset))
-        .route("/_portcullis/auth", any(forward_auth::auth_any))
         .route("/_portcullis/healthz", get(health::healthz_get))
         .route("/_portcullis/readyz", get(health::readyz_get))
         .route("/.well-known/jwks.json", get(gate::jwks))
@@ -167,6 +166,9 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(gateway)
+        // Asked once per request of the console by the reverse proxy in front: outside the
+        // page layers, like the proxy fallback (it sets its own headers, see `forward_auth`).
+        .route("/_portcullis/auth", any(forward_auth::auth_any))
         .fallback(gate::proxy)
         .layer(middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)

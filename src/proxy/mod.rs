@@ -94,7 +94,15 @@ pub struct Forwarding {
     /// Header names (lower-case) that must never come from the client, e.g. the configured
     /// identity header. Shared like `gateway_cookies`.
     pub strip_headers: Arc<[String]>,
+    /// For a WebSocket upgrade: how long the tunnel may stay open (see [`Watch`]); none keeps it
+    /// open until either side closes it.
+    pub watch: Option<Watch>,
 }
+
+/// Makes a future that completes when a tunnelled connection must end (the session it was
+/// opened under has ended); the tunnel is then closed.
+pub type Watch =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 impl std::fmt::Debug for Forwarding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,6 +116,7 @@ impl std::fmt::Debug for Forwarding {
             .field("add_headers", &added)
             .field("gateway_cookies", &self.gateway_cookies)
             .field("strip_headers", &self.strip_headers)
+            .field("watch", &self.watch.is_some())
             .finish()
     }
 }
@@ -271,7 +280,12 @@ impl Upstream {
 
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return match inbound_upgrade {
-                Some(inbound) => Ok(websocket::tunnel(inbound, response, &fwd.gateway_cookies)),
+                Some(inbound) => Ok(websocket::tunnel(
+                    inbound,
+                    response,
+                    &fwd.gateway_cookies,
+                    fwd.watch.clone(),
+                )),
                 None => Err(ProxyError::Upstream(
                     "upstream switched protocols without being asked".into(),
                 )),

@@ -41,10 +41,15 @@ pub(crate) fn restore_handshake(headers: &mut HeaderMap) {
 
 /// Answers the client with the upstream's `101` (its `Sec-WebSocket-*` headers intact) and spawns
 /// the task that joins the two upgraded connections once both sides have switched.
+///
+/// With `watch`, the tunnel lasts only as long as the future it makes has not completed: the
+/// caller's authorisation of the connection (the session it was opened under). Both connections
+/// are then closed.
 pub(crate) fn tunnel(
     inbound: OnUpgrade,
     mut upstream: Response<Incoming>,
     gateway_cookies: &[String],
+    watch: Option<super::Watch>,
 ) -> axum::response::Response {
     let upstream_io = hyper::upgrade::on(&mut upstream);
     let (parts, _body) = upstream.into_parts();
@@ -64,11 +69,23 @@ pub(crate) fn tunnel(
         };
         let mut client = TokioIo::new(client);
         let mut server = TokioIo::new(server);
-        match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-            Ok((up, down)) => {
-                tracing::debug!(bytes_up = up, bytes_down = down, "websocket tunnel closed");
+        let ended = async move {
+            match watch {
+                Some(w) => w().await,
+                None => std::future::pending().await,
             }
-            Err(e) => tracing::debug!(error = %e, "websocket tunnel ended with an error"),
+        };
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client, &mut server) => match copied {
+                Ok((up, down)) => {
+                    tracing::debug!(bytes_up = up, bytes_down = down, "websocket tunnel closed");
+                }
+                Err(e) => tracing::debug!(error = %e, "websocket tunnel ended with an error"),
+            },
+            () = ended => {
+                // Dropping both connections closes them.
+                tracing::info!("websocket closed: the session it was opened under has ended");
+            }
         }
     });
 

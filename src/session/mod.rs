@@ -88,6 +88,11 @@ pub struct Session {
     /// session binds to a device key.
     #[serde(default)]
     pub remember_device: bool,
+    /// A sign-in for an address with no account that asks for the second factor first, as an
+    /// account under a guessing campaign does (see `auth::flow`): it looks the same to the
+    /// guesser and can never complete.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub decoy: bool,
 }
 
 impl Session {
@@ -116,6 +121,7 @@ impl Session {
             device_id: None,
             strong_ms: None,
             remember_device: false,
+            decoy: false,
         }
     }
 
@@ -286,10 +292,15 @@ impl Sessions {
         &self,
         cookie_value: Option<&str>,
     ) -> StoreResult<Result<Loaded, Invalid>> {
-        let key = match Self::storage_key(cookie_value) {
-            Ok(k) => k,
-            Err(why) => return Ok(Err(why)),
-        };
+        match Self::storage_key(cookie_value) {
+            Ok(key) => self.load_cached_key(key).await,
+            Err(why) => Ok(Err(why)),
+        }
+    }
+
+    /// [`Sessions::load_cached`] by storage key: for checking again, later, a session already
+    /// found (an open WebSocket tunnel's).
+    pub async fn load_cached_key(&self, key: String) -> StoreResult<Result<Loaded, Invalid>> {
         let now = self.clock.now_millis();
         if let Some(session) = self.cache.get(&key) {
             if !self.expired(&session, now) && !touch_due(&session, now) {

@@ -106,6 +106,9 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
         .await;
         assert_eq!(r.status, 302, "{}", r.head);
         assert_eq!(r.header("location"), Some(login_url(&gw, target)));
+        // Relayed to the browser by some proxies: the headers of a gateway page.
+        assert_eq!(r.header("x-frame-options").as_deref(), Some("DENY"));
+        assert!(r.header("content-security-policy").is_some());
     }
     // Traefik/Caddy style: the original method in X-Forwarded-Method; a POST is not returned to.
     let r = raw(

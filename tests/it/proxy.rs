@@ -150,6 +150,85 @@ async fn websockets_are_relayed_for_a_complete_session() {
     }
 }
 
+/// Opens a WebSocket through the gateway with `c`'s cookies and checks one echo.
+async fn open_ws(
+    gw: &Gateway,
+    c: &Browser,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let mut req = format!("ws://{}/ws", gw.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("cookie", gw.cookies(c).parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("ping")).await.unwrap();
+    let got = ws.next().await.unwrap().unwrap();
+    assert_eq!(got.into_text().unwrap().as_str(), "ping");
+    ws
+}
+
+/// Whether the socket is closed by the other side within `limit` (messages before that are
+/// skipped).
+async fn closed_within(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    limit: std::time::Duration,
+) -> bool {
+    use tokio_tungstenite::tungstenite::Message;
+    tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A WebSocket lasts no longer than the session it was opened under: signing out, or the user
+/// being disabled, closes it within a couple of seconds; while the session lives it stays open.
+#[tokio::test]
+async fn a_websocket_closes_when_its_session_ends() {
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("ws-end@example.com").await;
+    let mut ws = open_ws(&gw, &c).await;
+    // Several checks of the session go by: still open and working.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    let got = ws.next().await.unwrap().unwrap();
+    assert_eq!(got.into_text().unwrap().as_str(), "still here");
+    super::login::sign_out(&gw, &c).await;
+    assert!(
+        closed_within(&mut ws, std::time::Duration::from_secs(5)).await,
+        "signing out closes the websocket"
+    );
+
+    let (c, _, _) = gw.signed_in("ws-disabled@example.com").await;
+    let mut ws = open_ws(&gw, &c).await;
+    let user = gw.user("ws-disabled@example.com").await;
+    gw.state
+        .durable
+        .set_disabled(
+            &user.id,
+            true,
+            portcullis::clock::Clock::now_millis(&gw.clock),
+        )
+        .await
+        .unwrap();
+    // (As from another process: the gate's copy of the user is at most a second old.)
+    gw.clock.advance(2);
+    assert!(
+        closed_within(&mut ws, std::time::Duration::from_secs(5)).await,
+        "disabling the user closes the websocket"
+    );
+}
+
 #[tokio::test]
 async fn upstream_down_is_a_clear_502_never_a_bypass() {
     let gw = Gateway::start_with(|c| {

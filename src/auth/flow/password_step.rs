@@ -120,9 +120,8 @@ impl LoginFlow {
                     None => ev.reason("unknown_user"),
                 };
                 self.audit(ev, client).await;
-                if let Some(u) = &user {
-                    self.consecutive_failure(u, client).await?;
-                }
+                self.consecutive_failure(user.as_ref(), &email, client)
+                    .await?;
                 Ok(None)
             }
         }
@@ -160,20 +159,27 @@ impl LoginFlow {
             Ok(a) => a,
             Err(outcome) => return Ok(outcome),
         };
-        if let Some(user) = &attempt.user {
-            let first = match self.factor_first_due(user, &attempt.email).await {
-                Ok(first) => first,
-                Err(e) => {
-                    // Not an answer: the attempt does not count.
-                    self.release(&attempt.reserved).await?;
-                    return Err(e);
-                }
-            };
-            if first {
-                // Not a guess: nothing was checked, so nothing is counted.
+        // An account under a guessing campaign asks for its second factor first; an address
+        // with no account does exactly the same (a decoy), so the switch reveals nothing.
+        let first = match &attempt.user {
+            Some(user) => self.factor_first_due(user, &attempt.email).await,
+            None => self.decoy_factor_first_due(&attempt.email).await,
+        };
+        let first = match first {
+            Ok(first) => first,
+            Err(e) => {
+                // Not an answer: the attempt does not count.
                 self.release(&attempt.reserved).await?;
-                return self.factor_first_session(user, client, return_to).await;
+                return Err(e);
             }
+        };
+        if first {
+            // Not a guess: nothing was checked, so nothing is counted.
+            self.release(&attempt.reserved).await?;
+            let user = attempt.user.as_ref();
+            return self
+                .factor_first_session(user, &attempt.email, client, return_to)
+                .await;
         }
         let Some(user) = self.check_password(attempt, password, client).await? else {
             return Ok(PasswordOutcome::Denied);
@@ -220,6 +226,15 @@ impl LoginFlow {
         Ok(self.has_second_factor(user).await? && self.second_factor_first(email).await?)
     }
 
+    /// [`LoginFlow::factor_first_due`] for an address without an account: the same lookups
+    /// (under the decoy id, finding nothing), so both take the same time.
+    async fn decoy_factor_first_due(&self, email: &str) -> Result<bool, FlowError> {
+        let decoy = self.decoy_user_id(email);
+        self.durable.webauthn_credentials(&decoy).await?;
+        self.durable.totp(&decoy).await?;
+        Ok(self.second_factor_first(email).await?)
+    }
+
     /// Whether the user has a second factor to sign in with (a usable key or TOTP).
     async fn has_second_factor(&self, user: &User) -> Result<bool, FlowError> {
         let has_key = self
@@ -231,22 +246,26 @@ impl LoginFlow {
         Ok(has_key || self.durable.totp(&user.id).await?.is_some())
     }
 
-    /// A pending sign-in that asks for the second factor before the password.
+    /// A pending sign-in that asks for the second factor before the password. For an address
+    /// without an account (`user` none) it is a decoy: the same audit event and the same code
+    /// page, under a stable made-up user id (so per-account code budgets behave alike), and it
+    /// accepts no code.
     async fn factor_first_session(
         &self,
-        user: &User,
+        user: Option<&User>,
+        email: &str,
         client: &Client,
         return_to: Option<String>,
     ) -> Result<PasswordOutcome, FlowError> {
-        self.audit(
-            AuditEvent::new("login_password", "denied", self.clock.now())
-                .user(user)
-                .reason("second_factor_first"),
-            client,
-        )
-        .await;
+        let ev = AuditEvent::new("login_password", "denied", self.clock.now())
+            .reason("second_factor_first");
+        let (ev, user_id) = match user {
+            Some(u) => (ev.user(u), u.id.clone()),
+            None => (ev.email(email), self.decoy_user_id(email)),
+        };
+        self.audit(ev, client).await;
         let mut session = Session::after_password(
-            &user.id,
+            &user_id,
             Stage::SecondFactor,
             self.clock.now_millis(),
             &client.ip,
@@ -255,9 +274,23 @@ impl LoginFlow {
         );
         // No method proven yet: the password was not checked.
         session.amr.clear();
+        session.decoy = user.is_none();
         Ok(PasswordOutcome::FactorFirst {
             session: Box::new(session),
         })
+    }
+
+    /// A user id for an address without an account: a UUID made from a keyed hash of the
+    /// address, the same on every gateway and every attempt, and no real user's.
+    fn decoy_user_id(&self, email: &str) -> String {
+        let mac = self
+            .master_key
+            .link_mac(format!("portcullis/decoy-user/v1\0{email}").as_bytes());
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&mac[..16]);
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string()
     }
 
     /// The password of a sign-in whose second factor came first. On `Proceed` the session is

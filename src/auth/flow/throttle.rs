@@ -130,27 +130,33 @@ impl LoginFlow {
         Ok(self.count(&consecutive_key(email)).await? >= self.limits.second_factor_first_after)
     }
 
-    /// Counts one more consecutive wrong password of `user`. The attempt that reaches the
-    /// threshold (exactly one, the count being atomic) audits the switch and tells the owner.
+    /// Counts one more consecutive wrong password for `email`, whether or not it has an account
+    /// (`user`), so that the switch to second factor first happens for any address and does not
+    /// tell which ones have one. The attempt that reaches the threshold (exactly one, the count
+    /// being atomic) audits the switch and tells the owner, if there is one.
     pub(crate) async fn consecutive_failure(
         &self,
-        user: &User,
+        user: Option<&User>,
+        email: &str,
         client: &Client,
     ) -> Result<(), StoreError> {
         let n = self
             .ephemeral
-            .incr(&consecutive_key(&user.email), CONSECUTIVE_TTL)
+            .incr(&consecutive_key(email), CONSECUTIVE_TTL)
             .await?;
         if n != self.limits.second_factor_first_after {
             return Ok(());
         }
-        self.audit(
-            AuditEvent::new("second_factor_first", "success", self.clock.now())
-                .user(user)
-                .reason("consecutive_password_failures"),
-            client,
-        )
-        .await;
+        let ev = AuditEvent::new("second_factor_first", "success", self.clock.now());
+        let Some(user) = user else {
+            let ev = ev
+                .email(email)
+                .reason("consecutive_password_failures_unknown_user");
+            self.audit(ev, client).await;
+            return Ok(());
+        };
+        let ev = ev.user(user).reason("consecutive_password_failures");
+        self.audit(ev, client).await;
         self.notifier
             .account_change(
                 user,

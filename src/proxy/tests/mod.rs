@@ -219,6 +219,7 @@ fn forwarding(path_and_query: &str) -> Forwarding {
         strip_headers: ["x-portcullis-assertion", "x-custom-identity"]
             .map(String::from)
             .into(),
+        watch: None,
     }
 }
 
