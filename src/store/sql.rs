@@ -111,7 +111,10 @@ impl SqlStore {
                 POSTGRES_ACQUIRE_TIMEOUT
             });
         let opts = if sqlite {
-            opts.after_connect(|conn, _| {
+            // An embedded file has no connection that can go stale under the pool, so a
+            // connection is not pinged before each use (one trip to its worker thread saved on
+            // every query).
+            opts.test_before_acquire(false).after_connect(|conn, _| {
                 Box::pin(async move {
                     sqlx::query("PRAGMA busy_timeout = 5000")
                         .execute(&mut *conn)
