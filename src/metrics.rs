@@ -143,6 +143,7 @@ pub struct Metrics {
     registry: Registry,
     proxied: Family<One, Counter>,
     forward_auth: Family<One, Counter>,
+    audit_dropped: Counter,
     sign_ins: Family<Two, Counter>,
     step_ups: Family<One, Counter>,
     throttled: Family<One, Counter>,
@@ -210,6 +211,12 @@ impl Metrics {
             "Password hashes running or waiting for a hashing slot",
             argon2_queue.clone(),
         );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_events_dropped",
+            "Audit events given up because the queue to the durable store stayed full (they are still in the log)",
+            audit_dropped.clone(),
+        );
         let mail = Family::<One, Counter>::default();
         registry.register(
             "mail_deliveries",
@@ -240,6 +247,7 @@ impl Metrics {
             registry,
             proxied,
             forward_auth,
+            audit_dropped,
             sign_ins,
             step_ups,
             throttled,
@@ -254,6 +262,11 @@ impl Metrics {
         self.proxied
             .get_or_create(&[("outcome", outcome.label())])
             .inc();
+    }
+
+    /// Counts an audit event given up (see `audit`).
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.inc();
     }
 
     /// Counts one answer of the forward-auth endpoint.

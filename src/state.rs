@@ -99,7 +99,7 @@ impl AppState {
             Signer::load(durable.clone(), master_key.clone(), &config, clock.clone()).await?,
         );
         let hasher = Arc::new(PasswordHasher::new(&config.password)?);
-        let audit = Audit::start(durable.clone());
+        let audit = Audit::start(durable.clone(), metrics.clone());
         let channel = match config.storage.redis_target()? {
             Some(target) => Some(Arc::new(Channel::new(&RedisOptions {
                 target,

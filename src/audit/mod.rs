@@ -8,10 +8,16 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
 use crate::store::{AuditEvent, DurableStore};
 
-/// Events waiting for the writer; beyond this, recording waits (back-pressure, never loss).
+/// Events waiting for the writer; beyond this, recording waits (back-pressure).
 const QUEUE: usize = 8192;
+/// How long recording waits for room in a full queue before the event is given up. Only a
+/// durable store away for a long time under a stream of events (a flood of refused sign-ins
+/// during a database outage) fills the queue; without a bound every request that records an
+/// event would hang with it, holding its connection and memory.
+const QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// Events written per transaction at most.
 const BATCH: usize = 256;
 
@@ -24,6 +30,9 @@ enum Msg {
 #[derive(Clone, Debug)]
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
+    /// See [`QUEUE_WAIT`].
+    wait: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -37,13 +46,24 @@ impl std::fmt::Debug for Msg {
 
 impl Audit {
     /// Starts the writer task on the current runtime.
-    pub fn start(durable: Arc<dyn DurableStore>) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(writer(durable, rx));
-        Self { tx }
+    pub fn start(durable: Arc<dyn DurableStore>, metrics: Arc<Metrics>) -> Self {
+        Self::start_with(durable, metrics, QUEUE, QUEUE_WAIT)
     }
 
-    /// Records an event (waits only if the queue is full).
+    fn start_with(
+        durable: Arc<dyn DurableStore>,
+        metrics: Arc<Metrics>,
+        queue: usize,
+        wait: Duration,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(queue);
+        tokio::spawn(writer(durable, rx));
+        Self { tx, wait, metrics }
+    }
+
+    /// Records an event. Waits if the queue is full, for at most [`QUEUE_WAIT`]; then the event
+    /// is given up (it is in the log line written here), with an error logged and counted
+    /// (`portcullis_audit_events_dropped_total`).
     pub async fn record(&self, event: AuditEvent) {
         tracing::info!(
             target: "portcullis::audit",
@@ -54,8 +74,18 @@ impl Audit {
             reason = event.reason.as_deref().unwrap_or("-"),
             "audit"
         );
-        if self.tx.send(Msg::Event(Box::new(event))).await.is_err() {
-            tracing::error!("audit writer has stopped; event lost");
+        let name = event.event.clone();
+        match tokio::time::timeout(self.wait, self.tx.send(Msg::Event(Box::new(event)))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tracing::error!(event = %name, "audit writer has stopped; event lost"),
+            Err(_) => {
+                self.metrics.audit_dropped();
+                tracing::error!(
+                    event = %name,
+                    "audit queue full (the durable store is not taking events): event given up; \
+                     it is in the log line above"
+                );
+            }
         }
     }
 
@@ -178,6 +208,20 @@ mod tests {
         (Arc::new(store), url)
     }
 
+    /// A store whose audit table has disappeared under the writer: every write fails, and is
+    /// retried.
+    async fn broken_store(dir: &tempfile::TempDir) -> Arc<SqlStore> {
+        let (store, url) = store(dir).await;
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        sqlx::query("DROP TABLE audit_events")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        store
+    }
+
     fn event() -> AuditEvent {
         AuditEvent::new(
             "login_password",
@@ -190,7 +234,7 @@ mod tests {
     async fn a_flush_within_its_limit_writes_everything() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = store(&dir).await;
-        let audit = Audit::start(store.clone());
+        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
         audit.record(event()).await;
         assert!(audit.flush_within(Duration::from_secs(10)).await);
         let q = AuditQuery {
@@ -203,19 +247,39 @@ mod tests {
     #[tokio::test]
     async fn a_store_that_cannot_take_events_does_not_hold_shutdown_forever() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, url) = store(&dir).await;
-        // The audit table disappears under the writer: every write now fails, and is retried.
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        sqlx::query("DROP TABLE audit_events")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let audit = Audit::start(store);
+        let store = broken_store(&dir).await;
+        let audit = Audit::start(store, Arc::new(Metrics::new()));
         audit.record(event()).await;
         let started = std::time::Instant::now();
         assert!(!audit.flush_within(Duration::from_millis(300)).await);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_queue_that_stays_full_gives_events_up_instead_of_holding_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = broken_store(&dir).await;
+        let metrics = Arc::new(Metrics::new());
+        let audit = Audit::start_with(store, metrics.clone(), 4, Duration::from_millis(50));
+        let recorded = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..12 {
+                audit.record(event()).await;
+            }
+        })
+        .await;
+        assert!(recorded.is_ok(), "recording held the caller");
+        let hasher = crate::auth::password::PasswordHasher::new(&crate::config::PasswordConfig {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let text = metrics.render(&hasher).unwrap();
+        let dropped: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("portcullis_audit_events_dropped_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no counter in\n{text}"));
+        assert!((1.0..12.0).contains(&dropped), "{dropped} given up");
     }
 }
