@@ -167,8 +167,18 @@ pub fn random_token(n: usize) -> String {
 }
 
 /// Hex SHA-256, used to store lookup keys (session ids) instead of the secrets themselves.
+///
+/// (On every proxied request, for the session's storage key: written into a fixed buffer rather
+/// than collected character by character.)
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
+    let digest = Sha256::digest(data);
+    let mut out = [0u8; 64];
+    if hex::encode_to_slice(digest, &mut out).is_ok() {
+        if let Ok(text) = std::str::from_utf8(&out) {
+            return text.to_owned();
+        }
+    }
+    hex::encode(digest)
 }
 
 /// Constant-time equality for secrets of possibly different lengths.
@@ -216,6 +226,15 @@ mod tests {
         assert!(MasterKey::from_base64("c2hvcnQ=").is_err());
         assert!(MasterKey::from_base64("not base64 at all!").is_err());
         assert_eq!(format!("{:?}", key()), "MasterKey([redacted])");
+    }
+
+    #[test]
+    fn sha256_hex_is_the_lowercase_hex_digest() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(sha256_hex(b"abc"), hex::encode(Sha256::digest(b"abc")));
     }
 
     #[test]

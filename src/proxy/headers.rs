@@ -85,15 +85,19 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(&name);
-    }
-    for name in &HOP_BY_HOP_NAMES {
+    // One pass over the (few) names present rather than a lookup per hop-by-hop name: most
+    // messages carry none of them.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP_NAMES.contains(k))
+        .cloned()
+        .collect();
+    for name in named.iter().chain(&present) {
         headers.remove(name);
     }
 }
 
-/// [`HOP_BY_HOP`] as header names, so removal skips parsing each name on every request.
+/// [`HOP_BY_HOP`] as header names, compared without parsing.
 static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
