@@ -92,6 +92,33 @@ const SQLITE_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// restart.
 const POSTGRES_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Rows per `INSERT` of audit events: 10 values each, well under the bind limits of SQLite
+/// (32,766) and PostgreSQL (65,535).
+const AUDIT_ROWS_PER_INSERT: usize = 256;
+
+/// `INSERT INTO audit_events (…) VALUES ($1, …, $10), ($11, …), …` for `rows` rows.
+fn audit_insert_sql(rows: usize) -> String {
+    const COLUMNS: usize = 10;
+    let mut sql = String::from(
+        "INSERT INTO audit_events (at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..COLUMNS {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * COLUMNS + col + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 impl SqlStore {
     /// Connects to `sqlite://path` (file created if missing) or `postgres://…`.
     pub async fn connect(url: &str) -> StoreResult<Self> {
@@ -892,26 +919,29 @@ impl DurableStore for SqlStore {
     async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
         let pool = &self.pool;
         self.retrying(move || async move {
-let mut tx = pool.begin().await?;
-        for e in events {
-            sqlx::query(
-                "INSERT INTO audit_events (at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(e.at)
-            .bind(&e.event)
-            .bind(&e.outcome)
-            .bind(&e.user_id)
-            .bind(&e.email)
-            .bind(&e.account_id)
-            .bind(&e.ip)
-            .bind(&e.user_agent)
-            .bind(&e.reason)
-            .bind(&e.actor)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await
+            let mut tx = pool.begin().await?;
+            // One statement per chunk of rows rather than one per row: every statement is a
+            // round trip to the database (or to SQLite's worker thread), and a flood of refused
+            // sign-ins audits thousands of events a second.
+            for chunk in events.chunks(AUDIT_ROWS_PER_INSERT) {
+                let sql = audit_insert_sql(chunk.len());
+                let mut q = sqlx::query(&sql);
+                for e in chunk {
+                    q = q
+                        .bind(e.at)
+                        .bind(&e.event)
+                        .bind(&e.outcome)
+                        .bind(&e.user_id)
+                        .bind(&e.email)
+                        .bind(&e.account_id)
+                        .bind(&e.ip)
+                        .bind(&e.user_agent)
+                        .bind(&e.reason)
+                        .bind(&e.actor);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await
         })
         .await
     }

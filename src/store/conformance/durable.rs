@@ -24,6 +24,7 @@ pub(crate) async fn durable_suite(store: Arc<dyn DurableStore>) {
     first_signing_key_race(&store, &tag).await;
     super::durable_audit::audit(&store, &tag).await;
     super::durable_audit::hostile_text(&store, &tag).await;
+    super::durable_audit::large_batch(&store, &tag).await;
     super::durable_devices::devices_and_lock(&store, &tag).await;
     super::durable_devices::mail_queue(&store, &tag).await;
     super::durable_devices::report_links(&store, &tag).await;

@@ -285,3 +285,22 @@ pub(super) async fn hostile_text(s: &Arc<dyn DurableStore>, tag: &str) {
     );
     s.ping().await.unwrap();
 }
+
+/// A batch larger than one statement's worth of rows: every event stored once, in order.
+pub(super) async fn large_batch(s: &Arc<dyn DurableStore>, tag: &str) {
+    let name = format!("bulk_{tag}");
+    let events: Vec<AuditEvent> = (0..600)
+        .map(|i| {
+            let mut e = event(1000 + i, &name, None);
+            e.reason = Some(format!("n{i}"));
+            e
+        })
+        .collect();
+    s.append_audit(&events).await.unwrap();
+    let back = s
+        .query_audit(&q(None, Some(&name), None, false, 1000))
+        .await
+        .unwrap();
+    assert_eq!(without_ids(&back), events, "all 600, in append order");
+    assert!(back.windows(2).all(|w| w[0].id < w[1].id));
+}
