@@ -1,11 +1,13 @@
-//! A credential-stuffing flood on the password step (`POST /_portcullis/login`), for a bounded
-//! time: the load generator of `bench/signin.sh`'s under-attack run.
+//! Load on the password step (`POST /_portcullis/login`), for a bounded time: the load generator
+//! of `bench/signin.sh`, for its sign-in throughput (`--user` and `--password`: the right one)
+//! and for its credential-stuffing flood (wrong passwords, many addresses).
 //!
 //! `bench-flood GW --seconds S --clients C [--rate R] [--sources NETS HOSTS] [--users N]
-//!  [--target EMAIL --target-share F] [--pid PID]`
+//!  [--target EMAIL --target-share F] [--user EMAIL] [--password P] [--pid PID]`
 //!
-//! Each of C clients keeps one HTTP/1.1 connection and posts the sign-in form with a wrong
-//! password (one CSRF cookie and token fetched at the start, as a scripted client would). With
+//! Each of C clients keeps one HTTP/1.1 connection and posts the sign-in form, with a made-up
+//! wrong password unless `--password` is given (one CSRF cookie and token fetched at the start,
+//! as a scripted client would). With
 //! `--sources` the connections are bound to loopback addresses 127.10.n.h (n < NETS, 1 ≤ h ≤
 //! HOSTS; Linux routes all of 127.0.0.0/8 to loopback), a new address every 20 attempts, so the
 //! gateway sees many addresses in NETS different /24 networks. `--rate` caps the attempts per
@@ -49,6 +51,12 @@ struct Args {
     target: Option<String>,
     #[arg(long, default_value_t = 0.0)]
     target_share: f64,
+    /// Always this username (instead of made-up ones).
+    #[arg(long)]
+    user: Option<String>,
+    /// Always this password (instead of made-up wrong ones).
+    #[arg(long)]
+    password: Option<String>,
     #[arg(long)]
     pid: Option<u32>,
 }
@@ -170,11 +178,12 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     let (cookie, token) = csrf(a.gw).await?;
-    let names: Arc<Vec<String>> = Arc::new(
-        (0..a.users)
+    let names: Arc<Vec<String>> = Arc::new(match &a.user {
+        Some(u) => vec![u.clone()],
+        None => (0..a.users)
             .map(|i| format!("customer{i}@example.net"))
             .collect(),
-    );
+    });
     let sources: Option<Arc<Vec<SocketAddr>>> = a.sources.as_ref().map(|s| {
         let mut v: Vec<SocketAddr> = (0..s[0])
             .flat_map(|n| {
@@ -206,6 +215,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             a.target_share,
             a.gw,
         );
+        let password = a.password.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::from_entropy();
             let mut due = Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(rng.gen()));
@@ -250,7 +260,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     };
                     let body: String = url::form_urlencoded::Serializer::new(String::new())
                         .append_pair("username", user)
-                        .append_pair("password", &format!("Summer{}!", rng.gen_range(1000..10000)))
+                        .append_pair(
+                            "password",
+                            &password.clone().unwrap_or_else(|| format!("Summer{}!", rng.gen_range(1000..10000))),
+                        )
                         .append_pair("csrf", &token)
                         .append_pair("next", "")
                         .finish();
@@ -308,6 +321,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     if a.pid.is_some() {
         out["gateway_cpu_seconds"] = serde_json::json!((cpu * 100.0).round() / 100.0);
+        let accepted: u64 = [200, 303].iter().filter_map(|s| t.by_status.get(s)).sum();
+        if accepted > 0 {
+            out["gateway_cpu_seconds_per_accepted_attempt"] =
+                serde_json::json!((cpu / accepted as f64 * 10_000.0).round() / 10_000.0);
+        }
     }
     println!("{out}");
     Ok(())

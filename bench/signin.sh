@@ -45,7 +45,7 @@ R=bench/results
 nproc > $R/signin-machine.txt; grep -m1 'model name' /proc/cpuinfo >> $R/signin-machine.txt
 
 echo "== sign-in throughput (correct password, 4 clients, ${SECS}s)" >&2
-python3 bench/signin_load.py "$GW" --seconds "$SECS" --clients 4 --user bench@example.com \
+"$TGT/release/examples/bench-flood" "$GW" --seconds "$SECS" --clients 4 --user bench@example.com \
   --password "$PW" --pid "$gw_pid" | tee $R/signin-throughput.json
 
 # The real user: signs in once with password + TOTP, ticks "remember this browser", binds the

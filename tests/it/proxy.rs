@@ -133,16 +133,10 @@ fn peak_rss_kib() -> i64 {
 
 #[tokio::test]
 async fn websockets_are_relayed_for_a_complete_session() {
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    use tokio_tungstenite::tungstenite::Message;
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("w@example.com").await;
-    let mut req = format!("ws://{}/ws", gw.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("cookie", gw.cookies(&c).parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(resp.status(), 101);
+    let mut ws = open_ws(&gw, &c).await;
     for text in ["hello", "second message"] {
         ws.send(Message::text(text)).await.unwrap();
         let got = ws.next().await.unwrap().unwrap();
