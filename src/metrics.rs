@@ -387,7 +387,8 @@ struct Scrape {
     hasher: Arc<PasswordHasher>,
 }
 
-/// The metrics listener's router: `GET /metrics`, 404 for anything else.
+/// The metrics listener's router: `GET /metrics` (the server adds the health probes), 404 for
+/// anything else.
 pub fn router(metrics: Arc<Metrics>, hasher: Arc<PasswordHasher>) -> Router {
     Router::new()
         .route("/metrics", get(scrape))

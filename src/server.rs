@@ -151,7 +151,8 @@ async fn side_listeners(
     let mut tasks = Vec::new();
     let mut apps = Vec::new();
     if let Some(addr) = &state.config.metrics.listen {
-        let app = crate::metrics::router(state.metrics.clone(), state.login.hasher.clone());
+        let app = crate::metrics::router(state.metrics.clone(), state.login.hasher.clone())
+            .merge(crate::http::health::probes(state.clone()));
         apps.push(("metrics", addr, app));
     }
     if let Some(addr) = &state.config.server.redirect_http_listen {

@@ -6,6 +6,9 @@
 //!   recover by itself.
 //! - `GET /_portcullis/readyz`: readiness, 200 when both stores answer, otherwise 503 with JSON
 //!   naming the store that is down, so a load balancer sends traffic elsewhere.
+//!
+//! The metrics listener (`[metrics] listen`) answers the same two probes as `/healthz` and
+//! `/readyz` ([`probes`]), for orchestrators that check a port the public never reaches.
 
 use std::time::Duration;
 
@@ -16,6 +19,14 @@ use serde_json::json;
 
 use crate::state::AppState;
 use crate::store::StoreResult;
+
+/// The two probes at `/healthz` and `/readyz`, for the metrics listener.
+pub fn probes(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(healthz_get))
+        .route("/readyz", axum::routing::get(readyz_get))
+        .with_state(state)
+}
 
 /// A probe never waits longer than this for a store.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

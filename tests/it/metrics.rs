@@ -282,14 +282,39 @@ async fn metrics_are_only_on_their_own_listener() {
     let r = gw.get(&gw.api(), "/metrics").await;
     assert_eq!(r.status(), 401);
     assert!(!r.text().await.unwrap().contains("portcullis_"));
-    // And the metrics listener serves nothing of the gateway.
+    // And the metrics listener serves nothing of the gateway but its health probes.
     wait_listening(&metrics).await;
-    for path in ["/_portcullis/login", "/", "/metrics/x"] {
+    for path in [
+        "/_portcullis/login",
+        "/",
+        "/metrics/x",
+        "/_portcullis/readyz",
+    ] {
         let r = reqwest::get(format!("http://{metrics}{path}"))
             .await
             .unwrap();
         assert_eq!(r.status(), 404, "{path}");
     }
+}
+
+#[tokio::test]
+async fn the_metrics_listener_answers_the_health_probes() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let _gw = Gateway::start_with(adjust).await;
+    wait_listening(&metrics).await;
+    let r = reqwest::get(format!("http://{metrics}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    let r = reqwest::get(format!("http://{metrics}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["stores"]["durable"], "up", "{body}");
 }
 
 /// Runs `portcullis serve` on `config` with `env` overrides; output goes to `log` when given.

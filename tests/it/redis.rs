@@ -264,3 +264,35 @@ async fn store_passwords_stay_out_of_check_config_and_logs() {
     assert!(log.contains("[redacted]@127.0.0.1:1/0"), "{log}");
     assert!(!log.contains(PW), "{log}");
 }
+
+#[tokio::test]
+async fn the_metrics_listeners_readiness_probe_names_the_store_that_is_down() {
+    let mut redis = PrivateRedis::start();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (url, listen) = (redis.url(), metrics.clone());
+    let _gw = Gateway::start_with(move |c| {
+        c.storage.ephemeral = url;
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        c.storage.redis_connect_timeout = Duration::from_millis(300);
+        c.storage.redis_response_timeout = Duration::from_millis(500);
+        c.metrics.listen = Some(listen);
+    })
+    .await;
+    super::metrics::wait_listening(&metrics).await;
+    let probe = |path: &'static str| {
+        let url = format!("http://{metrics}{path}");
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    assert_eq!(probe("/readyz").await.0, 200);
+    redis.kill();
+    let (s, body) = probe("/readyz").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["stores"]["ephemeral"], "down", "{body}");
+    assert_eq!(body["stores"]["durable"], "up", "{body}");
+    // Alive all the same: restarting the gateway would not bring Redis back.
+    assert_eq!(probe("/healthz").await.0, 200);
+}
