@@ -359,7 +359,8 @@ pub struct PasswordConfig {
     /// Hashes computed at once (default: half the cores, at least one); memory use is this times
     /// `argon2_memory_kib`.
     pub max_concurrent_hashes: usize,
-    /// Sign-ins allowed to wait for a hashing slot; beyond that they are shed with 503.
+    /// Sign-ins allowed to wait for a hashing slot, in each of two lines (known devices of the
+    /// account they name, served first; everyone else); beyond that they are shed with 503.
     pub max_queued_hashes: usize,
     /// Scheduling priority (Unix nice value, 0–19) of the threads that compute hashes. Above 0
     /// they yield the CPU to proxied traffic whenever both want it, so a sign-in flood slows

@@ -5,27 +5,28 @@
 //! priority `hashing_nice`, see `pool`) (memory use is that
 //! times `argon2_memory_kib`), with at most `max_queued_hashes` callers waiting. Beyond that,
 //! callers get [`PasswordError::Busy`] at once, so a password-spraying burst turns into quick
-//! 503s instead of an ever-growing queue that starves the proxy.
+//! 503s instead of an ever-growing queue that starves the proxy. Sign-ins from a known device of
+//! the account wait in a line of their own that is served first (see `slots`), so such a burst
+//! cannot turn the account's owner away.
 //!
 //! Sign-in does the same work whether or not the account exists, and whether or not the password
 //! was empty or absurdly long, so response times do not reveal which accounts exist. (A stored
 //! hash with older, cheaper parameters costs less to check until it is rehashed on the next
 //! successful sign-in.)
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::SaltString;
 use argon2::password_hash::{self, PasswordHash, PasswordHasher as _, PasswordVerifier as _};
 use argon2::{Algorithm, Argon2, Params, Version};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use zeroize::Zeroizing;
 
 use crate::config::PasswordConfig;
 use crate::secret::Secret;
 
 mod pool;
+mod slots;
+
+pub use slots::Lane;
 
 /// Absolute ceiling on the bytes of a password we will feed to argon2, whatever the config says.
 pub const MAX_INPUT_BYTES: usize = 4096;
@@ -63,14 +64,11 @@ pub struct PolicyViolation(pub String);
 pub struct PasswordHasher {
     /// Parameters for new hashes; stored hashes with others are reported as `needs_rehash`.
     params: Params,
-    /// One permit per hash allowed to run at once.
-    slots: Arc<Semaphore>,
-    /// Permits in `slots`, to report how many are in use.
+    /// One slot per hash allowed to run at once, and the lines of callers waiting for one.
+    slots: slots::Slots,
+    /// Slots, and how many callers each line may hold before new ones are turned away.
     max_concurrent: usize,
-    /// How many callers may wait for a slot before new ones are turned away.
     max_queued: usize,
-    /// Callers currently waiting for a slot.
-    waiting: AtomicUsize,
     /// Longest password in bytes that is hashed; longer ones are treated as wrong.
     max_input_bytes: usize,
     /// Hash of a random password with `params`, checked for unknown users so they cost the same.
@@ -114,10 +112,9 @@ impl PasswordHasher {
         Ok(Self {
             pool,
             params,
-            slots: Arc::new(Semaphore::new(cfg.max_concurrent_hashes)),
+            slots: slots::Slots::new(cfg.max_concurrent_hashes, cfg.max_queued_hashes),
             max_concurrent: cfg.max_concurrent_hashes,
             max_queued: cfg.max_queued_hashes,
-            waiting: AtomicUsize::new(0),
             max_input_bytes: input_limit(cfg),
             dummy_hash,
         })
@@ -136,7 +133,7 @@ impl PasswordHasher {
                 "password exceeds the sign-in length limit (check_policy refuses these)".into(),
             ));
         }
-        let permit = self.permit().await?;
+        let permit = self.permit(Lane::Other).await?;
         let params = self.params.clone();
         let password = password.clone();
         self.pool
@@ -155,9 +152,23 @@ impl PasswordHasher {
     /// `stored == None` (unknown user), an empty password, a password over the length limit, or
     /// an unparsable stored hash all cost one argon2 run against the dummy hash and give
     /// [`Verification::Mismatch`]; an unparsable hash is logged at warn (without the hash).
-    #[tracing::instrument(skip_all)]
+    ///
+    /// Waits in the line of other callers; see [`PasswordHasher::verify_in`].
     pub async fn verify(
         &self,
+        password: &Secret<String>,
+        stored: Option<&str>,
+    ) -> Result<Verification, PasswordError> {
+        self.verify_in(Lane::Other, password, stored).await
+    }
+
+    /// [`PasswordHasher::verify`], waiting for a hashing slot in `lane`: [`Lane::Known`] only
+    /// for a sign-in from a known device of the account, whose attempts its own failure budget
+    /// bounds.
+    #[tracing::instrument(skip_all)]
+    pub async fn verify_in(
+        &self,
+        lane: Lane,
         password: &Secret<String>,
         stored: Option<&str>,
     ) -> Result<Verification, PasswordError> {
@@ -174,7 +185,7 @@ impl PasswordHasher {
         let stored = stored.map(str::to_owned);
         let dummy = self.dummy_hash.clone();
         let params = self.params.clone();
-        let permit = self.permit().await?;
+        let permit = self.permit(lane).await?;
         self.pool
             .run(move || {
                 let _permit = permit;
@@ -186,48 +197,16 @@ impl PasswordHasher {
 
     /// Hashes waiting for a slot plus hashes running, for metrics.
     pub fn queue_depth(&self) -> usize {
-        let running = self
-            .max_concurrent
-            .saturating_sub(self.slots.available_permits());
-        self.waiting.load(Ordering::Acquire) + running
+        self.slots.waiting() + self.slots.running()
     }
 
-    /// A hashing slot: at once if one is free, after waiting if the queue has room, else Busy.
-    async fn permit(&self) -> Result<OwnedSemaphorePermit, PasswordError> {
-        let closed = || PasswordError::Internal("hashing pool closed".into());
-        match Arc::clone(&self.slots).try_acquire_owned() {
-            Ok(permit) => return Ok(permit),
-            Err(TryAcquireError::Closed) => return Err(closed()),
-            Err(TryAcquireError::NoPermits) => {}
-        }
-        // The guard leaves the queue on every path, including when the caller's future is
-        // dropped while waiting (client disconnected), so the count cannot leak.
-        let _waiting = Waiting::enter(&self.waiting, self.max_queued).ok_or(PasswordError::Busy)?;
-        Arc::clone(&self.slots)
-            .acquire_owned()
+    /// A hashing slot: at once if one is free, after waiting if `lane` has room, else Busy. A
+    /// caller whose future is dropped while waiting (client disconnected) leaves its line.
+    async fn permit(&self, lane: Lane) -> Result<slots::Permit, PasswordError> {
+        self.slots
+            .acquire(lane)
             .await
-            .map_err(|_| closed())
-    }
-}
-
-/// A place in the waiting queue, released on drop.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    /// Joins the queue unless `max` callers already wait; the check and increment are one step.
-    fn enter(counter: &'a AtomicUsize, max: usize) -> Option<Self> {
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(counter))
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+            .map_err(|slots::Busy| PasswordError::Busy)
     }
 }
 

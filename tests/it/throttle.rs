@@ -199,6 +199,61 @@ async fn the_owner_signs_in_from_a_known_device_while_the_flood_is_refused() {
     assert!(throttled_metric(&gw, "account_password") >= 3.0);
 }
 
+/// A flood that keeps the hashing queue full turns strangers away with 503, never the owner
+/// signing in from their known device: that attempt waits in a line of its own, served first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_hashing_queue_does_not_turn_the_owners_known_device_away() {
+    let gw = std::sync::Arc::new(
+        Gateway::start_with(|c| {
+            behind_proxy(c);
+            c.limits.max_delay = Duration::ZERO;
+            c.limits.global_sign_ins_per_second = 1000;
+            // Hashes slow enough for the queue to stay full while the owner tries.
+            c.password.argon2_memory_kib = 32 * 1024;
+            c.password.argon2_iterations = 3;
+            c.password.max_concurrent_hashes = 1;
+            c.password.max_queued_hashes = 2;
+        })
+        .await,
+    );
+    let email = "owner@example.com";
+    let (owner, _, _) = gw.signed_in(email).await;
+    sign_out(&gw, &owner).await;
+    let hasher = gw.state.login.hasher.clone();
+    let mut flood = Vec::new();
+    for i in 0..3 {
+        let gw = gw.clone();
+        flood.push(tokio::spawn(async move {
+            let who = format!("stranger{i}@example.com");
+            attempt_from(&gw, &format!("10.8.{i}.1"), &who, WRONG)
+                .await
+                .status()
+                .as_u16()
+        }));
+        // One hashing, then the queue fills one by one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hasher.queue_depth() < i + 1 {
+            assert!(
+                Instant::now() < deadline,
+                "attempt {i} never reached the queue"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let turned_away = attempt_from(&gw, "10.8.9.1", "stranger9@example.com", WRONG).await;
+    assert_eq!(turned_away.status(), 503, "the queue is full for strangers");
+    let r = gw.password(&owner, email, PASSWORD, "").await;
+    assert_eq!(r.status(), 303, "the owner's known device is let through");
+    assert!(
+        location(&r).starts_with("/_portcullis/mfa"),
+        "{}",
+        location(&r)
+    );
+    for f in flood {
+        assert_eq!(f.await.unwrap(), 401);
+    }
+}
+
 /// Failures make further attempts wait longer (bounded by `limits.max_delay`); while one
 /// waits it holds no hashing slot (another sign-in is hashed meanwhile, with a pool of one and
 /// no queue) and proxied traffic is not held up.

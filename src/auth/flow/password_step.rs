@@ -5,7 +5,7 @@
 
 use super::throttle::{awaits_password, KnownDevice};
 use super::{Client, FlowError, LoginFlow, PasswordOutcome, Reservation};
-use crate::auth::password::Verification;
+use crate::auth::password::{Lane, Verification};
 use crate::secret::Secret;
 use crate::session::{Session, Stage};
 use crate::store::{AuditEvent, User};
@@ -16,6 +16,8 @@ struct Attempt {
     user: Option<User>,
     reserved: Vec<String>,
     prior: u64,
+    /// From a known device of this very account: its hash waits in the line served first.
+    known_device: bool,
 }
 
 impl LoginFlow {
@@ -61,6 +63,7 @@ impl LoginFlow {
                         user,
                         reserved: keys,
                         prior,
+                        known_device: own_device.is_some(),
                     }));
                 }
             }
@@ -89,11 +92,20 @@ impl LoginFlow {
             email,
             user,
             reserved,
+            known_device,
             ..
         } = attempt;
+        let lane = match known_device {
+            true => Lane::Known,
+            false => Lane::Other,
+        };
         let verdict = match self
             .hasher
-            .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
+            .verify_in(
+                lane,
+                password,
+                user.as_ref().map(|u| u.password_hash.as_str()),
+            )
             .await
         {
             Ok(v) => v,

@@ -1,6 +1,7 @@
 //! Tests of password hashing, verification, the hashing queue and the password policy.
 
 use super::*;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn cfg() -> PasswordConfig {
@@ -86,7 +87,7 @@ async fn rejected_inputs_still_do_the_hashing_work() {
     })
     .unwrap();
     let stored = h.hash(&pw("correct horse battery")).await.unwrap();
-    let slot = Arc::clone(&h.slots).try_acquire_owned().unwrap();
+    let slot = h.slots.try_acquire().unwrap();
     let long = "a".repeat(5000);
     let cases = [
         ("unknown user", "a password", None),
@@ -173,13 +174,13 @@ async fn queue_depth_counts_and_cancelled_waiters_leave_the_queue() {
         })
         .unwrap(),
     );
-    let slot = Arc::clone(&h.slots).try_acquire_owned().unwrap();
+    let slot = h.slots.try_acquire().unwrap();
     assert_eq!(h.queue_depth(), 1);
     let spawn_hash = |h: Arc<PasswordHasher>| {
         tokio::spawn(async move { h.hash(&pw("correct horse battery")).await })
     };
     let waiter = spawn_hash(Arc::clone(&h));
-    while h.waiting.load(Ordering::Acquire) == 0 {
+    while h.slots.waiting() == 0 {
         tokio::task::yield_now().await;
     }
     assert_eq!(h.queue_depth(), 2);
@@ -193,7 +194,7 @@ async fn queue_depth_counts_and_cancelled_waiters_leave_the_queue() {
         "an abandoned waiter must leave the queue"
     );
     let waiter = spawn_hash(Arc::clone(&h));
-    while h.waiting.load(Ordering::Acquire) == 0 {
+    while h.slots.waiting() == 0 {
         tokio::task::yield_now().await;
     }
     drop(slot);
