@@ -66,9 +66,6 @@ pub struct PasswordHasher {
     params: Params,
     /// One slot per hash allowed to run at once, and the lines of callers waiting for one.
     slots: slots::Slots,
-    /// Slots, and how many callers each line may hold before new ones are turned away.
-    max_concurrent: usize,
-    max_queued: usize,
     /// Longest password in bytes that is hashed; longer ones are treated as wrong.
     max_input_bytes: usize,
     /// Hash of a random password with `params`, checked for unknown users so they cost the same.
@@ -81,9 +78,7 @@ impl std::fmt::Debug for PasswordHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PasswordHasher")
             .field("params", &self.params)
-            .field("max_concurrent", &self.max_concurrent)
-            .field("max_queued", &self.max_queued)
-            .field("queue_depth", &self.queue_depth())
+            .field("slots", &self.slots)
             .finish_non_exhaustive()
     }
 }
@@ -113,8 +108,6 @@ impl PasswordHasher {
             pool,
             params,
             slots: slots::Slots::new(cfg.max_concurrent_hashes, cfg.max_queued_hashes),
-            max_concurrent: cfg.max_concurrent_hashes,
-            max_queued: cfg.max_queued_hashes,
             max_input_bytes: input_limit(cfg),
             dummy_hash,
         })

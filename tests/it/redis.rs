@@ -70,13 +70,15 @@ impl Drop for PrivateRedis {
 
 /// A gateway whose ephemeral store is `url`, with short Redis timeouts.
 pub(super) async fn gateway_on(url: String) -> Gateway {
-    Gateway::start_with(move |c| {
-        c.storage.ephemeral = url;
-        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
-        c.storage.redis_connect_timeout = Duration::from_millis(300);
-        c.storage.redis_response_timeout = Duration::from_millis(500);
-    })
-    .await
+    Gateway::start_with(move |c| on_redis(c, url)).await
+}
+
+/// Ephemeral store `url` under a fresh key prefix, with short Redis timeouts.
+fn on_redis(c: &mut portcullis::config::Config, url: String) {
+    c.storage.ephemeral = url;
+    c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    c.storage.redis_connect_timeout = Duration::from_millis(300);
+    c.storage.redis_response_timeout = Duration::from_millis(500);
 }
 
 async fn status(gw: &Gateway, path: &str) -> (u16, serde_json::Value) {
@@ -271,10 +273,7 @@ async fn the_metrics_listeners_readiness_probe_names_the_store_that_is_down() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let (url, listen) = (redis.url(), metrics.clone());
     let _gw = Gateway::start_with(move |c| {
-        c.storage.ephemeral = url;
-        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
-        c.storage.redis_connect_timeout = Duration::from_millis(300);
-        c.storage.redis_response_timeout = Duration::from_millis(500);
+        on_redis(c, url);
         c.metrics.listen = Some(listen);
     })
     .await;

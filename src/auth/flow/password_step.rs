@@ -16,8 +16,8 @@ struct Attempt {
     user: Option<User>,
     reserved: Vec<String>,
     prior: u64,
-    /// From a known device of this very account: its hash waits in the line served first.
-    known_device: bool,
+    /// Where its hash waits: [`Lane::Known`] from a known device of this very account.
+    lane: Lane,
 }
 
 impl LoginFlow {
@@ -63,7 +63,10 @@ impl LoginFlow {
                         user,
                         reserved: keys,
                         prior,
-                        known_device: own_device.is_some(),
+                        lane: match own_device {
+                            Some(_) => Lane::Known,
+                            None => Lane::Other,
+                        },
                     }));
                 }
             }
@@ -92,13 +95,9 @@ impl LoginFlow {
             email,
             user,
             reserved,
-            known_device,
+            lane,
             ..
         } = attempt;
-        let lane = match known_device {
-            true => Lane::Known,
-            false => Lane::Other,
-        };
         let verdict = match self
             .hasher
             .verify_in(

@@ -56,11 +56,21 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 }
 
 /// The slots.
-#[derive(Debug)]
 pub(super) struct Slots {
     shared: Shared,
     max_concurrent: usize,
     max_queued: usize,
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("max_concurrent", &self.max_concurrent)
+            .field("max_queued", &self.max_queued)
+            .field("running", &self.running())
+            .field("waiting", &self.waiting())
+            .finish()
+    }
 }
 
 /// One running hash's slot; dropping it hands the slot to the next waiter.
