@@ -20,11 +20,6 @@ pub mod tls;
 /// How often signing keys are re-read, so a rotation made elsewhere is picked up.
 const KEY_REFRESH: Duration = Duration::from_secs(10);
 
-/// The gateway's router over `state`.
-pub fn build_router(state: AppState) -> Router {
-    crate::http::router(state)
-}
-
 /// Serves until `shutdown` completes, then drains in-flight requests and flushes the audit trail.
 ///
 /// With `server.tls_cert` the listener speaks HTTPS only and SIGHUP reloads the certificate;
@@ -56,7 +51,9 @@ pub async fn run(
         }
     });
     let mailer = tokio::spawn(state.notifier.as_ref().clone().run());
-    let app = build_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+        SocketAddr,
+    >(crate::http::Gateway::new(state.clone()));
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

@@ -303,7 +303,17 @@ pub async fn proxy(
     super::Peer(peer): super::Peer,
     req: Request,
 ) -> Response {
-    match gate_and_forward(&state, peer, req).await {
+    proxy_request(&state, peer, req).await
+}
+
+/// The gate and the forwarding of one request from `peer`, for [`proxy`] and for the paths that
+/// [`super::Gateway`] sends here without the router.
+pub(crate) async fn proxy_request(
+    state: &AppState,
+    peer: std::net::SocketAddr,
+    req: Request,
+) -> Response {
+    match gate_and_forward(state, peer, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }

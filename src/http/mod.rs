@@ -40,7 +40,9 @@ pub const CSP: &str =
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
 connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// The whole router: gateway routes, JWKS, and the gated proxy fallback.
+/// The router of the gateway's namespace: gateway routes, JWKS, forward-auth, and the gated proxy
+/// as fallback (for unknown paths under the namespace, which the gate refuses). Served behind
+/// [`Gateway`], which puts [`front`] before it.
 pub fn router(state: AppState) -> Router {
     let form_limit = state.config.server.max_form_bytes;
     let gateway = Router::new()
@@ -170,20 +172,61 @@ pub fn router(state: AppState) -> Router {
         // page layers, like the proxy fallback (it sets its own headers, see `forward_auth`).
         .route("/_portcullis/auth", any(forward_auth::auth_any))
         .fallback(gate::proxy)
-        .layer(middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
 }
 
-/// The outermost layer, one for every request (one layer rather than three, since it runs on
-/// every proxied request): the request id (see [`request_id`]), the refusal of overlong request
-/// targets before any other work, and error answers re-rendered as pages for browsers
-/// ([`error::render_errors`]).
-async fn front(
-    State(state): State<AppState>,
-    Peer(peer): Peer,
-    req: Request,
-    next: Next,
-) -> Response {
+/// The gateway as one service, the only one the listener serves: [`front`] for every request,
+/// then the gateway's own namespace through [`router`] and everything else straight to the gate.
+/// Every route of the router lies under `/_portcullis` or `/.well-known` (in the spelling the
+/// router matches, case and all), so any other path would only reach the router's fallback: the
+/// gate, which it now reaches without the router's matching and layers in between.
+#[derive(Clone)]
+pub struct Gateway {
+    state: AppState,
+    router: Router,
+}
+
+impl Gateway {
+    pub fn new(state: AppState) -> Self {
+        Gateway {
+            router: router(state.clone()),
+            state,
+        }
+    }
+}
+
+/// Whether a request target's path may match a route of [`router`] (its raw, undecoded form,
+/// as the router matches it). Other spellings of the gateway's namespace are the gate's to
+/// refuse ([`crate::policy::is_gateway_path`]).
+fn is_routed(path: &str) -> bool {
+    path.starts_with("/_portcullis") || path.starts_with("/.well-known")
+}
+
+impl tower::Service<Request> for Gateway {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let gateway = self.clone();
+        Box::pin(async move { Ok(front(gateway, req).await) })
+    }
+}
+
+/// What comes first for every request: the request id (see [`request_id`]), the refusal of
+/// overlong request targets before any other work, and error answers re-rendered as pages for
+/// browsers ([`error::render_errors`]).
+async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
+    let peer = peer_of(&req);
     let trusted = crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies);
     request_id::tag(trusted, req, |req| async move {
         let html = error::wants_html(req.headers());
@@ -199,8 +242,13 @@ async fn front(
                 "The address is too long.",
             )
             .into_response()
+        } else if is_routed(req.uri().path()) {
+            match tower::ServiceExt::oneshot(router, req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
         } else {
-            next.run(req).await
+            gate::proxy_request(&state, peer, req).await
         };
         error::render_errors(html, resp)
     })
@@ -283,14 +331,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Peer(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(a)| *a)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-        ))
+        Ok(Peer(peer_in(&parts.extensions)))
     }
+}
+
+fn peer_of(req: &Request) -> SocketAddr {
+    peer_in(req.extensions())
+}
+
+fn peer_in(ext: &axum::http::Extensions) -> SocketAddr {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| *a)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// `axum::Form` whose rejections become our error format (400, or 413 for oversized bodies).
@@ -356,4 +408,52 @@ pub fn see_other(location: &str) -> Response {
         r.headers_mut().insert(header::LOCATION, v);
     }
     r
+}
+
+// Tests may fail loudly; the crate-wide ban on unwrap/expect/panic is for production paths.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// The fast path is only sound while no route of the router lies outside the two prefixes:
+    /// a route elsewhere would be skipped and its request handed to the gate.
+    #[test]
+    fn every_route_of_the_router_is_routed() {
+        for (_, path) in admin::route_table() {
+            assert!(is_routed(path), "{path}");
+        }
+        for path in [
+            "/_portcullis/login",
+            "/_portcullis/auth",
+            binding::BIND_PATH,
+            binding::DBSC_REFRESH_PATH,
+            remembered::PATH,
+            "/.well-known/jwks.json",
+            "/_portcullis/unknown",
+        ] {
+            assert!(is_routed(path), "{path}");
+        }
+    }
+
+    /// Other spellings of the namespace skip the router but are still the gateway's: the gate
+    /// refuses them after canonicalising (`policy::is_gateway_path`), as the router's fallback did.
+    #[test]
+    fn other_spellings_of_the_namespace_go_to_the_gate_which_keeps_them() {
+        for path in [
+            "/_PORTCULLIS/login",
+            "/%5Fportcullis/login",
+            "/./_portcullis/login",
+            "//_portcullis/login",
+        ] {
+            assert!(!is_routed(path), "{path}");
+            let canonical = crate::policy::normalise_path(path).unwrap();
+            assert!(crate::policy::is_gateway_path(&canonical), "{path}");
+        }
+        for path in ["/", "/campaigns", "/_portcullisx", "/well-known/jwks.json"] {
+            let canonical = crate::policy::normalise_path(path).unwrap();
+            assert!(!crate::policy::is_gateway_path(&canonical), "{path}");
+        }
+        assert!(!is_routed("/campaigns"));
+    }
 }
