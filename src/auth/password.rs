@@ -121,12 +121,23 @@ impl PasswordHasher {
     /// because it could never be verified afterwards.
     #[tracing::instrument(skip_all)]
     pub async fn hash(&self, password: &Secret<String>) -> Result<String, PasswordError> {
+        self.hash_in(Lane::Other, password).await
+    }
+
+    /// [`PasswordHasher::hash`], waiting for a hashing slot in `lane` (the rehash after a
+    /// sign-in from a known device waits where that sign-in's check waited).
+    #[tracing::instrument(skip_all)]
+    pub async fn hash_in(
+        &self,
+        lane: Lane,
+        password: &Secret<String>,
+    ) -> Result<String, PasswordError> {
         if password.expose().len() > self.max_input_bytes {
             return Err(PasswordError::Internal(
                 "password exceeds the sign-in length limit (check_policy refuses these)".into(),
             ));
         }
-        let permit = self.permit(Lane::Other).await?;
+        let permit = self.permit(lane).await?;
         let params = self.params.clone();
         let password = password.clone();
         self.pool

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::harness::{location, Gateway, PASSWORD};
+use super::harness::{location, Browser, Gateway, PASSWORD};
 use super::login::sign_out;
 
 const WRONG: &str = "wrong guess 12345";
@@ -199,49 +199,59 @@ async fn the_owner_signs_in_from_a_known_device_while_the_flood_is_refused() {
     assert!(throttled_metric(&gw, "account_password") >= 3.0);
 }
 
-/// A flood that keeps the hashing queue full turns strangers away with 503, never the owner
-/// signing in from their known device: that attempt waits in a line of its own, served first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_full_hashing_queue_does_not_turn_the_owners_known_device_away() {
-    let gw = std::sync::Arc::new(
-        Gateway::start_with(|c| {
-            behind_proxy(c);
-            c.limits.max_delay = Duration::ZERO;
-            c.limits.global_sign_ins_per_second = 1000;
-            // Hashes slow enough for the queue to stay full while the owner tries.
-            c.password.argon2_memory_kib = 32 * 1024;
-            c.password.argon2_iterations = 3;
-            c.password.max_concurrent_hashes = 1;
-            c.password.max_queued_hashes = 2;
-        })
-        .await,
-    );
-    let email = "owner@example.com";
-    let (owner, _, _) = gw.signed_in(email).await;
-    sign_out(&gw, &owner).await;
-    let hasher = gw.state.login.hasher.clone();
+/// Hashes slow enough for the queue to stay full while the owner tries.
+fn slow_full_hashing(c: &mut portcullis::config::Config) {
+    behind_proxy(c);
+    c.limits.max_delay = Duration::ZERO;
+    c.limits.global_sign_ins_per_second = 1000;
+    c.password.argon2_memory_kib = 32 * 1024;
+    c.password.argon2_iterations = 3;
+    c.password.max_concurrent_hashes = 1;
+    c.password.max_queued_hashes = 2;
+}
+
+/// Fills the hashing queue of `gw` (one hashing, two waiting) with strangers' wrong guesses and
+/// checks that one more stranger is turned away with 503; the strangers' answers, to await.
+async fn fill_the_hashing_queue(gw: &std::sync::Arc<Gateway>) -> Vec<tokio::task::JoinHandle<u16>> {
     let mut flood = Vec::new();
     for i in 0..3 {
-        let gw = gw.clone();
+        let g = gw.clone();
         flood.push(tokio::spawn(async move {
             let who = format!("stranger{i}@example.com");
-            attempt_from(&gw, &format!("10.8.{i}.1"), &who, WRONG)
+            attempt_from(&g, &format!("10.8.{i}.1"), &who, WRONG)
                 .await
                 .status()
                 .as_u16()
         }));
         // One hashing, then the queue fills one by one.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while hasher.queue_depth() < i + 1 {
-            assert!(
-                Instant::now() < deadline,
-                "attempt {i} never reached the queue"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_for_queue_depth(gw, i + 1).await;
     }
-    let turned_away = attempt_from(&gw, "10.8.9.1", "stranger9@example.com", WRONG).await;
+    let turned_away = attempt_from(gw, "10.8.9.1", "stranger9@example.com", WRONG).await;
     assert_eq!(turned_away.status(), 503, "the queue is full for strangers");
+    flood
+}
+
+/// Waits until `n` password checks are hashing or waiting on `gw`.
+async fn wait_for_queue_depth(gw: &Gateway, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.state.login.hasher.queue_depth() < n {
+        assert!(
+            Instant::now() < deadline,
+            "check {n} never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A flood that keeps the hashing queue full turns strangers away with 503, never the owner
+/// signing in from their known device: that attempt waits in a line of its own, served first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_hashing_queue_does_not_turn_the_owners_known_device_away() {
+    let gw = std::sync::Arc::new(Gateway::start_with(slow_full_hashing).await);
+    let email = "owner@example.com";
+    let (owner, _, _) = gw.signed_in(email).await;
+    sign_out(&gw, &owner).await;
+    let flood = fill_the_hashing_queue(&gw).await;
     let r = gw.password(&owner, email, PASSWORD, "").await;
     assert_eq!(r.status(), 303, "the owner's known device is let through");
     assert!(
@@ -249,6 +259,56 @@ async fn a_full_hashing_queue_does_not_turn_the_owners_known_device_away() {
         "{}",
         location(&r)
     );
+    for f in flood {
+        assert_eq!(f.await.unwrap(), 401);
+    }
+}
+
+/// The same for an owner whose stored hash has older parameters: the rehash that follows the
+/// match waits in the owner's line too. Another known device waits behind the owner, so the
+/// slot the owner frees goes to it and the strangers' line stays full; a rehash in that line
+/// would be refused and, before, took the matched sign-in down with it (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rehash_after_the_owners_sign_in_does_not_meet_the_full_queue() {
+    let first = Gateway::start_with(behind_proxy).await;
+    let (email, other) = ("owner@example.com", "colleague@example.com");
+    let (owner, _, _) = first.signed_in(email).await;
+    sign_out(&first, &owner).await;
+    let (colleague, _, _) = first.signed_in(other).await;
+    sign_out(&first, &colleague).await;
+    let stored = |gw: &Gateway| {
+        let durable = gw.state.durable.clone();
+        async move {
+            durable
+                .user_by_email(email)
+                .await
+                .unwrap()
+                .unwrap()
+                .password_hash
+        }
+    };
+    let old = stored(&first).await;
+    assert!(!old.contains("m=32768,t=3"), "{old}");
+    let gw = std::sync::Arc::new(first.restarted_with(slow_full_hashing).await);
+    let flood = fill_the_hashing_queue(&gw).await;
+    let sign_in = |client: Browser, who: &'static str| {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.password(&client, who, PASSWORD, "").await })
+    };
+    let owners = sign_in(owner, email);
+    wait_for_queue_depth(&gw, 4).await;
+    let colleagues = sign_in(colleague, other);
+    wait_for_queue_depth(&gw, 5).await;
+    for r in [owners.await.unwrap(), colleagues.await.unwrap()] {
+        assert_eq!(r.status(), 303, "a known device is let through");
+        assert!(
+            location(&r).starts_with("/_portcullis/mfa"),
+            "{}",
+            location(&r)
+        );
+    }
+    let new = stored(&gw).await;
+    assert!(new.contains("m=32768,t=3"), "rehashed: {new}");
     for f in flood {
         assert_eq!(f.await.unwrap(), 401);
     }

@@ -118,8 +118,7 @@ impl LoginFlow {
             (Some(u), Verification::Match { needs_rehash }) => {
                 self.release(&reserved).await?;
                 if needs_rehash {
-                    let fresh = self.hasher.hash(password).await?;
-                    self.durable.set_password_hash(&u.id, &fresh).await?;
+                    self.rehash(lane, &u, password).await;
                 }
                 Ok(Some(u))
             }
@@ -135,6 +134,23 @@ impl LoginFlow {
                     .await?;
                 Ok(None)
             }
+        }
+    }
+
+    /// Stores a hash of the matched `password` with the current parameters. Best effort: the
+    /// stored hash stays valid, so a rehash that cannot run now (hashing queue full during a
+    /// flood, durable store unreachable) is left for the next sign-in rather than turning this
+    /// one away.
+    async fn rehash(&self, lane: Lane, user: &User, password: &Secret<String>) {
+        let stored = match self.hasher.hash_in(lane, password).await {
+            Ok(fresh) => self.durable.set_password_hash(&user.id, &fresh).await,
+            Err(e) => {
+                tracing::info!(user = %user.id, error = %e, "password rehash postponed to the next sign-in");
+                return;
+            }
+        };
+        if let Err(e) = stored {
+            tracing::warn!(user = %user.id, error = %e, "could not store the rehashed password; the old hash stays");
         }
     }
 
