@@ -147,15 +147,27 @@ impl MasterKey {
     pub fn link_mac(&self, data: &[u8]) -> [u8; 32] {
         hmac_sha256(&self.links, data)
     }
+
+    /// [`MasterKey::link_mac`] of the concatenation of `parts`, without building it.
+    pub fn link_mac_parts(&self, parts: &[&[u8]]) -> [u8; 32] {
+        hmac_sha256_parts(&self.links, parts)
+    }
 }
 
-/// HMAC-SHA256 with a 32-byte key. HMAC zero-pads keys shorter than the block, so passing the
-/// padded block to the infallible constructor gives the standard result.
+/// HMAC-SHA256 with a 32-byte key.
 pub fn hmac_sha256(key: &[u8; 32], data: &[u8]) -> [u8; 32] {
+    hmac_sha256_parts(key, &[data])
+}
+
+/// HMAC-SHA256 of the concatenation of `parts`. HMAC zero-pads keys shorter than the block, so
+/// passing the padded block to the infallible constructor gives the standard result.
+pub fn hmac_sha256_parts(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
     let mut block = Zeroizing::new([0u8; 64]);
     block[..32].copy_from_slice(key);
     let mut mac = <Hmac<Sha256> as Mac>::new(&(*block).into());
-    mac.update(data);
+    for part in parts {
+        mac.update(part);
+    }
     mac.finalize().into_bytes().into()
 }
 

@@ -155,7 +155,6 @@ pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
     fwd: &Forwarding,
 ) -> Result<(), InvalidForwarding> {
-    let peer = fwd.peer.ip().to_canonical().to_string();
     let (proto, host) = (fwd.proto.clone(), fwd.host.clone());
 
     let prior: Option<Vec<&str>> = if fwd.peer_trusted {
@@ -170,11 +169,11 @@ pub(crate) fn set_forwarded(
     };
     let chain = match prior {
         Some(parts) if !parts.is_empty() && parts.iter().all(|p| !p.is_empty()) => {
-            format!("{}, {peer}", parts.join(", "))
+            let chain = format!("{}, {}", parts.join(", "), fwd.peer.ip().to_canonical());
+            HeaderValue::from_str(&chain).map_err(|_| InvalidForwarding("for"))?
         }
-        _ => peer,
+        _ => address_value(fwd.peer.ip()).map_err(|_| InvalidForwarding("for"))?,
     };
-    let chain = HeaderValue::from_str(&chain).map_err(|_| InvalidForwarding("for"))?;
     headers.insert(X_FORWARDED_FOR, chain);
 
     if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -184,6 +183,29 @@ pub(crate) fn set_forwarded(
         headers.insert(X_FORWARDED_HOST, host);
     }
     Ok(())
+}
+
+/// `ip` (IPv4-mapped IPv6 as IPv4) as a header value, the text of its `Display`. IPv4, the
+/// common case on every proxied request, is written without the formatting machinery.
+fn address_value(ip: std::net::IpAddr) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                let mut digits = itoa::Buffer::new();
+                let digits = digits.format(octet).as_bytes();
+                text[len..len + digits.len()].copy_from_slice(digits);
+                len += digits.len();
+            }
+            HeaderValue::from_bytes(&text[..len])
+        }
+        v6 => HeaderValue::from_str(&v6.to_string()),
+    }
 }
 
 /// A forwarding instruction that cannot be written as a header value.
@@ -261,6 +283,39 @@ pub(crate) fn filter_response_cookies(headers: &mut HeaderMap, gateway: &[String
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let mut ips: Vec<IpAddr> = [
+            "0.0.0.0",
+            "1.2.3.4",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ]
+        .iter()
+        .map(|t| t.parse().unwrap())
+        .collect();
+        for i in 0..=255u8 {
+            ips.push(IpAddr::V4(Ipv4Addr::new(
+                i,
+                255 - i,
+                i / 3,
+                i.wrapping_mul(7),
+            )));
+        }
+        for ip in ips {
+            let v = address_value(ip).unwrap();
+            assert_eq!(v.to_str().unwrap(), ip.to_string(), "{ip}");
+        }
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped());
+        assert_eq!(address_value(mapped).unwrap(), "10.0.0.7");
+        let plain_v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!(address_value(plain_v6).unwrap(), "::1");
+    }
 
     #[test]
     fn hop_by_hop_names_match_the_list() {
