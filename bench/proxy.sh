@@ -56,31 +56,7 @@ gateway_config "$GWR" "$REDIS_URL" > "$work/portcullis-redis.toml"
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
 
 "$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
-mkdir -p "$work/nginx"
-cat > "$work/nginx.conf" <<NGINX
-daemon off;
-worker_processes auto;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  upstream console { server $UP; keepalive 128; }
-  server {
-    listen $NGX;
-    location / {
-      proxy_pass http://console;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-    }
-  }
+forward_auth_server=$(cat <<NGINX
   # Forward-auth as docs/forward-auth.md configures it: nginx asks Portcullis about every request
   # and proxies to the console itself.
   upstream portcullis { server $GW; keepalive 128; }
@@ -111,45 +87,21 @@ http {
       proxy_set_header Connection "";
     }
   }
-}
 NGINX
+)
+nginx_config "$UP" "$NGX" "$forward_auth_server" > "$work/nginx.conf"
 "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" & pids+=($!)
 printf 'tall violet lantern orbit 42\n' | $BIN user add bench@example.com --account bench >/dev/null
 uri=$($BIN user totp generate bench@example.com 2>/dev/null)
-secret=$(python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlparse(sys.argv[1]).query)["secret"][0])' "$uri")
+secret=$(totp_secret "$uri")
 $BIN serve & pids+=($!)
 PORTCULLIS_CONFIG="$work/portcullis-redis.toml" $BIN serve & pids+=($!)
 for gw in "$GW" "$GWR"; do
   for _ in $(seq 1 50); do curl -fs "http://$gw/.well-known/jwks.json" >/dev/null && break; sleep 0.2; done
 done
 
-code() { # the TOTP code of the current 30 s step plus $1 steps (a code is accepted once)
-  python3 - "$secret" "$1" <<'PY'
-import base64, hmac, struct, sys, time
-s = sys.argv[1]; key = base64.b32decode(s + "=" * (-len(s) % 8))
-mac = hmac.new(key, struct.pack(">Q", int(time.time()) // 30 + int(sys.argv[2])), "sha1").digest()
-o = mac[-1] & 15
-print("%06d" % ((struct.unpack(">I", mac[o:o + 4])[0] & 0x7fffffff) % 1000000))
-PY
-}
-sign_in() { # gateway, TOTP step offset: prints the Cookie header of a complete, bound session
-  local gw=$1 jar="$work/jar-$1" t cookie status
-  csrf() { curl -fs -c "$jar" -b "$jar" "http://$gw$1" | sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p' | head -1; }
-  t=$(csrf /_portcullis/login)
-  curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "username=bench@example.com" --data-urlencode "password=tall violet lantern orbit 42" --data-urlencode "csrf=$t" --data-urlencode "next=" "http://$gw/_portcullis/login"
-  t=$(csrf /_portcullis/mfa)
-  curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "code=$(code "$2")" --data-urlencode "csrf=$t" "http://$gw/_portcullis/mfa"
-  cookie=$(awk '$6=="portcullis-session"{print "portcullis-session="$7}' "$jar")
-  # Device binding is on by default: prove a device key once, as a browser does, and send the
-  # bound cookie with the session cookie (it outlives the run), so the measured path includes the
-  # bound-cookie check.
-  cookie=$(python3 bench/bind.py "$gw" "$cookie")
-  status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$gw/campaigns")
-  [ "$status" = 200 ] || { echo "sign-in for the benchmark failed on $gw (status $status)" >&2; exit 1; }
-  echo "$cookie"
-}
-cookie=$(sign_in "$GW" 0)
-cookie_redis=$(sign_in "$GWR" 1)
+cookie=$(bound_session "$GW" bench@example.com "tall violet lantern orbit 42" "$secret" 0)
+cookie_redis=$(bound_session "$GWR" bench@example.com "tall violet lantern orbit 42" "$secret" 1)
 status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$FWD/campaigns")
 [ "$status" = 200 ] || { echo "forward-auth through nginx failed (status $status)" >&2; exit 1; }
 

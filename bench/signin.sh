@@ -38,7 +38,7 @@ for u in alice@example.com bench@example.com; do
   printf '%s\n' "$PW" | $BIN user add "$u" --account bench >/dev/null
 done
 uri=$($BIN user totp generate alice@example.com 2>/dev/null)
-secret=$(python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlparse(sys.argv[1]).query)["secret"][0])' "$uri")
+secret=$(totp_secret "$uri")
 $BIN serve 2> bench/results/signin-gateway.log & gw_pid=$!; pids+=($gw_pid)
 for _ in $(seq 1 50); do curl -fs "http://$GW/.well-known/jwks.json" >/dev/null && break; sleep 0.2; done
 R=bench/results
