@@ -113,17 +113,17 @@ pub(crate) enum Unbound {
 /// `client` is asked for only when a failure is recorded, so a valid proof builds nothing.
 pub(crate) async fn check(
     state: &AppState,
-    loaded: &Loaded,
+    (storage_key, session): (&str, &Session),
     headers: &HeaderMap,
     client: impl FnOnce() -> Client,
 ) -> Result<Option<Unbound>, AppError> {
-    let Some(key) = &loaded.session.binding else {
+    let Some(key) = &session.binding else {
         return Ok(Some(Unbound::Register));
     };
     let verdict = binding::check_bound_cookie(
         &state.master_key,
         get_cookie(headers, cookie_name(state)),
-        &loaded.session.public_id,
+        &session.public_id,
         &key.thumbprint,
         state.clock.now_millis(),
     );
@@ -134,7 +134,7 @@ pub(crate) async fn check(
         // A DBSC browser refreshes before it sends a request without the cookie; an expired or
         // foreign cookie is never sent by the browser that holds the key.
         (other, _) => {
-            let ended = failure(state, loaded, &client(), other.reason()).await?;
+            let ended = failure(state, (storage_key, session), &client(), other.reason()).await?;
             Ok(Some(Unbound::Failed { ended }))
         }
     }
@@ -144,11 +144,10 @@ pub(crate) async fn check(
 /// ends (`session_suspended`) and the owner is told. Returns whether it ended.
 async fn failure(
     state: &AppState,
-    loaded: &Loaded,
+    (storage_key, s): (&str, &Session),
     client: &Client,
     reason: &str,
 ) -> Result<bool, AppError> {
-    let s = &loaded.session;
     let count = binding::count_failure(
         state.ephemeral.as_ref(),
         &s.public_id,
@@ -175,8 +174,8 @@ async fn failure(
     if count < u64::from(state.config.binding.max_failures) {
         return Ok(false);
     }
-    state.sessions.destroy(&loaded.key, &s.user_id).await?;
-    state.signer.forget(&loaded.key);
+    state.sessions.destroy(storage_key, &s.user_id).await?;
+    state.signer.forget(storage_key);
     state
         .audit
         .record(event("session_suspended", "binding_failures"))
@@ -225,9 +224,11 @@ pub(crate) async fn guard_page(
     if !state.config.binding.enabled {
         return Ok(None);
     }
-    Ok(check(state, loaded, headers, || client.clone())
-        .await?
-        .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
+    Ok(check(state, (&loaded.key, &loaded.session), headers, || {
+        client.clone()
+    })
+    .await?
+    .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
 }
 
 /// Gateway pages that change how a complete session's user signs in; they ask for the same
@@ -454,13 +455,19 @@ async fn refresh(
     client: &Client,
 ) -> Result<Refreshed, AppError> {
     let Some(proof) = proof.filter(|p| !p.is_empty()) else {
-        failure(state, loaded, client, "no_device_key").await?;
+        failure(
+            state,
+            (&loaded.key, &loaded.session),
+            client,
+            "no_device_key",
+        )
+        .await?;
         return Ok(Refreshed::Failed);
     };
     let jti = match binding::verify_refresh(proof, key) {
         Ok(j) => j,
         Err(e) => {
-            failure(state, loaded, client, e.reason()).await?;
+            failure(state, (&loaded.key, &loaded.session), client, e.reason()).await?;
             return Ok(Refreshed::Failed);
         }
     };
@@ -471,7 +478,13 @@ async fn refresh(
         ChallengeUse::Fresh => {}
         ChallengeUse::Stale => return Ok(Refreshed::Stale),
         ChallengeUse::Foreign => {
-            failure(state, loaded, client, "proof_for_another_session").await?;
+            failure(
+                state,
+                (&loaded.key, &loaded.session),
+                client,
+                "proof_for_another_session",
+            )
+            .await?;
             return Ok(Refreshed::Failed);
         }
     }
@@ -604,7 +617,13 @@ async fn register_proof(
         ChallengeUse::Fresh => {}
         ChallengeUse::Stale => return Ok(Registration::Stale(Box::new(loaded))),
         ChallengeUse::Foreign => {
-            failure(state, &loaded, &client, "proof_for_another_session").await?;
+            failure(
+                state,
+                (&loaded.key, &loaded.session),
+                &client,
+                "proof_for_another_session",
+            )
+            .await?;
             return Err(proof_failed());
         }
     }

@@ -14,7 +14,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Proxied;
 use crate::policy::{is_gateway_path, normalise_path, safe_return_to};
 use crate::proxy::Forwarding;
-use crate::session::{self, Invalid, Loaded};
+use crate::session::{self, Cached, Invalid};
 use crate::state::AppState;
 use crate::store::AuditEvent;
 use crate::token::Identity;
@@ -101,7 +101,7 @@ pub(crate) fn return_target(state: &AppState, method: &Method, target: &str) -> 
 pub(crate) enum Decision {
     /// A signed-in user whose session completed a second factor: the identity token to send on,
     /// and the session.
-    Pass(std::sync::Arc<str>, Box<Loaded>),
+    Pass(std::sync::Arc<str>, Cached),
     /// No such session; `clear_cookie` when the cookie named a session that is no more.
     Refuse { clear_cookie: bool },
     /// A complete session without a valid device proof (`binding.enabled`).
@@ -167,7 +167,8 @@ pub(crate) async fn decide(
     };
     if state.config.binding.enabled {
         // Step 3 of the request path: a fresh proof from the device key the session is bound to.
-        if let Some(why) = super::binding::check(state, &loaded, headers, client).await? {
+        let bound = (loaded.key.as_str(), &*loaded.session);
+        if let Some(why) = super::binding::check(state, bound, headers, client).await? {
             return Ok(Decision::Unbound(why));
         }
     }
@@ -188,7 +189,7 @@ pub(crate) async fn decide(
         .signer
         .token_for(&loaded.key, &identity)
         .map_err(|e| AppError::internal(&e))?;
-    Ok(Decision::Pass(token, Box::new(loaded)))
+    Ok(Decision::Pass(token, loaded))
 }
 
 /// How often an open WebSocket tunnel's session is checked again.
@@ -198,10 +199,10 @@ const TUNNEL_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// expired, its user disabled or its sessions voided), checked every [`TUNNEL_RECHECK`] through
 /// the same cache as the gate. Storage trouble ends it too (fail closed; the client reconnects
 /// through the gate).
-fn session_watch(state: &AppState, opened_under: Loaded) -> crate::proxy::Watch {
+fn session_watch(state: &AppState, opened_under: Cached) -> crate::proxy::Watch {
     let state = state.clone();
     let key: std::sync::Arc<str> = opened_under.key.into();
-    let user_id: std::sync::Arc<str> = opened_under.session.user_id.into();
+    let user_id: std::sync::Arc<str> = opened_under.session.user_id.as_str().into();
     let auth_ms = opened_under.session.auth_ms;
     std::sync::Arc::new(move || {
         let (state, key, user_id) = (state.clone(), key.clone(), user_id.clone());
@@ -346,7 +347,7 @@ async fn gate_and_forward(
     let watch;
     let token = match decision {
         Decision::Pass(token, loaded) => {
-            watch = is_upgrade(&req).then(|| session_watch(state, *loaded));
+            watch = is_upgrade(&req).then(|| session_watch(state, loaded));
             token
         }
         Decision::Unbound(why) => {

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Session;
@@ -37,7 +37,7 @@ pub fn user_message(user_id: &str) -> String {
 #[derive(Debug)]
 struct Entry {
     at: Instant,
-    session: Session,
+    session: Arc<Session>,
 }
 
 #[derive(Debug, Default)]
@@ -78,7 +78,7 @@ impl LocalCache {
     }
 
     /// The cached record, if it is younger than the cache's lifetime.
-    pub fn get(&self, key: &str) -> Option<Session> {
+    pub fn get(&self, key: &str) -> Option<Arc<Session>> {
         if !self.enabled() {
             return None;
         }
@@ -87,7 +87,7 @@ impl LocalCache {
             .entries
             .get(key)
             .filter(|e| e.at.elapsed() < self.ttl)
-            .map(|e| e.session.clone())
+            .map(|e| Arc::clone(&e.session))
     }
 
     /// A ticket to take before reading the store; [`LocalCache::insert`] needs it.
@@ -96,7 +96,7 @@ impl LocalCache {
     }
 
     /// Caches a record read from the store, unless anything was invalidated since `ticket`.
-    pub fn insert(&self, key: &str, session: &Session, ticket: u64) {
+    pub fn insert(&self, key: &str, session: Arc<Session>, ticket: u64) {
         if !self.enabled() {
             return;
         }
@@ -117,7 +117,7 @@ impl LocalCache {
             key.to_string(),
             Entry {
                 at: Instant::now(),
-                session: session.clone(),
+                session,
             },
         );
     }
@@ -184,7 +184,7 @@ mod tests {
     /// Caches a session of each user under each key.
     fn fill(c: &LocalCache, entries: &[(&str, &str)]) {
         for (key, user) in entries {
-            c.insert(key, &session(user), c.ticket());
+            c.insert(key, Arc::new(session(user)), c.ticket());
         }
     }
 
@@ -192,8 +192,8 @@ mod tests {
     fn serves_until_forgotten() {
         let c = LocalCache::new(Duration::from_secs(1), 10, true);
         let t = c.ticket();
-        c.insert("k", &session("u1"), t);
-        assert_eq!(c.get("k").map(|s| s.user_id), Some("u1".into()));
+        c.insert("k", Arc::new(session("u1")), t);
+        assert_eq!(c.get("k").map(|s| s.user_id.clone()), Some("u1".into()));
         c.forget("k");
         assert!(c.get("k").is_none());
     }
@@ -203,7 +203,7 @@ mod tests {
         let c = LocalCache::new(Duration::from_secs(1), 10, true);
         let t = c.ticket();
         c.apply(&session_message("other"));
-        c.insert("k", &session("u1"), t);
+        c.insert("k", Arc::new(session("u1")), t);
         assert!(c.get("k").is_none());
     }
 
@@ -221,13 +221,13 @@ mod tests {
     #[test]
     fn nothing_is_served_while_the_channel_is_down() {
         let c = LocalCache::new(Duration::from_secs(1), 10, false);
-        c.insert("k", &session("u1"), c.ticket());
+        c.insert("k", Arc::new(session("u1")), c.ticket());
         assert!(
             c.get("k").is_none(),
             "not live before the first subscription"
         );
         c.set_live(true);
-        c.insert("k", &session("u1"), c.ticket());
+        c.insert("k", Arc::new(session("u1")), c.ticket());
         assert!(c.get("k").is_some());
         c.set_live(false);
         assert!(c.get("k").is_none());
@@ -243,10 +243,10 @@ mod tests {
         assert!(c.get("c").is_none());
         std::thread::sleep(Duration::from_millis(40));
         assert!(c.get("a").is_none(), "expired");
-        c.insert("c", &session("u"), c.ticket());
+        c.insert("c", Arc::new(session("u")), c.ticket());
         assert!(c.get("c").is_some(), "expired entries make room");
         let off = LocalCache::new(Duration::ZERO, 2, true);
-        off.insert("a", &session("u"), off.ticket());
+        off.insert("a", Arc::new(session("u")), off.ticket());
         assert!(off.get("a").is_none());
     }
 }

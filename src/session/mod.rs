@@ -138,6 +138,15 @@ pub struct Loaded {
     pub session: Session,
 }
 
+/// A session as the gate reads it on every proxied request: shared with this gateway's local
+/// cache rather than copied out of it.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// SHA-256 of the cookie value, as in [`Loaded`].
+    pub key: String,
+    pub session: Arc<Session>,
+}
+
 /// Why a cookie did not yield a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalid {
@@ -279,7 +288,7 @@ impl Sessions {
     /// that changes a session starts here, never from the gate's cache.
     pub async fn load(&self, cookie_value: Option<&str>) -> StoreResult<Result<Loaded, Invalid>> {
         match Self::storage_key(cookie_value) {
-            Ok(key) => self.fetch(key, None).await,
+            Ok(key) => self.fetch(key).await,
             Err(why) => Ok(Err(why)),
         }
     }
@@ -291,7 +300,7 @@ impl Sessions {
     pub async fn load_cached(
         &self,
         cookie_value: Option<&str>,
-    ) -> StoreResult<Result<Loaded, Invalid>> {
+    ) -> StoreResult<Result<Cached, Invalid>> {
         match Self::storage_key(cookie_value) {
             Ok(key) => self.load_cached_key(key).await,
             Err(why) => Ok(Err(why)),
@@ -300,23 +309,23 @@ impl Sessions {
 
     /// [`Sessions::load_cached`] by storage key: for checking again, later, a session already
     /// found (an open WebSocket tunnel's).
-    pub async fn load_cached_key(&self, key: String) -> StoreResult<Result<Loaded, Invalid>> {
+    pub async fn load_cached_key(&self, key: String) -> StoreResult<Result<Cached, Invalid>> {
         let now = self.clock.now_millis();
         if let Some(session) = self.cache.get(&key) {
             if !self.expired(&session, now) && !touch_due(&session, now) {
-                return Ok(Ok(Loaded { key, session }));
+                return Ok(Ok(Cached { key, session }));
             }
         }
         let ticket = self.cache.ticket();
-        self.fetch(key, Some(ticket)).await
+        Ok(self.fetch(key).await?.map(|Loaded { key, session }| {
+            let session = Arc::new(session);
+            self.cache.insert(&key, Arc::clone(&session), ticket);
+            Cached { key, session }
+        }))
     }
 
-    /// Reads one record; with a cache ticket, caches it.
-    async fn fetch(
-        &self,
-        key: String,
-        ticket: Option<u64>,
-    ) -> StoreResult<Result<Loaded, Invalid>> {
+    /// Reads one record.
+    async fn fetch(&self, key: String) -> StoreResult<Result<Loaded, Invalid>> {
         let Some(body) = self.store.get(&record_key(&key)).await? else {
             return Ok(Err(Invalid::Unknown));
         };
@@ -325,9 +334,6 @@ impl Sessions {
         if self.expired(&session, self.clock.now_millis()) {
             self.destroy(&key, &session.user_id).await?;
             return Ok(Err(Invalid::Expired));
-        }
-        if let Some(t) = ticket {
-            self.cache.insert(&key, &session, t);
         }
         Ok(Ok(Loaded { key, session }))
     }
@@ -352,12 +358,13 @@ impl Sessions {
     /// without a store write on every request). False when the session has gone meanwhile
     /// (ended on another gateway between the read and this write): the write only replaces an
     /// existing record, so it can never bring an ended session back.
-    pub async fn touch(&self, loaded: &mut Loaded) -> StoreResult<bool> {
+    pub async fn touch(&self, loaded: &mut Cached) -> StoreResult<bool> {
         let now = self.clock.now_millis();
         if !touch_due(&loaded.session, now) {
             return Ok(true);
         }
-        loaded.session.last_seen_ms = now;
+        // A copy of its own (the cache may hold this record): once a minute, not per request.
+        Arc::make_mut(&mut loaded.session).last_seen_ms = now;
         // Only `last_seen` changed: other gateways' copies stay good (and never touch).
         let body =
             serde_json::to_vec(&loaded.session).map_err(|e| StoreError::Corrupt(e.to_string()))?;

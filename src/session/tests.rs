@@ -47,7 +47,7 @@ async fn idle_and_absolute_timeouts() {
     let (id, _) = s.create(&authed(clock.now_millis())).await.unwrap();
     for _ in 0..7 {
         clock.advance(500);
-        let mut l = s.load(Some(&id)).await.unwrap().unwrap();
+        let mut l = s.load_cached(Some(&id)).await.unwrap().unwrap();
         assert!(s.touch(&mut l).await.unwrap());
     }
     // 3700 s in: kept alive by use, but past the absolute limit of 3600 s.
@@ -141,7 +141,7 @@ async fn the_gate_cache_is_dropped_by_every_local_change() {
     assert_eq!(s.load(Some(&id)).await.unwrap().unwrap().session, changed);
     s.save(&key, &changed).await.unwrap();
     assert_eq!(
-        s.load_cached(Some(&id)).await.unwrap().unwrap().session,
+        *s.load_cached(Some(&id)).await.unwrap().unwrap().session,
         changed
     );
 
@@ -195,7 +195,7 @@ async fn a_touch_never_brings_back_a_session_ended_meanwhile() {
     clock.advance(61);
     // Read for a request that is due for its touch; meanwhile the session is ended (on another
     // gateway, say) before the touch writes.
-    let mut read = s.load(Some(&id)).await.unwrap().unwrap();
+    let mut read = s.load_cached(Some(&id)).await.unwrap().unwrap();
     let user = read.session.user_id.clone();
     s.destroy(&key, &user).await.unwrap();
     assert!(
