@@ -119,7 +119,6 @@ impl PasswordHasher {
     ///
     /// Call [`check_policy`] first: a password longer than the sign-in limit is refused here,
     /// because it could never be verified afterwards.
-    #[tracing::instrument(skip_all)]
     pub async fn hash(&self, password: &Secret<String>) -> Result<String, PasswordError> {
         self.hash_in(Lane::Other, password).await
     }

@@ -224,11 +224,9 @@ pub(crate) async fn guard_page(
     if !state.config.binding.enabled {
         return Ok(None);
     }
-    Ok(check(state, (&loaded.key, &loaded.session), headers, || {
-        client.clone()
-    })
-    .await?
-    .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
+    Ok(check(state, loaded.record(), headers, || client.clone())
+        .await?
+        .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
 }
 
 /// Gateway pages that change how a complete session's user signs in; they ask for the same
@@ -455,19 +453,13 @@ async fn refresh(
     client: &Client,
 ) -> Result<Refreshed, AppError> {
     let Some(proof) = proof.filter(|p| !p.is_empty()) else {
-        failure(
-            state,
-            (&loaded.key, &loaded.session),
-            client,
-            "no_device_key",
-        )
-        .await?;
+        failure(state, loaded.record(), client, "no_device_key").await?;
         return Ok(Refreshed::Failed);
     };
     let jti = match binding::verify_refresh(proof, key) {
         Ok(j) => j,
         Err(e) => {
-            failure(state, (&loaded.key, &loaded.session), client, e.reason()).await?;
+            failure(state, loaded.record(), client, e.reason()).await?;
             return Ok(Refreshed::Failed);
         }
     };
@@ -478,13 +470,7 @@ async fn refresh(
         ChallengeUse::Fresh => {}
         ChallengeUse::Stale => return Ok(Refreshed::Stale),
         ChallengeUse::Foreign => {
-            failure(
-                state,
-                (&loaded.key, &loaded.session),
-                client,
-                "proof_for_another_session",
-            )
-            .await?;
+            failure(state, loaded.record(), client, "proof_for_another_session").await?;
             return Ok(Refreshed::Failed);
         }
     }
@@ -617,13 +603,7 @@ async fn register_proof(
         ChallengeUse::Fresh => {}
         ChallengeUse::Stale => return Ok(Registration::Stale(Box::new(loaded))),
         ChallengeUse::Foreign => {
-            failure(
-                state,
-                (&loaded.key, &loaded.session),
-                &client,
-                "proof_for_another_session",
-            )
-            .await?;
+            failure(state, loaded.record(), &client, "proof_for_another_session").await?;
             return Err(proof_failed());
         }
     }

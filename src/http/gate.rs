@@ -167,8 +167,7 @@ pub(crate) async fn decide(
     };
     if state.config.binding.enabled {
         // Step 3 of the request path: a fresh proof from the device key the session is bound to.
-        let bound = (loaded.key.as_str(), &*loaded.session);
-        if let Some(why) = super::binding::check(state, bound, headers, client).await? {
+        if let Some(why) = super::binding::check(state, loaded.record(), headers, client).await? {
             return Ok(Decision::Unbound(why));
         }
     }

@@ -147,6 +147,20 @@ pub struct Cached {
     pub session: Arc<Session>,
 }
 
+impl Loaded {
+    /// The storage key and the record, for code that serves both kinds of loaded session.
+    pub fn record(&self) -> (&str, &Session) {
+        (&self.key, &self.session)
+    }
+}
+
+impl Cached {
+    /// The storage key and the record, as [`Loaded::record`].
+    pub fn record(&self) -> (&str, &Session) {
+        (&self.key, &self.session)
+    }
+}
+
 /// Why a cookie did not yield a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalid {
