@@ -47,7 +47,7 @@ pub enum Command {
     /// Set up administrators of the admin console.
     #[command(subcommand)]
     Admin(AdminCmd),
-    /// Read the audit trail.
+    /// Read the audit trail, or remove its old events.
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Work with identity tokens.
@@ -129,7 +129,20 @@ pub enum AuditCmd {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Remove events older than a retention period (at least a day), a few thousand per
+    /// statement so running gateways keep writing meanwhile. The removal is itself audited.
+    Prune {
+        /// Retention period, e.g. `400d`, `13weeks`, `1year`: events older than this go.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+    },
 }
+
+/// The shortest retention `audit prune` accepts: the last day of the trail is what an incident
+/// is investigated from, and a typo (`--older-than 1m`) must not wipe it.
+const MIN_AUDIT_RETENTION: std::time::Duration = std::time::Duration::from_secs(86_400);
+/// Events removed per statement by `audit prune`.
+const AUDIT_PRUNE_BATCH: u32 = 5_000;
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
@@ -572,6 +585,32 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             ev.reason = Some(format!("new_kid:{kid}"));
             durable.append_audit(&[ev]).await?;
             println!("new signing key {kid}; running gateways switch to it within 10 seconds; the previous key stays published for {}", humantime::format_duration(config.token.key_overlap));
+        }
+        Command::Audit(AuditCmd::Prune { older_than }) => {
+            if older_than < MIN_AUDIT_RETENTION {
+                bail!(
+                    "--older-than {} is too short: the last day of the audit trail is always kept",
+                    humantime::format_duration(older_than)
+                );
+            }
+            let before = clock
+                .now()
+                .saturating_sub(i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX));
+            let mut removed: u64 = 0;
+            loop {
+                let n = durable.prune_audit(before, AUDIT_PRUNE_BATCH).await?;
+                if n == 0 {
+                    break;
+                }
+                removed += n;
+            }
+            let mut ev = audit("audit_pruned", None, "cli");
+            ev.reason = Some(format!("before:{before},removed:{removed}"));
+            durable.append_audit(&[ev]).await?;
+            println!(
+                "removed {removed} audit events from before {}",
+                rfc3339(before)
+            );
         }
         Command::Audit(AuditCmd::Tail {
             lines,

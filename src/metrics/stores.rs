@@ -110,6 +110,10 @@ impl DurableStore for Timed<dyn DurableStore> {
         self.durable(AUDIT, self.inner.audit_counts(since, bucket_secs))
             .await
     }
+    async fn prune_audit(&self, before: UnixTime, limit: u32) -> StoreResult<u64> {
+        self.durable(AUDIT, self.inner.prune_audit(before, limit))
+            .await
+    }
     async fn create_enrolment_link(&self, link: EnrolmentLink) -> StoreResult<()> {
         self.durable(WRITE, self.inner.create_enrolment_link(link))
             .await

@@ -343,6 +343,10 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     /// Audit events since `since`, counted per `bucket_secs`-wide bucket, event and outcome.
     async fn audit_counts(&self, since: UnixTime, bucket_secs: i64)
         -> StoreResult<Vec<AuditCount>>;
+    /// Deletes at most `limit` audit events from before `before` (retention) and returns how
+    /// many it deleted. Callers repeat it until it returns 0, so that no single statement holds
+    /// the table (or, in SQLite, the database) for long.
+    async fn prune_audit(&self, before: UnixTime, limit: u32) -> StoreResult<u64>;
 
     /// Locks or unlocks password sign-in of a user.
     async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()>;

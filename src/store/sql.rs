@@ -993,6 +993,17 @@ impl DurableStore for SqlStore {
         })
     }
 
+    async fn prune_audit(&self, before: UnixTime, limit: u32) -> StoreResult<u64> {
+        // Through the index on `at`; a subquery because neither SQLite (as built by sqlx) nor
+        // PostgreSQL takes a LIMIT on DELETE itself.
+        self.change(
+            "DELETE FROM audit_events WHERE id IN \
+             (SELECT id FROM audit_events WHERE at < $1 LIMIT $2)",
+            &[Arg::Int(before), Arg::Int(i64::from(limit.max(1)))],
+        )
+        .await
+    }
+
     async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()> {
         let pool = &self.pool;
         self.retrying(move || async move {

@@ -268,3 +268,71 @@ async fn check_config_validates_and_redacts() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.bogus"));
 }
+
+#[tokio::test]
+async fn audit_prune_removes_only_events_past_the_retention_and_is_itself_audited() {
+    let gw = Gateway::start().await;
+    gw.signed_in("keeper@example.com").await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let day = 86_400;
+    let old = |at: i64, reason: &str| {
+        portcullis::store::AuditEvent::new("login_password", "denied", at).reason(reason)
+    };
+    gw.state
+        .durable
+        .append_audit(&[
+            old(now - 400 * day, "ancient-1"),
+            old(now - 400 * day, "ancient-2"),
+            old(now - 31 * day, "ancient-3"),
+            old(now - 10 * day, "recent"),
+        ])
+        .await
+        .unwrap();
+    let before = gw.audit().await;
+
+    // A retention shorter than a day, or one that is not a duration, removes nothing.
+    for bad in ["1m", "23h", "soon", ""] {
+        let out = gw.cli(&["audit", "prune", "--older-than", bad], None).await;
+        assert!(!out.status.success(), "--older-than {bad:?} accepted");
+        assert!(!out.stderr.is_empty(), "--older-than {bad:?}: no message");
+    }
+    let out = gw
+        .cli(&["audit", "prune", "--older-than", "1m"], None)
+        .await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too short"));
+    assert_eq!(gw.audit().await, before);
+
+    let out = gw
+        .cli(&["audit", "prune", "--older-than", "30d"], None)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("removed 3 audit events from before "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let after = gw.audit().await;
+    let reasons = |evs: &[portcullis::store::AuditEvent]| -> Vec<String> {
+        evs.iter().filter_map(|e| e.reason.clone()).collect()
+    };
+    let kept = reasons(&after);
+    assert!(kept.iter().all(|r| !r.starts_with("ancient")), "{kept:?}");
+    assert!(kept.contains(&"recent".to_string()));
+    // Everything else of the trail (the sign-in just now) is still there, plus the removal.
+    for e in before.iter().filter(|e| e.at > now - 30 * day) {
+        assert!(after.contains(e), "{e:?} removed");
+    }
+    let pruned: Vec<_> = after.iter().filter(|e| e.event == "audit_pruned").collect();
+    assert_eq!(pruned.len(), 1);
+    assert!(pruned[0].actor.as_deref().unwrap_or("").starts_with("cli:"));
+    assert!(pruned[0]
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .ends_with(",removed:3"));
+    assert_eq!(after.len(), before.len() - 3 + 1);
+}

@@ -68,20 +68,33 @@ fn the_nginx_tls_front_passes_nginx_t() {
 }
 
 #[test]
-fn the_systemd_unit_verifies() {
+fn the_systemd_units_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(repo("deploy/systemd/portcullis.service"))
-        .unwrap()
-        .replace(
-            "/usr/local/bin/portcullis",
-            env!("CARGO_BIN_EXE_portcullis"),
-        );
-    assert!(unit.contains("NoNewPrivileges=yes") && unit.contains("ProtectSystem=strict"));
-    let path = dir.path().join("portcullis.service");
-    std::fs::write(&path, unit).unwrap();
+    let mut paths = Vec::new();
+    for name in [
+        "portcullis.service",
+        "portcullis-audit-prune.service",
+        "portcullis-audit-prune.timer",
+    ] {
+        let unit = std::fs::read_to_string(repo(&format!("deploy/systemd/{name}")))
+            .unwrap()
+            .replace(
+                "/usr/local/bin/portcullis",
+                env!("CARGO_BIN_EXE_portcullis"),
+            );
+        if name.ends_with(".service") {
+            assert!(
+                unit.contains("NoNewPrivileges=yes") && unit.contains("ProtectSystem=strict"),
+                "{name} is not sandboxed"
+            );
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, unit).unwrap();
+        paths.push(path);
+    }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .args(&paths)
         .output()
         .expect("systemd-analyze");
     assert!(
@@ -93,6 +106,34 @@ fn the_systemd_unit_verifies() {
         out.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The retention job's command line is one the CLI takes.
+#[test]
+fn the_audit_prune_unit_runs_a_command_that_exists() {
+    let unit =
+        std::fs::read_to_string(repo("deploy/systemd/portcullis-audit-prune.service")).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart=/usr/local/bin/portcullis "))
+        .unwrap();
+    let args: Vec<&str> = line.split_whitespace().collect();
+    let config = args.iter().position(|a| *a == "--config").unwrap();
+    // The same arguments with a config that does not exist: the CLI must get past parsing and
+    // fail only on the missing file.
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args[config + 1] = "/nonexistent/portcullis.toml".into();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/nonexistent/portcullis.toml"), "{err}");
+    assert!(
+        !err.contains("unexpected argument") && !err.contains("Usage:"),
+        "{err}"
     );
 }
 

@@ -30,6 +30,7 @@ pub(crate) async fn durable_suite(store: Arc<dyn DurableStore>) {
     super::durable_devices::report_links(&store, &tag).await;
     super::durable_webauthn::webauthn(&store, &tag).await;
     super::durable_admin::admin(&store, &tag).await;
+    super::durable_audit::prune(&store, &tag).await;
 }
 
 pub(super) fn new_user(email: &str) -> NewUser {

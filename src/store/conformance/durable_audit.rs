@@ -304,3 +304,43 @@ pub(super) async fn large_batch(s: &Arc<dyn DurableStore>, tag: &str) {
     assert_eq!(without_ids(&back), events, "all 600, in append order");
     assert!(back.windows(2).all(|w| w[0].id < w[1].id));
 }
+
+/// Retention: events from before the cut-off go, a few at a time; nothing from the cut-off on is
+/// touched. Runs last, on times before any other part of the suite writes (they are all
+/// positive), so it can count the whole table.
+pub(super) async fn prune(s: &Arc<dyn DurableStore>, tag: &str) {
+    let name = format!("old_{tag}");
+    let all = |s: Arc<dyn DurableStore>| async move {
+        s.query_audit(&q(None, None, None, false, 10_000))
+            .await
+            .unwrap()
+    };
+    let events: Vec<AuditEvent> = (-100..-90).map(|at| event(at, &name, None)).collect();
+    s.append_audit(&events).await.unwrap();
+    let before = all(s.clone()).await;
+    assert_eq!(s.prune_audit(-100, 10).await.unwrap(), 0, "none older");
+    // Five events lie before -95; at most two go per call.
+    let mut removed = Vec::new();
+    loop {
+        let n = s.prune_audit(-95, 2).await.unwrap();
+        assert!(n <= 2, "{n} removed in one call");
+        if n == 0 {
+            break;
+        }
+        removed.push(n);
+    }
+    assert_eq!(removed, [2, 2, 1]);
+    let after = all(s.clone()).await;
+    let gone: Vec<&AuditEvent> = before.iter().filter(|e| !after.contains(e)).collect();
+    assert!(gone.iter().all(|e| e.at < -95 && e.event == name));
+    assert_eq!(gone.len(), 5);
+    assert_eq!(
+        after.len(),
+        before.len() - 5,
+        "the rest of the trail is kept"
+    );
+    assert!(
+        after.iter().any(|e| e.at == -95),
+        "the cut-off itself is kept"
+    );
+}
