@@ -597,16 +597,25 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .now()
                 .saturating_sub(i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX));
             let mut removed: u64 = 0;
-            loop {
-                let n = durable.prune_audit(before, AUDIT_PRUNE_BATCH).await?;
-                if n == 0 {
-                    break;
+            let done = loop {
+                match durable.prune_audit(before, AUDIT_PRUNE_BATCH).await {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => removed += n,
+                    Err(e) => break Err(e),
                 }
-                removed += n;
-            }
+            };
+            // The removal is on the record even when it stopped part-way (the store went away
+            // between two batches), as far as the store still takes the event.
             let mut ev = audit("audit_pruned", None, "cli");
             ev.reason = Some(format!("before:{before},removed:{removed}"));
-            durable.append_audit(&[ev]).await?;
+            if done.is_err() {
+                ev.outcome = "failure".into();
+            }
+            let recorded = durable.append_audit(&[ev]).await;
+            if let Err(e) = done {
+                bail!("stopped after removing {removed} audit events: {e}");
+            }
+            recorded?;
             println!(
                 "removed {removed} audit events from before {}",
                 rfc3339(before)
