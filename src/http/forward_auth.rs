@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{wants_html, AppError};
-use super::gate::{decide, refuse, return_target, sign_in_url, token_header, Decision, LOGIN_PATH};
+use super::gate::{decide, refuse, return_target, sign_in_url, Decision, LOGIN_PATH};
 use crate::metrics::ForwardAuth;
 use crate::policy::{is_gateway_path, normalise_path};
 use crate::state::AppState;
@@ -97,9 +97,8 @@ async fn check(
     }
     match decide(state, peer, headers).await? {
         Decision::Pass(token, _) => {
-            let (name, value) = token_header(state, &token)?;
             let mut r = StatusCode::OK.into_response();
-            r.headers_mut().insert(name, value);
+            r.headers_mut().insert(state.token_header.clone(), token);
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok((ForwardAuth::Allowed, r))

@@ -99,9 +99,9 @@ pub(crate) fn return_target(state: &AppState, method: &Method, target: &str) -> 
 
 /// What the gate decided about the session a request carries.
 pub(crate) enum Decision {
-    /// A signed-in user whose session completed a second factor: the identity token to send on,
-    /// and the session.
-    Pass(std::sync::Arc<str>, Cached),
+    /// A signed-in user whose session completed a second factor: the identity token to send on
+    /// (as the identity header's value), and the session.
+    Pass(HeaderValue, Cached),
     /// No such session; `clear_cookie` when the cookie named a session that is no more.
     Refuse { clear_cookie: bool },
     /// A complete session without a valid device proof (`binding.enabled`).
@@ -233,15 +233,6 @@ async fn still_admitted(state: &AppState, key: &str, user_id: &str, auth_ms: i64
         state.user_gate.admit(state, user_id, auth_ms).await,
         Ok(Some(_))
     )
-}
-
-/// The configured identity header carrying `token`.
-pub(crate) fn token_header(
-    state: &AppState,
-    token: &str,
-) -> Result<(HeaderName, HeaderValue), AppError> {
-    let value = HeaderValue::from_str(token).map_err(|e| AppError::internal(&e))?;
-    Ok((state.token_header.clone(), value))
 }
 
 /// The configured identity header's name (validated with the configuration).
@@ -376,12 +367,11 @@ async fn gate_and_forward(
             ));
         }
     };
-    let (header_name, header_value) = token_header(state, &token)?;
     let fwd = Forwarding {
         path_and_query,
         peer,
         peer_trusted: crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies),
-        add_headers: vec![(header_name, header_value)],
+        add_headers: vec![(state.token_header.clone(), token)],
         watch,
         ..state.forwarding.clone()
     };

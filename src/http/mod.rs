@@ -291,16 +291,50 @@ pub fn apply_security_headers(h: &mut HeaderMap, https: bool) {
     }
 }
 
-/// The value of cookie `name`, from any `Cookie` header; `None` when absent or unreadable.
+/// The value of the first cookie `name` (surrounding quotes removed) from any `Cookie` header
+/// whose value is printable ASCII; `None` when there is none.
+///
+/// Read as bytes: only the value found is checked to be text (as `HeaderValue::to_str` checks),
+/// not every other cookie on every request, so a console cookie holding UTF-8 does not hide the
+/// gateway's cookies either.
 pub fn get_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
+    let name = name.as_bytes();
+    headers.get_all(header::COOKIE).iter().find_map(|v| {
+        let mut rest = v.as_bytes();
+        loop {
+            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+            let pair = rest[..end].trim_ascii();
+            if let Some(value) = pair
+                .strip_prefix(name)
+                .and_then(|after| after.strip_prefix(b"="))
+            {
+                let value = trim_quotes(value);
+                if value
+                    .iter()
+                    .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+                {
+                    if let Ok(text) = std::str::from_utf8(value) {
+                        return Some(text);
+                    }
+                }
+            }
+            if end == rest.len() {
+                return None;
+            }
+            rest = &rest[end + 1..];
+        }
+    })
+}
+
+/// `value` without the `"` at either end (any number of them).
+fn trim_quotes(mut value: &[u8]) -> &[u8] {
+    while let [b'"', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b'"'] = value {
+        value = rest;
+    }
+    value
 }
 
 /// Who is asking: the client address (through trusted proxies only) and user agent.
@@ -415,6 +449,50 @@ pub fn see_other(location: &str) -> Response {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    fn cookies(values: &[&[u8]]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::COOKIE, HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn cookies_are_found_by_their_exact_name_in_any_cookie_header() {
+        let name = "portcullis-session";
+        for (values, want) in [
+            (&[&b"a=1; portcullis-session=abc; b=2"[..]][..], Some("abc")),
+            (&[b"a=1", b"b=2;portcullis-session=abc"], Some("abc")),
+            (
+                &[b"portcullis-session=first", b"portcullis-session=second"],
+                Some("first"),
+            ),
+            (&[b"portcullis-session=\"abc\""], Some("abc")),
+            (&[b"  portcullis-session=abc  ;"], Some("abc")),
+            (&[b"portcullis-session="], Some("")),
+            (&[b"portcullis-session=a=b"], Some("a=b")),
+            // Names match exactly: no prefix, no suffix, no case folding, no spaces before `=`.
+            (&[b"xportcullis-session=1; portcullis-session-x=2"], None),
+            (&[b"Portcullis-Session=1"], None),
+            (&[b"portcullis-session =1"], None),
+            (&[b"portcullis-session"], None),
+            (&[b""], None),
+            (&[], None),
+            // Other cookies holding UTF-8 do not hide it; a value that is not text is no value.
+            (
+                &[b"theme=\xc3\xa9t\xc3\xa9; portcullis-session=abc"],
+                Some("abc"),
+            ),
+            (&[b"portcullis-session=\xc3\xa9"], None),
+            (
+                &[b"portcullis-session=\xc3\xa9", b"portcullis-session=ok"],
+                Some("ok"),
+            ),
+        ] {
+            assert_eq!(get_cookie(&cookies(values), name), want, "{values:?}");
+        }
+    }
 
     /// The fast path is only sound while no route of the router lies outside the two prefixes:
     /// a route elsewhere would be skipped and its request handed to the gate.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use jsonwebtoken::Header;
 
 use super::keys::{KeyRing, LoadedKey};
@@ -22,7 +23,9 @@ const CACHE_CAP: usize = 50_000;
 struct Cached {
     identity: Identity,
     kid: String,
-    token: Arc<str>,
+    /// As the identity header sends it (marked sensitive), so the request path neither copies
+    /// nor re-validates it.
+    token: HeaderValue,
     iat: UnixTime,
     exp: UnixTime,
 }
@@ -127,7 +130,7 @@ impl Signer {
         &self,
         session_key: &str,
         identity: &Identity,
-    ) -> Result<Arc<str>, TokenError> {
+    ) -> Result<HeaderValue, TokenError> {
         let now = self.clock.now();
         let ring = self.ring();
         let current = &ring.current;
@@ -137,7 +140,7 @@ impl Signer {
                 && c.exp.saturating_sub(now).saturating_mul(4) >= self.ttl
                 && c.identity.same_as(identity);
             if fresh {
-                return Ok(Arc::clone(&c.token));
+                return Ok(c.token.clone());
             }
         }
         // Signed without holding the lock; a concurrent duplicate mint is harmless.
@@ -158,7 +161,7 @@ impl Signer {
             Cached {
                 identity: identity.clone(),
                 kid: current.kid.clone(),
-                token: Arc::clone(&token),
+                token: token.clone(),
                 iat: now,
                 exp,
             },
@@ -190,7 +193,7 @@ impl Signer {
         key: &LoadedKey,
         identity: &Identity,
         now: UnixTime,
-    ) -> Result<(Arc<str>, UnixTime), TokenError> {
+    ) -> Result<(HeaderValue, UnixTime), TokenError> {
         let exp = now.saturating_add(self.ttl);
         let claims = Claims {
             iss: self.issuer.clone(),
@@ -211,7 +214,11 @@ impl Signer {
         header.kid = Some(key.kid.clone());
         let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
             .map_err(|e| TokenError::Crypto(format!("signing with {} failed: {e}", key.kid)))?;
-        Ok((Arc::from(token), exp))
+        // A compact JWS is base64url and dots: always a valid header value.
+        let mut token = HeaderValue::from_maybe_shared(Bytes::from(token))
+            .map_err(|_| TokenError::Crypto("a signed token is not a header value".into()))?;
+        token.set_sensitive(true);
+        Ok((token, exp))
     }
 
     #[cfg(test)]

@@ -85,6 +85,20 @@ pub(super) fn jwks(s: &Signer) -> Value {
     serde_json::from_slice(&s.jwks_json()).unwrap()
 }
 
+/// A token as the text the identity header carries.
+pub(super) fn text(token: http::HeaderValue) -> String {
+    assert!(
+        token.is_sensitive(),
+        "the identity header is marked sensitive"
+    );
+    token.to_str().unwrap().to_string()
+}
+
+/// The very same cached token (not an equal one minted again).
+fn same(a: &http::HeaderValue, b: &http::HeaderValue) -> bool {
+    a.as_bytes().as_ptr() == b.as_bytes().as_ptr()
+}
+
 pub(super) fn header_of(token: &str) -> jsonwebtoken::Header {
     jsonwebtoken::decode_header(token).unwrap()
 }
@@ -98,7 +112,7 @@ async fn load_creates_one_key_and_a_restart_reuses_it() {
     let fx = Fx::new(TokenAlgorithm::EdDSA).await;
     let first = fx.signer().await;
     assert_eq!(fx.live().await.len(), 1);
-    let token = first.token_for("s1", &identity()).unwrap();
+    let token = text(first.token_for("s1", &identity()).unwrap());
 
     let second = fx.signer().await;
     assert_eq!(fx.live().await.len(), 1, "a restart must not add a key");
@@ -161,7 +175,7 @@ async fn round_trip(alg: TokenAlgorithm) {
     let fx = Fx::new(alg).await;
     let signer = fx.signer().await;
     let now = fx.clock.now();
-    let token = signer.token_for("s1", &identity()).unwrap();
+    let token = text(signer.token_for("s1", &identity()).unwrap());
 
     let header = header_of(&token);
     assert_eq!(header.kid.as_deref(), Some(signer.current_kid().as_str()));
@@ -229,17 +243,17 @@ async fn tokens_are_cached_per_session_until_a_quarter_of_the_ttl_remains() {
     let signer = fx.signer().await;
     let id = identity();
     let first = signer.token_for("s1", &id).unwrap();
-    assert!(Arc::ptr_eq(&first, &signer.token_for("s1", &id).unwrap()));
+    assert!(same(&first, &signer.token_for("s1", &id).unwrap()));
 
     let other = signer.token_for("s2", &id).unwrap();
     assert_ne!(first, other, "sessions share a token");
 
     fx.clock.advance(90); // exactly a quarter (30 s) left: still reused
-    assert!(Arc::ptr_eq(&first, &signer.token_for("s1", &id).unwrap()));
+    assert!(same(&first, &signer.token_for("s1", &id).unwrap()));
     fx.clock.advance(1);
     let renewed = signer.token_for("s1", &id).unwrap();
     assert_ne!(first, renewed);
-    assert!(Arc::ptr_eq(&renewed, &signer.token_for("s1", &id).unwrap()));
+    assert!(same(&renewed, &signer.token_for("s1", &id).unwrap()));
 
     let mut stepped_up = id.clone();
     stepped_up.acr = "phr".into();
@@ -259,7 +273,7 @@ async fn the_token_cache_stays_bounded() {
     let mut signer = fx.signer().await;
     signer.set_cache_cap(3);
     for i in 0..10 {
-        signer.token_for(&format!("s{i}"), &identity()).unwrap();
+        text(signer.token_for(&format!("s{i}"), &identity()).unwrap());
         assert!(signer.cached_count() <= 3);
     }
     fx.clock.advance(121);
@@ -277,7 +291,7 @@ async fn rotation_keeps_old_tokens_verifiable_through_the_overlap() {
     let signer = fx.signer().await;
     let other_gateway = fx.signer().await;
     let old_kid = signer.current_kid();
-    let old_token = signer.token_for("s1", &identity()).unwrap();
+    let old_token = text(signer.token_for("s1", &identity()).unwrap());
 
     let new_kid = rotate(fx.store.as_ref(), &fx.mk, &fx.config, fx.clock.now())
         .await
@@ -303,7 +317,7 @@ async fn rotation_keeps_old_tokens_verifiable_through_the_overlap() {
     );
     check(&fx, &signer, &old_token).unwrap();
 
-    let new_token = signer.token_for("s1", &identity()).unwrap();
+    let new_token = text(signer.token_for("s1", &identity()).unwrap());
     assert_ne!(new_token, old_token, "a rotation forces a fresh token");
     assert_eq!(header_of(&new_token).kid.as_deref(), Some(new_kid.as_str()));
     check(&fx, &other_gateway, &new_token).unwrap();
@@ -332,7 +346,7 @@ async fn rotation_can_switch_the_algorithm() {
         .await
         .unwrap();
     signer.refresh().await.unwrap();
-    let token = signer.token_for("s1", &identity()).unwrap();
+    let token = text(signer.token_for("s1", &identity()).unwrap());
     assert_eq!(header_of(&token).alg, jsonwebtoken::Algorithm::ES256);
     check(&fx, &signer, &token).unwrap();
 }
@@ -350,7 +364,7 @@ async fn refresh_keeps_the_old_ring_when_the_store_fails() {
     let err = signer.refresh().await;
     assert!(matches!(err, Err(TokenError::Store(_))), "{err:?}");
     assert_eq!(signer.jwks_json(), before);
-    let token = signer.token_for("s1", &identity()).unwrap();
+    let token = text(signer.token_for("s1", &identity()).unwrap());
     check(&fx, &signer, &token).unwrap();
 
     sqlx::query("ALTER TABLE signing_keys_away RENAME TO signing_keys")

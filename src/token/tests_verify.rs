@@ -7,7 +7,7 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use super::tests::{check, identity, jwks, Fx};
+use super::tests::{check, identity, jwks, text, Fx};
 use super::*;
 use crate::clock::Clock;
 use crate::config::TokenAlgorithm;
@@ -46,7 +46,7 @@ fn valid_claims(fx: &Fx) -> Value {
 async fn audience_and_issuer_must_match() {
     let fx = Fx::new(TokenAlgorithm::EdDSA).await;
     let signer = fx.signer().await;
-    let token = signer.token_for("s1", &identity()).unwrap();
+    let token = text(signer.token_for("s1", &identity()).unwrap());
     let set = jwks(&signer);
     rejected(
         verify(&token, &set, "other-app", Some("https://gw.example"), 5),
@@ -67,7 +67,7 @@ async fn lifetime_is_checked_with_leeway() {
     let real_now = fx.clock.now();
 
     fx.clock.set(real_now - 1000); // exp = now - 880
-    let old = signer.token_for("past", &identity()).unwrap();
+    let old = text(signer.token_for("past", &identity()).unwrap());
     rejected(check(&fx, &signer, &old), "expired");
     assert!(
         verify(&old, &set, "esp-console", None, 2000).is_ok(),
@@ -75,7 +75,7 @@ async fn lifetime_is_checked_with_leeway() {
     );
 
     fx.clock.set(real_now + 1000);
-    let future = signer.token_for("future", &identity()).unwrap();
+    let future = text(signer.token_for("future", &identity()).unwrap());
     rejected(check(&fx, &signer, &future), "not yet valid");
 }
 
@@ -83,7 +83,7 @@ async fn lifetime_is_checked_with_leeway() {
 async fn tampering_breaks_the_signature() {
     let fx = Fx::new(TokenAlgorithm::EdDSA).await;
     let signer = fx.signer().await;
-    let token = signer.token_for("s1", &identity()).unwrap();
+    let token = text(signer.token_for("s1", &identity()).unwrap());
     let parts: Vec<&str> = token.split('.').collect();
 
     let mut claims: Value =
@@ -151,7 +151,7 @@ async fn alg_none_and_hmac_confusion_are_refused() {
 async fn the_key_comes_from_the_jwks_by_kid() {
     let fx = Fx::new(TokenAlgorithm::EdDSA).await;
     let signer = fx.signer().await;
-    let token = signer.token_for("s1", &identity()).unwrap();
+    let token = text(signer.token_for("s1", &identity()).unwrap());
     let set = jwks(&signer);
 
     let mut unknown = set.clone();
