@@ -46,14 +46,15 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    let amr = vec!["pwd".to_string(), "otp".to_string()];
     let identity = Identity {
-        sub: "u1".into(),
-        email: "u1@example.com".into(),
-        account: "a1".into(),
-        amr: vec!["pwd".into(), "otp".into()],
-        acr: "urn:portcullis:acr:mfa".into(),
+        sub: "u1",
+        email: "u1@example.com",
+        account: "a1",
+        amr: &amr,
+        acr: "urn:portcullis:acr:mfa",
         auth_time: clock.now(),
-        sid: "sid".into(),
+        sid: "sid",
     };
     c.bench_function("token_for_cached", |b| {
         b.iter(|| state.signer.token_for(&key, &identity).unwrap())

@@ -176,13 +176,13 @@ pub(crate) async fn decide(
         return Ok(Decision::Refuse { clear_cookie: true });
     }
     let identity = Identity {
-        sub: user.id.clone(),
-        email: user.email.clone(),
-        account: user.account_id.clone(),
-        amr: loaded.session.amr.clone(),
-        acr: acr_for(&loaded.session.amr).to_string(),
+        sub: &user.id,
+        email: &user.email,
+        account: &user.account_id,
+        amr: &loaded.session.amr,
+        acr: acr_for(&loaded.session.amr),
         auth_time: loaded.session.auth_ms / 1000,
-        sid: loaded.session.public_id.clone(),
+        sid: &loaded.session.public_id,
     };
     let token = state
         .signer

@@ -77,36 +77,63 @@ pub struct Claims {
     pub jti: String,
 }
 
-/// What the caller knows about the session.
-#[derive(Debug, Clone)]
-pub struct Identity {
+/// What the caller knows about the session, borrowed from the session and user records it was
+/// read from (the request path builds one per request and allocates nothing for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity<'a> {
     /// Stable user id (`sub`).
-    pub sub: String,
+    pub sub: &'a str,
     /// The user's normalised email.
-    pub email: String,
+    pub email: &'a str,
     /// The ESP account id.
-    pub account: String,
+    pub account: &'a str,
     /// Authentication methods used in this session.
-    pub amr: Vec<String>,
+    pub amr: &'a [String],
     /// Authentication context class reached.
-    pub acr: String,
+    pub acr: &'a str,
     /// When the user last authenticated (Unix seconds).
     pub auth_time: i64,
     /// Opaque session id for the backend.
-    pub sid: String,
+    pub sid: &'a str,
 }
 
-impl Identity {
-    /// Whether a token minted for `other` asserts exactly what this identity would; a step-up
-    /// changes `amr`/`acr`/`auth_time`, so a cached token must not outlive it.
-    fn same_as(&self, other: &Identity) -> bool {
-        self.sub == other.sub
-            && self.email == other.email
-            && self.account == other.account
-            && self.amr == other.amr
-            && self.acr == other.acr
-            && self.auth_time == other.auth_time
-            && self.sid == other.sid
+/// An [`Identity`] kept with a cached token: the token may be reused only for an identity equal
+/// to [`OwnedIdentity::view`] in every field (a step-up changes `amr`/`acr`/`auth_time`, so a
+/// cached token must not outlive it).
+#[derive(Debug, Clone)]
+struct OwnedIdentity {
+    sub: String,
+    email: String,
+    account: String,
+    amr: Vec<String>,
+    acr: String,
+    auth_time: i64,
+    sid: String,
+}
+
+impl OwnedIdentity {
+    fn of(id: &Identity<'_>) -> Self {
+        Self {
+            sub: id.sub.to_string(),
+            email: id.email.to_string(),
+            account: id.account.to_string(),
+            amr: id.amr.to_vec(),
+            acr: id.acr.to_string(),
+            auth_time: id.auth_time,
+            sid: id.sid.to_string(),
+        }
+    }
+
+    fn view(&self) -> Identity<'_> {
+        Identity {
+            sub: &self.sub,
+            email: &self.email,
+            account: &self.account,
+            amr: &self.amr,
+            acr: &self.acr,
+            auth_time: self.auth_time,
+            sid: &self.sid,
+        }
     }
 }
 

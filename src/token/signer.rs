@@ -9,7 +9,7 @@ use http::HeaderValue;
 use jsonwebtoken::Header;
 
 use super::keys::{KeyRing, LoadedKey};
-use super::{Claims, Identity, TokenError};
+use super::{Claims, Identity, OwnedIdentity, TokenError};
 use crate::clock::{Clock, UnixTime};
 use crate::config::{Config, MAX_TOKEN_TTL};
 use crate::crypto::{random_token, MasterKey};
@@ -21,7 +21,7 @@ const CACHE_CAP: usize = 50_000;
 
 /// A minted token and what it was minted for.
 struct Cached {
-    identity: Identity,
+    identity: OwnedIdentity,
     kid: String,
     /// As the identity header sends it (marked sensitive), so the request path neither copies
     /// nor re-validates it.
@@ -129,7 +129,7 @@ impl Signer {
     pub fn token_for(
         &self,
         session_key: &str,
-        identity: &Identity,
+        identity: &Identity<'_>,
     ) -> Result<HeaderValue, TokenError> {
         let now = self.clock.now();
         let ring = self.ring();
@@ -138,7 +138,7 @@ impl Signer {
             let fresh = c.kid == current.kid
                 && now >= c.iat
                 && c.exp.saturating_sub(now).saturating_mul(4) >= self.ttl
-                && c.identity.same_as(identity);
+                && c.identity.view() == *identity;
             if fresh {
                 return Ok(c.token.clone());
             }
@@ -159,7 +159,7 @@ impl Signer {
         cache.insert(
             session_key.to_string(),
             Cached {
-                identity: identity.clone(),
+                identity: OwnedIdentity::of(identity),
                 kid: current.kid.clone(),
                 token: token.clone(),
                 iat: now,
@@ -191,20 +191,20 @@ impl Signer {
     fn mint(
         &self,
         key: &LoadedKey,
-        identity: &Identity,
+        identity: &Identity<'_>,
         now: UnixTime,
     ) -> Result<(HeaderValue, UnixTime), TokenError> {
         let exp = now.saturating_add(self.ttl);
         let claims = Claims {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
-            sub: identity.sub.clone(),
-            email: identity.email.clone(),
-            account: identity.account.clone(),
-            amr: identity.amr.clone(),
-            acr: identity.acr.clone(),
+            sub: identity.sub.to_string(),
+            email: identity.email.to_string(),
+            account: identity.account.to_string(),
+            amr: identity.amr.to_vec(),
+            acr: identity.acr.to_string(),
             auth_time: identity.auth_time,
-            sid: identity.sid.clone(),
+            sid: identity.sid.to_string(),
             iat: now,
             nbf: now,
             exp,

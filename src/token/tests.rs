@@ -69,15 +69,17 @@ impl Fx {
     }
 }
 
-pub(super) fn identity() -> Identity {
+pub(super) fn identity() -> Identity<'static> {
+    static AMR: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| vec!["pwd".into(), "otp".into()]);
     Identity {
-        sub: "user-1".into(),
-        email: "alice@example.com".into(),
-        account: "acct-9".into(),
-        amr: vec!["pwd".into(), "otp".into()],
-        acr: "mfa".into(),
+        sub: "user-1",
+        email: "alice@example.com",
+        account: "acct-9",
+        amr: &AMR,
+        acr: "mfa",
         auth_time: 1_700_000_000,
-        sid: "sid-abc".into(),
+        sid: "sid-abc",
     }
 }
 
@@ -191,11 +193,21 @@ async fn round_trip(alg: TokenAlgorithm) {
     assert_eq!(claims.iss, "https://gw.example");
     assert_eq!(claims.aud, "esp-console");
     assert_eq!(
-        (&claims.sub, &claims.email, &claims.account),
-        (&id.sub, &id.email, &id.account)
+        (
+            claims.sub.as_str(),
+            claims.email.as_str(),
+            claims.account.as_str()
+        ),
+        (id.sub, id.email, id.account)
     );
-    assert_eq!((&claims.amr, &claims.acr), (&id.amr, &id.acr));
-    assert_eq!((claims.auth_time, &claims.sid), (id.auth_time, &id.sid));
+    assert_eq!(
+        (claims.amr.as_slice(), claims.acr.as_str()),
+        (id.amr, id.acr)
+    );
+    assert_eq!(
+        (claims.auth_time, claims.sid.as_str()),
+        (id.auth_time, id.sid)
+    );
     assert_eq!((claims.iat, claims.nbf, claims.exp), (now, now, now + 120));
     assert!(claims.jti.len() >= 16);
 
@@ -255,8 +267,8 @@ async fn tokens_are_cached_per_session_until_a_quarter_of_the_ttl_remains() {
     assert_ne!(first, renewed);
     assert!(same(&renewed, &signer.token_for("s1", &id).unwrap()));
 
-    let mut stepped_up = id.clone();
-    stepped_up.acr = "phr".into();
+    let mut stepped_up = id;
+    stepped_up.acr = "phr";
     let after_step_up = signer.token_for("s1", &stepped_up).unwrap();
     assert_ne!(
         renewed, after_step_up,
@@ -393,4 +405,76 @@ async fn refresh_without_a_signing_key_keeps_the_old_ring() {
         kid,
         "load generates a key when none may sign"
     );
+}
+
+/// A cached token asserts its identity in full: a change in any one field gets a new token.
+#[tokio::test]
+async fn a_change_in_any_field_of_the_identity_mints_a_new_token() {
+    let fx = Fx::new(TokenAlgorithm::EdDSA).await;
+    let signer = fx.signer().await;
+    let id = identity();
+    let cached = signer.token_for("s1", &id).unwrap();
+    let other_amr = vec!["pwd".to_string(), "hwk".to_string()];
+    let changes: [(&str, Identity<'_>); 7] = [
+        (
+            "sub",
+            Identity {
+                sub: "user-2",
+                ..id
+            },
+        ),
+        (
+            "email",
+            Identity {
+                email: "bob@example.com",
+                ..id
+            },
+        ),
+        (
+            "account",
+            Identity {
+                account: "acct-1",
+                ..id
+            },
+        ),
+        (
+            "amr",
+            Identity {
+                amr: &other_amr,
+                ..id
+            },
+        ),
+        ("acr", Identity { acr: "phr", ..id }),
+        (
+            "auth_time",
+            Identity {
+                auth_time: id.auth_time + 1,
+                ..id
+            },
+        ),
+        (
+            "sid",
+            Identity {
+                sid: "sid-xyz",
+                ..id
+            },
+        ),
+    ];
+    for (field, changed) in changes {
+        let token = signer.token_for("s1", &changed).unwrap();
+        assert!(!same(&cached, &token), "{field} changed, token reused");
+        let claims = check(&fx, &signer, &text(token)).unwrap();
+        let asserted = Identity {
+            sub: &claims.sub,
+            email: &claims.email,
+            account: &claims.account,
+            amr: &claims.amr,
+            acr: &claims.acr,
+            auth_time: claims.auth_time,
+            sid: &claims.sid,
+        };
+        assert_eq!(asserted, changed, "{field}");
+        // Back to the first identity: a token for it again (the cache holds one per session).
+        signer.token_for("s1", &id).unwrap();
+    }
 }
