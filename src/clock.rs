@@ -24,8 +24,19 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_millis(&self) -> i64 {
-        let now = time::OffsetDateTime::now_utc();
-        (now.unix_timestamp_nanos() / 1_000_000) as i64
+        // Read on every proxied request, several times: straight from the system time, without
+        // a calendar date or 128-bit arithmetic. Before 1970 it counts down, truncating towards
+        // zero as an integer division of nanoseconds would.
+        let millis = |d: std::time::Duration| {
+            i64::try_from(d.as_secs())
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000)
+                .saturating_add(i64::from(d.subsec_millis()))
+        };
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(since) => millis(since),
+            Err(before) => -millis(before.duration()),
+        }
     }
 }
 
@@ -74,6 +85,17 @@ pub fn rfc3339(t: UnixTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_system_clock_reads_unix_milliseconds() {
+        let before = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let now = i128::from(SystemClock.now_millis());
+        let after = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        assert!(
+            (before..=after).contains(&now),
+            "{before} <= {now} <= {after}"
+        );
+    }
 
     #[test]
     fn manual_clock_moves_only_when_told() {

@@ -30,28 +30,6 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Headers through which a client could claim an identity, a different request target or a
-/// different client address. The console must only ever learn these from the gateway.
-const IDENTITY_DENY: [&str; 17] = [
-    "x-forwarded-user",
-    "x-forwarded-email",
-    "x-forwarded-groups",
-    "x-forwarded-preferred-username",
-    "x-auth-request-user",
-    "x-auth-request-email",
-    "x-remote-user",
-    "remote-user",
-    "x-user",
-    "x-email",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-forwarded-uri",
-    "x-original-uri",
-    "x-forwarded-prefix",
-    "forwarded",
-    "x-real-ip",
-];
-
 /// Every header in the gateway's namespace is the gateway's to set.
 const IDENTITY_DENY_PREFIX: &str = "x-portcullis-";
 
@@ -78,6 +56,11 @@ fn normalise(name: &str) -> Cow<'_, str> {
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present to find out, nothing
+    // collected.
+    if !headers.keys().any(|k| HOP_BY_HOP_NAMES.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -85,8 +68,6 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    // One pass over the (few) names present rather than a lookup per hop-by-hop name: most
-    // messages carry none of them.
     let present: Vec<HeaderName> = headers
         .keys()
         .filter(|k| HOP_BY_HOP_NAMES.contains(k))
@@ -117,7 +98,7 @@ pub(crate) fn has_transfer_encoding(headers: &HeaderMap) -> bool {
     headers.contains_key(header::TRANSFER_ENCODING)
 }
 
-/// Removes headers a client must never supply: the identity deny list, the `x-portcullis-`
+/// Removes headers a client must never supply: [`is_identity_header`], the `x-portcullis-`
 /// namespace, `extra` (the caller's list) and the names the gateway is about to add, all compared
 /// after [`normalise`]; plus underscore spellings of headers the gateway sets.
 pub(crate) fn strip_identity(
@@ -136,7 +117,7 @@ pub(crate) fn strip_identity(
             let raw = name.as_str();
             let norm = normalise(raw);
             let norm: &str = &norm;
-            IDENTITY_DENY.contains(&norm)
+            is_identity_header(norm)
                 || norm.starts_with(IDENTITY_DENY_PREFIX)
                 || extra.iter().any(|e| e == norm)
                 || (raw.contains('_')
@@ -147,6 +128,33 @@ pub(crate) fn strip_identity(
     for name in doomed {
         headers.remove(&name);
     }
+}
+
+/// Whether `name` (normalised) is a header through which a client could claim an identity, a
+/// different request target or a different client address. The console must only ever learn
+/// these from the gateway. (A `match` compares by length first: this runs for every header of
+/// every request.)
+fn is_identity_header(name: &str) -> bool {
+    matches!(
+        name,
+        "x-forwarded-user"
+            | "x-forwarded-email"
+            | "x-forwarded-groups"
+            | "x-forwarded-preferred-username"
+            | "x-auth-request-user"
+            | "x-auth-request-email"
+            | "x-remote-user"
+            | "remote-user"
+            | "x-user"
+            | "x-email"
+            | "x-original-url"
+            | "x-rewrite-url"
+            | "x-forwarded-uri"
+            | "x-original-uri"
+            | "x-forwarded-prefix"
+            | "forwarded"
+            | "x-real-ip"
+    )
 }
 
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host`. A trusted peer's chain is extended; anybody
