@@ -118,11 +118,40 @@ fn the_audit_prune_unit_runs_a_command_that_exists() {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart=/usr/local/bin/portcullis "))
         .unwrap();
-    let args: Vec<&str> = line.split_whitespace().collect();
+    assert_cli_takes(line.split_whitespace().map(String::from).collect());
+}
+
+/// The Kubernetes retention job: daily, never two at once, the gateways' config and secrets, and
+/// a command line the CLI takes.
+#[test]
+fn the_kubernetes_audit_prune_job_runs_a_command_that_exists() {
+    let check = r#"
+import json, sys, yaml
+docs = {d["kind"]: d for d in yaml.safe_load_all(open(sys.argv[1]))}
+job, dep = docs["CronJob"]["spec"], docs["Deployment"]["spec"]["template"]["spec"]
+assert len(job["schedule"].split()) == 5, "a cron schedule"
+assert job["concurrencyPolicy"] == "Forbid", "one prune at a time"
+pod = job["jobTemplate"]["spec"]["template"]["spec"]
+c, g = pod["containers"][0], dep["containers"][0]
+assert c["image"] == g["image"]
+assert c["env"] == g["env"], "the gateways' secrets, as files"
+assert pod["securityContext"] == dep["securityContext"]
+assert c["securityContext"] == g["securityContext"]
+mounts = {m["mountPath"] for m in g["volumeMounts"] if m.get("readOnly")}
+assert {m["mountPath"] for m in c["volumeMounts"]} == mounts
+assert pod["volumes"] == [v for v in dep["volumes"] if "emptyDir" not in v]
+print(json.dumps(c["args"]))
+"#;
+    let out = python(check, &["deploy/kubernetes/portcullis.yaml"]);
+    let args: Vec<String> = serde_json::from_slice(&out).unwrap();
+    assert_eq!(args[..2], ["audit", "prune"]);
+    assert_cli_takes(args);
+}
+
+/// `args` (with `--config PATH`) get past the CLI's parsing: run with a config that does not
+/// exist, the only complaint is the missing file.
+fn assert_cli_takes(mut args: Vec<String>) {
     let config = args.iter().position(|a| *a == "--config").unwrap();
-    // The same arguments with a config that does not exist: the CLI must get past parsing and
-    // fail only on the missing file.
-    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     args[config + 1] = "/nonexistent/portcullis.toml".into();
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(&args)
@@ -157,10 +186,18 @@ services = compose["services"]
 assert {"gateway-a", "gateway-b", "redis", "postgres", "lb", "console"} <= set(services)
 assert services["gateway-a"]["environment"]["PORTCULLIS__STORAGE__EPHEMERAL"].startswith("redis://")
 "#;
+    python(
+        check,
+        &["deploy/kubernetes/portcullis.yaml", "deploy/docker-compose.yml"],
+    );
+}
+
+/// Runs a Python check over repository files (its arguments); asserts it passed and returns what
+/// it printed.
+fn python(check: &str, files: &[&str]) -> Vec<u8> {
     let out = Command::new("python3")
         .args(["-c", check])
-        .arg(repo("deploy/kubernetes/portcullis.yaml"))
-        .arg(repo("deploy/docker-compose.yml"))
+        .args(files.iter().map(|f| repo(f)))
         .output()
         .unwrap();
     assert!(
@@ -169,4 +206,5 @@ assert services["gateway-a"]["environment"]["PORTCULLIS__STORAGE__EPHEMERAL"].st
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
