@@ -232,3 +232,106 @@ async fn sign_in_with_code(gw: &Gateway, b: &Browser, email: &str, code: &str) {
     let r = gw.code(b, "/_portcullis/mfa", code).await;
     assert_eq!(r.status(), 303, "sign-in with a recovery code");
 }
+
+/// Old audit events put straight into the table for `audit prune` to remove.
+const OLD_EVENTS: i64 = 400_000;
+
+/// `audit prune` with the database stopped under it part-way: it stops with a clear error that
+/// says how many events it removed, and that count is exact: after the restart exactly that many
+/// of the old events are gone, no recent event with them. If the database came back in time to
+/// take it, the removal is on record as a failure with the same count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_prune_stopped_part_way_reports_exactly_what_it_removed() {
+    use sqlx::{Connection, Row};
+    let mut pg = PrivatePostgres::start().await;
+    let durable = pg.url();
+    let gw = Gateway::start_with(move |c| c.storage.durable = durable).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let old_at = now - 500 * 86_400;
+    let mut db = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_events (at, event, outcome, reason) \
+         SELECT $1, 'login_password', 'denied', 'old-' || n FROM generate_series(1, $2) AS n",
+    )
+    .bind(old_at)
+    .bind(OLD_EVENTS)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    gw.state
+        .durable
+        .append_audit(&[
+            portcullis::store::AuditEvent::new("login_password", "denied", now).reason("recent"),
+        ])
+        .await
+        .unwrap();
+
+    let prune = gw.cli(&["audit", "prune", "--older-than", "400d"], None);
+    tokio::pin!(prune);
+    // Stop the server once the first batch has gone and while the rest are still there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            out = &mut prune => panic!(
+                "audit prune ended before the database was stopped: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            left = events_at(&mut db, old_at) => {
+                if left < OLD_EVENTS {
+                    break;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "audit prune removed nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(db);
+    pg.stop();
+    let out = prune.await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a prune cut short reported success");
+    let removed: i64 = err
+        .split("stopped after removing ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in the error: {err}"));
+    assert!(removed > 0 && removed < OLD_EVENTS, "{err}");
+
+    pg.restart().await;
+    let mut db = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    assert_eq!(events_at(&mut db, old_at).await, OLD_EVENTS - removed);
+    let rows = sqlx::query("SELECT outcome, reason FROM audit_events WHERE at >= $1")
+        .bind(now)
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    let reasons: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get("outcome"),
+                r.get::<Option<String>, _>("reason").unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        reasons.iter().any(|(_, r)| r == "recent"),
+        "a recent event went: {reasons:?}"
+    );
+    for (outcome, reason) in reasons.iter().filter(|(_, r)| r.starts_with("before:")) {
+        assert_eq!(outcome, "failure", "{reason}");
+        assert!(reason.ends_with(&format!(",removed:{removed}")), "{reason}");
+    }
+}
+
+/// How many audit events carry the time `at`.
+async fn events_at(db: &mut sqlx::PgConnection, at: i64) -> i64 {
+    use sqlx::Row;
+    sqlx::query("SELECT count(*) FROM audit_events WHERE at = $1")
+        .bind(at)
+        .fetch_one(db)
+        .await
+        .unwrap()
+        .get(0)
+}
