@@ -1,7 +1,8 @@
 # Shared by the HTTP benchmarks (sourced, from the repository root): checks for wrk, builds the
 # release binary and the upstream, and sets BIN, TGT, a work directory and `pids`, the processes
-# stopped on exit (then `bench_cleanup`, if the script defines it); and the helpers that sign a
-# benchmark user in (`totp_secret`, `totp_code`, `bound_session`) and the baseline nginx (`nginx_config`, `NGINX`).
+# stopped on exit (then `bench_cleanup`, if the script defines it); and the helpers that write a
+# gateway's config (`gateway_config`), sign a benchmark user in (`totp_secret`, `totp_code`,
+# `bound_session`) and run the baseline nginx (`nginx_config`, `NGINX`).
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 cargo build --release --bin portcullis --example bench-upstream --example bench-flood >&2
 TGT=${CARGO_TARGET_DIR:-target}
@@ -43,6 +44,23 @@ bound_session() { # gateway, email, password, TOTP secret, TOTP step offset: pri
   status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$gw/campaigns")
   [ "$status" = 200 ] || { echo "sign-in for the benchmark failed on $gw (status $status)" >&2; exit 1; }
   echo "$cookie"
+}
+gateway_config() { # listen address, upstream, ephemeral store[, Redis key prefix[, log level]]: a gateway's config, with its own SQLite file under $work and a fresh master key
+  cat <<TOML
+[server]
+listen = "$1"
+public_url = "http://$1/"
+[upstream]
+url = "http://$2/"
+[storage]
+durable = "sqlite://$work/db-${1//[.:]/-}.sqlite"
+ephemeral = "$3"
+redis_prefix = "${4:-bench:}"
+[secrets]
+master_key = "$(head -c 32 /dev/urandom | base64)"
+[log]
+level = "${5:-warn}"
+TOML
 }
 nginx_config() { # upstream, listen address[, more of the http block]: an nginx.conf (under $work/nginx) that proxies to the upstream as an ESP's plain reverse proxy does
   mkdir -p "$work/nginx"

@@ -26,7 +26,6 @@ UP=127.0.0.1:18081
 NGX=127.0.0.1:18082
 declare -A PORT=([A]=18090 [B]=18091) PID COOKIE
 PW="tall violet lantern orbit 42"
-key="$(head -c 32 /dev/urandom | base64)"
 PREFIX="compare-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 bench_cleanup() {
   for v in A B; do
@@ -43,21 +42,7 @@ for v in A B; do
   store=STORE_$v
   extra=ENV_$v
   bin=${!v}
-  cat > "$work/$v.toml" <<TOML
-[server]
-listen = "$gw"
-public_url = "http://$gw/"
-[upstream]
-url = "http://$UP/"
-[storage]
-durable = "sqlite://$work/$v.sqlite"
-ephemeral = "${!store:-memory}"
-redis_prefix = "$PREFIX-$v:"
-[secrets]
-master_key = "$key"
-[log]
-level = "warn"
-TOML
+  gateway_config "$gw" "$UP" "${!store:-memory}" "$PREFIX-$v:" > "$work/$v.toml"
   export PORTCULLIS_CONFIG="$work/$v.toml"
   printf '%s\n' "$PW" | "$bin" user add bench@example.com --account bench >/dev/null
   secret=$(totp_secret "$("$bin" user totp generate bench@example.com 2>/dev/null)")

@@ -31,7 +31,7 @@ bench_cleanup() {
 # One durable store and master key, two gateways: memory and Redis ephemeral store. The memory
 # one also answers forward-auth for nginx (which must be a trusted proxy for X-Original-URI).
 key="$(head -c 32 /dev/urandom | base64)"
-gateway_config() { # listen address, ephemeral store
+shared_gateway_config() { # listen address, ephemeral store: one durable store and key for both
   cat <<TOML
 [server]
 listen = "$1"
@@ -51,8 +51,8 @@ master_key = "$key"
 level = "warn"
 TOML
 }
-gateway_config "$GW" memory > "$work/portcullis.toml"
-gateway_config "$GWR" "$REDIS_URL" > "$work/portcullis-redis.toml"
+shared_gateway_config "$GW" memory > "$work/portcullis.toml"
+shared_gateway_config "$GWR" "$REDIS_URL" > "$work/portcullis-redis.toml"
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
 
 "$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)

@@ -18,19 +18,7 @@ GW=127.0.0.1:18090 UP=127.0.0.1:18091 # gateway, upstream
 command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked" >&2; exit 1; }
 
 # Default sign-in settings: argon2id parameters, hashing slots and queue, throttling budgets.
-cat > "$work/portcullis.toml" <<TOML
-[server]
-listen = "$GW"
-public_url = "http://$GW/"
-[upstream]
-url = "http://$UP/"
-[storage]
-durable = "sqlite://$work/db.sqlite"
-[secrets]
-master_key = "$(head -c 32 /dev/urandom | base64)"
-[log]
-level = "error"
-TOML
+gateway_config "$GW" "$UP" memory bench: error > "$work/portcullis.toml"
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
 "$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
 PW='tall violet lantern orbit 42'
