@@ -29,6 +29,12 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![forbid(unsafe_code)]
 
+/// The map behind the caches every proxied request reads (sessions, users, identity tokens).
+/// Their keys name records that exist (a session's storage key, a user id), inserted only after
+/// the record was read, so nobody can fill them with keys of their choosing; foldhash, seeded
+/// afresh in every process, hashes such keys in a fraction of the time of std's SipHash.
+pub(crate) type CacheMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
+
 pub mod audit;
 pub mod auth;
 pub mod binding;

@@ -1,7 +1,6 @@
 //! The one shared application state, cloned into every handler. No globals: everything a
 //! handler may touch is reachable from here, which keeps tests free to build their own.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::audit::Audit;
@@ -215,7 +214,7 @@ fn listen(channel: &Arc<Channel>, cache: &Arc<LocalCache>, gate: &Arc<UserGate>)
 /// A per-user cache of the account record with a one-second lifetime.
 #[derive(Debug, Default)]
 pub struct UserGate {
-    cache: Mutex<HashMap<String, (i64, Option<User>)>>,
+    cache: Mutex<crate::CacheMap<(i64, Option<Arc<User>>)>>,
     /// Where [`UserGate::forget`] tells the other gateways (Redis only).
     channel: Option<Arc<Channel>>,
 }
@@ -226,13 +225,15 @@ const GATE_TTL_MS: i64 = 1000;
 const GATE_MAX: usize = 100_000;
 
 impl UserGate {
-    /// The user if it exists, is enabled and has not voided sessions authenticated at `auth_ms`.
+    /// The user if it exists, is enabled and has not voided sessions authenticated at `auth_ms`;
+    /// shared with the cache (every proxied request asks, and a copy of the record would be
+    /// made and dropped each time).
     pub async fn admit(
         &self,
         state: &AppState,
         user_id: &str,
         auth_ms: i64,
-    ) -> Result<Option<User>, StoreError> {
+    ) -> Result<Option<Arc<User>>, StoreError> {
         let now = state.clock.now_millis();
         let cached = self.cache.lock().ok().and_then(|c| {
             c.get(user_id)
@@ -242,7 +243,7 @@ impl UserGate {
         let user = match cached {
             Some(u) => u,
             None => {
-                let u = state.durable.user_by_id(user_id).await?;
+                let u = state.durable.user_by_id(user_id).await?.map(Arc::new);
                 if let Ok(mut c) = self.cache.lock() {
                     if c.len() >= GATE_MAX {
                         c.retain(|_, (at, _)| now - *at < GATE_TTL_MS);

@@ -58,7 +58,9 @@ async fn signed_in(
         .user_gate
         .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
         .await?;
-    Ok(user.map(|u| (loaded, u)).ok_or_else(to_login))
+    Ok(user
+        .map(|u| (loaded, std::sync::Arc::unwrap_or_clone(u)))
+        .ok_or_else(to_login))
 }
 
 /// A form post of the signed-in user: CSRF checked, then the session as for [`signed_in`].

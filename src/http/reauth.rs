@@ -52,7 +52,7 @@ async fn signed_in(
         .user_gate
         .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
         .await?;
-    Ok(user.map(|u| (loaded, u)))
+    Ok(user.map(|u| (loaded, std::sync::Arc::unwrap_or_clone(u))))
 }
 
 struct View<'a> {

@@ -150,6 +150,7 @@ async fn registering(state: &AppState, headers: &HeaderMap) -> Result<(Loaded, U
                 .user_gate
                 .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
                 .await?
+                .map(std::sync::Arc::unwrap_or_clone)
                 .ok_or_else(no_session)?;
             if !fresh(state, &loaded.session) {
                 state.metrics.step_up("fresh_proof_required");

@@ -149,3 +149,32 @@ fn throttled_budgets_are_named_without_the_key() {
         );
     }
 }
+
+#[test]
+fn each_outcome_counts_in_its_own_series() {
+    let m = Metrics::new();
+    for (i, p) in Proxied::ALL.into_iter().enumerate() {
+        for _ in 0..=i {
+            m.proxied(p);
+        }
+    }
+    for (i, f) in ForwardAuth::ALL.into_iter().enumerate() {
+        for _ in 0..=i {
+            m.forward_auth(f);
+        }
+    }
+    for (i, p) in Proxied::ALL.into_iter().enumerate() {
+        let line = format!(
+            "portcullis_proxied_requests_total{{outcome=\"{}\"}}",
+            p.label()
+        );
+        assert_eq!(value(&m, &line), (i + 1) as f64, "{line}");
+    }
+    for (i, f) in ForwardAuth::ALL.into_iter().enumerate() {
+        let line = format!(
+            "portcullis_forward_auth_decisions_total{{outcome=\"{}\"}}",
+            f.label()
+        );
+        assert_eq!(value(&m, &line), (i + 1) as f64, "{line}");
+    }
+}

@@ -15,21 +15,6 @@ pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwar
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the historic `Keep-Alive` and `Proxy-Connection`).
-/// They describe one connection, so forwarding them would let a client steer the gateway's
-/// connection to the upstream (e.g. `Upgrade: h2c` smuggling) or vice versa.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// Every header in the gateway's namespace is the gateway's to set.
 const IDENTITY_DENY_PREFIX: &str = "x-portcullis-";
 
@@ -44,21 +29,11 @@ const UNDERSCORE_ALIASED: [&str; 5] = [
     "content-length",
 ];
 
-/// A header name as CGI-style backends see it: lower case, with `_` read as `-`. Names from a
-/// `HeaderMap` are already lower case and rarely contain `_`, so usually nothing is allocated.
-fn normalise(name: &str) -> Cow<'_, str> {
-    if name.bytes().any(|b| b == b'_' || b.is_ascii_uppercase()) {
-        Cow::Owned(name.to_ascii_lowercase().replace('_', "-"))
-    } else {
-        Cow::Borrowed(name)
-    }
-}
-
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them: one pass over the names present to find out, nothing
     // collected.
-    if !headers.keys().any(|k| HOP_BY_HOP_NAMES.contains(k)) {
+    if !headers.keys().any(|k| is_hop_by_hop(k.as_str())) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -70,7 +45,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     let present: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| HOP_BY_HOP_NAMES.contains(k))
+        .filter(|k| is_hop_by_hop(k.as_str()))
         .cloned()
         .collect();
     for name in named.iter().chain(&present) {
@@ -78,18 +53,25 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// [`HOP_BY_HOP`] as header names, compared without parsing.
-static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// Whether `name` (lower case, as a `HeaderName` is) is a hop-by-hop header (RFC 9110 §7.6.1,
+/// plus the historic `Keep-Alive` and `Proxy-Connection`). Such headers describe one connection,
+/// so forwarding them would let a client steer the gateway's connection to the upstream (e.g.
+/// `Upgrade: h2c` smuggling) or vice versa. A `match`, which compares by length first: this runs
+/// for every header of every message in both directions.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 /// Whether a message declared chunked (or other) transfer coding; then any `Content-Length`
 /// alongside it is meaningless (RFC 9112 §6.3) and must not survive to the next hop, where it
@@ -100,34 +82,54 @@ pub(crate) fn has_transfer_encoding(headers: &HeaderMap) -> bool {
 
 /// Removes headers a client must never supply: [`is_identity_header`], the `x-portcullis-`
 /// namespace, `extra` (the caller's list) and the names the gateway is about to add, all compared
-/// after [`normalise`]; plus underscore spellings of headers the gateway sets.
+/// as CGI-style backends see names (lower case, `_` read as `-`); plus underscore spellings of
+/// headers the gateway sets.
 pub(crate) fn strip_identity(
     headers: &mut HeaderMap,
     extra: &[String],
     added: &[(HeaderName, HeaderValue)],
 ) {
-    let extra: Vec<Cow<'_, str>> = extra
-        .iter()
-        .map(|n| normalise(n))
-        .chain(added.iter().map(|(n, _)| normalise(n.as_str())))
-        .collect();
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            let raw = name.as_str();
-            let norm = normalise(raw);
-            let norm: &str = &norm;
-            is_identity_header(norm)
-                || norm.starts_with(IDENTITY_DENY_PREFIX)
-                || extra.iter().any(|e| e == norm)
-                || (raw.contains('_')
-                    && (UNDERSCORE_ALIASED.contains(&norm) || HOP_BY_HOP.contains(&norm)))
-        })
-        .cloned()
-        .collect();
+    let doomed = |name: &HeaderName| {
+        let raw = name.as_str();
+        // A `HeaderName` is lower case already: only `_` needs reading as `-`.
+        let underscored = memchr::memchr(b'_', raw.as_bytes()).is_some();
+        let norm = match underscored {
+            true => Cow::Owned(raw.replace('_', "-")),
+            false => Cow::Borrowed(raw),
+        };
+        let norm: &str = &norm;
+        is_identity_header(norm)
+            || norm.starts_with(IDENTITY_DENY_PREFIX)
+            || extra.iter().any(|e| same_normalised(e, norm))
+            || added.iter().any(|(n, _)| same_normalised(n.as_str(), norm))
+            || (underscored && (UNDERSCORE_ALIASED.contains(&norm) || is_hop_by_hop(norm)))
+    };
+    // A client rarely sends any of them: one pass to find out, nothing collected.
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
     for name in doomed {
         headers.remove(&name);
     }
+}
+
+/// One byte of a header name as CGI-style backends read it: lower case, `_` as `-`.
+fn normalised_byte(b: u8) -> u8 {
+    match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    }
+}
+
+/// Whether `name`, read byte by byte as [`normalised_byte`] reads it, is `normalised`; without
+/// building the normalised form.
+fn same_normalised(name: &str, normalised: &str) -> bool {
+    name.len() == normalised.len()
+        && name
+            .bytes()
+            .zip(normalised.bytes())
+            .all(|(a, b)| normalised_byte(a) == b)
 }
 
 /// Whether `name` (normalised) is a header through which a client could claim an identity, a
@@ -223,7 +225,7 @@ pub(crate) struct InvalidForwarding(pub(crate) &'static str);
 /// The name part of a `name=value` cookie pair (or of a bare token), trimmed like browsers and
 /// most server-side parsers do, so padding cannot hide a name.
 fn cookie_name(pair: &[u8]) -> &[u8] {
-    let end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+    let end = memchr::memchr(b'=', pair).unwrap_or(pair.len());
     pair[..end].trim_ascii()
 }
 
@@ -231,27 +233,33 @@ fn cookie_name(pair: &[u8]) -> &[u8] {
 /// byte-for-byte and merged into one header (RFC 6265 §5.4: one `Cookie` header per request;
 /// several arrive from HTTP/2 clients). With nothing left, no `Cookie` header is sent.
 pub(crate) fn filter_request_cookies(headers: &mut HeaderMap, gateway: &[String]) {
-    let values: Vec<HeaderValue> = match headers.entry(header::COOKIE) {
-        header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-        header::Entry::Vacant(_) => return,
-    };
     let mut kept: Vec<u8> = Vec::new();
-    for value in &values {
-        for pair in value.as_bytes().split(|&b| b == b';') {
-            let pair = pair.trim_ascii_start();
-            if pair.trim_ascii().is_empty() {
-                continue;
+    let mut seen = false;
+    for value in headers.get_all(header::COOKIE) {
+        seen = true;
+        let mut rest = value.as_bytes();
+        loop {
+            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+            let pair = rest[..end].trim_ascii_start();
+            if !pair.trim_ascii().is_empty() {
+                let name = cookie_name(pair);
+                if !gateway.iter().any(|g| g.as_bytes() == name) {
+                    if !kept.is_empty() {
+                        kept.extend_from_slice(b"; ");
+                    }
+                    kept.extend_from_slice(pair);
+                }
             }
-            let name = cookie_name(pair);
-            if gateway.iter().any(|g| g.as_bytes() == name) {
-                continue;
+            if end == rest.len() {
+                break;
             }
-            if !kept.is_empty() {
-                kept.extend_from_slice(b"; ");
-            }
-            kept.extend_from_slice(pair);
+            rest = &rest[end + 1..];
         }
     }
+    if !seen {
+        return;
+    }
+    headers.remove(header::COOKIE);
     if kept.is_empty() {
         return;
     }
@@ -326,9 +334,57 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_names_match_the_list() {
-        let names: Vec<&str> = HOP_BY_HOP_NAMES.iter().map(HeaderName::as_str).collect();
-        assert_eq!(names, HOP_BY_HOP);
+    fn hop_by_hop_names_are_exactly_the_list() {
+        const HOP_BY_HOP: [&str; 9] = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ];
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+            assert!(!is_hop_by_hop(&format!("{name}s")), "{name}s");
+            assert!(!is_hop_by_hop(&name[1..]), "{}", &name[1..]);
+        }
+        for name in [
+            "host",
+            "cookie",
+            "x-connection",
+            "tes",
+            "upgrade-insecure-requests",
+        ] {
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_compare_as_cgi_backends_read_them() {
+        assert!(same_normalised("X-Auth_Token", "x-auth-token"));
+        assert!(same_normalised("x-auth-token", "x-auth-token"));
+        assert!(!same_normalised("x-auth-tokens", "x-auth-token"));
+        assert!(!same_normalised("x-auth+token", "x-auth-token"));
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_auth_token",
+            "X-Auth-Token",
+            "x_forwarded_for",
+            "connection",
+            "accept",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        strip_identity(&mut h, &["X-Auth_Token".to_string()], &[]);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "connection"]);
     }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {

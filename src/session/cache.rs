@@ -12,7 +12,6 @@
 //!   invalidation happened since the read started, so a revocation that overtakes a read is
 //!   never undone by the read's late result.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +41,7 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Inner {
-    entries: HashMap<String, Entry>,
+    entries: crate::CacheMap<Entry>,
     seq: u64,
 }
 
@@ -122,7 +121,7 @@ impl LocalCache {
         );
     }
 
-    fn invalidate(&self, f: impl FnOnce(&mut HashMap<String, Entry>)) {
+    fn invalidate(&self, f: impl FnOnce(&mut crate::CacheMap<Entry>)) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.seq = inner.seq.wrapping_add(1);
             f(&mut inner.entries);
@@ -143,7 +142,7 @@ impl LocalCache {
 
     /// The channel came up (serve again, starting empty) or went down (serve nothing).
     pub fn set_live(&self, live: bool) {
-        self.invalidate(HashMap::clear);
+        self.invalidate(crate::CacheMap::clear);
         self.live.store(live, Ordering::SeqCst);
     }
 
@@ -157,7 +156,7 @@ impl LocalCache {
             self.forget_user(user);
             Some(user.to_string())
         } else {
-            self.invalidate(HashMap::clear);
+            self.invalidate(crate::CacheMap::clear);
             None
         }
     }

@@ -1,7 +1,6 @@
 //! The [`Signer`]: the in-memory key ring plus a bounded per-session token cache, so the
 //! request path normally costs one map lookup and signs only when a token nears its expiry.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
@@ -42,7 +41,7 @@ pub struct Signer {
     /// Swapped whole on refresh; readers clone the `Arc` and never wait on the store.
     ring: RwLock<Arc<KeyRing>>,
     /// Session key → token; see [`CACHE_CAP`].
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<crate::CacheMap<Cached>>,
     cache_cap: usize,
 }
 
@@ -97,7 +96,7 @@ impl Signer {
             audience: config.token.audience.clone(),
             ttl: i64::try_from(ttl).unwrap_or(1),
             ring: RwLock::new(Arc::new(ring)),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(crate::CacheMap::default()),
             cache_cap: CACHE_CAP,
         })
     }
@@ -184,7 +183,7 @@ impl Signer {
     }
 
     /// The cache holds no invariant a panicking holder could break, so poisoning is ignored.
-    fn lock_cache(&self) -> MutexGuard<'_, HashMap<String, Cached>> {
+    fn lock_cache(&self) -> MutexGuard<'_, crate::CacheMap<Cached>> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -272,6 +272,7 @@ async fn admit(
         .user_gate
         .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
         .await?
+        .map(Arc::unwrap_or_clone)
     else {
         return Ok(Err(Refused::NoSession));
     };
