@@ -188,7 +188,10 @@ assert services["gateway-a"]["environment"]["PORTCULLIS__STORAGE__EPHEMERAL"].st
 "#;
     python(
         check,
-        &["deploy/kubernetes/portcullis.yaml", "deploy/docker-compose.yml"],
+        &[
+            "deploy/kubernetes/portcullis.yaml",
+            "deploy/docker-compose.yml",
+        ],
     );
 }
 
