@@ -31,8 +31,11 @@ fn choose(headers: &HeaderMap, trusted: bool) -> HeaderValue {
     let mut incoming = headers.get_all(&X_REQUEST_ID).iter();
     match (incoming.next(), incoming.next()) {
         (Some(v), None) if trusted && is_acceptable(v.as_bytes()) => v.clone(),
-        _ => HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("-")),
+        _ => {
+            let mut text = uuid::Uuid::encode_buffer();
+            let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+            HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        }
     }
 }
 

@@ -151,12 +151,13 @@ impl Target {
     }
 
     /// The request target sent upstream, in origin form (`/base/path?query`).
-    fn uri_for(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+    fn uri_for(&self, path_and_query: String) -> Result<Uri, ProxyError> {
         if !path_and_query.starts_with('/') {
             return Err(ProxyError::Invalid("path_and_query"));
         }
         let pq = if self.base_path.is_empty() {
-            PathAndQuery::try_from(path_and_query)
+            // Taken over as it is, not copied.
+            PathAndQuery::from_maybe_shared(bytes::Bytes::from(path_and_query))
         } else {
             PathAndQuery::try_from(format!("{}{path_and_query}", self.base_path))
         }
@@ -211,7 +212,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         mut req: axum::extract::Request,
-        fwd: Forwarding,
+        mut fwd: Forwarding,
     ) -> Result<axum::response::Response, ProxyError> {
         if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
             return Err(ProxyError::MethodNotAllowed);
@@ -220,7 +221,7 @@ impl Upstream {
             .target
             .as_ref()
             .map_err(|what| ProxyError::Invalid(what))?;
-        let uri = target.uri_for(&fwd.path_and_query)?;
+        let uri = target.uri_for(std::mem::take(&mut fwd.path_and_query))?;
 
         let upgrade = websocket::is_upgrade_request(&req);
         // Must be taken before the request is torn apart: it lives in the extensions.
