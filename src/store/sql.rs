@@ -92,12 +92,30 @@ const SQLITE_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// restart.
 const POSTGRES_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Rows per `INSERT` of audit events: 10 values each, well under the bind limits of SQLite
-/// (32,766) and PostgreSQL (65,535).
-const AUDIT_ROWS_PER_INSERT: usize = 256;
+/// Rows per `INSERT` of audit events, largest first: a batch is written as statements of these
+/// sizes only (37 rows: 16 + 16 + 4 + 1), so there are five statements in all and each stays in
+/// the connection's statement cache. With one statement per batch size, a flood's batches of
+/// every size from 1 to 256 were each parsed anew. 256 rows are 2,560 values, well under the bind
+/// limits of SQLite (32,766) and PostgreSQL (65,535).
+const AUDIT_ROWS_PER_INSERT: [usize; 5] = [256, 64, 16, 4, 1];
 
-/// `INSERT INTO audit_events (…) VALUES ($1, …, $10), ($11, …), …` for `rows` rows.
-fn audit_insert_sql(rows: usize) -> String {
+/// `events` cut into [`AUDIT_ROWS_PER_INSERT`]-sized chunks, in order.
+fn audit_chunks(mut events: &[AuditEvent]) -> impl Iterator<Item = &[AuditEvent]> {
+    std::iter::from_fn(move || {
+        let size = AUDIT_ROWS_PER_INSERT
+            .into_iter()
+            .find(|&s| s <= events.len())?;
+        let (chunk, rest) = events.split_at(size);
+        events = rest;
+        Some(chunk)
+    })
+}
+
+/// `INSERT INTO audit_events (…) VALUES ($1, …, $10), ($11, …), …` for `rows` rows; for SQLite
+/// with `?1, …` instead: SQLite looks a `$N` parameter up by name among those before it, which
+/// for a statement of 2,560 values is millions of string comparisons per parse, and `?N` by
+/// number.
+fn audit_insert_sql(rows: usize, sqlite: bool) -> String {
     const COLUMNS: usize = 10;
     let mut sql = String::from(
         "INSERT INTO audit_events (at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor) VALUES ",
@@ -111,7 +129,7 @@ fn audit_insert_sql(rows: usize) -> String {
             if col > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
+            sql.push(if sqlite { '?' } else { '$' });
             sql.push_str(&(row * COLUMNS + col + 1).to_string());
         }
         sql.push(')');
@@ -917,14 +935,14 @@ impl DurableStore for SqlStore {
     }
 
     async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
-        let pool = &self.pool;
+        let (pool, sqlite) = (&self.pool, self.sqlite);
         self.retrying(move || async move {
             let mut tx = pool.begin().await?;
             // One statement per chunk of rows rather than one per row: every statement is a
             // round trip to the database (or to SQLite's worker thread), and a flood of refused
             // sign-ins audits thousands of events a second.
-            for chunk in events.chunks(AUDIT_ROWS_PER_INSERT) {
-                let sql = audit_insert_sql(chunk.len());
+            for chunk in audit_chunks(events) {
+                let sql = audit_insert_sql(chunk.len(), sqlite);
                 let mut q = sqlx::query(&sql);
                 for e in chunk {
                     q = q
@@ -1344,5 +1362,45 @@ impl DurableStore for SqlStore {
             .map(report_from)
             .transpose()
             .map_err(unavailable)
+    }
+}
+
+// Tests may fail loudly; the crate-wide ban on unwrap/expect/panic is for production paths.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_batches_are_cut_into_five_statement_sizes() {
+        let events: Vec<AuditEvent> = (0..1000)
+            .map(|i| AuditEvent::new("e", "success", i))
+            .collect();
+        let mut shapes = std::collections::BTreeSet::new();
+        for n in 0..=events.len() {
+            let chunks: Vec<&[AuditEvent]> = audit_chunks(&events[..n]).collect();
+            let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n);
+            assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{sizes:?}");
+            let joined: Vec<i64> = chunks.iter().flat_map(|c| c.iter().map(|e| e.at)).collect();
+            assert_eq!(joined, (0..n as i64).collect::<Vec<_>>());
+            shapes.extend(sizes);
+        }
+        assert_eq!(shapes.into_iter().collect::<Vec<_>>(), [1, 4, 16, 64, 256]);
+        assert_eq!(
+            audit_chunks(&events[..37])
+                .map(<[_]>::len)
+                .collect::<Vec<_>>(),
+            [16, 16, 4, 1]
+        );
+    }
+
+    #[test]
+    fn sqlite_statements_number_their_parameters() {
+        assert!(audit_insert_sql(2, true)
+            .ends_with("(?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"));
+        assert!(audit_insert_sql(2, false)
+            .ends_with("($11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"));
+        assert!(!audit_insert_sql(256, true).contains('$'));
     }
 }

@@ -286,23 +286,27 @@ pub(super) async fn hostile_text(s: &Arc<dyn DurableStore>, tag: &str) {
     s.ping().await.unwrap();
 }
 
-/// A batch larger than one statement's worth of rows: every event stored once, in order.
+/// Batches of sizes that take one statement, several of one size, several sizes, and more than
+/// one statement's worth of rows: every event stored once, in order.
 pub(super) async fn large_batch(s: &Arc<dyn DurableStore>, tag: &str) {
-    let name = format!("bulk_{tag}");
-    let events: Vec<AuditEvent> = (0..600)
-        .map(|i| {
-            let mut e = event(1000 + i, &name, None);
-            e.reason = Some(format!("n{i}"));
-            e
-        })
-        .collect();
-    s.append_audit(&events).await.unwrap();
-    let back = s
-        .query_audit(&q(None, Some(&name), None, false, 1000))
-        .await
-        .unwrap();
-    assert_eq!(without_ids(&back), events, "all 600, in append order");
-    assert!(back.windows(2).all(|w| w[0].id < w[1].id));
+    for n in [1, 3, 37, 255, 256, 600] {
+        let name = format!("bulk{n}_{tag}");
+        let events: Vec<AuditEvent> = (0..n)
+            .map(|i| {
+                let mut e = event(1000 + i, &name, None);
+                e.reason = Some(format!("n{i}"));
+                e.ip = Some(format!("10.0.{}.{}", i / 256, i % 256));
+                e
+            })
+            .collect();
+        s.append_audit(&events).await.unwrap();
+        let back = s
+            .query_audit(&q(None, Some(&name), None, false, 1000))
+            .await
+            .unwrap();
+        assert_eq!(without_ids(&back), events, "all {n}, in append order");
+        assert!(back.windows(2).all(|w| w[0].id < w[1].id));
+    }
 }
 
 /// Retention: events from before the cut-off go, a few at a time; nothing from the cut-off on is
