@@ -131,6 +131,11 @@ async fn identity_headers_are_stripped_in_any_spelling() {
         ("Content_Length", "0"),
         ("X_Forwarded_Host", "evil.example"),
         ("Expect", "100-continue"),
+        // Hop-by-hop headers in underscore spelling: one hop's framing or credentials, read as
+        // the real header by CGI-style backends.
+        ("Transfer_Encoding", "chunked"),
+        ("Proxy_Authorization", "Basic YWRtaW46YWRtaW4="),
+        ("keep_alive", "timeout=5"),
     ];
     let mut headers = spoofed.to_vec();
     headers.push(("x-harmless_name", "kept"));
