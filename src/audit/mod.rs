@@ -2,6 +2,12 @@
 //! to a background writer so the request path never waits on the database; [`Audit::flush`]
 //! waits until everything recorded so far is durable (used at shutdown and by tests).
 //! An event never carries a password, code, secret or token — only the reason for a decision.
+//!
+//! Refusals an attacker can repeat at will and without limit (a flood of throttled sign-in
+//! attempts, a stolen cookie replayed from elsewhere) are recorded with
+//! [`Audit::record_repeated`]: the first of a run is written as it comes, the rest of the run as
+//! one summary row a minute, so a flood cannot fill the database with millions of rows an hour.
+//! Every attempt still has its log line and its metric.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +28,16 @@ const QUEUE_WAIT: Duration = Duration::from_secs(2);
 const BATCH: usize = 256;
 /// How long the writer waits for more events to join a batch (not when a flush waits).
 const LINGER: Duration = Duration::from_millis(5);
+/// How long a run of repeated events lasts: its first event is written at once, the ones after
+/// it within this time as one summary when it ends.
+const RUN: Duration = Duration::from_secs(60);
+/// Runs followed at once at most; when as many are open, all are closed (their summaries
+/// written) before another opens, so memory stays bounded whatever the attacker varies.
+const MAX_RUNS: usize = 10_000;
 
 enum Msg {
     Event(Box<AuditEvent>),
+    Repeated(String, Box<AuditEvent>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -41,6 +54,7 @@ impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Msg::Event(e) => write!(f, "Event({})", e.event),
+            Msg::Repeated(run, e) => write!(f, "Repeated({run}, {})", e.event),
             Msg::Flush(_) => f.write_str("Flush"),
         }
     }
@@ -58,8 +72,18 @@ impl Audit {
         queue: usize,
         wait: Duration,
     ) -> Self {
+        Self::start_runs(durable, metrics, queue, wait, RUN)
+    }
+
+    fn start_runs(
+        durable: Arc<dyn DurableStore>,
+        metrics: Arc<Metrics>,
+        queue: usize,
+        wait: Duration,
+        run: Duration,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
-        tokio::spawn(writer(durable, rx));
+        tokio::spawn(writer(durable, rx, run));
         Self { tx, wait, metrics }
     }
 
@@ -67,6 +91,20 @@ impl Audit {
     /// is given up (it is in the log line written here), with an error logged and counted
     /// (`portcullis_audit_events_dropped_total`).
     pub async fn record(&self, event: AuditEvent) {
+        self.send(event, |e| Msg::Event(Box::new(e))).await;
+    }
+
+    /// Records a refusal that may come again and again: events with the same `run` key (say the
+    /// throttling counter that refused them) within a minute of the first are one run. The
+    /// first is written as [`Audit::record`] writes it; the others of the run as one summary
+    /// event when the run ends (or at [`Audit::flush`]), with `times` = how many, the time of the
+    /// last, and empty fields where they differed (the accounts of a flood from one address,
+    /// the addresses of a flood against one account). Each still has its log line here.
+    pub async fn record_repeated(&self, run: String, event: AuditEvent) {
+        self.send(event, |e| Msg::Repeated(run, Box::new(e))).await;
+    }
+
+    async fn send(&self, event: AuditEvent, msg: impl FnOnce(AuditEvent) -> Msg) {
         tracing::info!(
             target: "portcullis::audit",
             event = %event.event,
@@ -77,7 +115,7 @@ impl Audit {
             "audit"
         );
         let name = event.event.clone();
-        match tokio::time::timeout(self.wait, self.tx.send(Msg::Event(Box::new(event)))).await {
+        match tokio::time::timeout(self.wait, self.tx.send(msg(event))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => tracing::error!(event = %name, "audit writer has stopped; event lost"),
             Err(_) => {
@@ -115,16 +153,141 @@ impl Audit {
     }
 }
 
-async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>) {
+/// The runs of repeated events the writer follows (see [`Audit::record_repeated`]).
+struct Runs {
+    length: Duration,
+    /// [`MAX_RUNS`] but in tests.
+    max: usize,
+    open: crate::CacheMap<Run>,
+    /// When each run opened ends, in the order they opened (all last as long, so the soonest
+    /// to end is at the front). An entry whose run was closed early stays until its time and
+    /// is passed over then.
+    ends: std::collections::VecDeque<(tokio::time::Instant, String)>,
+}
+
+struct Run {
+    ends: tokio::time::Instant,
+    /// The repeats after the first, merged; `None` until there is one.
+    summary: Option<AuditEvent>,
+}
+
+impl Runs {
+    fn new(length: Duration, max: usize) -> Self {
+        Self {
+            length,
+            max,
+            open: crate::CacheMap::default(),
+            ends: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Takes a repeated event: into `batch` if it opens a run, into its run's summary if not.
+    fn take(&mut self, key: String, event: AuditEvent, batch: &mut Vec<AuditEvent>) {
+        let now = tokio::time::Instant::now();
+        if let Some(run) = self.open.get_mut(&key) {
+            if now < run.ends {
+                match &mut run.summary {
+                    Some(s) => s.absorb(event),
+                    None => run.summary = Some(event),
+                }
+                return;
+            }
+            if let Some(s) = self.open.remove(&key).and_then(|r| r.summary) {
+                batch.push(s);
+            }
+        }
+        if self.open.len() >= self.max {
+            self.close_all(batch);
+        }
+        let ends = now + self.length;
+        self.ends.push_back((ends, key.clone()));
+        self.open.insert(
+            key,
+            Run {
+                ends,
+                summary: None,
+            },
+        );
+        batch.push(event);
+    }
+
+    /// Ends the runs that are over by `now`, their summaries into `batch`.
+    fn close_due(&mut self, batch: &mut Vec<AuditEvent>, now: tokio::time::Instant) {
+        while let Some((ends, _)) = self.ends.front() {
+            if *ends > now {
+                return;
+            }
+            let Some((ends, key)) = self.ends.pop_front() else {
+                return;
+            };
+            if self.open.get(&key).is_some_and(|r| r.ends == ends) {
+                batch.extend(self.open.remove(&key).and_then(|r| r.summary));
+            }
+        }
+    }
+
+    /// Ends every run, their summaries into `batch`.
+    fn close_all(&mut self, batch: &mut Vec<AuditEvent>) {
+        batch.extend(self.open.drain().filter_map(|(_, r)| r.summary));
+        self.ends.clear();
+    }
+
+    /// When the soonest-ending run ends.
+    fn next_end(&self) -> Option<tokio::time::Instant> {
+        self.ends.front().map(|(ends, _)| *ends)
+    }
+}
+
+impl AuditEvent {
+    /// Merges a later event of the same run into this summary.
+    fn absorb(&mut self, later: AuditEvent) {
+        fn keep_if_same(mine: &mut Option<String>, theirs: Option<String>) {
+            if *mine != theirs {
+                *mine = None;
+            }
+        }
+        self.times += later.times;
+        self.at = self.at.max(later.at);
+        keep_if_same(&mut self.user_id, later.user_id);
+        keep_if_same(&mut self.email, later.email);
+        keep_if_same(&mut self.account_id, later.account_id);
+        keep_if_same(&mut self.ip, later.ip);
+        keep_if_same(&mut self.user_agent, later.user_agent);
+        keep_if_same(&mut self.reason, later.reason);
+        keep_if_same(&mut self.actor, later.actor);
+    }
+}
+
+async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run: Duration) {
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut runs = Runs::new(run, MAX_RUNS);
+    loop {
+        // Wait for the next message, or for the end of the next run with a summary to write.
+        let first = match runs.next_end() {
+            Some(end) => match tokio::time::timeout_at(end, rx.recv()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    runs.close_due(&mut batch, tokio::time::Instant::now());
+                    write(durable.as_ref(), &mut batch).await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(first) = first else {
+            // Every handle is gone: what the runs hold is still written.
+            runs.close_all(&mut batch);
+            write(durable.as_ref(), &mut batch).await;
+            return;
+        };
         let mut next = Some(first);
         let mut lingered = false;
         loop {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Event(e) => batch.push(*e),
+                    Msg::Repeated(key, e) => runs.take(key, *e, &mut batch),
                     Msg::Flush(w) => waiters.push(w),
                 }
                 if batch.len() < BATCH {
@@ -144,20 +307,31 @@ async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>) {
                 break;
             }
         }
-        // A database outage must not drop events: retry with back-off until written.
-        let mut delay = Duration::from_millis(100);
-        while !batch.is_empty() {
-            match durable.append_audit(&batch).await {
-                Ok(()) => batch.clear(),
-                Err(e) => {
-                    tracing::error!(error = %e, pending = batch.len(), "audit write failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
+        // A flush writes what the runs hold too; their next repeats open new runs.
+        if waiters.is_empty() {
+            runs.close_due(&mut batch, tokio::time::Instant::now());
+        } else {
+            runs.close_all(&mut batch);
         }
+        write(durable.as_ref(), &mut batch).await;
         for w in waiters.drain(..) {
             let _ = w.send(());
+        }
+    }
+}
+
+/// Writes `batch` and empties it. A database outage must not drop events: retries with
+/// back-off until written.
+async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
+    let mut delay = Duration::from_millis(100);
+    while !batch.is_empty() {
+        match durable.append_audit(batch).await {
+            Ok(()) => batch.clear(),
+            Err(e) => {
+                tracing::error!(error = %e, pending = batch.len(), "audit write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }
@@ -178,6 +352,7 @@ impl AuditEvent {
             user_agent: None,
             reason: None,
             actor: None,
+            times: 1,
         }
     }
 
@@ -304,5 +479,130 @@ mod tests {
             (1.0..=(BATCH + 20) as f64).contains(&dropped),
             "{dropped} given up"
         );
+    }
+
+    fn all(limit: u32) -> AuditQuery {
+        AuditQuery {
+            limit,
+            ..AuditQuery::default()
+        }
+    }
+
+    fn refused(ip: &str) -> AuditEvent {
+        AuditEvent::new("login_password", "denied", 1_000)
+            .email("target@example.com")
+            .reason("throttled:account")
+            .client(ip, "flood/1.0")
+    }
+
+    #[tokio::test]
+    async fn a_run_of_repeated_refusals_is_its_first_row_and_one_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store(&dir).await;
+        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+        // 50 refusals of one run (from two addresses), 3 of another, one ordinary event.
+        for i in 0..50 {
+            let ip = if i % 2 == 0 { "192.0.2.1" } else { "192.0.2.2" };
+            audit
+                .record_repeated("fail:pwd:target".into(), refused(ip))
+                .await;
+        }
+        for _ in 0..3 {
+            audit
+                .record_repeated("fail:ip:198.51.100.9".into(), refused("198.51.100.9"))
+                .await;
+        }
+        audit.record(event()).await;
+        audit.flush().await;
+        let rows = store.query_audit(&all(100)).await.unwrap();
+        let mut summary: Vec<_> = rows
+            .iter()
+            .map(|e| (e.times, e.ip.as_deref(), e.email.is_some()))
+            .collect();
+        // The summaries come last, written at the flush, in no particular order.
+        summary[3..].sort();
+        assert_eq!(
+            summary,
+            [
+                (1, Some("192.0.2.1"), true),
+                (1, Some("198.51.100.9"), true),
+                (1, None, false),
+                // The address left out where it varied.
+                (2, Some("198.51.100.9"), true),
+                (49, None, true),
+            ],
+            "{rows:#?}"
+        );
+        assert_eq!(rows.iter().map(|e| e.times).sum::<i64>(), 54);
+        assert!(rows
+            .iter()
+            .filter(|e| e.outcome == "denied")
+            .all(|e| e.reason.as_deref() == Some("throttled:account")));
+    }
+
+    #[tokio::test]
+    async fn a_run_ends_by_itself_and_the_next_repeat_opens_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store(&dir).await;
+        let run = Duration::from_millis(300);
+        let audit = Audit::start_runs(
+            store.clone(),
+            Arc::new(Metrics::new()),
+            QUEUE,
+            QUEUE_WAIT,
+            run,
+        );
+        for _ in 0..6 {
+            audit
+                .record_repeated("k".into(), refused("192.0.2.1"))
+                .await;
+        }
+        // No flush: the summary is written when the run ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let rows = loop {
+            let rows = store.query_audit(&all(100)).await.unwrap();
+            if rows.len() >= 2 || std::time::Instant::now() > deadline {
+                break rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(rows.iter().map(|e| e.times).collect::<Vec<_>>(), [1, 5]);
+        assert_eq!(rows[1].ip.as_deref(), Some("192.0.2.1"), "shared: kept");
+        audit
+            .record_repeated("k".into(), refused("192.0.2.1"))
+            .await;
+        audit.flush().await;
+        let rows = store.query_audit(&all(100)).await.unwrap();
+        assert_eq!(rows.iter().map(|e| e.times).collect::<Vec<_>>(), [1, 5, 1]);
+    }
+
+    #[test]
+    fn runs_stay_bounded_and_closing_them_loses_no_count() {
+        let mut runs = Runs::new(Duration::from_secs(60), 3);
+        let mut batch = Vec::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Three keys, four times each: one row and one summary of three each.
+            for round in 0..4 {
+                for key in 0..3 {
+                    runs.take(format!("k{key}"), refused("192.0.2.1"), &mut batch);
+                    assert!(runs.open.len() <= 3, "round {round}: {}", runs.open.len());
+                }
+            }
+            assert_eq!(batch.len(), 3);
+            // Ten keys more, each once: runs are closed to make room, never more than three.
+            for key in 3..13 {
+                runs.take(format!("k{key}"), refused("192.0.2.1"), &mut batch);
+                assert!(runs.open.len() <= 3, "{}", runs.open.len());
+                assert!(runs.ends.len() <= 3, "{}", runs.ends.len());
+            }
+            runs.close_all(&mut batch);
+        });
+        assert!(runs.open.is_empty());
+        assert_eq!(batch.iter().map(|e| e.times).sum::<i64>(), 22);
+        assert_eq!(batch.len(), 3 + 3 + 10, "three summaries of three");
     }
 }

@@ -156,6 +156,7 @@ impl LoginFlow {
                 self.release(&keys).await?;
                 return Ok(Reservation::Spent {
                     budget: crate::metrics::limit_label(key),
+                    counter: key.clone(),
                 });
             }
             prior = prior.max(n - 1);
@@ -193,6 +194,15 @@ impl LoginFlow {
         self.metrics.sign_in_event(&ev);
         self.audit
             .record(ev.client(&client.ip, &client.user_agent))
+            .await;
+    }
+
+    /// [`LoginFlow::audit`] for a refusal an attacker can repeat at will, one run per `run` key
+    /// (see [`Audit::record_repeated`]).
+    pub(crate) async fn audit_repeated(&self, run: String, ev: AuditEvent, client: &Client) {
+        self.metrics.sign_in_event(&ev);
+        self.audit
+            .record_repeated(run, ev.client(&client.ip, &client.user_agent))
             .await;
     }
 
@@ -333,7 +343,8 @@ impl LoginFlow {
             return Ok(CodeOutcome::Restart);
         };
         if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
-            self.audit(
+            self.audit_repeated(
+                format!("second_factor:throttled:{}", user.id),
                 AuditEvent::new("second_factor", "denied", self.clock.now())
                     .user(&user)
                     .reason("throttled"),

@@ -136,9 +136,16 @@ pub(crate) async fn decide(
             Some(u) => ev.user(&u),
             None => ev,
         };
+        // A half-signed-in session can ask again and again: one run per session.
         state
             .audit
-            .record(ev.client(&client.ip, &client.user_agent))
+            .record_repeated(
+                format!(
+                    "proxy_denied:second_factor_incomplete:{}",
+                    loaded.session.public_id
+                ),
+                ev.client(&client.ip, &client.user_agent),
+            )
             .await;
         return Ok(Decision::Refuse {
             clear_cookie: false,

@@ -217,6 +217,15 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     /// Who acted, for admin actions (`cli:<os user>` or an admin's email).
     pub actor: Option<String>,
+    /// How many times it happened: 1, or for the summary of a run of repeated refusals how many
+    /// attempts this one row stands for (see [`crate::audit::Audit::record_repeated`]); the
+    /// fields the attempts did not all share are empty in a summary.
+    #[serde(default = "one")]
+    pub times: i64,
+}
+
+fn one() -> i64 {
+    1
 }
 
 /// Which audit events to read.

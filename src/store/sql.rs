@@ -95,7 +95,7 @@ const POSTGRES_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// Rows per `INSERT` of audit events, largest first: a batch is written as statements of these
 /// sizes only (37 rows: 16 + 16 + 4 + 1), so there are five statements in all and each stays in
 /// the connection's statement cache. With one statement per batch size, a flood's batches of
-/// every size from 1 to 256 were each parsed anew. 256 rows are 2,560 values, well under the bind
+/// every size from 1 to 256 were each parsed anew. 256 rows are 2,816 values, well under the bind
 /// limits of SQLite (32,766) and PostgreSQL (65,535).
 const AUDIT_ROWS_PER_INSERT: [usize; 5] = [256, 64, 16, 4, 1];
 
@@ -111,14 +111,14 @@ fn audit_chunks(mut events: &[AuditEvent]) -> impl Iterator<Item = &[AuditEvent]
     })
 }
 
-/// `INSERT INTO audit_events (…) VALUES ($1, …, $10), ($11, …), …` for `rows` rows; for SQLite
+/// `INSERT INTO audit_events (…) VALUES ($1, …, $11), ($12, …), …` for `rows` rows; for SQLite
 /// with `?1, …` instead: SQLite looks a `$N` parameter up by name among those before it, which
-/// for a statement of 2,560 values is millions of string comparisons per parse, and `?N` by
+/// for a statement of 2,816 values is millions of string comparisons per parse, and `?N` by
 /// number.
 fn audit_insert_sql(rows: usize, sqlite: bool) -> String {
-    const COLUMNS: usize = 10;
+    const COLUMNS: usize = 11;
     let mut sql = String::from(
-        "INSERT INTO audit_events (at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor) VALUES ",
+        "INSERT INTO audit_events (at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor, times) VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
@@ -280,6 +280,7 @@ fn audit_from(r: &AnyRow) -> Result<AuditEvent, sqlx::Error> {
         user_agent: r.try_get("user_agent")?,
         reason: r.try_get("reason")?,
         actor: r.try_get("actor")?,
+        times: r.try_get("times")?,
     })
 }
 
@@ -955,7 +956,8 @@ impl DurableStore for SqlStore {
                         .bind(&e.ip)
                         .bind(&e.user_agent)
                         .bind(&e.reason)
-                        .bind(&e.actor);
+                        .bind(&e.actor)
+                        .bind(e.times);
                 }
                 q.execute(&mut *tx).await?;
             }
@@ -967,7 +969,7 @@ impl DurableStore for SqlStore {
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEvent>> {
         let order = if q.newest_first { "DESC" } else { "ASC" };
         let sql = format!(
-            "SELECT id, at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor FROM audit_events \
+            "SELECT id, at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor, times FROM audit_events \
              WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR event = $2) AND id > $3 \
              AND ($5 = '' OR account_id = $5) AND at >= $6 AND at < $7 ORDER BY id {order} LIMIT $4"
         );
@@ -996,7 +998,7 @@ impl DurableStore for SqlStore {
         let width = bucket_secs.max(1);
         let found = self
             .fetch(
-                "SELECT (at / $2) * $2 AS bucket, event, outcome, COUNT(*) AS n FROM audit_events \
+                "SELECT (at / $2) * $2 AS bucket, event, outcome, CAST(SUM(times) AS BIGINT) AS n FROM audit_events \
                  WHERE at >= $1 GROUP BY (at / $2) * $2, event, outcome ORDER BY bucket",
                 &[Arg::Int(since), Arg::Int(width)],
             )
@@ -1398,9 +1400,9 @@ mod tests {
     #[test]
     fn sqlite_statements_number_their_parameters() {
         assert!(audit_insert_sql(2, true)
-            .ends_with("(?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"));
+            .ends_with("(?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"));
         assert!(audit_insert_sql(2, false)
-            .ends_with("($11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"));
+            .ends_with("($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"));
         assert!(!audit_insert_sql(256, true).contains('$'));
     }
 }

@@ -124,6 +124,14 @@ async fn password_alone_reaches_nothing_during_enrolment_or_second_factor() {
         .iter()
         .any(|e| e.event == "proxy_denied"
             && e.reason.as_deref() == Some("second_factor_incomplete")));
+    // The half-signed-in session's refusals, again and again: its first row and one summary.
+    let denied: Vec<_> = ev
+        .iter()
+        .filter(|e| e.event == "proxy_denied" && e.email.as_deref() == Some("enrolled@example.com"))
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:#?}");
+    assert_eq!(denied[0].times, 1);
+    assert!(denied[1].times > 1, "{denied:#?}");
 }
 
 #[tokio::test]

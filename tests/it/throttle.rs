@@ -105,6 +105,57 @@ async fn a_flood_over_many_accounts_and_addresses_meets_the_global_budget() {
 /// Forty attempts at once, each from another address for another account, with a global budget
 /// of ten: exactly ten are checked, the rest refused — the counter is taken before anything is
 /// checked.
+/// A flood an attacker can keep up for hours must not write a row per refused attempt (millions
+/// an hour, a database filled to the disk's end): refusals of one spent budget are the first
+/// row and one summary with how many, the addresses left out where they varied; each wrong
+/// password that was checked keeps its own row, and the metric counts every refusal.
+#[tokio::test]
+async fn a_flood_of_refused_attempts_is_summarised_in_the_trail() {
+    const BUDGET: u64 = 2;
+    const REFUSED: usize = 40;
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.password_failures_per_account = BUDGET;
+    })
+    .await;
+    let target = "flooded@example.com";
+    for i in 0..BUDGET {
+        let r = attempt_from(&gw, &format!("10.9.0.{i}"), target, WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    for i in 0..REFUSED {
+        let r = attempt_from(&gw, &format!("10.9.1.{i}"), target, WRONG).await;
+        assert_eq!(r.status(), 429, "attempt {i}");
+    }
+    let rows: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "login_password" && e.email.as_deref() == Some(target))
+        .collect();
+    let refused: Vec<_> = rows
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("throttled:account_password"))
+        .collect();
+    assert_eq!(
+        refused
+            .iter()
+            .map(|e| (e.times, e.ip.as_deref()))
+            .collect::<Vec<_>>(),
+        [(1, Some("10.9.1.0")), (REFUSED as i64 - 1, None)],
+        "{rows:#?}"
+    );
+    assert_eq!(
+        rows.iter()
+            .filter(|e| e.outcome == "failure")
+            .map(|e| e.times)
+            .collect::<Vec<_>>(),
+        [1; BUDGET as usize],
+        "each checked password has its row"
+    );
+    assert_eq!(throttled_metric(&gw, "account_password"), REFUSED as f64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_attempts_cannot_exceed_the_global_budget() {
     let gw = Gateway::start_with(|c| {

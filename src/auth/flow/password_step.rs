@@ -40,38 +40,44 @@ impl LoginFlow {
             }
             user = Some(u);
         }
-        let (budget, retry_after) = if own_device.is_none() && !self.global_budget().await? {
-            ("global", 1)
-        } else {
-            let budgets = self.password_budgets(&email, client, own_device);
-            match self.reserve(&budgets).await? {
-                Reservation::Spent { budget } => (budget, self.window().as_secs()),
-                Reservation::Taken { keys, prior } => {
-                    let user = match user {
-                        Some(u) => u,
-                        None => match self.durable.user_by_email(&email).await {
-                            Ok(u) => u,
-                            Err(e) => {
-                                // Not an answer (the store is down): the attempt does not count.
-                                self.release(&keys).await?;
-                                return Err(e.into());
-                            }
-                        },
-                    };
-                    return Ok(Ok(Attempt {
-                        email,
-                        user,
-                        reserved: keys,
-                        prior,
-                        lane: match own_device {
-                            Some(_) => Lane::Known,
-                            None => Lane::Other,
-                        },
-                    }));
+        let (budget, counter, retry_after) =
+            if own_device.is_none() && !self.global_budget().await? {
+                ("global", "rate:global".to_string(), 1)
+            } else {
+                let budgets = self.password_budgets(&email, client, own_device);
+                match self.reserve(&budgets).await? {
+                    Reservation::Spent { budget, counter } => {
+                        (budget, counter, self.window().as_secs())
+                    }
+                    Reservation::Taken { keys, prior } => {
+                        let user = match user {
+                            Some(u) => u,
+                            None => match self.durable.user_by_email(&email).await {
+                                Ok(u) => u,
+                                Err(e) => {
+                                    // Not an answer (the store is down): the attempt does not count.
+                                    self.release(&keys).await?;
+                                    return Err(e.into());
+                                }
+                            },
+                        };
+                        return Ok(Ok(Attempt {
+                            email,
+                            user,
+                            reserved: keys,
+                            prior,
+                            lane: match own_device {
+                                Some(_) => Lane::Known,
+                                None => Lane::Other,
+                            },
+                        }));
+                    }
                 }
-            }
-        };
-        self.audit(
+            };
+        // One run per spent counter: a flood's refusals from one address, against one account,
+        // or past the global budget are each one summary a minute in the trail.
+        self.audit_repeated(
+            format!("login_password:{counter}"),
             AuditEvent::new("login_password", "denied", self.clock.now())
                 .email(&email)
                 .reason(&format!("throttled:{budget}")),

@@ -38,8 +38,11 @@ pub(crate) enum Reservation {
     /// Taken from every budget: the counters to give back if the attempt turns out right, and
     /// the most failures any of them had counted before this attempt.
     Taken { keys: Vec<String>, prior: u64 },
-    /// A budget is spent (named as metrics label it).
-    Spent { budget: &'static str },
+    /// A budget is spent (named as metrics label it), counted under `counter`.
+    Spent {
+        budget: &'static str,
+        counter: String,
+    },
 }
 
 /// The wait before the password of an attempt is checked, after `prior` counted failures:

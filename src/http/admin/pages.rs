@@ -77,6 +77,8 @@ pub struct EventRow {
     pub ip: String,
     pub reason: String,
     pub actor: String,
+    /// 1, or how many repeated refusals a summary row stands for.
+    pub times: i64,
 }
 
 /// A freshly issued enrolment link, shown once.

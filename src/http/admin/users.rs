@@ -328,6 +328,7 @@ pub(super) fn event_row(e: AuditEvent) -> EventRow {
         ip: e.ip.unwrap_or_default(),
         reason: e.reason.unwrap_or_default(),
         actor: e.actor.unwrap_or_default(),
+        times: e.times,
     }
 }
 

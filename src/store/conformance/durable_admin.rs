@@ -138,7 +138,11 @@ async fn audit_filters_and_counts(s: &Arc<dyn DurableStore>, tag: &str) {
         ev(3_600, "a", "success"),
         ev(3_700, "b", "failure"),
         ev(7_200, "a", "failure"),
-        ev(7_300, "a", "failure"),
+        // A summary of a run of 41 repeated refusals counts as 41.
+        AuditEvent {
+            times: 41,
+            ..ev(7_300, "a", "failure")
+        },
         ev(10_900, "b", "success"),
     ])
     .await
@@ -184,10 +188,10 @@ async fn audit_filters_and_counts(s: &Arc<dyn DurableStore>, tag: &str) {
         counts,
         vec![
             (3_600, "failure".to_string(), 1),
-            (7_200, "failure".to_string(), 2),
+            (7_200, "failure".to_string(), 42),
             (10_800, "success".to_string(), 1),
         ],
-        "bucketed by hour from `since` on"
+        "bucketed by hour from `since` on, a summary counted as the attempts it stands for"
     );
 }
 

@@ -19,6 +19,7 @@ fn event(at: i64, name: &str, user: Option<&str>) -> AuditEvent {
         user_agent: Some("test-agent/1.0".into()),
         reason: None,
         actor: None,
+        times: 1,
     }
 }
 
@@ -68,6 +69,7 @@ pub(super) async fn audit(s: &Arc<dyn DurableStore>, tag: &str) {
     batch[1].outcome = "failure".into();
     batch[1].reason = Some("bad_password".into());
     batch[2].actor = Some("cli:root".into());
+    batch[3].times = 37;
     batch[4].email = None;
     batch[4].account_id = None;
     batch[4].ip = None;
@@ -243,6 +245,7 @@ pub(super) async fn hostile_text(s: &Arc<dyn DurableStore>, tag: &str) {
             user_agent: Some((*text).to_string()),
             reason: Some((*text).to_string()),
             actor: Some((*text).to_string()),
+            times: i as i64 + 1,
         })
         .collect();
     s.append_audit(&events).await.unwrap();
