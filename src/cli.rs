@@ -644,7 +644,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                     } else {
                         writeln!(
                             out,
-                            "{} {:<22} {:<8} user={} ip={} reason={}{}",
+                            "{} {:<22} {:<8} user={} ip={} reason={}{}{}",
                             rfc3339(e.at),
                             e.event,
                             e.outcome,
@@ -654,7 +654,13 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                             e.actor
                                 .as_deref()
                                 .map(|a| format!(" actor={a}"))
-                                .unwrap_or_default()
+                                .unwrap_or_default(),
+                            // A summary of repeated refusals: how many it stands for.
+                            if e.times == 1 {
+                                String::new()
+                            } else {
+                                format!(" times={}", e.times)
+                            }
                         )?;
                     }
                 }

@@ -154,6 +154,20 @@ async fn a_flood_of_refused_attempts_is_summarised_in_the_trail() {
         "each checked password has its row"
     );
     assert_eq!(throttled_metric(&gw, "account_password"), REFUSED as f64);
+    // The CLI shows what a summary stands for, in text and in JSON.
+    let tail = gw.cli(&["audit", "tail", "-n", "100"], None).await;
+    let text = String::from_utf8_lossy(&tail.stdout);
+    let summary = format!("reason=throttled:account_password times={}", REFUSED - 1);
+    assert!(text.lines().any(|l| l.ends_with(&summary)), "{text}");
+    let tail = gw
+        .cli(&["audit", "tail", "--json", "-n", "100"], None)
+        .await;
+    let text = String::from_utf8_lossy(&tail.stdout);
+    assert!(
+        text.contains(&format!("\"times\":{}", REFUSED - 1)),
+        "{text}"
+    );
+    assert!(text.contains("\"times\":1"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
