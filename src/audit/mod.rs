@@ -38,7 +38,9 @@ const MAX_RUNS: usize = 10_000;
 enum Msg {
     Event(Box<AuditEvent>),
     Repeated(String, Box<AuditEvent>),
-    Flush(oneshot::Sender<()>),
+    /// Answered once everything before it is written; with `true`, the summaries of the runs
+    /// open then too.
+    Flush(oneshot::Sender<()>, bool),
 }
 
 /// Handle for recording audit events.
@@ -55,7 +57,7 @@ impl std::fmt::Debug for Msg {
         match self {
             Msg::Event(e) => write!(f, "Event({})", e.event),
             Msg::Repeated(run, e) => write!(f, "Repeated({run}, {})", e.event),
-            Msg::Flush(_) => f.write_str("Flush"),
+            Msg::Flush(_, runs) => write!(f, "Flush({runs})"),
         }
     }
 }
@@ -129,10 +131,22 @@ impl Audit {
         }
     }
 
-    /// Waits until every event recorded before this call is written.
+    /// Waits until every event recorded before this call is written, the summaries of open
+    /// runs included (which ends those runs: shutdown, tests).
     pub async fn flush(&self) {
+        self.written(true).await;
+    }
+
+    /// Waits until every event recorded before this call is written, but for the repeats that
+    /// open runs still hold: those runs go on. For a page that lists what was just recorded,
+    /// so that asking for it again and again cannot cut the runs of a flood short.
+    pub async fn catch_up(&self) {
+        self.written(false).await;
+    }
+
+    async fn written(&self, with_runs: bool) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Msg::Flush(done)).await.is_ok() {
+        if self.tx.send(Msg::Flush(done, with_runs)).await.is_ok() {
             let _ = wait.await;
         }
     }
@@ -261,9 +275,11 @@ impl AuditEvent {
 async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run: Duration) {
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    // Whether one of the waiters asked for the runs' summaries too.
+    let mut close_runs = false;
     let mut runs = Runs::new(run, MAX_RUNS);
     loop {
-        // Wait for the next message, or for the end of the next run with a summary to write.
+        // Wait for the next message, or for the soonest run to end.
         let first = match runs.next_end() {
             Some(end) => match tokio::time::timeout_at(end, rx.recv()).await {
                 Ok(m) => m,
@@ -288,7 +304,10 @@ async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run
                 match msg {
                     Msg::Event(e) => batch.push(*e),
                     Msg::Repeated(key, e) => runs.take(key, *e, &mut batch),
-                    Msg::Flush(w) => waiters.push(w),
+                    Msg::Flush(w, with_runs) => {
+                        waiters.push(w);
+                        close_runs |= with_runs;
+                    }
                 }
                 if batch.len() < BATCH {
                     next = rx.try_recv().ok();
@@ -308,10 +327,11 @@ async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run
             }
         }
         // A flush writes what the runs hold too; their next repeats open new runs.
-        if waiters.is_empty() {
-            runs.close_due(&mut batch, tokio::time::Instant::now());
-        } else {
+        if close_runs {
             runs.close_all(&mut batch);
+            close_runs = false;
+        } else {
+            runs.close_due(&mut batch, tokio::time::Instant::now());
         }
         write(durable.as_ref(), &mut batch).await;
         for w in waiters.drain(..) {
@@ -574,6 +594,33 @@ mod tests {
         audit.flush().await;
         let rows = store.query_audit(&all(100)).await.unwrap();
         assert_eq!(rows.iter().map(|e| e.times).collect::<Vec<_>>(), [1, 5, 1]);
+    }
+
+    #[tokio::test]
+    async fn catching_up_writes_what_came_before_but_does_not_cut_a_run_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store(&dir).await;
+        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+        for _ in 0..6 {
+            audit
+                .record_repeated("k".into(), refused("192.0.2.1"))
+                .await;
+        }
+        audit.record(event()).await;
+        audit.catch_up().await;
+        let rows = store.query_audit(&all(100)).await.unwrap();
+        assert_eq!(rows.iter().map(|e| e.times).collect::<Vec<_>>(), [1, 1]);
+        assert_eq!(rows[1].outcome, "failure", "the ordinary event is written");
+        // A page asked again and again: the run goes on.
+        for _ in 0..3 {
+            audit.catch_up().await;
+            audit
+                .record_repeated("k".into(), refused("192.0.2.1"))
+                .await;
+        }
+        audit.flush().await;
+        let rows = store.query_audit(&all(100)).await.unwrap();
+        assert_eq!(rows.iter().map(|e| e.times).collect::<Vec<_>>(), [1, 1, 8]);
     }
 
     #[test]

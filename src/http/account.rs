@@ -365,7 +365,7 @@ pub async fn revoke_device_post(
 async fn recent_sign_ins(state: &AppState, user_id: &str) -> Result<Vec<SignInRow>, AppError> {
     // Events are written in the background; give the writer a moment so the sign-in that led
     // here is listed. Bounded: a slow store must not hold the page.
-    let _ = tokio::time::timeout(AUDIT_CATCH_UP, state.audit.flush()).await;
+    let _ = tokio::time::timeout(AUDIT_CATCH_UP, state.audit.catch_up()).await;
     let events = state
         .durable
         .query_audit(&AuditQuery {
