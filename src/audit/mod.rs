@@ -508,6 +508,13 @@ mod tests {
         }
     }
 
+    /// `n` refusals from `ip`, recorded as one run `key`.
+    async fn repeat(audit: &Audit, key: &str, ip: &str, n: usize) {
+        for _ in 0..n {
+            audit.record_repeated(key.into(), refused(ip)).await;
+        }
+    }
+
     fn refused(ip: &str) -> AuditEvent {
         AuditEvent::new("login_password", "denied", 1_000)
             .email("target@example.com")
@@ -527,11 +534,7 @@ mod tests {
                 .record_repeated("fail:pwd:target".into(), refused(ip))
                 .await;
         }
-        for _ in 0..3 {
-            audit
-                .record_repeated("fail:ip:198.51.100.9".into(), refused("198.51.100.9"))
-                .await;
-        }
+        repeat(&audit, "fail:ip:198.51.100.9", "198.51.100.9", 3).await;
         audit.record(event()).await;
         audit.flush().await;
         let rows = store.query_audit(&all(100)).await.unwrap();
@@ -572,11 +575,7 @@ mod tests {
             QUEUE_WAIT,
             run,
         );
-        for _ in 0..6 {
-            audit
-                .record_repeated("k".into(), refused("192.0.2.1"))
-                .await;
-        }
+        repeat(&audit, "k", "192.0.2.1", 6).await;
         // No flush: the summary is written when the run ends.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let rows = loop {
@@ -601,11 +600,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = store(&dir).await;
         let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
-        for _ in 0..6 {
-            audit
-                .record_repeated("k".into(), refused("192.0.2.1"))
-                .await;
-        }
+        repeat(&audit, "k", "192.0.2.1", 6).await;
         audit.record(event()).await;
         audit.catch_up().await;
         let rows = store.query_audit(&all(100)).await.unwrap();
