@@ -4,10 +4,12 @@
 //! An event never carries a password, code, secret or token — only the reason for a decision.
 //!
 //! Refusals an attacker can repeat at will and without limit (a flood of throttled sign-in
-//! attempts, a stolen cookie replayed from elsewhere) are recorded with
-//! [`Audit::record_repeated`]: the first of a run is written as it comes, the rest of the run as
-//! one summary row a minute, so a flood cannot fill the database with millions of rows an hour.
-//! Every attempt still has its log line and its metric.
+//! attempts, a half-signed-in session asking for the console, a non-admin asking for the admin
+//! console) are recorded with [`Audit::record_repeated`]: the first of a run is written as it
+//! comes, the rest of the run as one summary row a minute, so a flood cannot fill the database
+//! with millions of rows an hour. Every attempt still has its log line. They go by a queue of
+//! their own, so that a flood while the database is away cannot crowd out the events that must
+//! not be lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +49,9 @@ enum Msg {
 #[derive(Clone, Debug)]
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
+    /// Repeated refusals, on a queue of their own: while the durable store is away a flood fills
+    /// this one, not the one of the events that must not be lost.
+    repeats: mpsc::Sender<Msg>,
     /// See [`QUEUE_WAIT`].
     wait: Duration,
     metrics: Arc<Metrics>,
@@ -85,8 +90,14 @@ impl Audit {
         run: Duration,
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
-        tokio::spawn(writer(durable, rx, run));
-        Self { tx, wait, metrics }
+        let (repeats, repeated) = mpsc::channel(queue);
+        tokio::spawn(writer(durable, rx, repeated, run));
+        Self {
+            tx,
+            repeats,
+            wait,
+            metrics,
+        }
     }
 
     /// Records an event. Waits if the queue is full, for at most [`QUEUE_WAIT`]; then the event
@@ -102,11 +113,24 @@ impl Audit {
     /// event when the run ends (or at [`Audit::flush`]), with `times` = how many, the time of the
     /// last, and empty fields where they differed (the accounts of a flood from one address,
     /// the addresses of a flood against one account). Each still has its log line here.
+    ///
+    /// Never waits: with the queue of repeats full (the durable store away under a flood) the
+    /// event is given up at once, counted in `portcullis_audit_events_dropped_total`; its log
+    /// line stays.
     pub async fn record_repeated(&self, run: String, event: AuditEvent) {
-        self.send(event, |e| Msg::Repeated(run, Box::new(e))).await;
+        Self::log(&event);
+        // One run per event and outcome, whatever the caller's key.
+        let run = format!("{}\0{}\0{run}", event.event, event.outcome);
+        match self.repeats.try_send(Msg::Repeated(run, Box::new(event))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.metrics.audit_dropped(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit writer has stopped; event lost");
+            }
+        }
     }
 
-    async fn send(&self, event: AuditEvent, msg: impl FnOnce(AuditEvent) -> Msg) {
+    fn log(event: &AuditEvent) {
         tracing::info!(
             target: "portcullis::audit",
             event = %event.event,
@@ -116,6 +140,10 @@ impl Audit {
             reason = event.reason.as_deref().unwrap_or("-"),
             "audit"
         );
+    }
+
+    async fn send(&self, event: AuditEvent, msg: impl FnOnce(AuditEvent) -> Msg) {
+        Self::log(&event);
         let name = event.event.clone();
         match tokio::time::timeout(self.wait, self.tx.send(msg(event))).await {
             Ok(Ok(())) => {}
@@ -196,8 +224,19 @@ impl Runs {
     }
 
     /// Takes a repeated event: into `batch` if it opens a run, into its run's summary if not.
-    fn take(&mut self, key: String, event: AuditEvent, batch: &mut Vec<AuditEvent>) {
+    /// With `max` runs open, a new key joins the one overflow run of its kind of event (event,
+    /// outcome, reason) instead: an attacker who varies the key past the bound gets one run,
+    /// not a row per attempt.
+    fn take(&mut self, mut key: String, event: AuditEvent, batch: &mut Vec<AuditEvent>) {
         let now = tokio::time::Instant::now();
+        if self.open.len() >= self.max && !self.open.contains_key(&key) {
+            key = format!(
+                "\0overflow\0{}\0{}\0{}",
+                event.event,
+                event.outcome,
+                event.reason.as_deref().unwrap_or_default()
+            );
+        }
         if let Some(run) = self.open.get_mut(&key) {
             if now < run.ends {
                 match &mut run.summary {
@@ -209,9 +248,6 @@ impl Runs {
             if let Some(s) = self.open.remove(&key).and_then(|r| r.summary) {
                 batch.push(s);
             }
-        }
-        if self.open.len() >= self.max {
-            self.close_all(batch);
         }
         let ends = now + self.length;
         self.ends.push_back((ends, key.clone()));
@@ -272,27 +308,36 @@ impl AuditEvent {
     }
 }
 
-async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run: Duration) {
+async fn writer(
+    durable: Arc<dyn DurableStore>,
+    mut rx: mpsc::Receiver<Msg>,
+    mut repeated: mpsc::Receiver<Msg>,
+    run: Duration,
+) {
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     // Whether one of the waiters asked for the runs' summaries too.
     let mut close_runs = false;
     let mut runs = Runs::new(run, MAX_RUNS);
     loop {
-        // Wait for the next message, or for the soonest run to end.
-        let first = match runs.next_end() {
-            Some(end) => match tokio::time::timeout_at(end, rx.recv()).await {
-                Ok(m) => m,
-                Err(_) => {
-                    runs.close_due(&mut batch, tokio::time::Instant::now());
-                    write(durable.as_ref(), &mut batch).await;
-                    continue;
-                }
-            },
-            None => rx.recv().await,
+        // Wait for the next message (the events that must not be lost first), or for the
+        // soonest run to end.
+        let end = runs.next_end();
+        let first = tokio::select! {
+            biased;
+            m = rx.recv() => m,
+            Some(m) = repeated.recv() => Some(m),
+            () = sleep_until(end), if end.is_some() => {
+                runs.close_due(&mut batch, tokio::time::Instant::now());
+                write(durable.as_ref(), &mut batch).await;
+                continue;
+            }
         };
         let Some(first) = first else {
-            // Every handle is gone: what the runs hold is still written.
+            // Every handle is gone: what the runs and the queue of repeats hold is still written.
+            while let Ok(Msg::Repeated(key, e)) = repeated.try_recv() {
+                runs.take(key, *e, &mut batch);
+            }
             runs.close_all(&mut batch);
             write(durable.as_ref(), &mut batch).await;
             return;
@@ -307,10 +352,14 @@ async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run
                     Msg::Flush(w, with_runs) => {
                         waiters.push(w);
                         close_runs |= with_runs;
+                        // The repeats recorded before the flush are on the other queue.
+                        while let Ok(Msg::Repeated(key, e)) = repeated.try_recv() {
+                            runs.take(key, *e, &mut batch);
+                        }
                     }
                 }
                 if batch.len() < BATCH {
-                    next = rx.try_recv().ok();
+                    next = rx.try_recv().or_else(|_| repeated.try_recv()).ok();
                 }
             }
             // Events come in streams (a sign-in, a flood of refused guesses): waiting a moment
@@ -321,7 +370,7 @@ async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run
             }
             lingered = true;
             tokio::time::sleep(LINGER).await;
-            next = rx.try_recv().ok();
+            next = rx.try_recv().or_else(|_| repeated.try_recv()).ok();
             if next.is_none() {
                 break;
             }
@@ -337,6 +386,14 @@ async fn writer(durable: Arc<dyn DurableStore>, mut rx: mpsc::Receiver<Msg>, run
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
+    }
+}
+
+/// Sleeps until `end`; never ends without one.
+async fn sleep_until(end: Option<tokio::time::Instant>) {
+    match end {
+        Some(end) => tokio::time::sleep_until(end).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -481,6 +538,17 @@ mod tests {
         })
         .await;
         assert!(recorded.is_ok(), "recording held the caller");
+        let dropped = dropped(&metrics);
+        // At least those beyond a full batch and a full queue; how many more depends on how
+        // many the writer had taken when its first write failed.
+        assert!(
+            (1.0..=(BATCH + 20) as f64).contains(&dropped),
+            "{dropped} given up"
+        );
+    }
+
+    /// `portcullis_audit_events_dropped_total`.
+    fn dropped(metrics: &Metrics) -> f64 {
         let hasher = crate::auth::password::PasswordHasher::new(&crate::config::PasswordConfig {
             argon2_memory_kib: 64,
             argon2_iterations: 1,
@@ -488,17 +556,34 @@ mod tests {
         })
         .unwrap();
         let text = metrics.render(&hasher).unwrap();
-        let dropped: f64 = text
-            .lines()
+        text.lines()
             .find_map(|l| l.strip_prefix("portcullis_audit_events_dropped_total "))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no counter in\n{text}"));
-        // At least those beyond a full batch and a full queue; how many more depends on how
-        // many the writer had taken when its first write failed.
-        assert!(
-            (1.0..=(BATCH + 20) as f64).contains(&dropped),
-            "{dropped} given up"
-        );
+            .unwrap_or_else(|| panic!("no counter in\n{text}"))
+    }
+
+    #[tokio::test]
+    async fn a_flood_while_the_store_is_away_does_not_crowd_out_other_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = broken_store(&dir).await;
+        let metrics = Arc::new(Metrics::new());
+        let audit = Audit::start_with(store, metrics.clone(), 4, Duration::from_millis(5));
+        // The writer takes this one and keeps retrying it.
+        audit.record(event()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let flood = tokio::time::timeout(
+            Duration::from_secs(10),
+            repeat(&audit, "k", "192.0.2.1", 100),
+        )
+        .await;
+        assert!(flood.is_ok(), "a repeat never waits for room");
+        let given_up = dropped(&metrics);
+        assert!(given_up >= 90.0, "{given_up} repeats given up");
+        // The events that must not be lost still find room.
+        for _ in 0..3 {
+            audit.record(event()).await;
+        }
+        assert_eq!(dropped(&metrics), given_up, "no other event given up");
     }
 
     fn all(limit: u32) -> AuditQuery {
@@ -542,14 +627,14 @@ mod tests {
             .iter()
             .map(|e| (e.times, e.ip.as_deref(), e.email.is_some()))
             .collect();
-        // The summaries come last, written at the flush, in no particular order.
-        summary[3..].sort();
+        // Repeats and other events go by queues of their own: no order between them.
+        summary.sort();
         assert_eq!(
             summary,
             [
+                (1, None, false),
                 (1, Some("192.0.2.1"), true),
                 (1, Some("198.51.100.9"), true),
-                (1, None, false),
                 // The address left out where it varied.
                 (2, Some("198.51.100.9"), true),
                 (49, None, true),
@@ -604,8 +689,9 @@ mod tests {
         audit.record(event()).await;
         audit.catch_up().await;
         let rows = store.query_audit(&all(100)).await.unwrap();
-        assert_eq!(rows.iter().map(|e| e.times).collect::<Vec<_>>(), [1, 1]);
-        assert_eq!(rows[1].outcome, "failure", "the ordinary event is written");
+        let mut written: Vec<_> = rows.iter().map(|e| (e.outcome.as_str(), e.times)).collect();
+        written.sort();
+        assert_eq!(written, [("denied", 1), ("failure", 1)], "{rows:#?}");
         // A page asked again and again: the run goes on.
         for _ in 0..3 {
             audit.catch_up().await;
@@ -615,11 +701,13 @@ mod tests {
         }
         audit.flush().await;
         let rows = store.query_audit(&all(100)).await.unwrap();
-        assert_eq!(rows.iter().map(|e| e.times).collect::<Vec<_>>(), [1, 1, 8]);
+        let mut times: Vec<_> = rows.iter().map(|e| e.times).collect();
+        times.sort();
+        assert_eq!(times, [1, 1, 8], "{rows:#?}");
     }
 
     #[test]
-    fn runs_stay_bounded_and_closing_them_loses_no_count() {
+    fn runs_stay_bounded_and_keys_past_the_bound_share_one_run() {
         let mut runs = Runs::new(Duration::from_secs(60), 3);
         let mut batch = Vec::new();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -627,24 +715,25 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            // Three keys, four times each: one row and one summary of three each.
+            // Ten keys cycled four times with room for three runs: the three first keys get a
+            // run each, the seven others one overflow run, however they cycle.
             for round in 0..4 {
-                for key in 0..3 {
+                for key in 0..10 {
                     runs.take(format!("k{key}"), refused("192.0.2.1"), &mut batch);
-                    assert!(runs.open.len() <= 3, "round {round}: {}", runs.open.len());
+                    assert!(runs.open.len() <= 4, "round {round}: {}", runs.open.len());
                 }
             }
-            assert_eq!(batch.len(), 3);
-            // Ten keys more, each once: runs are closed to make room, never more than three.
-            for key in 3..13 {
-                runs.take(format!("k{key}"), refused("192.0.2.1"), &mut batch);
-                assert!(runs.open.len() <= 3, "{}", runs.open.len());
-                assert!(runs.ends.len() <= 3, "{}", runs.ends.len());
-            }
+            assert_eq!(batch.len(), 4, "first rows only: {batch:#?}");
             runs.close_all(&mut batch);
         });
-        assert!(runs.open.is_empty());
-        assert_eq!(batch.iter().map(|e| e.times).sum::<i64>(), 22);
-        assert_eq!(batch.len(), 3 + 3 + 10, "three summaries of three");
+        assert!(runs.open.is_empty() && runs.ends.is_empty());
+        assert_eq!(
+            batch.iter().map(|e| e.times).sum::<i64>(),
+            40,
+            "no count lost"
+        );
+        let mut summaries: Vec<_> = batch[4..].iter().map(|e| e.times).collect();
+        summaries.sort();
+        assert_eq!(summaries, [3, 3, 3, 27]);
     }
 }

@@ -344,7 +344,7 @@ impl LoginFlow {
         };
         if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
             self.audit_repeated(
-                format!("second_factor:throttled:{}", user.id),
+                user.id.clone(),
                 AuditEvent::new("second_factor", "denied", self.clock.now())
                     .user(&user)
                     .reason("throttled"),

@@ -32,7 +32,7 @@ impl LoginFlow {
             let ev = AuditEvent::new(EVENT, "denied", self.clock.now())
                 .user(&user)
                 .reason("throttled");
-            self.audit(ev, client).await;
+            self.audit_repeated(user.id.clone(), ev, client).await;
             return Ok(CodeOutcome::Throttled { retry_after });
         }
         if self

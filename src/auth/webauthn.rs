@@ -278,6 +278,21 @@ impl Keys {
         self.flow.audit(ev, client).await;
     }
 
+    /// A throttled attempt, which the attacker can repeat at will: one run per `run` key.
+    async fn audit_throttled(
+        &self,
+        event: &str,
+        user: Option<&User>,
+        run: String,
+        client: &Client,
+    ) {
+        let mut ev = AuditEvent::new(event, "denied", self.flow.clock.now()).reason("throttled");
+        if let Some(u) = user {
+            ev = ev.user(u);
+        }
+        self.flow.audit_repeated(run, ev, client).await;
+    }
+
     async fn audit_user(
         &self,
         event: &str,

@@ -382,10 +382,16 @@ async fn recent_sign_ins(state: &AppState, user_id: &str) -> Result<Vec<SignInRo
             let method = sign_in_method(&e.event, &e.outcome, e.reason.as_deref())?;
             Some(SignInRow {
                 at: rfc3339(e.at),
-                result: match e.outcome.as_str() {
-                    "success" => "signed in",
-                    "denied" => "refused",
-                    _ => "failed",
+                result: {
+                    let result = match e.outcome.as_str() {
+                        "success" => "signed in",
+                        "denied" => "refused",
+                        _ => "failed",
+                    };
+                    match e.times {
+                        1 => result.to_string(),
+                        n => format!("{result} ({n} times)"),
+                    }
                 },
                 method,
                 ip: e.ip.unwrap_or_default(),

@@ -140,9 +140,12 @@ pub(crate) async fn decide(
         state
             .audit
             .record_repeated(
+                // Per user and network: decoy sessions of one address share a user id, and the
+                // addresses of a replay from elsewhere stay apart from the owner's.
                 format!(
-                    "proxy_denied:second_factor_incomplete:{}",
-                    loaded.session.public_id
+                    "{}:{}",
+                    loaded.session.user_id,
+                    crate::auth::flow::network_of(&client.ip)
                 ),
                 ev.client(&client.ip, &client.user_agent),
             )

@@ -173,7 +173,8 @@ pub struct EnrolLink<'a> {
 /// One sign-in attempt on the account page, from the audit trail.
 pub struct SignInRow {
     pub at: String,
-    pub result: &'static str,
+    /// "signed in", "failed", "refused"; with how many times for a summary of repeats.
+    pub result: String,
     pub method: &'static str,
     pub ip: String,
     pub browser: String,

@@ -102,9 +102,6 @@ async fn a_flood_over_many_accounts_and_addresses_meets_the_global_budget() {
     assert_eq!(r.status(), 401, "a new second, a new budget");
 }
 
-/// Forty attempts at once, each from another address for another account, with a global budget
-/// of ten: exactly ten are checked, the rest refused — the counter is taken before anything is
-/// checked.
 /// A flood an attacker can keep up for hours must not write a row per refused attempt (millions
 /// an hour, a database filled to the disk's end): refusals of one spent budget are the first
 /// row and one summary with how many, the addresses left out where they varied; each wrong
@@ -170,6 +167,9 @@ async fn a_flood_of_refused_attempts_is_summarised_in_the_trail() {
     assert!(text.contains("\"times\":1"), "{text}");
 }
 
+/// Forty attempts at once, each from another address for another account, with a global budget
+/// of ten: exactly ten are checked, the rest refused — the counter is taken before anything is
+/// checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_attempts_cannot_exceed_the_global_budget() {
     let gw = Gateway::start_with(|c| {

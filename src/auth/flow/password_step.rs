@@ -77,7 +77,7 @@ impl LoginFlow {
         // One run per spent counter: a flood's refusals from one address, against one account,
         // or past the global budget are each one summary a minute in the trail.
         self.audit_repeated(
-            format!("login_password:{counter}"),
+            counter,
             AuditEvent::new("login_password", "denied", self.clock.now())
                 .email(&email)
                 .reason(&format!("throttled:{budget}")),
@@ -296,7 +296,9 @@ impl LoginFlow {
             Some(u) => (ev.user(u), u.id.clone()),
             None => (ev.email(email), self.decoy_user_id(email)),
         };
-        self.audit(ev, client).await;
+        // Repeatable at will against an account past 100 failures: one run per account.
+        self.audit_repeated(format!("second_factor_first:{email}"), ev, client)
+            .await;
         let mut session = Session::after_password(
             &user_id,
             Stage::SecondFactor,

@@ -187,7 +187,7 @@ impl Keys {
             return Ok(Err(CodeOutcome::Restart));
         };
         if let Some(retry_after) = self.flow.code_budget_spent(&user.id, client).await? {
-            self.audit_user(event, "denied", Some(&user), "throttled", client)
+            self.audit_throttled(event, Some(&user), user.id.clone(), client)
                 .await;
             return Ok(Err(CodeOutcome::Throttled { retry_after }));
         }
@@ -354,7 +354,8 @@ impl Keys {
         client: &Client,
     ) -> Result<PasskeySignIn, FlowError> {
         if self.ip_budget_spent(client).await? {
-            self.audit_user("passkey_sign_in", "denied", None, "throttled", client)
+            // One run per address: the budget spent is the address's.
+            self.audit_throttled("passkey_sign_in", None, client.ip.clone(), client)
                 .await;
             return Ok(PasskeySignIn::Throttled {
                 retry_after: self.flow.limits.window.as_secs(),

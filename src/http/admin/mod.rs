@@ -244,7 +244,8 @@ async fn guard(
                 .user(&user)
                 .client(&client.ip, &client.user_agent)
                 .reason("not_admin");
-            state.audit.record(ev).await;
+            // A signed-in non-admin can ask again and again: one run per user.
+            state.audit.record_repeated(user.id.clone(), ev).await;
             AppError::forbidden("admin_only", "This page is for gateway administrators.")
                 .into_response()
         }
