@@ -487,6 +487,23 @@ async fn after_100_wrong_passwords_the_second_factor_comes_first() {
         .await
         .contains("many wrong passwords in a row"));
     assert_eq!(told(gw.outbox().await), 1, "told once, not per attempt");
+    // Asked again and again, it is a run in the trail: a row for the first, one summary of the
+    // rest (the two above were written apart, each at a flush).
+    for _ in 0..10 {
+        let r = gw.password(&gw.browser(), email, WRONG, "").await;
+        assert_eq!(location(&r), "/_portcullis/mfa");
+    }
+    let mut runs: Vec<i64> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("second_factor_first") && e.event == "login_password"
+        })
+        .map(|e| e.times)
+        .collect();
+    runs.sort();
+    assert_eq!(runs, [1, 1, 1, 9], "12 attempts, 4 rows");
 
     // The owner: code first, then the password (a wrong one is refused and counted).
     let owner = gw.browser();
