@@ -33,8 +33,8 @@ const LINGER: Duration = Duration::from_millis(5);
 /// How long a run of repeated events lasts: its first event is written at once, the ones after
 /// it within this time as one summary when it ends.
 const RUN: Duration = Duration::from_secs(60);
-/// Runs followed at once at most; when as many are open, all are closed (their summaries
-/// written) before another opens, so memory stays bounded whatever the attacker varies.
+/// Runs followed at once at most; past that, a new key joins the one overflow run of its kind of
+/// event, so memory stays bounded whatever the attacker varies.
 const MAX_RUNS: usize = 10_000;
 
 enum Msg {
@@ -261,6 +261,13 @@ impl Runs {
         batch.push(event);
     }
 
+    /// [`Runs::take`] for every repeat waiting on its queue.
+    fn take_queued(&mut self, repeated: &mut mpsc::Receiver<Msg>, batch: &mut Vec<AuditEvent>) {
+        while let Ok(Msg::Repeated(key, e)) = repeated.try_recv() {
+            self.take(key, *e, batch);
+        }
+    }
+
     /// Ends the runs that are over by `now`, their summaries into `batch`.
     fn close_due(&mut self, batch: &mut Vec<AuditEvent>, now: tokio::time::Instant) {
         while let Some((ends, _)) = self.ends.front() {
@@ -327,7 +334,7 @@ async fn writer(
             biased;
             m = rx.recv() => m,
             Some(m) = repeated.recv() => Some(m),
-            () = sleep_until(end), if end.is_some() => {
+            () = sleep_until(end) => {
                 runs.close_due(&mut batch, tokio::time::Instant::now());
                 write(durable.as_ref(), &mut batch).await;
                 continue;
@@ -335,9 +342,7 @@ async fn writer(
         };
         let Some(first) = first else {
             // Every handle is gone: what the runs and the queue of repeats hold is still written.
-            while let Ok(Msg::Repeated(key, e)) = repeated.try_recv() {
-                runs.take(key, *e, &mut batch);
-            }
+            runs.take_queued(&mut repeated, &mut batch);
             runs.close_all(&mut batch);
             write(durable.as_ref(), &mut batch).await;
             return;
@@ -353,9 +358,7 @@ async fn writer(
                         waiters.push(w);
                         close_runs |= with_runs;
                         // The repeats recorded before the flush are on the other queue.
-                        while let Ok(Msg::Repeated(key, e)) = repeated.try_recv() {
-                            runs.take(key, *e, &mut batch);
-                        }
+                        runs.take_queued(&mut repeated, &mut batch);
                     }
                 }
                 if batch.len() < BATCH {
@@ -389,7 +392,7 @@ async fn writer(
     }
 }
 
-/// Sleeps until `end`; never ends without one.
+/// Sleeps until `end`; with none, never ends.
 async fn sleep_until(end: Option<tokio::time::Instant>) {
     match end {
         Some(end) => tokio::time::sleep_until(end).await,
@@ -477,6 +480,13 @@ mod tests {
         (Arc::new(store), url)
     }
 
+    /// A store and a writer over it.
+    async fn started(dir: &tempfile::TempDir) -> (Arc<SqlStore>, Audit) {
+        let (store, _) = store(dir).await;
+        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+        (store, audit)
+    }
+
     /// A store whose audit table has disappeared under the writer: every write fails, and is
     /// retried.
     async fn broken_store(dir: &tempfile::TempDir) -> Arc<SqlStore> {
@@ -502,8 +512,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_within_its_limit_writes_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = store(&dir).await;
-        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+        let (store, audit) = started(&dir).await;
         audit.record(event()).await;
         assert!(audit.flush_within(Duration::from_secs(10)).await);
         let q = AuditQuery {
@@ -610,8 +619,7 @@ mod tests {
     #[tokio::test]
     async fn a_run_of_repeated_refusals_is_its_first_row_and_one_summary() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = store(&dir).await;
-        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+        let (store, audit) = started(&dir).await;
         // 50 refusals of one run (from two addresses), 3 of another, one ordinary event.
         for i in 0..50 {
             let ip = if i % 2 == 0 { "192.0.2.1" } else { "192.0.2.2" };
@@ -683,8 +691,7 @@ mod tests {
     #[tokio::test]
     async fn catching_up_writes_what_came_before_but_does_not_cut_a_run_short() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = store(&dir).await;
-        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+        let (store, audit) = started(&dir).await;
         repeat(&audit, "k", "192.0.2.1", 6).await;
         audit.record(event()).await;
         audit.catch_up().await;

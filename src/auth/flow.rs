@@ -155,7 +155,6 @@ impl LoginFlow {
                 self.metrics.throttled(key);
                 self.release(&keys).await?;
                 return Ok(Reservation::Spent {
-                    budget: crate::metrics::limit_label(key),
                     counter: key.clone(),
                 });
             }

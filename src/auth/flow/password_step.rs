@@ -46,9 +46,11 @@ impl LoginFlow {
             } else {
                 let budgets = self.password_budgets(&email, client, own_device);
                 match self.reserve(&budgets).await? {
-                    Reservation::Spent { budget, counter } => {
-                        (budget, counter, self.window().as_secs())
-                    }
+                    Reservation::Spent { counter } => (
+                        crate::metrics::limit_label(&counter),
+                        counter,
+                        self.window().as_secs(),
+                    ),
                     Reservation::Taken { keys, prior } => {
                         let user = match user {
                             Some(u) => u,

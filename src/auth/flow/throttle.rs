@@ -38,11 +38,9 @@ pub(crate) enum Reservation {
     /// Taken from every budget: the counters to give back if the attempt turns out right, and
     /// the most failures any of them had counted before this attempt.
     Taken { keys: Vec<String>, prior: u64 },
-    /// A budget is spent (named as metrics label it), counted under `counter`.
-    Spent {
-        budget: &'static str,
-        counter: String,
-    },
+    /// A budget is spent: the counter that holds it (named as metrics label it by
+    /// [`crate::metrics::limit_label`]).
+    Spent { counter: String },
 }
 
 /// The wait before the password of an attempt is checked, after `prior` counted failures:
