@@ -349,8 +349,15 @@ pub async fn passkey_finish(
     let keys = keys(&state)?;
     let binding = browser_binding(&state, &headers)?;
     let client = super::client(&state, peer, &headers);
+    let device = super::devices::known_device(&state, &headers).await?;
     let user = match keys
-        .finish_passkey(&body.ceremony, &binding, &body.credential, &client)
+        .finish_passkey(
+            &body.ceremony,
+            &binding,
+            &body.credential,
+            &client,
+            device.as_ref(),
+        )
         .await?
     {
         PasskeySignIn::Accepted(u) => u,

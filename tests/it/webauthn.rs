@@ -640,3 +640,70 @@ async fn failed_keys_count_like_wrong_codes() {
     assert_eq!(error_code(r).await, (401, "session_required".into()));
     assert_eq!(console(&gw, &c).await, 303);
 }
+
+/// Passkey sign-ins from an address whose failure budget is spent are refused with `429`, also
+/// with a valid key, unless the browser is a known device of the key's owner; a flood of them is
+/// one row and one summary in the trail.
+#[tokio::test]
+async fn a_passkey_flood_from_one_address_is_throttled_and_summarised() {
+    const BUDGET: u64 = 2;
+    const REFUSED: usize = 12;
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        c.limits.failures_per_ip = BUDGET;
+    })
+    .await;
+    let (owner, user, mut k, cred) = with_key(&gw, "flood@example.com", "Key").await;
+    let b = gw.browser();
+    let (r, body, _) = passkey(&gw, &b, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 200);
+    // Replays of the used answer from a browser that is no known device fail and spend the
+    // address's budget...
+    let (other, _, _) = gw.signed_in("other@example.com").await;
+    // Both signed out: their device cookies stay, and the login page is theirs again.
+    for c in [&owner, &other] {
+        let csrf = gw.csrf(c, "/_portcullis/logout").await;
+        let r = post_form(&gw, c, "/_portcullis/logout", &[("csrf", csrf.as_str())]).await;
+        assert!(r.status().is_success() || r.status().is_redirection());
+        assert_eq!(console(&gw, c).await, 303);
+    }
+    let attacker = gw.browser();
+    let csrf = gw.csrf(&attacker, "/_portcullis/login").await;
+    for _ in 0..BUDGET {
+        let r = call(&gw, &attacker, &csrf, "passkey/finish", body.clone()).await;
+        assert_eq!(error_code(r).await, (400, "ceremony_expired".into()));
+    }
+    // ...after which even a fresh, valid answer from that address is refused.
+    for i in 0..REFUSED {
+        let r = call(&gw, &attacker, &csrf, "passkey/finish", body.clone()).await;
+        assert_eq!(r.status(), 429, "attempt {i}");
+        assert!(r.headers().contains_key("retry-after"), "attempt {i}");
+    }
+    let fresh = gw.browser();
+    let (r, _, _) = passkey(&gw, &fresh, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 429, "a valid key from the same address");
+    // A known device of someone else does not lift the budget...
+    let (r, _, _) = passkey(&gw, &other, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 429, "another account's device");
+    // ...but the owner's own known device signs in from the flooded address.
+    let (r, _, _) = passkey(&gw, &owner, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 200, "the owner's known device");
+    assert_eq!(console(&gw, &owner).await, 200);
+    let throttled: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "passkey_sign_in" && e.outcome == "denied")
+        .map(|e| (e.reason, e.times))
+        .collect();
+    assert_eq!(
+        throttled,
+        [
+            (Some("throttled".to_string()), 1),
+            (Some("throttled".to_string()), REFUSED as i64 + 1)
+        ],
+        "the first refusal at once, the other {} in one summary",
+        REFUSED + 1
+    );
+    assert_eq!(audited(&gw, "passkey_sign_in", "failure").await.len(), 2);
+}

@@ -10,7 +10,7 @@ use super::{
     corrupt, encode_id, failure_reason, internal, rewrap, Ceremony, CeremonyState, Keys,
     PasskeySignIn, Purpose, Refusal, Started,
 };
-use crate::auth::flow::{Client, CodeOutcome, FlowError, AMR_KEY};
+use crate::auth::flow::{Client, CodeOutcome, FlowError, KnownDevice, AMR_KEY};
 use crate::config::UserVerification;
 use crate::session::{Session, Stage};
 use crate::store::{AuditEvent, User, WebauthnCredential};
@@ -345,21 +345,32 @@ impl Keys {
         Ok(PasskeySignIn::Refused(refusal))
     }
 
+    /// A passkey sign-in refused because the address's failure budget is spent.
+    async fn passkey_throttled(&self, client: &Client) -> PasskeySignIn {
+        // One run per address: the budget spent is the address's.
+        self.audit_throttled("passkey_sign_in", None, client.ip.clone(), client)
+            .await;
+        PasskeySignIn::Throttled {
+            retry_after: self.flow.limits.window.as_secs(),
+        }
+    }
+
     /// Finishes a passkey sign-in; on success the caller creates an authenticated session.
+    ///
+    /// The address's failure budget applies unless the browser is a known device (`device`) of
+    /// the key's owner, so a flood from the owner's address (a shared NAT, say) cannot keep the
+    /// owner's own browser out. A browser with some device cookie gets past the first check
+    /// and meets the budget once the key names its owner, if that owner is someone else.
     pub async fn finish_passkey(
         &self,
         ceremony: &str,
         binding: &str,
         response: &PublicKeyCredential,
         client: &Client,
+        device: Option<&KnownDevice>,
     ) -> Result<PasskeySignIn, FlowError> {
-        if self.ip_budget_spent(client).await? {
-            // One run per address: the budget spent is the address's.
-            self.audit_throttled("passkey_sign_in", None, client.ip.clone(), client)
-                .await;
-            return Ok(PasskeySignIn::Throttled {
-                retry_after: self.flow.limits.window.as_secs(),
-            });
+        if device.is_none() && self.ip_budget_spent(client).await? {
+            return Ok(self.passkey_throttled(client).await);
         }
         let Some(c) = self.take(ceremony, Purpose::Passkey, binding, None).await? else {
             return self.passkey_failure(None, Refusal::Expired, client).await;
@@ -385,6 +396,10 @@ impl Keys {
                 .passkey_failure(None, rejected("unknown_credential"), client)
                 .await;
         };
+        let owners_device = device.is_some_and(|d| d.user_id == stored.user_id);
+        if device.is_some() && !owners_device && self.ip_budget_spent(client).await? {
+            return Ok(self.passkey_throttled(client).await);
+        }
         let user = self.flow.active_user(&stored.user_id).await?;
         let Some(user) = user else {
             return self
