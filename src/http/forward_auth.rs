@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{wants_html, AppError};
-use super::gate::{decide, refuse, return_target, sign_in_url, Decision, LOGIN_PATH};
+use super::gate::{decide, page_with_next, refuse, return_target, Decision, LOGIN_PATH};
 use crate::metrics::ForwardAuth;
 use crate::policy::{is_gateway_path, normalise_path};
 use crate::state::AppState;
@@ -118,8 +118,14 @@ async fn check(
                 bind.as_str(),
                 next.as_deref(),
             );
+            // As for sign-in below: a 401 names the device-proof page in `Location` too, so a
+            // proxy that turns 401 into its own redirect (nginx) sends the browser there.
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
+            } else if r.status() == StatusCode::UNAUTHORIZED {
+                if let Some(to) = page_with_next(bind.as_str(), next.as_deref()) {
+                    r.headers_mut().insert(header::LOCATION, to);
+                }
             }
             Ok((ForwardAuth::DeviceProof, r))
         }
@@ -143,7 +149,7 @@ async fn check(
             // turn 401 into their own redirect and cannot relay a 3xx.
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
-            } else if let Some(to) = sign_in_url(login.as_str(), next.as_deref()) {
+            } else if let Some(to) = page_with_next(login.as_str(), next.as_deref()) {
                 r.headers_mut().insert(header::LOCATION, to);
             }
             Ok((ForwardAuth::SignIn, r))

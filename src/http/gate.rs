@@ -85,8 +85,8 @@ fn login_location(login: &str, next: Option<&str>) -> String {
     }
 }
 
-/// [`login_location`] as a header value.
-pub(crate) fn sign_in_url(login: &str, next: Option<&str>) -> Option<HeaderValue> {
+/// A gateway page's URL (sign-in, device proof) with `next`, as a header value.
+pub(crate) fn page_with_next(login: &str, next: Option<&str>) -> Option<HeaderValue> {
     HeaderValue::from_str(&login_location(login, next)).ok()
 }
 

@@ -296,6 +296,7 @@ http {{
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Forwarded-Uri "";
             proxy_set_header X-Forwarded-Method $request_method;
             # nginx cannot relay a redirect from here: ask for 401, redirect in @login.
             proxy_set_header Accept "application/json";
@@ -419,6 +420,32 @@ async fn nginx_auth_request_guards_the_console() {
     .expect("token verifies");
     assert_eq!(claims.sub, user.id);
 
+    // The URI the check is about is nginx's, not one the client names.
+    let r = raw(
+        nginx.addr,
+        "GET",
+        "/real",
+        &[
+            ("X-Forwarded-Uri", "/spoofed"),
+            ("X-Original-URI", "/spoofed"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.header("location"), Some(login_url(&gw, "/real")));
+    let r = raw(
+        nginx.addr,
+        "GET",
+        "/campaigns",
+        &[
+            ("Cookie", &cookie),
+            ("X-Forwarded-Uri", "/_portcullis/admin"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+
     // A spoofed header alone (no session) still gets nowhere.
     let before = gw.upstream.count();
     let r = raw(
@@ -431,4 +458,44 @@ async fn nginx_auth_request_guards_the_console() {
     .await;
     assert_eq!(r.status, 302);
     assert_eq!(gw.upstream.count(), before);
+}
+
+/// With device binding on (as `serve` runs), a browser signed in but not yet bound is sent by
+/// the documented nginx configuration to the device-proof page, with its way back, and reaches
+/// the console once bound.
+#[tokio::test]
+async fn nginx_sends_an_unbound_browser_to_its_device_proof() {
+    let gw = Gateway::start_with(|c| {
+        binding_on(c);
+        c.forward_auth.enabled = true;
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let nginx = start_nginx(&gw).await;
+    let (b, _, _) = gw.signed_in("unbound@example.com").await;
+    let r = raw(
+        nginx.addr,
+        "GET",
+        "/campaigns?page=2",
+        &[("Cookie", &gw.cookies(&b))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.head);
+    assert_eq!(
+        r.header("location").as_deref(),
+        Some(format!("{}/_portcullis/bind?next=%2Fcampaigns%3Fpage%3D2", gw.base).as_str())
+    );
+    assert_eq!(gw.upstream.count(), 0);
+    super::binding::bind_webcrypto(&gw, &b, &super::binding::Device::new()).await;
+    let r = raw(
+        nginx.addr,
+        "GET",
+        "/campaigns?page=2",
+        &[("Cookie", &gw.cookies(&b))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(gw.upstream.last().uri, "/campaigns?page=2");
 }
