@@ -127,21 +127,70 @@ fn normalise_segments(raw: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-/// Whether a canonical path lies in the gateway's namespace, in any letter case.
-/// (Runs on every proxied request, so it compares in place rather than building strings.)
+/// Whether a canonical path lies in the gateway's namespace, in any letter case and as any
+/// server behind the gateway might read it: besides the path itself, its lenient reading
+/// ([`lenient_reading`]: escapes decoded, backslashes as slashes, `;` parameters dropped) is
+/// checked, so `/\_portcullis`, `/%2F_portcullis`, `/x/..;/_portcullis` or `/%255Fportcullis`
+/// are the namespace too.
+/// (Runs on every proxied request: a path without `%`, `\` or `;` is compared in place.)
 pub fn is_gateway_path(canonical: &str) -> bool {
+    if in_namespace(canonical) {
+        return true;
+    }
+    canonical.contains(['%', '\\', ';']) && in_namespace(&lenient_reading(canonical))
+}
+
+/// `path` begins with the namespace's segment, in any letter case, followed by its end or a
+/// separator in any spelling.
+fn in_namespace(path: &str) -> bool {
     let starts = |s: &[u8], prefix: &[u8]| {
         s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
     };
-    let path = canonical.as_bytes();
+    let path = path.as_bytes();
     if !starts(path, GATEWAY_PREFIX.as_bytes()) {
         return false;
     }
     let rest = &path[GATEWAY_PREFIX.len()..];
     rest.is_empty()
-        || ["/", ";", "%2f", "%5c"]
+        || ["/", "\\", ";", "%2f", "%5c", "%3b"]
             .iter()
             .any(|sep| starts(rest, sep.as_bytes()))
+}
+
+/// How far escapes are decoded in [`lenient_reading`]: a server that decodes twice is not
+/// unheard of, three times would be.
+const DECODE_ROUNDS: usize = 3;
+
+/// The most lenient reading of a path that a server behind the gateway might make: escapes
+/// decoded (up to [`DECODE_ROUNDS`] times), `\` taken as `/`, path parameters (`;…`, as Java
+/// servlet containers strip them) dropped from every segment, then empty, `.` and `..` segments
+/// resolved. Used only to refuse, never to forward.
+fn lenient_reading(path: &str) -> String {
+    let mut bytes = path.as_bytes().to_vec();
+    for _ in 0..DECODE_ROUNDS {
+        let decoded: Vec<u8> = percent_encoding::percent_decode(&bytes).collect();
+        if decoded == bytes {
+            break;
+        }
+        bytes = decoded;
+    }
+    let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+    let mut stack: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        match seg.split(';').next().unwrap_or_default() {
+            "" | "." => {}
+            ".." => {
+                stack.pop();
+            }
+            s => stack.push(s),
+        }
+    }
+    let mut out = String::with_capacity(text.len() + 1);
+    for s in &stack {
+        out.push('/');
+        out.push_str(s);
+    }
+    out
 }
 
 /// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
@@ -321,6 +370,18 @@ mod tests {
             "/_Portcullis;x=1",
             "/_portcullis%2Flogin",
             "/_PortCullis%5cx",
+            "/_portcullis%3Bx",
+            // As a server behind the gateway may read them (backslash as slash, `;` parameters
+            // dropped as servlet containers do, escapes decoded twice):
+            "/_portcullis\\admin",
+            "/\\_portcullis/admin",
+            "/%5C_portcullis/admin",
+            "/%2F_portcullis/admin",
+            "/x/..;/_portcullis/admin",
+            "/;/_portcullis/x",
+            "/;x=1/_portcullis",
+            "/%255Fportcullis/admin",
+            "/a%2F..%2F_portcullis",
         ] {
             assert!(is_gateway_path(p), "{p}");
         }
@@ -332,6 +393,10 @@ mod tests {
             "/_portcullis%2",
             "/_portculli",
             "/é/_portcullis",
+            "/files/a%2F_portcullis",
+            "/x;y/_portcullisx",
+            "/campaigns;v=2",
+            "/%2F",
         ] {
             assert!(!is_gateway_path(p), "{p}");
         }

@@ -230,6 +230,10 @@ async fn gateway_namespace_uris_are_refused() {
         "/x/../_portcullis/login",
         "//_portcullis/login",
         "/./_portcullis/logout",
+        "/_portcullis\\admin",
+        "/%2F_portcullis/admin",
+        "/x/..;/_portcullis/admin",
+        "/%255Fportcullis/admin",
     ];
     for uri in spellings {
         for header in ["X-Forwarded-Uri", "X-Original-URI"] {
