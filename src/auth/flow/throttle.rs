@@ -44,15 +44,18 @@ pub(crate) enum Reservation {
 }
 
 /// The wait before the password of an attempt is checked, after `prior` counted failures:
-/// none up to `delay_after_failures`, then 125 ms doubling up to `max_delay`.
+/// none while fewer than `delay_after_failures` (and before the first failure), then 125 ms
+/// doubling up to `max_delay`. With the default 5, the sixth attempt after five failures is the
+/// first to wait.
 pub fn delay_for(prior: u64, limits: &LimitsConfig) -> Duration {
-    let Some(over) = prior.checked_sub(limits.delay_after_failures) else {
+    let threshold = limits.delay_after_failures.max(1);
+    let Some(over) = prior.checked_sub(threshold) else {
         return Duration::ZERO;
     };
-    if over == 0 || limits.max_delay.is_zero() {
+    if limits.max_delay.is_zero() {
         return Duration::ZERO;
     }
-    let doublings = u32::try_from(over - 1).unwrap_or(u32::MAX).min(16);
+    let doublings = u32::try_from(over).unwrap_or(u32::MAX).min(16);
     FIRST_DELAY
         .saturating_mul(1 << doublings)
         .min(limits.max_delay)
@@ -189,9 +192,19 @@ mod tests {
             ..LimitsConfig::default()
         };
         let ms = |p| delay_for(p, &limits).as_millis();
-        assert_eq!([ms(0), ms(2), ms(3)], [0, 0, 0]);
-        assert_eq!([ms(4), ms(5), ms(6), ms(7)], [125, 250, 500, 1000]);
-        assert_eq!([ms(8), ms(9), ms(1000), ms(u64::MAX)], [2000; 4]);
+        // Three failures answered at once; the fourth attempt, after them, waits.
+        assert_eq!([ms(0), ms(1), ms(2)], [0, 0, 0]);
+        assert_eq!([ms(3), ms(4), ms(5), ms(6)], [125, 250, 500, 1000]);
+        assert_eq!([ms(7), ms(8), ms(1000), ms(u64::MAX)], [2000; 4]);
+        // None: the first failure already slows the next attempt, not the first one.
+        let none = LimitsConfig {
+            delay_after_failures: 0,
+            ..limits.clone()
+        };
+        assert_eq!(
+            [delay_for(0, &none), delay_for(1, &none)],
+            [Duration::ZERO, FIRST_DELAY]
+        );
         let off = LimitsConfig {
             max_delay: Duration::ZERO,
             ..limits
