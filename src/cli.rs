@@ -207,6 +207,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => {
             let config = load_config(cli.config.as_deref())?;
             print!("{}", config.to_redacted_toml());
+            if config.webauthn.enabled && !config.webauthn_effective() {
+                eprintln!(
+                    "note: webauthn.enabled is off in effect: server.public_url has an IP \
+                     address, not a domain name, so security keys and passkeys are not offered"
+                );
+            }
             eprintln!("config is valid");
             Ok(())
         }

@@ -1023,12 +1023,20 @@ impl Config {
             .map_err(|e| key_err("secrets.master_key", e.to_string()))
     }
 
-    /// The effective configuration as TOML, secrets redacted (also passwords inside store URLs).
+    /// Whether security keys and passkeys will be offered: switched on and with a domain name
+    /// in `server.public_url` (an IP address cannot be a WebAuthn relying party).
+    pub fn webauthn_effective(&self) -> bool {
+        self.webauthn.enabled && self.webauthn_rp_id().is_some()
+    }
+
+    /// The effective configuration as TOML, secrets redacted (also passwords inside store URLs),
+    /// `webauthn.enabled` as the gateway will run it.
     pub fn to_redacted_toml(&self) -> String {
-        let shown = Self {
+        let mut shown = Self {
             storage: self.storage.redacted(),
             ..self.clone()
         };
+        shown.webauthn.enabled = self.webauthn_effective();
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

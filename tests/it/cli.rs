@@ -249,6 +249,10 @@ async fn check_config_validates_and_redacts() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("[redacted]"));
+    // The tests' gateway answers on an IP address: keys are off in effect, and it says so.
+    let webauthn = text.split("[webauthn]").nth(1).unwrap_or_default();
+    assert!(webauthn.contains("enabled = false"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("IP"));
     let key = gw
         .state
         .config
