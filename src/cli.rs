@@ -177,10 +177,24 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many errors already name their cause
+/// in their own message, and `{:#}` would repeat it.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Loads the configuration from `--config` and the environment.
@@ -192,8 +206,10 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // Colours only for a terminal: in a file or the journal they are escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
@@ -713,4 +729,25 @@ async fn verify_token(
     println!("{}", serde_json::to_string_pretty(&claims)?);
     eprintln!("token is valid");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod error_text_tests {
+    use super::error_text;
+
+    #[test]
+    fn each_cause_is_named_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(crate::config::ConfigError::Read {
+            path: "/x.toml".into(),
+            source: io,
+        });
+        assert_eq!(
+            error_text(&e),
+            "cannot read config file /x.toml: no such file"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_text(&e), "outer: inner");
+    }
 }
