@@ -58,13 +58,12 @@ pub enum PasswordOutcome {
         session: Box<Session>,
     },
 
-    /// Wrong email or password (deliberately indistinguishable), or account disabled.
+    /// Wrong email or password (deliberately indistinguishable), or account disabled or
+    /// locked: a right password on such an account answers as a wrong one, so it confirms no
+    /// guess.
     Denied,
     /// Too many failures; try again after this many seconds.
     Throttled { retry_after: u64 },
-    /// Password right, but password sign-in is locked (the owner reported a sign-in as not
-    /// theirs). Said only after the password matched, so it reveals nothing to a guesser.
-    Locked,
     /// The account had too many consecutive wrong passwords: the password was not checked;
     /// this session asks for the second factor first, then for the password.
     FactorFirst { session: Box<Session> },

@@ -251,14 +251,6 @@ pub async fn login_post(
             ));
         }
         PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
-        PasswordOutcome::Locked => {
-            return Err(AppError::new(
-                StatusCode::FORBIDDEN,
-                "account_locked",
-                "Password sign-in to this account is locked because a sign-in was reported as not \
-                 the owner's. Contact your administrator to restore access.",
-            ))
-        }
         PasswordOutcome::Denied => {
             let msg = "The email or password is not right.";
             if !wants_html(&headers) {

@@ -118,14 +118,32 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
         assert_eq!(r.status(), 303);
         assert!(location(&r).starts_with("/_portcullis/login"));
     }
-    // The password alone no longer starts a sign-in, even with a fresh code.
+    // The password alone no longer starts a sign-in, even with a fresh code; and the right
+    // password is refused exactly as a wrong one is, so the lock confirms no guess.
     gw.clock.advance(30);
+    let answer = |password: &'static str| {
+        let gw = &gw;
+        async move {
+            let b = gw.browser();
+            let csrf = gw.csrf(&b, "/_portcullis/login").await;
+            let r = gw
+                .login_form(&b, &csrf, "victim@example.com", password, "")
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let right = answer(PASSWORD).await;
+    assert_eq!(right.0, 401, "{}", right.1);
+    assert_eq!(right, answer("not the password at all").await);
+    assert!(!right.1.contains("locked"));
     let again = gw.browser();
     let r = gw
         .password(&again, "victim@example.com", PASSWORD, "")
         .await;
-    assert_eq!(r.status(), 403);
-    assert!(r.text().await.unwrap().contains("locked"));
+    assert_eq!(r.status(), 401);
     // The link works once.
     assert_eq!(post(csrf.clone(), token.to_string()).await.status(), 410);
 

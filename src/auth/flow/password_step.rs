@@ -123,6 +123,18 @@ impl LoginFlow {
             }
         };
         match (user, verdict) {
+            // A disabled or locked account: refused as a wrong password is, and counted as one
+            // (budgets and consecutive failures), so neither the answer nor what is left of a
+            // budget tells a guesser that this password was right.
+            (Some(u), Verification::Match { .. }) if u.disabled || u.locked => {
+                let reason = if u.disabled { "disabled" } else { "locked" };
+                let ev = AuditEvent::new("login_password", "denied", self.clock.now())
+                    .user(&u)
+                    .reason(reason);
+                self.audit(ev, client).await;
+                self.consecutive_failure(Some(&u), &email, client).await?;
+                Ok(None)
+            }
             (Some(u), Verification::Match { needs_rehash }) => {
                 self.release(&reserved).await?;
                 if needs_rehash {
@@ -160,25 +172,6 @@ impl LoginFlow {
         if let Err(e) = stored {
             tracing::warn!(user = %user.id, error = %e, "could not store the rehashed password; the old hash stays");
         }
-    }
-
-    /// Refuses a disabled or locked account whose password matched.
-    async fn refused_account(&self, user: &User, client: &Client) -> Option<PasswordOutcome> {
-        let (reason, outcome) = if user.disabled {
-            ("disabled", PasswordOutcome::Denied)
-        } else if user.locked {
-            ("locked", PasswordOutcome::Locked)
-        } else {
-            return None;
-        };
-        self.audit(
-            AuditEvent::new("login_password", "denied", self.clock.now())
-                .user(user)
-                .reason(reason),
-            client,
-        )
-        .await;
-        Some(outcome)
     }
 
     /// Step 1: email and password. `device` is the browser's known device, if it showed one.
@@ -219,9 +212,6 @@ impl LoginFlow {
         let Some(user) = self.check_password(attempt, password, client).await? else {
             return Ok(PasswordOutcome::Denied);
         };
-        if let Some(refused) = self.refused_account(&user, client).await {
-            return Ok(refused);
-        }
         let stage = if self.has_second_factor(&user).await? {
             Stage::SecondFactor
         } else {
@@ -357,9 +347,6 @@ impl LoginFlow {
         let Some(user) = self.check_password(attempt, password, client).await? else {
             return Ok(PasswordOutcome::Denied);
         };
-        if let Some(refused) = self.refused_account(&user, client).await {
-            return Ok(refused);
-        }
         self.audit(
             AuditEvent::new("login_password", "success", self.clock.now())
                 .user(&user)
