@@ -222,6 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => crate::demo::run(args).await,
         Command::CheckConfig => {
             let config = load_config(cli.config.as_deref())?;
+            preflight(&config)?;
             print!("{}", config.to_redacted_toml());
             if config.webauthn.enabled && !config.webauthn_effective() {
                 eprintln!(
@@ -273,8 +274,19 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: draining in-flight requests");
 }
 
+/// What `serve` needs beyond a valid configuration, checked before anything starts (and by
+/// `check-config`): a usable master key and, when set, a TLS pair that loads.
+fn preflight(config: &Config) -> Result<()> {
+    config.master_key()?;
+    if let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) {
+        crate::server::tls::Tls::load(cert, key)?;
+    }
+    Ok(())
+}
+
 /// `portcullis serve`.
 pub async fn serve(config: Config) -> Result<()> {
+    preflight(&config)?;
     let listen = config.server.listen.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let state = crate::state::AppState::new(config, clock).await?;
@@ -297,11 +309,29 @@ pub async fn serve(config: Config) -> Result<()> {
     Ok(())
 }
 
+/// The acting OS user, as the audit trail records CLI changes: the process's real user (not
+/// `$USER`, which the caller sets at will), by name where `/etc/passwd` has it; under sudo, the
+/// invoking user sudo names too.
 fn actor() -> String {
-    let who = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into());
-    format!("cli:{who}")
+    let uid = rustix::process::getuid().as_raw();
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| user_name(&passwd, uid));
+    let who = name.unwrap_or_else(|| format!("uid:{uid}"));
+    match std::env::var("SUDO_USER") {
+        Ok(by) if !by.is_empty() && uid == 0 => format!("cli:{who}(sudo:{by})"),
+        _ => format!("cli:{who}"),
+    }
+}
+
+/// The name of `uid` in a `passwd` file's text.
+fn user_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?;
+        (id.parse() == Ok(uid) && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 /// Reads a new password from the terminal (twice) or from one line of standard input.
@@ -733,7 +763,7 @@ async fn verify_token(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod error_text_tests {
+mod tests {
     use super::error_text;
 
     #[test]
@@ -749,5 +779,14 @@ mod error_text_tests {
         );
         let e = anyhow::anyhow!("inner").context("outer");
         assert_eq!(error_text(&e), "outer: inner");
+    }
+
+    #[test]
+    fn the_actor_is_named_from_the_passwd_file() {
+        let passwd =
+            "root:x:0:0:root:/root:/bin/bash\n# note\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        assert_eq!(super::user_name(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(super::user_name(passwd, 1000).as_deref(), Some("alice"));
+        assert_eq!(super::user_name(passwd, 7), None);
     }
 }

@@ -597,6 +597,61 @@ pub enum LogFormat {
     Json,
 }
 
+/// Header names `token.header` must not take: their meaning is HTTP's (framing, hop-by-hop,
+/// cookies, authority) or the gateway's own (`X-Forwarded-*`, `X-Request-Id`).
+const RESERVED_HEADERS: &[&str] = &[
+    "authorization",
+    "connection",
+    "content-length",
+    "content-type",
+    "cookie",
+    "expect",
+    "forwarded",
+    "host",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "set-cookie",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-real-ip",
+    "x-request-id",
+];
+
+/// Levels a `log.level` directive may name.
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// `log.level` must be a level or a list of `target=level` directives (with at most one bare
+/// level): a word that is no level (`warning`, `infoo`) would be read as a target and leave
+/// every other line unlogged.
+fn validate_log_level(level: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| {
+        key_err(
+            "log.level",
+            format!("{why}; use a level (trace, debug, info, warn, error, off) or directives such as \"portcullis=debug,info\""),
+        )
+    };
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|v| v.eq_ignore_ascii_case(l.trim()));
+    if level.trim().is_empty() {
+        return Err(bad("is empty"));
+    }
+    for directive in level.split(',') {
+        let ok = match directive.rsplit_once('=') {
+            Some((target, l)) => !target.trim().is_empty() && is_level(l),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(bad(&format!("`{}` is not a level", directive.trim())));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| bad(&e.to_string()))
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -696,6 +751,18 @@ impl Config {
         if http::HeaderName::from_bytes(t.header.as_bytes()).is_err() {
             return Err(key_err("token.header", "is not a valid HTTP header name"));
         }
+        if RESERVED_HEADERS
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(t.header.trim()))
+            || t.header.to_ascii_lowercase().starts_with("x-forwarded-")
+        {
+            return Err(key_err(
+                "token.header",
+                "names a header that HTTP or the gateway already uses for something else; \
+                 choose one of your own, such as X-Portcullis-Assertion",
+            ));
+        }
+        validate_log_level(&self.log.level)?;
         if t.audience.trim().is_empty() {
             return Err(key_err("token.audience", "must not be empty"));
         }

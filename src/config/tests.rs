@@ -534,3 +534,44 @@ fn limits_defaults_and_bad_values_are_refused_with_the_key() {
         assert!(e.contains(key), "{text}: {e}");
     }
 }
+
+#[test]
+fn log_level_must_name_levels() {
+    for ok in [
+        "info",
+        "WARN",
+        "off",
+        "portcullis=debug,info",
+        "portcullis::proxy=trace",
+    ] {
+        let c = load_str(&format!("[log]\nlevel = \"{ok}\"\n"), &[]);
+        assert!(c.is_ok(), "{ok}: {:?}", c.err());
+    }
+    for bad in [
+        "warning",
+        "infoo",
+        "",
+        "portcullis",
+        "portcullis=loud",
+        "nonsense[[[",
+    ] {
+        let e = load_str(&format!("[log]\nlevel = \"{bad}\"\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("log.level"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn token_header_cannot_take_a_header_with_another_meaning() {
+    for bad in [
+        "Cookie",
+        "host",
+        "Authorization",
+        "X-Forwarded-For",
+        "x-request-id",
+        "Transfer-Encoding",
+    ] {
+        let e = load_str(&format!("[token]\nheader = \"{bad}\"\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("token.header"), "{bad}: {e}");
+    }
+    assert!(load_str("[token]\nheader = \"X-Esp-Identity\"\n", &[]).is_ok());
+}

@@ -271,6 +271,35 @@ async fn check_config_validates_and_redacts() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.bogus"));
+    // What `serve` would refuse at start-up, `check-config` refuses too, naming it.
+    let mk = gw.dir.path().join("mk");
+    std::fs::write(&mk, &key).unwrap();
+    for (text, named) in [
+        ("[server]\nlisten = \"127.0.0.1:1\"\n".to_string(), "secrets.master_key"),
+        (
+            format!(
+                "[secrets]\nmaster_key_file = \"{}\"\n[server]\npublic_url = \"https://gw.example/\"\ntls_cert = \"/nonexistent.pem\"\ntls_key = \"/nonexistent.key\"\n",
+                mk.display()
+            ),
+            "/nonexistent.pem",
+        ),
+        (
+            format!("[secrets]\nmaster_key_file = \"{}\"\n[log]\nlevel = \"warning\"\n", mk.display()),
+            "log.level",
+        ),
+    ] {
+        std::fs::write(&bad, &text).unwrap();
+        for command in ["check-config", "serve"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args([command, "--config", bad.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{command} accepted {text}");
+            assert!(err.contains(named), "{command}: {err}");
+            assert!(!err.contains("listening"), "{command}: {err}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -339,4 +368,41 @@ async fn audit_prune_removes_only_events_past_the_retention_and_is_itself_audite
         .unwrap_or("")
         .ends_with(",removed:3"));
     assert_eq!(after.len(), before.len() - 3 + 1);
+}
+
+/// The audit trail names the process's real user, not what `$USER` claims.
+#[tokio::test]
+async fn the_acting_user_is_the_real_one_not_dollar_user() {
+    let gw = Gateway::start().await;
+    gw.add_user("actor@example.com").await;
+    for user in [Some("fakeadmin"), None] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.arg("--config")
+            .arg(&gw.config_path)
+            .args(["user", "disable", "actor@example.com"]);
+        match user {
+            Some(u) => cmd.env("USER", u),
+            None => cmd.env_remove("USER"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let actors: Vec<String> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "user_disabled")
+        .filter_map(|e| e.actor)
+        .collect();
+    assert_eq!(actors.len(), 2, "{actors:?}");
+    assert_eq!(actors[0], actors[1], "the same user both times");
+    assert!(actors[0].starts_with("cli:"), "{actors:?}");
+    assert!(
+        !actors[0].contains("fakeadmin") && !actors[0].contains("unknown"),
+        "{actors:?}"
+    );
 }
