@@ -157,6 +157,9 @@ pub fn router(state: AppState) -> Router {
         .route("/_portcullis/readyz", get(health::readyz_get))
         .route("/.well-known/jwks.json", get(gate::jwks))
         .merge(admin::router(state.clone()))
+        // A known address asked with a method it does not take: a page or JSON like every other
+        // refusal (axum's own answer has no body).
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             binding::guard_session_pages,
@@ -173,6 +176,14 @@ pub fn router(state: AppState) -> Router {
         .route("/_portcullis/auth", any(forward_auth::auth_any))
         .fallback(gate::proxy)
         .with_state(state)
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "This address does not take that kind of request.",
+    )
 }
 
 /// The gateway as one service, the only one the listener serves: [`front`] for every request,

@@ -333,3 +333,25 @@ async fn all_at_once(posts: Vec<reqwest::RequestBuilder>) -> Vec<u16> {
     }
     statuses
 }
+
+/// A gateway address asked with a method it does not take answers 405 with `Allow`, JSON for
+/// API clients and a page for browsers, like every other refusal.
+#[tokio::test]
+async fn a_wrong_method_gets_a_405_that_says_so() {
+    let gw = Gateway::start().await;
+    for (method, path) in [
+        ("PUT", "/_portcullis/login"),
+        ("DELETE", "/_portcullis/mfa"),
+        ("POST", "/.well-known/jwks.json"),
+    ] {
+        let r = raw(gw.addr, method, path, &[("Accept", "application/json")], "").await;
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.head);
+        assert!(r.header("allow").is_some(), "{method} {path}: {}", r.head);
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect(&r.body);
+        assert_eq!(v["error"], "method_not_allowed", "{method} {path}");
+        let r = raw(gw.addr, method, path, &[("Accept", "text/html")], "").await;
+        assert_eq!(r.status, 405);
+        assert!(r.header("content-type").unwrap_or_default().starts_with("text/html"));
+        assert!(r.body.contains("does not take that kind of request"), "{}", r.body);
+    }
+}
