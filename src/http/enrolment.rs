@@ -5,7 +5,7 @@
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::AppError;
@@ -122,6 +122,10 @@ pub async fn enrol_link_post(
     // Check the new password before the link is used, so a typo costs nothing.
     let new_hash = if set_password {
         let refuse = |msg: &str| {
+            if super::prefers_json(&headers) {
+                return AppError::new(StatusCode::BAD_REQUEST, "password_refused", msg.to_string())
+                    .into_response();
+            }
             page(
                 &state,
                 &headers,

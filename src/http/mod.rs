@@ -268,8 +268,58 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
 
 /// Security headers on every gateway response (pages, errors, JWKS, assets).
 pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let json_client = prefers_json(req.headers());
+    let read = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
     let mut resp = next.run(req).await;
+    if json_client && resp.status() == StatusCode::SEE_OTHER {
+        resp = redirect_for_json(resp, read);
+    }
     apply_security_headers(resp.headers_mut(), state.config.is_https());
+    resp
+}
+
+/// An API client: asks for JSON and not for a page.
+pub(crate) fn prefers_json(headers: &HeaderMap) -> bool {
+    !error::wants_html(headers)
+        && headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("json"))
+}
+
+/// A page's redirect as an API client should get it: a page read without a session (sent to
+/// the sign-in page) is `401 authentication_required` with the sign-in URL, as the gate answers;
+/// any other redirect keeps its `303` and `Location` and says where in a JSON body.
+fn redirect_for_json(mut resp: Response, read: bool) -> Response {
+    let Some(location) = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return resp;
+    };
+    let to_sign_in =
+        location == gate::LOGIN_PATH || location.starts_with(&format!("{}?", gate::LOGIN_PATH));
+    let body = if read && to_sign_in {
+        *resp.status_mut() = StatusCode::UNAUTHORIZED;
+        serde_json::json!({
+            "error": "authentication_required",
+            "message": format!("Sign in at {} first.", gate::LOGIN_PATH),
+            "login": location,
+        })
+    } else {
+        serde_json::json!({ "redirect": location })
+    };
+    *resp.body_mut() = axum::body::Body::from(body.to_string());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
     resp
 }
 

@@ -255,6 +255,25 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
     let c = gw.browser();
     let r = use_link(&gw, &c, &boss_link, "password").await;
     assert_eq!(r.status(), 400);
+    // An API client is told in JSON.
+    let html = gw.page(&c, &boss_link).await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
+    let r = c
+        .post(gw.url("/_portcullis/enrol"))
+        .header("accept", "application/json")
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("t", token.as_str()),
+            ("password", NEW_PASSWORD),
+            ("password2", "a different passphrase 8"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "password_refused", "{v}");
     let r = use_link(&gw, &c, &boss_link, NEW_PASSWORD).await;
     assert_eq!(r.status(), 303);
     assert_eq!(location(&r), "/_portcullis/enrol/totp");

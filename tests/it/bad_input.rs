@@ -351,7 +351,49 @@ async fn a_wrong_method_gets_a_405_that_says_so() {
         assert_eq!(v["error"], "method_not_allowed", "{method} {path}");
         let r = raw(gw.addr, method, path, &[("Accept", "text/html")], "").await;
         assert_eq!(r.status, 405);
-        assert!(r.header("content-type").unwrap_or_default().starts_with("text/html"));
-        assert!(r.body.contains("does not take that kind of request"), "{}", r.body);
+        assert!(r
+            .header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/html"));
+        assert!(
+            r.body.contains("does not take that kind of request"),
+            "{}",
+            r.body
+        );
     }
+}
+
+/// Gateway pages read by an API client without a session answer `401` JSON with the sign-in URL
+/// (as the gate does), not an empty redirect; other redirects carry their target in JSON.
+#[tokio::test]
+async fn api_clients_get_json_from_pages_that_need_a_session() {
+    let gw = Gateway::start().await;
+    for path in [
+        "/_portcullis/account",
+        "/_portcullis/mfa",
+        "/_portcullis/enrol/totp",
+        "/_portcullis/recovery-codes",
+        "/_portcullis/reauth",
+    ] {
+        let r = raw(gw.addr, "GET", path, &[("Accept", "application/json")], "").await;
+        assert_eq!(r.status, 401, "{path}: {}", r.head);
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect(&r.body);
+        assert_eq!(v["error"], "authentication_required", "{path}");
+        let login = v["login"].as_str().unwrap_or_default();
+        assert!(login.starts_with("/_portcullis/login"), "{path}: {login}");
+        assert_eq!(r.header("location").as_deref(), Some(login), "{path}");
+        // A browser is still sent to the page.
+        let r = raw(gw.addr, "GET", path, &[("Accept", "text/html")], "").await;
+        assert_eq!(r.status, 303, "{path}");
+    }
+    // The sign-in page itself is served as before.
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/_portcullis/login?next=/campaigns",
+        &[("Accept", "application/json")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "the sign-in page itself: {}", r.head);
 }
