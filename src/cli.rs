@@ -103,9 +103,9 @@ pub enum AdminCmd {
     /// through which they set a password and register a security key.
     Bootstrap {
         email: String,
-        /// Account id of a new admin user.
-        #[arg(long, default_value = "admin")]
-        account: String,
+        /// Account id of a new admin user (default `admin`); an existing user keeps theirs.
+        #[arg(long)]
+        account: Option<String>,
     },
 }
 
@@ -176,11 +176,20 @@ pub fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of the output went away (`| head`): nothing is wrong with the command.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// An error and its causes on one line, each cause once: many errors already name their cause
@@ -199,7 +208,15 @@ fn error_text(e: &anyhow::Error) -> String {
 
 /// Loads the configuration from `--config` and the environment.
 pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
-    Ok(Config::load(path, std::env::vars())?)
+    let config = Config::load(path, std::env::vars())?;
+    if path.is_none() {
+        eprintln!(
+            "note: no --config (or PORTCULLIS_CONFIG) given: built-in defaults and PORTCULLIS__* \
+             variables only, with the database {}",
+            crate::secret::redact_url(&config.storage.durable)
+        );
+    }
+    Ok(config)
 }
 
 /// Installs the log subscriber.
@@ -593,6 +610,13 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             }
             let user = match durable.user_by_email(&email).await? {
                 Some(u) => {
+                    if let Some(a) = account.filter(|a| a.trim() != u.account_id) {
+                        eprintln!(
+                            "note: {email} already exists in account `{}`; --account {a} applies \
+                             only to a new user and was not used",
+                            u.account_id
+                        );
+                    }
                     if !u.is_admin {
                         durable.set_admin(&u.id, true).await?;
                         durable
@@ -602,6 +626,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                     u
                 }
                 None => {
+                    let account = account.unwrap_or_else(|| "admin".into());
                     if account.trim().is_empty() {
                         bail!("--account must not be empty");
                     }
@@ -645,9 +670,18 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                     humantime::format_duration(older_than)
                 );
             }
+            // Before 1970 nothing was recorded: such a retention removes nothing, so it is
+            // refused as a mistake rather than run with a date that means nothing.
             let before = clock
                 .now()
-                .saturating_sub(i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX));
+                .checked_sub(i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX))
+                .filter(|b| *b > 0)
+                .with_context(|| {
+                    format!(
+                        "--older-than {} reaches back before 1970: no event is that old",
+                        humantime::format_duration(older_than)
+                    )
+                })?;
             let mut removed: u64 = 0;
             let done = loop {
                 match durable.prune_audit(before, AUDIT_PRUNE_BATCH).await {
@@ -678,15 +712,19 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             json,
             follow,
         }) => {
+            // With `-n 0`, the newest event is looked up only to follow on from it.
             let mut events = durable
                 .query_audit(&AuditQuery {
                     newest_first: true,
-                    limit: lines,
+                    limit: lines.max(1),
                     ..Default::default()
                 })
                 .await?;
+            let mut last = events.first().map_or(0, |e| e.id);
+            if lines == 0 {
+                events.clear();
+            }
             events.reverse();
-            let mut last = 0;
             loop {
                 let mut out = std::io::stdout().lock();
                 for e in &events {

@@ -800,3 +800,36 @@ async fn step_up_with_a_code_refreshes_the_proof_and_a_key_opens_sudo_mode() {
     let (status, _) = error_code(call(&gw, &totp_admin, &csrf, "reauth/finish", body).await).await;
     assert_eq!(status, 401);
 }
+
+/// `admin bootstrap --account` for a user who exists already says it was not applied.
+#[tokio::test]
+async fn bootstrap_of_an_existing_user_says_the_account_was_kept() {
+    let gw = gateway().await;
+    gw.add_user("kept@example.com").await;
+    let before = gw.user("kept@example.com").await;
+    let out = gw
+        .cli(
+            &[
+                "admin",
+                "bootstrap",
+                "Kept@Example.com",
+                "--account",
+                "other",
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("was not used") && err.contains(&before.account_id),
+        "{err}"
+    );
+    let after = gw.user("kept@example.com").await;
+    assert!(after.is_admin);
+    assert_eq!(after.account_id, before.account_id);
+}

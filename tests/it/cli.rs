@@ -323,8 +323,9 @@ async fn audit_prune_removes_only_events_past_the_retention_and_is_itself_audite
         .unwrap();
     let before = gw.audit().await;
 
-    // A retention shorter than a day, or one that is not a duration, removes nothing.
-    for bad in ["1m", "23h", "soon", ""] {
+    // A retention shorter than a day, one reaching back before 1970, or one that is not a
+    // duration removes nothing.
+    for bad in ["1m", "23h", "soon", "", "99999999999d", "60years"] {
         let out = gw.cli(&["audit", "prune", "--older-than", bad], None).await;
         assert!(!out.status.success(), "--older-than {bad:?} accepted");
         assert!(!out.stderr.is_empty(), "--older-than {bad:?}: no message");
@@ -404,5 +405,58 @@ async fn the_acting_user_is_the_real_one_not_dollar_user() {
     assert!(
         !actors[0].contains("fakeadmin") && !actors[0].contains("unknown"),
         "{actors:?}"
+    );
+}
+
+/// `audit tail -n 0` prints nothing, and a reader that goes away (`| head`) is no error.
+#[tokio::test]
+async fn audit_tail_prints_what_is_asked_and_a_closed_pipe_is_no_error() {
+    let gw = Gateway::start().await;
+    gw.signed_in("tail@example.com").await;
+    gw.audit().await;
+    for args in [
+        &["audit", "tail", "-n", "0"][..],
+        &["audit", "tail", "-n", "0", "--json"],
+    ] {
+        let out = gw.cli(args, None).await;
+        assert!(out.status.success());
+        assert!(
+            out.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = gw.cli(&["audit", "tail", "-n", "2"], None).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&gw.config_path)
+        .args(["audit", "tail", "-n", "1000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+}
+
+/// A command run without any configuration says what it runs on instead of quietly using a
+/// database in the working directory.
+#[tokio::test]
+async fn a_command_without_a_config_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(dir.path())
+        .env_remove("PORTCULLIS_CONFIG")
+        .args(["user", "list"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no --config") && err.contains("portcullis.sqlite"),
+        "{err}"
     );
 }
