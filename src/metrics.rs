@@ -130,11 +130,20 @@ const LIMITS: [&str; 7] = [
     "device",
 ];
 /// Step-up reasons, as labelled.
-const STEP_UPS: [&str; 4] = [
+const STEP_UPS: [&str; 5] = [
     "second_factor_required",
     "enrolment_required",
     "key_required",
     "fresh_proof_required",
+    "device_proof_required",
+];
+/// Store operation classes each store times (see `metrics::stores`), as labelled.
+const STORE_OPERATIONS: [(&str, &[&str]); 2] = [
+    (
+        "durable",
+        &["read", "write", "atomic", "audit", "mail", "ping"],
+    ),
+    ("ephemeral", &["read", "write", "atomic", "ping"]),
 ];
 
 /// The gateway's metrics.
@@ -246,6 +255,11 @@ impl Metrics {
         }
         for r in ["queued", "sent", "failed"] {
             let _ = mail.get_or_create(&[("result", r)]);
+        }
+        for (store, operations) in STORE_OPERATIONS {
+            for op in operations {
+                let _ = store_latency.get_or_create(&[("store", store), ("operation", op)]);
+            }
         }
         Self {
             registry,

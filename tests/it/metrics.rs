@@ -425,3 +425,39 @@ async fn forward_auth_answers_are_counted_by_outcome() {
         0.0
     );
 }
+
+/// Every documented series is there before its first event, so alerts and `rate()` see it.
+#[tokio::test]
+async fn every_series_exists_from_the_start() {
+    let (metrics, adjust) = metrics_on_free_port();
+    let _gw = Gateway::start_with(adjust).await;
+    wait_listening(&metrics).await;
+    let m = scrape(&metrics).await;
+    let mut expected: Vec<String> = [
+        (
+            "durable",
+            &["read", "write", "atomic", "audit", "mail", "ping"][..],
+        ),
+        ("ephemeral", &["read", "write", "atomic", "ping"][..]),
+    ]
+    .iter()
+    .flat_map(|(store, ops)| {
+        ops.iter().map(move |op| {
+            format!(
+                "portcullis_store_operation_seconds_count{{store=\"{store}\",operation=\"{op}\"}}"
+            )
+        })
+    })
+    .collect();
+    for reason in [
+        "second_factor_required",
+        "enrolment_required",
+        "key_required",
+        "fresh_proof_required",
+        "device_proof_required",
+    ] {
+        expected.push(format!("portcullis_step_ups_total{{reason=\"{reason}\"}}"));
+    }
+    let missing: Vec<_> = expected.iter().filter(|k| !m.contains_key(*k)).collect();
+    assert!(missing.is_empty(), "missing {missing:?}");
+}
