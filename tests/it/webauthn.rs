@@ -648,9 +648,12 @@ async fn failed_keys_count_like_wrong_codes() {
 async fn a_passkey_flood_from_one_address_is_throttled_and_summarised() {
     const BUDGET: u64 = 2;
     const REFUSED: usize = 12;
+    const OTHER_REPLAYS: usize = 5;
+    const DEVICE_BUDGET: u64 = 2;
     let gw = Gateway::start_with(|c| {
         localhost(c);
         c.limits.failures_per_ip = BUDGET;
+        c.limits.failures_per_device = DEVICE_BUDGET;
     })
     .await;
     let (owner, user, mut k, cred) = with_key(&gw, "flood@example.com", "Key").await;
@@ -685,10 +688,35 @@ async fn a_passkey_flood_from_one_address_is_throttled_and_summarised() {
     // A known device of someone else does not lift the budget...
     let (r, _, _) = passkey(&gw, &other, &mut k, &cred.credential_id, &user.id, |_| {}).await;
     assert_eq!(r.status(), 429, "another account's device");
+    // Nor does it let failures past the spent budget (each would be a row in the trail).
+    let csrf_other = gw.csrf(&other, "/_portcullis/login").await;
+    for i in 0..OTHER_REPLAYS {
+        let r = call(&gw, &other, &csrf_other, "passkey/finish", body.clone()).await;
+        assert_eq!(r.status(), 429, "replay {i} with another account's device");
+    }
     // ...but the owner's own known device signs in from the flooded address.
     let (r, _, _) = passkey(&gw, &owner, &mut k, &cred.credential_id, &user.id, |_| {}).await;
     assert_eq!(r.status(), 200, "the owner's known device");
     assert_eq!(console(&gw, &owner).await, 200);
+    // The owner's device has a budget of its own, which its own failures spend.
+    let csrf = gw.csrf(&owner, "/_portcullis/logout").await;
+    post_form(
+        &gw,
+        &owner,
+        "/_portcullis/logout",
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
+    for i in 0..DEVICE_BUDGET {
+        let (r, _, _) = passkey(&gw, &owner, &mut k, &cred.credential_id, &user.id, |o| {
+            o["publicKey"]["challenge"] = json!("AAAAAAAAAAAAAAAAAAAAAA");
+        })
+        .await;
+        let status = r.status().as_u16();
+        assert!(status == 400 || status == 401, "failure {i}: {status}");
+    }
+    let (r, _, _) = passkey(&gw, &owner, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    assert_eq!(r.status(), 429, "the device's own budget spent");
     let throttled: Vec<_> = gw
         .audit()
         .await
@@ -700,10 +728,18 @@ async fn a_passkey_flood_from_one_address_is_throttled_and_summarised() {
         throttled,
         [
             (Some("throttled".to_string()), 1),
-            (Some("throttled".to_string()), REFUSED as i64 + 1)
+            (Some("throttled".to_string()), 1),
+            (
+                Some("throttled".to_string()),
+                (REFUSED + OTHER_REPLAYS) as i64 + 1
+            )
         ],
-        "the first refusal at once, the other {} in one summary",
-        REFUSED + 1
+        "the address's first refusal at once, then the device's, then the address's other {} \
+         in one summary",
+        REFUSED + OTHER_REPLAYS + 1
     );
-    assert_eq!(audited(&gw, "passkey_sign_in", "failure").await.len(), 2);
+    assert_eq!(
+        audited(&gw, "passkey_sign_in", "failure").await.len(),
+        (BUDGET + DEVICE_BUDGET) as usize
+    );
 }

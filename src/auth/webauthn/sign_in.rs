@@ -320,17 +320,18 @@ impl Keys {
         self.store(ceremony, options).await
     }
 
-    /// Whether the client address has used up its failure budget.
-    async fn ip_budget_spent(&self, client: &Client) -> Result<bool, FlowError> {
-        Ok(self.flow.count(&format!("fail:ip:{}", client.ip)).await?
-            >= self.flow.limits.failures_per_ip)
+    /// Whether the failure budget kept in `counter` (of at most `limit`) is used up.
+    async fn budget_spent(&self, counter: &str, limit: u64) -> Result<bool, FlowError> {
+        Ok(self.flow.count(counter).await? >= limit)
     }
 
+    /// A failed passkey sign-in, counted against the budget kept in `counter`.
     async fn passkey_failure(
         &self,
         user: Option<&User>,
         refusal: Refusal,
         client: &Client,
+        counter: &str,
     ) -> Result<PasskeySignIn, FlowError> {
         let reason = match &refusal {
             Refusal::Expired => "ceremony_expired",
@@ -338,29 +339,45 @@ impl Keys {
         };
         self.flow
             .ephemeral
-            .incr(&format!("fail:ip:{}", client.ip), self.flow.limits.window)
+            .incr(counter, self.flow.limits.window)
             .await?;
         self.audit_user("passkey_sign_in", "failure", user, reason, client)
             .await;
         Ok(PasskeySignIn::Refused(refusal))
     }
 
-    /// A passkey sign-in refused because the address's failure budget is spent.
-    async fn passkey_throttled(&self, client: &Client) -> PasskeySignIn {
-        // One run per address: the budget spent is the address's.
-        self.audit_throttled("passkey_sign_in", None, client.ip.clone(), client)
+    /// A passkey sign-in refused because the failure budget kept in `counter` is spent; one
+    /// run in the audit trail per budget.
+    async fn passkey_throttled(&self, client: &Client, counter: &str) -> PasskeySignIn {
+        self.audit_throttled("passkey_sign_in", None, counter.to_string(), client)
             .await;
         PasskeySignIn::Throttled {
             retry_after: self.flow.limits.window.as_secs(),
         }
     }
 
+    /// A failure before the key has named its owner: counted against the address, and refused
+    /// as throttled once the address's budget is spent (whatever device cookie came along).
+    async fn early_failure(
+        &self,
+        refusal: Refusal,
+        client: &Client,
+        address_spent: bool,
+    ) -> Result<PasskeySignIn, FlowError> {
+        let counter = address_counter(client);
+        if address_spent {
+            return Ok(self.passkey_throttled(client, &counter).await);
+        }
+        self.passkey_failure(None, refusal, client, &counter).await
+    }
+
     /// Finishes a passkey sign-in; on success the caller creates an authenticated session.
     ///
-    /// The address's failure budget applies unless the browser is a known device (`device`) of
-    /// the key's owner, so a flood from the owner's address (a shared NAT, say) cannot keep the
-    /// owner's own browser out. A browser with some device cookie gets past the first check
-    /// and meets the budget once the key names its owner, if that owner is someone else.
+    /// Failures count against the address's budget (`limits.failures_per_ip`), except that a
+    /// known device (`device`) of the key's owner draws on its own (`limits.failures_per_device`,
+    /// as for passwords): a flood from the owner's address (a shared NAT, say) cannot keep the
+    /// owner's browser out, and a device cookie of anyone else earns nothing. With the address's
+    /// budget spent, only an answer from the owner's device gets further than the key's lookup.
     pub async fn finish_passkey(
         &self,
         ceremony: &str,
@@ -369,20 +386,28 @@ impl Keys {
         client: &Client,
         device: Option<&KnownDevice>,
     ) -> Result<PasskeySignIn, FlowError> {
-        if device.is_none() && self.ip_budget_spent(client).await? {
-            return Ok(self.passkey_throttled(client).await);
+        let address = address_counter(client);
+        let address_spent = self
+            .budget_spent(&address, self.flow.limits.failures_per_ip)
+            .await?;
+        if address_spent && device.is_none() {
+            return Ok(self.passkey_throttled(client, &address).await);
         }
         let Some(c) = self.take(ceremony, Purpose::Passkey, binding, None).await? else {
-            return self.passkey_failure(None, Refusal::Expired, client).await;
+            return self
+                .early_failure(Refusal::Expired, client, address_spent)
+                .await;
         };
         let CeremonyState::Discoverable(state) = c.state else {
-            return self.passkey_failure(None, Refusal::Expired, client).await;
+            return self
+                .early_failure(Refusal::Expired, client, address_spent)
+                .await;
         };
         let rejected = |r| Refusal::Rejected(r);
         let Ok((handle, raw_id)) = self.webauthn.identify_discoverable_authentication(response)
         else {
             return self
-                .passkey_failure(None, rejected("no_user_handle"), client)
+                .early_failure(rejected("no_user_handle"), client, address_spent)
                 .await;
         };
         let stored = self
@@ -393,22 +418,37 @@ impl Keys {
         // The user handle the authenticator returns must name the key's owner.
         let Some(stored) = stored.filter(|s| s.user_id == handle.hyphenated().to_string()) else {
             return self
-                .passkey_failure(None, rejected("unknown_credential"), client)
+                .early_failure(rejected("unknown_credential"), client, address_spent)
                 .await;
         };
-        let owners_device = device.is_some_and(|d| d.user_id == stored.user_id);
-        if device.is_some() && !owners_device && self.ip_budget_spent(client).await? {
-            return Ok(self.passkey_throttled(client).await);
+        let budget = match device.filter(|d| d.user_id == stored.user_id) {
+            Some(d) => {
+                let counter = format!("fail:dev:{{{}}}", d.id);
+                let spent = self
+                    .budget_spent(&counter, self.flow.limits.failures_per_device)
+                    .await?;
+                (counter, spent)
+            }
+            None => (address, address_spent),
+        };
+        let (counter, spent) = budget;
+        if spent {
+            return Ok(self.passkey_throttled(client, &counter).await);
         }
         let user = self.flow.active_user(&stored.user_id).await?;
         let Some(user) = user else {
             return self
-                .passkey_failure(None, rejected("user_disabled"), client)
+                .passkey_failure(None, rejected("user_disabled"), client, &counter)
                 .await;
         };
         if stored.is_suspended() {
             return self
-                .passkey_failure(Some(&user), rejected("suspended_credential"), client)
+                .passkey_failure(
+                    Some(&user),
+                    rejected("suspended_credential"),
+                    client,
+                    &counter,
+                )
                 .await;
         }
         let passkey: Passkey = serde_json::from_str(&stored.passkey).map_err(corrupt)?;
@@ -419,7 +459,7 @@ impl Keys {
         );
         if let Some(reason) = self.settle(&user, &stored, verified, client).await? {
             return self
-                .passkey_failure(Some(&user), rejected(reason), client)
+                .passkey_failure(Some(&user), rejected(reason), client, &counter)
                 .await;
         }
         self.audit_user(
@@ -432,4 +472,9 @@ impl Keys {
         .await;
         Ok(PasskeySignIn::Accepted(Box::new(user)))
     }
+}
+
+/// The counter of an address's failures (shared with password sign-in).
+fn address_counter(client: &Client) -> String {
+    format!("fail:ip:{}", client.ip)
 }
