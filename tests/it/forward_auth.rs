@@ -302,12 +302,16 @@ http {{
             proxy_set_header X-Original-URI $request_uri;
             proxy_set_header X-Forwarded-Uri "";
             proxy_set_header X-Forwarded-Method $request_method;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Request-Id $request_id;
             # nginx cannot relay a redirect from here: ask for 401, redirect in @login.
             proxy_set_header Accept "application/json";
         }}
 
         location /_portcullis/ {{
             proxy_pass http://{gw};
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Request-Id $request_id;
         }}
 
         location @login {{
@@ -502,4 +506,60 @@ async fn nginx_sends_an_unbound_browser_to_its_device_proof() {
     .await;
     assert_eq!(r.status, 200, "{}", r.head);
     assert_eq!(gw.upstream.last().uri, "/campaigns?page=2");
+}
+
+/// Through the documented nginx configuration the gateway believes nginx, so nginx must not pass
+/// on a client's own `X-Forwarded-For` or `X-Request-Id`: a sign-in through it is recorded with
+/// the client's real address, whatever the client claims.
+#[tokio::test]
+async fn through_nginx_a_client_cannot_choose_its_address_or_request_id() {
+    let gw = gateway(true).await;
+    let nginx = start_nginx(&gw).await;
+    gw.add_user("spoof@example.com").await;
+    let b = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let login = format!("http://{}/_portcullis/login", nginx.addr);
+    let r = b
+        .get(&login)
+        .header("accept", "text/html")
+        .header("x-request-id", "chosen-by-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(id, "chosen-by-client");
+    let html = r.text().await.unwrap();
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = b
+        .post(&login)
+        .header("origin", gw.base.as_str())
+        .header("accept", "application/json")
+        .header("x-forwarded-for", "203.0.113.9")
+        .form(&[
+            ("username", "spoof@example.com"),
+            ("password", "not the password at all"),
+            ("csrf", csrf.as_str()),
+            ("next", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let ips: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "login_password" && e.email.as_deref() == Some("spoof@example.com"))
+        .map(|e| e.ip)
+        .collect();
+    assert_eq!(ips, [Some("127.0.0.1".to_string())]);
 }
