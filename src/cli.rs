@@ -16,6 +16,29 @@ use crate::config::{Config, LogFormat};
 use crate::secret::Secret;
 use crate::store::{AuditEvent, AuditQuery, DurableStore, NewUser, User};
 
+/// Writes a line to standard output. A closed or failing output is an error like any other
+/// (reported, exit status 1), never a panic as with `println!`.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).context("cannot write to standard output")?
+    };
+}
+
+/// A listing's reader went away (`| head`): for a listing that is the reader's choice, not an
+/// error; the command ends there with success.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+struct OutputClosed;
+
+/// A write error of a listing: [`OutputClosed`] for a closed pipe, itself otherwise.
+fn listing_write(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(OutputClosed)
+    } else {
+        anyhow::Error::new(e).context("cannot write to standard output")
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "portcullis",
@@ -176,20 +199,12 @@ pub fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        // The reader of the output went away (`| head`): nothing is wrong with the command.
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<OutputClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }
 
 /// An error and its causes on one line, each cause once: many errors already name their cause
@@ -240,7 +255,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => {
             let config = load_config(cli.config.as_deref())?;
             preflight(&config)?;
-            print!("{}", config.to_redacted_toml());
+            write!(std::io::stdout(), "{}", config.to_redacted_toml())
+                .context("cannot write to standard output")?;
             if config.webauthn.enabled && !config.webauthn_effective() {
                 eprintln!(
                     "note: webauthn.enabled is off in effect: server.public_url has an IP \
@@ -328,7 +344,7 @@ pub async fn serve(config: Config) -> Result<()> {
 
 /// The acting OS user, as the audit trail records CLI changes: the process's real user (not
 /// `$USER`, which the caller sets at will), by name where `/etc/passwd` has it; under sudo, the
-/// invoking user sudo names too.
+/// invoking user that sudo names as well.
 fn actor() -> String {
     let uid = rustix::process::getuid().as_raw();
     let name = std::fs::read_to_string("/etc/passwd")
@@ -336,7 +352,9 @@ fn actor() -> String {
         .and_then(|passwd| user_name(&passwd, uid));
     let who = name.unwrap_or_else(|| format!("uid:{uid}"));
     match std::env::var("SUDO_USER") {
-        Ok(by) if !by.is_empty() && uid == 0 => format!("cli:{who}(sudo:{by})"),
+        // Beside the real user, so it adds who ran sudo (to root or a service user) without
+        // being able to hide who the process is.
+        Ok(by) if !by.is_empty() => format!("cli:{who}(sudo:{by})"),
         _ => format!("cli:{who}"),
     }
 }
@@ -421,7 +439,7 @@ async fn print_enrolment_link(
     durable
         .append_audit(&[audit("enrolment_link_issued", Some(user), kind)])
         .await?;
-    println!("{}", issued.url);
+    say!("{}", issued.url);
     eprintln!(
         "one-time enrolment link for {} (expires {}; single use): through it they {}register {}",
         user.email,
@@ -486,14 +504,14 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("user_created", Some(&user), "cli")])
                 .await?;
-            println!(
+            say!(
                 "created user {} ({}) in account {}{}",
                 user.email,
                 user.id,
                 user.account_id,
                 if user.is_admin { " as admin" } else { "" }
             );
-            println!("at first sign-in the user must set up a second factor (TOTP)");
+            say!("at first sign-in the user must set up a second factor (TOTP)");
         }
         Command::User(UserCmd::List { json }) => {
             let users = durable.list_users().await?;
@@ -502,7 +520,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 let totp = durable.totp(&u.id).await?.is_some();
                 if json {
                     let v = serde_json::json!({"id": u.id, "email": u.email, "account": u.account_id, "admin": u.is_admin, "disabled": u.disabled, "locked": u.locked, "totp": totp, "created_at": rfc3339(u.created_at)});
-                    writeln!(out, "{v}")?;
+                    writeln!(out, "{v}").map_err(listing_write)?;
                 } else {
                     writeln!(
                         out,
@@ -514,7 +532,8 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                         if u.disabled { "disabled " } else { "" },
                         if u.locked { "locked " } else { "" },
                         if totp { "totp" } else { "no-second-factor" }
-                    )?;
+                    )
+                    .map_err(listing_write)?;
                 }
             }
         }
@@ -526,7 +545,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("user_disabled", Some(&u), "cli")])
                 .await?;
-            println!(
+            say!(
                 "disabled {}; its sessions end within a second on every gateway",
                 u.email
             );
@@ -537,7 +556,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("user_unlocked", Some(&u), "cli")])
                 .await?;
-            println!(
+            say!(
                 "unlocked {}; password sign-in works again (ask them to change the password)",
                 u.email
             );
@@ -550,7 +569,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("user_enabled", Some(&u), "cli")])
                 .await?;
-            println!("enabled {}", u.email);
+            say!("enabled {}", u.email);
         }
         Command::User(UserCmd::ResetMfa { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
@@ -562,7 +581,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("second_factors_reset", Some(&u), "cli")])
                 .await?;
-            println!("removed the second factors of {}; its sessions ended; the next sign-in enrols anew", u.email);
+            say!("removed the second factors of {}; its sessions ended; the next sign-in enrols anew", u.email);
         }
         Command::User(UserCmd::Totp(TotpCmd::Generate { email })) => {
             let u = find_user(durable.as_ref(), &email).await?;
@@ -591,7 +610,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .host_str()
                 .unwrap_or("Portcullis")
                 .to_string();
-            println!(
+            say!(
                 "{}",
                 crate::auth::totp::otpauth_uri(secret.expose(), &issuer, &u.email)
             );
@@ -661,7 +680,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let mut ev = audit("signing_key_rotated", None, "cli");
             ev.reason = Some(format!("new_kid:{kid}"));
             durable.append_audit(&[ev]).await?;
-            println!("new signing key {kid}; running gateways switch to it within 10 seconds; the previous key stays published for {}", humantime::format_duration(config.token.key_overlap));
+            say!("new signing key {kid}; running gateways switch to it within 10 seconds; the previous key stays published for {}", humantime::format_duration(config.token.key_overlap));
         }
         Command::Audit(AuditCmd::Prune { older_than }) => {
             if older_than < MIN_AUDIT_RETENTION {
@@ -702,7 +721,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 bail!("stopped after removing {removed} audit events: {e}");
             }
             recorded?;
-            println!(
+            say!(
                 "removed {removed} audit events from before {}",
                 rfc3339(before)
             );
@@ -730,7 +749,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 for e in &events {
                     last = last.max(e.id);
                     if json {
-                        writeln!(out, "{}", serde_json::to_string(e)?)?;
+                        writeln!(out, "{}", serde_json::to_string(e)?).map_err(listing_write)?;
                     } else {
                         writeln!(
                             out,
@@ -751,10 +770,11 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                             } else {
                                 format!(" times={}", e.times)
                             }
-                        )?;
+                        )
+                        .map_err(listing_write)?;
                     }
                 }
-                out.flush()?;
+                out.flush().map_err(listing_write)?;
                 if !follow {
                     break;
                 }
@@ -794,7 +814,7 @@ async fn verify_token(
     let audience = audience.unwrap_or_else(|| config.token.audience.clone());
     let issuer = issuer.unwrap_or_else(|| config.issuer());
     let claims = crate::token::verify(token.trim(), &set, &audience, Some(&issuer), 30)?;
-    println!("{}", serde_json::to_string_pretty(&claims)?);
+    say!("{}", serde_json::to_string_pretty(&claims)?);
     eprintln!("token is valid");
     Ok(())
 }

@@ -428,19 +428,34 @@ async fn audit_tail_prints_what_is_asked_and_a_closed_pipe_is_no_error() {
     }
     let out = gw.cli(&["audit", "tail", "-n", "2"], None).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .arg("--config")
-        .arg(&gw.config_path)
-        .args(["audit", "tail", "-n", "1000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(!err.contains("Broken pipe"), "{err}");
+    // Output closed before anything is written: a listing just ends; any other command says it
+    // could not write its answer (exit 1), and none panics.
+    let closed = |args: &[&str]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&gw.config_path)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for listing in [&["audit", "tail", "-n", "1000"][..], &["user", "list"]] {
+        let (code, err) = closed(listing);
+        assert_eq!(code, Some(0), "{listing:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{err}");
+    }
+    let (code, err) = closed(&["user", "enable", "tail@example.com"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot write to standard output"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// A command run without any configuration says what it runs on instead of quietly using a
