@@ -338,7 +338,14 @@ impl LoginFlow {
                 .await;
         }
         let Some(user) = self.active_user(&session.user_id).await? else {
-            return Ok(CodeOutcome::Restart);
+            // Disabled (or gone) since: answered as the decoy is, so that a sign-in switched to
+            // second factor first does not tell a disabled account from an address without one.
+            if let Some(retry_after) = self.code_budget_spent(&session.user_id, client).await? {
+                return Ok(CodeOutcome::Throttled { retry_after });
+            }
+            return self
+                .wrong_code(session, client, "second_factor", "user_disabled")
+                .await;
         };
         if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
             self.audit_repeated(

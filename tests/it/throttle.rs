@@ -584,7 +584,12 @@ async fn second_factor_first_looks_the_same_for_an_address_without_an_account() 
     .await;
     let real = "real-sff@example.com";
     let ghost = "ghost-sff@example.com";
+    // A disabled account must not stand out either.
+    let disabled = "disabled-sff@example.com";
     let (_, secret, _) = gw.signed_in(real).await;
+    gw.signed_in(disabled).await;
+    let out = gw.cli(&["user", "disable", disabled], None).await;
+    assert!(out.status.success());
     let strip_csrf = |page: String| {
         page.lines()
             .filter(|l| !l.contains("csrf"))
@@ -592,7 +597,7 @@ async fn second_factor_first_looks_the_same_for_an_address_without_an_account() 
             .join("\n")
     };
     let mut seen = Vec::new();
-    for email in [real, ghost] {
+    for email in [real, ghost, disabled] {
         let attacker = gw.browser();
         let mut statuses = Vec::new();
         for _ in 0..3 {
@@ -626,6 +631,7 @@ async fn second_factor_first_looks_the_same_for_an_address_without_an_account() 
         seen[0], seen[1],
         "an address without an account answers alike"
     );
+    assert_eq!(seen[2], seen[1], "a disabled account answers alike");
 
     // The right code of the real account is not a way into the decoy.
     let c = gw.browser();
