@@ -833,3 +833,66 @@ async fn bootstrap_of_an_existing_user_says_the_account_was_kept() {
     assert!(after.is_admin);
     assert_eq!(after.account_id, before.account_id);
 }
+
+/// An admin removes a key only while another second factor stays: the last one is refused
+/// (409, audited), since without it the password alone would start a sign-in that enrols anew.
+#[tokio::test]
+async fn an_admin_cannot_remove_an_accounts_last_second_factor() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    let (_, target, _, cred) = with_key(&gw, "lastkey@example.com", "Only key").await;
+    // Key only: the authenticator app goes (as for an account enrolled with a key-only link).
+    let url = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("DELETE FROM totp_credentials WHERE user_id = ?")
+        .bind(&target.id)
+        .execute(&db)
+        .await
+        .unwrap();
+    let user_page = format!("/_portcullis/admin/users/{}", target.id);
+    let csrf = gw.csrf(&c, &user_page).await;
+    let remove = format!("{user_page}/keys/{}/remove", cred.id);
+    let r = c
+        .post(gw.url(&remove))
+        .form(&[("csrf", csrf.as_str()), ("reason", "owner asked")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("only second factor"));
+    assert_eq!(
+        gw.state
+            .durable
+            .webauthn_credentials(&target.id)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the key stays"
+    );
+    let refused = gw.audit().await.into_iter().any(|e| {
+        e.event == "webauthn_removed"
+            && e.outcome == "denied"
+            && e.actor.as_deref() == Some(ROOT)
+            && e.user_id.as_deref() == Some(target.id.as_str())
+    });
+    assert!(refused);
+    // With an authenticator app beside it, the key can go.
+    let (_, other, _, other_cred) = with_key(&gw, "twokinds@example.com", "Spare key").await;
+    let user_page = format!("/_portcullis/admin/users/{}", other.id);
+    let csrf = gw.csrf(&c, &user_page).await;
+    let r = c
+        .post(gw.url(&format!("{user_page}/keys/{}/remove", other_cred.id)))
+        .form(&[("csrf", csrf.as_str()), ("reason", "lost key")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(gw
+        .state
+        .durable
+        .webauthn_credentials(&other.id)
+        .await
+        .unwrap()
+        .is_empty());
+}

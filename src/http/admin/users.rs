@@ -555,6 +555,31 @@ pub async fn remove_key_post(
         Ok(v) => v,
         Err(page) => return Ok(page),
     };
+    let creds = state.durable.webauthn_credentials(&user.id).await?;
+    if !creds.iter().any(|c| c.id == key) {
+        return Err(AppError::not_found());
+    }
+    // As on the account page: the last second factor stays. Without one, the password alone
+    // would start a sign-in that enrols a new factor; a lost last key is what "Reset second
+    // factors" is for (it ends every session and tells the owner).
+    let other_key = creds.iter().any(|c| c.id != key && !c.is_suspended());
+    if !other_key && state.durable.totp(&user.id).await?.is_none() {
+        let ev = AuditEvent::new("webauthn_removed", "denied", state.clock.now())
+            .actor(&admin.user.email)
+            .client(&admin.client.ip, &admin.client.user_agent)
+            .user(&user)
+            .reason(&format!("last_factor (key {key})"));
+        state.audit.record(ev).await;
+        let view = View {
+            error: Some(
+                "This is the account's only second factor, so it stays: without it the password \
+                 alone would start a sign-in. If the key is lost, use Reset second factors.",
+            ),
+            status: Some(StatusCode::CONFLICT),
+            ..View::default()
+        };
+        return user_page(&state, &admin, &headers, &user, view).await;
+    }
     if !state
         .durable
         .remove_webauthn_credential(&user.id, &key)
