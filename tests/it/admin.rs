@@ -451,12 +451,19 @@ async fn account_actions_take_effect_and_name_the_admin() {
         post(format!("{own}/reset-factors"), "oops").await.status(),
         409
     );
-    // Enable, then reset the second factors: the next sign-in enrols anew.
+    // Enable (the owner is told), then reset the second factors: the next sign-in enrols anew.
     assert_eq!(
         post(format!("{user_page}/enable"), "resolved")
             .await
             .status(),
         303
+    );
+    let told = gw.outbox().await;
+    assert!(
+        told.iter()
+            .any(|m| m.contains("To: customer@example.com")
+                && m.contains("enabled the account again")),
+        "{told:?}"
     );
     gw.clock.advance(1);
     let again = gw.sign_in_again("customer@example.com", &secret).await;
@@ -895,4 +902,38 @@ async fn an_admin_cannot_remove_an_accounts_last_second_factor() {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// `user list` names every kind of second factor a user has, keys included.
+#[tokio::test]
+async fn user_list_shows_keys_as_second_factors() {
+    let gw = gateway().await;
+    with_key(&gw, "keyed@example.com", "Key").await;
+    gw.add_user("bare@example.com").await;
+    let out = gw.cli(&["user", "list"], None).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |email: &str| {
+        text.lines()
+            .find(|l| l.contains(email))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("keyed@example.com").ends_with("totp keys:1"), "{text}");
+    assert!(
+        line("bare@example.com").ends_with("no-second-factor"),
+        "{text}"
+    );
+    let out = gw.cli(&["user", "list", "--json"], None).await;
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let keyed = rows
+        .iter()
+        .find(|r| r["email"] == "keyed@example.com")
+        .unwrap();
+    assert_eq!(
+        (keyed["totp"].clone(), keyed["keys"].clone()),
+        (json!(true), json!(1))
+    );
 }

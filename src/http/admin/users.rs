@@ -450,6 +450,10 @@ action!(
             .await?;
         state.user_gate.forget(&user.id);
         record(&state, &admin, "user_enabled", Some(&user), &why).await;
+        state
+            .notifier
+            .account_change(&user, "an administrator enabled the account again")
+            .await;
         Ok(done(&user, "enabled"))
     },
     not_on_self = false
