@@ -98,11 +98,15 @@ async fn every_admin_route_refuses_strangers_customers_and_stale_admins() {
                 "{m} {path}"
             );
         } else {
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
             assert_eq!(
-                error_code(r).await,
-                (401, "session_required".into()),
+                (status, v["error"].as_str().unwrap_or_default()),
+                (401, "authentication_required"),
                 "{m} {path}"
             );
+            let login = v["login"].as_str().unwrap_or_default();
+            assert!(login.starts_with("/_portcullis/login"), "{m} {path}: {v}");
         }
         // A customer with a complete session: 403, whatever the route.
         let r = hit(&gw, &customer, m, path, &customer_csrf, true).await;

@@ -23,7 +23,7 @@ mod users;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
@@ -232,12 +232,9 @@ async fn guard(
                     url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
                 return see_other(&format!("/_portcullis/login?next={next}"));
             }
-            AppError::new(
-                StatusCode::UNAUTHORIZED,
-                "session_required",
-                "Sign in first.",
-            )
-            .into_response()
+            // As the gate answers API clients: the sign-in URL, with the way back for a read.
+            let back = (*req.method() == Method::GET).then_some(target.as_str());
+            super::gate::refuse(&state, false, super::gate::LOGIN_PATH, back, false)
         }
         Ok(Err(Refused::NotAdmin(user, client))) => {
             let ev = AuditEvent::new("admin_denied", "denied", state.clock.now())
