@@ -399,6 +399,7 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn list_mail(&self, limit: u32) -> StoreResult<Vec<Mail>>;
 
     async fn create_report_link(&self, link: ReportLink) -> StoreResult<()>;
+    /// Stores a new link; the user's earlier unused links stop working (they count as used).
     async fn create_enrolment_link(&self, link: EnrolmentLink) -> StoreResult<()>;
     /// The link, while unused and unexpired (does not use it).
     async fn enrolment_link(

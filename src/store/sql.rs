@@ -1289,6 +1289,13 @@ impl DurableStore for SqlStore {
     }
 
     async fn create_enrolment_link(&self, link: EnrolmentLink) -> StoreResult<()> {
+        // The user's earlier links, if still unused, are superseded (marked used at this
+        // moment): a link that leaked or went to the wrong place ends with the next one issued.
+        self.change(
+            "UPDATE enrolment_links SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL",
+            &[Arg::Int(link.created_at), Arg::Text(&link.user_id)],
+        )
+        .await?;
         self.change(
             &format!(
                 "INSERT INTO enrolment_links ({ENROL_COLS}) VALUES ($1, $2, $3, $4, $5, $6, NULL)"

@@ -206,8 +206,17 @@ async fn enrolment_links(s: &Arc<dyn DurableStore>, tag: &str) {
         expires_at,
         used_at: None,
     };
-    s.create_enrolment_link(link("live", 1000)).await.unwrap();
+    // A newer link supersedes the user's earlier unused ones.
+    s.create_enrolment_link(link("first", 1000)).await.unwrap();
     s.create_enrolment_link(link("old", 150)).await.unwrap();
+    let first = format!("first-{tag}");
+    assert_eq!(
+        s.enrolment_link(&first, 200).await.unwrap(),
+        None,
+        "superseded"
+    );
+    assert_eq!(s.consume_enrolment_link(&first, 200).await.unwrap(), None);
+    s.create_enrolment_link(link("live", 1000)).await.unwrap();
     let live = format!("live-{tag}");
     assert_eq!(
         s.enrolment_link(&live, 200).await.unwrap(),
