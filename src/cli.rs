@@ -480,7 +480,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             admin,
         }) => {
             let email = crate::store::normalise_email(&email);
-            if !email.contains('@') || email.len() > 320 {
+            if !crate::policy::is_plausible_email(&email) {
                 bail!("`{email}` is not an email address");
             }
             if account.trim().is_empty() {
@@ -636,7 +636,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 bail!("admins sign in with a security key, but {why}");
             }
             let email = crate::store::normalise_email(&email);
-            if !email.contains('@') || email.len() > 320 {
+            if !crate::policy::is_plausible_email(&email) {
                 bail!("`{email}` is not an email address");
             }
             let user = match durable.user_by_email(&email).await? {

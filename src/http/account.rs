@@ -189,11 +189,8 @@ pub async fn rename_post(
         Err(r) => return Ok(r),
     };
     let name = form.name.trim();
-    if name.is_empty()
-        || name.chars().count() > crate::auth::webauthn::MAX_NAME
-        || name.chars().any(char::is_control)
-    {
-        let msg = "A key name has 1 to 64 characters and no control characters.";
+    if !crate::policy::is_readable_name(name, crate::auth::webauthn::MAX_NAME) {
+        let msg = "A key name has 1 to 64 characters and no control or invisible characters.";
         return page(
             &state,
             &headers,

@@ -186,11 +186,11 @@ pub async fn register_start(
 ) -> Result<Response, AppError> {
     let keys = keys(&state)?;
     let (loaded, user) = registering(&state, &headers).await?;
-    if body.name.chars().count() > crate::auth::webauthn::MAX_NAME
-        || body.name.chars().any(char::is_control)
+    if !body.name.trim().is_empty()
+        && !crate::policy::is_readable_name(body.name.trim(), crate::auth::webauthn::MAX_NAME)
     {
         return Err(AppError::bad_request(
-            "A key name has at most 64 characters and no control characters.",
+            "A key name has at most 64 characters and no control or invisible characters.",
         ));
     }
     let s = keys

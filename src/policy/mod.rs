@@ -193,6 +193,42 @@ fn lenient_reading(path: &str) -> String {
     out
 }
 
+/// Characters that change how text reads without showing themselves: controls, and Unicode's
+/// invisible format characters (zero-width spaces and joiners, direction overrides and isolates,
+/// soft hyphen, byte-order mark). Names and addresses that people read must not hold them.
+pub fn is_hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
+}
+
+/// A text a person will read as a name (a security key's, say): 1 to `max` characters, none of
+/// them hidden ([`is_hidden_char`]).
+pub fn is_readable_name(name: &str, max: usize) -> bool {
+    !name.is_empty() && name.chars().count() <= max && !name.chars().any(is_hidden_char)
+}
+
+/// An email address as the gateway accepts one for a user (already normalised): `local@domain`
+/// with a dot in the domain, at most 320 bytes, no whitespace and no hidden characters.
+pub fn is_plausible_email(email: &str) -> bool {
+    email.len() <= 320
+        && email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+        && !email
+            .chars()
+            .any(|c| c.is_whitespace() || is_hidden_char(c))
+}
+
 /// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
 /// canonical form, or `None`. Anything odd — schemes, hosts, backslashes, control or whitespace
 /// characters (raw or encoded), protocol-relative `//` in any spelling — is refused.
@@ -357,6 +393,34 @@ mod tests {
         assert_eq!(normalise_path("/%2"), Err(PathError::BadEscape));
         assert_eq!(normalise_path("/a%00b"), Err(PathError::ControlCharacter));
         assert_eq!(normalise_path("/a%0ab"), Err(PathError::ControlCharacter));
+    }
+
+    #[test]
+    fn names_and_addresses_hold_no_hidden_characters() {
+        assert!(is_readable_name("Desk key", 64));
+        assert!(is_readable_name("Clé de bureau", 64));
+        for bad in [
+            "",
+            "a\u{202E}yek",
+            "zero\u{200B}width",
+            "tab\there",
+            "bom\u{FEFF}",
+        ] {
+            assert!(!is_readable_name(bad, 64), "{bad:?}");
+        }
+        assert!(!is_readable_name(&"k".repeat(65), 64));
+        assert!(is_plausible_email("ana@example.com"));
+        for bad in [
+            "ana",
+            "@example.com",
+            "ana@example",
+            "ana@.com",
+            "a na@example.com",
+            "ana\u{202E}@example.com",
+            "a\u{200D}na@example.com",
+        ] {
+            assert!(!is_plausible_email(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -68,6 +68,26 @@ async fn keys_are_renamed_and_removed_from_the_account_page() {
         "{html}"
     );
 
+    // A name that reads otherwise than it is (a direction override, a zero-width space) is
+    // refused and the old name kept.
+    for hidden in ["yek\u{202E}krow", "Desk\u{200B}key"] {
+        let r = post_form(
+            &gw,
+            &c,
+            &format!("/_portcullis/account/keys/{}/rename", cred.id),
+            &[("csrf", csrf.as_str()), ("name", hidden)],
+        )
+        .await;
+        assert_eq!(r.status(), 400, "{hidden:?}");
+    }
+    let stored = gw
+        .state
+        .durable
+        .webauthn_credentials(&user.id)
+        .await
+        .unwrap();
+    assert_eq!(stored[0].name, "<b>New</b> name");
+
     // Someone else's key is not there for this user.
     let (other, _, _) = gw.signed_in("other@example.com").await;
     let r = remove_key(&gw, &other, &cred.id).await;

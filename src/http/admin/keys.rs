@@ -39,11 +39,11 @@ pub async fn register_start(
 ) -> Result<Response, AppError> {
     let keys = crate::http::webauthn::keys(&state)?;
     let user = target(&state, &id).await?;
-    if body.name.chars().count() > crate::auth::webauthn::MAX_NAME
-        || body.name.chars().any(char::is_control)
+    if !body.name.trim().is_empty()
+        && !crate::policy::is_readable_name(body.name.trim(), crate::auth::webauthn::MAX_NAME)
     {
         return Err(AppError::bad_request(
-            "A key name has at most 64 characters and no control characters.",
+            "A key name has at most 64 characters and no control or invisible characters.",
         ));
     }
     let s = keys

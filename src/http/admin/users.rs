@@ -116,15 +116,10 @@ pub async fn create_post(
     let bad = |msg: &'static str| async move {
         list_page(st, ad, hd, "", Some(msg), StatusCode::BAD_REQUEST).await
     };
-    let valid_email = email.len() <= 320
-        && email
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
-    if !valid_email {
+    if !crate::policy::is_plausible_email(&email) {
         return bad("Enter the user's email address, e.g. name@example.com.").await;
     }
-    if account.is_empty() || account.len() > 128 || account.chars().any(char::is_control) {
+    if account.len() > 128 || !crate::policy::is_readable_name(&account, 128) {
         return bad("The account id has 1 to 128 characters.").await;
     }
     let is_admin = form.admin.is_some();
