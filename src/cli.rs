@@ -24,6 +24,14 @@ macro_rules! say {
     };
 }
 
+/// Writes a line to standard error, for notes and errors. A closed standard error is ignored:
+/// what the command did is done, and `eprintln!` would panic over it.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// A listing's reader went away (`| head`): for a listing that is the reader's choice, not an
 /// error; the command ends there with success.
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +201,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            note!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -201,7 +209,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<OutputClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            note!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
@@ -225,7 +233,7 @@ fn error_text(e: &anyhow::Error) -> String {
 pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
     let config = Config::load(path, std::env::vars())?;
     if path.is_none() {
-        eprintln!(
+        note!(
             "note: no --config (or PORTCULLIS_CONFIG) given: built-in defaults and PORTCULLIS__* \
              variables only, with the database {}",
             crate::secret::redact_url(&config.storage.durable)
@@ -258,12 +266,12 @@ async fn run(cli: Cli) -> Result<()> {
             write!(std::io::stdout(), "{}", config.to_redacted_toml())
                 .context("cannot write to standard output")?;
             if config.webauthn.enabled && !config.webauthn_effective() {
-                eprintln!(
+                note!(
                     "note: webauthn.enabled is off in effect: server.public_url has an IP \
                      address, not a domain name, so security keys and passkeys are not offered"
                 );
             }
-            eprintln!("config is valid");
+            note!("config is valid");
             Ok(())
         }
         Command::Serve => {
@@ -343,20 +351,36 @@ pub async fn serve(config: Config) -> Result<()> {
 }
 
 /// The acting OS user, as the audit trail records CLI changes: the process's real user (not
-/// `$USER`, which the caller sets at will), by name where `/etc/passwd` has it; under sudo, the
-/// invoking user that sudo names as well.
+/// `$USER`, which the caller sets at will), by name where `/etc/passwd` has it; `SUDO_USER`, when set,
+/// beside it as a claim.
 fn actor() -> String {
     let uid = rustix::process::getuid().as_raw();
     let name = std::fs::read_to_string("/etc/passwd")
         .ok()
         .and_then(|passwd| user_name(&passwd, uid));
     let who = name.unwrap_or_else(|| format!("uid:{uid}"));
+    // `SUDO_USER` is what sudo sets, but anyone can set it: it is recorded as the claim it is,
+    // beside the real user it cannot hide, and only as a plain user name.
+    let plain = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 32
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
     match std::env::var("SUDO_USER") {
-        // Beside the real user, so it adds who ran sudo (to root or a service user) without
-        // being able to hide who the process is.
-        Ok(by) if !by.is_empty() => format!("cli:{who}(sudo:{by})"),
+        Ok(by) if plain(&by) => format!("cli:{who}(SUDO_USER={by})"),
         _ => format!("cli:{who}"),
     }
+}
+
+/// An account id as given on the command line, trimmed; the admin console's rule (1 to 128
+/// characters, none hidden), since per-account policy matches it exactly.
+fn account_id(raw: &str) -> Result<String> {
+    let id = raw.trim();
+    if id.len() > 128 || !crate::policy::is_readable_name(id, 128) {
+        bail!("--account must have 1 to 128 characters, without control or invisible characters");
+    }
+    Ok(id.to_string())
 }
 
 /// The name of `uid` in a `passwd` file's text.
@@ -440,7 +464,7 @@ async fn print_enrolment_link(
         .append_audit(&[audit("enrolment_link_issued", Some(user), kind)])
         .await?;
     say!("{}", issued.url);
-    eprintln!(
+    note!(
         "one-time enrolment link for {} (expires {}; single use): through it they {}register {}",
         user.email,
         rfc3339(issued.expires_at),
@@ -483,9 +507,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             if !crate::policy::is_plausible_email(&email) {
                 bail!("`{email}` is not an email address");
             }
-            if account.trim().is_empty() {
-                bail!("--account must not be empty");
-            }
+            let account = account_id(&account)?;
             let password = read_password()?;
             check_policy(password.expose(), &config.password, &email)?;
             let hasher = PasswordHasher::new(&config.password)?;
@@ -626,7 +648,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 "{}",
                 crate::auth::totp::otpauth_uri(secret.expose(), &issuer, &u.email)
             );
-            eprintln!(
+            note!(
                 "this URI is shown once; it replaces any earlier TOTP secret of {}",
                 u.email
             );
@@ -642,7 +664,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let user = match durable.user_by_email(&email).await? {
                 Some(u) => {
                     if let Some(a) = account.filter(|a| a.trim() != u.account_id) {
-                        eprintln!(
+                        note!(
                             "note: {email} already exists in account `{}`; --account {a} applies \
                              only to a new user and was not used",
                             u.account_id
@@ -657,15 +679,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                     u
                 }
                 None => {
-                    let account = account.unwrap_or_else(|| "admin".into());
-                    if account.trim().is_empty() {
-                        bail!("--account must not be empty");
-                    }
+                    let account = account_id(account.as_deref().unwrap_or("admin"))?;
                     let u = durable
                         .create_user(
                             NewUser {
                                 email,
-                                account_id: account.trim().to_string(),
+                                account_id: account,
                                 is_admin: true,
                                 password_hash: String::new(),
                             },
@@ -827,7 +846,7 @@ async fn verify_token(
     let issuer = issuer.unwrap_or_else(|| config.issuer());
     let claims = crate::token::verify(token.trim(), &set, &audience, Some(&issuer), 30)?;
     say!("{}", serde_json::to_string_pretty(&claims)?);
-    eprintln!("token is valid");
+    note!("token is valid");
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 mod console;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +17,14 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::crypto::{random_token, MasterKey};
 use crate::secret::Secret;
+
+/// The demo's banner lines: a closed output (`portcullis demo | head`) must not stop the
+/// gateway, as a panicking `println!` would.
+macro_rules! show {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 use crate::store::NewUser;
 
 pub use console::{console_router, ConsoleState};
@@ -170,44 +179,44 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!("Portcullis demo");
-    println!(
+    show!("Portcullis demo");
+    show!(
         "  gateway:   {}  (open this in a browser)",
         config.server.public_url
     );
-    println!(
+    show!(
         "  console:   http://{}/  (behind the gateway; refuses direct requests)",
         args.console_listen
     );
-    println!("  data:      {}", args.data_dir.display());
-    println!(
+    show!("  data:      {}", args.data_dir.display());
+    show!(
         "  emails:    {}  (new-device notices land here as .eml files)",
         state.notifier.destination()
     );
-    println!();
-    println!(
+    show!("");
+    show!(
         "  sign in as {DEMO_EMAIL} with password: {}",
         password.expose()
     );
     if fresh {
-        println!("  then scan the QR code with an authenticator app (or type the key shown) and enter its code;");
-        println!("  save the recovery codes shown once.");
+        show!("  then scan the QR code with an authenticator app (or type the key shown) and enter its code;");
+        show!("  save the recovery codes shown once.");
     } else {
-        println!("  then enter the code from the authenticator you enrolled earlier");
-        println!(
+        show!("  then enter the code from the authenticator you enrolled earlier");
+        show!(
             "  (or run `portcullis --config {} user reset-mfa {DEMO_EMAIL}` to enrol again).",
             cli_config.display()
         );
     }
-    println!();
-    println!("  note: the demo serves plain HTTP on loopback, so cookies drop the __Host- prefix and the Secure flag.");
-    println!(
+    show!("");
+    show!("  note: the demo serves plain HTTP on loopback, so cookies drop the __Host- prefix and the Secure flag.");
+    show!(
         "  admin:     portcullis --config {} admin bootstrap you@example.com",
         cli_config.display()
     );
-    println!("             prints a one-time link to set up an admin (password + security key) for /_portcullis/admin");
+    show!("             prints a one-time link to set up an admin (password + security key) for /_portcullis/admin");
     if state.keys.is_none() {
-        println!("  security keys and passkeys are off on an IP address; try --public-url http://localhost:{}/", args.listen.port());
+        show!("  security keys and passkeys are off on an IP address; try --public-url http://localhost:{}/", args.listen.port());
     }
     crate::server::run(listener, state, crate::cli::shutdown_signal()).await?;
     Ok(())

@@ -222,6 +222,24 @@ pub async fn rename_post(
     Ok(see_other(&format!("{PATH}?notice=key_renamed")))
 }
 
+/// Whether `user` still has a second factor they can sign in with once the key `removing` is
+/// gone: another usable key, or an authenticator app where the account's policy takes codes.
+pub(crate) async fn keeps_a_factor(
+    state: &AppState,
+    user: &User,
+    creds: &[crate::store::WebauthnCredential],
+    removing: &str,
+) -> Result<bool, AppError> {
+    if creds.iter().any(|c| c.id != removing && !c.is_suspended()) {
+        return Ok(true);
+    }
+    let codes_count = !state
+        .config
+        .webauthn
+        .requires_phishing_resistant(&user.account_id);
+    Ok(codes_count && state.durable.totp(&user.id).await?.is_some())
+}
+
 #[derive(Deserialize)]
 pub struct CsrfForm {
     #[serde(default)]
@@ -256,8 +274,7 @@ pub async fn remove_post(
         )
         .await;
     }
-    let other_key = creds.iter().any(|c| c.id != id && !c.is_suspended());
-    if !other_key && state.durable.totp(&user.id).await?.is_none() {
+    if !keeps_a_factor(&state, &user, &creds, &id).await? {
         audit(
             &state,
             peer,

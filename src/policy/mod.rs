@@ -193,21 +193,32 @@ fn lenient_reading(path: &str) -> String {
     out
 }
 
-/// Characters that change how text reads without showing themselves: controls, and Unicode's
-/// invisible format characters (zero-width spaces and joiners, direction overrides and isolates,
-/// soft hyphen, byte-order mark). Names and addresses that people read must not hold them.
+/// Characters that change how text reads without showing themselves: controls, line and
+/// paragraph separators, and Unicode's format and default-ignorable characters (zero-width
+/// spaces and joiners, direction marks, overrides and isolates, soft hyphen, combining grapheme
+/// joiner, Hangul fillers, interlinear annotation marks, byte-order mark, tag characters,
+/// variation selectors). Names and addresses that people read must not hold them.
 pub fn is_hidden_char(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
             '\u{00AD}'
+                | '\u{034F}'
                 | '\u{061C}'
-                | '\u{180E}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
                 | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{2069}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
                 | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFFB}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
         )
 }
 

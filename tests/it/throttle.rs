@@ -36,7 +36,7 @@ async fn password_reasons(gw: &Gateway) -> Vec<String> {
         .collect()
 }
 
-fn throttled_metric(gw: &Gateway, limit: &str) -> f64 {
+pub(super) fn throttled_metric(gw: &Gateway, limit: &str) -> f64 {
     let text = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
     let name = format!("portcullis_throttled_attempts_total{{limit=\"{limit}\"}} ");
     text.lines()

@@ -742,4 +742,8 @@ async fn a_passkey_flood_from_one_address_is_throttled_and_summarised() {
         audited(&gw, "passkey_sign_in", "failure").await.len(),
         (BUDGET + DEVICE_BUDGET) as usize
     );
+    // And counted as throttled, by budget.
+    let metric = |limit| super::throttle::throttled_metric(&gw, limit);
+    assert_eq!(metric("ip"), (REFUSED + OTHER_REPLAYS + 2) as f64);
+    assert_eq!(metric("device"), 1.0);
 }

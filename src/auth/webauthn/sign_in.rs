@@ -349,6 +349,7 @@ impl Keys {
     /// A passkey sign-in refused because the failure budget kept in `counter` is spent; one
     /// run in the audit trail per budget.
     async fn passkey_throttled(&self, client: &Client, counter: &str) -> PasskeySignIn {
+        self.flow.metrics.throttled(counter);
         self.audit_throttled("passkey_sign_in", None, counter.to_string(), client)
             .await;
         PasskeySignIn::Throttled {

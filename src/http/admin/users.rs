@@ -561,8 +561,7 @@ pub async fn remove_key_post(
     // As on the account page: the last second factor stays. Without one, the password alone
     // would start a sign-in that enrols a new factor; a lost last key is what "Reset second
     // factors" is for (it ends every session and tells the owner).
-    let other_key = creds.iter().any(|c| c.id != key && !c.is_suspended());
-    if !other_key && state.durable.totp(&user.id).await?.is_none() {
+    if !crate::http::account::keeps_a_factor(&state, &user, &creds, &key).await? {
         let ev = AuditEvent::new("webauthn_removed", "denied", state.clock.now())
             .actor(&admin.user.email)
             .client(&admin.client.ip, &admin.client.user_agent)
