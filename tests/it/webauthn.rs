@@ -393,6 +393,19 @@ async fn counter_going_backwards_refuses_and_suspends_the_key() {
     assert_eq!(error_code(r).await.0, 401);
     let html = c.get(gw.url("/_portcullis/account")).send().await.unwrap();
     assert_eq!(html.status(), 303, "not signed in");
+    // Were the suspended key the only factor, the password alone still would not enrol a new
+    // one: the sign-in asks for the second factor (a recovery code), not for an enrolment.
+    let url = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("DELETE FROM totp_credentials WHERE user_id = ?")
+        .bind(&user.id)
+        .execute(&db)
+        .await
+        .unwrap();
+    let r = gw
+        .password(&gw.browser(), "clone@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
 }
 
 #[tokio::test]

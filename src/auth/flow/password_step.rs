@@ -260,14 +260,15 @@ impl LoginFlow {
         Ok(self.second_factor_first(email).await?)
     }
 
-    /// Whether the user has a second factor to sign in with (a usable key or TOTP).
+    /// Whether the user has a second factor (a key, suspended or not, or TOTP). A suspended key
+    /// counts: a possible clone must not turn the account into one whose password alone enrols a
+    /// new factor; its owner signs in with a recovery code, or an admin resets the factors.
     async fn has_second_factor(&self, user: &User) -> Result<bool, FlowError> {
-        let has_key = self
+        let has_key = !self
             .durable
             .webauthn_credentials(&user.id)
             .await?
-            .iter()
-            .any(|c| !c.is_suspended());
+            .is_empty();
         Ok(has_key || self.durable.totp(&user.id).await?.is_some())
     }
 
