@@ -1289,28 +1289,34 @@ impl DurableStore for SqlStore {
     }
 
     async fn create_enrolment_link(&self, link: EnrolmentLink) -> StoreResult<()> {
-        // The user's earlier links, if still unused, are superseded (marked used at this
-        // moment): a link that leaked or went to the wrong place ends with the next one issued.
-        self.change(
-            "UPDATE enrolment_links SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL",
-            &[Arg::Int(link.created_at), Arg::Text(&link.user_id)],
-        )
-        .await?;
-        self.change(
-            &format!(
+        let pool = &self.pool;
+        let link = &link;
+        self.retrying(move || async move {
+            let mut tx = pool.begin().await?;
+            // The user's earlier links, if still unused, are superseded (marked used at this
+            // moment) in the same transaction: a link that leaked or went to the wrong place
+            // ends with the next one issued.
+            sqlx::query(
+                "UPDATE enrolment_links SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL",
+            )
+            .bind(link.created_at)
+            .bind(&link.user_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
                 "INSERT INTO enrolment_links ({ENROL_COLS}) VALUES ($1, $2, $3, $4, $5, $6, NULL)"
-            ),
-            &[
-                Arg::Text(&link.token_hash),
-                Arg::Text(&link.user_id),
-                Arg::Text(&link.created_by),
-                Arg::Int(i64::from(link.key_only)),
-                Arg::Int(link.created_at),
-                Arg::Int(link.expires_at),
-            ],
-        )
-        .await?;
-        Ok(())
+            ))
+            .bind(&link.token_hash)
+            .bind(&link.user_id)
+            .bind(&link.created_by)
+            .bind(i64::from(link.key_only))
+            .bind(link.created_at)
+            .bind(link.expires_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        })
+        .await
     }
 
     async fn enrolment_link(
