@@ -163,7 +163,7 @@ impl LoginFlow {
     }
 
     /// Returns reserved attempts.
-    async fn release(&self, keys: &[String]) -> Result<(), StoreError> {
+    pub(crate) async fn release(&self, keys: &[String]) -> Result<(), StoreError> {
         for k in keys {
             self.ephemeral.decr(k).await?;
         }

@@ -860,13 +860,7 @@ async fn an_admin_cannot_remove_an_accounts_last_second_factor() {
     let (_, c, _, _) = admin(&gw).await;
     let (_, target, _, cred) = with_key(&gw, "lastkey@example.com", "Only key").await;
     // Key only: the authenticator app goes (as for an account enrolled with a key-only link).
-    let url = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
-    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("DELETE FROM totp_credentials WHERE user_id = ?")
-        .bind(&target.id)
-        .execute(&db)
-        .await
-        .unwrap();
+    gw.drop_totp(&target.id).await;
     let user_page = format!("/_portcullis/admin/users/{}", target.id);
     let csrf = gw.csrf(&c, &user_page).await;
     let remove = format!("{user_page}/keys/{}/remove", cred.id);

@@ -315,7 +315,7 @@ async fn concurrent_codes_cannot_exceed_the_budget() {
 }
 
 /// Sends every request at the same instant (behind a barrier); returns the statuses in order.
-async fn all_at_once(posts: Vec<reqwest::RequestBuilder>) -> Vec<u16> {
+pub(super) async fn all_at_once(posts: Vec<reqwest::RequestBuilder>) -> Vec<u16> {
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(posts.len()));
     let tasks: Vec<_> = posts
         .into_iter()

@@ -695,6 +695,18 @@ pub fn readable_mail(raw: &[u8]) -> String {
 }
 
 impl Gateway {
+    /// Takes a user's authenticator app away in the database, as for an account that enrolled
+    /// a key only (the gateway itself never removes the last factor).
+    pub async fn drop_totp(&self, user_id: &str) {
+        let url = format!("sqlite://{}", self.dir.path().join("db.sqlite").display());
+        let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query("DELETE FROM totp_credentials WHERE user_id = ?")
+            .bind(user_id)
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+
     /// Breaks the durable store under the running gateway (its users table disappears) and
     /// moves the clock past any cached user check; returns a pool on the database to repair it.
     pub async fn break_durable_store(&self) -> sqlx::SqlitePool {

@@ -395,13 +395,7 @@ async fn counter_going_backwards_refuses_and_suspends_the_key() {
     assert_eq!(html.status(), 303, "not signed in");
     // Were the suspended key the only factor, the password alone still would not enrol a new
     // one: the sign-in asks for the second factor (a recovery code), not for an enrolment.
-    let url = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
-    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("DELETE FROM totp_credentials WHERE user_id = ?")
-        .bind(&user.id)
-        .execute(&db)
-        .await
-        .unwrap();
+    gw.drop_totp(&user.id).await;
     let r = gw
         .password(&gw.browser(), "clone@example.com", PASSWORD, "")
         .await;
@@ -759,4 +753,48 @@ async fn a_passkey_flood_from_one_address_is_throttled_and_summarised() {
     let metric = |limit| super::throttle::throttled_metric(&gw, limit);
     assert_eq!(metric("ip"), (REFUSED + OTHER_REPLAYS + 2) as f64);
     assert_eq!(metric("device"), 1.0);
+}
+
+/// Passkey attempts take from the address's budget before they are looked at: sixty failing
+/// at once against a budget of three give exactly three failures and fifty-seven refusals
+/// (on Redis, where every store operation is a round trip that others can overtake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_passkey_failures_cannot_exceed_the_budget() {
+    const BUDGET: u64 = 3;
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        c.limits.failures_per_ip = BUDGET;
+    })
+    .await;
+    let (_, user, mut k, cred) = with_key(&gw, "burst@example.com", "Key").await;
+    let (r, body, _) = passkey(
+        &gw,
+        &gw.browser(),
+        &mut k,
+        &cred.credential_id,
+        &user.id,
+        |_| {},
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let attacker = gw.browser();
+    let csrf = gw.csrf(&attacker, "/_portcullis/login").await;
+    let posts = (0..60)
+        .map(|_| {
+            attacker
+                .post(gw.url("/_portcullis/webauthn/passkey/finish"))
+                .header("accept", "application/json")
+                .header("x-csrf-token", csrf.as_str())
+                .json(&body)
+        })
+        .collect();
+    let mut statuses = super::bad_input::all_at_once(posts).await;
+    statuses.sort_unstable();
+    let expected: Vec<u16> = [400; BUDGET as usize]
+        .into_iter()
+        .chain([429; 57])
+        .collect();
+    assert_eq!(statuses, expected);
 }

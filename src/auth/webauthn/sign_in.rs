@@ -10,7 +10,7 @@ use super::{
     corrupt, encode_id, failure_reason, internal, rewrap, Ceremony, CeremonyState, Keys,
     PasskeySignIn, Purpose, Refusal, Started,
 };
-use crate::auth::flow::{Client, CodeOutcome, FlowError, KnownDevice, AMR_KEY};
+use crate::auth::flow::{Client, CodeOutcome, FlowError, KnownDevice, Reservation, AMR_KEY};
 use crate::config::UserVerification;
 use crate::session::{Session, Stage};
 use crate::store::{AuditEvent, User, WebauthnCredential};
@@ -320,36 +320,36 @@ impl Keys {
         self.store(ceremony, options).await
     }
 
-    /// Whether the failure budget kept in `counter` (of at most `limit`) is used up.
-    async fn budget_spent(&self, counter: &str, limit: u64) -> Result<bool, FlowError> {
-        Ok(self.flow.count(counter).await? >= limit)
+    /// Takes one attempt from the failure budget kept in `counter` (at most `limit`), before
+    /// the attempt is looked at, so that concurrent attempts cannot overshoot it; `false` when
+    /// the budget is spent (nothing then stays taken). A success gives the attempt back.
+    async fn take_attempt(&self, counter: &str, limit: u64) -> Result<bool, FlowError> {
+        let budget = [(counter.to_string(), limit)];
+        Ok(matches!(
+            self.flow.reserve(&budget).await?,
+            Reservation::Taken { .. }
+        ))
     }
 
-    /// A failed passkey sign-in, counted against the budget kept in `counter`.
+    /// A failed passkey sign-in (its attempt already taken from a budget).
     async fn passkey_failure(
         &self,
         user: Option<&User>,
         refusal: Refusal,
         client: &Client,
-        counter: &str,
     ) -> Result<PasskeySignIn, FlowError> {
         let reason = match &refusal {
             Refusal::Expired => "ceremony_expired",
             Refusal::Rejected(r) | Refusal::Policy(r) => r,
         };
-        self.flow
-            .ephemeral
-            .incr(counter, self.flow.limits.window)
-            .await?;
         self.audit_user("passkey_sign_in", "failure", user, reason, client)
             .await;
         Ok(PasskeySignIn::Refused(refusal))
     }
 
-    /// A passkey sign-in refused because the failure budget kept in `counter` is spent; one
-    /// run in the audit trail per budget.
+    /// A passkey sign-in refused because the failure budget kept in `counter` is spent (counted
+    /// in the metrics where the budget was taken); one run in the audit trail per budget.
     async fn passkey_throttled(&self, client: &Client, counter: &str) -> PasskeySignIn {
-        self.flow.metrics.throttled(counter);
         self.audit_throttled("passkey_sign_in", None, counter.to_string(), client)
             .await;
         PasskeySignIn::Throttled {
@@ -357,28 +357,34 @@ impl Keys {
         }
     }
 
-    /// A failure before the key has named its owner: counted against the address, and refused
-    /// as throttled once the address's budget is spent (whatever device cookie came along).
+    /// A failure before the key has named its owner. Without a device cookie the address's
+    /// attempt was taken up front; with one, it is taken now, and refused as throttled when the
+    /// address's budget is spent (whatever device cookie came along).
     async fn early_failure(
         &self,
         refusal: Refusal,
         client: &Client,
-        address_spent: bool,
+        taken: bool,
     ) -> Result<PasskeySignIn, FlowError> {
-        let counter = address_counter(client);
-        if address_spent {
-            return Ok(self.passkey_throttled(client, &counter).await);
+        let address = address_counter(client);
+        if !taken
+            && !self
+                .take_attempt(&address, self.flow.limits.failures_per_ip)
+                .await?
+        {
+            return Ok(self.passkey_throttled(client, &address).await);
         }
-        self.passkey_failure(None, refusal, client, &counter).await
+        self.passkey_failure(None, refusal, client).await
     }
 
     /// Finishes a passkey sign-in; on success the caller creates an authenticated session.
     ///
-    /// Failures count against the address's budget (`limits.failures_per_ip`), except that a
-    /// known device (`device`) of the key's owner draws on its own (`limits.failures_per_device`,
-    /// as for passwords): a flood from the owner's address (a shared NAT, say) cannot keep the
-    /// owner's browser out, and a device cookie of anyone else earns nothing. With the address's
-    /// budget spent, only an answer from the owner's device gets further than the key's lookup.
+    /// Every attempt takes one from a failure budget before it is looked at, and a success gives
+    /// it back: the address's (`limits.failures_per_ip`), except that a known device (`device`)
+    /// of the key's owner draws on its own (`limits.failures_per_device`, as for passwords). So
+    /// a flood from the owner's address (a shared NAT, say) cannot keep the owner's browser out,
+    /// a device cookie of anyone else earns nothing, and concurrent attempts cannot overshoot a
+    /// budget.
     pub async fn finish_passkey(
         &self,
         ceremony: &str,
@@ -388,27 +394,29 @@ impl Keys {
         device: Option<&KnownDevice>,
     ) -> Result<PasskeySignIn, FlowError> {
         let address = address_counter(client);
-        let address_spent = self
-            .budget_spent(&address, self.flow.limits.failures_per_ip)
-            .await?;
-        if address_spent && device.is_none() {
-            return Ok(self.passkey_throttled(client, &address).await);
+        // Without a device cookie the address's budget is the only one there can be.
+        let mut taken: Option<String> = None;
+        if device.is_none() {
+            if !self
+                .take_attempt(&address, self.flow.limits.failures_per_ip)
+                .await?
+            {
+                return Ok(self.passkey_throttled(client, &address).await);
+            }
+            taken = Some(address.clone());
         }
+        let early = taken.is_some();
         let Some(c) = self.take(ceremony, Purpose::Passkey, binding, None).await? else {
-            return self
-                .early_failure(Refusal::Expired, client, address_spent)
-                .await;
+            return self.early_failure(Refusal::Expired, client, early).await;
         };
         let CeremonyState::Discoverable(state) = c.state else {
-            return self
-                .early_failure(Refusal::Expired, client, address_spent)
-                .await;
+            return self.early_failure(Refusal::Expired, client, early).await;
         };
         let rejected = |r| Refusal::Rejected(r);
         let Ok((handle, raw_id)) = self.webauthn.identify_discoverable_authentication(response)
         else {
             return self
-                .early_failure(rejected("no_user_handle"), client, address_spent)
+                .early_failure(rejected("no_user_handle"), client, early)
                 .await;
         };
         let stored = self
@@ -419,37 +427,34 @@ impl Keys {
         // The user handle the authenticator returns must name the key's owner.
         let Some(stored) = stored.filter(|s| s.user_id == handle.hyphenated().to_string()) else {
             return self
-                .early_failure(rejected("unknown_credential"), client, address_spent)
+                .early_failure(rejected("unknown_credential"), client, early)
                 .await;
         };
-        let budget = match device.filter(|d| d.user_id == stored.user_id) {
-            Some(d) => {
-                let counter = format!("fail:dev:{{{}}}", d.id);
-                let spent = self
-                    .budget_spent(&counter, self.flow.limits.failures_per_device)
-                    .await?;
-                (counter, spent)
+        let counter = match (taken, device.filter(|d| d.user_id == stored.user_id)) {
+            (Some(counter), _) => counter,
+            (None, owners) => {
+                let (counter, limit) = match owners {
+                    Some(d) => (
+                        format!("fail:dev:{{{}}}", d.id),
+                        self.flow.limits.failures_per_device,
+                    ),
+                    None => (address, self.flow.limits.failures_per_ip),
+                };
+                if !self.take_attempt(&counter, limit).await? {
+                    return Ok(self.passkey_throttled(client, &counter).await);
+                }
+                counter
             }
-            None => (address, address_spent),
         };
-        let (counter, spent) = budget;
-        if spent {
-            return Ok(self.passkey_throttled(client, &counter).await);
-        }
         let user = self.flow.active_user(&stored.user_id).await?;
         let Some(user) = user else {
             return self
-                .passkey_failure(None, rejected("user_disabled"), client, &counter)
+                .passkey_failure(None, rejected("user_disabled"), client)
                 .await;
         };
         if stored.is_suspended() {
             return self
-                .passkey_failure(
-                    Some(&user),
-                    rejected("suspended_credential"),
-                    client,
-                    &counter,
-                )
+                .passkey_failure(Some(&user), rejected("suspended_credential"), client)
                 .await;
         }
         let passkey: Passkey = serde_json::from_str(&stored.passkey).map_err(corrupt)?;
@@ -460,9 +465,11 @@ impl Keys {
         );
         if let Some(reason) = self.settle(&user, &stored, verified, client).await? {
             return self
-                .passkey_failure(Some(&user), rejected(reason), client, &counter)
+                .passkey_failure(Some(&user), rejected(reason), client)
                 .await;
         }
+        // A success is no failure: its attempt goes back.
+        self.flow.release(std::slice::from_ref(&counter)).await?;
         self.audit_user(
             "passkey_sign_in",
             "success",
