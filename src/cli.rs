@@ -373,11 +373,11 @@ fn actor() -> String {
     }
 }
 
-/// An account id as given on the command line, trimmed; the admin console's rule (1 to 128
-/// characters, none hidden), since per-account policy matches it exactly.
+/// An account id as given on the command line, trimmed and held to [`crate::policy::is_account_id`]
+/// as in the admin console.
 fn account_id(raw: &str) -> Result<String> {
     let id = raw.trim();
-    if id.len() > 128 || !crate::policy::is_readable_name(id, 128) {
+    if !crate::policy::is_account_id(id) {
         bail!("--account must have 1 to 128 characters, without control or invisible characters");
     }
     Ok(id.to_string())

@@ -19,7 +19,7 @@ mod password_step;
 mod self_service;
 mod throttle;
 pub use self_service::{TotpChange, TOTP_CHANGE_TTL};
-pub(crate) use throttle::Reservation;
+pub(crate) use throttle::{address_counter, device_counter, Reservation};
 pub use throttle::{awaits_factor_first, awaits_password, delay_for, KnownDevice};
 
 /// Who is signing in, for audit and throttling.
@@ -586,7 +586,7 @@ fn code_budgets(user_id: &str, client: &Client, limits: &LimitsConfig) -> [(Stri
             format!("fail:code:{{{user_id}}}"),
             limits.second_factor_failures_per_account,
         ),
-        (format!("fail:ip:{}", client.ip), limits.failures_per_ip),
+        (throttle::address_counter(client), limits.failures_per_ip),
     ]
 }
 

@@ -49,23 +49,7 @@ pub(crate) fn refuse(
     let mut resp = if browser {
         see_other(&location)
     } else {
-        let message = format!("Sign in at {login} first.");
-        let body = serde_json::json!({
-            "error": "authentication_required",
-            "message": message,
-            "login": location,
-        });
-        // Our error format (browsers that cannot be redirected, e.g. websocket upgrades, get the
-        // HTML page), with the sign-in URL added for clients that follow it.
-        let mut r = AppError::new(StatusCode::UNAUTHORIZED, "authentication_required", message)
-            .into_response();
-        *r.body_mut() = axum::body::Body::from(body.to_string());
-        if let Ok(v) =
-            HeaderValue::from_str(&format!("Portcullis realm=\"console\", login=\"{login}\""))
-        {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-        }
-        r
+        authentication_required(login, &location)
     };
     if clear_cookie {
         if let Ok(v) = HeaderValue::from_str(&state.sessions.clear_cookie()) {
@@ -77,6 +61,27 @@ pub(crate) fn refuse(
     resp
 }
 
+/// The 401 an API client gets where it must sign in first: our error format (browsers that
+/// cannot be redirected, e.g. websocket upgrades, get the HTML page), with the sign-in URL
+/// (`location`: `login` with its `next`) added for clients that follow it.
+pub(crate) fn authentication_required(login: &str, location: &str) -> Response {
+    let message = format!("Sign in at {login} first.");
+    let body = serde_json::json!({
+        "error": "authentication_required",
+        "message": message,
+        "login": location,
+    });
+    let mut r =
+        AppError::new(StatusCode::UNAUTHORIZED, "authentication_required", message).into_response();
+    *r.body_mut() = axum::body::Body::from(body.to_string());
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("Portcullis realm=\"console\", login=\"{login}\""))
+    {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
+}
+
 /// The sign-in URL with its `next` parameter.
 fn login_location(login: &str, next: Option<&str>) -> String {
     match next {
@@ -86,8 +91,8 @@ fn login_location(login: &str, next: Option<&str>) -> String {
 }
 
 /// A gateway page's URL (sign-in, device proof) with `next`, as a header value.
-pub(crate) fn page_with_next(login: &str, next: Option<&str>) -> Option<HeaderValue> {
-    HeaderValue::from_str(&login_location(login, next)).ok()
+pub(crate) fn page_with_next(page: &str, next: Option<&str>) -> Option<HeaderValue> {
+    HeaderValue::from_str(&login_location(page, next)).ok()
 }
 
 /// Where sign-in sends a refused proxied request back to: its own path and query, if safe and

@@ -304,16 +304,19 @@ fn redirect_for_json(mut resp: Response, read: bool) -> Response {
     };
     let to_sign_in =
         location == gate::LOGIN_PATH || location.starts_with(&format!("{}?", gate::LOGIN_PATH));
-    let body = if read && to_sign_in {
-        *resp.status_mut() = StatusCode::UNAUTHORIZED;
-        serde_json::json!({
-            "error": "authentication_required",
-            "message": format!("Sign in at {} first.", gate::LOGIN_PATH),
-            "login": location,
-        })
-    } else {
-        serde_json::json!({ "redirect": location })
-    };
+    if read && to_sign_in {
+        // The gate's own answer, keeping what the page set (a cleared cookie, say).
+        let mut r = gate::authentication_required(gate::LOGIN_PATH, &location);
+        for (name, value) in resp.headers() {
+            if name == header::SET_COOKIE {
+                r.headers_mut().append(name.clone(), value.clone());
+            } else if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                r.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        return r;
+    }
+    let body = serde_json::json!({ "redirect": location });
     *resp.body_mut() = axum::body::Body::from(body.to_string());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

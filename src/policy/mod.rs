@@ -228,6 +228,12 @@ pub fn is_readable_name(name: &str, max: usize) -> bool {
     !name.is_empty() && name.chars().count() <= max && !name.chars().any(is_hidden_char)
 }
 
+/// An account id (trimmed) as users are grouped by, and per-account policy matches exactly: 1 to
+/// 128 bytes, none of them hidden.
+pub fn is_account_id(id: &str) -> bool {
+    id.len() <= 128 && is_readable_name(id, 128)
+}
+
 /// An email address as the gateway accepts one for a user (already normalised): `local@domain`
 /// with a dot in the domain, at most 320 bytes, no whitespace and no hidden characters.
 pub fn is_plausible_email(email: &str) -> bool {

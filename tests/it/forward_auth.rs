@@ -481,14 +481,17 @@ async fn nginx_sends_an_unbound_browser_to_its_device_proof() {
     .await;
     let nginx = start_nginx(&gw).await;
     let (b, _, _) = gw.signed_in("unbound@example.com").await;
-    let r = raw(
-        nginx.addr,
-        "GET",
-        "/campaigns?page=2",
-        &[("Cookie", &gw.cookies(&b))],
-        "",
-    )
-    .await;
+    let campaigns = || async {
+        raw(
+            nginx.addr,
+            "GET",
+            "/campaigns?page=2",
+            &[("Cookie", &gw.cookies(&b))],
+            "",
+        )
+        .await
+    };
+    let r = campaigns().await;
     assert_eq!(r.status, 302, "{}", r.head);
     assert_eq!(
         r.header("location").as_deref(),
@@ -496,14 +499,7 @@ async fn nginx_sends_an_unbound_browser_to_its_device_proof() {
     );
     assert_eq!(gw.upstream.count(), 0);
     super::binding::bind_webcrypto(&gw, &b, &super::binding::Device::new()).await;
-    let r = raw(
-        nginx.addr,
-        "GET",
-        "/campaigns?page=2",
-        &[("Cookie", &gw.cookies(&b))],
-        "",
-    )
-    .await;
+    let r = campaigns().await;
     assert_eq!(r.status, 200, "{}", r.head);
     assert_eq!(gw.upstream.last().uri, "/campaigns?page=2");
 }

@@ -76,6 +76,16 @@ pub fn awaits_password(s: &Session) -> bool {
     s.stage == Stage::SecondFactor && !s.amr.is_empty() && !s.amr.iter().any(|m| m == "pwd")
 }
 
+/// The counter of an address's failures (password, codes and passkeys alike).
+pub(crate) fn address_counter(client: &Client) -> String {
+    format!("fail:ip:{}", client.ip)
+}
+
+/// The counter of a known device's own failures.
+pub(crate) fn device_counter(device_id: &str) -> String {
+    format!("fail:dev:{{{device_id}}}")
+}
+
 impl LoginFlow {
     /// The budgets one password attempt draws on: a known device's own, or the account's, the
     /// address's and the network's.
@@ -86,20 +96,14 @@ impl LoginFlow {
         device: Option<&str>,
     ) -> Vec<(String, u64)> {
         if let Some(id) = device {
-            return vec![(
-                format!("fail:dev:{{{id}}}"),
-                self.limits.failures_per_device,
-            )];
+            return vec![(device_counter(id), self.limits.failures_per_device)];
         }
         vec![
             (
                 format!("fail:pwd:{{{email}}}"),
                 self.limits.password_failures_per_account,
             ),
-            (
-                format!("fail:ip:{}", client.ip),
-                self.limits.failures_per_ip,
-            ),
+            (address_counter(client), self.limits.failures_per_ip),
             (
                 format!("fail:net:{}", network_of(&client.ip)),
                 self.limits.failures_per_network,

@@ -10,7 +10,10 @@ use super::{
     corrupt, encode_id, failure_reason, internal, rewrap, Ceremony, CeremonyState, Keys,
     PasskeySignIn, Purpose, Refusal, Started,
 };
-use crate::auth::flow::{Client, CodeOutcome, FlowError, KnownDevice, Reservation, AMR_KEY};
+use crate::auth::flow::{
+    address_counter, device_counter, Client, CodeOutcome, FlowError, KnownDevice, Reservation,
+    AMR_KEY,
+};
 use crate::config::UserVerification;
 use crate::session::{Session, Stage};
 use crate::store::{AuditEvent, User, WebauthnCredential};
@@ -434,10 +437,7 @@ impl Keys {
             (Some(counter), _) => counter,
             (None, owners) => {
                 let (counter, limit) = match owners {
-                    Some(d) => (
-                        format!("fail:dev:{{{}}}", d.id),
-                        self.flow.limits.failures_per_device,
-                    ),
+                    Some(d) => (device_counter(&d.id), self.flow.limits.failures_per_device),
                     None => (address, self.flow.limits.failures_per_ip),
                 };
                 if !self.take_attempt(&counter, limit).await? {
@@ -480,9 +480,4 @@ impl Keys {
         .await;
         Ok(PasskeySignIn::Accepted(Box::new(user)))
     }
-}
-
-/// The counter of an address's failures (shared with password sign-in).
-fn address_counter(client: &Client) -> String {
-    format!("fail:ip:{}", client.ip)
 }

@@ -119,7 +119,7 @@ pub async fn create_post(
     if !crate::policy::is_plausible_email(&email) {
         return bad("Enter the user's email address, e.g. name@example.com.").await;
     }
-    if account.len() > 128 || !crate::policy::is_readable_name(&account, 128) {
+    if !crate::policy::is_account_id(&account) {
         return bad("The account id has 1 to 128 characters.").await;
     }
     let is_admin = form.admin.is_some();
