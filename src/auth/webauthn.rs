@@ -411,7 +411,8 @@ impl Keys {
         self.store(ceremony, options).await
     }
 
-    /// Finishes a registration and stores the key.
+    /// Finishes a registration and stores the key. `by_admin` names the administrator at whose
+    /// browser the key was enrolled in person, for the owner's notice.
     pub async fn finish_registration(
         &self,
         ceremony: &str,
@@ -419,6 +420,7 @@ impl Keys {
         user: &User,
         reg: &RegisterPublicKeyCredential,
         client: &Client,
+        by_admin: Option<&str>,
     ) -> Result<Registered, FlowError> {
         let event = "webauthn_registered";
         let Some(c) = self
@@ -505,10 +507,17 @@ impl Keys {
             .notifier
             .account_change(
                 user,
-                &format!(
-                    "a security key or passkey named \"{}\" was added",
-                    cred.name
-                ),
+                &match by_admin {
+                    None => format!(
+                        "a security key or passkey named \"{}\" was added",
+                        cred.name
+                    ),
+                    Some(admin) => format!(
+                        "an administrator ({admin}) enrolled a security key or passkey named \"{}\" \
+                         for you in person",
+                        cred.name
+                    ),
+                },
             )
             .await;
         Ok(Registered::Stored(Box::new(cred)))

@@ -21,7 +21,7 @@ use crate::clock::rfc3339;
 use crate::secret::Secret;
 use crate::session::Loaded;
 use crate::state::AppState;
-use crate::store::{AuditEvent, AuditQuery, User};
+use crate::store::{AuditEvent, AuditQuery, KeyRemoval, User};
 
 const PATH: &str = "/_portcullis/account";
 /// Where a stale session proves its second factor again and comes back here.
@@ -94,6 +94,9 @@ async fn page(
     error: Option<&str>,
     status: StatusCode,
 ) -> Result<Response, AppError> {
+    if let Some(refused) = super::error::refusal_for_api(headers, status, error) {
+        return Err(refused);
+    }
     let keys: Vec<KeyRow> = state
         .durable
         .webauthn_credentials(&user.id)
@@ -222,22 +225,23 @@ pub async fn rename_post(
     Ok(see_other(&format!("{PATH}?notice=key_renamed")))
 }
 
-/// Whether `user` still has a second factor they can sign in with once the key `removing` is
-/// gone: another usable key, or an authenticator app where the account's policy takes codes.
-pub(crate) async fn keeps_a_factor(
+/// Removes the key `id` of `user` unless it is their last second factor (another usable key, or
+/// an authenticator app where the account's policy takes codes, must stay): one check-and-remove
+/// in the store, so the owner and an administrator removing two keys at once cannot leave the
+/// account with none.
+pub(crate) async fn remove_key_keeping_a_factor(
     state: &AppState,
     user: &User,
-    creds: &[crate::store::WebauthnCredential],
-    removing: &str,
-) -> Result<bool, AppError> {
-    if creds.iter().any(|c| c.id != removing && !c.is_suspended()) {
-        return Ok(true);
-    }
+    id: &str,
+) -> Result<crate::store::KeyRemoval, AppError> {
     let codes_count = !state
         .config
         .webauthn
         .requires_phishing_resistant(&user.account_id);
-    Ok(codes_count && state.durable.totp(&user.id).await?.is_some())
+    Ok(state
+        .durable
+        .remove_webauthn_credential(&user.id, id, codes_count)
+        .await?)
 }
 
 #[derive(Deserialize)]
@@ -274,40 +278,28 @@ pub async fn remove_post(
         )
         .await;
     }
-    if !keeps_a_factor(&state, &user, &creds, &id).await? {
-        audit(
-            &state,
-            peer,
-            &headers,
-            &user,
-            "webauthn_removed",
-            "denied",
-            "last_factor",
-        )
-        .await;
-        return refuse(
-            "This is your only second factor. Add another key or an authenticator app first.",
-            StatusCode::CONFLICT,
-        )
-        .await;
-    }
-    if !state
-        .durable
-        .remove_webauthn_credential(&user.id, &id)
-        .await?
-    {
-        return Err(AppError::not_found());
-    }
+    let (outcome, reason) = match remove_key_keeping_a_factor(&state, &user, &id).await? {
+        KeyRemoval::NotFound => return Err(AppError::not_found()),
+        KeyRemoval::Removed => ("success", id.as_str()),
+        KeyRemoval::LastFactor => ("denied", "last_factor"),
+    };
     audit(
         &state,
         peer,
         &headers,
         &user,
         "webauthn_removed",
-        "success",
-        &id,
+        outcome,
+        reason,
     )
     .await;
+    if outcome != "success" {
+        return refuse(
+            "This is your only second factor. Add another key or an authenticator app first.",
+            StatusCode::CONFLICT,
+        )
+        .await;
+    }
     let name = creds
         .iter()
         .find(|c| c.id == id)

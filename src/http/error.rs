@@ -136,6 +136,26 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/html"))
 }
 
+/// A page's refusal of a form or query (its `message`, shown with `status`) as an API client
+/// gets it: the JSON error every other refusal is, with a code for the status. `None` for a
+/// browser, which gets the page, and for a page that refuses nothing.
+pub fn refusal_for_api(
+    headers: &HeaderMap,
+    status: StatusCode,
+    message: Option<&str>,
+) -> Option<AppError> {
+    let message = message.filter(|_| status.is_client_error() && !wants_html(headers))?;
+    let code = match status.as_u16() {
+        400 => "invalid_input",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        409 => "conflict",
+        _ => "refused",
+    };
+    Some(AppError::new(status, code, message))
+}
+
 #[derive(Template)]
 #[template(path = "error.html")]
 struct ErrorPage<'a> {

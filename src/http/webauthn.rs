@@ -229,6 +229,7 @@ pub async fn register_finish(
             &user,
             &body.credential,
             &client,
+            None,
         )
         .await?;
     match outcome {

@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use super::{Metrics, StoreKind};
 use crate::clock::UnixTime;
 use crate::store::{
-    AuditCount, AuditEvent, AuditQuery, Device, DurableStore, EnrolmentLink, EphemeralStore, Mail,
-    NewUser, ReportLink, SigningKeyRecord, StoreResult, TotpRecord, User, WebauthnCredential,
+    AuditCount, AuditEvent, AuditQuery, Device, DurableStore, EnrolmentLink, EphemeralStore,
+    KeyRemoval, Mail, NewUser, ReportLink, SigningKeyRecord, StoreResult, TotpRecord, User,
+    WebauthnCredential,
 };
 
 /// A store whose operations are timed.
@@ -199,9 +200,18 @@ impl DurableStore for Timed<dyn DurableStore> {
         let op = self.inner.rename_webauthn_credential(user_id, id, name);
         self.durable(WRITE, op).await
     }
-    async fn remove_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool> {
-        self.durable(WRITE, self.inner.remove_webauthn_credential(user_id, id))
-            .await
+    async fn remove_webauthn_credential(
+        &self,
+        user_id: &str,
+        id: &str,
+        codes_count: bool,
+    ) -> StoreResult<KeyRemoval> {
+        self.durable(
+            WRITE,
+            self.inner
+                .remove_webauthn_credential(user_id, id, codes_count),
+        )
+        .await
     }
     async fn set_recovery_codes(
         &self,

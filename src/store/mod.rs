@@ -182,6 +182,16 @@ impl WebauthnCredential {
     }
 }
 
+/// What [`DurableStore::remove_webauthn_credential`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRemoval {
+    Removed,
+    /// Not removed: it is the user's last second factor.
+    LastFactor,
+    /// The user has no such credential.
+    NotFound,
+}
+
 /// A JWT signing key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SigningKeyRecord {
@@ -312,8 +322,16 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
         id: &str,
         name: &str,
     ) -> StoreResult<bool>;
-    /// Removes a user's credential; false when the user has no such credential.
-    async fn remove_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool>;
+    /// Removes a user's credential unless it is their last second factor: the user keeps another
+    /// credential that is not suspended or, when `codes_count` (the account's policy takes
+    /// codes), an authenticator app. Checked and removed under one lock of the user's row, so
+    /// two removals at once (the owner and an administrator, say) cannot both pass the check.
+    async fn remove_webauthn_credential(
+        &self,
+        user_id: &str,
+        id: &str,
+        codes_count: bool,
+    ) -> StoreResult<KeyRemoval>;
     /// Every suspended credential of every user, most recently suspended first (admin alerts).
     async fn suspended_webauthn_credentials(&self) -> StoreResult<Vec<WebauthnCredential>>;
 

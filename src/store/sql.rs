@@ -7,8 +7,9 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    AuditCount, AuditEvent, AuditQuery, Device, DurableStore, EnrolmentLink, Mail, NewUser,
-    ReportLink, SigningKeyRecord, StoreError, StoreResult, TotpRecord, User, WebauthnCredential,
+    AuditCount, AuditEvent, AuditQuery, Device, DurableStore, EnrolmentLink, KeyRemoval, Mail,
+    NewUser, ReportLink, SigningKeyRecord, StoreError, StoreResult, TotpRecord, User,
+    WebauthnCredential,
 };
 use crate::clock::UnixTime;
 
@@ -778,14 +779,54 @@ impl DurableStore for SqlStore {
         Ok(changed == 1)
     }
 
-    async fn remove_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool> {
-        let changed = self
-            .change(
-                "DELETE FROM webauthn_credentials WHERE id = $1 AND user_id = $2",
-                &[Arg::Text(id), Arg::Text(user_id)],
+    async fn remove_webauthn_credential(
+        &self,
+        user_id: &str,
+        id: &str,
+        codes_count: bool,
+    ) -> StoreResult<KeyRemoval> {
+        let pool = &self.pool;
+        self.retrying(move || async move {
+            let mut tx = pool.begin().await?;
+            // A write to the user's row first: PostgreSQL locks the row until the end of the
+            // transaction and SQLite takes its write lock, so a second removal for the same user
+            // waits here and then sees what this one did.
+            sqlx::query("UPDATE users SET created_at = created_at WHERE id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            let removed = sqlx::query(
+                "DELETE FROM webauthn_credentials WHERE id = $1 AND user_id = $2 AND ( \
+                   EXISTS (SELECT 1 FROM webauthn_credentials \
+                           WHERE user_id = $2 AND id <> $1 AND suspended_at IS NULL) \
+                   OR ($3 = 1 AND EXISTS (SELECT 1 FROM totp_credentials WHERE user_id = $2)))",
             )
-            .await?;
-        Ok(changed == 1)
+            .bind(id)
+            .bind(user_id)
+            .bind(i64::from(codes_count))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let outcome = if removed == 1 {
+                KeyRemoval::Removed
+            } else {
+                let found = sqlx::query(
+                    "SELECT 1 FROM webauthn_credentials WHERE id = $1 AND user_id = $2",
+                )
+                .bind(id)
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if found.is_some() {
+                    KeyRemoval::LastFactor
+                } else {
+                    KeyRemoval::NotFound
+                }
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
+        .await
     }
 
     async fn suspended_webauthn_credentials(&self) -> StoreResult<Vec<WebauthnCredential>> {

@@ -739,6 +739,19 @@ async fn an_admin_enrols_a_key_in_person_for_a_customer() {
             && e.user_id.as_deref() == Some(target.id.as_str())
     });
     assert!(audited);
+    // The owner is told that an administrator, and which, enrolled it.
+    let told = gw
+        .outbox()
+        .await
+        .into_iter()
+        .filter(|m| m.contains("To: customer@example.com"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        told.contains("an administrator (root@example.com) enrolled a security key or passkey")
+            && told.contains("\"Desk key\""),
+        "{told}"
+    );
     // The key is the customer's: it completes their sign-in.
     key_session(&gw, "customer@example.com", &mut customer_key).await;
 }
@@ -941,4 +954,90 @@ async fn user_list_shows_keys_as_second_factors() {
         (keyed["totp"].clone(), keyed["keys"].clone()),
         (json!(true), json!(1))
     );
+}
+
+/// A form or query the admin console refuses answers an API client with the JSON error every
+/// other refusal is (status and message), and a browser with the page that shows it.
+#[tokio::test]
+async fn refused_forms_answer_api_clients_in_json() {
+    let gw = gateway().await;
+    let (_, c, me, _) = admin(&gw).await;
+    let target = gw.add_user("formtarget@example.com").await;
+    let csrf = gw.csrf(&c, "/_portcullis/admin/users").await;
+    let me_page = format!("/_portcullis/admin/users/{}", me.id);
+    let target_page = format!("/_portcullis/admin/users/{}", target.id);
+    // Method, path, form fields, then the status, code and words of the refusal.
+    type Case<'a> = (
+        &'a str,
+        String,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/_portcullis/admin/users".into(),
+            vec![("email", "not an address"), ("account", "acme")],
+            400,
+            "invalid_input",
+            "email address",
+        ),
+        (
+            "POST",
+            format!("{target_page}/disable"),
+            vec![("reason", "  ")],
+            400,
+            "invalid_input",
+            "Give a reason",
+        ),
+        (
+            "POST",
+            format!("{me_page}/disable"),
+            vec![("reason", "testing")],
+            409,
+            "conflict",
+            "your own account",
+        ),
+        (
+            "GET",
+            "/_portcullis/admin/audit?since=yesterday".into(),
+            vec![],
+            400,
+            "invalid_input",
+            "must be a date",
+        ),
+    ];
+    for (method, path, fields, status, code, says) in cases {
+        let mut form = fields.clone();
+        form.push(("csrf", csrf.as_str()));
+        let send = |accept: &'static str| {
+            let rb = if method == "GET" {
+                c.get(gw.url(&path))
+            } else {
+                c.post(gw.url(&path)).form(&form)
+            };
+            rb.header("accept", accept).send()
+        };
+        let r = send("application/json").await.unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{method} {path}"
+        );
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"], code, "{method} {path}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(says), "{v}");
+        let r = send("text/html").await.unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        let html = r.text().await.unwrap();
+        assert!(html.contains("<html") && html.contains(says), "{html}");
+    }
+    // Nothing was done by either answer.
+    assert!(!gw.user("formtarget@example.com").await.disabled);
+    assert!(!gw.user(ROOT).await.disabled);
 }

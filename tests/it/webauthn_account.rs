@@ -79,6 +79,18 @@ async fn keys_are_renamed_and_removed_from_the_account_page() {
         )
         .await;
         assert_eq!(r.status(), 400, "{hidden:?}");
+        // An API client gets the refusal as JSON.
+        let r = c
+            .post(gw.url(&format!("/_portcullis/account/keys/{}/rename", cred.id)))
+            .header("accept", "application/json")
+            .form(&[("csrf", csrf.as_str()), ("name", hidden)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{hidden:?}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "invalid_input", "{v}");
+        assert!(v["message"].as_str().unwrap().contains("key name"), "{v}");
     }
     let stored = gw
         .state

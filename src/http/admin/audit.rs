@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::pages::{self, EventRow};
 use super::users::event_row;
 use super::{record, respond, Admin};
-use crate::http::error::AppError;
+use crate::http::error::{refusal_for_api, AppError};
 use crate::http::pages::render;
 use crate::state::AppState;
 use crate::store::AuditQuery;
@@ -112,6 +112,9 @@ pub async fn audit_get(
         }
         Err(msg) => (Vec::new(), false, Some(msg), StatusCode::BAD_REQUEST),
     };
+    if let Some(refused) = refusal_for_api(&headers, status, error.as_deref()) {
+        return Err(refused);
+    }
     let (_, set) = super::csrf(&state, &headers);
     let page = pages::Audit {
         admin: &admin.user.email,

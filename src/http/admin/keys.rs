@@ -76,6 +76,7 @@ pub async fn register_finish(
             &user,
             &body.credential,
             &admin.client,
+            Some(&admin.user.email),
         )
         .await?;
     match outcome {

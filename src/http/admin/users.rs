@@ -8,11 +8,13 @@ use serde::Deserialize;
 
 use super::pages::{self, DeviceRow, EventRow, IssuedLink, KeyRow, SessionRow, UserRow};
 use super::{checked, csrf, record, respond, when, Admin};
-use crate::http::error::AppError;
+use crate::http::error::{refusal_for_api, AppError};
 use crate::http::pages::render;
 use crate::http::{see_other, Form};
 use crate::state::AppState;
-use crate::store::{normalise_email, AuditEvent, AuditQuery, NewUser, StoreError, User};
+use crate::store::{
+    normalise_email, AuditEvent, AuditQuery, KeyRemoval, NewUser, StoreError, User,
+};
 
 /// Users shown per search.
 const PAGE: u32 = 200;
@@ -62,6 +64,9 @@ async fn list_page(
     error: Option<&str>,
     status: StatusCode,
 ) -> Result<Response, AppError> {
+    if let Some(refused) = refusal_for_api(headers, status, error) {
+        return Err(refused);
+    }
     let text: String = text.chars().take(320).collect();
     let mut found = state.durable.search_users(&text, PAGE + 1).await?;
     let truncated = found.len() > PAGE as usize;
@@ -239,6 +244,10 @@ async fn user_page(
     user: &User,
     view: View<'_>,
 ) -> Result<Response, AppError> {
+    let status = view.status.unwrap_or(StatusCode::OK);
+    if let Some(refused) = refusal_for_api(headers, status, view.error) {
+        return Err(refused);
+    }
     let d = &state.durable;
     let keys: Vec<KeyRow> = d
         .webauthn_credentials(&user.id)
@@ -306,10 +315,7 @@ async fn user_page(
         notice: view.notice,
         error: view.error,
     };
-    Ok(respond(
-        render(view.status.unwrap_or(StatusCode::OK), &page),
-        set,
-    ))
+    Ok(respond(render(status, &page), set))
 }
 
 /// An audit event as a table row.
@@ -554,36 +560,30 @@ pub async fn remove_key_post(
         Ok(v) => v,
         Err(page) => return Ok(page),
     };
-    let creds = state.durable.webauthn_credentials(&user.id).await?;
-    if !creds.iter().any(|c| c.id == key) {
-        return Err(AppError::not_found());
-    }
     // As on the account page: the last second factor stays. Without one, the password alone
     // would start a sign-in that enrols a new factor; a lost last key is what "Reset second
     // factors" is for (it ends every session and tells the owner).
-    if !crate::http::account::keeps_a_factor(&state, &user, &creds, &key).await? {
-        let ev = AuditEvent::new("webauthn_removed", "denied", state.clock.now())
-            .actor(&admin.user.email)
-            .client(&admin.client.ip, &admin.client.user_agent)
-            .user(&user)
-            .reason(&format!("last_factor (key {key})"));
-        state.audit.record(ev).await;
-        let view = View {
-            error: Some(
-                "This is the account's only second factor, so it stays: without it the password \
-                 alone would start a sign-in. If the key is lost, use Reset second factors.",
-            ),
-            status: Some(StatusCode::CONFLICT),
-            ..View::default()
-        };
-        return user_page(&state, &admin, &headers, &user, view).await;
-    }
-    if !state
-        .durable
-        .remove_webauthn_credential(&user.id, &key)
-        .await?
-    {
-        return Err(AppError::not_found());
+    match crate::http::account::remove_key_keeping_a_factor(&state, &user, &key).await? {
+        KeyRemoval::Removed => {}
+        KeyRemoval::NotFound => return Err(AppError::not_found()),
+        KeyRemoval::LastFactor => {
+            let ev = AuditEvent::new("webauthn_removed", "denied", state.clock.now())
+                .actor(&admin.user.email)
+                .client(&admin.client.ip, &admin.client.user_agent)
+                .user(&user)
+                .reason(&format!("last_factor (key {key})"));
+            state.audit.record(ev).await;
+            let view = View {
+                error: Some(
+                    "This is the account's only second factor, so it stays: without it the \
+                     password alone would start a sign-in. If the key is lost, use Reset second \
+                     factors.",
+                ),
+                status: Some(StatusCode::CONFLICT),
+                ..View::default()
+            };
+            return user_page(&state, &admin, &headers, &user, view).await;
+        }
     }
     record(
         &state,

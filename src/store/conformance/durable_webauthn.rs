@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::Barrier;
 
 use super::durable::create;
-use crate::store::{DurableStore, StoreError, WebauthnCredential};
+use crate::store::{DurableStore, KeyRemoval, StoreError, TotpRecord, WebauthnCredential};
 
 fn cred(user_id: &str, tag: &str, n: u32) -> WebauthnCredential {
     WebauthnCredential {
@@ -31,6 +31,8 @@ pub(super) async fn webauthn(s: &Arc<dyn DurableStore>, tag: &str) {
     counter_races_have_one_winner(s, tag).await;
     suspension(s, tag).await;
     rename_and_remove_are_owner_scoped(s, tag).await;
+    the_last_factor_stays(s, tag).await;
+    removals_at_once_leave_a_factor(s, tag).await;
 }
 
 async fn storage_and_lookup(s: &Arc<dyn DurableStore>, tag: &str) {
@@ -179,10 +181,16 @@ async fn rename_and_remove_are_owner_scoped(s: &Arc<dyn DurableStore>, tag: &str
         .rename_webauthn_credential(&mallory.id, &c.id, "mine now")
         .await
         .unwrap());
-    assert!(!s
-        .remove_webauthn_credential(&mallory.id, &c.id)
+    // A second key, so that removing the first is not refused as the last factor.
+    s.add_webauthn_credential(&cred(&u.id, tag, 17))
         .await
-        .unwrap());
+        .unwrap();
+    assert_eq!(
+        s.remove_webauthn_credential(&mallory.id, &c.id, true)
+            .await
+            .unwrap(),
+        KeyRemoval::NotFound
+    );
     assert!(s
         .rename_webauthn_credential(&u.id, &c.id, "Blue key 'quoted' <b>")
         .await
@@ -193,7 +201,89 @@ async fn rename_and_remove_are_owner_scoped(s: &Arc<dyn DurableStore>, tag: &str
         .unwrap()
         .unwrap();
     assert_eq!(got.name, "Blue key 'quoted' <b>");
-    assert!(s.remove_webauthn_credential(&u.id, &c.id).await.unwrap());
-    assert!(!s.remove_webauthn_credential(&u.id, &c.id).await.unwrap());
+    let remove = || s.remove_webauthn_credential(&u.id, &c.id, true);
+    assert_eq!(remove().await.unwrap(), KeyRemoval::Removed);
+    assert_eq!(remove().await.unwrap(), KeyRemoval::NotFound);
     assert_eq!(s.webauthn_credential(&c.credential_id).await.unwrap(), None);
+}
+
+/// A key is removed only while another second factor stays: another key that is not suspended,
+/// or an authenticator app where codes count.
+async fn the_last_factor_stays(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("wa-last.{tag}@example.com")).await;
+    let (a, b) = (cred(&u.id, tag, 21), cred(&u.id, tag, 22));
+    s.add_webauthn_credential(&a).await.unwrap();
+    let remove = |id: String, codes_count: bool| {
+        let s = s.clone();
+        let user = u.id.clone();
+        async move {
+            s.remove_webauthn_credential(&user, &id, codes_count)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(remove(a.id.clone(), true).await, KeyRemoval::LastFactor);
+
+    // A suspended second key is no factor to keep.
+    s.add_webauthn_credential(&b).await.unwrap();
+    s.suspend_webauthn_credential(&b.id, "possible_clone", 50)
+        .await
+        .unwrap();
+    assert_eq!(remove(a.id.clone(), true).await, KeyRemoval::LastFactor);
+
+    // An authenticator app is one, but only where the account's policy takes codes.
+    s.set_totp(TotpRecord {
+        user_id: u.id.clone(),
+        secret_sealed: vec![1, 2, 3],
+        created_at: 60,
+    })
+    .await
+    .unwrap();
+    assert_eq!(remove(a.id.clone(), false).await, KeyRemoval::LastFactor);
+    assert_eq!(remove(a.id.clone(), true).await, KeyRemoval::Removed);
+    assert_eq!(s.webauthn_credentials(&u.id).await.unwrap(), {
+        let mut kept = b.clone();
+        kept.suspended_at = Some(50);
+        kept.suspended_reason = Some("possible_clone".into());
+        vec![kept]
+    });
+}
+
+/// Two keys removed at the same moment (the owner and an administrator): one removal wins,
+/// the other finds the last factor and is refused, however the two interleave.
+async fn removals_at_once_leave_a_factor(s: &Arc<dyn DurableStore>, tag: &str) {
+    for round in 0..10u32 {
+        let u = create(s, &format!("wa-race{round}.{tag}@example.com")).await;
+        let keys = [
+            cred(&u.id, &format!("{tag}-r{round}"), 1),
+            cred(&u.id, &format!("{tag}-r{round}"), 2),
+        ];
+        for k in &keys {
+            s.add_webauthn_credential(k).await.unwrap();
+        }
+        let barrier = Arc::new(Barrier::new(keys.len()));
+        let tasks: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let (s, b, user, id) = (s.clone(), barrier.clone(), u.id.clone(), k.id.clone());
+                tokio::spawn(async move {
+                    b.wait().await;
+                    s.remove_webauthn_credential(&user, &id, true)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        outcomes.sort_by_key(|o| *o == KeyRemoval::Removed);
+        assert_eq!(
+            outcomes,
+            [KeyRemoval::LastFactor, KeyRemoval::Removed],
+            "round {round}"
+        );
+        assert_eq!(s.webauthn_credentials(&u.id).await.unwrap().len(), 1);
+    }
 }
