@@ -32,6 +32,17 @@ async fn admin(gw: &Gateway) -> (Browser, Browser, portcullis::store::User, Key)
     (totp_browser, c, u, k)
 }
 
+/// Every message sent to `to` so far, one after another.
+async fn mail_to(gw: &Gateway, to: &str) -> String {
+    let header = format!("To: {to}");
+    gw.outbox()
+        .await
+        .into_iter()
+        .filter(|m| m.contains(&header))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Sends `method path` as the admin pages and scripts do: forms carry `csrf` and a reason,
 /// the key-enrolment calls are JSON with the CSRF header. `json` asks for a JSON answer.
 async fn hit(
@@ -469,13 +480,8 @@ async fn account_actions_take_effect_and_name_the_admin() {
             .status(),
         303
     );
-    let told = gw.outbox().await;
-    assert!(
-        told.iter()
-            .any(|m| m.contains("To: customer@example.com")
-                && m.contains("enabled the account again")),
-        "{told:?}"
-    );
+    let told = mail_to(&gw, "customer@example.com").await;
+    assert!(told.contains("enabled the account again"), "{told}");
     gw.clock.advance(1);
     let again = gw.sign_in_again("customer@example.com", &secret).await;
     assert_eq!(gw.status(&again, "/campaigns").await, 200);
@@ -581,16 +587,91 @@ async fn sessions_and_devices_are_ended_from_the_console() {
         gw.state.durable.list_devices(&target.id).await.unwrap()[0].status,
         "revoked"
     );
-    // End all.
+    // Revoking it again changes nothing, and is neither audited nor mailed again.
+    let r = c
+        .post(gw.url(&format!("{user_page}/devices/{device}/revoke")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    // End all, with a reason.
     let r = c
         .post(gw.url(&format!("{user_page}/sessions/end")))
-        .form(&[("csrf", csrf.as_str())])
+        .form(&[("csrf", csrf.as_str()), ("reason", "laptop stolen")])
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(gw.status(&customer, "/campaigns").await, 303);
     assert_eq!(gw.status(&other, "/campaigns").await, 303);
+
+    gw.state.audit.flush().await;
+    let trail = gw.audit().await;
+    let by_admin = |event: &str| -> Vec<String> {
+        trail
+            .iter()
+            .filter(|e| e.event == event && e.actor.as_deref() == Some(ROOT))
+            .map(|e| e.reason.clone().unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(by_admin("session_ended"), [format!("sid:{sid}")]);
+    assert_eq!(by_admin("device_revoked"), [format!("device:{device}")]);
+    assert_eq!(by_admin("sessions_ended"), ["all: laptop stolen"]);
+    // The owner is told of each, once.
+    let told = mail_to(&gw, "customer@example.com").await;
+    for what in [
+        "an administrator ended a session of the account (signed in from 127.0.0.1)",
+        "an administrator ended every session of the account",
+    ] {
+        assert_eq!(told.matches(what).count(), 1, "{what}: {told}");
+    }
+    assert_eq!(
+        told.matches("an administrator revoked the device").count(),
+        1,
+        "{told}"
+    );
+}
+
+/// Disabling a disabled account, enabling an enabled one or unlocking an unlocked one changes
+/// nothing: no second audit row, no second mail to the owner.
+#[tokio::test]
+async fn account_actions_that_change_nothing_are_not_repeated() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    let target = gw.add_user("twice@example.com").await;
+    let user_page = format!("/_portcullis/admin/users/{}", target.id);
+    let csrf = gw.csrf(&c, &user_page).await;
+    for action in ["disable", "disable", "enable", "enable", "unlock"] {
+        let r = c
+            .post(gw.url(&format!("{user_page}/{action}")))
+            .form(&[("csrf", csrf.as_str()), ("reason", "checking")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "{action}");
+    }
+    assert!(!gw.user("twice@example.com").await.disabled);
+    gw.state.audit.flush().await;
+    let events: Vec<String> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.actor.as_deref() == Some(ROOT) && e.user_id.as_deref() == Some(&target.id))
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(events, ["user_disabled", "user_enabled"]);
+    let told = gw.outbox().await.join("\n");
+    assert_eq!(
+        told.matches("an administrator disabled the account")
+            .count(),
+        1
+    );
+    assert_eq!(
+        told.matches("an administrator enabled the account").count(),
+        1
+    );
+    assert_eq!(told.matches("unlocked").count(), 0, "{told}");
 }
 
 #[tokio::test]
@@ -740,13 +821,7 @@ async fn an_admin_enrols_a_key_in_person_for_a_customer() {
     });
     assert!(audited);
     // The owner is told that an administrator, and which, enrolled it.
-    let told = gw
-        .outbox()
-        .await
-        .into_iter()
-        .filter(|m| m.contains("To: customer@example.com"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let told = mail_to(&gw, "customer@example.com").await;
     assert!(
         told.contains("an administrator (root@example.com) enrolled a security key or passkey")
             && told.contains("\"Desk key\""),

@@ -426,6 +426,10 @@ action!(
     disable_post,
     "`POST …/users/{id}/disable`: refuses sign-in and ends every session.",
     |state, admin, user, why| {
+        // Already disabled: nothing changes, so nothing is recorded or told again.
+        if user.disabled {
+            return Ok(done(&user, "disabled"));
+        }
         state
             .durable
             .set_disabled(&user.id, true, state.clock.now_millis())
@@ -445,6 +449,9 @@ action!(
     enable_post,
     "`POST …/users/{id}/enable`.",
     |state, admin, user, why| {
+        if !user.disabled {
+            return Ok(done(&user, "enabled"));
+        }
         state
             .durable
             .set_disabled(&user.id, false, state.clock.now_millis())
@@ -464,6 +471,9 @@ action!(
     unlock_post,
     "`POST …/users/{id}/unlock`: password sign-in works again after a report.",
     |state, admin, user, why| {
+        if !user.locked {
+            return Ok(done(&user, "unlocked"));
+        }
         state.durable.set_locked(&user.id, false).await?;
         state.user_gate.forget(&user.id);
         record(&state, &admin, "user_unlocked", Some(&user), &why).await;
@@ -501,6 +511,18 @@ pub struct CsrfForm {
     csrf: String,
     #[serde(default)]
     key_only: Option<String>,
+    /// Optional for ending sessions and revoking a device: kept in the audit trail when given.
+    #[serde(default)]
+    reason: String,
+}
+
+/// What the audit trail records for an action whose reason is optional: `what`, and the
+/// admin's reason after it when one was given.
+fn with_reason(what: &str, raw: &str) -> String {
+    match reason(raw) {
+        Some(r) => format!("{what}: {r}"),
+        None => what.to_string(),
+    }
 }
 
 /// `POST …/users/{id}/sessions/end`: ends every session of the user.
@@ -513,7 +535,12 @@ pub async fn end_sessions_post(
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
     end_all(&state, &user).await?;
-    record(&state, &admin, "sessions_ended", Some(&user), "all").await;
+    let why = with_reason("all", &form.reason);
+    record(&state, &admin, "sessions_ended", Some(&user), &why).await;
+    state
+        .notifier
+        .account_change(&user, "an administrator ended every session of the account")
+        .await;
     Ok(done(&user, "sessions_ended"))
 }
 
@@ -537,14 +564,18 @@ pub async fn end_session_post(
     };
     state.sessions.destroy(&found.key, &user.id).await?;
     state.signer.forget(&found.key);
-    record(
-        &state,
-        &admin,
-        "session_ended",
-        Some(&user),
-        &format!("sid:{sid}"),
-    )
-    .await;
+    let why = with_reason(&format!("sid:{sid}"), &form.reason);
+    record(&state, &admin, "session_ended", Some(&user), &why).await;
+    state
+        .notifier
+        .account_change(
+            &user,
+            &format!(
+                "an administrator ended a session of the account (signed in from {})",
+                found.session.ip
+            ),
+        )
+        .await;
     Ok(done(&user, "sessions_ended"))
 }
 
@@ -610,25 +641,31 @@ pub async fn revoke_device_post(
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
-    let owned = state
+    let Some(found) = state
         .durable
         .list_devices(&user.id)
         .await?
         .into_iter()
-        .any(|d| d.id == device);
-    if !owned {
+        .find(|d| d.id == device)
+    else {
         return Err(AppError::not_found());
-    }
-    state.durable.revoke_device(&device).await?;
+    };
+    let changed = state.durable.revoke_device(&device).await?;
     state.sessions.destroy_device(&user.id, &device).await?;
-    record(
-        &state,
-        &admin,
-        "device_revoked",
-        Some(&user),
-        &format!("device:{device}"),
-    )
-    .await;
+    if changed {
+        let why = with_reason(&format!("device:{device}"), &form.reason);
+        record(&state, &admin, "device_revoked", Some(&user), &why).await;
+        state
+            .notifier
+            .account_change(
+                &user,
+                &format!(
+                    "an administrator revoked the device \"{}\" and ended its sessions",
+                    found.name
+                ),
+            )
+            .await;
+    }
     Ok(done(&user, "device_revoked"))
 }
 
