@@ -132,6 +132,7 @@ pub struct Keys {
 }
 
 mod attestation;
+mod decoy;
 pub mod models;
 mod sign_in;
 

@@ -317,7 +317,7 @@ pub async fn mfa_get(
     if awaits_password(&loaded.session) {
         return Ok(see_other(&stage_page(&loaded)));
     }
-    let keys = has_keys(&state, &loaded.session.user_id).await?;
+    let keys = has_keys(&state, &loaded.session).await?;
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
     let (token, set) = csrf_token(&state, &headers);
     let first = awaits_factor_first(&loaded.session);
@@ -370,10 +370,13 @@ fn mfa_page(
     }
 }
 
-/// Whether to offer a security key on the second-factor page.
-async fn has_keys(state: &AppState, user_id: &str) -> Result<bool, AppError> {
+/// Whether to offer a security key on the second-factor page: where the user has a usable key,
+/// and on every sign-in whose second factor comes first, which offers a key ceremony whatever
+/// the account has (made-up keys where it has none), so that the offer tells nothing.
+async fn has_keys(state: &AppState, session: &Session) -> Result<bool, AppError> {
     Ok(match &state.keys {
-        Some(k) => k.has_usable(user_id).await?,
+        Some(_) if awaits_factor_first(session) => true,
+        Some(k) => k.has_usable(&session.user_id).await?,
         None => false,
     })
 }
@@ -487,7 +490,7 @@ pub async fn mfa_post(
         return Ok(see_other(&stage_page(&loaded)));
     }
     let client = super::client(&state, peer, &headers);
-    let keys = has_keys(&state, &loaded.session.user_id).await?;
+    let keys = has_keys(&state, &loaded.session).await?;
     let first = awaits_factor_first(&loaded.session);
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
     loaded.session.remember_device = remember && !first && form.remember.is_some();

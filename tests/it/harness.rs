@@ -608,6 +608,15 @@ pub fn location(r: &reqwest::Response) -> String {
         .unwrap_or_default()
 }
 
+/// A page without its lines that carry a CSRF token (which differ on every load), to compare
+/// two pages.
+pub fn without_csrf(page: String) -> String {
+    page.lines()
+        .filter(|l| !l.contains("csrf"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn extract(haystack: &str, start: &str, end: &str) -> Option<String> {
     let i = haystack.find(start)? + start.len();
     let j = haystack[i..].find(end)? + i;

@@ -24,4 +24,5 @@ mod throttle;
 mod tls;
 mod webauthn;
 mod webauthn_account;
+mod webauthn_factor_first;
 mod webauthn_policy;

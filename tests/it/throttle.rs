@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::harness::{location, Browser, Gateway, PASSWORD};
+use super::harness::{location, without_csrf, Browser, Gateway, PASSWORD};
 use super::login::sign_out;
 
 const WRONG: &str = "wrong guess 12345";
@@ -422,7 +422,7 @@ async fn failures_slow_later_attempts_without_holding_a_slot_or_the_proxy() {
 }
 
 /// Budgets and delays out of the way, so only the consecutive-failure count decides.
-fn only_consecutive_failures_count(c: &mut portcullis::config::Config) {
+pub(super) fn only_consecutive_failures_count(c: &mut portcullis::config::Config) {
     c.limits.password_failures_per_account = 1000;
     c.limits.failures_per_ip = 1000;
     c.limits.failures_per_network = 1000;
@@ -590,12 +590,6 @@ async fn second_factor_first_looks_the_same_for_an_address_without_an_account() 
     gw.signed_in(disabled).await;
     let out = gw.cli(&["user", "disable", disabled], None).await;
     assert!(out.status.success());
-    let strip_csrf = |page: String| {
-        page.lines()
-            .filter(|l| !l.contains("csrf"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     let mut seen = Vec::new();
     for email in [real, ghost, disabled] {
         let attacker = gw.browser();
@@ -611,11 +605,11 @@ async fn second_factor_first_looks_the_same_for_an_address_without_an_account() 
         let r = gw.password(&attacker, email, WRONG, "").await;
         statuses.push(r.status().as_u16());
         let to = location(&r);
-        let page = strip_csrf(gw.page(&attacker, "/_portcullis/mfa").await);
+        let page = without_csrf(gw.page(&attacker, "/_portcullis/mfa").await);
         let mut codes = Vec::new();
         for _ in 0..2 {
             let r = gw.code(&attacker, "/_portcullis/mfa", "123456").await;
-            codes.push((r.status().as_u16(), strip_csrf(r.text().await.unwrap())));
+            codes.push((r.status().as_u16(), without_csrf(r.text().await.unwrap())));
         }
         assert_eq!(
             gw.status(&attacker, "/console").await,

@@ -11,8 +11,8 @@ use super::{
     PasskeySignIn, Purpose, Refusal, Started,
 };
 use crate::auth::flow::{
-    address_counter, device_counter, Client, CodeOutcome, FlowError, KnownDevice, Reservation,
-    AMR_KEY,
+    address_counter, awaits_factor_first, device_counter, Client, CodeOutcome, FlowError,
+    KnownDevice, Reservation, AMR_KEY,
 };
 use crate::config::UserVerification;
 use crate::session::{Session, Stage};
@@ -50,19 +50,27 @@ impl Keys {
         binding: &str,
         purpose: Purpose,
     ) -> Result<Option<Started>, FlowError> {
-        let keys: Vec<Passkey> = self
+        // A sign-in whose second factor comes first offers a key ceremony whatever the account
+        // has (see `decoy`): the same lookups, then made-up keys where there is no usable one.
+        let factor_first = purpose == Purpose::SecondFactor && awaits_factor_first(session);
+        let mut keys: Vec<Passkey> = self
             .usable(&session.user_id)
             .await?
             .into_iter()
             .map(|(_, p)| p)
             .collect();
-        if keys.is_empty() {
+        let user = self.flow.active_user(&session.user_id).await?;
+        if factor_first && (keys.is_empty() || user.is_none()) {
+            keys = self.made_up_keys(&session.user_id)?;
+        }
+        if keys.is_empty() || (user.is_none() && !factor_first) {
             return Ok(None);
         }
-        let Some(user) = self.flow.active_user(&session.user_id).await? else {
-            return Ok(None);
+        let verification = match &user {
+            Some(u) => self.policy_of(u).user_verification,
+            None => self.policy.user_verification,
         };
-        let (options, state) = match self.policy_of(&user).user_verification {
+        let (mut options, state) = match verification {
             UserVerification::Required => {
                 let (rcr, st) = self
                     .webauthn
@@ -85,6 +93,17 @@ impl Keys {
                 )
             }
         };
+        if factor_first {
+            // Made-up keys have no transports; real ones lose theirs here, so both look alike.
+            if let Some(allowed) = options
+                .pointer_mut("/publicKey/allowCredentials")
+                .and_then(|a| a.as_array_mut())
+            {
+                for credential in allowed.iter_mut().filter_map(|c| c.as_object_mut()) {
+                    credential.remove("transports");
+                }
+            }
+        }
         let ceremony = Ceremony {
             purpose,
             user_id: Some(session.user_id.clone()),
@@ -186,21 +205,38 @@ impl Keys {
         client: &Client,
         event: &str,
     ) -> Result<Result<User, CodeOutcome>, FlowError> {
-        let Some(user) = self.flow.active_user(&session.user_id).await? else {
+        let user = self.flow.active_user(&session.user_id).await?;
+        if user.is_none() && purpose != Purpose::SecondFactor {
             return Ok(Err(CodeOutcome::Restart));
-        };
-        if let Some(retry_after) = self.flow.code_budget_spent(&user.id, client).await? {
-            self.audit_throttled(event, Some(&user), user.id.clone(), client)
+        }
+        let user_id = session.user_id.clone();
+        if let Some(retry_after) = self.flow.code_budget_spent(&user_id, client).await? {
+            self.audit_throttled(event, user.as_ref(), user_id, client)
                 .await;
             return Ok(Err(CodeOutcome::Throttled { retry_after }));
         }
         let Some(c) = self
-            .take(ceremony, purpose, binding, Some(&user.id))
+            .take(ceremony, purpose, binding, Some(&user_id))
             .await?
         else {
             return self
                 .flow
                 .wrong_code(session, client, event, "ceremony_expired")
+                .await
+                .map(Err);
+        };
+        let Some(user) = user else {
+            // No account behind the sign-in (a decoy of second factor first), or disabled
+            // since: every key is a wrong one, answered as an account answers a key it does not
+            // have, so the two cannot be told apart.
+            let reason = if session.decoy {
+                "unknown_credential"
+            } else {
+                "user_disabled"
+            };
+            return self
+                .flow
+                .wrong_code(session, client, event, reason)
                 .await
                 .map(Err);
         };
