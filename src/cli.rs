@@ -263,6 +263,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => {
             let config = load_config(cli.config.as_deref())?;
             preflight(&config)?;
+            check_stored_keys(&config).await?;
             write!(std::io::stdout(), "{}", config.to_redacted_toml())
                 .context("cannot write to standard output")?;
             if config.webauthn.enabled && !config.webauthn_effective() {
@@ -323,6 +324,46 @@ fn preflight(config: &Config) -> Result<()> {
         crate::server::tls::Tls::load(cert, key)?;
     }
     Ok(())
+}
+
+/// `check-config`'s look at the durable store: the master key must open the signing keys the
+/// gateways stored there, as `serve` will require. Where the database does not exist yet or does
+/// not answer, a note says what was not checked; a wrong key is an error.
+async fn check_stored_keys(config: &Config) -> Result<()> {
+    let url = &config.storage.durable;
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.trim_start_matches("//");
+        let path = path.split('?').next().unwrap_or(path);
+        if path != ":memory:" && !std::path::Path::new(path).exists() {
+            note!("note: the database {path} does not exist yet; the master key was not checked against stored keys");
+            return Ok(());
+        }
+    }
+    let reach = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::store::sql::SqlStore::connect(url),
+    )
+    .await;
+    let store = match reach {
+        Ok(Ok(store)) => store,
+        Ok(Err(e)) => {
+            note!("note: the master key was not checked against stored keys: {e}");
+            return Ok(());
+        }
+        Err(_) => {
+            note!("note: the master key was not checked against stored keys: the durable store did not answer");
+            return Ok(());
+        }
+    };
+    let key = config.master_key()?;
+    match crate::token::check_master_key(&store, &key, SystemClock.now()).await {
+        Ok(()) => Ok(()),
+        Err(e @ crate::token::TokenError::WrongMasterKey) => Err(e.into()),
+        Err(e) => {
+            note!("note: the master key was not checked against stored keys: {e}");
+            Ok(())
+        }
+    }
 }
 
 /// `portcullis serve`.
@@ -620,6 +661,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         Command::User(UserCmd::Totp(TotpCmd::Generate { email })) => {
             let u = find_user(durable.as_ref(), &email).await?;
             let key = config.master_key()?;
+            crate::token::check_master_key(durable.as_ref(), &key, clock.now()).await?;
             let secret = crate::auth::totp::generate_secret();
             let sealed = key.seal(&crate::auth::flow::totp_context(&u.id), secret.expose())?;
             durable

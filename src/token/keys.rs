@@ -151,7 +151,10 @@ pub(crate) fn new_record(
 }
 
 /// Opens a stored key: unseals the private part and checks it against the stored public part.
-fn open_record(record: &SigningKeyRecord, master_key: &MasterKey) -> Result<LoadedKey, TokenError> {
+pub(super) fn open_record(
+    record: &SigningKeyRecord,
+    master_key: &MasterKey,
+) -> Result<LoadedKey, TokenError> {
     let kid = &record.kid;
     let alg = match record.alg.as_str() {
         "EdDSA" => Algorithm::EdDSA,

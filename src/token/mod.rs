@@ -44,6 +44,9 @@ pub enum TokenError {
     /// The store holds no key that may sign.
     #[error("no current signing key")]
     NoKey,
+    /// The master key given does not open the stored signing keys.
+    #[error("the master key does not open the signing keys in the database: it is not the master key the gateways use (check secrets.master_key / master_key_file)")]
+    WrongMasterKey,
 }
 
 /// Identity asserted to the backend.
@@ -146,6 +149,8 @@ pub async fn rotate(
     config: &Config,
     now: i64,
 ) -> Result<String, TokenError> {
+    // A key sealed with another master key would become the one every gateway must open.
+    check_master_key(durable, master_key, now).await?;
     let record = keys::new_record(config.token.algorithm, master_key, now)?;
     let kid = record.kid.clone();
     durable.insert_signing_key(record).await?;
@@ -155,4 +160,19 @@ pub async fn rotate(
         .await?;
     tracing::info!(kid = %kid, alg = config.token.algorithm.as_str(), "signing key rotated");
     Ok(kid)
+}
+
+/// Whether `master_key` opens the signing keys in the store, that is whether it is the master key
+/// the gateways use: anything sealed with another one (a signing key, a TOTP secret) could never
+/// be opened by them. A store without signing keys (no gateway has started on it) has nothing to
+/// check against and passes.
+pub async fn check_master_key(
+    durable: &dyn DurableStore,
+    master_key: &MasterKey,
+    now: i64,
+) -> Result<(), TokenError> {
+    for record in durable.live_signing_keys(now).await? {
+        keys::open_record(&record, master_key).map_err(|_| TokenError::WrongMasterKey)?;
+    }
+    Ok(())
 }

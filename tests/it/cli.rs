@@ -1,5 +1,7 @@
 //! The administration CLI, run as the real binary against a running gateway's database.
 
+use portcullis::clock::Clock;
+
 use super::harness::*;
 
 #[tokio::test]
@@ -486,5 +488,67 @@ async fn a_command_without_a_config_says_so() {
     assert!(
         err.contains("no --config") && err.contains("portcullis.sqlite"),
         "{err}"
+    );
+}
+
+/// A command run with another master key than the gateways' is refused before it writes
+/// anything: a signing key or TOTP secret sealed with it could never be opened (a rotation with
+/// it stopped every gateway from starting again). `check-config` says so too.
+#[tokio::test]
+async fn commands_with_the_wrong_master_key_change_nothing() {
+    let gw = Gateway::start().await;
+    let (_, _, _) = gw.signed_in("mk@example.com").await;
+    let user = gw.user("mk@example.com").await;
+    let totp_before = gw.state.durable.totp(&user.id).await.unwrap();
+    let keys_before = gw
+        .state
+        .durable
+        .live_signing_keys(gw.clock.now())
+        .await
+        .unwrap()
+        .len();
+    let wrong = portcullis::crypto::MasterKey::generate_base64();
+    let run = |args: &'static [&'static str]| {
+        let (config, wrong) = (gw.config_path.clone(), wrong.clone());
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .arg("--config")
+                .arg(&config)
+                .args(args)
+                .env("PORTCULLIS__SECRETS__MASTER_KEY", wrong)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    for args in [
+        &["keys", "rotate"][..],
+        &["user", "totp", "generate", "mk@example.com"][..],
+        &["check-config"][..],
+    ] {
+        let out = run(args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("master key does not open the signing keys"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(gw.state.durable.totp(&user.id).await.unwrap(), totp_before);
+    assert_eq!(
+        gw.state
+            .durable
+            .live_signing_keys(gw.clock.now())
+            .await
+            .unwrap()
+            .len(),
+        keys_before
+    );
+    // The gateway's own key passes the same check.
+    let out = gw.cli(&["check-config"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
