@@ -619,6 +619,34 @@ const RESERVED_HEADERS: &[&str] = &[
     "upgrade",
     "x-real-ip",
     "x-request-id",
+    // Request headers with a meaning to browsers, servers and frameworks:
+    "cache-control",
+    "date",
+    "dnt",
+    "from",
+    "max-forwards",
+    "origin",
+    "pragma",
+    "range",
+    "referer",
+    "user-agent",
+    "via",
+    "warning",
+    "x-csrf-token",
+    "x-xsrf-token",
+    "x-requested-with",
+];
+
+/// Name prefixes `token.header` must not take, for the same reason: `Accept*`, `Content-*`,
+/// conditional requests, fetch metadata (`Sec-*`), proxies' and the gateway's own.
+const RESERVED_HEADER_PREFIXES: &[&str] = &[
+    "accept",
+    "access-control-",
+    "content-",
+    "if-",
+    "proxy-",
+    "sec-",
+    "x-forwarded-",
 ];
 
 /// Levels a `log.level` directive may name.
@@ -751,10 +779,10 @@ impl Config {
         if http::HeaderName::from_bytes(t.header.as_bytes()).is_err() {
             return Err(key_err("token.header", "is not a valid HTTP header name"));
         }
-        if RESERVED_HEADERS
-            .iter()
-            .any(|r| r.eq_ignore_ascii_case(t.header.trim()))
-            || t.header.to_ascii_lowercase().starts_with("x-forwarded-")
+        let name = t.header.trim().to_ascii_lowercase().replace('_', "-");
+        if RESERVED_HEADERS.contains(&name.as_str())
+            || RESERVED_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
+            || crate::proxy::is_identity_header(&name)
         {
             return Err(key_err(
                 "token.header",

@@ -4,7 +4,8 @@
 //! the browser profile's IndexedDB otherwise. The browser proves possession by signing a
 //! single-use challenge; the gateway then issues a short-lived *bound cookie*, a MAC under the
 //! master key over the session, the key and an expiry. The gate forwards a session only with a
-//! valid, unexpired bound cookie, so a copied cookie jar is useless once its bound cookie expires.
+//! valid, unexpired bound cookie issued to the same network and browser, so a copied cookie jar
+//! is useless on another device.
 //!
 //! Both methods use the same proof: a compact JWS with `typ: dbsc+jwt` whose `jti` is the
 //! challenge, signed with ES256 (or RS256 for DBSC); a registration proof carries its public key
@@ -198,30 +199,71 @@ pub fn verify_refresh(token: &str, key: &BoundKey) -> Result<String, ProofError>
     verify_with(token, &stored, alg)
 }
 
-/// The bound cookie: `<expiry ms>.<MAC>`, the MAC (master-key derived) covering the session's
-/// public id, the key's thumbprint and the expiry. Unforgeable without the master key, useless
-/// for any other session or key, and refused after its expiry by the server itself.
+/// Where a bound cookie was issued: the client's network (its /24, or /64 for IPv6) and its
+/// `User-Agent`, as a short hash. A cookie presented from another network or by another browser
+/// is not taken as a proof: the browser that holds the key proves again (the bind page or a DBSC
+/// refresh does it without asking the user), and a copy of the cookie jar used elsewhere is
+/// refused at once rather than for the rest of the cookie's life.
+pub fn device_context(ip: &str, user_agent: &str) -> [u8; CONTEXT_LEN] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"portcullis/bound-context/v1\0");
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => h.update(&v4.octets()[..3]),
+        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => h.update(&v4.octets()[..3]),
+            None => h.update(&v6.octets()[..8]),
+        },
+        Err(_) => h.update(ip.as_bytes()),
+    }
+    h.update(b"\0");
+    h.update(user_agent.as_bytes());
+    let mut out = [0u8; CONTEXT_LEN];
+    out.copy_from_slice(&h.finalize()[..CONTEXT_LEN]);
+    out
+}
+
+/// Bytes of [`device_context`] kept in the cookie.
+pub const CONTEXT_LEN: usize = 12;
+
+/// The bound cookie: `<expiry ms>.<context>.<MAC>`, the MAC (master-key derived) covering the
+/// session's public id, the key's thumbprint, the expiry and the [`device_context`] it was issued
+/// to. Unforgeable without the master key, useless for any other session or key, refused after
+/// its expiry by the server itself, and not a proof from another network or browser.
 pub fn bound_cookie_value(
     key: &MasterKey,
     session_public_id: &str,
     thumbprint: &str,
     expires_ms: i64,
+    context: &[u8; CONTEXT_LEN],
 ) -> String {
-    let mac = bound_mac(key, session_public_id, thumbprint, expires_ms);
-    format!("{expires_ms}.{}", URL_SAFE_NO_PAD.encode(mac))
+    let mac = bound_mac(key, session_public_id, thumbprint, expires_ms, context);
+    format!(
+        "{expires_ms}.{}.{}",
+        URL_SAFE_NO_PAD.encode(context),
+        URL_SAFE_NO_PAD.encode(mac)
+    )
 }
 
-/// The MAC over `portcullis/bound-cookie/v1 NUL <public id> NUL <thumbprint> NUL <expiry ms>`
-/// (checked on every proxied request, so fed in parts rather than formatted).
-fn bound_mac(key: &MasterKey, public_id: &str, thumbprint: &str, expires_ms: i64) -> [u8; 32] {
+/// The MAC over `portcullis/bound-cookie/v2 NUL <public id> NUL <thumbprint> NUL <expiry ms> NUL
+/// <context>` (checked on every proxied request, so fed in parts rather than formatted).
+fn bound_mac(
+    key: &MasterKey,
+    public_id: &str,
+    thumbprint: &str,
+    expires_ms: i64,
+    context: &[u8],
+) -> [u8; 32] {
     let mut expiry = itoa::Buffer::new();
     key.link_mac_parts(&[
-        b"portcullis/bound-cookie/v1\0",
+        b"portcullis/bound-cookie/v2\0",
         public_id.as_bytes(),
         b"\0",
         thumbprint.as_bytes(),
         b"\0",
         expiry.format(expires_ms).as_bytes(),
+        b"\0",
+        context,
     ])
 }
 
@@ -234,6 +276,9 @@ pub enum CookieCheck {
     Missing,
     /// Made by us for this session and key, but past its expiry.
     Expired,
+    /// Made by us for this session and key, but presented from another network or browser than
+    /// it was issued to: the holder of the key must prove it again.
+    Moved,
     /// Not made by us for this session and key (forged, another session's, malformed).
     Invalid,
 }
@@ -245,36 +290,76 @@ impl CookieCheck {
             CookieCheck::Valid => "valid",
             CookieCheck::Missing => "bound_cookie_missing",
             CookieCheck::Expired => "bound_cookie_expired",
+            CookieCheck::Moved => "bound_cookie_moved",
             CookieCheck::Invalid => "bound_cookie_invalid",
         }
     }
 }
 
-/// Checks a bound cookie value at `now_ms` (constant-time MAC comparison).
+/// Checks a bound cookie value at `now_ms`, presented from `context` (constant-time MAC
+/// comparison).
 pub fn check_bound_cookie(
     key: &MasterKey,
     value: Option<&str>,
     session_public_id: &str,
     thumbprint: &str,
     now_ms: i64,
+    context: &[u8; CONTEXT_LEN],
 ) -> CookieCheck {
     let Some(v) = value else {
         return CookieCheck::Missing;
     };
+    if v.matches('.').count() == 1 {
+        return check_v1_cookie(key, v, session_public_id, thumbprint);
+    }
+    let mut parts = v.splitn(3, '.');
+    let (Some(exp), Some(issued_to), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
+        return CookieCheck::Invalid;
+    };
+    let (Ok(exp), Ok(issued_to), Ok(mac)) = (
+        exp.parse::<i64>(),
+        URL_SAFE_NO_PAD.decode(issued_to),
+        URL_SAFE_NO_PAD.decode(mac),
+    ) else {
+        return CookieCheck::Invalid;
+    };
+    let want = bound_mac(key, session_public_id, thumbprint, exp, &issued_to);
+    if issued_to.len() != CONTEXT_LEN || !ct_eq(&want, &mac) {
+        return CookieCheck::Invalid;
+    }
+    if now_ms >= exp {
+        return CookieCheck::Expired;
+    }
+    if !ct_eq(&issued_to, context) {
+        return CookieCheck::Moved;
+    }
+    CookieCheck::Valid
+}
+
+/// A cookie of the format before the device context (`<expiry ms>.<MAC>`, `bound-cookie/v1`):
+/// made by us for this session and key, it is taken as [`CookieCheck::Moved`], so that after an
+/// upgrade the browser that holds the key proves again, without counting as a failure.
+fn check_v1_cookie(key: &MasterKey, v: &str, public_id: &str, thumbprint: &str) -> CookieCheck {
     let Some((exp, mac)) = v.split_once('.') else {
         return CookieCheck::Invalid;
     };
     let (Ok(exp), Ok(mac)) = (exp.parse::<i64>(), URL_SAFE_NO_PAD.decode(mac)) else {
         return CookieCheck::Invalid;
     };
-    let want = bound_mac(key, session_public_id, thumbprint, exp);
-    if !ct_eq(&want, &mac) {
-        return CookieCheck::Invalid;
+    let mut expiry = itoa::Buffer::new();
+    let want = key.link_mac_parts(&[
+        b"portcullis/bound-cookie/v1\0",
+        public_id.as_bytes(),
+        b"\0",
+        thumbprint.as_bytes(),
+        b"\0",
+        expiry.format(exp).as_bytes(),
+    ]);
+    if ct_eq(&want, &mac) {
+        CookieCheck::Moved
+    } else {
+        CookieCheck::Invalid
     }
-    if now_ms >= exp {
-        return CookieCheck::Expired;
-    }
-    CookieCheck::Valid
 }
 
 /// What a challenge was issued for.

@@ -1,4 +1,6 @@
 use super::*;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 
@@ -157,44 +159,98 @@ fn refresh_proofs_need_the_stored_key() {
 }
 
 #[test]
-fn bound_cookies_are_tied_to_session_key_and_time() {
+fn bound_cookies_are_tied_to_session_key_time_and_place() {
     let mk = MasterKey::from_bytes(&[7u8; 32]);
-    let v = bound_cookie_value(&mk, "sess-a", "thumb-a", 10_000);
+    let here = device_context("203.0.113.7", "Firefox/140");
+    let v = bound_cookie_value(&mk, "sess-a", "thumb-a", 10_000, &here);
+    let check = |value: Option<&str>, sess: &str, thumb: &str, now: i64, at: &[u8; CONTEXT_LEN]| {
+        check_bound_cookie(&mk, value, sess, thumb, now, at)
+    };
     assert_eq!(
-        check_bound_cookie(&mk, Some(&v), "sess-a", "thumb-a", 9_999),
+        check(Some(&v), "sess-a", "thumb-a", 9_999, &here),
         CookieCheck::Valid
     );
     assert_eq!(
-        check_bound_cookie(&mk, Some(&v), "sess-a", "thumb-a", 10_000),
+        check(Some(&v), "sess-a", "thumb-a", 10_000, &here),
         CookieCheck::Expired
     );
     assert_eq!(
-        check_bound_cookie(&mk, Some(&v), "sess-b", "thumb-a", 1),
+        check(Some(&v), "sess-b", "thumb-a", 1, &here),
         CookieCheck::Invalid
     );
     assert_eq!(
-        check_bound_cookie(&mk, Some(&v), "sess-a", "thumb-b", 1),
+        check(Some(&v), "sess-a", "thumb-b", 1, &here),
         CookieCheck::Invalid
     );
     assert_eq!(
-        check_bound_cookie(&mk, None, "sess-a", "thumb-a", 1),
+        check(None, "sess-a", "thumb-a", 1, &here),
         CookieCheck::Missing
+    );
+    // The same /24 and browser is the same place; another network or browser is not.
+    let same = device_context("203.0.113.200", "Firefox/140");
+    assert_eq!(
+        check(Some(&v), "sess-a", "thumb-a", 1, &same),
+        CookieCheck::Valid
+    );
+    for (ip, ua) in [
+        ("203.0.114.7", "Firefox/140"),
+        ("2001:db8::7", "Firefox/140"),
+        ("203.0.113.7", "Firefox/141"),
+        ("203.0.113.7", ""),
+    ] {
+        let elsewhere = device_context(ip, ua);
+        assert_eq!(
+            check(Some(&v), "sess-a", "thumb-a", 1, &elsewhere),
+            CookieCheck::Moved,
+            "{ip} {ua}"
+        );
+    }
+    // IPv6 within one /64 is one place; an IPv4-mapped address is its IPv4 network.
+    assert_eq!(
+        device_context("2001:db8:1:2::1", "x"),
+        device_context("2001:db8:1:2:ffff::9", "x")
+    );
+    assert_ne!(
+        device_context("2001:db8:1:2::1", "x"),
+        device_context("2001:db8:1:3::1", "x")
+    );
+    assert_eq!(
+        device_context("::ffff:203.0.113.9", "x"),
+        device_context("203.0.113.1", "x")
     );
     let other_master = MasterKey::from_bytes(&[8u8; 32]);
     assert_eq!(
-        check_bound_cookie(&other_master, Some(&v), "sess-a", "thumb-a", 1),
+        check_bound_cookie(&other_master, Some(&v), "sess-a", "thumb-a", 1, &here),
         CookieCheck::Invalid
     );
-    // A longer life cannot be written into the cookie.
-    let (_, mac) = v.split_once('.').unwrap();
-    let stretched = format!("99999999.{mac}");
+    // Neither a longer life nor another place can be written into the cookie.
+    let (_, rest) = v.split_once('.').unwrap();
+    let stretched = format!("99999999.{rest}");
     assert_eq!(
-        check_bound_cookie(&mk, Some(&stretched), "sess-a", "thumb-a", 1),
+        check(Some(&stretched), "sess-a", "thumb-a", 1, &here),
         CookieCheck::Invalid
     );
-    for junk in ["", "x", "1.", ".abc", "abc.def", "1.!!!"] {
+    let (exp, rest) = v.split_once('.').unwrap();
+    let (_, mac) = rest.split_once('.').unwrap();
+    let elsewhere = device_context("198.51.100.1", "curl");
+    let moved = format!("{exp}.{}.{mac}", URL_SAFE_NO_PAD.encode(elsewhere));
+    assert_eq!(
+        check(Some(&moved), "sess-a", "thumb-a", 1, &elsewhere),
+        CookieCheck::Invalid
+    );
+    for junk in [
+        "",
+        "x",
+        "1.",
+        ".abc",
+        "abc.def",
+        "1.!!!",
+        "1.a.b",
+        "1..",
+        &format!("{exp}.{mac}"),
+    ] {
         assert_eq!(
-            check_bound_cookie(&mk, Some(junk), "sess-a", "thumb-a", 1),
+            check(Some(junk), "sess-a", "thumb-a", 1, &here),
             CookieCheck::Invalid,
             "{junk}"
         );
@@ -258,21 +314,32 @@ async fn challenges_work_once_for_their_own_session_and_purpose() {
 }
 
 /// The MAC input is a stable format: bound cookies issued before an upgrade stay valid after
-/// it, and sessions stay bound across gateways of different versions.
+/// it, and sessions stay bound across gateways of the same format. A cookie of the format before
+/// the device context (v1) is recognised and sent to prove again, not counted as a failure.
 #[test]
 fn the_bound_cookie_mac_covers_the_documented_string() {
     let mk = MasterKey::from_bytes(&[7u8; 32]);
+    let ctx = [9u8; CONTEXT_LEN];
     for exp in [0_i64, 1_733_000_000_123, -5, i64::MAX] {
-        let text = format!("portcullis/bound-cookie/v1\0sess-a\0thumb-a\0{exp}");
+        let mut text = format!("portcullis/bound-cookie/v2\0sess-a\0thumb-a\0{exp}\0").into_bytes();
+        text.extend_from_slice(&ctx);
         assert_eq!(
-            bound_mac(&mk, "sess-a", "thumb-a", exp),
-            mk.link_mac(text.as_bytes()),
+            bound_mac(&mk, "sess-a", "thumb-a", exp, &ctx),
+            mk.link_mac(&text),
             "{exp}"
         );
     }
     assert_ne!(
-        bound_mac(&mk, "sess-a", "thumb-a", 1),
-        bound_mac(&mk, "sess-a\0thumb-a", "", 1),
+        bound_mac(&mk, "sess-a", "thumb-a", 1, &ctx),
+        bound_mac(&mk, "sess-a\0thumb-a", "", 1, &ctx),
         "the parts are separated"
     );
+    let v1 = |sess: &str| {
+        let mac =
+            mk.link_mac(format!("portcullis/bound-cookie/v1\0{sess}\0thumb-a\05000").as_bytes());
+        format!("5000.{}", URL_SAFE_NO_PAD.encode(mac))
+    };
+    let check = |v: &str| check_bound_cookie(&mk, Some(v), "sess-a", "thumb-a", 1, &ctx);
+    assert_eq!(check(&v1("sess-a")), CookieCheck::Moved);
+    assert_eq!(check(&v1("sess-b")), CookieCheck::Invalid);
 }

@@ -569,9 +569,28 @@ fn token_header_cannot_take_a_header_with_another_meaning() {
         "X-Forwarded-For",
         "x-request-id",
         "Transfer-Encoding",
+        "Accept",
+        "Accept-Language",
+        "Origin",
+        "Sec-Fetch-Site",
+        "X-CSRF-Token",
+        "X-Original-URL",
+        "x_original_url",
+        "Content-Type",
+        "X-Auth-User",
+        "If-None-Match",
     ] {
         let e = load_str(&format!("[token]\nheader = \"{bad}\"\n"), &[]).unwrap_err();
         assert!(e.to_string().contains("token.header"), "{bad}: {e}");
     }
-    assert!(load_str("[token]\nheader = \"X-Esp-Identity\"\n", &[]).is_ok());
+    for good in [
+        "X-Esp-Identity",
+        "X-Portcullis-Assertion",
+        "X-Console-Identity",
+    ] {
+        assert!(
+            load_str(&format!("[token]\nheader = \"{good}\"\n"), &[]).is_ok(),
+            "{good}"
+        );
+    }
 }

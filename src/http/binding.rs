@@ -79,7 +79,7 @@ fn ms(d: std::time::Duration) -> i64 {
 /// A fresh bound cookie for `session` and `key`. The server refuses it after `bound_cookie_ttl`;
 /// the browser drops it a little earlier, so a browser's own clock and the network delay never
 /// present an expired one.
-fn issue_cookie(state: &AppState, session: &Session, key: &BoundKey) -> String {
+fn issue_cookie(state: &AppState, session: &Session, key: &BoundKey, client: &Client) -> String {
     let ttl = state.config.binding.bound_cookie_ttl;
     let expires = state.clock.now_millis() + ms(ttl);
     let value = binding::bound_cookie_value(
@@ -87,6 +87,7 @@ fn issue_cookie(state: &AppState, session: &Session, key: &BoundKey) -> String {
         &session.public_id,
         &key.thumbprint,
         expires,
+        &binding::device_context(&client.ip, &client.user_agent),
     );
     let margin = if ttl.as_secs() < 60 { 1 } else { 5 };
     let max_age = ttl.as_secs().saturating_sub(margin).max(1);
@@ -104,18 +105,20 @@ pub(crate) enum Unbound {
     Register,
     /// A WebCrypto-bound session whose bound cookie the browser dropped: prove again.
     Refresh,
+    /// A bound cookie presented from another network or browser than it was issued to: the
+    /// browser that holds the key proves again; the cookie is dropped.
+    Moved,
     /// A proof that points at a copied session (counted); `ended` when that was the last one.
     Failed { ended: bool },
 }
 
-/// The gate's check of a complete session: `None` when its bound cookie is valid.
-///
-/// `client` is asked for only when a failure is recorded, so a valid proof builds nothing.
+/// The gate's check of a complete session, asked by `client`: `None` when its bound cookie is
+/// valid and was issued to this client's network and browser.
 pub(crate) async fn check(
     state: &AppState,
     (storage_key, session): (&str, &Session),
     headers: &HeaderMap,
-    client: impl FnOnce() -> Client,
+    client: &Client,
 ) -> Result<Option<Unbound>, AppError> {
     let Some(key) = &session.binding else {
         return Ok(Some(Unbound::Register));
@@ -126,15 +129,21 @@ pub(crate) async fn check(
         &session.public_id,
         &key.thumbprint,
         state.clock.now_millis(),
+        &binding::device_context(&client.ip, &client.user_agent),
     );
     match (verdict, key.method) {
         (CookieCheck::Valid, _) => Ok(None),
         // The fallback's cookie runs out in normal use; the page proves again.
         (CookieCheck::Missing, Method::Webcrypto) => Ok(Some(Unbound::Refresh)),
+        // Another network or browser than the cookie was issued to: a phone that changed
+        // networks, or a copy of the cookie jar. Only the key decides: the browser that holds
+        // it proves again (the answer drops the cookie, which makes a DBSC browser refresh);
+        // a copy cannot, and its failed proofs are counted there.
+        (CookieCheck::Moved, _) => Ok(Some(Unbound::Moved)),
         // A DBSC browser refreshes before it sends a request without the cookie; an expired or
         // foreign cookie is never sent by the browser that holds the key.
         (other, _) => {
-            let ended = failure(state, (storage_key, session), &client(), other.reason()).await?;
+            let ended = failure(state, (storage_key, session), client, other.reason()).await?;
             Ok(Some(Unbound::Failed { ended }))
         }
     }
@@ -224,7 +233,7 @@ pub(crate) async fn guard_page(
     if !state.config.binding.enabled {
         return Ok(None);
     }
-    Ok(check(state, loaded.record(), headers, || client.clone())
+    Ok(check(state, loaded.record(), headers, client)
         .await?
         .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
 }
@@ -290,7 +299,9 @@ pub(crate) fn refusal(
         format!("{bind_url}?next={q}")
     };
     let mut resp = match (why, browser, next) {
-        (Unbound::Register | Unbound::Refresh, true, Some(n)) => see_other(&with_next(n)),
+        (Unbound::Register | Unbound::Refresh | Unbound::Moved, true, Some(n)) => {
+            see_other(&with_next(n))
+        }
         (Unbound::Register, _, _) => json_error(
             StatusCode::UNAUTHORIZED,
             "binding_required",
@@ -298,7 +309,7 @@ pub(crate) fn refusal(
              that signed in, so it can prove it holds its device key, then repeat the request.",
             bind_url,
         ),
-        (Unbound::Refresh, _, _) => json_error(
+        (Unbound::Refresh | Unbound::Moved, _, _) => json_error(
             StatusCode::UNAUTHORIZED,
             "binding_refresh_required",
             "The device proof of this session has expired, so the request was not sent on. \
@@ -316,6 +327,16 @@ pub(crate) fn refusal(
     };
     if let Unbound::Failed { ended: true } = why {
         if let Ok(v) = HeaderValue::from_str(&state.sessions.clear_cookie()) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    if why == Unbound::Moved {
+        let clear = format!(
+            "{}=; Max-Age=0; {}",
+            cookie_name(state),
+            cookie_attributes(state)
+        );
+        if let Ok(v) = HeaderValue::from_str(&clear) {
             resp.headers_mut().append(header::SET_COOKIE, v);
         }
     }
@@ -404,7 +425,7 @@ pub(crate) async fn register(
         ev = ev.user(&u);
     }
     state.audit.record(ev).await;
-    Ok(Some(issue_cookie(state, &loaded.session, &key)))
+    Ok(Some(issue_cookie(state, &loaded.session, &key, client)))
 }
 
 fn already_bound() -> AppError {
@@ -475,7 +496,12 @@ async fn refresh(
         }
     }
     binding::forget_failures(state.ephemeral.as_ref(), public_id).await?;
-    Ok(Refreshed::Cookie(issue_cookie(state, &loaded.session, key)))
+    Ok(Refreshed::Cookie(issue_cookie(
+        state,
+        &loaded.session,
+        key,
+        client,
+    )))
 }
 
 // --- WebCrypto fallback ---------------------------------------------------------------------

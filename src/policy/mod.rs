@@ -140,8 +140,9 @@ pub fn is_gateway_path(canonical: &str) -> bool {
     canonical.contains(['%', '\\', ';']) && in_namespace(&lenient_reading(canonical))
 }
 
-/// `path` begins with the namespace's segment, in any letter case, followed by its end or a
-/// separator in any spelling.
+/// `path` begins with the namespace's segment, in any letter case and with any trailing dots
+/// and spaces (which Windows servers drop from a segment: `/_portcullis./`), followed by its end
+/// or a separator in any spelling.
 fn in_namespace(path: &str) -> bool {
     let starts = |s: &[u8], prefix: &[u8]| {
         s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
@@ -150,7 +151,10 @@ fn in_namespace(path: &str) -> bool {
     if !starts(path, GATEWAY_PREFIX.as_bytes()) {
         return false;
     }
-    let rest = &path[GATEWAY_PREFIX.len()..];
+    let mut rest = &path[GATEWAY_PREFIX.len()..];
+    while let [b'.' | b' ', tail @ ..] = rest {
+        rest = tail;
+    }
     rest.is_empty()
         || ["/", "\\", ";", "%2f", "%5c", "%3b"]
             .iter()
@@ -463,6 +467,14 @@ mod tests {
             "/;x=1/_portcullis",
             "/%255Fportcullis/admin",
             "/a%2F..%2F_portcullis",
+            // Trailing dots and spaces, which Windows servers drop from a segment:
+            "/_portcullis./login",
+            "/_portcullis../login",
+            "/_portcullis..;/login",
+            "/_portcullis%20/login",
+            "/_portcullis%2e/login",
+            "/_portcullis .. /login",
+            "/_portcullis.",
         ] {
             assert!(is_gateway_path(p), "{p}");
         }
@@ -478,6 +490,8 @@ mod tests {
             "/x;y/_portcullisx",
             "/campaigns;v=2",
             "/%2F",
+            "/_portcullis.css",
+            "/_portcullis.d/x",
         ] {
             assert!(!is_gateway_path(p), "{p}");
         }

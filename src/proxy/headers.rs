@@ -136,14 +136,16 @@ fn same_normalised(name: &str, normalised: &str) -> bool {
 /// different request target or a different client address. The console must only ever learn
 /// these from the gateway. (A `match` compares by length first: this runs for every header of
 /// every request.)
-fn is_identity_header(name: &str) -> bool {
+pub(crate) fn is_identity_header(name: &str) -> bool {
+    // Every `X-Forwarded-*` but the three the gateway writes itself (`set_forwarded`): the
+    // console learns the method, port, scheme, path or server from the gateway's request, and
+    // an identity from the token, never from the client.
+    if let Some(what) = name.strip_prefix("x-forwarded-") {
+        return !matches!(what, "for" | "proto" | "host");
+    }
     matches!(
         name,
-        "x-forwarded-user"
-            | "x-forwarded-email"
-            | "x-forwarded-groups"
-            | "x-forwarded-preferred-username"
-            | "x-auth-request-user"
+        "x-auth-request-user"
             | "x-auth-request-email"
             | "x-remote-user"
             | "remote-user"
@@ -151,11 +153,45 @@ fn is_identity_header(name: &str) -> bool {
             | "x-email"
             | "x-original-url"
             | "x-rewrite-url"
-            | "x-forwarded-uri"
             | "x-original-uri"
-            | "x-forwarded-prefix"
+            | "x-original-method"
+            | "x-original-host"
             | "forwarded"
             | "x-real-ip"
+            // Identities other gateways and identity-aware proxies hand to their backends:
+            | "x-auth-user"
+            | "x-authenticated-user"
+            | "x-authenticated-userid"
+            | "x-authenticated-email"
+            | "x-webauth-user"
+            | "x-userinfo"
+            | "x-id-token"
+            | "x-access-token"
+            | "x-user-id"
+            | "x-user-email"
+            | "x-amzn-oidc-identity"
+            | "x-amzn-oidc-data"
+            | "x-amzn-oidc-accesstoken"
+            | "x-ms-client-principal"
+            | "x-ms-client-principal-name"
+            | "x-ms-client-principal-id"
+            | "x-ms-client-principal-idp"
+            | "x-ms-token-aad-id-token"
+            | "x-goog-authenticated-user-email"
+            | "x-goog-authenticated-user-id"
+            | "x-goog-iap-jwt-assertion"
+            | "cf-access-authenticated-user-email"
+            | "cf-access-jwt-assertion"
+            // Client addresses as CDNs and load balancers pass them:
+            | "cf-connecting-ip"
+            | "true-client-ip"
+            | "x-client-ip"
+            | "x-cluster-client-ip"
+            | "fastly-client-ip"
+            // Another method than the request's, which frameworks take in place of it:
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
     )
 }
 
@@ -433,6 +469,18 @@ mod tests {
             ("x-portcullis-anything", "forged"),
             ("remote_user", "admin"),
             ("x_forwarded_for", "1.2.3.4"),
+            ("X-Forwarded-Method", "DELETE"),
+            ("x-forwarded-port", "1"),
+            ("X-Forwarded-Ssl", "on"),
+            ("x-forwarded-client-cert", "forged"),
+            ("X-Auth-User", "admin"),
+            ("x-authenticated-userid", "admin"),
+            ("X-Amzn-Oidc-Identity", "admin"),
+            ("x_ms_client_principal_name", "admin"),
+            ("Cf-Access-Authenticated-User-Email", "a@b"),
+            ("CF-Connecting-IP", "1.2.3.4"),
+            ("True-Client-IP", "1.2.3.4"),
+            ("X-HTTP-Method-Override", "DELETE"),
             ("content_length", "5"),
             ("x_custom_id", "forged"),
             ("x-keep_me", "yes"),

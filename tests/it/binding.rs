@@ -972,3 +972,76 @@ async fn copied_cookies_reach_neither_the_account_page_nor_the_admin_console() {
         "each is a binding failure"
     );
 }
+
+/// A bound cookie is a proof only from the network and browser it was issued to: a copy of the
+/// whole cookie jar used at once, while its bound cookie is still fresh, from another browser or
+/// another address gets nothing (the cookie is dropped and the key must prove again, which the
+/// copy cannot), while the owner's browser on a new network proves again and carries on.
+#[tokio::test]
+async fn a_fresh_copied_cookie_jar_gets_nothing_from_another_browser_or_network() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("fresh-copy@example.com").await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/inbox").await, 200);
+    let copied = gw.cookies(&b);
+    let seen = gw.upstream.count();
+    let client = |ua: Option<&str>, from: &str| {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(Some(from.parse().unwrap()));
+        if let Some(ua) = ua {
+            builder = builder.user_agent(ua);
+        }
+        builder.build().unwrap()
+    };
+    for (what, thief) in [
+        (
+            "another browser",
+            client(Some("thief-agent/1.0"), "127.0.0.1"),
+        ),
+        ("another network", client(None, "127.0.1.2")),
+    ] {
+        let get = |accept: &'static str| {
+            thief
+                .get(gw.url("/inbox"))
+                .header("cookie", &copied)
+                .header("accept", accept)
+                .send()
+        };
+        let r = get("application/json").await.unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+        let dropped = set_cookie_named(&r, "portcullis-bound").unwrap_or_default();
+        assert!(dropped.contains("Max-Age=0"), "{what}: {dropped}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "binding_refresh_required", "{what}");
+        let r = get("text/html").await.unwrap();
+        assert_eq!(location(&r), "/_portcullis/bind?next=%2Finbox", "{what}");
+        // Nor does it reach a page that changes how the owner signs in.
+        let r = thief
+            .post(gw.url("/_portcullis/account/recovery-codes"))
+            .header("cookie", &copied)
+            .header("accept", "application/json")
+            .form(&[("csrf", "x")])
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status() == 401 || r.status() == 403,
+            "{what}: {}",
+            r.status()
+        );
+    }
+    assert_eq!(gw.upstream.count(), seen, "the copies reached nothing");
+    assert!(
+        binding_failures(&gw).await.is_empty(),
+        "a moved cookie alone is not counted: the proof that follows is"
+    );
+
+    // The owner's own browser is undisturbed; on a new network it proves again and carries on.
+    assert_eq!(gw.status(&b, "/inbox").await, 200);
+    let moved = gw.browser_moved_to(&b, "127.0.2.3");
+    assert_eq!(gw.status(&moved, "/inbox").await, 303);
+    assert_eq!(webcrypto_refresh(&gw, &moved, &dev).await.status(), 200);
+    assert_eq!(gw.status(&moved, "/inbox").await, 200);
+}

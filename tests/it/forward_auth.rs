@@ -234,6 +234,11 @@ async fn gateway_namespace_uris_are_refused() {
         "/%2F_portcullis/admin",
         "/x/..;/_portcullis/admin",
         "/%255Fportcullis/admin",
+        // Trailing dots and spaces, which Windows servers drop from a segment.
+        "/_portcullis./login",
+        "/_portcullis..;/login",
+        "/_portcullis%20/login",
+        "/_portcullis%2e/login",
     ];
     for uri in spellings {
         for header in ["X-Forwarded-Uri", "X-Original-URI"] {

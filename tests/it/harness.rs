@@ -323,6 +323,24 @@ impl Gateway {
         }
     }
 
+    /// The same browser (its cookie jar, its headers) connecting from another loopback address,
+    /// as a laptop does on another network.
+    pub fn browser_moved_to(&self, b: &Browser, address: &str) -> Browser {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("accept", "text/html,application/xhtml+xml".parse().unwrap());
+        Browser {
+            client: reqwest::Client::builder()
+                .cookie_provider(b.jar.clone())
+                .redirect(reqwest::redirect::Policy::none())
+                .default_headers(h)
+                .local_address(Some(address.parse().unwrap()))
+                .build()
+                .unwrap(),
+            jar: b.jar.clone(),
+            base: self.base.parse().unwrap(),
+        }
+    }
+
     /// The `Cookie` header a browser would send to the gateway (all of its cookies).
     pub fn cookies(&self, b: &Browser) -> String {
         b.cookie_header()

@@ -200,6 +200,11 @@ async fn complete_session_reaches_canonical_paths_only() {
         "/;/_portcullis/x",
         "/_portcullis%3Badmin",
         "/%255Fportcullis/admin",
+        // Trailing dots and spaces, which Windows servers drop from a segment.
+        "/_portcullis./login",
+        "/_portcullis..;/login",
+        "/_portcullis%20/login",
+        "/_portcullis%2e/login",
     ] {
         let before = gw.upstream.count();
         let r = raw(gw.addr, "GET", raw_path, &[("Cookie", &cookie)], "").await;

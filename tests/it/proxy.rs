@@ -22,6 +22,33 @@ async fn spoofed_identity_headers_never_reach_the_console() {
         "X-Original-URL",
         "X-Forwarded-Uri",
         "X-Portcullis-Admin",
+        // Every other X-Forwarded-*, identities of other proxies, client addresses as CDNs pass
+        // them, and method overrides.
+        "X-Forwarded-Method",
+        "X-Forwarded-Port",
+        "X-Forwarded-Server",
+        "X-Forwarded-Ssl",
+        "X-Forwarded-Scheme",
+        "X-Forwarded-Path",
+        "X-Forwarded-Client-Cert",
+        "X-Forwarded-Access-Token",
+        "X-Forwarded-Roles",
+        "X-Auth-User",
+        "X-Authenticated-User",
+        "X-Authenticated-Userid",
+        "X-Webauth-User",
+        "X-Userinfo",
+        "X-Id-Token",
+        "X-User-Id",
+        "X-Amzn-Oidc-Identity",
+        "X-Amzn-Oidc-Data",
+        "X-Ms-Client-Principal-Name",
+        "X-Goog-Authenticated-User-Email",
+        "Cf-Access-Authenticated-User-Email",
+        "CF-Connecting-IP",
+        "True-Client-IP",
+        "X-Client-IP",
+        "X-HTTP-Method-Override",
     ];
     let mut headers: Vec<(&str, &str)> =
         spoofed.iter().map(|h| (*h, "admin@esp.example")).collect();
