@@ -109,6 +109,9 @@ pub enum UserCmd {
     Unlock { email: String },
     /// Remove the user's second factors; the next sign-in must enrol again. Ends its sessions.
     ResetMfa { email: String },
+    /// Set a new password for the user, read from standard input (never from the command line);
+    /// ends every session of the user and tells them by email.
+    SetPassword { email: String },
     /// TOTP provisioning.
     #[command(subcommand)]
     Totp(TotpCmd),
@@ -657,6 +660,26 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .append_audit(&[audit("second_factors_reset", Some(&u), "cli")])
                 .await?;
             say!("removed the second factors of {}; its sessions ended; the next sign-in enrols anew", u.email);
+        }
+        Command::User(UserCmd::SetPassword { email }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            let password = read_password()?;
+            check_policy(password.expose(), &config.password, &u.email)?;
+            let hash = PasswordHasher::new(&config.password)?
+                .hash(&password)
+                .await?;
+            durable.set_password_hash(&u.id, &hash).await?;
+            durable.void_sessions(&u.id, clock.now_millis()).await?;
+            durable
+                .append_audit(&[audit("password_changed", Some(&u), "cli")])
+                .await?;
+            notifier(&config, &durable)?
+                .account_change(
+                    &u,
+                    "an administrator set a new password, and every session of the account was ended",
+                )
+                .await;
+            say!("set a new password for {}; its sessions ended", u.email);
         }
         Command::User(UserCmd::Totp(TotpCmd::Generate { email })) => {
             let u = find_user(durable.as_ref(), &email).await?;

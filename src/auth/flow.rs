@@ -18,6 +18,7 @@ use crate::store::{AuditEvent, DurableStore, EphemeralStore, StoreError, TotpRec
 mod password_step;
 mod self_service;
 mod throttle;
+pub use password_step::PasswordCheck;
 pub use self_service::{TotpChange, TOTP_CHANGE_TTL};
 pub(crate) use throttle::{address_counter, device_counter, Reservation};
 pub use throttle::{awaits_factor_first, awaits_password, delay_for, KnownDevice};

@@ -292,6 +292,21 @@ fn needs_rehash(hash: &PasswordHash<'_>, params: &Params) -> bool {
         || Params::try_from(hash).map_or(true, |p| p != *params)
 }
 
+/// A new password typed twice, as a form takes it: both the same, and within [`check_policy`].
+pub fn check_new_password(
+    password: &str,
+    again: &str,
+    cfg: &PasswordConfig,
+    email: &str,
+) -> Result<(), PolicyViolation> {
+    if password != again {
+        return Err(PolicyViolation(
+            "The two passwords are not the same.".into(),
+        ));
+    }
+    check_policy(password, cfg, email)
+}
+
 /// Policy for a *new* password (not applied at sign-in, so tightening it locks nobody out):
 /// `min_length..=max_length` characters (Unicode scalar values; any script, no normalisation),
 /// not one of the 100,000 most common passwords (ignoring case), and not containing the local

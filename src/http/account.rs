@@ -80,12 +80,15 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_removed" => "The key was removed.",
         "device_revoked" => "The device was signed out and will have to be confirmed again.",
         "totp_changed" => "Your new authenticator app is set up; the earlier one no longer works.",
+        "password_changed" => {
+            "Your password was changed. Every other browser signed in to your account was signed out."
+        }
         _ => return None,
     })
 }
 
 /// Renders the page with an optional error.
-async fn page(
+pub(super) async fn page(
     state: &AppState,
     headers: &HeaderMap,
     loaded: &Loaded,
@@ -138,6 +141,8 @@ async fn page(
         sign_ins: &sign_ins,
         webauthn: state.keys.is_some(),
         fresh: super::webauthn::fresh(state, &loaded.session),
+        password_min: state.config.password.min_length,
+        password_max: state.config.password.max_length,
         notice,
         error,
     };
@@ -451,7 +456,7 @@ async fn stale(
 }
 
 /// A factor change by the signed-in user: CSRF checked, then the session, then a fresh proof.
-async fn changing(
+pub(super) async fn changing(
     state: &AppState,
     headers: &HeaderMap,
     csrf: &str,

@@ -12,7 +12,7 @@ use super::error::AppError;
 use super::login::{check_csrf, csrf_token, end_current_session, with_cookies};
 use super::pages::{self, render};
 use super::{see_other, Form, Peer};
-use crate::auth::password::check_policy;
+use crate::auth::password::check_new_password;
 use crate::enrolment::token_hash;
 use crate::secret::Secret;
 use crate::state::AppState;
@@ -136,10 +136,12 @@ pub async fn enrol_link_post(
                 StatusCode::BAD_REQUEST,
             )
         };
-        if form.password.expose() != form.password2.expose() {
-            return Ok(refuse("The two passwords are not the same."));
-        }
-        if let Err(v) = check_policy(form.password.expose(), &state.config.password, &user.email) {
+        if let Err(v) = check_new_password(
+            form.password.expose(),
+            form.password2.expose(),
+            &state.config.password,
+            &user.email,
+        ) {
             return Ok(refuse(&v.to_string()));
         }
         Some(state.login.hasher.hash(&form.password).await?)

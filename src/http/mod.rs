@@ -15,6 +15,7 @@ pub mod gate;
 pub mod health;
 pub mod login;
 mod pages;
+pub mod password;
 pub mod reauth;
 pub mod remembered;
 pub mod request_id;
@@ -98,6 +99,10 @@ pub fn router(state: AppState) -> Router {
             post(account::recovery_codes_post),
         )
         .route("/_portcullis/account/totp", post(account::totp_post))
+        .route(
+            "/_portcullis/account/password",
+            post(password::password_post),
+        )
         .route(
             "/_portcullis/account/totp/confirm",
             post(account::totp_confirm_post),

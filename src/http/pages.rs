@@ -129,6 +129,9 @@ pub struct Account<'a> {
     pub webauthn: bool,
     /// The last second-factor proof is recent enough to change factors.
     pub fresh: bool,
+    /// Length limits of a new password.
+    pub password_min: usize,
+    pub password_max: usize,
     pub notice: Option<&'a str>,
     pub error: Option<&'a str>,
 }

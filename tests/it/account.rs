@@ -220,3 +220,153 @@ async fn recent_sign_ins_show_the_users_own_attempts() {
     assert!(html.contains("password + recovery code</td>"), "{html}");
     assert!(!html.contains("<td>password</td>"), "{html}");
 }
+
+const PASSWORD_PATH: &str = "/_portcullis/account/password";
+
+/// Whether `password` completes the password step of `email` in a fresh browser.
+async fn password_works(gw: &Gateway, email: &str, password: &str) -> bool {
+    gw.clock.advance(30);
+    location(&gw.password(&gw.browser(), email, password, "").await) == "/_portcullis/mfa"
+}
+
+/// The password is changed on the account page with the current one and the new one twice,
+/// within the fresh-proof window; every other session ends; the owner is told; a wrong
+/// current password, a mismatch or a weak new one changes nothing.
+#[tokio::test]
+async fn the_password_is_changed_with_the_current_one_and_other_sessions_end() {
+    let gw = Gateway::start().await;
+    let email = "pw-change@example.com";
+    let (c, secret, _) = gw.signed_in(email).await;
+    let other = gw.sign_in_again(email, &secret).await;
+    assert_eq!(gw.status(&other, "/campaigns").await, 200);
+    let new = "a brand new passphrase for this";
+    for (fields, status, says) in [
+        (
+            [
+                ("current_password", "wrong password"),
+                ("password", new),
+                ("password2", new),
+            ],
+            403,
+            "current password is not right",
+        ),
+        (
+            [
+                ("current_password", PASSWORD),
+                ("password", new),
+                ("password2", "typo"),
+            ],
+            400,
+            "not the same",
+        ),
+        (
+            [
+                ("current_password", PASSWORD),
+                ("password", "short"),
+                ("password2", "short"),
+            ],
+            400,
+            "at least",
+        ),
+    ] {
+        let r = act(&gw, &c, PASSWORD_PATH, &fields).await;
+        assert_eq!(r.status(), status, "{says}");
+        assert!(r.text().await.unwrap().contains(says), "{says}");
+    }
+    // An API client gets the refusal as JSON.
+    let csrf = gw.csrf(&c, ACCOUNT).await;
+    let r = c
+        .post(gw.url(PASSWORD_PATH))
+        .header("accept", "application/json")
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("current_password", "wrong password"),
+            ("password", new),
+            ("password2", new),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "wrong_password");
+    assert!(
+        password_works(&gw, email, PASSWORD).await,
+        "nothing changed yet"
+    );
+
+    let r = act(
+        &gw,
+        &c,
+        PASSWORD_PATH,
+        &[
+            ("current_password", PASSWORD),
+            ("password", new),
+            ("password2", new),
+        ],
+    )
+    .await;
+    assert_eq!(location(&r), "/_portcullis/account?notice=password_changed");
+    assert!(password_works(&gw, email, new).await);
+    assert!(!password_works(&gw, email, PASSWORD).await);
+    // This browser carries on; the other session is over.
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    assert_eq!(gw.status(&other, "/campaigns").await, 303);
+    assert_eq!(
+        events(&gw, "password_changed").await,
+        [("success".to_string(), Some("account_page".to_string()))]
+    );
+    let mail = gw.outbox().await.join("\n");
+    assert!(mail.contains("the password was changed"), "{mail}");
+
+    // After the fresh-proof window it needs a new proof first.
+    gw.clock.advance(11 * 60);
+    let r = act(
+        &gw,
+        &c,
+        PASSWORD_PATH,
+        &[
+            ("current_password", new),
+            ("password", PASSWORD),
+            ("password2", PASSWORD),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert!(password_works(&gw, email, new).await);
+}
+
+/// `portcullis user set-password` sets a new password read from standard input, checked
+/// against the policy, and ends every session.
+#[tokio::test]
+async fn the_cli_sets_a_new_password_and_ends_sessions() {
+    let gw = Gateway::start().await;
+    let email = "cli-pw@example.com";
+    let (c, _, _) = gw.signed_in(email).await;
+    let out = gw
+        .cli(&["user", "set-password", email], Some("short\n"))
+        .await;
+    assert!(!out.status.success());
+    assert!(password_works(&gw, email, PASSWORD).await);
+    let new = "another long passphrase here";
+    let out = gw
+        .cli(&["user", "set-password", email], Some(&format!("{new}\n")))
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(password_works(&gw, email, new).await);
+    assert!(!password_works(&gw, email, PASSWORD).await);
+    gw.clock.advance(2);
+    assert_eq!(gw.status(&c, "/campaigns").await, 303, "its sessions ended");
+    let out = gw
+        .cli(
+            &["user", "set-password", "nobody@example.com"],
+            Some(&format!("{new}\n")),
+        )
+        .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user"));
+}

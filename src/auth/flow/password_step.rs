@@ -20,7 +20,40 @@ struct Attempt {
     lane: Lane,
 }
 
+/// What [`LoginFlow::confirm_password`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PasswordCheck {
+    Right,
+    Wrong,
+    Throttled { retry_after: u64 },
+}
+
 impl LoginFlow {
+    /// Checks a signed-in `user`'s current password (before it is changed) as a sign-in checks
+    /// one: the same budgets, delay, hashing lane and audit, so a session in other hands cannot
+    /// be used to guess it faster than the sign-in page allows.
+    pub async fn confirm_password(
+        &self,
+        user: &User,
+        password: &Secret<String>,
+        client: &Client,
+        device: Option<&KnownDevice>,
+    ) -> Result<PasswordCheck, FlowError> {
+        let attempt = match self.take_attempt(&user.email, client, device).await? {
+            Ok(a) => a,
+            Err(PasswordOutcome::Throttled { retry_after }) => {
+                return Ok(PasswordCheck::Throttled { retry_after })
+            }
+            Err(_) => return Ok(PasswordCheck::Wrong),
+        };
+        Ok(
+            match self.check_password(attempt, password, client).await? {
+                Some(u) if u.id == user.id => PasswordCheck::Right,
+                _ => PasswordCheck::Wrong,
+            },
+        )
+    }
+
     /// Takes the attempt from its budgets; `Err(outcome)` when one is spent (audited, named).
     async fn take_attempt(
         &self,

@@ -65,6 +65,33 @@ impl LoginFlow {
         Ok(codes)
     }
 
+    /// Replaces `user`'s password by `new` (already checked against the policy and confirmed by
+    /// the current one), audits `password_changed` (`by`: `self` or the CLI) and tells the owner.
+    pub async fn set_password(
+        &self,
+        user: &User,
+        new: &Secret<String>,
+        client: &Client,
+        by: &str,
+    ) -> Result<(), FlowError> {
+        let hash = self.hasher.hash(new).await?;
+        self.durable.set_password_hash(&user.id, &hash).await?;
+        self.audit(
+            AuditEvent::new("password_changed", "success", self.clock.now())
+                .user(user)
+                .reason(by),
+            client,
+        )
+        .await;
+        self.notifier
+            .account_change(
+                user,
+                "the password was changed, and every other session of the account was ended",
+            )
+            .await;
+        Ok(())
+    }
+
     /// Makes a new authenticator secret for `user`, pending for the session `binding` (a new
     /// start replaces an earlier pending one).
     pub async fn start_totp_change(

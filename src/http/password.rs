@@ -1,0 +1,84 @@
+//! Changing the password from the account page: the current password (checked as a sign-in
+//! checks one, budgets and all), the new one twice, and a fresh second-factor proof as for every
+//! change of how the user signs in. Every other session of the account ends; the owner is told.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::account::{changing, page};
+use super::error::{wants_html, AppError};
+use super::{see_other, Form, Peer};
+use crate::auth::flow::PasswordCheck;
+use crate::auth::password::check_new_password;
+use crate::secret::Secret;
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+pub struct PasswordForm {
+    #[serde(default)]
+    current_password: Secret<String>,
+    #[serde(default)]
+    password: Secret<String>,
+    #[serde(default)]
+    password2: Secret<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/account/password` (`current_password`, `password`, `password2`, `csrf`).
+pub async fn password_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<PasswordForm>,
+) -> Result<Response, AppError> {
+    let (loaded, user) = match changing(&state, &headers, &form.csrf).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(r),
+    };
+    let refuse = |msg: String, status: StatusCode| {
+        let (state, headers, loaded, user) = (&state, &headers, &loaded, &user);
+        async move { page(state, headers, loaded, user, None, Some(&msg), status).await }
+    };
+    let new = &form.password;
+    if let Err(why) = check_new_password(
+        new.expose(),
+        form.password2.expose(),
+        &state.config.password,
+        &user.email,
+    ) {
+        return refuse(why.to_string(), StatusCode::BAD_REQUEST).await;
+    }
+    let client = super::client(&state, peer, &headers);
+    let device = super::devices::known_device(&state, &headers).await?;
+    match state
+        .login
+        .confirm_password(&user, &form.current_password, &client, device.as_ref())
+        .await?
+    {
+        PasswordCheck::Right => {}
+        PasswordCheck::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
+        PasswordCheck::Wrong => {
+            let msg = "Your current password is not right.";
+            if !wants_html(&headers) {
+                return Err(AppError::forbidden("wrong_password", msg));
+            }
+            return refuse(msg.into(), StatusCode::FORBIDDEN).await;
+        }
+    }
+    state
+        .login
+        .set_password(&user, new, &client, "account_page")
+        .await?;
+    // Whoever else holds a session of the account (a stolen one, say) is out.
+    for other in state.sessions.list_user(&user.id).await? {
+        if other.key != loaded.key {
+            state.sessions.destroy(&other.key, &user.id).await?;
+            state.signer.forget(&other.key);
+        }
+    }
+    state.user_gate.forget(&user.id);
+    Ok(see_other("/_portcullis/account?notice=password_changed"))
+}
