@@ -264,9 +264,10 @@ impl LoginFlow {
     pub(crate) async fn code_budget_spent(
         &self,
         user_id: &str,
+        device: Option<&str>,
         client: &Client,
     ) -> Result<Option<u64>, StoreError> {
-        let budgets = code_budgets(user_id, client, &self.limits);
+        let budgets = code_budgets(user_id, device, client, &self.limits);
         Ok(match self.reserve(&budgets).await? {
             Reservation::Taken { .. } => None,
             Reservation::Spent { .. } => Some(self.window().as_secs()),
@@ -278,9 +279,10 @@ impl LoginFlow {
     pub(crate) async fn code_attempt_settled(
         &self,
         user_id: &str,
+        device: Option<&str>,
         client: &Client,
     ) -> Result<(), StoreError> {
-        let keys: Vec<String> = code_budgets(user_id, client, &self.limits)
+        let keys: Vec<String> = code_budgets(user_id, device, client, &self.limits)
             .into_iter()
             .map(|(k, _)| k)
             .collect();
@@ -331,7 +333,10 @@ impl LoginFlow {
         }
         if session.decoy {
             // No account behind it: every code is wrong, counted as for an account.
-            if let Some(retry_after) = self.code_budget_spent(&session.user_id, client).await? {
+            if let Some(retry_after) = self
+                .code_budget_spent(&session.user_id, session.own_device(), client)
+                .await?
+            {
                 return Ok(CodeOutcome::Throttled { retry_after });
             }
             return self
@@ -341,14 +346,20 @@ impl LoginFlow {
         let Some(user) = self.active_user(&session.user_id).await? else {
             // Disabled (or gone) since: answered as the decoy is, so that a sign-in switched to
             // second factor first does not tell a disabled account from an address without one.
-            if let Some(retry_after) = self.code_budget_spent(&session.user_id, client).await? {
+            if let Some(retry_after) = self
+                .code_budget_spent(&session.user_id, session.own_device(), client)
+                .await?
+            {
                 return Ok(CodeOutcome::Throttled { retry_after });
             }
             return self
                 .wrong_code(session, client, "second_factor", "user_disabled")
                 .await;
         };
-        if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
+        if let Some(retry_after) = self
+            .code_budget_spent(&user.id, session.own_device(), client)
+            .await?
+        {
             self.audit_repeated(
                 user.id.clone(),
                 AuditEvent::new("second_factor", "denied", self.clock.now())
@@ -360,7 +371,8 @@ impl LoginFlow {
             return Ok(CodeOutcome::Throttled { retry_after });
         }
         if self.key_required(&user, client).await {
-            self.code_attempt_settled(&user.id, client).await?;
+            self.code_attempt_settled(&user.id, session.own_device(), client)
+                .await?;
             return Ok(CodeOutcome::KeyRequired);
         }
         let input = code.expose().trim();
@@ -404,7 +416,8 @@ impl LoginFlow {
             }
             "otp"
         };
-        self.code_attempt_settled(&user.id, client).await?;
+        self.code_attempt_settled(&user.id, session.own_device(), client)
+            .await?;
         self.complete(session, &user, method);
         let ev = AuditEvent::new("second_factor", "success", self.clock.now())
             .user(&user)
@@ -479,7 +492,10 @@ impl LoginFlow {
         {
             return Ok(CodeOutcome::KeyRequired);
         }
-        if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
+        if let Some(retry_after) = self
+            .code_budget_spent(&user.id, session.own_device(), client)
+            .await?
+        {
             return Ok(CodeOutcome::Throttled { retry_after });
         }
         let now = self.clock.now();
@@ -503,7 +519,8 @@ impl LoginFlow {
         self.notifier
             .account_change(&user, "an authenticator app was set up as a second factor")
             .await;
-        self.code_attempt_settled(&user.id, client).await?;
+        self.code_attempt_settled(&user.id, session.own_device(), client)
+            .await?;
         self.complete(session, &user, "otp");
         self.show_recovery_codes(session, &user.id, &codes)?;
         Ok(CodeOutcome::Accepted)
@@ -580,9 +597,21 @@ pub fn totp_context(user_id: &str) -> String {
 }
 
 /// The budgets a second-factor attempt draws on: the account's wrong codes and the address's
-/// failed steps.
-fn code_budgets(user_id: &str, client: &Client, limits: &LimitsConfig) -> [(String, u64); 2] {
-    [
+/// failed steps; from the user's own known device (`device`), a budget of that device's wrong
+/// codes instead, as large as the account's, which nobody elsewhere can spend.
+fn code_budgets(
+    user_id: &str,
+    device: Option<&str>,
+    client: &Client,
+    limits: &LimitsConfig,
+) -> Vec<(String, u64)> {
+    if let Some(id) = device {
+        return vec![(
+            format!("fail:code:dev:{{{id}}}"),
+            limits.second_factor_failures_per_account,
+        )];
+    }
+    vec![
         (
             format!("fail:code:{{{user_id}}}"),
             limits.second_factor_failures_per_account,

@@ -28,7 +28,10 @@ impl LoginFlow {
         let Some(user) = self.active_user(&session.user_id).await? else {
             return Ok(CodeOutcome::Restart);
         };
-        if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
+        if let Some(retry_after) = self
+            .code_budget_spent(&user.id, session.own_device(), client)
+            .await?
+        {
             let ev = AuditEvent::new(EVENT, "denied", self.clock.now())
                 .user(&user)
                 .reason("throttled");
@@ -39,7 +42,8 @@ impl LoginFlow {
             .webauthn_policy
             .requires_phishing_resistant(&user.account_id)
         {
-            self.code_attempt_settled(&user.id, client).await?;
+            self.code_attempt_settled(&user.id, session.own_device(), client)
+                .await?;
             return Ok(CodeOutcome::KeyRequired);
         }
         let Some(rec) = self.durable.totp(&user.id).await? else {
@@ -58,7 +62,8 @@ impl LoginFlow {
                 .wrong_code(session, client, EVENT, "replayed_code")
                 .await;
         }
-        self.code_attempt_settled(&user.id, client).await?;
+        self.code_attempt_settled(&user.id, session.own_device(), client)
+            .await?;
         session.auth_ms = self.clock.now_millis();
         session.failed_codes = 0;
         let ev = AuditEvent::new(EVENT, "success", self.clock.now())

@@ -559,7 +559,12 @@ pub async fn totp_confirm_post(
     let client = super::client(&state, peer, &headers);
     let outcome = state
         .login
-        .confirm_totp_change(&user, &loaded.key, &form.code, &client)
+        .confirm_totp_change(
+            &user,
+            (&loaded.key, loaded.session.own_device()),
+            &form.code,
+            &client,
+        )
         .await?;
     match outcome {
         TotpChange::Changed => Ok(see_other(&format!("{PATH}?notice=totp_changed"))),

@@ -93,6 +93,11 @@ pub struct Session {
     /// guesser and can never complete.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub decoy: bool,
+    /// A pending sign-in's known device: the user's own device (`devices.id`) whose cookie came
+    /// with the password. Its wrong codes draw on a budget of the device's own, so a stranger who
+    /// has the password cannot spend the account's and lock the owner out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_device: Option<String>,
 }
 
 impl Session {
@@ -122,7 +127,14 @@ impl Session {
             strong_ms: None,
             remember_device: false,
             decoy: false,
+            known_device: None,
         }
+    }
+
+    /// The user's own device whose budget this session's second-factor attempts draw on: the
+    /// device a complete session was signed in from, or a pending sign-in's known device.
+    pub fn own_device(&self) -> Option<&str> {
+        self.device_id.as_deref().or(self.known_device.as_deref())
     }
 
     pub fn is_authenticated(&self) -> bool {

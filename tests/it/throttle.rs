@@ -645,3 +645,52 @@ async fn second_factor_first_looks_the_same_for_an_address_without_an_account() 
         "{switched:?}"
     );
 }
+
+/// Someone who has the password cannot lock the owner out of the second factor: wrong codes
+/// from elsewhere spend the account's code budget, but a sign-in from the owner's known device
+/// draws on a budget of that device's own, and its right code is taken. A browser that is not
+/// the owner's known device still meets the spent budget.
+#[tokio::test]
+async fn wrong_codes_from_elsewhere_do_not_lock_the_owner_out() {
+    let gw = Gateway::start().await;
+    let email = "code-lockout@example.com";
+    let (owner, secret, _) = gw.signed_in(email).await;
+    let per_account = gw.state.config.limits.second_factor_failures_per_account;
+    let per_login = gw.state.config.limits.second_factor_failures_per_login;
+    let mut codes_tried = 0;
+    let mut last = 0;
+    while codes_tried < per_account + 1 {
+        let attacker = gw.browser_moved_to(&gw.browser(), "127.0.1.5");
+        gw.clock.advance(1);
+
+        let r = gw.password(&attacker, email, PASSWORD, "").await;
+        assert_eq!(location(&r), "/_portcullis/mfa");
+        for _ in 0..per_login {
+            last = gw
+                .code(&attacker, "/_portcullis/mfa", "000000")
+                .await
+                .status()
+                .as_u16();
+            codes_tried += 1;
+            if last == 429 {
+                break;
+            }
+        }
+        if last == 429 {
+            break;
+        }
+    }
+    assert_eq!(last, 429, "the account's code budget is spent");
+    // A browser that is not a known device of the owner meets it, even with the right code.
+    let stranger = gw.browser();
+    gw.clock.advance(30);
+    gw.password(&stranger, email, PASSWORD, "").await;
+    let r = gw
+        .code(&stranger, "/_portcullis/mfa", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(r.status(), 429);
+    // The owner's known device signs in (after signing out: the device is still known).
+    sign_out(&gw, &owner).await;
+    gw.sign_in_on(&owner, email, &secret).await;
+    assert_eq!(gw.status(&owner, "/campaigns").await, 200);
+}

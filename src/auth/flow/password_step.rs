@@ -239,7 +239,7 @@ impl LoginFlow {
             self.release(&attempt.reserved).await?;
             let user = attempt.user.as_ref();
             return self
-                .factor_first_session(user, &attempt.email, client, return_to)
+                .factor_first_session(user, &attempt.email, client, return_to, device)
                 .await;
         }
         let Some(user) = self.check_password(attempt, password, client).await? else {
@@ -265,7 +265,7 @@ impl LoginFlow {
             client,
         )
         .await;
-        let session = Session::after_password(
+        let mut session = Session::after_password(
             &user.id,
             stage,
             self.clock.now_millis(),
@@ -273,6 +273,7 @@ impl LoginFlow {
             &client.user_agent,
             return_to,
         );
+        session.known_device = own_device(&user, device);
         Ok(PasswordOutcome::Proceed {
             user: Box::new(user),
             session: Box::new(session),
@@ -315,6 +316,7 @@ impl LoginFlow {
         email: &str,
         client: &Client,
         return_to: Option<String>,
+        device: Option<&KnownDevice>,
     ) -> Result<PasswordOutcome, FlowError> {
         let ev = AuditEvent::new("login_password", "denied", self.clock.now())
             .reason("second_factor_first");
@@ -336,6 +338,7 @@ impl LoginFlow {
         // No method proven yet: the password was not checked.
         session.amr.clear();
         session.decoy = user.is_none();
+        session.known_device = user.and_then(|u| own_device(u, device));
         Ok(PasswordOutcome::FactorFirst {
             session: Box::new(session),
         })
@@ -395,4 +398,11 @@ impl LoginFlow {
             session: Box::new(session.clone()),
         })
     }
+}
+
+/// The id of `device` when it is a known device of `user` (a pending sign-in's own budget).
+fn own_device(user: &User, device: Option<&KnownDevice>) -> Option<String> {
+    device
+        .filter(|d| d.user_id == user.id)
+        .map(|d| d.id.clone())
 }

@@ -131,14 +131,14 @@ impl LoginFlow {
     pub async fn confirm_totp_change(
         &self,
         user: &User,
-        binding: &str,
+        (binding, device): (&str, Option<&str>),
         code: &Secret<String>,
         client: &Client,
     ) -> Result<TotpChange, FlowError> {
         let Some(secret) = self.pending_totp_change(user, binding).await? else {
             return Ok(TotpChange::Expired);
         };
-        if let Some(retry_after) = self.code_budget_spent(&user.id, client).await? {
+        if let Some(retry_after) = self.code_budget_spent(&user.id, device, client).await? {
             return Ok(TotpChange::Throttled { retry_after });
         }
         let now = self.clock.now();
@@ -156,7 +156,7 @@ impl LoginFlow {
         // The confirming code must not also sign in. The step may equal one already used to
         // sign in (with the old secret) moments ago, so a "not greater" answer is fine here.
         self.claim_step(&user.id, step).await?;
-        self.code_attempt_settled(&user.id, client).await?;
+        self.code_attempt_settled(&user.id, device, client).await?;
         self.audit(event("success"), client).await;
         self.notifier
             .account_change(

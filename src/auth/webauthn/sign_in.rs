@@ -210,7 +210,11 @@ impl Keys {
             return Ok(Err(CodeOutcome::Restart));
         }
         let user_id = session.user_id.clone();
-        if let Some(retry_after) = self.flow.code_budget_spent(&user_id, client).await? {
+        if let Some(retry_after) = self
+            .flow
+            .code_budget_spent(&user_id, session.own_device(), client)
+            .await?
+        {
             self.audit_throttled(event, user.as_ref(), user_id, client)
                 .await;
             return Ok(Err(CodeOutcome::Throttled { retry_after }));
@@ -268,7 +272,9 @@ impl Keys {
                 .await
                 .map(Err);
         }
-        self.flow.code_attempt_settled(&user.id, client).await?;
+        self.flow
+            .code_attempt_settled(&user.id, session.own_device(), client)
+            .await?;
         Ok(Ok(user))
     }
 
