@@ -318,9 +318,11 @@ impl RedisStore {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &Cmd) -> StoreResult<T> {
-        let mut conn = self.conn.clone();
-        self.bounded(what, async move { cmd.query_async(&mut conn).await })
-            .await
+        self.bounded(what, || {
+            let mut conn = self.conn.clone();
+            async move { cmd.query_async(&mut conn).await }
+        })
+        .await
     }
 
     /// Runs one script on one key under the overall deadline.
@@ -331,21 +333,38 @@ impl RedisStore {
         key: &str,
         args: &[String],
     ) -> StoreResult<T> {
-        let mut conn = self.conn.clone();
         let mut call = script.key(self.key(key));
         for a in args {
             call.arg(a);
         }
-        self.bounded(what, async move { call.invoke_async(&mut conn).await })
-            .await
+        let call = &call;
+        self.bounded(what, || {
+            let mut conn = self.conn.clone();
+            async move { call.invoke_async(&mut conn).await }
+        })
+        .await
     }
 
-    async fn bounded<T>(
-        &self,
-        what: &str,
-        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> StoreResult<T> {
-        match tokio::time::timeout(self.deadline, fut).await {
+    /// Runs `attempt` under the overall deadline. A connection found dropped (Redis restarted
+    /// since the last call: the old connection's first write fails) is tried once more, on the
+    /// connection the manager has opened meanwhile; without that, the first call after every
+    /// restart of Redis answered 503 although Redis was back.
+    async fn bounded<T, F, Fut>(&self, what: &str, mut attempt: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let single = matches!(self.conn, Conn::Single(_));
+        let tries = async {
+            match attempt().await {
+                Err(e) if single && e.is_connection_dropped() && !e.is_connection_refusal() => {
+                    tracing::debug!(what, "redis connection dropped; trying once more");
+                    attempt().await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.deadline, tries).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(fail(what, &e)),
             Err(_) => Err(StoreError::Unavailable(format!("redis {what}: timed out"))),

@@ -159,6 +159,28 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
     assert_eq!(gw.upstream.count(), before + 1);
 }
 
+/// Redis restarted while the gateway made no call: the first calls after it (the readiness
+/// probe, a sign-in) are served. The gateway's connection is the dead one until its first write
+/// fails; that call is tried once more on a new connection rather than answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_calls_after_redis_returns_are_served() {
+    let mut redis = PrivateRedis::start();
+    let gw = gateway_on(redis.url()).await;
+    gw.add_user("first-call@example.com").await;
+    assert_eq!(status(&gw, "/_portcullis/readyz").await.0, 200);
+    for _ in 0..2 {
+        redis.kill();
+        redis.restart();
+        let (s, body) = status(&gw, "/_portcullis/readyz").await;
+        assert_eq!(s, 200, "the first probe after the restart: {body}");
+        let c = gw.browser();
+        let r = gw
+            .password(&c, "first-call@example.com", PASSWORD, "")
+            .await;
+        assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    }
+}
+
 /// A gateway started while Redis is down comes up (not ready), refuses, and becomes ready
 /// when Redis appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
