@@ -88,6 +88,13 @@ fn the_systemd_units_verify() {
                 "{name} is not sandboxed"
             );
         }
+        if name == "portcullis.service" {
+            // operations.md: `systemctl reload` sends the SIGHUP that reloads the TLS pair.
+            assert!(
+                unit.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+                "{name} cannot be reloaded"
+            );
+        }
         let path = dir.path().join(name);
         std::fs::write(&path, unit).unwrap();
         paths.push(path);

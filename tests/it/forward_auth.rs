@@ -256,12 +256,21 @@ async fn gateway_namespace_uris_are_refused() {
 #[tokio::test]
 async fn storage_trouble_fails_closed() {
     let gw = gateway(true).await;
+    let nginx = start_nginx(&gw).await;
     let (c, _, _) = gw.signed_in("down@example.com").await;
     let cookie = gw.cookies(&c);
     gw.break_durable_store().await;
     let r = ask(&gw, &cookie, "X-Forwarded-Uri", "/campaigns").await;
     assert_eq!(r.status, 503, "{}", r.head);
     assert!(r.header("x-portcullis-assertion").is_none());
+    // Through the documented nginx config, a 503 with Retry-After too (auth_request alone would
+    // make it a 500), and nothing reaches the console.
+    let before = gw.upstream.count();
+    let r = raw(nginx.addr, "GET", "/campaigns", &[("Cookie", &cookie)], "").await;
+    assert_eq!(r.status, 503, "{}", r.head);
+    assert_eq!(r.header("retry-after").as_deref(), Some("5"), "{}", r.head);
+    assert!(r.body.contains("temporarily unavailable"), "{}", r.body);
+    assert_eq!(gw.upstream.count(), before);
 }
 
 /// An nginx started for one test; stopped when dropped.
@@ -323,11 +332,18 @@ http {{
             return 302 $portcullis_login;
         }}
 
+        location @portcullis_unavailable {{
+            default_type text/plain;
+            add_header Retry-After 5 always;
+            return 503 "The sign-in service is temporarily unavailable. Please try again shortly.\n";
+        }}
+
         location / {{
             auth_request /_portcullis/auth;
             auth_request_set $portcullis_token $upstream_http_x_portcullis_assertion;
             auth_request_set $portcullis_login $upstream_http_location;
             error_page 401 = @login;
+            error_page 500 = @portcullis_unavailable;
             proxy_set_header X-Portcullis-Assertion $portcullis_token;
             proxy_pass {up};
         }}
