@@ -247,8 +247,8 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 
 /// Installs the log subscriber.
 pub fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // `PORTCULLIS_LOG` is already `log.level` here, validated with it (`Config::load`).
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
     // Colours only for a terminal: in a file or the journal they are escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

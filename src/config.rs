@@ -17,6 +17,8 @@ pub use storage::StorageConfig;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "PORTCULLIS__";
+/// The variable that overrides `log.level` (validated as it is).
+pub const LOG_ENV: &str = "PORTCULLIS_LOG";
 /// The hard ceiling on identity-token lifetime.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(300);
 
@@ -659,7 +661,7 @@ fn validate_log_level(level: &str) -> Result<(), ConfigError> {
     let bad = |why: &str| {
         key_err(
             "log.level",
-            format!("{why}; use a level (trace, debug, info, warn, error, off) or directives such as \"portcullis=debug,info\""),
+            format!("{why}; use a level (trace, debug, info, warn, error, off) or directives such as \"portcullis=debug,info\" (PORTCULLIS_LOG, when set, is this key)"),
         )
     };
     let is_level = |l: &str| LOG_LEVELS.iter().any(|v| v.eq_ignore_ascii_case(l.trim()));
@@ -729,7 +731,14 @@ impl Config {
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
-                key_err(&key, e.into_inner().to_string())
+                let mut why = e.into_inner().to_string();
+                if why.contains("expected a sequence") {
+                    why.push_str(
+                        "; a list is written as a TOML array, also in a PORTCULLIS__SECTION__KEY \
+                         variable: '[\"10.0.0.0/8\", \"192.168.0.0/16\"]'",
+                    );
+                }
+                key_err(&key, why)
             })?;
         config.validate()?;
         Ok(config)
@@ -1142,7 +1151,20 @@ fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
+    // Keys the environment set, to tell `key` and `key_file` both set there from one set in the
+    // file and the other in the environment (where the environment wins).
+    let mut from_env: std::collections::HashSet<(String, String)> = Default::default();
     for (name, raw) in env {
+        if name == LOG_ENV {
+            // The log filter's own variable: `log.level`, validated like it.
+            let log = table
+                .entry("log")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(log) = log.as_table_mut() {
+                log.insert("level".into(), toml::Value::String(raw));
+            }
+            continue;
+        }
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
@@ -1165,7 +1187,26 @@ fn apply_env(
         let Some(section) = section.as_table_mut() else {
             return Err(key_err(&path[0], "must be a table"));
         };
-        section.insert(path[1].clone(), value);
+        // The other spelling of the same key (`x` / `x_file`): the environment's value replaces
+        // the file's whichever spelling either uses; both from the environment is a conflict.
+        let key = &path[1];
+        let sibling = match key.strip_suffix("_file") {
+            Some(base) => base.to_string(),
+            None => format!("{key}_file"),
+        };
+        if from_env.contains(&(path[0].clone(), sibling.clone())) {
+            return Err(key_err(
+                &format!("{}.{}", path[0], key.trim_end_matches("_file")),
+                format!(
+                    "both {ENV_PREFIX}{}__{} and its _FILE form are set; keep one",
+                    path[0].to_ascii_uppercase(),
+                    key.trim_end_matches("_file").to_ascii_uppercase()
+                ),
+            ));
+        }
+        section.remove(&sibling);
+        section.insert(key.clone(), value);
+        from_env.insert((path[0].clone(), key.clone()));
     }
     Ok(())
 }

@@ -594,3 +594,77 @@ fn token_header_cannot_take_a_header_with_another_meaning() {
         );
     }
 }
+
+/// The environment overrides a key whichever spelling the file uses (`x` or `x_file`); both
+/// spellings from the environment are a conflict.
+#[test]
+fn the_environment_overrides_either_spelling_of_a_secret() {
+    let dir = tempfile_dir();
+    let (file_key, env_key) = (
+        crate::crypto::MasterKey::generate_base64(),
+        crate::crypto::MasterKey::generate_base64(),
+    );
+    std::fs::write(dir.join("mk"), format!("{file_key}\n")).unwrap();
+    std::fs::write(dir.join("mk-env"), format!("{env_key}\n")).unwrap();
+    let from_file_path = format!(
+        "[secrets]\nmaster_key_file = \"{}\"\n",
+        dir.join("mk").display()
+    );
+    let c = load_str(
+        &from_file_path,
+        &[("PORTCULLIS__SECRETS__MASTER_KEY", &env_key)],
+    )
+    .unwrap();
+    assert_eq!(c.secrets.master_key.as_ref().unwrap().expose(), &env_key);
+    let env_file = dir.join("mk-env").display().to_string();
+    let c = load_str(
+        &format!("[secrets]\nmaster_key = \"{file_key}\"\n"),
+        &[("PORTCULLIS__SECRETS__MASTER_KEY_FILE", &env_file)],
+    )
+    .unwrap();
+    assert_eq!(c.secrets.master_key.as_ref().unwrap().expose(), &env_key);
+    let e = load_str(
+        "",
+        &[
+            ("PORTCULLIS__SECRETS__MASTER_KEY", &env_key),
+            ("PORTCULLIS__SECRETS__MASTER_KEY_FILE", &env_file),
+        ],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("keep one"), "{e}");
+}
+
+/// `PORTCULLIS_LOG` is `log.level`, refused as it is when it names no level (a typo had
+/// silenced every log line).
+#[test]
+fn portcullis_log_is_the_log_level_and_validated() {
+    let c = load_str("", &[("PORTCULLIS_LOG", "portcullis=debug,warn")]).unwrap();
+    assert_eq!(c.log.level, "portcullis=debug,warn");
+    for bad in ["verbose", "warning", ""] {
+        let e = load_str("", &[("PORTCULLIS_LOG", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("log.level") && e.contains("PORTCULLIS_LOG"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+/// A list given as a plain string says how to write a list.
+#[test]
+fn a_list_in_the_environment_is_a_toml_array() {
+    let e = load_str("", &[("PORTCULLIS__SERVER__TRUSTED_PROXIES", "10.0.0.0/8")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("server.trusted_proxies") && e.contains("TOML array"),
+        "{e}"
+    );
+    let c = load_str(
+        "",
+        &[("PORTCULLIS__SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]")],
+    )
+    .unwrap();
+    assert_eq!(c.server.trusted_proxies.len(), 1);
+}
