@@ -830,6 +830,22 @@ impl Config {
             ));
         }
         let ss = &self.session;
+        // A session's last use is recorded once a minute: a shorter idle limit would end
+        // sessions in steady use.
+        if ss.idle_timeout < Duration::from_secs(2 * 60) {
+            return Err(key_err(
+                "session.idle_timeout",
+                "must be at least 2m (a session's last use is recorded once a minute)",
+            ));
+        }
+        if ss.login_timeout < Duration::from_secs(60)
+            || ss.login_timeout > Duration::from_secs(60 * 60)
+        {
+            return Err(key_err(
+                "session.login_timeout",
+                "must be between 1m and 1h: a sign-in needs time to find the second factor",
+            ));
+        }
         if ss.idle_timeout.is_zero() || ss.absolute_timeout < ss.idle_timeout {
             return Err(key_err(
                 "session.absolute_timeout",

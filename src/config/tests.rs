@@ -84,6 +84,18 @@ fn bad_values_are_refused_with_the_key() {
     for (text, key) in [
         ("[token]\nttl = \"10m\"\n", "token.ttl"),
         ("[token]\nttl = \"soon\"\n", "token.ttl"),
+        (
+            "[session]\nidle_timeout = \"40s\"\n",
+            "session.idle_timeout",
+        ),
+        (
+            "[session]\nlogin_timeout = \"0s\"\n",
+            "session.login_timeout",
+        ),
+        (
+            "[session]\nlogin_timeout = \"2h\"\n",
+            "session.login_timeout",
+        ),
         ("[server]\npublic_url = \"ftp://x\"\n", "server.public_url"),
         (
             "[server]\ntrusted_proxies = [\"not-a-cidr\"]\n",

@@ -454,7 +454,8 @@ pub struct Form<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
     type Rejection = AppError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(mut req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        lowercase_media_type(req.headers_mut());
         match axum::Form::<T>::from_request(req, state).await {
             Ok(axum::Form(v)) => Ok(Form(v)),
             Err(rej) => {
@@ -474,6 +475,32 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
                 })
             }
         }
+    }
+}
+
+/// Writes the media type of `Content-Type` in lower case (its parameters as they are): media
+/// types are case-insensitive, and axum's form extractor compares them as written.
+fn lowercase_media_type(headers: &mut HeaderMap) {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    let (essence, params) = match value.split_once(';') {
+        Some((e, p)) => (e, Some(p)),
+        None => (value, None),
+    };
+    if !essence.bytes().any(|b| b.is_ascii_uppercase()) {
+        return;
+    }
+    let lower = essence.trim().to_ascii_lowercase();
+    let fixed = match params {
+        Some(p) => format!("{lower};{p}"),
+        None => lower,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fixed) {
+        headers.insert(header::CONTENT_TYPE, v);
     }
 }
 

@@ -238,16 +238,25 @@ pub fn is_account_id(id: &str) -> bool {
     id.len() <= 128 && is_readable_name(id, 128)
 }
 
-/// An email address as the gateway accepts one for a user (already normalised): `local@domain`
-/// with a dot in the domain, at most 320 bytes, no whitespace and no hidden characters.
+/// An email address as the gateway accepts one for a user (already normalised): one `@`, a
+/// local part of 1 to 64 bytes, a domain of at most 255 bytes made of non-empty dot-separated
+/// labels (at least two), and no whitespace, hidden characters or the characters that quote or
+/// separate addresses in mail headers (`<>()[]\,;:"`).
 pub fn is_plausible_email(email: &str) -> bool {
-    email.len() <= 320
-        && email
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    (1..=64).contains(&local.len())
+        && (1..=255).contains(&domain.len())
+        && !domain.contains('@')
+        && domain.split('.').count() >= 2
+        && domain.split('.').all(|label| !label.is_empty())
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
         && !email
             .chars()
-            .any(|c| c.is_whitespace() || is_hidden_char(c))
+            .any(|c| c.is_whitespace() || is_hidden_char(c) || "<>()[]\\,;:\"".contains(c))
 }
 
 /// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
@@ -430,15 +439,36 @@ mod tests {
             assert!(!is_readable_name(bad, 64), "{bad:?}");
         }
         assert!(!is_readable_name(&"k".repeat(65), 64));
-        assert!(is_plausible_email("ana@example.com"));
+        for good in [
+            "ana@example.com",
+            "ana.maria+esp@mail.example.co.uk",
+            "o'brien@example.com",
+            &format!("{}@example.com", "a".repeat(64)),
+        ] {
+            assert!(is_plausible_email(good), "{good:?}");
+        }
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        let long_domain = format!("ana@{}.com", "d".repeat(252));
         for bad in [
             "ana",
             "@example.com",
             "ana@example",
             "ana@.com",
+            "ana@example.com.",
+            "ana@example..com",
+            "bob@@x.com",
+            "bob@x@y.com",
+            ".ana@example.com",
+            "ana.@example.com",
+            "a..na@example.com",
             "a na@example.com",
+            "<ana>@example.com",
+            "ana,bob@example.com",
+            "\"ana\"@example.com",
             "ana\u{202E}@example.com",
             "a\u{200D}na@example.com",
+            &long_local,
+            &long_domain,
         ] {
             assert!(!is_plausible_email(bad), "{bad:?}");
         }

@@ -1041,6 +1041,7 @@ async fn refused_forms_answer_api_clients_in_json() {
     let csrf = gw.csrf(&c, "/_portcullis/admin/users").await;
     let me_page = format!("/_portcullis/admin/users/{}", me.id);
     let target_page = format!("/_portcullis/admin/users/{}", target.id);
+    let long_reason = "r".repeat(201);
     // Method, path, form fields, then the status, code and words of the refusal.
     type Case<'a> = (
         &'a str,
@@ -1076,11 +1077,43 @@ async fn refused_forms_answer_api_clients_in_json() {
             "your own account",
         ),
         (
+            "POST",
+            "/_portcullis/admin/users".into(),
+            vec![("email", "bob@@example.com"), ("account", "acme")],
+            400,
+            "invalid_input",
+            "email address",
+        ),
+        (
+            "POST",
+            format!("{target_page}/disable"),
+            vec![("reason", long_reason.as_str())],
+            400,
+            "invalid_input",
+            "at most 200 characters",
+        ),
+        (
+            "POST",
+            format!("{target_page}/sessions/end"),
+            vec![("reason", "two\nlines")],
+            400,
+            "invalid_input",
+            "one line of text",
+        ),
+        (
             "GET",
             "/_portcullis/admin/audit?since=yesterday".into(),
             vec![],
             400,
             "invalid_input",
+            "must be a date",
+        ),
+        (
+            "GET",
+            "/_portcullis/admin/audit/export?since=zz".into(),
+            vec![],
+            400,
+            "bad_request",
             "must be a date",
         ),
     ];

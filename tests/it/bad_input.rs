@@ -56,6 +56,18 @@ async fn malformed_requests_get_clear_client_errors() {
             "{}".into(),
             &[415],
         ),
+        // Media types are case-insensitive: the form is read (and refused for its missing CSRF
+        // cookie, not for its type).
+        (
+            "POST",
+            "/_portcullis/login".into(),
+            vec![(
+                "Content-Type",
+                "Application/X-WWW-Form-Urlencoded; Charset=UTF-8".into(),
+            )],
+            "username=a%40b.example&password=x&csrf=y".into(),
+            &[403],
+        ),
         (
             "POST",
             "/_portcullis/login".into(),

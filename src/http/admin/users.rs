@@ -341,15 +341,18 @@ pub struct ReasonForm {
     csrf: String,
 }
 
-/// The reason an admin gave, tidied; `None` when empty (a reason is required).
-fn reason(raw: &str) -> Option<String> {
-    let r: String = raw
-        .trim()
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_REASON)
-        .collect();
-    (!r.is_empty()).then_some(r)
+/// The reason an admin gave, trimmed; `None` when empty. Refused (never cut or filtered, so
+/// the trail keeps what the admin wrote) when longer than [`MAX_REASON`] characters or not one
+/// line of text.
+fn reason(raw: &str) -> Result<Option<String>, &'static str> {
+    let r = raw.trim();
+    if r.chars().any(char::is_control) {
+        return Err("A reason is one line of text, without control characters.");
+    }
+    if r.chars().count() > MAX_REASON {
+        return Err("A reason has at most 200 characters.");
+    }
+    Ok((!r.is_empty()).then(|| r.to_string()))
 }
 
 /// A checked action form: the CSRF token, the user, and the admin's reason. Actions an admin
@@ -371,17 +374,17 @@ async fn acting(
         };
         return user_page(state, admin, headers, &user, view).await.map(Err);
     }
-    match reason(&form.reason) {
-        Some(r) => Ok(Ok((user, r))),
-        None => {
-            let view = View {
-                error: Some("Give a reason: it is kept in the audit trail."),
-                status: Some(StatusCode::BAD_REQUEST),
-                ..View::default()
-            };
-            user_page(state, admin, headers, &user, view).await.map(Err)
-        }
-    }
+    let refused = match reason(&form.reason) {
+        Ok(Some(r)) => return Ok(Ok((user, r))),
+        Ok(None) => "Give a reason: it is kept in the audit trail.",
+        Err(why) => why,
+    };
+    let view = View {
+        error: Some(refused),
+        status: Some(StatusCode::BAD_REQUEST),
+        ..View::default()
+    };
+    user_page(state, admin, headers, &user, view).await.map(Err)
 }
 
 fn done(user: &User, notice: &str) -> Response {
@@ -518,10 +521,11 @@ pub struct CsrfForm {
 
 /// What the audit trail records for an action whose reason is optional: `what`, and the
 /// admin's reason after it when one was given.
-fn with_reason(what: &str, raw: &str) -> String {
+fn with_reason(what: &str, raw: &str) -> Result<String, AppError> {
     match reason(raw) {
-        Some(r) => format!("{what}: {r}"),
-        None => what.to_string(),
+        Ok(Some(r)) => Ok(format!("{what}: {r}")),
+        Ok(None) => Ok(what.to_string()),
+        Err(why) => Err(AppError::new(StatusCode::BAD_REQUEST, "invalid_input", why)),
     }
 }
 
@@ -534,8 +538,8 @@ pub async fn end_sessions_post(
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
+    let why = with_reason("all", &form.reason)?;
     end_all(&state, &user).await?;
-    let why = with_reason("all", &form.reason);
     record(&state, &admin, "sessions_ended", Some(&user), &why).await;
     state
         .notifier
@@ -553,6 +557,7 @@ pub async fn end_session_post(
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
+    let why = with_reason(&format!("sid:{sid}"), &form.reason)?;
     let Some(found) = state
         .sessions
         .list_user(&user.id)
@@ -564,7 +569,6 @@ pub async fn end_session_post(
     };
     state.sessions.destroy(&found.key, &user.id).await?;
     state.signer.forget(&found.key);
-    let why = with_reason(&format!("sid:{sid}"), &form.reason);
     record(&state, &admin, "session_ended", Some(&user), &why).await;
     state
         .notifier
@@ -641,6 +645,7 @@ pub async fn revoke_device_post(
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
+    let why = with_reason(&format!("device:{device}"), &form.reason)?;
     let Some(found) = state
         .durable
         .list_devices(&user.id)
@@ -653,7 +658,6 @@ pub async fn revoke_device_post(
     let changed = state.durable.revoke_device(&device).await?;
     state.sessions.destroy_device(&user.id, &device).await?;
     if changed {
-        let why = with_reason(&format!("device:{device}"), &form.reason);
         record(&state, &admin, "device_revoked", Some(&user), &why).await;
         state
             .notifier
