@@ -31,7 +31,7 @@ use crate::binding::{
     self, BoundKey, ChallengeUse, CookieCheck, Method, ProofError, Purpose, COOKIE_HTTP,
     COOKIE_HTTPS,
 };
-use crate::policy::safe_step_up_return;
+use crate::policy::safe_return_target;
 use crate::session::{Loaded, Session};
 use crate::state::AppState;
 use crate::store::AuditEvent;
@@ -513,7 +513,7 @@ fn next_of(state: &AppState, q: &Option<String>) -> String {
                 .find(|(k, _)| k == "next")
                 .map(|(_, v)| v.into_owned())
         })
-        .and_then(|n| safe_step_up_return(&n, &state.config.server.public_url))
+        .and_then(|n| safe_return_target(&n, &state.config.server.public_url))
         .unwrap_or_else(|| "/".into())
 }
 

@@ -13,7 +13,7 @@ use crate::auth::flow::{
     awaits_factor_first, awaits_password, Client, CodeOutcome, PasswordOutcome,
 };
 use crate::auth::totp;
-use crate::policy::safe_return_to;
+use crate::policy::safe_return_target;
 use crate::secret::Secret;
 use crate::session::{Loaded, Session, Stage};
 use crate::state::AppState;
@@ -133,7 +133,7 @@ pub async fn login_get(
     RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
     let next = query_param(&q, "next")
-        .and_then(|n| safe_return_to(&n, &state.config.server.public_url))
+        .and_then(|n| safe_return_target(&n, &state.config.server.public_url))
         .unwrap_or_default();
     let mut username = String::new();
     if let Some(loaded) = current_session(&state, &headers).await? {
@@ -180,7 +180,7 @@ pub async fn login_post(
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
     let client = super::client(&state, peer, &headers);
-    let next = safe_return_to(&form.next, &state.config.server.public_url);
+    let next = safe_return_target(&form.next, &state.config.server.public_url);
     if form.username.len() > 320 {
         return Err(AppError::bad_request("That email address is too long."));
     }

@@ -16,7 +16,7 @@ use super::pages::{self, render};
 use super::webauthn::{ended_by_failures, keys, no_session, redirect_json, started, ApiCsrf};
 use super::{see_other, Form, Json, Peer};
 use crate::auth::flow::CodeOutcome;
-use crate::policy::safe_step_up_return;
+use crate::policy::safe_return_target;
 use crate::secret::Secret;
 use crate::session::Loaded;
 use crate::state::AppState;
@@ -34,7 +34,7 @@ pub fn url(next: &str, key_only: bool) -> String {
 }
 
 fn next_path(state: &AppState, raw: &str) -> String {
-    safe_step_up_return(raw, &state.config.server.public_url).unwrap_or_else(|| DEFAULT_NEXT.into())
+    safe_return_target(raw, &state.config.server.public_url).unwrap_or_else(|| DEFAULT_NEXT.into())
 }
 
 /// The signed-in session and its user, or `None` (no session, not complete, or refused).

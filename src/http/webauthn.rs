@@ -19,7 +19,7 @@ use super::{csrf, get_cookie, Json, Peer};
 use crate::auth::flow::CodeOutcome;
 use crate::auth::webauthn::{Keys, PasskeySignIn, Refusal, Registered, Started, PASSKEY_AMR};
 use crate::crypto::sha256_hex;
-use crate::policy::safe_return_to;
+use crate::policy::safe_return_target;
 use crate::session::{Loaded, Session, Stage};
 use crate::state::AppState;
 use crate::store::User;
@@ -371,7 +371,7 @@ pub async fn passkey_finish(
         PasskeySignIn::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
     };
     end_current_session(&state, &headers).await?;
-    let next = safe_return_to(&body.next, &state.config.server.public_url);
+    let next = safe_return_target(&body.next, &state.config.server.public_url);
     let mut session = Session::after_password(
         &user.id,
         Stage::Authenticated,

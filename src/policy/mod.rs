@@ -267,8 +267,9 @@ pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
 }
 
 /// Like [`safe_return_to`], but also accepts the gateway's own account and admin pages: where
-/// a step-up (`/_portcullis/reauth`) or a device proof (`/_portcullis/bind`) returns to.
-pub fn safe_step_up_return(candidate: &str, public_url: &Url) -> Option<String> {
+/// a sign-in, a step-up (`/_portcullis/reauth`) or a device proof (`/_portcullis/bind`) returns
+/// to (their own redirects to sign in name them in `next`).
+pub fn safe_return_target(candidate: &str, public_url: &Url) -> Option<String> {
     return_to(candidate, public_url, |path| {
         ["/_portcullis/account", "/_portcullis/admin"]
             .iter()
@@ -367,7 +368,7 @@ mod tests {
     #[test]
     fn step_up_returns_only_to_account_and_admin_pages() {
         let base = Url::parse("https://gw.example.com/").unwrap();
-        let ok = |c: &str| safe_step_up_return(c, &base);
+        let ok = |c: &str| safe_return_target(c, &base);
         assert_eq!(
             ok("/_portcullis/admin").as_deref(),
             Some("/_portcullis/admin")
