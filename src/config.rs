@@ -69,6 +69,10 @@ pub struct Config {
     pub remember_device: RememberDeviceConfig,
     pub metrics: MetricsConfig,
     pub binding: BindingConfig,
+    /// `[[step_up]]`: console requests that need a fresh second-factor proof
+    /// (see [`crate::policy::step_up`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub step_up: Vec<crate::policy::step_up::StepUpRule>,
 }
 
 /// `[metrics]`: Prometheus metrics on a listener of their own.
@@ -828,6 +832,10 @@ impl Config {
                 "notify.report_link_ttl",
                 "must be between 1h and 30d",
             ));
+        }
+        for (i, rule) in self.step_up.iter().enumerate() {
+            crate::policy::step_up::check_rule(rule)
+                .map_err(|why| key_err(&format!("step_up[{i}]"), why))?;
         }
         let ss = &self.session;
         // A session's last use is recorded once a minute: a shorter idle limit would end

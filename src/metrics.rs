@@ -75,6 +75,8 @@ pub enum ForwardAuth {
     SignIn,
     /// A complete session without a valid device proof.
     DeviceProof,
+    /// A `[[step_up]]` rule wants a fresh proof first.
+    StepUp,
     /// Refused: the gateway's own namespace, a malformed path.
     Denied,
     /// A store could not answer (503).
@@ -82,10 +84,11 @@ pub enum ForwardAuth {
 }
 
 impl ForwardAuth {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Allowed,
         Self::SignIn,
         Self::DeviceProof,
+        Self::StepUp,
         Self::Denied,
         Self::Unavailable,
     ];
@@ -95,6 +98,7 @@ impl ForwardAuth {
             Self::Allowed => "allowed",
             Self::SignIn => "sign_in",
             Self::DeviceProof => "device_proof",
+            Self::StepUp => "step_up",
             Self::Denied => "denied",
             Self::Unavailable => "unavailable",
         }
@@ -130,12 +134,13 @@ const LIMITS: [&str; 7] = [
     "device",
 ];
 /// Step-up reasons, as labelled.
-const STEP_UPS: [&str; 5] = [
+const STEP_UPS: [&str; 6] = [
     "second_factor_required",
     "enrolment_required",
     "key_required",
     "fresh_proof_required",
     "device_proof_required",
+    "sensitive_action",
 ];
 /// Store operation classes each store times (see `metrics::stores`), as labelled.
 const STORE_OPERATIONS: [(&str, &[&str]); 2] = [

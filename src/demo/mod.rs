@@ -86,6 +86,19 @@ pub fn demo_config(args: &DemoArgs) -> Result<Config> {
     if config.notify.smtp_url.is_none() {
         config.notify.outbox_dir = args.data_dir.join("outbox");
     }
+    if config.step_up.is_empty() {
+        // The demo console's sensitive actions: sending a campaign and making an API key need a
+        // second-factor proof from the last five minutes.
+        config.step_up = ["/campaigns/send", "/api-keys"]
+            .into_iter()
+            .map(|path| crate::policy::step_up::StepUpRule {
+                path: path.into(),
+                methods: vec!["POST".into()],
+                max_age: std::time::Duration::from_secs(5 * 60),
+                key: false,
+            })
+            .collect();
+    }
     config.validate()?;
     Ok(config)
 }

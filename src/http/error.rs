@@ -18,6 +18,9 @@ pub struct AppError {
     pub message: String,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
+    /// What a browser can do about it (a same-origin link and its words); the error page shows
+    /// it in place of the link to sign in.
+    pub action: Option<(String, &'static str)>,
 }
 
 /// Marker left on error responses so the HTML renderer can find them.
@@ -31,6 +34,7 @@ impl AppError {
             code,
             message: message.into(),
             retry_after: None,
+            action: None,
         }
     }
 
@@ -162,6 +166,7 @@ struct ErrorPage<'a> {
     title: &'a str,
     status: u16,
     message: &'a str,
+    action: Option<(&'a str, &'a str)>,
 }
 
 fn title_for(status: StatusCode) -> &'static str {
@@ -191,6 +196,10 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
         title: title_for(err.status),
         status: err.status.as_u16(),
         message: &err.message,
+        action: err
+            .action
+            .as_ref()
+            .map(|(href, label)| (href.as_str(), *label)),
     };
     let body = page.render().unwrap_or_else(|_| err.message.clone());
     let mut out = (err.status, Html(body)).into_response();

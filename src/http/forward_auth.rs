@@ -95,7 +95,7 @@ async fn check(
             "The gateway's own addresses are not behind forward authentication.",
         ));
     }
-    match decide(state, peer, headers).await? {
+    match decide(state, peer, headers, (&orig.method, &canonical)).await? {
         Decision::Pass(token, _) => {
             let mut r = StatusCode::OK.into_response();
             r.headers_mut().insert(state.token_header.clone(), token);
@@ -128,6 +128,30 @@ async fn check(
                 }
             }
             Ok((ForwardAuth::DeviceProof, r))
+        }
+        Decision::StepUp { key } => {
+            state.metrics.step_up(super::gate::STEP_UP_REASON);
+            let next = return_target(state, &orig.method, &orig.target);
+            let mut r =
+                super::gate::step_up_refusal(wants_html(headers), next.as_deref(), None, key);
+            let reauth = state
+                .config
+                .server
+                .public_url
+                .join(&super::reauth::url(next.as_deref().unwrap_or("/"), key))
+                .map_err(|e| AppError::internal(&e))?;
+            let location = HeaderValue::from_str(reauth.as_str()).ok();
+            if r.status() == StatusCode::SEE_OTHER {
+                *r.status_mut() = StatusCode::FOUND;
+            } else {
+                // As for sign-in: a 401 naming the page in `Location`, which a proxy that turns
+                // 401 into its own redirect (nginx) sends the browser to.
+                *r.status_mut() = StatusCode::UNAUTHORIZED;
+            }
+            if let Some(to) = location {
+                r.headers_mut().insert(header::LOCATION, to);
+            }
+            Ok((ForwardAuth::StepUp, r))
         }
         Decision::Refuse { clear_cookie } => {
             let next = return_target(state, &orig.method, &orig.target);

@@ -102,6 +102,62 @@ pub(crate) fn return_target(state: &AppState, method: &Method, target: &str) -> 
         .filter(|_| matches!(*method, Method::GET | Method::HEAD))
 }
 
+/// The step-up reason of a request a `[[step_up]]` rule held back (metrics).
+pub(crate) const STEP_UP_REASON: &str = "sensitive_action";
+
+/// The answer to a request a `[[step_up]]` rule held back: a browser navigation goes to
+/// `/_portcullis/reauth` and comes back to `next` after the proof; anything else gets
+/// `403 step_up_required` (an error page with a link for browsers) naming that page in `reauth`,
+/// coming back to `back` (the page the form was on), since a form or API call cannot be
+/// replayed through a redirect.
+pub(crate) fn step_up_refusal(
+    browser: bool,
+    next: Option<&str>,
+    back: Option<&str>,
+    key: bool,
+) -> Response {
+    if let (true, Some(n)) = (browser, next) {
+        return see_other(&super::reauth::url(n, key));
+    }
+    let reauth = super::reauth::url(next.or(back).unwrap_or("/"), key);
+    let proof = if key {
+        "a touch of your security key"
+    } else {
+        "your second factor"
+    };
+    let message = format!(
+        "This action needs a recent confirmation with {proof}. Confirm it's you at {reauth}, \
+         then send it again."
+    );
+    let body = serde_json::json!({
+        "error": "step_up_required",
+        "message": message,
+        "reauth": reauth,
+    });
+    let mut r = AppError {
+        action: Some((reauth.clone(), "Confirm it's you")),
+        ..AppError::forbidden("step_up_required", message)
+    }
+    .into_response();
+    *r.body_mut() = axum::body::Body::from(body.to_string());
+    r
+}
+
+/// The same-origin page a request came from (`Referer`), as a safe return target.
+pub(crate) fn referring_page(state: &AppState, headers: &HeaderMap) -> Option<String> {
+    let referer = headers.get(header::REFERER)?.to_str().ok()?;
+    let url = url::Url::parse(referer).ok()?;
+    let public = &state.config.server.public_url;
+    if url.origin() != public.origin() {
+        return None;
+    }
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    safe_return_to(&target, public)
+}
+
 /// What the gate decided about the session a request carries.
 pub(crate) enum Decision {
     /// A signed-in user whose session completed a second factor: the identity token to send on
@@ -111,6 +167,9 @@ pub(crate) enum Decision {
     Refuse { clear_cookie: bool },
     /// A complete session without a valid device proof (`binding.enabled`).
     Unbound(super::binding::Unbound),
+    /// A complete, proven session asking for an action a `[[step_up]]` rule guards, whose last
+    /// proof is older than the rule allows; `key`: the rule wants a security key.
+    StepUp { key: bool },
 }
 
 /// The one policy shared by the proxy and the forward-auth endpoint: session → second factor
@@ -120,6 +179,7 @@ pub(crate) async fn decide(
     state: &AppState,
     peer: std::net::SocketAddr,
     headers: &HeaderMap,
+    (method, path): (&Method, &str),
 ) -> Result<Decision, AppError> {
     let cookie = get_cookie(headers, state.sessions.cookie_name());
     let mut loaded = match state.sessions.load_cached(cookie).await? {
@@ -185,6 +245,14 @@ pub(crate) async fn decide(
         if let Some(why) = super::binding::check(state, loaded.record(), headers, &client()).await?
         {
             return Ok(Decision::Unbound(why));
+        }
+    }
+    // Step 5: an action that needs a fresh proof (`[[step_up]]`).
+    if let Some(rule) = crate::policy::step_up::rule_for(&state.config.step_up, method, path) {
+        let s = &loaded.session;
+        let now = state.clock.now_millis();
+        if !crate::policy::step_up::satisfied(rule, s.auth_ms, s.strong_ms, now) {
+            return Ok(Decision::StepUp { key: rule.key });
         }
     }
     if !state.sessions.touch(&mut loaded).await? {
@@ -342,11 +410,13 @@ async fn gate_and_forward(
         apply_security_headers(r.headers_mut(), state.config.is_https());
         return Ok(r);
     }
+    let path_len = canonical.len();
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{canonical}?{q}"),
         None => canonical,
     };
-    let decision = decide(state, peer, req.headers()).await;
+    let path = &path_and_query[..path_len];
+    let decision = decide(state, peer, req.headers(), (req.method(), path)).await;
     let decision = decision.inspect_err(|_| state.metrics.proxied(Proxied::Unavailable))?;
     let browser = wants_html(req.headers()) && !is_upgrade(&req);
     let next = || return_target(state, req.method(), &path_and_query);
@@ -367,6 +437,13 @@ async fn gate_and_forward(
                 bind,
                 next().as_deref(),
             ));
+        }
+        Decision::StepUp { key } => {
+            state.metrics.step_up(STEP_UP_REASON);
+            state.metrics.proxied(Proxied::Denied);
+            let n = next();
+            let back = referring_page(state, req.headers());
+            return Ok(step_up_refusal(browser, n.as_deref(), back.as_deref(), key));
         }
         Decision::Refuse { clear_cookie } => {
             state.metrics.proxied(match browser {

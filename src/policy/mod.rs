@@ -3,6 +3,8 @@
 
 use url::Url;
 
+pub mod step_up;
+
 /// The gateway's own namespace; nothing under it is ever forwarded.
 pub const GATEWAY_PREFIX: &str = "/_portcullis";
 
@@ -169,7 +171,7 @@ const DECODE_ROUNDS: usize = 3;
 /// decoded (up to [`DECODE_ROUNDS`] times), `\` taken as `/`, path parameters (`;…`, as Java
 /// servlet containers strip them) dropped from every segment, then empty, `.` and `..` segments
 /// resolved. Used only to refuse, never to forward.
-fn lenient_reading(path: &str) -> String {
+pub(crate) fn lenient_reading(path: &str) -> String {
     let mut bytes = path.as_bytes().to_vec();
     for _ in 0..DECODE_ROUNDS {
         let decoded: Vec<u8> = percent_encoding::percent_decode(&bytes).collect();

@@ -409,6 +409,7 @@ async fn forward_auth_answers_are_counted_by_outcome() {
         ("allowed", 2.0),
         ("sign_in", 2.0),
         ("device_proof", 0.0),
+        ("step_up", 0.0),
         ("denied", 1.0),
         ("unavailable", 0.0),
     ] {
@@ -455,6 +456,7 @@ async fn every_series_exists_from_the_start() {
         "key_required",
         "fresh_proof_required",
         "device_proof_required",
+        "sensitive_action",
     ] {
         expected.push(format!("portcullis_step_ups_total{{reason=\"{reason}\"}}"));
     }

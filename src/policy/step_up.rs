@@ -1,0 +1,171 @@
+//! Console actions that need a fresh proof (`[[step_up]]`): sending a campaign, making API keys,
+//! adding sending domains, exporting lists. A session that signed in (or last proved itself)
+//! longer ago than a rule's `max_age` must prove itself again before such a request is
+//! forwarded, with a security key where the rule says `key = true`.
+//!
+//! Rules match generously, since matching too much only asks for a proof: paths compare
+//! segment by segment ignoring letter case, empty segments are ignored, and both the canonical
+//! path and its lenient reading (escapes decoded, `;` parameters dropped, as a console behind the
+//! gateway may read it) are tried.
+
+use std::time::Duration;
+
+use http::Method;
+use serde::{Deserialize, Serialize};
+
+/// One `[[step_up]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepUpRule {
+    /// A path pattern: `/` separated segments; `*` is any one segment, a last `**` any rest
+    /// (also none): `/campaigns/*/send`, `/api-keys/**`.
+    pub path: String,
+    /// The methods it applies to, e.g. `["POST"]`; empty (the default): every method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// How long ago the last second-factor proof may be.
+    #[serde(with = "humantime_serde", default = "default_max_age")]
+    pub max_age: Duration,
+    /// Only a security key or passkey counts as the proof (phishing-resistant).
+    #[serde(default)]
+    pub key: bool,
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// Why a rule is refused, for the configuration error.
+pub fn check_rule(rule: &StepUpRule) -> Result<(), String> {
+    if !rule.path.starts_with('/') || rule.path.contains(['?', '#']) {
+        return Err("path must be a path starting with '/' (no query)".into());
+    }
+    let segments: Vec<&str> = segments(&rule.path).collect();
+    if let Some(pos) = segments.iter().position(|s| *s == "**") {
+        if pos + 1 != segments.len() {
+            return Err("`**` may only be the last segment of a path".into());
+        }
+    }
+    for m in &rule.methods {
+        if Method::from_bytes(m.trim().as_bytes()).is_err() || m.trim().is_empty() {
+            return Err(format!("`{m}` is not an HTTP method"));
+        }
+    }
+    if rule.max_age < Duration::from_secs(30) || rule.max_age > Duration::from_secs(24 * 3600) {
+        return Err("max_age must be between 30s and 24h".into());
+    }
+    Ok(())
+}
+
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+/// Whether `pattern` matches `path` (both split into segments; letter case ignored).
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut want = segments(pattern);
+    let mut have = segments(path);
+    loop {
+        match (want.next(), have.next()) {
+            (Some("**"), _) => return true,
+            (None, None) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(w), Some(h)) if w.eq_ignore_ascii_case(h) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The first rule that applies to `method` `path` (canonical), in either reading of the path.
+pub fn rule_for<'a>(
+    rules: &'a [StepUpRule],
+    method: &Method,
+    path: &str,
+) -> Option<&'a StepUpRule> {
+    if rules.is_empty() {
+        return None;
+    }
+    let lenient = super::lenient_reading(path);
+    rules.iter().find(|r| {
+        (r.methods.is_empty()
+            || r.methods
+                .iter()
+                .any(|m| m.trim().eq_ignore_ascii_case(method.as_str())))
+            && (path_matches(&r.path, path) || path_matches(&r.path, &lenient))
+    })
+}
+
+/// Whether a session whose last second-factor proof was at `auth_ms` (and last key proof at
+/// `strong_ms`) satisfies `rule` at `now_ms`.
+pub fn satisfied(rule: &StepUpRule, auth_ms: i64, strong_ms: Option<i64>, now_ms: i64) -> bool {
+    let proof = if rule.key { strong_ms } else { Some(auth_ms) };
+    let max = i64::try_from(rule.max_age.as_millis()).unwrap_or(i64::MAX);
+    proof.is_some_and(|at| now_ms.saturating_sub(at) <= max)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rule(path: &str, methods: &[&str]) -> StepUpRule {
+        StepUpRule {
+            path: path.into(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            max_age: Duration::from_secs(300),
+            key: false,
+        }
+    }
+
+    #[test]
+    fn rules_match_paths_and_methods_generously() {
+        let rules = [
+            rule("/campaigns/*/send", &["POST"]),
+            rule("/api-keys/**", &[]),
+        ];
+        let post = Method::POST;
+        for (method, path, hit) in [
+            (&post, "/campaigns/42/send", Some(0)),
+            (&post, "/Campaigns/42/SEND", Some(0)),
+            (&post, "/campaigns//42/send/", Some(0)),
+            (&post, "/campaigns/42/send;jsessionid=1", Some(0)),
+            (&post, "/campaigns/42%2Fsend", Some(0)),
+            (&Method::GET, "/campaigns/42/send", None),
+            (&post, "/campaigns/42", None),
+            (&post, "/campaigns/42/send/now", None),
+            (&Method::GET, "/api-keys", Some(1)),
+            (&Method::DELETE, "/api-keys/7", Some(1)),
+            (&Method::GET, "/api-keysx", None),
+        ] {
+            let got = rule_for(&rules, method, path).map(|r| r.path.as_str());
+            assert_eq!(got, hit.map(|i| rules[i].path.as_str()), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn a_proof_counts_for_max_age_and_a_key_rule_wants_a_key() {
+        let mut r = rule("/x", &[]);
+        assert!(satisfied(&r, 1_000, None, 1_000 + 300_000));
+        assert!(!satisfied(&r, 1_000, None, 1_000 + 300_001));
+        r.key = true;
+        assert!(!satisfied(&r, 1_000, None, 1_000));
+        assert!(satisfied(&r, 0, Some(1_000), 2_000));
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        for bad in [
+            rule("campaigns", &[]),
+            rule("/a/**/b", &[]),
+            rule("/a?x=1", &[]),
+            rule("/a", &["PO ST"]),
+            StepUpRule {
+                max_age: Duration::from_secs(1),
+                ..rule("/a", &[])
+            },
+        ] {
+            assert!(check_rule(&bad).is_err(), "{bad:?}");
+        }
+        assert!(check_rule(&rule("/campaigns/*/send", &["post"])).is_ok());
+    }
+}

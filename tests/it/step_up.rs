@@ -1,0 +1,154 @@
+//! `[[step_up]]`: console actions (sending a campaign, API keys, list export) forwarded only for
+//! a session whose last second-factor proof is recent enough, through the proxy and forward-auth.
+
+use std::time::Duration;
+
+use portcullis::policy::step_up::StepUpRule;
+
+use super::harness::*;
+
+fn rules(c: &mut portcullis::config::Config) {
+    let rule = |path: &str, methods: &[&str], key: bool| StepUpRule {
+        path: path.into(),
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+        max_age: Duration::from_secs(5 * 60),
+        key,
+    };
+    c.step_up = vec![
+        rule("/campaigns/*/send", &["POST"], false),
+        rule("/lists/*/export", &[], false),
+        rule("/api-keys/**", &[], true),
+    ];
+    c.forward_auth.enabled = true;
+    c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+}
+
+async fn send_campaign(gw: &Gateway, c: &Browser, path: &str, accept: &str) -> reqwest::Response {
+    c.post(gw.url(path))
+        .header("accept", accept)
+        .form(&[("recipients", "50000")])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sensitive_actions_need_a_recent_proof() {
+    let gw = Gateway::start_with(rules).await;
+    let (c, secret, _) = gw.signed_in("sender@example.com").await;
+    // Just signed in: the proof is fresh.
+    let r = send_campaign(&gw, &c, "/campaigns/7/send", "application/json").await;
+    assert_eq!(r.status(), 200);
+    let forwarded = gw.upstream.count();
+
+    gw.clock.advance(6 * 60);
+    // Other console requests go on as before.
+    assert_eq!(gw.status(&c, "/campaigns/7").await, 200);
+    assert_eq!(
+        gw.status(&c, "/campaigns/7/send").await,
+        200,
+        "GET is not guarded"
+    );
+    let forwarded = forwarded + 2;
+    // The guarded action, in any spelling, is held back.
+    for path in [
+        "/campaigns/7/send",
+        "/Campaigns/7/SEND",
+        "/campaigns//7/send/",
+    ] {
+        let r = send_campaign(&gw, &c, path, "application/json").await;
+        assert_eq!(r.status(), 403, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "step_up_required", "{path}");
+        assert!(
+            v["reauth"]
+                .as_str()
+                .unwrap()
+                .starts_with("/_portcullis/reauth?next="),
+            "{v}"
+        );
+    }
+    // A form sent from a console page: a page with a link to prove it and return to the form.
+    let r = c
+        .post(gw.url("/campaigns/7/send"))
+        .header("accept", "text/html")
+        .header("referer", gw.url("/campaigns/new?draft=7"))
+        .form(&[("recipients", "50000")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("href=\"/_portcullis/reauth?next=%2Fcampaigns%2Fnew%3Fdraft%3D7\""),
+        "{page}"
+    );
+    // A navigation is sent to prove itself and to come back.
+    let r = gw.get(&c, "/lists/3/export?format=csv").await;
+    assert_eq!(
+        location(&r),
+        "/_portcullis/reauth?next=%2Flists%2F3%2Fexport%3Fformat%3Dcsv"
+    );
+    assert_eq!(
+        gw.upstream.count(),
+        forwarded,
+        "nothing held back was forwarded"
+    );
+
+    // Forward-auth applies the same rule: 401 naming the step-up page (nginx redirects there).
+    let cookie = gw.cookies(&c);
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/_portcullis/auth",
+        &[
+            ("Cookie", &cookie),
+            ("X-Forwarded-Method", "POST"),
+            ("X-Forwarded-Uri", "/campaigns/7/send"),
+            ("Accept", "application/json"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(r.header("x-portcullis-assertion").is_none());
+    assert!(
+        r.header("location")
+            .unwrap_or_default()
+            .contains("/_portcullis/reauth?next="),
+        "{}",
+        r.head
+    );
+
+    // A fresh proof with the authenticator app, and the action goes through.
+    let html = gw
+        .page(&c, "/_portcullis/reauth?next=%2Flists%2F3%2Fexport")
+        .await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    gw.clock.advance(30);
+    let r = c
+        .post(gw.url("/_portcullis/reauth"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("code", gw.totp_now(&secret).as_str()),
+            ("next", "/lists/3/export"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/lists/3/export");
+    let r = send_campaign(&gw, &c, "/campaigns/7/send", "application/json").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.status(&c, "/lists/3/export").await, 200);
+
+    // A rule that wants a security key is not met by a code.
+    let r = gw.get(&c, "/api-keys").await;
+    assert_eq!(location(&r), "/_portcullis/reauth?next=%2Fapi-keys&key=1");
+    let r = c
+        .delete(gw.url("/api-keys/9"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}
