@@ -56,7 +56,13 @@ fn canonical_segment(seg: &str) -> Result<String, PathError> {
             if b < 0x20 || b == 0x7f {
                 return Err(PathError::ControlCharacter);
             }
-            out.push(b as char);
+            if b >= 0x80 {
+                // A raw byte of UTF-8 (or anything else) is escaped, so the console gets the
+                // bytes that were sent; pushed as a `char` it was encoded a second time.
+                out.push_str(&format!("%{b:02X}"));
+            } else {
+                out.push(b as char);
+            }
             i += 1;
         }
     }
@@ -418,6 +424,9 @@ mod tests {
             ("/x;jsessionid=1", "/x;jsessionid=1"),
             ("/a/b/..", "/a/"),
             ("/a//", "/a/"),
+            // Raw non-ASCII (UTF-8 sent unescaped) is escaped byte for byte, not re-encoded.
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
         ] {
             assert_eq!(normalise_path(raw).as_deref(), Ok(want), "{raw}");
         }

@@ -85,13 +85,17 @@ pub fn rule_for<'a>(
     if rules.is_empty() {
         return None;
     }
-    let lenient = super::lenient_reading(path);
+    // The lenient reading differs only where there is something to decode or drop.
+    let lenient = path
+        .contains(['%', '\\', ';'])
+        .then(|| super::lenient_reading(path));
     rules.iter().find(|r| {
         (r.methods.is_empty()
             || r.methods
                 .iter()
                 .any(|m| m.trim().eq_ignore_ascii_case(method.as_str())))
-            && (path_matches(&r.path, path) || path_matches(&r.path, &lenient))
+            && (path_matches(&r.path, path)
+                || lenient.as_deref().is_some_and(|l| path_matches(&r.path, l)))
     })
 }
 

@@ -180,6 +180,8 @@ async fn complete_session_reaches_canonical_paths_only() {
         ("/%2e%2e/campaigns?x=1", "/campaigns?x=1"),
         ("/_portcullis/../campaigns", "/campaigns"),
         ("/%61pi/keys", "/api/keys"),
+        // Raw UTF-8 in the request line reaches the console as the same bytes, escaped.
+        ("/caf\u{e9}", "/caf%C3%A9"),
     ] {
         let r = raw(gw.addr, "GET", raw_path, &[("Cookie", &cookie)], "").await;
         assert_eq!(r.status, 200, "{raw_path}");
