@@ -110,7 +110,8 @@ pub(super) fn no_session() -> AppError {
     AppError::new(
         StatusCode::UNAUTHORIZED,
         "session_required",
-        "Your session has ended. Please sign in again.",
+        "There is no sign-in here at the step this needs: none was started, it has ended, or it \
+         is at another step. Sign in and try again.",
     )
 }
 
