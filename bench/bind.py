@@ -3,6 +3,7 @@
 browser (see docs/threat-model.md, "The protocol"): prints the Cookie header value (session +
 bound cookie) that wrk then sends. Usage: bench/bind.py GATEWAY_HOST:PORT SESSION_COOKIE"""
 import json
+import os
 import re
 import sys
 import urllib.request
@@ -16,7 +17,12 @@ cookies = {k: v for k, v in (c.split("=", 1) for c in session.split("; "))}
 
 
 def request(path, body=None, csrf=None):
-    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items()), "Accept": "application/json"}
+    # The bound cookie counts only for the User-Agent it was issued to: the one wrk sends.
+    headers = {
+        "Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items()),
+        "Accept": "application/json",
+        "User-Agent": os.environ.get("BENCH_UA", "portcullis-bench"),
+    }
     if body is not None:
         headers.update({"Content-Type": "application/json", "Origin": base, "X-CSRF-Token": csrf})
     req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(), headers=headers)

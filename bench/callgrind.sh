@@ -39,9 +39,9 @@ for _ in $(seq 1 300); do curl -fs "http://$GW/.well-known/jwks.json" >/dev/null
 cookie=$(bound_session "$GW" bench@example.com "$PW" "$secret" 0)
 unset PORTCULLIS_CONFIG
 # Warm-up: the upstream connections are opened, the session and user caches filled.
-wrk -t1 -c8 -d3s -H "Cookie: $cookie" "http://$GW/campaigns" >/dev/null
+wrk -t1 -c8 -d3s -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns" >/dev/null
 callgrind_control -z "$gw_pid" >/dev/null
-out=$(wrk -t1 -c8 -d"${SECS}s" -H "Cookie: $cookie" "http://$GW/campaigns")
+out=$(wrk -t1 -c8 -d"${SECS}s" -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns")
 callgrind_control -d "$gw_pid" >/dev/null
 if echo "$out" | grep -q "Non-2xx"; then echo "answers other than 2xx:" >&2; echo "$out" >&2; exit 1; fi
 n=$(echo "$out" | awk '/requests in/{print $1}')

@@ -17,6 +17,10 @@ cleanup() {
 trap cleanup EXIT
 mkdir -p bench/results
 
+# Every benchmark client (the binding script, curl, wrk, oha) sends this User-Agent: a bound
+# cookie counts only for the network and browser it was issued to.
+export BENCH_UA=portcullis-bench
+
 totp_secret() { # the secret of an otpauth:// URI
   python3 -c 'import sys,urllib.parse as u; print(u.parse_qs(u.urlparse(sys.argv[1]).query)["secret"][0])' "$1"
 }
@@ -31,17 +35,17 @@ PY
 }
 bound_session() { # gateway, email, password, TOTP secret, TOTP step offset: prints the Cookie header of a complete, bound session
   local gw=$1 jar="$work/jar-$1" t cookie status
-  csrf() { curl -fs -c "$jar" -b "$jar" "http://$gw$1" | sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p' | head -1; }
+  csrf() { curl -fs -A "$BENCH_UA" -c "$jar" -b "$jar" "http://$gw$1" | sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p' | head -1; }
   t=$(csrf /_portcullis/login)
-  curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "username=$2" --data-urlencode "password=$3" --data-urlencode "csrf=$t" --data-urlencode "next=" "http://$gw/_portcullis/login"
+  curl -fs -A "$BENCH_UA" -o /dev/null -c "$jar" -b "$jar" --data-urlencode "username=$2" --data-urlencode "password=$3" --data-urlencode "csrf=$t" --data-urlencode "next=" "http://$gw/_portcullis/login"
   t=$(csrf /_portcullis/mfa)
-  curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "code=$(totp_code "$4" "$5")" --data-urlencode "csrf=$t" "http://$gw/_portcullis/mfa"
+  curl -fs -A "$BENCH_UA" -o /dev/null -c "$jar" -b "$jar" --data-urlencode "code=$(totp_code "$4" "$5")" --data-urlencode "csrf=$t" "http://$gw/_portcullis/mfa"
   cookie=$(awk '$6=="portcullis-session"{print "portcullis-session="$7}' "$jar")
   # Device binding is on by default: prove a device key once, as a browser does, and send the
   # bound cookie with the session cookie (it outlives the run), so the measured path includes the
   # bound-cookie check.
   cookie=$(python3 bench/bind.py "$gw" "$cookie")
-  status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$gw/campaigns")
+  status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$gw/campaigns")
   [ "$status" = 200 ] || { echo "sign-in for the benchmark failed on $gw (status $status)" >&2; exit 1; }
   echo "$cookie"
 }

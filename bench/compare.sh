@@ -81,7 +81,7 @@ measure() { # label, port, cookie, pids…: one wrk run, one table row
   local label=$1 port=$2 cookie=$3 out n c0 c1 u0 s0 u1 s1
   shift 3
   read -r u0 s0 < <(cpu_ticks "$@"); c0=$(switches "$@")
-  out=$(wrk -t2 -c64 -d"${DUR}s" --latency -H "Cookie: $cookie" "http://127.0.0.1:$port/campaigns")
+  out=$(wrk -t2 -c64 -d"${DUR}s" --latency -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://127.0.0.1:$port/campaigns")
   read -r u1 s1 < <(cpu_ticks "$@"); c1=$(switches "$@")
   n=$(echo "$out" | awk '/requests in/{print $1}')
   if echo "$out" | grep -q "Non-2xx"; then echo "$label: answers other than 2xx" >&2; exit 1; fi
@@ -98,7 +98,7 @@ syscalls() { # label, port, cookie, pids…: one wrk run under perf stat, one ta
   perf stat -x, $events -p "$targets" -o "$work/perf.csv" -- sleep "$((DUR + 1))" &
   local perf_pid=$!
   sleep 0.5
-  out=$(wrk -t2 -c64 -d"${DUR}s" -H "Cookie: $cookie" "http://127.0.0.1:$port/campaigns")
+  out=$(wrk -t2 -c64 -d"${DUR}s" -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://127.0.0.1:$port/campaigns")
   wait "$perf_pid"
   n=$(echo "$out" | awk '/requests in/{print $1}')
   python3 - "$label" "$n" "$work/perf.csv" $SYSCALL_KINDS <<'PY'
@@ -134,7 +134,7 @@ PY
     for r in $(seq 1 "$ROUNDS"); do
       for v in A B; do
         oha --no-tui --output-format json -z "${DUR}s" -c 64 -q "$RATE" --latency-correction \
-          -H "Cookie: ${COOKIE[$v]}" "http://127.0.0.1:${PORT[$v]}/campaigns" > "$work/oha.json"
+          -H "Cookie: ${COOKIE[$v]}" -H "User-Agent: $BENCH_UA" "http://127.0.0.1:${PORT[$v]}/campaigns" > "$work/oha.json"
         python3 - "$r $v" "$work/oha.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[2]))

@@ -102,7 +102,7 @@ done
 
 cookie=$(bound_session "$GW" bench@example.com "tall violet lantern orbit 42" "$secret" 0)
 cookie_redis=$(bound_session "$GWR" bench@example.com "tall violet lantern orbit 42" "$secret" 1)
-status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$FWD/campaigns")
+status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$FWD/campaigns")
 [ "$status" = 200 ] || { echo "forward-auth through nginx failed (status $status)" >&2; exit 1; }
 
 mkdir -p bench/results
@@ -110,13 +110,13 @@ run() { wrk -t2 -c"$CONN" -d"${DUR}s" --latency "$@"; }
 echo "== direct upstream" >&2
 run "http://$UP/campaigns" > bench/results/direct.txt
 echo "== through nginx" >&2
-run -H "Cookie: $cookie" "http://$NGX/campaigns" > bench/results/nginx.txt
+run -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$NGX/campaigns" > bench/results/nginx.txt
 echo "== through portcullis (memory store)" >&2
-run -H "Cookie: $cookie" "http://$GW/campaigns" > bench/results/portcullis.txt
+run -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns" > bench/results/portcullis.txt
 echo "== through portcullis (redis store)" >&2
-run -H "Cookie: $cookie_redis" "http://$GWR/campaigns" > bench/results/portcullis-redis.txt
+run -H "Cookie: $cookie_redis" -H "User-Agent: $BENCH_UA" "http://$GWR/campaigns" > bench/results/portcullis-redis.txt
 echo "== nginx auth_request -> portcullis forward-auth" >&2
-run -H "Cookie: $cookie" "http://$FWD/campaigns" > bench/results/forward-auth.txt
+run -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$FWD/campaigns" > bench/results/forward-auth.txt
 
 rps() { awk '/Requests\/sec/{print $2}' "$1"; }
 pct() { awk -v p="$2" '$1==p{print $2}' "$1"; }
@@ -151,10 +151,10 @@ half=$(awk '/Requests\/sec/{printf "%d", $2 / 2}' bench/results/portcullis.txt)
 fixed() { oha --no-tui --output-format json -z "${DUR}s" -c "$CONN" -q "$half" --latency-correction "$@"; }
 echo "== fixed rate: $half requests/s on every path" >&2
 fixed "http://$UP/campaigns" > bench/results/fixed-direct.json
-fixed -H "Cookie: $cookie" "http://$NGX/campaigns" > bench/results/fixed-nginx.json
-fixed -H "Cookie: $cookie" "http://$GW/campaigns" > bench/results/fixed-portcullis.json
-fixed -H "Cookie: $cookie_redis" "http://$GWR/campaigns" > bench/results/fixed-portcullis-redis.json
-fixed -H "Cookie: $cookie" "http://$FWD/campaigns" > bench/results/fixed-forward-auth.json
+fixed -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$NGX/campaigns" > bench/results/fixed-nginx.json
+fixed -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns" > bench/results/fixed-portcullis.json
+fixed -H "Cookie: $cookie_redis" -H "User-Agent: $BENCH_UA" "http://$GWR/campaigns" > bench/results/fixed-portcullis-redis.json
+fixed -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$FWD/campaigns" > bench/results/fixed-forward-auth.json
 python3 - "$half" "$DUR" "$CONN" <<'PY' | tee -a bench/results/proxy-summary.md
 import json, sys
 rate, dur, conn = sys.argv[1:4]

@@ -40,16 +40,16 @@ echo "== sign-in throughput (correct password, 4 clients, ${SECS}s)" >&2
 # session to a device key. That session is also the one that browses during the flood.
 python3 bench/known_device.py enrol "$GW" alice@example.com "$PW" "$secret" "$work/alice.json"
 cookie=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["browse"])' "$work/alice.json")
-status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" "http://$GW/campaigns")
+status=$(curl -s -o /dev/null -w '%{http_code}' -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns")
 [ "$status" = 200 ] || { echo "sign-in for the benchmark failed (status $status)" >&2; exit 1; }
 
-browse() { wrk -t1 -c8 -d"${SECS}s" --latency -H "Cookie: $cookie" "http://$GW/campaigns"; }
+browse() { wrk -t1 -c8 -d"${SECS}s" --latency -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns"; }
 # Browsing at a steady rate, as signed-in users do, latency counted from when each request was
 # due (so time queued behind a busy gateway counts).
 BROWSE_RATE=${BROWSE_RATE:-1000}
 browse_steady() {
   oha --no-tui --output-format json -z "${SECS}s" -c 8 -q "$BROWSE_RATE" --latency-correction \
-    -H "Cookie: $cookie" "http://$GW/campaigns"
+    -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns"
 }
 echo "== browsing, quiet" >&2
 browse > $R/browse-quiet.txt
