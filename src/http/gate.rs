@@ -248,12 +248,10 @@ pub(crate) async fn decide(
         }
     }
     // Step 5: an action that needs a fresh proof (`[[step_up]]`).
-    if let Some(rule) = crate::policy::step_up::rule_for(&state.config.step_up, method, path) {
-        let s = &loaded.session;
-        let now = state.clock.now_millis();
-        if !crate::policy::step_up::satisfied(rule, s.auth_ms, s.strong_ms, now) {
-            return Ok(Decision::StepUp { key: rule.key });
-        }
+    let s = &loaded.session;
+    let proofs = (s.auth_ms, s.strong_ms, state.clock.now_millis());
+    if let Some(key) = crate::policy::step_up::unmet(&state.config.step_up, method, path, proofs) {
+        return Ok(Decision::StepUp { key });
     }
     if !state.sessions.touch(&mut loaded).await? {
         // Ended elsewhere a moment ago.

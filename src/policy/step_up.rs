@@ -4,9 +4,13 @@
 //! forwarded, with a security key where the rule says `key = true`.
 //!
 //! Rules match generously, since matching too much only asks for a proof: paths compare
-//! segment by segment ignoring letter case, empty segments are ignored, and both the canonical
-//! path and its lenient reading (escapes decoded, `;` parameters dropped, as a console behind the
-//! gateway may read it) are tried.
+//! segment by segment ignoring letter case, empty segments are ignored, a path segment also
+//! matches without trailing dots and spaces and without a format suffix (`send.json`,
+//! `export.csv`, which frameworks route to the same action), and both the canonical path and its
+//! lenient reading (escapes decoded, `;` parameters dropped, as a console behind the gateway may
+//! read it) are tried. A rule for PUT, PATCH or DELETE also covers POST, which frameworks turn
+//! into those methods with a `_method` form field. Every matching rule applies: a request needs
+//! the proof each of them asks for.
 
 use std::time::Duration;
 
@@ -47,15 +51,31 @@ pub fn check_rule(rule: &StepUpRule) -> Result<(), String> {
         }
     }
     for m in &rule.methods {
-        if Method::from_bytes(m.trim().as_bytes()).is_err() || m.trim().is_empty() {
-            return Err(format!("`{m}` is not an HTTP method"));
+        if !STANDARD_METHODS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(m.trim()))
+        {
+            return Err(format!(
+                "`{m}` is not an HTTP method (one of {})",
+                STANDARD_METHODS.join(", ")
+            ));
         }
+    }
+    if super::normalise_path(&rule.path).as_deref() != Ok(rule.path.as_str()) {
+        return Err(
+            "path must be written in its canonical form (no escapes, `.` or `..` segments)".into(),
+        );
     }
     if rule.max_age < Duration::from_secs(30) || rule.max_age > Duration::from_secs(24 * 3600) {
         return Err("max_age must be between 30s and 24h".into());
     }
     Ok(())
 }
+
+/// Methods a rule may name.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+];
 
 fn segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter(|s| !s.is_empty())
@@ -70,33 +90,67 @@ fn path_matches(pattern: &str, path: &str) -> bool {
             (Some("**"), _) => return true,
             (None, None) => return true,
             (Some("*"), Some(_)) => {}
-            (Some(w), Some(h)) if w.eq_ignore_ascii_case(h) => {}
+            (Some(w), Some(h)) if same_segment(w, h) => {}
             _ => return false,
         }
     }
 }
 
-/// The first rule that applies to `method` `path` (canonical), in either reading of the path.
-pub fn rule_for<'a>(
-    rules: &'a [StepUpRule],
-    method: &Method,
-    path: &str,
-) -> Option<&'a StepUpRule> {
-    if rules.is_empty() {
-        return None;
+/// Whether a path segment `have` reads as the pattern's literal segment `want`: ignoring case,
+/// trailing dots and spaces, and a format suffix (`.json`, `.csv`).
+fn same_segment(want: &str, have: &str) -> bool {
+    let have = have.trim_end_matches(['.', ' ']);
+    if want.eq_ignore_ascii_case(have) {
+        return true;
     }
+    have.rsplit_once('.')
+        .is_some_and(|(stem, _)| want.eq_ignore_ascii_case(stem.trim_end_matches(['.', ' '])))
+}
+
+/// Whether `rule` covers `method` (a rule for PUT, PATCH or DELETE covers POST too).
+fn covers(rule: &StepUpRule, method: &Method) -> bool {
+    let names = |m: &str| {
+        rule.methods
+            .iter()
+            .any(|r| r.trim().eq_ignore_ascii_case(m))
+    };
+    rule.methods.is_empty()
+        || names(method.as_str())
+        || (*method == Method::POST && (names("PUT") || names("PATCH") || names("DELETE")))
+}
+
+/// The rules that apply to `method` `path` (canonical), in either reading of the path.
+fn matching<'a>(
+    rules: &'a [StepUpRule],
+    method: &'a Method,
+    path: &'a str,
+) -> impl Iterator<Item = &'a StepUpRule> + 'a {
     // The lenient reading differs only where there is something to decode or drop.
     let lenient = path
         .contains(['%', '\\', ';'])
         .then(|| super::lenient_reading(path));
-    rules.iter().find(|r| {
-        (r.methods.is_empty()
-            || r.methods
-                .iter()
-                .any(|m| m.trim().eq_ignore_ascii_case(method.as_str())))
+    rules.iter().filter(move |r| {
+        covers(r, method)
             && (path_matches(&r.path, path)
                 || lenient.as_deref().is_some_and(|l| path_matches(&r.path, l)))
     })
+}
+
+/// What the rules that apply to `method` `path` ask of a session whose last second-factor proof
+/// was at `auth_ms` (its last key proof at `strong_ms`): `None` when every one of them is met,
+/// else `Some(key)`, `key` when one that is not met wants a security key.
+pub fn unmet(
+    rules: &[StepUpRule],
+    method: &Method,
+    path: &str,
+    (auth_ms, strong_ms, now_ms): (i64, Option<i64>, i64),
+) -> Option<bool> {
+    if rules.is_empty() {
+        return None;
+    }
+    matching(rules, method, path)
+        .filter(|r| !satisfied(r, auth_ms, strong_ms, now_ms))
+        .fold(None, |key, r| Some(key.unwrap_or(false) || r.key))
 }
 
 /// Whether a session whose last second-factor proof was at `auth_ms` (and last key proof at
@@ -140,10 +194,50 @@ mod tests {
             (&Method::GET, "/api-keys", Some(1)),
             (&Method::DELETE, "/api-keys/7", Some(1)),
             (&Method::GET, "/api-keysx", None),
+            // Format suffixes, trailing dots and spaces route to the same action.
+            (&post, "/campaigns/42/send.json", Some(0)),
+            (&post, "/campaigns/42/send.", Some(0)),
+            (&post, "/campaigns/42/send%20", Some(0)),
+            (&post, "/campaigns/42/sender", None),
         ] {
-            let got = rule_for(&rules, method, path).map(|r| r.path.as_str());
+            let got = matching(&rules, method, path)
+                .next()
+                .map(|r| r.path.as_str());
             assert_eq!(got, hit.map(|i| rules[i].path.as_str()), "{method} {path}");
         }
+    }
+
+    #[test]
+    fn every_matching_rule_applies_and_post_stands_for_overridden_methods() {
+        let lax = StepUpRule {
+            max_age: Duration::from_secs(3600),
+            ..rule("/api-keys/**", &[])
+        };
+        let strict = StepUpRule {
+            key: true,
+            ..rule("/api-keys/*/reveal", &["DELETE"])
+        };
+        let rules = [lax, strict];
+        let at = |age_s: i64| (0, None, age_s * 1000);
+        // 50 minutes after a code: the first rule is met, the second (a key) is not, also for
+        // a POST (a `_method=DELETE` form).
+        assert_eq!(
+            unmet(&rules, &Method::DELETE, "/api-keys/9/reveal", at(3000)),
+            Some(true)
+        );
+        assert_eq!(
+            unmet(&rules, &Method::POST, "/api-keys/9/reveal", at(3000)),
+            Some(true)
+        );
+        assert_eq!(
+            unmet(&rules, &Method::GET, "/api-keys/9/reveal", at(3000)),
+            None
+        );
+        assert_eq!(
+            unmet(&rules, &Method::GET, "/api-keys/9/reveal", at(4000)),
+            Some(false)
+        );
+        assert_eq!(unmet(&rules, &Method::GET, "/campaigns", at(99_999)), None);
     }
 
     #[test]
@@ -163,6 +257,9 @@ mod tests {
             rule("/a/**/b", &[]),
             rule("/a?x=1", &[]),
             rule("/a", &["PO ST"]),
+            rule("/a", &["POTS"]),
+            rule("/%61pi-keys/**", &[]),
+            rule("/a/../b", &[]),
             StepUpRule {
                 max_age: Duration::from_secs(1),
                 ..rule("/a", &[])
