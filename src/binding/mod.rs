@@ -200,26 +200,39 @@ pub fn verify_refresh(token: &str, key: &BoundKey) -> Result<String, ProofError>
 }
 
 /// Where a bound cookie was issued: the client's network (its /24, or /64 for IPv6) and its
-/// `User-Agent`, as a short hash. A cookie presented from another network or by another browser
-/// is not taken as a proof: the browser that holds the key proves again (the bind page or a DBSC
-/// refresh does it without asking the user), and a copy of the cookie jar used elsewhere is
-/// refused at once rather than for the rest of the cookie's life.
-pub fn device_context(ip: &str, user_agent: &str) -> [u8; CONTEXT_LEN] {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(b"portcullis/bound-context/v1\0");
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) => h.update(&v4.octets()[..3]),
-        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-            Some(v4) => h.update(&v4.octets()[..3]),
-            None => h.update(&v6.octets()[..8]),
+/// `User-Agent`, as a short keyed hash (keyed, so a leaked cookie and user agent do not give
+/// away the owner's network to an offline search). A cookie presented from another network or by
+/// another browser is not taken as a proof: the browser that holds the key proves again (the bind
+/// page or a DBSC refresh does it without asking the user), and a copy of the cookie jar used
+/// elsewhere is refused at once rather than for the rest of the cookie's life.
+pub fn device_context(key: &MasterKey, ip: &str, user_agent: &str) -> [u8; CONTEXT_LEN] {
+    let parsed = ip.parse::<std::net::IpAddr>();
+    let (v4, v6);
+    let network: &[u8] = match parsed {
+        Ok(std::net::IpAddr::V4(a)) => {
+            v4 = a.octets();
+            &v4[..3]
+        }
+        Ok(std::net::IpAddr::V6(a)) => match a.to_ipv4_mapped() {
+            Some(m) => {
+                v4 = m.octets();
+                &v4[..3]
+            }
+            None => {
+                v6 = a.octets();
+                &v6[..8]
+            }
         },
-        Err(_) => h.update(ip.as_bytes()),
-    }
-    h.update(b"\0");
-    h.update(user_agent.as_bytes());
+        Err(_) => ip.as_bytes(),
+    };
+    let mac = key.link_mac_parts(&[
+        b"portcullis/bound-context/v2\0",
+        network,
+        b"\0",
+        user_agent.as_bytes(),
+    ]);
     let mut out = [0u8; CONTEXT_LEN];
-    out.copy_from_slice(&h.finalize()[..CONTEXT_LEN]);
+    out.copy_from_slice(&mac[..CONTEXT_LEN]);
     out
 }
 

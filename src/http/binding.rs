@@ -87,7 +87,7 @@ fn issue_cookie(state: &AppState, session: &Session, key: &BoundKey, client: &Cl
         &session.public_id,
         &key.thumbprint,
         expires,
-        &binding::device_context(&client.ip, &client.user_agent),
+        &binding::device_context(&state.master_key, &client.ip, &client.user_agent),
     );
     let margin = if ttl.as_secs() < 60 { 1 } else { 5 };
     let max_age = ttl.as_secs().saturating_sub(margin).max(1);
@@ -129,7 +129,7 @@ pub(crate) async fn check(
         &session.public_id,
         &key.thumbprint,
         state.clock.now_millis(),
-        &binding::device_context(&client.ip, &client.user_agent),
+        &binding::device_context(&state.master_key, &client.ip, &client.user_agent),
     );
     match (verdict, key.method) {
         (CookieCheck::Valid, _) => Ok(None),
@@ -139,7 +139,24 @@ pub(crate) async fn check(
         // networks, or a copy of the cookie jar. Only the key decides: the browser that holds
         // it proves again (the answer drops the cookie, which makes a DBSC browser refresh);
         // a copy cannot, and its failed proofs are counted there.
-        (CookieCheck::Moved, _) => Ok(Some(Unbound::Moved)),
+        (CookieCheck::Moved, _) => {
+            // Not a failure (the owner on a new network lands here too; the proof that follows
+            // is what counts), but written down, once a minute per session and network.
+            let ev = AuditEvent::new("session_binding_moved", "denied", state.clock.now())
+                .reason(CookieCheck::Moved.reason())
+                .client(&client.ip, &client.user_agent);
+            let ev = AuditEvent {
+                user_id: Some(session.user_id.clone()),
+                ..ev
+            };
+            let run = format!(
+                "binding_moved:{}:{}",
+                session.public_id,
+                crate::auth::flow::network_of(&client.ip)
+            );
+            state.audit.record_repeated(run, ev).await;
+            Ok(Some(Unbound::Moved))
+        }
         // A DBSC browser refreshes before it sends a request without the cookie; an expired or
         // foreign cookie is never sent by the browser that holds the key.
         (other, _) => {

@@ -1037,6 +1037,19 @@ async fn a_fresh_copied_cookie_jar_gets_nothing_from_another_browser_or_network(
         binding_failures(&gw).await.is_empty(),
         "a moved cookie alone is not counted: the proof that follows is"
     );
+    // It is written down, with the address and browser it came from.
+    let moved: Vec<(Option<String>, Option<String>)> = events(&gw, "session_binding_moved")
+        .await
+        .into_iter()
+        .map(|e| (e.ip, e.user_agent))
+        .collect();
+    assert!(
+        moved.contains(&(Some("127.0.0.1".into()), Some("thief-agent/1.0".into())))
+            && moved
+                .iter()
+                .any(|(ip, _)| ip.as_deref() == Some("127.0.1.2")),
+        "{moved:?}"
+    );
 
     // The owner's own browser is undisturbed; on a new network it proves again and carries on.
     assert_eq!(gw.status(&b, "/inbox").await, 200);
