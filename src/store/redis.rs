@@ -347,17 +347,19 @@ impl RedisStore {
 
     /// Runs `attempt` under the overall deadline. A connection found dropped (Redis restarted
     /// since the last call: the old connection's first write fails) is tried once more, on the
-    /// connection the manager has opened meanwhile; without that, the first call after every
-    /// restart of Redis answered 503 although Redis was back.
+    /// connection the manager has opened meanwhile, for operations that may run twice with the
+    /// same effect ([`RETRIED`]); without that, the first call after every restart of Redis
+    /// answered 503 although Redis was back. The others (counters, one-time takes, `SET NX`)
+    /// may have run before the reply was lost, so they fail as before (closed).
     async fn bounded<T, F, Fut>(&self, what: &str, mut attempt: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let single = matches!(self.conn, Conn::Single(_));
+        let retry = matches!(self.conn, Conn::Single(_)) && RETRIED.contains(&what);
         let tries = async {
             match attempt().await {
-                Err(e) if single && e.is_connection_dropped() && !e.is_connection_refusal() => {
+                Err(e) if retry && e.is_connection_dropped() && !e.is_connection_refusal() => {
                     tracing::debug!(what, "redis connection dropped; trying once more");
                     attempt().await
                 }
@@ -371,6 +373,21 @@ impl RedisStore {
         }
     }
 }
+
+/// Operations tried once more on a dropped connection (see `RedisStore::bounded`): those that
+/// leave the same state however often they run, and `incr`, whose second run (if the first did
+/// reach Redis) only counts one attempt more, which errs on the closed side.
+const RETRIED: [&str; 9] = [
+    "incr",
+    "ping",
+    "get",
+    "put",
+    "put_if_present",
+    "delete",
+    "set_add",
+    "set_remove",
+    "set_members",
+];
 
 /// A client for one server (or cluster node) URL, trusting `private_ca` alone when given.
 fn node_client(url: &str, private_ca: Option<&Vec<u8>>) -> StoreResult<redis::Client> {
