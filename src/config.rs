@@ -1179,8 +1179,15 @@ fn apply_env(
     // file and the other in the environment (where the environment wins).
     let mut from_env: std::collections::HashSet<(String, String)> = Default::default();
     for (name, raw) in env {
-        if name == LOG_ENV {
-            // The log filter's own variable: `log.level`, validated like it.
+        if name == LOG_ENV || name == format!("{ENV_PREFIX}LOG__LEVEL") {
+            // The log filter's own variable is `log.level` too, validated like it: the two may
+            // not both be set.
+            if !from_env.insert(("log".into(), "level".into())) {
+                return Err(key_err(
+                    "log.level",
+                    format!("both {LOG_ENV} and {ENV_PREFIX}LOG__LEVEL are set; keep one"),
+                ));
+            }
             let log = table
                 .entry("log")
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));

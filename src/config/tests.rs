@@ -652,6 +652,16 @@ fn the_environment_overrides_either_spelling_of_a_secret() {
 fn portcullis_log_is_the_log_level_and_validated() {
     let c = load_str("", &[("PORTCULLIS_LOG", "portcullis=debug,warn")]).unwrap();
     assert_eq!(c.log.level, "portcullis=debug,warn");
+    let both = load_str(
+        "",
+        &[
+            ("PORTCULLIS_LOG", "debug"),
+            ("PORTCULLIS__LOG__LEVEL", "warn"),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(both.contains("keep one"), "{both}");
     for bad in ["verbose", "warning", ""] {
         let e = load_str("", &[("PORTCULLIS_LOG", bad)])
             .unwrap_err()

@@ -38,6 +38,16 @@ async fn every_factor_first_sign_in_offers_a_key_whatever_the_account_has() {
         localhost(c);
         only_consecutive_failures_count(c);
         c.limits.second_factor_first_after = 3;
+        // The test accounts' own key policy is stricter than the global one: the ceremonies of
+        // second factor first must not show it (an address without an account has none).
+        c.webauthn.user_verification = portcullis::config::UserVerification::Preferred;
+        c.webauthn.accounts.insert(
+            "acct-1".into(),
+            portcullis::config::AccountKeyPolicy {
+                user_verification: Some(portcullis::config::UserVerification::Required),
+                ..Default::default()
+            },
+        );
     })
     .await;
     let (_, _, mut owner_key, real) = with_key(&gw, "keyed@example.com", "Desk key").await;

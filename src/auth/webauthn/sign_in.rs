@@ -67,6 +67,24 @@ impl Keys {
             return Ok(None);
         }
         let verification = match &user {
+            // Second factor first: one policy for every account and for none, the strictest
+            // configured anywhere, so the options do not tell an account's policy (or that
+            // there is no account).
+            _ if factor_first => {
+                let required =
+                    |uv: Option<UserVerification>| uv == Some(UserVerification::Required);
+                if required(Some(self.policy.user_verification))
+                    || self
+                        .policy
+                        .accounts
+                        .values()
+                        .any(|a| required(a.user_verification))
+                {
+                    UserVerification::Required
+                } else {
+                    UserVerification::Preferred
+                }
+            }
             Some(u) => self.policy_of(u).user_verification,
             None => self.policy.user_verification,
         };
@@ -232,7 +250,11 @@ impl Keys {
         let Some(user) = user else {
             // No account behind the sign-in (a decoy of second factor first), or disabled
             // since: every key is a wrong one, answered as an account answers a key it does not
-            // have, so the two cannot be told apart.
+            // have, after the same lookup, so the two cannot be told apart.
+            self.flow
+                .durable
+                .webauthn_credential(&encode_id(response.get_credential_id()))
+                .await?;
             let reason = if session.decoy {
                 "unknown_credential"
             } else {
