@@ -598,7 +598,9 @@ pub fn totp_context(user_id: &str) -> String {
 
 /// The budgets a second-factor attempt draws on: the account's wrong codes and the address's
 /// failed steps; from the user's own known device (`device`), a budget of that device's wrong
-/// codes instead, as large as the account's, which nobody elsewhere can spend.
+/// codes instead, as large as the account's, which nobody elsewhere can spend, and a ceiling
+/// over all the account's known devices together (three times the account's), so that someone
+/// holding several device cookies cannot multiply the guesses.
 fn code_budgets(
     user_id: &str,
     device: Option<&str>,
@@ -606,10 +608,16 @@ fn code_budgets(
     limits: &LimitsConfig,
 ) -> Vec<(String, u64)> {
     if let Some(id) = device {
-        return vec![(
-            format!("fail:code:dev:{{{id}}}"),
-            limits.second_factor_failures_per_account,
-        )];
+        return vec![
+            (
+                format!("fail:code:dev:{{{id}}}"),
+                limits.second_factor_failures_per_account,
+            ),
+            (
+                format!("fail:code:known:{{{user_id}}}"),
+                limits.second_factor_failures_per_account.saturating_mul(3),
+            ),
+        ];
     }
     vec![
         (
