@@ -471,6 +471,8 @@ impl LoginFlow {
         session.failed_codes = 0;
         session.user_id = user.id.clone();
         session.strong_ms = (method == AMR_KEY).then_some(now);
+        // A remembered device's key stands in for the second factor at sign-in, but is not one.
+        session.factor_ms = (method != crate::http::remembered::AMR_DEVICE).then_some(now);
     }
 
     /// Enrolment: the code from the new authenticator confirms the secret; the factor and ten

@@ -65,6 +65,7 @@ impl LoginFlow {
         self.code_attempt_settled(&user.id, session.own_device(), client)
             .await?;
         session.auth_ms = self.clock.now_millis();
+        session.factor_ms = Some(session.auth_ms);
         session.failed_codes = 0;
         let ev = AuditEvent::new(EVENT, "success", self.clock.now())
             .user(&user)

@@ -249,7 +249,7 @@ pub(crate) async fn decide(
     }
     // Step 5: an action that needs a fresh proof (`[[step_up]]`).
     let s = &loaded.session;
-    let proofs = (s.auth_ms, s.strong_ms, state.clock.now_millis());
+    let proofs = (s.second_factor_ms(), s.strong_ms, state.clock.now_millis());
     if let Some(key) = crate::policy::step_up::unmet(&state.config.step_up, method, path, proofs) {
         return Ok(Decision::StepUp { key });
     }

@@ -136,7 +136,8 @@ pub(crate) async fn ended_by_failures(
 
 /// Whether the session's last second-factor proof is recent enough for a change of factors.
 pub(super) fn fresh(state: &AppState, s: &Session) -> bool {
-    state.clock.now_millis() - s.auth_ms <= FRESH_PROOF_MS
+    s.second_factor_ms()
+        .is_some_and(|at| state.clock.now_millis() - at <= FRESH_PROOF_MS)
 }
 
 /// The session allowed to register a key and its user: a complete session with a fresh
@@ -383,6 +384,7 @@ pub async fn passkey_finish(
     );
     session.amr = PASSKEY_AMR.iter().map(|s| s.to_string()).collect();
     session.strong_ms = Some(session.auth_ms);
+    session.factor_ms = Some(session.auth_ms);
     let device_cookies = complete_sign_in(&state, &headers, &client, &mut session).await?;
     let (id, key) = state.sessions.create(&session).await?;
     let loaded = Loaded { key, session };

@@ -143,20 +143,25 @@ pub fn unmet(
     rules: &[StepUpRule],
     method: &Method,
     path: &str,
-    (auth_ms, strong_ms, now_ms): (i64, Option<i64>, i64),
+    (factor_ms, strong_ms, now_ms): (Option<i64>, Option<i64>, i64),
 ) -> Option<bool> {
     if rules.is_empty() {
         return None;
     }
     matching(rules, method, path)
-        .filter(|r| !satisfied(r, auth_ms, strong_ms, now_ms))
+        .filter(|r| !satisfied(r, factor_ms, strong_ms, now_ms))
         .fold(None, |key, r| Some(key.unwrap_or(false) || r.key))
 }
 
 /// Whether a session whose last second-factor proof was at `auth_ms` (and last key proof at
 /// `strong_ms`) satisfies `rule` at `now_ms`.
-pub fn satisfied(rule: &StepUpRule, auth_ms: i64, strong_ms: Option<i64>, now_ms: i64) -> bool {
-    let proof = if rule.key { strong_ms } else { Some(auth_ms) };
+pub fn satisfied(
+    rule: &StepUpRule,
+    factor_ms: Option<i64>,
+    strong_ms: Option<i64>,
+    now_ms: i64,
+) -> bool {
+    let proof = if rule.key { strong_ms } else { factor_ms };
     let max = i64::try_from(rule.max_age.as_millis()).unwrap_or(i64::MAX);
     proof.is_some_and(|at| now_ms.saturating_sub(at) <= max)
 }
@@ -218,7 +223,7 @@ mod tests {
             ..rule("/api-keys/*/reveal", &["DELETE"])
         };
         let rules = [lax, strict];
-        let at = |age_s: i64| (0, None, age_s * 1000);
+        let at = |age_s: i64| (Some(0), None, age_s * 1000);
         // 50 minutes after a code: the first rule is met, the second (a key) is not, also for
         // a POST (a `_method=DELETE` form).
         assert_eq!(
@@ -243,11 +248,13 @@ mod tests {
     #[test]
     fn a_proof_counts_for_max_age_and_a_key_rule_wants_a_key() {
         let mut r = rule("/x", &[]);
-        assert!(satisfied(&r, 1_000, None, 1_000 + 300_000));
-        assert!(!satisfied(&r, 1_000, None, 1_000 + 300_001));
+        assert!(satisfied(&r, Some(1_000), None, 1_000 + 300_000));
+        assert!(!satisfied(&r, Some(1_000), None, 1_000 + 300_001));
+        // A sign-in by a remembered device's key has no second-factor proof to count.
+        assert!(!satisfied(&r, None, None, 1_000));
         r.key = true;
-        assert!(!satisfied(&r, 1_000, None, 1_000));
-        assert!(satisfied(&r, 0, Some(1_000), 2_000));
+        assert!(!satisfied(&r, Some(1_000), None, 1_000));
+        assert!(satisfied(&r, Some(0), Some(1_000), 2_000));
     }
 
     #[test]

@@ -98,6 +98,11 @@ pub struct Session {
     /// has the password cannot spend the account's and lock the owner out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub known_device: Option<String>,
+    /// When the user last proved a second factor (ms): the sign-in's, unless a remembered
+    /// device's key stood in for it (`swk`), or a step-up's. Freshness rules (factor changes on
+    /// the account page, `[[step_up]]`) ask for this, not for the last sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor_ms: Option<i64>,
 }
 
 impl Session {
@@ -128,7 +133,15 @@ impl Session {
             remember_device: false,
             decoy: false,
             known_device: None,
+            factor_ms: None,
         }
+    }
+
+    /// When the user last proved a second factor ([`Session::factor_ms`]); for a session
+    /// recorded before that field, its last sign-in unless a remembered device signed it in.
+    pub fn second_factor_ms(&self) -> Option<i64> {
+        self.factor_ms
+            .or_else(|| (!self.amr.iter().any(|m| m == "swk")).then_some(self.auth_ms))
     }
 
     /// The user's own device whose budget this session's second-factor attempts draw on: the

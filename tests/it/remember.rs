@@ -112,6 +112,10 @@ async fn a_remembered_browser_proves_its_key_instead_of_the_second_factor() {
     )
     .unwrap();
     assert_eq!(claims.amr, vec!["pwd".to_string(), "swk".to_string()]);
+    // The device's key stood in for the second factor, but is no fresh second-factor proof:
+    // changing how the user signs in still asks for one.
+    let account = gw.page(&b, "/_portcullis/account").await;
+    assert!(account.contains("id=\"reauth\""), "{account}");
     assert!(gw
         .audit()
         .await

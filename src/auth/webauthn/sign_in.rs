@@ -200,6 +200,7 @@ impl Keys {
         };
         let now = self.flow.clock.now_millis();
         session.auth_ms = now;
+        session.factor_ms = Some(now);
         session.strong_ms = Some(now);
         session.failed_codes = 0;
         if !session.amr.iter().any(|m| m == AMR_KEY) {
