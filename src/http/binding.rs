@@ -348,12 +348,7 @@ pub(crate) fn refusal(
         }
     }
     if why == Unbound::Moved {
-        let clear = format!(
-            "{}=; Max-Age=0; {}",
-            cookie_name(state),
-            cookie_attributes(state)
-        );
-        if let Ok(v) = HeaderValue::from_str(&clear) {
+        if let Ok(v) = HeaderValue::from_str(&dropped_cookie(state)) {
             resp.headers_mut().append(header::SET_COOKIE, v);
         }
     }
@@ -537,6 +532,7 @@ fn next_of(state: &AppState, q: &Option<String>) -> String {
 /// `GET /_portcullis/bind?next=…`: the interstitial that proves possession and continues.
 pub async fn bind_get(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
@@ -563,7 +559,36 @@ pub async fn bind_get(
         set,
     );
     offer_registration(&state, &loaded.session, &mut resp).await?;
+    // A bound cookie that is no proof from here (another network or browser, expired) is
+    // dropped, also when the gate's own answer that would have dropped it did not reach the
+    // browser (nginx `auth_request` keeps the check's cookies): a DBSC browser then refreshes,
+    // where it would go on sending the stale one.
+    if let Some(key) = &loaded.session.binding {
+        let client = super::client(&state, peer, &headers);
+        let verdict = binding::check_bound_cookie(
+            &state.master_key,
+            get_cookie(&headers, cookie_name(&state)),
+            &loaded.session.public_id,
+            &key.thumbprint,
+            state.clock.now_millis(),
+            &binding::device_context(&state.master_key, &client.ip, &client.user_agent),
+        );
+        if !matches!(verdict, CookieCheck::Valid | CookieCheck::Missing) {
+            if let Ok(v) = HeaderValue::from_str(&dropped_cookie(&state)) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
+        }
+    }
     Ok(resp)
+}
+
+/// A `Set-Cookie` that removes the bound cookie.
+fn dropped_cookie(state: &AppState) -> String {
+    format!(
+        "{}=; Max-Age=0; {}",
+        cookie_name(state),
+        cookie_attributes(state)
+    )
 }
 
 /// `GET /_portcullis/static/binding.js`.

@@ -1017,6 +1017,18 @@ async fn a_fresh_copied_cookie_jar_gets_nothing_from_another_browser_or_network(
         assert_eq!(v["error"], "binding_refresh_required", "{what}");
         let r = get("text/html").await.unwrap();
         assert_eq!(location(&r), "/_portcullis/bind?next=%2Finbox", "{what}");
+        // The bind page drops it too (behind nginx the gate's answer does not reach the browser).
+        let r = thief
+            .get(gw.url("/_portcullis/bind?next=%2Finbox"))
+            .header("cookie", &copied)
+            .send()
+            .await
+            .unwrap();
+        let dropped = set_cookie_named(&r, "portcullis-bound").unwrap_or_default();
+        assert!(
+            dropped.contains("Max-Age=0"),
+            "{what}: bind page: {dropped}"
+        );
         // Nor does it reach a page that changes how the owner signs in.
         let r = thief
             .post(gw.url("/_portcullis/account/recovery-codes"))
