@@ -278,7 +278,7 @@ pub async fn remove_post(
     if !fresh(&state, &loaded.session) {
         state.metrics.step_up("fresh_proof_required");
         return refuse(
-            "For your security, sign out and sign in again before removing a key.",
+            "For your security, confirm it's you again (with your second factor) before removing a key.",
             StatusCode::FORBIDDEN,
         )
         .await;
