@@ -854,6 +854,9 @@ impl Config {
                 "must be between 1m and 1h: a sign-in needs time to find the second factor",
             ));
         }
+        if ss.absolute_timeout > Duration::from_secs(90 * 86_400) {
+            return Err(key_err("session.absolute_timeout", "must be at most 90d"));
+        }
         if ss.idle_timeout.is_zero() || ss.absolute_timeout < ss.idle_timeout {
             return Err(key_err(
                 "session.absolute_timeout",
@@ -1265,7 +1268,7 @@ fn resolve_secret_files(table: &mut toml::Table, prefix: &str) -> Result<(), Con
         if table.contains_key(base) {
             return Err(key_err(
                 &base_full,
-                format!("set both `{base}` and `{k}`; keep one"),
+                format!("both `{base}` and `{k}` are set; keep one"),
             ));
         }
         let content = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {

@@ -132,8 +132,12 @@ async fn check(
         Decision::StepUp { key } => {
             state.metrics.step_up(super::gate::STEP_UP_REASON);
             let next = return_target(state, &orig.method, &orig.target);
-            let mut r =
-                super::gate::step_up_refusal(wants_html(headers), next.as_deref(), None, key);
+            let mut r = super::gate::step_up_refusal(
+                wants_html(headers),
+                (next.as_deref(), None),
+                key,
+                StatusCode::UNAUTHORIZED,
+            );
             let reauth = state
                 .config
                 .server
@@ -141,12 +145,10 @@ async fn check(
                 .join(&super::reauth::url(next.as_deref().unwrap_or("/"), key))
                 .map_err(|e| AppError::internal(&e))?;
             let location = HeaderValue::from_str(reauth.as_str()).ok();
+            // As for sign-in: a 302 for a browser's navigation, else a 401 naming the page in
+            // `Location`, which a proxy that turns 401 into its own redirect (nginx) follows.
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
-            } else {
-                // As for sign-in: a 401 naming the page in `Location`, which a proxy that turns
-                // 401 into its own redirect (nginx) sends the browser to.
-                *r.status_mut() = StatusCode::UNAUTHORIZED;
             }
             if let Some(to) = location {
                 r.headers_mut().insert(header::LOCATION, to);

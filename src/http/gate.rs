@@ -110,11 +110,12 @@ pub(crate) const STEP_UP_REASON: &str = "sensitive_action";
 /// `403 step_up_required` (an error page with a link for browsers) naming that page in `reauth`,
 /// coming back to `back` (the page the form was on), since a form or API call cannot be
 /// replayed through a redirect.
+/// `status`: 403, or 401 for forward-auth (which a proxy such as nginx turns into a redirect).
 pub(crate) fn step_up_refusal(
     browser: bool,
-    next: Option<&str>,
-    back: Option<&str>,
+    (next, back): (Option<&str>, Option<&str>),
     key: bool,
+    status: StatusCode,
 ) -> Response {
     if let (true, Some(n)) = (browser, next) {
         return see_other(&super::reauth::url(n, key));
@@ -136,7 +137,7 @@ pub(crate) fn step_up_refusal(
     });
     let mut r = AppError {
         action: Some((reauth.clone(), "Confirm it's you")),
-        ..AppError::forbidden("step_up_required", message)
+        ..AppError::new(status, "step_up_required", message)
     }
     .into_response();
     *r.body_mut() = axum::body::Body::from(body.to_string());
@@ -441,7 +442,8 @@ async fn gate_and_forward(
             state.metrics.proxied(Proxied::Denied);
             let n = next();
             let back = referring_page(state, req.headers());
-            return Ok(step_up_refusal(browser, n.as_deref(), back.as_deref(), key));
+            let pages = (n.as_deref(), back.as_deref());
+            return Ok(step_up_refusal(browser, pages, key, StatusCode::FORBIDDEN));
         }
         Decision::Refuse { clear_cookie } => {
             state.metrics.proxied(match browser {
@@ -475,7 +477,12 @@ async fn gate_and_forward(
             state.metrics.proxied(Proxied::Unavailable);
             tracing::warn!(error = %e, "upstream request failed");
             let status = e.status();
-            let (code, msg) = if status == StatusCode::GATEWAY_TIMEOUT {
+            let (code, msg) = if status == StatusCode::METHOD_NOT_ALLOWED {
+                (
+                    "method_not_allowed",
+                    "The gateway does not forward this method to the console.",
+                )
+            } else if status == StatusCode::GATEWAY_TIMEOUT {
                 (
                     "upstream_timeout",
                     "The console did not answer in time. Please try again.",

@@ -43,6 +43,20 @@ pub async fn password_post(
         async move { page(state, headers, loaded, user, None, Some(&msg), status).await }
     };
     let new = &form.password;
+    if form.current_password.expose().is_empty() {
+        return refuse(
+            "Enter your current password.".into(),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    }
+    if new.expose() == form.current_password.expose() {
+        return refuse(
+            "The new password is the current one: choose another.".into(),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    }
     if let Err(why) = check_new_password(
         new.expose(),
         form.password2.expose(),

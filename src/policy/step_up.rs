@@ -96,15 +96,19 @@ fn path_matches(pattern: &str, path: &str) -> bool {
     }
 }
 
-/// Whether a path segment `have` reads as the pattern's literal segment `want`: ignoring case,
-/// trailing dots and spaces, and a format suffix (`.json`, `.csv`).
+/// Whether a path segment `have` reads as the pattern's literal segment `want`: compared in
+/// Unicode upper case (so `ſend` is `send`, as Java's case-insensitive comparison has it), and
+/// `have` may go on after `want` with anything that does not start with a letter or digit (a
+/// format suffix `.json`, trailing dots or spaces, `?`, an invisible or undecodable character),
+/// which frameworks and servers drop or route to the same action.
 fn same_segment(want: &str, have: &str) -> bool {
-    let have = have.trim_end_matches(['.', ' ']);
-    if want.eq_ignore_ascii_case(have) {
-        return true;
+    let mut have = have.chars().flat_map(char::to_uppercase);
+    for w in want.chars().flat_map(char::to_uppercase) {
+        if have.next() != Some(w) {
+            return false;
+        }
     }
-    have.rsplit_once('.')
-        .is_some_and(|(stem, _)| want.eq_ignore_ascii_case(stem.trim_end_matches(['.', ' '])))
+    have.next().is_none_or(|c| !c.is_alphanumeric())
 }
 
 /// Whether `rule` covers `method` (a rule for PUT, PATCH or DELETE covers POST too).
@@ -203,7 +207,16 @@ mod tests {
             (&post, "/campaigns/42/send.json", Some(0)),
             (&post, "/campaigns/42/send.", Some(0)),
             (&post, "/campaigns/42/send%20", Some(0)),
+            (&post, "/campaigns/42/send..;", Some(0)),
+            (&post, "/campaigns/42/send%2Ejson", Some(0)),
+            (&post, "/campaigns/42/send%3F", Some(0)),
+            (&post, "/campaigns/42/send%23", Some(0)),
+            (&post, "/campaigns/42/%C5%BFend", Some(0)),
+            (&post, "/campaigns/42/send%E2%80%8B", Some(0)),
+            (&post, "/campaigns/42/send%C0%AF", Some(0)),
+            (&post, "/campaigns/42/send%FF", Some(0)),
             (&post, "/campaigns/42/sender", None),
+            (&post, "/campaigns/42/sendé", None),
         ] {
             let got = matching(&rules, method, path)
                 .next()

@@ -268,6 +268,24 @@ async fn the_password_is_changed_with_the_current_one_and_other_sessions_end() {
             400,
             "at least",
         ),
+        (
+            [
+                ("current_password", ""),
+                ("password", new),
+                ("password2", new),
+            ],
+            400,
+            "Enter your current password",
+        ),
+        (
+            [
+                ("current_password", PASSWORD),
+                ("password", PASSWORD),
+                ("password2", PASSWORD),
+            ],
+            400,
+            "is the current one",
+        ),
     ] {
         let r = act(&gw, &c, PASSWORD_PATH, &fields).await;
         assert_eq!(r.status(), status, "{says}");

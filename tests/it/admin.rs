@@ -595,7 +595,10 @@ async fn sessions_and_devices_are_ended_from_the_console() {
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
-    // End all, with a reason.
+    // End all, with a reason (a session of a new sign-in is live to be ended).
+    gw.clock.advance(30);
+    let third = gw.sign_in_again("customer@example.com", &secret).await;
+    assert_eq!(gw.status(&third, "/campaigns").await, 200);
     let r = c
         .post(gw.url(&format!("{user_page}/sessions/end")))
         .form(&[("csrf", csrf.as_str()), ("reason", "laptop stolen")])
@@ -605,6 +608,7 @@ async fn sessions_and_devices_are_ended_from_the_console() {
     assert_eq!(r.status(), 303);
     assert_eq!(gw.status(&customer, "/campaigns").await, 303);
     assert_eq!(gw.status(&other, "/campaigns").await, 303);
+    assert_eq!(gw.status(&third, "/campaigns").await, 303);
 
     gw.state.audit.flush().await;
     let trail = gw.audit().await;
@@ -642,7 +646,15 @@ async fn account_actions_that_change_nothing_are_not_repeated() {
     let target = gw.add_user("twice@example.com").await;
     let user_page = format!("/_portcullis/admin/users/{}", target.id);
     let csrf = gw.csrf(&c, &user_page).await;
-    for action in ["disable", "disable", "enable", "enable", "unlock"] {
+    for action in [
+        "disable",
+        "disable",
+        "enable",
+        "enable",
+        "unlock",
+        "sessions/end",
+        "sessions/end",
+    ] {
         let r = c
             .post(gw.url(&format!("{user_page}/{action}")))
             .form(&[("csrf", csrf.as_str()), ("reason", "checking")])
@@ -1101,6 +1113,14 @@ async fn refused_forms_answer_api_clients_in_json() {
             "one line of text",
         ),
         (
+            "POST",
+            format!("{target_page}/sessions/end"),
+            vec![("reason", "a\u{202E}b")],
+            400,
+            "invalid_input",
+            "one line of text",
+        ),
+        (
             "GET",
             "/_portcullis/admin/audit?since=yesterday".into(),
             vec![],
@@ -1113,7 +1133,7 @@ async fn refused_forms_answer_api_clients_in_json() {
             "/_portcullis/admin/audit/export?since=zz".into(),
             vec![],
             400,
-            "bad_request",
+            "invalid_input",
             "must be a date",
         ),
     ];

@@ -112,6 +112,21 @@ async fn sensitive_actions_need_a_recent_proof() {
     .await;
     assert_eq!(r.status, 401, "{}", r.head);
     assert!(r.header("x-portcullis-assertion").is_none());
+    // Also when the proxy passes a browser's Accept (a form post cannot be redirected to).
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/_portcullis/auth",
+        &[
+            ("Cookie", &cookie),
+            ("X-Forwarded-Method", "POST"),
+            ("X-Forwarded-Uri", "/campaigns/7/send.json"),
+            ("Accept", "text/html"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.head);
     assert!(
         r.header("location")
             .unwrap_or_default()

@@ -138,7 +138,9 @@ pub async fn export_get(
     RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
     let filter = Filter::from_query(&q);
-    let base = filter.query().map_err(AppError::bad_request)?;
+    let base = filter
+        .query()
+        .map_err(|m| AppError::new(StatusCode::BAD_REQUEST, "invalid_input", m))?;
     record(
         &state,
         &admin,

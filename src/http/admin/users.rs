@@ -346,8 +346,8 @@ pub struct ReasonForm {
 /// line of text.
 fn reason(raw: &str) -> Result<Option<String>, &'static str> {
     let r = raw.trim();
-    if r.chars().any(char::is_control) {
-        return Err("A reason is one line of text, without control characters.");
+    if r.chars().any(crate::policy::is_hidden_char) {
+        return Err("A reason is one line of text, without control or invisible characters.");
     }
     if r.chars().count() > MAX_REASON {
         return Err("A reason has at most 200 characters.");
@@ -539,7 +539,12 @@ pub async fn end_sessions_post(
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
     let why = with_reason("all", &form.reason)?;
+    let live = state.sessions.list_user(&user.id).await?;
     end_all(&state, &user).await?;
+    if live.is_empty() {
+        // Nothing was ended: nothing to record or tell again.
+        return Ok(done(&user, "sessions_ended"));
+    }
     record(&state, &admin, "sessions_ended", Some(&user), &why).await;
     state
         .notifier
