@@ -95,45 +95,36 @@ async fn sensitive_actions_need_a_recent_proof() {
         "nothing held back was forwarded"
     );
 
-    // Forward-auth applies the same rule: 401 naming the step-up page (nginx redirects there).
+    // Forward-auth applies the same rule: 401 naming the step-up page (nginx redirects there),
+    // also when the proxy passes a browser's Accept (a form post cannot be redirected to).
     let cookie = gw.cookies(&c);
-    let r = raw(
-        gw.addr,
-        "GET",
-        "/_portcullis/auth",
-        &[
-            ("Cookie", &cookie),
-            ("X-Forwarded-Method", "POST"),
-            ("X-Forwarded-Uri", "/campaigns/7/send"),
-            ("Accept", "application/json"),
-        ],
-        "",
-    )
-    .await;
-    assert_eq!(r.status, 401, "{}", r.head);
-    assert!(r.header("x-portcullis-assertion").is_none());
-    // Also when the proxy passes a browser's Accept (a form post cannot be redirected to).
-    let r = raw(
-        gw.addr,
-        "GET",
-        "/_portcullis/auth",
-        &[
-            ("Cookie", &cookie),
-            ("X-Forwarded-Method", "POST"),
-            ("X-Forwarded-Uri", "/campaigns/7/send.json"),
-            ("Accept", "text/html"),
-        ],
-        "",
-    )
-    .await;
-    assert_eq!(r.status, 401, "{}", r.head);
-    assert!(
-        r.header("location")
-            .unwrap_or_default()
-            .contains("/_portcullis/reauth?next="),
-        "{}",
-        r.head
-    );
+    for (uri, accept) in [
+        ("/campaigns/7/send", "application/json"),
+        ("/campaigns/7/send.json", "text/html"),
+    ] {
+        let r = raw(
+            gw.addr,
+            "GET",
+            "/_portcullis/auth",
+            &[
+                ("Cookie", &cookie),
+                ("X-Forwarded-Method", "POST"),
+                ("X-Forwarded-Uri", uri),
+                ("Accept", accept),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 401, "{uri} {accept}: {}", r.head);
+        assert!(r.header("x-portcullis-assertion").is_none());
+        assert!(
+            r.header("location")
+                .unwrap_or_default()
+                .contains("/_portcullis/reauth?next="),
+            "{}",
+            r.head
+        );
+    }
 
     // A fresh proof with the authenticator app, and the action goes through.
     let html = gw
