@@ -736,6 +736,16 @@ impl Config {
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 let mut why = e.into_inner().to_string();
+                if why.contains("expected a string")
+                    && ["integer", "boolean", "float"]
+                        .iter()
+                        .any(|t| why.contains(&format!("invalid type: {t}")))
+                {
+                    why.push_str(
+                        "; in a PORTCULLIS__SECTION__KEY variable, quote a text that reads as a \
+                         number or boolean: '\"123\"'",
+                    );
+                }
                 if why.contains("expected a sequence") {
                     why.push_str(
                         "; a list is written as a TOML array, also in a PORTCULLIS__SECTION__KEY \
@@ -1209,12 +1219,20 @@ fn apply_env(
                 "environment overrides look like PORTCULLIS__SECTION__KEY",
             ));
         }
-        let value = format!("v = {raw}")
+        let parsed = format!("v = {raw}")
             .parse::<toml::Table>()
             .ok()
             .and_then(|mut t| t.remove("v"))
-            .filter(|v| !v.is_table())
-            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+            .filter(|v| !v.is_table());
+        // A value written as a TOML array or string that does not parse is a mistake to name,
+        // not a plain text to take.
+        if parsed.is_none() && raw.trim_start().starts_with(['[', '"']) {
+            return Err(key_err(
+                &name,
+                "is not a valid TOML value (a list is written '[\"a\", \"b\"]')",
+            ));
+        }
+        let value = parsed.unwrap_or_else(|| toml::Value::String(raw.clone()));
         let section = table
             .entry(path[0].clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));

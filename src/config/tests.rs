@@ -689,4 +689,16 @@ fn a_list_in_the_environment_is_a_toml_array() {
     )
     .unwrap();
     assert_eq!(c.server.trusted_proxies.len(), 1);
+    // A broken array is named as such; a text that reads as a number says to quote it.
+    let e = load_str(
+        "",
+        &[("PORTCULLIS__SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\"")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a valid TOML value"), "{e}");
+    let e = load_str("", &[("PORTCULLIS__TOKEN__AUDIENCE", "123")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("quote"), "{e}");
 }
