@@ -205,15 +205,18 @@ pub fn verify_refresh(token: &str, key: &BoundKey) -> Result<String, ProofError>
 /// another browser is not taken as a proof: the browser that holds the key proves again (the bind
 /// page or a DBSC refresh does it without asking the user), and a copy of the cookie jar used
 /// elsewhere is refused at once rather than for the rest of the cookie's life.
-pub fn device_context(key: &MasterKey, ip: &str, user_agent: &str) -> [u8; CONTEXT_LEN] {
-    let parsed = ip.parse::<std::net::IpAddr>();
+pub fn device_context(
+    key: &MasterKey,
+    ip: std::net::IpAddr,
+    user_agent: &str,
+) -> [u8; CONTEXT_LEN] {
     let (v4, v6);
-    let network: &[u8] = match parsed {
-        Ok(std::net::IpAddr::V4(a)) => {
+    let network: &[u8] = match ip {
+        std::net::IpAddr::V4(a) => {
             v4 = a.octets();
             &v4[..3]
         }
-        Ok(std::net::IpAddr::V6(a)) => match a.to_ipv4_mapped() {
+        std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
             Some(m) => {
                 v4 = m.octets();
                 &v4[..3]
@@ -223,7 +226,6 @@ pub fn device_context(key: &MasterKey, ip: &str, user_agent: &str) -> [u8; CONTE
                 &v6[..8]
             }
         },
-        Err(_) => ip.as_bytes(),
     };
     let mac = key.link_mac_parts(&[
         b"portcullis/bound-context/v2\0",

@@ -161,7 +161,7 @@ fn refresh_proofs_need_the_stored_key() {
 #[test]
 fn bound_cookies_are_tied_to_session_key_time_and_place() {
     let mk = MasterKey::from_bytes(&[7u8; 32]);
-    let here = device_context(&mk, "203.0.113.7", "Firefox/140");
+    let here = device_context(&mk, "203.0.113.7".parse().unwrap(), "Firefox/140");
     let v = bound_cookie_value(&mk, "sess-a", "thumb-a", 10_000, &here);
     let check = |value: Option<&str>, sess: &str, thumb: &str, now: i64, at: &[u8; CONTEXT_LEN]| {
         check_bound_cookie(&mk, value, sess, thumb, now, at)
@@ -187,7 +187,7 @@ fn bound_cookies_are_tied_to_session_key_time_and_place() {
         CookieCheck::Missing
     );
     // The same /24 and browser is the same place; another network or browser is not.
-    let same = device_context(&mk, "203.0.113.200", "Firefox/140");
+    let same = device_context(&mk, "203.0.113.200".parse().unwrap(), "Firefox/140");
     assert_eq!(
         check(Some(&v), "sess-a", "thumb-a", 1, &same),
         CookieCheck::Valid
@@ -198,7 +198,7 @@ fn bound_cookies_are_tied_to_session_key_time_and_place() {
         ("203.0.113.7", "Firefox/141"),
         ("203.0.113.7", ""),
     ] {
-        let elsewhere = device_context(&mk, ip, ua);
+        let elsewhere = device_context(&mk, ip.parse().unwrap(), ua);
         assert_eq!(
             check(Some(&v), "sess-a", "thumb-a", 1, &elsewhere),
             CookieCheck::Moved,
@@ -207,16 +207,16 @@ fn bound_cookies_are_tied_to_session_key_time_and_place() {
     }
     // IPv6 within one /64 is one place; an IPv4-mapped address is its IPv4 network.
     assert_eq!(
-        device_context(&mk, "2001:db8:1:2::1", "x"),
-        device_context(&mk, "2001:db8:1:2:ffff::9", "x")
+        device_context(&mk, "2001:db8:1:2::1".parse().unwrap(), "x"),
+        device_context(&mk, "2001:db8:1:2:ffff::9".parse().unwrap(), "x")
     );
     assert_ne!(
-        device_context(&mk, "2001:db8:1:2::1", "x"),
-        device_context(&mk, "2001:db8:1:3::1", "x")
+        device_context(&mk, "2001:db8:1:2::1".parse().unwrap(), "x"),
+        device_context(&mk, "2001:db8:1:3::1".parse().unwrap(), "x")
     );
     assert_eq!(
-        device_context(&mk, "::ffff:203.0.113.9", "x"),
-        device_context(&mk, "203.0.113.1", "x")
+        device_context(&mk, "::ffff:203.0.113.9".parse().unwrap(), "x"),
+        device_context(&mk, "203.0.113.1".parse().unwrap(), "x")
     );
     let other_master = MasterKey::from_bytes(&[8u8; 32]);
     assert_eq!(
@@ -232,7 +232,7 @@ fn bound_cookies_are_tied_to_session_key_time_and_place() {
     );
     let (exp, rest) = v.split_once('.').unwrap();
     let (_, mac) = rest.split_once('.').unwrap();
-    let elsewhere = device_context(&mk, "198.51.100.1", "curl");
+    let elsewhere = device_context(&mk, "198.51.100.1".parse().unwrap(), "curl");
     let moved = format!("{exp}.{}.{mac}", URL_SAFE_NO_PAD.encode(elsewhere));
     assert_eq!(
         check(Some(&moved), "sess-a", "thumb-a", 1, &elsewhere),

@@ -87,7 +87,7 @@ fn issue_cookie(state: &AppState, session: &Session, key: &BoundKey, client: &Cl
         &session.public_id,
         &key.thumbprint,
         expires,
-        &binding::device_context(&state.master_key, &client.ip, &client.user_agent),
+        &context_of_client(state, client),
     );
     let margin = if ttl.as_secs() < 60 { 1 } else { 5 };
     let max_age = ttl.as_secs().saturating_sub(margin).max(1);
@@ -112,13 +112,34 @@ pub(crate) enum Unbound {
     Failed { ended: bool },
 }
 
-/// The gate's check of a complete session, asked by `client`: `None` when its bound cookie is
-/// valid and was issued to this client's network and browser.
+/// The device context ([`binding::device_context`]) of a request from `peer`.
+pub(crate) fn context_of(
+    state: &AppState,
+    peer: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> [u8; binding::CONTEXT_LEN] {
+    let ip = crate::proxy::client_ip(peer, headers, &state.config.server.trusted_proxies);
+    binding::device_context(&state.master_key, ip, super::user_agent_of(headers))
+}
+
+/// The device context of `client` (as [`context_of`] gives it for the request it came from).
+fn context_of_client(state: &AppState, client: &Client) -> [u8; binding::CONTEXT_LEN] {
+    let ip = client
+        .ip
+        .parse()
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    binding::device_context(&state.master_key, ip, &client.user_agent)
+}
+
+/// The gate's check of a complete session asked from `context` (see [`context_of`]): `None`
+/// when its bound cookie is valid and was issued to this network and browser. `client` is
+/// asked for only when something is recorded, so a valid proof builds nothing.
 pub(crate) async fn check(
     state: &AppState,
     (storage_key, session): (&str, &Session),
     headers: &HeaderMap,
-    client: &Client,
+    context: &[u8; binding::CONTEXT_LEN],
+    client: impl FnOnce() -> Client,
 ) -> Result<Option<Unbound>, AppError> {
     let Some(key) = &session.binding else {
         return Ok(Some(Unbound::Register));
@@ -129,7 +150,7 @@ pub(crate) async fn check(
         &session.public_id,
         &key.thumbprint,
         state.clock.now_millis(),
-        &binding::device_context(&state.master_key, &client.ip, &client.user_agent),
+        context,
     );
     match (verdict, key.method) {
         (CookieCheck::Valid, _) => Ok(None),
@@ -140,6 +161,7 @@ pub(crate) async fn check(
         // it proves again (the answer drops the cookie, which makes a DBSC browser refresh);
         // a copy cannot, and its failed proofs are counted there.
         (CookieCheck::Moved, _) => {
+            let client = client();
             // Not a failure (the owner on a new network lands here too; the proof that follows
             // is what counts), but written down, once a minute per session and network.
             let ev = AuditEvent::new("session_binding_moved", "denied", state.clock.now())
@@ -160,7 +182,7 @@ pub(crate) async fn check(
         // A DBSC browser refreshes before it sends a request without the cookie; an expired or
         // foreign cookie is never sent by the browser that holds the key.
         (other, _) => {
-            let ended = failure(state, (storage_key, session), client, other.reason()).await?;
+            let ended = failure(state, (storage_key, session), &client(), other.reason()).await?;
             Ok(Some(Unbound::Failed { ended }))
         }
     }
@@ -250,9 +272,12 @@ pub(crate) async fn guard_page(
     if !state.config.binding.enabled {
         return Ok(None);
     }
-    Ok(check(state, loaded.record(), headers, client)
-        .await?
-        .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))))
+    let context = context_of_client(state, client);
+    Ok(
+        check(state, loaded.record(), headers, &context, || client.clone())
+            .await?
+            .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))),
+    )
 }
 
 /// Gateway pages that change how a complete session's user signs in; they ask for the same
@@ -564,14 +589,13 @@ pub async fn bind_get(
     // browser (nginx `auth_request` keeps the check's cookies): a DBSC browser then refreshes,
     // where it would go on sending the stale one.
     if let Some(key) = &loaded.session.binding {
-        let client = super::client(&state, peer, &headers);
         let verdict = binding::check_bound_cookie(
             &state.master_key,
             get_cookie(&headers, cookie_name(&state)),
             &loaded.session.public_id,
             &key.thumbprint,
             state.clock.now_millis(),
-            &binding::device_context(&state.master_key, &client.ip, &client.user_agent),
+            &context_of(&state, peer, &headers),
         );
         if !matches!(verdict, CookieCheck::Valid | CookieCheck::Missing) {
             if let Ok(v) = HeaderValue::from_str(&dropped_cookie(&state)) {

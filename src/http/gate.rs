@@ -243,7 +243,9 @@ pub(crate) async fn decide(
     };
     if state.config.binding.enabled {
         // Step 3 of the request path: a fresh proof from the device key the session is bound to.
-        if let Some(why) = super::binding::check(state, loaded.record(), headers, &client()).await?
+        let context = super::binding::context_of(state, peer, headers);
+        if let Some(why) =
+            super::binding::check(state, loaded.record(), headers, &context, client).await?
         {
             return Ok(Decision::Unbound(why));
         }

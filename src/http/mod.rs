@@ -406,16 +406,23 @@ fn trim_quotes(mut value: &[u8]) -> &[u8] {
     value
 }
 
+/// The request's `User-Agent` as the gateway keeps it: text only (else empty), its first 512
+/// characters.
+pub(crate) fn user_agent_of(headers: &HeaderMap) -> &str {
+    let ua = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match ua.char_indices().nth(512) {
+        Some((cut, _)) => &ua[..cut],
+        None => ua,
+    }
+}
+
 /// Who is asking: the client address (through trusted proxies only) and user agent.
 pub fn client(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Client {
     let ip = crate::proxy::client_ip(peer, headers, &state.config.server.trusted_proxies);
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .chars()
-        .take(512)
-        .collect();
+    let user_agent = user_agent_of(headers).to_string();
     Client {
         ip: ip.to_string(),
         user_agent,
