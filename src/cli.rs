@@ -320,11 +320,15 @@ pub async fn shutdown_signal() {
 }
 
 /// What `serve` needs beyond a valid configuration, checked before anything starts (and by
-/// `check-config`): a usable master key and, when set, a TLS pair that loads.
+/// `check-config`): a usable master key and, when set, a TLS pair that loads and a GeoIP
+/// database that tells places.
 fn preflight(config: &Config) -> Result<()> {
     config.master_key()?;
     if let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) {
         crate::server::tls::Tls::load(cert, key)?;
+    }
+    if let Some(db) = &config.risk.geoip_database {
+        crate::risk::check_database(db)?;
     }
     Ok(())
 }

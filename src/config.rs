@@ -69,6 +69,7 @@ pub struct Config {
     pub remember_device: RememberDeviceConfig,
     pub metrics: MetricsConfig,
     pub binding: BindingConfig,
+    pub risk: RiskConfig,
     /// `[[step_up]]`: console requests that need a fresh second-factor proof
     /// (see [`crate::policy::step_up`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -110,6 +111,53 @@ impl RememberDeviceConfig {
     /// Whether users of `account_id` may have their devices remembered.
     pub fn allowed_for(&self, account_id: &str) -> bool {
         !self.lifetime.is_zero() && !self.off_accounts.iter().any(|a| a == account_id)
+    }
+}
+
+/// `[risk]`: how sign-ins and sessions on the move are scored (see [`crate::risk`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RiskConfig {
+    /// A GeoIP database in MaxMind DB format (GeoLite2/GeoIP2 City or Country, DB-IP City or
+    /// Country Lite): the place signals (new country, impossible travel) need it. Read at
+    /// start-up and again on SIGHUP.
+    pub geoip_database: Option<PathBuf>,
+    /// Faster than this (km/h) between two proven places is impossible travel.
+    pub max_travel_speed: u32,
+    /// Places closer than this (km) never count as travel (GeoIP places are rough).
+    pub min_travel_distance: u32,
+    /// From this score a sign-in is medium risk: a remembered device gives the second factor.
+    pub medium_score: u32,
+    /// From this score a sign-in is high risk: an account with a security key must use it, and
+    /// the owner is told at once.
+    pub high_score: u32,
+    /// What a high-risk sign-in of an account with a security key accepts: `key` (only the
+    /// key) or `any` (any second factor).
+    pub high_risk_factor: HighRiskFactor,
+    /// How long an account's sign-in networks, countries and last place are remembered.
+    #[serde(with = "duration")]
+    pub history: Duration,
+}
+
+/// `risk.high_risk_factor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HighRiskFactor {
+    Key,
+    Any,
+}
+
+impl Default for RiskConfig {
+    fn default() -> Self {
+        Self {
+            geoip_database: None,
+            max_travel_speed: 1000,
+            min_travel_distance: 500,
+            medium_score: 30,
+            high_score: 60,
+            high_risk_factor: HighRiskFactor::Key,
+            history: Duration::from_secs(90 * 24 * 3600),
+        }
     }
 }
 
@@ -950,6 +998,7 @@ impl Config {
         self.storage.validate()?;
         self.validate_webauthn()?;
         self.validate_admin()?;
+        self.validate_risk()?;
         if let Some(k) = &self.secrets.master_key {
             crate::crypto::MasterKey::from_base64(k.expose())
                 .map_err(|e| key_err("secrets.master_key", e.to_string()))?;
@@ -976,6 +1025,48 @@ impl Config {
                 "admin.enrolment_link_ttl",
                 "must be between 5m and 30 days",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_risk(&self) -> Result<(), ConfigError> {
+        let r = &self.risk;
+        if !(100..=20_000).contains(&r.max_travel_speed) {
+            return Err(key_err(
+                "risk.max_travel_speed",
+                "must be between 100 and 20000 (km/h)",
+            ));
+        }
+        if !(50..=5_000).contains(&r.min_travel_distance) {
+            return Err(key_err(
+                "risk.min_travel_distance",
+                "must be between 50 and 5000 (km)",
+            ));
+        }
+        if r.medium_score == 0 || r.medium_score > 1_000 {
+            return Err(key_err("risk.medium_score", "must be between 1 and 1000"));
+        }
+        if r.high_score < r.medium_score || r.high_score > 1_000 {
+            return Err(key_err(
+                "risk.high_score",
+                "must be between risk.medium_score and 1000",
+            ));
+        }
+        if r.history < Duration::from_secs(24 * 3600)
+            || r.history > Duration::from_secs(400 * 24 * 3600)
+        {
+            return Err(key_err(
+                "risk.history",
+                "must be between 1 day and 400 days",
+            ));
+        }
+        if let Some(p) = &r.geoip_database {
+            if !p.is_file() {
+                return Err(key_err(
+                    "risk.geoip_database",
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
         }
         Ok(())
     }

@@ -14,6 +14,7 @@
 //! - [`auth`]: passwords, TOTP, recovery codes and the login state machine; no HTTP types.
 //! - [`session`]: session ids, cookies, server-side session records and timeouts.
 //! - [`policy`]: path normalisation and return-to validation.
+//! - [`risk`]: risk scoring of sign-ins and of sessions on the move (GeoIP, history, levels).
 //! - [`token`]: JWT minting, signing keys (encrypted at rest), JWKS and rotation.
 //! - [`store`]: durable (SQLite, PostgreSQL) and ephemeral (memory) storage behind narrow traits.
 //! - [`audit`]: the durable audit trail, written off the request path.
@@ -50,6 +51,7 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod proxy;
+pub mod risk;
 pub mod secret;
 pub mod server;
 pub mod session;

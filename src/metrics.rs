@@ -134,13 +134,15 @@ const LIMITS: [&str; 7] = [
     "device",
 ];
 /// Step-up reasons, as labelled.
-const STEP_UPS: [&str; 6] = [
+const STEP_UPS: [&str; 8] = [
     "second_factor_required",
     "enrolment_required",
     "key_required",
     "fresh_proof_required",
     "device_proof_required",
     "sensitive_action",
+    "unusual_sign_in",
+    "session_risk",
 ];
 /// Store operation classes each store times (see `metrics::stores`), as labelled.
 const STORE_OPERATIONS: [(&str, &[&str]); 2] = [
@@ -167,6 +169,7 @@ pub struct Metrics {
     store_latency: Latencies,
     argon2_queue: Gauge,
     mail: Family<One, Counter>,
+    risk: Family<Two, Counter>,
 }
 
 impl Default for Metrics {
@@ -240,6 +243,17 @@ impl Metrics {
             "Notification deliveries by result (queued, sent, failed)",
             mail.clone(),
         );
+        let risk = Family::<Two, Counter>::default();
+        registry.register(
+            "risk_assessments",
+            "Risk scores of sign-ins (stage sign_in) and of sessions proven from a new place (stage session), by level",
+            risk.clone(),
+        );
+        for stage in ["sign_in", "session"] {
+            for level in ["low", "medium", "high"] {
+                let _ = risk.get_or_create(&[("stage", stage), ("level", level)]);
+            }
+        }
         let proxied =
             Proxied::ALL.map(|p| proxied.get_or_create(&[("outcome", p.label())]).clone());
         let forward_auth = ForwardAuth::ALL.map(|f| {
@@ -277,6 +291,7 @@ impl Metrics {
             store_latency,
             argon2_queue,
             mail,
+            risk,
         }
     }
 
@@ -329,6 +344,13 @@ impl Metrics {
     /// changing second factors needs a second-factor proof within the last 10 minutes).
     pub fn step_up(&self, reason: &'static str) {
         self.step_ups.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Counts one risk assessment (`stage`: `sign_in` or `session`).
+    pub fn risk(&self, stage: &'static str, level: crate::risk::Level) {
+        self.risk
+            .get_or_create(&[("stage", stage), ("level", level.as_str())])
+            .inc();
     }
 
     /// Counts an attempt refused by the budget stored under `key` (`fail:pwd:…`, `fail:ip:…`).

@@ -63,10 +63,9 @@ pub async fn run(
     let stopped = async move {
         let _ = graceful.wait_for(|s| *s).await;
     };
-    let mut reloader = None;
+    let reloader = tokio::spawn(reload_on_hangup(tls.clone(), state.risk.clone()));
     let serving: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
         Some(tls) => {
-            reloader = Some(tokio::spawn(reload_on_hangup(tls.clone())));
             // Nothing to do per connection: the TLS listener has set TCP_NODELAY already.
             let listener = ListenerExt::tap_io(tls.listener(listener)?, |_| {});
             Box::pin(
@@ -102,7 +101,7 @@ pub async fn run(
     };
     refresher.abort();
     mailer.abort();
-    for task in side.into_iter().chain(reloader) {
+    for task in side.into_iter().chain([reloader]) {
         task.abort();
     }
     // The audit trail gets its own `shutdown_timeout` to reach the durable store.
@@ -110,31 +109,47 @@ pub async fn run(
     result
 }
 
-/// Reads the certificate again on every SIGHUP; a pair that does not load is refused with an
-/// error log and the current one stays.
-async fn reload_on_hangup(tls: tls::Tls) {
+/// On every SIGHUP: reads the TLS certificate again (with `server.tls_cert`) and the GeoIP
+/// database (`risk.geoip_database`). A file that does not load is refused with an error log and
+/// the current one stays. Without either, SIGHUP is logged and ignored (never the end of the
+/// process).
+async fn reload_on_hangup(tls: Option<tls::Tls>, risk: std::sync::Arc<crate::risk::Risk>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hangups = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP: the TLS certificate will not be reloaded");
+                tracing::error!(error = %e, "cannot listen for SIGHUP: the TLS certificate and the GeoIP database will not be reloaded");
                 return;
             }
         };
         while hangups.recv().await.is_some() {
-            match tls.reload() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded for new connections"),
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: new TLS certificate refused; keeping the current one")
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => {
+                        tracing::info!("SIGHUP: TLS certificate reloaded for new connections")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: new TLS certificate refused; keeping the current one")
+                    }
                 }
+            }
+            match risk.reload() {
+                Ok(true) => tracing::info!("SIGHUP: GeoIP database reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: GeoIP database refused; keeping the current one")
+                }
+            }
+            if tls.is_none() && risk.config().geoip_database.is_none() {
+                tracing::info!("SIGHUP: nothing to reload");
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tls;
+        let _ = (tls, risk);
         std::future::pending::<()>().await;
     }
 }

@@ -34,6 +34,8 @@ pub enum StartupError {
     Notify(#[from] crate::notify::NotifyError),
     #[error(transparent)]
     Webauthn(#[from] SetupError),
+    #[error(transparent)]
+    Geo(#[from] crate::risk::GeoError),
 }
 
 /// Shared state: one allocation behind an `Arc`, so the copy every request and every middleware
@@ -74,6 +76,8 @@ pub struct AppStateInner {
     pub forwarding: crate::proxy::Forwarding,
     /// The identity header's name, `token.header`.
     pub token_header: http::HeaderName,
+    /// Scores sign-ins and sessions on the move (`[risk]`).
+    pub risk: Arc<crate::risk::Risk>,
 }
 
 impl AppState {
@@ -167,7 +171,12 @@ impl AppState {
             }
             Err(e) => return Err(e.into()),
         };
+        let risk = Arc::new(crate::risk::Risk::new(
+            config.risk.clone(),
+            ephemeral.clone(),
+        )?);
         Ok(Self(Arc::new(AppStateInner {
+            risk,
             forwarding: crate::http::gate::forwarding_template(&config)?,
             token_header: crate::http::gate::token_header_name(&config)?,
             metrics,

@@ -171,18 +171,23 @@ impl LoginFlow {
         Ok(())
     }
 
-    /// Whether policy holds `user` to phishing-resistant sign-in; audits the refusal of a code.
-    async fn key_required(&self, user: &User, client: &Client) -> bool {
-        if !self
+    /// Whether policy holds `user` to phishing-resistant sign-in, or this sign-in scored high
+    /// risk with a key on the account (`risk_key`); audits the refusal of a code.
+    async fn key_required(&self, user: &User, risk_key: bool, client: &Client) -> bool {
+        let reason = if self
             .webauthn_policy
             .requires_phishing_resistant(&user.account_id)
         {
+            "phishing_resistant_required"
+        } else if risk_key {
+            "high_risk"
+        } else {
             return false;
-        }
+        };
         self.audit(
             AuditEvent::new("second_factor", "denied", self.clock.now())
                 .user(user)
-                .reason("phishing_resistant_required"),
+                .reason(reason),
             client,
         )
         .await;
@@ -370,7 +375,7 @@ impl LoginFlow {
             .await;
             return Ok(CodeOutcome::Throttled { retry_after });
         }
-        if self.key_required(&user, client).await {
+        if self.key_required(&user, session.risk_key, client).await {
             self.code_attempt_settled(&user.id, session.own_device(), client)
                 .await?;
             return Ok(CodeOutcome::KeyRequired);
@@ -489,7 +494,7 @@ impl LoginFlow {
         let Some(user) = self.active_user(&session.user_id).await? else {
             return Ok(CodeOutcome::Restart);
         };
-        if self.key_required(&user, client).await
+        if self.key_required(&user, false, client).await
             || matches!(session.stage, Stage::EnrolTotp { key_only: true, .. })
         {
             return Ok(CodeOutcome::KeyRequired);

@@ -702,3 +702,54 @@ fn a_list_in_the_environment_is_a_toml_array() {
         .to_string();
     assert!(e.contains("quote"), "{e}");
 }
+
+#[test]
+fn risk_settings_are_checked_with_their_key() {
+    let c = load_str("", &[]).unwrap();
+    assert_eq!(
+        (
+            c.risk.medium_score,
+            c.risk.high_score,
+            c.risk.max_travel_speed
+        ),
+        (30, 60, 1000)
+    );
+    assert_eq!(c.risk.high_risk_factor, super::HighRiskFactor::Key);
+    for (toml_text, key) in [
+        ("[risk]\nmax_travel_speed = 50\n", "risk.max_travel_speed"),
+        (
+            "[risk]\nmin_travel_distance = 10\n",
+            "risk.min_travel_distance",
+        ),
+        ("[risk]\nmedium_score = 0\n", "risk.medium_score"),
+        (
+            "[risk]\nmedium_score = 50\nhigh_score = 40\n",
+            "risk.high_score",
+        ),
+        ("[risk]\nhistory = \"1h\"\n", "risk.history"),
+        (
+            "[risk]\nhigh_risk_factor = \"sms\"\n",
+            "risk.high_risk_factor",
+        ),
+        (
+            "[risk]\ngeoip_database = \"/nonexistent.mmdb\"\n",
+            "risk.geoip_database",
+        ),
+        ("[risk]\nweights = 3\n", "risk.weights"),
+    ] {
+        let e = load_str(toml_text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{toml_text}: {e}");
+    }
+    let c = load_str(
+        "",
+        &[
+            ("PORTCULLIS__RISK__HIGH_RISK_FACTOR", "any"),
+            ("PORTCULLIS__RISK__HIGH_SCORE", "1000"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        (c.risk.high_risk_factor, c.risk.high_score),
+        (super::HighRiskFactor::Any, 1000)
+    );
+}

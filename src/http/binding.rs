@@ -273,11 +273,25 @@ pub(crate) async fn guard_page(
         return Ok(None);
     }
     let context = context_of_client(state, client);
-    Ok(
-        check(state, loaded.record(), headers, &context, || client.clone())
-            .await?
-            .map(|why| refusal(state, why, browser, BIND_PATH, Some(next))),
-    )
+    if let Some(why) = check(state, loaded.record(), headers, &context, || client.clone()).await? {
+        return Ok(Some(refusal(state, why, browser, BIND_PATH, Some(next))));
+    }
+    // A session the risk engine holds reaches nothing but the pages that lift the hold.
+    let lifts_hold = ["/_portcullis/reauth", "/_portcullis/webauthn/reauth/"]
+        .iter()
+        .any(|p| next.starts_with(p));
+    if loaded.session.held() && !lifts_hold {
+        state.metrics.step_up(super::gate::RISK_REASON);
+        let why = (false, super::gate::RISK_REASON);
+        let pages = (Some(next), None);
+        return Ok(Some(super::gate::step_up_refusal(
+            browser,
+            pages,
+            why,
+            StatusCode::FORBIDDEN,
+        )));
+    }
+    Ok(None)
 }
 
 /// Gateway pages that change how a complete session's user signs in; they ask for the same
@@ -533,6 +547,8 @@ async fn refresh(
         }
     }
     binding::forget_failures(state.ephemeral.as_ref(), public_id).await?;
+    // Proven from here: the session's place, and whether it could have travelled here.
+    super::risk::after_proof(state, loaded, client).await?;
     Ok(Refreshed::Cookie(issue_cookie(
         state,
         &loaded.session,

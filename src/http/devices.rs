@@ -33,7 +33,8 @@ pub(super) fn cookie_name(state: &AppState) -> &'static str {
     }
 }
 
-fn public_host(state: &AppState) -> &str {
+/// The host name of `server.public_url`, as mails name the site.
+pub(super) fn public_host(state: &AppState) -> &str {
     state
         .config
         .server

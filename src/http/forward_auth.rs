@@ -129,13 +129,13 @@ async fn check(
             }
             Ok((ForwardAuth::DeviceProof, r))
         }
-        Decision::StepUp { key } => {
-            state.metrics.step_up(super::gate::STEP_UP_REASON);
+        Decision::StepUp { key, reason } => {
+            state.metrics.step_up(reason);
             let next = return_target(state, &orig.method, &orig.target);
             let mut r = super::gate::step_up_refusal(
                 wants_html(headers),
                 (next.as_deref(), None),
-                key,
+                (key, reason),
                 StatusCode::UNAUTHORIZED,
             );
             let reauth = state

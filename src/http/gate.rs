@@ -104,6 +104,8 @@ pub(crate) fn return_target(state: &AppState, method: &Method, target: &str) -> 
 
 /// The step-up reason of a request a `[[step_up]]` rule held back (metrics).
 pub(crate) const STEP_UP_REASON: &str = "sensitive_action";
+/// The step-up reason of a request of a session held by the risk engine (metrics).
+pub(crate) const RISK_REASON: &str = "session_risk";
 
 /// The answer to a request a `[[step_up]]` rule held back: a browser navigation goes to
 /// `/_portcullis/reauth` and comes back to `next` after the proof; anything else gets
@@ -111,10 +113,11 @@ pub(crate) const STEP_UP_REASON: &str = "sensitive_action";
 /// coming back to `back` (the page the form was on), since a form or API call cannot be
 /// replayed through a redirect.
 /// `status`: 403, or 401 for forward-auth (which a proxy such as nginx turns into a redirect).
+/// `reason`: [`STEP_UP_REASON`], or [`RISK_REASON`] for a session held by the risk engine.
 pub(crate) fn step_up_refusal(
     browser: bool,
     (next, back): (Option<&str>, Option<&str>),
-    key: bool,
+    (key, reason): (bool, &str),
     status: StatusCode,
 ) -> Response {
     if let (true, Some(n)) = (browser, next) {
@@ -126,10 +129,17 @@ pub(crate) fn step_up_refusal(
     } else {
         "your second factor"
     };
-    let message = format!(
-        "This action needs a recent confirmation with {proof}. Confirm it's you at {reauth}, \
-         then send it again."
-    );
+    let message = if reason == RISK_REASON {
+        format!(
+            "This session was just used from a place it could not have travelled to in the time. \
+             Confirm it's you with {proof} at {reauth}, then send the request again."
+        )
+    } else {
+        format!(
+            "This action needs a recent confirmation with {proof}. Confirm it's you at {reauth}, \
+             then send it again."
+        )
+    };
     let body = serde_json::json!({
         "error": "step_up_required",
         "message": message,
@@ -169,8 +179,10 @@ pub(crate) enum Decision {
     /// A complete session without a valid device proof (`binding.enabled`).
     Unbound(super::binding::Unbound),
     /// A complete, proven session asking for an action a `[[step_up]]` rule guards, whose last
-    /// proof is older than the rule allows; `key`: the rule wants a security key.
-    StepUp { key: bool },
+    /// proof is older than the rule allows (`reason` [`STEP_UP_REASON`]; `key`: the rule wants
+    /// a security key), or a session held by the risk engine until a second factor
+    /// ([`RISK_REASON`]).
+    StepUp { key: bool, reason: &'static str },
 }
 
 /// The one policy shared by the proxy and the forward-auth endpoint: session → second factor
@@ -250,11 +262,21 @@ pub(crate) async fn decide(
             return Ok(Decision::Unbound(why));
         }
     }
-    // Step 5: an action that needs a fresh proof (`[[step_up]]`).
+    // Step 4: a session the risk engine holds until a second factor.
     let s = &loaded.session;
+    if s.held() {
+        return Ok(Decision::StepUp {
+            key: false,
+            reason: RISK_REASON,
+        });
+    }
+    // Step 5: an action that needs a fresh proof (`[[step_up]]`).
     let proofs = (s.second_factor_ms(), s.strong_ms, state.clock.now_millis());
     if let Some(key) = crate::policy::step_up::unmet(&state.config.step_up, method, path, proofs) {
-        return Ok(Decision::StepUp { key });
+        return Ok(Decision::StepUp {
+            key,
+            reason: STEP_UP_REASON,
+        });
     }
     if !state.sessions.touch(&mut loaded).await? {
         // Ended elsewhere a moment ago.
@@ -439,13 +461,14 @@ async fn gate_and_forward(
                 next().as_deref(),
             ));
         }
-        Decision::StepUp { key } => {
-            state.metrics.step_up(STEP_UP_REASON);
+        Decision::StepUp { key, reason } => {
+            state.metrics.step_up(reason);
             state.metrics.proxied(Proxied::Denied);
             let n = next();
             let back = referring_page(state, req.headers());
             let pages = (n.as_deref(), back.as_deref());
-            return Ok(step_up_refusal(browser, pages, key, StatusCode::FORBIDDEN));
+            let why = (key, reason);
+            return Ok(step_up_refusal(browser, pages, why, StatusCode::FORBIDDEN));
         }
         Decision::Refuse { clear_cookie } => {
             state.metrics.proxied(match browser {

@@ -272,13 +272,24 @@ pub async fn login_post(
             return Ok(with_cookies(render(StatusCode::UNAUTHORIZED, &page), set));
         }
     };
-    // A remembered device may prove its key instead of the second factor.
+    // How unusual the sign-in is decides what its second factor must be.
+    let device_known = device.as_ref().is_some_and(|d| d.user_id == user.id);
+    let risk = super::risk::at_password(&state, &user, &client, device_known, &mut session).await?;
+    // A remembered device may prove its key instead of the second factor, unless the sign-in
+    // looks unusual.
     if session.stage == Stage::SecondFactor
         && super::remembered::remembered(&state, &headers, &user)
             .await?
             .is_some()
     {
-        session.stage = Stage::DeviceProof;
+        if risk.level < crate::risk::Level::Medium {
+            session.stage = Stage::DeviceProof;
+        } else {
+            state.metrics.step_up("unusual_sign_in");
+        }
+    }
+    if session.risk_key {
+        state.metrics.step_up("unusual_sign_in");
     }
     end_current_session(&state, &headers).await?;
     let (id, key) = state.sessions.create(&session).await?;
@@ -437,8 +448,14 @@ async fn after_code(
         }
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
         CodeOutcome::KeyRequired => {
-            let msg = "This account must sign in with a security key or passkey: codes are not \
-                       accepted. Use your key, or ask your administrator for help.";
+            let msg = if loaded.session.risk_key {
+                "This sign-in looks unusual (a new place, network or browser), so it must be \
+                 confirmed with your security key or passkey: codes are not accepted this time. \
+                 Use your key, or sign in again from a device you usually use."
+            } else {
+                "This account must sign in with a security key or passkey: codes are not \
+                 accepted. Use your key, or ask your administrator for help."
+            };
             if !wants_html(headers) {
                 return Err(AppError::new(StatusCode::FORBIDDEN, "key_required", msg));
             }
@@ -464,6 +481,7 @@ pub(super) async fn complete_sign_in(
     let Some(user) = state.durable.user_by_id(&session.user_id).await? else {
         return Ok(Vec::new());
     };
+    super::risk::at_completion(state, &user, client, session).await?;
     let (device_id, cookies) = super::devices::signed_in(state, headers, &user, client).await?;
     // No new device cookie: the browser was a known device of this user.
     state

@@ -103,6 +103,19 @@ pub struct Session {
     /// the account page, `[[step_up]]`) ask for this, not for the last sign-in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor_ms: Option<i64>,
+    /// This sign-in scored high risk (`risk`) and the account has a security key: only the key
+    /// completes it, codes are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub risk_key: bool,
+    /// Where and when this complete session's device was last proven (`risk`), when the GeoIP
+    /// database knew the place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<crate::risk::Fix>,
+    /// When the session's device key proved itself from a place it could not have travelled to
+    /// since its last proof (ms): the gate holds the session until a second factor newer than
+    /// this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk_hold_ms: Option<i64>,
 }
 
 impl Session {
@@ -134,6 +147,9 @@ impl Session {
             decoy: false,
             known_device: None,
             factor_ms: None,
+            risk_key: false,
+            fix: None,
+            risk_hold_ms: None,
         }
     }
 
@@ -148,6 +164,12 @@ impl Session {
     /// device a complete session was signed in from, or a pending sign-in's known device.
     pub fn own_device(&self) -> Option<&str> {
         self.device_id.as_deref().or(self.known_device.as_deref())
+    }
+
+    /// Whether the session is held by [`Session::risk_hold_ms`]: no second factor proven since.
+    pub fn held(&self) -> bool {
+        self.risk_hold_ms
+            .is_some_and(|h| self.second_factor_ms().is_none_or(|f| f < h))
     }
 
     pub fn is_authenticated(&self) -> bool {
@@ -382,6 +404,21 @@ impl Sessions {
         self.write(key, s).await?;
         self.announce(&cache::session_message(key)).await;
         Ok(())
+    }
+
+    /// [`Sessions::save`] for a record that may have ended meanwhile (on another gateway): the
+    /// write only replaces an existing record, so it never brings an ended session back. False
+    /// when it had ended.
+    pub async fn update(&self, key: &str, s: &Session) -> StoreResult<bool> {
+        let body = serde_json::to_vec(s).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.cache.forget(key);
+        let stored = self
+            .store
+            .put_if_present(&record_key(key), &body, self.ttl(s))
+            .await;
+        self.cache.forget(key);
+        self.announce(&cache::session_message(key)).await;
+        stored
     }
 
     /// Writes a record and drops this gateway's copy.

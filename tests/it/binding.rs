@@ -159,7 +159,11 @@ pub(super) async fn bind_webcrypto(gw: &Gateway, b: &Browser, dev: &Device) {
 }
 
 /// The fallback's renewal.
-async fn webcrypto_refresh(gw: &Gateway, b: &Browser, dev: &Device) -> reqwest::Response {
+pub(super) async fn webcrypto_refresh(
+    gw: &Gateway,
+    b: &Browser,
+    dev: &Device,
+) -> reqwest::Response {
     let ch = webcrypto_challenge(gw, b).await;
     assert_eq!(ch["purpose"], "refresh");
     let proof = dev.proof(ch["challenge"].as_str().unwrap(), false);

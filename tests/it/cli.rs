@@ -289,6 +289,14 @@ async fn check_config_validates_and_redacts() {
             format!("[secrets]\nmaster_key_file = \"{}\"\n[log]\nlevel = \"warning\"\n", mk.display()),
             "log.level",
         ),
+        (
+            format!(
+                "[secrets]\nmaster_key_file = \"{}\"\n[risk]\ngeoip_database = \"{}/tests/data/geoip-asn-test.mmdb\"\n",
+                mk.display(),
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            "risk.geoip_database",
+        ),
     ] {
         std::fs::write(&bad, &text).unwrap();
         for command in ["check-config", "serve"] {

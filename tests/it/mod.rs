@@ -20,6 +20,7 @@ mod redirects;
 mod redis;
 mod remember;
 mod request_id;
+mod risk;
 mod step_up;
 mod throttle;
 mod tls;

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::binding::{bind_webcrypto, gateway, Device};
 use super::harness::*;
 
-const EMAIL: &str = "rem@example.com";
+pub(super) const EMAIL: &str = "rem@example.com";
 
 /// Password + TOTP on `b`, ticking "remember this browser" when `remember`.
 async fn sign_in(gw: &Gateway, b: &Browser, secret: &[u8], remember: bool) {
@@ -31,7 +31,7 @@ async fn sign_in(gw: &Gateway, b: &Browser, secret: &[u8], remember: bool) {
     assert_eq!(r.status(), 303);
 }
 
-async fn sign_out(gw: &Gateway, b: &Browser) {
+pub(super) async fn sign_out(gw: &Gateway, b: &Browser) {
     let csrf = gw.csrf(b, "/_portcullis/logout").await;
     b.post(gw.url("/_portcullis/logout"))
         .form(&[("csrf", csrf.as_str())])
@@ -62,7 +62,7 @@ async fn prove(gw: &Gateway, b: &Browser, dev: &Device) -> reqwest::Response {
 }
 
 /// A user signed in with "remember" ticked and bound to `dev`: their browser and TOTP secret.
-async fn remembered_user(gw: &Gateway, dev: &Device) -> (Browser, Vec<u8>) {
+pub(super) async fn remembered_user(gw: &Gateway, dev: &Device) -> (Browser, Vec<u8>) {
     let (b, secret, _) = gw.signed_in(EMAIL).await;
     sign_out(gw, &b).await;
     sign_in(gw, &b, &secret, true).await;

@@ -407,3 +407,62 @@ async fn redis_over_tls_with_a_private_ca() {
         assert_eq!(r.status(), 503, "{url}");
     }
 }
+
+/// Without TLS, SIGHUP (the systemd unit's `ExecReload`) must not end the gateway: it reloads
+/// the GeoIP database (`risk.geoip_database`), refuses a broken one with an error log and keeps
+/// the one in use, and the gateway serves on.
+#[tokio::test]
+async fn sighup_reloads_the_geoip_database_and_never_stops_a_gateway_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let geo = d.join("GeoLite2-City.mmdb");
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip-test.mmdb");
+    std::fs::copy(&good, &geo).unwrap();
+    let (up, _upstream) = start_upstream().await;
+    let port = free_port();
+    let config = d.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://localhost:{port}/\"\n\
+             [upstream]\nurl = \"http://{up}/\"\n\
+             [storage]\ndurable = \"sqlite://{}\"\n\
+             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n\
+             [secrets]\nmaster_key = \"{}\"\n[notify]\noutbox_dir = \"{}\"\n\
+             [risk]\ngeoip_database = \"{}\"\n",
+            d.join("db.sqlite").display(),
+            portcullis::crypto::MasterKey::generate_base64(),
+            d.join("outbox").display(),
+            geo.display(),
+        ),
+    )
+    .unwrap();
+    let log = d.join("serve.log");
+    let mut gw = serve_binary(&config, &[], Some(&log));
+    let addr = format!("127.0.0.1:{port}");
+    wait_listening(&addr).await;
+    let logged = |what: &'static str, times: usize| {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches(what)
+                .count()
+                == times
+        }
+    };
+    hangup(&gw);
+    eventually("the database is reloaded", || {
+        logged("GeoIP database reloaded", 1)
+    })
+    .await;
+    std::fs::write(&geo, "not a database").unwrap();
+    hangup(&gw);
+    eventually("the broken database is refused", || {
+        logged("GeoIP database refused", 1)
+    })
+    .await;
+    let healthz = format!("http://{addr}/_portcullis/healthz");
+    assert_eq!(reqwest::get(&healthz).await.unwrap().status(), 200);
+    assert!(gw.0.try_wait().unwrap().is_none(), "the gateway runs on");
+}

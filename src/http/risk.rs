@@ -1,0 +1,206 @@
+//! The risk engine ([`crate::risk`]) where the web layer decides: after a right password (what
+//! the second factor must be), at a complete sign-in (what the account's history learns), and at
+//! a session's device proof (whether the session moved impossibly far since its last one).
+
+use super::error::AppError;
+use crate::auth::flow::Client;
+use crate::config::HighRiskFactor;
+use crate::risk::{Assessment, Fix, Level};
+use crate::session::{Loaded, Session};
+use crate::state::AppState;
+use crate::store::{AuditEvent, User};
+
+/// Scores a sign-in of `user` whose password was right, and sets what the score asks of it: at
+/// high risk an account with a usable security key must use it (`risk.high_risk_factor`), and
+/// the owner is told (at most once an hour). Audited when any signal fired.
+pub(super) async fn at_password(
+    state: &AppState,
+    user: &User,
+    client: &Client,
+    device_known: bool,
+    session: &mut Session,
+) -> Result<Assessment, AppError> {
+    let now = state.clock.now_millis();
+    let a = state
+        .risk
+        .assess_sign_in(&user.id, &client.ip, device_known, now)
+        .await?;
+    state.metrics.risk("sign_in", a.level);
+    if a.level >= Level::High && state.config.risk.high_risk_factor == HighRiskFactor::Key {
+        session.risk_key = state
+            .durable
+            .webauthn_credentials(&user.id)
+            .await?
+            .iter()
+            .any(|c| !c.is_suspended());
+    }
+    if !a.signals.is_empty() {
+        let ev = AuditEvent::new("risk_assessed", a.level.as_str(), state.clock.now())
+            .user(user)
+            .reason(&a.summary())
+            .client(&client.ip, &client.user_agent);
+        state.audit.record(ev).await;
+    }
+    if a.level >= Level::High && state.risk.may_notify(&user.id, "sign_in").await? {
+        notify_sign_in(state, user, client, &a, session.risk_key).await;
+    }
+    Ok(a)
+}
+
+/// A complete sign-in of `user` from `client`: the account's history learns its network,
+/// country and place, and the session keeps the place as its first fix.
+pub(super) async fn at_completion(
+    state: &AppState,
+    user: &User,
+    client: &Client,
+    session: &mut Session,
+) -> Result<(), AppError> {
+    let now = state.clock.now_millis();
+    let place = state.risk.place(&client.ip);
+    state
+        .risk
+        .record_sign_in(&user.id, &client.ip, place.as_ref(), now)
+        .await?;
+    session.fix = place.map(|place| Fix { place, at_ms: now });
+    Ok(())
+}
+
+/// How old a session's fix may grow before a proof from the same place renews it.
+const FIX_RENEWAL_MS: i64 = 5 * 60 * 1000;
+
+/// The session's device key has just proven itself from `client`: keeps the new fix, and when
+/// the session could not have travelled there since its last proof, holds it until a second
+/// factor (audit `session_risk`, the owner told at most once an hour).
+pub(super) async fn after_proof(
+    state: &AppState,
+    loaded: &Loaded,
+    client: &Client,
+) -> Result<(), AppError> {
+    let now = state.clock.now_millis();
+    let s = &loaded.session;
+    let (fix, risky) = state.risk.assess_move(s.fix.as_ref(), &client.ip, now);
+    let renewed = match (&fix, &s.fix) {
+        (Some(new), Some(old)) => new.place != old.place || now - old.at_ms >= FIX_RENEWAL_MS,
+        (new, old) => new != old,
+    };
+    if !renewed && risky.is_none() {
+        return Ok(());
+    }
+    let mut session = s.clone();
+    session.fix = fix;
+    if let Some(a) = &risky {
+        session.risk_hold_ms = Some(now);
+        state.metrics.risk("session", a.level);
+        let user = state.durable.user_by_id(&s.user_id).await?;
+        let ev = AuditEvent::new("session_risk", "denied", state.clock.now())
+            .reason(&a.summary())
+            .client(&client.ip, &client.user_agent);
+        let ev = match &user {
+            Some(u) => ev.user(u),
+            None => AuditEvent {
+                user_id: Some(s.user_id.clone()),
+                ..ev
+            },
+        };
+        state.audit.record(ev).await;
+        if let Some(u) = user {
+            if state.risk.may_notify(&u.id, "session").await? {
+                notify_session(state, &u, client, a).await;
+            }
+        }
+    }
+    // Ended meanwhile: nothing left to hold.
+    state.sessions.update(&loaded.key, &session).await?;
+    Ok(())
+}
+
+fn when(state: &AppState) -> String {
+    crate::clock::rfc3339(state.clock.now())
+}
+
+fn place_of(a: &Assessment) -> String {
+    a.place
+        .as_ref()
+        .map(|p| format!(" ({})", p.describe()))
+        .unwrap_or_default()
+}
+
+fn reasons(a: &Assessment) -> String {
+    a.signals
+        .iter()
+        .map(|s| format!("  - {}\n", s.explain()))
+        .collect()
+}
+
+/// Tells the owner their password was just entered in a sign-in that looks unusual. A queueing
+/// failure is logged: the sign-in is refused or allowed on its own merits, never for mail.
+async fn notify_sign_in(
+    state: &AppState,
+    user: &User,
+    client: &Client,
+    a: &Assessment,
+    key_only: bool,
+) {
+    let site = super::devices::public_host(state);
+    let factor = if key_only {
+        "your security key or passkey (a code from your app will not do for this one)"
+    } else {
+        "your second factor"
+    };
+    let mut account = state.config.server.public_url.clone();
+    account.set_path("/_portcullis/account");
+    let body = format!(
+        "Someone just entered the right password for your account {email} on {site}, from:\n\
+         \n\
+         {reasons}\
+         \n\
+         When:    {when} (UTC)\n\
+         Address: {ip}{place}\n\
+         Browser: {browser}\n\
+         \n\
+         The sign-in cannot go on without {factor}. If this was you, there is nothing to do.\n\
+         \n\
+         If it was NOT you, someone knows your password. Change it now on your account page\n\
+         ({account}) and tell your administrator.\n",
+        email = user.email,
+        reasons = reasons(a),
+        when = when(state),
+        ip = client.ip,
+        place = place_of(a),
+        browser = crate::device::friendly_name(&client.user_agent),
+    );
+    let subject = format!("Unusual sign-in to your account on {site}");
+    if let Err(e) = state.notifier.enqueue(&user.email, &subject, &body).await {
+        tracing::warn!(error = %e, "could not queue an unusual sign-in notice");
+    }
+}
+
+/// Tells the owner a session of theirs was held after proving itself from far away.
+async fn notify_session(state: &AppState, user: &User, client: &Client, a: &Assessment) {
+    let site = super::devices::public_host(state);
+    let mut account = state.config.server.public_url.clone();
+    account.set_path("/_portcullis/account");
+    let body = format!(
+        "A signed-in session of your account {email} on {site} was just used from:\n\
+         \n\
+         {reasons}\
+         \n\
+         When:    {when} (UTC)\n\
+         Address: {ip}{place}\n\
+         \n\
+         Until your second factor is confirmed again, that session cannot reach the console.\n\
+         If this was you (a VPN or a proxy can make it look so), confirm it when asked.\n\
+         \n\
+         If it was NOT you, end your other sessions on your account page ({account}), change\n\
+         your password and tell your administrator.\n",
+        email = user.email,
+        reasons = reasons(a),
+        when = when(state),
+        ip = client.ip,
+        place = place_of(a),
+    );
+    let subject = format!("A session of your account on {site} moved too far, too fast");
+    if let Err(e) = state.notifier.enqueue(&user.email, &subject, &body).await {
+        tracing::warn!(error = %e, "could not queue a session risk notice");
+    }
+}

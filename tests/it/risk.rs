@@ -1,0 +1,286 @@
+//! Risk scoring: sign-ins from new networks, countries and impossible places ask for more, the
+//! owner hears of a right password entered from far away, and a session whose device key proves
+//! itself from a place it could not have reached is held until a second factor.
+//!
+//! The GeoIP test database (`tests/data/geoip-test.mmdb`, written by `make-geoip.py`) places
+//! loopback networks: 127.0.0.0/24 in Frankfurt, 127.0.1.0/24 in Berlin, 127.0.2.0/24 in
+//! Sydney, 127.0.3.0/24 in Paris. Clients bind their source address to be "there".
+
+use serde_json::Value;
+
+use super::binding::{bind_webcrypto, webcrypto_refresh, Device};
+use super::harness::*;
+use super::webauthn::{key, localhost, register, second_factor};
+
+fn geoip(c: &mut portcullis::config::Config) {
+    c.risk.geoip_database =
+        Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip-test.mmdb"));
+}
+
+async fn events(gw: &Gateway, name: &str) -> Vec<portcullis::store::AuditEvent> {
+    gw.audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == name)
+        .collect()
+}
+
+fn mails_about<'a>(mail: &'a [String], subject: &str) -> Vec<&'a String> {
+    mail.iter().filter(|m| m.contains(subject)).collect()
+}
+
+/// A sign-in from Sydney minutes after one in Frankfurt, from a new browser: the password is
+/// right, but the app code is refused — only the account's security key completes it — and the
+/// owner learns at once that their password was entered there (once, not per attempt).
+#[tokio::test]
+async fn a_right_password_from_an_impossible_place_needs_the_key_and_tells_the_owner() {
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        geoip(c);
+    })
+    .await;
+    let email = "far@example.com";
+    let (home, secret, _) = gw.signed_in(email).await;
+    let mut k = key();
+    register(&gw, &home, &mut k, "Desk key").await;
+
+    gw.clock.advance(600);
+    let far = gw.browser_moved_to(&gw.browser(), "127.0.2.9");
+    let r = gw.password(&far, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = gw
+        .code(&far, "/_portcullis/mfa", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(r.status(), 403);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("looks unusual"), "{page}");
+    assert_eq!(gw.status(&far, "/campaigns").await, 303);
+
+    let assessed = events(&gw, "risk_assessed").await;
+    let last = assessed.last().unwrap();
+    assert_eq!(last.outcome, "high");
+    assert_eq!(last.ip.as_deref(), Some("127.0.2.9"));
+    let reason = last.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("impossible_travel") && reason.contains("Sydney, AU"),
+        "{reason}"
+    );
+    let denied = events(&gw, "second_factor").await;
+    assert!(
+        denied
+            .iter()
+            .any(|e| e.outcome == "denied" && e.reason.as_deref() == Some("high_risk")),
+        "{denied:?}"
+    );
+    let mail = gw.outbox().await;
+    let unusual = mails_about(&mail, "Unusual sign-in");
+    assert_eq!(unusual.len(), 1, "{mail:?}");
+    assert!(
+        unusual[0].contains("127.0.2.9")
+            && unusual[0].contains("Sydney, AU")
+            && unusual[0].contains("Frankfurt am Main, DE")
+            && unusual[0].contains("security key"),
+        "{}",
+        unusual[0]
+    );
+
+    // The key completes it; the attempt again within the hour mails nobody again.
+    let (r, _, _) = second_factor(&gw, &far, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(gw.status(&far, "/campaigns").await, 200);
+    let again = gw.browser_moved_to(&gw.browser(), "127.0.4.9");
+    gw.clock.advance(60);
+    let r = gw.password(&again, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    assert_eq!(mails_about(&gw.outbox().await, "Unusual sign-in").len(), 1);
+    let metrics = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
+    assert!(
+        metrics.contains("portcullis_risk_assessments_total{stage=\"sign_in\",level=\"high\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// An account with no security key is not locked out by a risky sign-in: its app code still
+/// completes it (and the owner is told). Completed sign-ins teach the account's history, so the
+/// next sign-in from there is ordinary.
+#[tokio::test]
+async fn without_a_key_the_app_code_still_completes_a_risky_sign_in() {
+    let gw = Gateway::start_with(geoip).await;
+    let email = "app-only@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    gw.clock.advance(300);
+    let far = gw.browser_moved_to(&gw.browser(), "127.0.2.9");
+    gw.sign_in_on(&far, email, &secret).await;
+    assert_eq!(gw.status(&far, "/campaigns").await, 200);
+    assert_eq!(
+        events(&gw, "risk_assessed").await.last().unwrap().outcome,
+        "high"
+    );
+    assert_eq!(mails_about(&gw.outbox().await, "Unusual sign-in").len(), 1);
+
+    // Sydney is familiar now: a new browser there is only that.
+    let again = gw.browser_moved_to(&gw.browser(), "127.0.2.10");
+    gw.sign_in_on(&again, email, &secret).await;
+    let last = events(&gw, "risk_assessed").await.pop().unwrap();
+    assert_eq!(
+        (last.outcome.as_str(), last.reason.as_deref()),
+        ("low", Some("score 25: new_device (Sydney, AU)"))
+    );
+}
+
+/// A remembered browser skips the second factor only where the sign-in looks ordinary: in
+/// another country it gives its code like any other.
+#[tokio::test]
+async fn a_remembered_browser_in_a_new_country_gives_its_second_factor() {
+    let gw = Gateway::start_with(|c| {
+        binding_on(c);
+        geoip(c);
+    })
+    .await;
+    let dev = Device::new();
+    let (b, _) = super::remember::remembered_user(&gw, &dev).await;
+    super::remember::sign_out(&gw, &b).await;
+    let email = super::remember::EMAIL;
+
+    gw.clock.advance(3600);
+    let paris = gw.browser_moved_to(&b, "127.0.3.9");
+    let r = gw.password(&paris, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let last = events(&gw, "risk_assessed").await.pop().unwrap();
+    assert_eq!(last.outcome, "medium");
+    assert_eq!(
+        last.reason.as_deref(),
+        Some("score 45: new_network, new_country (Paris, FR)")
+    );
+    // No mail for a medium score.
+    assert!(mails_about(&gw.outbox().await, "Unusual sign-in").is_empty());
+
+    // Another network at home is ordinary; so is the usual one.
+    for (from, what) in [("127.0.1.9", "Berlin"), ("127.0.0.1", "home")] {
+        let there = gw.browser_moved_to(&b, from);
+        let r = gw.password(&there, email, PASSWORD, "").await;
+        assert_eq!(location(&r), "/_portcullis/remembered", "{what}");
+    }
+}
+
+/// A signed-in, bound session whose device key proves itself from Sydney minutes after
+/// Berlin is held: neither the console nor the account page until a second factor, though
+/// its device proof was good. A move the owner could have made carries on.
+#[tokio::test]
+async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor() {
+    let gw = Gateway::start_with(|c| {
+        binding_on(c);
+        geoip(c);
+    })
+    .await;
+    let email = "held@example.com";
+    let (b, secret, _) = gw.signed_in(email).await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/inbox").await, 200);
+
+    // Berlin a minute later (another network, close enough never to count as travel): prove
+    // and carry on.
+    gw.clock.advance(60);
+    let berlin = gw.browser_moved_to(&b, "127.0.1.9");
+    assert_eq!(gw.status(&berlin, "/inbox").await, 303);
+    assert_eq!(webcrypto_refresh(&gw, &berlin, &dev).await.status(), 200);
+    assert_eq!(gw.status(&berlin, "/inbox").await, 200);
+    assert!(events(&gw, "session_risk").await.is_empty());
+
+    // Sydney eight minutes after Berlin (the bound cookie still fresh): the proof is good, the
+    // session is held.
+    gw.clock.advance(480);
+    let sydney = gw.browser_moved_to(&b, "127.0.2.9");
+    assert_eq!(gw.status(&sydney, "/inbox").await, 303);
+    assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
+    let seen = gw.upstream.count();
+    let r = gw.get(&sydney, "/inbox?x=1").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/_portcullis/reauth?next=%2Finbox%3Fx%3D1");
+    let r = sydney
+        .get(gw.url("/inbox"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "step_up_required");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not have travelled"),
+        "{v}"
+    );
+    let r = gw.get(&sydney, "/_portcullis/account").await;
+    assert_eq!(r.status(), 303, "{:?}", r.text().await);
+    assert!(location(&r).starts_with("/_portcullis/reauth?next="));
+    // The owner's browser back in Berlin is the same held session.
+    assert_eq!(gw.status(&berlin, "/inbox").await, 303);
+    assert_eq!(gw.upstream.count(), seen, "nothing reached the console");
+
+    let held = events(&gw, "session_risk").await;
+    assert_eq!(held.len(), 1);
+    let reason = held[0].reason.as_deref().unwrap();
+    assert!(
+        reason.contains("impossible_travel") && reason.contains("Sydney, AU"),
+        "{reason}"
+    );
+    let mail = gw.outbox().await;
+    let moved = mails_about(&mail, "moved too far");
+    assert_eq!(moved.len(), 1, "{mail:?}");
+    assert!(moved[0].contains("Berlin, DE"), "{}", moved[0]);
+
+    // Another device proof does not lift the hold (the Berlin request dropped the bound cookie
+    // from the shared jar); a second factor does.
+    assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
+    assert_eq!(gw.status(&sydney, "/inbox").await, 303);
+    let html = gw.page(&sydney, "/_portcullis/reauth?next=%2Finbox").await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    gw.clock.advance(30);
+    let r = sydney
+        .post(gw.url("/_portcullis/reauth"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("code", gw.totp_now(&secret).as_str()),
+            ("next", "/inbox"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/inbox");
+    assert_eq!(gw.status(&sydney, "/inbox").await, 200);
+    let metrics = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
+    assert!(
+        metrics.contains("portcullis_risk_assessments_total{stage=\"session\",level=\"high\"} 1")
+            && metrics.contains("portcullis_step_ups_total{reason=\"session_risk\"}"),
+        "{metrics}"
+    );
+}
+
+/// A GeoIP database that is missing or of the wrong kind stops the gateway at start-up with a
+/// message naming the key.
+#[tokio::test]
+async fn a_database_that_cannot_tell_places_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut c = test_config(dir.path(), addr, addr);
+    c.risk.geoip_database = Some(dir.path().join("missing.mmdb"));
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("risk.geoip_database"), "{e}");
+    c.risk.geoip_database = Some(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip-asn-test.mmdb"),
+    );
+    c.validate().unwrap();
+    let clock = std::sync::Arc::new(portcullis::clock::ManualClock::starting_now());
+    let e = portcullis::state::AppState::new(c, clock)
+        .await
+        .unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("risk.geoip_database") && e.contains("City or Country"),
+        "{e}"
+    );
+}
