@@ -119,7 +119,7 @@ pub(super) async fn page(
             current: loaded.session.device_id.as_deref() == Some(d.id.as_str()),
             first_seen: rfc3339(d.first_seen),
             last_seen: rfc3339(d.last_seen),
-            last_ip: d.last_ip,
+            last_ip: super::risk::address(state, &d.last_ip),
             binding: binding_text(&d.binding),
             remembered: d
                 .remembered_until

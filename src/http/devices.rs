@@ -161,7 +161,7 @@ async fn notify_new_device(state: &AppState, user: &User, device: &Device) -> Re
          restored, change it.\n",
         email = user.email,
         name = device.name,
-        ip = device.last_ip,
+        ip = super::risk::address(state, &device.last_ip),
         days = ttl / 86_400,
     );
     state

@@ -19,7 +19,7 @@ pub mod password;
 pub mod reauth;
 pub mod remembered;
 pub mod request_id;
-mod risk;
+pub(crate) mod risk;
 pub mod webauthn;
 
 use std::net::SocketAddr;

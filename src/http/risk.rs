@@ -65,6 +65,15 @@ pub(super) async fn at_completion(
     Ok(())
 }
 
+/// An address as pages and mails show it: with its place when the GeoIP database knows it
+/// ("203.0.113.9 (Sydney, AU)").
+pub(crate) fn address(state: &AppState, ip: &str) -> String {
+    match state.risk.place(ip) {
+        Some(p) => format!("{ip} ({})", p.describe()),
+        None => ip.to_string(),
+    }
+}
+
 /// How old a session's fix may grow before a proof from the same place renews it.
 const FIX_RENEWAL_MS: i64 = 5 * 60 * 1000;
 

@@ -88,6 +88,17 @@ async fn a_right_password_from_an_impossible_place_needs_the_key_and_tells_the_o
     let (r, _, _) = second_factor(&gw, &far, &mut k, |_, _| {}).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(gw.status(&far, "/campaigns").await, 200);
+    // The new-device notice and the device list name the place too.
+    let mail = gw.outbox().await;
+    let new_device = mails_about(&mail, "New sign-in");
+    assert!(
+        new_device
+            .last()
+            .is_some_and(|m| m.contains("Address: 127.0.2.9 (Sydney, AU)")),
+        "{new_device:?}"
+    );
+    let account = gw.page(&far, "/_portcullis/account").await;
+    assert!(account.contains("127.0.2.9 (Sydney, AU)"), "{account}");
     let again = gw.browser_moved_to(&gw.browser(), "127.0.4.9");
     gw.clock.advance(60);
     let r = gw.password(&again, email, PASSWORD, "").await;

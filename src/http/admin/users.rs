@@ -266,7 +266,7 @@ async fn user_page(
             binding: crate::http::account::binding_text(&v.binding),
             id: v.id,
             name: v.name,
-            last_ip: v.last_ip,
+            last_ip: crate::http::risk::address(state, &v.last_ip),
         })
         .collect();
     let sessions: Vec<SessionRow> = state
