@@ -121,6 +121,8 @@ pub struct RiskConfig {
     /// A GeoIP database in MaxMind DB format (GeoLite2/GeoIP2 City or Country, DB-IP City or
     /// Country Lite): the place signals (new country, impossible travel) need it. Read at
     /// start-up and again on SIGHUP.
+    /// An empty path (`PORTCULLIS__RISK__GEOIP_DATABASE=""`) is none.
+    #[serde(deserialize_with = "empty_path_is_none")]
     pub geoip_database: Option<PathBuf>,
     /// Faster than this (km/h) between two proven places is impossible travel.
     pub max_travel_speed: u32,
@@ -137,6 +139,12 @@ pub struct RiskConfig {
     /// How long an account's sign-in networks, countries and last place are remembered.
     #[serde(with = "duration")]
     pub history: Duration,
+}
+
+/// An optional path where an empty text means none (so an environment variable can unset it).
+fn empty_path_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let p = Option::<PathBuf>::deserialize(d)?;
+    Ok(p.filter(|p| !p.as_os_str().is_empty()))
 }
 
 /// `risk.high_risk_factor`.
@@ -1049,7 +1057,10 @@ impl Config {
         if r.high_score < r.medium_score || r.high_score > 1_000 {
             return Err(key_err(
                 "risk.high_score",
-                "must be between risk.medium_score and 1000",
+                format!(
+                    "is {}, and must be between risk.medium_score ({}) and 1000",
+                    r.high_score, r.medium_score
+                ),
             ));
         }
         if r.history < Duration::from_secs(24 * 3600)
@@ -1060,14 +1071,8 @@ impl Config {
                 "must be between 1 day and 400 days",
             ));
         }
-        if let Some(p) = &r.geoip_database {
-            if !p.is_file() {
-                return Err(key_err(
-                    "risk.geoip_database",
-                    format!("{} is not a readable file", p.display()),
-                ));
-            }
-        }
+        // The database itself is opened by `serve` and `check-config` (not here, so that the
+        // administration commands work while it is being replaced).
         Ok(())
     }
 

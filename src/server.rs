@@ -135,7 +135,17 @@ async fn reload_on_hangup(tls: Option<tls::Tls>, risk: std::sync::Arc<crate::ris
                     }
                 }
             }
-            match risk.reload() {
+            // Reading a database whole takes a moment: not on a worker thread.
+            let r = risk.clone();
+            let reloaded = tokio::task::spawn_blocking(move || r.reload())
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::risk::GeoError {
+                        path: risk.config().geoip_database.clone().unwrap_or_default(),
+                        message: e.to_string(),
+                    })
+                });
+            match reloaded {
                 Ok(true) => tracing::info!("SIGHUP: GeoIP database reloaded"),
                 Ok(false) => {}
                 Err(e) => {

@@ -171,10 +171,17 @@ impl AppState {
             }
             Err(e) => return Err(e.into()),
         };
-        let risk = Arc::new(crate::risk::Risk::new(
-            config.risk.clone(),
-            ephemeral.clone(),
-        )?);
+        // Reading a GeoIP database whole takes a moment: not on a runtime worker thread.
+        let (risk_config, d, e) = (config.risk.clone(), durable.clone(), ephemeral.clone());
+        let risk = tokio::task::spawn_blocking(move || crate::risk::Risk::new(risk_config, d, e))
+            .await
+            .map_err(|e| {
+                StartupError::Geo(crate::risk::GeoError {
+                    path: config.risk.geoip_database.clone().unwrap_or_default(),
+                    message: e.to_string(),
+                })
+            })??;
+        let risk = Arc::new(risk);
         Ok(Self(Arc::new(AppStateInner {
             risk,
             forwarding: crate::http::gate::forwarding_template(&config)?,

@@ -375,7 +375,13 @@ impl LoginFlow {
             .await;
             return Ok(CodeOutcome::Throttled { retry_after });
         }
-        if self.key_required(&user, session.risk_key, client).await {
+        // A high-risk sign-in wants the key, but takes a recovery code too: a code kept on paper
+        // is no easier to steal than the key, and it is the owner's way in without the key.
+        let recovery = recovery::looks_like_recovery_code(code.expose().trim());
+        if self
+            .key_required(&user, session.risk_key && !recovery, client)
+            .await
+        {
             self.code_attempt_settled(&user.id, session.own_device(), client)
                 .await?;
             return Ok(CodeOutcome::KeyRequired);

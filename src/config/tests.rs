@@ -731,10 +731,6 @@ fn risk_settings_are_checked_with_their_key() {
             "[risk]\nhigh_risk_factor = \"sms\"\n",
             "risk.high_risk_factor",
         ),
-        (
-            "[risk]\ngeoip_database = \"/nonexistent.mmdb\"\n",
-            "risk.geoip_database",
-        ),
         ("[risk]\nweights = 3\n", "risk.weights"),
     ] {
         let e = load_str(toml_text, &[]).unwrap_err().to_string();
@@ -752,4 +748,15 @@ fn risk_settings_are_checked_with_their_key() {
         (c.risk.high_risk_factor, c.risk.high_score),
         (super::HighRiskFactor::Any, 1000)
     );
+    // An empty path switches the database off, also from the environment.
+    let c = load_str(
+        "[risk]\ngeoip_database = \"/var/lib/GeoIP/GeoLite2-City.mmdb\"\n",
+        &[("PORTCULLIS__RISK__GEOIP_DATABASE", "")],
+    )
+    .unwrap();
+    assert_eq!(c.risk.geoip_database, None);
+    let e = load_str("[risk]\nmedium_score = 1000\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("risk.medium_score (1000)"), "{e}");
 }

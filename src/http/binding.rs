@@ -269,12 +269,13 @@ pub(crate) async fn guard_page(
     browser: bool,
     next: &str,
 ) -> Result<Option<Response>, AppError> {
-    if !state.config.binding.enabled {
-        return Ok(None);
-    }
-    let context = context_of_client(state, client);
-    if let Some(why) = check(state, loaded.record(), headers, &context, || client.clone()).await? {
-        return Ok(Some(refusal(state, why, browser, BIND_PATH, Some(next))));
+    if state.config.binding.enabled {
+        let context = context_of_client(state, client);
+        if let Some(why) =
+            check(state, loaded.record(), headers, &context, || client.clone()).await?
+        {
+            return Ok(Some(refusal(state, why, browser, BIND_PATH, Some(next))));
+        }
     }
     // A session the risk engine holds reaches nothing but the pages that lift the hold.
     let lifts_hold = ["/_portcullis/reauth", "/_portcullis/webauthn/reauth/"]
@@ -313,7 +314,8 @@ pub async fn guard_session_pages(
     next: axum::middleware::Next,
 ) -> Response {
     let path = req.uri().path();
-    if !state.config.binding.enabled || !SESSION_PAGES.iter().any(|p| path.starts_with(p)) {
+    // With binding off the pages are still checked: a session the risk engine holds.
+    if !SESSION_PAGES.iter().any(|p| path.starts_with(p)) {
         return next.run(req).await;
     }
     let target = req
@@ -469,6 +471,8 @@ pub(crate) async fn register(
             .await?;
     }
     super::remembered::on_bound(state, &loaded.session, &key).await?;
+    // The first proof counts as a proof from here, as every renewal does.
+    super::risk::after_proof(state, loaded, client).await?;
     let mut ev = AuditEvent::new("session_bound", "success", state.clock.now())
         .reason(key.method.as_str())
         .client(&client.ip, &client.user_agent);

@@ -250,6 +250,15 @@ pub async fn report_post(
     state.sessions.destroy_all(&user.id).await?;
     if let Some(device_id) = &link.device_id {
         state.durable.revoke_device(device_id).await?;
+        // The reported sign-in's network, country and place are not the owner's: the risk
+        // history forgets them, so they count as new again.
+        let devices = state.durable.list_devices(&user.id).await?;
+        if let Some(d) = devices.iter().find(|d| d.id == *device_id) {
+            state
+                .risk
+                .forget_sign_in(&user.id, &d.last_ip, state.clock.now_millis())
+                .await?;
+        }
     }
     let client = super::client(&state, peer, &headers);
     state

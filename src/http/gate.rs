@@ -329,7 +329,10 @@ fn session_watch(state: &AppState, opened_under: Cached) -> crate::proxy::Watch 
 /// Whether the session under `key` still lets its user through the gate.
 async fn still_admitted(state: &AppState, key: &str, user_id: &str, auth_ms: i64) -> bool {
     let same = match state.sessions.load_cached_key(key.to_string()).await {
-        Ok(Ok(l)) => l.session.is_authenticated() && l.session.user_id == user_id,
+        // A session held by the risk engine keeps no tunnel open either.
+        Ok(Ok(l)) => {
+            l.session.is_authenticated() && l.session.user_id == user_id && !l.session.held()
+        }
         Ok(Err(_)) => false,
         Err(e) => {
             tracing::warn!(error = %e, "cannot check a websocket's session; closing it");

@@ -221,15 +221,33 @@ pub async fn login_post(
         }
     };
     let (user, mut session) = match outcome {
-        PasswordOutcome::Proceed { session, .. } if session.is_authenticated() => {
+        PasswordOutcome::Proceed { session, user } if session.is_authenticated() => {
             let Some(loaded) = after_factor else {
                 return Err(AppError::internal(
                     &"a sign-in completed without its session",
                 ));
             };
+            let mut session = *session;
+            // The second factor came first, before the sign-in could be scored: score it now.
+            let device_known = device.as_ref().is_some_and(|d| d.user_id == user.id);
+            super::risk::at_password(&state, &user, &client, device_known, &mut session).await?;
+            if session.risk_key
+                && !session.amr.iter().any(|m| {
+                    m == crate::auth::flow::AMR_KEY || m == crate::auth::flow::AMR_RECOVERY
+                })
+            {
+                state.metrics.step_up("unusual_sign_in");
+                state.sessions.destroy(&loaded.key, &user.id).await?;
+                return Err(AppError::forbidden(
+                    "key_required",
+                    "This sign-in looks unusual (a new place, network or browser), so it must be \
+                     made with your security key or passkey: sign in again and use the key when \
+                     asked for the second factor.",
+                ));
+            }
             let loaded = Loaded {
                 key: loaded.key,
-                session: *session,
+                session,
             };
             return after_code(
                 &state,
@@ -284,7 +302,7 @@ pub async fn login_post(
     {
         if risk.level < crate::risk::Level::Medium {
             session.stage = Stage::DeviceProof;
-        } else {
+        } else if !session.risk_key {
             state.metrics.step_up("unusual_sign_in");
         }
     }
@@ -481,7 +499,7 @@ pub(super) async fn complete_sign_in(
     let Some(user) = state.durable.user_by_id(&session.user_id).await? else {
         return Ok(Vec::new());
     };
-    super::risk::at_completion(state, &user, client, session).await?;
+    super::risk::at_completion(state, &user, client, session).await;
     let (device_id, cookies) = super::devices::signed_in(state, headers, &user, client).await?;
     // No new device cookie: the browser was a known device of this user.
     state

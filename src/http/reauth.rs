@@ -60,6 +60,8 @@ struct View<'a> {
     key_only: bool,
     error: Option<&'a str>,
     status: StatusCode,
+    /// The session is held by the risk engine (see `Session::held`): say why.
+    held: bool,
 }
 
 async fn page(
@@ -78,7 +80,11 @@ async fn page(
             .webauthn
             .requires_phishing_resistant(&user.account_id)
         && state.durable.totp(&user.id).await?.is_some();
-    let why = if v.key_only {
+    let why = if v.held {
+        "This session was just used from a place it could not have travelled to since it was \
+         last used. If that was you (a VPN or a proxy can make it look so), confirm it's you to \
+         carry on."
+    } else if v.key_only {
         "This part of the gateway needs a recent touch of your security key."
     } else {
         "For your security, confirm it's you before changing how you sign in."
@@ -111,7 +117,7 @@ pub async fn reauth_get(
 ) -> Result<Response, AppError> {
     let next = next_path(&state, &query(&q, "next").unwrap_or_default());
     let key_only = query(&q, "key").as_deref() == Some("1");
-    let Some((_, user)) = signed_in(&state, &headers).await? else {
+    let Some((loaded, user)) = signed_in(&state, &headers).await? else {
         let back: String =
             url::form_urlencoded::byte_serialize(url(&next, key_only).as_bytes()).collect();
         return Ok(see_other(&format!("/_portcullis/login?next={back}")));
@@ -121,6 +127,7 @@ pub async fn reauth_get(
         key_only,
         error: None,
         status: StatusCode::OK,
+        held: loaded.session.held(),
     };
     page(&state, &headers, &user, view).await
 }
@@ -152,14 +159,17 @@ pub async fn reauth_post(
         .login
         .step_up_code(&mut loaded.session, &form.code, &client)
         .await?;
+    let held = loaded.session.held();
     let retry = |msg: &'static str, status: StatusCode| View {
         next: &next,
         key_only: false,
         error: Some(msg),
         status,
+        held,
     };
     match outcome {
         CodeOutcome::Accepted => {
+            super::risk::after_second_factor(&state, &client, &mut loaded.session);
             let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
             Ok(with_cookies(
                 see_other(&next),
@@ -244,6 +254,7 @@ pub async fn key_finish(
         .await?;
     match outcome {
         CodeOutcome::Accepted => {
+            super::risk::after_second_factor(&state, &client, &mut loaded.session);
             let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
             let next = next_path(&state, &body.next);
             Ok(with_cookies(

@@ -5,7 +5,7 @@
 use super::error::AppError;
 use crate::auth::flow::Client;
 use crate::config::HighRiskFactor;
-use crate::risk::{Assessment, Fix, Level};
+use crate::risk::{Assessment, Level};
 use crate::session::{Loaded, Session};
 use crate::state::AppState;
 use crate::store::{AuditEvent, User};
@@ -26,7 +26,12 @@ pub(super) async fn at_password(
         .assess_sign_in(&user.id, &client.ip, device_known, now)
         .await?;
     state.metrics.risk("sign_in", a.level);
-    if a.level >= Level::High && state.config.risk.high_risk_factor == HighRiskFactor::Key {
+    // Only where keys can be used here (WebAuthn on, at a domain): asking for one elsewhere
+    // would lock the owner out.
+    if a.level >= Level::High
+        && state.config.risk.high_risk_factor == HighRiskFactor::Key
+        && state.keys.is_some()
+    {
         session.risk_key = state
             .durable
             .webauthn_credentials(&user.id)
@@ -48,21 +53,33 @@ pub(super) async fn at_password(
 }
 
 /// A complete sign-in of `user` from `client`: the account's history learns its network,
-/// country and place, and the session keeps the place as its first fix.
+/// country and place, and the session keeps the place as its first fix. Best effort: the factor
+/// is spent by now, and a history that missed this sign-in only asks for more at the next one.
 pub(super) async fn at_completion(
     state: &AppState,
     user: &User,
     client: &Client,
     session: &mut Session,
-) -> Result<(), AppError> {
+) {
     let now = state.clock.now_millis();
     let place = state.risk.place(&client.ip);
-    state
+    if let Err(e) = state
         .risk
         .record_sign_in(&user.id, &client.ip, place.as_ref(), now)
-        .await?;
-    session.fix = place.map(|place| Fix { place, at_ms: now });
-    Ok(())
+        .await
+    {
+        tracing::warn!(user = %user.id, error = %e, "could not record the sign-in in the risk history");
+    }
+    session.fix = state.risk.fix_at(&client.ip, now);
+}
+
+/// A second factor given from `client` (step-up): the session's place is where it was given,
+/// and a hold is lifted by it (see [`Session::held`]).
+pub(super) fn after_second_factor(state: &AppState, client: &Client, session: &mut Session) {
+    let now = state.clock.now_millis();
+    if let Some(fix) = state.risk.fix_at(&client.ip, now) {
+        session.fix = Some(fix);
+    }
 }
 
 /// An address as pages and mails show it: with its place when the GeoIP database knows it
@@ -73,9 +90,6 @@ pub(crate) fn address(state: &AppState, ip: &str) -> String {
         None => ip.to_string(),
     }
 }
-
-/// How old a session's fix may grow before a proof from the same place renews it.
-const FIX_RENEWAL_MS: i64 = 5 * 60 * 1000;
 
 /// The session's device key has just proven itself from `client`: keeps the new fix, and when
 /// the session could not have travelled there since its last proof, holds it until a second
@@ -88,17 +102,21 @@ pub(super) async fn after_proof(
     let now = state.clock.now_millis();
     let s = &loaded.session;
     let (fix, risky) = state.risk.assess_move(s.fix.as_ref(), &client.ip, now);
-    let renewed = match (&fix, &s.fix) {
-        (Some(new), Some(old)) => new.place != old.place || now - old.at_ms >= FIX_RENEWAL_MS,
-        (new, old) => new != old,
-    };
-    if !renewed && risky.is_none() {
+    // Only a high score holds (so raising `risk.high_score` switches holds off too).
+    let risky = risky.filter(|a| a.level >= Level::High);
+    if fix == s.fix && risky.is_none() {
         return Ok(());
     }
     let mut session = s.clone();
     session.fix = fix;
-    if let Some(a) = &risky {
+    if risky.is_some() {
         session.risk_hold_ms = Some(now);
+    }
+    if !state.sessions.update(&loaded.key, &session).await? {
+        // Ended meanwhile: nothing left to hold.
+        return Ok(());
+    }
+    if let Some(a) = &risky {
         state.metrics.risk("session", a.level);
         let user = state.durable.user_by_id(&s.user_id).await?;
         let ev = AuditEvent::new("session_risk", "denied", state.clock.now())
@@ -118,8 +136,6 @@ pub(super) async fn after_proof(
             }
         }
     }
-    // Ended meanwhile: nothing left to hold.
-    state.sessions.update(&loaded.key, &session).await?;
     Ok(())
 }
 
@@ -200,8 +216,9 @@ async fn notify_session(state: &AppState, user: &User, client: &Client, a: &Asse
          Until your second factor is confirmed again, that session cannot reach the console.\n\
          If this was you (a VPN or a proxy can make it look so), confirm it when asked.\n\
          \n\
-         If it was NOT you, end your other sessions on your account page ({account}), change\n\
-         your password and tell your administrator.\n",
+         If it was NOT you, confirm your second factor in your own browser, then sign out your\n\
+         other devices on your account page ({account}), change your password and tell your\n\
+         administrator.\n",
         email = user.email,
         reasons = reasons(a),
         when = when(state),

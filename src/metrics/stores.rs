@@ -291,6 +291,13 @@ impl DurableStore for Timed<dyn DurableStore> {
         self.durable(WRITE, self.inner.set_device_binding(id, binding))
             .await
     }
+    async fn risk_history(&self, user_id: &str) -> StoreResult<Option<String>> {
+        self.durable(READ, self.inner.risk_history(user_id)).await
+    }
+    async fn set_risk_history(&self, user_id: &str, body: &str, now: UnixTime) -> StoreResult<()> {
+        self.durable(WRITE, self.inner.set_risk_history(user_id, body, now))
+            .await
+    }
     async fn revoke_device(&self, id: &str) -> StoreResult<bool> {
         self.durable(WRITE, self.inner.revoke_device(id)).await
     }

@@ -1,8 +1,8 @@
 //! Risk scoring of sign-ins and of sessions on the move.
 //!
 //! Every sign-in whose password was right is scored from what the gateway remembers of the
-//! account's recent complete sign-ins (`risk.history`, in the ephemeral store under
-//! `risk:hist:{user}`): a browser that is not a known device of the account, a network (/24 or
+//! account's recent complete sign-ins (`risk.history`, in the durable store's `risk_history`):
+//! a browser that is not a known device of the account, a network (/24 or
 //! /64) it was not signed in from, and — with a GeoIP database (`risk.geoip_database`, MaxMind
 //! DB format: GeoLite2/GeoIP2 City or Country, DB-IP) — a country it was not signed in from and
 //! travel from the last sign-in's place faster than `risk.max_travel_speed`. The signals add up
@@ -10,15 +10,18 @@
 //! [`Level`]:
 //!
 //! - **medium**: a remembered device must still give the second factor;
-//! - **high**: also, an account with a security key must use it (codes are refused, unless
-//!   `risk.high_risk_factor = "any"`), and the owner is told at once that their password was
-//!   entered from there (at most once an hour).
+//! - **high**: also, an account with a security key must use it where keys work (app codes are
+//!   refused, a recovery code is taken; `risk.high_risk_factor = "any"` takes app codes too), and
+//!   the owner is told at once that their password was entered from there (at most once an
+//!   hour); a session's impossible move holds it.
 //!
 //! Only complete sign-ins teach the history, so a guesser's attempts never make their place
-//! familiar. A complete session remembers where it was last proven from ([`Fix`]); when its
-//! device key proves itself from a place it could not have reached since (impossible travel),
-//! the session is held until the user proves a second factor again ([`Session::risk_hold_ms`]),
-//! and the owner is told.
+//! familiar; a sign-in reported as "this wasn't me" is taken out of it again. A complete session
+//! remembers where it was last proven from ([`Fix`]); when its device key proves itself from a
+//! place it could not have reached since (impossible travel, scored high), the session is held until the user
+//! proves a second factor again ([`Session::risk_hold_ms`]), and the owner is told. The fix
+//! moves only to places the session could have reached, so a chain of short hops made in
+//! seconds, or a detour through an address without coordinates, does not carry it away.
 //!
 //! [`Session::risk_hold_ms`]: crate::session::Session::risk_hold_ms
 
@@ -30,10 +33,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RiskConfig;
-use crate::store::{EphemeralStore, StoreError, StoreResult};
+use crate::store::{DurableStore, EphemeralStore, StoreError, StoreResult};
 
 #[cfg(test)]
 mod tests;
+
+/// How old a session's fix may grow before a proof from the same place renews it.
+pub const FIX_RENEWAL_MS: i64 = 5 * 60 * 1000;
 
 /// How many networks and countries the history keeps per account (most recent first).
 const HISTORY_LEN: usize = 20;
@@ -69,6 +75,10 @@ pub struct Place {
     /// Latitude and longitude in ten-thousandths of a degree, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<(i32, i32)>,
+    /// How far off (km) the database says the coordinates may be: a record placed at a
+    /// country's centre says so with a large radius.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub radius_km: Option<u32>,
 }
 
 impl Place {
@@ -131,8 +141,9 @@ impl Signal {
             Signal::NewNetwork => "a network your account was not signed in from recently".into(),
             Signal::NewCountry(c) => format!("a country ({c}) your account was not signed in from recently"),
             Signal::ImpossibleTravel { from, km, minutes } => format!(
-                "{km} km from {} where your account was {minutes} minutes earlier — too far to travel in that time",
-                from.describe()
+                "{km} km from {} where your account was {minutes} {} earlier — too far to travel in that time",
+                from.describe(),
+                if *minutes == 1 { "minute" } else { "minutes" }
             ),
         }
     }
@@ -184,6 +195,14 @@ impl History {
         list.insert(0, (item.to_string(), now_ms));
         list.truncate(HISTORY_LEN);
     }
+
+    /// Drops what is older than `since_ms`.
+    fn since(mut self, since_ms: i64) -> Self {
+        self.networks.retain(|(_, t)| *t >= since_ms);
+        self.countries.retain(|(_, t)| *t >= since_ms);
+        self.last = self.last.filter(|f| f.at_ms >= since_ms);
+        self
+    }
 }
 
 /// Why the GeoIP database could not be used.
@@ -221,6 +240,34 @@ struct GeoCity {
 struct GeoLocation {
     latitude: Option<f64>,
     longitude: Option<f64>,
+    /// A uint16 in MaxMind's databases; taken from any unsigned integer type.
+    accuracy_radius: Option<Radius>,
+}
+
+/// An accuracy radius in km, whatever unsigned integer type the database stored it as (the
+/// reader refuses a type other than the one asked for).
+struct Radius(u32);
+
+impl<'de> Deserialize<'de> for Radius {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Radius;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an accuracy radius in km")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Radius, E> {
+                Ok(Radius(u32::try_from(v).unwrap_or(u32::MAX)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Radius, E> {
+                Ok(Radius(u32::try_from(v.max(0)).unwrap_or(u32::MAX)))
+            }
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Radius, E> {
+                Ok(Radius(u32::try_from(v).unwrap_or(u32::MAX)))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The parts of a GeoIP2/GeoLite2 City or Country record the gateway reads.
@@ -239,13 +286,20 @@ impl Geo {
             message,
         };
         let reader = maxminddb::Reader::open_readfile(path).map_err(|e| err(e.to_string()))?;
+        // A damaged search tree opens, and then fails every lookup: read it all once now.
+        reader
+            .verify()
+            .map_err(|e| err(format!("is damaged: {e}")))?;
         let geo = Geo { reader };
         // A database of another kind (ASN, anonymous IP) opens, but says nothing of places.
         let kind = geo.reader.metadata().database_type.to_ascii_lowercase();
-        if !(kind.contains("city") || kind.contains("country")) {
+        if !["city", "country", "enterprise"]
+            .iter()
+            .any(|k| kind.contains(k))
+        {
             return Err(err(format!(
-                "is a {:?} database; a City or Country database (GeoLite2-City, GeoIP2-Country, \
-                 DB-IP city or country) is needed",
+                "is a {:?} database; a City, Country or Enterprise database (GeoLite2-City, \
+                 GeoIP2-Country, DB-IP City Lite) is needed",
                 geo.reader.metadata().database_type
             )));
         }
@@ -253,8 +307,13 @@ impl Geo {
     }
 
     fn place(&self, ip: IpAddr) -> Option<Place> {
-        let found = self.reader.lookup(ip).ok()?;
-        let record: GeoRecord = found.decode().ok()??;
+        let record: GeoRecord = match self.reader.lookup(ip).and_then(|f| f.decode()) {
+            Ok(r) => r?,
+            Err(e) => {
+                tracing::warn!(error = %e, "GeoIP lookup failed; the place is unknown");
+                return None;
+            }
+        };
         let country = record
             .country
             .and_then(|c| c.iso_code)
@@ -266,6 +325,11 @@ impl Geo {
             .and_then(|c| c.names)
             .and_then(|mut n| n.remove("en"))
             .filter(|c| !c.is_empty() && c.len() <= 100 && !c.chars().any(char::is_control));
+        let radius_km = record
+            .location
+            .as_ref()
+            .and_then(|l| l.accuracy_radius.as_ref())
+            .map(|r| r.0);
         let at = record.location.and_then(|l| {
             let (lat, lon) = (l.latitude?, l.longitude?);
             let ok = lat.is_finite() && lon.is_finite() && lat.abs() <= 90.0 && lon.abs() <= 180.0;
@@ -280,13 +344,26 @@ impl Geo {
         if country.is_none() && at.is_none() {
             return None;
         }
-        Some(Place { country, city, at })
+        Some(Place {
+            country,
+            city,
+            at,
+            radius_km: at.and(radius_km),
+        })
     }
 }
 
 /// Opens the GeoIP database at `path` as the gateway will (`check-config`, `serve`'s preflight).
 pub fn check_database(path: &Path) -> Result<(), GeoError> {
     Geo::open(path).map(|_| ())
+}
+
+/// How far apart two places are at the least (km): the distance between their coordinates
+/// less both accuracy radii. `None` without coordinates on both.
+fn apart_km(a: &Place, b: &Place) -> Option<f64> {
+    let d = distance_km(a.at?, b.at?);
+    let slack = f64::from(a.radius_km.unwrap_or(0)) + f64::from(b.radius_km.unwrap_or(0));
+    Some((d - slack).max(0.0))
 }
 
 /// Great-circle distance in km between two points in ten-thousandths of a degree.
@@ -305,12 +382,20 @@ pub fn distance_km(a: (i32, i32), b: (i32, i32)) -> f64 {
 pub struct Risk {
     config: RiskConfig,
     geo: RwLock<Option<Arc<Geo>>>,
+    /// Where accounts' histories are kept.
+    durable: Arc<dyn DurableStore>,
+    /// Where the hourly mail allowances are kept.
     ephemeral: Arc<dyn EphemeralStore>,
 }
 
 impl Risk {
-    /// Opens `risk.geoip_database`, if set.
-    pub fn new(config: RiskConfig, ephemeral: Arc<dyn EphemeralStore>) -> Result<Self, GeoError> {
+    /// Opens `risk.geoip_database`, if set (reading it whole once: call it off the runtime's
+    /// worker threads for a large database).
+    pub fn new(
+        config: RiskConfig,
+        durable: Arc<dyn DurableStore>,
+        ephemeral: Arc<dyn EphemeralStore>,
+    ) -> Result<Self, GeoError> {
         let geo = match &config.geoip_database {
             Some(p) => Some(Arc::new(Geo::open(p)?)),
             None => None,
@@ -318,6 +403,7 @@ impl Risk {
         Ok(Self {
             config,
             geo: RwLock::new(geo),
+            durable,
             ephemeral,
         })
     }
@@ -369,7 +455,7 @@ impl Risk {
     /// `risk.min_travel_distance` (GeoIP places are rough) covered faster than
     /// `risk.max_travel_speed`.
     pub fn travel(&self, from: &Fix, to: &Place, now_ms: i64) -> Option<Signal> {
-        let km = distance_km(from.place.at?, to.at?);
+        let km = apart_km(&from.place, to)?;
         if km < f64::from(self.config.min_travel_distance) {
             return None;
         }
@@ -386,19 +472,24 @@ impl Risk {
         })
     }
 
-    fn history_key(user_id: &str) -> String {
-        format!("risk:hist:{{{user_id}}}")
+    /// The account's history as of `now_ms`: what is older than `risk.history` is forgotten.
+    async fn history(&self, user_id: &str, now_ms: i64) -> StoreResult<History> {
+        let keep = i64::try_from(self.config.history.as_millis()).unwrap_or(i64::MAX / 4);
+        Ok(self
+            .durable
+            .risk_history(user_id)
+            .await?
+            // A document that no longer reads (another version) is no history.
+            .and_then(|b| serde_json::from_str::<History>(&b).ok())
+            .unwrap_or_default()
+            .since(now_ms.saturating_sub(keep)))
     }
 
-    async fn history(&self, user_id: &str) -> StoreResult<History> {
-        Ok(self
-            .ephemeral
-            .get(&Self::history_key(user_id))
-            .await?
-            // A record that no longer reads (another version) is no history: signals fire,
-            // which asks for more proof, never less.
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default())
+    async fn store_history(&self, user_id: &str, h: &History, now_ms: i64) -> StoreResult<()> {
+        let body = serde_json::to_string(h).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.durable
+            .set_risk_history(user_id, &body, now_ms / 1000)
+            .await
     }
 
     /// Scores a sign-in of `user_id` from `ip` whose password (or first factor) was right;
@@ -410,14 +501,16 @@ impl Risk {
         device_known: bool,
         now_ms: i64,
     ) -> StoreResult<Assessment> {
-        let history = self.history(user_id).await?;
+        let history = self.history(user_id, now_ms).await?;
         let place = self.place(ip);
         let mut signals = Vec::new();
         if !device_known {
             signals.push(Signal::NewDevice);
         }
+        // No history at all (a first sign-in, or none for `risk.history`): the network is as new
+        // as any, but no country or place can be compared.
         let network = crate::auth::flow::network_of(ip);
-        if !history.networks.is_empty() && !history.networks.iter().any(|(n, _)| *n == network) {
+        if !history.networks.iter().any(|(n, _)| *n == network) {
             signals.push(Signal::NewNetwork);
         }
         if let Some(p) = &place {
@@ -442,7 +535,7 @@ impl Risk {
         place: Option<&Place>,
         now_ms: i64,
     ) -> StoreResult<()> {
-        let mut history = self.history(user_id).await?;
+        let mut history = self.history(user_id, now_ms).await?;
         History::note(
             &mut history.networks,
             &crate::auth::flow::network_of(ip),
@@ -459,30 +552,78 @@ impl Risk {
                 });
             }
         }
-        let body = serde_json::to_vec(&history).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.ephemeral
-            .put(&Self::history_key(user_id), &body, self.config.history)
-            .await
+        self.store_history(user_id, &history, now_ms).await
     }
 
-    /// Scores a complete session's device key proven from `ip`, last proven at `last`: the new
-    /// fix to keep, and the assessment when the move looks risky (impossible travel).
+    /// Takes a sign-in from `ip` that its owner reported ("this wasn't me") out of the account's
+    /// history: its network, its country and, when it was the last place, that place. An owner
+    /// who is in that country too is asked for more at their next sign-in there, never less.
+    pub async fn forget_sign_in(&self, user_id: &str, ip: &str, now_ms: i64) -> StoreResult<()> {
+        let mut history = self.history(user_id, now_ms).await?;
+        let network = crate::auth::flow::network_of(ip);
+        history.networks.retain(|(n, _)| *n != network);
+        if let Some(place) = self.place(ip) {
+            if let Some(c) = &place.country {
+                history.countries.retain(|(k, _)| k != c);
+            }
+            if history.last.as_ref().is_some_and(|f| f.place == place) {
+                history.last = None;
+            }
+        }
+        self.store_history(user_id, &history, now_ms).await
+    }
+
+    /// Scores a complete session's device key proven from `ip`, last proven at `last`: the fix
+    /// to keep, and the assessment when the move looks risky (impossible travel).
+    ///
+    /// The fix moves only to a place the session could have reached in the time: a risky move
+    /// keeps the old fix (the hold is lifted by a second factor, which sets the fix where it was
+    /// given); a hop too short to count as travel but made too fast keeps it too, so a chain of
+    /// such hops is measured from where it started; so does a place without coordinates. The
+    /// same place renews the fix's time at most every [`FIX_RENEWAL_MS`].
     pub fn assess_move(
         &self,
         last: Option<&Fix>,
         ip: &str,
         now_ms: i64,
     ) -> (Option<Fix>, Option<Assessment>) {
-        let Some(place) = self.place(ip) else {
+        let Some(place) = self.place(ip).filter(|p| p.at.is_some()) else {
             return (last.cloned(), None);
         };
-        let travel = last.and_then(|l| self.travel(l, &place, now_ms));
         let fix = Fix {
             place: place.clone(),
             at_ms: now_ms,
         };
-        let assessment = travel.map(|t| self.assessment(vec![t], Some(place)));
-        (Some(fix), assessment)
+        let Some(last) = last.filter(|l| l.place.at.is_some()) else {
+            return (Some(fix), None);
+        };
+        if let Some(t) = self.travel(last, &place, now_ms) {
+            let assessment = self.assessment(vec![t], Some(place));
+            return (Some(last.clone()), Some(assessment));
+        }
+        let same = last.place == place && now_ms - last.at_ms < FIX_RENEWAL_MS;
+        if same || !self.reachable(last, &place, now_ms) {
+            return (Some(last.clone()), None);
+        }
+        (Some(fix), None)
+    }
+
+    /// Where `ip` is, as a session's fix from now (a second factor given there).
+    pub fn fix_at(&self, ip: &str, now_ms: i64) -> Option<Fix> {
+        self.place(ip).filter(|p| p.at.is_some()).map(|place| Fix {
+            place,
+            at_ms: now_ms,
+        })
+    }
+
+    /// Whether `to` could be reached from `from` by `now_ms` at `risk.max_travel_speed`.
+    fn reachable(&self, from: &Fix, to: &Place, now_ms: i64) -> bool {
+        let Some(km) = apart_km(&from.place, to) else {
+            return false;
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let hours = (now_ms - from.at_ms).max(0) as f64 / 3_600_000.0;
+        km <= hours * f64::from(self.config.max_travel_speed)
     }
 
     /// Takes the right to mail `user_id` about `what` now: at most once an hour each, so a

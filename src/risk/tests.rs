@@ -10,22 +10,50 @@ fn geo_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip-test.mmdb")
 }
 
-fn engine(geo: bool) -> Risk {
+/// A risk engine over a fresh SQLite database (kept while the directory lives).
+struct Engine {
+    risk: Risk,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = Risk;
+    fn deref(&self) -> &Risk {
+        &self.risk
+    }
+}
+
+/// A risk engine over the SQLite database in `dir` (created on first use).
+async fn risk_in(dir: &Path, config: RiskConfig) -> Result<Risk, GeoError> {
+    let url = format!("sqlite://{}", dir.join("risk.sqlite").display());
+    let durable = crate::store::sql::SqlStore::connect(&url).await.unwrap();
+    durable.migrate().await.unwrap();
     let clock = Arc::new(ManualClock::starting_now());
-    let config = RiskConfig {
+    Risk::new(config, Arc::new(durable), Arc::new(MemoryStore::new(clock)))
+}
+
+async fn engine_with(config: RiskConfig) -> Result<Engine, GeoError> {
+    let dir = tempfile::tempdir().unwrap();
+    let risk = risk_in(dir.path(), config).await?;
+    Ok(Engine { risk, _dir: dir })
+}
+
+async fn engine(geo: bool) -> Engine {
+    engine_with(RiskConfig {
         geoip_database: geo.then(geo_path),
         ..RiskConfig::default()
-    };
-    Risk::new(config, Arc::new(MemoryStore::new(clock))).unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 fn names(a: &Assessment) -> Vec<&'static str> {
     a.signals.iter().map(Signal::name).collect()
 }
 
-#[test]
-fn places_come_from_the_database() {
-    let r = engine(true);
+#[tokio::test]
+async fn places_come_from_the_database() {
+    let r = engine(true).await;
     let berlin = r.place("127.0.1.9").unwrap();
     assert_eq!(berlin.country.as_deref(), Some("DE"));
     assert_eq!(berlin.city.as_deref(), Some("Berlin"));
@@ -46,36 +74,39 @@ fn places_come_from_the_database() {
     assert_eq!(r.place("127.0.9.1"), None);
     assert_eq!(r.place("not an address"), None);
     // Without a database nothing is known.
-    assert_eq!(engine(false).place("127.0.1.9"), None);
+    assert_eq!(engine(false).await.place("127.0.1.9"), None);
 }
 
-#[test]
-fn databases_that_say_nothing_of_places_are_refused() {
-    let clock = Arc::new(ManualClock::starting_now());
-    let store = Arc::new(MemoryStore::new(clock));
-    let asn = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip-asn-test.mmdb");
-    let e = Risk::new(
-        RiskConfig {
-            geoip_database: Some(asn),
+#[tokio::test]
+async fn databases_that_say_nothing_of_places_are_refused() {
+    let with = |p: PathBuf| {
+        engine_with(RiskConfig {
+            geoip_database: Some(p),
             ..RiskConfig::default()
-        },
-        store.clone(),
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("City or Country"), "{e}");
-    let e = Risk::new(
-        RiskConfig {
-            geoip_database: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")),
-            ..RiskConfig::default()
-        },
-        store,
-    )
-    .unwrap_err();
+        })
+    };
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let e = with(data.join("geoip-asn-test.mmdb")).await.err().unwrap();
+    assert!(e.to_string().contains("City, Country"), "{e}");
+    let e = with(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .await
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("Cargo.toml"), "{e}");
+    // Metadata intact, search tree damaged: refused when opened, not at every lookup after.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(data.join("geoip-test.mmdb")).unwrap();
+    for b in bytes.iter_mut().take(600) {
+        *b ^= 0x5a;
+    }
+    let damaged = dir.path().join("damaged.mmdb");
+    std::fs::write(&damaged, bytes).unwrap();
+    let e = with(damaged).await.err().unwrap();
+    assert!(e.to_string().contains("damaged"), "{e}");
 }
 
-#[test]
-fn distances_are_great_circles() {
+#[tokio::test]
+async fn distances_are_great_circles() {
     let frankfurt = (501_109, 86_821);
     let sydney = (-338_688, 1_512_093);
     let d = distance_km(frankfurt, sydney);
@@ -88,18 +119,19 @@ fn distances_are_great_circles() {
 
 #[tokio::test]
 async fn sign_ins_score_what_the_account_has_not_done_before() {
-    let r = engine(true);
+    let r = engine(true).await;
     let t0 = 1_700_000_000_000;
-    // The first sign-in has no history to differ from: only the new browser counts.
+    // The first sign-in has no history to differ from: a new browser on a network as new as
+    // any, but no country or place to compare.
     let a = r
         .assess_sign_in("u1", "127.0.0.7", false, t0)
         .await
         .unwrap();
-    assert_eq!(names(&a), ["new_device"]);
-    assert_eq!((a.score, a.level), (25, Level::Low));
+    assert_eq!(names(&a), ["new_device", "new_network"]);
+    assert_eq!((a.score, a.level), (40, Level::Medium));
     // Nothing is learnt before a sign-in completes.
     let again = r.assess_sign_in("u1", "127.0.2.7", true, t0).await.unwrap();
-    assert!(again.signals.is_empty(), "{again:?}");
+    assert_eq!(names(&again), ["new_network"]);
     let frankfurt = r.place("127.0.0.7");
     r.record_sign_in("u1", "127.0.0.7", frankfurt.as_ref(), t0)
         .await
@@ -163,12 +195,12 @@ async fn sign_ins_score_what_the_account_has_not_done_before() {
         .assess_sign_in("u2", "127.0.2.7", true, t0 + H)
         .await
         .unwrap();
-    assert!(other.signals.is_empty(), "{other:?}");
+    assert_eq!(names(&other), ["new_network"]);
 }
 
 #[tokio::test]
-async fn sign_ins_teach_the_history_and_it_forgets() {
-    let r = engine(true);
+async fn sign_ins_teach_the_history_up_to_its_length() {
+    let r = engine(true).await;
     let t0 = 1_700_000_000_000;
     for (ip, t) in [("127.0.0.1", t0), ("127.0.2.1", t0 + 48 * H)] {
         let p = r.place(ip);
@@ -216,7 +248,7 @@ async fn sign_ins_teach_the_history_and_it_forgets() {
 
 #[tokio::test]
 async fn without_a_database_only_devices_and_networks_count() {
-    let r = engine(false);
+    let r = engine(false).await;
     let t0 = 1_700_000_000_000;
     r.record_sign_in("u1", "127.0.0.1", None, t0).await.unwrap();
     let a = r
@@ -227,30 +259,31 @@ async fn without_a_database_only_devices_and_networks_count() {
     assert_eq!((a.score, a.level, a.place), (40, Level::Medium, None));
 }
 
-#[test]
-fn moves_are_held_when_nobody_could_travel_that_fast() {
-    let r = engine(true);
+#[tokio::test]
+async fn moves_are_held_when_nobody_could_travel_that_fast() {
+    let r = engine(true).await;
     let t0 = 1_700_000_000_000;
-    let frankfurt = Fix {
-        place: r.place("127.0.0.1").unwrap(),
-        at_ms: t0,
-    };
-    // Same place: the fix is kept (renewed by the caller), nothing risky.
+    let frankfurt = r.fix_at("127.0.0.1", t0).unwrap();
+    // Same place: the fix stands (renewed at most every five minutes), nothing risky.
     let (fix, risky) = r.assess_move(Some(&frankfurt), "127.0.0.200", t0 + 60_000);
-    assert_eq!(fix.unwrap().place, frankfurt.place);
+    assert_eq!(fix.as_ref(), Some(&frankfurt));
     assert!(risky.is_none());
+    let (fix, _) = r.assess_move(Some(&frankfurt), "127.0.0.200", t0 + FIX_RENEWAL_MS);
+    assert_eq!(fix.unwrap().at_ms, t0 + FIX_RENEWAL_MS);
     // Paris is within `min_travel_distance`: never travel, however fast.
     let (_, risky) = r.assess_move(Some(&frankfurt), "127.0.3.1", t0 + 60_000);
     assert!(risky.is_none());
-    // Sydney ten minutes later: held.
+    // Sydney ten minutes later: held, and the fix stays where the session was.
     let (fix, risky) = r.assess_move(Some(&frankfurt), "127.0.2.1", t0 + 600_000);
-    assert_eq!(fix.unwrap().place.city.as_deref(), Some("Sydney"));
+    assert_eq!(fix.as_ref(), Some(&frankfurt));
     let risky = risky.unwrap();
     assert_eq!(names(&risky), ["impossible_travel"]);
     assert_eq!(risky.level, Level::High);
-    // New York a day later: a flight.
-    let (_, risky) = r.assess_move(Some(&frankfurt), "127.0.4.1", t0 + 24 * H);
+    assert_eq!(risky.place.unwrap().city.as_deref(), Some("Sydney"));
+    // New York a day later: a flight, and the fix moves there.
+    let (fix, risky) = r.assess_move(Some(&frankfurt), "127.0.4.1", t0 + 24 * H);
     assert!(risky.is_none());
+    assert_eq!(fix.unwrap().place.city.as_deref(), Some("New York"));
     // An address the database does not know keeps the last fix.
     let (fix, risky) = r.assess_move(Some(&frankfurt), "127.0.9.1", t0 + 600_000);
     assert_eq!(fix.as_ref(), Some(&frankfurt));
@@ -260,17 +293,59 @@ fn moves_are_held_when_nobody_could_travel_that_fast() {
     assert!(fix.is_some() && risky.is_none());
 }
 
-#[test]
-fn scores_follow_the_configured_levels() {
-    let clock = Arc::new(ManualClock::starting_now());
-    let r = Risk::new(
-        RiskConfig {
-            medium_score: 10,
-            high_score: 40,
-            ..RiskConfig::default()
-        },
-        Arc::new(MemoryStore::new(clock)),
-    )
+#[tokio::test]
+async fn a_fix_is_not_carried_away_by_detours_or_short_hops() {
+    let r = engine(true).await;
+    let t0 = 1_700_000_000_000;
+    let frankfurt = r.fix_at("127.0.0.1", t0).unwrap();
+    // A detour through an address known by its country only keeps Frankfurt, so Sydney right
+    // after is still impossible.
+    let (fix, risky) = r.assess_move(Some(&frankfurt), "127.0.5.1", t0 + 1_000);
+    assert!(risky.is_none());
+    assert_eq!(fix.as_ref(), Some(&frankfurt));
+    let (_, risky) = r.assess_move(fix.as_ref(), "127.0.2.1", t0 + 2_000);
+    assert!(risky.is_some());
+    // Hops too short to count (Frankfurt → Paris, 480 km) but made in a second keep the fix in
+    // Frankfurt; the next hop (Nantes, 800 km from Frankfurt) is then measured from there.
+    let (fix, risky) = r.assess_move(Some(&frankfurt), "127.0.3.1", t0 + 1_000);
+    assert!(risky.is_none());
+    assert_eq!(fix.as_ref(), Some(&frankfurt));
+    let (_, risky) = r.assess_move(fix.as_ref(), "127.0.6.1", t0 + 2_000);
+    assert_eq!(names(&risky.unwrap()), ["impossible_travel"]);
+    // Made at a pace anyone could travel, the same hops move the fix along.
+    let (fix, _) = r.assess_move(Some(&frankfurt), "127.0.3.1", t0 + H);
+    assert_eq!(fix.as_ref().unwrap().place.city.as_deref(), Some("Paris"));
+    let (_, risky) = r.assess_move(fix.as_ref(), "127.0.6.1", t0 + H + 1_000);
+    assert!(risky.is_none());
+}
+
+#[tokio::test]
+async fn coarse_places_count_only_what_they_are_sure_of() {
+    let r = engine(true).await;
+    let t0 = 1_700_000_000_000;
+    let coarse = r.place("127.0.7.1").unwrap();
+    assert_eq!(
+        (coarse.country.as_deref(), coarse.radius_km),
+        (Some("DE"), Some(500))
+    );
+    // 600 km from Frankfurt by its coordinates, but within 500 km of them: not travel.
+    let frankfurt = r.fix_at("127.0.0.1", t0).unwrap();
+    let (_, risky) = r.assess_move(Some(&frankfurt), "127.0.7.1", t0 + 1_000);
+    assert!(risky.is_none());
+    // Sydney is far beyond any radius.
+    let coarse_fix = r.fix_at("127.0.7.1", t0).unwrap();
+    let (_, risky) = r.assess_move(Some(&coarse_fix), "127.0.2.1", t0 + 1_000);
+    assert!(risky.is_some());
+}
+
+#[tokio::test]
+async fn scores_follow_the_configured_levels() {
+    let r = engine_with(RiskConfig {
+        medium_score: 10,
+        high_score: 40,
+        ..RiskConfig::default()
+    })
+    .await
     .unwrap();
     assert_eq!(r.level(9), Level::Low);
     assert_eq!(r.level(10), Level::Medium);
@@ -279,9 +354,84 @@ fn scores_follow_the_configured_levels() {
 
 #[tokio::test]
 async fn the_owner_is_mailed_once_an_hour_per_kind() {
-    let r = engine(false);
+    let r = engine(false).await;
     assert!(r.may_notify("u1", "sign_in").await.unwrap());
     assert!(!r.may_notify("u1", "sign_in").await.unwrap());
     assert!(r.may_notify("u1", "session").await.unwrap());
     assert!(r.may_notify("u2", "sign_in").await.unwrap());
+}
+
+#[tokio::test]
+async fn old_entries_are_forgotten_and_reported_sign_ins_taken_out() {
+    let r = engine(true).await;
+    let t0 = 1_700_000_000_000;
+    let day = 24 * H;
+    for (ip, t) in [("127.0.3.1", t0), ("127.0.0.1", t0 + 80 * day)] {
+        let p = r.place(ip);
+        r.record_sign_in("u1", ip, p.as_ref(), t).await.unwrap();
+    }
+    // Paris (day 0) is still familiar on day 85; on day 95 it is past `risk.history` (90 days),
+    // though the account signed in within every 90 days.
+    let a = r
+        .assess_sign_in("u1", "127.0.3.9", true, t0 + 85 * day)
+        .await
+        .unwrap();
+    assert!(a.signals.is_empty(), "{a:?}");
+    let a = r
+        .assess_sign_in("u1", "127.0.3.9", true, t0 + 95 * day)
+        .await
+        .unwrap();
+    assert_eq!(names(&a), ["new_network", "new_country"]);
+
+    // A thief's sign-in from Sydney, reported by the owner: Sydney is new again, and the
+    // owner's next sign-in at home is not measured from Sydney.
+    let t1 = t0 + 81 * day;
+    let p = r.place("127.0.2.1");
+    r.record_sign_in("u1", "127.0.2.1", p.as_ref(), t1)
+        .await
+        .unwrap();
+    let a = r
+        .assess_sign_in("u1", "127.0.2.50", false, t1 + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(names(&a), ["new_device"]);
+    r.forget_sign_in("u1", "127.0.2.1", t1 + 60_000)
+        .await
+        .unwrap();
+    let a = r
+        .assess_sign_in("u1", "127.0.2.50", false, t1 + 120_000)
+        .await
+        .unwrap();
+    assert_eq!(names(&a), ["new_device", "new_network", "new_country"]);
+    let home = r
+        .assess_sign_in("u1", "127.0.0.1", true, t1 + 120_000)
+        .await
+        .unwrap();
+    assert!(home.signals.is_empty(), "{home:?}");
+}
+
+#[tokio::test]
+async fn histories_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || async {
+        let config = RiskConfig {
+            geoip_database: Some(geo_path()),
+            ..RiskConfig::default()
+        };
+        risk_in(dir.path(), config).await.unwrap()
+    };
+    let t0 = 1_700_000_000_000;
+    let first = open().await;
+    let p = first.place("127.0.0.1");
+    first
+        .record_sign_in("u1", "127.0.0.1", p.as_ref(), t0)
+        .await
+        .unwrap();
+    drop(first);
+    let a = open()
+        .await
+        .assess_sign_in("u1", "127.0.2.1", false, t0 + H)
+        .await
+        .unwrap();
+    assert_eq!(a.level, Level::High, "{a:?}");
 }

@@ -395,6 +395,10 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<()>;
     /// Records how the device's sessions are bound (`dbsc`, `webcrypto`).
     async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()>;
+    /// What risk scoring remembers of a user's recent sign-ins (an opaque document).
+    async fn risk_history(&self, user_id: &str) -> StoreResult<Option<String>>;
+    /// Replaces a user's risk history.
+    async fn set_risk_history(&self, user_id: &str, body: &str, now: UnixTime) -> StoreResult<()>;
 
     async fn enqueue_mail(&self, mail: Mail) -> StoreResult<()>;
     /// Claims up to `limit` unsent mails due at `now`: each claimed mail's next attempt moves to

@@ -1176,6 +1176,29 @@ impl DurableStore for SqlStore {
         Ok(())
     }
 
+    async fn risk_history(&self, user_id: &str) -> StoreResult<Option<String>> {
+        let rows = self
+            .fetch(
+                "SELECT body FROM risk_history WHERE user_id = $1",
+                &[Arg::Text(user_id)],
+            )
+            .await?;
+        rows.first()
+            .map(|r| r.try_get("body"))
+            .transpose()
+            .map_err(unavailable)
+    }
+
+    async fn set_risk_history(&self, user_id: &str, body: &str, now: UnixTime) -> StoreResult<()> {
+        self.change(
+            "INSERT INTO risk_history (user_id, body, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+            &[Arg::Text(user_id), Arg::Text(body), Arg::Int(now)],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn revoke_device(&self, id: &str) -> StoreResult<bool> {
         let pool = &self.pool;
         let done = self

@@ -17,6 +17,7 @@ PLACES = [
     ("127.0.2.0/24", "AU", "Sydney", -33.8688, 151.2093),
     ("127.0.3.0/24", "FR", "Paris", 48.8566, 2.3522),
     ("127.0.4.0/24", "US", "New York", 40.7128, -74.006),
+    ("127.0.6.0/24", "FR", "Nantes", 47.2184, -1.5536),
     ("2001:db8::/32", "JP", "Tokyo", 35.6762, 139.6503),
 ]
 
@@ -28,8 +29,13 @@ def city_db():
         w.insert_network(IPSet([net]), {
             "country": {"iso_code": country, "names": {"en": country}},
             "city": {"names": {"en": city}},
-            "location": {"latitude": lat, "longitude": lon},
+            "location": {"latitude": lat, "longitude": lon, "accuracy_radius": 20},
         })
+    # A coarse record: placed 600 km north of Frankfurt, but only to within 500 km.
+    w.insert_network(IPSet(["127.0.7.0/24"]), {
+        "country": {"iso_code": "DE"},
+        "location": {"latitude": 55.5, "longitude": 8.6821, "accuracy_radius": 500},
+    })
     # A network the database knows only by country.
     w.insert_network(IPSet(["127.0.5.0/24"]), {"country": {"iso_code": "NL"}})
     w.to_db_file(os.path.join(HERE, "geoip-test.mmdb"))

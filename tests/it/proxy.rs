@@ -172,7 +172,7 @@ async fn websockets_are_relayed_for_a_complete_session() {
 }
 
 /// Opens a WebSocket through the gateway with `c`'s cookies and checks one echo.
-async fn open_ws(
+pub(super) async fn open_ws(
     gw: &Gateway,
     c: &Browser,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
@@ -192,7 +192,7 @@ async fn open_ws(
 
 /// Whether the socket is closed by the other side within `limit` (messages before that are
 /// skipped).
-async fn closed_within(
+pub(super) async fn closed_within(
     ws: &mut tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,

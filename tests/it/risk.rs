@@ -182,6 +182,9 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
     let gw = Gateway::start_with(|c| {
         binding_on(c);
         geoip(c);
+        c.forward_auth.enabled = true;
+        // Forward-auth is asked by a proxy on loopback, naming the browser's address.
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
     let email = "held@example.com";
@@ -189,6 +192,7 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
     let dev = Device::new();
     bind_webcrypto(&gw, &b, &dev).await;
     assert_eq!(gw.status(&b, "/inbox").await, 200);
+    let mut ws = super::proxy::open_ws(&gw, &b).await;
 
     // Berlin a minute later (another network, close enough never to count as travel): prove
     // and carry on.
@@ -205,6 +209,10 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
     let sydney = gw.browser_moved_to(&b, "127.0.2.9");
     assert_eq!(gw.status(&sydney, "/inbox").await, 303);
     assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
+    assert!(
+        super::proxy::closed_within(&mut ws, std::time::Duration::from_secs(5)).await,
+        "the hold closes the session's websocket"
+    );
     let seen = gw.upstream.count();
     let r = gw.get(&sydney, "/inbox?x=1").await;
     assert_eq!(r.status(), 303);
@@ -225,6 +233,21 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
             .contains("could not have travelled"),
         "{v}"
     );
+    // Forward-auth answers the held session as a step-up too.
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/_portcullis/auth",
+        &[
+            ("Cookie", &gw.cookies(&sydney)),
+            ("X-Original-URI", "/inbox"),
+            ("X-Forwarded-For", "127.0.2.9"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(r.body.contains("step_up_required"), "{}", r.body);
     let r = gw.get(&sydney, "/_portcullis/account").await;
     assert_eq!(r.status(), 303, "{:?}", r.text().await);
     assert!(location(&r).starts_with("/_portcullis/reauth?next="));
@@ -242,7 +265,9 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
     let mail = gw.outbox().await;
     let moved = mails_about(&mail, "moved too far");
     assert_eq!(moved.len(), 1, "{mail:?}");
-    assert!(moved[0].contains("Berlin, DE"), "{}", moved[0]);
+    // Berlin, seconds after Frankfurt, was no place the session could have reached yet: the
+    // jump to Sydney is measured from Frankfurt.
+    assert!(moved[0].contains("Frankfurt am Main, DE"), "{}", moved[0]);
 
     // Another device proof does not lift the hold (the Berlin request dropped the bound cookie
     // from the shared jar); a second factor does.
@@ -263,9 +288,14 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
         .unwrap();
     assert_eq!(location(&r), "/inbox");
     assert_eq!(gw.status(&sydney, "/inbox").await, 200);
+    // The second factor was given in Sydney: that is the session's place now, and its next
+    // proofs there are no move.
+    assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
+    assert_eq!(gw.status(&sydney, "/inbox").await, 200);
+    // Two proofs from Sydney while the session's place was still Frankfurt: two holds counted.
     let metrics = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
     assert!(
-        metrics.contains("portcullis_risk_assessments_total{stage=\"session\",level=\"high\"} 1")
+        metrics.contains("portcullis_risk_assessments_total{stage=\"session\",level=\"high\"} 2")
             && metrics.contains("portcullis_step_ups_total{reason=\"session_risk\"}"),
         "{metrics}"
     );
@@ -279,8 +309,16 @@ async fn a_database_that_cannot_tell_places_is_refused_at_start_up() {
     let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
     let mut c = test_config(dir.path(), addr, addr);
     c.risk.geoip_database = Some(dir.path().join("missing.mmdb"));
-    let e = c.validate().unwrap_err().to_string();
-    assert!(e.contains("risk.geoip_database"), "{e}");
+    c.validate().unwrap();
+    let clock = std::sync::Arc::new(portcullis::clock::ManualClock::starting_now());
+    let e = portcullis::state::AppState::new(c.clone(), clock)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("risk.geoip_database") && e.contains("missing.mmdb"),
+        "{e}"
+    );
     c.risk.geoip_database = Some(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip-asn-test.mmdb"),
     );
@@ -291,7 +329,97 @@ async fn a_database_that_cannot_tell_places_is_refused_at_start_up() {
         .unwrap_err();
     let e = e.to_string();
     assert!(
-        e.contains("risk.geoip_database") && e.contains("City or Country"),
+        e.contains("risk.geoip_database") && e.contains("City, Country"),
         "{e}"
     );
+}
+
+/// The switch to "second factor first" (after many wrong passwords, which an attacker can cause)
+/// does not skip the scoring: a sign-in from an impossible place whose app code came first is
+/// refused at its password when the account has a key, and the key-first one goes through.
+#[tokio::test]
+async fn a_risky_sign_in_whose_code_came_first_still_needs_the_key() {
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        geoip(c);
+        c.limits.second_factor_first_after = 3;
+    })
+    .await;
+    let email = "first@example.com";
+    let (home, secret, _) = gw.signed_in(email).await;
+    let mut k = key();
+    register(&gw, &home, &mut k, "Desk key").await;
+    let thief = gw.browser_moved_to(&gw.browser(), "127.0.2.9");
+    for _ in 0..3 {
+        let r = gw.password(&thief, email, "wrong password 1", "").await;
+        assert_eq!(r.status(), 401);
+    }
+    // Code first, then the right password, from Sydney: refused, the sign-in ended.
+    gw.clock.advance(60);
+    let r = gw.password(&thief, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = gw
+        .code(&thief, "/_portcullis/mfa", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=password_next");
+    let r = gw.password(&thief, email, PASSWORD, "").await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("security key"));
+    assert_eq!(gw.status(&thief, "/campaigns").await, 303);
+    assert_eq!(
+        events(&gw, "risk_assessed").await.last().unwrap().outcome,
+        "high"
+    );
+    assert_eq!(mails_about(&gw.outbox().await, "Unusual sign-in").len(), 1);
+    // The key first, then the password: in.
+    let owner = gw.browser_moved_to(&gw.browser(), "127.0.2.10");
+    let r = gw.password(&owner, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let (r, _, _) = second_factor(&gw, &owner, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200);
+    let r = gw.password(&owner, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/");
+    assert_eq!(gw.status(&owner, "/campaigns").await, 200);
+}
+
+/// A high-risk sign-in of an account with a key also takes a recovery code (the owner's way in
+/// without the key); with `risk.high_risk_factor = "any"` the app code does too; and where keys
+/// cannot be used (WebAuthn off), nothing asks for one.
+#[tokio::test]
+async fn the_owner_without_the_key_at_hand_is_not_locked_out() {
+    for (setting, what) in [
+        ("recovery", "a recovery code"),
+        ("any", "high_risk_factor any"),
+        ("no-webauthn", "keys unusable here"),
+    ] {
+        let gw = Gateway::start_with(|c| {
+            localhost(c);
+            geoip(c);
+            if setting == "any" {
+                c.risk.high_risk_factor = portcullis::config::HighRiskFactor::Any;
+            }
+        })
+        .await;
+        let email = "traveller@example.com";
+        let (home, secret, codes) = gw.signed_in(email).await;
+        let mut k = key();
+        register(&gw, &home, &mut k, "Desk key").await;
+        let gw = if setting == "no-webauthn" {
+            gw.restarted_with(|c| c.webauthn.enabled = false).await
+        } else {
+            gw
+        };
+        gw.clock.advance(600);
+        let far = gw.browser_moved_to(&gw.browser(), "127.0.2.9");
+        let r = gw.password(&far, email, PASSWORD, "").await;
+        assert_eq!(location(&r), "/_portcullis/mfa", "{what}");
+        let code = if setting == "recovery" {
+            codes[0].clone()
+        } else {
+            gw.totp_now(&secret)
+        };
+        let r = gw.code(&far, "/_portcullis/mfa", &code).await;
+        assert_eq!(r.status(), 303, "{what}");
+        assert_eq!(gw.status(&far, "/campaigns").await, 200, "{what}");
+    }
 }

@@ -180,3 +180,20 @@ pub(super) async fn report_links(s: &Arc<dyn DurableStore>, tag: &str) {
     assert_eq!(used[0].used_at, Some(200));
     assert_eq!(used[0].device_id.as_deref(), Some("dev-1"));
 }
+
+/// Risk histories: absent until written, then replaced whole, per user.
+pub(super) async fn risk_history(s: &Arc<dyn DurableStore>, tag: &str) {
+    let (a, b) = (format!("risk-a-{tag}"), format!("risk-b-{tag}"));
+    assert_eq!(s.risk_history(&a).await.unwrap(), None);
+    s.set_risk_history(&a, r#"{"networks":[]}"#, 100)
+        .await
+        .unwrap();
+    s.set_risk_history(&a, "{\"last\":null,\"note\":\"it's \u{e9}\"}", 200)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.risk_history(&a).await.unwrap().as_deref(),
+        Some("{\"last\":null,\"note\":\"it's \u{e9}\"}")
+    );
+    assert_eq!(s.risk_history(&b).await.unwrap(), None);
+}
