@@ -24,7 +24,7 @@ async fn key_session(gw: &Gateway, email: &str, k: &mut Key) -> Browser {
 }
 
 /// An admin with a key: their TOTP-only browser, a key-session browser, the user and the key.
-async fn admin(gw: &Gateway) -> (Browser, Browser, portcullis::store::User, Key) {
+pub(super) async fn admin(gw: &Gateway) -> (Browser, Browser, portcullis::store::User, Key) {
     let (totp_browser, u, mut k, _) = with_key(gw, ROOT, "Admin key").await;
     gw.state.durable.set_admin(&u.id, true).await.unwrap();
     gw.state.user_gate.forget(&u.id);

@@ -423,3 +423,47 @@ async fn the_owner_without_the_key_at_hand_is_not_locked_out() {
         assert_eq!(gw.status(&far, "/campaigns").await, 200, "{what}");
     }
 }
+
+/// A held session reaches no admin page either: the console's guard sends it to confirm first,
+/// and a key-session admin whose session is held gets nowhere until then.
+#[tokio::test]
+async fn a_held_admin_session_reaches_no_admin_page() {
+    let gw = super::webauthn::gateway().await;
+    let (_, c, _, _) = super::admin::admin(&gw).await;
+    assert_eq!(gw.status(&c, "/_portcullis/admin").await, 200);
+    // Hold the session as a device proof from an impossible place does, a minute later.
+    gw.clock.advance(60);
+    let cookies = gw.cookies(&c);
+    let id = cookies
+        .split("; ")
+        .find_map(|kv| kv.strip_prefix("portcullis-session="))
+        .unwrap();
+    let mut loaded = gw.state.sessions.load(Some(id)).await.unwrap().unwrap();
+    loaded.session.risk_hold_ms = Some(portcullis::clock::Clock::now_millis(&gw.clock));
+    assert!(gw
+        .state
+        .sessions
+        .update(&loaded.key, &loaded.session)
+        .await
+        .unwrap());
+    let r = gw.get(&c, "/_portcullis/admin/users").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        location(&r),
+        "/_portcullis/reauth?next=%2F_portcullis%2Fadmin%2Fusers"
+    );
+    let r = c
+        .get(gw.url("/_portcullis/admin/users"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "step_up_required");
+    // The reauth page says why.
+    let page = gw
+        .page(&c, "/_portcullis/reauth?next=%2F_portcullis%2Fadmin")
+        .await;
+    assert!(page.contains("could not have travelled"), "{page}");
+}
