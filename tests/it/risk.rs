@@ -25,6 +25,20 @@ async fn events(gw: &Gateway, name: &str) -> Vec<portcullis::store::AuditEvent> 
         .collect()
 }
 
+/// What an API client of a held session gets for `path`: `403 step_up_required` (the body).
+async fn held_json(gw: &Gateway, b: &Browser, path: &str) -> Value {
+    let r = b
+        .get(gw.url(path))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "{path}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "step_up_required", "{path}");
+    v
+}
+
 fn mails_about<'a>(mail: &'a [String], subject: &str) -> Vec<&'a String> {
     mail.iter().filter(|m| m.contains(subject)).collect()
 }
@@ -217,15 +231,7 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
     let r = gw.get(&sydney, "/inbox?x=1").await;
     assert_eq!(r.status(), 303);
     assert_eq!(location(&r), "/_portcullis/reauth?next=%2Finbox%3Fx%3D1");
-    let r = sydney
-        .get(gw.url("/inbox"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"], "step_up_required");
+    let v = held_json(&gw, &sydney, "/inbox").await;
     assert!(
         v["message"]
             .as_str()
@@ -452,15 +458,7 @@ async fn a_held_admin_session_reaches_no_admin_page() {
         location(&r),
         "/_portcullis/reauth?next=%2F_portcullis%2Fadmin%2Fusers"
     );
-    let r = c
-        .get(gw.url("/_portcullis/admin/users"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"], "step_up_required");
+    held_json(&gw, &c, "/_portcullis/admin/users").await;
     // The reauth page says why.
     let page = gw
         .page(&c, "/_portcullis/reauth?next=%2F_portcullis%2Fadmin")
