@@ -251,13 +251,23 @@ pub async fn report_post(
     if let Some(device_id) = &link.device_id {
         state.durable.revoke_device(device_id).await?;
         // The reported sign-in's network, country and place are not the owner's: the risk
-        // history forgets them, so they count as new again.
-        let devices = state.durable.list_devices(&user.id).await?;
-        if let Some(d) = devices.iter().find(|d| d.id == *device_id) {
-            state
-                .risk
-                .forget_sign_in(&user.id, &d.last_ip, state.clock.now_millis())
-                .await?;
+        // history forgets them, so they count as new again. Best effort: the account is locked
+        // and its sessions ended already, which is what the owner asked for.
+        let now_ms = state.clock.now_millis();
+        let forgotten = match state.durable.list_devices(&user.id).await {
+            Ok(devices) => match devices.iter().find(|d| d.id == *device_id) {
+                Some(d) => {
+                    state
+                        .risk
+                        .forget_sign_in(&user.id, &d.last_ip, now_ms)
+                        .await
+                }
+                None => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = forgotten {
+            tracing::warn!(user = %user.id, error = %e, "could not take a reported sign-in out of the risk history");
         }
     }
     let client = super::client(&state, peer, &headers);

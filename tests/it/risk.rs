@@ -465,3 +465,46 @@ async fn a_held_admin_session_reaches_no_admin_page() {
         .await;
     assert!(page.contains("could not have travelled"), "{page}");
 }
+
+/// A sign-in the owner reports with "this wasn't me" is taken out of the account's history:
+/// after the account is unlocked, the thief's place counts as new again.
+#[tokio::test]
+async fn a_reported_sign_in_does_not_make_its_place_familiar() {
+    let gw = Gateway::start_with(geoip).await;
+    let email = "reported@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    gw.clock.advance(2 * 86_400);
+    let thief = gw.browser_moved_to(&gw.browser(), "127.0.2.9");
+    gw.sign_in_on(&thief, email, &secret).await;
+    let mail = gw.outbox().await;
+    let notice = mails_about(&mail, "New sign-in").pop().unwrap().clone();
+    assert!(notice.contains("127.0.2.9 (Sydney, AU)"), "{notice}");
+    let start = notice.find("/_portcullis/report?t=").unwrap();
+    let link = notice[start..].split_whitespace().next().unwrap();
+    let reader = gw.browser();
+    let page = gw.page(&reader, link).await;
+    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = reader
+        .post(gw.url("/_portcullis/report"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("t", link.split("t=").nth(1).unwrap()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let user = gw.user(email).await;
+    gw.state.durable.set_locked(&user.id, false).await.unwrap();
+
+    gw.clock.advance(60);
+    let again = gw.browser_moved_to(&gw.browser(), "127.0.2.10");
+    let r = gw.password(&again, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let last = events(&gw, "risk_assessed").await.pop().unwrap();
+    let reason = last.reason.unwrap_or_default();
+    assert!(
+        reason.contains("new_network") && reason.contains("new_country"),
+        "{reason}"
+    );
+}
