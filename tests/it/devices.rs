@@ -5,9 +5,25 @@
 use super::harness::*;
 
 /// The link in a notice, as a path with query.
-fn report_link(mail: &str) -> String {
+pub(super) fn report_link(mail: &str) -> String {
     let start = mail.find("/_portcullis/report?t=").expect("a report link");
     mail[start..].split_whitespace().next().unwrap().to_string()
+}
+
+/// Opens the report link `link` (a path with query) in a fresh browser and confirms it.
+pub(super) async fn report(gw: &Gateway, link: &str) -> reqwest::Response {
+    let reader = gw.browser();
+    let page = gw.page(&reader, link).await;
+    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    reader
+        .post(gw.url("/_portcullis/report"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("t", link.split("t=").nth(1).unwrap()),
+        ])
+        .send()
+        .await
+        .unwrap()
 }
 
 /// The new-device notices in the outbox, oldest first.
@@ -185,18 +201,7 @@ async fn an_expired_report_link_is_refused() {
     let (_, _, _) = gw.signed_in("late@example.com").await;
     let link = report_link(&sign_in_notices(&gw).await[0]);
     gw.clock.advance(7 * 24 * 3600 + 1);
-    let reader = gw.browser();
-    let page = gw.page(&reader, &link).await;
-    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
-    let r = reader
-        .post(gw.url("/_portcullis/report"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("t", link.split("t=").nth(1).unwrap()),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let r = report(&gw, &link).await;
     assert_eq!(r.status(), 410);
     assert!(!gw.user("late@example.com").await.locked);
 }

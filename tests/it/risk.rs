@@ -479,20 +479,7 @@ async fn a_reported_sign_in_does_not_make_its_place_familiar() {
     let mail = gw.outbox().await;
     let notice = mails_about(&mail, "New sign-in").pop().unwrap().clone();
     assert!(notice.contains("127.0.2.9 (Sydney, AU)"), "{notice}");
-    let start = notice.find("/_portcullis/report?t=").unwrap();
-    let link = notice[start..].split_whitespace().next().unwrap();
-    let reader = gw.browser();
-    let page = gw.page(&reader, link).await;
-    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
-    let r = reader
-        .post(gw.url("/_portcullis/report"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("t", link.split("t=").nth(1).unwrap()),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let r = super::devices::report(&gw, &super::devices::report_link(&notice)).await;
     assert_eq!(r.status(), 200);
     let user = gw.user(email).await;
     gw.state.durable.set_locked(&user.id, false).await.unwrap();
