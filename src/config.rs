@@ -1322,7 +1322,11 @@ fn apply_env(
             .filter(|v| !v.is_table());
         // A value written as a TOML array or string that does not parse is a mistake to name,
         // not a plain text to take.
-        if parsed.is_none() && raw.trim_start().starts_with(['[', '"']) {
+        // (An IPv6 socket address, `[::]:8080`, is a text that starts with a bracket.)
+        if parsed.is_none()
+            && raw.trim_start().starts_with(['[', '"'])
+            && raw.parse::<std::net::SocketAddr>().is_err()
+        {
             return Err(key_err(
                 &name,
                 "is not a valid TOML value (a list is written '[\"a\", \"b\"]')",

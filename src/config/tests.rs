@@ -748,6 +748,9 @@ fn risk_settings_are_checked_with_their_key() {
         (c.risk.high_risk_factor, c.risk.high_score),
         (super::HighRiskFactor::Any, 1000)
     );
+    // An IPv6 listen address from the environment is a text, not a broken TOML array.
+    let c = load_str("", &[("PORTCULLIS__SERVER__LISTEN", "[::]:18580")]).unwrap();
+    assert_eq!(c.server.listen, "[::]:18580");
     // An empty path switches the database off, also from the environment.
     let c = load_str(
         "[risk]\ngeoip_database = \"/var/lib/GeoIP/GeoLite2-City.mmdb\"\n",

@@ -283,7 +283,7 @@ pub(crate) async fn guard_page(
         .any(|p| next.starts_with(p));
     if loaded.session.held() && !lifts_hold {
         state.metrics.step_up(super::gate::RISK_REASON);
-        let why = (false, super::gate::RISK_REASON);
+        let why = (loaded.session.risk_hold_key, super::gate::RISK_REASON);
         let pages = (Some(next), None);
         return Ok(Some(super::gate::step_up_refusal(
             browser,

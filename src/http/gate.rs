@@ -266,7 +266,7 @@ pub(crate) async fn decide(
     let s = &loaded.session;
     if s.held() {
         return Ok(Decision::StepUp {
-            key: false,
+            key: s.risk_hold_key,
             reason: RISK_REASON,
         });
     }

@@ -120,6 +120,10 @@ fn notice_text(code: &str) -> Option<&'static str> {
     Some(match code {
         "expired" => "Your sign-in took too long or was interrupted. Please start again.",
         "restart" => "Too many wrong codes. Please sign in again.",
+        "moved" => {
+            "Your sign-in continued from another network than it started on, so it was \
+                    ended. Please sign in again."
+        }
         "logged_out" => "You are signed out.",
         "password_next" => "Your second factor is confirmed. Now enter your password.",
         _ => return None,
@@ -191,6 +195,9 @@ pub async fn login_post(
         if awaits_password(&loaded.session) {
             let owner = state.durable.user_by_id(&loaded.session.user_id).await?;
             if owner.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)) {
+                if moved_mid_sign_in(&state, &loaded, &client).await? {
+                    return Ok(restart(&state, "moved"));
+                }
                 after_factor = Some(loaded);
             }
         }
@@ -241,8 +248,8 @@ pub async fn login_post(
                 return Err(AppError::forbidden(
                     "key_required",
                     "This sign-in looks unusual (a new place, network or browser), so it must be \
-                     made with your security key or passkey: sign in again and use the key when \
-                     asked for the second factor.",
+                     made with your security key or passkey: sign in again and use the key (or \
+                     one of your recovery codes) when asked for the second factor.",
                 ));
             }
             let loaded = Loaded {
@@ -468,8 +475,8 @@ async fn after_code(
         CodeOutcome::KeyRequired => {
             let msg = if loaded.session.risk_key {
                 "This sign-in looks unusual (a new place, network or browser), so it must be \
-                 confirmed with your security key or passkey: codes are not accepted this time. \
-                 Use your key, or sign in again from a device you usually use."
+                 confirmed with your security key or passkey: a code from your authenticator app \
+                 is not accepted this time. Use your key, or one of your recovery codes."
             } else {
                 "This account must sign in with a security key or passkey: codes are not \
                  accepted. Use your key, or ask your administrator for help."
@@ -510,6 +517,35 @@ pub(super) async fn complete_sign_in(
     Ok(cookies)
 }
 
+/// Whether a pending sign-in goes on from another network (/24, /64) than the step before it
+/// came from. Such a sign-in is ended (audited `sign_in_moved`): a sign-in is scored where its
+/// password was given (`risk`), so its second factor must come from there too, or a thief with
+/// the password and a phished code could give the password near the owner and the code from
+/// anywhere.
+pub(super) async fn moved_mid_sign_in(
+    state: &AppState,
+    loaded: &Loaded,
+    client: &Client,
+) -> Result<bool, AppError> {
+    use crate::auth::flow::network_of;
+    if network_of(&client.ip) == network_of(&loaded.session.ip) {
+        return Ok(false);
+    }
+    state
+        .sessions
+        .destroy(&loaded.key, &loaded.session.user_id)
+        .await?;
+    let ev = AuditEvent::new("sign_in_moved", "denied", state.clock.now())
+        .reason(&format!("from {}", network_of(&loaded.session.ip)))
+        .client(&client.ip, &client.user_agent);
+    let ev = match state.durable.user_by_id(&loaded.session.user_id).await? {
+        Some(u) if !loaded.session.decoy => ev.user(&u),
+        _ => ev,
+    };
+    state.audit.record(ev).await;
+    Ok(true)
+}
+
 /// `POST /_portcullis/mfa`.
 pub async fn mfa_post(
     State(state): State<AppState>,
@@ -526,6 +562,9 @@ pub async fn mfa_post(
         return Ok(see_other(&stage_page(&loaded)));
     }
     let client = super::client(&state, peer, &headers);
+    if moved_mid_sign_in(&state, &loaded, &client).await? {
+        return Ok(restart(&state, "moved"));
+    }
     let keys = has_keys(&state, &loaded.session).await?;
     let first = awaits_factor_first(&loaded.session);
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;

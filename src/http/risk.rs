@@ -28,16 +28,8 @@ pub(super) async fn at_password(
     state.metrics.risk("sign_in", a.level);
     // Only where keys can be used here (WebAuthn on, at a domain): asking for one elsewhere
     // would lock the owner out.
-    if a.level >= Level::High
-        && state.config.risk.high_risk_factor == HighRiskFactor::Key
-        && state.keys.is_some()
-    {
-        session.risk_key = state
-            .durable
-            .webauthn_credentials(&user.id)
-            .await?
-            .iter()
-            .any(|c| !c.is_suspended());
+    if a.level >= Level::High {
+        session.risk_key = key_required(state, &user.id).await?;
     }
     if !a.signals.is_empty() {
         let ev = AuditEvent::new("risk_assessed", a.level.as_str(), state.clock.now())
@@ -52,6 +44,19 @@ pub(super) async fn at_password(
     Ok(a)
 }
 
+/// Whether a high-risk sign-in (or a held session) of `user_id` must be confirmed with a key:
+/// `risk.high_risk_factor = "key"`, keys work here (WebAuthn on, at a domain) and the account
+/// has a usable one. Asking for one elsewhere would lock the owner out.
+async fn key_required(state: &AppState, user_id: &str) -> Result<bool, AppError> {
+    if state.config.risk.high_risk_factor != HighRiskFactor::Key {
+        return Ok(false);
+    }
+    Ok(match &state.keys {
+        Some(keys) => keys.has_usable(user_id).await?,
+        None => false,
+    })
+}
+
 /// A complete sign-in of `user` from `client`: the account's history learns its network,
 /// country and place, and the session keeps the place as its first fix. Best effort: the factor
 /// is spent by now, and a history that missed this sign-in only asks for more at the next one.
@@ -63,19 +68,28 @@ pub(super) async fn at_completion(
 ) {
     let now = state.clock.now_millis();
     let place = state.risk.place(&client.ip);
-    if let Err(e) = state
+    // Where the session starts: here, or — where the database cannot place this address
+    // closely — where the account was last placed, so a session that starts somewhere
+    // unlocated still has a place to be measured from.
+    session.fix = match state
         .risk
         .record_sign_in(&user.id, &client.ip, place.as_ref(), now)
         .await
     {
-        tracing::warn!(user = %user.id, error = %e, "could not record the sign-in in the risk history");
-    }
-    session.fix = state.risk.fix_at(&client.ip, now);
+        Ok(last) => state.risk.fix_at(&client.ip, now).or(last),
+        Err(e) => {
+            tracing::warn!(user = %user.id, error = %e, "could not record the sign-in in the risk history");
+            state.risk.fix_at(&client.ip, now)
+        }
+    };
 }
 
-/// A second factor given from `client` (step-up): the session's place is where it was given,
-/// and a hold is lifted by it (see [`Session::held`]).
+/// A second factor given from `client` (step-up): once it lifts the session's hold (see
+/// [`Session::held`]), the session's place is where it was given.
 pub(super) fn after_second_factor(state: &AppState, client: &Client, session: &mut Session) {
+    if session.held() {
+        return;
+    }
     let now = state.clock.now_millis();
     if let Some(fix) = state.risk.fix_at(&client.ip, now) {
         session.fix = Some(fix);
@@ -111,6 +125,8 @@ pub(super) async fn after_proof(
     session.fix = fix;
     if risky.is_some() {
         session.risk_hold_ms = Some(now);
+        // As a high-risk sign-in of the account would: its key, where it has one.
+        session.risk_hold_key = key_required(state, &s.user_id).await?;
     }
     if !state.sessions.update(&loaded.key, &session).await? {
         // Ended meanwhile: nothing left to hold.

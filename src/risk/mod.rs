@@ -139,11 +139,17 @@ impl Signal {
         match self {
             Signal::NewDevice => "a browser your account was not used from before".into(),
             Signal::NewNetwork => "a network your account was not signed in from recently".into(),
-            Signal::NewCountry(c) => format!("a country ({c}) your account was not signed in from recently"),
+            Signal::NewCountry(c) => {
+                format!("a country ({c}) your account was not signed in from recently")
+            }
             Signal::ImpossibleTravel { from, km, minutes } => format!(
-                "{km} km from {} where your account was {minutes} {} earlier — too far to travel in that time",
+                "{km} km from {} where your account was {} — too far to travel in that time",
                 from.describe(),
-                if *minutes == 1 { "minute" } else { "minutes" }
+                match minutes {
+                    0 => "moments earlier".to_string(),
+                    1 => "a minute earlier".to_string(),
+                    m => format!("{m} minutes earlier"),
+                }
             ),
         }
     }
@@ -480,7 +486,13 @@ impl Risk {
             .risk_history(user_id)
             .await?
             // A document that no longer reads (another version) is no history.
-            .and_then(|b| serde_json::from_str::<History>(&b).ok())
+            .and_then(|b| {
+                serde_json::from_str::<History>(&b)
+                    .inspect_err(|e| {
+                        tracing::warn!(user = %user_id, error = %e, "unreadable risk history; starting a new one");
+                    })
+                    .ok()
+            })
             .unwrap_or_default()
             .since(now_ms.saturating_sub(keep)))
     }
@@ -527,14 +539,15 @@ impl Risk {
     }
 
     /// Remembers a complete sign-in of `user_id` from `ip` at `place` (its network, country and
-    /// place), for the next assessment.
+    /// place), for the next assessment. Returns the account's last known place after it: this
+    /// one, or where the account was last placed when this place is not precise enough.
     pub async fn record_sign_in(
         &self,
         user_id: &str,
         ip: &str,
         place: Option<&Place>,
         now_ms: i64,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Option<Fix>> {
         let mut history = self.history(user_id, now_ms).await?;
         History::note(
             &mut history.networks,
@@ -545,14 +558,15 @@ impl Risk {
             if let Some(c) = &p.country {
                 History::note(&mut history.countries, c, now_ms);
             }
-            if p.at.is_some() {
+            if self.precise(p) {
                 history.last = Some(Fix {
                     place: p.clone(),
                     at_ms: now_ms,
                 });
             }
         }
-        self.store_history(user_id, &history, now_ms).await
+        self.store_history(user_id, &history, now_ms).await?;
+        Ok(history.last)
     }
 
     /// Takes a sign-in from `ip` that its owner reported ("this wasn't me") out of the account's
@@ -590,27 +604,38 @@ impl Risk {
         let Some(place) = self.place(ip).filter(|p| p.at.is_some()) else {
             return (last.cloned(), None);
         };
+        let precise = self.precise(&place);
         let fix = Fix {
             place: place.clone(),
             at_ms: now_ms,
         };
         let Some(last) = last.filter(|l| l.place.at.is_some()) else {
-            return (Some(fix), None);
+            return (precise.then_some(fix), None);
         };
         if let Some(t) = self.travel(last, &place, now_ms) {
             let assessment = self.assessment(vec![t], Some(place));
             return (Some(last.clone()), Some(assessment));
         }
+        // A coarse place (a country's centre, give or take a thousand km) can flag a move, but
+        // a session is never placed there: anywhere in its circle would then be "reachable".
         let same = last.place == place && now_ms - last.at_ms < FIX_RENEWAL_MS;
-        if same || !self.reachable(last, &place, now_ms) {
+        if !precise || same || !self.reachable(last, &place, now_ms) {
             return (Some(last.clone()), None);
         }
         (Some(fix), None)
     }
 
+    /// Whether a place is known closely enough to stand for where someone was: coordinates
+    /// whose accuracy radius is within `risk.min_travel_distance`.
+    fn precise(&self, p: &Place) -> bool {
+        p.at.is_some()
+            && p.radius_km
+                .is_none_or(|r| r <= self.config.min_travel_distance)
+    }
+
     /// Where `ip` is, as a session's fix from now (a second factor given there).
     pub fn fix_at(&self, ip: &str, now_ms: i64) -> Option<Fix> {
-        self.place(ip).filter(|p| p.at.is_some()).map(|place| Fix {
+        self.place(ip).filter(|p| self.precise(p)).map(|place| Fix {
             place,
             at_ms: now_ms,
         })

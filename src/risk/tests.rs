@@ -326,16 +326,41 @@ async fn coarse_places_count_only_what_they_are_sure_of() {
     let coarse = r.place("127.0.7.1").unwrap();
     assert_eq!(
         (coarse.country.as_deref(), coarse.radius_km),
-        (Some("DE"), Some(500))
+        (Some("PL"), Some(1000))
     );
-    // 600 km from Frankfurt by its coordinates, but within 500 km of them: not travel.
+    // 900 km from Frankfurt by its coordinates, but within 1000 km of them: not travel. Nor is
+    // the session placed there, or Moscow (1,150 km from those coordinates) would look
+    // reachable from it; measured from Frankfurt, Moscow a second later is impossible.
     let frankfurt = r.fix_at("127.0.0.1", t0).unwrap();
-    let (_, risky) = r.assess_move(Some(&frankfurt), "127.0.7.1", t0 + 1_000);
+    let (fix, risky) = r.assess_move(Some(&frankfurt), "127.0.7.1", t0 + 1_000);
     assert!(risky.is_none());
-    // Sydney is far beyond any radius.
-    let coarse_fix = r.fix_at("127.0.7.1", t0).unwrap();
-    let (_, risky) = r.assess_move(Some(&coarse_fix), "127.0.2.1", t0 + 1_000);
-    assert!(risky.is_some());
+    assert_eq!(fix.as_ref(), Some(&frankfurt));
+    let (_, risky) = r.assess_move(fix.as_ref(), "127.0.8.1", t0 + 2_000);
+    assert_eq!(names(&risky.unwrap()), ["impossible_travel"]);
+    // A coarse place is no session's first place, nor an account's last one.
+    assert_eq!(r.fix_at("127.0.7.1", t0), None);
+    assert_eq!(r.assess_move(None, "127.0.7.1", t0).0, None);
+    let last = r
+        .record_sign_in("u1", "127.0.0.1", r.place("127.0.0.1").as_ref(), t0)
+        .await
+        .unwrap();
+    assert_eq!(
+        last.as_ref().map(|f| f.place.city.as_deref()),
+        Some(Some("Frankfurt am Main"))
+    );
+    let last = r
+        .record_sign_in("u1", "127.0.7.1", Some(&coarse), t0 + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        last.unwrap().place.city.as_deref(),
+        Some("Frankfurt am Main")
+    );
+    let a = r
+        .assess_sign_in("u1", "127.0.8.1", true, t0 + 120_000)
+        .await
+        .unwrap();
+    assert!(names(&a).contains(&"impossible_travel"), "{a:?}");
 }
 
 #[tokio::test]

@@ -116,6 +116,10 @@ pub struct Session {
     /// this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub risk_hold_ms: Option<i64>,
+    /// The hold is lifted only by a security key (the account has one, and a high-risk sign-in
+    /// of it would need it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub risk_hold_key: bool,
 }
 
 impl Session {
@@ -150,6 +154,7 @@ impl Session {
             risk_key: false,
             fix: None,
             risk_hold_ms: None,
+            risk_hold_key: false,
         }
     }
 
@@ -166,10 +171,17 @@ impl Session {
         self.device_id.as_deref().or(self.known_device.as_deref())
     }
 
-    /// Whether the session is held by [`Session::risk_hold_ms`]: no second factor proven since.
+    /// Whether the session is held by [`Session::risk_hold_ms`]: no second factor (a key, with
+    /// [`Session::risk_hold_key`]) proven since.
     pub fn held(&self) -> bool {
-        self.risk_hold_ms
-            .is_some_and(|h| self.second_factor_ms().is_none_or(|f| f < h))
+        self.risk_hold_ms.is_some_and(|h| {
+            let proof = if self.risk_hold_key {
+                self.strong_ms
+            } else {
+                self.second_factor_ms()
+            };
+            proof.is_none_or(|f| f < h)
+        })
     }
 
     pub fn is_authenticated(&self) -> bool {

@@ -18,6 +18,7 @@ PLACES = [
     ("127.0.3.0/24", "FR", "Paris", 48.8566, 2.3522),
     ("127.0.4.0/24", "US", "New York", 40.7128, -74.006),
     ("127.0.6.0/24", "FR", "Nantes", 47.2184, -1.5536),
+    ("127.0.8.0/24", "RU", "Moscow", 55.7558, 37.6173),
     ("2001:db8::/32", "JP", "Tokyo", 35.6762, 139.6503),
 ]
 
@@ -31,10 +32,11 @@ def city_db():
             "city": {"names": {"en": city}},
             "location": {"latitude": lat, "longitude": lon, "accuracy_radius": 20},
         })
-    # A coarse record: placed 600 km north of Frankfurt, but only to within 500 km.
+    # A coarse record, as databases place an address known by its country only: Poland's
+    # centre, to within 1000 km (a circle that holds Frankfurt and reaches towards Moscow).
     w.insert_network(IPSet(["127.0.7.0/24"]), {
-        "country": {"iso_code": "DE"},
-        "location": {"latitude": 55.5, "longitude": 8.6821, "accuracy_radius": 500},
+        "country": {"iso_code": "PL"},
+        "location": {"latitude": 51.0, "longitude": 21.5, "accuracy_radius": 1000},
     })
     # A network the database knows only by country.
     w.insert_network(IPSet(["127.0.5.0/24"]), {"country": {"iso_code": "NL"}})

@@ -17,6 +17,55 @@ fn geoip(c: &mut portcullis::config::Config) {
         Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geoip-test.mmdb"));
 }
 
+/// A gateway with device binding and the test GeoIP database, adjusted by `more`.
+async fn placed_gateway(more: impl FnOnce(&mut portcullis::config::Config)) -> Gateway {
+    Gateway::start_with(|c| {
+        binding_on(c);
+        geoip(c);
+        more(c);
+    })
+    .await
+}
+
+/// A code from the app at `/_portcullis/reauth`, coming back to `next`.
+async fn reauth_with_code(
+    gw: &Gateway,
+    b: &Browser,
+    secret: &[u8],
+    next: &str,
+) -> reqwest::Response {
+    let back: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
+    let html = gw
+        .page(b, &format!("/_portcullis/reauth?next={back}"))
+        .await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    gw.clock.advance(30);
+    b.post(gw.url("/_portcullis/reauth"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("code", gw.totp_now(secret).as_str()),
+            ("next", next),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Switches `email` to "second factor first" with three wrong passwords from `b` (gateways
+/// with `limits.second_factor_first_after = 3`), then gives its app code there: the password is
+/// what the sign-in waits for.
+async fn code_first(gw: &Gateway, b: &Browser, email: &str, secret: &[u8]) {
+    for _ in 0..3 {
+        let r = gw.password(b, email, "wrong password 1", "").await;
+        assert_eq!(r.status(), 401);
+    }
+    gw.clock.advance(60);
+    let r = gw.password(b, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = gw.code(b, "/_portcullis/mfa", &gw.totp_now(secret)).await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=password_next");
+}
+
 async fn events(gw: &Gateway, name: &str) -> Vec<portcullis::store::AuditEvent> {
     gw.audit()
         .await
@@ -157,11 +206,7 @@ async fn without_a_key_the_app_code_still_completes_a_risky_sign_in() {
 /// another country it gives its code like any other.
 #[tokio::test]
 async fn a_remembered_browser_in_a_new_country_gives_its_second_factor() {
-    let gw = Gateway::start_with(|c| {
-        binding_on(c);
-        geoip(c);
-    })
-    .await;
+    let gw = placed_gateway(|_| {}).await;
     let dev = Device::new();
     let (b, _) = super::remember::remembered_user(&gw, &dev).await;
     super::remember::sign_out(&gw, &b).await;
@@ -193,9 +238,7 @@ async fn a_remembered_browser_in_a_new_country_gives_its_second_factor() {
 /// its device proof was good. A move the owner could have made carries on.
 #[tokio::test]
 async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor() {
-    let gw = Gateway::start_with(|c| {
-        binding_on(c);
-        geoip(c);
+    let gw = placed_gateway(|c| {
         c.forward_auth.enabled = true;
         // Forward-auth is asked by a proxy on loopback, naming the browser's address.
         c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
@@ -279,19 +322,7 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
     // from the shared jar); a second factor does.
     assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
     assert_eq!(gw.status(&sydney, "/inbox").await, 303);
-    let html = gw.page(&sydney, "/_portcullis/reauth?next=%2Finbox").await;
-    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
-    gw.clock.advance(30);
-    let r = sydney
-        .post(gw.url("/_portcullis/reauth"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("code", gw.totp_now(&secret).as_str()),
-            ("next", "/inbox"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let r = reauth_with_code(&gw, &sydney, &secret, "/inbox").await;
     assert_eq!(location(&r), "/inbox");
     assert_eq!(gw.status(&sydney, "/inbox").await, 200);
     // The second factor was given in Sydney: that is the session's place now, and its next
@@ -356,18 +387,8 @@ async fn a_risky_sign_in_whose_code_came_first_still_needs_the_key() {
     let mut k = key();
     register(&gw, &home, &mut k, "Desk key").await;
     let thief = gw.browser_moved_to(&gw.browser(), "127.0.2.9");
-    for _ in 0..3 {
-        let r = gw.password(&thief, email, "wrong password 1", "").await;
-        assert_eq!(r.status(), 401);
-    }
     // Code first, then the right password, from Sydney: refused, the sign-in ended.
-    gw.clock.advance(60);
-    let r = gw.password(&thief, email, PASSWORD, "").await;
-    assert_eq!(location(&r), "/_portcullis/mfa");
-    let r = gw
-        .code(&thief, "/_portcullis/mfa", &gw.totp_now(&secret))
-        .await;
-    assert_eq!(location(&r), "/_portcullis/login?notice=password_next");
+    code_first(&gw, &thief, email, &secret).await;
     let r = gw.password(&thief, email, PASSWORD, "").await;
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("security key"));
@@ -494,4 +515,103 @@ async fn a_reported_sign_in_does_not_make_its_place_familiar() {
         reason.contains("new_network") && reason.contains("new_country"),
         "{reason}"
     );
+}
+
+/// A sign-in is scored where its password was given, so it must go on from there: a code sent
+/// from another network ends it (a thief could otherwise give the password near the owner and a
+/// phished code from anywhere), in either order of password and code.
+#[tokio::test]
+async fn a_sign_in_cannot_move_to_another_network_between_its_steps() {
+    let gw = Gateway::start_with(|c| {
+        geoip(c);
+        c.limits.second_factor_first_after = 3;
+    })
+    .await;
+    let email = "split@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    gw.clock.advance(60);
+    let near = gw.browser_moved_to(&gw.browser(), "127.0.0.77");
+    let r = gw.password(&near, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let far = gw.browser_moved_to(&near, "127.0.2.77");
+    let r = gw
+        .code(&far, "/_portcullis/mfa", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=moved");
+    assert_eq!(gw.status(&far, "/campaigns").await, 303);
+    let moved = events(&gw, "sign_in_moved").await;
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].ip.as_deref(), Some("127.0.2.77"));
+    // The same network is no move: the owner's sign-in goes on.
+    gw.sign_in_on(&near, email, &secret).await;
+    assert_eq!(gw.status(&near, "/campaigns").await, 200);
+
+    // Second factor first: the code from far away, the password near the owner.
+    let thief = gw.browser_moved_to(&gw.browser(), "127.0.2.78");
+    code_first(&gw, &thief, email, &secret).await;
+    let near_again = gw.browser_moved_to(&thief, "127.0.0.78");
+    let r = gw.password(&near_again, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=moved");
+    assert_eq!(gw.status(&near_again, "/campaigns").await, 303);
+}
+
+/// A held session of an account with a security key is lifted only by the key, as a high-risk
+/// sign-in of that account would need it; a code from the app leaves it held.
+#[tokio::test]
+async fn a_held_session_of_an_account_with_a_key_needs_the_key() {
+    use serde_json::json;
+    use webauthn_authenticator_rs::prelude::RequestChallengeResponse;
+    let gw = placed_gateway(localhost).await;
+    let email = "held-key@example.com";
+    let (b, secret, _) = gw.signed_in(email).await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    let mut k = key();
+    register(&gw, &b, &mut k, "Desk key").await;
+    gw.clock.advance(120);
+    let sydney = gw.browser_moved_to(&b, "127.0.2.9");
+    assert_eq!(gw.status(&sydney, "/inbox").await, 303);
+    assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
+    let r = gw.get(&sydney, "/inbox").await;
+    assert_eq!(location(&r), "/_portcullis/reauth?next=%2Finbox&key=1");
+    // An app code is taken by the step-up page, but does not lift the hold.
+    reauth_with_code(&gw, &sydney, &secret, "/inbox").await;
+    assert_eq!(gw.status(&sydney, "/inbox").await, 303);
+    // The key does.
+    let html = gw
+        .page(&sydney, "/_portcullis/reauth?next=%2Finbox&key=1")
+        .await;
+    let csrf = extract(&html, "data-csrf=\"", "\"").unwrap();
+    let r = super::webauthn::call(&gw, &sydney, &csrf, "reauth/start", json!({})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let rcr: RequestChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let cred = k
+        .do_authentication(super::webauthn::origin(&gw), rcr)
+        .unwrap();
+    let body = json!({ "ceremony": v["ceremony"], "credential": cred, "next": "/inbox" });
+    let r = super::webauthn::call(&gw, &sydney, &csrf, "reauth/finish", body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.status(&sydney, "/inbox").await, 200);
+}
+
+/// A session signed in from an address the database cannot place closely starts where the
+/// account was last placed: its key proving itself from Sydney seconds later is still held.
+#[tokio::test]
+async fn a_session_that_starts_unlocated_is_measured_from_the_last_place() {
+    let gw = placed_gateway(|_| {}).await;
+    let email = "unlocated@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    gw.clock.advance(60);
+    // Known by its country only.
+    let nl = gw.browser_moved_to(&gw.browser(), "127.0.5.9");
+    gw.sign_in_on(&nl, email, &secret).await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &nl, &dev).await;
+    assert_eq!(gw.status(&nl, "/inbox").await, 200);
+    gw.clock.advance(5);
+    let sydney = gw.browser_moved_to(&nl, "127.0.2.9");
+    assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
+    let r = gw.get(&sydney, "/inbox").await;
+    assert_eq!(location(&r), "/_portcullis/reauth?next=%2Finbox");
 }
