@@ -245,6 +245,11 @@ pub async fn login_post(
             {
                 state.metrics.step_up("unusual_sign_in");
                 state.sessions.destroy(&loaded.key, &user.id).await?;
+                // Written as the code step writes a code refused for the same reason.
+                let ev = AuditEvent::new("second_factor", "denied", state.clock.now())
+                    .user(&user)
+                    .reason("high_risk");
+                state.login.audit(ev, &client).await;
                 return Err(AppError::forbidden(
                     "key_required",
                     "This sign-in looks unusual (a new place, network or browser), so it must be \
@@ -365,6 +370,7 @@ pub async fn mfa_get(
             keys,
             first,
             remember_offer(&state, remember, first),
+            loaded.session.risk_key,
         ),
         set,
     ))
@@ -377,6 +383,7 @@ fn remember_offer(state: &AppState, offered: bool, first: bool) -> Option<u64> {
     (offered && !first).then(|| remember_days(state))
 }
 
+/// `unusual`: a high-risk sign-in that only the key or a recovery code completes.
 fn mfa_page(
     status: StatusCode,
     csrf: &str,
@@ -384,6 +391,7 @@ fn mfa_page(
     keys: bool,
     first: bool,
     remember: Option<u64>,
+    unusual: bool,
 ) -> Response {
     if first {
         let page = pages::MfaFirst {
@@ -401,6 +409,7 @@ fn mfa_page(
             keys,
             remember: remember.is_some(),
             remember_days: remember.unwrap_or(0),
+            unusual,
         };
         render(status, &page)
     }
@@ -574,6 +583,7 @@ pub async fn mfa_post(
         .second_factor_step(&mut loaded.session, &form.code, &client)
         .await?;
     let (token, set) = csrf_token(&state, &headers);
+    let unusual = loaded.session.risk_key;
     after_code(&state, &headers, &client, loaded, outcome, |msg| {
         with_cookies(
             mfa_page(
@@ -583,6 +593,7 @@ pub async fn mfa_post(
                 keys,
                 first,
                 remember_offer(&state, remember, first),
+                unusual,
             ),
             set,
         )

@@ -28,6 +28,8 @@ pub struct Mfa<'a> {
     /// Offer "remember this browser".
     pub remember: bool,
     pub remember_days: u64,
+    /// A high-risk sign-in: say that only the key or a recovery code completes it.
+    pub unusual: bool,
 }
 
 #[derive(Template)]

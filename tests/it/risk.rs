@@ -111,6 +111,8 @@ async fn a_right_password_from_an_impossible_place_needs_the_key_and_tells_the_o
     let far = gw.browser_moved_to(&gw.browser(), "127.0.2.9");
     let r = gw.password(&far, email, PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/mfa");
+    let page = gw.page(&far, "/_portcullis/mfa").await;
+    assert!(page.contains("not enough this time"), "{page}");
     let r = gw
         .code(&far, "/_portcullis/mfa", &gw.totp_now(&secret))
         .await;
@@ -396,6 +398,11 @@ async fn a_risky_sign_in_whose_code_came_first_still_needs_the_key() {
     assert_eq!(
         events(&gw, "risk_assessed").await.last().unwrap().outcome,
         "high"
+    );
+    let denied = events(&gw, "second_factor").await.pop().unwrap();
+    assert_eq!(
+        (denied.outcome.as_str(), denied.reason.as_deref()),
+        ("denied", Some("high_risk"))
     );
     assert_eq!(mails_about(&gw.outbox().await, "Unusual sign-in").len(), 1);
     // The key first, then the password: in.
