@@ -53,7 +53,7 @@ async fn call(gw: &Gateway, b: &Browser, path: &str, body: Value) -> reqwest::Re
 }
 
 /// The device proof after the password, signed by `dev`.
-async fn prove(gw: &Gateway, b: &Browser, dev: &Device) -> reqwest::Response {
+pub(super) async fn prove(gw: &Gateway, b: &Browser, dev: &Device) -> reqwest::Response {
     let r = call(gw, b, "challenge", json!({})).await;
     assert_eq!(r.status(), 200);
     let ch: Value = r.json().await.unwrap();

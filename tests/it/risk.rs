@@ -622,3 +622,22 @@ async fn a_session_that_starts_unlocated_is_measured_from_the_last_place() {
     let r = gw.get(&sydney, "/inbox").await;
     assert_eq!(location(&r), "/_portcullis/reauth?next=%2Finbox");
 }
+
+/// A remembered browser's device proof must come from the network its password came from, as
+/// a second factor must: from elsewhere the sign-in ends.
+#[tokio::test]
+async fn a_remembered_browsers_proof_cannot_move_to_another_network() {
+    let gw = placed_gateway(|_| {}).await;
+    let dev = Device::new();
+    let (b, _) = super::remember::remembered_user(&gw, &dev).await;
+    super::remember::sign_out(&gw, &b).await;
+    gw.clock.advance(60);
+    let r = gw.password(&b, super::remember::EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/remembered");
+    let far = gw.browser_moved_to(&b, "127.0.2.9");
+    let r = super::remember::prove(&gw, &far, &dev).await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["redirect"], "/_portcullis/login?notice=moved");
+    assert_eq!(gw.status(&far, "/inbox").await, 303);
+    assert_eq!(events(&gw, "sign_in_moved").await.len(), 1);
+}
