@@ -338,10 +338,8 @@ fn preflight(config: &Config) -> Result<()> {
 /// not answer, a note says what was not checked; a wrong key is an error.
 async fn check_stored_keys(config: &Config) -> Result<()> {
     let url = &config.storage.durable;
-    if let Some(rest) = url.strip_prefix("sqlite:") {
-        let path = rest.trim_start_matches("//");
-        let path = path.split('?').next().unwrap_or(path);
-        if path != ":memory:" && !std::path::Path::new(path).exists() {
+    if let Some(path) = crate::store::sql::sqlite_file(url) {
+        if !std::path::Path::new(path).exists() {
             note!("note: the database {path} does not exist yet; the master key was not checked against stored keys");
             return Ok(());
         }
@@ -497,6 +495,17 @@ async fn print_enrolment_link(
     audit: &dyn Fn(&str, Option<&User>, &str) -> AuditEvent,
 ) -> Result<()> {
     let key_only = key_only || user.is_admin;
+    if let Some(why) = keys_unavailable(config).filter(|_| key_only) {
+        // The link could not be used, and issuing it would void the user's earlier one.
+        anyhow::bail!(
+            "{} needs a security key, and keys cannot be used on this gateway: {why}",
+            if user.is_admin {
+                "an admin's enrolment link"
+            } else {
+                "a --key-only enrolment link"
+            }
+        );
+    }
     let issued = crate::enrolment::issue(
         durable,
         &config.server.public_url,
@@ -536,6 +545,13 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
     let durable: Arc<dyn DurableStore> =
         Arc::new(crate::store::sql::SqlStore::connect(&config.storage.durable).await?);
     durable.migrate().await?;
+    // A command run with another master key than the database's would seal what the gateways
+    // cannot open (a TOTP secret, a signing key): refused before anything is written. The first
+    // one to bring a key to a new database makes it the database's.
+    if config.secrets.master_key.is_some() {
+        let key = config.master_key()?;
+        crate::token::check_master_key(durable.as_ref(), &key, clock.now()).await?;
+    }
     let audit = |event: &str, user: Option<&User>, reason: &str| {
         let mut ev = AuditEvent::new(event, "success", clock.now())
             .actor(&actor())
@@ -780,13 +796,13 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let mut ev = audit("signing_key_rotated", None, "cli");
             ev.reason = Some(format!("new_kid:{kid}"));
             durable.append_audit(&[ev]).await?;
-            say!("new signing key {kid}; running gateways switch to it within 10 seconds; the previous key stays published for {}", humantime::format_duration(config.token.key_overlap));
+            say!("new signing key {kid}; running gateways switch to it within 10 seconds; the previous key stays published for {}", crate::config::duration::text(config.token.key_overlap));
         }
         Command::Audit(AuditCmd::Prune { older_than }) => {
             if older_than < MIN_AUDIT_RETENTION {
                 bail!(
                     "--older-than {} is too short: the last day of the audit trail is always kept",
-                    humantime::format_duration(older_than)
+                    crate::config::duration::text(older_than)
                 );
             }
             // Before 1970 nothing was recorded: such a retention removes nothing, so it is
@@ -798,7 +814,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .with_context(|| {
                     format!(
                         "--older-than {} reaches back before 1970: no event is that old",
-                        humantime::format_duration(older_than)
+                        crate::config::duration::text(older_than)
                     )
                 })?;
             let mut removed: u64 = 0;

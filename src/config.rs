@@ -19,6 +19,8 @@ pub use storage::StorageConfig;
 pub const ENV_PREFIX: &str = "PORTCULLIS__";
 /// The variable that overrides `log.level` (validated as it is).
 pub const LOG_ENV: &str = "PORTCULLIS_LOG";
+/// The most memory one argon2id hash may take (KiB): 4 GiB.
+const MAX_ARGON2_MEMORY_KIB: u32 = 4 * 1024 * 1024;
 /// The hard ceiling on identity-token lifetime.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(300);
 
@@ -268,6 +270,7 @@ pub struct ServerConfig {
     /// The URL browsers use to reach the gateway; decides cookie security and the JWT issuer.
     pub public_url: Url,
     /// Peers whose `X-Forwarded-*` headers are believed (CIDRs). Empty: nobody's.
+    #[serde(with = "networks")]
     pub trusted_proxies: Vec<IpNet>,
     /// Longest request target accepted, in bytes; longer ones get 414.
     pub max_uri_length: usize,
@@ -766,6 +769,22 @@ fn default_url(s: &str) -> Url {
     Url::parse(s).expect("built-in default URL is valid")
 }
 
+/// A TOML syntax error as its position and what is wrong, without the line itself: the line
+/// may hold a secret (a master key whose closing quote is missing), and this message goes to
+/// the terminal and the journal.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim_end_matches('\n');
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what.to_string(),
+    }
+}
+
 impl Config {
     /// Loads `path` (if given) and applies overrides from `env`.
     pub fn load(
@@ -781,17 +800,25 @@ impl Config {
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Syntax {
                         path: p.to_path_buf(),
-                        message: e.to_string(),
+                        message: syntax_message(&text, &e),
                     })?
             }
             None => toml::Table::new(),
         };
         apply_env(&mut table, env)?;
-        resolve_secret_files(&mut table, "")?;
+        let mut files = Vec::new();
+        resolve_secret_files(&mut table, "", &mut files)?;
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 let mut why = e.into_inner().to_string();
+                // A `_file` key read a secret (or the wrong file): the error names the file,
+                // never repeats what it holds.
+                for (path, content) in &files {
+                    if !content.is_empty() {
+                        why = why.replace(content.as_str(), &format!("<the content of {path}>"));
+                    }
+                }
                 if why.contains("expected a string")
                     && ["integer", "boolean", "float"]
                         .iter()
@@ -810,7 +837,18 @@ impl Config {
                 }
                 key_err(&key, why)
             })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Key { key, mut message } => {
+                for (path, content) in &files {
+                    if !content.is_empty() {
+                        message =
+                            message.replace(content.as_str(), &format!("<the content of {path}>"));
+                    }
+                }
+                ConfigError::Key { key, message }
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -823,7 +861,16 @@ impl Config {
                 "must be an http or https URL with a host",
             ));
         }
-        if s.public_url.path() != "/" || s.public_url.query().is_some() {
+        if !s.public_url.username().is_empty() || s.public_url.password().is_some() {
+            return Err(key_err(
+                "server.public_url",
+                "must not carry a user name or password",
+            ));
+        }
+        if s.public_url.path() != "/"
+            || s.public_url.query().is_some()
+            || s.public_url.fragment().is_some()
+        {
             return Err(key_err(
                 "server.public_url",
                 "must not have a path or query; the gateway owns the whole origin",
@@ -843,6 +890,35 @@ impl Config {
             return Err(key_err(
                 "upstream.url",
                 "must be an http:// URL (keep the console on a private network or loopback)",
+            ));
+        }
+        let u = &self.upstream.url;
+        if !u.username().is_empty() || u.password().is_some() {
+            // Not shown: the value holds a password.
+            return Err(key_err(
+                "upstream.url",
+                "must not carry a user name or password: the gateway sends none to the console, \
+                 which trusts the identity token instead",
+            ));
+        }
+        if u.query().is_some() || u.fragment().is_some() {
+            return Err(key_err(
+                "upstream.url",
+                "must not have a query or fragment: each request's own query is sent",
+            ));
+        }
+        for (key, t) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
+        ] {
+            if t < Duration::from_millis(100) || t > Duration::from_secs(3600) {
+                return Err(key_err(key, "must be between 100ms and 1h"));
+            }
+        }
+        if s.max_form_bytes < 1024 || s.max_form_bytes > 1024 * 1024 {
+            return Err(key_err(
+                "server.max_form_bytes",
+                "must be between 1024 and 1048576 (the sign-in forms need about 1 KiB)",
             ));
         }
         let t = &self.token;
@@ -872,6 +948,15 @@ impl Config {
         validate_log_level(&self.log.level)?;
         if t.audience.trim().is_empty() {
             return Err(key_err("token.audience", "must not be empty"));
+        }
+        if t.issuer.as_deref().is_some_and(|i| i.trim().is_empty()) {
+            return Err(key_err(
+                "token.issuer",
+                "must not be empty (leave it out to use the public URL)",
+            ));
+        }
+        if self.notify.outbox_dir.as_os_str().is_empty() {
+            return Err(key_err("notify.outbox_dir", "must not be empty"));
         }
         let n = &self.notify;
         if n.from.parse::<lettre::message::Mailbox>().is_err() {
@@ -951,6 +1036,31 @@ impl Config {
                 "must be between 128 and 4096",
             ));
         }
+        if p.min_length > 128 {
+            return Err(key_err(
+                "password.min_length",
+                "must be at most 128 (and so at most password.max_length)",
+            ));
+        }
+        // Each hash holds `argon2_memory_kib` for its time, once per hashing slot.
+        if !(8..=MAX_ARGON2_MEMORY_KIB).contains(&p.argon2_memory_kib) {
+            return Err(key_err(
+                "password.argon2_memory_kib",
+                "must be between 8 and 4194304 (4 GiB), held once per hashing slot",
+            ));
+        }
+        if !(1..=100).contains(&p.argon2_iterations) {
+            return Err(key_err(
+                "password.argon2_iterations",
+                "must be between 1 and 100",
+            ));
+        }
+        if !(1..=64).contains(&p.argon2_parallelism) {
+            return Err(key_err(
+                "password.argon2_parallelism",
+                "must be between 1 and 64",
+            ));
+        }
         if argon2::Params::new(
             p.argon2_memory_kib,
             p.argon2_iterations,
@@ -959,12 +1069,23 @@ impl Config {
         )
         .is_err()
         {
-            return Err(key_err("password.argon2_memory_kib", "argon2 parameters are out of range (memory ≥ 8×parallelism KiB, iterations ≥ 1, parallelism ≥ 1)"));
+            return Err(key_err(
+                "password.argon2_memory_kib",
+                "must be at least 8 KiB per lane (8 × password.argon2_parallelism)",
+            ));
         }
-        if p.max_concurrent_hashes == 0 {
+        if !(1..=256).contains(&p.max_concurrent_hashes) {
             return Err(key_err(
                 "password.max_concurrent_hashes",
-                "must be at least 1",
+                "must be between 1 and 256 (one thread each)",
+            ));
+        }
+        if (p.argon2_memory_kib as u64) * (p.max_concurrent_hashes as u64)
+            > MAX_ARGON2_MEMORY_KIB as u64 * 4
+        {
+            return Err(key_err(
+                "password.max_concurrent_hashes",
+                "times password.argon2_memory_kib must stay within 16 GiB",
             ));
         }
         if !(0..=19).contains(&p.hashing_nice) {
@@ -974,16 +1095,37 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        if l.window.is_zero()
-            || l.password_failures_per_account == 0
-            || l.failures_per_ip == 0
-            || l.second_factor_failures_per_account == 0
-            || l.second_factor_failures_per_login == 0
-            || l.global_sign_ins_per_second == 0
-            || l.failures_per_device == 0
-            || l.second_factor_first_after == 0
-        {
-            return Err(key_err("limits", "limits and window must be non-zero"));
+        if l.window.is_zero() {
+            return Err(key_err("limits.window", "must not be zero"));
+        }
+        for (key, n) in [
+            (
+                "limits.password_failures_per_account",
+                l.password_failures_per_account,
+            ),
+            ("limits.failures_per_ip", l.failures_per_ip),
+            ("limits.failures_per_network", l.failures_per_network),
+            (
+                "limits.second_factor_failures_per_account",
+                l.second_factor_failures_per_account,
+            ),
+            (
+                "limits.second_factor_failures_per_login",
+                l.second_factor_failures_per_login,
+            ),
+            (
+                "limits.global_sign_ins_per_second",
+                l.global_sign_ins_per_second,
+            ),
+            ("limits.failures_per_device", l.failures_per_device),
+            (
+                "limits.second_factor_first_after",
+                l.second_factor_first_after,
+            ),
+        ] {
+            if n == 0 {
+                return Err(key_err(key, "must be at least 1"));
+            }
         }
         if l.max_delay > Duration::from_secs(10) {
             return Err(key_err("limits.max_delay", "must be at most 10s"));
@@ -1115,13 +1257,21 @@ impl Config {
             ("server.redirect_http_listen", &s.redirect_http_listen),
             ("metrics.listen", &self.metrics.listen),
         ];
-        for (key, addr) in own {
+        for (i, (key, addr)) in own.iter().enumerate() {
             let Some(addr) = addr else { continue };
-            if addr.parse::<std::net::SocketAddr>().is_err() {
+            let Ok(at) = addr.parse::<std::net::SocketAddr>() else {
                 return Err(key_err(key, "must be IP:PORT, e.g. 127.0.0.1:9464"));
-            }
-            if *addr == s.listen {
+            };
+            if s.listen.parse::<std::net::SocketAddr>().ok() == Some(at) {
                 return Err(key_err(key, "must differ from server.listen"));
+            }
+            let earlier = own[..i].iter().find(|(_, a)| {
+                a.as_ref()
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                    == Some(at)
+            });
+            if let Some((other, _)) = earlier {
+                return Err(key_err(key, format!("must differ from {other}")));
             }
         }
         if s.redirect_http_listen.is_some() && !https {
@@ -1206,18 +1356,19 @@ impl Config {
                 ));
             }
         }
-        if !w.any_attestation_required() {
-            return Ok(());
+        // Files listed are read whether or not an account needs them yet: a missing or broken
+        // one shows now, not on the day attestation is switched on.
+        if !w.attestation_ca_files.is_empty() {
+            crate::auth::webauthn::attestation_cas(&w.attestation_ca_files)
+                .map_err(|e| key_err("webauthn.attestation_ca_files", e))?;
         }
-        if w.attestation_ca_files.is_empty() {
+        if w.any_attestation_required() && w.attestation_ca_files.is_empty() {
             return Err(key_err(
                 "webauthn.attestation_ca_files",
                 "attestation = \"required\" needs at least one PEM file of trusted authenticator CAs",
             ));
         }
-        crate::auth::webauthn::attestation_cas(&w.attestation_ca_files)
-            .map(|_| ())
-            .map_err(|e| key_err("webauthn.attestation_ca_files", e))
+        Ok(())
     }
 
     /// The relying-party id WebAuthn uses, or `None` when keys cannot work here: WebAuthn is
@@ -1363,8 +1514,17 @@ fn apply_env(
     Ok(())
 }
 
-/// Replaces every `X_file = "/path"` with `X = "<file contents>"`.
-fn resolve_secret_files(table: &mut toml::Table, prefix: &str) -> Result<(), ConfigError> {
+/// The largest file a `_file` key reads: keys, URLs and paths are far smaller; anything larger
+/// is the wrong file (`/dev/zero` would never end).
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Replaces every `X_file = "/path"` with `X = "<file contents>"`; each file read is added to
+/// `read` as (path, content), so errors can name the file instead of its content.
+fn resolve_secret_files(
+    table: &mut toml::Table,
+    prefix: &str,
+    read: &mut Vec<(String, String)>,
+) -> Result<(), ConfigError> {
     let keys: Vec<String> = table.keys().cloned().collect();
     for k in keys {
         let full = if prefix.is_empty() {
@@ -1373,7 +1533,7 @@ fn resolve_secret_files(table: &mut toml::Table, prefix: &str) -> Result<(), Con
             format!("{prefix}.{k}")
         };
         if let Some(toml::Value::Table(inner)) = table.get_mut(&k) {
-            resolve_secret_files(inner, &full)?;
+            resolve_secret_files(inner, &full, read)?;
             continue;
         }
         let Some(base) = k.strip_suffix("_file") else {
@@ -1389,18 +1549,68 @@ fn resolve_secret_files(table: &mut toml::Table, prefix: &str) -> Result<(), Con
                 format!("both `{base}` and `{k}` are set; keep one"),
             ));
         }
-        let content = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+        let content = read_secret_file(&path).map_err(|source| ConfigError::SecretFile {
             key: full.clone(),
             path: PathBuf::from(&path),
             source,
         })?;
+        let content = content.trim_end_matches(['\r', '\n']).to_string();
+        read.push((path, content.clone()));
         table.remove(&k);
-        table.insert(
-            base.to_string(),
-            toml::Value::String(content.trim_end_matches(['\r', '\n']).to_string()),
-        );
+        table.insert(base.to_string(), toml::Value::String(content));
     }
     Ok(())
+}
+
+/// A `_file` key's file as text, at most [`MAX_SECRET_FILE`] bytes.
+fn read_secret_file(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut content = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_string(&mut content)?;
+    if content.len() as u64 > MAX_SECRET_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB: not a key, URL or path (is it the right file?)",
+            MAX_SECRET_FILE / 1024
+        )));
+    }
+    Ok(content)
+}
+
+/// Networks as CIDRs (`10.0.0.0/8`); a single address (`10.0.0.7`) is that address alone. A
+/// CIDR with host bits set (`10.0.0.7/8`) is refused: it reads as one host but means a network.
+pub mod networks {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        nets.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|text| parse(text).map_err(serde::de::Error::custom))
+            .collect()
+    }
+
+    pub fn parse(text: &str) -> Result<IpNet, String> {
+        let text = text.trim();
+        if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+            return Ok(IpNet::from(ip));
+        }
+        let net: IpNet = text.parse().map_err(|_| {
+            format!("`{text}` is not a network like 10.0.0.0/8 or an address like 10.0.0.7")
+        })?;
+        if net.trunc() != net {
+            return Err(format!(
+                "`{text}` has host bits set: write {} for the network, or {} for the one address",
+                net.trunc(),
+                net.addr()
+            ));
+        }
+        Ok(net)
+    }
 }
 
 /// Durations as `"90s"`, `"15m"`, `"12h"` (humantime) or a plain number of seconds.
@@ -1408,7 +1618,33 @@ pub mod duration {
     use super::*;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+        s.serialize_str(&text(*d))
+    }
+
+    /// A duration as it would be written in the file: days, hours, minutes, seconds and
+    /// milliseconds, largest first, only those that are not zero (`90d`, `1d 12h`, `1s 500ms`,
+    /// `0s`); never months or years, whose length humantime takes as an average.
+    pub fn text(d: Duration) -> String {
+        let mut ms = d.as_millis();
+        let mut out = Vec::new();
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms >= size {
+                out.push(format!("{}{unit}", ms / size));
+                ms %= size;
+            }
+        }
+        if ms > 0 || out.is_empty() {
+            out.push(match ms {
+                0 => "0s".to_string(),
+                n => format!("{n}ms"),
+            });
+        }
+        out.join(" ")
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -132,6 +132,13 @@ impl StorageConfig {
                 "must start with sqlite: or postgres://",
             ));
         }
+        // Not shown: the URL may hold a password.
+        if !self.durable.starts_with("sqlite:") && url::Url::parse(&self.durable).is_err() {
+            return Err(key_err(
+                "storage.durable",
+                "is not a valid postgres:// URL (host, port and database name)",
+            ));
+        }
         Ok(())
     }
 }

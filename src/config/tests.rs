@@ -136,6 +136,70 @@ fn bad_values_are_refused_with_the_key() {
             "storage.redis_response_timeout",
         ),
         ("[storage]\ndurable = \"mysql://x\"\n", "storage.durable"),
+        (
+            "[storage]\ndurable = \"postgres://u:pw@127.0.0.1:notaport/db\"\n",
+            "storage.durable",
+        ),
+        // Values that cannot work, refused here rather than at the first sign-in.
+        ("[password]\nmin_length = 300\n", "password.min_length"),
+        (
+            "[password]\nargon2_memory_kib = 99999999\n",
+            "password.argon2_memory_kib",
+        ),
+        (
+            "[password]\nargon2_iterations = 0\n",
+            "password.argon2_iterations",
+        ),
+        (
+            "[password]\nargon2_parallelism = 0\n",
+            "password.argon2_parallelism",
+        ),
+        (
+            "[password]\nmax_concurrent_hashes = 3000\n",
+            "password.max_concurrent_hashes",
+        ),
+        (
+            "[password]\nargon2_memory_kib = 4194304\nmax_concurrent_hashes = 8\n",
+            "password.max_concurrent_hashes",
+        ),
+        ("[server]\nmax_form_bytes = 0\n", "server.max_form_bytes"),
+        (
+            "[upstream]\nresponse_timeout = \"0s\"\n",
+            "upstream.response_timeout",
+        ),
+        (
+            "[upstream]\nconnect_timeout = \"0s\"\n",
+            "upstream.connect_timeout",
+        ),
+        (
+            "[upstream]\nurl = \"http://u:secretpw@127.0.0.1:1/\"\n",
+            "upstream.url",
+        ),
+        (
+            "[upstream]\nurl = \"http://127.0.0.1:1/b?a=1\"\n",
+            "upstream.url",
+        ),
+        (
+            "[server]\npublic_url = \"http://user:pw@x/\"\n",
+            "server.public_url",
+        ),
+        ("[token]\nissuer = \"\"\n", "token.issuer"),
+        ("[notify]\noutbox_dir = \"\"\n", "notify.outbox_dir"),
+        ("[limits]\nfailures_per_ip = 0\n", "limits.failures_per_ip"),
+        ("[limits]\nwindow = 0\n", "limits.window"),
+        (
+            "[server]\ntrusted_proxies = [\"10.0.0.1/8\"]\n",
+            "server.trusted_proxies",
+        ),
+        (
+            "[server]\npublic_url = \"https://x/\"\nredirect_http_listen = \"127.0.0.1:9\"\n\
+             [metrics]\nlisten = \"127.0.0.1:9\"\n",
+            "metrics.listen",
+        ),
+        (
+            "[webauthn]\nattestation_ca_files = [\"/nonexistent/ca.pem\"]\n",
+            "webauthn.attestation_ca_files",
+        ),
     ] {
         let e = load_str(text, &[]).unwrap_err().to_string();
         assert!(e.contains(key), "{text} → {e}");
@@ -762,4 +826,107 @@ fn risk_settings_are_checked_with_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("risk.medium_score (1000)"), "{e}");
+}
+
+#[test]
+fn durations_print_as_they_are_written_and_read_back_the_same() {
+    for (d, text) in [
+        (Duration::from_secs(90 * 86_400), "90d"),
+        (Duration::from_secs(36 * 3600), "1d 12h"),
+        (Duration::from_secs(30 * 60), "30m"),
+        (Duration::from_millis(1500), "1s 500ms"),
+        (Duration::from_millis(250), "250ms"),
+        (Duration::ZERO, "0s"),
+        (Duration::from_secs(400 * 86_400 + 61), "400d 1m 1s"),
+    ] {
+        assert_eq!(duration::text(d), text);
+        assert_eq!(humantime::parse_duration(text).unwrap(), d, "{text}");
+    }
+    // The effective config as check-config prints it.
+    let c = Config::load(None, Vec::new()).unwrap();
+    let printed = c.to_redacted_toml();
+    assert!(printed.contains("history = \"90d\""), "{printed}");
+}
+
+#[test]
+fn trusted_proxies_take_networks_and_single_addresses() {
+    let c = load_str(
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"2001:db8::1\"]\n",
+        &[],
+    )
+    .unwrap();
+    let shown: Vec<String> = c
+        .server
+        .trusted_proxies
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(shown, ["10.0.0.0/8", "192.168.1.7/32", "2001:db8::1/128"]);
+    let e = load_str("[server]\ntrusted_proxies = [\"10.0.0.7/8\"]\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("10.0.0.0/8") && e.contains("10.0.0.7"), "{e}");
+}
+
+/// What a configuration error says never holds a secret: not the line of a TOML syntax error
+/// (a master key missing its closing quote), not the content of a `_file` key's file given to
+/// a key of another type, not a file that is far too large.
+#[test]
+fn configuration_errors_never_repeat_secrets() {
+    let key = "xvanoFPAOUJ0ZI3jzhuVt/0SiyPrX3BAu1GsQYGNhVw=";
+    let e = load_str(&format!("[secrets]\nmaster_key = \"{key}\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 2"), "{e}");
+    assert!(!e.contains(key), "{e}");
+    let e = load_str(
+        &format!("[secrets]\nmaster_key = \"{key}\"\nmaster_key = \"{key}\"\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains(key), "{e}");
+
+    let dir = tempfile_dir();
+    let secret = dir.join("mk");
+    std::fs::write(&secret, format!("{key}\n")).unwrap();
+    let path = secret.display().to_string();
+    for var in [
+        "PORTCULLIS__SESSION__IDLE_TIMEOUT_FILE",
+        "PORTCULLIS__SERVER__MAX_URI_LENGTH_FILE",
+        "PORTCULLIS__TOKEN__ALGORITHM_FILE",
+        "PORTCULLIS__UPSTREAM__URL_FILE",
+        "PORTCULLIS__SERVER__PUBLIC_URL_FILE",
+    ] {
+        let e = load_str("", &[(var, path.as_str())])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(key), "{var}: {e}");
+    }
+    let url = dir.join("url");
+    std::fs::write(&url, "http://u:leakpw4@ho st/").unwrap();
+    let e = load_str(
+        "",
+        &[("PORTCULLIS__UPSTREAM__URL_FILE", &url.display().to_string())],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains("leakpw4"), "{e}");
+
+    let big = dir.join("big");
+    std::fs::write(&big, vec![b'a'; 70 * 1024]).unwrap();
+    let e = load_str(
+        "",
+        &[(
+            "PORTCULLIS__SECRETS__MASTER_KEY_FILE",
+            &big.display().to_string(),
+        )],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("larger than 64 KiB"), "{e}");
+    let e = load_str("", &[("PORTCULLIS__SECRETS__MASTER_KEY_FILE", "/dev/zero")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("larger than 64 KiB"), "{e}");
 }

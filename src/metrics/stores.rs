@@ -291,6 +291,13 @@ impl DurableStore for Timed<dyn DurableStore> {
         self.durable(WRITE, self.inner.set_device_binding(id, binding))
             .await
     }
+    async fn meta(&self, name: &str) -> StoreResult<Option<String>> {
+        self.durable(READ, self.inner.meta(name)).await
+    }
+    async fn set_meta_if_absent(&self, name: &str, value: &str) -> StoreResult<bool> {
+        self.durable(WRITE, self.inner.set_meta_if_absent(name, value))
+            .await
+    }
     async fn risk_history(&self, user_id: &str) -> StoreResult<Option<String>> {
         self.durable(READ, self.inner.risk_history(user_id)).await
     }
@@ -336,6 +343,14 @@ impl DurableStore for Timed<dyn DurableStore> {
     }
     async fn create_report_link(&self, link: ReportLink) -> StoreResult<()> {
         self.durable(WRITE, self.inner.create_report_link(link))
+            .await
+    }
+    async fn report_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<ReportLink>> {
+        self.durable(READ, self.inner.report_link(token_hash, now))
             .await
     }
     async fn consume_report_link(

@@ -397,6 +397,10 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn set_device_binding(&self, id: &str, binding: &str) -> StoreResult<()>;
     /// What risk scoring remembers of a user's recent sign-ins (an opaque document).
     async fn risk_history(&self, user_id: &str) -> StoreResult<Option<String>>;
+    /// A value of the database's own (see migration 0008), if set.
+    async fn meta(&self, name: &str) -> StoreResult<Option<String>>;
+    /// Sets `name` to `value` unless it is set already; whether this call set it.
+    async fn set_meta_if_absent(&self, name: &str, value: &str) -> StoreResult<bool>;
     /// Replaces a user's risk history.
     async fn set_risk_history(&self, user_id: &str, body: &str, now: UnixTime) -> StoreResult<()>;
 
@@ -436,6 +440,9 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
         now: UnixTime,
     ) -> StoreResult<Option<EnrolmentLink>>;
 
+    /// The link, while unused and unexpired (does not use it).
+    async fn report_link(&self, token_hash: &str, now: UnixTime)
+        -> StoreResult<Option<ReportLink>>;
     /// Uses a link: returns it exactly once, while unexpired.
     async fn consume_report_link(
         &self,

@@ -138,11 +138,41 @@ fn audit_insert_sql(rows: usize, sqlite: bool) -> String {
     sql
 }
 
+/// The file of a `sqlite:` URL (`sqlite:///var/lib/p.sqlite`, `sqlite://p.sqlite?mode=rwc`);
+/// `None` for an in-memory database and for other URLs.
+pub fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let path = rest.trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or(path);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// Creates a database file that does not exist yet readable by its owner only (it holds
+/// password hashes and the sealed secrets): SQLite would create it, and then its `-wal` and
+/// `-shm` files, with the umask's permissions, usually readable by everyone.
+fn create_private(path: &str) -> std::io::Result<()> {
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    match open.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 impl SqlStore {
     /// Connects to `sqlite://path` (file created if missing) or `postgres://…`.
     pub async fn connect(url: &str) -> StoreResult<Self> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
+        let creates = !url.contains("mode=") || url.contains("mode=rwc");
+        if let Some(path) = sqlite_file(url).filter(|_| creates) {
+            create_private(path).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create the database file {path}: {e}"))
+            })?;
+        }
         let url = if sqlite && !url.contains("mode=") {
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}mode=rwc")
@@ -1189,6 +1219,26 @@ impl DurableStore for SqlStore {
             .map_err(unavailable)
     }
 
+    async fn meta(&self, name: &str) -> StoreResult<Option<String>> {
+        let rows = self
+            .fetch("SELECT value FROM meta WHERE name = $1", &[Arg::Text(name)])
+            .await?;
+        rows.first()
+            .map(|r| r.try_get("value"))
+            .transpose()
+            .map_err(unavailable)
+    }
+
+    async fn set_meta_if_absent(&self, name: &str, value: &str) -> StoreResult<bool> {
+        let n = self
+            .change(
+                "INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[Arg::Text(name), Arg::Text(value)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
     async fn set_risk_history(&self, user_id: &str, body: &str, now: UnixTime) -> StoreResult<()> {
         self.change(
             "INSERT INTO risk_history (user_id, body, updated_at) VALUES ($1, $2, $3) \
@@ -1416,6 +1466,23 @@ impl DurableStore for SqlStore {
             )
             .await?;
         Ok(rows(&found, enrolment_from)?.pop())
+    }
+
+    async fn report_link(
+        &self,
+        token_hash: &str,
+        now: UnixTime,
+    ) -> StoreResult<Option<ReportLink>> {
+        let found = self
+            .fetch(
+                &format!(
+                    "SELECT {REPORT_COLS} FROM report_links \
+                     WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2"
+                ),
+                &[Arg::Text(token_hash), Arg::Int(now)],
+            )
+            .await?;
+        Ok(rows(&found, report_from)?.pop())
     }
 
     async fn consume_report_link(

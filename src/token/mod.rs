@@ -44,8 +44,9 @@ pub enum TokenError {
     /// The store holds no key that may sign.
     #[error("no current signing key")]
     NoKey,
-    /// The master key given does not open the stored signing keys.
-    #[error("the master key does not open the signing keys in the database: it is not the master key the gateways use (check secrets.master_key / master_key_file)")]
+    /// The master key given is not the one the database was first used with (it does not open
+    /// its check value or its signing keys).
+    #[error("the master key is not the one this database was set up with: it does not open what the gateways sealed there (check secrets.master_key / master_key_file)")]
     WrongMasterKey,
 }
 
@@ -162,17 +163,48 @@ pub async fn rotate(
     Ok(kid)
 }
 
-/// Whether `master_key` opens the signing keys in the store, that is whether it is the master key
-/// the gateways use: anything sealed with another one (a signing key, a TOTP secret) could never
-/// be opened by them. A store without signing keys (no gateway has started on it) has nothing to
-/// check against and passes.
+/// The `meta` entry holding a value sealed with the database's master key.
+const MASTER_KEY_CHECK: &str = "master_key_check";
+/// What that entry seals (and the context it is sealed under).
+const MASTER_KEY_CHECK_CONTEXT: &str = "portcullis/master-key-check";
+
+/// Whether `master_key` is the master key of this database, the one the gateways use: anything
+/// sealed with another (a signing key, a TOTP secret) could never be opened by them.
+///
+/// The first command or gateway that uses a master key on a database leaves a value sealed
+/// with it (`meta.master_key_check`); every later one must open it. A database from before
+/// that value existed is checked against its signing keys, and gets the value if they open.
 pub async fn check_master_key(
     durable: &dyn DurableStore,
     master_key: &MasterKey,
     now: i64,
 ) -> Result<(), TokenError> {
+    let opens = |stored: &str| {
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, stored)
+            .ok()
+            .is_some_and(|sealed| master_key.open(MASTER_KEY_CHECK_CONTEXT, &sealed).is_ok())
+    };
+    if let Some(stored) = durable.meta(MASTER_KEY_CHECK).await? {
+        return opens(&stored)
+            .then_some(())
+            .ok_or(TokenError::WrongMasterKey);
+    }
     for record in durable.live_signing_keys(now).await? {
         keys::open_record(&record, master_key).map_err(|_| TokenError::WrongMasterKey)?;
     }
-    Ok(())
+    let sealed = master_key
+        .seal(
+            MASTER_KEY_CHECK_CONTEXT,
+            MASTER_KEY_CHECK_CONTEXT.as_bytes(),
+        )
+        .map_err(|e| TokenError::Crypto(e.to_string()))?;
+    let value = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sealed);
+    if durable.set_meta_if_absent(MASTER_KEY_CHECK, &value).await? {
+        return Ok(());
+    }
+    // Another command or gateway set it a moment ago: its key must be this one.
+    match durable.meta(MASTER_KEY_CHECK).await? {
+        Some(stored) if opens(&stored) => Ok(()),
+        _ => Err(TokenError::WrongMasterKey),
+    }
 }

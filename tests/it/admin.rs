@@ -427,6 +427,41 @@ async fn enrolment_links_expire_and_forged_ones_are_refused() {
     assert_eq!(gw.status(&gw.browser(), &newer).await, 410, "expired");
 }
 
+/// Where security keys cannot work (an IP address as public URL, or WebAuthn off), a key-only
+/// link could never be used: it is refused, and the user's earlier link stays valid.
+#[tokio::test]
+async fn a_key_only_link_is_refused_where_keys_cannot_work() {
+    let gw = Gateway::start().await;
+    gw.add_user("nokey@example.com").await;
+    let out = gw
+        .cli(&["user", "enrol-link", "nokey@example.com"], None)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = link_path(&String::from_utf8(out.stdout).unwrap());
+    let out = gw
+        .cli(
+            &["user", "enrol-link", "--key-only", "nokey@example.com"],
+            None,
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs a security key") && err.contains("public_url"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        gw.status(&gw.browser(), &path).await,
+        200,
+        "the earlier link still works"
+    );
+}
+
 #[tokio::test]
 async fn account_actions_take_effect_and_name_the_admin() {
     let gw = gateway().await;

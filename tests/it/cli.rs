@@ -538,7 +538,7 @@ async fn commands_with_the_wrong_master_key_change_nothing() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {err}");
         assert!(
-            err.contains("master key does not open the signing keys"),
+            err.contains("master key is not the one this database was set up with"),
             "{args:?}: {err}"
         );
     }
@@ -559,4 +559,84 @@ async fn commands_with_the_wrong_master_key_change_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Before any gateway has started on a database (no signing key yet, the usual moment to set up
+/// users), the first command that brings a master key makes it the database's: a later command
+/// with another key is refused before it seals anything; the right key carries on. The new
+/// database file is its owner's alone.
+#[tokio::test]
+async fn a_new_database_keeps_the_master_key_it_was_set_up_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let right = portcullis::crypto::MasterKey::generate_base64();
+    let wrong = portcullis::crypto::MasterKey::generate_base64();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndurable = \"sqlite://{}\"\n[secrets]\nmaster_key = \"{right}\"\n\
+             [password]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n",
+            dir.path().join("db.sqlite").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &'static [&'static str], key: Option<&str>, stdin: String| {
+        let config = config.clone();
+        let key = key.map(str::to_string);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+            cmd.arg("--config").arg(&config).args(args);
+            if let Some(k) = key {
+                cmd.env("PORTCULLIS__SECRETS__MASTER_KEY", k);
+            }
+            cmd.stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let mut child = cmd.spawn().unwrap();
+            let mut input = child.stdin.take().unwrap();
+            input.write_all(stdin.as_bytes()).await.unwrap();
+            drop(input);
+            child.wait_with_output().await.unwrap()
+        }
+    };
+    let add = &["user", "add", "first@example.com", "--account", "acme"];
+    let out = run(add, None, format!("{PASSWORD}\n")).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The new database holds password hashes: its owner alone may read it (and its WAL, where
+    // one is left).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |file: &str| {
+        std::fs::metadata(dir.path().join(file))
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+    };
+    assert_eq!(mode("db.sqlite"), Some(0o600));
+    assert!(matches!(mode("db.sqlite-wal"), None | Some(0o600)));
+    for args in [
+        &["keys", "rotate"][..],
+        &["user", "totp", "generate", "first@example.com"][..],
+        &["check-config"][..],
+    ] {
+        let out = run(args, Some(&wrong), String::new()).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("not the one this database was set up with"),
+            "{args:?}: {err}"
+        );
+    }
+    // Nothing was sealed with the wrong key: the right one rotates, and passes check-config.
+    for args in [&["keys", "rotate"][..], &["check-config"][..]] {
+        let out = run(args, None, String::new()).await;
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

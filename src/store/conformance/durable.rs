@@ -32,6 +32,7 @@ pub(crate) async fn durable_suite(store: Arc<dyn DurableStore>) {
     super::durable_admin::admin(&store, &tag).await;
     super::durable_audit::prune(&store, &tag).await;
     super::durable_devices::risk_history(&store, &tag).await;
+    super::durable_devices::meta(&store, &tag).await;
 }
 
 pub(super) fn new_user(email: &str) -> NewUser {

@@ -146,6 +146,21 @@ pub(super) async fn report_links(s: &Arc<dyn DurableStore>, tag: &str) {
     };
     s.create_report_link(link("live", 1000)).await.unwrap();
     s.create_report_link(link("old", 150)).await.unwrap();
+    // Looking a link up does not use it; an expired or unknown one is not found.
+    let live = format!("live-{tag}");
+    for _ in 0..2 {
+        let seen = s.report_link(&live, 200).await.unwrap().unwrap();
+        assert_eq!((seen.user_id.as_str(), seen.used_at), (u.id.as_str(), None));
+    }
+    assert_eq!(s.report_link(&live, 1000).await.unwrap(), None, "expired");
+    assert_eq!(
+        s.report_link(&format!("old-{tag}"), 200).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.report_link(&format!("nope-{tag}"), 200).await.unwrap(),
+        None
+    );
     assert_eq!(
         s.consume_report_link(&format!("old-{tag}"), 200)
             .await
@@ -179,6 +194,7 @@ pub(super) async fn report_links(s: &Arc<dyn DurableStore>, tag: &str) {
     assert_eq!(used[0].user_id, u.id);
     assert_eq!(used[0].used_at, Some(200));
     assert_eq!(used[0].device_id.as_deref(), Some("dev-1"));
+    assert_eq!(s.report_link(&live, 200).await.unwrap(), None, "used");
 }
 
 /// Risk histories: absent until written, then replaced whole, per user.
@@ -196,4 +212,27 @@ pub(super) async fn risk_history(s: &Arc<dyn DurableStore>, tag: &str) {
         Some("{\"last\":null,\"note\":\"it's \u{e9}\"}")
     );
     assert_eq!(s.risk_history(&b).await.unwrap(), None);
+}
+
+/// Values of the database's own: set once, by the first of concurrent writers, never replaced.
+pub(super) async fn meta(s: &Arc<dyn DurableStore>, tag: &str) {
+    let name = format!("check-{tag}");
+    assert_eq!(s.meta(&name).await.unwrap(), None);
+    let gate = Arc::new(Barrier::new(10));
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (s, gate, name) = (s.clone(), gate.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            s.set_meta_if_absent(&name, &format!("v{i}")).await.unwrap()
+        }));
+    }
+    let mut set = 0;
+    for t in tasks {
+        set += usize::from(t.await.unwrap());
+    }
+    assert_eq!(set, 1, "exactly one writer sets it");
+    let first = s.meta(&name).await.unwrap().unwrap();
+    assert!(!s.set_meta_if_absent(&name, "later").await.unwrap());
+    assert_eq!(s.meta(&name).await.unwrap(), Some(first));
 }
