@@ -627,7 +627,7 @@ pub async fn bind_get(
 }
 
 /// A `Set-Cookie` that removes the bound cookie.
-fn dropped_cookie(state: &AppState) -> String {
+pub(super) fn dropped_cookie(state: &AppState) -> String {
     format!(
         "{}=; Max-Age=0; {}",
         cookie_name(state),

@@ -190,6 +190,15 @@ pub async fn report_get(
     if !plausible_token(&q.t) {
         return Err(invalid_link());
     }
+    // A used, expired or unknown link says so at once, not after the owner has confirmed.
+    if state
+        .durable
+        .report_link(&sha256_hex(q.t.as_bytes()), state.clock.now())
+        .await?
+        .is_none()
+    {
+        return Err(invalid_link());
+    }
     let (csrf, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(

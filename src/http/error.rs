@@ -134,10 +134,24 @@ impl IntoResponse for AppError {
 
 /// Whether the client prefers an HTML page (a browser navigation) to JSON.
 pub fn wants_html(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"))
+    let Some(accept) = headers.get(header::ACCEPT) else {
+        return false;
+    };
+    // Media ranges are case-insensitive; one with `q=0` is refused, not wanted.
+    accept.as_bytes().split(|&b| b == b',').any(|range| {
+        let mut parts = range.split(|&b| b == b';');
+        let essence = parts.next().unwrap_or_default().trim_ascii();
+        essence.eq_ignore_ascii_case(b"text/html") && !parts.any(is_q_zero)
+    })
+}
+
+/// Whether a media-range parameter is a quality of zero (`q=0`, `q=0.000`).
+fn is_q_zero(param: &[u8]) -> bool {
+    let param = param.trim_ascii();
+    match param {
+        [b'q' | b'Q', b'=', b'0', rest @ ..] => rest.iter().all(|&b| b == b'.' || b == b'0'),
+        _ => false,
+    }
 }
 
 /// A page's refusal of a form or query (its `message`, shown with `status`) as an API client
@@ -211,4 +225,39 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn accept(v: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_static(v));
+        h
+    }
+
+    #[test]
+    fn browsers_are_told_apart_by_their_accept_header() {
+        for v in [
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+            "TEXT/HTML",
+            "application/json, Text/Html ; q=0.5",
+            "text/html;q=0.001",
+        ] {
+            assert!(wants_html(&accept(v)), "{v}");
+        }
+        for v in [
+            "application/json",
+            "*/*",
+            "text/html;q=0",
+            "text/html; Q=0.000, application/json",
+            "text/htmlx",
+            "application/xhtml+xml",
+        ] {
+            assert!(!wants_html(&accept(v)), "{v}");
+        }
+        assert!(!wants_html(&HeaderMap::new()));
+    }
 }

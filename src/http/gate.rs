@@ -185,6 +185,27 @@ pub(crate) enum Decision {
     StepUp { key: bool, reason: &'static str },
 }
 
+/// How many session cookies of one request are looked at, the first included.
+pub(crate) const SESSION_COOKIES_TRIED: usize = 4;
+
+/// When the first session cookie a request carries names no session: a live session under
+/// another cookie of the same name (one set for a parent domain or a narrower path by another
+/// site of the domain, which the browser sends first, must not sign the user out).
+pub(crate) async fn another_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<crate::session::Cached>, AppError> {
+    let others = super::cookie_values(headers, state.sessions.cookie_name())
+        .skip(1)
+        .take(SESSION_COOKIES_TRIED - 1);
+    for value in others {
+        if let Ok(l) = state.sessions.load_cached(Some(value)).await? {
+            return Ok(Some(l));
+        }
+    }
+    Ok(None)
+}
+
 /// The one policy shared by the proxy and the forward-auth endpoint: session → second factor
 /// complete → user still admitted → identity → signed token. Storage trouble is an error (503),
 /// never a pass.
@@ -197,11 +218,14 @@ pub(crate) async fn decide(
     let cookie = get_cookie(headers, state.sessions.cookie_name());
     let mut loaded = match state.sessions.load_cached(cookie).await? {
         Ok(l) => l,
-        Err(why) => {
-            return Ok(Decision::Refuse {
-                clear_cookie: why != Invalid::Missing,
-            })
-        }
+        Err(why) => match another_session(state, headers).await? {
+            Some(l) => l,
+            None => {
+                return Ok(Decision::Refuse {
+                    clear_cookie: why != Invalid::Missing,
+                })
+            }
+        },
     };
     // Who is asking matters only for the audit trail of a refusal; built when needed.
     let client = || super::client(state, peer, headers);
@@ -398,6 +422,26 @@ fn is_upgrade(req: &Request) -> bool {
     req.headers().contains_key(header::UPGRADE)
 }
 
+/// Refuses a WebSocket handshake a page of another origin started. Browsers send `Origin` with
+/// every such handshake and let any page open one, with the site's cookies when the sites are
+/// the same (a sibling subdomain): the console's pages are served at the gateway's origin, so
+/// a socket opened from anywhere else is not the console's. Clients that send no `Origin` are
+/// not browsers, and carry no ambient cookies of the user.
+fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    if origin.as_bytes() == super::login::public_origin(state).as_bytes() {
+        return Ok(());
+    }
+    state.metrics.proxied(Proxied::Denied);
+    tracing::info!("cross-origin WebSocket handshake refused");
+    Err(AppError::forbidden(
+        "cross_origin",
+        "WebSocket connections are accepted only from the console's own pages.",
+    ))
+}
+
 /// The fallback handler: gate, then forward.
 pub async fn proxy(
     State(state): State<AppState>,
@@ -435,6 +479,9 @@ async fn gate_and_forward(
         let mut r = AppError::not_found().into_response();
         apply_security_headers(r.headers_mut(), state.config.is_https());
         return Ok(r);
+    }
+    if is_upgrade(&req) {
+        cross_site_upgrade(state, req.headers())?;
     }
     let path_len = canonical.len();
     let path_and_query = match req.uri().query() {
@@ -500,6 +547,14 @@ async fn gate_and_forward(
         Ok(r) => {
             state.metrics.proxied(Proxied::Forwarded);
             Ok(r)
+        }
+        Err(e @ crate::proxy::ProxyError::RequestBody(_)) => {
+            state.metrics.proxied(Proxied::Denied);
+            tracing::info!(error = %e, "request body broke off or was malformed; not forwarded whole");
+            Ok(AppError::bad_request(
+                "The request body was malformed or ended before its announced length.",
+            )
+            .into_response())
         }
         Err(e) => {
             state.metrics.proxied(Proxied::Unavailable);

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::error::{wants_html, AppError};
 use super::pages::{self, render};
-use super::{csrf, get_cookie, see_other, Form, Peer};
+use super::{csrf, see_other, Form, Peer};
 use crate::auth::flow::{
     awaits_factor_first, awaits_password, Client, CodeOutcome, PasswordOutcome,
 };
@@ -19,7 +19,7 @@ use crate::session::{Loaded, Session, Stage};
 use crate::state::AppState;
 use crate::store::AuditEvent;
 
-fn public_origin(state: &AppState) -> String {
+pub(super) fn public_origin(state: &AppState) -> String {
     state
         .config
         .server
@@ -63,8 +63,15 @@ pub(super) async fn current_session(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Option<Loaded>, AppError> {
-    let cookie = get_cookie(headers, state.sessions.cookie_name());
-    Ok(state.sessions.load(cookie).await?.ok())
+    // Every session cookie the browser sent, as the gate reads them (see `another_session`).
+    let cookies = super::cookie_values(headers, state.sessions.cookie_name())
+        .take(super::gate::SESSION_COOKIES_TRIED);
+    for value in cookies {
+        if let Ok(l) = state.sessions.load(Some(value)).await? {
+            return Ok(Some(l));
+        }
+    }
+    Ok(None)
 }
 
 /// Ends the session the browser already has (even a complete one) before a new sign-in:
@@ -821,5 +828,10 @@ pub async fn logout_post(
         state.audit.record(ev).await;
     }
     let resp = see_other("/_portcullis/login?notice=logged_out");
-    Ok(with_cookies(resp, [state.sessions.clear_cookie()]))
+    // The bound cookie of the ended session goes too: it proves nothing any more.
+    let cookies = [
+        state.sessions.clear_cookie(),
+        super::binding::dropped_cookie(&state),
+    ];
+    Ok(with_cookies(resp, cookies))
 }

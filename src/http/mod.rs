@@ -367,33 +367,60 @@ pub fn apply_security_headers(h: &mut HeaderMap, https: bool) {
 /// Read as bytes: only the value found is checked to be text (as `HeaderValue::to_str` checks),
 /// not every other cookie on every request, so a console cookie holding UTF-8 does not hide the
 /// gateway's cookies either.
-pub fn get_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let name = name.as_bytes();
-    headers.get_all(header::COOKIE).iter().find_map(|v| {
-        let mut rest = v.as_bytes();
+pub fn get_cookie<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
+    cookie_values(headers, name).next()
+}
+
+/// Every value of cookie `name`, in the order sent, as [`get_cookie`] reads the first. A
+/// browser sends two cookies of one name when another site of the same domain set one for a
+/// more specific path or a parent domain (over plain HTTP, without the `__Host-` prefix).
+pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> CookieValues<'a> {
+    CookieValues {
+        headers: headers.get_all(header::COOKIE).iter(),
+        rest: None,
+        name: name.as_bytes(),
+    }
+}
+
+/// See [`cookie_values`].
+pub struct CookieValues<'a> {
+    headers: axum::http::header::ValueIter<'a, HeaderValue>,
+    /// What is left of the `Cookie` header being read; `None`: the next header's turn.
+    rest: Option<&'a [u8]>,
+    name: &'a [u8],
+}
+
+impl<'a> Iterator for CookieValues<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
         loop {
+            let rest = match self.rest.take() {
+                Some(r) => r,
+                None => self.headers.next()?.as_bytes(),
+            };
             let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+            if end < rest.len() {
+                self.rest = Some(&rest[end + 1..]);
+            }
             let pair = rest[..end].trim_ascii();
-            if let Some(value) = pair
-                .strip_prefix(name)
+            let Some(value) = pair
+                .strip_prefix(self.name)
                 .and_then(|after| after.strip_prefix(b"="))
+            else {
+                continue;
+            };
+            let value = trim_quotes(value);
+            if value
+                .iter()
+                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
             {
-                let value = trim_quotes(value);
-                if value
-                    .iter()
-                    .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
-                {
-                    if let Ok(text) = std::str::from_utf8(value) {
-                        return Some(text);
-                    }
+                if let Ok(text) = std::str::from_utf8(value) {
+                    return Some(text);
                 }
             }
-            if end == rest.len() {
-                return None;
-            }
-            rest = &rest[end + 1..];
         }
-    })
+    }
 }
 
 /// `value` without the `"` at either end (any number of them).
@@ -464,8 +491,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
 
     async fn from_request(mut req: Request, state: &S) -> Result<Self, Self::Rejection> {
         lowercase_media_type(req.headers_mut());
-        match axum::Form::<T>::from_request(req, state).await {
-            Ok(axum::Form(v)) => Ok(Form(v)),
+        match axum::extract::RawForm::from_request(req, state).await {
+            // NUL is no character of any field's value (no email, name, code or password has
+            // one) and text columns refuse it: one is bad input, not a store failure.
+            Ok(axum::extract::RawForm(raw)) if has_nul(&raw) => Err(AppError::bad_request(
+                "The form contains a character that is not allowed (NUL).",
+            )),
+            Ok(axum::extract::RawForm(raw)) => {
+                serde_urlencoded::from_bytes(&raw).map(Form).map_err(|_| {
+                    AppError::bad_request(
+                        "The form could not be read. Reload the page and try again.",
+                    )
+                })
+            }
             Err(rej) => {
                 let status = rej.status();
                 Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -484,6 +522,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
             }
         }
     }
+}
+
+/// Whether an `application/x-www-form-urlencoded` body holds a NUL, raw or escaped.
+fn has_nul(raw: &[u8]) -> bool {
+    memchr::memchr(0, raw).is_some()
+        || memchr::memmem::find_iter(raw, b"%0").any(|i| raw.get(i + 2).copied() == Some(b'0'))
 }
 
 /// Writes the media type of `Content-Type` in lower case (its parameters as they are): media

@@ -143,9 +143,10 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
     if let Some(what) = name.strip_prefix("x-forwarded-") {
         return !matches!(what, "for" | "proto" | "host");
     }
-    matches!(
-        name,
-        "x-auth-request-user"
+    has_identity_prefix(name)
+        || matches!(
+            name,
+            "x-auth-request-user"
             | "x-auth-request-email"
             | "x-remote-user"
             | "remote-user"
@@ -192,7 +193,34 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
             | "x-http-method-override"
             | "x-http-method"
             | "x-method-override"
-    )
+            | "x-proxy-user"
+            | "x-proxy-remote-user"
+        )
+}
+
+/// Whole families of identity headers, by the prefix their proxy gives them (oauth2-proxy's
+/// `X-Auth-Request-Groups`, Pomerium's `X-Pomerium-Claim-Email`, Tailscale's
+/// `Tailscale-User-Login`, the `X-Remote-Email` / `X-Webauth-Name` of auth-proxy setups…).
+/// Sorted by first byte, so most names are passed on after one comparison.
+fn has_identity_prefix(name: &str) -> bool {
+    const X: [&str; 10] = [
+        "x-auth-request-",
+        "x-remote-",
+        "x-pomerium-",
+        "x-webauth-",
+        "x-amzn-oidc-",
+        "x-ms-client-principal",
+        "x-ms-token-",
+        "x-goog-authenticated-user-",
+        "x-goog-iap-",
+        "x-authenticated-",
+    ];
+    match name.as_bytes().first() {
+        Some(b'x') => X.iter().any(|p| name.starts_with(p)),
+        Some(b't') => name.starts_with("tailscale-user-"),
+        Some(b'c') => name.starts_with("cf-access-"),
+        _ => false,
+    }
 }
 
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host`. A trusted peer's chain is extended; anybody

@@ -47,6 +47,10 @@ pub enum ProxyError {
     /// Any other failure while talking to the upstream (connection reset, malformed response).
     #[error("upstream request failed")]
     Upstream(#[source] BoxError),
+    /// The client's request body broke off or was malformed (a bad chunk, fewer bytes than its
+    /// `Content-Length`) while it was being sent on: the client's fault, not the console's.
+    #[error("request body could not be read")]
+    RequestBody(#[source] BoxError),
     /// A method the gateway never forwards: `CONNECT` would open a tunnel and `TRACE` would
     /// reflect the gateway-added identity header back to the client.
     #[error("method not forwarded")]
@@ -63,6 +67,7 @@ impl ProxyError {
         match self {
             Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestBody(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Invalid(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

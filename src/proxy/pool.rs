@@ -83,13 +83,13 @@ impl Pool {
             Err(mut e) => match e.take_message() {
                 // Never written: the kept-alive connection was closed under us. Once more, fresh.
                 Some(req) if reused => req,
-                _ => return Err(ProxyError::Upstream(Box::new(e.into_error()))),
+                _ => return Err(failed(e.into_error())),
             },
         };
         let mut sender = self.connect().await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, Some(sender))),
-            Err(e) => Err(ProxyError::Upstream(Box::new(e.into_error()))),
+            Err(e) => Err(failed(e.into_error())),
         }
     }
 
@@ -166,6 +166,16 @@ impl Pool {
                 since: Instant::now(),
             });
         }
+    }
+}
+
+/// What a failed exchange was: the request body the client sent could not be read (hyper's
+/// "user" errors here are those of the body we gave it), or anything else, the upstream's.
+fn failed(e: hyper::Error) -> ProxyError {
+    if e.is_user() {
+        ProxyError::RequestBody(Box::new(e))
+    } else {
+        ProxyError::Upstream(Box::new(e))
     }
 }
 

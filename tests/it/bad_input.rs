@@ -189,6 +189,92 @@ async fn wrong_and_truncated_codes_and_unknown_users_are_refused_plainly() {
     );
 }
 
+/// A NUL in a form field (an email typed with `%00`) is bad input, answered 400 before anything
+/// is looked up or counted, on PostgreSQL too, whose text columns refuse it: never a 503 that
+/// would report the database down, and the audit trail keeps being written.
+#[tokio::test]
+async fn a_nul_in_a_form_is_bad_input_not_a_store_failure() {
+    let (db, durable) = fresh_database().await;
+    let gw = Gateway::start_with(move |c| c.storage.durable = durable).await;
+    gw.add_user("nul@example.com").await;
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    for username in [
+        "nul%00@example.com",
+        "nul@example.com%00",
+        "nul\0@example.com",
+    ] {
+        let body = format!("username={username}&password=x&csrf={csrf}");
+        for accept in ["application/json", "text/html"] {
+            let r = c
+                .post(gw.url("/_portcullis/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("accept", accept)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{username:?} {accept}");
+            let text = r.text().await.unwrap();
+            assert!(text.contains("not allowed (NUL)"), "{text}");
+        }
+    }
+    // A percent sign typed as such is no NUL: an unknown account, refused as usual.
+    let r = gw.password(&c, "nul%00@example.com", "x", "").await;
+    assert_eq!(r.status(), 401);
+    // The account and the audit trail carry on: a wrong password is refused and audited, the
+    // right one goes on (to set up its second factor).
+    let r = gw
+        .password(&c, "nul@example.com", "not the password", "")
+        .await;
+    assert_eq!(r.status(), 401);
+    let r = gw.password(&c, "nul@example.com", PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let events = gw.audit().await;
+    assert!(events.iter().any(|e| e.event == "login_password"
+        && e.outcome == "failure"
+        && e.email.as_deref() == Some("nul@example.com")));
+    drop(gw);
+    drop_database(&db).await;
+}
+
+/// A request body that breaks off or is malformed on its way through (a bad chunk size, fewer
+/// bytes than its `Content-Length`) is the client's error, 400 in our format, not a 502 that
+/// would report the console down; the console keeps serving.
+#[tokio::test]
+async fn a_broken_request_body_is_the_clients_error_not_the_consoles() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("body@example.com").await;
+    let cookie = c.cookie_header();
+    let head = |framing: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\nAccept: application/json\r\n\
+             Connection: close\r\n{framing}\r\n",
+            gw.addr
+        )
+    };
+    let cases = [
+        head("Transfer-Encoding: chunked\r\n") + "zz\r\nabc\r\n0\r\n\r\n",
+        head("Transfer-Encoding: chunked\r\n") + "FFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n",
+        head("Content-Length: 100\r\n") + "abc",
+    ];
+    for request in cases {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut buf = Vec::new();
+        let wait = std::time::Duration::from_secs(10);
+        let _ = tokio::time::timeout(wait, s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 400"), "{request:?} → {text}");
+        assert!(text.contains("\"error\":\"bad_request\""), "{text}");
+        assert!(text.contains("request body"), "{text}");
+    }
+    let r = gw.get(&c, "/campaigns").await;
+    assert_eq!(r.status(), 200);
+}
+
 /// A hundred wrong passwords at once: no more than the account's budget are even checked, the
 /// rest get 429 — the counter is taken before the password is, so none slip through together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

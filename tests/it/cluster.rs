@@ -7,35 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sqlx::{Connection, Executor, PgConnection};
-
 use super::harness::*;
-
-/// A fresh PostgreSQL database on the shared server; dropped by the caller's guard.
-async fn fresh_database() -> (String, String) {
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
-        .await
-        .expect(
-            "PostgreSQL must answer on 127.0.0.1:5432 (user postgres, trust auth, database test)",
-        );
-    admin
-        .execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-    (
-        name.clone(),
-        format!("postgres://postgres@127.0.0.1:5432/{name}"),
-    )
-}
-
-async fn drop_database(name: &str) {
-    if let Ok(mut admin) = PgConnection::connect("postgres://postgres@127.0.0.1:5432/test").await {
-        let _ = admin
-            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-            .await;
-    }
-}
 
 fn serve(config: &std::path::Path, port: u16) -> Process {
     Process(

@@ -12,15 +12,28 @@ pub(super) fn report_link(mail: &str) -> String {
 
 /// Opens the report link `link` (a path with query) in a fresh browser and confirms it.
 pub(super) async fn report(gw: &Gateway, link: &str) -> reqwest::Response {
+    let (reader, csrf) = open_report(gw, link).await;
+    confirm_report(gw, &reader, &csrf, link).await
+}
+
+/// Opens the report link in a fresh browser: the browser and the page's CSRF token.
+async fn open_report(gw: &Gateway, link: &str) -> (Browser, String) {
     let reader = gw.browser();
     let page = gw.page(&reader, link).await;
     let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    (reader, csrf)
+}
+
+/// Sends the report page's form.
+async fn confirm_report(
+    gw: &Gateway,
+    reader: &Browser,
+    csrf: &str,
+    link: &str,
+) -> reqwest::Response {
     reader
         .post(gw.url("/_portcullis/report"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("t", link.split("t=").nth(1).unwrap()),
-        ])
+        .form(&[("csrf", csrf), ("t", link.split("t=").nth(1).unwrap())])
         .send()
         .await
         .unwrap()
@@ -160,8 +173,24 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
         .password(&again, "victim@example.com", PASSWORD, "")
         .await;
     assert_eq!(r.status(), 401);
-    // The link works once.
+    // The link works once; opened again it says so at once, to a browser and to a script.
     assert_eq!(post(csrf.clone(), token.to_string()).await.status(), 410);
+    let r = reader.get(gw.url(&link)).send().await.unwrap();
+    assert_eq!(r.status(), 410);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("already used") && !page.contains("Report and lock"),
+        "{page}"
+    );
+    let r = reader
+        .get(gw.url(&link))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "link_invalid");
 
     let locked = mail_about(&gw, "Subject: Your account on").await;
     assert_eq!(locked.len(), 1);
@@ -200,8 +229,12 @@ async fn an_expired_report_link_is_refused() {
     let gw = Gateway::start().await;
     let (_, _, _) = gw.signed_in("late@example.com").await;
     let link = report_link(&sign_in_notices(&gw).await[0]);
+    // Opened in time, the page asks for confirmation; past its lifetime it refuses at once.
+    let (reader, csrf) = open_report(&gw, &link).await;
     gw.clock.advance(7 * 24 * 3600 + 1);
-    let r = report(&gw, &link).await;
+    let opened = reader.get(gw.url(&link)).send().await.unwrap();
+    assert_eq!(opened.status(), 410);
+    let r = confirm_report(&gw, &reader, &csrf, &link).await;
     assert_eq!(r.status(), 410);
     assert!(!gw.user("late@example.com").await.locked);
 }

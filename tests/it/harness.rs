@@ -960,3 +960,34 @@ impl Gateway {
         }
     }
 }
+
+/// A fresh PostgreSQL database on the shared server: its name and URL (drop it with
+/// [`drop_database`]).
+pub async fn fresh_database() -> (String, String) {
+    use sqlx::{Connection, Executor};
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
+        .await
+        .expect(
+            "PostgreSQL must answer on 127.0.0.1:5432 (user postgres, trust auth, database test)",
+        );
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    (
+        name.clone(),
+        format!("postgres://postgres@127.0.0.1:5432/{name}"),
+    )
+}
+
+pub async fn drop_database(name: &str) {
+    use sqlx::{Connection, Executor};
+    if let Ok(mut admin) =
+        sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/test").await
+    {
+        let _ = admin
+            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+            .await;
+    }
+}

@@ -3,7 +3,8 @@
 
 use super::harness::*;
 
-/// Signs browser `b` out through the logout form (it keeps its device cookie).
+/// Signs browser `b` out through the logout form: the session and bound cookies are removed,
+/// the device cookie stays.
 pub(super) async fn sign_out(gw: &Gateway, b: &reqwest::Client) {
     let csrf = gw.csrf(b, "/_portcullis/logout").await;
     let r = b
@@ -13,6 +14,15 @@ pub(super) async fn sign_out(gw: &Gateway, b: &reqwest::Client) {
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
+    let removed: Vec<&str> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| v.contains("Max-Age=0"))
+        .filter_map(|v| v.split('=').next())
+        .collect();
+    assert_eq!(removed, ["portcullis-session", "portcullis-bound"]);
 }
 
 #[tokio::test]

@@ -49,6 +49,20 @@ async fn spoofed_identity_headers_never_reach_the_console() {
         "True-Client-IP",
         "X-Client-IP",
         "X-HTTP-Method-Override",
+        // Whole families, by their proxy's prefix.
+        "X-Auth-Request-Groups",
+        "X-Auth-Request-Preferred-Username",
+        "X-Remote-Email",
+        "X-Remote-Groups",
+        "X-Proxy-User",
+        "X-Webauth-Email",
+        "X-Pomerium-Jwt-Assertion",
+        "X-Pomerium-Claim-Email",
+        "Tailscale-User-Login",
+        "Tailscale-User-Name",
+        "X-Ms-Token-Aad-Access-Token",
+        "X-Goog-Iap-Jwt-Assertion",
+        "Cf-Access-Client-Id",
     ];
     let mut headers: Vec<(&str, &str)> =
         spoofed.iter().map(|h| (*h, "admin@esp.example")).collect();
@@ -83,6 +97,41 @@ async fn spoofed_identity_headers_never_reach_the_console() {
         seen.header("x-hop").is_none(),
         "headers named in Connection are hop-by-hop"
     );
+}
+
+/// A second session cookie of the same name (another site of the domain can set one over plain
+/// HTTP, for a parent domain or a narrower path, and the browser sends it first) neither signs
+/// the user out nor stands in for the session: the live one is found, nothing is cleared.
+#[tokio::test]
+async fn a_planted_session_cookie_does_not_sign_the_user_out() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("toss@example.com").await;
+    let jar = c.cookie_header();
+    let bogus = "portcullis-session=planted-by-a-sibling-site";
+    for cookie in [format!("{bogus}; {jar}"), format!("{jar}; {bogus}")] {
+        for path in ["/campaigns", "/_portcullis/account"] {
+            let r = raw(gw.addr, "GET", path, &[("Cookie", &cookie)], "").await;
+            assert_eq!(r.status, 200, "{path} with {cookie}: {}", r.head);
+            assert!(
+                !r.head
+                    .to_ascii_lowercase()
+                    .contains("set-cookie: portcullis-session="),
+                "{}",
+                r.head
+            );
+        }
+    }
+    // Planted cookies alone are no session.
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/campaigns",
+        &[("Cookie", bogus), ("Accept", "application/json")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
 }
 
 #[tokio::test]
@@ -168,6 +217,40 @@ async fn websockets_are_relayed_for_a_complete_session() {
         ws.send(Message::text(text)).await.unwrap();
         let got = ws.next().await.unwrap().unwrap();
         assert_eq!(got.into_text().unwrap().as_str(), text);
+    }
+}
+
+/// A page of another origin (a sibling subdomain shares the site's cookies) cannot open a
+/// socket to the console with the user's session: the handshake is refused before it is
+/// forwarded. The console's own pages, and clients that send no `Origin`, can.
+#[tokio::test]
+async fn a_websocket_from_another_origin_is_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("wo@example.com").await;
+    let own = gw.base.trim_end_matches('/').to_string();
+    for (origin, allowed) in [
+        ("http://evil.example", false),
+        ("http://console.127.0.0.1.nip.io", false),
+        ("null", false),
+        (own.as_str(), true),
+    ] {
+        let mut req = format!("ws://{}/ws", gw.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("cookie", gw.cookies(&c).parse().unwrap());
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((_, resp)) => assert!(allowed, "{origin}: {}", resp.status()),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert!(!allowed, "{origin}: {}", resp.status());
+                assert_eq!(resp.status(), 403);
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+                assert!(body.contains("cross_origin"), "{body}");
+            }
+            Err(e) => panic!("{origin}: {e}"),
+        }
     }
 }
 
