@@ -637,6 +637,11 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         }
         Command::User(UserCmd::Disable { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
+            if u.disabled {
+                // Nothing changes, so nothing is audited (as in the admin console).
+                say!("{} is disabled already", u.email);
+                return Ok(());
+            }
             durable
                 .set_disabled(&u.id, true, clock.now_millis())
                 .await?;
@@ -661,6 +666,10 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         }
         Command::User(UserCmd::Enable { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
+            if !u.disabled {
+                say!("{} is not disabled", u.email);
+                return Ok(());
+            }
             durable
                 .set_disabled(&u.id, false, clock.now_millis())
                 .await?;

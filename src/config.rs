@@ -829,7 +829,12 @@ impl Config {
                          number or boolean: '\"123\"'",
                     );
                 }
-                if why.contains("expected a sequence") {
+                if why.contains("expected a sequence") && key == "step_up" {
+                    why.push_str(
+                        "; each rule is a table of its own in the file: [[step_up]] with path, \
+                         methods, max_age and key under it (not [step_up])",
+                    );
+                } else if why.contains("expected a sequence") {
                     why.push_str(
                         "; a list is written as a TOML array, also in a PORTCULLIS__SECTION__KEY \
                          variable: '[\"10.0.0.0/8\", \"192.168.0.0/16\"]'",

@@ -930,3 +930,14 @@ fn configuration_errors_never_repeat_secrets() {
         .to_string();
     assert!(e.contains("larger than 64 KiB"), "{e}");
 }
+
+#[test]
+fn a_step_up_rule_written_as_one_table_gets_a_hint_of_its_own() {
+    let e = load_str("[step_up]\npath = \"/campaigns/send\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[[step_up]]") && !e.contains("10.0.0.0/8"),
+        "{e}"
+    );
+}

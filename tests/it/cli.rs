@@ -32,11 +32,26 @@ async fn user_disable_ends_sessions_mid_flight() {
             .status(),
         401
     );
+    // Disabling again, or enabling a user who is not disabled, changes and audits nothing.
+    let again = gw
+        .cli(&["user", "disable", "victim@example.com"], None)
+        .await;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("disabled already"));
     let ev = gw.audit().await;
+    let disabled = ev.iter().filter(|e| e.event == "user_disabled").count();
+    assert_eq!(disabled, 1);
     assert!(ev.iter().any(
         |e| e.event == "user_disabled" && e.actor.as_deref().unwrap_or("").starts_with("cli:")
     ));
     assert!(ev.iter().any(|e| e.event == "session_ended"));
+    for _ in 0..2 {
+        let out = gw
+            .cli(&["user", "enable", "victim@example.com"], None)
+            .await;
+        assert!(out.status.success());
+    }
+    let ev = gw.audit().await;
+    assert_eq!(ev.iter().filter(|e| e.event == "user_enabled").count(), 1);
 }
 
 #[tokio::test]
