@@ -333,9 +333,10 @@ fn preflight(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `check-config`'s look at the durable store: the master key must open the signing keys the
-/// gateways stored there, as `serve` will require. Where the database does not exist yet or does
-/// not answer, a note says what was not checked; a wrong key is an error.
+/// `check-config`'s look at the durable store: the master key must be the database's (open its
+/// check value, or its signing keys and a TOTP secret), as `serve` will require; nothing is
+/// written. Where the database does not exist yet or does not answer, a note says what was not
+/// checked; a wrong key is an error.
 async fn check_stored_keys(config: &Config) -> Result<()> {
     let url = &config.storage.durable;
     if let Some(path) = crate::store::sql::sqlite_file(url) {
@@ -361,7 +362,9 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
         }
     };
     let key = config.master_key()?;
-    match crate::token::check_master_key(&store, &key, SystemClock.now()).await {
+    match crate::token::check_master_key(&store, &key, SystemClock.now(), crate::token::Claim::No)
+        .await
+    {
         Ok(()) => Ok(()),
         Err(e @ crate::token::TokenError::WrongMasterKey) => Err(e.into()),
         Err(e) => {
@@ -550,7 +553,13 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
     // one to bring a key to a new database makes it the database's.
     if config.secrets.master_key.is_some() {
         let key = config.master_key()?;
-        crate::token::check_master_key(durable.as_ref(), &key, clock.now()).await?;
+        crate::token::check_master_key(
+            durable.as_ref(),
+            &key,
+            clock.now(),
+            crate::token::Claim::Yes,
+        )
+        .await?;
     }
     let audit = |event: &str, user: Option<&User>, reason: &str| {
         let mut ev = AuditEvent::new(event, "success", clock.now())
@@ -712,8 +721,8 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         }
         Command::User(UserCmd::Totp(TotpCmd::Generate { email })) => {
             let u = find_user(durable.as_ref(), &email).await?;
+            // Checked against the database's master key on the way in (`admin`).
             let key = config.master_key()?;
-            crate::token::check_master_key(durable.as_ref(), &key, clock.now()).await?;
             let secret = crate::auth::totp::generate_secret();
             let sealed = key.seal(&crate::auth::flow::totp_context(&u.id), secret.expose())?;
             durable

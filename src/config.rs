@@ -444,7 +444,7 @@ impl Default for PasswordConfig {
             // Half the cores (at least one): a sign-in flood can then take only half of the
             // machine from the proxied traffic of signed-in users.
             max_concurrent_hashes: std::thread::available_parallelism()
-                .map(|n| (n.get() / 2).max(1))
+                .map(|n| (n.get() / 2).clamp(1, 256))
                 .unwrap_or(1),
             max_queued_hashes: 64,
             hashing_nice: 10,
@@ -776,7 +776,7 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     let what = e.message().trim_end_matches('\n');
     match e.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
+            let before = text.get(..span.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             format!("line {line}, column {column}: {what}")
@@ -812,12 +812,20 @@ impl Config {
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 let mut why = e.into_inner().to_string();
-                // A `_file` key read a secret (or the wrong file): the error names the file,
-                // never repeats what it holds.
-                for (path, content) in &files {
-                    if !content.is_empty() {
-                        why = why.replace(content.as_str(), &format!("<the content of {path}>"));
-                    }
+                // A `_file` key read a secret (or the wrong file): the error names the file and
+                // what was expected, never what it holds (quoted, escaped or in part).
+                if let Some(file) = files.iter().find(|f| f.key == key) {
+                    let expected = why
+                        .rsplit_once("expected ")
+                        .map(|(_, what)| format!(" (expected {what})"))
+                        .unwrap_or_default();
+                    return key_err(
+                        &key,
+                        format!(
+                            "the content of {} is not a valid value for this key{expected}",
+                            file.path
+                        ),
+                    );
                 }
                 if why.contains("expected a string")
                     && ["integer", "boolean", "float"]
@@ -843,15 +851,10 @@ impl Config {
                 key_err(&key, why)
             })?;
         config.validate().map_err(|e| match e {
-            ConfigError::Key { key, mut message } => {
-                for (path, content) in &files {
-                    if !content.is_empty() {
-                        message =
-                            message.replace(content.as_str(), &format!("<the content of {path}>"));
-                    }
-                }
-                ConfigError::Key { key, message }
-            }
+            ConfigError::Key { key, message } => ConfigError::Key {
+                message: files.iter().fold(message, |m, f| f.scrub(m)),
+                key,
+            },
             other => other,
         })?;
         Ok(config)
@@ -1083,14 +1086,6 @@ impl Config {
             return Err(key_err(
                 "password.max_concurrent_hashes",
                 "must be between 1 and 256 (one thread each)",
-            ));
-        }
-        if (p.argon2_memory_kib as u64) * (p.max_concurrent_hashes as u64)
-            > MAX_ARGON2_MEMORY_KIB as u64 * 4
-        {
-            return Err(key_err(
-                "password.max_concurrent_hashes",
-                "times password.argon2_memory_kib must stay within 16 GiB",
             ));
         }
         if !(0..=19).contains(&p.hashing_nice) {
@@ -1523,12 +1518,36 @@ fn apply_env(
 /// is the wrong file (`/dev/zero` would never end).
 const MAX_SECRET_FILE: u64 = 64 * 1024;
 
+/// A file a `_file` key read: errors about its key name the file, never its content.
+struct ReadFile {
+    /// The key it gave a value (`secrets.master_key`).
+    key: String,
+    path: String,
+    content: String,
+}
+
+impl ReadFile {
+    /// `message` without the content, as it is and as `Debug` quotes it.
+    fn scrub(&self, message: String) -> String {
+        if self.content.is_empty() {
+            return message;
+        }
+        let instead = format!("<the content of {}>", self.path);
+        let quoted = format!("{:?}", self.content);
+        let inner = &quoted[1..quoted.len() - 1];
+        message
+            .replace(&quoted, &instead)
+            .replace(inner, &instead)
+            .replace(self.content.as_str(), &instead)
+    }
+}
+
 /// Replaces every `X_file = "/path"` with `X = "<file contents>"`; each file read is added to
-/// `read` as (path, content), so errors can name the file instead of its content.
+/// `read`, so errors can name the file instead of its content.
 fn resolve_secret_files(
     table: &mut toml::Table,
     prefix: &str,
-    read: &mut Vec<(String, String)>,
+    read: &mut Vec<ReadFile>,
 ) -> Result<(), ConfigError> {
     let keys: Vec<String> = table.keys().cloned().collect();
     for k in keys {
@@ -1560,7 +1579,11 @@ fn resolve_secret_files(
             source,
         })?;
         let content = content.trim_end_matches(['\r', '\n']).to_string();
-        read.push((path, content.clone()));
+        read.push(ReadFile {
+            key: base_full.clone(),
+            path,
+            content: content.clone(),
+        });
         table.remove(&k);
         table.insert(base.to_string(), toml::Value::String(content));
     }

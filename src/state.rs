@@ -98,7 +98,13 @@ impl AppState {
         let durable: Arc<dyn DurableStore> = Arc::new(Timed::new(durable, metrics.clone()));
         let ephemeral: Arc<dyn EphemeralStore> = Arc::new(Timed::new(ephemeral, metrics.clone()));
         let master_key = Arc::new(config.master_key()?);
-        crate::token::check_master_key(durable.as_ref(), &master_key, clock.now()).await?;
+        crate::token::check_master_key(
+            durable.as_ref(),
+            &master_key,
+            clock.now(),
+            crate::token::Claim::Yes,
+        )
+        .await?;
         let signer = Arc::new(
             Signer::load(durable.clone(), master_key.clone(), &config, clock.clone()).await?,
         );

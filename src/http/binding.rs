@@ -144,14 +144,27 @@ pub(crate) async fn check(
     let Some(key) = &session.binding else {
         return Ok(Some(Unbound::Register));
     };
-    let verdict = binding::check_bound_cookie(
-        &state.master_key,
-        get_cookie(headers, cookie_name(state)),
-        &session.public_id,
-        &key.thumbprint,
-        state.clock.now_millis(),
-        context,
-    );
+    let verdict_of = |cookie: Option<&str>| {
+        binding::check_bound_cookie(
+            &state.master_key,
+            cookie,
+            &session.public_id,
+            &key.thumbprint,
+            state.clock.now_millis(),
+            context,
+        )
+    };
+    let mut verdict = verdict_of(get_cookie(headers, cookie_name(state)));
+    // Over plain HTTP another site of the domain can plant a cookie of the same name, sent
+    // first: a valid one among the next few counts (no store is read for them).
+    if !matches!(verdict, CookieCheck::Valid | CookieCheck::Missing) && !state.config.is_https() {
+        let mut others = super::cookie_values(headers, cookie_name(state))
+            .skip(1)
+            .take(super::gate::SESSION_COOKIES_TRIED - 1);
+        if others.any(|v| matches!(verdict_of(Some(v)), CookieCheck::Valid)) {
+            verdict = CookieCheck::Valid;
+        }
+    }
     match (verdict, key.method) {
         (CookieCheck::Valid, _) => Ok(None),
         // The fallback's cookie runs out in normal use; the page proves again.

@@ -86,6 +86,11 @@ async fn check(
     headers: &HeaderMap,
 ) -> Result<(ForwardAuth, Response), AppError> {
     let trusted = crate::proxy::is_trusted(peer.ip(), &state.config.server.trusted_proxies);
+    // A WebSocket handshake the asking proxy holds (its key header travels end to end, where
+    // `Upgrade` may not): another origin's page may not open it, as in proxy mode.
+    if headers.contains_key(header::UPGRADE) || headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        super::gate::cross_site_upgrade(state, headers)?;
+    }
     let orig = original(method, headers, trusted);
     let path = orig.target.split(['?', '#']).next().unwrap_or_default();
     let canonical = normalise_path(path).map_err(|e| AppError::bad_request(e.to_string()))?;

@@ -190,15 +190,28 @@ pub(crate) const SESSION_COOKIES_TRIED: usize = 4;
 
 /// When the first session cookie a request carries names no session: a live session under
 /// another cookie of the same name (one set for a parent domain or a narrower path by another
-/// site of the domain, which the browser sends first, must not sign the user out).
+/// site of the domain, which the browser sends first, must not sign the user out). Plain HTTP
+/// only: over HTTPS the cookie is `__Host-`, which no other site can set, so a second one is
+/// the client's own doing and costs no further store reads.
 pub(crate) async fn another_session(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Option<crate::session::Cached>, AppError> {
-    let others = super::cookie_values(headers, state.sessions.cookie_name())
+    if state.config.is_https() {
+        return Ok(None);
+    }
+    let name = state.sessions.cookie_name();
+    let first = get_cookie(headers, name);
+    let mut tried = Vec::new();
+    let others = super::cookie_values(headers, name)
         .skip(1)
+        .filter(|v| Some(*v) != first)
         .take(SESSION_COOKIES_TRIED - 1);
     for value in others {
+        if tried.contains(&value) {
+            continue;
+        }
+        tried.push(value);
         if let Ok(l) = state.sessions.load_cached(Some(value)).await? {
             return Ok(Some(l));
         }
@@ -427,7 +440,7 @@ fn is_upgrade(req: &Request) -> bool {
 /// the same (a sibling subdomain): the console's pages are served at the gateway's origin, so
 /// a socket opened from anywhere else is not the console's. Clients that send no `Origin` are
 /// not browsers, and carry no ambient cookies of the user.
-fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+pub(crate) fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };

@@ -63,9 +63,13 @@ pub(super) async fn current_session(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Option<Loaded>, AppError> {
-    // Every session cookie the browser sent, as the gate reads them (see `another_session`).
-    let cookies = super::cookie_values(headers, state.sessions.cookie_name())
-        .take(super::gate::SESSION_COOKIES_TRIED);
+    // The session cookies the browser sent, as the gate reads them (see `another_session`).
+    let many = if state.config.is_https() {
+        1
+    } else {
+        super::gate::SESSION_COOKIES_TRIED
+    };
+    let cookies = super::cookie_values(headers, state.sessions.cookie_name()).take(many);
     for value in cookies {
         if let Ok(l) = state.sessions.load(Some(value)).await? {
             return Ok(Some(l));

@@ -367,8 +367,12 @@ pub fn apply_security_headers(h: &mut HeaderMap, https: bool) {
 /// Read as bytes: only the value found is checked to be text (as `HeaderValue::to_str` checks),
 /// not every other cookie on every request, so a console cookie holding UTF-8 does not hide the
 /// gateway's cookies either.
-pub fn get_cookie<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
-    cookie_values(headers, name).next()
+pub fn get_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let name = name.as_bytes();
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .find_map(|v| cookie_in(v.as_bytes(), name).map(|(value, _)| value))
 }
 
 /// Every value of cookie `name`, in the order sent, as [`get_cookie`] reads the first. A
@@ -377,7 +381,7 @@ pub fn get_cookie<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> 
 pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> CookieValues<'a> {
     CookieValues {
         headers: headers.get_all(header::COOKIE).iter(),
-        rest: None,
+        rest: &[],
         name: name.as_bytes(),
     }
 }
@@ -385,8 +389,8 @@ pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> CookieValues<
 /// See [`cookie_values`].
 pub struct CookieValues<'a> {
     headers: axum::http::header::ValueIter<'a, HeaderValue>,
-    /// What is left of the `Cookie` header being read; `None`: the next header's turn.
-    rest: Option<&'a [u8]>,
+    /// What is left of the `Cookie` header being read.
+    rest: &'a [u8],
     name: &'a [u8],
 }
 
@@ -395,32 +399,39 @@ impl<'a> Iterator for CookieValues<'a> {
 
     fn next(&mut self) -> Option<&'a str> {
         loop {
-            let rest = match self.rest.take() {
-                Some(r) => r,
-                None => self.headers.next()?.as_bytes(),
-            };
-            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
-            if end < rest.len() {
-                self.rest = Some(&rest[end + 1..]);
+            if let Some((value, after)) = cookie_in(self.rest, self.name) {
+                self.rest = after;
+                return Some(value);
             }
-            let pair = rest[..end].trim_ascii();
-            let Some(value) = pair
-                .strip_prefix(self.name)
-                .and_then(|after| after.strip_prefix(b"="))
-            else {
-                continue;
-            };
-            let value = trim_quotes(value);
-            if value
-                .iter()
-                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
-            {
-                if let Ok(text) = std::str::from_utf8(value) {
-                    return Some(text);
-                }
+            self.rest = self.headers.next()?.as_bytes();
+        }
+    }
+}
+
+/// The first cookie `name` in one `Cookie` header value whose value is printable ASCII (quotes
+/// around it removed), and what follows it in the header.
+fn cookie_in<'a>(mut rest: &'a [u8], name: &[u8]) -> Option<(&'a str, &'a [u8])> {
+    while !rest.is_empty() {
+        let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+        let pair = rest[..end].trim_ascii();
+        rest = rest.get(end + 1..).unwrap_or_default();
+        let Some(value) = pair
+            .strip_prefix(name)
+            .and_then(|after| after.strip_prefix(b"="))
+        else {
+            continue;
+        };
+        let value = trim_quotes(value);
+        if value
+            .iter()
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
+            if let Ok(text) = std::str::from_utf8(value) {
+                return Some((text, rest));
             }
         }
     }
+    None
 }
 
 /// `value` without the `"` at either end (any number of them).
@@ -639,7 +650,24 @@ mod tests {
             ),
         ] {
             assert_eq!(get_cookie(&cookies(values), name), want, "{values:?}");
+            assert_eq!(
+                cookie_values(&cookies(values), name).next(),
+                want,
+                "{values:?}"
+            );
         }
+    }
+
+    #[test]
+    fn every_cookie_of_a_name_is_found_in_order() {
+        let h = cookies(&[
+            b"portcullis-session=planted; a=1; portcullis-session=\xc3\xa9",
+            b"",
+            b"b=2; portcullis-session=\"real\";portcullis-session=third",
+        ]);
+        let all: Vec<&str> = cookie_values(&h, "portcullis-session").collect();
+        assert_eq!(all, ["planted", "real", "third"]);
+        assert_eq!(cookie_values(&h, "nope").count(), 0);
     }
 
     /// The fast path is only sound while no route of the router lies outside the two prefixes:

@@ -150,6 +150,9 @@ impl DurableStore for Timed<dyn DurableStore> {
     async fn totp(&self, user_id: &str) -> StoreResult<Option<TotpRecord>> {
         self.durable(READ, self.inner.totp(user_id)).await
     }
+    async fn oldest_totp(&self) -> StoreResult<Option<TotpRecord>> {
+        self.durable(READ, self.inner.oldest_totp()).await
+    }
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()> {
         self.durable(WRITE, self.inner.set_totp(record)).await
     }

@@ -169,14 +169,18 @@ impl Pool {
     }
 }
 
-/// What a failed exchange was: the request body the client sent could not be read (hyper's
-/// "user" errors here are those of the body we gave it), or anything else, the upstream's.
+/// What a failed exchange was: the client's request body could not be read (the error hyper
+/// reports carries, as its cause, the error of the body we gave it, which only the inbound
+/// body yields as `axum::Error`), or anything else, the upstream's or the connection's.
 fn failed(e: hyper::Error) -> ProxyError {
-    if e.is_user() {
-        ProxyError::RequestBody(Box::new(e))
-    } else {
-        ProxyError::Upstream(Box::new(e))
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        if c.is::<axum::Error>() {
+            return ProxyError::RequestBody(Box::new(e));
+        }
+        cause = c.source();
     }
+    ProxyError::Upstream(Box::new(e))
 }
 
 /// A response body from the upstream that hands its connection back to the pool once it has

@@ -283,6 +283,8 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn void_sessions(&self, user_id: &str, at_ms: i64) -> StoreResult<()>;
 
     async fn totp(&self, user_id: &str) -> StoreResult<Option<TotpRecord>>;
+    /// The oldest TOTP record of any user (to check a master key against), if there is one.
+    async fn oldest_totp(&self) -> StoreResult<Option<TotpRecord>>;
     /// Stores the (confirmed) TOTP factor, replacing any earlier one.
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()>;
     /// Removes TOTP, security keys and recovery codes (the user must enrol again).

@@ -227,6 +227,32 @@ impl SqlStore {
         Ok(Self { pool, sqlite })
     }
 
+    /// One TOTP record: `rest` follows the table (a condition on `$1` = `user_id`, or an order).
+    async fn one_totp(&self, rest: &str, user_id: Option<&str>) -> StoreResult<Option<TotpRecord>> {
+        let sql = format!("SELECT user_id, secret_sealed, created_at FROM totp_credentials {rest}");
+        let pool = &self.pool;
+        let sql = &sql;
+        let row = self
+            .retrying(move || async move {
+                let q = sqlx::query(sql);
+                let q = match user_id {
+                    Some(id) => q.bind(id),
+                    None => q,
+                };
+                q.fetch_optional(pool).await
+            })
+            .await?;
+        row.map(|r| {
+            Ok(TotpRecord {
+                user_id: r.try_get("user_id")?,
+                secret_sealed: r.try_get("secret_sealed")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+        .map_err(unavailable)
+    }
+
     /// Runs one statement with `args` as a change (see [`SqlStore::retrying`]); returns the rows
     /// it touched.
     /// Runs a query with these arguments and returns its rows (busy SQLite retried).
@@ -635,25 +661,12 @@ impl DurableStore for SqlStore {
     }
 
     async fn totp(&self, user_id: &str) -> StoreResult<Option<TotpRecord>> {
-        let pool = &self.pool;
-        let row = self
-            .retrying(move || async move {
-                sqlx::query(
-            "SELECT user_id, secret_sealed, created_at FROM totp_credentials WHERE user_id = $1",
-        )
-        .bind(user_id)
-        .fetch_optional(pool).await
-            })
-            .await?;
-        row.map(|r| {
-            Ok(TotpRecord {
-                user_id: r.try_get("user_id")?,
-                secret_sealed: r.try_get("secret_sealed")?,
-                created_at: r.try_get("created_at")?,
-            })
-        })
-        .transpose()
-        .map_err(unavailable)
+        self.one_totp("WHERE user_id = $1", Some(user_id)).await
+    }
+
+    async fn oldest_totp(&self) -> StoreResult<Option<TotpRecord>> {
+        self.one_totp("ORDER BY created_at, user_id LIMIT 1", None)
+            .await
     }
 
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()> {

@@ -151,7 +151,7 @@ pub async fn rotate(
     now: i64,
 ) -> Result<String, TokenError> {
     // A key sealed with another master key would become the one every gateway must open.
-    check_master_key(durable, master_key, now).await?;
+    check_master_key(durable, master_key, now, Claim::Yes).await?;
     let record = keys::new_record(config.token.algorithm, master_key, now)?;
     let kid = record.kid.clone();
     durable.insert_signing_key(record).await?;
@@ -172,25 +172,43 @@ const MASTER_KEY_CHECK_CONTEXT: &str = "portcullis/master-key-check";
 /// sealed with another (a signing key, a TOTP secret) could never be opened by them.
 ///
 /// The first command or gateway that uses a master key on a database leaves a value sealed
-/// with it (`meta.master_key_check`); every later one must open it. A database from before
-/// that value existed is checked against its signing keys, and gets the value if they open.
+/// with it (`meta.master_key_check`); every later one must open it. Before that value exists,
+/// the key must open the live signing keys and the oldest TOTP secret, where there are any
+/// (a database from an earlier version, or one whose users were set up before); then the value
+/// is written. With `Claim::No` (`check-config`, which may run against a database not yet
+/// migrated) nothing is written and a missing `meta` table counts as a missing value.
 pub async fn check_master_key(
     durable: &dyn DurableStore,
     master_key: &MasterKey,
     now: i64,
+    claim: Claim,
 ) -> Result<(), TokenError> {
     let opens = |stored: &str| {
         base64::Engine::decode(&base64::engine::general_purpose::STANDARD, stored)
             .ok()
             .is_some_and(|sealed| master_key.open(MASTER_KEY_CHECK_CONTEXT, &sealed).is_ok())
     };
-    if let Some(stored) = durable.meta(MASTER_KEY_CHECK).await? {
+    let stored = match durable.meta(MASTER_KEY_CHECK).await {
+        Ok(stored) => stored,
+        Err(_) if claim == Claim::No => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(stored) = stored {
         return opens(&stored)
             .then_some(())
             .ok_or(TokenError::WrongMasterKey);
     }
     for record in durable.live_signing_keys(now).await? {
         keys::open_record(&record, master_key).map_err(|_| TokenError::WrongMasterKey)?;
+    }
+    if let Some(totp) = durable.oldest_totp().await? {
+        let context = crate::auth::flow::totp_context(&totp.user_id);
+        master_key
+            .open(&context, &totp.secret_sealed)
+            .map_err(|_| TokenError::WrongMasterKey)?;
+    }
+    if claim == Claim::No {
+        return Ok(());
     }
     let sealed = master_key
         .seal(
@@ -207,4 +225,13 @@ pub async fn check_master_key(
         Some(stored) if opens(&stored) => Ok(()),
         _ => Err(TokenError::WrongMasterKey),
     }
+}
+
+/// Whether [`check_master_key`] may make the key the database's when it has none yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// A gateway starting, a command about to write.
+    Yes,
+    /// `check-config`: look, write nothing.
+    No,
 }

@@ -8,7 +8,7 @@ use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use serde_json::{json, Value};
 
-use super::harness::{binding_on, extract, location, Browser, Gateway};
+use super::harness::{binding_on, extract, location, raw, Browser, Gateway};
 
 /// The browser side of both methods: a P-256 key and the proofs it signs.
 pub(super) struct Device {
@@ -1073,4 +1073,42 @@ async fn a_fresh_copied_cookie_jar_gets_nothing_from_another_browser_or_network(
     assert_eq!(gw.status(&moved, "/inbox").await, 303);
     assert_eq!(webcrypto_refresh(&gw, &moved, &dev).await.status(), 200);
     assert_eq!(gw.status(&moved, "/inbox").await, 200);
+}
+
+/// Over plain HTTP another site of the domain can plant a bound cookie (or a session cookie) of
+/// the same name, which the browser sends first: the owner's valid one still counts, no failed
+/// proof is counted, and the session is not ended however often it happens.
+#[tokio::test]
+async fn a_planted_bound_cookie_is_no_failed_proof() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("plant@example.com").await;
+    bind_webcrypto(&gw, &b, &Device::new()).await;
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let jar = b.cookie_header();
+    let planted = "portcullis-bound=garbage; portcullis-session=planted";
+    let cookie = format!("{planted}; {jar}");
+    for _ in 0..8 {
+        let r = raw(gw.addr, "GET", "/campaigns", &[("Cookie", &cookie)], "").await;
+        assert_eq!(r.status, 200, "{}", r.head);
+    }
+    let events = gw.audit().await;
+    assert!(!events
+        .iter()
+        .any(|e| e.event == "session_binding_failed" || e.event == "session_suspended"));
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    // Planted alone, the cookie is what it is: a failed proof.
+    let session = jar
+        .split("; ")
+        .find(|c| c.starts_with("portcullis-session="))
+        .unwrap();
+    let alone = format!("portcullis-bound=garbage; {session}");
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/campaigns",
+        &[("Cookie", &alone), ("Accept", "application/json")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.head);
 }

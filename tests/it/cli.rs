@@ -401,11 +401,11 @@ async fn audit_prune_removes_only_events_past_the_retention_and_is_itself_audite
 async fn the_acting_user_is_the_real_one_not_dollar_user() {
     let gw = Gateway::start().await;
     gw.add_user("actor@example.com").await;
-    for user in [Some("fakeadmin"), None] {
+    for (action, user) in [("disable", Some("fakeadmin")), ("enable", None)] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
         cmd.arg("--config")
             .arg(&gw.config_path)
-            .args(["user", "disable", "actor@example.com"]);
+            .args(["user", action, "actor@example.com"]);
         match user {
             Some(u) => cmd.env("USER", u),
             None => cmd.env_remove("USER"),
@@ -421,7 +421,7 @@ async fn the_acting_user_is_the_real_one_not_dollar_user() {
         .audit()
         .await
         .into_iter()
-        .filter(|e| e.event == "user_disabled")
+        .filter(|e| e.event == "user_disabled" || e.event == "user_enabled")
         .filter_map(|e| e.actor)
         .collect();
     assert_eq!(actors.len(), 2, "{actors:?}");
@@ -622,16 +622,11 @@ async fn a_new_database_keeps_the_master_key_it_was_set_up_with() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The new database holds password hashes: its owner alone may read it (and its WAL, where
-    // one is left).
+    // The new database holds password hashes: its owner alone may read it (SQLite gives its
+    // -wal and -shm files the database file's mode).
     use std::os::unix::fs::PermissionsExt;
-    let mode = |file: &str| {
-        std::fs::metadata(dir.path().join(file))
-            .ok()
-            .map(|m| m.permissions().mode() & 0o777)
-    };
-    assert_eq!(mode("db.sqlite"), Some(0o600));
-    assert!(matches!(mode("db.sqlite-wal"), None | Some(0o600)));
+    let meta = std::fs::metadata(dir.path().join("db.sqlite")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     for args in [
         &["keys", "rotate"][..],
         &["user", "totp", "generate", "first@example.com"][..],
@@ -645,13 +640,46 @@ async fn a_new_database_keeps_the_master_key_it_was_set_up_with() {
             "{args:?}: {err}"
         );
     }
-    // Nothing was sealed with the wrong key: the right one rotates, and passes check-config.
-    for args in [&["keys", "rotate"][..], &["check-config"][..]] {
-        let out = run(args, None, String::new()).await;
+    // A database from before the check value existed, holding a TOTP secret and no signing
+    // key: the secret decides, and check-config only looks.
+    let ok = |out: std::process::Output| {
         assert!(
             out.status.success(),
-            "{args:?}: {}",
+            "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    };
+    ok(run(
+        &["user", "totp", "generate", "first@example.com"],
+        None,
+        String::new(),
+    )
+    .await);
+    let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let take_claim = || {
+        let db = db.clone();
+        async move {
+            use sqlx::{Connection, Executor, Row};
+            let mut c = sqlx::SqliteConnection::connect(&db).await.unwrap();
+            let n = c.fetch_one("SELECT COUNT(*) FROM meta").await.unwrap();
+            let n: i64 = n.get(0);
+            c.execute("DELETE FROM meta").await.unwrap();
+            n
+        }
+    };
+    assert_eq!(take_claim().await, 1);
+    for args in [&["keys", "rotate"][..], &["check-config"][..]] {
+        let out = run(args, Some(&wrong), String::new()).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
     }
+    ok(run(&["check-config"], None, String::new()).await);
+    assert_eq!(take_claim().await, 0, "check-config writes nothing");
+    // The right key carries on, and claims the database again.
+    ok(run(&["keys", "rotate"], None, String::new()).await);
+    ok(run(&["check-config"], None, String::new()).await);
+    assert_eq!(take_claim().await, 1);
+    // An earlier version's database with a signing key: the key decides.
+    let out = run(&["keys", "rotate"], Some(&wrong), String::new()).await;
+    assert_eq!(out.status.code(), Some(1));
+    ok(run(&["keys", "rotate"], None, String::new()).await);
 }

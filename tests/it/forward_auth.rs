@@ -81,6 +81,36 @@ async fn signed_in_session_gets_a_token_that_verifies() {
     assert_eq!(gw.upstream.count(), 0, "forward-auth never proxies");
 }
 
+/// A WebSocket handshake the proxy asks about is refused when another origin's page opened
+/// it, as in proxy mode; the console's own pages and clients without `Origin` pass.
+#[tokio::test]
+async fn a_websocket_from_another_origin_is_refused_here_too() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("fa-ws@example.com").await;
+    let cookie = gw.cookies(&c);
+    let own = gw.base.trim_end_matches('/').to_string();
+    for (origin, want) in [
+        (Some("http://evil.example"), 403),
+        (Some("null"), 403),
+        (Some(own.as_str()), 200),
+        (None, 200),
+    ] {
+        let mut headers = vec![
+            ("Cookie", cookie.as_str()),
+            ("X-Forwarded-Uri", "/ws"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ];
+        if let Some(o) = origin {
+            headers.push(("Origin", o));
+        }
+        let r = raw(gw.addr, "GET", AUTH, &headers, "").await;
+        assert_eq!(r.status, want, "{origin:?}: {}", r.head);
+        if want == 403 {
+            assert!(r.body.contains("cross_origin"), "{}", r.body);
+        }
+    }
+}
+
 #[tokio::test]
 async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy() {
     let gw = gateway(true).await;
