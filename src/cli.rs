@@ -330,6 +330,13 @@ fn preflight(config: &Config) -> Result<()> {
     if let Some(db) = &config.risk.geoip_database {
         crate::risk::check_database(db)?;
     }
+    let outbox = &config.notify.outbox_dir;
+    if config.notify.smtp_url.is_none() && outbox.exists() && !outbox.is_dir() {
+        anyhow::bail!(
+            "notify.outbox_dir: {} is not a directory (without notify.smtp_url, mail is written there)",
+            outbox.display()
+        );
+    }
     Ok(())
 }
 

@@ -769,6 +769,28 @@ fn default_url(s: &str) -> Url {
     Url::parse(s).expect("built-in default URL is valid")
 }
 
+/// `message` with the password of every quoted URL in it replaced (see `secret::redact_url`).
+fn redact_quoted_urls(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        let Some(len) = rest[open + 1..].find('"') else {
+            break;
+        };
+        let quoted = &rest[open + 1..open + 1 + len];
+        out.push_str(&rest[..=open]);
+        if quoted.contains("://") {
+            out.push_str(&crate::secret::redact_url(quoted));
+        } else {
+            out.push_str(quoted);
+        }
+        out.push('"');
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A TOML syntax error as its position and what is wrong, without the line itself: the line
 /// may hold a secret (a master key whose closing quote is missing), and this message goes to
 /// the terminal and the journal.
@@ -811,7 +833,7 @@ impl Config {
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
-                let mut why = e.into_inner().to_string();
+                let why = e.into_inner().to_string();
                 // A `_file` key read a secret (or the wrong file): the error names the file and
                 // what was expected, never what it holds (quoted, escaped or in part).
                 if let Some(file) = files.iter().find(|f| f.key == key) {
@@ -827,6 +849,8 @@ impl Config {
                         ),
                     );
                 }
+                // A URL that does not parse is quoted whole: its password is not.
+                let mut why = redact_quoted_urls(&why);
                 if why.contains("expected a string")
                     && ["integer", "boolean", "float"]
                         .iter()
@@ -1262,14 +1286,21 @@ impl Config {
             let Ok(at) = addr.parse::<std::net::SocketAddr>() else {
                 return Err(key_err(key, "must be IP:PORT, e.g. 127.0.0.1:9464"));
             };
-            if s.listen.parse::<std::net::SocketAddr>().ok() == Some(at) {
+            // One port on all addresses (0.0.0.0, ::) takes it on every single one too.
+            let clash = |other: &str| {
+                other.parse::<std::net::SocketAddr>().is_ok_and(|o| {
+                    o.port() == at.port()
+                        && (o.ip() == at.ip()
+                            || o.ip().is_unspecified()
+                            || at.ip().is_unspecified())
+                })
+            };
+            if clash(&s.listen) {
                 return Err(key_err(key, "must differ from server.listen"));
             }
-            let earlier = own[..i].iter().find(|(_, a)| {
-                a.as_ref()
-                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                    == Some(at)
-            });
+            let earlier = own[..i]
+                .iter()
+                .find(|(_, a)| a.as_deref().is_some_and(clash));
             if let Some((other, _)) = earlier {
                 return Err(key_err(key, format!("must differ from {other}")));
             }

@@ -116,9 +116,11 @@ pub const AMR_KEY: &str = "hwk";
 /// the key signs the origin it was used on.
 pub const ACR_PHISHING_RESISTANT: &str = "urn:portcullis:acr:phr";
 
-/// The `acr` for a session's authentication methods.
-pub fn acr_for(amr: &[String]) -> &'static str {
-    if amr.iter().any(|m| m == AMR_KEY) {
+/// The `acr` of a session's latest proof (the one at `auth_time`): phishing-resistant only when
+/// that proof was a security key or passkey, whatever the session used before.
+pub fn acr_for(session: &Session) -> &'static str {
+    // `strong_ms` is set to the very `auth_ms` of a key proof; a later code moves `auth_ms` on.
+    if session.strong_ms.is_some_and(|s| s >= session.auth_ms) {
         ACR_PHISHING_RESISTANT
     } else {
         ACR_MFA

@@ -196,6 +196,10 @@ fn bad_values_are_refused_with_the_key() {
             "[webauthn]\nattestation_ca_files = [\"/nonexistent/ca.pem\"]\n",
             "webauthn.attestation_ca_files",
         ),
+        (
+            "[server]\nlisten = \"0.0.0.0:9400\"\n[metrics]\nlisten = \"127.0.0.1:9400\"\n",
+            "metrics.listen",
+        ),
     ] {
         let e = load_str(text, &[]).unwrap_err().to_string();
         assert!(e.contains(key), "{text} → {e}");
@@ -926,6 +930,35 @@ fn configuration_errors_never_repeat_secrets() {
     .unwrap_err()
     .to_string();
     assert!(!e.contains("leakpw4"), "{e}");
+
+    // URLs that do not parse are quoted in the error, their passwords are not.
+    for (var, url) in [
+        (
+            "PORTCULLIS__UPSTREAM__URL",
+            "http://user:UPWSECRET@127.0.0.1:99999/",
+        ),
+        (
+            "PORTCULLIS__SERVER__PUBLIC_URL",
+            "http://user:UPWSECRET@ho st/",
+        ),
+        (
+            "PORTCULLIS__SERVER__PUBLIC_URL",
+            "http://user:UPWSECRET@[::1/",
+        ),
+    ] {
+        let e = load_str("", &[(var, url)]).unwrap_err().to_string();
+        assert!(!e.contains("UPWSECRET"), "{var}: {e}");
+    }
+    let e = load_str(
+        "[upstream]\nurl = \"http://user:UPWSECRET@127.0.0.1:99999/\"\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        !e.contains("UPWSECRET") && e.contains("upstream.url"),
+        "{e}"
+    );
 
     let big = dir.join("big");
     std::fs::write(&big, vec![b'a'; 70 * 1024]).unwrap();

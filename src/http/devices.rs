@@ -229,6 +229,10 @@ fn invalid_link() -> AppError {
     )
 }
 
+/// How long before the reported sign-in's notice a key counts as registered by it: the notice
+/// is made when the sign-in completes, and a key registered during enrolment comes just before.
+const REPORT_KEY_WINDOW: i64 = 15 * 60;
+
 /// `POST /_portcullis/report`: the owner says a sign-in was not theirs.
 pub async fn report_post(
     State(state): State<AppState>,
@@ -257,6 +261,25 @@ pub async fn report_post(
         .void_sessions(&user.id, state.clock.now_millis())
         .await?;
     state.sessions.destroy_all(&user.id).await?;
+    // Keys registered since the reported sign-in may be the intruder's (a passkey would sign
+    // them in again, lock or not): suspended, for an administrator to look at.
+    let since = link.created_at.saturating_sub(REPORT_KEY_WINDOW);
+    for key in state.durable.webauthn_credentials(&user.id).await? {
+        if key.created_at >= since && !key.is_suspended() {
+            state
+                .durable
+                .suspend_webauthn_credential(&key.id, "sign_in_reported", now)
+                .await?;
+            state
+                .audit
+                .record(
+                    AuditEvent::new("webauthn_suspended", "success", now)
+                        .user(&user)
+                        .reason(&format!("sign_in_reported: credential {}", key.id)),
+                )
+                .await;
+        }
+    }
     if let Some(device_id) = &link.device_id {
         state.durable.revoke_device(device_id).await?;
         // The reported sign-in's network, country and place are not the owner's: the risk
@@ -298,9 +321,10 @@ pub async fn report_post(
             &format!(
                 "You reported a sign-in to {email} on {host} as not yours.\n\
                  \n\
-                 Every session of the account has ended, the device that signed in is blocked, and\n\
-                 password sign-in is locked. Contact your administrator to restore access, then\n\
-                 change your password.\n",
+                 Every session of the account has ended, the device that signed in is blocked,\n\
+                 security keys added since that sign-in are suspended, and password sign-in is\n\
+                 locked.\n\
+                 Contact your administrator to restore access, then change your password.\n",
                 email = user.email
             ),
         )

@@ -324,7 +324,7 @@ pub(crate) async fn decide(
         email: &user.email,
         account: &user.account_id,
         amr: &loaded.session.amr,
-        acr: acr_for(&loaded.session.amr),
+        acr: acr_for(&loaded.session),
         auth_time: loaded.session.auth_ms / 1000,
         sid: &loaded.session.public_id,
     };

@@ -259,6 +259,13 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
                 "The address is too long.",
             )
             .into_response()
+        } else if is_routed(req.uri().path()) && !readable_path(req.uri().path()) {
+            // Ids in the gateway's own paths (a key's, a device's) reach the stores: a NUL, which
+            // text columns refuse, or bytes that are no text are bad input, said in our format.
+            AppError::bad_request(
+                "The address holds a character that is not allowed (NUL, or bytes that are not text).",
+            )
+            .into_response()
         } else if is_routed(req.uri().path()) {
             match tower::ServiceExt::oneshot(router, req).await {
                 Ok(r) => r,
@@ -270,6 +277,16 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
         error::render_errors(html, resp)
     })
     .await
+}
+
+/// Whether a gateway path decodes to text without NUL (its raw form is checked by hyper).
+fn readable_path(path: &str) -> bool {
+    if !path.contains('%') {
+        return true;
+    }
+    percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .is_ok_and(|p| !p.contains('\0'))
 }
 
 /// Security headers on every gateway response (pages, errors, JWKS, assets).

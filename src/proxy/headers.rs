@@ -200,10 +200,12 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
 
 /// Whole families of identity headers, by the prefix their proxy gives them (oauth2-proxy's
 /// `X-Auth-Request-Groups`, Pomerium's `X-Pomerium-Claim-Email`, Tailscale's
-/// `Tailscale-User-Login`, the `X-Remote-Email` / `X-Webauth-Name` of auth-proxy setups…).
-/// Sorted by first byte, so most names are passed on after one comparison.
+/// `Tailscale-User-Login`, Authelia's `Remote-Email`, Authentik's `X-Authentik-Username`,
+/// mod_auth_openidc's `OIDC-Claim-Email`, API gateways' consumer headers, TLS client
+/// certificates as terminating proxies pass them, impersonation…). Sorted by first byte, so
+/// most names are passed on after one comparison.
 fn has_identity_prefix(name: &str) -> bool {
-    const X: [&str; 10] = [
+    const X: [&str; 27] = [
         "x-auth-request-",
         "x-remote-",
         "x-pomerium-",
@@ -214,11 +216,34 @@ fn has_identity_prefix(name: &str) -> bool {
         "x-goog-authenticated-user-",
         "x-goog-iap-",
         "x-authenticated-",
+        "x-authentik-",
+        "x-vouch-",
+        "x-oidc-",
+        "x-consumer-",
+        "x-credential-",
+        "x-apigateway-api-userinfo",
+        "x-ssl-client-",
+        "x-client-cert",
+        "x-client-verify",
+        "x-arr-clientcert",
+        "x-impersonate-",
+        "x-sudo-user",
+        "x-real-user",
+        "x-auth-email",
+        "x-envoy-original-",
+        "x-azure-clientip",
+        "x-appengine-user-",
     ];
     match name.as_bytes().first() {
         Some(b'x') => X.iter().any(|p| name.starts_with(p)),
         Some(b't') => name.starts_with("tailscale-user-"),
         Some(b'c') => name.starts_with("cf-access-"),
+        Some(b'r') => name.starts_with("remote-"),
+        Some(b'o') => name.starts_with("oidc-"),
+        Some(b'g') => name.starts_with("gap-"),
+        Some(b's') => name.starts_with("ssl-client-"),
+        Some(b'i') => name.starts_with("impersonate-"),
+        Some(b'a') => name == "auth-user" || name == "akamai-client-ip",
         _ => false,
     }
 }

@@ -14,6 +14,21 @@ async fn malformed_requests_get_clear_client_errors() {
         ("GET", long_path.clone(), vec![], String::new(), &[414]),
         ("GET", "/%zz".into(), vec![], String::new(), &[400]),
         ("GET", "/a%00b".into(), vec![], String::new(), &[400]),
+        // The gateway's own paths too, before any id in them is looked up.
+        (
+            "POST",
+            "/_portcullis/account/keys/%00/rename".into(),
+            vec![],
+            String::new(),
+            &[400],
+        ),
+        (
+            "POST",
+            "/_portcullis/account/devices/%C3%28/revoke".into(),
+            vec![],
+            String::new(),
+            &[400],
+        ),
         (
             "GET",
             "/x".into(),

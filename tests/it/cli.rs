@@ -683,3 +683,25 @@ async fn a_new_database_keeps_the_master_key_it_was_set_up_with() {
     assert_eq!(out.status.code(), Some(1));
     ok(run(&["keys", "rotate"], None, String::new()).await);
 }
+
+/// check-config refuses what serve would stop on: mail written to an outbox that is a file.
+#[tokio::test]
+async fn check_config_refuses_an_outbox_that_is_a_file() {
+    let gw = Gateway::start().await;
+    let file = gw.dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&gw.config_path)
+        .arg("check-config")
+        .env("PORTCULLIS__NOTIFY__OUTBOX_DIR", &file)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("notify.outbox_dir") && err.contains("not a directory"),
+        "{err}"
+    );
+}

@@ -28,7 +28,7 @@ async fn placed_gateway(more: impl FnOnce(&mut portcullis::config::Config)) -> G
 }
 
 /// A code from the app at `/_portcullis/reauth`, coming back to `next`.
-async fn reauth_with_code(
+pub(super) async fn reauth_with_code(
     gw: &Gateway,
     b: &Browser,
     secret: &[u8],

@@ -798,3 +798,108 @@ async fn concurrent_passkey_failures_cannot_exceed_the_budget() {
         .collect();
     assert_eq!(statuses, expected);
 }
+
+/// A passkey is no phishing target, but an intruder with a session can add one of their own,
+/// which would sign them in again whatever the lock on passwords. Reporting the intruder's
+/// sign-in suspends every key registered since; the owner's older passkey still signs in.
+#[tokio::test]
+async fn a_reported_sign_in_takes_the_keys_it_added_with_it() {
+    let gw = gateway().await;
+    let email = "reported@example.com";
+    let (owner, secret, _) = gw.signed_in(email).await;
+    let u = user(&gw, email).await;
+    let mut owners_key = key();
+    register(&gw, &owner, &mut owners_key, "Owner's key").await;
+    let owners = only_credential(&gw, &u.id).await;
+    gw.clock.advance(3600);
+
+    let thief = gw.browser();
+    gw.sign_in_on(&thief, email, &secret).await;
+    let mut thiefs_key = key();
+    register(&gw, &thief, &mut thiefs_key, "Mine now").await;
+    let thiefs = credentials(&gw, &u.id)
+        .await
+        .into_iter()
+        .find(|c| c.id != owners.id)
+        .unwrap();
+
+    let mut notices = gw.outbox().await;
+    notices.retain(|m| m.contains("Subject: New sign-in to your account"));
+    let link = super::devices::report_link(notices.last().unwrap());
+    assert_eq!(super::devices::report(&gw, &link).await.status(), 200);
+
+    let creds = credentials(&gw, &u.id).await;
+    let state = |id: &str| creds.iter().find(|c| c.id == id).unwrap().is_suspended();
+    assert!(state(&thiefs.id), "the intruder's key is suspended");
+    assert!(!state(&owners.id), "the owner's older key is not");
+    assert_eq!(audited(&gw, "webauthn_suspended", "success").await.len(), 1);
+
+    gw.clock.advance(30);
+    let (r, _, _) = passkey(
+        &gw,
+        &gw.browser(),
+        &mut thiefs_key,
+        &thiefs.credential_id,
+        &u.id,
+        |_| {},
+    )
+    .await;
+    assert_ne!(r.status(), 200, "the intruder's passkey signs nobody in");
+    let (r, _, _) = passkey(
+        &gw,
+        &gw.browser(),
+        &mut owners_key,
+        &owners.credential_id,
+        &u.id,
+        |_| {},
+    )
+    .await;
+    assert_eq!(r.status(), 200, "the owner's passkey still does");
+}
+
+/// The token's `acr` and `auth_time` describe the session's latest proof: after a key step-up
+/// they say phishing-resistant at that moment; after a later app code, `mfa` at the code's
+/// moment, so a console asking for a fresh key proof is not shown an old one as fresh.
+#[tokio::test]
+async fn acr_and_auth_time_follow_the_latest_proof() {
+    let gw = gateway().await;
+    let (c, secret, _) = gw.signed_in("latest@example.com").await;
+    let mut k = key();
+    register(&gw, &c, &mut k, "Desk").await;
+    assert_eq!(console(&gw, &c).await, 200);
+    let signed_in = last_claims(&gw).await;
+    assert_eq!(signed_in.acr, "urn:portcullis:acr:mfa");
+
+    gw.clock.advance(120);
+    let html = gw.page(&c, "/_portcullis/reauth?next=%2Fcampaigns").await;
+    let csrf = extract(&html, "data-csrf=\"", "\"").unwrap();
+    let r = call(&gw, &c, &csrf, "reauth/start", json!({})).await;
+    let v: Value = r.json().await.unwrap();
+    let rcr: RequestChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let cred = k.do_authentication(origin(&gw), rcr).unwrap();
+    let body = json!({ "ceremony": v["ceremony"], "credential": cred, "next": "/campaigns" });
+    assert_eq!(
+        call(&gw, &c, &csrf, "reauth/finish", body).await.status(),
+        200
+    );
+    assert_eq!(console(&gw, &c).await, 200);
+    let keyed = last_claims(&gw).await;
+    assert_eq!(keyed.acr, "urn:portcullis:acr:phr");
+    assert!(keyed.amr.contains(&"hwk".to_string()));
+    assert!(keyed.auth_time >= signed_in.auth_time + 120);
+
+    gw.clock.advance(300);
+    let r = super::risk::reauth_with_code(&gw, &c, &secret, "/campaigns").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(console(&gw, &c).await, 200);
+    let coded = last_claims(&gw).await;
+    assert_eq!(
+        coded.acr, "urn:portcullis:acr:mfa",
+        "an old key proof is no fresh one"
+    );
+    assert!(coded.auth_time >= keyed.auth_time + 300);
+    assert!(
+        coded.amr.contains(&"hwk".to_string()),
+        "amr: every method the session used"
+    );
+}
