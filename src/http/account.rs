@@ -277,11 +277,8 @@ pub async fn remove_post(
     };
     if !fresh(&state, &loaded.session) {
         state.metrics.step_up("fresh_proof_required");
-        return refuse(
-            "For your security, confirm it's you again (with your second factor) before removing a key.",
-            StatusCode::FORBIDDEN,
-        )
-        .await;
+        // As every other factor change refuses it (`reauthentication_required` for API clients).
+        return stale(&state, &headers, &loaded, &user).await;
     }
     let (outcome, reason) = match remove_key_keeping_a_factor(&state, &user, &id).await? {
         KeyRemoval::NotFound => return Err(AppError::not_found()),
@@ -503,6 +500,10 @@ fn totp_page(
     error: Option<&str>,
     status: StatusCode,
 ) -> Response {
+    // An API client gets the refusal in JSON, as from the account page's other forms.
+    if let Some(refused) = super::error::refusal_for_api(headers, status, error) {
+        return axum::response::IntoResponse::into_response(refused);
+    }
     let uri = totp::otpauth_uri(secret.expose(), &state.login.totp_issuer, &user.email);
     let (token, set) = csrf_token(state, headers);
     let view = pages::AccountTotp {

@@ -158,7 +158,7 @@ async fn registering(state: &AppState, headers: &HeaderMap) -> Result<(Loaded, U
                 state.metrics.step_up("fresh_proof_required");
                 return Err(AppError::forbidden(
                     "reauthentication_required",
-                    "For your security, sign out and sign in again before adding a key.",
+                    "For your security, confirm it's you again at /_portcullis/reauth before adding a key.",
                 ));
             }
             user

@@ -139,6 +139,19 @@ async fn a_new_authenticator_app_replaces_the_old_one_once_confirmed() {
     let r = act(&gw, &c, CONFIRM, &[("code", &code_at(&old, now))]).await;
     assert_eq!(r.status(), 401);
     assert!(r.text().await.unwrap().contains("not right"));
+    // An API client gets the refusal as JSON, not the page (which shows the new secret).
+    let csrf = gw.csrf(&c, ACCOUNT).await;
+    let r = c
+        .post(gw.url(CONFIRM))
+        .header("accept", "application/json")
+        .form(&[("csrf", csrf.as_str()), ("code", &code_at(&old, now))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "unauthorized");
+    assert!(v["message"].as_str().unwrap().contains("not right"));
     let r = act(&gw, &c, CONFIRM, &[("code", &code_at(&new, now))]).await;
     assert_eq!(location(&r), "/_portcullis/account?notice=totp_changed");
     // Confirming works once.
@@ -152,6 +165,7 @@ async fn a_new_authenticator_app_replaces_the_old_one_once_confirmed() {
     assert_eq!(
         events(&gw, "totp_changed").await,
         vec![
+            ("failure".to_string(), Some("bad_code".to_string())),
             ("failure".to_string(), Some("bad_code".to_string())),
             ("success".to_string(), None)
         ]

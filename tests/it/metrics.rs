@@ -178,7 +178,25 @@ async fn keys_passkeys_and_fresh_proof_are_counted() {
     )
     .await;
     assert_eq!(r.status(), 403);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "reauthentication_required");
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("/_portcullis/reauth"));
     assert_eq!(remove_key(&gw, &c, &cred.id).await.status(), 403);
+    // An API client is told the same for a removal as for every other factor change.
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let r = c
+        .post(gw.url(&format!("/_portcullis/account/keys/{}/remove", cred.id)))
+        .header("accept", "application/json")
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "reauthentication_required");
 
     let after = scrape(&metrics).await;
     let d = |k: &str| moved(&before, &after, k);
@@ -192,7 +210,7 @@ async fn keys_passkeys_and_fresh_proof_are_counted() {
     );
     assert_eq!(
         d("portcullis_step_ups_total{reason=\"fresh_proof_required\"}"),
-        2.0
+        3.0
     );
 }
 
