@@ -447,7 +447,6 @@ pub(crate) fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Resul
     if origin.as_bytes() == super::login::public_origin(state).as_bytes() {
         return Ok(());
     }
-    state.metrics.proxied(Proxied::Denied);
     tracing::info!("cross-origin WebSocket handshake refused");
     Err(AppError::forbidden(
         "cross_origin",
@@ -494,7 +493,8 @@ async fn gate_and_forward(
         return Ok(r);
     }
     if is_upgrade(&req) {
-        cross_site_upgrade(state, req.headers())?;
+        cross_site_upgrade(state, req.headers())
+            .inspect_err(|_| state.metrics.proxied(Proxied::Denied))?;
     }
     let path_len = canonical.len();
     let path_and_query = match req.uri().query() {
