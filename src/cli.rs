@@ -552,6 +552,20 @@ async fn print_enrolment_link(
 /// Administrative commands that work on the durable store directly.
 async fn admin(config: Config, cmd: Command) -> Result<()> {
     let clock = SystemClock;
+    // A command that only reads has nothing to read in a database that is not there (a
+    // forgotten --config): it says so rather than create one and show it empty.
+    let reads_only = matches!(
+        cmd,
+        Command::User(UserCmd::List { .. }) | Command::Audit(AuditCmd::Tail { .. })
+    );
+    if let Some(path) = crate::store::sql::sqlite_file(&config.storage.durable) {
+        if reads_only && !std::path::Path::new(path).exists() {
+            anyhow::bail!(
+                "there is no database at {path}: give the gateway's configuration with --config \
+                 (or PORTCULLIS_CONFIG)"
+            );
+        }
+    }
     let durable: Arc<dyn DurableStore> =
         Arc::new(crate::store::sql::SqlStore::connect(&config.storage.durable).await?);
     durable.migrate().await?;

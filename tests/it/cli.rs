@@ -512,6 +512,19 @@ async fn a_command_without_a_config_says_so() {
         err.contains("no --config") && err.contains("portcullis.sqlite"),
         "{err}"
     );
+    // A command that only reads finds no database there and says so, creating none.
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("there is no database at"), "{err}");
+    for args in [&["user", "list"][..], &["audit", "tail"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .current_dir(dir.path())
+            .env_remove("PORTCULLIS_CONFIG")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+    }
+    assert!(!dir.path().join("portcullis.sqlite").exists());
 }
 
 /// A command run with another master key than the gateways' is refused before it writes
