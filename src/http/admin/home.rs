@@ -38,6 +38,9 @@ pub async fn home_get(
     for c in d.suspended_webauthn_credentials().await? {
         let what = match c.suspended_reason.as_deref() {
             Some("possible_clone") => "Possibly cloned security key (its counter went backwards)",
+            Some("sign_in_reported") => {
+                "Security key added after a sign-in the owner reported as not theirs"
+            }
             _ => "Suspended security key",
         };
         let email = match emails.get(&c.user_id) {
