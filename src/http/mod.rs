@@ -252,6 +252,7 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
             .path_and_query()
             .map(|p| p.as_str().len())
             .unwrap_or(0);
+        let routed = is_routed(req.uri().path());
         let resp = if len > state.config.server.max_uri_length {
             AppError::new(
                 StatusCode::URI_TOO_LONG,
@@ -259,14 +260,14 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
                 "The address is too long.",
             )
             .into_response()
-        } else if is_routed(req.uri().path()) && !readable_path(req.uri().path()) {
+        } else if routed && !readable_path(req.uri().path()) {
             // Ids in the gateway's own paths (a key's, a device's) reach the stores: a NUL, which
             // text columns refuse, or bytes that are no text are bad input, said in our format.
             AppError::bad_request(
                 "The address holds a character that is not allowed (NUL, or bytes that are not text).",
             )
             .into_response()
-        } else if is_routed(req.uri().path()) {
+        } else if routed {
             match tower::ServiceExt::oneshot(router, req).await {
                 Ok(r) => r,
                 Err(never) => match never {},

@@ -389,19 +389,22 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
         && e.actor.as_deref().is_some_and(|a| a.starts_with("cli:"))));
 }
 
-#[tokio::test]
-async fn enrolment_links_expire_and_forged_ones_are_refused() {
-    let gw = gateway().await;
-    gw.add_user("late@example.com").await;
-    let out = gw
-        .cli(&["user", "enrol-link", "late@example.com"], None)
-        .await;
+/// `portcullis user enrol-link EMAIL`: the path of the link it printed.
+async fn enrol_link(gw: &Gateway, email: &str) -> String {
+    let out = gw.cli(&["user", "enrol-link", email], None).await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = link_path(&String::from_utf8(out.stdout).unwrap());
+    link_path(&String::from_utf8(out.stdout).unwrap())
+}
+
+#[tokio::test]
+async fn enrolment_links_expire_and_forged_ones_are_refused() {
+    let gw = gateway().await;
+    gw.add_user("late@example.com").await;
+    let path = enrol_link(&gw, "late@example.com").await;
     // Someone with a password already follows the link straight to enrolment.
     assert!(!gw
         .page(&gw.browser(), &path)
@@ -417,10 +420,7 @@ async fn enrolment_links_expire_and_forged_ones_are_refused() {
     let wrong = format!("{}x", &path[..path.len() - 1]);
     assert_eq!(gw.status(&gw.browser(), &wrong).await, 410);
     // A new link for the user ends the earlier one (it may have leaked).
-    let out = gw
-        .cli(&["user", "enrol-link", "late@example.com"], None)
-        .await;
-    let newer = link_path(&String::from_utf8(out.stdout).unwrap());
+    let newer = enrol_link(&gw, "late@example.com").await;
     assert_eq!(gw.status(&gw.browser(), &path).await, 410, "superseded");
     assert_eq!(gw.status(&gw.browser(), &newer).await, 200);
     gw.clock.advance(72 * 3600 + 5);
@@ -433,15 +433,7 @@ async fn enrolment_links_expire_and_forged_ones_are_refused() {
 async fn a_key_only_link_is_refused_where_keys_cannot_work() {
     let gw = Gateway::start().await;
     gw.add_user("nokey@example.com").await;
-    let out = gw
-        .cli(&["user", "enrol-link", "nokey@example.com"], None)
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = link_path(&String::from_utf8(out.stdout).unwrap());
+    let path = enrol_link(&gw, "nokey@example.com").await;
     let out = gw
         .cli(
             &["user", "enrol-link", "--key-only", "nokey@example.com"],
