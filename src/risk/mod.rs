@@ -43,6 +43,8 @@ pub const FIX_RENEWAL_MS: i64 = 5 * 60 * 1000;
 
 /// How many networks and countries the history keeps per account (most recent first).
 const HISTORY_LEN: usize = 20;
+/// How many places before the last one an account's history keeps.
+const EARLIER_PLACES: usize = 4;
 
 /// How serious a sign-in or a session's move looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -193,6 +195,10 @@ struct History {
     /// The last complete sign-in's place, when the database knew it.
     #[serde(default)]
     last: Option<Fix>,
+    /// The places before it, most recent first, one entry a place ([`EARLIER_PLACES`]): where
+    /// the account is placed again when its last place is taken out by a report.
+    #[serde(default)]
+    earlier: Vec<Fix>,
 }
 
 impl History {
@@ -207,7 +213,27 @@ impl History {
         self.networks.retain(|(_, t)| *t >= since_ms);
         self.countries.retain(|(_, t)| *t >= since_ms);
         self.last = self.last.filter(|f| f.at_ms >= since_ms);
+        self.earlier.retain(|f| f.at_ms >= since_ms);
         self
+    }
+
+    /// Places the account at `fix`, keeping the place before it among the earlier ones.
+    fn place_at(&mut self, fix: Fix) {
+        if let Some(old) = self.last.take().filter(|old| old.place != fix.place) {
+            self.earlier.retain(|f| f.place != old.place);
+            self.earlier.insert(0, old);
+            self.earlier.truncate(EARLIER_PLACES);
+        }
+        self.earlier.retain(|f| f.place != fix.place);
+        self.last = Some(fix);
+    }
+
+    /// Takes `place` out: the account is placed where it was before, if it was placed there.
+    fn unplace(&mut self, place: &Place) {
+        self.earlier.retain(|f| f.place != *place);
+        if self.last.as_ref().is_some_and(|f| f.place == *place) {
+            self.last = (!self.earlier.is_empty()).then(|| self.earlier.remove(0));
+        }
     }
 }
 
@@ -559,7 +585,7 @@ impl Risk {
                 History::note(&mut history.countries, c, now_ms);
             }
             if self.precise(p) {
-                history.last = Some(Fix {
+                history.place_at(Fix {
                     place: p.clone(),
                     at_ms: now_ms,
                 });
@@ -570,7 +596,8 @@ impl Risk {
     }
 
     /// Takes a sign-in from `ip` that its owner reported ("this wasn't me") out of the account's
-    /// history: its network, its country and, when it was the last place, that place. An owner
+    /// history: its network, its country and its place; an account last placed there is placed
+    /// where it was before (the thief's next try is measured from the owner's place). An owner
     /// who is in that country too is asked for more at their next sign-in there, never less.
     pub async fn forget_sign_in(&self, user_id: &str, ip: &str, now_ms: i64) -> StoreResult<()> {
         let mut history = self.history(user_id, now_ms).await?;
@@ -580,9 +607,7 @@ impl Risk {
             if let Some(c) = &place.country {
                 history.countries.retain(|(k, _)| k != c);
             }
-            if history.last.as_ref().is_some_and(|f| f.place == place) {
-                history.last = None;
-            }
+            history.unplace(&place);
         }
         self.store_history(user_id, &history, now_ms).await
     }

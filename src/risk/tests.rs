@@ -436,6 +436,64 @@ async fn old_entries_are_forgotten_and_reported_sign_ins_taken_out() {
 }
 
 #[tokio::test]
+async fn a_reported_sign_in_places_the_account_where_it_was_before() {
+    let r = engine(true).await;
+    let t0 = 1_700_000_000_000;
+    let min = 60_000;
+    // The owner in Berlin, then Frankfurt; a thief in Sydney ten minutes later.
+    for (ip, t) in [
+        ("127.0.1.1", t0),
+        ("127.0.0.1", t0 + 4 * H),
+        ("127.0.2.1", t0 + 4 * H + 10 * min),
+    ] {
+        let p = r.place(ip);
+        r.record_sign_in("u1", ip, p.as_ref(), t).await.unwrap();
+    }
+    r.forget_sign_in("u1", "127.0.2.1", t0 + 4 * H + 20 * min)
+        .await
+        .unwrap();
+    // The thief's next try is measured from Frankfurt again, not from nowhere.
+    let a = r
+        .assess_sign_in("u1", "127.0.2.9", false, t0 + 4 * H + 30 * min)
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&a),
+        [
+            "new_device",
+            "new_network",
+            "new_country",
+            "impossible_travel"
+        ],
+        "{a:?}"
+    );
+    assert_eq!(a.level, Level::High, "{a:?}");
+    // The owner at home is not.
+    let home = r
+        .assess_sign_in("u1", "127.0.0.1", true, t0 + 4 * H + 30 * min)
+        .await
+        .unwrap();
+    assert!(home.signals.is_empty(), "{home:?}");
+    // A second report of the same place finds it gone; taking out Frankfurt leaves Berlin.
+    r.forget_sign_in("u1", "127.0.2.1", t0 + 4 * H + 40 * min)
+        .await
+        .unwrap();
+    r.forget_sign_in("u1", "127.0.0.1", t0 + 4 * H + 40 * min)
+        .await
+        .unwrap();
+    let a = r
+        .assess_sign_in("u1", "127.0.2.9", false, t0 + 4 * H + 50 * min)
+        .await
+        .unwrap();
+    assert!(names(&a).contains(&"impossible_travel"), "{a:?}");
+    let a = r
+        .assess_sign_in("u1", "127.0.1.9", true, t0 + 4 * H + 50 * min)
+        .await
+        .unwrap();
+    assert!(a.signals.is_empty(), "{a:?}");
+}
+
+#[tokio::test]
 async fn histories_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let open = || async {
