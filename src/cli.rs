@@ -710,15 +710,20 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         }
         Command::User(UserCmd::ResetMfa { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
-            durable.reset_second_factors(&u.id).await?;
+            durable.reset_second_factors(&u.id, clock.now()).await?;
             notifier(&config, &durable)?
-                .account_change(&u, "an administrator removed all second factors; the next sign-in sets one up again")
+                .account_change(&u, crate::notify::RESET_NOTICE)
                 .await;
             durable.void_sessions(&u.id, clock.now_millis()).await?;
             durable
                 .append_audit(&[audit("second_factors_reset", Some(&u), "cli")])
                 .await?;
-            say!("removed the second factors of {}; its sessions ended; the next sign-in enrols anew", u.email);
+            say!(
+                "removed the second factors of {email}; its sessions ended. The password alone no longer \
+                 signs in: give the user an enrolment link (portcullis user enrol-link {email}) or \
+                 provision an app (portcullis user totp generate {email})",
+                email = u.email
+            );
         }
         Command::User(UserCmd::SetPassword { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;

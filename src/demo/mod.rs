@@ -217,8 +217,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     } else {
         show!("  then enter the code from the authenticator you enrolled earlier");
         show!(
-            "  (or run `portcullis --config {} user reset-mfa {DEMO_EMAIL}` to enrol again).",
-            cli_config.display()
+            "  (or run `portcullis --config {c} user reset-mfa {DEMO_EMAIL}`, then \
+             `portcullis --config {c} user enrol-link {DEMO_EMAIL}` and open the link, to enrol again).",
+            c = cli_config.display()
         );
     }
     show!("");

@@ -23,7 +23,7 @@ use crate::auth::flow::{Client, KnownDevice};
 use crate::crypto::{random_token, sha256_hex};
 use crate::device::{self, friendly_name, plausible_token};
 use crate::state::AppState;
-use crate::store::{AuditEvent, Device, ReportLink, User};
+use crate::store::{AuditEvent, Device, DroppedFactors, ReportLink, User};
 
 pub(super) fn cookie_name(state: &AppState) -> &'static str {
     if state.config.is_https() {
@@ -280,6 +280,30 @@ pub async fn report_post(
                 .await;
         }
     }
+    // So may an authenticator app or recovery codes set up since the sign-in completed (the
+    // owner's own are older; a password alone no longer sets up a first factor on an account
+    // that had one): removed, and the account then enrols again only through an enrolment link.
+    let dropped = state
+        .durable
+        .drop_factors_since(&user.id, link.created_at, now)
+        .await?;
+    if dropped != DroppedFactors::default() {
+        let mut what = Vec::new();
+        if dropped.totp {
+            what.push("totp".to_string());
+        }
+        if dropped.recovery_codes > 0 {
+            what.push(format!("{} recovery codes", dropped.recovery_codes));
+        }
+        state
+            .audit
+            .record(
+                AuditEvent::new("second_factors_dropped", "success", now)
+                    .user(&user)
+                    .reason(&format!("sign_in_reported: {}", what.join(", "))),
+            )
+            .await;
+    }
     if let Some(device_id) = &link.device_id {
         state.durable.revoke_device(device_id).await?;
         // The reported sign-in's network, country and place are not the owner's: the risk
@@ -323,9 +347,15 @@ pub async fn report_post(
                  \n\
                  Every session of the account has ended, the device that signed in is blocked,\n\
                  security keys added since that sign-in are suspended, and password sign-in is\n\
-                 locked.\n\
+                 locked.{changed}\n\
                  Contact your administrator to restore access, then change your password.\n",
-                email = user.email
+                email = user.email,
+                changed = if dropped == DroppedFactors::default() {
+                    ""
+                } else {
+                    "\nAn authenticator app or recovery codes set up since that sign-in were removed:\n\
+                     your administrator gives you an enrolment link to set them up again."
+                }
             ),
         )
         .await?;

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use super::{Metrics, StoreKind};
 use crate::clock::UnixTime;
 use crate::store::{
-    AuditCount, AuditEvent, AuditQuery, Device, DurableStore, EnrolmentLink, EphemeralStore,
-    KeyRemoval, Mail, NewUser, ReportLink, SigningKeyRecord, StoreResult, TotpRecord, User,
-    WebauthnCredential,
+    AuditCount, AuditEvent, AuditQuery, Device, DroppedFactors, DurableStore, EnrolmentLink,
+    EphemeralStore, KeyRemoval, Mail, NewUser, ReportLink, SigningKeyRecord, StoreResult,
+    TotpRecord, User, WebauthnCredential,
 };
 
 /// A store whose operations are timed.
@@ -156,8 +156,17 @@ impl DurableStore for Timed<dyn DurableStore> {
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()> {
         self.durable(WRITE, self.inner.set_totp(record)).await
     }
-    async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()> {
-        self.durable(WRITE, self.inner.reset_second_factors(user_id))
+    async fn reset_second_factors(&self, user_id: &str, now: UnixTime) -> StoreResult<()> {
+        self.durable(WRITE, self.inner.reset_second_factors(user_id, now))
+            .await
+    }
+    async fn drop_factors_since(
+        &self,
+        user_id: &str,
+        since: UnixTime,
+        now: UnixTime,
+    ) -> StoreResult<DroppedFactors> {
+        self.durable(WRITE, self.inner.drop_factors_since(user_id, since, now))
             .await
     }
     async fn add_webauthn_credential(&self, cred: &WebauthnCredential) -> StoreResult<()> {

@@ -62,6 +62,10 @@ impl std::fmt::Debug for Transport {
     }
 }
 
+/// What the owner is told when an administrator removes their second factors.
+pub const RESET_NOTICE: &str = "an administrator removed all second factors; you set one up again \
+     through the enrolment link your administrator gives you (your password alone no longer signs in)";
+
 /// The mail queue and its delivery.
 #[derive(Debug, Clone)]
 pub struct Notifier {

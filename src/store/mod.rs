@@ -55,6 +55,29 @@ pub struct User {
     /// Sessions authenticated at or before this instant (Unix milliseconds) are void
     /// (disable, second-factor reset, "this wasn't me").
     pub sessions_valid_after_ms: i64,
+    /// When an administrator last removed the second factors (or a report removed those set up
+    /// since the reported sign-in), if ever: such an account without a factor enrols again only
+    /// through an enrolment link, never after its password alone.
+    #[serde(default)]
+    pub factors_reset_at: Option<UnixTime>,
+}
+
+impl User {
+    /// Whether this account, once without a second factor, may set one up after its password
+    /// alone: only an account whose factors were never removed (its first sign-in).
+    #[must_use]
+    pub fn enrols_after_password(&self) -> bool {
+        self.factors_reset_at.is_none()
+    }
+}
+
+/// What [`DurableStore::drop_factors_since`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DroppedFactors {
+    /// The authenticator app (its secret was set at or after the instant).
+    pub totp: bool,
+    /// Recovery codes made at or after the instant.
+    pub recovery_codes: u64,
 }
 
 /// A browser that completed a sign-in, recognised again by its device cookie.
@@ -287,8 +310,18 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn oldest_totp(&self) -> StoreResult<Option<TotpRecord>>;
     /// Stores the (confirmed) TOTP factor, replacing any earlier one.
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()>;
-    /// Removes TOTP, security keys and recovery codes (the user must enrol again).
-    async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()>;
+    /// Removes TOTP, security keys and recovery codes (the user must enrol again, through an
+    /// enrolment link: see [`User::enrols_after_password`]).
+    async fn reset_second_factors(&self, user_id: &str, now: UnixTime) -> StoreResult<()>;
+    /// Removes the authenticator app and the recovery codes set up at or after `since` (a
+    /// reported sign-in's: the intruder holds them); when anything went, the account enrols
+    /// again only through an enrolment link, as after [`Self::reset_second_factors`].
+    async fn drop_factors_since(
+        &self,
+        user_id: &str,
+        since: UnixTime,
+        now: UnixTime,
+    ) -> StoreResult<DroppedFactors>;
 
     /// Stores a newly registered credential; `Conflict` when its credential id is taken.
     async fn add_webauthn_credential(&self, cred: &WebauthnCredential) -> StoreResult<()>;

@@ -7,9 +7,9 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    AuditCount, AuditEvent, AuditQuery, Device, DurableStore, EnrolmentLink, KeyRemoval, Mail,
-    NewUser, ReportLink, SigningKeyRecord, StoreError, StoreResult, TotpRecord, User,
-    WebauthnCredential,
+    AuditCount, AuditEvent, AuditQuery, Device, DroppedFactors, DurableStore, EnrolmentLink,
+    KeyRemoval, Mail, NewUser, ReportLink, SigningKeyRecord, StoreError, StoreResult, TotpRecord,
+    User, WebauthnCredential,
 };
 use crate::clock::UnixTime;
 
@@ -310,6 +310,7 @@ fn user_from(r: &AnyRow) -> Result<User, sqlx::Error> {
         password_hash: r.try_get("password_hash")?,
         created_at: r.try_get("created_at")?,
         sessions_valid_after_ms: r.try_get("sessions_valid_after_ms")?,
+        factors_reset_at: r.try_get("factors_reset_at")?,
     })
 }
 
@@ -361,7 +362,8 @@ const WEBAUTHN_COLS: &str = "id, user_id, credential_id, passkey, name, aaguid, 
      created_at, last_used_at, suspended_at, suspended_reason";
 
 const USER_COLS: &str =
-    "id, email, account_id, is_admin, disabled, locked, password_hash, created_at, sessions_valid_after_ms";
+    "id, email, account_id, is_admin, disabled, locked, password_hash, created_at, sessions_valid_after_ms, \
+     factors_reset_at";
 const DEVICE_COLS: &str =
     "id, user_id, token_hash, name, user_agent, binding, status, first_seen, last_seen, last_ip";
 const MAIL_COLS: &str =
@@ -503,6 +505,7 @@ impl DurableStore for SqlStore {
             password_hash: new.password_hash,
             created_at: now,
             sessions_valid_after_ms: 0,
+            factors_reset_at: None,
         };
         let (pool, u) = (&self.pool, &user);
         self.retrying(move || async move {
@@ -684,10 +687,15 @@ impl DurableStore for SqlStore {
         Ok(())
     }
 
-    async fn reset_second_factors(&self, user_id: &str) -> StoreResult<()> {
+    async fn reset_second_factors(&self, user_id: &str, now: UnixTime) -> StoreResult<()> {
         let pool = &self.pool;
         self.retrying(move || async move {
             let mut tx = pool.begin().await?;
+            sqlx::query("UPDATE users SET factors_reset_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("DELETE FROM totp_credentials WHERE user_id = $1")
                 .bind(user_id)
                 .execute(&mut *tx)
@@ -708,6 +716,46 @@ impl DurableStore for SqlStore {
             .execute(&mut *tx)
             .await?;
             tx.commit().await
+        })
+        .await
+    }
+
+    async fn drop_factors_since(
+        &self,
+        user_id: &str,
+        since: UnixTime,
+        now: UnixTime,
+    ) -> StoreResult<DroppedFactors> {
+        let pool = &self.pool;
+        self.retrying(move || async move {
+            let mut tx = pool.begin().await?;
+            let totp =
+                sqlx::query("DELETE FROM totp_credentials WHERE user_id = $1 AND created_at >= $2")
+                    .bind(user_id)
+                    .bind(since)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    > 0;
+            let recovery_codes =
+                sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1 AND created_at >= $2")
+                    .bind(user_id)
+                    .bind(since)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            if totp || recovery_codes > 0 {
+                sqlx::query("UPDATE users SET factors_reset_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(DroppedFactors {
+                totp,
+                recovery_codes,
+            })
         })
         .await
     }

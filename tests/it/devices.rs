@@ -102,6 +102,105 @@ async fn a_device_cookie_is_recognised_only_for_its_own_user() {
     assert!(mail[1].contains("To: two@example.com"));
 }
 
+/// An intruder with a session can set up their own authenticator app and recovery codes; the
+/// owner's report removes them (not the owner's older factors), and once an administrator
+/// unlocks the account the password alone does not let anyone set up new ones: that takes an
+/// enrolment link.
+#[tokio::test]
+async fn a_report_takes_the_factors_set_up_since_with_it() {
+    use portcullis::clock::Clock;
+    let gw = Gateway::start().await;
+    let email = "taken@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    gw.clock.advance(3600);
+    let thief = gw.browser();
+    gw.sign_in_on(&thief, email, &secret).await;
+    let user = gw.user(email).await;
+    // What the intruder sets up with the session: new recovery codes, then an app of their own.
+    gw.clock.advance(60);
+    let now = gw.clock.now();
+    gw.state
+        .durable
+        .set_recovery_codes(&user.id, &["thief-1".to_string()], now)
+        .await
+        .unwrap();
+    let sealed = gw.state.durable.totp(&user.id).await.unwrap().unwrap();
+    gw.state
+        .durable
+        .set_totp(portcullis::store::TotpRecord {
+            created_at: now,
+            ..sealed
+        })
+        .await
+        .unwrap();
+
+    let link = report_link(&sign_in_notices(&gw).await[1]);
+    let reader = gw.browser();
+    let page = gw.page(&reader, &link).await;
+    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = link.split("t=").nth(1).unwrap();
+    let r = reader
+        .post(gw.url("/_portcullis/report"))
+        .form(&[("csrf", csrf.as_str()), ("t", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.state.durable.totp(&user.id).await.unwrap(), None);
+    assert_eq!(
+        gw.state
+            .durable
+            .recovery_codes_left(&user.id)
+            .await
+            .unwrap(),
+        0
+    );
+    let ev = gw.audit().await;
+    assert!(
+        ev.iter().any(|e| e.event == "second_factors_dropped"
+            && e.reason.as_deref() == Some("sign_in_reported: totp, 1 recovery codes")),
+        "{ev:#?}"
+    );
+    let locked = mail_about(&gw, "Subject: Your account on").await;
+    assert!(
+        locked[0].contains("were removed") && locked[0].contains("enrolment link"),
+        "{}",
+        locked[0]
+    );
+
+    // Unlocked, the account has no factor: its (stolen) password is refused as a wrong one
+    // instead of leading to the set-up of a new factor.
+    let out = gw.cli(&["user", "unlock", email], None).await;
+    assert!(out.status.success());
+    gw.clock.advance(30);
+    let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
+    assert_eq!(r.status(), 401);
+    assert!(gw
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event == "login_password"
+            && e.reason.as_deref() == Some("enrolment_link_required")));
+    // The enrolment link the administrator gives the owner does.
+    let out = gw.cli(&["user", "enrol-link", email], None).await;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let url = text.lines().find(|l| l.starts_with("http")).unwrap();
+    let url = url::Url::parse(url.trim()).unwrap();
+    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    let owner = gw.browser();
+    let html = gw.page(&owner, &path).await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
+    let r = owner
+        .post(gw.url("/_portcullis/enrol"))
+        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/enrol/totp", "{}", r.status());
+}
+
 #[tokio::test]
 async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
     let gw = Gateway::start().await;

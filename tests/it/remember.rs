@@ -193,11 +193,12 @@ async fn remembering_ends_with_its_date_the_device_and_the_factors() {
         .unwrap();
     gw.state
         .durable
-        .reset_second_factors(&user.id)
+        .reset_second_factors(&user.id, portcullis::clock::Clock::now(&gw.clock))
         .await
         .unwrap();
-    let r = gw.password(&gw.browser(), EMAIL, PASSWORD, "").await;
-    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // Nor does the password alone set up a new factor in the remembered device's place.
+    let r = gw.password(&b, EMAIL, PASSWORD, "").await;
+    assert_eq!(r.status(), 401);
     let again = gw.state.durable.list_devices(&user.id).await.unwrap()[0].clone();
     assert_eq!(again.remembered_until, None);
 }

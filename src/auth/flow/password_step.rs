@@ -155,15 +155,20 @@ impl LoginFlow {
                 return Err(e.into());
             }
         };
+        // A disabled or locked account, or one whose second factors were removed and which may
+        // enrol again only through an enrolment link (its password alone may be a thief's):
+        // refused as a wrong password is, and counted as one (budgets and consecutive
+        // failures), so neither the answer nor what is left of a budget tells a guesser that
+        // this password was right.
+        let refusal = match (&user, &verdict) {
+            (Some(u), Verification::Match { .. }) => self.refusal(u).await?,
+            _ => None,
+        };
         match (user, verdict) {
-            // A disabled or locked account: refused as a wrong password is, and counted as one
-            // (budgets and consecutive failures), so neither the answer nor what is left of a
-            // budget tells a guesser that this password was right.
-            (Some(u), Verification::Match { .. }) if u.disabled || u.locked => {
-                let reason = if u.disabled { "disabled" } else { "locked" };
+            (Some(u), Verification::Match { .. }) if refusal.is_some() => {
                 let ev = AuditEvent::new("login_password", "denied", self.clock.now())
                     .user(&u)
-                    .reason(reason);
+                    .reason(refusal.unwrap_or_default());
                 self.audit(ev, client).await;
                 self.consecutive_failure(Some(&u), &email, client).await?;
                 Ok(None)
@@ -297,6 +302,19 @@ impl LoginFlow {
     /// Whether the user has a second factor (a key, suspended or not, or TOTP). A suspended key
     /// counts: a possible clone must not turn the account into one whose password alone enrols a
     /// new factor; its owner signs in with a recovery code, or an admin resets the factors.
+    /// Why a right password of `user` is refused all the same, if it is.
+    async fn refusal(&self, user: &User) -> Result<Option<&'static str>, FlowError> {
+        Ok(if user.disabled {
+            Some("disabled")
+        } else if user.locked {
+            Some("locked")
+        } else if !user.enrols_after_password() && !self.has_second_factor(user).await? {
+            Some("enrolment_link_required")
+        } else {
+            None
+        })
+    }
+
     async fn has_second_factor(&self, user: &User) -> Result<bool, FlowError> {
         let has_key = !self
             .durable

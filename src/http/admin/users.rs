@@ -35,7 +35,8 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "enabled" => "The account is enabled again.",
         "unlocked" => "Password sign-in is unlocked.",
         "factors_reset" => {
-            "Every second factor was removed and every session ended; the next sign-in enrols anew."
+            "Every second factor was removed and every session ended. The password alone no longer signs \
+             in: issue an enrolment link below and give it to the user."
         }
         "sessions_ended" => "The sessions have ended.",
         "key_removed" => "The key was revoked.",
@@ -493,15 +494,15 @@ action!(
     reset_factors_post,
     "`POST …/users/{id}/reset-factors`: removes TOTP, keys and recovery codes, ends every session.",
     |state, admin, user, why| {
-        state.durable.reset_second_factors(&user.id).await?;
+        state
+            .durable
+            .reset_second_factors(&user.id, state.clock.now())
+            .await?;
         end_all(&state, &user).await?;
         record(&state, &admin, "second_factors_reset", Some(&user), &why).await;
         state
             .notifier
-            .account_change(
-                &user,
-                "an administrator removed all second factors; the next sign-in sets one up again",
-            )
+            .account_change(&user, crate::notify::RESET_NOTICE)
             .await;
         Ok(done(&user, "factors_reset"))
     },

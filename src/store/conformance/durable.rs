@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio::sync::Barrier;
 
 use crate::store::{
-    normalise_email, DurableStore, NewUser, SigningKeyRecord, StoreError, TotpRecord, User,
+    normalise_email, DroppedFactors, DurableStore, NewUser, SigningKeyRecord, StoreError,
+    TotpRecord, User,
 };
 
 /// Runs the whole contract against a migrated store.
@@ -18,6 +19,7 @@ pub(crate) async fn durable_suite(store: Arc<dyn DurableStore>) {
     list_users_sorted(&store, &tag).await;
     password_disable_and_sessions(&store, &tag).await;
     totp_and_reset(&store, &tag).await;
+    factors_dropped_since(&store, &tag).await;
     recovery_codes(&store, &tag).await;
     recovery_code_races(&store, &tag).await;
     signing_keys(&store, &tag).await;
@@ -218,8 +220,14 @@ async fn totp_and_reset(s: &Arc<dyn DurableStore>, tag: &str) {
     s.set_recovery_codes(&u.id, &codes, 10).await.unwrap();
     s.set_recovery_codes(&other.id, &codes, 10).await.unwrap();
 
-    s.reset_second_factors(&u.id).await.unwrap();
+    assert_eq!(fetch(s, &u.id).await.factors_reset_at, None);
+    assert!(fetch(s, &u.id).await.enrols_after_password());
+    s.reset_second_factors(&u.id, 50).await.unwrap();
     assert_eq!(s.totp(&u.id).await.unwrap(), None, "reset removes TOTP");
+    let reset = fetch(s, &u.id).await;
+    assert_eq!(reset.factors_reset_at, Some(50), "the reset is remembered");
+    assert!(!reset.enrols_after_password());
+    assert_eq!(fetch(s, &other.id).await.factors_reset_at, None);
     assert_eq!(
         s.recovery_codes_left(&u.id).await.unwrap(),
         0,
@@ -232,7 +240,55 @@ async fn totp_and_reset(s: &Arc<dyn DurableStore>, tag: &str) {
         "only that user"
     );
     assert_eq!(s.recovery_codes_left(&other.id).await.unwrap(), 3);
-    s.reset_second_factors(&u.id).await.unwrap(); // nothing left: still fine
+    s.reset_second_factors(&u.id, 50).await.unwrap(); // nothing left: still fine
+}
+
+/// A report removes the authenticator app and recovery codes set up since the reported
+/// sign-in, and only those.
+async fn factors_dropped_since(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("drop-{tag}@example.com")).await;
+    let other = create(s, &format!("drop-other-{tag}@example.com")).await;
+    let totp = |user: &User, at| TotpRecord {
+        user_id: user.id.clone(),
+        secret_sealed: vec![1; 32],
+        created_at: at,
+    };
+    let codes: Vec<String> = (0..4).map(|i| format!("drop-{i}")).collect();
+    s.set_totp(totp(&u, 100)).await.unwrap();
+    s.set_recovery_codes(&u.id, &codes, 100).await.unwrap();
+    s.set_totp(totp(&other, 500)).await.unwrap();
+    s.set_recovery_codes(&other.id, &codes, 500).await.unwrap();
+
+    // Nothing of `u` is that recent: nothing goes, and the account is as it was.
+    let none = s.drop_factors_since(&u.id, 101, 600).await.unwrap();
+    assert_eq!(none, DroppedFactors::default());
+    assert!(s.totp(&u.id).await.unwrap().is_some());
+    assert_eq!(s.recovery_codes_left(&u.id).await.unwrap(), 4);
+    assert_eq!(fetch(s, &u.id).await.factors_reset_at, None);
+
+    // Codes made again after it go, the older app stays.
+    s.set_recovery_codes(&u.id, &codes, 300).await.unwrap();
+    let codes_only = s.drop_factors_since(&u.id, 200, 600).await.unwrap();
+    assert_eq!(
+        codes_only,
+        DroppedFactors {
+            totp: false,
+            recovery_codes: 4
+        }
+    );
+    assert!(s.totp(&u.id).await.unwrap().is_some());
+    assert_eq!(s.recovery_codes_left(&u.id).await.unwrap(), 0);
+    assert_eq!(fetch(s, &u.id).await.factors_reset_at, Some(600));
+
+    // An app set up after it goes too; the other user keeps everything.
+    s.set_totp(totp(&u, 400)).await.unwrap();
+    let app = s.drop_factors_since(&u.id, 200, 700).await.unwrap();
+    assert!(app.totp, "{app:?}");
+    assert_eq!(s.totp(&u.id).await.unwrap(), None);
+    assert_eq!(fetch(s, &u.id).await.factors_reset_at, Some(700));
+    assert!(s.totp(&other.id).await.unwrap().is_some());
+    assert_eq!(s.recovery_codes_left(&other.id).await.unwrap(), 4);
+    assert_eq!(fetch(s, &other.id).await.factors_reset_at, None);
 }
 
 async fn recovery_codes(s: &Arc<dyn DurableStore>, tag: &str) {

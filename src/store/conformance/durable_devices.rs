@@ -70,7 +70,7 @@ pub(super) async fn devices_and_lock(s: &Arc<dyn DurableStore>, tag: &str) {
         (Some(5000), Some("{\"jwk\":1}"))
     );
     // Resetting the second factors forgets remembered devices too.
-    s.reset_second_factors(&a.user_id).await.unwrap();
+    s.reset_second_factors(&a.user_id, 50).await.unwrap();
     let r = s.device_by_token(&a.token_hash).await.unwrap().unwrap();
     assert_eq!((r.remembered_until, r.remember_key), (None, None));
     s.set_device_binding(&a.id, "webcrypto").await.unwrap();

@@ -63,7 +63,7 @@ async fn storage_and_lookup(s: &Arc<dyn DurableStore>, tag: &str) {
     assert!(s.webauthn_credentials(&other.id).await.unwrap().is_empty());
 
     // Reset removes the keys with the other second factors.
-    s.reset_second_factors(&u.id).await.unwrap();
+    s.reset_second_factors(&u.id, 50).await.unwrap();
     assert!(s.webauthn_credentials(&u.id).await.unwrap().is_empty());
     assert_eq!(s.webauthn_credential(&a.credential_id).await.unwrap(), None);
 }
