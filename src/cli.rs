@@ -262,7 +262,7 @@ pub fn init_logging(config: &Config) {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Demo(args) => crate::demo::run(args, cli.config.as_deref()).await,
         Command::CheckConfig => {
             let config = load_config(cli.config.as_deref())?;
             preflight(&config)?;

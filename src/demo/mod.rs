@@ -68,11 +68,17 @@ fn master_key_file(dir: &Path) -> Result<String> {
     Ok(k)
 }
 
-/// The demo's configuration: defaults, the environment, and the demo's own paths.
-pub fn demo_config(args: &DemoArgs) -> Result<Config> {
+/// What the demo sets itself, whatever a configuration file says.
+const DEMO_OWN: &str =
+    "server.listen, server.public_url, upstream.url, storage, secrets.master_key \
+     and (without notify.smtp_url) notify.outbox_dir";
+
+/// The demo's configuration: defaults, the configuration file (`--config`, `PORTCULLIS_CONFIG`)
+/// if one is given, the environment, and the demo's own addresses and paths ([`DEMO_OWN`]).
+pub fn demo_config(args: &DemoArgs, file: Option<&Path>) -> Result<Config> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let mut config = Config::load(None, std::env::vars())?;
+    let mut config = Config::load(file, std::env::vars())?;
     config.server.listen = args.listen.to_string();
     config.server.public_url = match &args.public_url {
         Some(u) => u.clone(),
@@ -147,9 +153,15 @@ pub fn write_cli_config(args: &DemoArgs, config: &Config) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `portcullis demo`.
-pub async fn run(args: DemoArgs) -> Result<()> {
-    let config = demo_config(&args)?;
+/// `portcullis demo`; `file`: the configuration file given with `--config`, if any.
+pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
+    let config = demo_config(&args, file)?;
+    if let Some(file) = file {
+        show!(
+            "  config:    {} applies, except what the demo sets itself: {DEMO_OWN}",
+            file.display()
+        );
+    }
     let cli_config = write_cli_config(&args, &config)?;
     crate::cli::init_logging(&config);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -724,3 +724,51 @@ async fn check_config_refuses_an_outbox_that_is_a_file() {
         "{err}"
     );
 }
+
+/// `portcullis demo` applies a configuration file given with `--config` or `PORTCULLIS_CONFIG`
+/// (its step-up rules, limits, trusted proxies…), keeping only its own addresses and paths.
+#[tokio::test]
+async fn the_demo_applies_a_configuration_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("demo.toml");
+    std::fs::write(&file, "[server]\nmax_uri_length = 1024\n").unwrap();
+    for by_env in [false, true] {
+        let (port, console) = (free_port(), free_port());
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        if by_env {
+            cmd.env("PORTCULLIS_CONFIG", &file);
+        } else {
+            cmd.env_remove("PORTCULLIS_CONFIG")
+                .arg("--config")
+                .arg(&file);
+        }
+        let mut child = cmd
+            .arg("demo")
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data-{by_env}")))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--console-listen", &format!("127.0.0.1:{console}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = reqwest::Client::new();
+        let long = format!("http://127.0.0.1:{port}/{}", "a".repeat(3000));
+        let mut status = None;
+        for _ in 0..300 {
+            if let Ok(r) = client.get(&long).send().await {
+                status = Some(r.status().as_u16());
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(status, Some(414), "by_env {by_env}: {stdout}");
+        assert!(
+            stdout.contains("demo.toml applies, except what the demo sets itself"),
+            "{stdout}"
+        );
+    }
+}
