@@ -145,7 +145,9 @@ pub enum AdminCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCmd {
-    /// Add a new signing key; the previous one stays published for `token.key_overlap`.
+    /// Add a new signing key: published at once, it signs 90 s later (every gateway and backend
+    /// cache has it by then); the previous one signs until then and stays published for
+    /// `token.key_overlap` more.
     Rotate,
 }
 

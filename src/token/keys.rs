@@ -189,6 +189,11 @@ pub(super) fn open_record(
     })
 }
 
+/// How long a new signing key is published before it signs (seconds): longer than gateways
+/// take to read a rotation from the store (every 10 s) plus how long a backend may cache the
+/// JWKS (`max-age=60`), so no backend meets a token whose key it could not have fetched.
+pub const PUBLISH_LEAD: UnixTime = 90;
+
 /// The live keys of one moment: the one that signs, every one that is published, and the
 /// JWKS document pre-serialised so serving it costs a reference-count increment.
 pub(crate) struct KeyRing {
@@ -200,38 +205,59 @@ pub(crate) struct KeyRing {
 impl KeyRing {
     /// Builds a ring from the store's live keys. Keys already open in `previous` are reused
     /// (a kid never changes its material), so a periodic refresh unseals only new keys.
+    ///
+    /// The key that signs is the newest one published for at least [`PUBLISH_LEAD`] at `now`
+    /// (a key a rotation retires goes on signing until its successor is that old), so every
+    /// gateway and every backend's cached JWKS have a key before any token names it; while no
+    /// key is that old (a first key, or a rotation right after it), the one published longest.
+    /// A retiring key signs only while it stays published for `token_ttl` more; without a key
+    /// that is not retiring, none signs.
     pub fn build(
         records: &[SigningKeyRecord],
         master_key: &MasterKey,
         previous: Option<&KeyRing>,
+        now: UnixTime,
+        token_ttl: UnixTime,
     ) -> Result<Self, TokenError> {
         let known: HashMap<&str, &Arc<LoadedKey>> = previous
             .map(|p| p.keys.iter().map(|k| (k.kid.as_str(), k)).collect())
             .unwrap_or_default();
         let mut keys = Vec::with_capacity(records.len());
-        let mut current: Option<(UnixTime, &str, usize)> = None;
+        // Newest first by creation; ties broken by kid so every gateway agrees.
+        let newer = |best: Option<(UnixTime, &str, usize)>, candidate: (UnixTime, &str, usize)| {
+            best.is_none_or(|(t, k, _)| (candidate.0, candidate.1) > (t, k))
+        };
+        let mut published: Option<(UnixTime, &str, usize)> = None;
+        let mut oldest: Option<(UnixTime, &str, usize)> = None;
+        let mut fresh = false;
         for record in records {
             let key = match known.get(record.kid.as_str()) {
                 Some(k) if k.public.alg == record.alg => Arc::clone(k),
                 _ => Arc::new(open_record(record, master_key)?),
             };
-            if record.retire_at.is_none() {
-                // Newest non-retiring key signs; ties broken by kid so every gateway agrees.
-                let candidate = (record.created_at, record.kid.as_str(), keys.len());
-                let newer = match current {
-                    Some((t, k, _)) => (candidate.0, candidate.1) > (t, k),
-                    None => true,
-                };
-                if newer {
-                    current = Some(candidate);
-                }
+            let candidate = (record.created_at, record.kid.as_str(), keys.len());
+            // A retiring key signs only tokens that end before it leaves the JWKS.
+            let may_sign = record
+                .retire_at
+                .is_none_or(|t| t >= now.saturating_add(token_ttl));
+            if may_sign
+                && record.created_at <= now.saturating_sub(PUBLISH_LEAD)
+                && newer(published, candidate)
+            {
+                published = Some(candidate);
             }
+            if may_sign && oldest.is_none_or(|o| !newer(Some(o), candidate)) {
+                oldest = Some(candidate);
+            }
+            fresh |= record.retire_at.is_none();
             keys.push(key);
         }
-        let current = current
-            .and_then(|(_, _, index)| keys.get(index))
-            .map(Arc::clone)
-            .ok_or(TokenError::NoKey)?;
+        // Every key is retiring: none may sign.
+        if !fresh {
+            return Err(TokenError::NoKey);
+        }
+        let (_, _, index) = published.or(oldest).ok_or(TokenError::NoKey)?;
+        let current = keys.get(index).map(Arc::clone).ok_or(TokenError::NoKey)?;
         // Current key first: the order some clients try keys in.
         keys.sort_by(|a, b| {
             let rank = |k: &LoadedKey| (k.kid != current.kid, std::cmp::Reverse(k.created_at));

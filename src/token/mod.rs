@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::store::DurableStore;
 
+pub use keys::PUBLISH_LEAD;
 pub use signer::Signer;
 pub use verify::verify;
 
@@ -141,9 +142,11 @@ impl OwnedIdentity {
     }
 }
 
-/// Adds a new current key, marks all other non-retiring keys retiring at
-/// `now + config.token.key_overlap`; returns the new kid. Used by `portcullis keys rotate` (a
-/// separate process) and tests; running gateways switch on their next [`Signer::refresh`].
+/// Adds a new key and marks all other non-retiring keys retiring; returns the new kid. The new
+/// key is published at once and signs from [`keys::PUBLISH_LEAD`] later (gateways switch on
+/// their first [`Signer::refresh`] after that); the old ones sign until then and stay published
+/// for `config.token.key_overlap` more, so tokens they signed verify to their end. Used by
+/// `portcullis keys rotate` (a separate process) and tests.
 pub async fn rotate(
     durable: &dyn DurableStore,
     master_key: &MasterKey,
@@ -157,7 +160,11 @@ pub async fn rotate(
     durable.insert_signing_key(record).await?;
     let overlap = i64::try_from(config.token.key_overlap.as_secs()).unwrap_or(i64::MAX);
     durable
-        .retire_signing_keys_except(&kid, now.saturating_add(overlap))
+        .retire_signing_keys_except(
+            &kid,
+            now.saturating_add(keys::PUBLISH_LEAD)
+                .saturating_add(overlap),
+        )
         .await?;
     tracing::info!(kid = %kid, alg = config.token.algorithm.as_str(), "signing key rotated");
     Ok(kid)

@@ -78,7 +78,8 @@ impl Signer {
             }
             records = durable.live_signing_keys(now).await?;
         }
-        let ring = KeyRing::build(&records, &master_key, None)?;
+        let ttl = i64::try_from(config.token.ttl.min(MAX_TOKEN_TTL).as_secs().max(1)).unwrap_or(1);
+        let ring = KeyRing::build(&records, &master_key, None, now, ttl)?;
         if ring.current.public.alg != config.token.algorithm.as_str() {
             tracing::warn!(
                 kid = %ring.current.kid,
@@ -87,14 +88,13 @@ impl Signer {
                 "the current signing key differs from token.algorithm; rotate keys to switch"
             );
         }
-        let ttl = config.token.ttl.min(MAX_TOKEN_TTL).as_secs().max(1);
         Ok(Self {
             durable,
             master_key,
             clock,
             issuer: config.issuer(),
             audience: config.token.audience.clone(),
-            ttl: i64::try_from(ttl).unwrap_or(1),
+            ttl,
             ring: RwLock::new(Arc::new(ring)),
             cache: Mutex::new(crate::CacheMap::default()),
             cache_cap: CACHE_CAP,
@@ -108,7 +108,7 @@ impl Signer {
         let now = self.clock.now();
         let records = self.durable.live_signing_keys(now).await?;
         let old = self.ring();
-        let ring = KeyRing::build(&records, &self.master_key, Some(&old))?;
+        let ring = KeyRing::build(&records, &self.master_key, Some(&old), now, self.ttl)?;
         if ring.current.kid != old.current.kid {
             tracing::info!(from = %old.current.kid, to = %ring.current.kid, "current signing key changed");
         }

@@ -109,6 +109,19 @@ pub(super) fn check(fx: &Fx, s: &Signer, token: &str) -> Result<Claims, TokenErr
     verify(token, &jwks(s), "esp-console", Some(&fx.config.issuer()), 5)
 }
 
+/// [`check`] for a token minted after the test clock was moved past a rotation's lead (the
+/// verifier reads the real clock).
+fn check_after_lead(fx: &Fx, s: &Signer, token: &str) -> Result<Claims, TokenError> {
+    let leeway = u64::try_from(keys::PUBLISH_LEAD).unwrap() + 5;
+    verify(
+        token,
+        &jwks(s),
+        "esp-console",
+        Some(&fx.config.issuer()),
+        leeway,
+    )
+}
+
 #[tokio::test]
 async fn load_creates_one_key_and_a_restart_reuses_it() {
     let fx = Fx::new(TokenAlgorithm::EdDSA).await;
@@ -309,6 +322,29 @@ async fn rotation_keeps_old_tokens_verifiable_through_the_overlap() {
         .await
         .unwrap();
     assert_ne!(new_kid, old_kid);
+    // The new key is published at once, and signs only once every gateway and every backend's
+    // cached JWKS can have it: the old one signs until then.
+    signer.refresh().await.unwrap();
+    assert_eq!(signer.current_kid(), old_kid, "published before it signs");
+    let kids = |signer: &Signer| -> Vec<String> {
+        jwks(signer)["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(kids(&signer), vec![old_kid.clone(), new_kid.clone()]);
+    assert_eq!(
+        header_of(&text(signer.token_for("s2", &identity()).unwrap()))
+            .kid
+            .as_deref(),
+        Some(old_kid.as_str())
+    );
+    fx.clock.advance(keys::PUBLISH_LEAD - 1);
+    signer.refresh().await.unwrap();
+    assert_eq!(signer.current_kid(), old_kid);
+    fx.clock.advance(1);
     assert_eq!(signer.current_kid(), old_kid, "switch happens on refresh");
     signer.refresh().await.unwrap();
     other_gateway.refresh().await.unwrap();
@@ -332,7 +368,7 @@ async fn rotation_keeps_old_tokens_verifiable_through_the_overlap() {
     let new_token = text(signer.token_for("s1", &identity()).unwrap());
     assert_ne!(new_token, old_token, "a rotation forces a fresh token");
     assert_eq!(header_of(&new_token).kid.as_deref(), Some(new_kid.as_str()));
-    check(&fx, &other_gateway, &new_token).unwrap();
+    check_after_lead(&fx, &other_gateway, &new_token).unwrap();
 
     fx.clock.advance(3601);
     signer.refresh().await.unwrap();
@@ -357,10 +393,11 @@ async fn rotation_can_switch_the_algorithm() {
     rotate(fx.store.as_ref(), &fx.mk, &fx.config, fx.clock.now())
         .await
         .unwrap();
+    fx.clock.advance(keys::PUBLISH_LEAD);
     signer.refresh().await.unwrap();
     let token = text(signer.token_for("s1", &identity()).unwrap());
     assert_eq!(header_of(&token).alg, jsonwebtoken::Algorithm::ES256);
-    check(&fx, &signer, &token).unwrap();
+    check_after_lead(&fx, &signer, &token).unwrap();
 }
 
 #[tokio::test]

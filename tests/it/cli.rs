@@ -186,6 +186,10 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Published at once, signing only once every gateway and backend cache can have it.
+    gw.state.signer.refresh().await.unwrap();
+    assert_eq!(gw.state.signer.current_kid(), old_kid);
+    gw.clock.advance(portcullis::token::PUBLISH_LEAD);
     gw.state.signer.refresh().await.unwrap();
     let new_kid = gw.state.signer.current_kid();
     assert_ne!(old_kid, new_kid);
@@ -222,7 +226,10 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     assert_ne!(new_token, old_token);
     let header = jsonwebtoken::decode_header(&new_token).unwrap();
     assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
-    // The token verifies with the CLI, as a backend would.
+    // (The gateway's clock is ahead of the real one by the lead: the verifier allows for it.)
+    let lead = u64::try_from(portcullis::token::PUBLISH_LEAD).unwrap();
+    portcullis::token::verify(&new_token, &jwks, "esp-console", Some(&gw.base), lead + 5).unwrap();
+    // The old key's token verifies with the CLI, as a backend would.
     let jwks_file = gw.dir.path().join("jwks.json");
     std::fs::write(&jwks_file, jwks.to_string()).unwrap();
     let out = gw
@@ -230,7 +237,7 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
             &[
                 "token",
                 "verify",
-                &new_token,
+                &old_token,
                 "--jwks",
                 jwks_file.to_str().unwrap(),
             ],
@@ -249,7 +256,7 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
             &[
                 "token",
                 "verify",
-                &new_token,
+                &old_token,
                 "--jwks",
                 &url,
                 "--audience",

@@ -414,7 +414,8 @@ async fn ceremonies_and_rotation(durable: String) {
         .to_string();
     let old_kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
 
-    // Rotation on the command line: both running gateways publish and sign with the new key.
+    // Rotation on the command line: both running gateways publish the new key (it signs from
+    // `PUBLISH_LEAD` later, see `token::tests`).
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .arg("--config")
         .arg(&config)
