@@ -239,14 +239,14 @@ async fn sign_in(c: &reqwest::Client, a: &str, b: &str, email: &str) {
     assert_eq!(r.status(), 303);
 }
 
-/// SIGTERM: requests in flight are answered, those still running after
-/// `server.shutdown_timeout` are dropped, and the process exits instead of waiting for them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_then_exits_within_the_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let (up_addr, _upstream) = start_upstream().await;
-    let port = free_port();
-    let config = dir.path().join("portcullis.toml");
+/// The configuration of one gateway on SQLite and the memory store in `dir`, on `port`, in
+/// front of `upstream`, with a one-second shutdown timeout.
+fn lone_gateway_config(
+    dir: &std::path::Path,
+    port: u16,
+    up_addr: std::net::SocketAddr,
+) -> std::path::PathBuf {
+    let config = dir.join("portcullis.toml");
     std::fs::write(
         &config,
         format!(
@@ -257,12 +257,23 @@ async fn sigterm_drains_then_exits_within_the_timeout() {
              [secrets]\nmaster_key = \"{}\"\n\
              [notify]\noutbox_dir = \"{}\"\n\
              [binding]\nenabled = false\n",
-            dir.path().join("db.sqlite").display(),
+            dir.join("db.sqlite").display(),
             portcullis::crypto::MasterKey::generate_base64(),
-            dir.path().join("outbox").display()
+            dir.join("outbox").display()
         ),
     )
     .unwrap();
+    config
+}
+
+/// SIGTERM: requests in flight are answered, those still running after
+/// `server.shutdown_timeout` are dropped, and the process exits instead of waiting for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up_addr, _upstream) = start_upstream().await;
+    let port = free_port();
+    let config = lone_gateway_config(dir.path(), port, up_addr);
     add_user(&config, "term@example.com");
     let mut gw = serve(&config, port);
     wait_ready(port).await;
@@ -446,5 +457,169 @@ async fn ceremonies_and_rotation(durable: String) {
         switched,
         [true, true],
         "both gateways publish the new key next to the old one"
+    );
+}
+
+/// The system calls the systemd unit's `SystemCallFilter=` lines allow: the first line is an
+/// allow list, later ones add (or, with `~`, take away) calls and `@groups`, expanded by
+/// `systemd-analyze syscall-filter`.
+fn unit_allowed_system_calls(unit: &str) -> std::collections::HashSet<String> {
+    fn expand(
+        name: &str,
+        into: &mut std::collections::HashSet<String>,
+        seen: &mut std::collections::HashSet<String>,
+    ) {
+        if !name.starts_with('@') {
+            into.insert(name.to_string());
+            return;
+        }
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        let out = Command::new("systemd-analyze")
+            .args(["syscall-filter", name])
+            .output()
+            .expect("systemd-analyze (apt-get install systemd)");
+        assert!(out.status.success(), "{name}");
+        for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+            let entry = line.trim();
+            if !entry.is_empty() && !entry.starts_with('#') {
+                expand(entry, into, seen);
+            }
+        }
+    }
+    let mut allowed = std::collections::HashSet::new();
+    let mut first = true;
+    for line in unit.lines() {
+        let Some(list) = line.strip_prefix("SystemCallFilter=") else {
+            continue;
+        };
+        let (deny, list) = match list.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, list),
+        };
+        assert!(
+            !(first && deny),
+            "the unit's filter should start as an allow list"
+        );
+        first = false;
+        let mut names = std::collections::HashSet::new();
+        for name in list.split_whitespace() {
+            expand(name, &mut names, &mut std::collections::HashSet::new());
+        }
+        if deny {
+            allowed.retain(|n| !names.contains(n));
+        } else {
+            allowed.extend(names);
+        }
+    }
+    assert!(!first, "the unit has no SystemCallFilter=");
+    allowed
+}
+
+/// The shipped systemd unit's system call filter lets the gateway do its work: every call the
+/// real gateway makes from start to a signed-in, proxied request, a wrong password (the hashing
+/// thread lowers its own priority) and a SIGTERM is one the filter allows (a call it refuses
+/// kills the process, or with `SystemCallErrorNumber=` fails it). The calls are those `strace`
+/// sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemd_units_system_call_filter_allows_what_the_gateway_calls() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/portcullis.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.contains("SystemCallErrorNumber=EPERM"),
+        "a call the filter refuses must fail, not kill the gateway"
+    );
+    let allowed = unit_allowed_system_calls(&unit);
+    assert!(!allowed.contains("reboot") && allowed.contains("epoll_wait"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (up_addr, _upstream) = start_upstream().await;
+    let port = free_port();
+    let config = lone_gateway_config(dir.path(), port, up_addr);
+    add_user(&config, "filter@example.com");
+    let trace = dir.path().join("trace");
+    let strace = Process(
+        Command::new("strace")
+            .args(["-f", "-qq", "-o"])
+            .arg(&trace)
+            .arg(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("PORTCULLIS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("strace (apt-get install strace)"),
+    );
+    wait_ready(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let c = browser();
+    sign_in(&c, &base, &base, "filter@example.com").await;
+    assert_eq!(
+        c.get(format!("{base}/campaigns"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let other = browser();
+    let csrf = csrf_of(&text(&other, format!("{base}/_portcullis/login")).await);
+    let r = other
+        .post(format!("{base}/_portcullis/login"))
+        .form(&[
+            ("username", "filter@example.com"),
+            ("password", "not the password"),
+            ("csrf", &csrf),
+            ("next", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // SIGTERM to the gateway (strace's child), then its exit.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", strace.0.id())).unwrap();
+    let gateway = children
+        .split_whitespace()
+        .next()
+        .expect("the traced gateway");
+    assert!(Command::new("kill")
+        .args(["-TERM", gateway])
+        .status()
+        .unwrap()
+        .success());
+    let mut strace = strace;
+    let status = strace.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let calls: std::collections::BTreeSet<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once(' ')?.1.trim_start();
+            let name = rest.split('(').next()?;
+            (!name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+            .then(|| name.to_string())
+        })
+        .collect();
+    assert!(calls.contains("setpriority"), "{calls:?}");
+    // Run as root (as here), SQLite gives a new journal file its database's owner; the unit's
+    // user is not root.
+    let as_root_only = ["fchown"];
+    let refused: Vec<&String> = calls
+        .iter()
+        .filter(|c| !allowed.contains(*c) && !as_root_only.contains(&c.as_str()))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the unit's SystemCallFilter= refuses calls the gateway makes: {refused:?}"
     );
 }

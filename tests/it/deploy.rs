@@ -188,6 +188,15 @@ env = {e["name"]: e["value"] for e in c["env"]}
 assert env["PORTCULLIS__SECRETS__MASTER_KEY_FILE"].startswith("/run/secrets/")
 assert dep["template"]["spec"]["terminationGracePeriodSeconds"] > 60, "draining (30 s) and the audit queue (30 s) fit"
 assert "Secret" not in kinds, "no secret values in the manifest"
+assert c["lifecycle"]["preStop"], "serves on while the endpoints drop the pod"
+for kind, pod in (("Deployment", dep["template"]["spec"]),
+                  ("CronJob", kinds["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"])):
+    ctx = pod["securityContext"]
+    secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert secrets, kind
+    for s in secrets:
+        # Secret files are root's unless fsGroup gives them the user's group, which must read them.
+        assert ctx.get("fsGroup") == ctx["runAsUser"] and s["defaultMode"] & 0o040, (kind, ctx, s)
 compose = yaml.safe_load(open(sys.argv[2]))
 services = compose["services"]
 assert {"gateway-a", "gateway-b", "redis", "postgres", "lb", "console"} <= set(services)
