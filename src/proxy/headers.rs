@@ -42,6 +42,8 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        // The request id is the gateway's own (set before this runs): no client takes it away.
+        .filter(|name| name.as_str() != "x-request-id")
         .collect();
     let present: Vec<HeaderName> = headers
         .keys()
@@ -195,6 +197,18 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
             | "x-method-override"
             | "x-proxy-user"
             | "x-proxy-remote-user"
+            // Generic names consoles and frameworks read a user, tenant or role from:
+            | "x-principal"
+            | "x-username"
+            | "x-identity"
+            | "x-roles"
+            | "x-groups"
+            | "x-subject"
+            | "x-auth-subject"
+            // The scheme or host a framework believes it was reached by:
+            | "x-url-scheme"
+            | "x-host"
+            | "x-forwarded"
         )
 }
 
@@ -205,7 +219,7 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
 /// certificates as terminating proxies pass them, impersonation…). Sorted by first byte, so
 /// most names are passed on after one comparison.
 fn has_identity_prefix(name: &str) -> bool {
-    const X: [&str; 27] = [
+    const X: [&str; 37] = [
         "x-auth-request-",
         "x-remote-",
         "x-pomerium-",
@@ -233,17 +247,30 @@ fn has_identity_prefix(name: &str) -> bool {
         "x-envoy-original-",
         "x-azure-clientip",
         "x-appengine-user-",
+        "x-jwt-",
+        "x-kong-",
+        "x-endpoint-api-userinfo",
+        "x-hasura-",
+        "x-envoy-external-address",
+        "x-envoy-peer-",
+        "x-original-forwarded-",
+        "x-shib-",
+        "x-mellon-",
+        "x-saml-",
     ];
     match name.as_bytes().first() {
         Some(b'x') => X.iter().any(|p| name.starts_with(p)),
         Some(b't') => name.starts_with("tailscale-user-"),
-        Some(b'c') => name.starts_with("cf-access-"),
+        Some(b'c') => name.starts_with("cf-access-") || name == "client-ip",
         Some(b'r') => name.starts_with("remote-"),
         Some(b'o') => name.starts_with("oidc-"),
         Some(b'g') => name.starts_with("gap-"),
-        Some(b's') => name.starts_with("ssl-client-"),
+        Some(b's') => name.starts_with("ssl-client-") || name.starts_with("shib-"),
         Some(b'i') => name.starts_with("impersonate-"),
         Some(b'a') => name == "auth-user" || name == "akamai-client-ip",
+        Some(b'm') => name.starts_with("mellon-"),
+        Some(b'e') => name == "eppn",
+        Some(b'f') => name == "front-end-https",
         _ => false,
     }
 }

@@ -50,6 +50,24 @@ async fn generated_when_absent_forwarded_and_echoed() {
         b.header("x-request-id").unwrap(),
     );
     assert!(is_uuid(&a) && is_uuid(&b) && a != b && a != id);
+    // A client naming it in `Connection` does not take it from the console.
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/campaigns",
+        &[
+            ("Cookie", &cookie),
+            ("Connection", "keep-alive, X-Request-Id"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").unwrap();
+    assert_eq!(
+        gw.upstream.last().headers_named("x-request-id"),
+        vec![id.as_str()]
+    );
 }
 
 #[tokio::test]
