@@ -92,6 +92,28 @@ async fn check(
         super::gate::cross_site_upgrade(state, headers)?;
     }
     let orig = original(method, headers, trusted);
+    // The proxy forwards the client's headers to the console as they are: a method override
+    // there would let the console act as for another method than the one checked here (a GET
+    // passing as the POST a step-up rule guards). Proxy mode drops such headers; here the
+    // request is refused.
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        for value in headers.get_all(name) {
+            let same = value
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case(orig.method.as_str()));
+            if !same {
+                // 403: a proxy's auth check relays it as a refusal (nginx turns a 400 into 500).
+                return Err(AppError::forbidden(
+                    "method_override",
+                    "A method-override header is not accepted: send the request with its own method.",
+                ));
+            }
+        }
+    }
     let path = orig.target.split(['?', '#']).next().unwrap_or_default();
     let canonical = normalise_path(path).map_err(|e| AppError::bad_request(e.to_string()))?;
     if is_gateway_path(&canonical) {

@@ -111,6 +111,40 @@ async fn a_websocket_from_another_origin_is_refused_here_too() {
     }
 }
 
+/// The asking proxy passes the client's headers on to the console as they are: a method
+/// override the console might honour (a GET acting as the POST a step-up rule guards) is
+/// refused here, since the gateway cannot take it out as in proxy mode.
+#[tokio::test]
+async fn a_method_override_is_refused() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("fa-override@example.com").await;
+    let cookie = gw.cookies(&c);
+    for (name, value, want) in [
+        ("X-HTTP-Method-Override", "POST", 403),
+        ("X-HTTP-Method", "delete", 403),
+        ("X-Method-Override", "PUT", 403),
+        ("X-HTTP-Method-Override", "get", 200),
+    ] {
+        let r = raw(
+            gw.addr,
+            "GET",
+            AUTH,
+            &[
+                ("Cookie", cookie.as_str()),
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/campaigns/1/send"),
+                (name, value),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, want, "{name}: {value}: {}", r.body);
+        if want == 403 {
+            assert_eq!(json(&r)["error"], "method_override");
+        }
+    }
+}
+
 #[tokio::test]
 async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy() {
     let gw = gateway(true).await;
@@ -375,6 +409,11 @@ http {{
             error_page 401 = @login;
             error_page 500 = @portcullis_unavailable;
             proxy_set_header X-Portcullis-Assertion $portcullis_token;
+            proxy_set_header X-Request-Id $request_id;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-User "";
+            proxy_set_header X-Original-URL "";
+            proxy_set_header Remote-User "";
             proxy_pass {up};
         }}
     }}
@@ -452,6 +491,9 @@ async fn nginx_auth_request_guards_the_console() {
             ("Cookie", &cookie),
             ("X-Portcullis-Assertion", "spoofed.by.client"),
             ("X_Portcullis_Assertion", "spoofed.by.client"),
+            ("X-Forwarded-User", "spoofed.by.client"),
+            ("Remote-User", "spoofed.by.client"),
+            ("X-Request-Id", "spoofed.by.client"),
         ],
         "",
     )
@@ -459,6 +501,12 @@ async fn nginx_auth_request_guards_the_console() {
     assert_eq!(r.status, 200, "{}", r.head);
     let seen = gw.upstream.last();
     assert_eq!(seen.uri, "/campaigns?page=2");
+    // nginx's own request id, the one the gateway was asked with and logged.
+    let id = seen.header("x-request-id").unwrap();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
     let tokens = seen.headers_named("x-portcullis-assertion");
     assert_eq!(tokens.len(), 1, "{:?}", seen.headers);
     assert!(
