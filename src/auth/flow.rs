@@ -446,7 +446,7 @@ impl LoginFlow {
             )
             .await;
             self.notifier
-                .account_change(
+                .account_change_by_owner(
                     &user,
                     &format!("a recovery code was used to sign in ({left} left)"),
                 )
@@ -532,7 +532,7 @@ impl LoginFlow {
         )
         .await;
         self.notifier
-            .account_change(&user, "an authenticator app was set up as a second factor")
+            .account_change_by_owner(&user, "an authenticator app was set up as a second factor")
             .await;
         self.code_attempt_settled(&user.id, session.own_device(), client)
             .await?;

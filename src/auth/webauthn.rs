@@ -504,23 +504,32 @@ impl Keys {
         }
         self.audit_user(event, "success", Some(user), "registered", client)
             .await;
-        self.flow
-            .notifier
-            .account_change(
-                user,
-                &match by_admin {
-                    None => format!(
-                        "a security key or passkey named \"{}\" was added",
-                        cred.name
-                    ),
-                    Some(admin) => format!(
-                        "an administrator ({admin}) enrolled a security key or passkey named \"{}\" \
-                         for you in person",
-                        cred.name
-                    ),
-                },
-            )
-            .await;
+        let notifier = &self.flow.notifier;
+        match by_admin {
+            None => {
+                notifier
+                    .account_change_by_owner(
+                        user,
+                        &format!(
+                            "a security key or passkey named \"{}\" was added",
+                            cred.name
+                        ),
+                    )
+                    .await;
+            }
+            Some(admin) => {
+                notifier
+                    .account_change(
+                        user,
+                        &format!(
+                            "an administrator ({admin}) enrolled a security key or passkey named \
+                             \"{}\" for you in person",
+                            cred.name
+                        ),
+                    )
+                    .await;
+            }
+        }
         Ok(Registered::Stored(Box::new(cred)))
     }
 

@@ -309,7 +309,7 @@ pub async fn remove_post(
         .unwrap_or_default();
     state
         .notifier
-        .account_change(
+        .account_change_by_owner(
             &user,
             &format!("the security key or passkey named \"{name}\" was removed"),
         )

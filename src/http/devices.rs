@@ -23,7 +23,7 @@ use crate::auth::flow::{Client, KnownDevice};
 use crate::crypto::{random_token, sha256_hex};
 use crate::device::{self, friendly_name, plausible_token};
 use crate::state::AppState;
-use crate::store::{AuditEvent, Device, DroppedFactors, ReportLink, User};
+use crate::store::{AuditEvent, Device, DroppedFactors, User};
 
 pub(super) fn cookie_name(state: &AppState) -> &'static str {
     if state.config.is_https() {
@@ -123,22 +123,7 @@ pub async fn signed_in(
 /// Queues the new-device notice with its "this wasn't me" link.
 async fn notify_new_device(state: &AppState, user: &User, device: &Device) -> Result<(), AppError> {
     let now = state.clock.now();
-    let ttl = state.config.notify.report_link_ttl.as_secs();
-    let token = random_token(32);
-    state
-        .durable
-        .create_report_link(ReportLink {
-            token_hash: sha256_hex(token.as_bytes()),
-            user_id: user.id.clone(),
-            device_id: Some(device.id.clone()),
-            created_at: now,
-            expires_at: now + i64::try_from(ttl).unwrap_or(i64::MAX / 4),
-            used_at: None,
-        })
-        .await?;
-    let mut link = state.config.server.public_url.clone();
-    link.set_path("/_portcullis/report");
-    link.query_pairs_mut().append_pair("t", &token);
+    let link = state.notifier.report_link(user, Some(&device.id)).await?;
     let when = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(now).unwrap_or(0)),
     );
@@ -162,7 +147,7 @@ async fn notify_new_device(state: &AppState, user: &User, device: &Device) -> Re
         email = user.email,
         name = device.name,
         ip = super::risk::address(state, &device.last_ip),
-        days = ttl / 86_400,
+        days = state.notifier.report_days(),
     );
     state
         .notifier
@@ -191,14 +176,13 @@ pub async fn report_get(
         return Err(invalid_link());
     }
     // A used, expired or unknown link says so at once, not after the owner has confirmed.
-    if state
+    let Some(link) = state
         .durable
         .report_link(&sha256_hex(q.t.as_bytes()), state.clock.now())
         .await?
-        .is_none()
-    {
+    else {
         return Err(invalid_link());
-    }
+    };
     let (csrf, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(
@@ -206,6 +190,7 @@ pub async fn report_get(
             &pages::Report {
                 csrf: &csrf,
                 token: &q.t,
+                change: link.device_id.is_none(),
             },
         ),
         set,
@@ -233,7 +218,12 @@ fn invalid_link() -> AppError {
 /// is made when the sign-in completes, and a key registered during enrolment comes just before.
 const REPORT_KEY_WINDOW: i64 = 15 * 60;
 
-/// `POST /_portcullis/report`: the owner says a sign-in was not theirs.
+/// How long before a change's report link was made an authenticator app or recovery codes
+/// count as set up since: the notice (and its link) is made just after the change, in the same
+/// request. A sign-in's link counts from the sign-in itself.
+const REPORT_FACTOR_SLACK: i64 = 5;
+
+/// `POST /_portcullis/report`: the owner says a sign-in (or a security change) was not theirs.
 pub async fn report_post(
     State(state): State<AppState>,
     Peer(peer): Peer,
@@ -280,12 +270,20 @@ pub async fn report_post(
                 .await;
         }
     }
-    // So may an authenticator app or recovery codes set up since the sign-in completed (the
-    // owner's own are older; a password alone no longer sets up a first factor on an account
-    // that had one): removed, and the account then enrols again only through an enrolment link.
+    // So may an authenticator app or recovery codes set up since the sign-in completed or the
+    // change was made (the owner's own are older; a password alone no longer sets up a first
+    // factor on an account that had one): removed, and the account then enrols again only
+    // through an enrolment link.
     let dropped = state
         .durable
-        .drop_factors_since(&user.id, link.created_at, now)
+        .drop_factors_since(
+            &user.id,
+            match link.device_id {
+                Some(_) => link.created_at,
+                None => link.created_at.saturating_sub(REPORT_FACTOR_SLACK),
+            },
+            now,
+        )
         .await?;
     if dropped != DroppedFactors::default() {
         let mut what = Vec::new();
@@ -343,17 +341,26 @@ pub async fn report_post(
             &user.email,
             &format!("Your account on {host} is locked"),
             &format!(
-                "You reported a sign-in to {email} on {host} as not yours.\n\
+                "You reported {what} on {email} on {host} as not yours.\n\
                  \n\
-                 Every session of the account has ended, the device that signed in is blocked,\n\
-                 security keys added since that sign-in are suspended, and password sign-in is\n\
-                 locked.{changed}\n\
+                 Every session of the account has ended,{device} security keys added since then\n\
+                 are suspended, and password sign-in is locked.{changed}\n\
                  Contact your administrator to restore access, then change your password.\n",
                 email = user.email,
+                what = if link.device_id.is_some() {
+                    "a sign-in"
+                } else {
+                    "a security change"
+                },
+                device = if link.device_id.is_some() {
+                    " the device that signed in is blocked,"
+                } else {
+                    ""
+                },
                 changed = if dropped == DroppedFactors::default() {
                     ""
                 } else {
-                    "\nAn authenticator app or recovery codes set up since that sign-in were removed:\n\
+                    "\nAn authenticator app or recovery codes set up since then were removed:\n\
                      your administrator gives you an enrolment link to set them up again."
                 }
             ),
@@ -361,6 +368,9 @@ pub async fn report_post(
         .await?;
     Ok(render(
         StatusCode::OK,
-        &pages::Reported { email: &user.email },
+        &pages::Reported {
+            email: &user.email,
+            change: link.device_id.is_none(),
+        },
     ))
 }

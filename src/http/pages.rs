@@ -65,12 +65,16 @@ pub struct Logout<'a> {
 pub struct Report<'a> {
     pub csrf: &'a str,
     pub token: &'a str,
+    /// The link came with a notice of a security change, not of a sign-in.
+    pub change: bool,
 }
 
 #[derive(Template)]
 #[template(path = "reported.html")]
 pub struct Reported<'a> {
     pub email: &'a str,
+    /// As in [`Report`].
+    pub change: bool,
 }
 
 /// One security key on the account page.

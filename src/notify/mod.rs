@@ -76,6 +76,10 @@ pub struct Notifier {
     wake: Arc<Notify>,
     /// The gateway's host name, for subjects and bodies.
     site: String,
+    /// `/_portcullis/report` on the public URL, for "this wasn't me" links.
+    report_url: url::Url,
+    /// How long such a link works (seconds).
+    report_ttl: i64,
 }
 
 impl Notifier {
@@ -113,6 +117,13 @@ impl Notifier {
             from,
             wake: Arc::new(Notify::new()),
             site: public_url.host_str().unwrap_or("Portcullis").to_string(),
+            report_url: {
+                let mut u = public_url.clone();
+                u.set_path("/_portcullis/report");
+                u.set_query(None);
+                u
+            },
+            report_ttl: i64::try_from(config.report_link_ttl.as_secs()).unwrap_or(i64::MAX / 4),
         })
     }
 
@@ -158,6 +169,74 @@ impl Notifier {
              once: someone else may have access to your account.\n",
             email = user.email,
             site = self.site,
+        );
+        let subject = format!("Security change on your account on {}", self.site);
+        if let Err(e) = self.enqueue(&user.email, &subject, &body).await {
+            tracing::warn!(error = %e, "could not queue an account-change notice");
+        }
+    }
+
+    /// A new single-use "this wasn't me" link for `user` (only its hash is stored): for a
+    /// sign-in from `device`, or for a change of the account's security (`None`). Returns the
+    /// link.
+    pub async fn report_link(
+        &self,
+        user: &crate::store::User,
+        device: Option<&str>,
+    ) -> StoreResult<url::Url> {
+        let now = self.clock.now();
+        let token = crate::crypto::random_token(32);
+        self.durable
+            .create_report_link(crate::store::ReportLink {
+                token_hash: crate::crypto::sha256_hex(token.as_bytes()),
+                user_id: user.id.clone(),
+                device_id: device.map(str::to_string),
+                created_at: now,
+                expires_at: now.saturating_add(self.report_ttl),
+                used_at: None,
+            })
+            .await?;
+        let mut link = self.report_url.clone();
+        link.query_pairs_mut().append_pair("t", &token);
+        Ok(link)
+    }
+
+    /// Days a "this wasn't me" link works.
+    pub fn report_days(&self) -> i64 {
+        self.report_ttl / 86_400
+    }
+
+    /// [`Self::account_change`] for a change made with the owner's own session (a key added,
+    /// the app or the recovery codes replaced, the password changed), with a "this wasn't me"
+    /// link: a session copied from the owner's browser could make it, and reporting it ends
+    /// every session and undoes what was set up since (keys suspended, app and codes removed).
+    pub async fn account_change_by_owner(&self, user: &crate::store::User, what: &str) {
+        let link = match self.report_link(user, None).await {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not make a report link; the notice goes without");
+                return self.account_change(user, what).await;
+            }
+        };
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(self.clock.now()).unwrap_or_default()),
+        );
+        let body = format!(
+            "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when} UTC)\n\n\
+             If this was you, there is nothing to do.\n\
+             \n\
+             If it was NOT you, someone is using your account: open this link now. It ends every\n\
+             session of your account, suspends security keys added since, removes an authenticator\n\
+             app or recovery codes set up since, and locks password sign-in until your administrator\n\
+             restores it:\n\
+             \n\
+             {link}\n\
+             \n\
+             The link works once and expires in {days} days.\n",
+            email = user.email,
+            site = self.site,
+            days = self.report_days(),
         );
         let subject = format!("Security change on your account on {}", self.site);
         if let Err(e) = self.enqueue(&user.email, &subject, &body).await {

@@ -135,17 +135,7 @@ async fn a_report_takes_the_factors_set_up_since_with_it() {
         .unwrap();
 
     let link = report_link(&sign_in_notices(&gw).await[1]);
-    let reader = gw.browser();
-    let page = gw.page(&reader, &link).await;
-    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
-    let token = link.split("t=").nth(1).unwrap();
-    let r = reader
-        .post(gw.url("/_portcullis/report"))
-        .form(&[("csrf", csrf.as_str()), ("t", token)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(report(&gw, &link).await.status(), 200);
     assert_eq!(gw.state.durable.totp(&user.id).await.unwrap(), None);
     assert_eq!(
         gw.state

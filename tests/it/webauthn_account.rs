@@ -210,3 +210,33 @@ async fn accounts_that_require_keys_refuse_codes() {
     gw.enrol(&c, "relaxed@example.com").await;
     assert_eq!(console(&gw, &c).await, 200);
 }
+
+/// Someone with a copy of the owner's session (cookies taken from the browser) adds a passkey
+/// of their own, for lasting access. The owner's notice of the change carries a "this wasn't
+/// me" link: following it ends every session, suspends the key and locks password sign-in.
+#[tokio::test]
+async fn a_key_added_with_a_copied_session_is_undone_from_the_notice() {
+    let gw = gateway().await;
+    let (c, user, _k, cred) = with_key(&gw, "copied@example.com", "Not mine").await;
+    let mail = gw.outbox().await;
+    let notice = mail
+        .iter()
+        .find(|m| m.contains("Security change") && m.contains("\"Not mine\" was added"))
+        .expect("the owner is told of the new key");
+    let link = super::devices::report_link(notice);
+    let page = gw.page(&gw.browser(), &link).await;
+    assert!(
+        page.contains("did not make the change") && !page.contains("blocks the device"),
+        "{page}"
+    );
+    let r = super::devices::report(&gw, &link).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("Your account is locked"));
+    assert_eq!(console(&gw, &c).await, 303, "the session is over");
+    let key = only_credential(&gw, &user.id).await;
+    assert_eq!(key.id, cred.id);
+    assert!(key.is_suspended(), "{key:?}");
+    assert!(gw.user("copied@example.com").await.locked);
+    // The link works once.
+    assert_eq!(gw.status(&gw.browser(), &link).await, 410);
+}

@@ -57,7 +57,7 @@ impl LoginFlow {
         )
         .await;
         self.notifier
-            .account_change(
+            .account_change_by_owner(
                 user,
                 "a new set of recovery codes was made; the earlier codes no longer work",
             )
@@ -84,7 +84,7 @@ impl LoginFlow {
         )
         .await;
         self.notifier
-            .account_change(
+            .account_change_by_owner(
                 user,
                 "the password was changed, and every other session of the account was ended",
             )
@@ -159,7 +159,7 @@ impl LoginFlow {
         self.code_attempt_settled(&user.id, device, client).await?;
         self.audit(event("success"), client).await;
         self.notifier
-            .account_change(
+            .account_change_by_owner(
                 user,
                 "the authenticator app was replaced; codes from the earlier app no longer work",
             )
