@@ -389,6 +389,7 @@ pub async fn serve(config: Config) -> Result<()> {
     let listen = config.server.listen.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let state = crate::state::AppState::new(config, clock).await?;
+    let hangups = crate::server::Hangups::listen();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -404,7 +405,7 @@ pub async fn serve(config: Config) -> Result<()> {
     if !state.config.is_https() {
         tracing::warn!("public_url is plain http: session cookies drop the __Host- prefix and the Secure flag; use https outside a loopback demo");
     }
-    crate::server::run(listener, state, shutdown_signal()).await?;
+    crate::server::run_with(listener, state, shutdown_signal(), hangups).await?;
     Ok(())
 }
 

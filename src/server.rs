@@ -30,6 +30,39 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_with(listener, state, shutdown, Hangups::listen()).await
+}
+
+/// SIGHUPs, listened for from the moment this is made: made before the listener is bound, a
+/// SIGHUP sent as soon as the gateway answers is never lost (nor, before a handler exists,
+/// fatal: its default action ends the process).
+pub struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self(match signal(SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGHUP: the TLS certificate and the GeoIP database will not be reloaded");
+                    None
+                }
+            })
+        }
+        #[cfg(not(unix))]
+        Self()
+    }
+}
+
+/// [`run`] with SIGHUPs listened for since `hangups` was made.
+pub async fn run_with(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    hangups: Hangups,
+) -> std::io::Result<()> {
     let server = &state.config.server;
     let tls = match (&server.tls_cert, &server.tls_key) {
         (Some(cert), Some(key)) => Some(tls::Tls::load(cert, key)?),
@@ -63,7 +96,7 @@ pub async fn run(
     let stopped = async move {
         let _ = graceful.wait_for(|s| *s).await;
     };
-    let reloader = tokio::spawn(reload_on_hangup(tls.clone(), state.risk.clone()));
+    let reloader = tokio::spawn(reload_on_hangup(hangups, tls.clone(), state.risk.clone()));
     let serving: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
         Some(tls) => {
             // Nothing to do per connection: the TLS listener has set TCP_NODELAY already.
@@ -113,16 +146,15 @@ pub async fn run(
 /// database (`risk.geoip_database`). A file that does not load is refused with an error log and
 /// the current one stays. Without either, SIGHUP is logged and ignored (never the end of the
 /// process).
-async fn reload_on_hangup(tls: Option<tls::Tls>, risk: std::sync::Arc<crate::risk::Risk>) {
+async fn reload_on_hangup(
+    hangups: Hangups,
+    tls: Option<tls::Tls>,
+    risk: std::sync::Arc<crate::risk::Risk>,
+) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP: the TLS certificate and the GeoIP database will not be reloaded");
-                return;
-            }
+        let Some(mut hangups) = hangups.0 else {
+            return;
         };
         while hangups.recv().await.is_some() {
             if let Some(tls) = &tls {

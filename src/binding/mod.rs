@@ -289,7 +289,9 @@ pub enum CookieCheck {
     Valid,
     /// None presented.
     Missing,
-    /// Made by us for this session and key, but past its expiry.
+    /// Made by us for this session and key, past its expiry, presented from the network and
+    /// browser it was issued to: the owner's client that kept it a moment too long (or ignores
+    /// `Max-Age`); the key must prove itself again.
     Expired,
     /// Made by us for this session and key, but presented from another network or browser than
     /// it was issued to: the holder of the key must prove it again.
@@ -344,10 +346,16 @@ pub fn check_bound_cookie(
     if issued_to.len() != CONTEXT_LEN || !ct_eq(&want, &mac) {
         return CookieCheck::Invalid;
     }
+    let here = ct_eq(&issued_to, context);
     if now_ms >= exp {
-        return CookieCheck::Expired;
+        // Past its expiry somewhere else: as any cookie that moved, the key must prove again.
+        return if here {
+            CookieCheck::Expired
+        } else {
+            CookieCheck::Moved
+        };
     }
-    if !ct_eq(&issued_to, context) {
+    if !here {
         return CookieCheck::Moved;
     }
     CookieCheck::Valid

@@ -174,6 +174,12 @@ fn bound_cookies_are_tied_to_session_key_time_and_place() {
         check(Some(&v), "sess-a", "thumb-a", 10_000, &here),
         CookieCheck::Expired
     );
+    let far = device_context(&mk, "198.51.100.7".parse().unwrap(), "Firefox/140");
+    assert_eq!(
+        check(Some(&v), "sess-a", "thumb-a", 10_000, &far),
+        CookieCheck::Moved,
+        "expired elsewhere: the key must prove again, like any cookie that moved"
+    );
     assert_eq!(
         check(Some(&v), "sess-b", "thumb-a", 1, &here),
         CookieCheck::Invalid

@@ -201,6 +201,7 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
         }
     });
 
+    let hangups = crate::server::Hangups::listen();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -244,7 +245,7 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
     if state.keys.is_none() {
         show!("  security keys and passkeys are off on an IP address; try --public-url http://localhost:{}/", args.listen.port());
     }
-    crate::server::run(listener, state, crate::cli::shutdown_signal()).await?;
+    crate::server::run_with(listener, state, crate::cli::shutdown_signal(), hangups).await?;
     Ok(())
 }
 

@@ -167,8 +167,12 @@ pub(crate) async fn check(
     }
     match (verdict, key.method) {
         (CookieCheck::Valid, _) => Ok(None),
-        // The fallback's cookie runs out in normal use; the page proves again.
-        (CookieCheck::Missing, Method::Webcrypto) => Ok(Some(Unbound::Refresh)),
+        // The fallback's cookie runs out in normal use; the page proves again. So it does when
+        // the browser it was issued to sends it a moment past its expiry (a client that ignores
+        // `Max-Age`): not a failure, nothing reaches the console until a fresh proof.
+        (CookieCheck::Missing, Method::Webcrypto) | (CookieCheck::Expired, _) => {
+            Ok(Some(Unbound::Refresh))
+        }
         // Another network or browser than the cookie was issued to: a phone that changed
         // networks, or a copy of the cookie jar. Only the key decides: the browser that holds
         // it proves again (the answer drops the cookie, which makes a DBSC browser refresh);
