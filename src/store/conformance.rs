@@ -28,7 +28,7 @@ use crate::clock::{Clock, ManualClock};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore, RedisTarget};
 use crate::store::sql::SqlStore;
-use crate::store::DurableStore;
+use crate::store::{DurableStore, EphemeralStore, StoreError};
 use ephemeral::{Advance, EphemeralBackend};
 
 const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
@@ -81,7 +81,26 @@ async fn ephemeral_redis_cluster() {
     .unwrap();
     let store = Arc::new(store);
     let advance: Advance = Arc::new(|by: Duration| Box::pin(tokio::time::sleep(by)));
-    ephemeral::ephemeral_suite(EphemeralBackend { store, advance }).await;
+    ephemeral::ephemeral_suite(EphemeralBackend {
+        store: store.clone(),
+        advance,
+    })
+    .await;
+    // Readiness is the cluster's: a master lost without a replica leaves the others answering
+    // PING while every command is refused (`CLUSTERDOWN`); the store is then not ready, asked
+    // of whichever node.
+    store.ping().await.unwrap();
+    let cluster = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        cluster.lose_a_master();
+        cluster
+    })
+    .await
+    .unwrap();
+    for _ in 0..6 {
+        let err = store.ping().await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
     drop(cluster);
 }
 

@@ -425,6 +425,20 @@ fn fail(what: &str, e: &RedisError) -> StoreError {
 #[async_trait]
 impl EphemeralStore for RedisStore {
     async fn ping(&self) -> StoreResult<()> {
+        // A cluster's nodes answer PING while the cluster serves nothing (`CLUSTERDOWN` once a
+        // master is lost without a replica to take over): ask for the cluster's own state.
+        if matches!(self.conn, Conn::Cluster(_)) {
+            let info: String = self
+                .run("cluster info", redis::cmd("CLUSTER").arg("INFO"))
+                .await?;
+            return if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable(
+                    "redis cluster: cluster_state is not ok".into(),
+                ))
+            };
+        }
         let pong: String = self.run("ping", &redis::cmd("PING")).await?;
         if pong == "PONG" {
             Ok(())

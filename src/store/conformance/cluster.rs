@@ -47,6 +47,9 @@ impl LocalCluster {
                 .args([
                     "--cluster-enabled",
                     "yes",
+                    // How long a silent master takes to count as failed (`lose_a_master`).
+                    "--cluster-node-timeout",
+                    "5000",
                     "--save",
                     "",
                     "--appendonly",
@@ -92,9 +95,19 @@ impl LocalCluster {
         cluster
     }
 
+    /// Kills the last master (no replica takes over) and waits until the others see the
+    /// cluster fail (`cluster-node-timeout`).
+    pub fn lose_a_master(&mut self) {
+        if let Some(mut last) = self.children.pop() {
+            let _ = last.kill();
+            let _ = last.wait();
+        }
+        self.wait_for(self.ports[0], "CLUSTER INFO", "cluster_state:fail");
+    }
+
     /// Runs `command` through redis-cli on `port` until its answer contains `want`.
     fn wait_for(&self, port: u16, command: &str, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             let out = Command::new("redis-cli")
                 .args(["-p", &port.to_string()])
