@@ -279,6 +279,11 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests may take to finish before connections drop.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How long a client may take to send a request's head (line and headers), counted from
+    /// when the connection is open or idle between requests: a connection that sends nothing,
+    /// or its headers a byte at a time, is closed after it (every listener).
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
     /// PEM certificate chain: when set (with `tls_key`) the listener speaks HTTPS only.
     /// Read again, with the key, on SIGHUP.
     pub tls_cert: Option<PathBuf>,
@@ -298,6 +303,7 @@ impl Default for ServerConfig {
             max_uri_length: 8192,
             max_form_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(30),
             tls_cert: None,
             tls_key: None,
             redirect_http_listen: None,
@@ -937,6 +943,13 @@ impl Config {
             return Err(key_err(
                 "upstream.url",
                 "must not have a query or fragment: each request's own query is sent",
+            ));
+        }
+        if s.header_timeout < Duration::from_secs(1) || s.header_timeout > Duration::from_secs(600)
+        {
+            return Err(key_err(
+                "server.header_timeout",
+                "must be between 1s and 10m",
             ));
         }
         for (key, t) in [

@@ -1,8 +1,7 @@
 //! Builds the router and runs it on a listener until a shutdown signal, so the binary and the
 //! tests start the gateway the same way (tests bind port 0 and pass their own shutdown).
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::state::AppState;
 
+mod conn;
 pub mod tls;
 
 /// How often signing keys are re-read, so a rotation made elsewhere is picked up.
@@ -84,28 +84,19 @@ pub async fn run_with(
         }
     });
     let mailer = tokio::spawn(state.notifier.as_ref().clone().run());
-    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-        SocketAddr,
-    >(crate::http::Gateway::new(state.clone()));
+    let app = crate::http::Gateway::new(state.clone());
+    let header_timeout = state.config.server.header_timeout;
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
     let drain = state.config.server.shutdown_timeout;
-    let mut graceful = stop_rx.clone();
-    let stopped = async move {
-        let _ = graceful.wait_for(|s| *s).await;
-    };
     let reloader = tokio::spawn(reload_on_hangup(hangups, tls.clone(), state.risk.clone()));
-    let serving: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
+    let serving: Pin<Box<dyn Future<Output = ()> + Send>> = match tls {
         Some(tls) => {
             // Nothing to do per connection: the TLS listener has set TCP_NODELAY already.
-            let listener = ListenerExt::tap_io(tls.listener(listener)?, |_| {});
-            Box::pin(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .into_future(),
-            )
+            let listener = tls.listener(listener)?;
+            Box::pin(conn::serve(listener, app, stop_rx.clone(), header_timeout))
         }
         None => {
             // Small answers go out at once: no Nagle delay between a response head and its body.
@@ -114,16 +105,12 @@ pub async fn run_with(
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
             });
-            Box::pin(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .into_future(),
-            )
+            Box::pin(conn::serve(listener, app, stop_rx.clone(), header_timeout))
         }
     };
     let mut deadline = stop_rx;
-    let result = tokio::select! {
-        r = serving => r,
+    let result: std::io::Result<()> = tokio::select! {
+        () = serving => Ok(()),
         () = async move {
             let _ = deadline.wait_for(|s| *s).await;
             tokio::time::sleep(drain).await;
@@ -221,15 +208,12 @@ async fn side_listeners(
             std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
         })?;
         tracing::info!(listen = %addr, "{what} listener started");
-        let mut stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "{what} listener failed");
-            }
-        }));
+        tasks.push(tokio::spawn(conn::serve(
+            listener,
+            app,
+            stop.clone(),
+            state.config.server.header_timeout,
+        )));
     }
     Ok(tasks)
 }

@@ -510,3 +510,67 @@ async fn api_clients_get_json_from_pages_that_need_a_session() {
     .await;
     assert_eq!(r.status, 200, "the sign-in page itself: {}", r.head);
 }
+
+/// A client that opens a connection and sends nothing, sends its request head a byte at a time,
+/// or leaves a kept-alive connection idle, has it closed after `server.header_timeout`; a
+/// proper request on the same gateway is served meanwhile, and a slow *response* (the console
+/// taking its time) is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_and_idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw =
+        Gateway::start_with(|c| c.server.header_timeout = std::time::Duration::from_secs(1)).await;
+    // Closed: the peer reads EOF (or a reset) within a few seconds.
+    async fn closed_within(s: &mut tokio::net::TcpStream, secs: u64) -> bool {
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match tokio::time::timeout(left, s.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+    let silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut trickle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let dripping = tokio::spawn(async move {
+        for b in b"GET /campaigns HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\n".iter() {
+            if trickle.write_all(&[*b]).await.is_err() {
+                return (true, trickle);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        (false, trickle)
+    });
+    // A proper request meanwhile, and a kept-alive connection that then falls idle.
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /_portcullis/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut silent = silent;
+    assert!(
+        closed_within(&mut silent, 5).await,
+        "a silent connection stays open"
+    );
+    assert!(
+        closed_within(&mut idle, 5).await,
+        "an idle connection stays open"
+    );
+    let (cut, mut trickle) = dripping.await.unwrap();
+    assert!(
+        cut || closed_within(&mut trickle, 5).await,
+        "a request head sent a byte at a time holds its connection"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // A console that answers slowly keeps its connection: the bound is on the request head.
+    let (c, _, _) = gw.signed_in("slow-answer@example.com").await;
+    let r = c.get(gw.url("/slow/2500")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

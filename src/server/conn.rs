@@ -1,0 +1,179 @@
+//! The accept loop every listener runs: one HTTP/1.1 connection task per client (hyper), each
+//! request carrying the peer's address (`ConnectInfo`, as `axum::serve` gives it), upgrades
+//! (WebSockets) passed on, and a bound on how long a client may take to send a request's head,
+//! counted from when the connection opens or falls idle between requests
+//! (`server.header_timeout`): a client that connects and sends nothing, or its headers a byte at
+//! a time, cannot hold a connection (and a file descriptor) open for good.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::response::Response;
+use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+/// Serves `listener` with `service` until `stop` turns true: then no connection is accepted any
+/// more, each open one finishes the request it is serving and closes, and this returns once all
+/// are closed (the caller bounds that wait).
+pub async fn serve<L, S>(
+    mut listener: L,
+    service: S,
+    mut stop: watch::Receiver<bool>,
+    header_timeout: Duration,
+) where
+    L: Listener<Addr = SocketAddr>,
+    S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    // Each connection holds a receiver; the sender's `closed` is when the last has gone.
+    let (all_closed, open) = watch::channel(());
+    loop {
+        let stopping = async {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopping => break,
+        };
+        let service = service
+            .clone()
+            .map_request(move |req: http::Request<Incoming>| {
+                let mut req = req.map(Body::new);
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+        let mut stop = stop.clone();
+        let open = open.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(LazyTimer).header_read_timeout(header_timeout);
+            let conn = builder
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let stopping = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopping => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                // A client that went away or sent a malformed or slow request head.
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    drop(open);
+    all_closed.closed().await;
+}
+
+/// hyper's timer for the request-head bound, with a deadline moved for nothing: hyper moves it
+/// once per request (to now + `server.header_timeout`), and re-registering a tokio timer each
+/// time costs about a thousand instructions per proxied request. Here moving it later only
+/// records the new deadline; the underlying timer, armed at the earlier one, re-arms itself
+/// when it fires early. It never fires before the deadline in force.
+#[derive(Clone, Copy, Debug)]
+struct LazyTimer;
+
+struct LazySleep {
+    deadline: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::rt::Timer for LazyTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(LazySleep {
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(deadline.into())),
+        })
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: Instant) {
+        match sleep.as_mut().downcast_mut_pin::<LazySleep>() {
+            Some(mut lazy) => {
+                lazy.deadline = new_deadline;
+                // Earlier than the armed timer (hyper never asks for that): re-arm now.
+                if tokio::time::Instant::from(new_deadline) < lazy.timer.deadline() {
+                    lazy.timer.as_mut().reset(new_deadline.into());
+                }
+            }
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        // tokio's clock, as the timers it arms (the same as the system's, but for tests).
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+impl Future for LazySleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            std::task::ready!(self.timer.as_mut().poll(cx));
+            let deadline = tokio::time::Instant::from(self.deadline);
+            if self.timer.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            // Fired at a deadline since moved: wait on for the one in force.
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl hyper::rt::Sleep for LazySleep {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Timer;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_deadline_is_kept_and_never_fired_early() {
+        let now = || LazyTimer.now();
+        let start = now();
+        let mut sleep = LazyTimer.sleep_until(start + Duration::from_secs(10));
+        // Moved later twice before the first deadline: fires at the last one, not before.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        LazyTimer.reset(&mut sleep, start + Duration::from_secs(15));
+        LazyTimer.reset(&mut sleep, start + Duration::from_secs(20));
+        let fired = tokio::time::timeout(Duration::from_secs(14), &mut sleep).await;
+        assert!(fired.is_err(), "fired before its deadline");
+        tokio::time::timeout(Duration::from_secs(2), &mut sleep)
+            .await
+            .expect("fires at its deadline");
+        assert!(now() >= start + Duration::from_secs(20));
+        // Moved earlier than the armed timer: fires then.
+        let mut sleep = LazyTimer.sleep_until(now() + Duration::from_secs(30));
+        let soon = now() + Duration::from_secs(3);
+        LazyTimer.reset(&mut sleep, soon);
+        tokio::time::timeout(Duration::from_secs(4), &mut sleep)
+            .await
+            .expect("fires at the earlier deadline");
+    }
+}
