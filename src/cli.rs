@@ -555,17 +555,15 @@ async fn print_enrolment_link(
 /// Administrative commands that work on the durable store directly.
 async fn admin(config: Config, cmd: Command) -> Result<()> {
     let clock = SystemClock;
-    // A command that only reads has nothing to read in a database that is not there (a
-    // forgotten --config): it says so rather than create one and show it empty.
-    let reads_only = matches!(
-        cmd,
-        Command::User(UserCmd::List { .. }) | Command::Audit(AuditCmd::Tail { .. })
-    );
+    // Only a command that creates a user may start a database. Any other finds nothing to read
+    // or change in one that is not there (a forgotten --config): it says so rather than create
+    // one, show it empty or fail on it and leave it behind.
+    let may_create = matches!(cmd, Command::User(UserCmd::Add { .. }) | Command::Admin(_));
     if let Some(path) = crate::store::sql::sqlite_file(&config.storage.durable) {
-        if reads_only && !std::path::Path::new(path).exists() {
+        if !may_create && !std::path::Path::new(path).exists() {
             anyhow::bail!(
                 "there is no database at {path}: give the gateway's configuration with --config \
-                 (or PORTCULLIS_CONFIG)"
+                 (or PORTCULLIS_CONFIG); only `user add` and `admin bootstrap` start a new one"
             );
         }
     }

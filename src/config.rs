@@ -881,10 +881,14 @@ impl Config {
                 key_err(&key, why)
             })?;
         config.validate().map_err(|e| match e {
-            ConfigError::Key { key, message } => ConfigError::Key {
-                message: files.iter().fold(message, |m, f| f.scrub(m)),
-                key,
-            },
+            ConfigError::Key { key, message } => {
+                let mut message = files.iter().fold(message, |m, f| f.scrub(m));
+                // A value read from a file: the file is what to look at.
+                if let Some(f) = files.iter().find(|f| f.key == key) {
+                    message.push_str(&format!(" (the value read from {})", f.path));
+                }
+                ConfigError::Key { message, key }
+            }
             other => other,
         })?;
         Ok(config)
@@ -892,6 +896,9 @@ impl Config {
 
     /// Checks relations between values that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.secrets.master_key.is_some() {
+            self.master_key()?;
+        }
         let s = &self.server;
         if !matches!(s.public_url.scheme(), "http" | "https") || s.public_url.host().is_none() {
             return Err(key_err(

@@ -921,6 +921,30 @@ fn configuration_errors_never_repeat_secrets() {
         }
         assert!(e.contains(&file.display().to_string()), "{e}");
     }
+    // Values that read but do not validate: the error names the file they came from.
+    for (var, content, key) in [
+        (
+            "PORTCULLIS__SECRETS__MASTER_KEY_FILE",
+            "not-a-key-at-all-zzz",
+            "secrets.master_key",
+        ),
+        (
+            "PORTCULLIS__STORAGE__DURABLE_FILE",
+            "mysql://dbuser:dbsecret9@db/x",
+            "storage.durable",
+        ),
+    ] {
+        let file = dir.join("invalid");
+        std::fs::write(&file, content).unwrap();
+        let e = load_str("", &[(var, &file.display().to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains(&file.display().to_string()),
+            "{var}: {e}"
+        );
+        assert!(!e.contains("zzz") && !e.contains("dbsecret9"), "{var}: {e}");
+    }
     let url = dir.join("url");
     std::fs::write(&url, "http://u:leakpw4@ho st/").unwrap();
     let e = load_str(
