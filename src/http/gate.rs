@@ -132,12 +132,12 @@ pub(crate) fn step_up_refusal(
     let message = if reason == RISK_REASON {
         format!(
             "This session was just used from a place it could not have travelled to in the time. \
-             Confirm it's you with {proof} at {reauth}, then send the request again."
+             Confirm it's you with {proof}, then send the request again: it was not sent."
         )
     } else {
         format!(
-            "This action needs a recent confirmation with {proof}. Confirm it's you at {reauth}, \
-             then send it again."
+            "This action needs a recent confirmation with {proof}. Confirm it's you, then send \
+             it again: it was not sent."
         )
     };
     let body = serde_json::json!({

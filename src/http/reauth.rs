@@ -86,8 +86,10 @@ async fn page(
          carry on."
     } else if v.key_only {
         "This part of the gateway needs a recent touch of your security key."
-    } else {
+    } else if v.next.starts_with("/_portcullis/account") {
         "For your security, confirm it's you before changing how you sign in."
+    } else {
+        "For your security, this action needs a recent confirmation that it's you."
     };
     let (token, set) = csrf_token(state, headers);
     let view = pages::Reauth {
@@ -178,7 +180,13 @@ pub async fn reauth_post(
         }
         CodeOutcome::Rejected => {
             state.sessions.save(&loaded.key, &loaded.session).await?;
-            let msg = "That code is not right, or it was already used. Wait for a new code and try again.";
+            let msg = if crate::auth::recovery::looks_like_recovery_code(form.code.expose()) {
+                "Recovery codes are for signing in without your authenticator app, not for \
+                 confirming an action: enter the 6-digit code from your app, or use your security \
+                 key. Without either, sign out and sign in again with a recovery code."
+            } else {
+                "That code is not right, or it was already used. Wait for a new code and try again."
+            };
             if !wants_html(&headers) {
                 return Err(AppError::new(StatusCode::UNAUTHORIZED, "invalid_code", msg));
             }

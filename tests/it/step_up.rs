@@ -35,7 +35,7 @@ async fn send_campaign(gw: &Gateway, c: &Browser, path: &str, accept: &str) -> r
 #[tokio::test]
 async fn sensitive_actions_need_a_recent_proof() {
     let gw = Gateway::start_with(rules).await;
-    let (c, secret, _) = gw.signed_in("sender@example.com").await;
+    let (c, secret, codes) = gw.signed_in("sender@example.com").await;
     // Just signed in: the proof is fresh.
     let r = send_campaign(&gw, &c, "/campaigns/7/send", "application/json").await;
     assert_eq!(r.status(), 200);
@@ -81,6 +81,11 @@ async fn sensitive_actions_need_a_recent_proof() {
     let page = r.text().await.unwrap();
     assert!(
         page.contains("href=\"/_portcullis/reauth?next=%2Fcampaigns%2Fnew%3Fdraft%3D7\""),
+        "{page}"
+    );
+    // The page says the form was not sent, in words, with the link beside them.
+    assert!(
+        page.contains("it was not sent") && !page.contains("at /_portcullis/reauth"),
         "{page}"
     );
     // A navigation is sent to prove itself and to come back.
@@ -130,7 +135,31 @@ async fn sensitive_actions_need_a_recent_proof() {
     let html = gw
         .page(&c, "/_portcullis/reauth?next=%2Flists%2F3%2Fexport")
         .await;
+    assert!(
+        html.contains("this action needs a recent confirmation"),
+        "{html}"
+    );
     let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    // A recovery code is not a confirmation, and the page says what to use instead.
+    let r = c
+        .post(gw.url("/_portcullis/reauth"))
+        .header("accept", "text/html")
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("code", codes[0].as_str()),
+            ("next", "/lists/3/export"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("Recovery codes are for signing in"),
+        "a recovery code is told apart"
+    );
     gw.clock.advance(30);
     let r = c
         .post(gw.url("/_portcullis/reauth"))
