@@ -9,6 +9,7 @@ use super::error::AppError;
 const CSS: &str = include_str!("../../static/portcullis.css");
 const JS: &str = include_str!("../../static/portcullis.js");
 const WEBAUTHN_JS: &str = include_str!("../../static/webauthn.js");
+const ICON: &str = include_str!("../../static/favicon.svg");
 
 /// `GET /_portcullis/static/{file}`.
 pub async fn asset(Path(file): Path<String>) -> Response {
@@ -16,6 +17,7 @@ pub async fn asset(Path(file): Path<String>) -> Response {
         "portcullis.css" => (CSS, "text/css; charset=utf-8"),
         "portcullis.js" => (JS, "text/javascript; charset=utf-8"),
         "webauthn.js" => (WEBAUTHN_JS, "text/javascript; charset=utf-8"),
+        "favicon.svg" => (ICON, "image/svg+xml"),
         _ => return AppError::not_found().into_response(),
     };
     let mut r = body.into_response();

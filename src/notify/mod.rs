@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lettre::message::{header::ContentType, Mailbox, Message};
+use lettre::message::{Mailbox, Message, SinglePart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use tokio::sync::Notify;
 
@@ -333,8 +333,10 @@ impl Notifier {
             .to(to)
             .subject(mail.subject.clone())
             .date(date)
-            .header(ContentType::TEXT_PLAIN)
-            .body(mail.body.clone())
+            // Stable across retries (the queue's id), so a receiver can drop a duplicate.
+            .message_id(Some(format!("<{}@{}>", mail.id, self.site)))
+            // `MIME-Version`, `Content-Type: text/plain; charset=utf-8` and a transfer encoding.
+            .singlepart(SinglePart::plain(mail.body.clone()))
             .map_err(|e| Failure {
                 permanent: true,
                 message: format!("cannot build the message: {e}"),

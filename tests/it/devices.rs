@@ -60,6 +60,22 @@ async fn sign_ins_from_new_devices_are_reported_known_devices_are_not() {
     assert!(mail[0].contains("Subject: New sign-in to your account"));
     assert!(mail[0].contains("Address: 127.0.0.1"));
     assert!(mail[0].contains("Device:  Unknown browser on unknown system"));
+    // A well-formed message: MIME headers and an id of the gateway's host.
+    assert!(mail[0].contains("MIME-Version: 1.0"), "{}", mail[0]);
+    assert!(mail[0].contains("charset=utf-8"), "{}", mail[0]);
+    let host = gw
+        .state
+        .config
+        .server
+        .public_url
+        .host_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        mail[0].contains("Message-ID: <") && mail[0].contains(&format!("@{host}>")),
+        "{}",
+        mail[0]
+    );
 
     // The same browser signs in again the next day: it is known, nobody is told.
     gw.clock.advance(24 * 3600);

@@ -38,6 +38,19 @@ async fn gateway_pages_carry_strict_security_headers() {
         !html.contains("<script>") && !html.contains("onclick="),
         "{html}"
     );
+    // The pages name their own icon, served by the gateway: a browser asks no console
+    // `/favicon.ico` from them (an error in every page's console before sign-in).
+    assert!(
+        html.contains("href=\"/_portcullis/static/favicon.svg\""),
+        "{html}"
+    );
+    let r = c
+        .get(gw.url("/_portcullis/static/favicon.svg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/svg+xml");
 }
 
 #[tokio::test]
