@@ -107,7 +107,8 @@ pub enum UserCmd {
     Enable { email: String },
     /// Restore password sign-in of a user locked by a "this wasn't me" report.
     Unlock { email: String },
-    /// Remove the user's second factors; the next sign-in must enrol again. Ends its sessions.
+    /// Remove the user's second factors and end its sessions; the user sets one up again
+    /// through an enrolment link (`user enrol-link`): the password alone no longer signs in.
     ResetMfa { email: String },
     /// Set a new password for the user, read from standard input (never from the command line);
     /// ends every session of the user and tells them by email.
@@ -690,10 +691,20 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("user_unlocked", Some(&u), "cli")])
                 .await?;
-            say!(
-                "unlocked {}; password sign-in works again (ask them to change the password)",
-                u.email
-            );
+            let factors = durable.totp(&u.id).await?.is_some()
+                || !durable.webauthn_credentials(&u.id).await?.is_empty();
+            if factors || u.enrols_after_password() {
+                say!(
+                    "unlocked {}; password sign-in works again (ask them to change the password)",
+                    u.email
+                );
+            } else {
+                say!(
+                    "unlocked {email}; it has no second factor left, so its password alone still does \
+                     not sign in: give the user an enrolment link (portcullis user enrol-link {email})",
+                    email = u.email
+                );
+            }
         }
         Command::User(UserCmd::Enable { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
@@ -841,7 +852,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let mut ev = audit("signing_key_rotated", None, "cli");
             ev.reason = Some(format!("new_kid:{kid}"));
             durable.append_audit(&[ev]).await?;
-            say!("new signing key {kid}; running gateways switch to it within 10 seconds; the previous key stays published for {}", crate::config::duration::text(config.token.key_overlap));
+            say!(
+                "new signing key {kid}: published by every gateway within 10 seconds, signing from {} \
+                 seconds from now; the previous key signs until then and stays published for {} more",
+                crate::token::PUBLISH_LEAD,
+                crate::config::duration::text(config.token.key_overlap)
+            );
         }
         Command::Audit(AuditCmd::Prune { older_than }) => {
             if older_than < MIN_AUDIT_RETENTION {

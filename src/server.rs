@@ -95,7 +95,7 @@ pub async fn run_with(
     let serving: Pin<Box<dyn Future<Output = ()> + Send>> = match tls {
         Some(tls) => {
             // Nothing to do per connection: the TLS listener has set TCP_NODELAY already.
-            let listener = tls.listener(listener)?;
+            let listener = tls.listener(listener, header_timeout)?;
             Box::pin(conn::serve(listener, app, stop_rx.clone(), header_timeout))
         }
         None => {

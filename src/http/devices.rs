@@ -221,7 +221,7 @@ const REPORT_KEY_WINDOW: i64 = 15 * 60;
 /// How long before a change's report link was made an authenticator app or recovery codes
 /// count as set up since: the notice (and its link) is made just after the change, in the same
 /// request. A sign-in's link counts from the sign-in itself.
-const REPORT_FACTOR_SLACK: i64 = 5;
+const REPORT_FACTOR_SLACK: i64 = 1;
 
 /// `POST /_portcullis/report`: the owner says a sign-in (or a security change) was not theirs.
 pub async fn report_post(

@@ -96,12 +96,9 @@ async fn check(
     // there would let the console act as for another method than the one checked here (a GET
     // passing as the POST a step-up rule guards). Proxy mode drops such headers; here the
     // request is refused.
-    for name in [
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-    ] {
-        for value in headers.get_all(name) {
+    // In any spelling: `X_HTTP_Method_Override` reaches a CGI-style console as the same name.
+    for (name, value) in headers {
+        if crate::proxy::is_method_override(name.as_str()) {
             let same = value
                 .to_str()
                 .is_ok_and(|v| v.trim().eq_ignore_ascii_case(orig.method.as_str()));

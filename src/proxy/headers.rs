@@ -116,6 +116,18 @@ pub(crate) fn strip_identity(
     }
 }
 
+/// Whether `name` (as a `HeaderName` is: lower case) asks, in any spelling a console may read,
+/// for another method than the request's.
+pub(crate) fn is_method_override(name: &str) -> bool {
+    [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ]
+    .iter()
+    .any(|m| same_normalised(name, m))
+}
+
 /// One byte of a header name as CGI-style backends read it: lower case, `_` as `-`.
 fn normalised_byte(b: u8) -> u8 {
     match b {

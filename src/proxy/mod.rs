@@ -24,7 +24,7 @@ use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Method, StatusCode, Uri, Version};
 
 pub use addr::{client_ip, is_trusted};
-pub(crate) use headers::is_identity_header;
+pub(crate) use headers::{is_identity_header, is_method_override};
 
 use crate::config::UpstreamConfig;
 

@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// Longest a client may take to complete a TLS handshake.
+/// Longest a client may take to complete a TLS handshake (shorter when `server.header_timeout`
+/// is).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Finished handshakes waiting for the web server to take them.
 const READY_QUEUE: usize = 256;
@@ -89,7 +90,8 @@ impl Tls {
     }
 
     /// Wraps `tcp`: the returned listener yields connections whose handshake has completed.
-    pub fn listener(&self, tcp: TcpListener) -> io::Result<TlsListener> {
+    pub fn listener(&self, tcp: TcpListener, header_timeout: Duration) -> io::Result<TlsListener> {
+        let handshake_timeout = HANDSHAKE_TIMEOUT.min(header_timeout);
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(READY_QUEUE);
         let tls = self.clone();
@@ -112,7 +114,7 @@ impl Tls {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "could not set TCP_NODELAY");
                     }
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
                             let _ = tx.send((s, peer)).await;
                         }

@@ -121,6 +121,7 @@ async fn a_method_override_is_refused() {
     let cookie = gw.cookies(&c);
     for (name, value, want) in [
         ("X-HTTP-Method-Override", "POST", 403),
+        ("X_HTTP_Method_Override", "DELETE", 403),
         ("X-HTTP-Method", "delete", 403),
         ("X-Method-Override", "PUT", 403),
         ("X-HTTP-Method-Override", "get", 200),

@@ -98,9 +98,29 @@ async fn sign_in_over_https_and_no_plain_http() {
         c.server.public_url = format!("https://localhost:{port}/").parse().unwrap();
         c.server.tls_cert = Some(cert.clone());
         c.server.tls_key = Some(key.clone());
+        c.server.header_timeout = Duration::from_secs(2);
     })
     .await;
     gw.base = format!("https://localhost:{}", gw.addr.port());
+    // A client that opens a connection and never starts its handshake is not waited for longer
+    // than a request head would be.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(8),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "a silent TLS client held its connection: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let c = https_client(certs.path());
     let r = gw.get(&c, "/_portcullis/login").await;
     assert!(r.headers().contains_key("strict-transport-security"));
