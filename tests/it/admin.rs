@@ -526,13 +526,15 @@ async fn account_actions_take_effect_and_name_the_admin() {
     assert_eq!(r.status(), 401);
     // Locked by a report, unlocked by an admin.
     gw.state.durable.set_locked(&target.id, true).await.unwrap();
-    assert_eq!(
-        post(format!("{user_page}/unlock"), "owner called")
-            .await
-            .status(),
-        303
-    );
+    let r = post(format!("{user_page}/unlock"), "owner called").await;
+    assert_eq!(r.status(), 303);
     assert!(!gw.user("customer@example.com").await.locked);
+    // Its factors were reset above: the admin is told the password alone still signs in nobody.
+    let page = gw.page(&c, &location(&r)).await;
+    assert!(
+        page.contains("no second factor left") && page.contains("enrolment link"),
+        "{page}"
+    );
     // Unknown keys, devices and sessions are 404, not a silent success.
     assert_eq!(
         post(format!("{user_page}/keys/nope/remove"), "x")

@@ -34,6 +34,11 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "disabled" => "The account is disabled and its sessions have ended.",
         "enabled" => "The account is enabled again.",
         "unlocked" => "Password sign-in is unlocked.",
+        "unlocked_no_factor" => {
+            "Password sign-in is unlocked, but the account has no second factor left: its \
+             password alone still signs in nobody. Issue an enrolment link below and give it to \
+             the user."
+        }
         "factors_reset" => {
             "Every second factor was removed and every session ended. The password alone no longer signs \
              in: issue an enrolment link below and give it to the user."
@@ -485,7 +490,23 @@ action!(
             .notifier
             .account_change(&user, "an administrator unlocked password sign-in")
             .await;
-        Ok(done(&user, "unlocked"))
+        // A report may have taken the account's last factors: then the password alone still
+        // signs in nobody, and the user needs an enrolment link.
+        let factorless = !user.enrols_after_password()
+            && state.durable.totp(&user.id).await?.is_none()
+            && state
+                .durable
+                .webauthn_credentials(&user.id)
+                .await?
+                .is_empty();
+        Ok(done(
+            &user,
+            if factorless {
+                "unlocked_no_factor"
+            } else {
+                "unlocked"
+            },
+        ))
     },
     not_on_self = false
 );
