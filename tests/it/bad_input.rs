@@ -171,6 +171,12 @@ async fn wrong_and_truncated_codes_and_unknown_users_are_refused_plainly() {
     assert_eq!(a_status, 401);
     assert_eq!(b.status(), 401);
     assert!(a_text.contains("email or password is not right"));
+    // The message is tied to the field for screen readers.
+    assert!(
+        a_text.contains("id=\"form-error\"")
+            && a_text.contains("aria-invalid=\"true\" aria-describedby=\"form-error\""),
+        "{a_text}"
+    );
     assert!(b
         .text()
         .await
