@@ -691,9 +691,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable
                 .append_audit(&[audit("user_unlocked", Some(&u), "cli")])
                 .await?;
-            let factors = durable.totp(&u.id).await?.is_some()
-                || !durable.webauthn_credentials(&u.id).await?.is_empty();
-            if factors || u.enrols_after_password() {
+            if !crate::store::awaits_enrolment_link(durable.as_ref(), &u).await? {
                 say!(
                     "unlocked {}; password sign-in works again (ask them to change the password)",
                     u.email

@@ -124,9 +124,7 @@ pub async fn signed_in(
 async fn notify_new_device(state: &AppState, user: &User, device: &Device) -> Result<(), AppError> {
     let now = state.clock.now();
     let link = state.notifier.report_link(user, Some(&device.id)).await?;
-    let when = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(now).unwrap_or(0)),
-    );
+    let when = crate::notify::utc_text(now);
     let host = public_host(state);
     let body = format!(
         "Your account {email} on {host} was just signed in to from a device it had not been used from before.\n\
@@ -251,6 +249,8 @@ pub async fn report_post(
         .void_sessions(&user.id, state.clock.now_millis())
         .await?;
     state.sessions.destroy_all(&user.id).await?;
+    // The link came with a new-device notice (a sign-in), or with a change's.
+    let sign_in = link.device_id.is_some();
     // Keys registered since the reported sign-in may be the intruder's (a passkey would sign
     // them in again, lock or not): suspended, for an administrator to look at.
     let since = link.created_at.saturating_sub(REPORT_KEY_WINDOW);
@@ -278,9 +278,10 @@ pub async fn report_post(
         .durable
         .drop_factors_since(
             &user.id,
-            match link.device_id {
-                Some(_) => link.created_at,
-                None => link.created_at.saturating_sub(REPORT_FACTOR_SLACK),
+            if sign_in {
+                link.created_at
+            } else {
+                link.created_at.saturating_sub(REPORT_FACTOR_SLACK)
             },
             now,
         )
@@ -347,12 +348,12 @@ pub async fn report_post(
                  are suspended, and password sign-in is locked.{changed}\n\
                  Contact your administrator to restore access, then change your password.\n",
                 email = user.email,
-                what = if link.device_id.is_some() {
+                what = if sign_in {
                     "a sign-in"
                 } else {
                     "a security change"
                 },
-                device = if link.device_id.is_some() {
+                device = if sign_in {
                     " the device that signed in is blocked,"
                 } else {
                     ""
@@ -370,7 +371,7 @@ pub async fn report_post(
         StatusCode::OK,
         &pages::Reported {
             email: &user.email,
-            change: link.device_id.is_none(),
+            change: !sign_in,
         },
     ))
 }

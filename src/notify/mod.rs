@@ -66,6 +66,14 @@ impl std::fmt::Debug for Transport {
 pub const RESET_NOTICE: &str = "an administrator removed all second factors; you set one up again \
      through the enrolment link your administrator gives you (your password alone no longer signs in)";
 
+/// `at` (Unix seconds) as notices print it: RFC 3339 to the second, UTC.
+pub fn utc_text(at: UnixTime) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or_default()),
+    )
+    .to_string()
+}
+
 /// The mail queue and its delivery.
 #[derive(Debug, Clone)]
 pub struct Notifier {
@@ -159,21 +167,13 @@ impl Notifier {
     /// key was added"). A queueing failure is logged, never passed on: the change itself has
     /// happened and must not be undone or reported as failed because of mail.
     pub async fn account_change(&self, user: &crate::store::User, what: &str) {
-        let when = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(self.clock.now()).unwrap_or_default()),
-        );
-        let body = format!(
-            "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when} UTC)\n\n\
-             If this was you, there is nothing to do. If it was not, contact your administrator at\n\
+        self.change_notice(
+            user,
+            what,
+            "If this was you, there is nothing to do. If it was not, contact your administrator at\n\
              once: someone else may have access to your account.\n",
-            email = user.email,
-            site = self.site,
-        );
-        let subject = format!("Security change on your account on {}", self.site);
-        if let Err(e) = self.enqueue(&user.email, &subject, &body).await {
-            tracing::warn!(error = %e, "could not queue an account-change notice");
-        }
+        )
+        .await;
     }
 
     /// A new single-use "this wasn't me" link for `user` (only its hash is stored): for a
@@ -218,13 +218,8 @@ impl Notifier {
                 return self.account_change(user, what).await;
             }
         };
-        let when = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(self.clock.now()).unwrap_or_default()),
-        );
-        let body = format!(
-            "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when} UTC)\n\n\
-             If this was you, there is nothing to do.\n\
+        let advice = format!(
+            "If this was you, there is nothing to do.\n\
              \n\
              If it was NOT you, someone is using your account: open this link now. It ends every\n\
              session of your account, suspends security keys added since, removes an authenticator\n\
@@ -234,9 +229,18 @@ impl Notifier {
              {link}\n\
              \n\
              The link works once and expires in {days} days.\n",
+            days = self.report_days(),
+        );
+        self.change_notice(user, what, &advice).await;
+    }
+
+    /// Queues the notice of a change, `what`, followed by `advice`.
+    async fn change_notice(&self, user: &crate::store::User, what: &str, advice: &str) {
+        let body = format!(
+            "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when} UTC)\n\n{advice}",
             email = user.email,
             site = self.site,
-            days = self.report_days(),
+            when = utc_text(self.clock.now()),
         );
         let subject = format!("Security change on your account on {}", self.site);
         if let Err(e) = self.enqueue(&user.email, &subject, &body).await {

@@ -71,6 +71,19 @@ impl User {
     }
 }
 
+/// Whether the user has a second factor: an authenticator app or a security key (a suspended
+/// key counts, so the password alone never sets up a new factor in its place).
+pub async fn has_second_factor(durable: &dyn DurableStore, user_id: &str) -> StoreResult<bool> {
+    Ok(durable.totp(user_id).await?.is_some()
+        || !durable.webauthn_credentials(user_id).await?.is_empty())
+}
+
+/// Whether `user` sets up a second factor only through an enrolment link: its factors were
+/// removed ([`User::enrols_after_password`]) and none has been set up since.
+pub async fn awaits_enrolment_link(durable: &dyn DurableStore, user: &User) -> StoreResult<bool> {
+    Ok(!user.enrols_after_password() && !has_second_factor(durable, &user.id).await?)
+}
+
 /// What [`DurableStore::drop_factors_since`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DroppedFactors {

@@ -729,21 +729,19 @@ impl DurableStore for SqlStore {
         let pool = &self.pool;
         self.retrying(move || async move {
             let mut tx = pool.begin().await?;
-            let totp =
-                sqlx::query("DELETE FROM totp_credentials WHERE user_id = $1 AND created_at >= $2")
-                    .bind(user_id)
-                    .bind(since)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    > 0;
-            let recovery_codes =
-                sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1 AND created_at >= $2")
-                    .bind(user_id)
-                    .bind(since)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+            let mut removed = [0u64; 2];
+            for (n, table) in ["totp_credentials", "recovery_codes"].iter().enumerate() {
+                removed[n] = sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE user_id = $1 AND created_at >= $2"
+                ))
+                .bind(user_id)
+                .bind(since)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+            let [totp, recovery_codes] = removed;
+            let totp = totp > 0;
             if totp || recovery_codes > 0 {
                 sqlx::query("UPDATE users SET factors_reset_at = $1 WHERE id = $2")
                     .bind(now)

@@ -308,7 +308,7 @@ impl LoginFlow {
             Some("disabled")
         } else if user.locked {
             Some("locked")
-        } else if !user.enrols_after_password() && !self.has_second_factor(user).await? {
+        } else if crate::store::awaits_enrolment_link(self.durable.as_ref(), user).await? {
             Some("enrolment_link_required")
         } else {
             None
@@ -316,12 +316,7 @@ impl LoginFlow {
     }
 
     async fn has_second_factor(&self, user: &User) -> Result<bool, FlowError> {
-        let has_key = !self
-            .durable
-            .webauthn_credentials(&user.id)
-            .await?
-            .is_empty();
-        Ok(has_key || self.durable.totp(&user.id).await?.is_some())
+        Ok(crate::store::has_second_factor(self.durable.as_ref(), &user.id).await?)
     }
 
     /// A pending sign-in that asks for the second factor before the password. For an address

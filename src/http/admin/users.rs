@@ -492,13 +492,7 @@ action!(
             .await;
         // A report may have taken the account's last factors: then the password alone still
         // signs in nobody, and the user needs an enrolment link.
-        let factorless = !user.enrols_after_password()
-            && state.durable.totp(&user.id).await?.is_none()
-            && state
-                .durable
-                .webauthn_credentials(&user.id)
-                .await?
-                .is_empty();
+        let factorless = crate::store::awaits_enrolment_link(state.durable.as_ref(), &user).await?;
         Ok(done(
             &user,
             if factorless {
