@@ -5,7 +5,9 @@
 # bench/compare.sh cannot. The gateway runs under callgrind in front of bench/upstream.rs with a
 # signed-in, bound session; its counters are zeroed after start-up and sign-in, wrk sends the
 # measured requests, and the count is divided by the requests wrk saw answered.
-#   bench/callgrind.sh [seconds=30] [store=memory|redis://…] [binary=this tree's release build]
+#   bench/callgrind.sh [seconds=30] [store=memory|redis://…|core] [binary=this tree's release build]
+# With `core` for the store, the program counted is bench/core.rs instead of the gateway: the
+# gateway's accept loop and upstream forwarding without its gate, the share of the HTTP core.
 # Prints the total per request, the part spent in SHA-256 compression (valgrind runs the software version:
 # its CPU model has no SHA instructions) and the functions with the most instructions, inclusive
 # and exclusive; the full profile goes to bench/results/callgrind.out for callgrind_annotate.
@@ -31,12 +33,21 @@ bench_cleanup() {
 "$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
 gateway_config "$GW" "$UP" "$STORE" "$PREFIX" > "$work/portcullis.toml"
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
-printf '%s\n' "$PW" | "$GWBIN" user add bench@example.com --account bench >/dev/null
-secret=$(totp_secret "$("$GWBIN" user totp generate bench@example.com 2>/dev/null)")
-valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$GWBIN" serve 2>"$work/valgrind.log" & pids+=($!)
-gw_pid=$!
-for _ in $(seq 1 300); do curl -fs "http://$GW/.well-known/jwks.json" >/dev/null && break; sleep 0.5; done
-cookie=$(bound_session "$GW" bench@example.com "$PW" "$secret" 0)
+if [ "$STORE" = core ]; then
+  GWBIN=$TGT/release/examples/bench-core
+  valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$GWBIN" "$GW" "http://$UP/" 2>"$work/valgrind.log" & pids+=($!)
+  gw_pid=$!
+  for _ in $(seq 1 300); do curl -fs "http://$GW/campaigns" >/dev/null && break; sleep 0.5; done
+  # The same request as the gateway is sent, cookies and all (the core strips its cookie).
+  cookie="portcullis-session=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+else
+  printf '%s\n' "$PW" | "$GWBIN" user add bench@example.com --account bench >/dev/null
+  secret=$(totp_secret "$("$GWBIN" user totp generate bench@example.com 2>/dev/null)")
+  valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$GWBIN" serve 2>"$work/valgrind.log" & pids+=($!)
+  gw_pid=$!
+  for _ in $(seq 1 300); do curl -fs "http://$GW/.well-known/jwks.json" >/dev/null && break; sleep 0.5; done
+  cookie=$(bound_session "$GW" bench@example.com "$PW" "$secret" 0)
+fi
 unset PORTCULLIS_CONFIG
 # Warm-up: the upstream connections are opened, the session and user caches filled.
 wrk -t1 -c8 -d3s -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns" >/dev/null

@@ -4,7 +4,7 @@
 # gateway's config (`gateway_config`), sign a benchmark user in (`totp_secret`, `totp_code`,
 # `bound_session`) and run the baseline nginx (`nginx_config`, `NGINX`).
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-cargo build --release --bin portcullis --example bench-upstream --example bench-flood >&2
+cargo build --release --bin portcullis --example bench-upstream --example bench-flood --example bench-core >&2
 TGT=${CARGO_TARGET_DIR:-target}
 BIN=$TGT/release/portcullis
 work=$(mktemp -d)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Authenticated proxied GET: the same small upstream measured directly, through nginx as a plain
 # reverse proxy (the baseline an ESP already runs), through Portcullis with the memory and with the
-# Redis ephemeral store, and through nginx `auth_request` asking Portcullis (forward-auth), in one
-# run, on loopback. Prints throughput and p50/p99 for each and the ratios; then the same five
-# paths again at one fixed rate, half of Portcullis's peak, for the latency each adds there.
+# Redis ephemeral store, through nginx `auth_request` asking Portcullis (forward-auth), and through
+# the gateway's HTTP core alone (`bench/core.rs`: its accept loop and upstream forwarding without
+# the gate, the best any gate on that core can do), in one run, on loopback. Prints throughput and
+# p50/p99 for each and the ratios; then the same six paths again at one fixed rate, half of
+# Portcullis's peak, for the latency each adds there.
 #   bench/proxy.sh [duration_seconds=10] [connections=64]
 # Needs wrk and nginx (apt-get install wrk nginx), oha (cargo install oha --locked; the fixed-rate
 # runs), redis-server, python3 (PyJWT, cryptography) and curl. Redis: the local server on REDIS_URL (default redis://127.0.0.1:6379) under a fresh key
@@ -17,6 +19,7 @@ UP=127.0.0.1:18081
 NGX=127.0.0.1:18082
 GWR=127.0.0.1:18083
 FWD=127.0.0.1:18084
+CORE=127.0.0.1:18085
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PREFIX="bench-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n'):"
 redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "Redis is not answering on $REDIS_URL (redis-server --daemonize yes)" >&2; exit 1; }
@@ -56,6 +59,7 @@ shared_gateway_config "$GWR" "$REDIS_URL" > "$work/portcullis-redis.toml"
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
 
 "$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
+"$TGT/release/examples/bench-core" "$CORE" "http://$UP/" & pids+=($!)
 forward_auth_server=$(cat <<NGINX
   # Forward-auth as docs/forward-auth.md configures it: nginx asks Portcullis about every request
   # and proxies to the console itself.
@@ -117,6 +121,8 @@ echo "== through portcullis (redis store)" >&2
 run -H "Cookie: $cookie_redis" -H "User-Agent: $BENCH_UA" "http://$GWR/campaigns" > bench/results/portcullis-redis.txt
 echo "== nginx auth_request -> portcullis forward-auth" >&2
 run -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$FWD/campaigns" > bench/results/forward-auth.txt
+echo "== the gateway's HTTP core without the gate" >&2
+run -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$CORE/campaigns" > bench/results/core.txt
 
 rps() { awk '/Requests\/sec/{print $2}' "$1"; }
 pct() { awk -v p="$2" '$1==p{print $2}' "$1"; }
@@ -131,12 +137,13 @@ def ms(v):
 print(sys.argv[1], ms(sys.argv[2]), ms(sys.argv[3]))
 PY
 }
-python3 - "$DUR" "$CONN" $(for f in direct nginx portcullis portcullis-redis forward-auth; do summary "bench/results/$f.txt"; done) <<'PY' | tee bench/results/proxy-summary.md
+python3 - "$DUR" "$CONN" $(for f in direct nginx portcullis portcullis-redis forward-auth core; do summary "bench/results/$f.txt"; done) <<'PY' | tee bench/results/proxy-summary.md
 import sys
 dur, conn = sys.argv[1:3]
-d, n, p, r, f = (tuple(map(float, sys.argv[i:i + 3])) for i in range(3, 18, 3))
+d, n, p, r, f, c = (tuple(map(float, sys.argv[i:i + 3])) for i in range(3, 21, 3))
 rows = (("direct upstream", d), ("nginx reverse proxy", n), ("Portcullis (memory store)", p),
-        ("Portcullis (Redis store)", r), ("nginx auth_request → Portcullis forward-auth", f))
+        ("Portcullis (Redis store)", r), ("nginx auth_request → Portcullis forward-auth", f),
+        ("the gateway's HTTP core without the gate", c))
 print("| path | requests/s | p50 ms | p99 ms | throughput / nginx | throughput / direct | p99 added over direct ms |")
 print("|---|---|---|---|---|---|---|")
 for name, (rps, p50, p99) in rows:
@@ -155,12 +162,14 @@ fixed -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$NGX/campaigns" > 
 fixed -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$GW/campaigns" > bench/results/fixed-portcullis.json
 fixed -H "Cookie: $cookie_redis" -H "User-Agent: $BENCH_UA" "http://$GWR/campaigns" > bench/results/fixed-portcullis-redis.json
 fixed -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$FWD/campaigns" > bench/results/fixed-forward-auth.json
+fixed -H "Cookie: $cookie" -H "User-Agent: $BENCH_UA" "http://$CORE/campaigns" > bench/results/fixed-core.json
 python3 - "$half" "$DUR" "$CONN" <<'PY' | tee -a bench/results/proxy-summary.md
 import json, sys
 rate, dur, conn = sys.argv[1:4]
 rows = (("direct upstream", "direct"), ("nginx reverse proxy", "nginx"),
         ("Portcullis (memory store)", "portcullis"), ("Portcullis (Redis store)", "portcullis-redis"),
-        ("nginx auth_request → Portcullis forward-auth", "forward-auth"))
+        ("nginx auth_request → Portcullis forward-auth", "forward-auth"),
+        ("the gateway's HTTP core without the gate", "core"))
 def load(name):
     r = json.load(open(f"bench/results/fixed-{name}.json"))
     codes = r.get("statusCodeDistribution", {})

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::state::AppState;
 
-mod conn;
+pub mod conn;
 pub mod tls;
 
 /// How often signing keys are re-read, so a rotation made elsewhere is picked up.
