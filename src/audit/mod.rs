@@ -443,8 +443,12 @@ impl AuditEvent {
         self
     }
 
+    /// The address a client typed, for an event about an account that may not exist. Kept only
+    /// if it has the shape of an address ([`crate::policy::is_plausible_email`]): anything else
+    /// names no account, is often a password typed into the wrong field, and may carry line
+    /// breaks or terminal escapes meant for whoever reads the trail.
     pub fn email(mut self, email: &str) -> Self {
-        self.email = Some(email.chars().take(320).collect());
+        self.email = crate::policy::is_plausible_email(email).then(|| email.to_string());
         self
     }
 
@@ -507,6 +511,24 @@ mod tests {
             "failure",
             time::OffsetDateTime::now_utc().unix_timestamp(),
         )
+    }
+
+    /// What a client typed as its address is kept only when it is shaped like one: a password
+    /// typed into the address field, or a value carrying line breaks and terminal escapes, is not.
+    #[test]
+    fn a_typed_address_is_kept_only_when_it_is_one() {
+        assert_eq!(
+            event().email("ghost@example.com").email.as_deref(),
+            Some("ghost@example.com")
+        );
+        for typed in [
+            "zebra-quantum-al-991!",
+            "nobody@example.com ip=203.0.113.9\n2026-12-06T10:40:00Z login_password success",
+            "evil@example.com\u{1b}[2J",
+            "",
+        ] {
+            assert_eq!(event().email(typed).email, None, "{typed:?}");
+        }
     }
 
     #[tokio::test]
