@@ -154,7 +154,14 @@ pub async fn reauth_post(
     check_csrf(&state, &headers, &form.csrf)?;
     let next = next_path(&state, &form.next);
     let Some((mut loaded, user)) = signed_in(&state, &headers).await? else {
-        return Ok(restart(&state, "expired"));
+        // No complete session: as for the page, sign in first. Whatever the cookie holds (a
+        // sign-in under way, say) is left as it is.
+        if !wants_html(&headers) {
+            return Err(no_session());
+        }
+        let back: String =
+            url::form_urlencoded::byte_serialize(url(&next, false).as_bytes()).collect();
+        return Ok(see_other(&format!("/_portcullis/login?next={back}")));
     };
     let client = super::client(&state, peer, &headers);
     let outcome = state

@@ -187,3 +187,42 @@ async fn sensitive_actions_need_a_recent_proof() {
         .unwrap();
     assert_eq!(r.status(), 403);
 }
+
+/// A code sent to the step-up form while a sign-in is under way is refused (a page to sign in
+/// first; `401 session_required` as JSON) without ending that sign-in, which then completes
+/// with its second factor.
+#[tokio::test]
+async fn a_step_up_code_during_a_sign_in_leaves_the_sign_in_alone() {
+    let gw = Gateway::start().await;
+    let email = "pending@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    gw.clock.advance(30);
+    let c = gw.browser();
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let csrf = gw.csrf(&c, "/_portcullis/mfa").await;
+    for accept in ["text/html", "application/json"] {
+        let r = c
+            .post(gw.url("/_portcullis/reauth"))
+            .header("accept", accept)
+            .form(&[("csrf", csrf.as_str()), ("code", "000000"), ("next", "/")])
+            .send()
+            .await
+            .unwrap();
+        assert!(r.headers().get("set-cookie").is_none(), "{accept}");
+        if accept == "text/html" {
+            assert_eq!(r.status(), 303);
+            assert_eq!(
+                location(&r),
+                "/_portcullis/login?next=%2F_portcullis%2Freauth%3Fnext%3D%252F"
+            );
+        } else {
+            assert_eq!(r.status(), 401);
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["error"], "session_required");
+        }
+    }
+    let r = gw.code(&c, "/_portcullis/mfa", &gw.totp_now(&secret)).await;
+    assert_eq!(r.status(), 303, "the sign-in goes on");
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+}
