@@ -361,27 +361,68 @@ fn backoff(attempts: i64) -> i64 {
         .min(MAX_BACKOFF_SECS)
 }
 
+/// Creates the outbox (and what is missing above it) readable by the gateway's user only. A
+/// directory that exists is left as it is: its owner may have made it group-readable for the
+/// system that takes the mail from there.
 fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if dir.is_dir() {
+        return Ok(());
     }
-    Ok(())
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 /// Writes `name` in `dir` through a temporary file and a rename, so a reader of the outbox never
-/// sees half a message.
+/// sees half a message. Messages carry one-time links: readable by the gateway's user and its
+/// group (a hand-off to another system), never by others.
 fn write_atomically(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+    let mut file = options.open(&tmp)?;
+    file.write_all(bytes)?;
+    drop(file);
     std::fs::rename(&tmp, dir.join(name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The outbox the gateway creates is private; one that exists keeps the mode its owner gave
+    /// it (a group hand-off); messages are never readable by others.
+    #[cfg(unix)]
+    #[test]
+    fn the_outbox_is_private_unless_its_owner_shared_it_and_mail_is_never_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = tempfile::tempdir().unwrap();
+        let created = root.path().join("a/outbox");
+        create_private_dir(&created).unwrap();
+        assert_eq!(mode(&created), 0o700);
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2770)).unwrap();
+        create_private_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o2770);
+        write_atomically(&shared, "m.eml", b"Subject: x\r\n\r\nbody").unwrap();
+        assert_eq!(mode(&shared.join("m.eml")) & 0o007, 0, "not for others");
+        assert_eq!(
+            std::fs::read(shared.join("m.eml")).unwrap(),
+            b"Subject: x\r\n\r\nbody"
+        );
+        assert!(!shared.join(".m.eml.tmp").exists());
+        // A file in the way is an error, not a directory made elsewhere.
+        std::fs::write(root.path().join("file"), b"").unwrap();
+        assert!(create_private_dir(&root.path().join("file")).is_err());
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
