@@ -333,14 +333,45 @@ fn preflight(config: &Config) -> Result<()> {
     if let Some(db) = &config.risk.geoip_database {
         crate::risk::check_database(db)?;
     }
-    let outbox = &config.notify.outbox_dir;
-    if config.notify.smtp_url.is_none() && outbox.exists() && !outbox.is_dir() {
-        anyhow::bail!(
-            "notify.outbox_dir: {} is not a directory (without notify.smtp_url, mail is written there)",
-            outbox.display()
-        );
+    if config.notify.smtp_url.is_none() {
+        check_outbox(&config.notify.outbox_dir)?;
     }
     Ok(())
+}
+
+/// Without `notify.smtp_url`, mail is written to `notify.outbox_dir`: it must be a directory,
+/// or one the gateway can create (tried where the missing part would start, with a directory
+/// that is removed at once).
+fn check_outbox(outbox: &std::path::Path) -> Result<()> {
+    let what = "without notify.smtp_url, mail is written there";
+    if outbox.exists() {
+        if !outbox.is_dir() {
+            anyhow::bail!(
+                "notify.outbox_dir: {} is not a directory ({what})",
+                outbox.display()
+            );
+        }
+        return Ok(());
+    }
+    let cwd = std::path::Path::new(".");
+    let existing = outbox
+        .ancestors()
+        .skip(1)
+        .map(|a| if a.as_os_str().is_empty() { cwd } else { a })
+        .find(|a| a.exists())
+        .unwrap_or(cwd);
+    let probe = existing.join(format!(".portcullis-check-{}", std::process::id()));
+    match std::fs::create_dir(&probe) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir(&probe);
+            Ok(())
+        }
+        Err(e) => anyhow::bail!(
+            "notify.outbox_dir: {} cannot be created in {}: {e} ({what})",
+            outbox.display(),
+            existing.display()
+        ),
+    }
 }
 
 /// `check-config`'s look at the durable store: the master key must be the database's (open its
@@ -371,6 +402,10 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
             return Ok(());
         }
     };
+    if let Ok(false) = store.is_set_up().await {
+        note!("note: the database has no tables yet (the gateway sets them up when it first starts); the master key was not checked against stored keys");
+        return Ok(());
+    }
     let key = config.master_key()?;
     match crate::token::check_master_key(&store, &key, SystemClock.now(), crate::token::Claim::No)
         .await
@@ -603,6 +638,11 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             if !crate::policy::is_plausible_email(&email) {
                 bail!("`{email}` is not an email address");
             }
+            if admin {
+                if let Some(why) = keys_unavailable(&config) {
+                    bail!("admins sign in with a security key, but {why}");
+                }
+            }
             let account = account_id(&account)?;
             let password = read_password()?;
             check_policy(password.expose(), &config.password, &email)?;
@@ -629,7 +669,11 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 user.account_id,
                 if user.is_admin { " as admin" } else { "" }
             );
-            say!("at first sign-in the user must set up a second factor (TOTP)");
+            if user.is_admin {
+                say!("at first sign-in the admin must register a security key (admins sign in with one)");
+            } else {
+                say!("at first sign-in the user must set up a second factor (TOTP)");
+            }
         }
         Command::User(UserCmd::List { json }) => {
             let users = durable.list_users().await?;
@@ -687,10 +731,17 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         }
         Command::User(UserCmd::Unlock { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
+            if !u.locked {
+                say!("{} is not locked", u.email);
+                return Ok(());
+            }
             durable.set_locked(&u.id, false).await?;
             durable
                 .append_audit(&[audit("user_unlocked", Some(&u), "cli")])
                 .await?;
+            notifier(&config, &durable)?
+                .account_change(&u, "an administrator unlocked password sign-in")
+                .await;
             if !crate::store::awaits_enrolment_link(durable.as_ref(), &u).await? {
                 say!(
                     "unlocked {}; password sign-in works again (ask them to change the password)",
@@ -932,12 +983,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                             rfc3339(e.at),
                             e.event,
                             e.outcome,
-                            e.email.as_deref().or(e.user_id.as_deref()).unwrap_or("-"),
-                            e.ip.as_deref().unwrap_or("-"),
-                            e.reason.as_deref().unwrap_or("-"),
+                            shown(e.email.as_deref().or(e.user_id.as_deref()).unwrap_or("-")),
+                            shown(e.ip.as_deref().unwrap_or("-")),
+                            shown(e.reason.as_deref().unwrap_or("-")),
                             e.actor
                                 .as_deref()
-                                .map(|a| format!(" actor={a}"))
+                                .map(|a| format!(" actor={}", shown(a)))
                                 .unwrap_or_default(),
                             // A summary of repeated refusals: how many it stands for.
                             if e.times == 1 {
@@ -968,6 +1019,21 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
     Ok(())
 }
 
+/// A value of an audit event in `audit tail`'s text lines: as it is when it is one plain word,
+/// else quoted with escapes, so that no value can break a line, fake a field or another event,
+/// or send control sequences to the reader's terminal.
+fn shown(value: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '\\');
+    if plain && !value.chars().any(crate::policy::is_hidden_char) {
+        value.into()
+    } else {
+        format!("{value:?}").into()
+    }
+}
+
 /// `portcullis token verify`.
 async fn verify_token(
     config: &Config,
@@ -988,7 +1054,19 @@ async fn verify_token(
     let set: serde_json::Value = serde_json::from_str(&body).context("the JWKS is not JSON")?;
     let audience = audience.unwrap_or_else(|| config.token.audience.clone());
     let issuer = issuer.unwrap_or_else(|| config.issuer());
-    let claims = crate::token::verify(token.trim(), &set, &audience, Some(&issuer), 30)?;
+    let claims = crate::token::verify(token.trim(), &set, &audience, Some(&issuer), 30)
+        .map_err(|e| {
+            // Say what was expected and where it came from, the usual cause being a missing
+            // --config.
+            let text = e.to_string();
+            if text.contains("(iss)") {
+                anyhow::anyhow!("{text}: expected `{issuer}` (the gateway's token.issuer: give its --config, or --issuer)")
+            } else if text.contains("(aud)") {
+                anyhow::anyhow!("{text}: expected `{audience}` (the gateway's token.audience: give its --config, or --audience)")
+            } else {
+                e.into()
+            }
+        })?;
     say!("{}", serde_json::to_string_pretty(&claims)?);
     note!("token is valid");
     Ok(())

@@ -1,6 +1,7 @@
 //! `[storage]`: where state lives, and how long to wait for a store before failing closed.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
@@ -66,6 +67,13 @@ impl StorageConfig {
     /// The Redis target when the ephemeral store is Redis; `None` for `memory`.
     pub fn redis_target(&self) -> Result<Option<RedisTarget>, ConfigError> {
         if self.ephemeral == "memory" {
+            if self.redis_tls_ca.is_some() {
+                return Err(key_err(
+                    "storage.redis_tls_ca",
+                    "is set, but storage.ephemeral is `memory`: it is for a rediss:// or \
+                     rediss+cluster:// store",
+                ));
+            }
             return Ok(None);
         }
         let target = match RedisTarget::parse(&self.ephemeral) {
@@ -138,6 +146,21 @@ impl StorageConfig {
                 "storage.durable",
                 "is not a valid postgres:// URL (host, port and database name)",
             ));
+        }
+        // Its options as the driver reads them (`sslmode`, `mode`, …), so that a value the
+        // store would refuse at start is refused here, by name. The driver's message names the
+        // option, never the URL.
+        let options = if self.durable.starts_with("sqlite:") {
+            sqlx::sqlite::SqliteConnectOptions::from_str(&self.durable).map(drop)
+        } else {
+            sqlx::postgres::PgConnectOptions::from_str(&self.durable).map(drop)
+        };
+        if let Err(e) = options {
+            let why = match e {
+                sqlx::Error::Configuration(why) => why.to_string(),
+                _ => "has options the database driver does not accept".to_string(),
+            };
+            return Err(key_err("storage.durable", why));
         }
         Ok(())
     }

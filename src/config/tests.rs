@@ -137,6 +137,18 @@ fn bad_values_are_refused_with_the_key() {
         ),
         ("[storage]\ndurable = \"mysql://x\"\n", "storage.durable"),
         (
+            "[storage]\ndurable = \"postgres://u:pw@127.0.0.1:5432/db?sslmode=bogus\"\n",
+            "storage.durable",
+        ),
+        (
+            "[storage]\ndurable = \"sqlite://x.sqlite?mode=bogus\"\n",
+            "storage.durable",
+        ),
+        (
+            "[storage]\nredis_tls_ca = \"/etc/ssl/ca.pem\"\n",
+            "storage.redis_tls_ca",
+        ),
+        (
             "[storage]\ndurable = \"postgres://u:pw@127.0.0.1:notaport/db\"\n",
             "storage.durable",
         ),

@@ -66,6 +66,13 @@ pub fn check_rule(rule: &StepUpRule) -> Result<(), String> {
             "path must be written in its canonical form (no escapes, `.` or `..` segments)".into(),
         );
     }
+    if super::is_gateway_path(&rule.path) {
+        return Err(
+            "path is in the gateway's own namespace (/_portcullis), which is never forwarded: \
+             the rule would never apply"
+                .into(),
+        );
+    }
     if rule.max_age < Duration::from_secs(30) || rule.max_age > Duration::from_secs(24 * 3600) {
         return Err("max_age must be between 30s and 24h".into());
     }
@@ -280,6 +287,8 @@ mod tests {
             rule("/a", &["POTS"]),
             rule("/%61pi-keys/**", &[]),
             rule("/a/../b", &[]),
+            rule("/_portcullis/login", &["POST"]),
+            rule("/_Portcullis/**", &[]),
             StepUpRule {
                 max_age: Duration::from_secs(1),
                 ..rule("/a", &[])

@@ -1571,6 +1571,24 @@ impl DurableStore for SqlStore {
 }
 
 // Tests may fail loudly; the crate-wide ban on unwrap/expect/panic is for production paths.
+impl SqlStore {
+    /// Whether the gateway's tables exist here (a new database has none until the first
+    /// `serve` or CLI command sets them up).
+    pub async fn is_set_up(&self) -> StoreResult<bool> {
+        let sql = if self.sqlite {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'signing_keys'"
+        } else {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_name = 'signing_keys' AND table_schema = current_schema()"
+        };
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(n > 0)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {

@@ -67,6 +67,9 @@ pub fn verify(
                 ErrorKind::MissingRequiredClaim(c) => format!("required claim {c} is missing"),
                 ErrorKind::InvalidClaimFormat(c) => format!("claim {c} is malformed"),
                 ErrorKind::Json(j) => format!("claims are malformed: {j}"),
+                ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+                    "not a well-formed token (three base64url parts joined by dots)".to_string()
+                }
                 other => format!("token rejected: {other:?}"),
             })
         })

@@ -269,6 +269,29 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         )
         .await;
     assert!(!out.status.success(), "wrong audience refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wrong audience") && err.contains("expected `someone-else`"),
+        "{err}"
+    );
+    // A damaged token is said to be one, in words.
+    let mut damaged = old_token.clone();
+    damaged.insert(old_token.rfind('.').unwrap() + 5, '!');
+    let out = gw
+        .cli(
+            &[
+                "token",
+                "verify",
+                &damaged,
+                "--jwks",
+                jwks_file.to_str().unwrap(),
+            ],
+            None,
+        )
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a well-formed token"), "{err}");
 }
 
 #[tokio::test]
@@ -327,6 +350,20 @@ async fn check_config_validates_and_redacts() {
                 env!("CARGO_MANIFEST_DIR")
             ),
             "risk.geoip_database",
+        ),
+        (
+            format!(
+                "[secrets]\nmaster_key_file = \"{}\"\n[notify]\noutbox_dir = \"/proc/nonexistent/outbox\"\n",
+                mk.display()
+            ),
+            "notify.outbox_dir",
+        ),
+        (
+            format!(
+                "[secrets]\nmaster_key_file = \"{}\"\n[storage]\ndurable = \"postgres://u:pw@127.0.0.1:5432/db?sslmode=bogus\"\n",
+                mk.display()
+            ),
+            "storage.durable",
         ),
     ] {
         std::fs::write(&bad, &text).unwrap();
@@ -447,6 +484,36 @@ async fn the_acting_user_is_the_real_one_not_dollar_user() {
         !actors[0].contains("fakeadmin") && !actors[0].contains("unknown"),
         "{actors:?}"
     );
+}
+
+/// Whatever a client types as its address, `audit tail` prints one line per event: an address
+/// that is not one (a password typed into the wrong field, text forging another event with a
+/// line break, terminal escapes) is not kept; an unknown address that is one is.
+#[tokio::test]
+async fn audit_tail_keeps_no_typed_password_and_no_forged_lines() {
+    let gw = Gateway::start().await;
+    let forged = "nobody@example.com ip=203.0.113.9 reason=unknown_user\n\
+                  2026-12-06T10:40:00Z login_password success user=bob@example.com ip=10.0.0.1\r\u{1b}[2J";
+    for typed in [forged, "zebra-quantum-al-991!", "ghost@example.com"] {
+        gw.clock.advance(30);
+        gw.password(&gw.browser(), typed, "not the password 123", "")
+            .await;
+    }
+    gw.audit().await;
+    let out = gw.cli(&["audit", "tail", "-n", "10"], None).await;
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let failures: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("login_password"))
+        .collect();
+    assert_eq!(failures.len(), 3, "one line per attempt:\n{text}");
+    assert!(failures.iter().all(|l| l.contains(" failure ")), "{text}");
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    assert!(!text.contains("zebra-quantum"), "{text}");
+    assert!(text.contains("user=ghost@example.com"), "{text}");
+    let json = gw.cli(&["audit", "tail", "--json", "-n", "10"], None).await;
+    assert!(!String::from_utf8_lossy(&json.stdout).contains("zebra-quantum"));
 }
 
 /// `audit tail -n 0` prints nothing, and a reader that goes away (`| head`) is no error.
@@ -792,4 +859,65 @@ async fn the_demo_applies_a_configuration_file() {
             "{stdout}"
         );
     }
+}
+
+/// An admin signs in with a security key: where keys cannot work (a `public_url` without a
+/// domain name), `user add --admin` refuses as `admin bootstrap` does, instead of creating an
+/// admin who can never reach the admin console.
+#[tokio::test]
+async fn user_add_admin_needs_security_keys_to_work() {
+    let gw = Gateway::start().await;
+    let out = gw
+        .cli(
+            &[
+                "user",
+                "add",
+                "boss@example.com",
+                "--account",
+                "ops",
+                "--admin",
+            ],
+            Some("a long enough admin passphrase\n"),
+        )
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("admins sign in with a security key"), "{err}");
+    assert!(gw
+        .state
+        .durable
+        .user_by_email("boss@example.com")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+/// `check-config` on a new, empty PostgreSQL database says that it has no tables yet (a normal
+/// state before the first start), not that storage is unavailable; it creates none.
+#[tokio::test]
+async fn check_config_on_an_empty_postgres_database_says_it_is_new() {
+    let gw = Gateway::start().await;
+    let (db, durable) = fresh_database().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config"])
+        .arg(&gw.config_path)
+        .env("PORTCULLIS__STORAGE__DURABLE", &durable)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let tables: i64 = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&durable).await.unwrap();
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+    };
+    drop_database(&db).await;
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("has no tables yet"), "{err}");
+    assert!(!err.contains("does not exist"), "{err}");
+    assert_eq!(tables, 0, "nothing written");
 }
