@@ -485,6 +485,11 @@ pub async fn recovery_codes_post(
         .login
         .regenerate_recovery_codes(&user, &client)
         .await?;
+    if super::prefers_json(&headers) {
+        return Ok(axum::response::IntoResponse::into_response(axum::Json(
+            serde_json::json!({ "recovery_codes": codes }),
+        )));
+    }
     Ok(render(
         StatusCode::OK,
         &pages::AccountRecoveryCodes { codes: &codes },
@@ -505,6 +510,13 @@ fn totp_page(
         return axum::response::IntoResponse::into_response(refused);
     }
     let uri = totp::otpauth_uri(secret.expose(), &state.login.totp_issuer, &user.email);
+    if super::prefers_json(headers) {
+        return axum::response::IntoResponse::into_response(axum::Json(serde_json::json!({
+            "secret": totp::secret_base32(secret.expose()),
+            "otpauth_uri": uri,
+            "confirm": "/_portcullis/account/totp/confirm",
+        })));
+    }
     let (token, set) = csrf_token(state, headers);
     let view = pages::AccountTotp {
         csrf: &token,
@@ -575,6 +587,9 @@ pub async fn totp_confirm_post(
                 return expired_change(&state, &headers, &loaded, &user).await;
             };
             let msg = "That code is not right. Check the time on your device and enter the current code from the new app.";
+            if !wants_html(&headers) {
+                return Err(AppError::new(StatusCode::UNAUTHORIZED, "invalid_code", msg));
+            }
             Ok(totp_page(
                 &state,
                 &headers,

@@ -367,6 +367,16 @@ pub async fn report_post(
             ),
         )
         .await?;
+    if super::prefers_json(&headers) {
+        return Ok(axum::response::IntoResponse::into_response(axum::Json(
+            serde_json::json!({
+                "reported": if sign_in { "sign_in" } else { "change" },
+                "sessions_ended": true,
+                "password_sign_in_locked": true,
+                "factors_removed": dropped != DroppedFactors::default(),
+            }),
+        )));
+    }
     Ok(render(
         StatusCode::OK,
         &pages::Reported {

@@ -189,6 +189,10 @@ fn title_for(status: StatusCode) -> &'static str {
         401 => "Please sign in",
         403 => "Not allowed",
         404 => "Not found",
+        405 => "Not available this way",
+        409 => "Already done",
+        410 => "This link is no longer valid",
+        415 => "That request could not be understood",
         429 => "Too many attempts",
         502 => "The console is not reachable",
         503 => "Temporarily unavailable",
@@ -213,7 +217,9 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
         action: err
             .action
             .as_ref()
-            .map(|(href, label)| (href.as_str(), *label)),
+            .map(|(href, label)| (href.as_str(), *label))
+            // The console or a store is away for a moment: a session is not the question.
+            .or_else(|| matches!(err.status.as_u16(), 502..=504).then_some(("/", "Try again"))),
     };
     let body = page.render().unwrap_or_else(|_| err.message.clone());
     let mut out = (err.status, Html(body)).into_response();

@@ -61,6 +61,8 @@ test("bootstrap an admin, enrol a customer by link, and refuse a code-only admin
 
     // The admin's link takes a security key only.
     await page.goto(link);
+    // Password managers file the new password under the account's name.
+    assert.equal(await page.inputValue("input[autocomplete=username]"), "boss@example.com");
     await page.fill("#password", PASSWORD);
     await page.fill("#password2", PASSWORD);
     await page.click("button[type=submit]");

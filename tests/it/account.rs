@@ -108,6 +108,48 @@ async fn new_recovery_codes_replace_the_old_ones() {
     );
 }
 
+/// An API client gets what the account page's forms make as JSON: the new recovery codes (which
+/// work), and the pending authenticator secret with where to confirm it.
+#[tokio::test]
+async fn api_clients_get_new_codes_and_a_new_app_secret_as_json() {
+    let gw = Gateway::start().await;
+    let email = "json-codes@example.com";
+    let (c, _, old) = gw.signed_in(email).await;
+    let json_post = |path: &'static str| {
+        let c = &c;
+        let gw = &gw;
+        async move {
+            let csrf = gw.csrf(c, ACCOUNT).await;
+            let r = c
+                .post(gw.url(path))
+                .header("accept", "application/json")
+                .form(&[("csrf", csrf.as_str())])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            assert!(r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"));
+            assert_eq!(r.headers()["cache-control"], "no-store");
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let v = json_post(CODES).await;
+    let new: Vec<String> = serde_json::from_value(v["recovery_codes"].clone()).unwrap();
+    assert_eq!(new.len(), 10);
+    assert!(new.iter().all(|n| !old.contains(n)));
+    let v = json_post(TOTP).await;
+    assert_eq!(v["confirm"], CONFIRM);
+    let secret = v["secret"].as_str().unwrap().to_string();
+    assert!(v["otpauth_uri"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("secret={secret}")));
+    assert!(code_signs_in(&gw, email, &new[0]).await);
+}
+
 #[tokio::test]
 async fn new_recovery_codes_need_csrf_and_a_fresh_proof() {
     let gw = Gateway::start().await;
@@ -150,7 +192,7 @@ async fn a_new_authenticator_app_replaces_the_old_one_once_confirmed() {
         .unwrap();
     assert_eq!(r.status(), 401);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["error"], "unauthorized");
+    assert_eq!(v["error"], "invalid_code", "as every wrong code is");
     assert!(v["message"].as_str().unwrap().contains("not right"));
     let r = act(&gw, &c, CONFIRM, &[("code", &code_at(&new, now))]).await;
     assert_eq!(location(&r), "/_portcullis/account?notice=totp_changed");
@@ -253,6 +295,14 @@ async fn the_password_is_changed_with_the_current_one_and_other_sessions_end() {
     let (c, secret, _) = gw.signed_in(email).await;
     let other = gw.sign_in_again(email, &secret).await;
     assert_eq!(gw.status(&other, "/campaigns").await, 200);
+    // The form names the account for password managers (a field that is not sent).
+    let page = gw.page(&c, ACCOUNT).await;
+    assert!(
+        page.contains(
+            r#"<input type="email" value="pw-change@example.com" autocomplete="username""#
+        ),
+        "{page}"
+    );
     let new = "a brand new passphrase for this";
     for (fields, status, says) in [
         (

@@ -31,8 +31,20 @@ async fn confirm_report(
     csrf: &str,
     link: &str,
 ) -> reqwest::Response {
+    confirm_report_as(gw, reader, csrf, link, "text/html").await
+}
+
+/// Sends the report page's form, accepting `accept`.
+async fn confirm_report_as(
+    gw: &Gateway,
+    reader: &Browser,
+    csrf: &str,
+    link: &str,
+    accept: &str,
+) -> reqwest::Response {
     reader
         .post(gw.url("/_portcullis/report"))
+        .header("accept", accept)
         .form(&[("csrf", csrf), ("t", link.split("t=").nth(1).unwrap())])
         .send()
         .await
@@ -322,11 +334,39 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Once: an account that is not locked is said to be so, and nothing is recorded again.
+    let out = gw
+        .cli(&["user", "unlock", "victim@example.com"], None)
+        .await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is not locked"));
+    let unlocks = gw
+        .audit()
+        .await
+        .iter()
+        .filter(|e| e.event == "user_unlocked")
+        .count();
+    assert_eq!(unlocks, 1);
     gw.clock.advance(2);
     let r = gw
         .password(&again, "victim@example.com", PASSWORD, "")
         .await;
     assert_eq!(location(&r), "/_portcullis/mfa");
+}
+
+/// An API client confirming a report gets what was done as JSON.
+#[tokio::test]
+async fn a_report_answers_an_api_client_in_json() {
+    let gw = Gateway::start().await;
+    let (_, _, _) = gw.signed_in("api-report@example.com").await;
+    let link = report_link(&sign_in_notices(&gw).await[0]);
+    let (reader, csrf) = open_report(&gw, &link).await;
+    let r = confirm_report_as(&gw, &reader, &csrf, &link, "application/json").await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["reported"], "sign_in");
+    assert_eq!(v["password_sign_in_locked"], true);
+    assert!(gw.user("api-report@example.com").await.locked);
 }
 
 #[tokio::test]
