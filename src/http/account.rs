@@ -140,7 +140,8 @@ pub(super) async fn page(
         recovery_left,
         sign_ins: &sign_ins,
         webauthn: state.keys.is_some(),
-        fresh: super::webauthn::fresh(state, &loaded.session),
+        fresh: super::webauthn::fresh(state, &loaded.session, user),
+        key_only: user.is_admin,
         password_min: state.config.password.min_length,
         password_max: state.config.password.max_length,
         notice,
@@ -275,7 +276,7 @@ pub async fn remove_post(
         let (state, headers, loaded, user) = (&state, &headers, &loaded, &user);
         async move { page(state, headers, loaded, user, None, Some(msg), status).await }
     };
-    if !fresh(&state, &loaded.session) {
+    if !fresh(&state, &loaded.session, &user) {
         state.metrics.step_up("fresh_proof_required");
         // As every other factor change refuses it (`reauthentication_required` for API clients).
         return stale(&state, &headers, &loaded, &user).await;
@@ -436,10 +437,18 @@ async fn stale(
     if !wants_html(headers) {
         return Err(AppError::forbidden(
             "reauthentication_required",
-            format!("Changing how you sign in needs a recent second-factor proof; confirm it at {REAUTH} and try again."),
+            if user.is_admin {
+                format!("Changing how an administrator signs in needs a recent proof with a security key; confirm it at {REAUTH}&key=1 and try again.")
+            } else {
+                format!("Changing how you sign in needs a recent second-factor proof; confirm it at {REAUTH} and try again.")
+            },
         ));
     }
-    let msg = "For your security, confirm it's you again before changing how you sign in.";
+    let msg = if user.is_admin {
+        "For your security, confirm it's you again with your security key before changing how you sign in."
+    } else {
+        "For your security, confirm it's you again before changing how you sign in."
+    };
     page(
         state,
         headers,
@@ -462,7 +471,7 @@ pub(super) async fn changing(
         Ok(v) => v,
         Err(r) => return Ok(Err(r)),
     };
-    if !fresh(state, &loaded.session) {
+    if !fresh(state, &loaded.session, &user) {
         return Ok(Err(stale(state, headers, &loaded, &user).await?));
     }
     Ok(Ok((loaded, user)))

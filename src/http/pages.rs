@@ -135,6 +135,8 @@ pub struct Account<'a> {
     pub webauthn: bool,
     /// The last second-factor proof is recent enough to change factors.
     pub fresh: bool,
+    /// An administrator: only a security-key proof makes the session fresh.
+    pub key_only: bool,
     /// Length limits of a new password.
     pub password_min: usize,
     pub password_max: usize,

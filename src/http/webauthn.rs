@@ -135,9 +135,16 @@ pub(crate) async fn ended_by_failures(
 }
 
 /// Whether the session's last second-factor proof is recent enough for a change of factors.
-pub(super) fn fresh(state: &AppState, s: &Session) -> bool {
-    s.second_factor_ms()
-        .is_some_and(|at| state.clock.now_millis() - at <= FRESH_PROOF_MS)
+/// On an administrator's account only a security-key proof counts: a code (a recovery code, an
+/// app set up later) must not let a new key in, and with it the admin console, which takes
+/// keys only.
+pub(super) fn fresh(state: &AppState, s: &Session, user: &User) -> bool {
+    let proof = if user.is_admin {
+        s.strong_ms
+    } else {
+        s.second_factor_ms()
+    };
+    proof.is_some_and(|at| state.clock.now_millis() - at <= FRESH_PROOF_MS)
 }
 
 /// The session allowed to register a key and its user: a complete session with a fresh
@@ -154,11 +161,17 @@ async fn registering(state: &AppState, headers: &HeaderMap) -> Result<(Loaded, U
                 .await?
                 .map(std::sync::Arc::unwrap_or_clone)
                 .ok_or_else(no_session)?;
-            if !fresh(state, &loaded.session) {
+            if !fresh(state, &loaded.session, &user) {
                 state.metrics.step_up("fresh_proof_required");
                 return Err(AppError::forbidden(
                     "reauthentication_required",
-                    "For your security, confirm it's you again at /_portcullis/reauth before adding a key.",
+                    if user.is_admin {
+                        "For your security, confirm it's you again with a security key at \
+                         /_portcullis/reauth?key=1 before adding a key: on an administrator's \
+                         account a code does not count."
+                    } else {
+                        "For your security, confirm it's you again at /_portcullis/reauth before adding a key."
+                    },
                 ));
             }
             user

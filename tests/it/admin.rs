@@ -9,8 +9,8 @@ use webauthn_authenticator_rs::prelude::{CreationChallengeResponse, RequestChall
 
 use super::harness::*;
 use super::webauthn::{
-    after_password, call, error_code, gateway, key, origin, registration, second_factor, with_key,
-    Key,
+    after_password, call, error_code, gateway, key, origin, page, post_form, registration,
+    second_factor, start, with_key, Key,
 };
 
 const ROOT: &str = "root@example.com";
@@ -1198,4 +1198,50 @@ async fn refused_forms_answer_api_clients_in_json() {
     // Nothing was done by either answer.
     assert!(!gw.user("formtarget@example.com").await.disabled);
     assert!(!gw.user(ROOT).await.disabled);
+}
+
+/// On an administrator's account only a security-key proof is fresh enough to change how they
+/// sign in: a session completed with a code (a thief with the password and a recovery code, or
+/// an app) cannot add a key of its own, and with it reach the admin console, which takes keys
+/// only; the admin's own key session can.
+#[tokio::test]
+async fn an_admins_codes_are_no_proof_for_adding_a_key() {
+    let gw = gateway().await;
+    let (code_browser, key_browser, _, _) = admin(&gw).await;
+    let account = page(&gw, &code_browser, "/_portcullis/account").await;
+    assert!(
+        account.contains("reauth?next=%2F_portcullis%2Faccount&amp;key=1"),
+        "{account}"
+    );
+    let csrf = gw.csrf(&code_browser, "/_portcullis/account").await;
+    let r = call(
+        &gw,
+        &code_browser,
+        &csrf,
+        "register/start",
+        json!({ "name": "thief" }),
+    )
+    .await;
+    assert_eq!(
+        error_code(r).await,
+        (403, "reauthentication_required".to_string())
+    );
+    let r = post_form(
+        &gw,
+        &code_browser,
+        "/_portcullis/account/totp",
+        &[("csrf", csrf.as_str())],
+    )
+    .await;
+    assert_eq!(r.status(), 403, "nor a new app");
+    // The admin's key session may.
+    let csrf = gw.csrf(&key_browser, "/_portcullis/account").await;
+    start(
+        &gw,
+        &key_browser,
+        &csrf,
+        "register/start",
+        json!({ "name": "spare" }),
+    )
+    .await;
 }
