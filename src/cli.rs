@@ -740,7 +740,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .append_audit(&[audit("user_unlocked", Some(&u), "cli")])
                 .await?;
             notifier(&config, &durable)?
-                .account_change(&u, "an administrator unlocked password sign-in")
+                .admin_change(&u, "an administrator unlocked password sign-in")
                 .await;
             if !crate::store::awaits_enrolment_link(durable.as_ref(), &u).await? {
                 say!(
@@ -773,7 +773,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let u = find_user(durable.as_ref(), &email).await?;
             durable.reset_second_factors(&u.id, clock.now()).await?;
             notifier(&config, &durable)?
-                .account_change(&u, crate::notify::RESET_NOTICE)
+                .admin_change(&u, crate::notify::RESET_NOTICE)
                 .await;
             durable.void_sessions(&u.id, clock.now_millis()).await?;
             durable
@@ -799,7 +799,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .append_audit(&[audit("password_changed", Some(&u), "cli")])
                 .await?;
             notifier(&config, &durable)?
-                .account_change(
+                .admin_change(
                     &u,
                     "an administrator set a new password, and every session of the account was ended",
                 )
@@ -823,7 +823,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .append_audit(&[audit("totp_generated", Some(&u), "cli")])
                 .await?;
             notifier(&config, &durable)?
-                .account_change(
+                .admin_change(
                     &u,
                     "an administrator set up a new authenticator app, replacing any earlier one",
                 )

@@ -519,7 +519,7 @@ impl Keys {
             }
             Some(admin) => {
                 notifier
-                    .account_change(
+                    .admin_change(
                         user,
                         &format!(
                             "an administrator ({admin}) enrolled a security key or passkey named \

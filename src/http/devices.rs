@@ -129,7 +129,7 @@ async fn notify_new_device(state: &AppState, user: &User, device: &Device) -> Re
     let body = format!(
         "Your account {email} on {host} was just signed in to from a device it had not been used from before.\n\
          \n\
-         When:    {when} (UTC)\n\
+         When:    {when}\n\
          Device:  {name}\n\
          Address: {ip}\n\
          \n\

@@ -66,12 +66,17 @@ impl std::fmt::Debug for Transport {
 pub const RESET_NOTICE: &str = "an administrator removed all second factors; you set one up again \
      through the enrolment link your administrator gives you (your password alone no longer signs in)";
 
-/// `at` (Unix seconds) as notices print it: RFC 3339 to the second, UTC.
+/// `at` (Unix seconds) as notices print it: date and time to the second, saying UTC
+/// (`2026-12-06 10:40:00 UTC`).
 pub fn utc_text(at: UnixTime) -> String {
-    humantime::format_rfc3339_seconds(
+    let rfc3339 = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or_default()),
     )
-    .to_string()
+    .to_string();
+    format!(
+        "{} UTC",
+        rfc3339.trim_end_matches('Z').replacen('T', " ", 1)
+    )
 }
 
 /// The mail queue and its delivery.
@@ -176,6 +181,22 @@ impl Notifier {
         .await;
     }
 
+    /// A change an administrator made to `user`'s account (`what`): the notice says who made it
+    /// instead of asking whether it was the owner. (The reason the administrator gave is for the
+    /// audit trail, not for the mail.)
+    pub async fn admin_change(&self, user: &crate::store::User, what: &str) {
+        self.change_notice(
+            user,
+            what,
+            &format!(
+                "An administrator of {site} made this change. If you did not expect it, contact\n\
+                 your administrator.\n",
+                site = self.site
+            ),
+        )
+        .await;
+    }
+
     /// A new single-use "this wasn't me" link for `user` (only its hash is stored): for a
     /// sign-in from `device`, or for a change of the account's security (`None`). Returns the
     /// link.
@@ -237,7 +258,7 @@ impl Notifier {
     /// Queues the notice of a change, `what`, followed by `advice`.
     async fn change_notice(&self, user: &crate::store::User, what: &str, advice: &str) {
         let body = format!(
-            "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when} UTC)\n\n{advice}",
+            "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when})\n\n{advice}",
             email = user.email,
             site = self.site,
             when = utc_text(self.clock.now()),

@@ -573,6 +573,21 @@ async fn account_actions_take_effect_and_name_the_admin() {
     // The owner was told about the disable and the reset.
     let mail = gw.outbox().await.join("\n");
     assert!(mail.contains("disabled the account") && mail.contains("removed all second factors"));
+    // Said to be an administrator's doing, without asking whether it was the owner's, and
+    // without the reason meant for the audit trail.
+    let disabled = gw
+        .outbox()
+        .await
+        .into_iter()
+        .find(|m| m.contains("disabled the account"))
+        .unwrap();
+    assert!(
+        disabled.contains("An administrator of")
+            && !disabled.contains("If this was you")
+            && !disabled.contains("lost phone"),
+        "{disabled}"
+    );
+    assert!(!disabled.contains("Z UTC"), "{disabled}");
 }
 
 #[tokio::test]

@@ -342,11 +342,15 @@ async fn passkey_sign_in_counts_as_two_factors() {
 async fn counter_going_backwards_refuses_and_suspends_the_key() {
     let gw = gateway().await;
     let (_, user, mut k, _) = with_key(&gw, "clone@example.com", "Key").await;
-    let c = after_password(&gw, "clone@example.com").await;
+    let earlier = after_password(&gw, "clone@example.com").await;
     assert_eq!(
-        second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
+        second_factor(&gw, &earlier, &mut k, |_, _| {})
+            .await
+            .0
+            .status(),
         200
     );
+    assert_eq!(console(&gw, &earlier).await, 200);
 
     // Another copy of the key has since signed with higher counters: the stored counter is
     // ahead of what this one reports next.
@@ -373,6 +377,15 @@ async fn counter_going_backwards_refuses_and_suspends_the_key() {
             .len(),
         1
     );
+    // Which answer came from the copy cannot be told: the session the key proved earlier ends
+    // too (it may be the copier's), and the owner is told why.
+    gw.clock.advance(2);
+    assert_ne!(console(&gw, &earlier).await, 200);
+    assert!(gw
+        .outbox()
+        .await
+        .iter()
+        .any(|m| m.contains("answered as a copy of itself would")));
 
     // A suspended key is no longer offered or accepted, also not for passkey sign-in.
     let mfa = page(&gw, &c, "/_portcullis/mfa").await;

@@ -362,6 +362,26 @@ impl Keys {
             .reason(&format!("credential {}", stored.id));
         self.audit(ev, client).await;
         tracing::warn!(user = %user.id, credential = %stored.id, "security key counter went backwards; key suspended");
+        // Which of the two is the copy cannot be told: a session the key proved earlier may be
+        // the copier's as well as the owner's. Every session ends; the owner signs in again
+        // with another factor and is told why.
+        self.flow
+            .durable
+            .void_sessions(&user.id, self.flow.clock.now_millis())
+            .await?;
+        self.flow
+            .notifier
+            .account_change(
+                user,
+                &format!(
+                    "your security key \"{}\" answered as a copy of itself would (its signature \
+                     counter went backwards), so it was suspended and every session of the account \
+                     was ended; sign in with another key or your authenticator app, and ask your \
+                     administrator about the key",
+                    stored.name
+                ),
+            )
+            .await;
         Ok(())
     }
 

@@ -447,7 +447,7 @@ action!(
         record(&state, &admin, "user_disabled", Some(&user), &why).await;
         state
             .notifier
-            .account_change(&user, "an administrator disabled the account")
+            .admin_change(&user, "an administrator disabled the account")
             .await;
         Ok(done(&user, "disabled"))
     },
@@ -469,7 +469,7 @@ action!(
         record(&state, &admin, "user_enabled", Some(&user), &why).await;
         state
             .notifier
-            .account_change(&user, "an administrator enabled the account again")
+            .admin_change(&user, "an administrator enabled the account again")
             .await;
         Ok(done(&user, "enabled"))
     },
@@ -488,7 +488,7 @@ action!(
         record(&state, &admin, "user_unlocked", Some(&user), &why).await;
         state
             .notifier
-            .account_change(&user, "an administrator unlocked password sign-in")
+            .admin_change(&user, "an administrator unlocked password sign-in")
             .await;
         // A report may have taken the account's last factors: then the password alone still
         // signs in nobody, and the user needs an enrolment link.
@@ -517,7 +517,7 @@ action!(
         record(&state, &admin, "second_factors_reset", Some(&user), &why).await;
         state
             .notifier
-            .account_change(&user, crate::notify::RESET_NOTICE)
+            .admin_change(&user, crate::notify::RESET_NOTICE)
             .await;
         Ok(done(&user, "factors_reset"))
     },
@@ -564,7 +564,7 @@ pub async fn end_sessions_post(
     record(&state, &admin, "sessions_ended", Some(&user), &why).await;
     state
         .notifier
-        .account_change(&user, "an administrator ended every session of the account")
+        .admin_change(&user, "an administrator ended every session of the account")
         .await;
     Ok(done(&user, "sessions_ended"))
 }
@@ -593,7 +593,7 @@ pub async fn end_session_post(
     record(&state, &admin, "session_ended", Some(&user), &why).await;
     state
         .notifier
-        .account_change(
+        .admin_change(
             &user,
             &format!(
                 "an administrator ended a session of the account (signed in from {})",
@@ -651,7 +651,7 @@ pub async fn remove_key_post(
     .await;
     state
         .notifier
-        .account_change(&user, "an administrator removed one of your security keys")
+        .admin_change(&user, "an administrator removed one of your security keys")
         .await;
     Ok(done(&user, "key_removed"))
 }
@@ -682,7 +682,7 @@ pub async fn revoke_device_post(
         record(&state, &admin, "device_revoked", Some(&user), &why).await;
         state
             .notifier
-            .account_change(
+            .admin_change(
                 &user,
                 &format!(
                     "an administrator revoked the device \"{}\" and ended its sessions",
