@@ -140,13 +140,24 @@ pub(crate) fn step_up_refusal(
              it again: it was not sent."
         )
     };
+    step_up_answer(status, &message, reauth, "Confirm it's you")
+}
+
+/// A request held for a fresh proof: `step_up_required` with the step-up address (`reauth`
+/// in the JSON, a link labelled `action` on the page).
+pub(crate) fn step_up_answer(
+    status: StatusCode,
+    message: &str,
+    reauth: String,
+    action: &'static str,
+) -> Response {
     let body = serde_json::json!({
         "error": "step_up_required",
         "message": message,
         "reauth": reauth,
     });
     let mut r = AppError {
-        action: Some((reauth.clone(), "Confirm it's you")),
+        action: Some((reauth, action)),
         ..AppError::new(status, "step_up_required", message)
     }
     .into_response();
@@ -156,6 +167,20 @@ pub(crate) fn step_up_refusal(
 
 /// The same-origin page a request came from (`Referer`), as a safe return target.
 pub(crate) fn referring_page(state: &AppState, headers: &HeaderMap) -> Option<String> {
+    referring(state, headers, safe_return_to)
+}
+
+/// As [`referring_page`], where the gateway's own account and admin pages count too (see
+/// [`crate::policy::safe_return_target`]).
+pub(crate) fn referring_gateway_page(state: &AppState, headers: &HeaderMap) -> Option<String> {
+    referring(state, headers, crate::policy::safe_return_target)
+}
+
+fn referring(
+    state: &AppState,
+    headers: &HeaderMap,
+    safe: fn(&str, &url::Url) -> Option<String>,
+) -> Option<String> {
     let referer = headers.get(header::REFERER)?.to_str().ok()?;
     let url = url::Url::parse(referer).ok()?;
     let public = &state.config.server.public_url;
@@ -166,7 +191,7 @@ pub(crate) fn referring_page(state: &AppState, headers: &HeaderMap) -> Option<St
         Some(q) => format!("{}?{q}", url.path()),
         None => url.path().to_string(),
     };
-    safe_return_to(&target, public)
+    safe(&target, public)
 }
 
 /// What the gate decided about the session a request carries.

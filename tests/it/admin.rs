@@ -1260,3 +1260,42 @@ async fn an_admins_codes_are_no_proof_for_adding_a_key() {
     )
     .await;
 }
+
+/// A form sent past the sudo window is held with a link to the step-up that returns to the page
+/// the form was on (the form's own address takes no GET; the pages send no `Referer`), for a
+/// browser and for an API client.
+#[tokio::test]
+async fn a_form_past_the_sudo_window_links_back_to_its_page() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    gw.signed_in("late-target@example.com").await;
+    let target = gw.user("late-target@example.com").await;
+    let user_page = format!("/_portcullis/admin/users/{}", target.id);
+    let csrf = gw.csrf(&c, &user_page).await;
+    gw.clock.advance(15 * 60 + 1);
+    let reauth = format!(
+        "/_portcullis/reauth?next=%2F_portcullis%2Fadmin%2Fusers%2F{}&key=1",
+        target.id
+    );
+    for accept in ["text/html", "application/json"] {
+        let r = c
+            .post(gw.url(&format!("{user_page}/disable")))
+            .header("accept", accept)
+            .form(&[("csrf", csrf.as_str()), ("reason", "late")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{accept}");
+        let body = r.text().await.unwrap();
+        if accept == "text/html" {
+            let link = format!("href=\"{}\"", reauth.replace('&', "&#38;"));
+            assert!(body.contains(&link), "{body}");
+            assert!(body.contains("it was not sent"), "{body}");
+        } else {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["error"], "step_up_required");
+            assert_eq!(v["reauth"], reauth.as_str());
+        }
+    }
+    assert!(!gw.user("late-target@example.com").await.disabled);
+}

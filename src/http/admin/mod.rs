@@ -210,18 +210,25 @@ async fn guard(
                 Err(e) => return e.into_response(),
             }
             if !sudo_fresh(&state, &admin.session) {
-                let reauth = super::reauth::url(&target, true);
                 if browser_get {
-                    return see_other(&reauth);
+                    return see_other(&super::reauth::url(&target, true));
                 }
-                return AppError::forbidden(
-                    "step_up_required",
-                    format!(
-                        "The admin console needs a recent touch of your security key. \
-                         Confirm at {reauth} and try again."
-                    ),
-                )
-                .into_response();
+                // A form's address takes no GET: the step-up returns to the page the form was
+                // on (else the console's home), and the form is sent again from there.
+                let back = if req.method() == Method::GET {
+                    target.clone()
+                } else {
+                    super::gate::referring_gateway_page(&state, req.headers())
+                        .filter(|p| p.starts_with(PREFIX))
+                        .unwrap_or_else(|| page_of_form(&target))
+                };
+                return super::gate::step_up_answer(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "The admin console needs a recent touch of your security key. Confirm it's \
+                     you, then send it again: it was not sent.",
+                    super::reauth::url(&back, true),
+                    "Confirm with your security key",
+                );
             }
             req.extensions_mut().insert(admin);
             next.run(req).await
@@ -247,6 +254,22 @@ async fn guard(
                 .into_response()
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// The page whose form posts to `target`: a user's page for the actions on that user
+/// (`…/users/{id}/…`), the user list for a new user, else the console's home. (The gateway's
+/// pages send no `Referer`.)
+fn page_of_form(target: &str) -> String {
+    let path = target.split('?').next().unwrap_or_default();
+    let users = format!("{PREFIX}/users");
+    match path.strip_prefix(&format!("{users}/")) {
+        Some(rest) => match rest.split_once('/') {
+            Some((id, _)) if !id.is_empty() => format!("{users}/{id}"),
+            _ => users,
+        },
+        None if path == users => users,
+        None => PREFIX.to_string(),
     }
 }
 
@@ -315,4 +338,29 @@ fn respond(resp: Response, set: Option<String>) -> Response {
 /// RFC 3339 time for pages.
 fn when(t: i64) -> String {
     crate::clock::rfc3339(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_of_form;
+
+    #[test]
+    fn a_form_returns_to_the_page_it_is_on() {
+        for (target, page) in [
+            (
+                "/_portcullis/admin/users/u-1/disable",
+                "/_portcullis/admin/users/u-1",
+            ),
+            (
+                "/_portcullis/admin/users/u-1/sessions/s-9/end",
+                "/_portcullis/admin/users/u-1",
+            ),
+            ("/_portcullis/admin/users", "/_portcullis/admin/users"),
+            ("/_portcullis/admin/users?q=a", "/_portcullis/admin/users"),
+            ("/_portcullis/admin/users/", "/_portcullis/admin/users"),
+            ("/_portcullis/admin/audit", "/_portcullis/admin"),
+        ] {
+            assert_eq!(page_of_form(target), page, "{target}");
+        }
+    }
 }
