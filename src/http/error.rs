@@ -218,8 +218,14 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
             .action
             .as_ref()
             .map(|(href, label)| (href.as_str(), *label))
-            // The console or a store is away for a moment: a session is not the question.
-            .or_else(|| matches!(err.status.as_u16(), 502..=504).then_some(("/", "Try again"))),
+            // Otherwise: sign in where signing in is the answer; where the console or a store
+            // is away for a moment, try again; else back to the start (a signed-in user is not
+            // sent to sign in again).
+            .or(Some(match err.status.as_u16() {
+                401 => ("/_portcullis/login", "Go to sign-in"),
+                502..=504 => ("/", "Try again"),
+                _ => ("/", "Go to the start page"),
+            })),
     };
     let body = page.render().unwrap_or_else(|_| err.message.clone());
     let mut out = (err.status, Html(body)).into_response();
@@ -242,6 +248,33 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT, HeaderValue::from_static(v));
         h
+    }
+
+    /// The error page's way on: sign in only where signing in is the answer.
+    #[test]
+    fn error_pages_offer_sign_in_only_for_a_401() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let page = |e: AppError| {
+            let resp = render_errors(true, e.into_response());
+            let bytes = rt
+                .block_on(axum::body::to_bytes(resp.into_body(), 1 << 20))
+                .unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        let p = page(AppError::forbidden("admin_only", "For administrators."));
+        assert!(
+            p.contains(r#"<a href="/">Go to the start page</a>"#) && !p.contains("sign-in"),
+            "{p}"
+        );
+        let p = page(AppError::new(StatusCode::UNAUTHORIZED, "x", "Sign in."));
+        assert!(
+            p.contains(r#"<a href="/_portcullis/login">Go to sign-in</a>"#),
+            "{p}"
+        );
+        let p = page(AppError::new(StatusCode::METHOD_NOT_ALLOWED, "x", "No."));
+        assert!(p.contains("<title>Not available this way"), "{p}");
     }
 
     #[test]
