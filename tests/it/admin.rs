@@ -781,6 +781,27 @@ async fn audit_view_filters_and_exports_json_lines() {
     let html = gw.page(&c, &path).await;
     assert_eq!(html.matches("<td>totp_enrolled</td>").count(), 1, "{html}");
     assert!(html.contains("customer@example.com") && !html.contains("<td>login_password</td>"));
+    // The user may be given by address, as the table shows users.
+    let html = gw
+        .page(
+            &c,
+            "/_portcullis/admin/audit?user=Customer%40example.com&event=totp_enrolled",
+        )
+        .await;
+    assert_eq!(html.matches("<td>totp_enrolled</td>").count(), 1, "{html}");
+    let r = gw
+        .get(&c, "/_portcullis/admin/audit?user=nobody%40example.com")
+        .await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("No user has the address"));
+    let r = gw
+        .get(
+            &c,
+            "/_portcullis/admin/audit?since=2026-12-02&until=2026-12-01",
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("must be before"));
     let html = gw
         .page(&c, "/_portcullis/admin/audit?account=no-such-account")
         .await;

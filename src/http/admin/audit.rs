@@ -61,7 +61,7 @@ fn parse_time(s: &str, name: &str) -> Result<Option<i64>, String> {
 impl Filter {
     fn from_query(raw: &Option<String>) -> Self {
         Self {
-            user: field(raw, "user", 64),
+            user: field(raw, "user", 320),
             account: field(raw, "account", 128),
             event: field(raw, "event", 64),
             since: field(raw, "since", 40),
@@ -69,14 +69,36 @@ impl Filter {
         }
     }
 
-    fn query(&self) -> Result<AuditQuery, String> {
+    /// The store query, with the user given by address or id (an address is looked up).
+    async fn query(&self, state: &AppState) -> Result<AuditQuery, String> {
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let since = parse_time(&self.since, "From")?;
+        let until = parse_time(&self.until, "Until")?;
+        if let (Some(s), Some(u)) = (since, until) {
+            if s >= u {
+                return Err("“From” must be before “Until”.".to_string());
+            }
+        }
+        let user_id = if self.user.contains('@') {
+            let email = crate::store::normalise_email(&self.user);
+            match state.durable.user_by_email(&email).await {
+                Ok(Some(u)) => Some(u.id),
+                Ok(None) => {
+                    return Err(format!(
+                        "No user has the address {email}. The user filter takes a user's address or id."
+                    ))
+                }
+                Err(e) => return Err(format!("The users could not be read: {e}")),
+            }
+        } else {
+            opt(&self.user)
+        };
         Ok(AuditQuery {
-            user_id: opt(&self.user),
+            user_id,
             event: opt(&self.event),
             account_id: opt(&self.account),
-            since: parse_time(&self.since, "From")?,
-            until: parse_time(&self.until, "Until")?,
+            since,
+            until,
             ..AuditQuery::default()
         })
     }
@@ -100,7 +122,7 @@ pub async fn audit_get(
     RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
     let filter = Filter::from_query(&q);
-    let (rows, truncated, error, status) = match filter.query() {
+    let (rows, truncated, error, status) = match filter.query(&state).await {
         Ok(mut query) => {
             query.newest_first = true;
             query.limit = SHOWN + 1;
@@ -139,7 +161,8 @@ pub async fn export_get(
 ) -> Result<Response, AppError> {
     let filter = Filter::from_query(&q);
     let base = filter
-        .query()
+        .query(&state)
+        .await
         .map_err(|m| AppError::new(StatusCode::BAD_REQUEST, "invalid_input", m))?;
     record(
         &state,
