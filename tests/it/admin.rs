@@ -330,10 +330,18 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    let customer_link = link_path(&r.text().await.unwrap());
+    // Shown on the user's page after a redirect: reloading it shows the same link again
+    // rather than sending the form again (which would void it).
+    assert_eq!(r.status(), 303);
     let customer = gw.user("new@example.com").await;
     assert!(!customer.is_admin && customer.account_id == "acct-9");
+    let shown = location(&r);
+    assert!(
+        shown.starts_with(&format!("/_portcullis/admin/users/{}?link=", customer.id)),
+        "{shown}"
+    );
+    let customer_link = link_path(&gw.page(&c, &shown).await);
+    assert_eq!(link_path(&gw.page(&c, &shown).await), customer_link);
     // Creating the same email again is refused with a message.
     let r = c
         .post(gw.url("/_portcullis/admin/users"))
@@ -1319,4 +1327,42 @@ async fn a_form_past_the_sudo_window_links_back_to_its_page() {
         }
     }
     assert!(!gw.user("late-target@example.com").await.disabled);
+}
+
+/// An enrolment link issued from a user's page is shown, after a redirect, to the session that
+/// issued it only (another session of the same admin sees that it is no longer shown); an API
+/// client gets it in JSON.
+#[tokio::test]
+async fn an_issued_link_is_shown_to_its_session_only_and_to_api_clients_in_json() {
+    let gw = gateway().await;
+    let (_, c, _, mut k) = admin(&gw).await;
+    gw.signed_in("linked@example.com").await;
+    let target = gw.user("linked@example.com").await;
+    let user_page = format!("/_portcullis/admin/users/{}", target.id);
+    let csrf = gw.csrf(&c, &user_page).await;
+    let issue = |accept: &'static str| {
+        c.post(gw.url(&format!("{user_page}/enrolment-link")))
+            .header("accept", accept)
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+    };
+    let r = issue("text/html").await.unwrap();
+    assert_eq!(r.status(), 303);
+    let shown = location(&r);
+    let link = link_path(&gw.page(&c, &shown).await);
+    let other = key_session(&gw, ROOT, &mut k).await;
+    let elsewhere = gw.page(&other, &shown).await;
+    assert!(
+        !elsewhere.contains("data-enrolment-link") && elsewhere.contains("no longer shown"),
+        "{elsewhere}"
+    );
+    assert!(!elsewhere.contains(link.split("t=").nth(1).unwrap()));
+    let r = issue("application/json").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["user"], target.id.as_str());
+    assert!(v["enrolment_link"]
+        .as_str()
+        .unwrap()
+        .contains("/_portcullis/enrol?t="));
 }

@@ -81,7 +81,8 @@ pub struct EventRow {
     pub times: i64,
 }
 
-/// A freshly issued enrolment link, shown once.
+/// A freshly issued enrolment link, shown to the admin who issued it.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct IssuedLink {
     pub url: String,
     pub expires: String,

@@ -44,6 +44,7 @@ fn notice_text(code: &str) -> Option<&'static str> {
              in: issue an enrolment link below and give it to the user."
         }
         "sessions_ended" => "The sessions have ended.",
+        "session_ended" => "The session has ended.",
         "key_removed" => "The key was revoked.",
         "key_added" => "The key was enrolled.",
         "device_revoked" => "The device was revoked and its sessions ended.",
@@ -154,7 +155,7 @@ pub async fn create_post(
     };
     record(&state, &admin, "user_created", Some(&user), "admin").await;
     let link = issue_link(&state, &admin, &user, is_admin).await?;
-    user_page(&state, &admin, &headers, &user, View::link(link)).await
+    show_link(&state, &admin, &headers, &user, link).await
 }
 
 /// What to show on a user page besides the user.
@@ -164,15 +165,6 @@ struct View<'a> {
     notice: Option<&'a str>,
     error: Option<&'a str>,
     status: Option<StatusCode>,
-}
-
-impl View<'_> {
-    fn link(link: IssuedLink) -> Self {
-        Self {
-            link: Some(link),
-            ..Self::default()
-        }
-    }
 }
 
 async fn issue_link(
@@ -236,10 +228,21 @@ pub async fn user_get(
 ) -> Result<Response, AppError> {
     let user = target(&state, &id).await?;
     let code = query(&q, "notice");
-    let view = View {
+    let mut view = View {
         notice: code.as_deref().and_then(notice_text),
         ..View::default()
     };
+    if let Some(token) = query(&q, "link") {
+        match shown_link(&state, &admin, &token).await? {
+            Some(link) => view.link = Some(link),
+            None => {
+                view.notice = Some(
+                    "The enrolment link issued here is no longer shown (it stays on this page \
+                     for 15 minutes). If it was not handed over, issue a new one: that voids it.",
+                )
+            }
+        }
+    }
     user_page(&state, &admin, &headers, &user, view).await
 }
 
@@ -601,7 +604,7 @@ pub async fn end_session_post(
             ),
         )
         .await;
-    Ok(done(&user, "sessions_ended"))
+    Ok(done(&user, "session_ended"))
 }
 
 /// `POST …/users/{id}/keys/{key}/remove`: revokes a security key or passkey.
@@ -704,7 +707,79 @@ pub async fn enrolment_link_post(
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
     let link = issue_link(&state, &admin, &user, form.key_only.is_some()).await?;
-    user_page(&state, &admin, &headers, &user, View::link(link)).await
+    show_link(&state, &admin, &headers, &user, link).await
+}
+
+/// How long a link just issued stays on its page for the admin who issued it (reloading the
+/// page, going back to it); the link itself stays valid for `admin.enrolment_link_ttl`.
+const LINK_SHOWN: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+fn shown_link_key(admin: &Admin, token: &str) -> String {
+    format!("admin_link:{}:{token}", admin.session.session.public_id)
+}
+
+/// A link just issued: to an API client in JSON; to a browser on the user's page through a
+/// redirect, so that reloading the page shows the same link again instead of sending the form
+/// again, which would issue another and void this one. Kept for that in the ephemeral store,
+/// sealed with the master key, for this admin's session only.
+async fn show_link(
+    state: &AppState,
+    admin: &Admin,
+    headers: &HeaderMap,
+    user: &User,
+    link: IssuedLink,
+) -> Result<Response, AppError> {
+    if crate::http::prefers_json(headers) {
+        return Ok(axum::response::IntoResponse::into_response(axum::Json(
+            serde_json::json!({
+                "user": user.id,
+                "enrolment_link": link.url,
+                "expires": link.expires,
+            }),
+        )));
+    }
+    let token = crate::crypto::random_token(16);
+    let key = shown_link_key(admin, &token);
+    let plain = serde_json::to_vec(&link).map_err(|e| AppError::internal(&e))?;
+    let sealed = state
+        .master_key
+        .seal(&key, &plain)
+        .map_err(|e| AppError::internal(&e))?;
+    state
+        .ephemeral
+        .put(
+            &key,
+            &sealed,
+            LINK_SHOWN.min(state.config.admin.enrolment_link_ttl),
+        )
+        .await?;
+    Ok(see_other(&format!(
+        "/_portcullis/admin/users/{}?link={token}",
+        user.id
+    )))
+}
+
+/// The link [`show_link`] kept under `token` for this admin, while it is kept.
+async fn shown_link(
+    state: &AppState,
+    admin: &Admin,
+    token: &str,
+) -> Result<Option<IssuedLink>, AppError> {
+    if token.len() > 64
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Ok(None);
+    }
+    let key = shown_link_key(admin, token);
+    let Some(sealed) = state.ephemeral.get(&key).await? else {
+        return Ok(None);
+    };
+    let Ok(plain) = state.master_key.open(&key, &sealed) else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice(&plain).ok())
 }
 
 /// Re-renders a user's page after an in-person key enrolment (used by `keys`).
