@@ -1238,6 +1238,14 @@ async fn refused_forms_answer_api_clients_in_json() {
         assert_eq!(r.status(), status, "{method} {path}");
         let html = r.text().await.unwrap();
         assert!(html.contains("<html") && html.contains(says), "{html}");
+        // A page shown again with its refusal takes the focus to it (keyboard and screen
+        // readers land on the message, not at the top of the page).
+        if html.contains(r#"<p class="error" role="alert""#) {
+            assert!(
+                html.contains(r#"role="alert" tabindex="-1" autofocus>"#),
+                "{html}"
+            );
+        }
     }
     // Nothing was done by either answer.
     assert!(!gw.user("formtarget@example.com").await.disabled);
