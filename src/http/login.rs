@@ -151,9 +151,26 @@ pub async fn login_get(
         .and_then(|n| safe_return_target(&n, &state.config.server.public_url))
         .unwrap_or_default();
     let mut username = String::new();
+    let mut ended = false;
     if let Some(loaded) = current_session(&state, &headers).await? {
         if loaded.session.is_authenticated() {
-            return Ok(see_other(if next.is_empty() { "/" } else { &next }));
+            let live = state
+                .user_gate
+                .admit(&state, &loaded.session.user_id, loaded.session.auth_ms)
+                .await?
+                .is_some();
+            if live {
+                return Ok(see_other(if next.is_empty() { "/" } else { &next }));
+            }
+            // Ended meanwhile (every session of the account voided, the account disabled):
+            // the page the browser came from sent it here, so sending it back would loop.
+            // The record and its cookie go; the sign-in form is shown.
+            state
+                .sessions
+                .destroy(&loaded.key, &loaded.session.user_id)
+                .await?;
+            state.signer.forget(&loaded.key);
+            ended = true;
         }
         if awaits_password(&loaded.session) {
             if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
@@ -171,7 +188,12 @@ pub async fn login_get(
         notice,
         passkeys: state.keys.is_some(),
     };
-    Ok(with_cookies(render(StatusCode::OK, &page), set))
+    let page = with_cookies(render(StatusCode::OK, &page), set);
+    Ok(if ended {
+        with_cookies(page, [state.sessions.clear_cookie()])
+    } else {
+        page
+    })
 }
 
 #[derive(Deserialize)]

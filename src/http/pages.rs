@@ -164,6 +164,8 @@ pub struct Reauth<'a> {
     pub keys: bool,
     /// Offer a code from the authenticator app.
     pub codes: bool,
+    /// An administrator (who cannot add a key with a code).
+    pub admin: bool,
     pub error: Option<&'a str>,
 }
 

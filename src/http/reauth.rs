@@ -98,6 +98,7 @@ async fn page(
         why,
         keys,
         codes,
+        admin: user.is_admin,
         error: v.error,
     };
     Ok(with_cookies(render(v.status, &view), set))

@@ -256,7 +256,7 @@ impl Notifier {
     }
 
     /// Queues the notice of a change, `what`, followed by `advice`.
-    async fn change_notice(&self, user: &crate::store::User, what: &str, advice: &str) {
+    pub(crate) async fn change_notice(&self, user: &crate::store::User, what: &str, advice: &str) {
         let body = format!(
             "A security setting of your account {email} on {site} changed:\n\n  {what}\n  ({when})\n\n{advice}",
             email = user.email,

@@ -452,3 +452,39 @@ async fn the_cli_sets_a_new_password_and_ends_sessions() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no user"));
 }
+
+/// A session ended elsewhere (every session of the account voided, say from the CLI or by a
+/// copied key) while the browser still holds its cookie: the sign-in page shows the form and
+/// drops the cookie, instead of sending the browser back to the page that sent it there (a
+/// redirect loop).
+#[tokio::test]
+async fn the_sign_in_page_drops_a_session_ended_elsewhere() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("ended@example.com").await;
+    let u = gw.user("ended@example.com").await;
+    let r = gw
+        .get(&c, "/_portcullis/login?next=%2F_portcullis%2Faccount")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/account", "signed in: sent on");
+    gw.clock.advance(1);
+    gw.state
+        .durable
+        .void_sessions(&u.id, gw.clock.now_millis())
+        .await
+        .unwrap();
+    gw.state.user_gate.forget(&u.id);
+    assert_eq!(
+        location(&gw.get(&c, ACCOUNT).await),
+        "/_portcullis/login?next=%2F_portcullis%2Faccount"
+    );
+    let r = gw
+        .get(&c, "/_portcullis/login?next=%2F_portcullis%2Faccount")
+        .await;
+    assert_eq!(r.status(), 200);
+    let cleared = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .any(|v| v.to_str().unwrap().contains("Max-Age=0"));
+    assert!(cleared, "{:?}", r.headers());
+}

@@ -1358,6 +1358,20 @@ async fn an_issued_link_is_shown_to_its_session_only_and_to_api_clients_in_json(
     assert_eq!(r.status(), 303);
     let shown = location(&r);
     let link = link_path(&gw.page(&c, &shown).await);
+    // Not on another user's page either, where it would read as that user's link.
+    let token = shown.split("link=").nth(1).unwrap();
+    gw.signed_in("bystander@example.com").await;
+    let bystander = gw.user("bystander@example.com").await;
+    let wrong = gw
+        .page(
+            &c,
+            &format!("/_portcullis/admin/users/{}?link={token}", bystander.id),
+        )
+        .await;
+    assert!(
+        !wrong.contains("data-enrolment-link") && wrong.contains("no longer shown"),
+        "{wrong}"
+    );
     let other = key_session(&gw, ROOT, &mut k).await;
     let elsewhere = gw.page(&other, &shown).await;
     assert!(

@@ -792,6 +792,8 @@ pub struct PrivatePostgres {
     bin: PathBuf,
     user: (u32, u32),
     postmaster: Option<std::process::Child>,
+    /// Server settings beyond the defaults (`-c name=value`).
+    settings: Vec<String>,
 }
 
 impl PrivatePostgres {
@@ -800,6 +802,32 @@ impl PrivatePostgres {
 
     /// Creates a cluster (`initdb`, a few seconds) and starts it.
     pub async fn start() -> Self {
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// As [`PrivatePostgres::start`], serving TLS (also) with `cert` and `key` (PEM); plain
+    /// connections are still accepted.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
+        Self::start_with(move |(data, user)| {
+            // The server reads its key only if it owns it and no one else may read it.
+            for (from, name) in [(&cert, "server.crt"), (&key, "server.key")] {
+                let to = data.join(name);
+                std::fs::copy(from, &to).unwrap();
+                std::os::unix::fs::chown(&to, Some(user.0), Some(user.1)).unwrap();
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .unwrap();
+            }
+            vec!["ssl=on".into()]
+        })
+        .await
+    }
+
+    /// Creates a cluster and starts it with the settings `prepare` returns, after it has put
+    /// what they need into the data directory.
+    async fn start_with(
+        prepare: impl FnOnce((&std::path::Path, (u32, u32))) -> Vec<String>,
+    ) -> Self {
         use std::os::unix::process::CommandExt;
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
@@ -841,12 +869,14 @@ impl PrivatePostgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let settings = prepare((&dir.path().join("data"), user));
         let mut pg = Self {
             port: free_port(),
             dir,
             bin,
             user,
             postmaster: None,
+            settings,
         };
         pg.restart().await;
         pg
@@ -872,6 +902,7 @@ impl PrivatePostgres {
                 .arg("-k")
                 .arg(self.dir.path())
                 .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
                 .uid(self.user.0)
                 .gid(self.user.1)
                 .stdout(std::process::Stdio::null())

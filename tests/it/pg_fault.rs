@@ -335,3 +335,47 @@ async fn events_at(db: &mut sqlx::PgConnection, at: i64) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// PostgreSQL over TLS: with `sslmode=verify-full` and the server's CA in `sslrootcert`, a
+/// whole sign-in runs over it and every connection the gateway holds is encrypted; a server
+/// whose certificate that CA did not sign is refused.
+#[tokio::test]
+async fn the_durable_store_speaks_tls_to_postgres_and_checks_the_server() {
+    use portcullis::store::DurableStore;
+    use sqlx::Connection;
+    let certs = tempfile::tempdir().unwrap();
+    super::tls::make_ca(certs.path());
+    let (cert, key) = super::tls::make_leaf(certs.path(), "pg");
+    let pg = PrivatePostgres::start_tls(&cert, &key).await;
+    let tls_url = |ca: &std::path::Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            pg.url(),
+            ca.join("ca.pem").display()
+        )
+    };
+    let durable = tls_url(certs.path());
+    let gw = Gateway::start_with(move |c| c.storage.durable = durable).await;
+    let (c, _, _) = gw.signed_in("tls-db@example.com").await;
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    let mut admin = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    let (all, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        all >= 1 && encrypted == all,
+        "{encrypted} of {all} encrypted"
+    );
+    // Another CA: the server's certificate is not accepted.
+    let other = tempfile::tempdir().unwrap();
+    super::tls::make_ca(other.path());
+    match portcullis::store::sql::SqlStore::connect(&tls_url(other.path())).await {
+        Err(_) => {}
+        Ok(store) => assert!(store.ping().await.is_err(), "an unknown server is refused"),
+    }
+}

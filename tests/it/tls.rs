@@ -32,7 +32,7 @@ fn openssl(dir: &Path, args: &str) {
 const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
 
 /// A test CA in `dir` (`ca.pem`, `ca.key`).
-fn make_ca(dir: &Path) {
+pub(super) fn make_ca(dir: &Path) {
     openssl(
         dir,
         &format!("req -x509 {NEW_KEY} -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca"),
@@ -40,7 +40,7 @@ fn make_ca(dir: &Path) {
 }
 
 /// A certificate for localhost and 127.0.0.1 signed by the test CA: `{name}.pem`, `{name}.key`.
-fn make_leaf(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+pub(super) fn make_leaf(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     std::fs::write(
         dir.join(format!("{name}.ext")),
         "subjectAltName=DNS:localhost,IP:127.0.0.1\n",

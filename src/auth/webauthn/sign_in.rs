@@ -371,15 +371,17 @@ impl Keys {
             .await?;
         self.flow
             .notifier
-            .account_change(
+            .change_notice(
                 user,
                 &format!(
                     "your security key \"{}\" answered as a copy of itself would (its signature \
                      counter went backwards), so it was suspended and every session of the account \
-                     was ended; sign in with another key or your authenticator app, and ask your \
-                     administrator about the key",
+                     was ended",
                     stored.name
                 ),
+                "Sign in with another key or your authenticator app. If the key was out of your\n\
+                 hands, or you cannot tell why this happened, tell your administrator: someone may\n\
+                 have copied it.\n",
             )
             .await;
         Ok(())

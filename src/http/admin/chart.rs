@@ -105,10 +105,10 @@ pub fn svg(
     );
     for (i, b) in buckets.iter().enumerate() {
         let x0 = LEFT + slot * i as f64 + bar / 2.0;
-        for (k, (class, v)) in [
-            ("sign-ins", b.sign_ins),
-            ("failures", b.failures),
-            ("denials", b.denials),
+        for (k, (class, label, v)) in [
+            ("sign-ins", "Sign-ins", b.sign_ins),
+            ("failures", "Failures", b.failures),
+            ("denials", "Denials", b.denials),
         ]
         .into_iter()
         .enumerate()
@@ -119,7 +119,7 @@ pub fn svg(
             let h = plot_h * v as f64 / max as f64;
             let _ = write!(
                 s,
-                "<rect class=\"{class}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar:.1}\" height=\"{h:.1}\"><title>{v} {class}</title></rect>",
+                "<rect class=\"{class}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar:.1}\" height=\"{h:.1}\"><title>{label}: {v}</title></rect>",
                 x = x0 + bar * k as f64,
                 y = base - h,
             );
@@ -198,6 +198,6 @@ mod tests {
             "the tallest bar fills the plot"
         );
         assert!(s.contains(">0h<") && s.contains(">1h<"));
-        assert!(s.contains("<title>10 sign-ins</title>"));
+        assert!(s.contains("<title>Sign-ins: 10</title>"));
     }
 }

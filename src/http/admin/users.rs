@@ -233,7 +233,7 @@ pub async fn user_get(
         ..View::default()
     };
     if let Some(token) = query(&q, "link") {
-        match shown_link(&state, &admin, &token).await? {
+        match shown_link(&state, &admin, &user, &token).await? {
             Some(link) => view.link = Some(link),
             None => {
                 view.notice = Some(
@@ -714,8 +714,13 @@ pub async fn enrolment_link_post(
 /// page, going back to it); the link itself stays valid for `admin.enrolment_link_ttl`.
 const LINK_SHOWN: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-fn shown_link_key(admin: &Admin, token: &str) -> String {
-    format!("admin_link:{}:{token}", admin.session.session.public_id)
+/// Where a link issued for `user` is kept: for this admin session and this user only, so the
+/// page of another user never shows it.
+fn shown_link_key(admin: &Admin, user: &User, token: &str) -> String {
+    format!(
+        "admin_link:{}:{}:{token}",
+        admin.session.session.public_id, user.id
+    )
 }
 
 /// A link just issued: to an API client in JSON; to a browser on the user's page through a
@@ -739,7 +744,7 @@ async fn show_link(
         )));
     }
     let token = crate::crypto::random_token(16);
-    let key = shown_link_key(admin, &token);
+    let key = shown_link_key(admin, user, &token);
     let plain = serde_json::to_vec(&link).map_err(|e| AppError::internal(&e))?;
     let sealed = state
         .master_key
@@ -763,6 +768,7 @@ async fn show_link(
 async fn shown_link(
     state: &AppState,
     admin: &Admin,
+    user: &User,
     token: &str,
 ) -> Result<Option<IssuedLink>, AppError> {
     if token.len() > 64
@@ -772,7 +778,7 @@ async fn shown_link(
     {
         return Ok(None);
     }
-    let key = shown_link_key(admin, token);
+    let key = shown_link_key(admin, user, token);
     let Some(sealed) = state.ephemeral.get(&key).await? else {
         return Ok(None);
     };
