@@ -336,6 +336,30 @@ fn preflight(config: &Config) -> Result<()> {
     if config.notify.smtp_url.is_none() {
         check_outbox(&config.notify.outbox_dir)?;
     }
+    if let Some(path) = crate::store::sql::sqlite_file(&config.storage.durable) {
+        check_sqlite_file(std::path::Path::new(path))?;
+    }
+    Ok(())
+}
+
+/// A SQLite database is a file, or one the gateway can make in a directory that exists.
+fn check_sqlite_file(path: &std::path::Path) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!(
+            "storage.durable: {} is a directory; name the database file in it",
+            path.display()
+        );
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !path.exists() && !parent.is_dir() {
+        anyhow::bail!(
+            "storage.durable: the directory {} of the database file does not exist",
+            parent.display()
+        );
+    }
     Ok(())
 }
 

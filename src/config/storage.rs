@@ -147,6 +147,16 @@ impl StorageConfig {
                 "is not a valid postgres:// URL (host, port and database name)",
             ));
         }
+        if self.durable.starts_with("sqlite:")
+            && (crate::store::sql::sqlite_file(&self.durable).is_none()
+                || self.durable.contains("mode=memory"))
+        {
+            return Err(key_err(
+                "storage.durable",
+                "an in-memory SQLite database would lose every user, key and audit event when the \
+                 gateway stops: give a file (sqlite:///var/lib/portcullis/portcullis.sqlite)",
+            ));
+        }
         // Its options as the driver reads them (`sslmode`, `mode`, …), so that a value the
         // store would refuse at start is refused here, by name. The driver's message names the
         // option, never the URL.

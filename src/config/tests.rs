@@ -145,6 +145,14 @@ fn bad_values_are_refused_with_the_key() {
             "storage.durable",
         ),
         (
+            "[storage]\ndurable = \"sqlite::memory:\"\n",
+            "storage.durable",
+        ),
+        (
+            "[storage]\ndurable = \"sqlite://x.sqlite?mode=memory\"\n",
+            "storage.durable",
+        ),
+        (
             "[storage]\nredis_tls_ca = \"/etc/ssl/ca.pem\"\n",
             "storage.redis_tls_ca",
         ),

@@ -192,7 +192,7 @@ fn title_for(status: StatusCode) -> &'static str {
         405 => "Not available this way",
         409 => "Already done",
         410 => "This link is no longer valid",
-        415 => "That request could not be understood",
+        415 => "That kind of content is not taken here",
         429 => "Too many attempts",
         502 => "The console is not reachable",
         503 => "Temporarily unavailable",

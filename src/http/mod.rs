@@ -311,7 +311,7 @@ pub(crate) fn prefers_json(headers: &HeaderMap) -> bool {
         && headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("json"))
+            .is_some_and(|a| a.to_ascii_lowercase().contains("json"))
 }
 
 /// A page's redirect as an API client should get it: a page read without a session (sent to
@@ -633,6 +633,27 @@ mod tests {
             h.append(header::COOKIE, HeaderValue::from_bytes(v).unwrap());
         }
         h
+    }
+
+    /// An API client is one that asks for JSON, in any letter case, and not for a page.
+    #[test]
+    fn api_clients_ask_for_json_in_any_case() {
+        let accept = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static(v));
+            h
+        };
+        for v in [
+            "application/json",
+            "APPLICATION/JSON",
+            "application/problem+json",
+        ] {
+            assert!(prefers_json(&accept(v)), "{v}");
+        }
+        for v in ["text/html", "*/*", "text/html, application/json"] {
+            assert!(!prefers_json(&accept(v)), "{v}");
+        }
+        assert!(!prefers_json(&HeaderMap::new()));
     }
 
     #[test]

@@ -27,8 +27,16 @@ pub fn verify(
     issuer: Option<&str>,
     leeway_secs: u64,
 ) -> Result<Claims, TokenError> {
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|e| invalid(format!("malformed token or header (alg/kid): {e}")))?;
+    let header = jsonwebtoken::decode_header(token).map_err(|e| {
+        invalid(match e.kind() {
+            ErrorKind::Json(_) => {
+                "the token's header is not one this verifier knows (alg/kid: an unknown or `none` \
+                 algorithm?)"
+                    .to_string()
+            }
+            _ => "not a well-formed token (three base64url parts joined by dots)".to_string(),
+        })
+    })?;
     let kid = header
         .kid
         .as_deref()

@@ -277,21 +277,23 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     // A damaged token is said to be one, in words.
     let mut damaged = old_token.clone();
     damaged.insert(old_token.rfind('.').unwrap() + 5, '!');
-    let out = gw
-        .cli(
-            &[
-                "token",
-                "verify",
-                &damaged,
-                "--jwks",
-                jwks_file.to_str().unwrap(),
-            ],
-            None,
-        )
-        .await;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a well-formed token"), "{err}");
+    for bad in [damaged.as_str(), "hello", "a.b.c"] {
+        let out = gw
+            .cli(
+                &[
+                    "token",
+                    "verify",
+                    bad,
+                    "--jwks",
+                    jwks_file.to_str().unwrap(),
+                ],
+                None,
+            )
+            .await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a well-formed token"), "{bad}: {err}");
+    }
 }
 
 #[tokio::test]
@@ -357,6 +359,22 @@ async fn check_config_validates_and_redacts() {
                 mk.display()
             ),
             "notify.outbox_dir",
+        ),
+        (
+            format!(
+                "[secrets]\nmaster_key_file = \"{}\"\n[storage]\ndurable = \"sqlite://{}/no-such-dir/p.sqlite\"\n",
+                mk.display(),
+                gw.dir.path().display()
+            ),
+            "storage.durable",
+        ),
+        (
+            format!(
+                "[secrets]\nmaster_key_file = \"{}\"\n[storage]\ndurable = \"sqlite://{}\"\n",
+                mk.display(),
+                gw.dir.path().display()
+            ),
+            "is a directory",
         ),
         (
             format!(
