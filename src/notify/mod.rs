@@ -387,6 +387,18 @@ fn backoff(attempts: i64) -> i64 {
 /// system that takes the mail from there.
 fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     if dir.is_dir() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir)?.permissions().mode();
+            if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "notify.outbox_dir is writable by every user: anyone on this host can add or \
+                     replace mail there; make it writable by the gateway's user (and group) only"
+                );
+            }
+        }
         return Ok(());
     }
     let mut builder = std::fs::DirBuilder::new();
@@ -440,6 +452,15 @@ mod tests {
             b"Subject: x\r\n\r\nbody"
         );
         assert!(!shared.join(".m.eml.tmp").exists());
+        // One anyone may write to is used, with a warning.
+        let (logs, _guard) = crate::test_logs::capture();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        create_private_dir(&shared).unwrap();
+        assert!(
+            logs.text().contains("writable by every user"),
+            "{}",
+            logs.text()
+        );
         // A file in the way is an error, not a directory made elsewhere.
         std::fs::write(root.path().join("file"), b"").unwrap();
         assert!(create_private_dir(&root.path().join("file")).is_err());

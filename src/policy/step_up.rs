@@ -66,7 +66,10 @@ pub fn check_rule(rule: &StepUpRule) -> Result<(), String> {
             "path must be written in its canonical form (no escapes, `.` or `..` segments)".into(),
         );
     }
-    if super::is_gateway_path(&rule.path) {
+    // Also with a format suffix (`/_portcullis.json`), which rules ignore when they match.
+    let first = segments.first().copied().unwrap_or_default();
+    if super::is_gateway_path(&rule.path) || first.to_ascii_lowercase().starts_with("_portcullis.")
+    {
         return Err(
             "path is in the gateway's own namespace (/_portcullis), which is never forwarded: \
              the rule would never apply"
@@ -289,6 +292,7 @@ mod tests {
             rule("/a/../b", &[]),
             rule("/_portcullis/login", &["POST"]),
             rule("/_Portcullis/**", &[]),
+            rule("/_portcullis.json", &["POST"]),
             StepUpRule {
                 max_age: Duration::from_secs(1),
                 ..rule("/a", &[])
