@@ -311,7 +311,11 @@ pub(crate) fn prefers_json(headers: &HeaderMap) -> bool {
         && headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.to_ascii_lowercase().contains("json"))
+            .is_some_and(|a| {
+                a.as_bytes()
+                    .windows(4)
+                    .any(|w| w.eq_ignore_ascii_case(b"json"))
+            })
 }
 
 /// A page's redirect as an API client should get it: a page read without a session (sent to
