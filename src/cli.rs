@@ -350,6 +350,12 @@ fn check_sqlite_file(path: &std::path::Path) -> Result<()> {
             path.display()
         );
     }
+    if path.exists() && !path.is_file() {
+        anyhow::bail!(
+            "storage.durable: {} is not a regular file (a device or a socket cannot hold the database)",
+            path.display()
+        );
+    }
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -417,6 +423,13 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
     .await;
     let store = match reach {
         Ok(Ok(store)) => store,
+        // A certificate refused is the configuration's fault, not an outage: `serve` would
+        // refuse it too.
+        Ok(Err(e)) if e.to_string().to_ascii_lowercase().contains("certificate") => {
+            anyhow::bail!(
+                "storage.durable: the database server's TLS certificate was not accepted: {e}"
+            );
+        }
         Ok(Err(e)) => {
             note!("note: the master key was not checked against stored keys: {e}");
             return Ok(());

@@ -147,9 +147,12 @@ impl StorageConfig {
                 "is not a valid postgres:// URL (host, port and database name)",
             ));
         }
-        if self.durable.starts_with("sqlite:")
+        let lower = self.durable.to_ascii_lowercase();
+        if lower.starts_with("sqlite:")
             && (crate::store::sql::sqlite_file(&self.durable).is_none()
-                || self.durable.contains("mode=memory"))
+                || lower.contains("mode=memory")
+                || lower.contains(":memory:")
+                || lower.contains("vfs=memdb"))
         {
             return Err(key_err(
                 "storage.durable",

@@ -153,6 +153,14 @@ fn bad_values_are_refused_with_the_key() {
             "storage.durable",
         ),
         (
+            "[storage]\ndurable = \"sqlite://x.sqlite?vfs=memdb\"\n",
+            "storage.durable",
+        ),
+        (
+            "[storage]\ndurable = \"sqlite:file::memory:\"\n",
+            "storage.durable",
+        ),
+        (
             "[storage]\nredis_tls_ca = \"/etc/ssl/ca.pem\"\n",
             "storage.redis_tls_ca",
         ),

@@ -391,7 +391,7 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(dir)?.permissions().mode();
-            if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            if mode & 0o002 != 0 {
                 tracing::warn!(
                     dir = %dir.display(),
                     "notify.outbox_dir is writable by every user: anyone on this host can add or \

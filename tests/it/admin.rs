@@ -1369,13 +1369,14 @@ async fn an_issued_link_is_shown_to_its_session_only_and_to_api_clients_in_json(
         )
         .await;
     assert!(
-        !wrong.contains("data-enrolment-link") && wrong.contains("no longer shown"),
+        !wrong.contains("data-enrolment-link") && wrong.contains("No enrolment link is shown here"),
         "{wrong}"
     );
     let other = key_session(&gw, ROOT, &mut k).await;
     let elsewhere = gw.page(&other, &shown).await;
     assert!(
-        !elsewhere.contains("data-enrolment-link") && elsewhere.contains("no longer shown"),
+        !elsewhere.contains("data-enrolment-link")
+            && elsewhere.contains("No enrolment link is shown here"),
         "{elsewhere}"
     );
     assert!(!elsewhere.contains(link.split("t=").nth(1).unwrap()));

@@ -378,6 +378,13 @@ async fn check_config_validates_and_redacts() {
         ),
         (
             format!(
+                "[secrets]\nmaster_key_file = \"{}\"\n[storage]\ndurable = \"sqlite:///dev/null\"\n",
+                mk.display()
+            ),
+            "not a regular file",
+        ),
+        (
+            format!(
                 "[secrets]\nmaster_key_file = \"{}\"\n[storage]\ndurable = \"postgres://u:pw@127.0.0.1:5432/db?sslmode=bogus\"\n",
                 mk.display()
             ),

@@ -378,4 +378,14 @@ async fn the_durable_store_speaks_tls_to_postgres_and_checks_the_server() {
         Err(_) => {}
         Ok(store) => assert!(store.ping().await.is_err(), "an unknown server is refused"),
     }
+    // `check-config` refuses it too, as the configuration's fault (not a store that is down).
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config"])
+        .arg(&gw.config_path)
+        .env("PORTCULLIS__STORAGE__DURABLE", tls_url(other.path()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("TLS certificate was not accepted"), "{err}");
 }

@@ -237,8 +237,9 @@ pub async fn user_get(
             Some(link) => view.link = Some(link),
             None => {
                 view.notice = Some(
-                    "The enrolment link issued here is no longer shown (it stays on this page \
-                     for 15 minutes). If it was not handed over, issue a new one: that voids it.",
+                    "No enrolment link is shown here: a link stays for 15 minutes on the page of \
+                     the user it was issued for, in the session that issued it. If one was not \
+                     handed over, issue a new one: that voids it.",
                 )
             }
         }
