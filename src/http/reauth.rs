@@ -112,6 +112,13 @@ fn query(raw: &Option<String>, name: &str) -> Option<String> {
     })
 }
 
+/// To the sign-in page, which returns to this step-up (and then to `next`).
+fn sign_in_first(next: &str, key_only: bool) -> Response {
+    let back: String =
+        url::form_urlencoded::byte_serialize(url(next, key_only).as_bytes()).collect();
+    see_other(&format!("/_portcullis/login?next={back}"))
+}
+
 /// `GET /_portcullis/reauth?next=PATH[&key=1]`.
 pub async fn reauth_get(
     State(state): State<AppState>,
@@ -121,9 +128,7 @@ pub async fn reauth_get(
     let next = next_path(&state, &query(&q, "next").unwrap_or_default());
     let key_only = query(&q, "key").as_deref() == Some("1");
     let Some((loaded, user)) = signed_in(&state, &headers).await? else {
-        let back: String =
-            url::form_urlencoded::byte_serialize(url(&next, key_only).as_bytes()).collect();
-        return Ok(see_other(&format!("/_portcullis/login?next={back}")));
+        return Ok(sign_in_first(&next, key_only));
     };
     let view = View {
         next: &next,
@@ -160,9 +165,7 @@ pub async fn reauth_post(
         if !wants_html(&headers) {
             return Err(no_session());
         }
-        let back: String =
-            url::form_urlencoded::byte_serialize(url(&next, false).as_bytes()).collect();
-        return Ok(see_other(&format!("/_portcullis/login?next={back}")));
+        return Ok(sign_in_first(&next, false));
     };
     let client = super::client(&state, peer, &headers);
     let outcome = state

@@ -592,7 +592,7 @@ async fn account_actions_take_effect_and_name_the_admin() {
     assert!(
         disabled.contains("An administrator of")
             && !disabled.contains("If this was you")
-            && !disabled.contains("lost phone"),
+            && !disabled.contains("fraud report 1234"),
         "{disabled}"
     );
     assert!(!disabled.contains("Z UTC"), "{disabled}");
