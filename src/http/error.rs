@@ -134,24 +134,71 @@ impl IntoResponse for AppError {
 
 /// Whether the client prefers an HTML page (a browser navigation) to JSON.
 pub fn wants_html(headers: &HeaderMap) -> bool {
-    let Some(accept) = headers.get(header::ACCEPT) else {
-        return false;
-    };
-    // Media ranges are case-insensitive; one with `q=0` is refused, not wanted.
-    accept.as_bytes().split(|&b| b == b',').any(|range| {
-        let mut parts = range.split(|&b| b == b';');
-        let essence = parts.next().unwrap_or_default().trim_ascii();
-        essence.eq_ignore_ascii_case(b"text/html") && !parts.any(is_q_zero)
-    })
+    let (html, json) = qualities(headers);
+    // A browser names pages at least as high as JSON; a tie goes to the page.
+    html.is_some_and(|h| h > 0 && json.is_none_or(|j| h >= j))
 }
 
-/// Whether a media-range parameter is a quality of zero (`q=0`, `q=0.000`).
-fn is_q_zero(param: &[u8]) -> bool {
-    let param = param.trim_ascii();
-    match param {
-        [b'q' | b'Q', b'=', b'0', rest @ ..] => rest.iter().all(|&b| b == b'.' || b == b'0'),
-        _ => false,
+/// An API client: asks for JSON (`application/json`, `…+json`) above any page.
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    let (html, json) = qualities(headers);
+    json.is_some_and(|j| j > 0 && html.is_none_or(|h| j > h))
+}
+
+/// The highest quality (in thousandths) the `Accept` header gives a page (`text/html`) and JSON
+/// (a media type whose subtype is `json` or ends in `+json`), `None` for one it does not name.
+/// Media ranges are case-insensitive; a quality that cannot be read counts as 1.
+fn qualities(headers: &HeaderMap) -> (Option<u16>, Option<u16>) {
+    let Some(accept) = headers.get(header::ACCEPT) else {
+        return (None, None);
+    };
+    let (mut html, mut json) = (None::<u16>, None::<u16>);
+    for range in accept.as_bytes().split(|&b| b == b',') {
+        let mut parts = range.split(|&b| b == b';');
+        let essence = parts.next().unwrap_or_default().trim_ascii();
+        let slot = if essence.eq_ignore_ascii_case(b"text/html") {
+            &mut html
+        } else if is_json(essence) {
+            &mut json
+        } else {
+            continue;
+        };
+        let q = parts.find_map(quality).unwrap_or(1000);
+        *slot = Some(slot.map_or(q, |old| old.max(q)));
     }
+    (html, json)
+}
+
+/// `application/json`, `application/problem+json`, in any letter case.
+fn is_json(essence: &[u8]) -> bool {
+    let Some(slash) = essence.iter().position(|&b| b == b'/') else {
+        return false;
+    };
+    let subtype = &essence[slash + 1..];
+    subtype.eq_ignore_ascii_case(b"json")
+        || (subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case(b"+json"))
+}
+
+/// A media-range parameter's quality in thousandths (`q=0.5` is 500), `None` for another
+/// parameter; a `q` that cannot be read counts as 1 (1000).
+fn quality(param: &[u8]) -> Option<u16> {
+    let value = match param.trim_ascii() {
+        [b'q' | b'Q', b'=', value @ ..] => value.trim_ascii(),
+        _ => return None,
+    };
+    let (int, frac) = match value.iter().position(|&b| b == b'.') {
+        Some(dot) => (&value[..dot], &value[dot + 1..]),
+        None => (value, &[][..]),
+    };
+    let digits = |d: &[u8]| d.iter().all(u8::is_ascii_digit);
+    if !matches!(int, [b'0'] | [b'1']) || frac.len() > 3 || !digits(frac) {
+        return Some(1000);
+    }
+    let mut q: u16 = u16::from(int[0] - b'0') * 1000;
+    for (i, &d) in frac.iter().enumerate() {
+        q += u16::from(d - b'0') * [100, 10, 1][i];
+    }
+    Some(q.min(1000))
 }
 
 /// A page's refusal of a form or query (its `message`, shown with `status`) as an API client
@@ -282,8 +329,10 @@ mod tests {
         for v in [
             "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
             "TEXT/HTML",
-            "application/json, Text/Html ; q=0.5",
+            "application/json;q=0.5, Text/Html ; q=0.5",
             "text/html;q=0.001",
+            "application/json;q=0.8,text/html",
+            "text/html;q=bogus, application/json",
         ] {
             assert!(wants_html(&accept(v)), "{v}");
         }
@@ -294,6 +343,8 @@ mod tests {
             "text/html; Q=0.000, application/json",
             "text/htmlx",
             "application/xhtml+xml",
+            "application/json;q=0.9,text/html;q=0.8",
+            "application/json, Text/Html ; q=0.5",
         ] {
             assert!(!wants_html(&accept(v)), "{v}");
         }

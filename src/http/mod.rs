@@ -305,17 +305,9 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
     resp
 }
 
-/// An API client: asks for JSON and not for a page.
+/// An API client: asks for JSON above any page (q-values weighed).
 pub(crate) fn prefers_json(headers: &HeaderMap) -> bool {
-    !error::wants_html(headers)
-        && headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| {
-                a.as_bytes()
-                    .windows(4)
-                    .any(|w| w.eq_ignore_ascii_case(b"json"))
-            })
+    error::wants_json(headers)
 }
 
 /// A page's redirect as an API client should get it: a page read without a session (sent to
@@ -651,10 +643,19 @@ mod tests {
             "application/json",
             "APPLICATION/JSON",
             "application/problem+json",
+            "application/json;q=0.9, text/html;q=0.8",
+            "text/html;q=0, application/json",
         ] {
             assert!(prefers_json(&accept(v)), "{v}");
         }
-        for v in ["text/html", "*/*", "text/html, application/json"] {
+        for v in [
+            "text/html",
+            "*/*",
+            "text/html, application/json",
+            "application/json;q=0",
+            "application/jsonx",
+            "text/json-ish",
+        ] {
             assert!(!prefers_json(&accept(v)), "{v}");
         }
         assert!(!prefers_json(&HeaderMap::new()));

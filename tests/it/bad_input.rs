@@ -505,6 +505,24 @@ async fn api_clients_get_json_from_pages_that_need_a_session() {
         let r = raw(gw.addr, "GET", path, &[("Accept", "text/html")], "").await;
         assert_eq!(r.status, 303, "{path}");
     }
+    // q-values are weighed: JSON ranked above pages is an API client, pages ranked at least as
+    // high as JSON a browser.
+    for (accept, status) in [
+        ("application/json;q=0.9, text/html;q=0.8", 401),
+        ("text/html;q=0.5, application/problem+json", 401),
+        ("application/json;q=0.8, text/html", 303),
+        ("text/html, application/json", 303),
+    ] {
+        let r = raw(
+            gw.addr,
+            "GET",
+            "/_portcullis/account",
+            &[("Accept", accept)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, status, "{accept}: {}", r.head);
+    }
     // The sign-in page itself is served as before.
     let r = raw(
         gw.addr,
