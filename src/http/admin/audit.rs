@@ -40,19 +40,37 @@ fn field(raw: &Option<String>, name: &str, max: usize) -> String {
         .unwrap_or_default()
 }
 
-/// A time from the filter: RFC 3339 (`2026-11-27T08:00:00Z`) or a date (`2026-11-27`, midnight
-/// UTC). Empty means no bound.
-fn parse_time(s: &str, name: &str) -> Result<Option<i64>, String> {
+/// Where a bound given as a date falls: `From` a date is its first second, `Until` a date takes
+/// that whole day in.
+#[derive(Clone, Copy)]
+enum Bound {
+    From,
+    Until,
+}
+
+/// A time from the filter: RFC 3339 (`2026-11-27T08:00:00Z`) or a date (`2026-11-27`, UTC: from
+/// its midnight, or until the next). Empty means no bound.
+fn parse_time(s: &str, bound: Bound) -> Result<Option<i64>, String> {
     if s.is_empty() {
         return Ok(None);
     }
-    let full = if s.len() == 10 {
+    let name = match bound {
+        Bound::From => "From",
+        Bound::Until => "Until",
+    };
+    let date = s.len() == 10;
+    let full = if date {
         format!("{s}T00:00:00Z")
     } else {
         s.to_string()
     };
+    let day = if date && matches!(bound, Bound::Until) {
+        86_400
+    } else {
+        0
+    };
     OffsetDateTime::parse(&full, &Rfc3339)
-        .map(|t| Some(t.unix_timestamp()))
+        .map(|t| Some(t.unix_timestamp() + day))
         .map_err(|_| {
             format!("“{name}” must be a date like 2026-11-27 or a time like 2026-11-27T08:00:00Z.")
         })
@@ -72,8 +90,8 @@ impl Filter {
     /// The store query, with the user given by address or id (an address is looked up).
     async fn query(&self, state: &AppState) -> Result<AuditQuery, String> {
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
-        let since = parse_time(&self.since, "From")?;
-        let until = parse_time(&self.until, "Until")?;
+        let since = parse_time(&self.since, Bound::From)?;
+        let until = parse_time(&self.until, Bound::Until)?;
         if let (Some(s), Some(u)) = (since, until) {
             if s >= u {
                 return Err("“From” must be before “Until”.".to_string());
@@ -218,20 +236,35 @@ pub async fn export_get(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_time;
+    use super::{parse_time, Bound};
 
     #[test]
     fn times_parse_as_rfc3339_or_dates_and_refuse_garbage() {
-        assert_eq!(parse_time("", "From"), Ok(None));
-        assert_eq!(parse_time("1970-01-02", "From"), Ok(Some(86_400)));
-        assert_eq!(parse_time("1970-01-01T01:00:00Z", "From"), Ok(Some(3_600)));
+        assert_eq!(parse_time("", Bound::From), Ok(None));
+        assert_eq!(parse_time("1970-01-02", Bound::From), Ok(Some(86_400)));
         assert_eq!(
-            parse_time("1970-01-01T02:00:00+01:00", "From"),
+            parse_time("1970-01-01T01:00:00Z", Bound::From),
             Ok(Some(3_600))
         );
-        assert!(parse_time("yesterday", "From")
+        assert_eq!(
+            parse_time("1970-01-01T02:00:00+01:00", Bound::Until),
+            Ok(Some(3_600))
+        );
+        assert!(parse_time("yesterday", Bound::From)
             .unwrap_err()
             .contains("From"));
-        assert!(parse_time("2026-13-45", "Until").is_err());
+        assert!(parse_time("2026-13-45", Bound::Until)
+            .unwrap_err()
+            .contains("Until"));
+    }
+
+    /// "Until 2026-11-27" takes in the whole of that day; "From" and "Until" the same date is
+    /// that one day.
+    #[test]
+    fn until_a_date_takes_that_day_in() {
+        assert_eq!(parse_time("1970-01-02", Bound::Until), Ok(Some(2 * 86_400)));
+        let from = parse_time("1970-01-02", Bound::From).unwrap().unwrap();
+        let until = parse_time("1970-01-02", Bound::Until).unwrap().unwrap();
+        assert_eq!(until - from, 86_400);
     }
 }
