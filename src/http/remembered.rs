@@ -254,9 +254,13 @@ pub async fn skip_post(
     Form(form): Form<SkipForm>,
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
-    let Some(mut loaded) = waiting(&state, &headers).await? else {
+    let Some(mut loaded) = current_session(&state, &headers).await? else {
         return Ok(see_other("/_portcullis/login?notice=expired"));
     };
+    if loaded.session.stage != Stage::DeviceProof {
+        // Another step of this sign-in (or a complete session): that step's page, as `GET`.
+        return Ok(see_other(&stage_page(&loaded)));
+    }
     loaded.session.stage = Stage::SecondFactor;
     state.sessions.save(&loaded.key, &loaded.session).await?;
     Ok(see_other("/_portcullis/mfa"))

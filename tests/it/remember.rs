@@ -236,3 +236,50 @@ async fn policy_can_switch_it_off_for_an_account() {
         None
     );
 }
+
+/// "Use the second factor instead" moves a sign-in waiting for the device proof to the second
+/// factor; posted again (a second tab, a resubmitted form) it sends the browser to the step the
+/// sign-in is at, not back to the start as if it had expired.
+#[tokio::test]
+async fn skipping_the_device_proof_goes_to_the_second_factor_and_a_second_skip_is_no_expiry() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (b, secret) = remembered_user(&gw, &dev).await;
+    sign_out(&gw, &b).await;
+    gw.clock.advance(60);
+    let r = gw.password(&b, EMAIL, PASSWORD, "/campaigns").await;
+    assert_eq!(location(&r), "/_portcullis/remembered");
+    let csrf = gw.csrf(&b, "/_portcullis/remembered").await;
+    let skip = || async {
+        b.post(gw.url("/_portcullis/remembered/skip"))
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = skip().await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = skip().await;
+    assert_eq!(location(&r), "/_portcullis/mfa", "not an expired sign-in");
+    // The sign-in goes on with the second factor, and ends where it was asked to.
+    let html = gw.page(&b, "/_portcullis/mfa").await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let code = gw.totp_now(&secret);
+    let r = b
+        .post(gw.url("/_portcullis/mfa"))
+        .form(&[("code", code.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/campaigns");
+    // Without any sign-in under way it is an expired one.
+    let fresh = gw.browser();
+    let csrf = gw.csrf(&fresh, "/_portcullis/login").await;
+    let r = fresh
+        .post(gw.url("/_portcullis/remembered/skip"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/login?notice=expired");
+}
