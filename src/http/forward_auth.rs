@@ -25,28 +25,47 @@ struct Original {
     target: String,
 }
 
-/// The first of `names` present as text.
-fn first_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
-    names
-        .iter()
-        .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+/// The first of `names` present, as it came.
+fn first_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a HeaderValue> {
+    names.iter().find_map(|n| headers.get(*n))
 }
 
-/// Reads the original method and target; only a trusted peer's headers count.
-fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Original {
+/// Reads the original method and target; only a trusted peer's headers count. A header that
+/// is there but cannot be what it names is refused, never read as absent: a target the gateway
+/// took for `/` would pass a request its rules guard.
+fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Result<Original, AppError> {
     if !trusted {
-        return Original {
+        return Ok(Original {
             method: method.clone(),
             target: "/".into(),
-        };
+        });
     }
-    let method = first_header(headers, &["x-forwarded-method", "x-original-method"])
-        .and_then(|m| Method::from_bytes(m.trim().as_bytes()).ok())
-        .unwrap_or_else(|| method.clone());
-    let target = first_header(headers, &["x-forwarded-uri", "x-original-uri"])
-        .unwrap_or("/")
-        .to_string();
-    Original { method, target }
+    let method = match first_header(headers, &["x-forwarded-method", "x-original-method"]) {
+        Some(m) => Method::from_bytes(m.as_bytes().trim_ascii()).map_err(|_| {
+            AppError::bad_request("The original request's method (X-Forwarded-Method) is not one.")
+        })?,
+        None => method.clone(),
+    };
+    let target = match first_header(headers, &["x-forwarded-uri", "x-original-uri"]) {
+        Some(t) => readable_target(t.as_bytes()).ok_or_else(|| {
+            AppError::bad_request(
+                "The original request's address (X-Forwarded-Uri) holds control characters.",
+            )
+        })?,
+        None => "/".into(),
+    };
+    Ok(Original { method, target })
+}
+
+/// A target as a proxy passes it on (nginx's `$request_uri` is the request line's, bytes as
+/// the client sent them): bytes beyond ASCII percent-encoded, as the console's framework will
+/// decode them, so rules see the path the console acts on. `None` for control characters,
+/// which no request line holds.
+fn readable_target(raw: &[u8]) -> Option<String> {
+    if raw.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return None;
+    }
+    Some(percent_encoding::percent_encode(raw, percent_encoding::CONTROLS).to_string())
 }
 
 /// `/_portcullis/auth`, any method.
@@ -91,7 +110,7 @@ async fn check(
     if headers.contains_key(header::UPGRADE) || headers.contains_key(header::SEC_WEBSOCKET_KEY) {
         super::gate::cross_site_upgrade(state, headers)?;
     }
-    let orig = original(method, headers, trusted);
+    let orig = original(method, headers, trusted)?;
     // The proxy forwards the client's headers to the console as they are: a method override
     // there would let the console act as for another method than the one checked here (a GET
     // passing as the POST a step-up rule guards). Proxy mode drops such headers; here the
