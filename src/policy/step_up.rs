@@ -9,7 +9,8 @@
 //! `export.csv`, which frameworks route to the same action), and both the canonical path and its
 //! lenient reading (escapes decoded, `;` parameters dropped, as a console behind the gateway may
 //! read it) are tried. A rule for PUT, PATCH or DELETE also covers POST, which frameworks turn
-//! into those methods with a `_method` form field. Every matching rule applies: a request needs
+//! into those methods with a `_method` form field, and a rule for GET covers HEAD, which they
+//! answer by running the GET handler. Every matching rule applies: a request needs
 //! the proof each of them asks for.
 
 use std::time::Duration;
@@ -121,7 +122,8 @@ fn same_segment(want: &str, have: &str) -> bool {
     have.next().is_none_or(|c| !c.is_alphanumeric())
 }
 
-/// Whether `rule` covers `method` (a rule for PUT, PATCH or DELETE covers POST too).
+/// Whether `rule` covers `method`: a rule for PUT, PATCH or DELETE covers POST too, and a rule
+/// for GET covers HEAD, which frameworks answer by running the GET handler.
 fn covers(rule: &StepUpRule, method: &Method) -> bool {
     let names = |m: &str| {
         rule.methods
@@ -131,6 +133,7 @@ fn covers(rule: &StepUpRule, method: &Method) -> bool {
     rule.methods.is_empty()
         || names(method.as_str())
         || (*method == Method::POST && (names("PUT") || names("PATCH") || names("DELETE")))
+        || (*method == Method::HEAD && names("GET"))
 }
 
 /// The rules that apply to `method` `path` (canonical), in either reading of the path.
@@ -266,6 +269,22 @@ mod tests {
             Some(false)
         );
         assert_eq!(unmet(&rules, &Method::GET, "/campaigns", at(99_999)), None);
+    }
+
+    /// A rule for GET guards HEAD too (the GET handler runs for it); not the other way round.
+    #[test]
+    fn a_rule_for_get_covers_head() {
+        let rules = [rule("/reports/download", &["GET"])];
+        let old = (Some(0), None, 99_999_000);
+        assert_eq!(
+            unmet(&rules, &Method::HEAD, "/reports/download", old),
+            Some(false)
+        );
+        let head_only = [rule("/reports/download", &["HEAD"])];
+        assert_eq!(
+            unmet(&head_only, &Method::GET, "/reports/download", old),
+            None
+        );
     }
 
     #[test]

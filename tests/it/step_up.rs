@@ -18,6 +18,7 @@ fn rules(c: &mut portcullis::config::Config) {
         rule("/campaigns/*/send", &["POST"], false),
         rule("/lists/*/export", &[], false),
         rule("/api-keys/**", &[], true),
+        rule("/reports/download", &["GET"], false),
     ];
     c.forward_auth.enabled = true;
     c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
@@ -103,9 +104,14 @@ async fn sensitive_actions_need_a_recent_proof() {
     // Forward-auth applies the same rule: 401 naming the step-up page (nginx redirects there),
     // also when the proxy passes a browser's Accept (a form post cannot be redirected to).
     let cookie = gw.cookies(&c);
+    // A proxy passes the request line's bytes as they came (nginx's `$request_uri`): bytes
+    // beyond ASCII are read, not taken for an absent target (which would be `/`, unguarded).
     for (uri, accept) in [
         ("/campaigns/7/send", "application/json"),
         ("/campaigns/7/send.json", "text/html"),
+        ("/campaigns/7/send?x=é", "application/json"),
+        ("/campaigns/7/send?é", "text/html"),
+        ("/campaigns/é/send", "application/json"),
     ] {
         let r = raw(
             gw.addr,
@@ -130,6 +136,37 @@ async fn sensitive_actions_need_a_recent_proof() {
             r.head
         );
     }
+
+    // A target with control characters, or a method that is none, is refused, never taken for
+    // `/` or the request's own method.
+    for (method, uri) in [
+        ("POST", "/campaigns/7/send?\tx"),
+        ("PO ST", "/campaigns/7/send"),
+    ] {
+        let r = raw(
+            gw.addr,
+            "GET",
+            "/_portcullis/auth",
+            &[
+                ("Cookie", &cookie),
+                ("X-Forwarded-Method", method),
+                ("X-Forwarded-Uri", uri),
+                ("Accept", "application/json"),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 400, "{method} {uri:?}: {}", r.head);
+        assert!(r.header("x-portcullis-assertion").is_none());
+    }
+    // A rule for GET guards HEAD, which consoles answer with the GET handler.
+    let r = c
+        .head(gw.url("/reports/download"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "HEAD of a guarded GET");
 
     // A fresh proof with the authenticator app, and the action goes through.
     let html = gw
