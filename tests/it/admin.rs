@@ -753,6 +753,16 @@ async fn home_shows_alerts_and_charts_and_users_can_be_searched() {
     gw.signed_in("locked@example.com").await;
     let locked = gw.user("locked@example.com").await;
     gw.state.durable.set_locked(&locked.id, true).await.unwrap();
+    // Locked by a report older than the week reported sign-ins stay on the page: the lock's
+    // alert still says when.
+    let reported_at = gw.clock.now() - 8 * 86_400;
+    gw.state
+        .audit
+        .record(
+            portcullis::store::AuditEvent::new("sign_in_reported", "success", reported_at)
+                .user(&locked),
+        )
+        .await;
     // A failure to chart.
     gw.password(&gw.browser(), "locked@example.com", "wrong password!", "")
         .await;
@@ -764,6 +774,15 @@ async fn home_shows_alerts_and_charts_and_users_can_be_searched() {
         "{html}"
     );
     assert!(html.contains("Password sign-in locked") && html.contains("locked@example.com"));
+    let alert = extract(&html, "<li class=\"alert alert-locked\">", "</li>").unwrap();
+    assert!(
+        alert.contains(&portcullis::clock::rfc3339(reported_at)),
+        "{alert}"
+    );
+    assert!(
+        !html.contains("alert-reported"),
+        "a week-old report is no open alert"
+    );
     assert_eq!(html.matches("<svg class=\"chart\"").count(), 2);
     assert!(html.contains("class=\"sign-ins\"") && html.contains("class=\"failures\""));
     assert!(!html.contains("style="), "no inline style under the CSP");

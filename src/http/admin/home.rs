@@ -63,15 +63,6 @@ pub async fn home_get(
             at: c.suspended_at.map(when).unwrap_or_default(),
         });
     }
-    for u in d.locked_users(ALERTS_LISTED).await? {
-        alerts.push(Alert {
-            kind: "locked",
-            text: "Password sign-in locked".into(),
-            user_id: u.id,
-            email: u.email,
-            at: String::new(),
-        });
-    }
     let reports = d
         .query_audit(&AuditQuery {
             event: Some("sign_in_reported".into()),
@@ -81,17 +72,41 @@ pub async fn home_get(
             ..AuditQuery::default()
         })
         .await?;
-    for e in reports {
-        let Some(user_id) = e.user_id else { continue };
+    for e in &reports {
+        let Some(user_id) = &e.user_id else { continue };
         alerts.push(Alert {
             kind: "reported",
             text: "A sign-in was reported as not the owner's".into(),
-            email: e.email.unwrap_or_else(|| user_id.clone()),
-            user_id,
+            email: e.email.clone().unwrap_or_else(|| user_id.clone()),
+            user_id: user_id.clone(),
             at: when(e.at),
         });
     }
 
+    for u in d.locked_users(ALERTS_LISTED).await? {
+        // Locked by a report: when, from the newest report of the account.
+        let reported = match reports.iter().find(|e| e.user_id.as_ref() == Some(&u.id)) {
+            Some(e) => Some(e.at),
+            None => d
+                .query_audit(&AuditQuery {
+                    user_id: Some(u.id.clone()),
+                    event: Some("sign_in_reported".into()),
+                    newest_first: true,
+                    limit: 1,
+                    ..AuditQuery::default()
+                })
+                .await?
+                .first()
+                .map(|e| e.at),
+        };
+        alerts.push(Alert {
+            kind: "locked",
+            text: "Password sign-in locked".into(),
+            user_id: u.id,
+            email: u.email,
+            at: reported.map(when).unwrap_or_default(),
+        });
+    }
     let day_counts = d.audit_counts(now - DAY, HOUR).await?;
     let day = chart::buckets(&day_counts, now, HOUR, 24);
     let week_width = 6 * HOUR;
