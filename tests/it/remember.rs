@@ -150,6 +150,16 @@ async fn the_password_alone_or_a_copied_device_cookie_still_needs_the_second_fac
     // One failed proof and the sign-in is back at the second factor; no console.
     assert_eq!(gw.status(&thief, "/campaigns").await, 303);
     assert_eq!(gw.status(&thief, "/_portcullis/mfa").await, 200);
+    // The page's "Use my second factor instead" (the owner's way on, whose browser lost its
+    // key) goes there too, not to a sign-in said to have expired.
+    let csrf = gw.csrf(&thief, "/_portcullis/mfa").await;
+    let r = thief
+        .post(gw.url("/_portcullis/remembered/skip"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/mfa");
     // No second try at the device proof: the sign-in waits for the second factor only.
     let csrf = gw.csrf(&thief, "/_portcullis/mfa").await;
     let r = thief
