@@ -418,6 +418,7 @@ fn sign_in_method(event: &str, outcome: &str, reason: Option<&str>) -> Option<&'
         ("login_password", _, _) => "password",
         ("second_factor", "success", Some("rec")) => "password + recovery code",
         ("second_factor", "success", Some("hwk")) => "password + security key",
+        ("second_factor", "success", Some("remembered_device")) => "password + remembered browser",
         ("second_factor", "success", _) => "password + authenticator app",
         ("second_factor", _, _) => "password + second factor",
         ("totp_enrolled", _, _) => "password + new authenticator app",

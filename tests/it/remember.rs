@@ -116,6 +116,11 @@ async fn a_remembered_browser_proves_its_key_instead_of_the_second_factor() {
     // changing how the user signs in still asks for one.
     let account = gw.page(&b, "/_portcullis/account").await;
     assert!(account.contains("id=\"reauth\""), "{account}");
+    // The owner's sign-in history says how this sign-in was made.
+    assert!(
+        account.contains("password + remembered browser</td>"),
+        "{account}"
+    );
     assert!(gw
         .audit()
         .await
