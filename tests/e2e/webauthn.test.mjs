@@ -59,6 +59,15 @@ test("add a security key, then sign in with it and with the passkey alone", { ti
     await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
     assert.match(await page.textContent("#amr"), /hwk user/);
 
+    // On a phone's width the account page, its sign-in history included, fits: nothing makes
+    // the page scroll sideways.
+    await page.setViewportSize({ width: 375, height: 800 });
+    await page.goto(`${demo.base}/_portcullis/account`);
+    assert.ok((await page.locator("tr.sign-in").count()) >= 3, "a history to show");
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 0, `the account page is ${overflow}px wider than a 375px screen`);
+    await page.setViewportSize({ width: 1280, height: 800 });
+
     // The first sign-in from this browser was a new device: the owner was told.
     const outbox = join(demo.dir, "outbox");
     const read = () =>
