@@ -185,6 +185,11 @@ function wire(section) {
       button.disabled = false;
     }
   });
+  // The key is the way on where a page asks for a second factor or a confirmation: focus goes
+  // to it unless the person is already somewhere else on the page (an error, the code field).
+  if ((kind === "second-factor" || kind === "reauth") && (!document.activeElement || document.activeElement === document.body)) {
+    button.focus();
+  }
 }
 
 document.querySelectorAll("[data-webauthn]").forEach(wire);

@@ -499,7 +499,7 @@ async fn after_code(
         }
         CodeOutcome::Rejected => {
             state.sessions.save(&loaded.key, &loaded.session).await?;
-            let msg = "That code is not right, or it was already used. Wait for a new code and try again.";
+            let msg = "That code is not right, or it was already used. Wait for a new code from your app, or check the recovery code, and try again.";
             if !wants_html(headers) {
                 return Err(AppError::new(StatusCode::UNAUTHORIZED, "invalid_code", msg));
             }

@@ -49,6 +49,8 @@ test("add a security key, then sign in with it and with the passkey alone", { ti
     await page.fill("#password", demo.password);
     await page.click("button[type=submit]");
     await page.waitForURL(/\/_portcullis\/mfa$/);
+    // Keyboard users start where the page's way on is: the key's button has the focus.
+    await page.waitForFunction(() => document.activeElement && document.activeElement.matches("[data-webauthn=second-factor] [data-webauthn-start]"));
     await page.click("[data-webauthn=second-factor] [data-webauthn-start]");
     await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
     assert.match(await page.textContent("#amr"), /pwd hwk/);
