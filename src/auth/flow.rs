@@ -108,6 +108,9 @@ pub struct LoginFlow {
 
 /// `amr` value of a recovery code.
 pub const AMR_RECOVERY: &str = "rec";
+/// How long an enrolment begun from an enrolment link may take (ms), when
+/// `session.login_timeout` is shorter: setting up an authenticator app may mean installing one.
+pub const LINK_ENROLMENT_MS: i64 = 60 * 60 * 1000;
 /// `acr` of a password plus a second factor.
 pub const ACR_MFA: &str = "urn:portcullis:acr:mfa";
 /// `amr` value of a security key or passkey (proof of possession of a hardware-bound key).
@@ -231,14 +234,17 @@ impl LoginFlow {
             client,
         )
         .await;
-        Ok(Session::after_password(
+        let mut session = Session::after_password(
             &user.id,
             stage,
             self.clock.now_millis(),
             &client.ip,
             &client.user_agent,
             None,
-        ))
+        );
+        // Time to install an authenticator app: the link is used, a new one takes an admin.
+        session.pending_ms = Some(LINK_ENROLMENT_MS);
+        Ok(session)
     }
 
     fn new_sealed_secret(&self, user_id: &str) -> Result<Vec<u8>, FlowError> {

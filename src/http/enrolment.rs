@@ -15,6 +15,7 @@ use super::{see_other, Form, Peer};
 use crate::auth::password::check_new_password;
 use crate::enrolment::token_hash;
 use crate::secret::Secret;
+use crate::session::Stage;
 use crate::state::AppState;
 use crate::store::{AuditEvent, EnrolmentLink, User};
 
@@ -46,6 +47,33 @@ async fn valid(state: &AppState, token: &str) -> Result<(EnrolmentLink, User), A
         ));
     }
     Ok((link, user))
+}
+
+/// [`valid`], or for a link already used (or expired) in a browser whose enrolment from it is
+/// still under way (a second tab, the Back button, the link opened again from the mail), that
+/// enrolment's page: the link is used once, the enrolment it began goes on.
+async fn valid_or_under_way(
+    state: &AppState,
+    headers: &HeaderMap,
+    token: &str,
+) -> Result<Result<(EnrolmentLink, User), Response>, AppError> {
+    match valid(state, token).await {
+        Err(e) if e.status == StatusCode::GONE => {
+            let under_way = super::login::current_session(state, headers)
+                .await?
+                .filter(|l| {
+                    matches!(
+                        l.session.stage,
+                        Stage::EnrolTotp { .. } | Stage::ShowRecoveryCodes { .. }
+                    )
+                });
+            match under_way {
+                Some(l) => Ok(Err(see_other(&super::login::stage_page(&l)))),
+                None => Err(e),
+            }
+        }
+        other => other.map(Ok),
+    }
 }
 
 fn page(
@@ -85,7 +113,10 @@ pub async fn enrol_link_get(
                 .map(|(_, v)| v.into_owned())
         })
         .unwrap_or_default();
-    let (link, user) = valid(&state, &token).await?;
+    let (link, user) = match valid_or_under_way(&state, &headers, &token).await? {
+        Ok(found) => found,
+        Err(under_way) => return Ok(under_way),
+    };
     Ok(page(
         &state,
         &headers,
@@ -117,7 +148,10 @@ pub async fn enrol_link_post(
     Form(form): Form<LinkForm>,
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
-    let (link, user) = valid(&state, &form.t).await?;
+    let (link, user) = match valid_or_under_way(&state, &headers, &form.t).await? {
+        Ok(found) => found,
+        Err(under_way) => return Ok(under_way),
+    };
     let set_password = user.password_hash.is_empty();
     // Check the new password before the link is used, so a typo costs nothing.
     let new_hash = if set_password {

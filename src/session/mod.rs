@@ -120,6 +120,10 @@ pub struct Session {
     /// of it would need it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub risk_hold_key: bool,
+    /// How long this pending sign-in may take (ms) when longer than `session.login_timeout`: an
+    /// enrolment begun from an enrolment link, which may wait while the user installs an app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_ms: Option<i64>,
 }
 
 impl Session {
@@ -155,6 +159,7 @@ impl Session {
             fix: None,
             risk_hold_ms: None,
             risk_hold_key: false,
+            pending_ms: None,
         }
     }
 
@@ -305,8 +310,20 @@ impl Sessions {
         if s.is_authenticated() {
             self.config.idle_timeout.min(self.config.absolute_timeout)
         } else {
-            self.config.login_timeout
+            self.pending_limit(s)
         }
+    }
+
+    /// How long a pending sign-in may take: `session.login_timeout`, or the record's own longer
+    /// limit.
+    fn pending_limit(&self, s: &Session) -> Duration {
+        let own = s
+            .pending_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis);
+        own.map_or(self.config.login_timeout, |own| {
+            own.max(self.config.login_timeout)
+        })
     }
 
     /// Checks the timeouts of a record at `now_ms`.
@@ -316,7 +333,7 @@ impl Sessions {
             now_ms - s.last_seen_ms >= ms(self.config.idle_timeout)
                 || now_ms - s.created_ms >= ms(self.config.absolute_timeout)
         } else {
-            now_ms - s.created_ms >= ms(self.config.login_timeout)
+            now_ms - s.created_ms >= ms(self.pending_limit(s))
         }
     }
 

@@ -435,6 +435,76 @@ async fn enrolment_links_expire_and_forged_ones_are_refused() {
     assert_eq!(gw.status(&gw.browser(), &newer).await, 410, "expired");
 }
 
+/// An enrolment begun from a link may take longer than a sign-in (installing an app), and
+/// opening the used link again in that browser (a second tab, Back, the mail) goes on with it;
+/// anywhere else the used link stays gone.
+#[tokio::test]
+async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_on_with_it() {
+    let gw = gateway().await;
+    gw.add_user("slow@example.com").await;
+    gw.cli(&["user", "reset-mfa", "slow@example.com"], None)
+        .await;
+    let path = enrol_link(&gw, "slow@example.com").await;
+    let c = gw.browser();
+    let html = gw.page(&c, &path).await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
+    let r = c
+        .post(gw.url("/_portcullis/enrol"))
+        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+    // The link opened again (GET) and its form sent again (Back, then Continue): the same
+    // enrolment, the same secret.
+    let r = gw.get(&c, &path).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let r = c
+        .post(gw.url("/_portcullis/enrol"))
+        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // Another browser gets nothing from the used link.
+    assert_eq!(gw.get(&gw.browser(), &path).await.status(), 410);
+    // Half an hour later (three times the sign-in timeout), the app's code still completes it.
+    gw.clock.advance(30 * 60);
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    assert_eq!(
+        extract(&html, "id=\"totp-secret\">", "<").as_deref(),
+        Some(b32.as_str())
+    );
+    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    let r = gw
+        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(location(&r), "/_portcullis/recovery-codes");
+    // An enrolment never finished ends after an hour, as a sign-in does after its timeout.
+    gw.add_user("gone@example.com").await;
+    gw.cli(&["user", "reset-mfa", "gone@example.com"], None)
+        .await;
+    let path = enrol_link(&gw, "gone@example.com").await;
+    let c = gw.browser();
+    let html = gw.page(&c, &path).await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
+    c.post(gw.url("/_portcullis/enrol"))
+        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    gw.clock.advance(61 * 60);
+    assert_eq!(
+        location(&gw.get(&c, "/_portcullis/enrol/totp").await),
+        "/_portcullis/login?notice=expired"
+    );
+    assert_eq!(gw.get(&c, &path).await.status(), 410);
+}
+
 /// Where security keys cannot work (an IP address as public URL, or WebAuthn off), a key-only
 /// link could never be used: it is refused, and the user's earlier link stays valid.
 #[tokio::test]
