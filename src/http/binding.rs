@@ -291,7 +291,13 @@ pub(crate) async fn guard_page(
         if let Some(why) =
             check(state, loaded.record(), headers, &context, || client.clone()).await?
         {
-            return Ok(Some(refusal(state, why, browser, BIND_PATH, Some(next))));
+            return Ok(Some(refusal(
+                state,
+                why,
+                browser,
+                BIND_PATH,
+                (Some(next), None),
+            )));
         }
     }
     // A session the risk engine holds reaches nothing but the pages that lift the hold.
@@ -361,18 +367,20 @@ pub async fn guard_session_pages(
 }
 
 /// The answer to a request the gate refused for its device proof. `bind_url` is the
-/// interstitial (absolute for forward-auth); `next` where a browser navigation may return.
+/// interstitial (absolute for forward-auth); `next` where a browser navigation may return,
+/// `back` the page a form came from (a browser's error page links to the proof and back there).
 pub(crate) fn refusal(
     state: &AppState,
     why: Unbound,
     browser: bool,
     bind_url: &str,
-    next: Option<&str>,
+    (next, back): (Option<&str>, Option<&str>),
 ) -> Response {
     let with_next = |n: &str| {
         let q: String = url::form_urlencoded::byte_serialize(n.as_bytes()).collect();
         format!("{bind_url}?next={q}")
     };
+    let confirm = || Some((with_next(back.unwrap_or("/")), "Confirm this browser"));
     let mut resp = match (why, browser, next) {
         (Unbound::Register | Unbound::Refresh | Unbound::Moved, true, Some(n)) => {
             see_other(&with_next(n))
@@ -380,24 +388,26 @@ pub(crate) fn refusal(
         (Unbound::Register, _, _) => json_error(
             StatusCode::UNAUTHORIZED,
             "binding_required",
-            "This session is not bound to its device yet. Open the page again in the browser \
-             that signed in, so it can prove it holds its device key, then repeat the request.",
-            bind_url,
+            "This session is not bound to its device yet, so the request was not sent on. Let \
+             the browser that signed in prove it holds its device key (open a page of the \
+             console again, or confirm this browser), then send the request again.",
+            (bind_url, confirm()),
         ),
         (Unbound::Refresh | Unbound::Moved, _, _) => json_error(
             StatusCode::UNAUTHORIZED,
             "binding_refresh_required",
             "The device proof of this session has expired, so the request was not sent on. \
-             Reload the page in the browser that signed in (it renews the proof), then send \
-             the request again.",
-            bind_url,
+             Let the browser that signed in renew it (open a page of the console again, or \
+             confirm this browser: no password needed), then send the request again; the \
+             browser's Back button brings a form back as you filled it in.",
+            (bind_url, confirm()),
         ),
         (Unbound::Failed { .. }, _, _) => json_error(
             StatusCode::FORBIDDEN,
             "device_proof_failed",
             "This session belongs to another device: the browser that signed in must prove it \
              holds its device key. Sign in again on this device.",
-            bind_url,
+            (bind_url, None),
         ),
     };
     if let Unbound::Failed { ended: true } = why {
@@ -415,10 +425,20 @@ pub(crate) fn refusal(
     resp
 }
 
-/// Our error format plus the URL where the binding is renewed.
-fn json_error(status: StatusCode, code: &'static str, message: &str, bind_url: &str) -> Response {
+/// Our error format plus the URL where the binding is renewed, and what a browser's error
+/// page offers (`action`).
+fn json_error(
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+    (bind_url, action): (&str, Option<(String, &'static str)>),
+) -> Response {
     let body = serde_json::json!({ "error": code, "message": message, "bind": bind_url });
-    let mut r = AppError::new(status, code, message).into_response();
+    let mut r = AppError {
+        action,
+        ..AppError::new(status, code, message)
+    }
+    .into_response();
     *r.body_mut() = axum::body::Body::from(body.to_string());
     r
 }

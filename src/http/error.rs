@@ -258,7 +258,10 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
         return resp;
     };
     let page = ErrorPage {
-        title: title_for(err.status),
+        title: match err.code {
+            "binding_required" | "binding_refresh_required" => "Confirm this browser",
+            _ => title_for(err.status),
+        },
         status: err.status.as_u16(),
         message: &err.message,
         action: err

@@ -159,7 +159,7 @@ async fn check(
                 why,
                 wants_html(headers),
                 bind.as_str(),
-                next.as_deref(),
+                (next.as_deref(), None),
             );
             // As for sign-in below: a 401 names the device-proof page in `Location` too, so a
             // proxy that turns 401 into its own redirect (nginx) sends the browser there.
@@ -210,7 +210,7 @@ async fn check(
                 state,
                 wants_html(headers),
                 login.as_str(),
-                next.as_deref(),
+                (next.as_deref(), None),
                 clear_cookie,
             );
             // The asking proxy relays the answer: a plain 302 is what all of them pass on. A 401

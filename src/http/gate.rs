@@ -42,10 +42,15 @@ pub(crate) fn refuse(
     state: &AppState,
     browser: bool,
     login: &str,
-    next: Option<&str>,
+    (next, notice): (Option<&str>, Option<&str>),
     clear_cookie: bool,
 ) -> Response {
-    let location = login_location(login, next);
+    let mut location = login_location(login, next);
+    if let Some(notice) = notice.filter(|_| browser) {
+        location.push(if next.is_some() { '&' } else { '?' });
+        location.push_str("notice=");
+        location.push_str(notice);
+    }
     let mut resp = if browser {
         see_other(&location)
     } else {
@@ -541,12 +546,13 @@ async fn gate_and_forward(
             state.metrics.step_up("device_proof_required");
             state.metrics.proxied(Proxied::Denied);
             let bind = super::binding::BIND_PATH;
+            let back = referring_page(state, req.headers());
             return Ok(super::binding::refusal(
                 state,
                 why,
                 browser,
                 bind,
-                next().as_deref(),
+                (next().as_deref(), back.as_deref()),
             ));
         }
         Decision::StepUp { key, reason } => {
@@ -563,12 +569,20 @@ async fn gate_and_forward(
                 true => Proxied::SignInRedirect,
                 false => Proxied::Denied,
             });
-            let n = next();
+            // A page opened again comes back after sign-in, told its session ended; a form
+            // cannot be sent again through a redirect: the browser is told it was not sent and
+            // comes back to the page it was on.
+            let read = matches!(*req.method(), Method::GET | Method::HEAD);
+            let (n, notice) = if read {
+                (next(), clear_cookie.then_some("session_ended"))
+            } else {
+                (referring_page(state, req.headers()), Some("not_sent"))
+            };
             return Ok(refuse(
                 state,
                 browser,
                 LOGIN_PATH,
-                n.as_deref(),
+                (n.as_deref(), notice),
                 clear_cookie,
             ));
         }

@@ -136,6 +136,15 @@ fn notice_text(code: &str) -> Option<&'static str> {
                     ended. Please sign in again."
         }
         "logged_out" => "You are signed out.",
+        "session_ended" => {
+            "Your session has ended (it was left idle, reached its time limit, or was ended \
+             elsewhere). Please sign in again."
+        }
+        "not_sent" => {
+            "You are not signed in (your session may have ended), so what you sent was not \
+             passed on. Sign in, then send it again: your browser's Back button may bring a \
+             form back as you filled it in."
+        }
         "password_next" => "Your second factor is confirmed. Now enter your password.",
         _ => return None,
     })

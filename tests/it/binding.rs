@@ -511,9 +511,11 @@ async fn the_webcrypto_fallback_binds_renews_and_never_loses_a_post() {
     // A navigation goes through the interstitial and back.
     let r = gw.get(&b, "/reports?x=1").await;
     assert_eq!(location(&r), "/_portcullis/bind?next=%2Freports%3Fx%3D1");
-    // A form post is neither forwarded nor dropped silently: a page says what to do.
+    // A form post is neither forwarded nor dropped silently: a page says what to do, and links
+    // to the proof that returns to the page the form was on.
     let r = b
         .post(gw.url("/campaigns/7/send"))
+        .header("referer", gw.url("/campaigns/new?draft=7"))
         .form(&[("subject", "Hello")])
         .send()
         .await
@@ -521,9 +523,12 @@ async fn the_webcrypto_fallback_binds_renews_and_never_loses_a_post() {
     assert_eq!(r.status(), 401);
     let html = r.text().await.unwrap();
     assert!(
-        html.contains("device proof of this session has expired"),
+        html.contains("device proof of this session has expired")
+            && html.contains("<title>Confirm this browser")
+            && html.contains("href=\"/_portcullis/bind?next=%2Fcampaigns%2Fnew%3Fdraft%3D7\""),
         "{html}"
     );
+    assert!(!html.contains("Go to sign-in"), "the session is not over");
     // An API client gets JSON naming the renewal page.
     let r = b
         .post(gw.url("/api/campaigns"))
@@ -725,7 +730,7 @@ async fn repeated_failures_end_the_session_and_tell_the_owner() {
     // The session is over for everyone, owner included.
     assert_eq!(
         location(&gw.get(&b, "/inbox").await),
-        "/_portcullis/login?next=%2Finbox"
+        "/_portcullis/login?next=%2Finbox&notice=session_ended"
     );
     let mail = gw.outbox().await;
     let notice = mail
@@ -820,7 +825,7 @@ async fn two_gateways_on_redis_share_bindings_challenges_and_failures() {
     }
     assert_eq!(
         location(&a.get(&owner, "/inbox").await),
-        "/_portcullis/login?next=%2Finbox"
+        "/_portcullis/login?next=%2Finbox&notice=session_ended"
     );
 }
 

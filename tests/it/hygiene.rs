@@ -240,11 +240,47 @@ async fn idle_sessions_expire() {
         "still within 30 minutes"
     );
     gw.clock.advance(31 * 60);
+    // A page opened now: the sign-in says the session ended, and comes back to the page.
+    let r = c
+        .get(gw.url("/x?y=1"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "idle for 31 minutes");
     assert_eq!(
-        c.get(gw.url("/x")).send().await.unwrap().status(),
-        303,
-        "idle for 31 minutes"
+        location(&r),
+        "/_portcullis/login?next=%2Fx%3Fy%3D1&notice=session_ended"
     );
+    let html = gw.page(&gw.browser(), &location(&r)).await;
+    assert!(html.contains("Your session has ended"), "{html}");
+    // A form sent then (the cookie is gone now) is not passed on; the browser is told so and comes back to the page the
+    // form was on after signing in again.
+    let before = gw.upstream.count();
+    let r = c
+        .post(gw.url("/campaigns/7/send"))
+        .header("accept", "text/html")
+        .header("referer", gw.url("/campaigns/new?draft=7"))
+        .form(&[("subject", "Hello")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        location(&r),
+        "/_portcullis/login?next=%2Fcampaigns%2Fnew%3Fdraft%3D7&notice=not_sent"
+    );
+    assert_eq!(gw.upstream.count(), before, "nothing forwarded");
+    let html = gw.page(&gw.browser(), &location(&r)).await;
+    assert!(html.contains("what you sent was not"), "{html}");
+    // A browser that never signed in is sent to sign in without a word about an ended session.
+    let r = gw
+        .browser()
+        .get(gw.url("/x"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/login?next=%2Fx");
 }
 
 #[tokio::test]

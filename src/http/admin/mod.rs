@@ -241,7 +241,7 @@ async fn guard(
             }
             // As the gate answers API clients: the sign-in URL, with the way back for a read.
             let back = (*req.method() == Method::GET).then_some(target.as_str());
-            super::gate::refuse(&state, false, super::gate::LOGIN_PATH, back, false)
+            super::gate::refuse(&state, false, super::gate::LOGIN_PATH, (back, None), false)
         }
         Ok(Err(Refused::NotAdmin(user, client))) => {
             let ev = AuditEvent::new("admin_denied", "denied", state.clock.now())
