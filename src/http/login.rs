@@ -234,6 +234,24 @@ pub async fn login_post(
     // A sign-in whose second factor came first finishes here, with its password.
     let mut after_factor = None;
     if let Some(loaded) = current_session(&state, &headers).await? {
+        let same_user = || async {
+            let owner = state.durable.user_by_id(&loaded.session.user_id).await?;
+            Ok::<_, AppError>(
+                owner.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)),
+            )
+        };
+        if loaded.session.is_authenticated()
+            && state
+                .user_gate
+                .admit(&state, &loaded.session.user_id, loaded.session.auth_ms)
+                .await?
+                .is_some()
+            && same_user().await?
+        {
+            // Already signed in as this user (the form sent again from another tab): the
+            // session goes on, as the sign-in page itself would have sent the browser on.
+            return Ok(see_other(next.as_deref().unwrap_or("/")));
+        }
         if awaits_password(&loaded.session) {
             let owner = state.durable.user_by_id(&loaded.session.user_id).await?;
             if owner.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)) {

@@ -233,3 +233,36 @@ async fn recovery_codes_waiting_in_a_session_are_sealed() {
     assert!(!record.contains(&first), "a code in clear in the session");
     assert!(!record.contains(&first.replace('-', "")));
 }
+
+/// The sign-in form sent again while signed in as that user (a second tab left on it) leaves
+/// the session as it is and goes on; as another user, or with the session ended, it is a new
+/// sign-in.
+#[tokio::test]
+async fn the_sign_in_form_sent_again_while_signed_in_keeps_the_session() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("tabs@example.com").await;
+    gw.add_user("other@example.com").await;
+    let csrf = gw.csrf(&c, "/_portcullis/logout").await;
+    let before = gw.cookies(&c);
+    for (email, password) in [
+        ("tabs@example.com", PASSWORD),
+        (" TABS@example.com", "not even the password"),
+    ] {
+        let r = gw
+            .login_form(&c, &csrf, email, password, "/campaigns")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(location(&r), "/campaigns", "{email}");
+        assert_eq!(gw.cookies(&c), before, "the same session");
+        assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    }
+    // Another user's sign-in is a new sign-in (and ends this session).
+    let r = gw
+        .login_form(&c, &csrf, "other@example.com", PASSWORD, "")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(location(&r), "/");
+    assert_eq!(gw.status(&c, "/campaigns").await, 303);
+}
