@@ -21,11 +21,12 @@ const IDENTITY_DENY_PREFIX: &str = "x-portcullis-";
 /// Headers the gateway sets or frames messages with. Their canonical spelling is replaced or
 /// checked, but an underscore spelling (`X_Forwarded_For`, `Content_Length`) would slip past and
 /// alias the real one in CGI-style backends, so such spellings are always dropped.
-const UNDERSCORE_ALIASED: [&str; 5] = [
+const UNDERSCORE_ALIASED: [&str; 6] = [
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "x-request-id",
     "content-length",
 ];
 

@@ -123,4 +123,30 @@ async fn replaced_when_malformed_or_from_an_untrusted_peer() {
     assert!(is_uuid(&got), "{got}");
     let seen = gw.upstream.last();
     assert_eq!(seen.headers_named("x-request-id"), vec![got.as_str()]);
+    // An underscore spelling, which CGI-style consoles read as the same header (and join with
+    // the gateway's), does not reach the console either, from any peer.
+    for trusted in [false, true] {
+        let (gw, cookie) = signed_in(trusted).await;
+        let r = raw(
+            gw.addr,
+            "GET",
+            "/campaigns",
+            &[("Cookie", &cookie), ("X-Request_Id", "forged-by-client")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let seen = gw.upstream.last();
+        let names: Vec<String> = seen
+            .headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase().replace('_', "-"))
+            .filter(|n| n == "x-request-id")
+            .collect();
+        assert_eq!(names.len(), 1, "{:?}", seen.headers);
+        assert!(!seen
+            .headers
+            .iter()
+            .any(|(_, v)| v.contains("forged-by-client")));
+    }
 }
