@@ -268,7 +268,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => crate::demo::run(args, cli.config.as_deref()).await,
         Command::CheckConfig => {
             let config = load_config(cli.config.as_deref())?;
-            preflight(&config)?;
+            let warnings = preflight(&config)?;
             check_stored_keys(&config).await?;
             write!(std::io::stdout(), "{}", config.to_redacted_toml())
                 .context("cannot write to standard output")?;
@@ -277,6 +277,9 @@ async fn run(cli: Cli) -> Result<()> {
                     "note: webauthn.enabled is off in effect: server.public_url has an IP \
                      address, not a domain name, so security keys and passkeys are not offered"
                 );
+            }
+            for w in warnings {
+                note!("warning: {w}");
             }
             note!("config is valid");
             Ok(())
@@ -325,10 +328,13 @@ pub async fn shutdown_signal() {
 /// What `serve` needs beyond a valid configuration, checked before anything starts (and by
 /// `check-config`): a usable master key and, when set, a TLS pair that loads and a GeoIP
 /// database that tells places.
-fn preflight(config: &Config) -> Result<()> {
+fn preflight(config: &Config) -> Result<Vec<String>> {
     config.master_key()?;
+    let mut warnings = Vec::new();
     if let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) {
-        crate::server::tls::Tls::load(cert, key)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (_, w) = crate::server::tls::Tls::load(cert, key, &config.server.public_url, now)?;
+        warnings.extend(w);
     }
     if let Some(db) = &config.risk.geoip_database {
         crate::risk::check_database(db)?;
@@ -339,7 +345,7 @@ fn preflight(config: &Config) -> Result<()> {
     if let Some(path) = crate::store::sql::sqlite_file(&config.storage.durable) {
         check_sqlite_file(std::path::Path::new(path))?;
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// A SQLite database is a file, or one the gateway can make in a directory that exists.
@@ -458,6 +464,7 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
 
 /// `portcullis serve`.
 pub async fn serve(config: Config) -> Result<()> {
+    // Its warnings are logged where the TLS pair is loaded for good.
     preflight(&config)?;
     let listen = config.server.listen.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -65,7 +65,13 @@ pub async fn run_with(
 ) -> std::io::Result<()> {
     let server = &state.config.server;
     let tls = match (&server.tls_cert, &server.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::Tls::load(cert, key)?),
+        (Some(cert), Some(key)) => {
+            let (tls, warnings) = tls::Tls::load(cert, key, &server.public_url, state.clock.now())?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            Some(tls)
+        }
         _ => None,
     };
     // After the signal, in-flight requests get `server.shutdown_timeout` to finish; then the
@@ -145,9 +151,13 @@ async fn reload_on_hangup(
         };
         while hangups.recv().await.is_some() {
             if let Some(tls) = &tls {
-                match tls.reload() {
-                    Ok(()) => {
-                        tracing::info!("SIGHUP: TLS certificate reloaded for new connections")
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                match tls.reload(now) {
+                    Ok(soon) => {
+                        tracing::info!("SIGHUP: TLS certificate reloaded for new connections");
+                        if let Some(w) = soon {
+                            tracing::warn!("{w}");
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "SIGHUP: new TLS certificate refused; keeping the current one")

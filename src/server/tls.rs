@@ -38,6 +38,119 @@ pub enum TlsError {
         key: PathBuf,
         message: String,
     },
+    #[error("TLS certificate {path} is not valid now: {message}")]
+    Dates { path: PathBuf, message: String },
+    #[error(
+        "TLS certificate {path} is not for {host}, the host of server.public_url (it names: {names})"
+    )]
+    Name {
+        path: PathBuf,
+        host: String,
+        names: String,
+    },
+}
+
+/// A certificate that runs out within this long is warned about (seconds).
+const EXPIRY_WARNING: i64 = 14 * 24 * 3600;
+
+/// What a pair's leaf certificate says of itself: when it is valid and for which names.
+#[derive(Debug, Clone)]
+struct Leaf {
+    not_before: i64,
+    not_after: i64,
+    /// Its DNS names (lower case) and IP addresses (subject alternative names; the subject's
+    /// common name counts for no client).
+    dns: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+}
+
+impl Leaf {
+    fn read(path: &Path, der: &[u8]) -> Result<Self, TlsError> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Cert {
+            path: path.to_path_buf(),
+            message: format!("the first certificate cannot be read: {e}"),
+        })?;
+        let (mut dns, mut ips) = (Vec::new(), Vec::new());
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => dns.push(d.to_ascii_lowercase()),
+                    GeneralName::IPAddress(b) => {
+                        if let Ok(v4) = <[u8; 4]>::try_from(*b) {
+                            ips.push(std::net::IpAddr::from(v4));
+                        } else if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                            ips.push(std::net::IpAddr::from(v6));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Self {
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            dns,
+            ips,
+        })
+    }
+
+    /// Refuses a certificate that has run out or is not valid yet at `now`.
+    fn check_dates(&self, path: &Path, now: i64) -> Result<(), TlsError> {
+        let message = if now > self.not_after {
+            format!("it expired at {}", crate::clock::rfc3339(self.not_after))
+        } else if now < self.not_before {
+            format!(
+                "it is valid only from {}",
+                crate::clock::rfc3339(self.not_before)
+            )
+        } else {
+            return Ok(());
+        };
+        Err(TlsError::Dates {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Whether a client asking for `host` accepts this certificate's names (a wildcard stands
+    /// for one whole left-most label).
+    fn covers(&self, host: &url::Host<&str>) -> bool {
+        match host {
+            url::Host::Domain(d) => {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                self.dns.iter().any(|n| match n.strip_prefix("*.") {
+                    Some(parent) => d
+                        .split_once('.')
+                        .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+                    None => *n == d,
+                })
+            }
+            url::Host::Ipv4(ip) => self.ips.contains(&std::net::IpAddr::V4(*ip)),
+            url::Host::Ipv6(ip) => self.ips.contains(&std::net::IpAddr::V6(*ip)),
+        }
+    }
+
+    /// The name check against `public`'s host: the error a pair for another host is.
+    fn check_name(&self, path: &Path, public: &url::Url) -> Result<(), TlsError> {
+        let Some(host) = public.host() else {
+            return Ok(());
+        };
+        if self.covers(&host) {
+            return Ok(());
+        }
+        let mut names: Vec<String> = self.dns.clone();
+        names.extend(self.ips.iter().map(ToString::to_string));
+        Err(TlsError::Name {
+            path: path.to_path_buf(),
+            host: host.to_string(),
+            names: if names.is_empty() {
+                "no DNS name or address".into()
+            } else {
+                names.join(", ")
+            },
+        })
+    }
 }
 
 impl From<TlsError> for io::Error {
@@ -51,6 +164,8 @@ impl From<TlsError> for io::Error {
 pub struct Tls {
     cert: PathBuf,
     key: PathBuf,
+    /// The public URL whose host the certificate must name.
+    public: url::Url,
     current: Arc<RwLock<TlsAcceptor>>,
 }
 
@@ -64,25 +179,46 @@ impl std::fmt::Debug for Tls {
 }
 
 impl Tls {
-    /// Reads the pair at `cert` / `key`; fails when either is missing, malformed or they do not
-    /// belong together.
-    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let acceptor = acceptor(cert, key)?;
-        Ok(Self {
+    /// Reads the pair at `cert` / `key` for a gateway at `public`; fails when either is missing
+    /// or malformed, when they do not belong together, or when the certificate has run out or
+    /// is not valid yet at `now` (Unix seconds). Also returns what is worth a warning: a
+    /// certificate for other names than `public`'s host, or one that runs out within 14 days.
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        public: &url::Url,
+        now: i64,
+    ) -> Result<(Self, Vec<String>), TlsError> {
+        let (acceptor, leaf) = acceptor(cert, key)?;
+        leaf.check_dates(cert, now)?;
+        let mut warnings = Vec::new();
+        if let Err(e) = leaf.check_name(cert, public) {
+            warnings.push(format!("{e}: browsers will refuse it"));
+        }
+        if let Some(w) = expiry_warning(cert, &leaf, now) {
+            warnings.push(w);
+        }
+        let tls = Self {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
+            public: public.clone(),
             current: Arc::new(RwLock::new(acceptor)),
-        })
+        };
+        Ok((tls, warnings))
     }
 
     /// Reads the pair again from the same paths. New connections use it; connections already
-    /// open keep theirs. A broken pair is refused and the current one stays in use.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = acceptor(&self.cert, &self.key)?;
+    /// open keep theirs. A pair that does not load, has run out or is not valid yet at `now`, or
+    /// names other hosts than the public URL's is refused and the current one stays in use.
+    /// Returns a warning for a certificate that runs out within 14 days.
+    pub fn reload(&self, now: i64) -> Result<Option<String>, TlsError> {
+        let (fresh, leaf) = acceptor(&self.cert, &self.key)?;
+        leaf.check_dates(&self.cert, now)?;
+        leaf.check_name(&self.cert, &self.public)?;
         if let Ok(mut current) = self.current.write() {
             *current = fresh;
         }
-        Ok(())
+        Ok(expiry_warning(&self.cert, &leaf, now))
     }
 
     fn acceptor(&self) -> Option<TlsAcceptor> {
@@ -132,8 +268,19 @@ impl Tls {
     }
 }
 
-/// Builds an acceptor from the pair on disk.
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// The warning for a certificate that runs out soon.
+fn expiry_warning(path: &Path, leaf: &Leaf, now: i64) -> Option<String> {
+    (leaf.not_after - now < EXPIRY_WARNING).then(|| {
+        format!(
+            "TLS certificate {} expires at {}: renew it",
+            path.display(),
+            crate::clock::rfc3339(leaf.not_after)
+        )
+    })
+}
+
+/// Builds an acceptor from the pair on disk, with what its leaf certificate says.
+fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Leaf), TlsError> {
     let cert_err = |message: String| TlsError::Cert {
         path: cert.to_path_buf(),
         message,
@@ -142,9 +289,10 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .map_err(|e| cert_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(e.to_string()))?;
-    if chain.is_empty() {
+    let Some(first) = chain.first() else {
         return Err(cert_err("no PEM certificate in the file".into()));
-    }
+    };
+    let leaf = Leaf::read(cert, first)?;
     // The error names the file and the problem, never key material.
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.to_path_buf(),
@@ -164,7 +312,7 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .map_err(|e| pair_err(e.to_string()))?;
     // The web server speaks HTTP/1.1.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), leaf))
 }
 
 /// Connections that completed their TLS handshake, for `axum::serve`.
@@ -196,5 +344,60 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Leaf;
+
+    fn leaf(dns: &[&str], ips: &[&str]) -> Leaf {
+        Leaf {
+            not_before: 0,
+            not_after: 100,
+            dns: dns.iter().map(|d| d.to_string()).collect(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+        }
+    }
+
+    fn covers(l: &Leaf, url: &str) -> bool {
+        let url = url::Url::parse(url).unwrap();
+        l.covers(&url.host().unwrap())
+    }
+
+    /// Names as clients match them: exact (any case, a trailing dot), a wildcard for one
+    /// left-most label only, addresses only by an address entry.
+    #[test]
+    fn names_are_matched_as_clients_match_them() {
+        let l = leaf(
+            &["console.example.com", "*.esp.example"],
+            &["10.0.0.1", "::1"],
+        );
+        assert!(covers(&l, "https://CONSOLE.example.com/"));
+        assert!(covers(&l, "https://console.example.com./"));
+        assert!(covers(&l, "https://eu.esp.example/"));
+        assert!(!covers(&l, "https://esp.example/"));
+        assert!(!covers(&l, "https://a.eu.esp.example/"));
+        assert!(!covers(&l, "https://example.com/"));
+        assert!(covers(&l, "https://10.0.0.1/"));
+        assert!(covers(&l, "https://[::1]/"));
+        assert!(!covers(&l, "https://10.0.0.2/"));
+    }
+
+    #[test]
+    fn dates_outside_the_validity_are_refused() {
+        let l = leaf(&[], &[]);
+        let p = std::path::Path::new("c.pem");
+        assert!(l.check_dates(p, 50).is_ok());
+        assert!(l
+            .check_dates(p, 101)
+            .unwrap_err()
+            .to_string()
+            .contains("expired"));
+        assert!(l
+            .check_dates(p, -1)
+            .unwrap_err()
+            .to_string()
+            .contains("valid only from"));
     }
 }

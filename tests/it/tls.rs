@@ -41,9 +41,15 @@ pub(super) fn make_ca(dir: &Path) {
 
 /// A certificate for localhost and 127.0.0.1 signed by the test CA: `{name}.pem`, `{name}.key`.
 pub(super) fn make_leaf(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    make_leaf_for(dir, name, "DNS:localhost,IP:127.0.0.1", 2)
+}
+
+/// A certificate for `names` (a subjectAltName list) signed by the test CA, valid for `days`
+/// from now (a negative number: it ran out that many days ago).
+fn make_leaf_for(dir: &Path, name: &str, names: &str, days: i32) -> (PathBuf, PathBuf) {
     std::fs::write(
         dir.join(format!("{name}.ext")),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        format!("subjectAltName={names}\n"),
     )
     .unwrap();
     openssl(
@@ -54,7 +60,7 @@ pub(super) fn make_leaf(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         dir,
         &format!(
             "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-             -out {name}.pem -days 2 -extfile {name}.ext"
+             -out {name}.pem -days {days} -extfile {name}.ext"
         ),
     );
     (
@@ -257,12 +263,14 @@ async fn serve_refuses_to_start_with_an_unusable_certificate() {
     make_ca(d);
     let (cert, _key) = make_leaf(d, "gw");
     let (_, other_key) = make_leaf(d, "other");
+    let (expired, expired_key) = make_leaf_for(d, "expired", "DNS:localhost", -1);
     let missing = d.join("missing.pem");
     // (certificate, key) → what the error names
     for (cert, key, says) in [
         (&missing, &other_key, "cannot read TLS certificate"),
         (&cert, &missing, "cannot read TLS private key"),
         (&cert, &other_key, "do not form a usable pair"),
+        (&expired, &expired_key, "is not valid now: it expired at"),
     ] {
         let run = tempfile::tempdir().unwrap();
         let upstream = "127.0.0.1:9".parse().unwrap();
@@ -316,13 +324,19 @@ async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
     })
     .await;
 
-    // Broken pairs are refused; the second certificate stays and the process lives on.
+    // Broken pairs are refused; the second certificate stays and the process lives on. So are
+    // pairs that load but that no browser would take: run out, or for another host (the most
+    // common slips of a renewal).
     let garbage = d.join("garbage.pem");
     std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    let (expired, expired_key) = make_leaf_for(d, "expired", "DNS:localhost", -1);
+    let (elsewhere, elsewhere_key) = make_leaf_for(d, "elsewhere", "DNS:other.example", 2);
     for (i, (new_cert, new_key)) in [
-        (&garbage, &b_key),  // unreadable certificate
-        (&a_cert, &b_key),   // key of another certificate
-        (&b_cert, &garbage), // no key at all
+        (&garbage, &b_key),           // unreadable certificate
+        (&a_cert, &b_key),            // key of another certificate
+        (&b_cert, &garbage),          // no key at all
+        (&expired, &expired_key),     // ran out
+        (&elsewhere, &elsewhere_key), // another host
     ]
     .into_iter()
     .enumerate()
@@ -355,6 +369,52 @@ async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
     assert!(
         !text.contains("PRIVATE KEY"),
         "no key material in logs: {text}"
+    );
+    assert!(
+        text.contains("it expired at")
+            && text.contains("is not for localhost")
+            && text.contains("other.example"),
+        "{text}"
+    );
+}
+
+/// `check-config` refuses a certificate that has run out (as `serve` does) and warns of one for
+/// another host than the public URL's, or one that runs out within two weeks.
+#[tokio::test]
+async fn check_config_refuses_an_expired_certificate_and_warns_of_a_wrong_or_ending_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d);
+    let check = |cert: &Path, key: &Path| {
+        let config = binary_config(d, 443, "127.0.0.1:9".parse().unwrap(), cert, key);
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["--config", config.to_str().unwrap(), "check-config"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (cert, key) = make_leaf_for(d, "good", "DNS:localhost", 90);
+    let (ok, err) = check(&cert, &key);
+    assert!(ok && !err.contains("warning"), "{err}");
+    let (cert, key) = make_leaf_for(d, "expired", "DNS:localhost", -1);
+    let (ok, err) = check(&cert, &key);
+    assert!(!ok && err.contains("it expired at"), "{err}");
+    let (cert, key) = make_leaf_for(d, "wild", "DNS:*.example.com,DNS:other.example", 90);
+    let (ok, err) = check(&cert, &key);
+    assert!(
+        ok && err.contains("warning: TLS certificate")
+            && err.contains("is not for localhost")
+            && err.contains("*.example.com, other.example"),
+        "{err}"
+    );
+    let (cert, key) = make_leaf_for(d, "ending", "DNS:localhost", 2);
+    let (ok, err) = check(&cert, &key);
+    assert!(
+        ok && err.contains("expires at") && err.contains("renew it"),
+        "{err}"
     );
 }
 
