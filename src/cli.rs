@@ -162,7 +162,8 @@ pub enum AuditCmd {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
-        /// Keep printing new events as they are written.
+        /// Keep printing new events as they are written; a database that goes away meanwhile is
+        /// waited for (said on standard error), and following goes on where it was.
         #[arg(short, long)]
         follow: bool,
     },
@@ -1049,13 +1050,34 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                events = durable
-                    .query_audit(&AuditQuery {
-                        after_id: Some(last),
-                        limit: 1000,
-                        ..Default::default()
-                    })
-                    .await?;
+                // A database that is away (a restart, a failover) is waited for: a follower
+                // feeding another system goes on where it was once the database is back.
+                let mut away = false;
+                events = loop {
+                    match durable
+                        .query_audit(&AuditQuery {
+                            after_id: Some(last),
+                            limit: 1000,
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(events) => {
+                            if away {
+                                note!("audit tail: the database is back; following on");
+                            }
+                            break events;
+                        }
+                        Err(crate::store::StoreError::Unavailable(e)) => {
+                            if !away {
+                                note!("audit tail: the database is unavailable ({e}); retrying");
+                                away = true;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
             }
         }
         _ => bail!("unsupported command"),

@@ -85,6 +85,21 @@ async fn outage(how: Outage) {
     let mail_before = mail_ids(&gw).await;
     assert!(mail_before.len() >= 2, "notices queued: {mail_before:?}");
 
+    // An operator's `audit tail --follow`, feeding another system, runs through the outage.
+    let followed = gw.dir.path().join("follow.out");
+    let follow_err = gw.dir.path().join("follow.err");
+    let mut follower = Process(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&gw.config_path)
+            .args(["audit", "tail", "-n", "0", "--follow"])
+            .stdout(std::fs::File::create(&followed).unwrap())
+            .stderr(std::fs::File::create(&follow_err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
     match how {
         Outage::Stop => pg.stop(),
         Outage::Kill => pg.kill(),
@@ -208,6 +223,26 @@ async fn outage(how: Outage) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The follower waited for the database and printed what was written after it came back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&followed)
+        .unwrap_or_default()
+        .contains(" logout ")
+    {
+        assert!(
+            follower.0.try_wait().unwrap().is_none(),
+            "audit tail --follow exited: {}",
+            std::fs::read_to_string(&follow_err).unwrap_or_default()
+        );
+        assert!(Instant::now() < deadline, "the follower printed no logout");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let said = std::fs::read_to_string(&follow_err).unwrap_or_default();
+    assert!(
+        said.contains("unavailable") && said.contains("back"),
+        "{said}"
+    );
+    let _ = follower.0.kill();
 }
 
 /// Whether a response starts a session.
