@@ -210,7 +210,10 @@ async fn side_listeners(
         apps.push((
             "redirect",
             addr,
-            redirect_router(&state.config.server.public_url),
+            redirect_router(
+                &state.config.server.public_url,
+                state.config.server.max_uri_length,
+            ),
         ));
     }
     for (what, addr, app) in apps {
@@ -230,12 +233,23 @@ async fn side_listeners(
 
 /// Answers every request with a 308 to the same path and query on the https origin of
 /// `public_url`. The target never comes from the request's Host header, so the listener cannot
-/// be made to redirect elsewhere.
-fn redirect_router(public_url: &url::Url) -> Router {
+/// be made to redirect elsewhere. A target longer than `server.max_uri_length` is refused with
+/// 414, as on the main listener, rather than copied into `Location`.
+fn redirect_router(public_url: &url::Url, max_uri_length: usize) -> Router {
     let origin: Arc<str> = public_url.as_str().trim_end_matches('/').into();
-    Router::new().fallback(move |uri: Uri| {
+    Router::new().fallback(move |uri: Uri, headers: axum::http::HeaderMap| {
         let origin = origin.clone();
         async move {
+            let len = uri.path_and_query().map_or(0, |p| p.as_str().len());
+            if len > max_uri_length {
+                let refused = crate::http::error::AppError::new(
+                    StatusCode::URI_TOO_LONG,
+                    "uri_too_long",
+                    "The address is too long.",
+                );
+                let html = crate::http::error::wants_html(&headers);
+                return crate::http::error::render_errors(html, refused.into_response());
+            }
             let path = uri
                 .path_and_query()
                 .map(|p| p.as_str())

@@ -205,6 +205,21 @@ async fn redirect_listener_sends_browsers_to_https_on_the_public_origin() {
         assert_eq!(r.status(), 308, "{method} {path}");
         assert_eq!(location(&r), want, "{method} {path} Host: {host}");
     }
+    // A target over `server.max_uri_length` is refused as on the main listener, not copied
+    // into `Location`.
+    let long = format!("/{}", "a".repeat(9000));
+    for accept in ["text/html", "application/json"] {
+        let r = client
+            .get(format!("http://{redirect}{long}"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 414, "{accept}");
+        assert!(r.headers().get("location").is_none());
+        let body = r.text().await.unwrap();
+        assert!(body.contains("The address is too long"), "{body}");
+    }
 }
 
 /// Waits until `check` is true, for at most ten seconds.
