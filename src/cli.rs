@@ -215,12 +215,18 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<OutputClosed>().is_some() => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Logged>().is_some() => ExitCode::FAILURE,
         Err(e) => {
             note!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
 }
+
+/// An error already written to the log.
+#[derive(Debug, thiserror::Error)]
+#[error("see the log")]
+struct Logged;
 
 /// An error and its causes on one line, each cause once: many errors already name their cause
 /// in their own message, and `{:#}` would repeat it.
@@ -288,7 +294,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve => {
             let config = load_config(cli.config.as_deref())?;
             init_logging(&config);
-            serve(config).await
+            // Once logging is set up, the reason the gateway cannot run goes to the log, in its
+            // format (a JSON pipeline keeps it), and only there.
+            serve(config).await.map_err(|e| {
+                if !tracing::enabled!(tracing::Level::ERROR) {
+                    return e;
+                }
+                tracing::error!(error = %error_text(&e), "portcullis cannot run");
+                anyhow::Error::new(Logged)
+            })
         }
         Command::Token(TokenCmd::Verify {
             token,
@@ -474,15 +488,6 @@ pub async fn serve(config: Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let storage = &state.config.storage;
-    tracing::info!(
-        listen = %listen,
-        public_url = %state.config.server.public_url,
-        upstream = %state.config.upstream.url,
-        durable = %crate::secret::redact_url(&storage.durable),
-        ephemeral = %crate::secret::redact_url(&storage.ephemeral),
-        "portcullis is listening"
-    );
     if !state.config.is_https() {
         tracing::warn!("public_url is plain http: session cookies drop the __Host- prefix and the Secure flag; use https outside a loopback demo");
     }

@@ -78,6 +78,16 @@ pub async fn run_with(
     // remaining connections (a stuck upstream, open websockets) are dropped.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let side = side_listeners(&state, &stop_rx).await?;
+    // Every listener is open: only now is the gateway said to be up.
+    let storage = &state.config.storage;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        public_url = %state.config.server.public_url,
+        upstream = %state.config.upstream.url,
+        durable = %crate::secret::redact_url(&storage.durable),
+        ephemeral = %crate::secret::redact_url(&storage.ephemeral),
+        "portcullis is listening"
+    );
     let signer = state.signer.clone();
     let refresher = tokio::spawn(async move {
         let mut tick = tokio::time::interval(KEY_REFRESH);

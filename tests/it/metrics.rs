@@ -382,6 +382,55 @@ async fn serve_starts_the_metrics_listener() {
     panic!("portcullis serve never answered on its metrics listener {metrics}");
 }
 
+/// A listener that cannot be opened (the metrics port taken) stops the start-up: the gateway
+/// never says it is listening, and with JSON logs the reason is a JSON line like every other.
+#[tokio::test]
+async fn a_listener_that_cannot_open_stops_the_start_and_is_logged_as_json() {
+    let gw = Gateway::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let log = gw.dir.path().join("refused.log");
+    let mut serve = serve_binary(
+        &gw.config_path,
+        &[
+            (
+                "PORTCULLIS__SERVER__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "PORTCULLIS__METRICS__LISTEN",
+                taken.local_addr().unwrap().to_string(),
+            ),
+            ("PORTCULLIS__LOG__FORMAT", "json".into()),
+        ],
+        Some(&log),
+    );
+    let mut status = None;
+    for _ in 0..300 {
+        status = serve.0.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!status.expect("serve exits").success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.starts_with("note:"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "portcullis cannot run"
+                && l["fields"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("(metrics)"))),
+        "{text}"
+    );
+    assert!(!text.contains("portcullis is listening"), "{text}");
+}
+
 #[tokio::test]
 async fn forward_auth_answers_are_counted_by_outcome() {
     let (metrics, adjust) = metrics_on_free_port();
