@@ -1105,6 +1105,23 @@ fn shown(value: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Largest JWKS file `token verify` reads: a key set is a few kilobytes.
+const MAX_JWKS_BYTES: u64 = 1 << 20;
+
+/// A text file of at most `max` bytes; a longer one (or an endless one such as `/dev/zero`) is
+/// refused after `max` bytes rather than read whole.
+fn read_small(path: &std::path::Path, max: u64) -> Result<String> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut body)?;
+    if body.len() as u64 > max {
+        bail!("it is larger than {max} bytes, which no key set is");
+    }
+    String::from_utf8(body).context("it is not text")
+}
+
 /// `portcullis token verify`.
 async fn verify_token(
     config: &Config,
@@ -1120,7 +1137,8 @@ async fn verify_token(
     } else if jwks.starts_with("https://") {
         bail!("fetch https JWKS with your HTTP client and pass the file: --jwks ./jwks.json");
     } else {
-        std::fs::read_to_string(jwks).with_context(|| format!("cannot read {jwks}"))?
+        read_small(std::path::Path::new(jwks), MAX_JWKS_BYTES)
+            .with_context(|| format!("cannot read {jwks}"))?
     };
     let set: serde_json::Value = serde_json::from_str(&body).context("the JWKS is not JSON")?;
     let audience = audience.unwrap_or_else(|| config.token.audience.clone());

@@ -294,6 +294,19 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not a well-formed token"), "{bad}: {err}");
     }
+    // A "key set" that never ends is refused after a bounded read, not read forever.
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        gw.cli(
+            &["token", "verify", &old_token, "--jwks", "/dev/zero"],
+            None,
+        ),
+    )
+    .await
+    .expect("token verify --jwks /dev/zero returns");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("larger than"), "{err}");
 }
 
 #[tokio::test]
