@@ -892,6 +892,25 @@ async fn audit_view_filters_and_exports_json_lines() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("No user has the address"));
     let r = gw
+        .get(&c, "/_portcullis/admin/audit?user=not-an-id-of-anyone")
+        .await;
+    assert_eq!(r.status(), 400);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("No user has the id not-an-id-of-anyone"));
+    for q in [
+        "user=a%00b",
+        "user=a%00%40example.com",
+        "account=x%00",
+        "event=%01",
+    ] {
+        let r = gw.get(&c, &format!("/_portcullis/admin/audit?{q}")).await;
+        assert_eq!(r.status(), 400, "{q}");
+        assert!(r.text().await.unwrap().contains("not allowed"), "{q}");
+    }
+    let r = gw
         .get(
             &c,
             "/_portcullis/admin/audit?since=2026-12-02&until=2026-12-01",

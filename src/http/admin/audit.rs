@@ -97,6 +97,13 @@ impl Filter {
                 return Err("“From” must be before “Until”.".to_string());
             }
         }
+        // Text columns refuse a NUL: said here, not as a database failure.
+        if [&self.user, &self.account, &self.event]
+            .iter()
+            .any(|f| f.chars().any(char::is_control))
+        {
+            return Err("The filter holds a character that is not allowed.".into());
+        }
         let user_id = if self.user.contains('@') {
             let email = crate::store::normalise_email(&self.user);
             match state.durable.user_by_email(&email).await {
@@ -108,8 +115,20 @@ impl Filter {
                 }
                 Err(e) => return Err(format!("The users could not be read: {e}")),
             }
+        } else if self.user.is_empty() {
+            None
         } else {
-            opt(&self.user)
+            // Users are never deleted: an id no user has matches no event, and is a typo.
+            match state.durable.user_by_id(&self.user).await {
+                Ok(Some(u)) => Some(u.id),
+                Ok(None) => {
+                    return Err(format!(
+                        "No user has the id {}. The user filter takes a user's address or id.",
+                        self.user
+                    ))
+                }
+                Err(e) => return Err(format!("The users could not be read: {e}")),
+            }
         };
         Ok(AuditQuery {
             user_id,
