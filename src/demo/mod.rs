@@ -261,9 +261,18 @@ pub async fn fetch_text(url: &str) -> Result<String> {
     if !resp.status().is_success() {
         anyhow::bail!("{url} answered {}", resp.status());
     }
-    let body = resp.into_body().collect().await?.to_bytes();
-    if body.len() > 1 << 20 {
-        anyhow::bail!("{url} answered more than 1 MiB");
-    }
+    // At most 1 MiB, however the body is framed (a length, chunks, or the connection's close),
+    // and within the same time limit as the answer's head.
+    let limited = http_body_util::Limited::new(resp.into_body(), 1 << 20);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(10), limited.collect())
+        .await
+        .context("timed out")?
+        .map_err(
+            |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                Some(_) => anyhow::anyhow!("{url} answered more than 1 MiB"),
+                None => anyhow::anyhow!("{url}: {e}"),
+            },
+        )?
+        .to_bytes();
     Ok(String::from_utf8(body.to_vec())?)
 }

@@ -307,6 +307,37 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("larger than"), "{err}");
+    // Nor over HTTP: a server whose body ends only when it closes the connection, and never does.
+    let endless = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = endless.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = endless.accept().await {
+            tokio::spawn(async move {
+                // The request first, then an answer that never ends.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).await.unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                    .await;
+                let chunk = vec![b' '; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let url = format!("http://{addr}/jwks.json");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        gw.cli(&["token", "verify", &old_token, "--jwks", &url], None),
+    )
+    .await
+    .expect("token verify --jwks of an endless answer returns");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("more than 1 MiB"), "{err}");
 }
 
 #[tokio::test]
