@@ -19,8 +19,9 @@ pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwa
 const IDENTITY_DENY_PREFIX: &str = "x-portcullis-";
 
 /// Headers the gateway sets or frames messages with. Their canonical spelling is replaced or
-/// checked, but an underscore spelling (`X_Forwarded_For`, `Content_Length`) would slip past and
-/// alias the real one in CGI-style backends, so such spellings are always dropped.
+/// checked, but an underscore (or other punctuation) spelling (`X_Forwarded_For`,
+/// `Content_Length`, `X-Request.Id`) would slip past and alias the real one in CGI-style
+/// backends, so such spellings are always dropped.
 const UNDERSCORE_ALIASED: [&str; 6] = [
     "host",
     "x-forwarded-for",
@@ -85,8 +86,8 @@ pub(crate) fn has_transfer_encoding(headers: &HeaderMap) -> bool {
 
 /// Removes headers a client must never supply: [`is_identity_header`], the `x-portcullis-`
 /// namespace, `extra` (the caller's list) and the names the gateway is about to add, all compared
-/// as CGI-style backends see names (lower case, `_` read as `-`); plus underscore spellings of
-/// headers the gateway sets.
+/// as CGI-style backends see names (lower case, `_` and other punctuation read as `-`); plus
+/// such spellings of headers the gateway sets.
 pub(crate) fn strip_identity(
     headers: &mut HeaderMap,
     extra: &[String],
@@ -94,10 +95,15 @@ pub(crate) fn strip_identity(
 ) {
     let doomed = |name: &HeaderName| {
         let raw = name.as_str();
-        // A `HeaderName` is lower case already: only `_` needs reading as `-`.
-        let underscored = memchr::memchr(b'_', raw.as_bytes()).is_some();
+        // A `HeaderName` is lower case already: only punctuation other than `-` (`_`, `.`, `~`,
+        // …, which CGI-style servers turn into the same `_` as `-`) needs reading as `-`.
+        let underscored = raw.bytes().any(|b| b != b'-' && !b.is_ascii_alphanumeric());
         let norm = match underscored {
-            true => Cow::Owned(raw.replace('_', "-")),
+            true => Cow::Owned(
+                raw.bytes()
+                    .map(|b| char::from(normalised_byte(b)))
+                    .collect(),
+            ),
             false => Cow::Borrowed(raw),
         };
         let norm: &str = &norm;
@@ -129,11 +135,13 @@ pub(crate) fn is_method_override(name: &str) -> bool {
     .any(|m| same_normalised(name, m))
 }
 
-/// One byte of a header name as CGI-style backends read it: lower case, `_` as `-`.
+/// One byte of a header name as CGI-style backends read it: lower case, and any punctuation
+/// (`_`, `.`, `~`, …) as `-` (they all become `_` in `HTTP_…` variables).
 fn normalised_byte(b: u8) -> u8 {
-    match b {
-        b'_' => b'-',
-        b => b.to_ascii_lowercase(),
+    if b.is_ascii_alphanumeric() {
+        b.to_ascii_lowercase()
+    } else {
+        b'-'
     }
 }
 
@@ -496,7 +504,8 @@ mod tests {
         assert!(same_normalised("X-Auth_Token", "x-auth-token"));
         assert!(same_normalised("x-auth-token", "x-auth-token"));
         assert!(!same_normalised("x-auth-tokens", "x-auth-token"));
-        assert!(!same_normalised("x-auth+token", "x-auth-token"));
+        // Any punctuation becomes `_` in a CGI variable, as `-` does.
+        assert!(same_normalised("x-auth+token", "x-auth-token"));
         let mut h = HeaderMap::new();
         for name in [
             "x_auth_token",
@@ -578,11 +587,18 @@ mod tests {
             ("x_custom_id", "forged"),
             ("x-keep_me", "yes"),
             ("authorization", "Bearer console-token"),
+            // Other punctuation, which CGI-style servers turn into `_` as they do `-`.
+            ("X-Request.Id", "forged"),
+            ("x-request~id", "forged"),
+            ("X-Portcullis.Assertion", "forged"),
+            ("X-Forwarded.For", "1.2.3.4"),
+            ("Remote.User", "admin"),
+            ("x.keep.me.too", "yes"),
         ]);
         strip_identity(&mut h, &["X-Custom-Id".into()], &[]);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
-        assert_eq!(left, ["authorization", "x-keep_me"]);
+        assert_eq!(left, ["authorization", "x-keep_me", "x.keep.me.too"]);
     }
 
     #[test]
