@@ -108,6 +108,7 @@ pub async fn run_with(
     });
     let drain = state.config.server.shutdown_timeout;
     let reloader = tokio::spawn(reload_on_hangup(hangups, tls.clone(), state.risk.clone()));
+    let watcher = tokio::spawn(watch_certificate(tls.clone()));
     let serving: Pin<Box<dyn Future<Output = ()> + Send>> = match tls {
         Some(tls) => {
             // Nothing to do per connection: the TLS listener has set TCP_NODELAY already.
@@ -137,12 +138,37 @@ pub async fn run_with(
     };
     refresher.abort();
     mailer.abort();
-    for task in side.into_iter().chain([reloader]) {
+    for task in side.into_iter().chain([reloader, watcher]) {
         task.abort();
     }
     // The audit trail gets its own `shutdown_timeout` to reach the durable store.
     state.audit.flush_within(drain).await;
     result
+}
+
+/// How often a running gateway looks at its certificate's dates.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(6 * 3600);
+
+/// A gateway runs for months: every few hours it says (at warn, at error once it has run out)
+/// when its certificate runs out within 14 days, as start-up and SIGHUP do.
+async fn watch_certificate(tls: Option<tls::Tls>) {
+    let Some(tls) = tls else { return };
+    let mut tick = tokio::time::interval(CERTIFICATE_CHECK);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match tls.check(now) {
+            Ok(warnings) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e}: clients refuse it; put a new one in place and send SIGHUP")
+            }
+        }
+    }
 }
 
 /// On every SIGHUP: reads the TLS certificate again (with `server.tls_cert`) and the GeoIP
@@ -163,9 +189,9 @@ async fn reload_on_hangup(
             if let Some(tls) = &tls {
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
                 match tls.reload(now) {
-                    Ok(soon) => {
+                    Ok(warnings) => {
                         tracing::info!("SIGHUP: TLS certificate reloaded for new connections");
-                        if let Some(w) = soon {
+                        for w in warnings {
                             tracing::warn!("{w}");
                         }
                     }

@@ -62,6 +62,8 @@ struct Leaf {
     /// common name counts for no client).
     dns: Vec<String>,
     ips: Vec<std::net::IpAddr>,
+    /// When the chain's other certificates (intermediates) run out or start, with their subjects.
+    chain: Vec<(String, i64, i64)>,
 }
 
 impl Leaf {
@@ -92,7 +94,54 @@ impl Leaf {
             not_after: cert.validity().not_after.timestamp(),
             dns,
             ips,
+            chain: Vec::new(),
         })
+    }
+
+    /// Notes the validity of the chain's other certificates (an unreadable one is left to the
+    /// TLS library and the clients).
+    fn with_chain(mut self, rest: &[CertificateDer<'_>]) -> Self {
+        for der in rest {
+            if let Ok((_, c)) = x509_parser::parse_x509_certificate(der) {
+                self.chain.push((
+                    c.subject().to_string(),
+                    c.validity().not_before.timestamp(),
+                    c.validity().not_after.timestamp(),
+                ));
+            }
+        }
+        self
+    }
+
+    /// Warnings for `now`: the certificate runs out within 14 days; a certificate of its chain
+    /// has run out or is not valid yet (clients that cannot build another path refuse the
+    /// chain; an expired cross-signature some chains carry on purpose is harmless to the others,
+    /// so it is said, not refused).
+    fn warnings(&self, path: &Path, now: i64) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.not_after.saturating_sub(now) < EXPIRY_WARNING {
+            out.push(format!(
+                "TLS certificate {} expires at {}: renew it",
+                path.display(),
+                crate::clock::rfc3339(self.not_after)
+            ));
+        }
+        for (subject, not_before, not_after) in &self.chain {
+            if now > *not_after {
+                out.push(format!(
+                    "TLS certificate {}: the chain's certificate \"{subject}\" expired at {}",
+                    path.display(),
+                    crate::clock::rfc3339(*not_after)
+                ));
+            } else if now < *not_before {
+                out.push(format!(
+                    "TLS certificate {}: the chain's certificate \"{subject}\" is valid only from {}",
+                    path.display(),
+                    crate::clock::rfc3339(*not_before)
+                ));
+            }
+        }
+        out
     }
 
     /// Refuses a certificate that has run out or is not valid yet at `now`.
@@ -166,7 +215,7 @@ pub struct Tls {
     key: PathBuf,
     /// The public URL whose host the certificate must name.
     public: url::Url,
-    current: Arc<RwLock<TlsAcceptor>>,
+    current: Arc<RwLock<(TlsAcceptor, Leaf)>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -195,34 +244,45 @@ impl Tls {
         if let Err(e) = leaf.check_name(cert, public) {
             warnings.push(format!("{e}: browsers will refuse it"));
         }
-        if let Some(w) = expiry_warning(cert, &leaf, now) {
-            warnings.push(w);
-        }
+        warnings.extend(leaf.warnings(cert, now));
         let tls = Self {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             public: public.clone(),
-            current: Arc::new(RwLock::new(acceptor)),
+            current: Arc::new(RwLock::new((acceptor, leaf))),
         };
         Ok((tls, warnings))
+    }
+
+    /// The certificate in use at `now`, for a check while the gateway runs, between reloads:
+    /// an error once it has run out (or is not valid yet), else what is worth a warning (it runs
+    /// out within 14 days, a certificate of its chain has run out).
+    pub fn check(&self, now: i64) -> Result<Vec<String>, TlsError> {
+        let Ok(current) = self.current.read() else {
+            return Ok(Vec::new());
+        };
+        let leaf = &current.1;
+        leaf.check_dates(&self.cert, now)?;
+        Ok(leaf.warnings(&self.cert, now))
     }
 
     /// Reads the pair again from the same paths. New connections use it; connections already
     /// open keep theirs. A pair that does not load, has run out or is not valid yet at `now`, or
     /// names other hosts than the public URL's is refused and the current one stays in use.
     /// Returns a warning for a certificate that runs out within 14 days.
-    pub fn reload(&self, now: i64) -> Result<Option<String>, TlsError> {
+    pub fn reload(&self, now: i64) -> Result<Vec<String>, TlsError> {
         let (fresh, leaf) = acceptor(&self.cert, &self.key)?;
         leaf.check_dates(&self.cert, now)?;
         leaf.check_name(&self.cert, &self.public)?;
+        let warnings = leaf.warnings(&self.cert, now);
         if let Ok(mut current) = self.current.write() {
-            *current = fresh;
+            *current = (fresh, leaf);
         }
-        Ok(expiry_warning(&self.cert, &leaf, now))
+        Ok(warnings)
     }
 
     fn acceptor(&self) -> Option<TlsAcceptor> {
-        self.current.read().ok().map(|a| a.clone())
+        self.current.read().ok().map(|a| a.0.clone())
     }
 
     /// Wraps `tcp`: the returned listener yields connections whose handshake has completed.
@@ -268,17 +328,6 @@ impl Tls {
     }
 }
 
-/// The warning for a certificate that runs out soon.
-fn expiry_warning(path: &Path, leaf: &Leaf, now: i64) -> Option<String> {
-    (leaf.not_after - now < EXPIRY_WARNING).then(|| {
-        format!(
-            "TLS certificate {} expires at {}: renew it",
-            path.display(),
-            crate::clock::rfc3339(leaf.not_after)
-        )
-    })
-}
-
 /// Builds an acceptor from the pair on disk, with what its leaf certificate says.
 fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Leaf), TlsError> {
     let cert_err = |message: String| TlsError::Cert {
@@ -292,7 +341,7 @@ fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Leaf), TlsError> {
     let Some(first) = chain.first() else {
         return Err(cert_err("no PEM certificate in the file".into()));
     };
-    let leaf = Leaf::read(cert, first)?;
+    let leaf = Leaf::read(cert, first)?.with_chain(&chain[1..]);
     // The error names the file and the problem, never key material.
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.to_path_buf(),
@@ -357,6 +406,7 @@ mod tests {
             not_after: 100,
             dns: dns.iter().map(|d| d.to_string()).collect(),
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            chain: Vec::new(),
         }
     }
 
@@ -382,6 +432,27 @@ mod tests {
         assert!(covers(&l, "https://10.0.0.1/"));
         assert!(covers(&l, "https://[::1]/"));
         assert!(!covers(&l, "https://10.0.0.2/"));
+    }
+
+    /// Warned about: a certificate running out within 14 days, a chain certificate that has run
+    /// out or is not valid yet; not a certificate with months to go and a sound chain.
+    #[test]
+    fn an_ending_certificate_or_an_expired_intermediate_is_warned_about() {
+        let p = std::path::Path::new("c.pem");
+        let day = 86_400;
+        let mut l = leaf(&[], &[]);
+        l.not_after = 100 * day;
+        l.chain = vec![("CN=int".into(), 0, 200 * day)];
+        assert!(l.warnings(p, day).is_empty());
+        assert_eq!(l.warnings(p, 90 * day).len(), 1, "ten days left");
+        l.chain.push(("CN=old".into(), 0, day));
+        let w = l.warnings(p, 2 * day);
+        assert!(
+            w.len() == 1 && w[0].contains("\"CN=old\" expired at"),
+            "{w:?}"
+        );
+        l.chain = vec![("CN=new".into(), 5 * day, 200 * day)];
+        assert!(l.warnings(p, 2 * day)[0].contains("valid only from"));
     }
 
     #[test]

@@ -431,6 +431,37 @@ async fn check_config_refuses_an_expired_certificate_and_warns_of_a_wrong_or_end
         ok && err.contains("expires at") && err.contains("renew it"),
         "{err}"
     );
+    // A chain whose intermediate has run out (a renewal that kept an old intermediate) is
+    // said; not refused, as some chains carry an expired cross-signature on purpose.
+    std::fs::write(d.join("int.ext"), "basicConstraints=critical,CA:TRUE\n").unwrap();
+    openssl(
+        d,
+        &format!("req -new {NEW_KEY} -keyout int.key -out int.csr -subj /CN=old-intermediate"),
+    );
+    openssl(
+        d,
+        "x509 -req -in int.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out int.pem -days -1 \
+         -extfile int.ext",
+    );
+    std::fs::write(d.join("leaf.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(
+        d,
+        &format!("req -new {NEW_KEY} -keyout leaf.key -out leaf.csr -subj /CN=leaf"),
+    );
+    openssl(
+        d,
+        "x509 -req -in leaf.csr -CA int.pem -CAkey int.key -CAcreateserial -out leaf.pem \
+         -days 90 -extfile leaf.ext",
+    );
+    let chain = d.join("chain.pem");
+    let mut pem = std::fs::read(d.join("leaf.pem")).unwrap();
+    pem.extend(std::fs::read(d.join("int.pem")).unwrap());
+    std::fs::write(&chain, pem).unwrap();
+    let (ok, err) = check(&chain, &d.join("leaf.key"));
+    assert!(
+        ok && err.contains("the chain's certificate \"CN=old-intermediate\" expired at"),
+        "{err}"
+    );
 }
 
 /// A private Redis that speaks TLS only, with a certificate from the test CA in `dir`; returns
