@@ -25,9 +25,24 @@ struct Original {
     target: String,
 }
 
-/// The first of `names` present, as it came.
-fn first_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a HeaderValue> {
-    names.iter().find_map(|n| headers.get(*n))
+/// The first of `names` present, as it came; `Err` when it came more than once (which copy
+/// the console's proxy acts on cannot be told).
+fn first_header<'a>(
+    headers: &'a HeaderMap,
+    names: &[&str],
+) -> Result<Option<&'a HeaderValue>, AppError> {
+    let Some(name) = names.iter().find(|n| headers.contains_key(**n)) else {
+        return Ok(None);
+    };
+    let mut values = headers.get_all(*name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(AppError::bad_request(format!(
+            "The original request is described twice ({name}): the asking proxy must replace \
+             the header, not add to it."
+        )));
+    }
+    Ok(first)
 }
 
 /// Reads the original method and target; only a trusted peer's headers count. A header that
@@ -40,13 +55,13 @@ fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Result<Origi
             target: "/".into(),
         });
     }
-    let method = match first_header(headers, &["x-forwarded-method", "x-original-method"]) {
+    let method = match first_header(headers, &["x-forwarded-method", "x-original-method"])? {
         Some(m) => Method::from_bytes(m.as_bytes().trim_ascii()).map_err(|_| {
             AppError::bad_request("The original request's method (X-Forwarded-Method) is not one.")
         })?,
         None => method.clone(),
     };
-    let target = match first_header(headers, &["x-forwarded-uri", "x-original-uri"]) {
+    let target = match first_header(headers, &["x-forwarded-uri", "x-original-uri"])? {
         Some(t) => readable_target(t.as_bytes()).ok_or_else(|| {
             AppError::bad_request(
                 "The original request's address (X-Forwarded-Uri) holds control characters.",

@@ -108,13 +108,15 @@ fn path_matches(pattern: &str, path: &str) -> bool {
 }
 
 /// Whether a path segment `have` reads as the pattern's literal segment `want`: compared in
-/// Unicode upper case (so `ſend` is `send`, as Java's case-insensitive comparison has it), and
+/// Unicode upper case and then lower case (so `ſend` is `send` and the Kelvin sign `K` a `k`,
+/// as Java's case-insensitive comparison has them), and
 /// `have` may go on after `want` with anything that does not start with a letter or digit (a
 /// format suffix `.json`, trailing dots or spaces, `?`, an invisible or undecodable character),
 /// which frameworks and servers drop or route to the same action.
 fn same_segment(want: &str, have: &str) -> bool {
-    let mut have = have.chars().flat_map(char::to_uppercase);
-    for w in want.chars().flat_map(char::to_uppercase) {
+    let fold = |c: char| c.to_uppercase().flat_map(char::to_lowercase);
+    let mut have = have.chars().flat_map(fold);
+    for w in want.chars().flat_map(fold) {
         if have.next() != Some(w) {
             return false;
         }
@@ -130,10 +132,13 @@ fn covers(rule: &StepUpRule, method: &Method) -> bool {
             .iter()
             .any(|r| r.trim().eq_ignore_ascii_case(m))
     };
+    // Compared without regard to case: a console may read `head` or `post` as HEAD or POST
+    // (Django upper-cases the method), so a spelling of ours must not dodge the rule.
+    let is = |m: &str| method.as_str().eq_ignore_ascii_case(m);
     rule.methods.is_empty()
         || names(method.as_str())
-        || (*method == Method::POST && (names("PUT") || names("PATCH") || names("DELETE")))
-        || (*method == Method::HEAD && names("GET"))
+        || (is("POST") && (names("PUT") || names("PATCH") || names("DELETE")))
+        || (is("HEAD") && names("GET"))
 }
 
 /// The rules that apply to `method` `path` (canonical), in either reading of the path.
@@ -225,6 +230,8 @@ mod tests {
             (&post, "/campaigns/42/send%3F", Some(0)),
             (&post, "/campaigns/42/send%23", Some(0)),
             (&post, "/campaigns/42/%C5%BFend", Some(0)),
+            // The Kelvin sign, whose lower case is `k`.
+            (&Method::GET, "/api-%E2%84%AAeys", Some(1)),
             (&post, "/campaigns/42/send%E2%80%8B", Some(0)),
             (&post, "/campaigns/42/send%C0%AF", Some(0)),
             (&post, "/campaigns/42/send%FF", Some(0)),
@@ -280,6 +287,14 @@ mod tests {
             unmet(&rules, &Method::HEAD, "/reports/download", old),
             Some(false)
         );
+        // In any letter case: consoles that upper-case the method take `head` for HEAD.
+        for spelling in ["head", "Head", "hEAD"] {
+            let m = Method::from_bytes(spelling.as_bytes()).unwrap();
+            assert_eq!(unmet(&rules, &m, "/reports/download", old), Some(false));
+        }
+        let put = [rule("/w", &["DELETE"])];
+        let post = Method::from_bytes(b"post").unwrap();
+        assert_eq!(unmet(&put, &post, "/w", old), Some(false));
         let head_only = [rule("/reports/download", &["HEAD"])];
         assert_eq!(
             unmet(&head_only, &Method::GET, "/reports/download", old),

@@ -159,6 +159,24 @@ async fn sensitive_actions_need_a_recent_proof() {
         assert_eq!(r.status, 400, "{method} {uri:?}: {}", r.head);
         assert!(r.header("x-portcullis-assertion").is_none());
     }
+    // The original request described twice (a proxy that adds rather than replaces): which
+    // copy counts cannot be told, refused.
+    for (name, first, second) in [
+        ("X-Forwarded-Method", "GET", "POST"),
+        ("X-Original-URI", "/campaigns/7", "/campaigns/7/send"),
+    ] {
+        let mut h = vec![("Cookie", cookie.as_str()), ("Accept", "application/json")];
+        if name == "X-Original-URI" {
+            h.push(("X-Forwarded-Method", "POST"));
+        } else {
+            h.push(("X-Forwarded-Uri", "/campaigns/7/send"));
+        }
+        h.push((name, first));
+        h.push((name, second));
+        let r = raw(gw.addr, "GET", "/_portcullis/auth", &h, "").await;
+        assert_eq!(r.status, 400, "{name}: {}", r.head);
+        assert!(r.header("x-portcullis-assertion").is_none());
+    }
     // A rule for GET guards HEAD, which consoles answer with the GET handler.
     let r = c
         .head(gw.url("/reports/download"))
@@ -167,6 +185,34 @@ async fn sensitive_actions_need_a_recent_proof() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "HEAD of a guarded GET");
+    // In any letter case (a console that upper-cases the method runs its GET handler for it),
+    // here and in forward-auth.
+    for method in ["head", "Head"] {
+        let r = raw(
+            gw.addr,
+            method,
+            "/reports/download",
+            &[("Cookie", &cookie), ("Accept", "application/json")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 403, "{method}: {}", r.head);
+        let r = raw(
+            gw.addr,
+            "GET",
+            "/_portcullis/auth",
+            &[
+                ("Cookie", &cookie),
+                ("X-Forwarded-Method", method),
+                ("X-Forwarded-Uri", "/reports/download"),
+                ("Accept", "application/json"),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 401, "forward-auth {method}: {}", r.head);
+        assert!(r.header("x-portcullis-assertion").is_none());
+    }
 
     // A fresh proof with the authenticator app, and the action goes through.
     let html = gw
