@@ -214,18 +214,28 @@ async fn check(
             Ok((ForwardAuth::StepUp, r))
         }
         Decision::Refuse { clear_cookie } => {
-            let next = return_target(state, &orig.method, &orig.target);
+            // As the proxy does: a page comes back after sign-in (told its session ended), a
+            // form is said not to be sent and its page comes back.
+            let (next, notice) = super::gate::sign_in_return(
+                state,
+                (&orig.method, &orig.target),
+                headers,
+                clear_cookie,
+            );
             let login = state
                 .config
                 .server
                 .public_url
                 .join(LOGIN_PATH)
                 .map_err(|e| AppError::internal(&e))?;
+            // The proxy asks as an API client (nginx's check sends `Accept: application/json`
+            // and redirects on the 401's `Location`), so the dead cookie is cleared here whatever
+            // was asked.
             let mut r = refuse(
                 state,
                 wants_html(headers),
                 login.as_str(),
-                (next.as_deref(), None),
+                (next.as_deref(), notice),
                 clear_cookie,
             );
             // The asking proxy relays the answer: a plain 302 is what all of them pass on. A 401
@@ -233,8 +243,11 @@ async fn check(
             // turn 401 into their own redirect and cannot relay a 3xx.
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
-            } else if let Some(to) = page_with_next(login.as_str(), next.as_deref()) {
-                r.headers_mut().insert(header::LOCATION, to);
+            } else {
+                let to = super::gate::sign_in_location(login.as_str(), next.as_deref(), notice);
+                if let Ok(to) = HeaderValue::from_str(&to) {
+                    r.headers_mut().insert(header::LOCATION, to);
+                }
             }
             Ok((ForwardAuth::SignIn, r))
         }

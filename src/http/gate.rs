@@ -45,12 +45,7 @@ pub(crate) fn refuse(
     (next, notice): (Option<&str>, Option<&str>),
     clear_cookie: bool,
 ) -> Response {
-    let mut location = login_location(login, next);
-    if let Some(notice) = notice.filter(|_| browser) {
-        location.push(if next.is_some() { '&' } else { '?' });
-        location.push_str("notice=");
-        location.push_str(notice);
-    }
+    let location = sign_in_location(login, next, notice.filter(|_| browser));
     let mut resp = if browser {
         see_other(&location)
     } else {
@@ -92,6 +87,38 @@ fn login_location(login: &str, next: Option<&str>) -> String {
     match next {
         Some(n) => format!("{login}?next={}", urlencode(n)),
         None => login.to_string(),
+    }
+}
+
+/// The sign-in page's URL with `next` and a `notice` (a code of the sign-in page's: why the
+/// browser is there).
+pub(crate) fn sign_in_location(login: &str, next: Option<&str>, notice: Option<&str>) -> String {
+    let mut location = login_location(login, next);
+    if let Some(notice) = notice {
+        location.push(if next.is_some() { '&' } else { '?' });
+        location.push_str("notice=");
+        location.push_str(notice);
+    }
+    location
+}
+
+/// Where a browser refused for want of a session goes back to after signing in, and what the
+/// sign-in page tells it: a page read again (`GET`, `HEAD`) comes back, told its session ended
+/// when it had one (`ended`); a form cannot be sent again through a redirect, so the browser is
+/// told it was not sent and comes back to the page it was on (`Referer`).
+pub(crate) fn sign_in_return(
+    state: &AppState,
+    (method, target): (&Method, &str),
+    headers: &HeaderMap,
+    ended: bool,
+) -> (Option<String>, Option<&'static str>) {
+    if matches!(*method, Method::GET | Method::HEAD) {
+        (
+            return_target(state, method, target),
+            ended.then_some("session_ended"),
+        )
+    } else {
+        (referring_page(state, headers), Some("not_sent"))
     }
 }
 
@@ -569,21 +596,21 @@ async fn gate_and_forward(
                 true => Proxied::SignInRedirect,
                 false => Proxied::Denied,
             });
-            // A page opened again comes back after sign-in, told its session ended; a form
-            // cannot be sent again through a redirect: the browser is told it was not sent and
-            // comes back to the page it was on.
-            let read = matches!(*req.method(), Method::GET | Method::HEAD);
-            let (n, notice) = if read {
-                (next(), clear_cookie.then_some("session_ended"))
-            } else {
-                (referring_page(state, req.headers()), Some("not_sent"))
-            };
+            let (n, notice) = sign_in_return(
+                state,
+                (req.method(), &path_and_query),
+                req.headers(),
+                clear_cookie,
+            );
+            // The dead cookie is cleared by the answer that tells the browser (a page's
+            // navigation), not by a request of the page's own (a poll, an image, a script), which
+            // would leave the next navigation without a word on why it must sign in.
             return Ok(refuse(
                 state,
                 browser,
                 LOGIN_PATH,
                 (n.as_deref(), notice),
-                clear_cookie,
+                clear_cookie && browser,
             ));
         }
     };

@@ -175,7 +175,8 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
         assert_eq!(r.header("x-frame-options").as_deref(), Some("DENY"));
         assert!(r.header("content-security-policy").is_some());
     }
-    // Traefik/Caddy style: the original method in X-Forwarded-Method; a POST is not returned to.
+    // Traefik/Caddy style: the original method in X-Forwarded-Method; a POST is not returned to
+    // but said not to be sent, and the page it came from is.
     let r = raw(
         gw.addr,
         "GET",
@@ -191,8 +192,33 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
     assert_eq!(r.status, 302);
     assert_eq!(
         r.header("location"),
-        Some(format!("{}/_portcullis/login", gw.base))
+        Some(format!("{}/_portcullis/login?notice=not_sent", gw.base))
     );
+    let referer = format!("{}/campaigns/new?draft=7", gw.base);
+    for accept in ["text/html", "application/json"] {
+        let r = raw(
+            gw.addr,
+            "GET",
+            AUTH,
+            &[
+                ("X-Forwarded-Uri", "/campaigns/7/send"),
+                ("X-Forwarded-Method", "POST"),
+                ("Referer", referer.as_str()),
+                ("Accept", accept),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(
+            r.header("location"),
+            Some(format!(
+                "{}/_portcullis/login?next=%2Fcampaigns%2Fnew%3Fdraft%3D7&notice=not_sent",
+                gw.base
+            )),
+            "{accept}: {}",
+            r.head
+        );
+    }
     // Unsafe return targets are dropped, never echoed.
     for bad in [
         "//evil.example/x",

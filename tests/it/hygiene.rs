@@ -240,6 +240,19 @@ async fn idle_sessions_expire() {
         "still within 30 minutes"
     );
     gw.clock.advance(31 * 60);
+    // A request of the page's own first (a poll): 401, and the cookie stays for the navigation
+    // that tells the user.
+    let r = c
+        .get(gw.url("/api/poll"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers().get("set-cookie").is_none(),
+        "no cookie cleared by a poll"
+    );
     // A page opened now: the sign-in says the session ended, and comes back to the page.
     let r = c
         .get(gw.url("/x?y=1"))
