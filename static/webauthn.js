@@ -186,8 +186,10 @@ function wire(section) {
     }
   });
   // The key is the way on where a page asks for a second factor or a confirmation: focus goes
-  // to it unless the person is already somewhere else on the page (an error, the code field).
-  if ((kind === "second-factor" || kind === "reauth") && (!document.activeElement || document.activeElement === document.body)) {
+  // to it unless the page puts it elsewhere (the code field after a wrong code) or the person
+  // is already somewhere else on the page.
+  const elsewhere = document.querySelector("[autofocus]") || (document.activeElement && document.activeElement !== document.body);
+  if ((kind === "second-factor" || kind === "reauth") && !elsewhere) {
     button.focus();
   }
 }

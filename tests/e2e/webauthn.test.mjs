@@ -51,6 +51,11 @@ test("add a security key, then sign in with it and with the passkey alone", { ti
     await page.waitForURL(/\/_portcullis\/mfa$/);
     // Keyboard users start where the page's way on is: the key's button has the focus.
     await page.waitForFunction(() => document.activeElement && document.activeElement.matches("[data-webauthn=second-factor] [data-webauthn-start]"));
+    // After a wrong code the person is back in the code field, beside the message.
+    await page.fill("#code", "000000");
+    await page.click("form[action='/_portcullis/mfa'] button[type=submit]");
+    await page.waitForSelector("#form-error");
+    assert.equal(await page.evaluate(() => document.activeElement && document.activeElement.id), "code");
     await page.click("[data-webauthn=second-factor] [data-webauthn-start]");
     await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
     assert.match(await page.textContent("#amr"), /pwd hwk/);
@@ -68,6 +73,16 @@ test("add a security key, then sign in with it and with the passkey alone", { ti
     assert.ok((await page.locator("tr.sign-in").count()) >= 3, "a history to show");
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     assert.ok(overflow <= 0, `the account page is ${overflow}px wider than a 375px screen`);
+    // Readable, not squeezed: each history row stacks its cells, and a short one is one line
+    // (no word broken across lines).
+    const cells = await page.evaluate(() =>
+      [...document.querySelectorAll("tr.sign-in td[data-label=Result]")].map((td) => {
+        const style = getComputedStyle(td);
+        const line = parseFloat(style.lineHeight) || parseFloat(style.fontSize) * 1.5;
+        return { lines: td.getBoundingClientRect().height / line, display: style.display };
+      }),
+    );
+    assert.ok(cells.length >= 3 && cells.every((c) => c.display === "block" && c.lines < 1.9), JSON.stringify(cells));
     await page.setViewportSize({ width: 1280, height: 800 });
 
     // The first sign-in from this browser was a new device: the owner was told.
