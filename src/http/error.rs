@@ -145,18 +145,22 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
     json.is_some_and(|j| j > 0 && html.is_none_or(|h| j > h))
 }
 
-/// The highest quality (in thousandths) the `Accept` header gives a page (`text/html`) and JSON
-/// (a media type whose subtype is `json` or ends in `+json`), `None` for one it does not name.
-/// Media ranges are case-insensitive; a quality that cannot be read counts as 1.
+/// The highest quality (in thousandths) the `Accept` headers give a page (`text/html`, or
+/// `text/*`) and JSON (a media type whose subtype is `json` or ends in `+json`), `None` for one
+/// they do not name (`*/*` names neither). Media ranges are case-insensitive; a quality that
+/// cannot be read counts as 1.
 fn qualities(headers: &HeaderMap) -> (Option<u16>, Option<u16>) {
-    let Some(accept) = headers.get(header::ACCEPT) else {
-        return (None, None);
-    };
     let (mut html, mut json) = (None::<u16>, None::<u16>);
-    for range in accept.as_bytes().split(|&b| b == b',') {
+    let ranges = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .flat_map(|accept| accept.as_bytes().split(|&b| b == b','));
+    for range in ranges {
         let mut parts = range.split(|&b| b == b';');
         let essence = parts.next().unwrap_or_default().trim_ascii();
-        let slot = if essence.eq_ignore_ascii_case(b"text/html") {
+        let slot = if essence.eq_ignore_ascii_case(b"text/html")
+            || essence.eq_ignore_ascii_case(b"text/*")
+        {
             &mut html
         } else if is_json(essence) {
             &mut json
@@ -336,6 +340,7 @@ mod tests {
             "text/html;q=0.001",
             "application/json;q=0.8,text/html",
             "text/html;q=bogus, application/json",
+            "text/*;q=0.5, application/json;q=0.4",
         ] {
             assert!(wants_html(&accept(v)), "{v}");
         }
@@ -352,5 +357,12 @@ mod tests {
             assert!(!wants_html(&accept(v)), "{v}");
         }
         assert!(!wants_html(&HeaderMap::new()));
+        // Two `Accept` headers are one list.
+        let mut two = accept("application/json;q=0.5");
+        two.append(header::ACCEPT, HeaderValue::from_static("text/html"));
+        assert!(wants_html(&two));
+        let mut two = accept("text/html;q=0.5");
+        two.append(header::ACCEPT, HeaderValue::from_static("application/json"));
+        assert!(!wants_html(&two) && wants_json(&two));
     }
 }
