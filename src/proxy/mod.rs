@@ -25,6 +25,7 @@ use http::{header, HeaderValue, Method, StatusCode, Uri, Version};
 
 pub use addr::{client_ip, is_trusted};
 pub(crate) use headers::{is_identity_header, is_method_override};
+pub use websocket::ConnectionHold;
 
 use crate::config::UpstreamConfig;
 
@@ -232,6 +233,7 @@ impl Upstream {
         let upgrade = websocket::is_upgrade_request(&req);
         // Must be taken before the request is torn apart: it lives in the extensions.
         let inbound_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let hold = req.extensions_mut().remove::<websocket::ConnectionHold>();
 
         let (parts, body) = req.into_parts();
         let method = parts.method;
@@ -291,7 +293,7 @@ impl Upstream {
                     inbound,
                     response,
                     &fwd.gateway_cookies,
-                    fwd.watch.clone(),
+                    (fwd.watch.clone(), hold),
                 )),
                 None => Err(ProxyError::Upstream(
                     "upstream switched protocols without being asked".into(),

@@ -39,6 +39,12 @@ pub(crate) fn restore_handshake(headers: &mut HeaderMap) {
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
+/// Held by the task of one client connection while it is open, so that a graceful shutdown
+/// waits for it (within `server.shutdown_timeout`); put in an upgrade request's extensions by
+/// the accept loop, for the tunnel that outlives the HTTP connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionHold(pub tokio::sync::watch::Receiver<()>);
+
 /// Answers the client with the upstream's `101` (its `Sec-WebSocket-*` headers intact) and spawns
 /// the task that joins the two upgraded connections once both sides have switched.
 ///
@@ -49,7 +55,7 @@ pub(crate) fn tunnel(
     inbound: OnUpgrade,
     mut upstream: Response<Incoming>,
     gateway_cookies: &[String],
-    watch: Option<super::Watch>,
+    (watch, hold): (Option<super::Watch>, Option<ConnectionHold>),
 ) -> axum::response::Response {
     let upstream_io = hyper::upgrade::on(&mut upstream);
     let (parts, _body) = upstream.into_parts();
@@ -59,6 +65,8 @@ pub(crate) fn tunnel(
     restore_handshake(&mut headers);
 
     tokio::spawn(async move {
+        // A shutdown drains the tunnel as it drains the connection it came from.
+        let _hold = hold;
         // The inbound side resolves only after hyper has written our 101 to the client.
         let (client, server) = match tokio::try_join!(inbound, upstream_io) {
             Ok(pair) => pair,

@@ -48,15 +48,22 @@ pub async fn serve<L, S>(
             accepted = listener.accept() => accepted,
             () = stopping => break,
         };
+        let open = open.clone();
+        let hold = open.clone();
         let service = service
             .clone()
             .map_request(move |req: http::Request<Incoming>| {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(ConnectInfo(peer));
+                // A WebSocket tunnel outlives this connection's task: it holds the connection
+                // open for the shutdown's drain in its place.
+                if req.headers().contains_key(http::header::UPGRADE) {
+                    req.extensions_mut()
+                        .insert(crate::proxy::ConnectionHold(hold.clone()));
+                }
                 req
             });
         let mut stop = stop.clone();
-        let open = open.clone();
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(LazyTimer).header_read_timeout(header_timeout);

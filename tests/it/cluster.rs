@@ -313,6 +313,92 @@ async fn sigterm_drains_then_exits_within_the_timeout() {
     );
 }
 
+/// Sends `text` on `ws` and whether it comes back within two seconds (`None`: the socket failed).
+async fn echo(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    text: &str,
+) -> Option<bool> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text)).await.ok()?;
+    let got = tokio::time::timeout(Duration::from_secs(2), ws.next())
+        .await
+        .ok()??
+        .ok()?;
+    Some(got.into_text().ok()?.as_str() == text)
+}
+
+/// SIGTERM with only a WebSocket tunnel open: the tunnel is drained like a request in flight,
+/// working until `server.shutdown_timeout`, then the process exits (before, it counted for
+/// nothing and was cut at once, while a request in flight elsewhere kept it for the timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_open_websocket_until_the_timeout() {
+    use reqwest::cookie::CookieStore;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let (up_addr, _upstream) = start_upstream().await;
+    let port = free_port();
+    let config = lone_gateway_config(dir.path(), port, up_addr);
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("shutdown_timeout = \"1s\"", "shutdown_timeout = \"3s\""),
+    )
+    .unwrap();
+    add_user(&config, "ws-term@example.com");
+    let mut gw = serve(&config, port);
+    wait_ready(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let c = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers({
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert("accept", "text/html".parse().unwrap());
+            h
+        })
+        .build()
+        .unwrap();
+    sign_in(&c, &base, &base, "ws-term@example.com").await;
+    let cookies = jar.cookies(&base.parse().unwrap()).unwrap();
+    let mut req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", cookies);
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(echo(&mut ws, "before").await, Some(true));
+    let term = Command::new("kill")
+        .args(["-TERM", &gw.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let signalled = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(gw.0.try_wait().unwrap().is_none(), "waits for the tunnel");
+    assert_eq!(
+        echo(&mut ws, "during the drain").await,
+        Some(true),
+        "the tunnel works during the drain"
+    );
+    let exited = loop {
+        if let Some(status) = gw.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "still running long after the shutdown timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.success(), "{exited:?}");
+    assert!(signalled.elapsed() >= Duration::from_secs(2));
+}
+
 /// A key ceremony started on one gateway finishes on the other (registration and second
 /// factor), and a signing-key rotation made on the command line reaches both running gateways
 /// without a restart.
