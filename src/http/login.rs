@@ -72,10 +72,33 @@ pub(super) async fn current_session(
     let cookies = super::cookie_values(headers, state.sessions.cookie_name()).take(many);
     for value in cookies {
         if let Ok(l) = state.sessions.load(Some(value)).await? {
+            if voided_while_pending(state, &l).await? {
+                continue;
+            }
             return Ok(Some(l));
         }
     }
     Ok(None)
+}
+
+/// A sign-in or enrolment under way when every session of its account was ended (`user
+/// reset-mfa`, `set-password`, `disable`, a report, from any gateway or the command line):
+/// ended too, and its record dropped, so it cannot go on to complete. (A complete session is
+/// checked by the gate's user check.)
+async fn voided_while_pending(state: &AppState, l: &Loaded) -> Result<bool, AppError> {
+    if l.session.is_authenticated() || l.session.decoy {
+        return Ok(false);
+    }
+    let Some(user) = state.durable.user_by_id(&l.session.user_id).await? else {
+        return Ok(false);
+    };
+    // Begun before the sessions were ended (one begun in the same millisecond, as a sign-in
+    // right after the end can be, lives on).
+    if l.session.created_ms >= user.sessions_valid_after_ms {
+        return Ok(false);
+    }
+    state.sessions.destroy(&l.key, &l.session.user_id).await?;
+    Ok(true)
 }
 
 /// Ends the session the browser already has (even a complete one) before a new sign-in:

@@ -317,6 +317,11 @@ impl Sessions {
     /// How long a pending sign-in may take: `session.login_timeout`, or the record's own longer
     /// limit.
     fn pending_limit(&self, s: &Session) -> Duration {
+        // Only while the app is being set up: shown recovery codes, or any later step, wait no
+        // longer than a sign-in does.
+        if !matches!(s.stage, Stage::EnrolTotp { .. }) {
+            return self.config.login_timeout;
+        }
         let own = s
             .pending_ms
             .and_then(|ms| u64::try_from(ms).ok())

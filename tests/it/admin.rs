@@ -444,6 +444,8 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
     gw.add_user("slow@example.com").await;
     gw.cli(&["user", "reset-mfa", "slow@example.com"], None)
         .await;
+    // (The command line voided sessions by the system's clock: the gateway's is moved past it.)
+    gw.clock.advance(5);
     let path = enrol_link(&gw, "slow@example.com").await;
     let c = gw.browser();
     let html = gw.page(&c, &path).await;
@@ -487,6 +489,8 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
     gw.add_user("gone@example.com").await;
     gw.cli(&["user", "reset-mfa", "gone@example.com"], None)
         .await;
+    // (The command line voided sessions by the system's clock: the gateway's is moved past it.)
+    gw.clock.advance(5);
     let path = enrol_link(&gw, "gone@example.com").await;
     let c = gw.browser();
     let html = gw.page(&c, &path).await;
@@ -503,6 +507,48 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
         "/_portcullis/login?notice=expired"
     );
     assert_eq!(gw.get(&c, &path).await.status(), 410);
+    // An enrolment under way when every session of the account is ended (`user reset-mfa`,
+    // `set-password`: a link that leaked, used by someone else) ends with them: its app is
+    // never set up.
+    gw.add_user("cut@example.com").await;
+    gw.cli(&["user", "reset-mfa", "cut@example.com"], None)
+        .await;
+    // (The command line voided sessions by the system's clock: the gateway's is moved past it.)
+    gw.clock.advance(5);
+    let path = enrol_link(&gw, "cut@example.com").await;
+    let c = gw.browser();
+    let html = gw.page(&c, &path).await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
+    c.post(gw.url("/_portcullis/enrol"))
+        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    let cut = gw.user("cut@example.com").await;
+    gw.clock.advance(1);
+    gw.state
+        .durable
+        .void_sessions(&cut.id, portcullis::clock::Clock::now_millis(&gw.clock))
+        .await
+        .unwrap();
+    gw.clock.advance(1);
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = c
+        .post(gw.url("/_portcullis/enrol/totp"))
+        .form(&[
+            ("code", gw.totp_now(&secret).as_str()),
+            ("csrf", csrf.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/login?notice=expired");
+    assert!(gw.state.durable.totp(&cut.id).await.unwrap().is_none());
+    assert_eq!(gw.get(&c, &path).await.status(), 410, "no way back in");
 }
 
 /// Where security keys cannot work (an IP address as public URL, or WebAuthn off), a key-only
