@@ -268,13 +268,25 @@ impl Tls {
 
     /// Reads the pair again from the same paths. New connections use it; connections already
     /// open keep theirs. A pair that does not load, has run out or is not valid yet at `now`, or
-    /// names other hosts than the public URL's is refused and the current one stays in use.
-    /// Returns a warning for a certificate that runs out within 14 days.
+    /// no longer names the public URL's host where the current one does, is refused and the
+    /// current one stays in use. Returns what is worth a warning (see [`Tls::load`]).
     pub fn reload(&self, now: i64) -> Result<Vec<String>, TlsError> {
         let (fresh, leaf) = acceptor(&self.cert, &self.key)?;
         leaf.check_dates(&self.cert, now)?;
-        leaf.check_name(&self.cert, &self.public)?;
-        let warnings = leaf.warnings(&self.cert, now);
+        let mut warnings = Vec::new();
+        if let Err(e) = leaf.check_name(&self.cert, &self.public) {
+            // A renewal that loses the host is refused; a deployment that ran with another name
+            // all along (warned about at start) renews as before.
+            let covered = self
+                .current
+                .read()
+                .is_ok_and(|c| c.1.check_name(&self.cert, &self.public).is_ok());
+            if covered {
+                return Err(e);
+            }
+            warnings.push(format!("{e}: browsers will refuse it"));
+        }
+        warnings.extend(leaf.warnings(&self.cert, now));
         if let Ok(mut current) = self.current.write() {
             *current = (fresh, leaf);
         }

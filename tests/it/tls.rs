@@ -391,6 +391,41 @@ async fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
             && text.contains("other.example"),
         "{text}"
     );
+    drop(gw);
+
+    // A gateway that started with a certificate for other names (warned about then: a name only
+    // in the subject, a load balancer's internal name) renews as it ran: with a warning, not a
+    // refusal that would keep it on the old certificate until that runs out.
+    let (cert2, key2) = (d.join("live2.pem"), d.join("live2.key"));
+    std::fs::copy(&elsewhere, &cert2).unwrap();
+    std::fs::copy(&elsewhere_key, &key2).unwrap();
+    let (renewed, renewed_key) = make_leaf_for(d, "renewed", "DNS:other.example", 3);
+    let port = free_port();
+    let run = d.join("second");
+    std::fs::create_dir_all(&run).unwrap();
+    let config = binary_config(&run, port, up, &cert2, &key2);
+    let log = run.join("serve.log");
+    let gw = serve_binary(&config, &[], Some(&log));
+    eventually("the gateway starts, warning of the name", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("portcullis is listening") && text.contains("is not for localhost")
+        }
+    })
+    .await;
+    std::fs::copy(&renewed, &cert2).unwrap();
+    std::fs::copy(&renewed_key, &key2).unwrap();
+    hangup(&gw);
+    eventually("the renewal is taken", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("TLS certificate reloaded")
+        }
+    })
+    .await;
 }
 
 /// `check-config` refuses a certificate that has run out (as `serve` does) and warns of one for
