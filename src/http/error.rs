@@ -167,7 +167,9 @@ fn qualities(headers: &HeaderMap) -> (Option<u16>, Option<u16>) {
         } else {
             continue;
         };
-        let q = parts.find_map(quality).unwrap_or(1000);
+        let Some(q) = parts.find_map(quality).unwrap_or(Some(1000)) else {
+            continue;
+        };
         *slot = Some(slot.map_or(q, |old| old.max(q)));
     }
     (html, json)
@@ -183,9 +185,11 @@ fn is_json(essence: &[u8]) -> bool {
         || (subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
-/// A media-range parameter's quality in thousandths (`q=0.5` is 500), `None` for another
-/// parameter; a `q` that cannot be read counts as 1 (1000).
-fn quality(param: &[u8]) -> Option<u16> {
+/// A media-range parameter's quality in thousandths (`q=0.5` is 500): `None` for another
+/// parameter, `Some(None)` for a quality that is not one (`q=abc`, `q=1.5`, `q=.5`), whose range
+/// is then left out rather than guessed at. Digits past the third decimal are read (and
+/// dropped), so `q=0.0000` is a refusal as `q=0` is.
+fn quality(param: &[u8]) -> Option<Option<u16>> {
     let value = match param.trim_ascii() {
         [b'q' | b'Q', b'=', value @ ..] => value.trim_ascii(),
         _ => return None,
@@ -194,15 +198,19 @@ fn quality(param: &[u8]) -> Option<u16> {
         Some(dot) => (&value[..dot], &value[dot + 1..]),
         None => (value, &[][..]),
     };
-    let digits = |d: &[u8]| d.iter().all(u8::is_ascii_digit);
-    if !matches!(int, [b'0'] | [b'1']) || frac.len() > 3 || !digits(frac) {
-        return Some(1000);
+    if !frac.iter().all(u8::is_ascii_digit) {
+        return Some(None);
     }
-    let mut q: u16 = u16::from(int[0] - b'0') * 1000;
-    for (i, &d) in frac.iter().enumerate() {
-        q += u16::from(d - b'0') * [100, 10, 1][i];
-    }
-    Some(q.min(1000))
+    let thousandths = frac
+        .iter()
+        .chain(std::iter::repeat(&b'0'))
+        .take(3)
+        .fold(0u16, |q, &d| q * 10 + u16::from(d - b'0'));
+    Some(match int {
+        [b'0'] => Some(thousandths),
+        [b'1'] if thousandths == 0 && frac.iter().all(|&d| d == b'0') => Some(1000),
+        _ => None,
+    })
 }
 
 /// A page's refusal of a form or query (its `message`, shown with `status`) as an API client
@@ -332,6 +340,26 @@ mod tests {
     }
 
     #[test]
+    fn qualities_are_read_as_rfc_9110_writes_them() {
+        for (param, q) in [
+            ("q=1", Some(Some(1000))),
+            ("q=1.000", Some(Some(1000))),
+            ("Q=0.5", Some(Some(500))),
+            ("q=0.123456", Some(Some(123))),
+            ("q=0", Some(Some(0))),
+            ("q=0.0000", Some(Some(0))),
+            ("q=1.001", Some(None)),
+            ("q=2", Some(None)),
+            ("q=-1", Some(None)),
+            ("q=", Some(None)),
+            ("q=0.5x", Some(None)),
+            ("level=1", None),
+        ] {
+            assert_eq!(quality(param.as_bytes()), q, "{param}");
+        }
+    }
+
+    #[test]
     fn browsers_are_told_apart_by_their_accept_header() {
         for v in [
             "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
@@ -339,8 +367,8 @@ mod tests {
             "application/json;q=0.5, Text/Html ; q=0.5",
             "text/html;q=0.001",
             "application/json;q=0.8,text/html",
-            "text/html;q=bogus, application/json",
             "text/*;q=0.5, application/json;q=0.4",
+            "application/json;q=bogus, text/html",
         ] {
             assert!(wants_html(&accept(v)), "{v}");
         }
@@ -353,6 +381,11 @@ mod tests {
             "application/xhtml+xml",
             "application/json;q=0.9,text/html;q=0.8",
             "application/json, Text/Html ; q=0.5",
+            "text/html;q=0.0000, application/json",
+            "text/html;q=bogus, application/json",
+            "text/html;q=1.5",
+            "text/html;q=.5",
+            "text/html;q=00.5",
         ] {
             assert!(!wants_html(&accept(v)), "{v}");
         }
