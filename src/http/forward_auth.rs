@@ -25,6 +25,13 @@ struct Original {
     target: String,
 }
 
+/// A refusal of the original request as the asking proxy describes it: `403
+/// bad_original_request` (a proxy's auth check relays 401 and 403 as refusals; nginx would turn
+/// a 400 into a 500 and then into "temporarily unavailable").
+fn bad_original(message: impl Into<String>) -> AppError {
+    AppError::forbidden("bad_original_request", message)
+}
+
 /// The first of `names` present, as it came; `Err` when it came more than once (which copy
 /// the console's proxy acts on cannot be told).
 fn first_header<'a>(
@@ -37,7 +44,7 @@ fn first_header<'a>(
     let mut values = headers.get_all(*name).iter();
     let first = values.next();
     if values.next().is_some() {
-        return Err(AppError::bad_request(format!(
+        return Err(bad_original(format!(
             "The original request is described twice ({name}): the asking proxy must replace \
              the header, not add to it."
         )));
@@ -57,13 +64,13 @@ fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Result<Origi
     }
     let method = match first_header(headers, &["x-forwarded-method", "x-original-method"])? {
         Some(m) => Method::from_bytes(m.as_bytes().trim_ascii()).map_err(|_| {
-            AppError::bad_request("The original request's method (X-Forwarded-Method) is not one.")
+            bad_original("The original request's method (X-Forwarded-Method) is not one.")
         })?,
         None => method.clone(),
     };
     let target = match first_header(headers, &["x-forwarded-uri", "x-original-uri"])? {
         Some(t) => readable_target(t.as_bytes()).ok_or_else(|| {
-            AppError::bad_request(
+            bad_original(
                 "The original request's address (X-Forwarded-Uri) holds control characters.",
             )
         })?,
@@ -146,7 +153,7 @@ async fn check(
         }
     }
     let path = orig.target.split(['?', '#']).next().unwrap_or_default();
-    let canonical = normalise_path(path).map_err(|e| AppError::bad_request(e.to_string()))?;
+    let canonical = normalise_path(path).map_err(|e| bad_original(e.to_string()))?;
     if is_gateway_path(&canonical) {
         return Err(AppError::forbidden(
             "gateway_path",

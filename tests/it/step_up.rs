@@ -156,7 +156,8 @@ async fn sensitive_actions_need_a_recent_proof() {
             "",
         )
         .await;
-        assert_eq!(r.status, 400, "{method} {uri:?}: {}", r.head);
+        assert_eq!(r.status, 403, "{method} {uri:?}: {}", r.head);
+        assert!(r.body.contains("bad_original_request"), "{}", r.body);
         assert!(r.header("x-portcullis-assertion").is_none());
     }
     // The original request described twice (a proxy that adds rather than replaces): which
@@ -174,7 +175,7 @@ async fn sensitive_actions_need_a_recent_proof() {
         h.push((name, first));
         h.push((name, second));
         let r = raw(gw.addr, "GET", "/_portcullis/auth", &h, "").await;
-        assert_eq!(r.status, 400, "{name}: {}", r.head);
+        assert_eq!(r.status, 403, "{name}: {}", r.head);
         assert!(r.header("x-portcullis-assertion").is_none());
     }
     // A rule for GET guards HEAD, which consoles answer with the GET handler.
