@@ -1057,7 +1057,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 // A database that is away (a restart, a failover) is waited for: a follower
                 // feeding another system goes on where it was once the database is back.
-                let mut away = false;
+                let mut away: Option<(std::time::Instant, std::time::Instant)> = None;
                 events = loop {
                     match durable
                         .query_audit(&AuditQuery {
@@ -1068,15 +1068,34 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                         .await
                     {
                         Ok(events) => {
-                            if away {
+                            if away.is_some() {
                                 note!("audit tail: the database is back; following on");
                             }
                             break events;
                         }
                         Err(crate::store::StoreError::Unavailable(e)) => {
-                            if !away {
-                                note!("audit tail: the database is unavailable ({e}); retrying");
-                                away = true;
+                            // Said at once, then once a minute with the error of the moment, so
+                            // a failure that will not clear by itself (a revoked permission)
+                            // does not go unseen.
+                            let now = std::time::Instant::now();
+                            match away {
+                                None => {
+                                    note!(
+                                        "audit tail: the database is unavailable ({e}); retrying"
+                                    );
+                                    away = Some((now, now));
+                                }
+                                Some((since, said))
+                                    if now.duration_since(said)
+                                        >= std::time::Duration::from_secs(60) =>
+                                {
+                                    note!(
+                                        "audit tail: the database is still unavailable after {} s ({e}); retrying",
+                                        now.duration_since(since).as_secs()
+                                    );
+                                    away = Some((since, now));
+                                }
+                                Some(_) => {}
                             }
                             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                         }
