@@ -17,6 +17,8 @@ const HOUR: i64 = 3600;
 const DAY: i64 = 24 * HOUR;
 /// Alerts of one kind listed at most (the users page finds the rest).
 const ALERTS_LISTED: u32 = 200;
+/// Reports read to tell when locked accounts were locked.
+const LOCK_REPORTS_READ: u32 = 5000;
 /// Reported sign-ins stay on the home page this long.
 const REPORTS_SHOWN: i64 = 7 * DAY;
 
@@ -83,29 +85,31 @@ pub async fn home_get(
         });
     }
 
-    for u in d.locked_users(ALERTS_LISTED).await? {
-        // Locked by a report: when, from the newest report of the account.
-        let reported = match reports.iter().find(|e| e.user_id.as_ref() == Some(&u.id)) {
-            Some(e) => Some(e.at),
-            None => d
-                .query_audit(&AuditQuery {
-                    user_id: Some(u.id.clone()),
-                    event: Some("sign_in_reported".into()),
-                    newest_first: true,
-                    limit: 1,
-                    ..AuditQuery::default()
-                })
-                .await?
-                .first()
-                .map(|e| e.at),
-        };
-        alerts.push(Alert {
-            kind: "locked",
-            text: "Password sign-in locked".into(),
-            user_id: u.id,
-            email: u.email,
-            at: reported.map(when).unwrap_or_default(),
-        });
+    let locked = d.locked_users(ALERTS_LISTED).await?;
+    if !locked.is_empty() {
+        // When each was locked: the newest report of the account, from one read of the reports
+        // (older than the week the alerts above cover too).
+        let all_reports = d
+            .query_audit(&AuditQuery {
+                event: Some("sign_in_reported".into()),
+                newest_first: true,
+                limit: LOCK_REPORTS_READ,
+                ..AuditQuery::default()
+            })
+            .await?;
+        for u in locked {
+            let reported = all_reports
+                .iter()
+                .find(|e| e.user_id.as_ref() == Some(&u.id))
+                .map(|e| e.at);
+            alerts.push(Alert {
+                kind: "locked",
+                text: "Password sign-in locked".into(),
+                user_id: u.id,
+                email: u.email,
+                at: reported.map(when).unwrap_or_default(),
+            });
+        }
     }
     let day_counts = d.audit_counts(now - DAY, HOUR).await?;
     let day = chart::buckets(&day_counts, now, HOUR, 24);
