@@ -71,7 +71,7 @@ fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Result<Origi
     let target = match first_header(headers, &["x-forwarded-uri", "x-original-uri"])? {
         Some(t) => readable_target(t.as_bytes()).ok_or_else(|| {
             bad_original(
-                "The original request's address (X-Forwarded-Uri) holds control characters.",
+                "The original request's address (X-Forwarded-Uri) holds spaces or control characters.",
             )
         })?,
         None => "/".into(),
@@ -81,10 +81,12 @@ fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Result<Origi
 
 /// A target as a proxy passes it on (nginx's `$request_uri` is the request line's, bytes as
 /// the client sent them): bytes beyond ASCII percent-encoded, as the console's framework will
-/// decode them, so rules see the path the console acts on. `None` for control characters,
-/// which no request line holds.
+/// decode them, so rules see the path the console acts on. `None` for spaces and control
+/// characters, which no request line's target holds.
 fn readable_target(raw: &[u8]) -> Option<String> {
-    if raw.iter().any(|&b| b < 0x20 || b == 0x7f) {
+    // A space is in no request line's target either: two targets joined into one header
+    // (`/x, /campaigns/7/send`, as intermediaries merge repeated lines) are refused with it.
+    if raw.iter().any(|&b| b <= 0x20 || b == 0x7f) {
         return None;
     }
     Some(percent_encoding::percent_encode(raw, percent_encoding::CONTROLS).to_string())
@@ -210,8 +212,16 @@ async fn check(
                 .join(&super::reauth::url(next.as_deref().unwrap_or("/"), key))
                 .map_err(|e| AppError::internal(&e))?;
             let location = HeaderValue::from_str(reauth.as_str()).ok();
-            // As for sign-in: a 302 for a browser's navigation, else a 401 naming the page in
-            // `Location`, which a proxy that turns 401 into its own redirect (nginx) follows.
+            // As for sign-in: a 302 for a browser's navigation (also where its address was no
+            // safe way back: then to the step-up page and on to the start), else a 401 naming
+            // the page in `Location`, which a proxy that turns 401 into its own redirect (nginx)
+            // follows.
+            let navigation = wants_html(headers) && super::gate::is_read(&orig.method);
+            if navigation && r.status() != StatusCode::SEE_OTHER {
+                r = StatusCode::FOUND.into_response();
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            }
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
             }
@@ -235,15 +245,16 @@ async fn check(
                 .public_url
                 .join(LOGIN_PATH)
                 .map_err(|e| AppError::internal(&e))?;
-            // The proxy asks as an API client (nginx's check sends `Accept: application/json`
-            // and redirects on the 401's `Location`), so the dead cookie is cleared here whatever
-            // was asked.
+            // The dead cookie is cleared by the answer to a navigation, not to a request of the
+            // page's own (a poll), which proxies such as Traefik and Caddy relay too. (nginx's
+            // check asks as an API client but never relays the answer's cookies.)
+            let browser = wants_html(headers);
             let mut r = refuse(
                 state,
-                wants_html(headers),
+                browser,
                 login.as_str(),
                 (next.as_deref(), notice),
-                clear_cookie,
+                clear_cookie && browser,
             );
             // The asking proxy relays the answer: a plain 302 is what all of them pass on. A 401
             // also names the sign-in URL in `Location`, for proxies (nginx `auth_request`) that

@@ -112,7 +112,7 @@ pub(crate) fn sign_in_return(
     headers: &HeaderMap,
     ended: bool,
 ) -> (Option<String>, Option<&'static str>) {
-    if matches!(*method, Method::GET | Method::HEAD) {
+    if is_read(method) {
         (
             return_target(state, method, target),
             ended.then_some("session_ended"),
@@ -130,8 +130,13 @@ pub(crate) fn page_with_next(page: &str, next: Option<&str>) -> Option<HeaderVal
 /// Where sign-in sends a refused proxied request back to: its own path and query, if safe and
 /// if the request can be repeated by following a link.
 pub(crate) fn return_target(state: &AppState, method: &Method, target: &str) -> Option<String> {
-    safe_return_to(target, &state.config.server.public_url)
-        .filter(|_| matches!(*method, Method::GET | Method::HEAD))
+    safe_return_to(target, &state.config.server.public_url).filter(|_| is_read(method))
+}
+
+/// `GET` or `HEAD`, in any letter case (as a proxy may pass on a client's `get`).
+pub(crate) fn is_read(method: &Method) -> bool {
+    let m = method.as_str();
+    m.eq_ignore_ascii_case("GET") || m.eq_ignore_ascii_case("HEAD")
 }
 
 /// The step-up reason of a request a `[[step_up]]` rule held back (metrics).

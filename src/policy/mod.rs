@@ -66,6 +66,11 @@ fn canonical_segment(seg: &str) -> Result<String, PathError> {
             i += 1;
         }
     }
+    // The C1 controls (U+0080–U+009F), which some decoders treat as line ends (U+0085), are
+    // control characters too; every byte beyond ASCII is an upper-case escape by now.
+    if out.contains("%C2%8") || out.contains("%C2%9") {
+        return Err(PathError::ControlCharacter);
+    }
     Ok(out)
 }
 
@@ -435,6 +440,13 @@ mod tests {
         assert_eq!(normalise_path("/%2"), Err(PathError::BadEscape));
         assert_eq!(normalise_path("/a%00b"), Err(PathError::ControlCharacter));
         assert_eq!(normalise_path("/a%0ab"), Err(PathError::ControlCharacter));
+        for c1 in ["/a%c2%85", "/a%C2%9B", "/a\u{85}b", "/x/\u{9f}"] {
+            assert_eq!(normalise_path(c1), Err(PathError::ControlCharacter), "{c1}");
+        }
+        assert!(
+            normalise_path("/caf%C3%A9/\u{a0}").is_ok(),
+            "other text is not"
+        );
     }
 
     #[test]

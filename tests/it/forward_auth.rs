@@ -296,15 +296,66 @@ async fn a_disabled_user_is_refused_and_the_cookie_cleared() {
         String::from_utf8_lossy(&out.stderr)
     );
     gw.clock.advance(2);
+    let cleared = |r: &Raw| {
+        r.head.lines().any(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: portcullis-session=;")
+                && l.contains("Max-Age=0")
+        })
+    };
+    // A request of the page's own (a poll; proxies such as Caddy relay the answer): refused,
+    // the cookie left for the navigation that tells the user why.
     let r = ask(&gw, &cookie, "X-Forwarded-Uri", "/").await;
     assert_eq!(r.status, 401, "{}", r.head);
     assert!(r.header("x-portcullis-assertion").is_none());
-    let cleared = r.head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("set-cookie: portcullis-session=;")
-            && l.contains("Max-Age=0")
-    });
-    assert!(cleared, "the dead session's cookie is cleared: {}", r.head);
+    assert!(!cleared(&r), "a poll clears nothing: {}", r.head);
+    // A method in lower case is still a page read again, not a form.
+    let r = raw(
+        gw.addr,
+        "GET",
+        AUTH,
+        &[
+            ("Cookie", cookie.as_str()),
+            ("X-Forwarded-Uri", "/inbox"),
+            ("X-Forwarded-Method", "get"),
+            ("Accept", "text/html"),
+        ],
+        "",
+    )
+    .await;
+    assert!(
+        r.header("location")
+            .unwrap_or_default()
+            .ends_with("/_portcullis/login?next=%2Finbox&notice=session_ended"),
+        "{}",
+        r.head
+    );
+    // The browser's navigation: sent to sign in, told its session ended, the cookie cleared.
+    let r = raw(
+        gw.addr,
+        "GET",
+        AUTH,
+        &[
+            ("Cookie", cookie.as_str()),
+            ("X-Forwarded-Uri", "/inbox"),
+            ("Accept", "text/html"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.head);
+    assert!(
+        r.header("location")
+            .unwrap_or_default()
+            .ends_with("/_portcullis/login?next=%2Finbox&notice=session_ended"),
+        "{}",
+        r.head
+    );
+    assert!(
+        cleared(&r),
+        "the dead session's cookie is cleared: {}",
+        r.head
+    );
 }
 
 #[tokio::test]

@@ -142,6 +142,10 @@ async fn sensitive_actions_need_a_recent_proof() {
     for (method, uri) in [
         ("POST", "/campaigns/7/send?\tx"),
         ("PO ST", "/campaigns/7/send"),
+        // Two targets joined into one line, as intermediaries merge repeated headers.
+        ("POST", "/x, /campaigns/7/send"),
+        ("POST", "/campaigns/7/send, /x"),
+        ("POST", "/campaigns/7/send%c2%85"),
     ] {
         let r = raw(
             gw.addr,
@@ -178,6 +182,29 @@ async fn sensitive_actions_need_a_recent_proof() {
         assert_eq!(r.status, 403, "{name}: {}", r.head);
         assert!(r.header("x-portcullis-assertion").is_none());
     }
+    // A browser's navigation to a guarded page whose address is no safe way back is still sent
+    // to the step-up page (a 302 that Traefik and Caddy relay), on to the start page.
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/_portcullis/auth",
+        &[
+            ("Cookie", &cookie),
+            ("X-Forwarded-Method", "GET"),
+            ("X-Forwarded-Uri", "//lists/3/export"),
+            ("Accept", "text/html"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.head);
+    assert!(
+        r.header("location")
+            .unwrap_or_default()
+            .ends_with("/_portcullis/reauth?next=%2F"),
+        "{}",
+        r.head
+    );
     // A rule for GET guards HEAD, which consoles answer with the GET handler.
     let r = c
         .head(gw.url("/reports/download"))

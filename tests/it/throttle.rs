@@ -59,8 +59,8 @@ async fn a_flood_over_many_accounts_and_addresses_meets_the_global_budget() {
     })
     .await;
     let other = gw.restarted().await;
-    // At once: the budget's counter lives two (real) seconds in Redis, and a busy test machine
-    // must not let it run out between the attempts.
+    // At once: the budget's counter lives ten (real) seconds in Redis, and even a busy test
+    // machine does not let it run out between the attempts.
     let within = (0..6).map(|i| {
         let g = if i % 2 == 0 { &gw } else { &other };
         async move {

@@ -116,7 +116,9 @@ impl LoginFlow {
     /// the guesses.
     pub(crate) async fn global_budget(&self) -> Result<bool, StoreError> {
         let key = format!("rate:global:{}", self.clock.now());
-        let n = self.ephemeral.incr(&key, Duration::from_secs(2)).await?;
+        // One counter per second of the clock: its time to live only clears it away (a busy
+        // store or machine must not lose a second's count before that second is over).
+        let n = self.ephemeral.incr(&key, Duration::from_secs(10)).await?;
         if n > self.limits.global_sign_ins_per_second {
             self.metrics.throttled(&key);
             return Ok(false);
