@@ -435,18 +435,18 @@ async fn enrolment_links_expire_and_forged_ones_are_refused() {
     assert_eq!(gw.status(&gw.browser(), &newer).await, 410, "expired");
 }
 
-/// An enrolment begun from a link may take longer than a sign-in (installing an app), and
-/// opening the used link again in that browser (a second tab, Back, the mail) goes on with it;
-/// anywhere else the used link stays gone.
-#[tokio::test]
-async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_on_with_it() {
-    let gw = gateway().await;
-    gw.add_user("slow@example.com").await;
-    gw.cli(&["user", "reset-mfa", "slow@example.com"], None)
-        .await;
+/// A user whose factors were reset follows a new enrolment link in a fresh browser and sends its
+/// form ("Continue"): the browser, the link's path, the form's fields (`csrf`, `t`) and the
+/// answer.
+async fn continue_from_link(
+    gw: &Gateway,
+    email: &str,
+) -> (Browser, String, [String; 2], reqwest::Response) {
+    gw.add_user(email).await;
+    gw.cli(&["user", "reset-mfa", email], None).await;
     // (The command line voided sessions by the system's clock: the gateway's is moved past it.)
     gw.clock.advance(5);
-    let path = enrol_link(&gw, "slow@example.com").await;
+    let path = enrol_link(gw, email).await;
     let c = gw.browser();
     let html = gw.page(&c, &path).await;
     let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
@@ -457,6 +457,16 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
         .send()
         .await
         .unwrap();
+    (c, path, [csrf, token], r)
+}
+
+/// An enrolment begun from a link may take longer than a sign-in (installing an app), and
+/// opening the used link again in that browser (a second tab, Back, the mail) goes on with it;
+/// anywhere else the used link stays gone.
+#[tokio::test]
+async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_on_with_it() {
+    let gw = gateway().await;
+    let (c, path, [csrf, token], r) = continue_from_link(&gw, "slow@example.com").await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
     let html = gw.page(&c, "/_portcullis/enrol/totp").await;
     let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
@@ -486,21 +496,7 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
         .await;
     assert_eq!(location(&r), "/_portcullis/recovery-codes");
     // An enrolment never finished ends after an hour, as a sign-in does after its timeout.
-    gw.add_user("gone@example.com").await;
-    gw.cli(&["user", "reset-mfa", "gone@example.com"], None)
-        .await;
-    // (The command line voided sessions by the system's clock: the gateway's is moved past it.)
-    gw.clock.advance(5);
-    let path = enrol_link(&gw, "gone@example.com").await;
-    let c = gw.browser();
-    let html = gw.page(&c, &path).await;
-    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
-    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
-    c.post(gw.url("/_portcullis/enrol"))
-        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let (c, path, _, _) = continue_from_link(&gw, "gone@example.com").await;
     gw.clock.advance(61 * 60);
     assert_eq!(
         location(&gw.get(&c, "/_portcullis/enrol/totp").await),
@@ -510,21 +506,7 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
     // An enrolment under way when every session of the account is ended (`user reset-mfa`,
     // `set-password`: a link that leaked, used by someone else) ends with them: its app is
     // never set up.
-    gw.add_user("cut@example.com").await;
-    gw.cli(&["user", "reset-mfa", "cut@example.com"], None)
-        .await;
-    // (The command line voided sessions by the system's clock: the gateway's is moved past it.)
-    gw.clock.advance(5);
-    let path = enrol_link(&gw, "cut@example.com").await;
-    let c = gw.browser();
-    let html = gw.page(&c, &path).await;
-    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
-    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
-    c.post(gw.url("/_portcullis/enrol"))
-        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let (c, path, _, _) = continue_from_link(&gw, "cut@example.com").await;
     let html = gw.page(&c, "/_portcullis/enrol/totp").await;
     let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
     let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
