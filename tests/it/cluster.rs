@@ -178,8 +178,14 @@ fn add_user(config: &std::path::Path, email: &str) {
 /// A browser-like client. Cookies belong to the host, so gateways on other ports of 127.0.0.1
 /// see them too (as behind a load balancer).
 fn browser() -> reqwest::Client {
-    reqwest::Client::builder()
-        .cookie_provider(std::sync::Arc::new(reqwest::cookie::Jar::default()))
+    browser_with_jar().0
+}
+
+/// [`browser`] and its cookie jar.
+fn browser_with_jar() -> (reqwest::Client, std::sync::Arc<reqwest::cookie::Jar>) {
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let client = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
         .redirect(reqwest::redirect::Policy::none())
         .default_headers({
             let mut h = reqwest::header::HeaderMap::new();
@@ -187,7 +193,8 @@ fn browser() -> reqwest::Client {
             h
         })
         .build()
-        .unwrap()
+        .unwrap();
+    (client, jar)
 }
 
 fn csrf_of(html: &str) -> String {
@@ -266,6 +273,30 @@ fn lone_gateway_config(
     config
 }
 
+/// Sends SIGTERM to a gateway; when.
+fn terminate(gw: &Process) -> std::time::Instant {
+    let term = Command::new("kill")
+        .args(["-TERM", &gw.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    std::time::Instant::now()
+}
+
+/// How a gateway signalled at `signalled` exits, within ten seconds.
+async fn exit_of(gw: &mut Process, signalled: std::time::Instant) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = gw.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "still running long after the shutdown timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// SIGTERM: requests in flight are answered, those still running after
 /// `server.shutdown_timeout` are dropped, and the process exits instead of waiting for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,23 +319,9 @@ async fn sigterm_drains_then_exits_within_the_timeout() {
     let quick = request("/slow/500");
     let stuck = request("/slow/30000");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let term = Command::new("kill")
-        .args(["-TERM", &gw.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let signalled = std::time::Instant::now();
+    let signalled = terminate(&gw);
     assert_eq!(quick.await.unwrap().unwrap(), 200, "drained");
-    let exited = loop {
-        if let Some(status) = gw.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(10),
-            "still running long after the shutdown timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = exit_of(&mut gw, signalled).await;
     assert!(exited.success(), "{exited:?}");
     assert!(signalled.elapsed() < Duration::from_secs(5));
     assert!(
@@ -352,17 +369,7 @@ async fn sigterm_drains_an_open_websocket_until_the_timeout() {
     let mut gw = serve(&config, port);
     wait_ready(port).await;
     let base = format!("http://127.0.0.1:{port}");
-    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
-    let c = reqwest::Client::builder()
-        .cookie_provider(jar.clone())
-        .redirect(reqwest::redirect::Policy::none())
-        .default_headers({
-            let mut h = reqwest::header::HeaderMap::new();
-            h.insert("accept", "text/html".parse().unwrap());
-            h
-        })
-        .build()
-        .unwrap();
+    let (c, jar) = browser_with_jar();
     sign_in(&c, &base, &base, "ws-term@example.com").await;
     let cookies = jar.cookies(&base.parse().unwrap()).unwrap();
     let mut req = format!("ws://127.0.0.1:{port}/ws")
@@ -372,12 +379,7 @@ async fn sigterm_drains_an_open_websocket_until_the_timeout() {
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(resp.status(), 101);
     assert_eq!(echo(&mut ws, "before").await, Some(true));
-    let term = Command::new("kill")
-        .args(["-TERM", &gw.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let signalled = std::time::Instant::now();
+    let signalled = terminate(&gw);
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(gw.0.try_wait().unwrap().is_none(), "waits for the tunnel");
     assert_eq!(
@@ -385,16 +387,7 @@ async fn sigterm_drains_an_open_websocket_until_the_timeout() {
         Some(true),
         "the tunnel works during the drain"
     );
-    let exited = loop {
-        if let Some(status) = gw.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(10),
-            "still running long after the shutdown timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = exit_of(&mut gw, signalled).await;
     assert!(exited.success(), "{exited:?}");
     assert!(signalled.elapsed() >= Duration::from_secs(2));
 }
