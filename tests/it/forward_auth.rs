@@ -20,16 +20,15 @@ async fn gateway(trust_loopback: bool) -> Gateway {
     .await
 }
 
+/// Asks the endpoint with `headers` (the asking proxy's description of the request, the
+/// client's cookies).
+pub(super) async fn auth(gw: &Gateway, headers: &[(&str, &str)]) -> Raw {
+    raw(gw.addr, "GET", AUTH, headers, "").await
+}
+
 /// Asks the endpoint about `uri` (named in `header`) for the session in `cookie`.
 async fn ask(gw: &Gateway, cookie: &str, header: &str, uri: &str) -> Raw {
-    raw(
-        gw.addr,
-        "GET",
-        AUTH,
-        &[("Cookie", cookie), (header, uri)],
-        "",
-    )
-    .await
+    auth(gw, &[("Cookie", cookie), (header, uri)]).await
 }
 
 fn json(r: &Raw) -> serde_json::Value {
@@ -46,7 +45,7 @@ async fn off_by_default_the_route_is_not_there() {
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("off@example.com").await;
     let cookie = gw.cookies(&c);
-    let r = raw(gw.addr, "GET", AUTH, &[("Cookie", &cookie)], "").await;
+    let r = auth(&gw, &[("Cookie", &cookie)]).await;
     assert_eq!(r.status, 404, "{}", r.head);
     assert!(r.header("x-portcullis-assertion").is_none());
 }
@@ -103,7 +102,7 @@ async fn a_websocket_from_another_origin_is_refused_here_too() {
         if let Some(o) = origin {
             headers.push(("Origin", o));
         }
-        let r = raw(gw.addr, "GET", AUTH, &headers, "").await;
+        let r = auth(&gw, &headers).await;
         assert_eq!(r.status, want, "{origin:?}: {}", r.head);
         if want == 403 {
             assert!(r.body.contains("cross_origin"), "{}", r.body);
@@ -126,17 +125,14 @@ async fn a_method_override_is_refused() {
         ("X-Method-Override", "PUT", 403),
         ("X-HTTP-Method-Override", "get", 200),
     ] {
-        let r = raw(
-            gw.addr,
-            "GET",
-            AUTH,
+        let r = auth(
+            &gw,
             &[
                 ("Cookie", cookie.as_str()),
                 ("X-Forwarded-Method", "GET"),
                 ("X-Forwarded-Uri", "/campaigns/1/send"),
                 (name, value),
             ],
-            "",
         )
         .await;
         assert_eq!(r.status, want, "{name}: {value}: {}", r.body);
@@ -151,22 +147,19 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
     let gw = gateway(true).await;
     let target = "/campaigns/7?tab=stats";
     for header in ["X-Forwarded-Uri", "X-Original-URI"] {
-        let r = raw(gw.addr, "GET", AUTH, &[(header, target)], "").await;
+        let r = auth(&gw, &[(header, target)]).await;
         assert_eq!(r.status, 401, "{}", r.head);
         let body = json(&r);
         assert_eq!(body["error"], "authentication_required");
         assert_eq!(body["login"], login_url(&gw, target));
         assert_eq!(r.header("location"), Some(login_url(&gw, target)));
 
-        let r = raw(
-            gw.addr,
-            "GET",
-            AUTH,
+        let r = auth(
+            &gw,
             &[
                 (header, target),
                 ("Accept", "text/html,application/xhtml+xml"),
             ],
-            "",
         )
         .await;
         assert_eq!(r.status, 302, "{}", r.head);
@@ -177,16 +170,13 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
     }
     // Traefik/Caddy style: the original method in X-Forwarded-Method; a POST is not returned to
     // but said not to be sent, and the page it came from is.
-    let r = raw(
-        gw.addr,
-        "GET",
-        AUTH,
+    let r = auth(
+        &gw,
         &[
             ("X-Forwarded-Uri", "/campaigns/7/send"),
             ("X-Forwarded-Method", "POST"),
             ("Accept", "text/html"),
         ],
-        "",
     )
     .await;
     assert_eq!(r.status, 302);
@@ -196,17 +186,14 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
     );
     let referer = format!("{}/campaigns/new?draft=7", gw.base);
     for accept in ["text/html", "application/json"] {
-        let r = raw(
-            gw.addr,
-            "GET",
-            AUTH,
+        let r = auth(
+            &gw,
             &[
                 ("X-Forwarded-Uri", "/campaigns/7/send"),
                 ("X-Forwarded-Method", "POST"),
                 ("Referer", referer.as_str()),
                 ("Accept", accept),
             ],
-            "",
         )
         .await;
         assert_eq!(
@@ -225,14 +212,7 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
         "/\\evil.example",
         "https://evil.example/",
     ] {
-        let r = raw(
-            gw.addr,
-            "GET",
-            AUTH,
-            &[("X-Forwarded-Uri", bad), ("Accept", "text/html")],
-            "",
-        )
-        .await;
+        let r = auth(&gw, &[("X-Forwarded-Uri", bad), ("Accept", "text/html")]).await;
         let loc = r.header("location").unwrap_or_default();
         assert!(!loc.contains("evil"), "{bad} → {loc}");
     }
@@ -241,29 +221,19 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
 #[tokio::test]
 async fn an_untrusted_peer_cannot_choose_the_original_uri() {
     let gw = gateway(false).await;
-    let r = raw(
-        gw.addr,
-        "GET",
-        AUTH,
+    let r = auth(
+        &gw,
         &[
             ("X-Forwarded-Uri", "/campaigns"),
             ("X-Original-URI", "/campaigns"),
             ("Accept", "text/html"),
         ],
-        "",
     )
     .await;
     assert_eq!(r.status, 302);
     assert_eq!(r.header("location"), Some(login_url(&gw, "/")));
     // Nor dodge or trip the namespace check with one.
-    let r = raw(
-        gw.addr,
-        "GET",
-        AUTH,
-        &[("X-Forwarded-Uri", "/_portcullis/login")],
-        "",
-    )
-    .await;
+    let r = auth(&gw, &[("X-Forwarded-Uri", "/_portcullis/login")]).await;
     assert_eq!(r.status, 401, "{}", r.head);
 }
 
@@ -310,17 +280,14 @@ async fn a_disabled_user_is_refused_and_the_cookie_cleared() {
     assert!(r.header("x-portcullis-assertion").is_none());
     assert!(!cleared(&r), "a poll clears nothing: {}", r.head);
     // A method in lower case is still a page read again, not a form.
-    let r = raw(
-        gw.addr,
-        "GET",
-        AUTH,
+    let r = auth(
+        &gw,
         &[
             ("Cookie", cookie.as_str()),
             ("X-Forwarded-Uri", "/inbox"),
             ("X-Forwarded-Method", "get"),
             ("Accept", "text/html"),
         ],
-        "",
     )
     .await;
     assert!(
@@ -331,16 +298,13 @@ async fn a_disabled_user_is_refused_and_the_cookie_cleared() {
         r.head
     );
     // The browser's navigation: sent to sign in, told its session ended, the cookie cleared.
-    let r = raw(
-        gw.addr,
-        "GET",
-        AUTH,
+    let r = auth(
+        &gw,
         &[
             ("Cookie", cookie.as_str()),
             ("X-Forwarded-Uri", "/inbox"),
             ("Accept", "text/html"),
         ],
-        "",
     )
     .await;
     assert_eq!(r.status, 302, "{}", r.head);

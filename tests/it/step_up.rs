@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use portcullis::policy::step_up::StepUpRule;
 
+use super::forward_auth::auth;
 use super::harness::*;
 
 fn rules(c: &mut portcullis::config::Config) {
@@ -113,17 +114,14 @@ async fn sensitive_actions_need_a_recent_proof() {
         ("/campaigns/7/send?é", "text/html"),
         ("/campaigns/é/send", "application/json"),
     ] {
-        let r = raw(
-            gw.addr,
-            "GET",
-            "/_portcullis/auth",
+        let r = auth(
+            &gw,
             &[
                 ("Cookie", &cookie),
                 ("X-Forwarded-Method", "POST"),
                 ("X-Forwarded-Uri", uri),
                 ("Accept", accept),
             ],
-            "",
         )
         .await;
         assert_eq!(r.status, 401, "{uri} {accept}: {}", r.head);
@@ -147,17 +145,14 @@ async fn sensitive_actions_need_a_recent_proof() {
         ("POST", "/campaigns/7/send, /x"),
         ("POST", "/campaigns/7/send%c2%85"),
     ] {
-        let r = raw(
-            gw.addr,
-            "GET",
-            "/_portcullis/auth",
+        let r = auth(
+            &gw,
             &[
                 ("Cookie", &cookie),
                 ("X-Forwarded-Method", method),
                 ("X-Forwarded-Uri", uri),
                 ("Accept", "application/json"),
             ],
-            "",
         )
         .await;
         assert_eq!(r.status, 403, "{method} {uri:?}: {}", r.head);
@@ -184,17 +179,14 @@ async fn sensitive_actions_need_a_recent_proof() {
     }
     // A browser's navigation to a guarded page whose address is no safe way back is still sent
     // to the step-up page (a 302 that Traefik and Caddy relay), on to the start page.
-    let r = raw(
-        gw.addr,
-        "GET",
-        "/_portcullis/auth",
+    let r = auth(
+        &gw,
         &[
             ("Cookie", &cookie),
             ("X-Forwarded-Method", "GET"),
             ("X-Forwarded-Uri", "//lists/3/export"),
             ("Accept", "text/html"),
         ],
-        "",
     )
     .await;
     assert_eq!(r.status, 302, "{}", r.head);
@@ -225,17 +217,14 @@ async fn sensitive_actions_need_a_recent_proof() {
         )
         .await;
         assert_eq!(r.status, 403, "{method}: {}", r.head);
-        let r = raw(
-            gw.addr,
-            "GET",
-            "/_portcullis/auth",
+        let r = auth(
+            &gw,
             &[
                 ("Cookie", &cookie),
                 ("X-Forwarded-Method", method),
                 ("X-Forwarded-Uri", "/reports/download"),
                 ("Accept", "application/json"),
             ],
-            "",
         )
         .await;
         assert_eq!(r.status, 401, "forward-auth {method}: {}", r.head);
