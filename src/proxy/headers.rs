@@ -22,7 +22,7 @@ const IDENTITY_DENY_PREFIX: &str = "x-portcullis-";
 /// checked, but an underscore (or other punctuation) spelling (`X_Forwarded_For`,
 /// `Content_Length`, `X-Request.Id`) would slip past and alias the real one in CGI-style
 /// backends, so such spellings are always dropped.
-const UNDERSCORE_ALIASED: [&str; 6] = [
+const PUNCTUATION_ALIASED: [&str; 6] = [
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -97,8 +97,8 @@ pub(crate) fn strip_identity(
         let raw = name.as_str();
         // A `HeaderName` is lower case already: only punctuation other than `-` (`_`, `.`, `~`,
         // …, which CGI-style servers turn into the same `_` as `-`) needs reading as `-`.
-        let underscored = raw.bytes().any(|b| b != b'-' && !b.is_ascii_alphanumeric());
-        let norm = match underscored {
+        let punctuated = raw.bytes().any(|b| b != b'-' && !b.is_ascii_alphanumeric());
+        let norm = match punctuated {
             true => Cow::Owned(
                 raw.bytes()
                     .map(|b| char::from(normalised_byte(b)))
@@ -111,7 +111,7 @@ pub(crate) fn strip_identity(
             || norm.starts_with(IDENTITY_DENY_PREFIX)
             || extra.iter().any(|e| same_normalised(e, norm))
             || added.iter().any(|(n, _)| same_normalised(n.as_str(), norm))
-            || (underscored && (UNDERSCORE_ALIASED.contains(&norm) || is_hop_by_hop(norm)))
+            || (punctuated && (PUNCTUATION_ALIASED.contains(&norm) || is_hop_by_hop(norm)))
     };
     // A client rarely sends any of them: one pass to find out, nothing collected.
     if !headers.keys().any(doomed) {
