@@ -31,6 +31,19 @@ const PUNCTUATION_ALIASED: [&str; 6] = [
     "content-length",
 ];
 
+/// The bytes of a header name a CGI-style backend reads as `-` besides `-` itself: one table
+/// look-up per byte, for every header of every request.
+static PUNCTUATION: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c != b'-' && !c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    table
+};
+
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them: one pass over the names present to find out, nothing
@@ -97,7 +110,7 @@ pub(crate) fn strip_identity(
         let raw = name.as_str();
         // A `HeaderName` is lower case already: only punctuation other than `-` (`_`, `.`, `~`,
         // …, which CGI-style servers turn into the same `_` as `-`) needs reading as `-`.
-        let punctuated = raw.bytes().any(|b| b != b'-' && !b.is_ascii_alphanumeric());
+        let punctuated = raw.bytes().any(|b| PUNCTUATION[usize::from(b)]);
         let norm = match punctuated {
             true => Cow::Owned(
                 raw.bytes()
