@@ -81,6 +81,21 @@ pub(super) async fn current_session(
     Ok(None)
 }
 
+/// The user of a complete session that still counts (not ended on any gateway, the account
+/// enabled), as the gate's user check finds it.
+async fn live_user(
+    state: &AppState,
+    loaded: &Loaded,
+) -> Result<Option<std::sync::Arc<crate::store::User>>, AppError> {
+    if !loaded.session.is_authenticated() {
+        return Ok(None);
+    }
+    Ok(state
+        .user_gate
+        .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
+        .await?)
+}
+
 /// A sign-in or enrolment under way when every session of its account was ended (`user
 /// reset-mfa`, `set-password`, `disable`, a report, from any gateway or the command line):
 /// ended too, and its record dropped, so it cannot go on to complete. (A complete session is
@@ -186,12 +201,7 @@ pub async fn login_get(
     let mut ended = false;
     if let Some(loaded) = current_session(&state, &headers).await? {
         if loaded.session.is_authenticated() {
-            let live = state
-                .user_gate
-                .admit(&state, &loaded.session.user_id, loaded.session.auth_ms)
-                .await?
-                .is_some();
-            if live {
+            if live_user(&state, &loaded).await?.is_some() {
                 return Ok(see_other(if next.is_empty() { "/" } else { &next }));
             }
             // Ended meanwhile (every session of the account voided, the account disabled):
@@ -257,20 +267,8 @@ pub async fn login_post(
     // A sign-in whose second factor came first finishes here, with its password.
     let mut after_factor = None;
     if let Some(loaded) = current_session(&state, &headers).await? {
-        let same_user = || async {
-            let owner = state.durable.user_by_id(&loaded.session.user_id).await?;
-            Ok::<_, AppError>(
-                owner.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)),
-            )
-        };
-        if loaded.session.is_authenticated()
-            && state
-                .user_gate
-                .admit(&state, &loaded.session.user_id, loaded.session.auth_ms)
-                .await?
-                .is_some()
-            && same_user().await?
-        {
+        let signed_in_as = live_user(&state, &loaded).await?;
+        if signed_in_as.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)) {
             // Already signed in as this user (the form sent again from another tab): the
             // session goes on, as the sign-in page itself would have sent the browser on.
             return Ok(see_other(next.as_deref().unwrap_or("/")));
