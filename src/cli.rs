@@ -285,7 +285,7 @@ async fn run(cli: Cli) -> Result<()> {
                      address, not a domain name, so security keys and passkeys are not offered"
                 );
             }
-            for w in warnings {
+            for w in warnings.iter().chain(&advice(&config)) {
                 note!("warning: {w}");
             }
             note!("config is valid");
@@ -477,6 +477,21 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
     }
 }
 
+/// Settings that are valid but most likely not what the operator meant: warned about by
+/// `check-config` and when `serve` starts.
+fn advice(config: &Config) -> Vec<String> {
+    let mut advice = Vec::new();
+    if config.forward_auth.enabled && config.server.trusted_proxies.is_empty() {
+        advice.push(
+            "forward_auth is on but server.trusted_proxies is empty: the asking proxy's \
+             X-Forwarded-Method and X-Forwarded-Uri are not believed, so every check is for `/` \
+             and no [[step_up]] rule applies; add the proxy's address"
+                .to_string(),
+        );
+    }
+    advice
+}
+
 /// `portcullis serve`.
 pub async fn serve(config: Config) -> Result<()> {
     // Its warnings are logged where the TLS pair is loaded for good.
@@ -490,6 +505,9 @@ pub async fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     if !state.config.is_https() {
         tracing::warn!("public_url is plain http: session cookies drop the __Host- prefix and the Secure flag; use https outside a loopback demo");
+    }
+    for w in advice(&state.config) {
+        tracing::warn!("{w}");
     }
     crate::server::run_with(listener, state, shutdown_signal(), hangups).await?;
     Ok(())

@@ -8,6 +8,8 @@
 //! else is taken to be asking about `/`, so a client cannot steer the sign-in `next` or dodge
 //! the namespace check with a header of its choosing.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +23,11 @@ use crate::state::AppState;
 /// The original request as the asking proxy describes it.
 struct Original {
     method: Method,
+    /// The method step-up rules are matched with: the original's, or
+    /// [`unknown_method`](crate::policy::step_up::unknown_method) when the asking proxy did not
+    /// say it (nginx asks with `GET` whatever the client sent: a `POST` the rules guard must not
+    /// pass as one).
+    rule_method: Method,
     /// Path and query.
     target: String,
 }
@@ -55,28 +62,79 @@ fn first_header<'a>(
 /// Reads the original method and target; only a trusted peer's headers count. A header that
 /// is there but cannot be what it names is refused, never read as absent: a target the gateway
 /// took for `/` would pass a request its rules guard.
-fn original(method: &Method, headers: &HeaderMap, trusted: bool) -> Result<Original, AppError> {
+fn original(
+    method: &Method,
+    headers: &HeaderMap,
+    (peer, trusted): (std::net::IpAddr, bool),
+) -> Result<Original, AppError> {
+    const TARGET: [&str; 2] = ["x-forwarded-uri", "x-original-uri"];
     if !trusted {
+        // A proxy left out of `server.trusted_proxies` has every request checked as `GET /`,
+        // which no step-up rule guards: said in the log, since nothing else shows it.
+        if TARGET.iter().any(|n| headers.contains_key(*n)) {
+            static LAST: AtomicU64 = AtomicU64::new(0);
+            misconfigured(
+                &LAST,
+                format_args!(
+                    "a forward-auth check from {peer} describes its request (X-Forwarded-Uri or \
+                 X-Original-URI), but {peer} is not in server.trusted_proxies: it was checked \
+                 as `/`, where no [[step_up]] rule applies; add the proxy's address"
+                ),
+            );
+        }
         return Ok(Original {
             method: method.clone(),
+            rule_method: method.clone(),
             target: "/".into(),
         });
     }
-    let method = match first_header(headers, &["x-forwarded-method", "x-original-method"])? {
-        Some(m) => Method::from_bytes(m.as_bytes().trim_ascii()).map_err(|_| {
-            bad_original("The original request's method (X-Forwarded-Method) is not one.")
-        })?,
-        None => method.clone(),
-    };
-    let target = match first_header(headers, &["x-forwarded-uri", "x-original-uri"])? {
+    let (method, rule_method) =
+        match first_header(headers, &["x-forwarded-method", "x-original-method"])? {
+            Some(m) => {
+                let m = Method::from_bytes(m.as_bytes().trim_ascii()).map_err(|_| {
+                    bad_original("The original request's method (X-Forwarded-Method) is not one.")
+                })?;
+                (m.clone(), m)
+            }
+            None => (method.clone(), crate::policy::step_up::unknown_method()),
+        };
+    let target = match first_header(headers, &TARGET)? {
         Some(t) => readable_target(t.as_bytes()).ok_or_else(|| {
             bad_original(
                 "The original request's address (X-Forwarded-Uri) holds spaces or control characters.",
             )
         })?,
-        None => "/".into(),
+        None => {
+            static LAST: AtomicU64 = AtomicU64::new(0);
+            misconfigured(&LAST, format_args!(
+                "the forward-auth check from {peer} names no original address (X-Forwarded-Uri \
+                 or X-Original-URI): it was checked as `/`, where no [[step_up]] rule applies; \
+                 see docs/forward-auth.md for the proxy's configuration"
+            ));
+            "/".into()
+        }
     };
-    Ok(Original { method, target })
+    Ok(Original {
+        method,
+        rule_method,
+        target,
+    })
+}
+
+/// Logs a warning about the asking proxy's configuration, at most once a minute (every check
+/// of a misconfigured proxy would repeat it).
+fn misconfigured(last_at: &AtomicU64, what: std::fmt::Arguments<'_>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = last_at.load(Ordering::Relaxed);
+    if now >= last.saturating_add(60)
+        && last_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!("{what}");
+    }
 }
 
 /// A target as a proxy passes it on (nginx's `$request_uri` is the request line's, bytes as
@@ -134,7 +192,7 @@ async fn check(
     if headers.contains_key(header::UPGRADE) || headers.contains_key(header::SEC_WEBSOCKET_KEY) {
         super::gate::cross_site_upgrade(state, headers)?;
     }
-    let orig = original(method, headers, trusted)?;
+    let orig = original(method, headers, (peer.ip(), trusted))?;
     // The proxy forwards the client's headers to the console as they are: a method override
     // there would let the console act as for another method than the one checked here (a GET
     // passing as the POST a step-up rule guards). Proxy mode drops such headers; here the
@@ -162,7 +220,7 @@ async fn check(
             "The gateway's own addresses are not behind forward authentication.",
         ));
     }
-    match decide(state, peer, headers, (&orig.method, &canonical)).await? {
+    match decide(state, peer, headers, (&orig.rule_method, &canonical)).await? {
         Decision::Pass(token, _) => {
             let mut r = StatusCode::OK.into_response();
             r.headers_mut().insert(state.token_header.clone(), token);
@@ -269,5 +327,68 @@ async fn check(
             }
             Ok((ForwardAuth::SignIn, r))
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    header::HeaderName::from_static(n),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    /// A proxy left out of `trusted_proxies`, or one that names no target, is checked as `/`
+    /// and said in the log (once a minute); a trusted proxy that does not say the method has the
+    /// rules applied as for any method.
+    #[test]
+    fn what_the_asking_proxy_leaves_out() {
+        let (logs, _guard) = crate::test_logs::capture();
+        let peer: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+        let described = headers(&[("x-original-uri", "/campaigns/7/send")]);
+        for _ in 0..2 {
+            let o = original(&Method::GET, &described, (peer, false)).unwrap();
+            assert_eq!((o.method, o.rule_method), (Method::GET, Method::GET));
+            assert_eq!(o.target, "/");
+        }
+        let text = logs.text();
+        assert_eq!(
+            text.matches("10.0.0.5 is not in server.trusted_proxies")
+                .count(),
+            1,
+            "{text}"
+        );
+        // Trusted, with a target but no method: the method for the rules is any method.
+        let o = original(&Method::GET, &described, (peer, true)).unwrap();
+        assert_eq!(o.method, Method::GET);
+        assert_eq!(o.rule_method, crate::policy::step_up::unknown_method());
+        assert_eq!(o.target, "/campaigns/7/send");
+        assert!(!logs.text().contains("names no original address"));
+        // Trusted, without a target.
+        let o = original(
+            &Method::GET,
+            &headers(&[("x-forwarded-method", "POST")]),
+            (peer, true),
+        )
+        .unwrap();
+        assert_eq!((o.method, o.target.as_str()), (Method::POST, "/"));
+        assert!(
+            logs.text().contains("names no original address"),
+            "{}",
+            logs.text()
+        );
+        // Told the method, the rules get it.
+        let told = headers(&[("x-forwarded-uri", "/a"), ("x-forwarded-method", "DELETE")]);
+        let o = original(&Method::GET, &told, (peer, true)).unwrap();
+        assert_eq!((o.method, o.rule_method), (Method::DELETE, Method::DELETE));
     }
 }

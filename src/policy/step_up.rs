@@ -124,8 +124,16 @@ fn same_segment(want: &str, have: &str) -> bool {
     have.next().is_none_or(|c| !c.is_alphanumeric())
 }
 
-/// Whether `rule` covers `method`: a rule for PUT, PATCH or DELETE covers POST too, and a rule
-/// for GET covers HEAD, which frameworks answer by running the GET handler.
+/// The method of a request whose method is not known (a forward-auth check whose proxy did not
+/// say it): every rule for its path applies.
+pub fn unknown_method() -> Method {
+    // `*` is a token, so a valid extension method, and no request's method.
+    Method::from_bytes(b"*").unwrap_or(Method::POST)
+}
+
+/// Whether `rule` covers `method`: a rule for PUT, PATCH or DELETE covers POST too, a rule
+/// for GET covers HEAD, which frameworks answer by running the GET handler, and every rule
+/// covers the [`unknown_method`].
 fn covers(rule: &StepUpRule, method: &Method) -> bool {
     let names = |m: &str| {
         rule.methods
@@ -136,6 +144,7 @@ fn covers(rule: &StepUpRule, method: &Method) -> bool {
     // (Django upper-cases the method), so a spelling of ours must not dodge the rule.
     let is = |m: &str| method.as_str().eq_ignore_ascii_case(m);
     rule.methods.is_empty()
+        || method.as_str() == "*"
         || names(method.as_str())
         || (is("POST") && (names("PUT") || names("PATCH") || names("DELETE")))
         || (is("HEAD") && names("GET"))
@@ -300,6 +309,22 @@ mod tests {
             unmet(&head_only, &Method::GET, "/reports/download", old),
             None
         );
+    }
+
+    /// A request whose method is not known meets every rule for its path, whatever methods
+    /// the rule names; other paths' rules still do not apply.
+    #[test]
+    fn an_unknown_method_meets_every_rule_of_the_path() {
+        let rules = [
+            rule("/campaigns/*/send", &["POST"]),
+            rule("/keys", &["DELETE"]),
+        ];
+        let old = (Some(0), None, 99_999_000);
+        let any = unknown_method();
+        assert_eq!(unmet(&rules, &any, "/campaigns/7/send", old), Some(false));
+        assert_eq!(unmet(&rules, &any, "/keys", old), Some(false));
+        assert_eq!(unmet(&rules, &any, "/campaigns/7", old), None);
+        assert_eq!(unmet(&rules, &Method::GET, "/campaigns/7/send", old), None);
     }
 
     #[test]

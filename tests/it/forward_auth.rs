@@ -235,6 +235,14 @@ async fn an_untrusted_peer_cannot_choose_the_original_uri() {
     // Nor dodge or trip the namespace check with one.
     let r = auth(&gw, &[("X-Forwarded-Uri", "/_portcullis/login")]).await;
     assert_eq!(r.status, 401, "{}", r.head);
+    // With no proxy trusted, forward-auth checks every request as `/`: `check-config` warns.
+    let warning = "forward_auth is on but server.trusted_proxies is empty";
+    let out = gw.cli(&["check-config"], None).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(warning));
+    let trusted = gateway(true).await;
+    let out = trusted.cli(&["check-config"], None).await;
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(warning));
 }
 
 #[tokio::test]

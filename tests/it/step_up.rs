@@ -135,6 +135,26 @@ async fn sensitive_actions_need_a_recent_proof() {
         );
     }
 
+    // A proxy that does not say the method (nginx asks with `GET` whatever the client sent):
+    // the path's rules apply as for any method, not as for the check's own `GET`; told `GET`,
+    // the rule for `POST` does not.
+    for (method, status) in [(None, 401), (Some("GET"), 200)] {
+        let mut h = vec![
+            ("Cookie", cookie.as_str()),
+            ("X-Original-URI", "/campaigns/7/send"),
+            ("Accept", "application/json"),
+        ];
+        h.extend(method.map(|m| ("X-Forwarded-Method", m)));
+        let r = auth(&gw, &h).await;
+        assert_eq!(r.status, status, "{method:?}: {}", r.head);
+        assert_eq!(
+            r.header("x-portcullis-assertion").is_some(),
+            status == 200,
+            "{}",
+            r.head
+        );
+    }
+
     // A target with control characters, or a method that is none, is refused, never taken for
     // `/` or the request's own method.
     for (method, uri) in [
