@@ -839,6 +839,14 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         }
         Command::User(UserCmd::ResetMfa { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
+            if crate::store::nothing_to_reset(durable.as_ref(), &u).await? {
+                say!(
+                    "{email} has no second factor to remove: it sets one up through an enrolment \
+                     link (portcullis user enrol-link {email})",
+                    email = u.email
+                );
+                return Ok(());
+            }
             durable.reset_second_factors(&u.id, clock.now()).await?;
             notifier(&config, &durable)?
                 .admin_change(&u, crate::notify::RESET_NOTICE)

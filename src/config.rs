@@ -1343,12 +1343,25 @@ impl Config {
                 "must be between 30s and 5m",
             ));
         }
-        if (w.require_phishing_resistant || !w.phishing_resistant_accounts.is_empty()) && !w.enabled
-        {
-            return Err(key_err(
-                "webauthn.require_phishing_resistant",
-                "needs webauthn.enabled: nobody could sign in",
-            ));
+        // Keys are off in effect too where the public URL's host is an IP address.
+        if !self.webauthn_effective() {
+            let why = match w.enabled {
+                false => "needs security keys, which webauthn.enabled = false switches off",
+                true => {
+                    "needs security keys, which are off: server.public_url has an IP address, \
+                     not a domain name, as its host"
+                }
+            };
+            let key = match w.require_phishing_resistant {
+                true => "webauthn.require_phishing_resistant",
+                false => "webauthn.phishing_resistant_accounts",
+            };
+            if w.require_phishing_resistant || !w.phishing_resistant_accounts.is_empty() {
+                return Err(key_err(
+                    key,
+                    format!("{why}: nobody it covers could sign in"),
+                ));
+            }
         }
         if w.rp_name.trim().is_empty() || w.rp_name.len() > 64 {
             return Err(key_err("webauthn.rp_name", "must be 1 to 64 characters"));

@@ -365,11 +365,28 @@ fn webauthn_bad_values_are_refused_with_the_key() {
         ),
         (
             "enabled = false\nphishing_resistant_accounts = [\"a\"]",
-            "webauthn.require_phishing_resistant",
+            "webauthn.phishing_resistant_accounts",
         ),
     ] {
         let e = load_str(&format!("{site}{extra}\n"), &[]).unwrap_err();
         assert!(e.to_string().contains(key), "{extra}: {e}");
+    }
+    // Keys are off in effect with an IP address as the public URL's host: a rule that wants
+    // them would let nobody it covers sign in.
+    for (extra, key) in [
+        (
+            "require_phishing_resistant = true",
+            "webauthn.require_phishing_resistant",
+        ),
+        (
+            "phishing_resistant_accounts = [\"a\"]",
+            "webauthn.phishing_resistant_accounts",
+        ),
+    ] {
+        let config =
+            format!("[server]\npublic_url = \"http://127.0.0.1:8080/\"\n[webauthn]\n{extra}\n");
+        let e = load_str(&config, &[]).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("IP address"), "{extra}: {e}");
     }
     let e = load_str("[webauthn]\nrp_id = \"127.0.0.1\"\n", &[]).unwrap_err();
     assert!(e.to_string().contains("webauthn.rp_id"), "{e}");

@@ -84,6 +84,15 @@ pub async fn awaits_enrolment_link(durable: &dyn DurableStore, user: &User) -> S
     Ok(!user.enrols_after_password() && !has_second_factor(durable, &user.id).await?)
 }
 
+/// Whether removing `user`'s second factors would change nothing: its factors were removed
+/// already, no factor or recovery code has been set up since, and it enrols only through an
+/// enrolment link. (A reset neither audited nor mailed again, as for any action that changes
+/// nothing.)
+pub async fn nothing_to_reset(durable: &dyn DurableStore, user: &User) -> StoreResult<bool> {
+    Ok(awaits_enrolment_link(durable, user).await?
+        && durable.recovery_codes_left(&user.id).await? == 0)
+}
+
 /// What [`DurableStore::drop_factors_since`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DroppedFactors {

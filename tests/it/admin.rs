@@ -625,6 +625,18 @@ async fn account_actions_take_effect_and_name_the_admin() {
         303
     );
     assert_eq!(gw.status(&again, "/campaigns").await, 303, "sessions ended");
+    // Reset again: nothing is left to remove, so it is neither audited nor mailed again.
+    let (events, mails) = (gw.audit().await.len(), gw.outbox().await.len());
+    let r = post(format!("{user_page}/reset-factors"), "twice").await;
+    assert!(
+        location(&r).ends_with("notice=no_factors"),
+        "{}",
+        location(&r)
+    );
+    let page = gw.page(&c, &location(&r)).await;
+    assert!(page.contains("no second factor to remove"), "{page}");
+    assert_eq!(gw.audit().await.len(), events);
+    assert_eq!(gw.outbox().await.len(), mails);
     // The password alone no longer sets up a factor: the user needs an enrolment link.
     let r = gw
         .password(&gw.browser(), "customer@example.com", PASSWORD, "")

@@ -43,6 +43,10 @@ fn notice_text(code: &str) -> Option<&'static str> {
             "Every second factor was removed and every session ended. The password alone no longer signs \
              in: issue an enrolment link below and give it to the user."
         }
+        "no_factors" => {
+            "The account has no second factor to remove: it sets one up through an enrolment \
+             link. Issue one below and give it to the user."
+        }
         "sessions_ended" => "The sessions have ended.",
         "session_ended" => "The session has ended.",
         "key_removed" => "The key was revoked.",
@@ -513,6 +517,9 @@ action!(
     reset_factors_post,
     "`POST …/users/{id}/reset-factors`: removes TOTP, keys and recovery codes, ends every session.",
     |state, admin, user, why| {
+        if crate::store::nothing_to_reset(state.durable.as_ref(), &user).await? {
+            return Ok(done(&user, "no_factors"));
+        }
         state
             .durable
             .reset_second_factors(&user.id, state.clock.now())
