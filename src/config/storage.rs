@@ -98,7 +98,7 @@ impl StorageConfig {
         }
         Ok(Some(RedisTarget::PrivateCa {
             target: Box::new(target),
-            ca_pem: read_ca(path)?,
+            ca_pem: read_ca("storage.redis_tls_ca", path)?,
         }))
     }
 
@@ -175,13 +175,33 @@ impl StorageConfig {
             };
             return Err(key_err("storage.durable", why));
         }
+        // The files the URL names for TLS are read when the first connection opens: a missing
+        // one would show as "no such file" from a store that cannot be reached, naming nothing.
+        if let Ok(url) = url::Url::parse(&self.durable) {
+            for (option, value) in url.query_pairs() {
+                let path = Path::new(value.as_ref());
+                let named = |why: String| {
+                    key_err(
+                        "storage.durable",
+                        format!("{option} {}: {why}", path.display()),
+                    )
+                };
+                match option.as_ref() {
+                    "sslrootcert" => drop(read_ca("storage.durable", path)?),
+                    "sslcert" | "sslkey" => {
+                        std::fs::File::open(path).map_err(|e| named(e.to_string()))?;
+                    }
+                    _ => {}
+                }
+            }
+        }
         Ok(())
     }
 }
 
-/// Reads a PEM CA bundle and checks that it holds at least one certificate.
-fn read_ca(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let bad = |why: String| key_err("storage.redis_tls_ca", format!("{}: {why}", path.display()));
+/// Reads a PEM CA bundle (the file of `key`) and checks that it holds at least one certificate.
+fn read_ca(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let bad = |why: String| key_err(key, format!("{}: {why}", path.display()));
     let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

@@ -168,6 +168,28 @@ fn bad_values_are_refused_with_the_key() {
             "[storage]\ndurable = \"postgres://u:pw@127.0.0.1:notaport/db\"\n",
             "storage.durable",
         ),
+        // TLS files the database URL names, read only at the first connection.
+        (
+            "[storage]\ndurable = \"postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n",
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "[storage]\ndurable = \"postgres://u@h/db?sslmode=verify-full&sslrootcert=/dev/null\"\n",
+            "no PEM certificate",
+        ),
+        (
+            "[storage]\ndurable = \"postgres://u@h/db?sslcert=/nonexistent/c.pem&sslkey=/etc/hostname\"\n",
+            "sslcert /nonexistent/c.pem",
+        ),
+        // The Redis driver would skip certificate checks for `#insecure`.
+        (
+            "[storage]\nephemeral = \"rediss://r:6379/0#insecure\"\n",
+            "certificate checks",
+        ),
+        (
+            "[storage]\nephemeral = \"rediss+cluster://a:1,b:2#insecure\"\n",
+            "storage.ephemeral",
+        ),
         // Values that cannot work, refused here rather than at the first sign-in.
         ("[password]\nmin_length = 300\n", "password.min_length"),
         (

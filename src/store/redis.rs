@@ -105,6 +105,16 @@ impl RedisTarget {
 }
 
 fn check_url(url: &str) -> Result<(), String> {
+    // The driver reads `#insecure` as "skip the server certificate's checks", which the
+    // gateway never does (a private CA goes in `storage.redis_tls_ca`).
+    if url.contains('#') {
+        return Err(
+            "a fragment (`#…`, such as `#insecure`) is not accepted: certificate checks \
+                    cannot be skipped; for a private CA set storage.redis_tls_ca (a `#` in a \
+                    password is written %23)"
+                .into(),
+        );
+    }
     redis::Client::open(url)
         .map(drop)
         .map_err(|e| format!("not a valid Redis URL ({})", e.category()))
