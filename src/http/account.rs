@@ -232,7 +232,8 @@ pub async fn rename_post(
 }
 
 /// Removes the key `id` of `user` unless it is their last second factor (another usable key, or
-/// an authenticator app where the account's policy takes codes, must stay): one check-and-remove
+/// an authenticator app where the account's policy takes codes, must stay; a suspended key,
+/// which signs nobody in, always goes): one check-and-remove
 /// in the store, so the owner and an administrator removing two keys at once cannot leave the
 /// account with none.
 pub(crate) async fn remove_key_keeping_a_factor(
@@ -246,7 +247,7 @@ pub(crate) async fn remove_key_keeping_a_factor(
         .requires_phishing_resistant(&user.account_id);
     Ok(state
         .durable
-        .remove_webauthn_credential(&user.id, id, codes_count)
+        .remove_webauthn_credential(&user.id, id, codes_count, state.clock.now())
         .await?)
 }
 
@@ -283,7 +284,7 @@ pub async fn remove_post(
     }
     let (outcome, reason) = match remove_key_keeping_a_factor(&state, &user, &id).await? {
         KeyRemoval::NotFound => return Err(AppError::not_found()),
-        KeyRemoval::Removed => ("success", id.as_str()),
+        KeyRemoval::Removed | KeyRemoval::RemovedLastFactor => ("success", id.as_str()),
         KeyRemoval::LastFactor => ("denied", "last_factor"),
     };
     audit(

@@ -217,13 +217,16 @@ impl DurableStore for Timed<dyn DurableStore> {
         user_id: &str,
         id: &str,
         codes_count: bool,
+        now: UnixTime,
     ) -> StoreResult<KeyRemoval> {
-        self.durable(
-            WRITE,
-            self.inner
-                .remove_webauthn_credential(user_id, id, codes_count),
-        )
-        .await
+        let op = self
+            .inner
+            .remove_webauthn_credential(user_id, id, codes_count, now);
+        self.durable(WRITE, op).await
+    }
+    async fn restore_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool> {
+        let op = self.inner.restore_webauthn_credential(user_id, id);
+        self.durable(WRITE, op).await
     }
     async fn set_recovery_codes(
         &self,

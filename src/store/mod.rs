@@ -231,6 +231,10 @@ impl WebauthnCredential {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRemoval {
     Removed,
+    /// Removed, a suspended key, and the account has no key and no authenticator app left: it
+    /// now sets one up only through an enrolment link (never after its password alone, which
+    /// may be an intruder's).
+    RemovedLastFactor,
     /// Not removed: it is the user's last second factor.
     LastFactor,
     /// The user has no such credential.
@@ -381,14 +385,21 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<bool>;
     /// Removes a user's credential unless it is their last second factor: the user keeps another
     /// credential that is not suspended or, when `codes_count` (the account's policy takes
-    /// codes), an authenticator app. Checked and removed under one lock of the user's row, so
-    /// two removals at once (the owner and an administrator, say) cannot both pass the check.
+    /// codes), an authenticator app. A suspended credential, which signs nobody in, is always
+    /// removed; where that leaves no key and no app, the account's factors count as reset at
+    /// `now` ([`KeyRemoval::RemovedLastFactor`]). Checked and removed under one lock of the
+    /// user's row, so two removals at once (the owner and an administrator, say) cannot both
+    /// pass the check.
     async fn remove_webauthn_credential(
         &self,
         user_id: &str,
         id: &str,
         codes_count: bool,
+        now: UnixTime,
     ) -> StoreResult<KeyRemoval>;
+    /// Lifts the suspension of a user's credential (an administrator found it to be the
+    /// owner's); false when the user has no such suspended credential.
+    async fn restore_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool>;
     /// Every suspended credential of every user, most recently suspended first (admin alerts).
     async fn suspended_webauthn_credentials(&self) -> StoreResult<Vec<WebauthnCredential>>;
 

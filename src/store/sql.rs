@@ -873,6 +873,7 @@ impl DurableStore for SqlStore {
         user_id: &str,
         id: &str,
         codes_count: bool,
+        now: UnixTime,
     ) -> StoreResult<KeyRemoval> {
         let pool = &self.pool;
         self.retrying(move || async move {
@@ -886,8 +887,9 @@ impl DurableStore for SqlStore {
                 .await?;
             let removed = sqlx::query(
                 "DELETE FROM webauthn_credentials WHERE id = $1 AND user_id = $2 AND ( \
-                   EXISTS (SELECT 1 FROM webauthn_credentials \
-                           WHERE user_id = $2 AND id <> $1 AND suspended_at IS NULL) \
+                   suspended_at IS NOT NULL \
+                   OR EXISTS (SELECT 1 FROM webauthn_credentials \
+                              WHERE user_id = $2 AND id <> $1 AND suspended_at IS NULL) \
                    OR ($3 = 1 AND EXISTS (SELECT 1 FROM totp_credentials WHERE user_id = $2)))",
             )
             .bind(id)
@@ -897,7 +899,23 @@ impl DurableStore for SqlStore {
             .await?
             .rows_affected();
             let outcome = if removed == 1 {
-                KeyRemoval::Removed
+                // With no key and no app left (a suspended key removed), the password alone must
+                // not set up a factor: the account enrols again through a link.
+                let left = sqlx::query(
+                    "UPDATE users SET factors_reset_at = COALESCE(factors_reset_at, $1) \
+                     WHERE id = $2 \
+                     AND NOT EXISTS (SELECT 1 FROM webauthn_credentials WHERE user_id = $2) \
+                     AND NOT EXISTS (SELECT 1 FROM totp_credentials WHERE user_id = $2)",
+                )
+                .bind(now)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                match left {
+                    0 => KeyRemoval::Removed,
+                    _ => KeyRemoval::RemovedLastFactor,
+                }
             } else {
                 let found = sqlx::query(
                     "SELECT 1 FROM webauthn_credentials WHERE id = $1 AND user_id = $2",
@@ -916,6 +934,17 @@ impl DurableStore for SqlStore {
             Ok(outcome)
         })
         .await
+    }
+
+    async fn restore_webauthn_credential(&self, user_id: &str, id: &str) -> StoreResult<bool> {
+        let changed = self
+            .change(
+                "UPDATE webauthn_credentials SET suspended_at = NULL, suspended_reason = NULL \
+                 WHERE id = $1 AND user_id = $2 AND suspended_at IS NOT NULL",
+                &[Arg::Text(id), Arg::Text(user_id)],
+            )
+            .await?;
+        Ok(changed == 1)
     }
 
     async fn suspended_webauthn_credentials(&self) -> StoreResult<Vec<WebauthnCredential>> {

@@ -1193,7 +1193,11 @@ async fn an_admin_cannot_remove_an_accounts_last_second_factor() {
         .await
         .unwrap();
     assert_eq!(r.status(), 409);
-    assert!(r.text().await.unwrap().contains("only second factor"));
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("only usable second factor"));
     assert_eq!(
         gw.state
             .durable
@@ -1211,8 +1215,41 @@ async fn an_admin_cannot_remove_an_accounts_last_second_factor() {
             && e.user_id.as_deref() == Some(target.id.as_str())
     });
     assert!(refused);
-    // With an authenticator app beside it, the key can go.
-    let (_, other, _, other_cred) = with_key(&gw, "twokinds@example.com", "Spare key").await;
+    // Suspended (a report, a possible clone), the key signs nobody in: it can go, and the
+    // account, left without a factor, enrols only through a link (never after its password).
+    gw.state
+        .durable
+        .suspend_webauthn_credential(&cred.id, "sign_in_reported", 1)
+        .await
+        .unwrap();
+    let r = c
+        .post(gw.url(&remove))
+        .form(&[("csrf", csrf.as_str()), ("reason", "intruder's key")])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        location(&r).ends_with("notice=key_removed_no_factor"),
+        "{}",
+        location(&r)
+    );
+    assert!(gw
+        .page(&c, &location(&r))
+        .await
+        .contains("issue an enrolment link"));
+    assert!(gw
+        .user("lastkey@example.com")
+        .await
+        .factors_reset_at
+        .is_some());
+    let r = gw
+        .password(&gw.browser(), "lastkey@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(r.status(), 401, "the password alone sets up no factor");
+    // With an authenticator app beside it, the key can go; the sessions it may have proved
+    // end with it, and the owner is told which key.
+    let (owner, other, _, other_cred) = with_key(&gw, "twokinds@example.com", "Spare key").await;
+    assert_eq!(gw.status(&owner, "/campaigns").await, 200);
     let user_page = format!("/_portcullis/admin/users/{}", other.id);
     let csrf = gw.csrf(&c, &user_page).await;
     let r = c
@@ -1229,6 +1266,90 @@ async fn an_admin_cannot_remove_an_accounts_last_second_factor() {
         .await
         .unwrap()
         .is_empty());
+    assert_eq!(gw.status(&owner, "/campaigns").await, 303, "sessions ended");
+    let told = mail_to(&gw, "twokinds@example.com").await;
+    assert!(
+        told.contains("removed your security key \"Spare key\""),
+        "{told}"
+    );
+}
+
+/// A suspended key the owner confirms is theirs is restored by an administrator (with a
+/// reason, audited, the owner told); its alert goes; a second restore changes nothing.
+#[tokio::test]
+async fn an_admin_restores_a_suspended_key() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    let (_, target, _, cred) = with_key(&gw, "restored@example.com", "Own key").await;
+    gw.state
+        .durable
+        .suspend_webauthn_credential(&cred.id, "sign_in_reported", 1)
+        .await
+        .unwrap();
+    let home = gw.page(&c, "/_portcullis/admin").await;
+    assert!(
+        home.contains("suspended by a report") && home.contains("Own key"),
+        "{home}"
+    );
+    let user_page = format!("/_portcullis/admin/users/{}", target.id);
+    let html = gw.page(&c, &user_page).await;
+    let restore = format!("{user_page}/keys/{}/restore", cred.id);
+    assert!(html.contains(&restore), "{html}");
+    let csrf = gw.csrf(&c, &user_page).await;
+    let post = |reason: &'static str| {
+        c.post(gw.url(&restore))
+            .form(&[("csrf", csrf.as_str()), ("reason", reason)])
+            .send()
+    };
+    assert_eq!(
+        post("").await.unwrap().status(),
+        400,
+        "a reason is required"
+    );
+    let r = post("owner showed the key").await.unwrap();
+    assert!(
+        location(&r).ends_with("notice=key_restored"),
+        "{}",
+        location(&r)
+    );
+    let now = gw
+        .state
+        .durable
+        .webauthn_credentials(&target.id)
+        .await
+        .unwrap();
+    assert!(!now[0].is_suspended());
+    assert!(!gw.page(&c, "/_portcullis/admin").await.contains("Own key"));
+    let restored = |events: &[portcullis::store::AuditEvent]| {
+        events
+            .iter()
+            .filter(|e| e.event == "webauthn_restored" && e.actor.as_deref() == Some(ROOT))
+            .count()
+    };
+    assert_eq!(restored(&gw.audit().await), 1);
+    let told = mail_to(&gw, "restored@example.com").await;
+    assert!(
+        told.contains("restored your security key \"Own key\""),
+        "{told}"
+    );
+    let mails = gw.outbox().await.len();
+    let r = post("again").await.unwrap();
+    assert!(location(&r).ends_with("notice=key_restored"));
+    assert_eq!(
+        restored(&gw.audit().await),
+        1,
+        "nothing changed, nothing recorded"
+    );
+    assert_eq!(gw.outbox().await.len(), mails);
+    // Another user's key, or none: not found.
+    let other = format!("/_portcullis/admin/users/{}/keys/nope/restore", target.id);
+    let r = c
+        .post(gw.url(&other))
+        .form(&[("csrf", csrf.as_str()), ("reason", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 }
 
 /// `user list` names every kind of second factor a user has, keys included.

@@ -39,11 +39,16 @@ pub async fn home_get(
     let mut alerts = Vec::new();
     for c in d.suspended_webauthn_credentials().await? {
         let what = match c.suspended_reason.as_deref() {
-            Some("possible_clone") => "Possibly cloned security key (its counter went backwards)",
-            Some("sign_in_reported") => {
-                "Security key added after a sign-in the owner reported as not theirs"
+            Some("possible_clone") => {
+                "Possibly cloned security key (its counter went backwards)".to_string()
             }
-            _ => "Suspended security key",
+            Some("sign_in_reported") => format!(
+                "Security key suspended by a report (added {}: at most 15 minutes before, or \
+                 after, a sign-in the owner reported as not theirs; restore it if it is the \
+                 owner's)",
+                when(c.created_at)
+            ),
+            _ => "Suspended security key".to_string(),
         };
         let email = match emails.get(&c.user_id) {
             Some(e) => e.clone(),

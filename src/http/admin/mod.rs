@@ -90,6 +90,11 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         ),
         (
             Method::POST,
+            "/_portcullis/admin/users/{id}/keys/{key}/restore",
+            post(users::restore_key_post),
+        ),
+        (
+            Method::POST,
             "/_portcullis/admin/users/{id}/devices/{device}/revoke",
             post(users::revoke_device_post),
         ),

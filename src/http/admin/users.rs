@@ -49,7 +49,13 @@ fn notice_text(code: &str) -> Option<&'static str> {
         }
         "sessions_ended" => "The sessions have ended.",
         "session_ended" => "The session has ended.",
-        "key_removed" => "The key was revoked.",
+        "key_removed" => "The key was revoked and the account's sessions ended.",
+        "key_removed_own" => "The key was revoked.",
+        "key_removed_no_factor" => {
+            "The key was revoked and the account's sessions ended. The account has no second \
+             factor left: issue an enrolment link below and give it to the user."
+        }
+        "key_restored" => "The key is no longer suspended: it signs in again.",
         "key_added" => "The key was enrolled.",
         "device_revoked" => "The device was revoked and its sessions ended.",
         _ => return None,
@@ -615,6 +621,18 @@ pub async fn end_session_post(
     Ok(done(&user, "session_ended"))
 }
 
+/// The user's key `key`; 404 when they have none such.
+async fn key_of(
+    state: &AppState,
+    user: &User,
+    key: &str,
+) -> Result<crate::store::WebauthnCredential, AppError> {
+    let keys = state.durable.webauthn_credentials(&user.id).await?;
+    keys.into_iter()
+        .find(|c| c.id == key)
+        .ok_or_else(AppError::not_found)
+}
+
 /// `POST …/users/{id}/keys/{key}/remove`: revokes a security key or passkey.
 pub async fn remove_key_post(
     State(state): State<AppState>,
@@ -627,31 +645,44 @@ pub async fn remove_key_post(
         Ok(v) => v,
         Err(page) => return Ok(page),
     };
-    // As on the account page: the last second factor stays. Without one, the password alone
-    // would start a sign-in that enrols a new factor; a lost last key is what "Reset second
-    // factors" is for (it ends every session and tells the owner).
-    match crate::http::account::remove_key_keeping_a_factor(&state, &user, &key).await? {
-        KeyRemoval::Removed => {}
-        KeyRemoval::NotFound => return Err(AppError::not_found()),
-        KeyRemoval::LastFactor => {
-            let ev = AuditEvent::new("webauthn_removed", "denied", state.clock.now())
-                .actor(&admin.user.email)
-                .client(&admin.client.ip, &admin.client.user_agent)
-                .user(&user)
-                .reason(&format!("last_factor (key {key})"));
-            state.audit.record(ev).await;
-            let view = View {
-                error: Some(
-                    "This is the account's only second factor, so it stays: without it the \
-                     password alone would start a sign-in. If the key is lost, use Reset second \
-                     factors.",
-                ),
-                status: Some(StatusCode::CONFLICT),
-                ..View::default()
-            };
-            return user_page(&state, &admin, &headers, &user, view).await;
-        }
-    }
+    let name = key_of(&state, &user, &key).await?.name;
+    // As on the account page: the last usable second factor stays. Without one, the password
+    // alone would start a sign-in that enrols a new factor; a lost last key is what "Reset
+    // second factors" is for (it ends every session and tells the owner). A suspended key
+    // signs nobody in and always goes: then an account left without a factor enrols through
+    // a link.
+    let notice =
+        match crate::http::account::remove_key_keeping_a_factor(&state, &user, &key).await? {
+            KeyRemoval::Removed => "key_removed",
+            KeyRemoval::RemovedLastFactor => "key_removed_no_factor",
+            KeyRemoval::NotFound => return Err(AppError::not_found()),
+            KeyRemoval::LastFactor => {
+                let ev = AuditEvent::new("webauthn_removed", "denied", state.clock.now())
+                    .actor(&admin.user.email)
+                    .client(&admin.client.ip, &admin.client.user_agent)
+                    .user(&user)
+                    .reason(&format!("last_factor (key {key})"));
+                state.audit.record(ev).await;
+                let view = View {
+                    error: Some(
+                        "This is the account's only usable second factor, so it stays: without it \
+                     the password alone would start a sign-in. If the key is lost, use Reset \
+                     second factors.",
+                    ),
+                    status: Some(StatusCode::CONFLICT),
+                    ..View::default()
+                };
+                return user_page(&state, &admin, &headers, &user, view).await;
+            }
+        };
+    // A key an administrator revokes may be in other hands (lost, or an intruder's): the
+    // sessions it may have proved end with it (an administrator's own stay).
+    let notice = if user.id == admin.user.id {
+        "key_removed_own"
+    } else {
+        end_all(&state, &user).await?;
+        notice
+    };
     record(
         &state,
         &admin,
@@ -662,9 +693,62 @@ pub async fn remove_key_post(
     .await;
     state
         .notifier
-        .admin_change(&user, "an administrator removed one of your security keys")
+        .admin_change(
+            &user,
+            &format!(
+                "an administrator removed your security key \"{name}\"{}",
+                match notice {
+                    "key_removed_own" => "",
+                    _ => " and ended the account's sessions",
+                }
+            ),
+        )
         .await;
-    Ok(done(&user, "key_removed"))
+    Ok(done(&user, notice))
+}
+
+/// `POST …/users/{id}/keys/{key}/restore`: lifts a key's suspension (by a report or a
+/// possible clone) once the administrator has found it to be the owner's.
+pub async fn restore_key_post(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+    Path((id, key)): Path<(String, String)>,
+    Form(form): Form<ReasonForm>,
+) -> Result<Response, AppError> {
+    let (user, why) = match acting(&state, &admin, &headers, &id, &form, false).await? {
+        Ok(v) => v,
+        Err(page) => return Ok(page),
+    };
+    let found = key_of(&state, &user, &key).await?;
+    // Not suspended (any more): nothing changes, nothing is recorded or told again.
+    if !state
+        .durable
+        .restore_webauthn_credential(&user.id, &key)
+        .await?
+    {
+        return Ok(done(&user, "key_restored"));
+    }
+    let was = found.suspended_reason.unwrap_or_default();
+    record(
+        &state,
+        &admin,
+        "webauthn_restored",
+        Some(&user),
+        &format!("{why} (key {key}, suspended: {was})"),
+    )
+    .await;
+    state
+        .notifier
+        .admin_change(
+            &user,
+            &format!(
+                "an administrator restored your security key \"{}\", which had been suspended",
+                found.name
+            ),
+        )
+        .await;
+    Ok(done(&user, "key_restored"))
 }
 
 /// `POST …/users/{id}/devices/{device}/revoke`: the device's sessions end; it must be

@@ -32,6 +32,7 @@ pub(super) async fn webauthn(s: &Arc<dyn DurableStore>, tag: &str) {
     suspension(s, tag).await;
     rename_and_remove_are_owner_scoped(s, tag).await;
     the_last_factor_stays(s, tag).await;
+    a_suspended_key_is_removed_or_restored(s, tag).await;
     removals_at_once_leave_a_factor(s, tag).await;
 }
 
@@ -186,7 +187,7 @@ async fn rename_and_remove_are_owner_scoped(s: &Arc<dyn DurableStore>, tag: &str
         .await
         .unwrap();
     assert_eq!(
-        s.remove_webauthn_credential(&mallory.id, &c.id, true)
+        s.remove_webauthn_credential(&mallory.id, &c.id, true, 70)
             .await
             .unwrap(),
         KeyRemoval::NotFound
@@ -201,7 +202,7 @@ async fn rename_and_remove_are_owner_scoped(s: &Arc<dyn DurableStore>, tag: &str
         .unwrap()
         .unwrap();
     assert_eq!(got.name, "Blue key 'quoted' <b>");
-    let remove = || s.remove_webauthn_credential(&u.id, &c.id, true);
+    let remove = || s.remove_webauthn_credential(&u.id, &c.id, true, 70);
     assert_eq!(remove().await.unwrap(), KeyRemoval::Removed);
     assert_eq!(remove().await.unwrap(), KeyRemoval::NotFound);
     assert_eq!(s.webauthn_credential(&c.credential_id).await.unwrap(), None);
@@ -217,7 +218,7 @@ async fn the_last_factor_stays(s: &Arc<dyn DurableStore>, tag: &str) {
         let s = s.clone();
         let user = u.id.clone();
         async move {
-            s.remove_webauthn_credential(&user, &id, codes_count)
+            s.remove_webauthn_credential(&user, &id, codes_count, 70)
                 .await
                 .unwrap()
         }
@@ -249,6 +250,62 @@ async fn the_last_factor_stays(s: &Arc<dyn DurableStore>, tag: &str) {
     });
 }
 
+/// A suspended key signs nobody in: it is removed even where no other factor is left, and the
+/// account then enrols only through a link (its factors count as reset). An administrator may
+/// instead lift the suspension, of that user's suspended key only.
+async fn a_suspended_key_is_removed_or_restored(s: &Arc<dyn DurableStore>, tag: &str) {
+    let u = create(s, &format!("wa-susp-rm.{tag}@example.com")).await;
+    let mallory = create(s, &format!("wa-susp-rm-m.{tag}@example.com")).await;
+    let (a, b) = (cred(&u.id, tag, 31), cred(&u.id, tag, 32));
+    for k in [&a, &b] {
+        s.add_webauthn_credential(k).await.unwrap();
+        s.suspend_webauthn_credential(&k.id, "sign_in_reported", 50)
+            .await
+            .unwrap();
+    }
+    assert!(!s
+        .restore_webauthn_credential(&mallory.id, &a.id)
+        .await
+        .unwrap());
+    assert!(s.restore_webauthn_credential(&u.id, &a.id).await.unwrap());
+    assert!(
+        !s.restore_webauthn_credential(&u.id, &a.id).await.unwrap(),
+        "not suspended"
+    );
+    let got = s
+        .webauthn_credential(&a.credential_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.suspended_at, got.suspended_reason), (None, None));
+    // The restored key is a factor again: the suspended one goes, the account keeps its state.
+    assert_eq!(
+        s.remove_webauthn_credential(&u.id, &b.id, false, 70)
+            .await
+            .unwrap(),
+        KeyRemoval::Removed
+    );
+    assert_eq!(
+        s.user_by_id(&u.id).await.unwrap().unwrap().factors_reset_at,
+        None
+    );
+    // Suspended again, and the last key: removed, and the account enrols through a link.
+    s.suspend_webauthn_credential(&a.id, "possible_clone", 80)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.remove_webauthn_credential(&u.id, &a.id, true, 90)
+            .await
+            .unwrap(),
+        KeyRemoval::RemovedLastFactor
+    );
+    assert!(s.webauthn_credentials(&u.id).await.unwrap().is_empty());
+    assert_eq!(
+        s.user_by_id(&u.id).await.unwrap().unwrap().factors_reset_at,
+        Some(90)
+    );
+}
+
 /// Two keys removed at the same moment (the owner and an administrator): one removal wins,
 /// the other finds the last factor and is refused, however the two interleave.
 async fn removals_at_once_leave_a_factor(s: &Arc<dyn DurableStore>, tag: &str) {
@@ -268,7 +325,7 @@ async fn removals_at_once_leave_a_factor(s: &Arc<dyn DurableStore>, tag: &str) {
                 let (s, b, user, id) = (s.clone(), barrier.clone(), u.id.clone(), k.id.clone());
                 tokio::spawn(async move {
                     b.wait().await;
-                    s.remove_webauthn_credential(&user, &id, true)
+                    s.remove_webauthn_credential(&user, &id, true, 70)
                         .await
                         .unwrap()
                 })
