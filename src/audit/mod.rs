@@ -403,6 +403,7 @@ async fn sleep_until(end: Option<tokio::time::Instant>) {
 /// Writes `batch` and empties it. A database outage must not drop events: retries with
 /// back-off until written.
 async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
+    name_users(durable, batch).await;
     let mut delay = Duration::from_millis(100);
     while !batch.is_empty() {
         match durable.append_audit(batch).await {
@@ -412,6 +413,31 @@ async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// Fills in the address and account of events recorded with a user id alone (where the
+/// request path had the session, not the user: a bound cookie used elsewhere, a session of a
+/// disabled user refused), so that filters by address or account find them. Here, off the
+/// request path; an event whose user cannot be read now is written as it is.
+async fn name_users(durable: &dyn DurableStore, batch: &mut [AuditEvent]) {
+    let mut known: std::collections::HashMap<String, Option<(String, String)>> =
+        std::collections::HashMap::new();
+    for e in batch.iter_mut() {
+        let Some(id) = e.user_id.as_deref() else {
+            continue;
+        };
+        if e.email.is_some() && e.account_id.is_some() {
+            continue;
+        }
+        if !known.contains_key(id) {
+            let found = durable.user_by_id(id).await.ok().flatten();
+            known.insert(id.to_string(), found.map(|u| (u.email, u.account_id)));
+        }
+        if let Some(Some((email, account))) = known.get(id) {
+            e.email.get_or_insert_with(|| email.clone());
+            e.account_id.get_or_insert_with(|| account.clone());
         }
     }
 }
@@ -529,6 +555,50 @@ mod tests {
         ] {
             assert_eq!(event().email(typed).email, None, "{typed:?}");
         }
+    }
+
+    /// An event recorded with a user id alone is written with the user's address and account,
+    /// so filters by either find it; one whose user is unknown is written as it came.
+    #[tokio::test]
+    async fn events_with_a_user_id_alone_are_written_with_address_and_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, audit) = started(&dir).await;
+        let user = store
+            .create_user(
+                crate::store::NewUser {
+                    email: "moved@example.com".into(),
+                    account_id: "acct-7".into(),
+                    is_admin: false,
+                    password_hash: String::new(),
+                },
+                1,
+            )
+            .await
+            .unwrap();
+        for id in [user.id.as_str(), "gone"] {
+            audit
+                .record(AuditEvent {
+                    user_id: Some(id.into()),
+                    ..AuditEvent::new("session_binding_moved", "denied", 2)
+                })
+                .await;
+        }
+        audit.flush().await;
+        let q = AuditQuery {
+            account_id: Some("acct-7".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        let found = store.query_audit(&q).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].email.as_deref(), Some("moved@example.com"));
+        let q = AuditQuery {
+            user_id: Some("gone".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        let found = store.query_audit(&q).await.unwrap();
+        assert_eq!((found.len(), found[0].email.as_deref()), (1, None));
     }
 
     #[tokio::test]
