@@ -342,18 +342,29 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
     );
     let customer_link = link_path(&gw.page(&c, &shown).await);
     assert_eq!(link_path(&gw.page(&c, &shown).await), customer_link);
-    // Creating the same email again is refused with a message.
-    let r = c
-        .post(gw.url("/_portcullis/admin/users"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("email", "new@example.com"),
-            ("account", "acct-9"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    // Creating the same email again is refused with a message: a conflict (409), on the page
+    // and as JSON.
+    for accept in ["text/html", "application/json"] {
+        let r = c
+            .post(gw.url("/_portcullis/admin/users"))
+            .header("accept", accept)
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("email", "new@example.com"),
+                ("account", "acct-9"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 409);
+        let body = r.text().await.unwrap();
+        assert!(body.contains("already exists"), "{body}");
+        assert_eq!(
+            accept == "application/json",
+            body.contains("\"conflict\""),
+            "{body}"
+        );
+    }
 
     let cust = gw.browser();
     let r = use_link(&gw, &cust, &customer_link, NEW_PASSWORD).await;
@@ -809,14 +820,16 @@ async fn account_actions_that_change_nothing_are_not_repeated() {
     let target = gw.add_user("twice@example.com").await;
     let user_page = format!("/_portcullis/admin/users/{}", target.id);
     let csrf = gw.csrf(&c, &user_page).await;
-    for action in [
-        "disable",
-        "disable",
-        "enable",
-        "enable",
-        "unlock",
-        "sessions/end",
-        "sessions/end",
+    // The page says what happened, nothing when nothing did.
+    for (action, notice) in [
+        ("disable", "disabled"),
+        ("disable", "disabled"),
+        ("enable", "enabled"),
+        ("enable", "enabled"),
+        ("unlock", "not_locked"),
+        ("sessions/end", "no_sessions"),
+        ("sessions/end", "no_sessions"),
+        ("sessions/no-such-session/end", "session_gone"),
     ] {
         let r = c
             .post(gw.url(&format!("{user_page}/{action}")))
@@ -825,7 +838,13 @@ async fn account_actions_that_change_nothing_are_not_repeated() {
             .await
             .unwrap();
         assert_eq!(r.status(), 303, "{action}");
+        let to = location(&r);
+        assert!(to.ends_with(&format!("notice={notice}")), "{action}: {to}");
     }
+    let page = gw
+        .page(&c, &format!("{user_page}?notice=no_sessions"))
+        .await;
+    assert!(page.contains("had no live session"), "{page}");
     assert!(!gw.user("twice@example.com").await.disabled);
     gw.state.audit.flush().await;
     let events: Vec<String> = gw

@@ -38,17 +38,21 @@ pub async fn home_get(
     let mut emails: std::collections::HashMap<String, String> = Default::default();
     let mut alerts = Vec::new();
     for c in d.suspended_webauthn_credentials().await? {
-        let what = match c.suspended_reason.as_deref() {
-            Some("possible_clone") => {
-                "Possibly cloned security key (its counter went backwards)".to_string()
-            }
-            Some("sign_in_reported") => format!(
-                "Security key suspended by a report (added {}: at most 15 minutes before, or \
+        let (kind, what) = match c.suspended_reason.as_deref() {
+            Some("possible_clone") => (
+                "possible_clone",
+                "Possibly cloned security key (its counter went backwards)".to_string(),
+            ),
+            Some("sign_in_reported") => (
+                "suspended",
+                format!(
+                    "Security key suspended by a report (added {}: at most 15 minutes before, or \
                  after, a sign-in the owner reported as not theirs; restore it if it is the \
                  owner's)",
-                when(c.created_at)
+                    when(c.created_at)
+                ),
             ),
-            _ => "Suspended security key".to_string(),
+            _ => ("suspended", "Suspended security key".to_string()),
         };
         let email = match emails.get(&c.user_id) {
             Some(e) => e.clone(),
@@ -63,7 +67,7 @@ pub async fn home_get(
             }
         };
         alerts.push(Alert {
-            kind: "possible_clone",
+            kind,
             text: format!("{what}: “{}”", c.name),
             email,
             user_id: c.user_id,

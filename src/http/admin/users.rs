@@ -48,6 +48,9 @@ fn notice_text(code: &str) -> Option<&'static str> {
              link. Issue one below and give it to the user."
         }
         "sessions_ended" => "The sessions have ended.",
+        "no_sessions" => "The account had no live session: nothing was ended.",
+        "session_gone" => "That session had ended already.",
+        "not_locked" => "Password sign-in was not locked: nothing changed.",
         "session_ended" => "The session has ended.",
         "key_removed" => "The key was revoked and the account's sessions ended.",
         "key_removed_own" => "The key was revoked.",
@@ -135,9 +138,10 @@ pub async fn create_post(
     let email = normalise_email(&form.email);
     let account = form.account.trim().to_string();
     let (st, ad, hd) = (&state, &admin, &headers);
-    let bad = |msg: &'static str| async move {
-        list_page(st, ad, hd, "", Some(msg), StatusCode::BAD_REQUEST).await
+    let refused = |msg: &'static str, status| async move {
+        list_page(st, ad, hd, "", Some(msg), status).await
     };
+    let bad = |msg| refused(msg, StatusCode::BAD_REQUEST);
     if !crate::policy::is_plausible_email(&email) {
         return bad("Enter the user's email address, e.g. name@example.com.").await;
     }
@@ -160,7 +164,10 @@ pub async fn create_post(
         .await;
     let user = match created {
         Ok(u) => u,
-        Err(StoreError::Conflict(_)) => return bad("A user with this email already exists.").await,
+        Err(StoreError::Conflict(_)) => {
+            let msg = "A user with this email already exists.";
+            return refused(msg, StatusCode::CONFLICT).await;
+        }
         Err(e) => return Err(e.into()),
     };
     record(&state, &admin, "user_created", Some(&user), "admin").await;
@@ -495,7 +502,7 @@ action!(
     "`POST …/users/{id}/unlock`: password sign-in works again after a report.",
     |state, admin, user, why| {
         if !user.locked {
-            return Ok(done(&user, "unlocked"));
+            return Ok(done(&user, "not_locked"));
         }
         state.durable.set_locked(&user.id, false).await?;
         state.user_gate.forget(&user.id);
@@ -576,7 +583,7 @@ pub async fn end_sessions_post(
     end_all(&state, &user).await?;
     if live.is_empty() {
         // Nothing was ended: nothing to record or tell again.
-        return Ok(done(&user, "sessions_ended"));
+        return Ok(done(&user, "no_sessions"));
     }
     record(&state, &admin, "sessions_ended", Some(&user), &why).await;
     state
@@ -603,7 +610,8 @@ pub async fn end_session_post(
         .into_iter()
         .find(|l| l.session.public_id == sid)
     else {
-        return Err(AppError::not_found());
+        // Ended meanwhile (by the user, by expiry, or by this form sent twice).
+        return Ok(done(&user, "session_gone"));
     };
     state.sessions.destroy(&found.key, &user.id).await?;
     state.signer.forget(&found.key);
