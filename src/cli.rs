@@ -748,20 +748,21 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let mut out = std::io::stdout().lock();
             for u in users {
                 let totp = durable.totp(&u.id).await?.is_some();
-                let keys = durable
-                    .webauthn_credentials(&u.id)
-                    .await?
-                    .iter()
-                    .filter(|c| !c.is_suspended())
-                    .count();
-                let factors = match (totp, keys) {
+                let all = durable.webauthn_credentials(&u.id).await?;
+                let suspended = all.iter().filter(|c| c.is_suspended()).count();
+                let keys = all.len() - suspended;
+                let mut factors = match (totp, keys) {
                     (false, 0) => "no-second-factor".to_string(),
                     (true, 0) => "totp".to_string(),
                     (false, n) => format!("keys:{n}"),
                     (true, n) => format!("totp keys:{n}"),
                 };
+                // Suspended keys sign nobody in, but wait for an administrator.
+                if suspended > 0 {
+                    factors.push_str(&format!(" suspended-keys:{suspended}"));
+                }
                 if json {
-                    let v = serde_json::json!({"id": u.id, "email": u.email, "account": u.account_id, "admin": u.is_admin, "disabled": u.disabled, "locked": u.locked, "totp": totp, "keys": keys, "created_at": rfc3339(u.created_at)});
+                    let v = serde_json::json!({"id": u.id, "email": u.email, "account": u.account_id, "admin": u.is_admin, "disabled": u.disabled, "locked": u.locked, "totp": totp, "keys": keys, "suspended_keys": suspended, "created_at": rfc3339(u.created_at)});
                     writeln!(out, "{v}").map_err(listing_write)?;
                 } else {
                     writeln!(

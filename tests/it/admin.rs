@@ -1377,6 +1377,14 @@ async fn user_list_shows_keys_as_second_factors() {
     let gw = gateway().await;
     with_key(&gw, "keyed@example.com", "Key").await;
     gw.add_user("bare@example.com").await;
+    // A suspended key is no second factor, but is shown as waiting for an administrator.
+    let (_, held, _, cred) = with_key(&gw, "held@example.com", "Held").await;
+    gw.drop_totp(&held.id).await;
+    gw.state
+        .durable
+        .suspend_webauthn_credential(&cred.id, "possible_clone", 1)
+        .await
+        .unwrap();
     let out = gw.cli(&["user", "list"], None).await;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = |email: &str| {
@@ -1388,6 +1396,10 @@ async fn user_list_shows_keys_as_second_factors() {
     assert!(line("keyed@example.com").ends_with("totp keys:1"), "{text}");
     assert!(
         line("bare@example.com").ends_with("no-second-factor"),
+        "{text}"
+    );
+    assert!(
+        line("held@example.com").ends_with("no-second-factor suspended-keys:1"),
         "{text}"
     );
     let out = gw.cli(&["user", "list", "--json"], None).await;
@@ -1402,6 +1414,14 @@ async fn user_list_shows_keys_as_second_factors() {
     assert_eq!(
         (keyed["totp"].clone(), keyed["keys"].clone()),
         (json!(true), json!(1))
+    );
+    let held = rows
+        .iter()
+        .find(|r| r["email"] == "held@example.com")
+        .unwrap();
+    assert_eq!(
+        (held["keys"].clone(), held["suspended_keys"].clone()),
+        (json!(0), json!(1))
     );
 }
 
