@@ -63,20 +63,33 @@ pub fn buckets(counts: &[AuditCount], now: i64, width: i64, n: usize) -> Vec<Buc
     out
 }
 
+/// The label of an hourly bucket: its hour (UTC), every third hour.
+pub fn hour_label(start: i64) -> Option<String> {
+    (start.rem_euclid(3 * 3600) == 0).then(|| utc(start, 11..16))
+}
+
+/// The label of a bucket of hours: the date (UTC), under the bucket that starts at midnight.
+pub fn date_label(start: i64) -> Option<String> {
+    (start.rem_euclid(24 * 3600) == 0).then(|| utc(start, 5..10))
+}
+
+fn utc(t: i64, part: std::ops::Range<usize>) -> String {
+    crate::clock::rfc3339(t)
+        .get(part)
+        .unwrap_or_default()
+        .to_string()
+}
+
 const W: f64 = 720.0;
 const H: f64 = 180.0;
 const LEFT: f64 = 40.0;
 const BOTTOM: f64 = 24.0;
 const TOP: f64 = 10.0;
 
-/// The chart as an `<svg>` element. `label` names each bucket on the x axis (every
-/// `label_every`-th bucket is labelled).
-pub fn svg(
-    title: &str,
-    buckets: &[Bucket],
-    label: impl Fn(i64) -> String,
-    label_every: usize,
-) -> String {
+/// The chart as an `<svg>` element. `label` names a bucket on the x axis by its start, or
+/// `None` for a bucket left unlabelled (a label marks where its bucket starts: a date under the
+/// bucket that starts at midnight, not under every fourth whatever hour it starts at).
+pub fn svg(title: &str, buckets: &[Bucket], label: impl Fn(i64) -> Option<String>) -> String {
     let max = buckets
         .iter()
         .map(|b| b.sign_ins.max(b.failures).max(b.denials))
@@ -124,13 +137,12 @@ pub fn svg(
                 y = base - h,
             );
         }
-        if label_every > 0 && i % label_every == 0 {
+        if let Some(l) = label(b.start) {
             let _ = write!(
                 s,
                 "<text class=\"tick\" x=\"{x:.1}\" y=\"{y}\">{l}</text>",
                 x = x0,
                 y = H - 6.0,
-                l = label(b.start),
             );
         }
     }
@@ -189,7 +201,7 @@ mod tests {
                 denials: 1,
             },
         ];
-        let s = svg("Last day", &b, |t| format!("{}h", t / 3600), 1);
+        let s = svg("Last day", &b, |t| Some(format!("{}h", t / 3600)));
         assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
         assert!(!s.contains("style") && !s.contains("script"));
         assert_eq!(s.matches("<rect").count(), 3, "zero bars are not drawn");
@@ -199,5 +211,25 @@ mod tests {
         );
         assert!(s.contains(">0h<") && s.contains(">1h<"));
         assert!(s.contains("<title>Sign-ins: 10</title>"));
+    }
+
+    /// A week of 6-hour buckets that starts at 18:00: the date stands under the bucket that
+    /// starts at that date's midnight, not under the one before it.
+    #[test]
+    fn dates_stand_under_their_midnight() {
+        let midnight = 1_796_515_200; // 2026-12-06T00:00:00Z
+        let b: Vec<Bucket> = (0..8)
+            .map(|i| Bucket {
+                start: midnight - 6 * 3600 + i * 6 * 3600,
+                ..Bucket::default()
+            })
+            .collect();
+        let labels: Vec<Option<String>> = b.iter().map(|b| date_label(b.start)).collect();
+        assert_eq!(labels[0], None, "18:00 the day before");
+        assert_eq!(labels[1].as_deref(), Some("12-06"));
+        assert_eq!(labels[5].as_deref(), Some("12-07"));
+        assert_eq!(labels.iter().flatten().count(), 2);
+        assert_eq!(hour_label(midnight + 3 * 3600).as_deref(), Some("03:00"));
+        assert_eq!(hour_label(midnight + 3600), None);
     }
 }

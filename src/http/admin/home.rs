@@ -125,20 +125,15 @@ pub async fn home_get(
     let week_width = 6 * HOUR;
     let week_counts = d.audit_counts(now - 7 * DAY, week_width).await?;
     let week = chart::buckets(&week_counts, now, week_width, 28);
-    // Labels: hours for the day, dates for the week (one per day).
-    let hour = |t: i64| when(t).get(11..16).unwrap_or_default().to_string();
-    let date = |t: i64| when(t).get(5..10).unwrap_or_default().to_string();
     let day_svg = chart::svg(
         "Sign-ins, failures and denials per hour, last 24 hours",
         &day,
-        hour,
-        3,
+        chart::hour_label,
     );
     let week_svg = chart::svg(
         "Sign-ins, failures and denials per 6 hours, last 7 days",
         &week,
-        date,
-        4,
+        chart::date_label,
     );
     let (_, set) = super::csrf(&state, &headers);
     let page = pages::Home {
