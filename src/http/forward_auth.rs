@@ -121,6 +121,21 @@ fn original(
     })
 }
 
+/// Where a proof (device, step-up) returns to: the original URI for a page (`GET`/`HEAD`),
+/// else the page the form was on (`Referer`, same origin only), as in proxy mode.
+fn pages(
+    state: &AppState,
+    orig: &Original,
+    headers: &HeaderMap,
+) -> (Option<String>, Option<String>) {
+    let next = return_target(state, &orig.method, &orig.target);
+    let back = match next {
+        Some(_) => None,
+        None => super::gate::referring_page(state, headers),
+    };
+    (next, back)
+}
+
 /// Logs a warning about the asking proxy's configuration, at most once a minute (every check
 /// of a misconfigured proxy would repeat it).
 fn misconfigured(last_at: &AtomicU64, what: std::fmt::Arguments<'_>) {
@@ -229,7 +244,7 @@ async fn check(
             Ok((ForwardAuth::Allowed, r))
         }
         Decision::Unbound(why) => {
-            let next = return_target(state, &orig.method, &orig.target);
+            let (next, back) = pages(state, &orig, headers);
             let bind = state
                 .config
                 .server
@@ -241,14 +256,15 @@ async fn check(
                 why,
                 wants_html(headers),
                 bind.as_str(),
-                (next.as_deref(), None),
+                (next.as_deref(), back.as_deref()),
             );
             // As for sign-in below: a 401 names the device-proof page in `Location` too, so a
             // proxy that turns 401 into its own redirect (nginx) sends the browser there.
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
             } else if r.status() == StatusCode::UNAUTHORIZED {
-                if let Some(to) = page_with_next(bind.as_str(), next.as_deref()) {
+                if let Some(to) = page_with_next(bind.as_str(), next.as_deref().or(back.as_deref()))
+                {
                     r.headers_mut().insert(header::LOCATION, to);
                 }
             }
@@ -256,18 +272,19 @@ async fn check(
         }
         Decision::StepUp { key, reason } => {
             state.metrics.step_up(reason);
-            let next = return_target(state, &orig.method, &orig.target);
+            let (next, back) = pages(state, &orig, headers);
             let mut r = super::gate::step_up_refusal(
                 wants_html(headers),
-                (next.as_deref(), None),
+                (next.as_deref(), back.as_deref()),
                 (key, reason),
                 StatusCode::UNAUTHORIZED,
             );
+            let after = next.as_deref().or(back.as_deref()).unwrap_or("/");
             let reauth = state
                 .config
                 .server
                 .public_url
-                .join(&super::reauth::url(next.as_deref().unwrap_or("/"), key))
+                .join(&super::reauth::url(after, key))
                 .map_err(|e| AppError::internal(&e))?;
             let location = HeaderValue::from_str(reauth.as_str()).ok();
             // As for sign-in: a 302 for a browser's navigation (also where its address was no

@@ -155,6 +155,31 @@ async fn sensitive_actions_need_a_recent_proof() {
         );
     }
 
+    // A form held back comes back to the page it was on (its same-origin `Referer`), as in
+    // proxy mode: the step-up page returns there, not to the start.
+    let referer = gw.url("/campaigns/7?tab=review");
+    for accept in ["text/html", "application/json"] {
+        let r = auth(
+            &gw,
+            &[
+                ("Cookie", &cookie),
+                ("X-Forwarded-Method", "POST"),
+                ("X-Forwarded-Uri", "/campaigns/7/send"),
+                ("Referer", &referer),
+                ("Accept", accept),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 401, "{accept}: {}", r.head);
+        assert!(
+            r.header("location")
+                .unwrap_or_default()
+                .ends_with("/_portcullis/reauth?next=%2Fcampaigns%2F7%3Ftab%3Dreview"),
+            "{accept}: {}",
+            r.head
+        );
+    }
+
     // A target with control characters, or a method that is none, is refused, never taken for
     // `/` or the request's own method.
     for (method, uri) in [
