@@ -487,6 +487,19 @@ pub(crate) async fn register(
     key: BoundKey,
     client: &Client,
 ) -> Result<Option<String>, AppError> {
+    // The first key comes from the browser that signed in: a copy of its cookie jar, used
+    // elsewhere before that browser bound, must not bind the session (and with it a
+    // remembered browser) to the copier's key.
+    if loaded.session.binding.is_none() && !super::login::same_client(&loaded.session, client) {
+        failure(
+            state,
+            loaded.record(),
+            client,
+            "registration_from_elsewhere",
+        )
+        .await?;
+        return Err(proof_failed());
+    }
     if loaded.session.binding.is_some()
         || !binding::claim(
             state.ephemeral.as_ref(),

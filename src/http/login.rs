@@ -3,7 +3,7 @@
 
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::{wants_html, AppError};
@@ -607,18 +607,26 @@ pub(super) async fn complete_sign_in(
     Ok(cookies)
 }
 
-/// Whether a pending sign-in goes on from another network (/24, /64) than the step before it
-/// came from. Such a sign-in is ended (audited `sign_in_moved`): a sign-in is scored where its
-/// password was given (`risk`), so its second factor must come from there too, or a thief with
-/// the password and a phished code could give the password near the owner and the code from
-/// anywhere.
+/// Whether `client` is the one a session began with: the same network (/24, /64) and the
+/// same browser (`User-Agent`). A copied cookie jar used elsewhere is not.
+pub(crate) fn same_client(session: &crate::session::Session, client: &Client) -> bool {
+    use crate::auth::flow::network_of;
+    client.user_agent == session.user_agent && network_of(&client.ip) == network_of(&session.ip)
+}
+
+/// Whether a pending sign-in goes on from another network (/24, /64) or another browser than
+/// the step before it came from. Such a sign-in is ended (audited `sign_in_moved`): a sign-in
+/// is scored where its password was given (`risk`), so its second factor must come from there
+/// too, or a thief with the password and a phished code could give the password near the owner
+/// and the code from anywhere; and a cookie jar copied mid-enrolment would read the new
+/// authenticator key and recovery codes, or register a key of its own.
 pub(super) async fn moved_mid_sign_in(
     state: &AppState,
     loaded: &Loaded,
     client: &Client,
 ) -> Result<bool, AppError> {
     use crate::auth::flow::network_of;
-    if network_of(&client.ip) == network_of(&loaded.session.ip) {
+    if same_client(&loaded.session, client) {
         return Ok(false);
     }
     state
@@ -634,6 +642,62 @@ pub(super) async fn moved_mid_sign_in(
     };
     state.audit.record(ev).await;
     Ok(true)
+}
+
+/// The pages of a sign-in under way (second factor, enrolment, recovery codes, a remembered
+/// browser's proof, key ceremonies): each checks that it is asked by the client the sign-in
+/// began with ([`moved_mid_sign_in`]).
+const SIGN_IN_STEPS: &[&str] = &[
+    "/_portcullis/mfa",
+    "/_portcullis/enrol/",
+    "/_portcullis/recovery-codes",
+    "/_portcullis/remembered",
+    "/_portcullis/webauthn/register/",
+    "/_portcullis/webauthn/authenticate/",
+];
+
+/// Middleware: a request for a step of a sign-in under way from another network or browser
+/// than the sign-in began with ends that sign-in; a browser is sent to sign in again, an API
+/// client gets `401 sign_in_moved`. Complete sessions and other pages pass untouched.
+pub async fn guard_sign_in_steps(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !SIGN_IN_STEPS
+        .iter()
+        .any(|p| req.uri().path().starts_with(p))
+    {
+        return next.run(req).await;
+    }
+    let headers = req.headers().clone();
+    let moved = async {
+        let Some(loaded) = current_session(&state, &headers).await? else {
+            return Ok(false);
+        };
+        if loaded.session.is_authenticated() {
+            return Ok(false);
+        }
+        let client = super::client(&state, peer, &headers);
+        moved_mid_sign_in(&state, &loaded, &client).await
+    }
+    .await;
+    match moved {
+        Ok(false) => next.run(req).await,
+        Ok(true) if wants_html(&headers) => restart(&state, "moved"),
+        Ok(true) => {
+            let body = serde_json::json!({
+                "error": "sign_in_moved",
+                "message": "This sign-in went on from another network or browser than it began \
+                            on, so it was ended. Sign in again.",
+                "login": "/_portcullis/login?notice=moved",
+            });
+            let answer = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+            with_cookies(answer, [state.sessions.clear_cookie()])
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `POST /_portcullis/mfa`.

@@ -170,6 +170,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             binding::guard_session_pages,
         ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            login::guard_sign_in_steps,
+        ))
         .layer(DefaultBodyLimit::max(form_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),

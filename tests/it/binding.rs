@@ -1133,3 +1133,37 @@ async fn a_planted_bound_cookie_is_no_failed_proof() {
     .await;
     assert_eq!(r.status, 403, "{}", r.head);
 }
+
+/// A cookie jar copied between the sign-in and the first device proof cannot bind the session
+/// to the copier's key from another network or another browser (which would also make the
+/// copier's browser the remembered one): refused as a failed proof, and the browser that
+/// signed in binds as before.
+#[tokio::test]
+async fn the_first_key_comes_from_the_browser_that_signed_in() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("first-key@example.com").await;
+    for copy in [
+        gw.copied_jar(&b, Some("127.0.2.60"), None),
+        gw.copied_jar(&b, None, Some("Thief/1")),
+    ] {
+        let thief = Device::new();
+        let ch = webcrypto_challenge(&gw, &copy).await;
+        assert_eq!(ch["purpose"], "register");
+        let proof = thief.proof(ch["challenge"].as_str().unwrap(), true);
+        let r = bind_api(&gw, &copy, "register", json!({ "proof": proof })).await;
+        assert_eq!(r.status(), 403);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "device_proof_failed");
+    }
+    assert_eq!(
+        events(&gw, "session_binding_failed")
+            .await
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("registration_from_elsewhere"))
+            .count(),
+        2
+    );
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+}

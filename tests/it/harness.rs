@@ -326,16 +326,30 @@ impl Gateway {
     /// The same browser (its cookie jar, its headers) connecting from another loopback address,
     /// as a laptop does on another network.
     pub fn browser_moved_to(&self, b: &Browser, address: &str) -> Browser {
+        self.copied_jar(b, Some(address), None)
+    }
+
+    /// A client with `b`'s cookie jar, connecting from `address` (loopback by default) and
+    /// naming itself `user_agent` (reqwest's own by default): a copy of the jar in another
+    /// browser, or on another network.
+    pub fn copied_jar(
+        &self,
+        b: &Browser,
+        address: Option<&str>,
+        user_agent: Option<&str>,
+    ) -> Browser {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("accept", "text/html,application/xhtml+xml".parse().unwrap());
+        let mut builder = reqwest::Client::builder()
+            .cookie_provider(b.jar.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .default_headers(h)
+            .local_address(address.map(|a| a.parse().unwrap()));
+        if let Some(agent) = user_agent {
+            builder = builder.user_agent(agent);
+        }
         Browser {
-            client: reqwest::Client::builder()
-                .cookie_provider(b.jar.clone())
-                .redirect(reqwest::redirect::Policy::none())
-                .default_headers(h)
-                .local_address(Some(address.parse().unwrap()))
-                .build()
-                .unwrap(),
+            client: builder.build().unwrap(),
             jar: b.jar.clone(),
             base: self.base.parse().unwrap(),
         }

@@ -540,15 +540,30 @@ async fn a_sign_in_cannot_move_to_another_network_between_its_steps() {
     let near = gw.browser_moved_to(&gw.browser(), "127.0.0.77");
     let r = gw.password(&near, email, PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/mfa");
+    // The code sent from elsewhere (its form fetched where the sign-in began) ends the sign-in.
+    let csrf = gw.csrf(&near, "/_portcullis/mfa").await;
     let far = gw.browser_moved_to(&near, "127.0.2.77");
-    let r = gw
-        .code(&far, "/_portcullis/mfa", &gw.totp_now(&secret))
-        .await;
+    let r = far
+        .post(gw.url("/_portcullis/mfa"))
+        .header("accept", "text/html")
+        .form(&[("code", gw.totp_now(&secret)), ("csrf", csrf)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(location(&r), "/_portcullis/login?notice=moved");
     assert_eq!(gw.status(&far, "/campaigns").await, 303);
     let moved = events(&gw, "sign_in_moved").await;
     assert_eq!(moved.len(), 1);
     assert_eq!(moved[0].ip.as_deref(), Some("127.0.2.77"));
+    // So does the mere page of the step, asked from elsewhere.
+    let r = gw.password(&near, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let far = gw.browser_moved_to(&near, "127.0.2.77");
+    assert_eq!(
+        location(&gw.get(&far, "/_portcullis/mfa").await),
+        "/_portcullis/login?notice=moved"
+    );
+    assert_eq!(events(&gw, "sign_in_moved").await.len(), 2);
     // The same network is no move: the owner's sign-in goes on.
     gw.sign_in_on(&near, email, &secret).await;
     assert_eq!(gw.status(&near, "/campaigns").await, 200);
@@ -560,6 +575,87 @@ async fn a_sign_in_cannot_move_to_another_network_between_its_steps() {
     let r = gw.password(&near_again, email, PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/login?notice=moved");
     assert_eq!(gw.status(&near_again, "/campaigns").await, 303);
+}
+
+/// A cookie jar copied while its user sets up a second factor (the app's key on the page, the
+/// recovery codes after it) reads nothing and sets up nothing from another network or another
+/// browser: the enrolment ends (`sign_in_moved`), and its owner starts again.
+#[tokio::test]
+async fn a_jar_copied_mid_enrolment_reads_and_sets_up_nothing() {
+    let gw = Gateway::start().await;
+    let email = "enrolling@example.com";
+    gw.add_user(email).await;
+    // From another network, then from another browser on the same one.
+    for round in 0..2 {
+        // The owner's enrolment under way: the app's key on the page.
+        let c = gw.browser();
+        let r = gw.password(&c, email, PASSWORD, "").await;
+        assert_eq!(location(&r), "/_portcullis/enrol/totp");
+        let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+        let secret = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+        let copy = match round {
+            0 => gw.browser_moved_to(&c, "127.0.2.50"),
+            _ => gw.copied_jar(&c, None, Some("Thief/9")),
+        };
+        let r = gw.get(&copy, "/_portcullis/enrol/totp").await;
+        assert_eq!(
+            location(&r),
+            "/_portcullis/login?notice=moved",
+            "round {round}"
+        );
+        assert!(!r.text().await.unwrap().contains(&secret));
+        // The enrolment is gone: nothing can be set up in it any more.
+        let r = gw.get(&c, "/_portcullis/enrol/totp").await;
+        assert_eq!(location(&r), "/_portcullis/login?notice=expired");
+    }
+    assert_eq!(events(&gw, "sign_in_moved").await.len(), 2);
+
+    // The recovery codes, shown once after the app is set up: not to a copy either.
+    let c = gw.browser();
+    let (secret, _) = gw.enrol_totp(&c, email).await;
+    let copy = gw.copied_jar(&c, Some("127.0.3.50"), None);
+    let r = gw.get(&copy, "/_portcullis/recovery-codes").await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=moved");
+    // The owner, from where they began, signs in again with the app they set up.
+    let c = gw.browser();
+    gw.sign_in_on(&c, email, &secret).await;
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    // A key ceremony of a sign-in under way, from a copy: 401 JSON naming the sign-in.
+    gw.clock.advance(60);
+    let c = gw.browser();
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let csrf = gw.csrf(&c, "/_portcullis/mfa").await;
+    let copy = gw.copied_jar(&c, None, Some("Thief/9"));
+    moved_api_step(
+        &gw,
+        &copy,
+        "/_portcullis/webauthn/authenticate/start",
+        &csrf,
+    )
+    .await;
+}
+
+/// A step of a sign-in under way asked by an API client (a page's script) from elsewhere:
+/// `401 sign_in_moved`, naming the sign-in page.
+async fn moved_api_step(gw: &Gateway, from: &Browser, path: &str, csrf: &str) {
+    let r = from
+        .post(gw.url(path))
+        .header("x-csrf-token", csrf)
+        .header("accept", "application/json")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "{path}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["error"].as_str(), v["login"].as_str()),
+        (
+            Some("sign_in_moved"),
+            Some("/_portcullis/login?notice=moved")
+        )
+    );
 }
 
 /// A held session of an account with a security key is lifted only by the key, as a high-risk
@@ -634,10 +730,10 @@ async fn a_remembered_browsers_proof_cannot_move_to_another_network() {
     gw.clock.advance(60);
     let r = gw.password(&b, super::remember::EMAIL, PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/remembered");
+    // The proof (the page's script, an API client) from elsewhere: 401, naming the sign-in.
+    let csrf = gw.csrf(&b, "/_portcullis/remembered").await;
     let far = gw.browser_moved_to(&b, "127.0.2.9");
-    let r = super::remember::prove(&gw, &far, &dev).await;
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["redirect"], "/_portcullis/login?notice=moved");
+    moved_api_step(&gw, &far, "/_portcullis/remembered/challenge", &csrf).await;
     assert_eq!(gw.status(&far, "/inbox").await, 303);
     assert_eq!(events(&gw, "sign_in_moved").await.len(), 1);
 }
