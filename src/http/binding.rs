@@ -131,6 +131,35 @@ fn context_of_client(state: &AppState, client: &Client) -> [u8; binding::CONTEXT
     binding::device_context(&state.master_key, ip, &client.user_agent)
 }
 
+/// Until when (Unix milliseconds) the request's valid bound cookie for `session` lasts: `None`
+/// without one (binding off, or no valid cookie). A WebSocket opened with it closes then, as a
+/// copy of the cookie stops working then: the page that holds the key reconnects with a fresh
+/// one.
+pub(crate) fn bound_until(
+    state: &AppState,
+    session: &Session,
+    headers: &HeaderMap,
+    context: &[u8; binding::CONTEXT_LEN],
+) -> Option<i64> {
+    let key = session.binding.as_ref()?;
+    let now = state.clock.now_millis();
+    super::cookie_values(headers, cookie_name(state))
+        .take(super::gate::SESSION_COOKIES_TRIED)
+        .filter(|v| {
+            let verdict = binding::check_bound_cookie(
+                &state.master_key,
+                Some(v),
+                &session.public_id,
+                &key.thumbprint,
+                now,
+                context,
+            );
+            matches!(verdict, CookieCheck::Valid)
+        })
+        .filter_map(|v| v.split('.').next()?.parse::<i64>().ok())
+        .max()
+}
+
 /// The gate's check of a complete session asked from `context` (see [`context_of`]): `None`
 /// when its bound cookie is valid and was issued to this network and browser. `client` is
 /// asked for only when something is recorded, so a valid proof builds nothing.

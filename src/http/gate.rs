@@ -402,9 +402,15 @@ const TUNNEL_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// For a WebSocket tunnel: completes once the session it was opened under is over (ended,
 /// expired, its user disabled or its sessions voided), checked every [`TUNNEL_RECHECK`] through
-/// the same cache as the gate. Storage trouble ends it too (fail closed; the client reconnects
-/// through the gate).
-fn session_watch(state: &AppState, opened_under: Cached) -> crate::proxy::Watch {
+/// the same cache as the gate, or once the bound cookie it was opened with runs out
+/// (`bound_until`, Unix milliseconds: a copied cookie reaches no further through a tunnel than
+/// through requests). Storage trouble ends it too (fail closed; the client reconnects through
+/// the gate).
+fn session_watch(
+    state: &AppState,
+    opened_under: Cached,
+    bound_until: Option<i64>,
+) -> crate::proxy::Watch {
     let state = state.clone();
     let key: std::sync::Arc<str> = opened_under.key.into();
     let user_id: std::sync::Arc<str> = opened_under.session.user_id.as_str().into();
@@ -417,6 +423,10 @@ fn session_watch(state: &AppState, opened_under: Cached) -> crate::proxy::Watch 
             tick.tick().await;
             loop {
                 tick.tick().await;
+                if bound_until.is_some_and(|until| state.clock.now_millis() >= until) {
+                    tracing::info!("websocket closed: the device proof it was opened with ran out");
+                    return;
+                }
                 if !still_admitted(&state, &key, &user_id, auth_ms).await {
                     return;
                 }
@@ -571,7 +581,13 @@ async fn gate_and_forward(
     let watch;
     let token = match decision {
         Decision::Pass(token, loaded) => {
-            watch = is_upgrade(&req).then(|| session_watch(state, loaded));
+            watch = is_upgrade(&req).then(|| {
+                let until = state.config.binding.enabled.then(|| {
+                    let context = super::binding::context_of(state, peer, req.headers());
+                    super::binding::bound_until(state, &loaded.session, req.headers(), &context)
+                });
+                session_watch(state, loaded, until.flatten())
+            });
             token
         }
         Decision::Unbound(why) => {

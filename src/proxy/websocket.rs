@@ -92,7 +92,7 @@ pub(crate) fn tunnel(
             },
             () = ended => {
                 // Dropping both connections closes them.
-                tracing::info!("websocket closed: the session it was opened under has ended");
+                tracing::info!("websocket closed: what it was opened under (its session, its device proof) has ended");
             }
         }
     });

@@ -1167,3 +1167,27 @@ async fn the_first_key_comes_from_the_browser_that_signed_in() {
     bind_webcrypto(&gw, &b, &dev).await;
     assert_eq!(gw.status(&b, "/campaigns").await, 200);
 }
+
+/// A WebSocket opened with a bound cookie lasts no longer than that cookie: a copied cookie
+/// reaches no further through a tunnel than through requests (the page that holds the key opens
+/// it again with a fresh one).
+#[tokio::test]
+async fn a_websocket_closes_when_its_device_proof_runs_out() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("ws-bound@example.com").await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    let mut ws = super::proxy::open_ws(&gw, &b).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    let got = ws.next().await.unwrap().unwrap();
+    assert_eq!(got.into_text().unwrap().as_str(), "still here");
+    let ttl = i64::try_from(gw.state.config.binding.bound_cookie_ttl.as_secs()).unwrap();
+    gw.clock.advance(ttl + 1);
+    assert!(
+        super::proxy::closed_within(&mut ws, std::time::Duration::from_secs(5)).await,
+        "the tunnel outlived its bound cookie"
+    );
+}
