@@ -214,6 +214,17 @@ async fn check(
     // request is refused.
     // In any spelling: `X_HTTP_Method_Override` reaches a CGI-style console as the same name.
     for (name, value) in headers {
+        // The client's own copy of the identity header, in a spelling the asking proxy does not
+        // replace (`X_Portcullis_Assertion`: nginx drops it by default, Caddy and Traefik pass
+        // it on), would reach a CGI-style console beside the real one. (The header under its
+        // own name is replaced by the asking proxy.)
+        if crate::proxy::is_gateway_header_alias(name.as_str(), state.token_header.as_str()) {
+            return Err(AppError::forbidden(
+                "identity_header",
+                "The request carries a copy of the gateway's identity header (or a header in its \
+                 name space) spelled with `_` or other punctuation: only the gateway sets it.",
+            ));
+        }
         if crate::proxy::is_method_override(name.as_str()) {
             let same = value
                 .to_str()

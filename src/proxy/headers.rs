@@ -136,6 +136,22 @@ pub(crate) fn strip_identity(
     }
 }
 
+/// Whether `name` (as a `HeaderName` is: lower case) is the gateway's identity header `token`
+/// (lower case) or a name in the gateway's `x-portcullis-` namespace spelled with other
+/// punctuation than `-` (`x_portcullis_assertion`), which a CGI-style console reads as the
+/// same name but a proxy replacing the header by its name leaves in place. (The name itself
+/// is replaced by the proxies' documented configurations.)
+pub(crate) fn is_gateway_header_alias(name: &str, token: &str) -> bool {
+    if !name.bytes().any(|b| PUNCTUATION[usize::from(b)]) {
+        return false;
+    }
+    let prefix = IDENTITY_DENY_PREFIX.len();
+    same_normalised(name, token)
+        || name
+            .get(..prefix)
+            .is_some_and(|start| same_normalised(start, IDENTITY_DENY_PREFIX))
+}
+
 /// Whether `name` (as a `HeaderName` is: lower case) asks, in any spelling a console may read,
 /// for another method than the request's.
 pub(crate) fn is_method_override(name: &str) -> bool {

@@ -142,6 +142,44 @@ async fn a_method_override_is_refused() {
     }
 }
 
+/// A client's own copy of the identity header spelled with `_` or other punctuation, which a
+/// CGI-style console reads as the header but the asking proxy does not replace (nor a header of
+/// the gateway's name space so spelled): the check refuses the request, so the console never
+/// sees two identities.
+#[tokio::test]
+async fn a_client_sent_identity_header_is_refused() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("fa-identity@example.com").await;
+    let cookie = gw.cookies(&c);
+    for (name, want) in [
+        ("X_Portcullis_Assertion", 403),
+        ("x.portcullis.assertion", 403),
+        ("X-Portcullis_Assertion", 403),
+        ("X_PORTCULLIS_USER", 403),
+        // Under its own name the asking proxy replaces it (`copy_headers`,
+        // `authResponseHeaders`, `proxy_set_header`).
+        ("X-Portcullis-Assertion", 200),
+        ("X-Portcullis", 200),
+        ("X_Request_Id", 200),
+    ] {
+        let r = auth(
+            &gw,
+            &[
+                ("Cookie", cookie.as_str()),
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/campaigns"),
+                (name, "eyJhbGciOiJub25lIn0.e30."),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, want, "{name}: {}", r.body);
+        if want == 403 {
+            assert_eq!(json(&r)["error"], "identity_header");
+            assert!(r.header("x-portcullis-assertion").is_none());
+        }
+    }
+}
+
 #[tokio::test]
 async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy() {
     let gw = gateway(true).await;
@@ -417,8 +455,16 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      close;
+    }}
     server {{
         listen {listen};
+
+        location = /.well-known/jwks.json {{
+            proxy_pass http://{gw};
+        }}
 
         location = /_portcullis/auth {{
             internal;
@@ -461,8 +507,18 @@ http {{
             proxy_set_header X-Request-Id $request_id;
             proxy_set_header X-Forwarded-For $remote_addr;
             proxy_set_header X-Forwarded-User "";
+            proxy_set_header X-Forwarded-Email "";
+            proxy_set_header X-Remote-User "";
+            proxy_set_header X-Auth-Request-User "";
+            proxy_set_header X-Auth-Request-Email "";
             proxy_set_header X-Original-URL "";
+            proxy_set_header X-Original-URI "";
+            proxy_set_header X-Forwarded-Uri "";
+            proxy_set_header X-Forwarded-Method "";
             proxy_set_header Remote-User "";
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
             proxy_pass {up};
         }}
     }}
@@ -541,6 +597,11 @@ async fn nginx_auth_request_guards_the_console() {
             ("X-Portcullis-Assertion", "spoofed.by.client"),
             ("X_Portcullis_Assertion", "spoofed.by.client"),
             ("X-Forwarded-User", "spoofed.by.client"),
+            ("X-Forwarded-Email", "spoofed.by.client"),
+            ("X-Remote-User", "spoofed.by.client"),
+            ("X-Auth-Request-User", "spoofed.by.client"),
+            ("X-Original-URI", "spoofed.by.client"),
+            ("X-Forwarded-Method", "spoofed.by.client"),
             ("Remote-User", "spoofed.by.client"),
             ("X-Request-Id", "spoofed.by.client"),
         ],
@@ -575,6 +636,12 @@ async fn nginx_auth_request_guards_the_console() {
     )
     .expect("token verifies");
     assert_eq!(claims.sub, user.id);
+    // The console's WebSockets pass through nginx once the check passes.
+    drop(super::proxy::open_ws_via(nginx.addr, &cookie).await);
+    // The console verifies with the gateway's keys, reached through the same host.
+    let r = raw(nginx.addr, "GET", "/.well-known/jwks.json", &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.body.contains("\"keys\""), "{}", r.body);
 
     // The URI the check is about is nginx's, not one the client names.
     let r = raw(

@@ -324,12 +324,18 @@ pub(super) async fn open_ws(
     gw: &Gateway,
     c: &Browser,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    open_ws_via(gw.addr, &gw.cookies(c)).await
+}
+
+/// Opens a WebSocket to the console's echo through `addr` (the gateway, or a proxy in front)
+/// with `cookie`, and checks one echo.
+pub(super) async fn open_ws_via(
+    addr: std::net::SocketAddr,
+    cookie: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
-    let mut req = format!("ws://{}/ws", gw.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("cookie", gw.cookies(c).parse().unwrap());
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(resp.status(), 101);
     ws.send(Message::text("ping")).await.unwrap();
