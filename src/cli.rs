@@ -1189,6 +1189,17 @@ async fn verify_token(
     let set: serde_json::Value = serde_json::from_str(&body).context("the JWKS is not JSON")?;
     let audience = audience.unwrap_or_else(|| config.token.audience.clone());
     let issuer = issuer.unwrap_or_else(|| config.issuer());
+    // Only the algorithm the gateway signs with, as a backend pins it.
+    let signs_with = config.token.algorithm.as_str();
+    if let Ok(h) = jsonwebtoken::decode_header(token.trim()) {
+        let alg = format!("{:?}", h.alg);
+        if alg != signs_with {
+            bail!(
+                "invalid token: signed with {alg}, but the gateway signs with {signs_with} \
+                 (token.algorithm: give its --config)"
+            );
+        }
+    }
     let claims = crate::token::verify(token.trim(), &set, &audience, Some(&issuer), 30)
         .map_err(|e| {
             // Say what was expected and where it came from, the usual cause being a missing

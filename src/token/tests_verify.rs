@@ -237,3 +237,36 @@ async fn required_claims_must_be_present_and_well_formed() {
     claims["aud"] = json!(["other", "esp-console"]);
     assert!(check(&fx, &signer, &sign_raw(&signer, &claims)).is_err());
 }
+
+/// A token whose header names critical extensions is refused (RFC 7515: this verifier knows
+/// none), and so is one issued in the future beyond the leeway although its `nbf` has passed.
+#[tokio::test]
+async fn critical_extensions_and_a_future_iat_are_refused() {
+    let fx = Fx::new(TokenAlgorithm::EdDSA).await;
+    let signer = fx.signer().await;
+    let set = jwks(&signer);
+    let claims = valid_claims(&fx);
+    let good = sign_raw(&signer, &claims);
+    assert!(verify(&good, &set, "esp-console", None, 5).is_ok());
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(signer.current_kid());
+    let mut head: Value = serde_json::to_value(&header).unwrap();
+    head["crit"] = json!(["exp"]);
+    head["exp"] = json!(1);
+    let body = good.split('.').nth(1).unwrap();
+    let input = format!("{}.{body}", b64(&head));
+    let sig = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        &signer.current_encoding_key(),
+        Algorithm::EdDSA,
+    )
+    .unwrap();
+    rejected(
+        verify(&format!("{input}.{sig}"), &set, "esp-console", None, 5),
+        "crit",
+    );
+    let mut future = claims.clone();
+    future["iat"] = json!(fx.clock.now() + 3600);
+    let token = sign_raw(&signer, &future);
+    rejected(verify(&token, &set, "esp-console", None, 5), "iat");
+}

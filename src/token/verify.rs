@@ -14,12 +14,23 @@ fn invalid(msg: impl Into<String>) -> TokenError {
     TokenError::Invalid(msg.into())
 }
 
+/// Whether the token's header (its first part) has a `crit` member.
+fn has_crit(token: &str) -> bool {
+    let head = token.split('.').next().unwrap_or_default();
+    URL_SAFE_NO_PAD
+        .decode(head)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .is_some_and(|h| h.get("crit").is_some())
+}
+
 /// Verifies `token` against `jwks` (`{"keys":[...]}`).
 ///
 /// The header `alg` must be `EdDSA` or `ES256` and equal the `alg` of the JWK its `kid` names
 /// (so `none`, HS* and algorithm confusion are refused); `aud` must equal `audience`, `iss`
 /// must equal `issuer` when given; `exp`/`nbf` are checked against the system clock with
-/// `leeway_secs`; `iss`, `aud`, `sub`, `exp`, `nbf` and `iat` must be present.
+/// `leeway_secs`, as is an `iat` in the future; `iss`, `aud`, `sub`, `exp`, `nbf` and `iat`
+/// must be present; a header with `crit` is refused.
 pub fn verify(
     token: &str,
     jwks: &Value,
@@ -27,6 +38,13 @@ pub fn verify(
     issuer: Option<&str>,
     leeway_secs: u64,
 ) -> Result<Claims, TokenError> {
+    // A header naming critical extensions must be refused by a verifier that does not know
+    // them (RFC 7515 §4.1.11); this one knows none.
+    if has_crit(token) {
+        return Err(invalid(
+            "the token's header names critical extensions (crit) this verifier does not know",
+        ));
+    }
     let header = jsonwebtoken::decode_header(token).map_err(|e| {
         invalid(match e.kind() {
             ErrorKind::Json(_) => {
@@ -62,7 +80,7 @@ pub fn verify(
     validation.validate_aud = true;
     validation.leeway = leeway_secs;
 
-    jsonwebtoken::decode::<Claims>(token, &key, &validation)
+    let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
         .map(|data| data.claims)
         .map_err(|e| {
             invalid(match e.kind() {
@@ -80,7 +98,15 @@ pub fn verify(
                 }
                 other => format!("token rejected: {other:?}"),
             })
-        })
+        })?;
+    // Issued in the future (beyond the leeway): not a token this gateway made at its time.
+    let now = jsonwebtoken::get_current_timestamp();
+    let leeway = i64::try_from(leeway_secs).unwrap_or(i64::MAX);
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    if claims.iat > now.saturating_add(leeway) {
+        return Err(invalid("token is issued in the future (iat)"));
+    }
+    Ok(claims)
 }
 
 /// The one JWK whose `kid` matches; a duplicated kid is ambiguous and refused.

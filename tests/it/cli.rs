@@ -302,6 +302,36 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not a well-formed token"), "{bad}: {err}");
     }
+    // Only the algorithm the gateway signs with is taken (EdDSA here), as a backend pins it.
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let kid = jwks["keys"][0]["kid"].as_str().unwrap().to_string();
+    let es256 = format!(
+        "{}.{}.{}",
+        b64(serde_json::json!({ "alg": "ES256", "kid": kid })),
+        old_token.split('.').nth(1).unwrap(),
+        "c2ln"
+    );
+    let out = gw
+        .cli(
+            &[
+                "token",
+                "verify",
+                &es256,
+                "--jwks",
+                jwks_file.to_str().unwrap(),
+            ],
+            None,
+        )
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("signed with ES256") && err.contains("EdDSA"),
+        "{err}"
+    );
     // A "key set" that never ends is refused after a bounded read, not read forever.
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(30),
