@@ -513,10 +513,15 @@ fn is_upgrade(req: &Request) -> bool {
 /// a socket opened from anywhere else is not the console's. Clients that send no `Origin` are
 /// not browsers, and carry no ambient cookies of the user.
 pub(crate) fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let Some(origin) = headers.get(header::ORIGIN) else {
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let Some(origin) = origins.next() else {
         return Ok(());
     };
-    if origin.as_bytes() == super::login::public_origin(state).as_bytes() {
+    // A browser sends exactly one `Origin`; a second one (which a console may read instead)
+    // is refused like a foreign one.
+    if origins.next().is_none()
+        && origin.as_bytes() == super::login::public_origin(state).as_bytes()
+    {
         return Ok(());
     }
     tracing::info!("cross-origin WebSocket handshake refused");

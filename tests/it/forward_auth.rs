@@ -108,6 +108,26 @@ async fn a_websocket_from_another_origin_is_refused_here_too() {
             assert!(r.body.contains("cross_origin"), "{}", r.body);
         }
     }
+    // Two `Origin` headers (no browser sends them; a console may read the second): refused,
+    // whichever comes first.
+    for pair in [
+        [own.as_str(), "http://evil.example"],
+        ["http://evil.example", own.as_str()],
+    ] {
+        let r = auth(
+            &gw,
+            &[
+                ("Cookie", cookie.as_str()),
+                ("X-Forwarded-Uri", "/ws"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("Origin", pair[0]),
+                ("Origin", pair[1]),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 403, "{pair:?}: {}", r.head);
+        assert!(r.body.contains("cross_origin"), "{}", r.body);
+    }
 }
 
 /// The asking proxy passes the client's headers on to the console as they are: a method
