@@ -840,6 +840,11 @@ impl Config {
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 let why = e.into_inner().to_string();
+                // The TOML library names the key again on a line of its own: the error names it.
+                let why = match why.split_once("\nin `") {
+                    Some((first, _)) => first.trim_end().to_string(),
+                    None => why.trim_end().to_string(),
+                };
                 // A `_file` key read a secret (or the wrong file): the error names the file and
                 // what was expected, never what it holds (quoted, escaped or in part).
                 if let Some(file) = files.iter().find(|f| f.key == key) {
@@ -847,6 +852,21 @@ impl Config {
                         .rsplit_once("expected ")
                         .map(|(_, what)| format!(" (expected {what})"))
                         .unwrap_or_default();
+                    // No such key: said as for any key (its list of keys holds no content).
+                    if why.starts_with("unknown field") {
+                        return key_err(&key, why);
+                    }
+                    // A number, a boolean or a list read from a file: `_file` reads text only.
+                    if why.starts_with("invalid type: string") {
+                        return key_err(
+                            &key,
+                            format!(
+                                "is read from {} by the `_file` suffix, which gives text only, but \
+                                 this key takes another kind of value{expected}: set it directly",
+                                file.path
+                            ),
+                        );
+                    }
                     return key_err(
                         &key,
                         format!(
@@ -1740,21 +1760,35 @@ pub mod duration {
         out.join(" ")
     }
 
+    /// A duration: a text such as `"90s"`, `"15m"` or `"1h 30m"`, or a whole number of seconds
+    /// (also written as a text, `"30"`).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Duration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration like \"90s\" or \"15m\" (a whole number counts seconds)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+                Ok(Duration::from_secs(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+                u64::try_from(n)
+                    .map(Duration::from_secs)
+                    .map_err(|_| E::custom(format!("{n} is negative: a duration is 0 or more")))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Duration, E> {
+                if let Ok(n) = t.trim().parse::<u64>() {
+                    return Ok(Duration::from_secs(n));
+                }
+                humantime::parse_duration(t).map_err(|e| {
+                    E::custom(format!(
+                        "`{t}` is not a duration like \"90s\" or \"15m\": {e}"
+                    ))
+                })
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(Duration::from_secs(n)),
-            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{t}` is not a duration like \"90s\" or \"15m\": {e}"
-                ))
-            }),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 

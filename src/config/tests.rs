@@ -1079,3 +1079,34 @@ fn a_step_up_rule_written_as_one_table_gets_a_hint_of_its_own() {
         "{e}"
     );
 }
+
+/// Durations read as a text ("90s", "30") or a whole number of seconds; anything else is
+/// refused in words, naming the key once. A number, boolean or list read through `_file` (which
+/// gives text) is said to be so, and an unknown key through `_file` is an unknown key.
+#[test]
+fn durations_and_file_values_are_refused_in_words() {
+    let c = load_str("[server]\nheader_timeout = \"45\"\n", &[]).unwrap();
+    assert_eq!(c.server.header_timeout, Duration::from_secs(45));
+    for bad in ["30.5", "true", "\"soon\"", "-3"] {
+        let e = load_str(&format!("[server]\nheader_timeout = {bad}\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.header_timeout"), "{bad}: {e}");
+        assert!(
+            !e.contains("untagged") && !e.contains("\nin `"),
+            "{bad}: {e}"
+        );
+    }
+    let dir = tempfile_dir();
+    let num = dir.join("num");
+    std::fs::write(&num, "8080\n").unwrap();
+    let path = num.to_str().unwrap();
+    let e = load_str("", &[("PORTCULLIS__SERVER__MAX_FORM_BYTES_FILE", path)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gives text only") && e.contains(path), "{e}");
+    let e = load_str("", &[("PORTCULLIS__SERVER__LISTN_FILE", path)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `listn`"), "{e}");
+}
