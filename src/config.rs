@@ -1513,6 +1513,34 @@ impl Config {
     }
 }
 
+/// Variables that look meant for the gateway but are not read: `PORTCULLIS_SERVER__LISTEN` (one
+/// underscore), `portcullis__server__listen` (lower case), `PORTCULLIS_LOG_LEVEL`. Kubernetes'
+/// service links for a service named like the gateway (`PORTCULLIS_SERVICE_HOST`,
+/// `PORTCULLIS_PORT_8080_TCP`, …) are not the operator's and are left alone.
+pub fn ignored_variables(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let service_link = |n: &str| {
+        n.contains("_SERVICE_HOST")
+            || n.contains("_SERVICE_PORT")
+            || n.ends_with("_PORT")
+            || n.split("_PORT_")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    let mut ignored: Vec<String> = env
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.to_ascii_uppercase().starts_with("PORTCULLIS")
+                && !name.starts_with(ENV_PREFIX)
+                && name != LOG_ENV
+                && name != "PORTCULLIS_CONFIG"
+                && !service_link(name)
+        })
+        .collect();
+    ignored.sort();
+    ignored
+}
+
 /// Applies `PORTCULLIS__SECTION__KEY=value` overrides. Values are read as TOML values when they
 /// parse as one (numbers, booleans, arrays), as plain strings otherwise.
 fn apply_env(

@@ -1110,3 +1110,32 @@ fn durations_and_file_values_are_refused_in_words() {
         .to_string();
     assert!(e.contains("unknown field `listn`"), "{e}");
 }
+
+/// Variables that look meant for the gateway but are not read are named (the CLI warns of
+/// them); Kubernetes' service links and the gateway's own variables are not.
+#[test]
+fn variables_that_are_not_read_are_named() {
+    let env = [
+        "PORTCULLIS_SERVER__LISTEN",
+        "portcullis__server__listen",
+        "PORTCULLIS_LOG_LEVEL",
+        "PORTCULLIS__SERVER__LISTEN",
+        "PORTCULLIS_CONFIG",
+        "PORTCULLIS_LOG",
+        "PORTCULLIS_SERVICE_HOST",
+        "PORTCULLIS_SERVICE_PORT_HTTP",
+        "PORTCULLIS_PORT",
+        "PORTCULLIS_PORT_8080_TCP_ADDR",
+        "PORTCULLIS_METRICS_SERVICE_HOST",
+        "HOME",
+    ]
+    .map(|n| (n.to_string(), "x".to_string()));
+    assert_eq!(
+        crate::config::ignored_variables(env),
+        [
+            "PORTCULLIS_LOG_LEVEL",
+            "PORTCULLIS_SERVER__LISTEN",
+            "portcullis__server__listen"
+        ]
+    );
+}
