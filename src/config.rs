@@ -938,7 +938,7 @@ impl Config {
         {
             return Err(key_err(
                 "server.public_url",
-                "must not have a path or query; the gateway owns the whole origin",
+                "must not have a path, query or fragment (#…); the gateway owns the whole origin",
             ));
         }
         if s.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -950,6 +950,9 @@ impl Config {
         self.validate_listeners()?;
         if s.max_uri_length < 256 {
             return Err(key_err("server.max_uri_length", "must be at least 256"));
+        }
+        if s.shutdown_timeout > Duration::from_secs(3600) {
+            return Err(key_err("server.shutdown_timeout", "must be at most 1h"));
         }
         if self.upstream.url.scheme() != "http" || self.upstream.url.host().is_none() {
             return Err(key_err(
@@ -1046,6 +1049,24 @@ impl Config {
                     "notify.smtp_url",
                     format!("is not a usable SMTP URL ({e}); use smtp://host:port or smtps://user:password@host"),
                 ));
+            }
+            // Options the mail library would pass over in silence.
+            if let Ok(parsed) = url::Url::parse(url.expose()) {
+                for (option, value) in parsed.query_pairs() {
+                    let why = match (parsed.scheme(), option.as_ref()) {
+                        ("smtps", "tls") => Some(format!(
+                            "has ?tls={value}, but smtps:// speaks TLS from the start: drop the \
+                             option (or use smtp:// with ?tls=required)"
+                        )),
+                        (_, "tls" | "ehlo_domain") => None,
+                        _ => Some(format!(
+                            "has an unknown option `{option}` (known: tls, ehlo_domain)"
+                        )),
+                    };
+                    if let Some(why) = why {
+                        return Err(key_err("notify.smtp_url", why));
+                    }
+                }
             }
         }
         if n.report_link_ttl < Duration::from_secs(3600)
@@ -1491,8 +1512,27 @@ impl Config {
                 "is required (set secrets.master_key_file or PORTCULLIS__SECRETS__MASTER_KEY)",
             )
         })?;
-        crate::crypto::MasterKey::from_base64(k.expose())
-            .map_err(|e| key_err("secrets.master_key", e.to_string()))
+        let key = crate::crypto::MasterKey::from_base64(k.expose())
+            .map_err(|e| key_err("secrets.master_key", e.to_string()))?;
+        // A placeholder (all zeros, a repeated word) rather than 32 random bytes, which hold
+        // some 30 different byte values: everything sealed with it would be readable to anyone
+        // who guesses it.
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(k.expose().trim())
+            .unwrap_or_default();
+        let distinct = bytes
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        if distinct < 8 {
+            return Err(key_err(
+                "secrets.master_key",
+                "is not random (a placeholder such as all zeros or a repeated word): generate \
+                 one with `openssl rand -base64 32`",
+            ));
+        }
+        Ok(key)
     }
 
     /// Whether security keys and passkeys will be offered: switched on and with a domain name

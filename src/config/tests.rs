@@ -115,6 +115,18 @@ fn bad_values_are_refused_with_the_key() {
         ),
         ("[notify]\nsmtp = \"smtp://x\"\n", "notify.smtp"),
         (
+            "[notify]\nsmtp_url = \"smtps://u:p@mail:465?tls=bogus\"\n",
+            "notify.smtp_url",
+        ),
+        (
+            "[notify]\nsmtp_url = \"smtp://mail:25?tsl=required\"\n",
+            "notify.smtp_url",
+        ),
+        (
+            "[server]\npublic_url = \"https://login.esp.example/#f\"\n",
+            "fragment",
+        ),
+        (
             "[storage]\nephemeral = \"rediss://r:notaport\"\n",
             "storage.ephemeral",
         ),
@@ -1138,4 +1150,21 @@ fn variables_that_are_not_read_are_named() {
             "portcullis__server__listen"
         ]
     );
+}
+
+/// A master key that is a placeholder rather than random bytes is refused.
+#[test]
+fn a_placeholder_master_key_is_refused() {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    for placeholder in [[0u8; 32].to_vec(), b"passwordpasswordpasswordpassword".to_vec()] {
+        let text = format!("[secrets]\nmaster_key = \"{}\"\n", b64(&placeholder));
+        let e = load_str(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("secrets.master_key") && e.contains("not random"), "{e}");
+    }
+    let text = format!(
+        "[secrets]\nmaster_key = \"{}\"\n",
+        b64(b"0123456789abcdef0123456789abcdef")
+    );
+    assert!(load_str(&text, &[]).is_ok());
 }
