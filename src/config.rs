@@ -1521,10 +1521,7 @@ impl Config {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(k.expose().trim())
             .unwrap_or_default();
-        let distinct = bytes
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len();
+        let distinct = bytes.iter().collect::<std::collections::HashSet<_>>().len();
         if distinct < 8 {
             return Err(key_err(
                 "secrets.master_key",

@@ -1157,10 +1157,16 @@ fn variables_that_are_not_read_are_named() {
 fn a_placeholder_master_key_is_refused() {
     use base64::Engine;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    for placeholder in [[0u8; 32].to_vec(), b"passwordpasswordpasswordpassword".to_vec()] {
+    for placeholder in [
+        [0u8; 32].to_vec(),
+        b"passwordpasswordpasswordpassword".to_vec(),
+    ] {
         let text = format!("[secrets]\nmaster_key = \"{}\"\n", b64(&placeholder));
         let e = load_str(&text, &[]).unwrap_err().to_string();
-        assert!(e.contains("secrets.master_key") && e.contains("not random"), "{e}");
+        assert!(
+            e.contains("secrets.master_key") && e.contains("not random"),
+            "{e}"
+        );
     }
     let text = format!(
         "[secrets]\nmaster_key = \"{}\"\n",

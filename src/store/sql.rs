@@ -39,6 +39,28 @@ fn unavailable(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// Why the database at `url` cannot be opened, naming it (without password or options): the
+/// pool only says it timed out, so one connection is tried on its own for the cause (refused,
+/// no such host, authentication…).
+async fn opening_failed(url: &str, e: sqlx::Error) -> String {
+    let shown = crate::secret::redact_url(url.split('?').next().unwrap_or_default());
+    let cause = match e {
+        sqlx::Error::PoolTimedOut => {
+            let alone = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                <sqlx::AnyConnection as sqlx::Connection>::connect(url),
+            )
+            .await;
+            match alone {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no connection opened in time (is the server up and reachable?)".into(),
+            }
+        }
+        e => e.to_string(),
+    };
+    format!("cannot open the database {shown} (storage.durable): {cause}")
+}
+
 /// Whether SQLite refused because another connection (the CLI, a second gateway process)
 /// holds the file: `SQLITE_BUSY`/`SQLITE_LOCKED` and their extended codes. The busy timeout
 /// covers most of these; the rest (a stale WAL snapshot, a lock taken while a connection
@@ -221,9 +243,10 @@ impl SqlStore {
             opts
         };
         // Opening runs the PRAGMAs above, which another process holding the file can refuse.
-        let pool = retry_busy(sqlite, is_busy, || opts.clone().connect(&url))
-            .await
-            .map_err(unavailable)?;
+        let pool = match retry_busy(sqlite, is_busy, || opts.clone().connect(&url)).await {
+            Ok(pool) => pool,
+            Err(e) => return Err(StoreError::Unavailable(opening_failed(&url, e).await)),
+        };
         Ok(Self { pool, sqlite })
     }
 

@@ -1028,3 +1028,32 @@ async fn check_config_on_an_empty_postgres_database_says_it_is_new() {
     assert!(!err.contains("does not exist"), "{err}");
     assert_eq!(tables, 0, "nothing written");
 }
+
+/// A database that cannot be reached is named (without its password) with the cause, not only
+/// "the pool timed out".
+#[tokio::test]
+async fn an_unreachable_database_is_named_with_its_cause() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["user", "list"])
+        .env(
+            "PORTCULLIS__SECRETS__MASTER_KEY",
+            portcullis::crypto::MasterKey::generate_base64(),
+        )
+        .env(
+            "PORTCULLIS__STORAGE__DURABLE",
+            format!("postgres://app:s3cret@127.0.0.1:{port}/esp?sslmode=disable"),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}/esp")) && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+}
