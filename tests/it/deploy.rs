@@ -186,6 +186,8 @@ assert c["readinessProbe"]["httpGet"]["path"] == "/_portcullis/readyz"
 assert c["livenessProbe"]["httpGet"]["path"] == "/_portcullis/healthz"
 env = {e["name"]: e["value"] for e in c["env"]}
 assert env["PORTCULLIS__SECRETS__MASTER_KEY_FILE"].startswith("/run/secrets/")
+# Notices go out by mail: a pod's outbox is gone with it, and other replicas never see it.
+assert env["PORTCULLIS__NOTIFY__SMTP_URL_FILE"].startswith("/run/secrets/")
 assert dep["template"]["spec"]["terminationGracePeriodSeconds"] > 60, "draining (30 s) and the audit queue (30 s) fit"
 assert "Secret" not in kinds, "no secret values in the manifest"
 assert c["lifecycle"]["preStop"], "serves on while the endpoints drop the pod"
@@ -201,6 +203,8 @@ compose = yaml.safe_load(open(sys.argv[2]))
 services = compose["services"]
 assert {"gateway-a", "gateway-b", "redis", "postgres", "lb", "console"} <= set(services)
 assert services["gateway-a"]["environment"]["PORTCULLIS__STORAGE__EPHEMERAL"].startswith("redis://")
+assert services["gateway-a"]["environment"]["PORTCULLIS__NOTIFY__SMTP_URL"] == "smtp://mail:1025"
+assert "mail" in services
 "#;
     python(
         check,
