@@ -893,10 +893,14 @@ impl Config {
                          methods, max_age and key under it (not [step_up])",
                     );
                 } else if why.contains("expected a sequence") {
-                    why.push_str(
+                    let example = match key.as_str() {
+                        "server.trusted_proxies" => "'[\"10.0.0.0/8\", \"192.168.0.0/16\"]'",
+                        _ => "'[\"first\", \"second\"]'",
+                    };
+                    why.push_str(&format!(
                         "; a list is written as a TOML array, also in a PORTCULLIS__SECTION__KEY \
-                         variable: '[\"10.0.0.0/8\", \"192.168.0.0/16\"]'",
-                    );
+                         variable: {example}"
+                    ));
                 }
                 key_err(&key, why)
             })?;
@@ -1609,6 +1613,15 @@ fn apply_env(
             continue;
         };
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if matches!(path.first().map(String::as_str), Some("step_up"))
+            || (path.len() > 2 && path[0] == "webauthn" && path[1] == "accounts")
+        {
+            return Err(key_err(
+                &name,
+                "[[step_up]] rules and webauthn.accounts tables are set in the configuration \
+                 file only",
+            ));
+        }
         if path.len() != 2 || path.iter().any(|p| p.is_empty()) {
             return Err(key_err(
                 &name,

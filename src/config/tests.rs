@@ -1174,3 +1174,23 @@ fn a_placeholder_master_key_is_refused() {
     );
     assert!(load_str(&text, &[]).is_ok());
 }
+
+/// Tables set in the file only are said to be so when the environment tries them; a list's
+/// example fits the key.
+#[test]
+fn file_only_tables_and_list_examples() {
+    for name in [
+        "PORTCULLIS__STEP_UP",
+        "PORTCULLIS__WEBAUTHN__ACCOUNTS__A1__ATTESTATION",
+    ] {
+        let e = load_str("", &[(name, "x")]).unwrap_err().to_string();
+        assert!(e.contains("file only"), "{name}: {e}");
+    }
+    let e = load_str(
+        "",
+        &[("PORTCULLIS__REMEMBER_DEVICE__OFF_ACCOUNTS", "acct-1")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("TOML array") && !e.contains("10.0.0.0/8"), "{e}");
+}
