@@ -61,9 +61,13 @@ pub fn delay_for(prior: u64, limits: &LimitsConfig) -> Duration {
         .min(limits.max_delay)
 }
 
-/// Storage key of an account's consecutive wrong passwords.
+/// Storage key of an account's consecutive wrong passwords: by a digest of the address, so
+/// that each of the keys an address flood leaves (unknown addresses are counted like accounts,
+/// for 30 days) has the same small size whatever was typed.
 fn consecutive_key(email: &str) -> String {
-    format!("consecutive:pwd:{{{email}}}")
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(email.as_bytes());
+    format!("consecutive:pwd:{{{}}}", hex::encode(&digest[..16]))
 }
 
 /// A sign-in that asks for the second factor first and has not had it yet.
@@ -189,6 +193,23 @@ impl LoginFlow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 30-day count an address flood leaves per address has one small size, whatever was
+    /// typed (up to the longest address the form takes), and tells addresses apart.
+    #[test]
+    fn consecutive_counts_are_keyed_by_a_digest() {
+        let long = format!("{}@example.com", "a".repeat(300));
+        let keys = [consecutive_key("a@b.c"), consecutive_key(&long)];
+        assert_eq!(keys[0].len(), keys[1].len());
+        assert!(
+            keys[1].len() < 60 && !keys[1].contains("example"),
+            "{}",
+            keys[1]
+        );
+        assert_ne!(keys[0], keys[1]);
+        // A hash tag, so a Redis Cluster keeps each count on one node.
+        assert!(keys[0].contains('{') && keys[0].ends_with('}'));
+    }
 
     #[test]
     fn delay_grows_from_the_threshold_and_is_bounded() {
