@@ -184,15 +184,21 @@ pub fn unmet(
         .fold(None, |key, r| Some(key.unwrap_or(false) || r.key))
 }
 
-/// Whether a session whose last second-factor proof was at `auth_ms` (and last key proof at
-/// `strong_ms`) satisfies `rule` at `now_ms`.
+/// Whether a session whose last second-factor proof was at `factor_ms` (and last key proof at
+/// `strong_ms`) satisfies `rule` at `now_ms`. A key rule wants the latest proof to be the key
+/// (an app code after it makes the session's latest proof a code again, as the token's `acr`
+/// says to the console).
 pub fn satisfied(
     rule: &StepUpRule,
     factor_ms: Option<i64>,
     strong_ms: Option<i64>,
     now_ms: i64,
 ) -> bool {
-    let proof = if rule.key { strong_ms } else { factor_ms };
+    let proof = if rule.key {
+        strong_ms.filter(|key| factor_ms.is_none_or(|code| *key >= code))
+    } else {
+        factor_ms
+    };
     let max = i64::try_from(rule.max_age.as_millis()).unwrap_or(i64::MAX);
     proof.is_some_and(|at| now_ms.saturating_sub(at) <= max)
 }
@@ -337,6 +343,9 @@ mod tests {
         r.key = true;
         assert!(!satisfied(&r, Some(1_000), None, 1_000));
         assert!(satisfied(&r, Some(0), Some(1_000), 2_000));
+        assert!(satisfied(&r, Some(1_000), Some(1_000), 2_000));
+        // An app code after the key: the latest proof is a code, as `acr` tells the console.
+        assert!(!satisfied(&r, Some(1_500), Some(1_000), 2_000));
     }
 
     #[test]

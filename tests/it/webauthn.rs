@@ -872,10 +872,20 @@ async fn a_reported_sign_in_takes_the_keys_it_added_with_it() {
 
 /// The token's `acr` and `auth_time` describe the session's latest proof: after a key step-up
 /// they say phishing-resistant at that moment; after a later app code, `mfa` at the code's
-/// moment, so a console asking for a fresh key proof is not shown an old one as fresh.
+/// moment, so a console asking for a fresh key proof is not shown an old one as fresh. A
+/// `[[step_up]]` rule that wants a key agrees: after the code, the key is asked for again.
 #[tokio::test]
 async fn acr_and_auth_time_follow_the_latest_proof() {
-    let gw = gateway().await;
+    let gw = Gateway::start_with(|c| {
+        localhost(c);
+        c.step_up = vec![portcullis::policy::step_up::StepUpRule {
+            path: "/api-keys/**".into(),
+            methods: vec![],
+            max_age: std::time::Duration::from_secs(3600),
+            key: true,
+        }];
+    })
+    .await;
     let (c, secret, _) = gw.signed_in("latest@example.com").await;
     let mut k = key();
     register(&gw, &c, &mut k, "Desk").await;
@@ -898,6 +908,7 @@ async fn acr_and_auth_time_follow_the_latest_proof() {
     assert_eq!(console(&gw, &c).await, 200);
     let keyed = last_claims(&gw).await;
     assert_eq!(keyed.acr, "urn:portcullis:acr:phr");
+    assert_eq!(gw.status(&c, "/api-keys").await, 200, "the key rule is met");
     assert!(keyed.amr.contains(&"hwk".to_string()));
     assert!(keyed.auth_time >= signed_in.auth_time + 120);
 
@@ -911,6 +922,9 @@ async fn acr_and_auth_time_follow_the_latest_proof() {
         "an old key proof is no fresh one"
     );
     assert!(coded.auth_time >= keyed.auth_time + 300);
+    // The key proof is within the rule's hour, but the latest proof is a code: the key again.
+    let r = gw.get(&c, "/api-keys").await;
+    assert_eq!(location(&r), "/_portcullis/reauth?next=%2Fapi-keys&key=1");
     assert!(
         coded.amr.contains(&"hwk".to_string()),
         "amr: every method the session used"
