@@ -9,15 +9,26 @@ import { chromium } from "playwright-core";
 
 export const BIN = process.env.PORTCULLIS_BIN || resolve("../../target/debug/portcullis");
 
-export function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once("error", fail);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
+export async function freePort() {
+  return (await freePorts(1))[0];
+}
+
+/** `n` distinct free ports: all held open until every one is known, so no two are the same. */
+export async function freePorts(n) {
+  const servers = [];
+  try {
+    for (let i = 0; i < n; i++) {
+      const s = createServer();
+      servers.push(s);
+      await new Promise((ok, fail) => {
+        s.once("error", fail);
+        s.listen(0, "127.0.0.1", ok);
+      });
+    }
+    return servers.map((s) => s.address().port);
+  } finally {
+    await Promise.all(servers.map((s) => new Promise((ok) => s.close(() => ok()))));
+  }
 }
 
 /**
@@ -25,10 +36,20 @@ export function freePort() {
  * `host: "localhost"` the public URL uses that name (security keys need a host name); `env` adds
  * configuration overrides (`PORTCULLIS__SECTION__KEY`).
  */
-export async function startDemo({ host = "127.0.0.1", env = {} } = {}) {
+export async function startDemo(options = {}) {
+  // A port found free can be taken by another process before the demo binds it: try again.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startDemoOnce(options);
+    } catch (e) {
+      if (attempt >= 3 || !String(e.message).includes("Address already in use")) throw e;
+    }
+  }
+}
+
+async function startDemoOnce({ host = "127.0.0.1", env = {} } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "portcullis-e2e-"));
-  const port = await freePort();
-  const consolePort = await freePort();
+  const [port, consolePort] = await freePorts(2);
   const args = ["demo", "--data-dir", dir, "--listen", `127.0.0.1:${port}`, "--console-listen", `127.0.0.1:${consolePort}`];
   if (host !== "127.0.0.1") args.push("--public-url", `http://${host}:${port}/`);
   const child = spawn(BIN, args, {
