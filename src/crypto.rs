@@ -54,21 +54,34 @@ impl Drop for MasterKey {
     }
 }
 
+/// The master key's bytes from standard or URL-safe base64 (padding optional).
+fn decode_key(encoded: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let trimmed = encoded.trim();
+    Ok(Zeroizing::new(
+        STANDARD
+            .decode(trimmed)
+            .or_else(|_| URL_SAFE_NO_PAD.decode(trimmed.trim_end_matches('=')))
+            .map_err(|_| CryptoError::BadMasterKey)?,
+    ))
+}
+
 impl MasterKey {
     /// Parses a base64 (standard or URL-safe) encoded 32-byte key.
     pub fn from_base64(encoded: &str) -> Result<Self, CryptoError> {
-        let trimmed = encoded.trim();
-        let raw = Zeroizing::new(
-            STANDARD
-                .decode(trimmed)
-                .or_else(|_| URL_SAFE_NO_PAD.decode(trimmed.trim_end_matches('=')))
-                .map_err(|_| CryptoError::BadMasterKey)?,
-        );
+        let raw = decode_key(encoded)?;
         let bytes: [u8; 32] = raw
             .as_slice()
             .try_into()
             .map_err(|_| CryptoError::BadMasterKey)?;
         Ok(Self::from_bytes(&bytes))
+    }
+
+    /// Whether `encoded` (as [`MasterKey::from_base64`] reads it) is a placeholder rather than
+    /// random bytes: fewer than 8 different byte values (all zeros, a repeated word), where 32
+    /// random bytes hold some 30.
+    pub fn is_placeholder(encoded: &str) -> bool {
+        decode_key(encoded)
+            .is_ok_and(|raw| raw.iter().collect::<std::collections::HashSet<_>>().len() < 8)
     }
 
     /// Derives the working keys from raw key material (HKDF-SHA256, one label per purpose).

@@ -1173,6 +1173,14 @@ fn a_placeholder_master_key_is_refused() {
         b64(b"0123456789abcdef0123456789abcdef")
     );
     assert!(load_str(&text, &[]).is_ok());
+    // Random keys in URL-safe base64, with `-` and `_`, as the key reader takes them.
+    for _ in 0..20 {
+        let key = crate::crypto::MasterKey::generate_base64()
+            .replace('+', "-")
+            .replace('/', "_");
+        let text = format!("[secrets]\nmaster_key = \"{key}\"\n");
+        assert!(load_str(&text, &[]).is_ok(), "{key}");
+    }
 }
 
 /// Tables set in the file only are said to be so when the environment tries them; a list's
