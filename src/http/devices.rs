@@ -78,11 +78,15 @@ pub async fn known_device(
 
 /// Records the device of a complete sign-in; returns its id and the cookies to set (a new
 /// device cookie when the browser is not a known device of this user).
+///
+/// `enrolled_since`: where the sign-in set up the account's first factor, when it began (Unix
+/// seconds): a report of it then takes back everything set up since (the account had nothing
+/// of the owner's before).
 pub async fn signed_in(
     state: &AppState,
     headers: &HeaderMap,
     user: &User,
-    client: &Client,
+    (client, enrolled_since): (&Client, Option<i64>),
 ) -> Result<(String, Vec<String>), AppError> {
     let now = state.clock.now();
     if let Some(d) = known_device(state, headers).await? {
@@ -116,14 +120,22 @@ pub async fn signed_in(
                 .client(&client.ip, &client.user_agent),
         )
         .await;
-    notify_new_device(state, user, &device).await?;
+    notify_new_device(state, user, &device, enrolled_since).await?;
     Ok((device.id, vec![set_device_cookie(state, &token)]))
 }
 
 /// Queues the new-device notice with its "this wasn't me" link.
-async fn notify_new_device(state: &AppState, user: &User, device: &Device) -> Result<(), AppError> {
+async fn notify_new_device(
+    state: &AppState,
+    user: &User,
+    device: &Device,
+    enrolled_since: Option<i64>,
+) -> Result<(), AppError> {
     let now = state.clock.now();
-    let link = state.notifier.report_link(user, Some(&device.id)).await?;
+    let link = state
+        .notifier
+        .report_link(user, Some(&device.id), enrolled_since)
+        .await?;
     let when = crate::notify::utc_text(now);
     let host = public_host(state);
     let body = format!(
@@ -218,7 +230,8 @@ const REPORT_KEY_WINDOW: i64 = 15 * 60;
 
 /// How long before a change's report link was made an authenticator app or recovery codes
 /// count as set up since: the notice (and its link) is made just after the change, in the same
-/// request. A sign-in's link counts from the sign-in itself.
+/// request. A sign-in's link counts from the sign-in itself: from its start where it set up the
+/// account's first factor (see [`signed_in`]), else from its completion.
 const REPORT_FACTOR_SLACK: i64 = 1;
 
 /// `POST /_portcullis/report`: the owner says a sign-in (or a security change) was not theirs.
@@ -270,7 +283,8 @@ pub async fn report_post(
                 .await;
         }
     }
-    // So may an authenticator app or recovery codes set up since the sign-in completed or the
+    // So may an authenticator app or recovery codes set up during or since the sign-in (a
+    // sign-in that enrolled the account's first factor counts from its start), or since the
     // change was made (the owner's own are older; a password alone no longer sets up a first
     // factor on an account that had one): removed, and the account then enrols again only
     // through an enrolment link.

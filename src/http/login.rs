@@ -589,6 +589,17 @@ pub(super) async fn complete_sign_in(
     client: &Client,
     session: &mut Session,
 ) -> Result<Vec<String>, AppError> {
+    complete_sign_in_as(state, headers, (client, None), session).await
+}
+
+/// [`complete_sign_in`]; `enrolled_since`: the start of a sign-in that set up the account's
+/// first factor (its report takes back everything set up since).
+async fn complete_sign_in_as(
+    state: &AppState,
+    headers: &HeaderMap,
+    (client, enrolled_since): (&Client, Option<i64>),
+    session: &mut Session,
+) -> Result<Vec<String>, AppError> {
     if !session.is_authenticated() {
         // The second factor came first; the password is still to come.
         return Ok(Vec::new());
@@ -597,7 +608,8 @@ pub(super) async fn complete_sign_in(
         return Ok(Vec::new());
     };
     super::risk::at_completion(state, &user, client, session).await;
-    let (device_id, cookies) = super::devices::signed_in(state, headers, &user, client).await?;
+    let (device_id, cookies) =
+        super::devices::signed_in(state, headers, &user, (client, enrolled_since)).await?;
     // No new device cookie: the browser was a known device of this user.
     state
         .login
@@ -897,7 +909,15 @@ pub async fn codes_post(
     };
     loaded.session.stage = Stage::Authenticated;
     let client = super::client(&state, peer, &headers);
-    let device_cookies = complete_sign_in(&state, &headers, &client, &mut loaded.session).await?;
+    // The sign-in set up the account's first factor (the app or a key, and these codes).
+    let began = loaded.session.created_ms.div_euclid(1000);
+    let device_cookies = complete_sign_in_as(
+        &state,
+        &headers,
+        (&client, Some(began)),
+        &mut loaded.session,
+    )
+    .await?;
     let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
     let mut cookies = vec![state.sessions.set_cookie(&id)];
     cookies.extend(device_cookies);

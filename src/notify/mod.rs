@@ -198,21 +198,24 @@ impl Notifier {
     }
 
     /// A new single-use "this wasn't me" link for `user` (only its hash is stored): for a
-    /// sign-in from `device`, or for a change of the account's security (`None`). Returns the
-    /// link.
+    /// sign-in from `device`, or for a change of the account's security (`None`). What it takes
+    /// back counts from its `created_at`: now, or `since` (a sign-in that set up the account's
+    /// first factor counts from its start). Returns the link.
     pub async fn report_link(
         &self,
         user: &crate::store::User,
         device: Option<&str>,
+        since: Option<i64>,
     ) -> StoreResult<url::Url> {
         let now = self.clock.now();
+        let created_at = since.map_or(now, |s| s.min(now));
         let token = crate::crypto::random_token(32);
         self.durable
             .create_report_link(crate::store::ReportLink {
                 token_hash: crate::crypto::sha256_hex(token.as_bytes()),
                 user_id: user.id.clone(),
                 device_id: device.map(str::to_string),
-                created_at: now,
+                created_at,
                 expires_at: now.saturating_add(self.report_ttl),
                 used_at: None,
             })
@@ -232,7 +235,7 @@ impl Notifier {
     /// link: a session copied from the owner's browser could make it, and reporting it ends
     /// every session and undoes what was set up since (keys suspended, app and codes removed).
     pub async fn account_change_by_owner(&self, user: &crate::store::User, what: &str) {
-        let link = match self.report_link(user, None).await {
+        let link = match self.report_link(user, None, None).await {
             Ok(link) => link,
             Err(e) => {
                 tracing::warn!(error = %e, "could not make a report link; the notice goes without");

@@ -130,6 +130,36 @@ async fn a_device_cookie_is_recognised_only_for_its_own_user() {
     assert!(mail[1].contains("To: two@example.com"));
 }
 
+/// A password thief's first sign-in of an account that had no factor yet sets up the app and
+/// the recovery codes before it completes (and its notice is made): the owner's report of that
+/// sign-in takes them back, and the password alone then sets up nothing.
+#[tokio::test]
+async fn a_reported_first_sign_in_takes_the_app_it_enrolled() {
+    let gw = Gateway::start().await;
+    let email = "first-taken@example.com";
+    let (_, _, _) = gw.signed_in(email).await;
+    let user = gw.user(email).await;
+    assert!(gw.state.durable.totp(&user.id).await.unwrap().is_some());
+    let link = report_link(&sign_in_notices(&gw).await[0]);
+    let r = report(&gw, &link).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.state.durable.totp(&user.id).await.unwrap(), None);
+    assert_eq!(
+        gw.state
+            .durable
+            .recovery_codes_left(&user.id)
+            .await
+            .unwrap(),
+        0
+    );
+    // The password alone sets up nothing now: an enrolment link does.
+    let out = gw.cli(&["user", "unlock", email], None).await;
+    assert!(out.status.success());
+    gw.clock.advance(30);
+    let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
+    assert_eq!(r.status(), 401);
+}
+
 /// An intruder with a session can set up their own authenticator app and recovery codes; the
 /// owner's report removes them (not the owner's older factors), and once an administrator
 /// unlocks the account the password alone does not let anyone set up new ones: that takes an
