@@ -1045,23 +1045,25 @@ impl Config {
             ));
         }
         if let Some(url) = &n.smtp_url {
-            if let Err(e) =
-                lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url.expose())
-            {
-                // The URL may hold a password: name the problem, not the value.
-                return Err(key_err(
-                    "notify.smtp_url",
-                    format!("is not a usable SMTP URL ({e}); use smtp://host:port or smtps://user:password@host"),
-                ));
-            }
             // Options the mail library would pass over in silence.
             if let Ok(parsed) = url::Url::parse(url.expose()) {
+                let mut seen = std::collections::HashSet::new();
                 for (option, value) in parsed.query_pairs() {
                     let why = match (parsed.scheme(), option.as_ref()) {
+                        // The library reads one of two: which would decide TLS is not clear.
+                        _ if !seen.insert(option.to_string()) => {
+                            Some(format!("has the option `{option}` twice: keep one"))
+                        }
                         ("smtps", "tls") => Some(format!(
                             "has ?tls={value}, but smtps:// speaks TLS from the start: drop the \
                              option (or use smtp:// with ?tls=required)"
                         )),
+                        (_, "tls") if !matches!(value.as_ref(), "required" | "opportunistic") => {
+                            Some(format!(
+                                "has ?tls={value}: use tls=required (STARTTLS or no mail) or \
+                                 tls=opportunistic"
+                            ))
+                        }
                         (_, "tls" | "ehlo_domain") => None,
                         _ => Some(format!(
                             "has an unknown option `{option}` (known: tls, ehlo_domain)"
@@ -1071,6 +1073,15 @@ impl Config {
                         return Err(key_err("notify.smtp_url", why));
                     }
                 }
+            }
+            if let Err(e) =
+                lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url.expose())
+            {
+                // The URL may hold a password: name the problem, not the value.
+                return Err(key_err(
+                    "notify.smtp_url",
+                    format!("is not a usable SMTP URL ({e}); use smtp://host:port or smtps://user:password@host"),
+                ));
             }
         }
         if n.report_link_ttl < Duration::from_secs(3600)

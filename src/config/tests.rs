@@ -122,6 +122,15 @@ fn bad_values_are_refused_with_the_key() {
             "[notify]\nsmtp_url = \"smtp://mail:25?tsl=required\"\n",
             "notify.smtp_url",
         ),
+        // Which of two would decide TLS is not clear: refused.
+        (
+            "[notify]\nsmtp_url = \"smtp://mail:25?tls=opportunistic&tls=required\"\n",
+            "twice",
+        ),
+        (
+            "[notify]\nsmtp_url = \"smtp://mail:25?tls=bogus\"\n",
+            "tls=required",
+        ),
         (
             "[server]\npublic_url = \"https://login.esp.example/#f\"\n",
             "fragment",

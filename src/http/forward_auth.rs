@@ -179,6 +179,10 @@ pub async fn auth_any(
                     true => ForwardAuth::Unavailable,
                     false => ForwardAuth::Denied,
                 };
+                // nginx relays only the status: the reason is here, under the request id.
+                if e.status == StatusCode::FORBIDDEN {
+                    tracing::info!(status = 403, error = %e.code, "forward-auth check refused");
+                }
                 (outcome, e.into_response())
             }
         };

@@ -935,9 +935,16 @@ impl DurableStore for SqlStore {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                match left {
-                    0 => KeyRemoval::Removed,
-                    _ => KeyRemoval::RemovedLastFactor,
+                if left == 0 {
+                    KeyRemoval::Removed
+                } else {
+                    // Its recovery codes went with the factors they stood in for: the next
+                    // factor comes with new ones.
+                    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+                        .bind(user_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    KeyRemoval::RemovedLastFactor
                 }
             } else {
                 let found = sqlx::query(

@@ -823,9 +823,9 @@ async fn account_actions_that_change_nothing_are_not_repeated() {
     // The page says what happened, nothing when nothing did.
     for (action, notice) in [
         ("disable", "disabled"),
-        ("disable", "disabled"),
+        ("disable", "disabled_already"),
         ("enable", "enabled"),
-        ("enable", "enabled"),
+        ("enable", "not_disabled"),
         ("unlock", "not_locked"),
         ("sessions/end", "no_sessions"),
         ("sessions/end", "no_sessions"),
@@ -1353,7 +1353,7 @@ async fn an_admin_restores_a_suspended_key() {
     );
     let mails = gw.outbox().await.len();
     let r = post("again").await.unwrap();
-    assert!(location(&r).ends_with("notice=key_restored"));
+    assert!(location(&r).ends_with("notice=not_suspended"));
     assert_eq!(
         restored(&gw.audit().await),
         1,

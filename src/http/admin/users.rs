@@ -43,6 +43,9 @@ fn notice_text(code: &str) -> Option<&'static str> {
             "Every second factor was removed and every session ended. The password alone no longer signs \
              in: issue an enrolment link below and give it to the user."
         }
+        "disabled_already" => "The account was disabled already: nothing changed.",
+        "not_disabled" => "The account was not disabled: nothing changed.",
+        "not_suspended" => "The key was not suspended: nothing changed.",
         "no_factors" => {
             "The account has no second factor to remove: it sets one up through an enrolment \
              link. Issue one below and give it to the user."
@@ -458,7 +461,7 @@ action!(
     |state, admin, user, why| {
         // Already disabled: nothing changes, so nothing is recorded or told again.
         if user.disabled {
-            return Ok(done(&user, "disabled"));
+            return Ok(done(&user, "disabled_already"));
         }
         state
             .durable
@@ -480,7 +483,7 @@ action!(
     "`POST …/users/{id}/enable`.",
     |state, admin, user, why| {
         if !user.disabled {
-            return Ok(done(&user, "enabled"));
+            return Ok(done(&user, "not_disabled"));
         }
         state
             .durable
@@ -735,7 +738,7 @@ pub async fn restore_key_post(
         .restore_webauthn_credential(&user.id, &key)
         .await?
     {
-        return Ok(done(&user, "key_restored"));
+        return Ok(done(&user, "not_suspended"));
     }
     let was = found.suspended_reason.unwrap_or_default();
     record(

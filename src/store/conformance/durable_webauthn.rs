@@ -289,7 +289,11 @@ async fn a_suspended_key_is_removed_or_restored(s: &Arc<dyn DurableStore>, tag: 
         s.user_by_id(&u.id).await.unwrap().unwrap().factors_reset_at,
         None
     );
-    // Suspended again, and the last key: removed, and the account enrols through a link.
+    // Suspended again, and the last key: removed, and the account enrols through a link (its
+    // recovery codes go too).
+    s.set_recovery_codes(&u.id, &["h1".to_string(), "h2".to_string()], 75)
+        .await
+        .unwrap();
     s.suspend_webauthn_credential(&a.id, "possible_clone", 80)
         .await
         .unwrap();
@@ -304,6 +308,7 @@ async fn a_suspended_key_is_removed_or_restored(s: &Arc<dyn DurableStore>, tag: 
         s.user_by_id(&u.id).await.unwrap().unwrap().factors_reset_at,
         Some(90)
     );
+    assert_eq!(s.recovery_codes_left(&u.id).await.unwrap(), 0);
 }
 
 /// Two keys removed at the same moment (the owner and an administrator): one removal wins,
