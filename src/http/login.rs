@@ -170,8 +170,9 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "expired" => "Your sign-in took too long or was interrupted. Please start again.",
         "restart" => "Too many wrong codes. Please sign in again.",
         "moved" => {
-            "Your sign-in continued from another network than it started on, so it was \
-                    ended. Please sign in again."
+            "Your sign-in continued from another network or browser than it started on, so it \
+             was ended. Please sign in again. If you were setting up your second factor from an \
+             enrolment link, ask your administrator for a new link."
         }
         "logged_out" => "You are signed out.",
         "session_ended" => {

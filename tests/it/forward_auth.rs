@@ -536,6 +536,20 @@ http {{
             proxy_set_header X-Forwarded-Uri "";
             proxy_set_header X-Forwarded-Method "";
             proxy_set_header Remote-User "";
+            proxy_set_header X-Forwarded-Groups "";
+            proxy_set_header X-Forwarded-Preferred-Username "";
+            proxy_set_header X-Forwarded-Access-Token "";
+            proxy_set_header X-Auth-Request-Groups "";
+            proxy_set_header X-Auth-Request-Preferred-Username "";
+            proxy_set_header X-Webauth-User "";
+            proxy_set_header X-User "";
+            proxy_set_header X-Email "";
+            # Addresses and the scheme and host the request came by: nginx's, not the client's.
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Client-IP "";
+            proxy_set_header Forwarded "";
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Forwarded-Proto $scheme;
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
@@ -623,6 +637,11 @@ async fn nginx_auth_request_guards_the_console() {
             ("X-Original-URI", "spoofed.by.client"),
             ("X-Forwarded-Method", "spoofed.by.client"),
             ("Remote-User", "spoofed.by.client"),
+            ("X-Forwarded-Groups", "spoofed.by.client"),
+            ("X-Auth-Request-Groups", "spoofed.by.client"),
+            ("X-Real-IP", "spoofed.by.client"),
+            ("Forwarded", "for=spoofed.by.client"),
+            ("X-Forwarded-Host", "spoofed.by.client"),
             ("X-Request-Id", "spoofed.by.client"),
         ],
         "",
