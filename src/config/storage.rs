@@ -98,7 +98,7 @@ impl StorageConfig {
         }
         Ok(Some(RedisTarget::PrivateCa {
             target: Box::new(target),
-            ca_pem: read_ca("storage.redis_tls_ca", path)?,
+            ca_pem: read_ca(("storage.redis_tls_ca", ""), path)?,
         }))
     }
 
@@ -187,7 +187,7 @@ impl StorageConfig {
                     )
                 };
                 match option.as_ref() {
-                    "sslrootcert" => drop(read_ca("storage.durable", path)?),
+                    "sslrootcert" => drop(read_ca(("storage.durable", "sslrootcert "), path)?),
                     "sslcert" | "sslkey" => {
                         std::fs::File::open(path).map_err(|e| named(e.to_string()))?;
                     }
@@ -199,9 +199,10 @@ impl StorageConfig {
     }
 }
 
-/// Reads a PEM CA bundle (the file of `key`) and checks that it holds at least one certificate.
-fn read_ca(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let bad = |why: String| key_err(key, format!("{}: {why}", path.display()));
+/// Reads a PEM CA bundle (the file of `key`, named in errors after `what`) and checks that it
+/// holds at least one certificate.
+fn read_ca((key, what): (&str, &str), path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let bad = |why: String| key_err(key, format!("{what}{}: {why}", path.display()));
     let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

@@ -41,7 +41,10 @@ pub async fn home_get(
         let (kind, what) = match c.suspended_reason.as_deref() {
             Some("possible_clone") => (
                 "possible_clone",
-                "Possibly cloned security key (its counter went backwards)".to_string(),
+                format!(
+                    "Possibly cloned security key (added {}; its counter went backwards)",
+                    when(c.created_at)
+                ),
             ),
             Some("sign_in_reported") => (
                 "suspended",
