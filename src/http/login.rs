@@ -649,11 +649,26 @@ pub(super) async fn moved_mid_sign_in(
     let ev = AuditEvent::new("sign_in_moved", "denied", state.clock.now())
         .reason(&format!("from {}", network_of(&loaded.session.ip)))
         .client(&client.ip, &client.user_agent);
-    let ev = match state.durable.user_by_id(&loaded.session.user_id).await? {
-        Some(u) if !loaded.session.decoy => ev.user(&u),
-        _ => ev,
+    let owner = match state.durable.user_by_id(&loaded.session.user_id).await? {
+        Some(u) if !loaded.session.decoy => Some(u),
+        _ => None,
+    };
+    let ev = match &owner {
+        Some(u) => ev.user(u),
+        None => ev,
     };
     state.audit.record(ev).await;
+    // Someone gave the account's password (or its second factor, where that comes first): the
+    // owner changing networks mid-way, or a copy of their browser's cookies used elsewhere.
+    if let Some(u) = owner.filter(|_| !loaded.session.amr.is_empty()) {
+        let what = format!(
+            "a sign-in to your account was stopped: it began from {} and went on from another \
+             network or browser ({}). If you were changing networks, sign in again",
+            network_of(&loaded.session.ip),
+            network_of(&client.ip)
+        );
+        state.notifier.account_change(&u, &what).await;
+    }
     Ok(true)
 }
 
