@@ -1697,3 +1697,51 @@ async fn an_issued_link_is_shown_to_its_session_only_and_to_api_clients_in_json(
         .unwrap()
         .contains("/_portcullis/enrol?t="));
 }
+
+/// An enrolment from a link that moves to another network mid-way ends (the link is spent); an
+/// account that never had a factor then signs in with its password and enrols as any first
+/// sign-in does, while one whose factors were reset needs a new link (the notice says so).
+#[tokio::test]
+async fn an_enrolment_from_a_link_cut_short_by_a_move() {
+    let gw = gateway().await;
+    let email = "moving@example.com";
+    gw.add_user(email).await;
+    let path = enrol_link(&gw, email).await;
+    let c = gw.browser();
+    let html = gw.page(&c, &path).await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
+    let r = c
+        .post(gw.url("/_portcullis/enrol"))
+        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let moved = gw.browser_moved_to(&c, "127.0.4.9");
+    let r = gw.get(&moved, "/_portcullis/enrol/totp").await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=moved");
+    let page = gw
+        .page(&gw.browser(), "/_portcullis/login?notice=moved")
+        .await;
+    assert!(
+        page.contains("ask your administrator for a new link"),
+        "{page}"
+    );
+    assert_eq!(gw.get(&c, &path).await.status(), 410, "the link is spent");
+    // Never had a factor: the password leads to the set-up of one, as at any first sign-in.
+    let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // Factors reset: once the enrolment is cut short, the password alone sets up nothing (it
+    // may be a thief's); a new link does.
+    let reset = "moving-reset@example.com";
+    let (c, _, _, r) = continue_from_link(&gw, reset).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let moved = gw.browser_moved_to(&c, "127.0.4.10");
+    let r = gw.get(&moved, "/_portcullis/enrol/totp").await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=moved");
+    let r = gw.password(&gw.browser(), reset, PASSWORD, "").await;
+    assert_eq!(r.status(), 401);
+    let path = enrol_link(&gw, reset).await;
+    assert_eq!(gw.status(&gw.browser(), &path).await, 200);
+}
