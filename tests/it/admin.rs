@@ -458,8 +458,18 @@ async fn continue_from_link(
     // (The command line voided sessions by the system's clock: the gateway's is moved past it.)
     gw.clock.advance(5);
     let path = enrol_link(gw, email).await;
+    let (c, form, r) = open_enrolment_link(gw, &path).await;
+    (c, path, form, r)
+}
+
+/// Opens the enrolment link at `path` in a new browser and continues (an account with a
+/// password is asked for none): the browser, the form's `csrf` and `t`, and the answer.
+async fn open_enrolment_link(
+    gw: &Gateway,
+    path: &str,
+) -> (Browser, [String; 2], reqwest::Response) {
     let c = gw.browser();
-    let html = gw.page(&c, &path).await;
+    let html = gw.page(&c, path).await;
     let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
     let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
     let r = c
@@ -468,7 +478,7 @@ async fn continue_from_link(
         .send()
         .await
         .unwrap();
-    (c, path, [csrf, token], r)
+    (c, [csrf, token], r)
 }
 
 /// An enrolment begun from a link may take longer than a sign-in (installing an app), and
@@ -1707,16 +1717,7 @@ async fn an_enrolment_from_a_link_cut_short_by_a_move() {
     let email = "moving@example.com";
     gw.add_user(email).await;
     let path = enrol_link(&gw, email).await;
-    let c = gw.browser();
-    let html = gw.page(&c, &path).await;
-    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
-    let token = extract(&html, "name=\"t\" value=\"", "\"").unwrap();
-    let r = c
-        .post(gw.url("/_portcullis/enrol"))
-        .form(&[("csrf", csrf.as_str()), ("t", token.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let (c, _, r) = open_enrolment_link(&gw, &path).await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
     let moved = gw.browser_moved_to(&c, "127.0.4.9");
     let r = gw.get(&moved, "/_portcullis/enrol/totp").await;
