@@ -664,6 +664,11 @@ pub struct Raw {
 }
 
 impl Raw {
+    /// The `Location` header, empty when there is none.
+    pub fn location(&self) -> String {
+        self.header("location").unwrap_or_default()
+    }
+
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;

@@ -127,9 +127,7 @@ async fn sensitive_actions_need_a_recent_proof() {
         assert_eq!(r.status, 401, "{uri} {accept}: {}", r.head);
         assert!(r.header("x-portcullis-assertion").is_none());
         assert!(
-            r.header("location")
-                .unwrap_or_default()
-                .contains("/_portcullis/reauth?next="),
+            r.location().contains("/_portcullis/reauth?next="),
             "{}",
             r.head
         );
@@ -172,8 +170,7 @@ async fn sensitive_actions_need_a_recent_proof() {
         .await;
         assert_eq!(r.status, 401, "{accept}: {}", r.head);
         assert!(
-            r.header("location")
-                .unwrap_or_default()
+            r.location()
                 .ends_with("/_portcullis/reauth?next=%2Fcampaigns%2F7%3Ftab%3Dreview"),
             "{accept}: {}",
             r.head
@@ -236,9 +233,7 @@ async fn sensitive_actions_need_a_recent_proof() {
     .await;
     assert_eq!(r.status, 302, "{}", r.head);
     assert!(
-        r.header("location")
-            .unwrap_or_default()
-            .ends_with("/_portcullis/reauth?next=%2F"),
+        r.location().ends_with("/_portcullis/reauth?next=%2F"),
         "{}",
         r.head
     );
