@@ -282,24 +282,23 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         err.contains("wrong audience") && err.contains("expected `someone-else`"),
         "{err}"
     );
+    // A refused token against the saved key set: what the command said on standard error.
+    let refused = |token: String| {
+        let jwks = jwks_file.to_str().unwrap().to_string();
+        let gw = &gw;
+        async move {
+            let out = gw
+                .cli(&["token", "verify", &token, "--jwks", &jwks], None)
+                .await;
+            assert!(!out.status.success(), "{token}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
     // A damaged token is said to be one, in words.
     let mut damaged = old_token.clone();
     damaged.insert(old_token.rfind('.').unwrap() + 5, '!');
     for bad in [damaged.as_str(), "hello", "a.b.c"] {
-        let out = gw
-            .cli(
-                &[
-                    "token",
-                    "verify",
-                    bad,
-                    "--jwks",
-                    jwks_file.to_str().unwrap(),
-                ],
-                None,
-            )
-            .await;
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(bad.to_string()).await;
         assert!(err.contains("not a well-formed token"), "{bad}: {err}");
     }
     // Only the algorithm the gateway signs with is taken (EdDSA here), as a backend pins it.
@@ -314,20 +313,7 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         old_token.split('.').nth(1).unwrap(),
         "c2ln"
     );
-    let out = gw
-        .cli(
-            &[
-                "token",
-                "verify",
-                &es256,
-                "--jwks",
-                jwks_file.to_str().unwrap(),
-            ],
-            None,
-        )
-        .await;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(es256).await;
     assert!(
         err.contains("signed with ES256") && err.contains("EdDSA"),
         "{err}"
