@@ -130,6 +130,23 @@ async fn a_device_cookie_is_recognised_only_for_its_own_user() {
     assert!(mail[1].contains("To: two@example.com"));
 }
 
+/// No authenticator app and no recovery code left on the account.
+async fn assert_no_factor(gw: &Gateway, user_id: &str) {
+    assert_eq!(gw.state.durable.totp(user_id).await.unwrap(), None);
+    let codes = gw.state.durable.recovery_codes_left(user_id).await.unwrap();
+    assert_eq!(codes, 0);
+}
+
+/// Once an administrator unlocks the account, its password alone is refused as a wrong one
+/// rather than leading to the set-up of a new factor.
+async fn unlocked_password_sets_up_nothing(gw: &Gateway, email: &str) {
+    let out = gw.cli(&["user", "unlock", email], None).await;
+    assert!(out.status.success());
+    gw.clock.advance(30);
+    let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
+    assert_eq!(r.status(), 401);
+}
+
 /// A password thief's first sign-in of an account that had no factor yet sets up the app and
 /// the recovery codes before it completes (and its notice is made): the owner's report of that
 /// sign-in takes them back, and the password alone then sets up nothing.
@@ -143,21 +160,9 @@ async fn a_reported_first_sign_in_takes_the_app_it_enrolled() {
     let link = report_link(&sign_in_notices(&gw).await[0]);
     let r = report(&gw, &link).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(gw.state.durable.totp(&user.id).await.unwrap(), None);
-    assert_eq!(
-        gw.state
-            .durable
-            .recovery_codes_left(&user.id)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_no_factor(&gw, &user.id).await;
     // The password alone sets up nothing now: an enrolment link does.
-    let out = gw.cli(&["user", "unlock", email], None).await;
-    assert!(out.status.success());
-    gw.clock.advance(30);
-    let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
-    assert_eq!(r.status(), 401);
+    unlocked_password_sets_up_nothing(&gw, email).await;
 }
 
 /// An intruder with a session can set up their own authenticator app and recovery codes; the
@@ -194,15 +199,7 @@ async fn a_report_takes_the_factors_set_up_since_with_it() {
 
     let link = report_link(&sign_in_notices(&gw).await[1]);
     assert_eq!(report(&gw, &link).await.status(), 200);
-    assert_eq!(gw.state.durable.totp(&user.id).await.unwrap(), None);
-    assert_eq!(
-        gw.state
-            .durable
-            .recovery_codes_left(&user.id)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_no_factor(&gw, &user.id).await;
     let ev = gw.audit().await;
     assert!(
         ev.iter().any(|e| e.event == "second_factors_dropped"
@@ -218,11 +215,7 @@ async fn a_report_takes_the_factors_set_up_since_with_it() {
 
     // Unlocked, the account has no factor: its (stolen) password is refused as a wrong one
     // instead of leading to the set-up of a new factor.
-    let out = gw.cli(&["user", "unlock", email], None).await;
-    assert!(out.status.success());
-    gw.clock.advance(30);
-    let r = gw.password(&gw.browser(), email, PASSWORD, "").await;
-    assert_eq!(r.status(), 401);
+    unlocked_password_sets_up_nothing(&gw, email).await;
     assert!(gw
         .audit()
         .await
