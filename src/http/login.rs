@@ -743,10 +743,8 @@ pub async fn mfa_post(
     if awaits_password(&loaded.session) {
         return Ok(see_other(&stage_page(&loaded)));
     }
+    // (A code from another network or browser never gets here: `guard_sign_in_steps`.)
     let client = super::client(&state, peer, &headers);
-    if moved_mid_sign_in(&state, &loaded, &client).await? {
-        return Ok(restart(&state, "moved"));
-    }
     let keys = has_keys(&state, &loaded.session).await?;
     let first = awaits_factor_first(&loaded.session);
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;

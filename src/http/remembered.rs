@@ -200,10 +200,8 @@ pub async fn finish_post(
     let Some(user) = state.login.active_user(&loaded.session.user_id).await? else {
         return Err(super::webauthn::no_session());
     };
+    // (A proof from another network or browser never gets here: `guard_sign_in_steps`.)
     let client = super::client(&state, peer, &headers);
-    if super::login::moved_mid_sign_in(&state, &loaded, &client).await? {
-        return Ok(redirect_json("/_portcullis/login?notice=moved"));
-    }
     // Everything is checked again now: the device may have been revoked or forgotten meanwhile.
     let Some((_, key)) = remembered(&state, &headers, &user).await? else {
         return fall_back(&state, loaded, "not_remembered").await;
