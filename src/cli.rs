@@ -201,6 +201,11 @@ pub enum TokenCmd {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // clap would say a value is missing for `--config`, which the command line did not name.
+    if std::env::var_os("PORTCULLIS_CONFIG").is_some_and(|v| v.is_empty()) {
+        note!("error: PORTCULLIS_CONFIG is set but empty: name a configuration file, or unset it");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

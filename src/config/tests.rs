@@ -211,6 +211,15 @@ fn bad_values_are_refused_with_the_key() {
             "[storage]\nephemeral = \"rediss+cluster://a:1,b:2#insecure\"\n",
             "storage.ephemeral",
         ),
+        // Options the driver would ignore: `?tls=true` would stay a plain connection.
+        (
+            "[storage]\nephemeral = \"redis://r:6379/0?tls=true\"\n",
+            "options (`?…`) are not accepted",
+        ),
+        (
+            "[storage]\nephemeral = \"redis+cluster://a:1,b:2/0?ssl=1\"\n",
+            "options (`?…`) are not accepted",
+        ),
         // Values that cannot work, refused here rather than at the first sign-in.
         ("[password]\nmin_length = 300\n", "password.min_length"),
         (

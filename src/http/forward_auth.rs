@@ -338,24 +338,27 @@ async fn check(
             // The dead cookie is cleared by the answer to a navigation, not to a request of the
             // page's own (a poll), which proxies such as Traefik and Caddy relay too. (nginx's
             // check asks as an API client but never relays the answer's cookies.)
-            let browser = wants_html(headers);
-            let mut r = refuse(
-                state,
-                browser,
-                login.as_str(),
-                (next.as_deref(), notice),
-                clear_cookie && browser,
-            );
-            // The asking proxy relays the answer: a plain 302 is what all of them pass on. A 401
-            // also names the sign-in URL in `Location`, for proxies (nginx `auth_request`) that
-            // turn 401 into their own redirect and cannot relay a 3xx.
-            if r.status() == StatusCode::SEE_OTHER {
+            if wants_html(headers) {
+                // The asking proxy relays the answer: a plain 302 is what all of them pass on.
+                let mut r = refuse(
+                    state,
+                    true,
+                    login.as_str(),
+                    (next.as_deref(), notice),
+                    clear_cookie,
+                );
                 *r.status_mut() = StatusCode::FOUND;
-            } else {
-                let to = super::gate::sign_in_location(login.as_str(), next.as_deref(), notice);
-                if let Ok(to) = HeaderValue::from_str(&to) {
-                    r.headers_mut().insert(header::LOCATION, to);
-                }
+                return Ok((ForwardAuth::SignIn, r));
+            }
+            // A 401 names the sign-in URL in `Location` too, for proxies (nginx `auth_request`)
+            // that turn 401 into their own redirect of the browser and cannot relay a 3xx: with
+            // the notice the page shows, in the header and in the body alike.
+            let to = super::gate::sign_in_location(login.as_str(), next.as_deref(), notice);
+            let mut r = super::gate::authentication_required(login.as_str(), &to);
+            let h = r.headers_mut();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            if let Ok(to) = HeaderValue::from_str(&to) {
+                h.insert(header::LOCATION, to);
             }
             Ok((ForwardAuth::SignIn, r))
         }

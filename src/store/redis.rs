@@ -115,6 +115,16 @@ fn check_url(url: &str) -> Result<(), String> {
                 .into(),
         );
     }
+    // The driver reads one option (`protocol`) and ignores every other: `?tls=true` or
+    // `?ssl=1` would leave a plain connection that looks encrypted to whoever reads the config.
+    if url.contains('?') {
+        return Err(
+            "options (`?…`) are not accepted: TLS is the rediss:// scheme (a private CA goes in \
+             storage.redis_tls_ca), the database is the path (/0), the password is in the \
+             address (redis://:password@host:6379/0; a `?` in it is written %3F)"
+                .into(),
+        );
+    }
     redis::Client::open(url)
         .map(drop)
         .map_err(|e| format!("not a valid Redis URL ({})", e.category()))

@@ -714,6 +714,23 @@ async fn a_command_without_a_config_says_so() {
     }
 }
 
+/// `PORTCULLIS_CONFIG=` (an empty value, as a template that filled in nothing leaves it) is
+/// refused by its name, not read as defaults nor as a `--config` missing its value.
+#[test]
+fn an_empty_config_variable_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(dir.path())
+        .env("PORTCULLIS_CONFIG", "")
+        .args(["user", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("PORTCULLIS_CONFIG is set but empty"), "{err}");
+    assert!(!dir.path().join("portcullis.sqlite").exists());
+}
+
 /// A command run with another master key than the gateways' is refused before it writes
 /// anything: a signing key or TOTP secret sealed with it could never be opened (a rotation with
 /// it stopped every gateway from starting again). `check-config` says so too.

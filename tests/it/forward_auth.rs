@@ -254,15 +254,21 @@ async fn no_session_gets_401_json_or_a_redirect_with_next_from_a_trusted_proxy()
             ],
         )
         .await;
+        let want = format!(
+            "{}/_portcullis/login?next=%2Fcampaigns%2Fnew%3Fdraft%3D7&notice=not_sent",
+            gw.base
+        );
         assert_eq!(
             r.header("location"),
-            Some(format!(
-                "{}/_portcullis/login?next=%2Fcampaigns%2Fnew%3Fdraft%3D7&notice=not_sent",
-                gw.base
-            )),
+            Some(want.clone()),
             "{accept}: {}",
             r.head
         );
+        // An API client's 401 names the same URL in its body as in `Location`.
+        if accept == "application/json" {
+            assert_eq!(r.status, 401);
+            assert_eq!(json(&r)["login"], want.as_str());
+        }
     }
     // Unsafe return targets are dropped, never echoed.
     for bad in [
