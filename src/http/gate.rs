@@ -547,17 +547,28 @@ pub(crate) async fn proxy_request(
     peer: std::net::SocketAddr,
     req: Request,
 ) -> Response {
-    match gate_and_forward(state, peer, req).await {
-        Ok(r) => r,
+    let mut own = match gate_and_forward(state, peer, req).await {
+        Ok(Answer::Upstream(r)) => return r,
+        Ok(Answer::Own(r)) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    // The gateway's own answers (refusals, redirects to sign in, error pages when a store or the
+    // console is away) are hardened as its pages are; the console's are its own.
+    apply_security_headers(own.headers_mut(), state.config.is_https());
+    own
+}
+
+/// What a proxied request is answered with: the console's answer, or the gateway's own.
+enum Answer {
+    Upstream(Response),
+    Own(Response),
 }
 
 async fn gate_and_forward(
     state: &AppState,
     peer: std::net::SocketAddr,
     req: Request,
-) -> Result<Response, AppError> {
+) -> Result<Answer, AppError> {
     let canonical = normalise_path(req.uri().path()).map_err(|e| {
         state.metrics.proxied(Proxied::Denied);
         AppError::bad_request(e.to_string())
@@ -565,9 +576,7 @@ async fn gate_and_forward(
     if is_gateway_path(&canonical) {
         // The gateway's namespace in any other spelling: never forwarded.
         state.metrics.proxied(Proxied::Denied);
-        let mut r = AppError::not_found().into_response();
-        apply_security_headers(r.headers_mut(), state.config.is_https());
-        return Ok(r);
+        return Err(AppError::not_found());
     }
     if is_upgrade(&req) {
         cross_site_upgrade(state, req.headers())
@@ -600,13 +609,13 @@ async fn gate_and_forward(
             state.metrics.proxied(Proxied::Denied);
             let bind = super::binding::BIND_PATH;
             let back = referring_page(state, req.headers());
-            return Ok(super::binding::refusal(
+            return Ok(Answer::Own(super::binding::refusal(
                 state,
                 why,
                 browser,
                 bind,
                 (next().as_deref(), back.as_deref()),
-            ));
+            )));
         }
         Decision::StepUp { key, reason } => {
             state.metrics.step_up(reason);
@@ -615,7 +624,12 @@ async fn gate_and_forward(
             let back = referring_page(state, req.headers());
             let pages = (n.as_deref(), back.as_deref());
             let why = (key, reason);
-            return Ok(step_up_refusal(browser, pages, why, StatusCode::FORBIDDEN));
+            return Ok(Answer::Own(step_up_refusal(
+                browser,
+                pages,
+                why,
+                StatusCode::FORBIDDEN,
+            )));
         }
         Decision::Refuse { clear_cookie } => {
             state.metrics.proxied(match browser {
@@ -631,13 +645,13 @@ async fn gate_and_forward(
             // The dead cookie is cleared by the answer that tells the browser (a page's
             // navigation), not by a request of the page's own (a poll, an image, a script), which
             // would leave the next navigation without a word on why it must sign in.
-            return Ok(refuse(
+            return Ok(Answer::Own(refuse(
                 state,
                 browser,
                 LOGIN_PATH,
                 (n.as_deref(), notice),
                 clear_cookie && browser,
-            ));
+            )));
         }
     };
     let fwd = Forwarding {
@@ -651,15 +665,14 @@ async fn gate_and_forward(
     match state.upstream.forward(req, fwd).await {
         Ok(r) => {
             state.metrics.proxied(Proxied::Forwarded);
-            Ok(r)
+            Ok(Answer::Upstream(r))
         }
         Err(e @ crate::proxy::ProxyError::RequestBody(_)) => {
             state.metrics.proxied(Proxied::Denied);
             tracing::info!(error = %e, "request body broke off or was malformed; not forwarded whole");
-            Ok(AppError::bad_request(
+            Err(AppError::bad_request(
                 "The request body was malformed or ended before its announced length.",
-            )
-            .into_response())
+            ))
         }
         Err(e) => {
             state.metrics.proxied(Proxied::Unavailable);
@@ -681,7 +694,7 @@ async fn gate_and_forward(
                     "The console cannot be reached right now. Please try again shortly.",
                 )
             };
-            Ok(AppError::new(status, code, msg).into_response())
+            Err(AppError::new(status, code, msg))
         }
     }
 }

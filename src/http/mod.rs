@@ -257,20 +257,25 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
             .map(|p| p.as_str().len())
             .unwrap_or(0);
         let routed = is_routed(req.uri().path());
-        let resp = if len > state.config.server.max_uri_length {
-            AppError::new(
+        let refused = if len > state.config.server.max_uri_length {
+            Some(AppError::new(
                 StatusCode::URI_TOO_LONG,
                 "uri_too_long",
                 "The address is too long.",
-            )
-            .into_response()
+            ))
         } else if routed && !readable_path(req.uri().path()) {
             // Ids in the gateway's own paths (a key's, a device's) reach the stores: a NUL, which
             // text columns refuse, or bytes that are no text are bad input, said in our format.
-            AppError::bad_request(
+            Some(AppError::bad_request(
                 "The address holds a character that is not allowed (NUL, or bytes that are not text).",
-            )
-            .into_response()
+            ))
+        } else {
+            None
+        };
+        let resp = if let Some(refused) = refused {
+            let mut r = refused.into_response();
+            apply_security_headers(r.headers_mut(), state.config.is_https());
+            r
         } else if routed {
             match tower::ServiceExt::oneshot(router, req).await {
                 Ok(r) => r,

@@ -633,6 +633,27 @@ impl Gateway {
     }
 }
 
+/// The gateway's page hardening (`what` names the answer in failures): a strict CSP, nothing
+/// kept, no referrer, no sniffing.
+pub fn assert_hardened(h: &reqwest::header::HeaderMap, what: &str) {
+    let csp = h
+        .get("content-security-policy")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert!(csp.contains("frame-ancestors 'none'"), "{what}: {csp}");
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{what}: {csp}"
+    );
+    assert_eq!(h.get("cache-control").unwrap(), "no-store", "{what}");
+    assert_eq!(h.get("referrer-policy").unwrap(), "no-referrer", "{what}");
+    assert_eq!(
+        h.get("x-content-type-options").unwrap(),
+        "nosniff",
+        "{what}"
+    );
+}
+
 pub fn location(r: &reqwest::Response) -> String {
     r.headers()
         .get("location")

@@ -14,23 +14,7 @@ async fn gateway_pages_carry_strict_security_headers() {
         "/_PORTCULLIS/x",
     ] {
         let r = c.get(gw.url(path)).send().await.unwrap();
-        let h = r.headers();
-        let csp = h
-            .get("content-security-policy")
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default();
-        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
-        assert!(
-            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
-            "{path}: {csp}"
-        );
-        assert_eq!(h.get("cache-control").unwrap(), "no-store", "{path}");
-        assert_eq!(h.get("referrer-policy").unwrap(), "no-referrer", "{path}");
-        assert_eq!(
-            h.get("x-content-type-options").unwrap(),
-            "nosniff",
-            "{path}"
-        );
+        assert_hardened(r.headers(), path);
     }
     // No inline script anywhere on the sign-in pages.
     let html = gw.page(&c, "/_portcullis/login").await;
@@ -51,6 +35,39 @@ async fn gateway_pages_carry_strict_security_headers() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/svg+xml");
+}
+
+/// The gateway's own answers on the console's paths (sent to sign in, refused, a store away,
+/// an address too long) are its pages too, hardened as they are: a store outage must not be the
+/// moment a page of the gateway's can be framed or sniffed.
+#[tokio::test]
+async fn the_gateways_own_answers_on_console_paths_are_hardened() {
+    let gw = Gateway::start().await;
+    let long = format!("/campaigns/{}", "a".repeat(9000));
+    for (client, path, status) in [
+        (gw.browser().client, "/campaigns", 303),
+        (gw.api(), "/campaigns", 401),
+        (gw.browser().client, long.as_str(), 414),
+        (gw.browser().client, "/_portcullis/%00", 400),
+    ] {
+        let r = client.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        assert_hardened(
+            r.headers(),
+            &format!("{status} {}", &path[..20.min(path.len())]),
+        );
+    }
+    let (c, _, _) = gw.signed_in("hardened@example.com").await;
+    let r = c.get(gw.url("/campaigns")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The console's own answer keeps its own headers.
+    assert!(r.headers().get("content-security-policy").is_none());
+    let _db = gw.break_durable_store().await;
+    gw.clock.advance(2);
+    let r = c.get(gw.url("/campaigns")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_hardened(r.headers(), "503");
+    assert!(r.text().await.unwrap().contains("temporarily unavailable"));
 }
 
 #[tokio::test]

@@ -415,6 +415,7 @@ async fn upstream_down_is_a_clear_502_never_a_bypass() {
     let (c, _, _) = gw.signed_in("d@example.com").await;
     let r = c.get(gw.url("/campaigns")).send().await.unwrap();
     assert_eq!(r.status(), 502);
+    assert_hardened(r.headers(), "502");
     let page = r.text().await.unwrap();
     assert!(page.contains("cannot be reached"));
     // Signed in already: the page offers to try again, not to sign in.
