@@ -472,6 +472,20 @@ fn report_from(r: &AnyRow) -> Result<ReportLink, sqlx::Error> {
 }
 
 /// The statement that stores a signing key.
+/// A write to the user's row, first in a transaction that replaces or counts the user's
+/// factors: PostgreSQL locks the row until the transaction ends and SQLite takes its write lock,
+/// so a second such change for the same user waits here and then sees what this one did.
+async fn lock_user(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    user_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET created_at = created_at WHERE id = $1")
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+}
+
 fn insert_key(
     key: &SigningKeyRecord,
 ) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
@@ -901,13 +915,7 @@ impl DurableStore for SqlStore {
         let pool = &self.pool;
         self.retrying(move || async move {
             let mut tx = pool.begin().await?;
-            // A write to the user's row first: PostgreSQL locks the row until the end of the
-            // transaction and SQLite takes its write lock, so a second removal for the same user
-            // waits here and then sees what this one did.
-            sqlx::query("UPDATE users SET created_at = created_at WHERE id = $1")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
+            lock_user(&mut tx, user_id).await?;
             let removed = sqlx::query(
                 "DELETE FROM webauthn_credentials WHERE id = $1 AND user_id = $2 AND ( \
                    suspended_at IS NOT NULL \
@@ -999,6 +1007,9 @@ impl DurableStore for SqlStore {
         let pool = &self.pool;
         self.retrying(move || async move {
             let mut tx = pool.begin().await?;
+            // Two new sets at once would otherwise both be kept on PostgreSQL: each deletes the
+            // rows it saw, not the other's new ones.
+            lock_user(&mut tx, user_id).await?;
             sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
                 .bind(user_id)
                 .execute(&mut *tx)

@@ -384,6 +384,35 @@ async fn recovery_code_races(s: &Arc<dyn DurableStore>, tag: &str) {
     }
     assert_eq!(wins, 1, "exactly one concurrent consume succeeds");
     assert_eq!(s.recovery_codes_left(&u.id).await.unwrap(), 1);
+
+    // New sets made at once (a double-click, two tabs, two gateways): one set is left, whole,
+    // never the union of some (every code of each a working second factor).
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let (s, id, barrier) = (s.clone(), u.id.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let set: Vec<String> = (0..3).map(|n| format!("set-{i}-{n}")).collect();
+                barrier.wait().await;
+                s.set_recovery_codes(&id, &set, 3).await.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.recovery_codes_left(&u.id).await.unwrap(), 3);
+    let mut sets_left = 0;
+    for i in 0..TASKS {
+        if s.consume_recovery_code(&u.id, &format!("set-{i}-0"), 4)
+            .await
+            .unwrap()
+        {
+            sets_left += 1;
+        }
+    }
+    assert_eq!(sets_left, 1);
+    assert_eq!(s.recovery_codes_left(&u.id).await.unwrap(), 2);
 }
 
 /// Gateways starting together on an empty store: exactly one first key is stored.
