@@ -700,21 +700,27 @@ pub async fn guard_sign_in_steps(
         return next.run(req).await;
     }
     let headers = req.headers().clone();
-    let moved = async {
+    let step = async {
         let Some(loaded) = current_session(&state, &headers).await? else {
-            return Ok(false);
+            return Ok(Step::Free);
         };
         if loaded.session.is_authenticated() {
-            return Ok(false);
+            return Ok(Step::Free);
         }
         let client = super::client(&state, peer, &headers);
-        moved_mid_sign_in(&state, &loaded, &client).await
+        Ok::<_, AppError>(match moved_mid_sign_in(&state, &loaded, &client).await? {
+            true => Step::Moved,
+            false => Step::Pending(loaded.key),
+        })
     }
     .await;
-    match moved {
-        Ok(false) => next.run(req).await,
-        Ok(true) if wants_html(&headers) => restart(&state, "moved"),
-        Ok(true) => {
+    match step {
+        Ok(Step::Pending(key)) if req.method() == axum::http::Method::POST => {
+            one_at_a_time(&state, &key, next.run(req)).await
+        }
+        Ok(Step::Free | Step::Pending(_)) => next.run(req).await,
+        Ok(Step::Moved) if wants_html(&headers) => restart(&state, "moved"),
+        Ok(Step::Moved) => {
             let body = serde_json::json!({
                 "error": "sign_in_moved",
                 "message": "This sign-in went on from another network or browser than it began \
@@ -726,6 +732,55 @@ pub async fn guard_sign_in_steps(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// What [`guard_sign_in_steps`] found the request to be.
+enum Step {
+    /// Not a sign-in under way (none, or a complete session): nothing to guard.
+    Free,
+    /// A step of the sign-in under this session key, from the client it began with.
+    Pending(String),
+    /// A step from another network or browser: the sign-in is ended.
+    Moved,
+}
+
+/// How long a step of a sign-in may hold it against another sent at the same time; released
+/// when the step is answered, so this is only for a gateway stopped mid-step.
+const STEP_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs `step` (a form or ceremony sent for the sign-in under `key`) unless another step of
+/// that sign-in is being checked: two codes sent at once (a double submit, a copy of the
+/// cookies on the same network) would otherwise each be checked and spent, and each complete
+/// the sign-in. The other gets `409 step_in_progress`.
+async fn one_at_a_time(
+    state: &AppState,
+    key: &str,
+    step: impl std::future::Future<Output = Response>,
+) -> Response {
+    let claim = format!("sign_in_step:{key}");
+    match state
+        .ephemeral
+        .put_if_absent(&claim, b"1", STEP_CLAIM_TTL)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            return AppError::new(
+                StatusCode::CONFLICT,
+                "step_in_progress",
+                "This step of your sign-in is being checked already (was it sent twice?). Wait \
+                 a moment, then go back and reload the page.",
+            )
+            .into_response()
+        }
+        Err(e) => return AppError::from(e).into_response(),
+    }
+    let answer = step.await;
+    if let Err(e) = state.ephemeral.delete(&claim).await {
+        // It runs out by itself.
+        tracing::warn!(error = %e, "cannot release a sign-in step");
+    }
+    answer
 }
 
 /// `POST /_portcullis/mfa`.

@@ -138,6 +138,58 @@ async fn totp_codes_work_once_and_recovery_codes_once_each() {
     assert!(ev.iter().any(|e| e.event == "recovery_code_used"));
 }
 
+/// Codes sent at once for one sign-in (a double submit, a copy of the cookies on the same
+/// network and browser): one is checked, the others are told a step is being checked, so the
+/// sign-in completes once and one recovery code is spent, not one per request.
+#[tokio::test]
+async fn a_sign_in_completes_once_however_many_codes_arrive_at_once() {
+    let gw = Gateway::start().await;
+    let (_c, _, codes) = gw.signed_in("twice@example.com").await;
+    let successes = |ev: Vec<portcullis::store::AuditEvent>| {
+        ev.iter()
+            .filter(|e| e.event == "second_factor" && e.outcome == "success")
+            .count()
+    };
+    let before = successes(gw.audit().await);
+    let a = gw.browser();
+    gw.password(&a, "twice@example.com", PASSWORD, "").await;
+    let csrf = gw.csrf(&a, "/_portcullis/mfa").await;
+    let tries = codes.len().min(8);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tries));
+    let sent: Vec<_> = codes[..tries]
+        .iter()
+        .map(|code| {
+            let (c, url, csrf) = (a.client.clone(), gw.url("/_portcullis/mfa"), csrf.clone());
+            let (code, barrier) = (code.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let r = c
+                    .post(url)
+                    .form(&[("code", code.as_str()), ("csrf", csrf.as_str())])
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status().as_u16(), location(&r))
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in sent {
+        answers.push(t.await.unwrap());
+    }
+    let completed = answers.iter().filter(|(_, to)| to == "/").count();
+    assert_eq!(completed, 1, "{answers:?}");
+    let user = gw.user("twice@example.com").await;
+    let left = gw
+        .state
+        .durable
+        .recovery_codes_left(&user.id)
+        .await
+        .unwrap();
+    assert_eq!(left as usize, codes.len() - 1, "{answers:?}");
+    assert_eq!(successes(gw.audit().await), before + 1, "{answers:?}");
+}
+
 #[tokio::test]
 async fn session_id_changes_at_every_privilege_step_and_logout_ends_it() {
     let gw = Gateway::start().await;
