@@ -265,14 +265,22 @@ impl Keys {
         if id.len() != 43 {
             return Ok(None);
         }
-        let Some(body) = self.flow.ephemeral.take(&ceremony_key(id)).await? else {
+        let key = ceremony_key(id);
+        // Read before it is taken: a ceremony sent by another session (or for another purpose)
+        // is refused and left for the one it belongs to, which could otherwise be made to fail.
+        let Some(seen) = self.flow.ephemeral.get(&key).await? else {
             return Ok(None);
         };
-        let c: Ceremony = serde_json::from_slice(&body).map_err(corrupt)?;
-        let ok = c.purpose == purpose
+        let c: Ceremony = serde_json::from_slice(&seen).map_err(corrupt)?;
+        let ours = c.purpose == purpose
             && ct_eq(c.binding.as_bytes(), binding.as_bytes())
             && c.user_id.as_deref() == user_id;
-        Ok(ok.then_some(c))
+        if !ours {
+            return Ok(None);
+        }
+        // Single use: only the request that takes it (the same one it read) goes on.
+        let taken = self.flow.ephemeral.take(&key).await?;
+        Ok(taken.is_some_and(|t| t == seen).then_some(c))
     }
 
     async fn audit(&self, ev: AuditEvent, client: &Client) {

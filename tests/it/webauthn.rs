@@ -454,6 +454,20 @@ async fn a_challenge_answers_once() {
     let r = call(&gw, &c2, &csrf, "authenticate/finish", old).await;
     assert_eq!(error_code(r).await.0, 401);
     assert_eq!(console(&gw, &c2).await, 303);
+
+    // A ceremony sent by another sign-in is refused there and stays its own sign-in's: the
+    // other cannot make it fail by sending it first.
+    let c3 = after_password(&gw, "replay@example.com").await;
+    let csrf3 = gw.csrf(&c3, "/_portcullis/mfa").await;
+    let (ceremony, options) = start(&gw, &c3, &csrf3, "authenticate/start", json!({})).await;
+    let rcr: RequestChallengeResponse = serde_json::from_value(options).unwrap();
+    let cred = k.do_authentication(origin(&gw), rcr).unwrap();
+    let answer = json!({ "ceremony": ceremony, "credential": cred });
+    let r = call(&gw, &c2, &csrf, "authenticate/finish", answer.clone()).await;
+    assert_eq!(error_code(r).await.0, 401);
+    let r = call(&gw, &c3, &csrf3, "authenticate/finish", answer).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(console(&gw, &c3).await, 200);
     let reasons = audited(&gw, "second_factor", "failure").await;
     assert!(
         reasons.contains(&Some("wrong_challenge".into())),
