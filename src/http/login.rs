@@ -515,8 +515,8 @@ pub struct CodeForm {
     #[serde(default)]
     csrf: String,
     /// "Remember this browser" (second-factor page only).
-    #[serde(default)]
-    remember: Option<String>,
+    #[serde(default, deserialize_with = "super::checkbox")]
+    remember: bool,
 }
 
 fn remember_days(state: &AppState) -> u64 {
@@ -803,7 +803,7 @@ pub async fn mfa_post(
     let keys = has_keys(&state, &loaded.session).await?;
     let first = awaits_factor_first(&loaded.session);
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
-    loaded.session.remember_device = remember && !first && form.remember.is_some();
+    loaded.session.remember_device = remember && !first && form.remember;
     let outcome = state
         .login
         .second_factor_step(&mut loaded.session, &form.code, &client)

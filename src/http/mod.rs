@@ -558,6 +558,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
     }
 }
 
+/// A checkbox's form field: left out, or `0`, `false`, `off` or empty, is unticked; `1`, `true`
+/// or `on` (a browser's value for a box without one) is ticked; anything else is refused (the
+/// form is bad input), so a client sending `admin=false` never gets what it declined.
+/// Use with `#[serde(default, deserialize_with = "checkbox")]` on a `bool`.
+pub(crate) fn checkbox<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let value = <String as serde::Deserialize>::deserialize(d)?;
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" => Ok(true),
+        "" | "0" | "false" | "off" => Ok(false),
+        _ => Err(serde::de::Error::custom(
+            "a checkbox is 1 (ticked) or left out (not ticked)",
+        )),
+    }
+}
+
 /// Whether an `application/x-www-form-urlencoded` body holds a NUL, raw or escaped.
 fn has_nul(raw: &[u8]) -> bool {
     memchr::memchr(0, raw).is_some()

@@ -365,6 +365,31 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
             "{body}"
         );
     }
+    // A checkbox sent unticked by a script (`admin=false`) makes no administrator; a value that
+    // is neither ticked nor unticked is refused, creating no one.
+    for (i, (value, status)) in [("false", 303), ("0", 303), ("", 303), ("maybe", 400)]
+        .into_iter()
+        .enumerate()
+    {
+        let email = format!("box{i}@example.com");
+        let r = c
+            .post(gw.url("/_portcullis/admin/users"))
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("email", email.as_str()),
+                ("account", "acct-9"),
+                ("admin", value),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "admin={value}");
+        let made = gw.state.durable.user_by_email(&email).await.unwrap();
+        assert_eq!(
+            made.as_ref().map(|u| u.is_admin),
+            (status == 303).then_some(false)
+        );
+    }
 
     let cust = gw.browser();
     let r = use_link(&gw, &cust, &customer_link, NEW_PASSWORD).await;

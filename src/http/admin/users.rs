@@ -123,8 +123,8 @@ pub struct CreateForm {
     email: String,
     #[serde(default)]
     account: String,
-    #[serde(default)]
-    admin: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::checkbox")]
+    admin: bool,
     #[serde(default)]
     csrf: String,
 }
@@ -151,7 +151,7 @@ pub async fn create_post(
     if !crate::policy::is_account_id(&account) {
         return bad("The account id has 1 to 128 characters.").await;
     }
-    let is_admin = form.admin.is_some();
+    let is_admin = form.admin;
     let created = state
         .durable
         .create_user(
@@ -555,8 +555,8 @@ action!(
 pub struct CsrfForm {
     #[serde(default)]
     csrf: String,
-    #[serde(default)]
-    key_only: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::checkbox")]
+    key_only: bool,
     /// Optional for ending sessions and revoking a device: kept in the audit trail when given.
     #[serde(default)]
     reason: String,
@@ -809,7 +809,7 @@ pub async fn enrolment_link_post(
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
     let user = checked_target(&state, &headers, &form.csrf, &id).await?;
-    let link = issue_link(&state, &admin, &user, form.key_only.is_some()).await?;
+    let link = issue_link(&state, &admin, &user, form.key_only).await?;
     show_link(&state, &admin, &headers, &user, link).await
 }
 
