@@ -249,7 +249,7 @@ fn error_text(e: &anyhow::Error) -> String {
 
 /// Loads the configuration from `--config` and the environment.
 pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
-    let config = Config::load(path, std::env::vars())?;
+    let config = Config::load(path, crate::config::environment()?)?;
     if path.is_none() {
         note!(
             "note: no --config (or PORTCULLIS_CONFIG) given: built-in defaults and PORTCULLIS__* \
@@ -485,16 +485,17 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
 /// Settings that are valid but most likely not what the operator meant: warned about by
 /// `check-config` and when `serve` starts.
 fn advice(config: &Config) -> Vec<String> {
-    let mut advice: Vec<String> = crate::config::ignored_variables(std::env::vars())
-        .into_iter()
-        .map(|name| {
-            format!(
-                "the environment variable {name} is not read: overrides are spelled \
+    let mut advice: Vec<String> =
+        crate::config::ignored_variables(crate::config::environment().unwrap_or_default())
+            .into_iter()
+            .map(|name| {
+                format!(
+                    "the environment variable {name} is not read: overrides are spelled \
                  PORTCULLIS__SECTION__KEY (capitals, two underscores after PORTCULLIS and between \
                  section and key), besides PORTCULLIS_CONFIG and PORTCULLIS_LOG"
-            )
-        })
-        .collect();
+                )
+            })
+            .collect();
     if config.forward_auth.enabled && config.server.trusted_proxies.is_empty() {
         advice.push(
             "forward_auth is on but server.trusted_proxies is empty: the asking proxy's \

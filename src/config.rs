@@ -36,6 +36,8 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
     Key { key: String, message: String },
+    #[error("environment variable {name}: its value is not UTF-8 text")]
+    Environment { name: String },
     #[error("config key `{key}`: cannot read secret file {path}: {source}")]
     SecretFile {
         key: String,
@@ -1563,6 +1565,28 @@ impl Config {
 /// underscore), `portcullis__server__listen` (lower case), `PORTCULLIS_LOG_LEVEL`. Kubernetes'
 /// service links for a service named like the gateway (`PORTCULLIS_SERVICE_HOST`,
 /// `PORTCULLIS_PORT_8080_TCP`, …) are not the operator's and are left alone.
+/// The process environment as text, for [`Config::load`] and [`ignored_variables`]. A variable
+/// that is not UTF-8 text is left out (it is none of the gateway's: other software shares the
+/// environment) unless its name says it is meant for the gateway (`PORTCULLIS…`), which is an
+/// error naming it, never its value (it may be a password).
+pub fn environment() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => vars.push((name, value)),
+            (name, _) => {
+                let name = name.unwrap_or_else(|n| n.to_string_lossy().into_owned());
+                if name.to_ascii_uppercase().starts_with("PORTCULLIS") {
+                    return Err(ConfigError::Environment {
+                        name: name.escape_debug().to_string(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(vars)
+}
+
 pub fn ignored_variables(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
     let service_link = |n: &str| {
         n.contains("_SERVICE_HOST")

@@ -78,7 +78,7 @@ const DEMO_OWN: &str =
 pub fn demo_config(args: &DemoArgs, file: Option<&Path>) -> Result<Config> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let mut config = Config::load(file, std::env::vars())?;
+    let mut config = Config::load(file, crate::config::environment()?)?;
     config.server.listen = args.listen.to_string();
     config.server.public_url = match &args.public_url {
         Some(u) => u.clone(),

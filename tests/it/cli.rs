@@ -731,6 +731,41 @@ fn an_empty_config_variable_is_named() {
     assert!(!dir.path().join("portcullis.sqlite").exists());
 }
 
+/// A variable that is not UTF-8 text in the environment: someone else's is passed over, one
+/// meant for the gateway is refused by its name, its value (a password, say) never shown.
+#[test]
+fn environment_variables_that_are_not_text_neither_crash_nor_show() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, value: &[u8]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .current_dir(dir.path())
+            .env_remove("PORTCULLIS_CONFIG")
+            .env(name, std::ffi::OsStr::from_bytes(value))
+            .args(["user", "list"])
+            .output()
+            .unwrap()
+    };
+    let out = run("SOMEONE_ELSES", b"caf\xe9");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("there is no database at"), "{err}");
+    let out = run(
+        "PORTCULLIS__NOTIFY__SMTP_URL",
+        b"smtps://mailer:Tr0ub4dor\xa7secret@smtp.example.com:465",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("PORTCULLIS__NOTIFY__SMTP_URL") && err.contains("not UTF-8"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Tr0ub4dor") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
 /// A command run with another master key than the gateways' is refused before it writes
 /// anything: a signing key or TOTP secret sealed with it could never be opened (a rotation with
 /// it stopped every gateway from starting again). `check-config` says so too.
