@@ -317,6 +317,13 @@ pub fn check_policy(
     cfg: &PasswordConfig,
     email: &str,
 ) -> Result<(), PolicyViolation> {
+    // No form can send one (the web refuses a NUL in any field), so a password holding one,
+    // set from the command line, could never be given at sign-in.
+    if password.contains('\0') {
+        return Err(PolicyViolation(
+            "A password cannot contain a NUL character.".to_string(),
+        ));
+    }
     let chars = password.chars().count();
     if chars < cfg.min_length {
         return Err(PolicyViolation(format!(

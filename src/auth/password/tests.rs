@@ -222,6 +222,8 @@ fn policy() {
         "256 four-byte characters fit"
     );
     assert!(ok(&"a".repeat(257)).unwrap_err().contains("at most 256"));
+    // No sign-in form can send a NUL: a password with one could never be given.
+    assert!(ok("Sup3r-Secr\0et-Pass!").unwrap_err().contains("NUL"));
     for common in ["password123", "iloveyou1", "PASSWORD123", "qwertyuiop"] {
         assert!(ok(common).unwrap_err().contains("common"), "{common}");
     }
