@@ -160,11 +160,7 @@ pub async fn account_get(
         Ok(v) => v,
         Err(r) => return Ok(r),
     };
-    let notice = q.as_deref().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "notice")
-            .and_then(|(_, v)| notice_text(&v))
-    });
+    let notice = super::query_param(&q, "notice").and_then(|v| notice_text(&v));
     page(
         &state,
         &headers,

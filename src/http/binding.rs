@@ -643,12 +643,7 @@ async fn refresh(
 // --- WebCrypto fallback ---------------------------------------------------------------------
 
 fn next_of(state: &AppState, q: &Option<String>) -> String {
-    q.as_deref()
-        .and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "next")
-                .map(|(_, v)| v.into_owned())
-        })
+    super::query_param(q, "next")
         .and_then(|n| safe_return_target(&n, &state.config.server.public_url))
         .unwrap_or_else(|| "/".into())
 }

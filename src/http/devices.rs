@@ -10,7 +10,7 @@
 //! password sign-in is locked until an admin unlocks it (`portcullis user unlock`), and the owner
 //! gets a confirmation.
 
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
@@ -170,25 +170,20 @@ async fn notify_new_device(
     Ok(())
 }
 
-#[derive(Deserialize)]
-pub struct ReportQuery {
-    #[serde(default)]
-    t: String,
-}
-
 /// `GET /_portcullis/report?t=…`: explains what reporting does; the form posts the token.
 pub async fn report_get(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<ReportQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
-    if !plausible_token(&q.t) {
+    let t = super::query_param(&q, "t").unwrap_or_default();
+    if !plausible_token(&t) {
         return Err(invalid_link());
     }
     // A used, expired or unknown link says so at once, not after the owner has confirmed.
     let Some(link) = state
         .durable
-        .report_link(&sha256_hex(q.t.as_bytes()), state.clock.now())
+        .report_link(&sha256_hex(t.as_bytes()), state.clock.now())
         .await?
     else {
         return Err(invalid_link());
@@ -199,7 +194,7 @@ pub async fn report_get(
             StatusCode::OK,
             &pages::Report {
                 csrf: &csrf,
-                token: &q.t,
+                token: &t,
                 change: link.device_id.is_none(),
             },
         ),

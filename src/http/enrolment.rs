@@ -105,14 +105,7 @@ pub async fn enrol_link_get(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
-    let token = q
-        .as_deref()
-        .and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "t")
-                .map(|(_, v)| v.into_owned())
-        })
-        .unwrap_or_default();
+    let token = super::query_param(&q, "t").unwrap_or_default();
     let (link, user) = match valid_or_under_way(&state, &headers, &token).await? {
         Ok(found) => found,
         Err(under_way) => return Ok(under_way),

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::error::{wants_html, AppError};
 use super::pages::{self, render};
-use super::{csrf, see_other, Form, Peer};
+use super::{csrf, query_param, see_other, Form, Peer};
 use crate::auth::flow::{
     awaits_factor_first, awaits_password, Client, CodeOutcome, PasswordOutcome,
 };
@@ -148,14 +148,6 @@ pub(super) fn stage_page(loaded: &Loaded) -> String {
             .clone()
             .unwrap_or_else(|| "/".into()),
     }
-}
-
-fn query_param(raw: &Option<String>, name: &str) -> Option<String> {
-    raw.as_deref().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    })
 }
 
 pub(super) fn restart(state: &AppState, why: &str) -> Response {

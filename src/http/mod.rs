@@ -558,6 +558,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
     }
 }
 
+/// The first value of the query parameter `name` in a raw query string (a parameter given twice
+/// counts once: the first), percent-decoded.
+pub(crate) fn query_param(raw: &Option<String>, name: &str) -> Option<String> {
+    raw.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
 /// A checkbox's form field: left out, or `0`, `false`, `off` or empty, is unticked; `1`, `true`
 /// or `on` (a browser's value for a box without one) is ticked; anything else is refused (the
 /// form is bad input), so a client sending `admin=false` never gets what it declined.

@@ -104,13 +104,7 @@ async fn page(
     Ok(with_cookies(render(v.status, &view), set))
 }
 
-fn query(raw: &Option<String>, name: &str) -> Option<String> {
-    raw.as_deref().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    })
-}
+use super::query_param as query;
 
 /// To the sign-in page, which returns to this step-up (and then to `next`).
 fn sign_in_first(next: &str, key_only: bool) -> Response {

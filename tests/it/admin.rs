@@ -995,12 +995,13 @@ async fn audit_view_filters_and_exports_json_lines() {
         .unwrap()
         .contains("No user has the id not-an-id-of-anyone"));
     for q in [
-        "user=a%00b",
-        "user=a%00%40example.com",
-        "account=x%00",
-        "event=%01",
+        "audit?user=a%00b",
+        "audit?user=a%00%40example.com",
+        "audit?account=x%00",
+        "audit?event=%01",
+        "users?q=a%00b",
     ] {
-        let r = gw.get(&c, &format!("/_portcullis/admin/audit?{q}")).await;
+        let r = gw.get(&c, &format!("/_portcullis/admin/{q}")).await;
         assert_eq!(r.status(), 400, "{q}");
         assert!(r.text().await.unwrap().contains("not allowed"), "{q}");
     }

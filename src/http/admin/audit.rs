@@ -31,12 +31,8 @@ struct Filter {
 }
 
 fn field(raw: &Option<String>, name: &str, max: usize) -> String {
-    raw.as_deref()
-        .and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.trim().chars().take(max).collect())
-        })
+    crate::http::query_param(raw, name)
+        .map(|v| v.trim().chars().take(max).collect())
         .unwrap_or_default()
 }
 
