@@ -286,6 +286,10 @@ pub struct ServerConfig {
     /// or its headers a byte at a time, is closed after it (every listener).
     #[serde(with = "duration")]
     pub header_timeout: Duration,
+    /// The longest pause while a client sends a request's body (a gateway form, or a body the
+    /// gateway sends on to the console): a body that stalls is refused with 408.
+    #[serde(with = "duration")]
+    pub body_timeout: Duration,
     /// PEM certificate chain: when set (with `tls_key`) the listener speaks HTTPS only.
     /// Read again, with the key, on SIGHUP.
     pub tls_cert: Option<PathBuf>,
@@ -306,6 +310,7 @@ impl Default for ServerConfig {
             max_form_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
             tls_cert: None,
             tls_key: None,
             redirect_http_listen: None,
@@ -981,12 +986,13 @@ impl Config {
                 "must not have a query or fragment: each request's own query is sent",
             ));
         }
-        if s.header_timeout < Duration::from_secs(1) || s.header_timeout > Duration::from_secs(600)
-        {
-            return Err(key_err(
-                "server.header_timeout",
-                "must be between 1s and 10m",
-            ));
+        for (key, t) in [
+            ("server.header_timeout", s.header_timeout),
+            ("server.body_timeout", s.body_timeout),
+        ] {
+            if t < Duration::from_secs(1) || t > Duration::from_secs(600) {
+                return Err(key_err(key, "must be between 1s and 10m"));
+            }
         }
         for (key, t) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),

@@ -196,7 +196,9 @@ impl AppState {
             metrics,
             keys,
             notifier,
-            upstream: Arc::new(Upstream::new(&config.upstream)),
+            upstream: Arc::new(
+                Upstream::new(&config.upstream).with_body_timeout(config.server.body_timeout),
+            ),
             user_gate,
             config: Arc::new(config),
             clock,

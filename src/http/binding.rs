@@ -851,15 +851,8 @@ fn first_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
 /// A DBSC request's body, or our error format (413 for one over `server.max_form_bytes`).
 fn dbsc_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, AppError> {
     body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            AppError::new(
-                rej.status(),
-                "payload_too_large",
-                "The request is too large.",
-            )
-        } else {
-            AppError::bad_request("The request could not be read.")
-        }
+        super::unreadable_body(rej.status(), &rej)
+            .unwrap_or_else(|| AppError::bad_request("The request could not be read."))
     })
 }
 

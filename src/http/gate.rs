@@ -674,6 +674,15 @@ async fn gate_and_forward(
                 "The request body was malformed or ended before its announced length.",
             ))
         }
+        Err(crate::proxy::ProxyError::RequestBodyStalled) => {
+            state.metrics.proxied(Proxied::Denied);
+            tracing::info!("request body stalled past server.body_timeout; not forwarded whole");
+            Err(AppError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "The request's body stopped arriving. Try again.",
+            ))
+        }
         Err(e) => {
             state.metrics.proxied(Proxied::Unavailable);
             tracing::warn!(error = %e, "upstream request failed");

@@ -175,6 +175,7 @@ pub fn router(state: AppState) -> Router {
             login::guard_sign_in_steps,
         ))
         .layer(DefaultBodyLimit::max(form_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), bounded_body))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             security_headers,
@@ -540,8 +541,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
             }
             Err(rej) => {
                 let status = rej.status();
-                Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    AppError::new(status, "payload_too_large", "The form is too large.")
+                Err(if let Some(e) = unreadable_body(status, &rej) {
+                    e
                 } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
                     AppError::new(
                         status,
@@ -581,6 +582,60 @@ pub(crate) fn checkbox<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D
             "a checkbox is 1 (ticked) or left out (not ticked)",
         )),
     }
+}
+
+/// Middleware for the gateway's own routes: a body announced larger than any of them takes
+/// (`server.max_form_bytes`) is refused with 413 before a byte of it is asked for (no
+/// `100 Continue`), and a body that stalls for `server.body_timeout` is refused with 408 when it
+/// is read ([`unreadable_body`]).
+async fn bounded_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = state.config.server.max_form_bytes;
+    if announced.is_some_and(|n| n > limit as u64) {
+        return AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "The request is too large.",
+        )
+        .into_response();
+    }
+    if http_body::Body::is_end_stream(req.body()) {
+        return next.run(req).await;
+    }
+    let timeout = state.config.server.body_timeout;
+    next.run(req.map(|b| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(timeout, b))))
+        .await
+}
+
+/// A request body that could not be read, in our format: too large (413), stalled past
+/// `server.body_timeout` (408), or else `None` for the caller's own answer (400, 415).
+fn unreadable_body(
+    status: StatusCode,
+    error: &(dyn std::error::Error + 'static),
+) -> Option<AppError> {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return Some(AppError::new(
+            status,
+            "payload_too_large",
+            "The request is too large.",
+        ));
+    }
+    let mut cause = Some(error);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            return Some(AppError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "The request's body stopped arriving. Try again.",
+            ));
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Whether an `application/x-www-form-urlencoded` body holds a NUL, raw or escaped.
@@ -626,8 +681,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rej) => {
                 let status = rej.status();
-                Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    AppError::new(status, "payload_too_large", "The request is too large.")
+                Err(if let Some(e) = unreadable_body(status, &rej) {
+                    e
                 } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
                     AppError::new(
                         status,

@@ -35,6 +35,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long an idle pooled connection to the upstream is kept; below common server keep-alive
 /// limits so the gateway rarely reuses a connection the upstream is about to close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest pause in a client's request body being sent on, unless configured otherwise.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a request could not be forwarded. Messages hold no header values, paths or bodies.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,10 @@ pub enum ProxyError {
     /// `Content-Length`) while it was being sent on: the client's fault, not the console's.
     #[error("request body could not be read")]
     RequestBody(#[source] BoxError),
+    /// The client's request body stalled (no bytes for the body timeout) while it was being sent
+    /// on: the client's, not the console's, so 408 rather than the 504 the console would get.
+    #[error("request body stalled")]
+    RequestBodyStalled,
     /// A method the gateway never forwards: `CONNECT` would open a tunnel and `TRACE` would
     /// reflect the gateway-added identity header back to the client.
     #[error("method not forwarded")]
@@ -69,6 +75,7 @@ impl ProxyError {
             Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::RequestBodyStalled => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Invalid(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -181,6 +188,7 @@ pub struct Upstream {
     /// fails with that error rather than the gateway panicking at start-up.
     target: Result<(Target, Arc<pool::Pool>), &'static str>,
     response_timeout: Duration,
+    body_timeout: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -208,7 +216,14 @@ impl Upstream {
         Self {
             target,
             response_timeout: cfg.response_timeout,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
+    }
+
+    /// The longest pause in a client's request body while it is sent on (`server.body_timeout`).
+    pub fn with_body_timeout(mut self, body_timeout: Duration) -> Self {
+        self.body_timeout = body_timeout;
+        self
     }
 
     /// Forward one request. `req` is the inbound request as axum gives it
@@ -260,6 +275,16 @@ impl Upstream {
 
         // A fresh request: the inbound one's extensions (connection info, hyper internals) are
         // the gateway's business, and the upstream always speaks HTTP/1.1.
+        // A body that stalls fails its exchange (`RequestBodyStalled`) before the console's
+        // answer is waited for in vain; a request without one (most) is not wrapped.
+        let body = if http_body::Body::is_end_stream(&body) {
+            body
+        } else {
+            Body::new(tower_http::timeout::TimeoutBody::new(
+                self.body_timeout,
+                body,
+            ))
+        };
         let mut outbound = http::Request::new(body);
         *outbound.method_mut() = method.clone();
         *outbound.uri_mut() = uri;

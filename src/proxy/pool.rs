@@ -169,16 +169,17 @@ impl Pool {
     }
 }
 
-/// What a failed exchange was: the client's request body could not be read (the error hyper
-/// reports carries, as its cause, the error of the body we gave it, which only the inbound
-/// body yields as `axum::Error`), or anything else, the upstream's or the connection's.
+/// What a failed exchange was: the client's request body stalled (a cause is the body
+/// timeout's) or could not be read (the error hyper reports carries, as its cause, the error of
+/// the body we gave it, which only the inbound body yields as `axum::Error`), or anything else,
+/// the upstream's or the connection's.
 fn failed(e: hyper::Error) -> ProxyError {
-    let mut cause = std::error::Error::source(&e);
-    while let Some(c) = cause {
-        if c.is::<axum::Error>() {
-            return ProxyError::RequestBody(Box::new(e));
-        }
-        cause = c.source();
+    let causes = || std::iter::successors(std::error::Error::source(&e), |c| c.source());
+    if causes().any(|c| c.is::<tower_http::timeout::TimeoutError>()) {
+        return ProxyError::RequestBodyStalled;
+    }
+    if causes().any(|c| c.is::<axum::Error>()) {
+        return ProxyError::RequestBody(Box::new(e));
     }
     ProxyError::Upstream(Box::new(e))
 }

@@ -397,33 +397,38 @@ async fn password_guessing_is_throttled_per_account() {
     assert_eq!(r.status(), 303, "the window passed");
 }
 
-/// Fifty wrong second-factor codes at once on one pending sign-in: only the account's budget of
-/// them is checked; the rest get 429. (Counting after checking would let all fifty try.)
+/// Wrong second-factor codes at once from twenty pending sign-ins of one account: only the
+/// account's budget of them is checked; the rest get 429 (or, for a second code of one sign-in
+/// while its first is checked, 409). (Counting after checking would let all of them try.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_codes_cannot_exceed_the_budget() {
     let gw = Gateway::start().await;
     let (_, secret, _) = gw.signed_in("codes@example.com").await;
     gw.clock.advance(30);
-    let c = gw.browser();
-    gw.password(&c, "codes@example.com", PASSWORD, "").await;
     let right = gw.totp_now(&secret);
     let wrong = if right == "000000" {
         "111111"
     } else {
         "000000"
     };
-    let csrf = gw.csrf(&c, "/_portcullis/mfa").await;
-    let statuses = all_at_once(
-        (0..50)
-            .map(|_| {
+    let mut posts = Vec::new();
+    for _ in 0..20 {
+        let c = gw.browser();
+        gw.password(&c, "codes@example.com", PASSWORD, "").await;
+        let csrf = gw.csrf(&c, "/_portcullis/mfa").await;
+        for _ in 0..3 {
+            posts.push(
                 c.post(gw.url("/_portcullis/mfa"))
-                    .form(&[("code", wrong), ("csrf", csrf.as_str())])
-            })
-            .collect(),
-    )
-    .await;
-    let throttled = statuses.iter().filter(|s| **s == 429).count();
-    assert_eq!(throttled, 40, "{statuses:?}");
+                    .form(&[("code", wrong), ("csrf", csrf.as_str())]),
+            );
+        }
+    }
+    let statuses = all_at_once(posts).await;
+    assert!(
+        statuses.iter().all(|s| [401, 409, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&429), "{statuses:?}");
     let checked = gw
         .audit()
         .await
@@ -597,4 +602,55 @@ async fn slow_request_heads_and_idle_connections_are_closed() {
     let (c, _, _) = gw.signed_in("slow-answer@example.com").await;
     let r = c.get(gw.url("/slow/2500")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A request body that stops arriving is refused with 408 once it has paused for
+/// `server.body_timeout`, on a gateway form and on its way to the console (where it is the
+/// client's fault, not the console's 504); a body announced larger than any gateway form is
+/// refused with 413 before the client is asked for it (no `100 Continue`).
+#[tokio::test]
+async fn stalled_and_oversized_bodies_are_refused_early() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw =
+        Gateway::start_with(|c| c.server.body_timeout = std::time::Duration::from_secs(1)).await;
+    let (c, _, _) = gw.signed_in("stall@example.com").await;
+    let cookie = gw.cookies(&c);
+    // The answer's status line, read within `secs` seconds.
+    async fn status_within(s: &mut tokio::net::TcpStream, secs: u64) -> String {
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(secs),
+            s.read_exact(&mut head),
+        )
+        .await
+        .expect("an answer in time")
+        .unwrap();
+        String::from_utf8_lossy(&head).into_owned()
+    }
+    for (path, what) in [
+        ("/_portcullis/login", "a form"),
+        ("/campaigns", "the console"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nAccept: application/json\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nusername=a"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        assert_eq!(status_within(&mut s, 10).await, "HTTP/1.1 408", "{what}");
+    }
+    let metrics = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
+    assert!(
+        !metrics.contains("outcome=\"unavailable\"} 1"),
+        "a client's stalled body is not the console's trouble: {metrics}"
+    );
+
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /_portcullis/login HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\
+          Expect: 100-continue\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_within(&mut s, 5).await, "HTTP/1.1 413");
 }
