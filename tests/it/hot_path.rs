@@ -131,6 +131,31 @@ async fn a_revocation_on_one_gateway_reaches_the_others_cache() {
     let r = c.get(b.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 303, "B refuses once A's message arrived");
 
+    // A's connections dropped while idle (Redis's `timeout`, a restart): the next revocation is
+    // announced all the same, on the connection opened meanwhile, not lost to the dropped one.
+    let c = a.sign_in_again(email, &secret).await;
+    assert_eq!(costed(&redis, &b, &c).await.0, 200);
+    assert_eq!(b.state.sessions.cache().len(), 1);
+    let csrf = a.csrf(&c, "/_portcullis/logout").await;
+    let _: i64 = raw_cmd(
+        &redis,
+        ::redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal"),
+    )
+    .await;
+    let r = c
+        .post(a.url("/_portcullis/logout"))
+        .form(&[("csrf", csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let announced = Instant::now();
+    cache_empty(&b).await;
+    assert!(
+        announced.elapsed() < Duration::from_millis(500),
+        "the revocation was announced, not left to the cache's second"
+    );
+
     // Every session of a user, ended on A (admin "end sessions", "this wasn't me").
     let c = a.sign_in_again(email, &secret).await;
     assert_eq!(costed(&redis, &b, &c).await.0, 200);

@@ -107,7 +107,19 @@ impl Channel {
             .arg(&self.name)
             .arg(message)
             .to_owned();
-        match tokio::time::timeout(self.deadline, cmd.query_async::<i64>(&mut conn)).await {
+        // A connection dropped while idle (Redis restarted, or its idle `timeout` closed it) is
+        // found by the first write: the message goes once more, on the connection opened
+        // meanwhile (a message twice does no harm), rather than the announcement being lost.
+        let tries = async {
+            match cmd.query_async::<i64>(&mut conn).await {
+                Err(e) if e.is_connection_dropped() && !e.is_connection_refusal() => {
+                    tracing::debug!("redis connection dropped; publishing once more");
+                    cmd.query_async::<i64>(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.deadline, tries).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(fail("publish", &e)),
             Err(_) => Err(StoreError::Unavailable("redis publish: timed out".into())),
