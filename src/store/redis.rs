@@ -442,6 +442,20 @@ fn fail(what: &str, e: &RedisError) -> StoreError {
     }
 }
 
+impl RedisStore {
+    /// Readiness past `PING`: one counter script on a key under the prefix, as every sign-in
+    /// runs. A server that answers but refuses the gateway's commands (an ACL without
+    /// scripting, keys outside the user's pattern) is not ready: it would refuse every sign-in.
+    async fn serves_scripts(&self) -> StoreResult<()> {
+        self.script::<i64>("incr", &self.incr, "ready", &[millis(READY_PROBE_TTL)])
+            .await
+            .map(drop)
+    }
+}
+
+/// How long the readiness probe's counter lives.
+const READY_PROBE_TTL: Duration = Duration::from_secs(10);
+
 #[async_trait]
 impl EphemeralStore for RedisStore {
     async fn ping(&self) -> StoreResult<()> {
@@ -452,7 +466,7 @@ impl EphemeralStore for RedisStore {
                 .run("cluster info", redis::cmd("CLUSTER").arg("INFO"))
                 .await?;
             return if info.lines().any(|l| l.trim() == "cluster_state:ok") {
-                Ok(())
+                self.serves_scripts().await
             } else {
                 Err(StoreError::Unavailable(
                     "redis cluster: cluster_state is not ok".into(),
@@ -460,13 +474,12 @@ impl EphemeralStore for RedisStore {
             };
         }
         let pong: String = self.run("ping", &redis::cmd("PING")).await?;
-        if pong == "PONG" {
-            Ok(())
-        } else {
-            Err(StoreError::Unavailable(format!(
+        if pong != "PONG" {
+            return Err(StoreError::Unavailable(format!(
                 "redis ping: unexpected answer {pong:?}"
-            )))
+            )));
         }
+        self.serves_scripts().await
     }
 
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -317,3 +317,80 @@ async fn the_metrics_listeners_readiness_probe_names_the_store_that_is_down() {
     // Alive all the same: restarting the gateway would not bring Redis back.
     assert_eq!(probe("/healthz").await.0, 200);
 }
+
+/// The ACL that operations.md gives for the gateways' Redis user (read from the document, so the
+/// two cannot drift apart) is enough for a whole sign-in, a proxied request and a sign-out; a
+/// user without scripting is not ready, rather than ready and refusing every sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_suffices_and_a_narrower_one_is_not_ready() {
+    let redis = PrivateRedis::start();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER portcullis on"))
+        .expect("operations.md gives the ACL");
+    let prefix = format!("acl{}:", uuid::Uuid::new_v4().simple());
+    let documented: Vec<String> = line
+        .split_whitespace()
+        .skip(2)
+        .map(|w| match w {
+            ">PASSWORD" => ">gwpass".to_string(),
+            _ => w.replace("portcullis:", &prefix),
+        })
+        .collect();
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let narrow = [
+        "narrow",
+        "on",
+        ">np",
+        &format!("~{prefix}*"),
+        &format!("&{prefix}invalidate"),
+        "+ping",
+        "+get",
+        "+set",
+        "+getdel",
+        "+del",
+        "+publish",
+        "+subscribe",
+    ];
+    for rules in [
+        documented.iter().map(String::as_str).collect::<Vec<_>>(),
+        narrow.to_vec(),
+    ] {
+        let _: () = ::redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&rules)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let port = redis.url().rsplit(':').next().unwrap().to_string();
+    let on_user = |user: &str| {
+        let url = format!("redis://{user}@127.0.0.1:{port}");
+        let prefix = prefix.clone();
+        move |c: &mut portcullis::config::Config| {
+            on_redis(c, url);
+            c.storage.redis_prefix = prefix;
+        }
+    };
+    let gw = Gateway::start_with(on_user("portcullis:gwpass")).await;
+    wait_ready(&gw, 200).await;
+    let (c, _, _) = gw.signed_in("acl@example.com").await;
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    let csrf = gw.csrf(&c, "/_portcullis/logout").await;
+    let r = c
+        .post(gw.url("/_portcullis/logout"))
+        .form(&[("csrf", csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 303);
+
+    let narrow = Gateway::start_with(on_user("narrow:np")).await;
+    wait_ready(&narrow, 503).await;
+    let (_, body) = status(&narrow, "/_portcullis/readyz").await;
+    assert_eq!(body["stores"]["ephemeral"], "down", "{body}");
+}
