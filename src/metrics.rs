@@ -163,6 +163,7 @@ pub struct Metrics {
     /// The same for `forward_auth_decisions`, by [`ForwardAuth`].
     forward_auth: [Counter; ForwardAuth::ALL.len()],
     audit_dropped: Counter,
+    pages_unavailable: Counter,
     sign_ins: Family<Two, Counter>,
     step_ups: Family<One, Counter>,
     throttled: Family<One, Counter>,
@@ -237,6 +238,12 @@ impl Metrics {
             "Audit events given up because the queue to the durable store stayed full (they are still in the log)",
             audit_dropped.clone(),
         );
+        let pages_unavailable = Counter::default();
+        registry.register(
+            "pages_unavailable",
+            "Requests of the gateway's own pages and forms (sign-in, enrolment, account, admin) refused with 503: a store did not answer, or the password hashing queue was full",
+            pages_unavailable.clone(),
+        );
         let mail = Family::<One, Counter>::default();
         registry.register(
             "mail_deliveries",
@@ -285,6 +292,7 @@ impl Metrics {
             proxied,
             forward_auth,
             audit_dropped,
+            pages_unavailable,
             sign_ins,
             step_ups,
             throttled,
@@ -303,6 +311,11 @@ impl Metrics {
     /// Counts an audit event given up (see `audit`).
     pub fn audit_dropped(&self) {
         self.audit_dropped.inc();
+    }
+
+    /// Counts one request of a gateway page or form refused with 503.
+    pub fn page_unavailable(&self) {
+        self.pages_unavailable.inc();
     }
 
     /// Counts one answer of the forward-auth endpoint.

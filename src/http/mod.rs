@@ -300,7 +300,8 @@ fn readable_path(path: &str) -> bool {
         .is_ok_and(|p| !p.contains('\0'))
 }
 
-/// Security headers on every gateway response (pages, errors, JWKS, assets).
+/// Security headers on every gateway response (pages, errors, JWKS, assets); the count of those
+/// refused for want of a store (`pages_unavailable`).
 pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let json_client = prefers_json(req.headers());
     let read = matches!(
@@ -308,6 +309,11 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
         axum::http::Method::GET | axum::http::Method::HEAD
     );
     let mut resp = next.run(req).await;
+    // Counted here, where every page's answer passes: a sign-in refused for a store that is
+    // away writes no audit event to count it by.
+    if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+        state.metrics.page_unavailable();
+    }
     if json_client && resp.status() == StatusCode::SEE_OTHER {
         resp = redirect_for_json(resp, read);
     }

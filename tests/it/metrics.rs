@@ -255,6 +255,20 @@ async fn outages_and_mail_failures_are_counted() {
         ),
         0.0
     );
+    // A sign-in refused meanwhile writes no audit event: it is counted as a page refused.
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let r = gw
+        .login_form(&c, &csrf, "someone@example.com", PASSWORD, "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let last = scrape(&metrics).await;
+    assert_eq!(
+        moved(&later, &last, "portcullis_pages_unavailable_total"),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,6 +531,7 @@ async fn every_series_exists_from_the_start() {
         })
     })
     .collect();
+    expected.push("portcullis_pages_unavailable_total".to_string());
     for reason in [
         "second_factor_required",
         "enrolment_required",
