@@ -403,9 +403,11 @@ async fn sleep_until(end: Option<tokio::time::Instant>) {
 /// Writes `batch` and empties it. A database outage must not drop events: retries with
 /// back-off until written.
 async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
-    name_users(durable, batch).await;
     let mut delay = Duration::from_millis(100);
     while !batch.is_empty() {
+        // Again at each try: events recorded while the database was away are named once it
+        // answers, not written without their address and account.
+        name_users(durable, batch).await;
         match durable.append_audit(batch).await {
             Ok(()) => batch.clear(),
             Err(e) => {
@@ -420,7 +422,8 @@ async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
 /// Fills in the address and account of events recorded with a user id alone (where the
 /// request path had the session, not the user: a bound cookie used elsewhere, a session of a
 /// disabled user refused), so that filters by address or account find them. Here, off the
-/// request path; an event whose user cannot be read now is written as it is.
+/// request path; an event whose user is not found is written as it is. A store that does not
+/// answer ends the lookups at once (the write that follows fails too, and is tried again).
 async fn name_users(durable: &dyn DurableStore, batch: &mut [AuditEvent]) {
     let mut known: std::collections::HashMap<String, Option<(String, String)>> =
         std::collections::HashMap::new();
@@ -432,7 +435,9 @@ async fn name_users(durable: &dyn DurableStore, batch: &mut [AuditEvent]) {
             continue;
         }
         if !known.contains_key(id) {
-            let found = durable.user_by_id(id).await.ok().flatten();
+            let Ok(found) = durable.user_by_id(id).await else {
+                return;
+            };
             known.insert(id.to_string(), found.map(|u| (u.email, u.account_id)));
         }
         if let Some(Some((email, account))) = known.get(id) {
@@ -599,6 +604,60 @@ mod tests {
         };
         let found = store.query_audit(&q).await.unwrap();
         assert_eq!((found.len(), found[0].email.as_deref()), (1, None));
+    }
+
+    /// Events recorded while the database is away are named once it is back: the lookup is
+    /// made again with each write tried, not once before the first.
+    #[tokio::test]
+    async fn events_written_after_an_outage_are_named_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, url) = store(&dir).await;
+        let user = store
+            .create_user(
+                crate::store::NewUser {
+                    email: "outage@example.com".into(),
+                    account_id: "acct-8".into(),
+                    is_admin: false,
+                    password_hash: String::new(),
+                },
+                1,
+            )
+            .await
+            .unwrap();
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+        for (from, to) in [("users", "users_away"), ("audit_events", "audit_away")] {
+            sqlx::query(&rename(from, to))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+        audit
+            .record(AuditEvent {
+                user_id: Some(user.id.clone()),
+                ..AuditEvent::new("logout", "success", 2)
+            })
+            .await;
+        // The writer has tried (and failed) by now.
+        assert!(!audit.flush_within(Duration::from_millis(300)).await);
+        for (from, to) in [("users_away", "users"), ("audit_away", "audit_events")] {
+            sqlx::query(&rename(from, to))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        assert!(audit.flush_within(Duration::from_secs(10)).await);
+        let q = AuditQuery {
+            account_id: Some("acct-8".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        let found = store.query_audit(&q).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].email.as_deref(), Some("outage@example.com"));
     }
 
     #[tokio::test]

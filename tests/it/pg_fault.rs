@@ -214,6 +214,11 @@ async fn outage(how: Outage) {
             && count("recovery_code_used", "success", None) == 2
             && count("logout", "success", None) == 1
         {
+            // Named as any other: the sign-out made while the database was away (recorded with
+            // the session's user id alone) has the address and account its filters look for.
+            let logout = events.iter().find(|e| e.event == "logout").unwrap();
+            assert_eq!(logout.email.as_deref(), Some(email), "{logout:?}");
+            assert!(logout.account_id.is_some(), "{logout:?}");
             break;
         }
         assert!(
