@@ -536,6 +536,17 @@ mod tests {
         store
     }
 
+    /// A user of `account` created in `store`.
+    async fn customer(store: &SqlStore, email: &str, account: &str) -> crate::store::User {
+        let new = crate::store::NewUser {
+            email: email.into(),
+            account_id: account.into(),
+            is_admin: false,
+            password_hash: String::new(),
+        };
+        store.create_user(new, 1).await.unwrap()
+    }
+
     fn event() -> AuditEvent {
         AuditEvent::new(
             "login_password",
@@ -568,18 +579,7 @@ mod tests {
     async fn events_with_a_user_id_alone_are_written_with_address_and_account() {
         let dir = tempfile::tempdir().unwrap();
         let (store, audit) = started(&dir).await;
-        let user = store
-            .create_user(
-                crate::store::NewUser {
-                    email: "moved@example.com".into(),
-                    account_id: "acct-7".into(),
-                    is_admin: false,
-                    password_hash: String::new(),
-                },
-                1,
-            )
-            .await
-            .unwrap();
+        let user = customer(&store, "moved@example.com", "acct-7").await;
         for id in [user.id.as_str(), "gone"] {
             audit
                 .record(AuditEvent {
@@ -612,18 +612,7 @@ mod tests {
     async fn events_written_after_an_outage_are_named_too() {
         let dir = tempfile::tempdir().unwrap();
         let (store, url) = store(&dir).await;
-        let user = store
-            .create_user(
-                crate::store::NewUser {
-                    email: "outage@example.com".into(),
-                    account_id: "acct-8".into(),
-                    is_admin: false,
-                    password_hash: String::new(),
-                },
-                1,
-            )
-            .await
-            .unwrap();
+        let user = customer(&store, "outage@example.com", "acct-8").await;
         let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
             .await
             .unwrap();
