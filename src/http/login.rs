@@ -256,6 +256,15 @@ pub async fn login_post(
     if form.username.len() > 320 {
         return Err(AppError::bad_request("That email address is too long."));
     }
+    // A form missing either is no guess at anything: said so, checked against no budget.
+    if form.username.trim().is_empty() || form.password.expose().is_empty() {
+        let refused = AppError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "Enter your email address and your password.",
+        );
+        return login_refused(&state, &headers, (&form.username, next.as_deref()), refused);
+    }
     let device = super::devices::known_device(&state, &headers).await?;
     // A sign-in whose second factor came first finishes here, with its password.
     let mut after_factor = None;
@@ -356,24 +365,12 @@ pub async fn login_post(
         }
         PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
         PasswordOutcome::Denied => {
-            let msg = "The email or password is not right.";
-            if !wants_html(&headers) {
-                return Err(AppError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_credentials",
-                    msg,
-                ));
-            }
-            let (token, set) = csrf_token(&state, &headers);
-            let page = pages::Login {
-                csrf: &token,
-                next: next.as_deref().unwrap_or(""),
-                username: &form.username,
-                error: Some(msg),
-                notice: None,
-                passkeys: state.keys.is_some(),
-            };
-            return Ok(with_cookies(render(StatusCode::UNAUTHORIZED, &page), set));
+            let refused = AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "The email or password is not right.",
+            );
+            return login_refused(&state, &headers, (&form.username, next.as_deref()), refused);
         }
     };
     // How unusual the sign-in is decides what its second factor must be.
@@ -403,6 +400,29 @@ pub async fn login_post(
         see_other(&stage_page(&loaded)),
         [state.sessions.set_cookie(&id)],
     ))
+}
+
+/// The sign-in form refused: an API client gets `refused` as JSON, a browser the sign-in page
+/// again with its message (the address it typed kept, and where it was going).
+fn login_refused(
+    state: &AppState,
+    headers: &HeaderMap,
+    (username, next): (&str, Option<&str>),
+    refused: AppError,
+) -> Result<Response, AppError> {
+    if !wants_html(headers) {
+        return Err(refused);
+    }
+    let (token, set) = csrf_token(state, headers);
+    let page = pages::Login {
+        csrf: &token,
+        next: next.unwrap_or(""),
+        username,
+        error: Some(&refused.message),
+        notice: None,
+        passkeys: state.keys.is_some(),
+    };
+    Ok(with_cookies(render(refused.status, &page), set))
 }
 
 /// Loads the pending session for a step page, or the response that sends the browser elsewhere.
@@ -796,25 +816,27 @@ pub async fn mfa_post(
     let first = awaits_factor_first(&loaded.session);
     let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
     loaded.session.remember_device = remember && !first && form.remember;
+    let (token, set) = csrf_token(&state, &headers);
+    let unusual = loaded.session.risk_key;
+    let page = |status, msg: &str| {
+        let offer = remember_offer(&state, remember, first);
+        let page = mfa_page(status, &token, Some(msg), keys, first, offer, unusual);
+        with_cookies(page, set)
+    };
+    // A form without a code is no guess: said so, checked against no budget.
+    if form.code.expose().trim().is_empty() {
+        let msg = "Enter the code from your authenticator app, or a recovery code.";
+        if !wants_html(&headers) {
+            return Err(AppError::new(StatusCode::BAD_REQUEST, "invalid_input", msg));
+        }
+        return Ok(page(StatusCode::BAD_REQUEST, msg));
+    }
     let outcome = state
         .login
         .second_factor_step(&mut loaded.session, &form.code, &client)
         .await?;
-    let (token, set) = csrf_token(&state, &headers);
-    let unusual = loaded.session.risk_key;
     after_code(&state, &headers, &client, loaded, outcome, |msg| {
-        with_cookies(
-            mfa_page(
-                StatusCode::UNAUTHORIZED,
-                &token,
-                Some(msg),
-                keys,
-                first,
-                remember_offer(&state, remember, first),
-                unusual,
-            ),
-            set,
-        )
+        page(StatusCode::UNAUTHORIZED, msg)
     })
     .await
 }

@@ -654,3 +654,43 @@ async fn stalled_and_oversized_bodies_are_refused_early() {
     .unwrap();
     assert_eq!(status_within(&mut s, 5).await, "HTTP/1.1 413");
 }
+
+/// A sign-in form missing its password (or address), or a second-factor form missing its code,
+/// is bad input said as such (400), not a failed attempt: nothing is audited as a guess and no
+/// budget is spent.
+#[tokio::test]
+async fn forms_missing_their_secret_are_not_attempts() {
+    let gw = Gateway::start().await;
+    let (_, _, _) = gw.signed_in("empty@example.com").await;
+    let failures = |ev: Vec<portcullis::store::AuditEvent>| {
+        ev.iter()
+            .filter(|e| e.outcome == "failure" || e.outcome == "denied")
+            .count()
+    };
+    let before = failures(gw.audit().await);
+    for (email, password) in [("empty@example.com", ""), ("", PASSWORD), ("  ", "x")] {
+        for accept in ["application/json", "text/html"] {
+            let c = gw.browser();
+            let csrf = gw.csrf(&c, "/_portcullis/login").await;
+            let r = gw
+                .login_form(&c, &csrf, email, password, "")
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{email:?} {accept}");
+            let body = r.text().await.unwrap();
+            assert!(
+                body.contains("Enter your email address and your password"),
+                "{body}"
+            );
+            assert_eq!(accept == "application/json", body.contains("invalid_input"));
+        }
+    }
+    let c = gw.browser();
+    gw.password(&c, "empty@example.com", PASSWORD, "").await;
+    let r = gw.code(&c, "/_portcullis/mfa", " ").await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("Enter the code"));
+    assert_eq!(failures(gw.audit().await), before);
+}
