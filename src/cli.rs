@@ -282,6 +282,7 @@ async fn run(cli: Cli) -> Result<()> {
             let config = load_config(cli.config.as_deref())?;
             let warnings = preflight(&config)?;
             check_stored_keys(&config).await?;
+            check_redis(&config).await?;
             write!(std::io::stdout(), "{}", config.to_redacted_toml())
                 .context("cannot write to standard output")?;
             if config.webauthn.enabled && !config.webauthn_effective() {
@@ -430,6 +431,65 @@ fn check_outbox(outbox: &std::path::Path) -> Result<()> {
     }
 }
 
+/// `check-config`'s look at a Redis ephemeral store: a server that answers and refuses the
+/// configured password, user or database is an error (`serve` would never be ready); one that
+/// does not answer is a note. `PING` only: nothing is written.
+async fn check_redis(config: &Config) -> Result<()> {
+    let Some(target) = config.storage.redis_target()? else {
+        return Ok(());
+    };
+    let store = crate::store::redis::RedisStore::connect(crate::store::redis::RedisOptions {
+        target,
+        prefix: config.storage.redis_prefix.clone(),
+        connect_timeout: config.storage.redis_connect_timeout,
+        response_timeout: config.storage.redis_response_timeout,
+    })
+    .await?;
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(5), store.answers()).await;
+    match answered {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if refused_by_redis(&e.to_string()) => {
+            anyhow::bail!("storage.ephemeral: the Redis server refused the gateway: {e}")
+        }
+        Ok(Err(e)) => {
+            note!(
+                "note: Redis was not reached, so its password and database were not checked: {e}"
+            );
+            Ok(())
+        }
+        Err(_) => {
+            note!(
+                "note: Redis did not answer in time, so its password and database were not checked"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Whether a Redis error is the server's refusal of the configuration (password, user,
+/// database, permissions) rather than the server not being reached.
+fn refused_by_redis(e: &str) -> bool {
+    [
+        "authentication failed",
+        "WRONGPASS",
+        "NOAUTH",
+        "NOPERM",
+        "DB index",
+    ]
+    .iter()
+    .any(|s| e.contains(s))
+}
+
+/// Whether the database server answered and refused (no such database, a wrong password, no
+/// access for this role or address): the configuration's fault, not an outage.
+fn refused_by_the_database(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    e.contains("does not exist")
+        || e.contains("password authentication failed")
+        || e.contains("no pg_hba.conf entry")
+        || e.contains("permission denied")
+}
+
 /// `check-config`'s look at the durable store: the master key must be the database's (open its
 /// check value, or its signing keys and a TOTP secret), as `serve` will require; nothing is
 /// written. Where the database does not exist yet or does not answer, a note says what was not
@@ -455,6 +515,9 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
             anyhow::bail!(
                 "storage.durable: the database server's TLS certificate was not accepted: {e}"
             );
+        }
+        Ok(Err(e)) if refused_by_the_database(&e.to_string()) => {
+            anyhow::bail!("storage.durable: the database server refused the gateway: {e}");
         }
         Ok(Err(e)) => {
             note!("note: the master key was not checked against stored keys: {e}");

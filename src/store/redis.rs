@@ -437,12 +437,29 @@ fn fail(what: &str, e: &RedisError) -> StoreError {
     let msg = format!("redis {what}: {}", e.category());
     match e.code() {
         Some("WRONGTYPE") => StoreError::Corrupt(format!("{msg}: wrong kind of value")),
-        Some("ERR") => StoreError::Corrupt(format!("{msg}: {}", e.detail().unwrap_or(""))),
+        // The server refused the command (a database number out of range, a script's error):
+        // not data found damaged.
+        Some("ERR") => StoreError::Unavailable(format!(
+            "{msg}: the server refused it: {}",
+            e.detail().unwrap_or("")
+        )),
         _ => StoreError::Unavailable(format!("{msg}: {e}")),
     }
 }
 
 impl RedisStore {
+    /// `PING` answered (after the connection's own `AUTH` and `SELECT`): the server is there
+    /// and takes the configured user and database. Writes nothing.
+    pub async fn answers(&self) -> StoreResult<()> {
+        let pong: String = self.run("ping", &redis::cmd("PING")).await?;
+        if pong != "PONG" {
+            return Err(StoreError::Unavailable(format!(
+                "redis ping: unexpected answer {pong:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Readiness past `PING`: one counter script on a key under the prefix, as every sign-in
     /// runs. A server that answers but refuses the gateway's commands (an ACL without
     /// scripting, keys outside the user's pattern) is not ready: it would refuse every sign-in.
@@ -473,12 +490,7 @@ impl EphemeralStore for RedisStore {
                 ))
             };
         }
-        let pong: String = self.run("ping", &redis::cmd("PING")).await?;
-        if pong != "PONG" {
-            return Err(StoreError::Unavailable(format!(
-                "redis ping: unexpected answer {pong:?}"
-            )));
-        }
+        self.answers().await?;
         self.serves_scripts().await
     }
 

@@ -364,6 +364,58 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     assert!(err.contains("more than 1 MiB"), "{err}");
 }
 
+/// `check-config` asks the stores that answer: a database that does not exist, or a Redis
+/// server refusing the configured password or database, is an error (`serve` would never be
+/// ready); a store not reached is a note, and the check passes.
+#[tokio::test]
+async fn check_config_refuses_what_the_stores_refuse() {
+    let gw = Gateway::start().await;
+    let unused = free_port();
+    let check = |key: &str, value: String| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&gw.config_path)
+            .arg("check-config")
+            .env(key, value)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (key, value, why) in [
+        (
+            "PORTCULLIS__STORAGE__DURABLE",
+            "postgres://postgres@127.0.0.1:5432/no_such_database_here".to_string(),
+            "does not exist",
+        ),
+        (
+            "PORTCULLIS__STORAGE__EPHEMERAL",
+            "redis://127.0.0.1:6379/99".to_string(),
+            "DB index",
+        ),
+        (
+            "PORTCULLIS__STORAGE__EPHEMERAL",
+            "redis://:not-the-password@127.0.0.1:6379/0".to_string(),
+            "authentication failed",
+        ),
+    ] {
+        let (code, err) = check(key, value);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("refused the gateway") && err.contains(why),
+            "{err}"
+        );
+    }
+    let (code, err) = check(
+        "PORTCULLIS__STORAGE__EPHEMERAL",
+        format!("redis://127.0.0.1:{unused}/0"),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("Redis was not reached"), "{err}");
+}
+
 #[tokio::test]
 async fn check_config_validates_and_redacts() {
     let gw = Gateway::start().await;
