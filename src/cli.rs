@@ -559,6 +559,7 @@ fn advice(config: &Config) -> Vec<String> {
                 )
             })
             .collect();
+    advice.extend(config.readable_secret_files());
     if config.forward_auth.enabled && config.server.trusted_proxies.is_empty() {
         advice.push(
             "forward_auth is on but server.trusted_proxies is empty: the asking proxy's \

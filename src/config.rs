@@ -78,6 +78,10 @@ pub struct Config {
     /// (see [`crate::policy::step_up`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub step_up: Vec<crate::policy::step_up::StepUpRule>,
+    /// The files `_file` keys were read from (the key each set, and the path), for advice
+    /// about their permissions; not a key of the file.
+    #[serde(skip)]
+    pub secret_files: Vec<(String, PathBuf)>,
 }
 
 /// `[metrics]`: Prometheus metrics on a listener of their own.
@@ -843,8 +847,8 @@ impl Config {
         apply_env(&mut table, env)?;
         let mut files = Vec::new();
         resolve_secret_files(&mut table, "", &mut files)?;
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
                 let key = e.path().to_string();
                 let why = e.into_inner().to_string();
                 // The TOML library names the key again on a line of its own: the error names it.
@@ -922,7 +926,34 @@ impl Config {
             }
             other => other,
         })?;
+        config.secret_files = files
+            .iter()
+            .map(|f| (f.key.clone(), PathBuf::from(&f.path)))
+            .collect();
         Ok(config)
+    }
+
+    /// Secret files (`_file` keys) that every user of the machine may read, as advice lines.
+    pub fn readable_secret_files(&self) -> Vec<String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            self.secret_files
+                .iter()
+                .filter_map(|(key, path)| {
+                    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+                    (mode & 0o004 != 0).then(|| {
+                        format!(
+                            "{} (the value of {key}) is readable by every user of this machine                              (mode {:04o}): make it readable by the gateway's user (and group)                              only, e.g. chmod 0440 (Kubernetes: defaultMode 0440 on the Secret's                              volume)",
+                            path.display(),
+                            mode & 0o7777
+                        )
+                    })
+                })
+                .collect()
+        }
+        #[cfg(not(unix))]
+        Vec::new()
     }
 
     /// Checks relations between values that types alone cannot express.

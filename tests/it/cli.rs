@@ -416,6 +416,54 @@ async fn check_config_refuses_what_the_stores_refuse() {
     assert!(err.contains("Redis was not reached"), "{err}");
 }
 
+/// A secret file every user of the machine may read is pointed out, by its key and path; one
+/// kept to the gateway's user is not.
+#[tokio::test]
+async fn a_world_readable_master_key_file_is_pointed_out() {
+    use std::os::unix::fs::PermissionsExt;
+    let gw = Gateway::start().await;
+    let key = gw
+        .state
+        .config
+        .secrets
+        .master_key
+        .as_ref()
+        .unwrap()
+        .expose()
+        .clone();
+    let mk = gw.dir.path().join("mk-open");
+    std::fs::write(&mk, &key).unwrap();
+    let config = gw.dir.path().join("from-file.toml");
+    let text = std::fs::read_to_string(&gw.config_path).unwrap().replace(
+        &format!("master_key = \"{key}\""),
+        &format!("master_key_file = \"{}\"", mk.display()),
+    );
+    assert!(text.contains("master_key_file"));
+    std::fs::write(&config, text).unwrap();
+    let check = |mode: u32| {
+        std::fs::set_permissions(&mk, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&config)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(0o644);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("readable by every user") && err.contains("secrets.master_key"),
+        "{err}"
+    );
+    let (code, err) = check(0o640);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("readable by every user"), "{err}");
+}
+
 #[tokio::test]
 async fn check_config_validates_and_redacts() {
     let gw = Gateway::start().await;
