@@ -422,15 +422,7 @@ async fn check_config_refuses_what_the_stores_refuse() {
 async fn a_world_readable_master_key_file_is_pointed_out() {
     use std::os::unix::fs::PermissionsExt;
     let gw = Gateway::start().await;
-    let key = gw
-        .state
-        .config
-        .secrets
-        .master_key
-        .as_ref()
-        .unwrap()
-        .expose()
-        .clone();
+    let key = gw.master_key();
     let mk = gw.dir.path().join("mk-open");
     std::fs::write(&mk, &key).unwrap();
     let config = gw.dir.path().join("from-file.toml");
@@ -479,15 +471,7 @@ async fn check_config_validates_and_redacts() {
     let webauthn = text.split("[webauthn]").nth(1).unwrap_or_default();
     assert!(webauthn.contains("enabled = false"), "{text}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("IP"));
-    let key = gw
-        .state
-        .config
-        .secrets
-        .master_key
-        .as_ref()
-        .unwrap()
-        .expose()
-        .clone();
+    let key = gw.master_key();
     assert!(!text.contains(&key));
     let bad = gw.dir.path().join("bad.toml");
     std::fs::write(&bad, "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();

@@ -762,6 +762,12 @@ pub fn readable_mail(raw: &[u8]) -> String {
 }
 
 impl Gateway {
+    /// The master key of the gateway's configuration, as written to its config file.
+    pub fn master_key(&self) -> String {
+        let key = self.state.config.secrets.master_key.as_ref();
+        key.unwrap().expose().clone()
+    }
+
     /// Takes a user's authenticator app away in the database, as for an account that enrolled
     /// a key only (the gateway itself never removes the last factor).
     pub async fn drop_totp(&self, user_id: &str) {
