@@ -422,11 +422,20 @@ pub(crate) fn refusal(
              console again, or confirm this browser), then send the request again.",
             (bind_url, confirm()),
         ),
-        (Unbound::Refresh | Unbound::Moved, _, _) => json_error(
+        (Unbound::Refresh, _, _) => json_error(
             StatusCode::UNAUTHORIZED,
             "binding_refresh_required",
             "The device proof of this session has expired, so the request was not sent on. \
              Let the browser that signed in renew it (open a page of the console again, or \
+             confirm this browser: no password needed), then send the request again; the \
+             browser's Back button brings a form back as you filled it in.",
+            (bind_url, confirm()),
+        ),
+        (Unbound::Moved, _, _) => json_error(
+            StatusCode::UNAUTHORIZED,
+            "binding_refresh_required",
+            "This session's device proof was made on another network or in another browser, so \
+             the request was not sent on. Let the browser that signed in prove it again here (open a page of the console again, or \
              confirm this browser: no password needed), then send the request again; the \
              browser's Back button brings a form back as you filled it in.",
             (bind_url, confirm()),

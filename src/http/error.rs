@@ -73,7 +73,7 @@ impl AppError {
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                format!("The sign-in service is temporarily unavailable. Please try again shortly. (operation {op})"),
+                format!("This service is temporarily unavailable. Please try again shortly. (operation {op})"),
             )
         }
     }

@@ -11,11 +11,13 @@ pub const GATEWAY_PREFIX: &str = "/_portcullis";
 /// Why a request target was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
-    #[error("the request path must start with '/'")]
+    #[error("The address must be a path starting with “/” (such as /campaigns).")]
     NotAbsolute,
-    #[error("the request path has an invalid percent-escape")]
+    #[error("The address holds a “%” that is not followed by two hexadecimal digits.")]
     BadEscape,
-    #[error("the request path contains a NUL or control character")]
+    #[error(
+        "The address holds a character that is not allowed (NUL or another control character)."
+    )]
     ControlCharacter,
 }
 

@@ -191,9 +191,12 @@ async fn wrong_and_truncated_codes_and_unknown_users_are_refused_plainly() {
         let r = gw.code(&c, "/_portcullis/mfa", bad).await;
         assert_eq!(r.status(), 401, "{bad:?}");
     }
+    // (An empty one is no attempt at all.)
+    let r = gw.code(&c, "/_portcullis/mfa", "").await;
+    assert_eq!(r.status(), 400);
     // The fifth wrong code ends this sign-in: it starts over from the password, and the right
     // code no longer helps.
-    let r = gw.code(&c, "/_portcullis/mfa", "").await;
+    let r = gw.code(&c, "/_portcullis/mfa", "1").await;
     assert_eq!(r.status(), 303);
     assert!(
         location(&r).starts_with("/_portcullis/login"),
