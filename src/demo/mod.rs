@@ -162,6 +162,22 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
             file.display()
         );
     }
+    // Both addresses first: a demo that cannot start (another one runs on them) must change
+    // nothing of the one that runs, neither its CLI settings nor its user's password.
+    if args.listen == args.console_listen {
+        anyhow::bail!(
+            "--listen and --console-listen are both {}: the gateway and its console need an \
+             address each",
+            args.listen
+        );
+    }
+    let console_listener = tokio::net::TcpListener::bind(args.console_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.console_listen))?;
+    let hangups = crate::server::Hangups::listen();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let cli_config = write_cli_config(&args, &config)?;
     crate::cli::init_logging(&config);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -188,9 +204,6 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
         }
     };
 
-    let console_listener = tokio::net::TcpListener::bind(args.console_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.console_listen))?;
     let console = ConsoleState::new(
         format!("http://{}/.well-known/jwks.json", args.listen),
         &config,
@@ -201,10 +214,6 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
         }
     });
 
-    let hangups = crate::server::Hangups::listen();
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     show!("Portcullis demo");
     show!(
         "  gateway:   {}  (open this in a browser)",

@@ -1090,6 +1090,58 @@ async fn the_demo_applies_a_configuration_file() {
     }
 }
 
+/// A second demo started on a running one's data and one of its addresses fails before it
+/// changes anything: the CLI settings the running demo wrote (its address, for enrolment links)
+/// stay as they are.
+#[tokio::test]
+async fn a_demo_that_cannot_start_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let demo = |listen: u16, console: u16| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.env_remove("PORTCULLIS_CONFIG")
+            .arg("demo")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--console-listen", &format!("127.0.0.1:{console}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let (port, console) = (free_port(), free_port());
+    let mut running = demo(port, console).spawn().unwrap();
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..300 {
+        let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
+        if client.get(&url).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let settings = std::fs::read_to_string(data.join("portcullis.toml"));
+    let second = demo(free_port(), console).output().unwrap();
+    let same_twice = demo(port + 1, port + 1).output().unwrap();
+    running.kill().unwrap();
+    running.wait().unwrap();
+    assert!(up, "the first demo did not start");
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{console}")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("portcullis.toml")).unwrap(),
+        settings.unwrap(),
+        "the running demo's settings were rewritten"
+    );
+    let err = String::from_utf8_lossy(&same_twice.stderr);
+    assert!(err.contains("need an address each"), "{err}");
+}
+
 /// An admin signs in with a security key: where keys cannot work (a `public_url` without a
 /// domain name), `user add --admin` refuses as `admin bootstrap` does, instead of creating an
 /// admin who can never reach the admin console.
