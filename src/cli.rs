@@ -263,7 +263,14 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 /// Installs the log subscriber.
 pub fn init_logging(config: &Config) {
     // `PORTCULLIS_LOG` is already `log.level` here, validated with it (`Config::load`).
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let mut filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    // PostgreSQL's notices ("relation … already exists, skipping" at every start) are the
+    // database's chatter, not the gateway's news, unless asked for by name.
+    if !config.log.level.contains("sqlx") {
+        if let Ok(quiet) = "sqlx::postgres::notice=warn".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     // Colours only for a terminal: in a file or the journal they are escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

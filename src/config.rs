@@ -1594,7 +1594,17 @@ impl Config {
             ..self.clone()
         };
         shown.webauthn.enabled = self.webauthn_effective();
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let text =
+            toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        // The SMTP URL as the store URLs are shown: host, port and TLS mode, its password not.
+        match &self.notify.smtp_url {
+            Some(url) => {
+                let marker = format!("smtp_url = \"{}\"", crate::secret::REDACTED);
+                let shown = toml::Value::String(crate::secret::redact_url(url.expose()));
+                text.replacen(&marker, &format!("smtp_url = {shown}"), 1)
+            }
+            None => text,
+        }
     }
 }
 

@@ -71,6 +71,18 @@ fn secrets_come_from_files_and_are_redacted() {
     let dump = c.to_redacted_toml();
     assert!(!dump.contains(&key), "{dump}");
     assert!(dump.contains("[redacted]"), "{dump}");
+    // The SMTP URL is shown as the store URLs are: all but its password.
+    let c = load_str(
+        "[notify]\nsmtp_url = \"smtps://mailer:s3cret-pw@smtp.example.com:465\"\n",
+        &[],
+    )
+    .unwrap();
+    let dump = c.to_redacted_toml();
+    assert!(
+        dump.contains("smtp_url = \"smtps://mailer:[redacted]@smtp.example.com:465\"")
+            && !dump.contains("s3cret-pw"),
+        "{dump}"
+    );
     let e = load_str(
         &format!("[secrets]\nmaster_key = \"{key}\"\nmaster_key_file = \"/x\"\n"),
         &[],
