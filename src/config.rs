@@ -769,6 +769,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter such as `info` or `portcullis=debug,info`.
     pub level: String,
+    /// One `info` line per request forwarded to the console (method, path without its query,
+    /// status, milliseconds to the console's answer), with the request id of its span.
+    pub requests: bool,
 }
 
 impl Default for LogConfig {
@@ -776,6 +779,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            requests: false,
         }
     }
 }

@@ -654,6 +654,15 @@ async fn gate_and_forward(
             )));
         }
     };
+    // One line per forwarded request where asked for (`log.requests`): the path without its
+    // query, which may carry tokens.
+    let logged = state.config.log.requests.then(|| {
+        (
+            req.method().clone(),
+            path.to_string(),
+            std::time::Instant::now(),
+        )
+    });
     let fwd = Forwarding {
         path_and_query,
         peer,
@@ -665,6 +674,11 @@ async fn gate_and_forward(
     match state.upstream.forward(req, fwd).await {
         Ok(r) => {
             state.metrics.proxied(Proxied::Forwarded);
+            if let Some((method, path, started)) = logged {
+                let status = r.status().as_u16();
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::info!(%method, %path, status, ms, "forwarded");
+            }
             Ok(Answer::Upstream(r))
         }
         Err(e @ crate::proxy::ProxyError::RequestBody(_)) => {

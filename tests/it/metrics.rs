@@ -545,3 +545,60 @@ async fn every_series_exists_from_the_start() {
     let missing: Vec<_> = expected.iter().filter(|k| !m.contains_key(*k)).collect();
     assert!(missing.is_empty(), "missing {missing:?}");
 }
+
+/// `log.requests`: one JSON line per forwarded request, naming its method, path (never the
+/// query), status and the request id the console received; without it, none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_are_logged_when_asked_for() {
+    let mut gw = Gateway::start_with(|c| {
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    })
+    .await;
+    let log = gw.dir.path().join("requests.log");
+    let port = free_port();
+    let _serve = serve_binary(
+        &gw.config_path,
+        &[
+            ("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}")),
+            ("PORTCULLIS__LOG__FORMAT", "json".into()),
+            ("PORTCULLIS__LOG__REQUESTS", "true".into()),
+        ],
+        Some(&log),
+    );
+    gw.aim_at(([127, 0, 0, 1], port).into());
+    gw.wait_readyz(200).await;
+    let (c, _, _) = gw.signed_in("logged@example.com").await;
+    let r = c
+        .get(gw.url("/campaigns/7?token=do-not-log-me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent_id = gw
+        .upstream
+        .last()
+        .header("x-request-id")
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| {
+                l["fields"]["message"] == "forwarded" && l["fields"]["path"] == "/campaigns/7"
+            });
+        if let Some(line) = found {
+            assert!(!text.contains("do-not-log-me"), "{text}");
+            break line;
+        }
+        assert!(std::time::Instant::now() < deadline, "no line: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["fields"]["method"], "GET", "{line}");
+    assert_eq!(line["fields"]["status"], 200, "{line}");
+    let text = line.to_string();
+    assert!(text.contains(&sent_id), "{text} lacks {sent_id}");
+}
