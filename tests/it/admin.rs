@@ -263,8 +263,10 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
 
     // Without a password the account cannot be signed in to.
     let c = gw.browser();
-    let r = gw.password(&c, "boss@example.com", "", "").await;
-    assert_eq!(r.status(), 401);
+    for guess in ["", "any password at all"] {
+        let r = gw.password(&c, "boss@example.com", guess, "").await;
+        assert_eq!(r.status(), if guess.is_empty() { 400 } else { 401 });
+    }
 
     // The link: a weak password is refused without using the link up.
     let c = gw.browser();
@@ -796,7 +798,7 @@ async fn sessions_and_devices_are_ended_from_the_console() {
         gw.state.durable.list_devices(&target.id).await.unwrap()[0].status,
         "revoked"
     );
-    // Revoking it again changes nothing, and is neither audited nor mailed again.
+    // Revoking it again changes nothing, is neither audited nor mailed again, and says so.
     let r = c
         .post(gw.url(&format!("{user_page}/devices/{device}/revoke")))
         .form(&[("csrf", csrf.as_str())])
@@ -804,6 +806,12 @@ async fn sessions_and_devices_are_ended_from_the_console() {
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
+    assert!(
+        location(&r).contains("notice=device_revoked_already"),
+        "{}",
+        location(&r)
+    );
+    assert!(gw.page(&c, &location(&r)).await.contains("revoked already"));
     // End all, with a reason (a session of a new sign-in is live to be ended).
     gw.clock.advance(30);
     let third = gw.sign_in_again("customer@example.com", &secret).await;

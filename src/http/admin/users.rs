@@ -58,6 +58,10 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_restored" => "The key is no longer suspended: it signs in again.",
         "key_added" => "The key was enrolled.",
         "device_revoked" => "The device was revoked and its sessions ended.",
+        "device_revoked_already" => {
+            "That device had been revoked already: nothing changed (any session it still had \
+             was ended)."
+        }
         _ => return None,
     })
 }
@@ -803,8 +807,9 @@ pub async fn revoke_device_post(
                 ),
             )
             .await;
+        return Ok(done(&user, "device_revoked"));
     }
-    Ok(done(&user, "device_revoked"))
+    Ok(done(&user, "device_revoked_already"))
 }
 
 /// `POST …/users/{id}/enrolment-link`: a one-time link for the user, shown once.
