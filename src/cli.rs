@@ -1074,7 +1074,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         Command::Audit(AuditCmd::Prune { older_than }) => {
             if older_than < MIN_AUDIT_RETENTION {
                 bail!(
-                    "--older-than {} is too short: the last day of the audit trail is always kept",
+                    "--older-than must be at least {} (it was {}): the last day of the audit \
+                     trail is always kept",
+                    crate::config::duration::text(MIN_AUDIT_RETENTION),
                     crate::config::duration::text(older_than)
                 );
             }

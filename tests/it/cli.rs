@@ -588,7 +588,7 @@ async fn audit_prune_removes_only_events_past_the_retention_and_is_itself_audite
     let out = gw
         .cli(&["audit", "prune", "--older-than", "1m"], None)
         .await;
-    assert!(String::from_utf8_lossy(&out.stderr).contains("too short"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be at least 1d"));
     assert_eq!(gw.audit().await, before);
 
     let out = gw
