@@ -202,9 +202,20 @@ pub enum TokenCmd {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     // clap would say a value is missing for `--config`, which the command line did not name.
+    let named = std::env::args_os().any(|a| {
+        let a = a.to_string_lossy();
+        a == "--config" || a.starts_with("--config=")
+    });
     if std::env::var_os("PORTCULLIS_CONFIG").is_some_and(|v| v.is_empty()) {
-        note!("error: PORTCULLIS_CONFIG is set but empty: name a configuration file, or unset it");
-        return ExitCode::from(2);
+        if !named {
+            note!(
+                "error: PORTCULLIS_CONFIG is set but empty: name a configuration file, or unset it"
+            );
+            return ExitCode::from(2);
+        }
+        // The command line names the file: the empty variable stands for nothing (the parser
+        // would refuse it even so). No other thread runs yet.
+        std::env::remove_var("PORTCULLIS_CONFIG");
     }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -264,11 +275,14 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 pub fn init_logging(config: &Config) {
     // `PORTCULLIS_LOG` is already `log.level` here, validated with it (`Config::load`).
     let mut filter = tracing_subscriber::EnvFilter::new(&config.log.level);
-    // PostgreSQL's notices ("relation … already exists, skipping" at every start) are the
-    // database's chatter, not the gateway's news, unless asked for by name.
+    // PostgreSQL's notices ("relation … already exists, skipping" at every start) and the
+    // pool's own reconnection chatter are the database driver's, not the gateway's news (an
+    // outage is logged by the gateway), unless asked for by name.
     if !config.log.level.contains("sqlx") {
-        if let Ok(quiet) = "sqlx::postgres::notice=warn".parse() {
-            filter = filter.add_directive(quiet);
+        for quiet in ["sqlx::postgres::notice=warn", "sqlx_core::pool=warn"] {
+            if let Ok(quiet) = quiet.parse() {
+                filter = filter.add_directive(quiet);
+            }
         }
     }
     // Colours only for a terminal: in a file or the journal they are escape codes.
@@ -481,6 +495,7 @@ fn refused_by_redis(e: &str) -> bool {
         "WRONGPASS",
         "NOAUTH",
         "NOPERM",
+        "no permissions",
         "DB index",
     ]
     .iter()
@@ -566,7 +581,7 @@ fn advice(config: &Config) -> Vec<String> {
                 )
             })
             .collect();
-    advice.extend(config.readable_secret_files());
+    advice.extend(config.exposed_secret_files());
     if config.forward_auth.enabled && config.server.trusted_proxies.is_empty() {
         advice.push(
             "forward_auth is on but server.trusted_proxies is empty: the asking proxy's \

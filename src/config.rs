@@ -82,6 +82,9 @@ pub struct Config {
     /// about their permissions; not a key of the file.
     #[serde(skip)]
     pub secret_files: Vec<(String, PathBuf)>,
+    /// The configuration file, when it holds the master key or the SMTP URL itself.
+    #[serde(skip)]
+    pub secrets_inline_in: Option<PathBuf>,
 }
 
 /// `[metrics]`: Prometheus metrics on a listener of their own.
@@ -848,6 +851,15 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let holds = |section: &str, key: &str| {
+            table
+                .get(section)
+                .and_then(|t| t.as_table())
+                .is_some_and(|t| t.contains_key(key))
+        };
+        let secrets_inline_in = path
+            .filter(|_| holds("secrets", "master_key") || holds("notify", "smtp_url"))
+            .map(Path::to_path_buf);
         apply_env(&mut table, env)?;
         let mut files = Vec::new();
         resolve_secret_files(&mut table, "", &mut files)?;
@@ -934,25 +946,48 @@ impl Config {
             .iter()
             .map(|f| (f.key.clone(), PathBuf::from(&f.path)))
             .collect();
+        config.secrets_inline_in = secrets_inline_in;
         Ok(config)
     }
 
-    /// Secret files (`_file` keys) that every user of the machine may read, as advice lines.
-    pub fn readable_secret_files(&self) -> Vec<String> {
+    /// Files holding secrets that other users of the machine may read or change, as advice
+    /// lines: the `_file` of a secret key (the master key, the store URLs, the SMTP URL), and
+    /// the configuration file itself where it holds the master key or SMTP URL inline.
+    pub fn exposed_secret_files(&self) -> Vec<String> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            self.secret_files
+            const SECRET_KEYS: [&str; 4] = [
+                "secrets.master_key",
+                "storage.durable",
+                "storage.ephemeral",
+                "notify.smtp_url",
+            ];
+            let files = self
+                .secret_files
                 .iter()
-                .filter_map(|(key, path)| {
+                .filter(|(key, _)| SECRET_KEYS.contains(&key.as_str()))
+                .map(|(key, path)| (format!("the value of {key}"), path));
+            let config = self
+                .secrets_inline_in
+                .iter()
+                .map(|path| ("the configuration, with secrets in it".to_string(), path));
+            files
+                .chain(config)
+                .filter_map(|(what, path)| {
                     let mode = std::fs::metadata(path).ok()?.permissions().mode();
-                    (mode & 0o004 != 0).then(|| {
-                        format!(
-                            "{} (the value of {key}) is readable by every user of this machine                              (mode {:04o}): make it readable by the gateway's user (and group)                              only, e.g. chmod 0440 (Kubernetes: defaultMode 0440 on the Secret's                              volume)",
-                            path.display(),
-                            mode & 0o7777
-                        )
-                    })
+                    let who = match (mode & 0o002 != 0, mode & 0o004 != 0) {
+                        (true, _) => "writable",
+                        (false, true) => "readable",
+                        (false, false) => return None,
+                    };
+                    Some(format!(
+                        "{} ({what}) is {who} by every user of this machine (mode {:04o}): make \
+                         it readable by the gateway's user (and group) only, e.g. chmod 0440 \
+                         (Kubernetes: defaultMode 0440 on the Secret's volume)",
+                        path.display(),
+                        mode & 0o7777
+                    ))
                 })
                 .collect()
         }

@@ -164,11 +164,13 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
     }
     // Both addresses first: a demo that cannot start (another one runs on them) must change
     // nothing of the one that runs, neither its CLI settings nor its user's password.
-    if args.listen == args.console_listen {
+    let (a, b) = (args.listen, args.console_listen);
+    let overlap = a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
+    if overlap {
         anyhow::bail!(
-            "--listen and --console-listen are both {}: the gateway and its console need an \
-             address each",
-            args.listen
+            "--listen {a} and --console-listen {b} overlap (the same port, on the same or on \
+             every address): the gateway and its console need an address each"
         );
     }
     let console_listener = tokio::net::TcpListener::bind(args.console_listen)

@@ -308,10 +308,12 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     );
+    // Readiness answers 503 by design while a store is away: no page refused.
+    let probe = req.uri().path() == "/_portcullis/readyz";
     let mut resp = next.run(req).await;
     // Counted here, where every page's answer passes: a sign-in refused for a store that is
     // away writes no audit event to count it by.
-    if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+    if resp.status() == StatusCode::SERVICE_UNAVAILABLE && !probe {
         state.metrics.page_unavailable();
     }
     if json_client && resp.status() == StatusCode::SEE_OTHER {

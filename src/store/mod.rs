@@ -572,7 +572,7 @@ pub async fn open(
             })
             .await?;
             if let Err(e) = store.ping().await {
-                tracing::warn!(error = %e, "Redis is not answering yet; sign-ins and proxied requests get 503 until it does");
+                tracing::warn!(error = %e, "Redis is not ready (not answering, or refusing the configured user, database or commands); sign-ins and proxied requests get 503 until it is");
             }
             Arc::new(store)
         }

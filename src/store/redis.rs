@@ -434,7 +434,10 @@ fn millis(ttl: Duration) -> String {
 /// caller expects; anything else (connection, timeout, cluster down, loading) is unavailability.
 /// Either way the caller denies.
 fn fail(what: &str, e: &RedisError) -> StoreError {
-    let msg = format!("redis {what}: {}", e.category());
+    let msg = match e.category() {
+        "" => format!("redis {what}"),
+        category => format!("redis {what}: {category}"),
+    };
     match e.code() {
         Some("WRONGTYPE") => StoreError::Corrupt(format!("{msg}: wrong kind of value")),
         // The server refused the command (a database number out of range, a script's error):
@@ -460,13 +463,24 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Readiness past `PING`: one counter script on a key under the prefix, as every sign-in
-    /// runs. A server that answers but refuses the gateway's commands (an ACL without
-    /// scripting, keys outside the user's pattern) is not ready: it would refuse every sign-in.
+    /// Readiness past `PING`: every kind of command the gateway sends, each once, on keys under
+    /// the prefix (short-lived). A server that answers but refuses some of them (an ACL missing
+    /// a command or scripting, keys outside the user's pattern) is not ready: it would refuse
+    /// sign-ins, or some step of them, with 503.
     async fn serves_scripts(&self) -> StoreResult<()> {
-        self.script::<i64>("incr", &self.incr, "ready", &[millis(READY_PROBE_TTL)])
-            .await
-            .map(drop)
+        let (key, set) = ("ready", "ready:set");
+        self.put(key, b"1", READY_PROBE_TTL).await?;
+        self.get(key).await?;
+        self.put_if_present(key, b"2", READY_PROBE_TTL).await?;
+        self.take(key).await?;
+        self.incr(key, READY_PROBE_TTL).await?;
+        self.decr(key).await?;
+        self.set_if_greater(key, 1, READY_PROBE_TTL).await?;
+        self.delete(key).await?;
+        self.put_if_absent(key, b"1", READY_PROBE_TTL).await?;
+        self.set_add(set, "probe", READY_PROBE_TTL).await?;
+        self.set_members(set).await?;
+        self.set_remove(set, "probe").await
     }
 }
 

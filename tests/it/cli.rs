@@ -451,9 +451,25 @@ async fn a_world_readable_master_key_file_is_pointed_out() {
         err.contains("readable by every user") && err.contains("secrets.master_key"),
         "{err}"
     );
+    let (code, err) = check(0o602);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("writable by every user"), "{err}");
     let (code, err) = check(0o640);
     assert_eq!(code, Some(0), "{err}");
-    assert!(!err.contains("readable by every user"), "{err}");
+    assert!(!err.contains("by every user"), "{err}");
+    // The key written in the configuration itself: the file is what must be kept private.
+    std::fs::set_permissions(&gw.config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&gw.config_path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the configuration, with secrets in it") && err.contains("readable"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -813,6 +829,28 @@ fn an_empty_config_variable_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("PORTCULLIS_CONFIG is set but empty"), "{err}");
     assert!(!dir.path().join("portcullis.sqlite").exists());
+    // A file named on the command line is read, as it is over a variable that names one.
+    let file = dir.path().join("named.toml");
+    std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
+    for args in [
+        vec![
+            "--config".to_string(),
+            file.display().to_string(),
+            "check-config".into(),
+        ],
+        vec![
+            format!("--config={}", file.display()),
+            "check-config".into(),
+        ],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .env("PORTCULLIS_CONFIG", "")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("server.bogus"), "{args:?}: {err}");
+    }
 }
 
 /// A variable that is not UTF-8 text in the environment: someone else's is passed over, one
@@ -1124,6 +1162,15 @@ async fn a_demo_that_cannot_start_changes_nothing() {
     let settings = std::fs::read_to_string(data.join("portcullis.toml"));
     let second = demo(free_port(), console).output().unwrap();
     let same_twice = demo(port + 1, port + 1).output().unwrap();
+    let every_address = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .env_remove("PORTCULLIS_CONFIG")
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(dir.path().join("other"))
+        .args(["--listen", &format!("0.0.0.0:{}", port + 2)])
+        .args(["--console-listen", &format!("127.0.0.1:{}", port + 2)])
+        .output()
+        .unwrap();
     running.kill().unwrap();
     running.wait().unwrap();
     assert!(up, "the first demo did not start");
@@ -1138,8 +1185,10 @@ async fn a_demo_that_cannot_start_changes_nothing() {
         settings.unwrap(),
         "the running demo's settings were rewritten"
     );
-    let err = String::from_utf8_lossy(&same_twice.stderr);
-    assert!(err.contains("need an address each"), "{err}");
+    for overlapping in [same_twice, every_address] {
+        let err = String::from_utf8_lossy(&overlapping.stderr);
+        assert!(err.contains("need an address each"), "{err}");
+    }
 }
 
 /// An admin signs in with a security key: where keys cannot work (a `public_url` without a

@@ -141,10 +141,24 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
     let fresh = gw.browser();
     assert_eq!(gw.password(&fresh, email, PASSWORD, "").await.status(), 503);
 
-    // The process lives and says what is wrong.
+    // The process lives and says what is wrong; the probe's 503 is no page refused.
+    let refused = |gw: &Gateway| {
+        let text = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("portcullis_pages_unavailable_total "))
+            .map(str::to_string);
+        line.unwrap_or_default()
+    };
+    let counted = refused(&gw);
+    assert!(
+        !counted.ends_with(" 0"),
+        "the refused sign-ins were counted: {counted}"
+    );
     assert_eq!(status(&gw, "/_portcullis/healthz").await.0, 200);
     let (s, body) = status(&gw, "/_portcullis/readyz").await;
     assert_eq!(s, 503, "{body}");
+    assert_eq!(refused(&gw), counted);
     assert_eq!(body["stores"]["ephemeral"], "down", "{body}");
     assert_eq!(body["stores"]["durable"], "up", "{body}");
 
@@ -393,4 +407,17 @@ async fn the_documented_acl_suffices_and_a_narrower_one_is_not_ready() {
     wait_ready(&narrow, 503).await;
     let (_, body) = status(&narrow, "/_portcullis/readyz").await;
     assert_eq!(body["stores"]["ephemeral"], "down", "{body}");
+    // Each command the documented list names is needed: without any one of them (here one a
+    // sign-in needs only at its second step) the gateway is not ready either.
+    let mut short: Vec<String> = documented.clone();
+    short[0] = "short".into();
+    short.retain(|r| r != "+srem");
+    let _: () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&short)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let short = Gateway::start_with(on_user("short:gwpass")).await;
+    wait_ready(&short, 503).await;
 }

@@ -161,6 +161,12 @@ impl Channel {
         .await;
         let pubsub = match connected {
             Ok(Ok(p)) => p,
+            // A server that answers and refuses (an ACL without `SUBSCRIBE` on the channel) is
+            // the configuration's fault, said as a warning: the channel would never work.
+            Ok(Err(e)) if !(e.is_io_error() || e.is_connection_refusal() || e.is_timeout()) => {
+                tracing::warn!(error = %fail("subscribe", &e), "invalidation channel refused by Redis; every request reads Redis until it is allowed");
+                return Ended::Failed;
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %fail("subscribe", &e), "invalidation channel unavailable");
                 return Ended::Failed;
