@@ -576,6 +576,7 @@ pub async fn totp_confirm_post(
         Ok(v) => v,
         Err(r) => return Ok(r),
     };
+    super::login::code_given(&form.code)?;
     let client = super::client(&state, peer, &headers);
     let outcome = state
         .login

@@ -696,6 +696,14 @@ const SIGN_IN_STEPS: &[&str] = &[
     "/_portcullis/webauthn/authenticate/",
 ];
 
+/// The account page's changes of how its owner signs in: run one at a time for each account
+/// (two sets of recovery codes made at once would both be shown, one of them void).
+const ACCOUNT_CHANGES: &[&str] = &[
+    "/_portcullis/account/recovery-codes",
+    "/_portcullis/account/totp",
+    "/_portcullis/account/password",
+];
+
 /// Middleware: a request for a step of a sign-in under way from another network or browser
 /// than the sign-in began with ends that sign-in; a browser is sent to sign in again, an API
 /// client gets `401 sign_in_moved`. Complete sessions and other pages pass untouched.
@@ -705,10 +713,9 @@ pub async fn guard_sign_in_steps(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if !SIGN_IN_STEPS
-        .iter()
-        .any(|p| req.uri().path().starts_with(p))
-    {
+    let path = req.uri().path();
+    let change = ACCOUNT_CHANGES.iter().any(|p| path.starts_with(p));
+    if !change && !SIGN_IN_STEPS.iter().any(|p| path.starts_with(p)) {
         return next.run(req).await;
     }
     let headers = req.headers().clone();
@@ -717,7 +724,10 @@ pub async fn guard_sign_in_steps(
             return Ok(Step::Free);
         };
         if loaded.session.is_authenticated() {
-            return Ok(Step::Free);
+            return Ok(match change {
+                true => Step::Account(loaded.session.user_id.clone()),
+                false => Step::Free,
+            });
         }
         let client = super::client(&state, peer, &headers);
         Ok::<_, AppError>(match moved_mid_sign_in(&state, &loaded, &client).await? {
@@ -728,9 +738,18 @@ pub async fn guard_sign_in_steps(
     .await;
     match step {
         Ok(Step::Pending(key)) if req.method() == axum::http::Method::POST => {
-            one_at_a_time(&state, &key, next.run(req)).await
+            let claim = format!("sign_in_step:{key}");
+            let busy = "This step of your sign-in is being checked already (was it sent \
+                        twice?). Wait a moment, then go back and reload the page.";
+            one_at_a_time(&state, (&claim, busy), next.run(req)).await
         }
-        Ok(Step::Free | Step::Pending(_)) => next.run(req).await,
+        Ok(Step::Account(user)) if req.method() == axum::http::Method::POST => {
+            let claim = format!("account_change:{user}");
+            let busy = "A change to how you sign in is being made already (was it sent \
+                        twice?). Wait a moment, then reload your account page to see it.";
+            one_at_a_time(&state, (&claim, busy), next.run(req)).await
+        }
+        Ok(Step::Free | Step::Pending(_) | Step::Account(_)) => next.run(req).await,
         Ok(Step::Moved) if wants_html(&headers) => restart(&state, "moved"),
         Ok(Step::Moved) => {
             let body = serde_json::json!({
@@ -754,41 +773,34 @@ enum Step {
     Pending(String),
     /// A step from another network or browser: the sign-in is ended.
     Moved,
+    /// A change of how this user signs in, from the account page of a complete session.
+    Account(String),
 }
 
-/// How long a step of a sign-in may hold it against another sent at the same time; released
-/// when the step is answered, so this is only for a gateway stopped mid-step.
-const STEP_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long a step may hold its claim beyond the time its request's body may take to arrive
+/// (`server.body_timeout`, counted from when the claim is taken, before the body is read):
+/// released when the step is answered, so this is only for a gateway stopped mid-step.
+const STEP_CLAIM_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Runs `step` (a form or ceremony sent for the sign-in under `key`) unless another step of
-/// that sign-in is being checked: two codes sent at once (a double submit, a copy of the
-/// cookies on the same network) would otherwise each be checked and spent, and each complete
-/// the sign-in. The other gets `409 step_in_progress`.
+/// Runs `step` (a form or ceremony sent for a sign-in under way, or a change of how an account
+/// signs in) unless another under the same `claim` is being handled: two codes sent at once (a
+/// double submit, a copy of the cookies on the same network) would otherwise each be checked
+/// and spent, and each complete the sign-in. The other gets `409 step_in_progress` (`busy`).
 async fn one_at_a_time(
     state: &AppState,
-    key: &str,
+    (claim, busy): (&str, &str),
     step: impl std::future::Future<Output = Response>,
 ) -> Response {
-    let claim = format!("sign_in_step:{key}");
-    match state
-        .ephemeral
-        .put_if_absent(&claim, b"1", STEP_CLAIM_TTL)
-        .await
-    {
+    let hold = state.config.server.body_timeout + STEP_CLAIM_MARGIN;
+    match state.ephemeral.put_if_absent(claim, b"1", hold).await {
         Ok(true) => {}
         Ok(false) => {
-            return AppError::new(
-                StatusCode::CONFLICT,
-                "step_in_progress",
-                "This step of your sign-in is being checked already (was it sent twice?). Wait \
-                 a moment, then go back and reload the page.",
-            )
-            .into_response()
+            return AppError::new(StatusCode::CONFLICT, "step_in_progress", busy).into_response()
         }
         Err(e) => return AppError::from(e).into_response(),
     }
     let answer = step.await;
-    if let Err(e) = state.ephemeral.delete(&claim).await {
+    if let Err(e) = state.ephemeral.delete(claim).await {
         // It runs out by itself.
         tracing::warn!(error = %e, "cannot release a sign-in step");
     }
@@ -892,6 +904,19 @@ pub async fn enrol_get(
     ))
 }
 
+/// A code form sent without its code is bad input (400 `invalid_input`), not an attempt:
+/// nothing is checked, audited or counted against a budget.
+pub(super) fn code_given(code: &Secret<String>) -> Result<(), AppError> {
+    if code.expose().trim().is_empty() {
+        return Err(AppError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "Enter the code from your authenticator app.",
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /_portcullis/enrol/totp`.
 pub async fn enrol_post(
     State(state): State<AppState>,
@@ -907,6 +932,7 @@ pub async fn enrol_post(
     let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
         return Ok(restart(&state, "expired"));
     };
+    code_given(&form.code)?;
     let client = super::client(&state, peer, &headers);
     let before = loaded.clone();
     let outcome = state

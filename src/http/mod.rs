@@ -540,10 +540,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
             Ok(axum::extract::RawForm(raw)) if has_nul(&raw) => Err(AppError::bad_request(
                 "The form contains a character that is not allowed (NUL).",
             )),
+            // Which field, and why (a field given twice, a checkbox's value, a number that is
+            // none), for API clients; no secret field can fail to be read (text of any kind).
             Ok(axum::extract::RawForm(raw)) => {
-                serde_urlencoded::from_bytes(&raw).map(Form).map_err(|_| {
-                    AppError::bad_request(
-                        "The form could not be read. Reload the page and try again.",
+                serde_urlencoded::from_bytes(&raw).map(Form).map_err(|e| {
+                    AppError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_input",
+                        format!("The form could not be read ({e}). Reload the page and try again."),
                     )
                 })
             }

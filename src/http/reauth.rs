@@ -161,6 +161,7 @@ pub async fn reauth_post(
         }
         return Ok(sign_in_first(&next, false));
     };
+    super::login::code_given(&form.code)?;
     let client = super::client(&state, peer, &headers);
     let outcome = state
         .login

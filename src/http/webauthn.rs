@@ -83,7 +83,7 @@ fn expired() -> AppError {
     AppError::new(
         StatusCode::BAD_REQUEST,
         "ceremony_expired",
-        "This security key request expired or was already used. Please try again.",
+        "This security key request is not valid here: it expired, was already used, or belongs to another sign-in. Please try again.",
     )
 }
 

@@ -108,6 +108,48 @@ async fn new_recovery_codes_replace_the_old_ones() {
     );
 }
 
+/// New recovery codes asked for several times at once (a double submit, two tabs): one set is
+/// made and shown; the others are told a change is under way, rather than shown sets that the
+/// one made last has already voided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_recovery_codes_asked_for_at_once_show_only_the_set_that_works() {
+    let gw = Gateway::start().await;
+    let email = "twice-codes@example.com";
+    let (c, _, _) = gw.signed_in(email).await;
+    let csrf = gw.csrf(&c, ACCOUNT).await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+    let sent: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, url, csrf) = (c.client.clone(), gw.url(CODES), csrf.clone());
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let r = c.post(url).form(&[("csrf", csrf)]).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    let mut shown = Vec::new();
+    let mut busy = 0;
+    for t in sent {
+        match t.await.unwrap() {
+            (200, page) => shown.push(codes_on(&page)),
+            (409, page) => {
+                assert!(page.contains("being made already"), "{page}");
+                busy += 1;
+            }
+            (status, page) => panic!("{status}: {page}"),
+        }
+    }
+    assert!(busy > 0, "no request was told another was under way");
+    // (Answers that did not overlap may each have made a set, the later voiding the earlier.)
+    let mut working = 0;
+    for set in &shown {
+        working += usize::from(code_signs_in(&gw, email, &set[0]).await);
+    }
+    assert_eq!(working, 1, "{} sets shown", shown.len());
+}
+
 /// An API client gets what the account page's forms make as JSON: the new recovery codes (which
 /// work), and the pending authenticator secret with where to confirm it.
 #[tokio::test]

@@ -386,6 +386,13 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
             .await
             .unwrap();
         assert_eq!(r.status(), status, "admin={value}");
+        if status == 400 {
+            let page = r.text().await.unwrap();
+            assert!(
+                page.contains("a checkbox is 1 (ticked) or left out"),
+                "{page}"
+            );
+        }
         let made = gw.state.durable.user_by_email(&email).await.unwrap();
         assert_eq!(
             made.as_ref().map(|u| u.is_admin),

@@ -695,5 +695,21 @@ async fn forms_missing_their_secret_are_not_attempts() {
     let r = gw.code(&c, "/_portcullis/mfa", " ").await;
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("Enter the code"));
+    // A step-up and a first enrolment's app step alike.
+    let (signed_in, _, _) = gw.signed_in("empty-reauth@example.com").await;
+    let csrf = gw.csrf(&signed_in, "/_portcullis/reauth").await;
+    let r = signed_in
+        .post(gw.url("/_portcullis/reauth"))
+        .form(&[("csrf", csrf.as_str()), ("code", ""), ("next", "/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    gw.add_user("empty-enrol@example.com").await;
+    let enrolling = gw.browser();
+    gw.password(&enrolling, "empty-enrol@example.com", PASSWORD, "")
+        .await;
+    let r = gw.code(&enrolling, "/_portcullis/enrol/totp", "").await;
+    assert_eq!(r.status(), 400);
     assert_eq!(failures(gw.audit().await), before);
 }

@@ -179,15 +179,64 @@ async fn a_sign_in_completes_once_however_many_codes_arrive_at_once() {
     }
     let completed = answers.iter().filter(|(_, to)| to == "/").count();
     assert_eq!(completed, 1, "{answers:?}");
-    let user = gw.user("twice@example.com").await;
-    let left = gw
-        .state
-        .durable
-        .recovery_codes_left(&user.id)
-        .await
-        .unwrap();
-    assert_eq!(left as usize, codes.len() - 1, "{answers:?}");
+    assert_eq!(
+        codes_left(&gw, "twice@example.com").await,
+        codes.len() - 1,
+        "{answers:?}"
+    );
     assert_eq!(successes(gw.audit().await), before + 1, "{answers:?}");
+}
+
+/// A code whose form body is slow to arrive holds its sign-in for as long as the body may take
+/// (`server.body_timeout`), not less: another code sent meanwhile is told a step is under way,
+/// and the sign-in still completes once when the slow body arrives.
+#[tokio::test]
+async fn a_slow_step_holds_its_sign_in_until_its_body_is_in() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw =
+        Gateway::start_with(|c| c.server.body_timeout = std::time::Duration::from_secs(60)).await;
+    let (_c, _, codes) = gw.signed_in("slow-step@example.com").await;
+    let a = gw.browser();
+    gw.password(&a, "slow-step@example.com", PASSWORD, "").await;
+    let csrf = gw.csrf(&a, "/_portcullis/mfa").await;
+    let body = format!("code={}&csrf={csrf}", codes[0]);
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /_portcullis/mfa HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{}",
+        gw.cookies(&a),
+        body.len(),
+        &body[..5]
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Longer than any fixed hold shorter than the body's own bound.
+    gw.clock.advance(45);
+    let r = gw.code(&a, "/_portcullis/mfa", &codes[1]).await;
+    assert_eq!(
+        r.status(),
+        409,
+        "the slow step's hold ran out before its body"
+    );
+    slow.write_all(&body.as_bytes()[5..]).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), slow.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    assert_eq!(
+        codes_left(&gw, "slow-step@example.com").await,
+        codes.len() - 1
+    );
+}
+
+/// Recovery codes the account has left.
+async fn codes_left(gw: &Gateway, email: &str) -> usize {
+    let user = gw.user(email).await;
+    let left = gw.state.durable.recovery_codes_left(&user.id).await;
+    left.unwrap() as usize
 }
 
 #[tokio::test]
