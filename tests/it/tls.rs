@@ -268,6 +268,9 @@ fn binary_config(
         ),
     )
     .unwrap();
+    // It holds the master key: kept to its owner, as a deployment keeps it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     config
 }
 
