@@ -551,6 +551,14 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
         }
     };
     if let Ok(false) = store.is_set_up().await {
+        if let Ok(false) = store.can_set_up().await {
+            anyhow::bail!(
+                "storage.durable: the database role sees none of the gateway's tables and may not \
+                 create them in its schema, so the gateway could not start: connect as the \
+                 database's owner, or GRANT CREATE ON SCHEMA public (and the tables' privileges) \
+                 to the role"
+            );
+        }
         note!("note: the database has no tables yet (the gateway sets them up when it first starts); the master key was not checked against stored keys");
         return Ok(());
     }

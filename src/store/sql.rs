@@ -1657,6 +1657,21 @@ impl SqlStore {
             .map_err(unavailable)?;
         Ok(n > 0)
     }
+
+    /// Whether the gateway's first start could create its tables here: on PostgreSQL, the
+    /// connecting role may create in its current schema (PostgreSQL 15 grants that on `public`
+    /// to the database's owner alone); a SQLite file that opened can be written.
+    pub async fn can_set_up(&self) -> StoreResult<bool> {
+        if self.sqlite {
+            return Ok(true);
+        }
+        sqlx::query_scalar::<_, bool>(
+            "SELECT COALESCE(has_schema_privilege(current_schema(), 'CREATE'), false)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
 }
 
 #[cfg(test)]

@@ -1235,21 +1235,53 @@ async fn check_config_on_an_empty_postgres_database_says_it_is_new() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    let tables: i64 = {
-        use sqlx::Connection;
+    // A role that may connect but neither sees the tables nor may create them (PostgreSQL 15
+    // leaves `public` to the database's owner): the gateway could never start on it.
+    let role = format!("r_{}", &db[2..14]);
+    let (tables, refused) = {
+        use sqlx::{Connection, Executor};
         let mut c = sqlx::PgConnection::connect(&durable).await.unwrap();
-        sqlx::query_scalar(
+        c.execute(format!("CREATE ROLE {role} LOGIN").as_str())
+            .await
+            .unwrap();
+        c.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            .await
+            .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["check-config", "--config"])
+            .arg(&gw.config_path)
+            .env(
+                "PORTCULLIS__STORAGE__DURABLE",
+                durable.replace("postgres@", &format!("{role}@")),
+            )
+            .output()
+            .unwrap();
+        let tables: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
         )
         .fetch_one(&mut c)
         .await
-        .unwrap()
+        .unwrap();
+        (tables, out)
     };
     drop_database(&db).await;
+    {
+        use sqlx::{Connection, Executor};
+        let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .unwrap();
+        admin
+            .execute(format!("DROP ROLE IF EXISTS {role}").as_str())
+            .await
+            .unwrap();
+    }
     assert!(out.status.success(), "{err}");
     assert!(err.contains("has no tables yet"), "{err}");
     assert!(!err.contains("does not exist"), "{err}");
     assert_eq!(tables, 0, "nothing written");
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{refusal}");
+    assert!(refusal.contains("may not create them"), "{refusal}");
 }
 
 /// A database that cannot be reached is named (without its password) with the cause, not only
