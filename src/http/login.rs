@@ -799,12 +799,41 @@ async fn one_at_a_time(
         }
         Err(e) => return AppError::from(e).into_response(),
     }
+    let mut held = Held {
+        store: Some(state.ephemeral.clone()),
+        claim: claim.to_string(),
+    };
     let answer = step.await;
-    if let Err(e) = state.ephemeral.delete(claim).await {
-        // It runs out by itself.
-        tracing::warn!(error = %e, "cannot release a sign-in step");
+    if let Some(store) = held.store.take() {
+        if let Err(e) = store.delete(claim).await {
+            // It runs out by itself.
+            tracing::warn!(error = %e, "cannot release a sign-in step");
+        }
     }
     answer
+}
+
+/// A step's claim while its request is handled: released by [`one_at_a_time`] once answered,
+/// or here when the request is dropped first (the client went away mid-step), rather than left
+/// to hold the sign-in until it runs out.
+struct Held {
+    store: Option<std::sync::Arc<dyn crate::store::EphemeralStore>>,
+    claim: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let (Some(store), Ok(runtime)) = (self.store.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let claim = std::mem::take(&mut self.claim);
+        runtime.spawn(async move {
+            if let Err(e) = store.delete(&claim).await {
+                tracing::warn!(error = %e, "cannot release a sign-in step");
+            }
+        });
+    }
 }
 
 /// `POST /_portcullis/mfa`.
