@@ -119,14 +119,7 @@ async fn a_revocation_on_one_gateway_reaches_the_others_cache() {
     // B serves the session from its cache; A logs it out.
     assert_eq!(costed(&redis, &b, &c).await.0, 200);
     assert_eq!(b.state.sessions.cache().len(), 1);
-    let csrf = a.csrf(&c, "/_portcullis/logout").await;
-    let r = c
-        .post(a.url("/_portcullis/logout"))
-        .form(&[("csrf", csrf)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+    super::login::sign_out(&a, &c).await;
     cache_empty(&b).await;
     let r = c.get(b.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 303, "B refuses once A's message arrived");
@@ -136,19 +129,12 @@ async fn a_revocation_on_one_gateway_reaches_the_others_cache() {
     let c = a.sign_in_again(email, &secret).await;
     assert_eq!(costed(&redis, &b, &c).await.0, 200);
     assert_eq!(b.state.sessions.cache().len(), 1);
-    let csrf = a.csrf(&c, "/_portcullis/logout").await;
     let _: i64 = raw_cmd(
         &redis,
         ::redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal"),
     )
     .await;
-    let r = c
-        .post(a.url("/_portcullis/logout"))
-        .form(&[("csrf", csrf)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+    super::login::sign_out(&a, &c).await;
     let announced = Instant::now();
     cache_empty(&b).await;
     assert!(

@@ -393,14 +393,7 @@ async fn the_documented_acl_suffices_and_a_narrower_one_is_not_ready() {
     wait_ready(&gw, 200).await;
     let (c, _, _) = gw.signed_in("acl@example.com").await;
     assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
-    let csrf = gw.csrf(&c, "/_portcullis/logout").await;
-    let r = c
-        .post(gw.url("/_portcullis/logout"))
-        .form(&[("csrf", csrf)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+    super::login::sign_out(&gw, &c).await;
     assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 303);
 
     let narrow = Gateway::start_with(on_user("narrow:np")).await;
