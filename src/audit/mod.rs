@@ -547,6 +547,18 @@ mod tests {
         store.create_user(new, 1).await.unwrap()
     }
 
+    /// The account's events: one, written with the owner's address.
+    async fn assert_one_named(store: &SqlStore, account: &str, email: &str) {
+        let q = AuditQuery {
+            account_id: Some(account.into()),
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        let found = store.query_audit(&q).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].email.as_deref(), Some(email));
+    }
+
     fn event() -> AuditEvent {
         AuditEvent::new(
             "login_password",
@@ -589,14 +601,7 @@ mod tests {
                 .await;
         }
         audit.flush().await;
-        let q = AuditQuery {
-            account_id: Some("acct-7".into()),
-            limit: 10,
-            ..AuditQuery::default()
-        };
-        let found = store.query_audit(&q).await.unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].email.as_deref(), Some("moved@example.com"));
+        assert_one_named(&store, "acct-7", "moved@example.com").await;
         let q = AuditQuery {
             user_id: Some("gone".into()),
             limit: 10,
@@ -639,14 +644,7 @@ mod tests {
                 .unwrap();
         }
         assert!(audit.flush_within(Duration::from_secs(10)).await);
-        let q = AuditQuery {
-            account_id: Some("acct-8".into()),
-            limit: 10,
-            ..AuditQuery::default()
-        };
-        let found = store.query_audit(&q).await.unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].email.as_deref(), Some("outage@example.com"));
+        assert_one_named(&store, "acct-8", "outage@example.com").await;
     }
 
     #[tokio::test]
