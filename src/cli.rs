@@ -518,7 +518,11 @@ fn refused_by_the_database(e: &str) -> bool {
 /// checked; a wrong key is an error.
 async fn check_stored_keys(config: &Config) -> Result<()> {
     let url = &config.storage.durable;
-    if let Some(path) = crate::store::sql::sqlite_file(url) {
+    let sqlite = crate::store::sql::sqlite_file(url);
+    if let Some(path) = sqlite {
+        if let Err(e) = crate::store::sql::sqlite_access(path) {
+            anyhow::bail!("storage.durable: the gateway could not open the database {path}: {e}");
+        }
         if !std::path::Path::new(path).exists() {
             note!("note: the database {path} does not exist yet; the master key was not checked against stored keys");
             return Ok(());
@@ -538,6 +542,8 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
                 "storage.durable: the database server's TLS certificate was not accepted: {e}"
             );
         }
+        // A file that does not open is the configuration's fault: there is no server to wait for.
+        Ok(Err(e)) if sqlite.is_some() => anyhow::bail!("storage.durable: {e}"),
         Ok(Err(e)) if refused_by_the_database(&e.to_string()) => {
             anyhow::bail!("storage.durable: the database server refused the gateway: {e}");
         }

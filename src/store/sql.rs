@@ -169,6 +169,46 @@ pub fn sqlite_file(url: &str) -> Option<&str> {
     (!path.is_empty() && path != ":memory:").then_some(path)
 }
 
+/// Whether this process may use the SQLite file at `path` as the gateway does: read and write
+/// the file (when it exists) and create its `-wal` and `-shm` companions beside it (write access
+/// to its directory, unless both exist and are writable already) or the file itself. SQLite
+/// reports these only as "unable to open" or "readonly database", from inside a connection, so
+/// they are asked of the file system first, by the process's own user and groups. Nothing is
+/// created.
+pub fn sqlite_access(path: &str) -> Result<(), String> {
+    use rustix::fs::{access, Access};
+    let user = || {
+        let uid = rustix::process::getuid().as_raw();
+        format!("the gateway's user (uid {uid})")
+    };
+    let file = std::path::Path::new(path);
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let rw = Access::READ_OK | Access::WRITE_OK;
+    if file.exists() && access(file, rw).is_err() {
+        return Err(format!("it cannot be read and written by {}", user()));
+    }
+    if !dir.is_dir() {
+        return Err(format!("its directory {} does not exist", dir.display()));
+    }
+    let companions_writable = ["-wal", "-shm"].iter().all(|end| {
+        let mut p = file.as_os_str().to_owned();
+        p.push(end);
+        access(std::path::Path::new(&p), rw).is_ok()
+    });
+    if !companions_writable && access(dir, Access::WRITE_OK | Access::EXEC_OK).is_err() {
+        return Err(format!(
+            "its directory {} cannot be written by {}: SQLite keeps the database's -wal and -shm \
+             files beside it",
+            dir.display(),
+            user()
+        ));
+    }
+    Ok(())
+}
+
 /// Creates a database file that does not exist yet readable by its owner only (it holds
 /// password hashes and the sealed secrets): SQLite would create it, and then its `-wal` and
 /// `-shm` files, with the umask's permissions, usually readable by everyone.
@@ -191,6 +231,11 @@ impl SqlStore {
         let sqlite = url.starts_with("sqlite:");
         let creates = !url.contains("mode=") || url.contains("mode=rwc");
         if let Some(path) = sqlite_file(url).filter(|_| creates) {
+            sqlite_access(path).map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot open the database {path} (storage.durable): {e}"
+                ))
+            })?;
             create_private(path).map_err(|e| {
                 StoreError::Unavailable(format!("cannot create the database file {path}: {e}"))
             })?;

@@ -1312,3 +1312,112 @@ async fn an_unreachable_database_is_named_with_its_cause() {
     );
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+/// A SQLite database the gateway's user may not write — the file, or the directory SQLite keeps
+/// its `-wal` and `-shm` files in — is named with its cause by `check-config` and by every
+/// command, not as a server that did not answer in time. Run as another
+/// user (nobody) where the tests run as root, for whom permission bits do not count.
+#[tokio::test]
+async fn a_database_the_gateways_user_cannot_write_is_named_at_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let set_mode = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    set_mode(base.path(), 0o755);
+    let root = rustix::process::geteuid().is_root();
+    // The binary where the other user can reach it (the checkout may sit in a private directory).
+    let bin = base.path().join("portcullis");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_portcullis"), &bin).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_portcullis"), &bin).unwrap();
+    }
+    set_mode(&bin, 0o755);
+    let db_dir = base.path().join("db");
+    let outbox = base.path().join("outbox");
+    std::fs::create_dir(&db_dir).unwrap();
+    std::fs::create_dir(&outbox).unwrap();
+    set_mode(&outbox, 0o777);
+    let db = db_dir.join("portcullis.sqlite");
+    let key = portcullis::crypto::MasterKey::generate_base64();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let run = |args: &[&str], other_user: bool| {
+        let mut cmd = if other_user && root {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&bin);
+            c
+        } else {
+            std::process::Command::new(&bin)
+        };
+        let mut child = cmd
+            .args(args)
+            .current_dir(base.path())
+            .env("PORTCULLIS__SECRETS__MASTER_KEY", &key)
+            .env(
+                "PORTCULLIS__STORAGE__DURABLE",
+                format!("sqlite://{}", db.display()),
+            )
+            .env("PORTCULLIS__NOTIFY__OUTBOX_DIR", &outbox)
+            .env("PORTCULLIS__SERVER__PUBLIC_URL", "http://127.0.0.1:9/")
+            .env("PORTCULLIS__UPSTREAM__URL", "http://127.0.0.1:9/")
+            .env("PORTCULLIS__SERVER__LISTEN", &listen)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, format!("{PASSWORD}\n").as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    // The directory is not the user's: root's, or without write permission.
+    if !root {
+        set_mode(&db_dir, 0o555);
+    }
+    for args in [&["check-config"][..], &["serve"]] {
+        let (code, err) = run(args, true);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&db_dir.display().to_string())
+                && err.contains("cannot be written")
+                && err.contains("-wal"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!db.exists(), "nothing was created");
+    // The database made by its owner, then kept from the other user: the file is named.
+    set_mode(&db_dir, 0o755);
+    let (code, err) = run(&["user", "add", "a@example.com", "--account", "a"], false);
+    assert_eq!(code, Some(0), "{err}");
+    set_mode(&db, 0o600);
+    if !root {
+        set_mode(&db, 0o400);
+    }
+    for args in [&["check-config"][..], &["user", "list"]] {
+        let (code, err) = run(args, true);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&db.display().to_string()) && err.contains("cannot be read and written"),
+            "{args:?}: {err}"
+        );
+    }
+    // Given to the other user, it opens.
+    if root {
+        let nobody = Some(rustix::fs::Uid::from_raw(65534));
+        for end in ["", "-wal", "-shm"] {
+            let mut p = db.as_os_str().to_owned();
+            p.push(end);
+            if std::path::Path::new(&p).exists() {
+                rustix::fs::chown(std::path::Path::new(&p), nobody, None).unwrap();
+            }
+        }
+        rustix::fs::chown(db_dir.as_path(), nobody, None).unwrap();
+    } else {
+        set_mode(&db, 0o600);
+    }
+    let (code, err) = run(&["check-config"], true);
+    assert_eq!(code, Some(0), "{err}");
+}
