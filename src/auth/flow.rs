@@ -607,7 +607,7 @@ impl LoginFlow {
             return Ok(());
         }
         self.ephemeral
-            .delete(&format!("fail:pwd:{{{}}}", user.email))
+            .delete(&throttle::account_counter(&user.email))
             .await
     }
 }

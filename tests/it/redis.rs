@@ -414,3 +414,55 @@ async fn the_documented_acl_suffices_and_a_narrower_one_is_not_ready() {
     let short = Gateway::start_with(on_user("short:gwpass")).await;
     wait_ready(&short, 503).await;
 }
+
+/// What is typed as the sign-in address (often a password, in the wrong field) is not kept in
+/// Redis: the throttling keys name an address by a digest, the account's failure count as
+/// well as its consecutive failures, and a right sign-in still clears the count it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_sign_in_addresses_are_not_kept_in_redis() {
+    let gw = gateway_on("redis://127.0.0.1:6379/".into()).await;
+    let prefix = gw.state.config.storage.redis_prefix.clone();
+    let client = ::redis::Client::open("redis://127.0.0.1:6379/").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = || {
+        let mut conn = conn.clone();
+        let pattern = format!("{prefix}*");
+        async move {
+            let keys: Vec<String> = ::redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            keys.join("\n")
+        }
+    };
+    let (_, secret, _) = gw.signed_in("typed@example.com").await;
+    let c = gw.browser();
+    for typed in ["Tr0ub4dor-and-3@example.com", "typed@example.com"] {
+        let r = gw.password(&c, typed, "not the password 1", "").await;
+        assert_ne!(r.status(), 303, "{typed}: a wrong password is refused");
+    }
+    let all = keys().await;
+    assert!(
+        all.contains("fail:pwd:{"),
+        "the account's count is kept: {all}"
+    );
+    for typed in ["tr0ub4dor", "typed@"] {
+        assert!(!all.to_lowercase().contains(typed), "{typed} in {all}");
+    }
+    // The right password and code: the account's count is gone again.
+    let counted = all.lines().filter(|k| k.contains("fail:pwd:{")).count();
+    assert_eq!(counted, 2, "{all}");
+    gw.sign_in_again("typed@example.com", &secret).await;
+    let after = keys().await;
+    assert_eq!(
+        after.lines().filter(|k| k.contains("fail:pwd:{")).count(),
+        1,
+        "only the other address's count is left: {after}"
+    );
+    let _: () = ::redis::cmd("DEL")
+        .arg(after.lines().collect::<Vec<_>>())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}

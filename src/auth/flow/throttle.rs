@@ -61,13 +61,23 @@ pub fn delay_for(prior: u64, limits: &LimitsConfig) -> Duration {
         .min(limits.max_delay)
 }
 
-/// Storage key of an account's consecutive wrong passwords: by a digest of the address, so
-/// that each of the keys an address flood leaves (unknown addresses are counted like accounts,
-/// for 30 days) has the same small size whatever was typed.
-fn consecutive_key(email: &str) -> String {
+/// A sign-in address as the throttling keys name it: a digest, so that each of the keys an
+/// address flood leaves (unknown addresses are counted like accounts) has the same small size
+/// whatever was typed, and what was typed (often a password in the wrong field) is not kept
+/// in the ephemeral store.
+fn address_digest(email: &str) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(email.as_bytes());
-    format!("consecutive:pwd:{{{}}}", hex::encode(&digest[..16]))
+    hex::encode(&Sha256::digest(email.as_bytes())[..16])
+}
+
+/// Storage key of an account's consecutive wrong passwords (kept 30 days).
+fn consecutive_key(email: &str) -> String {
+    format!("consecutive:pwd:{{{}}}", address_digest(email))
+}
+
+/// The counter of an account's wrong passwords within the failure window.
+pub(crate) fn account_counter(email: &str) -> String {
+    format!("fail:pwd:{{{}}}", address_digest(email))
 }
 
 /// A sign-in that asks for the second factor first and has not had it yet.
@@ -104,7 +114,7 @@ impl LoginFlow {
         }
         vec![
             (
-                format!("fail:pwd:{{{email}}}"),
+                account_counter(email),
                 self.limits.password_failures_per_account,
             ),
             (address_counter(client), self.limits.failures_per_ip),
