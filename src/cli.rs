@@ -682,11 +682,21 @@ fn read_password() -> Result<Secret<String>> {
         return Ok(Secret::new(a));
     }
     let mut line = String::new();
-    std::io::stdin()
+    let read = std::io::stdin()
         .lock()
         .read_line(&mut line)
         .context("cannot read the password from standard input")?;
-    Ok(Secret::new(line.trim_end_matches(['\r', '\n']).to_string()))
+    if read == 0 {
+        bail!(
+            "no password given: standard input ended before a line was read (run the command \
+             at a terminal to be asked, or give the password as one line on standard input)"
+        );
+    }
+    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    if password.is_empty() {
+        bail!("the password read from standard input is empty");
+    }
+    Ok(Secret::new(password))
 }
 
 async fn find_user(durable: &dyn DurableStore, email: &str) -> Result<User> {
@@ -827,6 +837,10 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 }
             }
             let account = account_id(&account)?;
+            // Asked before the password is: an address in use is the first thing to know.
+            if durable.user_by_email(&email).await?.is_some() {
+                bail!("already exists: a user with email {email} exists");
+            }
             let password = read_password()?;
             check_policy(password.expose(), &config.password, &email)?;
             let hasher = PasswordHasher::new(&config.password)?;
@@ -1304,6 +1318,16 @@ async fn verify_token(
             .with_context(|| format!("cannot read {jwks}"))?
     };
     let set: serde_json::Value = serde_json::from_str(&body).context("the JWKS is not JSON")?;
+    if set
+        .get("keys")
+        .and_then(serde_json::Value::as_array)
+        .is_none()
+    {
+        bail!(
+            "{jwks} is not a key set (JWKS): it has no \"keys\" array; give the gateway's \
+             /.well-known/jwks.json"
+        );
+    }
     let audience = audience.unwrap_or_else(|| config.token.audience.clone());
     let issuer = issuer.unwrap_or_else(|| config.issuer());
     // Only the algorithm the gateway signs with, as a backend pins it.

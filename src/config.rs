@@ -82,9 +82,10 @@ pub struct Config {
     /// about their permissions; not a key of the file.
     #[serde(skip)]
     pub secret_files: Vec<(String, PathBuf)>,
-    /// The configuration file, when it holds the master key or the SMTP URL itself.
+    /// The configuration file read, and whether it holds a secret itself: the master key, or a
+    /// store or SMTP URL with a password in it.
     #[serde(skip)]
-    pub secrets_inline_in: Option<PathBuf>,
+    pub file: Option<(PathBuf, bool)>,
 }
 
 /// `[metrics]`: Prometheus metrics on a listener of their own.
@@ -851,16 +852,23 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        let holds = |section: &str, key: &str| {
+        let value = |section: &str, key: &str| {
             table
                 .get(section)
                 .and_then(|t| t.as_table())
-                .is_some_and(|t| t.contains_key(key))
+                .and_then(|t| t.get(key))
         };
-        let secrets_inline_in = path
-            .filter(|_| holds("secrets", "master_key") || holds("notify", "smtp_url"))
-            .map(Path::to_path_buf);
-        apply_env(&mut table, env)?;
+        let holds_secret = value("secrets", "master_key").is_some()
+            || [
+                ("storage", "durable"),
+                ("storage", "ephemeral"),
+                ("notify", "smtp_url"),
+            ]
+            .iter()
+            .filter_map(|(section, key)| value(section, key)?.as_str())
+            .any(|url| crate::secret::redact_url(url) != url);
+        let file = path.map(|p| (p.to_path_buf(), holds_secret));
+        let from_env = apply_env(&mut table, env)?;
         let mut files = Vec::new();
         resolve_secret_files(&mut table, "", &mut files)?;
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
@@ -909,10 +917,12 @@ impl Config {
                         .iter()
                         .any(|t| why.contains(&format!("invalid type: {t}")))
                 {
-                    why.push_str(
+                    why.push_str(if from_env.contains(&key) {
                         "; in a PORTCULLIS__SECTION__KEY variable, quote a text that reads as a \
-                         number or boolean: '\"123\"'",
-                    );
+                         number or boolean: '\"123\"'"
+                    } else {
+                        "; in the file, a text is written in quotes: key = \"value\""
+                    });
                 }
                 if why.contains("expected a sequence") && key == "step_up" {
                     why.push_str(
@@ -946,7 +956,7 @@ impl Config {
             .iter()
             .map(|f| (f.key.clone(), PathBuf::from(&f.path)))
             .collect();
-        config.secrets_inline_in = secrets_inline_in;
+        config.file = file;
         Ok(config)
     }
 
@@ -967,16 +977,22 @@ impl Config {
                 .secret_files
                 .iter()
                 .filter(|(key, _)| SECRET_KEYS.contains(&key.as_str()))
-                .map(|(key, path)| (format!("the value of {key}"), path));
-            let config = self
-                .secrets_inline_in
-                .iter()
-                .map(|path| ("the configuration, with secrets in it".to_string(), path));
+                .map(|(key, path)| (format!("the value of {key}"), path, true));
+            // The configuration file: anyone changing it changes what the gateway guards, so
+            // it is pointed out when every user may write it; when every user may read it, only
+            // where it holds a secret.
+            let config = self.file.iter().map(|(path, secret)| {
+                let what = match secret {
+                    true => "the configuration, with secrets in it",
+                    false => "the configuration",
+                };
+                (what.to_string(), path, *secret)
+            });
             files
                 .chain(config)
-                .filter_map(|(what, path)| {
+                .filter_map(|(what, path, secret)| {
                     let mode = std::fs::metadata(path).ok()?.permissions().mode();
-                    let who = match (mode & 0o002 != 0, mode & 0o004 != 0) {
+                    let who = match (mode & 0o002 != 0, mode & 0o004 != 0 && secret) {
                         (true, _) => "writable",
                         (false, true) => "readable",
                         (false, false) => return None,
@@ -1496,6 +1512,14 @@ impl Config {
                     format!("{why}: nobody it covers could sign in"),
                 ));
             }
+            if let Some(i) = self.step_up.iter().position(|r| r.key) {
+                return Err(key_err(
+                    &format!("step_up[{i}].key"),
+                    format!(
+                        "{why}: nobody could pass the rule, so its paths would be closed to all"
+                    ),
+                ));
+            }
         }
         if w.rp_name.trim().is_empty() || w.rp_name.len() > 64 {
             return Err(key_err("webauthn.rp_name", "must be 1 to 64 characters"));
@@ -1626,13 +1650,14 @@ impl Config {
     }
 
     /// The effective configuration as TOML, secrets redacted (also passwords inside store URLs),
-    /// `webauthn.enabled` as the gateway will run it.
+    /// `webauthn.enabled` and `token.issuer` as the gateway will run them.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = Self {
             storage: self.storage.redacted(),
             ..self.clone()
         };
         shown.webauthn.enabled = self.webauthn_effective();
+        shown.token.issuer = Some(self.issuer());
         let text =
             toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
         // The SMTP URL as the store URLs are shown: host, port and TLS mode, its password not.
@@ -1699,10 +1724,11 @@ pub fn ignored_variables(env: impl IntoIterator<Item = (String, String)>) -> Vec
 
 /// Applies `PORTCULLIS__SECTION__KEY=value` overrides. Values are read as TOML values when they
 /// parse as one (numbers, booleans, arrays), as plain strings otherwise.
+/// Returns the keys the environment set (`section.key`).
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<std::collections::HashSet<String>, ConfigError> {
     // Keys the environment set, to tell `key` and `key_file` both set there from one set in the
     // file and the other in the environment (where the environment wins).
     let mut from_env: std::collections::HashSet<(String, String)> = Default::default();
@@ -1788,7 +1814,10 @@ fn apply_env(
         section.insert(key.clone(), value);
         from_env.insert((path[0].clone(), key.clone()));
     }
-    Ok(())
+    Ok(from_env
+        .into_iter()
+        .map(|(section, key)| format!("{section}.{key}"))
+        .collect())
 }
 
 /// The largest file a `_file` key reads: keys, URLs and paths are far smaller; anything larger

@@ -83,6 +83,11 @@ fn secrets_come_from_files_and_are_redacted() {
             && !dump.contains("s3cret-pw"),
         "{dump}"
     );
+    // Values the gateway derives are shown as it will use them: the issuer from the public URL.
+    assert!(
+        dump.contains("issuer = \"http://127.0.0.1:8080\""),
+        "{dump}"
+    );
     let e = load_str(
         &format!("[secrets]\nmaster_key = \"{key}\"\nmaster_key_file = \"/x\"\n"),
         &[],
@@ -431,12 +436,16 @@ fn webauthn_bad_values_are_refused_with_the_key() {
             "enabled = false\nphishing_resistant_accounts = [\"a\"]",
             "webauthn.phishing_resistant_accounts",
         ),
+        (
+            "enabled = false\n[[step_up]]\npath = \"/a\"\n[[step_up]]\npath = \"/k/**\"\nkey = true",
+            "step_up[1].key",
+        ),
     ] {
         let e = load_str(&format!("{site}{extra}\n"), &[]).unwrap_err();
         assert!(e.to_string().contains(key), "{extra}: {e}");
     }
     // Keys are off in effect with an IP address as the public URL's host: a rule that wants
-    // them would let nobody it covers sign in.
+    // them would let nobody it covers sign in, or reach its paths.
     for (extra, key) in [
         (
             "require_phishing_resistant = true",
@@ -446,6 +455,7 @@ fn webauthn_bad_values_are_refused_with_the_key() {
             "phishing_resistant_accounts = [\"a\"]",
             "webauthn.phishing_resistant_accounts",
         ),
+        ("[[step_up]]\npath = \"/k\"\nkey = true", "step_up[0].key"),
     ] {
         let config =
             format!("[server]\npublic_url = \"http://127.0.0.1:8080/\"\n[webauthn]\n{extra}\n");
@@ -873,7 +883,15 @@ fn a_list_in_the_environment_is_a_toml_array() {
     let e = load_str("", &[("PORTCULLIS__TOKEN__AUDIENCE", "123")])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("quote"), "{e}");
+    assert!(e.contains("quote") && e.contains("PORTCULLIS__"), "{e}");
+    // The same mistake in the file is the file's, not a variable's.
+    let e = load_str("[server]\nlisten = 5\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("server.listen") && e.contains("in the file") && !e.contains("PORTCULLIS__"),
+        "{e}"
+    );
 }
 
 #[test]

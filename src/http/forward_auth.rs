@@ -39,24 +39,24 @@ fn bad_original(message: impl Into<String>) -> AppError {
     AppError::forbidden("bad_original_request", message)
 }
 
-/// The first of `names` present, as it came; `Err` when it came more than once (which copy
-/// the console's proxy acts on cannot be told).
+/// The first of `names` present, with its name as the refusals show it; `Err` when it came more
+/// than once (which copy the console's proxy acts on cannot be told).
 fn first_header<'a>(
     headers: &'a HeaderMap,
-    names: &[&str],
-) -> Result<Option<&'a HeaderValue>, AppError> {
-    let Some(name) = names.iter().find(|n| headers.contains_key(**n)) else {
+    names: &[(&'static str, &'static str)],
+) -> Result<Option<(&'static str, &'a HeaderValue)>, AppError> {
+    let Some(&(name, shown)) = names.iter().find(|(n, _)| headers.contains_key(*n)) else {
         return Ok(None);
     };
-    let mut values = headers.get_all(*name).iter();
+    let mut values = headers.get_all(name).iter();
     let first = values.next();
     if values.next().is_some() {
         return Err(bad_original(format!(
-            "The original request is described twice ({name}): the asking proxy must replace \
+            "The original request is described twice ({shown}): the asking proxy must replace \
              the header, not add to it."
         )));
     }
-    Ok(first)
+    Ok(first.map(|v| (shown, v)))
 }
 
 /// Reads the original method and target; only a trusted peer's headers count. A header that
@@ -67,11 +67,18 @@ fn original(
     headers: &HeaderMap,
     (peer, trusted): (std::net::IpAddr, bool),
 ) -> Result<Original, AppError> {
-    const TARGET: [&str; 2] = ["x-forwarded-uri", "x-original-uri"];
+    const TARGET: [(&str, &str); 2] = [
+        ("x-forwarded-uri", "X-Forwarded-Uri"),
+        ("x-original-uri", "X-Original-URI"),
+    ];
+    const METHOD: [(&str, &str); 2] = [
+        ("x-forwarded-method", "X-Forwarded-Method"),
+        ("x-original-method", "X-Original-Method"),
+    ];
     if !trusted {
         // A proxy left out of `server.trusted_proxies` has every request checked as `GET /`,
         // which no step-up rule guards: said in the log, since nothing else shows it.
-        if TARGET.iter().any(|n| headers.contains_key(*n)) {
+        if TARGET.iter().any(|(n, _)| headers.contains_key(*n)) {
             static LAST: AtomicU64 = AtomicU64::new(0);
             misconfigured(
                 &LAST,
@@ -88,29 +95,33 @@ fn original(
             target: "/".into(),
         });
     }
-    let (method, rule_method) =
-        match first_header(headers, &["x-forwarded-method", "x-original-method"])? {
-            Some(m) => {
-                let m = Method::from_bytes(m.as_bytes().trim_ascii()).map_err(|_| {
-                    bad_original("The original request's method (X-Forwarded-Method) is not one.")
-                })?;
-                (m.clone(), m)
-            }
-            None => (method.clone(), crate::policy::step_up::unknown_method()),
-        };
+    let (method, rule_method) = match first_header(headers, &METHOD)? {
+        Some((name, m)) => {
+            let m = Method::from_bytes(m.as_bytes().trim_ascii()).map_err(|_| {
+                bad_original(format!(
+                    "The original request's method ({name}) is not one."
+                ))
+            })?;
+            (m.clone(), m)
+        }
+        None => (method.clone(), crate::policy::step_up::unknown_method()),
+    };
     let target = match first_header(headers, &TARGET)? {
-        Some(t) => readable_target(t.as_bytes()).ok_or_else(|| {
-            bad_original(
-                "The original request's address (X-Forwarded-Uri) holds spaces or control characters.",
-            )
+        Some((name, t)) => readable_target(t.as_bytes()).ok_or_else(|| {
+            bad_original(format!(
+                "The original request's address ({name}) holds spaces or control characters."
+            ))
         })?,
         None => {
             static LAST: AtomicU64 = AtomicU64::new(0);
-            misconfigured(&LAST, format_args!(
+            misconfigured(
+                &LAST,
+                format_args!(
                 "the forward-auth check from {peer} names no original address (X-Forwarded-Uri \
                  or X-Original-URI): it was checked as `/`, where no [[step_up]] rule applies; \
                  see docs/forward-auth.md for the proxy's configuration"
-            ));
+            ),
+            );
             "/".into()
         }
     };

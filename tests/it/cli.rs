@@ -71,6 +71,18 @@ async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
         )
         .await;
     assert!(!out.status.success(), "short password refused");
+    // No password at all (standard input closed or an empty line) is said as such, not judged
+    // as a short one.
+    for (stdin, says) in [(None, "no password given"), (Some("\n"), "is empty")] {
+        let out = gw
+            .cli(
+                &["user", "add", "New@Example.com", "--account", "acct-9"],
+                stdin,
+            )
+            .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{err}");
+    }
     let out = gw
         .cli(
             &["user", "add", "New@Example.com", "--account", "acct-9"],
@@ -89,6 +101,18 @@ async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
         )
         .await;
     assert!(!out.status.success(), "duplicate refused");
+    // An address in use is said before any password is judged.
+    let out = gw
+        .cli(
+            &["user", "add", "NEW@example.com", "--account", "acct-9"],
+            Some("short\n"),
+        )
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already exists"),
+        "{err}"
+    );
     let list = gw.cli(&["user", "list", "--json"], None).await;
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(
@@ -282,9 +306,10 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         err.contains("wrong audience") && err.contains("expected `someone-else`"),
         "{err}"
     );
-    // A refused token against the saved key set: what the command said on standard error.
-    let refused = |token: String| {
-        let jwks = jwks_file.to_str().unwrap().to_string();
+    // A refused token against a key set (the saved one unless named): what the command said on
+    // standard error.
+    let saved = jwks_file.to_str().unwrap().to_string();
+    let refused_by = |token: String, jwks: String| {
         let gw = &gw;
         async move {
             let out = gw
@@ -294,6 +319,7 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
             String::from_utf8_lossy(&out.stderr).into_owned()
         }
     };
+    let refused = |token: String| refused_by(token, saved.clone());
     // A damaged token is said to be one, in words.
     let mut damaged = old_token.clone();
     damaged.insert(old_token.rfind('.').unwrap() + 5, '!');
@@ -316,6 +342,14 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     let err = refused(es256).await;
     assert!(
         err.contains("signed with ES256") && err.contains("EdDSA"),
+        "{err}"
+    );
+    // JSON that is no key set is said to be that, not the token's fault.
+    let not_a_set = gw.dir.path().join("not-a-set.json");
+    std::fs::write(&not_a_set, "{\"status\": \"ok\"}").unwrap();
+    let err = refused_by(old_token.clone(), not_a_set.display().to_string()).await;
+    assert!(
+        err.contains("is not a key set") && !err.contains("invalid token"),
         "{err}"
     );
     // A "key set" that never ends is refused after a bounded read, not read forever.
@@ -457,6 +491,31 @@ async fn a_world_readable_master_key_file_is_pointed_out() {
     let (code, err) = check(0o640);
     assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("by every user"), "{err}");
+    // A configuration without secrets may be read by all, not changed by all (what it says the
+    // gateway guards would be anyone's to change); an SMTP URL without a password is no secret,
+    // one with a password is.
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o646)).unwrap();
+    let (_, err) = check(0o640);
+    assert!(
+        err.contains("(the configuration) is writable by every user"),
+        "{err}"
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("[notify]\n"), "{text}");
+    for (url, secret) in [
+        ("smtp://127.0.0.1:2525", false),
+        ("smtp://mailer:pw@127.0.0.1:2525", true),
+    ] {
+        let with = text.replace("[notify]\n", &format!("[notify]\nsmtp_url = \"{url}\"\n"));
+        std::fs::write(&config, with).unwrap();
+        let (_, err) = check(0o640);
+        assert_eq!(
+            err.contains("(the configuration, with secrets in it) is readable"),
+            secret,
+            "{url}: {err}"
+        );
+    }
     // The key written in the configuration itself: the file is what must be kept private.
     std::fs::set_permissions(&gw.config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))

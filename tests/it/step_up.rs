@@ -9,20 +9,22 @@ use super::forward_auth::auth;
 use super::harness::*;
 
 fn rules(c: &mut portcullis::config::Config) {
-    let rule = |path: &str, methods: &[&str], key: bool| StepUpRule {
-        path: path.into(),
-        methods: methods.iter().map(|m| m.to_string()).collect(),
-        max_age: Duration::from_secs(5 * 60),
-        key,
-    };
     c.step_up = vec![
         rule("/campaigns/*/send", &["POST"], false),
         rule("/lists/*/export", &[], false),
-        rule("/api-keys/**", &[], true),
         rule("/reports/download", &["GET"], false),
     ];
     c.forward_auth.enabled = true;
     c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+}
+
+fn rule(path: &str, methods: &[&str], key: bool) -> StepUpRule {
+    StepUpRule {
+        path: path.into(),
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+        max_age: Duration::from_secs(5 * 60),
+        key,
+    }
 }
 
 async fn send_campaign(gw: &Gateway, c: &Browser, path: &str, accept: &str) -> reqwest::Response {
@@ -217,7 +219,23 @@ async fn sensitive_actions_need_a_recent_proof() {
         h.push((name, second));
         let r = raw(gw.addr, "GET", "/_portcullis/auth", &h, "").await;
         assert_eq!(r.status, 403, "{name}: {}", r.head);
+        assert!(r.body.contains(name), "the header is named: {}", r.body);
         assert!(r.header("x-portcullis-assertion").is_none());
+    }
+    // A refusal names the header the proxy sent (nginx's documented X-Original-URI), not the
+    // other spelling.
+    for (name, value) in [("X-Original-URI", "/a b"), ("X-Original-Method", "PO ST")] {
+        let r = auth(
+            &gw,
+            &[
+                ("Cookie", &cookie),
+                (name, value),
+                ("Accept", "application/json"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 403, "{name}: {}", r.head);
+        assert!(r.body.contains(name), "the header is named: {}", r.body);
     }
     // A browser's navigation to a guarded page whose address is no safe way back is still sent
     // to the step-up page (a 302 that Traefik and Caddy relay), on to the start page.
@@ -315,8 +333,18 @@ async fn sensitive_actions_need_a_recent_proof() {
     let r = send_campaign(&gw, &c, "/campaigns/7/send", "application/json").await;
     assert_eq!(r.status(), 200);
     assert_eq!(gw.status(&c, "/lists/3/export").await, 200);
+}
 
-    // A rule that wants a security key is not met by a code.
+/// A rule that wants a security key is not met by a code (keys need a domain name for the
+/// gateway: where they are off, such a rule is refused as configuration).
+#[tokio::test]
+async fn a_rule_for_a_key_is_not_met_by_a_code() {
+    let gw = Gateway::start_with(|c| {
+        super::webauthn::localhost(c);
+        c.step_up = vec![rule("/api-keys/**", &[], true)];
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("keyed@example.com").await;
     let r = gw.get(&c, "/api-keys").await;
     assert_eq!(location(&r), "/_portcullis/reauth?next=%2Fapi-keys&key=1");
     let r = c
