@@ -1,6 +1,7 @@
 // Device binding for browsers without Device Bound Session Credentials. The gateway's
 // interstitial page (/_portcullis/bind) loads this module. It keeps a non-extractable ECDSA
-// P-256 key in IndexedDB (one per browser, replaced at each new registration) and signs the
+// P-256 key in IndexedDB (one per browser, replaced at each new registration, which the old
+// key signs too, so the gateway knows the browser for the device it was) and signs the
 // server's single-use challenge with it in the same proof format DBSC uses (a JWS with typ
 // "dbsc+jwt" and the challenge as jti; the first proof carries the public key). The gateway answers with a short-lived bound cookie and
 // the page continues to where the user was going. The private key never leaves WebCrypto.
@@ -90,11 +91,15 @@ async function attempt(first) {
   // Bound through DBSC by the browser itself (its registration won): nothing to do here.
   if (method === "dbsc") return { status: 200, json: {} };
   if (purpose === "register") {
+    // The key kept from this browser's last session signs the same challenge: it shows the
+    // gateway that this is the device its device cookie names, not a copy of the cookie.
+    const kept = await anyKey();
+    const previous = kept ? await proof(kept.privateKey, { alg: "ES256", typ: "dbsc+jwt" }, challenge) : null;
     const pair = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, false, ["sign", "verify"]);
     const { kty, crv, x, y } = await crypto.subtle.exportKey("jwk", pair.publicKey);
     await saveKey(session, pair);
     const p = await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt", jwk: { kty, crv, x, y } }, challenge);
-    return post("register", { proof: p });
+    return post("register", { proof: p, previous });
   }
   // A session signed in by a remembered device is bound to the key an earlier session stored.
   const pair = (await loadKey(session)) || (await anyKey());

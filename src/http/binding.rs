@@ -518,13 +518,84 @@ async fn complete_session(state: &AppState, headers: &HeaderMap) -> Result<Loade
     }
 }
 
-/// Binds `loaded` to `key`, once: the first registration of a session wins.
+/// What shows that a browser binding a session is the device its device cookie names.
+pub(crate) enum Continuity<'a> {
+    /// The key registered is the device's own (a remembered device just proved it).
+    DeviceKey,
+    /// The registration of challenge `jti`, with the same challenge signed by the key the
+    /// browser kept from its last session, if it sent one (`previous`).
+    Previous {
+        proof: Option<&'a str>,
+        jti: &'a str,
+    },
+}
+
+/// A browser binding a session of a known device must prove the key that device kept (the
+/// WebCrypto fallback keeps one key per browser, replaced at each registration): a copied device
+/// cookie does not make its holder the owner's device. Without that proof the browser is a new
+/// device from here — recorded, given a device cookie of its own, audited and mailed to the
+/// owner — and the session is its. With it, or where the device kept no WebCrypto key (never
+/// bound yet, or bound by DBSC, whose keys live one session each), the device keeps the newly
+/// registered WebCrypto key for its next sign-in. Returns the device cookie to set, if any.
+async fn device_continuity(
+    state: &AppState,
+    loaded: &mut Loaded,
+    key: &BoundKey,
+    continuity: Continuity<'_>,
+    client: &Client,
+) -> Result<Option<String>, AppError> {
+    let Some(device_id) = loaded.session.device_id.clone() else {
+        return Ok(None);
+    };
+    let devices = state.durable.list_devices(&loaded.session.user_id).await?;
+    let Some(device) = devices.into_iter().find(|d| d.id == device_id) else {
+        return Ok(None);
+    };
+    let kept = device
+        .remember_key
+        .as_deref()
+        .and_then(|k| serde_json::from_str::<BoundKey>(k).ok())
+        .filter(|k| k.method == Method::Webcrypto);
+    let proven = match (&kept, continuity) {
+        (None, _) | (_, Continuity::DeviceKey) => true,
+        (Some(kept), Continuity::Previous { proof, jti }) => proof
+            .filter(|p| p.len() <= MAX_PROOF_LEN)
+            .and_then(|p| binding::verify_refresh(p, kept).ok())
+            .is_some_and(|signed| signed == jti),
+    };
+    if proven {
+        let replaced = kept.is_none_or(|k| k.thumbprint != key.thumbprint);
+        if key.method == Method::Webcrypto && replaced {
+            let json = serde_json::to_string(key).map_err(|e| AppError::internal(&e))?;
+            state
+                .durable
+                .remember_device(&device_id, Some(&json), device.remembered_until)
+                .await?;
+        }
+        return Ok(None);
+    }
+    let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
+        return Ok(None);
+    };
+    let why = "the cookie of a known device, without that device's key";
+    let (id, cookie) = super::devices::new_device(state, &user, client, None, Some(why)).await?;
+    loaded.session.device_id = Some(id);
+    Ok(Some(cookie))
+}
+
+/// The longest device proof read (a JWS over a challenge, with at most an RSA key's JWK).
+const MAX_PROOF_LEN: usize = 8192;
+
+/// Binds `loaded` to `key`, once: the first registration of a session wins. Returns the cookies
+/// to set (the bound cookie, and a device cookie where the browser turned out to be a new
+/// device), or `None` where the session was bound already.
 pub(crate) async fn register(
     state: &AppState,
     loaded: &mut Loaded,
     key: BoundKey,
     client: &Client,
-) -> Result<Option<String>, AppError> {
+    continuity: Continuity<'_>,
+) -> Result<Option<Vec<String>>, AppError> {
     // The first key comes from the browser that signed in: a copy of its cookie jar, used
     // elsewhere before that browser bound, must not bind the session (and with it a
     // remembered browser) to the copier's key.
@@ -549,6 +620,7 @@ pub(crate) async fn register(
     {
         return Ok(None);
     }
+    let device_cookie = device_continuity(state, loaded, &key, continuity, client).await?;
     loaded.session.binding = Some(key.clone());
     state.sessions.save(&loaded.key, &loaded.session).await?;
     binding::forget_failures(state.ephemeral.as_ref(), &loaded.session.public_id).await?;
@@ -568,7 +640,9 @@ pub(crate) async fn register(
         ev = ev.user(&u);
     }
     state.audit.record(ev).await;
-    Ok(Some(issue_cookie(state, &loaded.session, &key, client)))
+    let mut cookies = vec![issue_cookie(state, &loaded.session, &key, client)];
+    cookies.extend(device_cookie);
+    Ok(Some(cookies))
 }
 
 fn already_bound() -> AppError {
@@ -759,19 +833,23 @@ pub async fn challenge_post(
 pub struct ProofBody {
     #[serde(default)]
     proof: Option<String>,
+    /// With a registration: the same challenge signed by the key the browser kept from its
+    /// last session, if it has one (see [`Continuity`]).
+    #[serde(default)]
+    previous: Option<String>,
 }
 
-fn proven(cookie: String) -> Response {
+fn proven(cookies: Vec<String>) -> Response {
     with_cookies(
         axum::Json(serde_json::json!({ "ok": true })).into_response(),
-        [cookie],
+        cookies,
     )
 }
 
 /// What a registration proof achieved.
 enum Registration {
-    /// Bound: the session and the bound cookie to set.
-    Bound(Box<Loaded>, String),
+    /// Bound: the session and the cookies to set.
+    Bound(Box<Loaded>, Vec<String>),
     /// The challenge was used or expired; the session, to offer a new one.
     Stale(Box<Loaded>),
 }
@@ -783,6 +861,7 @@ async fn register_proof(
     headers: &HeaderMap,
     proof: &str,
     method: Method,
+    previous: Option<&str>,
 ) -> Result<Registration, AppError> {
     let mut loaded = complete_session(state, headers).await?;
     let client = super::client(state, peer, headers);
@@ -802,8 +881,12 @@ async fn register_proof(
             return Err(proof_failed());
         }
     }
-    match register(state, &mut loaded, key, &client).await? {
-        Some(cookie) => Ok(Registration::Bound(Box::new(loaded), cookie)),
+    let continuity = Continuity::Previous {
+        proof: previous,
+        jti: &jti,
+    };
+    match register(state, &mut loaded, key, &client, continuity).await? {
+        Some(cookies) => Ok(Registration::Bound(Box::new(loaded), cookies)),
         None => Err(already_bound()),
     }
 }
@@ -817,8 +900,9 @@ pub async fn register_post(
     Json(body): Json<ProofBody>,
 ) -> Result<Response, AppError> {
     let proof = body.proof.unwrap_or_default();
-    match register_proof(&state, peer, &headers, &proof, Method::Webcrypto).await? {
-        Registration::Bound(_, cookie) => Ok(proven(cookie)),
+    let previous = body.previous.as_deref();
+    match register_proof(&state, peer, &headers, &proof, Method::Webcrypto, previous).await? {
+        Registration::Bound(_, cookies) => Ok(proven(cookies)),
         Registration::Stale(_) => Err(stale_challenge()),
     }
 }
@@ -842,7 +926,7 @@ pub async fn refresh_post(
         ));
     };
     match refresh(&state, &loaded, &key, body.proof.as_deref(), &client).await? {
-        Refreshed::Cookie(c) => Ok(proven(c)),
+        Refreshed::Cookie(c) => Ok(proven(vec![c])),
         Refreshed::Stale => Err(stale_challenge()),
         Refreshed::Failed => Err(proof_failed()),
     }
@@ -890,10 +974,14 @@ fn instructions(state: &AppState, session: &Session) -> serde_json::Value {
     })
 }
 
-fn dbsc_answer(state: &AppState, session: &Session, cookie: String) -> Response {
+fn dbsc_answer(
+    state: &AppState,
+    session: &Session,
+    cookies: impl IntoIterator<Item = String>,
+) -> Response {
     with_cookies(
         axum::Json(instructions(state, session)).into_response(),
-        [cookie],
+        cookies,
     )
 }
 
@@ -906,8 +994,8 @@ pub async fn dbsc_register_post(
 ) -> Result<Response, AppError> {
     let body = dbsc_body(body)?;
     let proof = dbsc_proof(&headers, &body).unwrap_or_default();
-    match register_proof(&state, peer, &headers, proof, Method::Dbsc).await? {
-        Registration::Bound(loaded, cookie) => Ok(dbsc_answer(&state, &loaded.session, cookie)),
+    match register_proof(&state, peer, &headers, proof, Method::Dbsc, None).await? {
+        Registration::Bound(loaded, cookies) => Ok(dbsc_answer(&state, &loaded.session, cookies)),
         Registration::Stale(loaded) => {
             // Ask the browser to register again with a new challenge.
             let mut r = AppError {
@@ -976,7 +1064,7 @@ pub async fn dbsc_refresh_post(
         return challenge_answer(&state, &loaded.session).await;
     };
     match refresh(&state, &loaded, &key, Some(proof), &client).await? {
-        Refreshed::Cookie(c) => Ok(dbsc_answer(&state, &loaded.session, c)),
+        Refreshed::Cookie(c) => Ok(dbsc_answer(&state, &loaded.session, [c])),
         Refreshed::Stale => challenge_answer(&state, &loaded.session).await,
         Refreshed::Failed => Err(proof_failed()),
     }

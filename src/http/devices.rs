@@ -95,6 +95,21 @@ pub async fn signed_in(
             return Ok((d.id, Vec::new()));
         }
     }
+    let (id, cookie) = new_device(state, user, client, enrolled_since, None).await?;
+    Ok((id, vec![cookie]))
+}
+
+/// Records a new device of `user` for this browser, audits it (`new_device`, with `why` beside
+/// the device's name where there is more to say) and mails the owner; returns its id and the
+/// device cookie to set.
+pub(crate) async fn new_device(
+    state: &AppState,
+    user: &User,
+    client: &Client,
+    enrolled_since: Option<i64>,
+    why: Option<&str>,
+) -> Result<(String, String), AppError> {
+    let now = state.clock.now();
     let token = random_token(32);
     let device = Device {
         id: uuid::Uuid::new_v4().to_string(),
@@ -111,17 +126,21 @@ pub async fn signed_in(
         remember_key: None,
     };
     state.durable.create_device(device.clone()).await?;
+    let reason = match why {
+        Some(why) => format!("{} ({why})", device.name),
+        None => device.name.clone(),
+    };
     state
         .audit
         .record(
             AuditEvent::new("new_device", "success", now)
                 .user(user)
-                .reason(&device.name)
+                .reason(&reason)
                 .client(&client.ip, &client.user_agent),
         )
         .await;
     notify_new_device(state, user, &device, enrolled_since).await?;
-    Ok((device.id, vec![set_device_cookie(state, &token)]))
+    Ok((device.id, set_device_cookie(state, &token)))
 }
 
 /// Queues the new-device notice with its "this wasn't me" link.

@@ -226,7 +226,8 @@ pub async fn finish_post(
     state.login.complete(&mut loaded.session, &user, AMR_DEVICE);
     let device_cookies = complete_sign_in(&state, &headers, &client, &mut loaded.session).await?;
     // The session is bound to the key that just proved itself, first registration wins as ever.
-    let bound = super::binding::register(&state, &mut loaded, key, &client).await?;
+    let continuity = super::binding::Continuity::DeviceKey;
+    let bound = super::binding::register(&state, &mut loaded, key, &client, continuity).await?;
     let ev = AuditEvent::new("second_factor", "success", state.clock.now())
         .user(&user)
         .reason("remembered_device")
@@ -235,7 +236,7 @@ pub async fn finish_post(
     let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
     let mut cookies = vec![state.sessions.set_cookie(&id)];
     cookies.extend(device_cookies);
-    cookies.extend(bound);
+    cookies.extend(bound.into_iter().flatten());
     Ok(with_cookies(redirect_json(&stage_page(&loaded)), cookies))
 }
 

@@ -151,11 +151,30 @@ async fn webcrypto_challenge(gw: &Gateway, b: &Browser) -> Value {
 
 /// The fallback's registration: a challenge, then the proof with the public key.
 pub(super) async fn bind_webcrypto(gw: &Gateway, b: &Browser, dev: &Device) {
+    let r = register_webcrypto(gw, b, dev, None).await;
+    assert_eq!(r.status(), 200);
+}
+
+/// A registration of `dev` whose challenge `kept` (the key the browser kept from its last
+/// session) signs too, as the bind page does.
+async fn register_webcrypto(
+    gw: &Gateway,
+    b: &Browser,
+    dev: &Device,
+    kept: Option<&Device>,
+) -> reqwest::Response {
     let ch = webcrypto_challenge(gw, b).await;
     assert_eq!(ch["purpose"], "register");
-    let proof = dev.proof(ch["challenge"].as_str().unwrap(), true);
-    let r = bind_api(gw, b, "register", json!({ "proof": proof })).await;
-    assert_eq!(r.status(), 200);
+    let challenge = ch["challenge"].as_str().unwrap();
+    let proof = dev.proof(challenge, true);
+    let previous = kept.map(|k| k.proof(challenge, false));
+    bind_api(
+        gw,
+        b,
+        "register",
+        json!({ "proof": proof, "previous": previous }),
+    )
+    .await
 }
 
 /// The fallback's renewal.
@@ -1190,4 +1209,87 @@ async fn a_websocket_closes_when_its_device_proof_runs_out() {
         super::proxy::closed_within(&mut ws, std::time::Duration::from_secs(5)).await,
         "the tunnel outlived its bound cookie"
     );
+}
+
+/// A copied device cookie does not make its holder the owner's device: binding a session, the
+/// browser must sign the challenge with the key the device kept from its last session too.
+/// Without that (no key, the owner's older key, its own key) the sign-in is a new device's —
+/// recorded with a cookie of its own, audited and mailed to the owner — while the owner's
+/// browser, which holds the key, stays the known device and is not reported.
+#[tokio::test]
+async fn a_copied_device_cookie_without_the_devices_key_is_a_new_device() {
+    let gw = gateway().await;
+    let email = "kept-key@example.com";
+    let (b, secret, _) = gw.signed_in(email).await;
+    let mut kept = Device::new();
+    bind_webcrypto(&gw, &b, &kept).await;
+    let device_cookie = gw
+        .cookies(&b)
+        .split("; ")
+        .find(|c| c.starts_with("portcullis-device="))
+        .unwrap()
+        .to_string();
+    // A browser holding that device cookie signs in with the password and a code.
+    let with_device_cookie = || {
+        let c = gw.browser();
+        c.jar.add_cookie_str(
+            &format!("{device_cookie}; Path=/"),
+            &gw.base.parse().unwrap(),
+        );
+        c
+    };
+    let reported = || async { events(&gw, "new_device").await.len() };
+    assert_eq!(reported().await, 1, "the first sign-in");
+    // The owner's browser: its kept key signs, nobody is told, the device keeps the new key.
+    let owner = with_device_cookie();
+    gw.sign_in_on(&owner, email, &secret).await;
+    let next = Device::new();
+    let r = register_webcrypto(&gw, &owner, &next, Some(&kept)).await;
+    assert_eq!(r.status(), 200);
+    assert!(set_cookie_named(&r, "portcullis-device").is_none());
+    assert_eq!(reported().await, 1, "the owner's own browser");
+    let old = std::mem::replace(&mut kept, next);
+    let mails = gw.outbox().await.len();
+    // The thief's browser, with the device cookie and without the device's key.
+    for (i, signer) in [None, Some(&old), Some(&Device::new())]
+        .into_iter()
+        .enumerate()
+    {
+        let thief = with_device_cookie();
+        gw.sign_in_on(&thief, email, &secret).await;
+        let own = Device::new();
+        // (The thief's own key signing as the kept one is the third case.)
+        let signer = if i == 2 { Some(&own) } else { signer };
+        let r = register_webcrypto(&gw, &thief, &own, signer).await;
+        assert_eq!(r.status(), 200, "case {i}: it gave the password and a code");
+        let cookie = set_cookie_named(&r, "portcullis-device").unwrap_or_default();
+        assert!(
+            !cookie.is_empty() && !cookie.starts_with(&device_cookie),
+            "case {i}: a device cookie of its own: {cookie}"
+        );
+        let new = events(&gw, "new_device").await;
+        assert_eq!(new.len(), 2 + i, "case {i}: reported");
+        assert!(
+            new.last()
+                .unwrap()
+                .reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains("without that device's key"),
+            "{:?}",
+            new.last()
+        );
+        assert_eq!(
+            gw.outbox().await.len(),
+            mails + 1 + i,
+            "case {i}: the owner is mailed"
+        );
+    }
+    // The owner's browser is still the known device, with the key it keeps.
+    let owner = with_device_cookie();
+    gw.sign_in_on(&owner, email, &secret).await;
+    let r = register_webcrypto(&gw, &owner, &Device::new(), Some(&kept)).await;
+    assert_eq!(r.status(), 200);
+    assert!(set_cookie_named(&r, "portcullis-device").is_none());
+    assert_eq!(reported().await, 4, "the owner is not reported");
 }
