@@ -296,7 +296,8 @@ pub enum CookieCheck {
     /// Made by us for this session and key, but presented from another network or browser than
     /// it was issued to: the holder of the key must prove it again.
     Moved,
-    /// Not made by us for this session and key (forged, another session's, malformed).
+    /// Shaped as a bound cookie but not made by us for this session and key (forged, tampered
+    /// with, another session's). A value of no such shape is `Missing`.
     Invalid,
 }
 
@@ -326,9 +327,11 @@ pub fn check_bound_cookie(
     let Some(v) = value else {
         return CookieCheck::Missing;
     };
-    // `<expiry>.<context>.<mac>`, split in two byte searches (this runs on every request).
+    // `<expiry>.<context>.<mac>`, split in two byte searches (this runs on every request). A
+    // value of another shape is no bound cookie at all, taken as none (a forgery must at least
+    // look like one to count as a failed proof).
     let Some(first) = memchr::memchr(b'.', v.as_bytes()) else {
-        return CookieCheck::Invalid;
+        return CookieCheck::Missing;
     };
     let (exp, rest) = (&v[..first], &v[first + 1..]);
     let Some(second) = memchr::memchr(b'.', rest.as_bytes()) else {
@@ -340,7 +343,7 @@ pub fn check_bound_cookie(
         URL_SAFE_NO_PAD.decode(issued_to),
         URL_SAFE_NO_PAD.decode(mac),
     ) else {
-        return CookieCheck::Invalid;
+        return CookieCheck::Missing;
     };
     let want = bound_mac(key, session_public_id, thumbprint, exp, &issued_to);
     if issued_to.len() != CONTEXT_LEN || !ct_eq(&want, &mac) {
@@ -366,10 +369,10 @@ pub fn check_bound_cookie(
 /// upgrade the browser that holds the key proves again, without counting as a failure.
 fn check_v1_cookie(key: &MasterKey, v: &str, public_id: &str, thumbprint: &str) -> CookieCheck {
     let Some((exp, mac)) = v.split_once('.') else {
-        return CookieCheck::Invalid;
+        return CookieCheck::Missing;
     };
     let (Ok(exp), Ok(mac)) = (exp.parse::<i64>(), URL_SAFE_NO_PAD.decode(mac)) else {
-        return CookieCheck::Invalid;
+        return CookieCheck::Missing;
     };
     let mut expiry = itoa::Buffer::new();
     let want = key.link_mac_parts(&[

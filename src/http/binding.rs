@@ -186,7 +186,7 @@ pub(crate) async fn check(
     let mut verdict = verdict_of(get_cookie(headers, cookie_name(state)));
     // Over plain HTTP another site of the domain can plant a cookie of the same name, sent
     // first: a valid one among the next few counts (no store is read for them).
-    if !matches!(verdict, CookieCheck::Valid | CookieCheck::Missing) && !state.config.is_https() {
+    if verdict != CookieCheck::Valid && !state.config.is_https() {
         let mut others = super::cookie_values(headers, cookie_name(state))
             .skip(1)
             .take(super::gate::SESSION_COOKIES_TRIED - 1);

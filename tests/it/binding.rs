@@ -1136,21 +1136,47 @@ async fn a_planted_bound_cookie_is_no_failed_proof() {
         .iter()
         .any(|e| e.event == "session_binding_failed" || e.event == "session_suspended"));
     assert_eq!(gw.status(&b, "/campaigns").await, 200);
-    // Planted alone, the cookie is what it is: a failed proof.
+    // Alone, a value that is no bound cookie at all (junk, empty) is taken as none: the key
+    // must prove again, and nothing is counted against the session.
     let session = jar
         .split("; ")
         .find(|c| c.starts_with("portcullis-session="))
         .unwrap();
-    let alone = format!("portcullis-bound=garbage; {session}");
-    let r = raw(
-        gw.addr,
-        "GET",
-        "/campaigns",
-        &[("Cookie", &alone), ("Accept", "application/json")],
-        "",
-    )
-    .await;
+    let alone = |bound: &str| {
+        let cookie = format!("portcullis-bound={bound}; {session}");
+        async move {
+            raw(
+                gw.addr,
+                "GET",
+                "/campaigns",
+                &[("Cookie", &cookie), ("Accept", "application/json")],
+                "",
+            )
+            .await
+        }
+    };
+    for junk in ["garbage", "", "x.y.z"] {
+        for _ in 0..6 {
+            let r = alone(junk).await;
+            assert_eq!(r.status, 401, "{junk:?}: {}", r.head);
+            assert!(r.body.contains("binding_refresh_required"), "{}", r.body);
+        }
+    }
+    assert!(binding_failures(&gw).await.is_empty());
+    assert_eq!(
+        gw.status(&b, "/campaigns").await,
+        200,
+        "the session lives on"
+    );
+    // One shaped as a bound cookie without the gateway's MAC is a forgery: a failed proof.
+    let forged = tampered(&jar);
+    let forged = forged
+        .split("; ")
+        .find_map(|c| c.strip_prefix("portcullis-bound="))
+        .unwrap();
+    let r = alone(forged).await;
     assert_eq!(r.status, 403, "{}", r.head);
+    assert_eq!(binding_failures(&gw).await.len(), 1);
 }
 
 /// A cookie jar copied between the sign-in and the first device proof cannot bind the session
