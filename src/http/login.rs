@@ -571,6 +571,7 @@ async fn after_code(
                 .sessions
                 .destroy(&loaded.key, &loaded.session.user_id)
                 .await?;
+            second_factor_failed(state, &loaded.session, client).await?;
             loaded.session.failed_codes = 0;
             Ok(restart(state, "restart"))
         }
@@ -592,6 +593,62 @@ async fn after_code(
             Ok(page)
         }
     }
+}
+
+/// How often at most the owner is told of sign-ins stopped after the right password.
+const FAILED_SECOND_FACTOR_NOTICE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A sign-in that gave the account's right password was stopped by wrong second factors:
+/// someone may know the password. The owner is mailed (once an hour at most), with a link that
+/// ends every session and locks password sign-in. Not for a sign-in without an account behind
+/// it, nor one whose second factor came first (no password was given).
+pub(super) async fn second_factor_failed(
+    state: &AppState,
+    session: &Session,
+    client: &Client,
+) -> Result<(), AppError> {
+    let signing_in = session.stage == Stage::SecondFactor && !session.decoy;
+    if !signing_in || !session.amr.iter().any(|m| m == "pwd") {
+        return Ok(());
+    }
+    let Some(user) = state.login.active_user(&session.user_id).await? else {
+        return Ok(());
+    };
+    let once = format!("notice:second_factor_failed:{{{}}}", user.id);
+    let first = state
+        .ephemeral
+        .put_if_absent(&once, b"1", FAILED_SECOND_FACTOR_NOTICE)
+        .await?;
+    if !first {
+        return Ok(());
+    }
+    let link = state.notifier.report_link(&user, None, None).await?;
+    let host = super::devices::public_host(state);
+    let body = format!(
+        "A sign-in to your account {email} on {host} gave your password correctly, then failed\n\
+         its second factor {n} times, and was stopped.\n\
+         \n\
+         When:    {when}\n\
+         Address: {address}\n\
+         \n\
+         If this was you, there is nothing to do.\n\
+         \n\
+         If it was NOT you, someone knows your password. Open this link now: it ends every session\n\
+         of your account and locks password sign-in until your administrator restores it; then\n\
+         change your password:\n\
+         \n\
+         {link}\n\
+         \n\
+         The link works once and expires in {days} days.\n",
+        email = user.email,
+        n = session.failed_codes,
+        when = crate::notify::utc_text(state.clock.now()),
+        address = super::risk::address(state, &client.ip),
+        days = state.notifier.report_days(),
+    );
+    let subject = format!("Someone may know your password on {host}");
+    state.notifier.enqueue(&user.email, &subject, &body).await?;
+    Ok(())
 }
 
 /// Book-keeping once a sign-in is complete: the failure counter starts over and the device is

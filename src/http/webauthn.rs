@@ -324,7 +324,10 @@ pub async fn authenticate_finish(
                 "The security key was not accepted. Try again, or use a code instead.",
             ))
         }
-        CodeOutcome::Restart => ended_by_failures(&state, &loaded).await,
+        CodeOutcome::Restart => {
+            super::login::second_factor_failed(&state, &loaded.session, &client).await?;
+            ended_by_failures(&state, &loaded).await
+        }
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
         // Only codes are refused by that policy; a key never is.
         CodeOutcome::KeyRequired => Err(AppError::forbidden(

@@ -367,3 +367,66 @@ async fn the_sign_in_form_sent_again_while_signed_in_keeps_the_session() {
     assert_ne!(location(&r), "/");
     assert_eq!(gw.status(&c, "/campaigns").await, 303);
 }
+
+/// The right password followed by wrong second factors until the sign-in is stopped: someone
+/// may know the password, and the owner is mailed (once an hour), with a link that locks
+/// password sign-in. A wrong password, an address without an account, or a stopped sign-in
+/// again within the hour mail nobody.
+#[tokio::test]
+async fn the_owner_hears_of_a_right_password_with_failed_second_factors() {
+    let gw = Gateway::start().await;
+    let email = "guessed@example.com";
+    let (_, secret, _) = gw.signed_in(email).await;
+    let before = gw.outbox().await.len();
+    let told = |mails: &[String]| {
+        mails
+            .iter()
+            .filter(|m| m.contains("Subject: Someone may know your password"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // Wrong codes until the sign-in is stopped.
+    let stop = |who: &'static str, password: &'static str| {
+        let gw = &gw;
+        async move {
+            let c = gw.browser();
+            let r = gw.password(&c, who, password, "").await;
+            if location(&r) != "/_portcullis/mfa" {
+                return;
+            }
+            for _ in 0..5 {
+                gw.code(&c, "/_portcullis/mfa", "000000").await;
+            }
+        }
+    };
+    stop("nobody-here@example.com", PASSWORD).await;
+    stop(email, "not the password at all").await;
+    assert!(told(&gw.outbox().await).is_empty(), "nobody to tell yet");
+    stop(email, PASSWORD).await;
+    let mails = gw.outbox().await;
+    let notice = told(&mails);
+    assert_eq!(notice.len(), 1, "{mails:?}");
+    assert_eq!(mails.len(), before + 1);
+    assert!(
+        notice[0].contains("gave your password correctly") && notice[0].contains("5 times"),
+        "{}",
+        notice[0]
+    );
+    // Its link is a report link: it locks password sign-in.
+    let link = notice[0]
+        .split_whitespace()
+        .find(|w| w.contains("/_portcullis/report?t="))
+        .unwrap()
+        .to_string();
+    let page = gw
+        .get(&gw.browser(), &link[link.find("/_portcullis").unwrap()..])
+        .await;
+    assert_eq!(page.status(), 200);
+    // Stopped again within the hour: no second mail.
+    gw.clock.advance(60);
+    stop(email, PASSWORD).await;
+    assert_eq!(told(&gw.outbox().await).len(), 1);
+    // The owner still signs in.
+    gw.clock.advance(3600);
+    gw.sign_in_again(email, &secret).await;
+}
