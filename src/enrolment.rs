@@ -34,6 +34,12 @@ pub async fn issue(
     ttl: Duration,
     now: UnixTime,
 ) -> StoreResult<Issued> {
+    // A key-only link for an account without a second factor: its password alone must not set
+    // up an authenticator app meanwhile (the first sign-in of such an account enrols after its
+    // password); from here it enrols through a link.
+    if key_only && !crate::store::has_second_factor(durable, &user.id).await? {
+        durable.reset_second_factors(&user.id, now).await?;
+    }
     let token = random_token(32);
     let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 4));
     durable

@@ -483,7 +483,7 @@ pub async fn recovery_codes_post(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
-    let (_, user) = match changing(&state, &headers, &form.csrf).await? {
+    let (loaded, user) = match changing(&state, &headers, &form.csrf).await? {
         Ok(v) => v,
         Err(r) => return Ok(r),
     };
@@ -492,6 +492,7 @@ pub async fn recovery_codes_post(
         .login
         .regenerate_recovery_codes(&user, &client)
         .await?;
+    forget_other_remembered(&state, &user, loaded.session.device_id.as_deref()).await?;
     if super::prefers_json(&headers) {
         return Ok(axum::response::IntoResponse::into_response(axum::Json(
             serde_json::json!({ "recovery_codes": codes }),
@@ -533,6 +534,26 @@ fn totp_page(
         error,
     };
     with_cookies(render(status, &view), set)
+}
+
+/// After the owner replaced a second factor (the app, the recovery codes): a browser remembered
+/// in place of one ("remember this browser") stops standing in for it, but for the browser the
+/// owner made the change from. A thief's remembered browser must not outlive the owner's
+/// clean-up. (The device keeps its key: it is still a known device.)
+async fn forget_other_remembered(
+    state: &AppState,
+    user: &User,
+    keep: Option<&str>,
+) -> Result<(), AppError> {
+    for d in state.durable.list_devices(&user.id).await? {
+        if d.remembered_until.is_some() && keep != Some(d.id.as_str()) {
+            state
+                .durable
+                .remember_device(&d.id, d.remember_key.as_deref(), None)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// `POST /_portcullis/account/totp`: makes a new authenticator secret, pending until a code
@@ -588,7 +609,10 @@ pub async fn totp_confirm_post(
         )
         .await?;
     match outcome {
-        TotpChange::Changed => Ok(see_other(&format!("{PATH}?notice=totp_changed"))),
+        TotpChange::Changed => {
+            forget_other_remembered(&state, &user, loaded.session.device_id.as_deref()).await?;
+            Ok(see_other(&format!("{PATH}?notice=totp_changed")))
+        }
         TotpChange::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
         TotpChange::Rejected => {
             let Some(secret) = state.login.pending_totp_change(&user, &loaded.key).await? else {

@@ -588,6 +588,50 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
     assert_eq!(gw.get(&c, &path).await.status(), 410, "no way back in");
 }
 
+/// A key-only link for an account without a second factor closes the way its password alone
+/// would set up an authenticator app at the first sign-in (someone with the password would get
+/// there first): the password now sets up nothing, and the link enrols a key.
+#[tokio::test]
+async fn a_key_only_link_closes_the_password_route_to_an_app() {
+    let gw = gateway().await;
+    let email = "key-only@example.com";
+    gw.add_user(email).await;
+    let out = gw
+        .cli(&["user", "enrol-link", "--key-only", email], None)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = link_path(&String::from_utf8(out.stdout).unwrap());
+    let c = gw.browser();
+    let r = gw.password(&c, email, PASSWORD, "").await;
+    let status = r.status();
+    assert_ne!(location(&r), "/_portcullis/enrol/totp");
+    assert!(status.is_client_error(), "{status}");
+    assert_eq!(
+        c.get(gw.url("/_portcullis/enrol/totp"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        303
+    );
+    assert!(gw
+        .state
+        .durable
+        .totp(&gw.user(email).await.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        gw.status(&gw.browser(), &path).await,
+        200,
+        "the link enrols"
+    );
+}
+
 /// Where security keys cannot work (an IP address as public URL, or WebAuthn off), a key-only
 /// link could never be used: it is refused, and the user's earlier link stays valid.
 #[tokio::test]

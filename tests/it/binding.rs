@@ -703,8 +703,11 @@ fn tampered(copied: &str) -> String {
         .split("; ")
         .map(|c| match c.strip_prefix("portcullis-bound=") {
             Some(v) => {
-                let last = if v.ends_with('A') { 'B' } else { 'A' };
-                format!("portcullis-bound={}{last}", &v[..v.len() - 1])
+                // The MAC's first character (its last one also carries padding bits, which a
+                // decoder may refuse: that would be no bound cookie at all, not a forgery).
+                let at = v.rfind('.').unwrap() + 1;
+                let swapped = if v[at..].starts_with('A') { 'B' } else { 'A' };
+                format!("portcullis-bound={}{swapped}{}", &v[..at], &v[at + 1..])
             }
             None => c.to_string(),
         })

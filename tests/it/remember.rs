@@ -298,3 +298,38 @@ async fn skipping_the_device_proof_goes_to_the_second_factor_and_a_second_skip_i
         .unwrap();
     assert_eq!(location(&r), "/_portcullis/login?notice=expired");
 }
+
+/// The owner replacing a second factor (the recovery codes, the app) from another browser ends
+/// what remembered browsers stood in for: one remembered by a thief (who had the password and a
+/// code once) is asked for the second factor again.
+#[tokio::test]
+async fn replacing_a_factor_forgets_the_other_remembered_browsers() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (b, secret) = remembered_user(&gw, &dev).await;
+    sign_out(&gw, &b).await;
+    gw.clock.advance(30);
+    let r = gw.password(&b, EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/remembered", "remembered so far");
+    // The owner, on another browser, makes new recovery codes.
+    let owner = gw.sign_in_again(EMAIL, &secret).await;
+    bind_webcrypto(&gw, &owner, &Device::new()).await;
+    let csrf = gw.csrf(&owner, "/_portcullis/account").await;
+    let r = owner
+        .post(gw.url("/_portcullis/account/recovery-codes"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let user = gw.user(EMAIL).await;
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert!(
+        devices.iter().all(|d| d.remembered_until.is_none()),
+        "{devices:?}"
+    );
+    // The remembered browser is asked for the second factor.
+    gw.clock.advance(30);
+    let r = gw.password(&b, EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+}
