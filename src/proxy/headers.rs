@@ -255,6 +255,13 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
             | "x-groups"
             | "x-subject"
             | "x-auth-subject"
+            | "x-sub"
+            | "x-uid"
+            | "x-userid"
+            // Acting in another's name:
+            | "x-impersonate"
+            | "x-on-behalf-of"
+            | "x-acting-user"
             // The scheme or host a framework believes it was reached by:
             | "x-url-scheme"
             | "x-host"
@@ -612,6 +619,12 @@ mod tests {
             ("CF-Connecting-IP", "1.2.3.4"),
             ("True-Client-IP", "1.2.3.4"),
             ("X-HTTP-Method-Override", "DELETE"),
+            ("X-Impersonate", "admin@example.com"),
+            ("X-On-Behalf-Of", "admin@example.com"),
+            ("x_acting_user", "admin"),
+            ("X-Userid", "1"),
+            ("X-Uid", "1"),
+            ("X-Sub", "1"),
             ("content_length", "5"),
             ("x_custom_id", "forged"),
             ("x-keep_me", "yes"),
