@@ -534,9 +534,10 @@ pub(crate) enum Continuity<'a> {
 /// WebCrypto fallback keeps one key per browser, replaced at each registration): a copied device
 /// cookie does not make its holder the owner's device. Without that proof the browser is a new
 /// device from here — recorded, given a device cookie of its own, audited and mailed to the
-/// owner — and the session is its. With it, or where the device kept no WebCrypto key (never
-/// bound yet, or bound by DBSC, whose keys live one session each), the device keeps the newly
-/// registered WebCrypto key for its next sign-in. Returns the device cookie to set, if any.
+/// owner — and the session is its. With it, the device keeps the newly registered WebCrypto key
+/// for its next sign-in. A device that kept no key (bound through DBSC, whose keys live one
+/// session each) is known by its cookie alone, as with binding off. Returns the device cookie
+/// to set, if any.
 async fn device_continuity(
     state: &AppState,
     loaded: &mut Loaded,
@@ -564,13 +565,14 @@ async fn device_continuity(
             .is_some_and(|signed| signed == jti),
     };
     if proven {
-        let replaced = kept.is_none_or(|k| k.thumbprint != key.thumbprint);
-        if key.method == Method::Webcrypto && replaced {
-            let json = serde_json::to_string(key).map_err(|e| AppError::internal(&e))?;
-            state
-                .durable
-                .remember_device(&device_id, Some(&json), device.remembered_until)
-                .await?;
+        // The first key of a device comes from the sign-in that recorded it, or from the first
+        // session of one never bound: a device bound before without a key kept (through DBSC,
+        // whose keys live one session each) must not take a copy's key as the one its owner's
+        // browser, which has none, would then be asked for.
+        let first = kept.is_none() && (loaded.session.new_device || device.binding == "cookie");
+        let replaced = kept.is_some_and(|k| k.thumbprint != key.thumbprint);
+        if key.method == Method::Webcrypto && (first || replaced) {
+            keep_key(state, &device_id, key, device.remembered_until).await?;
         }
         return Ok(None);
     }
@@ -579,8 +581,28 @@ async fn device_continuity(
     };
     let why = "the cookie of a known device, without that device's key";
     let (id, cookie) = super::devices::new_device(state, &user, client, None, Some(why)).await?;
+    if key.method == Method::Webcrypto {
+        keep_key(state, &id, key, None).await?;
+    }
     loaded.session.device_id = Some(id);
+    loaded.session.new_device = true;
     Ok(Some(cookie))
+}
+
+/// Keeps `key` as the one device `id`'s browser proves at its next registration (and, while
+/// remembered until `remembered_until`, in place of a second factor).
+async fn keep_key(
+    state: &AppState,
+    id: &str,
+    key: &BoundKey,
+    remembered_until: Option<i64>,
+) -> Result<(), AppError> {
+    let json = serde_json::to_string(key).map_err(|e| AppError::internal(&e))?;
+    state
+        .durable
+        .remember_device(id, Some(&json), remembered_until)
+        .await?;
+    Ok(())
 }
 
 /// The longest device proof read (a JWS over a challenge, with at most an RSA key's JWK).

@@ -686,6 +686,7 @@ async fn complete_sign_in_as(
         .forget_failures(&user, cookies.is_empty())
         .await?;
     session.device_id = Some(device_id);
+    session.new_device = !cookies.is_empty();
     Ok(cookies)
 }
 

@@ -80,6 +80,10 @@ pub struct Session {
     /// ends the session.
     #[serde(default)]
     pub device_id: Option<String>,
+    /// The sign-in recorded `device_id` as a new device: this browser is the one its device key
+    /// is first taken from.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_device: bool,
     /// When the user last proved themselves with a security key or passkey (ms): the
     /// phishing-resistant proof that admin changes (sudo mode) ask for.
     #[serde(default)]
@@ -150,6 +154,7 @@ impl Session {
             failed_codes: 0,
             binding: None,
             device_id: None,
+            new_device: false,
             strong_ms: None,
             remember_device: false,
             decoy: false,

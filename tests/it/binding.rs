@@ -1322,3 +1322,43 @@ async fn a_copied_device_cookie_without_the_devices_key_is_a_new_device() {
     assert!(set_cookie_named(&r, "portcullis-device").is_none());
     assert_eq!(reported().await, 4, "the owner is not reported");
 }
+
+/// A device whose sessions bind through DBSC keeps no key to prove (DBSC keys live one session
+/// each): a copy of its cookie binding WebCrypto keys, once or again, must not make the copy's
+/// key the one the owner's browser is asked for, nor the owner a new device.
+#[tokio::test]
+async fn a_dbsc_device_does_not_take_a_copys_key() {
+    let gw = gateway().await;
+    let email = "dbsc-device@example.com";
+    let (b, secret, _) = gw.signed_in(email).await;
+    bind_dbsc(&gw, &b, &Device::new()).await;
+    let device_cookie = gw
+        .cookies(&b)
+        .split("; ")
+        .find(|c| c.starts_with("portcullis-device="))
+        .unwrap()
+        .to_string();
+    let with_device_cookie = || {
+        let c = gw.browser();
+        c.jar.add_cookie_str(
+            &format!("{device_cookie}; Path=/"),
+            &gw.base.parse().unwrap(),
+        );
+        c
+    };
+    for _ in 0..2 {
+        let copy = with_device_cookie();
+        gw.sign_in_on(&copy, email, &secret).await;
+        let r = register_webcrypto(&gw, &copy, &Device::new(), None).await;
+        assert_eq!(r.status(), 200);
+    }
+    let user = gw.user(email).await;
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert_eq!(devices.len(), 1);
+    assert!(devices[0].remember_key.is_none(), "{devices:?}");
+    // The owner's browser binds through DBSC again: still the known device.
+    let owner = with_device_cookie();
+    gw.sign_in_on(&owner, email, &secret).await;
+    bind_dbsc(&gw, &owner, &Device::new()).await;
+    assert_eq!(events(&gw, "new_device").await.len(), 1);
+}
