@@ -531,7 +531,7 @@ impl LoginFlow {
                 .await;
         }
         self.install_totp(&user.id, &secret, now).await?;
-        let codes = self.issue_recovery_codes(&user.id).await?;
+        let codes = self.enrolment_recovery_codes(&user.id).await?;
         self.audit(
             AuditEvent::new("totp_enrolled", "success", now).user(&user),
             client,
@@ -543,8 +543,23 @@ impl LoginFlow {
         self.code_attempt_settled(&user.id, session.own_device(), client)
             .await?;
         self.complete(session, &user, "otp");
-        self.show_recovery_codes(session, &user.id, &codes)?;
+        if let Some(codes) = codes {
+            self.show_recovery_codes(session, &user.id, &codes)?;
+        }
         Ok(CodeOutcome::Accepted)
+    }
+
+    /// The recovery codes an enrolment shows: fresh ones for an account that has none left, or
+    /// `None` where the owner still holds some (an enrolment link used to add a factor to an
+    /// account that has one): those are kept, not voided behind the owner's back.
+    pub(crate) async fn enrolment_recovery_codes(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<Vec<String>>, FlowError> {
+        if self.durable.recovery_codes_left(user_id).await? > 0 {
+            return Ok(None);
+        }
+        self.issue_recovery_codes(user_id).await.map(Some)
     }
 
     /// Stores a confirmed TOTP secret (sealed) as the user's factor, replacing any earlier one.

@@ -542,15 +542,18 @@ impl Keys {
     }
 
     /// Registration during forced enrolment: the key replaces TOTP as the first second factor;
-    /// the session moves on to showing fresh recovery codes.
+    /// the session moves on to showing fresh recovery codes (where the account has none left).
     pub async fn complete_enrolment(
         &self,
         session: &mut Session,
         user: &User,
     ) -> Result<(), FlowError> {
-        let codes = self.flow.issue_recovery_codes(&user.id).await?;
+        let codes = self.flow.enrolment_recovery_codes(&user.id).await?;
         self.flow.complete(session, user, AMR_KEY);
-        self.flow.show_recovery_codes(session, &user.id, &codes)
+        match codes {
+            Some(codes) => self.flow.show_recovery_codes(session, &user.id, &codes),
+            None => Ok(()),
+        }
     }
 }
 

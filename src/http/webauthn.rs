@@ -254,7 +254,13 @@ pub async fn register_finish(
         )),
         Registered::Stored(_) if matches!(loaded.session.stage, Stage::EnrolTotp { .. }) => {
             keys.complete_enrolment(&mut loaded.session, &user).await?;
-            stepped_up(&state, &loaded, Vec::new()).await
+            // Complete at once where the account kept its recovery codes (no page to show).
+            let device = if loaded.session.is_authenticated() {
+                complete_sign_in(&state, &headers, &client, &mut loaded.session).await?
+            } else {
+                Vec::new()
+            };
+            stepped_up(&state, &loaded, device).await
         }
         Registered::Stored(_) => Ok(redirect_json("/_portcullis/account?notice=key_added")),
     }

@@ -496,6 +496,51 @@ async fn continue_from_link(
     (c, path, form, r)
 }
 
+/// An enrolment link used by an account that already holds recovery codes (to add a factor)
+/// keeps them: no new set voids the owner's saved one behind their back, and the sign-in
+/// completes without a codes page.
+#[tokio::test]
+async fn an_enrolment_link_keeps_the_recovery_codes_an_account_holds() {
+    let gw = gateway().await;
+    let email = "keeps-codes@example.com";
+    let (_, _, codes) = gw.signed_in(email).await;
+    let user = gw.user(email).await;
+    let left = gw
+        .state
+        .durable
+        .recovery_codes_left(&user.id)
+        .await
+        .unwrap();
+    assert!(left > 0);
+    let path = enrol_link(&gw, email).await;
+    let (c, _, r) = open_enrolment_link(&gw, &path).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    gw.clock.advance(30);
+    let r = gw
+        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(location(&r), "/", "complete, no new codes to show");
+    assert_eq!(gw.status(&c, "/inbox").await, 200);
+    assert_eq!(
+        gw.state
+            .durable
+            .recovery_codes_left(&user.id)
+            .await
+            .unwrap(),
+        left,
+        "the saved codes stand"
+    );
+    let d = gw.browser();
+    gw.password(&d, email, PASSWORD, "").await;
+    assert_eq!(
+        location(&gw.code(&d, "/_portcullis/mfa", &codes[0]).await),
+        "/"
+    );
+}
+
 /// Opens the enrolment link at `path` in a new browser and continues (an account with a
 /// password is asked for none): the browser, the form's `csrf` and `t`, and the answer.
 async fn open_enrolment_link(
