@@ -306,14 +306,15 @@ async fn failure(
 
 /// The same device-proof rule for the gateway's own pages that act on a complete session (the
 /// admin console, the account page): `Some(answer)` when binding is on and the proof is missing,
-/// expired or wrong. `next` is where a browser navigation continues once proven.
+/// expired or wrong. `next` is where a browser navigation continues once proven, `back` the
+/// page a form was sent from (its error page links to the proof and back there).
 pub(crate) async fn guard_page(
     state: &AppState,
     loaded: &Loaded,
     headers: &HeaderMap,
     client: &Client,
     browser: bool,
-    next: &str,
+    (next, back): (&str, Option<&str>),
 ) -> Result<Option<Response>, AppError> {
     if state.config.binding.enabled {
         let context = context_of_client(state, client);
@@ -325,7 +326,7 @@ pub(crate) async fn guard_page(
                 why,
                 browser,
                 BIND_PATH,
-                (Some(next), None),
+                (Some(next), back),
             )));
         }
     }
@@ -375,7 +376,11 @@ pub async fn guard_session_pages(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
-    let browser = req.method() == axum::http::Method::GET && wants_html(req.headers());
+    let read = req.method() == axum::http::Method::GET;
+    let browser = read && wants_html(req.headers());
+    // A form of the account page goes back there (gateway pages send no `Referer`).
+    let back =
+        (!read && path.starts_with("/_portcullis/account")).then_some("/_portcullis/account");
     let headers = req.headers().clone();
     let refused = async {
         let Some(loaded) = current_session(&state, &headers)
@@ -385,7 +390,7 @@ pub async fn guard_session_pages(
             return Ok(None);
         };
         let client = super::client(&state, peer, &headers);
-        guard_page(&state, &loaded, &headers, &client, browser, &target).await
+        guard_page(&state, &loaded, &headers, &client, browser, (&target, back)).await
     }
     .await;
     match refused {

@@ -1876,3 +1876,38 @@ async fn an_enrolment_from_a_link_cut_short_by_a_move() {
     let path = enrol_link(&gw, reset).await;
     assert_eq!(gw.status(&gw.browser(), &path).await, 200);
 }
+
+/// An admin form sent without a session (it ended in another tab, or ran out) is not acted on:
+/// a browser goes to sign in, told the form was not sent, and comes back to the page the form
+/// was on; an API client gets `401` JSON as from the gate.
+#[tokio::test]
+async fn an_admin_form_without_a_session_goes_to_sign_in_and_back() {
+    let gw = gateway().await;
+    let user = gw.add_user("target@example.com").await;
+    let c = gw.browser();
+    let path = format!("/_portcullis/admin/users/{}/disable", user.id);
+    let r = c
+        .post(gw.url(&path))
+        .form(&[("reason", "fraud"), ("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        location(&r),
+        format!(
+            "/_portcullis/login?next=%2F_portcullis%2Fadmin%2Fusers%2F{}&notice=not_sent",
+            user.id
+        )
+    );
+    let r = gw
+        .api()
+        .post(gw.url(&path))
+        .header("accept", "application/json")
+        .form(&[("reason", "fraud")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(!gw.user("target@example.com").await.disabled);
+}

@@ -984,6 +984,32 @@ async fn copied_cookies_reach_neither_the_account_page_nor_the_admin_console() {
     assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
     // The owner still has the account page; the copy gets neither it nor its forms.
     assert_eq!(gw.status(&b, "/_portcullis/account").await, 200);
+    // (A form of that page whose proof ran out links to the proof and back to the page: gateway
+    // pages send no `Referer`.)
+    let owner_copy = gw.cookies(&b);
+    let session_only: Vec<&str> = owner_copy
+        .split("; ")
+        .filter(|c| !c.starts_with("portcullis-bound="))
+        .collect();
+    let r = raw(
+        gw.addr,
+        "POST",
+        "/_portcullis/account/recovery-codes",
+        &[
+            ("Cookie", &session_only.join("; ")),
+            ("Accept", "text/html"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        "csrf=x",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(
+        r.body
+            .contains("href=\"/_portcullis/bind?next=%2F_portcullis%2Faccount\""),
+        "{}",
+        r.body
+    );
     let csrf = gw.csrf(&b, "/_portcullis/account").await;
     let thief = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

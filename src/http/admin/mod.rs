@@ -199,14 +199,16 @@ async fn guard(
     let browser_get = req.method() == Method::GET && wants_html(req.headers());
     match admit(&state, req.headers(), peer).await {
         Ok(Ok(admin)) => {
-            // A copied admin cookie gets no further than a copied console cookie.
+            // A copied admin cookie gets no further than a copied console cookie. A form's
+            // answer links back to the page it was on (gateway pages send no `Referer`).
+            let back = (req.method() != Method::GET).then(|| page_of_form(&target));
             let bound = super::binding::guard_page(
                 &state,
                 &admin.session,
                 req.headers(),
                 &admin.client,
                 browser_get,
-                &target,
+                (&target, back.as_deref()),
             )
             .await;
             match bound {
@@ -243,6 +245,17 @@ async fn guard(
                 let next: String =
                     url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
                 return see_other(&format!("/_portcullis/login?next={next}"));
+            }
+            // A form a browser sent (the session ended in another tab, or ran out): not acted
+            // on; after signing in, back to the page the form was on, told it was not sent.
+            if wants_html(req.headers()) && req.method() != Method::GET {
+                let back = page_of_form(&target);
+                let login = super::gate::LOGIN_PATH;
+                return see_other(&super::gate::sign_in_location(
+                    login,
+                    Some(&back),
+                    Some("not_sent"),
+                ));
             }
             // As the gate answers API clients: the sign-in URL, with the way back for a read.
             let back = (*req.method() == Method::GET).then_some(target.as_str());
