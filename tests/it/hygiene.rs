@@ -471,3 +471,34 @@ async fn changed_argon2_parameters_rehash_at_the_next_sign_in() {
         "/"
     );
 }
+
+/// Every page layout of the gateway (sign-in, device check, admin console, the demo's) names
+/// the gateway's icon, so no page makes the browser ask for `/favicon.ico` (refused or sent on
+/// to the console, an error in the page's console each time).
+#[test]
+fn every_page_layout_names_the_icon() {
+    fn layouts(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                layouts(&path, found);
+            } else if std::fs::read_to_string(&path).unwrap().contains("<head>") {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    layouts(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates"),
+        &mut found,
+    );
+    assert!(found.len() >= 3, "{found:?}");
+    for path in found {
+        let html = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            html.contains("<link rel=\"icon\" href=\"/_portcullis/static/favicon.svg\""),
+            "{}",
+            path.display()
+        );
+    }
+}
