@@ -272,6 +272,8 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
     let page = ErrorPage {
         title: match err.code {
             "binding_required" | "binding_refresh_required" => "Confirm this browser",
+            // A routine confirmation, not a refusal: the page says what to do.
+            "step_up_required" => "Confirm it's you",
             _ => title_for(err.status),
         },
         status: err.status.as_u16(),

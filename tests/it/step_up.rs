@@ -87,9 +87,14 @@ async fn sensitive_actions_need_a_recent_proof() {
         page.contains("href=\"/_portcullis/reauth?next=%2Fcampaigns%2Fnew%3Fdraft%3D7\""),
         "{page}"
     );
-    // The page says the form was not sent, in words, with the link beside them.
+    // The page says the form was not sent, in words, with the link beside them; a routine
+    // confirmation, not titled as a refusal.
     assert!(
         page.contains("it was not sent") && !page.contains("at /_portcullis/reauth"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<h1>Confirm it&#39;s you</h1>") && !page.contains("Not allowed"),
         "{page}"
     );
     // A navigation is sent to prove itself and to come back.
