@@ -590,13 +590,22 @@ impl LoginFlow {
         user_id: &str,
         codes: &[String],
     ) -> Result<(), FlowError> {
-        let joined = zeroize::Zeroizing::new(codes.join("\n"));
-        let sealed_codes = self
-            .master_key
-            .seal(&recovery_show_context(user_id), joined.as_bytes())
-            .map_err(|e| FlowError::Internal(e.to_string()))?;
+        let sealed_codes = self.seal_recovery_codes(user_id, codes)?;
         session.stage = Stage::ShowRecoveryCodes { sealed_codes };
         Ok(())
+    }
+
+    /// Recovery codes sealed to be shown once (one per line), so a shared ephemeral store
+    /// (Redis) never holds them in clear.
+    pub fn seal_recovery_codes(
+        &self,
+        user_id: &str,
+        codes: &[String],
+    ) -> Result<Vec<u8>, FlowError> {
+        let joined = zeroize::Zeroizing::new(codes.join("\n"));
+        self.master_key
+            .seal(&recovery_show_context(user_id), joined.as_bytes())
+            .map_err(|e| FlowError::Internal(e.to_string()))
     }
 
     /// Replaces a user's recovery codes; returns the new ones in plain text (show once).

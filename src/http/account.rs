@@ -80,6 +80,9 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_removed" => "The key was removed.",
         "device_revoked" => "The device was signed out and will have to be confirmed again.",
         "totp_changed" => "Your new authenticator app is set up; the earlier one no longer works.",
+        "codes_shown" => {
+            "New recovery codes are shown only once. If you did not save them, make new ones."
+        }
         "password_changed" => {
             "Your password was changed. Every other browser signed in to your account was signed out."
         }
@@ -498,6 +501,38 @@ pub async fn recovery_codes_post(
             serde_json::json!({ "recovery_codes": codes }),
         )));
     }
+    // Shown by the page the browser is sent to, once: reloading that page (or the browser's
+    // "send again") makes no second set that voids the first behind the owner's back.
+    let sealed = state.login.seal_recovery_codes(&user.id, &codes)?;
+    let key = codes_to_show(&loaded);
+    state.ephemeral.put(&key, &sealed, CODES_SHOWN_FOR).await?;
+    Ok(see_other(CODES_PATH))
+}
+
+/// The account page's new recovery codes.
+const CODES_PATH: &str = "/_portcullis/account/recovery-codes";
+/// How long new recovery codes wait for their page.
+const CODES_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Where a session's new recovery codes wait (sealed) for their page.
+fn codes_to_show(loaded: &Loaded) -> String {
+    format!("account_codes:{{{}}}", loaded.session.public_id)
+}
+
+/// `GET /_portcullis/account/recovery-codes`: the new recovery codes, once; after that (a
+/// reload) the account page says they were shown.
+pub async fn recovery_codes_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let (loaded, user) = match signed_in(&state, &headers).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(r),
+    };
+    let Some(sealed) = state.ephemeral.take(&codes_to_show(&loaded)).await? else {
+        return Ok(see_other(&format!("{PATH}?notice=codes_shown")));
+    };
+    let codes = super::login::opened_codes(&state, &user.id, &sealed)?;
     Ok(render(
         StatusCode::OK,
         &pages::AccountRecoveryCodes { codes: &codes },

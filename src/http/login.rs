@@ -1041,6 +1041,24 @@ pub async fn enrol_post(
     .await
 }
 
+/// Recovery codes of `user_id` sealed to be shown once (one per line), opened.
+pub(super) fn opened_codes(
+    state: &AppState,
+    user_id: &str,
+    sealed: &[u8],
+) -> Result<Vec<String>, AppError> {
+    let opened = zeroize::Zeroizing::new(
+        state
+            .master_key
+            .open(&crate::auth::flow::recovery_show_context(user_id), sealed)
+            .map_err(|e| AppError::internal(&e))?,
+    );
+    Ok(String::from_utf8_lossy(&opened)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
 /// `GET /_portcullis/recovery-codes`: shown exactly while the session is in that stage.
 pub async fn codes_get(
     State(state): State<AppState>,
@@ -1057,17 +1075,7 @@ pub async fn codes_get(
     let Stage::ShowRecoveryCodes { sealed_codes } = &loaded.session.stage else {
         return Ok(see_other(&stage_page(&loaded)));
     };
-    let opened = state
-        .master_key
-        .open(
-            &crate::auth::flow::recovery_show_context(&loaded.session.user_id),
-            sealed_codes,
-        )
-        .map_err(|e| AppError::internal(&e))?;
-    let codes: Vec<String> = String::from_utf8_lossy(&opened)
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let codes = opened_codes(&state, &loaded.session.user_id, sealed_codes)?;
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(

@@ -97,7 +97,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/_portcullis/account/recovery-codes",
-            post(account::recovery_codes_post),
+            get(account::recovery_codes_get).post(account::recovery_codes_post),
         )
         .route("/_portcullis/account/totp", post(account::totp_post))
         .route(

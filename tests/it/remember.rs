@@ -321,7 +321,7 @@ async fn replacing_a_factor_forgets_the_other_remembered_browsers() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 303);
     let user = gw.user(EMAIL).await;
     let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
     assert!(
