@@ -432,6 +432,11 @@ async fn pending(
     want: fn(&Stage) -> bool,
 ) -> Result<Result<Loaded, Response>, AppError> {
     let Some(loaded) = current_session(state, headers).await? else {
+        // A sign-in that ran out, or none at all (a bookmark, a page opened anew): only the
+        // first is told it took too long.
+        if super::get_cookie(headers, state.sessions.cookie_name()).is_none() {
+            return Ok(Err(see_other("/_portcullis/login")));
+        }
         return Ok(Err(restart(state, "expired")));
     };
     if !want(&loaded.session.stage) {

@@ -430,3 +430,27 @@ async fn the_owner_hears_of_a_right_password_with_failed_second_factors() {
     gw.clock.advance(3600);
     gw.sign_in_again(email, &secret).await;
 }
+
+/// A step of a sign-in opened with no sign-in under way (a bookmark, a page opened anew) goes
+/// to the sign-in page plainly; only a sign-in that ran out is told it took too long.
+#[tokio::test]
+async fn a_sign_in_step_without_a_sign_in_is_not_called_expired() {
+    let gw = Gateway::start().await;
+    for path in [
+        "/_portcullis/mfa",
+        "/_portcullis/recovery-codes",
+        "/_portcullis/enrol/totp",
+    ] {
+        let r = gw.get(&gw.browser(), path).await;
+        assert_eq!(location(&r), "/_portcullis/login", "{path}");
+        let r = gw
+            .api()
+            .get(gw.url(path))
+            .header("accept", "text/html")
+            .header("cookie", "portcullis-session=gone-long-ago")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(location(&r), "/_portcullis/login?notice=expired", "{path}");
+    }
+}
