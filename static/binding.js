@@ -1,7 +1,7 @@
 // Device binding for browsers without Device Bound Session Credentials. The gateway's
 // interstitial page (/_portcullis/bind) loads this module. It keeps a non-extractable ECDSA
-// P-256 key in IndexedDB (one per browser, replaced at each new registration, which the old
-// key signs too, so the gateway knows the browser for the device it was) and signs the
+// P-256 key in IndexedDB (the device's, replaced at each registration the gateway accepts, which
+// the old key signs too, so the gateway knows the browser for the device it was) and signs the
 // server's single-use challenge with it in the same proof format DBSC uses (a JWS with typ
 // "dbsc+jwt" and the challenge as jti; the first proof carries the public key). The gateway answers with a short-lived bound cookie and
 // the page continues to where the user was going. The private key never leaves WebCrypto.
@@ -41,18 +41,31 @@ async function withStore(mode, fn) {
   }
 }
 
-// Keys of earlier sessions are of no further use: one key is kept, under its session's id.
-async function saveKey(session, pair) {
+// A session's key is kept under the session's id from before its registration is sent (a reload
+// meanwhile still finds it); once the gateway accepts it, it is also the device's key, under
+// DEVICE, and the keys of earlier sessions go.
+const DEVICE = "device";
+
+const putKey = (name, pair) => withStore("readwrite", (s) => s.put(pair, name));
+
+async function accepted(session, pair) {
+  const names = await withStore("readonly", (s) => s.getAllKeys());
   await withStore("readwrite", (s) => {
-    s.clear();
-    return s.put(pair, session);
+    for (const name of names || []) if (name !== session && name !== DEVICE) s.delete(name);
+    return s.put(pair, DEVICE);
   });
 }
 
 const loadKey = (session) => withStore("readonly", (s) => s.get(session));
-// The one key this browser keeps, whichever session registered it (a remembered device proves
-// it at the next sign-in).
-const anyKey = () => withStore("readonly", (s) => s.getAll()).then((all) => (all && all.length ? all[0] : undefined));
+// The key the gateway last accepted from this browser: what proves it is the device its device
+// cookie names (and, for a remembered device, what stands in for the second factor). A browser
+// from before the DEVICE entry kept one key under its session's id.
+async function deviceKey() {
+  const kept = await withStore("readonly", (s) => s.get(DEVICE));
+  if (kept) return kept;
+  const all = await withStore("readonly", (s) => s.getAll());
+  return all && all.length ? all[0] : undefined;
+}
 
 async function proof(privateKey, header, challenge) {
   const input = `${enc(header)}.${enc({ jti: challenge })}`;
@@ -91,18 +104,22 @@ async function attempt(first) {
   // Bound through DBSC by the browser itself (its registration won): nothing to do here.
   if (method === "dbsc") return { status: 200, json: {} };
   if (purpose === "register") {
-    // The key kept from this browser's last session signs the same challenge: it shows the
-    // gateway that this is the device its device cookie names, not a copy of the cookie.
-    const kept = await anyKey();
+    // The key the gateway last accepted from this browser signs the same challenge: it shows
+    // the gateway that this is the device its device cookie names, not a copy of the cookie.
+    // (Another tab registering at the same moment does not change it: a new key becomes the
+    // device's only once accepted.)
+    const kept = await deviceKey();
     const previous = kept ? await proof(kept.privateKey, { alg: "ES256", typ: "dbsc+jwt" }, challenge) : null;
     const pair = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, false, ["sign", "verify"]);
     const { kty, crv, x, y } = await crypto.subtle.exportKey("jwk", pair.publicKey);
-    await saveKey(session, pair);
+    await putKey(session, pair);
     const p = await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt", jwk: { kty, crv, x, y } }, challenge);
-    return post("register", { proof: p, previous });
+    const r = await post("register", { proof: p, previous });
+    if (r.status === 200) await accepted(session, pair);
+    return r;
   }
   // A session signed in by a remembered device is bound to the key an earlier session stored.
-  const pair = (await loadKey(session)) || (await anyKey());
+  const pair = (await loadKey(session)) || (await deviceKey());
   // Without the key this browser cannot prove anything; the gateway counts that.
   const p = pair ? await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt" }, challenge) : null;
   return post("refresh", { proof: p });
@@ -140,7 +157,7 @@ async function run() {
 async function remembered() {
   const base = "/_portcullis/remembered";
   try {
-    const pair = await anyKey();
+    const pair = await deviceKey();
     const ch = await post("challenge", {}, base);
     if (ch.status !== 200) return show(ch.json.message || "Sign in again.");
     const p = pair ? await proof(pair.privateKey, { alg: "ES256", typ: "dbsc+jwt" }, ch.json.challenge) : null;
