@@ -924,6 +924,14 @@ impl Config {
                         "; in the file, a text is written in quotes: key = \"value\""
                     });
                 }
+                // A value set in the environment: the variable is what to look at.
+                if from_env.contains(&key) && !why.contains("PORTCULLIS__") {
+                    let var = format!(
+                        "PORTCULLIS__{}",
+                        key.replace('.', "__").to_ascii_uppercase()
+                    );
+                    why.push_str(&format!(" (the value of {var})"));
+                }
                 if why.contains("expected a sequence") && key == "step_up" {
                     why.push_str(
                         "; each rule is a table of its own in the file: [[step_up]] with path, \

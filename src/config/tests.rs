@@ -884,6 +884,14 @@ fn a_list_in_the_environment_is_a_toml_array() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("quote") && e.contains("PORTCULLIS__"), "{e}");
+    // A value of the wrong kind from a variable names the variable.
+    let e = load_str("", &[("PORTCULLIS__SERVER__MAX_URI_LENGTH", "big")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("server.max_uri_length") && e.contains("PORTCULLIS__SERVER__MAX_URI_LENGTH"),
+        "{e}"
+    );
     // The same mistake in the file is the file's, not a variable's.
     let e = load_str("[server]\nlisten = 5\n", &[])
         .unwrap_err()

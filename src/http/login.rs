@@ -580,7 +580,12 @@ async fn after_code(
             loaded.session.failed_codes = 0;
             Ok(restart(state, "restart"))
         }
-        CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+        CodeOutcome::Throttled { retry_after } => {
+            // The account's budget of codes is spent, over several sign-ins that each gave the
+            // right password: as telling as one sign-in stopped.
+            second_factor_failed(state, &loaded.session, client).await?;
+            Err(AppError::throttled(retry_after))
+        }
         CodeOutcome::KeyRequired => {
             let msg = if loaded.session.risk_key {
                 "This sign-in looks unusual (a new place, network or browser), so it must be \
@@ -603,8 +608,8 @@ async fn after_code(
 /// How often at most the owner is told of sign-ins stopped after the right password.
 const FAILED_SECOND_FACTOR_NOTICE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// A sign-in that gave the account's right password was stopped by wrong second factors:
-/// someone may know the password. The owner is mailed (once an hour at most), with a link that
+/// A sign-in that gave the account's right password was stopped by wrong second factors (its
+/// own, or the account's budget of them spent): someone may know the password. The owner is mailed (once an hour at most), with a link that
 /// ends every session and locks password sign-in. Not for a sign-in without an account behind
 /// it, nor one whose second factor came first (no password was given).
 pub(super) async fn second_factor_failed(
@@ -631,7 +636,7 @@ pub(super) async fn second_factor_failed(
     let host = super::devices::public_host(state);
     let body = format!(
         "A sign-in to your account {email} on {host} gave your password correctly, then failed\n\
-         its second factor {n} times, and was stopped.\n\
+         its second factor too many times, and was stopped.\n\
          \n\
          When:    {when}\n\
          Address: {address}\n\
@@ -646,7 +651,6 @@ pub(super) async fn second_factor_failed(
          \n\
          The link works once and expires in {days} days.\n",
         email = user.email,
-        n = session.failed_codes,
         when = crate::notify::utc_text(state.clock.now()),
         address = super::risk::address(state, &client.ip),
         days = state.notifier.report_days(),

@@ -334,7 +334,10 @@ pub async fn authenticate_finish(
             super::login::second_factor_failed(&state, &loaded.session, &client).await?;
             ended_by_failures(&state, &loaded).await
         }
-        CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
+        CodeOutcome::Throttled { retry_after } => {
+            super::login::second_factor_failed(&state, &loaded.session, &client).await?;
+            Err(AppError::throttled(retry_after))
+        }
         // Only codes are refused by that policy; a key never is.
         CodeOutcome::KeyRequired => Err(AppError::forbidden(
             "key_required",

@@ -408,7 +408,7 @@ async fn the_owner_hears_of_a_right_password_with_failed_second_factors() {
     assert_eq!(notice.len(), 1, "{mails:?}");
     assert_eq!(mails.len(), before + 1);
     assert!(
-        notice[0].contains("gave your password correctly") && notice[0].contains("5 times"),
+        notice[0].contains("gave your password correctly") && notice[0].contains("too many times"),
         "{}",
         notice[0]
     );
@@ -453,4 +453,37 @@ async fn a_sign_in_step_without_a_sign_in_is_not_called_expired() {
             .unwrap();
         assert_eq!(location(&r), "/_portcullis/login?notice=expired", "{path}");
     }
+}
+
+/// Wrong codes spread over several sign-ins that each gave the right password (four each, so no
+/// sign-in is stopped by its own): the account's budget of codes runs out, and that is told to
+/// the owner as a stopped sign-in is.
+#[tokio::test]
+async fn the_owner_hears_of_a_right_password_whose_codes_spent_the_accounts_budget() {
+    let gw = Gateway::start().await;
+    let email = "spread@example.com";
+    gw.signed_in(email).await;
+    let told = || async {
+        gw.outbox()
+            .await
+            .iter()
+            .filter(|m| m.contains("Subject: Someone may know your password"))
+            .count()
+    };
+    let mut throttled = false;
+    for _ in 0..4 {
+        let c = gw.browser();
+        let r = gw.password(&c, email, PASSWORD, "").await;
+        assert_eq!(location(&r), "/_portcullis/mfa");
+        for _ in 0..4 {
+            let r = gw.code(&c, "/_portcullis/mfa", "000000").await;
+            throttled |= r.status() == 429;
+        }
+        if throttled {
+            break;
+        }
+        assert_eq!(told().await, 0, "no sign-in was stopped yet");
+    }
+    assert!(throttled, "the account's budget ran out");
+    assert_eq!(told().await, 1);
 }
