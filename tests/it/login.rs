@@ -422,6 +422,11 @@ async fn the_owner_hears_of_a_right_password_with_failed_second_factors() {
         .get(&gw.browser(), &link[link.find("/_portcullis").unwrap()..])
         .await;
     assert_eq!(page.status(), 200);
+    let text = page.text().await.unwrap();
+    assert!(
+        text.contains("a sign-in that\ngave your password"),
+        "the page speaks of it: {text}"
+    );
     // Stopped again within the hour: no second mail.
     gw.clock.advance(60);
     stop(email, PASSWORD).await;
