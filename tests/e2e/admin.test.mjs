@@ -8,7 +8,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { join } from "node:path";
-import { BIN, enrolDemoUser, launch, screenshot, startDemo } from "./lib.mjs";
+import { BIN, enrolDemoUser, launch, screenshot, signOut, startDemo } from "./lib.mjs";
 
 const PASSWORD = "a long private passphrase 42";
 
@@ -89,9 +89,7 @@ test("bootstrap an admin, enrol a customer by link, and refuse a code-only admin
     page = customer.page;
     await enrolThroughLink(page, customerLink, demo.base);
     assert.equal((await page.textContent("#email")).trim(), "customer@example.com");
-    await page.goto(`${demo.base}/_portcullis/logout`);
-    await page.click("button[type=submit]");
-    await page.waitForURL(/\/_portcullis\/login/);
+    await signOut(page, demo.base);
     await page.fill("#username", "customer@example.com");
     await page.fill("#password", PASSWORD);
     await page.click("button[type=submit]");

@@ -6,16 +6,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { launch, screenshot, startDemo, totp } from "./lib.mjs";
+import { enrolDemoUser, launch, screenshot, signOut, startDemo, submitPassword as password, totp } from "./lib.mjs";
 
 const pause = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function password(page, demo) {
-  await page.goto(`${demo.base}/_portcullis/login`);
-  await page.fill("#username", "demo@example.com");
-  await page.fill("#password", demo.password);
-  await page.click("button[type=submit]");
-}
 
 async function code(page, value) {
   await page.waitForURL(/\/_portcullis\/mfa$/);
@@ -48,22 +41,13 @@ test("the owner's browser stays its device, two tabs at once included; a copy do
   const page = await context.newPage();
   try {
     // First sign-in: enrolment, and the one new-device notice.
-    await password(page, demo);
-    await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
-    const secret = (await page.textContent("#totp-secret")).trim();
-    await page.fill("#code", totp(secret));
-    await page.click("button[type=submit]");
-    await page.waitForURL(/\/_portcullis\/recovery-codes$/);
-    const recovery = await page.$$eval("#recovery-codes code", (cs) => cs.map((c) => c.textContent.trim()));
-    await page.click("button[type=submit]");
+    const { secret, recovery } = await enrolDemoUser(page, demo);
     await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
     assert.equal((await newDeviceMails(demo, 1)).length, 1);
 
     // Signed out and in again, the new session bound by two tabs at once, the first one's
     // registration held on a slow link.
-    await page.goto(`${demo.base}/_portcullis/logout`);
-    await page.click("button[type=submit]");
-    await page.waitForURL(/\/_portcullis\/login/);
+    await signOut(page, demo.base);
     await page.route("**/_portcullis/bind/register", async (route) => {
       await pause(1500);
       await route.continue();
@@ -81,9 +65,7 @@ test("the owner's browser stays its device, two tabs at once included; a copy do
     const copy = await browser.newContext();
     await copy.addCookies(await context.cookies());
     const thief = await copy.newPage();
-    await thief.goto(`${demo.base}/_portcullis/logout`);
-    await thief.click("button[type=submit]");
-    await thief.waitForURL(/\/_portcullis\/login/);
+    await signOut(thief, demo.base);
     await password(thief, demo);
     // (A recovery code: the app's next code is still some seconds away.)
     await code(thief, recovery[0]);

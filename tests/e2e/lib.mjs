@@ -123,15 +123,33 @@ export async function screenshot(page, name) {
  * First sign-in of the demo user on `page`: password, TOTP enrolment with a computed code,
  * recovery codes confirmed. Resolves once the browser is on its way to the console.
  */
-export async function enrolDemoUser(page, demo) {
+/** The demo user's password on the sign-in page (the answer's next page is the caller's). */
+export async function submitPassword(page, demo) {
   await page.goto(`${demo.base}/_portcullis/login`);
   await page.fill("#username", "demo@example.com");
   await page.fill("#password", demo.password);
   await page.click("button[type=submit]");
+}
+
+/** Signs out through the confirmation form. */
+export async function signOut(page, base) {
+  await page.goto(`${base}/_portcullis/logout`);
+  await page.click("button[type=submit]");
+  await page.waitForURL(/\/_portcullis\/login/);
+}
+
+/**
+ * The demo user's first sign-in: password, authenticator app, recovery codes saved. Returns the
+ * app's secret (base32) and the recovery codes shown.
+ */
+export async function enrolDemoUser(page, demo) {
+  await submitPassword(page, demo);
   await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
   const secret = (await page.textContent("#totp-secret")).trim();
   await page.fill("#code", totp(secret));
   await page.click("button[type=submit]");
   await page.waitForURL(/\/_portcullis\/recovery-codes$/);
+  const recovery = await page.$$eval("#recovery-codes code", (cs) => cs.map((c) => c.textContent.trim()));
   await page.click("button[type=submit]");
+  return { secret, recovery };
 }

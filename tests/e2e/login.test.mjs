@@ -2,7 +2,7 @@
 // test computes, recovery codes, then the demo console shows the verified identity.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { launch, screenshot, startDemo, totp } from "./lib.mjs";
+import { launch, screenshot, signOut, startDemo, totp } from "./lib.mjs";
 
 test("sign in with TOTP and reach the demo console", { timeout: 120000 }, async () => {
   const demo = await startDemo();
@@ -47,9 +47,7 @@ test("sign in with TOTP and reach the demo console", { timeout: 120000 }, async 
     assert.equal(direct.status(), 401);
 
     // Sign out, and the console is gone again.
-    await page.goto(`${demo.base}/_portcullis/logout`);
-    await page.click("button[type=submit]");
-    await page.waitForURL(/\/_portcullis\/login/);
+    await signOut(page, demo.base);
     await page.goto(`${demo.base}/`);
     assert.match(new URL(page.url()).pathname, /^\/_portcullis\/login$/);
   } catch (e) {

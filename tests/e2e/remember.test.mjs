@@ -5,20 +5,7 @@
 // second-factor page.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { launch, screenshot, startDemo, totp } from "./lib.mjs";
-
-async function password(page, demo) {
-  await page.goto(`${demo.base}/_portcullis/login`);
-  await page.fill("#username", "demo@example.com");
-  await page.fill("#password", demo.password);
-  await page.click("button[type=submit]");
-}
-
-async function signOut(page, base) {
-  await page.goto(`${base}/_portcullis/logout`);
-  await page.click("button[type=submit]");
-  await page.waitForURL(/\/_portcullis\/login/);
-}
+import { enrolDemoUser, launch, screenshot, signOut, startDemo, submitPassword as password, totp } from "./lib.mjs";
 
 test("a remembered browser signs in with its password and its device key", { timeout: 120000 }, async () => {
   const demo = await startDemo();
@@ -26,13 +13,7 @@ test("a remembered browser signs in with its password and its device key", { tim
   const context = await browser.newContext();
   const page = await context.newPage();
   try {
-    await password(page, demo);
-    await page.waitForURL(/\/_portcullis\/enrol\/totp$/);
-    const secret = (await page.textContent("#totp-secret")).trim();
-    await page.fill("#code", totp(secret));
-    await page.click("button[type=submit]");
-    await page.waitForURL(/\/_portcullis\/recovery-codes$/);
-    await page.click("button[type=submit]");
+    const { secret } = await enrolDemoUser(page, demo);
     await page.waitForURL(`${demo.base}/`);
     await signOut(page, demo.base);
 

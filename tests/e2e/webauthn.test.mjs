@@ -6,13 +6,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { enrolDemoUser, launch, screenshot, startDemo } from "./lib.mjs";
-
-async function signOut(page, base) {
-  await page.goto(`${base}/_portcullis/logout`);
-  await page.click("button[type=submit]");
-  await page.waitForURL(/\/_portcullis\/login/);
-}
+import { enrolDemoUser, launch, screenshot, signOut, startDemo } from "./lib.mjs";
 
 test("add a security key, then sign in with it and with the passkey alone", { timeout: 180000 }, async () => {
   const demo = await startDemo({ host: "localhost" });

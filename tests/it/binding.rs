@@ -177,6 +177,23 @@ async fn register_webcrypto(
     .await
 }
 
+/// The device cookie (`name=value`) in `b`'s jar.
+pub(super) fn device_cookie_of(gw: &Gateway, b: &Browser) -> String {
+    gw.cookies(b)
+        .split("; ")
+        .find(|c| c.starts_with("portcullis-device="))
+        .expect("a device cookie")
+        .to_string()
+}
+
+/// A fresh browser whose jar holds `cookie` (`name=value`) alone.
+pub(super) fn browser_with(gw: &Gateway, cookie: &str) -> Browser {
+    let c = gw.browser();
+    c.jar
+        .add_cookie_str(&format!("{cookie}; Path=/"), &gw.base.parse().unwrap());
+    c
+}
+
 /// The fallback's renewal.
 pub(super) async fn webcrypto_refresh(
     gw: &Gateway,
@@ -1278,21 +1295,9 @@ async fn a_copied_device_cookie_without_the_devices_key_is_a_new_device() {
     let (b, secret, _) = gw.signed_in(email).await;
     let mut kept = Device::new();
     bind_webcrypto(&gw, &b, &kept).await;
-    let device_cookie = gw
-        .cookies(&b)
-        .split("; ")
-        .find(|c| c.starts_with("portcullis-device="))
-        .unwrap()
-        .to_string();
-    // A browser holding that device cookie signs in with the password and a code.
-    let with_device_cookie = || {
-        let c = gw.browser();
-        c.jar.add_cookie_str(
-            &format!("{device_cookie}; Path=/"),
-            &gw.base.parse().unwrap(),
-        );
-        c
-    };
+    let device_cookie = device_cookie_of(&gw, &b);
+    // A browser holding that device cookie (the owner's later, or a copy) signs in.
+    let with_device_cookie = || browser_with(&gw, &device_cookie);
     let reported = || async { events(&gw, "new_device").await.len() };
     assert_eq!(reported().await, 1, "the first sign-in");
     // The owner's browser: its kept key signs, nobody is told, the device keeps the new key.
@@ -1358,20 +1363,9 @@ async fn a_dbsc_device_does_not_take_a_copys_key() {
     let email = "dbsc-device@example.com";
     let (b, secret, _) = gw.signed_in(email).await;
     bind_dbsc(&gw, &b, &Device::new()).await;
-    let device_cookie = gw
-        .cookies(&b)
-        .split("; ")
-        .find(|c| c.starts_with("portcullis-device="))
-        .unwrap()
-        .to_string();
-    let with_device_cookie = || {
-        let c = gw.browser();
-        c.jar.add_cookie_str(
-            &format!("{device_cookie}; Path=/"),
-            &gw.base.parse().unwrap(),
-        );
-        c
-    };
+    let device_cookie = device_cookie_of(&gw, &b);
+    // A browser holding that device cookie (the owner's later, or a copy) signs in.
+    let with_device_cookie = || browser_with(&gw, &device_cookie);
     for _ in 0..2 {
         let copy = with_device_cookie();
         gw.sign_in_on(&copy, email, &secret).await;

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::binding::{bind_webcrypto, gateway, Device};
+use super::binding::{bind_webcrypto, browser_with, device_cookie_of, gateway, Device};
 use super::harness::*;
 
 pub(super) const EMAIL: &str = "rem@example.com";
@@ -138,16 +138,7 @@ async fn the_password_alone_or_a_copied_device_cookie_still_needs_the_second_fac
     let r = gw.password(&other, EMAIL, PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/mfa");
     // A thief who copied the device cookie (and knows the password) but has no key.
-    let cookies = gw.cookies(&b);
-    let device_cookie = cookies
-        .split("; ")
-        .find(|c| c.starts_with("portcullis-device="))
-        .unwrap();
-    let thief = gw.browser();
-    thief.jar.add_cookie_str(
-        &format!("{device_cookie}; Path=/"),
-        &gw.base.parse().unwrap(),
-    );
+    let thief = browser_with(&gw, &device_cookie_of(&gw, &b));
     let r = gw.password(&thief, EMAIL, PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/remembered");
     let r = prove(&gw, &thief, &Device::new()).await;
