@@ -160,6 +160,19 @@ pub(crate) fn bound_until(
         .max()
 }
 
+/// Whether the request shows the session's device: binding is off, or it carries a valid bound
+/// cookie issued to this network and browser. Nothing is counted or recorded: for pages that
+/// only choose what to show (a copied session cookie learns no more than it brought).
+pub(crate) fn shows_its_device(
+    state: &AppState,
+    session: &Session,
+    headers: &HeaderMap,
+    client: &Client,
+) -> bool {
+    !state.config.binding.enabled
+        || bound_until(state, session, headers, &context_of_client(state, client)).is_some()
+}
+
 /// The gate's check of a complete session asked from `context` (see [`context_of`]): `None`
 /// when its bound cookie is valid and was issued to this network and browser. `client` is
 /// asked for only when something is recorded, so a valid proof builds nothing.

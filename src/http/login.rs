@@ -1143,20 +1143,28 @@ pub async fn codes_post(
 /// on another site cannot sign anyone out).
 pub async fn logout_get(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     let Some(loaded) = current_session(&state, &headers).await? else {
         return Ok(see_other("/_portcullis/login?notice=logged_out"));
     };
-    // Signing out needs no database: during an outage the page shows no email, nothing else.
-    let email = state
-        .durable
-        .user_by_id(&loaded.session.user_id)
-        .await
-        .ok()
-        .flatten()
-        .map(|u| u.email)
-        .unwrap_or_default();
+    // The address only to the session's own device: a copied session cookie may sign the
+    // session out (that is the safe way round) but learns nothing from the page.
+    let client = super::client(&state, peer, &headers);
+    let email = if super::binding::shows_its_device(&state, &loaded.session, &headers, &client) {
+        // Signing out needs no database: during an outage the page shows no email, nothing else.
+        state
+            .durable
+            .user_by_id(&loaded.session.user_id)
+            .await
+            .ok()
+            .flatten()
+            .map(|u| u.email)
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(

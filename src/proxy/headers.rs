@@ -443,6 +443,34 @@ pub(crate) fn filter_request_cookies(headers: &mut HeaderMap, gateway: &[String]
     }
 }
 
+/// Response headers with which a server starts or steers Device Bound Session Credentials
+/// (current and older names). On the gateway's origin only the gateway binds sessions: a console
+/// that sent them could have the browser register a session with an endpoint of the console's, or
+/// answer the gateway's own refreshes with challenges the gateway never issued (each a failed
+/// device proof, and enough of them end the session).
+const SESSION_BINDING_RESPONSE_HEADERS: [&str; 4] = [
+    "secure-session-registration",
+    "secure-session-challenge",
+    "sec-session-registration",
+    "sec-session-challenge",
+];
+
+/// Drops the upstream's session-binding headers (see [`SESSION_BINDING_RESPONSE_HEADERS`]).
+pub(crate) fn remove_session_binding(headers: &mut HeaderMap) {
+    // Almost no response carries one: a pass over the names present, nothing hashed.
+    if !headers
+        .keys()
+        .any(|k| SESSION_BINDING_RESPONSE_HEADERS.contains(&k.as_str()))
+    {
+        return;
+    }
+    for name in SESSION_BINDING_RESPONSE_HEADERS {
+        if headers.remove(name).is_some() {
+            tracing::debug!(header = name, "dropped an upstream session-binding header");
+        }
+    }
+}
+
 /// Drops every `Set-Cookie` that would set one of the gateway's cookies, so the upstream can
 /// neither overwrite nor shadow the gateway's session. Names are compared ignoring case (dropping
 /// a look-alike is harmless; a look-alike reaching a lenient parser is not), and a value-only

@@ -44,7 +44,8 @@ pub enum ProxyError {
     /// The upstream could not be reached (refused, unresolvable, connect timeout).
     #[error("upstream unreachable")]
     Connect(#[source] BoxError),
-    /// The upstream sent no response headers within the response timeout.
+    /// The upstream sent no response headers within the response timeout (counted from the end
+    /// of the request body).
     #[error("upstream sent no response within {0:?}")]
     Timeout(Duration),
     /// Any other failure while talking to the upstream (connection reset, malformed response).
@@ -230,7 +231,8 @@ impl Upstream {
     /// (axum::extract::Request = http::Request<axum::body::Body>).
     ///
     /// The response body streams from the upstream as it arrives; the time limit covers only the
-    /// wait for response headers, so long downloads are not cut off.
+    /// wait for response headers once the request body has been sent, so neither long uploads
+    /// nor long downloads are cut off (a stalled upload is, by the body timeout).
     pub async fn forward(
         &self,
         mut req: axum::extract::Request,
@@ -277,13 +279,17 @@ impl Upstream {
         // the gateway's business, and the upstream always speaks HTTP/1.1.
         // A body that stalls fails its exchange (`RequestBodyStalled`) before the console's
         // answer is waited for in vain; a request without one (most) is not wrapped.
-        let body = if http_body::Body::is_end_stream(&body) {
-            body
+        // The console's time to answer counts from the end of the body: an upload that keeps
+        // moving may take longer than `response_timeout` to send.
+        let (body, body_sent) = if http_body::Body::is_end_stream(&body) {
+            (body, None)
         } else {
-            Body::new(tower_http::timeout::TimeoutBody::new(
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let body = Body::new(tower_http::timeout::TimeoutBody::new(
                 self.body_timeout,
                 body,
-            ))
+            ));
+            (Body::new(SentSignal::new(body, tx)), Some(rx))
         };
         let mut outbound = http::Request::new(body);
         *outbound.method_mut() = method.clone();
@@ -292,18 +298,29 @@ impl Upstream {
         *outbound.headers_mut() = headers;
 
         let started = Instant::now();
-        let (response, sender) =
-            match tokio::time::timeout(self.response_timeout, pool.send(outbound)).await {
-                Err(_) => {
-                    tracing::debug!(%method, "upstream response timed out");
-                    return Err(ProxyError::Timeout(self.response_timeout));
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%method, error = %e, "upstream request failed");
-                    return Err(e);
-                }
-                Ok(Ok(answer)) => answer,
-            };
+        let response_timeout = self.response_timeout;
+        let deadline = async move {
+            if let Some(sent) = body_sent {
+                // Sent, or dropped (the console answered early, or the body failed, which
+                // fails the exchange by itself): either way the wait for the answer is on.
+                let _ = sent.await;
+            }
+            tokio::time::sleep(response_timeout).await;
+        };
+        let answer = tokio::select! {
+            answer = pool.send(outbound) => answer,
+            () = deadline => {
+                tracing::debug!(%method, "upstream response timed out");
+                return Err(ProxyError::Timeout(self.response_timeout));
+            }
+        };
+        let (response, sender) = match answer {
+            Err(e) => {
+                tracing::debug!(%method, error = %e, "upstream request failed");
+                return Err(e);
+            }
+            Ok(answer) => answer,
+        };
         let status = response.status();
         tracing::debug!(
             %method,
@@ -331,8 +348,50 @@ impl Upstream {
     }
 }
 
+/// A request body that says when it has been sent to its end (or dropped before).
+struct SentSignal {
+    inner: Body,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl SentSignal {
+    fn new(inner: Body, sent: tokio::sync::oneshot::Sender<()>) -> Self {
+        Self {
+            inner,
+            sent: Some(sent),
+        }
+    }
+}
+
+impl http_body::Body for SentSignal {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            if let Some(sent) = self.sent.take() {
+                let _ = sent.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Turns the upstream's response into the client's: status, headers and body as sent, minus
-/// hop-by-hop headers and any attempt to set the gateway's cookies. The body is not read here.
+/// hop-by-hop headers and any attempt to set the gateway's cookies or to bind sessions on its
+/// origin. The body is not read here.
 fn relay(
     parts: http::response::Parts,
     body: Body,
@@ -344,6 +403,7 @@ fn relay(
     }
     headers::remove_hop_by_hop(&mut headers);
     headers::filter_response_cookies(&mut headers, gateway_cookies);
+    headers::remove_session_binding(&mut headers);
     let mut out = axum::response::Response::new(body);
     *out.status_mut() = parts.status;
     *out.headers_mut() = headers;

@@ -8,7 +8,9 @@
 //! on the wire.
 //!
 //! A request that could not even be written (the upstream had closed a kept-alive connection in
-//! the meantime) is sent again once, on a new connection; one that was written is never repeated.
+//! the meantime) is sent again once, on a new connection. One that was written is repeated only
+//! where that is harmless: an idempotent method without a body, whose kept-alive connection
+//! ended before any answer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -78,11 +80,21 @@ impl Pool {
             Some(s) => (s, true),
             None => (self.connect().await?, false),
         };
+        // A kept-alive connection the upstream closes as the request goes out (servers with a
+        // keep-alive timeout of a few seconds do) fails a request that was written. One that
+        // changes nothing and has no body may go again, as nginx sends it again.
+        let again = reused.then(|| Repeatable::of(&req)).flatten();
         let req = match sender.try_send_request(req).await {
             Ok(resp) => return Ok((resp, Some(sender))),
             Err(mut e) => match e.take_message() {
                 // Never written: the kept-alive connection was closed under us. Once more, fresh.
                 Some(req) if reused => req,
+                None if again.is_some() && closed_before_an_answer(e.error()) => {
+                    tracing::debug!(error = %e.error(), "kept-alive upstream connection closed; sending again");
+                    again
+                        .map(Repeatable::request)
+                        .ok_or_else(|| failed(e.into_error()))?
+                }
                 _ => return Err(failed(e.into_error())),
             },
         };
@@ -167,6 +179,51 @@ impl Pool {
             });
         }
     }
+}
+
+/// What is needed to send a request without a body again.
+struct Repeatable {
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+}
+
+impl Repeatable {
+    /// A copy of `req` if it is idempotent (RFC 9110 §9.2.2) and has no body.
+    fn of(req: &http::Request<Body>) -> Option<Self> {
+        (req.method().is_idempotent() && req.body().is_end_stream()).then(|| Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(self) -> http::Request<Body> {
+        let mut req = http::Request::new(Body::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Whether a written request failed because its connection ended before any answer came: the
+/// upstream closed or reset it (not a malformed answer, which would come again).
+fn closed_before_an_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    std::iter::successors(std::error::Error::source(e), |c| c.source())
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        })
 }
 
 /// What a failed exchange was: the client's request body stalled (a cause is the body

@@ -1382,3 +1382,35 @@ async fn a_dbsc_device_does_not_take_a_copys_key() {
     bind_dbsc(&gw, &owner, &Device::new()).await;
     assert_eq!(events(&gw, "new_device").await.len(), 1);
 }
+
+#[tokio::test]
+async fn the_sign_out_page_names_the_account_only_to_the_sessions_device() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("quiet@example.com").await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    let page = |c: &Browser| {
+        let c = c.get(gw.url("/_portcullis/logout"));
+        async move { c.send().await.unwrap().text().await.unwrap() }
+    };
+    assert!(page(&b).await.contains("quiet@example.com"));
+    // The session cookie copied into another browser: the page still signs the session out
+    // (the safe way round) but does not say whose it is.
+    let session = gw
+        .cookies(&b)
+        .split("; ")
+        .find(|c| c.starts_with("portcullis-session="))
+        .unwrap()
+        .to_string();
+    let thief = browser_with(&gw, &session);
+    let html = page(&thief).await;
+    assert!(html.contains("action=\"/_portcullis/logout\""), "{html}");
+    assert!(!html.contains("quiet@example.com"), "{html}");
+    // Seeing the page counts nothing against the owner's session.
+    assert!(!gw
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event == "session_binding_failed"));
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+}

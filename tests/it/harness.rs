@@ -117,6 +117,13 @@ async fn record(State(up): State<Upstream>, req: Request) -> Response {
             .header("set-cookie", "a=1; Path=/")
             .header("set-cookie", "b=2; Path=/")
             .header("cache-control", "private, max-age=10")
+            // A console starting and steering device-bound sessions of its own.
+            .header(
+                "secure-session-registration",
+                "(ES256);path=\"/console/dbsc\";challenge=\"c\"",
+            )
+            .header("Sec-Session-Challenge", "\"c\";id=\"x\"")
+            .header("secure-session-challenge", "\"c\";id=\"x\"")
             .body(Body::from("cookies"))
             .unwrap();
     }

@@ -195,7 +195,7 @@ async fn a_planted_session_cookie_does_not_sign_the_user_out() {
 }
 
 #[tokio::test]
-async fn gateway_cookies_stay_at_the_gateway_and_console_cookies_pass() {
+async fn gateway_cookies_and_session_binding_stay_at_the_gateway_and_console_cookies_pass() {
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("k@example.com").await;
     let cookie = format!("{}; console_pref=dark; other=1", gw.cookies(&c));
@@ -210,6 +210,12 @@ async fn gateway_cookies_stay_at_the_gateway_and_console_cookies_pass() {
     assert_eq!(
         r.header("cache-control").as_deref(),
         Some("private, max-age=10")
+    );
+    let head = r.head.to_ascii_lowercase();
+    assert!(
+        !head.contains("session-registration") && !head.contains("session-challenge"),
+        "the console's session-binding headers relayed: {}",
+        r.head
     );
     let seen = gw.upstream.last();
     let sent = seen.headers_named("cookie").join("; ");
@@ -453,6 +459,109 @@ async fn slow_upstream_is_a_504() {
     assert_eq!(r.status(), 504);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_timeout");
+}
+
+/// A body sent slowly but steadily for longer than `upstream.response_timeout`: the console's
+/// time to answer counts from the end of the body, so the upload goes through; a console slow to
+/// answer after that still gets its 504.
+#[tokio::test]
+async fn an_upload_longer_than_the_response_timeout_goes_through() {
+    let gw = Gateway::start_with(|c| {
+        c.upstream.response_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("uploader@example.com").await;
+    let slow_body = || {
+        // 12 chunks 200 ms apart: 2.4 s of steady upload, no pause near the body timeout.
+        let stream = futures_util::stream::iter(0..12).then(|_| async {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'u'; 1000]))
+        });
+        reqwest::Body::wrap_stream(stream)
+    };
+    let r = c
+        .post(gw.url("/import"))
+        .header("accept", "application/json")
+        .body(slow_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(gw.upstream.last().body_len, 12_000);
+    // The recording console reads the body, then waits 3 s before answering.
+    let started = std::time::Instant::now();
+    let r = c
+        .post(gw.url("/slow/3000"))
+        .header("accept", "application/json")
+        .body(slow_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(3200),
+        "the answer's timer started before the body's end: 504 after {waited:?}"
+    );
+}
+
+/// A console that closes each kept-alive connection right after its answer, without saying so
+/// (as servers whose keep-alive timeout runs out do): a `GET` written on such a connection is
+/// sent again on a new one, once; a `POST` is not (it may have been acted on).
+#[tokio::test]
+async fn a_get_on_a_connection_the_console_closed_is_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                // Reads one request head; answers it keep-alive style; then waits for the next
+                // request's first bytes and closes without an answer.
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let gw = Gateway::start_with(|c| {
+        c.upstream.url = url::Url::parse(&format!("http://{addr}/")).unwrap();
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("keepalive@example.com").await;
+    for i in 0..5 {
+        let r = c
+            .get(gw.url(&format!("/page/{i}")))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {i}");
+    }
+    // Each GET after the first was written on the kept connection, lost, and sent again.
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);
+    let r = c
+        .post(gw.url("/campaigns/draft"))
+        .header("accept", "application/json")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502, "a POST is never sent twice");
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);
 }
 
 /// On shutdown, requests in flight finish (drain) and new connections are refused. (That the
