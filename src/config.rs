@@ -334,9 +334,15 @@ pub struct UpstreamConfig {
     pub url: Url,
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
-    /// Time allowed for the upstream to send response headers; bodies may stream longer.
+    /// Time allowed for the upstream to send response headers once the request body has been
+    /// sent; bodies may stream longer.
     #[serde(with = "duration")]
     pub response_timeout: Duration,
+    /// Origins besides `server.public_url`'s whose pages may send the console requests that
+    /// change things (any method but `GET`, `HEAD`, `OPTIONS`, `TRACE`) and open WebSockets to
+    /// it, with the user's session (e.g. `https://app.example.com`). Requests from any other
+    /// origin are refused.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -345,6 +351,7 @@ impl Default for UpstreamConfig {
             url: default_url("http://127.0.0.1:8081/"),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -1079,6 +1086,25 @@ impl Config {
                 "upstream.url",
                 "must not have a query or fragment: each request's own query is sent",
             ));
+        }
+        for o in &self.upstream.allowed_origins {
+            let origin = Url::parse(o)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .map(|u| u.origin().ascii_serialization());
+            if origin.as_deref() != Some(o.as_str()) {
+                return Err(key_err(
+                    "upstream.allowed_origins",
+                    format!(
+                        "\"{o}\" is not an origin as browsers send it: scheme, host and a port \
+                         other than the scheme's, in lower case, with no path or slash at the end \
+                         (e.g. \"https://app.example.com\"{})",
+                        origin
+                            .map(|x| format!("; this one is \"{x}\""))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
         }
         for (key, t) in [
             ("server.header_timeout", s.header_timeout),

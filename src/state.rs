@@ -197,7 +197,9 @@ impl AppState {
             keys,
             notifier,
             upstream: Arc::new(
-                Upstream::new(&config.upstream).with_body_timeout(config.server.body_timeout),
+                Upstream::new(&config.upstream)
+                    .with_body_timeout(config.server.body_timeout)
+                    .with_public_origin(&config.server.public_url.origin().ascii_serialization()),
             ),
             user_gate,
             config: Arc::new(config),

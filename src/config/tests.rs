@@ -166,6 +166,26 @@ fn bad_values_are_refused_with_the_key() {
         ),
         ("[storage]\nredis_prefix = \"\"\n", "storage.redis_prefix"),
         (
+            "[upstream]\nallowed_origins = [\"https://app.example.com/\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
+            "[upstream]\nallowed_origins = [\"https://App.example.com\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
+            "[upstream]\nallowed_origins = [\"https://app.example.com:443\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
+            "[upstream]\nallowed_origins = [\"app.example.com\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
+            "[upstream]\nallowed_origins = [\"null\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
             "[storage]\nredis_connect_timeout = 0\n",
             "storage.redis_connect_timeout",
         ),

@@ -223,6 +223,8 @@ async fn check(
         super::gate::cross_site_upgrade(state, headers)?;
     }
     let orig = original(method, headers, (peer.ip(), trusted))?;
+    // The asking proxy passes the client's `Origin` and `Sec-Fetch-Site` with its question.
+    super::gate::cross_site_write(state, &orig.method, headers)?;
     // The proxy forwards the client's headers to the console as they are: a method override
     // there would let the console act as for another method than the one checked here (a GET
     // passing as the POST a step-up rule guards). Proxy mode drops such headers; here the

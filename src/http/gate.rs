@@ -507,27 +507,67 @@ fn is_upgrade(req: &Request) -> bool {
     req.headers().contains_key(header::UPGRADE)
 }
 
-/// Refuses a WebSocket handshake a page of another origin started. Browsers send `Origin` with
-/// every such handshake and let any page open one, with the site's cookies when the sites are
-/// the same (a sibling subdomain): the console's pages are served at the gateway's origin, so
-/// a socket opened from anywhere else is not the console's. Clients that send no `Origin` are
-/// not browsers, and carry no ambient cookies of the user.
-pub(crate) fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+/// Whether a request that carries the user's cookies came from one of the console's own pages
+/// (or a page of `upstream.allowed_origins`), as far as the browser tells: by its one `Origin`
+/// (`null`, as sandboxed frames and some redirects send it, only where `Sec-Fetch-Site` vouches
+/// for the same origin), or without one by `Sec-Fetch-Site`. Clients that send neither are not
+/// browsers, and carry no ambient cookies of the user.
+fn from_own_pages(state: &AppState, headers: &HeaderMap) -> bool {
+    let fetch_site = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
     let mut origins = headers.get_all(header::ORIGIN).iter();
     let Some(origin) = origins.next() else {
-        return Ok(());
+        return fetch_site.is_none_or(|s| s == b"same-origin" || s == b"none");
     };
     // A browser sends exactly one `Origin`; a second one (which a console may read instead)
     // is refused like a foreign one.
-    if origins.next().is_none()
-        && origin.as_bytes() == super::login::public_origin(state).as_bytes()
-    {
+    if origins.next().is_some() {
+        return false;
+    }
+    let origin = origin.as_bytes();
+    origin == super::login::public_origin(state).as_bytes()
+        || (origin == b"null" && fetch_site == Some(b"same-origin"))
+        || state
+            .config
+            .upstream
+            .allowed_origins
+            .iter()
+            .any(|o| o.as_bytes() == origin)
+}
+
+/// Refuses a WebSocket handshake a page of another origin started. Browsers send `Origin` with
+/// every such handshake and let any page open one, with the site's cookies when the sites are
+/// the same (a sibling subdomain): the console's pages are served at the gateway's origin, so
+/// a socket opened from anywhere else is not the console's.
+pub(crate) fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+    if from_own_pages(state, headers) {
         return Ok(());
     }
     tracing::info!("cross-origin WebSocket handshake refused");
     Err(AppError::forbidden(
         "cross_origin",
         "WebSocket connections are accepted only from the console's own pages.",
+    ))
+}
+
+/// Refuses a request that changes something (any method but `GET`, `HEAD`, `OPTIONS`, `TRACE`)
+/// which a page of another origin sent. The session cookies are `SameSite=Lax`: a browser sends
+/// them with a form another page of the same site posts (another port of the host, a sibling
+/// subdomain such as a tracking domain), so without this a page there could have the console
+/// send a campaign as the signed-in user, cross-site request forgery the console would have to
+/// stop itself.
+pub(crate) fn cross_site_write(
+    state: &AppState,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(), AppError> {
+    if method.is_safe() || from_own_pages(state, headers) {
+        return Ok(());
+    }
+    tracing::info!(%method, "request from another origin's page refused");
+    Err(AppError::forbidden(
+        "cross_origin",
+        "This request came from a page of another site. The console accepts changes only from \
+         its own pages: go back to the console and try again there.",
     ))
 }
 
@@ -582,6 +622,8 @@ async fn gate_and_forward(
         cross_site_upgrade(state, req.headers())
             .inspect_err(|_| state.metrics.proxied(Proxied::Denied))?;
     }
+    cross_site_write(state, req.method(), req.headers())
+        .inspect_err(|_| state.metrics.proxied(Proxied::Denied))?;
     let path_len = canonical.len();
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{canonical}?{q}"),

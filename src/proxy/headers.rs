@@ -443,6 +443,34 @@ pub(crate) fn filter_request_cookies(headers: &mut HeaderMap, gateway: &[String]
     }
 }
 
+/// A `Location` naming the console's own address (`own_prefix`: `http://host:port` and the base
+/// path, matched without regard to case) is turned into the same path at `public` (the
+/// gateway's origin); any other is left as it is.
+pub(crate) fn rewrite_own_location(headers: &mut HeaderMap, own_prefix: &str, public: &str) {
+    let Some(location) = headers.get(header::LOCATION) else {
+        return;
+    };
+    let bytes = location.as_bytes();
+    let Some(head) = bytes.get(..own_prefix.len()) else {
+        return;
+    };
+    let rest = &bytes[own_prefix.len()..];
+    if !head.eq_ignore_ascii_case(own_prefix.as_bytes())
+        || !(rest.is_empty() || matches!(rest[0], b'/' | b'?' | b'#'))
+    {
+        return;
+    }
+    let mut out = Vec::with_capacity(public.len() + rest.len() + 1);
+    out.extend_from_slice(public.as_bytes());
+    if !rest.starts_with(b"/") {
+        out.push(b'/');
+    }
+    out.extend_from_slice(rest);
+    if let Ok(v) = HeaderValue::from_bytes(&out) {
+        headers.insert(header::LOCATION, v);
+    }
+}
+
 /// Response headers with which a server starts or steers Device Bound Session Credentials
 /// (current and older names). On the gateway's origin only the gateway binds sessions: a console
 /// that sent them could have the browser register a session with an endpoint of the console's, or
@@ -455,19 +483,23 @@ const SESSION_BINDING_RESPONSE_HEADERS: [&str; 4] = [
     "sec-session-challenge",
 ];
 
-/// Drops the upstream's session-binding headers (see [`SESSION_BINDING_RESPONSE_HEADERS`]).
-pub(crate) fn remove_session_binding(headers: &mut HeaderMap) {
+/// Drops what only the gateway sends from the upstream's response: the session-binding headers
+/// (see [`SESSION_BINDING_RESPONSE_HEADERS`]) and `own` (lower case: the identity header), which
+/// a console echoing its request headers (a debugging page) would otherwise hand the page's
+/// scripts as a live identity token.
+pub(crate) fn remove_gateway_response_headers(headers: &mut HeaderMap, own: &[String]) {
+    let gateways = |k: &HeaderName| {
+        SESSION_BINDING_RESPONSE_HEADERS.contains(&k.as_str())
+            || own.iter().any(|o| o == k.as_str())
+    };
     // Almost no response carries one: a pass over the names present, nothing hashed.
-    if !headers
-        .keys()
-        .any(|k| SESSION_BINDING_RESPONSE_HEADERS.contains(&k.as_str()))
-    {
+    if !headers.keys().any(gateways) {
         return;
     }
-    for name in SESSION_BINDING_RESPONSE_HEADERS {
-        if headers.remove(name).is_some() {
-            tracing::debug!(header = name, "dropped an upstream session-binding header");
-        }
+    let present: Vec<HeaderName> = headers.keys().filter(|k| gateways(k)).cloned().collect();
+    for name in present {
+        tracing::debug!(header = %name, "dropped a header of the gateway's from the upstream's response");
+        headers.remove(name);
     }
 }
 
@@ -695,6 +727,40 @@ mod tests {
             h["cookie"].as_bytes(),
             b"portcullis-session-x=1; xportcullis-session=2"
         );
+    }
+
+    #[test]
+    fn only_the_consoles_own_address_is_rewritten_in_location() {
+        let own = "http://10.0.0.5:9000/console";
+        let public = "https://login.esp.example";
+        for (sent, want) in [
+            (
+                "http://10.0.0.5:9000/console/campaigns?x=1",
+                "https://login.esp.example/campaigns?x=1",
+            ),
+            ("HTTP://10.0.0.5:9000/console", "https://login.esp.example/"),
+            (
+                "http://10.0.0.5:9000/console?x",
+                "https://login.esp.example/?x",
+            ),
+            // Not the console's: another port, another base path, another host, relative.
+            (
+                "http://10.0.0.5:90001/console/a",
+                "http://10.0.0.5:90001/console/a",
+            ),
+            (
+                "http://10.0.0.5:9000/consoles/a",
+                "http://10.0.0.5:9000/consoles/a",
+            ),
+            ("http://10.0.0.5:9000/", "http://10.0.0.5:9000/"),
+            ("https://docs.example.com/x", "https://docs.example.com/x"),
+            ("/campaigns", "/campaigns"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::LOCATION, HeaderValue::from_static(sent));
+            rewrite_own_location(&mut h, own, public);
+            assert_eq!(h[header::LOCATION], want, "{sent}");
+        }
     }
 
     #[test]

@@ -146,6 +146,9 @@ struct Target {
     host: HeaderValue,
     /// Base path without its trailing slash ("" for "/").
     base_path: String,
+    /// `http://authority` plus the base path: how the console's absolute `Location`s to itself
+    /// begin.
+    own_prefix: String,
 }
 
 impl Target {
@@ -158,10 +161,12 @@ impl Target {
             None => host.to_string(),
         };
         let port = url.port_or_known_default().ok_or_else(invalid)?;
+        let base_path = url.path().trim_end_matches('/').to_string();
         Ok(Self {
             address: format!("{host}:{port}"),
             host: HeaderValue::from_str(&authority).map_err(|_| invalid())?,
-            base_path: url.path().trim_end_matches('/').to_string(),
+            own_prefix: format!("{}://{authority}{base_path}", url.scheme()),
+            base_path,
         })
     }
 
@@ -190,6 +195,9 @@ pub struct Upstream {
     target: Result<(Target, Arc<pool::Pool>), &'static str>,
     response_timeout: Duration,
     body_timeout: Duration,
+    /// The gateway's public origin, which the console's absolute redirects to itself are
+    /// rewritten to (none: left as sent).
+    public_origin: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -218,7 +226,17 @@ impl Upstream {
             target,
             response_timeout: cfg.response_timeout,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            public_origin: None,
         }
+    }
+
+    /// Rewrites the console's `Location`s that name the console's own address (its `Host` is
+    /// that address, so frameworks build such redirects) to `origin` (e.g.
+    /// `https://login.esp.example`), as nginx's `proxy_redirect default` does: the browser is
+    /// sent to the gateway, not to an internal address.
+    pub fn with_public_origin(mut self, origin: &str) -> Self {
+        self.public_origin = Some(origin.into());
+        self
     }
 
     /// The longest pause in a client's request body while it is sent on (`server.body_timeout`).
@@ -342,9 +360,12 @@ impl Upstream {
                 )),
             };
         }
-        let (parts, incoming) = response.into_parts();
+        let (mut parts, incoming) = response.into_parts();
+        if let Some(public) = &self.public_origin {
+            headers::rewrite_own_location(&mut parts.headers, &target.own_prefix, public);
+        }
         let body = Body::new(pool::Returning::new(incoming, sender, Arc::clone(pool)));
-        Ok(relay(parts, body, &fwd.gateway_cookies))
+        Ok(relay(parts, body, &fwd))
     }
 }
 
@@ -392,18 +413,14 @@ impl http_body::Body for SentSignal {
 /// Turns the upstream's response into the client's: status, headers and body as sent, minus
 /// hop-by-hop headers and any attempt to set the gateway's cookies or to bind sessions on its
 /// origin. The body is not read here.
-fn relay(
-    parts: http::response::Parts,
-    body: Body,
-    gateway_cookies: &[String],
-) -> axum::response::Response {
+fn relay(parts: http::response::Parts, body: Body, fwd: &Forwarding) -> axum::response::Response {
     let mut headers = parts.headers;
     if headers::has_transfer_encoding(&headers) {
         headers.remove(header::CONTENT_LENGTH);
     }
     headers::remove_hop_by_hop(&mut headers);
-    headers::filter_response_cookies(&mut headers, gateway_cookies);
-    headers::remove_session_binding(&mut headers);
+    headers::filter_response_cookies(&mut headers, &fwd.gateway_cookies);
+    headers::remove_gateway_response_headers(&mut headers, &fwd.strip_headers);
     let mut out = axum::response::Response::new(body);
     *out.status_mut() = parts.status;
     *out.headers_mut() = headers;

@@ -817,3 +817,42 @@ async fn through_nginx_a_client_cannot_choose_its_address_or_request_id() {
         .collect();
     assert_eq!(ips, [Some("127.0.0.1".to_string())]);
 }
+
+/// The asking proxy passes the client's `Origin` with its question: a request that changes
+/// something, sent by another origin's page, is refused as in proxy mode (the console would
+/// otherwise act on a form posted from a sibling subdomain with the user's cookies).
+#[tokio::test]
+async fn a_write_from_another_sites_page_is_refused() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("fa-origin@example.com").await;
+    let cookie = gw.cookies(&c);
+    let own = gw.base.trim_end_matches('/').to_string();
+    let gw = &gw;
+    let ask = |method: &'static str, origin: String| {
+        let cookie = cookie.clone();
+        async move {
+            auth(
+                gw,
+                &[
+                    ("Cookie", &cookie),
+                    ("X-Forwarded-Uri", "/campaigns/7/send"),
+                    ("X-Forwarded-Method", method),
+                    ("Origin", &origin),
+                    ("Accept", "application/json"),
+                ],
+            )
+            .await
+        }
+    };
+    let r = ask("POST", "http://tracking.example.com".into()).await;
+    assert_eq!(r.status, 403, "{}", r.head);
+    assert_eq!(json(&r)["error"], "cross_origin");
+    assert!(r.header("x-portcullis-assertion").is_none());
+    assert_eq!(ask("POST", own.clone()).await.status, 200);
+    assert_eq!(
+        ask("GET", "http://tracking.example.com".into())
+            .await
+            .status,
+        200
+    );
+}

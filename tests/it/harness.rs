@@ -111,6 +111,19 @@ async fn record(State(up): State<Upstream>, req: Request) -> Response {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         return (axum::http::StatusCode::OK, "slow answer").into_response();
     }
+    if path == "/moved" || path == "/moved-away" {
+        // A framework's redirect built from the `Host` it was sent (the console's own address).
+        let host = headers_host(&up);
+        let to = match path.as_str() {
+            "/moved" => format!("http://{host}/campaigns/7?from=moved"),
+            _ => "https://docs.example.com/help".to_string(),
+        };
+        return Response::builder()
+            .status(302)
+            .header("location", to)
+            .body(Body::empty())
+            .unwrap();
+    }
     if path == "/cookies" {
         return Response::builder()
             .status(201)
@@ -123,6 +136,8 @@ async fn record(State(up): State<Upstream>, req: Request) -> Response {
                 "(ES256);path=\"/console/dbsc\";challenge=\"c\"",
             )
             .header("Sec-Session-Challenge", "\"c\";id=\"x\"")
+            // A console echoing its request headers hands back the identity token.
+            .header("x-portcullis-assertion", "leaked.token.value")
             .header("secure-session-challenge", "\"c\";id=\"x\"")
             .body(Body::from("cookies"))
             .unwrap();
@@ -132,6 +147,16 @@ async fn record(State(up): State<Upstream>, req: Request) -> Response {
         format!("upstream saw {body_len} bytes"),
     )
         .into_response()
+}
+
+/// The `Host` of the request the upstream saw last.
+fn headers_host(up: &Upstream) -> String {
+    up.last()
+        .headers
+        .iter()
+        .find(|(k, _)| k == "host")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
 }
 
 async fn ws_echo(ws: axum::extract::ws::WebSocketUpgrade) -> Response {

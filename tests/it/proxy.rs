@@ -213,8 +213,10 @@ async fn gateway_cookies_and_session_binding_stay_at_the_gateway_and_console_coo
     );
     let head = r.head.to_ascii_lowercase();
     assert!(
-        !head.contains("session-registration") && !head.contains("session-challenge"),
-        "the console's session-binding headers relayed: {}",
+        !head.contains("session-registration")
+            && !head.contains("session-challenge")
+            && !head.contains("leaked.token"),
+        "the console's session-binding or identity headers relayed: {}",
         r.head
     );
     let seen = gw.upstream.last();
@@ -590,4 +592,124 @@ async fn shutdown_drains_in_flight_requests() {
             .is_err(),
         "no new connections after shutdown"
     );
+}
+
+/// A page of another origin of the same site (another port of the host, a sibling subdomain)
+/// posts a form to the console: the browser sends the `SameSite=Lax` session cookies with it,
+/// so the gateway refuses every request that changes something unless the browser says it came
+/// from the console's own pages (or a configured origin). Reading is not refused.
+#[tokio::test]
+async fn another_sites_page_cannot_make_the_console_act() {
+    let gw = Gateway::start_with(|c| {
+        c.upstream.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("sender@example.com").await;
+    let cookie = gw.cookies(&c);
+    let own = gw.base.trim_end_matches('/').to_string();
+    let sibling = own.replace("127.0.0.1", "tracking.127.0.0.1.example");
+    let other_port = format!("http://127.0.0.1:{}", gw.addr.port() + 1);
+    let send = |method: &'static str, extra: Vec<(&'static str, String)>| {
+        let cookie = cookie.clone();
+        async move {
+            let mut headers: Vec<(&str, &str)> = vec![
+                ("Cookie", &cookie),
+                ("Accept", "text/html"),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ];
+            headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+            raw(gw.addr, method, "/campaigns/7/send", &headers, "name=x").await
+        }
+    };
+    let before = gw.upstream.requests().len();
+    for (method, extra) in [
+        ("POST", vec![("Origin", other_port.clone())]),
+        ("POST", vec![("Origin", sibling.clone())]),
+        ("DELETE", vec![("Origin", "https://evil.example".into())]),
+        (
+            "PUT",
+            vec![("Sec-Fetch-Site", "same-site".into())], // no Origin, the browser says whose
+        ),
+        ("PATCH", vec![("Sec-Fetch-Site", "cross-site".into())]),
+        (
+            "POST",
+            vec![
+                ("Origin", "null".into()),
+                ("Sec-Fetch-Site", "same-site".into()),
+            ],
+        ),
+        // Two origins: a console might read the second.
+        (
+            "POST",
+            vec![("Origin", own.clone()), ("Origin", other_port.clone())],
+        ),
+    ] {
+        let r = send(method, extra.clone()).await;
+        assert_eq!(r.status, 403, "{method} {extra:?}: {}", r.head);
+        assert!(r.body.contains("another site"), "{}", r.body);
+    }
+    assert_eq!(
+        gw.upstream.requests().len(),
+        before,
+        "a refused request reached the console"
+    );
+    // As JSON for API clients.
+    let r = raw(
+        gw.addr,
+        "POST",
+        "/campaigns/7/send",
+        &[
+            ("Cookie", &cookie),
+            ("Accept", "application/json"),
+            ("Origin", &other_port),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert!(r.body.contains("\"error\":\"cross_origin\""), "{}", r.body);
+    // The console's own pages, the configured origin, clients that are no browser (no `Origin`,
+    // no `Sec-Fetch-Site`), and reading from anywhere all pass.
+    for (method, extra) in [
+        ("POST", vec![("Origin", own.clone())]),
+        (
+            "POST",
+            vec![
+                ("Origin", own.clone()),
+                ("Sec-Fetch-Site", "same-origin".into()),
+            ],
+        ),
+        (
+            "POST",
+            vec![
+                ("Origin", "null".into()),
+                ("Sec-Fetch-Site", "same-origin".into()),
+            ],
+        ),
+        ("PUT", vec![("Origin", "https://app.example.com".into())]),
+        ("POST", vec![]),
+        ("DELETE", vec![("Sec-Fetch-Site", "none".into())]),
+        ("GET", vec![("Origin", other_port.clone())]),
+        ("GET", vec![("Sec-Fetch-Site", "cross-site".into())]),
+    ] {
+        let r = send(method, extra.clone()).await;
+        assert_eq!(r.status, 200, "{method} {extra:?}: {}", r.head);
+    }
+    assert_eq!(gw.upstream.requests().len(), before + 8);
+}
+
+/// The console is sent its own address as `Host`; a redirect it builds from that is turned into
+/// the gateway's origin (as nginx's `proxy_redirect default` does), and one elsewhere is left.
+#[tokio::test]
+async fn the_consoles_redirects_to_itself_point_at_the_gateway() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("moved@example.com").await;
+    let r = c.get(gw.url("/moved")).send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(
+        r.headers()["location"],
+        format!("{}/campaigns/7?from=moved", gw.base).as_str()
+    );
+    let r = c.get(gw.url("/moved-away")).send().await.unwrap();
+    assert_eq!(r.headers()["location"], "https://docs.example.com/help");
 }

@@ -195,6 +195,7 @@ fn config(addr: SocketAddr, base_path: &str) -> UpstreamConfig {
         url: format!("http://{addr}{base_path}").parse().unwrap(),
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(5),
+        allowed_origins: Vec::new(),
     }
 }
 
