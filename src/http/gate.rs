@@ -598,6 +598,10 @@ pub(crate) async fn proxy_request(
     own
 }
 
+/// The `Allow` of a `405` for a method the gateway never forwards: the methods the console is
+/// sent (any other, `CONNECT` and `TRACE` aside, is forwarded too).
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// What a proxied request is answered with: the console's answer, or the gateway's own.
 enum Answer {
     Upstream(Response),
@@ -713,6 +717,8 @@ async fn gate_and_forward(
         watch,
         ..state.forwarding.clone()
     };
+    // For the log line of a failure (a shared buffer's count, not a copy).
+    let uri = req.uri().clone();
     match state.upstream.forward(req, fwd).await {
         Ok(r) => {
             state.metrics.proxied(Proxied::Forwarded);
@@ -739,16 +745,30 @@ async fn gate_and_forward(
                 "The request's body stopped arriving. Try again.",
             ))
         }
+        Err(e @ crate::proxy::ProxyError::MethodNotAllowed) => {
+            state.metrics.proxied(Proxied::Denied);
+            tracing::info!(error = %e, "CONNECT or TRACE to the console refused");
+            let mut r = AppError::new(
+                e.status(),
+                "method_not_allowed",
+                "The gateway does not forward this method (CONNECT, TRACE) to the console.",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+            Ok(Answer::Own(r))
+        }
         Err(e) => {
             state.metrics.proxied(Proxied::Unavailable);
-            tracing::warn!(error = %e, "upstream request failed");
+            // What went wrong, as far as the connection tells (never a header value or a query):
+            // garbage from the console, a reset, a timeout.
+            let cause = std::iter::successors(std::error::Error::source(&e), |c| c.source())
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ");
+            tracing::warn!(error = %e, %cause, path = uri.path(), "upstream request failed");
             let status = e.status();
-            let (code, msg) = if status == StatusCode::METHOD_NOT_ALLOWED {
-                (
-                    "method_not_allowed",
-                    "The gateway does not forward this method to the console.",
-                )
-            } else if status == StatusCode::GATEWAY_TIMEOUT {
+            let (code, msg) = if status == StatusCode::GATEWAY_TIMEOUT {
                 (
                     "upstream_timeout",
                     "The console did not answer in time. Please try again.",

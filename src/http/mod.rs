@@ -264,6 +264,12 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
                 "uri_too_long",
                 "The address is too long.",
             ))
+        } else if !one_host(&req) {
+            // RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or with more than one, is
+            // answered 400; a console or cache behind might pick another one than the gateway.
+            Some(AppError::bad_request(
+                "The request must name its host in exactly one Host header.",
+            ))
         } else if routed && !readable_path(req.uri().path()) {
             // Ids in the gateway's own paths (a key's, a device's) reach the stores: a NUL, which
             // text columns refuse, or bytes that are no text are bad input, said in our format.
@@ -288,6 +294,17 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
         error::render_errors(html, resp)
     })
     .await
+}
+
+/// Whether the request names its host as HTTP/1.1 asks: one `Host` header (none is allowed in
+/// HTTP/1.0).
+fn one_host(req: &Request) -> bool {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), None) => true,
+        (None, _) => req.version() < axum::http::Version::HTTP_11,
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// Whether a gateway path decodes to text without NUL (its raw form is checked by hyper).
