@@ -370,16 +370,24 @@ impl RedisStore {
     /// connection the manager has opened meanwhile, for operations that may run twice with the
     /// same effect ([`RETRIED`]); without that, the first call after every restart of Redis
     /// answered 503 although Redis was back. The others (counters, one-time takes, `SET NX`)
-    /// may have run before the reply was lost, so they fail as before (closed).
+    /// may have run before the reply was lost, so they fail as before (closed). A refused
+    /// connection sent nothing, so any call is tried once more: the manager hands the first
+    /// call after an outage the refusal of its last attempt during it, and only then connects
+    /// again (without this, the first call after Redis came back answered 503).
     async fn bounded<T, F, Fut>(&self, what: &str, mut attempt: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let retry = matches!(self.conn, Conn::Single(_)) && RETRIED.contains(&what);
+        let single = matches!(self.conn, Conn::Single(_));
+        let retry = single && RETRIED.contains(&what);
         let tries = async {
             match attempt().await {
-                Err(e) if retry && e.is_connection_dropped() && !e.is_connection_refusal() => {
+                Err(e) if single && e.is_connection_refusal() => {
+                    tracing::debug!(what, "redis connection refused; trying once more");
+                    attempt().await
+                }
+                Err(e) if retry && e.is_connection_dropped() => {
                     tracing::debug!(what, "redis connection dropped; trying once more");
                     attempt().await
                 }

@@ -193,6 +193,47 @@ async fn the_first_calls_after_redis_returns_are_served() {
             .await;
         assert_eq!(location(&r), "/_portcullis/enrol/totp");
     }
+    // Calls made while Redis was away (refused), then Redis back: the first call after is
+    // served too, not answered with the refusal of the last attempt during the outage.
+    let (signed_in, _, _) = gw.signed_in("browsing@example.com").await;
+    redis.kill();
+    let r = signed_in.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    // Long enough for the reconnection that refusal set off to fail too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = signed_in.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        303,
+        "the first request after the outage: the session went with Redis, so sign in again"
+    );
+    for first in ["/_portcullis/login", "/_portcullis/readyz"] {
+        redis.kill();
+        let c = gw.browser();
+        assert_eq!(
+            gw.password(&c, "first-call@example.com", PASSWORD, "")
+                .await
+                .status(),
+            503
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        redis.restart();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if first == "/_portcullis/readyz" {
+            let (s, body) = status(&gw, first).await;
+            assert_eq!(s, 200, "the first probe after the outage: {body}");
+        }
+        let r = gw
+            .password(&c, "first-call@example.com", PASSWORD, "")
+            .await;
+        assert_eq!(
+            location(&r),
+            "/_portcullis/enrol/totp",
+            "the first sign-in after the outage"
+        );
+    }
 }
 
 /// A gateway started while Redis is down comes up (not ready), refuses, and becomes ready

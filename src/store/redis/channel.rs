@@ -109,10 +109,11 @@ impl Channel {
             .to_owned();
         // A connection dropped while idle (Redis restarted, or its idle `timeout` closed it) is
         // found by the first write: the message goes once more, on the connection opened
-        // meanwhile (a message twice does no harm), rather than the announcement being lost.
+        // meanwhile (a message twice does no harm), rather than the announcement being lost; so
+        // does one refused with the last reconnection attempt of an outage that has ended.
         let tries = async {
             match cmd.query_async::<i64>(&mut conn).await {
-                Err(e) if e.is_connection_dropped() && !e.is_connection_refusal() => {
+                Err(e) if e.is_connection_dropped() || e.is_connection_refusal() => {
                     tracing::debug!("redis connection dropped; publishing once more");
                     cmd.query_async::<i64>(&mut conn).await
                 }
