@@ -148,8 +148,16 @@ pub enum AdminCmd {
 pub enum KeysCmd {
     /// Add a new signing key: published at once, it signs 90 s later (every gateway and backend
     /// cache has it by then); the previous one signs until then and stays published for
-    /// `token.key_overlap` more.
-    Rotate,
+    /// `token.key_overlap` more. The new key uses `token.algorithm`; where that differs from
+    /// the current key's, every gateway switches, and the command asks for
+    /// `--switch-algorithm` naming it.
+    Rotate {
+        /// Confirms a switch of every gateway's signing algorithm to this one (`EdDSA` or
+        /// `ES256`, which must be `token.algorithm`): backends that pin the old algorithm
+        /// refuse every token signed with the new key.
+        #[arg(long, value_name = "ALGORITHM")]
+        switch_algorithm: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1101,18 +1109,46 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let ttl = config.admin.enrolment_link_ttl;
             print_enrolment_link(&config, durable.as_ref(), &u, key_only, ttl, &audit).await?;
         }
-        Command::Keys(KeysCmd::Rotate) => {
+        Command::Keys(KeysCmd::Rotate { switch_algorithm }) => {
             let key = config.master_key()?;
+            let to = config.token.algorithm.as_str();
+            let from = crate::token::current_algorithm(durable.as_ref(), clock.now()).await?;
+            let switching = from.as_deref().is_some_and(|f| f != to);
+            match (switching, switch_algorithm.as_deref()) {
+                (false, None) => {}
+                (true, Some(a)) if a == to => {}
+                (true, _) => bail!(
+                    "the gateways sign with {} now; this configuration's token.algorithm is {to}, \
+                     so the new key would switch every gateway to {to}, and backends that accept \
+                     only {} would refuse every token. If that is intended (backends accept both; \
+                     docs/backend-integration.md), run `portcullis keys rotate --switch-algorithm \
+                     {to}`; otherwise correct token.algorithm (PORTCULLIS__TOKEN__ALGORITHM) \
+                     first. Nothing was changed.",
+                    from.as_deref().unwrap_or_default(),
+                    from.as_deref().unwrap_or_default()
+                ),
+                (false, Some(a)) => bail!(
+                    "--switch-algorithm {a}: the gateways sign with {to} already, as token.algorithm \
+                     says; leave the option out to rotate within {to}. Nothing was changed."
+                ),
+            }
             let kid = crate::token::rotate(durable.as_ref(), &key, &config, clock.now()).await?;
             let mut ev = audit("signing_key_rotated", None, "cli");
-            ev.reason = Some(format!("new_kid:{kid}"));
+            ev.reason = Some(match (switching, from.as_deref()) {
+                (true, Some(f)) => format!("new_kid:{kid} alg:{f}->{to}"),
+                _ => format!("new_kid:{kid}"),
+            });
             durable.append_audit(&[ev]).await?;
             say!(
-                "new signing key {kid}: published by every gateway within 10 seconds, signing from {} \
-                 seconds from now; the previous key signs until then and stays published for {} more",
+                "new signing key {kid} ({to}): published by every gateway within 10 seconds, \
+                 signing from {} seconds from now; the previous key signs until then and stays \
+                 published for {} more",
                 crate::token::PUBLISH_LEAD,
                 crate::config::duration::text(config.token.key_overlap)
             );
+            if let (true, Some(f)) = (switching, from) {
+                say!("every gateway switches from {f} to {to} with this key");
+            }
         }
         Command::Audit(AuditCmd::Prune { older_than }) => {
             if older_than < MIN_AUDIT_RETENTION {

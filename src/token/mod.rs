@@ -147,6 +147,19 @@ impl OwnedIdentity {
 /// their first [`Signer::refresh`] after that); the old ones sign until then and stay published
 /// for `config.token.key_overlap` more, so tokens they signed verify to their end. Used by
 /// `portcullis keys rotate` (a separate process) and tests.
+/// The algorithm of the key that signs now (the newest not retired), if there is one.
+pub async fn current_algorithm(
+    durable: &dyn DurableStore,
+    now: i64,
+) -> Result<Option<String>, TokenError> {
+    let records = durable.live_signing_keys(now).await?;
+    Ok(records
+        .iter()
+        .filter(|r| r.retire_at.is_none())
+        .max_by_key(|r| r.created_at)
+        .map(|r| r.alg.clone()))
+}
+
 pub async fn rotate(
     durable: &dyn DurableStore,
     master_key: &MasterKey,

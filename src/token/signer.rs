@@ -36,6 +36,8 @@ pub struct Signer {
     clock: Arc<dyn Clock>,
     issuer: String,
     audience: String,
+    /// `token.algorithm` of this gateway's configuration (the keys' own algorithm signs).
+    algorithm: crate::config::TokenAlgorithm,
     /// Token lifetime in seconds.
     ttl: i64,
     /// Swapped whole on refresh; readers clone the `Arc` and never wait on the store.
@@ -93,6 +95,7 @@ impl Signer {
             master_key,
             clock,
             issuer: config.issuer(),
+            algorithm: config.token.algorithm,
             audience: config.token.audience.clone(),
             ttl,
             ring: RwLock::new(Arc::new(ring)),
@@ -110,7 +113,17 @@ impl Signer {
         let old = self.ring();
         let ring = KeyRing::build(&records, &self.master_key, Some(&old), now, self.ttl)?;
         if ring.current.kid != old.current.kid {
-            tracing::info!(from = %old.current.kid, to = %ring.current.kid, "current signing key changed");
+            let alg = &ring.current.public.alg;
+            tracing::info!(from = %old.current.kid, to = %ring.current.kid, %alg, "current signing key changed");
+            if *alg != old.current.public.alg || alg != self.algorithm.as_str() {
+                tracing::warn!(
+                    from = %old.current.public.alg,
+                    to = %alg,
+                    configured = self.algorithm.as_str(),
+                    "the gateways now sign with another algorithm (a rotation switched it); \
+                     backends that pin the old one refuse every token"
+                );
+            }
         }
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
         self.lock_cache().retain(|_, c| c.exp > now);

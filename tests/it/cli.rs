@@ -1480,3 +1480,69 @@ async fn a_database_the_gateways_user_cannot_write_is_named_at_once() {
     let (code, err) = run(&["check-config"], true);
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// `keys rotate` from a configuration whose `token.algorithm` is not the one the gateways sign
+/// with (a stale file, a stray variable) would switch every gateway, and backends pinning the
+/// old algorithm would refuse every token: it changes nothing unless the switch is confirmed,
+/// and says so when it is.
+#[tokio::test]
+async fn a_rotation_that_would_switch_the_algorithm_must_be_confirmed() {
+    let gw = Gateway::start().await;
+    let before = gw.state.durable.live_signing_keys(0).await.unwrap().len();
+    let es256 = [("PORTCULLIS__TOKEN__ALGORITHM", "ES256")];
+    let out = gw.cli_env(&["keys", "rotate"], None, &es256).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sign with EdDSA") && err.contains("--switch-algorithm ES256"),
+        "{err}"
+    );
+    assert_eq!(
+        gw.state.durable.live_signing_keys(0).await.unwrap().len(),
+        before
+    );
+    // A confirmation naming another algorithm than the configured one, or one where nothing
+    // switches, is refused too.
+    let out = gw
+        .cli_env(
+            &["keys", "rotate", "--switch-algorithm", "EdDSA"],
+            None,
+            &es256,
+        )
+        .await;
+    assert!(!out.status.success());
+    let out = gw
+        .cli(&["keys", "rotate", "--switch-algorithm", "EdDSA"], None)
+        .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already"));
+    assert_eq!(
+        gw.state.durable.live_signing_keys(0).await.unwrap().len(),
+        before
+    );
+    // Confirmed: the new key is ES256 and the output says every gateway switches.
+    let out = gw
+        .cli_env(
+            &["keys", "rotate", "--switch-algorithm", "ES256"],
+            None,
+            &es256,
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("(ES256)") && said.contains("from EdDSA to ES256"),
+        "{said}"
+    );
+    let current = portcullis::token::current_algorithm(gw.state.durable.as_ref(), i64::MAX / 4)
+        .await
+        .unwrap();
+    assert_eq!(current.as_deref(), Some("ES256"));
+    // A plain rotation within the configured algorithm needs no option.
+    let out = gw.cli(&["keys", "rotate"], None).await;
+    assert!(!out.status.success(), "EdDSA config against ES256 keys now");
+}

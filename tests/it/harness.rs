@@ -636,9 +636,20 @@ impl Gateway {
     /// running meanwhile (a blocked test thread would stall it mid-transaction and hold the
     /// SQLite write lock against the CLI).
     pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        self.cli_env(args, stdin, &[]).await
+    }
+
+    /// [`Self::cli`] with environment variables set for the command.
+    pub async fn cli_env(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> std::process::Output {
         use tokio::io::AsyncWriteExt;
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
         cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd.envs(env.iter().copied());
         cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
