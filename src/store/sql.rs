@@ -562,6 +562,12 @@ impl DurableStore for SqlStore {
         } else {
             &POSTGRES_MIGRATIONS
         };
+        // Up to date: nothing to run, and nothing asked of the role but to read the record (the
+        // migrator's first step creates that table if missing, which PostgreSQL checks against
+        // the schema's CREATE privilege even where the table exists).
+        if self.applied_all(m).await {
+            return Ok(());
+        }
         let busy = |e: &sqlx::migrate::MigrateError| matches!(e, sqlx::migrate::MigrateError::Execute(e) if is_busy(e));
         retry_busy(self.sqlite, busy, || m.run(&self.pool))
             .await
@@ -1685,6 +1691,22 @@ impl DurableStore for SqlStore {
     }
 }
 
+/// The tables the migrations create, which the gateway reads and writes.
+const GATEWAY_TABLES: [&str; 12] = [
+    "users",
+    "totp_credentials",
+    "recovery_codes",
+    "signing_keys",
+    "audit_events",
+    "webauthn_credentials",
+    "devices",
+    "mail_queue",
+    "report_links",
+    "enrolment_links",
+    "risk_history",
+    "meta",
+];
+
 // Tests may fail loudly; the crate-wide ban on unwrap/expect/panic is for production paths.
 impl SqlStore {
     /// Whether the gateway's tables exist here (a new database has none until the first
@@ -1701,6 +1723,74 @@ impl SqlStore {
             .await
             .map_err(unavailable)?;
         Ok(n > 0)
+    }
+
+    /// Whether every migration of this build has been applied here, successfully and as
+    /// written (the record's checksums): false where the record cannot be read.
+    async fn applied_all(&self, m: &sqlx::migrate::Migrator) -> bool {
+        let Ok(rows) = sqlx::query("SELECT version, checksum, success FROM _sqlx_migrations")
+            .fetch_all(&self.pool)
+            .await
+        else {
+            return false;
+        };
+        let mut applied = std::collections::HashMap::new();
+        for row in &rows {
+            let (Ok(version), Ok(checksum), Ok(success)) = (
+                row.try_get::<i64, _>(0),
+                row.try_get::<Vec<u8>, _>(1),
+                row.try_get::<bool, _>(2),
+            ) else {
+                return false;
+            };
+            if !success {
+                return false;
+            }
+            applied.insert(version, checksum);
+        }
+        m.iter()
+            .filter(|x| x.migration_type.is_up_migration())
+            .all(|x| applied.get(&x.version) == Some(&x.checksum.to_vec()))
+    }
+
+    /// Whether the database is set up for this build of the gateway: every migration applied.
+    pub async fn is_current(&self) -> bool {
+        let m = if self.sqlite {
+            &SQLITE_MIGRATIONS
+        } else {
+            &POSTGRES_MIGRATIONS
+        };
+        self.applied_all(m).await
+    }
+
+    /// The gateway's tables (and sequences) the connecting role may not read and write as
+    /// the gateway does, on PostgreSQL (none on SQLite: a file that opened can be written).
+    pub async fn missing_privileges(&self) -> StoreResult<Vec<String>> {
+        if self.sqlite {
+            return Ok(Vec::new());
+        }
+        let tables = GATEWAY_TABLES
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // (`has_table_privilege` with several privileges is true where any one is held.)
+        sqlx::query_scalar::<_, String>(&format!(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND ( \
+               (c.relkind = 'r' AND c.relname IN ({tables}) \
+                 AND NOT (has_table_privilege(c.oid, 'SELECT') \
+                   AND has_table_privilege(c.oid, 'INSERT') \
+                   AND has_table_privilege(c.oid, 'UPDATE') \
+                   AND has_table_privilege(c.oid, 'DELETE'))) \
+               OR (c.relkind = 'r' AND c.relname = '_sqlx_migrations' \
+                 AND NOT has_table_privilege(c.oid, 'SELECT')) \
+               OR (c.relkind = 'S' AND NOT has_sequence_privilege(c.oid, 'USAGE'))) \
+             ORDER BY 1"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)
     }
 
     /// Whether the gateway's first start could create its tables here: on PostgreSQL, the
@@ -1746,6 +1836,23 @@ mod tests {
                 .collect::<Vec<_>>(),
             [16, 16, 4, 1]
         );
+    }
+
+    #[test]
+    fn the_privilege_check_names_every_table_the_migrations_create() {
+        let mut created = std::collections::BTreeSet::new();
+        for dir in ["migrations/postgres", "migrations/sqlite"] {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let sql = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+                for part in sql.split("CREATE TABLE ").skip(1) {
+                    let name = part.split_whitespace().next().unwrap();
+                    created.insert(name.trim_start_matches("IF NOT EXISTS").to_string());
+                }
+            }
+        }
+        let named: std::collections::BTreeSet<String> =
+            GATEWAY_TABLES.iter().map(|t| t.to_string()).collect();
+        assert_eq!(created, named);
     }
 
     #[test]

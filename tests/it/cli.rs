@@ -1546,3 +1546,99 @@ async fn a_rotation_that_would_switch_the_algorithm_must_be_confirmed() {
     let out = gw.cli(&["keys", "rotate"], None).await;
     assert!(!out.status.success(), "EdDSA config against ES256 keys now");
 }
+
+/// A least-privilege database role (reads and writes the gateway's tables, may not create in
+/// the schema) runs the gateway once the tables are set up; one that may only read them is
+/// named by `check-config`, not found out at the first sign-in.
+#[tokio::test]
+async fn a_least_privilege_database_role_runs_and_a_read_only_one_is_named() {
+    let gw = Gateway::start().await;
+    let (db, durable) = fresh_database().await;
+    let run = |url: String, args: &'static [&'static str]| {
+        let config = gw.config_path.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .arg("--config")
+                .arg(config)
+                .args(args)
+                .env("PORTCULLIS__STORAGE__DURABLE", url)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    // Set up by the owner (the first command migrates).
+    let out = run(durable.clone(), &["user", "list"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (app, reader) = (format!("a_{}", &db[2..14]), format!("r_{}", &db[2..14]));
+    {
+        use sqlx::{Connection, Executor};
+        let mut c = sqlx::PgConnection::connect(&durable).await.unwrap();
+        for sql in [
+            format!("CREATE ROLE {app} LOGIN"),
+            format!("CREATE ROLE {reader} LOGIN"),
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC".into(),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}"),
+            format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {app}"),
+            format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader}"),
+        ] {
+            c.execute(sql.as_str()).await.unwrap();
+        }
+    }
+    let as_role = |role: &str| durable.replace("postgres@", &format!("{role}@"));
+    let checked = run(as_role(&app), &["check-config"]).await;
+    let added = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&gw.config_path)
+        .args(["user", "add", "least@example.com", "--account", "acct-1"])
+        .env("PORTCULLIS__STORAGE__DURABLE", as_role(&app))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let added = {
+        use tokio::io::AsyncWriteExt;
+        let mut added = added;
+        let mut input = added.stdin.take().unwrap();
+        input
+            .write_all(b"a long enough passphrase 42\n")
+            .await
+            .unwrap();
+        drop(input);
+        added.wait_with_output().await.unwrap()
+    };
+    let refused = run(as_role(&reader), &["check-config"]).await;
+    drop_database(&db).await;
+    {
+        use sqlx::{Connection, Executor};
+        let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .unwrap();
+        for role in [&app, &reader] {
+            admin
+                .execute(format!("DROP ROLE IF EXISTS {role}").as_str())
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        added.status.success(),
+        "the up-to-date tables need no CREATE: {}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{refusal}");
+    assert!(
+        refusal.contains("may not read and write") && refusal.contains("users"),
+        "{refusal}"
+    );
+}
