@@ -919,6 +919,10 @@ impl Config {
                 }
                 // A URL that does not parse is quoted whole: its password is not.
                 let mut why = redact_quoted_urls(&why);
+                // Nor is any value of a key that holds a secret (a key typed as a number).
+                if SECRET_VALUE_KEYS.contains(&key.as_str()) {
+                    why = without_quoted_values(&why);
+                }
                 if why.contains("expected a string")
                     && ["integer", "boolean", "float"]
                         .iter()
@@ -976,22 +980,17 @@ impl Config {
     }
 
     /// Files holding secrets that other users of the machine may read or change, as advice
-    /// lines: the `_file` of a secret key (the master key, the store URLs, the SMTP URL), and
-    /// the configuration file itself where it holds the master key or SMTP URL inline.
+    /// lines: the `_file` of a secret key (the master key, the store URLs, the SMTP URL), the
+    /// TLS private key, and the configuration file itself where it holds the master key or
+    /// SMTP URL inline.
     pub fn exposed_secret_files(&self) -> Vec<String> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            const SECRET_KEYS: [&str; 4] = [
-                "secrets.master_key",
-                "storage.durable",
-                "storage.ephemeral",
-                "notify.smtp_url",
-            ];
             let files = self
                 .secret_files
                 .iter()
-                .filter(|(key, _)| SECRET_KEYS.contains(&key.as_str()))
+                .filter(|(key, _)| SECRET_VALUE_KEYS.contains(&key.as_str()))
                 .map(|(key, path)| (format!("the value of {key}"), path, true));
             // The configuration file: anyone changing it changes what the gateway guards, so
             // it is pointed out when every user may write it; when every user may read it, only
@@ -1003,8 +1002,16 @@ impl Config {
                 };
                 (what.to_string(), path, *secret)
             });
+            let tls_key = self.server.tls_key.iter().map(|path| {
+                (
+                    "the TLS private key, server.tls_key".to_string(),
+                    path,
+                    true,
+                )
+            });
             files
                 .chain(config)
+                .chain(tls_key)
                 .filter_map(|(what, path, secret)| {
                     let mode = std::fs::metadata(path).ok()?.permissions().mode();
                     let who = match (mode & 0o002 != 0, mode & 0o004 != 0 && secret) {
@@ -1458,6 +1465,16 @@ impl Config {
             // value from a file): refuse without repeating it.
             if path
                 .as_ref()
+                .is_some_and(|p| p.as_os_str().to_string_lossy().trim().is_empty())
+            {
+                return Err(key_err(
+                    key,
+                    "is empty: give the path of a PEM file, or leave tls_cert and tls_key both \
+                     out for plain HTTP",
+                ));
+            }
+            if path
+                .as_ref()
                 .is_some_and(|p| p.to_string_lossy().contains('\n'))
             {
                 return Err(key_err(
@@ -1907,6 +1924,12 @@ fn resolve_secret_files(
         let Some(toml::Value::String(path)) = table.get(&k).cloned() else {
             return Err(key_err(&full, "must be a file path"));
         };
+        if path.trim().is_empty() {
+            return Err(key_err(
+                &full,
+                "is empty: give the path of the file to read the value from, or leave it out",
+            ));
+        }
         let base_full = full.trim_end_matches("_file").to_string();
         if table.contains_key(base) {
             return Err(key_err(
@@ -1929,6 +1952,33 @@ fn resolve_secret_files(
         table.insert(base.to_string(), toml::Value::String(content));
     }
     Ok(())
+}
+
+/// Keys whose values are secrets (or hold one): an error about them never repeats the value.
+const SECRET_VALUE_KEYS: [&str; 4] = [
+    "secrets.master_key",
+    "storage.durable",
+    "storage.ephemeral",
+    "notify.smtp_url",
+];
+
+/// `message` with every value quoted in backticks (as serde quotes what it was given) left out.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut quoted = true;
+    for part in parts {
+        if quoted {
+            out.push_str("(not shown)");
+        } else {
+            out.push_str(part);
+        }
+        quoted = !quoted;
+    }
+    out
 }
 
 /// A `_file` key's file as text, at most [`MAX_SECRET_FILE`] bytes.

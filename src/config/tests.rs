@@ -1278,3 +1278,41 @@ fn file_only_tables_and_list_examples() {
     .to_string();
     assert!(e.contains("TOML array") && !e.contains("10.0.0.0/8"), "{e}");
 }
+
+#[test]
+fn errors_about_secret_keys_do_not_repeat_their_values() {
+    for (text, env) in [
+        ("[secrets]\nmaster_key = 12345678901\n", vec![]),
+        ("", vec![("PORTCULLIS__SECRETS__MASTER_KEY", "12345678901")]),
+        ("[storage]\ndurable = 12345678901\n", vec![]),
+    ] {
+        let err = load_str(text, &env).unwrap_err().to_string();
+        assert!(!err.contains("12345678901"), "{err}");
+        assert!(err.contains("(not shown)"), "{err}");
+    }
+    // Other keys' values are shown: they help and hold no secret.
+    let err = load_str("[server]\nlisten = 8080\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("8080"), "{err}");
+}
+
+#[test]
+fn an_empty_path_is_said_to_be_empty() {
+    for (env, key) in [
+        (
+            vec![("PORTCULLIS__SECRETS__MASTER_KEY_FILE", "")],
+            "secrets.master_key_file",
+        ),
+        (
+            vec![
+                ("PORTCULLIS__SERVER__TLS_CERT", "/etc/ssl/cert.pem"),
+                ("PORTCULLIS__SERVER__TLS_KEY", ""),
+            ],
+            "server.tls_key",
+        ),
+    ] {
+        let err = load_str("", &env).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("is empty"), "{err}");
+    }
+}

@@ -452,6 +452,18 @@ async fn check_config_refuses_an_expired_certificate_and_warns_of_a_wrong_or_end
     let (cert, key) = make_leaf_for(d, "good", "DNS:localhost", 90);
     let (ok, err) = check(&cert, &key);
     assert!(ok && !err.contains("warning"), "{err}");
+    // A private key every user of the machine may read is pointed out.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |m| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(0o644);
+        let (ok, err) = check(&cert, &key);
+        assert!(
+            ok && err.contains("(the TLS private key, server.tls_key) is readable by every user"),
+            "{err}"
+        );
+        mode(0o600);
+    }
     let (cert, key) = make_leaf_for(d, "expired", "DNS:localhost", -1);
     let (ok, err) = check(&cert, &key);
     assert!(!ok && err.contains("it expired at"), "{err}");
