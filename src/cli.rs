@@ -105,6 +105,9 @@ pub enum UserCmd {
     Disable { email: String },
     /// Enable a disabled user.
     Enable { email: String },
+    /// End every session of the user on every gateway (within a second) and tell them by
+    /// email; the account stays enabled, so they may sign in again.
+    EndSessions { email: String },
     /// Restore password sign-in of a user locked by a "this wasn't me" report.
     Unlock { email: String },
     /// Remove the user's second factors and end its sessions; the user sets one up again
@@ -953,6 +956,21 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 .await?;
             say!(
                 "disabled {}; its sessions end within a second on every gateway",
+                u.email
+            );
+        }
+        Command::User(UserCmd::EndSessions { email }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            durable.void_sessions(&u.id, clock.now_millis()).await?;
+            durable
+                .append_audit(&[audit("sessions_ended", Some(&u), "cli")])
+                .await?;
+            notifier(&config, &durable)?
+                .admin_change(&u, "an administrator ended every session of the account")
+                .await;
+            say!(
+                "ended every session of {} (on every gateway within a second); they may sign in \
+                 again",
                 u.email
             );
         }

@@ -136,6 +136,7 @@ impl Audit {
             event = %event.event,
             outcome = %event.outcome,
             user_id = event.user_id.as_deref().unwrap_or("-"),
+            email = event.email.as_deref().unwrap_or("-"),
             ip = event.ip.as_deref().unwrap_or("-"),
             reason = event.reason.as_deref().unwrap_or("-"),
             "audit"
@@ -534,6 +535,24 @@ mod tests {
             .await
             .unwrap();
         store
+    }
+
+    /// The log line of every event names whom it concerns, as its row does: an event the
+    /// database could not take (an outage) is still in the log, account and all.
+    #[tokio::test]
+    async fn the_log_line_names_the_account_and_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, audit) = started(&dir).await;
+        let (logs, _guard) = crate::test_logs::capture();
+        let mut ev = AuditEvent::new("login_throttled", "failure", 1);
+        ev.email = Some("owner@example.com".into());
+        ev.ip = Some("192.0.2.7".into());
+        audit.record(ev).await;
+        let text = logs.text();
+        assert!(
+            text.contains("owner@example.com") && text.contains("login_throttled"),
+            "{text}"
+        );
     }
 
     /// A user of `account` created in `store`.

@@ -54,6 +54,42 @@ async fn user_disable_ends_sessions_mid_flight() {
     assert_eq!(ev.iter().filter(|e| e.event == "user_enabled").count(), 1);
 }
 
+/// `user end-sessions` signs a user out everywhere without disabling the account: the session
+/// in use stops passing, the owner is told, and a new sign-in works.
+#[tokio::test]
+async fn user_end_sessions_signs_out_everywhere_and_leaves_the_account_enabled() {
+    let gw = Gateway::start().await;
+    let (c, secret, _) = gw.signed_in("roamer@example.com").await;
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    let mails = gw.outbox().await.len();
+    let out = gw
+        .cli(&["user", "end-sessions", "roamer@example.com"], None)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ended every session"));
+    gw.clock.advance(2);
+    assert_eq!(gw.status(&c, "/campaigns").await, 303, "the session ended");
+    let ev = gw.audit().await;
+    assert!(ev.iter().any(
+        |e| e.event == "sessions_ended" && e.actor.as_deref().unwrap_or("").starts_with("cli:")
+    ));
+    let outbox = gw.outbox().await;
+    assert!(outbox.len() > mails, "the owner is told");
+    assert!(outbox
+        .iter()
+        .any(|m| m.contains("ended every session of the account")));
+    let again = gw.sign_in_again("roamer@example.com", &secret).await;
+    assert_eq!(gw.status(&again, "/campaigns").await, 200);
+    let out = gw
+        .cli(&["user", "end-sessions", "nobody@example.com"], None)
+        .await;
+    assert!(!out.status.success());
+}
+
 #[tokio::test]
 async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
     let gw = Gateway::start().await;
