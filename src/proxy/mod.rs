@@ -326,6 +326,8 @@ impl Upstream {
             tokio::time::sleep(response_timeout).await;
         };
         let answer = tokio::select! {
+            // The answer first: no random pick of a branch per request.
+            biased;
             answer = pool.send(outbound) => answer,
             () = deadline => {
                 tracing::debug!(%method, "upstream response timed out");

@@ -10,7 +10,8 @@
 //! A request that could not even be written (the upstream had closed a kept-alive connection in
 //! the meantime) is sent again once, on a new connection. One that was written is repeated only
 //! where that is harmless: an idempotent method without a body, whose kept-alive connection
-//! ended before any answer.
+//! had sat idle for a second or more (long enough for the upstream's keep-alive timeout to end
+//! it) and ended before any answer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -26,6 +27,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{BoxError, ProxyError};
+
+/// How long a kept-alive connection must have sat idle before a request sent on it is copied so
+/// it can go again if the upstream closes the connection under it: servers close idle
+/// connections when their keep-alive timeout (a second or more) runs out.
+const REPEAT_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Idle connections kept at most; more are closed when handed back.
 const MAX_IDLE: usize = 1024;
@@ -76,14 +82,19 @@ impl Pool {
         self: &Arc<Self>,
         req: http::Request<Body>,
     ) -> Result<(http::Response<Incoming>, Option<SendRequest<Body>>), ProxyError> {
-        let (mut sender, reused) = match self.take().await {
-            Some(s) => (s, true),
-            None => (self.connect().await?, false),
+        let (mut sender, reused, idle) = match self.take().await {
+            Some((s, idle)) => (s, true, idle),
+            None => (self.connect().await?, false, Duration::ZERO),
         };
-        // A kept-alive connection the upstream closes as the request goes out (servers with a
-        // keep-alive timeout of a few seconds do) fails a request that was written. One that
-        // changes nothing and has no body may go again, as nginx sends it again.
-        let again = reused.then(|| Repeatable::of(&req)).flatten();
+        // A kept-alive connection the upstream closes as the request goes out (a server's
+        // keep-alive timeout running out, a second or more after its last answer) fails a
+        // request that was written. One that changes nothing and has no body may go again, as
+        // nginx sends it again; the copy that takes is made only where such a close may come
+        // (a connection in steady use is not about to time out, and copying every request's
+        // headers would cost a busy gateway more than the rare retry saves).
+        let again = (reused && idle >= REPEAT_AFTER_IDLE)
+            .then(|| Repeatable::of(&req))
+            .flatten();
         let req = match sender.try_send_request(req).await {
             Ok(resp) => return Ok((resp, Some(sender))),
             Err(mut e) => match e.take_message() {
@@ -105,22 +116,24 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that can take a request now, if any.
-    async fn take(&self) -> Option<SendRequest<Body>> {
+    /// The most recently used idle connection that can take a request now, if any, and how
+    /// long it sat idle.
+    async fn take(&self) -> Option<(SendRequest<Body>, Duration)> {
         loop {
             let Idle { mut sender, since } = self.idle.lock().ok()?.pop_back()?;
-            if sender.is_closed() || since.elapsed() >= self.idle_timeout {
+            let idle = since.elapsed();
+            if sender.is_closed() || idle >= self.idle_timeout {
                 continue;
             }
             if sender.is_ready() {
-                return Some(sender);
+                return Some((sender, idle));
             }
             // Handed back at the end of a response body, the connection turns ready as soon as
             // its task has seen that end. One that closes instead is skipped, and so is one still
             // busy past a moment (say, still sending an upload the upstream answered early):
             // dropping it here closes it once that exchange is over.
             if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                return Some(sender);
+                return Some((sender, idle));
             }
         }
     }

@@ -507,9 +507,10 @@ async fn an_upload_longer_than_the_response_timeout_goes_through() {
     );
 }
 
-/// A console that closes each kept-alive connection right after its answer, without saying so
-/// (as servers whose keep-alive timeout runs out do): a `GET` written on such a connection is
-/// sent again on a new one, once; a `POST` is not (it may have been acted on).
+/// A console that closes a kept-alive connection as the next request arrives on it after a
+/// pause (as a server whose keep-alive timeout runs out just then does): a `GET` written on
+/// such a connection is sent again on a new one, once; a `POST` is not (it may have been acted
+/// on).
 #[tokio::test]
 async fn a_get_on_a_connection_the_console_closed_is_sent_again() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -545,6 +546,8 @@ async fn a_get_on_a_connection_the_console_closed_is_sent_again() {
     .await;
     let (c, _, _) = gw.signed_in("keepalive@example.com").await;
     for i in 0..5 {
+        // Idle long enough for a keep-alive timeout to be near.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         let r = c
             .get(gw.url(&format!("/page/{i}")))
             .header("accept", "application/json")
@@ -555,6 +558,7 @@ async fn a_get_on_a_connection_the_console_closed_is_sent_again() {
     }
     // Each GET after the first was written on the kept connection, lost, and sent again.
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let r = c
         .post(gw.url("/campaigns/draft"))
         .header("accept", "application/json")
