@@ -1095,9 +1095,18 @@ impl Config {
             ));
         }
         for o in &self.upstream.allowed_origins {
+            if o.contains('*') {
+                return Err(key_err(
+                    "upstream.allowed_origins",
+                    format!(
+                        "\"{o}\": patterns are not taken (a browser sends one exact origin): \
+                         list each origin"
+                    ),
+                ));
+            }
             let origin = Url::parse(o)
                 .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .filter(|u| matches!(u.scheme(), "http" | "https") && host_a_browser_sends(u))
                 .map(|u| u.origin().ascii_serialization());
             if origin.as_deref() != Some(o.as_str()) {
                 return Err(key_err(
@@ -1952,6 +1961,21 @@ fn resolve_secret_files(
         table.insert(base.to_string(), toml::Value::String(content));
     }
     Ok(())
+}
+
+/// Whether `url`'s host is one a browser can have in an `Origin`: an IP address, or a name of
+/// non-empty labels of letters, digits and `-` (in lower case, as parsed).
+fn host_a_browser_sends(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        }),
+        Some(_) => true,
+        None => false,
+    }
 }
 
 /// Keys whose values are secrets (or hold one): an error about them never repeats the value.

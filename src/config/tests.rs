@@ -186,6 +186,18 @@ fn bad_values_are_refused_with_the_key() {
             "upstream.allowed_origins",
         ),
         (
+            "[upstream]\nallowed_origins = [\"https://*.example.com\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
+            "[upstream]\nallowed_origins = [\"https://a..b\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
+            "[upstream]\nallowed_origins = [\"https://x_y.example.com\"]\n",
+            "upstream.allowed_origins",
+        ),
+        (
             "[storage]\nredis_connect_timeout = 0\n",
             "storage.redis_connect_timeout",
         ),

@@ -223,8 +223,28 @@ async fn check(
         super::gate::cross_site_upgrade(state, headers)?;
     }
     let orig = original(method, headers, (peer.ip(), trusted))?;
+    if crate::proxy::never_forwarded(&orig.method) {
+        // 403, which every asking proxy relays as a refusal.
+        return Err(AppError::forbidden(
+            "method_not_allowed",
+            "The gateway does not let this method (CONNECT, TRACE, TRACK) through to the console.",
+        ));
+    }
     // The asking proxy passes the client's `Origin` and `Sec-Fetch-Site` with its question.
-    super::gate::cross_site_write(state, &orig.method, headers)?;
+    if orig.rule_method == crate::policy::step_up::unknown_method() {
+        // The method was not said (nginx asks with `GET` whatever the client sent): a foreign
+        // `Origin`, which a browser sends with every form post, is refused as for a write; a
+        // navigation from another site carries none and passes.
+        if super::gate::foreign_origin(state, headers) {
+            tracing::warn!(
+                "forward-auth: a request from another origin's page, its method not said \
+                 (X-Forwarded-Method), refused"
+            );
+            return Err(super::gate::cross_origin_refusal());
+        }
+    } else {
+        super::gate::cross_site_write(state, &orig.method, headers)?;
+    }
     // The proxy forwards the client's headers to the console as they are: a method override
     // there would let the console act as for another method than the one checked here (a GET
     // passing as the POST a step-up rule guards). Proxy mode drops such headers; here the

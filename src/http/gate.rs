@@ -513,19 +513,27 @@ fn is_upgrade(req: &Request) -> bool {
 /// for the same origin), or without one by `Sec-Fetch-Site`. Clients that send neither are not
 /// browsers, and carry no ambient cookies of the user.
 fn from_own_pages(state: &AppState, headers: &HeaderMap) -> bool {
-    let fetch_site = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
+    // A browser sends each of these once; a second one (which a console may read instead) is
+    // taken as foreign.
+    let mut sites = headers.get_all("sec-fetch-site").iter();
+    let fetch_site = match (sites.next(), sites.next()) {
+        (Some(_), Some(_)) => return false,
+        (site, _) => site.map(HeaderValue::as_bytes),
+    };
     let mut origins = headers.get_all(header::ORIGIN).iter();
     let Some(origin) = origins.next() else {
         return fetch_site.is_none_or(|s| s == b"same-origin" || s == b"none");
     };
-    // A browser sends exactly one `Origin`; a second one (which a console may read instead)
-    // is refused like a foreign one.
     if origins.next().is_some() {
         return false;
     }
     let origin = origin.as_bytes();
+    own_origin(state, origin) || (origin == b"null" && fetch_site == Some(b"same-origin"))
+}
+
+/// Whether `origin` is the gateway's public origin or one of `upstream.allowed_origins`.
+fn own_origin(state: &AppState, origin: &[u8]) -> bool {
     origin == super::login::public_origin(state).as_bytes()
-        || (origin == b"null" && fetch_site == Some(b"same-origin"))
         || state
             .config
             .upstream
@@ -534,12 +542,25 @@ fn from_own_pages(state: &AppState, headers: &HeaderMap) -> bool {
             .any(|o| o.as_bytes() == origin)
 }
 
+/// Whether the request carries an `Origin` that is not the console's own (or carries two): for
+/// a request whose method is not known (a forward-auth question without it), where a
+/// navigation from another site (which carries no `Origin`) must still pass.
+pub(crate) fn foreign_origin(state: &AppState, headers: &HeaderMap) -> bool {
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    match (origins.next(), origins.next()) {
+        (None, _) => false,
+        (Some(o), None) => !own_origin(state, o.as_bytes()),
+        (Some(_), Some(_)) => true,
+    }
+}
+
 /// Refuses a WebSocket handshake a page of another origin started. Browsers send `Origin` with
 /// every such handshake and let any page open one, with the site's cookies when the sites are
 /// the same (a sibling subdomain): the console's pages are served at the gateway's origin, so
 /// a socket opened from anywhere else is not the console's.
 pub(crate) fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    if from_own_pages(state, headers) {
+    // Browsers send a handshake's real origin (never `null` from the console's own pages).
+    if !foreign_origin(state, headers) {
         return Ok(());
     }
     tracing::info!("cross-origin WebSocket handshake refused");
@@ -564,11 +585,16 @@ pub(crate) fn cross_site_write(
         return Ok(());
     }
     tracing::info!(%method, "request from another origin's page refused");
-    Err(AppError::forbidden(
+    Err(cross_origin_refusal())
+}
+
+/// The refusal of a request another origin's page sent.
+pub(crate) fn cross_origin_refusal() -> AppError {
+    AppError::forbidden(
         "cross_origin",
         "This request came from a page of another site. The console accepts changes only from \
          its own pages: go back to the console and try again there.",
-    ))
+    )
 }
 
 /// The fallback handler: gate, then forward.
@@ -751,7 +777,7 @@ async fn gate_and_forward(
             let mut r = AppError::new(
                 e.status(),
                 "method_not_allowed",
-                "The gateway does not forward this method (CONNECT, TRACE) to the console.",
+                "The gateway does not forward this method (CONNECT, TRACE, TRACK) to the console.",
             )
             .into_response();
             r.headers_mut()

@@ -59,8 +59,8 @@ pub enum ProxyError {
     /// on: the client's, not the console's, so 408 rather than the 504 the console would get.
     #[error("request body stalled")]
     RequestBodyStalled,
-    /// A method the gateway never forwards: `CONNECT` would open a tunnel and `TRACE` would
-    /// reflect the gateway-added identity header back to the client.
+    /// A method the gateway never forwards ([`never_forwarded`]): `CONNECT` would open a tunnel
+    /// and `TRACE` would reflect the gateway-added identity header back to the client.
     #[error("method not forwarded")]
     MethodNotAllowed,
     /// The forwarding instructions cannot be expressed on the wire (the named part is not a valid
@@ -256,7 +256,7 @@ impl Upstream {
         mut req: axum::extract::Request,
         mut fwd: Forwarding,
     ) -> Result<axum::response::Response, ProxyError> {
-        if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
+        if never_forwarded(req.method()) {
             return Err(ProxyError::MethodNotAllowed);
         }
         let (target, pool) = self
@@ -369,6 +369,17 @@ impl Upstream {
         let body = Body::new(pool::Returning::new(incoming, sender, Arc::clone(pool)));
         Ok(relay(parts, body, &fwd))
     }
+}
+
+/// `CONNECT` (a tunnel), `TRACE` and IIS's `TRACK` (which reflect the request, the identity
+/// header included, back to the client), in any letter case: a console that upper-cases
+/// methods would read `trace` as `TRACE`.
+pub fn never_forwarded(method: &Method) -> bool {
+    let m = method.as_str();
+    m.len() <= 7
+        && ["CONNECT", "TRACE", "TRACK"]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(m))
 }
 
 /// A request body that says when it has been sent to its end (or dropped before).

@@ -557,6 +557,11 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
+            proxy_hide_header X-Portcullis-Assertion;
+            proxy_hide_header Secure-Session-Registration;
+            proxy_hide_header Secure-Session-Challenge;
+            proxy_hide_header Sec-Session-Registration;
+            proxy_hide_header Sec-Session-Challenge;
             proxy_pass {up};
         }}
     }}
@@ -625,6 +630,15 @@ async fn nginx_auth_request_guards_the_console() {
     // Signed in: the console gets the request with the gateway's token, and only that.
     let (c, _, _) = gw.signed_in("nginx@example.com").await;
     let cookie = gw.cookies(&c);
+    // What only the gateway sends does not come back from the console through nginx.
+    let r = raw(nginx.addr, "GET", "/cookies", &[("Cookie", &cookie)], "").await;
+    assert_eq!(r.status, 201, "{}", r.head);
+    let head = r.head.to_ascii_lowercase();
+    assert!(
+        !head.contains("x-portcullis-assertion") && !head.contains("session-registration"),
+        "{}",
+        r.head
+    );
     let user = gw.user("nginx@example.com").await;
     let r = raw(
         nginx.addr,
@@ -855,4 +869,29 @@ async fn a_write_from_another_sites_page_is_refused() {
             .status,
         200
     );
+    // A proxy that does not say the method (nginx asks with GET whatever the client sent): a
+    // foreign `Origin`, which every browser form post carries, is refused; a navigation from
+    // another site carries none and passes.
+    let without_method = |extra: Vec<(&'static str, &'static str)>| {
+        let cookie = cookie.clone();
+        async move {
+            let mut h: Vec<(&str, &str)> = vec![
+                ("Cookie", &cookie),
+                ("X-Original-URI", "/campaigns/7/send"),
+                ("Accept", "application/json"),
+            ];
+            h.extend(extra);
+            auth(gw, &h).await
+        }
+    };
+    let r = without_method(vec![("Origin", "http://tracking.example.com")]).await;
+    assert_eq!(r.status, 403, "{}", r.head);
+    let r = without_method(vec![("Sec-Fetch-Site", "cross-site")]).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    // Methods never let through, in any letter case.
+    for method in ["TRACE", "trace", "TRACK", "connect"] {
+        let r = ask(method, own.clone()).await;
+        assert_eq!(r.status, 403, "{method}: {}", r.head);
+        assert_eq!(json(&r)["error"], "method_not_allowed");
+    }
 }

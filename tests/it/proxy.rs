@@ -642,16 +642,41 @@ async fn another_sites_page_cannot_make_the_console_act() {
                 ("Sec-Fetch-Site", "same-site".into()),
             ],
         ),
-        // Two origins: a console might read the second.
+        // Two origins, or two fetch sites: a console might read the second.
         (
             "POST",
             vec![("Origin", own.clone()), ("Origin", other_port.clone())],
+        ),
+        (
+            "POST",
+            vec![
+                ("Sec-Fetch-Site", "same-origin".into()),
+                ("Sec-Fetch-Site", "cross-site".into()),
+            ],
         ),
     ] {
         let r = send(method, extra.clone()).await;
         assert_eq!(r.status, 403, "{method} {extra:?}: {}", r.head);
         assert!(r.body.contains("another site"), "{}", r.body);
     }
+    // A WebSocket handshake says its page's real origin: `null` is not the console's.
+    let r = raw(
+        gw.addr,
+        "GET",
+        "/ws",
+        &[
+            ("Cookie", &cookie),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+            ("Origin", "null"),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.head);
     assert_eq!(
         gw.upstream.requests().len(),
         before,
