@@ -22,6 +22,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+/// The largest request head (line and headers) a connection may send, and the read buffer's
+/// bound: a head held open at hyper's default (about 400 KiB) by each of a thousand connections
+/// took half a gigabyte; browsers' heads, cookies included, stay far below this. A larger head
+/// gets `431`.
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Serves `listener` with `service` until `stop` turns true: then no connection is accepted any
 /// more, each open one finishes the request it is serving and closes, and this returns once all
 /// are closed (the caller bounds that wait).
@@ -66,7 +72,11 @@ pub async fn serve<L, S>(
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(LazyTimer).header_read_timeout(header_timeout);
+            builder
+                .timer(LazyTimer)
+                .header_read_timeout(header_timeout)
+                .max_header_size(MAX_HEAD_BYTES)
+                .max_buf_size(MAX_HEAD_BYTES);
             let conn = builder
                 .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
                 .with_upgrades();

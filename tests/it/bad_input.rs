@@ -797,3 +797,29 @@ async fn connect_and_trace_get_a_405_with_allow() {
         assert!(r.body.contains("method_not_allowed"), "{}", r.body);
     }
 }
+
+/// A request head is bounded at 64 KiB (a thousand connections each holding hyper's default of
+/// about 400 KiB open took half a gigabyte): a larger one gets 431; a large but ordinary head
+/// (a 32 KiB cookie) is served.
+#[tokio::test]
+async fn an_oversized_request_head_gets_431() {
+    let gw = Gateway::start().await;
+    let pad = "a".repeat(100 * 1024);
+    let (status, head) = send_raw(
+        &gw,
+        &format!("GET /campaigns HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 431, "{head}");
+    let (c, _, _) = gw.signed_in("bigcookie@example.com").await;
+    let cookie = format!("{}; prefs={}", gw.cookies(&c), "b".repeat(32 * 1024));
+    let (status, head) = send_raw(
+        &gw,
+        &format!(
+            "GET /campaigns HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n",
+            gw.addr
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+}
