@@ -70,7 +70,7 @@ nginx_config() { # upstream, listen address[, more of the http block]: an nginx.
   mkdir -p "$work/nginx"
   cat <<NGINX
 daemon off;
-worker_processes auto;
+worker_processes ${NGINX_WORKERS:-auto};
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
 events { worker_connections 4096; }
@@ -97,3 +97,26 @@ ${3:-}
 NGINX
 }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+# With PIN=1 the proxies under test get a core of their own: `on_proxy_core` runs a proxy on core
+# 1, `on_client_core` the load generator and the upstream on core 0 (taskset, util-linux). Without
+# it both run on any core, as on a shared machine.
+if [ "${PIN:-0}" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs two cores" >&2; exit 1; }
+  on_proxy_core() { taskset -c 1 "$@"; }
+  on_client_core() { taskset -c 0 "$@"; }
+  export NGINX_WORKERS=1
+else
+  on_proxy_core() { "$@"; }
+  on_client_core() { "$@"; }
+fi
+cpu_snapshot() { # the busy and total jiffies of cores 0 and 1, from /proc/stat
+  awk '$1=="cpu0"||$1=="cpu1"{b=$2+$3+$4+$7+$8; t=b+$5+$6; printf "%s %s ", b, t}' /proc/stat
+}
+cpu_busy() { # two snapshots: "core0% core1%", each core's busy share between them
+  python3 - "$1" "$2" <<'PY'
+import sys
+a, b = (list(map(int, s.split())) for s in sys.argv[1:3])
+print(" ".join(f"{100 * (b[i] - a[i]) / max(1, b[i + 1] - a[i + 1]):.0f}" for i in (0, 2)))
+PY
+}
