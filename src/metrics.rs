@@ -164,6 +164,7 @@ pub struct Metrics {
     forward_auth: [Counter; ForwardAuth::ALL.len()],
     audit_dropped: Counter,
     pages_unavailable: Counter,
+    sign_ins_shed: Counter,
     sign_ins: Family<Two, Counter>,
     step_ups: Family<One, Counter>,
     throttled: Family<One, Counter>,
@@ -241,8 +242,14 @@ impl Metrics {
         let pages_unavailable = Counter::default();
         registry.register(
             "pages_unavailable",
-            "Requests of the gateway's own pages and forms (sign-in, enrolment, account, admin) refused with 503: a store did not answer, or the password hashing queue was full",
+            "Requests of the gateway's own pages and forms (sign-in, enrolment, account, admin) refused with 503 because a store did not answer",
             pages_unavailable.clone(),
+        );
+        let sign_ins_shed = Counter::default();
+        registry.register(
+            "sign_ins_shed",
+            "Sign-in steps refused with 503 because the password hashing queue was full (load shed during a flood; not in pages_unavailable)",
+            sign_ins_shed.clone(),
         );
         let mail = Family::<One, Counter>::default();
         registry.register(
@@ -293,6 +300,7 @@ impl Metrics {
             forward_auth,
             audit_dropped,
             pages_unavailable,
+            sign_ins_shed,
             sign_ins,
             step_ups,
             throttled,
@@ -316,6 +324,11 @@ impl Metrics {
     /// Counts one request of a gateway page or form refused with 503.
     pub fn page_unavailable(&self) {
         self.pages_unavailable.inc();
+    }
+
+    /// Counts one sign-in step shed because the hashing queue was full.
+    pub fn sign_in_shed(&self) {
+        self.sign_ins_shed.inc();
     }
 
     /// Counts one answer of the forward-auth endpoint.

@@ -23,6 +23,11 @@ pub struct AppError {
     pub action: Option<(String, &'static str)>,
 }
 
+/// Marker left on the answer to a sign-in shed because the password hashing queue was full, so
+/// it is counted as shed load, not as a store that did not answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Shed;
+
 /// Marker left on error responses so the HTML renderer can find them.
 #[derive(Debug, Clone)]
 struct ErrorInfo(AppError);
@@ -78,6 +83,21 @@ impl AppError {
         }
     }
 
+    /// A sign-in refused because the password hashing queue is full: load shed on purpose
+    /// during a flood, so it is logged at debug level only (a flood would otherwise write an
+    /// error line per attempt) and counted apart ([`Shed`]).
+    pub fn shed() -> Self {
+        tracing::debug!("sign-in shed: password hashing queue full");
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Too many sign-ins are being checked right now. Please try again in a few seconds.",
+            )
+        }
+    }
+
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         let op = uuid::Uuid::new_v4();
         tracing::error!(operation = %op, error = %cause, "internal error");
@@ -101,7 +121,7 @@ impl From<crate::auth::flow::FlowError> for AppError {
         use crate::auth::flow::FlowError;
         match e {
             FlowError::Store(s) => s.into(),
-            FlowError::Busy => AppError::unavailable("password hashing queue full"),
+            FlowError::Busy => AppError::shed(),
             FlowError::Internal(m) => AppError::internal(&m),
         }
     }
@@ -111,7 +131,7 @@ impl From<crate::auth::password::PasswordError> for AppError {
     fn from(e: crate::auth::password::PasswordError) -> Self {
         use crate::auth::password::PasswordError;
         match e {
-            PasswordError::Busy => AppError::unavailable("password hashing queue full"),
+            PasswordError::Busy => AppError::shed(),
             PasswordError::Internal(m) => AppError::internal(&m),
         }
     }
@@ -127,6 +147,11 @@ impl IntoResponse for AppError {
         }
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            && self.message.starts_with("Too many sign-ins")
+        {
+            resp.extensions_mut().insert(Shed);
+        }
         resp.extensions_mut().insert(ErrorInfo(self));
         resp
     }

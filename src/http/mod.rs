@@ -331,7 +331,11 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
     // Counted here, where every page's answer passes: a sign-in refused for a store that is
     // away writes no audit event to count it by.
     if resp.status() == StatusCode::SERVICE_UNAVAILABLE && !probe {
-        state.metrics.page_unavailable();
+        if resp.extensions().get::<error::Shed>().is_some() {
+            state.metrics.sign_in_shed();
+        } else {
+            state.metrics.page_unavailable();
+        }
     }
     if json_client && resp.status() == StatusCode::SEE_OTHER {
         resp = redirect_for_json(resp, read);

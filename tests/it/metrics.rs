@@ -532,6 +532,7 @@ async fn every_series_exists_from_the_start() {
     })
     .collect();
     expected.push("portcullis_pages_unavailable_total".to_string());
+    expected.push("portcullis_sign_ins_shed_total".to_string());
     for reason in [
         "second_factor_required",
         "enrolment_required",

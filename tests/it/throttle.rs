@@ -300,6 +300,14 @@ async fn fill_the_hashing_queue(gw: &std::sync::Arc<Gateway>) -> Vec<tokio::task
     }
     let turned_away = attempt_from(gw, "10.8.9.1", "stranger9@example.com", WRONG).await;
     assert_eq!(turned_away.status(), 503, "the queue is full for strangers");
+    // Counted as load shed, not as a store that did not answer (which operators alert on).
+    let text = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
+    for line in [
+        "portcullis_sign_ins_shed_total 1",
+        "portcullis_pages_unavailable_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line}:\n{text}");
+    }
     flood
 }
 
