@@ -579,26 +579,27 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
         note!("note: the database has no tables yet (the gateway sets them up when it first starts); the master key was not checked against stored keys");
         return Ok(());
     }
+    // Privileges first: a role that may not read the migration record cannot tell whether a
+    // migration is due.
+    match store.missing_privileges().await {
+        Ok(missing) if !missing.is_empty() => {
+            anyhow::bail!(
+                "{}",
+                crate::store::sql::missing_privileges_message(&missing)
+            )
+        }
+        Ok(_) => {}
+        Err(e) => note!("note: the database role's privileges were not checked: {e}"),
+    }
     if !store.is_current().await {
         if let Ok(false) = store.can_set_up().await {
             anyhow::bail!(
                 "storage.durable: the gateway's tables need setting up for this version (a \
                  migration) and the database role may not create in its schema, so the gateway \
-                 could not start: run this version once as the database's owner, or GRANT CREATE \
-                 ON SCHEMA public to the role"
+                 could not start: run this version once as the database's owner (any command, \
+                 e.g. `portcullis user list`), then start the gateways as this role"
             );
         }
-    }
-    match store.missing_privileges().await {
-        Ok(missing) if !missing.is_empty() => anyhow::bail!(
-            "storage.durable: the database role may not read and write the gateway's {}, so \
-             sign-ins would fail: GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA \
-             public and USAGE ON ALL SEQUENCES IN SCHEMA public to the role (SELECT on \
-             _sqlx_migrations is enough)",
-            missing.join(", ")
-        ),
-        Ok(_) => {}
-        Err(e) => note!("note: the database role's privileges were not checked: {e}"),
     }
     let key = config.master_key()?;
     match crate::token::check_master_key(&store, &key, SystemClock.now(), crate::token::Claim::No)

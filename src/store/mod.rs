@@ -559,8 +559,17 @@ pub async fn open(
     let target = storage
         .redis_target()
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    let durable: Arc<dyn DurableStore> = Arc::new(sql::SqlStore::connect(&storage.durable).await?);
-    durable.migrate().await?;
+    let sql = sql::SqlStore::connect(&storage.durable).await?;
+    sql.migrate().await?;
+    // A role that may not write the gateway's tables would start and fail every sign-in:
+    // refused now, as `check-config` refuses it.
+    let missing = sql.missing_privileges().await?;
+    if !missing.is_empty() {
+        return Err(StoreError::Unavailable(sql::missing_privileges_message(
+            &missing,
+        )));
+    }
+    let durable: Arc<dyn DurableStore> = Arc::new(sql);
     let ephemeral: Arc<dyn EphemeralStore> = match target {
         None => Arc::new(memory::MemoryStore::new(clock)),
         Some(target) => {

@@ -1691,6 +1691,17 @@ impl DurableStore for SqlStore {
     }
 }
 
+/// What to do about a role lacking privileges on `missing` (tables and sequences).
+pub fn missing_privileges_message(missing: &[String]) -> String {
+    format!(
+        "storage.durable: the database role may not read and write the gateway's {}, so \
+         sign-ins would fail: GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA \
+         public and USAGE ON ALL SEQUENCES IN SCHEMA public to the role (SELECT on \
+         _sqlx_migrations is enough)",
+        missing.join(", ")
+    )
+}
+
 /// The tables the migrations create, which the gateway reads and writes.
 const GATEWAY_TABLES: [&str; 12] = [
     "users",
@@ -1712,11 +1723,13 @@ impl SqlStore {
     /// Whether the gateway's tables exist here (a new database has none until the first
     /// `serve` or CLI command sets them up).
     pub async fn is_set_up(&self) -> StoreResult<bool> {
+        // (The catalog, not `information_schema`, which hides tables the role has no
+        // privilege on: those are there, and named by `missing_privileges`.)
         let sql = if self.sqlite {
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'signing_keys'"
         } else {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_name = 'signing_keys' AND table_schema = current_schema()"
+            "SELECT COUNT(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'signing_keys' AND c.relkind = 'r' AND n.nspname = current_schema()"
         };
         let n: i64 = sqlx::query_scalar(sql)
             .fetch_one(&self.pool)

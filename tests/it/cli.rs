@@ -1648,13 +1648,46 @@ async fn a_least_privilege_database_role_runs_and_a_read_only_one_is_named() {
         added.wait_with_output().await.unwrap()
     };
     let refused = run(as_role(&reader), &["check-config"]).await;
+    // `serve` refuses it too rather than start and fail every sign-in.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listen.local_addr().unwrap().port();
+    drop(listen);
+    let served = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&gw.config_path)
+            .arg("serve")
+            .env("PORTCULLIS__STORAGE__DURABLE", as_role(&reader))
+            .env("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "PORTCULLIS__SERVER__PUBLIC_URL",
+                format!("http://127.0.0.1:{port}/"),
+            )
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("serve with a read-only role did not stop")
+    .unwrap();
+    // A role without any grant yet (the owner set the tables up): the tables are named, not
+    // the schema's CREATE.
+    let bare = format!("b_{}", &db[2..14]);
+    {
+        use sqlx::{Connection, Executor};
+        let mut c = sqlx::PgConnection::connect(&durable).await.unwrap();
+        c.execute(format!("CREATE ROLE {bare} LOGIN").as_str())
+            .await
+            .unwrap();
+    }
+    let ungranted = run(as_role(&bare), &["check-config"]).await;
     drop_database(&db).await;
     {
         use sqlx::{Connection, Executor};
         let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
             .await
             .unwrap();
-        for role in [&app, &reader] {
+        for role in [&app, &reader, &bare] {
             admin
                 .execute(format!("DROP ROLE IF EXISTS {role}").as_str())
                 .await
@@ -1676,5 +1709,14 @@ async fn a_least_privilege_database_role_runs_and_a_read_only_one_is_named() {
     assert!(
         refusal.contains("may not read and write") && refusal.contains("users"),
         "{refusal}"
+    );
+    let said = String::from_utf8_lossy(&served.stderr);
+    assert_eq!(served.status.code(), Some(1), "{said}");
+    assert!(said.contains("may not read and write"), "{said}");
+    let said = String::from_utf8_lossy(&ungranted.stderr);
+    assert_eq!(ungranted.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("may not read and write") && !said.contains("CREATE ON SCHEMA"),
+        "{said}"
     );
 }
