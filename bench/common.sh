@@ -98,17 +98,17 @@ NGINX
 }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-# With PIN=1 the proxies under test get a core of their own: `on_proxy_core` runs a proxy on core
-# 1, `on_client_core` the load generator and the upstream on core 0 (taskset, util-linux). Without
-# it both run on any core, as on a shared machine.
+# With PIN=1 the proxies under test get a core of their own: commands prefixed with
+# "${PROXY_CORE[@]}" run on core 1, those with "${CLIENT_CORE[@]}" (the load generator, the
+# upstream) on core 0 (taskset, util-linux, which execs the command: `$!` is its pid). Without
+# it the prefixes are empty and everything runs on any core, as on a shared machine.
+PROXY_CORE=()
+CLIENT_CORE=()
 if [ "${PIN:-0}" = 1 ]; then
   [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs two cores" >&2; exit 1; }
-  on_proxy_core() { taskset -c 1 "$@"; }
-  on_client_core() { taskset -c 0 "$@"; }
+  PROXY_CORE=(taskset -c 1)
+  CLIENT_CORE=(taskset -c 0)
   export NGINX_WORKERS=1
-else
-  on_proxy_core() { "$@"; }
-  on_client_core() { "$@"; }
 fi
 cpu_snapshot() { # the busy and total jiffies of cores 0 and 1, from /proc/stat
   awk '$1=="cpu0"||$1=="cpu1"{b=$2+$3+$4+$7+$8; t=b+$5+$6; printf "%s %s ", b, t}' /proc/stat

@@ -62,8 +62,8 @@ shared_gateway_config "$GW" memory > "$work/portcullis.toml"
 shared_gateway_config "$GWR" "$REDIS_URL" > "$work/portcullis-redis.toml"
 export PORTCULLIS_CONFIG="$work/portcullis.toml"
 
-on_client_core "$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
-on_proxy_core "$TGT/release/examples/bench-core" "$CORE" "http://$UP/" & pids+=($!)
+"${CLIENT_CORE[@]}" "$TGT/release/examples/bench-upstream" "$UP" & pids+=($!)
+"${PROXY_CORE[@]}" "$TGT/release/examples/bench-core" "$CORE" "http://$UP/" & pids+=($!)
 forward_auth_server=$(cat <<NGINX
   # Forward-auth as docs/forward-auth.md configures it: nginx asks Portcullis about every request
   # and proxies to the console itself.
@@ -98,12 +98,12 @@ forward_auth_server=$(cat <<NGINX
 NGINX
 )
 nginx_config "$UP" "$NGX" "$forward_auth_server" > "$work/nginx.conf"
-on_proxy_core "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" & pids+=($!)
+"${PROXY_CORE[@]}" "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" & pids+=($!)
 printf 'tall violet lantern orbit 42\n' | $BIN user add bench@example.com --account bench >/dev/null
 uri=$($BIN user totp generate bench@example.com 2>/dev/null)
 secret=$(totp_secret "$uri")
-on_proxy_core $BIN serve & pids+=($!)
-PORTCULLIS_CONFIG="$work/portcullis-redis.toml" on_proxy_core $BIN serve & pids+=($!)
+"${PROXY_CORE[@]}" $BIN serve & pids+=($!)
+PORTCULLIS_CONFIG="$work/portcullis-redis.toml" "${PROXY_CORE[@]}" $BIN serve & pids+=($!)
 for gw in "$GW" "$GWR"; do
   for _ in $(seq 1 50); do curl -fs "http://$gw/.well-known/jwks.json" >/dev/null && break; sleep 0.2; done
 done
@@ -120,7 +120,7 @@ run() { # result name, then wrk's arguments: the report, and each core's busy sh
   local name=$1 before
   shift
   before=$(cpu_snapshot)
-  on_client_core wrk -t"$WRK_THREADS" -c"$CONN" -d"${DUR}s" --latency "$@" > "bench/results/$name.txt"
+  "${CLIENT_CORE[@]}" wrk -t"$WRK_THREADS" -c"$CONN" -d"${DUR}s" --latency "$@" > "bench/results/$name.txt"
   cpu_busy "$before" "$(cpu_snapshot)" > "bench/results/$name.cpu"
 }
 echo "== direct upstream" >&2
@@ -173,7 +173,7 @@ fixed() { # result name, then oha's arguments: the JSON report, and each core's 
   local name=$1 before
   shift
   before=$(cpu_snapshot)
-  on_client_core oha --no-tui --output-format json -z "${DUR}s" -c "$CONN" -q "$half" --latency-correction "$@" > "bench/results/fixed-$name.json"
+  "${CLIENT_CORE[@]}" oha --no-tui --output-format json -z "${DUR}s" -c "$CONN" -q "$half" --latency-correction "$@" > "bench/results/fixed-$name.json"
   cpu_busy "$before" "$(cpu_snapshot)" > "bench/results/fixed-$name.cpu"
 }
 echo "== fixed rate: $half requests/s on every path" >&2
