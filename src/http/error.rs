@@ -23,6 +23,10 @@ pub struct AppError {
     pub action: Option<(String, &'static str)>,
 }
 
+/// The message of [`AppError::shed`], by which its answer is told apart.
+const SHED_MESSAGE: &str =
+    "Too many sign-ins are being checked right now. Please try again in a few seconds.";
+
 /// Marker left on the answer to a sign-in shed because the password hashing queue was full, so
 /// it is counted as shed load, not as a store that did not answer.
 #[derive(Debug, Clone, Copy)]
@@ -90,11 +94,7 @@ impl AppError {
         tracing::debug!("sign-in shed: password hashing queue full");
         Self {
             retry_after: Some(5),
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Too many sign-ins are being checked right now. Please try again in a few seconds.",
-            )
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", SHED_MESSAGE)
         }
     }
 
@@ -147,9 +147,7 @@ impl IntoResponse for AppError {
         }
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if self.status == StatusCode::SERVICE_UNAVAILABLE
-            && self.message.starts_with("Too many sign-ins")
-        {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE && self.message == SHED_MESSAGE {
             resp.extensions_mut().insert(Shed);
         }
         resp.extensions_mut().insert(ErrorInfo(self));
