@@ -557,11 +557,7 @@ fn all<T>(rows: &[AnyRow], f: fn(&AnyRow) -> Result<T, sqlx::Error>) -> StoreRes
 #[async_trait]
 impl DurableStore for SqlStore {
     async fn migrate(&self) -> StoreResult<()> {
-        let m = if self.sqlite {
-            &SQLITE_MIGRATIONS
-        } else {
-            &POSTGRES_MIGRATIONS
-        };
+        let m = self.migrator();
         // Up to date: nothing to run, and nothing asked of the role but to read the record (the
         // migrator's first step creates that table if missing, which PostgreSQL checks against
         // the schema's CREATE privilege even where the table exists).
@@ -1738,6 +1734,15 @@ impl SqlStore {
         Ok(n > 0)
     }
 
+    /// This database's migrations.
+    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        if self.sqlite {
+            &SQLITE_MIGRATIONS
+        } else {
+            &POSTGRES_MIGRATIONS
+        }
+    }
+
     /// Whether every migration of this build has been applied here, successfully and as
     /// written (the record's checksums): false where the record cannot be read.
     async fn applied_all(&self, m: &sqlx::migrate::Migrator) -> bool {
@@ -1768,12 +1773,7 @@ impl SqlStore {
 
     /// Whether the database is set up for this build of the gateway: every migration applied.
     pub async fn is_current(&self) -> bool {
-        let m = if self.sqlite {
-            &SQLITE_MIGRATIONS
-        } else {
-            &POSTGRES_MIGRATIONS
-        };
-        self.applied_all(m).await
+        self.applied_all(self.migrator()).await
     }
 
     /// The gateway's tables (and sequences) the connecting role may not read and write as
