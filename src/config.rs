@@ -833,7 +833,17 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
             let before = text.get(..span.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {what}")
+            // A duplicate key's span covers the key alone: its name (never a value) is said.
+            let key = text.get(span.clone()).filter(|k| {
+                what == "duplicate key"
+                    && (1..=64).contains(&k.len())
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+            match key {
+                Some(key) => format!("line {line}, column {column}: duplicate key `{key}`"),
+                None => format!("line {line}, column {column}: {what}"),
+            }
         }
         None => what.to_string(),
     }

@@ -1053,6 +1053,19 @@ fn configuration_errors_never_repeat_secrets() {
     .unwrap_err()
     .to_string();
     assert!(!e.contains(key), "{e}");
+    // A duplicate key or table is named (a key is never a secret), where it is a bare key.
+    assert!(
+        e.contains("line 3") && e.contains("duplicate key `master_key`"),
+        "{e}"
+    );
+    let e = load_str("[server]\n[server]\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate key `server`"), "{e}");
+    let e = load_str(&format!("[secrets]\n\"{key}\" = 1\n\"{key}\" = 1\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate key") && !e.contains(key), "{e}");
 
     let dir = tempfile_dir();
     let secret = dir.join("mk");
