@@ -119,7 +119,7 @@ pub(crate) fn context_of(
     headers: &HeaderMap,
 ) -> [u8; binding::CONTEXT_LEN] {
     let ip = crate::proxy::client_ip(peer, headers, &state.config.server.trusted_proxies);
-    binding::device_context(&state.master_key, ip, super::user_agent_of(headers))
+    binding::device_context(&state.master_key, ip, &super::user_agent_of(headers))
 }
 
 /// The device context of `client` (as [`context_of`] gives it for the request it came from).

@@ -498,23 +498,47 @@ fn trim_quotes(mut value: &[u8]) -> &[u8] {
     value
 }
 
-/// The request's `User-Agent` as the gateway keeps it: text only (else empty), its first 512
-/// characters.
-pub(crate) fn user_agent_of(headers: &HeaderMap) -> &str {
-    let ua = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    match ua.char_indices().nth(512) {
-        Some((cut, _)) => &ua[..cut],
-        None => ua,
+/// The request's `User-Agent` as the gateway keeps it, compares and shows it: its first 512
+/// characters, read as UTF-8 with bytes that are not, controls and hidden characters
+/// ([`crate::policy::is_hidden_char`]) each put as U+FFFD, so a browser string with one odd
+/// byte is still that browser (in the audit trail, a device's name, the bound cookie's context)
+/// and never an empty one that any other odd string would match.
+pub(crate) fn user_agent_of(headers: &HeaderMap) -> std::borrow::Cow<'_, str> {
+    const MAX_CHARS: usize = 512;
+    let Some(value) = headers.get(header::USER_AGENT) else {
+        return std::borrow::Cow::Borrowed("");
+    };
+    if let Ok(ua) = value.to_str() {
+        if !ua.contains('\t') {
+            return std::borrow::Cow::Borrowed(match ua.char_indices().nth(MAX_CHARS) {
+                Some((cut, _)) => &ua[..cut],
+                None => ua,
+            });
+        }
     }
+    let mut out = String::with_capacity(value.len().min(4 * MAX_CHARS));
+    let mut count = 0;
+    'chunks: for chunk in value.as_bytes().utf8_chunks() {
+        let invalid = (!chunk.invalid().is_empty()).then_some(char::REPLACEMENT_CHARACTER);
+        for c in chunk.valid().chars().chain(invalid) {
+            if count == MAX_CHARS {
+                break 'chunks;
+            }
+            out.push(if crate::policy::is_hidden_char(c) {
+                char::REPLACEMENT_CHARACTER
+            } else {
+                c
+            });
+            count += 1;
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Who is asking: the client address (through trusted proxies only) and user agent.
 pub fn client(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Client {
     let ip = crate::proxy::client_ip(peer, headers, &state.config.server.trusted_proxies);
-    let user_agent = user_agent_of(headers).to_string();
+    let user_agent = user_agent_of(headers).into_owned();
     Client {
         ip: ip.to_string(),
         user_agent,
@@ -751,6 +775,28 @@ mod tests {
             h.append(header::COOKIE, HeaderValue::from_bytes(v).unwrap());
         }
         h
+    }
+
+    /// A browser string is kept whatever bytes it holds: beyond ASCII as text, odd bytes,
+    /// controls and hidden characters as U+FFFD, at most 512 characters; never emptied.
+    #[test]
+    fn user_agents_are_kept_readable() {
+        let ua = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(header::USER_AGENT, HeaderValue::from_bytes(v).unwrap());
+            user_agent_of(&h).into_owned()
+        };
+        assert_eq!(user_agent_of(&HeaderMap::new()), "");
+        assert_eq!(ua(b"Mozilla/5.0 (X11)"), "Mozilla/5.0 (X11)");
+        assert_eq!(ua("Chrome/120 é".as_bytes()), "Chrome/120 é");
+        assert_eq!(ua(b"Other/1.0 \xff\xfe"), "Other/1.0 \u{fffd}\u{fffd}");
+        assert_eq!(ua(b"a\xffb\tc"), "a\u{fffd}b\u{fffd}c");
+        assert_eq!(ua("x \u{202e}y".as_bytes()), "x \u{fffd}y");
+        assert_eq!(ua("\u{9b}31m".as_bytes()), "\u{fffd}31m");
+        assert_ne!(ua("A é".as_bytes()), ua("B é".as_bytes()));
+        let long = "é".repeat(600);
+        assert_eq!(ua(long.as_bytes()).chars().count(), 512);
+        assert_eq!(ua("a".repeat(600).as_bytes()).len(), 512);
     }
 
     /// An API client is one that asks for JSON, in any letter case, and not for a page.

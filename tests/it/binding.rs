@@ -1414,3 +1414,74 @@ async fn the_sign_out_page_names_the_account_only_to_the_sessions_device() {
         .any(|e| e.event == "session_binding_failed"));
     assert_eq!(gw.status(&b, "/campaigns").await, 200);
 }
+
+/// A browser string with bytes beyond ASCII (an accent, a stray byte, a direction override) is
+/// still that browser: kept in the audit trail and the device's name, and a copy of the session
+/// used with another such string is another browser, not one of the same empty name.
+#[tokio::test]
+async fn a_user_agent_beyond_ascii_is_kept_and_told_apart() {
+    let gw = gateway().await;
+    let email = "accent@example.com";
+    let owner_ua = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/120.0 Safari/537.36 é";
+    let b = gw.copied_jar(&gw.browser(), None, Some(owner_ua));
+    gw.add_user(email).await;
+    gw.enrol(&b, email).await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/inbox").await, 200);
+    let bound = events(&gw, "session_bound").await;
+    assert_eq!(
+        bound.last().and_then(|e| e.user_agent.as_deref()),
+        Some(owner_ua),
+        "{bound:?}"
+    );
+    let page = b
+        .get(gw.url("/_portcullis/account"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Chrome on Windows"), "{page}");
+
+    // A copy of the jar in a browser whose string also goes beyond ASCII: not the owner's.
+    let seen = gw.upstream.count();
+    for thief_ua in [
+        "Totally different Firefox/99 \u{202e}",
+        "Totally different Firefox/99 \u{fc}",
+    ] {
+        let thief = gw.copied_jar(&b, None, Some(thief_ua));
+        let r = thief
+            .get(gw.url("/inbox"))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{thief_ua}");
+    }
+    // Raw bytes that are no UTF-8 at all.
+    let odd = reqwest::header::HeaderValue::from_bytes(b"Other/1.0 \xff\xfe").unwrap();
+    let thief = gw.copied_jar(&b, None, None);
+    let r = thief
+        .get(gw.url("/inbox"))
+        .header("user-agent", odd)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(gw.upstream.count(), seen, "no copy reached the console");
+    let moved: Vec<String> = events(&gw, "session_binding_moved")
+        .await
+        .into_iter()
+        .filter_map(|e| e.user_agent)
+        .collect();
+    // Written once a minute per session and network: the first copy, its override shown as
+    // U+FFFD.
+    assert_eq!(moved, ["Totally different Firefox/99 \u{fffd}"]);
+    // The copies shared the owner's jar and had its bound cookie dropped: the owner's browser
+    // proves its key again and carries on.
+    assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
+    assert_eq!(gw.status(&b, "/inbox").await, 200, "the owner carries on");
+}
