@@ -864,6 +864,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             if !crate::policy::is_plausible_email(&email) {
                 bail!("`{email}` is not an email address");
             }
+            if !crate::policy::is_unconfusable_email(&email) {
+                bail!("`{email}` {}", crate::policy::CONFUSABLE_EMAIL);
+            }
             if admin {
                 if let Some(why) = keys_unavailable(&config) {
                     bail!("admins sign in with a security key, but {why}");
@@ -1104,6 +1107,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let email = crate::store::normalise_email(&email);
             if !crate::policy::is_plausible_email(&email) {
                 bail!("`{email}` is not an email address");
+            }
+            if !crate::policy::is_unconfusable_email(&email) {
+                bail!("`{email}` {}", crate::policy::CONFUSABLE_EMAIL);
             }
             let user = match durable.user_by_email(&email).await? {
                 Some(u) => {

@@ -317,6 +317,27 @@ impl Keys {
         self.audit(ev, client).await;
     }
 
+    /// A registration's audit event: an administrator enrolling the key in person at their
+    /// browser is its `actor` (the owner did not add it).
+    async fn audit_registration(
+        &self,
+        by_admin: Option<&str>,
+        outcome: &str,
+        user: Option<&User>,
+        reason: &str,
+        client: &Client,
+    ) {
+        let mut ev =
+            AuditEvent::new("webauthn_registered", outcome, self.flow.clock.now()).reason(reason);
+        if let Some(u) = user {
+            ev = ev.user(u);
+        }
+        if let Some(admin) = by_admin {
+            ev = ev.actor(admin);
+        }
+        self.audit(ev, client).await;
+    }
+
     /// A user's keys that may be used.
     async fn usable(&self, user_id: &str) -> Result<Vec<(WebauthnCredential, Passkey)>, FlowError> {
         let mut out = Vec::new();
@@ -431,12 +452,11 @@ impl Keys {
         client: &Client,
         by_admin: Option<&str>,
     ) -> Result<Registered, FlowError> {
-        let event = "webauthn_registered";
         let Some(c) = self
             .take(ceremony, Purpose::Register, binding, Some(&user.id))
             .await?
         else {
-            self.audit_user(event, "failure", Some(user), "ceremony_expired", client)
+            self.audit_registration(by_admin, "failure", Some(user), "ceremony_expired", client)
                 .await;
             return Ok(Registered::Refused(Refusal::Expired));
         };
@@ -475,7 +495,7 @@ impl Keys {
                     (Refusal::Rejected(reason), reason)
                 };
                 tracing::debug!(error = %e, "registration refused");
-                self.audit_user(event, "failure", Some(user), reason, client)
+                self.audit_registration(by_admin, "failure", Some(user), reason, client)
                     .await;
                 return Ok(Registered::Refused(refusal));
             }
@@ -483,7 +503,7 @@ impl Keys {
         if let Some(allowed) = &c.attested_models {
             if !attestation::model_allowed(model, allowed) {
                 let reason = "aaguid_not_allowed";
-                self.audit_user(event, "failure", Some(user), reason, client)
+                self.audit_registration(by_admin, "failure", Some(user), reason, client)
                     .await;
                 return Ok(Registered::Refused(Refusal::Policy(reason)));
             }
@@ -504,13 +524,19 @@ impl Keys {
         match self.flow.durable.add_webauthn_credential(&cred).await {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {
-                self.audit_user(event, "failure", Some(user), "credential_exists", client)
-                    .await;
+                self.audit_registration(
+                    by_admin,
+                    "failure",
+                    Some(user),
+                    "credential_exists",
+                    client,
+                )
+                .await;
                 return Ok(Registered::Refused(Refusal::Rejected("credential_exists")));
             }
             Err(e) => return Err(e.into()),
         }
-        self.audit_user(event, "success", Some(user), "registered", client)
+        self.audit_registration(by_admin, "success", Some(user), "registered", client)
             .await;
         let notifier = &self.flow.notifier;
         match by_admin {
@@ -518,9 +544,9 @@ impl Keys {
                 notifier
                     .account_change_by_owner(
                         user,
-                        &format!(
-                            "a security key or passkey named \"{}\" was added",
-                            cred.name
+                        &crate::notify::Notifier::key_change(
+                            "a security key or passkey was added",
+                            &cred.name,
                         ),
                     )
                     .await;
@@ -529,10 +555,12 @@ impl Keys {
                 notifier
                     .admin_change(
                         user,
-                        &format!(
-                            "an administrator ({admin}) enrolled a security key or passkey named \
-                             \"{}\" for you in person",
-                            cred.name
+                        &crate::notify::Notifier::key_change(
+                            &format!(
+                                "an administrator ({admin}) enrolled a security key or passkey \
+                                 for you in person"
+                            ),
+                            &cred.name,
                         ),
                     )
                     .await;

@@ -210,6 +210,14 @@ pub async fn rename_post(
         )
         .await;
     }
+    let was = state
+        .durable
+        .webauthn_credentials(&user.id)
+        .await?
+        .into_iter()
+        .find(|c| c.id == id)
+        .map(|c| c.name)
+        .unwrap_or_default();
     if !state
         .durable
         .rename_webauthn_credential(&user.id, &id, name)
@@ -217,6 +225,7 @@ pub async fn rename_post(
     {
         return Err(AppError::not_found());
     }
+    // Both names: a key renamed to pass for another of the owner's stays traceable.
     audit(
         &state,
         peer,
@@ -224,7 +233,7 @@ pub async fn rename_post(
         &user,
         "webauthn_renamed",
         "success",
-        &id,
+        &format!("key {id}: “{was}” → “{name}”"),
     )
     .await;
     Ok(see_other(&format!("{PATH}?notice=key_renamed")))
@@ -312,7 +321,7 @@ pub async fn remove_post(
         .notifier
         .account_change_by_owner(
             &user,
-            &format!("the security key or passkey named \"{name}\" was removed"),
+            &crate::notify::Notifier::key_change("a security key or passkey was removed", &name),
         )
         .await;
     Ok(see_other(&format!("{PATH}?notice=key_removed")))

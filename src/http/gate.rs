@@ -751,7 +751,7 @@ async fn gate_and_forward(
             if let Some((method, path, started)) = logged {
                 let status = r.status().as_u16();
                 let ms = started.elapsed().as_millis() as u64;
-                tracing::info!(%method, %path, status, ms, "forwarded");
+                tracing::info!(%method, path = path.as_str(), status, ms, "forwarded");
             }
             Ok(Answer::Upstream(r))
         }

@@ -258,6 +258,13 @@ impl Notifier {
         self.change_notice(user, what, &advice).await;
     }
 
+    /// A change of a security key for a notice: `what` happened, and the key's name on a line of
+    /// its own, said to be the name it was given (whoever added the key chose it, so it must
+    /// not read as part of the sentence; names hold no line breaks).
+    pub fn key_change(what: &str, name: &str) -> String {
+        format!("{what}\n  The name it was given: {name}")
+    }
+
     /// Queues the notice of a change, `what`, followed by `advice`.
     pub(crate) async fn change_notice(&self, user: &crate::store::User, what: &str, advice: &str) {
         let body = format!(

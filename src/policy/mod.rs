@@ -216,7 +216,9 @@ pub(crate) fn lenient_reading(path: &str) -> String {
 /// paragraph separators, and Unicode's format and default-ignorable characters (zero-width
 /// spaces and joiners, direction marks, overrides and isolates, soft hyphen, combining grapheme
 /// joiner, Hangul fillers, interlinear annotation marks, byte-order mark, tag characters,
-/// variation selectors). Names and addresses that people read must not hold them.
+/// variation selectors), the Braille blank that shows as a space but is none, and private-use
+/// characters, which show as whatever a font makes of them. Names and addresses that people read
+/// must not hold them.
 pub fn is_hidden_char(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -230,7 +232,9 @@ pub fn is_hidden_char(c: char) -> bool {
                 | '\u{200B}'..='\u{200F}'
                 | '\u{2028}'..='\u{202E}'
                 | '\u{2060}'..='\u{206F}'
+                | '\u{2800}'
                 | '\u{3164}'
+                | '\u{E000}'..='\u{F8FF}'
                 | '\u{FE00}'..='\u{FE0F}'
                 | '\u{FEFF}'
                 | '\u{FFA0}'
@@ -238,13 +242,36 @@ pub fn is_hidden_char(c: char) -> bool {
                 | '\u{1BCA0}'..='\u{1BCA3}'
                 | '\u{1D173}'..='\u{1D17A}'
                 | '\u{E0000}'..='\u{E0FFF}'
+                | '\u{F0000}'..='\u{10FFFF}'
         )
 }
 
+/// A combining mark of the blocks that pile marks on a letter (diacritics, their extensions,
+/// marks for symbols, half marks).
+fn is_combining_mark(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0300}'..='\u{036F}'
+            | '\u{0483}'..='\u{0489}'
+            | '\u{1AB0}'..='\u{1AFF}'
+            | '\u{1DC0}'..='\u{1DFF}'
+            | '\u{20D0}'..='\u{20FF}'
+            | '\u{FE20}'..='\u{FE2F}'
+    )
+}
+
 /// A text a person will read as a name (a security key's, say): 1 to `max` characters, none of
-/// them hidden ([`is_hidden_char`]).
+/// them hidden ([`is_hidden_char`]), no combining mark first and never more than two on one
+/// letter (a pile of them runs over the lines around it).
 pub fn is_readable_name(name: &str, max: usize) -> bool {
-    !name.is_empty() && name.chars().count() <= max && !name.chars().any(is_hidden_char)
+    let mut marks = 0;
+    !name.is_empty()
+        && name.chars().count() <= max
+        && name.chars().enumerate().all(|(i, c)| {
+            marks = if is_combining_mark(c) { marks + 1 } else { 0 };
+            let leading_mark = marks > 0 && i == 0;
+            !is_hidden_char(c) && !leading_mark && marks <= 2
+        })
 }
 
 /// An account id (trimmed) as users are grouped by, and per-account policy matches exactly: 1 to
@@ -273,6 +300,23 @@ pub fn is_plausible_email(email: &str) -> bool {
             .chars()
             .any(|c| c.is_whitespace() || is_hidden_char(c) || "<>()[]\\,;:\"".contains(c))
 }
+
+/// Whether a new user's (normalised) address reads as what it is: its local part and each label
+/// of its domain (read back from IDNA's ASCII form) written in one script (Unicode's
+/// mixed-script rule, UTS 39), so `аlice` with a Cyrillic `а` cannot be made beside `alice`.
+pub fn is_unconfusable_email(email: &str) -> bool {
+    use unicode_security::MixedScript;
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return false;
+    };
+    let (unicode, _) = idna::domain_to_unicode(domain);
+    local.is_single_script() && unicode.split('.').all(|label| label.is_single_script())
+}
+
+/// What is said when [`is_unconfusable_email`] refuses an address.
+pub const CONFUSABLE_EMAIL: &str =
+    "mixes letters of different scripts (a Cyrillic а among Latin letters, say), \
+     so it could pass for another address";
 
 /// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
 /// canonical form, or `None`. Anything odd — schemes, hosts, backslashes, control or whitespace
@@ -498,6 +542,34 @@ mod tests {
         ] {
             assert!(!is_plausible_email(bad), "{bad:?}");
         }
+        for (raw, good) in [
+            ("alice@example.com", true),
+            ("ana.maria+esp@mail.example.co.uk", true),
+            ("\u{430}lice@example.com", false),
+            ("alic\u{435}@example.com", false),
+            ("bob@ex\u{430}mple.com", false),
+            (
+                "u@\u{43f}\u{440}\u{438}\u{43c}\u{435}\u{440}.\u{440}\u{444}",
+                true,
+            ),
+            ("\u{43f}\u{435}\u{442}\u{44f}@example.com", true),
+            ("\u{7530}\u{4e2d}\u{3055}\u{3093}@example.jp", true),
+        ] {
+            let email = crate::store::normalise_email(raw);
+            assert!(is_plausible_email(&email), "{raw:?} as {email:?}");
+            assert_eq!(is_unconfusable_email(&email), good, "{raw:?} as {email:?}");
+        }
+        // An internationalised domain is one mailbox in either spelling.
+        assert_eq!(
+            crate::store::normalise_email(
+                " U@\u{41f}\u{420}\u{418}\u{41c}\u{415}\u{420}.\u{420}\u{424} "
+            ),
+            "u@xn--e1afmkfd.xn--p1ai"
+        );
+        assert_eq!(
+            crate::store::normalise_email("u@XN--E1AFMKFD.xn--p1ai"),
+            "u@xn--e1afmkfd.xn--p1ai"
+        );
     }
 
     #[test]

@@ -291,6 +291,8 @@ fn one() -> i64 {
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub user_id: Option<String>,
+    /// Only events of this (normalised) address: for attempts on addresses no user has.
+    pub email: Option<String>,
     pub event: Option<String>,
     pub account_id: Option<String>,
     /// Only events at or after this time.
@@ -592,7 +594,17 @@ pub async fn open(
 /// Normalises a sign-in email for lookup: trimmed and lower-cased, so `Alice@X` and `alice@x`
 /// are one account with one guess budget.
 pub fn normalise_email(email: &str) -> String {
-    email.trim().to_lowercase()
+    let email = email.trim().to_lowercase();
+    // An internationalised domain in its ASCII form (IDNA, UTS 46): `пример.рф` and
+    // `xn--e1afmkfd.xn--p1ai` are one mailbox, and a domain that only looks like another shows
+    // as what it is.
+    match email.rsplit_once('@') {
+        Some((local, domain)) if !domain.is_ascii() => match idna::domain_to_ascii(domain) {
+            Ok(ascii) if !ascii.is_empty() => format!("{local}@{ascii}"),
+            _ => email,
+        },
+        _ => email,
+    }
 }
 
 #[cfg(test)]

@@ -1218,7 +1218,8 @@ impl DurableStore for SqlStore {
         let sql = format!(
             "SELECT id, at, event, outcome, user_id, email, account_id, ip, user_agent, reason, actor, times FROM audit_events \
              WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR event = $2) AND id > $3 \
-             AND ($5 = '' OR account_id = $5) AND at >= $6 AND at < $7 ORDER BY id {order} LIMIT $4"
+             AND ($5 = '' OR account_id = $5) AND at >= $6 AND at < $7 AND ($8 = '' OR email = $8) \
+             ORDER BY id {order} LIMIT $4"
         );
         let found = self
             .fetch(
@@ -1231,6 +1232,7 @@ impl DurableStore for SqlStore {
                     Arg::Text(q.account_id.as_deref().unwrap_or_default()),
                     Arg::Int(q.since.unwrap_or(i64::MIN)),
                     Arg::Int(q.until.unwrap_or(i64::MAX)),
+                    Arg::Text(q.email.as_deref().unwrap_or_default()),
                 ],
             )
             .await?;

@@ -1084,11 +1084,27 @@ async fn audit_view_filters_and_exports_json_lines() {
         )
         .await;
     assert_eq!(html.matches(">totp_enrolled</td>").count(), 1, "{html}");
-    let r = gw
-        .get(&c, "/_portcullis/admin/audit?user=nobody%40example.com")
+    // Attempts on an address no user has (password spraying) are found by the address typed,
+    // and only they: the customer's events are not among them.
+    let sprayer = gw.browser();
+    gw.password(&sprayer, "Nobody@example.com", "guess-one-two", "/")
         .await;
-    assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("No user has the address"));
+    gw.state.audit.flush().await;
+    let html = gw
+        .page(&c, "/_portcullis/admin/audit?user=nobody%40example.com")
+        .await;
+    assert_eq!(html.matches(">login_password</td>").count(), 1, "{html}");
+    assert!(!html.contains("customer@example.com"), "{html}");
+    let r = gw
+        .get(
+            &c,
+            "/_portcullis/admin/audit/export?user=NOBODY%40example.com",
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let lines = r.text().await.unwrap();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    assert!(lines.contains("\"nobody@example.com\""), "{lines}");
     let r = gw
         .get(&c, "/_portcullis/admin/audit?user=not-an-id-of-anyone")
         .await;
@@ -1213,11 +1229,24 @@ async fn an_admin_enrols_a_key_in_person_for_a_customer() {
             && e.user_id.as_deref() == Some(target.id.as_str())
     });
     assert!(audited);
+    // The registration itself is the administrator's act, not the owner's.
+    let registered: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| {
+            e.event == "webauthn_registered"
+                && e.outcome == "success"
+                && e.user_id.as_deref() == Some(target.id.as_str())
+        })
+        .map(|e| e.actor)
+        .collect();
+    assert_eq!(registered, [Some(ROOT.to_string())]);
     // The owner is told that an administrator, and which, enrolled it.
     let told = mail_to(&gw, "customer@example.com").await;
     assert!(
         told.contains("an administrator (root@example.com) enrolled a security key or passkey")
-            && told.contains("\"Desk key\""),
+            && told.contains("The name it was given: Desk key"),
         "{told}"
     );
     // The key is the customer's: it completes their sign-in.
@@ -1428,7 +1457,8 @@ async fn an_admin_cannot_remove_an_accounts_last_second_factor() {
     assert_eq!(gw.status(&owner, "/campaigns").await, 303, "sessions ended");
     let told = mail_to(&gw, "twokinds@example.com").await;
     assert!(
-        told.contains("removed your security key \"Spare key\""),
+        told.contains("removed one of your security keys")
+            && told.contains("The name it was given: Spare key"),
         "{told}"
     );
 }
@@ -1488,7 +1518,8 @@ async fn an_admin_restores_a_suspended_key() {
     assert_eq!(restored(&gw.audit().await), 1);
     let told = mail_to(&gw, "restored@example.com").await;
     assert!(
-        told.contains("restored your security key \"Own key\""),
+        told.contains("restored one of your security keys")
+            && told.contains("The name it was given: Own key"),
         "{told}"
     );
     let mails = gw.outbox().await.len();

@@ -149,10 +149,40 @@ async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
         !out.status.success() && err.contains("already exists"),
         "{err}"
     );
+    // A look-alike of it (a Cyrillic е) is refused; an internationalised domain is kept in its
+    // ASCII form, one user in either spelling.
+    let add = |email: &'static str| {
+        let gw = &gw;
+        async move {
+            let out = gw
+                .cli(
+                    &["user", "add", email, "--account", "acct-9"],
+                    Some(&format!("{PASSWORD}\n")),
+                )
+                .await;
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
+    };
+    let (ok, err) = add("n\u{435}w@example.com").await;
+    assert!(
+        !ok && err.contains("mixes letters of different scripts"),
+        "{err}"
+    );
+    let (ok, err) = add("u@\u{43f}\u{440}\u{438}\u{43c}\u{435}\u{440}.\u{440}\u{444}").await;
+    assert!(ok, "{err}");
+    let (ok, err) = add("u@xn--e1afmkfd.xn--p1ai").await;
+    assert!(!ok && err.contains("already exists"), "{err}");
     let list = gw.cli(&["user", "list", "--json"], None).await;
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(
         text.contains("\"email\":\"new@example.com\"") && text.contains("acct-9"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"email\":\"u@xn--e1afmkfd.xn--p1ai\""),
         "{text}"
     );
     // The new user can sign in (and must enrol).

@@ -68,9 +68,31 @@ async fn keys_are_renamed_and_removed_from_the_account_page() {
         "{html}"
     );
 
-    // A name that reads otherwise than it is (a direction override, a zero-width space) is
-    // refused and the old name kept.
-    for hidden in ["yek\u{202E}krow", "Desk\u{200B}key"] {
+    // The audit trail keeps both names.
+    let renamed: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "webauthn_renamed")
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        renamed,
+        [format!("key {}: “Old name” → “<b>New</b> name”", cred.id)]
+    );
+
+    // A name that reads otherwise than it is (a direction override, a zero-width space, a blank
+    // that is no space, a private character, marks piled on one letter) is refused and the old
+    // name kept.
+    for hidden in [
+        "yek\u{202E}krow",
+        "Desk\u{200B}key",
+        "\u{2800}",
+        "YubiKey\u{2800}\u{2800}(alice)",
+        "Key \u{E000}",
+        "Ke\u{301}\u{301}\u{301}\u{301}y",
+        "\u{301}Key",
+    ] {
         let r = post_form(
             &gw,
             &c,
@@ -221,8 +243,22 @@ async fn a_key_added_with_a_copied_session_is_undone_from_the_notice() {
     let mail = gw.outbox().await;
     let notice = mail
         .iter()
-        .find(|m| m.contains("Security change") && m.contains("\"Not mine\" was added"))
+        .find(|m| {
+            m.contains("Security change") && m.contains("a security key or passkey was added")
+        })
         .expect("the owner is told of the new key");
+    // The name, chosen by whoever added the key, stands on a line of its own, said to be a name.
+    let lines: Vec<&str> = notice.lines().map(str::trim).collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("The name it was given:"))
+        .expect("the name is told");
+    assert_eq!(lines[at], "The name it was given: Not mine", "{notice}");
+    assert_eq!(
+        lines[at - 1],
+        "a security key or passkey was added",
+        "{notice}"
+    );
     let link = super::devices::report_link(notice);
     let page = gw.page(&gw.browser(), &link).await;
     assert!(

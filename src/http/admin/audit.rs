@@ -100,14 +100,15 @@ impl Filter {
         {
             return Err("The filter holds a character that is not allowed.".into());
         }
+        let mut by_email = None;
         let user_id = if self.user.contains('@') {
             let email = crate::store::normalise_email(&self.user);
             match state.durable.user_by_email(&email).await {
                 Ok(Some(u)) => Some(u.id),
+                // Attempts on an address no user has are kept under the address typed.
                 Ok(None) => {
-                    return Err(format!(
-                        "No user has the address {email}. The user filter takes a user's address or id."
-                    ))
+                    by_email = Some(email);
+                    None
                 }
                 Err(e) => return Err(format!("The users could not be read: {e}")),
             }
@@ -128,6 +129,7 @@ impl Filter {
         };
         Ok(AuditQuery {
             user_id,
+            email: by_email,
             event: opt(&self.event),
             account_id: opt(&self.account),
             since,

@@ -159,6 +159,13 @@ pub async fn create_post(
     if !crate::policy::is_plausible_email(&email) {
         return bad("Enter the user's email address, e.g. name@example.com.").await;
     }
+    if !crate::policy::is_unconfusable_email(&email) {
+        return bad(
+            "This address mixes letters of different scripts (a Cyrillic а among Latin \
+             letters, say), so it could pass for another address.",
+        )
+        .await;
+    }
     if !crate::policy::is_account_id(&account) {
         return bad("The account id has 1 to 128 characters.").await;
     }
@@ -717,12 +724,15 @@ pub async fn remove_key_post(
         .notifier
         .admin_change(
             &user,
-            &format!(
-                "an administrator removed your security key \"{name}\"{}",
-                match notice {
-                    "key_removed_own" => "",
-                    _ => " and ended the account's sessions",
-                }
+            &crate::notify::Notifier::key_change(
+                &format!(
+                    "an administrator removed one of your security keys{}",
+                    match notice {
+                        "key_removed_own" => "",
+                        _ => " and ended the account's sessions",
+                    }
+                ),
+                &name,
             ),
         )
         .await;
@@ -764,9 +774,9 @@ pub async fn restore_key_post(
         .notifier
         .admin_change(
             &user,
-            &format!(
-                "an administrator restored your security key \"{}\", which had been suspended",
-                found.name
+            &crate::notify::Notifier::key_change(
+                "an administrator restored one of your security keys, which had been suspended",
+                &found.name,
             ),
         )
         .await;
