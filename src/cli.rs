@@ -187,6 +187,10 @@ pub enum AuditCmd {
     },
 }
 
+/// How long `audit prune`, cut short by the database going away, waits for it to come back to
+/// record how many events went.
+const PRUNE_RECORD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The shortest retention `audit prune` accepts: the last day of the trail is what an incident
 /// is investigated from, and a typo (`--older-than 1m`) must not wipe it.
 const MIN_AUDIT_RETENTION: std::time::Duration = std::time::Duration::from_secs(86_400);
@@ -1217,6 +1221,13 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                         crate::config::duration::text(older_than)
                     )
                 })?;
+            // Its start is on the record before anything goes: a removal cut short whose end
+            // cannot be written (the database gone for good) still shows in the trail.
+            let mut start = audit("audit_prune_started", None, "cli");
+            start.reason = Some(format!("before:{before}"));
+            durable.append_audit(&[start]).await.context(
+                "the prune could not be written to the audit trail; nothing was removed",
+            )?;
             let mut removed: u64 = 0;
             let done = loop {
                 match durable.prune_audit(before, AUDIT_PRUNE_BATCH).await {
@@ -1232,8 +1243,23 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             if done.is_err() {
                 ev.outcome = "failure".into();
             }
-            let recorded = durable.append_audit(&[ev]).await;
+            let mut recorded = durable.append_audit(std::slice::from_ref(&ev)).await;
             if let Err(e) = done {
+                // The database went away mid-way: its end is written once it is back, for up
+                // to PRUNE_RECORD_PATIENCE.
+                let deadline = std::time::Instant::now() + PRUNE_RECORD_PATIENCE;
+                while recorded.is_err() && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    recorded = durable.append_audit(std::slice::from_ref(&ev)).await;
+                }
+                if recorded.is_err() {
+                    bail!(
+                        "stopped after removing {removed} audit events: {e}; the database did not \
+                         come back within {} to record it (the trail holds its start, \
+                         audit_prune_started)",
+                        crate::config::duration::text(PRUNE_RECORD_PATIENCE)
+                    );
+                }
                 bail!("stopped after removing {removed} audit events: {e}");
             }
             recorded?;

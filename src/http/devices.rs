@@ -166,13 +166,15 @@ async fn notify_new_device(
          \n\
          If this was you, there is nothing to do.\n\
          \n\
-         If it was NOT you, open this link now. It ends every session of your account, blocks that device\n\
-         and locks password sign-in until your administrator restores it:\n\
+         If it was NOT you, open this link now. It ends every session of your account, blocks that device,\n\
+         suspends the security keys and passkeys used or added since that sign-in and locks password\n\
+         sign-in until your administrator restores it:\n\
          \n\
          {link}\n\
          \n\
-         The link works once and expires in {days} days. Someone has your password: once access is\n\
-         restored, change it.\n",
+         The link works once and expires in {days} days. Whoever signed in had your password and a\n\
+         second factor, or one of your passkeys: once access is restored, change your password and\n\
+         check your security keys and authenticator app.\n",
         email = user.email,
         name = device.name,
         ip = super::risk::address(state, &device.last_ip),
@@ -242,6 +244,10 @@ fn invalid_link() -> AppError {
 /// is made when the sign-in completes, and a key registered during enrolment comes just before.
 const REPORT_KEY_WINDOW: i64 = 15 * 60;
 
+/// How long before the reported sign-in's notice a key's last use counts as that sign-in's (the
+/// notice is made as the sign-in completes, moments after the key's answer).
+const REPORT_KEY_USE_SLACK: i64 = 60;
+
 /// How long before a change's report link was made an authenticator app or recovery codes
 /// count as set up since: the notice (and its link) is made just after the change, in the same
 /// request. A sign-in's link counts from the sign-in itself: from its start where it set up the
@@ -279,10 +285,14 @@ pub async fn report_post(
     // The link came with a new-device notice (a sign-in), or with a change's.
     let sign_in = link.device_id.is_some();
     // Keys registered since the reported sign-in may be the intruder's (a passkey would sign
-    // them in again, lock or not): suspended, for an administrator to look at.
+    // them in again, lock or not): suspended, for an administrator to look at. So is a key
+    // used for or since the reported sign-in: a passkey sign-in is reported with the key that
+    // made it, the one thing the intruder is known to hold.
     let since = link.created_at.saturating_sub(REPORT_KEY_WINDOW);
+    let used_since = link.created_at.saturating_sub(REPORT_KEY_USE_SLACK);
     for key in state.durable.webauthn_credentials(&user.id).await? {
-        if key.created_at >= since && !key.is_suspended() {
+        let used = sign_in && key.last_used_at.is_some_and(|at| at >= used_since);
+        if (key.created_at >= since || used) && !key.is_suspended() {
             state
                 .durable
                 .suspend_webauthn_credential(&key.id, "sign_in_reported", now)

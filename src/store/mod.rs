@@ -483,6 +483,7 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
         lease_until: UnixTime,
         limit: u32,
     ) -> StoreResult<Vec<Mail>>;
+    /// Marks a mail sent and empties its body (which may hold a live single-use link).
     async fn mail_sent(&self, id: &str, now: UnixTime) -> StoreResult<()>;
     /// Records a failed attempt and when to try again.
     async fn mail_failed(

@@ -1512,8 +1512,10 @@ impl DurableStore for SqlStore {
         let pool = &self.pool;
         self.retrying(move || async move {
             sqlx::query(
-                "UPDATE mail_queue SET sent_at = $1, attempts = attempts + 1, last_error = NULL \
-                 WHERE id = $2",
+                // The body goes once it has gone out: it holds a live single-use link (a "this
+                // wasn't me" link, an enrolment link) that a copy of the database would give away.
+                "UPDATE mail_queue SET sent_at = $1, attempts = attempts + 1, last_error = NULL, \
+                 body = '' WHERE id = $2",
             )
             .bind(now)
             .bind(id)

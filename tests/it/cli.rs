@@ -764,7 +764,20 @@ async fn audit_prune_removes_only_events_past_the_retention_and_is_itself_audite
         .as_deref()
         .unwrap_or("")
         .ends_with(",removed:3"));
-    assert_eq!(after.len(), before.len() - 3 + 1);
+    // Its start is on the record too, written before anything went.
+    let started: Vec<_> = after
+        .iter()
+        .filter(|e| e.event == "audit_prune_started")
+        .collect();
+    assert_eq!(started.len(), 1);
+    assert_eq!(
+        started[0]
+            .reason
+            .as_deref()
+            .map(|r| r.starts_with("before:")),
+        Some(true)
+    );
+    assert_eq!(after.len(), before.len() - 3 + 2);
 }
 
 /// The audit trail names the process's real user, not what `$USER` claims.

@@ -327,6 +327,9 @@ async fn audit_prune_stopped_part_way_reports_exactly_what_it_removed() {
     }
     drop(db);
     pg.stop();
+    // Back a few seconds later, while the command waits to record how far it got.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.restart().await;
     let out = prune.await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a prune cut short reported success");
@@ -338,31 +341,47 @@ async fn audit_prune_stopped_part_way_reports_exactly_what_it_removed() {
         .unwrap_or_else(|| panic!("no count in the error: {err}"));
     assert!(removed > 0 && removed < OLD_EVENTS, "{err}");
 
-    pg.restart().await;
     let mut db = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
     assert_eq!(events_at(&mut db, old_at).await, OLD_EVENTS - removed);
-    let rows = sqlx::query("SELECT outcome, reason FROM audit_events WHERE at >= $1")
+    let rows = sqlx::query("SELECT event, outcome, reason FROM audit_events WHERE at >= $1")
         .bind(now)
         .fetch_all(&mut db)
         .await
         .unwrap();
-    let reasons: Vec<(String, String)> = rows
+    let rows: Vec<(String, String, String)> = rows
         .iter()
         .map(|r| {
             (
+                r.get("event"),
                 r.get("outcome"),
                 r.get::<Option<String>, _>("reason").unwrap_or_default(),
             )
         })
         .collect();
     assert!(
-        reasons.iter().any(|(_, r)| r == "recent"),
-        "a recent event went: {reasons:?}"
+        rows.iter().any(|(_, _, r)| r == "recent"),
+        "a recent event went: {rows:?}"
     );
-    for (outcome, reason) in reasons.iter().filter(|(_, r)| r.starts_with("before:")) {
-        assert_eq!(outcome, "failure", "{reason}");
-        assert!(reason.ends_with(&format!(",removed:{removed}")), "{reason}");
-    }
+    // Its start was written before anything went, and its end once the database was back:
+    // a failure, with the count removed.
+    let of = |event: &str| -> Vec<(String, String)> {
+        rows.iter()
+            .filter(|(e, _, _)| e == event)
+            .map(|(_, o, r)| (o.clone(), r.clone()))
+            .collect()
+    };
+    let started = of("audit_prune_started");
+    assert!(
+        started.len() == 1 && started[0].1.starts_with("before:"),
+        "{rows:?}"
+    );
+    let pruned = of("audit_pruned");
+    assert_eq!(pruned.len(), 1, "{rows:?}");
+    assert_eq!(pruned[0].0, "failure");
+    assert!(
+        pruned[0].1.ends_with(&format!(",removed:{removed}")),
+        "{rows:?}"
+    );
 }
 
 /// How many audit events carry the time `at`.

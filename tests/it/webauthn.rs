@@ -884,6 +884,58 @@ async fn a_reported_sign_in_takes_the_keys_it_added_with_it() {
     assert_eq!(r.status(), 200, "the owner's passkey still does");
 }
 
+/// A passkey added with the owner's session long before (the notice of it unseen) signs an
+/// intruder in from a browser of their own: reporting that sign-in suspends the key that made
+/// it, however old, so the report takes away the one thing the intruder is known to hold.
+#[tokio::test]
+async fn a_reported_passkey_sign_in_suspends_the_key_that_made_it() {
+    let gw = gateway().await;
+    let email = "old-passkey@example.com";
+    let (owner, _, _) = gw.signed_in(email).await;
+    let u = user(&gw, email).await;
+    let mut planted = key();
+    register(&gw, &owner, &mut planted, "Phone passkey").await;
+    let cred = only_credential(&gw, &u.id).await;
+    gw.clock.advance(3600);
+
+    let (r, _, _) = passkey(
+        &gw,
+        &gw.browser(),
+        &mut planted,
+        &cred.credential_id,
+        &u.id,
+        |_| {},
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut notices = gw.outbox().await;
+    notices.retain(|m| m.contains("Subject: New sign-in to your account"));
+    let notice = notices.last().unwrap();
+    assert!(
+        notice.contains("suspends the security keys and passkeys used or added since"),
+        "{notice}"
+    );
+    gw.clock.advance(600);
+    let link = super::devices::report_link(notice);
+    assert_eq!(super::devices::report(&gw, &link).await.status(), 200);
+
+    assert!(
+        only_credential(&gw, &u.id).await.is_suspended(),
+        "the key is suspended"
+    );
+    gw.clock.advance(30);
+    let (r, _, _) = passkey(
+        &gw,
+        &gw.browser(),
+        &mut planted,
+        &cred.credential_id,
+        &u.id,
+        |_| {},
+    )
+    .await;
+    assert_ne!(r.status(), 200, "the passkey signs nobody in any more");
+}
+
 /// The token's `acr` and `auth_time` describe the session's latest proof: after a key step-up
 /// they say phishing-resistant at that moment; after a later app code, `mfa` at the code's
 /// moment, so a console asking for a fresh key proof is not shown an old one as fresh. A

@@ -125,6 +125,10 @@ pub(super) async fn mail_queue(s: &Arc<dyn DurableStore>, tag: &str) {
     let all = s.list_mail(100).await.unwrap();
     let sent = all.iter().find(|m| m.id == format!("m0-{tag}")).unwrap();
     assert_eq!((sent.sent_at, sent.attempts), (Some(1100), 1));
+    // Its body, which may hold a live single-use link, is gone; an unsent one keeps its own.
+    assert_eq!(sent.body, "");
+    let unsent = all.iter().find(|m| m.id == format!("m1-{tag}")).unwrap();
+    assert!(!unsent.body.is_empty());
     // Sent mail is never claimed again, however late.
     assert!(s
         .claim_due_mail(i64::MAX / 2, i64::MAX / 2 + 1, 10)
