@@ -210,14 +210,22 @@ pub async fn rename_post(
         )
         .await;
     }
-    let was = state
+    let Some(was) = state
         .durable
         .webauthn_credentials(&user.id)
         .await?
         .into_iter()
         .find(|c| c.id == id)
         .map(|c| c.name)
-        .unwrap_or_default();
+    else {
+        return Err(AppError::not_found());
+    };
+    // A name is what the owner tells their keys apart by: renaming one (a planted key passing
+    // for the owner's phone) needs the fresh proof every change of the keys needs.
+    if !fresh(&state, &loaded.session, &user) {
+        state.metrics.step_up("fresh_proof_required");
+        return stale(&state, &headers, &loaded, &user).await;
+    }
     if !state
         .durable
         .rename_webauthn_credential(&user.id, &id, name)

@@ -624,7 +624,38 @@ pub(super) async fn second_factor_failed(
     let Some(user) = state.login.active_user(&session.user_id).await? else {
         return Ok(());
     };
-    let once = format!("notice:second_factor_failed:{{{}}}", user.id);
+    let host = super::devices::public_host(state);
+    let what = format!(
+        "A sign-in to your account {email} on {host} gave your password correctly, then failed\n\
+         its second factor too many times, and was stopped.",
+        email = user.email
+    );
+    let advice = "If it was NOT you, someone knows your password. Open this link now: it ends every session\n\
+         of your account and locks password sign-in until your administrator restores it; then\n\
+         change your password:";
+    let subject = format!("Someone may know your password on {host}");
+    tell_owner_hourly(
+        state,
+        &user,
+        client,
+        "second_factor_failed",
+        &subject,
+        (&what, advice),
+    )
+    .await
+}
+
+/// Mails `user` of wrong second factors (`what` happened; `advice` leads to the "this wasn't
+/// me" link), at most once an hour per `kind`.
+pub(super) async fn tell_owner_hourly(
+    state: &AppState,
+    user: &crate::store::User,
+    client: &Client,
+    kind: &str,
+    subject: &str,
+    (what, advice): (&str, &str),
+) -> Result<(), AppError> {
+    let once = format!("notice:{kind}:{{{}}}", user.id);
     let first = state
         .ephemeral
         .put_if_absent(&once, b"1", FAILED_SECOND_FACTOR_NOTICE)
@@ -632,31 +663,25 @@ pub(super) async fn second_factor_failed(
     if !first {
         return Ok(());
     }
-    let link = state.notifier.report_link(&user, None, None).await?;
-    let host = super::devices::public_host(state);
+    let link = state.notifier.report_link(user, None, None).await?;
     let body = format!(
-        "A sign-in to your account {email} on {host} gave your password correctly, then failed\n\
-         its second factor too many times, and was stopped.\n\
+        "{what}\n\
          \n\
          When:    {when}\n\
          Address: {address}\n\
          \n\
          If this was you, there is nothing to do.\n\
          \n\
-         If it was NOT you, someone knows your password. Open this link now: it ends every session\n\
-         of your account and locks password sign-in until your administrator restores it; then\n\
-         change your password:\n\
+         {advice}\n\
          \n\
          {link}\n\
          \n\
          The link works once and expires in {days} days.\n",
-        email = user.email,
         when = crate::notify::utc_text(state.clock.now()),
         address = super::risk::address(state, &client.ip),
         days = state.notifier.report_days(),
     );
-    let subject = format!("Someone may know your password on {host}");
-    state.notifier.enqueue(&user.email, &subject, &body).await?;
+    state.notifier.enqueue(&user.email, subject, &body).await?;
     Ok(())
 }
 

@@ -205,8 +205,41 @@ pub async fn reauth_post(
             .await
         }
         CodeOutcome::Restart => {
+            // Wrong codes to confirm an action, until the session's budget of them ran out:
+            // whoever holds this session does not hold the second factor. The session ends, on
+            // the record, and the owner hears of it.
             state.sessions.destroy(&loaded.key, &user.id).await?;
             state.signer.forget(&loaded.key);
+            state
+                .audit
+                .record(
+                    crate::store::AuditEvent::new("session_ended", "success", state.clock.now())
+                        .user(&user)
+                        .reason("step_up_codes_exhausted")
+                        .client(&client.ip, &client.user_agent),
+                )
+                .await;
+            let host = super::devices::public_host(&state);
+            let what = format!(
+                "A signed-in session of your account {email} on {host} was asked to confirm an\n\
+                 action with your second factor and gave wrong codes too many times. That session\n\
+                 has been ended.",
+                email = user.email
+            );
+            let advice = "If it was NOT you, someone is using your account (malware on a computer you signed\n\
+                 in on can do this). Open this link now: it ends every session of your account and\n\
+                 locks password sign-in until your administrator restores it; then change your\n\
+                 password:";
+            let subject = format!("Wrong codes from a session of your account on {host}");
+            super::login::tell_owner_hourly(
+                &state,
+                &user,
+                &client,
+                "step_up_failed",
+                &subject,
+                (&what, advice),
+            )
+            .await?;
             Ok(restart(&state, "restart"))
         }
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),

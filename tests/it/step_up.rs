@@ -399,3 +399,54 @@ async fn a_step_up_code_during_a_sign_in_leaves_the_sign_in_alone() {
     assert_eq!(r.status(), 303, "the sign-in goes on");
     assert_eq!(gw.status(&c, "/campaigns").await, 200);
 }
+
+/// Wrong codes to confirm an action, until the session's budget of them runs out: whoever holds
+/// the session lacks the second factor. The session ends, on the record, and the owner is
+/// mailed once with a "this wasn't me" link.
+#[tokio::test]
+async fn a_session_that_spends_its_step_up_codes_ends_and_the_owner_hears() {
+    let gw = Gateway::start_with(rules).await;
+    let email = "guessed@example.com";
+    let (c, _, _) = gw.signed_in(email).await;
+    gw.clock.advance(6 * 60);
+    let html = gw.page(&c, "/_portcullis/reauth?next=%2F").await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let mut errors = Vec::new();
+    for _ in 0..8 {
+        let r = c
+            .post(gw.url("/_portcullis/reauth"))
+            .header("accept", "application/json")
+            .form(&[("csrf", csrf.as_str()), ("code", "000000"), ("next", "/")])
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        if status == 303 {
+            errors.push("restart".to_string());
+            continue;
+        }
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        errors.push(v["error"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(
+        errors.iter().any(|e| e == "session_required"),
+        "the session ended: {errors:?}"
+    );
+    assert_eq!(gw.status(&c, "/campaigns").await, 303, "signed out");
+    let ended: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "session_ended")
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(ended, ["step_up_codes_exhausted"]);
+    let told: Vec<String> = gw
+        .outbox()
+        .await
+        .into_iter()
+        .filter(|m| m.contains("Subject: Wrong codes from a session of your account"))
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(told[0].contains("/_portcullis/report?t="), "{}", told[0]);
+}

@@ -127,16 +127,26 @@ async fn keys_are_renamed_and_removed_from_the_account_page() {
     let r = remove_key(&gw, &other, &cred.id).await;
     assert_eq!(r.status(), 404);
 
-    // Removing needs a recent second-factor proof.
+    // Removing, and renaming (a planted key passing for the owner's), need a recent
+    // second-factor proof.
     gw.clock.advance(11 * 60);
-    let r = post_form(
-        &gw,
-        &c,
-        &format!("/_portcullis/account/keys/{}/remove", cred.id),
-        &[("csrf", csrf.as_str())],
-    )
-    .await;
-    assert_eq!(r.status(), 403);
+    for (action, form) in [
+        ("remove", vec![("csrf", csrf.as_str())]),
+        (
+            "rename",
+            vec![("csrf", csrf.as_str()), ("name", "Phone passkey")],
+        ),
+    ] {
+        let r = post_form(
+            &gw,
+            &c,
+            &format!("/_portcullis/account/keys/{}/{action}", cred.id),
+            &form,
+        )
+        .await;
+        assert_eq!(r.status(), 403, "{action}");
+    }
+    assert_eq!(credentials(&gw, &user.id).await[0].name, "<b>New</b> name");
     let c = after_password(&gw, "manage@example.com").await;
     assert_eq!(
         second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
