@@ -478,8 +478,8 @@ pub async fn mfa_get(
 /// The second-factor page; with a word on why when the second factor comes first.
 /// The days "remember this browser" lasts, when it is offered on this page (never on the
 /// page of a sign-in whose second factor comes first).
-fn remember_offer(state: &AppState, offered: bool, first: bool) -> Option<u64> {
-    (offered && !first).then(|| remember_days(state))
+fn remember_offer(state: &AppState, offered: bool, first: bool) -> Option<String> {
+    (offered && !first).then(|| remember_for(state))
 }
 
 /// `unusual`: a high-risk sign-in that only the key or a recovery code completes.
@@ -489,7 +489,7 @@ fn mfa_page(
     error: Option<&str>,
     keys: bool,
     first: bool,
-    remember: Option<u64>,
+    remember: Option<String>,
     unusual: bool,
 ) -> Response {
     if first {
@@ -498,7 +498,7 @@ fn mfa_page(
             error,
             keys,
             remember: false,
-            remember_days: 0,
+            remember_for: String::new(),
         };
         render(status, &page)
     } else {
@@ -507,7 +507,7 @@ fn mfa_page(
             error,
             keys,
             remember: remember.is_some(),
-            remember_days: remember.unwrap_or(0),
+            remember_for: remember.unwrap_or_default(),
             unusual,
         };
         render(status, &page)
@@ -536,8 +536,16 @@ pub struct CodeForm {
     remember: bool,
 }
 
-fn remember_days(state: &AppState) -> u64 {
-    state.config.remember_device.lifetime.as_secs() / 86_400
+/// How long "remember this browser" lasts, in words: its largest unit (days, hours or
+/// minutes), rounded down, never "0 days".
+fn remember_for(state: &AppState) -> String {
+    let secs = state.config.remember_device.lifetime.as_secs();
+    let (n, unit) = match secs {
+        86_400.. => (secs / 86_400, "day"),
+        3_600.. => (secs / 3_600, "hour"),
+        _ => ((secs / 60).max(1), "minute"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Turns a code step's outcome into a response.

@@ -27,7 +27,8 @@ pub struct Mfa<'a> {
     pub keys: bool,
     /// Offer "remember this browser".
     pub remember: bool,
-    pub remember_days: u64,
+    /// How long it lasts, in words ("30 days").
+    pub remember_for: String,
     /// A high-risk sign-in: say that only the key or a recovery code completes it.
     pub unusual: bool,
 }
@@ -244,7 +245,8 @@ pub struct MfaFirst<'a> {
     pub keys: bool,
     /// Never offered here (the shared form asks): remembering waits for a normal sign-in.
     pub remember: bool,
-    pub remember_days: u64,
+    /// How long it lasts, in words ("30 days").
+    pub remember_for: String,
 }
 
 #[cfg(test)]

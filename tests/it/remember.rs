@@ -324,3 +324,29 @@ async fn replacing_a_factor_forgets_the_other_remembered_browsers() {
     let r = gw.password(&b, EMAIL, PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/mfa");
 }
+
+/// The offer says how long it lasts in the unit that fits: never "for 0 days".
+#[tokio::test]
+async fn the_offer_says_how_long_in_words() {
+    for (lifetime, says) in [
+        (30 * 86_400, "for 30 days"),
+        (86_400, "for 1 day"),
+        (12 * 3_600, "for 12 hours"),
+        (4 * 60, "for 4 minutes"),
+    ] {
+        let gw = Gateway::start_with(|c| {
+            binding_on(c);
+            c.remember_device.lifetime = std::time::Duration::from_secs(lifetime);
+        })
+        .await;
+        let (b, _, _) = gw.signed_in(EMAIL).await;
+        sign_out(&gw, &b).await;
+        let r = gw.password(&b, EMAIL, PASSWORD, "").await;
+        assert_eq!(location(&r), "/_portcullis/mfa");
+        let html = gw.page(&b, "/_portcullis/mfa").await;
+        assert!(
+            html.contains(&format!("Remember this browser {says} (")),
+            "{lifetime}: {html}"
+        );
+    }
+}
