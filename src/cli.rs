@@ -969,6 +969,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         }
         Command::User(UserCmd::EndSessions { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
+            // A disabled account's sessions ended when it was disabled, and it can start none:
+            // there is nothing to end, record or tell.
+            if u.disabled {
+                say!("{} is disabled: it has no sessions to end", u.email);
+                return Ok(());
+            }
             durable.void_sessions(&u.id, clock.now_millis()).await?;
             durable
                 .append_audit(&[audit("sessions_ended", Some(&u), "cli")])

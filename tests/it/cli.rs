@@ -88,6 +88,19 @@ async fn user_end_sessions_signs_out_everywhere_and_leaves_the_account_enabled()
         .cli(&["user", "end-sessions", "nobody@example.com"], None)
         .await;
     assert!(!out.status.success());
+    // A disabled account has no sessions to end: nothing recorded, nobody mailed.
+    let out = gw
+        .cli(&["user", "disable", "roamer@example.com"], None)
+        .await;
+    assert!(out.status.success());
+    let (events, mails) = (gw.audit().await.len(), gw.outbox().await.len());
+    let out = gw
+        .cli(&["user", "end-sessions", "roamer@example.com"], None)
+        .await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no sessions to end"));
+    assert_eq!(gw.audit().await.len(), events);
+    assert_eq!(gw.outbox().await.len(), mails);
 }
 
 #[tokio::test]
