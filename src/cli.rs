@@ -1288,6 +1288,8 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 })
                 .await?;
             let mut last = events.first().map_or(0, |e| e.id);
+            // The newest event seen: where following goes on from, while the trail still holds it.
+            let mut seen = events.first().map(|e| (e.id, e.at, e.event.clone()));
             if lines == 0 {
                 events.clear();
             }
@@ -1295,6 +1297,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             loop {
                 let mut out = std::io::stdout().lock();
                 for e in &events {
+                    if e.id >= last {
+                        seen = Some((e.id, e.at, e.event.clone()));
+                    }
                     last = last.max(e.id);
                     if json {
                         writeln!(out, "{}", serde_json::to_string(e)?).map_err(listing_write)?;
@@ -1331,17 +1336,28 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 // feeding another system goes on where it was once the database is back.
                 let mut away: Option<(std::time::Instant, std::time::Instant)> = None;
                 events = loop {
-                    match durable
-                        .query_audit(&AuditQuery {
-                            after_id: Some(last),
-                            limit: 1000,
-                            ..Default::default()
-                        })
-                        .await
-                    {
-                        Ok(events) => {
+                    match follow_on(durable.as_ref(), last, seen.as_ref()).await {
+                        Ok(FollowOn::Next(events)) => {
                             if away.is_some() {
                                 note!("audit tail: the database is back; following on");
+                            }
+                            break events;
+                        }
+                        Ok(FollowOn::Rewritten { events, newest }) => {
+                            let (id, at, _) = seen.take().unwrap_or_default();
+                            note!(
+                                "audit tail: the trail no longer holds the last event shown (id \
+                                 {id}): it was restored from a backup or rewritten; following \
+                                 on with the events written since {}",
+                                rfc3339(at)
+                            );
+                            // Those events are shown next; without any, the trail's newest
+                            // (older, restored) is where following goes on from.
+                            seen = newest;
+                            last = seen.as_ref().map_or(0, |n| n.0);
+                            if let Some(e) = events.last() {
+                                last = e.id;
+                                seen = Some((e.id, e.at, e.event.clone()));
                             }
                             break events;
                         }
@@ -1379,6 +1395,67 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         _ => bail!("unsupported command"),
     }
     Ok(())
+}
+
+/// What following the audit trail finds next.
+enum FollowOn {
+    /// The events after the last one shown.
+    Next(Vec<AuditEvent>),
+    /// The last event shown is gone or another (a restore from a backup set the ids back): the
+    /// events from its time on, and the newest id the trail now holds.
+    Rewritten {
+        events: Vec<AuditEvent>,
+        newest: Option<(i64, i64, String)>,
+    },
+}
+
+/// The events after `last`, once the trail is seen to still hold the last event shown (`seen`:
+/// its id, time and name).
+async fn follow_on(
+    durable: &dyn DurableStore,
+    last: i64,
+    seen: Option<&(i64, i64, String)>,
+) -> crate::store::StoreResult<FollowOn> {
+    if let Some((id, at, event)) = seen {
+        let now = durable
+            .query_audit(&AuditQuery {
+                after_id: Some(id - 1),
+                limit: 1,
+                ..Default::default()
+            })
+            .await?;
+        let same = now
+            .first()
+            .is_some_and(|e| e.id == *id && e.at == *at && e.event == *event);
+        if !same {
+            let events = durable
+                .query_audit(&AuditQuery {
+                    since: Some(*at),
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await?;
+            let newest = durable
+                .query_audit(&AuditQuery {
+                    newest_first: true,
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await?
+                .first()
+                .map(|e| (e.id, e.at, e.event.clone()));
+            return Ok(FollowOn::Rewritten { events, newest });
+        }
+    }
+    Ok(FollowOn::Next(
+        durable
+            .query_audit(&AuditQuery {
+                after_id: Some(last),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?,
+    ))
 }
 
 /// A value of an audit event in `audit tail`'s text lines: as it is when it is one plain word,

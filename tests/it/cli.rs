@@ -1,5 +1,7 @@
 //! The administration CLI, run as the real binary against a running gateway's database.
 
+use std::time::Duration;
+
 use portcullis::clock::Clock;
 
 use super::harness::*;
@@ -1774,5 +1776,86 @@ async fn a_least_privilege_database_role_runs_and_a_read_only_one_is_named() {
     assert!(
         said.contains("may not read and write") && !said.contains("CREATE ON SCHEMA"),
         "{said}"
+    );
+}
+
+/// `audit tail --follow` across a restore of the database from a backup: the ids start again
+/// below the last one shown, and the events written after the restore are shown all the same,
+/// with a word on stderr, not skipped until the ids pass the old ones.
+#[tokio::test]
+async fn audit_tail_follow_carries_on_across_a_restore() {
+    let gw = Gateway::start().await;
+    let write = |reason: String| {
+        let gw = &gw;
+        async move {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            gw.state
+                .durable
+                .append_audit(&[
+                    portcullis::store::AuditEvent::new("user_enabled", "success", now)
+                        .reason(&reason),
+                ])
+                .await
+                .unwrap();
+        }
+    };
+    for n in 0..3 {
+        write(format!("kept-{n}")).await;
+    }
+    let url = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let backup_at: i64 = sqlx::query_scalar("SELECT MAX(id) FROM audit_events")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    // Events written after the backup, which the follower shows.
+    for n in 0..4 {
+        write(format!("lost-{n}")).await;
+    }
+    let followed = gw.dir.path().join("follow.out");
+    let noted = gw.dir.path().join("follow.err");
+    let _follower = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&gw.config_path)
+            .args(["audit", "tail", "-n", "2", "--follow"])
+            .stdout(std::fs::File::create(&followed).unwrap())
+            .stderr(std::fs::File::create(&noted).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !read(&followed).contains("reason=lost-3") {
+        assert!(std::time::Instant::now() < deadline, "{}", read(&followed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The restore: the trail as it was at the backup, its id counter set back with it.
+    sqlx::query("DELETE FROM audit_events WHERE id > ?")
+        .bind(backup_at)
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sqlite_sequence SET seq = ? WHERE name = 'audit_events'")
+        .bind(backup_at)
+        .execute(&db)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Changes made after the restore, fewer than were lost: their ids are ones shown before.
+    write("after-restore".into()).await;
+    while !read(&followed).contains("reason=after-restore") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the event after the restore was skipped: {}\n{}",
+            read(&followed),
+            read(&noted)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        read(&noted).contains("no longer holds the last event shown"),
+        "{}",
+        read(&noted)
     );
 }
