@@ -128,8 +128,8 @@ fn the_audit_prune_unit_runs_a_command_that_exists() {
     assert_cli_takes(line.split_whitespace().map(String::from).collect());
 }
 
-/// The Kubernetes retention job: daily, never two at once, the gateways' config and secrets, and
-/// a command line the CLI takes.
+/// The Kubernetes retention job: daily, never two at once, the gateways' config and only the
+/// database's URL of their secrets, and a command line the CLI takes.
 #[test]
 fn the_kubernetes_audit_prune_job_runs_a_command_that_exists() {
     let check = r#"
@@ -141,12 +141,16 @@ assert job["concurrencyPolicy"] == "Forbid", "one prune at a time"
 pod = job["jobTemplate"]["spec"]["template"]["spec"]
 c, g = pod["containers"][0], dep["containers"][0]
 assert c["image"] == g["image"]
-assert c["env"] == g["env"], "the gateways' secrets, as files"
+durable = [e for e in g["env"] if e["name"] == "PORTCULLIS__STORAGE__DURABLE_FILE"]
+assert c["env"] == durable, "the gateways' database URL, and no other secret"
 assert pod["securityContext"] == dep["securityContext"]
+assert pod["automountServiceAccountToken"] is False and dep["automountServiceAccountToken"] is False
 assert c["securityContext"] == g["securityContext"]
 mounts = {m["mountPath"] for m in g["volumeMounts"] if m.get("readOnly")}
 assert {m["mountPath"] for m in c["volumeMounts"]} == mounts
-assert pod["volumes"] == [v for v in dep["volumes"] if "emptyDir" not in v]
+secret = [v for v in pod["volumes"] if "secret" in v][0]["secret"]
+assert secret["items"] == [{"key": "durable", "path": "durable"}], secret
+assert durable[0]["value"].endswith("/durable")
 print(json.dumps(c["args"]))
 "#;
     let out = python(check, &["deploy/kubernetes/portcullis.yaml"]);
@@ -191,6 +195,12 @@ assert env["PORTCULLIS__NOTIFY__SMTP_URL_FILE"].startswith("/run/secrets/")
 assert dep["template"]["spec"]["terminationGracePeriodSeconds"] > 60, "draining (30 s) and the audit queue (30 s) fit"
 assert "Secret" not in kinds, "no secret values in the manifest"
 assert c["lifecycle"]["preStop"], "serves on while the endpoints drop the pod"
+# Only the ingress reaches the listener whose X-Forwarded-For is believed, only monitoring the
+# metrics, which ask for no credentials.
+policy = kinds["NetworkPolicy"]["spec"]
+assert policy["podSelector"]["matchLabels"] == dep["selector"]["matchLabels"]
+ports = sorted(p["port"] for rule in policy["ingress"] for p in rule["ports"])
+assert ports == [8080, 9464], ports
 for kind, pod in (("Deployment", dep["template"]["spec"]),
                   ("CronJob", kinds["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"])):
     ctx = pod["securityContext"]
