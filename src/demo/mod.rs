@@ -189,10 +189,16 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
     let password = Secret::new(format!("demo-{}", random_token(9)));
     let hasher = PasswordHasher::new(&config.password)?;
     let hash = hasher.hash(&password).await?;
+    // Whether the user has still to set up a second factor (a new one, or one that never
+    // finished its first sign-in).
+    // (After a reset of its factors, only an enrolment link sets one up: not fresh.)
     let fresh = match state.durable.user_by_email(DEMO_EMAIL).await? {
         Some(u) => {
             state.durable.set_password_hash(&u.id, &hash).await?;
-            false
+            let keys = state.durable.webauthn_credentials(&u.id).await?;
+            u.factors_reset_at.is_none()
+                && state.durable.totp(&u.id).await?.is_none()
+                && keys.iter().all(|k| k.is_suspended())
         }
         None => {
             let new = NewUser {
@@ -239,7 +245,7 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
         show!("  then scan the QR code with an authenticator app (or type the key shown) and enter its code;");
         show!("  save the recovery codes shown once.");
     } else {
-        show!("  then enter the code from the authenticator you enrolled earlier");
+        show!("  then enter the code from the authenticator you enrolled earlier (the password is new at every start)");
         show!(
             "  (or run `portcullis --config {c} user reset-mfa {DEMO_EMAIL}`, then \
              `portcullis --config {c} user enrol-link {DEMO_EMAIL}` and open the link, to enrol again).",

@@ -1278,6 +1278,37 @@ async fn the_demo_applies_a_configuration_file() {
             stdout.contains("demo.toml applies, except what the demo sets itself"),
             "{stdout}"
         );
+        // The banner says what the user has to do next: started again on the same data, whose
+        // user has not set up a second factor yet, it still asks for the app, not a code.
+        assert!(stdout.contains("scan the QR code"), "{stdout}");
+        if !by_env {
+            let (port, console) = (free_port(), free_port());
+            let mut again = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .env_remove("PORTCULLIS_CONFIG")
+                .arg("demo")
+                .arg("--data-dir")
+                .arg(dir.path().join("data-false"))
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--console-listen", &format!("127.0.0.1:{console}")])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
+            for _ in 0..300 {
+                if client.get(&url).send().await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            again.kill().unwrap();
+            let out = again.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                stdout.contains("scan the QR code") && !stdout.contains("enrolled earlier"),
+                "{stdout}"
+            );
+        }
     }
 }
 
