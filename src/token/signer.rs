@@ -77,6 +77,12 @@ impl Signer {
             // read and use that one, so every gateway signs with and publishes the same key.
             if durable.insert_first_signing_key(record).await? {
                 tracing::info!(%kid, %alg, "generated a signing key");
+                // On the record like every later rotation: the key the backends first trust.
+                let ev = crate::store::AuditEvent::new("signing_key_created", "success", now)
+                    .reason(&format!("kid:{kid} alg:{alg}"));
+                if let Err(e) = durable.append_audit(&[ev]).await {
+                    tracing::warn!(error = %e, "could not write the new signing key to the audit trail");
+                }
             }
             records = durable.live_signing_keys(now).await?;
         }

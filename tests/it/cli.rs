@@ -293,6 +293,20 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         .unwrap()
         .to_string();
     let old_kid = gw.state.signer.current_kid();
+    // The first key, made as the first gateway started, is on the record.
+    let created = |events: Vec<portcullis::store::AuditEvent>| -> Vec<Option<String>> {
+        events
+            .into_iter()
+            .filter(|e| e.event == "signing_key_created")
+            .map(|e| e.reason)
+            .collect()
+    };
+    let first = created(gw.audit().await);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0]
+        .as_deref()
+        .unwrap_or("")
+        .contains(&format!("kid:{old_kid}")));
     let out = gw.cli(&["keys", "rotate"], None).await;
     assert!(
         out.status.success(),
