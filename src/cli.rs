@@ -84,6 +84,24 @@ pub enum Command {
     /// Work with identity tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Move the durable store to another database.
+    #[command(subcommand)]
+    Storage(StorageCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StorageCmd {
+    /// Copy every user, factor, key, device, pending notice and audit event from the
+    /// configuration's `storage.durable` into a new, empty database (SQLite to PostgreSQL as a
+    /// deployment grows past one gateway, or back), in one transaction. Stop the gateways
+    /// first; then point `storage.durable` at the new database. The copy keeps the master key:
+    /// the gateways must bring the same one.
+    Copy {
+        /// The new database: `postgres://…` or `sqlite:///path` (set up here; it must hold no
+        /// row of the gateway's yet).
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,11 +373,57 @@ async fn run(cli: Cli) -> Result<()> {
             let config = load_config(cli.config.as_deref())?;
             verify_token(&config, &token, &jwks, audience, issuer).await
         }
+        Command::Storage(StorageCmd::Copy { to }) => {
+            let config = load_config(cli.config.as_deref())?;
+            copy_storage(&config, &to).await
+        }
         other => {
             let config = load_config(cli.config.as_deref())?;
             admin(config, other).await
         }
     }
+}
+
+/// `portcullis storage copy --to URL`.
+async fn copy_storage(config: &Config, to: &str) -> Result<()> {
+    use crate::store::sql::SqlStore;
+    let from = &config.storage.durable;
+    if let Some(path) = crate::store::sql::sqlite_file(from) {
+        if !std::path::Path::new(path).exists() {
+            anyhow::bail!(
+                "there is no database at {path} to copy: give the gateway's configuration with \
+                 --config (or PORTCULLIS_CONFIG)"
+            );
+        }
+    }
+    if !(to.starts_with("postgres://")
+        || to.starts_with("postgresql://")
+        || to.starts_with("sqlite:"))
+    {
+        anyhow::bail!("--to must be a postgres:// or sqlite:// URL");
+    }
+    if to == from.as_str() {
+        anyhow::bail!("--to names the database the configuration already uses");
+    }
+    let source = SqlStore::connect(from).await?;
+    let target = SqlStore::connect(to).await?;
+    target.migrate().await?;
+    let copied = source.copy_into(&target).await?;
+    let rows: u64 = copied.iter().map(|(_, n)| n).sum();
+    let clock = SystemClock;
+    let ev = AuditEvent::new("storage_copied", "success", clock.now())
+        .actor(&actor())
+        .reason(&format!("rows:{rows}"));
+    crate::store::DurableStore::append_audit(&target, &[ev]).await?;
+    for (table, n) in &copied {
+        say!("{table:<22} {n} rows");
+    }
+    say!(
+        "copied {rows} rows into the new database; stop every gateway if any still runs on the \
+         old one, set storage.durable to the new database's URL (with the same master key), and \
+         start them"
+    );
+    Ok(())
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

@@ -2,6 +2,8 @@
 //! driver. Both dialects take the same statements (`$N` placeholders, `ON CONFLICT`,
 //! `RETURNING`); only the migrations differ (`migrations/sqlite`, `migrations/postgres`).
 
+mod copy;
+
 use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};

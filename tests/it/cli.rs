@@ -1904,3 +1904,73 @@ async fn audit_tail_follow_carries_on_across_a_restore() {
         read(&noted)
     );
 }
+
+/// `storage copy`: a gateway that began on SQLite moves to PostgreSQL. Everything comes along —
+/// the user and their authenticator app (sealed under the same master key), the signing key,
+/// the audit trail with its ids, whose next event follows on — and a target that holds rows
+/// already is refused untouched.
+#[tokio::test]
+async fn storage_copy_moves_a_sqlite_gateway_to_postgres() {
+    let gw = Gateway::start().await;
+    let email = "mover@example.com";
+    let (c, secret, _) = gw.signed_in(email).await;
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    gw.state.audit.flush().await;
+    let trail = gw.audit().await;
+    let kid = gw.state.signer.current_kid();
+    let (name, url) = fresh_database().await;
+
+    let out = gw.cli(&["storage", "copy", "--to", &url], None).await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("users") && said.contains("audit_events"),
+        "{said}"
+    );
+    // A second copy into the same database is refused, and adds nothing.
+    let again = gw.cli(&["storage", "copy", "--to", &url], None).await;
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && err.contains("already holds rows"),
+        "{err}"
+    );
+
+    let key = gw.master_key();
+    let moved = Gateway::start_with(move |cfg| {
+        cfg.storage.durable = url;
+        cfg.secrets.master_key = Some(portcullis::secret::Secret::new(key));
+    })
+    .await;
+    assert_eq!(
+        moved.state.signer.current_kid(),
+        kid,
+        "the same signing key"
+    );
+    let copied = moved.audit().await;
+    for e in &trail {
+        assert!(copied.contains(e), "{e:?} not copied");
+    }
+    assert_eq!(
+        copied
+            .iter()
+            .filter(|e| e.event == "storage_copied")
+            .count(),
+        1
+    );
+    // The user signs in on the new database with the same authenticator app.
+    moved.clock.advance(60);
+    let b = moved.sign_in_again(email, &secret).await;
+    assert_eq!(moved.status(&b, "/campaigns").await, 200);
+    moved.state.audit.flush().await;
+    let max_copied = copied.iter().map(|e| e.id).max().unwrap();
+    assert!(
+        moved.audit().await.iter().any(|e| e.id > max_copied),
+        "new events follow the copied ids"
+    );
+    drop(moved);
+    drop_database(&name).await;
+}

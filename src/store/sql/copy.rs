@@ -1,0 +1,152 @@
+//! `portcullis storage copy`: every row of the gateway's tables from one database into a new,
+//! empty one (SQLite to PostgreSQL as a deployment grows past one gateway, or back). Rows go
+//! as they are stored: sealed secrets stay sealed under the same master key, which the target
+//! then requires (its `meta` check value comes along).
+
+use futures_util::TryStreamExt;
+use sqlx::Row;
+
+use super::{unavailable, SqlStore, GATEWAY_TABLES};
+use crate::store::{StoreError, StoreResult};
+
+/// How a column's values are carried: as the target declares the column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Integer,
+    Bytes,
+    Text,
+}
+
+impl Kind {
+    fn of(declared: &str) -> Self {
+        let t = declared.to_ascii_lowercase();
+        if t.contains("int") || t.contains("serial") {
+            Kind::Integer
+        } else if t.contains("bytea") || t.contains("blob") {
+            Kind::Bytes
+        } else {
+            Kind::Text
+        }
+    }
+}
+
+/// What was copied: each table's name and row count, in the order copied.
+pub type Copied = Vec<(&'static str, u64)>;
+
+impl SqlStore {
+    /// The target's columns of `table`, in their order, with how each is carried.
+    async fn columns(&self, table: &str) -> StoreResult<Vec<(String, Kind)>> {
+        let sql = if self.sqlite {
+            "SELECT name, type FROM pragma_table_info($1) ORDER BY cid"
+        } else {
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position"
+        };
+        let rows = sqlx::query(sql)
+            .bind(table)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let name: String = r.try_get(0).map_err(unavailable)?;
+                let declared: String = r.try_get(1).map_err(unavailable)?;
+                Ok((name, Kind::of(&declared)))
+            })
+            .collect()
+    }
+
+    /// The gateway's tables that hold any row.
+    async fn tables_in_use(&self) -> StoreResult<Vec<&'static str>> {
+        let mut used = Vec::new();
+        for table in GATEWAY_TABLES {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            if n > 0 {
+                used.push(table);
+            }
+        }
+        Ok(used)
+    }
+
+    /// Copies every row of the gateway's tables from `self` into `target`, which must be set up
+    /// by this build (migrated first, as `self` is) and hold no row: in one transaction on the target (all rows or
+    /// none), read from one snapshot of `self`. The audit trail's ids are kept, and the
+    /// target's id sequence is set past them.
+    pub async fn copy_into(&self, target: &SqlStore) -> StoreResult<Copied> {
+        // Both set up by this version: the same tables and columns on either side.
+        crate::store::DurableStore::migrate(self).await?;
+        let used = target.tables_in_use().await?;
+        if !used.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "the target database already holds rows ({}): copy into a new, empty database \
+                 that nothing but this command has used",
+                used.join(", ")
+            )));
+        }
+        let mut from = self.pool.begin().await.map_err(unavailable)?;
+        if !self.sqlite {
+            // One snapshot of every table, whatever is written meanwhile.
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *from)
+                .await
+                .map_err(unavailable)?;
+        }
+        let mut into = target.pool.begin().await.map_err(unavailable)?;
+        let mut copied = Vec::new();
+        // `users` first: every other table's rows refer to a user.
+        for table in GATEWAY_TABLES {
+            let columns = target.columns(table).await?;
+            let names = columns
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let params = (1..=columns.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let insert = format!("INSERT INTO {table} ({names}) VALUES ({params})");
+            // Streamed: an audit trail of millions of events is never held whole.
+            let select = format!("SELECT {names} FROM {table}");
+            let mut rows = sqlx::query(&select).fetch(&mut *from);
+            let mut count = 0u64;
+            while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+                count += 1;
+                let mut q = sqlx::query(&insert);
+                for (i, (_, kind)) in columns.iter().enumerate() {
+                    q = match kind {
+                        Kind::Integer => {
+                            q.bind(row.try_get::<Option<i64>, _>(i).map_err(unavailable)?)
+                        }
+                        Kind::Bytes => {
+                            q.bind(row.try_get::<Option<Vec<u8>>, _>(i).map_err(unavailable)?)
+                        }
+                        Kind::Text => {
+                            q.bind(row.try_get::<Option<String>, _>(i).map_err(unavailable)?)
+                        }
+                    };
+                }
+                q.execute(&mut *into).await.map_err(unavailable)?;
+            }
+            drop(rows);
+            copied.push((table, count));
+        }
+        if !target.sqlite {
+            // Explicit ids leave the sequence where it was: the next event would take id 1.
+            sqlx::query(
+                "SELECT setval(pg_get_serial_sequence('audit_events', 'id'), \
+                 COALESCE((SELECT MAX(id) FROM audit_events), 1), \
+                 (SELECT MAX(id) FROM audit_events) IS NOT NULL)",
+            )
+            .execute(&mut *into)
+            .await
+            .map_err(unavailable)?;
+        }
+        into.commit().await.map_err(unavailable)?;
+        from.rollback().await.map_err(unavailable)?;
+        Ok(copied)
+    }
+}
