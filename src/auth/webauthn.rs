@@ -34,6 +34,13 @@ pub const PASSKEY_AMR: [&str; 2] = [AMR_KEY, "user"];
 /// Longest key name kept.
 pub const MAX_NAME: usize = 64;
 
+/// The most keys an account may hold (suspended ones count): browsers refuse a sign-in whose
+/// list of allowed keys is longer than 64, so an account stuffed with keys could never use one.
+pub const MAX_KEYS: usize = 16;
+
+/// The longest credential id taken (WebAuthn Level 3 §7.1: longer ones fail registration).
+const MAX_CREDENTIAL_ID: usize = 1023;
+
 /// Why keys are unavailable, for the start-up log.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -356,6 +363,11 @@ impl Keys {
         Ok(!self.usable(user_id).await?.is_empty())
     }
 
+    /// Whether `user` may register another key ([`MAX_KEYS`]).
+    pub async fn has_room(&self, user_id: &str) -> Result<bool, FlowError> {
+        Ok(self.flow.durable.webauthn_credentials(user_id).await?.len() < MAX_KEYS)
+    }
+
     /// Starts registering a new key for `user`.
     pub async fn start_registration(
         &self,
@@ -500,6 +512,18 @@ impl Keys {
                 return Ok(Registered::Refused(refusal));
             }
         };
+        if passkey.cred_id().as_ref().len() > MAX_CREDENTIAL_ID {
+            let reason = "credential_id_too_long";
+            self.audit_registration(by_admin, "failure", Some(user), reason, client)
+                .await;
+            return Ok(Registered::Refused(Refusal::Rejected(reason)));
+        }
+        if !self.has_room(&user.id).await? {
+            let reason = "too_many_keys";
+            self.audit_registration(by_admin, "failure", Some(user), reason, client)
+                .await;
+            return Ok(Registered::Refused(Refusal::Policy(reason)));
+        }
         if let Some(allowed) = &c.attested_models {
             if !attestation::model_allowed(model, allowed) {
                 let reason = "aaguid_not_allowed";

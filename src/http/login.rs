@@ -796,6 +796,11 @@ const SIGN_IN_STEPS: &[&str] = &[
     "/_portcullis/webauthn/authenticate/",
 ];
 
+/// A signed-in session's fresh proof (`/_portcullis/reauth`, its key ceremony): checked one at a
+/// time for each session, so wrong codes sent all at once are counted one after another and
+/// the session ends at its budget as it does when they come in turn.
+const STEP_UPS: &[&str] = &["/_portcullis/reauth", "/_portcullis/webauthn/reauth/"];
+
 /// The account page's changes of how its owner signs in: run one at a time for each account
 /// (two sets of recovery codes made at once would both be shown, one of them void).
 const ACCOUNT_CHANGES: &[&str] = &[
@@ -815,7 +820,8 @@ pub async fn guard_sign_in_steps(
 ) -> Response {
     let path = req.uri().path();
     let change = ACCOUNT_CHANGES.iter().any(|p| path.starts_with(p));
-    if !change && !SIGN_IN_STEPS.iter().any(|p| path.starts_with(p)) {
+    let step_up = STEP_UPS.iter().any(|p| path.starts_with(p));
+    if !change && !step_up && !SIGN_IN_STEPS.iter().any(|p| path.starts_with(p)) {
         return next.run(req).await;
     }
     let headers = req.headers().clone();
@@ -824,9 +830,12 @@ pub async fn guard_sign_in_steps(
             return Ok(Step::Free);
         };
         if loaded.session.is_authenticated() {
-            return Ok(match change {
-                true => Step::Account(loaded.session.user_id.clone()),
-                false => Step::Free,
+            return Ok(if change {
+                Step::Account(loaded.session.user_id.clone())
+            } else if step_up {
+                Step::StepUp(loaded.key)
+            } else {
+                Step::Free
             });
         }
         let client = super::client(&state, peer, &headers);
@@ -849,7 +858,15 @@ pub async fn guard_sign_in_steps(
                         twice?). Wait a moment, then reload your account page to see it.";
             one_at_a_time(&state, (&claim, busy), next.run(req)).await
         }
-        Ok(Step::Free | Step::Pending(_) | Step::Account(_)) => next.run(req).await,
+        Ok(Step::StepUp(key)) if req.method() == axum::http::Method::POST => {
+            let claim = format!("step_up:{key}");
+            let busy = "This confirmation is being checked already (was it sent twice?). Wait a \
+                        moment, then go back and reload the page.";
+            one_at_a_time(&state, (&claim, busy), next.run(req)).await
+        }
+        Ok(Step::Free | Step::Pending(_) | Step::Account(_) | Step::StepUp(_)) => {
+            next.run(req).await
+        }
         Ok(Step::Moved) if wants_html(&headers) => restart(&state, "moved"),
         Ok(Step::Moved) => {
             let body = serde_json::json!({
@@ -875,6 +892,8 @@ enum Step {
     Moved,
     /// A change of how this user signs in, from the account page of a complete session.
     Account(String),
+    /// A fresh proof of the complete session under this key.
+    StepUp(String),
 }
 
 /// How long a step may hold its claim beyond the time its request's body may take to arrive

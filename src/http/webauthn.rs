@@ -90,6 +90,15 @@ fn expired() -> AppError {
 pub(crate) fn refused(r: Refusal, message: &str) -> AppError {
     match r {
         Refusal::Expired => expired(),
+        Refusal::Policy("too_many_keys") => too_many_keys(),
+        Refusal::Rejected("credential_exists") => AppError::new(
+            StatusCode::CONFLICT,
+            "credential_exists",
+            "This security key or passkey is registered already. Use another one, or sign in with it.",
+        ),
+        Refusal::Rejected("credential_id_too_long") => AppError::bad_request(
+            "This security key's credential id is longer than WebAuthn allows (1023 bytes).",
+        ),
         Refusal::Rejected(_) => AppError::new(
             StatusCode::UNAUTHORIZED,
             "key_rejected",
@@ -192,6 +201,16 @@ pub struct RegisterStart {
     name: String,
 }
 
+/// An account holding [`crate::auth::webauthn::MAX_KEYS`] keys registers no more.
+pub(crate) fn too_many_keys() -> AppError {
+    AppError::new(
+        StatusCode::CONFLICT,
+        "too_many_keys",
+        "This account has as many security keys and passkeys as it may have (16): remove one \
+         it no longer uses before adding another.",
+    )
+}
+
 /// `POST /_portcullis/webauthn/register/start` `{name}` → `{ceremony, options}`.
 pub async fn register_start(
     State(state): State<AppState>,
@@ -207,6 +226,9 @@ pub async fn register_start(
         return Err(AppError::bad_request(
             "A key name has at most 64 characters and no control or invisible characters.",
         ));
+    }
+    if !keys.has_room(&user.id).await? {
+        return Err(crate::http::webauthn::too_many_keys());
     }
     let s = keys
         .start_registration(&user, &loaded.key, &body.name)

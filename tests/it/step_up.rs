@@ -411,6 +411,17 @@ async fn a_session_that_spends_its_step_up_codes_ends_and_the_owner_hears() {
     gw.clock.advance(6 * 60);
     let html = gw.page(&c, "/_portcullis/reauth?next=%2F").await;
     let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    // Sent all at once, they are checked one after another: the others wait their turn (409),
+    // none is counted twice or lost.
+    let burst = (0..8)
+        .map(|_| {
+            c.post(gw.url("/_portcullis/reauth"))
+                .header("accept", "application/json")
+                .form(&[("csrf", csrf.as_str()), ("code", "000000"), ("next", "/")])
+        })
+        .collect();
+    let statuses = super::bad_input::all_at_once(burst).await;
+    assert!(statuses.contains(&409), "{statuses:?}");
     let mut errors = Vec::new();
     for _ in 0..8 {
         let r = c
@@ -441,6 +452,14 @@ async fn a_session_that_spends_its_step_up_codes_ends_and_the_owner_hears() {
         .filter_map(|e| e.reason)
         .collect();
     assert_eq!(ended, ["step_up_codes_exhausted"]);
+    // Exactly the session's budget of wrong codes was checked, the burst's among them.
+    let checked = gw
+        .audit()
+        .await
+        .iter()
+        .filter(|e| e.event == "step_up" && e.reason.as_deref() == Some("bad_code"))
+        .count();
+    assert_eq!(checked, 5);
     let told: Vec<String> = gw
         .outbox()
         .await

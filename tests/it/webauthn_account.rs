@@ -286,3 +286,36 @@ async fn a_key_added_with_a_copied_session_is_undone_from_the_notice() {
     // The link works once.
     assert_eq!(gw.status(&gw.browser(), &link).await, 410);
 }
+
+/// An account holds at most 16 keys: browsers refuse a ceremony whose list of allowed keys is
+/// longer than 64, so an account stuffed with keys (by whoever held a session with a fresh
+/// proof) could never use one. The 17th is refused before the browser is asked.
+#[tokio::test]
+async fn an_account_holds_at_most_sixteen_keys() {
+    let gw = gateway().await;
+    let (c, u, _, _) = with_key(&gw, "many@example.com", "Key 1").await;
+    for n in 2..=16 {
+        register(&gw, &c, &mut key(), &format!("Key {n}")).await;
+    }
+    assert_eq!(credentials(&gw, &u.id).await.len(), 16);
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let r = call(
+        &gw,
+        &c,
+        &csrf,
+        "register/start",
+        serde_json::json!({ "name": "Key 17" }),
+    )
+    .await;
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "too_many_keys", "{v}");
+    assert_eq!(credentials(&gw, &u.id).await.len(), 16);
+    // One removed makes room again.
+    let first = credentials(&gw, &u.id).await[0].id.clone();
+    assert_eq!(
+        location(&remove_key(&gw, &c, &first).await),
+        "/_portcullis/account?notice=key_removed"
+    );
+    register(&gw, &c, &mut key(), "Key 17").await;
+}

@@ -46,6 +46,9 @@ pub async fn register_start(
             "A key name has at most 64 characters and no control or invisible characters.",
         ));
     }
+    if !keys.has_room(&user.id).await? {
+        return Err(crate::http::webauthn::too_many_keys());
+    }
     let s = keys
         .start_registration(&user, &admin.session.key, &body.name)
         .await?;
