@@ -935,6 +935,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             if !crate::policy::is_unconfusable_email(&email) {
                 bail!("`{email}` {}", crate::policy::CONFUSABLE_EMAIL);
             }
+            if let Some(other) = crate::store::lookalike_user(durable.as_ref(), &email).await? {
+                bail!(
+                    "`{email}` looks like the address of the existing user {other}: a user made \
+                     with it could pass for them; use another address"
+                );
+            }
             if admin {
                 if let Some(why) = keys_unavailable(&config) {
                     bail!("admins sign in with a security key, but {why}");
@@ -1184,6 +1190,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             }
             if !crate::policy::is_unconfusable_email(&email) {
                 bail!("`{email}` {}", crate::policy::CONFUSABLE_EMAIL);
+            }
+            if let Some(other) = crate::store::lookalike_user(durable.as_ref(), &email).await? {
+                bail!(
+                    "`{email}` looks like the address of the existing user {other}: a user made \
+                     with it could pass for them; use another address"
+                );
             }
             let user = match durable.user_by_email(&email).await? {
                 Some(u) => {

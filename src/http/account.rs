@@ -241,7 +241,8 @@ pub async fn rename_post(
         &user,
         "webauthn_renamed",
         "success",
-        &format!("key {id}: “{was}” → “{name}”"),
+        // Quoted with escapes: a name holding a quote cannot blur where one ends.
+        &format!("key {id}: {was:?} -> {name:?}"),
     )
     .await;
     Ok(see_other(&format!("{PATH}?notice=key_renamed")))

@@ -833,7 +833,7 @@ pub async fn guard_sign_in_steps(
             return Ok(if change {
                 Step::Account(loaded.session.user_id.clone())
             } else if step_up {
-                Step::StepUp(loaded.key)
+                Step::Confirmation(loaded.key)
             } else {
                 Step::Free
             });
@@ -858,13 +858,13 @@ pub async fn guard_sign_in_steps(
                         twice?). Wait a moment, then reload your account page to see it.";
             one_at_a_time(&state, (&claim, busy), next.run(req)).await
         }
-        Ok(Step::StepUp(key)) if req.method() == axum::http::Method::POST => {
+        Ok(Step::Confirmation(key)) if req.method() == axum::http::Method::POST => {
             let claim = format!("step_up:{key}");
             let busy = "This confirmation is being checked already (was it sent twice?). Wait a \
                         moment, then go back and reload the page.";
             one_at_a_time(&state, (&claim, busy), next.run(req)).await
         }
-        Ok(Step::Free | Step::Pending(_) | Step::Account(_) | Step::StepUp(_)) => {
+        Ok(Step::Free | Step::Pending(_) | Step::Account(_) | Step::Confirmation(_)) => {
             next.run(req).await
         }
         Ok(Step::Moved) if wants_html(&headers) => restart(&state, "moved"),
@@ -893,7 +893,7 @@ enum Step {
     /// A change of how this user signs in, from the account page of a complete session.
     Account(String),
     /// A fresh proof of the complete session under this key.
-    StepUp(String),
+    Confirmation(String),
 }
 
 /// How long a step may hold its claim beyond the time its request's body may take to arrive

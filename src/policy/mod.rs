@@ -217,8 +217,8 @@ pub(crate) fn lenient_reading(path: &str) -> String {
 /// spaces and joiners, direction marks, overrides and isolates, soft hyphen, combining grapheme
 /// joiner, Hangul fillers, interlinear annotation marks, byte-order mark, tag characters,
 /// variation selectors), the Braille blank that shows as a space but is none, and private-use
-/// characters, which show as whatever a font makes of them. Names and addresses that people read
-/// must not hold them.
+/// characters, which show as whatever a font makes of them, and noncharacters. Names and
+/// addresses that people read must not hold them.
 pub fn is_hidden_char(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -243,34 +243,35 @@ pub fn is_hidden_char(c: char) -> bool {
                 | '\u{1D173}'..='\u{1D17A}'
                 | '\u{E0000}'..='\u{E0FFF}'
                 | '\u{F0000}'..='\u{10FFFF}'
+                | '\u{FDD0}'..='\u{FDEF}'
         )
+        || (u32::from(c) & 0xFFFE) == 0xFFFE
 }
 
-/// A combining mark of the blocks that pile marks on a letter (diacritics, their extensions,
-/// marks for symbols, half marks).
+/// A combining mark of any script (Unicode's general category M: Latin diacritics, Thai tone
+/// marks, Hebrew points, Arabic harakat, Devanagari vowel signs…).
 fn is_combining_mark(c: char) -> bool {
-    matches!(
-        c,
-        '\u{0300}'..='\u{036F}'
-            | '\u{0483}'..='\u{0489}'
-            | '\u{1AB0}'..='\u{1AFF}'
-            | '\u{1DC0}'..='\u{1DFF}'
-            | '\u{20D0}'..='\u{20FF}'
-            | '\u{FE20}'..='\u{FE2F}'
-    )
+    unicode_normalization::char::is_combining_mark(c)
 }
 
 /// A text a person will read as a name (a security key's, say): 1 to `max` characters, none of
-/// them hidden ([`is_hidden_char`]), no combining mark first and never more than two on one
-/// letter (a pile of them runs over the lines around it).
+/// them hidden ([`is_hidden_char`]), no combining mark first or on a space, and never more than
+/// two on one letter (a pile of them runs over the lines around it).
 pub fn is_readable_name(name: &str, max: usize) -> bool {
-    let mut marks = 0;
+    let (mut marks, mut base_is_space) = (0, true);
     !name.is_empty()
         && name.chars().count() <= max
-        && name.chars().enumerate().all(|(i, c)| {
-            marks = if is_combining_mark(c) { marks + 1 } else { 0 };
-            let leading_mark = marks > 0 && i == 0;
-            !is_hidden_char(c) && !leading_mark && marks <= 2
+        && name.chars().all(|c| {
+            let mark = is_combining_mark(c);
+            if mark {
+                marks += 1;
+            } else {
+                marks = 0;
+                base_is_space = c.is_whitespace();
+            }
+            // A mark needs a letter under it: none first, none on a space.
+            let stray_mark = mark && base_is_space;
+            !is_hidden_char(c) && !stray_mark && marks <= 2
         })
 }
 
@@ -309,8 +310,24 @@ pub fn is_unconfusable_email(email: &str) -> bool {
     let Some((local, domain)) = email.rsplit_once('@') else {
         return false;
     };
+    // (A domain in IDNA's ASCII form must decode: `xn--abc` that is no punycode is refused.)
+    let (unicode, decoded) = idna::domain_to_unicode(domain);
+    decoded.is_ok()
+        && is_readable_name(local, 64)
+        && local.is_single_script()
+        && unicode.split('.').all(|label| label.is_single_script())
+}
+
+/// What an address looks like, whatever script draws it (Unicode's confusable skeleton, UTS
+/// 39, of the address with its domain read back from IDNA, in lower case): `аӏісе@` in Cyrillic
+/// and `alice@` look alike.
+pub fn email_skeleton(email: &str) -> String {
+    let (local, domain) = email.rsplit_once('@').unwrap_or((email, ""));
     let (unicode, _) = idna::domain_to_unicode(domain);
-    local.is_single_script() && unicode.split('.').all(|label| label.is_single_script())
+    let text = format!("{local}@{unicode}");
+    unicode_security::skeleton(&text)
+        .collect::<String>()
+        .to_lowercase()
 }
 
 /// What is said when [`is_unconfusable_email`] refuses an address.
@@ -558,6 +575,39 @@ mod tests {
             let email = crate::store::normalise_email(raw);
             assert!(is_plausible_email(&email), "{raw:?} as {email:?}");
             assert_eq!(is_unconfusable_email(&email), good, "{raw:?} as {email:?}");
+        }
+        // Whole-script and compatibility look-alikes: folded to the letters they stand for,
+        // or drawn like them.
+        assert_eq!(
+            crate::store::normalise_email("\u{ff41}\u{ff4c}ice@example.com"),
+            "alice@example.com"
+        );
+        assert_eq!(
+            crate::store::normalise_email("a\u{2113}ice@example.com"),
+            "alice@example.com"
+        );
+        for lookalike in [
+            "\u{430}\u{4cf}\u{456}\u{441}\u{435}@example.com",
+            "al\u{131}ce@example.com",
+        ] {
+            let email = crate::store::normalise_email(lookalike);
+            assert_eq!(
+                email_skeleton(&email),
+                email_skeleton("alice@example.com"),
+                "{lookalike:?}"
+            );
+        }
+        assert_ne!(
+            email_skeleton("alice@example.com"),
+            email_skeleton("alicia@example.com")
+        );
+        for refused in [
+            "\u{301}alice@example.com",
+            "x@xn--abc.com",
+            "ali\u{301}\u{301}\u{301}\u{301}ce@example.com",
+        ] {
+            let email = crate::store::normalise_email(refused);
+            assert!(!is_unconfusable_email(&email), "{refused:?}");
         }
         // An internationalised domain is one mailbox in either spelling.
         assert_eq!(

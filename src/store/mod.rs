@@ -595,7 +595,10 @@ pub async fn open(
 /// Normalises a sign-in email for lookup: trimmed and lower-cased, so `Alice@X` and `alice@x`
 /// are one account with one guess budget.
 pub fn normalise_email(email: &str) -> String {
-    let email = email.trim().to_lowercase();
+    use unicode_normalization::UnicodeNormalization;
+    // Compatibility forms folded (NFKC: fullwidth `ａ`, `ℓ`, mathematical letters are the
+    // letters they stand for), then lower case.
+    let email: String = email.trim().nfkc().collect::<String>().to_lowercase();
     // An internationalised domain in its ASCII form (IDNA, UTS 46): `пример.рф` and
     // `xn--e1afmkfd.xn--p1ai` are one mailbox, and a domain that only looks like another shows
     // as what it is.
@@ -606,6 +609,21 @@ pub fn normalise_email(email: &str) -> String {
         },
         _ => email,
     }
+}
+
+/// An existing user whose address looks like `email` (a new user's, normalised) without being
+/// it ([`crate::policy::email_skeleton`]): a user made with it could pass for that one.
+pub async fn lookalike_user(
+    durable: &dyn DurableStore,
+    email: &str,
+) -> StoreResult<Option<String>> {
+    let skeleton = crate::policy::email_skeleton(email);
+    Ok(durable
+        .list_users()
+        .await?
+        .into_iter()
+        .find(|u| u.email != email && crate::policy::email_skeleton(&u.email) == skeleton)
+        .map(|u| u.email))
 }
 
 #[cfg(test)]

@@ -186,6 +186,17 @@ async fn user_add_reads_the_password_from_stdin_and_enforces_policy() {
         !ok && err.contains("mixes letters of different scripts"),
         "{err}"
     );
+    // Drawn alike in one script (Cyrillic) is refused; a compatibility form (fullwidth) is the
+    // same user.
+    let (ok, err) = add("scope@example.com").await;
+    assert!(ok, "{err}");
+    let (ok, err) = add("\u{455}\u{441}\u{43e}\u{440}\u{435}@example.com").await;
+    assert!(
+        !ok && err.contains("looks like the address of the existing user scope@example.com"),
+        "{err}"
+    );
+    let (ok, err) = add("\u{ff4e}ew@example.com").await;
+    assert!(!ok && err.contains("already exists"), "{err}");
     let (ok, err) = add("u@\u{43f}\u{440}\u{438}\u{43c}\u{435}\u{440}.\u{440}\u{444}").await;
     assert!(ok, "{err}");
     let (ok, err) = add("u@xn--e1afmkfd.xn--p1ai").await;

@@ -78,7 +78,10 @@ async fn keys_are_renamed_and_removed_from_the_account_page() {
         .collect();
     assert_eq!(
         renamed,
-        [format!("key {}: “Old name” → “<b>New</b> name”", cred.id)]
+        [format!(
+            "key {}: \"Old name\" -> \"<b>New</b> name\"",
+            cred.id
+        )]
     );
 
     // A name that reads otherwise than it is (a direction override, a zero-width space, a blank
@@ -92,6 +95,9 @@ async fn keys_are_renamed_and_removed_from_the_account_page() {
         "Key \u{E000}",
         "Ke\u{301}\u{301}\u{301}\u{301}y",
         "\u{301}Key",
+        "K\u{e48}\u{e49}\u{e4a}\u{e4b}",
+        "Key \u{e48}",
+        "Key\u{ffff}",
     ] {
         let r = post_form(
             &gw,

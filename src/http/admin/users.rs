@@ -162,7 +162,19 @@ pub async fn create_post(
     if !crate::policy::is_unconfusable_email(&email) {
         return bad(
             "This address mixes letters of different scripts (a Cyrillic а among Latin \
-             letters, say), so it could pass for another address.",
+             letters, say), or holds marks or a domain that do not read as they are, so it could \
+             pass for another address.",
+        )
+        .await;
+    }
+    if crate::store::lookalike_user(state.durable.as_ref(), &email)
+        .await?
+        .is_some()
+    {
+        return refused(
+            "This address looks like the address of an existing user, so a user made with it \
+             could pass for them. Use another address.",
+            StatusCode::CONFLICT,
         )
         .await;
     }
