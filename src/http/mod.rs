@@ -499,10 +499,11 @@ fn trim_quotes(mut value: &[u8]) -> &[u8] {
 }
 
 /// The request's `User-Agent` as the gateway keeps it, compares and shows it: its first 512
-/// characters, read as UTF-8 with bytes that are not, controls and hidden characters
-/// ([`crate::policy::is_hidden_char`]) each put as U+FFFD, so a browser string with one odd
-/// byte is still that browser (in the audit trail, a device's name, the bound cookie's context)
-/// and never an empty one that any other odd string would match.
+/// characters, read as UTF-8, bytes that are not read as Latin-1 (as browsers send a string
+/// beyond ASCII from scripts), and controls and hidden characters
+/// ([`crate::policy::is_hidden_char`]) written as `\u{…}`: a browser string with odd bytes is
+/// still that browser (in the audit trail, a device's name, the bound cookie's context), and
+/// two strings that differ in odd bytes stay two.
 pub(crate) fn user_agent_of(headers: &HeaderMap) -> std::borrow::Cow<'_, str> {
     const MAX_CHARS: usize = 512;
     let Some(value) = headers.get(header::USER_AGENT) else {
@@ -519,16 +520,17 @@ pub(crate) fn user_agent_of(headers: &HeaderMap) -> std::borrow::Cow<'_, str> {
     let mut out = String::with_capacity(value.len().min(4 * MAX_CHARS));
     let mut count = 0;
     'chunks: for chunk in value.as_bytes().utf8_chunks() {
-        let invalid = (!chunk.invalid().is_empty()).then_some(char::REPLACEMENT_CHARACTER);
-        for c in chunk.valid().chars().chain(invalid) {
+        let latin1 = chunk.invalid().iter().map(|&b| char::from(b));
+        for c in chunk.valid().chars().chain(latin1) {
             if count == MAX_CHARS {
                 break 'chunks;
             }
-            out.push(if crate::policy::is_hidden_char(c) {
-                char::REPLACEMENT_CHARACTER
+            if crate::policy::is_hidden_char(c) {
+                use std::fmt::Write;
+                let _ = write!(out, "\\u{{{:04X}}}", u32::from(c));
             } else {
-                c
-            });
+                out.push(c);
+            }
             count += 1;
         }
     }
@@ -788,13 +790,16 @@ mod tests {
         };
         assert_eq!(user_agent_of(&HeaderMap::new()), "");
         assert_eq!(ua(b"Mozilla/5.0 (X11)"), "Mozilla/5.0 (X11)");
-        assert_eq!(ua("Chrome/120 é".as_bytes()), "Chrome/120 é");
-        assert_eq!(ua(b"Other/1.0 \xff\xfe"), "Other/1.0 \u{fffd}\u{fffd}");
-        assert_eq!(ua(b"a\xffb\tc"), "a\u{fffd}b\u{fffd}c");
-        assert_eq!(ua("x \u{202e}y".as_bytes()), "x \u{fffd}y");
-        assert_eq!(ua("\u{9b}31m".as_bytes()), "\u{fffd}31m");
-        assert_ne!(ua("A é".as_bytes()), ua("B é".as_bytes()));
-        let long = "é".repeat(600);
+        assert_eq!(ua("Chrome/120 \u{e9}".as_bytes()), "Chrome/120 \u{e9}");
+        // Latin-1 bytes, as a browser's scripts send them, read as the same letters.
+        assert_eq!(ua(b"T\xebst"), ua("T\u{eb}st".as_bytes()));
+        assert_ne!(ua(b"T\xebst"), ua(b"T\xe8st"));
+        assert_eq!(ua(b"a\xffb\tc"), "a\u{ff}b\\u{0009}c");
+        assert_eq!(ua("x \u{202e}y".as_bytes()), "x \\u{202E}y");
+        assert_eq!(ua("\u{9b}31m".as_bytes()), "\\u{009B}31m");
+        assert_ne!(ua("\u{9b}".as_bytes()), ua("\u{9c}".as_bytes()));
+        assert_ne!(ua("\u{200b}".as_bytes()), ua("\u{200c}".as_bytes()));
+        let long = "\u{e9}".repeat(600);
         assert_eq!(ua(long.as_bytes()).chars().count(), 512);
         assert_eq!(ua("a".repeat(600).as_bytes()).len(), 512);
     }
