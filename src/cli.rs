@@ -725,6 +725,8 @@ pub async fn serve(config: Config) -> Result<()> {
     for w in advice(&state.config) {
         tracing::warn!("{w}");
     }
+    // Said at start (and by every readiness probe while it lasts).
+    crate::http::health::clock_off(&state).await;
     crate::server::run_with(listener, state, shutdown_signal(), hangups).await?;
     Ok(())
 }
@@ -1263,6 +1265,25 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                     "--switch-algorithm {a}: the gateways sign with {to} already, as token.algorithm \
                      says; leave the option out to rotate within {to}. Nothing was changed."
                 ),
+            }
+            // The key's times are this host's: from a clock the gateways do not share it would
+            // sign too early (before every cache has it) or not for a long while.
+            let max = config.server.max_clock_skew;
+            if !max.is_zero() {
+                let before = clock.now_millis();
+                if let Some(server) = durable.server_time_ms().await? {
+                    let offset = (before + clock.now_millis()) / 2 - server;
+                    if offset.unsigned_abs() > max.as_millis() as u64 {
+                        bail!(
+                            "this host's clock is {} ms {} the database's (more than \
+                             server.max_clock_skew): a key made here would start signing at the \
+                             wrong time on the gateways. Set the clock right (NTP) and rotate \
+                             again. Nothing was changed.",
+                            offset.abs(),
+                            if offset > 0 { "ahead of" } else { "behind" }
+                        );
+                    }
+                }
             }
             let kid = crate::token::rotate(durable.as_ref(), &key, &config, clock.now()).await?;
             let mut ev = audit("signing_key_rotated", None, "cli");

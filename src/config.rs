@@ -306,6 +306,11 @@ pub struct ServerConfig {
     /// `IP:PORT` of a plain-HTTP listener that answers every request with a 308 to the same path
     /// on `public_url`'s https origin (never on the request's Host). Unset: none.
     pub redirect_http_listen: Option<String>,
+    /// How far this gateway's clock may be from the shared stores' (Redis's, else
+    /// PostgreSQL's) before the gateway says it is not ready: gateways compare the times other
+    /// gateways stored (sessions, proofs, keys, counters) with their own. `0s`: not checked.
+    #[serde(with = "duration")]
+    pub max_clock_skew: Duration,
 }
 
 impl Default for ServerConfig {
@@ -322,6 +327,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             redirect_http_listen: None,
+            max_clock_skew: Duration::from_secs(2),
         }
     }
 }
@@ -1147,6 +1153,14 @@ impl Config {
             if t < Duration::from_millis(100) || t > Duration::from_secs(3600) {
                 return Err(key_err(key, "must be between 100ms and 1h"));
             }
+        }
+        if s.max_clock_skew > Duration::from_secs(600)
+            || (!s.max_clock_skew.is_zero() && s.max_clock_skew < Duration::from_millis(100))
+        {
+            return Err(key_err(
+                "server.max_clock_skew",
+                "must be 0s (not checked) or between 100ms and 10m",
+            ));
         }
         if s.max_form_bytes < 1024 || s.max_form_bytes > 1024 * 1024 {
             return Err(key_err(

@@ -42,18 +42,68 @@ pub async fn readyz_get(State(state): State<AppState>) -> Response {
         check("durable", state.durable.ping()),
         check("ephemeral", state.ephemeral.ping())
     );
-    let ready = durable && ephemeral;
+    let offset = match durable && ephemeral {
+        true => clock_off(&state).await,
+        false => None,
+    };
+    let ready = durable && ephemeral && offset.is_none();
     let word = |up: bool| if up { "up" } else { "down" };
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "unavailable" },
         "stores": { "durable": word(durable), "ephemeral": word(ephemeral) },
     });
+    if let Some(ms) = offset {
+        body["clock"] = json!({
+            "offset_ms": ms,
+            "max_ms": state.config.server.max_clock_skew.as_millis() as u64,
+        });
+    }
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     probe_answer(status, body)
+}
+
+/// How far (ms, positive when ahead) this gateway's clock is from the clock its gateways
+/// share (Redis's, else PostgreSQL's), where one is shared, the check is on
+/// (`server.max_clock_skew`) and the clock is off by more: `None` when it is not.
+pub async fn clock_off(state: &AppState) -> Option<i64> {
+    let max = state.config.server.max_clock_skew;
+    if max.is_zero() {
+        return None;
+    }
+    let offset = clock_offset_ms(state).await?;
+    let limit = i64::try_from(max.as_millis()).unwrap_or(i64::MAX);
+    if offset.abs() <= limit {
+        return None;
+    }
+    tracing::warn!(
+        offset_ms = offset,
+        max_ms = limit,
+        "this gateway's clock is off from the shared store's by more than server.max_clock_skew: \
+         not ready (sessions, proofs, keys and limits compare times other gateways stored)"
+    );
+    Some(offset)
+}
+
+/// This gateway's clock less the shared store's (ms), measured half way through the question;
+/// `None` where no store shares a clock or it does not answer in time.
+pub async fn clock_offset_ms(state: &AppState) -> Option<i64> {
+    let before = state.clock.now_millis();
+    let asked = async {
+        match state.ephemeral.server_time_ms().await? {
+            Some(t) => Ok(Some(t)),
+            None => state.durable.server_time_ms().await,
+        }
+    };
+    let server = tokio::time::timeout(PROBE_TIMEOUT, asked)
+        .await
+        .ok()?
+        .ok()??;
+    let after = state.clock.now_millis();
+    Some(before + (after - before) / 2 - server)
 }
 
 /// Whether a store answered in time; failures are logged (without secrets: store errors never

@@ -73,6 +73,9 @@ impl DurableStore for Timed<dyn DurableStore> {
     async fn ping(&self) -> StoreResult<()> {
         self.durable(PING, self.inner.ping()).await
     }
+    async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
+        self.durable(PING, self.inner.server_time_ms()).await
+    }
     async fn create_user(&self, new: NewUser, now: UnixTime) -> StoreResult<User> {
         self.durable(WRITE, self.inner.create_user(new, now)).await
     }
@@ -382,6 +385,9 @@ impl DurableStore for Timed<dyn DurableStore> {
 impl EphemeralStore for Timed<dyn EphemeralStore> {
     async fn ping(&self) -> StoreResult<()> {
         self.ephemeral(PING, self.inner.ping()).await
+    }
+    async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
+        self.ephemeral(PING, self.inner.server_time_ms()).await
     }
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         self.ephemeral(READ, self.inner.get(key)).await

@@ -313,6 +313,11 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn migrate(&self) -> StoreResult<()>;
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> StoreResult<()>;
+    /// The store server's clock (Unix milliseconds), where it is another host's that every
+    /// gateway shares (PostgreSQL; not an embedded SQLite file).
+    async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
+        Ok(None)
+    }
 
     async fn create_user(&self, new: NewUser, now: UnixTime) -> StoreResult<User>;
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
@@ -527,6 +532,11 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
 pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> StoreResult<()>;
+    /// The store server's clock (Unix milliseconds), where every gateway shares it (Redis; not
+    /// the memory store).
+    async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
+        Ok(None)
+    }
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()>;
     /// Stores only if the key is absent; true when stored (`SET NX EX`).

@@ -516,6 +516,11 @@ impl EphemeralStore for RedisStore {
         self.serves_scripts().await
     }
 
+    async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
+        let (secs, micros): (i64, i64) = self.run("time", &redis::cmd("TIME")).await?;
+        Ok(Some(secs * 1000 + micros / 1000))
+    }
+
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         self.run("get", redis::cmd("GET").arg(self.key(key))).await
     }

@@ -580,6 +580,19 @@ impl DurableStore for SqlStore {
         Ok(())
     }
 
+    async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
+        if self.sqlite {
+            return Ok(None);
+        }
+        let ms: i64 = sqlx::query_scalar(
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Some(ms))
+    }
+
     async fn create_user(&self, new: NewUser, now: UnixTime) -> StoreResult<User> {
         let user = User {
             id: uuid::Uuid::new_v4().to_string(),

@@ -1985,3 +1985,51 @@ async fn storage_copy_moves_a_sqlite_gateway_to_postgres() {
     drop(moved);
     drop_database(&name).await;
 }
+
+/// `keys rotate` from a host whose clock is off from the database's would make a key that signs
+/// too early on the gateways (before every JWKS cache has it) or not for a long while: refused,
+/// nothing changed; from a host on time it goes through. (The host's clock is moved with
+/// libfaketime, Debian's `faketime`.)
+#[tokio::test]
+async fn a_rotation_from_a_host_whose_clock_is_off_is_refused() {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        std::path::Path::new(LIB).exists(),
+        "libfaketime is needed for this test: apt-get install faketime"
+    );
+    let (name, url) = fresh_database().await;
+    let gw = Gateway::start_with(move |c| c.storage.durable = url).await;
+    let kid = gw.state.signer.current_kid();
+    let skew = [("PORTCULLIS__SERVER__MAX_CLOCK_SKEW", "2s")];
+    for offset in ["+300s", "-300s"] {
+        let out = gw
+            .cli_env(
+                &["keys", "rotate"],
+                None,
+                &[skew[0], ("LD_PRELOAD", LIB), ("FAKETIME", offset)],
+            )
+            .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{offset}: {err}");
+        assert!(
+            err.contains("clock is") && err.contains("Nothing was changed"),
+            "{offset}: {err}"
+        );
+    }
+    let rotated = gw
+        .audit()
+        .await
+        .iter()
+        .filter(|e| e.event == "signing_key_rotated")
+        .count();
+    assert_eq!(rotated, 0);
+    assert_eq!(gw.state.signer.current_kid(), kid);
+    let out = gw.cli_env(&["keys", "rotate"], None, &skew).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(gw);
+    drop_database(&name).await;
+}

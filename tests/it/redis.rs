@@ -507,3 +507,33 @@ async fn typed_sign_in_addresses_are_not_kept_in_redis() {
         .await
         .unwrap();
 }
+
+/// Gateways compare times that other gateways stored (sessions, proofs, signing keys, the
+/// per-second sign-in budget) with their own clock: a gateway whose clock is off from the one
+/// its fleet shares (Redis's here, else PostgreSQL's) by more than `server.max_clock_skew` says
+/// it is not ready, naming the offset, until its clock is right again; on one gateway's memory
+/// store there is no shared clock to compare with.
+#[tokio::test]
+async fn a_gateway_whose_clock_is_off_is_not_ready() {
+    let gw = Gateway::start_with(|c| {
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        c.server.max_clock_skew = Duration::from_secs(2);
+    })
+    .await;
+    let (s, body) = status(&gw, "/_portcullis/readyz").await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.get("clock").is_none(), "{body}");
+    gw.clock.advance(100);
+    let (s, body) = status(&gw, "/_portcullis/readyz").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["stores"]["ephemeral"], "up");
+    let off = body["clock"]["offset_ms"].as_i64().unwrap();
+    assert!((99_000..=101_000).contains(&off), "{body}");
+    assert_eq!(body["clock"]["max_ms"], 2000);
+
+    let alone = Gateway::start_with(|c| c.server.max_clock_skew = Duration::from_secs(2)).await;
+    alone.clock.advance(100);
+    assert_eq!(status(&alone, "/_portcullis/readyz").await.0, 200);
+}
