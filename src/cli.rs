@@ -318,6 +318,16 @@ pub fn init_logging(config: &Config) {
             }
         }
     }
+    // The WebAuthn library logs a visitor's malformed answer at ERROR, with its bytes: the
+    // refusal is the gateway's to report (audited, and logged at debug), not an operator's
+    // alert, unless asked for by name.
+    if !config.log.level.contains("webauthn") {
+        for quiet in ["webauthn_rs_core=off", "webauthn_rs=off"] {
+            if let Ok(quiet) = quiet.parse() {
+                filter = filter.add_directive(quiet);
+            }
+        }
+    }
     // Colours only for a terminal: in a file or the journal they are escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1620,6 +1620,18 @@ impl Config {
                     "must be the domain of server.public_url or a parent domain of it",
                 ));
             }
+            // Browsers refuse a public suffix (`com`, `co.uk`) as a relying party: no key
+            // could ever be registered.
+            let lower = rp_id.to_ascii_lowercase();
+            if psl::suffix(lower.as_bytes())
+                .is_some_and(|x| x.is_known() && x.as_bytes() == lower.as_bytes())
+            {
+                return Err(key_err(
+                    "webauthn.rp_id",
+                    "is a public suffix (such as com or co.uk), which browsers refuse for \
+                     security keys: use your own domain (example.com) or the public URL's host",
+                ));
+            }
         }
         Ok(())
     }

@@ -476,6 +476,24 @@ fn webauthn_bad_values_are_refused_with_the_key() {
         let e = load_str(&format!("{site}{extra}\n"), &[]).unwrap_err();
         assert!(e.to_string().contains(key), "{extra}: {e}");
     }
+    // A public suffix is a parent domain browsers never take as a relying party.
+    for (url, rp_id) in [
+        ("https://login.esp.example.com/", "com"),
+        ("https://login.esp.example.co.uk/", "co.uk"),
+    ] {
+        let e = load_str(
+            &format!("[server]\npublic_url = \"{url}\"\n[webauthn]\nrp_id = \"{rp_id}\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("public suffix"), "{rp_id}: {e}");
+    }
+    let c = load_str(
+        "[server]\npublic_url = \"https://login.esp.example.co.uk/\"\n[webauthn]\nrp_id = \"example.co.uk\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.webauthn_rp_id().as_deref(), Some("example.co.uk"));
     // Keys are off in effect with an IP address as the public URL's host: a rule that wants
     // them would let nobody it covers sign in, or reach its paths.
     for (extra, key) in [
