@@ -536,15 +536,14 @@ pub struct CodeForm {
     remember: bool,
 }
 
-/// How long "remember this browser" lasts, in words: its largest unit (days, hours or
-/// minutes), rounded down, never "0 days".
+/// How long "remember this browser" lasts, in words: in the largest unit (days, hours,
+/// minutes, seconds) that tells it exactly ("36 hours", never a rounded "1 day").
 fn remember_for(state: &AppState) -> String {
-    let secs = state.config.remember_device.lifetime.as_secs();
-    let (n, unit) = match secs {
-        86_400.. => (secs / 86_400, "day"),
-        3_600.. => (secs / 3_600, "hour"),
-        _ => ((secs / 60).max(1), "minute"),
-    };
+    let secs = state.config.remember_device.lifetime.as_secs().max(1);
+    let (n, unit) = [(86_400, "day"), (3_600, "hour"), (60, "minute"), (1, "second")]
+        .into_iter()
+        .find(|(size, _)| secs % size == 0)
+        .map_or((secs, "second"), |(size, unit)| (secs / size, unit));
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 

@@ -333,6 +333,8 @@ async fn the_offer_says_how_long_in_words() {
         (86_400, "for 1 day"),
         (12 * 3_600, "for 12 hours"),
         (4 * 60, "for 4 minutes"),
+        (36 * 3_600, "for 36 hours"),
+        (90, "for 90 seconds"),
     ] {
         let gw = Gateway::start_with(|c| {
             binding_on(c);
