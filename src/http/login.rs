@@ -540,10 +540,15 @@ pub struct CodeForm {
 /// minutes, seconds) that tells it exactly ("36 hours", never a rounded "1 day").
 fn remember_for(state: &AppState) -> String {
     let secs = state.config.remember_device.lifetime.as_secs().max(1);
-    let (n, unit) = [(86_400, "day"), (3_600, "hour"), (60, "minute"), (1, "second")]
-        .into_iter()
-        .find(|(size, _)| secs % size == 0)
-        .map_or((secs, "second"), |(size, unit)| (secs / size, unit));
+    let (n, unit) = [
+        (86_400, "day"),
+        (3_600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ]
+    .into_iter()
+    .find(|(size, _)| secs % size == 0)
+    .map_or((secs, "second"), |(size, unit)| (secs / size, unit));
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
@@ -1005,10 +1010,13 @@ fn is_enrolling(s: &Stage) -> bool {
 }
 
 /// Renders the enrolment page for the secret in the session.
+/// An account held to security keys (an enrolment link for a key only, or
+/// `webauthn.require_phishing_resistant` and its per-account list) is shown the key's
+/// registration alone: it could never confirm an authenticator app.
 fn enrol_page(
     state: &AppState,
     loaded: &Loaded,
-    email: &str,
+    user: &crate::store::User,
     csrf: &str,
     error: Option<&str>,
     status: StatusCode,
@@ -1016,6 +1024,7 @@ fn enrol_page(
     let Some(secret) = state.login.enrolment_secret(&loaded.session)? else {
         return Ok(see_other(&stage_page(loaded)));
     };
+    let email = user.email.as_str();
     let uri = totp::otpauth_uri(secret.expose(), &state.login.totp_issuer, email);
     let page = pages::EnrolTotp {
         csrf,
@@ -1027,7 +1036,10 @@ fn enrol_page(
         key_only: matches!(
             loaded.session.stage,
             Stage::EnrolTotp { key_only: true, .. }
-        ),
+        ) || state
+            .config
+            .webauthn
+            .requires_phishing_resistant(&user.account_id),
     };
     Ok(render(status, &page))
 }
@@ -1046,7 +1058,7 @@ pub async fn enrol_get(
     };
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
-        enrol_page(&state, &loaded, &user.email, &token, None, StatusCode::OK)?,
+        enrol_page(&state, &loaded, &user, &token, None, StatusCode::OK)?,
         set,
     ))
 }
@@ -1087,18 +1099,26 @@ pub async fn enrol_post(
         .confirm_enrolment(&mut loaded.session, &form.code, &client)
         .await?;
     let (token, set) = csrf_token(&state, &headers);
-    let retry = enrol_page(
-        &state,
-        &before,
-        &user.email,
-        &token,
-        Some("That code is not right. Check the time on your device and enter the current code."),
-        StatusCode::UNAUTHORIZED,
-    )?;
-    after_code(&state, &headers, &client, loaded, outcome, |_| {
-        with_cookies(retry, set)
-    })
-    .await
+    let wrong = matches!(outcome, CodeOutcome::Rejected);
+    let retry = |msg: &str| {
+        // A wrong code here is most often a device's clock; any other refusal says its own.
+        let msg = if wrong {
+            "That code is not right. Check the time on your device and enter the current code."
+        } else {
+            msg
+        };
+        let page = enrol_page(
+            &state,
+            &before,
+            &user,
+            &token,
+            Some(msg),
+            StatusCode::UNAUTHORIZED,
+        )
+        .unwrap_or_else(IntoResponse::into_response);
+        with_cookies(page, set)
+    };
+    after_code(&state, &headers, &client, loaded, outcome, retry).await
 }
 
 /// Recovery codes of `user_id` sealed to be shown once (one per line), opened.

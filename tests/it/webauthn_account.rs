@@ -179,14 +179,23 @@ async fn accounts_that_require_keys_refuse_codes() {
     let c = gw.browser();
     let r = gw.password(&c, "strict@example.com", PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // The page offers the key alone: no authenticator app to set up that could never count.
     let html = gw.page(&c, "/_portcullis/enrol/totp").await;
-    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
-    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
-    let r = gw
-        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
-        .await;
+    assert!(
+        html.contains("This account must sign in with a security key or passkey")
+            && !html.contains("id=\"totp-secret\""),
+        "{html}"
+    );
+    // A code sent all the same is refused for what it is, with the page saying why, not that
+    // the code is wrong.
+    let r = gw.code(&c, "/_portcullis/enrol/totp", "123456").await;
     assert_eq!(r.status(), 403);
-    assert!(r.text().await.unwrap().contains("security key or passkey"));
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("must sign in with a security key or passkey: codes are not accepted")
+            && !text.contains("That code is not right"),
+        "{text}"
+    );
     let mut k = key();
     let (csrf, body) = registration(&gw, &c, &mut k, "/_portcullis/enrol/totp", "Desk").await;
     assert_eq!(
