@@ -821,12 +821,17 @@ async fn find_user(durable: &dyn DurableStore, email: &str) -> Result<User> {
 
 /// The mail queue, for commands that tell an owner about a change (the gateways deliver it).
 fn notifier(config: &Config, durable: &Arc<dyn DurableStore>) -> Result<crate::notify::Notifier> {
-    Ok(crate::notify::Notifier::new(
+    let notifier = crate::notify::Notifier::new(
         &config.notify,
         &config.server.public_url,
         durable.clone(),
         Arc::new(SystemClock),
-    )?)
+    )?;
+    // Sealed where the command has the master key (checked to be the database's already).
+    Ok(match config.master_key() {
+        Ok(key) => notifier.sealing_with(Arc::new(key)),
+        Err(_) => notifier,
+    })
 }
 
 /// Why security keys cannot be used on this gateway, if they cannot.

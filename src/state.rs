@@ -142,12 +142,15 @@ impl AppState {
         if let Some(channel) = &channel {
             listen(channel, &cache, &user_gate);
         }
-        let notifier = Arc::new(crate::notify::Notifier::new(
-            &config.notify,
-            &config.server.public_url,
-            durable.clone(),
-            clock.clone(),
-        )?);
+        let notifier = Arc::new(
+            crate::notify::Notifier::new(
+                &config.notify,
+                &config.server.public_url,
+                durable.clone(),
+                clock.clone(),
+            )?
+            .sealing_with(master_key.clone()),
+        );
         let login = LoginFlow {
             metrics: metrics.clone(),
             webauthn_policy: config.webauthn.clone(),
