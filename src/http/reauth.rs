@@ -266,7 +266,9 @@ pub async fn key_start(
         None => Err(AppError::new(
             StatusCode::NOT_FOUND,
             "no_keys",
-            "No security key is registered for this account.",
+            "No security key of this account can be used: none is registered, or each was \
+             suspended (a possible copy, or a \"this wasn't me\" report) until an administrator \
+             restores it. Use your authenticator app or a recovery code.",
         )),
     }
 }

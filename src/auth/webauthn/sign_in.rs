@@ -373,13 +373,15 @@ impl Keys {
             .notifier
             .change_notice(
                 user,
-                &format!(
-                    "your security key \"{}\" answered as a copy of itself would (its signature \
+                &crate::notify::Notifier::key_change(
+                    "one of your security keys answered as a copy of itself would (its signature \
                      counter went backwards), so it was suspended and every session of the account \
                      was ended",
-                    stored.name
+                    &stored.name,
                 ),
-                "Sign in with another key or your authenticator app. If the key was out of your\n\
+                "Sign in with another key, your authenticator app or one of your recovery codes\n\
+                 (an administrator can restore the key, or give you an enrolment link). If the key\n\
+                 was out of your\n\
                  hands, or you cannot tell why this happened, tell your administrator: someone may\n\
                  have copied it.\n",
             )
