@@ -192,6 +192,7 @@ pub async fn login_get(
         .unwrap_or_default();
     let mut username = String::new();
     let mut ended = false;
+    let mut factor_given = false;
     if let Some(loaded) = current_session(&state, &headers).await? {
         if loaded.session.is_authenticated() {
             if live_user(&state, &loaded).await?.is_some() {
@@ -208,6 +209,7 @@ pub async fn login_get(
             ended = true;
         }
         if awaits_password(&loaded.session) {
+            factor_given = true;
             if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
                 username = u.email;
             }
@@ -222,6 +224,7 @@ pub async fn login_get(
         error: None,
         notice,
         passkeys: state.keys.is_some(),
+        factor_given,
     };
     let page = with_cookies(render(StatusCode::OK, &page), set);
     Ok(if ended {
@@ -421,6 +424,7 @@ fn login_refused(
         error: Some(&refused.message),
         notice: None,
         passkeys: state.keys.is_some(),
+        factor_given: false,
     };
     Ok(with_cookies(render(refused.status, &page), set))
 }

@@ -16,6 +16,8 @@ pub struct Login<'a> {
     pub notice: Option<&'a str>,
     /// Offer passkey sign-in (WebAuthn is available here).
     pub passkeys: bool,
+    /// The second factor came first and is given: the password is the last step.
+    pub factor_given: bool,
 }
 
 #[derive(Template)]

@@ -540,6 +540,10 @@ async fn after_100_wrong_passwords_the_second_factor_comes_first() {
         .await;
     assert!(page.contains("Now enter your password"), "{page}");
     assert!(page.contains(&format!("value=\"{email}\"")), "{page}");
+    assert!(
+        !page.contains("asked for a second factor next"),
+        "the factor is given: {page}"
+    );
     let r = gw.password(&owner, email, WRONG, "").await;
     assert_eq!(r.status(), 401);
     let r = gw.password(&owner, email, PASSWORD, "").await;
