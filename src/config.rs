@@ -839,13 +839,24 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
             let before = text.get(..span.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            // A duplicate key's span covers the key alone: its name (never a value) is said.
-            let key = text.get(span.clone()).filter(|k| {
-                what == "duplicate key"
-                    && (1..=64).contains(&k.len())
+            // A duplicate key's span covers the key alone: its name (never a value) is said,
+            // a quoted spelling (`"listen"`, `"\u006cisten"`) read as TOML reads it.
+            let bare = |k: &str| {
+                (1..=64).contains(&k.len())
                     && k.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            });
+            };
+            let key = text
+                .get(span.clone())
+                .filter(|_| what == "duplicate key")
+                .and_then(|k| match k.starts_with(['"', '\'']) {
+                    true => format!("k = {k}")
+                        .parse::<toml::Table>()
+                        .ok()
+                        .and_then(|t| t.get("k").and_then(|v| v.as_str()).map(str::to_string)),
+                    false => Some(k.to_string()),
+                })
+                .filter(|k| bare(k));
             match key {
                 Some(key) => format!("line {line}, column {column}: duplicate key `{key}`"),
                 None => format!("line {line}, column {column}: {what}"),

@@ -1080,6 +1080,15 @@ fn configuration_errors_never_repeat_secrets() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("duplicate key `server`"), "{e}");
+    for spelling in ["\"listen\"", "\"\\u006cisten\"", "'listen'"] {
+        let e = load_str(
+            &format!("[server]\nlisten = \"a\"\n{spelling} = \"b\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("duplicate key `listen`"), "{spelling}: {e}");
+    }
     let e = load_str(&format!("[secrets]\n\"{key}\" = 1\n\"{key}\" = 1\n"), &[])
         .unwrap_err()
         .to_string();
