@@ -413,6 +413,10 @@ impl EphemeralStore for Timed<dyn EphemeralStore> {
     async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64> {
         self.ephemeral(ATOMIC, self.inner.incr(key, ttl)).await
     }
+    async fn incr_this_second(&self, key: &str) -> StoreResult<u64> {
+        self.ephemeral(ATOMIC, self.inner.incr_this_second(key))
+            .await
+    }
     async fn decr(&self, key: &str) -> StoreResult<()> {
         self.ephemeral(ATOMIC, self.inner.decr(key)).await
     }

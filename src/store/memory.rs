@@ -192,6 +192,13 @@ impl EphemeralStore for MemoryStore {
         Ok(())
     }
 
+    async fn incr_this_second(&self, key: &str) -> StoreResult<u64> {
+        // One process: its clock is the only one.
+        let second = self.clock.now();
+        self.incr(&format!("{key}:{second}"), Duration::from_secs(10))
+            .await
+    }
+
     async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64> {
         let (mut s, now) = self.shard(key)?;
         let next = match s.live(key, now) {

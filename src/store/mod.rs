@@ -549,6 +549,10 @@ pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> StoreResult<()>;
     /// Increments a counter, creating it with `ttl` if absent; returns the new value.
     async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64>;
+    /// Counts one more under `key` in the current second of the store's own clock (Redis's
+    /// `TIME`, the same for every gateway whatever theirs say); returns that second's count.
+    /// Counts are kept for a few seconds.
+    async fn incr_this_second(&self, key: &str) -> StoreResult<u64>;
     /// Takes one back from a counter that exists and is above zero, keeping its TTL; a missing
     /// or zero counter stays as it is (returning an attempt reserved with `incr`).
     async fn decr(&self, key: &str) -> StoreResult<()>;

@@ -188,6 +188,21 @@ end
 return v
 ";
 
+/// One more in this second's field of the hash KEYS[1], the second taken from the server's own
+/// clock; fields older than ten seconds go when a new second starts.
+const INCR_THIS_SECOND: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local n = redis.call('HINCRBY', KEYS[1], t[1], 1)
+if n == 1 then
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if tonumber(f) < now - 10 then redis.call('HDEL', KEYS[1], f) end
+  end
+  redis.call('PEXPIRE', KEYS[1], 20000)
+end
+return n
+";
+
 /// Stores ARGV[1] if it is greater than the stored decimal number. Numbers are compared as
 /// digit strings: Lua numbers are doubles and cannot hold every u64.
 const SET_IF_GREATER: &str = r"
@@ -233,6 +248,7 @@ pub struct RedisStore {
     deadline: Duration,
     description: String,
     incr: Script,
+    incr_this_second: Script,
     decr: Script,
     set_if_greater: Script,
     set_add: Script,
@@ -305,6 +321,7 @@ impl RedisStore {
             deadline: opts.connect_timeout + opts.response_timeout,
             description: format!("{:?}", opts.target),
             incr: Script::new(INCR),
+            incr_this_second: Script::new(INCR_THIS_SECOND),
             decr: Script::new(DECR),
             set_if_greater: Script::new(SET_IF_GREATER),
             set_add: Script::new(SET_ADD),
@@ -555,6 +572,13 @@ impl EphemeralStore for RedisStore {
 
     async fn incr(&self, key: &str, ttl: Duration) -> StoreResult<u64> {
         let n: i64 = self.script("incr", &self.incr, key, &[millis(ttl)]).await?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt("redis incr: negative counter".into()))
+    }
+
+    async fn incr_this_second(&self, key: &str) -> StoreResult<u64> {
+        let n: i64 = self
+            .script("incr_this_second", &self.incr_this_second, key, &[])
+            .await?;
         u64::try_from(n).map_err(|_| StoreError::Corrupt("redis incr: negative counter".into()))
     }
 

@@ -129,12 +129,12 @@ impl LoginFlow {
     /// second's is spent. Attempts are counted whether right or wrong: it bounds the work, not
     /// the guesses.
     pub(crate) async fn global_budget(&self) -> Result<bool, StoreError> {
-        let key = format!("rate:global:{}", self.clock.now());
-        // One counter per second of the clock: its time to live only clears it away (a busy
-        // store or machine must not lose a second's count before that second is over).
-        let n = self.ephemeral.incr(&key, Duration::from_secs(10)).await?;
+        // One count per second of the store's clock, which every gateway shares (gateways'
+        // own clocks, a second apart, would each count a second of their own).
+        let key = "rate:global";
+        let n = self.ephemeral.incr_this_second(key).await?;
         if n > self.limits.global_sign_ins_per_second {
-            self.metrics.throttled(&key);
+            self.metrics.throttled(key);
             return Ok(false);
         }
         Ok(true)

@@ -42,6 +42,7 @@ pub(crate) async fn ephemeral_suite(b: EphemeralBackend) {
     take_races(&b, &key("take-race")).await;
     incr(&b, &key).await;
     incr_races(&b, &key("incr-race")).await;
+    incr_this_second(&b, &key("per-second")).await;
     set_if_greater(&b, &key).await;
     set_if_greater_races(&b, &key("sig-race")).await;
     sets(&b, &key).await;
@@ -239,6 +240,31 @@ async fn incr_races(b: &EphemeralBackend, k: &str) {
         "each concurrent incr sees a distinct value"
     );
     assert_eq!(b.store.incr(k, secs(60)).await.unwrap(), TASKS + 1);
+}
+
+/// Counts per second of the store's clock: within a second one more each time, from one again
+/// in the next (at most once in a quick run of calls), and a second later a fresh count.
+async fn incr_this_second(b: &EphemeralBackend, k: &str) {
+    let s = &b.store;
+    let mut last = 0;
+    let mut restarts = 0;
+    for _ in 0..20 {
+        let n = s.incr_this_second(k).await.unwrap();
+        if n == last + 1 {
+            last = n;
+        } else {
+            assert_eq!(n, 1, "a new second starts at one (after {last})");
+            restarts += 1;
+            last = 1;
+        }
+    }
+    assert!(restarts <= 1, "{restarts} new seconds in a quick run");
+    assert!(
+        last >= 10,
+        "most of the run was counted in one second: {last}"
+    );
+    b.wait(2).await;
+    assert_eq!(s.incr_this_second(k).await.unwrap(), 1, "another second");
 }
 
 async fn set_if_greater(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
