@@ -509,12 +509,11 @@ pub(crate) fn user_agent_of(headers: &HeaderMap) -> std::borrow::Cow<'_, str> {
     let Some(value) = headers.get(header::USER_AGENT) else {
         return std::borrow::Cow::Borrowed("");
     };
-    if let Ok(ua) = value.to_str() {
-        if !ua.contains('\t') {
-            return std::borrow::Cow::Borrowed(match ua.char_indices().nth(MAX_CHARS) {
-                Some((cut, _)) => &ua[..cut],
-                None => ua,
-            });
+    // Printable ASCII (every browser's own string): as it is, one character a byte.
+    let bytes = value.as_bytes();
+    if bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
+        if let Ok(ua) = std::str::from_utf8(&bytes[..bytes.len().min(MAX_CHARS)]) {
+            return std::borrow::Cow::Borrowed(ua);
         }
     }
     let mut out = String::with_capacity(value.len().min(4 * MAX_CHARS));
