@@ -505,7 +505,9 @@ impl RedisStore {
         self.put_if_absent(key, b"1", READY_PROBE_TTL).await?;
         self.set_add(set, "probe", READY_PROBE_TTL).await?;
         self.set_members(set).await?;
-        self.set_remove(set, "probe").await
+        self.set_remove(set, "probe").await?;
+        self.incr_this_second("ready:second").await?;
+        self.server_time_ms().await.map(drop)
     }
 }
 
