@@ -544,6 +544,22 @@ fn check_outbox(outbox: &std::path::Path) -> Result<()> {
 /// `check-config`'s look at a Redis ephemeral store: a server that answers and refuses the
 /// configured password, user or database is an error (`serve` would never be ready); one that
 /// does not answer is a note. `PING` only: nothing is written.
+/// The clock the gateways share, as they read it for their own check (Redis's `TIME`, else
+/// PostgreSQL's `now()`); `None` where they share none (SQLite and the memory store).
+async fn fleet_time_ms(config: &Config, durable: &dyn DurableStore) -> Result<Option<i64>> {
+    if let Some(target) = config.storage.redis_target()? {
+        let store = crate::store::redis::RedisStore::connect(crate::store::redis::RedisOptions {
+            target,
+            prefix: config.storage.redis_prefix.clone(),
+            connect_timeout: config.storage.redis_connect_timeout,
+            response_timeout: config.storage.redis_response_timeout,
+        })
+        .await?;
+        return Ok(crate::store::EphemeralStore::server_time_ms(&store).await?);
+    }
+    Ok(durable.server_time_ms().await?)
+}
+
 async fn check_redis(config: &Config) -> Result<()> {
     let Some(target) = config.storage.redis_target()? else {
         return Ok(());
@@ -995,8 +1011,13 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             );
             if user.is_admin {
                 say!("at first sign-in the admin must register a security key (admins sign in with one)");
+            } else if config
+                .webauthn
+                .requires_phishing_resistant(&user.account_id)
+            {
+                say!("at first sign-in the user must register a security key or passkey (the account takes no codes)");
             } else {
-                say!("at first sign-in the user must set up a second factor (TOTP)");
+                say!("at first sign-in the user must set up a second factor (an authenticator app or a security key)");
             }
         }
         Command::User(UserCmd::List { json }) => {
@@ -1286,11 +1307,11 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let max = config.server.max_clock_skew;
             if !max.is_zero() {
                 let before = clock.now_millis();
-                if let Some(server) = durable.server_time_ms().await? {
+                if let Some(server) = fleet_time_ms(&config, durable.as_ref()).await? {
                     let offset = (before + clock.now_millis()) / 2 - server;
                     if offset.unsigned_abs() > max.as_millis() as u64 {
                         bail!(
-                            "this host's clock is {} ms {} the database's (more than \
+                            "this host's clock is {} ms {} the gateways' shared store's (more than \
                              server.max_clock_skew): a key made here would start signing at the \
                              wrong time on the gateways. Set the clock right (NTP) and rotate \
                              again. Nothing was changed.",

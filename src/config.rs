@@ -1633,10 +1633,10 @@ impl Config {
             }
             // Browsers refuse a public suffix (`com`, `co.uk`) as a relying party: no key
             // could ever be registered.
+            // (A parent domain must be one a site can register: not `com`, `co.uk`, an
+            // unknown top-level domain, nor one a wildcard rule makes a suffix, `ck`.)
             let lower = rp_id.to_ascii_lowercase();
-            if psl::suffix(lower.as_bytes())
-                .is_some_and(|x| x.is_known() && x.as_bytes() == lower.as_bytes())
-            {
+            if lower != host.to_ascii_lowercase() && psl::domain(lower.as_bytes()).is_none() {
                 return Err(key_err(
                     "webauthn.rp_id",
                     "is a public suffix (such as com or co.uk), which browsers refuse for \

@@ -480,6 +480,8 @@ fn webauthn_bad_values_are_refused_with_the_key() {
     for (url, rp_id) in [
         ("https://login.esp.example.com/", "com"),
         ("https://login.esp.example.co.uk/", "co.uk"),
+        ("https://login.esp.example.ck/", "ck"),
+        ("https://login.esp.example.zz/", "zz"),
     ] {
         let e = load_str(
             &format!("[server]\npublic_url = \"{url}\"\n[webauthn]\nrp_id = \"{rp_id}\"\n"),

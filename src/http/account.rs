@@ -198,7 +198,7 @@ pub async fn rename_post(
     };
     let name = form.name.trim();
     if !crate::policy::is_readable_name(name, crate::auth::webauthn::MAX_NAME) {
-        let msg = "A key name has 1 to 64 characters and no control or invisible characters.";
+        let msg = crate::policy::NAME_RULE;
         return page(
             &state,
             &headers,

@@ -815,6 +815,8 @@ const ACCOUNT_CHANGES: &[&str] = &[
     "/_portcullis/account/recovery-codes",
     "/_portcullis/account/totp",
     "/_portcullis/account/password",
+    // (keys: so that two registrations at once cannot pass the account's limit of keys)
+    "/_portcullis/webauthn/register/",
 ];
 
 /// Middleware: a request for a step of a sign-in under way from another network or browser

@@ -254,11 +254,19 @@ fn is_combining_mark(c: char) -> bool {
     unicode_normalization::char::is_combining_mark(c)
 }
 
+/// The most combining marks one letter takes in a name: enough for Hebrew's points, Tibetan's
+/// and Burmese stacks, too few for a pile that runs over the lines around it.
+const MAX_MARKS: usize = 4;
+
+/// What a refused name is told (the rule of [`is_readable_name`]).
+pub const NAME_RULE: &str = "A key name has 1 to 64 characters, no control or invisible \
+     characters, and at most four accents or other marks on a letter (none on a space or first).";
+
 /// A text a person will read as a name (a security key's, say): 1 to `max` characters, none of
-/// them hidden ([`is_hidden_char`]), no combining mark first or on a space, and never more than
-/// two on one letter (a pile of them runs over the lines around it).
+/// them hidden ([`is_hidden_char`]), no combining mark first or on a space, and at most
+/// [`MAX_MARKS`] on one letter.
 pub fn is_readable_name(name: &str, max: usize) -> bool {
-    let (mut marks, mut base_is_space) = (0, true);
+    let (mut marks, mut base_is_space, mut prev) = (0, true, ' ');
     !name.is_empty()
         && name.chars().count() <= max
         && name.chars().all(|c| {
@@ -271,7 +279,13 @@ pub fn is_readable_name(name: &str, max: usize) -> bool {
             }
             // A mark needs a letter under it: none first, none on a space.
             let stray_mark = mark && base_is_space;
-            !is_hidden_char(c) && !stray_mark && marks <= 2
+            // An emoji's presentation selector and the joiner inside an emoji sequence (❤️,
+            // 👨‍👩‍👧) are shown, not hidden: after a symbol they are taken.
+            let emoji_part = matches!(c, '\u{FE0E}' | '\u{FE0F}' | '\u{200D}')
+                && prev >= '\u{2000}'
+                && !prev.is_alphanumeric();
+            prev = c;
+            (emoji_part || !is_hidden_char(c)) && !stray_mark && marks <= MAX_MARKS
         })
 }
 
@@ -322,9 +336,18 @@ pub fn is_unconfusable_email(email: &str) -> bool {
 /// 39, of the address with its domain read back from IDNA, in lower case): `аӏісе@` in Cyrillic
 /// and `alice@` look alike.
 pub fn email_skeleton(email: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
     let (local, domain) = email.rsplit_once('@').unwrap_or((email, ""));
     let (unicode, _) = idna::domain_to_unicode(domain);
-    let text = format!("{local}@{unicode}");
+    // A dot above an i or j (or a dotless one) draws nothing new: `i̇` looks like `i`.
+    let mut text = String::new();
+    let mut prev = ' ';
+    for c in format!("{local}@{unicode}").nfd() {
+        if !(c == '\u{0307}' && matches!(prev, 'i' | 'j' | '\u{0131}' | '\u{0237}' | 'I' | 'J')) {
+            text.push(c);
+            prev = c;
+        }
+    }
     unicode_security::skeleton(&text)
         .collect::<String>()
         .to_lowercase()
@@ -516,6 +539,19 @@ mod tests {
     fn names_and_addresses_hold_no_hidden_characters() {
         assert!(is_readable_name("Desk key", 64));
         assert!(is_readable_name("Clé de bureau", 64));
+        // Scripts that stack marks, and emoji with their selector and joiners, are names.
+        for good in [
+            "\u{5d4}\u{5b7}\u{5e9}\u{5c1}\u{5b8}\u{5bc}\u{5de}",
+            "\u{f66}\u{f92}\u{fb2}\u{f74}\u{f56}",
+            "\u{1000}\u{103c}\u{103d}\u{1031}\u{1038}",
+            "\u{2764}\u{fe0f} key",
+            "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}",
+        ] {
+            assert!(is_readable_name(good, 64), "{good:?}");
+        }
+        // A joiner or selector after a letter is hidden as ever.
+        assert!(!is_readable_name("a\u{200d}b", 64));
+        assert!(!is_readable_name("a\u{fe0f}", 64));
         for bad in [
             "",
             "a\u{202E}yek",
@@ -589,6 +625,9 @@ mod tests {
         for lookalike in [
             "\u{430}\u{4cf}\u{456}\u{441}\u{435}@example.com",
             "al\u{131}ce@example.com",
+            "ali\u{307}ce@example.com",
+            "al\u{131}\u{307}ce@example.com",
+            "AL\u{130}CE@example.com",
         ] {
             let email = crate::store::normalise_email(lookalike);
             assert_eq!(
@@ -604,7 +643,7 @@ mod tests {
         for refused in [
             "\u{301}alice@example.com",
             "x@xn--abc.com",
-            "ali\u{301}\u{301}\u{301}\u{301}ce@example.com",
+            "ali\u{301}\u{301}\u{301}\u{301}\u{301}\u{301}ce@example.com",
         ] {
             let email = crate::store::normalise_email(refused);
             assert!(!is_unconfusable_email(&email), "{refused:?}");

@@ -2032,4 +2032,19 @@ async fn a_rotation_from_a_host_whose_clock_is_off_is_refused() {
     );
     drop(gw);
     drop_database(&name).await;
+    // On SQLite with Redis the gateways' clock is Redis's: the command reads the same one.
+    let gw = Gateway::start_with(|c| {
+        c.storage.ephemeral = "redis://127.0.0.1:6379/".into();
+        c.storage.redis_prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    })
+    .await;
+    let out = gw
+        .cli_env(
+            &["keys", "rotate"],
+            None,
+            &[skew[0], ("LD_PRELOAD", LIB), ("FAKETIME", "+60s")],
+        )
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("clock is"), "{err}");
 }
