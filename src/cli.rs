@@ -547,30 +547,30 @@ fn check_outbox(outbox: &std::path::Path) -> Result<()> {
 /// The clock the gateways share, as they read it for their own check (Redis's `TIME`, else
 /// PostgreSQL's `now()`); `None` where they share none (SQLite and the memory store).
 async fn fleet_time_ms(config: &Config, durable: &dyn DurableStore) -> Result<Option<i64>> {
-    if let Some(target) = config.storage.redis_target()? {
-        let store = crate::store::redis::RedisStore::connect(crate::store::redis::RedisOptions {
-            target,
-            prefix: config.storage.redis_prefix.clone(),
-            connect_timeout: config.storage.redis_connect_timeout,
-            response_timeout: config.storage.redis_response_timeout,
-        })
-        .await?;
+    if let Some(store) = redis_store(config).await? {
         return Ok(crate::store::EphemeralStore::server_time_ms(&store).await?);
     }
     Ok(durable.server_time_ms().await?)
 }
 
-async fn check_redis(config: &Config) -> Result<()> {
+/// The configuration's Redis store, connected; `None` on the memory store.
+async fn redis_store(config: &Config) -> Result<Option<crate::store::redis::RedisStore>> {
     let Some(target) = config.storage.redis_target()? else {
-        return Ok(());
+        return Ok(None);
     };
-    let store = crate::store::redis::RedisStore::connect(crate::store::redis::RedisOptions {
+    let options = crate::store::redis::RedisOptions {
         target,
         prefix: config.storage.redis_prefix.clone(),
         connect_timeout: config.storage.redis_connect_timeout,
         response_timeout: config.storage.redis_response_timeout,
-    })
-    .await?;
+    };
+    Ok(Some(crate::store::redis::RedisStore::connect(options).await?))
+}
+
+async fn check_redis(config: &Config) -> Result<()> {
+    let Some(store) = redis_store(config).await? else {
+        return Ok(());
+    };
     let answered = tokio::time::timeout(std::time::Duration::from_secs(5), store.answers()).await;
     match answered {
         Ok(Ok(())) => Ok(()),
