@@ -564,7 +564,9 @@ async fn redis_store(config: &Config) -> Result<Option<crate::store::redis::Redi
         connect_timeout: config.storage.redis_connect_timeout,
         response_timeout: config.storage.redis_response_timeout,
     };
-    Ok(Some(crate::store::redis::RedisStore::connect(options).await?))
+    Ok(Some(
+        crate::store::redis::RedisStore::connect(options).await?,
+    ))
 }
 
 async fn check_redis(config: &Config) -> Result<()> {
