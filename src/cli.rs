@@ -830,6 +830,24 @@ fn read_password() -> Result<Secret<String>> {
     Ok(Secret::new(password))
 }
 
+/// A new user's address, normalised, once it is one and could pass for no existing user's.
+async fn new_user_email(durable: &dyn DurableStore, raw: &str) -> Result<String> {
+    let email = crate::store::normalise_email(raw);
+    if !crate::policy::is_plausible_email(&email) {
+        bail!("`{email}` is not an email address");
+    }
+    if let Some(why) = crate::policy::email_confusion(&email) {
+        bail!("`{email}`: {why}");
+    }
+    if let Some(other) = crate::store::lookalike_user(durable, &email).await? {
+        bail!(
+            "`{email}` looks like the address of the existing user {other}: a user made with it \
+             could pass for them; use another address"
+        );
+    }
+    Ok(email)
+}
+
 async fn find_user(durable: &dyn DurableStore, email: &str) -> Result<User> {
     durable
         .user_by_email(email)
@@ -963,19 +981,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             account,
             admin,
         }) => {
-            let email = crate::store::normalise_email(&email);
-            if !crate::policy::is_plausible_email(&email) {
-                bail!("`{email}` is not an email address");
-            }
-            if !crate::policy::is_unconfusable_email(&email) {
-                bail!("`{email}` {}", crate::policy::CONFUSABLE_EMAIL);
-            }
-            if let Some(other) = crate::store::lookalike_user(durable.as_ref(), &email).await? {
-                bail!(
-                    "`{email}` looks like the address of the existing user {other}: a user made \
-                     with it could pass for them; use another address"
-                );
-            }
+            let email = new_user_email(durable.as_ref(), &email).await?;
             if admin {
                 if let Some(why) = keys_unavailable(&config) {
                     bail!("admins sign in with a security key, but {why}");
@@ -1224,19 +1230,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             if let Some(why) = keys_unavailable(&config) {
                 bail!("admins sign in with a security key, but {why}");
             }
-            let email = crate::store::normalise_email(&email);
-            if !crate::policy::is_plausible_email(&email) {
-                bail!("`{email}` is not an email address");
-            }
-            if !crate::policy::is_unconfusable_email(&email) {
-                bail!("`{email}` {}", crate::policy::CONFUSABLE_EMAIL);
-            }
-            if let Some(other) = crate::store::lookalike_user(durable.as_ref(), &email).await? {
-                bail!(
-                    "`{email}` looks like the address of the existing user {other}: a user made \
-                     with it could pass for them; use another address"
-                );
-            }
+            let email = new_user_email(durable.as_ref(), &email).await?;
             let user = match durable.user_by_email(&email).await? {
                 Some(u) => {
                     if let Some(a) = account.filter(|a| a.trim() != u.account_id) {

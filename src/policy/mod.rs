@@ -316,20 +316,37 @@ pub fn is_plausible_email(email: &str) -> bool {
             .any(|c| c.is_whitespace() || is_hidden_char(c) || "<>()[]\\,;:\"".contains(c))
 }
 
-/// Whether a new user's (normalised) address reads as what it is: its local part and each label
-/// of its domain (read back from IDNA's ASCII form) written in one script (Unicode's
-/// mixed-script rule, UTS 39), so `аlice` with a Cyrillic `а` cannot be made beside `alice`.
+/// Whether a new user's (normalised) address reads as what it is ([`email_confusion`]).
 pub fn is_unconfusable_email(email: &str) -> bool {
+    email_confusion(email).is_none()
+}
+
+/// Why a new user's (normalised) address could pass for another, if it could: a domain in
+/// IDNA's ASCII form that does not decode (`xn--abc`), marks with no letter under them or piled
+/// up, or a local part or domain label (read back from IDNA) written in more than one script
+/// (Unicode's mixed-script rule, UTS 39: `аlice` with a Cyrillic `а` beside `alice`).
+pub fn email_confusion(email: &str) -> Option<&'static str> {
     use unicode_security::MixedScript;
     let Some((local, domain)) = email.rsplit_once('@') else {
-        return false;
+        return Some("The address has no domain.");
     };
-    // (A domain in IDNA's ASCII form must decode: `xn--abc` that is no punycode is refused.)
     let (unicode, decoded) = idna::domain_to_unicode(domain);
-    decoded.is_ok()
-        && is_readable_name(local, 64)
-        && local.is_single_script()
-        && unicode.split('.').all(|label| label.is_single_script())
+    if decoded.is_err() {
+        return Some("The address's domain is punycode (xn--) that does not decode.");
+    }
+    if !is_readable_name(local, 64) {
+        return Some(
+            "The address holds accents or other marks with no letter under them, or piled on \
+             one letter, so it could pass for another address.",
+        );
+    }
+    if !local.is_single_script() || !unicode.split('.').all(|label| label.is_single_script()) {
+        return Some(
+            "The address mixes letters of different scripts (a Cyrillic а among Latin letters, \
+             say), so it could pass for another address.",
+        );
+    }
+    None
 }
 
 /// What an address looks like, whatever script draws it (Unicode's confusable skeleton, UTS
@@ -352,11 +369,6 @@ pub fn email_skeleton(email: &str) -> String {
         .collect::<String>()
         .to_lowercase()
 }
-
-/// What is said when [`is_unconfusable_email`] refuses an address.
-pub const CONFUSABLE_EMAIL: &str =
-    "mixes letters of different scripts (a Cyrillic а among Latin letters, say), \
-     so it could pass for another address";
 
 /// Accepts a return-to target only if it is a relative, same-origin path; returns it in a
 /// canonical form, or `None`. Anything odd — schemes, hosts, backslashes, control or whitespace

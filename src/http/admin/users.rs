@@ -159,13 +159,8 @@ pub async fn create_post(
     if !crate::policy::is_plausible_email(&email) {
         return bad("Enter the user's email address, e.g. name@example.com.").await;
     }
-    if !crate::policy::is_unconfusable_email(&email) {
-        return bad(
-            "This address mixes letters of different scripts (a Cyrillic а among Latin \
-             letters, say), or holds marks or a domain that do not read as they are, so it could \
-             pass for another address.",
-        )
-        .await;
+    if let Some(why) = crate::policy::email_confusion(&email) {
+        return bad(why).await;
     }
     if crate::store::lookalike_user(state.durable.as_ref(), &email)
         .await?
