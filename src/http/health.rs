@@ -90,7 +90,7 @@ pub async fn clock_off(state: &AppState) -> Option<i64> {
 
 /// This gateway's clock less the shared store's (ms), measured half way through the question;
 /// `None` where no store shares a clock or it does not answer in time.
-pub async fn clock_offset_ms(state: &AppState) -> Option<i64> {
+async fn clock_offset_ms(state: &AppState) -> Option<i64> {
     let before = state.clock.now_millis();
     let asked = async {
         match state.ephemeral.server_time_ms().await? {

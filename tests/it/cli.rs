@@ -1258,6 +1258,35 @@ async fn check_config_refuses_an_outbox_that_is_a_file() {
     );
 }
 
+/// `portcullis demo` on `data` and the two ports, with standard output piped; its
+/// configuration file, if any, given as `PORTCULLIS_CONFIG` (`by_env`) or with `--config`.
+fn demo_command(
+    config: Option<(&std::path::Path, bool)>,
+    data: &std::path::Path,
+    port: u16,
+    console: u16,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.env_remove("PORTCULLIS_CONFIG");
+    match config {
+        Some((file, true)) => {
+            cmd.env("PORTCULLIS_CONFIG", file);
+        }
+        Some((file, false)) => {
+            cmd.arg("--config").arg(file);
+        }
+        None => {}
+    }
+    cmd.arg("demo")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--console-listen", &format!("127.0.0.1:{console}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
 /// `portcullis demo` applies a configuration file given with `--config` or `PORTCULLIS_CONFIG`
 /// (its step-up rules, limits, trusted proxies…), keeping only its own addresses and paths.
 #[tokio::test]
@@ -1267,22 +1296,8 @@ async fn the_demo_applies_a_configuration_file() {
     std::fs::write(&file, "[server]\nmax_uri_length = 1024\n").unwrap();
     for by_env in [false, true] {
         let (port, console) = (free_port(), free_port());
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        if by_env {
-            cmd.env("PORTCULLIS_CONFIG", &file);
-        } else {
-            cmd.env_remove("PORTCULLIS_CONFIG")
-                .arg("--config")
-                .arg(&file);
-        }
-        let mut child = cmd
-            .arg("demo")
-            .arg("--data-dir")
-            .arg(dir.path().join(format!("data-{by_env}")))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--console-listen", &format!("127.0.0.1:{console}")])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+        let data = dir.path().join(format!("data-{by_env}"));
+        let mut child = demo_command(Some((&file, by_env)), &data, port, console)
             .spawn()
             .unwrap();
         let client = reqwest::Client::new();
@@ -1308,17 +1323,7 @@ async fn the_demo_applies_a_configuration_file() {
         assert!(stdout.contains("scan the QR code"), "{stdout}");
         if !by_env {
             let (port, console) = (free_port(), free_port());
-            let mut again = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                .env_remove("PORTCULLIS_CONFIG")
-                .arg("demo")
-                .arg("--data-dir")
-                .arg(dir.path().join("data-false"))
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--console-listen", &format!("127.0.0.1:{console}")])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
+            let mut again = demo_command(None, &data, port, console).spawn().unwrap();
             let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
             for _ in 0..300 {
                 if client.get(&url).send().await.is_ok() {

@@ -897,17 +897,7 @@ async fn a_reported_passkey_sign_in_suspends_the_key_that_made_it() {
     register(&gw, &owner, &mut planted, "Phone passkey").await;
     let cred = only_credential(&gw, &u.id).await;
     gw.clock.advance(3600);
-
-    let (r, _, _) = passkey(
-        &gw,
-        &gw.browser(),
-        &mut planted,
-        &cred.credential_id,
-        &u.id,
-        |_| {},
-    )
-    .await;
-    assert_eq!(r.status(), 200);
+    assert_eq!(planted_sign_in(&gw, &mut planted, &cred, &u.id).await, 200);
     let mut notices = gw.outbox().await;
     notices.retain(|m| m.contains("Subject: New sign-in to your account"));
     let notice = notices.last().unwrap();
@@ -924,16 +914,23 @@ async fn a_reported_passkey_sign_in_suspends_the_key_that_made_it() {
         "the key is suspended"
     );
     gw.clock.advance(30);
-    let (r, _, _) = passkey(
-        &gw,
-        &gw.browser(),
-        &mut planted,
-        &cred.credential_id,
-        &u.id,
-        |_| {},
-    )
-    .await;
-    assert_ne!(r.status(), 200, "the passkey signs nobody in any more");
+    assert_ne!(
+        planted_sign_in(&gw, &mut planted, &cred, &u.id).await,
+        200,
+        "the passkey signs nobody in any more"
+    );
+}
+
+/// A passkey sign-in with key `k` (registered as `cred`) from a browser of its own.
+async fn planted_sign_in(
+    gw: &Gateway,
+    k: &mut Key,
+    cred: &portcullis::store::WebauthnCredential,
+    user_id: &str,
+) -> u16 {
+    let c = gw.browser();
+    let (r, _, _) = passkey(gw, &c, k, &cred.credential_id, user_id, |_| {}).await;
+    r.status().as_u16()
 }
 
 /// The token's `acr` and `auth_time` describe the session's latest proof: after a key step-up
