@@ -165,6 +165,7 @@ pub struct Metrics {
     audit_dropped: Counter,
     pages_unavailable: Counter,
     sign_ins_shed: Counter,
+    connections_refused: Counter,
     sign_ins: Family<Two, Counter>,
     step_ups: Family<One, Counter>,
     throttled: Family<One, Counter>,
@@ -251,6 +252,12 @@ impl Metrics {
             "Sign-in steps refused with 503 because the password hashing queue was full (load shed during a flood; not in pages_unavailable)",
             sign_ins_shed.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted because their client address held server.max_connections_per_address already",
+            connections_refused.clone(),
+        );
         let mail = Family::<One, Counter>::default();
         registry.register(
             "mail_deliveries",
@@ -301,6 +308,7 @@ impl Metrics {
             audit_dropped,
             pages_unavailable,
             sign_ins_shed,
+            connections_refused,
             sign_ins,
             step_ups,
             throttled,
@@ -329,6 +337,11 @@ impl Metrics {
     /// Counts one sign-in step shed because the hashing queue was full.
     pub fn sign_in_shed(&self) {
         self.sign_ins_shed.inc();
+    }
+
+    /// Counts one connection refused by the bound on connections per address.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// Counts one answer of the forward-auth endpoint.

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::state::AppState;
 
+pub mod cap;
 pub mod conn;
 pub mod tls;
 
@@ -102,6 +103,7 @@ pub async fn run_with(
     let mailer = tokio::spawn(state.notifier.as_ref().clone().run());
     let app = crate::http::Gateway::new(state.clone());
     let header_timeout = state.config.server.header_timeout;
+    let cap = connection_cap(&state);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -112,8 +114,15 @@ pub async fn run_with(
     let serving: Pin<Box<dyn Future<Output = ()> + Send>> = match tls {
         Some(tls) => {
             // Nothing to do per connection: the TLS listener has set TCP_NODELAY already.
-            let listener = tls.listener(listener, header_timeout)?;
-            Box::pin(conn::serve(listener, app, stop_rx.clone(), header_timeout))
+            // The bound is applied as connections are accepted, before their handshakes.
+            let listener = tls.listener(listener, header_timeout, cap)?;
+            Box::pin(conn::serve(
+                listener,
+                app,
+                stop_rx.clone(),
+                header_timeout,
+                None,
+            ))
         }
         None => {
             // Small answers go out at once: no Nagle delay between a response head and its body.
@@ -122,7 +131,13 @@ pub async fn run_with(
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
             });
-            Box::pin(conn::serve(listener, app, stop_rx.clone(), header_timeout))
+            Box::pin(conn::serve(
+                listener,
+                app,
+                stop_rx.clone(),
+                header_timeout,
+                cap,
+            ))
         }
     };
     let mut deadline = stop_rx;
@@ -262,9 +277,22 @@ async fn side_listeners(
             app,
             stop.clone(),
             state.config.server.header_timeout,
+            connection_cap(state),
         )));
     }
     Ok(tasks)
+}
+
+/// The bound on connections per client address, one count per listener
+/// (`server.max_connections_per_address`; the trusted proxies not counted).
+fn connection_cap(state: &AppState) -> Option<Arc<cap::ConnectionCap>> {
+    let s = &state.config.server;
+    cap::ConnectionCap::new(
+        s.max_connections_per_address,
+        &s.trusted_proxies,
+        "server.max_connections_per_address",
+        Some(state.metrics.clone()),
+    )
 }
 
 /// Answers every request with a 308 to the same path and query on the https origin of

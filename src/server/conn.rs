@@ -3,12 +3,14 @@
 //! (WebSockets) passed on, and a bound on how long a client may take to send a request's head,
 //! counted from when the connection opens or falls idle between requests
 //! (`server.header_timeout`): a client that connects and sends nothing, or its headers a byte at
-//! a time, cannot hold a connection (and a file descriptor) open for good.
+//! a time, cannot hold a connection (and a file descriptor) open for good; and, where the
+//! listener has one, a bound on the connections each client address holds at once (`cap`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use super::cap::ConnectionCap;
+
 /// The largest request head (line and headers) a connection may send, and the read buffer's
 /// bound: a head held open at hyper's default (about 400 KiB) by each of a thousand connections
 /// took half a gigabyte; browsers' heads, cookies included, stay far below this. A larger head
@@ -30,12 +34,14 @@ pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves `listener` with `service` until `stop` turns true: then no connection is accepted any
 /// more, each open one finishes the request it is serving and closes, and this returns once all
-/// are closed (the caller bounds that wait).
+/// are closed (the caller bounds that wait). With `cap`, a connection whose client address
+/// holds the most connections it allows is closed as soon as it is accepted.
 pub async fn serve<L, S>(
     mut listener: L,
     service: S,
     mut stop: watch::Receiver<bool>,
     header_timeout: Duration,
+    cap: Option<Arc<ConnectionCap>>,
 ) where
     L: Listener<Addr = SocketAddr>,
     S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>
@@ -53,6 +59,13 @@ pub async fn serve<L, S>(
         let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stopping => break,
+        };
+        let admitted = match &cap {
+            None => None,
+            Some(cap) => match cap.admit(peer.ip()) {
+                Some(admitted) => admitted,
+                None => continue,
+            },
         };
         let open = open.clone();
         let hold = open.clone();
@@ -96,6 +109,7 @@ pub async fn serve<L, S>(
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
             drop(open);
+            drop(admitted);
         });
     }
     drop(listener);

@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::cap::{ConnectionCap, Counted};
+
 /// Longest a client may take to complete a TLS handshake (shorter when `server.header_timeout`
 /// is).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -298,7 +300,14 @@ impl Tls {
     }
 
     /// Wraps `tcp`: the returned listener yields connections whose handshake has completed.
-    pub fn listener(&self, tcp: TcpListener, header_timeout: Duration) -> io::Result<TlsListener> {
+    /// With `cap`, a connection whose client address holds the most connections it allows is
+    /// closed as soon as it is accepted, before its handshake.
+    pub fn listener(
+        &self,
+        tcp: TcpListener,
+        header_timeout: Duration,
+        cap: Option<Arc<ConnectionCap>>,
+    ) -> io::Result<TlsListener> {
         let handshake_timeout = HANDSHAKE_TIMEOUT.min(header_timeout);
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(READY_QUEUE);
@@ -314,6 +323,13 @@ impl Tls {
                         continue;
                     }
                 };
+                let admitted = match &cap {
+                    None => None,
+                    Some(cap) => match cap.admit(peer.ip()) {
+                        Some(admitted) => admitted,
+                        None => continue,
+                    },
+                };
                 let Some(acceptor) = tls.acceptor() else {
                     continue;
                 };
@@ -324,7 +340,7 @@ impl Tls {
                     }
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
-                            let _ = tx.send((s, peer)).await;
+                            let _ = tx.send((Counted::new(s, admitted), peer)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -379,7 +395,7 @@ fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Leaf), TlsError> {
 /// Connections that completed their TLS handshake, for `axum::serve`.
 #[derive(Debug)]
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(Counted<TlsStream<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
     accepting: tokio::task::JoinHandle<()>,
 }
@@ -392,7 +408,7 @@ impl Drop for TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Counted<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -105,9 +105,35 @@ async fn sign_in_over_https_and_no_plain_http() {
         c.server.tls_cert = Some(cert.clone());
         c.server.tls_key = Some(key.clone());
         c.server.header_timeout = Duration::from_secs(2);
+        c.server.max_connections_per_address = 16;
     })
     .await;
     gw.base = format!("https://localhost:{}", gw.addr.port());
+    // Connections are counted per address as they are accepted, before their handshakes: a
+    // client holding sixteen unfinished handshakes has its seventeenth closed at once (well
+    // before the handshake's own bound), while another address is served.
+    let from = |source: &'static str| async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        s.connect(gw.addr).await.unwrap()
+    };
+    let mut pending = Vec::new();
+    for _ in 0..16 {
+        pending.push(from("127.0.0.3").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over = from("127.0.0.3").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_millis(1000),
+        tokio::io::AsyncReadExt::read(&mut over, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "a seventeenth connection waits for its handshake: {read:?}"
+    );
+    drop(pending);
     // A client that opens a connection and never starts its handshake is not waited for longer
     // than a request head would be.
     let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
