@@ -251,17 +251,6 @@ async fn check(
     // request is refused.
     // In any spelling: `X_HTTP_Method_Override` reaches a CGI-style console as the same name.
     for (name, value) in headers {
-        // The client's own copy of the identity header, in a spelling the asking proxy does not
-        // replace (`X_Portcullis_Assertion`: nginx drops it by default, Caddy and Traefik pass
-        // it on), would reach a CGI-style console beside the real one. (The header under its
-        // own name is replaced by the asking proxy.)
-        if crate::proxy::is_gateway_header_alias(name.as_str(), state.token_header.as_str()) {
-            return Err(AppError::forbidden(
-                "identity_header",
-                "The request carries a copy of the gateway's identity header (or a header in its \
-                 name space) spelled with `_` or other punctuation: only the gateway sets it.",
-            ));
-        }
         if crate::proxy::is_method_override(name.as_str()) {
             let same = value
                 .to_str()
@@ -273,6 +262,21 @@ async fn check(
                     "A method-override header is not accepted: send the request with its own method.",
                 ));
             }
+            continue;
+        }
+        // The client's own copy of the identity header, or of another proxy's identity or
+        // client-address header, in a spelling the asking proxy does not replace or blank
+        // (`X_Portcullis_Assertion`, `X_Forwarded_User`, `Remote_User`: nginx drops them by
+        // default, Caddy and Traefik pass them on), would reach a CGI-style console as the
+        // header itself. (Under their own names the asking proxy replaces or blanks them.)
+        if crate::proxy::is_identity_alias(name.as_str(), state.token_header.as_str()) {
+            return Err(AppError::forbidden(
+                "identity_header",
+                "The request carries an identity or client-address header (the gateway's own, or \
+                 another proxy's such as X-Forwarded-User or Remote-User) spelled with `_` or \
+                 other punctuation: a console would read it as that header, which only the \
+                 gateway and the proxy set.",
+            ));
         }
     }
     let path = orig.target.split(['?', '#']).next().unwrap_or_default();

@@ -19,6 +19,11 @@ pub enum PathError {
         "The address holds a character that is not allowed (NUL or another control character)."
     )]
     ControlCharacter,
+    #[error(
+        "The address holds an overlong UTF-8 spelling of a character (such as %C0%AE for “.”), \
+         which no browser sends."
+    )]
+    Overlong,
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -73,7 +78,35 @@ fn canonical_segment(seg: &str) -> Result<String, PathError> {
     if out.contains("%C2%8") || out.contains("%C2%9") {
         return Err(PathError::ControlCharacter);
     }
+    if out.contains('%') && has_overlong_utf8(&out) {
+        return Err(PathError::Overlong);
+    }
     Ok(out)
+}
+
+/// Whether a canonical segment (every byte beyond ASCII an upper-case escape) holds an overlong
+/// UTF-8 sequence: a lead byte `C0` or `C1` followed by a continuation byte, `E0` followed by
+/// `80`–`9F`, or `F0` followed by `80`–`8F`. Lenient decoders read `%C0%AE` as `.` and
+/// `%C0%AF` as `/`, so such a path could mean `..` or another segment to the console while it
+/// means neither here.
+fn has_overlong_utf8(seg: &str) -> bool {
+    let b = seg.as_bytes();
+    let escaped = |i: usize| -> Option<u8> {
+        (b.get(i) == Some(&b'%'))
+            .then(|| Some(hex_val(*b.get(i + 1)?)? * 16 + hex_val(*b.get(i + 2)?)?))
+            .flatten()
+    };
+    (0..b.len()).any(|i| {
+        let (Some(lead), Some(next)) = (escaped(i), escaped(i + 3)) else {
+            return false;
+        };
+        match lead {
+            0xC0 | 0xC1 => (0x80..=0xBF).contains(&next),
+            0xE0 => (0x80..=0x9F).contains(&next),
+            0xF0 => (0x80..=0x8F).contains(&next),
+            _ => false,
+        }
+    })
 }
 
 /// The canonical form of a request path: escapes normalised, empty segments (`//`) collapsed,
@@ -142,17 +175,30 @@ fn normalise_segments(raw: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-/// Whether a canonical path lies in the gateway's namespace, in any letter case and as any
+/// Whether a canonical path lies in the gateway's namespace (or is its key set, [`JWKS_PATH`]),
+/// in any letter case and as any
 /// server behind the gateway might read it: besides the path itself, its lenient reading
 /// ([`lenient_reading`]: escapes decoded, backslashes as slashes, `;` parameters dropped) is
 /// checked, so `/\_portcullis`, `/%2F_portcullis`, `/x/..;/_portcullis` or `/%255Fportcullis`
 /// are the namespace too.
 /// (Runs on every proxied request: a path without `%`, `\` or `;` is compared in place.)
 pub fn is_gateway_path(canonical: &str) -> bool {
-    if in_namespace(canonical) {
+    if in_namespace(canonical) || is_jwks(canonical) {
         return true;
     }
-    canonical.contains(['%', '\\', ';']) && in_namespace(&lenient_reading(canonical))
+    canonical.contains(['%', '\\', ';']) && {
+        let lenient = lenient_reading(canonical);
+        in_namespace(&lenient) || is_jwks(&lenient)
+    }
+}
+
+/// The gateway's key set, served at this path alone: the router answers the path itself, and
+/// any other spelling of it (`/.well-known//jwks.json`, `/x/../.well-known/jwks.json`) is the
+/// gateway's too, never the console's.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+fn is_jwks(path: &str) -> bool {
+    path.trim_end_matches('/').eq_ignore_ascii_case(JWKS_PATH)
 }
 
 /// `path` begins with the namespace's segment, in any letter case and with any trailing dots
@@ -185,6 +231,45 @@ const DECODE_ROUNDS: usize = 3;
 /// servlet containers strip them) dropped from every segment, then empty, `.` and `..` segments
 /// resolved. Used only to refuse, never to forward.
 pub(crate) fn lenient_reading(path: &str) -> String {
+    resolve(&decoded(path), Blank::Standard)
+}
+
+/// The readings of a path a step-up rule is matched against besides the path itself, as
+/// servers that trim segments might make them: [`lenient_reading`]'s, and two more over the
+/// same decoded text, where a segment of nothing but dots and spaces (or other blanks) is
+/// dropped (`/send/%20`, `/send/...`: a segment trimmed of its trailing dots and spaces is
+/// empty, and Spring's trimmed tokens drop it) or, when it holds two dots or more, climbs
+/// (`/x/..%20/send`: Windows servers read `.. ` as `..`); a segment that starts with a dot and
+/// goes on (`/send/.json`) is read as the previous one's format suffix and dropped in the first.
+/// Used only to refuse, never to forward.
+pub(crate) fn trimmed_readings(path: &str) -> [String; 3] {
+    let text = decoded(path);
+    [
+        resolve(&text, Blank::Standard),
+        resolve(&text, Blank::Dropped),
+        resolve(&text, Blank::Climbs),
+    ]
+}
+
+/// Whether [`trimmed_readings`] may differ from the path itself: something to decode or drop
+/// (`%`, `\`, `;`) or a segment that starts with a dot (`...`, `.json`).
+pub(crate) fn has_other_readings(path: &str) -> bool {
+    path.contains(['%', '\\', ';']) || path.contains("/.")
+}
+
+/// How [`resolve`] reads a segment of only dots and blanks other than `.` and `..`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Blank {
+    /// As a segment like any other (the path as it is).
+    Standard,
+    /// As no segment at all; also a segment that starts with a dot.
+    Dropped,
+    /// Two dots or more as `..`, fewer as nothing.
+    Climbs,
+}
+
+/// `path` with its escapes decoded, up to [`DECODE_ROUNDS`] times, and `\` as `/`.
+fn decoded(path: &str) -> String {
     let mut bytes = path.as_bytes().to_vec();
     for _ in 0..DECODE_ROUNDS {
         let decoded: Vec<u8> = percent_encoding::percent_decode(&bytes).collect();
@@ -193,13 +278,28 @@ pub(crate) fn lenient_reading(path: &str) -> String {
         }
         bytes = decoded;
     }
-    let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+    String::from_utf8_lossy(&bytes).replace('\\', "/")
+}
+
+/// Segments of `text` resolved: `;` parameters dropped, empty, `.` and `..` segments resolved,
+/// blank ones as `blank` says.
+fn resolve(text: &str, blank: Blank) -> String {
+    let is_blank = |c: char| c.is_whitespace() || is_hidden_char(c);
     let mut stack: Vec<&str> = Vec::new();
     for seg in text.split('/') {
-        match seg.split(';').next().unwrap_or_default() {
+        let seg = seg.split(';').next().unwrap_or_default();
+        let trimmed = seg.trim_matches(is_blank);
+        let dots_only = trimmed.chars().all(|c| c == '.');
+        match seg {
             "" | "." => {}
             ".." => {
                 stack.pop();
+            }
+            _ if blank == Blank::Dropped && (dots_only || trimmed.starts_with('.')) => {}
+            _ if blank == Blank::Climbs && dots_only => {
+                if trimmed.len() >= 2 {
+                    stack.pop();
+                }
             }
             s => stack.push(s),
         }
@@ -217,9 +317,12 @@ pub(crate) fn lenient_reading(path: &str) -> String {
 /// spaces and joiners, direction marks, overrides and isolates, soft hyphen, combining grapheme
 /// joiner, Hangul fillers, interlinear annotation marks, byte-order mark, tag characters,
 /// variation selectors), the Braille blank that shows as a space but is none, and private-use
-/// characters, which show as whatever a font makes of them, and noncharacters. Names and
-/// addresses that people read must not hold them.
+/// characters, which show as whatever a font makes of them, noncharacters, and code points
+/// Unicode has not assigned (as of the tables this build carries: no font draws them, and a
+/// later version may make them anything). Names and addresses that people read must not hold
+/// them.
 pub fn is_hidden_char(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
     c.is_control()
         || matches!(
             c,
@@ -246,6 +349,7 @@ pub fn is_hidden_char(c: char) -> bool {
                 | '\u{FDD0}'..='\u{FDEF}'
         )
         || (u32::from(c) & 0xFFFE) == 0xFFFE
+        || (!c.is_ascii() && c.general_category() == GeneralCategory::Unassigned)
 }
 
 /// A combining mark of any script (Unicode's general category M: Latin diacritics, Thai tone
@@ -266,6 +370,7 @@ pub const NAME_RULE: &str = "A key name has 1 to 64 characters, no control or in
 /// them hidden ([`is_hidden_char`]), no combining mark first or on a space, and at most
 /// [`MAX_MARKS`] on one letter.
 pub fn is_readable_name(name: &str, max: usize) -> bool {
+    use unicode_properties::UnicodeEmoji;
     let (mut marks, mut base_is_space, mut prev) = (0, true, ' ');
     !name.is_empty()
         && name.chars().count() <= max
@@ -280,10 +385,11 @@ pub fn is_readable_name(name: &str, max: usize) -> bool {
             // A mark needs a letter under it: none first, none on a space.
             let stray_mark = mark && base_is_space;
             // An emoji's presentation selector and the joiner inside an emoji sequence (❤️,
-            // 👨‍👩‍👧) are shown, not hidden: after a symbol they are taken.
+            // 👨‍👩‍👧, ❤️‍🔥, 1️⃣) are shown, not hidden: after an emoji (Unicode's emoji data) or
+            // its selector they are taken.
             let emoji_part = matches!(c, '\u{FE0E}' | '\u{FE0F}' | '\u{200D}')
-                && prev >= '\u{2000}'
-                && !prev.is_alphanumeric();
+                && (prev.is_emoji_char() || prev == '\u{FE0F}')
+                && !prev.is_alphabetic();
             prev = c;
             (emoji_part || !is_hidden_char(c)) && !stray_mark && marks <= MAX_MARKS
         })
@@ -543,6 +649,45 @@ mod tests {
     }
 
     #[test]
+    fn overlong_utf8_is_refused_and_the_key_set_is_the_gateways_in_any_spelling() {
+        for bad in [
+            "/x/%c0%ae%c0%ae/campaigns",
+            "/campaigns/1%c0%afsend",
+            "/x/%e0%80%ae%e0%80%ae/y",
+            "/a/..%c0%80/b",
+            "/x/%f0%80%80%ae",
+        ] {
+            assert_eq!(normalise_path(bad), Err(PathError::Overlong), "{bad}");
+        }
+        for good in [
+            "/caf%C3%A9",
+            "/%C3%80%C2%AE",
+            "/%E0%A4%85",
+            "/%F0%9F%98%80",
+            "/%C0",
+        ] {
+            assert!(normalise_path(good).is_ok(), "{good}");
+        }
+        for path in [
+            "/.well-known/jwks.json",
+            "/.well-known/JWKS.json",
+            "/.well-known/jwks.json/",
+            "/.well-known%2Fjwks.json",
+            "/.well-known/jwks.json;x",
+        ] {
+            let canonical = normalise_path(path).unwrap();
+            assert!(is_gateway_path(&canonical), "{path}");
+        }
+        for path in [
+            "/.well-known/security.txt",
+            "/well-known/jwks.json",
+            "/.well-known/jwks",
+        ] {
+            assert!(!is_gateway_path(path), "{path}");
+        }
+    }
+
+    #[test]
     fn names_and_addresses_hold_no_hidden_characters() {
         assert!(is_readable_name("Desk key", 64));
         assert!(is_readable_name("Clé de bureau", 64));
@@ -553,12 +698,19 @@ mod tests {
             "\u{1000}\u{103c}\u{103d}\u{1031}\u{1038}",
             "\u{2764}\u{fe0f} key",
             "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}",
+            "\u{2764}\u{fe0f}\u{200d}\u{1f525}",
+            "key 1\u{fe0f}\u{20e3}",
         ] {
             assert!(is_readable_name(good, 64), "{good:?}");
         }
-        // A joiner or selector after a letter is hidden as ever.
+        // A joiner or selector after a letter, or after a symbol that is no emoji, is hidden
+        // as ever; so are code points Unicode has not assigned.
         assert!(!is_readable_name("a\u{200d}b", 64));
         assert!(!is_readable_name("a\u{fe0f}", 64));
+        assert!(!is_readable_name("\u{2192}\u{200d}key", 64));
+        assert!(!is_readable_name("key \u{0378}", 64));
+        assert!(!is_readable_name("key \u{2FFFD}", 64));
+        assert!(is_hidden_char('\u{0378}') && !is_hidden_char('\u{00e9}'));
         for bad in [
             "",
             "a\u{202E}yek",

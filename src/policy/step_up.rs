@@ -107,7 +107,8 @@ fn path_matches(pattern: &str, path: &str) -> bool {
     }
 }
 
-/// Whether a path segment `have` reads as the pattern's literal segment `want`: compared in
+/// Whether a path segment `have` reads as the pattern's literal segment `want` (blanks before it
+/// aside): compared in
 /// Unicode upper case and then lower case (so `ſend` is `send` and the Kelvin sign `K` a `k`,
 /// as Java's case-insensitive comparison has them), and
 /// `have` may go on after `want` with anything that does not start with a letter or digit (a
@@ -115,6 +116,8 @@ fn path_matches(pattern: &str, path: &str) -> bool {
 /// which frameworks and servers drop or route to the same action.
 fn same_segment(want: &str, have: &str) -> bool {
     let fold = |c: char| c.to_uppercase().flat_map(char::to_lowercase);
+    // Leading blanks too, which servers that trim segments drop (`%20send`).
+    let have = have.trim_start_matches(|c: char| c.is_whitespace() || super::is_hidden_char(c));
     let mut have = have.chars().flat_map(fold);
     for w in want.chars().flat_map(fold) {
         if have.next() != Some(w) {
@@ -131,9 +134,10 @@ pub fn unknown_method() -> Method {
     Method::from_bytes(b"*").unwrap_or(Method::POST)
 }
 
-/// Whether `rule` covers `method`: a rule for PUT, PATCH or DELETE covers POST too, a rule
-/// for GET covers HEAD, which frameworks answer by running the GET handler, and every rule
-/// covers the [`unknown_method`].
+/// Whether `rule` covers `method`: every rule covers POST, which frameworks run as the method a
+/// `_method` form field or query parameter names (Rails and Sinatra's `MethodOverride` takes
+/// GET, PUT, PATCH, DELETE… from a POST); a rule for GET covers HEAD, which frameworks answer by
+/// running the GET handler; and every rule covers the [`unknown_method`].
 fn covers(rule: &StepUpRule, method: &Method) -> bool {
     let names = |m: &str| {
         rule.methods
@@ -146,7 +150,7 @@ fn covers(rule: &StepUpRule, method: &Method) -> bool {
     rule.methods.is_empty()
         || method.as_str() == "*"
         || names(method.as_str())
-        || (is("POST") && (names("PUT") || names("PATCH") || names("DELETE")))
+        || is("POST")
         || (is("HEAD") && names("GET"))
 }
 
@@ -156,14 +160,15 @@ fn matching<'a>(
     method: &'a Method,
     path: &'a str,
 ) -> impl Iterator<Item = &'a StepUpRule> + 'a {
-    // The lenient reading differs only where there is something to decode or drop.
-    let lenient = path
-        .contains(['%', '\\', ';'])
-        .then(|| super::lenient_reading(path));
+    // The other readings differ only where there is something to decode, drop or trim.
+    let others = super::has_other_readings(path).then(|| super::trimmed_readings(path));
     rules.iter().filter(move |r| {
         covers(r, method)
             && (path_matches(&r.path, path)
-                || lenient.as_deref().is_some_and(|l| path_matches(&r.path, l)))
+                || others
+                    .iter()
+                    .flatten()
+                    .any(|reading| path_matches(&r.path, reading)))
     })
 }
 
@@ -252,6 +257,22 @@ mod tests {
             (&post, "/campaigns/42/send%FF", Some(0)),
             (&post, "/campaigns/42/sender", None),
             (&post, "/campaigns/42/sendé", None),
+            // Segments of nothing but blanks and dots, which servers that trim segments drop or
+            // (two dots and more) climb by; a lone format suffix; blanks before a segment.
+            (&post, "/campaigns/42/%20/send", Some(0)),
+            (&post, "/campaigns/42/send/%20", Some(0)),
+            (&post, "/campaigns/42/send/%20%20/", Some(0)),
+            (&post, "/campaigns/42/send/...", Some(0)),
+            (&post, "/campaigns/42/send/.json", Some(0)),
+            (&post, "/campaigns/42/send/%C2%A0", Some(0)),
+            (&post, "/campaigns/42/send/%E2%80%8B", Some(0)),
+            (&post, "/campaigns/42/.%20/send", Some(0)),
+            (&post, "/campaigns/42/x/..%20/send", Some(0)),
+            (&post, "/campaigns/42/x/.../send", Some(0)),
+            (&post, "/campaigns/42/%20send", Some(0)),
+            (&post, "/campaigns/42/%09send", Some(0)),
+            (&post, "/campaigns/42/x%20send", None),
+            (&post, "/campaigns/42/send/x", None),
         ] {
             let got = matching(&rules, method, path)
                 .next()
@@ -293,7 +314,8 @@ mod tests {
         assert_eq!(unmet(&rules, &Method::GET, "/campaigns", at(99_999)), None);
     }
 
-    /// A rule for GET guards HEAD too (the GET handler runs for it); not the other way round.
+    /// A rule for GET guards HEAD too (the GET handler runs for it), and POST (which a
+    /// `_method` field makes any method); not the other way round.
     #[test]
     fn a_rule_for_get_covers_head() {
         let rules = [rule("/reports/download", &["GET"])];
@@ -310,6 +332,13 @@ mod tests {
         let put = [rule("/w", &["DELETE"])];
         let post = Method::from_bytes(b"post").unwrap();
         assert_eq!(unmet(&put, &post, "/w", old), Some(false));
+        // Nor can a POST dodge a rule for GET: `_method=GET` makes it one in Rails and Sinatra.
+        let get = [rule("/reports/*/download", &["GET"])];
+        assert_eq!(
+            unmet(&get, &Method::POST, "/reports/1/download", old),
+            Some(false)
+        );
+        assert_eq!(unmet(&get, &Method::PUT, "/reports/1/download", old), None);
         let head_only = [rule("/reports/download", &["HEAD"])];
         assert_eq!(
             unmet(&head_only, &Method::GET, "/reports/download", old),

@@ -136,20 +136,29 @@ pub(crate) fn strip_identity(
     }
 }
 
-/// Whether `name` (as a `HeaderName` is: lower case) is the gateway's identity header `token`
-/// (lower case) or a name in the gateway's `x-portcullis-` namespace spelled with other
-/// punctuation than `-` (`x_portcullis_assertion`), which a CGI-style console reads as the
-/// same name but a proxy replacing the header by its name leaves in place. (The name itself
-/// is replaced by the proxies' documented configurations.)
-pub(crate) fn is_gateway_header_alias(name: &str, token: &str) -> bool {
+/// Whether `name` (as a `HeaderName` is: lower case), spelled with other punctuation than `-`
+/// (`x_forwarded_user`, `remote.user`), is a header a client must never supply: the gateway's
+/// identity header `token` (lower case) or a name in its `x-portcullis-` namespace, an
+/// [`is_identity_header`] of another gateway or proxy, or a client address or host the asking
+/// proxy sets. A CGI-style console reads such a spelling as the header itself, but a proxy
+/// that replaces or blanks headers by name leaves it in place (nginx drops names with `_` by
+/// default; Caddy and Traefik pass them on). The names themselves are replaced or blanked by the
+/// proxies' documented configurations.
+pub(crate) fn is_identity_alias(name: &str, token: &str) -> bool {
     if !name.bytes().any(|b| PUNCTUATION[usize::from(b)]) {
         return false;
     }
-    let prefix = IDENTITY_DENY_PREFIX.len();
+    let norm: String = name
+        .bytes()
+        .map(|b| char::from(normalised_byte(b)))
+        .collect();
     same_normalised(name, token)
-        || name
-            .get(..prefix)
-            .is_some_and(|start| same_normalised(start, IDENTITY_DENY_PREFIX))
+        || norm.starts_with(IDENTITY_DENY_PREFIX)
+        || is_identity_header(&norm)
+        || matches!(
+            norm.as_str(),
+            "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+        )
 }
 
 /// Whether `name` (as a `HeaderName` is: lower case) asks, in any spelling a console may read,
@@ -159,6 +168,10 @@ pub(crate) fn is_method_override(name: &str) -> bool {
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "http-method-override",
+        "x-method",
+        "x-original-http-method",
+        "-method",
     ]
     .iter()
     .any(|m| same_normalised(name, m))
@@ -245,6 +258,18 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
             | "x-http-method-override"
             | "x-http-method"
             | "x-method-override"
+            | "http-method-override"
+            | "x-method"
+            | "x-original-http-method"
+            | "-method"
+            // Another path or base path than the request's, which middleware takes in place of
+            // it (a prefix stripped from the path the gateway checked), and Next.js's marker of
+            // its own subrequests, which skips its middleware (CVE-2025-29927):
+            | "x-script-name"
+            | "script-name"
+            | "request-uri"
+            | "x-override-url"
+            | "x-middleware-subrequest"
             | "x-proxy-user"
             | "x-proxy-remote-user"
             // Generic names consoles and frameworks read a user, tenant or role from:

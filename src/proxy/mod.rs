@@ -24,7 +24,7 @@ use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Method, StatusCode, Uri, Version};
 
 pub use addr::{client_ip, is_trusted};
-pub(crate) use headers::{is_gateway_header_alias, is_identity_header, is_method_override};
+pub(crate) use headers::{is_identity_alias, is_identity_header, is_method_override};
 pub use websocket::ConnectionHold;
 
 use crate::config::UpstreamConfig;

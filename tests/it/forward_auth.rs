@@ -176,11 +176,18 @@ async fn a_client_sent_identity_header_is_refused() {
         ("x.portcullis.assertion", 403),
         ("X-Portcullis_Assertion", 403),
         ("X_PORTCULLIS_USER", 403),
+        // Other proxies' identity and client-address headers so spelled.
+        ("X_Forwarded_User", 403),
+        ("X-Forwarded_User", 403),
+        ("Remote_User", 403),
+        ("X_Forwarded_For", 403),
+        ("x.auth.request.email", 403),
         // Under its own name the asking proxy replaces it (`copy_headers`,
         // `authResponseHeaders`, `proxy_set_header`).
         ("X-Portcullis-Assertion", 200),
         ("X-Portcullis", 200),
         ("X_Request_Id", 200),
+        ("X_Custom_Thing", 200),
     ] {
         let r = auth(
             &gw,

@@ -68,6 +68,16 @@ async fn spoofed_identity_headers_never_reach_the_console() {
         "True-Client-IP",
         "X-Client-IP",
         "X-HTTP-Method-Override",
+        "Http-Method-Override",
+        "X-Method",
+        "X-Original-Http-Method",
+        "_method",
+        // Another base path or path, and Next.js's subrequest marker.
+        "X-Script-Name",
+        "Script-Name",
+        "Request-Uri",
+        "X-Override-URL",
+        "X-Middleware-Subrequest",
         // Whole families, by their proxy's prefix.
         "X-Auth-Request-Groups",
         "X-Auth-Request-Preferred-Username",

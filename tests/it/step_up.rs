@@ -59,6 +59,16 @@ async fn sensitive_actions_need_a_recent_proof() {
         "/campaigns/7/send",
         "/Campaigns/7/SEND",
         "/campaigns//7/send/",
+        // Blank and dot segments, a lone format suffix, blanks before the segment: a console
+        // that trims segments routes them to the action.
+        "/campaigns/7/%20/send",
+        "/campaigns/7/send/%20",
+        "/campaigns/7/send/...",
+        "/campaigns/7/send/.json",
+        "/campaigns/7/x/..%20/send",
+        "/campaigns/7/%20send",
+        // A POST to a GET rule's path: `_method=GET` makes it the GET.
+        "/reports/download",
     ] {
         let r = send_campaign(&gw, &c, path, "application/json").await;
         assert_eq!(r.status(), 403, "{path}");
@@ -72,6 +82,20 @@ async fn sensitive_actions_need_a_recent_proof() {
             "{v}"
         );
     }
+    // Overlong UTF-8 (`%C0%AE%C0%AE` is `..` to a lenient decoder) is refused outright.
+    let r = send_campaign(
+        &gw,
+        &c,
+        "/x/%c0%ae%c0%ae/campaigns/7/send",
+        "application/json",
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        gw.upstream.count(),
+        forwarded,
+        "a guarded action went through"
+    );
     // A form sent from a console page: a page with a link to prove it and return to the form.
     let r = c
         .post(gw.url("/campaigns/7/send"))
