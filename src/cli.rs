@@ -176,7 +176,7 @@ pub enum KeysCmd {
         /// Confirms a switch of every gateway's signing algorithm to this one (`EdDSA` or
         /// `ES256`, which must be `token.algorithm`): backends that pin the old algorithm
         /// refuse every token signed with the new key.
-        #[arg(long, value_name = "ALGORITHM")]
+        #[arg(long, value_name = "ALGORITHM", value_parser = ["EdDSA", "ES256"])]
         switch_algorithm: Option<String>,
     },
 }
@@ -418,7 +418,17 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
     let source = SqlStore::connect(from).await?;
     let target = SqlStore::connect(to).await?;
     target.migrate().await?;
-    let copied = source.copy_into(&target).await?;
+    // Progress on stderr as each table begins, and every 100,000 rows: an audit trail of
+    // millions takes minutes. The counts, once done, on stdout.
+    let copied = source
+        .copy_into(&target, &mut |table, n| {
+            if n == 0 {
+                note!("copying {table}…");
+            } else {
+                note!("{table}: {n} rows so far…");
+            }
+        })
+        .await?;
     let rows: u64 = copied.iter().map(|(_, n)| n).sum();
     let clock = SystemClock;
     let ev = AuditEvent::new("storage_copied", "success", clock.now())
@@ -1283,7 +1293,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             match (switching, switch_algorithm.as_deref()) {
                 (false, None) => {}
                 (true, Some(a)) if a == to => {}
-                (true, _) => bail!(
+                (true, Some(a)) => bail!(
+                    "--switch-algorithm {a} does not match this configuration's token.algorithm \
+                     ({to}), which the new key would use: name {to} to switch to it, or correct \
+                     token.algorithm (PORTCULLIS__TOKEN__ALGORITHM) first. Nothing was changed."
+                ),
+                (true, None) => bail!(
                     "the gateways sign with {} now; this configuration's token.algorithm is {to}, \
                      so the new key would switch every gateway to {to}, and backends that accept \
                      only {} would refuse every token. If that is intended (backends accept both; \

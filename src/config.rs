@@ -271,6 +271,35 @@ impl Default for NotifyConfig {
     }
 }
 
+/// `server.max_connections_per_address` unless set: a hundred browsers behind one NAT address,
+/// six connections each, are well within it.
+pub const DEFAULT_CONNECTIONS_PER_ADDRESS: u32 = 1024;
+
+/// A deserialiser's message with the program's own type names said in words
+/// (`expected usize` → `expected a whole number`).
+fn in_words(why: &str) -> String {
+    let mut out = why.to_string();
+    for (rust, words) in [
+        ("usize", "a whole number of at least 0"),
+        ("u64", "a whole number of at least 0"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u8", "a whole number from 0 to 255"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+    ] {
+        for lead in ["expected ", "an integer ", "a value "] {
+            let from = format!("{lead}{rust}");
+            if out.contains(&from) {
+                out = out.replace(&from, &format!("{lead}{words}"));
+            }
+        }
+    }
+    out
+}
+
 /// `[server]`: where the gateway listens and how it is reached.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -311,6 +340,10 @@ pub struct ServerConfig {
     /// gateways stored (sessions, proofs, keys, counters) with their own. `0s`: not checked.
     #[serde(with = "duration")]
     pub max_clock_skew: Duration,
+    /// The most connections one client address (an IPv6 client's /64) may hold open at once on
+    /// each listener; more are closed as soon as they are accepted. The trusted proxies are not
+    /// counted. `0`: no bound.
+    pub max_connections_per_address: u32,
 }
 
 impl Default for ServerConfig {
@@ -328,6 +361,7 @@ impl Default for ServerConfig {
             tls_key: None,
             redirect_http_listen: None,
             max_clock_skew: Duration::from_secs(2),
+            max_connections_per_address: DEFAULT_CONNECTIONS_PER_ADDRESS,
         }
     }
 }
@@ -914,6 +948,7 @@ impl Config {
                     Some((first, _)) => first.trim_end().to_string(),
                     None => why.trim_end().to_string(),
                 };
+                let why = in_words(&why);
                 // A `_file` key read a secret (or the wrong file): the error names the file and
                 // what was expected, never what it holds (quoted, escaped or in part).
                 if let Some(file) = files.iter().find(|f| f.key == key) {
@@ -955,12 +990,21 @@ impl Config {
                         .iter()
                         .any(|t| why.contains(&format!("invalid type: {t}")))
                 {
-                    why.push_str(if from_env.contains(&key) {
-                        "; in a PORTCULLIS__SECTION__KEY variable, quote a text that reads as a \
-                         number or boolean: '\"123\"'"
+                    if from_env.contains(&key) {
+                        // The value as given, quoted as it should be (not for a secret's key).
+                        let given = why
+                            .split_once('`')
+                            .and_then(|(_, rest)| rest.split_once('`'))
+                            .map(|(v, _)| v)
+                            .filter(|_| !SECRET_VALUE_KEYS.contains(&key.as_str()))
+                            .unwrap_or("123");
+                        why.push_str(&format!(
+                            "; in a PORTCULLIS__SECTION__KEY variable, quote a text that reads \
+                             as a number or boolean: '\"{given}\"'"
+                        ));
                     } else {
-                        "; in the file, a text is written in quotes: key = \"value\""
-                    });
+                        why.push_str("; in the file, a text is written in quotes: key = \"value\"");
+                    }
                 }
                 // A value set in the environment: the variable is what to look at.
                 if from_env.contains(&key) && !why.contains("PORTCULLIS__") {
@@ -1171,6 +1215,15 @@ impl Config {
             return Err(key_err(
                 "server.max_clock_skew",
                 "must be 0s (not checked) or between 100ms and 10m",
+            ));
+        }
+        if s.max_connections_per_address != 0
+            && !(16..=1_000_000).contains(&s.max_connections_per_address)
+        {
+            return Err(key_err(
+                "server.max_connections_per_address",
+                "must be 0 (no bound) or between 16 and 1000000 (a browser opens up to six \
+                 connections to a site, and many users may share one address behind a NAT)",
             ));
         }
         if s.max_form_bytes < 1024 || s.max_form_bytes > 1024 * 1024 {
@@ -1622,6 +1675,17 @@ impl Config {
         self.validate_attestation()?;
         if let Some(rp_id) = &w.rp_id {
             let host = self.server.public_url.domain().unwrap_or("");
+            if rp_id.bytes().any(|b| b.is_ascii_uppercase()) {
+                // Browsers compare the relying party as a host name, which they hold in lower
+                // case: a key registered for "ESP.example" would match nothing.
+                return Err(key_err(
+                    "webauthn.rp_id",
+                    format!(
+                        "must be written in lower case, as browsers write host names: \"{}\"",
+                        rp_id.to_ascii_lowercase()
+                    ),
+                ));
+            }
             let ok = !rp_id.is_empty()
                 && rp_id.parse::<std::net::IpAddr>().is_err()
                 && (host == rp_id || host.ends_with(&format!(".{rp_id}")));

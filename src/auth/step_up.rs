@@ -67,6 +67,11 @@ impl LoginFlow {
         session.auth_ms = self.clock.now_millis();
         session.factor_ms = Some(session.auth_ms);
         session.failed_codes = 0;
+        // `amr` lists every method the session has used: a session begun with a recovery code
+        // or a key has now used the app too.
+        if !session.amr.iter().any(|m| m == "otp") {
+            session.amr.push("otp".into());
+        }
         let ev = AuditEvent::new(EVENT, "success", self.clock.now())
             .user(&user)
             .reason("otp");

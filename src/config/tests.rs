@@ -452,6 +452,7 @@ fn webauthn_bad_values_are_refused_with_the_key() {
         ("rp_id = \"other.example\"", "webauthn.rp_id"),
         ("rp_id = \"sp.example\"", "webauthn.rp_id"),
         ("rp_id = \"\"", "webauthn.rp_id"),
+        ("rp_id = \"ESP.example\"", "host names: \"esp.example\""),
         ("ceremony_timeout = \"6m\"", "webauthn.ceremony_timeout"),
         ("ceremony_timeout = \"5s\"", "webauthn.ceremony_timeout"),
         ("rp_name = \" \"", "webauthn.rp_name"),
@@ -936,6 +937,16 @@ fn a_list_in_the_environment_is_a_toml_array() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("quote") && e.contains("PORTCULLIS__"), "{e}");
+    // The hint quotes the value given, not an example.
+    let e = load_str("", &[("PORTCULLIS__TOKEN__AUDIENCE", "true")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'\"true\"'"), "{e}");
+    // Numbers are asked for in words, not in the program's type names.
+    let e = load_str("", &[("PORTCULLIS__SERVER__MAX_URI_LENGTH", "3x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("whole number") && !e.contains("usize"), "{e}");
     // A value of the wrong kind from a variable names the variable.
     let e = load_str("", &[("PORTCULLIS__SERVER__MAX_URI_LENGTH", "big")])
         .unwrap_err()
@@ -1369,4 +1380,36 @@ fn an_empty_path_is_said_to_be_empty() {
         let err = load_str("", &env).unwrap_err().to_string();
         assert!(err.contains(key) && err.contains("is empty"), "{err}");
     }
+}
+
+/// The bound on connections per address: 1024 unless set, `0` for none, and nothing a NAT's
+/// users or a browser would hit by accident (under 16) or that bounds nothing (over a million).
+#[test]
+fn connections_per_address_are_bounded_within_reason() {
+    let c = load_str("", &[]).unwrap();
+    assert_eq!(c.server.max_connections_per_address, 1024);
+    for ok in ["0", "16", "1000000"] {
+        let c = load_str(
+            &format!("[server]\nmax_connections_per_address = {ok}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_connections_per_address.to_string(), ok);
+    }
+    for bad in ["1", "15", "1000001"] {
+        let e = load_str(
+            &format!("[server]\nmax_connections_per_address = {bad}\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("server.max_connections_per_address"),
+            "{bad}: {e}"
+        );
+    }
+    let e = load_str("[server]\nmax_connections_per_address = -1\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("server.max_connections_per_address"), "{e}");
 }

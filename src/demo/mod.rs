@@ -73,12 +73,49 @@ const DEMO_OWN: &str =
     "server.listen, server.public_url, upstream.url, storage, secrets.master_key \
      and (without notify.smtp_url) notify.outbox_dir";
 
+/// The settings of [`DEMO_OWN`] that `config` (as loaded) sets to something else than the
+/// default, each with where the demo takes it from instead.
+fn ignored_settings(config: &Config) -> Vec<&'static str> {
+    let defaults = Config::default();
+    let mut ignored = Vec::new();
+    if config.server.listen != defaults.server.listen {
+        ignored.push("server.listen (use --listen)");
+    }
+    if config.server.public_url != defaults.server.public_url {
+        ignored.push("server.public_url (use --public-url)");
+    }
+    if config.upstream.url != defaults.upstream.url {
+        ignored.push("upstream.url (its own demo console)");
+    }
+    if config.storage.durable != defaults.storage.durable
+        || config.storage.ephemeral != defaults.storage.ephemeral
+    {
+        ignored.push("storage (a SQLite file in --data-dir, sessions in memory)");
+    }
+    if config.secrets.master_key.is_some() {
+        ignored.push("secrets.master_key (a key file in --data-dir)");
+    }
+    if config.notify.smtp_url.is_none() && config.notify.outbox_dir != defaults.notify.outbox_dir {
+        ignored.push("notify.outbox_dir (outbox/ in --data-dir)");
+    }
+    ignored
+}
+
 /// The demo's configuration: defaults, the configuration file (`--config`, `PORTCULLIS_CONFIG`)
 /// if one is given, the environment, and the demo's own addresses and paths ([`DEMO_OWN`]).
 pub fn demo_config(args: &DemoArgs, file: Option<&Path>) -> Result<Config> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let mut config = Config::load(file, crate::config::environment()?)?;
+    let ignored = ignored_settings(&config);
+    if !ignored.is_empty() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: the demo sets {} itself; the value given (in the configuration file or a \
+             PORTCULLIS__ variable) is not used",
+            ignored.join(", ")
+        );
+    }
     config.server.listen = args.listen.to_string();
     config.server.public_url = match &args.public_url {
         Some(u) => u.clone(),

@@ -47,7 +47,7 @@ async fn signed_in(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Result<(Loaded, User), Response>, AppError> {
-    let to_login = || see_other("/_portcullis/login?next=%2F_portcullis%2Faccount");
+    let to_login = || super::no_session("/_portcullis/login?next=%2F_portcullis%2Faccount");
     let Some(loaded) = current_session(state, headers).await? else {
         return Ok(Err(to_login()));
     };

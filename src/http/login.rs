@@ -157,6 +157,14 @@ pub(super) fn restart(state: &AppState, why: &str) -> Response {
     )
 }
 
+/// [`restart`] for a sign-in that ran out: to an API client, `401` (see [`super::no_session`]).
+pub(super) fn expired(state: &AppState) -> Response {
+    with_cookies(
+        super::no_session("/_portcullis/login?notice=expired"),
+        [state.sessions.clear_cookie()],
+    )
+}
+
 fn notice_text(code: &str) -> Option<&'static str> {
     Some(match code {
         "expired" => "Your sign-in took too long or was interrupted. Please start again.",
@@ -439,9 +447,9 @@ async fn pending(
         // A sign-in that ran out, or none at all (a bookmark, a page opened anew): only the
         // first is told it took too long.
         if super::get_cookie(headers, state.sessions.cookie_name()).is_none() {
-            return Ok(Err(see_other("/_portcullis/login")));
+            return Ok(Err(super::no_session("/_portcullis/login")));
         }
-        return Ok(Err(restart(state, "expired")));
+        return Ok(Err(expired(state)));
     };
     if !want(&loaded.session.stage) {
         return Ok(Err(see_other(&stage_page(&loaded))));
@@ -1060,7 +1068,7 @@ pub async fn enrol_get(
         Err(r) => return Ok(r),
     };
     let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
-        return Ok(restart(&state, "expired"));
+        return Ok(expired(&state));
     };
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
@@ -1095,7 +1103,7 @@ pub async fn enrol_post(
         Err(r) => return Ok(r),
     };
     let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
-        return Ok(restart(&state, "expired"));
+        return Ok(expired(&state));
     };
     code_given(&form.code)?;
     let client = super::client(&state, peer, &headers);

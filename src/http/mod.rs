@@ -350,8 +350,9 @@ pub(crate) fn prefers_json(headers: &HeaderMap) -> bool {
 }
 
 /// A page's redirect as an API client should get it: a page read without a session (sent to
-/// the sign-in page) is `401 authentication_required` with the sign-in URL, as the gate answers;
-/// any other redirect keeps its `303` and `Location` and says where in a JSON body.
+/// the sign-in page), or a form sent without one ([`no_session`]), is `401
+/// authentication_required` with the sign-in URL, as the gate answers; any other redirect keeps
+/// its `303` and `Location` and says where in a JSON body.
 fn redirect_for_json(mut resp: Response, read: bool) -> Response {
     let Some(location) = resp
         .headers()
@@ -363,7 +364,7 @@ fn redirect_for_json(mut resp: Response, read: bool) -> Response {
     };
     let to_sign_in =
         location == gate::LOGIN_PATH || location.starts_with(&format!("{}?", gate::LOGIN_PATH));
-    if read && to_sign_in {
+    if (read && to_sign_in) || resp.extensions().get::<NoSession>().is_some() {
         // The gate's own answer, keeping what the page set (a cleared cookie, say).
         let mut r = gate::authentication_required(gate::LOGIN_PATH, &location);
         for (name, value) in resp.headers() {
@@ -763,6 +764,19 @@ pub fn see_other(location: &str) -> Response {
     }
     r
 }
+
+/// A request that needs a session and came without one (or with one that ran out): the browser
+/// is sent to `location`, the sign-in page; an API client gets `401 authentication_required`
+/// whatever the method, not a redirect that reads like the step's success.
+pub fn no_session(location: &str) -> Response {
+    let mut r = see_other(location);
+    r.extensions_mut().insert(NoSession);
+    r
+}
+
+/// Marks [`no_session`]'s answers for [`security_headers`].
+#[derive(Clone, Copy, Debug)]
+struct NoSession;
 
 // Tests may fail loudly; the crate-wide ban on unwrap/expect/panic is for production paths.
 #[cfg(test)]

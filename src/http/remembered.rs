@@ -130,7 +130,7 @@ pub async fn page_get(
     RawQuery(_): RawQuery,
 ) -> Result<Response, AppError> {
     let Some(loaded) = current_session(&state, &headers).await? else {
-        return Ok(see_other("/_portcullis/login?notice=expired"));
+        return Ok(super::no_session("/_portcullis/login?notice=expired"));
     };
     if loaded.session.stage != Stage::DeviceProof {
         return Ok(see_other(&stage_page(&loaded)));
@@ -254,7 +254,7 @@ pub async fn skip_post(
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
     let Some(mut loaded) = current_session(&state, &headers).await? else {
-        return Ok(see_other("/_portcullis/login?notice=expired"));
+        return Ok(super::no_session("/_portcullis/login?notice=expired"));
     };
     if loaded.session.stage != Stage::DeviceProof {
         // Another step of this sign-in (or a complete session): that step's page, as `GET`.

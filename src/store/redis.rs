@@ -311,7 +311,19 @@ impl RedisStore {
                         .map_err(|_| {
                             StoreError::Unavailable("redis cluster: connect timed out".into())
                         })?
-                        .map_err(|e| fail("connect cluster", &e))?;
+                        .map_err(|e| {
+                            if e.to_string().contains("cluster support disabled") {
+                                // A single server named as a cluster: say which setting is off.
+                                StoreError::Unavailable(
+                                    "storage.ephemeral names a cluster (redis+cluster://) but \
+                                     the Redis server is not one (its cluster support is \
+                                     disabled): use redis:// (or rediss://) for a single server"
+                                        .into(),
+                                )
+                            } else {
+                                fail("connect cluster", &e)
+                            }
+                        })?;
                 Conn::Cluster(conn)
             }
         };

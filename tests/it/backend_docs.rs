@@ -33,12 +33,7 @@ async fn the_documented_python_check_accepts_our_tokens_and_refuses_tampering() 
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("py@example.com").await;
     c.get(gw.url("/x")).send().await.unwrap();
-    let token = gw
-        .upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let token = gw.upstream.last_token();
     let script = python_verifier(&gw.url("/.well-known/jwks.json"), &gw.base);
     let out = tokio::task::spawn_blocking({
         let (s, t) = (script.clone(), token.clone());
@@ -64,5 +59,80 @@ async fn the_documented_python_check_accepts_our_tokens_and_refuses_tampering() 
     assert!(
         !out.status.success(),
         "tampered token accepted by the documented check"
+    );
+}
+
+/// The documented verifier, kept running as a console is, stops trusting a key once a rotation
+/// has retired it and it has left the JWKS (PyJWT's own key cache would keep it until a restart).
+#[tokio::test]
+async fn the_documented_python_check_drops_a_retired_key() {
+    use std::io::{BufRead, Write};
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("py-rotation@example.com").await;
+    c.get(gw.url("/x")).send().await.unwrap();
+    let token = gw.upstream.last_token();
+    let old_kid = gw.state.signer.current_kid();
+    let verifier = python_verifier(&gw.url("/.well-known/jwks.json"), &gw.base);
+    assert!(
+        verifier.contains("lifespan=60"),
+        "the doc's cache time moved"
+    );
+    // The same code with the key set cached for a second rather than a minute; the token
+    // checked once, and again when told to.
+    let code = verifier
+        .replace("lifespan=60", "lifespan=1")
+        .split("\nimport sys, json\n")
+        .next()
+        .unwrap()
+        .to_string();
+    let script = format!(
+        "{code}\nimport sys\nt = sys.argv[1]\nverify(t)\nprint('first', flush=True)\n\
+         sys.stdin.readline()\ntry:\n    verify(t)\n    print('second accepted', flush=True)\n\
+         except Exception as e:\n    print('second refused', type(e).__name__, flush=True)\n"
+    );
+    let mut py = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read off the runtime's thread: the gateway under test answers the script's requests.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = py.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = lines_tx.send(line.unwrap_or_default());
+        }
+    });
+    let line = lines.recv().await.unwrap_or_default();
+    assert_eq!(line.trim(), "first", "the token was refused at first");
+
+    // Rotated, and the old key past its overlap: gone from the JWKS.
+    let rotated = gw.cli(&["keys", "rotate"], None).await;
+    assert!(rotated.status.success());
+    let overlap = gw.state.config.token.key_overlap.as_secs() as i64;
+    gw.clock.advance(90 + overlap + 60);
+    gw.state.signer.refresh().await.unwrap();
+    let jwks: serde_json::Value = reqwest::get(gw.url("/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        !jwks.to_string().contains(&format!("\"{old_kid}\"")),
+        "the retired key is still published: {jwks}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut stdin = py.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    let line = lines.recv().await.unwrap_or_default();
+    let _ = py.wait();
+    assert!(
+        line.starts_with("second refused"),
+        "a retired key still verifies: {line}"
     );
 }

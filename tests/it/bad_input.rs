@@ -531,6 +531,43 @@ async fn api_clients_get_json_from_pages_that_need_a_session() {
         .await;
         assert_eq!(r.status, status, "{accept}: {}", r.head);
     }
+    // Forms sent without a session, or with one that ran out, are refused the same way: a
+    // redirect would read like the step's success.
+    let b = gw.browser();
+    let c = b.client.clone();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    let session = gw.state.sessions.cookie_name().to_string();
+    for path in [
+        "/_portcullis/mfa",
+        "/_portcullis/enrol/totp",
+        "/_portcullis/recovery-codes",
+        "/_portcullis/account/totp",
+        "/_portcullis/account/recovery-codes",
+        "/_portcullis/remembered/skip",
+    ] {
+        let with_session = format!("{}; {session}=ran-out-or-made-up", gw.cookies(&b));
+        for cookie in [None, Some(with_session)] {
+            let mut req = c
+                .post(gw.url(path))
+                .header("Accept", "application/json")
+                .form(&[("csrf", csrf.as_str()), ("code", "123456")]);
+            if let Some(cookie) = &cookie {
+                req = req.header("Cookie", cookie);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{path} {cookie:?}");
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["error"], "authentication_required", "{path}");
+        }
+        let r = c
+            .post(gw.url(path))
+            .header("Accept", "text/html")
+            .form(&[("csrf", csrf.as_str()), ("code", "123456")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "a browser's {path}");
+    }
     // The sign-in page itself is served as before.
     let r = raw(
         gw.addr,
@@ -605,6 +642,85 @@ async fn slow_request_heads_and_idle_connections_are_closed() {
     let (c, _, _) = gw.signed_in("slow-answer@example.com").await;
     let r = c.get(gw.url("/slow/2500")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// One client address holds at most `server.max_connections_per_address` connections: the next
+/// is closed as soon as it is accepted (a client opening connections faster than
+/// `server.header_timeout` closes them would otherwise use up the file descriptors), other
+/// addresses are served meanwhile, a freed place is taken again, the refusal is counted, and a
+/// trusted proxy (a load balancer carrying many clients) is not counted.
+#[tokio::test]
+async fn connections_per_address_are_capped_but_not_a_trusted_proxys() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn from(source: &str, gw: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        s.connect(gw).await.unwrap()
+    }
+    // Whether a request on `s` is answered (rather than the connection closed unanswered).
+    async fn answered(s: &mut tokio::net::TcpStream) -> bool {
+        if s.write_all(b"GET /_portcullis/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut head)).await,
+            Ok(Ok(_)) if &head == b"HTTP/1.1 200"
+        )
+    }
+    let gw = Gateway::start_with(|c| c.server.max_connections_per_address = 16).await;
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let mut s = from("127.0.0.1", gw.addr).await;
+        assert!(
+            answered(&mut s).await,
+            "a connection within the bound is refused"
+        );
+        held.push(s);
+    }
+    let mut over = from("127.0.0.1", gw.addr).await;
+    assert!(!answered(&mut over).await, "a 17th connection is served");
+    let mut other = from("127.0.0.2", gw.addr).await;
+    assert!(answered(&mut other).await, "another address is refused");
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        let mut s = from("127.0.0.1", gw.addr).await;
+        if answered(&mut s).await {
+            again = Some(s);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a freed place is not given back");
+    let text = gw.state.metrics.render(&gw.state.login.hasher).unwrap();
+    let refused: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_connections_refused_total "))
+        .expect("the refusals are not counted")
+        .parse()
+        .unwrap();
+    assert!(refused >= 1.0, "{refused}");
+    drop((held, again, other));
+
+    // Behind a load balancer every client's connection comes from it: not counted.
+    let gw = Gateway::start_with(|c| {
+        c.server.max_connections_per_address = 16;
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let mut held = Vec::new();
+    for i in 0..24 {
+        let mut s = from("127.0.0.1", gw.addr).await;
+        assert!(
+            answered(&mut s).await,
+            "a trusted proxy's connection {i} is refused"
+        );
+        held.push(s);
+    }
 }
 
 /// A request body that stops arriving is refused with 408 once it has paused for

@@ -297,12 +297,7 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("rot@example.com").await;
     c.get(gw.url("/a")).send().await.unwrap();
-    let old_token = gw
-        .upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let old_token = gw.upstream.last_token();
     let old_kid = gw.state.signer.current_kid();
     // The first key, made as the first gateway started, is on the record.
     let created = |events: Vec<portcullis::store::AuditEvent>| -> Vec<Option<String>> {
@@ -358,12 +353,7 @@ async fn key_rotation_keeps_old_tokens_verifiable_and_switches_kid() {
         "old token verifies during overlap"
     );
     c.get(gw.url("/b")).send().await.unwrap();
-    let new_token = gw
-        .upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let new_token = gw.upstream.last_token();
     assert_ne!(new_token, old_token);
     let header = jsonwebtoken::decode_header(&new_token).unwrap();
     assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
@@ -554,6 +544,16 @@ async fn check_config_refuses_what_the_stores_refuse() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("Redis was not reached"), "{err}");
+    // A single server named as a cluster: the setting and the fix are named.
+    let (code, err) = check(
+        "PORTCULLIS__STORAGE__EPHEMERAL",
+        "redis+cluster://127.0.0.1:6379".to_string(),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("storage.ephemeral names a cluster") && err.contains("use redis://"),
+        "{err}"
+    );
 }
 
 /// A secret file every user of the machine may read is pointed out, by its key and path; one
@@ -1374,7 +1374,11 @@ async fn a_demo_that_cannot_start_changes_nothing() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let settings = std::fs::read_to_string(data.join("portcullis.toml"));
-    let second = demo(free_port(), console).output().unwrap();
+    // (Given a database of its own in a variable, which the demo does not use: it says so.)
+    let second = demo(free_port(), console)
+        .env("PORTCULLIS__STORAGE__DURABLE", "sqlite:///elsewhere.sqlite")
+        .output()
+        .unwrap();
     let same_twice = demo(port + 1, port + 1).output().unwrap();
     let every_address = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .env_remove("PORTCULLIS_CONFIG")
@@ -1392,6 +1396,10 @@ async fn a_demo_that_cannot_start_changes_nothing() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(
         err.contains(&format!("cannot listen on 127.0.0.1:{console}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("the demo sets storage (a SQLite file in --data-dir"),
         "{err}"
     );
     assert_eq!(
@@ -1666,6 +1674,20 @@ async fn a_rotation_that_would_switch_the_algorithm_must_be_confirmed() {
         )
         .await;
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not match") && err.contains("(ES256)"),
+        "{err}"
+    );
+    // An algorithm the gateway does not sign with is refused as such.
+    let out = gw
+        .cli(&["keys", "rotate", "--switch-algorithm", "RS256"], None)
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("RS256") && err.contains("ES256"),
+        "{err}"
+    );
     let out = gw
         .cli(&["keys", "rotate", "--switch-algorithm", "EdDSA"], None)
         .await;
@@ -1947,6 +1969,11 @@ async fn storage_copy_moves_a_sqlite_gateway_to_postgres() {
         said.contains("users") && said.contains("audit_events"),
         "{said}"
     );
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("copying users") && progress.contains("copying audit_events"),
+        "{progress}"
+    );
     // A second copy into the same database is refused, and adds nothing.
     let again = gw.cli(&["storage", "copy", "--to", &url], None).await;
     let err = String::from_utf8_lossy(&again.stderr);
@@ -1989,6 +2016,40 @@ async fn storage_copy_moves_a_sqlite_gateway_to_postgres() {
     );
     drop(moved);
     drop_database(&name).await;
+}
+
+/// Two `storage copy` runs into one new database at once: one copies, the other waits for its
+/// lock and is then refused in words (the target holds rows), never with the database's own
+/// unique-key error part way through.
+#[tokio::test]
+async fn two_storage_copies_into_one_database_at_once_one_is_refused() {
+    let gw = Gateway::start().await;
+    for i in 0..3 {
+        gw.signed_in(&format!("racer{i}@example.com")).await;
+    }
+    gw.state.audit.flush().await;
+    for _ in 0..3 {
+        let (name, url) = fresh_database().await;
+        let args = ["storage", "copy", "--to", url.as_str()];
+        let (a, b) = tokio::join!(gw.cli(&args, None), gw.cli(&args, None));
+        let outcomes = [&a, &b].map(|o| {
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stderr).to_string(),
+            )
+        });
+        assert_eq!(
+            outcomes.iter().filter(|(ok, _)| *ok).count(),
+            1,
+            "{outcomes:?}"
+        );
+        let (_, refused) = outcomes.iter().find(|(ok, _)| !ok).unwrap();
+        assert!(
+            refused.contains("already holds rows") && !refused.contains("duplicate"),
+            "{refused}"
+        );
+        drop_database(&name).await;
+    }
 }
 
 /// `keys rotate` from a host whose clock is off from the database's would make a key that signs

@@ -90,11 +90,7 @@ async fn scenario(durable: String) {
     let jwks_a = text(&c, on(pa, "/.well-known/jwks.json")).await;
     let jwks_b = text(&c, on(pb, "/.well-known/jwks.json")).await;
     assert_eq!(jwks_a, jwks_b, "one key set");
-    let token = upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let token = upstream.last_token();
     let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
     assert!(jwks_a.contains(&kid));
 
@@ -497,11 +493,7 @@ async fn ceremonies_and_rotation(durable: String) {
         c.get(on(pa, "/campaigns")).send().await.unwrap().status(),
         200
     );
-    let token = upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let token = upstream.last_token();
     let old_kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
 
     // Rotation on the command line: both running gateways publish the new key (it signs from

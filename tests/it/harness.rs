@@ -64,6 +64,13 @@ impl Upstream {
             .cloned()
             .expect("upstream saw no request")
     }
+    /// The identity token on the last request the console received.
+    pub fn last_token(&self) -> String {
+        self.last()
+            .header("x-portcullis-assertion")
+            .expect("the last request carried no identity token")
+            .to_string()
+    }
 }
 
 async fn record(State(up): State<Upstream>, req: Request) -> Response {

@@ -191,12 +191,7 @@ async fn secrets_are_encrypted_at_rest_and_absent_from_the_audit_trail() {
     let gw = Gateway::start().await;
     let (c, secret, codes) = gw.signed_in("sec@example.com").await;
     c.get(gw.url("/x")).send().await.unwrap();
-    let token = gw
-        .upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let token = gw.upstream.last_token();
     let cookie = gw.cookies(&c);
     gw.state.audit.flush().await;
     // The database file (and its WAL) holds neither the TOTP secret nor the recovery codes.

@@ -125,6 +125,15 @@ async fn totp_codes_work_once_and_recovery_codes_once_each() {
         .code(&b, "/_portcullis/mfa", &codes[0].to_uppercase())
         .await;
     assert_eq!(location(&r), "/");
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let claims = super::webauthn::last_claims(&gw).await;
+    assert_eq!(claims.amr, vec!["pwd", "rec"]);
+    // A step-up with the app adds it to what the session has used.
+    let r = super::risk::reauth_with_code(&gw, &b, &secret, "/campaigns").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let claims = super::webauthn::last_claims(&gw).await;
+    assert_eq!(claims.amr, vec!["pwd", "rec", "otp"]);
     let d = gw.browser();
     gw.password(&d, "bob@example.com", PASSWORD, "").await;
     assert_eq!(

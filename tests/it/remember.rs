@@ -97,12 +97,7 @@ async fn a_remembered_browser_proves_its_key_instead_of_the_second_factor() {
     assert_eq!(r.json::<Value>().await.unwrap()["redirect"], "/campaigns");
     // Bound at once to the same key: the console opens without another proof.
     assert_eq!(gw.status(&b, "/campaigns").await, 200);
-    let token = gw
-        .upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let token = gw.upstream.last_token();
     let claims = portcullis::token::verify(
         &token,
         &gw.jwks().await,

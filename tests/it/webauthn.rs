@@ -207,12 +207,7 @@ pub(super) async fn passkey(
 
 /// The claims of the identity token the console received last.
 pub(super) async fn last_claims(gw: &Gateway) -> portcullis::token::Claims {
-    let token = gw
-        .upstream
-        .last()
-        .header("x-portcullis-assertion")
-        .unwrap()
-        .to_string();
+    let token = gw.upstream.last_token();
     let jwks = gw.jwks().await;
     // The test clock runs ahead of the wall clock by the steps the tests take; the leeway covers
     // that (these tests check claims, not timing).

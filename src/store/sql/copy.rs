@@ -30,6 +30,9 @@ impl Kind {
     }
 }
 
+/// How many rows of a table are copied between two reports of progress.
+pub const PROGRESS_EVERY: u64 = 100_000;
+
 /// What was copied: each table's name and row count, in the order copied.
 pub type Copied = Vec<(&'static str, u64)>;
 
@@ -57,28 +60,49 @@ impl SqlStore {
     }
 
     /// The gateway's tables that hold any row.
-    async fn tables_in_use(&self) -> StoreResult<Vec<&'static str>> {
+    /// Copies every row of the gateway's tables from `self` into `target`, which must be set up
+    /// by this build (migrated first, as `self` is) and hold no row: in one transaction on the
+    /// target (all rows or none), read from one snapshot of `self`. The audit trail's ids are
+    /// kept, and the target's id sequence is set past them. Two copies into one database at once:
+    /// the second waits for the first's lock and is then refused, the target holding rows.
+    /// `progress` is told of each table as its copy begins (with 0) and then every
+    /// [`PROGRESS_EVERY`] rows (with the count so far).
+    pub async fn copy_into(
+        &self,
+        target: &SqlStore,
+        progress: &mut (dyn FnMut(&'static str, u64) + Send),
+    ) -> StoreResult<Copied> {
+        // Both set up by this version: the same tables and columns on either side.
+        crate::store::DurableStore::migrate(self).await?;
+        // The target is locked for writing before it is found empty, so that no other copy
+        // (nor anything else) writes between the check and the copy.
+        let mut into = if target.sqlite {
+            target.pool.begin_with("BEGIN IMMEDIATE").await
+        } else {
+            target.pool.begin().await
+        }
+        .map_err(|e| {
+            StoreError::Conflict(format!(
+                "could not lock the target database for writing (is another copy or program \
+                 writing to it?): {e}"
+            ))
+        })?;
+        if !target.sqlite {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('portcullis storage copy'))")
+                .execute(&mut *into)
+                .await
+                .map_err(unavailable)?;
+        }
         let mut used = Vec::new();
         for table in GATEWAY_TABLES {
             let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *into)
                 .await
                 .map_err(unavailable)?;
             if n > 0 {
                 used.push(table);
             }
         }
-        Ok(used)
-    }
-
-    /// Copies every row of the gateway's tables from `self` into `target`, which must be set up
-    /// by this build (migrated first, as `self` is) and hold no row: in one transaction on the target (all rows or
-    /// none), read from one snapshot of `self`. The audit trail's ids are kept, and the
-    /// target's id sequence is set past them.
-    pub async fn copy_into(&self, target: &SqlStore) -> StoreResult<Copied> {
-        // Both set up by this version: the same tables and columns on either side.
-        crate::store::DurableStore::migrate(self).await?;
-        let used = target.tables_in_use().await?;
         if !used.is_empty() {
             return Err(StoreError::Conflict(format!(
                 "the target database already holds rows ({}): copy into a new, empty database \
@@ -94,7 +118,6 @@ impl SqlStore {
                 .await
                 .map_err(unavailable)?;
         }
-        let mut into = target.pool.begin().await.map_err(unavailable)?;
         let mut copied = Vec::new();
         // `users` first: every other table's rows refer to a user.
         for table in GATEWAY_TABLES {
@@ -111,6 +134,7 @@ impl SqlStore {
             let insert = format!("INSERT INTO {table} ({names}) VALUES ({params})");
             // Streamed: an audit trail of millions of events is never held whole.
             let select = format!("SELECT {names} FROM {table}");
+            progress(table, 0);
             let mut rows = sqlx::query(&select).fetch(&mut *from);
             let mut count = 0u64;
             while let Some(row) = rows.try_next().await.map_err(unavailable)? {
@@ -130,6 +154,9 @@ impl SqlStore {
                     };
                 }
                 q.execute(&mut *into).await.map_err(unavailable)?;
+                if count % PROGRESS_EVERY == 0 {
+                    progress(table, count);
+                }
             }
             drop(rows);
             copied.push((table, count));
