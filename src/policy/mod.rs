@@ -176,85 +176,157 @@ fn normalise_segments(raw: &str) -> Result<String, PathError> {
 }
 
 /// Whether a canonical path lies in the gateway's namespace (or is its key set, [`JWKS_PATH`]),
-/// in any letter case and as any
-/// server behind the gateway might read it: besides the path itself, its lenient reading
-/// ([`lenient_reading`]: escapes decoded, backslashes as slashes, `;` parameters dropped) is
-/// checked, so `/\_portcullis`, `/%2F_portcullis`, `/x/..;/_portcullis` or `/%255Fportcullis`
-/// are the namespace too.
-/// (Runs on every proxied request: a path without `%`, `\` or `;` is compared in place.)
+/// as any server behind the gateway might read it: its first segment read as a step-up rule reads
+/// a literal ([`same_segment`]: any letter case, Java's included, blanks before it, and after it
+/// anything that does not go on with a letter, digit, `-` or `_`: `/_portcullis.`,
+/// `/_portcullis%20`, `/_portcullis.json`), in the path itself and in every other reading of it
+/// ([`readings`]: escapes decoded, `\` and `;` parameters, blank and dot segments, `+`, NFKC,
+/// a PHP front controller), so `/\_portcullis`, `/%2F_portcullis`, `/x/..;/_portcullis`,
+/// `/%255Fportcullis`, `/+/_portcullis` or `/index.php/_portcullis` are the namespace too.
+/// (Runs on every proxied request: a path with nothing to decode or drop is read once, where
+/// a first segment that starts otherwise is told apart at its first character.)
 pub fn is_gateway_path(canonical: &str) -> bool {
-    if in_namespace(canonical) || is_jwks(canonical) {
-        return true;
-    }
-    canonical.contains(['%', '\\', ';']) && {
-        let lenient = lenient_reading(canonical);
-        in_namespace(&lenient) || is_jwks(&lenient)
-    }
+    is_gateways(canonical)
+        || (has_other_readings(canonical) && readings(canonical).iter().any(|r| is_gateways(r)))
 }
 
 /// The gateway's key set, served at this path alone: the router answers the path itself, and
-/// any other spelling of it (`/.well-known//jwks.json`, `/x/../.well-known/jwks.json`) is the
-/// gateway's too, never the console's.
+/// any other spelling of it (`/.well-known//jwks.json`, `/x/../.well-known/jwks.json`,
+/// `/.well-known/jwks.json.`) is the gateway's too, never the console's.
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 
-fn is_jwks(path: &str) -> bool {
-    path.trim_end_matches('/').eq_ignore_ascii_case(JWKS_PATH)
+/// One reading of a path: in the namespace, or the key set.
+fn is_gateways(path: &str) -> bool {
+    let mut segs = segments(path);
+    match segs.next() {
+        Some(first) if same_segment(&GATEWAY_PREFIX[1..], first) => true,
+        Some(first) if same_segment(".well-known", first) => {
+            matches!((segs.next(), segs.next()), (Some(k), None) if same_segment("jwks.json", k))
+        }
+        _ => false,
+    }
 }
 
-/// `path` begins with the namespace's segment, in any letter case and with any trailing dots
-/// and spaces (which Windows servers drop from a segment: `/_portcullis./`), followed by its end
-/// or a separator in any spelling.
-fn in_namespace(path: &str) -> bool {
-    let starts = |s: &[u8], prefix: &[u8]| {
-        s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+/// A path's non-empty segments.
+pub(crate) fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+/// Whether `pattern` (`*` one segment, a last `**` any rest) matches `path`, segment by segment
+/// as [`same_segment`] reads them.
+pub(crate) fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut want = segments(pattern);
+    let mut have = segments(path);
+    loop {
+        match (want.next(), have.next()) {
+            (Some("**"), _) => return true,
+            (None, None) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(w), Some(h)) if same_segment(w, h) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether a path segment `have` reads as a literal segment `want`: blanks before it aside,
+/// compared character by character in Unicode's simple upper and then lower case, as Java's
+/// case-insensitive comparison has them (`ſend` is `send`, `İ` and `ı` are `i`, the Kelvin sign
+/// `K` a `k`), and `have` may go on after `want` with anything that does not start with a letter,
+/// digit, `-` or `_` (a format suffix `.json`, trailing dots or spaces, `~`, `::$DATA`, `?`, an
+/// invisible or undecodable character), which frameworks and servers drop or route to the same
+/// action; `send-test` and `send_later` are other names.
+pub(crate) fn same_segment(want: &str, have: &str) -> bool {
+    let fold = |c: char| {
+        let upper = c.to_uppercase().next().unwrap_or(c);
+        upper.to_lowercase().next().unwrap_or(upper)
     };
-    let path = path.as_bytes();
-    if !starts(path, GATEWAY_PREFIX.as_bytes()) {
-        return false;
+    let have = have.trim_start_matches(|c: char| c.is_whitespace() || is_hidden_char(c));
+    let mut have = have.chars();
+    for w in want.chars() {
+        match have.next() {
+            Some(h) if h == w || fold(h) == fold(w) => {}
+            _ => return false,
+        }
     }
-    let mut rest = &path[GATEWAY_PREFIX.len()..];
-    while let [b'.' | b' ', tail @ ..] = rest {
-        rest = tail;
-    }
-    rest.is_empty()
-        || ["/", "\\", ";", "%2f", "%5c", "%3b"]
-            .iter()
-            .any(|sep| starts(rest, sep.as_bytes()))
+    have.next()
+        .is_none_or(|c| !c.is_alphanumeric() && c != '-' && c != '_')
 }
 
-/// How far escapes are decoded in [`lenient_reading`]: a server that decodes twice is not
-/// unheard of, three times would be.
+/// How far escapes are decoded in [`readings`]: a server that decodes twice is not unheard of,
+/// three times would be.
 const DECODE_ROUNDS: usize = 3;
 
-/// The most lenient reading of a path that a server behind the gateway might make: escapes
-/// decoded (up to [`DECODE_ROUNDS`] times), `\` taken as `/`, path parameters (`;…`, as Java
-/// servlet containers strip them) dropped from every segment, then empty, `.` and `..` segments
-/// resolved. Used only to refuse, never to forward.
-pub(crate) fn lenient_reading(path: &str) -> String {
-    resolve(&decoded(path), Blank::Standard)
-}
-
-/// The readings of a path a step-up rule is matched against besides the path itself, as
-/// servers that trim segments might make them: [`lenient_reading`]'s, and two more over the
-/// same decoded text, where a segment of nothing but dots and spaces (or other blanks) is
-/// dropped (`/send/%20`, `/send/...`: a segment trimmed of its trailing dots and spaces is
-/// empty, and Spring's trimmed tokens drop it) or, when it holds two dots or more, climbs
-/// (`/x/..%20/send`: Windows servers read `.. ` as `..`); a segment that starts with a dot and
-/// goes on (`/send/.json`) is read as the previous one's format suffix and dropped in the first.
-/// Used only to refuse, never to forward.
-pub(crate) fn trimmed_readings(path: &str) -> [String; 3] {
-    let text = decoded(path);
-    [
-        resolve(&text, Blank::Standard),
-        resolve(&text, Blank::Dropped),
-        resolve(&text, Blank::Climbs),
-    ]
-}
-
-/// Whether [`trimmed_readings`] may differ from the path itself: something to decode or drop
-/// (`%`, `\`, `;`) or a segment that starts with a dot (`...`, `.json`).
+/// Whether [`readings`] may differ from the path itself: something to decode or drop (`%`, `\`,
+/// `;`, `+`), a segment that starts with a dot (`...`, `.json`), or a PHP script before the
+/// route. Checked on every proxied request, without building anything.
 pub(crate) fn has_other_readings(path: &str) -> bool {
-    path.contains(['%', '\\', ';']) || path.contains("/.")
+    path.contains(['%', '\\', ';', '+'])
+        || path.contains("/.")
+        || path
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b".php"))
+}
+
+/// The readings of a path, besides the path itself, that a server behind the gateway might make
+/// of it: escapes decoded (up to [`DECODE_ROUNDS`] times) and `\` taken as `/`; then that text
+/// as it is and with `+` read as a space, NFKC-normalised (fullwidth `ｓｅｎｄ` is `send`) and
+/// without invisible characters (a soft hyphen, a joiner); each read with `;` parameters dropped
+/// (as servlet containers do) and empty, `.` and `..` segments resolved, where a segment of
+/// nothing but dots and blanks is taken as a segment, as nothing (a segment trimmed of its
+/// trailing dots and spaces is empty, and Spring's trimmed tokens drop it; a lone `.json` is
+/// dropped too, as a format suffix), or, holding two dots or more, as `..` (Windows servers read
+/// `. .` and `..%20` so); and each of those also from the segment after a PHP script on
+/// (`/index.php/campaigns/1/send` is the route `/campaigns/1/send` to a PHP front controller).
+/// Used only to refuse, never to forward.
+pub(crate) fn readings(path: &str) -> Vec<String> {
+    use unicode_normalization::UnicodeNormalization;
+    let text = decoded(path);
+    let loose: String = text
+        .replace('+', " ")
+        .nfkc()
+        .filter(|c| !is_hidden_char(*c))
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for t in [&text, &loose] {
+        for blank in [Blank::Standard, Blank::Dropped, Blank::Climbs] {
+            let r = resolve(t, blank);
+            for php in after_php(&r) {
+                push_new(&mut out, php);
+            }
+            push_new(&mut out, r);
+        }
+    }
+    out
+}
+
+fn push_new(out: &mut Vec<String>, reading: String) {
+    if !out.contains(&reading) {
+        out.push(reading);
+    }
+}
+
+/// The rest of a resolved path after its first and after its last segment naming a PHP script
+/// (`/index.php/x`: `/x`), as a front controller's `PATH_INFO` (nginx's greedy
+/// `fastcgi_split_path_info`, Apache's first existing file).
+fn after_php(path: &str) -> Vec<String> {
+    let php =
+        |seg: &str| seg.len() > 4 && seg.as_bytes()[seg.len() - 4..].eq_ignore_ascii_case(b".php");
+    let segs: Vec<&str> = segments(path).collect();
+    let mut out = Vec::new();
+    for i in [
+        segs.iter().position(|s| php(s)),
+        segs.iter().rposition(|s| php(s)),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let rest = format!("/{}", segs[i + 1..].join("/"));
+        if !out.contains(&rest) {
+            out.push(rest);
+        }
+    }
+    out
 }
 
 /// How [`resolve`] reads a segment of only dots and blanks other than `.` and `..`.
@@ -289,7 +361,8 @@ fn resolve(text: &str, blank: Blank) -> String {
     for seg in text.split('/') {
         let seg = seg.split(';').next().unwrap_or_default();
         let trimmed = seg.trim_matches(is_blank);
-        let dots_only = trimmed.chars().all(|c| c == '.');
+        let dots_only = trimmed.chars().all(|c| c == '.' || is_blank(c));
+        let dots = trimmed.chars().filter(|c| *c == '.').count();
         match seg {
             "" | "." => {}
             ".." => {
@@ -297,7 +370,7 @@ fn resolve(text: &str, blank: Blank) -> String {
             }
             _ if blank == Blank::Dropped && (dots_only || trimmed.starts_with('.')) => {}
             _ if blank == Blank::Climbs && dots_only => {
-                if trimmed.len() >= 2 {
+                if dots >= 2 {
                     stack.pop();
                 }
             }
@@ -855,6 +928,31 @@ mod tests {
             "/_portcullis%2e/login",
             "/_portcullis .. /login",
             "/_portcullis.",
+            // A format suffix, blanks before it, other blank or dot segments, Java's case
+            // folding, a PHP front controller, NFKC, `+` as a space:
+            "/_portcullis.json",
+            "/_portcullis.css",
+            "/_portcullis~",
+            "/_portcullis%2500",
+            "/%20_portcullis",
+            "/+/_portcullis",
+            "/x/..+/_portcullis",
+            "/x/.%20./_portcullis/account",
+            "/_portcull%C4%B0s/account",
+            "/_portcull%C4%B1s/account",
+            "/_portculli%C5%BF/account",
+            "/_portcullis%E2%80%8B",
+            "/%E2%80%8B_portcullis",
+            "/index.php/_portcullis/account",
+            "/%EF%BC%BFportcullis/login",
+            "/.well-known/jwks.json%20",
+            "/.well-known/jwks.json.",
+            "/.well-known/jwks.json~",
+            "/.well-known/jwks.json::$DATA",
+            "/.well-known/jwk%C5%BF.json",
+            "/.well-known/jwks.json.json",
+            "/.well-known/x/.%20./jwks.json",
+            "/index.php/.well-known/jwks.json",
         ] {
             assert!(is_gateway_path(p), "{p}");
         }
@@ -863,15 +961,14 @@ mod tests {
             "",
             "/_portcullisx",
             "/portcullis/login",
-            "/_portcullis%2",
             "/_portculli",
             "/é/_portcullis",
             "/files/a%2F_portcullis",
             "/x;y/_portcullisx",
             "/campaigns;v=2",
             "/%2F",
-            "/_portcullis.css",
-            "/_portcullis.d/x",
+            "/_portcullis-docs",
+            "/_portcullis_x/y",
         ] {
             assert!(!is_gateway_path(p), "{p}");
         }

@@ -172,6 +172,9 @@ pub(crate) fn is_method_override(name: &str) -> bool {
         "x-method",
         "x-original-http-method",
         "-method",
+        "method-override",
+        "x-override-method",
+        "x-request-method",
     ]
     .iter()
     .any(|m| same_normalised(name, m))
@@ -262,6 +265,9 @@ pub(crate) fn is_identity_header(name: &str) -> bool {
             | "x-method"
             | "x-original-http-method"
             | "-method"
+            | "method-override"
+            | "x-override-method"
+            | "x-request-method"
             // Another path or base path than the request's, which middleware takes in place of
             // it (a prefix stripped from the path the gateway checked), and Next.js's marker of
             // its own subrequests, which skips its middleware (CVE-2025-29927):

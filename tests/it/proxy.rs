@@ -72,6 +72,9 @@ async fn spoofed_identity_headers_never_reach_the_console() {
         "X-Method",
         "X-Original-Http-Method",
         "_method",
+        "Method-Override",
+        "X-Override-Method",
+        "X-Request-Method",
         // Another base path or path, and Next.js's subrequest marker.
         "X-Script-Name",
         "Script-Name",

@@ -67,6 +67,10 @@ async fn sensitive_actions_need_a_recent_proof() {
         "/campaigns/7/send/.json",
         "/campaigns/7/x/..%20/send",
         "/campaigns/7/%20send",
+        "/campaigns/7/x/.%20./send",
+        "/campaigns/7/send/+",
+        "/campaigns/7/%EF%BD%93end",
+        "/index.php/campaigns/7/send",
         // A POST to a GET rule's path: `_method=GET` makes it the GET.
         "/reports/download",
     ] {
@@ -82,6 +86,24 @@ async fn sensitive_actions_need_a_recent_proof() {
             "{v}"
         );
     }
+    // The gateway's own paths in such spellings are not the console's either.
+    for path in [
+        "/index.php/_portcullis/account",
+        "/+/_portcullis/account",
+        "/.well-known/jwks.json%20",
+        "/.well-known/jwks.json.",
+    ] {
+        assert_eq!(gw.status(&c, path).await, 404, "{path}");
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        forwarded,
+        "a gateway path went through"
+    );
+    // Another action whose name begins like the guarded one is not guarded.
+    let r = send_campaign(&gw, &c, "/campaigns/7/send-test", "application/json").await;
+    assert_eq!(r.status(), 200);
+    let forwarded = forwarded + 1;
     // Overlong UTF-8 (`%C0%AE%C0%AE` is `..` to a lenient decoder) is refused outright.
     let r = send_campaign(
         &gw,
