@@ -1828,6 +1828,10 @@ impl Config {
             ..self.clone()
         };
         shown.webauthn.enabled = self.webauthn_effective();
+        // The relying party as it is in force (the public URL's host unless set).
+        if shown.webauthn.enabled {
+            shown.webauthn.rp_id = self.webauthn_rp_id();
+        }
         shown.token.issuer = Some(self.issuer());
         let text =
             toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));

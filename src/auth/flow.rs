@@ -222,6 +222,7 @@ impl LoginFlow {
         &self,
         user: &User,
         key_only: bool,
+        password_set: bool,
         client: &Client,
     ) -> Result<Session, FlowError> {
         let stage = Stage::EnrolTotp {
@@ -244,6 +245,11 @@ impl LoginFlow {
         );
         // Time to install an authenticator app: the link is used, a new one takes an admin.
         session.pending_ms = Some(LINK_ENROLMENT_MS);
+        if !password_set {
+            // The link stood in for a password the account keeps: none was typed, and the
+            // token's `amr` will not say one was.
+            session.amr.clear();
+        }
         Ok(session)
     }
 
@@ -481,8 +487,14 @@ impl LoginFlow {
             session.failed_codes = 0;
             return;
         }
+        // An enrolment through a link that stood in for the password has none to name.
+        let linked = session.amr.is_empty() && matches!(session.stage, Stage::EnrolTotp { .. });
         session.stage = Stage::Authenticated;
-        session.amr = vec!["pwd".into(), method.into()];
+        session.amr = if linked {
+            vec![method.into()]
+        } else {
+            vec!["pwd".into(), method.into()]
+        };
         let now = self.clock.now_millis();
         session.auth_ms = now;
         session.created_ms = now;

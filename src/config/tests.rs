@@ -430,6 +430,13 @@ fn webauthn_defaults_follow_the_public_url() {
     )
     .unwrap();
     assert_eq!(c.webauthn_rp_id().as_deref(), Some("login.esp.example"));
+    // check-config shows the relying party in force, though none was set.
+    assert!(
+        c.to_redacted_toml()
+            .contains("rp_id = \"login.esp.example\""),
+        "{}",
+        c.to_redacted_toml()
+    );
     assert_eq!(c.webauthn.user_verification, UserVerification::Preferred);
     let c = load_str(
         "[server]\npublic_url = \"https://login.esp.example/\"\n[webauthn]\nrp_id = \"esp.example\"\n",

@@ -195,7 +195,7 @@ pub async fn enrol_link_post(
     end_current_session(&state, &headers).await?;
     let session = state
         .login
-        .link_enrolment_session(&user, link.key_only, &client)
+        .link_enrolment_session(&user, link.key_only, set_password, &client)
         .await?;
     let (id, _) = state.sessions.create(&session).await?;
     Ok(with_cookies(

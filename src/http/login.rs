@@ -788,7 +788,10 @@ pub(super) async fn moved_mid_sign_in(
     state.audit.record(ev).await;
     // Someone gave the account's password (or its second factor, where that comes first): the
     // owner changing networks mid-way, or a copy of their browser's cookies used elsewhere.
-    if let Some(u) = owner.filter(|_| !loaded.session.amr.is_empty()) {
+    // (Or an enrolment link was used, which stands in for the password.)
+    let proven =
+        !loaded.session.amr.is_empty() || matches!(loaded.session.stage, Stage::EnrolTotp { .. });
+    if let Some(u) = owner.filter(|_| proven) {
         let what = format!(
             "a sign-in to your account was stopped: it began from {} and went on from another \
              network or browser ({}). If you were changing networks, sign in again",

@@ -417,6 +417,11 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
         .await
         .unwrap();
     assert_eq!(gw.status(&cust, "/campaigns").await, 200);
+    // The password was set through the link: both are named.
+    assert_eq!(
+        super::webauthn::last_claims(&gw).await.amr,
+        vec!["pwd", "otp"]
+    );
     // The customer's password works from now on, with the factor they chose.
     gw.clock.advance(30);
     let again = gw.browser();
@@ -451,6 +456,37 @@ async fn enrol_link(gw: &Gateway, email: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     link_path(&String::from_utf8(out.stdout).unwrap())
+}
+
+/// An enrolment link used for an account that keeps its password leads to the second factor
+/// without the password: the token's `amr` names the factor alone, not a password nobody typed;
+/// one that set the password names both.
+#[tokio::test]
+async fn a_link_that_stood_in_for_the_password_is_not_called_one() {
+    let gw = gateway().await;
+    gw.add_user("kept@example.com").await;
+    let path = enrol_link(&gw, "kept@example.com").await;
+    let c = gw.browser();
+    let r = use_link(&gw, &c, &path, "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("the app is offered");
+    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    let r = gw
+        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
+        .await;
+    assert_eq!(location(&r), "/_portcullis/recovery-codes");
+    gw.save_recovery_codes(&c).await;
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+    assert_eq!(super::webauthn::last_claims(&gw).await.amr, vec!["otp"]);
+    // Signing in afterwards with the password is both, as ever.
+    gw.clock.advance(30);
+    let b = gw.sign_in_again("kept@example.com", &secret).await;
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    assert_eq!(
+        super::webauthn::last_claims(&gw).await.amr,
+        vec!["pwd", "otp"]
+    );
 }
 
 #[tokio::test]
