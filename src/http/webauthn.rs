@@ -376,13 +376,20 @@ fn browser_binding(state: &AppState, headers: &HeaderMap) -> Result<String, AppE
 }
 
 /// `POST /_portcullis/webauthn/passkey/start` → `{ceremony, options}`.
+/// Anyone may start one, so ceremonies are bounded per address and in all
+/// (`429 throttled` beyond, with `Retry-After`): each is held until it times out.
 pub async fn passkey_start(
     State(state): State<AppState>,
     _csrf: ApiCsrf,
+    Peer(peer): Peer,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     let keys = keys(&state)?;
     let binding = browser_binding(&state, &headers)?;
+    let client = super::client(&state, peer, &headers);
+    if let Some(retry_after) = state.login.ceremony_budget(&client).await? {
+        return Err(AppError::throttled(retry_after));
+    }
     Ok(started(keys.start_passkey(&binding).await?))
 }
 

@@ -619,6 +619,28 @@ async fn json_calls_need_the_csrf_header_and_our_origin() {
     assert_eq!(r.status(), 400);
 }
 
+/// Anyone may start a passkey sign-in, and each start is held as a challenge until it times
+/// out: one address gets a hundred a window, then `429` with `Retry-After` (nothing more is
+/// held), while another address still starts its own.
+#[tokio::test]
+async fn passkey_starts_are_bounded_per_address() {
+    let gw = Gateway::start_with(localhost).await;
+    let c = gw.browser();
+    let csrf = gw.csrf(&c, "/_portcullis/login").await;
+    for i in 0..100 {
+        let r = call(&gw, &c, &csrf, "passkey/start", json!({})).await;
+        assert_eq!(r.status(), 200, "start {i}");
+    }
+    let r = call(&gw, &c, &csrf, "passkey/start", json!({})).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, code) = error_code(r).await;
+    assert_eq!((status, code.as_str()), (429, "too_many_attempts"));
+    let other = gw.browser_moved_to(&c, "127.0.0.9");
+    let r = call(&gw, &other, &csrf, "passkey/start", json!({})).await;
+    assert_eq!(r.status(), 200, "another address is held back too");
+}
+
 #[tokio::test]
 async fn an_ip_address_public_url_switches_keys_off() {
     let gw = Gateway::start().await;

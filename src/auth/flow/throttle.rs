@@ -25,6 +25,10 @@ pub const CONSECUTIVE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The first step of the progressive delay.
 const FIRST_DELAY: Duration = Duration::from_millis(125);
 
+/// Passkey ceremonies one address may start in `limits.window`: a person clicks the button a
+/// few times; a script that starts thousands to fill the store gets `429`.
+pub(crate) const CEREMONIES_PER_ADDRESS: u64 = 100;
+
 /// A browser that presented a valid device cookie (an active device of `user_id`).
 #[derive(Debug, Clone)]
 pub struct KnownDevice {
@@ -138,6 +142,30 @@ impl LoginFlow {
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// Takes one passkey ceremony from the budgets that bound what anonymous visitors can make
+    /// the gateway hold (each ceremony is kept, as a challenge, for the ceremony timeout):
+    /// [`CEREMONIES_PER_ADDRESS`] a window per address (an IPv6 client's /64), and the global
+    /// per-second sign-in budget, counted apart from password attempts. `Some(retry_after)` when
+    /// one is spent.
+    pub(crate) async fn ceremony_budget(&self, client: &Client) -> Result<Option<u64>, StoreError> {
+        let global = "cer:global";
+        if self.ephemeral.incr_this_second(global).await? > self.limits.global_sign_ins_per_second {
+            self.metrics.throttled(global);
+            return Ok(Some(1));
+        }
+        let address = if client.ip.contains(':') {
+            network_of(&client.ip)
+        } else {
+            client.ip.clone()
+        };
+        let key = format!("cer:ip:{address}");
+        if self.ephemeral.incr(&key, self.window()).await? > CEREMONIES_PER_ADDRESS {
+            self.metrics.throttled(&key);
+            return Ok(Some(self.limits.window.as_secs()));
+        }
+        Ok(None)
     }
 
     /// Waits the progressive delay for `prior` failures. Called with nothing held: no hashing
