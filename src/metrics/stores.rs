@@ -424,7 +424,7 @@ impl EphemeralStore for Timed<dyn EphemeralStore> {
         self.ephemeral(ATOMIC, self.inner.set_if_greater(key, value, ttl))
             .await
     }
-    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<()> {
+    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<u64> {
         self.ephemeral(WRITE, self.inner.set_add(key, member, ttl))
             .await
     }

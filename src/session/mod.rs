@@ -262,6 +262,10 @@ fn record_key(hash: &str) -> String {
     format!("session:{hash}")
 }
 
+/// How many entries a user's session index gathers between two prunings of the entries whose
+/// sessions ran out on their own.
+const PRUNE_EVERY: u64 = 32;
+
 fn user_index_key(user_id: &str) -> String {
     format!("user_sessions:{{{user_id}}}")
 }
@@ -359,14 +363,36 @@ impl Sessions {
         {
             return Err(StoreError::Conflict("session id collision".into()));
         }
-        self.store
-            .set_add(
-                &user_index_key(&s.user_id),
-                &key,
-                self.config.absolute_timeout,
-            )
-            .await?;
+        // Only complete sessions are indexed (a sign-in under way is voided with the others by
+        // the user's `sessions_valid_after_ms`): pending ones are anyone's to make once the
+        // second factor comes first, and would grow the user's index without bound.
+        if s.is_authenticated() {
+            let held = self
+                .store
+                .set_add(
+                    &user_index_key(&s.user_id),
+                    &key,
+                    self.config.absolute_timeout,
+                )
+                .await?;
+            // Entries of sessions that ran out on their own stay until looked at: every
+            // [`PRUNE_EVERY`] entries the index is looked at, and theirs dropped.
+            if held >= PRUNE_EVERY && held % PRUNE_EVERY == 0 {
+                self.prune_index(&s.user_id).await?;
+            }
+        }
         Ok((id, key))
+    }
+
+    /// Drops the user's index entries whose session record has gone.
+    async fn prune_index(&self, user_id: &str) -> StoreResult<()> {
+        let index = user_index_key(user_id);
+        for k in self.store.set_members(&index).await? {
+            if self.store.get(&record_key(&k)).await?.is_none() {
+                self.store.set_remove(&index, &k).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The storage key a cookie value names, if it is well-formed.

@@ -208,3 +208,45 @@ async fn a_touch_never_brings_back_a_session_ended_meanwhile() {
         "and does not write it back"
     );
 }
+
+/// A user's session index holds complete sessions only (anyone can start a sign-in for an
+/// account whose second factor comes first), and entries of sessions that ran out on their own
+/// are dropped as it grows, rather than kept while new sign-ins keep it alive.
+#[tokio::test]
+async fn the_user_index_holds_live_complete_sessions_only() {
+    let (s, clock) = sessions();
+    let index = |s: &Sessions| {
+        let store = s.store.clone();
+        async move {
+            store
+                .set_members(&user_index_key("u1"))
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    for _ in 0..50 {
+        let pending = Session::after_password(
+            "u1",
+            Stage::SecondFactor,
+            clock.now_millis(),
+            "127.0.0.1",
+            "ua",
+            None,
+        );
+        s.create(&pending).await.unwrap();
+    }
+    assert_eq!(index(&s).await, 0, "sign-ins under way are indexed");
+    // Sessions that ran out (their records gone with their lifetime), then new ones.
+    for _ in 0..20 {
+        s.create(&authed(clock.now_millis())).await.unwrap();
+    }
+    clock.advance(3601);
+    for _ in 0..40 {
+        s.create(&authed(clock.now_millis())).await.unwrap();
+    }
+    let held = index(&s).await;
+    assert!(held <= 40 + 12, "{held} entries for 40 live sessions");
+    assert_eq!(s.list_user("u1").await.unwrap().len(), 40);
+    assert_eq!(s.destroy_all("u1").await.unwrap(), held);
+}

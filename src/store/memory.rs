@@ -251,7 +251,7 @@ impl EphemeralStore for MemoryStore {
         Ok(true)
     }
 
-    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<()> {
+    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<u64> {
         let (mut s, now) = self.shard(key)?;
         let deadline = Self::deadline(now, ttl);
         match s.live(key, now) {
@@ -261,6 +261,9 @@ impl EphemeralStore for MemoryStore {
             }) => {
                 set.insert(member.to_string());
                 *expires_at_ms = (*expires_at_ms).max(deadline);
+                let held = set.len() as u64;
+                s.wrote(now);
+                return Ok(held);
             }
             Some(_) => return Err(StoreError::Corrupt("set key holds a value".into())),
             None => {
@@ -275,7 +278,7 @@ impl EphemeralStore for MemoryStore {
             }
         }
         s.wrote(now);
-        Ok(())
+        Ok(1)
     }
 
     async fn set_remove(&self, key: &str, member: &str) -> StoreResult<()> {

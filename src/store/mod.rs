@@ -560,7 +560,9 @@ pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
     /// true when stored. Used for "each TOTP step at most once" replay protection.
     async fn set_if_greater(&self, key: &str, value: u64, ttl: Duration) -> StoreResult<bool>;
     /// Adds a member to a set, (re)setting the set's TTL.
-    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<()>;
+    /// Adds `member` to the set at `key`, whose lifetime becomes at least `ttl`; returns how
+    /// many members the set holds now.
+    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<u64>;
     async fn set_remove(&self, key: &str, member: &str) -> StoreResult<()>;
     async fn set_members(&self, key: &str) -> StoreResult<Vec<String>>;
 }

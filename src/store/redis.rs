@@ -237,7 +237,7 @@ redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-return 1
+return redis.call('SCARD', KEYS[1])
 ";
 
 /// The Redis-backed ephemeral store.
@@ -432,10 +432,12 @@ impl RedisStore {
 }
 
 /// Operations tried once more on a dropped connection (see `RedisStore::bounded`): those that
-/// leave the same state however often they run, and `incr`, whose second run (if the first did
-/// reach Redis) only counts one attempt more, which errs on the closed side.
-const RETRIED: [&str; 9] = [
+/// leave the same state however often they run, and the counters `incr` and `incr_this_second`,
+/// whose second run (if the first did reach Redis) only counts one attempt more, which errs on
+/// the closed side.
+const RETRIED: [&str; 10] = [
     "incr",
+    "incr_this_second",
     "ping",
     "get",
     "put",
@@ -609,11 +611,10 @@ impl EphemeralStore for RedisStore {
         Ok(stored == 1)
     }
 
-    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<()> {
+    async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<u64> {
         let args = [member.to_string(), millis(ttl)];
-        self.script::<i64>("set_add", &self.set_add, key, &args)
+        self.script::<u64>("set_add", &self.set_add, key, &args)
             .await
-            .map(drop)
     }
 
     async fn set_remove(&self, key: &str, member: &str) -> StoreResult<()> {

@@ -165,6 +165,36 @@ async fn a_revocation_on_one_gateway_reaches_the_others_cache() {
     assert_eq!(c.get(b.url("/x")).send().await.unwrap().status(), 303);
 }
 
+/// Redis dropped the gateway's connections while idle (its `timeout`, a restart): the first
+/// sign-in after that is served, its counters (the per-second global budget among them) tried
+/// once more on the connection opened meanwhile, not refused with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_sign_in_after_redis_dropped_its_connections_is_served() {
+    let redis = PrivateRedis::start();
+    let gw = gateway_on(redis.url()).await;
+    gw.add_user("dropped@example.com").await;
+    for _ in 0..3 {
+        let b = gw.browser();
+        let csrf = gw.csrf(&b, "/_portcullis/login").await;
+        let _: i64 = raw_cmd(
+            &redis,
+            ::redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal"),
+        )
+        .await;
+        let r = b
+            .post(gw.url("/_portcullis/login"))
+            .form(&[
+                ("username", "dropped@example.com"),
+                ("password", "not the password at all"),
+                ("csrf", csrf.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_invalidation_channel_stops_the_cache_until_it_reconnects() {
     let redis = PrivateRedis::start();

@@ -25,6 +25,9 @@ pub const PING_EVERY: Duration = Duration::from_secs(2);
 /// attempts keep failing.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_millis(3200);
+/// How often a subscription Redis goes on refusing is warned about again (tried every
+/// [`RETRY_MAX`] meanwhile, logged at debug level).
+const REFUSED_WARN_EVERY: Duration = Duration::from_secs(600);
 
 /// How one subscription ended.
 enum Ended {
@@ -32,6 +35,9 @@ enum Ended {
     Lost,
     /// It could not be made.
     Failed,
+    /// Redis answered and refused it (its ACL): a configuration error, warned about at first
+    /// and then once every [`REFUSED_WARN_EVERY`].
+    Refused(String),
     /// The owner is gone.
     Stop,
 }
@@ -133,12 +139,22 @@ impl Channel {
         tokio::spawn(async move {
             let mut node = 0;
             let mut wait = RETRY_AFTER;
+            let mut warned: Option<tokio::time::Instant> = None;
             loop {
                 let client = &me.clients[node % me.clients.len()];
                 match me.receive(client, &on).await {
                     Ended::Stop => return,
                     Ended::Lost => wait = RETRY_AFTER,
                     Ended::Failed => {}
+                    Ended::Refused(error) => {
+                        let now = tokio::time::Instant::now();
+                        if warned.is_none_or(|at| now - at >= REFUSED_WARN_EVERY) {
+                            warned = Some(now);
+                            tracing::warn!(%error, "invalidation channel refused by Redis; every request reads Redis until it is allowed (said again every 10 minutes while it lasts)");
+                        } else {
+                            tracing::debug!(%error, "invalidation channel refused by Redis");
+                        }
+                    }
                 }
                 if !on(Notice::Down) {
                     return;
@@ -165,8 +181,7 @@ impl Channel {
             // A server that answers and refuses (an ACL without `SUBSCRIBE` on the channel) is
             // the configuration's fault, said as a warning: the channel would never work.
             Ok(Err(e)) if !(e.is_io_error() || e.is_connection_refusal() || e.is_timeout()) => {
-                tracing::warn!(error = %fail("subscribe", &e), "invalidation channel refused by Redis; every request reads Redis until it is allowed");
-                return Ended::Failed;
+                return Ended::Refused(fail("subscribe", &e).to_string());
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %fail("subscribe", &e), "invalidation channel unavailable");
