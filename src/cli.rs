@@ -446,6 +446,29 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
     Ok(())
 }
 
+/// Raises the process's limit on open files to the most it may have (the hard limit: a shell's
+/// or a container's soft limit is often 1024, which one client at
+/// `server.max_connections_per_address` would use up) and warns where even that leaves room
+/// for few clients at the bound.
+fn raise_file_limit(config: &Config) {
+    let cap = u64::from(config.server.max_connections_per_address);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::debug!(limit, "open files limit");
+            if cap > 0 && limit < cap.saturating_mul(8) {
+                tracing::warn!(
+                    limit,
+                    max_connections_per_address = cap,
+                    "the process may open {limit} files, room for few clients at \
+                     server.max_connections_per_address ({cap}): raise the hard limit \
+                     (LimitNOFILE in systemd, ulimit -Hn, the container runtime's nofile)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open files limit"),
+    }
+}
+
 /// Resolves when SIGINT or SIGTERM arrives.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -750,6 +773,7 @@ fn advice(config: &Config) -> Vec<String> {
 pub async fn serve(config: Config) -> Result<()> {
     // Its warnings are logged where the TLS pair is loaded for good.
     preflight(&config)?;
+    raise_file_limit(&config);
     let listen = config.server.listen.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let state = crate::state::AppState::new(config, clock).await?;

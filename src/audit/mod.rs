@@ -118,7 +118,8 @@ impl Audit {
     /// event is given up at once, counted in `portcullis_audit_events_dropped_total`; its log
     /// line stays.
     pub async fn record_repeated(&self, run: String, event: AuditEvent) {
-        Self::log(&event);
+        // Logged by the writer as the trail has it: the run's first event, then its summary. A
+        // flood beyond every budget writes a line per run, not per attempt.
         // One run per event and outcome, whatever the caller's key.
         let run = format!("{}\0{}\0{run}", event.event, event.outcome);
         match self.repeats.try_send(Msg::Repeated(run, Box::new(event))) {
@@ -139,6 +140,7 @@ impl Audit {
             email = event.email.as_deref().unwrap_or("-"),
             ip = event.ip.as_deref().unwrap_or("-"),
             reason = event.reason.as_deref().unwrap_or("-"),
+            times = event.times,
             "audit"
         );
     }
@@ -247,6 +249,7 @@ impl Runs {
                 return;
             }
             if let Some(s) = self.open.remove(&key).and_then(|r| r.summary) {
+                Audit::log(&s);
                 batch.push(s);
             }
         }
@@ -259,6 +262,7 @@ impl Runs {
                 summary: None,
             },
         );
+        Audit::log(&event);
         batch.push(event);
     }
 
@@ -279,14 +283,20 @@ impl Runs {
                 return;
             };
             if self.open.get(&key).is_some_and(|r| r.ends == ends) {
-                batch.extend(self.open.remove(&key).and_then(|r| r.summary));
+                if let Some(s) = self.open.remove(&key).and_then(|r| r.summary) {
+                    Audit::log(&s);
+                    batch.push(s);
+                }
             }
         }
     }
 
     /// Ends every run, their summaries into `batch`.
     fn close_all(&mut self, batch: &mut Vec<AuditEvent>) {
-        batch.extend(self.open.drain().filter_map(|(_, r)| r.summary));
+        for s in self.open.drain().filter_map(|(_, r)| r.summary) {
+            Audit::log(&s);
+            batch.push(s);
+        }
         self.ends.clear();
     }
 
@@ -553,6 +563,29 @@ mod tests {
             text.contains("owner@example.com") && text.contains("login_throttled"),
             "{text}"
         );
+    }
+
+    /// A flood of refusals logs what the trail gets, not a line per attempt: the run's first
+    /// refusal, and its summary with how many followed.
+    #[tokio::test]
+    async fn a_run_of_refusals_is_logged_as_the_trail_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, audit) = started(&dir).await;
+        let (logs, _guard) = crate::test_logs::capture();
+        for _ in 0..50 {
+            let mut ev = AuditEvent::new("login_password", "denied", 1);
+            ev.reason = Some("throttled:ip".into());
+            audit.record_repeated("192.0.2.9".into(), ev).await;
+        }
+        audit.flush().await;
+        let text = logs.text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("login_password"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("times=1"), "{}", lines[0]);
+        assert!(lines[1].contains("times=49"), "{}", lines[1]);
     }
 
     /// A user of `account` created in `store`.

@@ -2114,3 +2114,52 @@ async fn a_rotation_from_a_host_whose_clock_is_off_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("clock is"), "{err}");
 }
+
+/// `serve` started with a low soft limit on open files (a shell's or a container's 1024 and
+/// less) raises it to the hard limit: one client at the connection bound would use it up.
+#[tokio::test]
+async fn serve_raises_its_open_files_limit() {
+    let gw = Gateway::start().await;
+    let port = free_port();
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" --config \"$1\" serve")
+        .arg(env!("CARGO_BIN_EXE_portcullis"))
+        .arg(&gw.config_path)
+        .env("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "PORTCULLIS__SERVER__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}/"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
+    let mut up = false;
+    for _ in 0..300 {
+        if reqwest::get(&url).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    child.kill().await.unwrap();
+    assert!(up, "serve did not start");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert!(
+        numbers[1] == "unlimited" || numbers[1].parse::<u64>().unwrap() > 256,
+        "{line}"
+    );
+    assert_eq!(
+        numbers[0], numbers[1],
+        "the soft limit was left low: {line}"
+    );
+}
