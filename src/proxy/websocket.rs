@@ -40,10 +40,15 @@ pub(crate) fn restore_handshake(headers: &mut HeaderMap) {
 }
 
 /// Held by the task of one client connection while it is open, so that a graceful shutdown
-/// waits for it (within `server.shutdown_timeout`); put in an upgrade request's extensions by
-/// the accept loop, for the tunnel that outlives the HTTP connection.
+/// waits for it (within `server.shutdown_timeout`), with the connection's place under the bound
+/// on connections per address (none where the listener has no bound, or its stream carries its
+/// place itself); put in an upgrade request's extensions by the accept loop, for the tunnel that
+/// outlives the HTTP connection, so that it counts as the connection it was.
 #[derive(Clone, Debug)]
-pub struct ConnectionHold(pub tokio::sync::watch::Receiver<()>);
+pub struct ConnectionHold(
+    pub tokio::sync::watch::Receiver<()>,
+    pub Option<std::sync::Arc<crate::server::cap::Admitted>>,
+);
 
 /// Answers the client with the upstream's `101` (its `Sec-WebSocket-*` headers intact) and spawns
 /// the task that joins the two upgraded connections once both sides have switched.

@@ -63,10 +63,11 @@ pub async fn serve<L, S>(
         let admitted = match &cap {
             None => None,
             Some(cap) => match cap.admit(peer.ip()) {
-                Some(admitted) => admitted,
+                Some(admitted) => admitted.map(Arc::new),
                 None => continue,
             },
         };
+        let counted = admitted.clone();
         let open = open.clone();
         let hold = open.clone();
         let service = service
@@ -78,7 +79,7 @@ pub async fn serve<L, S>(
                 // open for the shutdown's drain in its place.
                 if req.headers().contains_key(http::header::UPGRADE) {
                     req.extensions_mut()
-                        .insert(crate::proxy::ConnectionHold(hold.clone()));
+                        .insert(crate::proxy::ConnectionHold(hold.clone(), counted.clone()));
                 }
                 req
             });

@@ -706,6 +706,24 @@ async fn connections_per_address_are_capped_but_not_a_trusted_proxys() {
     assert!(refused >= 1.0, "{refused}");
     drop((held, again, other));
 
+    // A WebSocket tunnel outlives its HTTP connection's task and still counts as the connection
+    // it is, until it closes.
+    let gw = Gateway::start_with(|c| c.server.max_connections_per_address = 16).await;
+    let (c, _, _) = gw.signed_in("tunnels@example.com").await;
+    let cookie = gw.cookies(&c);
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut tunnels = Vec::new();
+    for _ in 0..16 {
+        tunnels.push(super::proxy::open_ws_via(gw.addr, &cookie).await);
+    }
+    let mut over = from("127.0.0.1", gw.addr).await;
+    assert!(
+        !answered(&mut over).await,
+        "tunnels do not count against the bound"
+    );
+    drop(tunnels);
+
     // Behind a load balancer every client's connection comes from it: not counted.
     let gw = Gateway::start_with(|c| {
         c.server.max_connections_per_address = 16;
