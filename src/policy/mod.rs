@@ -197,15 +197,19 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 
 /// One reading of a path: in the namespace, or the key set.
 fn is_gateways(path: &str) -> bool {
+    // Both names start with a character only itself folds to, after any blanks: most paths
+    // (`/campaigns`) are told apart at their first byte, before the path is split.
+    if path
+        .bytes()
+        .find(|b| *b != b'/')
+        .is_none_or(|b| b.is_ascii_alphanumeric())
+    {
+        return false;
+    }
     let mut segs = segments(path);
     let Some(first) = segs.next() else {
         return false;
     };
-    // Both names start with a character only itself folds to, after any blanks: most paths
-    // (`/campaigns`) are told apart at their first byte.
-    if first.as_bytes()[0].is_ascii_alphanumeric() {
-        return false;
-    }
     match first
         .trim_start_matches(|c: char| c.is_whitespace() || is_hidden_char(c))
         .as_bytes()
@@ -273,14 +277,24 @@ const DECODE_ROUNDS: usize = 3;
 /// route. Checked on every proxied request, without building anything.
 pub(crate) fn has_other_readings(path: &str) -> bool {
     let b = path.as_bytes();
-    b.iter().enumerate().any(|(i, &c)| match c {
-        b'%' | b'\\' | b';' | b'+' => true,
-        b'.' => {
-            (i > 0 && b[i - 1] == b'/')
-                || b.get(i + 1..i + 4)
-                    .is_some_and(|w| w.eq_ignore_ascii_case(b"php"))
+    // One pass for the bytes that may matter; most paths have none of them.
+    let Some(first) = b
+        .iter()
+        .position(|c| matches!(c, b'%' | b'\\' | b';' | b'+' | b'.'))
+    else {
+        return false;
+    };
+    b[first..].iter().enumerate().any(|(j, &c)| {
+        let i = first + j;
+        match c {
+            b'%' | b'\\' | b';' | b'+' => true,
+            b'.' => {
+                (i > 0 && b[i - 1] == b'/')
+                    || b.get(i + 1..i + 4)
+                        .is_some_and(|w| w.eq_ignore_ascii_case(b"php"))
+            }
+            _ => false,
         }
-        _ => false,
     })
 }
 
