@@ -2,7 +2,7 @@
 //! Every form is CSRF-checked; every step up in privilege gives the session a new id.
 
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -1294,7 +1294,13 @@ pub async fn logout_post(
         };
         state.audit.record(ev).await;
     }
-    let resp = see_other("/_portcullis/login?notice=logged_out");
+    let mut resp = see_other("/_portcullis/login?notice=logged_out");
+    // Console pages the browser kept in its cache (Back after signing out on a shared computer)
+    // go with the session. Only the cache: the device and remembered-browser keys stay.
+    resp.headers_mut().insert(
+        HeaderName::from_static("clear-site-data"),
+        HeaderValue::from_static("\"cache\""),
+    );
     // The bound cookie of the ended session goes too: it proves nothing any more.
     let cookies = [
         state.sessions.clear_cookie(),

@@ -227,6 +227,27 @@ async fn binding_failures(gw: &Gateway) -> Vec<portcullis::store::AuditEvent> {
     events(gw, "session_binding_failed").await
 }
 
+/// A browser that cannot prove the device key (it lost it, or runs no JavaScript) has a way out
+/// on the device-check page: signing out there ends the session, and the sign-in page no longer
+/// sends it back to the check (a link to the sign-in page did, for a session still complete).
+#[tokio::test]
+async fn the_device_check_page_lets_a_browser_that_cannot_prove_sign_out() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("stuck@example.com").await;
+    let page = gw.page(&b, "/_portcullis/bind?next=%2Fcampaigns").await;
+    assert!(page.contains(r#"action="/_portcullis/logout""#), "{page}");
+    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = b
+        .post(gw.url("/_portcullis/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/login?notice=logged_out");
+    let r = gw.get(&b, "/_portcullis/login").await;
+    assert_eq!(r.status(), 200, "the sign-in page sends the browser elsewhere");
+}
+
 #[tokio::test]
 async fn dbsc_registration_and_refresh_with_a_challenge() {
     let gw = gateway().await;

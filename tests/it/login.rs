@@ -23,6 +23,11 @@ pub(super) async fn sign_out(gw: &Gateway, b: &reqwest::Client) {
         .filter_map(|v| v.split('=').next())
         .collect();
     assert_eq!(removed, ["portcullis-session", "portcullis-bound"]);
+    // Console pages the browser cached go too (Back on a shared computer), and only those.
+    assert_eq!(
+        r.headers().get("clear-site-data").map(|v| v.to_str().unwrap()),
+        Some("\"cache\"")
+    );
 }
 
 #[tokio::test]
