@@ -87,7 +87,7 @@ pub struct KeyRow {
     pub created: String,
     pub last_used: String,
     pub aaguid: String,
-    /// Why the key was suspended, when it was.
+    /// Why the key was suspended, when it was, in words.
     pub suspended: Option<String>,
 }
 
@@ -99,7 +99,14 @@ impl KeyRow {
             created: when(c.created_at),
             last_used: c.last_used_at.map(when).unwrap_or_else(|| "never".into()),
             aaguid: crate::auth::webauthn::models::describe(c.aaguid.as_deref()),
-            suspended: c.suspended_reason,
+            suspended: c.suspended_reason.map(|why| {
+                match why.as_str() {
+                    "possible_clone" => "possibly cloned: its signature counter went backwards",
+                    "sign_in_reported" => "a sign-in was reported as not the owner's",
+                    other => other,
+                }
+                .to_string()
+            }),
             id: c.id,
             name: c.name,
         }
