@@ -245,7 +245,11 @@ async fn the_device_check_page_lets_a_browser_that_cannot_prove_sign_out() {
         .unwrap();
     assert_eq!(location(&r), "/_portcullis/login?notice=logged_out");
     let r = gw.get(&b, "/_portcullis/login").await;
-    assert_eq!(r.status(), 200, "the sign-in page sends the browser elsewhere");
+    assert_eq!(
+        r.status(),
+        200,
+        "the sign-in page sends the browser elsewhere"
+    );
 }
 
 #[tokio::test]

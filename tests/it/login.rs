@@ -25,7 +25,9 @@ pub(super) async fn sign_out(gw: &Gateway, b: &reqwest::Client) {
     assert_eq!(removed, ["portcullis-session", "portcullis-bound"]);
     // Console pages the browser cached go too (Back on a shared computer), and only those.
     assert_eq!(
-        r.headers().get("clear-site-data").map(|v| v.to_str().unwrap()),
+        r.headers()
+            .get("clear-site-data")
+            .map(|v| v.to_str().unwrap()),
         Some("\"cache\"")
     );
 }

@@ -178,6 +178,40 @@ async fn a_flood_of_refused_attempts_is_summarised_in_the_trail() {
     assert!(text.contains("\"times\":1"), "{text}");
 }
 
+/// An address already refused by its own budget takes nothing from the fleet's per-second one:
+/// a host flooding from one address cannot make every other new device's sign-in a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_address_over_its_budget_leaves_the_global_budget_alone() {
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.global_sign_ins_per_second = 5;
+        c.limits.failures_per_ip = 2;
+    })
+    .await;
+    gw.add_user("bystander@example.com").await;
+    for _ in 0..2 {
+        let r = attempt_from(&gw, "10.66.0.1", "target@example.com", WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    for _ in 0..3 {
+        // Fifty refused attempts at once from the same address, then another address's own
+        // right password in the same second.
+        let flood = (0..50).map(|i| {
+            let gw = &gw;
+            async move {
+                attempt_from(gw, "10.66.0.1", &format!("t{i}@example.com"), WRONG)
+                    .await
+                    .status()
+            }
+        });
+        let statuses = futures_util::future::join_all(flood).await;
+        assert!(statuses.iter().all(|s| *s == 429), "{statuses:?}");
+        let r = attempt_from(&gw, "10.77.0.1", "bystander@example.com", PASSWORD).await;
+        assert_eq!(r.status(), 303, "another address was refused");
+    }
+    assert_eq!(throttled_metric(&gw, "global"), 0.0);
+}
+
 /// Forty attempts at once, each from another address for another account, with a global budget
 /// of ten: exactly ten are checked, the rest refused — the counter is taken before anything is
 /// checked.

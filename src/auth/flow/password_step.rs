@@ -73,42 +73,48 @@ impl LoginFlow {
             }
             user = Some(u);
         }
-        let (budget, counter, retry_after) =
-            if own_device.is_none() && !self.global_budget().await? {
-                ("global", "rate:global".to_string(), 1)
-            } else {
-                let budgets = self.password_budgets(&email, client, own_device);
-                match self.reserve(&budgets).await? {
-                    Reservation::Spent { counter } => (
-                        crate::metrics::limit_label(&counter),
-                        counter,
-                        self.window().as_secs(),
-                    ),
-                    Reservation::Taken { keys, prior } => {
-                        let user = match user {
-                            Some(u) => u,
-                            None => match self.durable.user_by_email(&email).await {
-                                Ok(u) => u,
-                                Err(e) => {
-                                    // Not an answer (the store is down): the attempt does not count.
-                                    self.release(&keys).await?;
-                                    return Err(e.into());
-                                }
-                            },
-                        };
-                        return Ok(Ok(Attempt {
-                            email,
-                            user,
-                            reserved: keys,
-                            prior,
-                            lane: match own_device {
-                                Some(_) => Lane::Known,
-                                None => Lane::Other,
-                            },
-                        }));
-                    }
+        // The address's, network's and account's budgets first, then the fleet's per-second
+        // one: an address (or account) already refused by its own takes nothing from the
+        // budget everyone shares, so one host cannot spend it for every other.
+        let (budget, counter, retry_after) = {
+            let budgets = self.password_budgets(&email, client, own_device);
+            match self.reserve(&budgets).await? {
+                Reservation::Spent { counter } => (
+                    crate::metrics::limit_label(&counter),
+                    counter,
+                    self.window().as_secs(),
+                ),
+                Reservation::Taken { keys, .. }
+                    if own_device.is_none() && !self.global_budget().await? =>
+                {
+                    self.release(&keys).await?;
+                    ("global", "rate:global".to_string(), 1)
                 }
-            };
+                Reservation::Taken { keys, prior } => {
+                    let user = match user {
+                        Some(u) => u,
+                        None => match self.durable.user_by_email(&email).await {
+                            Ok(u) => u,
+                            Err(e) => {
+                                // Not an answer (the store is down): the attempt does not count.
+                                self.release(&keys).await?;
+                                return Err(e.into());
+                            }
+                        },
+                    };
+                    return Ok(Ok(Attempt {
+                        email,
+                        user,
+                        reserved: keys,
+                        prior,
+                        lane: match own_device {
+                            Some(_) => Lane::Known,
+                            None => Lane::Other,
+                        },
+                    }));
+                }
+            }
+        };
         // One run per spent counter: a flood's refusals from one address, against one account,
         // or past the global budget are each one summary a minute in the trail.
         self.audit_repeated(

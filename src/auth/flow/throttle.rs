@@ -116,15 +116,18 @@ impl LoginFlow {
         if let Some(id) = device {
             return vec![(device_counter(id), self.limits.failures_per_device)];
         }
+        // The address's and network's first: an address over its budget is refused before the
+        // account's counter is touched (a flood of made-up addresses from one host makes no
+        // counter per address typed).
         vec![
-            (
-                account_counter(email),
-                self.limits.password_failures_per_account,
-            ),
             (address_counter(client), self.limits.failures_per_ip),
             (
                 format!("fail:net:{}", network_of(&client.ip)),
                 self.limits.failures_per_network,
+            ),
+            (
+                account_counter(email),
+                self.limits.password_failures_per_account,
             ),
         ]
     }
@@ -150,11 +153,7 @@ impl LoginFlow {
     /// per-second sign-in budget, counted apart from password attempts. `Some(retry_after)` when
     /// one is spent.
     pub(crate) async fn ceremony_budget(&self, client: &Client) -> Result<Option<u64>, StoreError> {
-        let global = "cer:global";
-        if self.ephemeral.incr_this_second(global).await? > self.limits.global_sign_ins_per_second {
-            self.metrics.throttled(global);
-            return Ok(Some(1));
-        }
+        // The address's first: an address over its own takes nothing from the shared budget.
         let address = if client.ip.contains(':') {
             network_of(&client.ip)
         } else {
@@ -164,6 +163,13 @@ impl LoginFlow {
         if self.ephemeral.incr(&key, self.window()).await? > CEREMONIES_PER_ADDRESS {
             self.metrics.throttled(&key);
             return Ok(Some(self.limits.window.as_secs()));
+        }
+        let global = "cer:global";
+        if self.ephemeral.incr_this_second(global).await? > self.limits.global_sign_ins_per_second {
+            self.metrics.throttled(global);
+            // Not started: the address's count goes back.
+            self.ephemeral.decr(&key).await?;
+            return Ok(Some(1));
         }
         Ok(None)
     }
