@@ -201,6 +201,12 @@ pub async fn login_get(
     let mut username = String::new();
     let mut ended = false;
     let mut factor_given = false;
+    // Without a session cookie nothing below asks the ephemeral store: ask it here, so that
+    // while it is away the page says sign-in is unavailable (503) before a password is typed,
+    // not after.
+    if super::get_cookie(&headers, state.sessions.cookie_name()).is_none() {
+        state.ephemeral.ping().await?;
+    }
     if let Some(loaded) = current_session(&state, &headers).await? {
         if loaded.session.is_authenticated() {
             if live_user(&state, &loaded).await?.is_some() {

@@ -110,6 +110,9 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
     assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
     assert_eq!(status(&gw, "/_portcullis/readyz").await.0, 200);
 
+    // A sign-in form opened before Redis goes away.
+    let fresh = gw.browser();
+    let csrf = gw.csrf(&fresh, "/_portcullis/login").await;
     redis.kill();
     // The session was used a moment ago, so its record is in the gateway's local cache; the
     // cache stops serving as soon as the gateway notices its invalidation channel is gone
@@ -136,11 +139,18 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
     gw.assert_unavailable_json(&c, "/x").await;
     assert_eq!(gw.upstream.count(), before, "nothing forwarded");
 
-    // Sign-in pages refuse too.
+    // Sign-in pages refuse too: the form (also to a browser without a session, before a
+    // password is typed) and a password sent from a form opened earlier.
     let r = c.get(gw.url("/_portcullis/login")).send().await.unwrap();
     assert_eq!(r.status(), 503, "login page with a session cookie");
-    let fresh = gw.browser();
-    assert_eq!(gw.password(&fresh, email, PASSWORD, "").await.status(), 503);
+    let r = gw.get(&gw.browser(), "/_portcullis/login").await;
+    assert_eq!(r.status(), 503, "login page without a session");
+    let r = gw
+        .login_form(&fresh, &csrf, email, PASSWORD, "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
 
     // The process lives and says what is wrong; the probe's 503 is no page refused.
     let refused = |gw: &Gateway| {
@@ -213,12 +223,7 @@ async fn the_first_calls_after_redis_returns_are_served() {
     for first in ["/_portcullis/login", "/_portcullis/readyz"] {
         redis.kill();
         let c = gw.browser();
-        assert_eq!(
-            gw.password(&c, "first-call@example.com", PASSWORD, "")
-                .await
-                .status(),
-            503
-        );
+        assert_eq!(gw.get(&c, "/_portcullis/login").await.status(), 503);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         redis.restart();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -248,12 +253,8 @@ async fn gateway_starts_while_redis_is_down() {
     assert_eq!(status(&gw, "/_portcullis/readyz").await.0, 503);
     let c = gw.browser();
     gw.add_user("late@example.com").await;
-    assert_eq!(
-        gw.password(&c, "late@example.com", PASSWORD, "")
-            .await
-            .status(),
-        503
-    );
+    // The sign-in page says so before a password is typed.
+    assert_eq!(gw.get(&c, "/_portcullis/login").await.status(), 503);
     redis.restart();
     wait_ready(&gw, 200).await;
     assert_eq!(
