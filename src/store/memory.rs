@@ -254,16 +254,14 @@ impl EphemeralStore for MemoryStore {
     async fn set_add(&self, key: &str, member: &str, ttl: Duration) -> StoreResult<u64> {
         let (mut s, now) = self.shard(key)?;
         let deadline = Self::deadline(now, ttl);
-        match s.live(key, now) {
+        let held = match s.live(key, now) {
             Some(Entry {
                 value: Value::Set(set),
                 expires_at_ms,
             }) => {
                 set.insert(member.to_string());
                 *expires_at_ms = (*expires_at_ms).max(deadline);
-                let held = set.len() as u64;
-                s.wrote(now);
-                return Ok(held);
+                set.len() as u64
             }
             Some(_) => return Err(StoreError::Corrupt("set key holds a value".into())),
             None => {
@@ -275,10 +273,11 @@ impl EphemeralStore for MemoryStore {
                         expires_at_ms: deadline,
                     },
                 );
+                1
             }
-        }
+        };
         s.wrote(now);
-        Ok(1)
+        Ok(held)
     }
 
     async fn set_remove(&self, key: &str, member: &str) -> StoreResult<()> {

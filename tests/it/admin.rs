@@ -403,13 +403,7 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
     let cust = gw.browser();
     let r = use_link(&gw, &cust, &customer_link, NEW_PASSWORD).await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
-    let html = gw.page(&cust, "/_portcullis/enrol/totp").await;
-    let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("the app is offered");
-    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
-    let r = gw
-        .code(&cust, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
-        .await;
-    assert_eq!(location(&r), "/_portcullis/recovery-codes");
+    gw.enrol_app(&cust).await;
     let csrf = gw.csrf(&cust, "/_portcullis/recovery-codes").await;
     cust.post(gw.url("/_portcullis/recovery-codes"))
         .form(&[("csrf", csrf.as_str())])
@@ -469,13 +463,7 @@ async fn a_link_that_stood_in_for_the_password_is_not_called_one() {
     let c = gw.browser();
     let r = use_link(&gw, &c, &path, "").await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
-    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
-    let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("the app is offered");
-    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
-    let r = gw
-        .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
-        .await;
-    assert_eq!(location(&r), "/_portcullis/recovery-codes");
+    let (secret, _) = gw.enrol_app(&c).await;
     gw.save_recovery_codes(&c).await;
     assert_eq!(gw.status(&c, "/campaigns").await, 200);
     assert_eq!(super::webauthn::last_claims(&gw).await.amr, vec!["otp"]);

@@ -533,6 +533,13 @@ impl Gateway {
         let r = self.password(c, email, PASSWORD, "").await;
         assert_eq!(r.status(), 303);
         assert_eq!(location(&r), "/_portcullis/enrol/totp");
+        self.enrol_app(c).await
+    }
+
+    /// The TOTP enrolment form of a session at that step (after the password, or an enrolment
+    /// link): returns the secret and the response to the confirmed code (a redirect to the
+    /// recovery codes).
+    pub async fn enrol_app(&self, c: &reqwest::Client) -> (Vec<u8>, reqwest::Response) {
         let html = self.page(c, "/_portcullis/enrol/totp").await;
         let b32 = extract(&html, "id=\"totp-secret\">", "<").expect("secret on enrolment page");
         let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();

@@ -332,11 +332,13 @@ async fn sets(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
     let s = &b.store;
     let (k, other) = (key("set"), key("set-other"));
     assert!(members(s, &k).await.is_empty(), "missing set is empty");
-    s.set_add(&k, "a", secs(60)).await.unwrap();
-    s.set_add(&k, "b b", secs(60)).await.unwrap();
-    s.set_add(&k, "a", secs(60)).await.unwrap();
-    s.set_add(&k, "ünï'\"", secs(60)).await.unwrap();
-    s.set_add(&other, "x", secs(60)).await.unwrap();
+    // Each addition answers how many members the set holds now (a repeat adds none).
+    let mut held = Vec::new();
+    for m in ["a", "b b", "a", "ünï'\""] {
+        held.push(s.set_add(&k, m, secs(60)).await.unwrap());
+    }
+    assert_eq!(held, [1, 2, 2, 3]);
+    assert_eq!(s.set_add(&other, "x", secs(60)).await.unwrap(), 1);
     assert_eq!(members(s, &k).await, set_of(&["a", "b b", "ünï'\""]));
     s.set_remove(&k, "a").await.unwrap();
     s.set_remove(&k, "not-there").await.unwrap();
