@@ -358,6 +358,7 @@ impl Metrics {
             "login_password" => "password",
             "totp_enrolled" | "totp_enrolment" => "totp",
             "passkey_sign_in" => "passkey",
+            "webauthn_enrolled" => "key",
             "second_factor" => second_factor_of(&ev.outcome, reason),
             _ => return,
         };

@@ -260,6 +260,30 @@ impl LoginFlow {
             .map_err(|e| FlowError::Internal(e.to_string()))
     }
 
+    /// Records that the authenticator secret of the enrolment in `session` is on show. True
+    /// when another one was shown to the account before and never confirmed (a sign-in given up
+    /// half-way, started again): its entry in the owner's app will never give a right code,
+    /// which the page must say.
+    pub async fn enrolment_secret_shown(&self, session: &Session) -> Result<bool, FlowError> {
+        let Stage::EnrolTotp { sealed_secret, .. } = &session.stage else {
+            return Ok(false);
+        };
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(sealed_secret);
+        let key = enrol_shown_key(&session.user_id);
+        let before = self.ephemeral.get(&key).await?;
+        if before.as_deref() == Some(&digest[..]) {
+            return Ok(false);
+        }
+        self.ephemeral.put(&key, &digest, ENROL_SHOWN_TTL).await?;
+        Ok(before.is_some())
+    }
+
+    /// An enrolment is done (app or key): no secret shown before is pending any more.
+    pub(crate) async fn enrolment_done(&self, user_id: &str) -> Result<(), FlowError> {
+        Ok(self.ephemeral.delete(&enrol_shown_key(user_id)).await?)
+    }
+
     /// The secret being enrolled, for the QR code page.
     pub fn enrolment_secret(
         &self,
@@ -543,6 +567,7 @@ impl LoginFlow {
                 .await;
         }
         self.install_totp(&user.id, &secret, now).await?;
+        self.enrolment_done(&user.id).await?;
         let codes = self.enrolment_recovery_codes(&user.id).await?;
         self.audit(
             AuditEvent::new("totp_enrolled", "success", now).user(&user),
@@ -705,6 +730,14 @@ pub fn network_of(ip: &str) -> String {
 /// Sealing context of fresh recovery codes held in a session until they are shown.
 pub fn recovery_show_context(user_id: &str) -> String {
     format!("recovery-show:{user_id}")
+}
+
+/// How long the page remembers an enrolment secret it showed and that was never confirmed.
+const ENROL_SHOWN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The digest of the enrolment secret last shown to a user.
+fn enrol_shown_key(user_id: &str) -> String {
+    format!("enrol_shown:{user_id}")
 }
 
 /// Sealing context of a TOTP secret still being enrolled.

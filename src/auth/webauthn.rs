@@ -599,7 +599,12 @@ impl Keys {
         &self,
         session: &mut Session,
         user: &User,
+        client: &Client,
     ) -> Result<(), FlowError> {
+        self.flow.enrolment_done(&user.id).await?;
+        // The sign-in this completes, on the record as `totp_enrolled` records an app's.
+        let ev = AuditEvent::new("webauthn_enrolled", "success", self.flow.clock.now()).user(user);
+        self.audit(ev, client).await;
         let codes = self.flow.enrolment_recovery_codes(&user.id).await?;
         self.flow.complete(session, user, AMR_KEY);
         match codes {

@@ -440,6 +440,7 @@ fn sign_in_method(event: &str, outcome: &str, reason: Option<&str>) -> Option<&'
         ("second_factor", "success", _) => "password + authenticator app",
         ("second_factor", _, _) => "password + second factor",
         ("totp_enrolled", _, _) => "password + new authenticator app",
+        ("webauthn_enrolled", _, _) => "password + new security key",
         ("passkey_sign_in", _, _) => "passkey",
         _ => return None,
     })
@@ -562,7 +563,7 @@ fn totp_page(
     state: &AppState,
     headers: &HeaderMap,
     user: &User,
-    secret: &Secret<Vec<u8>>,
+    (secret, replaced): (&Secret<Vec<u8>>, bool),
     error: Option<&str>,
     status: StatusCode,
 ) -> Response {
@@ -585,6 +586,7 @@ fn totp_page(
         secret: &totp::secret_base32(secret.expose()),
         uri: &uri,
         error,
+        replaced,
     };
     with_cookies(render(status, &view), set)
 }
@@ -620,12 +622,12 @@ pub async fn totp_post(
         Ok(v) => v,
         Err(r) => return Ok(r),
     };
-    let secret = state.login.start_totp_change(&user, &loaded.key).await?;
+    let (secret, replaced) = state.login.start_totp_change(&user, &loaded.key).await?;
     Ok(totp_page(
         &state,
         &headers,
         &user,
-        &secret,
+        (&secret, replaced),
         None,
         StatusCode::OK,
     ))
@@ -679,7 +681,7 @@ pub async fn totp_confirm_post(
                 &state,
                 &headers,
                 &user,
-                &secret,
+                (&secret, false),
                 Some(msg),
                 StatusCode::UNAUTHORIZED,
             ))

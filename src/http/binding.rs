@@ -786,8 +786,8 @@ pub async fn bind_get(
         .await?
         .filter(|l| l.session.is_authenticated())
     else {
-        let q: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
-        return Ok(see_other(&format!("{}?next={q}", super::gate::LOGIN_PATH)));
+        let login = super::gate::login_location(super::gate::LOGIN_PATH, Some(&next));
+        return Ok(see_other(&login));
     };
     let (token, set) = csrf_token(&state, &headers);
     let mut resp = with_cookies(

@@ -209,6 +209,21 @@ pub async fn report_get(
     else {
         return Err(invalid_link());
     };
+    // The sign-in it reports, described, so that the owner can tell whether it was theirs.
+    let device = match &link.device_id {
+        Some(id) => state
+            .durable
+            .list_devices(&link.user_id)
+            .await?
+            .into_iter()
+            .find(|d| &d.id == id)
+            .map(|d| pages::ReportedDevice {
+                name: d.name,
+                first_seen: crate::clock::rfc3339(d.first_seen),
+                last_ip: d.last_ip,
+            }),
+        None => None,
+    };
     let (csrf, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
         render(
@@ -217,6 +232,8 @@ pub async fn report_get(
                 csrf: &csrf,
                 token: &t,
                 change: link.device_id.is_none(),
+                sent: crate::clock::rfc3339(link.created_at),
+                device,
             },
         ),
         set,

@@ -5,7 +5,7 @@
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 
 use super::error::AppError;
@@ -76,15 +76,15 @@ async fn valid_or_under_way(
     }
 }
 
-fn page(
+async fn page(
     state: &AppState,
     headers: &HeaderMap,
     token: &str,
-    link: &EnrolmentLink,
-    user: &User,
+    (link, user): (&EnrolmentLink, &User),
     error: Option<&str>,
     status: StatusCode,
-) -> Response {
+) -> Result<Response, AppError> {
+    let has_factor = super::login::has_usable_factor(state, &user.id).await?;
     let (csrf, set) = csrf_token(state, headers);
     let view = pages::EnrolLink {
         csrf: &csrf,
@@ -92,11 +92,12 @@ fn page(
         email: &user.email,
         set_password: user.password_hash.is_empty(),
         key_only: link.key_only,
+        has_factor,
         min_length: state.config.password.min_length,
         max_length: state.config.password.max_length,
         error,
     };
-    with_cookies(render(status, &view), set)
+    Ok(with_cookies(render(status, &view), set))
 }
 
 /// `GET /_portcullis/enrol?t=…`.
@@ -110,15 +111,15 @@ pub async fn enrol_link_get(
         Ok(found) => found,
         Err(under_way) => return Ok(under_way),
     };
-    Ok(page(
+    page(
         &state,
         &headers,
         &token,
-        &link,
-        &user,
+        (&link, &user),
         None,
         StatusCode::OK,
-    ))
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -148,28 +149,30 @@ pub async fn enrol_link_post(
     let set_password = user.password_hash.is_empty();
     // Check the new password before the link is used, so a typo costs nothing.
     let new_hash = if set_password {
-        let refuse = |msg: &str| {
-            if super::prefers_json(&headers) {
-                return AppError::new(StatusCode::BAD_REQUEST, "password_refused", msg.to_string())
-                    .into_response();
-            }
-            page(
-                &state,
-                &headers,
-                &form.t,
-                &link,
-                &user,
-                Some(msg),
-                StatusCode::BAD_REQUEST,
-            )
-        };
         if let Err(v) = check_new_password(
             form.password.expose(),
             form.password2.expose(),
             &state.config.password,
             &user.email,
         ) {
-            return Ok(refuse(&v.to_string()));
+            let msg = v.to_string();
+            if super::prefers_json(&headers) {
+                return Err(AppError::new(
+                    StatusCode::BAD_REQUEST,
+                    "password_refused",
+                    msg,
+                ));
+            }
+            let status = StatusCode::BAD_REQUEST;
+            return page(
+                &state,
+                &headers,
+                &form.t,
+                (&link, &user),
+                Some(&msg),
+                status,
+            )
+            .await;
         }
         Some(state.login.hasher.hash(&form.password).await?)
     } else {

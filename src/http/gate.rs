@@ -83,7 +83,7 @@ pub(crate) fn authentication_required(login: &str, location: &str) -> Response {
 }
 
 /// The sign-in URL with its `next` parameter.
-fn login_location(login: &str, next: Option<&str>) -> String {
+pub(crate) fn login_location(login: &str, next: Option<&str>) -> String {
     match next {
         Some(n) => format!("{login}?next={}", urlencode(n)),
         None => login.to_string(),

@@ -150,11 +150,11 @@ pub(super) fn stage_page(loaded: &Loaded) -> String {
     }
 }
 
-pub(super) fn restart(state: &AppState, why: &str) -> Response {
-    with_cookies(
-        see_other(&format!("/_portcullis/login?notice={why}")),
-        [state.sessions.clear_cookie()],
-    )
+/// Back to the sign-in page, the pending sign-in ended, told why; `next`, where the ended
+/// sign-in was going, is kept for the new one.
+pub(super) fn restart(state: &AppState, why: &str, next: Option<&str>) -> Response {
+    let to = super::gate::sign_in_location(super::gate::LOGIN_PATH, next, Some(why));
+    with_cookies(see_other(&to), [state.sessions.clear_cookie()])
 }
 
 /// [`restart`] for a sign-in that ran out: to an API client, `401` (see [`super::no_session`]).
@@ -296,7 +296,11 @@ pub async fn login_post(
             let owner = state.durable.user_by_id(&loaded.session.user_id).await?;
             if owner.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)) {
                 if moved_mid_sign_in(&state, &loaded, &client).await? {
-                    return Ok(restart(&state, "moved"));
+                    return Ok(restart(
+                        &state,
+                        "moved",
+                        loaded.session.return_to.as_deref(),
+                    ));
                 }
                 after_factor = Some(loaded);
             }
@@ -475,60 +479,78 @@ pub async fn mfa_get(
     if awaits_password(&loaded.session) {
         return Ok(see_other(&stage_page(&loaded)));
     }
-    let keys = has_keys(&state, &loaded.session).await?;
-    let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
+    let view = MfaView::of(&state, &loaded, false).await?;
     let (token, set) = csrf_token(&state, &headers);
-    let first = awaits_factor_first(&loaded.session);
-    Ok(with_cookies(
-        mfa_page(
-            StatusCode::OK,
-            &token,
-            None,
-            keys,
-            first,
-            remember_offer(&state, remember, first),
-            loaded.session.risk_key,
-        ),
-        set,
-    ))
+    Ok(with_cookies(view.page(StatusCode::OK, &token, None), set))
 }
 
-/// The second-factor page; with a word on why when the second factor comes first.
 /// The days "remember this browser" lasts, when it is offered on this page (never on the
 /// page of a sign-in whose second factor comes first).
 fn remember_offer(state: &AppState, offered: bool, first: bool) -> Option<String> {
     (offered && !first).then(|| remember_for(state))
 }
 
-/// `unusual`: a high-risk sign-in that only the key or a recovery code completes.
-fn mfa_page(
-    status: StatusCode,
-    csrf: &str,
-    error: Option<&str>,
+/// What the second-factor page shows besides its form's token and error.
+struct MfaView {
+    /// Offer "Use security key".
     keys: bool,
+    /// The second factor comes first (many wrong passwords): say why.
     first: bool,
+    /// "Remember this browser" offered, for this long.
     remember: Option<String>,
+    /// The box ticked already (the form came back with a wrong code).
+    remember_ticked: bool,
+    /// A high-risk sign-in that only the key or a recovery code completes.
     unusual: bool,
-) -> Response {
-    if first {
-        let page = pages::MfaFirst {
-            csrf,
-            error,
-            keys,
-            remember: false,
-            remember_for: String::new(),
-        };
-        render(status, &page)
-    } else {
-        let page = pages::Mfa {
-            csrf,
-            error,
-            keys,
-            remember: remember.is_some(),
-            remember_for: remember.unwrap_or_default(),
-            unusual,
-        };
-        render(status, &page)
+    /// "Start over": the sign-in page, still going where this sign-in goes.
+    start_over: String,
+}
+
+impl MfaView {
+    async fn of(state: &AppState, loaded: &Loaded, ticked: bool) -> Result<Self, AppError> {
+        let session = &loaded.session;
+        let first = awaits_factor_first(session);
+        let offered = super::remembered::offered(state, &session.user_id).await?;
+        let remember = remember_offer(state, offered, first);
+        Ok(Self {
+            keys: has_keys(state, session).await?,
+            first,
+            remember_ticked: ticked && remember.is_some(),
+            remember,
+            unusual: session.risk_key,
+            start_over: super::gate::login_location(
+                super::gate::LOGIN_PATH,
+                session.return_to.as_deref(),
+            ),
+        })
+    }
+
+    /// The second-factor page; with a word on why when the second factor comes first.
+    fn page(&self, status: StatusCode, csrf: &str, error: Option<&str>) -> Response {
+        if self.first {
+            let page = pages::MfaFirst {
+                csrf,
+                error,
+                keys: self.keys,
+                remember: false,
+                remember_for: String::new(),
+                remember_ticked: false,
+                start_over: &self.start_over,
+            };
+            render(status, &page)
+        } else {
+            let page = pages::Mfa {
+                csrf,
+                error,
+                keys: self.keys,
+                remember: self.remember.is_some(),
+                remember_for: self.remember.clone().unwrap_or_default(),
+                remember_ticked: self.remember_ticked,
+                unusual: self.unusual,
+                start_over: &self.start_over,
+            };
+            render(status, &page)
+        }
     }
 }
 
@@ -608,7 +630,11 @@ async fn after_code(
                 .await?;
             second_factor_failed(state, &loaded.session, client).await?;
             loaded.session.failed_codes = 0;
-            Ok(restart(state, "restart"))
+            Ok(restart(
+                state,
+                "restart",
+                loaded.session.return_to.as_deref(),
+            ))
         }
         CodeOutcome::Throttled { retry_after } => {
             // The account's budget of codes is spent, over several sign-ins that each gave the
@@ -894,7 +920,7 @@ pub async fn guard_sign_in_steps(
         Ok(Step::Free | Step::Pending(_) | Step::Account(_) | Step::Confirmation(_)) => {
             next.run(req).await
         }
-        Ok(Step::Moved) if wants_html(&headers) => restart(&state, "moved"),
+        Ok(Step::Moved) if wants_html(&headers) => restart(&state, "moved", None),
         Ok(Step::Moved) => {
             let body = serde_json::json!({
                 "error": "sign_in_moved",
@@ -999,17 +1025,10 @@ pub async fn mfa_post(
     }
     // (A code from another network or browser never gets here: `guard_sign_in_steps`.)
     let client = super::client(&state, peer, &headers);
-    let keys = has_keys(&state, &loaded.session).await?;
-    let first = awaits_factor_first(&loaded.session);
-    let remember = super::remembered::offered(&state, &loaded.session.user_id).await?;
-    loaded.session.remember_device = remember && !first && form.remember;
+    let view = MfaView::of(&state, &loaded, form.remember).await?;
+    loaded.session.remember_device = view.remember_ticked;
     let (token, set) = csrf_token(&state, &headers);
-    let unusual = loaded.session.risk_key;
-    let page = |status, msg: &str| {
-        let offer = remember_offer(&state, remember, first);
-        let page = mfa_page(status, &token, Some(msg), keys, first, offer, unusual);
-        with_cookies(page, set)
-    };
+    let page = |status, msg: &str| with_cookies(view.page(status, &token, Some(msg)), set);
     // A form without a code is no guess: said so, checked against no budget.
     if form.code.expose().trim().is_empty() {
         let msg = "Enter the code from your authenticator app, or a recovery code.";
@@ -1041,7 +1060,7 @@ fn enrol_page(
     loaded: &Loaded,
     user: &crate::store::User,
     csrf: &str,
-    error: Option<&str>,
+    (error, notes): (Option<&str>, EnrolNotes),
     status: StatusCode,
 ) -> Result<Response, AppError> {
     let Some(secret) = state.login.enrolment_secret(&loaded.session)? else {
@@ -1055,6 +1074,8 @@ fn enrol_page(
         secret: &totp::secret_base32(secret.expose()),
         uri: &uri,
         error,
+        replaced: notes.replaced,
+        has_factor: notes.has_factor,
         webauthn: state.keys.is_some(),
         key_only: matches!(
             loaded.session.stage,
@@ -1065,6 +1086,28 @@ fn enrol_page(
             .requires_phishing_resistant(&user.account_id),
     };
     Ok(render(status, &page))
+}
+
+/// What the enrolment page says besides its form.
+#[derive(Clone, Copy, Default)]
+struct EnrolNotes {
+    /// Another secret was shown to the account before and never confirmed.
+    replaced: bool,
+    /// The account has a usable second factor already (a key an administrator enrolled with
+    /// the owner, say): this enrolment adds one, and may be skipped.
+    has_factor: bool,
+}
+
+/// Whether `user_id` has a second factor it can sign in with: an authenticator app, or a
+/// security key that is not suspended.
+pub(super) async fn has_usable_factor(state: &AppState, user_id: &str) -> Result<bool, AppError> {
+    if state.durable.totp(user_id).await?.is_some() {
+        return Ok(true);
+    }
+    Ok(match &state.keys {
+        Some(keys) => keys.has_usable(user_id).await?,
+        None => false,
+    })
 }
 
 /// `GET /_portcullis/enrol/totp`.
@@ -1079,9 +1122,20 @@ pub async fn enrol_get(
     let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
         return Ok(expired(&state));
     };
+    let notes = EnrolNotes {
+        replaced: state.login.enrolment_secret_shown(&loaded.session).await?,
+        has_factor: has_usable_factor(&state, &user.id).await?,
+    };
     let (token, set) = csrf_token(&state, &headers);
     Ok(with_cookies(
-        enrol_page(&state, &loaded, &user, &token, None, StatusCode::OK)?,
+        enrol_page(
+            &state,
+            &loaded,
+            &user,
+            &token,
+            (None, notes),
+            StatusCode::OK,
+        )?,
         set,
     ))
 }
@@ -1117,6 +1171,10 @@ pub async fn enrol_post(
     code_given(&form.code)?;
     let client = super::client(&state, peer, &headers);
     let before = loaded.clone();
+    let notes = EnrolNotes {
+        replaced: false,
+        has_factor: has_usable_factor(&state, &user.id).await?,
+    };
     let outcome = state
         .login
         .confirm_enrolment(&mut loaded.session, &form.code, &client)
@@ -1126,7 +1184,9 @@ pub async fn enrol_post(
     let retry = |msg: &str| {
         // A wrong code here is most often a device's clock; any other refusal says its own.
         let msg = if wrong {
-            "That code is not right. Check the time on your device and enter the current code."
+            "That code is not right. Check the time on your device and enter the current code. \
+             If your app lists this account more than once, use the entry added last, from the \
+             code on this page."
         } else {
             msg
         };
@@ -1135,7 +1195,7 @@ pub async fn enrol_post(
             &before,
             &user,
             &token,
-            Some(msg),
+            (Some(msg), notes),
             StatusCode::UNAUTHORIZED,
         )
         .unwrap_or_else(IntoResponse::into_response);

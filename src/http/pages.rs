@@ -31,8 +31,12 @@ pub struct Mfa<'a> {
     pub remember: bool,
     /// How long it lasts, in words ("30 days").
     pub remember_for: String,
+    /// The box comes back ticked (the form was sent with it, and a wrong code).
+    pub remember_ticked: bool,
     /// A high-risk sign-in: say that only the key or a recovery code completes it.
     pub unusual: bool,
+    /// "Start over": the sign-in page, with where this sign-in was going.
+    pub start_over: &'a str,
 }
 
 #[derive(Template)]
@@ -43,6 +47,11 @@ pub struct EnrolTotp<'a> {
     pub secret: &'a str,
     pub uri: &'a str,
     pub error: Option<&'a str>,
+    /// Another secret was shown to this account before, in a setup never finished: say that
+    /// it no longer works.
+    pub replaced: bool,
+    /// The account has a usable second factor already: this adds another, and may be skipped.
+    pub has_factor: bool,
     /// Offer a security key instead of the app (WebAuthn available).
     pub webauthn: bool,
     /// Only a security key may be registered (enrolment link of an admin account).
@@ -70,6 +79,20 @@ pub struct Report<'a> {
     pub token: &'a str,
     /// The link came with a notice of a security change, not of a sign-in.
     pub change: bool,
+    /// When the message with the link was sent (RFC 3339, UTC).
+    pub sent: String,
+    /// The device whose sign-in the link reports, when it is known.
+    pub device: Option<ReportedDevice>,
+}
+
+/// What the report page tells of the sign-in it is about, so the owner can tell it is theirs.
+pub struct ReportedDevice {
+    /// "Firefox on Windows".
+    pub name: String,
+    /// First sign-in from it (RFC 3339, UTC).
+    pub first_seen: String,
+    /// The address it last came from.
+    pub last_ip: String,
 }
 
 #[derive(Template)]
@@ -188,6 +211,8 @@ pub struct EnrolLink<'a> {
     /// The user has no password yet: ask for one.
     pub set_password: bool,
     pub key_only: bool,
+    /// The account has a usable second factor already: the link adds another.
+    pub has_factor: bool,
     pub min_length: usize,
     pub max_length: usize,
     pub error: Option<&'a str>,
@@ -225,6 +250,8 @@ pub struct AccountTotp<'a> {
     pub secret: &'a str,
     pub uri: &'a str,
     pub error: Option<&'a str>,
+    /// This setup replaces one started before and not finished: say its secret no longer works.
+    pub replaced: bool,
 }
 
 /// The device-binding interstitial (WebCrypto fallback).
@@ -256,6 +283,9 @@ pub struct MfaFirst<'a> {
     pub remember: bool,
     /// How long it lasts, in words ("30 days").
     pub remember_for: String,
+    pub remember_ticked: bool,
+    /// "Start over": the sign-in page, with where this sign-in was going.
+    pub start_over: &'a str,
 }
 
 #[cfg(test)]

@@ -108,9 +108,10 @@ use super::query_param as query;
 
 /// To the sign-in page, which returns to this step-up (and then to `next`).
 fn sign_in_first(next: &str, key_only: bool) -> Response {
-    let back: String =
-        url::form_urlencoded::byte_serialize(url(next, key_only).as_bytes()).collect();
-    see_other(&format!("/_portcullis/login?next={back}"))
+    see_other(&super::gate::login_location(
+        super::gate::LOGIN_PATH,
+        Some(&url(next, key_only)),
+    ))
 }
 
 /// `GET /_portcullis/reauth?next=PATH[&key=1]`.
@@ -240,7 +241,7 @@ pub async fn reauth_post(
                 (&what, advice),
             )
             .await?;
-            Ok(restart(&state, "restart"))
+            Ok(restart(&state, "restart", Some(&next)))
         }
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
         CodeOutcome::KeyRequired => {

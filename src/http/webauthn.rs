@@ -273,7 +273,8 @@ pub async fn register_finish(
             "The security key's answer could not be verified. Please try again.",
         )),
         Registered::Stored(_) if matches!(loaded.session.stage, Stage::EnrolTotp { .. }) => {
-            keys.complete_enrolment(&mut loaded.session, &user).await?;
+            keys.complete_enrolment(&mut loaded.session, &user, &client)
+                .await?;
             // Complete at once where the account kept its recovery codes (no page to show).
             let device = if loaded.session.is_authenticated() {
                 complete_sign_in(&state, &headers, &client, &mut loaded.session).await?

@@ -544,3 +544,33 @@ async fn the_sign_in_page_drops_a_session_ended_elsewhere() {
         .any(|v| v.to_str().unwrap().contains("Max-Age=0"));
     assert!(cleared, "{:?}", r.headers());
 }
+
+/// A new app setup started again before the first was finished says that the key shown before
+/// no longer works; the first start does not, and only the newest key confirms.
+#[tokio::test]
+async fn a_new_app_setup_started_again_says_the_earlier_key_is_void() {
+    let gw = Gateway::start().await;
+    let email = "restarted-setup@example.com";
+    let (c, _, _) = gw.signed_in(email).await;
+    let first = act(&gw, &c, TOTP, &[]).await.text().await.unwrap();
+    assert!(first.contains("totp-secret"), "{first}");
+    assert!(
+        !first.contains("new-key-notice"),
+        "nothing replaced yet: {first}"
+    );
+    let old = extract(&first, "id=\"totp-secret\">", "<").unwrap();
+    let again = act(&gw, &c, TOTP, &[]).await.text().await.unwrap();
+    assert!(again.contains("id=\"new-key-notice\""), "{again}");
+    assert!(again.contains("no longer works"), "{again}");
+    let new = extract(&again, "id=\"totp-secret\">", "<").unwrap();
+    assert_ne!(old, new);
+    // The earlier key's code is refused; the new one's replaces the app.
+    let old = totp_rs::Secret::Encoded(old).to_bytes().unwrap();
+    let code = gw.totp_now(&old);
+    let r = act(&gw, &c, CONFIRM, &[("code", code.as_str())]).await;
+    assert_eq!(r.status(), 401);
+    let new = totp_rs::Secret::Encoded(new).to_bytes().unwrap();
+    let code = gw.totp_now(&new);
+    let r = act(&gw, &c, CONFIRM, &[("code", code.as_str())]).await;
+    assert_eq!(location(&r), "/_portcullis/account?notice=totp_changed");
+}

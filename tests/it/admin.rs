@@ -1205,15 +1205,12 @@ async fn audit_view_filters_and_exports_json_lines() {
     assert!(exported, "exports are audited");
 }
 
-#[tokio::test]
-async fn an_admin_enrols_a_key_in_person_for_a_customer() {
-    let gw = gateway().await;
-    let (_, c, _, _) = admin(&gw).await;
-    gw.signed_in("customer@example.com").await;
-    let target = gw.user("customer@example.com").await;
-    let base = format!("/_portcullis/admin/users/{}/keys/register", target.id);
+/// An administrator's key-session browser `c` enrols a new security key named `name` in person
+/// for `user_id`; returns the key.
+async fn enrol_in_person(gw: &Gateway, c: &Browser, user_id: &str, name: &str) -> Key {
+    let base = format!("/_portcullis/admin/users/{user_id}/keys/register");
     let csrf = gw
-        .csrf(&c, &format!("/_portcullis/admin/users/{}", target.id))
+        .csrf(c, &format!("/_portcullis/admin/users/{user_id}"))
         .await;
     let json_call = |path: String, body: Value| {
         let (c, csrf, url) = (&c.client, csrf.clone(), gw.url(&path));
@@ -1227,18 +1224,126 @@ async fn an_admin_enrols_a_key_in_person_for_a_customer() {
                 .unwrap()
         }
     };
-    let r = json_call(format!("{base}/start"), json!({ "name": "Desk key" })).await;
+    let r = json_call(format!("{base}/start"), json!({ "name": name })).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     let ccr: CreationChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
-    let mut customer_key = key();
-    let reg = customer_key.do_registration(origin(&gw), ccr).unwrap();
+    let mut k = key();
+    let reg = k.do_registration(origin(gw), ccr).unwrap();
     let r = json_call(
         format!("{base}/finish"),
         json!({ "ceremony": v["ceremony"], "credential": reg }),
     )
     .await;
     assert_eq!(r.status(), 200);
+    k
+}
+
+/// A user created by an administrator, whose key the administrator then enrolled in person,
+/// follows the enrolment link to set a password: the pages say the account has its second
+/// factor already (adding another is offered, not demanded), and skipping that, the user signs
+/// in with the password and the key.
+#[tokio::test]
+async fn a_user_with_a_key_enrolled_in_person_is_not_told_to_set_up_a_factor() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    let email = "in-person@example.com";
+    let csrf = gw.csrf(&c, "/_portcullis/admin/users").await;
+    let r = c
+        .post(gw.url("/_portcullis/admin/users"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("email", email),
+            ("account", "acct-7"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let path = link_path(&gw.page(&c, &location(&r)).await);
+    let user = gw.user(email).await;
+    // Before the key: a factor is still to be set up.
+    let u = gw.browser();
+    let page = gw.page(&u, &path).await;
+    assert!(
+        page.contains("Next you register your second factor"),
+        "{page}"
+    );
+    let mut k = enrol_in_person(&gw, &c, &user.id, "Desk key").await;
+    let page = gw.page(&u, &path).await;
+    assert!(page.contains("has a second factor already"), "{page}");
+    assert!(!page.contains("Next you register"), "{page}");
+    let r = use_link(&gw, &u, &path, NEW_PASSWORD).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let page = gw.page(&u, "/_portcullis/enrol/totp").await;
+    assert!(page.contains("<h1>Add a second factor</h1>"), "{page}");
+    assert!(page.contains("id=\"has-factor-notice\""), "{page}");
+    assert!(!page.contains("needs a second factor"), "{page}");
+    assert!(page.contains("href=\"/_portcullis/login\""), "{page}");
+    // Skipped: the password just set and the key sign in.
+    let r = gw.password(&u, email, NEW_PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let (r, _, _) = second_factor(&gw, &u, &mut k, |_, _| {}).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(gw.status(&u, "/campaigns").await, 200);
+}
+
+/// A refused "create a user" form comes back as it was sent, its error beside it.
+#[tokio::test]
+async fn a_refused_new_user_form_keeps_what_was_typed() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    gw.add_user("taken@example.com").await;
+    let csrf = gw.csrf(&c, "/_portcullis/admin/users").await;
+    for (email, account, status) in [
+        ("taken@example.com", "acct-77", 409),
+        ("not-an-address", "acct-77", 400),
+        ("fresh@example.com", "", 400),
+    ] {
+        let r = c
+            .post(gw.url("/_portcullis/admin/users"))
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("email", email),
+                ("account", account),
+                ("admin", "1"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{email}");
+        let page = r.text().await.unwrap();
+        assert!(page.contains("id=\"create-error\""), "{page}");
+        assert!(
+            page.contains(&format!(
+                "name=\"email\" type=\"email\" required maxlength=\"320\" value=\"{email}\""
+            )),
+            "{page}"
+        );
+        assert!(
+            page.contains(&format!("maxlength=\"128\" value=\"{account}\"")),
+            "{page}"
+        );
+        assert!(
+            page.contains("value=\"1\" checked> Administrator"),
+            "{page}"
+        );
+    }
+    // A search's refusal is no create form's: the form comes back empty.
+    let page = gw.page(&c, "/_portcullis/admin/users?q=%01").await;
+    assert!(
+        !page.contains("create-error") && !page.contains("checked>"),
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_enrols_a_key_in_person_for_a_customer() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    gw.signed_in("customer@example.com").await;
+    let target = gw.user("customer@example.com").await;
+    let mut customer_key = enrol_in_person(&gw, &c, &target.id, "Desk key").await;
     let creds = gw
         .state
         .durable

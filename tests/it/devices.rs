@@ -257,6 +257,17 @@ async fn this_wasnt_me_ends_every_session_and_locks_password_sign_in() {
     let page = gw.page(&reader, &link).await;
     assert!(page.contains("Report and lock my account"), "{page}");
     assert_eq!(gw.status(&thief, "/campaigns").await, 200);
+    // It says which sign-in it reports: the device, when it first signed in, from where.
+    let user = gw.user("victim@example.com").await;
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    let newest = devices.iter().max_by_key(|d| d.first_seen).unwrap();
+    let first_seen = portcullis::clock::rfc3339(newest.first_seen);
+    assert!(
+        page.contains(&format!("<dt>Device</dt><dd>{}</dd>", newest.name))
+            && page.contains(&format!("<time datetime=\"{first_seen}\">"))
+            && page.contains("<dt>Last address</dt><dd>127.0.0.1</dd>"),
+        "{page}"
+    );
 
     let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
     let token = link.split("t=").nth(1).unwrap();

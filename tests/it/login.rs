@@ -508,3 +508,42 @@ async fn the_owner_hears_of_a_right_password_whose_codes_spent_the_accounts_budg
     assert!(throttled, "the account's budget ran out");
     assert_eq!(told().await, 1);
 }
+
+/// A sign-in that must set up its second factor, given up after its key was shown and begun
+/// again, shows a new key and says that the one shown before no longer works (the owner may
+/// have scanned it); a reload of the same page does not say it again, and once a factor is
+/// set up, a later setup does not speak of the old one.
+#[tokio::test]
+async fn an_enrolment_begun_again_says_the_key_shown_before_no_longer_works() {
+    let gw = Gateway::start().await;
+    let email = "twice-shown@example.com";
+    let user = gw.add_user(email).await;
+    let first = enrol_page(&gw, &gw.browser(), email).await;
+    assert!(!first.contains("new-key-notice"), "{first}");
+    let c = gw.browser();
+    let second = enrol_page(&gw, &c, email).await;
+    assert!(second.contains("id=\"new-key-notice\""), "{second}");
+    assert_ne!(
+        extract(&first, "id=\"totp-secret\">", "<"),
+        extract(&second, "id=\"totp-secret\">", "<")
+    );
+    let reload = gw.page(&c, "/_portcullis/enrol/totp").await;
+    assert!(!reload.contains("new-key-notice"), "{reload}");
+    // A wrong code's advice names the likely cause.
+    let r = gw.code(&c, "/_portcullis/enrol/totp", "000000").await;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("use the entry added last"));
+    gw.enrol_app(&c).await;
+    // The factors removed: a new setup has nothing earlier to speak of.
+    gw.drop_totp(&user.id).await;
+    let later = enrol_page(&gw, &gw.browser(), email).await;
+    assert!(later.contains("totp-secret"), "{later}");
+    assert!(!later.contains("new-key-notice"), "{later}");
+}
+
+/// Password for a user who must set up a second factor: the enrolment page.
+async fn enrol_page(gw: &Gateway, c: &Browser, email: &str) -> String {
+    let r = gw.password(c, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    gw.page(c, "/_portcullis/enrol/totp").await
+}

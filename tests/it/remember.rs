@@ -22,13 +22,16 @@ async fn sign_in(gw: &Gateway, b: &Browser, secret: &[u8], remember: bool) {
         assert!(html.contains("name=\"remember\""), "{html}");
         form.push(("remember", "1"));
     }
-    let r = b
-        .post(gw.url("/_portcullis/mfa"))
-        .form(&form)
+    assert_eq!(post_mfa(gw, b, &form).await.status(), 303);
+}
+
+/// Sends the second-factor form with `fields`.
+async fn post_mfa(gw: &Gateway, b: &Browser, fields: &[(&str, &str)]) -> reqwest::Response {
+    b.post(gw.url("/_portcullis/mfa"))
+        .form(fields)
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
+        .unwrap()
 }
 
 pub(super) async fn sign_out(gw: &Gateway, b: &Browser) {
@@ -346,4 +349,51 @@ async fn the_offer_says_how_long_in_words() {
             "{lifetime}: {html}"
         );
     }
+}
+
+/// A wrong code keeps the owner's choices: "remember this browser" comes back ticked, and a
+/// sign-in stopped by wrong codes (or begun again with "Start over") still goes where it was
+/// going.
+#[tokio::test]
+async fn a_wrong_code_keeps_the_box_ticked_and_a_new_start_keeps_the_way_on() {
+    let gw = gateway().await;
+    let (b, _secret, _) = gw.signed_in(EMAIL).await;
+    sign_out(&gw, &b).await;
+    gw.clock.advance(30);
+    let next = "/campaigns/42?tab=send&x=1";
+    let r = gw.password(&b, EMAIL, PASSWORD, next).await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let html = gw.page(&b, "/_portcullis/mfa").await;
+    let start_over = "href=\"/_portcullis/login?next=%2Fcampaigns%2F42%3Ftab%3Dsend%26x%3D1\"";
+    assert!(html.contains(start_over), "Start over keeps next: {html}");
+    assert!(!html.contains("data-remember checked"), "unticked at first");
+    // Four wrong codes with the box ticked: it stays ticked each time.
+    for _ in 0..4 {
+        let html = gw.page(&b, "/_portcullis/mfa").await;
+        let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+        let form = [("code", "000000"), ("csrf", &csrf), ("remember", "1")];
+        let r = post_mfa(&gw, &b, &form).await;
+        assert_eq!(r.status(), 401);
+        let page = r.text().await.unwrap();
+        assert!(page.contains("data-remember checked"), "{page}");
+        assert!(page.contains(start_over), "{page}");
+        // Not ticked this time: comes back unticked.
+        let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+        let r = post_mfa(&gw, &b, &[("code", ""), ("csrf", csrf.as_str())]).await;
+        assert_eq!(r.status(), 400);
+        assert!(!r.text().await.unwrap().contains("data-remember checked"));
+    }
+    // The fifth wrong code ends the sign-in: back to the sign-in page, still going to `next`.
+    let r = gw.code(&b, "/_portcullis/mfa", "000000").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        location(&r),
+        "/_portcullis/login?next=%2Fcampaigns%2F42%3Ftab%3Dsend%26x%3D1&notice=restart"
+    );
+    let page = gw.page(&b, &location(&r)).await;
+    assert!(page.contains("Too many wrong codes"), "{page}");
+    assert!(
+        page.contains("name=\"next\" value=\"/campaigns/42?tab=send&#38;x=1\""),
+        "{page}"
+    );
 }

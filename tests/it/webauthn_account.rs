@@ -31,6 +31,17 @@ async fn a_new_user_can_enrol_a_key_instead_of_totp() {
     assert_eq!(c.get(gw.url("/home")).send().await.unwrap().status(), 200);
     assert_eq!(last_claims(&gw).await.amr, vec!["pwd", "hwk"]);
     assert!(gw.state.durable.totp(&user.id).await.unwrap().is_none());
+    // The sign-in the key completed is on the record, and so on the owner's list of sign-ins.
+    gw.state.audit.flush().await;
+    assert!(gw
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event == "webauthn_enrolled"
+            && e.outcome == "success"
+            && e.user_id.as_deref() == Some(user.id.as_str())));
+    let account = gw.page(&c, "/_portcullis/account").await;
+    assert!(account.contains("password + new security key"), "{account}");
 
     // Next time the key is the second factor; a 6-digit guess is just a wrong code.
     let c = after_password(&gw, "new@example.com").await;

@@ -93,21 +93,22 @@ impl LoginFlow {
     }
 
     /// Makes a new authenticator secret for `user`, pending for the session `binding` (a new
-    /// start replaces an earlier pending one).
+    /// start replaces an earlier pending one: then the flag is true, as the page must say that
+    /// the secret shown before no longer works).
     pub async fn start_totp_change(
         &self,
         user: &User,
         binding: &str,
-    ) -> Result<Secret<Vec<u8>>, FlowError> {
+    ) -> Result<(Secret<Vec<u8>>, bool), FlowError> {
         let secret = totp::generate_secret();
         let sealed = self
             .master_key
             .seal(&change_context(&user.id), secret.expose())
             .map_err(Self::open_err)?;
-        self.ephemeral
-            .put(&pending_key(binding), &sealed, TOTP_CHANGE_TTL)
-            .await?;
-        Ok(secret)
+        let key = pending_key(binding);
+        let replaced = self.ephemeral.get(&key).await?.is_some();
+        self.ephemeral.put(&key, &sealed, TOTP_CHANGE_TTL).await?;
+        Ok((secret, replaced))
     }
 
     /// The secret pending for the session `binding`, if any.

@@ -5,14 +5,20 @@ use std::fmt::Write;
 
 use crate::store::AuditCount;
 
-/// Events that complete a sign-in.
-const SIGN_IN_EVENTS: &[&str] = &["second_factor", "passkey_sign_in"];
+/// Events that complete a sign-in (with a factor set up on the way, for the last two).
+const SIGN_IN_EVENTS: &[&str] = &[
+    "second_factor",
+    "passkey_sign_in",
+    "totp_enrolled",
+    "webauthn_enrolled",
+];
 /// Events whose failures are failed sign-in attempts.
 const ATTEMPT_EVENTS: &[&str] = &[
     "login_password",
     "second_factor",
     "passkey_sign_in",
     "step_up",
+    "totp_enrolment",
 ];
 
 /// One bucket's counts.
@@ -169,7 +175,11 @@ mod tests {
         let counts = [
             count(10 * 3600, "second_factor", "success", 3),
             count(10 * 3600, "passkey_sign_in", "success", 1),
+            // A sign-in that set up its second factor on the way is a sign-in too.
+            count(10 * 3600, "totp_enrolled", "success", 2),
+            count(10 * 3600, "webauthn_enrolled", "success", 1),
             count(9 * 3600, "login_password", "failure", 7),
+            count(9 * 3600, "totp_enrolment", "failure", 1),
             count(9 * 3600, "proxy_denied", "denied", 2),
             // A password success is not a complete sign-in; too old counts are left out.
             count(9 * 3600, "login_password", "success", 5),
@@ -180,9 +190,9 @@ mod tests {
             b.iter().map(|b| b.start).collect::<Vec<_>>(),
             vec![8 * 3600, 9 * 3600, 10 * 3600]
         );
-        assert_eq!((b[2].sign_ins, b[2].failures, b[2].denials), (4, 0, 0));
-        assert_eq!((b[1].sign_ins, b[1].failures, b[1].denials), (0, 7, 2));
-        assert_eq!(totals(&b).sign_ins, 4);
+        assert_eq!((b[2].sign_ins, b[2].failures, b[2].denials), (7, 0, 0));
+        assert_eq!((b[1].sign_ins, b[1].failures, b[1].denials), (0, 8, 2));
+        assert_eq!(totals(&b).sign_ins, 7);
     }
 
     #[test]

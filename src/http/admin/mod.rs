@@ -242,9 +242,8 @@ async fn guard(
         }
         Ok(Err(Refused::NoSession)) => {
             if browser_get {
-                let next: String =
-                    url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
-                return see_other(&format!("/_portcullis/login?next={next}"));
+                let login = super::gate::LOGIN_PATH;
+                return see_other(&super::gate::login_location(login, Some(&target)));
             }
             // A form a browser sent (the session ended in another tab, or ran out): not acted
             // on; after signing in, back to the page the form was on, told it was not sent.

@@ -47,6 +47,15 @@ pub struct Users<'a> {
     /// More matched than shown.
     pub truncated: bool,
     pub error: Option<&'a str>,
+    /// The "create a user" form as it was sent, when it was refused (its error is `error`).
+    pub draft: Option<&'a NewUserDraft>,
+}
+
+/// The "create a user" form's fields, kept when the form is refused so nothing is typed twice.
+pub struct NewUserDraft {
+    pub email: String,
+    pub account: String,
+    pub admin: bool,
 }
 
 pub struct DeviceRow {

@@ -81,20 +81,30 @@ pub async fn list_get(
             &state,
             &admin,
             &headers,
-            "",
+            ("", None),
             Some(refused),
             StatusCode::BAD_REQUEST,
         )
         .await;
     }
-    list_page(&state, &admin, &headers, &text, None, StatusCode::OK).await
+    list_page(
+        &state,
+        &admin,
+        &headers,
+        (&text, None),
+        None,
+        StatusCode::OK,
+    )
+    .await
 }
 
+/// The users page: the search `text`'s matches, and the "create a user" form (as it was sent,
+/// with `draft`, when it was refused).
 async fn list_page(
     state: &AppState,
     admin: &Admin,
     headers: &HeaderMap,
-    text: &str,
+    (text, draft): (&str, Option<&pages::NewUserDraft>),
     error: Option<&str>,
     status: StatusCode,
 ) -> Result<Response, AppError> {
@@ -124,6 +134,7 @@ async fn list_page(
         rows: &rows,
         truncated,
         error,
+        draft,
     };
     Ok(respond(render(status, &page), set))
 }
@@ -151,9 +162,14 @@ pub async fn create_post(
     checked(&state, &headers, &form.csrf)?;
     let email = normalise_email(&form.email);
     let account = form.account.trim().to_string();
-    let (st, ad, hd) = (&state, &admin, &headers);
+    let draft = pages::NewUserDraft {
+        email: form.email.trim().to_string(),
+        account: account.clone(),
+        admin: form.admin,
+    };
+    let (st, ad, hd, dr) = (&state, &admin, &headers, &draft);
     let refused = |msg: &'static str, status| async move {
-        list_page(st, ad, hd, "", Some(msg), status).await
+        list_page(st, ad, hd, ("", Some(dr)), Some(msg), status).await
     };
     let bad = |msg| refused(msg, StatusCode::BAD_REQUEST);
     if !crate::policy::is_plausible_email(&email) {
