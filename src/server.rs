@@ -126,7 +126,7 @@ pub async fn run_with(
         }
         None => {
             // Small answers go out at once: no Nagle delay between a response head and its body.
-            let listener = ListenerExt::tap_io(listener, |tcp| {
+            let listener = ListenerExt::tap_io(conn::Plain(listener), |tcp| {
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
@@ -273,7 +273,7 @@ async fn side_listeners(
         })?;
         tracing::info!(listen = %addr, "{what} listener started");
         tasks.push(tokio::spawn(conn::serve(
-            listener,
+            conn::Plain(listener),
             app,
             stop.clone(),
             state.config.server.header_timeout,

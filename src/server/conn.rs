@@ -32,6 +32,71 @@ use super::cap::ConnectionCap;
 /// gets `431`.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// A TCP listener whose failed accepts say what to do: out of file descriptors, the warning
+/// names the limit to raise; no failure stops the loop for long (50 ms), so the gateway takes
+/// connections again as soon as descriptors are free.
+pub struct Plain(pub tokio::net::TcpListener);
+
+impl Listener for Plain {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok(accepted) => return accepted,
+                Err(e) => accept_failed(&e).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// When the warning of an accept that failed for want of file descriptors was last logged.
+static OUT_OF_FILES_SAID: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// What an accept that failed calls for: nothing for a client that went away before it was
+/// accepted; otherwise a warning (out of file descriptors: at most one a minute, with what to
+/// raise) and a short pause rather than a spin.
+pub(crate) async fn accept_failed(e: &std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    ) {
+        tracing::debug!(error = %e, "a client went away before its connection was accepted");
+        return;
+    }
+    // EMFILE (the process's limit) and ENFILE (the system's).
+    if matches!(e.raw_os_error(), Some(24 | 23)) {
+        if out_of_files_due() {
+            tracing::warn!(
+                error = %e,
+                "no file descriptor left for new connections: they wait until some close. Raise                  the open files limit (LimitNOFILE in systemd, ulimit -n, the container                  runtime's nofile; ENFILE: the system's fs.file-max), or lower                  server.max_connections_per_address so one client cannot take them all                  (repeats of this warning are held back for a minute)"
+            );
+        }
+    } else {
+        tracing::warn!(error = %e, "accept failed");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Whether the out-of-descriptors warning is due (none in the last minute); records it if so.
+fn out_of_files_due() -> bool {
+    let mut said = OUT_OF_FILES_SAID
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
+    if said.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
+        return false;
+    }
+    *said = Some(now);
+    true
+}
+
 /// Serves `listener` with `service` until `stop` turns true: then no connection is accepted any
 /// more, each open one finishes the request it is serving and closes, and this returns once all
 /// are closed (the caller bounds that wait). With `cap`, a connection whose client address

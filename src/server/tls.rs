@@ -317,9 +317,7 @@ impl Tls {
                 let (stream, peer) = match tcp.accept().await {
                     Ok(c) => c,
                     Err(e) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        super::conn::accept_failed(&e).await;
                         continue;
                     }
                 };

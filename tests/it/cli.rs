@@ -2120,32 +2120,9 @@ async fn a_rotation_from_a_host_whose_clock_is_off_is_refused() {
 #[tokio::test]
 async fn serve_raises_its_open_files_limit() {
     let gw = Gateway::start().await;
-    let port = free_port();
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -Sn 256 && exec \"$0\" --config \"$1\" serve")
-        .arg(env!("CARGO_BIN_EXE_portcullis"))
-        .arg(&gw.config_path)
-        .env("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "PORTCULLIS__SERVER__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}/"),
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, port) = serve_limited(&gw, "ulimit -Sn 256", std::process::Stdio::null());
     let pid = child.id().unwrap();
-    let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
-    let mut up = false;
-    for _ in 0..300 {
-        if reqwest::get(&url).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let up = healthy(port).await;
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     child.kill().await.unwrap();
     assert!(up, "serve did not start");
@@ -2162,4 +2139,75 @@ async fn serve_raises_its_open_files_limit() {
         numbers[0], numbers[1],
         "the soft limit was left low: {line}"
     );
+}
+
+/// `serve` on `gw`'s configuration and a free port, started by `sh` after `limit` (a `ulimit`
+/// command); its standard error to `stderr`.
+fn serve_limited(
+    gw: &Gateway,
+    limit: &str,
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, u16) {
+    let port = free_port();
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{limit} && exec \"$0\" --config \"$1\" serve"))
+        .arg(env!("CARGO_BIN_EXE_portcullis"))
+        .arg(&gw.config_path)
+        .env("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "PORTCULLIS__SERVER__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}/"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+/// Whether the gateway on `port` answers its liveness probe within 15 s.
+async fn healthy(port: u16) -> bool {
+    let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
+    for _ in 0..300 {
+        if reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Out of file descriptors, the gateway says what to raise (once, not at every failed accept),
+/// keeps running, and takes connections again as soon as descriptors are free.
+#[tokio::test]
+async fn out_of_file_descriptors_the_gateway_says_what_to_raise_and_recovers() {
+    let gw = Gateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let (mut child, port) = serve_limited(&gw, "ulimit -n 64", file.into());
+    assert!(healthy(port).await, "serve did not start");
+    // More connections than the process may hold descriptors for, all held open.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(c) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            held.push(c);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(child.try_wait().unwrap(), None, "the gateway kept running");
+    drop(held);
+    assert!(healthy(port).await, "connections are taken again");
+    child.kill().await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let said = text
+        .matches("no file descriptor left for new connections")
+        .count();
+    assert_eq!(said, 1, "said once, with the limit to raise: {text}");
+    assert!(text.contains("LimitNOFILE"), "{text}");
 }
