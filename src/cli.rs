@@ -429,6 +429,21 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
             }
         })
         .await?;
+    // A gateway still running on the old database wrote to it during the copy: what it wrote
+    // is not in the new one, and whatever it writes next will not be either.
+    let changed = source.changed_since(&copied).await?;
+    if !changed.is_empty() {
+        let tables: Vec<String> = changed
+            .iter()
+            .map(|(t, then, now)| format!("{t}: {then} rows copied, {now} now"))
+            .collect();
+        anyhow::bail!(
+            "the old database changed while it was copied ({}): a gateway still runs on it. \
+             Stop every gateway, empty or drop the new database (it holds the copy as it was \
+             when the copy began), and copy again",
+            tables.join("; ")
+        );
+    }
     let rows: u64 = copied.iter().map(|(_, n)| n).sum();
     let clock = SystemClock;
     let ev = AuditEvent::new("storage_copied", "success", clock.now())

@@ -2211,3 +2211,36 @@ async fn out_of_file_descriptors_the_gateway_says_what_to_raise_and_recovers() {
     assert_eq!(said, 1, "said once, with the limit to raise: {text}");
     assert!(text.contains("LimitNOFILE"), "{text}");
 }
+
+/// `storage copy` reads the old database from one snapshot; what a gateway still running on it
+/// writes meanwhile is not in the copy, and the copy finds it out: the old database's counts,
+/// taken again after the copy, differ from what was copied (the command then fails, saying to
+/// stop every gateway and copy again).
+#[tokio::test]
+async fn a_copy_finds_out_that_the_old_database_changed_meanwhile() {
+    use portcullis::store::sql::SqlStore;
+    use portcullis::store::DurableStore;
+    let gw = Gateway::start().await;
+    let email = "still-running@example.com";
+    gw.signed_in(email).await;
+    gw.state.audit.flush().await;
+    let old = format!("sqlite://{}", gw.dir.path().join("db.sqlite").display());
+    let source = SqlStore::connect(&old).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let new = format!("sqlite://{}", dir.path().join("new.sqlite").display());
+    let target = SqlStore::connect(&new).await.unwrap();
+    target.migrate().await.unwrap();
+    let copied = source.copy_into(&target, &mut |_, _| {}).await.unwrap();
+    assert_eq!(source.changed_since(&copied).await.unwrap(), vec![]);
+    // The gateway goes on: a failed sign-in is written to the old database's audit trail.
+    gw.password(&gw.browser(), email, "not the password at all", "")
+        .await;
+    gw.state.audit.flush().await;
+    let changed = source.changed_since(&copied).await.unwrap();
+    assert!(
+        changed
+            .iter()
+            .any(|(table, then, now)| *table == "audit_events" && now > then),
+        "{changed:?}"
+    );
+}

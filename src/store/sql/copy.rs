@@ -176,4 +176,26 @@ impl SqlStore {
         from.rollback().await.map_err(unavailable)?;
         Ok(copied)
     }
+
+    /// The tables of `self` whose rows, counted now, are not as many as [`SqlStore::copy_into`]
+    /// copied from its snapshot: each with the count copied and the count now. Any means that
+    /// something (a gateway still running on the old database) wrote to it meanwhile, and the
+    /// copy lacks that.
+    pub async fn changed_since(
+        &self,
+        copied: &Copied,
+    ) -> StoreResult<Vec<(&'static str, u64, u64)>> {
+        let mut changed = Vec::new();
+        for &(table, then) in copied {
+            let now: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            let now = u64::try_from(now).unwrap_or(0);
+            if now != then {
+                changed.push((table, then, now));
+            }
+        }
+        Ok(changed)
+    }
 }
