@@ -10,3 +10,13 @@ if (secret) {
     sel.addRange(range);
   });
 }
+
+// A form held for a step-up goes on by itself once the step-up is done (its page says what it
+// sends; without script, its button does it).
+const held = document.querySelector("form[data-autosubmit]");
+if (held) {
+  const send = held.querySelector("button[type=submit]:not([name])");
+  const status = document.querySelector("[data-held-status]");
+  if (status) status.textContent = "Sending…";
+  held.requestSubmit(send);
+}

@@ -365,6 +365,7 @@ pub(crate) async fn guard_page(
 /// device proof as the console (see [`guard_session_pages`]).
 const SESSION_PAGES: &[&str] = &[
     "/_portcullis/account",
+    "/_portcullis/held",
     "/_portcullis/reauth",
     "/_portcullis/webauthn/register/",
     "/_portcullis/webauthn/reauth/",

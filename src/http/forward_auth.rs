@@ -322,7 +322,7 @@ async fn check(
             }
             Ok((ForwardAuth::DeviceProof, r))
         }
-        Decision::StepUp { key, reason } => {
+        Decision::StepUp { key, reason, .. } => {
             state.metrics.step_up(reason);
             let (next, back) = pages(state, &orig, headers);
             let mut r = super::gate::step_up_refusal(

@@ -244,7 +244,12 @@ pub(crate) enum Decision {
     /// proof is older than the rule allows (`reason` [`STEP_UP_REASON`]; `key`: the rule wants
     /// a security key), or a session held by the risk engine until a second factor
     /// ([`RISK_REASON`]).
-    StepUp { key: bool, reason: &'static str },
+    StepUp {
+        key: bool,
+        reason: &'static str,
+        /// The session's public id (a browser's form is held for it).
+        session: String,
+    },
 }
 
 /// How many session cookies of one request are looked at, the first included.
@@ -367,6 +372,7 @@ pub(crate) async fn decide(
         return Ok(Decision::StepUp {
             key: s.risk_hold_key,
             reason: RISK_REASON,
+            session: s.public_id.clone(),
         });
     }
     // Step 5: an action that needs a fresh proof (`[[step_up]]`).
@@ -375,6 +381,7 @@ pub(crate) async fn decide(
         return Ok(Decision::StepUp {
             key,
             reason: STEP_UP_REASON,
+            session: s.public_id.clone(),
         });
     }
     if !state.sessions.touch(&mut loaded).await? {
@@ -613,15 +620,40 @@ pub(crate) async fn proxy_request(
     peer: std::net::SocketAddr,
     req: Request,
 ) -> Response {
-    let mut own = match gate_and_forward(state, peer, req).await {
-        Ok(Answer::Upstream(r)) => return r,
+    answered(state, gate_and_forward(state, peer, req).await, false)
+}
+
+/// The answer to a gated request: the console's as it is (marked [`ConsoleAnswer`] with
+/// `mark`), or the gateway's own, hardened as its pages are (refusals, redirects to sign in,
+/// error pages when a store or the console is away).
+fn answered(state: &AppState, result: Result<Answer, AppError>, mark: bool) -> Response {
+    let mut own = match result {
+        Ok(Answer::Upstream(mut r)) => {
+            if mark {
+                r.extensions_mut().insert(ConsoleAnswer);
+            }
+            return r;
+        }
         Ok(Answer::Own(r)) => r,
         Err(e) => e.into_response(),
     };
-    // The gateway's own answers (refusals, redirects to sign in, error pages when a store or the
-    // console is away) are hardened as its pages are; the console's are its own.
     apply_security_headers(own.headers_mut(), state.config.is_https());
     own
+}
+
+/// A console's answer to a form sent from the held page ([`super::held`]): its headers are
+/// its own, not the gateway's pages'.
+#[derive(Clone, Copy)]
+pub(crate) struct ConsoleAnswer;
+
+/// Sends a held form through the gate and on to the console, as [`proxy_request`] does; the
+/// console's answer is marked [`ConsoleAnswer`].
+pub(crate) async fn forward_held(
+    state: &AppState,
+    peer: std::net::SocketAddr,
+    req: Request,
+) -> Response {
+    answered(state, gate_and_forward(state, peer, req).await, true)
 }
 
 /// The `Allow` of a `405` for a method the gateway never forwards: the methods the console is
@@ -663,7 +695,6 @@ async fn gate_and_forward(
     let decision = decide(state, peer, req.headers(), (req.method(), path)).await;
     let decision = decision.inspect_err(|_| state.metrics.proxied(Proxied::Unavailable))?;
     let browser = wants_html(req.headers()) && !is_upgrade(&req);
-    let next = || return_target(state, req.method(), &path_and_query);
     let watch;
     let token = match decision {
         Decision::Pass(token, loaded) => {
@@ -686,14 +717,28 @@ async fn gate_and_forward(
                 why,
                 browser,
                 bind,
-                (next().as_deref(), back.as_deref()),
+                (
+                    return_target(state, req.method(), &path_and_query).as_deref(),
+                    back.as_deref(),
+                ),
             )));
         }
-        Decision::StepUp { key, reason } => {
+        Decision::StepUp {
+            key,
+            reason,
+            session,
+        } => {
             state.metrics.step_up(reason);
             state.metrics.proxied(Proxied::Denied);
-            let n = next();
+            let mut n = return_target(state, req.method(), &path_and_query);
             let back = referring_page(state, req.headers());
+            // A browser's form is kept until the proof, then sent (see `held`).
+            if super::held::holdable(req.method(), req.headers(), browser) {
+                let target = (path_and_query.as_str(), back.clone());
+                if let Some(page) = super::held::hold(state, &session, target, req).await? {
+                    n = Some(page);
+                }
+            }
             let pages = (n.as_deref(), back.as_deref());
             let why = (key, reason);
             return Ok(Answer::Own(step_up_refusal(

@@ -13,6 +13,7 @@ pub mod error;
 pub mod forward_auth;
 pub mod gate;
 pub mod health;
+pub mod held;
 pub mod login;
 mod pages;
 pub mod password;
@@ -158,6 +159,7 @@ pub fn router(state: AppState) -> Router {
             "/_portcullis/enrol",
             get(enrolment::enrol_link_get).post(enrolment::enrol_link_post),
         )
+        .route(held::PATH, get(held::held_get).post(held::held_post))
         .route("/_portcullis/static/{file}", get(assets::asset))
         .route("/_portcullis/healthz", get(health::healthz_get))
         .route("/_portcullis/readyz", get(health::readyz_get))
@@ -328,6 +330,10 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
     // Readiness answers 503 by design while a store is away: no page refused.
     let probe = req.uri().path() == "/_portcullis/readyz";
     let mut resp = next.run(req).await;
+    // A held form's answer from the console ([`held`]) is the console's, headers and all.
+    if resp.extensions().get::<gate::ConsoleAnswer>().is_some() {
+        return resp;
+    }
     // Counted here, where every page's answer passes: a sign-in refused for a store that is
     // away writes no audit event to count it by.
     if resp.status() == StatusCode::SERVICE_UNAVAILABLE && !probe {

@@ -200,6 +200,10 @@ pub struct Reauth<'a> {
     /// An administrator (who cannot add a key with a code).
     pub admin: bool,
     pub error: Option<&'a str>,
+    /// A form held for this step-up, sent once it is done.
+    pub form: Option<&'a super::held::Waiting>,
+    /// Where "Cancel" goes: the page of the held form, else the start page.
+    pub cancel: &'a str,
 }
 
 #[derive(Template)]
@@ -311,4 +315,16 @@ mod tests {
         assert_eq!(v6.ip_pieces().concat(), v6.ip);
         assert_eq!(row("127.0.0.1").ip_pieces(), ["127.0.0.1"]);
     }
+}
+
+/// A form held for a step-up, ready to be sent (`/_portcullis/held`).
+#[derive(Template)]
+#[template(path = "held.html")]
+pub struct HeldForm<'a> {
+    pub csrf: &'a str,
+    pub id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The page the form was on ("Don't send" goes there).
+    pub back: &'a str,
 }

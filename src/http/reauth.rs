@@ -67,9 +67,11 @@ struct View<'a> {
 async fn page(
     state: &AppState,
     headers: &HeaderMap,
-    user: &User,
+    (loaded, user): (&Loaded, &User),
     v: View<'_>,
 ) -> Result<Response, AppError> {
+    // A form held for this step-up: said what it is, and "Cancel" goes back to its page.
+    let form = super::held::waiting(state, loaded, v.next).await?;
     let keys = match &state.keys {
         Some(k) => k.has_usable(&user.id).await?,
         None => false,
@@ -100,6 +102,8 @@ async fn page(
         codes,
         admin: user.is_admin,
         error: v.error,
+        form: form.as_ref(),
+        cancel: form.as_ref().and_then(|f| f.back.as_deref()).unwrap_or("/"),
     };
     Ok(with_cookies(render(v.status, &view), set))
 }
@@ -132,7 +136,7 @@ pub async fn reauth_get(
         status: StatusCode::OK,
         held: loaded.session.held(),
     };
-    page(&state, &headers, &user, view).await
+    page(&state, &headers, (&loaded, &user), view).await
 }
 
 #[derive(Deserialize)]
@@ -200,7 +204,7 @@ pub async fn reauth_post(
             page(
                 &state,
                 &headers,
-                &user,
+                (&loaded, &user),
                 retry(msg, StatusCode::UNAUTHORIZED),
             )
             .await
@@ -249,7 +253,8 @@ pub async fn reauth_post(
             if !wants_html(&headers) {
                 return Err(AppError::forbidden("key_required", msg));
             }
-            page(&state, &headers, &user, retry(msg, StatusCode::FORBIDDEN)).await
+            let view = retry(msg, StatusCode::FORBIDDEN);
+            page(&state, &headers, (&loaded, &user), view).await
         }
     }
 }

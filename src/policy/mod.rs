@@ -581,14 +581,19 @@ pub fn safe_return_to(candidate: &str, public_url: &Url) -> Option<String> {
     return_to(candidate, public_url, |_| false)
 }
 
-/// Like [`safe_return_to`], but also accepts the gateway's own account and admin pages: where
+/// Like [`safe_return_to`], but also accepts the gateway's own account and admin pages and the
+/// page of a form held for a step-up: where
 /// a sign-in, a step-up (`/_portcullis/reauth`) or a device proof (`/_portcullis/bind`) returns
 /// to (their own redirects to sign in name them in `next`).
 pub fn safe_return_target(candidate: &str, public_url: &Url) -> Option<String> {
     return_to(candidate, public_url, |path| {
-        ["/_portcullis/account", "/_portcullis/admin"]
-            .iter()
-            .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+        [
+            "/_portcullis/account",
+            "/_portcullis/admin",
+            "/_portcullis/held",
+        ]
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")))
     })
 }
 

@@ -27,6 +27,8 @@ pub struct Seen {
     pub uri: String,
     pub headers: Vec<(String, String)>,
     pub body_len: u64,
+    /// The body's first 64 KiB.
+    pub body: Vec<u8>,
 }
 
 impl Seen {
@@ -89,14 +91,19 @@ async fn record(State(up): State<Upstream>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let mut body = req.into_body().into_data_stream();
     let mut body_len = 0u64;
+    let mut kept = Vec::new();
     while let Some(chunk) = body.next().await {
-        body_len += chunk.map(|c| c.len() as u64).unwrap_or(0);
+        let chunk = chunk.unwrap_or_default();
+        body_len += chunk.len() as u64;
+        let room = (64 * 1024usize).saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
     up.seen.lock().unwrap().push(Seen {
         method,
         uri,
         headers,
         body_len,
+        body: kept,
     });
     if let Some(n) = path.strip_prefix("/download/") {
         let total: u64 = n.parse().unwrap_or(0);

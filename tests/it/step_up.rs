@@ -118,12 +118,30 @@ async fn sensitive_actions_need_a_recent_proof() {
         forwarded,
         "a guarded action went through"
     );
-    // A form sent from a console page: a page with a link to prove it and return to the form.
+    // A form sent from a console page is held, not lost: to the step-up page, which sends it
+    // once proven (see `a_form_stopped_for_a_step_up_is_sent_after_the_proof`).
     let r = c
         .post(gw.url("/campaigns/7/send"))
         .header("accept", "text/html")
         .header("referer", gw.url("/campaigns/new?draft=7"))
         .form(&[("recipients", "50000")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(
+        location(&r).starts_with("/_portcullis/reauth?next=%2F_portcullis%2Fheld%3Fid%3D"),
+        "{}",
+        location(&r)
+    );
+    // One it cannot hold (too large to keep) gets a page with a link to prove it and return to
+    // the form, saying it was not sent.
+    let big = "x".repeat(portcullis::http::held::HELD_MAX_BODY + 1);
+    let r = c
+        .post(gw.url("/campaigns/7/send"))
+        .header("accept", "text/html")
+        .header("referer", gw.url("/campaigns/new?draft=7"))
+        .form(&[("recipients", big.as_str())])
         .send()
         .await
         .unwrap();
@@ -514,4 +532,130 @@ async fn a_session_that_spends_its_step_up_codes_ends_and_the_owner_hears() {
         .collect();
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(told[0].contains("/_portcullis/report?t="), "{}", told[0]);
+}
+
+/// The form a browser sent while its proof was stale is held (sealed, for its session), not
+/// lost: the step-up page says what will be sent, and after the code the held page sends it
+/// through the gate exactly as it was sent, once; the console's answer is the browser's. Another
+/// session cannot send or see it, a second send finds it gone, and "Don't send" drops it.
+#[tokio::test]
+async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
+    let gw = Gateway::start_with(rules).await;
+    let (c, secret, _) = gw.signed_in("held@example.com").await;
+    assert_eq!(gw.status(&c, "/campaigns/7/edit").await, 200);
+    let sid = super::webauthn::last_claims(&gw).await.sid;
+    gw.clock.advance(6 * 60);
+    let before = gw.upstream.count();
+    let body = "subject=Hello+%C3%A9&recipients=50000&note=a%26b";
+    let r = c
+        .post(gw.url("/campaigns/7/send?draft=1"))
+        .header("accept", "text/html")
+        .header("referer", gw.url("/campaigns/7/edit"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let reauth = location(&r);
+    assert_eq!(gw.upstream.count(), before, "held, not forwarded");
+    let page = gw.page(&c, &reauth).await;
+    assert!(
+        page.contains("id=\"held-form\"") && page.contains("<code>POST /campaigns/7/send</code>"),
+        "the step-up page says what it sends: {page}"
+    );
+    assert!(page.contains("href=\"/campaigns/7/edit\">Cancel"), "{page}");
+    let next = extract(&page, "name=\"next\" value=\"", "\"").unwrap();
+    assert!(next.starts_with("/_portcullis/held?id="), "{next}");
+    // The held record is sealed: nothing of the form is readable in the store.
+    let sealed = gw
+        .state
+        .ephemeral
+        .get(&format!("held:{sid}"))
+        .await
+        .unwrap();
+    let sealed = String::from_utf8_lossy(&sealed.expect("held for the session")).into_owned();
+    assert!(!sealed.contains("recipients") && !sealed.contains("campaigns"));
+    // Another signed-in user's session cannot see or send it.
+    let (other, _, _) = gw.signed_in("other@example.com").await;
+    assert_eq!(gw.status(&other, &next).await, 410);
+    let csrf = gw.csrf(&other, "/_portcullis/account").await;
+    let id = next.split("id=").nth(1).unwrap().to_string();
+    let r = other
+        .post(gw.url("/_portcullis/held"))
+        .form(&[("csrf", csrf.as_str()), ("id", id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    assert_eq!(gw.upstream.count(), before);
+    // The owner confirms with a code: on to the held page, which sends the form.
+    gw.clock.advance(30);
+    let code = gw.totp_now(&secret);
+    let csrf = extract(&page, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = c
+        .post(gw.url("/_portcullis/reauth"))
+        .form(&[("code", code.as_str()), ("csrf", &csrf), ("next", &next)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), next);
+    let held = gw.page(&c, &next).await;
+    assert!(held.contains("POST /campaigns/7/send") && held.contains("data-autosubmit"));
+    let csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
+    let send = || {
+        c.post(gw.url("/_portcullis/held"))
+            .header("accept", "text/html")
+            .form(&[("csrf", csrf.as_str()), ("id", id.as_str())])
+            .send()
+    };
+    let r = send().await.unwrap();
+    assert_eq!(r.status(), 200, "the console's answer");
+    assert!(
+        r.headers().get("content-security-policy").is_none(),
+        "the console's own headers"
+    );
+    assert_eq!(gw.upstream.count(), before + 1);
+    let seen = gw.upstream.last();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.uri, "/campaigns/7/send?draft=1");
+    assert_eq!(seen.body, body.as_bytes());
+    assert_eq!(
+        seen.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    // With the identity of the session, fresh proof and all.
+    let claims = super::webauthn::last_claims(&gw).await;
+    assert_eq!(claims.amr, vec!["pwd", "otp"]);
+    // Sent once: again (a reload, a second click) finds it gone.
+    assert_eq!(send().await.unwrap().status(), 410);
+    assert_eq!(gw.upstream.count(), before + 1);
+
+    // "Don't send" drops a held form and goes back to its page.
+    gw.clock.advance(6 * 60);
+    let r = c
+        .post(gw.url("/campaigns/8/send"))
+        .header("accept", "text/html")
+        .header("referer", gw.url("/campaigns/8/edit"))
+        .form(&[("recipients", "1")])
+        .send()
+        .await
+        .unwrap();
+    let next = location(&r);
+    let next = next.split("next=").nth(1).unwrap();
+    let next = percent_encoding::percent_decode_str(next)
+        .decode_utf8()
+        .unwrap()
+        .to_string();
+    let id = next.split("id=").nth(1).unwrap().to_string();
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let r = c
+        .post(gw.url("/_portcullis/held"))
+        .form(&[("csrf", csrf.as_str()), ("id", id.as_str()), ("drop", "1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/campaigns/8/edit");
+    assert_eq!(gw.status(&c, &next).await, 410);
+    assert_eq!(gw.upstream.count(), before + 1, "dropped, never sent");
 }

@@ -1,0 +1,298 @@
+//! Forms held for a step-up: a browser's form (a `POST`, `PUT`, `PATCH` or `DELETE` it sent to
+//! the console) that a `[[step_up]]` rule or the risk engine's hold stopped is kept, sealed
+//! under the master key in the ephemeral store, one per session for [`HELD_TTL`], instead of
+//! being lost. The browser goes to `/_portcullis/reauth`, which says what will be sent; after
+//! the proof, `GET /_portcullis/held?id=…` shows it once more with a button (the page's script
+//! presses it), and `POST /_portcullis/held` sends it through the gate, as the browser sent it,
+//! with the session's fresh proof: the console's answer is the browser's. A form held is sent
+//! at most once (the record is taken), only by the session that sent it, and only while it
+//! passes the gate (a proof that went stale again holds it again). Forward-auth mode cannot
+//! hold a form (the proxy in front has its body) and answers as before.
+
+use axum::extract::{ConnectInfo, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::error::{wants_html, AppError};
+use super::login::{check_csrf, csrf_token, current_session, with_cookies};
+use super::pages::{self, render};
+use super::{see_other, Form, Peer};
+use crate::session::Loaded;
+use crate::state::AppState;
+
+/// The held form's page, and where the form is sent from.
+pub const PATH: &str = "/_portcullis/held";
+/// How long a held form waits for its step-up.
+pub const HELD_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+/// The largest form body held (a larger one is refused as before, with the advice to go back).
+pub const HELD_MAX_BODY: usize = 1024 * 1024;
+
+/// A held form, as sealed in the ephemeral store.
+#[derive(Serialize, Deserialize)]
+struct Held {
+    /// The id in the held page's address: names this form, not an earlier one of the session.
+    id: String,
+    method: String,
+    /// Path (canonical) and query, as the gate forwards it.
+    target: String,
+    content_type: Option<String>,
+    /// The body, base64.
+    body: String,
+    /// The page the form was on, if known: where "Don't send" goes.
+    back: Option<String>,
+}
+
+fn key(session_public_id: &str) -> String {
+    format!("held:{session_public_id}")
+}
+
+fn context(session_public_id: &str) -> String {
+    format!("held-form:{session_public_id}")
+}
+
+/// Whether a request the gate refused for a step-up may be held: a browser's form (not a read,
+/// not a WebSocket) with a body that is not encoded (`Content-Encoding`).
+pub(crate) fn holdable(method: &Method, headers: &HeaderMap, browser: bool) -> bool {
+    browser
+        && !super::gate::is_read(method)
+        && *method != Method::OPTIONS
+        && !headers.contains_key(header::CONTENT_ENCODING)
+}
+
+/// Holds `req` (its body read, up to [`HELD_MAX_BODY`]) for the session `session_public_id`,
+/// replacing any form it held before; returns the held page's address (`next` for the step-up),
+/// or `None` when the body is too large or broke off (the caller answers as for a form it cannot
+/// hold).
+pub(crate) async fn hold(
+    state: &AppState,
+    session_public_id: &str,
+    (target, back): (&str, Option<String>),
+    req: Request,
+) -> Result<Option<String>, AppError> {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, HELD_MAX_BODY).await else {
+        return Ok(None);
+    };
+    let id = crate::crypto::random_token(16);
+    let held = Held {
+        id: id.clone(),
+        method: parts.method.as_str().to_string(),
+        target: target.to_string(),
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        body: STANDARD.encode(&body),
+        back,
+    };
+    let plain =
+        zeroize::Zeroizing::new(serde_json::to_vec(&held).map_err(|e| AppError::internal(&e))?);
+    let sealed = state
+        .master_key
+        .seal(&context(session_public_id), &plain)
+        .map_err(|e| AppError::internal(&e))?;
+    state
+        .ephemeral
+        .put(&key(session_public_id), &sealed, HELD_TTL)
+        .await?;
+    Ok(Some(format!("{PATH}?id={id}")))
+}
+
+/// What the step-up page says of a form held for it: the method and the path it goes to, and
+/// where "Cancel" goes (the page the form was on).
+pub(crate) struct Waiting {
+    pub method: String,
+    pub path: String,
+    pub back: Option<String>,
+}
+
+/// The form held for `loaded`'s session under `id` (the id in `next`, the held page's
+/// address), if `next` is that page and the form still waits.
+pub(crate) async fn waiting(
+    state: &AppState,
+    loaded: &Loaded,
+    next: &str,
+) -> Result<Option<Waiting>, AppError> {
+    let Some(id) = id_in(next) else {
+        return Ok(None);
+    };
+    Ok(read(state, loaded, &id, false).await?.map(|h| Waiting {
+        path: h.target.split('?').next().unwrap_or_default().to_string(),
+        method: h.method,
+        back: h.back,
+    }))
+}
+
+/// The `id` of a held page's address.
+fn id_in(next: &str) -> Option<String> {
+    let query = next.strip_prefix(PATH)?.strip_prefix('?')?;
+    super::query_param(&Some(query.to_string()), "id").filter(|id| plausible_id(id))
+}
+
+fn plausible_id(id: &str) -> bool {
+    id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The session's held form if its id is `id`; taken (so sent at most once) with `take`.
+async fn read(
+    state: &AppState,
+    loaded: &Loaded,
+    id: &str,
+    take: bool,
+) -> Result<Option<Held>, AppError> {
+    let public = &loaded.session.public_id;
+    let sealed = if take {
+        // Only the form this page names: an earlier page's id takes nothing of a newer form.
+        match state.ephemeral.get(&key(public)).await? {
+            Some(s) if opened(state, public, &s).is_some_and(|h| h.id == id) => {
+                state.ephemeral.take(&key(public)).await?
+            }
+            _ => None,
+        }
+    } else {
+        state.ephemeral.get(&key(public)).await?
+    };
+    Ok(sealed
+        .and_then(|s| opened(state, public, &s))
+        .filter(|h| h.id == id))
+}
+
+fn opened(state: &AppState, session_public_id: &str, sealed: &[u8]) -> Option<Held> {
+    let plain = state
+        .master_key
+        .open(&context(session_public_id), sealed)
+        .ok()?;
+    serde_json::from_slice(&plain).ok()
+}
+
+/// The session of a request to the held page: complete, or `None`.
+async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Option<Loaded>, AppError> {
+    Ok(current_session(state, headers)
+        .await?
+        .filter(|l| l.session.is_authenticated()))
+}
+
+fn gone(back: &str) -> AppError {
+    AppError {
+        action: Some((back.to_string(), "Back to the console")),
+        ..AppError::new(
+            StatusCode::GONE,
+            "held_form_gone",
+            "This form was sent already, or it waited more than 10 minutes and was dropped. \
+             Go back to the console and send it again if it was not sent: your browser's Back \
+             button may bring it back as you filled it in.",
+        )
+    }
+}
+
+/// `GET /_portcullis/held?id=…`: the held form, once the step-up is done: what it is and a
+/// button that sends it (pressed by the page's script; "Don't send" drops it).
+pub async fn held_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
+    let id = super::query_param(&q, "id").unwrap_or_default();
+    let Some(loaded) = signed_in(&state, &headers).await? else {
+        return Ok(see_other(super::gate::LOGIN_PATH));
+    };
+    let held = match plausible_id(&id) {
+        true => read(&state, &loaded, &id, false).await?,
+        false => None,
+    };
+    let Some(held) = held else {
+        return Err(gone("/"));
+    };
+    let (csrf, set) = csrf_token(&state, &headers);
+    let path = held.target.split('?').next().unwrap_or_default();
+    let page = pages::HeldForm {
+        csrf: &csrf,
+        id: &id,
+        method: &held.method,
+        path,
+        back: held.back.as_deref().unwrap_or("/"),
+    };
+    Ok(with_cookies(render(StatusCode::OK, &page), set))
+}
+
+#[derive(Deserialize)]
+pub struct SendForm {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    csrf: String,
+    /// "Don't send": drop the form and go back to its page.
+    #[serde(default)]
+    drop: Option<String>,
+}
+
+/// `POST /_portcullis/held` `id, csrf[, drop]`: sends the held form through the gate (the
+/// console's answer is this request's), or drops it.
+pub async fn held_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<SendForm>,
+) -> Result<Response, AppError> {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let Some(loaded) = signed_in(&state, &headers).await? else {
+        if !wants_html(&headers) {
+            return Err(super::webauthn::no_session());
+        }
+        return Ok(see_other(super::gate::LOGIN_PATH));
+    };
+    let held = match plausible_id(&form.id) {
+        true => read(&state, &loaded, &form.id, true).await?,
+        false => None,
+    };
+    let Some(held) = held else {
+        return Err(gone("/"));
+    };
+    if form.drop.is_some() {
+        return Ok(see_other(held.back.as_deref().unwrap_or("/")));
+    }
+    let req = rebuilt(&held, &headers, peer)?;
+    Ok(super::gate::forward_held(&state, peer, req).await)
+}
+
+/// The held form as a request of this browser: its method, target, type and body, with the
+/// headers of the request that sends it (its cookies prove the session and the device; its
+/// `Origin` is the gateway's own page).
+fn rebuilt(
+    held: &Held,
+    headers: &HeaderMap,
+    peer: std::net::SocketAddr,
+) -> Result<Request, AppError> {
+    let body = STANDARD
+        .decode(&held.body)
+        .map_err(|e| AppError::internal(&e))?;
+    let method = Method::from_bytes(held.method.as_bytes()).map_err(|e| AppError::internal(&e))?;
+    let mut req = Request::builder()
+        .method(method)
+        .uri(held.target.as_str())
+        .body(axum::body::Body::from(body.clone()))
+        .map_err(|e| AppError::internal(&e))?;
+    let h = req.headers_mut();
+    for (name, value) in headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            h.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(t) = held
+        .content_type
+        .as_deref()
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        h.insert(header::CONTENT_TYPE, t);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    req.extensions_mut().insert(ConnectInfo(peer));
+    Ok(req)
+}
