@@ -319,14 +319,25 @@ fn has_identity_prefix(name: &str) -> bool {
                 "x-amzn-oidc-",
                 "x-apigateway-api-userinfo",
                 "x-arr-clientcert",
+                "x-arr-ssl",
                 "x-azure-clientip",
+                "x-azure-socketip",
                 "x-appengine-user-",
+                // Claims of a proof the console might read: only the token carries them.
+                "x-amr",
+                "x-acr",
+                "x-auth-time",
+                "x-admin",
             ]),
             b'c' => any(&[
                 "x-consumer-",
                 "x-credential-",
                 "x-client-cert",
                 "x-client-verify",
+                "x-client-dn",
+                "x-client-cn",
+                "x-client-scheme",
+                "x-custom-ip-",
             ]),
             b'e' => any(&[
                 "x-envoy-original-",
@@ -336,20 +347,40 @@ fn has_identity_prefix(name: &str) -> bool {
             ]),
             b'g' => any(&["x-goog-authenticated-user-", "x-goog-iap-"]),
             b'h' => any(&["x-hasura-"]),
-            b'i' => any(&["x-impersonate-"]),
+            b'i' => any(&["x-impersonate-", "x-iap-"]),
             b'j' => any(&["x-jwt-"]),
             b'k' => any(&["x-kong-"]),
-            b'm' => any(&["x-ms-client-principal", "x-ms-token-", "x-mellon-"]),
-            b'o' => any(&["x-oidc-", "x-original-forwarded-"]),
-            b'p' => any(&["x-pomerium-"]),
-            b'r' => any(&["x-remote-", "x-real-user"]),
-            b's' => any(&["x-ssl-client-", "x-sudo-user", "x-shib-", "x-saml-"]),
-            b'v' => any(&["x-vouch-"]),
+            b'm' => any(&["x-ms-client-principal", "x-ms-token-", "x-mellon-", "x-mfa"]),
+            b'o' => any(&[
+                "x-oidc-",
+                "x-original-forwarded-",
+                "x-original-remote-",
+                "x-originating-ip",
+            ]),
+            b'p' => any(&["x-pomerium-", "x-proxyuser-"]),
+            b'r' => any(&["x-remote-", "x-real-user", "x-role"]),
+            b's' => any(&[
+                "x-ssl-client-",
+                "x-ssl-cert",
+                "x-sudo-user",
+                "x-shib-",
+                "x-saml-",
+                "x-scheme",
+                "x-step-up",
+                "x-sid",
+            ]),
+            b'v' => any(&["x-vouch-", "x-vercel-forwarded-"]),
             b'w' => any(&["x-webauth-"]),
             _ => false,
         },
         [b't', ..] => name.starts_with("tailscale-user-"),
-        [b'c', ..] => name.starts_with("cf-access-") || name == "client-ip",
+        [b'c', ..] => {
+            name.starts_with("cf-access-")
+                || name == "client-ip"
+                || name.starts_with("cloudfront-viewer-")
+                || name == "cloudfront-forwarded-proto"
+        }
+        [b'p', ..] => name == "proxy-remote-user",
         [b'r', ..] => name.starts_with("remote-"),
         [b'o', ..] => name.starts_with("oidc-"),
         [b'g', ..] => name.starts_with("gap-"),
@@ -358,7 +389,9 @@ fn has_identity_prefix(name: &str) -> bool {
         [b'a', ..] => name == "auth-user" || name == "akamai-client-ip",
         [b'm', ..] => name.starts_with("mellon-"),
         [b'e', ..] => name == "eppn",
-        [b'f', ..] => name == "front-end-https",
+        [b'f', ..] => {
+            name == "front-end-https" || name == "forwarded-for" || name == "fly-client-ip"
+        }
         _ => false,
     }
 }
