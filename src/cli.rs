@@ -107,12 +107,17 @@ pub enum StorageCmd {
 #[derive(Subcommand, Debug)]
 pub enum UserCmd {
     /// Create a user; the password is read from standard input (never from the command line).
+    /// With --no-password none is read or set: the user sets one through an enrolment link
+    /// (`user enrol-link`), so nobody who learns a password first can set up the second factor.
     Add {
         email: String,
         #[arg(long)]
         account: String,
         #[arg(long)]
         admin: bool,
+        /// Create the user without a password (then give them `user enrol-link`).
+        #[arg(long)]
+        no_password: bool,
     },
     /// List users.
     List {
@@ -1029,6 +1034,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             email,
             account,
             admin,
+            no_password,
         }) => {
             let email = new_user_email(durable.as_ref(), &email).await?;
             if admin {
@@ -1041,10 +1047,15 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             if durable.user_by_email(&email).await?.is_some() {
                 bail!("already exists: a user with email {email} exists");
             }
-            let password = read_password()?;
-            check_policy(password.expose(), &config.password, &email)?;
-            let hasher = PasswordHasher::new(&config.password)?;
-            let hash = hasher.hash(&password).await?;
+            // No password: none until the user sets one through an enrolment link.
+            let hash = if no_password {
+                String::new()
+            } else {
+                let password = read_password()?;
+                check_policy(password.expose(), &config.password, &email)?;
+                let hasher = PasswordHasher::new(&config.password)?;
+                hasher.hash(&password).await?
+            };
             let user = durable
                 .create_user(
                     NewUser {
@@ -1066,7 +1077,14 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 user.account_id,
                 if user.is_admin { " as admin" } else { "" }
             );
-            if user.is_admin {
+            if no_password {
+                say!(
+                    "no password is set: give the user an enrolment link (portcullis user \
+                     enrol-link {}); through it they choose a password and set up their second \
+                     factor",
+                    user.email
+                );
+            } else if user.is_admin {
                 say!("at first sign-in the admin must register a security key (admins sign in with one)");
             } else if config
                 .webauthn

@@ -342,19 +342,12 @@ pub async fn report_post(
         )
         .await?;
     if dropped != DroppedFactors::default() {
-        let mut what = Vec::new();
-        if dropped.totp {
-            what.push("totp".to_string());
-        }
-        if dropped.recovery_codes > 0 {
-            what.push(format!("{} recovery codes", dropped.recovery_codes));
-        }
         state
             .audit
             .record(
                 AuditEvent::new("second_factors_dropped", "success", now)
                     .user(&user)
-                    .reason(&format!("sign_in_reported: {}", what.join(", "))),
+                    .reason(&format!("sign_in_reported: {}", dropped.describe())),
             )
             .await;
     }

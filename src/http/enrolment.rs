@@ -196,6 +196,7 @@ pub async fn enrol_link_post(
         state.audit.record(ev).await;
     }
     end_current_session(&state, &headers).await?;
+    settle_before_link(&state, &user, &link).await?;
     let session = state
         .login
         .link_enrolment_session(&user, link.key_only, set_password, &client)
@@ -205,4 +206,40 @@ pub async fn enrol_link_post(
         see_other("/_portcullis/enrol/totp"),
         [state.sessions.set_cookie(&id)],
     ))
+}
+
+/// What the owner's use of an enrolment link undoes: every other session of the account ends
+/// (the link sets the account up afresh: whoever signed in before it, with a password learnt
+/// meanwhile, is out), and an authenticator app or recovery codes set up since the link was
+/// issued go (whoever knew the password could set up the first factor before the owner came:
+/// those would be theirs). The owner sets up the factor and gets new recovery codes through the
+/// link. A factor older than the link (an owner adding one) is kept.
+async fn settle_before_link(
+    state: &AppState,
+    user: &User,
+    link: &EnrolmentLink,
+) -> Result<(), AppError> {
+    let now = state.clock.now();
+    // Every session and sign-in begun before this instant (the link's own begins after it).
+    let before = state.clock.now_millis().saturating_sub(1);
+    state.durable.void_sessions(&user.id, before).await?;
+    let ended = state.sessions.destroy_all(&user.id).await?;
+    state.user_gate.forget(&user.id);
+    let dropped = state
+        .durable
+        .drop_factors_since(&user.id, link.created_at, now)
+        .await?;
+    if ended > 0 {
+        let ev = AuditEvent::new("session_ended", "success", now)
+            .user(user)
+            .reason(&format!("enrolment_link_used: {ended} sessions"));
+        state.audit.record(ev).await;
+    }
+    if dropped != crate::store::DroppedFactors::default() {
+        let ev = AuditEvent::new("second_factors_dropped", "success", now)
+            .user(user)
+            .reason(&format!("enrolment_link_used: {}", dropped.describe()));
+        state.audit.record(ev).await;
+    }
+    Ok(())
 }

@@ -102,6 +102,20 @@ pub struct DroppedFactors {
     pub recovery_codes: u64,
 }
 
+impl DroppedFactors {
+    /// What went, for an audit event's reason: `totp, 10 recovery codes`.
+    pub fn describe(&self) -> String {
+        let mut what = Vec::new();
+        if self.totp {
+            what.push("totp".to_string());
+        }
+        if self.recovery_codes > 0 {
+            what.push(format!("{} recovery codes", self.recovery_codes));
+        }
+        what.join(", ")
+    }
+}
+
 /// A browser that completed a sign-in, recognised again by its device cookie.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {

@@ -527,7 +527,10 @@ async fn continue_from_link(
 async fn an_enrolment_link_keeps_the_recovery_codes_an_account_holds() {
     let gw = gateway().await;
     let email = "keeps-codes@example.com";
+    // The factors are older than the link (the command line issues it by the system's clock).
+    gw.clock.advance(-120);
     let (_, _, codes) = gw.signed_in(email).await;
+    gw.clock.advance(120);
     let user = gw.user(email).await;
     let left = gw
         .state
@@ -2070,4 +2073,81 @@ async fn an_admin_form_without_a_session_goes_to_sign_in_and_back() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(!gw.user("target@example.com").await.disabled);
+}
+
+/// Someone who learnt the password of a user created with one sets up the second factor before
+/// the owner uses their enrolment link: the owner's use of the link ends that person's session
+/// and takes away the app and recovery codes they set up, so the owner's account is the
+/// owner's alone. `user add --no-password` leaves no such window: the password alone signs in
+/// to nothing until the link sets it.
+#[tokio::test]
+async fn an_enrolment_link_takes_back_what_a_password_thief_set_up_first() {
+    let gw = gateway().await;
+    let email = "provisioned@example.com";
+    let out = gw
+        .cli(
+            &["user", "add", email, "--account", "acct-3"],
+            Some("Cobalt-Lantern-5521!\n"),
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = enrol_link(&gw, email).await;
+    gw.clock.advance(5);
+    // The thief, with the password only, sets up an app and keeps the recovery codes.
+    let thief = gw.browser();
+    let r = gw.password(&thief, email, "Cobalt-Lantern-5521!", "").await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let (thief_secret, _) = gw.enrol_app(&thief).await;
+    let (thief_codes, _) = gw.save_recovery_codes(&thief).await;
+    assert_eq!(gw.status(&thief, "/inbox").await, 200);
+    // The owner uses the link: a new app, and recovery codes of the owner's own.
+    gw.clock.advance(30);
+    let (owner, _, r) = open_enrolment_link(&gw, &path).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    gw.enrol_app(&owner).await;
+    let (owner_codes, _) = gw.save_recovery_codes(&owner).await;
+    assert!(owner_codes.iter().all(|c| !thief_codes.contains(c)));
+    assert_eq!(gw.status(&owner, "/inbox").await, 200);
+    // The thief's session is over, and neither the thief's app nor codes sign in.
+    assert_ne!(gw.status(&thief, "/inbox").await, 200);
+    gw.clock.advance(30);
+    for code in [gw.totp_now(&thief_secret), thief_codes[0].clone()] {
+        let c = gw.browser();
+        let r = gw.password(&c, email, "Cobalt-Lantern-5521!", "").await;
+        assert_eq!(location(&r), "/_portcullis/mfa");
+        assert_eq!(gw.code(&c, "/_portcullis/mfa", &code).await.status(), 401);
+    }
+    gw.state.audit.flush().await;
+    assert!(gw
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event == "second_factors_dropped"
+            && e.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("enrolment_link_used"))));
+
+    // Created without a password: the password sign-in has nothing to check until the link.
+    let email = "no-password@example.com";
+    let out = gw
+        .cli(
+            &["user", "add", email, "--account", "acct-3", "--no-password"],
+            None,
+        )
+        .await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("enrol-link"),
+        "{said}"
+    );
+    let r = gw.password(&gw.browser(), email, "", "").await;
+    assert_ne!(location(&r), "/_portcullis/enrol/totp");
+    let path = enrol_link(&gw, email).await;
+    let c = gw.browser();
+    let r = use_link(&gw, &c, &path, NEW_PASSWORD).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
 }
