@@ -125,6 +125,15 @@ async function attempt(first) {
   return post("refresh", { proof: p });
 }
 
+// Proven: on to the page asked for. The page says so first, with its link: a download (a list
+// export) is saved without leaving it.
+function onward(delay) {
+  const status = section.querySelector("[data-binding-status]");
+  status.textContent = "This browser is confirmed. Continuing…";
+  section.querySelector("[data-binding-continue]").hidden = false;
+  setTimeout(() => location.replace(section.dataset.next || "/"), delay);
+}
+
 function show(message) {
   section.querySelector("[data-binding-status]").hidden = true;
   const e = section.querySelector("[data-binding-error]");
@@ -139,11 +148,11 @@ async function run() {
     if (r.status === 409 && r.json.error === "challenge_stale") r = await attempt(false);
     // Bound a moment ago by the browser's own DBSC registration: its cookie is on its way.
     if (r.status === 409 && r.json.error === "already_bound") {
-      setTimeout(() => location.replace(section.dataset.next || "/"), 500);
+      onward(500);
       return;
     }
     if (r.status === 200) {
-      location.replace(section.dataset.next || "/");
+      onward(0);
       return;
     }
     show(r.json.message || `The device check failed (${r.status}). Sign in again.`);
@@ -172,5 +181,8 @@ async function remembered() {
   }
 }
 
+// The status line speaks of a proof only where script runs to make it (hidden otherwise, so
+// the page without script shows only why it cannot go on).
+if (section) section.querySelector("[data-binding-status]").hidden = false;
 if (section && section.dataset.binding === "remembered") remembered();
 else if (section) run();

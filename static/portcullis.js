@@ -20,3 +20,11 @@ if (held) {
   if (status) status.textContent = "Sending…";
   held.requestSubmit(send);
 }
+
+// After a step-up: on to the page it was for, the confirmation left out of the history. A
+// download leaves this page in place, saying it is done.
+const onward = document.querySelector("[data-continue]");
+if (onward) {
+  const next = onward.dataset.continue || "/";
+  if (next.startsWith("/") && !next.startsWith("//")) location.replace(next);
+}

@@ -354,7 +354,7 @@ pub fn check_policy(
         .any(|part| part.chars().count() >= 4 && lower.contains(part))
     {
         return Err(PolicyViolation(
-            "Don't use your email address in your password.".into(),
+            "Don't use your email address, or the name before its @, in your password.".into(),
         ));
     }
     if super::common::is_common(password) {

@@ -238,8 +238,9 @@ pub(crate) enum Decision {
     Pass(HeaderValue, Cached),
     /// No such session; `clear_cookie` when the cookie named a session that is no more.
     Refuse { clear_cookie: bool },
-    /// A complete session without a valid device proof (`binding.enabled`).
-    Unbound(super::binding::Unbound),
+    /// A complete session without a valid device proof (`binding.enabled`); with the session's
+    /// public id (a browser's form is held for it).
+    Unbound(super::binding::Unbound, String),
     /// A complete, proven session asking for an action a `[[step_up]]` rule guards, whose last
     /// proof is older than the rule allows (`reason` [`STEP_UP_REASON`]; `key`: the rule wants
     /// a security key), or a session held by the risk engine until a second factor
@@ -363,7 +364,7 @@ pub(crate) async fn decide(
         if let Some(why) =
             super::binding::check(state, loaded.record(), headers, &context, client).await?
         {
-            return Ok(Decision::Unbound(why));
+            return Ok(Decision::Unbound(why, loaded.session.public_id.clone()));
         }
     }
     // Step 4: a session the risk engine holds until a second factor.
@@ -641,6 +642,26 @@ fn answered(state: &AppState, result: Result<Answer, AppError>, mark: bool) -> R
     own
 }
 
+/// Where a refused request goes on to after the proof it waits for: a browser's form, held
+/// ([`super::held`]), to the page that sends it; a read, back to itself; anything else nowhere
+/// (its answer names the page it came from).
+async fn held_or_back(
+    state: &AppState,
+    session: &str,
+    (path_and_query, back): (&str, &Option<String>),
+    browser: bool,
+    req: Request,
+) -> Result<Option<String>, AppError> {
+    let read = return_target(state, req.method(), path_and_query);
+    if !super::held::holdable(req.method(), req.headers(), browser) {
+        return Ok(read);
+    }
+    let target = (path_and_query, back.clone());
+    Ok(super::held::hold(state, session, target, req)
+        .await?
+        .or(read))
+}
+
 /// A console's answer to a form sent from the held page ([`super::held`]): its headers are
 /// its own, not the gateway's pages'.
 #[derive(Clone, Copy)]
@@ -659,6 +680,20 @@ pub(crate) async fn forward_held(
 /// The `Allow` of a `405` for a method the gateway never forwards: the methods the console is
 /// sent (any other, `CONNECT` and `TRACE` aside, is forwarded too).
 const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// The answer to `CONNECT`, `TRACE` or `TRACK` for the console: never forwarded, whoever asks
+/// (`405` with the methods that are).
+fn unforwarded_method() -> Response {
+    let mut r = AppError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "The gateway does not forward this method (CONNECT, TRACE, TRACK) to the console.",
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+    r
+}
 
 /// What a proxied request is answered with: the console's answer, or the gateway's own.
 enum Answer {
@@ -686,6 +721,11 @@ async fn gate_and_forward(
     }
     cross_site_write(state, req.method(), req.headers())
         .inspect_err(|_| state.metrics.proxied(Proxied::Denied))?;
+    // A method the console is never sent is refused as such, session or not.
+    if crate::proxy::never_forwarded(req.method()) {
+        state.metrics.proxied(Proxied::Denied);
+        return Ok(Answer::Own(unforwarded_method()));
+    }
     let path_len = canonical.len();
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{canonical}?{q}"),
@@ -707,20 +747,27 @@ async fn gate_and_forward(
             });
             token
         }
-        Decision::Unbound(why) => {
+        Decision::Unbound(why, session) => {
             state.metrics.step_up("device_proof_required");
             state.metrics.proxied(Proxied::Denied);
             let bind = super::binding::BIND_PATH;
             let back = referring_page(state, req.headers());
+            // A browser's form is kept until this browser has proven itself again (a bound
+            // cookie that ran out while the form was being filled in), then sent; never for a
+            // proof that failed.
+            let provable = !matches!(why, super::binding::Unbound::Failed { .. });
+            let n = match provable {
+                true => {
+                    held_or_back(state, &session, (&path_and_query, &back), browser, req).await?
+                }
+                false => return_target(state, req.method(), &path_and_query),
+            };
             return Ok(Answer::Own(super::binding::refusal(
                 state,
                 why,
                 browser,
                 bind,
-                (
-                    return_target(state, req.method(), &path_and_query).as_deref(),
-                    back.as_deref(),
-                ),
+                (n.as_deref(), back.as_deref()),
             )));
         }
         Decision::StepUp {
@@ -730,15 +777,9 @@ async fn gate_and_forward(
         } => {
             state.metrics.step_up(reason);
             state.metrics.proxied(Proxied::Denied);
-            let mut n = return_target(state, req.method(), &path_and_query);
             let back = referring_page(state, req.headers());
             // A browser's form is kept until the proof, then sent (see `held`).
-            if super::held::holdable(req.method(), req.headers(), browser) {
-                let target = (path_and_query.as_str(), back.clone());
-                if let Some(page) = super::held::hold(state, &session, target, req).await? {
-                    n = Some(page);
-                }
-            }
+            let n = held_or_back(state, &session, (&path_and_query, &back), browser, req).await?;
             let pages = (n.as_deref(), back.as_deref());
             let why = (key, reason);
             return Ok(Answer::Own(step_up_refusal(
@@ -819,15 +860,7 @@ async fn gate_and_forward(
         Err(e @ crate::proxy::ProxyError::MethodNotAllowed) => {
             state.metrics.proxied(Proxied::Denied);
             tracing::info!(error = %e, "CONNECT or TRACE to the console refused");
-            let mut r = AppError::new(
-                e.status(),
-                "method_not_allowed",
-                "The gateway does not forward this method (CONNECT, TRACE, TRACK) to the console.",
-            )
-            .into_response();
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
-            Ok(Answer::Own(r))
+            Ok(Answer::Own(unforwarded_method()))
         }
         Err(e) => {
             state.metrics.proxied(Proxied::Unavailable);

@@ -1,10 +1,11 @@
-//! Forms held for a step-up: a browser's form (a `POST`, `PUT`, `PATCH` or `DELETE` it sent to
-//! the console) that a `[[step_up]]` rule or the risk engine's hold stopped is kept, sealed
-//! under the master key in the ephemeral store, one per session for [`HELD_TTL`], instead of
-//! being lost. The browser goes to `/_portcullis/reauth`, which says what will be sent; after
-//! the proof, `GET /_portcullis/held?id=…` shows it once more with a button (the page's script
-//! presses it), and `POST /_portcullis/held` sends it through the gate, as the browser sent it,
-//! with the session's fresh proof: the console's answer is the browser's. A form held is sent
+//! Forms held for a proof: a browser's form (a `POST`, `PUT`, `PATCH` or `DELETE` it sent to
+//! the console) that a `[[step_up]]` rule, the risk engine's hold or a device proof to renew (a
+//! bound cookie that ran out while the form was filled in) stopped is kept, sealed under the
+//! master key in the ephemeral store, one per session for [`HELD_TTL`], instead of being lost.
+//! The browser goes to `/_portcullis/reauth`, which says what will be sent, or to the device
+//! check; after the proof, `GET /_portcullis/held?id=…` shows it once more with a button (the
+//! page's script presses it), and `POST /_portcullis/held` sends it through the gate, as the
+//! browser sent it, with the session's fresh proof: the console's answer is the browser's. A form held is sent
 //! at most once (the record is taken), only by the session that sent it, and only while it
 //! passes the gate (a proof that went stale again holds it again). Forward-auth mode cannot
 //! hold a form (the proxy in front has its body) and answers as before.

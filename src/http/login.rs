@@ -687,8 +687,9 @@ pub(super) async fn second_factor_failed(
         email = user.email
     );
     let advice = "If it was NOT you, someone knows your password. Open this link now: it ends every session\n\
-         of your account and locks password sign-in until your administrator restores it; then\n\
-         change your password:";
+         of your account, suspends security keys and removes an authenticator app or recovery\n\
+         codes added in the meantime, and locks password sign-in until your administrator\n\
+         restores it; then change your password:";
     let subject = format!("Someone may know your password on {host}");
     tell_owner_hourly(
         state,

@@ -147,6 +147,7 @@ pub fn router(state: AppState) -> Router {
             "/_portcullis/reauth",
             get(reauth::reauth_get).post(reauth::reauth_post),
         )
+        .route(reauth::DONE, get(reauth::done_get))
         .route(
             "/_portcullis/webauthn/reauth/start",
             post(reauth::key_start),
@@ -191,12 +192,41 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn method_not_allowed() -> AppError {
+/// A known address asked with a method it does not take. A browser opening an address that
+/// only takes forms (the address bar after a refused form, a bookmark, a reload) is sent to the
+/// page the form is on; anything else gets `405`.
+async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    if gate::is_read(&method) && error::wants_html(&headers) {
+        if let Some(page) = page_of_action(uri.path()) {
+            return see_other(&page);
+        }
+    }
     AppError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "This address does not take that kind of request.",
     )
+    .into_response()
+}
+
+/// The page whose forms post to the gateway address `path`: the account page's, an admin user's
+/// page's, the admin console's.
+fn page_of_action(path: &str) -> Option<String> {
+    if path.starts_with("/_portcullis/account/") {
+        return Some("/_portcullis/account".into());
+    }
+    let rest = path.strip_prefix("/_portcullis/admin/")?;
+    match rest.strip_prefix("users/") {
+        Some(user) => match user.split_once('/') {
+            Some((id, _)) if !id.is_empty() => Some(format!("/_portcullis/admin/users/{id}")),
+            _ => Some("/_portcullis/admin/users".into()),
+        },
+        None => Some("/_portcullis/admin".into()),
+    }
 }
 
 /// The gateway as one service, the only one the listener serves: [`front`] for every request,

@@ -328,3 +328,10 @@ pub struct HeldForm<'a> {
     /// The page the form was on ("Don't send" goes there).
     pub back: &'a str,
 }
+
+/// A step-up done, going on to a console address.
+#[derive(Template)]
+#[template(path = "reauth_done.html")]
+pub struct ReauthDone<'a> {
+    pub next: &'a str,
+}

@@ -110,6 +110,32 @@ async fn page(
 
 use super::query_param as query;
 
+/// Where a proof sends the browser: a gateway page (the account, the admin console, a held
+/// form) at once; a console address through [`DONE`], which continues there with the proof
+/// behind it in the history, and stays, saying the proof is done, where that address is a
+/// download (a list export) the browser saves without leaving the page.
+fn after_proof(next: &str) -> String {
+    if next.starts_with("/_portcullis/") {
+        return next.to_string();
+    }
+    let n: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
+    format!("{DONE}?next={n}")
+}
+
+/// The page after a proof that goes on to a console address.
+pub const DONE: &str = "/_portcullis/reauth/done";
+
+/// `GET /_portcullis/reauth/done?next=…`: "Confirmed", continuing to `next` (its page's script
+/// replaces it in the history with `next`; without script, its link does).
+pub async fn done_get(State(state): State<AppState>, RawQuery(q): RawQuery) -> Response {
+    let next = safe_return_target(
+        &query(&q, "next").unwrap_or_default(),
+        &state.config.server.public_url,
+    )
+    .unwrap_or_else(|| "/".into());
+    render(StatusCode::OK, &pages::ReauthDone { next: &next })
+}
+
 /// To the sign-in page, which returns to this step-up (and then to `next`).
 fn sign_in_first(next: &str, key_only: bool) -> Response {
     see_other(&super::gate::login_location(
@@ -185,7 +211,7 @@ pub async fn reauth_post(
             super::risk::after_second_factor(&state, &client, &mut loaded.session);
             let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
             Ok(with_cookies(
-                see_other(&next),
+                see_other(&after_proof(&next)),
                 [state.sessions.set_cookie(&id)],
             ))
         }
@@ -232,9 +258,10 @@ pub async fn reauth_post(
                 email = user.email
             );
             let advice = "If it was NOT you, someone is using your account (malware on a computer you signed\n\
-                 in on can do this). Open this link now: it ends every session of your account and\n\
-                 locks password sign-in until your administrator restores it; then change your\n\
-                 password:";
+                 in on can do this). Open this link now: it ends every session of your account,\n\
+                 suspends security keys and removes an authenticator app or recovery codes added\n\
+                 in the meantime, and locks password sign-in until your administrator restores\n\
+                 it; then change your password:";
             let subject = format!("Wrong codes from a session of your account on {host}");
             super::login::tell_owner_hourly(
                 &state,
@@ -313,7 +340,7 @@ pub async fn key_finish(
             let (id, _) = state.sessions.rotate(&loaded.key, &loaded.session).await?;
             let next = next_path(&state, &body.next);
             Ok(with_cookies(
-                redirect_json(&next),
+                redirect_json(&after_proof(&next)),
                 [state.sessions.set_cookie(&id)],
             ))
         }

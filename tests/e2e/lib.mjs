@@ -1,7 +1,7 @@
 // Shared helpers for the browser tests: free ports, starting the real binary, TOTP, Chromium.
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync, mkdirSync } from "node:fs";
+import { mkdtempSync, mkdirSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -34,7 +34,7 @@ export async function freePorts(n) {
 /**
  * Starts `portcullis demo` on free ports; resolves once it prints the demo password. With
  * `host: "localhost"` the public URL uses that name (security keys need a host name); `env` adds
- * configuration overrides (`PORTCULLIS__SECTION__KEY`).
+ * configuration overrides (`PORTCULLIS__SECTION__KEY`); `config` a configuration file's text.
  */
 export async function startDemo(options = {}) {
   // A port found free can be taken by another process before the demo binds it: try again.
@@ -47,10 +47,16 @@ export async function startDemo(options = {}) {
   }
 }
 
-async function startDemoOnce({ host = "127.0.0.1", env = {} } = {}) {
+async function startDemoOnce({ host = "127.0.0.1", env = {}, config = null } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "portcullis-e2e-"));
   const [port, consolePort] = await freePorts(2);
   const args = ["demo", "--data-dir", dir, "--listen", `127.0.0.1:${port}`, "--console-listen", `127.0.0.1:${consolePort}`];
+  // A configuration file of the test's (TOML), given as `portcullis --config FILE demo …`.
+  if (config !== null) {
+    const file = join(dir, "test-config.toml");
+    writeFileSync(file, config);
+    args.unshift("--config", file);
+  }
   if (host !== "127.0.0.1") args.push("--public-url", `http://${host}:${port}/`);
   const child = spawn(BIN, args, {
     stdio: ["ignore", "pipe", "pipe"],

@@ -1275,6 +1275,9 @@ async fn a_user_with_a_key_enrolled_in_person_is_not_told_to_set_up_a_factor() {
     let mut k = enrol_in_person(&gw, &c, &user.id, "Desk key").await;
     let page = gw.page(&u, &path).await;
     assert!(page.contains("has a second factor already"), "{page}");
+    // The form posts to an address that names the link: opened again (a reload, Enter in the
+    // address bar after a refused password), it is the link's page, not "expired".
+    assert!(page.contains("action=\"/_portcullis/enrol?t="), "{page}");
     assert!(!page.contains("Next you register"), "{page}");
     let r = use_link(&gw, &u, &path, NEW_PASSWORD).await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");

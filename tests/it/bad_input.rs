@@ -488,6 +488,25 @@ async fn a_wrong_method_gets_a_405_that_says_so() {
             r.body
         );
     }
+    // A browser opening an address that only takes forms (the address bar after a refused form,
+    // a reload) is sent to the page the form is on; an API client is told 405.
+    for (path, page) in [
+        ("/_portcullis/account/totp", "/_portcullis/account"),
+        (
+            "/_portcullis/account/keys/k1/rename",
+            "/_portcullis/account",
+        ),
+        (
+            "/_portcullis/admin/users/u-1/unlock",
+            "/_portcullis/admin/users/u-1",
+        ),
+    ] {
+        let r = raw(gw.addr, "GET", path, &[("Accept", "text/html")], "").await;
+        assert_eq!(r.status, 303, "{path}: {}", r.head);
+        assert_eq!(r.location(), page, "{path}");
+        let r = raw(gw.addr, "GET", path, &[("Accept", "application/json")], "").await;
+        assert_eq!(r.status, 405, "{path}: {}", r.head);
+    }
 }
 
 /// Gateway pages read by an API client without a session answer `401` JSON with the sign-in URL
@@ -929,6 +948,19 @@ async fn connect_and_trace_get_a_405_with_allow() {
             "{method}"
         );
         assert!(r.body.contains("method_not_allowed"), "{}", r.body);
+    }
+    // Without a session too: the method is what is refused, not the caller.
+    for method in ["TRACE", "track"] {
+        let r = raw(
+            gw.addr,
+            method,
+            "/campaigns",
+            &[("Accept", "application/json")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 405, "{method}: {}", r.head);
+        assert!(r.header("allow").is_some(), "{method}: {}", r.head);
     }
 }
 

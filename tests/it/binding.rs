@@ -572,12 +572,24 @@ async fn the_webcrypto_fallback_binds_renews_and_never_loses_a_post() {
     // A navigation goes through the interstitial and back.
     let r = gw.get(&b, "/reports?x=1").await;
     assert_eq!(location(&r), "/_portcullis/bind?next=%2Freports%3Fx%3D1");
-    // A form post is neither forwarded nor dropped silently: a page says what to do, and links
-    // to the proof that returns to the page the form was on.
+    // A form post is neither forwarded nor dropped: held until the proof (see
+    // `a_form_sent_after_the_bound_cookie_ran_out_is_sent_after_the_proof`), or, too large to
+    // hold, refused with a page that says what to do and links to the proof that returns to the
+    // page the form was on.
     let r = b
         .post(gw.url("/campaigns/7/send"))
         .header("referer", gw.url("/campaigns/new?draft=7"))
         .form(&[("subject", "Hello")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(location(&r).starts_with("/_portcullis/bind?next=%2F_portcullis%2Fheld"));
+    let big = "x".repeat(portcullis::http::held::HELD_MAX_BODY + 1);
+    let r = b
+        .post(gw.url("/campaigns/7/send"))
+        .header("referer", gw.url("/campaigns/new?draft=7"))
+        .form(&[("subject", big.as_str())])
         .send()
         .await
         .unwrap();
@@ -1509,4 +1521,54 @@ async fn a_user_agent_beyond_ascii_is_kept_and_told_apart() {
     // proves its key again and carries on.
     assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
     assert_eq!(gw.status(&b, "/inbox").await, 200, "the owner carries on");
+}
+
+/// A form sent after the bound cookie ran out (filled in over more than its lifetime, on a
+/// console page that does not renew it) is held, not lost: the browser proves itself again at
+/// the device check, and the held page sends the form as it was typed.
+#[tokio::test]
+async fn a_form_sent_after_the_bound_cookie_ran_out_is_sent_after_the_proof() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("long-form@example.com").await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    assert_eq!(gw.status(&b, "/campaigns/7/edit").await, 200);
+    let before = gw.upstream.count();
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    let body = "subject=Spring&recipients=1200";
+    let r = gw
+        .form_from(&b, ("/campaigns/7/save", "/campaigns/7/edit"), body)
+        .await;
+    assert_eq!(r.status(), 303);
+    let bind = location(&r);
+    assert!(
+        bind.starts_with("/_portcullis/bind?next=%2F_portcullis%2Fheld%3Fid%3D"),
+        "{bind}"
+    );
+    assert_eq!(gw.upstream.count(), before, "held, not forwarded");
+    // The held page waits for the proof like every session page.
+    let next = bind.split("next=").nth(1).unwrap();
+    let next = percent_encoding::percent_decode_str(next)
+        .decode_utf8()
+        .unwrap()
+        .to_string();
+    assert_eq!(gw.get(&b, &next).await.status(), 303);
+    // The device check page carries the held page as where to go on.
+    let page = gw.page(&b, &bind).await;
+    assert!(page.contains(&format!("data-next=\"{next}\"")), "{page}");
+    assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
+    let held = gw.page(&b, &next).await;
+    assert!(held.contains("POST /campaigns/7/save"), "{held}");
+    let csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
+    let id = next.split("id=").nth(1).unwrap();
+    let r = gw.send_held(&b, (id, &csrf), false).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.upstream.count(), before + 1);
+    let seen = gw.upstream.last();
+    assert_eq!(
+        (seen.method.as_str(), seen.uri.as_str()),
+        ("POST", "/campaigns/7/save")
+    );
+    assert_eq!(seen.body, body.as_bytes());
 }

@@ -509,6 +509,42 @@ impl Gateway {
             .unwrap()
     }
 
+    /// A browser's urlencoded form `body` posted to `path` from the console page `from`.
+    pub async fn form_from(
+        &self,
+        c: &reqwest::Client,
+        (path, from): (&str, &str),
+        body: &str,
+    ) -> reqwest::Response {
+        c.post(self.url(path))
+            .header("accept", "text/html")
+            .header("referer", self.url(from))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Sends (or with `drop`, drops) the form held under `id` from `/_portcullis/held`.
+    pub async fn send_held(
+        &self,
+        c: &reqwest::Client,
+        (id, csrf): (&str, &str),
+        drop: bool,
+    ) -> reqwest::Response {
+        let mut form = vec![("csrf", csrf), ("id", id)];
+        if drop {
+            form.push(("drop", "1"));
+        }
+        c.post(self.url("/_portcullis/held"))
+            .header("accept", "text/html")
+            .form(&form)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `GET path` with `c`.
     pub async fn get(&self, c: &reqwest::Client, path: &str) -> reqwest::Response {
         c.get(self.url(path)).send().await.unwrap()

@@ -325,7 +325,7 @@ async fn a_session_proven_from_an_impossible_place_is_held_until_a_second_factor
     assert_eq!(webcrypto_refresh(&gw, &sydney, &dev).await.status(), 200);
     assert_eq!(gw.status(&sydney, "/inbox").await, 303);
     let r = reauth_with_code(&gw, &sydney, &secret, "/inbox").await;
-    assert_eq!(location(&r), "/inbox");
+    assert_eq!(location(&r), "/_portcullis/reauth/done?next=%2Finbox");
     assert_eq!(gw.status(&sydney, "/inbox").await, 200);
     // The second factor was given in Sydney: that is the session's place now, and its next
     // proofs there are no move.

@@ -398,7 +398,27 @@ async fn sensitive_actions_need_a_recent_proof() {
         .send()
         .await
         .unwrap();
-    assert_eq!(location(&r), "/lists/3/export");
+    // To the console address through the "Confirmed" page, which goes on there (and stays, for
+    // a download the browser saves in place, rather than leave the step-up form on screen).
+    let done = location(&r);
+    assert_eq!(done, "/_portcullis/reauth/done?next=%2Flists%2F3%2Fexport");
+    let page = gw.page(&c, &done).await;
+    assert!(
+        page.contains("data-continue=\"/lists/3/export\"")
+            && page.contains("<a href=\"/lists/3/export\">Continue</a>"),
+        "{page}"
+    );
+    // Only a same-site address is continued to.
+    let page = gw
+        .page(
+            &c,
+            "/_portcullis/reauth/done?next=https%3A%2F%2Fevil.example%2F",
+        )
+        .await;
+    assert!(
+        page.contains("data-continue=\"/\"") && !page.contains("evil"),
+        "{page}"
+    );
     let r = send_campaign(&gw, &c, "/campaigns/7/send", "application/json").await;
     assert_eq!(r.status(), 200);
     assert_eq!(gw.status(&c, "/lists/3/export").await, 200);
@@ -547,15 +567,9 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     gw.clock.advance(6 * 60);
     let before = gw.upstream.count();
     let body = "subject=Hello+%C3%A9&recipients=50000&note=a%26b";
-    let r = c
-        .post(gw.url("/campaigns/7/send?draft=1"))
-        .header("accept", "text/html")
-        .header("referer", gw.url("/campaigns/7/edit"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .form_from(&c, ("/campaigns/7/send?draft=1", "/campaigns/7/edit"), body)
+        .await;
     assert_eq!(r.status(), 303);
     let reauth = location(&r);
     assert_eq!(gw.upstream.count(), before, "held, not forwarded");
@@ -581,12 +595,7 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     assert_eq!(gw.status(&other, &next).await, 410);
     let csrf = gw.csrf(&other, "/_portcullis/account").await;
     let id = next.split("id=").nth(1).unwrap().to_string();
-    let r = other
-        .post(gw.url("/_portcullis/held"))
-        .form(&[("csrf", csrf.as_str()), ("id", id.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let r = gw.send_held(&other, (&id, &csrf), false).await;
     assert_eq!(r.status(), 410);
     assert_eq!(gw.upstream.count(), before);
     // The owner confirms with a code: on to the held page, which sends the form.
@@ -603,13 +612,7 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     let held = gw.page(&c, &next).await;
     assert!(held.contains("POST /campaigns/7/send") && held.contains("data-autosubmit"));
     let csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
-    let send = || {
-        c.post(gw.url("/_portcullis/held"))
-            .header("accept", "text/html")
-            .form(&[("csrf", csrf.as_str()), ("id", id.as_str())])
-            .send()
-    };
-    let r = send().await.unwrap();
+    let r = gw.send_held(&c, (&id, &csrf), false).await;
     assert_eq!(r.status(), 200, "the console's answer");
     assert!(
         r.headers().get("content-security-policy").is_none(),
@@ -628,19 +631,18 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     let claims = super::webauthn::last_claims(&gw).await;
     assert_eq!(claims.amr, vec!["pwd", "otp"]);
     // Sent once: again (a reload, a second click) finds it gone.
-    assert_eq!(send().await.unwrap().status(), 410);
+    assert_eq!(gw.send_held(&c, (&id, &csrf), false).await.status(), 410);
     assert_eq!(gw.upstream.count(), before + 1);
 
     // "Don't send" drops a held form and goes back to its page.
     gw.clock.advance(6 * 60);
-    let r = c
-        .post(gw.url("/campaigns/8/send"))
-        .header("accept", "text/html")
-        .header("referer", gw.url("/campaigns/8/edit"))
-        .form(&[("recipients", "1")])
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .form_from(
+            &c,
+            ("/campaigns/8/send", "/campaigns/8/edit"),
+            "recipients=1",
+        )
+        .await;
     let next = location(&r);
     let next = next.split("next=").nth(1).unwrap();
     let next = percent_encoding::percent_decode_str(next)
@@ -649,12 +651,7 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
         .to_string();
     let id = next.split("id=").nth(1).unwrap().to_string();
     let csrf = gw.csrf(&c, "/_portcullis/account").await;
-    let r = c
-        .post(gw.url("/_portcullis/held"))
-        .form(&[("csrf", csrf.as_str()), ("id", id.as_str()), ("drop", "1")])
-        .send()
-        .await
-        .unwrap();
+    let r = gw.send_held(&c, (&id, &csrf), true).await;
     assert_eq!(location(&r), "/campaigns/8/edit");
     assert_eq!(gw.status(&c, &next).await, 410);
     assert_eq!(gw.upstream.count(), before + 1, "dropped, never sent");
