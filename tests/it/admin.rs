@@ -1912,43 +1912,81 @@ async fn an_admins_codes_are_no_proof_for_adding_a_key() {
     .await;
 }
 
-/// A form sent past the sudo window is held with a link to the step-up that returns to the page
-/// the form was on (the form's own address takes no GET; the pages send no `Referer`), for a
-/// browser and for an API client.
+/// A browser's form sent past the sudo window (a reason typed in) is held: the step-up page
+/// says what it sends, and after the key's touch the held page sends it to the admin console's
+/// route, through its guard again. An API client is refused with the step-up that returns to
+/// the page the form was on (the form's own address takes no GET; the pages send no `Referer`).
 #[tokio::test]
-async fn a_form_past_the_sudo_window_links_back_to_its_page() {
+async fn a_form_past_the_sudo_window_is_held_until_the_key_is_touched() {
     let gw = gateway().await;
-    let (_, c, _, _) = admin(&gw).await;
+    let (_, c, _, mut k) = admin(&gw).await;
     gw.signed_in("late-target@example.com").await;
     let target = gw.user("late-target@example.com").await;
     let user_page = format!("/_portcullis/admin/users/{}", target.id);
     let csrf = gw.csrf(&c, &user_page).await;
     gw.clock.advance(15 * 60 + 1);
+    // An API client is told to confirm, with the page to come back to: nothing is done.
     let reauth = format!(
         "/_portcullis/reauth?next=%2F_portcullis%2Fadmin%2Fusers%2F{}&key=1",
         target.id
     );
-    for accept in ["text/html", "application/json"] {
-        let r = c
-            .post(gw.url(&format!("{user_page}/disable")))
-            .header("accept", accept)
-            .form(&[("csrf", csrf.as_str()), ("reason", "late")])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 403, "{accept}");
-        let body = r.text().await.unwrap();
-        if accept == "text/html" {
-            let link = format!("href=\"{}\"", reauth.replace('&', "&#38;"));
-            assert!(body.contains(&link), "{body}");
-            assert!(body.contains("it was not sent"), "{body}");
-        } else {
-            let v: Value = serde_json::from_str(&body).unwrap();
-            assert_eq!(v["error"], "step_up_required");
-            assert_eq!(v["reauth"], reauth.as_str());
-        }
-    }
+    let r = c
+        .post(gw.url(&format!("{user_page}/disable")))
+        .header("accept", "application/json")
+        .form(&[("csrf", csrf.as_str()), ("reason", "late")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "step_up_required");
+    assert_eq!(v["reauth"], reauth.as_str());
     assert!(!gw.user("late-target@example.com").await.disabled);
+    // A browser's form, its reason typed, is held until the key's touch, then done.
+    let r = c
+        .post(gw.url(&format!("{user_page}/disable")))
+        .header("accept", "text/html")
+        .form(&[("csrf", csrf.as_str()), ("reason", "left the company")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let step = location(&r);
+    assert!(
+        step.starts_with("/_portcullis/reauth?next=%2F_portcullis%2Fheld%3Fid%3D")
+            && step.ends_with("&key=1"),
+        "{step}"
+    );
+    assert!(!gw.user("late-target@example.com").await.disabled);
+    let html = gw.page(&c, &step).await;
+    assert!(
+        html.contains(&format!("POST {user_page}/disable")),
+        "{html}"
+    );
+    let next = extract(&html, "data-next=\"", "\"").unwrap();
+    let key_csrf = extract(&html, "data-csrf=\"", "\"").unwrap();
+    let r = call(&gw, &c, &key_csrf, "reauth/start", json!({})).await;
+    let v: Value = r.json().await.unwrap();
+    let rcr: RequestChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let cred = k.do_authentication(origin(&gw), rcr).unwrap();
+    let body = json!({ "ceremony": v["ceremony"], "credential": cred, "next": next });
+    let r = call(&gw, &c, &key_csrf, "reauth/finish", body).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["redirect"], next.as_str());
+    let held = gw.page(&c, &next).await;
+    let held_csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
+    let id = next.split("id=").nth(1).unwrap();
+    let r = gw.send_held(&c, (id, &held_csrf), false).await;
+    assert!(
+        r.status().is_redirection() || r.status().is_success(),
+        "{}",
+        r.status()
+    );
+    assert!(gw.user("late-target@example.com").await.disabled);
+    gw.state.audit.flush().await;
+    assert!(gw.audit().await.iter().any(|e| e.event == "user_disabled"
+        && e.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("left the company"))));
 }
 
 /// An enrolment link issued from a user's page is shown, after a redirect, to the session that

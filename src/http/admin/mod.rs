@@ -220,6 +220,28 @@ async fn guard(
                 if browser_get {
                     return see_other(&super::reauth::url(&target, true));
                 }
+                // A browser's form (a reason typed, a user made) is held until the key's touch,
+                // then sent (`held`), as the console's forms are.
+                let browser = wants_html(req.headers());
+                if super::held::holdable(req.method(), req.headers(), browser) {
+                    let back = super::gate::referring_gateway_page(&state, req.headers())
+                        .filter(|p| p.starts_with(PREFIX))
+                        .unwrap_or_else(|| page_of_form(&target));
+                    let public_id = admin.session.session.public_id.clone();
+                    let form = (target.as_str(), Some(back));
+                    match super::held::hold(&state, &public_id, form, req).await {
+                        Ok(Some(page)) => return see_other(&super::reauth::url(&page, true)),
+                        Ok(None) => {
+                            return super::gate::step_up_answer(
+                                axum::http::StatusCode::FORBIDDEN,
+                                STALE_FORM,
+                                super::reauth::url(&page_of_form(&target), true),
+                                "Confirm with your security key",
+                            )
+                        }
+                        Err(e) => return e.into_response(),
+                    }
+                }
                 // A form's address takes no GET: the step-up returns to the page the form was
                 // on (else the console's home), and the form is sent again from there.
                 let back = if req.method() == Method::GET {
@@ -231,8 +253,7 @@ async fn guard(
                 };
                 return super::gate::step_up_answer(
                     axum::http::StatusCode::FORBIDDEN,
-                    "The admin console needs a recent touch of your security key. Confirm it's \
-                     you, then send it again: it was not sent.",
+                    STALE_FORM,
                     super::reauth::url(&back, true),
                     "Confirm with your security key",
                 );
@@ -351,6 +372,10 @@ fn checked(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), App
 fn respond(resp: Response, set: Option<String>) -> Response {
     with_cookies(resp, set)
 }
+
+/// A request past the sudo window that is not held (an API client's, a form too large).
+const STALE_FORM: &str = "The admin console needs a recent touch of your security key. Confirm \
+                          it's you, then send it again: it was not sent.";
 
 /// RFC 3339 time for pages.
 fn when(t: i64) -> String {
