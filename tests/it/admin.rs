@@ -2114,6 +2114,20 @@ async fn an_admin_form_without_a_session_goes_to_sign_in_and_back() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(!gw.user("target@example.com").await.disabled);
+    // An admin page opened with a session that has ended is told so at the sign-in page, as a
+    // console page is; without any session cookie it just signs in.
+    let (_, admin_browser, _, _) = admin(&gw).await;
+    let page = format!("/_portcullis/admin/users/{}", user.id);
+    let next = format!("%2F_portcullis%2Fadmin%2Fusers%2F{}", user.id);
+    assert_eq!(
+        location(&gw.get(&c, &page).await),
+        format!("/_portcullis/login?next={next}")
+    );
+    gw.clock.advance(13 * 3600);
+    assert_eq!(
+        location(&gw.get(&admin_browser, &page).await),
+        format!("/_portcullis/login?next={next}&notice=session_ended")
+    );
 }
 
 /// Someone who learnt the password of a user created with one sets up the second factor before

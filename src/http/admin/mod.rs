@@ -263,8 +263,16 @@ async fn guard(
         }
         Ok(Err(Refused::NoSession)) => {
             if browser_get {
-                let login = super::gate::LOGIN_PATH;
-                return see_other(&super::gate::login_location(login, Some(&target)));
+                // A session cookie that names no session: one that ended (idle, its time up,
+                // ended elsewhere), said so as the console's pages say it.
+                let ended =
+                    super::get_cookie(req.headers(), state.sessions.cookie_name()).is_some();
+                let login = super::gate::sign_in_location(
+                    super::gate::LOGIN_PATH,
+                    Some(&target),
+                    ended.then_some("session_ended"),
+                );
+                return see_other(&login);
             }
             // A form a browser sent (the session ended in another tab, or ran out): not acted
             // on; after signing in, back to the page the form was on, told it was not sent.

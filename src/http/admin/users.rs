@@ -298,8 +298,9 @@ pub async fn user_get(
             Some(link) => view.link = Some(link),
             None => {
                 view.notice = Some(
-                    "No enrolment link is shown here: a link stays for 15 minutes on the page of \
-                     the user it was issued for, in the session that issued it. If one was not \
+                    "No enrolment link is shown here: a link is shown for 15 minutes after it \
+                     was issued, on the page of its user, to the session that issued it. Whether \
+                     it was used is in the events below (enrolment_link_used). If it was not \
                      handed over, issue a new one: that voids it.",
                 )
             }
