@@ -289,8 +289,18 @@ fn rebuilt(
         .body(axum::body::Body::from(body.clone()))
         .map_err(|e| AppError::internal(&e))?;
     let h = req.headers_mut();
+    // The sending request's own framing and body headers are not the held form's.
+    let framing = [
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_ENCODING,
+        header::EXPECT,
+        header::TE,
+        header::TRAILER,
+    ];
     for (name, value) in headers {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+        if !framing.contains(name) {
             h.append(name.clone(), value.clone());
         }
     }

@@ -634,25 +634,53 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     assert_eq!(gw.send_held(&c, (&id, &csrf), false).await.status(), 410);
     assert_eq!(gw.upstream.count(), before + 1);
 
+    // Sent by a request framed otherwise (chunked): the console gets the held form with its own
+    // length, never two framings.
+    let next = held_after_stale_proof(&gw, &c, "9", "recipients=9").await;
+    let r = super::risk::reauth_with_code(&gw, &c, &secret, &next).await;
+    assert_eq!(location(&r), next);
+    let held = gw.page(&c, &next).await;
+    let csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
+    let id = next.split("id=").nth(1).unwrap();
+    let form = format!("csrf={csrf}&id={id}");
+    let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(form))]);
+    let r = c
+        .post(gw.url("/_portcullis/held"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = gw.upstream.last();
+    assert_eq!(seen.uri, "/campaigns/9/send");
+    assert_eq!(seen.header("content-length"), Some("12"));
+    assert_eq!(seen.header("transfer-encoding"), None);
+    assert_eq!(seen.body, b"recipients=9");
+    let sent = gw.upstream.count();
+
     // "Don't send" drops a held form and goes back to its page.
-    gw.clock.advance(6 * 60);
-    let r = gw
-        .form_from(
-            &c,
-            ("/campaigns/8/send", "/campaigns/8/edit"),
-            "recipients=1",
-        )
-        .await;
-    let next = location(&r);
-    let next = next.split("next=").nth(1).unwrap();
-    let next = percent_encoding::percent_decode_str(next)
-        .decode_utf8()
-        .unwrap()
-        .to_string();
+    let next = held_after_stale_proof(&gw, &c, "8", "recipients=1").await;
     let id = next.split("id=").nth(1).unwrap().to_string();
     let csrf = gw.csrf(&c, "/_portcullis/account").await;
     let r = gw.send_held(&c, (&id, &csrf), true).await;
     assert_eq!(location(&r), "/campaigns/8/edit");
     assert_eq!(gw.status(&c, &next).await, 410);
-    assert_eq!(gw.upstream.count(), before + 1, "dropped, never sent");
+    assert_eq!(gw.upstream.count(), sent, "dropped, never sent");
+}
+
+/// Six minutes on (the proof stale), a form to campaign `n`'s send action is held: the held
+/// page's address, from the step-up the browser is sent to.
+async fn held_after_stale_proof(gw: &Gateway, c: &Browser, n: &str, body: &str) -> String {
+    gw.clock.advance(6 * 60);
+    let action = format!("/campaigns/{n}/send");
+    let r = gw
+        .form_from(c, (&action, &format!("/campaigns/{n}/edit")), body)
+        .await;
+    let next = location(&r);
+    let next = next.split("next=").nth(1).unwrap();
+    percent_encoding::percent_decode_str(next)
+        .decode_utf8()
+        .unwrap()
+        .to_string()
 }
