@@ -186,9 +186,10 @@ fn gone(back: &str) -> AppError {
         ..AppError::new(
             StatusCode::GONE,
             "held_form_gone",
-            "This form was sent already, or it waited more than 10 minutes and was dropped. \
-             Go back to the console and send it again if it was not sent: your browser's Back \
-             button may bring it back as you filled it in.",
+            "This form is no longer held: it was sent already, or dropped, or another form \
+             sent later from this session took its place (one is held at a time), or it \
+             waited more than 10 minutes. If it was not sent, go back to the console and send \
+             it again: your browser's Back button may bring it back as you filled it in.",
         )
     }
 }
