@@ -19,6 +19,11 @@ if (held) {
   const status = document.querySelector("[data-held-status]");
   if (status) status.textContent = "Sending…";
   held.requestSubmit(send);
+  // Still here a moment later: the console answered with a download, which the browser saved.
+  setTimeout(() => {
+    if (status) status.textContent = "Sent. If this page stays, the console answered with a file, which your browser has saved (look in its downloads).";
+    held.querySelectorAll("button").forEach((b) => (b.disabled = true));
+  }, 4000);
 }
 
 // After a step-up: on to the page it was for, the confirmation left out of the history. A

@@ -84,7 +84,9 @@ async fn page(
     error: Option<&str>,
     status: StatusCode,
 ) -> Result<Response, AppError> {
-    let has_factor = super::login::has_usable_factor(state, &user.id).await?;
+    // What the account will still have once the link is used (see `settle_before_link`).
+    let has_factor =
+        super::login::has_usable_factor_before(state, &user.id, link.created_at).await?;
     let (csrf, set) = csrf_token(state, headers);
     let view = pages::EnrolLink {
         csrf: &csrf,

@@ -499,6 +499,8 @@ pub(crate) fn forwarding_template(config: &Config) -> Result<Forwarding, ConfigE
             crate::device::COOKIE_HTTP,
             crate::binding::COOKIE_HTTPS,
             crate::binding::COOKIE_HTTP,
+            super::held::COOKIE_HTTPS,
+            super::held::COOKIE_HTTP,
         ]
         .map(String::from)
         .into(),
@@ -651,15 +653,26 @@ async fn held_or_back(
     (path_and_query, back): (&str, &Option<String>),
     browser: bool,
     req: Request,
-) -> Result<Option<String>, AppError> {
+) -> Result<(Option<String>, Option<String>), AppError> {
     let read = return_target(state, req.method(), path_and_query);
     if !super::held::holdable(req.method(), req.headers(), browser) {
-        return Ok(read);
+        return Ok((read, None));
     }
     let target = (path_and_query, back.clone());
-    Ok(super::held::hold(state, session, target, req)
-        .await?
-        .or(read))
+    Ok(
+        match super::held::hold(state, session, target, req).await? {
+            Some(held) => (Some(held.page), Some(held.cookie)),
+            None => (read, None),
+        },
+    )
+}
+
+/// `resp` with the cookie that ties a held form to the browser that sent it, if one was held.
+fn with_held_cookie(mut resp: Response, cookie: Option<String>) -> Response {
+    if let Some(v) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 /// A console's answer to a form sent from the held page ([`super::held`]): its headers are
@@ -756,19 +769,15 @@ async fn gate_and_forward(
             // cookie that ran out while the form was being filled in), then sent; never for a
             // proof that failed.
             let provable = !matches!(why, super::binding::Unbound::Failed { .. });
-            let n = match provable {
+            let (n, cookie) = match provable {
                 true => {
                     held_or_back(state, &session, (&path_and_query, &back), browser, req).await?
                 }
-                false => return_target(state, req.method(), &path_and_query),
+                false => (return_target(state, req.method(), &path_and_query), None),
             };
-            return Ok(Answer::Own(super::binding::refusal(
-                state,
-                why,
-                browser,
-                bind,
-                (n.as_deref(), back.as_deref()),
-            )));
+            let refused =
+                super::binding::refusal(state, why, browser, bind, (n.as_deref(), back.as_deref()));
+            return Ok(Answer::Own(with_held_cookie(refused, cookie)));
         }
         Decision::StepUp {
             key,
@@ -779,15 +788,12 @@ async fn gate_and_forward(
             state.metrics.proxied(Proxied::Denied);
             let back = referring_page(state, req.headers());
             // A browser's form is kept until the proof, then sent (see `held`).
-            let n = held_or_back(state, &session, (&path_and_query, &back), browser, req).await?;
+            let (n, cookie) =
+                held_or_back(state, &session, (&path_and_query, &back), browser, req).await?;
             let pages = (n.as_deref(), back.as_deref());
             let why = (key, reason);
-            return Ok(Answer::Own(step_up_refusal(
-                browser,
-                pages,
-                why,
-                StatusCode::FORBIDDEN,
-            )));
+            let refused = step_up_refusal(browser, pages, why, StatusCode::FORBIDDEN);
+            return Ok(Answer::Own(with_held_cookie(refused, cookie)));
         }
         Decision::Refuse { clear_cookie } => {
             state.metrics.proxied(match browser {

@@ -26,6 +26,27 @@ use crate::state::AppState;
 
 /// The held form's page, and where the form is sent from.
 pub const PATH: &str = "/_portcullis/held";
+/// The cookie that ties a held form to the browser that sent it (`__Host-` over HTTPS): only
+/// that browser may see or send it, so a copied session cookie that gets a form held cannot
+/// have the owner's browser send it (a link the owner opens).
+pub const COOKIE_HTTPS: &str = "__Host-portcullis-held";
+/// The same on the plain-HTTP loopback demo.
+pub const COOKIE_HTTP: &str = "portcullis-held";
+/// How many forms are being read to be held at once, gateway-wide: each holds up to
+/// [`HELD_MAX_BODY`] (and its sealed copy) in memory until it is stored; more at once are
+/// answered as forms that cannot be held.
+const HOLDING_AT_ONCE: usize = 16;
+static HOLDING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HOLDING_AT_ONCE);
+/// The request headers kept with a held form and sent with it: what the browser said of where
+/// the form came from (checked when it was held), not what the held page's request says.
+const KEPT_HEADERS: [header::HeaderName; 6] = [
+    header::ORIGIN,
+    header::REFERER,
+    header::ACCEPT,
+    header::HeaderName::from_static("sec-fetch-site"),
+    header::HeaderName::from_static("sec-fetch-mode"),
+    header::HeaderName::from_static("sec-fetch-user"),
+];
 /// How long a held form waits for its step-up.
 pub const HELD_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 /// The largest form body held (a larger one is refused as before, with the advice to go back).
@@ -44,6 +65,17 @@ struct Held {
     body: String,
     /// The page the form was on, if known: where "Don't send" goes.
     back: Option<String>,
+    /// SHA-256 (hex) of the value of the cookie set on the browser that sent the form.
+    tie: String,
+    /// [`KEPT_HEADERS`] as the form was sent.
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+}
+
+/// A form just held: the page that sends it, and the cookie to set on the browser that sent it.
+pub(crate) struct HeldAt {
+    pub page: String,
+    pub cookie: String,
 }
 
 fn key(session_public_id: &str) -> String {
@@ -64,20 +96,34 @@ pub(crate) fn holdable(method: &Method, headers: &HeaderMap, browser: bool) -> b
 }
 
 /// Holds `req` (its body read, up to [`HELD_MAX_BODY`]) for the session `session_public_id`,
-/// replacing any form it held before; returns the held page's address (`next` for the step-up),
-/// or `None` when the body is too large or broke off (the caller answers as for a form it cannot
-/// hold).
+/// replacing any form it held before; returns the held page's address (`next` for the step-up)
+/// and the cookie for the browser, or `None` when the body is too large (announced or sent),
+/// broke off, or too many forms are being held at once (the caller answers as for a form it
+/// cannot hold).
 pub(crate) async fn hold(
     state: &AppState,
     session_public_id: &str,
     (target, back): (&str, Option<String>),
     req: Request,
-) -> Result<Option<String>, AppError> {
+) -> Result<Option<HeldAt>, AppError> {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if announced.is_some_and(|n| n > HELD_MAX_BODY) {
+        return Ok(None);
+    }
+    let Ok(_reading) = HOLDING.try_acquire() else {
+        tracing::info!("a form was not held: too many are being held at once");
+        return Ok(None);
+    };
     let (parts, body) = req.into_parts();
     let Ok(body) = axum::body::to_bytes(body, HELD_MAX_BODY).await else {
         return Ok(None);
     };
     let id = crate::crypto::random_token(16);
+    let tie = crate::crypto::random_token(24);
     let held = Held {
         id: id.clone(),
         method: parts.method.as_str().to_string(),
@@ -89,6 +135,14 @@ pub(crate) async fn hold(
             .map(str::to_string),
         body: STANDARD.encode(&body),
         back,
+        tie: crate::crypto::sha256_hex(tie.as_bytes()),
+        headers: KEPT_HEADERS
+            .iter()
+            .filter_map(|n| {
+                let v = parts.headers.get(n)?.to_str().ok()?;
+                Some((n.as_str().to_string(), v.to_string()))
+            })
+            .collect(),
     };
     let plain =
         zeroize::Zeroizing::new(serde_json::to_vec(&held).map_err(|e| AppError::internal(&e))?);
@@ -100,7 +154,29 @@ pub(crate) async fn hold(
         .ephemeral
         .put(&key(session_public_id), &sealed, HELD_TTL)
         .await?;
-    Ok(Some(format!("{PATH}?id={id}")))
+    let (name, secure) = match state.config.is_https() {
+        true => (COOKIE_HTTPS, "; Secure"),
+        false => (COOKIE_HTTP, ""),
+    };
+    Ok(Some(HeldAt {
+        page: format!("{PATH}?id={id}"),
+        cookie: format!(
+            "{name}={tie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+            HELD_TTL.as_secs()
+        ),
+    }))
+}
+
+/// Whether `headers` carry the cookie that `held` was tied to (the browser that sent it).
+fn tied(state: &AppState, held: &Held, headers: &HeaderMap) -> bool {
+    let name = match state.config.is_https() {
+        true => COOKIE_HTTPS,
+        false => COOKIE_HTTP,
+    };
+    super::get_cookie(headers, name).is_some_and(|v| {
+        let sent = crate::crypto::sha256_hex(v.as_bytes());
+        crate::crypto::ct_eq(sent.as_bytes(), held.tie.as_bytes())
+    })
 }
 
 /// What the step-up page says of a form held for it: the method and the path it goes to, and
@@ -115,17 +191,19 @@ pub(crate) struct Waiting {
 /// address), if `next` is that page and the form still waits.
 pub(crate) async fn waiting(
     state: &AppState,
-    loaded: &Loaded,
+    (loaded, headers): (&Loaded, &HeaderMap),
     next: &str,
 ) -> Result<Option<Waiting>, AppError> {
     let Some(id) = id_in(next) else {
         return Ok(None);
     };
-    Ok(read(state, loaded, &id, false).await?.map(|h| Waiting {
-        path: h.target.split('?').next().unwrap_or_default().to_string(),
-        method: h.method,
-        back: h.back,
-    }))
+    Ok(read(state, (loaded, headers), &id, false)
+        .await?
+        .map(|h| Waiting {
+            path: h.target,
+            method: h.method,
+            back: h.back,
+        }))
 }
 
 /// The `id` of a held page's address.
@@ -141,18 +219,20 @@ fn plausible_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The session's held form if its id is `id`; taken (so sent at most once) with `take`.
+/// The session's held form if its id is `id` and this browser sent it; taken (so sent at most
+/// once) with `take`.
 async fn read(
     state: &AppState,
-    loaded: &Loaded,
+    (loaded, headers): (&Loaded, &HeaderMap),
     id: &str,
     take: bool,
 ) -> Result<Option<Held>, AppError> {
     let public = &loaded.session.public_id;
+    let ours = |h: &Held| h.id == id && tied(state, h, headers);
     let sealed = if take {
         // Only the form this page names: an earlier page's id takes nothing of a newer form.
         match state.ephemeral.get(&key(public)).await? {
-            Some(s) if opened(state, public, &s).is_some_and(|h| h.id == id) => {
+            Some(s) if opened(state, public, &s).is_some_and(|h| ours(&h)) => {
                 state.ephemeral.take(&key(public)).await?
             }
             _ => None,
@@ -162,7 +242,7 @@ async fn read(
     };
     Ok(sealed
         .and_then(|s| opened(state, public, &s))
-        .filter(|h| h.id == id))
+        .filter(|h| ours(h)))
 }
 
 fn opened(state: &AppState, session_public_id: &str, sealed: &[u8]) -> Option<Held> {
@@ -206,19 +286,18 @@ pub async fn held_get(
         return Ok(see_other(super::gate::LOGIN_PATH));
     };
     let held = match plausible_id(&id) {
-        true => read(&state, &loaded, &id, false).await?,
+        true => read(&state, (&loaded, &headers), &id, false).await?,
         false => None,
     };
     let Some(held) = held else {
         return Err(gone("/"));
     };
     let (csrf, set) = csrf_token(&state, &headers);
-    let path = held.target.split('?').next().unwrap_or_default();
     let page = pages::HeldForm {
         csrf: &csrf,
         id: &id,
         method: &held.method,
-        path,
+        path: &held.target,
         back: held.back.as_deref().unwrap_or("/"),
     };
     Ok(with_cookies(render(StatusCode::OK, &page), set))
@@ -251,7 +330,7 @@ pub async fn held_post(
         return Ok(see_other(super::gate::LOGIN_PATH));
     };
     let held = match plausible_id(&form.id) {
-        true => read(&state, &loaded, &form.id, true).await?,
+        true => read(&state, (&loaded, &headers), &form.id, true).await?,
         false => None,
     };
     let Some(held) = held else {
@@ -301,8 +380,16 @@ fn rebuilt(
         header::TRAILER,
     ];
     for (name, value) in headers {
-        if !framing.contains(name) {
+        if !framing.contains(name) && !KEPT_HEADERS.contains(name) {
             h.append(name.clone(), value.clone());
+        }
+    }
+    for (name, value) in &held.headers {
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            h.insert(n, v);
         }
     }
     if let Some(t) = held

@@ -1102,7 +1102,22 @@ struct EnrolNotes {
 /// Whether `user_id` has a second factor it can sign in with: an authenticator app, or a
 /// security key that is not suspended.
 pub(super) async fn has_usable_factor(state: &AppState, user_id: &str) -> Result<bool, AppError> {
-    if state.durable.totp(user_id).await?.is_some() {
+    has_usable_factor_before(state, user_id, i64::MAX).await
+}
+
+/// [`has_usable_factor`], counting an authenticator app only when it was set up before
+/// `before` (an enrolment link's issue: one set up since goes when the link is used).
+pub(super) async fn has_usable_factor_before(
+    state: &AppState,
+    user_id: &str,
+    before: crate::clock::UnixTime,
+) -> Result<bool, AppError> {
+    if state
+        .durable
+        .totp(user_id)
+        .await?
+        .is_some_and(|t| t.created_at < before)
+    {
         return Ok(true);
     }
     Ok(match &state.keys {

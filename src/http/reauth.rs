@@ -71,7 +71,7 @@ async fn page(
     v: View<'_>,
 ) -> Result<Response, AppError> {
     // A form held for this step-up: said what it is, and "Cancel" goes back to its page.
-    let form = super::held::waiting(state, loaded, v.next).await?;
+    let form = super::held::waiting(state, (loaded, headers), v.next).await?;
     let keys = match &state.keys {
         Some(k) => k.has_usable(&user.id).await?,
         None => false,

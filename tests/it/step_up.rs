@@ -575,7 +575,8 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     assert_eq!(gw.upstream.count(), before, "held, not forwarded");
     let page = gw.page(&c, &reauth).await;
     assert!(
-        page.contains("id=\"held-form\"") && page.contains("<code>POST /campaigns/7/send</code>"),
+        page.contains("id=\"held-form\"")
+            && page.contains("<code>POST /campaigns/7/send?draft=1</code>"),
         "the step-up page says what it sends: {page}"
     );
     assert!(page.contains("href=\"/campaigns/7/edit\">Cancel"), "{page}");
@@ -620,6 +621,11 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     );
     assert_eq!(gw.upstream.count(), before + 1);
     let seen = gw.upstream.last();
+    // Where the form came from, as the browser said when it was sent (not the held page).
+    assert_eq!(
+        seen.header("referer"),
+        Some(gw.url("/campaigns/7/edit").as_str())
+    );
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.uri, "/campaigns/7/send?draft=1");
     assert_eq!(seen.body, body.as_bytes());
@@ -683,4 +689,53 @@ async fn held_after_stale_proof(gw: &Gateway, c: &Browser, n: &str, body: &str) 
         .decode_utf8()
         .unwrap()
         .to_string()
+}
+
+/// A copied session cookie alone (malware's copy, another client) can get a form held, but not
+/// sent: the form is tied to the browser that sent it (a cookie of its own), so the owner's
+/// browser, lured to the held page or its step-up, neither sees what it is nor sends it.
+#[tokio::test]
+async fn a_form_held_for_a_copied_session_cookie_is_never_sent_by_the_owners_browser() {
+    let gw = Gateway::start_with(rules).await;
+    let (owner, secret, _) = gw.signed_in("lured@example.com").await;
+    gw.clock.advance(6 * 60);
+    let session = gw
+        .cookies(&owner)
+        .split("; ")
+        .find(|c| c.starts_with("portcullis-session="))
+        .unwrap()
+        .to_string();
+    let before = gw.upstream.count();
+    let r = gw
+        .api()
+        .post(gw.url("/campaigns/7/send"))
+        .header("accept", "text/html")
+        .header("cookie", &session)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("recipients=999999&from=thief")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let reauth = location(&r);
+    let next = reauth.split("next=").nth(1).unwrap();
+    let next = percent_encoding::percent_decode_str(next)
+        .decode_utf8()
+        .unwrap()
+        .to_string();
+    assert!(next.starts_with("/_portcullis/held?id="), "{next}");
+    // The owner's browser, lured to the step-up, is not told of the form; confirming, it cannot
+    // see or send it.
+    let page = gw.page(&owner, &reauth).await;
+    assert!(
+        !page.contains("held-form") && !page.contains("999999"),
+        "{page}"
+    );
+    let r = super::risk::reauth_with_code(&gw, &owner, &secret, &next).await;
+    assert_eq!(location(&r), next);
+    assert_eq!(gw.status(&owner, &next).await, 410);
+    let csrf = gw.csrf(&owner, "/_portcullis/account").await;
+    let id = next.split("id=").nth(1).unwrap();
+    assert_eq!(gw.send_held(&owner, (id, &csrf), false).await.status(), 410);
+    assert_eq!(gw.upstream.count(), before, "nothing sent");
 }

@@ -230,7 +230,13 @@ async fn guard(
                     let public_id = admin.session.session.public_id.clone();
                     let form = (target.as_str(), Some(back));
                     match super::held::hold(&state, &public_id, form, req).await {
-                        Ok(Some(page)) => return see_other(&super::reauth::url(&page, true)),
+                        Ok(Some(held)) => {
+                            let mut r = see_other(&super::reauth::url(&held.page, true));
+                            if let Ok(v) = axum::http::HeaderValue::from_str(&held.cookie) {
+                                r.headers_mut().append(axum::http::header::SET_COOKIE, v);
+                            }
+                            return r;
+                        }
                         Ok(None) => {
                             return super::gate::step_up_answer(
                                 axum::http::StatusCode::FORBIDDEN,
