@@ -649,7 +649,7 @@ fn answered(state: &AppState, result: Result<Answer, AppError>, mark: bool) -> R
 /// (its answer names the page it came from).
 async fn held_or_back(
     state: &AppState,
-    session: &str,
+    session: (&str, std::net::SocketAddr),
     (path_and_query, back): (&str, &Option<String>),
     browser: bool,
     req: Request,
@@ -768,10 +768,21 @@ async fn gate_and_forward(
             // A browser's form is kept until this browser has proven itself again (a bound
             // cookie that ran out while the form was being filled in), then sent; never for a
             // proof that failed.
-            let provable = !matches!(why, super::binding::Unbound::Failed { .. });
+            // Not for a bound cookie presented from elsewhere (`Moved`): a sign of a copy.
+            let provable = matches!(
+                why,
+                super::binding::Unbound::Register | super::binding::Unbound::Refresh
+            );
             let (n, cookie) = match provable {
                 true => {
-                    held_or_back(state, &session, (&path_and_query, &back), browser, req).await?
+                    held_or_back(
+                        state,
+                        (&session, peer),
+                        (&path_and_query, &back),
+                        browser,
+                        req,
+                    )
+                    .await?
                 }
                 false => (return_target(state, req.method(), &path_and_query), None),
             };
@@ -788,8 +799,14 @@ async fn gate_and_forward(
             state.metrics.proxied(Proxied::Denied);
             let back = referring_page(state, req.headers());
             // A browser's form is kept until the proof, then sent (see `held`).
-            let (n, cookie) =
-                held_or_back(state, &session, (&path_and_query, &back), browser, req).await?;
+            let (n, cookie) = held_or_back(
+                state,
+                (&session, peer),
+                (&path_and_query, &back),
+                browser,
+                req,
+            )
+            .await?;
             let pages = (n.as_deref(), back.as_deref());
             let why = (key, reason);
             let refused = step_up_refusal(browser, pages, why, StatusCode::FORBIDDEN);

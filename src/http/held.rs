@@ -70,6 +70,10 @@ struct Held {
     /// [`KEPT_HEADERS`] as the form was sent.
     #[serde(default)]
     headers: Vec<(String, String)>,
+    /// The device context (network and browser, keyed) of the request that sent it (hex): the
+    /// held form is seen and sent only from there, so a cookie planted in another browser (by a
+    /// site of the same host) does not make that browser its sender.
+    context: String,
 }
 
 /// A form just held: the page that sends it, and the cookie to set on the browser that sent it.
@@ -102,10 +106,11 @@ pub(crate) fn holdable(method: &Method, headers: &HeaderMap, browser: bool) -> b
 /// cannot hold).
 pub(crate) async fn hold(
     state: &AppState,
-    session_public_id: &str,
+    (session_public_id, peer): (&str, std::net::SocketAddr),
     (target, back): (&str, Option<String>),
     req: Request,
 ) -> Result<Option<HeldAt>, AppError> {
+    let device = hex::encode(super::binding::context_of(state, peer, req.headers()));
     let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -143,6 +148,7 @@ pub(crate) async fn hold(
                 Some((n.as_str().to_string(), v.to_string()))
             })
             .collect(),
+        context: device,
     };
     let plain =
         zeroize::Zeroizing::new(serde_json::to_vec(&held).map_err(|e| AppError::internal(&e))?);
@@ -167,8 +173,17 @@ pub(crate) async fn hold(
     }))
 }
 
-/// Whether `headers` carry the cookie that `held` was tied to (the browser that sent it).
-fn tied(state: &AppState, held: &Held, headers: &HeaderMap) -> bool {
+/// Whether the request (`peer`, `headers`) comes from the browser that sent `held`: its cookie,
+/// and the same device context (network and browser).
+fn tied(
+    state: &AppState,
+    held: &Held,
+    (peer, headers): (std::net::SocketAddr, &HeaderMap),
+) -> bool {
+    let context = hex::encode(super::binding::context_of(state, peer, headers));
+    if !crate::crypto::ct_eq(context.as_bytes(), held.context.as_bytes()) {
+        return false;
+    }
     let name = match state.config.is_https() {
         true => COOKIE_HTTPS,
         false => COOKIE_HTTP,
@@ -191,13 +206,13 @@ pub(crate) struct Waiting {
 /// address), if `next` is that page and the form still waits.
 pub(crate) async fn waiting(
     state: &AppState,
-    (loaded, headers): (&Loaded, &HeaderMap),
+    (loaded, peer, headers): (&Loaded, std::net::SocketAddr, &HeaderMap),
     next: &str,
 ) -> Result<Option<Waiting>, AppError> {
     let Some(id) = id_in(next) else {
         return Ok(None);
     };
-    Ok(read(state, (loaded, headers), &id, false)
+    Ok(read(state, (loaded, peer, headers), &id, false)
         .await?
         .map(|h| Waiting {
             path: h.target,
@@ -223,12 +238,12 @@ fn plausible_id(id: &str) -> bool {
 /// once) with `take`.
 async fn read(
     state: &AppState,
-    (loaded, headers): (&Loaded, &HeaderMap),
+    (loaded, peer, headers): (&Loaded, std::net::SocketAddr, &HeaderMap),
     id: &str,
     take: bool,
 ) -> Result<Option<Held>, AppError> {
     let public = &loaded.session.public_id;
-    let ours = |h: &Held| h.id == id && tied(state, h, headers);
+    let ours = |h: &Held| h.id == id && tied(state, h, (peer, headers));
     let sealed = if take {
         // Only the form this page names: an earlier page's id takes nothing of a newer form.
         match state.ephemeral.get(&key(public)).await? {
@@ -278,6 +293,7 @@ fn gone(back: &str) -> AppError {
 /// button that sends it (pressed by the page's script; "Don't send" drops it).
 pub async fn held_get(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
@@ -286,7 +302,7 @@ pub async fn held_get(
         return Ok(see_other(super::gate::LOGIN_PATH));
     };
     let held = match plausible_id(&id) {
-        true => read(&state, (&loaded, &headers), &id, false).await?,
+        true => read(&state, (&loaded, peer, &headers), &id, false).await?,
         false => None,
     };
     let Some(held) = held else {
@@ -330,7 +346,7 @@ pub async fn held_post(
         return Ok(see_other(super::gate::LOGIN_PATH));
     };
     let held = match plausible_id(&form.id) {
-        true => read(&state, (&loaded, &headers), &form.id, true).await?,
+        true => read(&state, (&loaded, peer, &headers), &form.id, true).await?,
         false => None,
     };
     let Some(held) = held else {

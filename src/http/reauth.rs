@@ -56,6 +56,8 @@ async fn signed_in(
 }
 
 struct View<'a> {
+    /// The client's address (a held form is described only to the browser that sent it).
+    peer: std::net::SocketAddr,
     next: &'a str,
     key_only: bool,
     error: Option<&'a str>,
@@ -71,7 +73,7 @@ async fn page(
     v: View<'_>,
 ) -> Result<Response, AppError> {
     // A form held for this step-up: said what it is, and "Cancel" goes back to its page.
-    let form = super::held::waiting(state, (loaded, headers), v.next).await?;
+    let form = super::held::waiting(state, (loaded, v.peer, headers), v.next).await?;
     let keys = match &state.keys {
         Some(k) => k.has_usable(&user.id).await?,
         None => false,
@@ -147,6 +149,7 @@ fn sign_in_first(next: &str, key_only: bool) -> Response {
 /// `GET /_portcullis/reauth?next=PATH[&key=1]`.
 pub async fn reauth_get(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, AppError> {
@@ -156,6 +159,7 @@ pub async fn reauth_get(
         return Ok(sign_in_first(&next, key_only));
     };
     let view = View {
+        peer,
         next: &next,
         key_only,
         error: None,
@@ -200,6 +204,7 @@ pub async fn reauth_post(
         .await?;
     let held = loaded.session.held();
     let retry = |msg: &'static str, status: StatusCode| View {
+        peer,
         next: &next,
         key_only: false,
         error: Some(msg),

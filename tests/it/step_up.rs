@@ -692,8 +692,9 @@ async fn held_after_stale_proof(gw: &Gateway, c: &Browser, n: &str, body: &str) 
 }
 
 /// A copied session cookie alone (malware's copy, another client) can get a form held, but not
-/// sent: the form is tied to the browser that sent it (a cookie of its own), so the owner's
-/// browser, lured to the held page or its step-up, neither sees what it is nor sends it.
+/// sent: the form is tied to the browser that sent it (a cookie of its own, and its network and
+/// browser), so the owner's browser, lured to the held page or its step-up, even with that
+/// cookie planted in it, neither sees what it is nor sends it.
 #[tokio::test]
 async fn a_form_held_for_a_copied_session_cookie_is_never_sent_by_the_owners_browser() {
     let gw = Gateway::start_with(rules).await;
@@ -711,6 +712,7 @@ async fn a_form_held_for_a_copied_session_cookie_is_never_sent_by_the_owners_bro
         .post(gw.url("/campaigns/7/send"))
         .header("accept", "text/html")
         .header("cookie", &session)
+        .header("user-agent", "ThiefBrowser/1.0")
         .header("content-type", "application/x-www-form-urlencoded")
         .body("recipients=999999&from=thief")
         .send()
@@ -718,6 +720,22 @@ async fn a_form_held_for_a_copied_session_cookie_is_never_sent_by_the_owners_bro
         .unwrap();
     assert_eq!(r.status(), 303);
     let reauth = location(&r);
+    // The cookie that ties the form to its sender, planted in the owner's browser (a site on
+    // another port of the same host can set it): still not the browser that sent the form.
+    let tie = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("portcullis-held="))
+        .expect("the tie cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    owner
+        .jar
+        .add_cookie_str(&tie, &gw.url("/").parse::<url::Url>().unwrap());
     let next = reauth.split("next=").nth(1).unwrap();
     let next = percent_encoding::percent_decode_str(next)
         .decode_utf8()

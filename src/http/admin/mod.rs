@@ -229,7 +229,7 @@ async fn guard(
                         .unwrap_or_else(|| page_of_form(&target));
                     let public_id = admin.session.session.public_id.clone();
                     let form = (target.as_str(), Some(back));
-                    match super::held::hold(&state, &public_id, form, req).await {
+                    match super::held::hold(&state, (&public_id, peer), form, req).await {
                         Ok(Some(held)) => {
                             let mut r = see_other(&super::reauth::url(&held.page, true));
                             if let Ok(v) = axum::http::HeaderValue::from_str(&held.cookie) {
