@@ -213,20 +213,14 @@ async fn method_not_allowed(
     .into_response()
 }
 
-/// The page whose forms post to the gateway address `path`: the account page's, an admin user's
-/// page's, the admin console's.
+/// The page whose forms post to the gateway address `path`: the account page's, or the admin
+/// console's page of the form ([`admin::page_of_form`]).
 fn page_of_action(path: &str) -> Option<String> {
     if path.starts_with("/_portcullis/account/") {
         return Some("/_portcullis/account".into());
     }
-    let rest = path.strip_prefix("/_portcullis/admin/")?;
-    match rest.strip_prefix("users/") {
-        Some(user) => match user.split_once('/') {
-            Some((id, _)) if !id.is_empty() => Some(format!("/_portcullis/admin/users/{id}")),
-            _ => Some("/_portcullis/admin/users".into()),
-        },
-        None => Some("/_portcullis/admin".into()),
-    }
+    path.starts_with("/_portcullis/admin/")
+        .then(|| admin::page_of_form(path))
 }
 
 /// The gateway as one service, the only one the listener serves: [`front`] for every request,

@@ -312,7 +312,7 @@ async fn guard(
 /// The page whose form posts to `target`: a user's page for the actions on that user
 /// (`…/users/{id}/…`), the user list for a new user, else the console's home. (The gateway's
 /// pages send no `Referer`.)
-fn page_of_form(target: &str) -> String {
+pub(crate) fn page_of_form(target: &str) -> String {
     let path = target.split('?').next().unwrap_or_default();
     let users = format!("{PREFIX}/users");
     match path.strip_prefix(&format!("{users}/")) {
