@@ -767,8 +767,8 @@ async fn gate_and_forward(
             let back = referring_page(state, req.headers());
             // A browser's form is kept until this browser has proven itself again (a bound
             // cookie that ran out while the form was being filled in), then sent; never for a
-            // proof that failed.
-            // Not for a bound cookie presented from elsewhere (`Moved`): a sign of a copy.
+            // proof that failed, nor for a bound cookie presented from elsewhere (`Moved`, a
+            // sign of a copy).
             let provable = matches!(
                 why,
                 super::binding::Unbound::Register | super::binding::Unbound::Refresh

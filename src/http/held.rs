@@ -5,10 +5,11 @@
 //! The browser goes to `/_portcullis/reauth`, which says what will be sent, or to the device
 //! check; after the proof, `GET /_portcullis/held?id=…` shows it once more with a button (the
 //! page's script presses it), and `POST /_portcullis/held` sends it through the gate, as the
-//! browser sent it, with the session's fresh proof: the console's answer is the browser's. A form held is sent
-//! at most once (the record is taken), only by the session that sent it, and only while it
-//! passes the gate (a proof that went stale again holds it again). Forward-auth mode cannot
-//! hold a form (the proxy in front has its body) and answers as before.
+//! browser sent it, with the session's fresh proof: the console's answer is the browser's. A
+//! form held is sent at most once (the record is taken), only by the session and the browser
+//! that sent it, and only while it passes the gate (a proof that went stale again holds it
+//! again). Forward-auth mode cannot hold a form (the proxy in front has its body) and answers
+//! as before.
 
 use axum::extract::{ConnectInfo, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -68,7 +69,6 @@ struct Held {
     /// SHA-256 (hex) of the value of the cookie set on the browser that sent the form.
     tie: String,
     /// [`KEPT_HEADERS`] as the form was sent.
-    #[serde(default)]
     headers: Vec<(String, String)>,
     /// The device context (network and browser, keyed) of the request that sent it (hex): the
     /// held form is seen and sent only from there, so a cookie planted in another browser (by a
