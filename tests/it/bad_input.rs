@@ -868,7 +868,7 @@ async fn forms_missing_their_secret_are_not_attempts() {
 }
 
 /// Sends `request` as it is on a new connection; the status of the answer and its head.
-async fn send_raw(gw: &Gateway, request: &str) -> (u16, String) {
+pub(super) async fn send_raw(gw: &Gateway, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();

@@ -757,3 +757,29 @@ async fn a_form_held_for_a_copied_session_cookie_is_never_sent_by_the_owners_bro
     assert_eq!(gw.send_held(&owner, (id, &csrf), false).await.status(), 410);
     assert_eq!(gw.upstream.count(), before, "nothing sent");
 }
+
+/// A form that announces a body larger than can be held is not read to be held (a session could
+/// otherwise have the gateway wait for, and keep, whatever it announces): answered at once as a
+/// form that cannot be held, and nothing is forwarded.
+#[tokio::test]
+async fn a_form_announcing_too_large_a_body_is_not_read_to_be_held() {
+    let gw = Gateway::start_with(rules).await;
+    let (c, _, _) = gw.signed_in("announced@example.com").await;
+    gw.clock.advance(6 * 60);
+    let before = gw.upstream.count();
+    let big = portcullis::http::held::HELD_MAX_BODY * 5;
+    let request = format!(
+        "POST /campaigns/7/send HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\nAccept: text/html\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {big}\r\n\
+         Connection: close\r\n\r\nrecipients=1",
+        gw.addr,
+        gw.cookies(&c)
+    );
+    let (status, head) = super::bad_input::send_raw(&gw, &request).await;
+    assert_eq!(status, 403, "answered without waiting for the body: {head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("portcullis-held"),
+        "{head}"
+    );
+    assert_eq!(gw.upstream.count(), before);
+}
