@@ -659,12 +659,13 @@ async fn held_or_back(
         return Ok((read, None));
     }
     let target = (path_and_query, back.clone());
-    Ok(
-        match super::held::hold(state, session, target, req).await? {
-            Some(held) => (Some(held.page), Some(held.cookie)),
-            None => (read, None),
-        },
-    )
+    let held = super::held::hold(state, session, target, req).await;
+    // A form that cannot be kept (the store did not answer) is the request's outcome.
+    let held = held.inspect_err(|_| state.metrics.proxied(Proxied::Unavailable))?;
+    Ok(match held {
+        Some(held) => (Some(held.page), Some(held.cookie)),
+        None => (read, None),
+    })
 }
 
 /// `resp` with the cookie that ties a held form to the browser that sent it, if one was held.
@@ -762,7 +763,6 @@ async fn gate_and_forward(
         }
         Decision::Unbound(why, session) => {
             state.metrics.step_up("device_proof_required");
-            state.metrics.proxied(Proxied::Denied);
             let bind = super::binding::BIND_PATH;
             let back = referring_page(state, req.headers());
             // A browser's form is kept until this browser has proven itself again (a bound
@@ -786,6 +786,7 @@ async fn gate_and_forward(
                 }
                 false => (return_target(state, req.method(), &path_and_query), None),
             };
+            state.metrics.proxied(Proxied::Denied);
             let refused =
                 super::binding::refusal(state, why, browser, bind, (n.as_deref(), back.as_deref()));
             return Ok(Answer::Own(with_held_cookie(refused, cookie)));
@@ -796,7 +797,6 @@ async fn gate_and_forward(
             session,
         } => {
             state.metrics.step_up(reason);
-            state.metrics.proxied(Proxied::Denied);
             let back = referring_page(state, req.headers());
             // A browser's form is kept until the proof, then sent (see `held`).
             let (n, cookie) = held_or_back(
@@ -807,6 +807,7 @@ async fn gate_and_forward(
                 req,
             )
             .await?;
+            state.metrics.proxied(Proxied::Denied);
             let pages = (n.as_deref(), back.as_deref());
             let why = (key, reason);
             let refused = step_up_refusal(browser, pages, why, StatusCode::FORBIDDEN);

@@ -24,7 +24,7 @@ pub async fn wait_listening(addr: &str) {
 }
 
 /// Every sample of a scrape, keyed by `name{labels}` as written.
-async fn scrape(addr: &str) -> HashMap<String, f64> {
+pub(super) async fn scrape(addr: &str) -> HashMap<String, f64> {
     wait_listening(addr).await;
     let r = reqwest::get(format!("http://{addr}/metrics"))
         .await
@@ -49,7 +49,7 @@ fn at(m: &HashMap<String, f64>, key: &str) -> f64 {
 }
 
 /// How much each sample moved between two scrapes.
-fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, key: &str) -> f64 {
+pub(super) fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, key: &str) -> f64 {
     at(after, key) - before.get(key).copied().unwrap_or(0.0)
 }
 
@@ -57,7 +57,7 @@ fn sign_ins(result: &str, factor: &str) -> String {
     format!("portcullis_sign_in_attempts_total{{result=\"{result}\",factor=\"{factor}\"}}")
 }
 
-fn metrics_on_free_port() -> (String, impl FnOnce(&mut portcullis::config::Config)) {
+pub(super) fn metrics_on_free_port() -> (String, impl FnOnce(&mut portcullis::config::Config)) {
     let addr = format!("127.0.0.1:{}", free_port());
     let listen = addr.clone();
     (addr, move |c: &mut portcullis::config::Config| {

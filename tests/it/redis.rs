@@ -539,3 +539,67 @@ async fn a_gateway_whose_clock_is_off_is_not_ready() {
     alone.clock.advance(100);
     assert_eq!(status(&alone, "/_portcullis/readyz").await.0, 200);
 }
+
+/// A form stopped for a step-up that Redis will not keep (here its user may no longer write the
+/// held-form keys) is refused with 503 and counted as unavailable, not as denied; nothing of it
+/// reaches the console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_redis_cannot_hold_is_refused_and_counted_as_unavailable() {
+    let redis = PrivateRedis::start();
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let prefix = format!("held{}:", uuid::Uuid::new_v4().simple());
+    let acl = |rules: &[&str]| {
+        let mut cmd = ::redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("gw").arg(rules);
+        cmd
+    };
+    let everything = format!("~{prefix}*");
+    let _: () = acl(&["on", ">gwpass", &everything, "&*", "+@all"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let port = redis.url().rsplit(':').next().unwrap().to_string();
+    let (metrics, adjust) = super::metrics::metrics_on_free_port();
+    let url = format!("redis://gw:gwpass@127.0.0.1:{port}");
+    let keys = prefix.clone();
+    let gw = Gateway::start_with(move |c| {
+        on_redis(c, url);
+        c.storage.redis_prefix = keys;
+        adjust(c);
+        super::step_up::rules(c);
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("unkept@example.com").await;
+    assert_eq!(gw.status(&c, "/campaigns/7/edit").await, 200);
+    gw.clock.advance(6 * 60);
+    // Everything under the prefix stays readable and writable but the held forms' keys.
+    let read = format!("%R~{prefix}*");
+    let write = format!("%W~{prefix}[^h]*");
+    let _: () = acl(&["resetkeys", &read, &write])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let before = super::metrics::scrape(&metrics).await;
+    let forwarded = gw.upstream.count();
+    let r = gw
+        .form_from(
+            &c,
+            ("/campaigns/7/send", "/campaigns/7/edit"),
+            "recipients=5",
+        )
+        .await;
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("temporarily unavailable"));
+    let after = super::metrics::scrape(&metrics).await;
+    let outcome = |o: &str| format!("portcullis_proxied_requests_total{{outcome=\"{o}\"}}");
+    assert_eq!(
+        super::metrics::moved(&before, &after, &outcome("unavailable")),
+        1.0
+    );
+    assert_eq!(
+        super::metrics::moved(&before, &after, &outcome("denied")),
+        0.0
+    );
+    assert_eq!(gw.upstream.count(), forwarded);
+}

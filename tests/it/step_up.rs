@@ -8,7 +8,7 @@ use portcullis::policy::step_up::StepUpRule;
 use super::forward_auth::auth;
 use super::harness::*;
 
-fn rules(c: &mut portcullis::config::Config) {
+pub(super) fn rules(c: &mut portcullis::config::Config) {
     c.step_up = vec![
         rule("/campaigns/*/send", &["POST"], false),
         rule("/lists/*/export", &[], false),
