@@ -195,7 +195,7 @@ pub fn router(state: AppState) -> Router {
 /// A known address asked with a method it does not take. A browser opening an address that
 /// only takes forms (the address bar after a refused form, a bookmark, a reload) is sent to the
 /// page the form is on; anything else gets `405`.
-async fn method_not_allowed(
+pub(crate) async fn method_not_allowed(
     method: axum::http::Method,
     uri: axum::http::Uri,
     headers: HeaderMap,

@@ -86,6 +86,69 @@ fn concrete_routes(user_id: &str) -> Vec<(Method, String)> {
         .collect()
 }
 
+/// Which admin addresses exist cannot be told from outside: a wrong method on a real one, and an
+/// address that leads nowhere, are answered as a real one is (sign in, or not for you); only an
+/// admin learns that a method or an address is wrong.
+#[tokio::test]
+async fn admin_addresses_cannot_be_mapped_without_an_admin_session() {
+    let gw = gateway().await;
+    let (_, fresh_admin, _, _) = admin(&gw).await;
+    let (customer, _, _) = gw.signed_in("mapper@example.com").await;
+    let target = gw.user("mapper@example.com").await;
+    let routes = concrete_routes(&target.id);
+    let anonymous = gw.browser();
+    let customer_csrf = gw.csrf(&customer, "/_portcullis/account").await;
+    let admin_csrf = gw.csrf(&fresh_admin, "/_portcullis/account").await;
+    let mut probes: Vec<(Method, String, u16)> = Vec::new();
+    for (_, path) in &routes {
+        for m in [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+        ] {
+            if !routes.iter().any(|(rm, rp)| rp == path && *rm == m) {
+                probes.push((m, path.clone(), 405));
+            }
+        }
+    }
+    for path in [
+        "/_portcullis/admin/no-such-page",
+        &format!("/_portcullis/admin/users/{}/no-such-action", target.id),
+    ] {
+        probes.push((Method::GET, path.to_string(), 404));
+        probes.push((Method::POST, path.to_string(), 404));
+    }
+    for (m, path, for_admin) in &probes {
+        let send = |c: &Browser, csrf: &str| {
+            c.request(m.clone(), gw.url(path))
+                .header("accept", "application/json")
+                .header("x-csrf-token", csrf)
+                .form(&[("csrf", csrf), ("reason", "mapping")])
+                .send()
+        };
+        let r = send(&anonymous, "").await.unwrap();
+        assert_eq!(
+            error_code(r).await,
+            (401, "authentication_required".into()),
+            "{m} {path}"
+        );
+        let r = send(&customer, &customer_csrf).await.unwrap();
+        assert_eq!(
+            error_code(r).await,
+            (403, "admin_only".into()),
+            "{m} {path}"
+        );
+        let r = send(&fresh_admin, &admin_csrf).await.unwrap();
+        assert_eq!(r.status().as_u16(), *for_admin, "{m} {path}");
+    }
+    // A browser opening one without a session is sent to sign in, as for a real page.
+    let r = gw.get(&anonymous, "/_portcullis/admin/no-such-page").await;
+    assert_eq!(r.status(), 303);
+    assert!(location(&r).starts_with("/_portcullis/login?next="));
+}
+
 #[tokio::test]
 async fn every_admin_route_refuses_strangers_customers_and_stale_admins() {
     let gw = gateway().await;

@@ -131,14 +131,21 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
     routes().into_iter().map(|(m, p, _)| (m, p)).collect()
 }
 
-/// The admin routes, all behind [`guard`].
+/// The admin routes, all behind [`guard`], and with them the console's wrong methods and its
+/// addresses that lead nowhere: to anyone but an admin every address under [`PREFIX`] answers
+/// alike, so which ones exist cannot be told from outside (by a `405` or a `404`).
 pub fn router(state: AppState) -> Router<AppState> {
     routes()
         .into_iter()
         .fold(Router::new(), |r, (_, path, handler)| {
             r.route(path, handler)
         })
-        .route_layer(middleware::from_fn_with_state(state, guard))
+        .route(
+            "/_portcullis/admin/{*rest}",
+            axum::routing::any(|| async { AppError::not_found() }),
+        )
+        .method_not_allowed_fallback(super::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state, guard))
 }
 
 /// The admin acting on a request, put in the request by [`guard`].
