@@ -503,6 +503,32 @@ impl LoginFlow {
             .await
     }
 
+    /// [`LoginFlow::claim_step`] for the app being set up with `secret`: each step confirms it at most
+    /// once, so of two confirmations at once (a double submit) one sets it up and issues the
+    /// codes. The step is then recorded as used for sign-in too, so the confirming code does not
+    /// also sign in; it may equal a step used moments ago with the account's earlier secret (a
+    /// sign-in just before an enrolment link was used), which is no replay of this one.
+    async fn claim_enrolment(
+        &self,
+        user_id: &str,
+        secret: &[u8],
+        step: u64,
+    ) -> Result<bool, StoreError> {
+        let digest = crate::crypto::sha256_hex(secret);
+        let first = self
+            .ephemeral
+            .set_if_greater(
+                &format!("totp_enrol_step:{{{user_id}}}:{}", &digest[..32]),
+                step,
+                Duration::from_secs(10 * 60),
+            )
+            .await?;
+        if first {
+            self.claim_step(user_id, step).await?;
+        }
+        Ok(first)
+    }
+
     /// The session has passed `method`: complete, or (when the second factor came first and
     /// the password is still to come) waiting for the password.
     pub(crate) fn complete(&self, session: &mut Session, user: &User, method: &str) {
@@ -561,7 +587,10 @@ impl LoginFlow {
                 .wrong_code(session, client, "totp_enrolment", "bad_code")
                 .await;
         };
-        if !self.claim_step(&user.id, step).await? {
+        if !self
+            .claim_enrolment(&user.id, secret.expose(), step)
+            .await?
+        {
             return self
                 .wrong_code(session, client, "totp_enrolment", "replayed_code")
                 .await;

@@ -583,6 +583,26 @@ async fn continue_from_link(
     (c, path, form, r)
 }
 
+/// An account signed in with an app (and holding recovery codes) before an enrolment link for
+/// it is issued (the command line issues it by the system's clock), the link then opened in a new
+/// browser and continued to the app's step: the account's app secret and codes, the browser and
+/// the secret of the app it offers.
+async fn link_for_an_account_with_an_app(
+    gw: &Gateway,
+    email: &str,
+) -> (Vec<u8>, Vec<String>, Browser, Vec<u8>) {
+    gw.clock.advance(-120);
+    let (_, secret, codes) = gw.signed_in(email).await;
+    gw.clock.advance(120);
+    let path = enrol_link(gw, email).await;
+    let (c, _, r) = open_enrolment_link(gw, &path).await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
+    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+    let offered = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+    (secret, codes, c, offered)
+}
+
 /// An enrolment link used by an account that already holds recovery codes (to add a factor)
 /// keeps them: no new set voids the owner's saved one behind their back, and the sign-in
 /// completes without a codes page.
@@ -590,10 +610,7 @@ async fn continue_from_link(
 async fn an_enrolment_link_keeps_the_recovery_codes_an_account_holds() {
     let gw = gateway().await;
     let email = "keeps-codes@example.com";
-    // The factors are older than the link (the command line issues it by the system's clock).
-    gw.clock.advance(-120);
-    let (_, _, codes) = gw.signed_in(email).await;
-    gw.clock.advance(120);
+    let (_, codes, c, secret) = link_for_an_account_with_an_app(&gw, email).await;
     let user = gw.user(email).await;
     let left = gw
         .state
@@ -602,12 +619,6 @@ async fn an_enrolment_link_keeps_the_recovery_codes_an_account_holds() {
         .await
         .unwrap();
     assert!(left > 0);
-    let path = enrol_link(&gw, email).await;
-    let (c, _, r) = open_enrolment_link(&gw, &path).await;
-    assert_eq!(location(&r), "/_portcullis/enrol/totp");
-    let html = gw.page(&c, "/_portcullis/enrol/totp").await;
-    let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
-    let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
     gw.clock.advance(30);
     let r = gw
         .code(&c, "/_portcullis/enrol/totp", &gw.totp_now(&secret))
@@ -629,6 +640,50 @@ async fn an_enrolment_link_keeps_the_recovery_codes_an_account_holds() {
         location(&gw.code(&d, "/_portcullis/mfa", &codes[0]).await),
         "/"
     );
+}
+
+/// The app set up through an enrolment link takes its first code even for the 30 seconds in
+/// which the account's earlier app was just used to sign in: a step used with another secret is
+/// no replay of this one. That code is spent, for signing in as for confirming again, and a
+/// second confirmation sent with it (a double submit) sets nothing up twice.
+#[tokio::test]
+async fn a_new_apps_first_code_is_no_replay_of_the_earlier_apps_last() {
+    let gw = gateway().await;
+    let email = "same-step@example.com";
+    let (old_secret, _, c, secret) = link_for_an_account_with_an_app(&gw, email).await;
+    // The earlier app signs in now, in this same step, on another browser.
+    let d = gw.browser();
+    gw.password(&d, email, PASSWORD, "").await;
+    let r = gw
+        .code(&d, "/_portcullis/mfa", &gw.totp_now(&old_secret))
+        .await;
+    assert_eq!(location(&r), "/");
+    let code = gw.totp_now(&secret);
+    let (first, second) = tokio::join!(
+        gw.code(&c, "/_portcullis/enrol/totp", &code),
+        gw.code(&c, "/_portcullis/enrol/totp", &code),
+    );
+    assert!(
+        [&first, &second]
+            .iter()
+            .any(|r| r.status() == 303 && location(r) == "/"),
+        "the app is set up"
+    );
+    // (The account's first app was set up before the link was used.)
+    let set_up = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.email.as_deref() == Some(email))
+        .skip_while(|e| e.event != "enrolment_link_used")
+        .filter(|e| e.event == "totp_enrolled")
+        .count();
+    assert_eq!(set_up, 1, "one confirmation sets the app up");
+    // The confirming code does not also sign in.
+    let e = gw.browser();
+    gw.password(&e, email, PASSWORD, "").await;
+    let r = gw.code(&e, "/_portcullis/mfa", &code).await;
+    assert_ne!(location(&r), "/", "the confirming code is spent");
 }
 
 /// Opens the enrolment link at `path` in a new browser and continues (an account with a
