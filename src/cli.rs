@@ -108,7 +108,8 @@ pub enum StorageCmd {
 pub enum UserCmd {
     /// Create a user; the password is read from standard input (never from the command line).
     /// With --no-password none is read or set: the user sets one through an enrolment link
-    /// (`user enrol-link`), so nobody who learns a password first can set up the second factor.
+    /// (`user enrol-link`), so nobody who learns a password first can set up the second factor;
+    /// the account sets up its first factor through a link only.
     Add {
         email: String,
         #[arg(long)]
@@ -1056,17 +1057,19 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 let hasher = PasswordHasher::new(&config.password)?;
                 hasher.hash(&password).await?
             };
-            let user = durable
-                .create_user(
-                    NewUser {
-                        email,
-                        account_id: account,
-                        is_admin: admin,
-                        password_hash: hash,
-                    },
-                    clock.now(),
-                )
-                .await?;
+            let new = NewUser {
+                email,
+                account_id: account,
+                is_admin: admin,
+                password_hash: hash,
+            };
+            let user = match no_password {
+                true => {
+                    crate::store::create_user_without_password(durable.as_ref(), new, clock.now())
+                        .await?
+                }
+                false => durable.create_user(new, clock.now()).await?,
+            };
             durable
                 .append_audit(&[audit("user_created", Some(&user), "cli")])
                 .await?;
@@ -1255,6 +1258,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 )
                 .await;
             say!("set a new password for {}; its sessions ended", u.email);
+            if crate::store::awaits_enrolment_link(durable.as_ref(), &u).await? {
+                say!(
+                    "it has no second factor and sets one up only through an enrolment link, so                      the password alone signs in to nothing: give the user one (portcullis user                      enrol-link {})",
+                    u.email
+                );
+            }
         }
         Command::User(UserCmd::Totp(TotpCmd::Generate { email })) => {
             let u = find_user(durable.as_ref(), &email).await?;
@@ -1317,16 +1326,14 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 }
                 None => {
                     let account = account_id(account.as_deref().unwrap_or("admin"))?;
-                    let u = durable
-                        .create_user(
-                            NewUser {
-                                email,
-                                account_id: account,
-                                is_admin: true,
-                                password_hash: String::new(),
-                            },
-                            clock.now(),
-                        )
+                    let new = NewUser {
+                        email,
+                        account_id: account,
+                        is_admin: true,
+                        password_hash: String::new(),
+                    };
+                    let now = clock.now();
+                    let u = crate::store::create_user_without_password(durable.as_ref(), new, now)
                         .await?;
                     durable
                         .append_audit(&[audit("user_created", Some(&u), "bootstrap")])

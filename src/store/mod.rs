@@ -56,15 +56,19 @@ pub struct User {
     /// (disable, second-factor reset, "this wasn't me").
     pub sessions_valid_after_ms: i64,
     /// When an administrator last removed the second factors (or a report removed those set up
-    /// since the reported sign-in), if ever: such an account without a factor enrols again only
-    /// through an enrolment link, never after its password alone.
+    /// since the reported sign-in), or when the account was created without a password, if
+    /// ever: such an account without a factor enrols (again) only through an enrolment link,
+    /// never after its password alone.
     #[serde(default)]
     pub factors_reset_at: Option<UnixTime>,
 }
 
 impl User {
     /// Whether this account, once without a second factor, may set one up after its password
-    /// alone: only an account whose factors were never removed (its first sign-in).
+    /// alone: only an account whose factors were never removed (its first sign-in) and that was
+    /// created with a password. One created without (its password set through an enrolment
+    /// link) sets up its first factor through a link only, so a password learnt while the link's
+    /// setup was cut short (the link used, the app not yet confirmed) sets up nothing.
     #[must_use]
     pub fn enrols_after_password(&self) -> bool {
         self.factors_reset_at.is_none()
@@ -79,9 +83,32 @@ pub async fn has_second_factor(durable: &dyn DurableStore, user_id: &str) -> Sto
 }
 
 /// Whether `user` sets up a second factor only through an enrolment link: its factors were
-/// removed ([`User::enrols_after_password`]) and none has been set up since.
+/// removed, or it was created without a password ([`User::enrols_after_password`]), and none
+/// has been set up since.
 pub async fn awaits_enrolment_link(durable: &dyn DurableStore, user: &User) -> StoreResult<bool> {
     Ok(!user.enrols_after_password() && !has_second_factor(durable, &user.id).await?)
+}
+
+/// Creates a user without a password (the user sets one through an enrolment link), marked as
+/// setting up its first factor through such a link only ([`User::enrols_after_password`]).
+pub async fn create_user_without_password(
+    durable: &dyn DurableStore,
+    new: NewUser,
+    now: UnixTime,
+) -> StoreResult<User> {
+    let mut user = durable
+        .create_user(
+            NewUser {
+                password_hash: String::new(),
+                ..new
+            },
+            now,
+        )
+        .await?;
+    // Nothing to remove yet: this only records since when the account takes links alone.
+    durable.reset_second_factors(&user.id, now).await?;
+    user.factors_reset_at = Some(now);
+    Ok(user)
 }
 
 /// Whether removing `user`'s second factors would change nothing: its factors were removed

@@ -143,6 +143,14 @@ async fn admin_addresses_cannot_be_mapped_without_an_admin_session() {
         let r = send(&fresh_admin, &admin_csrf).await.unwrap();
         assert_eq!(r.status().as_u16(), *for_admin, "{m} {path}");
     }
+    // An admin's browser opening a form's address is sent to the form's page.
+    let unlock = format!("/_portcullis/admin/users/{}/unlock", target.id);
+    let r = gw.get(&fresh_admin, &unlock).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        location(&r),
+        format!("/_portcullis/admin/users/{}", target.id)
+    );
     // A browser opening one without a session is sent to sign in, as for a real page.
     let r = gw.get(&anonymous, "/_portcullis/admin/no-such-page").await;
     assert_eq!(r.status(), 303);
@@ -2323,4 +2331,56 @@ async fn an_enrolment_link_takes_back_what_a_password_thief_set_up_first() {
     let c = gw.browser();
     let r = use_link(&gw, &c, &path, NEW_PASSWORD).await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // The link's setup cut short (the app not yet confirmed): whoever learnt the password the
+    // link set, in another browser, sets up nothing with it; the link's browser goes on.
+    let thief = gw.browser();
+    let r = gw.password(&thief, email, NEW_PASSWORD, "").await;
+    assert_ne!(location(&r), "/_portcullis/enrol/totp");
+    assert_eq!(r.status(), 401, "refused as a wrong password is");
+    assert_ne!(gw.status(&thief, "/_portcullis/enrol/totp").await, 200);
+    let (secret, _) = gw.enrol_app(&c).await;
+    gw.save_recovery_codes(&c).await;
+    assert_eq!(gw.status(&c, "/inbox").await, 200);
+    // Once it has its app, the password and the app sign in as for anyone.
+    gw.clock.advance(30);
+    let b = gw.browser();
+    let r = gw.password(&b, email, NEW_PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let r = gw.code(&b, "/_portcullis/mfa", &gw.totp_now(&secret)).await;
+    assert_eq!(location(&r), "/");
+    // The admin console's new users are alike.
+    let (_, admin_c, _, _) = admin(&gw).await;
+    let csrf = gw.csrf(&admin_c, "/_portcullis/admin/users").await;
+    let made = "console-made@example.com";
+    let r = admin_c
+        .post(gw.url("/_portcullis/admin/users"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("email", made),
+            ("account", "acct-3"),
+            ("reason", "new customer"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success() || r.status() == 303,
+        "{}",
+        r.status()
+    );
+    assert!(!gw.user(made).await.enrols_after_password());
+    // A password set for it on the command line signs in to nothing, and the command says so.
+    let out = gw
+        .cli(
+            &["user", "set-password", made],
+            Some(&format!("{NEW_PASSWORD}\n")),
+        )
+        .await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("enrol-link"),
+        "{said}"
+    );
+    let r = gw.password(&gw.browser(), made, NEW_PASSWORD, "").await;
+    assert_eq!(r.status(), 401);
 }

@@ -193,19 +193,18 @@ pub async fn create_post(
         return bad("The account id has 1 to 128 characters.").await;
     }
     let is_admin = form.admin;
-    let created = state
-        .durable
-        .create_user(
-            NewUser {
-                email,
-                account_id: account,
-                is_admin,
-                // No password until the user sets one through their enrolment link.
-                password_hash: String::new(),
-            },
-            state.clock.now(),
-        )
-        .await;
+    // No password until the user sets one through their enrolment link.
+    let created = crate::store::create_user_without_password(
+        state.durable.as_ref(),
+        NewUser {
+            email,
+            account_id: account,
+            is_admin,
+            password_hash: String::new(),
+        },
+        state.clock.now(),
+    )
+    .await;
     let user = match created {
         Ok(u) => u,
         Err(StoreError::Conflict(_)) => {
