@@ -486,9 +486,13 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
+    map $http_upgrade $portcullis_upgrade {{
+        default         "";
+        "~*^websocket$" websocket;
+    }}
     map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        ''      close;
+        default         close;
+        "~*^websocket$" upgrade;
     }}
     server {{
         listen {listen};
@@ -562,7 +566,7 @@ http {{
             proxy_set_header X-Forwarded-Host $host;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Upgrade $portcullis_upgrade;
             proxy_set_header Connection $connection_upgrade;
             proxy_hide_header X-Portcullis-Assertion;
             proxy_hide_header Secure-Session-Registration;
@@ -702,6 +706,25 @@ async fn nginx_auth_request_guards_the_console() {
     assert_eq!(claims.sub, user.id);
     // The console's WebSockets pass through nginx once the check passes.
     drop(super::proxy::open_ws_via(nginx.addr, &cookie).await);
+    // Another protocol asked for never reaches the console (the check does not see `Upgrade`,
+    // so a console speaking h2c would open a tunnel past it): the request goes as a plain one.
+    let h2c = [
+        ("Cookie", cookie.as_str()),
+        ("Upgrade", "h2c"),
+        ("Connection", "Upgrade, HTTP2-Settings"),
+        ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+    ];
+    let r = raw(nginx.addr, "GET", "/campaigns", &h2c, "").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = gw.upstream.last();
+    assert!(
+        seen.header("upgrade").is_none()
+            && !seen
+                .header("connection")
+                .is_some_and(|c| c.to_ascii_lowercase().contains("upgrade")),
+        "{:?}",
+        seen.headers
+    );
     // The console verifies with the gateway's keys, reached through the same host.
     let r = raw(nginx.addr, "GET", "/.well-known/jwks.json", &[], "").await;
     assert_eq!(r.status, 200, "{}", r.head);
