@@ -54,6 +54,7 @@ fn bench(c: &mut Criterion) {
         amr: &amr,
         acr: "urn:portcullis:acr:mfa",
         auth_time: clock.now(),
+        factor_time: Some(clock.now()),
         sid: "sid",
     };
     c.bench_function("token_for_cached", |b| {

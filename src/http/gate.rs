@@ -396,6 +396,7 @@ pub(crate) async fn decide(
         amr: &loaded.session.amr,
         acr: acr_for(&loaded.session),
         auth_time: loaded.session.auth_ms / 1000,
+        factor_time: loaded.session.second_factor_ms().map(|ms| ms / 1000),
         sid: &loaded.session.public_id,
     };
     let token = state

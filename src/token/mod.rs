@@ -70,6 +70,12 @@ pub struct Claims {
     pub acr: String,
     /// When the user last authenticated (Unix seconds).
     pub auth_time: i64,
+    /// When the user last proved a second factor of their own (Unix seconds): a code or a key,
+    /// at sign-in or a step-up; never a remembered browser's device key. What the gateway's
+    /// `[[step_up]]` rules measure; absent for a session signed in by a remembered browser that
+    /// has not stepped up since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor_time: Option<i64>,
     /// Opaque session id (never the session cookie itself).
     pub sid: String,
     /// Issued at (Unix seconds).
@@ -98,12 +104,15 @@ pub struct Identity<'a> {
     pub acr: &'a str,
     /// When the user last authenticated (Unix seconds).
     pub auth_time: i64,
+    /// When the user last proved a second factor of their own (Unix seconds), if ever in this
+    /// session ([`Claims::factor_time`]).
+    pub factor_time: Option<i64>,
     /// Opaque session id for the backend.
     pub sid: &'a str,
 }
 
 /// An [`Identity`] kept with a cached token: the token may be reused only for an identity equal
-/// to [`OwnedIdentity::view`] in every field (a step-up changes `amr`/`acr`/`auth_time`, so a
+/// to [`OwnedIdentity::view`] in every field (a step-up changes `amr`/`acr`/`auth_time`/`factor_time`, so a
 /// cached token must not outlive it).
 #[derive(Debug, Clone)]
 struct OwnedIdentity {
@@ -113,6 +122,7 @@ struct OwnedIdentity {
     amr: Vec<String>,
     acr: String,
     auth_time: i64,
+    factor_time: Option<i64>,
     sid: String,
 }
 
@@ -125,6 +135,7 @@ impl OwnedIdentity {
             amr: id.amr.to_vec(),
             acr: id.acr.to_string(),
             auth_time: id.auth_time,
+            factor_time: id.factor_time,
             sid: id.sid.to_string(),
         }
     }
@@ -137,6 +148,7 @@ impl OwnedIdentity {
             amr: &self.amr,
             acr: &self.acr,
             auth_time: self.auth_time,
+            factor_time: self.factor_time,
             sid: &self.sid,
         }
     }

@@ -222,6 +222,7 @@ impl Signer {
             amr: identity.amr.to_vec(),
             acr: identity.acr.to_string(),
             auth_time: identity.auth_time,
+            factor_time: identity.factor_time,
             sid: identity.sid.to_string(),
             iat: now,
             nbf: now,

@@ -79,6 +79,7 @@ pub(super) fn identity() -> Identity<'static> {
         amr: &AMR,
         acr: "mfa",
         auth_time: 1_700_000_000,
+        factor_time: Some(1_700_000_000),
         sid: "sid-abc",
     }
 }
@@ -452,7 +453,7 @@ async fn a_change_in_any_field_of_the_identity_mints_a_new_token() {
     let id = identity();
     let cached = signer.token_for("s1", &id).unwrap();
     let other_amr = vec!["pwd".to_string(), "hwk".to_string()];
-    let changes: [(&str, Identity<'_>); 7] = [
+    let changes: [(&str, Identity<'_>); 9] = [
         (
             "sub",
             Identity {
@@ -490,6 +491,20 @@ async fn a_change_in_any_field_of_the_identity_mints_a_new_token() {
             },
         ),
         (
+            "factor_time",
+            Identity {
+                factor_time: Some(1_700_000_060),
+                ..id
+            },
+        ),
+        (
+            "no factor_time",
+            Identity {
+                factor_time: None,
+                ..id
+            },
+        ),
+        (
             "sid",
             Identity {
                 sid: "sid-xyz",
@@ -508,6 +523,7 @@ async fn a_change_in_any_field_of_the_identity_mints_a_new_token() {
             amr: &claims.amr,
             acr: &claims.acr,
             auth_time: claims.auth_time,
+            factor_time: claims.factor_time,
             sid: &claims.sid,
         };
         assert_eq!(asserted, changed, "{field}");

@@ -77,7 +77,7 @@ pub(super) async fn remembered_user(gw: &Gateway, dev: &Device) -> (Browser, Vec
 async fn a_remembered_browser_proves_its_key_instead_of_the_second_factor() {
     let gw = gateway().await;
     let dev = Device::new();
-    let (b, _) = remembered_user(&gw, &dev).await;
+    let (b, secret) = remembered_user(&gw, &dev).await;
     let user = gw.user(EMAIL).await;
     let device = &gw.state.durable.list_devices(&user.id).await.unwrap()[0];
     let until = device.remembered_until.expect("remembered");
@@ -124,6 +124,16 @@ async fn a_remembered_browser_proves_its_key_instead_of_the_second_factor() {
         .await
         .iter()
         .any(|e| e.event == "second_factor" && e.reason.as_deref() == Some("remembered_device")));
+    // The console is told so: no second factor proven in this session (`factor_time` absent),
+    // though `auth_time` is the sign-in's; a code at the step-up page proves one.
+    assert_eq!(claims.factor_time, None, "{claims:?}");
+    gw.clock.advance(60);
+    let r = super::risk::reauth_with_code(&gw, &b, &secret, "/campaigns").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(gw.status(&b, "/campaigns").await, 200);
+    let stepped = super::webauthn::last_claims(&gw).await;
+    assert_eq!(stepped.factor_time, Some(stepped.auth_time));
+    assert!(stepped.auth_time >= claims.auth_time + 60);
 }
 
 #[tokio::test]

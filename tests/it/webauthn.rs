@@ -1008,6 +1008,10 @@ async fn acr_and_auth_time_follow_the_latest_proof() {
         "an old key proof is no fresh one"
     );
     assert!(coded.auth_time >= keyed.auth_time + 300);
+    // Each of these proofs is a second factor of the user's own: `factor_time` follows them.
+    for claims in [&signed_in, &keyed, &coded] {
+        assert_eq!(claims.factor_time, Some(claims.auth_time), "{claims:?}");
+    }
     // The key proof is within the rule's hour, but the latest proof is a code: the key again.
     let r = gw.get(&c, "/api-keys").await;
     assert_eq!(location(&r), "/_portcullis/reauth?next=%2Fapi-keys&key=1");
