@@ -167,7 +167,11 @@ pub(super) fn expired(state: &AppState) -> Response {
 
 fn notice_text(code: &str) -> Option<&'static str> {
     Some(match code {
-        "expired" => "Your sign-in took too long or was interrupted. Please start again.",
+        "expired" => {
+            "Your sign-in took too long or was interrupted. Please start again. If you were \
+             setting up your second factor from an enrolment link, ask your administrator for a \
+             new link."
+        }
         "restart" => "Too many wrong codes. Please sign in again.",
         "moved" => {
             "Your sign-in continued from another network or browser than it started on, so it \

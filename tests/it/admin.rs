@@ -756,6 +756,12 @@ async fn an_enrolment_from_a_link_waits_for_the_app_and_the_link_reopened_goes_o
         "/_portcullis/login?notice=expired"
     );
     assert_eq!(gw.get(&c, &path).await.status(), 410);
+    // The sign-in page says what to do: a new link.
+    let notice = gw.page(&c, "/_portcullis/login?notice=expired").await;
+    assert!(
+        notice.contains("ask your administrator for a new link"),
+        "{notice}"
+    );
     // An enrolment under way when every session of the account is ended (`user reset-mfa`,
     // `set-password`: a link that leaked, used by someone else) ends with them: its app is
     // never set up.
