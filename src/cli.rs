@@ -418,6 +418,9 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
     {
         anyhow::bail!("--to must be a postgres:// or sqlite:// URL");
     }
+    if !to.starts_with("sqlite:") && !crate::config::storage::postgres_names_database(to) {
+        anyhow::bail!("--to {}", crate::config::storage::NO_DATABASE_NAMED);
+    }
     if to == from.as_str() {
         anyhow::bail!("--to names the database the configuration already uses");
     }

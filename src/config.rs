@@ -12,7 +12,7 @@ use url::Url;
 
 use crate::secret::Secret;
 
-mod storage;
+pub(crate) mod storage;
 pub use storage::StorageConfig;
 
 /// Prefix of environment overrides.

@@ -147,6 +147,9 @@ impl StorageConfig {
                 "is not a valid postgres:// URL (host, port and database name)",
             ));
         }
+        if !self.durable.starts_with("sqlite:") && !postgres_names_database(&self.durable) {
+            return Err(key_err("storage.durable", NO_DATABASE_NAMED));
+        }
         let lower = self.durable.to_ascii_lowercase();
         if lower.starts_with("sqlite:")
             && (crate::store::sql::sqlite_file(&self.durable).is_none()
@@ -215,3 +218,18 @@ fn read_ca((key, what): (&str, &str), path: &Path) -> Result<Vec<u8>, ConfigErro
 
 /// Longer waits would hold requests (and their connections) for too long while a store is down.
 const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a `postgres://` URL without a database name is refused.
+pub(crate) const NO_DATABASE_NAMED: &str =
+    "names no database: end the URL with it (postgres://user@host:5432/portcullis); without one \
+     the server's default database for the user (often `postgres`, or one named after the user) \
+     would get the gateway's tables";
+
+/// Whether a `postgres://` URL names its database (its path, or a `dbname` option): without one
+/// the driver takes the server's default for the user, or `PGDATABASE`, wherever that points.
+pub(crate) fn postgres_names_database(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| {
+        !u.path().trim_start_matches('/').is_empty()
+            || u.query_pairs().any(|(k, v)| k == "dbname" && !v.is_empty())
+    })
+}

@@ -238,6 +238,15 @@ fn bad_values_are_refused_with_the_key() {
             "[storage]\ndurable = \"postgres://u:pw@127.0.0.1:notaport/db\"\n",
             "storage.durable",
         ),
+        // No database named: the server's default for the user would get the tables.
+        (
+            "[storage]\ndurable = \"postgres://u@127.0.0.1:5432\"\n",
+            "names no database",
+        ),
+        (
+            "[storage]\ndurable = \"postgresql://u@127.0.0.1/\"\n",
+            "names no database",
+        ),
         // TLS files the database URL names, read only at the first connection.
         (
             "[storage]\ndurable = \"postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n",

@@ -1957,6 +1957,18 @@ async fn storage_copy_moves_a_sqlite_gateway_to_postgres() {
     let trail = gw.audit().await;
     let kid = gw.state.signer.current_kid();
     let (name, url) = fresh_database().await;
+    // A URL without its database name would copy into the server's default database for the
+    // user (or `PGDATABASE`'s): refused, nothing copied.
+    let server = url.rsplit_once('/').unwrap().0.to_string();
+    for nameless in [server.clone(), format!("{server}/")] {
+        let out = gw.cli(&["storage", "copy", "--to", &nameless], None).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("names no database"),
+            "{err}"
+        );
+        assert!(!err.contains("copying"), "{err}");
+    }
 
     let out = gw.cli(&["storage", "copy", "--to", &url], None).await;
     let said = String::from_utf8_lossy(&out.stdout);
