@@ -525,8 +525,9 @@ pub fn is_plausible_email(email: &str) -> bool {
             .any(|c| c.is_whitespace() || is_hidden_char(c) || "<>()[]\\,;:\"".contains(c))
 }
 
-/// Why a new user's (normalised) address could pass for another, if it could: a domain in
-/// IDNA's ASCII form that does not decode (`xn--abc`), marks with no letter under them or piled
+/// Why a new user's (normalised) address is refused, if it is: a domain that is no host name
+/// mail can go to (`exa_mple.com`, a label over 63 characters), or one that could pass for
+/// another address: a domain in IDNA's ASCII form that does not decode (`xn--abc`), marks with no letter under them or piled
 /// up, or a local part or domain label (read back from IDNA) written in more than one script
 /// (Unicode's mixed-script rule, UTS 39: `аlice` with a Cyrillic `а` beside `alice`).
 pub fn email_confusion(email: &str) -> Option<&'static str> {
@@ -534,6 +535,14 @@ pub fn email_confusion(email: &str) -> Option<&'static str> {
     let Some((local, domain)) = email.rsplit_once('@') else {
         return Some("The address has no domain.");
     };
+    // A name mail can be sent to: letters, digits and hyphens (or their IDNA form), labels of
+    // at most 63 characters, 253 in all (STD3 rules, DNS lengths).
+    if idna::domain_to_ascii_strict(domain).is_err() {
+        return Some(
+            "The address's domain is not a domain name mail can go to (letters, digits and \
+             hyphens, each part at most 63 characters).",
+        );
+    }
     let (unicode, decoded) = idna::domain_to_unicode(domain);
     if decoded.is_err() {
         return Some("The address's domain is punycode (xn--) that does not decode.");
@@ -911,13 +920,28 @@ mod tests {
             email_skeleton("alice@example.com"),
             email_skeleton("alicia@example.com")
         );
+        let long_label = format!("x@{}.com", "b".repeat(64));
         for refused in [
             "\u{301}alice@example.com",
             "x@xn--abc.com",
             "ali\u{301}\u{301}\u{301}\u{301}\u{301}\u{301}ce@example.com",
+            "x@exa_mple.com",
+            "x@-example.com",
+            long_label.as_str(),
         ] {
             let email = crate::store::normalise_email(refused);
             assert!(email_confusion(&email).is_some(), "{refused:?}");
+        }
+        // What mail goes to is taken: hyphens, digits, 63-character labels, internationalised
+        // domains.
+        let longest = format!("x@{}.com", "b".repeat(63));
+        for taken in [
+            "x@mail-1.example.com",
+            longest.as_str(),
+            "u@\u{43f}\u{440}\u{438}\u{43c}\u{435}\u{440}.\u{440}\u{444}",
+        ] {
+            let email = crate::store::normalise_email(taken);
+            assert_eq!(email_confusion(&email), None, "{taken:?}");
         }
         // An internationalised domain is one mailbox in either spelling.
         assert_eq!(
