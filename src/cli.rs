@@ -630,9 +630,21 @@ async fn check_redis(config: &Config) -> Result<()> {
     let Some(store) = redis_store(config).await? else {
         return Ok(());
     };
-    let answered = tokio::time::timeout(std::time::Duration::from_secs(5), store.answers()).await;
+    // As the readiness probe asks: every kind of command the gateway sends, on short-lived keys
+    // under the prefix, so an ACL that leaves one out is found here, not at the first sign-in.
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::store::EphemeralStore::ping(&store),
+    )
+    .await;
     match answered {
         Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.to_string().contains("invalid peer certificate") => {
+            anyhow::bail!(
+                "storage.ephemeral: the Redis server's TLS certificate was not accepted \
+                 (storage.redis_tls_ca names the CA of a private one): {e}"
+            )
+        }
         Ok(Err(e)) if refused_by_redis(&e.to_string()) => {
             anyhow::bail!("storage.ephemeral: the Redis server refused the gateway: {e}")
         }
@@ -654,13 +666,14 @@ async fn check_redis(config: &Config) -> Result<()> {
 /// Whether a Redis error is the server's refusal of the configuration (password, user,
 /// database, permissions) rather than the server not being reached.
 fn refused_by_redis(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
     [
         "authentication failed",
-        "WRONGPASS",
-        "NOAUTH",
-        "NOPERM",
+        "wrongpass",
+        "noauth",
+        "noperm",
         "no permissions",
-        "DB index",
+        "db index",
     ]
     .iter()
     .any(|s| e.contains(s))
@@ -1066,13 +1079,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 is_admin: admin,
                 password_hash: hash,
             };
-            let user = match no_password {
-                true => {
-                    crate::store::create_user_without_password(durable.as_ref(), new, clock.now())
-                        .await?
-                }
-                false => durable.create_user(new, clock.now()).await?,
-            };
+            let user = durable.create_user(new, clock.now()).await?;
             durable
                 .append_audit(&[audit("user_created", Some(&user), "cli")])
                 .await?;
@@ -1220,9 +1227,16 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
         Command::User(UserCmd::ResetMfa { email }) => {
             let u = find_user(durable.as_ref(), &email).await?;
             if crate::store::nothing_to_reset(durable.as_ref(), &u).await? {
+                // No factor to remove, but a setup under way through a link (perhaps someone
+                // else's use of one that leaked) is cut off, as a reset would.
+                durable.void_sessions(&u.id, clock.now_millis()).await?;
+                durable
+                    .append_audit(&[audit("sessions_ended", Some(&u), "cli")])
+                    .await?;
                 say!(
                     "{email} has no second factor to remove: it sets one up through an enrolment \
-                     link (portcullis user enrol-link {email})",
+                     link (portcullis user enrol-link {email}). Any sign-in or enrolment under \
+                     way was ended",
                     email = u.email
                 );
                 return Ok(());
@@ -1263,7 +1277,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             say!("set a new password for {}; its sessions ended", u.email);
             if crate::store::awaits_enrolment_link(durable.as_ref(), &u).await? {
                 say!(
-                    "it has no second factor and sets one up only through an enrolment link, so                      the password alone signs in to nothing: give the user one (portcullis user                      enrol-link {})",
+                    "it has no second factor and sets one up only through an enrolment link, so \
+                     the password alone signs in to nothing: give the user one (portcullis user \
+                     enrol-link {})",
                     u.email
                 );
             }
@@ -1335,9 +1351,7 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                         is_admin: true,
                         password_hash: String::new(),
                     };
-                    let now = clock.now();
-                    let u = crate::store::create_user_without_password(durable.as_ref(), new, now)
-                        .await?;
+                    let u = durable.create_user(new, clock.now()).await?;
                     durable
                         .append_audit(&[audit("user_created", Some(&u), "bootstrap")])
                         .await?;

@@ -503,18 +503,23 @@ impl LoginFlow {
             .await
     }
 
-    /// [`LoginFlow::claim_step`] for the app being set up with `secret`: each step confirms it at most
-    /// once, so of two confirmations at once (a double submit) one sets it up and issues the
-    /// codes. The step is then recorded as used for sign-in too, so the confirming code does not
-    /// also sign in; it may equal a step used moments ago with the account's earlier secret (a
-    /// sign-in just before an enrolment link was used), which is no replay of this one.
+    /// [`LoginFlow::claim_step`] for the app being set up with `secret`: each step confirms it at
+    /// most once (two confirmations of one session are also taken one at a time, and the second
+    /// finds the sign-in complete). The step is then recorded as used for sign-in too, so the
+    /// confirming code does not also sign in; it may equal a step used moments ago with the
+    /// account's earlier secret (a sign-in just before an enrolment link was used), which is no
+    /// replay of this one.
     async fn claim_enrolment(
         &self,
         user_id: &str,
         secret: &[u8],
         step: u64,
     ) -> Result<bool, StoreError> {
-        let digest = crate::crypto::sha256_hex(secret);
+        // Keyed, as every name the stores keep of a secret is.
+        let digest = hex::encode(
+            self.master_key
+                .link_mac_parts(&[b"totp-enrolment\0", secret]),
+        );
         let first = self
             .ephemeral
             .set_if_greater(

@@ -89,28 +89,6 @@ pub async fn awaits_enrolment_link(durable: &dyn DurableStore, user: &User) -> S
     Ok(!user.enrols_after_password() && !has_second_factor(durable, &user.id).await?)
 }
 
-/// Creates a user without a password (the user sets one through an enrolment link), marked as
-/// setting up its first factor through such a link only ([`User::enrols_after_password`]).
-pub async fn create_user_without_password(
-    durable: &dyn DurableStore,
-    new: NewUser,
-    now: UnixTime,
-) -> StoreResult<User> {
-    let mut user = durable
-        .create_user(
-            NewUser {
-                password_hash: String::new(),
-                ..new
-            },
-            now,
-        )
-        .await?;
-    // Nothing to remove yet: this only records since when the account takes links alone.
-    durable.reset_second_factors(&user.id, now).await?;
-    user.factors_reset_at = Some(now);
-    Ok(user)
-}
-
 /// Whether removing `user`'s second factors would change nothing: its factors were removed
 /// already, no factor or recovery code has been set up since, and it enrols only through an
 /// enrolment link. (A reset neither audited nor mailed again, as for any action that changes
@@ -360,6 +338,9 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Creates a user. One without a password (`password_hash` empty: the user sets one
+    /// through an enrolment link) is marked, in the same write, as setting up its first factor
+    /// through such a link only ([`User::enrols_after_password`]).
     async fn create_user(&self, new: NewUser, now: UnixTime) -> StoreResult<User>;
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>>;

@@ -594,6 +594,7 @@ impl DurableStore for SqlStore {
     }
 
     async fn create_user(&self, new: NewUser, now: UnixTime) -> StoreResult<User> {
+        let password_less = new.password_hash.is_empty();
         let user = User {
             id: uuid::Uuid::new_v4().to_string(),
             email: super::normalise_email(&new.email),
@@ -604,13 +605,15 @@ impl DurableStore for SqlStore {
             password_hash: new.password_hash,
             created_at: now,
             sessions_valid_after_ms: 0,
-            factors_reset_at: None,
+            // Without a password (set later through an enrolment link), the first factor too
+            // comes through a link only ([`User::enrols_after_password`]).
+            factors_reset_at: password_less.then_some(now),
         };
         let (pool, u) = (&self.pool, &user);
         self.retrying(move || async move {
             sqlx::query(
-                "INSERT INTO users (id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms) \
-                 VALUES ($1, $2, $3, $4, 0, $5, $6, 0)",
+                "INSERT INTO users (id, email, account_id, is_admin, disabled, password_hash, created_at, sessions_valid_after_ms, factors_reset_at) \
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, 0, $7)",
             )
             .bind(&u.id)
             .bind(&u.email)
@@ -618,6 +621,7 @@ impl DurableStore for SqlStore {
             .bind(i64::from(u.is_admin))
             .bind(&u.password_hash)
             .bind(now)
+            .bind(u.factors_reset_at)
             .execute(pool)
             .await
         })

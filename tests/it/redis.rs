@@ -456,6 +456,19 @@ async fn the_documented_acl_suffices_and_a_narrower_one_is_not_ready() {
         .unwrap();
     let short = Gateway::start_with(on_user("short:gwpass")).await;
     wait_ready(&short, 503).await;
+    // `check-config` asks as the probe does: the documented user passes, the short one not.
+    let out = gw.cli(&["check-config"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = short.cli(&["check-config"], None).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("refused the gateway"),
+        "{said}"
+    );
 }
 
 /// What is typed as the sign-in address (often a password, in the wrong field) is not kept in

@@ -594,6 +594,12 @@ async fn redis_over_tls_with_a_private_ca() {
     let (c, _, _) = gw.signed_in("tls-redis@example.com").await;
     assert_eq!(gw.status(&c, "/inbox").await, 200);
     assert_eq!(gw.upstream.count(), 1);
+    let out = gw.cli(&["check-config"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Fail closed: the system roots do not know the test CA, and plain Redis on the TLS port
     // gets no answer. Neither gateway is ready, nor lets a sign-in through.
@@ -604,6 +610,18 @@ async fn redis_over_tls_with_a_private_ca() {
         let gw = ready_on(&url, ca, 503).await;
         let r = gw.get(&gw.browser(), "/_portcullis/login").await;
         assert_eq!(r.status(), 503, "{url}");
+        // `check-config` says so: a certificate refused is the configuration's fault, an
+        // error; a server that gives no answer is one it could not check.
+        let out = gw.cli(&["check-config"], None).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        if url.starts_with("rediss:") {
+            assert!(
+                !out.status.success() && said.contains("certificate was not accepted"),
+                "{said}"
+            );
+        } else {
+            assert!(out.status.success() && said.contains("not"), "{said}");
+        }
     }
 }
 

@@ -140,12 +140,15 @@ pub fn router(state: AppState) -> Router<AppState> {
         .fold(Router::new(), |r, (_, path, handler)| {
             r.route(path, handler)
         })
-        .route(
-            "/_portcullis/admin/{*rest}",
-            axum::routing::any(|| async { AppError::not_found() }),
-        )
+        .route("/_portcullis/admin/", axum::routing::any(nowhere))
+        .route("/_portcullis/admin/{*rest}", axum::routing::any(nowhere))
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(middleware::from_fn_with_state(state, guard))
+}
+
+/// An address under [`PREFIX`] that leads nowhere, answered once [`guard`] let the admin by.
+async fn nowhere() -> AppError {
+    AppError::not_found()
 }
 
 /// The admin acting on a request, put in the request by [`guard`].

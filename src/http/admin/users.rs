@@ -42,7 +42,8 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "not_suspended" => "The key was not suspended: nothing changed.",
         "no_factors" => {
             "The account has no second factor to remove: it sets one up through an enrolment \
-             link. Issue one below and give it to the user."
+             link. Any sign-in or enrolment under way was ended (someone else's use of a link \
+             that leaked, say). Issue a new link below and give it to the user."
         }
         "sessions_ended" => "The sessions have ended.",
         "no_sessions" => "The account had no live session: nothing was ended.",
@@ -193,18 +194,19 @@ pub async fn create_post(
         return bad("The account id has 1 to 128 characters.").await;
     }
     let is_admin = form.admin;
-    // No password until the user sets one through their enrolment link.
-    let created = crate::store::create_user_without_password(
-        state.durable.as_ref(),
-        NewUser {
-            email,
-            account_id: account,
-            is_admin,
-            password_hash: String::new(),
-        },
-        state.clock.now(),
-    )
-    .await;
+    let created = state
+        .durable
+        .create_user(
+            NewUser {
+                email,
+                account_id: account,
+                is_admin,
+                // No password until the user sets one through their enrolment link.
+                password_hash: String::new(),
+            },
+            state.clock.now(),
+        )
+        .await;
     let user = match created {
         Ok(u) => u,
         Err(StoreError::Conflict(_)) => {
@@ -575,6 +577,10 @@ action!(
     "`POST …/users/{id}/reset-factors`: removes TOTP, keys and recovery codes, ends every session.",
     |state, admin, user, why| {
         if crate::store::nothing_to_reset(state.durable.as_ref(), &user).await? {
+            // No factor to remove, but a setup under way through a link (perhaps someone else's
+            // use of one that leaked) is cut off, as a reset would.
+            end_all(&state, &user).await?;
+            record(&state, &admin, "sessions_ended", Some(&user), &why).await;
             return Ok(done(&user, "no_factors"));
         }
         state

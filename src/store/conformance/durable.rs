@@ -222,6 +222,16 @@ async fn totp_and_reset(s: &Arc<dyn DurableStore>, tag: &str) {
 
     assert_eq!(fetch(s, &u.id).await.factors_reset_at, None);
     assert!(fetch(s, &u.id).await.enrols_after_password());
+    // A user made without a password (to set one through an enrolment link) takes its first
+    // factor through a link only: marked in the same write that makes it.
+    let password_less = NewUser {
+        password_hash: String::new(),
+        ..new_user(&format!("no-password-{}", u.email))
+    };
+    let made = s.create_user(password_less, 40).await.unwrap();
+    assert_eq!(made.factors_reset_at, Some(40));
+    assert_eq!(fetch(s, &made.id).await.factors_reset_at, Some(40));
+    assert!(!fetch(s, &made.id).await.enrols_after_password());
     s.reset_second_factors(&u.id, 50).await.unwrap();
     assert_eq!(s.totp(&u.id).await.unwrap(), None, "reset removes TOTP");
     let reset = fetch(s, &u.id).await;
