@@ -400,6 +400,25 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Writes `ev`, the `audit_pruned` event of a prune to `before`, with the count `removed`. A
+/// prune `cut_short` counts again where the database answers (`to_remove` were older at its
+/// start, and nothing else removes events that old): a batch whose commit's answer was lost
+/// went all the same.
+async fn record_prune(
+    durable: &dyn DurableStore,
+    ev: &mut AuditEvent,
+    (before, to_remove, cut_short): (crate::clock::UnixTime, u64, bool),
+    removed: &mut u64,
+) -> crate::store::StoreResult<()> {
+    if cut_short {
+        if let Ok(left) = durable.audit_events_before(before).await {
+            *removed = to_remove.saturating_sub(left).max(*removed);
+        }
+    }
+    ev.reason = Some(format!("before:{before},removed:{removed}"));
+    durable.append_audit(std::slice::from_ref(ev)).await
+}
+
 /// `portcullis storage copy --to URL`.
 async fn copy_storage(config: &Config, to: &str) -> Result<()> {
     use crate::store::sql::SqlStore;
@@ -1459,6 +1478,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             durable.append_audit(&[start]).await.context(
                 "the prune could not be written to the audit trail; nothing was removed",
             )?;
+            // Counted first: a batch removed whose commit's answer was lost is counted once the
+            // database is back (nothing else removes events that old).
+            let to_remove = durable.audit_events_before(before).await?;
             let mut removed: u64 = 0;
             let done = loop {
                 match durable.prune_audit(before, AUDIT_PRUNE_BATCH).await {
@@ -1470,18 +1492,18 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             // The removal is on the record even when it stopped part-way (the store went away
             // between two batches), as far as the store still takes the event.
             let mut ev = audit("audit_pruned", None, "cli");
-            ev.reason = Some(format!("before:{before},removed:{removed}"));
             if done.is_err() {
                 ev.outcome = "failure".into();
             }
-            let mut recorded = durable.append_audit(std::slice::from_ref(&ev)).await;
+            let prune = (before, to_remove, done.is_err());
+            let mut recorded = record_prune(durable.as_ref(), &mut ev, prune, &mut removed).await;
             if let Err(e) = done {
                 // The database went away mid-way: its end is written once it is back, for up
                 // to PRUNE_RECORD_PATIENCE.
                 let deadline = std::time::Instant::now() + PRUNE_RECORD_PATIENCE;
                 while recorded.is_err() && std::time::Instant::now() < deadline {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    recorded = durable.append_audit(std::slice::from_ref(&ev)).await;
+                    recorded = record_prune(durable.as_ref(), &mut ev, prune, &mut removed).await;
                 }
                 if recorded.is_err() {
                     bail!(

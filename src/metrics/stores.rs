@@ -118,6 +118,10 @@ impl DurableStore for Timed<dyn DurableStore> {
         self.durable(AUDIT, self.inner.prune_audit(before, limit))
             .await
     }
+    async fn audit_events_before(&self, before: UnixTime) -> StoreResult<u64> {
+        self.durable(AUDIT, self.inner.audit_events_before(before))
+            .await
+    }
     async fn create_enrolment_link(&self, link: EnrolmentLink) -> StoreResult<()> {
         self.durable(WRITE, self.inner.create_enrolment_link(link))
             .await

@@ -471,6 +471,8 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     /// many it deleted. Callers repeat it until it returns 0, so that no single statement holds
     /// the table (or, in SQLite, the database) for long.
     async fn prune_audit(&self, before: UnixTime, limit: u32) -> StoreResult<u64>;
+    /// How many audit events are from before `before`: what a prune to `before` would remove.
+    async fn audit_events_before(&self, before: UnixTime) -> StoreResult<u64>;
 
     /// Locks or unlocks password sign-in of a user.
     async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()>;

@@ -1292,6 +1292,20 @@ impl DurableStore for SqlStore {
         .await
     }
 
+    async fn audit_events_before(&self, before: UnixTime) -> StoreResult<u64> {
+        let pool = &self.pool;
+        let n: i64 = self
+            .retrying(move || async move {
+                sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE at < $1")
+                    .bind(before)
+                    .fetch_one(pool)
+                    .await
+                    .and_then(|r| r.try_get("n"))
+            })
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn set_locked(&self, user_id: &str, locked: bool) -> StoreResult<()> {
         let pool = &self.pool;
         self.retrying(move || async move {

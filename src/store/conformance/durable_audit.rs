@@ -326,6 +326,12 @@ pub(super) async fn prune(s: &Arc<dyn DurableStore>, tag: &str) {
     let events: Vec<AuditEvent> = (-100..-90).map(|at| event(at, &name, None)).collect();
     s.append_audit(&events).await.unwrap();
     let before = all(s.clone()).await;
+    assert_eq!(s.audit_events_before(-100).await.unwrap(), 0);
+    assert_eq!(
+        s.audit_events_before(-95).await.unwrap(),
+        5,
+        "what a prune would remove"
+    );
     assert_eq!(s.prune_audit(-100, 10).await.unwrap(), 0, "none older");
     // Five events lie before -95; at most two go per call.
     let mut removed = Vec::new();
@@ -338,6 +344,7 @@ pub(super) async fn prune(s: &Arc<dyn DurableStore>, tag: &str) {
         removed.push(n);
     }
     assert_eq!(removed, [2, 2, 1]);
+    assert_eq!(s.audit_events_before(-95).await.unwrap(), 0);
     let after = all(s.clone()).await;
     let gone: Vec<&AuditEvent> = before.iter().filter(|e| !after.contains(e)).collect();
     assert!(gone.iter().all(|e| e.at < -95 && e.event == name));
