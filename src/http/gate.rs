@@ -500,11 +500,11 @@ pub(crate) fn forwarding_template(config: &Config) -> Result<Forwarding, ConfigE
             crate::device::COOKIE_HTTP,
             crate::binding::COOKIE_HTTPS,
             crate::binding::COOKIE_HTTP,
-            super::held::COOKIE_HTTPS,
-            super::held::COOKIE_HTTP,
         ]
         .map(String::from)
-        .into(),
+        .into_iter()
+        .chain(super::held::cookie_names())
+        .collect(),
         strip_headers: [config.token.header.to_ascii_lowercase()].into(),
         watch: None,
     })

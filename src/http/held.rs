@@ -1,7 +1,8 @@
 //! Forms held for a proof: a browser's form (a `POST`, `PUT`, `PATCH` or `DELETE` it sent to
 //! the console) that a `[[step_up]]` rule, the risk engine's hold or a device proof to renew (a
 //! bound cookie that ran out while the form was filled in) stopped is kept, sealed under the
-//! master key in the ephemeral store, one per session for [`HELD_TTL`], instead of being lost.
+//! master key in the ephemeral store, up to [`HELD_PER_SESSION`] per session (two tabs each
+//! stopped for a proof) for [`HELD_TTL`], instead of being lost.
 //! The browser goes to `/_portcullis/reauth`, which says what will be sent, or to the device
 //! check; after the proof, `GET /_portcullis/held?id=…` shows it once more with a button (the
 //! page's script presses it), and `POST /_portcullis/held` sends it through the gate, as the
@@ -27,12 +28,16 @@ use crate::state::AppState;
 
 /// The held form's page, and where the form is sent from.
 pub const PATH: &str = "/_portcullis/held";
-/// The cookie that ties a held form to the browser that sent it (`__Host-` over HTTPS): only
-/// that browser may see or send it, so a copied session cookie that gets a form held cannot
-/// have the owner's browser send it (a link the owner opens).
+/// The cookie that ties a held form to the browser that sent it (`__Host-` over HTTPS), one
+/// per slot ([`cookie_name`]): only that browser may see or send it, so a copied session
+/// cookie that gets a form held cannot have the owner's browser send it (a link the owner
+/// opens).
 pub const COOKIE_HTTPS: &str = "__Host-portcullis-held";
 /// The same on the plain-HTTP loopback demo.
 pub const COOKIE_HTTP: &str = "portcullis-held";
+/// How many forms a session may have held at once (one per tab stopped for a proof); a newer
+/// one takes the place of the oldest.
+pub const HELD_PER_SESSION: u64 = 4;
 /// How many forms are being read to be held at once, gateway-wide: each holds up to
 /// [`HELD_MAX_BODY`] (and its sealed copy) in memory until it is stored; more at once are
 /// answered as forms that cannot be held.
@@ -82,8 +87,28 @@ pub(crate) struct HeldAt {
     pub cookie: String,
 }
 
-fn key(session_public_id: &str) -> String {
-    format!("held:{session_public_id}")
+fn key(session_public_id: &str, slot: u64) -> String {
+    format!("held:{session_public_id}:{slot}")
+}
+
+/// The tie cookie of a slot (see [`COOKIE_HTTPS`]).
+fn cookie_name(https: bool, slot: u64) -> String {
+    let base = if https { COOKIE_HTTPS } else { COOKIE_HTTP };
+    format!("{base}-{slot}")
+}
+
+/// Every name a tie cookie may have: the gateway's own, never sent on to the console.
+pub(crate) fn cookie_names() -> Vec<String> {
+    (0..HELD_PER_SESSION)
+        .flat_map(|slot| [cookie_name(true, slot), cookie_name(false, slot)])
+        .collect()
+}
+
+/// The slot a held page's id names (`{slot}-{random}`).
+fn slot_of(id: &str) -> Option<u64> {
+    let (slot, _) = id.split_once('-')?;
+    let slot: u64 = slot.parse().ok()?;
+    (slot < HELD_PER_SESSION).then_some(slot)
 }
 
 fn context(session_public_id: &str) -> String {
@@ -100,7 +125,7 @@ pub(crate) fn holdable(method: &Method, headers: &HeaderMap, browser: bool) -> b
 }
 
 /// Holds `req` (its body read, up to [`HELD_MAX_BODY`]) for the session `session_public_id`,
-/// replacing any form it held before; returns the held page's address (`next` for the step-up)
+/// in the next of its slots (replacing the oldest form it holds, once all are taken); returns the held page's address (`next` for the step-up)
 /// and the cookie for the browser, or `None` when the body is too large (announced or sent),
 /// broke off, or too many forms are being held at once (the caller answers as for a form it
 /// cannot hold).
@@ -127,7 +152,12 @@ pub(crate) async fn hold(
     let Ok(body) = axum::body::to_bytes(body, HELD_MAX_BODY).await else {
         return Ok(None);
     };
-    let id = crate::crypto::random_token(16);
+    let turn = state
+        .ephemeral
+        .incr(&format!("held-next:{session_public_id}"), HELD_TTL)
+        .await?;
+    let slot = turn % HELD_PER_SESSION;
+    let id = format!("{slot}-{}", crate::crypto::random_token(16));
     let tie = crate::crypto::random_token(24);
     let held = Held {
         id: id.clone(),
@@ -158,12 +188,11 @@ pub(crate) async fn hold(
         .map_err(|e| AppError::internal(&e))?;
     state
         .ephemeral
-        .put(&key(session_public_id), &sealed, HELD_TTL)
+        .put(&key(session_public_id, slot), &sealed, HELD_TTL)
         .await?;
-    let (name, secure) = match state.config.is_https() {
-        true => (COOKIE_HTTPS, "; Secure"),
-        false => (COOKIE_HTTP, ""),
-    };
+    let https = state.config.is_https();
+    let name = cookie_name(https, slot);
+    let secure = if https { "; Secure" } else { "" };
     Ok(Some(HeldAt {
         page: format!("{PATH}?id={id}"),
         cookie: format!(
@@ -177,18 +206,15 @@ pub(crate) async fn hold(
 /// and the same device context (network and browser).
 fn tied(
     state: &AppState,
-    held: &Held,
+    (held, slot): (&Held, u64),
     (peer, headers): (std::net::SocketAddr, &HeaderMap),
 ) -> bool {
     let context = hex::encode(super::binding::context_of(state, peer, headers));
     if !crate::crypto::ct_eq(context.as_bytes(), held.context.as_bytes()) {
         return false;
     }
-    let name = match state.config.is_https() {
-        true => COOKIE_HTTPS,
-        false => COOKIE_HTTP,
-    };
-    super::get_cookie(headers, name).is_some_and(|v| {
+    let name = cookie_name(state.config.is_https(), slot);
+    super::get_cookie(headers, &name).is_some_and(|v| {
         let sent = crate::crypto::sha256_hex(v.as_bytes());
         crate::crypto::ct_eq(sent.as_bytes(), held.tie.as_bytes())
     })
@@ -243,17 +269,22 @@ async fn read(
     take: bool,
 ) -> Result<Option<Held>, AppError> {
     let public = &loaded.session.public_id;
-    let ours = |h: &Held| h.id == id && tied(state, h, (peer, headers));
+    let Some(slot) = slot_of(id) else {
+        return Ok(None);
+    };
+    let ours = |h: &Held| h.id == id && tied(state, (h, slot), (peer, headers));
+    let key = key(public, slot);
     let sealed = if take {
-        // Only the form this page names: an earlier page's id takes nothing of a newer form.
-        match state.ephemeral.get(&key(public)).await? {
+        // Only the form this page names: an earlier page's id takes nothing of a newer form
+        // held in its slot since.
+        match state.ephemeral.get(&key).await? {
             Some(s) if opened(state, public, &s).is_some_and(|h| ours(&h)) => {
-                state.ephemeral.take(&key(public)).await?
+                state.ephemeral.take(&key).await?
             }
             _ => None,
         }
     } else {
-        state.ephemeral.get(&key(public)).await?
+        state.ephemeral.get(&key).await?
     };
     Ok(sealed
         .and_then(|s| opened(state, public, &s))
@@ -281,9 +312,9 @@ fn gone(back: &str) -> AppError {
         ..AppError::new(
             StatusCode::GONE,
             "held_form_gone",
-            "This form is no longer held: it was sent already, or dropped, or another form \
-             sent later from this session took its place (one is held at a time), or it \
-             waited more than 10 minutes. If it was not sent, go back to the console and send \
+            "This form is no longer held: it was sent already, or dropped, or forms sent later \
+             from this session took its place (four are held at a time), or it waited more \
+             than 10 minutes. If it was not sent, go back to the console and send \
              it again: your browser's Back button may bring it back as you filled it in.",
         )
     }

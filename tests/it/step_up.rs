@@ -583,10 +583,12 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     let next = extract(&page, "name=\"next\" value=\"", "\"").unwrap();
     assert!(next.starts_with("/_portcullis/held?id="), "{next}");
     // The held record is sealed: nothing of the form is readable in the store.
+    let id = next.split("id=").nth(1).unwrap().to_string();
+    let slot = id.split('-').next().unwrap();
     let sealed = gw
         .state
         .ephemeral
-        .get(&format!("held:{sid}"))
+        .get(&format!("held:{sid}:{slot}"))
         .await
         .unwrap();
     let sealed = String::from_utf8_lossy(&sealed.expect("held for the session")).into_owned();
@@ -595,7 +597,6 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     let (other, _, _) = gw.signed_in("other@example.com").await;
     assert_eq!(gw.status(&other, &next).await, 410);
     let csrf = gw.csrf(&other, "/_portcullis/account").await;
-    let id = next.split("id=").nth(1).unwrap().to_string();
     let r = gw.send_held(&other, (&id, &csrf), false).await;
     assert_eq!(r.status(), 410);
     assert_eq!(gw.upstream.count(), before);
@@ -675,6 +676,42 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     assert_eq!(gw.upstream.count(), sent, "dropped, never sent");
 }
 
+/// Forms stopped in several tabs of one session are each held, up to four: after one proof,
+/// each tab's held page sends its own form; a fifth takes the place of the oldest, whose page
+/// then says it is no longer held.
+#[tokio::test]
+async fn forms_from_several_tabs_are_each_held() {
+    let gw = Gateway::start_with(rules).await;
+    let (c, secret, _) = gw.signed_in("tabs@example.com").await;
+    gw.clock.advance(6 * 60);
+    let mut pages = Vec::new();
+    for n in 1..=5 {
+        let (action, from) = (
+            format!("/campaigns/{n}/send"),
+            format!("/campaigns/{n}/edit"),
+        );
+        let body = format!("recipients={n}");
+        let r = gw.form_from(&c, (&action, &from), &body).await;
+        pages.push(next_of_step_up(&location(&r)));
+    }
+    let before = gw.upstream.count();
+    let r = super::risk::reauth_with_code(&gw, &c, &secret, &pages[4]).await;
+    assert_eq!(location(&r), pages[4]);
+    // The oldest made room for the fifth.
+    assert_eq!(gw.status(&c, &pages[0]).await, 410);
+    for (n, next) in pages.iter().enumerate().skip(1).rev() {
+        let held = gw.page(&c, next).await;
+        let csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
+        let id = next.split("id=").nth(1).unwrap();
+        let r = gw.send_held(&c, (id, &csrf), false).await;
+        assert_eq!(r.status(), 200, "{next}");
+        let seen = gw.upstream.last();
+        assert_eq!(seen.uri, format!("/campaigns/{}/send", n + 1));
+        assert_eq!(seen.body, format!("recipients={}", n + 1).as_bytes());
+    }
+    assert_eq!(gw.upstream.count(), before + 4);
+}
+
 /// Six minutes on (the proof stale), a form to campaign `n`'s send action is held: the held
 /// page's address, from the step-up the browser is sent to.
 async fn held_after_stale_proof(gw: &Gateway, c: &Browser, n: &str, body: &str) -> String {
@@ -683,8 +720,12 @@ async fn held_after_stale_proof(gw: &Gateway, c: &Browser, n: &str, body: &str) 
     let r = gw
         .form_from(c, (&action, &format!("/campaigns/{n}/edit")), body)
         .await;
-    let next = location(&r);
-    let next = next.split("next=").nth(1).unwrap();
+    next_of_step_up(&location(&r))
+}
+
+/// The `next` of a step-up page's address: where the browser goes once it is done.
+fn next_of_step_up(reauth: &str) -> String {
+    let next = reauth.split("next=").nth(1).unwrap();
     percent_encoding::percent_decode_str(next)
         .decode_utf8()
         .unwrap()
@@ -727,7 +768,7 @@ async fn a_form_held_for_a_copied_session_cookie_is_never_sent_by_the_owners_bro
         .get_all("set-cookie")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with("portcullis-held="))
+        .find(|v| v.starts_with("portcullis-held-"))
         .expect("the tie cookie")
         .split(';')
         .next()
