@@ -1247,11 +1247,9 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let u = find_user(durable.as_ref(), &email).await?;
             if crate::store::nothing_to_reset(durable.as_ref(), &u).await? {
                 // No factor to remove, but a setup under way through a link (perhaps someone
-                // else's use of one that leaked) is cut off, as a reset would.
+                // else's use of one that leaked) is cut off, as a reset would; like a repeat
+                // reset, not recorded again.
                 durable.void_sessions(&u.id, clock.now_millis()).await?;
-                durable
-                    .append_audit(&[audit("sessions_ended", Some(&u), "cli")])
-                    .await?;
                 say!(
                     "{email} has no second factor to remove: it sets one up through an enrolment \
                      link (portcullis user enrol-link {email}). Any sign-in or enrolment under \

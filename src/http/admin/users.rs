@@ -578,9 +578,13 @@ action!(
     |state, admin, user, why| {
         if crate::store::nothing_to_reset(state.durable.as_ref(), &user).await? {
             // No factor to remove, but a setup under way through a link (perhaps someone else's
-            // use of one that leaked) is cut off, as a reset would.
+            // use of one that leaked) is cut off, as a reset would. Recorded only where a
+            // session was live (a sign-in under way is in no list): a repeat changes nothing.
+            let live = state.sessions.list_user(&user.id).await?;
             end_all(&state, &user).await?;
-            record(&state, &admin, "sessions_ended", Some(&user), &why).await;
+            if !live.is_empty() {
+                record(&state, &admin, "sessions_ended", Some(&user), &why).await;
+            }
             return Ok(done(&user, "no_factors"));
         }
         state
