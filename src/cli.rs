@@ -1249,11 +1249,12 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
                 // No factor to remove, but a setup under way through a link (perhaps someone
                 // else's use of one that leaked) is cut off, as a reset would; like a repeat
                 // reset, not recorded again.
+                durable.reset_second_factors(&u.id, clock.now()).await?;
                 durable.void_sessions(&u.id, clock.now_millis()).await?;
                 say!(
                     "{email} has no second factor to remove: it sets one up through an enrolment \
                      link (portcullis user enrol-link {email}). Any sign-in or enrolment under \
-                     way was ended",
+                     way was ended, and any link not used yet no longer works",
                     email = u.email
                 );
                 return Ok(());

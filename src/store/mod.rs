@@ -365,8 +365,9 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn oldest_totp(&self) -> StoreResult<Option<TotpRecord>>;
     /// Stores the (confirmed) TOTP factor, replacing any earlier one.
     async fn set_totp(&self, record: TotpRecord) -> StoreResult<()>;
-    /// Removes TOTP, security keys and recovery codes (the user must enrol again, through an
-    /// enrolment link: see [`User::enrols_after_password`]).
+    /// Removes TOTP, security keys and recovery codes, and ends the user's enrolment links not
+    /// used yet (the user must enrol again, through a link issued after this: see
+    /// [`User::enrols_after_password`]).
     async fn reset_second_factors(&self, user_id: &str, now: UnixTime) -> StoreResult<()>;
     /// Removes the authenticator app and the recovery codes set up at or after `since` (a
     /// reported sign-in's: the intruder holds them); when anything went, the account enrols

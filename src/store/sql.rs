@@ -818,6 +818,15 @@ impl DurableStore for SqlStore {
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
+            // So do enrolment links not used yet (one may have leaked): the next one issued is
+            // the way back.
+            sqlx::query(
+                "UPDATE enrolment_links SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL",
+            )
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await
         })
         .await

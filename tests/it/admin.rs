@@ -514,7 +514,7 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
 }
 
 /// `portcullis user enrol-link EMAIL`: the path of the link it printed.
-async fn enrol_link(gw: &Gateway, email: &str) -> String {
+pub(super) async fn enrol_link(gw: &Gateway, email: &str) -> String {
     let out = gw.cli(&["user", "enrol-link", email], None).await;
     assert!(
         out.status.success(),
@@ -811,6 +811,21 @@ async fn a_reset_with_no_factor_to_remove_still_ends_a_setup_under_way() {
     let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
     let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
     let user = gw.user("leaked@example.com").await;
+    // (A link nobody has used yet: it may be the one that leaked.)
+    let unused = gw
+        .state
+        .durable
+        .create_enrolment_link(portcullis::store::EnrolmentLink {
+            token_hash: portcullis::crypto::sha256_hex(b"an unused link's token"),
+            user_id: user.id.clone(),
+            created_by: "test".into(),
+            key_only: false,
+            created_at: portcullis::clock::Clock::now(&gw.clock),
+            expires_at: portcullis::clock::Clock::now(&gw.clock) + 3600,
+            used_at: None,
+        })
+        .await;
+    unused.unwrap();
     gw.clock.advance(1);
     let page = format!("/_portcullis/admin/users/{}", user.id);
     let csrf = gw.csrf(&admin_c, &page).await;
@@ -825,6 +840,10 @@ async fn a_reset_with_no_factor_to_remove_still_ends_a_setup_under_way() {
     let r = send_app_code_from(&gw, &c, &html, &secret).await;
     assert_eq!(location(&r), "/_portcullis/login?notice=expired");
     assert!(gw.state.durable.totp(&user.id).await.unwrap().is_none());
+    let hash = portcullis::crypto::sha256_hex(b"an unused link's token");
+    let now = portcullis::clock::Clock::now(&gw.clock);
+    let link = gw.state.durable.enrolment_link(&hash, now).await.unwrap();
+    assert!(link.is_none(), "the unused link ended with the reset");
 }
 
 /// A key-only link for an account without a second factor closes the way its password alone

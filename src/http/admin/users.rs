@@ -34,16 +34,17 @@ fn notice_text(code: &str) -> Option<&'static str> {
              the user."
         }
         "factors_reset" => {
-            "Every second factor was removed and every session ended. The password alone no longer signs \
-             in: issue an enrolment link below and give it to the user."
+            "Every second factor was removed, every session ended and every enrolment link not \
+             used yet stopped working. The password alone no longer signs in: issue a new \
+             enrolment link below and give it to the user."
         }
         "disabled_already" => "The account was disabled already: nothing changed.",
         "not_disabled" => "The account was not disabled: nothing changed.",
         "not_suspended" => "The key was not suspended: nothing changed.",
         "no_factors" => {
             "The account has no second factor to remove: it sets one up through an enrolment \
-             link. Any sign-in or enrolment under way was ended (someone else's use of a link \
-             that leaked, say). Issue a new link below and give it to the user."
+             link. Any sign-in or enrolment under way was ended, and any link not used yet no \
+             longer works (one may have leaked). Issue a new link below and give it to the user."
         }
         "sessions_ended" => "The sessions have ended.",
         "no_sessions" => "The account had no live session: nothing was ended.",
@@ -581,6 +582,11 @@ action!(
             // use of one that leaked) is cut off, as a reset would. Recorded only where a
             // session was live (a sign-in under way is in no list): a repeat changes nothing.
             let live = state.sessions.list_user(&user.id).await?;
+            // Its links not used yet end too (nothing else is removed: there is nothing).
+            state
+                .durable
+                .reset_second_factors(&user.id, state.clock.now())
+                .await?;
             end_all(&state, &user).await?;
             if !live.is_empty() {
                 record(&state, &admin, "sessions_ended", Some(&user), &why).await;
