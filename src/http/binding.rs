@@ -343,22 +343,85 @@ pub(crate) async fn guard_page(
             )));
         }
     }
-    // A session the risk engine holds reaches nothing but the pages that lift the hold.
+    Ok(risk_hold_refusal(state, loaded, browser, next))
+}
+
+/// [`guard_page`] for a request that may be a browser's form (the admin console's): one refused
+/// for a device proof to renew (its bound cookie ran out while it was filled in; never a proof
+/// that failed, nor one made elsewhere) is held (`held`) and sent after the proof, as the gate
+/// holds the console's forms. The request back when it may go on.
+pub(crate) async fn guard_page_holding(
+    state: &AppState,
+    (loaded, client, peer): (&Loaded, &Client, std::net::SocketAddr),
+    req: axum::extract::Request,
+    browser: bool,
+    (next, back): (&str, Option<&str>),
+) -> Result<Result<axum::extract::Request, Response>, AppError> {
+    if state.config.binding.enabled {
+        let context = context_of_client(state, client);
+        if let Some(why) = check(state, loaded.record(), req.headers(), &context, || {
+            client.clone()
+        })
+        .await?
+        {
+            let provable = matches!(why, Unbound::Register | Unbound::Refresh);
+            let form = wants_html(req.headers());
+            if provable && super::held::holdable(req.method(), req.headers(), form) {
+                let public_id = &loaded.session.public_id;
+                let target = (next, back.map(str::to_string));
+                if let Some(held) = super::held::hold(state, (public_id, peer), target, req).await?
+                {
+                    let pages = (Some(held.page.as_str()), back);
+                    let refused = refusal(state, why, true, BIND_PATH, pages);
+                    return Ok(Err(with_cookies(refused, [held.cookie])));
+                }
+                // Not held (too large, too many at once): as a form that cannot be.
+                return Ok(Err(refusal(
+                    state,
+                    why,
+                    false,
+                    BIND_PATH,
+                    (Some(next), back),
+                )));
+            }
+            return Ok(Err(refusal(
+                state,
+                why,
+                browser,
+                BIND_PATH,
+                (Some(next), back),
+            )));
+        }
+    }
+    Ok(match risk_hold_refusal(state, loaded, browser, next) {
+        Some(refused) => Err(refused),
+        None => Ok(req),
+    })
+}
+
+/// A session the risk engine holds reaches nothing but the pages that lift the hold: the
+/// step-up it is answered with, unless `next` is one of those.
+fn risk_hold_refusal(
+    state: &AppState,
+    loaded: &Loaded,
+    browser: bool,
+    next: &str,
+) -> Option<Response> {
     let lifts_hold = ["/_portcullis/reauth", "/_portcullis/webauthn/reauth/"]
         .iter()
         .any(|p| next.starts_with(p));
-    if loaded.session.held() && !lifts_hold {
-        state.metrics.step_up(super::gate::RISK_REASON);
-        let why = (loaded.session.risk_hold_key, super::gate::RISK_REASON);
-        let pages = (Some(next), None);
-        return Ok(Some(super::gate::step_up_refusal(
-            browser,
-            pages,
-            why,
-            StatusCode::FORBIDDEN,
-        )));
+    if !loaded.session.held() || lifts_hold {
+        return None;
     }
-    Ok(None)
+    state.metrics.step_up(super::gate::RISK_REASON);
+    let why = (loaded.session.risk_hold_key, super::gate::RISK_REASON);
+    let pages = (Some(next), None);
+    Some(super::gate::step_up_refusal(
+        browser,
+        pages,
+        why,
+        StatusCode::FORBIDDEN,
+    ))
 }
 
 /// Gateway pages that change how a complete session's user signs in; they ask for the same

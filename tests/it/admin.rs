@@ -2098,6 +2098,15 @@ async fn an_admins_codes_are_no_proof_for_adding_a_key() {
     .await;
 }
 
+/// `step` is the key step-up for a form held (its `next` the held page).
+pub(super) fn assert_held_for_the_key(step: &str) {
+    assert!(
+        step.starts_with("/_portcullis/reauth?next=%2F_portcullis%2Fheld%3Fid%3D")
+            && step.ends_with("&key=1"),
+        "{step}"
+    );
+}
+
 /// A browser's form sent past the sudo window (a reason typed in) is held: the step-up page
 /// says what it sends, and after the key's touch the held page sends it to the admin console's
 /// route, through its guard again. An API client is refused with the step-up that returns to
@@ -2138,11 +2147,7 @@ async fn a_form_past_the_sudo_window_is_held_until_the_key_is_touched() {
         .unwrap();
     assert_eq!(r.status(), 303);
     let step = location(&r);
-    assert!(
-        step.starts_with("/_portcullis/reauth?next=%2F_portcullis%2Fheld%3Fid%3D")
-            && step.ends_with("&key=1"),
-        "{step}"
-    );
+    assert_held_for_the_key(&step);
     assert!(!gw.user("late-target@example.com").await.disabled);
     let html = gw.page(&c, &step).await;
     assert!(

@@ -1025,12 +1025,7 @@ async fn malformed_proofs_get_clear_errors() {
 #[tokio::test]
 async fn copied_cookies_reach_neither_the_account_page_nor_the_admin_console() {
     let gw = gateway().await;
-    let (b, _, _) = gw.signed_in("boss@example.com").await;
-    let boss = gw.user("boss@example.com").await;
-    gw.state.durable.set_admin(&boss.id, true).await.unwrap();
-    gw.state.user_gate.forget(&boss.id);
-    let dev = Device::new();
-    bind_webcrypto(&gw, &b, &dev).await;
+    let (b, dev) = bound_admin(&gw, "boss@example.com").await;
     assert_eq!(gw.status(&b, "/_portcullis/account").await, 200);
     let copied = tampered(&gw.cookies(&b));
     gw.clock.advance(TTL_SECS + 1);
@@ -1098,6 +1093,69 @@ async fn copied_cookies_reach_neither_the_account_page_nor_the_admin_console() {
         binding_failures(&gw).await.len() > before,
         "each is a binding failure"
     );
+}
+
+/// A user made an admin, signed in (with a code) and bound to a device of its own: the browser
+/// and the device.
+async fn bound_admin(gw: &Gateway, email: &str) -> (Browser, Device) {
+    let (b, _, _) = gw.signed_in(email).await;
+    let boss = gw.user(email).await;
+    gw.state.durable.set_admin(&boss.id, true).await.unwrap();
+    gw.state.user_gate.forget(&boss.id);
+    let dev = Device::new();
+    bind_webcrypto(gw, &b, &dev).await;
+    (b, dev)
+}
+
+/// The bound cookie of `b` run out, a form `body` sent to `action` from the page `from` is held
+/// for the device check: the check's address, and the held page's.
+async fn held_for_the_device_check(
+    gw: &Gateway,
+    b: &Browser,
+    (action, from): (&str, &str),
+    body: &str,
+) -> (String, String) {
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(gw, b);
+    let r = gw.form_from(b, (action, from), body).await;
+    assert_eq!(r.status(), 303);
+    let bind = location(&r);
+    assert!(
+        bind.starts_with("/_portcullis/bind?next=%2F_portcullis%2Fheld%3Fid%3D"),
+        "{bind}"
+    );
+    let next = super::step_up::next_of_step_up(&bind);
+    (bind, next)
+}
+
+/// An admin's form sent after the device proof ran out (an admin left on a page longer than the
+/// bound cookie lives) is held, not lost: once the browser has proven itself, the held form goes
+/// to the admin console's guard again, which holds it for the key's touch where the sudo window
+/// has passed too, as typed.
+#[tokio::test]
+async fn an_admin_form_sent_after_the_bound_cookie_ran_out_is_held() {
+    let gw = gateway().await;
+    let (b, dev) = bound_admin(&gw, "long-admin@example.com").await;
+    gw.signed_in("someone@example.com").await;
+    let target = gw.user("someone@example.com").await;
+    let csrf = gw.csrf(&b, "/_portcullis/account").await;
+    let action = format!("/_portcullis/admin/users/{}/disable", target.id);
+    let body = format!("csrf={csrf}&reason=left+the+company");
+    let form = (action.as_str(), "/_portcullis/admin/users");
+    let (_, next) = held_for_the_device_check(&gw, &b, form, &body).await;
+    assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
+    let held = gw.page(&b, &next).await;
+    assert!(held.contains(&format!("POST {action}")), "{held}");
+    let held_csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
+    let id = next.split("id=").nth(1).unwrap();
+    // Sent to the console's guard: this code-only session has no key proof, so it is held
+    // again for the key's touch, not refused and lost.
+    let r = gw.send_held(&b, (id, &held_csrf), false).await;
+    assert_eq!(r.status(), 303);
+    let step = location(&r);
+    super::admin::assert_held_for_the_key(&step);
+    assert!(gw.page(&b, &step).await.contains(&format!("POST {action}")));
+    assert!(!gw.user("someone@example.com").await.disabled);
 }
 
 /// A bound cookie is a proof only from the network and browser it was issued to: a copy of the
@@ -1534,25 +1592,11 @@ async fn a_form_sent_after_the_bound_cookie_ran_out_is_sent_after_the_proof() {
     bind_webcrypto(&gw, &b, &dev).await;
     assert_eq!(gw.status(&b, "/campaigns/7/edit").await, 200);
     let before = gw.upstream.count();
-    gw.clock.advance(TTL_SECS + 1);
-    drop_bound_cookie(&gw, &b);
     let body = "subject=Spring&recipients=1200";
-    let r = gw
-        .form_from(&b, ("/campaigns/7/save", "/campaigns/7/edit"), body)
-        .await;
-    assert_eq!(r.status(), 303);
-    let bind = location(&r);
-    assert!(
-        bind.starts_with("/_portcullis/bind?next=%2F_portcullis%2Fheld%3Fid%3D"),
-        "{bind}"
-    );
+    let form = ("/campaigns/7/save", "/campaigns/7/edit");
+    let (bind, next) = held_for_the_device_check(&gw, &b, form, body).await;
     assert_eq!(gw.upstream.count(), before, "held, not forwarded");
     // The held page waits for the proof like every session page.
-    let next = bind.split("next=").nth(1).unwrap();
-    let next = percent_encoding::percent_decode_str(next)
-        .decode_utf8()
-        .unwrap()
-        .to_string();
     assert_eq!(gw.get(&b, &next).await.status(), 303);
     // The device check page carries the held page as where to go on.
     let page = gw.page(&b, &bind).await;

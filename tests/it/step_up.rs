@@ -724,7 +724,7 @@ async fn held_after_stale_proof(gw: &Gateway, c: &Browser, n: &str, body: &str) 
 }
 
 /// The `next` of a step-up page's address: where the browser goes once it is done.
-fn next_of_step_up(reauth: &str) -> String {
+pub(super) fn next_of_step_up(reauth: &str) -> String {
     let next = reauth.split("next=").nth(1).unwrap();
     percent_encoding::percent_decode_str(next)
         .decode_utf8()

@@ -210,22 +210,23 @@ async fn guard(
     match admit(&state, req.headers(), peer).await {
         Ok(Ok(admin)) => {
             // A copied admin cookie gets no further than a copied console cookie. A form's
-            // answer links back to the page it was on (gateway pages send no `Referer`).
-            let back = (req.method() != Method::GET).then(|| page_of_form(&target));
-            let bound = super::binding::guard_page(
-                &state,
-                &admin.session,
-                req.headers(),
-                &admin.client,
-                browser_get,
-                (&target, back.as_deref()),
-            )
-            .await;
-            match bound {
-                Ok(None) => {}
-                Ok(Some(refused)) => return refused,
+            // answer links back to the page it was on (gateway pages send no `Referer`); a
+            // browser's form stopped for a device proof to renew is held until it is made,
+            // then sent (and checked here again).
+            let back = (req.method() != Method::GET).then(|| {
+                super::gate::referring_gateway_page(&state, req.headers())
+                    .filter(|p| p.starts_with(PREFIX))
+                    .unwrap_or_else(|| page_of_form(&target))
+            });
+            let who = (&admin.session, &admin.client, peer);
+            let pages = (target.as_str(), back.as_deref());
+            let bound =
+                super::binding::guard_page_holding(&state, who, req, browser_get, pages).await;
+            req = match bound {
+                Ok(Ok(req)) => req,
+                Ok(Err(refused)) => return refused,
                 Err(e) => return e.into_response(),
-            }
+            };
             if !sudo_fresh(&state, &admin.session) {
                 if browser_get {
                     return see_other(&super::reauth::url(&target, true));
