@@ -106,9 +106,23 @@ async function post(path, csrf, body, base) {
   if (!resp.ok) {
     const e = new Error(data.message || "request failed");
     e.serverMessage = data.message || "The server refused the request. Please try again.";
+    e.action = nextStep(data);
     throw e;
   }
   return data;
+}
+
+// The way on that a refusal names: the step-up it asks for, or the device check, which comes
+// back to this page. Same-origin paths only.
+export function nextStep(data) {
+  const local = (p) => typeof p === "string" && p.startsWith("/") && !p.startsWith("//");
+  if (local(data.reauth)) return { href: data.reauth, text: "Confirm it's you" };
+  if (local(data.bind)) {
+    const u = new URL(data.bind, window.location.origin);
+    u.searchParams.set("next", window.location.pathname + window.location.search);
+    return { href: u.pathname + u.search, text: "Confirm this browser" };
+  }
+  return null;
 }
 
 // --- ceremonies -----------------------------------------------------------------------------
@@ -182,6 +196,12 @@ function wire(section) {
       }
     } catch (err) {
       say(explain(err));
+      if (err && err.action && status) {
+        const a = document.createElement("a");
+        a.href = err.action.href;
+        a.textContent = err.action.text;
+        status.append(" ", a);
+      }
       button.disabled = false;
     }
   });

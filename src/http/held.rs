@@ -223,6 +223,8 @@ fn tied(
 /// What the step-up page says of a form held for it: the method and the path it goes to, and
 /// where "Cancel" goes (the page the form was on).
 pub(crate) struct Waiting {
+    /// Its id, for the step-up page's "Cancel", which drops it.
+    pub id: String,
     pub method: String,
     pub path: String,
     pub back: Option<String>,
@@ -241,6 +243,7 @@ pub(crate) async fn waiting(
     Ok(read(state, (loaded, peer, headers), &id, false)
         .await?
         .map(|h| Waiting {
+            id: h.id,
             path: h.target,
             method: h.method,
             back: h.back,

@@ -4,7 +4,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 globalThis.document = { querySelectorAll: () => [] };
-const { toBuffer, toBase64url, explain } = await import("../../static/webauthn.js");
+globalThis.window = { location: { origin: "http://gw.example", pathname: "/_portcullis/admin/users/u1", search: "?link=x" } };
+const { toBuffer, toBase64url, explain, nextStep } = await import("../../static/webauthn.js");
 
 test("base64url round-trips every length and byte value, without padding or + /", () => {
   for (let n = 0; n < 70; n++) {
@@ -23,4 +24,19 @@ test("browser errors get messages a user can act on", () => {
   assert.match(explain({ name: "SecurityError" }), /cannot use security keys/);
   assert.equal(explain({ serverMessage: "The key was not accepted." }), "The key was not accepted.");
   assert.match(explain(undefined), /try again/);
+});
+
+test("a refusal's way on is linked: the step-up it names, or the device check back to this page", () => {
+  assert.deepEqual(nextStep({ reauth: "/_portcullis/reauth?next=%2Fx&key=1" }), {
+    href: "/_portcullis/reauth?next=%2Fx&key=1",
+    text: "Confirm it's you",
+  });
+  assert.deepEqual(nextStep({ bind: "/_portcullis/bind" }), {
+    href: "/_portcullis/bind?next=%2F_portcullis%2Fadmin%2Fusers%2Fu1%3Flink%3Dx",
+    text: "Confirm this browser",
+  });
+  // Nothing but same-origin paths.
+  assert.equal(nextStep({ reauth: "https://evil.example/" }), null);
+  assert.equal(nextStep({ reauth: "//evil.example/" }), null);
+  assert.equal(nextStep({ message: "no way on" }), null);
 });

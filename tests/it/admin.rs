@@ -1350,6 +1350,10 @@ async fn audit_view_filters_and_exports_json_lines() {
         .page(&c, "/_portcullis/admin/audit?account=no-such-account")
         .await;
     assert!(html.contains("No event matches"));
+    // The export is a plain link: a `download` link would turn the key step-up it may need
+    // into a cancelled download, the page silent.
+    let link = extract(&html, "<a href=\"/_portcullis/admin/audit/export?", ">").unwrap();
+    assert!(!link.contains("download"), "{link}");
     let r = gw.get(&c, "/_portcullis/admin/audit?since=yesterday").await;
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("must be a date"));
