@@ -2438,6 +2438,10 @@ async fn an_enrolment_link_takes_back_what_a_password_thief_set_up_first() {
         r.status()
     );
     assert!(!gw.user(made).await.enrols_after_password());
+    // Its page tells the admin so.
+    let made_page = format!("/_portcullis/admin/users/{}", gw.user(made).await.id);
+    let html = gw.page(&admin_c, &made_page).await;
+    assert!(html.contains("waits for an enrolment link"), "{html}");
     // A password set for it on the command line signs in to nothing, and the command says so.
     let out = gw
         .cli(

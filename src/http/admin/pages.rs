@@ -106,6 +106,9 @@ pub struct UserPage<'a> {
     pub created: String,
     pub has_password: bool,
     pub has_totp: bool,
+    /// No second factor, and only an enrolment link sets one up (its factors were reset, or it
+    /// was created without a password): the password alone signs in to nothing.
+    pub awaits_link: bool,
     pub recovery_left: u32,
     pub keys: &'a [KeyRow],
     pub devices: &'a [DeviceRow],

@@ -379,6 +379,7 @@ async fn user_page(
         created: when(user.created_at),
         has_password: !user.password_hash.is_empty(),
         has_totp: d.totp(&user.id).await?.is_some(),
+        awaits_link: crate::store::awaits_enrolment_link(d.as_ref(), user).await?,
         recovery_left: d.recovery_codes_left(&user.id).await?,
         keys: &keys,
         devices: &devices,
