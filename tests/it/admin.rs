@@ -475,6 +475,9 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
     let cust = gw.browser();
     let r = use_link(&gw, &cust, &customer_link, NEW_PASSWORD).await;
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    // Used, the link is no longer shown to the admin as one that works.
+    let page = gw.page(&c, &shown).await;
+    assert!(!page.contains("data-enrolment-link"), "{page}");
     gw.enrol_app(&cust).await;
     let csrf = gw.csrf(&cust, "/_portcullis/recovery-codes").await;
     cust.post(gw.url("/_portcullis/recovery-codes"))

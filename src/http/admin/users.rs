@@ -301,9 +301,10 @@ pub async fn user_get(
             None => {
                 view.notice = Some(
                     "No enrolment link is shown here: a link is shown for 15 minutes after it \
-                     was issued, on the page of its user, to the session that issued it. Whether \
-                     it was used is in the events below (enrolment_link_used). If it was not \
-                     handed over, issue a new one: that voids it.",
+                     was issued, on the page of its user, to the session that issued it, and \
+                     only while it works (not once used, replaced by a newer one or ended by a \
+                     reset). Whether it was used is in the events below (enrolment_link_used). \
+                     If it was not handed over, issue a new one: that voids it.",
                 )
             }
         }
@@ -950,7 +951,27 @@ async fn shown_link(
     let Ok(plain) = state.master_key.open(&key, &sealed) else {
         return Ok(None);
     };
-    Ok(serde_json::from_slice(&plain).ok())
+    let Ok(link) = serde_json::from_slice::<IssuedLink>(&plain) else {
+        return Ok(None);
+    };
+    // Shown only while it still works: not once used, superseded by a newer one or ended by a
+    // reset of the factors.
+    let live = match link_token_hash(&link.url) {
+        Some(hash) => state
+            .durable
+            .enrolment_link(&hash, state.clock.now())
+            .await?
+            .is_some(),
+        None => false,
+    };
+    Ok(live.then_some(link))
+}
+
+/// The stored hash of an enrolment link's token, from the link.
+fn link_token_hash(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    let token = url.query_pairs().find(|(k, _)| k == "t")?.1;
+    crate::enrolment::token_hash(&token)
 }
 
 /// Re-renders a user's page after an in-person key enrolment (used by `keys`).
