@@ -235,13 +235,17 @@ impl LoginFlow {
             client,
         )
         .await;
+        // An administrator's link leads on to the admin console, a customer's to the console.
+        let on_to = user
+            .is_admin
+            .then(|| crate::http::admin::PREFIX.to_string());
         let mut session = Session::after_password(
             &user.id,
             stage,
             self.clock.now_millis(),
             &client.ip,
             &client.user_agent,
-            None,
+            on_to,
         );
         // Time to install an authenticator app: the link is used, a new one takes an admin.
         session.pending_ms = Some(LINK_ENROLMENT_MS);

@@ -389,6 +389,8 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
+    // An administrator's link leads on to the admin console.
+    assert_eq!(location(&r), "/_portcullis/admin");
     // Registering the key was a touch of it: the console opens.
     assert_eq!(gw.status(&c, "/_portcullis/admin").await, 200);
 
