@@ -1273,6 +1273,30 @@ async fn home_shows_alerts_and_charts_and_users_can_be_searched() {
     assert!(html.contains("class=\"sign-ins\"") && html.contains("class=\"failures\""));
     assert!(!html.contains("style="), "no inline style under the CSP");
 
+    // A report of this week is an open alert until an administrator acts on the account.
+    let now = gw.clock.now();
+    gw.state
+        .audit
+        .record(
+            portcullis::store::AuditEvent::new("sign_in_reported", "success", now).user(&locked),
+        )
+        .await;
+    gw.state.audit.flush().await;
+    let html = gw.page(&c, "/_portcullis/admin").await;
+    assert!(html.contains("alert-reported"), "{html}");
+    gw.clock.advance(1);
+    let page = format!("/_portcullis/admin/users/{}", locked.id);
+    let csrf = gw.csrf(&c, &page).await;
+    let r = c
+        .post(gw.url(&format!("{page}/unlock")))
+        .form(&[("csrf", csrf.as_str()), ("reason", "owner called")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    gw.state.audit.flush().await;
+    let html = gw.page(&c, "/_portcullis/admin").await;
+    assert!(!html.contains("alert-reported"), "handled: {html}");
     let list = gw.page(&c, "/_portcullis/admin/users?q=LOCKED").await;
     assert!(list.contains("locked@example.com") && !list.contains("cloned@example.com"));
     let list = gw.page(&c, "/_portcullis/admin/users?q=%25").await;

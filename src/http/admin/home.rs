@@ -21,6 +21,8 @@ const ALERTS_LISTED: u32 = 200;
 const LOCK_REPORTS_READ: u32 = 5000;
 /// Reported sign-ins stay on the home page this long.
 const REPORTS_SHOWN: i64 = 7 * DAY;
+/// The administrators' actions that close a reported sign-in's alert.
+const HANDLING: [&str; 3] = ["user_unlocked", "second_factors_reset", "sessions_ended"];
 
 fn sums(b: &[Bucket]) -> (i64, i64, i64) {
     let t = chart::totals(b);
@@ -86,8 +88,34 @@ pub async fn home_get(
             ..AuditQuery::default()
         })
         .await?;
+    // A report an administrator has since acted on (unlocked the account, reset its factors,
+    // ended its sessions) is no longer open.
+    let handled = match reports.is_empty() {
+        true => Vec::new(),
+        false => {
+            let mut acts = Vec::new();
+            for event in HANDLING {
+                acts.extend(
+                    d.query_audit(&AuditQuery {
+                        event: Some(event.into()),
+                        since: Some(now - REPORTS_SHOWN),
+                        limit: ALERTS_LISTED,
+                        ..AuditQuery::default()
+                    })
+                    .await?,
+                );
+            }
+            acts
+        }
+    };
     for e in &reports {
         let Some(user_id) = &e.user_id else { continue };
+        if handled
+            .iter()
+            .any(|a| a.user_id.as_ref() == Some(user_id) && a.at >= e.at)
+        {
+            continue;
+        }
         alerts.push(Alert {
             kind: "reported",
             text: "A sign-in was reported as not the owner's".into(),
