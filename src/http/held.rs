@@ -125,10 +125,10 @@ pub(crate) fn holdable(method: &Method, headers: &HeaderMap, browser: bool) -> b
 }
 
 /// Holds `req` (its body read, up to [`HELD_MAX_BODY`]) for the session `session_public_id`,
-/// in the next of its slots (replacing the oldest form it holds, once all are taken); returns the held page's address (`next` for the step-up)
-/// and the cookie for the browser, or `None` when the body is too large (announced or sent),
-/// broke off, or too many forms are being held at once (the caller answers as for a form it
-/// cannot hold).
+/// in the next of its slots (replacing the oldest form it holds, once all are taken); returns
+/// the held page's address (`next` for the step-up) and the cookie for the browser, or `None`
+/// when the body is too large (announced or sent), broke off, or too many forms are being held
+/// at once (the caller answers as for a form it cannot hold).
 pub(crate) async fn hold(
     state: &AppState,
     (session_public_id, peer): (&str, std::net::SocketAddr),

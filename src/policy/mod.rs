@@ -527,9 +527,10 @@ pub fn is_plausible_email(email: &str) -> bool {
 
 /// Why a new user's (normalised) address is refused, if it is: a domain that is no host name
 /// mail can go to (`exa_mple.com`, a label over 63 characters), or one that could pass for
-/// another address: a domain in IDNA's ASCII form that does not decode (`xn--abc`), marks with no letter under them or piled
-/// up, or a local part or domain label (read back from IDNA) written in more than one script
-/// (Unicode's mixed-script rule, UTS 39: `аlice` with a Cyrillic `а` beside `alice`).
+/// another address: a domain in IDNA's ASCII form that does not decode (`xn--abc`), marks with
+/// no letter under them or piled up, or a local part or domain label (read back from IDNA)
+/// written in more than one script (Unicode's mixed-script rule, UTS 39: `аlice` with a
+/// Cyrillic `а` beside `alice`).
 pub fn email_confusion(email: &str) -> Option<&'static str> {
     use unicode_security::MixedScript;
     let Some((local, domain)) = email.rsplit_once('@') else {

@@ -112,8 +112,8 @@ pub struct Identity<'a> {
 }
 
 /// An [`Identity`] kept with a cached token: the token may be reused only for an identity equal
-/// to [`OwnedIdentity::view`] in every field (a step-up changes `amr`/`acr`/`auth_time`/`factor_time`, so a
-/// cached token must not outlive it).
+/// to [`OwnedIdentity::view`] in every field (a step-up changes `amr`, `acr`, `auth_time` and
+/// `factor_time`, so a cached token must not outlive it).
 #[derive(Debug, Clone)]
 struct OwnedIdentity {
     sub: String,
