@@ -23,7 +23,9 @@ fn gone() -> AppError {
     AppError::new(
         StatusCode::GONE,
         "link_invalid",
-        "This enrolment link has expired or was already used. Ask your administrator for a new one.",
+        "This enrolment link has expired or was already used. Ask your administrator for a new \
+         one (the first administrator, set up from the command line, runs `portcullis admin \
+         bootstrap` again).",
     )
 }
 
