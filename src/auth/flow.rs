@@ -378,30 +378,17 @@ impl LoginFlow {
         if session.stage != Stage::SecondFactor || awaits_password(session) {
             return Ok(CodeOutcome::Restart);
         }
-        if session.decoy {
-            // No account behind it: every code is wrong, counted as for an account.
-            if let Some(retry_after) = self
-                .code_budget_spent(&session.user_id, session.own_device(), client)
-                .await?
-            {
-                return Ok(CodeOutcome::Throttled { retry_after });
-            }
-            return self
-                .wrong_code(session, client, "second_factor", "bad_code")
-                .await;
-        }
-        let Some(user) = self.active_user(&session.user_id).await? else {
-            // Disabled (or gone) since: answered as the decoy is, so that a sign-in switched to
-            // second factor first does not tell a disabled account from an address without one.
-            if let Some(retry_after) = self
-                .code_budget_spent(&session.user_id, session.own_device(), client)
-                .await?
-            {
-                return Ok(CodeOutcome::Throttled { retry_after });
-            }
-            return self
-                .wrong_code(session, client, "second_factor", "user_disabled")
-                .await;
+        // A decoy (no account behind it: the lookup under its made-up id finds nothing) and an
+        // account disabled (or gone) since are answered alike, after the same work as for an
+        // account, so that a sign-in switched to second factor first tells none of them apart.
+        let user = self.active_user(&session.user_id).await?;
+        let Some(user) = user.filter(|_| !session.decoy) else {
+            let why = if session.decoy {
+                "bad_code"
+            } else {
+                "user_disabled"
+            };
+            return self.code_without_account(session, code, client, why).await;
         };
         if let Some(retry_after) = self
             .code_budget_spent(&user.id, session.own_device(), client)
@@ -493,6 +480,47 @@ impl LoginFlow {
                 .await;
         }
         Ok(CodeOutcome::Accepted)
+    }
+
+    /// [`LoginFlow::second_factor_step`] for a sign-in with no account that may sign in behind it
+    /// (a decoy, or one disabled since): every code is wrong, counted, throttled and audited as
+    /// for an account, after the same lookups and checks (the app's record read, a secret
+    /// opened and the code checked against it, or a recovery code looked up), so that neither
+    /// the answer nor its time differs.
+    async fn code_without_account(
+        &self,
+        session: &mut Session,
+        code: &Secret<String>,
+        client: &Client,
+        why: &str,
+    ) -> Result<CodeOutcome, FlowError> {
+        let id = session.user_id.clone();
+        if let Some(retry_after) = self
+            .code_budget_spent(&id, session.own_device(), client)
+            .await?
+        {
+            let ev =
+                AuditEvent::new("second_factor", "denied", self.clock.now()).reason("throttled");
+            self.audit_repeated(id, ev, client).await;
+            return Ok(CodeOutcome::Throttled { retry_after });
+        }
+        let input = code.expose().trim();
+        if recovery::looks_like_recovery_code(input) {
+            if let Some(norm) = recovery::normalise(input) {
+                let hash = self.master_key.recovery_code_hash(&norm);
+                self.durable
+                    .consume_recovery_code(&id, &hash, self.clock.now())
+                    .await?;
+            }
+        } else {
+            self.durable.totp(&id).await?;
+            let context = totp_context(&id);
+            let crypto = |e: crate::crypto::CryptoError| FlowError::Internal(e.to_string());
+            let sealed = self.master_key.seal(&context, &[0; 20]).map_err(crypto)?;
+            let secret = self.master_key.open(&context, &sealed).map_err(crypto)?;
+            let _ = totp::matching_step(&secret, input, self.clock.now());
+        }
+        self.wrong_code(session, client, "second_factor", why).await
     }
 
     /// Records that a TOTP step was used: each step is accepted at most once per user, and never

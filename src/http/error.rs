@@ -69,9 +69,25 @@ impl AppError {
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_attempts",
-                "Too many attempts. Wait a while before trying again.",
+                format!(
+                    "Too many attempts. Wait {} before trying again.",
+                    wait_text(retry_after)
+                ),
             )
         }
+    }
+
+    /// [`AppError::throttled`] for a sign-in: someone else's attempts may have spent the budget,
+    /// which the browser a user has signed in with before does not draw on.
+    pub fn throttled_sign_in(retry_after: u64) -> Self {
+        let mut e = Self::throttled(retry_after);
+        e.message = format!(
+            "Too many sign-in attempts were made for this account or from this network, not \
+             necessarily by you. Wait {} before trying again; a browser you have signed in with \
+             before is not held back.",
+            wait_text(retry_after)
+        );
+        e
     }
 
     pub fn unavailable(what: &str) -> Self {
@@ -324,6 +340,16 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
         }
     }
     out
+}
+
+/// `Retry-After` seconds in words: "up to 15 minutes", "a few seconds".
+fn wait_text(secs: u64) -> String {
+    match secs {
+        0..=9 => "a few seconds".to_string(),
+        10..=59 => format!("up to {secs} seconds"),
+        60..=119 => "up to a minute or two".to_string(),
+        _ => format!("up to {} minutes", secs.div_ceil(60)),
+    }
 }
 
 #[cfg(test)]

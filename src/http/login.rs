@@ -101,7 +101,9 @@ async fn live_user(
 /// ended too, and its record dropped, so it cannot go on to complete. (A complete session is
 /// checked by the gate's user check.)
 async fn voided_while_pending(state: &AppState, l: &Loaded) -> Result<bool, AppError> {
-    if l.session.is_authenticated() || l.session.decoy {
+    // (A decoy's made-up id finds no user: looked up all the same, so that it takes the time
+    // an account's sign-in does.)
+    if l.session.is_authenticated() {
         return Ok(false);
     }
     let Some(user) = state.durable.user_by_id(&l.session.user_id).await? else {
@@ -388,7 +390,9 @@ pub async fn login_post(
                 [state.sessions.set_cookie(&id)],
             ));
         }
-        PasswordOutcome::Throttled { retry_after } => return Err(AppError::throttled(retry_after)),
+        PasswordOutcome::Throttled { retry_after } => {
+            return Err(AppError::throttled_sign_in(retry_after))
+        }
         PasswordOutcome::Denied => {
             let refused = AppError::new(
                 StatusCode::UNAUTHORIZED,
@@ -644,7 +648,7 @@ async fn after_code(
             // The account's budget of codes is spent, over several sign-ins that each gave the
             // right password: as telling as one sign-in stopped.
             second_factor_failed(state, &loaded.session, client).await?;
-            Err(AppError::throttled(retry_after))
+            Err(AppError::throttled_sign_in(retry_after))
         }
         CodeOutcome::KeyRequired => {
             let msg = if loaded.session.risk_key {

@@ -279,6 +279,16 @@ async fn the_owner_signs_in_from_a_known_device_while_the_flood_is_refused() {
         429,
         "the account's budget is spent for strangers"
     );
+    // The answer says how long to wait, and that it may be someone else's doing, which the
+    // browser the owner signs in with is spared.
+    assert_eq!(r.headers()["retry-after"], "900");
+    let said = r.text().await.unwrap();
+    assert!(
+        said.contains("not necessarily by you")
+            && said.contains("Wait up to 15 minutes")
+            && said.contains("a browser you have signed in with before is not held back"),
+        "{said}"
+    );
 
     sign_out(&gw, &owner).await;
     gw.sign_in_on(&owner, email, &secret).await;
@@ -703,6 +713,77 @@ async fn second_factor_first_looks_the_same_for_an_address_without_an_account() 
         switched.contains(&"consecutive_password_failures_unknown_user".to_string()),
         "{switched:?}"
     );
+}
+
+/// Behind the same answers, the same work: a wrong code for an account switched to second
+/// factor first and for an address without one (or a disabled account) reads the stores alike
+/// (the app's record and the user looked up), so its time does not tell them apart; and a code
+/// past the budget is audited for either.
+#[tokio::test]
+async fn second_factor_first_does_the_same_work_for_an_address_without_an_account() {
+    let (metrics, adjust) = super::metrics::metrics_on_free_port();
+    let gw = Gateway::start_with(|c| {
+        adjust(c);
+        only_consecutive_failures_count(c);
+        c.limits.second_factor_first_after = 3;
+        c.limits.second_factor_failures_per_account = 1;
+    })
+    .await;
+    let real = "real-work@example.com";
+    let ghost = "ghost-work@example.com";
+    gw.signed_in(real).await;
+    let reads = |m: &std::collections::HashMap<String, f64>| {
+        ["read", "write", "atomic"].map(|op| {
+            let durable = format!(
+                "portcullis_store_operation_seconds_count{{store=\"durable\",operation=\"{op}\"}}"
+            );
+            let ephemeral = format!(
+                "portcullis_store_operation_seconds_count{{store=\"ephemeral\",operation=\"{op}\"}}"
+            );
+            (
+                m.get(&durable).copied().unwrap_or(0.0),
+                m.get(&ephemeral).copied().unwrap_or(0.0),
+            )
+        })
+    };
+    let mut work = Vec::new();
+    for email in [real, ghost] {
+        let attacker = gw.browser();
+        for _ in 0..4 {
+            gw.password(&attacker, email, WRONG, "").await;
+        }
+        gw.page(&attacker, "/_portcullis/mfa").await;
+        gw.state.audit.flush().await;
+        let before = reads(&super::metrics::scrape(&metrics).await);
+        let r = gw.code(&attacker, "/_portcullis/mfa", "123456").await;
+        assert_eq!(r.status(), 401, "{email}");
+        let after = reads(&super::metrics::scrape(&metrics).await);
+        let moved: Vec<(f64, f64)> = before
+            .iter()
+            .zip(after.iter())
+            .map(|(b, a)| (a.0 - b.0, a.1 - b.1))
+            .collect();
+        work.push(moved);
+    }
+    assert!(work[0][0].0 >= 2.0, "the account's reads: {work:?}");
+    assert_eq!(
+        work[0], work[1],
+        "store operations of a wrong code, account then none"
+    );
+    // Past the budget, a code for the address without an account is refused and audited, as
+    // one for an account is.
+    let attacker = gw.browser();
+    gw.password(&attacker, ghost, WRONG, "").await;
+    let r = gw.code(&attacker, "/_portcullis/mfa", "654321").await;
+    assert_eq!(r.status(), 429);
+    let throttled = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "second_factor" && e.outcome == "denied")
+        .filter(|e| e.reason.as_deref() == Some("throttled") && e.user_id.is_none())
+        .count();
+    assert_eq!(throttled, 1);
 }
 
 /// Someone who has the password cannot lock the owner out of the second factor: wrong codes
