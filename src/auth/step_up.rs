@@ -58,6 +58,22 @@ impl LoginFlow {
             return self.wrong_code(session, client, EVENT, "bad_code").await;
         };
         if !self.claim_step(&user.id, step).await? {
+            // The code this session itself confirmed with moments ago, typed again on another
+            // of its step-up pages (a second tab whose form is held): no replay by anyone else
+            // and no new proof either. The page goes on with the proof the session has (the
+            // gate checks it again); it is never counted as a wrong code, which would end the
+            // owner's session.
+            let step_start_ms =
+                i64::try_from(step.saturating_sub(1) * totp::STEP * 1000).unwrap_or(i64::MAX);
+            if session.factor_ms.is_some_and(|f| f >= step_start_ms) {
+                self.code_attempt_settled(&user.id, session.own_device(), client)
+                    .await?;
+                let ev = AuditEvent::new(EVENT, "success", self.clock.now())
+                    .user(&user)
+                    .reason("otp_already_used_by_this_session");
+                self.audit(ev, client).await;
+                return Ok(CodeOutcome::Accepted);
+            }
             return self
                 .wrong_code(session, client, EVENT, "replayed_code")
                 .await;

@@ -34,18 +34,24 @@ pub(super) async fn reauth_with_code(
     secret: &[u8],
     next: &str,
 ) -> reqwest::Response {
+    gw.clock.advance(30);
+    reauth_with(gw, b, &gw.totp_now(secret), next).await
+}
+
+/// The step-up page for `next` opened in `b` and `code` sent from it.
+pub(super) async fn reauth_with(
+    gw: &Gateway,
+    b: &Browser,
+    code: &str,
+    next: &str,
+) -> reqwest::Response {
     let back: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
     let html = gw
         .page(b, &format!("/_portcullis/reauth?next={back}"))
         .await;
     let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
-    gw.clock.advance(30);
     b.post(gw.url("/_portcullis/reauth"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("code", gw.totp_now(secret).as_str()),
-            ("next", next),
-        ])
+        .form(&[("csrf", csrf.as_str()), ("code", code), ("next", next)])
         .send()
         .await
         .unwrap()

@@ -690,6 +690,7 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
 async fn forms_from_several_tabs_are_each_held() {
     let gw = Gateway::start_with(rules).await;
     let (c, secret, _) = gw.signed_in("tabs@example.com").await;
+    let elsewhere = gw.sign_in_again("tabs@example.com", &secret).await;
     gw.clock.advance(6 * 60);
     let mut pages = Vec::new();
     for n in 1..=5 {
@@ -704,6 +705,18 @@ async fn forms_from_several_tabs_are_each_held() {
     let before = gw.upstream.count();
     let r = super::risk::reauth_with_code(&gw, &c, &secret, &pages[4]).await;
     assert_eq!(location(&r), pages[4]);
+    // The same code typed again on another tab's step-up page (the app still shows it) is no
+    // wrong code: that page goes on with the proof just made, however often it is sent, and
+    // the session lives on.
+    let code = gw.totp_now(&secret);
+    for _ in 0..6 {
+        let r = super::risk::reauth_with(&gw, &c, &code, &pages[3]).await;
+        assert_eq!(location(&r), pages[3]);
+    }
+    assert_eq!(gw.status(&c, "/_portcullis/account").await, 200);
+    // Another session of the account is not that session: the code is a replay there.
+    let r = super::risk::reauth_with(&gw, &elsewhere, &code, "/campaigns").await;
+    assert_eq!(r.status(), 401);
     // The oldest made room for the fifth.
     assert_eq!(gw.status(&c, &pages[0]).await, 410);
     for (n, next) in pages.iter().enumerate().skip(1).rev() {
