@@ -1247,10 +1247,15 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
             let u = find_user(durable.as_ref(), &email).await?;
             if crate::store::nothing_to_reset(durable.as_ref(), &u).await? {
                 // No factor to remove, but a setup under way through a link (perhaps someone
-                // else's use of one that leaked) is cut off, as a reset would; like a repeat
-                // reset, not recorded again.
+                // else's use of one that leaked) is cut off, and links not used yet end, as a
+                // reset would: audited as one (not mailed again).
                 durable.reset_second_factors(&u.id, clock.now()).await?;
                 durable.void_sessions(&u.id, clock.now_millis()).await?;
+                let mut ev = audit("second_factors_reset", Some(&u), "cli");
+                ev.reason = Some(
+                    "no factor left to remove: sign-ins under way and unused links ended".into(),
+                );
+                durable.append_audit(&[ev]).await?;
                 say!(
                     "{email} has no second factor to remove: it sets one up through an enrolment \
                      link (portcullis user enrol-link {email}). Any sign-in or enrolment under \

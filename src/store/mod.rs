@@ -91,8 +91,8 @@ pub async fn awaits_enrolment_link(durable: &dyn DurableStore, user: &User) -> S
 
 /// Whether removing `user`'s second factors would change nothing: its factors were removed
 /// already, no factor or recovery code has been set up since, and it enrols only through an
-/// enrolment link. (A reset neither audited nor mailed again, as for any action that changes
-/// nothing.)
+/// enrolment link. (A reset then removes nothing and is not mailed again; it still ends
+/// sign-ins under way and links not used yet.)
 pub async fn nothing_to_reset(durable: &dyn DurableStore, user: &User) -> StoreResult<bool> {
     Ok(awaits_enrolment_link(durable, user).await?
         && durable.recovery_codes_left(&user.id).await? == 0)

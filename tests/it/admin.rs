@@ -987,7 +987,8 @@ async fn account_actions_take_effect_and_name_the_admin() {
         303
     );
     assert_eq!(gw.status(&again, "/campaigns").await, 303, "sessions ended");
-    // Reset again: nothing is left to remove, so it is neither audited nor mailed again.
+    // Reset again: nothing is left to remove, so the owner is not mailed again; it still ends
+    // sign-ins under way and unused links, so it is audited, with the admin's reason.
     let (events, mails) = (gw.audit().await.len(), gw.outbox().await.len());
     let r = post(format!("{user_page}/reset-factors"), "twice").await;
     assert!(
@@ -997,7 +998,12 @@ async fn account_actions_take_effect_and_name_the_admin() {
     );
     let page = gw.page(&c, &location(&r)).await;
     assert!(page.contains("no second factor to remove"), "{page}");
-    assert_eq!(gw.audit().await.len(), events);
+    let trail = gw.audit().await;
+    assert_eq!(trail.len(), events + 1);
+    assert!(trail.iter().any(|e| e.event == "second_factors_reset"
+        && e.reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("twice (no factor left"))));
     assert_eq!(gw.outbox().await.len(), mails);
     // The password alone no longer sets up a factor: the user needs an enrolment link.
     let r = gw

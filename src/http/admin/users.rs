@@ -581,18 +581,17 @@ action!(
     |state, admin, user, why| {
         if crate::store::nothing_to_reset(state.durable.as_ref(), &user).await? {
             // No factor to remove, but a setup under way through a link (perhaps someone else's
-            // use of one that leaked) is cut off, as a reset would. Recorded only where a
-            // session was live (a sign-in under way is in no list): a repeat changes nothing.
-            let live = state.sessions.list_user(&user.id).await?;
-            // Its links not used yet end too (nothing else is removed: there is nothing).
+            // use of one that leaked) is cut off, and links not used yet end, as a reset would:
+            // audited as one (not mailed again: the owner was told of the first).
             state
                 .durable
                 .reset_second_factors(&user.id, state.clock.now())
                 .await?;
             end_all(&state, &user).await?;
-            if !live.is_empty() {
-                record(&state, &admin, "sessions_ended", Some(&user), &why).await;
-            }
+            let why = format!(
+                "{why} (no factor left to remove: sign-ins under way and unused links ended)"
+            );
+            record(&state, &admin, "second_factors_reset", Some(&user), &why).await;
             return Ok(done(&user, "no_factors"));
         }
         state
