@@ -189,6 +189,8 @@ pub fn render<T: Template>(status: StatusCode, page: &T) -> Response {
 #[template(path = "reauth.html")]
 pub struct Reauth<'a> {
     pub csrf: &'a str,
+    /// The public id of the session the page is shown to (sent back with the code).
+    pub sid: &'a str,
     /// Where to go once confirmed (a same-origin path).
     pub next: &'a str,
     /// Why a new proof is asked for.

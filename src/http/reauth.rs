@@ -98,6 +98,7 @@ async fn page(
     let (token, set) = csrf_token(state, headers);
     let view = pages::Reauth {
         csrf: &token,
+        sid: &loaded.session.public_id,
         next: v.next,
         why,
         keys,
@@ -177,9 +178,14 @@ pub struct CodeForm {
     csrf: String,
     #[serde(default)]
     next: String,
+    /// The public id of the session the page was shown to: a page left open from a session
+    /// that has ended (signed out, another user signed in in the same browser) checks no code
+    /// against the session the browser has now.
+    #[serde(default)]
+    sid: Option<String>,
 }
 
-/// `POST /_portcullis/reauth` `code, next, csrf`: a code from the authenticator app.
+/// `POST /_portcullis/reauth` `code, next, csrf[, sid]`: a code from the authenticator app.
 pub async fn reauth_post(
     State(state): State<AppState>,
     Peer(peer): Peer,
@@ -196,6 +202,17 @@ pub async fn reauth_post(
         }
         return Ok(sign_in_first(&next, false));
     };
+    if form.sid.as_deref().is_some_and(|sid| {
+        !crate::crypto::ct_eq(sid.as_bytes(), loaded.session.public_id.as_bytes())
+    }) {
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "session_changed",
+            "This confirmation page was opened for a session that has since ended (signed out, \
+             or someone signed in again in this browser), so the code was not checked. Open the \
+             page again from where you were.",
+        ));
+    }
     super::login::code_given(&form.code)?;
     let client = super::client(&state, peer, &headers);
     let outcome = state

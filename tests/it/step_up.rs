@@ -732,6 +732,48 @@ async fn forms_from_several_tabs_are_each_held() {
     assert_eq!(gw.upstream.count(), before + 4);
 }
 
+/// A step-up page left open from a session that has since ended (signed out, and another user
+/// signed in in the same browser) checks no code against the session the browser has now: that
+/// user's budget of wrong codes is not spent by someone else's page.
+#[tokio::test]
+async fn a_step_up_page_of_an_ended_session_checks_no_code_against_the_next() {
+    let gw = Gateway::start_with(rules).await;
+    let (c, _, _) = gw.signed_in("first-user@example.com").await;
+    let html = gw.page(&c, "/_portcullis/reauth?next=%2Fcampaigns").await;
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let sid = extract(&html, "name=\"sid\" value=\"", "\"").unwrap();
+    super::login::sign_out(&gw, &c).await;
+    let (_, secret, _) = gw.signed_in("next-user@example.com").await;
+    gw.sign_in_on(&c, "next-user@example.com", &secret).await;
+    let r = c
+        .post(gw.url("/_portcullis/reauth"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("code", "000000"),
+            ("next", "/campaigns"),
+            ("sid", sid.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("session that has since ended"));
+    let counted = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "step_up" && e.email.as_deref() == Some("next-user@example.com"))
+        .count();
+    assert_eq!(
+        counted, 0,
+        "nothing checked against the next user's session"
+    );
+}
+
 /// Six minutes on (the proof stale), a form to campaign `n`'s send action is held: the held
 /// page's address, from the step-up the browser is sent to.
 async fn held_after_stale_proof(gw: &Gateway, c: &Browser, n: &str, body: &str) -> String {
