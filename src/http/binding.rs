@@ -455,9 +455,17 @@ pub async fn guard_session_pages(
         .unwrap_or_default();
     let read = req.method() == axum::http::Method::GET;
     let browser = read && wants_html(req.headers());
-    // A form of the account page goes back there (gateway pages send no `Referer`).
-    let back =
-        (!read && path.starts_with("/_portcullis/account")).then_some("/_portcullis/account");
+    // A form goes back to its page once the proof is renewed (gateway pages send no
+    // `Referer`): the account page's forms to that page; the step-up and held pages' forms
+    // post to the page's own address, query and all.
+    let own_page =
+        ["/_portcullis/reauth", super::held::PATH].contains(&path) && req.uri().query().is_some();
+    let back = match (read, path.starts_with("/_portcullis/account"), own_page) {
+        (true, _, _) => None,
+        (false, true, _) => Some("/_portcullis/account"),
+        (false, false, true) => Some(target.as_str()),
+        _ => None,
+    };
     let headers = req.headers().clone();
     let refused = async {
         let Some(loaded) = current_session(&state, &headers)

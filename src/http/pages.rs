@@ -189,6 +189,9 @@ pub fn render<T: Template>(status: StatusCode, page: &T) -> Response {
 #[template(path = "reauth.html")]
 pub struct Reauth<'a> {
     pub csrf: &'a str,
+    /// The page's own address, where its code form posts: a device proof that ran out before
+    /// the code was sent comes back here once renewed.
+    pub action: &'a str,
     /// The public id of the session the page is shown to (sent back with the code).
     pub sid: &'a str,
     /// Where to go once confirmed (a same-origin path).

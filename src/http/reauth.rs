@@ -96,8 +96,10 @@ async fn page(
         "For your security, this action needs a recent confirmation that it's you."
     };
     let (token, set) = csrf_token(state, headers);
+    let action = url(v.next, v.key_only);
     let view = pages::Reauth {
         csrf: &token,
+        action: &action,
         sid: &loaded.session.public_id,
         next: v.next,
         why,

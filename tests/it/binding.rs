@@ -1128,6 +1128,44 @@ async fn held_for_the_device_check(
     (bind, next)
 }
 
+/// A code sent from the step-up page after the device proof ran out is refused for the proof,
+/// and the way to renew it comes back to that step-up page (its form posts to the page's own
+/// address: gateway pages send no `Referer`), not to the console's start.
+#[tokio::test]
+async fn a_step_up_sent_after_the_bound_cookie_ran_out_returns_to_its_page() {
+    let gw = gateway().await;
+    let (b, secret, _) = gw.signed_in("late-code@example.com").await;
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    let html = gw
+        .page(&b, "/_portcullis/reauth?next=%2Fcampaigns%2F7")
+        .await;
+    let action = extract(&html, "<form method=\"post\" action=\"", "\"").unwrap();
+    assert_eq!(action, "/_portcullis/reauth?next=%2Fcampaigns%2F7");
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    let r = b
+        .post(gw.url(&action))
+        .header("accept", "text/html")
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("code", gw.totp_now(&secret).as_str()),
+            ("next", "/campaigns/7"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains(
+            "href=\"/_portcullis/bind?next=%2F_portcullis%2Freauth%3Fnext%3D%252Fcampaigns%252F7\""
+        ),
+        "{page}"
+    );
+}
+
 /// An admin's form sent after the device proof ran out (an admin left on a page longer than the
 /// bound cookie lives) is held, not lost: once the browser has proven itself, the held form goes
 /// to the admin console's guard again, which holds it for the key's touch where the sudo window

@@ -582,7 +582,7 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     // Its "Cancel" drops the form (a link back would leave it waiting for a proof given later).
     let held_id = reauth.split("id%3D").nth(1).unwrap();
     assert!(
-        page.contains("action=\"/_portcullis/held\"")
+        page.contains(&format!("action=\"/_portcullis/held?id={held_id}\""))
             && page.contains("name=\"drop\"")
             && page.contains(&format!("name=\"id\" value=\"{held_id}\"")),
         "{page}"
