@@ -375,22 +375,10 @@ pub(crate) async fn guard_page_holding(
                     let refused = refusal(state, why, true, BIND_PATH, pages);
                     return Ok(Err(with_cookies(refused, [held.cookie])));
                 }
-                // Not held (too large, too many at once): as a form that cannot be.
-                return Ok(Err(refusal(
-                    state,
-                    why,
-                    false,
-                    BIND_PATH,
-                    (Some(next), back),
-                )));
+                // Not held (too large, too many at once): answered as a form that cannot be.
             }
-            return Ok(Err(refusal(
-                state,
-                why,
-                browser,
-                BIND_PATH,
-                (Some(next), back),
-            )));
+            let pages = (Some(next), back);
+            return Ok(Err(refusal(state, why, browser, BIND_PATH, pages)));
         }
     }
     Ok(match risk_hold_refusal(state, loaded, browser, next) {
