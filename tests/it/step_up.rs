@@ -728,7 +728,14 @@ async fn forms_from_several_tabs_are_each_held() {
         let seen = gw.upstream.last();
         assert_eq!(seen.uri, format!("/campaigns/{}/send", n + 1));
         assert_eq!(seen.body, format!("recipients={}", n + 1).as_bytes());
+        // The browser holds a tie cookie per held form: the gateway's own, never the console's.
+        let cookies = seen.header("cookie").unwrap_or_default().to_string();
+        assert!(!cookies.contains("portcullis-held"), "{cookies}");
     }
+    assert!(
+        gw.cookies(&c).contains("portcullis-held-"),
+        "the browser does hold tie cookies"
+    );
     assert_eq!(gw.upstream.count(), before + 4);
 }
 
