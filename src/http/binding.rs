@@ -122,8 +122,33 @@ pub(crate) fn context_of(
     binding::device_context(&state.master_key, ip, &super::user_agent_of(headers))
 }
 
+/// Whether a form refused with `why` (a request from `client`, device context `context`) may be
+/// held for the proof it waits for: only a proof to renew or make (never one that failed, nor a
+/// bound cookie presented from elsewhere), and only from where the session's key last proved
+/// itself (before the first proof: the browser that signed in). A copied session cookie used
+/// from another network or browser gets nothing held, so it cannot push the owner's held forms
+/// out of their slots; the owner's own browser there proves itself and sends its form.
+pub(crate) fn may_hold(
+    session: &Session,
+    why: &Unbound,
+    context: &[u8; binding::CONTEXT_LEN],
+    client: &Client,
+) -> bool {
+    match why {
+        Unbound::Register => super::login::same_client(session, client),
+        Unbound::Refresh => match &session.proof_context {
+            Some(proved) => {
+                crate::crypto::ct_eq(proved.as_bytes(), hex::encode(context).as_bytes())
+            }
+            // A session last proven before the gateway kept where: its sign-in's browser.
+            None => super::login::same_client(session, client),
+        },
+        Unbound::Moved | Unbound::Failed { .. } => false,
+    }
+}
+
 /// The device context of `client` (as [`context_of`] gives it for the request it came from).
-fn context_of_client(state: &AppState, client: &Client) -> [u8; binding::CONTEXT_LEN] {
+pub(crate) fn context_of_client(state: &AppState, client: &Client) -> [u8; binding::CONTEXT_LEN] {
     let ip = client
         .ip
         .parse()
@@ -364,9 +389,9 @@ pub(crate) async fn guard_page_holding(
         })
         .await?
         {
-            let provable = matches!(why, Unbound::Register | Unbound::Refresh);
+            let here = may_hold(&loaded.session, &why, &context, client);
             let form = wants_html(req.headers());
-            if provable && super::held::holdable(req.method(), req.headers(), form) {
+            if here && super::held::holdable(req.method(), req.headers(), form) {
                 let public_id = &loaded.session.public_id;
                 let target = (next, back.map(str::to_string));
                 if let Some(held) = super::held::hold(state, (public_id, peer), target, req).await?
@@ -785,7 +810,7 @@ enum Refreshed {
 /// Checks a refresh proof of `loaded`'s key against a fresh challenge and issues the cookie.
 async fn refresh(
     state: &AppState,
-    loaded: &Loaded,
+    loaded: &mut Loaded,
     key: &BoundKey,
     proof: Option<&str>,
     client: &Client,
@@ -1016,7 +1041,7 @@ pub async fn refresh_post(
     headers: HeaderMap,
     Json(body): Json<ProofBody>,
 ) -> Result<Response, AppError> {
-    let loaded = complete_session(&state, &headers).await?;
+    let mut loaded = complete_session(&state, &headers).await?;
     let client = super::client(&state, peer, &headers);
     let Some(key) = loaded.session.binding.clone() else {
         return Err(AppError::new(
@@ -1025,7 +1050,7 @@ pub async fn refresh_post(
             "This session is not bound yet: register a key first.",
         ));
     };
-    match refresh(&state, &loaded, &key, body.proof.as_deref(), &client).await? {
+    match refresh(&state, &mut loaded, &key, body.proof.as_deref(), &client).await? {
         Refreshed::Cookie(c) => Ok(proven(vec![c])),
         Refreshed::Stale => Err(stale_challenge()),
         Refreshed::Failed => Err(proof_failed()),
@@ -1143,7 +1168,7 @@ pub async fn dbsc_refresh_post(
     let loaded = current_session(&state, &headers)
         .await?
         .filter(|l| l.session.is_authenticated());
-    let (Some(loaded), Some(key)) = (
+    let (Some(mut loaded), Some(key)) = (
         loaded.clone(),
         loaded.and_then(|l| l.session.binding.filter(|k| k.method == Method::Dbsc)),
     ) else {
@@ -1163,7 +1188,7 @@ pub async fn dbsc_refresh_post(
     let Some(proof) = dbsc_proof(&headers, &body) else {
         return challenge_answer(&state, &loaded.session).await;
     };
-    match refresh(&state, &loaded, &key, Some(proof), &client).await? {
+    match refresh(&state, &mut loaded, &key, Some(proof), &client).await? {
         Refreshed::Cookie(c) => Ok(dbsc_answer(&state, &loaded.session, [c])),
         Refreshed::Stale => challenge_answer(&state, &loaded.session).await,
         Refreshed::Failed => Err(proof_failed()),

@@ -295,7 +295,7 @@ async fn check(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok((ForwardAuth::Allowed, r))
         }
-        Decision::Unbound(why, _) => {
+        Decision::Unbound(why, _, _) => {
             let (next, back) = pages(state, &orig, headers);
             let bind = state
                 .config

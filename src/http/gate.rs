@@ -239,8 +239,9 @@ pub(crate) enum Decision {
     /// No such session; `clear_cookie` when the cookie named a session that is no more.
     Refuse { clear_cookie: bool },
     /// A complete session without a valid device proof (`binding.enabled`); with the session's
-    /// public id (a browser's form is held for it).
-    Unbound(super::binding::Unbound, String),
+    /// public id and whether a browser's form may be held for it from here
+    /// ([`super::binding::may_hold`]).
+    Unbound(super::binding::Unbound, String, bool),
     /// A complete, proven session asking for an action a `[[step_up]]` rule guards, whose last
     /// proof is older than the rule allows (`reason` [`STEP_UP_REASON`]; `key`: the rule wants
     /// a security key), or a session held by the risk engine until a second factor
@@ -364,7 +365,9 @@ pub(crate) async fn decide(
         if let Some(why) =
             super::binding::check(state, loaded.record(), headers, &context, client).await?
         {
-            return Ok(Decision::Unbound(why, loaded.session.public_id.clone()));
+            let hold = super::binding::may_hold(&loaded.session, &why, &context, &client());
+            let public_id = loaded.session.public_id.clone();
+            return Ok(Decision::Unbound(why, public_id, hold));
         }
     }
     // Step 4: a session the risk engine holds until a second factor.
@@ -762,19 +765,15 @@ async fn gate_and_forward(
             });
             token
         }
-        Decision::Unbound(why, session) => {
+        Decision::Unbound(why, session, hold) => {
             state.metrics.step_up("device_proof_required");
             let bind = super::binding::BIND_PATH;
             let back = referring_page(state, req.headers());
             // A browser's form is kept until this browser has proven itself again (a bound
             // cookie that ran out while the form was being filled in), then sent; never for a
-            // proof that failed, nor for a bound cookie presented from elsewhere (`Moved`, a
-            // sign of a copy).
-            let provable = matches!(
-                why,
-                super::binding::Unbound::Register | super::binding::Unbound::Refresh
-            );
-            let (n, cookie) = match provable {
+            // proof that failed, for a bound cookie presented from elsewhere (`Moved`, a sign of
+            // a copy), nor from another place than the key last proved itself.
+            let (n, cookie) = match hold {
                 true => {
                     held_or_back(
                         state,

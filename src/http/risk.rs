@@ -105,12 +105,14 @@ pub(crate) fn address(state: &AppState, ip: &str) -> String {
     }
 }
 
-/// The session's device key has just proven itself from `client`: keeps the new fix, and when
+/// The session's device key has just proven itself from `client`: keeps the new fix and where
+/// the proof came from ([`Session::proof_context`]), and when
 /// the session could not have travelled there since its last proof, holds it until a second
-/// factor (audit `session_risk`, the owner told at most once an hour).
+/// factor (audit `session_risk`, the owner told at most once an hour). `loaded` is left as
+/// stored, so a caller that saves it again keeps what was written here.
 pub(super) async fn after_proof(
     state: &AppState,
-    loaded: &Loaded,
+    loaded: &mut Loaded,
     client: &Client,
 ) -> Result<(), AppError> {
     let now = state.clock.now_millis();
@@ -118,11 +120,14 @@ pub(super) async fn after_proof(
     let (fix, risky) = state.risk.assess_move(s.fix.as_ref(), &client.ip, now);
     // Only a high score holds (so raising `risk.high_score` switches holds off too).
     let risky = risky.filter(|a| a.level >= Level::High);
-    if fix == s.fix && risky.is_none() {
+    // Where the key proved itself: forms are held for its next proof only from there.
+    let here = hex::encode(super::binding::context_of_client(state, client));
+    if fix == s.fix && risky.is_none() && s.proof_context.as_deref() == Some(here.as_str()) {
         return Ok(());
     }
     let mut session = s.clone();
     session.fix = fix;
+    session.proof_context = Some(here);
     if risky.is_some() {
         session.risk_hold_ms = Some(now);
         // As a high-risk sign-in of the account would: its key, where it has one.
@@ -132,6 +137,7 @@ pub(super) async fn after_proof(
         // Ended meanwhile: nothing left to hold.
         return Ok(());
     }
+    let s = std::mem::replace(&mut loaded.session, session);
     if let Some(a) = &risky {
         state.metrics.risk("session", a.level);
         let user = state.durable.user_by_id(&s.user_id).await?;

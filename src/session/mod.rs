@@ -128,6 +128,12 @@ pub struct Session {
     /// enrolment begun from an enrolment link, which may wait while the user installs an app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_ms: Option<i64>,
+    /// Where the session's device key last proved itself: the [`crate::binding::device_context`]
+    /// (keyed network and browser, hex) of that proof. A form sent after the bound cookie ran
+    /// out is held for the next proof only from there (a copied session cookie used elsewhere
+    /// gets nothing held, so it cannot push the owner's held forms out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_context: Option<String>,
 }
 
 impl Session {
@@ -165,6 +171,7 @@ impl Session {
             risk_hold_ms: None,
             risk_hold_key: false,
             pending_ms: None,
+            proof_context: None,
         }
     }
 

@@ -1619,6 +1619,72 @@ async fn a_user_agent_beyond_ascii_is_kept_and_told_apart() {
     assert_eq!(gw.status(&b, "/inbox").await, 200, "the owner carries on");
 }
 
+/// Whether `r` set a cookie that ties a held form to the browser (a form was held).
+fn holds_a_form(r: &reqwest::Response) -> bool {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.starts_with("portcullis-held-"))
+}
+
+/// A copied session cookie without the bound cookie reads as a browser whose proof ran out (or,
+/// before the first proof, one that has yet to make it); used from another network or another
+/// browser than the key last proved itself from, it gets no form held, so it cannot push the
+/// owner's held forms out of their slots: the owner's browser proves itself and sends its form.
+#[tokio::test]
+async fn a_copied_session_cookie_cannot_push_the_owners_held_form_out() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("crowded@example.com").await;
+    let copies = [
+        gw.copied_jar(&b, Some("127.0.2.61"), None),
+        gw.copied_jar(&b, None, Some("Thief/1")),
+    ];
+    let thief_form = ("/campaigns/9/send", "/campaigns/9/edit");
+    // Before the first proof: only the browser that signed in has its form held.
+    for copy in &copies {
+        let r = gw.form_from(copy, thief_form, "recipients=all").await;
+        assert_eq!(r.status(), 401, "refused, not held");
+        assert!(!holds_a_form(&r), "held for a copy");
+    }
+    let r = gw.form_from(&b, thief_form, "recipients=mine").await;
+    assert_eq!(r.status(), 303);
+    assert!(holds_a_form(&r), "the owner's browser has its form held");
+    let dev = Device::new();
+    bind_webcrypto(&gw, &b, &dev).await;
+    let before = gw.upstream.count();
+    let form = ("/campaigns/7/save", "/campaigns/7/edit");
+    let (_, next) = held_for_the_device_check(&gw, &b, form, "subject=Mine").await;
+    // More forms than a session may have held, from each copy: none is held.
+    let slots = portcullis::http::held::HELD_PER_SESSION;
+    for copy in &copies {
+        for _ in 0..=slots {
+            let r = gw.form_from(copy, thief_form, "recipients=all").await;
+            assert_eq!(r.status(), 401, "refused, not held");
+            assert!(!holds_a_form(&r), "held for a copy");
+        }
+    }
+    assert_eq!(gw.upstream.count(), before, "nothing forwarded");
+    assert_eq!(webcrypto_refresh(&gw, &b, &dev).await.status(), 200);
+    let held = gw.page(&b, &next).await;
+    let csrf = extract(&held, "name=\"csrf\" value=\"", "\"").unwrap();
+    let id = next.split("id=").nth(1).unwrap();
+    assert_eq!(gw.send_held(&b, (id, &csrf), false).await.status(), 200);
+    let seen = gw.upstream.last();
+    assert_eq!(seen.uri, "/campaigns/7/save");
+    assert_eq!(seen.body, b"subject=Mine");
+    // The owner's browser on another network proves itself there: from then on its forms are
+    // held there (and no longer where it was).
+    let moved = gw.copied_jar(&b, Some("127.0.2.70"), None);
+    assert_eq!(webcrypto_refresh(&gw, &moved, &dev).await.status(), 200);
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    let r = gw.form_from(&moved, form, "subject=Moved").await;
+    assert_eq!(r.status(), 303);
+    assert!(holds_a_form(&r), "held where the key last proved itself");
+    assert_eq!(gw.form_from(&b, form, "subject=Old").await.status(), 401);
+}
+
 /// A form sent after the bound cookie ran out (filled in over more than its lifetime, on a
 /// console page that does not renew it) is held, not lost: the browser proves itself again at
 /// the device check, and the held page sends the form as it was typed.
