@@ -245,6 +245,7 @@ pub async fn login_get(
         notice,
         passkeys: state.keys.is_some(),
         factor_given,
+        remembering: remembering(&state),
     };
     let page = with_cookies(render(StatusCode::OK, &page), set);
     Ok(if ended {
@@ -451,8 +452,15 @@ fn login_refused(
         notice: None,
         passkeys: state.keys.is_some(),
         factor_given: false,
+        remembering: remembering(state),
     };
     Ok(with_cookies(render(refused.status, &page), set))
+}
+
+/// Whether a browser may have been remembered at an earlier sign-in (see
+/// [`pages::Login::remembering`]).
+fn remembering(state: &AppState) -> bool {
+    state.config.binding.enabled && !state.config.remember_device.lifetime.is_zero()
 }
 
 /// Loads the pending session for a step page, or the response that sends the browser elsewhere.

@@ -18,6 +18,9 @@ pub struct Login<'a> {
     pub passkeys: bool,
     /// The second factor came first and is given: the password is the last step.
     pub factor_given: bool,
+    /// Browsers may be remembered (device binding on, `remember_device.lifetime` not zero): a
+    /// remembered one proves its key instead of asking for the second factor.
+    pub remembering: bool,
 }
 
 #[derive(Template)]

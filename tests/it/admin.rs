@@ -1999,7 +1999,7 @@ async fn refused_forms_answer_api_clients_in_json() {
             vec![("reason", "  ")],
             400,
             "invalid_input",
-            "Give a reason",
+            "Disable the account: give a reason",
         ),
         (
             "POST",

@@ -407,3 +407,23 @@ async fn a_wrong_code_keeps_the_box_ticked_and_a_new_start_keeps_the_way_on() {
         "{page}"
     );
 }
+
+/// The sign-in page's hint ("a second factor next") says that a remembered browser proves
+/// itself instead, where browsers may be remembered, and only there.
+#[tokio::test]
+async fn the_sign_in_hint_names_the_remembered_browser_only_where_there_is_one() {
+    for (lifetime, remembering) in [(30 * 86_400, true), (0, false)] {
+        let gw = Gateway::start_with(|c| {
+            binding_on(c);
+            c.remember_device.lifetime = std::time::Duration::from_secs(lifetime);
+        })
+        .await;
+        let html = gw.page(&gw.browser(), "/_portcullis/login").await;
+        assert!(html.contains("asked for a second factor next"), "{html}");
+        assert_eq!(
+            html.contains("proves itself instead"),
+            remembering,
+            "{lifetime}"
+        );
+    }
+}

@@ -439,7 +439,7 @@ async fn acting(
     headers: &HeaderMap,
     id: &str,
     form: &ReasonForm,
-    not_on_self: bool,
+    (not_on_self, what): (bool, &str),
 ) -> Result<Result<(User, String), Response>, AppError> {
     let user = checked_target(state, headers, &form.csrf, id).await?;
     if not_on_self && user.id == admin.user.id {
@@ -452,11 +452,13 @@ async fn acting(
     }
     let refused = match reason(&form.reason) {
         Ok(Some(r)) => return Ok(Ok((user, r))),
-        Ok(None) => "Give a reason: it is kept in the audit trail.",
+        Ok(None) => "give a reason, it is kept in the audit trail.",
         Err(why) => why,
     };
+    // The page has several forms with a reason: the message names the one sent.
+    let refused = format!("{what}: {refused}");
     let view = View {
-        error: Some(refused),
+        error: Some(&refused),
         status: Some(StatusCode::BAD_REQUEST),
         ..View::default()
     };
@@ -482,7 +484,7 @@ async fn end_all(state: &AppState, user: &User) -> Result<(), AppError> {
 }
 
 macro_rules! action {
-    ($name:ident, $doc:literal, |$state:ident, $admin:ident, $user:ident, $why:ident| $body:block, not_on_self = $self_guard:expr) => {
+    ($name:ident, $doc:literal, $what:literal, |$state:ident, $admin:ident, $user:ident, $why:ident| $body:block, not_on_self = $self_guard:expr) => {
         #[doc = $doc]
         pub async fn $name(
             State($state): State<AppState>,
@@ -492,7 +494,7 @@ macro_rules! action {
             Form(form): Form<ReasonForm>,
         ) -> Result<Response, AppError> {
             let ($user, $why) =
-                match acting(&$state, &$admin, &headers, &id, &form, $self_guard).await? {
+                match acting(&$state, &$admin, &headers, &id, &form, ($self_guard, $what)).await? {
                     Ok(v) => v,
                     Err(page) => return Ok(page),
                 };
@@ -504,6 +506,7 @@ macro_rules! action {
 action!(
     disable_post,
     "`POST …/users/{id}/disable`: refuses sign-in and ends every session.",
+    "Disable the account",
     |state, admin, user, why| {
         // Already disabled: nothing changes, so nothing is recorded or told again.
         if user.disabled {
@@ -527,6 +530,7 @@ action!(
 action!(
     enable_post,
     "`POST …/users/{id}/enable`.",
+    "Enable the account",
     |state, admin, user, why| {
         if !user.disabled {
             return Ok(done(&user, "not_disabled"));
@@ -549,6 +553,7 @@ action!(
 action!(
     unlock_post,
     "`POST …/users/{id}/unlock`: password sign-in works again after a report.",
+    "Unlock password sign-in",
     |state, admin, user, why| {
         if !user.locked {
             return Ok(done(&user, "not_locked"));
@@ -578,6 +583,7 @@ action!(
 action!(
     reset_factors_post,
     "`POST …/users/{id}/reset-factors`: removes TOTP, keys and recovery codes, ends every session.",
+    "Reset second factors",
     |state, admin, user, why| {
         if crate::store::nothing_to_reset(state.durable.as_ref(), &user).await? {
             // No factor to remove, but a setup under way through a link (perhaps someone else's
@@ -710,7 +716,16 @@ pub async fn remove_key_post(
     Path((id, key)): Path<(String, String)>,
     Form(form): Form<ReasonForm>,
 ) -> Result<Response, AppError> {
-    let (user, why) = match acting(&state, &admin, &headers, &id, &form, false).await? {
+    let (user, why) = match acting(
+        &state,
+        &admin,
+        &headers,
+        &id,
+        &form,
+        (false, "Revoke this key"),
+    )
+    .await?
+    {
         Ok(v) => v,
         Err(page) => return Ok(page),
     };
@@ -788,7 +803,16 @@ pub async fn restore_key_post(
     Path((id, key)): Path<(String, String)>,
     Form(form): Form<ReasonForm>,
 ) -> Result<Response, AppError> {
-    let (user, why) = match acting(&state, &admin, &headers, &id, &form, false).await? {
+    let (user, why) = match acting(
+        &state,
+        &admin,
+        &headers,
+        &id,
+        &form,
+        (false, "Restore this key"),
+    )
+    .await?
+    {
         Ok(v) => v,
         Err(page) => return Ok(page),
     };
