@@ -696,6 +696,22 @@ pub async fn end_session_post(
     Ok(done(&user, "session_ended"))
 }
 
+/// [`acting`] on the user's key `key` (404 when they have none such): the user, the reason and
+/// the key.
+async fn acting_on_key(
+    (state, admin, headers): (&AppState, &Admin, &HeaderMap),
+    (id, key): (&str, &str),
+    form: &ReasonForm,
+    what: &str,
+) -> Result<Result<(User, String, crate::store::WebauthnCredential), Response>, AppError> {
+    let (user, why) = match acting(state, admin, headers, id, form, (false, what)).await? {
+        Ok(v) => v,
+        Err(page) => return Ok(Err(page)),
+    };
+    let found = key_of(state, &user, key).await?;
+    Ok(Ok((user, why, found)))
+}
+
 /// The user's key `key`; 404 when they have none such.
 async fn key_of(
     state: &AppState,
@@ -716,20 +732,12 @@ pub async fn remove_key_post(
     Path((id, key)): Path<(String, String)>,
     Form(form): Form<ReasonForm>,
 ) -> Result<Response, AppError> {
-    let (user, why) = match acting(
-        &state,
-        &admin,
-        &headers,
-        &id,
-        &form,
-        (false, "Revoke this key"),
-    )
-    .await?
-    {
+    let on = (&state, &admin, &headers);
+    let (user, why, found) = match acting_on_key(on, (&id, &key), &form, "Revoke this key").await? {
         Ok(v) => v,
         Err(page) => return Ok(page),
     };
-    let name = key_of(&state, &user, &key).await?.name;
+    let name = found.name;
     // As on the account page: the last usable second factor stays. Without one, the password
     // alone would start a sign-in that enrols a new factor; a lost last key is what "Reset
     // second factors" is for (it ends every session and tells the owner). A suspended key
@@ -803,20 +811,12 @@ pub async fn restore_key_post(
     Path((id, key)): Path<(String, String)>,
     Form(form): Form<ReasonForm>,
 ) -> Result<Response, AppError> {
-    let (user, why) = match acting(
-        &state,
-        &admin,
-        &headers,
-        &id,
-        &form,
-        (false, "Restore this key"),
-    )
-    .await?
+    let on = (&state, &admin, &headers);
+    let (user, why, found) = match acting_on_key(on, (&id, &key), &form, "Restore this key").await?
     {
         Ok(v) => v,
         Err(page) => return Ok(page),
     };
-    let found = key_of(&state, &user, &key).await?;
     // Not suspended (any more): nothing changes, nothing is recorded or told again.
     if !state
         .durable
