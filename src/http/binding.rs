@@ -198,6 +198,25 @@ pub(crate) fn shows_its_device(
         || bound_until(state, session, headers, &context_of_client(state, client)).is_some()
 }
 
+/// Whether a request that acts on the session as a whole (signing it out) comes from its
+/// device: [`shows_its_device`], or, its bound cookie run out, from where its key last proved
+/// itself (before the first proof: the browser that signed in). Nothing is counted.
+pub(crate) fn from_its_device(
+    state: &AppState,
+    session: &Session,
+    headers: &HeaderMap,
+    client: &Client,
+) -> bool {
+    if shows_its_device(state, session, headers, client) {
+        return true;
+    }
+    let why = match session.binding {
+        Some(_) => Unbound::Refresh,
+        None => Unbound::Register,
+    };
+    may_hold(session, &why, &context_of_client(state, client), client)
+}
+
 /// The gate's check of a complete session asked from `context` (see [`context_of`]): `None`
 /// when its bound cookie is valid and was issued to this network and browser. `client` is
 /// asked for only when something is recorded, so a valid proof builds nothing.
@@ -313,33 +332,42 @@ async fn failure(
         .record(event("session_suspended", "binding_failures"))
         .await;
     if let Some(u) = &user {
-        let host = state
-            .config
-            .server
-            .public_url
-            .host_str()
-            .unwrap_or_default();
-        let body = format!(
-            "A session of your account {email} on {host} was used from a browser that could not\n\
-             prove it is the device you signed in on ({count} failed attempts, last from {ip},\n\
-             {ua}). This is what happens when someone copies the cookies of a signed-in browser.\n\
-             \n\
-             That session has been ended. If you did not expect this, change your password and\n\
-             check your computer for malware, then sign in again.\n",
-            email = u.email,
-            ip = client.ip,
-            ua = client.user_agent,
-        );
-        state
-            .notifier
-            .enqueue(
-                &u.email,
-                &format!("A session of your account on {host} was ended"),
-                &body,
-            )
-            .await?;
+        let how = format!("{count} failed attempts, last ");
+        let told = ("was ended", "used", "That session has been ended. ");
+        tell_of_a_copy(state, u, client, &how, told).await?;
     }
     Ok(true)
+}
+
+/// Mails `user` that a session of theirs was `done` (said in the subject: "was ended") by a
+/// browser that could not prove it is the session's device, as `client` (`how`: what came
+/// before the address), and `outcome` (what became of the session).
+pub(crate) async fn tell_of_a_copy(
+    state: &AppState,
+    user: &crate::store::User,
+    client: &Client,
+    how: &str,
+    (subject, done, outcome): (&str, &str, &str),
+) -> crate::store::StoreResult<()> {
+    let host = state
+        .config
+        .server
+        .public_url
+        .host_str()
+        .unwrap_or_default();
+    let body = format!(
+        "A session of your account {email} on {host} was {done} from a browser that could not\n\
+         prove it is the device you signed in on ({how}from {ip}, {ua}).\n\
+         This is what happens when someone copies the cookies of a signed-in browser.\n\
+         \n\
+         {outcome}If you did not expect this, change your password and check your computer\n\
+         for malware, then sign in again.\n",
+        email = user.email,
+        ip = client.ip,
+        ua = client.user_agent,
+    );
+    let subject = format!("A session of your account on {host} {subject}");
+    state.notifier.enqueue(&user.email, &subject, &body).await
 }
 
 /// The same device-proof rule for the gateway's own pages that act on a complete session (the
@@ -755,7 +783,7 @@ pub(crate) async fn register(
             .set_device_binding(device, key.method.as_str())
             .await?;
     }
-    super::remembered::on_bound(state, &loaded.session, &key).await?;
+    super::remembered::on_bound(state, &loaded.session, &key, client).await?;
     // The first proof counts as a proof from here, as every renewal does.
     super::risk::after_proof(state, loaded, client).await?;
     let mut ev = AuditEvent::new("session_bound", "success", state.clock.now())

@@ -1373,24 +1373,41 @@ pub async fn logout_post(
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
     if let Some(loaded) = current_session(&state, &headers).await? {
+        let client = super::client(&state, peer, &headers);
+        // A copied cookie jar may sign the session out (the safe way round), but from another
+        // network or browser than the session's device that is a sign of the copy: written
+        // down as such, and the owner is told.
+        let elsewhere = loaded.session.is_authenticated()
+            && !super::binding::from_its_device(&state, &loaded.session, &headers, &client);
         state
             .sessions
             .destroy(&loaded.key, &loaded.session.user_id)
             .await?;
         state.signer.forget(&loaded.key);
-        let client = super::client(&state, peer, &headers);
         let mut ev = AuditEvent::new("logout", "success", state.clock.now())
             .client(&client.ip, &client.user_agent);
+        if elsewhere {
+            ev = ev.reason("not_from_the_sessions_device");
+        }
         // The session is gone already: a database outage must not turn the sign-out into an
         // error or lose its audit event; the user id alone names who signed out.
-        ev = match state.durable.user_by_id(&loaded.session.user_id).await {
-            Ok(Some(u)) => ev.user(&u),
+        let user = state.durable.user_by_id(&loaded.session.user_id).await;
+        ev = match &user {
+            Ok(Some(u)) => ev.user(u),
             _ => AuditEvent {
                 user_id: Some(loaded.session.user_id.clone()),
                 ..ev
             },
         };
         state.audit.record(ev).await;
+        if let (true, Ok(Some(u))) = (elsewhere, &user) {
+            // Best effort: the sign-out has happened.
+            let outcome = "They could not use the session, only end it. ";
+            let told = ("was signed out", "signed out", outcome);
+            if let Err(e) = super::binding::tell_of_a_copy(&state, u, &client, "", told).await {
+                tracing::warn!(error = %e, "could not queue the notice of a sign-out from elsewhere");
+            }
+        }
     }
     let mut resp = see_other("/_portcullis/login?notice=logged_out");
     // Console pages the browser kept in its cache (Back after signing out on a shared computer)

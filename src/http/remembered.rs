@@ -23,6 +23,7 @@ use super::login::{
 use super::pages::{self, render};
 use super::webauthn::{redirect_json, ApiCsrf};
 use super::{get_cookie, see_other, Form, Json, Peer};
+use crate::auth::flow::Client;
 use crate::binding::{self, BoundKey, ChallengeUse, Method, Purpose};
 use crate::crypto::sha256_hex;
 use crate::session::{Loaded, Session, Stage};
@@ -89,6 +90,7 @@ pub(crate) async fn on_bound(
     state: &AppState,
     session: &Session,
     key: &BoundKey,
+    client: &Client,
 ) -> Result<(), AppError> {
     let Some(device) = &session.device_id else {
         return Ok(());
@@ -111,7 +113,8 @@ pub(crate) async fn on_bound(
         .await?;
     let ev = AuditEvent::new("device_remembered", "success", state.clock.now())
         .user(&user)
-        .reason(&format!("until {}", crate::clock::rfc3339(until)));
+        .reason(&format!("until {}", crate::clock::rfc3339(until)))
+        .client(&client.ip, &client.user_agent);
     state.audit.record(ev).await;
     Ok(())
 }
@@ -169,12 +172,14 @@ pub struct ProofBody {
 /// Back to the second factor: the answer to any failed device proof.
 async fn fall_back(
     state: &AppState,
-    mut loaded: Loaded,
+    (mut loaded, client): (Loaded, &Client),
     why: &'static str,
 ) -> Result<Response, AppError> {
     loaded.session.stage = Stage::SecondFactor;
     state.sessions.save(&loaded.key, &loaded.session).await?;
-    let mut ev = AuditEvent::new("remembered_device", "failure", state.clock.now()).reason(why);
+    let mut ev = AuditEvent::new("remembered_device", "failure", state.clock.now())
+        .reason(why)
+        .client(&client.ip, &client.user_agent);
     if let Some(u) = state.durable.user_by_id(&loaded.session.user_id).await? {
         ev = ev.user(&u);
     }
@@ -204,14 +209,14 @@ pub async fn finish_post(
     let client = super::client(&state, peer, &headers);
     // Everything is checked again now: the device may have been revoked or forgotten meanwhile.
     let Some((_, key)) = remembered(&state, &headers, &user).await? else {
-        return fall_back(&state, loaded, "not_remembered").await;
+        return fall_back(&state, (loaded, &client), "not_remembered").await;
     };
     let Some(proof) = body.proof.filter(|p| p.len() <= 4096) else {
-        return fall_back(&state, loaded, "no_key").await;
+        return fall_back(&state, (loaded, &client), "no_key").await;
     };
     let jti = match binding::verify_refresh(&proof, &key) {
         Ok(jti) => jti,
-        Err(e) => return fall_back(&state, loaded, e.reason()).await,
+        Err(e) => return fall_back(&state, (loaded, &client), e.reason()).await,
     };
     let used = binding::consume_challenge(
         state.ephemeral.as_ref(),
@@ -221,7 +226,7 @@ pub async fn finish_post(
     )
     .await?;
     if used != ChallengeUse::Fresh {
-        return fall_back(&state, loaded, "stale_challenge").await;
+        return fall_back(&state, (loaded, &client), "stale_challenge").await;
     }
     state.login.complete(&mut loaded.session, &user, AMR_DEVICE);
     let device_cookies = complete_sign_in(&state, &headers, &client, &mut loaded.session).await?;

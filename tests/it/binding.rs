@@ -1720,3 +1720,49 @@ async fn a_form_sent_after_the_bound_cookie_ran_out_is_sent_after_the_proof() {
     );
     assert_eq!(seen.body, body.as_bytes());
 }
+
+/// A copied cookie jar may sign the session out from elsewhere (the safe way round: nothing it
+/// cannot use stays alive for it), but that is written down as not from the session's device
+/// and the owner is told; the owner's own browser signing out, its bound cookie run out, is a
+/// plain sign-out.
+#[tokio::test]
+async fn a_sign_out_from_a_copied_jar_elsewhere_is_written_down_and_told() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("own-out@example.com").await;
+    bind_webcrypto(&gw, &b, &Device::new()).await;
+    gw.clock.advance(TTL_SECS + 1);
+    drop_bound_cookie(&gw, &b);
+    super::login::sign_out(&gw, &b).await;
+    let (c, _, _) = gw.signed_in("copied-out@example.com").await;
+    bind_webcrypto(&gw, &c, &Device::new()).await;
+    let copy = gw.copied_jar(&c, Some("127.0.2.62"), None);
+    super::login::sign_out(&gw, &copy).await;
+    assert_eq!(gw.status(&c, "/inbox").await, 303, "the session ended");
+    let outs: Vec<(Option<String>, Option<String>)> = events(&gw, "logout")
+        .await
+        .into_iter()
+        .map(|e| (e.email, e.reason))
+        .collect();
+    assert_eq!(
+        outs,
+        [
+            (Some("own-out@example.com".into()), None),
+            (
+                Some("copied-out@example.com".into()),
+                Some("not_from_the_sessions_device".into())
+            ),
+        ]
+    );
+    let told: Vec<String> = gw
+        .outbox()
+        .await
+        .into_iter()
+        .filter(|m| m.contains("was signed out from a browser"))
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].contains("copied-out@example.com") && told[0].contains("127.0.2.62"),
+        "{}",
+        told[0]
+    );
+}
