@@ -30,13 +30,27 @@ pub fn issue(headers: &HeaderMap, key: &MasterKey, https: bool) -> (String, Opti
     let (value, set) = match existing {
         Some(v) => (v.to_string(), None),
         None => {
-            let v = random_token(32);
-            let secure = if https { "; Secure" } else { "" };
-            let set = format!("{name}={v}; Path=/; HttpOnly; SameSite=Strict{secure}");
+            let (v, set) = new_cookie(https);
             (v, Some(set))
         }
     };
     (token_for(&value, key), set)
+}
+
+/// A new random cookie value and its `Set-Cookie`.
+fn new_cookie(https: bool) -> (String, String) {
+    let name = cookie_name(https);
+    let v = random_token(32);
+    let secure = if https { "; Secure" } else { "" };
+    let set = format!("{name}={v}; Path=/; HttpOnly; SameSite=Strict{secure}");
+    (v, set)
+}
+
+/// The `Set-Cookie` of a new CSRF cookie, sent when a sign-in completes: form tokens known
+/// from before (an earlier session of the browser, a copied cookie jar) are none for the new
+/// session. Pages opened before it ask to be reloaded.
+pub fn renewed(https: bool) -> String {
+    new_cookie(https).1
 }
 
 fn token_for(cookie_value: &str, key: &MasterKey) -> String {

@@ -758,8 +758,9 @@ pub(super) async fn tell_owner_hourly(
     Ok(())
 }
 
-/// Book-keeping once a sign-in is complete: the failure counter starts over and the device is
-/// recognised (or recorded and reported to the owner). Returns cookies to set.
+/// Book-keeping once a sign-in is complete: the failure counter starts over, the device is
+/// recognised (or recorded and reported to the owner) and the CSRF cookie is renewed. Returns
+/// cookies to set.
 pub(super) async fn complete_sign_in(
     state: &AppState,
     headers: &HeaderMap,
@@ -794,6 +795,8 @@ async fn complete_sign_in_as(
         .await?;
     session.device_id = Some(device_id);
     session.new_device = !cookies.is_empty();
+    let mut cookies = cookies;
+    cookies.push(super::csrf::renewed(state.config.is_https()));
     Ok(cookies)
 }
 

@@ -547,3 +547,35 @@ async fn enrol_page(gw: &Gateway, c: &Browser, email: &str) -> String {
     assert_eq!(location(&r), "/_portcullis/enrol/totp");
     gw.page(c, "/_portcullis/enrol/totp").await
 }
+
+/// The CSRF cookie is new at every completed sign-in: a form token known from before (an
+/// earlier session of the browser, or a copied cookie jar) is no token for the new session.
+#[tokio::test]
+async fn a_completed_sign_in_renews_the_form_token() {
+    let gw = Gateway::start().await;
+    let (c, secret, _) = gw.signed_in("renewed@example.com").await;
+    let old = gw.csrf(&c, "/_portcullis/account").await;
+    sign_out(&gw, &c).await;
+    assert_eq!(
+        gw.csrf(&c, "/_portcullis/login").await,
+        old,
+        "kept until a sign-in"
+    );
+    gw.sign_in_on(&c, "renewed@example.com", &secret).await;
+    let new = gw.csrf(&c, "/_portcullis/account").await;
+    assert_ne!(new, old);
+    let post = |token: String| {
+        c.post(gw.url("/_portcullis/logout"))
+            .form(&[("csrf", token)])
+            .send()
+    };
+    let r = post(old).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("This form has expired"));
+    assert_eq!(
+        gw.status(&c, "/_portcullis/account").await,
+        200,
+        "still signed in"
+    );
+    assert_eq!(post(new).await.unwrap().status(), 303);
+}

@@ -752,15 +752,21 @@ async fn a_step_up_page_of_an_ended_session_checks_no_code_against_the_next() {
     super::login::sign_out(&gw, &c).await;
     let (_, secret, _) = gw.signed_in("next-user@example.com").await;
     gw.sign_in_on(&c, "next-user@example.com", &secret).await;
-    let r = c
-        .post(gw.url("/_portcullis/reauth"))
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("code", "000000"),
-            ("next", "/campaigns"),
-            ("sid", sid.as_str()),
-        ])
-        .send()
+    let send = |csrf: String| {
+        c.post(gw.url("/_portcullis/reauth"))
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("code", "000000"),
+                ("next", "/campaigns"),
+                ("sid", sid.as_str()),
+            ])
+            .send()
+    };
+    // The sign-in renewed the form token: the page's own is refused first.
+    assert_eq!(send(csrf).await.unwrap().status(), 403);
+    // With a token of now (the page reloaded in part, a script), the session it was for is
+    // named.
+    let r = send(gw.csrf(&c, "/_portcullis/account").await)
         .await
         .unwrap();
     assert_eq!(r.status(), 409);

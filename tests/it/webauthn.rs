@@ -430,8 +430,13 @@ async fn a_challenge_answers_once() {
 
     // Passkey sign-in: the same finish twice (from the same browser).
     let b = gw.browser();
-    let (r, body, csrf) = passkey(&gw, &b, &mut k, &cred.credential_id, &user.id, |_| {}).await;
+    let (r, body, old_csrf) = passkey(&gw, &b, &mut k, &cred.credential_id, &user.id, |_| {}).await;
     assert_eq!(r.status(), 200);
+    // The sign-in renewed the form token; with the page's token of now, the answer is still
+    // spent.
+    let again = call(&gw, &b, &old_csrf, "passkey/finish", body.clone()).await;
+    assert_eq!(error_code(again).await, (403, "csrf".into()));
+    let csrf = gw.csrf(&b, "/_portcullis/account").await;
     let again = call(&gw, &b, &csrf, "passkey/finish", body).await;
     assert_eq!(error_code(again).await, (400, "ceremony_expired".into()));
 
