@@ -359,9 +359,10 @@ pub struct SendForm {
     id: String,
     #[serde(default)]
     csrf: String,
-    /// "Don't send": drop the form and go back to its page.
-    #[serde(default)]
-    drop: Option<String>,
+    /// "Don't send": drop the form and go back to its page (a checkbox's values: `drop=0` or
+    /// `drop=` sends it, a value that is neither is refused).
+    #[serde(default, deserialize_with = "super::checkbox")]
+    drop: bool,
 }
 
 /// `POST /_portcullis/held` `id, csrf[, drop]`: sends the held form through the gate (the
@@ -386,7 +387,7 @@ pub async fn held_post(
     let Some(held) = held else {
         return Err(gone("/"));
     };
-    if form.drop.is_some() {
+    if form.drop {
         return Ok(see_other(held.back.as_deref().unwrap_or("/")));
     }
     let req = rebuilt(&held, &headers, peer)?;

@@ -131,14 +131,30 @@ fn after_proof(next: &str) -> String {
 pub const DONE: &str = "/_portcullis/reauth/done";
 
 /// `GET /_portcullis/reauth/done?next=…`: "Confirmed", continuing to `next` (its page's script
-/// replaces it in the history with `next`; without script, its link does).
-pub async fn done_get(State(state): State<AppState>, RawQuery(q): RawQuery) -> Response {
+/// replaces it in the history with `next`; without script, its link does). Only for a complete
+/// session: anyone else is sent to sign in (an API client gets `401`), on to `next`.
+pub async fn done_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, AppError> {
     let next = safe_return_target(
         &query(&q, "next").unwrap_or_default(),
         &state.config.server.public_url,
     )
     .unwrap_or_else(|| "/".into());
-    render(StatusCode::OK, &pages::ReauthDone { next: &next })
+    if signed_in(&state, &headers).await?.is_none() {
+        let login = super::gate::LOGIN_PATH;
+        let browser = wants_html(&headers);
+        return Ok(super::gate::refuse(
+            &state,
+            browser,
+            login,
+            (Some(&next), None),
+            false,
+        ));
+    }
+    Ok(render(StatusCode::OK, &pages::ReauthDone { next: &next }))
 }
 
 /// To the sign-in page, which returns to this step-up (and then to `next`).

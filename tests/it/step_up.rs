@@ -419,6 +419,17 @@ async fn sensitive_actions_need_a_recent_proof() {
         page.contains("data-continue=\"/\"") && !page.contains("evil"),
         "{page}"
     );
+    // Without a session it confirms nothing: a browser signs in (and goes on to `next`), an API
+    // client gets 401.
+    let r = gw.get(&gw.browser(), &done).await;
+    assert_eq!(
+        location(&r),
+        "/_portcullis/login?next=%2Flists%2F3%2Fexport"
+    );
+    let r = gw.api().get(gw.url(&done)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "authentication_required");
     let r = send_campaign(&gw, &c, "/campaigns/7/send", "application/json").await;
     assert_eq!(r.status(), 200);
     assert_eq!(gw.status(&c, "/lists/3/export").await, 200);
@@ -677,6 +688,19 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     let next = held_after_stale_proof(&gw, &c, "8", "recipients=1").await;
     let id = next.split("id=").nth(1).unwrap().to_string();
     let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    // `drop` is a checkbox: a value that is neither ticked nor not is refused, and the form
+    // stays held.
+    let r = c
+        .post(gw.url("/_portcullis/held"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("id", id.as_str()),
+            ("drop", "maybe"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     let r = gw.send_held(&c, (&id, &csrf), true).await;
     assert_eq!(location(&r), "/campaigns/8/edit");
     assert_eq!(gw.status(&c, &next).await, 410);
