@@ -117,6 +117,7 @@ async function post(path, csrf, body, base) {
 export function nextStep(data) {
   const local = (p) => typeof p === "string" && p.startsWith("/") && !p.startsWith("//");
   if (local(data.reauth)) return { href: data.reauth, text: "Confirm it's you" };
+  if (local(data.login)) return { href: data.login, text: "Sign in again" };
   if (local(data.bind)) {
     const u = new URL(data.bind, window.location.origin);
     u.searchParams.set("next", window.location.pathname + window.location.search);

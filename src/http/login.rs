@@ -191,6 +191,11 @@ fn notice_text(code: &str) -> Option<&'static str> {
              form back as you filled it in."
         }
         "password_next" => "Your second factor is confirmed. Now enter your password.",
+        "key_suspended" => {
+            "Your security key answered as a copy of itself would, so it was suspended and every \
+             session of your account was ended (you were sent a message about it). Sign in with \
+             another key, your authenticator app or a recovery code."
+        }
         _ => return None,
     })
 }

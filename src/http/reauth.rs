@@ -6,7 +6,7 @@
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use webauthn_rs::prelude::PublicKeyCredential;
 
@@ -387,6 +387,15 @@ pub async fn key_finish(
         CodeOutcome::Restart => ended_by_failures(&state, &loaded).await,
         CodeOutcome::Throttled { retry_after } => Err(AppError::throttled(retry_after)),
         CodeOutcome::Rejected | CodeOutcome::KeyRequired => {
+            // A key that answered as a copy of itself was suspended and every session of the
+            // account ended (`auth::webauthn`): this one too, and trying again cannot help.
+            state.user_gate.forget(&loaded.session.user_id);
+            if signed_in(&state, &headers).await?.is_none() {
+                return Ok(ended_by_a_copied_key(
+                    &state,
+                    &next_path(&state, &body.next),
+                ));
+            }
             state.sessions.save(&loaded.key, &loaded.session).await?;
             Err(AppError::new(
                 StatusCode::UNAUTHORIZED,
@@ -395,4 +404,19 @@ pub async fn key_finish(
             ))
         }
     }
+}
+
+/// The answer to a step-up whose key was suspended as a possible copy, which ended the session:
+/// `401 session_ended` with the sign-in URL (`login`, on to `next`, saying why) that the page
+/// links to; the session cookie is cleared.
+fn ended_by_a_copied_key(state: &AppState, next: &str) -> Response {
+    let login =
+        super::gate::sign_in_location(super::gate::LOGIN_PATH, Some(next), Some("key_suspended"));
+    let message = "Your security key answered as a copy of itself would, so it was suspended \
+                   and every session of your account was ended. Sign in again with another key, \
+                   your authenticator app or a recovery code.";
+    let body = serde_json::json!({ "error": "session_ended", "message": message, "login": login });
+    let mut r = AppError::new(StatusCode::UNAUTHORIZED, "session_ended", message).into_response();
+    *r.body_mut() = axum::body::Body::from(body.to_string());
+    with_cookies(r, [state.sessions.clear_cookie()])
 }

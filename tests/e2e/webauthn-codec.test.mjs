@@ -26,7 +26,7 @@ test("browser errors get messages a user can act on", () => {
   assert.match(explain(undefined), /try again/);
 });
 
-test("a refusal's way on is linked: the step-up it names, or the device check back to this page", () => {
+test("a refusal's way on is linked: the step-up it names, the device check back to this page, or signing in again", () => {
   assert.deepEqual(nextStep({ reauth: "/_portcullis/reauth?next=%2Fx&key=1" }), {
     href: "/_portcullis/reauth?next=%2Fx&key=1",
     text: "Confirm it's you",
@@ -36,6 +36,11 @@ test("a refusal's way on is linked: the step-up it names, or the device check ba
     text: "Confirm this browser",
   });
   // Nothing but same-origin paths.
+  assert.deepEqual(nextStep({ login: "/_portcullis/login?next=%2Fx&notice=key_suspended" }), {
+    href: "/_portcullis/login?next=%2Fx&notice=key_suspended",
+    text: "Sign in again",
+  });
+  assert.equal(nextStep({ login: "//evil.example/" }), null);
   assert.equal(nextStep({ reauth: "https://evil.example/" }), null);
   assert.equal(nextStep({ reauth: "//evil.example/" }), null);
   assert.equal(nextStep({ message: "no way on" }), null);

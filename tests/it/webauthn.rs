@@ -333,6 +333,55 @@ async fn passkey_sign_in_counts_as_two_factors() {
     assert_eq!(audited(&gw, "passkey_sign_in", "success").await.len(), 1);
 }
 
+/// Another copy of the user's only key has since signed with higher counters: the stored
+/// counter is ahead of what the test's key reports next. The key as stored before.
+async fn counter_ahead(gw: &Gateway, user_id: &str) -> portcullis::store::WebauthnCredential {
+    let cred = only_credential(gw, user_id).await;
+    let mut pk: Value = serde_json::from_str(&cred.passkey).unwrap();
+    pk["cred"]["counter"] = json!(100);
+    let now = gw.clock.now();
+    assert!(gw
+        .state
+        .durable
+        .record_webauthn_use(&cred.id, &pk.to_string(), 100, now)
+        .await
+        .unwrap());
+    cred
+}
+
+/// A step-up whose key answers as a copy of itself would suspends the key and ends every
+/// session, this one too: the page is told so, with the way to sign in again (not "try
+/// again", which can no longer succeed).
+#[tokio::test]
+async fn a_step_up_with_a_copied_key_says_the_session_ended() {
+    let gw = gateway().await;
+    let (c, user, mut k, _) = with_key(&gw, "copied-key@example.com", "Key").await;
+    assert_eq!(console(&gw, &c).await, 200);
+    counter_ahead(&gw, &user.id).await;
+    let html = gw.page(&c, "/_portcullis/reauth?next=%2Fcampaigns").await;
+    let csrf = extract(&html, "data-csrf=\"", "\"").unwrap();
+    let v: Value = call(&gw, &c, &csrf, "reauth/start", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let rcr: RequestChallengeResponse = serde_json::from_value(v["options"].clone()).unwrap();
+    let answer = k.do_authentication(origin(&gw), rcr).unwrap();
+    let body = json!({ "ceremony": v["ceremony"], "credential": answer, "next": "/campaigns" });
+    let r = call(&gw, &c, &csrf, "reauth/finish", body).await;
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "session_ended");
+    assert_eq!(
+        v["login"],
+        "/_portcullis/login?next=%2Fcampaigns&notice=key_suspended"
+    );
+    let login = gw.page(&gw.browser(), v["login"].as_str().unwrap()).await;
+    assert!(login.contains("was suspended"), "{login}");
+    gw.clock.advance(2);
+    assert_eq!(console(&gw, &c).await, 303, "the session ended");
+}
+
 #[tokio::test]
 async fn counter_going_backwards_refuses_and_suspends_the_key() {
     let gw = gateway().await;
@@ -349,16 +398,7 @@ async fn counter_going_backwards_refuses_and_suspends_the_key() {
 
     // Another copy of the key has since signed with higher counters: the stored counter is
     // ahead of what this one reports next.
-    let cred = only_credential(&gw, &user.id).await;
-    let mut pk: Value = serde_json::from_str(&cred.passkey).unwrap();
-    pk["cred"]["counter"] = json!(100);
-    let now = gw.clock.now();
-    assert!(gw
-        .state
-        .durable
-        .record_webauthn_use(&cred.id, &pk.to_string(), 100, now)
-        .await
-        .unwrap());
+    counter_ahead(&gw, &user.id).await;
 
     let c = after_password(&gw, "clone@example.com").await;
     let (r, _, _) = second_factor(&gw, &c, &mut k, |_, _| {}).await;

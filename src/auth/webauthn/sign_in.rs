@@ -381,9 +381,8 @@ impl Keys {
                 ),
                 "Sign in with another key, your authenticator app or one of your recovery codes\n\
                  (an administrator can restore the key, or give you an enrolment link). If the key\n\
-                 was out of your\n\
-                 hands, or you cannot tell why this happened, tell your administrator: someone may\n\
-                 have copied it.\n",
+                 was out of your hands, or you cannot tell why this happened, tell your\n\
+                 administrator: someone may have copied it.\n",
             )
             .await;
         Ok(())
