@@ -558,6 +558,12 @@ pub async fn recovery_codes_get(
     ))
 }
 
+/// Names a pending authenticator secret on its page (the start of its SHA-256: the page shows
+/// the secret itself), so a code sent from a page of an earlier setup is told apart.
+fn setup_of(secret: &Secret<Vec<u8>>) -> String {
+    crate::crypto::sha256_hex(secret.expose())[..16].to_string()
+}
+
 /// The page that shows a pending authenticator secret and asks for a code from it.
 fn totp_page(
     state: &AppState,
@@ -587,6 +593,7 @@ fn totp_page(
         uri: &uri,
         error,
         replaced,
+        setup: &setup_of(secret),
     };
     with_cookies(render(status, &view), set)
 }
@@ -639,6 +646,9 @@ pub struct TotpConfirmForm {
     code: Secret<String>,
     #[serde(default)]
     csrf: String,
+    /// The setup whose page sent the code ([`setup_of`]); optional.
+    #[serde(default)]
+    setup: String,
 }
 
 /// `POST /_portcullis/account/totp/confirm`: a code from the new app replaces the old one.
@@ -673,9 +683,24 @@ pub async fn totp_confirm_post(
             let Some(secret) = state.login.pending_totp_change(&user, &loaded.key).await? else {
                 return expired_change(&state, &headers, &loaded, &user).await;
             };
-            let msg = "That code is not right. Check the time on your device and enter the current code from the new app.";
+            // A page of a setup begun again since (another tab): its key is not this one.
+            let superseded = !form.setup.is_empty()
+                && !crate::crypto::ct_eq(form.setup.as_bytes(), setup_of(&secret).as_bytes());
+            let (code, msg) = match superseded {
+                true => (
+                    "totp_setup_replaced",
+                    "This setup was begun again since (in another tab or window) with a new key, \
+                     shown below: the key your code came from no longer works. Delete its entry \
+                     from your app, scan this code and enter the code the new entry shows.",
+                ),
+                false => (
+                    "invalid_code",
+                    "That code is not right. Check the time on your device and enter the current \
+                     code from the new app.",
+                ),
+            };
             if !wants_html(&headers) {
-                return Err(AppError::new(StatusCode::UNAUTHORIZED, "invalid_code", msg));
+                return Err(AppError::new(StatusCode::UNAUTHORIZED, code, msg));
             }
             Ok(totp_page(
                 &state,

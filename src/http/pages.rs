@@ -264,6 +264,9 @@ pub struct AccountTotp<'a> {
     pub error: Option<&'a str>,
     /// This setup replaces one started before and not finished: say its secret no longer works.
     pub replaced: bool,
+    /// Names the key shown (see `account::setup_of`): a code sent from a page of an earlier
+    /// setup is told that its key was replaced.
+    pub setup: &'a str,
 }
 
 /// The device-binding interstitial (WebCrypto fallback).

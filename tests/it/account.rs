@@ -564,11 +564,23 @@ async fn a_new_app_setup_started_again_says_the_earlier_key_is_void() {
     assert!(again.contains("no longer works"), "{again}");
     let new = extract(&again, "id=\"totp-secret\">", "<").unwrap();
     assert_ne!(old, new);
-    // The earlier key's code is refused; the new one's replaces the app.
+    // The earlier key's code is refused; sent from the earlier setup's page (another tab), the
+    // refusal says that its key was replaced, not that the code or the clock is wrong.
     let old = totp_rs::Secret::Encoded(old).to_bytes().unwrap();
     let code = gw.totp_now(&old);
     let r = act(&gw, &c, CONFIRM, &[("code", code.as_str())]).await;
     assert_eq!(r.status(), 401);
+    let first_setup = extract(&first, "name=\"setup\" value=\"", "\"").unwrap();
+    gw.clock.advance(30);
+    let code = gw.totp_now(&old);
+    let fields = [("code", code.as_str()), ("setup", first_setup.as_str())];
+    let r = act(&gw, &c, CONFIRM, &fields).await;
+    assert_eq!(r.status(), 401);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("begun again since"), "{page}");
+    assert!(page.contains(&new), "the new key is shown: {page}");
+    assert!(!page.contains("Check the time"), "{page}");
+    gw.clock.advance(30);
     let new = totp_rs::Secret::Encoded(new).to_bytes().unwrap();
     let code = gw.totp_now(&new);
     let r = act(&gw, &c, CONFIRM, &[("code", code.as_str())]).await;
