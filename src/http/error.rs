@@ -313,6 +313,8 @@ pub fn render_errors(html: bool, mut resp: Response) -> Response {
             "binding_required" | "binding_refresh_required" => "Confirm this browser",
             // A routine confirmation, not a refusal: the page says what to do.
             "step_up_required" => "Confirm it's you",
+            // A reload of the held page after its form went, most often: no link was followed.
+            "held_form_gone" => "This form is no longer held",
             _ => title_for(err.status),
         },
         status: err.status.as_u16(),

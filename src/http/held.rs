@@ -315,10 +315,11 @@ fn gone(back: &str) -> AppError {
         ..AppError::new(
             StatusCode::GONE,
             "held_form_gone",
-            "This form is no longer held: it was sent already, or dropped, or forms sent later \
-             from this session took its place (four are held at a time), or it waited more \
-             than 10 minutes. If it was not sent, go back to the console and send \
-             it again: your browser's Back button may bring it back as you filled it in.",
+            "This form is no longer held: it was sent already (the console's answer to it was \
+             shown on this page: reloading the page does not send it again), or dropped, or \
+             forms sent later from this session took its place (four are held at a time), or \
+             it waited more than 10 minutes. If it was not sent, go back to the console and \
+             send it again: your browser's Back button may bring it back as you filled it in.",
         )
     }
 }

@@ -655,8 +655,15 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
     // With the identity of the session, fresh proof and all.
     let claims = super::webauthn::last_claims(&gw).await;
     assert_eq!(claims.amr, vec!["pwd", "otp"]);
-    // Sent once: again (a reload, a second click) finds it gone.
-    assert_eq!(gw.send_held(&c, (&id, &csrf), false).await.status(), 410);
+    // Sent once: again (a reload, a second click) finds it gone, and says so in those words.
+    let r = gw.send_held(&c, (&id, &csrf), false).await;
+    assert_eq!(r.status(), 410);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("<title>This form is no longer held")
+            && page.contains("does not send it again"),
+        "{page}"
+    );
     assert_eq!(gw.upstream.count(), before + 1);
 
     // Sent by a request framed otherwise (chunked): the console gets the held form with its own
