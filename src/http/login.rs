@@ -523,7 +523,8 @@ struct MfaView {
     remember_ticked: bool,
     /// A high-risk sign-in that only the key or a recovery code completes.
     unusual: bool,
-    /// "Start over": the sign-in page, still going where this sign-in goes.
+    /// "Start over" (a sign-out of this sign-in): where the sign-in page then goes on to, as
+    /// this sign-in would have.
     start_over: String,
 }
 
@@ -539,10 +540,7 @@ impl MfaView {
             remember_ticked: ticked && remember.is_some(),
             remember,
             unusual: session.risk_key,
-            start_over: super::gate::login_location(
-                super::gate::LOGIN_PATH,
-                session.return_to.as_deref(),
-            ),
+            start_over: session.return_to.clone().unwrap_or_else(|| "/".into()),
         })
     }
 
@@ -1372,12 +1370,22 @@ pub async fn logout_get(
     ))
 }
 
-/// `POST /_portcullis/logout`: ends the session server-side at once.
+#[derive(Deserialize)]
+pub struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+    /// "Start over" on a sign-in's step: the sign-in page is shown next, going on to this
+    /// address (same-site) once signed in, rather than the signed-out notice.
+    #[serde(default)]
+    next: Option<String>,
+}
+
+/// `POST /_portcullis/logout`: ends the session (or the sign-in under way) server-side at once.
 pub async fn logout_post(
     State(state): State<AppState>,
     Peer(peer): Peer,
     headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Form(form): Form<LogoutForm>,
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
     if let Some(loaded) = current_session(&state, &headers).await? {
@@ -1417,7 +1425,14 @@ pub async fn logout_post(
             }
         }
     }
-    let mut resp = see_other("/_portcullis/login?notice=logged_out");
+    let mut resp = match &form.next {
+        Some(next) => {
+            let next = safe_return_target(next, &state.config.server.public_url);
+            let next = next.as_deref().filter(|n| *n != "/");
+            see_other(&super::gate::login_location(super::gate::LOGIN_PATH, next))
+        }
+        None => see_other("/_portcullis/login?notice=logged_out"),
+    };
     // Console pages the browser kept in its cache (Back after signing out on a shared computer)
     // go with the session. Only the cache: the device and remembered-browser keys stay.
     resp.headers_mut().insert(

@@ -38,7 +38,8 @@ pub struct Mfa<'a> {
     pub remember_ticked: bool,
     /// A high-risk sign-in: say that only the key or a recovery code completes it.
     pub unusual: bool,
-    /// "Start over": the sign-in page, with where this sign-in was going.
+    /// "Start over" ends this sign-in (`POST /_portcullis/logout`) and shows the sign-in page,
+    /// going on to this address as this sign-in would have.
     pub start_over: &'a str,
 }
 
@@ -299,7 +300,8 @@ pub struct MfaFirst<'a> {
     /// How long it lasts, in words ("30 days").
     pub remember_for: String,
     pub remember_ticked: bool,
-    /// "Start over": the sign-in page, with where this sign-in was going.
+    /// "Start over" ends this sign-in (`POST /_portcullis/logout`) and shows the sign-in page,
+    /// going on to this address as this sign-in would have.
     pub start_over: &'a str,
 }
 
