@@ -299,12 +299,24 @@ fn error_text(e: &anyhow::Error) -> String {
 
 /// Loads the configuration from `--config` and the environment.
 pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    load_config_for(path, true)
+}
+
+/// [`load_config`] for a command that uses the database (`database`), which the note on the
+/// defaults names, or not (`token verify`).
+fn load_config_for(path: Option<&std::path::Path>, database: bool) -> Result<Config> {
     let config = Config::load(path, crate::config::environment()?)?;
     if path.is_none() {
+        let with = match database {
+            true => format!(
+                ", with the database {}",
+                crate::secret::redact_url(&config.storage.durable)
+            ),
+            false => String::new(),
+        };
         note!(
             "note: no --config (or PORTCULLIS_CONFIG) given: built-in defaults and PORTCULLIS__* \
-             variables only, with the database {}",
-            crate::secret::redact_url(&config.storage.durable)
+             variables only{with}"
         );
     }
     Ok(config)
@@ -386,7 +398,7 @@ async fn run(cli: Cli) -> Result<()> {
             audience,
             issuer,
         }) => {
-            let config = load_config(cli.config.as_deref())?;
+            let config = load_config_for(cli.config.as_deref(), false)?;
             verify_token(&config, &token, &jwks, audience, issuer).await
         }
         Command::Storage(StorageCmd::Copy { to }) => {
@@ -444,7 +456,10 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
         anyhow::bail!("--to names the database the configuration already uses");
     }
     let source = SqlStore::connect(from).await?;
-    let target = SqlStore::connect(to).await?;
+    // The store names the configuration's key in its errors; here the database is `--to`'s.
+    let target = SqlStore::connect(to)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.to_string().replace("(storage.durable)", "(--to)")))?;
     target.migrate().await?;
     // Progress on stderr as each table begins, and every 100,000 rows: an audit trail of
     // millions takes minutes. The counts, once done, on stdout.

@@ -973,6 +973,24 @@ async fn a_command_without_a_config_says_so() {
     );
     // A command that only reads finds no database there and says so, creating none.
     assert_eq!(out.status.code(), Some(1), "{err}");
+    // `token verify` uses no database: the note names none.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(dir.path())
+        .env_remove("PORTCULLIS_CONFIG")
+        .args([
+            "token",
+            "verify",
+            "x.y.z",
+            "--jwks",
+            "http://127.0.0.1:1/jwks.json",
+        ])
+        .output()
+        .unwrap();
+    let verify_err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        verify_err.contains("no --config") && !verify_err.contains("database"),
+        "{verify_err}"
+    );
     assert!(err.contains("there is no database at"), "{err}");
     // So does any command that does not create a user: it would fail anyway, and leave an
     // empty database behind for the next command to show as if it were the real one.
@@ -1974,6 +1992,17 @@ async fn storage_copy_moves_a_sqlite_gateway_to_postgres() {
         );
         assert!(!err.contains("copying"), "{err}");
     }
+    // A target that cannot be reached is named as `--to`, not as the configuration's database.
+    let unreachable = "postgres://postgres@127.0.0.1:1/nowhere";
+    let out = gw
+        .cli(&["storage", "copy", "--to", unreachable], None)
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("(--to)") && !err.contains("storage.durable"),
+        "{err}"
+    );
 
     let out = gw.cli(&["storage", "copy", "--to", &url], None).await;
     let said = String::from_utf8_lossy(&out.stdout);
