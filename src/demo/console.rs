@@ -247,6 +247,24 @@ pub fn console_router(state: ConsoleState) -> Router {
         )
         .route("/api-keys", get(keys).post(keys_post))
         .route("/whoami", get(whoami))
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                axum::response::Html(
+                    "<!doctype html><title>Not found</title><p>The demo console has no such \
+                     page. <a href=\"/\">Back to the console</a></p>",
+                ),
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            (
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                axum::response::Html(
+                    "<!doctype html><title>Not available this way</title><p>The demo console \
+                     does not take this method here. <a href=\"/\">Back to the console</a></p>",
+                ),
+            )
+        })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_assertion,

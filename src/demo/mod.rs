@@ -269,10 +269,13 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
         args.console_listen
     );
     show!("  data:      {}", args.data_dir.display());
-    show!(
-        "  emails:    {}  (new-device notices land here as .eml files)",
-        state.notifier.destination()
-    );
+    match config.notify.smtp_url {
+        Some(_) => show!("  emails:    sent by SMTP (notify.smtp_url)"),
+        None => show!(
+            "  emails:    {}  (new-device notices land here as .eml files)",
+            state.notifier.destination()
+        ),
+    }
     show!("");
     show!(
         "  sign in as {DEMO_EMAIL} with password: {}",

@@ -42,6 +42,11 @@ test("sign in with TOTP and reach the demo console", { timeout: 120000 }, async 
     assert.equal((await page.textContent("#email")).trim(), "demo@example.com");
     assert.match(await page.textContent("#amr"), /pwd otp/);
 
+    // A page the demo console does not have says so, with a way back.
+    const missing = await page.goto(`${demo.base}/no-such-page`);
+    assert.equal(missing.status(), 404);
+    assert.match(await page.textContent("body"), /no such page/);
+
     // The console refuses a request that did not come through the gateway.
     const direct = await page.request.get(`${demo.consoleBase}/`);
     assert.equal(direct.status(), 401);

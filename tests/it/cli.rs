@@ -1316,7 +1316,11 @@ fn demo_command(
 async fn the_demo_applies_a_configuration_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("demo.toml");
-    std::fs::write(&file, "[server]\nmax_uri_length = 1024\n").unwrap();
+    std::fs::write(
+        &file,
+        "[server]\nmax_uri_length = 1024\n[notify]\nsmtp_url = \"smtp://127.0.0.1:1\"\n",
+    )
+    .unwrap();
     for by_env in [false, true] {
         let (port, console) = (free_port(), free_port());
         let data = dir.path().join(format!("data-{by_env}"));
@@ -1344,6 +1348,11 @@ async fn the_demo_applies_a_configuration_file() {
         // The banner says what the user has to do next: started again on the same data, whose
         // user has not set up a second factor yet, it still asks for the app, not a code.
         assert!(stdout.contains("scan the QR code"), "{stdout}");
+        // Mail goes out by the file's SMTP server, not into .eml files.
+        assert!(
+            stdout.contains("sent by SMTP") && !stdout.contains(".eml"),
+            "{stdout}"
+        );
         if !by_env {
             let (port, console) = (free_port(), free_port());
             let mut again = demo_command(None, &data, port, console).spawn().unwrap();
