@@ -1086,6 +1086,12 @@ async fn sessions_and_devices_are_ended_from_the_console() {
     let user_page = format!("/_portcullis/admin/users/{}", target.id);
     let html = gw.page(&c, &user_page).await;
     let sid = extract(&html, "/sessions/", "/end\"").expect("a session to end");
+    // Each row's button names what it acts on for a screen reader, not a bare "End".
+    assert!(
+        html.contains("aria-label=\"End the session started ")
+            && html.contains("aria-label=\"Revoke the device "),
+        "{html}"
+    );
     let csrf = gw.csrf(&c, &user_page).await;
     let r = c
         .post(gw.url(&format!("{user_page}/sessions/{sid}/end")))
