@@ -707,8 +707,8 @@ pub(super) async fn second_factor_failed(
     );
     let advice = "If it was NOT you, someone knows your password. Open this link now: it ends every session\n\
          of your account, suspends security keys and removes an authenticator app or recovery\n\
-         codes added in the meantime, and locks password sign-in until your administrator\n\
-         restores it; then change your password:";
+         codes added since this message was sent, and locks password sign-in until your\n\
+         administrator restores it; change your password once they have:";
     let subject = format!("Someone may know your password on {host}");
     tell_owner_hourly(
         state,
@@ -744,6 +744,7 @@ pub(super) async fn tell_owner_hourly(
         "{what}\n\
          \n\
          When:    {when}\n\
+         Device:  {device}\n\
          Address: {address}\n\
          \n\
          If this was you, there is nothing to do.\n\
@@ -754,6 +755,7 @@ pub(super) async fn tell_owner_hourly(
          \n\
          The link works once and expires in {days} days.\n",
         when = crate::notify::utc_text(state.clock.now()),
+        device = crate::device::friendly_name(&client.user_agent),
         address = super::risk::address(state, &client.ip),
         days = state.notifier.report_days(),
     );

@@ -300,8 +300,8 @@ pub async fn reauth_post(
             let advice = "If it was NOT you, someone is using your account (malware on a computer you signed\n\
                  in on can do this). Open this link now: it ends every session of your account,\n\
                  suspends security keys and removes an authenticator app or recovery codes added\n\
-                 in the meantime, and locks password sign-in until your administrator restores\n\
-                 it; then change your password:";
+                 since this message was sent, and locks password sign-in until your administrator\n\
+                 restores it; change your password once they have:";
             let subject = format!("Wrong codes from a session of your account on {host}");
             super::login::tell_owner_hourly(
                 &state,

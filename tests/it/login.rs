@@ -428,6 +428,12 @@ async fn the_owner_hears_of_a_right_password_with_failed_second_factors() {
         "{}",
         notice[0]
     );
+    // Which browser, and from when the link takes back what was added.
+    assert!(
+        notice[0].contains("Device:  ") && notice[0].contains("since this message was sent"),
+        "{}",
+        notice[0]
+    );
     // Its link is a report link: it locks password sign-in.
     let link = notice[0]
         .split_whitespace()
