@@ -47,12 +47,20 @@ async fn signed_in(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Result<(Loaded, User), Response>, AppError> {
-    let to_login = || super::no_session("/_portcullis/login?next=%2F_portcullis%2Faccount");
+    // A session that has ended (idle, its time up, ended by an administrator) is told as the
+    // console's pages tell it; a browser that never signed in, or is signing in, is not.
+    let to_login = |ended: bool| {
+        super::no_session(match ended {
+            true => "/_portcullis/login?next=%2F_portcullis%2Faccount&notice=session_ended",
+            false => "/_portcullis/login?next=%2F_portcullis%2Faccount",
+        })
+    };
     let Some(loaded) = current_session(state, headers).await? else {
-        return Ok(Err(to_login()));
+        let had = super::get_cookie(headers, state.sessions.cookie_name()).is_some();
+        return Ok(Err(to_login(had)));
     };
     if !loaded.session.is_authenticated() {
-        return Ok(Err(to_login()));
+        return Ok(Err(to_login(false)));
     }
     let user = state
         .user_gate
@@ -60,7 +68,7 @@ async fn signed_in(
         .await?;
     Ok(user
         .map(|u| (loaded, std::sync::Arc::unwrap_or_clone(u)))
-        .ok_or_else(to_login))
+        .ok_or_else(|| to_login(true)))
 }
 
 /// A form post of the signed-in user: CSRF checked, then the session as for [`signed_in`].

@@ -529,8 +529,14 @@ async fn the_sign_in_page_drops_a_session_ended_elsewhere() {
         .await
         .unwrap();
     gw.state.user_gate.forget(&u.id);
+    // The account page says why, as console pages do; a browser that never signed in is sent
+    // to sign in without a word.
     assert_eq!(
         location(&gw.get(&c, ACCOUNT).await),
+        "/_portcullis/login?next=%2F_portcullis%2Faccount&notice=session_ended"
+    );
+    assert_eq!(
+        location(&gw.get(&gw.browser(), ACCOUNT).await),
         "/_portcullis/login?next=%2F_portcullis%2Faccount"
     );
     let r = gw
