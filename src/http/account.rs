@@ -148,6 +148,7 @@ pub(super) async fn page(
         keys: &keys,
         devices: &devices,
         has_totp,
+        codes_only: !has_totp && keys.iter().all(|k| k.suspended.is_some()),
         recovery_left,
         sign_ins: &sign_ins,
         webauthn: state.keys.is_some(),

@@ -523,6 +523,8 @@ struct MfaView {
     remember_ticked: bool,
     /// A high-risk sign-in that only the key or a recovery code completes.
     unusual: bool,
+    /// The user has an authenticator app (always so when the second factor comes first).
+    app: bool,
     /// "Start over" (a sign-out of this sign-in): where the sign-in page then goes on to, as
     /// this sign-in would have.
     start_over: String,
@@ -540,6 +542,7 @@ impl MfaView {
             remember_ticked: ticked && remember.is_some(),
             remember,
             unusual: session.risk_key,
+            app: first || state.durable.totp(&session.user_id).await?.is_some(),
             start_over: session.return_to.clone().unwrap_or_else(|| "/".into()),
         })
     }
@@ -554,6 +557,7 @@ impl MfaView {
                 remember: false,
                 remember_for: String::new(),
                 remember_ticked: false,
+                app: true,
                 start_over: &self.start_over,
             };
             render(status, &page)
@@ -566,6 +570,7 @@ impl MfaView {
                 remember_for: self.remember.clone().unwrap_or_default(),
                 remember_ticked: self.remember_ticked,
                 unusual: self.unusual,
+                app: self.app,
                 start_over: &self.start_over,
             };
             render(status, &page)

@@ -38,6 +38,9 @@ pub struct Mfa<'a> {
     pub remember_ticked: bool,
     /// A high-risk sign-in: say that only the key or a recovery code completes it.
     pub unusual: bool,
+    /// Ask for an authenticator app's code (the user has an app): otherwise only for a
+    /// recovery code.
+    pub app: bool,
     /// "Start over" ends this sign-in (`POST /_portcullis/logout`) and shows the sign-in page,
     /// going on to this address as this sign-in would have.
     pub start_over: &'a str,
@@ -164,6 +167,8 @@ pub struct Account<'a> {
     pub keys: &'a [KeyRow],
     pub devices: &'a [DeviceRow],
     pub has_totp: bool,
+    /// No app and no usable key: only recovery codes sign the user in (say to set one up).
+    pub codes_only: bool,
     /// Unused recovery codes.
     pub recovery_left: u32,
     /// The user's latest sign-in attempts, newest first.
@@ -300,6 +305,8 @@ pub struct MfaFirst<'a> {
     /// How long it lasts, in words ("30 days").
     pub remember_for: String,
     pub remember_ticked: bool,
+    /// Always: what the account has is not told before the password.
+    pub app: bool,
     /// "Start over" ends this sign-in (`POST /_portcullis/logout`) and shows the sign-in page,
     /// going on to this address as this sign-in would have.
     pub start_over: &'a str,

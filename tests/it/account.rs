@@ -592,3 +592,20 @@ async fn a_new_app_setup_started_again_says_the_earlier_key_is_void() {
     let r = act(&gw, &c, CONFIRM, &[("code", code.as_str())]).await;
     assert_eq!(location(&r), "/_portcullis/account?notice=totp_changed");
 }
+
+/// An account left with recovery codes only (its app removed by a report, its keys suspended)
+/// is told on its account page to set up a factor before the codes run out.
+#[tokio::test]
+async fn an_account_with_codes_only_is_told_to_set_up_a_factor() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("codes-only@example.com").await;
+    let page = gw.page(&c, ACCOUNT).await;
+    assert!(!page.contains("id=\"codes-only\""), "{page}");
+    let u = gw.user("codes-only@example.com").await;
+    gw.drop_totp(&u.id).await;
+    let page = gw.page(&c, ACCOUNT).await;
+    assert!(
+        page.contains("id=\"codes-only\"") && page.contains("(10 left)"),
+        "{page}"
+    );
+}

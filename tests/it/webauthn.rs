@@ -444,10 +444,15 @@ async fn counter_going_backwards_refuses_and_suspends_the_key() {
     // Were the suspended key the only factor, the password alone still would not enrol a new
     // one: the sign-in asks for the second factor (a recovery code), not for an enrolment.
     gw.drop_totp(&user.id).await;
-    let r = gw
-        .password(&gw.browser(), "clone@example.com", PASSWORD, "")
-        .await;
+    let b = gw.browser();
+    let r = gw.password(&b, "clone@example.com", PASSWORD, "").await;
     assert_eq!(location(&r), "/_portcullis/mfa");
+    // It asks for what the account has: no app, so a recovery code.
+    let mfa = page(&gw, &b, "/_portcullis/mfa").await;
+    assert!(
+        mfa.contains(">A recovery code</label>") && !mfa.contains("authenticator app"),
+        "{mfa}"
+    );
 }
 
 #[tokio::test]
