@@ -1037,6 +1037,17 @@ async fn print_enrolment_link(
             "a second factor"
         },
     );
+    // The link adds a factor: one set up already (by the user, or by whoever learnt a password
+    // handed over) stays, and goes on signing in.
+    if crate::store::has_second_factor(durable, &user.id).await? {
+        note!(
+            "note: {} has a second factor already, which the link leaves in place; if it may not \
+             be theirs, run `portcullis user reset-mfa {}` first (it ends this link too: issue \
+             a new one after it)",
+            user.email,
+            user.email
+        );
+    }
     Ok(())
 }
 

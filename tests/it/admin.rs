@@ -281,7 +281,7 @@ async fn admin_forms_need_the_csrf_token() {
 }
 
 /// The enrolment link in an admin page (HTML-escaped) or the CLI's output, as a path.
-fn link_path(text: &str) -> String {
+pub(super) fn link_path(text: &str) -> String {
     let text = text.replace("&#x2f;", "/").replace("&amp;", "&");
     let url = extract(&text, "data-enrolment-link>", "<")
         .or_else(|| {
@@ -417,7 +417,10 @@ async fn bootstrap_admin_then_enrolment_link_for_a_customer() {
         "{shown}"
     );
     let customer_link = link_path(&gw.page(&c, &shown).await);
-    assert_eq!(link_path(&gw.page(&c, &shown).await), customer_link);
+    let page = gw.page(&c, &shown).await;
+    assert_eq!(link_path(&page), customer_link);
+    // A new account has no factor for the link to leave in place.
+    assert!(!page.contains("link-keeps-factors"), "{page}");
     // Creating the same email again is refused with a message: a conflict (409), on the page
     // and as JSON.
     for accept in ["text/html", "application/json"] {
@@ -2253,7 +2256,10 @@ async fn an_issued_link_is_shown_to_its_session_only_and_to_api_clients_in_json(
     let r = issue("text/html").await.unwrap();
     assert_eq!(r.status(), 303);
     let shown = location(&r);
-    let link = link_path(&gw.page(&c, &shown).await);
+    let page = gw.page(&c, &shown).await;
+    let link = link_path(&page);
+    // The account has an app: the link leaves it in place, and the page says so.
+    assert!(page.contains("id=\"link-keeps-factors\""), "{page}");
     // Not on another user's page either, where it would read as that user's link.
     let token = shown.split("link=").nth(1).unwrap();
     gw.signed_in("bystander@example.com").await;

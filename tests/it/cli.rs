@@ -228,7 +228,14 @@ async fn reset_mfa_needs_a_new_factor_from_the_admin_and_totp_generate_provision
     let gw = Gateway::start().await;
     let (c, _, _) = gw.signed_in("m@example.com").await;
     // A link issued before the reset, not used yet (it may be the one that leaked), ends with it.
-    let earlier = super::admin::enrol_link(&gw, "m@example.com").await;
+    // Issued for an account with a factor, it says that the link leaves that factor in place.
+    let out = gw.cli(&["user", "enrol-link", "m@example.com"], None).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("has a second factor already"),
+        "{said}"
+    );
+    let earlier = super::admin::link_path(&String::from_utf8(out.stdout).unwrap());
     assert_eq!(gw.status(&gw.browser(), &earlier).await, 200);
     let out = gw.cli(&["user", "reset-mfa", "m@example.com"], None).await;
     assert!(out.status.success());
@@ -258,6 +265,13 @@ async fn reset_mfa_needs_a_new_factor_from_the_admin_and_totp_generate_provision
             .await
             .status(),
         401
+    );
+    // Without a factor, nothing to say.
+    let out = gw.cli(&["user", "enrol-link", "m@example.com"], None).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !said.contains("second factor already"),
+        "{said}"
     );
     let out = gw
         .cli(&["user", "totp", "generate", "m@example.com"], None)
