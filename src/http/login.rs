@@ -272,6 +272,19 @@ pub struct LoginForm {
     next: String,
 }
 
+/// Whether the browser is signed in (a complete session that still counts) as `username`.
+async fn signed_in_as(
+    state: &AppState,
+    headers: &HeaderMap,
+    username: &str,
+) -> Result<bool, AppError> {
+    let Some(loaded) = current_session(state, headers).await? else {
+        return Ok(false);
+    };
+    let live = live_user(state, &loaded).await?;
+    Ok(live.is_some_and(|u| u.email == crate::store::normalise_email(username)))
+}
+
 /// `POST /_portcullis/login`.
 pub async fn login_post(
     State(state): State<AppState>,
@@ -279,9 +292,17 @@ pub async fn login_post(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, AppError> {
-    check_csrf(&state, &headers, &form.csrf)?;
-    let client = super::client(&state, peer, &headers);
     let next = safe_return_target(&form.next, &state.config.server.public_url);
+    if let Err(refused) = check_csrf(&state, &headers, &form.csrf) {
+        // A second tab left on the form while this browser signed in (which renewed the form
+        // token): naming the user signed in here, the session goes on, as it does below.
+        // Nothing is changed, so the stale token matters not.
+        return match signed_in_as(&state, &headers, &form.username).await? {
+            true => Ok(see_other(next.as_deref().unwrap_or("/"))),
+            false => Err(refused),
+        };
+    }
+    let client = super::client(&state, peer, &headers);
     if form.username.len() > 320 {
         return Err(AppError::bad_request("That email address is too long."));
     }
@@ -298,8 +319,8 @@ pub async fn login_post(
     // A sign-in whose second factor came first finishes here, with its password.
     let mut after_factor = None;
     if let Some(loaded) = current_session(&state, &headers).await? {
-        let signed_in_as = live_user(&state, &loaded).await?;
-        if signed_in_as.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)) {
+        let live = live_user(&state, &loaded).await?;
+        if live.is_some_and(|u| u.email == crate::store::normalise_email(&form.username)) {
             // Already signed in as this user (the form sent again from another tab): the
             // session goes on, as the sign-in page itself would have sent the browser on.
             return Ok(see_other(next.as_deref().unwrap_or("/")));

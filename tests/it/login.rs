@@ -357,16 +357,22 @@ async fn recovery_codes_waiting_in_a_session_are_sealed() {
 #[tokio::test]
 async fn the_sign_in_form_sent_again_while_signed_in_keeps_the_session() {
     let gw = Gateway::start().await;
-    let (c, _, _) = gw.signed_in("tabs@example.com").await;
+    let (c, secret, _) = gw.signed_in("tabs@example.com").await;
     gw.add_user("other@example.com").await;
+    // The second tab's form was loaded before this sign-in, which renewed the form token.
+    super::login::sign_out(&gw, &c).await;
+    let stale = gw.csrf(&c, "/_portcullis/login").await;
+    gw.sign_in_on(&c, "tabs@example.com", &secret).await;
     let csrf = gw.csrf(&c, "/_portcullis/logout").await;
+    assert_ne!(stale, csrf);
     let before = gw.cookies(&c);
-    for (email, password) in [
-        ("tabs@example.com", PASSWORD),
-        (" TABS@example.com", "not even the password"),
+    for (email, password, token) in [
+        ("tabs@example.com", PASSWORD, &stale),
+        (" TABS@example.com", "not even the password", &stale),
+        ("tabs@example.com", PASSWORD, &csrf),
     ] {
         let r = gw
-            .login_form(&c, &csrf, email, password, "/campaigns")
+            .login_form(&c, token, email, password, "/campaigns")
             .send()
             .await
             .unwrap();
@@ -374,6 +380,14 @@ async fn the_sign_in_form_sent_again_while_signed_in_keeps_the_session() {
         assert_eq!(gw.cookies(&c), before, "the same session");
         assert_eq!(gw.status(&c, "/campaigns").await, 200);
     }
+    // Another user's, with the stale token: refused as an old form, the session goes on.
+    let r = gw
+        .login_form(&c, &stale, "other@example.com", PASSWORD, "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
     // Another user's sign-in is a new sign-in (and ends this session).
     let r = gw
         .login_form(&c, &csrf, "other@example.com", PASSWORD, "")
