@@ -389,14 +389,15 @@ pub async fn key_finish(
         CodeOutcome::Rejected | CodeOutcome::KeyRequired => {
             // A key that answered as a copy of itself was suspended and every session of the
             // account ended (`auth::webauthn`): this one too, and trying again cannot help.
-            state.user_gate.forget(&loaded.session.user_id);
-            if signed_in(&state, &headers).await?.is_none() {
-                return Ok(ended_by_a_copied_key(
-                    &state,
-                    &next_path(&state, &body.next),
-                ));
+            if keys.suspended_as_copy(&body.credential).await? {
+                state.user_gate.forget(&loaded.session.user_id);
+                if signed_in(&state, &headers).await?.is_none() {
+                    let next = next_path(&state, &body.next);
+                    return Ok(ended_by_a_copied_key(&state, &next));
+                }
             }
-            state.sessions.save(&loaded.key, &loaded.session).await?;
+            // (Only while it lasts: a session ended meanwhile is not written back.)
+            state.sessions.update(&loaded.key, &loaded.session).await?;
             Err(AppError::new(
                 StatusCode::UNAUTHORIZED,
                 "key_rejected",
@@ -416,7 +417,11 @@ fn ended_by_a_copied_key(state: &AppState, next: &str) -> Response {
                    and every session of your account was ended. Sign in again with another key, \
                    your authenticator app or a recovery code.";
     let body = serde_json::json!({ "error": "session_ended", "message": message, "login": login });
-    let mut r = AppError::new(StatusCode::UNAUTHORIZED, "session_ended", message).into_response();
+    let refused = AppError {
+        action: Some((login, "Sign in again")),
+        ..AppError::new(StatusCode::UNAUTHORIZED, "session_ended", message)
+    };
+    let mut r = refused.into_response();
     *r.body_mut() = axum::body::Body::from(body.to_string());
     with_cookies(r, [state.sessions.clear_cookie()])
 }

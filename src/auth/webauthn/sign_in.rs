@@ -168,6 +168,20 @@ impl Keys {
         Ok(CodeOutcome::Accepted)
     }
 
+    /// Whether the key that gave `response` is suspended as a possible copy of itself (its
+    /// signature counter went backwards), which ends every session of its account.
+    pub async fn suspended_as_copy(
+        &self,
+        response: &PublicKeyCredential,
+    ) -> Result<bool, FlowError> {
+        let stored = self
+            .flow
+            .durable
+            .webauthn_credential(&encode_id(response.get_credential_id()))
+            .await?;
+        Ok(stored.is_some_and(|s| s.suspended_reason.as_deref() == Some("possible_clone")))
+    }
+
     /// Finishes a step-up ceremony of a signed-in session: on success the session's last proof
     /// (`auth_ms`) and last phishing-resistant proof (`strong_ms`) become now, and `hwk` joins
     /// its `amr`. Failures count like wrong codes; too many end the session (`Restart`).
