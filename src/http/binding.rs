@@ -333,21 +333,37 @@ async fn failure(
         .await;
     if let Some(u) = &user {
         let how = format!("{count} failed attempts, last ");
-        let told = ("was ended", "used", "That session has been ended. ");
-        tell_of_a_copy(state, u, client, &how, told).await?;
+        let notice = CopyNotice {
+            subject: "was ended",
+            done: "used",
+            by: "a browser that could not prove it is the device you signed in on",
+            how: &how,
+            rest: "This is what happens when someone copies the cookies of a signed-in browser.\n\
+                   That session has been ended. If you did not expect this, change your password\n\
+                   and check your computer for malware, then sign in again.\n",
+        };
+        tell_of_a_copy(state, u, client, notice).await?;
     }
     Ok(true)
 }
 
-/// Mails `user` that a session of theirs was `done` (said in the subject: "was ended") by a
-/// browser that could not prove it is the session's device, as `client` (`how`: what came
-/// before the address), and `outcome` (what became of the session).
+/// What a notice of a session used from elsewhere says: the subject's end ("was ended"), what
+/// was done with the session ("used"), by whom ("a browser that could not prove…"), what came
+/// before the address ("3 failed attempts, last "), and the rest (what it means, what to do).
+pub(crate) struct CopyNotice<'a> {
+    pub subject: &'a str,
+    pub done: &'a str,
+    pub by: &'a str,
+    pub how: &'a str,
+    pub rest: &'a str,
+}
+
+/// Mails `user` that a session of theirs was used as `notice` says, by `client`.
 pub(crate) async fn tell_of_a_copy(
     state: &AppState,
     user: &crate::store::User,
     client: &Client,
-    how: &str,
-    (subject, done, outcome): (&str, &str, &str),
+    notice: CopyNotice<'_>,
 ) -> crate::store::StoreResult<()> {
     let host = state
         .config
@@ -356,17 +372,19 @@ pub(crate) async fn tell_of_a_copy(
         .host_str()
         .unwrap_or_default();
     let body = format!(
-        "A session of your account {email} on {host} was {done} from a browser that could not\n\
-         prove it is the device you signed in on ({how}from {ip}, {ua}).\n\
-         This is what happens when someone copies the cookies of a signed-in browser.\n\
+        "A session of your account {email} on {host} was {done} from {by}\n\
+         ({how}from {ip}, {ua}).\n\
          \n\
-         {outcome}If you did not expect this, change your password and check your computer\n\
-         for malware, then sign in again.\n",
+         {rest}",
         email = user.email,
+        done = notice.done,
+        by = notice.by,
+        how = notice.how,
         ip = client.ip,
         ua = client.user_agent,
+        rest = notice.rest,
     );
-    let subject = format!("A session of your account on {host} {subject}");
+    let subject = format!("A session of your account on {host} {}", notice.subject);
     state.notifier.enqueue(&user.email, &subject, &body).await
 }
 

@@ -1446,9 +1446,18 @@ pub async fn logout_post(
         state.audit.record(ev).await;
         if let (true, Ok(Some(u))) = (elsewhere, &user) {
             // Best effort: the sign-out has happened.
-            let outcome = "They could not use the session, only end it. ";
-            let told = ("was signed out", "signed out", outcome);
-            if let Err(e) = super::binding::tell_of_a_copy(&state, u, &client, "", told).await {
+            let notice = super::binding::CopyNotice {
+                subject: "was signed out",
+                done: "signed out",
+                by: "another network or browser than it was last proven from",
+                how: "",
+                rest: "If you signed out after moving to another network (a laptop on other Wi-Fi, a\n\
+                       phone on mobile data) or after your browser updated, there is nothing to do.\n\
+                       If not, someone may have a copy of your browser's cookies: they could not use\n\
+                       the session, only end it. Change your password and check your computer for\n\
+                       malware.\n",
+            };
+            if let Err(e) = super::binding::tell_of_a_copy(&state, u, &client, notice).await {
                 tracing::warn!(error = %e, "could not queue the notice of a sign-out from elsewhere");
             }
         }

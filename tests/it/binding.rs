@@ -1757,11 +1757,13 @@ async fn a_sign_out_from_a_copied_jar_elsewhere_is_written_down_and_told() {
         .outbox()
         .await
         .into_iter()
-        .filter(|m| m.contains("was signed out from a browser"))
+        .filter(|m| m.contains("was signed out from another network or browser"))
         .collect();
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(
-        told[0].contains("copied-out@example.com") && told[0].contains("127.0.2.62"),
+        told[0].contains("copied-out@example.com")
+            && told[0].contains("127.0.2.62")
+            && told[0].contains("there is nothing to do"),
         "{}",
         told[0]
     );
