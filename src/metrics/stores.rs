@@ -408,6 +408,16 @@ impl EphemeralStore for Timed<dyn EphemeralStore> {
         self.ephemeral(ATOMIC, self.inner.put_if_absent(key, value, ttl))
             .await
     }
+    async fn put_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        let put = self.inner.put_if_unchanged(key, expected, value, ttl);
+        self.ephemeral(ATOMIC, put).await
+    }
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         self.ephemeral(ATOMIC, self.inner.take(key)).await
     }

@@ -506,23 +506,46 @@ impl Sessions {
     /// without a store write on every request). False when the session has gone meanwhile
     /// (ended on another gateway between the read and this write): the write only replaces an
     /// existing record, so it can never bring an ended session back.
+    ///
+    /// The write is a compare-and-set against the record as it was read: one read earlier (this
+    /// gateway's cache holds records up to a second) must not put back what a device proof,
+    /// a risk hold or a failure count wrote since. Then the record is read again and touched as
+    /// it is now (`loaded` becomes it).
     pub async fn touch(&self, loaded: &mut Cached) -> StoreResult<bool> {
         let now = self.clock.now_millis();
         if !touch_due(&loaded.session, now) {
             return Ok(true);
         }
+        let key = record_key(&loaded.key);
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+        // As stored, if nothing changed since it was read (records are written as serialised
+        // here, so the bytes come out the same).
+        let read = serde_json::to_vec(&loaded.session).map_err(corrupt)?;
         // A copy of its own (the cache may hold this record): once a minute, not per request.
         Arc::make_mut(&mut loaded.session).last_seen_ms = now;
-        // Only `last_seen` changed: other gateways' copies stay good (and never touch).
-        let body =
-            serde_json::to_vec(&loaded.session).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let body = serde_json::to_vec(&loaded.session).map_err(corrupt)?;
         self.cache.forget(&loaded.key);
-        let stored = self
-            .store
-            .put_if_present(&record_key(&loaded.key), &body, self.ttl(&loaded.session))
-            .await;
+        let ttl = self.ttl(&loaded.session);
+        let stored = self.store.put_if_unchanged(&key, &read, &body, ttl).await;
         self.cache.forget(&loaded.key);
-        stored
+        if stored? {
+            return Ok(true);
+        }
+        // Changed since (or gone): touched as it is now, once; a lost race leaves it for the
+        // next request.
+        let Some(now_stored) = self.store.get(&key).await? else {
+            return Ok(false);
+        };
+        let mut current: Session = serde_json::from_slice(&now_stored).map_err(corrupt)?;
+        current.last_seen_ms = now;
+        let body = serde_json::to_vec(&current).map_err(corrupt)?;
+        let ttl = self.ttl(&current);
+        self.store
+            .put_if_unchanged(&key, &now_stored, &body, ttl)
+            .await?;
+        self.cache.forget(&loaded.key);
+        loaded.session = Arc::new(current);
+        Ok(true)
     }
 
     /// Moves a record to a brand-new id (privilege change) and deletes the old one.

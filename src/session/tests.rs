@@ -250,3 +250,27 @@ async fn the_user_index_holds_live_complete_sessions_only() {
     assert_eq!(s.list_user("u1").await.unwrap().len(), 40);
     assert_eq!(s.destroy_all("u1").await.unwrap(), held);
 }
+
+/// A record read for a request that is due for its touch, then written by another request (a
+/// device proof that set a risk hold) before the touch: the touch keeps what was written, and
+/// the request goes on with it.
+#[tokio::test]
+async fn a_touch_never_undoes_what_was_written_since_the_read() {
+    let (s, clock) = sessions();
+    let (id, key) = s.create(&authed(clock.now_millis())).await.unwrap();
+    clock.advance(61);
+    let mut read = s.load_cached(Some(&id)).await.unwrap().unwrap();
+    let mut held = (*read.session).clone();
+    held.risk_hold_ms = Some(clock.now_millis());
+    held.proof_context = Some("here".into());
+    assert!(s.update(&key, &held).await.unwrap());
+    assert!(s.touch(&mut read).await.unwrap());
+    let stored = s.load(Some(&id)).await.unwrap().unwrap().session;
+    assert_eq!(stored.risk_hold_ms, held.risk_hold_ms, "the hold stays");
+    assert_eq!(stored.proof_context.as_deref(), Some("here"));
+    assert_eq!(stored.last_seen_ms, clock.now_millis(), "and it is touched");
+    assert_eq!(
+        read.session.risk_hold_ms, held.risk_hold_ms,
+        "the request sees it"
+    );
+}

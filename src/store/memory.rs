@@ -166,6 +166,32 @@ impl EphemeralStore for MemoryStore {
         self.put_when(key, value, ttl, |live| !live)
     }
 
+    async fn put_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        let (mut s, now) = self.shard(key)?;
+        let same = matches!(
+            s.live(key, now),
+            Some(Entry { value: Value::Bytes(b), .. }) if b.as_slice() == expected
+        );
+        if !same {
+            return Ok(false);
+        }
+        s.map.insert(
+            key.to_string(),
+            Entry {
+                value: Value::Bytes(value.to_vec()),
+                expires_at_ms: Self::deadline(now, ttl),
+            },
+        );
+        s.wrote(now);
+        Ok(true)
+    }
+
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let (mut s, now) = self.shard(key)?;
         match s.live(key, now) {

@@ -569,6 +569,16 @@ pub trait EphemeralStore: Send + Sync + std::fmt::Debug {
     /// Replaces the value only if the key exists (`SET XX PX`); true when stored. An update of a
     /// record that another gateway may have deleted meanwhile cannot bring it back.
     async fn put_if_present(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool>;
+    /// Replaces the value only if it is `expected` now (compare-and-set; a missing key is never
+    /// created); true when stored. A write of one field of a record read earlier cannot undo
+    /// what another request wrote to the record meanwhile.
+    async fn put_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<bool>;
     /// Reads and deletes in one step (`GETDEL`): single-use values.
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn delete(&self, key: &str) -> StoreResult<()>;

@@ -221,6 +221,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
+/// Replaces the value with ARGV[2] (for ARGV[3] ms) only if it is ARGV[1] now.
+const PUT_IF_UNCHANGED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
 /// Takes one back from an existing positive counter; never creates a key (a created key would
 /// have no TTL).
 const DECR: &str = r"
@@ -252,6 +261,7 @@ pub struct RedisStore {
     decr: Script,
     set_if_greater: Script,
     set_add: Script,
+    put_if_unchanged: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -337,6 +347,7 @@ impl RedisStore {
             decr: Script::new(DECR),
             set_if_greater: Script::new(SET_IF_GREATER),
             set_add: Script::new(SET_ADD),
+            put_if_unchanged: Script::new(PUT_IF_UNCHANGED),
         })
     }
 
@@ -574,6 +585,25 @@ impl EphemeralStore for RedisStore {
 
     async fn put_if_present(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
         self.set_if("put_if_present", "XX", key, value, ttl).await
+    }
+
+    async fn put_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        let mut call = self.put_if_unchanged.key(self.key(key));
+        call.arg(expected).arg(value).arg(millis(ttl));
+        let call = &call;
+        let stored: i64 = self
+            .bounded("put_if_unchanged", || {
+                let mut conn = self.conn.clone();
+                async move { call.invoke_async(&mut conn).await }
+            })
+            .await?;
+        Ok(stored == 1)
     }
 
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {

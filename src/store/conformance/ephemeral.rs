@@ -38,6 +38,7 @@ pub(crate) async fn ephemeral_suite(b: EphemeralBackend) {
     ttl_expiry(&b, &key).await;
     put_if_absent(&b, &key).await;
     put_if_present(&b, &key).await;
+    put_if_unchanged(&b, &key).await;
     take_once(&b, &key).await;
     take_races(&b, &key("take-race")).await;
     incr(&b, &key).await;
@@ -123,6 +124,54 @@ async fn put_if_absent(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
     assert_eq!(s.get(&k).await.unwrap().as_deref(), Some(&b"third"[..]));
     s.delete(&k).await.unwrap();
     assert!(s.put_if_absent(&k, b"fourth", secs(60)).await.unwrap());
+}
+
+async fn put_if_unchanged(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
+    let s = &b.store;
+    let k = key("piu");
+    assert!(
+        !s.put_if_unchanged(&k, b"", b"ghost", secs(60))
+            .await
+            .unwrap(),
+        "nothing is created, not even for an empty expectation"
+    );
+    assert_eq!(s.get(&k).await.unwrap(), None);
+    s.put(&k, b"read", secs(60)).await.unwrap();
+    // Another writer changed it since it was read: the stale write is refused.
+    s.put(&k, b"written meanwhile", secs(60)).await.unwrap();
+    assert!(!s
+        .put_if_unchanged(&k, b"read", b"stale", secs(60))
+        .await
+        .unwrap());
+    assert_eq!(
+        s.get(&k).await.unwrap().as_deref(),
+        Some(&b"written meanwhile"[..])
+    );
+    assert!(s
+        .put_if_unchanged(&k, b"written meanwhile", b"next", secs(2))
+        .await
+        .unwrap());
+    assert_eq!(s.get(&k).await.unwrap().as_deref(), Some(&b"next"[..]));
+    // The new TTL holds.
+    b.wait(3).await;
+    assert_eq!(s.get(&k).await.unwrap(), None, "expired with its new TTL");
+    assert!(!s
+        .put_if_unchanged(&k, b"next", b"late", secs(60))
+        .await
+        .unwrap());
+    // Of many racing writers that read the same value, one wins.
+    s.put(&k, b"v0", secs(60)).await.unwrap();
+    let k = &k;
+    let wins = futures_util::future::join_all((0..16).map(|i| {
+        let v = format!("v{}", i + 1);
+        async move {
+            s.put_if_unchanged(k, b"v0", v.as_bytes(), secs(60))
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1);
 }
 
 async fn put_if_present(b: &EphemeralBackend, key: &dyn Fn(&str) -> String) {
