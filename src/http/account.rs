@@ -49,11 +49,15 @@ async fn signed_in(
 ) -> Result<Result<(Loaded, User), Response>, AppError> {
     // A session that has ended (idle, its time up, ended by an administrator) is told as the
     // console's pages tell it; a browser that never signed in, or is signing in, is not.
-    let to_login = |ended: bool| {
-        super::no_session(match ended {
-            true => "/_portcullis/login?next=%2F_portcullis%2Faccount&notice=session_ended",
-            false => "/_portcullis/login?next=%2F_portcullis%2Faccount",
-        })
+    // Its dead cookie goes with the notice, which is then said once.
+    let to_login = |ended: bool| match ended {
+        true => with_cookies(
+            super::no_session(
+                "/_portcullis/login?next=%2F_portcullis%2Faccount&notice=session_ended",
+            ),
+            [state.sessions.clear_cookie()],
+        ),
+        false => super::no_session("/_portcullis/login?next=%2F_portcullis%2Faccount"),
     };
     let Some(loaded) = current_session(state, headers).await? else {
         let had = super::get_cookie(headers, state.sessions.cookie_name()).is_some();

@@ -522,23 +522,7 @@ async fn the_sign_in_page_drops_a_session_ended_elsewhere() {
         .get(&c, "/_portcullis/login?next=%2F_portcullis%2Faccount")
         .await;
     assert_eq!(location(&r), "/_portcullis/account", "signed in: sent on");
-    gw.clock.advance(1);
-    gw.state
-        .durable
-        .void_sessions(&u.id, gw.clock.now_millis())
-        .await
-        .unwrap();
-    gw.state.user_gate.forget(&u.id);
-    // The account page says why, as console pages do; a browser that never signed in is sent
-    // to sign in without a word.
-    assert_eq!(
-        location(&gw.get(&c, ACCOUNT).await),
-        "/_portcullis/login?next=%2F_portcullis%2Faccount&notice=session_ended"
-    );
-    assert_eq!(
-        location(&gw.get(&gw.browser(), ACCOUNT).await),
-        "/_portcullis/login?next=%2F_portcullis%2Faccount"
-    );
+    ended_elsewhere(&gw, &u.id).await;
     let r = gw
         .get(&c, "/_portcullis/login?next=%2F_portcullis%2Faccount")
         .await;
@@ -549,6 +533,40 @@ async fn the_sign_in_page_drops_a_session_ended_elsewhere() {
         .iter()
         .any(|v| v.to_str().unwrap().contains("Max-Age=0"));
     assert!(cleared, "{:?}", r.headers());
+}
+
+/// Every session of `user_id` ended elsewhere (the CLI, another gateway) a second on.
+async fn ended_elsewhere(gw: &Gateway, user_id: &str) {
+    gw.clock.advance(1);
+    gw.state
+        .durable
+        .void_sessions(user_id, gw.clock.now_millis())
+        .await
+        .unwrap();
+    gw.state.user_gate.forget(user_id);
+}
+
+/// The account page of a session ended elsewhere says why, as console pages do, once (the dead
+/// cookie goes with it); a browser that never signed in is sent to sign in without a word.
+#[tokio::test]
+async fn the_account_page_of_an_ended_session_says_so_once() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("ended-account@example.com").await;
+    let u = gw.user("ended-account@example.com").await;
+    assert_eq!(gw.status(&c, ACCOUNT).await, 200);
+    ended_elsewhere(&gw, &u.id).await;
+    assert_eq!(
+        location(&gw.get(&c, ACCOUNT).await),
+        "/_portcullis/login?next=%2F_portcullis%2Faccount&notice=session_ended"
+    );
+    assert_eq!(
+        location(&gw.get(&c, ACCOUNT).await),
+        "/_portcullis/login?next=%2F_portcullis%2Faccount"
+    );
+    assert_eq!(
+        location(&gw.get(&gw.browser(), ACCOUNT).await),
+        "/_portcullis/login?next=%2F_portcullis%2Faccount"
+    );
 }
 
 /// A new app setup started again before the first was finished says that the key shown before

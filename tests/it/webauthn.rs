@@ -475,15 +475,27 @@ async fn a_challenge_answers_once() {
 
     // Passkey sign-in: the same finish twice (from the same browser).
     let b = gw.browser();
+    // The browser's form cookie before the sign-in, known here: the ceremony is bound to it.
+    let old_cookie = format!("portcullis-csrf={}", "c".repeat(43));
+    b.jar.add_cookie_str(&old_cookie, &gw.base.parse().unwrap());
     let (r, body, old_csrf) = passkey(&gw, &b, &mut k, &cred.credential_id, &user.id, |_| {}).await;
     assert_eq!(r.status(), 200);
-    // The sign-in renewed the form token; with the page's token of now, the answer is still
-    // spent.
-    let again = call(&gw, &b, &old_csrf, "passkey/finish", body.clone()).await;
-    assert_eq!(error_code(again).await, (403, "csrf".into()));
-    let csrf = gw.csrf(&b, "/_portcullis/account").await;
-    let again = call(&gw, &b, &csrf, "passkey/finish", body).await;
+    // The sign-in renewed the browser's form cookie; the answer sent again with the cookie and
+    // token it was made with (a copy of the browser from before) finds the ceremony spent.
+    let again = gw
+        .api()
+        .post(gw.url("/_portcullis/webauthn/passkey/finish"))
+        .header("accept", "application/json")
+        .header("x-csrf-token", &old_csrf)
+        .header("cookie", &old_cookie)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(again).await, (400, "ceremony_expired".into()));
+    // From the browser itself, its token of before is refused as an old form.
+    let again = call(&gw, &b, &old_csrf, "passkey/finish", body).await;
+    assert_eq!(error_code(again).await, (403, "csrf".into()));
 
     // Second factor: a recorded answer replayed into a new sign-in's ceremony.
     let c1 = after_password(&gw, "replay@example.com").await;

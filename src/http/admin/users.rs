@@ -423,10 +423,10 @@ pub struct ReasonForm {
 fn reason(raw: &str) -> Result<Option<String>, &'static str> {
     let r = raw.trim();
     if r.chars().any(crate::policy::is_hidden_char) {
-        return Err("A reason is one line of text, without control or invisible characters.");
+        return Err("a reason is one line of text, without control or invisible characters.");
     }
     if r.chars().count() > MAX_REASON {
-        return Err("A reason has at most 200 characters.");
+        return Err("a reason has at most 200 characters.");
     }
     Ok((!r.is_empty()).then(|| r.to_string()))
 }
