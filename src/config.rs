@@ -906,6 +906,17 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Self::load_then(path, env, |_| {})
+    }
+
+    /// [`Self::load`], with `adjust` applied to the values read before they are validated
+    /// together (the demo's own addresses: a rule that needs keys is checked against the
+    /// address the demo serves, not the default one).
+    pub fn load_then(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Self, ConfigError> {
         let mut table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -1031,6 +1042,7 @@ impl Config {
                 }
                 key_err(&key, why)
             })?;
+        adjust(&mut config);
         config.validate().map_err(|e| match e {
             ConfigError::Key { key, message } => {
                 let mut message = files.iter().fold(message, |m, f| f.scrub(m));

@@ -106,8 +106,27 @@ fn ignored_settings(config: &Config) -> Vec<&'static str> {
 pub fn demo_config(args: &DemoArgs, file: Option<&Path>) -> Result<Config> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let mut config = Config::load(file, crate::config::environment()?)?;
-    let ignored = ignored_settings(&config);
+    let public_url = match &args.public_url {
+        Some(u) => u.clone(),
+        None => url::Url::parse(&format!("http://{}/", args.listen))?,
+    };
+    let console_url = url::Url::parse(&format!("http://{}/", args.console_listen))?;
+    let db = args.data_dir.join("portcullis.sqlite");
+    let mut ignored = Vec::new();
+    // The demo's own addresses and paths are in place before the settings are checked
+    // together: a step-up rule that needs keys is checked against the address served.
+    let env = crate::config::environment()?;
+    let mut config = Config::load_then(file, env, |config| {
+        ignored = ignored_settings(config);
+        config.server.listen = args.listen.to_string();
+        config.server.public_url = public_url;
+        config.upstream.url = console_url;
+        config.storage.durable = format!("sqlite://{}", db.display());
+        config.storage.ephemeral = "memory".into();
+        if config.notify.smtp_url.is_none() {
+            config.notify.outbox_dir = args.data_dir.join("outbox");
+        }
+    })?;
     if !ignored.is_empty() {
         let _ = writeln!(
             std::io::stderr(),
@@ -116,19 +135,7 @@ pub fn demo_config(args: &DemoArgs, file: Option<&Path>) -> Result<Config> {
             ignored.join(", ")
         );
     }
-    config.server.listen = args.listen.to_string();
-    config.server.public_url = match &args.public_url {
-        Some(u) => u.clone(),
-        None => url::Url::parse(&format!("http://{}/", args.listen))?,
-    };
-    config.upstream.url = url::Url::parse(&format!("http://{}/", args.console_listen))?;
-    let db = args.data_dir.join("portcullis.sqlite");
-    config.storage.durable = format!("sqlite://{}", db.display());
-    config.storage.ephemeral = "memory".into();
     config.secrets.master_key = Some(Secret::new(master_key_file(&args.data_dir)?));
-    if config.notify.smtp_url.is_none() {
-        config.notify.outbox_dir = args.data_dir.join("outbox");
-    }
     if config.step_up.is_empty() {
         // The demo console's sensitive actions: sending a campaign and making an API key need a
         // second-factor proof from the last five minutes.

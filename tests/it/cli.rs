@@ -2313,3 +2313,43 @@ async fn a_copy_finds_out_that_the_old_database_changed_meanwhile() {
         "{changed:?}"
     );
 }
+
+/// A configuration file's step-up rule that needs a security key is checked against the
+/// address the demo serves (`--public-url` with a host name, where keys work), not against the
+/// default address it replaces.
+#[tokio::test]
+async fn the_demo_checks_a_key_rule_against_its_own_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("demo.toml");
+    std::fs::write(
+        &file,
+        "[[step_up]]\npath = \"/api-keys\"\nmethods = [\"POST\"]\nmax_age = \"1m\"\nkey = true\n",
+    )
+    .unwrap();
+    let (port, console) = (free_port(), free_port());
+    let mut child = demo_command(
+        Some((&file, false)),
+        &dir.path().join("data"),
+        port,
+        console,
+    )
+    .args(["--public-url", &format!("http://localhost:{port}/")])
+    .spawn()
+    .unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
+    let mut up = false;
+    for _ in 0..300 {
+        if client.get(&url).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(up, "{}", String::from_utf8_lossy(&out.stdout));
+}
