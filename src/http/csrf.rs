@@ -91,7 +91,10 @@ pub fn verify(
     if !ct_eq(token_for(cookie, key).as_bytes(), submitted.as_bytes()) {
         return Err(AppError::forbidden(
             "csrf",
-            "This form has expired. Reload the page and try again.",
+            "This form is out of date: its page was loaded before this browser's latest \
+             sign-in (or before its cookies were cleared). Go back to that page with your \
+             browser's Back button (what you typed is kept) or open it again, and send the \
+             form again.",
         ));
     }
     Ok(())

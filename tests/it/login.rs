@@ -591,7 +591,7 @@ async fn a_completed_sign_in_renews_the_form_token() {
     };
     let r = post(old).await.unwrap();
     assert_eq!(r.status(), 403);
-    assert!(r.text().await.unwrap().contains("This form has expired"));
+    assert!(r.text().await.unwrap().contains("This form is out of date"));
     assert_eq!(
         gw.status(&c, "/_portcullis/account").await,
         200,
