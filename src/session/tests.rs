@@ -274,3 +274,37 @@ async fn a_touch_never_undoes_what_was_written_since_the_read() {
         "the request sees it"
     );
 }
+
+/// A record read back and written out again is the same bytes (what the touch's
+/// compare-and-set relies on to cost one store command): a full record, with a device key, a
+/// place and every optional field, round-trips exactly.
+#[tokio::test]
+async fn a_record_is_written_out_as_it_was_read() {
+    let (s, clock, store) = cached_sessions();
+    let mut full = authed(clock.now_millis());
+    full.binding = Some(crate::binding::BoundKey {
+        method: crate::binding::Method::Webcrypto,
+        alg: "ES256".into(),
+        jwk: serde_json::json!({"kty": "EC", "crv": "P-256", "y": "yy", "x": "xx"}),
+        thumbprint: "tp".into(),
+    });
+    full.device_id = Some("dev".into());
+    full.strong_ms = Some(1);
+    full.factor_ms = Some(2);
+    full.fix = Some(crate::risk::Fix {
+        place: crate::risk::Place {
+            country: Some("DE".into()),
+            city: Some("Frankfurt am Main".into()),
+            at: Some((501_100, 86_800)),
+            radius_km: Some(20),
+        },
+        at_ms: 3,
+    });
+    full.risk_hold_ms = Some(4);
+    full.proof_context = Some("abc".into());
+    full.return_to = Some("/x?y=1".into());
+    let (id, key) = s.create(&full).await.unwrap();
+    let stored = store.get(&record_key(&key)).await.unwrap().unwrap();
+    let read = s.load_cached(Some(&id)).await.unwrap().unwrap();
+    assert_eq!(serde_json::to_vec(&*read.session).unwrap(), stored);
+}
