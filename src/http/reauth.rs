@@ -157,12 +157,24 @@ pub async fn done_get(
     Ok(render(StatusCode::OK, &pages::ReauthDone { next: &next }))
 }
 
-/// To the sign-in page, which returns to this step-up (and then to `next`).
-fn sign_in_first(next: &str, key_only: bool) -> Response {
-    see_other(&super::gate::login_location(
-        super::gate::LOGIN_PATH,
-        Some(&url(next, key_only)),
-    ))
+/// To the sign-in page, on to `next` (a new sign-in is a fresh proof of its own; a rule that
+/// wants a key asks for it there again), saying that the session ended where the browser still
+/// sent the cookie of one that is no more. A sign-in under way is left as it is.
+async fn sign_in_first(
+    state: &AppState,
+    headers: &HeaderMap,
+    next: &str,
+) -> Result<Response, AppError> {
+    // (Called where no complete session counts: a record still there is a sign-in under way,
+    // or a complete session ended elsewhere.)
+    let cookie = super::get_cookie(headers, state.sessions.cookie_name());
+    let pending = current_session(state, headers)
+        .await?
+        .is_some_and(|l| !l.session.is_authenticated());
+    let ended = cookie.is_some() && !pending;
+    let notice = ended.then_some("session_ended");
+    let to = super::gate::sign_in_location(super::gate::LOGIN_PATH, Some(next), notice);
+    Ok(see_other(&to))
 }
 
 /// `GET /_portcullis/reauth?next=PATH[&key=1]`.
@@ -175,7 +187,7 @@ pub async fn reauth_get(
     let next = next_path(&state, &query(&q, "next").unwrap_or_default());
     let key_only = query(&q, "key").as_deref() == Some("1");
     let Some((loaded, user)) = signed_in(&state, &headers).await? else {
-        return Ok(sign_in_first(&next, key_only));
+        return sign_in_first(&state, &headers, &next).await;
     };
     let view = View {
         peer,
@@ -218,7 +230,7 @@ pub async fn reauth_post(
         if !wants_html(&headers) {
             return Err(no_session());
         }
-        return Ok(sign_in_first(&next, false));
+        return sign_in_first(&state, &headers, &next).await;
     };
     if form.sid.as_deref().is_some_and(|sid| {
         !crate::crypto::ct_eq(sid.as_bytes(), loaded.session.public_id.as_bytes())

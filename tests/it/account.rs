@@ -536,7 +536,7 @@ async fn the_sign_in_page_drops_a_session_ended_elsewhere() {
 }
 
 /// Every session of `user_id` ended elsewhere (the CLI, another gateway) a second on.
-async fn ended_elsewhere(gw: &Gateway, user_id: &str) {
+pub(super) async fn ended_elsewhere(gw: &Gateway, user_id: &str) {
     gw.clock.advance(1);
     gw.state
         .durable

@@ -480,10 +480,7 @@ async fn a_step_up_code_during_a_sign_in_leaves_the_sign_in_alone() {
         assert!(r.headers().get("set-cookie").is_none(), "{accept}");
         if accept == "text/html" {
             assert_eq!(r.status(), 303);
-            assert_eq!(
-                location(&r),
-                "/_portcullis/login?next=%2F_portcullis%2Freauth%3Fnext%3D%252F"
-            );
+            assert_eq!(location(&r), "/_portcullis/login?next=%2F");
         } else {
             assert_eq!(r.status(), 401);
             let v: serde_json::Value = r.json().await.unwrap();
@@ -929,4 +926,25 @@ async fn a_form_announcing_too_large_a_body_is_not_read_to_be_held() {
         "{head}"
     );
     assert_eq!(gw.upstream.count(), before);
+}
+
+/// A step-up page whose session has ended meanwhile (ended from the CLI, another gateway) sends
+/// the browser to sign in saying so, and on to where the step-up was going: a new sign-in is a
+/// fresh proof of its own.
+#[tokio::test]
+async fn a_step_up_of_an_ended_session_signs_in_on_to_its_next() {
+    let gw = Gateway::start_with(rules).await;
+    let (c, _, _) = gw.signed_in("ended-step-up@example.com").await;
+    let u = gw.user("ended-step-up@example.com").await;
+    super::account::ended_elsewhere(&gw, &u.id).await;
+    let r = gw.get(&c, "/_portcullis/reauth?next=%2Fcampaigns").await;
+    assert_eq!(
+        location(&r),
+        "/_portcullis/login?next=%2Fcampaigns&notice=session_ended"
+    );
+    // A browser that never signed in is sent on without a word.
+    let r = gw
+        .get(&gw.browser(), "/_portcullis/reauth?next=%2Fcampaigns")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/login?next=%2Fcampaigns");
 }
