@@ -152,7 +152,9 @@ pub(super) async fn page(
         keys: &keys,
         devices: &devices,
         has_totp,
-        codes_only: !has_totp && keys.iter().all(|k| k.suspended.is_some()),
+        // Keys sign nobody in where they are off (`webauthn.enabled`, an IP address).
+        codes_only: !has_totp
+            && (state.keys.is_none() || keys.iter().all(|k| k.suspended.is_some())),
         recovery_left,
         sign_ins: &sign_ins,
         webauthn: state.keys.is_some(),

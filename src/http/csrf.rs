@@ -57,14 +57,9 @@ fn token_for(cookie_value: &str, key: &MasterKey) -> String {
     URL_SAFE_NO_PAD.encode(key.csrf_mac(cookie_value.as_bytes()))
 }
 
-/// Checks a submitted form token against the cookie and the request's origin.
-pub fn verify(
-    headers: &HeaderMap,
-    submitted: &str,
-    key: &MasterKey,
-    https: bool,
-    public_origin: &str,
-) -> Result<(), AppError> {
+/// Whether the request came from the gateway's own pages as far as the browser says (`Origin`,
+/// else `Referer`, and `Sec-Fetch-Site`): what [`verify`] checks before the token.
+pub fn from_our_pages(headers: &HeaderMap, public_origin: &str) -> bool {
     let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     let origin_ok = match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         // Our pages send `Referrer-Policy: no-referrer`, under which browsers post forms with
@@ -78,8 +73,18 @@ pub fn verify(
         },
     };
     let fetch_site_ok = fetch_site.is_none_or(|s| matches!(s, "same-origin" | "none"));
+    origin_ok && fetch_site_ok
+}
 
-    if !origin_ok || !fetch_site_ok {
+/// Checks a submitted form token against the cookie and the request's origin.
+pub fn verify(
+    headers: &HeaderMap,
+    submitted: &str,
+    key: &MasterKey,
+    https: bool,
+    public_origin: &str,
+) -> Result<(), AppError> {
+    if !from_our_pages(headers, public_origin) {
         return Err(AppError::forbidden(
             "csrf",
             "This form was submitted from another site. Go back, reload the page and try again.",

@@ -288,6 +288,15 @@ pub(crate) async fn another_session(
     Ok(None)
 }
 
+/// The answer to a session the risk engine holds until a second factor (step 4), if it is.
+fn risk_held(s: &crate::session::Session) -> Option<Decision> {
+    s.held().then(|| Decision::StepUp {
+        key: s.risk_hold_key,
+        reason: RISK_REASON,
+        session: s.public_id.clone(),
+    })
+}
+
 /// The one policy shared by the proxy and the forward-auth endpoint: session → second factor
 /// complete → user still admitted → identity → signed token. Storage trouble is an error (503),
 /// never a pass.
@@ -371,14 +380,10 @@ pub(crate) async fn decide(
         }
     }
     // Step 4: a session the risk engine holds until a second factor.
-    let s = &loaded.session;
-    if s.held() {
-        return Ok(Decision::StepUp {
-            key: s.risk_hold_key,
-            reason: RISK_REASON,
-            session: s.public_id.clone(),
-        });
+    if let Some(held) = risk_held(&loaded.session) {
+        return Ok(held);
     }
+    let s = &loaded.session;
     // Step 5: an action that needs a fresh proof (`[[step_up]]`).
     let proofs = (s.second_factor_ms(), s.strong_ms, state.clock.now_millis());
     if let Some(key) = crate::policy::step_up::unmet(&state.config.step_up, method, path, proofs) {
@@ -391,6 +396,10 @@ pub(crate) async fn decide(
     if !state.sessions.touch(&mut loaded).await? {
         // Ended elsewhere a moment ago.
         return Ok(Decision::Refuse { clear_cookie: true });
+    }
+    // The touch reads the record again where it was written meanwhile: a hold set since counts.
+    if let Some(held) = risk_held(&loaded.session) {
+        return Ok(held);
     }
     let identity = Identity {
         sub: &user.id,

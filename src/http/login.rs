@@ -296,8 +296,10 @@ pub async fn login_post(
     if let Err(refused) = check_csrf(&state, &headers, &form.csrf) {
         // A second tab left on the form while this browser signed in (which renewed the form
         // token): naming the user signed in here, the session goes on, as it does below.
-        // Nothing is changed, so the stale token matters not.
-        return match signed_in_as(&state, &headers, &form.username).await? {
+        // Nothing is changed, so the stale token matters not; but only for a form of our own
+        // pages, or another page of the site could learn who the browser is signed in as.
+        let ours = super::csrf::from_our_pages(&headers, &public_origin(&state));
+        return match ours && signed_in_as(&state, &headers, &form.username).await? {
             true => Ok(see_other(next.as_deref().unwrap_or("/"))),
             false => Err(refused),
         };

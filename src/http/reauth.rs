@@ -401,7 +401,8 @@ pub async fn key_finish(
         CodeOutcome::Rejected | CodeOutcome::KeyRequired => {
             // A key that answered as a copy of itself was suspended and every session of the
             // account ended (`auth::webauthn`): this one too, and trying again cannot help.
-            if keys.suspended_as_copy(&body.credential).await? {
+            let user_id = &loaded.session.user_id;
+            if keys.suspended_as_copy(user_id, &body.credential).await? {
                 state.user_gate.forget(&loaded.session.user_id);
                 if signed_in(&state, &headers).await?.is_none() {
                     let next = next_path(&state, &body.next);

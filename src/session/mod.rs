@@ -507,10 +507,10 @@ impl Sessions {
     /// (ended on another gateway between the read and this write): the write only replaces an
     /// existing record, so it can never bring an ended session back.
     ///
-    /// The write is a compare-and-set against the record as it was read: one read earlier (this
-    /// gateway's cache holds records up to a second) must not put back what a device proof,
-    /// a risk hold or a failure count wrote since. Then the record is read again and touched as
-    /// it is now (`loaded` becomes it).
+    /// The write is a compare-and-set against the record as it was read (afresh, once due for
+    /// its touch): what a device proof, a risk hold or a failure count wrote since, while this
+    /// request was being checked, is not put back. Then the record is read again and touched as
+    /// it is now (`loaded` becomes it: the caller checks it again).
     pub async fn touch(&self, loaded: &mut Cached) -> StoreResult<bool> {
         let now = self.clock.now_millis();
         if !touch_due(&loaded.session, now) {
@@ -540,10 +540,15 @@ impl Sessions {
         current.last_seen_ms = now;
         let body = serde_json::to_vec(&current).map_err(corrupt)?;
         let ttl = self.ttl(&current);
-        self.store
+        let touched = self
+            .store
             .put_if_unchanged(&key, &now_stored, &body, ttl)
             .await?;
         self.cache.forget(&loaded.key);
+        // Lost again: still there, or ended in between.
+        if !touched && self.store.get(&key).await?.is_none() {
+            return Ok(false);
+        }
         loaded.session = Arc::new(current);
         Ok(true)
     }

@@ -446,13 +446,15 @@ impl RedisStore {
 /// leave the same state however often they run, and the counters `incr` and `incr_this_second`,
 /// whose second run (if the first did reach Redis) only counts one attempt more, which errs on
 /// the closed side.
-const RETRIED: [&str; 10] = [
+const RETRIED: [&str; 11] = [
     "incr",
     "incr_this_second",
     "ping",
     "get",
     "put",
     "put_if_present",
+    // Run twice, the second finds its own write and stores nothing: the caller reads again.
+    "put_if_unchanged",
     "delete",
     "set_add",
     "set_remove",

@@ -626,4 +626,16 @@ async fn an_account_with_codes_only_is_told_to_set_up_a_factor() {
         page.contains("id=\"codes-only\"") && page.contains("(10 left)"),
         "{page}"
     );
+    // None left either: once this session ends nothing signs in, and the page says so.
+    let now = gw.clock.now();
+    gw.state
+        .durable
+        .set_recovery_codes(&u.id, &[], now)
+        .await
+        .unwrap();
+    let page = gw.page(&c, ACCOUNT).await;
+    assert!(
+        page.contains("id=\"codes-only\"") && page.contains("Nothing is left"),
+        "{page}"
+    );
 }

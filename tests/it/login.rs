@@ -380,6 +380,18 @@ async fn the_sign_in_form_sent_again_while_signed_in_keeps_the_session() {
         assert_eq!(gw.cookies(&c), before, "the same session");
         assert_eq!(gw.status(&c, "/campaigns").await, 200);
     }
+    // From another page of the site (another port, a sibling host), naming the user signed in:
+    // refused as any such form is, so it learns nothing of who is signed in here.
+    for origin in ["http://127.0.0.1:1", "null"] {
+        let r = gw
+            .login_form(&c, &stale, "tabs@example.com", PASSWORD, "/campaigns")
+            .header("origin", origin)
+            .header("sec-fetch-site", "same-site")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{origin}");
+    }
     // Another user's, with the stale token: refused as an old form, the session goes on.
     let r = gw
         .login_form(&c, &stale, "other@example.com", PASSWORD, "")

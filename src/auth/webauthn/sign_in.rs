@@ -168,10 +168,11 @@ impl Keys {
         Ok(CodeOutcome::Accepted)
     }
 
-    /// Whether the key that gave `response` is suspended as a possible copy of itself (its
-    /// signature counter went backwards), which ends every session of its account.
+    /// Whether the key of `user_id` that gave `response` is suspended as a possible copy of
+    /// itself (its signature counter went backwards), which ends every session of its account.
     pub async fn suspended_as_copy(
         &self,
+        user_id: &str,
         response: &PublicKeyCredential,
     ) -> Result<bool, FlowError> {
         let stored = self
@@ -179,7 +180,9 @@ impl Keys {
             .durable
             .webauthn_credential(&encode_id(response.get_credential_id()))
             .await?;
-        Ok(stored.is_some_and(|s| s.suspended_reason.as_deref() == Some("possible_clone")))
+        Ok(stored.is_some_and(|s| {
+            s.user_id == user_id && s.suspended_reason.as_deref() == Some("possible_clone")
+        }))
     }
 
     /// Finishes a step-up ceremony of a signed-in session: on success the session's last proof
