@@ -491,16 +491,18 @@ fn remembering(state: &AppState) -> bool {
     state.config.binding.enabled && !state.config.remember_device.lifetime.is_zero()
 }
 
-/// Loads the pending session for a step page, or the response that sends the browser elsewhere.
+/// Loads the pending session for a step page (`sent`: a step's form was sent), or the response
+/// that sends the browser elsewhere.
 async fn pending(
     state: &AppState,
-    headers: &HeaderMap,
+    (headers, sent): (&HeaderMap, bool),
     want: fn(&Stage) -> bool,
 ) -> Result<Result<Loaded, Response>, AppError> {
     let Some(loaded) = current_session(state, headers).await? else {
         // A sign-in that ran out, or none at all (a bookmark, a page opened anew): only the
-        // first is told it took too long.
-        if super::get_cookie(headers, state.sessions.cookie_name()).is_none() {
+        // first is told it took too long, and so is a step's form sent from a page whose
+        // sign-in has gone (ended from another tab, its cookie with it).
+        if !sent && super::get_cookie(headers, state.sessions.cookie_name()).is_none() {
             return Ok(Err(super::no_session("/_portcullis/login")));
         }
         return Ok(Err(expired(state)));
@@ -516,7 +518,7 @@ pub async fn mfa_get(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    let loaded = match pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
+    let loaded = match pending(&state, (&headers, false), |s| *s == Stage::SecondFactor).await? {
         Ok(l) => l,
         Err(r) => return Ok(r),
     };
@@ -1069,7 +1071,7 @@ pub async fn mfa_post(
     Form(form): Form<CodeForm>,
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
-    let mut loaded = match pending(&state, &headers, |s| *s == Stage::SecondFactor).await? {
+    let mut loaded = match pending(&state, (&headers, true), |s| *s == Stage::SecondFactor).await? {
         Ok(l) => l,
         Err(r) => return Ok(r),
     };
@@ -1183,7 +1185,7 @@ pub async fn enrol_get(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    let loaded = match pending(&state, &headers, is_enrolling).await? {
+    let loaded = match pending(&state, (&headers, false), is_enrolling).await? {
         Ok(l) => l,
         Err(r) => return Ok(r),
     };
@@ -1229,7 +1231,7 @@ pub async fn enrol_post(
     Form(form): Form<CodeForm>,
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
-    let mut loaded = match pending(&state, &headers, is_enrolling).await? {
+    let mut loaded = match pending(&state, (&headers, true), is_enrolling).await? {
         Ok(l) => l,
         Err(r) => return Ok(r),
     };
@@ -1295,7 +1297,7 @@ pub async fn codes_get(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    let loaded = match pending(&state, &headers, |s| {
+    let loaded = match pending(&state, (&headers, false), |s| {
         matches!(s, Stage::ShowRecoveryCodes { .. })
     })
     .await?
@@ -1334,7 +1336,7 @@ pub async fn codes_post(
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
-    let mut loaded = match pending(&state, &headers, |s| {
+    let mut loaded = match pending(&state, (&headers, true), |s| {
         matches!(s, Stage::ShowRecoveryCodes { .. })
     })
     .await?

@@ -448,6 +448,10 @@ async fn a_wrong_code_keeps_the_box_ticked_and_a_new_start_keeps_the_way_on() {
                 && !v.to_str().unwrap().contains("Max-Age=0")),
         "no session: {set:?}"
     );
+    // The code sent from another tab of that browser, whose cookie went with the sign-in: told
+    // that the sign-in was interrupted, not shown a bare sign-in page.
+    let r = post_mfa(&gw, &b, &[("code", code.as_str()), ("csrf", csrf.as_str())]).await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=expired");
 }
 
 /// The sign-in page's hint ("a second factor next") says that a remembered browser proves
