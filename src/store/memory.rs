@@ -44,17 +44,17 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// Stores `value` if `allowed(whether a live value is there)`, in one step under the
+    /// Stores `value` if `allowed(the live entry there, if any)`, in one step under the
     /// shard's lock; true when stored.
     fn put_when(
         &self,
         key: &str,
         value: &[u8],
         ttl: Duration,
-        allowed: impl FnOnce(bool) -> bool,
+        allowed: impl FnOnce(Option<&Entry>) -> bool,
     ) -> StoreResult<bool> {
         let (mut s, now) = self.shard(key)?;
-        if !allowed(s.live(key, now).is_some()) {
+        if !allowed(s.live(key, now).map(|e| &*e)) {
             return Ok(false);
         }
         s.map.insert(
@@ -159,11 +159,11 @@ impl EphemeralStore for MemoryStore {
     }
 
     async fn put_if_present(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
-        self.put_when(key, value, ttl, |live| live)
+        self.put_when(key, value, ttl, |live| live.is_some())
     }
 
     async fn put_if_absent(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
-        self.put_when(key, value, ttl, |live| !live)
+        self.put_when(key, value, ttl, |live| live.is_none())
     }
 
     async fn put_if_unchanged(
@@ -173,23 +173,9 @@ impl EphemeralStore for MemoryStore {
         value: &[u8],
         ttl: Duration,
     ) -> StoreResult<bool> {
-        let (mut s, now) = self.shard(key)?;
-        let same = matches!(
-            s.live(key, now),
-            Some(Entry { value: Value::Bytes(b), .. }) if b.as_slice() == expected
-        );
-        if !same {
-            return Ok(false);
-        }
-        s.map.insert(
-            key.to_string(),
-            Entry {
-                value: Value::Bytes(value.to_vec()),
-                expires_at_ms: Self::deadline(now, ttl),
-            },
-        );
-        s.wrote(now);
-        Ok(true)
+        self.put_when(key, value, ttl, |live| {
+            matches!(live, Some(Entry { value: Value::Bytes(b), .. }) if b.as_slice() == expected)
+        })
     }
 
     async fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -230,6 +230,9 @@ end
 return 0
 ";
 
+/// The arguments of a script that takes none.
+const NO_ARGS: [&[u8]; 0] = [];
+
 /// Takes one back from an existing positive counter; never creates a key (a created key would
 /// have no TTL).
 const DECR: &str = r"
@@ -391,7 +394,7 @@ impl RedisStore {
         what: &str,
         script: &Script,
         key: &str,
-        args: &[String],
+        args: &[impl redis::ToRedisArgs],
     ) -> StoreResult<T> {
         let mut call = script.key(self.key(key));
         for a in args {
@@ -596,14 +599,10 @@ impl EphemeralStore for RedisStore {
         value: &[u8],
         ttl: Duration,
     ) -> StoreResult<bool> {
-        let mut call = self.put_if_unchanged.key(self.key(key));
-        call.arg(expected).arg(value).arg(millis(ttl));
-        let call = &call;
+        let ttl = millis(ttl);
+        let args = [expected, value, ttl.as_bytes()];
         let stored: i64 = self
-            .bounded("put_if_unchanged", || {
-                let mut conn = self.conn.clone();
-                async move { call.invoke_async(&mut conn).await }
-            })
+            .script("put_if_unchanged", &self.put_if_unchanged, key, &args)
             .await?;
         Ok(stored == 1)
     }
@@ -625,13 +624,14 @@ impl EphemeralStore for RedisStore {
 
     async fn incr_this_second(&self, key: &str) -> StoreResult<u64> {
         let n: i64 = self
-            .script("incr_this_second", &self.incr_this_second, key, &[])
+            .script("incr_this_second", &self.incr_this_second, key, &NO_ARGS)
             .await?;
         u64::try_from(n).map_err(|_| StoreError::Corrupt("redis incr: negative counter".into()))
     }
 
     async fn decr(&self, key: &str) -> StoreResult<()> {
-        self.script::<i64>("decr", &self.decr, key, &[]).await?;
+        self.script::<i64>("decr", &self.decr, key, &NO_ARGS)
+            .await?;
         Ok(())
     }
 
