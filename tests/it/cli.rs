@@ -1556,9 +1556,7 @@ async fn check_config_on_an_empty_postgres_database_says_it_is_new() {
 /// "the pool timed out".
 #[tokio::test]
 async fn an_unreachable_database_is_named_with_its_cause() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let port = free_port();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["user", "list"])
         .env(
@@ -1836,9 +1834,7 @@ async fn a_least_privilege_database_role_runs_and_a_read_only_one_is_named() {
     };
     let refused = run(as_role(&reader), &["check-config"]).await;
     // `serve` refuses it too rather than start and fail every sign-in.
-    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listen.local_addr().unwrap().port();
-    drop(listen);
+    let port = free_port();
     let served = tokio::time::timeout(
         std::time::Duration::from_secs(30),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))

@@ -588,9 +588,7 @@ async fn start_nginx(gw: &Gateway) -> Nginx {
         "nginx is needed for this test: apt-get install nginx"
     );
     let dir = tempfile::tempdir().unwrap();
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap();
-    drop(free);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let up = gw.state.config.upstream.url.as_str().trim_end_matches('/');
     let conf = dir.path().join("nginx.conf");
     std::fs::write(&conf, nginx_conf(dir.path(), addr, gw.addr, up)).unwrap();

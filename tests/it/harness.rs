@@ -912,13 +912,26 @@ impl Gateway {
     }
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, for a listener a test starts a moment later (a
+/// gateway's metrics, a private Redis, nginx, a child process). Taken below the kernel's range
+/// of ephemeral ports (32768 and up), where the outgoing connections of tests running beside
+/// this one take theirs: a port handed out from that range could be taken by one of them
+/// between this check and the bind. Each port is handed out once per test process, from a
+/// start that differs between processes.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % SPAN).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// A child process killed (and reaped) when the test lets go of it, also on panic.

@@ -19,11 +19,7 @@ pub(super) struct PrivateRedis {
 
 impl PrivateRedis {
     pub(super) fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::harness::free_port();
         let mut r = Self { port, child: None };
         r.restart();
         r
