@@ -176,6 +176,20 @@ fn readable_target(raw: &[u8]) -> Option<String> {
     Some(percent_encoding::percent_encode(raw, percent_encoding::CONTROLS).to_string())
 }
 
+/// The first protocol other than `websocket` that an `Upgrade` header names (any letter case,
+/// any number of headers and list items; a value that is not text counts as one).
+fn other_upgrade(headers: &HeaderMap) -> Option<String> {
+    headers.get_all(header::UPGRADE).iter().find_map(|v| {
+        let Ok(text) = v.to_str() else {
+            return Some("(unreadable)".to_string());
+        };
+        text.split(',')
+            .map(str::trim)
+            .find(|p| !p.is_empty() && !p.eq_ignore_ascii_case("websocket"))
+            .map(|p| p.chars().take(64).collect())
+    })
+}
+
 /// `/_portcullis/auth`, any method.
 pub async fn auth_any(
     State(state): State<AppState>,
@@ -221,6 +235,17 @@ async fn check(
     // `Upgrade` may not): another origin's page may not open it, as in proxy mode.
     if headers.contains_key(header::UPGRADE) || headers.contains_key(header::SEC_WEBSOCKET_KEY) {
         super::gate::cross_site_upgrade(state, headers)?;
+    }
+    // Another protocol asked for (`h2c`, `TLS/1.2`): a proxy that passes `Upgrade` on (Caddy,
+    // Traefik) would hand the connection to the console once it agrees, a tunnel past every
+    // later check. Proxy mode offers the console `websocket` alone; here the request is refused.
+    if let Some(other) = other_upgrade(headers) {
+        tracing::info!(protocol = %other, "forward-auth: an upgrade to another protocol than WebSocket refused");
+        return Err(AppError::forbidden(
+            "upgrade_refused",
+            "Only WebSocket upgrades reach the console: a connection switched to another protocol \
+             would pass the gateway's checks of every later request.",
+        ));
     }
     let orig = original(method, headers, (peer.ip(), trusted))?;
     if crate::proxy::never_forwarded(&orig.method) {

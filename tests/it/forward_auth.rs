@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use super::harness::*;
 
@@ -127,6 +126,44 @@ async fn a_websocket_from_another_origin_is_refused_here_too() {
         .await;
         assert_eq!(r.status, 403, "{pair:?}: {}", r.head);
         assert!(r.body.contains("cross_origin"), "{}", r.body);
+    }
+}
+
+/// An upgrade to another protocol than WebSocket (`h2c`), which a proxy that passes `Upgrade`
+/// on (Caddy, Traefik) would turn into a tunnel to the console past every later check, is
+/// refused; a WebSocket upgrade from the console's own page still passes.
+#[tokio::test]
+async fn an_upgrade_to_another_protocol_is_refused() {
+    let gw = gateway(true).await;
+    let (c, _, _) = gw.signed_in("fa-h2c@example.com").await;
+    let cookie = gw.cookies(&c);
+    let own = gw.base.trim_end_matches('/').to_string();
+    for (upgrades, want) in [
+        (vec!["h2c"], 403),
+        (vec!["websocket, h2c"], 403),
+        (vec!["websocket", "H2C"], 403),
+        (vec!["TLS/1.2"], 403),
+        (vec!["WebSocket"], 200),
+        (vec!["websocket", " websocket "], 200),
+    ] {
+        let mut headers = vec![
+            ("Cookie", cookie.as_str()),
+            ("X-Forwarded-Uri", "/tunnel"),
+            ("Origin", own.as_str()),
+            ("Connection", "Upgrade, HTTP2-Settings"),
+            ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ];
+        for u in &upgrades {
+            headers.push(("Upgrade", u));
+        }
+        let r = auth(&gw, &headers).await;
+        assert_eq!(r.status, want, "{upgrades:?}: {}", r.head);
+        if want == 403 {
+            assert_eq!(json(&r)["error"], "upgrade_refused", "{}", r.body);
+            assert!(r.header("x-portcullis-assertion").is_none());
+        } else {
+            assert!(r.header("x-portcullis-assertion").is_some());
+        }
     }
 }
 
@@ -456,9 +493,9 @@ async fn storage_trouble_fails_closed() {
 }
 
 /// An nginx started for one test; stopped when dropped.
-struct Nginx {
+pub(super) struct Nginx {
     child: Child,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -582,6 +619,13 @@ http {{
 }
 
 async fn start_nginx(gw: &Gateway) -> Nginx {
+    let up = gw.state.config.upstream.url.as_str().trim_end_matches('/');
+    run_nginx(|dir, addr| nginx_conf(dir, addr, gw.addr, up)).await
+}
+
+/// A real nginx on a free loopback port with the configuration `conf(dir, addr)` makes (`dir`
+/// its own, for its files); stopped when dropped.
+pub(super) async fn run_nginx(conf: impl FnOnce(&std::path::Path, SocketAddr) -> String) -> Nginx {
     let bin = "/usr/sbin/nginx";
     assert!(
         std::path::Path::new(bin).exists(),
@@ -589,16 +633,15 @@ async fn start_nginx(gw: &Gateway) -> Nginx {
     );
     let dir = tempfile::tempdir().unwrap();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let up = gw.state.config.upstream.url.as_str().trim_end_matches('/');
-    let conf = dir.path().join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(dir.path(), addr, gw.addr, up)).unwrap();
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf(dir.path(), addr)).unwrap();
     let child = Command::new(bin)
         .arg("-p")
         .arg(dir.path())
         .arg("-e")
         .arg(dir.path().join("error.log"))
         .arg("-c")
-        .arg(&conf)
+        .arg(&path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -609,17 +652,9 @@ async fn start_nginx(gw: &Gateway) -> Nginx {
         addr,
         _dir: dir,
     };
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return nginx;
-        }
-        if let Ok(Some(status)) = nginx.child.try_wait() {
-            let log = std::fs::read_to_string(nginx._dir.path().join("error.log"));
-            panic!("nginx exited ({status}): {log:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nginx did not start on {addr}");
+    let log = nginx._dir.path().join("error.log");
+    wait_listening(&mut nginx.child, addr, &log).await;
+    nginx
 }
 
 #[tokio::test]

@@ -1184,3 +1184,28 @@ pub async fn drop_database(name: &str) {
             .await;
     }
 }
+
+/// Waits until `child` (a server this test started, writing its errors to `log`) accepts
+/// connections on `addr`; panics with its log when it exits first or takes over 10 seconds.
+pub async fn wait_listening(
+    child: &mut std::process::Child,
+    addr: SocketAddr,
+    log: &std::path::Path,
+) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{log:?}: exited ({status}): {:?}",
+                std::fs::read_to_string(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "nothing listens on {addr}: {:?}",
+        std::fs::read_to_string(log)
+    );
+}

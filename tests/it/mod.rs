@@ -3,6 +3,7 @@ mod admin;
 mod backend_docs;
 mod bad_input;
 mod binding;
+mod caddy;
 mod cli;
 mod cluster;
 mod deploy;
