@@ -241,3 +241,57 @@ fn python(check: &str, files: &[&str]) -> Vec<u8> {
     );
     out.stdout
 }
+
+/// The compose file's load balancer (deploy/nginx/compose.conf), run by a real nginx in front of
+/// a gateway that trusts it: what the console is told of the request's host and address is the
+/// balancer's, never the client's own `X-Forwarded-Host` or `X-Forwarded-For`.
+#[tokio::test]
+async fn the_compose_balancer_passes_on_no_forwarded_host_of_the_clients() {
+    use super::harness::*;
+    let gw = Gateway::start_with(|c| {
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let site = std::fs::read_to_string(repo("deploy/nginx/compose.conf")).unwrap();
+    assert!(site.contains("server gateway-a:8080") && site.contains("listen 80;"));
+    let nginx = super::forward_auth::run_nginx(|dir, addr| {
+        let site = site
+            .replace("gateway-a:8080", &gw.addr.to_string())
+            .replace("gateway-b:8080", &gw.addr.to_string())
+            .replace("listen 80;", &format!("listen {addr};"));
+        format!(
+            "daemon off;\nmaster_process off;\npid {0}/nginx.pid;\nerror_log {0}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {0}/body;\n  proxy_temp_path {0}/proxy;\n  fastcgi_temp_path {0}/fcgi;\n  uwsgi_temp_path {0}/uwsgi;\n  scgi_temp_path {0}/scgi;\n{site}\n}}\n",
+            dir.display()
+        )
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("compose@example.com").await;
+    let cookie = gw.cookies(&c);
+    let r = raw(
+        nginx.addr,
+        "GET",
+        "/campaigns",
+        &[
+            ("Cookie", &cookie),
+            ("X-Forwarded-Host", "evil.example"),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = gw.upstream.last();
+    assert_eq!(
+        seen.headers_named("x-forwarded-host"),
+        ["localhost:8080"],
+        "the public host, once"
+    );
+    assert!(
+        !seen
+            .headers_named("x-forwarded-for")
+            .iter()
+            .any(|v| v.contains("203.0.113.9")),
+        "{:?}",
+        seen.headers_named("x-forwarded-for")
+    );
+}
