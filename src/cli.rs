@@ -460,11 +460,23 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
     let target = SqlStore::connect(to)
         .await
         .map_err(|e| anyhow::anyhow!(e.to_string().replace("(storage.durable)", "(--to)")))?;
+    let result = copy_between(&source, &target).await;
+    // Each file whole on its own (its `-wal` folded in): the copy is what gets moved.
+    source.close().await;
+    target.close().await;
+    result
+}
+
+/// [`copy_storage`] between its opened databases.
+async fn copy_between(
+    source: &crate::store::sql::SqlStore,
+    target: &crate::store::sql::SqlStore,
+) -> Result<()> {
     target.migrate().await?;
     // Progress on stderr as each table begins, and every 100,000 rows: an audit trail of
     // millions takes minutes. The counts, once done, on stdout.
     let copied = source
-        .copy_into(&target, &mut |table, n| {
+        .copy_into(target, &mut |table, n| {
             if n == 0 {
                 note!("copying {table}…");
             } else {
@@ -492,7 +504,7 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
     let ev = AuditEvent::new("storage_copied", "success", clock.now())
         .actor(&actor())
         .reason(&format!("rows:{rows}"));
-    crate::store::DurableStore::append_audit(&target, &[ev]).await?;
+    crate::store::DurableStore::append_audit(target, &[ev]).await?;
     for (table, n) in &copied {
         say!("{table:<22} {n} rows");
     }
@@ -1053,7 +1065,6 @@ async fn print_enrolment_link(
 
 /// Administrative commands that work on the durable store directly.
 async fn admin(config: Config, cmd: Command) -> Result<()> {
-    let clock = SystemClock;
     // Only a command that creates a user may start a database. Any other finds nothing to read
     // or change in one that is not there (a forgotten --config): it says so rather than create
     // one, show it empty or fail on it and leave it behind.
@@ -1068,6 +1079,15 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
     }
     let durable: Arc<dyn DurableStore> =
         Arc::new(crate::store::sql::SqlStore::connect(&config.storage.durable).await?);
+    let result = admin_on(config, cmd, durable.clone()).await;
+    // A SQLite file is whole again once the command is done (its `-wal` folded in).
+    durable.close().await;
+    result
+}
+
+/// [`admin`] on its opened database.
+async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) -> Result<()> {
+    let clock = SystemClock;
     durable.migrate().await?;
     // A command run with another master key than the database's would seal what the gateways
     // cannot open (a TOTP secret, a signing key): refused before anything is written. The first

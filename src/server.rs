@@ -158,6 +158,8 @@ pub async fn run_with(
     }
     // The audit trail gets its own `shutdown_timeout` to reach the durable store.
     state.audit.flush_within(drain).await;
+    // Last: a SQLite file is whole on its own after a clean stop (its `-wal` folded in).
+    state.durable.close().await;
     result
 }
 

@@ -416,9 +416,6 @@ async fn sleep_until(end: Option<tokio::time::Instant>) {
 async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
     let mut delay = Duration::from_millis(100);
     while !batch.is_empty() {
-        // Again at each try: events recorded while the database was away are named once it
-        // answers, not written without their address and account.
-        name_users(durable, batch).await;
         match durable.append_audit(batch).await {
             Ok(()) => batch.clear(),
             Err(e) => {
@@ -426,34 +423,6 @@ async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-        }
-    }
-}
-
-/// Fills in the address and account of events recorded with a user id alone (where the
-/// request path had the session, not the user: a bound cookie used elsewhere, a session of a
-/// disabled user refused), so that filters by address or account find them. Here, off the
-/// request path; an event whose user is not found is written as it is. A store that does not
-/// answer ends the lookups at once (the write that follows fails too, and is tried again).
-async fn name_users(durable: &dyn DurableStore, batch: &mut [AuditEvent]) {
-    let mut known: std::collections::HashMap<String, Option<(String, String)>> =
-        std::collections::HashMap::new();
-    for e in batch.iter_mut() {
-        let Some(id) = e.user_id.as_deref() else {
-            continue;
-        };
-        if e.email.is_some() && e.account_id.is_some() {
-            continue;
-        }
-        if !known.contains_key(id) {
-            let Ok(found) = durable.user_by_id(id).await else {
-                return;
-            };
-            known.insert(id.to_string(), found.map(|u| (u.email, u.account_id)));
-        }
-        if let Some(Some((email, account))) = known.get(id) {
-            e.email.get_or_insert_with(|| email.clone());
-            e.account_id.get_or_insert_with(|| account.clone());
         }
     }
 }
@@ -663,40 +632,42 @@ mod tests {
         assert_eq!((found.len(), found[0].email.as_deref()), (1, None));
     }
 
-    /// Events recorded while the database is away are named once it is back: the lookup is
-    /// made again with each write tried, not once before the first.
+    /// Events recorded while the database is away are named once it is back, also where the
+    /// users could not be read at a moment the events could be written (the database coming
+    /// back between the two): the naming is part of the write.
     #[tokio::test]
     async fn events_written_after_an_outage_are_named_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, url) = store(&dir).await;
-        let user = customer(&store, "outage@example.com", "acct-8").await;
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
-        for (from, to) in [("users", "users_away"), ("audit_events", "audit_away")] {
-            sqlx::query(&rename(from, to))
-                .execute(&mut conn)
+        for away in [&["users", "audit_events"][..], &["users"][..]] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, url) = store(&dir).await;
+            let user = customer(&store, "outage@example.com", "acct-8").await;
+            let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
                 .await
                 .unwrap();
+            let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+            for table in away {
+                let sql = rename(table, &format!("{table}_away"));
+                sqlx::query(&sql).execute(&mut conn).await.unwrap();
+            }
+            let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
+            audit
+                .record(AuditEvent {
+                    user_id: Some(user.id.clone()),
+                    ..AuditEvent::new("logout", "success", 2)
+                })
+                .await;
+            // The writer has tried (and failed) by now.
+            assert!(
+                !audit.flush_within(Duration::from_millis(300)).await,
+                "{away:?}: written while its user could not be read"
+            );
+            for table in away {
+                let sql = rename(&format!("{table}_away"), table);
+                sqlx::query(&sql).execute(&mut conn).await.unwrap();
+            }
+            assert!(audit.flush_within(Duration::from_secs(10)).await);
+            assert_one_named(&store, "acct-8", "outage@example.com").await;
         }
-        let audit = Audit::start(store.clone(), Arc::new(Metrics::new()));
-        audit
-            .record(AuditEvent {
-                user_id: Some(user.id.clone()),
-                ..AuditEvent::new("logout", "success", 2)
-            })
-            .await;
-        // The writer has tried (and failed) by now.
-        assert!(!audit.flush_within(Duration::from_millis(300)).await);
-        for (from, to) in [("users_away", "users"), ("audit_away", "audit_events")] {
-            sqlx::query(&rename(from, to))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
-        assert!(audit.flush_within(Duration::from_secs(10)).await);
-        assert_one_named(&store, "acct-8", "outage@example.com").await;
     }
 
     #[tokio::test]

@@ -73,6 +73,9 @@ impl DurableStore for Timed<dyn DurableStore> {
     async fn ping(&self) -> StoreResult<()> {
         self.durable(PING, self.inner.ping()).await
     }
+    async fn close(&self) {
+        self.inner.close().await;
+    }
     async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
         self.durable(PING, self.inner.server_time_ms()).await
     }

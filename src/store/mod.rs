@@ -332,6 +332,10 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     async fn migrate(&self) -> StoreResult<()>;
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> StoreResult<()>;
+    /// Closes the store's connections, once the process is done with it: an embedded SQLite
+    /// file gets its write-ahead log folded in first, so the file alone is the whole database
+    /// after a clean stop (a copy of it is complete). Nothing may use the store afterwards.
+    async fn close(&self) {}
     /// The store server's clock (Unix milliseconds), where it is another host's that every
     /// gateway shares (PostgreSQL; not an embedded SQLite file).
     async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
@@ -463,6 +467,8 @@ pub trait DurableStore: Send + Sync + std::fmt::Debug {
     /// All keys whose retirement lies after `now` (or that are not retiring), newest first.
     async fn live_signing_keys(&self, now: UnixTime) -> StoreResult<Vec<SigningKeyRecord>>;
 
+    /// Writes `events`, all or none. An event with a user id but no address or account gets
+    /// them from the user's record in the same write, where the user is there.
     async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEvent>>;
     /// Audit events since `since`, counted per `bucket_secs`-wide bucket, event and outcome.

@@ -150,12 +150,29 @@ fn audit_insert_sql(rows: usize, sqlite: bool) -> String {
             sql.push_str(", ");
         }
         sql.push('(');
+        let arg = |col: usize| {
+            let mark = if sqlite { '?' } else { '$' };
+            format!("{mark}{}", row * COLUMNS + col + 1)
+        };
         for col in 0..COLUMNS {
             if col > 0 {
                 sql.push_str(", ");
             }
-            sql.push(if sqlite { '?' } else { '$' });
-            sql.push_str(&(row * COLUMNS + col + 1).to_string());
+            // An event recorded with its user's id alone (the request had the session, not the
+            // user: a bound cookie used elsewhere, a disabled user's session) gets the user's
+            // address and account in the same statement that writes it, so that filters by
+            // either find it: never written without them where the user is there (a lookup of
+            // its own could fail in an outage that the write then outlived).
+            match col {
+                4 | 5 => {
+                    let column = if col == 4 { "email" } else { "account_id" };
+                    let (own, user) = (arg(col), arg(3));
+                    sql.push_str(&format!(
+                        "COALESCE({own}, (SELECT {column} FROM users WHERE id = {user}))"
+                    ));
+                }
+                _ => sql.push_str(&arg(col)),
+            }
         }
         sql.push(')');
     }
@@ -578,6 +595,21 @@ impl DurableStore for SqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn close(&self) {
+        if self.sqlite {
+            // Everything the log holds goes into the file, and the log is emptied; where another
+            // process has the file open, what it still reads is left (SQLite folds that in when
+            // the last connection closes).
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot fold the SQLite write-ahead log into the database file");
+            }
+        }
+        self.pool.close().await;
     }
 
     async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
@@ -1916,10 +1948,16 @@ mod tests {
 
     #[test]
     fn sqlite_statements_number_their_parameters() {
-        assert!(audit_insert_sql(2, true)
-            .ends_with("(?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"));
-        assert!(audit_insert_sql(2, false)
-            .ends_with("($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"));
+        let second = |m: char| {
+            format!(
+                "({m}12, {m}13, {m}14, {m}15, \
+                 COALESCE({m}16, (SELECT email FROM users WHERE id = {m}15)), \
+                 COALESCE({m}17, (SELECT account_id FROM users WHERE id = {m}15)), \
+                 {m}18, {m}19, {m}20, {m}21, {m}22)"
+            )
+        };
+        assert!(audit_insert_sql(2, true).ends_with(&second('?')));
+        assert!(audit_insert_sql(2, false).ends_with(&second('$')));
         assert!(!audit_insert_sql(256, true).contains('$'));
     }
 }

@@ -2349,3 +2349,116 @@ async fn the_demo_checks_a_key_rule_against_its_own_address() {
     let out = child.wait_with_output().unwrap();
     assert!(up, "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// What lies in a SQLite file's write-ahead log is in the file itself once the command or
+/// gateway that wrote it is done: the file alone, copied for a backup or a move, is the whole
+/// database (a `-wal` is left, if at all, empty).
+#[tokio::test]
+async fn a_sqlite_file_alone_is_the_whole_database_after_each_command_and_a_clean_stop() {
+    let gw = Gateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = |p: &std::path::Path| format!("sqlite://{}", p.display());
+    let wal_empty = |db: &std::path::Path| {
+        let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
+        std::fs::metadata(&wal).map_or(0, |m| m.len()) == 0
+    };
+    // The users the database at `db` holds, read from a copy of its file alone.
+    let users_in_copy_of = |db: std::path::PathBuf| {
+        let gw = &gw;
+        async move {
+            let alone = tempfile::tempdir().unwrap();
+            let copy = alone.path().join("copy.sqlite");
+            std::fs::copy(&db, &copy).unwrap();
+            let out = gw
+                .cli_env(
+                    &["user", "list"],
+                    None,
+                    &[("PORTCULLIS__STORAGE__DURABLE", url(&copy).as_str())],
+                )
+                .await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+
+    // A command on a new database.
+    let db = dir.path().join("gateway.sqlite");
+    let env = [("PORTCULLIS__STORAGE__DURABLE", url(&db))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let add = |email: &'static str, password: &'static str| {
+        let (gw, env) = (&gw, &env);
+        async move {
+            let out = gw
+                .cli_env(
+                    &["user", "add", email, "--account", "acct-1"],
+                    Some(password),
+                    env,
+                )
+                .await;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{err}");
+        }
+    };
+    add("first@example.com", "correct horse battery staple 1\n").await;
+    assert!(wal_empty(&db));
+    assert!(users_in_copy_of(db.clone())
+        .await
+        .contains("first@example.com"));
+
+    // A gateway that ran on it and was stopped, with a command run beside it meanwhile.
+    let port = free_port();
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&gw.config_path)
+        .arg("serve")
+        .envs(env.iter().copied())
+        .env("PORTCULLIS__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "PORTCULLIS__SERVER__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}/"),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    assert!(healthy(port).await, "serve did not start");
+    add("second@example.com", "violet lantern over quiet harbour\n").await;
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &serve.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    assert!(serve.wait().await.unwrap().success());
+    assert!(wal_empty(&db), "the gateway left its log");
+    let users = users_in_copy_of(db.clone()).await;
+    assert!(
+        users.contains("first@example.com") && users.contains("second@example.com"),
+        "{users}"
+    );
+
+    // A copy made with `storage copy` into a new SQLite file.
+    let moved = dir.path().join("moved.sqlite");
+    let out = gw
+        .cli_env(
+            &["storage", "copy", "--to", url(&moved).as_str()],
+            None,
+            &env,
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wal_empty(&moved) && wal_empty(&db));
+    let users = users_in_copy_of(moved).await;
+    assert!(
+        users.contains("first@example.com") && users.contains("second@example.com"),
+        "{users}"
+    );
+}
