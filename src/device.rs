@@ -44,6 +44,17 @@ pub fn friendly_name(user_agent: &str) -> String {
     format!("{browser} on {system}")
 }
 
+/// Whether two user agents are the same kind of browser: the same browser on the same system
+/// (another version of it too: browsers update every few weeks), or, where either is not one
+/// [`friendly_name`] knows, the very same user agent.
+pub fn same_kind_of_browser(a: &str, b: &str) -> bool {
+    let name = friendly_name(a);
+    if name.contains("nknown") {
+        return a == b;
+    }
+    name == friendly_name(b)
+}
+
 /// Whether a cookie value can be a device token at all (cheap check before any lookup).
 pub fn plausible_token(v: &str) -> bool {
     v.len() == TOKEN_LEN
@@ -70,6 +81,22 @@ mod tests {
         for (ua, want) in cases {
             assert_eq!(friendly_name(ua), want, "{ua}");
         }
+    }
+
+    #[test]
+    fn the_same_kind_of_browser_is_its_name_or_else_its_very_user_agent() {
+        let chrome = |v: &str| {
+            format!("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{v} Safari/537.36")
+        };
+        assert!(same_kind_of_browser(
+            &chrome("156.0.0.0"),
+            &chrome("157.0.0.0")
+        ));
+        assert!(!same_kind_of_browser(&chrome("156.0.0.0"), "curl/8.5.0"));
+        assert!(!same_kind_of_browser("curl/8.5.0", &chrome("156.0.0.0")));
+        assert!(!same_kind_of_browser("", "curl/8.5.0"));
+        assert!(!same_kind_of_browser("Chrome/156.0", "Chrome/157.0"));
+        assert!(same_kind_of_browser("curl/8.5.0", "curl/8.5.0"));
     }
 
     #[test]

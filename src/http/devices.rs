@@ -73,6 +73,8 @@ pub async fn known_device(
         .map(|d| KnownDevice {
             id: d.id,
             user_id: d.user_id,
+            last_ip: d.last_ip,
+            user_agent: d.user_agent,
         }))
 }
 

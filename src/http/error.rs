@@ -78,13 +78,14 @@ impl AppError {
     }
 
     /// [`AppError::throttled`] for a sign-in: someone else's attempts may have spent the budget,
-    /// which the browser a user has signed in with before does not draw on.
+    /// which the browser a user has signed in with before does not draw on, on the network it
+    /// was last seen on.
     pub fn throttled_sign_in(retry_after: u64) -> Self {
         let mut e = Self::throttled(retry_after);
         e.message = format!(
             "Too many sign-in attempts were made for this account or from this network, not \
              necessarily by you. Wait {} before trying again; a browser you have signed in with \
-             before is not held back.",
+             before, on the network you signed in from then, is not held back.",
             wait_text(retry_after)
         );
         e

@@ -286,7 +286,10 @@ async fn the_owner_signs_in_from_a_known_device_while_the_flood_is_refused() {
     assert!(
         said.contains("not necessarily by you")
             && said.contains("Wait up to 15 minutes")
-            && said.contains("a browser you have signed in with before is not held back"),
+            && said.contains(
+                "a browser you have signed in with before, on the network you signed in from \
+                 then, is not held back"
+            ),
         "{said}"
     );
 
@@ -317,6 +320,47 @@ async fn the_owner_signs_in_from_a_known_device_while_the_flood_is_refused() {
         .any(|r| r == "throttled:device"));
     assert_eq!(throttled_metric(&gw, "device"), 1.0);
     assert!(throttled_metric(&gw, "account_password") >= 3.0);
+}
+
+/// A copy of the owner's device cookie, used from another network or in another kind of
+/// browser, is no known device there: its wrong passwords draw on the account's, address's and
+/// network's budgets, never on the device's own, so the owner's browser is not locked out.
+#[tokio::test]
+async fn a_copied_device_cookie_elsewhere_cannot_spend_the_devices_budget() {
+    let gw = Gateway::start_with(|c| {
+        behind_proxy(c);
+        c.limits.failures_per_device = 3;
+        c.limits.max_delay = Duration::ZERO;
+    })
+    .await;
+    let email = "copied-device@example.com";
+    let (owner, secret, _) = gw.signed_in(email).await;
+    sign_out(&gw, &owner).await;
+    let elsewhere = [
+        gw.copied_jar(&owner, Some("127.0.9.9"), None),
+        gw.copied_jar(&owner, None, Some("curl/8.5.0")),
+    ];
+    for thief in &elsewhere {
+        for _ in 0..3 {
+            assert_eq!(gw.password(thief, email, WRONG, "").await.status(), 401);
+        }
+    }
+    assert!(
+        !password_reasons(&gw)
+            .await
+            .iter()
+            .any(|r| r == "throttled:device"),
+        "the device's budget was drawn on from elsewhere"
+    );
+    // Six failures on the account (of its ten) and none on the device: the owner signs in.
+    gw.sign_in_on(&owner, email, &secret).await;
+    assert_eq!(gw.status(&owner, "/console").await, 200, "the owner is in");
+    // The device's own budget still counts failures made on it.
+    sign_out(&gw, &owner).await;
+    for _ in 0..3 {
+        assert_eq!(gw.password(&owner, email, WRONG, "").await.status(), 401);
+    }
+    assert_eq!(gw.password(&owner, email, PASSWORD, "").await.status(), 429);
 }
 
 /// Hashes slow enough for the queue to stay full while the owner tries.

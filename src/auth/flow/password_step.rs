@@ -62,11 +62,11 @@ impl LoginFlow {
         device: Option<&KnownDevice>,
     ) -> Result<Result<Attempt, PasswordOutcome>, FlowError> {
         let email = crate::store::normalise_email(email);
-        // Only a device of this very account earns its own budget; looking the user up first
-        // is needed only then.
+        // Only a device of this very account, where it was last seen, earns its own budget;
+        // looking the user up first is needed only then.
         let mut user = None;
         let mut own_device = None;
-        if let Some(d) = device {
+        if let Some(d) = device.filter(|d| d.at_home(client)) {
             let u = self.durable.user_by_email(&email).await?;
             if u.as_ref().is_some_and(|u| u.id == d.user_id) {
                 own_device = Some(d.id.as_str());
@@ -284,7 +284,7 @@ impl LoginFlow {
             &client.user_agent,
             return_to,
         );
-        session.known_device = own_device(&user, device);
+        session.known_device = own_device(&user, device, client);
         Ok(PasswordOutcome::Proceed {
             user: Box::new(user),
             session: Box::new(session),
@@ -357,7 +357,7 @@ impl LoginFlow {
         // No method proven yet: the password was not checked.
         session.amr.clear();
         session.decoy = user.is_none();
-        session.known_device = user.and_then(|u| own_device(u, device));
+        session.known_device = user.and_then(|u| own_device(u, device, client));
         Ok(PasswordOutcome::FactorFirst {
             session: Box::new(session),
         })
@@ -419,9 +419,10 @@ impl LoginFlow {
     }
 }
 
-/// The id of `device` when it is a known device of `user` (a pending sign-in's own budget).
-fn own_device(user: &User, device: Option<&KnownDevice>) -> Option<String> {
+/// The id of `device` when it is a known device of `user` used where it was last seen (a
+/// pending sign-in's own budget: a copy of its cookie elsewhere draws on the account's).
+fn own_device(user: &User, device: Option<&KnownDevice>, client: &Client) -> Option<String> {
     device
-        .filter(|d| d.user_id == user.id)
+        .filter(|d| d.user_id == user.id && d.at_home(client))
         .map(|d| d.id.clone())
 }

@@ -4,8 +4,10 @@
 //! - A global per-second budget (shared through the ephemeral store) refuses a flood before it
 //!   reaches the hashing pool.
 //! - The account's, address's and network's failure budgets apply to browsers that are not a
-//!   known device of the account; a browser with a valid device cookie of that user draws on a
-//!   budget of its own (keyed by the device), so an attacker elsewhere cannot spend it.
+//!   known device of the account; a browser with a valid device cookie of that user, on the
+//!   network and in the kind of browser the device was last seen with, draws on a budget of its
+//!   own (keyed by the device), so an attacker elsewhere cannot spend it, not even with a copy
+//!   of the cookie.
 //! - As failures grow, attempts wait longer before their password is checked (bounded by
 //!   `limits.max_delay`); the wait is a timer, holding no hashing slot and no store connection.
 //! - After `limits.second_factor_first_after` consecutive wrong passwords, the account asks for
@@ -34,6 +36,21 @@ pub(crate) const CEREMONIES_PER_ADDRESS: u64 = 100;
 pub struct KnownDevice {
     pub id: String,
     pub user_id: String,
+    /// The address the device was last seen from (its last sign-in).
+    pub last_ip: String,
+    /// The browser the device was first signed in with.
+    pub user_agent: String,
+}
+
+impl KnownDevice {
+    /// Whether `client` is where the device was last seen: the same network (`/24`, `/64`) and
+    /// the same kind of browser ([`crate::device::same_kind_of_browser`]). Only there does the
+    /// device cookie earn the device's own failure budget: a copy of the cookie used from
+    /// elsewhere would otherwise spend it, and lock the owner's own browser out.
+    pub fn at_home(&self, client: &Client) -> bool {
+        super::network_of(&self.last_ip) == super::network_of(&client.ip)
+            && crate::device::same_kind_of_browser(&self.user_agent, &client.user_agent)
+    }
 }
 
 /// What taking one attempt from the budgets gave.

@@ -538,7 +538,10 @@ impl Keys {
                 .early_failure(rejected("unknown_credential"), client, early)
                 .await;
         };
-        let counter = match (taken, device.filter(|d| d.user_id == stored.user_id)) {
+        let counter = match (
+            taken,
+            device.filter(|d| d.user_id == stored.user_id && d.at_home(client)),
+        ) {
             (Some(counter), _) => counter,
             (None, owners) => {
                 let (counter, limit) = match owners {
