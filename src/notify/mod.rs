@@ -215,6 +215,33 @@ impl Notifier {
         .await;
     }
 
+    /// Tells the owner that `n` wrong passwords were tried in a row for their account, so it now
+    /// asks for the second factor first: what happened (nothing got in), what they will see at
+    /// their next sign-in, and what to do about a password that may be known or guessed.
+    pub async fn password_guessing(&self, user: &crate::store::User, n: u64) {
+        let body = format!(
+            "{n} wrong passwords in a row were tried for your account {email} on {site}\n\
+             (the last at {when}). A wrong password opens nothing: nobody got into your account\n\
+             with them.\n\
+             \n\
+             Until you next sign in, your account asks for your second factor first (a code from\n\
+             your authenticator app, a recovery code, or your security key), and only then for\n\
+             your password, so that guesses at your password are not even checked. Nothing else\n\
+             changes for you.\n\
+             \n\
+             If you did not type them yourself, someone is guessing your password, perhaps with\n\
+             a list of passwords leaked elsewhere. If you use this password on any other site,\n\
+             change it there, and choose a new one here that you use nowhere else.\n",
+            email = user.email,
+            site = self.site,
+            when = utc_text(self.clock.now()),
+        );
+        let subject = format!("Someone may be guessing your password on {}", self.site);
+        if let Err(e) = self.enqueue(&user.email, &subject, &body).await {
+            tracing::warn!(error = %e, "could not queue a password-guessing notice");
+        }
+    }
+
     /// A change an administrator made to `user`'s account (`what`): the notice says who made it
     /// instead of asking whether it was the owner. (The reason the administrator gave is for the
     /// audit trail, not for the mail.)

@@ -556,9 +556,29 @@ async fn after_100_wrong_passwords_the_second_factor_comes_first() {
     for r in futures_util::future::join_all(burst).await {
         assert_eq!(r.unwrap().status(), 401);
     }
-    let notice = "wrong passwords were tried in a row";
+    let notice = "Subject: Someone may be guessing your password";
     let told = |mail: Vec<String>| mail.iter().filter(|m| m.contains(notice)).count();
     assert_eq!(told(gw.outbox().await), 1, "the owner is told");
+    // What happened, that nothing got in, and what the next sign-in asks: not a change the
+    // owner is asked whether they made.
+    let mail = gw
+        .outbox()
+        .await
+        .into_iter()
+        .find(|m| m.contains(notice))
+        .unwrap();
+    let text = mail
+        .replace("=\r\n", "")
+        .replace("\r\n", " ")
+        .replace('\n', " ");
+    for said in [
+        "100 wrong passwords in a row",
+        "nobody got into your account",
+        "asks for your second factor first",
+    ] {
+        assert!(text.contains(said), "{said}: {mail}");
+    }
+    assert!(!text.contains("If this was you"), "{mail}");
     let switched = gw
         .audit()
         .await

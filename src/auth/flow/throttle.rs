@@ -232,16 +232,7 @@ impl LoginFlow {
         };
         let ev = ev.user(user).reason("consecutive_password_failures");
         self.audit(ev, client).await;
-        self.notifier
-            .account_change(
-                user,
-                &format!(
-                    "{n} wrong passwords were tried in a row. Someone may be guessing your \
-                     password. Until you next sign in, your account asks for your second factor \
-                     before your password"
-                ),
-            )
-            .await;
+        self.notifier.password_guessing(user, n).await;
         Ok(())
     }
 
