@@ -198,7 +198,10 @@ pub fn write_cli_config(args: &DemoArgs, config: &Config) -> Result<PathBuf> {
 }
 
 /// `portcullis demo`; `file`: the configuration file given with `--config`, if any.
-pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
+pub async fn run(mut args: DemoArgs, file: Option<&Path>) -> Result<()> {
+    // Absolute, so the CLI settings written there work from any directory.
+    args.data_dir = std::path::absolute(&args.data_dir)
+        .with_context(|| format!("cannot resolve {}", args.data_dir.display()))?;
     let config = demo_config(&args, file)?;
     if let Some(file) = file {
         show!(
@@ -230,7 +233,8 @@ pub async fn run(args: DemoArgs, file: Option<&Path>) -> Result<()> {
     let state = crate::state::AppState::new(config.clone(), clock.clone()).await?;
 
     // A fresh password for the demo user at every start, printed below.
-    let password = Secret::new(format!("demo-{}", random_token(9)));
+    // Nothing of the address in it, which the password policy refuses on the account page.
+    let password = Secret::new(format!("pc-{}", random_token(12)));
     let hasher = PasswordHasher::new(&config.password)?;
     let hash = hasher.hash(&password).await?;
     // Whether the user has still to set up a second factor (a new one, or one that never

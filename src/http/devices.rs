@@ -168,9 +168,10 @@ async fn notify_new_device(
          \n\
          If this was you, there is nothing to do.\n\
          \n\
-         If it was NOT you, open this link now. It ends every session of your account, blocks that device,\n\
-         suspends the security keys and passkeys used or added since that sign-in and locks password\n\
-         sign-in until your administrator restores it:\n\
+         If it was NOT you, open this link now. It ends every session of your account, signs that\n\
+         device out and forgets it (a later sign-in from it is reported as a new device),\n\
+         suspends the security keys and passkeys used or added since that sign-in and locks\n\
+         password sign-in until your administrator restores it:\n\
          \n\
          {link}\n\
          \n\

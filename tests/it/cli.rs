@@ -1388,6 +1388,51 @@ async fn the_demo_applies_a_configuration_file() {
     }
 }
 
+/// A demo started with a relative data directory writes CLI settings that work from any
+/// directory, and prints a password the account page's policy accepts (nothing of the address).
+#[tokio::test]
+async fn the_demos_cli_settings_work_from_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, console) = (free_port(), free_port());
+    let mut cmd = demo_command(None, std::path::Path::new("rel-data"), port, console);
+    let mut child = cmd.current_dir(dir.path()).spawn().unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/_portcullis/healthz");
+    for _ in 0..300 {
+        if client.get(&url).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let settings = dir.path().join("rel-data/portcullis.toml");
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .env_remove("PORTCULLIS_CONFIG")
+        .arg("--config")
+        .arg(&settings)
+        .args(["user", "list"])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("demo@example.com"));
+    let password = stdout
+        .split("with password: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        password.len() >= 12 && !password.to_lowercase().contains("demo"),
+        "{password}"
+    );
+}
+
 /// A second demo started on a running one's data and one of its addresses fails before it
 /// changes anything: the CLI settings the running demo wrote (its address, for enrolment links)
 /// stay as they are.

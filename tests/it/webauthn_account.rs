@@ -298,7 +298,7 @@ async fn a_key_added_with_a_copied_session_is_undone_from_the_notice() {
     let link = super::devices::report_link(notice);
     let page = gw.page(&gw.browser(), &link).await;
     assert!(
-        page.contains("a change to your account") && !page.contains("blocks the device"),
+        page.contains("a change to your account") && !page.contains("signs out the device"),
         "{page}"
     );
     let r = super::devices::report(&gw, &link).await;
