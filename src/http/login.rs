@@ -666,11 +666,31 @@ async fn after_code(
         }
         CodeOutcome::Rejected => {
             state.sessions.save(&loaded.key, &loaded.session).await?;
-            let msg = "That code is not right, or it was already used. Wait for a new code from your app, or check the recovery code, and try again.";
-            if !wants_html(headers) {
-                return Err(AppError::new(StatusCode::UNAUTHORIZED, "invalid_code", msg));
+            let mut msg = "That code is not right, or it was already used. Wait for a new code from your app, or check the recovery code, and try again.".to_string();
+            // Said before the last tries (every sign-in alike, with an account or without),
+            // so the sign-in starting over comes as no surprise.
+            let left = state
+                .config
+                .limits
+                .second_factor_failures_per_login
+                .saturating_sub(u64::from(loaded.session.failed_codes));
+            match left {
+                1 => msg.push_str(
+                    " One more wrong code and this sign-in starts over from the beginning.",
+                ),
+                2 => msg.push_str(
+                    " Two more wrong codes and this sign-in starts over from the beginning.",
+                ),
+                _ => {}
             }
-            Ok(retry(msg))
+            if !wants_html(headers) {
+                return Err(AppError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_code",
+                    &msg,
+                ));
+            }
+            Ok(retry(&msg))
         }
         CodeOutcome::Restart => {
             state

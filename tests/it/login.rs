@@ -611,3 +611,35 @@ async fn a_completed_sign_in_renews_the_form_token() {
     );
     assert_eq!(post(new).await.unwrap().status(), 303);
 }
+
+/// Wrong codes before the last ones say nothing more; the two before the sign-in starts over say
+/// how many are left, on the page and to an API client alike.
+#[tokio::test]
+async fn the_last_wrong_codes_say_the_sign_in_will_start_over() {
+    let gw = Gateway::start().await;
+    let email = "tries-left@example.com";
+    gw.signed_in(email).await;
+    let per_login = gw.state.config.limits.second_factor_failures_per_login;
+    assert_eq!(per_login, 5, "the default this test counts with");
+    let b = gw.browser();
+    let r = gw.password(&b, email, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    let mut said = Vec::new();
+    for _ in 0..per_login - 1 {
+        let r = gw.code(&b, "/_portcullis/mfa", "000000").await;
+        assert_eq!(r.status(), 401);
+        let page = r.text().await.unwrap();
+        said.push(
+            if page.contains("One more wrong code and this sign-in starts over") {
+                1
+            } else if page.contains("Two more wrong codes and this sign-in starts over") {
+                2
+            } else {
+                0
+            },
+        );
+    }
+    assert_eq!(said, [0, 0, 2, 1]);
+    let r = gw.code(&b, "/_portcullis/mfa", "000000").await;
+    assert!(location(&r).contains("notice=restart"), "{}", location(&r));
+}
