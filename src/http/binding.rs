@@ -31,7 +31,7 @@ use crate::binding::{
     self, BoundKey, ChallengeUse, CookieCheck, Method, ProofError, Purpose, COOKIE_HTTP,
     COOKIE_HTTPS,
 };
-use crate::policy::safe_return_target;
+use crate::policy::safe_bind_return;
 use crate::session::{Loaded, Session};
 use crate::state::AppState;
 use crate::store::AuditEvent;
@@ -898,7 +898,7 @@ async fn refresh(
 
 fn next_of(state: &AppState, q: &Option<String>) -> String {
     super::query_param(q, "next")
-        .and_then(|n| safe_return_target(&n, &state.config.server.public_url))
+        .and_then(|n| safe_bind_return(&n, &state.config.server.public_url))
         .unwrap_or_else(|| "/".into())
 }
 

@@ -607,6 +607,14 @@ pub fn safe_return_target(candidate: &str, public_url: &Url) -> Option<String> {
     })
 }
 
+/// Like [`safe_return_target`], and also the step-up page (`/_portcullis/reauth`): where a
+/// device proof returns to when the step-up page found the proof run out (the step-up, and a
+/// form it holds, go on from there).
+pub fn safe_bind_return(candidate: &str, public_url: &Url) -> Option<String> {
+    safe_return_target(candidate, public_url)
+        .or_else(|| return_to(candidate, public_url, |path| path == "/_portcullis/reauth"))
+}
+
 fn return_to(candidate: &str, public_url: &Url, gateway_ok: fn(&str) -> bool) -> Option<String> {
     if candidate.is_empty() || candidate.len() > 2048 {
         return None;

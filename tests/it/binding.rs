@@ -1768,3 +1768,27 @@ async fn a_sign_out_from_a_copied_jar_elsewhere_is_written_down_and_told() {
         told[0]
     );
 }
+
+/// The device check goes on to a step-up page that sent the browser to it (the step-up found
+/// the device proof run out): the step-up, and the form it holds, carry on from there. Other
+/// gateway pages that are no way back are still refused as `next`.
+#[tokio::test]
+async fn the_device_check_returns_to_the_step_up_that_sent_it() {
+    let gw = gateway().await;
+    let (b, _, _) = gw.signed_in("bind-to-reauth@example.com").await;
+    let q = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let reauth = "/_portcullis/reauth?next=%2F_portcullis%2Fheld%3Fid%3D1-abc&key=1";
+    let page = gw
+        .page(&b, &format!("/_portcullis/bind?next={}", q(reauth)))
+        .await;
+    assert!(
+        page.contains(&format!("data-next=\"{}\"", reauth.replace('&', "&#38;"))),
+        "{page}"
+    );
+    for other in ["/_portcullis/logout", "//evil.example/_portcullis/reauth"] {
+        let page = gw
+            .page(&b, &format!("/_portcullis/bind?next={}", q(other)))
+            .await;
+        assert!(page.contains("data-next=\"/\""), "{other}: {page}");
+    }
+}
