@@ -86,6 +86,34 @@ async fn ephemeral_redis_cluster() {
         advance,
     })
     .await;
+    // A key whose slot is moving to another master (resharding): read and written all along,
+    // one call at a time, the client following the nodes' `ASK` and `MOVED` answers. (Many
+    // calls at once on a slot held half-moved for seconds can fail: docs/operations.md.)
+    store
+        .put("moving", b"before", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let moving = {
+        let cluster = &cluster;
+        tokio::task::block_in_place(|| cluster.begin_moving("cluster-test:moving"))
+    };
+    for i in 0..20 {
+        let got = store.get("moving").await.unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(&b"before"[..]),
+            "read {i} while the slot moves"
+        );
+    }
+    store
+        .put("moving", b"during", Duration::from_secs(60))
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| cluster.finish_move(&moving));
+    for _ in 0..5 {
+        let got = store.get("moving").await.unwrap();
+        assert_eq!(got.as_deref(), Some(&b"during"[..]));
+    }
     // Readiness is the cluster's: a master lost without a replica leaves the others answering
     // PING while every command is refused (`CLUSTERDOWN`); the store is then not ready, asked
     // of whichever node.

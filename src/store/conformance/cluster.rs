@@ -22,6 +22,12 @@ impl Drop for LocalCluster {
     }
 }
 
+/// A slot half-moved between two masters ([`LocalCluster::begin_moving`]).
+pub(crate) struct SlotMove {
+    slot: String,
+    to_id: String,
+}
+
 /// A port that is free, and whose cluster bus port (+10000) is free too.
 fn spare_port() -> u16 {
     loop {
@@ -103,6 +109,47 @@ impl LocalCluster {
             let _ = last.wait();
         }
         self.wait_for(self.ports[0], "CLUSTER INFO", "cluster_state:fail");
+    }
+
+    /// Moves `key` (a Redis key as stored) to another master the way a resharding does, and
+    /// leaves its slot half-moved (the old owner `MIGRATING`, the new one `IMPORTING`: the old
+    /// owner answers `ASK` for the key). [`Self::finish_move`] ends it.
+    pub fn begin_moving(&self, key: &str) -> SlotMove {
+        let slot = self.cli(self.ports[0], &["CLUSTER", "KEYSLOT", key]);
+        let owner = |p: u16| !self.cli(p, &["GET", key]).starts_with("MOVED");
+        let from = *self
+            .ports
+            .iter()
+            .find(|&&p| owner(p))
+            .expect("the key's owner");
+        let to = *self.ports.iter().find(|&&p| p != from).unwrap();
+        let id = |p: u16| self.cli(p, &["CLUSTER", "MYID"]);
+        let (from_id, to_id) = (id(from), id(to));
+        self.cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        self.cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        let moved = self.cli(
+            from,
+            &["MIGRATE", "127.0.0.1", &to.to_string(), key, "0", "5000"],
+        );
+        assert_eq!(moved, "OK", "MIGRATE");
+        SlotMove { slot, to_id }
+    }
+
+    /// Gives the slot of `m` to its new owner on every node.
+    pub fn finish_move(&self, m: &SlotMove) {
+        for &p in &self.ports {
+            self.cli(p, &["CLUSTER", "SETSLOT", &m.slot, "NODE", &m.to_id]);
+        }
+    }
+
+    /// One redis-cli command on `port`; its answer, trimmed.
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}\n{HOWTO}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// Runs `command` through redis-cli on `port` until its answer contains `want`.
