@@ -2512,3 +2512,46 @@ async fn an_enrolment_link_takes_back_what_a_password_thief_set_up_first() {
     let r = gw.password(&gw.browser(), made, NEW_PASSWORD, "").await;
     assert_eq!(r.status(), 401);
 }
+
+/// An administrator created by another is audited as an administrator granted, by whom; a
+/// customer created the same way is not.
+#[tokio::test]
+async fn creating_an_administrator_is_audited_as_a_grant() {
+    let gw = gateway().await;
+    let (_, c, _, _) = admin(&gw).await;
+    let csrf = gw.csrf(&c, "/_portcullis/admin/users").await;
+    for (email, admin) in [
+        ("second.admin@example.com", Some("1")),
+        ("plain.customer@example.com", None),
+    ] {
+        let mut form = vec![
+            ("csrf", csrf.as_str()),
+            ("email", email),
+            ("account", "acct-5"),
+        ];
+        if let Some(v) = admin {
+            form.push(("admin", v));
+        }
+        let r = c
+            .post(gw.url("/_portcullis/admin/users"))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "{email}");
+    }
+    let granted: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "admin_granted")
+        .map(|e| (e.email, e.actor))
+        .collect();
+    assert_eq!(
+        granted,
+        [(
+            Some("second.admin@example.com".to_string()),
+            Some(ROOT.to_string())
+        )]
+    );
+}

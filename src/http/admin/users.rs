@@ -192,7 +192,10 @@ pub async fn create_post(
         .await;
     }
     if !crate::policy::is_account_id(&account) {
-        return bad("The account id has 1 to 128 characters.").await;
+        return bad(
+            "The account id has 1 to 128 characters, without control or invisible characters.",
+        )
+        .await;
     }
     let is_admin = form.admin;
     let created = state
@@ -217,6 +220,11 @@ pub async fn create_post(
         Err(e) => return Err(e.into()),
     };
     record(&state, &admin, "user_created", Some(&user), "admin").await;
+    // An administrator made by another is found by the same event as one made on the command
+    // line, not only by reading the account ids of created users.
+    if is_admin {
+        record(&state, &admin, "admin_granted", Some(&user), "created").await;
+    }
     let link = issue_link(&state, &admin, &user, is_admin).await?;
     show_link(&state, &admin, &headers, &user, link).await
 }
