@@ -1145,9 +1145,11 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
                 password_hash: hash,
             };
             let user = durable.create_user(new, clock.now()).await?;
-            durable
-                .append_audit(&[audit("user_created", Some(&user), "cli")])
-                .await?;
+            let mut events = vec![audit("user_created", Some(&user), "cli")];
+            if user.is_admin {
+                events.push(audit("admin_granted", Some(&user), "created"));
+            }
+            durable.append_audit(&events).await?;
             say!(
                 "created user {} ({}) in account {}{}",
                 user.email,
@@ -1200,7 +1202,8 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
                         "{:<36}  {:<32}  {:<16}  {}{}{}{}",
                         u.id,
                         u.email,
-                        u.account_id,
+                        // Quoted where it is not one plain word: no id can read as more columns.
+                        shown(&u.account_id),
                         if u.is_admin { "admin " } else { "" },
                         if u.disabled { "disabled " } else { "" },
                         if u.locked { "locked " } else { "" },

@@ -504,15 +504,17 @@ pub fn is_account_id(id: &str) -> bool {
     id.len() <= 128 && is_readable_name(id, 128)
 }
 
-/// An email address as the gateway accepts one for a user (already normalised): one `@`, a
-/// local part of 1 to 64 bytes, a domain of at most 255 bytes made of non-empty dot-separated
+/// An email address as the gateway accepts one for a user (already normalised): at most 254
+/// bytes, one `@`, a local part of 1 to 64 bytes, a domain of at most 255 bytes made of non-empty dot-separated
 /// labels (at least two), and no whitespace, hidden characters or the characters that quote or
 /// separate addresses in mail headers (`<>()[]\,;:"`).
 pub fn is_plausible_email(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else {
         return false;
     };
-    (1..=64).contains(&local.len())
+    // 254 in all: the longest path SMTP delivers (RFC 5321), so every user can be told.
+    email.len() <= 254
+        && (1..=64).contains(&local.len())
         && (1..=255).contains(&domain.len())
         && !domain.contains('@')
         && domain.split('.').count() >= 2
@@ -857,6 +859,21 @@ mod tests {
         }
         let long_local = format!("{}@example.com", "a".repeat(65));
         let long_domain = format!("ana@{}.com", "d".repeat(252));
+        // Each part within its own bound, 312 bytes in all: no SMTP server delivers it.
+        let long_path = format!(
+            "{}@{}com",
+            "a".repeat(64),
+            format!("{}.", "b".repeat(60)).repeat(4)
+        );
+        let longest = format!(
+            "{}@{}.{}.{}.com",
+            "a".repeat(64),
+            "b".repeat(60),
+            "b".repeat(60),
+            "b".repeat(63)
+        );
+        assert_eq!(longest.len(), 254);
+        assert!(is_plausible_email(&longest));
         for bad in [
             "ana",
             "@example.com",
@@ -877,6 +894,7 @@ mod tests {
             "a\u{200D}na@example.com",
             &long_local,
             &long_domain,
+            &long_path,
         ] {
             assert!(!is_plausible_email(bad), "{bad:?}");
         }

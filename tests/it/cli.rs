@@ -2507,3 +2507,34 @@ async fn a_sqlite_file_alone_is_the_whole_database_after_each_command_and_a_clea
         "{users}"
     );
 }
+
+/// `user list` quotes an account id that is not one plain word, so that no account id can read
+/// as more columns (`acct   admin keys:1` would pass for an administrator with a key).
+#[tokio::test]
+async fn user_list_quotes_account_ids_with_blanks() {
+    let gw = Gateway::start().await;
+    let out = gw
+        .cli(
+            &[
+                "user",
+                "add",
+                "spacey@example.com",
+                "--account",
+                "acct   admin keys:1",
+            ],
+            Some("correct horse battery staple 9\n"),
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = gw.cli(&["user", "list"], None).await;
+    let text = String::from_utf8_lossy(&list.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("spacey@example.com"))
+        .unwrap();
+    assert!(line.contains("\"acct   admin keys:1\""), "{line}");
+}

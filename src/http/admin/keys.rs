@@ -42,7 +42,7 @@ pub async fn register_start(
     if !body.name.trim().is_empty()
         && !crate::policy::is_readable_name(body.name.trim(), crate::auth::webauthn::MAX_NAME)
     {
-        return Err(AppError::bad_request(crate::policy::NAME_RULE));
+        return Err(AppError::invalid_input(crate::policy::NAME_RULE));
     }
     if !keys.has_room(&user.id).await? {
         return Err(crate::http::webauthn::too_many_keys());
