@@ -169,6 +169,10 @@ pub enum AdminCmd {
         #[arg(long)]
         account: Option<String>,
     },
+    /// Takes the administrator role from a user: their sessions end on every gateway (within a
+    /// second), they are told by email, and they may sign in again as a customer of their
+    /// account. Their security keys stay theirs.
+    Revoke { email: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1068,7 +1072,10 @@ async fn admin(config: Config, cmd: Command) -> Result<()> {
     // Only a command that creates a user may start a database. Any other finds nothing to read
     // or change in one that is not there (a forgotten --config): it says so rather than create
     // one, show it empty or fail on it and leave it behind.
-    let may_create = matches!(cmd, Command::User(UserCmd::Add { .. }) | Command::Admin(_));
+    let may_create = matches!(
+        cmd,
+        Command::User(UserCmd::Add { .. }) | Command::Admin(AdminCmd::Bootstrap { .. })
+    );
     if let Some(path) = crate::store::sql::sqlite_file(&config.storage.durable) {
         if !may_create && !std::path::Path::new(path).exists() {
             anyhow::bail!(
@@ -1432,6 +1439,42 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
             };
             let ttl = crate::enrolment::BOOTSTRAP_TTL;
             print_enrolment_link(&config, durable.as_ref(), &user, true, ttl, &audit).await?;
+        }
+        Command::Admin(AdminCmd::Revoke { email }) => {
+            let u = find_user(durable.as_ref(), &email).await?;
+            if !u.is_admin {
+                say!("{} is not an administrator", u.email);
+                return Ok(());
+            }
+            durable.set_admin(&u.id, false).await?;
+            // A privilege change: sessions signed in as an administrator end with it.
+            durable.void_sessions(&u.id, clock.now_millis()).await?;
+            durable
+                .append_audit(&[audit("admin_revoked", Some(&u), "cli")])
+                .await?;
+            notifier(&config, &durable)?
+                .admin_change(
+                    &u,
+                    "an administrator took the administrator role from the account",
+                )
+                .await;
+            let left = durable
+                .list_users()
+                .await?
+                .into_iter()
+                .filter(|a| a.is_admin && !a.disabled)
+                .count();
+            say!(
+                "{} is no longer an administrator; their sessions ended (on every gateway within a \
+                 second)",
+                u.email
+            );
+            if left == 0 {
+                note!(
+                    "note: no enabled administrator is left; `portcullis admin bootstrap EMAIL` \
+                     makes one"
+                );
+            }
         }
         Command::User(UserCmd::EnrolLink { email, key_only }) => {
             let u = find_user(durable.as_ref(), &email).await?;

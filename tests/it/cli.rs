@@ -2538,3 +2538,41 @@ async fn user_list_quotes_account_ids_with_blanks() {
         .unwrap();
     assert!(line.contains("\"acct   admin keys:1\""), "{line}");
 }
+
+/// `portcullis admin revoke EMAIL` takes the administrator role: the admin console refuses the
+/// user from then on, their sessions end, and the change is audited and mailed.
+#[tokio::test]
+async fn admin_revoke_takes_the_role_and_ends_the_sessions() {
+    let gw = Gateway::start().await;
+    let email = "former.admin@example.com";
+    let (b, _, _) = gw.signed_in(email).await;
+    let u = gw.user(email).await;
+    gw.state.durable.set_admin(&u.id, true).await.unwrap();
+    gw.state.user_gate.forget(&u.id);
+    let out = gw.cli(&["admin", "revoke", email], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("no longer an administrator"), "{said}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no enabled administrator is left"), "{err}");
+    assert!(!gw.user(email).await.is_admin);
+    gw.clock.advance(2);
+    assert_eq!(gw.status(&b, "/campaigns").await, 303, "the session ended");
+    let events = gw.audit().await;
+    assert!(events
+        .iter()
+        .any(|e| e.event == "admin_revoked" && e.email.as_deref() == Some(email)));
+    assert!(gw
+        .outbox()
+        .await
+        .iter()
+        .any(|m| m.contains("took the administrator role")));
+    // Again: nothing to take.
+    let out = gw.cli(&["admin", "revoke", email], None).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is not an administrator"));
+}
