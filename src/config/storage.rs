@@ -32,7 +32,9 @@ pub struct StorageConfig {
     #[serde(with = "duration")]
     pub redis_response_timeout: Duration,
     /// With `rediss://`: a PEM CA bundle that alone is trusted for the Redis servers'
-    /// certificates (a private CA). Unset: the system's trusted roots.
+    /// certificates (a private CA). Unset, or empty (`PORTCULLIS__STORAGE__REDIS_TLS_CA=""`):
+    /// the system's trusted roots.
+    #[serde(deserialize_with = "super::empty_path_is_none")]
     pub redis_tls_ca: Option<PathBuf>,
 }
 

@@ -1036,6 +1036,12 @@ fn risk_settings_are_checked_with_their_key() {
     )
     .unwrap();
     assert_eq!(c.risk.geoip_database, None);
+    let c = load_str(
+        "[storage]\nephemeral = \"rediss://r:6379\"\nredis_tls_ca = \"/etc/ssl/ca.pem\"\n",
+        &[("PORTCULLIS__STORAGE__REDIS_TLS_CA", "")],
+    )
+    .unwrap();
+    assert_eq!(c.storage.redis_tls_ca, None);
     let e = load_str("[risk]\nmedium_score = 1000\n", &[])
         .unwrap_err()
         .to_string();
