@@ -699,8 +699,18 @@ async fn check_redis(config: &Config) -> Result<()> {
             anyhow::bail!("storage.ephemeral: the Redis server refused the gateway: {e}")
         }
         Ok(Err(e)) => {
+            // A server that speaks TLS drops a plain connection at its first bytes.
+            let plain = config.storage.ephemeral.starts_with("redis://")
+                || config.storage.ephemeral.starts_with("redis+cluster://");
+            let reset = e.to_string().to_ascii_lowercase().contains("reset by peer");
+            let hint = if plain && reset {
+                " (a server that speaks TLS resets a plain connection: if it does, use rediss://)"
+            } else {
+                ""
+            };
             note!(
-                "note: Redis was not reached, so its password and database were not checked: {e}"
+                "note: Redis was not reached, so its password and database were not checked: \
+                 {e}{hint}"
             );
             Ok(())
         }
