@@ -1410,12 +1410,14 @@ pub async fn logout_get(
         String::new()
     };
     let (token, set) = csrf_token(&state, &headers);
+    let back = super::gate::referring_gateway_page(&state, &headers);
     Ok(with_cookies(
         render(
             StatusCode::OK,
             &pages::Logout {
                 csrf: &token,
                 email: &email,
+                back: back.as_deref().unwrap_or("/"),
             },
         ),
         set,

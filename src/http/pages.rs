@@ -77,6 +77,8 @@ pub struct RecoveryCodes<'a> {
 pub struct Logout<'a> {
     pub csrf: &'a str,
     pub email: &'a str,
+    /// Where "Stay signed in" goes: the page that linked here (same origin), else `/`.
+    pub back: &'a str,
 }
 
 #[derive(Template)]

@@ -643,3 +643,35 @@ async fn the_last_wrong_codes_say_the_sign_in_will_start_over() {
     let r = gw.code(&b, "/_portcullis/mfa", "000000").await;
     assert!(location(&r).contains("notice=restart"), "{}", location(&r));
 }
+
+/// "Stay signed in" on the sign-out page goes back to the page that linked it (same origin
+/// only), not to the start page.
+#[tokio::test]
+async fn staying_signed_in_goes_back_to_the_page_before() {
+    let gw = Gateway::start().await;
+    let (b, _, _) = gw.signed_in("stay@example.com").await;
+    let base = gw.base.trim_end_matches('/');
+    for (referer, back) in [
+        (
+            format!("{base}/campaigns/7?tab=send"),
+            "/campaigns/7?tab=send",
+        ),
+        (
+            format!("{base}/_portcullis/account"),
+            "/_portcullis/account",
+        ),
+        ("http://evil.example/campaigns".to_string(), "/"),
+    ] {
+        let r = b
+            .get(gw.url("/_portcullis/logout"))
+            .header("referer", &referer)
+            .send()
+            .await
+            .unwrap();
+        let page = r.text().await.unwrap();
+        assert!(
+            page.contains(&format!("<a href=\"{back}\">Stay signed in</a>")),
+            "{referer}: {page}"
+        );
+    }
+}
