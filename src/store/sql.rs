@@ -25,6 +25,9 @@ enum Arg<'a> {
     Int(i64),
 }
 
+/// How long [`DurableStore::close`] waits for connections still in use.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A pooled SQL connection.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
@@ -609,7 +612,14 @@ impl DurableStore for SqlStore {
                 tracing::warn!(error = %e, "cannot fold the SQLite write-ahead log into the database file");
             }
         }
-        self.pool.close().await;
+        // Closing waits for connections in use to come back: a query stuck on a database that
+        // stopped answering must not hold the process's exit.
+        if tokio::time::timeout(CLOSE_WAIT, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections still in use at exit; closing without them");
+        }
     }
 
     async fn server_time_ms(&self) -> StoreResult<Option<i64>> {
