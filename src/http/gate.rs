@@ -582,8 +582,9 @@ pub(crate) fn foreign_origin(state: &AppState, headers: &HeaderMap) -> bool {
 /// the same (a sibling subdomain): the console's pages are served at the gateway's origin, so
 /// a socket opened from anywhere else is not the console's.
 pub(crate) fn cross_site_upgrade(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    // Browsers send a handshake's real origin (never `null` from the console's own pages).
-    if !foreign_origin(state, headers) {
+    // As for a write, `Origin` and `Sec-Fetch-Site` alike; and a handshake says its page's
+    // real origin, never `null` from the console's own pages.
+    if from_own_pages(state, headers) && !foreign_origin(state, headers) {
         return Ok(());
     }
     tracing::info!("cross-origin WebSocket handshake refused");

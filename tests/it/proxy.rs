@@ -718,6 +718,25 @@ async fn another_sites_page_cannot_make_the_console_act() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.head);
+    // Nor one without `Origin` whose `Sec-Fetch-Site` names another site, as for a write.
+    for site in ["cross-site", "same-site"] {
+        let r = raw(
+            gw.addr,
+            "GET",
+            "/ws",
+            &[
+                ("Cookie", &cookie),
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("Sec-WebSocket-Version", "13"),
+                ("Sec-Fetch-Site", site),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 403, "{site}: {}", r.head);
+    }
     assert_eq!(
         gw.upstream.requests().len(),
         before,
