@@ -97,6 +97,24 @@ pub(crate) fn has_transfer_encoding(headers: &HeaderMap) -> bool {
     headers.contains_key(header::TRANSFER_ENCODING)
 }
 
+/// The first transfer coding besides `chunked` a request declares (`gzip` of `gzip, chunked`):
+/// the HTTP parser takes the chunks off and nothing would apply the other coding, so the body
+/// would reach the console as if it had none.
+pub(crate) fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .find_map(|v| {
+            let Ok(text) = v.to_str() else {
+                return Some("(unreadable)".to_string());
+            };
+            text.split(',')
+                .map(str::trim)
+                .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+                .map(|c| c.chars().take(32).collect())
+        })
+}
+
 /// Removes headers a client must never supply: [`is_identity_header`], the `x-portcullis-`
 /// namespace, `extra` (the caller's list) and the names the gateway is about to add, all compared
 /// as CGI-style backends see names (lower case, `_` and other punctuation read as `-`); plus

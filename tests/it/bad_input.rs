@@ -278,6 +278,24 @@ async fn a_broken_request_body_is_the_clients_error_not_the_consoles() {
             gw.addr
         )
     };
+    // A transfer coding besides `chunked` (the chunks would reach the console without it, as
+    // a plain body): 501, nothing forwarded.
+    let before = gw.upstream.count();
+    for framing in [
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: x-custom , chunked\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let request = head(framing) + "5\r\nhello\r\n0\r\n\r\n";
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let wait = std::time::Duration::from_secs(10);
+        let _ = tokio::time::timeout(wait, s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 501"), "{framing:?} → {text}");
+        assert!(text.contains("\"error\":\"transfer_coding\""), "{text}");
+    }
+    assert_eq!(gw.upstream.count(), before, "nothing reached the console");
     let cases = [
         head("Transfer-Encoding: chunked\r\n") + "zz\r\nabc\r\n0\r\n\r\n",
         head("Transfer-Encoding: chunked\r\n") + "FFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n",
