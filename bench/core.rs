@@ -67,7 +67,14 @@ async fn main() -> anyhow::Result<()> {
     });
     // Never stopped: the benchmark script kills the process.
     let (_stop, stopped) = tokio::sync::watch::channel(false);
-    portcullis::server::conn::serve(listener, service, stopped, Duration::from_secs(30), None)
-        .await;
+    portcullis::server::conn::serve(
+        listener,
+        service,
+        stopped,
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+        None,
+    )
+    .await;
     Ok(())
 }

@@ -103,6 +103,7 @@ pub async fn run_with(
     let mailer = tokio::spawn(state.notifier.as_ref().clone().run());
     let app = crate::http::Gateway::new(state.clone());
     let header_timeout = state.config.server.header_timeout;
+    let send_timeout = state.config.server.body_timeout;
     let cap = connection_cap(&state);
     tokio::spawn(async move {
         shutdown.await;
@@ -121,6 +122,7 @@ pub async fn run_with(
                 app,
                 stop_rx.clone(),
                 header_timeout,
+                send_timeout,
                 None,
             ))
         }
@@ -136,6 +138,7 @@ pub async fn run_with(
                 app,
                 stop_rx.clone(),
                 header_timeout,
+                send_timeout,
                 cap,
             ))
         }
@@ -279,6 +282,7 @@ async fn side_listeners(
             app,
             stop.clone(),
             state.config.server.header_timeout,
+            state.config.server.body_timeout,
             connection_cap(state),
         )));
     }

@@ -106,6 +106,7 @@ pub async fn serve<L, S>(
     service: S,
     mut stop: watch::Receiver<bool>,
     header_timeout: Duration,
+    send_timeout: Duration,
     cap: Option<Arc<ConnectionCap>>,
 ) where
     L: Listener<Addr = SocketAddr>,
@@ -157,7 +158,10 @@ pub async fn serve<L, S>(
                 .max_header_size(MAX_HEAD_BYTES)
                 .max_buf_size(MAX_HEAD_BYTES);
             let conn = builder
-                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+                .serve_connection(
+                    TokioIo::new(SendBound::new(io, send_timeout)),
+                    TowerToHyperService::new(service),
+                )
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let stopping = async move {
@@ -181,6 +185,95 @@ pub async fn serve<L, S>(
     drop(listener);
     drop(open);
     all_closed.closed().await;
+}
+
+/// A client connection whose writes may stall (the client reads nothing, its window full) for
+/// `limit` at most, then fail: a client that stops reading an answer (a console's long stream,
+/// a large download) would otherwise hold the answer's buffers, up to a megabyte, for as long
+/// as the console sends. The timer is armed only while a write waits, so a connection whose
+/// writes go straight out costs nothing more.
+struct SendBound<S> {
+    io: S,
+    limit: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendBound<S> {
+    fn new(io: S, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// What a write or flush that answered `poll` makes of it: on progress the timer goes; while
+    /// it waits, the timer runs, and once it has run out the write fails.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.waiting = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let timer = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.waiting = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing of the answer for server.body_timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendBound<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendBound<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.bounded(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.bounded(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.bounded(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// hyper's timer for the request-head bound, with a deadline moved for nothing: hyper moves it

@@ -802,3 +802,47 @@ async fn the_consoles_redirects_to_itself_point_at_the_gateway() {
     let r = c.get(gw.url("/moved-away")).send().await.unwrap();
     assert_eq!(r.headers()["location"], "https://docs.example.com/help");
 }
+
+/// A client that stops reading an answer the console streams is disconnected once nothing has
+/// gone out to it for `server.body_timeout`, rather than holding the answer's buffers for as
+/// long as the console sends.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start_with(|c| {
+        c.server.body_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let (c, _, _) = gw.signed_in("stops-reading@example.com").await;
+    let cookie = gw.cookies(&c);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    // An answer far longer than any buffer on the way: 100 GB.
+    let request = format!(
+        "GET /download/100000000000 HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\n\r\n",
+        gw.addr
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 1024];
+    let n = s.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    // It stops reading, for longer than the bound.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    // What was on its way is there to read, then the end: the gateway let it go.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n as u64,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "still streaming after {read} bytes");
+    assert!(read < 1 << 30, "{read} bytes");
+    // The gateway serves on.
+    assert_eq!(gw.status(&c, "/campaigns").await, 200);
+}
