@@ -45,13 +45,14 @@ const HOLDING_AT_ONCE: usize = 16;
 static HOLDING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HOLDING_AT_ONCE);
 /// The request headers kept with a held form and sent with it: what the browser said of where
 /// the form came from (checked when it was held), not what the held page's request says.
-const KEPT_HEADERS: [header::HeaderName; 6] = [
+const KEPT_HEADERS: [header::HeaderName; 7] = [
     header::ORIGIN,
     header::REFERER,
     header::ACCEPT,
     header::HeaderName::from_static("sec-fetch-site"),
     header::HeaderName::from_static("sec-fetch-mode"),
     header::HeaderName::from_static("sec-fetch-user"),
+    header::HeaderName::from_static("sec-fetch-dest"),
 ];
 /// How long a held form waits for its step-up.
 pub const HELD_TTL: std::time::Duration = std::time::Duration::from_secs(600);
