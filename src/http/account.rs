@@ -130,17 +130,22 @@ pub(super) async fn page(
         .list_devices(&user.id)
         .await?
         .into_iter()
-        .map(|d| DeviceRow {
+        .map(|d| {
+            let active = d.status == "active";
+            (d, active)
+        })
+        .map(|(d, active)| DeviceRow {
             current: loaded.session.device_id.as_deref() == Some(d.id.as_str()),
             first_seen: rfc3339(d.first_seen),
             last_seen: rfc3339(d.last_seen),
             last_ip: super::risk::address(state, &d.last_ip),
             binding: binding_text(&d.binding),
+            // A device signed out is remembered no more (its cookie and key sign nobody in).
             remembered: d
                 .remembered_until
-                .filter(|t| *t > state.clock.now())
+                .filter(|t| active && *t > state.clock.now())
                 .map(rfc3339),
-            revoked: d.status != "active",
+            revoked: !active,
             id: d.id,
             name: d.name,
         })

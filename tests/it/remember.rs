@@ -473,3 +473,33 @@ async fn the_sign_in_hint_names_the_remembered_browser_only_where_there_is_one()
         );
     }
 }
+
+/// A remembered browser signed out from another one's account page is shown as remembered no
+/// more (its key signs nobody in any more).
+#[tokio::test]
+async fn a_signed_out_device_is_no_longer_shown_as_remembered() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (b, secret) = remembered_user(&gw, &dev).await;
+    let user = gw.user(EMAIL).await;
+    let remembered = gw.state.durable.list_devices(&user.id).await.unwrap()[0]
+        .id
+        .clone();
+    let other = gw.browser();
+    gw.clock.advance(30);
+    gw.sign_in_on(&other, EMAIL, &secret).await;
+    bind_webcrypto(&gw, &other, &Device::new()).await;
+    let html = gw.page(&other, "/_portcullis/account").await;
+    assert!(html.contains("<dt>Remembered</dt>"), "{html}");
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = other
+        .post(gw.url(&format!("/_portcullis/account/devices/{remembered}/revoke")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert!(location(&r).contains("notice=device_revoked"));
+    let html = gw.page(&other, "/_portcullis/account").await;
+    assert!(!html.contains("<dt>Remembered</dt>"), "{html}");
+    drop(b);
+}
