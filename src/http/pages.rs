@@ -218,8 +218,9 @@ pub struct Reauth<'a> {
     pub error: Option<&'a str>,
     /// A form held for this step-up, sent once it is done.
     pub form: Option<&'a super::held::Waiting>,
-    /// Where "Cancel" goes: the page of the held form, else the start page.
-    pub cancel: &'a str,
+    /// Where "Cancel" goes: the page of the held form, else the start page; none for a session
+    /// the risk engine holds, whose every page asks for this proof again.
+    pub cancel: Option<&'a str>,
 }
 
 #[derive(Template)]

@@ -108,7 +108,7 @@ async fn page(
         admin: user.is_admin,
         error: v.error,
         form: form.as_ref(),
-        cancel: form.as_ref().and_then(|f| f.back.as_deref()).unwrap_or("/"),
+        cancel: (!v.held).then(|| form.as_ref().and_then(|f| f.back.as_deref()).unwrap_or("/")),
     };
     Ok(with_cookies(render(v.status, &view), set))
 }

@@ -498,6 +498,12 @@ async fn a_held_admin_session_reaches_no_admin_page() {
         .page(&c, "/_portcullis/reauth?next=%2F_portcullis%2Fadmin")
         .await;
     assert!(page.contains("could not have travelled"), "{page}");
+    // No "Cancel": every page of a held session asks for the proof again; signing out is the
+    // way out.
+    assert!(
+        !page.contains(">Cancel</a>") && page.contains(">Sign out</a>"),
+        "{page}"
+    );
 }
 
 /// A sign-in the owner reports with "this wasn't me" is taken out of the account's history:
