@@ -899,13 +899,8 @@ pub(super) async fn moved_mid_sign_in(
     let proven =
         !loaded.session.amr.is_empty() || matches!(loaded.session.stage, Stage::EnrolTotp { .. });
     if let Some(u) = owner.filter(|_| proven) {
-        let what = format!(
-            "a sign-in to your account was stopped: it began from {} and went on from another \
-             network or browser ({}). If you were changing networks, sign in again",
-            network_of(&loaded.session.ip),
-            network_of(&client.ip)
-        );
-        state.notifier.account_change(&u, &what).await;
+        let (began, went_on) = (network_of(&loaded.session.ip), network_of(&client.ip));
+        state.notifier.sign_in_stopped(&u, &began, &went_on).await;
     }
     Ok(true)
 }

@@ -237,8 +237,34 @@ impl Notifier {
             when = utc_text(self.clock.now()),
         );
         let subject = format!("Someone may be guessing your password on {}", self.site);
-        if let Err(e) = self.enqueue(&user.email, &subject, &body).await {
-            tracing::warn!(error = %e, "could not queue a password-guessing notice");
+        self.queue(user, &subject, &body, "password-guessing").await;
+    }
+
+    /// Tells the owner that a sign-in to their account was stopped half-way: it began from
+    /// network `began` (its password, or its second factor where that comes first, given there)
+    /// and went on from `went_on`, another network or browser.
+    pub async fn sign_in_stopped(&self, user: &crate::store::User, began: &str, went_on: &str) {
+        let body = format!(
+            "A sign-in to your account {email} on {site} was stopped at {when}: it began from\n\
+             the network {began}, where the password (or the second factor) was given, and went\n\
+             on from another network or browser ({went_on}). Nothing was signed in.\n\
+             \n\
+             If you were changing networks (a VPN, Wi-Fi to mobile), sign in again; there is\n\
+             nothing else to do. If it was not you, someone may know your password, or have a\n\
+             copy of your browser's cookies: change your password, and tell your administrator.\n",
+            email = user.email,
+            site = self.site,
+            when = utc_text(self.clock.now()),
+        );
+        let subject = format!("A sign-in to your account on {} was stopped", self.site);
+        self.queue(user, &subject, &body, "stopped-sign-in").await;
+    }
+
+    /// Queues a notice to `user`; a queueing failure is logged (naming `what` notice), never
+    /// passed on: what it tells of has happened.
+    async fn queue(&self, user: &crate::store::User, subject: &str, body: &str, what: &str) {
+        if let Err(e) = self.enqueue(&user.email, subject, body).await {
+            tracing::warn!(error = %e, notice = what, "could not queue a notice");
         }
     }
 
@@ -335,9 +361,7 @@ impl Notifier {
             when = utc_text(self.clock.now()),
         );
         let subject = format!("Security change on your account on {}", self.site);
-        if let Err(e) = self.enqueue(&user.email, &subject, &body).await {
-            tracing::warn!(error = %e, "could not queue an account-change notice");
-        }
+        self.queue(user, &subject, &body, "account-change").await;
     }
 
     /// One pass over the queue: claims due messages and delivers them. Returns how many went
