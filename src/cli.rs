@@ -435,6 +435,23 @@ async fn record_prune(
     durable.append_audit(std::slice::from_ref(ev)).await
 }
 
+/// Ends every session of `u` on every gateway (within a second), writes `ev`, and tells the
+/// owner `what` an administrator did.
+async fn end_sessions_and_tell(
+    config: &Config,
+    durable: &Arc<dyn DurableStore>,
+    u: &User,
+    ev: AuditEvent,
+    what: &str,
+) -> Result<()> {
+    durable
+        .void_sessions(&u.id, SystemClock.now_millis())
+        .await?;
+    durable.append_audit(&[ev]).await?;
+    notifier(config, durable)?.admin_change(u, what).await;
+    Ok(())
+}
+
 /// `portcullis storage copy --to URL`.
 async fn copy_storage(config: &Config, to: &str) -> Result<()> {
     use crate::store::sql::SqlStore;
@@ -1256,13 +1273,9 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
                 say!("{} is disabled: it has no sessions to end", u.email);
                 return Ok(());
             }
-            durable.void_sessions(&u.id, clock.now_millis()).await?;
-            durable
-                .append_audit(&[audit("sessions_ended", Some(&u), "cli")])
-                .await?;
-            notifier(&config, &durable)?
-                .admin_change(&u, "an administrator ended every session of the account")
-                .await;
+            let ev = audit("sessions_ended", Some(&u), "cli");
+            let what = "an administrator ended every session of the account";
+            end_sessions_and_tell(&config, &durable, &u, ev, what).await?;
             say!(
                 "ended every session of {} (on every gateway within a second); they may sign in \
                  again",
@@ -1353,16 +1366,10 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
                 .hash(&password)
                 .await?;
             durable.set_password_hash(&u.id, &hash).await?;
-            durable.void_sessions(&u.id, clock.now_millis()).await?;
-            durable
-                .append_audit(&[audit("password_changed", Some(&u), "cli")])
-                .await?;
-            notifier(&config, &durable)?
-                .admin_change(
-                    &u,
-                    "an administrator set a new password, and every session of the account was ended",
-                )
-                .await;
+            let ev = audit("password_changed", Some(&u), "cli");
+            let what =
+                "an administrator set a new password, and every session of the account was ended";
+            end_sessions_and_tell(&config, &durable, &u, ev, what).await?;
             say!("set a new password for {}; its sessions ended", u.email);
             if crate::store::awaits_enrolment_link(durable.as_ref(), &u).await? {
                 say!(
@@ -1458,16 +1465,9 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
             }
             durable.set_admin(&u.id, false).await?;
             // A privilege change: sessions signed in as an administrator end with it.
-            durable.void_sessions(&u.id, clock.now_millis()).await?;
-            durable
-                .append_audit(&[audit("admin_revoked", Some(&u), "cli")])
-                .await?;
-            notifier(&config, &durable)?
-                .admin_change(
-                    &u,
-                    "an administrator took the administrator role from the account",
-                )
-                .await;
+            let ev = audit("admin_revoked", Some(&u), "cli");
+            let what = "an administrator took the administrator role from the account";
+            end_sessions_and_tell(&config, &durable, &u, ev, what).await?;
             let left = durable
                 .list_users()
                 .await?

@@ -700,42 +700,23 @@ async fn another_sites_page_cannot_make_the_console_act() {
         assert_eq!(r.status, 403, "{method} {extra:?}: {}", r.head);
         assert!(r.body.contains("another site"), "{}", r.body);
     }
-    // A WebSocket handshake says its page's real origin: `null` is not the console's.
-    let r = raw(
-        gw.addr,
-        "GET",
-        "/ws",
-        &[
-            ("Cookie", &cookie),
+    // A WebSocket handshake says its page's real origin: `null` is not the console's; nor is
+    // one without `Origin` whose `Sec-Fetch-Site` names another site, as for a write.
+    for said in [
+        vec![("Origin", "null"), ("Sec-Fetch-Site", "same-origin")],
+        vec![("Sec-Fetch-Site", "cross-site")],
+        vec![("Sec-Fetch-Site", "same-site")],
+    ] {
+        let mut headers = vec![
+            ("Cookie", cookie.as_str()),
             ("Upgrade", "websocket"),
             ("Connection", "Upgrade"),
             ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
             ("Sec-WebSocket-Version", "13"),
-            ("Origin", "null"),
-            ("Sec-Fetch-Site", "same-origin"),
-        ],
-        "",
-    )
-    .await;
-    assert_eq!(r.status, 403, "{}", r.head);
-    // Nor one without `Origin` whose `Sec-Fetch-Site` names another site, as for a write.
-    for site in ["cross-site", "same-site"] {
-        let r = raw(
-            gw.addr,
-            "GET",
-            "/ws",
-            &[
-                ("Cookie", &cookie),
-                ("Upgrade", "websocket"),
-                ("Connection", "Upgrade"),
-                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-                ("Sec-WebSocket-Version", "13"),
-                ("Sec-Fetch-Site", site),
-            ],
-            "",
-        )
-        .await;
-        assert_eq!(r.status, 403, "{site}: {}", r.head);
+        ];
+        headers.extend(said.iter().copied());
+        let r = raw(gw.addr, "GET", "/ws", &headers, "").await;
+        assert_eq!(r.status, 403, "{said:?}: {}", r.head);
     }
     assert_eq!(
         gw.upstream.requests().len(),
