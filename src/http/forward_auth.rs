@@ -176,20 +176,6 @@ fn readable_target(raw: &[u8]) -> Option<String> {
     Some(percent_encoding::percent_encode(raw, percent_encoding::CONTROLS).to_string())
 }
 
-/// The first protocol other than `websocket` that an `Upgrade` header names (any letter case,
-/// any number of headers and list items; a value that is not text counts as one).
-fn other_upgrade(headers: &HeaderMap) -> Option<String> {
-    headers.get_all(header::UPGRADE).iter().find_map(|v| {
-        let Ok(text) = v.to_str() else {
-            return Some("(unreadable)".to_string());
-        };
-        text.split(',')
-            .map(str::trim)
-            .find(|p| !p.is_empty() && !p.eq_ignore_ascii_case("websocket"))
-            .map(|p| p.chars().take(64).collect())
-    })
-}
-
 /// `/_portcullis/auth`, any method.
 pub async fn auth_any(
     State(state): State<AppState>,
@@ -239,7 +225,7 @@ async fn check(
     // Another protocol asked for (`h2c`, `TLS/1.2`): a proxy that passes `Upgrade` on (Caddy,
     // Traefik) would hand the connection to the console once it agrees, a tunnel past every
     // later check. Proxy mode offers the console `websocket` alone; here the request is refused.
-    if let Some(other) = other_upgrade(headers) {
+    if let Some(other) = crate::proxy::first_token_but(headers, header::UPGRADE, "websocket") {
         tracing::info!(protocol = %other, "forward-auth: an upgrade to another protocol than WebSocket refused");
         return Err(AppError::forbidden(
             "upgrade_refused",

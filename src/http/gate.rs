@@ -756,17 +756,15 @@ async fn gate_and_forward(
     }
     // A body in a transfer coding besides `chunked` (RFC 9112 §6.1: 501), which would reach the
     // console stripped of it.
-    if crate::proxy::has_transfer_encoding(req.headers()) {
-        if let Some(coding) = crate::proxy::other_transfer_coding(req.headers()) {
-            state.metrics.proxied(Proxied::Denied);
-            tracing::info!(%coding, "a request body in another transfer coding than chunked refused");
-            return Err(AppError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "transfer_coding",
-                "The request's body is sent in a transfer coding the gateway does not support: \
-                 send it plain or chunked (a compressed body says so in Content-Encoding).",
-            ));
-        }
+    if let Some(coding) = crate::proxy::other_transfer_coding(req.headers()) {
+        state.metrics.proxied(Proxied::Denied);
+        tracing::info!(%coding, "a request body in another transfer coding than chunked refused");
+        return Err(AppError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "transfer_coding",
+            "The request's body is sent in a transfer coding the gateway does not support: \
+             send it plain or chunked (a compressed body says so in Content-Encoding).",
+        ));
     }
     let path_len = canonical.len();
     let path_and_query = match req.uri().query() {

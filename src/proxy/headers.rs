@@ -101,18 +101,25 @@ pub(crate) fn has_transfer_encoding(headers: &HeaderMap) -> bool {
 /// the HTTP parser takes the chunks off and nothing would apply the other coding, so the body
 /// would reach the console as if it had none.
 pub(crate) fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .find_map(|v| {
-            let Ok(text) = v.to_str() else {
-                return Some("(unreadable)".to_string());
-            };
-            text.split(',')
-                .map(str::trim)
-                .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
-                .map(|c| c.chars().take(32).collect())
-        })
+    first_token_but(headers, header::TRANSFER_ENCODING, "chunked")
+}
+
+/// The first item of the comma-separated lists in the `name` headers that is not `allowed`
+/// (any letter case), shortened for a log line; a value that is not text counts as one.
+pub(crate) fn first_token_but(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+    allowed: &str,
+) -> Option<String> {
+    headers.get_all(name).iter().find_map(|v| {
+        let Ok(text) = v.to_str() else {
+            return Some("(unreadable)".to_string());
+        };
+        text.split(',')
+            .map(str::trim)
+            .find(|t| !t.is_empty() && !t.eq_ignore_ascii_case(allowed))
+            .map(|t| t.chars().take(64).collect())
+    })
 }
 
 /// Removes headers a client must never supply: [`is_identity_header`], the `x-portcullis-`

@@ -25,7 +25,7 @@ use http::{header, HeaderValue, Method, StatusCode, Uri, Version};
 
 pub use addr::{client_ip, is_trusted};
 pub(crate) use headers::{
-    has_transfer_encoding, is_identity_alias, is_identity_header, is_method_override,
+    first_token_but, is_identity_alias, is_identity_header, is_method_override,
     other_transfer_coding,
 };
 pub use websocket::ConnectionHold;
