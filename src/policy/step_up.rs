@@ -52,6 +52,17 @@ pub fn check_rule(rule: &StepUpRule) -> Result<(), String> {
             return Err("`**` may only be the last segment of a path".into());
         }
     }
+    // A star inside a name (`send*`, `*.csv`) would be matched as a literal star, so the rule
+    // would cover nothing the writer meant.
+    if let Some(s) = segments
+        .iter()
+        .find(|s| s.contains('*') && !matches!(**s, "*" | "**"))
+    {
+        return Err(format!(
+            "`{s}`: `*` stands for a whole segment only (`/campaigns/*/send`), and a last `**` \
+             for any rest; there are no partial wildcards"
+        ));
+    }
     for m in &rule.methods {
         if !STANDARD_METHODS
             .iter()
@@ -372,6 +383,9 @@ mod tests {
         for bad in [
             rule("campaigns", &[]),
             rule("/a/**/b", &[]),
+            rule("/campaigns/send*", &[]),
+            rule("/lists/*.csv", &["GET"]),
+            rule("/a/***", &[]),
             rule("/a?x=1", &[]),
             rule("/a", &["PO ST"]),
             rule("/a", &["POTS"]),
