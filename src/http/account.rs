@@ -91,6 +91,9 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_renamed" => "The key was renamed.",
         "key_removed" => "The key was removed.",
         "device_revoked" => "The device was signed out and will have to be confirmed again.",
+        "others_signed_out" => {
+            "Every other browser was signed out; each will have to be confirmed again."
+        }
         "totp_changed" => "Your new authenticator app is set up; the earlier one no longer works.",
         "codes_shown" => {
             "New recovery codes are shown only once. If you did not save them, make new ones."
@@ -156,6 +159,7 @@ pub(super) async fn page(
         email: &user.email,
         keys: &keys,
         devices: &devices,
+        others: devices.iter().any(|d| !d.current && !d.revoked),
         has_totp,
         // Keys sign nobody in where they are off (`webauthn.enabled`, an IP address).
         codes_only: !has_totp
@@ -404,6 +408,61 @@ pub async fn revoke_device_post(
     )
     .await;
     Ok(see_other(&format!("{PATH}?notice=device_revoked")))
+}
+
+/// `POST /_portcullis/account/devices/sign-out-others`: every device of the account but this
+/// browser is signed out (each must be confirmed again, its remembered mark gone) and every
+/// other session ends at once, whichever device holds it. Like signing one device out, it only
+/// takes access away, so no fresh proof is needed.
+pub async fn sign_out_others_post(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let (loaded, user) = match acting(&state, &headers, &form.csrf).await? {
+        Ok(v) => v,
+        Err(r) => return Ok(r),
+    };
+    let this = loaded.session.device_id.as_deref();
+    let mut devices = 0;
+    for d in state.durable.list_devices(&user.id).await? {
+        if Some(d.id.as_str()) != this && d.status == "active" {
+            state.durable.revoke_device(&d.id).await?;
+            devices += 1;
+        }
+    }
+    let ended = end_other_sessions(&state, &user.id, &loaded.key).await?;
+    audit(
+        &state,
+        peer,
+        &headers,
+        &user,
+        "other_devices_revoked",
+        "success",
+        &format!("{devices}_devices:{ended}_sessions"),
+    )
+    .await;
+    Ok(see_other(&format!("{PATH}?notice=others_signed_out")))
+}
+
+/// Ends every session of `user_id` but the one stored under `keep`, on every gateway; returns
+/// how many ended.
+pub(super) async fn end_other_sessions(
+    state: &AppState,
+    user_id: &str,
+    keep: &str,
+) -> Result<usize, AppError> {
+    let mut ended = 0;
+    for other in state.sessions.list_user(user_id).await? {
+        if other.key != keep {
+            state.sessions.destroy(&other.key, user_id).await?;
+            state.signer.forget(&other.key);
+            ended += 1;
+        }
+    }
+    state.user_gate.forget(user_id);
+    Ok(ended)
 }
 
 /// The user's latest sign-in attempts (newest first): password failures, second factors,

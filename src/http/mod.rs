@@ -89,6 +89,10 @@ pub fn router(state: AppState) -> Router {
             post(account::revoke_device_post),
         )
         .route(
+            "/_portcullis/account/devices/sign-out-others",
+            post(account::sign_out_others_post),
+        )
+        .route(
             "/_portcullis/account/keys/{id}/rename",
             post(account::rename_post),
         )

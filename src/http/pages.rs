@@ -168,6 +168,8 @@ pub struct Account<'a> {
     pub email: &'a str,
     pub keys: &'a [KeyRow],
     pub devices: &'a [DeviceRow],
+    /// Some device other than this browser is still signed in (offer to sign them all out).
+    pub others: bool,
     pub has_totp: bool,
     /// No app and no usable key: only recovery codes sign the user in (say to set one up).
     pub codes_only: bool,

@@ -87,12 +87,6 @@ pub async fn password_post(
         .set_password(&user, new, &client, "account_page")
         .await?;
     // Whoever else holds a session of the account (a stolen one, say) is out.
-    for other in state.sessions.list_user(&user.id).await? {
-        if other.key != loaded.key {
-            state.sessions.destroy(&other.key, &user.id).await?;
-            state.signer.forget(&other.key);
-        }
-    }
-    state.user_gate.forget(&user.id);
+    super::account::end_other_sessions(&state, &user.id, &loaded.key).await?;
     Ok(see_other("/_portcullis/account?notice=password_changed"))
 }

@@ -503,3 +503,86 @@ async fn a_signed_out_device_is_no_longer_shown_as_remembered() {
     assert!(!html.contains("<dt>Remembered</dt>"), "{html}");
     drop(b);
 }
+
+/// "Sign out every other device" on the account page: every other browser's sessions end at
+/// once, a remembered one is remembered no more (password alone goes to the second factor
+/// again), each is reported as new at its next sign-in; the browser that asked stays in.
+#[tokio::test]
+async fn signing_out_every_other_device_ends_them_all_but_this_one() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (remembered, secret) = remembered_user(&gw, &dev).await;
+    let plain = gw.browser();
+    gw.clock.advance(30);
+    gw.sign_in_on(&plain, EMAIL, &secret).await;
+    bind_webcrypto(&gw, &plain, &Device::new()).await;
+    let this = gw.browser();
+    gw.clock.advance(30);
+    gw.sign_in_on(&this, EMAIL, &secret).await;
+    bind_webcrypto(&gw, &this, &Device::new()).await;
+    for b in [&plain, &this] {
+        assert_eq!(gw.status(b, "/campaigns").await, 200);
+    }
+    let user = gw.user(EMAIL).await;
+    let live = |gw: &Gateway| {
+        let id = user.id.clone();
+        let sessions = gw.state.sessions.clone();
+        async move { sessions.list_user(&id).await.unwrap().len() }
+    };
+    assert_eq!(live(&gw).await, 3);
+
+    let html = gw.page(&this, "/_portcullis/account").await;
+    assert!(html.contains("id=\"sign-out-others\""), "{html}");
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    // Without the page's token: refused, nobody signed out.
+    let r = this
+        .post(gw.url("/_portcullis/account/devices/sign-out-others"))
+        .form(&[("csrf", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.status(&plain, "/campaigns").await, 200);
+
+    let r = this
+        .post(gw.url("/_portcullis/account/devices/sign-out-others"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(location(&r).contains("notice=others_signed_out"));
+    assert_eq!(gw.status(&plain, "/campaigns").await, 303);
+    assert_eq!(gw.status(&this, "/campaigns").await, 200, "this one stays");
+    assert_eq!(
+        live(&gw).await,
+        1,
+        "the remembered browser's session ended too"
+    );
+
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert_eq!(devices.len(), 3);
+    assert_eq!(devices.iter().filter(|d| d.status == "revoked").count(), 2);
+    let html = gw.page(&this, &location(&r)).await;
+    assert!(
+        html.contains("Every other browser was signed out"),
+        "{html}"
+    );
+    assert!(!html.contains("<dt>Remembered</dt>"), "{html}");
+    assert!(
+        !html.contains("id=\"sign-out-others\""),
+        "nothing left to sign out"
+    );
+    assert!(gw
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event == "other_devices_revoked"
+            && e.reason.as_deref() == Some("2_devices:2_sessions")));
+
+    // The remembered browser's key no longer stands in for the second factor.
+    gw.clock.advance(30);
+    let r = gw.password(&remembered, EMAIL, PASSWORD, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+    drop(dev);
+}
