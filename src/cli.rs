@@ -1366,6 +1366,7 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
                 .hash(&password)
                 .await?;
             durable.set_password_hash(&u.id, &hash).await?;
+            crate::device::forget_remembered(durable.as_ref(), &u.id, None).await?;
             let ev = audit("password_changed", Some(&u), "cli");
             let what =
                 "an administrator set a new password, and every session of the account was ended";

@@ -62,6 +62,26 @@ pub fn plausible_token(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// After the owner replaced a second factor (the app, the recovery codes) or the password: a
+/// browser remembered in place of a second factor ("remember this browser") stops standing in
+/// for it, but for the device `keep` the owner made the change from (none: every one). A
+/// thief's remembered browser must not outlive the owner's clean-up. (The device keeps its key:
+/// it is still a known device.)
+pub async fn forget_remembered(
+    durable: &dyn crate::store::DurableStore,
+    user_id: &str,
+    keep: Option<&str>,
+) -> crate::store::StoreResult<()> {
+    for d in durable.list_devices(user_id).await? {
+        if d.remembered_until.is_some() && keep != Some(d.id.as_str()) {
+            durable
+                .remember_device(&d.id, d.remember_key.as_deref(), None)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

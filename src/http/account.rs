@@ -593,7 +593,12 @@ pub async fn recovery_codes_post(
         .login
         .regenerate_recovery_codes(&user, &client)
         .await?;
-    forget_other_remembered(&state, &user, loaded.session.device_id.as_deref()).await?;
+    crate::device::forget_remembered(
+        state.durable.as_ref(),
+        &user.id,
+        loaded.session.device_id.as_deref(),
+    )
+    .await?;
     if super::prefers_json(&headers) {
         return Ok(axum::response::IntoResponse::into_response(axum::Json(
             serde_json::json!({ "recovery_codes": codes }),
@@ -677,26 +682,6 @@ fn totp_page(
     with_cookies(render(status, &view), set)
 }
 
-/// After the owner replaced a second factor (the app, the recovery codes): a browser remembered
-/// in place of one ("remember this browser") stops standing in for it, but for the browser the
-/// owner made the change from. A thief's remembered browser must not outlive the owner's
-/// clean-up. (The device keeps its key: it is still a known device.)
-async fn forget_other_remembered(
-    state: &AppState,
-    user: &User,
-    keep: Option<&str>,
-) -> Result<(), AppError> {
-    for d in state.durable.list_devices(&user.id).await? {
-        if d.remembered_until.is_some() && keep != Some(d.id.as_str()) {
-            state
-                .durable
-                .remember_device(&d.id, d.remember_key.as_deref(), None)
-                .await?;
-        }
-    }
-    Ok(())
-}
-
 /// `POST /_portcullis/account/totp`: makes a new authenticator secret, pending until a code
 /// from it is confirmed; the current app keeps working until then.
 pub async fn totp_post(
@@ -754,7 +739,12 @@ pub async fn totp_confirm_post(
         .await?;
     match outcome {
         TotpChange::Changed => {
-            forget_other_remembered(&state, &user, loaded.session.device_id.as_deref()).await?;
+            crate::device::forget_remembered(
+                state.durable.as_ref(),
+                &user.id,
+                loaded.session.device_id.as_deref(),
+            )
+            .await?;
             Ok(see_other(&format!("{PATH}?notice=totp_changed")))
         }
         TotpChange::Throttled { retry_after } => Err(AppError::throttled(retry_after)),

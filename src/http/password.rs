@@ -86,7 +86,10 @@ pub async fn password_post(
         .login
         .set_password(&user, new, &client, "account_page")
         .await?;
-    // Whoever else holds a session of the account (a stolen one, say) is out.
+    // Whoever else holds a session of the account (a stolen one, say) is out, and no other
+    // remembered browser skips the second factor with the new password.
     super::account::end_other_sessions(&state, &user.id, &loaded.key).await?;
+    let this = loaded.session.device_id.as_deref();
+    crate::device::forget_remembered(state.durable.as_ref(), &user.id, this).await?;
     Ok(see_other("/_portcullis/account?notice=password_changed"))
 }

@@ -586,3 +586,62 @@ async fn signing_out_every_other_device_ends_them_all_but_this_one() {
     assert_eq!(location(&r), "/_portcullis/mfa");
     drop(dev);
 }
+
+/// A password change forgets the other remembered browsers, as a factor change does: from the
+/// account page all but the browser that changed it, from the CLI every one. With the new
+/// password they ask for the second factor again.
+#[tokio::test]
+async fn a_password_change_forgets_the_other_remembered_browsers() {
+    let gw = gateway().await;
+    let dev = Device::new();
+    let (b, secret) = remembered_user(&gw, &dev).await;
+    sign_out(&gw, &b).await;
+    let owner = gw.sign_in_again(EMAIL, &secret).await;
+    bind_webcrypto(&gw, &owner, &Device::new()).await;
+    let new = "another long passphrase here";
+    let csrf = gw.csrf(&owner, "/_portcullis/account").await;
+    let r = owner
+        .post(gw.url("/_portcullis/account/password"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("current_password", PASSWORD),
+            ("password", new),
+            ("password2", new),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(location(&r).contains("notice=password_changed"));
+    let user = gw.user(EMAIL).await;
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert!(
+        devices.iter().all(|d| d.remembered_until.is_none()),
+        "{devices:?}"
+    );
+    gw.clock.advance(30);
+    let r = gw.password(&b, EMAIL, new, "").await;
+    assert_eq!(location(&r), "/_portcullis/mfa");
+
+    // Remembered again (as the store has it), then the CLI sets a password: forgotten too.
+    let until = portcullis::clock::Clock::now(&gw.clock) + 3600;
+    for d in &devices {
+        let key = d.remember_key.as_deref();
+        gw.state
+            .durable
+            .remember_device(&d.id, key, Some(until))
+            .await
+            .unwrap();
+    }
+    let out = gw
+        .cli(
+            &["user", "set-password", EMAIL],
+            Some("yet another long passphrase\n"),
+        )
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    let devices = gw.state.durable.list_devices(&user.id).await.unwrap();
+    assert!(
+        devices.iter().all(|d| d.remembered_until.is_none()),
+        "{devices:?}"
+    );
+}
