@@ -228,6 +228,7 @@ impl LoginFlow {
         let stage = Stage::EnrolTotp {
             sealed_secret: self.new_sealed_secret(&user.id)?,
             key_only,
+            first: !crate::store::has_second_factor(self.durable.as_ref(), &user.id).await?,
         };
         let now = self.clock.now();
         self.audit(
@@ -267,20 +268,62 @@ impl LoginFlow {
     /// Records that the authenticator secret of the enrolment in `session` is on show. True
     /// when another one was shown to the account before and never confirmed (a sign-in given up
     /// half-way, started again): its entry in the owner's app will never give a right code,
-    /// which the page must say.
+    /// which the page must say. (Call [`LoginFlow::enrolment_overtaken`] first: a page of a
+    /// setup begun before the one shown last is not shown again.)
     pub async fn enrolment_secret_shown(&self, session: &Session) -> Result<bool, FlowError> {
         let Stage::EnrolTotp { sealed_secret, .. } = &session.stage else {
             return Ok(false);
         };
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(sealed_secret);
+        let mark = ShownMark::of(sealed_secret, session.created_ms);
         let key = enrol_shown_key(&session.user_id);
-        let before = self.ephemeral.get(&key).await?;
-        if before.as_deref() == Some(&digest[..]) {
+        let before = self.ephemeral.get(&key).await?.map(|b| ShownMark::read(&b));
+        if before.as_ref().is_some_and(|b| b.digest == mark.digest) {
             return Ok(false);
         }
-        self.ephemeral.put(&key, &digest, ENROL_SHOWN_TTL).await?;
+        self.ephemeral
+            .put(&key, &mark.bytes(), ENROL_SHOWN_TTL)
+            .await?;
         Ok(before.is_some())
+    }
+
+    /// Why the setup in `session` may no longer complete, as a sign-in page notice: a second
+    /// factor was set up for the account from another sign-in since this one began with none
+    /// (`enrol_elsewhere`: one wins, and the other is told rather than silently replacing it),
+    /// or the setup was begun again and another secret shown since (`enrol_superseded`: the
+    /// page that showed it said this one no longer works). Where the page is to be `showing`
+    /// again, only a setup begun later than this one overtakes it (a reload of the latest page,
+    /// or the first showing of a new one, goes on).
+    pub async fn enrolment_overtaken(
+        &self,
+        session: &Session,
+        showing: bool,
+    ) -> Result<Option<&'static str>, FlowError> {
+        let Stage::EnrolTotp {
+            sealed_secret,
+            first,
+            ..
+        } = &session.stage
+        else {
+            return Ok(None);
+        };
+        if *first
+            && crate::store::has_second_factor(self.durable.as_ref(), &session.user_id).await?
+        {
+            return Ok(Some(ENROL_ELSEWHERE));
+        }
+        let mine = ShownMark::of(sealed_secret, session.created_ms);
+        let Some(shown) = self
+            .ephemeral
+            .get(&enrol_shown_key(&session.user_id))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let shown = ShownMark::read(&shown);
+        if shown.digest != mine.digest && (!showing || shown.begun_ms > mine.begun_ms) {
+            return Ok(Some(ENROL_SUPERSEDED));
+        }
+        Ok(None)
     }
 
     /// An enrolment is done (app or key): no secret shown before is pending any more.
@@ -800,6 +843,46 @@ pub fn recovery_show_context(user_id: &str) -> String {
 
 /// How long the page remembers an enrolment secret it showed and that was never confirmed.
 const ENROL_SHOWN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What is kept of the enrolment secret shown last to a user: its digest (SHA-256 of the
+/// sealed secret) and when its sign-in began (Unix ms), which tells a later setup from an
+/// earlier one.
+struct ShownMark {
+    digest: [u8; 32],
+    begun_ms: i64,
+}
+
+impl ShownMark {
+    fn of(sealed_secret: &[u8], begun_ms: i64) -> Self {
+        use sha2::Digest;
+        Self {
+            digest: sha2::Sha256::digest(sealed_secret).into(),
+            begun_ms,
+        }
+    }
+
+    /// A stored mark (a digest alone, as written before the time was kept, reads as begun at 0).
+    fn read(bytes: &[u8]) -> Self {
+        let mut digest = [0u8; 32];
+        let n = bytes.len().min(32);
+        digest[..n].copy_from_slice(&bytes[..n]);
+        let begun_ms = bytes
+            .get(32..40)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, i64::from_be_bytes);
+        Self { digest, begun_ms }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = self.digest.to_vec();
+        out.extend_from_slice(&self.begun_ms.to_be_bytes());
+        out
+    }
+}
+
+/// Sign-in page notices of [`LoginFlow::enrolment_overtaken`].
+pub const ENROL_ELSEWHERE: &str = "enrol_elsewhere";
+pub const ENROL_SUPERSEDED: &str = "enrol_superseded";
 
 /// The digest of the enrolment secret last shown to a user.
 fn enrol_shown_key(user_id: &str) -> String {

@@ -574,7 +574,8 @@ pub(crate) fn refusal(
         (Unbound::Refresh, _, _) => json_error(
             StatusCode::UNAUTHORIZED,
             "binding_refresh_required",
-            "The device proof of this session has expired, so the request was not sent on. \
+            "The device proof of this session has run out, or this browser does not hold it, \
+             so the request was not sent on. \
              Let the browser that signed in renew it (open a page of the console again, or \
              confirm this browser: no password needed), then send the request again; the \
              browser's Back button brings a form back as you filled it in.",

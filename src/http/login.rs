@@ -159,6 +159,39 @@ pub(super) fn restart(state: &AppState, why: &str, next: Option<&str>) -> Respon
     with_cookies(see_other(&to), [state.sessions.clear_cookie()])
 }
 
+/// A setup of the first second factor that may no longer complete (see
+/// [`crate::auth::flow::LoginFlow::enrolment_overtaken`]): the sign-in ends and the sign-in
+/// page says why (`why`, its notice).
+pub(super) async fn overtaken(
+    state: &AppState,
+    loaded: &Loaded,
+    why: &str,
+) -> Result<Response, AppError> {
+    state
+        .sessions
+        .destroy(&loaded.key, &loaded.session.user_id)
+        .await?;
+    Ok(restart(state, why, loaded.session.return_to.as_deref()))
+}
+
+/// A JSON call's answer when its sign-in or session has ended: `status` and `code` with the
+/// `message` and the sign-in URL (`login`) that the page links to, the session cookie cleared.
+pub(super) fn ended_with_sign_in(
+    state: &AppState,
+    (status, code): (StatusCode, &'static str),
+    message: &str,
+    login: String,
+) -> Response {
+    let body = serde_json::json!({ "error": code, "message": message, "login": login });
+    let refused = AppError {
+        action: Some((login, "Sign in again")),
+        ..AppError::new(status, code, message)
+    };
+    let mut r = refused.into_response();
+    *r.body_mut() = axum::body::Body::from(body.to_string());
+    with_cookies(r, [state.sessions.clear_cookie()])
+}
+
 /// [`restart`] for a sign-in that ran out: to an API client, `401` (see [`super::no_session`]).
 pub(super) fn expired(state: &AppState) -> Response {
     with_cookies(
@@ -167,7 +200,7 @@ pub(super) fn expired(state: &AppState) -> Response {
     )
 }
 
-fn notice_text(code: &str) -> Option<&'static str> {
+pub(super) fn notice_text(code: &str) -> Option<&'static str> {
     Some(match code {
         "expired" => {
             "Your sign-in took too long or was interrupted. Please start again. If you were \
@@ -181,6 +214,16 @@ fn notice_text(code: &str) -> Option<&'static str> {
              enrolment link, ask your administrator for a new link."
         }
         "logged_out" => "You are signed out.",
+        crate::auth::flow::ENROL_ELSEWHERE => {
+            "While you were setting up your second factor, one was set up for this account from \
+             another sign-in, so this setup was stopped. Sign in with that second factor. If it \
+             was not you, tell your administrator at once: someone else knows your password."
+        }
+        crate::auth::flow::ENROL_SUPERSEDED => {
+            "This setup of your second factor was begun again in another browser or tab, so the \
+             key shown here no longer works. Finish it where it was begun last, or sign in again \
+             to start over."
+        }
         "session_ended" => {
             "Your session has ended (it was left idle, reached its time limit, or was ended \
              elsewhere). Please sign in again."
@@ -306,7 +349,7 @@ pub async fn login_post(
     }
     let client = super::client(&state, peer, &headers);
     if form.username.len() > 320 {
-        return Err(AppError::bad_request("That email address is too long."));
+        return Err(AppError::invalid_input("That email address is too long."));
     }
     // A form missing either is no guess at anything: said so, checked against no budget.
     if form.username.trim().is_empty() || form.password.expose().is_empty() {
@@ -1207,6 +1250,13 @@ pub async fn enrol_get(
     let Some(user) = state.durable.user_by_id(&loaded.session.user_id).await? else {
         return Ok(expired(&state));
     };
+    if let Some(why) = state
+        .login
+        .enrolment_overtaken(&loaded.session, true)
+        .await?
+    {
+        return overtaken(&state, &loaded, why).await;
+    }
     let notes = EnrolNotes {
         replaced: state.login.enrolment_secret_shown(&loaded.session).await?,
         has_factor: has_usable_factor(&state, &user.id).await?,
@@ -1255,6 +1305,17 @@ pub async fn enrol_post(
     };
     code_given(&form.code)?;
     let client = super::client(&state, peer, &headers);
+    if let Some(why) = state
+        .login
+        .enrolment_overtaken(&loaded.session, false)
+        .await?
+    {
+        let ev = AuditEvent::new("totp_enrolled", "denied", state.clock.now())
+            .user(&user)
+            .reason(why);
+        state.login.audit(ev, &client).await;
+        return overtaken(&state, &loaded, why).await;
+    }
     let before = loaded.clone();
     let notes = EnrolNotes {
         replaced: false,

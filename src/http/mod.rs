@@ -618,18 +618,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
         match axum::extract::RawForm::from_request(req, state).await {
             // NUL is no character of any field's value (no email, name, code or password has
             // one) and text columns refuse it: one is bad input, not a store failure.
-            Ok(axum::extract::RawForm(raw)) if has_nul(&raw) => Err(AppError::bad_request(
+            Ok(axum::extract::RawForm(raw)) if has_nul(&raw) => Err(AppError::invalid_input(
                 "The form contains a character that is not allowed (NUL).",
             )),
             // Which field, and why (a field given twice, a checkbox's value, a number that is
             // none), for API clients; no secret field can fail to be read (text of any kind).
             Ok(axum::extract::RawForm(raw)) => {
                 serde_urlencoded::from_bytes(&raw).map(Form).map_err(|e| {
-                    AppError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_input",
-                        format!("The form could not be read ({e}). Reload the page and try again."),
-                    )
+                    AppError::invalid_input(format!(
+                        "The form could not be read ({e}). Reload the page and try again."
+                    ))
                 })
             }
             Err(rej) => {
@@ -643,7 +641,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
                         "Forms must be sent as application/x-www-form-urlencoded.",
                     )
                 } else {
-                    AppError::bad_request(
+                    AppError::invalid_input(
                         "The form could not be read. Reload the page and try again.",
                     )
                 })
@@ -783,7 +781,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                         "Requests must be sent as application/json.",
                     )
                 } else {
-                    AppError::bad_request("The request could not be read.")
+                    AppError::invalid_input("The request could not be read.")
                 })
             }
         }

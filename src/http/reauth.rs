@@ -6,7 +6,7 @@
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 use webauthn_rs::prelude::PublicKeyCredential;
 
@@ -429,12 +429,10 @@ fn ended_by_a_copied_key(state: &AppState, next: &str) -> Response {
     let message = "Your security key answered as a copy of itself would, so it was suspended \
                    and every session of your account was ended. Sign in again with another key, \
                    your authenticator app or a recovery code.";
-    let body = serde_json::json!({ "error": "session_ended", "message": message, "login": login });
-    let refused = AppError {
-        action: Some((login, "Sign in again")),
-        ..AppError::new(StatusCode::UNAUTHORIZED, "session_ended", message)
-    };
-    let mut r = refused.into_response();
-    *r.body_mut() = axum::body::Body::from(body.to_string());
-    with_cookies(r, [state.sessions.clear_cookie()])
+    super::login::ended_with_sign_in(
+        state,
+        (StatusCode::UNAUTHORIZED, "session_ended"),
+        message,
+        login,
+    )
 }

@@ -195,6 +195,41 @@ async fn registering(state: &AppState, headers: &HeaderMap) -> Result<(Loaded, U
     Ok((loaded, user))
 }
 
+/// A setup of the first second factor with a key that may no longer complete (see
+/// [`crate::auth::flow::LoginFlow::enrolment_overtaken`]): the sign-in ends, audited, and the
+/// answer says why with the sign-in URL; `None` where it may go on.
+async fn overtaken(
+    state: &AppState,
+    loaded: &Loaded,
+    user: &User,
+    (peer, headers): (std::net::SocketAddr, &HeaderMap),
+) -> Result<Option<Response>, AppError> {
+    let Some(why) = state
+        .login
+        .enrolment_overtaken(&loaded.session, false)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let client = super::client(state, peer, headers);
+    let ev = crate::store::AuditEvent::new("webauthn_enrolled", "denied", state.clock.now())
+        .user(user)
+        .reason(why);
+    state.login.audit(ev, &client).await;
+    state
+        .sessions
+        .destroy(&loaded.key, &loaded.session.user_id)
+        .await?;
+    let login = super::gate::sign_in_location(super::gate::LOGIN_PATH, None, Some(why));
+    let message = super::login::notice_text(why).unwrap_or_default();
+    Ok(Some(super::login::ended_with_sign_in(
+        state,
+        (StatusCode::CONFLICT, "enrolment_overtaken"),
+        message,
+        login,
+    )))
+}
+
 #[derive(Deserialize)]
 pub struct RegisterStart {
     #[serde(default)]
@@ -215,11 +250,15 @@ pub(crate) fn too_many_keys() -> AppError {
 pub async fn register_start(
     State(state): State<AppState>,
     _csrf: ApiCsrf,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Json(body): Json<RegisterStart>,
 ) -> Result<Response, AppError> {
     let keys = keys(&state)?;
     let (loaded, user) = registering(&state, &headers).await?;
+    if let Some(r) = overtaken(&state, &loaded, &user, (peer, &headers)).await? {
+        return Ok(r);
+    }
     if !body.name.trim().is_empty()
         && !crate::policy::is_readable_name(body.name.trim(), crate::auth::webauthn::MAX_NAME)
     {
@@ -256,6 +295,9 @@ pub async fn register_finish(
 ) -> Result<Response, AppError> {
     let keys = keys(&state)?;
     let (mut loaded, user) = registering(&state, &headers).await?;
+    if let Some(r) = overtaken(&state, &loaded, &user, (peer, &headers)).await? {
+        return Ok(r);
+    }
     let client = super::client(&state, peer, &headers);
     let outcome = keys
         .finish_registration(

@@ -38,6 +38,10 @@ pub enum Stage {
         sealed_secret: Vec<u8>,
         #[serde(default)]
         key_only: bool,
+        /// The account had no second factor when this setup began: it completes only while
+        /// that holds (another sign-in that set one up meanwhile wins, and this one is told).
+        #[serde(default)]
+        first: bool,
     },
     /// Enrolment confirmed; the recovery codes are shown once, then the session is complete.
     /// The codes are sealed with the master key (one per line), so a shared ephemeral store

@@ -596,7 +596,7 @@ async fn the_webcrypto_fallback_binds_renews_and_never_loses_a_post() {
     assert_eq!(r.status(), 401);
     let html = r.text().await.unwrap();
     assert!(
-        html.contains("device proof of this session has expired")
+        html.contains("device proof of this session has run out")
             && html.contains("<title>Confirm this browser")
             && html.contains("href=\"/_portcullis/bind?next=%2Fcampaigns%2Fnew%3Fdraft%3D7\""),
         "{html}"

@@ -573,6 +573,101 @@ async fn an_enrolment_begun_again_says_the_key_shown_before_no_longer_works() {
     assert!(!later.contains("new-key-notice"), "{later}");
 }
 
+/// Two sign-ins setting up an account's first second factor at once (the owner, and a thief
+/// with the stolen password) never both finish: the setup begun earlier no longer works, as the
+/// later page says (nor is its page shown again), and a setup that lost the race is stopped and
+/// told rather than silently replacing the factor, and with it the recovery codes, that the
+/// other one set up.
+#[tokio::test]
+async fn only_one_of_two_concurrent_first_setups_completes_and_the_other_is_told() {
+    let gw = Gateway::start().await;
+    let email = "race@example.com";
+    let user = gw.add_user(email).await;
+    // The page's key and form token; the code is sent later without showing the page again.
+    let begin = |c: Browser| {
+        let gw = &gw;
+        async move {
+            gw.clock.advance(1);
+            let html = enrol_page(gw, &c, email).await;
+            let b32 = extract(&html, "id=\"totp-secret\">", "<").unwrap();
+            let secret = totp_rs::Secret::Encoded(b32).to_bytes().unwrap();
+            let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+            (c, secret, csrf, html)
+        }
+    };
+    let send = |(c, secret, csrf): (&Browser, &[u8], &str)| {
+        let gw = &gw;
+        let code = gw.totp_now(secret);
+        let req = c
+            .post(gw.url("/_portcullis/enrol/totp"))
+            .form(&[("code", code.as_str()), ("csrf", csrf)]);
+        async move { req.send().await.unwrap() }
+    };
+    // A begins, then B: A's key no longer works, as B's page says.
+    let (a, a_secret, a_csrf, _) = begin(gw.browser()).await;
+    let (b, b_secret, b_csrf, b_page) = begin(gw.browser()).await;
+    assert!(b_page.contains("id=\"new-key-notice\""), "{b_page}");
+    let r = send((&a, &a_secret, &a_csrf)).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/_portcullis/login?notice=enrol_superseded");
+    assert!(gw.state.durable.totp(&user.id).await.unwrap().is_none());
+    let told = gw.page(&a, &location(&r)).await;
+    assert!(told.contains("begun again in another browser"), "{told}");
+    // Nor is the page of a setup begun before the latest shown again: a reload cannot make
+    // it the latest.
+    let r = gw.get(&a, "/_portcullis/enrol/totp").await;
+    assert_eq!(r.status(), 303, "{}", location(&r));
+    let (older, _, _, _) = begin(gw.browser()).await;
+    begin(gw.browser()).await;
+    let r = gw.get(&older, "/_portcullis/enrol/totp").await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=enrol_superseded");
+    drop((b, b_secret, b_csrf));
+
+    // The latest setup works; C, begun before it finished, is stopped once it has.
+    let (c, c_secret, c_csrf, _) = begin(gw.browser()).await;
+    let (d, d_secret, d_csrf, _) = begin(gw.browser()).await;
+    gw.clock.advance(30);
+    let r = send((&d, &d_secret, &d_csrf)).await;
+    assert_eq!(location(&r), "/_portcullis/recovery-codes");
+    let (codes, _) = gw.save_recovery_codes(&d).await;
+    assert_eq!(gw.status(&d, "/campaigns").await, 200);
+    let r = send((&c, &c_secret, &c_csrf)).await;
+    assert_eq!(location(&r), "/_portcullis/login?notice=enrol_elsewhere");
+    let told = gw.page(&c, &location(&r)).await;
+    assert!(told.contains("someone else knows your password"), "{told}");
+    // D's factor and codes stand.
+    let stored = gw.state.durable.totp(&user.id).await.unwrap().unwrap();
+    let opened = gw
+        .state
+        .master_key
+        .open(
+            &portcullis::auth::flow::totp_context(&user.id),
+            &stored.secret_sealed,
+        )
+        .unwrap();
+    assert_eq!(opened.to_vec(), d_secret);
+    assert_eq!(codes.len(), 10);
+    let left = gw
+        .state
+        .durable
+        .recovery_codes_left(&user.id)
+        .await
+        .unwrap();
+    assert_eq!(left, 10);
+    let denied: Vec<_> = gw
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "totp_enrolled" && e.outcome == "denied")
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        denied,
+        ["enrol_superseded", "enrol_elsewhere"],
+        "{denied:?}"
+    );
+}
+
 /// Password for a user who must set up a second factor: the enrolment page.
 async fn enrol_page(gw: &Gateway, c: &Browser, email: &str) -> String {
     let r = gw.password(c, email, PASSWORD, "").await;

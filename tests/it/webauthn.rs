@@ -669,7 +669,7 @@ async fn json_calls_need_the_csrf_header_and_our_origin() {
         json!({"ceremony": "x", "credential": {"id": 1}}),
     )
     .await;
-    assert_eq!(error_code(r).await, (400, "bad_request".into()));
+    assert_eq!(error_code(r).await, (400, "invalid_input".into()));
     let r = call(
         &gw,
         &c,

@@ -363,3 +363,48 @@ async fn an_account_holds_at_most_sixteen_keys() {
     );
     assert_eq!(credentials(&gw, &u.id).await.len(), 16, "{statuses:?}");
 }
+
+/// A key registered at the first setup of a second factor, by a sign-in that another one
+/// overtook (it set up an app meanwhile), is refused before it is stored: that sign-in ends and
+/// is told why, with the way to sign in; the other one's factor stands alone.
+#[tokio::test]
+async fn a_key_setup_overtaken_by_another_sign_in_is_refused() {
+    let gw = gateway().await;
+    let user = gw.add_user("race-key@example.com").await;
+    let slow = gw.browser();
+    let r = gw
+        .password(&slow, "race-key@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    let mut k = key();
+    let (csrf, body) = registration(&gw, &slow, &mut k, "/_portcullis/enrol/totp", "Key").await;
+    // Meanwhile another sign-in sets up an app.
+    gw.clock.advance(1);
+    let other = gw.browser();
+    gw.enrol(&other, "race-key@example.com").await;
+    let r = call(&gw, &slow, &csrf, "register/finish", body).await;
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "enrolment_overtaken");
+    assert_eq!(v["login"], "/_portcullis/login?notice=enrol_elsewhere");
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("someone else knows"));
+    assert!(gw
+        .state
+        .durable
+        .webauthn_credentials(&user.id)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(gw.status(&slow, "/home").await, 303, "that sign-in is over");
+    gw.state.audit.flush().await;
+    assert!(gw
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event == "webauthn_enrolled"
+            && e.outcome == "denied"
+            && e.reason.as_deref() == Some("enrol_elsewhere")));
+}

@@ -262,6 +262,7 @@ impl LoginFlow {
             Stage::EnrolTotp {
                 sealed_secret: self.new_sealed_secret(&user.id)?,
                 key_only: false,
+                first: true,
             }
         };
         let reason = if matches!(stage, Stage::SecondFactor) {
