@@ -210,9 +210,18 @@ pub enum AuditCmd {
     /// statement so running gateways keep writing meanwhile. The removal is itself audited.
     Prune {
         /// Retention period, e.g. `400d`, `13weeks`, `1year`: events older than this go.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = retention)]
         older_than: std::time::Duration,
     },
+}
+
+/// `--older-than`: a duration with its unit (`400d`, `13weeks`, `1year`); a refusal says the
+/// form and the least it may be.
+fn retention(v: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(v).map_err(|_| {
+        "give a retention period with its unit, such as 400d, 13weeks or 1year (at least 1d)"
+            .to_string()
+    })
 }
 
 /// How long `audit prune`, cut short by the database going away, waits for it to come back to
@@ -477,6 +486,18 @@ async fn copy_storage(config: &Config, to: &str) -> Result<()> {
         anyhow::bail!("--to names the database the configuration already uses");
     }
     let source = SqlStore::connect(from).await?;
+    // The copy is for gateways with this configuration's master key: one that is not the
+    // database's would stop them on the copy, after the move.
+    if config.secrets.master_key.is_some() {
+        let key = config.master_key()?;
+        let now = SystemClock.now();
+        let checked =
+            crate::token::check_master_key(&source, &key, now, crate::token::Claim::No).await;
+        if let Err(e) = checked {
+            source.close().await;
+            return Err(e.into());
+        }
+    }
     // The store names the configuration's key in its errors; here the database is `--to`'s.
     let target = SqlStore::connect(to)
         .await
@@ -719,9 +740,15 @@ async fn check_redis(config: &Config) -> Result<()> {
             // A server that speaks TLS drops a plain connection at its first bytes.
             let plain = config.storage.ephemeral.starts_with("redis://")
                 || config.storage.ephemeral.starts_with("redis+cluster://");
-            let reset = e.to_string().to_ascii_lowercase().contains("reset by peer");
+            let why = e.to_string().to_ascii_lowercase();
+            let reset = why.contains("reset by peer");
+            // A plain server never answers a TLS handshake: the connection hangs until it
+            // times out.
             let hint = if plain && reset {
                 " (a server that speaks TLS resets a plain connection: if it does, use rediss://)"
+            } else if !plain && (why.contains("timed out") || why.contains("timeout")) {
+                " (a server without TLS does not answer a TLS handshake: if it speaks plain \
+                 Redis, use redis://)"
             } else {
                 ""
             };
@@ -1515,9 +1542,15 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
                     from.as_deref().unwrap_or_default(),
                     from.as_deref().unwrap_or_default()
                 ),
-                (false, Some(a)) => bail!(
+                (false, Some(a)) if a == to => bail!(
                     "--switch-algorithm {a}: the gateways sign with {to} already, as token.algorithm \
                      says; leave the option out to rotate within {to}. Nothing was changed."
+                ),
+                (false, Some(a)) => bail!(
+                    "--switch-algorithm {a}: the new key takes this configuration's token.algorithm, \
+                     which is {to}, as the gateways sign now. To switch to {a}, set token.algorithm \
+                     = \"{a}\" (or PORTCULLIS__TOKEN__ALGORITHM={a}) in the configuration the \
+                     gateways and this command read, then run this again. Nothing was changed."
                 ),
             }
             // The key's times are this host's: from a clock the gateways do not share it would
@@ -1649,6 +1682,9 @@ async fn admin_on(config: Config, cmd: Command, durable: Arc<dyn DurableStore>) 
             }
             events.reverse();
             loop {
+                // In time order: a summary of repeated refusals is written when its run ends
+                // but stamped with the run's first time.
+                events.sort_by_key(|e| e.at);
                 let mut out = std::io::stdout().lock();
                 for e in &events {
                     if e.id >= last {

@@ -280,8 +280,8 @@ pub const DEFAULT_CONNECTIONS_PER_ADDRESS: u32 = 1024;
 fn in_words(why: &str) -> String {
     let mut out = why.to_string();
     for (rust, words) in [
-        ("usize", "a whole number of at least 0"),
-        ("u64", "a whole number of at least 0"),
+        ("usize", "a whole number, not negative"),
+        ("u64", "a whole number, not negative"),
         ("u32", "a whole number from 0 to 4294967295"),
         ("u16", "a whole number from 0 to 65535"),
         ("u8", "a whole number from 0 to 255"),
@@ -1016,6 +1016,23 @@ impl Config {
                     } else {
                         why.push_str("; in the file, a text is written in quotes: key = \"value\"");
                     }
+                }
+                // A section no variable may name: the variable is what to look at, and the
+                // sections it may name are those besides the file-only rules.
+                let section_var = from_env
+                    .iter()
+                    .filter(|k| k.split_once('.').is_some_and(|(s, _)| s == key))
+                    .min();
+                if let (Some(set), true) = (section_var, why.starts_with("unknown field")) {
+                    let var = format!(
+                        "{ENV_PREFIX}{}",
+                        set.replace('.', "__").to_ascii_uppercase()
+                    );
+                    let why = why.replace(", `step_up`", "").replace("`step_up`, ", "");
+                    return key_err(
+                        &var,
+                        format!("names no section of the configuration: {why}"),
+                    );
                 }
                 // A value set in the environment: the variable is what to look at.
                 if from_env.contains(&key) && !why.contains("PORTCULLIS__") {
@@ -1942,7 +1959,7 @@ fn apply_env(
         };
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
         if matches!(path.first().map(String::as_str), Some("step_up"))
-            || (path.len() > 2 && path[0] == "webauthn" && path[1] == "accounts")
+            || (path.len() >= 2 && path[0] == "webauthn" && path[1] == "accounts")
         {
             return Err(key_err(
                 &name,

@@ -1353,10 +1353,20 @@ fn file_only_tables_and_list_examples() {
     for name in [
         "PORTCULLIS__STEP_UP",
         "PORTCULLIS__WEBAUTHN__ACCOUNTS__A1__ATTESTATION",
+        "PORTCULLIS__WEBAUTHN__ACCOUNTS",
     ] {
         let e = load_str("", &[(name, "x")]).unwrap_err().to_string();
         assert!(e.contains("file only"), "{name}: {e}");
     }
+    // A section that does not exist: the variable is named, and the sections offered are those
+    // a variable may set.
+    let e = load_str("", &[("PORTCULLIS__FOO__BAR", "1")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("PORTCULLIS__FOO__BAR") && e.contains("`server`") && !e.contains("step_up"),
+        "{e}"
+    );
     let e = load_str(
         "",
         &[("PORTCULLIS__REMEMBER_DEVICE__OFF_ACCOUNTS", "acct-1")],

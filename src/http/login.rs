@@ -1498,7 +1498,15 @@ pub async fn logout_post(
     Form(form): Form<LogoutForm>,
 ) -> Result<Response, AppError> {
     check_csrf(&state, &headers, &form.csrf)?;
-    if let Some(loaded) = current_session(&state, &headers).await? {
+    // A sign-out the session store did not take says so: the user is still signed in.
+    let still_in = |e: AppError| AppError {
+        message: format!(
+            "You are still signed in: signing out could not reach the session store. {}",
+            e.message
+        ),
+        ..e
+    };
+    if let Some(loaded) = current_session(&state, &headers).await.map_err(still_in)? {
         let client = super::client(&state, peer, &headers);
         // A copied cookie jar may sign the session out (the safe way round), but from another
         // network or browser than the session's device that is a sign of the copy: written
@@ -1508,7 +1516,8 @@ pub async fn logout_post(
         state
             .sessions
             .destroy(&loaded.key, &loaded.session.user_id)
-            .await?;
+            .await
+            .map_err(|e| still_in(e.into()))?;
         state.signer.forget(&loaded.key);
         let mut ev = AuditEvent::new("logout", "success", state.clock.now())
             .client(&client.ip, &client.user_agent);

@@ -196,7 +196,7 @@ pub async fn rotate(
 }
 
 /// The `meta` entry holding a value sealed with the database's master key.
-const MASTER_KEY_CHECK: &str = "master_key_check";
+pub(crate) const MASTER_KEY_CHECK: &str = "master_key_check";
 /// What that entry seals (and the context it is sealed under).
 const MASTER_KEY_CHECK_CONTEXT: &str = "portcullis/master-key-check";
 

@@ -789,6 +789,15 @@ async fn audit_prune_removes_only_events_past_the_retention_and_is_itself_audite
         .cli(&["audit", "prune", "--older-than", "1m"], None)
         .await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be at least 1d"));
+    // No unit, or no duration: the form to give, never an example that is then refused.
+    for bad in ["400", "banana"] {
+        let out = gw.cli(&["audit", "prune", "--older-than", bad], None).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("such as 400d") && !err.contains("400ms"),
+            "{err}"
+        );
+    }
     assert_eq!(gw.audit().await, before);
 
     let out = gw
@@ -1782,6 +1791,15 @@ async fn a_rotation_that_would_switch_the_algorithm_must_be_confirmed() {
         .await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already"));
+    // Asking to switch without the configuration saying so: told what to set.
+    let out = gw
+        .cli(&["keys", "rotate", "--switch-algorithm", "ES256"], None)
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("token.algorithm = \"ES256\""),
+        "{err}"
+    );
     assert_eq!(
         gw.state.durable.live_signing_keys(0).await.unwrap().len(),
         before
@@ -2067,6 +2085,33 @@ async fn storage_copy_moves_a_sqlite_gateway_to_postgres() {
         err.contains("(--to)") && !err.contains("storage.durable"),
         "{err}"
     );
+
+    // Another master key than the database's: the gateways could not start on the copy, so it
+    // is refused before anything is copied.
+    let other = portcullis::crypto::MasterKey::generate_base64();
+    let out = gw
+        .cli_env(
+            &["storage", "copy", "--to", &url],
+            None,
+            &[("PORTCULLIS__SECRETS__MASTER_KEY", other.as_str())],
+        )
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("master key is not the one") && !err.contains("copying"),
+        "{err}"
+    );
+    // A new database set up by a command run as its owner (which leaves the master key's
+    // check value there, and nothing else) is still new to the copy.
+    let out = gw
+        .cli_env(
+            &["user", "list"],
+            None,
+            &[("PORTCULLIS__STORAGE__DURABLE", url.as_str())],
+        )
+        .await;
+    assert!(out.status.success(), "{out:?}");
 
     let out = gw.cli(&["storage", "copy", "--to", &url], None).await;
     let said = String::from_utf8_lossy(&out.stdout);

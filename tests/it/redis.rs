@@ -109,6 +109,7 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
     // A sign-in form opened before Redis goes away.
     let fresh = gw.browser();
     let csrf = gw.csrf(&fresh, "/_portcullis/login").await;
+    let out_csrf = gw.csrf(&c, "/_portcullis/logout").await;
     redis.kill();
     // The session was used a moment ago, so its record is in the gateway's local cache; the
     // cache stops serving as soon as the gateway notices its invalidation channel is gone
@@ -147,6 +148,16 @@ async fn redis_outage_fails_closed_and_recovers_without_restart() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+    // A sign-out says it did not happen: the user is still signed in.
+    let r = c
+        .post(gw.url("/_portcullis/logout"))
+        .header("accept", "text/html")
+        .form(&[("csrf", out_csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("You are still signed in"));
 
     // The process lives and says what is wrong; the probe's 503 is no page refused.
     let refused = |gw: &Gateway| {

@@ -93,6 +93,15 @@ impl SqlStore {
                 .await
                 .map_err(unavailable)?;
         }
+        // A command run on the new database to set it up (`user list` as its owner) leaves
+        // the master key's check value and nothing else: the source's replaces it.
+        sqlx::query(&format!(
+            "DELETE FROM meta WHERE name = '{}'",
+            crate::token::MASTER_KEY_CHECK
+        ))
+        .execute(&mut *into)
+        .await
+        .map_err(unavailable)?;
         let mut used = Vec::new();
         for table in GATEWAY_TABLES {
             let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
