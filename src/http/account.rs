@@ -50,21 +50,27 @@ async fn signed_in(
     // A session that has ended (idle, its time up, ended by an administrator) is told as the
     // console's pages tell it; a browser that never signed in, or is signing in, is not.
     // Its dead cookie goes with the notice, which is then said once.
-    let to_login = |ended: bool| match ended {
-        true => with_cookies(
-            super::no_session(
-                "/_portcullis/login?next=%2F_portcullis%2Faccount&notice=session_ended",
-            ),
+    // (`Some(notice)`: it had one, which ended.)
+    let to_login = |ended: Option<&str>| match ended {
+        Some(notice) => with_cookies(
+            super::no_session(&format!(
+                "/_portcullis/login?next=%2F_portcullis%2Faccount&notice={notice}"
+            )),
             [state.sessions.clear_cookie()],
         ),
-        false => super::no_session("/_portcullis/login?next=%2F_portcullis%2Faccount"),
+        None => super::no_session("/_portcullis/login?next=%2F_portcullis%2Faccount"),
     };
     let Some(loaded) = current_session(state, headers).await? else {
-        let had = super::get_cookie(headers, state.sessions.cookie_name()).is_some();
-        return Ok(Err(to_login(had)));
+        let cookie = super::get_cookie(headers, state.sessions.cookie_name());
+        if cookie.is_none() {
+            return Ok(Err(to_login(None)));
+        }
+        let by = state.sessions.ended_by_whom(cookie).await?;
+        let notice = by.map_or("session_ended", crate::session::Ended::notice);
+        return Ok(Err(to_login(Some(notice))));
     };
     if !loaded.session.is_authenticated() {
-        return Ok(Err(to_login(false)));
+        return Ok(Err(to_login(None)));
     }
     let user = state
         .user_gate
@@ -72,7 +78,7 @@ async fn signed_in(
         .await?;
     Ok(user
         .map(|u| (loaded, std::sync::Arc::unwrap_or_clone(u)))
-        .ok_or_else(|| to_login(true)))
+        .ok_or_else(|| to_login(Some("session_ended"))))
 }
 
 /// A form post of the signed-in user: CSRF checked, then the session as for [`signed_in`].
@@ -396,7 +402,11 @@ pub async fn revoke_device_post(
         return Err(AppError::not_found());
     }
     state.durable.revoke_device(&id).await?;
-    let ended = state.sessions.destroy_device(&user.id, &id).await?;
+    let by_owner = crate::session::Ended::ByOwner;
+    let ended = state
+        .sessions
+        .destroy_device(&user.id, &id, by_owner)
+        .await?;
     audit(
         &state,
         peer,
@@ -456,7 +466,11 @@ pub(super) async fn end_other_sessions(
     let mut ended = 0;
     for other in state.sessions.list_user(user_id).await? {
         if other.key != keep {
-            state.sessions.destroy(&other.key, user_id).await?;
+            let by_owner = crate::session::Ended::ByOwner;
+            state
+                .sessions
+                .destroy_because(&other.key, user_id, by_owner)
+                .await?;
             state.signer.forget(&other.key);
             ended += 1;
         }

@@ -104,18 +104,18 @@ pub(crate) fn sign_in_location(login: &str, next: Option<&str>, notice: Option<&
 
 /// Where a browser refused for want of a session goes back to after signing in, and what the
 /// sign-in page tells it: a page read again (`GET`, `HEAD`) comes back, told its session ended
-/// when it had one (`ended`); a form cannot be sent again through a redirect, so the browser is
+/// when it had one (`ended`: `Some`, with who ended it where that is known); a form cannot be sent again through a redirect, so the browser is
 /// told it was not sent and comes back to the page it was on (`Referer`).
 pub(crate) fn sign_in_return(
     state: &AppState,
     (method, target): (&Method, &str),
     headers: &HeaderMap,
-    ended: bool,
+    ended: Option<Option<crate::session::Ended>>,
 ) -> (Option<String>, Option<&'static str>) {
     if is_read(method) {
         (
             return_target(state, method, target),
-            ended.then_some("session_ended"),
+            ended.map(|by| by.map_or("session_ended", crate::session::Ended::notice)),
         )
     } else {
         (referring_page(state, headers), Some("not_sent"))
@@ -236,8 +236,12 @@ pub(crate) enum Decision {
     /// A signed-in user whose session completed a second factor: the identity token to send on
     /// (as the identity header's value), and the session.
     Pass(HeaderValue, Cached),
-    /// No such session; `clear_cookie` when the cookie named a session that is no more.
-    Refuse { clear_cookie: bool },
+    /// No such session; `clear_cookie` when the cookie named a session that is no more, and
+    /// `ended` where word was left of who ended it (the sign-in page's notice).
+    Refuse {
+        clear_cookie: bool,
+        ended: Option<crate::session::Ended>,
+    },
     /// A complete session without a valid device proof (`binding.enabled`); with the session's
     /// public id and whether a browser's form may be held for it from here
     /// ([`super::binding::may_hold`]).
@@ -312,9 +316,15 @@ pub(crate) async fn decide(
         Err(why) => match another_session(state, headers).await? {
             Some(l) => l,
             None => {
+                // Only where a session is gone: read on the way to the sign-in page alone.
+                let ended = match why {
+                    Invalid::Unknown => state.sessions.ended_by_whom(cookie).await?,
+                    _ => None,
+                };
                 return Ok(Decision::Refuse {
                     clear_cookie: why != Invalid::Missing,
-                })
+                    ended,
+                });
             }
         },
     };
@@ -345,6 +355,7 @@ pub(crate) async fn decide(
             .await;
         return Ok(Decision::Refuse {
             clear_cookie: false,
+            ended: None,
         });
     }
     let Some(user) = state
@@ -366,7 +377,10 @@ pub(crate) async fn decide(
             ..ev
         };
         state.audit.record(ev).await;
-        return Ok(Decision::Refuse { clear_cookie: true });
+        return Ok(Decision::Refuse {
+            clear_cookie: true,
+            ended: None,
+        });
     };
     if state.config.binding.enabled {
         // Step 3 of the request path: a fresh proof from the device key the session is bound to.
@@ -395,7 +409,10 @@ pub(crate) async fn decide(
     }
     if !state.sessions.touch(&mut loaded).await? {
         // Ended elsewhere a moment ago.
-        return Ok(Decision::Refuse { clear_cookie: true });
+        return Ok(Decision::Refuse {
+            clear_cookie: true,
+            ended: None,
+        });
     }
     // The touch reads the record again where it was written meanwhile: a hold set since counts.
     if let Some(held) = risk_held(&loaded.session) {
@@ -835,7 +852,10 @@ async fn gate_and_forward(
             let refused = step_up_refusal(browser, pages, why, StatusCode::FORBIDDEN);
             return Ok(Answer::Own(with_held_cookie(refused, cookie)));
         }
-        Decision::Refuse { clear_cookie } => {
+        Decision::Refuse {
+            clear_cookie,
+            ended,
+        } => {
             state.metrics.proxied(match browser {
                 true => Proxied::SignInRedirect,
                 false => Proxied::Denied,
@@ -844,7 +864,7 @@ async fn gate_and_forward(
                 state,
                 (req.method(), &path_and_query),
                 req.headers(),
-                clear_cookie,
+                clear_cookie.then_some(ended),
             );
             // The dead cookie is cleared by the answer that tells the browser (a page's
             // navigation), not by a request of the page's own (a poll, an image, a script), which

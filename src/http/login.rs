@@ -214,6 +214,15 @@ pub(super) fn notice_text(code: &str) -> Option<&'static str> {
              enrolment link, ask your administrator for a new link."
         }
         "logged_out" => "You are signed out.",
+        "signed_out_elsewhere" => {
+            "This browser was signed out from another browser signed in to your account (from \
+             its account page, or by a password change there). If that was not you, sign in \
+             and change your password at once."
+        }
+        "ended_by_admin" => {
+            "An administrator ended this session. Please sign in again; if you do not know why, \
+             ask your administrator."
+        }
         crate::auth::flow::ENROL_ELSEWHERE => {
             "While you were setting up your second factor, one was set up for this account from \
              another sign-in, so this setup was stopped. Sign in with that second factor. If it \

@@ -277,6 +277,43 @@ fn record_key(hash: &str) -> String {
 /// sessions ran out on their own.
 const PRUNE_EVERY: u64 = 32;
 
+/// Word of why a session was ended, kept for the browser that held it (see [`Ended`]).
+fn ended_key(hash: &str) -> String {
+    format!("ended:{hash}")
+}
+
+/// How long the word of why a session was ended is kept: the cookie that names it lives until
+/// its browser closes, most often within a day.
+const ENDED_NOTE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a session was ended by someone other than its holder, said to the browser that held it at
+/// its next request (as the sign-in page's notice): otherwise it would read as idle or timed
+/// out, and the owner would not learn that another browser, or an administrator, ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The account's owner, from another browser (its account page: a device signed out,
+    /// every other one, a password change).
+    ByOwner,
+    /// An administrator (the admin console).
+    ByAdmin,
+}
+
+impl Ended {
+    /// The sign-in page's notice code.
+    pub fn notice(self) -> &'static str {
+        match self {
+            Ended::ByOwner => "signed_out_elsewhere",
+            Ended::ByAdmin => "ended_by_admin",
+        }
+    }
+
+    fn of(code: &[u8]) -> Option<Self> {
+        [Ended::ByOwner, Ended::ByAdmin]
+            .into_iter()
+            .find(|e| e.notice().as_bytes() == code)
+    }
+}
+
 fn user_index_key(user_id: &str) -> String {
     format!("user_sessions:{{{user_id}}}")
 }
@@ -573,11 +610,46 @@ impl Sessions {
         self.store.set_remove(&user_index_key(user_id), key).await
     }
 
+    /// [`Sessions::destroy`], leaving word of `why` for the browser that held the session.
+    pub async fn destroy_because(&self, key: &str, user_id: &str, why: Ended) -> StoreResult<()> {
+        self.leave_word(key, why).await?;
+        self.destroy(key, user_id).await
+    }
+
+    async fn leave_word(&self, key: &str, why: Ended) -> StoreResult<()> {
+        let note = why.notice().as_bytes();
+        self.store.put(&ended_key(key), note, ENDED_NOTE_TTL).await
+    }
+
+    /// Why the session a cookie names was ended by someone else, if word of it was left.
+    pub async fn ended_by_whom(&self, cookie_value: Option<&str>) -> StoreResult<Option<Ended>> {
+        let Ok(key) = Self::storage_key(cookie_value) else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .get(&ended_key(&key))
+            .await?
+            .and_then(|b| Ended::of(&b)))
+    }
+
     /// Ends every session of a user known to this store, on every gateway.
     pub async fn destroy_all(&self, user_id: &str) -> StoreResult<usize> {
+        self.destroy_all_leaving(user_id, None).await
+    }
+
+    /// [`Sessions::destroy_all`], leaving word of `why` for each browser that held one.
+    pub async fn destroy_all_because(&self, user_id: &str, why: Ended) -> StoreResult<usize> {
+        self.destroy_all_leaving(user_id, Some(why)).await
+    }
+
+    async fn destroy_all_leaving(&self, user_id: &str, why: Option<Ended>) -> StoreResult<usize> {
         self.cache.forget_user(user_id);
         let keys = self.store.set_members(&user_index_key(user_id)).await?;
         for k in &keys {
+            if let Some(why) = why {
+                self.leave_word(k, why).await?;
+            }
             self.store.delete(&record_key(k)).await?;
         }
         self.store.delete(&user_index_key(user_id)).await?;
@@ -607,8 +679,14 @@ impl Sessions {
         Ok(out)
     }
 
-    /// Ends every session of `user_id` that was signed in from `device_id`; returns how many.
-    pub async fn destroy_device(&self, user_id: &str, device_id: &str) -> StoreResult<usize> {
+    /// Ends every session of `user_id` that was signed in from `device_id`, leaving word of
+    /// `why`; returns how many.
+    pub async fn destroy_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        why: Ended,
+    ) -> StoreResult<usize> {
         let keys = self.store.set_members(&user_index_key(user_id)).await?;
         let mut ended = 0;
         for k in &keys {
@@ -619,7 +697,7 @@ impl Sessions {
             let s: Session =
                 serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if s.device_id.as_deref() == Some(device_id) {
-                self.destroy(k, user_id).await?;
+                self.destroy_because(k, user_id, why).await?;
                 ended += 1;
             }
         }

@@ -1154,7 +1154,17 @@ async fn sessions_and_devices_are_ended_from_the_console() {
     assert_eq!(r.status(), 303);
     assert_eq!(gw.status(&customer, "/campaigns").await, 303);
     assert_eq!(gw.status(&other, "/campaigns").await, 303);
-    assert_eq!(gw.status(&third, "/campaigns").await, 303);
+    // The browser is told who ended its session (a page read, a navigation).
+    let r = gw.navigate(&third, "/campaigns").await;
+    assert_eq!(
+        location(&r),
+        "/_portcullis/login?next=%2Fcampaigns&notice=ended_by_admin"
+    );
+    let told = gw.page(&third, &location(&r)).await;
+    assert!(
+        told.contains("An administrator ended this session"),
+        "{told}"
+    );
 
     gw.state.audit.flush().await;
     let trail = gw.audit().await;

@@ -545,6 +545,15 @@ impl Gateway {
             .unwrap()
     }
 
+    /// A browser's navigation to `path` with `c` (`Accept: text/html`), not followed.
+    pub async fn navigate(&self, c: &reqwest::Client, path: &str) -> reqwest::Response {
+        c.get(self.url(path))
+            .header("accept", "text/html")
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `GET path` with `c`.
     pub async fn get(&self, c: &reqwest::Client, path: &str) -> reqwest::Response {
         c.get(self.url(path)).send().await.unwrap()

@@ -552,7 +552,15 @@ async fn signing_out_every_other_device_ends_them_all_but_this_one() {
         .unwrap();
     assert_eq!(r.status(), 303);
     assert!(location(&r).contains("notice=others_signed_out"));
-    assert_eq!(gw.status(&plain, "/campaigns").await, 303);
+    // The browser signed out is told so, not that its session ran out: the owner learns of
+    // it if it was not them.
+    let refused = gw.navigate(&plain, "/campaigns").await;
+    assert_eq!(
+        location(&refused),
+        "/_portcullis/login?next=%2Fcampaigns&notice=signed_out_elsewhere"
+    );
+    let told = gw.page(&plain, &location(&refused)).await;
+    assert!(told.contains("signed out from another browser"), "{told}");
     assert_eq!(gw.status(&this, "/campaigns").await, 200, "this one stays");
     assert_eq!(
         live(&gw).await,

@@ -486,7 +486,8 @@ async fn end_all(state: &AppState, user: &User) -> Result<(), AppError> {
         .durable
         .void_sessions(&user.id, state.clock.now_millis())
         .await?;
-    state.sessions.destroy_all(&user.id).await?;
+    let why = crate::session::Ended::ByAdmin;
+    state.sessions.destroy_all_because(&user.id, why).await?;
     state.user_gate.forget(&user.id);
     Ok(())
 }
@@ -688,7 +689,11 @@ pub async fn end_session_post(
         // Ended meanwhile (by the user, by expiry, or by this form sent twice).
         return Ok(done(&user, "session_gone"));
     };
-    state.sessions.destroy(&found.key, &user.id).await?;
+    let by_admin = crate::session::Ended::ByAdmin;
+    state
+        .sessions
+        .destroy_because(&found.key, &user.id, by_admin)
+        .await?;
     state.signer.forget(&found.key);
     record(&state, &admin, "session_ended", Some(&user), &why).await;
     state
@@ -876,7 +881,10 @@ pub async fn revoke_device_post(
         return Err(AppError::not_found());
     };
     let changed = state.durable.revoke_device(&device).await?;
-    state.sessions.destroy_device(&user.id, &device).await?;
+    state
+        .sessions
+        .destroy_device(&user.id, &device, crate::session::Ended::ByAdmin)
+        .await?;
     if changed {
         record(&state, &admin, "device_revoked", Some(&user), &why).await;
         state
