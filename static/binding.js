@@ -129,8 +129,13 @@ async function attempt(first) {
 // export) is saved without leaving it.
 function onward(delay) {
   const status = section.querySelector("[data-binding-status]");
-  status.textContent = "This browser is confirmed. Continuing…";
   section.querySelector("[data-binding-continue]").hidden = false;
+  // A form that was not passed on: the person continues when ready, to send it again.
+  if (section.hasAttribute("data-not-sent")) {
+    status.textContent = "This browser is confirmed.";
+    return;
+  }
+  status.textContent = "This browser is confirmed. Continuing…";
   setTimeout(() => location.replace(section.dataset.next || "/"), delay);
 }
 

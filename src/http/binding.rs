@@ -928,6 +928,7 @@ pub async fn bind_get(
             &pages::Bind {
                 csrf: &token,
                 next: &next,
+                not_sent: super::query_param(&q, "notice").as_deref() == Some("not_sent"),
             },
         ),
         set,

@@ -134,6 +134,10 @@ fn original(
 
 /// Where a proof (device, step-up) returns to: the original URI for a page (`GET`/`HEAD`),
 /// else the page the form was on (`Referer`, same origin only), as in proxy mode.
+/// The query parameter by which the step-up and device-proof pages say that a form was not
+/// passed on (to be sent again once the proof is made).
+const NOT_SENT: &str = "notice=not_sent";
+
 fn pages(
     state: &AppState,
     orig: &Original,
@@ -326,8 +330,19 @@ async fn check(
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
             } else if r.status() == StatusCode::UNAUTHORIZED {
-                if let Some(to) = page_with_next(bind.as_str(), next.as_deref().or(back.as_deref()))
-                {
+                let to = page_with_next(bind.as_str(), next.as_deref().or(back.as_deref()));
+                // A form (its page to return to): the proxy's redirect drops the 401's page, so
+                // the device-proof page says that what was sent was not passed on.
+                let form = !super::gate::is_read(&orig.method);
+                let to = match (form, to) {
+                    (true, Some(to)) => {
+                        let to = to.to_str().unwrap_or_default();
+                        let and = if to.contains('?') { '&' } else { '?' };
+                        HeaderValue::from_str(&format!("{to}{and}{NOT_SENT}")).ok()
+                    }
+                    (_, to) => to,
+                };
+                if let Some(to) = to {
                     r.headers_mut().insert(header::LOCATION, to);
                 }
             }
@@ -343,11 +358,18 @@ async fn check(
                 StatusCode::UNAUTHORIZED,
             );
             let after = next.as_deref().or(back.as_deref()).unwrap_or("/");
+            let mut page = super::reauth::url(after, key);
+            // A form, which nothing holds here: the step-up page says it was not sent (a proxy
+            // that turns the 401 into its own redirect drops the page that would say so).
+            if !super::gate::is_read(&orig.method) {
+                page.push('&');
+                page.push_str(NOT_SENT);
+            }
             let reauth = state
                 .config
                 .server
                 .public_url
-                .join(&super::reauth::url(after, key))
+                .join(&page)
                 .map_err(|e| AppError::internal(&e))?;
             let location = HeaderValue::from_str(reauth.as_str()).ok();
             // As for sign-in: a 302 for a browser's navigation (also where its address was no
@@ -368,14 +390,17 @@ async fn check(
             }
             Ok((ForwardAuth::StepUp, r))
         }
-        Decision::Refuse { clear_cookie } => {
+        Decision::Refuse {
+            clear_cookie,
+            ended,
+        } => {
             // As the proxy does: a page comes back after sign-in (told its session ended), a
             // form is said not to be sent and its page comes back.
             let (next, notice) = super::gate::sign_in_return(
                 state,
                 (&orig.method, &orig.target),
                 headers,
-                clear_cookie,
+                clear_cookie.then_some(ended),
             );
             let login = state
                 .config

@@ -220,6 +220,9 @@ pub struct Reauth<'a> {
     pub error: Option<&'a str>,
     /// A form held for this step-up, sent once it is done.
     pub form: Option<&'a super::held::Waiting>,
+    /// A form that needed this proof was not passed on (and none is held): say to send it
+    /// again once confirmed.
+    pub not_sent: bool,
     /// Where "Cancel" goes: the page of the held form, else the start page; none for a session
     /// the risk engine holds, whose every page asks for this proof again.
     pub cancel: Option<&'a str>,
@@ -287,6 +290,9 @@ pub struct Bind<'a> {
     pub csrf: &'a str,
     /// Where to continue once the device is proven (a validated same-origin path).
     pub next: &'a str,
+    /// A form that needed the proof was not passed on (`notice=not_sent`): the page says so and
+    /// waits for the person to continue, then send it again.
+    pub not_sent: bool,
 }
 
 /// The page on which a remembered device proves its key after the password.

@@ -64,6 +64,9 @@ struct View<'a> {
     status: StatusCode,
     /// The session is held by the risk engine (see `Session::held`): say why.
     held: bool,
+    /// A form was refused for want of this proof and not passed on (`notice=not_sent`, from
+    /// forward-auth, which holds no form): say to send it again.
+    not_sent: bool,
 }
 
 async fn page(
@@ -108,6 +111,7 @@ async fn page(
         admin: user.is_admin,
         error: v.error,
         form: form.as_ref(),
+        not_sent: v.not_sent && form.is_none(),
         cancel: (!v.held).then(|| form.as_ref().and_then(|f| f.back.as_deref()).unwrap_or("/")),
     };
     Ok(with_cookies(render(v.status, &view), set))
@@ -196,6 +200,7 @@ pub async fn reauth_get(
         error: None,
         status: StatusCode::OK,
         held: loaded.session.held(),
+        not_sent: query(&q, "notice").as_deref() == Some("not_sent"),
     };
     page(&state, &headers, (&loaded, &user), view).await
 }
@@ -257,6 +262,7 @@ pub async fn reauth_post(
         error: Some(msg),
         status,
         held,
+        not_sent: false,
     };
     match outcome {
         CodeOutcome::Accepted => {

@@ -833,10 +833,65 @@ async fn nginx_sends_an_unbound_browser_to_its_device_proof() {
         Some(format!("{}/_portcullis/bind?next=%2Fcampaigns%3Fpage%3D2", gw.base).as_str())
     );
     assert_eq!(gw.upstream.count(), 0);
+    // A form: back to its page after the proof, and the device-proof page says it was not
+    // sent (nothing holds it here), waiting for the person rather than moving on alone.
+    let page = form_not_sent(&nginx, &gw, &b, "/_portcullis/bind").await;
+    assert!(
+        page.contains("id=\"not-sent\"") && page.contains("data-not-sent"),
+        "{page}"
+    );
+    assert_eq!(gw.upstream.count(), 0);
     super::binding::bind_webcrypto(&gw, &b, &super::binding::Device::new()).await;
     let r = campaigns().await;
     assert_eq!(r.status, 200, "{}", r.head);
     assert_eq!(gw.upstream.last().uri, "/campaigns?page=2");
+}
+
+/// A browser's form sent through nginx from the console's page `/campaigns/1`, which nginx
+/// redirects to the gateway's `page`, back to `/campaigns/1` and saying the form was not sent:
+/// that page as the browser then reads it.
+async fn form_not_sent(nginx: &Nginx, gw: &Gateway, b: &Browser, page: &str) -> String {
+    let referer = format!("{}/campaigns/1", gw.base);
+    let headers = [
+        ("Cookie", gw.cookies(b)),
+        ("Referer", referer),
+        ("Content-Type", "application/x-www-form-urlencoded".into()),
+    ];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = raw(nginx.addr, "POST", "/campaigns/1/send", &headers, "a=b").await;
+    assert_eq!(r.status, 302, "{}", r.head);
+    let to = format!("{page}?next=%2Fcampaigns%2F1&notice=not_sent");
+    assert_eq!(r.header("location"), Some(format!("{}{to}", gw.base)));
+    gw.page(b, &to).await
+}
+
+/// A form that a `[[step_up]]` rule guards, refused through the documented nginx configuration
+/// (which turns the check's 401 into its own redirect, and holds no form): the step-up page
+/// says it was not sent, and goes back to its page once confirmed.
+#[tokio::test]
+async fn nginx_sends_a_form_that_needs_a_step_up_to_a_page_saying_it_was_not_sent() {
+    let gw = Gateway::start_with(|c| {
+        c.forward_auth.enabled = true;
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        c.step_up = vec![portcullis::policy::step_up::StepUpRule {
+            path: "/campaigns/*/send".into(),
+            methods: vec!["POST".into()],
+            max_age: std::time::Duration::from_secs(300),
+            key: false,
+        }];
+    })
+    .await;
+    let nginx = start_nginx(&gw).await;
+    let (b, _, _) = gw.signed_in("stale@example.com").await;
+    gw.clock.advance(600);
+    let page = form_not_sent(&nginx, &gw, &b, "/_portcullis/reauth").await;
+    assert_eq!(gw.upstream.count(), 0, "nothing reached the console");
+    assert!(page.contains("id=\"not-sent\""), "{page}");
+    // The page without the notice says nothing of the kind.
+    let plain = gw
+        .page(&b, "/_portcullis/reauth?next=%2Fcampaigns%2F1")
+        .await;
+    assert!(!plain.contains("not-sent"), "{plain}");
 }
 
 /// Through the documented nginx configuration the gateway believes nginx, so nginx must not pass

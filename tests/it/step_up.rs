@@ -241,8 +241,9 @@ async fn sensitive_actions_need_a_recent_proof() {
         .await;
         assert_eq!(r.status, 401, "{accept}: {}", r.head);
         assert!(
-            r.location()
-                .ends_with("/_portcullis/reauth?next=%2Fcampaigns%2F7%3Ftab%3Dreview"),
+            r.location().ends_with(
+                "/_portcullis/reauth?next=%2Fcampaigns%2F7%3Ftab%3Dreview&notice=not_sent"
+            ),
             "{accept}: {}",
             r.head
         );
