@@ -592,6 +592,31 @@ pub(crate) fn remove_gateway_response_headers(headers: &mut HeaderMap, own: &[St
     }
 }
 
+/// A console's answer that says nothing of who may frame it (no `X-Frame-Options`, no CSP
+/// `frame-ancestors`) may be framed by its own origin only (`X-Frame-Options: SAMEORIGIN`):
+/// otherwise a page of another origin on the same site (a sibling subdomain), to which the
+/// browser sends the session's `SameSite=Lax` cookie, could frame the signed-in console and have
+/// the user click its buttons. A console that says for itself is left as it says.
+pub(crate) fn frame_own_origin_only(headers: &mut HeaderMap) {
+    if headers.contains_key(header::X_FRAME_OPTIONS) {
+        return;
+    }
+    let says = headers
+        .get_all(header::CONTENT_SECURITY_POLICY)
+        .iter()
+        .any(|v| {
+            v.as_bytes()
+                .windows(15)
+                .any(|w| w.eq_ignore_ascii_case(b"frame-ancestors"))
+        });
+    if !says {
+        headers.insert(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("SAMEORIGIN"),
+        );
+    }
+}
+
 /// Drops every `Set-Cookie` that would set one of the gateway's cookies, so the upstream can
 /// neither overwrite nor shadow the gateway's session. Names are compared ignoring case (dropping
 /// a look-alike is harmless; a look-alike reaching a lenient parser is not), and a value-only

@@ -428,7 +428,8 @@ impl http_body::Body for SentSignal {
 
 /// Turns the upstream's response into the client's: status, headers and body as sent, minus
 /// hop-by-hop headers and any attempt to set the gateway's cookies or to bind sessions on its
-/// origin. The body is not read here.
+/// origin, and framed by its own origin only where it says nothing of framing. The body is not
+/// read here.
 fn relay(parts: http::response::Parts, body: Body, fwd: &Forwarding) -> axum::response::Response {
     let mut headers = parts.headers;
     if headers::has_transfer_encoding(&headers) {
@@ -437,6 +438,7 @@ fn relay(parts: http::response::Parts, body: Body, fwd: &Forwarding) -> axum::re
     headers::remove_hop_by_hop(&mut headers);
     headers::filter_response_cookies(&mut headers, &fwd.gateway_cookies);
     headers::remove_gateway_response_headers(&mut headers, &fwd.strip_headers);
+    headers::frame_own_origin_only(&mut headers);
     let mut out = axum::response::Response::new(body);
     *out.status_mut() = parts.status;
     *out.headers_mut() = headers;

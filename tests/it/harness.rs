@@ -138,6 +138,19 @@ async fn record(State(up): State<Upstream>, req: Request) -> Response {
             .body(Body::empty())
             .unwrap();
     }
+    // A console page that says who may frame it (`/framing/xfo`, `/framing/csp`) or not.
+    if let Some(kind) = path.strip_prefix("/framing/") {
+        let mut r = Response::builder().header("content-type", "text/html");
+        r = match kind {
+            "xfo" => r.header("x-frame-options", "DENY"),
+            "csp" => r.header(
+                "content-security-policy",
+                "default-src 'self'; Frame-Ancestors https://partner.example",
+            ),
+            _ => r.header("content-security-policy", "default-src 'self'"),
+        };
+        return r.body(Body::from("<p>console</p>")).unwrap();
+    }
     if path == "/cookies" {
         return Response::builder()
             .status(201)

@@ -235,6 +235,49 @@ async fn a_planted_session_cookie_does_not_sign_the_user_out() {
     assert_eq!(gw.status(&c, "/campaigns").await, 200);
 }
 
+/// A console page that says nothing of framing may be framed by its own origin only: another
+/// origin of the same site (a sibling subdomain, to which the session's `SameSite=Lax` cookie
+/// goes) cannot frame the signed-in console and have its buttons clicked. A console that says
+/// for itself (`X-Frame-Options`, or `frame-ancestors` in its CSP) is left as it says.
+#[tokio::test]
+async fn console_pages_that_say_nothing_of_framing_are_framed_by_their_own_origin_only() {
+    let gw = Gateway::start().await;
+    let (c, _, _) = gw.signed_in("frames@example.com").await;
+    let framing = |path: &'static str| {
+        let (gw, c) = (&gw, &c);
+        async move {
+            let r = gw.get(c, path).await;
+            assert_eq!(r.status(), 200, "{path}");
+            let h = r.headers();
+            let xfo = h
+                .get("x-frame-options")
+                .map(|v| v.to_str().unwrap().to_string());
+            let csp: Vec<String> = h
+                .get_all("content-security-policy")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect();
+            (xfo, csp)
+        }
+    };
+    for path in ["/campaigns", "/framing/none"] {
+        let (xfo, _) = framing(path).await;
+        assert_eq!(xfo.as_deref(), Some("SAMEORIGIN"), "{path}");
+    }
+    let (xfo, _) = framing("/framing/xfo").await;
+    assert_eq!(
+        xfo.as_deref(),
+        Some("DENY"),
+        "the console's own answer stays"
+    );
+    let (xfo, csp) = framing("/framing/csp").await;
+    assert_eq!(xfo, None, "the console's frame-ancestors decides");
+    assert_eq!(
+        csp,
+        ["default-src 'self'; Frame-Ancestors https://partner.example"]
+    );
+}
+
 #[tokio::test]
 async fn gateway_cookies_and_session_binding_stay_at_the_gateway_and_console_cookies_pass() {
     let gw = Gateway::start().await;
