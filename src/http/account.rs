@@ -264,18 +264,10 @@ pub async fn rename_post(
         return Err(AppError::not_found());
     }
     // Both names: a key renamed to pass for another of the owner's stays traceable.
-    audit(
-        &state,
-        peer,
-        &headers,
-        &user,
-        "webauthn_renamed",
-        "success",
-        // Quoted with escapes: a name holding a quote cannot blur where one ends.
-        &format!("key {id}: {was:?} -> {name:?}"),
-    )
-    .await;
-    Ok(see_other(&format!("{PATH}?notice=key_renamed")))
+    // Quoted with escapes: a name holding a quote cannot blur where one ends.
+    let reason = format!("key {id}: {was:?} -> {name:?}");
+    let change = ("webauthn_renamed", reason.as_str(), "key_renamed");
+    done(&state, (peer, &headers), &user, change).await
 }
 
 /// Removes the key `id` of `user` unless it is their last second factor (another usable key, or
@@ -366,6 +358,18 @@ pub async fn remove_post(
     Ok(see_other(&format!("{PATH}?notice=key_removed")))
 }
 
+/// A change the owner made: audited as `event` (a success, with `reason`), and the browser sent
+/// back to the page, which says `notice`.
+async fn done(
+    state: &AppState,
+    (peer, headers): (std::net::SocketAddr, &HeaderMap),
+    user: &User,
+    (event, reason, notice): (&str, &str, &str),
+) -> Result<Response, AppError> {
+    audit(state, peer, headers, user, event, "success", reason).await;
+    Ok(see_other(&format!("{PATH}?notice={notice}")))
+}
+
 async fn audit(
     state: &AppState,
     peer: std::net::SocketAddr,
@@ -407,17 +411,9 @@ pub async fn revoke_device_post(
         .sessions
         .destroy_device(&user.id, &id, by_owner)
         .await?;
-    audit(
-        &state,
-        peer,
-        &headers,
-        &user,
-        "device_revoked",
-        "success",
-        &format!("{id}:{ended}_sessions"),
-    )
-    .await;
-    Ok(see_other(&format!("{PATH}?notice=device_revoked")))
+    let reason = format!("{id}:{ended}_sessions");
+    let change = ("device_revoked", reason.as_str(), "device_revoked");
+    done(&state, (peer, &headers), &user, change).await
 }
 
 /// `POST /_portcullis/account/devices/sign-out-others`: every device of the account but this
@@ -443,17 +439,13 @@ pub async fn sign_out_others_post(
         }
     }
     let ended = end_other_sessions(&state, &user.id, &loaded.key).await?;
-    audit(
-        &state,
-        peer,
-        &headers,
-        &user,
+    let reason = format!("{devices}_devices:{ended}_sessions");
+    let change = (
         "other_devices_revoked",
-        "success",
-        &format!("{devices}_devices:{ended}_sessions"),
-    )
-    .await;
-    Ok(see_other(&format!("{PATH}?notice=others_signed_out")))
+        reason.as_str(),
+        "others_signed_out",
+    );
+    done(&state, (peer, &headers), &user, change).await
 }
 
 /// Ends every session of `user_id` but the one stored under `keep`, on every gateway; returns
