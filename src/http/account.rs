@@ -66,7 +66,7 @@ async fn signed_in(
             return Ok(Err(to_login(None)));
         }
         let by = state.sessions.ended_by_whom(cookie).await?;
-        let notice = by.map_or("session_ended", crate::session::Ended::notice);
+        let notice = crate::session::Ended::notice_of(by);
         return Ok(Err(to_login(Some(notice))));
     };
     if !loaded.session.is_authenticated() {

@@ -15,7 +15,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{wants_html, AppError};
-use super::gate::{decide, page_with_next, refuse, return_target, Decision, LOGIN_PATH};
+use super::gate::{decide, refuse, return_target, Decision, LOGIN_PATH};
 use crate::metrics::ForwardAuth;
 use crate::policy::{is_gateway_path, normalise_path};
 use crate::state::AppState;
@@ -134,9 +134,9 @@ fn original(
 
 /// Where a proof (device, step-up) returns to: the original URI for a page (`GET`/`HEAD`),
 /// else the page the form was on (`Referer`, same origin only), as in proxy mode.
-/// The query parameter by which the step-up and device-proof pages say that a form was not
-/// passed on (to be sent again once the proof is made).
-const NOT_SENT: &str = "notice=not_sent";
+/// The notice by which the step-up and device-proof pages say that a form was not passed on
+/// (to be sent again once the proof is made).
+const NOT_SENT: &str = "not_sent";
 
 fn pages(
     state: &AppState,
@@ -330,19 +330,15 @@ async fn check(
             if r.status() == StatusCode::SEE_OTHER {
                 *r.status_mut() = StatusCode::FOUND;
             } else if r.status() == StatusCode::UNAUTHORIZED {
-                let to = page_with_next(bind.as_str(), next.as_deref().or(back.as_deref()));
                 // A form (its page to return to): the proxy's redirect drops the 401's page, so
                 // the device-proof page says that what was sent was not passed on.
                 let form = !super::gate::is_read(&orig.method);
-                let to = match (form, to) {
-                    (true, Some(to)) => {
-                        let to = to.to_str().unwrap_or_default();
-                        let and = if to.contains('?') { '&' } else { '?' };
-                        HeaderValue::from_str(&format!("{to}{and}{NOT_SENT}")).ok()
-                    }
-                    (_, to) => to,
-                };
-                if let Some(to) = to {
+                let to = super::gate::sign_in_location(
+                    bind.as_str(),
+                    next.as_deref().or(back.as_deref()),
+                    form.then_some(NOT_SENT),
+                );
+                if let Ok(to) = HeaderValue::from_str(&to) {
                     r.headers_mut().insert(header::LOCATION, to);
                 }
             }
@@ -362,7 +358,7 @@ async fn check(
             // A form, which nothing holds here: the step-up page says it was not sent (a proxy
             // that turns the 401 into its own redirect drops the page that would say so).
             if !super::gate::is_read(&orig.method) {
-                page.push('&');
+                page.push_str("&notice=");
                 page.push_str(NOT_SENT);
             }
             let reauth = state

@@ -115,16 +115,11 @@ pub(crate) fn sign_in_return(
     if is_read(method) {
         (
             return_target(state, method, target),
-            ended.map(|by| by.map_or("session_ended", crate::session::Ended::notice)),
+            ended.map(crate::session::Ended::notice_of),
         )
     } else {
         (referring_page(state, headers), Some("not_sent"))
     }
-}
-
-/// A gateway page's URL (sign-in, device proof) with `next`, as a header value.
-pub(crate) fn page_with_next(page: &str, next: Option<&str>) -> Option<HeaderValue> {
-    HeaderValue::from_str(&login_location(page, next)).ok()
 }
 
 /// Where sign-in sends a refused proxied request back to: its own path and query, if safe and

@@ -307,6 +307,11 @@ impl Ended {
         }
     }
 
+    /// The sign-in page's notice for a session that ended, by `by` where word was left.
+    pub fn notice_of(by: Option<Self>) -> &'static str {
+        by.map_or("session_ended", Self::notice)
+    }
+
     fn of(code: &[u8]) -> Option<Self> {
         [Ended::ByOwner, Ended::ByAdmin]
             .into_iter()
