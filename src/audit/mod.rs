@@ -11,6 +11,7 @@
 //! their own, so that a flood while the database is away cannot crowd out the events that must
 //! not be lost.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ pub struct Audit {
     /// See [`QUEUE_WAIT`].
     wait: Duration,
     metrics: Arc<Metrics>,
+    /// Set when shutdown gave up on the events still queued ([`Audit::flush_within`]): the
+    /// writer stops retrying them, and says nothing more of them.
+    given_up: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -91,12 +95,18 @@ impl Audit {
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
         let (repeats, repeated) = mpsc::channel(queue);
-        tokio::spawn(writer(durable, rx, repeated, run));
+        let given_up = Arc::new(AtomicBool::new(false));
+        let store = Writing {
+            durable,
+            given_up: given_up.clone(),
+        };
+        tokio::spawn(writer(store, rx, repeated, run));
         Self {
             tx,
             repeats,
             wait,
             metrics,
+            given_up,
         }
     }
 
@@ -189,6 +199,7 @@ impl Audit {
         if tokio::time::timeout(limit, self.flush()).await.is_ok() {
             return true;
         }
+        self.given_up.store(true, Ordering::Relaxed);
         tracing::error!(
             ?limit,
             "audit events could not be written before shutdown: the durable store did not take \
@@ -327,7 +338,7 @@ impl AuditEvent {
 }
 
 async fn writer(
-    durable: Arc<dyn DurableStore>,
+    store: Writing,
     mut rx: mpsc::Receiver<Msg>,
     mut repeated: mpsc::Receiver<Msg>,
     run: Duration,
@@ -347,7 +358,7 @@ async fn writer(
             Some(m) = repeated.recv() => Some(m),
             () = sleep_until(end) => {
                 runs.close_due(&mut batch, tokio::time::Instant::now());
-                write(durable.as_ref(), &mut batch).await;
+                store.write(&mut batch).await;
                 continue;
             }
         };
@@ -355,7 +366,7 @@ async fn writer(
             // Every handle is gone: what the runs and the queue of repeats hold is still written.
             runs.take_queued(&mut repeated, &mut batch);
             runs.close_all(&mut batch);
-            write(durable.as_ref(), &mut batch).await;
+            store.write(&mut batch).await;
             return;
         };
         let mut next = Some(first);
@@ -396,7 +407,7 @@ async fn writer(
         } else {
             runs.close_due(&mut batch, tokio::time::Instant::now());
         }
-        write(durable.as_ref(), &mut batch).await;
+        store.write(&mut batch).await;
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
@@ -411,17 +422,26 @@ async fn sleep_until(end: Option<tokio::time::Instant>) {
     }
 }
 
-/// Writes `batch` and empties it. A database outage must not drop events: retries with
-/// back-off until written.
-async fn write(durable: &dyn DurableStore, batch: &mut Vec<AuditEvent>) {
-    let mut delay = Duration::from_millis(100);
-    while !batch.is_empty() {
-        match durable.append_audit(batch).await {
-            Ok(()) => batch.clear(),
-            Err(e) => {
-                tracing::error!(error = %e, pending = batch.len(), "audit write failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+/// Where the writer writes, and whether shutdown has given up on it.
+struct Writing {
+    durable: Arc<dyn DurableStore>,
+    given_up: Arc<AtomicBool>,
+}
+
+impl Writing {
+    /// Writes `batch` and empties it. A database outage must not drop events: retries with
+    /// back-off until written, or until shutdown gives up on them (they were reported lost).
+    async fn write(&self, batch: &mut Vec<AuditEvent>) {
+        let mut delay = Duration::from_millis(100);
+        while !batch.is_empty() {
+            match self.durable.append_audit(batch).await {
+                Ok(()) => batch.clear(),
+                Err(_) if self.given_up.load(Ordering::Relaxed) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, pending = batch.len(), "audit write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
@@ -658,7 +678,9 @@ mod tests {
                 .await;
             // The writer has tried (and failed) by now.
             assert!(
-                !audit.flush_within(Duration::from_millis(300)).await,
+                tokio::time::timeout(Duration::from_millis(300), audit.flush())
+                    .await
+                    .is_err(),
                 "{away:?}: written while its user could not be read"
             );
             for table in away {
@@ -687,11 +709,24 @@ mod tests {
     async fn a_store_that_cannot_take_events_does_not_hold_shutdown_forever() {
         let dir = tempfile::tempdir().unwrap();
         let store = broken_store(&dir).await;
+        let (logs, _guard) = crate::test_logs::capture();
         let audit = Audit::start(store, Arc::new(Metrics::new()));
         audit.record(event()).await;
         let started = std::time::Instant::now();
         assert!(!audit.flush_within(Duration::from_millis(300)).await);
         assert!(started.elapsed() < Duration::from_secs(5));
+        // Once shutdown has said the queued events are lost, the writer stops retrying them:
+        // its next try (the back-off is at most 200 ms by then) says nothing more.
+        let said = logs.text();
+        let (before, after) = said.split_once("events still queued are lost").unwrap();
+        assert!(before.contains("retrying"), "{said}");
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let said = logs.text();
+        let after_now = said.split_once("events still queued are lost").unwrap().1;
+        assert_eq!(
+            after_now, after,
+            "a retry was logged after the events were given up"
+        );
     }
 
     #[tokio::test]
