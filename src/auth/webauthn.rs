@@ -145,6 +145,21 @@ mod sign_in;
 
 pub use attestation::attestation_cas;
 
+/// The `credProtect` asked of a key registered where a touch is enough after the password
+/// (`user_verification = "preferred"`). The security-key registration asks for level 3 ("user
+/// verification required"), which browsers refuse unless user verification is required of the
+/// whole ceremony: Chromium answers `NotSupportedError` before any key is asked. Level 2 keeps
+/// the discoverable credential from being found without the key's PIN or biometric, and lets
+/// a touch use it where the sign-in names it (after the password, at a step-up).
+fn touch_enough_protection(options: &mut serde_json::Value) {
+    if let Some(ext) = options.pointer_mut("/publicKey/extensions") {
+        if ext.get("credentialProtectionPolicy").is_some() {
+            ext["credentialProtectionPolicy"] =
+                serde_json::Value::from("userVerificationOptionalWithCredentialIDList");
+        }
+    }
+}
+
 fn ceremony_key(id: &str) -> String {
     format!("webauthn:{id}")
 }
@@ -432,10 +447,18 @@ impl Keys {
             }
         };
         let mut options = serde_json::to_value(options).map_err(internal)?;
-        // Ask for a discoverable credential where the authenticator can keep one, so the key
-        // also works for passkey sign-in; security keys with no room still register.
-        if let Some(sel) = options.pointer_mut("/publicKey/authenticatorSelection") {
-            sel["residentKey"] = serde_json::Value::from("preferred");
+        match policy.user_verification {
+            // Ask for a discoverable credential where the authenticator can keep one, so the
+            // key also works for passkey sign-in; security keys with no room still register.
+            UserVerification::Required => {
+                if let Some(sel) = options.pointer_mut("/publicKey/authenticatorSelection") {
+                    sel["residentKey"] = serde_json::Value::from("preferred");
+                }
+            }
+            // A touch is enough: a credential the sign-in names (as the security-key
+            // registration asks). A discoverable one would have the browser make a key without
+            // a PIN set one first (Chromium: refused where it cannot ask), so it is not asked.
+            UserVerification::Preferred => touch_enough_protection(&mut options),
         }
         let name: String = name.trim().chars().take(MAX_NAME).collect();
         let ceremony = Ceremony {

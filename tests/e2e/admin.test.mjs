@@ -8,28 +8,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { join } from "node:path";
-import { BIN, enrolDemoUser, launch, screenshot, signOut, startDemo } from "./lib.mjs";
+import { BIN, enrolDemoUser, launch, screenshot, signOut, startDemo, withKey } from "./lib.mjs";
 
 const PASSWORD = "a long private passphrase 42";
-
-/** A browser context with its own virtual security key (user verification included). */
-async function withKey(browser) {
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  const cdp = await context.newCDPSession(page);
-  await cdp.send("WebAuthn.enable");
-  await cdp.send("WebAuthn.addVirtualAuthenticator", {
-    options: {
-      protocol: "ctap2",
-      transport: "usb",
-      hasResidentKey: true,
-      hasUserVerification: true,
-      isUserVerified: true,
-      automaticPresenceSimulation: true,
-    },
-  });
-  return { context, page };
-}
 
 /** Runs the CLI on the demo's data; returns what it printed on stdout. */
 function cli(demo, ...args) {
@@ -116,6 +97,17 @@ test("bootstrap an admin, enrol a customer by link, and refuse a code-only admin
     }
     const label = await page.evaluate(() => getComputedStyle(document.querySelector("table.list td[data-label]"), "::before").content);
     assert.match(label, /When: /);
+    // The home page's charts keep a readable size there: each scrolls within its frame and
+    // opens at its right end, where the latest hours and days (and so this test's sign-ins) are.
+    await page.goto(`${demo.base}/_portcullis/admin`);
+    const charts = await page.evaluate(() =>
+      [...document.querySelectorAll("figure.chart")].map((f) => {
+        const svg = f.querySelector("svg.chart").getBoundingClientRect();
+        const frame = f.getBoundingClientRect();
+        return { width: svg.width, latestShown: svg.right <= frame.right + 1 && svg.right >= frame.right - 1 };
+      }),
+    );
+    assert.ok(charts.length === 2 && charts.every((c) => c.width >= 500 && c.latestShown), JSON.stringify(charts));
     await page.setViewportSize({ width: 1280, height: 800 });
 
     // An admin who signed in with a code only (an account with an authenticator app, made an

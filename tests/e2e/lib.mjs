@@ -159,3 +159,26 @@ export async function enrolDemoUser(page, demo) {
   await page.click("button[type=submit]");
   return { secret, recovery };
 }
+
+/**
+ * A browser context with its own virtual security key (Chromium's virtual authenticator, a USB
+ * key that can keep discoverable credentials). With `verifiesUser: false` the key has no PIN or
+ * biometric: a touch is all it gives.
+ */
+export async function withKey(browser, { verifiesUser = true } = {}) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("WebAuthn.enable");
+  await cdp.send("WebAuthn.addVirtualAuthenticator", {
+    options: {
+      protocol: "ctap2",
+      transport: "usb",
+      hasResidentKey: true,
+      hasUserVerification: verifiesUser,
+      isUserVerified: verifiesUser,
+      automaticPresenceSimulation: true,
+    },
+  });
+  return { context, page };
+}

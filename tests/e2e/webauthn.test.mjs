@@ -6,26 +6,13 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { enrolDemoUser, launch, screenshot, signOut, startDemo } from "./lib.mjs";
+import { enrolDemoUser, launch, screenshot, signOut, startDemo, withKey } from "./lib.mjs";
 
 test("add a security key, then sign in with it and with the passkey alone", { timeout: 180000 }, async () => {
   const demo = await startDemo({ host: "localhost" });
   const browser = await launch();
-  const context = await browser.newContext();
-  const page = await context.newPage();
+  const { page } = await withKey(browser);
   try {
-    const cdp = await context.newCDPSession(page);
-    await cdp.send("WebAuthn.enable");
-    await cdp.send("WebAuthn.addVirtualAuthenticator", {
-      options: {
-        protocol: "ctap2",
-        transport: "usb",
-        hasResidentKey: true,
-        hasUserVerification: true,
-        isUserVerified: true,
-        automaticPresenceSimulation: true,
-      },
-    });
 
     // First sign-in: password and forced TOTP enrolment.
     await enrolDemoUser(page, demo);
@@ -95,6 +82,46 @@ test("add a security key, then sign in with it and with the passkey alone", { ti
     assert.ok(mails.some((m) => /Desk key/.test(m)), "the owner is told a key was added");
   } catch (e) {
     await screenshot(page, "webauthn-failure");
+    throw e;
+  } finally {
+    await browser.close();
+    demo.stop();
+  }
+});
+
+// Where a touch is enough after the password (`webauthn.user_verification = "preferred"`), a key
+// without PIN or biometric registers in the real browser (the browser checks the options it is
+// given before it asks the key) and then signs in after the password with a touch.
+test("with a touch enough, a key without user verification registers and signs in", { timeout: 180000 }, async () => {
+  const demo = await startDemo({ host: "localhost", env: { PORTCULLIS__WEBAUTHN__USER_VERIFICATION: "preferred" } });
+  const browser = await launch();
+  const { page } = await withKey(browser, { verifiesUser: false });
+  try {
+    await enrolDemoUser(page, demo);
+    await page.waitForURL(`${demo.base}/`);
+
+    await page.goto(`${demo.base}/_portcullis/account`);
+    await page.fill("#key-name", "Touch key");
+    await page.click("[data-webauthn=register] [data-webauthn-start]");
+    await page.waitForFunction(
+      () =>
+        [...document.querySelectorAll("li.key strong")].some((e) => e.textContent === "Touch key") ||
+        /not support/.test(document.body.textContent),
+      null,
+      { timeout: 30000 },
+    );
+    assert.doesNotMatch(await page.textContent("body"), /does not support what is needed/);
+
+    await signOut(page, demo.base);
+    await page.fill("#username", "demo@example.com");
+    await page.fill("#password", demo.password);
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/_portcullis\/mfa$/);
+    await page.click("[data-webauthn=second-factor] [data-webauthn-start]");
+    await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
+    assert.match(await page.textContent("#amr"), /pwd hwk/);
+  } catch (e) {
+    await screenshot(page, "webauthn-touch-failure");
     throw e;
   } finally {
     await browser.close();

@@ -729,6 +729,26 @@ async fn preferred_user_verification_accepts_a_touch_after_the_password() {
     })
     .await;
     let (c, _, _) = gw.signed_in("touch@example.com").await;
+    // What the browser is asked: a touch preferred, a credential the sign-in names (Chromium
+    // has a key without a PIN set one before it makes a discoverable one), and no key
+    // protection that only goes with user verification required (Chromium refuses that
+    // pairing before any key is asked).
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let (_, options) = start(&gw, &c, &csrf, "register/start", json!({ "name": "k" })).await;
+    let asked = &options["publicKey"];
+    assert_eq!(
+        asked["authenticatorSelection"]["userVerification"],
+        "preferred"
+    );
+    assert_eq!(
+        asked["authenticatorSelection"]["residentKey"],
+        "discouraged"
+    );
+    assert_eq!(
+        asked["extensions"]["credentialProtectionPolicy"],
+        "userVerificationOptionalWithCredentialIDList",
+        "{asked}"
+    );
     // A key without PIN or biometric.
     let mut k: Key = WebauthnAuthenticator::new(SoftPasskey::new(false));
     register(&gw, &c, &mut k, "Plain key").await;
