@@ -248,6 +248,10 @@ pub enum TokenCmd {
         /// Expected issuer (default: the configured issuer).
         #[arg(long)]
         issuer: Option<String>,
+        /// Algorithm to accept, EdDSA or ES256; given twice, both, as backends accept them
+        /// during an algorithm switch (default: token.algorithm from the config).
+        #[arg(long = "algorithm", value_name = "ALG", value_parser = ["EdDSA", "ES256"])]
+        algorithms: Vec<String>,
     },
 }
 
@@ -410,9 +414,15 @@ async fn run(cli: Cli) -> Result<()> {
             jwks,
             audience,
             issuer,
+            algorithms,
         }) => {
             let config = load_config_for(cli.config.as_deref(), false)?;
-            verify_token(&config, &token, &jwks, audience, issuer).await
+            let expect = Expected {
+                audience,
+                issuer,
+                algorithms,
+            };
+            verify_token(&config, &token, &jwks, expect).await
         }
         Command::Storage(StorageCmd::Copy { to }) => {
             let config = load_config(cli.config.as_deref())?;
@@ -1880,14 +1890,21 @@ fn read_small(path: &std::path::Path, max: u64) -> Result<String> {
     String::from_utf8(body).context("it is not text")
 }
 
-/// `portcullis token verify`.
-async fn verify_token(
-    config: &Config,
-    token: &str,
-    jwks: &str,
+/// What `token verify` was told to expect over the config's values.
+struct Expected {
     audience: Option<String>,
     issuer: Option<String>,
-) -> Result<()> {
+    /// Empty: the config's `token.algorithm` alone.
+    algorithms: Vec<String>,
+}
+
+/// `portcullis token verify`.
+async fn verify_token(config: &Config, token: &str, jwks: &str, expect: Expected) -> Result<()> {
+    let Expected {
+        audience,
+        issuer,
+        algorithms,
+    } = expect;
     let body = if jwks.starts_with("http://") {
         crate::demo::fetch_text(jwks)
             .await
@@ -1911,14 +1928,29 @@ async fn verify_token(
     }
     let audience = audience.unwrap_or_else(|| config.token.audience.clone());
     let issuer = issuer.unwrap_or_else(|| config.issuer());
-    // Only the algorithm the gateway signs with, as a backend pins it.
-    let signs_with = config.token.algorithm.as_str();
+    // Only the algorithms a backend pins: the one the gateway is set to sign with, or those
+    // given (both, during a switch).
+    let accepted = if algorithms.is_empty() {
+        vec![config.token.algorithm.as_str().to_string()]
+    } else {
+        algorithms
+    };
     if let Ok(h) = jsonwebtoken::decode_header(token.trim()) {
         let alg = format!("{:?}", h.alg);
-        if alg != signs_with {
+        if !accepted.contains(&alg) {
+            let why = if accepted.len() == 1 && accepted[0] == config.token.algorithm.as_str() {
+                format!(
+                    " (token.algorithm of the config: give the gateway's --config; during an \
+                     algorithm switch, which signs with the previous algorithm for 90 s more, \
+                     accept both: --algorithm {} --algorithm {alg})",
+                    accepted[0]
+                )
+            } else {
+                String::new()
+            };
             bail!(
-                "invalid token: signed with {alg}, but the gateway signs with {signs_with} \
-                 (token.algorithm: give its --config)"
+                "invalid token: signed with {alg}, but accepted here: {}{why}",
+                accepted.join(", ")
             );
         }
     }

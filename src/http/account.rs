@@ -11,7 +11,7 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::error::{wants_html, AppError};
-use super::login::{check_csrf, csrf_token, current_session, with_cookies};
+use super::login::{check_csrf, csrf_token, with_cookies};
 use super::pages::{self, render, DeviceRow, KeyRow, SignInRow};
 use super::webauthn::fresh;
 use super::{see_other, Form, Peer};
@@ -60,25 +60,9 @@ async fn signed_in(
         ),
         None => super::no_session("/_portcullis/login?next=%2F_portcullis%2Faccount"),
     };
-    let Some(loaded) = current_session(state, headers).await? else {
-        let cookie = super::get_cookie(headers, state.sessions.cookie_name());
-        if cookie.is_none() {
-            return Ok(Err(to_login(None)));
-        }
-        let by = state.sessions.ended_by_whom(cookie).await?;
-        let notice = crate::session::Ended::notice_of(by);
-        return Ok(Err(to_login(Some(notice))));
-    };
-    if !loaded.session.is_authenticated() {
-        return Ok(Err(to_login(None)));
-    }
-    let user = state
-        .user_gate
-        .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
-        .await?;
-    Ok(user
-        .map(|u| (loaded, std::sync::Arc::unwrap_or_clone(u)))
-        .ok_or_else(|| to_login(Some("session_ended"))))
+    Ok(super::login::signed_in_user(state, headers)
+        .await?
+        .map_err(to_login))
 }
 
 /// A form post of the signed-in user: CSRF checked, then the session as for [`signed_in`].

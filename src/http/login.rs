@@ -81,6 +81,32 @@ pub(super) async fn current_session(
     Ok(None)
 }
 
+/// The complete session of a gateway page's request (the account page, the admin console) and
+/// its user, who may still use the gateway; else `Err(notice)`, what its sign-in page says: none
+/// for a browser that never signed in or is signing in, who ended the session where the store
+/// kept word of it (`signed_out_elsewhere`, `ended_by_admin`), `session_ended` otherwise (idle,
+/// its time up, the account's sessions ended or the account disabled).
+pub(super) async fn signed_in_user(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Result<(Loaded, crate::store::User), Option<&'static str>>, AppError> {
+    let Some(loaded) = current_session(state, headers).await? else {
+        let cookie = super::get_cookie(headers, state.sessions.cookie_name());
+        if cookie.is_none() {
+            return Ok(Err(None));
+        }
+        let by = state.sessions.ended_by_whom(cookie).await?;
+        return Ok(Err(Some(crate::session::Ended::notice_of(by))));
+    };
+    if !loaded.session.is_authenticated() {
+        return Ok(Err(None));
+    }
+    Ok(match live_user(state, &loaded).await? {
+        Some(user) => Ok((loaded, std::sync::Arc::unwrap_or_clone(user))),
+        None => Err(Some("session_ended")),
+    })
+}
+
 /// The user of a complete session that still counts (not ended on any gateway, the account
 /// enabled), as the gate's user check finds it.
 async fn live_user(

@@ -2383,6 +2383,17 @@ async fn an_admin_form_without_a_session_goes_to_sign_in_and_back() {
         location(&gw.get(&c, &page).await),
         format!("/_portcullis/login?next={next}")
     );
+    // Nor is a sign-in still under way (the password given, the second factor not set up yet) one
+    // that has ended.
+    let pending = gw.browser();
+    let r = gw
+        .password(&pending, "target@example.com", PASSWORD, "")
+        .await;
+    assert_eq!(location(&r), "/_portcullis/enrol/totp");
+    assert_eq!(
+        location(&gw.get(&pending, &page).await),
+        format!("/_portcullis/login?next={next}")
+    );
     gw.clock.advance(13 * 3600);
     assert_eq!(
         location(&gw.get(&admin_browser, &page).await),

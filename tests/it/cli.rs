@@ -1829,6 +1829,38 @@ async fn a_rotation_that_would_switch_the_algorithm_must_be_confirmed() {
     // A plain rotation within the configured algorithm needs no option.
     let out = gw.cli(&["keys", "rotate"], None).await;
     assert!(!out.status.success(), "EdDSA config against ES256 keys now");
+    // Meanwhile the gateway still signs with EdDSA (90 s), and backends accept both: so does
+    // `token verify` when told to; with the new configuration alone it says how.
+    let (c, _, _) = gw.signed_in("switch@example.com").await;
+    c.get(gw.url("/a")).send().await.unwrap();
+    let token = gw.upstream.last_token();
+    let jwks = gw.url("/.well-known/jwks.json");
+    let verify = |extra: &'static [&'static str]| {
+        let mut args = vec!["token", "verify", token.as_str(), "--jwks", jwks.as_str()];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let gw = &gw;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            gw.cli_env(&args, None, &es256).await
+        }
+    };
+    let out = verify(&[]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("signed with EdDSA")
+            && err.contains("--algorithm ES256 --algorithm EdDSA"),
+        "{err}"
+    );
+    let out = verify(&["--algorithm", "ES256", "--algorithm", "EdDSA"]).await;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("switch@example.com"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = verify(&["--algorithm", "ES384"]).await;
+    assert!(!out.status.success());
 }
 
 /// A least-privilege database role (reads and writes the gateway's tables, may not create in

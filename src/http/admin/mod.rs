@@ -30,7 +30,7 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
 use super::error::{wants_html, AppError};
-use super::login::{check_csrf, csrf_token, current_session, with_cookies};
+use super::login::{check_csrf, csrf_token, with_cookies};
 use super::{see_other, Peer};
 use crate::auth::flow::Client;
 use crate::session::Loaded;
@@ -278,17 +278,12 @@ async fn guard(
             req.extensions_mut().insert(admin);
             next.run(req).await
         }
-        Ok(Err(Refused::NoSession)) => {
+        Ok(Err(Refused::NoSession(notice))) => {
             if browser_get {
-                // A session cookie that names no session: one that ended (idle, its time up,
-                // ended elsewhere), said so as the console's pages say it.
-                let ended =
-                    super::get_cookie(req.headers(), state.sessions.cookie_name()).is_some();
-                let login = super::gate::sign_in_location(
-                    super::gate::LOGIN_PATH,
-                    Some(&target),
-                    ended.then_some("session_ended"),
-                );
+                // A session that ended is said so as the console's pages say it; a sign-in
+                // under way is not one.
+                let login =
+                    super::gate::sign_in_location(super::gate::LOGIN_PATH, Some(&target), notice);
                 return see_other(&login);
             }
             // A form a browser sent (the session ended in another tab, or ran out): not acted
@@ -337,7 +332,8 @@ pub(crate) fn page_of_form(target: &str) -> String {
 }
 
 enum Refused {
-    NoSession,
+    /// No complete session, with what its sign-in page says (see `login::signed_in_user`).
+    NoSession(Option<&'static str>),
     NotAdmin(Box<User>, Client),
 }
 
@@ -346,19 +342,9 @@ async fn admit(
     headers: &HeaderMap,
     peer: std::net::SocketAddr,
 ) -> Result<Result<Admin, Refused>, AppError> {
-    let Some(loaded) = current_session(state, headers).await? else {
-        return Ok(Err(Refused::NoSession));
-    };
-    if !loaded.session.is_authenticated() {
-        return Ok(Err(Refused::NoSession));
-    }
-    let Some(user) = state
-        .user_gate
-        .admit(state, &loaded.session.user_id, loaded.session.auth_ms)
-        .await?
-        .map(Arc::unwrap_or_clone)
-    else {
-        return Ok(Err(Refused::NoSession));
+    let (loaded, user) = match super::login::signed_in_user(state, headers).await? {
+        Ok(found) => found,
+        Err(notice) => return Ok(Err(Refused::NoSession(notice))),
     };
     let client = super::client(state, peer, headers);
     if !user.is_admin {
