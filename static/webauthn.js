@@ -78,6 +78,11 @@ function assertionJson(cred) {
 
 export function explain(err) {
   const name = err && err.name;
+  if (name === "NotAllowedError" && err.userVerification === "required") {
+    // The browser does not say why; a key that cannot check its user is one reason.
+    return "The request was cancelled or timed out, or the key cannot check a PIN or fingerprint, " +
+      "which is needed here. Press the button to try again, or use a key with a PIN or biometric set up.";
+  }
   if (name === "NotAllowedError") {
     return "The request was cancelled or timed out. Press the button to try again.";
   }
@@ -88,6 +93,20 @@ export function explain(err) {
   if (name === "NotSupportedError") return "This security key does not support what is needed here.";
   if (err && err.serverMessage) return err.serverMessage;
   return "Something went wrong. Please try again.";
+}
+
+/** The browser's ceremony; an error it ends with carries what the options asked of the key. */
+async function ask(how, options) {
+  const pk = (options && options.publicKey) || {};
+  const userVerification = pk.userVerification || (pk.authenticatorSelection && pk.authenticatorSelection.userVerification);
+  try {
+    return how === "create"
+      ? await navigator.credentials.create(creationOptions(options))
+      : await navigator.credentials.get(requestOptions(options));
+  } catch (err) {
+    if (err && typeof err === "object") err.userVerification = userVerification;
+    throw err;
+  }
 }
 
 async function post(path, csrf, body, base) {
@@ -135,7 +154,7 @@ const flows = {
     const name = nameInput ? nameInput.value : "";
     const base = section.dataset.api;
     const start = await post("/register/start", csrf, { name }, base);
-    const cred = await navigator.credentials.create(creationOptions(start.options));
+    const cred = await ask("create", start.options);
     return post("/register/finish", csrf, {
       ceremony: start.ceremony,
       credential: registrationJson(cred),
@@ -143,7 +162,7 @@ const flows = {
   },
   async reauth(section, csrf) {
     const start = await post("/reauth/start", csrf);
-    const cred = await navigator.credentials.get(requestOptions(start.options));
+    const cred = await ask("get", start.options);
     return post("/reauth/finish", csrf, {
       ceremony: start.ceremony,
       credential: assertionJson(cred),
@@ -152,7 +171,7 @@ const flows = {
   },
   async "second-factor"(section, csrf) {
     const start = await post("/authenticate/start", csrf);
-    const cred = await navigator.credentials.get(requestOptions(start.options));
+    const cred = await ask("get", start.options);
     const remember = document.querySelector("input[data-remember]");
     return post("/authenticate/finish", csrf, {
       ceremony: start.ceremony,
@@ -162,7 +181,7 @@ const flows = {
   },
   async passkey(section, csrf) {
     const start = await post("/passkey/start", csrf);
-    const cred = await navigator.credentials.get(requestOptions(start.options));
+    const cred = await ask("get", start.options);
     return post("/passkey/finish", csrf, {
       ceremony: start.ceremony,
       credential: assertionJson(cred),

@@ -145,19 +145,28 @@ mod sign_in;
 
 pub use attestation::attestation_cas;
 
-/// The `credProtect` asked of a key registered where a touch is enough after the password
-/// (`user_verification = "preferred"`). The security-key registration asks for level 3 ("user
-/// verification required"), which browsers refuse unless user verification is required of the
-/// whole ceremony: Chromium answers `NotSupportedError` before any key is asked. Level 2 keeps
-/// the discoverable credential from being found without the key's PIN or biometric, and lets
-/// a touch use it where the sign-in names it (after the password, at a step-up).
-fn touch_enough_protection(options: &mut serde_json::Value) {
-    if let Some(ext) = options.pointer_mut("/publicKey/extensions") {
-        if ext.get("credentialProtectionPolicy").is_some() {
-            ext["credentialProtectionPolicy"] =
-                serde_json::Value::from("userVerificationOptionalWithCredentialIDList");
-        }
+/// The `credProtect` asked of a new key: asked, never demanded (`enforce… = false`). The
+/// attested registration demands it, and a browser then refuses a key without the extension
+/// (older CTAP 2.0 keys, Chromium's virtual one) before anything reaches the gateway, with no
+/// word of why; user verification is checked on every use of the key anyway where the policy
+/// requires it. Where a touch is enough after the password (`user_verification = "preferred"`),
+/// level 2 instead of the security-key registration's level 3 ("user verification required"),
+/// which browsers refuse unless user verification is required of the whole ceremony: Chromium
+/// answers `NotSupportedError` before any key is asked. Level 2 keeps a discoverable credential
+/// from being found without the key's PIN or biometric, and lets a touch use it where the
+/// sign-in names it (after the password, at a step-up).
+fn key_protection(options: &mut serde_json::Value, touch_enough: bool) {
+    let Some(ext) = options.pointer_mut("/publicKey/extensions") else {
+        return;
+    };
+    if ext.get("credentialProtectionPolicy").is_none() {
+        return;
     }
+    if touch_enough {
+        ext["credentialProtectionPolicy"] =
+            serde_json::Value::from("userVerificationOptionalWithCredentialIDList");
+    }
+    ext["enforceCredentialProtectionPolicy"] = serde_json::Value::from(false);
 }
 
 fn ceremony_key(id: &str) -> String {
@@ -447,19 +456,18 @@ impl Keys {
             }
         };
         let mut options = serde_json::to_value(options).map_err(internal)?;
-        match policy.user_verification {
-            // Ask for a discoverable credential where the authenticator can keep one, so the
-            // key also works for passkey sign-in; security keys with no room still register.
-            UserVerification::Required => {
-                if let Some(sel) = options.pointer_mut("/publicKey/authenticatorSelection") {
-                    sel["residentKey"] = serde_json::Value::from("preferred");
-                }
+        let touch_enough = policy.user_verification == UserVerification::Preferred;
+        // Ask for a discoverable credential where the authenticator can keep one, so the key
+        // also works for passkey sign-in; security keys with no room still register. Not where
+        // a touch is enough: a credential the sign-in names (as the security-key registration
+        // asks), since for a discoverable one the browser has a key without a PIN set one first
+        // (Chromium: refused where it cannot ask).
+        if !touch_enough {
+            if let Some(sel) = options.pointer_mut("/publicKey/authenticatorSelection") {
+                sel["residentKey"] = serde_json::Value::from("preferred");
             }
-            // A touch is enough: a credential the sign-in names (as the security-key
-            // registration asks). A discoverable one would have the browser make a key without
-            // a PIN set one first (Chromium: refused where it cannot ask), so it is not asked.
-            UserVerification::Preferred => touch_enough_protection(&mut options),
         }
+        key_protection(&mut options, touch_enough);
         let name: String = name.trim().chars().take(MAX_NAME).collect();
         let ceremony = Ceremony {
             purpose: Purpose::Register,
@@ -628,7 +636,13 @@ impl Keys {
         // The sign-in this completes, on the record as `totp_enrolled` records an app's.
         let ev = AuditEvent::new("webauthn_enrolled", "success", self.flow.clock.now()).user(user);
         self.audit(ev, client).await;
-        let codes = self.flow.enrolment_recovery_codes(&user.id).await?;
+        // No recovery codes where they would not be accepted: the account signs in with keys
+        // and passkeys only.
+        let codes = if self.policy.requires_phishing_resistant(&user.account_id) {
+            None
+        } else {
+            self.flow.enrolment_recovery_codes(&user.id).await?
+        };
         self.flow.complete(session, user, AMR_KEY);
         match codes {
             Some(codes) => self.flow.show_recovery_codes(session, &user.id, &codes),

@@ -155,6 +155,10 @@ pub(super) async fn page(
         codes_only: !has_totp
             && (state.keys.is_none() || keys.iter().all(|k| k.suspended.is_some())),
         recovery_left,
+        codes_refused: state
+            .config
+            .webauthn
+            .requires_phishing_resistant(&user.account_id),
         sign_ins: &sign_ins,
         webauthn: state.keys.is_some(),
         fresh: super::webauthn::fresh(state, &loaded.session, user),

@@ -628,6 +628,8 @@ struct MfaView {
     unusual: bool,
     /// The user has an authenticator app (always so when the second factor comes first).
     app: bool,
+    /// Codes complete the sign-in (always so when the second factor comes first).
+    codes: bool,
     /// "Start over" (a sign-out of this sign-in): where the sign-in page then goes on to, as
     /// this sign-in would have.
     start_over: String,
@@ -646,6 +648,7 @@ impl MfaView {
             remember,
             unusual: session.risk_key,
             app: first || state.durable.totp(&session.user_id).await?.is_some(),
+            codes: first || codes_accepted(state, &session.user_id).await?,
             start_over: session.return_to.clone().unwrap_or_else(|| "/".into()),
         })
     }
@@ -661,6 +664,7 @@ impl MfaView {
                 remember_for: String::new(),
                 remember_ticked: false,
                 app: true,
+                codes: true,
                 start_over: &self.start_over,
             };
             render(status, &page)
@@ -674,11 +678,24 @@ impl MfaView {
                 remember_ticked: self.remember_ticked,
                 unusual: self.unusual,
                 app: self.app,
+                codes: self.codes,
                 start_over: &self.start_over,
             };
             render(status, &page)
         }
     }
+}
+
+/// Whether codes (an app's, recovery codes) complete a sign-in of `user_id`: not where the
+/// account is held to keys and passkeys (`webauthn.require_phishing_resistant`).
+pub(super) async fn codes_accepted(state: &AppState, user_id: &str) -> Result<bool, AppError> {
+    let user = state.durable.user_by_id(user_id).await?;
+    Ok(user.is_none_or(|u| {
+        !state
+            .config
+            .webauthn
+            .requires_phishing_resistant(&u.account_id)
+    }))
 }
 
 /// Whether to offer a security key on the second-factor page: where the user has a usable key,

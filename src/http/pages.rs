@@ -41,6 +41,9 @@ pub struct Mfa<'a> {
     /// Ask for an authenticator app's code (the user has an app): otherwise only for a
     /// recovery code.
     pub app: bool,
+    /// Codes complete this sign-in: not for an account held to keys and passkeys
+    /// (`webauthn.require_phishing_resistant`), whose page offers the key alone.
+    pub codes: bool,
     /// "Start over" ends this sign-in (`POST /_portcullis/logout`) and shows the sign-in page,
     /// going on to this address as this sign-in would have.
     pub start_over: &'a str,
@@ -175,6 +178,9 @@ pub struct Account<'a> {
     pub codes_only: bool,
     /// Unused recovery codes.
     pub recovery_left: u32,
+    /// The account signs in with keys and passkeys only (`webauthn.require_phishing_resistant`):
+    /// codes are not accepted, so none are offered.
+    pub codes_refused: bool,
     /// The user's latest sign-in attempts, newest first.
     pub sign_ins: &'a [SignInRow],
     /// Keys can be added here (WebAuthn available).
@@ -318,6 +324,8 @@ pub struct MfaFirst<'a> {
     pub remember_ticked: bool,
     /// Always: what the account has is not told before the password.
     pub app: bool,
+    /// Always, for the same reason.
+    pub codes: bool,
     /// "Start over" ends this sign-in (`POST /_portcullis/logout`) and shows the sign-in page,
     /// going on to this address as this sign-in would have.
     pub start_over: &'a str,

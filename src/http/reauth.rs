@@ -91,8 +91,10 @@ async fn page(
         "This session was just used from a place it could not have travelled to since it was \
          last used. If that was you (a VPN or a proxy can make it look so), confirm it's you to \
          carry on."
+    } else if v.key_only && v.next.starts_with("/_portcullis/admin") {
+        "The admin console needs a recent touch of your security key."
     } else if v.key_only {
-        "This part of the gateway needs a recent touch of your security key."
+        "This action needs a recent touch of your security key."
     } else if v.next.starts_with("/_portcullis/account") {
         "For your security, confirm it's you before changing how you sign in."
     } else {

@@ -389,10 +389,16 @@ pub async fn authenticate_finish(
         }
         CodeOutcome::Rejected => {
             state.sessions.save(&loaded.key, &loaded.session).await?;
+            let message = if super::login::codes_accepted(&state, &loaded.session.user_id).await? {
+                "The security key was not accepted. Try again, or use a code instead."
+            } else {
+                "The security key was not accepted. Try again, with this account's security key \
+                 or passkey (it takes no codes)."
+            };
             Err(AppError::new(
                 StatusCode::UNAUTHORIZED,
                 "key_rejected",
-                "The security key was not accepted. Try again, or use a code instead.",
+                message,
             ))
         }
         CodeOutcome::Restart => {

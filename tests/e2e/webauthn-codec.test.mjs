@@ -20,6 +20,9 @@ test("base64url round-trips every length and byte value, without padding or + /"
 
 test("browser errors get messages a user can act on", () => {
   assert.match(explain({ name: "NotAllowedError" }), /cancelled or timed out/);
+  // Where the key had to check its user, that is named as a likely reason.
+  assert.match(explain({ name: "NotAllowedError", userVerification: "required" }), /cannot check a PIN or fingerprint/);
+  assert.doesNotMatch(explain({ name: "NotAllowedError", userVerification: "preferred" }), /PIN/);
   assert.match(explain({ name: "InvalidStateError" }), /already registered/);
   assert.match(explain({ name: "SecurityError" }), /cannot use security keys/);
   assert.equal(explain({ serverMessage: "The key was not accepted." }), "The key was not accepted.");

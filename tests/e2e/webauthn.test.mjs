@@ -5,6 +5,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
 import { join } from "node:path";
 import { enrolDemoUser, launch, screenshot, signOut, startDemo, withKey } from "./lib.mjs";
 
@@ -122,6 +123,62 @@ test("with a touch enough, a key without user verification registers and signs i
     assert.match(await page.textContent("#amr"), /pwd hwk/);
   } catch (e) {
     await screenshot(page, "webauthn-touch-failure");
+    throw e;
+  } finally {
+    await browser.close();
+    demo.stop();
+  }
+});
+
+// Where attestation is required, a key the browser can use reaches the gateway and is judged
+// there: Chromium's virtual key (no credProtect, attested by a certificate of its own) is
+// refused as no approved model, with the gateway's words, not turned away by the browser
+// before it is asked.
+test("with attestation required, an unapproved key is refused by the gateway in its own words", { timeout: 180000 }, async () => {
+  const demo = await startDemo({ host: "localhost" });
+  // A vendor CA of our own, which vouches for no key here.
+  const ca = join(demo.dir, "vendor-ca.pem");
+  execFileSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", join(demo.dir, "vendor-ca.key"), "-out", ca, "-days", "30", "-subj", "/CN=Vendor Root"], { stdio: "ignore" });
+  demo.stop();
+  const strict = await startDemo({
+    host: "localhost",
+    env: { PORTCULLIS__WEBAUTHN__ATTESTATION: "required", PORTCULLIS__WEBAUTHN__ATTESTATION_CA_FILES: JSON.stringify([ca]) },
+  });
+  const browser = await launch();
+  const { page } = await withKey(browser);
+  try {
+    await enrolDemoUser(page, strict);
+    await page.waitForURL(`${strict.base}/`);
+    await page.goto(`${strict.base}/_portcullis/account`);
+    await page.fill("#key-name", "Unapproved key");
+    await page.click("[data-webauthn=register] [data-webauthn-start]");
+    await page.waitForFunction(() => /approved model|cancelled|not support/.test(document.querySelector("[data-webauthn=register]").textContent), null, { timeout: 30000 });
+    assert.match(await page.textContent("[data-webauthn=register]"), /could not prove that it is an approved model/);
+  } catch (e) {
+    await screenshot(page, "webauthn-attestation-failure");
+    throw e;
+  } finally {
+    await browser.close();
+    strict.stop();
+  }
+});
+
+// Where keys must check their user (the default), a key that cannot is turned away by the
+// browser without a reason; the page names the likely one.
+test("a key without user verification, where it is required, is told why it may have failed", { timeout: 180000 }, async () => {
+  const demo = await startDemo({ host: "localhost" });
+  const browser = await launch();
+  const { page } = await withKey(browser, { verifiesUser: false });
+  try {
+    await enrolDemoUser(page, demo);
+    await page.waitForURL(`${demo.base}/`);
+    await page.goto(`${demo.base}/_portcullis/account`);
+    await page.fill("#key-name", "Plain key");
+    await page.click("[data-webauthn=register] [data-webauthn-start]");
+    await page.waitForFunction(() => /try again/i.test(document.querySelector("[data-webauthn=register] [data-webauthn-status]").textContent), null, { timeout: 30000 });
+    assert.match(await page.textContent("[data-webauthn=register] [data-webauthn-status]"), /cannot check a PIN or fingerprint/);
+  } catch (e) {
+    await screenshot(page, "webauthn-no-uv-failure");
     throw e;
   } finally {
     await browser.close();

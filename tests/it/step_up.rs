@@ -448,6 +448,14 @@ async fn a_rule_for_a_key_is_not_met_by_a_code() {
     let (c, _, _) = gw.signed_in("keyed@example.com").await;
     let r = gw.get(&c, "/api-keys").await;
     assert_eq!(location(&r), "/_portcullis/reauth?next=%2Fapi-keys&key=1");
+    // The page speaks of the console's action, not of a part of the gateway.
+    let page = gw
+        .page(&c, "/_portcullis/reauth?next=%2Fapi-keys&key=1")
+        .await;
+    assert!(
+        page.contains("This action needs a recent touch of your security key"),
+        "{page}"
+    );
     let r = c
         .delete(gw.url("/api-keys/9"))
         .header("accept", "application/json")

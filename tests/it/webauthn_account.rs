@@ -213,22 +213,49 @@ async fn accounts_that_require_keys_refuse_codes() {
         call(&gw, &c, &csrf, "register/finish", body).await.status(),
         200
     );
-    let codes_page = gw.page(&c, "/_portcullis/recovery-codes").await;
-    let recovery = extract(&codes_page, "<li><code>", "<").unwrap();
-    let csrf = gw.csrf(&c, "/_portcullis/recovery-codes").await;
-    post_form(
-        &gw,
-        &c,
-        "/_portcullis/recovery-codes",
-        &[("csrf", csrf.as_str())],
-    )
-    .await;
+    // No recovery codes are handed out that would not be accepted: the sign-in is complete,
+    // and the account page says codes are not taken here.
+    assert_eq!(console(&gw, &c).await, 200);
+    let account = gw.page(&c, "/_portcullis/account").await;
+    assert!(
+        account.contains("id=\"codes-refused\"") && !account.contains("Make new recovery codes"),
+        "{account}"
+    );
+    // Codes made all the same (an API client of the account page) do not complete a sign-in.
+    let csrf = gw.csrf(&c, "/_portcullis/account").await;
+    let made: Value = c
+        .post(gw.url("/_portcullis/account/recovery-codes"))
+        .header("accept", "application/json")
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let recovery = made["recovery_codes"][0].as_str().unwrap().to_string();
 
-    // Sign-in: a recovery code does not complete it, the key does.
+    // Sign-in: the page offers the key alone, a recovery code does not complete it, a key
+    // answer that fails says to try the key again (not a code), and the key does.
     let c = after_password(&gw, "strict@example.com").await;
+    let mfa = gw.page(&c, "/_portcullis/mfa").await;
+    assert!(
+        mfa.contains("id=\"key-only\"") && !mfa.contains("name=\"code\""),
+        "{mfa}"
+    );
     let r = gw.code(&c, "/_portcullis/mfa", &recovery).await;
     assert_eq!(r.status(), 403);
     assert_eq!(console(&gw, &c).await, 303, "still not through");
+    let (r, _, _) = second_factor(&gw, &c, &mut k, |_, at| {
+        at.set_port(Some(1)).unwrap();
+    })
+    .await;
+    let refused: Value = r.json().await.unwrap();
+    let said = refused["message"].as_str().unwrap();
+    assert!(
+        said.contains("takes no codes") && !said.contains("use a code"),
+        "{said}"
+    );
     assert_eq!(
         second_factor(&gw, &c, &mut k, |_, _| {}).await.0.status(),
         200

@@ -70,6 +70,14 @@ async fn attested_keys_of_allowed_models_are_registered_and_sign_in() {
     let u = user(&gw, "attested@example.com").await;
     let r = try_register(&gw, &c, &mut t, |o| {
         assert_eq!(o["publicKey"]["attestation"], "direct");
+        // The key's protection is asked, not demanded: a browser refuses a key without the
+        // extension before anything reaches the gateway, and without a word of why.
+        let ext = &o["publicKey"]["extensions"];
+        assert_eq!(
+            ext["credentialProtectionPolicy"],
+            "userVerificationRequired"
+        );
+        assert_eq!(ext["enforceCredentialProtectionPolicy"], false, "{ext}");
     })
     .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
