@@ -90,29 +90,47 @@ test("add a security key, then sign in with it and with the passkey alone", { ti
   }
 });
 
+/**
+ * Signs the demo user in on a browser with a virtual key (`verifiesUser` as `withKey` takes
+ * it), adds the key on the account page, and hands `then` the page once the attempt has an
+ * outcome: the key listed, or the section's status saying why not. `name` names the failure
+ * screenshot.
+ */
+async function addingAKey(name, demo, { verifiesUser = true } = {}, then) {
+  const browser = await launch();
+  const { page } = await withKey(browser, { verifiesUser });
+  try {
+    await enrolDemoUser(page, demo);
+    await page.waitForURL(`${demo.base}/`);
+    await page.goto(`${demo.base}/_portcullis/account`);
+    await page.fill("#key-name", "New key");
+    await page.click("[data-webauthn=register] [data-webauthn-start]");
+    await page.waitForFunction(
+      () =>
+        [...document.querySelectorAll("li.key strong")].some((e) => e.textContent === "New key") ||
+        /again|approved model|not support/i.test(document.querySelector("[data-webauthn=register] [data-webauthn-status]").textContent),
+      null,
+      { timeout: 30000 },
+    );
+    await then(page);
+  } catch (e) {
+    await screenshot(page, name);
+    throw e;
+  } finally {
+    await browser.close();
+    demo.stop();
+  }
+}
+
+const registerStatus = (page) => page.textContent("[data-webauthn=register] [data-webauthn-status]");
+
 // Where a touch is enough after the password (`webauthn.user_verification = "preferred"`), a key
 // without PIN or biometric registers in the real browser (the browser checks the options it is
 // given before it asks the key) and then signs in after the password with a touch.
 test("with a touch enough, a key without user verification registers and signs in", { timeout: 180000 }, async () => {
   const demo = await startDemo({ host: "localhost", env: { PORTCULLIS__WEBAUTHN__USER_VERIFICATION: "preferred" } });
-  const browser = await launch();
-  const { page } = await withKey(browser, { verifiesUser: false });
-  try {
-    await enrolDemoUser(page, demo);
-    await page.waitForURL(`${demo.base}/`);
-
-    await page.goto(`${demo.base}/_portcullis/account`);
-    await page.fill("#key-name", "Touch key");
-    await page.click("[data-webauthn=register] [data-webauthn-start]");
-    await page.waitForFunction(
-      () =>
-        [...document.querySelectorAll("li.key strong")].some((e) => e.textContent === "Touch key") ||
-        /not support/.test(document.body.textContent),
-      null,
-      { timeout: 30000 },
-    );
-    assert.doesNotMatch(await page.textContent("body"), /does not support what is needed/);
-
+  await addingAKey("webauthn-touch-failure", demo, { verifiesUser: false }, async (page) => {
+    assert.doesNotMatch(await registerStatus(page), /does not support what is needed/);
     await signOut(page, demo.base);
     await page.fill("#username", "demo@example.com");
     await page.fill("#password", demo.password);
@@ -121,13 +139,7 @@ test("with a touch enough, a key without user verification registers and signs i
     await page.click("[data-webauthn=second-factor] [data-webauthn-start]");
     await page.waitForURL(`${demo.base}/`, { timeout: 30000 });
     assert.match(await page.textContent("#amr"), /pwd hwk/);
-  } catch (e) {
-    await screenshot(page, "webauthn-touch-failure");
-    throw e;
-  } finally {
-    await browser.close();
-    demo.stop();
-  }
+  });
 });
 
 // Where attestation is required, a key the browser can use reaches the gateway and is judged
@@ -144,44 +156,16 @@ test("with attestation required, an unapproved key is refused by the gateway in 
     host: "localhost",
     env: { PORTCULLIS__WEBAUTHN__ATTESTATION: "required", PORTCULLIS__WEBAUTHN__ATTESTATION_CA_FILES: JSON.stringify([ca]) },
   });
-  const browser = await launch();
-  const { page } = await withKey(browser);
-  try {
-    await enrolDemoUser(page, strict);
-    await page.waitForURL(`${strict.base}/`);
-    await page.goto(`${strict.base}/_portcullis/account`);
-    await page.fill("#key-name", "Unapproved key");
-    await page.click("[data-webauthn=register] [data-webauthn-start]");
-    await page.waitForFunction(() => /approved model|cancelled|not support/.test(document.querySelector("[data-webauthn=register]").textContent), null, { timeout: 30000 });
-    assert.match(await page.textContent("[data-webauthn=register]"), /could not prove that it is an approved model/);
-  } catch (e) {
-    await screenshot(page, "webauthn-attestation-failure");
-    throw e;
-  } finally {
-    await browser.close();
-    strict.stop();
-  }
+  await addingAKey("webauthn-attestation-failure", strict, {}, async (page) => {
+    assert.match(await registerStatus(page), /could not prove that it is an approved model/);
+  });
 });
 
 // Where keys must check their user (the default), a key that cannot is turned away by the
 // browser without a reason; the page names the likely one.
 test("a key without user verification, where it is required, is told why it may have failed", { timeout: 180000 }, async () => {
   const demo = await startDemo({ host: "localhost" });
-  const browser = await launch();
-  const { page } = await withKey(browser, { verifiesUser: false });
-  try {
-    await enrolDemoUser(page, demo);
-    await page.waitForURL(`${demo.base}/`);
-    await page.goto(`${demo.base}/_portcullis/account`);
-    await page.fill("#key-name", "Plain key");
-    await page.click("[data-webauthn=register] [data-webauthn-start]");
-    await page.waitForFunction(() => /try again/i.test(document.querySelector("[data-webauthn=register] [data-webauthn-status]").textContent), null, { timeout: 30000 });
-    assert.match(await page.textContent("[data-webauthn=register] [data-webauthn-status]"), /cannot check a PIN or fingerprint/);
-  } catch (e) {
-    await screenshot(page, "webauthn-no-uv-failure");
-    throw e;
-  } finally {
-    await browser.close();
-    demo.stop();
-  }
+  await addingAKey("webauthn-no-uv-failure", demo, { verifiesUser: false }, async (page) => {
+    assert.match(await registerStatus(page), /cannot check a PIN or fingerprint/);
+  });
 });
