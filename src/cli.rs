@@ -909,6 +909,26 @@ fn advice(config: &Config) -> Vec<String> {
             })
             .collect();
     advice.extend(config.exposed_secret_files());
+    if let Some(host) = crate::config::storage::postgres_maybe_plain(&config.storage.durable) {
+        advice.push(format!(
+            "storage.durable: the connection to PostgreSQL at {host} may be plain text (no \
+             sslmode, or prefer, allow or disable: the driver falls back to plain text where the \
+             server, or someone in between, declines TLS); add ?sslmode=verify-full"
+        ));
+    }
+    if config
+        .server
+        .trusted_proxies
+        .iter()
+        .any(|n| n.prefix_len() == 0)
+    {
+        advice.push(
+            "server.trusted_proxies holds a network of every address (/0): every client's \
+             X-Forwarded-For is believed, so any client can name the address that risk scoring, \
+             throttling and the audit trail see; name your load balancers' addresses"
+                .to_string(),
+        );
+    }
     if config.forward_auth.enabled && config.server.trusted_proxies.is_empty() {
         advice.push(
             "forward_auth is on but server.trusted_proxies is empty: the asking proxy's \

@@ -180,6 +180,26 @@ impl StorageConfig {
             };
             return Err(key_err("storage.durable", why));
         }
+        // The driver ignores an option it does not know, with a log line at most: a misspelled
+        // `sslmode` would leave the connection free to fall back to plain text.
+        if !self.durable.starts_with("sqlite:") {
+            if let Ok(url) = url::Url::parse(&self.durable) {
+                if let Some((option, _)) = url
+                    .query_pairs()
+                    .find(|(o, _)| !PG_OPTIONS.contains(&o.as_ref()) && !o.starts_with("options["))
+                {
+                    return Err(key_err(
+                        "storage.durable",
+                        format!(
+                            "has an option the PostgreSQL driver does not know, `{option}`, which \
+                             it would ignore (a misspelled sslmode leaves the connection free to \
+                             be plain text); it knows {}",
+                            PG_OPTIONS.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
         // The files the URL names for TLS are read when the first connection opens: a missing
         // one would show as "no such file" from a store that cannot be reached, naming nothing.
         if let Ok(url) = url::Url::parse(&self.durable) {
@@ -216,6 +236,66 @@ fn read_ca((key, what): (&str, &str), path: &Path) -> Result<Vec<u8>, ConfigErro
         return Err(bad("no PEM certificate in the file".into()));
     }
     Ok(pem)
+}
+
+/// The options of a `postgres://` URL that the driver reads (and `options[NAME]`); it ignores
+/// any other.
+const PG_OPTIONS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Whether a `postgres://` URL leaves the connection free to be plain text: no `sslmode` of
+/// `require`, `verify-ca` or `verify-full` (the driver's default, `prefer`, falls back to plain
+/// text where the server, or someone in between, declines TLS), to a host that is not this
+/// machine. `None` for another URL, else the host.
+pub(crate) fn postgres_maybe_plain(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return None;
+    }
+    let mode = parsed
+        .query_pairs()
+        .filter(|(o, _)| o == "sslmode" || o == "ssl-mode")
+        .last()
+        .map(|(_, v)| v.to_ascii_lowercase());
+    if matches!(
+        mode.as_deref(),
+        Some("require" | "verify-ca" | "verify-full")
+    ) {
+        return None;
+    }
+    let host = parsed
+        .query_pairs()
+        .filter(|(o, _)| o == "host")
+        .last()
+        .map(|(_, v)| v.into_owned())
+        .or_else(|| parsed.host_str().map(str::to_string))
+        .unwrap_or_default();
+    let local = host.is_empty()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!local).then_some(host)
 }
 
 /// Longer waits would hold requests (and their connections) for too long while a store is down.

@@ -247,6 +247,16 @@ fn bad_values_are_refused_with_the_key() {
             "[storage]\ndurable = \"postgresql://u@127.0.0.1/\"\n",
             "names no database",
         ),
+        // An option the driver would ignore: a misspelled sslmode would leave the connection
+        // free to be plain text.
+        (
+            "[storage]\ndurable = \"postgres://u@db.example/db?sslmod=verify-full\"\n",
+            "`sslmod`",
+        ),
+        (
+            "[storage]\ndurable = \"postgres://u@db.example/db?sslmode=verify-full&bogus=1\"\n",
+            "`bogus`",
+        ),
         // TLS files the database URL names, read only at the first connection.
         (
             "[storage]\ndurable = \"postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n",
@@ -1444,4 +1454,33 @@ fn connections_per_address_are_bounded_within_reason() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("server.max_connections_per_address"), "{e}");
+}
+
+/// A PostgreSQL connection that may fall back to plain text is named (for a warning) where it
+/// leaves this machine; one that requires TLS, or stays on it, is not.
+#[test]
+fn a_postgres_url_that_may_be_plain_text_is_named() {
+    use super::storage::postgres_maybe_plain;
+    for (url, named) in [
+        ("postgres://u@db.example:5432/p", Some("db.example")),
+        ("postgres://u@10.0.0.5/p?sslmode=prefer", Some("10.0.0.5")),
+        (
+            "postgresql://u@db.example/p?sslmode=disable",
+            Some("db.example"),
+        ),
+        (
+            "postgres://u@127.0.0.1/p?host=db.example",
+            Some("db.example"),
+        ),
+        ("postgres://u@db.example/p?sslmode=require", None),
+        ("postgres://u@db.example/p?sslmode=verify-full", None),
+        ("postgres://u@db.example/p?ssl-mode=verify-ca", None),
+        ("postgres://u@127.0.0.1:5432/p", None),
+        ("postgres://u@[::1]/p", None),
+        ("postgres://u@localhost/p", None),
+        ("postgres://u@x/p?host=/var/run/postgresql", None),
+        ("sqlite:///var/lib/p.sqlite", None),
+    ] {
+        assert_eq!(postgres_maybe_plain(url).as_deref(), named, "{url}");
+    }
 }

@@ -175,13 +175,13 @@ async fn notify_new_device(
          \n\
          {link}\n\
          \n\
-         The link works once and expires in {days} days. Whoever signed in had your password and a\n\
+         The link works once and expires in {days}. Whoever signed in had your password and a\n\
          second factor, or one of your passkeys: once access is restored, change your password and\n\
          check your security keys and authenticator app.\n",
         email = user.email,
         name = device.name,
         ip = super::risk::address(state, &device.last_ip),
-        days = state.notifier.report_days(),
+        days = state.notifier.report_lifetime(),
     );
     state
         .notifier

@@ -898,11 +898,11 @@ pub(super) async fn tell_owner_hourly(
          \n\
          {link}\n\
          \n\
-         The link works once and expires in {days} days.\n",
+         The link works once and expires in {days}.\n",
         when = crate::notify::utc_text(state.clock.now()),
         device = crate::device::friendly_name(&client.user_agent),
         address = super::risk::address(state, &client.ip),
-        days = state.notifier.report_days(),
+        days = state.notifier.report_lifetime(),
     );
     state.notifier.enqueue(&user.email, subject, &body).await?;
     Ok(())

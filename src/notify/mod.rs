@@ -312,9 +312,10 @@ impl Notifier {
         Ok(link)
     }
 
-    /// Days a "this wasn't me" link works.
-    pub fn report_days(&self) -> i64 {
-        self.report_ttl / 86_400
+    /// How long a "this wasn't me" link works, in words: days where it is a whole number of
+    /// them, else hours (`notify.report_link_ttl` is 1h to 30d): "7 days", "36 hours", "1 hour".
+    pub fn report_lifetime(&self) -> String {
+        lifetime_words(self.report_ttl)
     }
 
     /// [`Self::account_change`] for a change made with the owner's own session (a key added,
@@ -339,8 +340,8 @@ impl Notifier {
              \n\
              {link}\n\
              \n\
-             The link works once and expires in {days} days.\n",
-            days = self.report_days(),
+             The link works once and expires in {days}.\n",
+            days = self.report_lifetime(),
         );
         self.change_notice(user, what, &advice).await;
     }
@@ -543,9 +544,34 @@ fn write_atomically(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io:
     std::fs::rename(&tmp, dir.join(name))
 }
 
+/// A lifetime of `secs` (at least an hour) in words: whole days, else whole hours.
+fn lifetime_words(secs: i64) -> String {
+    let (n, unit) = if secs % 86_400 == 0 {
+        (secs / 86_400, "day")
+    } else {
+        (secs / 3_600, "hour")
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report link's lifetime is said as set (`notify.report_link_ttl`, 1h to 30d): an hour
+    /// is not "0 days", a day and a half not "1 days".
+    #[test]
+    fn a_report_links_lifetime_is_said_as_set() {
+        for (secs, said) in [
+            (3_600, "1 hour"),
+            (36 * 3_600, "36 hours"),
+            (86_400, "1 day"),
+            (7 * 86_400, "7 days"),
+            (30 * 86_400, "30 days"),
+        ] {
+            assert_eq!(lifetime_words(secs), said);
+        }
+    }
 
     /// The outbox the gateway creates is private; one that exists keeps the mode its owner gave
     /// it (a group hand-off); messages are never readable by others.

@@ -229,18 +229,32 @@ pub(crate) fn segments(path: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Whether `pattern` (`*` one segment, a last `**` any rest) matches `path`, segment by segment
-/// as [`same_segment`] reads them.
+/// as [`same_segment`] reads them; the pattern's last segment as the route it names, without a
+/// format suffix ([`route_name`]).
 pub(crate) fn path_matches(pattern: &str, path: &str) -> bool {
-    let mut want = segments(pattern);
+    let mut want = segments(pattern).peekable();
     let mut have = segments(path);
     loop {
-        match (want.next(), have.next()) {
+        let w = want.next();
+        let last = want.peek().is_none();
+        match (w, have.next()) {
             (Some("**"), _) => return true,
             (None, None) => return true,
             (Some("*"), Some(_)) => {}
-            (Some(w), Some(h)) if same_segment(w, h) => {}
+            (Some(w), Some(h)) if same_segment(if last { route_name(w) } else { w }, h) => {}
             _ => return false,
         }
+    }
+}
+
+/// A pattern's last segment without its format suffix (`send.json` → `send`, `export.csv` →
+/// `export`): consoles that route formats (Rails, Laravel) serve `/x/send` and `/x/send.xml`
+/// from the handler of `/x/send.json`, and [`same_segment`] already reads every suffixed
+/// spelling of `send` as `send`; a rule naming one spelling guards them all.
+fn route_name(segment: &str) -> &str {
+    match segment.split_once('.') {
+        Some((stem, _)) if !stem.is_empty() => stem,
+        _ => segment,
     }
 }
 

@@ -282,6 +282,34 @@ mod tests {
         }
     }
 
+    /// A rule written with a format suffix names the route: consoles that route formats serve
+    /// every spelling from one handler, so the rule guards them all, not the one it names.
+    #[test]
+    fn a_rule_with_a_format_suffix_guards_its_route() {
+        let rules = [
+            rule("/x/send.json", &["GET"]),
+            rule("/lists/*/export.csv", &[]),
+        ];
+        let get = Method::GET;
+        for (path, hit) in [
+            ("/x/send.json", Some(0)),
+            ("/x/send", Some(0)),
+            ("/x/send.xml", Some(0)),
+            ("/X/SEND", Some(0)),
+            ("/x/send;.json", Some(0)),
+            ("/x/send/", Some(0)),
+            ("/x/sender", None),
+            ("/x/send-later.json", None),
+            ("/x/send.json/more", None),
+            ("/lists/7/export", Some(1)),
+            ("/lists/7/export.xlsx", Some(1)),
+            ("/lists/7/exports", None),
+        ] {
+            let got = matching(&rules, &get, path).next().map(|r| r.path.as_str());
+            assert_eq!(got, hit.map(|i| rules[i].path.as_str()), "{path}");
+        }
+    }
+
     #[test]
     fn every_matching_rule_applies_and_post_stands_for_overridden_methods() {
         let lax = StepUpRule {

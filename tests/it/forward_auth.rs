@@ -351,6 +351,18 @@ async fn an_untrusted_peer_cannot_choose_the_original_uri() {
     let trusted = gateway(true).await;
     let out = trusted.cli(&["check-config"], None).await;
     assert!(!String::from_utf8_lossy(&out.stderr).contains(warning));
+    // Trusting every address is trusting every client's X-Forwarded-For: said too.
+    let everyone = "server.trusted_proxies holds a network of every address";
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(everyone));
+    for all in ["[\"0.0.0.0/0\"]", "[\"10.0.0.0/8\", \"::/0\"]"] {
+        let env = [("PORTCULLIS__SERVER__TRUSTED_PROXIES", all)];
+        let out = trusted.cli_env(&["check-config"], None, &env).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.contains(everyone),
+            "{all}: {err}"
+        );
+    }
 }
 
 #[tokio::test]
