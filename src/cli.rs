@@ -838,6 +838,14 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
         Ok(Err(e)) if refused_by_the_database(&e.to_string()) => {
             anyhow::bail!("storage.durable: the database server refused the gateway: {e}");
         }
+        // A server that answers but will not speak TLS where the URL's sslmode asks for it:
+        // `serve` would refuse it too.
+        Ok(Err(e)) if e.to_string().to_ascii_lowercase().contains("tls") => {
+            anyhow::bail!(
+                "storage.durable: the database server would not set up TLS as the URL's sslmode \
+                 asks: {e}"
+            );
+        }
         Ok(Err(e)) => {
             note!("note: the master key was not checked against stored keys: {e}");
             return Ok(());
@@ -882,6 +890,17 @@ async fn check_stored_keys(config: &Config) -> Result<()> {
         }
     }
     let key = config.master_key()?;
+    // As `serve` warns at start: the keys sign with the algorithm they were made for.
+    if let Ok(Some(alg)) = crate::token::current_algorithm(&store, SystemClock.now()).await {
+        let configured = config.token.algorithm.as_str();
+        if alg != configured {
+            note!(
+                "warning: the current signing key is {alg}, not token.algorithm ({configured}): \
+                 the gateways sign with {alg} until `portcullis keys rotate --switch-algorithm \
+                 {configured}`"
+            );
+        }
+    }
     match crate::token::check_master_key(&store, &key, SystemClock.now(), crate::token::Claim::No)
         .await
     {

@@ -76,7 +76,7 @@ pub fn check_rule(rule: &StepUpRule) -> Result<(), String> {
     }
     if super::normalise_path(&rule.path).as_deref() != Ok(rule.path.as_str()) {
         return Err(
-            "path must be written in its canonical form (no escapes, `.` or `..` segments)".into(),
+            "path must be written in its canonical form (no escapes, `.` or `..` segments, or empty ones: `//`)".into(),
         );
     }
     // Also with a format suffix (`/_portcullis.json`), which rules ignore when they match.

@@ -1751,6 +1751,14 @@ async fn a_rotation_that_would_switch_the_algorithm_must_be_confirmed() {
     let gw = Gateway::start().await;
     let before = gw.state.durable.live_signing_keys(0).await.unwrap().len();
     let es256 = [("PORTCULLIS__TOKEN__ALGORITHM", "ES256")];
+    // `check-config` says what `serve` would warn of at start.
+    let out = gw.cli_env(&["check-config"], None, &es256).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && err.contains("the current signing key is EdDSA, not token.algorithm (ES256)"),
+        "{err}"
+    );
     let out = gw.cli_env(&["keys", "rotate"], None, &es256).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -448,3 +448,37 @@ async fn the_durable_store_speaks_tls_to_postgres_and_checks_the_server() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("TLS certificate was not accepted"), "{err}");
 }
+
+/// A database server that answers but declines TLS, where the URL's `sslmode` asks for it, is
+/// the configuration's fault: `check-config` refuses it, as `serve` would, rather than noting a
+/// store that is away.
+#[tokio::test]
+async fn check_config_refuses_a_database_that_declines_the_tls_asked_for() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = server.accept().await {
+            tokio::spawn(async move {
+                // The SSLRequest (8 bytes), answered "N": no TLS here.
+                let mut request = [0u8; 8];
+                if conn.read_exact(&mut request).await.is_ok() {
+                    let _ = conn.write_all(b"N").await;
+                }
+                let _ = conn.read(&mut request).await;
+            });
+        }
+    });
+    let url = format!("postgres://portcullis@{at}/portcullis?sslmode=require");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config"])
+        .arg(&gw.config_path)
+        .env("PORTCULLIS__STORAGE__DURABLE", url)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("would not set up TLS"), "{err}");
+}
