@@ -99,6 +99,20 @@ pub(crate) fn refused(r: Refusal, message: &str) -> AppError {
         Refusal::Rejected("credential_id_too_long") => AppError::bad_request(
             "This security key's credential id is longer than WebAuthn allows (1023 bytes).",
         ),
+        // Said for what it is: trying again with the same key will not help.
+        Refusal::Rejected("user_not_verified") => AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "key_rejected",
+            "The security key did not check your PIN or fingerprint, which is needed here. Use \
+             a key with a PIN or biometric set up.",
+        ),
+        Refusal::Rejected("suspended_credential" | "possible_clone") => AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "key_rejected",
+            "This key is suspended: an answer from it looked like one from a copy of the key. \
+             Use another key, or sign in with your password and another factor; your account \
+             page lists the key as suspended.",
+        ),
         Refusal::Rejected(_) => AppError::new(
             StatusCode::UNAUTHORIZED,
             "key_rejected",
