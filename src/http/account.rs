@@ -95,14 +95,36 @@ fn notice_text(code: &str) -> Option<&'static str> {
     })
 }
 
-/// Renders the page with an optional error.
+/// The page with `msg` for an action it refused (`field`: the id of the field it is about, or
+/// `""`), or the refusal as JSON for an API client.
+pub(super) async fn refused_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    (loaded, user): (&Loaded, &User),
+    (msg, field): (&str, &str),
+    status: StatusCode,
+) -> Result<Response, AppError> {
+    page(
+        state,
+        headers,
+        loaded,
+        user,
+        None,
+        (Some(msg), field),
+        status,
+    )
+    .await
+}
+
+/// Renders the page with an optional error, and the id of the field it is about (`""` for
+/// none), which is then marked invalid and described by it.
 pub(super) async fn page(
     state: &AppState,
     headers: &HeaderMap,
     loaded: &Loaded,
     user: &User,
     notice: Option<&str>,
-    error: Option<&str>,
+    (error, error_field): (Option<&str>, &str),
     status: StatusCode,
 ) -> Result<Response, AppError> {
     if let Some(refused) = super::error::refusal_for_api(headers, status, error) {
@@ -167,6 +189,7 @@ pub(super) async fn page(
         password_max: state.config.password.max_length,
         notice,
         error,
+        error_field,
     };
     Ok(with_cookies(render(status, &view), set))
 }
@@ -188,7 +211,7 @@ pub async fn account_get(
         &loaded,
         &user,
         notice,
-        None,
+        (None, ""),
         StatusCode::OK,
     )
     .await
@@ -217,16 +240,8 @@ pub async fn rename_post(
     let name = form.name.trim();
     if !crate::policy::is_readable_name(name, crate::auth::webauthn::MAX_NAME) {
         let msg = crate::policy::NAME_RULE;
-        return page(
-            &state,
-            &headers,
-            &loaded,
-            &user,
-            None,
-            Some(msg),
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
+        let who = (&loaded, &user);
+        return refused_page(&state, &headers, who, (msg, ""), StatusCode::BAD_REQUEST).await;
     }
     let Some(was) = state
         .durable
@@ -302,7 +317,7 @@ pub async fn remove_post(
     }
     let refuse = |msg: &'static str, status| {
         let (state, headers, loaded, user) = (&state, &headers, &loaded, &user);
-        async move { page(state, headers, loaded, user, None, Some(msg), status).await }
+        async move { refused_page(state, headers, (loaded, user), (msg, ""), status).await }
     };
     if !fresh(&state, &loaded.session, &user) {
         state.metrics.step_up("fresh_proof_required");
@@ -385,7 +400,7 @@ pub async fn revoke_device_post(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
-    let (_, user) = match acting(&state, &headers, &form.csrf).await? {
+    let (loaded, user) = match acting(&state, &headers, &form.csrf).await? {
         Ok(v) => v,
         Err(r) => return Ok(r),
     };
@@ -394,14 +409,32 @@ pub async fn revoke_device_post(
         return Err(AppError::not_found());
     }
     state.durable.revoke_device(&id).await?;
+    // This browser signed itself out: it is told it is signed out, not that another browser
+    // did it (the word left for the device's other sessions).
+    let this_browser = loaded.session.device_id.as_deref() == Some(id.as_str());
+    if this_browser {
+        state.sessions.destroy(&loaded.key, &user.id).await?;
+        state.signer.forget(&loaded.key);
+    }
     let by_owner = crate::session::Ended::ByOwner;
     let ended = state
         .sessions
         .destroy_device(&user.id, &id, by_owner)
-        .await?;
+        .await?
+        + usize::from(this_browser);
     let reason = format!("{id}:{ended}_sessions");
     let change = ("device_revoked", reason.as_str(), "device_revoked");
-    done(&state, (peer, &headers), &user, change).await
+    let resp = done(&state, (peer, &headers), &user, change).await?;
+    if !this_browser {
+        return Ok(resp);
+    }
+    Ok(with_cookies(
+        see_other("/_portcullis/login?notice=logged_out"),
+        [
+            state.sessions.clear_cookie(),
+            super::binding::dropped_cookie(&state),
+        ],
+    ))
 }
 
 /// `POST /_portcullis/account/devices/sign-out-others`: every device of the account but this
@@ -506,6 +539,7 @@ async fn recent_sign_ins(state: &AppState, user_id: &str) -> Result<Vec<SignInRo
 fn sign_in_method(event: &str, outcome: &str, reason: Option<&str>) -> Option<&'static str> {
     Some(match (event, outcome, reason) {
         ("login_password", "success", _) => return None,
+        ("login_password", _, Some("bad_current_password")) => "current password, on this page",
         ("login_password", _, _) => "password",
         ("second_factor", "success", Some("rec")) => "password + recovery code",
         ("second_factor", "success", Some("hwk")) => "password + security key",
@@ -542,13 +576,11 @@ async fn stale(
     } else {
         "For your security, confirm it's you again before changing how you sign in."
     };
-    page(
+    refused_page(
         state,
         headers,
-        loaded,
-        user,
-        None,
-        Some(msg),
+        (loaded, user),
+        (msg, ""),
         StatusCode::FORBIDDEN,
     )
     .await
@@ -792,13 +824,11 @@ async fn expired_change(
         ));
     }
     let msg = "The new authenticator setup expired or was already completed. Start again below.";
-    page(
+    refused_page(
         state,
         headers,
-        loaded,
-        user,
-        None,
-        Some(msg),
+        (loaded, user),
+        (msg, ""),
         StatusCode::CONFLICT,
     )
     .await

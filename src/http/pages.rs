@@ -194,6 +194,8 @@ pub struct Account<'a> {
     pub password_max: usize,
     pub notice: Option<&'a str>,
     pub error: Option<&'a str>,
+    /// The id of the field the error is about (`""`: none): marked invalid, described by it.
+    pub error_field: &'a str,
 }
 
 /// Renders a page with a status.

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::account::{changing, page};
+use super::account::{changing, refused_page};
 use super::error::{wants_html, AppError};
 use super::{see_other, Form, Peer};
 use crate::auth::flow::PasswordCheck;
@@ -38,14 +38,15 @@ pub async fn password_post(
         Ok(v) => v,
         Err(r) => return Ok(r),
     };
-    let refuse = |msg: String, status: StatusCode| {
-        let (state, headers, loaded, user) = (&state, &headers, &loaded, &user);
-        async move { page(state, headers, loaded, user, None, Some(&msg), status).await }
+    let refuse = |msg: String, field: &'static str, status: StatusCode| {
+        let (state, headers, who) = (&state, &headers, (&loaded, &user));
+        async move { refused_page(state, headers, who, (&msg, field), status).await }
     };
     let new = &form.password;
     if form.current_password.expose().is_empty() {
         return refuse(
             "Enter your current password.".into(),
+            "current-password",
             StatusCode::BAD_REQUEST,
         )
         .await;
@@ -53,6 +54,7 @@ pub async fn password_post(
     if new.expose() == form.current_password.expose() {
         return refuse(
             "The new password is the current one: choose another.".into(),
+            "new-password",
             StatusCode::BAD_REQUEST,
         )
         .await;
@@ -63,7 +65,7 @@ pub async fn password_post(
         &state.config.password,
         &user.email,
     ) {
-        return refuse(why.to_string(), StatusCode::BAD_REQUEST).await;
+        return refuse(why.to_string(), "new-password", StatusCode::BAD_REQUEST).await;
     }
     let client = super::client(&state, peer, &headers);
     let device = super::devices::known_device(&state, &headers).await?;
@@ -79,7 +81,7 @@ pub async fn password_post(
             if !wants_html(&headers) {
                 return Err(AppError::forbidden("wrong_password", msg));
             }
-            return refuse(msg.into(), StatusCode::FORBIDDEN).await;
+            return refuse(msg.into(), "current-password", StatusCode::FORBIDDEN).await;
         }
     }
     state

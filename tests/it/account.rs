@@ -409,7 +409,19 @@ async fn the_password_is_changed_with_the_current_one_and_other_sessions_end() {
     ] {
         let r = act(&gw, &c, PASSWORD_PATH, &fields).await;
         assert_eq!(r.status(), status, "{says}");
-        assert!(r.text().await.unwrap().contains(says), "{says}");
+        let page = r.text().await.unwrap();
+        assert!(page.contains(says), "{says}");
+        // The field the message is about is marked and described by it.
+        let field = if status == 403 || says.contains("Enter your current") {
+            "current-password"
+        } else {
+            "new-password"
+        };
+        let input = extract(&page, &format!("<input id=\"{field}\""), ">").unwrap();
+        assert!(
+            input.contains("aria-invalid=\"true\"") && input.contains("form-error"),
+            "{says}: {input}"
+        );
     }
     // An API client gets the refusal as JSON.
     let csrf = gw.csrf(&c, ACCOUNT).await;
@@ -431,6 +443,17 @@ async fn the_password_is_changed_with_the_current_one_and_other_sessions_end() {
     assert!(
         password_works(&gw, email, PASSWORD).await,
         "nothing changed yet"
+    );
+    // The owner's sign-in history tells a mistyped current password from a failed sign-in.
+    let page = gw.page(&c, ACCOUNT).await;
+    assert!(page.contains("current password, on this page"), "{page}");
+    assert_eq!(
+        events(&gw, "login_password")
+            .await
+            .iter()
+            .filter(|(_, r)| r.as_deref() == Some("bad_current_password"))
+            .count(),
+        2
     );
 
     let r = act(

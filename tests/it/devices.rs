@@ -600,4 +600,30 @@ async fn a_device_signed_out_from_the_account_page_loses_its_sessions() {
     assert_eq!(sign_in_notices(&gw).await.len(), 2);
     gw.sign_in_on(&b, "two@example.com", &secret).await;
     assert_eq!(sign_in_notices(&gw).await.len(), 3);
+
+    // A browser that signs its own device out is signed out, and told just that: not that
+    // another browser did it.
+    let a_device = &devices[1].id;
+    let html = gw.page(&a, "/_portcullis/account").await;
+    assert!(html.contains(&format!("/_portcullis/account/devices/{a_device}/revoke")));
+    let csrf = extract(&html, "name=\"csrf\" value=\"", "\"").unwrap();
+    let r = a
+        .post(gw.url(&format!("/_portcullis/account/devices/{a_device}/revoke")))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&r), "/_portcullis/login?notice=logged_out");
+    assert_eq!(gw.status(&a, "/campaigns").await, 303);
+    let r = gw.get(&a, "/_portcullis/account").await;
+    assert!(
+        !location(&r).contains("signed_out_elsewhere"),
+        "{}",
+        location(&r)
+    );
+    assert_eq!(
+        gw.status(&b, "/campaigns").await,
+        200,
+        "the other device stays"
+    );
 }

@@ -18,6 +18,10 @@ struct Attempt {
     prior: u64,
     /// Where its hash waits: [`Lane::Known`] from a known device of this very account.
     lane: Lane,
+    /// The audit reason of a wrong password: `bad_password` at sign-in, `bad_current_password`
+    /// where a signed-in owner confirms it (the account page), so the owner's sign-in history
+    /// tells the two apart.
+    wrong: &'static str,
 }
 
 /// What [`LoginFlow::confirm_password`] found.
@@ -40,7 +44,10 @@ impl LoginFlow {
         device: Option<&KnownDevice>,
     ) -> Result<PasswordCheck, FlowError> {
         let attempt = match self.take_attempt(&user.email, client, device).await? {
-            Ok(a) => a,
+            Ok(a) => Attempt {
+                wrong: "bad_current_password",
+                ..a
+            },
             Err(PasswordOutcome::Throttled { retry_after }) => {
                 return Ok(PasswordCheck::Throttled { retry_after })
             }
@@ -111,6 +118,7 @@ impl LoginFlow {
                             Some(_) => Lane::Known,
                             None => Lane::Other,
                         },
+                        wrong: "bad_password",
                     }));
                 }
             }
@@ -143,6 +151,7 @@ impl LoginFlow {
             user,
             reserved,
             lane,
+            wrong,
             ..
         } = attempt;
         let verdict = match self
@@ -190,7 +199,7 @@ impl LoginFlow {
                 let ev =
                     AuditEvent::new("login_password", "failure", self.clock.now()).email(&email);
                 let ev = match &user {
-                    Some(u) => ev.user(u).reason("bad_password"),
+                    Some(u) => ev.user(u).reason(wrong),
                     None => ev.reason("unknown_user"),
                 };
                 self.audit(ev, client).await;
