@@ -251,6 +251,11 @@ pub(crate) async fn waiting(
         }))
 }
 
+/// Whether `next` is the page of a held form (whether or not it is still held).
+pub(crate) fn names_a_form(next: &str) -> bool {
+    id_in(next).is_some()
+}
+
 /// The `id` of a held page's address.
 fn id_in(next: &str) -> Option<String> {
     let query = next.strip_prefix(PATH)?.strip_prefix('?')?;

@@ -312,18 +312,54 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
         let resp = if let Some(refused) = refused {
             let mut r = refused.into_response();
             apply_security_headers(r.headers_mut(), state.config.is_https());
+            if !http_body::Body::is_end_stream(req.body()) {
+                closing(&mut r);
+            }
             r
         } else if routed {
-            match tower::ServiceExt::oneshot(router, req).await {
+            // A page's answer may come before the request's body was read (a refusal, a body
+            // too large): the connection then closes, and the answer says so.
+            let (req, read) = read_to_end(req);
+            let mut r = match tower::ServiceExt::oneshot(router, req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
+            };
+            if read.is_some_and(|read| !read.load(std::sync::atomic::Ordering::Relaxed)) {
+                closing(&mut r);
             }
+            r
         } else {
             gate::proxy_request(&state, peer, req).await
         };
         error::render_errors(html, resp)
     })
     .await
+}
+
+/// Marks an answer as the last on its connection (RFC 9112 §9.6): the request's body was not
+/// read to its end, so the connection cannot carry another request.
+fn closing(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// A request with its body wrapped to record whether it was read to its end, and the record,
+/// where it has a body; as it was otherwise.
+fn read_to_end(
+    req: Request,
+) -> (
+    Request,
+    Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) {
+    if http_body::Body::is_end_stream(req.body()) {
+        return (req, None);
+    }
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (parts, inner) = req.into_parts();
+    let flag = read.clone();
+    let at_end = move || flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    let body = axum::body::Body::new(crate::proxy::OnEnd::new(inner, at_end));
+    (Request::from_parts(parts, body), Some(read))
 }
 
 /// Whether the request names its host as HTTP/1.1 asks: one `Host` header (none is allowed in

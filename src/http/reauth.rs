@@ -77,6 +77,11 @@ async fn page(
 ) -> Result<Response, AppError> {
     // A form held for this step-up: said what it is, and "Cancel" goes back to its page.
     let form = super::held::waiting(state, (loaded, v.peer, headers), v.next).await?;
+    // The step-up of a held form that is gone (sent, dropped, replaced or timed out; the
+    // browser's Back after it): nothing is left to confirm, and its page says what became of it.
+    if form.is_none() && v.error.is_none() && super::held::names_a_form(v.next) {
+        return Ok(super::see_other(v.next));
+    }
     let keys = match &state.keys {
         Some(k) => k.has_usable(&user.id).await?,
         None => false,

@@ -310,7 +310,10 @@ impl Upstream {
                 self.body_timeout,
                 body,
             ));
-            (Body::new(SentSignal::new(body, tx)), Some(rx))
+            let sent = move || {
+                let _ = tx.send(());
+            };
+            (Body::new(OnEnd::new(body, sent)), Some(rx))
         };
         let mut outbound = http::Request::new(body);
         *outbound.method_mut() = method.clone();
@@ -385,22 +388,23 @@ pub fn never_forwarded(method: &Method) -> bool {
             .any(|n| n.eq_ignore_ascii_case(m))
 }
 
-/// A request body that says when it has been sent to its end (or dropped before).
-struct SentSignal {
+/// A body that calls `at_end` once it has been read to its end (a request body sent on to the
+/// console, one a gateway page read).
+pub(crate) struct OnEnd<F: FnOnce() + Send + Unpin> {
     inner: Body,
-    sent: Option<tokio::sync::oneshot::Sender<()>>,
+    at_end: Option<F>,
 }
 
-impl SentSignal {
-    fn new(inner: Body, sent: tokio::sync::oneshot::Sender<()>) -> Self {
+impl<F: FnOnce() + Send + Unpin> OnEnd<F> {
+    pub(crate) fn new(inner: Body, at_end: F) -> Self {
         Self {
             inner,
-            sent: Some(sent),
+            at_end: Some(at_end),
         }
     }
 }
 
-impl http_body::Body for SentSignal {
+impl<F: FnOnce() + Send + Unpin> http_body::Body for OnEnd<F> {
     type Data = bytes::Bytes;
     type Error = axum::Error;
 
@@ -410,8 +414,8 @@ impl http_body::Body for SentSignal {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
-            if let Some(sent) = self.sent.take() {
-                let _ = sent.send(());
+            if let Some(at_end) = self.at_end.take() {
+                at_end();
             }
         }
         polled

@@ -1005,3 +1005,55 @@ async fn an_oversized_request_head_gets_431() {
     .await;
     assert_eq!(status, 200, "{head}");
 }
+
+/// A gateway page that answers before the request's body is read (a refusal of its CSRF token,
+/// a body too large) closes the connection, and its answer says so (RFC 9112 §9.6), so a
+/// client that keeps the connection for its next request is not left with a dead one. A page
+/// that reads the body keeps the connection open.
+#[tokio::test]
+async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let answer_to = |head: String| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The body is not sent yet: the answer comes without it.
+        let mut buf = vec![0u8; 4096];
+        let wait = std::time::Duration::from_secs(10);
+        let n = tokio::time::timeout(wait, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase()
+    };
+    let host = gw.addr;
+    for (head, status) in [
+        (
+            format!(
+                "POST /_portcullis/bind/challenge HTTP/1.1\r\nHost: {host}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+            ),
+            "403",
+        ),
+        (
+            format!(
+                "POST /_portcullis/login HTTP/1.1\r\nHost: {host}\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\n"
+            ),
+            "413",
+        ),
+    ] {
+        let text = answer_to(head).await;
+        assert!(text.starts_with(&format!("http/1.1 {status}")), "{text}");
+        assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    }
+    // A page that read its (empty) body leaves the connection as it was.
+    let text = answer_to(format!(
+        "GET /_portcullis/login HTTP/1.1\r\nHost: {host}\r\nAccept: text/html\r\n\r\n"
+    ))
+    .await;
+    assert!(
+        text.starts_with("http/1.1 200") && !text.contains("connection: close"),
+        "{text}"
+    );
+}

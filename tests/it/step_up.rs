@@ -682,6 +682,13 @@ async fn a_form_stopped_for_a_step_up_is_sent_after_the_proof() {
         "{page}"
     );
     assert_eq!(gw.upstream.count(), before + 1);
+    // The browser's Back to the step-up page of the form sent: nothing is left to confirm, so
+    // it goes on to the held page, which says the form is gone.
+    let held_page = format!("/_portcullis/held?id={id}");
+    let q: String = url::form_urlencoded::byte_serialize(held_page.as_bytes()).collect();
+    let r = gw.get(&c, &format!("/_portcullis/reauth?next={q}")).await;
+    assert_eq!(location(&r), held_page);
+    assert_eq!(gw.status(&c, &held_page).await, 410);
 
     // Sent by a request framed otherwise (chunked): the console gets the held form with its own
     // length, never two framings.
