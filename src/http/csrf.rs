@@ -93,6 +93,13 @@ pub fn verify(
     let Some(cookie) = get_cookie(headers, cookie_name(https)) else {
         return Err(AppError::forbidden("csrf", "Your browser did not send the form's security cookie. Enable cookies, reload the page and try again."));
     };
+    if submitted.is_empty() {
+        return Err(AppError::forbidden(
+            "csrf",
+            "This request carries no form token (the `csrf` field of a form, the `X-CSRF-Token` \
+             header of a script's request): send it from the gateway's page, which holds one.",
+        ));
+    }
     if !ct_eq(token_for(cookie, key).as_bytes(), submitted.as_bytes()) {
         return Err(AppError::forbidden(
             "csrf",

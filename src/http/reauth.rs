@@ -79,7 +79,8 @@ async fn page(
     let form = super::held::waiting(state, (loaded, v.peer, headers), v.next).await?;
     // The step-up of a held form that is gone (sent, dropped, replaced or timed out; the
     // browser's Back after it): nothing is left to confirm, and its page says what became of it.
-    if form.is_none() && v.error.is_none() && super::held::names_a_form(v.next) {
+    // Not for a session the risk engine holds: every page but this one sends it here.
+    if form.is_none() && v.error.is_none() && !v.held && super::held::names_a_form(v.next) {
         return Ok(super::see_other(v.next));
     }
     let keys = match &state.keys {

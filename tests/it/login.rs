@@ -699,6 +699,10 @@ async fn a_completed_sign_in_renews_the_form_token() {
     let r = post(old).await.unwrap();
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("This form is out of date"));
+    // A form without any token is told it has none, not that it is out of date.
+    let r = post(String::new()).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("carries no form token"));
     assert_eq!(
         gw.status(&c, "/_portcullis/account").await,
         200,

@@ -913,15 +913,17 @@ async fn a_form_held_for_a_copied_session_cookie_is_never_sent_by_the_owners_bro
         .unwrap()
         .to_string();
     assert!(next.starts_with("/_portcullis/held?id="), "{next}");
-    // The owner's browser, lured to the step-up, is not told of the form; confirming, it cannot
-    // see or send it.
-    let page = gw.page(&owner, &reauth).await;
-    assert!(
-        !page.contains("held-form") && !page.contains("999999"),
-        "{page}"
-    );
-    let r = super::risk::reauth_with_code(&gw, &owner, &secret, &next).await;
+    // The owner's browser, lured to the step-up, is not asked to confirm anything: there is no
+    // form of its own to confirm, and the held page it is sent on to tells nothing of the form.
+    let r = gw.get(&owner, &reauth).await;
     assert_eq!(location(&r), next);
+    let r = gw.get(&owner, &next).await;
+    assert_eq!(r.status(), 410);
+    let page = r.text().await.unwrap();
+    assert!(!page.contains("999999"), "{page}");
+    // Confirming all the same, it cannot see or send it.
+    let r = super::risk::reauth_with_code(&gw, &owner, &secret, "/campaigns").await;
+    assert!(location(&r).contains("campaigns"), "{}", location(&r));
     assert_eq!(gw.status(&owner, &next).await, 410);
     let csrf = gw.csrf(&owner, "/_portcullis/account").await;
     let id = next.split("id=").nth(1).unwrap();
