@@ -317,14 +317,17 @@ async fn front(Gateway { state, router }: Gateway, req: Request) -> Response {
             }
             r
         } else if routed {
-            // A page's answer may come before the request's body was read (a refusal, a body
-            // too large): the connection then closes, and the answer says so.
+            // A refusal may come before the request's body was read (a token refused, a body
+            // too large): the connection then closes, and the answer says so. (A page that
+            // takes no body and answers it gladly leaves the small body the client sent to be
+            // drained, and the connection kept.)
             let (req, read) = read_to_end(req);
             let mut r = match tower::ServiceExt::oneshot(router, req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
-            if read.is_some_and(|read| !read.load(std::sync::atomic::Ordering::Relaxed)) {
+            let refused = r.status().is_client_error() || r.status().is_server_error();
+            if refused && read.is_some_and(|read| !read.load(std::sync::atomic::Ordering::Relaxed)) {
                 closing(&mut r);
             }
             r
